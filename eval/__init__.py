@@ -1,0 +1,1 @@
+"""prunepath_jax.eval (installed from the top-level `eval/` folder)."""

@@ -1,0 +1,1 @@
+"""prunepath_jax.kernels (installed from the top-level `kernels/` folder)."""

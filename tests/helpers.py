@@ -1,0 +1,25 @@
+"""The one tolerance table every test uses (DESIGN.md section 6), and small shared helpers.
+
+Never loosen a value here to make a test pass: find the cause instead.
+"""
+
+import numpy as np
+
+TOL = {
+    "op_fp32": 1e-5,  # simple ops in float32
+    "model_fp32": 1e-4,  # whole models in float32
+    "gguf_fp32": 1e-3,  # our GGUF path vs transformers' GGUF path on real text
+    "bf16": 2e-2,  # anything computed in bfloat16
+}
+
+
+def assert_close(actual, expected, tol: str, what: str = "") -> None:
+    """Asserts finiteness first, then max |a - e| <= TOL[tol] * max(1, max |e|)."""
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    assert np.isfinite(a).all(), f"{what}: non-finite values in actual"
+    assert np.isfinite(e).all(), f"{what}: non-finite values in expected"
+    scale = max(1.0, float(np.abs(e).max(initial=0.0)))
+    err = float(np.abs(a - e).max(initial=0.0))
+    assert err <= TOL[tol] * scale, f"{what}: max abs err {err:.3e} > {TOL[tol]} * {scale:.3g}"

@@ -1,0 +1,1 @@
+"""prunepath_jax.train (installed from the top-level `train/` folder)."""
