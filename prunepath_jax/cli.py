@@ -1,0 +1,127 @@
+"""`prunepath` command line (tyro subcommands): demo, generate, info."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Annotated, Literal
+
+import tyro
+
+DTYPES = Literal["float32", "bfloat16"]
+
+
+def _load(model: str, dtype: str):
+    import jax.numpy as jnp
+
+    from prunepath_jax.loading import load_pretrained
+
+    return load_pretrained(model, dtype=getattr(jnp, dtype))
+
+
+def _prompts(tok, texts: list[str], chat: bool) -> list[list[int]]:
+    if chat and tok.chat_template:
+        texts = [
+            tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
+            for t in texts
+        ]
+    return [tok.encode(t) for t in texts]
+
+
+@dataclasses.dataclass
+class Generate:
+    """Generate text with a model (greedy by default)."""
+
+    prompt: tuple[str, ...] = ("What is the capital of France?",)
+    """One or more prompts; several are decoded together as one batch."""
+    model: str = "default"
+    """"default" (SmolLM2-135M-Instruct), a Hugging Face directory, a .gguf file or a hub id."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    seed: int = 0
+    chat: bool = True
+    """Wrap each prompt in the model's chat template (when it has one)."""
+    dtype: DTYPES = "float32"
+
+    def run(self) -> None:
+        from prunepath_jax.generate import SamplingConfig, generate
+
+        pre = _load(self.model, self.dtype)
+        tok = pre.tokenizer
+        if tok is None:
+            raise SystemExit(f"{self.model}: no tokenizer found; cannot generate text")
+        ids = _prompts(tok, list(self.prompt), self.chat)
+        t0 = time.perf_counter()
+        out = generate(
+            pre.model,
+            ids,
+            self.max_new_tokens,
+            sampling=SamplingConfig(self.temperature, self.top_p, self.seed),
+            stop_ids=tok.stop_ids(pre.config.eos_token_ids),
+            pad_id=tok.pad_id,
+            progress=True,
+        )
+        dt = time.perf_counter() - t0
+        for p, o in zip(self.prompt, out, strict=True):
+            print(f"### {p}\n{tok.decode(o)}\n")
+        n = sum(map(len, out))
+        print(f"[{n} tokens in {dt:.2f} s including compilation]")
+
+
+@dataclasses.dataclass
+class Info:
+    """Print a model's architecture and parameter count."""
+
+    model: str = "default"
+
+    def run(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        pre = _load(self.model, "float32")
+        table = Table(title=f"{pre.source}")
+        table.add_column("field")
+        table.add_column("value")
+        for k, v in pre.config.to_dict().items():
+            table.add_row(k, str(v))
+        table.add_row("parameters (approx.)", f"{pre.config.n_params / 1e6:.1f} M")
+        if pre.tokenizer is not None:
+            table.add_row("tokenizer vocab", str(pre.tokenizer.vocab_size))
+            table.add_row("chat template", "yes" if pre.tokenizer.chat_template else "no")
+        Console().print(table)
+
+
+@dataclasses.dataclass
+class Demo:
+    """The main job on the embedded default model (see README)."""
+
+    model: str = "default"
+    max_new_tokens: int = 48
+
+    def run(self) -> None:
+        from prunepath_jax.demo import run_demo
+
+        run_demo(self.model, self.max_new_tokens)
+
+
+Command = (
+    Annotated[Demo, tyro.conf.subcommand("demo")]
+    | Annotated[Generate, tyro.conf.subcommand("generate")]
+    | Annotated[Info, tyro.conf.subcommand("info")]
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cmd = tyro.cli(Command, args=argv, prog="prunepath")
+    try:
+        cmd.run()
+    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+        print(f"prunepath: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Model configuration: one frozen dataclass shared by every family.
+
+Hugging Face configs are translated into this (see `prunepath_jax.hf.configs`) so model code never
+reads a raw config dict; that keeps the allowlist of handled keys in one place per family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. Only types whose math we implement exist here.
+
+    Attributes:
+        kind: "linear" (positions divided by `factor`) or "llama3" (Llama 3.1 band-wise scaling).
+        factor: the scaling factor.
+        low_freq_factor: llama3 only.
+        high_freq_factor: llama3 only.
+        original_max_position: llama3 only, the pre-training context length.
+    """
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a transformer we can run.
+
+    Attributes:
+        family: which module implements it: "llama" (Llama/Mistral/Qwen2/SmolLM), "gpt2", "bert".
+        model_type: the Hugging Face `model_type` it came from (llama, qwen2, mistral, gpt2, bert,
+            roberta), kept for conversion back and for messages.
+        vocab_size: rows of the token embedding.
+        d_model: hidden width d.
+        d_ff: FFN width f.
+        n_layers: number of transformer blocks L.
+        n_heads: query heads.
+        n_kv_heads: key/value heads (GQA when < n_heads).
+        head_dim: per-head width.
+        max_position: longest context the checkpoint supports.
+        norm_eps: RMSNorm/LayerNorm epsilon.
+        activation: "silu" (SwiGLU), "gelu" (erf), "gelu_new" (tanh approximation).
+        rope_theta: RoPE base; None for learned/absolute positions.
+        rope_scaling: optional RoPE scaling.
+        qkv_bias: q/k/v projections carry a bias (Qwen2, GPT-2, BERT).
+        o_bias: output projection carries a bias.
+        mlp_bias: FFN projections carry biases.
+        tie_embeddings: the LM head reuses the token embedding.
+        sliding_window: attend only to the last `sliding_window` keys (Mistral), or None.
+        type_vocab_size: BERT token-type embeddings (0 when absent).
+        position_offset: added to position ids before the learned position lookup (RoBERTa:
+            padding_idx + 1).
+        pad_token_id: padding id (RoBERTa position ids depend on it).
+        num_labels: classification head outputs (0: no head).
+        bos_token_id: beginning-of-sequence id or None.
+        eos_token_ids: ids that end generation.
+    """
+
+    family: str
+    model_type: str
+    vocab_size: int
+    d_model: int
+    d_ff: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    max_position: int
+    norm_eps: float
+    activation: str
+    rope_theta: float | None = None
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    sliding_window: int | None = None
+    type_vocab_size: int = 0
+    position_offset: int = 0
+    pad_token_id: int | None = None
+    num_labels: int = 0
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.d_model <= 0 or self.d_ff <= 0 or self.n_layers <= 0:
+            raise ValueError(f"bad sizes in {self}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv={self.n_kv_heads}")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+    @property
+    def n_params(self) -> int:
+        """Approximate parameter count (weights only), for messages and FLOP estimates."""
+        d, f, L = self.d_model, self.d_ff, self.n_layers
+        attn = d * self.head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
+        ffn = d * f * (3 if self.activation == "silu" else 2)
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return L * (attn + ffn) + self.vocab_size * d + head

@@ -1,0 +1,199 @@
+"""KV-cache generation: one jitted prefill, then a jitted decode loop over a static-size cache.
+
+Prompts of different lengths are right-padded into one batch; each sequence keeps its own
+position counter, writes its keys/values at its own positions and masks keys past its position,
+so no left padding and no position shifting is needed. The decode step is compiled once per
+(batch, cache length) and runs `chunk` tokens per call inside a `fori_loop`; the host only checks
+the stop flags between chunks (no per-token synchronisation, no retracing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from prunepath_jax.models.layers import init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (self.temperature >= 0.0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_tokens(logits_bv, rng, temperature, top_p, *, greedy: bool):
+    """Greedy argmax, or temperature + nucleus (top-p) sampling, per row."""
+    if greedy:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits = logits_bv.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # The smallest set of top tokens whose mass reaches top_p (the top token always stays).
+    cutoff_idx = jnp.sum(mass_before < top_p, axis=-1, keepdims=True) - 1
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+class DecodeState(NamedTuple):
+    """Carried between decode steps. `pos_b` is where `token_b` will be written."""
+
+    token_b: jax.Array
+    pos_b: jax.Array
+    done_b: jax.Array
+    cache: Any
+    rng: jax.Array
+
+
+def _stop(tokens_b, stop_ids):
+    if stop_ids.shape[0] == 0:
+        return jnp.zeros(tokens_b.shape, bool)
+    return jnp.any(tokens_b[:, None] == stop_ids[None, :], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"))
+def prefill(graphdef, state, tokens_bt, lengths_b, cache, rng, temperature, top_p, stop_ids,
+            ffn_args=None, *, greedy: bool):  # fmt: skip
+    """Runs the prompts through the model, fills the cache, samples each first new token."""
+    model = nnx.merge(graphdef, state)
+    b, t = tokens_bt.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    out = model(tokens_bt, positions, cache=cache, ffn_args=ffn_args, logit_index_b=lengths_b - 1)
+    rng, key = jax.random.split(rng)
+    token = sample_tokens(out.logits[:, 0], key, temperature, top_p, greedy=greedy)
+    done = _stop(token, stop_ids)
+    return DecodeState(token, lengths_b.astype(jnp.int32), done, out.cache, rng)
+
+
+def decode_step(model, st: DecodeState, temperature, top_p, stop_ids, pad_id, ffn_args, greedy):
+    """One token for every sequence: feed `token_b` at `pos_b`, sample the next one."""
+    out = model(st.token_b[:, None], st.pos_b[:, None], cache=st.cache, ffn_args=ffn_args)
+    rng, key = jax.random.split(st.rng)
+    nxt = sample_tokens(out.logits[:, 0], key, temperature, top_p, greedy=greedy)
+    nxt = jnp.where(st.done_b, pad_id, nxt)
+    done = st.done_b | _stop(nxt, stop_ids)
+    return DecodeState(nxt, st.pos_b + 1, done, out.cache, rng)
+
+
+def _decode_chunk_impl(graphdef, state, st, temperature, top_p, stop_ids, pad_id, ffn_args=None,
+                       *, n_steps: int, greedy: bool):  # fmt: skip
+    model = nnx.merge(graphdef, state)
+
+    def body(i, carry):
+        st, out_bn = carry
+        st = decode_step(model, st, temperature, top_p, stop_ids, pad_id, ffn_args, greedy)
+        return st, out_bn.at[:, i].set(st.token_b)
+
+    out_bn = jnp.zeros((st.token_b.shape[0], n_steps), jnp.int32)
+    return jax.lax.fori_loop(0, n_steps, body, (st, out_bn))
+
+
+_STATIC = ("graphdef", "n_steps", "greedy")
+decode_chunk = jax.jit(_decode_chunk_impl, static_argnames=_STATIC)
+decode_chunk_donating = jax.jit(_decode_chunk_impl, static_argnames=_STATIC, donate_argnums=(2,))
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def generate(
+    model: nnx.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    sampling: SamplingConfig = SamplingConfig(),
+    stop_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+    cache_len: int | None = None,
+    dtype=None,
+    ffn_args=None,
+    chunk: int = 16,
+    progress: bool = False,
+) -> list[list[int]]:
+    """Generates up to `max_new_tokens` tokens for each prompt (a batch of any lengths).
+
+    Args:
+        model: a causal LM returning `ModelOutput` (e.g. `LlamaModel`, `GPT2Model`).
+        prompts: token ids per prompt, each non-empty.
+        max_new_tokens: tokens to generate per prompt (stops early at a stop token).
+        sampling: greedy (temperature 0) or temperature/top-p sampling.
+        stop_ids: ids that end a sequence (the stop token is included in the output).
+        pad_id: written after a sequence has stopped.
+        cache_len: KV-cache length; default: longest prompt + max_new_tokens, rounded up.
+        dtype: cache dtype (default: the embedding's dtype).
+        ffn_args: per-layer FFN arguments passed through to the model (PrunePath tau, ...).
+        chunk: decode steps per compiled call between host checks of the stop flags.
+        progress: show a progress bar over generated tokens.
+
+    Returns:
+        The generated ids per prompt (prompt excluded), cut after the first stop token.
+    """
+    cfg = model.cfg
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    t_pad = _round_up(int(lengths.max()), 32)
+    needed = int(lengths.max()) + max_new_tokens
+    if cache_len is None:
+        cache_len = _round_up(max(needed, t_pad), 64)
+    if int(lengths.max()) + 1 > cache_len or t_pad > cache_len:
+        raise ValueError(
+            f"prompt of {int(lengths.max())} tokens does not fit a KV cache of {cache_len} "
+            "(padded to {t_pad}); pass a larger cache_len or a shorter prompt"
+        )
+    if needed > cfg.max_position:
+        raise ValueError(
+            f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's context of {cfg.max_position} tokens"
+        )
+    tokens = np.full((len(prompts), t_pad), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    graphdef, state = nnx.split(model)
+    dtype = dtype or model.embed_tokens.embedding.dtype
+    cache = init_cache(cfg, len(prompts), cache_len, dtype)
+    greedy = sampling.temperature == 0.0
+    temp = jnp.float32(sampling.temperature)
+    top_p = jnp.float32(sampling.top_p)
+    stops = jnp.asarray(np.array(stop_ids, np.int32).reshape(-1))
+    st = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cache,
+                 jax.random.key(sampling.seed), temp, top_p, stops, ffn_args, greedy=greedy)  # fmt: skip
+    out = [np.asarray(st.token_b)[:, None]]
+    n = 1
+    step_fn = decode_chunk if jax.default_backend() == "cpu" else decode_chunk_donating
+    bar = tqdm(total=max_new_tokens, desc="generating", disable=not progress, leave=False)
+    bar.update(1)
+    while n < max_new_tokens and not bool(np.asarray(st.done_b).all()):
+        st, toks = step_fn(graphdef, state, st, temp, top_p, stops, jnp.int32(pad_id), ffn_args,
+                           n_steps=chunk, greedy=greedy)  # fmt: skip
+        out.append(np.asarray(toks))
+        n += chunk
+        bar.update(min(chunk, max_new_tokens - bar.n))
+    bar.close()
+    gen = np.concatenate(out, axis=1)[:, :max_new_tokens]
+    result = []
+    stop_set = set(stop_ids)
+    for row in gen.tolist():
+        cut = next((i + 1 for i, tok in enumerate(row) if tok in stop_set), len(row))
+        result.append(row[:cut])
+    return result

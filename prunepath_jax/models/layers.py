@@ -1,0 +1,198 @@
+"""Building blocks shared by every family: pure math functions and thin NNX shells around them.
+
+Layouts: a dense kernel is stored `[in, out]` so `y = x @ kernel`; Hugging Face `nn.Linear`
+weights (`[out, in]`) are transposed on load, GPT-2 `Conv1D` weights are already `[in, out]`.
+Normalisation and softmax run in float32 whatever the parameter dtype, as transformers does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prunepath_jax.config import RopeScaling
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def rms_norm(x_btd: jax.Array, w_d: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in float32, scaled by the weight and cast back (Llama's order of operations)."""
+    x32 = x_btd.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return w_d * x32.astype(x_btd.dtype)
+
+
+def layer_norm(x_btd: jax.Array, w_d: jax.Array, b_d: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm computed in float32 and cast back to the input dtype."""
+    x32 = x_btd.astype(jnp.float32)
+    mu = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mu), axis=-1, keepdims=True)
+    y = (x32 - mu) * jax.lax.rsqrt(var + eps) * w_d.astype(jnp.float32) + b_d.astype(jnp.float32)
+    return y.astype(x_btd.dtype)
+
+
+def activation(name: str):
+    """The elementwise nonlinearity named by a Hugging Face config."""
+    if name == "silu":
+        return jax.nn.silu
+    if name == "gelu":  # exact erf form (BERT, RoBERTa)
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):  # tanh approximation (GPT-2)
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    raise ValueError(f"unsupported activation {name!r}; supported: silu, gelu, gelu_new")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
+    """Inverse frequencies `[head_dim // 2]` in float32, with Llama-3 or linear scaling applied."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind == "llama3":
+        old = scaling.original_max_position
+        low_wavelen = old / scaling.low_freq_factor
+        high_wavelen = old / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope scaling kind {scaling.kind!r}")
+
+
+def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq_h: jax.Array) -> jax.Array:
+    """Rotates query/key heads by their positions (the "rotate half" layout of HF Llama)."""
+    angles_bth = positions_bt.astype(jnp.float32)[..., None] * inv_freq_h
+    cos = jnp.cos(angles_bth)[:, :, None, :]
+    sin = jnp.sin(angles_bth)[:, :, None, :]
+    x32 = x_bthd.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_bthd.dtype)
+
+
+def attention(
+    q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, allowed_bts: jax.Array
+) -> jax.Array:
+    """Scaled dot-product attention with grouped KV heads.
+
+    Args:
+        q_bthd: queries, h heads.
+        k_bskd: keys over s positions, k = n_kv heads (h % k == 0).
+        v_bskd: values.
+        allowed_bts: True where query t may attend key s.
+
+    Returns:
+        `[b, t, h, d]` in the query dtype; softmax in float32.
+    """
+    b, t, h, hd = q_bthd.shape
+    n_kv = k_bskd.shape[2]
+    q = q_bthd.reshape(b, t, n_kv, h // n_kv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(hd)
+    scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, hd).astype(q_bthd.dtype)
+
+
+def causal_mask(positions_bt: jax.Array, key_positions_bs: jax.Array, window: int | None):
+    """`[b, t, s]`: key position <= query position (and within the sliding window if any)."""
+    q = positions_bt[:, :, None]
+    k = key_positions_bs[:, None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= k > q - window
+    return allowed
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+class LayerCache(NamedTuple):
+    """One layer's static-size KV cache: `k`, `v` are `[b, s_max, n_kv, head_dim]`."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def init_cache(cfg, batch: int, length: int, dtype) -> tuple[LayerCache, ...]:
+    """Per-layer caches (separate arrays, not one stacked array: decode updates stay in place)."""
+    shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return tuple(
+        LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)
+    )
+
+
+def cache_write(cache: LayerCache, k_btkd, v_btkd, positions_bt) -> LayerCache:
+    """Writes new keys/values at each sequence's own positions (batches of ragged lengths)."""
+    b_idx = jnp.arange(k_btkd.shape[0])[:, None]
+    return LayerCache(
+        cache.k.at[b_idx, positions_bt].set(k_btkd.astype(cache.k.dtype), mode="drop"),
+        cache.v.at[b_idx, positions_bt].set(v_btkd.astype(cache.v.dtype), mode="drop"),
+    )
+
+
+# ----------------------------------------------------------------------------- NNX shells
+
+
+class Dense(nnx.Module):
+    """`y = x @ kernel (+ bias)` with the kernel stored `[in, out]`."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        std = 1.0 / math.sqrt(d_in)
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out), dtype) * std)
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned scale."""
+
+    def __init__(self, d: int, eps: float, *, dtype):
+        self.weight = nnx.Param(jnp.ones((d,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias."""
+
+    def __init__(self, d: int, eps: float, *, dtype):
+        self.weight = nnx.Param(jnp.ones((d,), dtype))
+        self.bias = nnx.Param(jnp.zeros((d,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        return layer_norm(x, self.weight[...], self.bias[...], self.eps)
+
+
+class Embed(nnx.Module):
+    """Token (or position) embedding table `[n, d]`; `attend` gives tied output logits."""
+
+    def __init__(self, n: int, d: int, *, dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (n, d), dtype) * 0.02)
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, x_btd):
+        return jnp.einsum(
+            "btd,vd->btv", x_btd, self.embedding[...], preferred_element_type=jnp.float32
+        )

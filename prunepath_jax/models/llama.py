@@ -1,0 +1,261 @@
+"""Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2): RMSNorm, RoPE, GQA, SwiGLU FFN.
+
+The FFN is its own module (`SwiGLU`) with the call signature every FFN shares:
+`ffn(x_btd, ffn_arg) -> (y_btd, stats)`. Dense FFNs ignore `ffn_arg` and return `stats=None`;
+PrunePath FFNs take routing arguments (tau, ...) and return routing statistics, so the model
+forward stays a pure function of (params, inputs) with statistics returned, never stored.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prunepath_jax.config import ModelConfig, RopeScaling
+from prunepath_jax.hf import configs as hfc
+from prunepath_jax.models.common import ModelOutput, ffn_arg_for_layer, select_positions
+from prunepath_jax.models.layers import (
+    Dense,
+    Embed,
+    LayerCache,
+    RMSNorm,
+    apply_rope,
+    attention,
+    cache_write,
+    causal_mask,
+    rope_inv_freq,
+)
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+_HANDLED = frozenset(
+    {
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+        "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
+        "rope_parameters", "attention_bias", "attention_dropout", "mlp_bias",
+        "tie_word_embeddings", "pretraining_tp", "sliding_window", "use_sliding_window",
+        "max_window_layers", "layer_types", "num_labels",
+    }
+)  # fmt: skip
+
+
+def _rope(cfg: dict) -> tuple[float, RopeScaling | None]:
+    """RoPE theta and scaling from either the transformers-4 or the transformers-5 layout."""
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = dict(cfg.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    spec = {**scaling, **{k: v for k, v in params.items() if k != "rope_theta"}}
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling("linear", float(spec["factor"]))
+    if kind == "llama3":
+        return theta, RopeScaling(
+            "llama3",
+            float(spec["factor"]),
+            float(spec["low_freq_factor"]),
+            float(spec["high_freq_factor"]),
+            int(spec["original_max_position_embeddings"]),
+        )
+    raise hfc.UnsupportedConfigError(
+        f"config key 'rope_scaling' type {kind!r} is not supported (supported: default, linear, "
+        "llama3)"
+    )
+
+
+def from_hf_config(cfg: dict) -> ModelConfig:
+    """Builds a `ModelConfig` from a Llama/Mistral/Qwen2 `config.json` dict, or raises."""
+    model_type = cfg.get("model_type", "llama")
+    family = f"llama-family ({model_type})"
+    hfc.check_keys(cfg, _HANDLED, family)
+    hfc.require(cfg, "hidden_act", {"silu"}, family)
+    hfc.require(cfg, "pretraining_tp", {1}, family)
+    hfc.require(cfg, "mlp_bias", {False}, family)
+    window = cfg.get("sliding_window")
+    if model_type == "qwen2":
+        # Qwen2 applies its window only to some layers; we implement full attention only.
+        if cfg.get("use_sliding_window"):
+            raise hfc.UnsupportedConfigError(
+                "config key 'use_sliding_window' = True is not supported for qwen2"
+            )
+        types = set(cfg.get("layer_types") or ["full_attention"])
+        if types != {"full_attention"}:
+            raise hfc.UnsupportedConfigError(f"config key 'layer_types' = {sorted(types)}")
+        window = None
+    elif "use_sliding_window" in cfg or "layer_types" in cfg:
+        hfc.require(cfg, "use_sliding_window", {False}, family)
+        hfc.require(cfg, "layer_types", {None}, family)
+    theta, scaling = _rope(cfg)
+    n_heads = cfg["num_attention_heads"]
+    d = cfg["hidden_size"]
+    return ModelConfig(
+        family="llama",
+        model_type=model_type,
+        vocab_size=cfg["vocab_size"],
+        d_model=d,
+        d_ff=cfg["intermediate_size"],
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        head_dim=cfg.get("head_dim") or d // n_heads,
+        max_position=cfg.get("max_position_embeddings", 2048),
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        activation="silu",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+        o_bias=bool(cfg.get("attention_bias", False)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        sliding_window=window,
+        pad_token_id=cfg.get("pad_token_id"),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=hfc.eos_ids(cfg),
+    )
+
+
+def hf_param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, bool]]:
+    """Our parameter path -> (Hugging Face tensor name, transpose?)."""
+    m: dict[tuple, tuple[str, bool]] = {("embed_tokens", "embedding"): ("model.embed_tokens.weight", False)}
+    for i in range(cfg.n_layers):
+        pre = f"model.layers.{i}"
+        m[("layers", i, "input_layernorm", "weight")] = (f"{pre}.input_layernorm.weight", False)
+        m[("layers", i, "post_attention_layernorm", "weight")] = (
+            f"{pre}.post_attention_layernorm.weight",
+            False,
+        )
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            m[("layers", i, "self_attn", name, "kernel")] = (f"{pre}.self_attn.{name}.weight", True)
+            has_bias = cfg.o_bias if name == "o_proj" else cfg.qkv_bias
+            if has_bias:
+                m[("layers", i, "self_attn", name, "bias")] = (f"{pre}.self_attn.{name}.bias", False)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            m[("layers", i, "mlp", name, "kernel")] = (f"{pre}.mlp.{name}.weight", True)
+    m[("norm", "weight")] = ("model.norm.weight", False)
+    if not cfg.tie_embeddings:
+        m[("lm_head", "kernel")] = ("lm_head.weight", True)
+    return m
+
+
+class SwiGLU(nnx.Module):
+    """Dense SwiGLU FFN: `down(silu(gate(x)) * up(x))`. The piece PrunePath replaces."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.gate_proj = Dense(cfg.d_model, cfg.d_ff, bias=False, dtype=dtype, rngs=rngs)
+        self.up_proj = Dense(cfg.d_model, cfg.d_ff, bias=False, dtype=dtype, rngs=rngs)
+        self.down_proj = Dense(cfg.d_ff, cfg.d_model, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_btd, ffn_arg=None):
+        h = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
+        return self.down_proj(h), None
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE and an optional static KV cache."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, hd = cfg.d_model, cfg.head_dim
+        self.q_proj = Dense(d, cfg.n_heads * hd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Dense(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Dense(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Dense(cfg.n_heads * hd, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        self.cfg = cfg
+
+    def __call__(self, x_btd, positions_bt, inv_freq, cache: LayerCache | None):
+        cfg = self.cfg
+        b, t, _ = x_btd.shape
+        q = self.q_proj(x_btd).reshape(b, t, cfg.n_heads, cfg.head_dim)
+        k = self.k_proj(x_btd).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        v = self.v_proj(x_btd).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        q = apply_rope(q, positions_bt, inv_freq)
+        k = apply_rope(k, positions_bt, inv_freq)
+        if cache is None:
+            allowed = causal_mask(positions_bt, positions_bt, cfg.sliding_window)
+            out = attention(q, k, v, allowed)
+        else:
+            cache = cache_write(cache, k, v, positions_bt)
+            s = cache.k.shape[1]
+            key_pos = jnp.broadcast_to(jnp.arange(s, dtype=positions_bt.dtype), (b, s))
+            allowed = causal_mask(positions_bt, key_pos, cfg.sliding_window)
+            out = attention(q, cache.k, cache.v, allowed)
+        return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + attn(norm(x)); x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
+        self.mlp = SwiGLU(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, cache, ffn_arg):
+        h, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, cache)
+        x = x + h
+        h, stats = self.mlp(self.post_attention_layernorm(x), ffn_arg)
+        return x + h, cache, stats
+
+
+class LlamaModel(nnx.Module):
+    """Causal LM. `__call__(tokens, positions, cache=None, ffn_args=None) -> ModelOutput`."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = Dense(cfg.d_model, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        tokens_bt: jax.Array,
+        positions_bt: jax.Array | None = None,
+        *,
+        cache: tuple[LayerCache, ...] | None = None,
+        ffn_args=None,
+        logit_index_b: jax.Array | None = None,
+    ) -> ModelOutput:
+        """Runs the decoder.
+
+        Args:
+            tokens_bt: token ids.
+            positions_bt: absolute positions (default `arange(t)`); with a cache these are also
+                where the new keys/values are written.
+            cache: per-layer KV caches to write into and attend over, or None (causal attention
+                within `tokens_bt` only).
+            ffn_args: per-layer FFN arguments (see `ffn_arg_for_layer`), ignored by dense FFNs.
+            logit_index_b: if given, logits only at `tokens_bt[b, logit_index_b[b]]` (prefill).
+
+        Returns:
+            `ModelOutput(logits [b, t or 1, vocab] float32, cache, ffn_stats per layer)`.
+        """
+        cfg = self.cfg
+        b, t = tokens_bt.shape
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        x = self.embed_tokens(tokens_bt)
+        new_cache, stats = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache[i]
+            x, layer_cache, s = layer(
+                x, positions_bt, inv_freq, layer_cache, ffn_arg_for_layer(ffn_args, i)
+            )
+            new_cache.append(layer_cache)
+            stats.append(s)
+        x = self.norm(select_positions(x, logit_index_b))
+        if cfg.tie_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = jnp.einsum(
+                "btd,dv->btv", x, self.lm_head.kernel[...], preferred_element_type=jnp.float32
+            )
+        return ModelOutput(
+            logits=logits,
+            cache=None if cache is None else tuple(new_cache),
+            ffn_stats=tuple(stats),
+        )
