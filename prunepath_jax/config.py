@@ -120,3 +120,30 @@ class ModelConfig:
         ffn = d * f * (3 if self.activation == "silu" else 2)
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return L * (attn + ffn) + self.vocab_size * d + head
+
+
+def _llama_preset(**kw) -> ModelConfig:
+    base = dict(
+        family="llama", model_type="llama", max_position=8192, norm_eps=1e-5, activation="silu"
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+# Named architectures (random-weight benchmarks and GPU-sized training presets). Real weights come
+# from checkpoints; these only fix shapes.
+PRESETS: dict[str, ModelConfig] = {
+    "smollm2-135m": _llama_preset(
+        vocab_size=49152, d_model=576, d_ff=1536, n_layers=30, n_heads=9, n_kv_heads=3,
+        head_dim=64, rope_theta=1e5, tie_embeddings=True, eos_token_ids=(2,),
+    ),
+    "llama-3.2-1b": _llama_preset(
+        vocab_size=128256, d_model=2048, d_ff=8192, n_layers=16, n_heads=32, n_kv_heads=8,
+        head_dim=64, rope_theta=5e5, tie_embeddings=True,
+        rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192),
+    ),
+    "llama-3-8b": _llama_preset(
+        vocab_size=128256, d_model=4096, d_ff=14336, n_layers=32, n_heads=32, n_kv_heads=8,
+        head_dim=128, rope_theta=5e5, tie_embeddings=False,
+    ),
+}  # fmt: skip

@@ -1,0 +1,74 @@
+"""Shared benchmark plumbing: machine/commit header, timing, copy bandwidth, result rows."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def header() -> dict:
+    """Date, commit, machine and command of this run (every result row carries it)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = "?"
+    dev = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit or os.environ.get("PRUNEPATH_COMMIT", "?"),
+        "device": getattr(dev, "device_kind", dev.platform),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "host": f"{platform.machine()} {os.cpu_count()} cpus",
+        "command": " ".join(__import__("sys").argv),
+    }
+
+
+def time_fn(fn, *args, warmup: int = 2, iters: int = 10) -> float:
+    """Median wall seconds of `fn(*args)` with `block_until_ready` (device work included)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
+    """Device copy bandwidth in bytes/s: reads + writes of a large bf16 array per second."""
+    x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + jnp.bfloat16(1))
+    t = time_fn(f, x, warmup=3, iters=20)
+    return 2 * n_bytes / t
+
+
+def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
