@@ -47,12 +47,36 @@ def time_fn(fn, *args, warmup: int = 2, iters: int = 10) -> float:
     return float(np.median(times))
 
 
-def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
-    """Device copy bandwidth in bytes/s: reads + writes of a large bf16 array per second."""
+def copy_bandwidth(n_bytes: int = 4 << 30) -> dict:
+    """Device copy bandwidth in bytes/s (bytes read + written per second), two ways: an XLA
+    elementwise pass, and a plain device-to-device copy through torch when torch sees the GPU
+    (the higher one is the ceiling for memory-bound kernels)."""
     x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
     f = jax.jit(lambda a: a + jnp.bfloat16(1))
-    t = time_fn(f, x, warmup=3, iters=20)
-    return 2 * n_bytes / t
+    out = {"xla": 2 * n_bytes / time_fn(f, x, warmup=5, iters=30)}
+    del x
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            src = torch.ones(n_bytes // 2, dtype=torch.bfloat16, device="cuda")
+            dst = torch.empty_like(src)
+            for _ in range(5):
+                dst.copy_(src)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ts = []
+            for _ in range(30):
+                start.record()
+                dst.copy_(src)
+                end.record()
+                end.synchronize()
+                ts.append(start.elapsed_time(end) / 1e3)
+            out["torch_copy"] = 2 * n_bytes / float(np.median(ts))
+            del src, dst
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+    return out
 
 
 def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:

@@ -61,6 +61,9 @@ def bench_one(model, name, batch, prompt_len, steps, chunks, bw, dtype) -> dict:
     st = jax.block_until_ready(run_prefill())
     t_prefill = time.perf_counter() - t0
     fn = decode_chunk if jax.default_backend() == "cpu" else decode_chunk_donating
+    hlo = fn.lower(graphdef, state, st, *args, jnp.int32(0), n_steps=steps, greedy=True)
+    hlo = hlo.compile().as_text()
+    kernels = {k: hlo.count(k) for k in (" fusion(", " custom-call(", " while(", " scatter(")}
     for _ in range(2):  # compile + warm
         st, _ = fn(graphdef, state, st, *args, jnp.int32(0), n_steps=steps, greedy=True)
     jax.block_until_ready(st)
@@ -84,6 +87,8 @@ def bench_one(model, name, batch, prompt_len, steps, chunks, bw, dtype) -> dict:
         "weight_MB": wb / 1e6,
         "kv_MB": kv_bytes / 1e6,
         "achieved_GB_s": (wb + kv_bytes) / dt / 1e9,
+        "steps_per_call": steps,
+        "hlo_ops": kernels,
     }
     if bw:
         row["floor_us"] = (wb + kv_bytes) / bw * 1e6
@@ -104,9 +109,11 @@ def main():
     a = ap.parse_args()
     dtype = getattr(jnp, a.dtype)
     head = header()
-    bw = copy_bandwidth() if jax.default_backend() == "gpu" else None
-    if bw:
-        print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    bw = None
+    if jax.default_backend() == "gpu":
+        bws = copy_bandwidth()
+        print({k: f"{v / 1e12:.2f} TB/s" for k, v in bws.items()}, flush=True)
+        bw = max(bws.values())
     models = []
     if a.model:
         from prunepath_jax.loading import load_pretrained

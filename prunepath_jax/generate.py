@@ -176,8 +176,9 @@ def generate(
     temp = jnp.float32(sampling.temperature)
     top_p = jnp.float32(sampling.top_p)
     stops = jnp.asarray(np.array(stop_ids, np.int32).reshape(-1))
-    st = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cache,
-                 jax.random.key(sampling.seed), temp, top_p, stops, ffn_args, greedy=greedy)  # fmt: skip
+    rng = jax.random.key(sampling.seed)
+    st = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cache, rng, temp,
+                 top_p, stops, ffn_args, greedy=greedy)  # fmt: skip
     out = [np.asarray(st.token_b)[:, None]]
     n = 1
     step_fn = decode_chunk if jax.default_backend() == "cpu" else decode_chunk_donating

@@ -15,7 +15,8 @@ GENERIC_KEYS = frozenset(
     {
         "_name_or_path", "_attn_implementation", "_attn_implementation_autoset",
         "_commit_hash", "add_cross_attention", "architectures", "bad_words_ids",
-        "begin_suppress_tokens", "bos_token_id", "chunk_size_feed_forward", "cross_attention_hidden_size",
+        "begin_suppress_tokens", "bos_token_id", "chunk_size_feed_forward",
+        "cross_attention_hidden_size",
         "decoder_start_token_id", "diversity_penalty", "do_sample", "dtype", "early_stopping",
         "encoder_no_repeat_ngram_size", "eos_token_id", "exponential_decay_length_penalty",
         "finetuning_task", "forced_bos_token_id", "forced_eos_token_id", "gradient_checkpointing",

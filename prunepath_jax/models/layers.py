@@ -69,11 +69,15 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> j
     raise ValueError(f"unsupported rope scaling kind {scaling.kind!r}")
 
 
-def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq_h: jax.Array) -> jax.Array:
-    """Rotates query/key heads by their positions (the "rotate half" layout of HF Llama)."""
+def rope_tables(positions_bt: jax.Array, inv_freq_h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(cos, sin)`, each `[b, t, 1, head_dim // 2]` float32; computed once per forward, shared by
+    every layer (fewer kernels per decode step)."""
     angles_bth = positions_bt.astype(jnp.float32)[..., None] * inv_freq_h
-    cos = jnp.cos(angles_bth)[:, :, None, :]
-    sin = jnp.sin(angles_bth)[:, :, None, :]
+    return jnp.cos(angles_bth)[:, :, None, :], jnp.sin(angles_bth)[:, :, None, :]
+
+
+def apply_rope(x_bthd: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates query/key heads by their positions (the "rotate half" layout of HF Llama)."""
     x32 = x_bthd.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

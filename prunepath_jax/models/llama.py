@@ -25,6 +25,7 @@ from prunepath_jax.models.layers import (
     cache_write,
     causal_mask,
     rope_inv_freq,
+    rope_tables,
 )
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -118,7 +119,9 @@ def from_hf_config(cfg: dict) -> ModelConfig:
 
 def hf_param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, bool]]:
     """Our parameter path -> (Hugging Face tensor name, transpose?)."""
-    m: dict[tuple, tuple[str, bool]] = {("embed_tokens", "embedding"): ("model.embed_tokens.weight", False)}
+    m: dict[tuple, tuple[str, bool]] = {
+        ("embed_tokens", "embedding"): ("model.embed_tokens.weight", False)
+    }
     for i in range(cfg.n_layers):
         pre = f"model.layers.{i}"
         m[("layers", i, "input_layernorm", "weight")] = (f"{pre}.input_layernorm.weight", False)
@@ -130,7 +133,10 @@ def hf_param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, bool]]:
             m[("layers", i, "self_attn", name, "kernel")] = (f"{pre}.self_attn.{name}.weight", True)
             has_bias = cfg.o_bias if name == "o_proj" else cfg.qkv_bias
             if has_bias:
-                m[("layers", i, "self_attn", name, "bias")] = (f"{pre}.self_attn.{name}.bias", False)
+                m[("layers", i, "self_attn", name, "bias")] = (
+                    f"{pre}.self_attn.{name}.bias",
+                    False,
+                )
         for name in ("gate_proj", "up_proj", "down_proj"):
             m[("layers", i, "mlp", name, "kernel")] = (f"{pre}.mlp.{name}.weight", True)
     m[("norm", "weight")] = ("model.norm.weight", False)
@@ -163,23 +169,21 @@ class Attention(nnx.Module):
         self.o_proj = Dense(cfg.n_heads * hd, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
         self.cfg = cfg
 
-    def __call__(self, x_btd, positions_bt, inv_freq, cache: LayerCache | None):
+    def __call__(self, x_btd, positions_bt, rope, allowed_bts, cache: LayerCache | None):
+        """`rope` = (cos, sin) tables, `allowed_bts` = mask over this call's keys (the new tokens
+        without a cache, the whole cache with one); both shared by every layer."""
         cfg = self.cfg
         b, t, _ = x_btd.shape
         q = self.q_proj(x_btd).reshape(b, t, cfg.n_heads, cfg.head_dim)
         k = self.k_proj(x_btd).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         v = self.v_proj(x_btd).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        q = apply_rope(q, positions_bt, inv_freq)
-        k = apply_rope(k, positions_bt, inv_freq)
+        q = apply_rope(q, *rope)
+        k = apply_rope(k, *rope)
         if cache is None:
-            allowed = causal_mask(positions_bt, positions_bt, cfg.sliding_window)
-            out = attention(q, k, v, allowed)
+            out = attention(q, k, v, allowed_bts)
         else:
             cache = cache_write(cache, k, v, positions_bt)
-            s = cache.k.shape[1]
-            key_pos = jnp.broadcast_to(jnp.arange(s, dtype=positions_bt.dtype), (b, s))
-            allowed = causal_mask(positions_bt, key_pos, cfg.sliding_window)
-            out = attention(q, cache.k, cache.v, allowed)
+            out = attention(q, cache.k, cache.v, allowed_bts)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
@@ -192,8 +196,8 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
         self.mlp = SwiGLU(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, cache, ffn_arg):
-        h, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, cache)
+    def __call__(self, x, positions, rope, allowed, cache, ffn_arg):
+        h, cache = self.self_attn(self.input_layernorm(x), positions, rope, allowed, cache)
         x = x + h
         h, stats = self.mlp(self.post_attention_layernorm(x), ffn_arg)
         return x + h, cache, stats
@@ -237,13 +241,21 @@ class LlamaModel(nnx.Module):
         b, t = tokens_bt.shape
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        rope = rope_tables(
+            positions_bt, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        )
+        if cache is None:
+            key_pos = positions_bt
+        else:
+            s = cache[0].k.shape[1]
+            key_pos = jnp.broadcast_to(jnp.arange(s, dtype=positions_bt.dtype), (b, s))
+        allowed = causal_mask(positions_bt, key_pos, cfg.sliding_window)
         x = self.embed_tokens(tokens_bt)
         new_cache, stats = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
             x, layer_cache, s = layer(
-                x, positions_bt, inv_freq, layer_cache, ffn_arg_for_layer(ffn_args, i)
+                x, positions_bt, rope, allowed, layer_cache, ffn_arg_for_layer(ffn_args, i)
             )
             new_cache.append(layer_cache)
             stats.append(s)

@@ -1,0 +1,105 @@
+"""Generation: greedy equals transformers' greedy on ragged batches, sampling obeys top-p, no
+retracing per token, clear errors for prompts that do not fit."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from hf_fixtures import tiny_llama  # noqa: E402
+
+from prunepath_jax import generate as gen_mod  # noqa: E402
+from prunepath_jax.generate import SamplingConfig, generate, sample_tokens  # noqa: E402
+from prunepath_jax.loading import load_pretrained  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen")
+    torch_model = tiny_llama(d, seed=11)
+    return load_pretrained(d, progress=False).model, torch_model
+
+
+def test_greedy_matches_transformers_ragged_batch(tiny):
+    import torch
+
+    model, torch_model = tiny
+    rng = np.random.default_rng(12)
+    prompts = [rng.integers(3, 97, n).tolist() for n in (9, 2, 17)]
+    ours = generate(model, prompts, 24, chunk=8)
+    for p, o in zip(prompts, ours, strict=True):
+        ref = torch_model.generate(
+            torch.tensor([p]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+            pad_token_id=0,
+        )[0, len(p):].tolist()  # fmt: skip
+        assert o == ref
+
+
+def test_stop_tokens_cut_each_sequence(tiny):
+    model, _ = tiny
+    prompts = [[5, 6, 7], [8, 9]]
+    free = generate(model, prompts, 12)
+    stop = free[0][3]  # a token the first sequence emits at step 3
+    out = generate(model, prompts, 12, stop_ids=(stop,))
+    assert out[0] == free[0][: free[0].index(stop) + 1]
+    cut = free[1].index(stop) + 1 if stop in free[1] else len(free[1])
+    assert out[1] == free[1][:cut]
+
+
+def test_decode_compiles_once(tiny):
+    model, _ = tiny
+    traces = []
+    orig = gen_mod._decode_chunk_impl
+
+    def counting(*a, **k):
+        traces.append(1)
+        return orig(*a, **k)
+
+    jitted = jax.jit(counting, static_argnames=("graphdef", "n_steps", "greedy"))
+    old = gen_mod.decode_chunk, gen_mod.decode_chunk_donating
+    gen_mod.decode_chunk = gen_mod.decode_chunk_donating = jitted
+    try:
+        generate(model, [[5, 6, 7]], 40, chunk=4)  # 10 chunk calls
+    finally:
+        gen_mod.decode_chunk, gen_mod.decode_chunk_donating = old
+    assert len(traces) == 1
+
+
+def test_sampling_is_seeded_and_varies(tiny):
+    model, _ = tiny
+    s1 = generate(model, [[5, 6, 7]], 16, sampling=SamplingConfig(1.0, 1.0, seed=1))
+    s1b = generate(model, [[5, 6, 7]], 16, sampling=SamplingConfig(1.0, 1.0, seed=1))
+    s2 = generate(model, [[5, 6, 7]], 16, sampling=SamplingConfig(1.0, 1.0, seed=2))
+    assert s1 == s1b
+    assert s1 != s2
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+    keys = jax.random.split(jax.random.key(0), 1)[0]
+    toks = np.asarray(sample_tokens(logits, keys, 1.0, 0.7, greedy=False))
+    # Mass before token 1 is 0.5 < 0.7, before token 2 it is 0.8 >= 0.7: only {0, 1} survive.
+    assert set(np.unique(toks)) == {0, 1}
+    frac0 = (toks == 0).mean()
+    assert abs(frac0 - 0.5 / 0.8) < 0.05
+
+
+def test_prompt_longer_than_cache(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="does not fit a KV cache"):
+        generate(model, [list(range(3, 80))], 4, cache_len=64)
+
+
+def test_prompt_longer_than_context(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate(model, [list(range(3, 90))] * 1, 60)
+
+
+def test_bad_sampling_args():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=-1.0)
