@@ -12,6 +12,7 @@ measured in the same run on GPU), and prefill tokens/s.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,8 @@ def bench_one(model, name, batch, prompt_len, steps, chunks, bw, dtype) -> dict:
     fn = decode_chunk if jax.default_backend() == "cpu" else decode_chunk_donating
     hlo = fn.lower(graphdef, state, st, *args, jnp.int32(0), n_steps=steps, greedy=True)
     hlo = hlo.compile().as_text()
+    if os.environ.get("DUMP_HLO_DIR"):
+        Path(os.environ["DUMP_HLO_DIR"], f"{name}_b{batch}_s{steps}.hlo.txt").write_text(hlo)
     kernels = {k: hlo.count(k) for k in (" fusion(", " custom-call(", " while(", " scatter(")}
     for _ in range(2):  # compile + warm
         st, _ = fn(graphdef, state, st, *args, jnp.int32(0), n_steps=steps, greedy=True)

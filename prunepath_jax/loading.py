@@ -90,7 +90,9 @@ def fill_model(
     leaves = list(_leaves(pure))
     missing = [pmap[p][0] for p, _ in leaves if p in pmap and pmap[p][0] not in names]
     if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) the model needs: {missing[:5]}")
+        raise ValueError(
+            f"checkpoint lacks {len(missing)} tensor(s) the model needs: {missing[:5]}"
+        )
     for path, leaf in tqdm(leaves, desc="loading", disable=not progress, leave=False):
         if path not in pmap:
             raise ValueError(f"no checkpoint tensor mapped to parameter {path}")

@@ -64,9 +64,7 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True
-    ) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Renders `messages` with the checkpoint's Jinja chat template (as transformers does)."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template; pass plain text instead")
