@@ -31,23 +31,6 @@ from prunepath_jax.models.layers import init_cache  # noqa: E402
 from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 
 
-def _patch_pad2():
-    """Experiment (PRUNEPATH_PAD2=1): run single-row products as two-row ones, so XLA keeps them
-    as GEMMs instead of strength-reducing them to a materialised multiply + reduce."""
-    from prunepath_jax.models import layers
-
-    def call(self, x):
-        w = self.kernel[...]
-        if int(np.prod(x.shape[:-1])) == 1:
-            x2 = jnp.concatenate([x.reshape(1, -1)] * 2, axis=0)
-            y = (x2 @ w)[:1].reshape(*x.shape[:-1], -1)
-        else:
-            y = x @ w
-        return y + self.bias[...] if self.bias is not None else y
-
-    layers.Dense.__call__ = call
-
-
 def weight_bytes(model) -> int:
     """Bytes a decode step must read: every parameter except the embedding rows it looks up
     (a tied embedding is read whole by the LM head, so it counts)."""
@@ -127,8 +110,6 @@ def main():
     ap.add_argument("--chunks", type=int, default=8, help="timed calls")
     ap.add_argument("--out", default="results/decode.jsonl")
     a = ap.parse_args()
-    if os.environ.get("PRUNEPATH_PAD2") == "1":
-        _patch_pad2()
     dtype = getattr(jnp, a.dtype)
     head = header()
     bw = None
