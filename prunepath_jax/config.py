@@ -30,6 +30,45 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrunePathConfig:
+    """How a model's FFNs are split into routed experts (DESIGN.md section 2).
+
+    Attributes:
+        group_size: neurons per expert G (E = d_ff / G experts per layer).
+        rule: "paper" (top-1, then experts while the cumulative mass stays below tau) or
+            "nucleus" (smallest prefix whose mass reaches tau).
+        gate: "sigmoid" (each selected expert scaled by sigmoid of its raw router logit, as in the
+            paper) or "none" (scale 1: exactly the dense FFN when every expert is active).
+        k_min: fewest experts per token.
+        k_max: most experts per token (None: all); the gathered compute path needs it static.
+    """
+
+    group_size: int = 32
+    rule: str = "paper"
+    gate: str = "sigmoid"
+    k_min: int = 1
+    k_max: int | None = None
+
+    def __post_init__(self):
+        if self.group_size <= 0:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+        if self.rule not in ("paper", "nucleus"):
+            raise ValueError(f"rule must be 'paper' or 'nucleus', got {self.rule!r}")
+        if self.gate not in ("sigmoid", "none"):
+            raise ValueError(f"gate must be 'sigmoid' or 'none', got {self.gate!r}")
+        if self.k_min < 1 or (self.k_max is not None and self.k_max < self.k_min):
+            raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
+
+    def n_experts(self, d_ff: int) -> int:
+        if d_ff % self.group_size:
+            raise ValueError(
+                f"group_size {self.group_size} does not divide the FFN width {d_ff}; choose a "
+                "divisor"
+            )
+        return d_ff // self.group_size
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a transformer we can run.
 
@@ -61,6 +100,7 @@ class ModelConfig:
         num_labels: classification head outputs (0: no head).
         bos_token_id: beginning-of-sequence id or None.
         eos_token_ids: ids that end generation.
+        prunepath: None for dense FFNs; otherwise every FFN is a PrunePath routed-expert FFN.
     """
 
     family: str
@@ -88,8 +128,11 @@ class ModelConfig:
     num_labels: int = 0
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    prunepath: PrunePathConfig | None = None
 
     def __post_init__(self):
+        if self.prunepath is not None:
+            self.prunepath.n_experts(self.d_ff)
         if self.d_model <= 0 or self.d_ff <= 0 or self.n_layers <= 0:
             raise ValueError(f"bad sizes in {self}")
         if self.n_heads % self.n_kv_heads:
@@ -109,8 +152,15 @@ class ModelConfig:
             raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        if d.get("prunepath") is not None:
+            d["prunepath"] = PrunePathConfig(**d["prunepath"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         return cls(**d)
+
+    @property
+    def n_experts(self) -> int:
+        """Experts per FFN layer (0 for a dense model)."""
+        return 0 if self.prunepath is None else self.prunepath.n_experts(self.d_ff)
 
     @property
     def n_params(self) -> int:
