@@ -25,6 +25,7 @@ from prunepath_jax.config import ModelConfig
 from prunepath_jax.hf import configs as hfc
 from prunepath_jax.models.common import ModelOutput, ffn_arg_for_layer
 from prunepath_jax.models.layers import Dense, Embed, LayerNorm, activation, attention
+from prunepath_jax.nn import PrunePathFFN
 
 MODEL_TYPES = ("bert", "roberta")
 
@@ -205,7 +206,8 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         self.attention = SelfAttention(cfg, dtype=dtype, rngs=rngs)
         self.attention_norm = LayerNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
-        self.mlp = GeluFFN(cfg, dtype=dtype, rngs=rngs)
+        ffn = GeluFFN if cfg.prunepath is None else PrunePathFFN
+        self.mlp = ffn(cfg, dtype=dtype, rngs=rngs)
         self.output_norm = LayerNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
 
     def __call__(self, x, allowed_bts, ffn_arg):

@@ -31,6 +31,7 @@ from prunepath_jax.models.layers import (
     cache_write,
     causal_mask,
 )
+from prunepath_jax.nn import PrunePathFFN
 
 MODEL_TYPES = ("gpt2",)
 
@@ -185,7 +186,8 @@ class Block(nnx.Module):
         self.ln_1 = LayerNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
         self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.ln_2 = LayerNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
-        self.mlp = GeluMLP(cfg, dtype=dtype, rngs=rngs)
+        ffn = GeluMLP if cfg.prunepath is None else PrunePathFFN
+        self.mlp = ffn(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, positions, cache, ffn_arg):
         h, cache = self.attn(self.ln_1(x), positions, cache)

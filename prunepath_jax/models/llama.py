@@ -29,6 +29,7 @@ from prunepath_jax.models.layers import (
     rope_inv_freq,
     rope_tables,
 )
+from prunepath_jax.nn import PrunePathFFN
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -209,7 +210,8 @@ class Block(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
         self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
-        self.mlp = SwiGLU(cfg, dtype=dtype, rngs=rngs)
+        ffn = SwiGLU if cfg.prunepath is None else PrunePathFFN
+        self.mlp = ffn(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, positions, rope, allowed, cache, ffn_arg):
         h, cache = self.self_attn(self.input_layernorm(x), positions, rope, allowed, cache)

@@ -1,0 +1,175 @@
+"""PrunePath routed-expert FFN: a thin NNX shell over the pure math in `routing.py`.
+
+One module serves every family: SwiGLU (Llama, Mistral, Qwen2, SmolLM2) with a fused gate/up
+kernel `w_in [d, 2, f]`, and GELU MLPs (GPT-2, BERT, RoBERTa) with `w_in [d, 1, f]` plus biases.
+Neurons are permuted so expert e is the contiguous block `[e*G, (e+1)*G)` of the f axis; the
+permutation (`perm`, original neuron index per position) is kept in the checkpoint.
+
+Router state is functional: tau arrives as an argument (`RouteArgs`, one per layer, traced under
+jit so a sweep compiles once) and the routing statistics are *returned* with the output, never
+stored on the module.
+
+Two XLA compute paths (the Triton kernels of a later issue must match them):
+- "masked": the dense FFN with each neuron scaled by its expert's gate (0 when unselected). Exact
+  and differentiable; the training and prefill path.
+- "gather": reads only the first `k_max` experts of each token's order (static `k_max`), so it does
+  less work; the small-batch decode path.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prunepath_jax import routing
+from prunepath_jax.config import ModelConfig
+from prunepath_jax.models.layers import activation
+
+
+class RouteArgs(NamedTuple):
+    """One layer's routing argument (a pytree of arrays: traced under jit, never recompiled).
+
+    Attributes:
+        tau: float32 scalar budget; tau > 1 selects every expert.
+        token_mask: float32 `[b, t]`, 1 for real tokens (statistics only), or None.
+    """
+
+    tau: jax.Array
+    token_mask: jax.Array | None = None
+
+
+def route_args(cfg: ModelConfig, tau, token_mask_bt=None) -> tuple[RouteArgs, ...]:
+    """Per-layer `RouteArgs` from a scalar tau or a per-layer `[L]` vector.
+
+    Concrete tau values are validated here (tau <= 0, NaN, a vector of the wrong length raise
+    ValueError); traced values pass through, so build these outside jit and pass them in.
+    """
+    if isinstance(tau, jax.core.Tracer):
+        tau_l = jnp.broadcast_to(jnp.asarray(tau, jnp.float32), (cfg.n_layers,))
+    else:
+        tau_l = routing.check_tau(tau, cfg.n_layers)
+    mask = None if token_mask_bt is None else jnp.asarray(token_mask_bt, jnp.float32)
+    return tuple(RouteArgs(jnp.asarray(tau_l[i], jnp.float32), mask) for i in range(cfg.n_layers))
+
+
+class Permutation(nnx.Variable):
+    """Integer neuron permutation (not trained, but saved with the weights)."""
+
+
+class PrunePathFFN(nnx.Module):
+    """Routed-expert FFN. `__call__(x_btd, RouteArgs) -> (y_btd, RouteStats)`."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        pp = cfg.prunepath
+        if pp is None:
+            raise ValueError("PrunePathFFN needs cfg.prunepath")
+        d, f = cfg.d_model, cfg.d_ff
+        self.e = pp.n_experts(f)
+        self.g = pp.group_size
+        self.gated = cfg.activation == "silu"
+        n_in = 2 if self.gated else 1
+        self.act_name = cfg.activation
+        self.rule, self.gate_mode = pp.rule, pp.gate
+        self.k_min, self.k_max = pp.k_min, pp.k_max
+        self.compute = "auto"
+        std = d**-0.5
+        self.router = nnx.Param(routing.init_router(d, self.e, jnp.float32))
+        self.w_in = nnx.Param(jax.random.normal(rngs.params(), (d, n_in, f), dtype) * std)
+        self.w_out = nnx.Param(jax.random.normal(rngs.params(), (f, d), dtype) * f**-0.5)
+        has_bias = cfg.mlp_bias or not self.gated
+        self.b_in = nnx.Param(jnp.zeros((n_in, f), dtype)) if has_bias else None
+        self.b_out = nnx.Param(jnp.zeros((d,), dtype)) if has_bias else None
+        self.perm = Permutation(jnp.arange(f, dtype=jnp.int32))
+
+    def _act(self, h_btcf):
+        act = activation(self.act_name)
+        if self.gated:
+            return act(h_btcf[..., 0, :]) * h_btcf[..., 1, :]
+        return act(h_btcf[..., 0, :])
+
+    def _path(self, n_tokens: int) -> str:
+        if self.compute != "auto":
+            return self.compute
+        # Gathering pays off only for a few tokens and a real bound on k.
+        return (
+            "gather"
+            if self.k_max is not None and self.k_max < self.e and n_tokens <= 16
+            else "masked"
+        )
+
+    def __call__(self, x_btd: jax.Array, arg: RouteArgs | None):
+        if arg is None:
+            raise ValueError("a PrunePath FFN needs a RouteArgs (tau) per layer: pass ffn_args")
+        logits_bte = routing.router_logits(self.router[...], x_btd)
+        sel = routing.select(
+            logits_bte, arg.tau, rule=self.rule, k_min=self.k_min, k_max=self.k_max
+        )
+        gate_bte = routing.gates(logits_bte, sel.mask_te, self.gate_mode)
+        b, t, _ = x_btd.shape
+        if self._path(b * t) == "gather":
+            y = self._gathered(x_btd, sel, gate_bte)
+        else:
+            y = self._masked(x_btd, gate_bte)
+        if self.b_out is not None:
+            y = y + self.b_out[...]
+        return y, routing.route_stats(sel, logits_bte, arg.token_mask)
+
+    def _masked(self, x_btd, gate_bte):
+        h = jnp.einsum("btd,dcf->btcf", x_btd, self.w_in[...])
+        if self.b_in is not None:
+            h = h + self.b_in[...]
+        a_btf = self._act(h)
+        scale_btf = jnp.repeat(gate_bte, self.g, axis=-1).astype(a_btf.dtype)
+        return (a_btf * scale_btf) @ self.w_out[...]
+
+    def _gathered(self, x_btd, sel, gate_bte):
+        k = self.k_max if self.k_max is not None else self.e
+        idx_btk, valid_btk = routing.top_k_indices(sel, k)
+        g_btk = jnp.take_along_axis(gate_bte, idx_btk, axis=-1) * valid_btk
+        d, c, _ = self.w_in.shape
+        w_in_dceg = self.w_in[...].reshape(d, c, self.e, self.g)
+        w_sel = jnp.take(w_in_dceg, idx_btk, axis=2)  # [d, c, b, t, k, g]
+        h = jnp.einsum("btd,dcbtkg->btkcg", x_btd, w_sel)
+        if self.b_in is not None:
+            b_ceg = self.b_in[...].reshape(c, self.e, self.g)
+            h = h + jnp.moveaxis(jnp.take(b_ceg, idx_btk, axis=1), 0, -2)  # [b, t, k, c, g]
+        a_btkg = self._act(h) * g_btk[..., None].astype(h.dtype)
+        w_out_egd = self.w_out[...].reshape(self.e, self.g, -1)
+        return jnp.einsum("btkg,btkgd->btd", a_btkg, jnp.take(w_out_egd, idx_btk, axis=0))
+
+
+def set_compute(model: nnx.Module, mode: str) -> None:
+    """Forces every PrunePath FFN of `model` to "masked", "gather" or back to "auto"."""
+    if mode not in ("auto", "masked", "gather"):
+        raise ValueError(f"compute mode must be auto, masked or gather, got {mode!r}")
+    for _, m in nnx.iter_graph(model):
+        if isinstance(m, PrunePathFFN):
+            m.compute = mode
+
+
+def ffn_weights(cfg: ModelConfig, mlp: nnx.Module) -> dict[str, np.ndarray | None]:
+    """A dense FFN module's weights in our layout: w_in `[d, c, f]`, b_in `[c, f]`, w_out, b_out."""
+
+    def arr(p):
+        return None if p is None else np.asarray(p[...])
+
+    if cfg.family == "llama":
+        return {
+            "w_in": arr(mlp.gate_up_proj.kernel),
+            "b_in": None,
+            "w_out": arr(mlp.down_proj.kernel),
+            "b_out": None,
+        }
+    first, second = (
+        (mlp.c_fc, mlp.c_proj) if cfg.family == "gpt2" else (mlp.intermediate, mlp.output)
+    )
+    return {
+        "w_in": arr(first.kernel)[:, None, :],
+        "b_in": arr(first.bias)[None, :],
+        "w_out": arr(second.kernel),
+        "b_out": arr(second.bias),
+    }
