@@ -1,4 +1,4 @@
-"""`prunepath` command line (tyro subcommands): demo, generate, info."""
+"""`prunepath` command line (tyro subcommands): demo, convert, generate, info."""
 
 from __future__ import annotations
 
@@ -13,10 +13,19 @@ DTYPES = Literal["float32", "bfloat16"]
 
 
 def _load(model: str, dtype: str):
+    """A Hugging Face / GGUF / default model, or a prunepath_jax Orbax checkpoint directory."""
+    from pathlib import Path
+
     import jax.numpy as jnp
 
-    from prunepath_jax.loading import load_pretrained
+    from prunepath_jax.loading import Pretrained, load_pretrained
 
+    if Path(model).is_dir() and not (Path(model) / "config.json").exists():
+        from prunepath_jax.checkpoint import latest_step, restore_model
+
+        if latest_step(model) is not None:
+            r = restore_model(model, dtype=getattr(jnp, dtype))
+            return Pretrained(r.model, r.config, r.tokenizer, str(model))
     return load_pretrained(model, dtype=getattr(jnp, dtype))
 
 
@@ -45,9 +54,12 @@ class Generate:
     chat: bool = True
     """Wrap each prompt in the model's chat template (when it has one)."""
     dtype: DTYPES = "float32"
+    tau: float = 1.05
+    """PrunePath budget (PrunePath checkpoints only); > 1 uses every expert."""
 
     def run(self) -> None:
         from prunepath_jax.generate import SamplingConfig, generate
+        from prunepath_jax.nn import route_args
 
         pre = _load(self.model, self.dtype)
         tok = pre.tokenizer
@@ -62,6 +74,7 @@ class Generate:
             sampling=SamplingConfig(self.temperature, self.top_p, self.seed),
             stop_ids=tok.stop_ids(pre.config.eos_token_ids),
             pad_id=tok.pad_id,
+            ffn_args=route_args(pre.config, self.tau) if pre.config.prunepath else None,
             progress=True,
         )
         dt = time.perf_counter() - t0
@@ -95,6 +108,53 @@ class Info:
 
 
 @dataclasses.dataclass
+class Convert:
+    """Dense checkpoint -> PrunePath model (balanced k-means experts, zero router) -> Orbax
+    checkpoint that `prunepath_jax.checkpoint.restore_model` (and --model of every command)
+    restores."""
+
+    out: str
+    """Output checkpoint directory."""
+    model: str = "default"
+    """"default", a Hugging Face directory, a .gguf file or a hub id."""
+    group_size: int = 32
+    """Neurons per expert G; must divide the FFN width."""
+    rule: Literal["paper", "nucleus"] = "paper"
+    gate: Literal["sigmoid", "none"] = "sigmoid"
+    k_max: int | None = None
+    """Most experts per token (bounds the gathered decode path)."""
+    seed: int = 0
+    dtype: DTYPES = "float32"
+
+    def run(self) -> None:
+        from prunepath_jax.checkpoint import save_model
+        from prunepath_jax.config import PrunePathConfig
+        from prunepath_jax.convert import to_prunepath
+
+        pre = _load(self.model, self.dtype)
+        pp = PrunePathConfig(self.group_size, self.rule, self.gate, 1, self.k_max)
+        t0 = time.perf_counter()
+        model, info = to_prunepath(pre.model, pp, seed=self.seed)
+        meta = {
+            "source": pre.source,
+            "conversion": {
+                "group_size": self.group_size,
+                "n_experts": model.cfg.n_experts,
+                "rule": self.rule,
+                "gate": self.gate,
+                "seed": self.seed,
+                "seconds": time.perf_counter() - t0,
+                "within_expert_cosine": info["cosine"],
+            },
+        }
+        step_dir = save_model(self.out, model, model.cfg, tokenizer=pre.tokenizer, metadata=meta)
+        print(
+            f"converted {pre.source}: {model.cfg.n_layers} layers x {model.cfg.n_experts} experts"
+            f" of {self.group_size} neurons in {meta['conversion']['seconds']:.1f} s -> {step_dir}"
+        )
+
+
+@dataclasses.dataclass
 class Demo:
     """The main job on the embedded default model (see README)."""
 
@@ -109,6 +169,7 @@ class Demo:
 
 Command = (
     Annotated[Demo, tyro.conf.subcommand("demo")]
+    | Annotated[Convert, tyro.conf.subcommand("convert")]
     | Annotated[Generate, tyro.conf.subcommand("generate")]
     | Annotated[Info, tyro.conf.subcommand("info")]
 )

@@ -45,10 +45,10 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
-def cluster_layer(w_in_dcf: np.ndarray, g: int, seed: int) -> np.ndarray:
+def cluster_layer(w_in_cfd: np.ndarray, g: int, seed: int) -> np.ndarray:
     """Permutation for one FFN: balanced k-means on the first projection's neuron rows (gate_proj
     for SwiGLU, c_fc / intermediate.dense for GELU MLPs), L2-normalised inside."""
-    rows_fd = jnp.asarray(w_in_dcf[:, 0, :].T, jnp.float32)
+    rows_fd = jnp.asarray(w_in_cfd[0], jnp.float32)
     labels = experts.balanced_kmeans(rows_fd, g, seed=seed)
     return experts.permutation_from_labels(np.asarray(labels), g)
 
@@ -89,7 +89,7 @@ def to_prunepath(
         w = ffn_weights(cfg, layers[i].mlp)
         perm = cluster_layer(w["w_in"], pp.group_size, seed + i)
         mlp = pure[name][i]["mlp"]
-        mlp["w_in"] = jnp.asarray(w["w_in"][:, :, perm])
+        mlp["w_in"] = jnp.asarray(w["w_in"][:, perm])
         mlp["w_out"] = jnp.asarray(w["w_out"][perm])
         if w["b_in"] is not None:
             mlp["b_in"] = jnp.asarray(w["b_in"][:, perm])
@@ -98,7 +98,7 @@ def to_prunepath(
         mlp["perm"] = jnp.asarray(perm)
         info["seconds"].append(time.perf_counter() - t0)
         labels = np.repeat(np.arange(len(perm) // pp.group_size), pp.group_size)
-        rows = w["w_in"][:, 0, perm].T
+        rows = w["w_in"][0, perm]
         info["cosine"].append(experts.within_cluster_cosine(rows, labels))
     for path, leaf in _leaves(pure):
         if len(path) > 2 and path[2] == "mlp":

@@ -1,9 +1,12 @@
 """PrunePath routed-expert FFN: a thin NNX shell over the pure math in `routing.py`.
 
 One module serves every family: SwiGLU (Llama, Mistral, Qwen2, SmolLM2) with a fused gate/up
-kernel `w_in [d, 2, f]`, and GELU MLPs (GPT-2, BERT, RoBERTa) with `w_in [d, 1, f]` plus biases.
-Neurons are permuted so expert e is the contiguous block `[e*G, (e+1)*G)` of the f axis; the
-permutation (`perm`, original neuron index per position) is kept in the checkpoint.
+weight `w_in [2, f, d]`, and GELU MLPs (GPT-2, BERT, RoBERTa) with `w_in [1, f, d]` plus biases.
+Both weights are neuron-major (`w_in [c, f, d]`, `w_out [f, d]`, as Hugging Face stores gate/up
+rows) and neurons are permuted so expert e is the contiguous block `[e*G, (e+1)*G)` of the f axis:
+each expert's weights are then contiguous `[G, d]` slabs, which is what a gather (and a decode
+kernel) wants to read. The permutation (`perm`, original neuron index per position) is kept in
+the checkpoint.
 
 Router state is functional: tau arrives as an argument (`RouteArgs`, one per layer, traced under
 jit so a sweep compiles once) and the routing statistics are *returned* with the output, never
@@ -78,7 +81,7 @@ class PrunePathFFN(nnx.Module):
         self.compute = "auto"
         std = d**-0.5
         self.router = nnx.Param(routing.init_router(d, self.e, jnp.float32))
-        self.w_in = nnx.Param(jax.random.normal(rngs.params(), (d, n_in, f), dtype) * std)
+        self.w_in = nnx.Param(jax.random.normal(rngs.params(), (n_in, f, d), dtype) * std)
         self.w_out = nnx.Param(jax.random.normal(rngs.params(), (f, d), dtype) * f**-0.5)
         has_bias = cfg.mlp_bias or not self.gated
         self.b_in = nnx.Param(jnp.zeros((n_in, f), dtype)) if has_bias else None
@@ -119,7 +122,7 @@ class PrunePathFFN(nnx.Module):
         return y, routing.route_stats(sel, logits_bte, arg.token_mask)
 
     def _masked(self, x_btd, gate_bte):
-        h = jnp.einsum("btd,dcf->btcf", x_btd, self.w_in[...])
+        h = jnp.einsum("btd,cfd->btcf", x_btd, self.w_in[...])
         if self.b_in is not None:
             h = h + self.b_in[...]
         a_btf = self._act(h)
@@ -130,10 +133,10 @@ class PrunePathFFN(nnx.Module):
         k = self.k_max if self.k_max is not None else self.e
         idx_btk, valid_btk = routing.top_k_indices(sel, k)
         g_btk = jnp.take_along_axis(gate_bte, idx_btk, axis=-1) * valid_btk
-        d, c, _ = self.w_in.shape
-        w_in_dceg = self.w_in[...].reshape(d, c, self.e, self.g)
-        w_sel = jnp.take(w_in_dceg, idx_btk, axis=2)  # [d, c, b, t, k, g]
-        h = jnp.einsum("btd,dcbtkg->btkcg", x_btd, w_sel)
+        c, _, d = self.w_in.shape
+        w_in_cegd = self.w_in[...].reshape(c, self.e, self.g, d)
+        w_sel = jnp.take(w_in_cegd, idx_btk, axis=1)  # [c, b, t, k, g, d]: contiguous slabs
+        h = jnp.einsum("btd,cbtkgd->btkcg", x_btd, w_sel)
         if self.b_in is not None:
             b_ceg = self.b_in[...].reshape(c, self.e, self.g)
             h = h + jnp.moveaxis(jnp.take(b_ceg, idx_btk, axis=1), 0, -2)  # [b, t, k, c, g]
@@ -152,14 +155,15 @@ def set_compute(model: nnx.Module, mode: str) -> None:
 
 
 def ffn_weights(cfg: ModelConfig, mlp: nnx.Module) -> dict[str, np.ndarray | None]:
-    """A dense FFN module's weights in our layout: w_in `[d, c, f]`, b_in `[c, f]`, w_out, b_out."""
+    """A dense FFN module's weights in the PrunePath layout: w_in `[c, f, d]` (neuron-major),
+    b_in `[c, f]`, w_out `[f, d]`, b_out `[d]`."""
 
     def arr(p):
         return None if p is None else np.asarray(p[...])
 
     if cfg.family == "llama":
         return {
-            "w_in": arr(mlp.gate_up_proj.kernel),
+            "w_in": arr(mlp.gate_up_proj.kernel).transpose(1, 2, 0),
             "b_in": None,
             "w_out": arr(mlp.down_proj.kernel),
             "b_out": None,
@@ -168,7 +172,7 @@ def ffn_weights(cfg: ModelConfig, mlp: nnx.Module) -> dict[str, np.ndarray | Non
         (mlp.c_fc, mlp.c_proj) if cfg.family == "gpt2" else (mlp.intermediate, mlp.output)
     )
     return {
-        "w_in": arr(first.kernel)[:, None, :],
+        "w_in": arr(first.kernel).T[None],
         "b_in": arr(first.bias)[None, :],
         "w_out": arr(second.kernel),
         "b_out": arr(second.bias),

@@ -47,7 +47,9 @@ def test_all_experts_gate_none_is_dense(dense):
     name, model = dense
     ids = jnp.asarray(np.random.default_rng(1).integers(3, 90, (2, 13)))
     ref = _forward(model, ids)
-    pp_model, info = to_prunepath(model, PrunePathConfig(group_size=16, gate="none"), progress=False)
+    pp_model, info = to_prunepath(
+        model, PrunePathConfig(group_size=16, gate="none"), progress=False
+    )
     _random_routers(pp_model, 2)  # the router must not matter when every expert is active
     out = _forward(pp_model, ids, route_args(pp_model.cfg, 1.05))
     assert_close(out, ref, "op_fp32", f"{name} tau>1 gate none")
@@ -84,7 +86,7 @@ def _explicit_ffn(mlp: PrunePathFFN, x_td: np.ndarray, tau: float) -> np.ndarray
         chosen = [order[0]] + [order[i] for i in range(1, len(order)) if cum[i] < tau]
         for e in chosen:
             sl = slice(e * mlp.g, (e + 1) * mlp.g)
-            h = np.einsum("d,dcg->cg", x_td[t], w_in[:, :, sl])
+            h = np.einsum("d,cgd->cg", x_td[t], w_in[:, sl])
             if b_in is not None:
                 h = h + b_in[:, sl]
             a = np.asarray(act(jnp.asarray(h[0])), np.float64)
