@@ -111,12 +111,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-iter", type=int, default=25)
     parser.add_argument("--out", default=None, help="append one JSON summary row to this file")
+    parser.add_argument(
+        "--model", default=None, help="cluster a real model's FFNs instead (e.g. default)"
+    )
     args = parser.parse_args(argv)
 
-    rng = np.random.default_rng(args.seed)
-    rows_list = [
-        rng.standard_normal((args.f, args.d), dtype=np.float32) for _ in range(args.layers)
-    ]
+    if args.model:
+        from prunepath_jax.convert import layer_list
+        from prunepath_jax.loading import load_pretrained
+        from prunepath_jax.nn import ffn_weights
+
+        pre = load_pretrained(args.model, progress=False)
+        rows_list = [
+            ffn_weights(pre.config, layer.mlp)["w_in"][0] for layer in layer_list(pre.model)
+        ]
+    else:
+        rng = np.random.default_rng(args.seed)
+        rows_list = [
+            rng.standard_normal((args.f, args.d), dtype=np.float32) for _ in range(args.layers)
+        ]
     rows = kmeans_report(rows_list, args.g, seed=args.seed, n_iter=args.n_iter)
     print(f"{'layer':>5} {'seconds':>8} {'kmeans':>8} {'random':>8} {'contig':>8}")
     for r in rows:
