@@ -357,22 +357,28 @@ def load_for_sweep(
 ) -> LoadedForSweep:
     """Loads the model to sweep.
 
-    ### CHECKPOINT HOOK: switch this to the Orbax PrunePath checkpoint loader when it lands. ###
-    For now it reads a *dense* model (`load_pretrained`: "default", an HF directory, a GGUF
-    file) and converts it with `to_prunepath(pp)`, zero routers; a model that is already
-    PrunePath is returned as is. A trained checkpoint will not come with its dense model, so
-    `dense` may then be None (or load the base model it names).
+    A prunepath_jax checkpoint (`prunepath convert`, training) is restored as is; its dense
+    reference is the `source` recorded in its metadata when that still loads (the embedded
+    default, an HF directory or a GGUF file). A dense model is converted on the fly with `pp`
+    (zero routers).
     """
     import jax.numpy as jnp
 
     from prunepath_jax.convert import to_prunepath
-    from prunepath_jax.loading import load_pretrained
+    from prunepath_jax.loading import load_any, load_pretrained
 
-    pre = load_pretrained(path, dtype=getattr(jnp, dtype))
+    pre = load_any(path, dtype=getattr(jnp, dtype))
     if pre.tokenizer is None:
         raise ValueError(f"{path}: no tokenizer found; the sweep needs one to tokenise text")
     if pre.config.prunepath is not None:
-        return LoadedForSweep(pre.model, pre.tokenizer, pre.source, None)
+        dense = None
+        source = (pre.metadata or {}).get("source")
+        if source is not None:
+            try:
+                dense = load_pretrained(source, dtype=getattr(jnp, dtype), progress=False).model
+            except (FileNotFoundError, ValueError):
+                dense = None
+        return LoadedForSweep(pre.model, pre.tokenizer, pre.source, dense)
     model, _ = to_prunepath(pre.model, pp)
     return LoadedForSweep(model, pre.tokenizer, pre.source, pre.model)
 
@@ -382,8 +388,9 @@ class SweepArgs:
     """Perplexity and realised FFN sparsity of a PrunePath model over a tau sweep."""
 
     checkpoint: str = "default"
-    """Model to sweep: "default" (SmolLM2-135M-Instruct), an HF directory or a .gguf file. A
-    dense model is converted on the fly (zero routers; see group_size and gate)."""
+    """Model to sweep: a prunepath_jax checkpoint (`prunepath convert`), or "default"
+    (SmolLM2-135M-Instruct), an HF directory or a .gguf file, converted on the fly (zero routers;
+    see group_size and gate)."""
     text: str = "shipped"
     """Evaluation text: "shipped", a .txt/.jsonl file, or a Hugging Face dataset name."""
     split: str = "validation"

@@ -1,4 +1,4 @@
-"""`prunepath` command line (tyro subcommands): demo, convert, generate, info."""
+"""`prunepath` command line (tyro subcommands): demo, convert, sweep, generate, info."""
 
 from __future__ import annotations
 
@@ -14,19 +14,11 @@ DTYPES = Literal["float32", "bfloat16"]
 
 def _load(model: str, dtype: str):
     """A Hugging Face / GGUF / default model, or a prunepath_jax Orbax checkpoint directory."""
-    from pathlib import Path
-
     import jax.numpy as jnp
 
-    from prunepath_jax.loading import Pretrained, load_pretrained
+    from prunepath_jax.loading import load_any
 
-    if Path(model).is_dir() and not (Path(model) / "config.json").exists():
-        from prunepath_jax.checkpoint import latest_step, restore_model
-
-        if latest_step(model) is not None:
-            r = restore_model(model, dtype=getattr(jnp, dtype))
-            return Pretrained(r.model, r.config, r.tokenizer, str(model))
-    return load_pretrained(model, dtype=getattr(jnp, dtype))
+    return load_any(model, dtype=getattr(jnp, dtype))
 
 
 def _prompts(tok, texts: list[str], chat: bool) -> list[list[int]]:
@@ -167,9 +159,16 @@ class Demo:
         run_demo(self.model, self.max_new_tokens)
 
 
+def _sweep_args():
+    from prunepath_jax.eval.sweep import SweepArgs
+
+    return SweepArgs
+
+
 Command = (
     Annotated[Demo, tyro.conf.subcommand("demo")]
     | Annotated[Convert, tyro.conf.subcommand("convert")]
+    | Annotated[_sweep_args(), tyro.conf.subcommand("sweep")]
     | Annotated[Generate, tyro.conf.subcommand("generate")]
     | Annotated[Info, tyro.conf.subcommand("info")]
 )

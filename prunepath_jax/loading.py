@@ -41,6 +41,7 @@ class Pretrained:
     config: ModelConfig
     tokenizer: Tokenizer | None
     source: str
+    metadata: dict | None = None  # a restored checkpoint's metadata (source, conversion, ...)
 
 
 def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> nnx.Module:
@@ -211,3 +212,17 @@ def load_pretrained(
     if s.count("/") == 1 and not s.startswith((".", "/", "~")):
         return _load_hf_dir(_download(s), dtype, mesh, progress)
     raise FileNotFoundError(f"{path_or_id}: no such file or directory")
+
+
+def load_any(path_or_id: str | os.PathLike | None = "default", *, dtype=jnp.float32, mesh=None,
+             progress: bool = True) -> Pretrained:  # fmt: skip
+    """`load_pretrained`, or — for a prunepath_jax Orbax checkpoint directory (what `prunepath
+    convert` and training write) — `checkpoint.restore_model`. The one entry point the CLI uses."""
+    path = Path(str(path_or_id)).expanduser() if path_or_id is not None else None
+    if path is not None and path.is_dir() and not (path / "config.json").exists():
+        from prunepath_jax.checkpoint import latest_step, restore_model
+
+        if latest_step(path) is not None:
+            r = restore_model(path, dtype=dtype, mesh=mesh)
+            return Pretrained(r.model, r.config, r.tokenizer, str(path), r.metadata)
+    return load_pretrained(path_or_id, dtype=dtype, mesh=mesh, progress=progress)
