@@ -20,10 +20,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from helpers import assert_close  # noqa: E402
 from hf_fixtures import tiny_llama  # noqa: E402
-from prunepath_jax.eval import perplexity, sweep  # noqa: E402
 
 from prunepath_jax.config import PrunePathConfig  # noqa: E402
 from prunepath_jax.convert import to_prunepath  # noqa: E402
+from prunepath_jax.eval import perplexity, sweep  # noqa: E402
 from prunepath_jax.loading import load_pretrained  # noqa: E402
 from prunepath_jax.nn import route_args  # noqa: E402
 
