@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 from rich.console import Console
 
 PROMPTS = (
@@ -84,7 +85,7 @@ def run_demo(
     con.rule("2. PrunePath conversion (balanced k-means experts)")
     t0 = time.perf_counter()
     pp_model, info = to_prunepath(pre.model, PrunePathConfig(group_size=32, gate=gate))
-    zero_model, _ = to_prunepath(pre.model, PrunePathConfig(group_size=32, gate=gate))
+    zero_model = nnx.clone(pp_model)  # same experts, router left at zero (the paper's init)
     timings["convert"] = time.perf_counter() - t0
     con.print(
         f"{cfg.n_layers} layers x {pp_model.cfg.n_experts} experts of 32 neurons; mean "
