@@ -160,7 +160,7 @@ def _manager(
 
 
 def _check_directory(directory: str | os.PathLike) -> Path:
-    path = Path(directory).expanduser()
+    path = Path(directory).expanduser().absolute()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     if not path.is_dir():
@@ -171,7 +171,7 @@ def _check_directory(directory: str | os.PathLike) -> Path:
 def list_steps(directory: str | os.PathLike) -> list[int]:
     """Steps of every finished save under `directory`, ascending ([] when there are none, or when
     the directory does not exist yet, so training can resume-or-start with one call)."""
-    path = Path(directory).expanduser()
+    path = Path(directory).expanduser().absolute()
     if not path.exists():
         return []
     path = _check_directory(path)
@@ -314,7 +314,7 @@ def save_model(
     Returns:
         The step directory.
     """
-    directory = Path(directory).expanduser()
+    directory = Path(directory).expanduser().absolute()  # Orbax needs absolute paths
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory}: not a directory (expected a checkpoint directory)")
     if keep is not None and keep < 1:

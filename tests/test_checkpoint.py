@@ -263,3 +263,18 @@ def test_save_refuses_bad_input(pre, saved, tmp_path):
     with pytest.raises(ValueError, match="not JSON-serialisable"):
         save_model(tmp_path / "d", pre.model, pre.config, metadata={"x": object()})
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_relative_directory_round_trip(tmp_path, monkeypatch):
+    """Orbax wants absolute paths; a relative one (e.g. runs/demo/checkpoint) must still work."""
+    from hf_fixtures import tiny_llama
+
+    from prunepath_jax.checkpoint import restore_model, save_model
+    from prunepath_jax.loading import load_pretrained
+
+    tiny_llama(tmp_path / "hf", seed=3)
+    pre = load_pretrained(tmp_path / "hf", progress=False)
+    monkeypatch.chdir(tmp_path)
+    save_model("runs/ck", pre.model, pre.config)
+    restored = restore_model("runs/ck")
+    assert restored.config == pre.config
