@@ -185,3 +185,28 @@ def test_missing_route_args(tmp_path):
     set_compute(pp_model, "gather")
     with pytest.raises(ValueError, match="compute mode"):
         set_compute(pp_model, "fast")
+
+
+def test_checkpoint_round_trip_at_three_taus(tmp_path):
+    """convert -> save -> restore (abstract target) gives identical logits at three tau values."""
+    from prunepath_jax.checkpoint import restore_model, save_model
+
+    tiny_llama(tmp_path / "hf", seed=12)
+    model = load_pretrained(tmp_path / "hf", progress=False).model
+    pp_model, _ = to_prunepath(model, PrunePathConfig(group_size=16), progress=False)
+    _random_routers(pp_model, 13)
+    save_model(tmp_path / "ck", pp_model, pp_model.cfg, metadata={"source": str(tmp_path)})
+    restored = restore_model(tmp_path / "ck")
+    assert restored.config == pp_model.cfg
+    ids = jnp.asarray(np.random.default_rng(14).integers(3, 90, (2, 10)))
+    for tau in (0.3, 0.7, 1.05):
+        a = pp_model(ids, ffn_args=route_args(pp_model.cfg, tau))
+        b = restored.model(ids, ffn_args=route_args(restored.config, tau))
+        np.testing.assert_array_equal(np.asarray(a.logits), np.asarray(b.logits))
+        np.testing.assert_array_equal(
+            np.asarray(a.ffn_stats[0].k_t), np.asarray(b.ffn_stats[0].k_t)
+        )
+    np.testing.assert_array_equal(
+        np.asarray(layer_list(pp_model)[1].mlp.perm[...]),
+        np.asarray(layer_list(restored.model)[1].mlp.perm[...]),
+    )
