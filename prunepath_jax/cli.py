@@ -117,6 +117,9 @@ class Convert:
     """Most experts per token (bounds the gathered decode path)."""
     seed: int = 0
     dtype: DTYPES = "float32"
+    init_routers: int = 0
+    """Calibration tokens of shipped training text for the training-free router initialisation
+    (0: leave the routers at zero, as the paper does before fine-tuning)."""
 
     def run(self) -> None:
         from prunepath_jax.checkpoint import save_model
@@ -127,6 +130,12 @@ class Convert:
         pp = PrunePathConfig(self.group_size, self.rule, self.gate, 1, self.k_max)
         t0 = time.perf_counter()
         model, info = to_prunepath(pre.model, pp, seed=self.seed)
+        if self.init_routers > 0:
+            from prunepath_jax.demo import calibration_batches
+            from prunepath_jax.router_init import init_routers
+
+            batches = calibration_batches(pre.tokenizer, self.init_routers)
+            model, _ = init_routers(model, batches, seed=self.seed)
         meta = {
             "source": pre.source,
             "conversion": {
@@ -135,6 +144,7 @@ class Convert:
                 "rule": self.rule,
                 "gate": self.gate,
                 "seed": self.seed,
+                "router_init_tokens": self.init_routers,
                 "seconds": time.perf_counter() - t0,
                 "within_expert_cosine": info["cosine"],
             },

@@ -27,7 +27,7 @@ PROMPTS = (
 )
 
 
-def _calibration_batches(tok, n_tokens: int, seq_len: int = 256, batch: int = 8):
+def calibration_batches(tok, n_tokens: int, seq_len: int = 256, batch: int = 8):
     """Packed windows of shipped *training* text (the sweep evaluates held-out validation text)."""
     from prunepath_jax.text import pack_tokens, read_texts
 
@@ -94,7 +94,7 @@ def run_demo(
 
     con.rule("3. router initialisation (no training)")
     t0 = time.perf_counter()
-    pp_model, report = init_routers(pp_model, _calibration_batches(tok, calib_tokens))
+    pp_model, report = init_routers(pp_model, calibration_batches(tok, calib_tokens))
     timings["router_init"] = time.perf_counter() - t0
     last = latest_step(out / "checkpoint")  # a re-run adds a step (keeping two), loses nothing
     ckpt = save_model(
