@@ -15,8 +15,9 @@ network:
    ``W_e W_eᵀ`` ``[G, G]`` (``O(N·f·G)``, cheaper than the down-projection itself). The target
    distribution is ``q ∝ n^(1/T)``. With ``p ≈ q`` and T = 1 the τ rule keeps the experts that
    carry a fraction τ of the token's summed contribution; a larger T flattens ``p`` towards a
-   top-(τ·E) over the fitted ranking, which measured better on SmolLM2 at matched sparsity
-   (k adapts less to the token, and the layers stay evenly pruned), hence the default T = 4.
+   top-(τ·E) over the fitted ranking (k adapts less to the token and the layers stay evenly
+   pruned). On SmolLM2 at matched sparsity T = 4 equals T = 1 at 25% and 50% and is far better
+   at 75%, T = 0.5 is worse (results/router_init.jsonl), hence the default T = 4.
 3. **Fit.** Minimise ``CE(q, softmax(x W))`` per layer: the least-squares fit of the centred
    ``log q`` in a whitened basis (``x`` of a trained LM is badly conditioned: a few "massive"
    dimensions dominate), then a few Adam steps on minibatches. The least-squares start is
@@ -431,9 +432,8 @@ def fit_routers(
         batch: tokens per Adam step (capped at the number of fitting tokens).
         target: `"norm"`, `q ∝ ||FFN_e(x)||^(1/T)` (the one implemented target).
         temperature: T. Larger T flattens p, so k depends less on the token and τ acts more
-            like a top-(τ·E) over the fitted ranking; T < 1 sharpens. On SmolLM2 at matched
-            sparsity T = 2-8 beat T = 1 and T = 0.5 clearly (scripts/router_init_experiment.py),
-            hence the default 4. The ranking (and k90) is the same for every T.
+            like a top-(τ·E) over the fitted ranking; T < 1 sharpens. See the module docstring
+            for why the default is 4. The ranking (and k90) hardly depends on T.
         heldout: fraction of the tokens kept out of the fit, for the report's held-out numbers
             and the gate-shift choice.
         gate_shift: gate "sigmoid" only. "auto": per layer, the smallest shift `c` of the grid
@@ -496,18 +496,8 @@ def fit_routers(
             q_hold = router_targets(params, x_hold, temperature=temperature, **static)
             row["ce_before_heldout"] = float(soft_ce(w0_de, x_hold, q_hold))
             row["ce_after_heldout"] = float(soft_ce(w_de, x_hold, q_hold))
-            diag = jax.device_get(
-                _diagnose(
-                    params,
-                    w0_de,
-                    w_de,
-                    u_d,
-                    x_hold[:n_diag],
-                    gate_mode=mlp.gate_mode,
-                    rule=mlp.rule,
-                    **static,
-                )
-            )
+            rules = {"gate_mode": mlp.gate_mode, "rule": mlp.rule, **static}
+            diag = jax.device_get(_diagnose(params, w0_de, w_de, u_d, x_hold[:n_diag], **rules))
             err_c = diag["err_sigmoid_ct"].mean(axis=1)
             if mlp.gate_mode == "sigmoid" and gate_shift == "auto":
                 ok = np.flatnonzero(err_c <= (1.0 + _SHIFT_SLACK) * err_c.min())
@@ -531,23 +521,16 @@ def fit_routers(
         row["seconds"] = time.perf_counter() - t0
         layers.append(row)
     total = time.perf_counter() - t_start
+    options = dict(
+        steps=steps, lr=lr, batch=batch, target=target, temperature=temperature, heldout=heldout,
+        gate_shift=gate_shift, warm_start=warm_start, ridge=ridge, seed=seed,
+    )  # fmt: skip
     report = {
         "n_tokens": int(n),
         "n_fit": int(len(fit_idx)),
         "n_heldout": int(n_hold),
         "seconds": {"capture": 0.0, "fit": total, "total": total},
-        "options": {
-            "steps": steps,
-            "lr": lr,
-            "batch": batch,
-            "target": target,
-            "temperature": temperature,
-            "heldout": heldout,
-            "gate_shift": gate_shift,
-            "warm_start": warm_start,
-            "ridge": ridge,
-            "seed": seed,
-        },  # fmt: skip
+        "options": options,
         "layers": layers,
     }
     return model, report

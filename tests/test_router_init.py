@@ -18,7 +18,12 @@ from prunepath_jax import router_init, routing  # noqa: E402
 from prunepath_jax.config import PrunePathConfig  # noqa: E402
 from prunepath_jax.convert import layer_list, to_prunepath  # noqa: E402
 from prunepath_jax.loading import load_pretrained  # noqa: E402
-from prunepath_jax.models.layers import activation  # noqa: E402
+from prunepath_jax.models.layers import (  # noqa: E402
+    activation,
+    causal_mask,
+    rope_inv_freq,
+    rope_tables,
+)
 
 G = 16
 FIT = {"steps": 60, "batch": 256, "seed": 3, "temperature": 1.0}
@@ -111,8 +116,6 @@ def test_capture_is_the_dense_pass(dense_llama):
     tokens = jnp.asarray(batches[0][0])
     x = dense_llama.embed_tokens(tokens)
     b, t = tokens.shape
-    from prunepath_jax.models.layers import causal_mask, rope_inv_freq, rope_tables
-
     cfg = dense_llama.cfg
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     rope = rope_tables(pos, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
