@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,25 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunepath_jax.runinfo import run_header
+
 
 def header() -> dict:
     """Date, commit, machine and command of this run (every result row carries it)."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = "?"
-    dev = jax.devices()[0]
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit or os.environ.get("PRUNEPATH_COMMIT", "?"),
-        "device": getattr(dev, "device_kind", dev.platform),
-        "backend": jax.default_backend(),
-        "jax": jax.__version__,
-        "host": f"{platform.machine()} {os.cpu_count()} cpus",
-        "command": " ".join(__import__("sys").argv),
-    }
+    return run_header()
 
 
 def time_fn(fn, *args, warmup: int = 2, iters: int = 10) -> float:

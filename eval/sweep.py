@@ -16,17 +16,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import datetime
 import json
 import os
-import platform
-import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -34,6 +29,7 @@ from prunepath_jax import text
 from prunepath_jax.config import PrunePathConfig
 from prunepath_jax.nn import PrunePathFFN
 from prunepath_jax.routing import check_tau
+from prunepath_jax.runinfo import run_header
 
 from .perplexity import evaluate_lm
 
@@ -47,37 +43,6 @@ SUMMARY_COLS = [
     "flop_fraction", "n_tokens", "seconds",
 ]  # fmt: skip
 _LIST_FIELDS = ("sparsity_per_layer", "k_mean_per_layer", "k_hist")
-
-
-def run_header(**extra) -> dict:
-    """Date, commit, machine and command of this run; every artifact row carries it.
-
-    Mirrors `benchmarks/common.header`, which is a script folder and not importable from the
-    installed package. The commit is read from the repository this file lives in, so running
-    from another directory still names the code that produced the numbers.
-    """
-    repo = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=repo,
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    dev = jax.devices()[0]
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit or os.environ.get("PRUNEPATH_COMMIT", "?"),
-        "device": getattr(dev, "device_kind", dev.platform),
-        "backend": jax.default_backend(),
-        "jax": jax.__version__,
-        "host": f"{platform.machine()} {os.cpu_count()} cpus",
-        "command": " ".join(sys.argv),
-        **extra,
-    }
 
 
 def tokenize_stream(

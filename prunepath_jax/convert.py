@@ -16,33 +16,13 @@ from tqdm.auto import tqdm
 
 from prunepath_jax import experts
 from prunepath_jax.config import ModelConfig, PrunePathConfig
-from prunepath_jax.loading import abstract_model
+from prunepath_jax.loading import abstract_model, tree_items, tree_set
 from prunepath_jax.nn import ffn_weights
 
 
 def layer_list(model: nnx.Module):
     """The list of transformer blocks, whatever the family calls it."""
     return model.h if model.cfg.family == "gpt2" else model.layers
-
-
-def _leaves(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _leaves(v, (*prefix, k))
-        else:
-            yield (*prefix, k), v
-
-
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _set(tree, path, value):
-    for k in path[:-1]:
-        tree = tree[k]
-    tree[path[-1]] = value
 
 
 def cluster_layer(w_in_cfd: np.ndarray, g: int, seed: int) -> np.ndarray:
@@ -78,7 +58,7 @@ def to_prunepath(
         raise ValueError("model is already a PrunePath model")
     new_cfg = cfg.replace(prunepath=pp)  # validates that G divides d_ff
     old_pure = nnx.to_pure_dict(nnx.state(model))
-    dtype = np.asarray(next(v for _, v in _leaves(old_pure))).dtype
+    dtype = np.asarray(next(v for _, v in tree_items(old_pure))).dtype
     graphdef, state = nnx.split(abstract_model(new_cfg, jnp.dtype(dtype)))
     pure = nnx.to_pure_dict(state)
     info = {"cosine": [], "seconds": []}
@@ -100,12 +80,14 @@ def to_prunepath(
         labels = np.repeat(np.arange(len(perm) // pp.group_size), pp.group_size)
         rows = w["w_in"][0, perm]
         info["cosine"].append(experts.within_cluster_cosine(rows, labels))
-    for path, leaf in _leaves(pure):
+    for path, leaf in tree_items(pure):
         if len(path) > 2 and path[2] == "mlp":
             continue
-        value = _get(old_pure, path)
+        value = old_pure
+        for key in path:
+            value = value[key]
         if tuple(value.shape) != tuple(leaf.shape):
             raise ValueError(f"{path}: {value.shape} vs {leaf.shape}")
-        _set(pure, path, value)
+        tree_set(pure, path, value)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state), info

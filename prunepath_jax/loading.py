@@ -50,15 +50,16 @@ def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> nnx.Module:
     return nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-def _leaves(tree, prefix=()):
+def tree_items(tree, prefix=()):
+    """`(path, leaf)` pairs of a nested dict (an `nnx.to_pure_dict` state)."""
     for k, v in tree.items():
         if isinstance(v, dict):
-            yield from _leaves(v, (*prefix, k))
+            yield from tree_items(v, (*prefix, k))
         else:
             yield (*prefix, k), v
 
 
-def _set(tree, path, value):
+def tree_set(tree, path, value):
     for k in path[:-1]:
         tree = tree[k]
     tree[path[-1]] = value
@@ -89,7 +90,7 @@ def fill_model(
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     pmap = {path: Source.of(entry) for path, entry in models.hf_param_map(cfg).items()}
-    leaves = list(_leaves(pure))
+    leaves = list(tree_items(pure))
     missing = [n for p, _ in leaves if p in pmap for n in pmap[p].names if n not in names]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) needed: {missing[:4]}")
@@ -108,7 +109,7 @@ def fill_model(
             value = jax.make_array_from_callback(
                 want, shd, lambda idx, src=src: src.load(read, idx, dtype)
             )
-        _set(pure, path, value)
+        tree_set(pure, path, value)
     used = {n for src in pmap.values() for n in src.names}
     unused = sorted(n for n in names - used if not n.endswith(_IGNORED_TENSOR_SUFFIXES))
     if unused:
