@@ -1,17 +1,14 @@
 """Shared pytest set-up: fake CPU devices for sharding tests, markers, GPU skipping."""
 
-import os
+import contextlib
 
-# Fake CPU devices must be requested before JAX initialises its backends.
-os.environ.setdefault("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", ""))
-import jax  # noqa: E402
+import jax
+import pytest
 
-try:
+# Eight fake CPU devices for the sharding tests; must happen before JAX initialises its backends
+# (a plugin that already did so leaves the default device count).
+with contextlib.suppress(RuntimeError):
     jax.config.update("jax_num_cpu_devices", 8)
-except Exception:  # pragma: no cover - backend already initialised by a plugin
-    pass
-
-import pytest  # noqa: E402
 
 
 def _has_gpu() -> bool:
