@@ -34,65 +34,43 @@ def save_tiny(model, directory: Path, seed: int = 0):
     return model
 
 
-def tiny_llama(directory: Path, seed: int = 0, **overrides):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Shapes every tiny causal LM shares; each builder adds what its architecture needs.
+_TINY_DECODER = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
-    kw = dict(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )
-    kw.update(overrides)
+
+def _tiny_causal_lm(config_name: str, model_name: str, directory, seed, defaults, overrides):
+    import torch
+    import transformers
+
+    kw = {**_TINY_DECODER, **defaults, **overrides}
     torch.manual_seed(seed)
-    return save_tiny(LlamaForCausalLM(LlamaConfig(**kw)), directory, seed)
+    config = getattr(transformers, config_name)(**kw)
+    return save_tiny(getattr(transformers, model_name)(config), directory, seed)
+
+
+def tiny_llama(directory: Path, seed: int = 0, **overrides):
+    defaults = dict(rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    return _tiny_causal_lm("LlamaConfig", "LlamaForCausalLM", directory, seed, defaults, overrides)
 
 
 def tiny_qwen2(directory: Path, seed: int = 0, **overrides):
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    kw = dict(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_theta=1e6,
-        tie_word_embeddings=True,
-    )
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    return save_tiny(Qwen2ForCausalLM(Qwen2Config(**kw)), directory, seed)
+    defaults = dict(rope_theta=1e6, tie_word_embeddings=True)
+    return _tiny_causal_lm("Qwen2Config", "Qwen2ForCausalLM", directory, seed, defaults, overrides)
 
 
 def tiny_mistral(directory: Path, seed: int = 0, **overrides):
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
-    kw = dict(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=128,
-        sliding_window=8,
+    defaults = dict(num_key_value_heads=1, head_dim=16, sliding_window=8)
+    return _tiny_causal_lm(
+        "MistralConfig", "MistralForCausalLM", directory, seed, defaults, overrides
     )
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    return save_tiny(MistralForCausalLM(MistralConfig(**kw)), directory, seed)
 
 
 def torch_logits(model, ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
