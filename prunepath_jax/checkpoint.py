@@ -266,7 +266,7 @@ def _check_matches_config(pure: dict, config: ModelConfig, model) -> None:
             )
 
 
-def _write_tokenizer(directory: Path, tokenizer: Tokenizer) -> None:
+def write_tokenizer(directory: Path, tokenizer: Tokenizer) -> None:
     """Writes `directory/tokenizer` atomically: a reader sees the old files or the new ones."""
     final = directory / TOKENIZER_DIR
     tmp = directory / f".{TOKENIZER_DIR}.tmp-{uuid.uuid4().hex}"
@@ -283,6 +283,57 @@ def _write_tokenizer(directory: Path, tokenizer: Tokenizer) -> None:
             old.rename(final)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def model_items(
+    model: nnx.Module,
+    config: ModelConfig,
+    metadata: dict | None = None,
+    extra_items: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The Orbax save args of one step in our layout (state, config, metadata + extras).
+
+    Shared by `save_model` and the training checkpointer, so a training checkpoint restores with
+    the same `restore_model` call as a converted one. Validates what `save_model` documents.
+    """
+    extra = dict(extra_items or {})
+    clash = sorted(set(extra) & set(_OWN_ITEMS))
+    if clash:
+        raise ValueError(f"extra item names {clash} are reserved for the model checkpoint")
+    user = dict(metadata or {})
+    reserved = sorted(set(user) & set(_RESERVED_METADATA))
+    if reserved:
+        raise ValueError(f"metadata keys {reserved} are reserved (written by save_model)")
+    _, state = nnx.split(model)
+    pure = nnx.to_pure_dict(state)
+    leaves = _leaves_by_path(pure)
+    for path, leaf in leaves.items():
+        if not hasattr(leaf, "dtype") or jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            raise ValueError(
+                f"state leaf {_path_str(path)} ({type(leaf).__name__}) is not an array of numbers; "
+                "save_model stores arrays only (PRNG key state is not supported)"
+            )
+    _check_matches_config(pure, config, model)
+    meta = {
+        **user,
+        "source": user.get("source"),
+        "layout": LAYOUT_VERSION,
+        "versions": _versions(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "param_dtype": _param_dtype(leaves),
+        "items": sorted([*_OWN_ITEMS, *extra]),
+    }
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata is not JSON-serialisable: {e}") from None
+
+    return {
+        STATE: ocp.args.StandardSave(pure),
+        CONFIG: ocp.args.JsonSave(config.to_dict()),
+        METADATA: ocp.args.JsonSave(meta),
+        **extra,
+    }
 
 
 def save_model(
@@ -321,45 +372,7 @@ def save_model(
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    extra = dict(extra_items or {})
-    clash = sorted(set(extra) & set(_OWN_ITEMS))
-    if clash:
-        raise ValueError(f"extra item names {clash} are reserved for the model checkpoint")
-    user = dict(metadata or {})
-    reserved = sorted(set(user) & set(_RESERVED_METADATA))
-    if reserved:
-        raise ValueError(f"metadata keys {reserved} are reserved (written by save_model)")
-
-    _, state = nnx.split(model)
-    pure = nnx.to_pure_dict(state)
-    leaves = _leaves_by_path(pure)
-    for path, leaf in leaves.items():
-        if not hasattr(leaf, "dtype") or jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            raise ValueError(
-                f"state leaf {_path_str(path)} ({type(leaf).__name__}) is not an array of numbers; "
-                "save_model stores arrays only (PRNG key state is not supported)"
-            )
-    _check_matches_config(pure, config, model)
-    meta = {
-        **user,
-        "source": user.get("source"),
-        "layout": LAYOUT_VERSION,
-        "versions": _versions(),
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "param_dtype": _param_dtype(leaves),
-        "items": sorted([*_OWN_ITEMS, *extra]),
-    }
-    try:
-        json.dumps(meta)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"metadata is not JSON-serialisable: {e}") from None
-
-    items = {
-        STATE: ocp.args.StandardSave(pure),
-        CONFIG: ocp.args.JsonSave(config.to_dict()),
-        METADATA: ocp.args.JsonSave(meta),
-        **extra,
-    }
+    items = model_items(model, config, metadata, extra_items)
     with _quiet():
         mngr = _manager(directory, items, keep=keep)
         try:
@@ -374,7 +387,7 @@ def save_model(
         finally:
             mngr.close()
     if tokenizer is not None:
-        _write_tokenizer(directory, tokenizer)
+        write_tokenizer(directory, tokenizer)
     return directory / str(step)
 
 

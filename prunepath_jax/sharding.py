@@ -2,8 +2,11 @@
 
 A rule is chosen from the parameter's path and shape: projections into a wider space (q/k/v,
 gate/up, c_fc, intermediate) put their output dimension on `model` and input on `fsdp`; projections
-back (o, down, c_proj, output) the reverse; embeddings put the vocabulary on `model`. A dimension is
-only sharded when the axis size divides it, so every config places without error.
+back (o, down, c_proj, output) the reverse; embeddings put the vocabulary on `model`. PrunePath
+FFNs put their neurons (hence whole experts, which are contiguous blocks of G neurons) on `model`:
+`w_in [c, f, d]` -> (-, model, fsdp), `w_out [f, d]` -> (model, fsdp), `b_in [c, f]` -> (-, model);
+routers `[d, E]` are tiny and replicated. A dimension is only sharded when the axis size divides
+it, so every config places without error.
 """
 
 from __future__ import annotations
@@ -21,9 +24,15 @@ def _axis_size(mesh: Mesh, name: str) -> int:
 def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """PartitionSpec for one parameter (see the module docstring for the rules)."""
     names = [str(p) for p in path]
-    if len(shape) < 2:
+    if len(shape) < 2 or "router" in names:
         return PartitionSpec()
-    if "gate_up_proj" in names and len(shape) == 3:  # [d, 2, f]
+    if "w_in" in names:  # [c, f, d]
+        wanted = (None, "model", "fsdp")
+    elif "w_out" in names:  # [f, d]
+        wanted = ("model", "fsdp")
+    elif "b_in" in names:  # [c, f]
+        wanted = (None, "model")
+    elif "gate_up_proj" in names and len(shape) == 3:  # [d, 2, f]
         wanted = ("fsdp", None, "model")
     elif any(n in ("embedding",) for n in names):
         wanted = ("model", "fsdp")
