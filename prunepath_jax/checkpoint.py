@@ -454,6 +454,23 @@ def _restore_target(abstract: dict, saved: dict, step_dir: Path, dtype, mesh: Me
     return jax.tree_util.tree_map_with_path(lambda p, _: target[tuple(map(_key, p))], abstract)
 
 
+def read_config(directory: str | os.PathLike, step: int) -> ModelConfig:
+    """The `ModelConfig` saved with step `step` (reads only the small JSON item)."""
+    directory = _check_directory(directory)
+    with _quiet():
+        mngr = _manager(directory, {CONFIG: ocp.args.JsonRestore()}, read_only=True)
+    try:
+        where = directory / str(step) / CONFIG
+        d = _restore(mngr, step, "config", where, {CONFIG: ocp.args.JsonRestore()})[CONFIG]
+    finally:
+        with _quiet():
+            mngr.close()
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{where}: not a valid model config ({e})") from None
+
+
 def restore_model(
     directory: str | os.PathLike,
     *,

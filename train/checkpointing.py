@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ class TrainCheckpointer:
 def restore_latest(
     directory: str | Path,
     *,
-    abstract_opt_state: Any,
+    abstract_opt_state: Callable[[ModelConfig], Any],
     mesh=None,
     dtype=None,
     report=print,
@@ -110,7 +111,8 @@ def restore_latest(
 
     Args:
         directory: the run directory.
-        abstract_opt_state: `ShapeDtypeStruct` tree (with shardings) of the optimiser state.
+        abstract_opt_state: `model_config -> ShapeDtypeStruct tree` (with shardings) of the
+            optimiser state for a model of that config.
         mesh: place the model sharded on this mesh.
         dtype: model parameter dtype (None: as saved).
         report: where to say that a step was skipped (one clear line each).
@@ -118,13 +120,15 @@ def restore_latest(
     directory = Path(directory).expanduser().absolute()
     for step in reversed(ckpt.list_steps(directory)):
         try:
+            config = ckpt.read_config(directory, step)
             return ckpt.restore_model(
                 directory,
                 step=step,
                 mesh=mesh,
                 dtype=dtype,
+                expect_config=config,
                 extra_items={
-                    OPT: ocp.args.StandardRestore(abstract_opt_state),
+                    OPT: ocp.args.StandardRestore(abstract_opt_state(config)),
                     TRAIN: ocp.args.JsonRestore(),
                 },
             )
@@ -133,7 +137,7 @@ def restore_latest(
             (directory / str(step)).rename(aside)
             report(
                 f"checkpoint step {step} in {directory} cannot be restored ({e}); "
-                f"moved it to {aside.name} and trying the previous step"
+                f"moved it to {aside.name} (nothing deleted) and trying the previous step"
             )
     return None
 

@@ -161,7 +161,9 @@ def train_step(
         mean_aux = {k: aux_sum[k] / a for k in ("ent", "bal", "gate", "k_mean", "sparsity")}
         aux = {**aux_sum, **mean_aux}
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = jnp.sqrt(
+        sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
+    )
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
