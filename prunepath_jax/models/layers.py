@@ -85,7 +85,7 @@ def apply_rope(x_bthd: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention(
-    q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, allowed_bts: jax.Array
+    q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, allowed_bts: jax.Array | None
 ) -> jax.Array:
     """Scaled dot-product attention with grouped KV heads.
 
@@ -93,11 +93,15 @@ def attention(
         q_bthd: queries, h heads.
         k_bskd: keys over s positions, k = n_kv heads (h % k == 0).
         v_bskd: values.
-        allowed_bts: True where query t may attend key s.
+        allowed_bts: True where query t may attend key s; None means plain causal attention of
+            t queries over the same t keys, which runs as a fused kernel on GPU (cuDNN flash
+            attention for 16-bit inputs) and as XLA's reference elsewhere.
 
     Returns:
         `[b, t, h, d]` in the query dtype; softmax in float32.
     """
+    if allowed_bts is None:
+        return causal_attention(q_bthd, k_bskd, v_bskd)
     b, t, h, hd = q_bthd.shape
     n_kv = k_bskd.shape[2]
     q = q_bthd.reshape(b, t, n_kv, h // n_kv, hd)
@@ -107,6 +111,22 @@ def attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, hd).astype(q_bthd.dtype)
+
+
+def causal_attention(q_bthd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array) -> jax.Array:
+    """Causal self-attention: cuDNN's fused kernel on GPU for bf16/fp16, else the masked einsum."""
+    fused = (
+        jax.default_backend() == "gpu"
+        and q_bthd.dtype in (jnp.bfloat16, jnp.float16)
+        and q_bthd.shape[-1] in (64, 128, 256)  # flash-attention head sizes
+    )
+    if fused:
+        return jax.nn.dot_product_attention(
+            q_bthd, k_btkd, v_btkd, is_causal=True, implementation="cudnn"
+        )
+    t = q_bthd.shape[1]
+    allowed_bts = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (q_bthd.shape[0], t, t))
+    return attention(q_bthd, k_btkd, v_btkd, allowed_bts)
 
 
 def causal_mask(positions_bt: jax.Array, key_positions_bs: jax.Array, window: int | None):

@@ -256,6 +256,9 @@ class LlamaModel(nnx.Module):
         """
         cfg = self.cfg
         b, t = tokens_bt.shape
+        # Plain causal attention over the call's own tokens goes to the fused kernel (cuDNN flash
+        # attention on GPU; training and long prefill never materialise [t, t] scores there).
+        plain_causal = positions_bt is None and cache is None and cfg.sliding_window is None
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         rope = rope_tables(
@@ -266,7 +269,7 @@ class LlamaModel(nnx.Module):
         else:
             s = cache[0].k.shape[1]
             key_pos = jnp.broadcast_to(jnp.arange(s, dtype=positions_bt.dtype), (b, s))
-        allowed = causal_mask(positions_bt, key_pos, cfg.sliding_window)
+        allowed = None if plain_causal else causal_mask(positions_bt, key_pos, cfg.sliding_window)
         x = self.embed_tokens(tokens_bt)
         new_cache, stats = [], []
         for i, layer in enumerate(self.layers):
