@@ -1,0 +1,330 @@
+"""Sparse-expert decode FFN (1-16 tokens) as one Pallas kernel on the Triton backend.
+
+Why this shape of kernel. At decode the FFN is bound by the bytes of the selected experts'
+weights, and for small models by launches (≈ 1 µs per Pallas-Triton launch inside one jitted
+program, DESIGN.md §4). So the layer is: XLA routing (router logits, softmax, the paper's
+cumulative-mass selection, sigmoid gates; a handful of fusions) and then a *single* Pallas
+kernel that does everything else:
+
+* Union of experts, in the kernel. Every program reads the small gate table ``[t, E]`` (zero for
+  experts a token did not select), takes the union over tokens and its prefix count, and finds
+  the expert of its slot by one reduction. No host sync, no scatter, no extra launch; an expert
+  that several tokens chose is read once, and each token's contribution is masked by its own
+  gate (zero for tokens that did not choose it).
+* Neuron blocks, not experts, are the unit of work. An FFN neuron is independent of the others
+  until the down-projection sums them, so program ``(slot, nb)`` owns neurons
+  ``[e*G + nb*BN, e*G + (nb+1)*BN)`` of expert ``e``: it reads their W_gate/W_up rows and W_out
+  rows (contiguous ``[BN, d]`` slabs, read in ``[BN, BD]`` tiles from HBM with ``pl.ds``), applies
+  ``silu(gate)·up·σ(g)`` in fp32 and adds its ``[t, d]`` share of the output with fp32 atomics.
+  Splitting G gives the GPU enough programs at batch 1 and low k (45 experts at 10% of E = 448
+  would occupy only a third of an H200's 132 SMs).
+* Programs past the union count return at once, so the grid is static
+  (``min(E, t·k_max) · G/BN`` programs) while the work follows the traced τ.
+
+Two inner-product forms: ``plgpu.dot`` (tensor cores; needs every dim ≥ 16, so tokens are padded
+to 16 rows and BN ≥ 16) and broadcast-multiply + sum (no minimum, cheaper for 1-4 tokens). Both
+accumulate in fp32; fp32 weights use IEEE (not TF32) dots.
+
+The result equals ``prunepath_jax.kernels.reference.sparse_ffn_reference`` (the masked XLA math
+of ``PrunePathFFN``) up to summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from prunepath_jax import routing
+from prunepath_jax.kernels.pallas_routing import route_gates_pallas
+from prunepath_jax.kernels.reference import route_reference
+
+try:  # The Triton backend module imports on CPU jaxlib too; guard anyway (it is deprecated).
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - only on a jax without Pallas-Triton
+    plgpu = None
+
+MAX_TOKENS = 16
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float16))
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two that divides ``n`` and is ≤ ``cap`` (Triton blocks are powers of 2)."""
+    b = 1
+    while b * 2 <= cap and n % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def route_gates(x_td, router_de, tau, *, rule="paper", gate="sigmoid", k_min=1, k_max=None):
+    """Gate table ``gate_te`` (fp32, zero for unselected experts) and ``k_t`` with XLA ops.
+
+    Exactly the reference's routing (``routing.select`` + ``routing.gates``); the kernel skips an
+    expert whose selected gate underflowed to exactly 0, which changes nothing (it adds 0).
+    """
+    _, _, gate_te, k_t = route_reference(
+        x_td, router_de, tau, rule=rule, gate=gate, k_min=k_min, k_max=k_max
+    )
+    return gate_te, k_t
+
+
+def check_inputs(x_td, router_de, w_in_cfd, w_out_fd, group_size: int) -> None:
+    """Raises ValueError/NotImplementedError for anything this kernel cannot compute exactly."""
+    if x_td.ndim != 2:
+        raise ValueError(f"x_td must be [t, d], got shape {x_td.shape}")
+    t, d = x_td.shape
+    if not 1 <= t <= MAX_TOKENS:
+        raise NotImplementedError(
+            f"the Pallas decode kernel takes 1..{MAX_TOKENS} tokens, got {t}; "
+            "use the grouped GEMM or the XLA path for more"
+        )
+    if w_in_cfd.ndim != 3 or w_in_cfd.shape[0] != 2:
+        raise NotImplementedError(
+            f"the Pallas decode kernel is SwiGLU only (w_in [2, f, d]), got w_in {w_in_cfd.shape}"
+        )
+    f = w_in_cfd.shape[1]
+    if w_in_cfd.shape[2] != d or w_out_fd.shape != (f, d):
+        raise ValueError(
+            f"shape mismatch: x {x_td.shape}, w_in {w_in_cfd.shape}, w_out {w_out_fd.shape}"
+        )
+    if f % group_size:
+        raise ValueError(f"f={f} is not a multiple of group_size={group_size}")
+    if router_de.shape != (d, f // group_size):
+        raise ValueError(f"router must be [d, E] = {(d, f // group_size)}, got {router_de.shape}")
+    dt = jnp.dtype(x_td.dtype)
+    if dt not in _SUPPORTED_DTYPES:
+        raise NotImplementedError(f"unsupported dtype {dt} (bf16, fp16 or fp32)")
+    if jnp.dtype(w_in_cfd.dtype) != dt or jnp.dtype(w_out_fd.dtype) != dt:
+        raise ValueError(
+            f"x, w_in, w_out must share a dtype: {dt}, {w_in_cfd.dtype}, {w_out_fd.dtype}"
+        )
+
+
+def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
+    """Static block sizes. ``use_dot`` picks tensor-core dots (tokens padded to 16 rows)."""
+    use_dot = tuning.get("use_dot")
+    bn_default = 16 if g % 16 == 0 else _pow2_divisor(g, 16)
+    if use_dot is None:
+        use_dot = t > 4 and g % 16 == 0
+    if use_dot:
+        if g % 16:
+            raise NotImplementedError(f"dot path needs group_size % 16 == 0, got {g}")
+        tp = MAX_TOKENS
+        bn = tuning.get("block_n", 16)
+        if bn < 16:
+            raise ValueError(f"dot path needs block_n >= 16, got {bn}")
+    else:
+        tp = _next_pow2(t)
+        bn = tuning.get("block_n", min(bn_default, 8) if t > 1 else bn_default)
+    if g % bn or bn & (bn - 1):
+        raise ValueError(f"block_n={bn} must be a power of 2 dividing group_size={g}")
+    # Broadcast accumulators [tp, bn, bd] (two, fp32) live in registers: keep tp·bn·bd near 4k
+    # elements per program (32 per thread at 4 warps).
+    bd_cap = tuning.get("block_d", 512 if use_dot else max(64, 4096 // (tp * bn)))
+    bd = _pow2_divisor(d, bd_cap)
+    bdo_cap = tuning.get("block_d_out", bd_cap)
+    bdo = _pow2_divisor(d, bdo_cap)
+    return {
+        "use_dot": bool(use_dot),
+        "tp": tp,
+        "bn": bn,
+        "bd": bd,
+        "bdo": bdo,
+        "num_warps": tuning.get("num_warps", 4),
+        "num_stages": tuning.get("num_stages", 3),
+        "fp32": jnp.dtype(dtype) == jnp.float32,
+        "routing": tuning.get("routing", "pallas"),
+    }
+
+
+def _kernel(
+    gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, t, d, f, g, ep, plan, interpret
+):
+    """One program = one (union slot, neuron block). Shapes in the refs' names' comments."""
+    del y_in_ref  # aliased to y_ref (the zeroed fp32 accumulator)
+    tp, bn, bd, bdo = plan["tp"], plan["bn"], plan["bd"], plan["bdo"]
+    splits = g // bn
+    pid = pl.program_id(0)
+    slot = pid // splits
+    nb = pid % splits
+
+    gate_te = gate_ref[...]  # [tp, ep] fp32, zero rows/cols for padding
+    used_e = jnp.max((gate_te != 0.0).astype(jnp.int32), axis=0)  # [ep]
+    cnt_e = jnp.cumsum(used_e)  # inclusive prefix count of the union
+    n_used = jnp.sum(used_e)
+
+    @pl.when(slot < n_used)
+    def _():
+        # Expert of this slot: the first e with cnt_e == slot + 1 is #(cnt_e <= slot).
+        e = jnp.sum((cnt_e <= slot).astype(jnp.int32))
+        iota_e = jax.lax.broadcasted_iota(jnp.int32, (tp, ep), 1)
+        g_t = jnp.sum(jnp.where(iota_e == e, gate_te, 0.0), axis=1)  # [tp]
+        row0 = e * g + nb * bn
+        rows = pl.ds(pl.multiple_of(row0, bn), bn)
+        rows_up = pl.ds(pl.multiple_of(f + row0, bn), bn)  # w_in is viewed as [2f, d]
+        prec = jax.lax.Precision.HIGHEST if plan["fp32"] else None
+
+        def in_body(i, carry):
+            acc_g, acc_u = carry
+            cols = pl.ds(pl.multiple_of(i * bd, bd), bd)
+            x = plgpu.load(x_ref.at[:, cols])  # [tp, bd]
+            wg = plgpu.load(w_in_ref.at[rows, cols])  # [bn, bd]
+            wu = plgpu.load(w_in_ref.at[rows_up, cols])  # [bn, bd]
+            if plan["use_dot"]:
+                acc_g += plgpu.dot(x, wg, trans_b=True, precision=prec)
+                acc_u += plgpu.dot(x, wu, trans_b=True, precision=prec)
+            else:  # elementwise FMAs into [tp, bn, bd]; one cross-thread reduction at the end
+                x32 = x.astype(jnp.float32)[:, None, :]
+                acc_g += x32 * wg.astype(jnp.float32)[None]
+                acc_u += x32 * wu.astype(jnp.float32)[None]
+            return acc_g, acc_u
+
+        acc_shape = (tp, bn) if plan["use_dot"] else (tp, bn, bd)
+        zero = jnp.zeros(acc_shape, jnp.float32)
+        h_g, h_u = jax.lax.fori_loop(0, d // bd, in_body, (zero, zero))
+        if not plan["use_dot"]:
+            h_g, h_u = jnp.sum(h_g, axis=-1), jnp.sum(h_u, axis=-1)  # [tp, bn]
+        a_tn = h_g / (1.0 + jnp.exp(-h_g)) * h_u * g_t[:, None]  # silu(gate)·up·σ(g), fp32
+        row_ok = jax.lax.broadcasted_iota(jnp.int32, (tp, bdo), 0) < t
+
+        def out_body(i, carry):
+            cols = pl.ds(pl.multiple_of(i * bdo, bdo), bdo)
+            wo = plgpu.load(w_out_ref.at[rows, cols])  # [bn, bdo]
+            if plan["use_dot"]:
+                lhs = a_tn if plan["fp32"] else a_tn.astype(wo.dtype)
+                part = plgpu.dot(lhs, wo, precision=prec)  # [tp, bdo] fp32
+            else:
+                part = jnp.sum(a_tn[:, :, None] * wo.astype(jnp.float32)[None], axis=1)
+            # Padding rows add exact zeros (x = 0 there); the mask only saves their atomics.
+            # The interpreter cannot discharge masked atomics, so it adds the zeros.
+            mask = None if interpret else row_ok
+            plgpu.atomic_add(y_ref, (pl.ds(0, tp), cols), part, mask=mask)
+            return carry
+
+        jax.lax.fori_loop(0, d // bdo, out_body, 0)
+
+
+def expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, t, group_size, n_slots, plan, interpret):
+    """The expert kernel alone: fp32 ``[tp, d]`` from the gate table ``[tp, ep]`` and padded x.
+
+    Separate so benchmarks can time the bytes-bound part without the routing launches.
+    ``n_slots`` bounds the union size statically (``min(E, t·k_max)``).
+    """
+    tp, ep = gate_pe.shape
+    f, d = w_out_fd.shape
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        functools.partial(
+            _kernel, t=t, d=d, f=f, g=group_size, ep=ep, plan=plan, interpret=interpret
+        ),
+        out_shape=jax.ShapeDtypeStruct((tp, d), jnp.float32),
+        grid=(n_slots * (group_size // plan["bn"]),),
+        in_specs=[
+            pl.BlockSpec((tp, ep), lambda i: (0, 0)),  # gate_te: small, every program reads it
+            any_spec,  # x_td [tp, d]
+            any_spec,  # w_in [2f, d]: gate rows then up rows (a free reshape)
+            any_spec,  # w_out_fd [f, d]
+            any_spec,  # y0 [tp, d] fp32 zeros (aliased to the output)
+        ],
+        out_specs=any_spec,
+        input_output_aliases={4: 0},
+        compiler_params=plgpu.CompilerParams(
+            num_warps=plan["num_warps"], num_stages=plan["num_stages"]
+        ),
+        interpret=interpret,
+        name="prunepath_sparse_ffn_decode",
+    )(gate_pe, x_pd, w_in_cfd.reshape(2 * f, d), w_out_fd, jnp.zeros((tp, d), jnp.float32))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("group_size", "rule", "gate", "k_min", "k_max", "interpret", "tuning"),
+)
+def _decode_jit(
+    x_td, router_de, w_in_cfd, w_out_fd, tau, *, group_size, rule, gate, k_min, k_max, interpret,
+    tuning,
+):  # fmt: skip
+    t, d = x_td.shape
+    f = w_in_cfd.shape[1]
+    e = f // group_size
+    k_cap = e if k_max is None else min(k_max, e)
+    plan = _plan(t, d, group_size, x_td.dtype, dict(tuning))
+    tp = plan["tp"]
+    ep = max(_next_pow2(e), 16)
+
+    if plan["routing"] == "pallas":  # one launch: softmax, rank-based selection, gates
+        logits_te = routing.router_logits(router_de, x_td)
+        gate_pe, k_t = route_gates_pallas(
+            logits_te, tau, tp=tp, ep=ep, rule=rule, gate=gate, k_min=k_min, k_max=k_max,
+            interpret=interpret,
+        )  # fmt: skip
+    else:  # the reference's XLA ops (sort, cumsum, scatter)
+        gate_te, k_t = route_gates(
+            x_td, router_de, tau, rule=rule, gate=gate, k_min=k_min, k_max=k_max
+        )
+        gate_pe = jnp.zeros((tp, ep), jnp.float32).at[:t, :e].set(gate_te)
+    x_pd = x_td if tp == t else jnp.zeros((tp, d), x_td.dtype).at[:t].set(x_td)
+    y_pd = expert_ffn(
+        gate_pe, x_pd, w_in_cfd, w_out_fd, t=t, group_size=group_size,
+        n_slots=min(e, t * k_cap), plan=plan, interpret=interpret,
+    )  # fmt: skip
+    return y_pd[:t].astype(x_td.dtype), k_t
+
+
+def sparse_ffn_decode(
+    x_td: jax.Array,
+    router_de: jax.Array,
+    w_in_cfd: jax.Array,
+    w_out_fd: jax.Array,
+    tau,
+    *,
+    group_size: int,
+    rule: routing.Rule = "paper",
+    gate: routing.GateMode = "sigmoid",
+    k_min: int = 1,
+    k_max: int | None = None,
+    interpret: bool = False,
+    **tuning,
+) -> tuple[jax.Array, jax.Array]:
+    """One PrunePath SwiGLU FFN layer for 1..16 tokens: ``(y_td [t, d] x.dtype, k_t int32 [t])``.
+
+    Args:
+        x_td: ``[t, d]`` FFN input (after the norm), bf16/fp16/fp32.
+        router_de: ``[d, E]`` fp32 router.
+        w_in_cfd: ``[2, f, d]`` gate/up rows, neuron-major, expert e = rows ``[e*G, (e+1)*G)``.
+        w_out_fd: ``[f, d]`` down-projection rows.
+        tau: fp32 scalar budget (may be traced); τ > 1 selects every expert.
+        group_size: G, neurons per expert.
+        rule, gate, k_min, k_max: as in ``routing.select`` / ``routing.gates``.
+        interpret: run the kernel in the Pallas interpreter (CPU tests).
+        **tuning: ``use_dot``, ``block_n``, ``block_d``, ``block_d_out``, ``num_warps``,
+            ``num_stages`` (static; defaults chosen from t, G and d); ``routing="pallas"``
+            (default: one sort-free selection kernel) or ``"xla"`` (the reference's ops).
+
+    Raises:
+        NotImplementedError/ValueError: input outside what the kernel computes exactly
+            (token count, GELU/bias layouts, dtype, shapes).
+    """
+    check_inputs(x_td, router_de, w_in_cfd, w_out_fd, group_size)
+    if plgpu is None:
+        raise NotImplementedError("this jax has no Pallas Triton backend")
+    if not interpret and jax.default_backend() != "gpu":
+        raise NotImplementedError(
+            "the Pallas-Triton decode kernel needs a CUDA GPU (pass interpret=True on CPU)"
+        )
+    unknown = set(tuning) - {
+        "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing"
+    }  # fmt: skip
+    if unknown:
+        raise TypeError(f"unknown tuning options {sorted(unknown)}")
+    return _decode_jit(
+        x_td, router_de, w_in_cfd, w_out_fd, jnp.asarray(tau, jnp.float32),
+        group_size=group_size, rule=rule, gate=gate, k_min=k_min, k_max=k_max,
+        interpret=interpret, tuning=tuple(sorted(tuning.items())),
+    )  # fmt: skip
