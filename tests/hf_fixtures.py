@@ -204,3 +204,26 @@ def tiny_roberta_cls(directory: Path, seed: int = 0, **overrides):
     return _save_tiny_layernorm(
         RobertaForSequenceClassification(RobertaConfig(**kw)), directory, seed
     )
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer(template: str = CHATML):
+    """Byte-level BPE with no merges (one token per byte: decodes exactly) + chat specials."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from prunepath_jax.tokenizer import Tokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = HF(models.BPE({c: i for i, c in enumerate(alphabet)}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<pad>", "<eos>", "<|im_start|>", "<|im_end|>"])
+    return Tokenizer(tok, {"eos_token": "<eos>", "pad_token": "<pad>", "chat_template": template})

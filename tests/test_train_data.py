@@ -4,6 +4,7 @@ response mask (fixture tokenizer and the real SmolLM2 one), tokenizer quirks, ba
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,24 +12,10 @@ import pytest
 from prunepath_jax.tokenizer import Tokenizer
 from prunepath_jax.train import data
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_fixtures import byte_tokenizer  # noqa: E402
+
 WORDS = "thee thou art hath doth love night king lord sweet fair death crown sea".split()
-
-
-def byte_tokenizer(template: str = CHATML) -> Tokenizer:
-    """Byte-level BPE with no merges (one token per byte: decodes exactly) + chat specials."""
-    from tokenizers import Tokenizer as HF
-    from tokenizers import decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = HF(models.BPE({c: i for i, c in enumerate(alphabet)}, []))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<pad>", "<eos>", "<|im_start|>", "<|im_end|>"])
-    return Tokenizer(tok, {"eos_token": "<eos>", "pad_token": "<pad>", "chat_template": template})
 
 
 def sentence(rng, lo=3, hi=12) -> str:

@@ -139,7 +139,7 @@ def setup(cfg: TrainConfig, *, pretrained=None, report=print) -> Run:
         tokenizer = pre.tokenizer
         num_labels = cfg.num_labels
         if cfg.task == "cls" and not num_labels:
-            num_labels = _make_data(cfg, tokenizer, "train", cfg.seed, 1 << 30).n_labels
+            num_labels = _make_data(cfg, tokenizer, "train", cfg.seed, 1 << 30).info["n_labels"]
         calib = None
         if cfg.router_init_tokens > 0 and cfg.sparse != "dense":
             calib = _calibration(cfg, tokenizer, pre.config.max_position)
@@ -228,15 +228,16 @@ def evaluate(run: Run, batches: list[dict], fn) -> dict:
 
 
 def _eval_batches(run: Run) -> list[dict]:
+    """The held-out batches (one pass in data order, capped at `eval_tokens` for lm/sft)."""
     cfg = run.cfg
     if cfg.eval_every == 0:
         return []
     it = _make_data(cfg, run.tokenizer, "validation", cfg.seed, run.model().cfg.max_position)
-    if cfg.task == "cls" or cfg.eval_tokens <= 0:
-        n = it.steps_per_epoch
-    else:
-        n = min(it.steps_per_epoch, -(-cfg.eval_tokens // (cfg.batch_size * cfg.seq_len)))
-    return list(itertools.islice(it, max(1, n)))
+    batches = it.eval_batches()
+    if cfg.task != "cls" and cfg.eval_tokens > 0:
+        n = max(1, -(-cfg.eval_tokens // (cfg.batch_size * cfg.seq_len)))
+        batches = itertools.islice(batches, n)
+    return list(batches)
 
 
 def run(cfg: TrainConfig, *, pretrained=None, on_step=None, report=print) -> dict:

@@ -55,7 +55,8 @@ def forward_sums(model: nnx.Module, batch: dict, tau, task: str) -> tuple[dict, 
     args = route_args(mcfg, tau, mask_bt) if mcfg.prunepath is not None else None
     if task == "cls":
         if mcfg.family == "bert":
-            out = model(batch["tokens"], mask_bt.astype(jnp.int32), ffn_args=args)
+            types_bt = batch.get("token_types")  # sentence pairs (e.g. MNLI) only
+            out = model(batch["tokens"], mask_bt.astype(jnp.int32), types_bt, ffn_args=args)
         else:
             out = model(batch["tokens"], ffn_args=args, logit_index_b=batch["last_index"])
         logits_bl = out.logits.astype(jnp.float32)
@@ -64,10 +65,13 @@ def forward_sums(model: nnx.Module, batch: dict, tau, task: str) -> tuple[dict, 
             jax.nn.logsumexp(logits_bl, -1)
             - jnp.take_along_axis(logits_bl, labels_b[:, None], -1)[:, 0]
         )
+        # Evaluation batches pad the last one with filler rows (example_mask 0).
+        ex_b = batch.get("example_mask", jnp.ones(nll_b.shape, jnp.float32))
+        hit_b = (jnp.argmax(logits_bl, -1) == labels_b).astype(jnp.float32)
         sums = {
-            "nll": jnp.sum(nll_b),
-            "count": jnp.float32(nll_b.shape[0]),
-            "correct": jnp.sum((jnp.argmax(logits_bl, -1) == labels_b).astype(jnp.float32)),
+            "nll": jnp.sum(nll_b * ex_b),
+            "count": jnp.sum(ex_b),
+            "correct": jnp.sum(hit_b * ex_b),
         }
     else:
         out = model(batch["tokens"], ffn_args=args)

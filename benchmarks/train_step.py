@@ -1,0 +1,126 @@
+"""Training throughput and MFU of the sharded PrunePath step (random weights, named shapes).
+
+Times the real `prunepath_jax.train` step (objective, tau schedule, two optimiser groups, NaN
+guard; bf16 compute, fp32 master weights and Adam state) on every visible device, full vs
+router-only training. Model FLOPs per token follow PaLM's count, `6 N + 12 L H Q T` (N = matmul
+weights incl. the LM head, H Q = attention width, T = sequence): the masked PrunePath FFN still
+computes every expert during training, so the dense count is the work done. MFU is against the
+bf16 dense peak given by `--peak-tflops` (H100/H200 SXM datasheet: 989). Router-only mode skips
+weight gradients (~4N of work), but its MFU is reported on the same 6N basis: it is a speed, not
+a utilisation claim.
+
+    python benchmarks/train_step.py --preset smollm2-135m llama-3.2-1b --batch 16 --seq 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header, markdown_table, write_rows  # noqa: E402
+
+from prunepath_jax import models  # noqa: E402
+from prunepath_jax.config import PRESETS, PrunePathConfig  # noqa: E402
+from prunepath_jax.train import parallel  # noqa: E402
+from prunepath_jax.train import state as st  # noqa: E402
+from prunepath_jax.train.config import TrainConfig  # noqa: E402
+
+
+def flops_per_token(cfg, seq: int) -> float:
+    d, f, L = cfg.d_model, cfg.d_ff, cfg.n_layers
+    attn_w = d * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    n = L * (attn_w + 3 * d * f + d * cfg.n_experts) + cfg.vocab_size * d
+    return 6.0 * n + 12.0 * L * cfg.n_heads * cfg.head_dim * seq
+
+
+def build(name: str, seed: int = 0):
+    cfg = PRESETS[name].replace(prunepath=PrunePathConfig(group_size=32))
+    model = models.model_class(cfg)(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+    for i, layer in enumerate(model.layers):  # a live router: real selections and losses
+        layer.mlp.router[...] = jax.random.normal(jax.random.key(i), layer.mlp.router.shape) * 0.1
+    return model
+
+
+def bench(name, mode, batch, seq, steps, mesh, peak):
+    model = build(name)
+    tcfg = TrainConfig(mode=mode, batch_size=batch, seq_len=seq, compute_dtype="bfloat16",
+                       warmup_steps=1, decay_steps=4, hold_steps=1000, tau_target=0.5,
+                       progress=False)  # fmt: skip
+    graphdef, tr, fr = st.split_model(model, mode)
+    opt = st.make_optimizer(tcfg, tr)
+    s = st.init_state(tcfg, tr, opt)
+    ssh, fsh = parallel.tree_shardings(s, mesh), parallel.tree_shardings(fr, mesh)
+    s, fr = parallel.place(s, ssh), parallel.place(fr, fsh)
+    del model, tr
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, PRESETS[name].vocab_size, (batch, seq + 1)).astype(np.int32)
+    ones = np.ones((batch, seq), np.float32)
+    local = {"tokens": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": ones,
+             "token_mask": ones, "labels": np.zeros(batch, np.int32),
+             "last_index": np.full(batch, seq - 1, np.int32)}  # fmt: skip
+    fn = parallel.jit_train_step(tcfg, graphdef, opt, mesh, ssh, fsh, local)
+    b = parallel.put_batch(local, mesh)
+    t0 = time.perf_counter()
+    s, m = fn(s, fr, b)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    for _ in range(2):
+        s, m = fn(s, fr, b)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        s, m = fn(s, fr, b)
+    jax.block_until_ready(m)
+    dt = (time.perf_counter() - t0) / steps
+    tok_s = batch * seq / dt
+    cfg = PRESETS[name].replace(prunepath=PrunePathConfig(group_size=32))
+    mfu = flops_per_token(cfg, seq) * tok_s / (peak * 1e12 * len(mesh.devices.flat))
+    mem = jax.devices()[0].memory_stats() or {}
+    row = {
+        **header(), "bench": "train_step", "preset": name, "mode": mode, "batch": batch,
+        "seq": seq, "devices": len(mesh.devices.flat), "mesh": dict(mesh.shape),
+        "step_ms": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu, "compile_s": compile_s,
+        "loss": float(m["loss"]), "sparsity": float(m["sparsity"]), "tau": float(m["tau"]),
+        "trainable_params": int(sum(x.size for x in jax.tree.leaves(s.params))),
+        "opt_state_bytes": st.tree_bytes(s.opt_state),
+        "peak_mem_gib": mem.get("peak_bytes_in_use", 0) / 2**30,
+    }  # fmt: skip
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", nargs="+", default=["smollm2-135m", "llama-3.2-1b"])
+    ap.add_argument("--modes", nargs="+", default=["full", "router"])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--mesh", type=int, nargs=3, default=[-1, 1, 1], help="data fsdp model")
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--out", default="results/train_step.jsonl")
+    a = ap.parse_args(argv)
+    mesh = parallel.mesh_from_config(
+        TrainConfig(mesh_data=a.mesh[0], mesh_fsdp=a.mesh[1], mesh_model=a.mesh[2])
+    )
+    rows = []
+    for name in a.preset:
+        for mode in a.modes:
+            row = bench(name, mode, a.batch, a.seq, a.steps, mesh, a.peak_tflops)
+            print(row, flush=True)
+            rows.append(row)
+    write_rows(a.out, rows)
+    cols = ["preset", "mode", "devices", "batch", "seq", "step_ms", "tokens_per_s", "mfu",
+            "trainable_params", "opt_state_bytes", "peak_mem_gib"]  # fmt: skip
+    print(markdown_table(rows, cols))
+
+
+if __name__ == "__main__":
+    main()
