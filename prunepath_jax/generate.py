@@ -114,6 +114,29 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def _split(model: nnx.Module, implementation: str | None):
+    """`nnx.split`, with every PrunePath FFN switched to the kernel registry in the graphdef only
+    (the caller's model keeps its compute paths)."""
+    if implementation is None:
+        return nnx.split(model)
+    if model.cfg.prunepath is None:
+        raise ValueError("implementation= applies to PrunePath models only")
+    if implementation not in ("auto", "xla", "triton", "pallas"):
+        raise ValueError(
+            f"implementation must be auto, xla, triton or pallas, got {implementation!r}"
+        )
+    from prunepath_jax.nn import PrunePathFFN, set_compute
+
+    ffns = [m for _, m in nnx.iter_graph(model) if isinstance(m, PrunePathFFN)]
+    saved = [(m.compute, m.implementation) for m in ffns]
+    set_compute(model, "kernel", None if implementation == "auto" else implementation)
+    try:
+        return nnx.split(model)
+    finally:
+        for m, (c, i) in zip(ffns, saved, strict=True):
+            m.compute, m.implementation = c, i
+
+
 def generate(
     model: nnx.Module,
     prompts: list[list[int]],
@@ -127,6 +150,8 @@ def generate(
     ffn_args=None,
     chunk: int = 16,
     progress: bool = False,
+    implementation: str | None = None,
+    tau=None,
 ) -> list[list[int]]:
     """Generates up to `max_new_tokens` tokens for each prompt (a batch of any lengths).
 
@@ -142,6 +167,11 @@ def generate(
         ffn_args: per-layer FFN arguments passed through to the model (PrunePath tau, ...).
         chunk: decode steps per compiled call between host checks of the stop flags.
         progress: show a progress bar over generated tokens.
+        implementation: PrunePath models only: run every FFN through the kernel registry
+            (`prunepath_jax.kernels.api`) with this backend, "xla" | "triton" | "pallas", or
+            "auto" (fastest available), for prefill and decode; None keeps the model's own
+            compute paths. The decode step stays one compiled program.
+        tau: PrunePath budget (scalar or per-layer); builds `ffn_args` when those are not given.
 
     Returns:
         The generated ids per prompt (prompt excluded), cut after the first stop token.
@@ -169,7 +199,11 @@ def generate(
     tokens = np.full((len(prompts), t_pad), pad_id, np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    graphdef, state = nnx.split(model)
+    if tau is not None and ffn_args is None and cfg.prunepath is not None:
+        from prunepath_jax.nn import route_args
+
+        ffn_args = route_args(cfg, tau)
+    graphdef, state = _split(model, implementation)
     dtype = dtype or model.embed_tokens.embedding.dtype
     cache = init_cache(cfg, len(prompts), cache_len, dtype)
     greedy = sampling.temperature == 0.0

@@ -79,6 +79,7 @@ class PrunePathFFN(nnx.Module):
         self.rule, self.gate_mode = pp.rule, pp.gate
         self.k_min, self.k_max = pp.k_min, pp.k_max
         self.compute = "auto"
+        self.implementation = None  # kernel registry backend when compute == "kernel"
         std = d**-0.5
         self.router = nnx.Param(routing.init_router(d, self.e, jnp.float32))
         self.w_in = nnx.Param(jax.random.normal(rngs.params(), (n_in, f, d), dtype) * std)
@@ -113,6 +114,8 @@ class PrunePathFFN(nnx.Module):
         )
         gate_bte = routing.gates(logits_bte, sel.mask_te, self.gate_mode)
         b, t, _ = x_btd.shape
+        if self._path(b * t) == "kernel":
+            return self._kernel(x_btd, arg), routing.route_stats(sel, logits_bte, arg.token_mask)
         if self._path(b * t) == "gather":
             y = self._gathered(x_btd, sel, gate_bte)
         else:
@@ -120,6 +123,21 @@ class PrunePathFFN(nnx.Module):
         if self.b_out is not None:
             y = y + self.b_out[...]
         return y, routing.route_stats(sel, logits_bte, arg.token_mask)
+
+    def _kernel(self, x_btd, arg):
+        """The registry path (`prunepath_jax.kernels.api`); the stats above stay in XLA and are
+        dead code under jit when unused (decode)."""
+        from prunepath_jax.kernels import api
+
+        b, t, d = x_btd.shape
+        opt = lambda p: None if p is None else p[...]  # noqa: E731
+        y_td, _ = api.sparse_ffn(
+            x_btd.reshape(b * t, d), self.router[...], self.w_in[...], self.w_out[...], arg.tau,
+            group_size=self.g, activation=self.act_name, b_in_cf=opt(self.b_in),
+            b_out_d=opt(self.b_out), rule=self.rule, gate=self.gate_mode, k_min=self.k_min,
+            k_max=self.k_max, implementation=api.for_model(self.implementation, b * t),
+        )  # fmt: skip
+        return y_td.reshape(b, t, d)
 
     def _masked(self, x_btd, gate_bte):
         h = jnp.einsum("btd,cfd->btcf", x_btd, self.w_in[...])
@@ -145,13 +163,16 @@ class PrunePathFFN(nnx.Module):
         return jnp.einsum("btkg,btkgd->btd", a_btkg, jnp.take(w_out_egd, idx_btk, axis=0))
 
 
-def set_compute(model: nnx.Module, mode: str) -> None:
-    """Forces every PrunePath FFN of `model` to "masked", "gather" or back to "auto"."""
-    if mode not in ("auto", "masked", "gather"):
-        raise ValueError(f"compute mode must be auto, masked or gather, got {mode!r}")
+def set_compute(model: nnx.Module, mode: str, implementation: str | None = None) -> None:
+    """Forces every PrunePath FFN of `model` to "masked", "gather", "kernel" (the kernel
+    registry, `prunepath_jax.kernels.api`, with `implementation` "xla" | "triton" | "pallas" |
+    None = fastest available) or back to "auto"."""
+    if mode not in ("auto", "masked", "gather", "kernel"):
+        raise ValueError(f"compute mode must be auto, masked, gather or kernel, got {mode!r}")
     for _, m in nnx.iter_graph(model):
         if isinstance(m, PrunePathFFN):
             m.compute = mode
+            m.implementation = implementation if mode == "kernel" else None
 
 
 def ffn_weights(cfg: ModelConfig, mlp: nnx.Module) -> dict[str, np.ndarray | None]:

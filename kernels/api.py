@@ -1,0 +1,176 @@
+"""The sparse-FFN kernel registry: one entry point, several backends, explicit fallbacks.
+
+``sparse_ffn(..., implementation=...)`` computes one PrunePath FFN layer on a flat batch of
+tokens (the semantics of `kernels.reference.sparse_ffn_reference`) with:
+
+- ``"xla"``: the masked dense FFN in XLA (weights in their own dtype, float32 accumulation).
+  Runs everywhere and handles every family (GELU, biases); the CPU production path.
+- ``"triton"``: ``@triton.jit`` kernels through jax-triton -- the fused routing + union-of-
+  experts decode kernels for t <= 16 tokens (`triton_decode`), the grouped GEMM above
+  (`triton_grouped`).
+- ``"pallas"``: the Pallas decode kernel on the Triton backend (`pallas_decode`, t <= 16).
+- ``None``: the fastest measured backend for the platform and token count (``DEFAULTS``),
+  falling back to ``"xla"`` on CPU or for input the kernels do not support.
+
+An explicitly requested backend that cannot run the input raises ``ValueError`` (unsupported
+input: activation, biases, dtype, shapes) or ``NotImplementedError`` (no GPU / no jax-triton),
+naming why -- never a silently different computation.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+
+from prunepath_jax import routing
+from prunepath_jax.kernels import jt
+from prunepath_jax.kernels.reference import route_reference
+from prunepath_jax.models.layers import activation as _activation
+
+IMPLEMENTATIONS = ("xla", "triton", "pallas")
+DECODE_MAX_TOKENS = 16
+# Fastest measured on the H200 (BENCHMARKS.md, issue 5), by token-count regime.
+DEFAULTS = {"decode": "triton", "prefill": "triton"}
+
+
+def unsupported_reason(
+    implementation: str, x_td, w_in_cfd, w_out_fd, router_de, *, group_size, activation,
+    b_in_cf, b_out_d,
+) -> str | None:  # fmt: skip
+    """Why ``implementation`` cannot run this input (None when it can). Shapes only: no GPU
+    check here."""
+    if implementation == "xla":
+        return None
+    t = x_td.shape[0]
+    if activation != "silu" or w_in_cfd.shape[0] != 2:
+        return f"kernels implement SwiGLU only (activation {activation!r}, c={w_in_cfd.shape[0]})"
+    if b_in_cf is not None or b_out_d is not None:
+        return "kernels take no FFN biases"
+    if x_td.dtype not in (jnp.bfloat16, jnp.float32):
+        return f"kernels take bfloat16 or float32 activations, got {x_td.dtype}"
+    if w_in_cfd.dtype != x_td.dtype or w_out_fd.dtype != x_td.dtype:
+        return f"weights ({w_in_cfd.dtype}, {w_out_fd.dtype}) must have x's dtype {x_td.dtype}"
+    if router_de.dtype != jnp.float32:
+        return f"router weights must be float32, got {router_de.dtype}"
+    g = group_size
+    if g < 16 or g & (g - 1):
+        return f"kernels need a power-of-two group_size >= 16, got {g}"
+    e = w_in_cfd.shape[1] // g
+    if e > 4096:
+        return f"kernels route at most 4096 experts per layer, got {e}"
+    if implementation == "pallas" and t > DECODE_MAX_TOKENS:
+        return f"the Pallas kernel is a decode kernel (t <= {DECODE_MAX_TOKENS}), got t={t}"
+    return None
+
+
+def _backend_ready(implementation: str) -> str | None:
+    if implementation == "xla":
+        return None
+    if jax.default_backend() != "gpu":
+        backend = jax.default_backend()
+        return f"implementation={implementation!r} needs a CUDA GPU (backend is {backend!r})"
+    if implementation == "triton" and not jt.available():
+        return "jax-triton is not importable; install the `gpu` extra"
+    if implementation == "pallas":
+        try:
+            importlib.import_module("prunepath_jax.kernels.pallas_decode")
+        except ImportError as err:
+            return f"the Pallas decode kernel is not available ({err})"
+    return None
+
+
+def choose(n_tokens: int, implementation: str | None) -> str:
+    """The backend ``implementation=None`` would use for ``n_tokens`` on this platform, before
+    the input checks."""
+    if implementation is not None:
+        return implementation
+    if jax.default_backend() != "gpu":
+        return "xla"
+    want = DEFAULTS["decode" if n_tokens <= DECODE_MAX_TOKENS else "prefill"]
+    return want if _backend_ready(want) is None else "xla"
+
+
+def xla_masked(
+    x_td, gate_te, w_in_cfd, w_out_fd, *, group_size, activation="silu", b_in_cf=None,
+    b_out_d=None,
+):  # fmt: skip
+    """The masked XLA FFN: dense matmuls in the weights' dtype, float32 accumulation."""
+    hi = jax.lax.Precision.HIGHEST if x_td.dtype == jnp.float32 else None
+    h = jnp.einsum("td,cfd->tcf", x_td, w_in_cfd, precision=hi, preferred_element_type=jnp.float32)
+    if b_in_cf is not None:
+        h = h + b_in_cf.astype(jnp.float32)
+    act = _activation(activation)
+    a_tf = act(h[:, 0]) * h[:, 1] if h.shape[1] == 2 else act(h[:, 0])
+    a_tf = (a_tf * jnp.repeat(gate_te, group_size, axis=-1)).astype(x_td.dtype)
+    y = jnp.matmul(a_tf, w_out_fd, precision=hi, preferred_element_type=jnp.float32)
+    if b_out_d is not None:
+        y = y + b_out_d.astype(jnp.float32)
+    return y.astype(x_td.dtype)
+
+
+def sparse_ffn(
+    x_td: jax.Array,
+    router_de: jax.Array,
+    w_in_cfd: jax.Array,
+    w_out_fd: jax.Array,
+    tau,
+    *,
+    group_size: int,
+    activation: str = "silu",
+    b_in_cf: jax.Array | None = None,
+    b_out_d: jax.Array | None = None,
+    rule: routing.Rule = "paper",
+    gate: routing.GateMode = "sigmoid",
+    k_min: int = 1,
+    k_max: int | None = None,
+    implementation: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """One PrunePath FFN layer on ``x_td [t, d]``: ``(y_td in x's dtype, k_t int32 [t])``.
+
+    Works under jit with tau traced. See the module docstring for the backends.
+    """
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, "
+                         f"got {implementation!r}")  # fmt: skip
+    t = x_td.shape[0]
+    impl = choose(t, implementation)
+    why = unsupported_reason(
+        impl, x_td, w_in_cfd, w_out_fd, router_de, group_size=group_size,
+        activation=activation, b_in_cf=b_in_cf, b_out_d=b_out_d,
+    )  # fmt: skip
+    if why is not None:
+        if implementation is not None:
+            raise ValueError(f"implementation={implementation!r} cannot run this input: {why}")
+        impl = "xla"
+    if implementation is not None:
+        not_ready = _backend_ready(impl)
+        if not_ready is not None:
+            raise NotImplementedError(not_ready)
+    kw = dict(group_size=group_size, rule=rule, gate=gate, k_min=k_min, k_max=k_max)
+    if impl == "triton":
+        if t <= DECODE_MAX_TOKENS:
+            from prunepath_jax.kernels.triton_decode import sparse_ffn_decode
+
+            return sparse_ffn_decode(x_td, router_de, w_in_cfd, w_out_fd, tau, **kw)
+        from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
+
+        return sparse_ffn_grouped(x_td, router_de, w_in_cfd, w_out_fd, tau, **kw)
+    if impl == "pallas":
+        mod = importlib.import_module("prunepath_jax.kernels.pallas_decode")
+        return mod.sparse_ffn_decode(x_td, router_de, w_in_cfd, w_out_fd, tau, **kw)
+    _, _, gate_te, k_t = route_reference(
+        x_td, router_de, tau, rule=rule, gate=gate, k_min=k_min, k_max=k_max
+    )
+    y = xla_masked(x_td, gate_te, w_in_cfd, w_out_fd, group_size=group_size,
+                   activation=activation, b_in_cf=b_in_cf, b_out_d=b_out_d)  # fmt: skip
+    return y, k_t
+
+
+def for_model(implementation: str | None, n_tokens: int) -> str | None:
+    """The backend a model layer asks for: a decode-only backend ("pallas") serves prefill
+    (t > 16) through the Triton grouped GEMM, or XLA when Triton cannot run here."""
+    if implementation == "pallas" and n_tokens > DECODE_MAX_TOKENS:
+        return "triton" if _backend_ready("triton") is None else "xla"
+    return implementation

@@ -1,0 +1,221 @@
+"""Triton decode kernels (t = 1..16 tokens): fused routing + union-of-experts sparse FFN.
+
+Two launches per layer plus two tiny XLA fusions:
+
+1. XLA: ``logits_te = x @ router`` (float32; a GEMV XLA already runs at bandwidth).
+2. ``_up_kernel``, grid ``(E,)``: program e decides *for every token* whether expert e is
+   selected -- without sorting: e's rank is the number of experts with a larger probability
+   (ties: lower index first) and its inclusive cumulative mass is the sum of those experts'
+   probabilities plus its own, an O(t*E) pass instead of a sort -- writes that column of the
+   selection, and, if at least one token chose e, reads the expert's interleaved gate/up slab
+   ``[2G, d]`` *once for all tokens* and writes ``a_tf[:, e*G:(e+1)*G] = gate * silu(g) * u``
+   (exactly 0 for the tokens that did not choose e). Programs of experts no token chose only
+   write their selection column and exit. So weights are read once per union member, never
+   once per (token, expert).
+3. ``_down_kernel``, grid ``(d / BLOCK_D, SPLIT)``: compacts the union of selected experts into
+   an ascending active list (prefix sum over the selection, in each program: no host sync, no
+   extra launch), then loops over its share of the active experts reading only their
+   ``W_out`` rows, ``acc[t, d-tile] += a[t, G] @ W_out[e][G, d-tile]`` in float32.
+4. XLA: ``y = sum of the SPLIT partials``, cast; ``k_t = row sums of the selection``.
+
+The selection decides exactly like `routing.select` (same rank order and tie rule, the
+``tau > 1`` rule, ``k_min``/``k_max`` clamps as a rank bound); only the float32 summation order
+of the cumulative mass differs, so a token whose mass lands within ~1 ulp of tau can differ.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from prunepath_jax import routing
+from prunepath_jax.kernels import jt
+
+MAX_TOKENS = 16
+
+
+@triton.jit
+def _up_kernel(
+    x_ptr,  # [T, D] bf16/f32 activations
+    logits_ptr,  # [T, E] f32 router logits
+    tau_ptr,  # [1] f32 budget
+    w_in_ptr,  # [2, F, D] gate/up weights, neuron-major
+    a_ptr,  # out [T, F] f32: gate * silu(g) * u, written for selected experts only
+    sel_ptr,  # out [T, E] i32: 1 where token t selected expert e
+    T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
+    T_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUCLEUS: tl.constexpr, SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    F: tl.constexpr = E * G
+    e = tl.program_id(0)
+    rt = tl.arange(0, T_PAD)
+    re = tl.arange(0, E_PAD)
+    tmask = rt < T
+    emask = re < E
+    # --- routing for expert e, every token at once ---------------------------------------
+    lg = tl.load(logits_ptr + rt[:, None] * E + re[None, :], mask=tmask[:, None] & emask[None, :],
+                 other=0.0)  # fmt: skip
+    lg = tl.where(emask[None, :], lg, float("-inf"))
+    mx = tl.max(lg, 1)
+    ex = tl.exp(lg - mx[:, None])
+    p = ex / tl.sum(ex, 1)[:, None]
+    total = tl.sum(p, 1)
+    is_e = re[None, :] == e
+    p_e = tl.sum(tl.where(is_e, p, 0.0), 1)
+    l_e = tl.sum(tl.where(is_e, lg, 0.0), 1)
+    before = (p > p_e[:, None]) | ((p == p_e[:, None]) & (re[None, :] < e))
+    before = before & emask[None, :]
+    mass_before = tl.sum(tl.where(before, p, 0.0), 1)
+    rank = tl.sum(before.to(tl.int32), 1)
+    tau = tl.load(tau_ptr)
+    thr = tl.where(tau > 1.0, 3.0, tau)  # tau > 1 selects every expert (masses are <= 1)
+    if NUCLEUS:
+        under = (mass_before / total) < thr
+    else:
+        under = ((mass_before + p_e) / total) < thr
+    sel = ((rank < K_MIN) | (under & (rank < K_MAX))) & tmask
+    tl.store(sel_ptr + rt * E + e, sel.to(tl.int32), mask=tmask)
+    if SIGMOID:
+        gate = tl.where(sel, 1.0 / (1.0 + tl.exp(-l_e)), 0.0)
+    else:
+        gate = tl.where(sel, 1.0, 0.0)
+    # --- expert e's gate/up GEMV, only if some token chose it -----------------------------
+    if tl.sum(sel.to(tl.int32), 0) > 0:
+        rn = tl.arange(0, 2 * G)  # interleaved rows: even = gate neuron n//2, odd = up neuron
+        w_row = (rn % 2) * F * D + (e * G + rn // 2) * D
+        acc = tl.zeros((T_PAD, 2 * G), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            rk = k0 + tl.arange(0, BLOCK_D)
+            kmask = rk < D
+            xk = tl.load(x_ptr + rt[:, None] * D + rk[None, :],
+                         mask=tmask[:, None] & kmask[None, :], other=0.0)  # fmt: skip
+            wk = tl.load(w_in_ptr + w_row[:, None] + rk[None, :], mask=kmask[None, :], other=0.0)
+            if DOT_F32:
+                acc += tl.dot(xk.to(tl.float32), tl.trans(wk.to(tl.float32)))
+            elif IEEE:
+                acc += tl.dot(xk, tl.trans(wk), input_precision="ieee")
+            else:
+                acc += tl.dot(xk, tl.trans(wk))
+        g, u = tl.split(tl.reshape(acc, (T_PAD, G, 2)))
+        a = g / (1.0 + tl.exp(-g)) * u * gate[:, None]
+        rg = tl.arange(0, G)
+        tl.store(a_ptr + rt[:, None] * F + e * G + rg[None, :], a, mask=tmask[:, None])
+
+
+@triton.jit
+def _down_kernel(
+    a_ptr,  # [T, F] f32 activations of the selected experts (from _up_kernel)
+    sel_ptr,  # [T, E] i32 selection
+    w_out_ptr,  # [F, D] down weights, neuron-major
+    y_ptr,  # out [SPLIT, T, D] f32 partial outputs
+    list_ptr,  # out [n_programs, E_PAD] i32 scratch: each program's active-expert list
+    T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
+    T_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    F: tl.constexpr = E * G
+    pd = tl.program_id(0)
+    s = tl.program_id(1)
+    pid = pd * SPLIT + s
+    rt = tl.arange(0, T_PAD)
+    re = tl.arange(0, E_PAD)
+    tmask = rt < T
+    sel = tl.load(sel_ptr + rt[:, None] * E + re[None, :],
+                  mask=tmask[:, None] & (re < E)[None, :], other=0)  # fmt: skip
+    flag = tl.max(sel, 0)  # union over the batch
+    pos = tl.cumsum(flag, 0) - flag
+    n_active = tl.sum(flag, 0)
+    tl.store(list_ptr + pid * E_PAD + pos, re, mask=flag > 0)
+    tl.debug_barrier()  # the list is read back by other threads of this program
+    rd = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = rd < D
+    rg = tl.arange(0, G)
+    acc = tl.zeros((T_PAD, BLOCK_D), dtype=tl.float32)
+    for i in range(s, n_active, SPLIT):
+        e = tl.load(list_ptr + pid * E_PAD + i)
+        a = tl.load(a_ptr + rt[:, None] * F + e * G + rg[None, :], mask=tmask[:, None], other=0.0)
+        w = tl.load(w_out_ptr + (e * G + rg)[:, None] * D + rd[None, :], mask=dmask[None, :],
+                    other=0.0)  # fmt: skip
+        if DOT_F32:
+            acc += tl.dot(a, w.to(tl.float32))
+        elif IEEE:
+            acc += tl.dot(a, w, input_precision="ieee")
+        else:
+            acc += tl.dot(a.to(w.dtype), w)
+    tl.store(y_ptr + s * T * D + rt[:, None] * D + rd[None, :], acc,
+             mask=tmask[:, None] & dmask[None, :])  # fmt: skip
+
+
+DEFAULT_TUNING = {
+    "block_d_up": 256,
+    "block_d_down": 128,
+    "split": 8,
+    "warps_up": 4,
+    "warps_down": 4,
+    "stages_up": 3,
+    "stages_down": 4,
+}
+
+
+def sparse_ffn_decode(
+    x_td: jax.Array,
+    router_de: jax.Array,
+    w_in_cfd: jax.Array,
+    w_out_fd: jax.Array,
+    tau,
+    *,
+    group_size: int,
+    rule: routing.Rule = "paper",
+    gate: routing.GateMode = "sigmoid",
+    k_min: int = 1,
+    k_max: int | None = None,
+    interpret: bool = False,
+    **tuning,
+) -> tuple[jax.Array, jax.Array]:
+    """One SwiGLU PrunePath FFN layer for t <= 16 tokens: ``(y_td in x's dtype, k_t int32)``.
+
+    Same semantics as `kernels.reference.sparse_ffn_reference` (no biases, SiLU). Works under
+    jit with tau traced; ``interpret=True`` runs the same kernels on CPU (eagerly).
+    Tuning keys: see ``DEFAULT_TUNING``.
+    """
+    t, d = x_td.shape
+    c, f, _ = w_in_cfd.shape
+    g = group_size
+    e = f // g
+    if not 1 <= t <= MAX_TOKENS:
+        raise ValueError(f"the decode kernel takes 1..{MAX_TOKENS} tokens, got {t}")
+    if c != 2:
+        raise ValueError("the decode kernel is SwiGLU only (w_in [2, f, d])")
+    k_max = e if k_max is None else min(k_max, e)
+    tn = {**DEFAULT_TUNING, **tuning}
+    unknown = set(tn) - set(DEFAULT_TUNING)
+    if unknown:
+        raise ValueError(f"unknown tuning keys {sorted(unknown)}")
+    is_f32 = x_td.dtype == jnp.float32
+    common = dict(T=t, D=d, E=e, G=g, T_PAD=16, E_PAD=max(16, jt.next_pow2(e)),
+                  DOT_F32=bool(interpret), IEEE=bool(is_f32 and not interpret))  # fmt: skip
+    logits_te = routing.router_logits(router_de, x_td)
+    tau_1 = jnp.reshape(jnp.asarray(tau, jnp.float32), (1,))
+    a_tf, sel_te = jt.triton_call(
+        _up_kernel, x_td, logits_te, tau_1, w_in_cfd,
+        out_shape=[jax.ShapeDtypeStruct((t, f), jnp.float32),
+                   jax.ShapeDtypeStruct((t, e), jnp.int32)],
+        grid=(e,), num_warps=tn["warps_up"], num_stages=tn["stages_up"], interpret=interpret,
+        BLOCK_D=min(tn["block_d_up"], max(16, jt.next_pow2(d))), NUCLEUS=rule == "nucleus",
+        SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=k_max, **common,
+    )  # fmt: skip
+    block_d = min(tn["block_d_down"], max(16, jt.next_pow2(d)))
+    n_d = -(-d // block_d)
+    split = tn["split"]
+    y_std, _ = jt.triton_call(
+        _down_kernel, a_tf, sel_te, w_out_fd,
+        out_shape=[jax.ShapeDtypeStruct((split, t, d), jnp.float32),
+                   jax.ShapeDtypeStruct((n_d * split, common["E_PAD"]), jnp.int32)],
+        grid=(n_d, split), num_warps=tn["warps_down"], num_stages=tn["stages_down"],
+        interpret=interpret, BLOCK_D=block_d, SPLIT=split, **common,
+    )  # fmt: skip
+    y_td = jnp.sum(y_std, axis=0).astype(x_td.dtype)
+    return y_td, jnp.sum(sel_te, axis=-1, dtype=jnp.int32)

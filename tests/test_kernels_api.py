@@ -1,0 +1,142 @@
+"""The kernel registry: backend choice, fallbacks, clear errors, and the model/generate wiring."""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_close
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_cases import DECODE_CASES, inputs, kwargs  # noqa: E402
+
+from prunepath_jax.config import PRESETS  # noqa: E402
+from prunepath_jax.generate import generate  # noqa: E402
+from prunepath_jax.kernels import api  # noqa: E402
+from prunepath_jax.kernels.reference import sparse_ffn_reference  # noqa: E402
+from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
+from prunepath_jax.nn import set_compute  # noqa: E402
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.parametrize("impl", [None, "xla"])
+def test_xla_and_default_match_reference_under_jit(impl):
+    c = DECODE_CASES[1]
+    x, r, wi, wo = inputs(c)
+    f = jax.jit(lambda *a: api.sparse_ffn(*a, **kwargs(c), implementation=impl))
+    for tau in (0.3, 0.6, 1.05):  # traced tau: one compile
+        y, k = f(x, r, wi, wo, jnp.float32(tau))
+        y_ref, k_ref = sparse_ffn_reference(x, r, wi, wo, tau, **kwargs(c))
+        np.testing.assert_array_equal(k, k_ref)
+        assert_close(y.astype(jnp.float32), y_ref.astype(jnp.float32), "bf16")
+    assert f._cache_size() == 1
+
+
+def test_xla_handles_gelu_with_biases():
+    x, r, wi, wo = inputs(DECODE_CASES[0])
+    w1 = wi[:1]
+    b_in = jax.random.normal(jax.random.key(1), (1, w1.shape[1]))
+    b_out = jax.random.normal(jax.random.key(2), (x.shape[1],))
+    kw = dict(group_size=32, activation="gelu_new", b_in_cf=b_in, b_out_d=b_out)
+    y, k = api.sparse_ffn(x, r, w1, wo, 0.6, **kw)  # None falls back to XLA for GELU
+    y_ref, k_ref = sparse_ffn_reference(x, r, w1, wo, 0.6, **kw)
+    np.testing.assert_array_equal(k, k_ref)
+    assert_close(y, y_ref, "op_fp32")
+
+
+def test_explicit_backend_errors_are_clear():
+    x, r, wi, wo = inputs(DECODE_CASES[0])
+    with pytest.raises(ValueError, match="SwiGLU only"):
+        api.sparse_ffn(x, r, wi[:1], wo, 0.5, group_size=32, activation="gelu",
+                       implementation="triton")  # fmt: skip
+    with pytest.raises(ValueError, match="biases"):
+        api.sparse_ffn(x, r, wi, wo, 0.5, group_size=32, b_out_d=jnp.zeros(x.shape[1]),
+                       implementation="triton")  # fmt: skip
+    with pytest.raises(ValueError, match="float16"):
+        api.sparse_ffn(x.astype(jnp.float16), r, wi.astype(jnp.float16), wo.astype(jnp.float16),
+                       0.5, group_size=32, implementation="triton")  # fmt: skip
+    with pytest.raises(ValueError, match="group_size"):
+        api.sparse_ffn(x, r[:, :32], wi, wo, 0.5, group_size=8, implementation="triton")
+    with pytest.raises(ValueError, match="implementation must be"):
+        api.sparse_ffn(x, r, wi, wo, 0.5, group_size=32, implementation="cuda")
+    with pytest.raises(ValueError, match="decode kernel"):
+        xs = jnp.tile(x, (20, 1))
+        api.sparse_ffn(xs, r, wi, wo, 0.5, group_size=32, implementation="pallas")
+    if not ON_GPU:
+        with pytest.raises(NotImplementedError, match="GPU"):
+            api.sparse_ffn(x, r, wi, wo, 0.5, group_size=32, implementation="triton")
+        assert api.choose(1, None) == "xla" and api.choose(4096, None) == "xla"
+
+
+def _tiny_sparse(k, dtype=jnp.float32):
+    cfg = PRESETS["smollm2-135m"].replace(n_layers=2, vocab_size=512, d_model=64, d_ff=256,
+                                          n_heads=4, n_kv_heads=2)  # fmt: skip
+    return sparse_llama(cfg, k, dtype=dtype, group_size=32)
+
+
+def test_kernel_mode_matches_masked_path():
+    model = _tiny_sparse(3)
+    from prunepath_jax.nn import route_args
+
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 7)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    args = route_args(model.cfg, 1.0)
+    set_compute(model, "masked")
+    ref = model(toks, pos, ffn_args=args)
+    set_compute(model, "kernel", "xla")
+    out = model(toks, pos, ffn_args=args)
+    assert_close(out.logits, ref.logits, "model_fp32")
+    np.testing.assert_array_equal(out.ffn_stats[0].k_t, ref.ffn_stats[0].k_t)
+    assert (np.asarray(out.ffn_stats[0].k_t) == 3).all()
+
+
+def test_generate_with_implementation_keeps_tokens_and_model():
+    model = _tiny_sparse(3)
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    base = generate(model, prompts, 6, tau=1.0)
+    assert generate(model, prompts, 6, tau=1.0, implementation="xla") == base
+    assert all(m.compute == "auto" for m in _ffns(model))  # the caller's model is unchanged
+    if not ON_GPU:
+        with pytest.raises(NotImplementedError):
+            generate(model, prompts, 2, tau=1.0, implementation="triton")
+    with pytest.raises(ValueError, match="implementation must be"):
+        generate(model, prompts, 2, tau=1.0, implementation="cuda")
+
+
+def _ffns(model):
+    from flax import nnx
+
+    from prunepath_jax.nn import PrunePathFFN
+
+    return [m for _, m in nnx.iter_graph(model) if isinstance(m, PrunePathFFN)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("impl", ["triton", "pallas"])
+def test_sparse_generation_matches_xla_on_gpu(batch, impl):
+    """SmolLM2-shaped random weights, bf16, k = 12 of 48 experts: same greedy tokens (or, where
+    a near-tie flips a token, first-step logits within the bf16 tolerance)."""
+    if impl == "pallas":
+        pytest.importorskip("prunepath_jax.kernels.pallas_decode")
+    model = sparse_llama(PRESETS["smollm2-135m"], 12, dtype=jnp.bfloat16)
+    rng = np.random.default_rng(batch)
+    prompts = [list(rng.integers(0, 49152, 5 + 3 * i)) for i in range(batch)]
+    ref = generate(model, prompts, 16, tau=1.0, implementation="xla")
+    out = generate(model, prompts, 16, tau=1.0, implementation=impl)
+    same = np.mean([a == b for a, b in zip(ref, out, strict=True)])
+    if same < 1.0:
+        from prunepath_jax.nn import route_args
+
+        toks = jnp.asarray([p[:5] for p in prompts], jnp.int32)
+        pos = jnp.broadcast_to(jnp.arange(5), toks.shape)
+        args = route_args(model.cfg, 1.0)
+        set_compute(model, "kernel", "xla")
+        lx = model(toks, pos, ffn_args=args).logits
+        set_compute(model, "kernel", impl)
+        lk = model(toks, pos, ffn_args=args).logits
+        set_compute(model, "auto")
+        assert_close(lk, lx, "bf16", f"{impl} logits, {same:.0%} of sequences identical")

@@ -1,0 +1,36 @@
+"""Runs the Triton kernels under the interpreter on CPU; writes their outputs to an .npz file.
+
+Started by tests/test_kernels_triton.py in a fresh process with TRITON_INTERPRET=1 (the
+interpreter only works when that is set before triton is first imported). Usage:
+``python tests/triton_interp_runner.py OUT.npz``.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before starting"
+sys.path.insert(0, str(Path(__file__).parent))
+
+import numpy as np  # noqa: E402
+from kernel_cases import DECODE_CASES, GROUPED_CASES, inputs, kwargs  # noqa: E402
+
+from prunepath_jax.kernels.triton_decode import sparse_ffn_decode  # noqa: E402
+from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped  # noqa: E402
+
+
+def main(out: str) -> None:
+    res = {}
+    for fn, cases, tuning in (
+        (sparse_ffn_decode, DECODE_CASES, {}),
+        (sparse_ffn_grouped, GROUPED_CASES, {"block_m": 16}),
+    ):
+        for c in cases:
+            y, k = fn(*inputs(c), c.tau, interpret=True, **kwargs(c), **tuning)
+            res[f"{c.name}/y"] = np.asarray(y.astype(np.float32))
+            res[f"{c.name}/k"] = np.asarray(k)
+    np.savez(out, **res)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
