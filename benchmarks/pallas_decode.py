@@ -44,10 +44,11 @@ except ImportError:  # pragma: no cover
     plgpu = None
 
 
-def per_call(make, n, iters, t_empty):
-    """Seconds per call of a jit built by ``make(n)`` that runs n calls, less the fixed cost of
-    dispatching a jit with n trivial outputs (``t_empty``, measured once)."""
-    return max(time_fn(make(n), warmup=2, iters=iters) - t_empty, 1e-9) / n
+def per_call(make, n, iters, t_empty, data):
+    """Seconds per call of a jit built by ``make(n)`` that runs n calls on ``data`` (passed as
+    arguments, never closed over: closed-over arrays would become HLO constants), less the fixed
+    cost of dispatching a jit with n trivial outputs (``t_empty``, measured once)."""
+    return max(time_fn(make(n), data, warmup=2, iters=iters) - t_empty, 1e-9) / n
 
 
 def empty_jit_time(n, iters) -> float:
@@ -125,43 +126,44 @@ def bench_shape(lay, t, kfrac, tuning, args, what=("kernel", "layer")) -> list[d
         ]
 
         def make_k(n):
-            def f():
+            def f(data):
+                sets, gts, xps = data
                 outs = []
                 for j in range(n):
-                    _, wi, wo = lay.sets[j % r_sets]
+                    _, wi, wo = sets[j % r_sets]
                     outs.append(pd.expert_ffn(
-                        gate_tabs[j], x_p[j], wi, wo, t=t, group_size=g,
+                        gts[j], xps[j], wi, wo, t=t, group_size=g,
                         n_slots=min(e, t * k), plan=plan, interpret=args.interpret,
                     ))  # fmt: skip
                 return outs
 
             return jax.jit(f)
 
-        s = per_call(make_k, args.n, args.iters, args.t_empty)
+        s = per_call(make_k, args.n, args.iters, args.t_empty, (lay.sets, gate_tabs, x_p))
         rows.append({**base, "what": "kernel", "us": s * 1e6, "MB_read": expert_bytes / 1e6,
                      "GB_s": expert_bytes / s / 1e9})  # fmt: skip
     if "layer" in what:
 
         def make_l(n):
-            def f():
+            def f(data):
+                sets, xs_, tau_ = data
                 outs = []
                 for j in range(n):
-                    r, wi, wo = lay.sets[j % r_sets]
+                    r, wi, wo = sets[j % r_sets]
                     outs.append(pd.sparse_ffn_decode(
-                        xs[j], r, wi, wo, tau, group_size=g, interpret=args.interpret,
+                        xs_[j], r, wi, wo, tau_, group_size=g, interpret=args.interpret,
                         **rkw, **tuning,
                     ))  # fmt: skip
                 return outs
 
             return jax.jit(f)
 
-        s = per_call(make_l, args.n, args.iters, args.t_empty)
+        s = per_call(make_l, args.n, args.iters, args.t_empty, (lay.sets, xs, tau))
         nb = expert_bytes + router_bytes
-        r0, wi0, wo0 = lay.sets[0]
         launches = None if kfrac != 0.25 else kernel_launches(
-            lambda x: pd.sparse_ffn_decode(x, r0, wi0, wo0, tau, group_size=g,
-                                           interpret=args.interpret, **rkw, **tuning),
-            xs[0],
+            lambda x, w, tau_: pd.sparse_ffn_decode(x, *w, tau_, group_size=g,
+                                                   interpret=args.interpret, **rkw, **tuning),
+            xs[0], lay.sets[0], tau,
         )  # fmt: skip
         rows.append({**base, "what": "layer", "us": s * 1e6, "MB_read": nb / 1e6,
                      "GB_s": nb / s / 1e9, "hlo_ops": launches})  # fmt: skip
@@ -174,17 +176,18 @@ def bench_dense(lay, t, args) -> dict:
     xs = lay.xs(args.n, t, seed=2)
 
     def make(n):
-        def f():
+        def f(data):
+            sets, xs_ = data
             outs = []
             for j in range(n):
-                _, wi, wo = lay.sets[j % r_sets]
-                h = jnp.einsum("td,cfd->tcf", xs[j], wi)
+                _, wi, wo = sets[j % r_sets]
+                h = jnp.einsum("td,cfd->tcf", xs_[j], wi)
                 outs.append((jax.nn.silu(h[:, 0]) * h[:, 1]) @ wo)
             return outs
 
         return jax.jit(f)
 
-    s = per_call(make, args.n, args.iters, args.t_empty)
+    s = per_call(make, args.n, args.iters, args.t_empty, (lay.sets, xs))
     nb = 3 * lay.f * lay.d * jnp.dtype(lay.dtype).itemsize
     return {"batch": t, "what": "xla_dense", "k": lay.e, "k_frac": 1.0, "union": lay.e,
             "union_frac": 1.0, "us": s * 1e6, "MB_read": nb / 1e6,
@@ -227,9 +230,9 @@ def launch_overhead(args) -> list[dict]:
     x0 = lay.xs(1, 1)[0]
 
     def chain(kind, n_layers):
-        def f(x):
+        def f(x, sets):
             for i in range(n_layers):
-                r, wi, wo = lay.sets[i]
+                r, wi, wo = sets[i]
                 if kind == "pallas":
                     y, _ = pd.sparse_ffn_decode(x, r, wi, wo, tau, group_size=g, k_min=k,
                                                 k_max=k, interpret=args.interpret)  # fmt: skip
@@ -249,8 +252,8 @@ def launch_overhead(args) -> list[dict]:
         return jax.jit(f)
 
     for kind in ("pallas", "xla_masked", "xla_dense"):
-        ta = time_fn(chain(kind, 2), x0, iters=args.iters)
-        tb = time_fn(chain(kind, 30), x0, iters=args.iters)
+        ta = time_fn(chain(kind, 2), x0, lay.sets, iters=args.iters)
+        tb = time_fn(chain(kind, 30), x0, lay.sets, iters=args.iters)
         rows.append({"what": f"smollm2_layer_{kind}", "us_per_layer": (tb - ta) / 28 * 1e6,
                      "n_layers": 30, "k": k, "e": e})  # fmt: skip
     return rows
@@ -286,8 +289,12 @@ def main():
     best = {}
     if a.sweep:
         grid = {
-            1: [{}, {"block_n": 8}, {"block_d": 512}, {"num_warps": 8}],
-            16: [{}, {"use_dot": False, "block_n": 8}],
+            1: [{}, {"block_d": 1024, "num_warps": 8}, {"block_n": 8, "block_d": 512},
+                {"down": "split"}, {"down": "split", "block_d": 1024, "num_warps": 8}],
+            4: [{}, {"use_dot": True}, {"down": "split"},
+                {"use_dot": True, "down": "split", "down_chunks": 8}],
+            16: [{}, {"down": "split", "down_chunks": 8}, {"block_n": 32},
+                 {"down": "split", "down_chunks": 16, "num_warps": 8}],
         }  # fmt: skip
         for t, configs in grid.items():
             if t not in a.batch:
@@ -300,6 +307,7 @@ def main():
                     r = {"batch": t, "what": "kernel", "tuning": tun, "error": repr(err)[:300]}
                 r["sweep"] = True
                 rows.append({**head, **r})
+                write_rows(a.out, rows[-1:])  # row by row: a timeout keeps what was measured
                 print(r, flush=True)
                 if "us" in r:
                     scored.append((r["us"], tun))
@@ -313,19 +321,21 @@ def main():
                     r["copy_TB_s"] = bw / 1e12
                     r["frac_of_copy"] = r["GB_s"] * 1e9 / bw
                 rows.append({**head, **r})
+                write_rows(a.out, rows[-1:])
                 print(r, flush=True)
         r = bench_dense(lay, t, a)
         if bw:
             r["copy_TB_s"] = bw / 1e12
             r["frac_of_copy"] = r["GB_s"] * 1e9 / bw
         rows.append({**head, **r})
+        write_rows(a.out, rows[-1:])
         print(r, flush=True)
     del lay
     for r in launch_overhead(a):
         rows.append({**head, **r})
+        write_rows(a.out, rows[-1:])
         print(r, flush=True)
     print(f"total {time.time() - t0:.0f}s", flush=True)
-    write_rows(a.out, rows)
     cols = ["what", "batch", "k", "union", "us", "MB_read", "GB_s", "frac_of_copy", "tuning"]
     print(f"\n{head['date']} commit {head['commit']} on {head['device']} (jax {head['jax']})")
     if bw:

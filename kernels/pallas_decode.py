@@ -140,13 +140,25 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
         "num_stages": tuning.get("num_stages", 3),
         "fp32": jnp.dtype(dtype) == jnp.float32,
         "routing": tuning.get("routing", "pallas"),
+        "down": tuning.get("down", "atomic"),
+        "down_chunks": tuning.get("down_chunks", 4),
+        "block_d_down": _pow2_divisor(d, tuning.get("block_d_down", 128)),
     }
+
+
+def _union(gate_ref):
+    """Union of the tokens' experts from the gate table: ``(gate_te, cnt_e, n_used)``."""
+    gate_te = gate_ref[...]  # [tp, ep] fp32, zero rows/cols for padding
+    used_e = jnp.max((gate_te != 0.0).astype(jnp.int32), axis=0)  # [ep]
+    return gate_te, jnp.cumsum(used_e), jnp.sum(used_e)  # inclusive prefix count of the union
 
 
 def _kernel(
     gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, t, d, f, g, ep, plan, interpret
 ):
-    """One program = one (union slot, neuron block). Shapes in the refs' names' comments."""
+    """One program = one (union slot, neuron block). With ``plan["down"] == "split"`` the
+    program stores its activations ``[tp, bn]`` into ``y_ref`` (``[tp, n_slots·G]``, slot-major)
+    for :func:`_down_kernel` instead of doing the down-projection with atomics."""
     del y_in_ref  # aliased to y_ref (the zeroed fp32 accumulator)
     tp, bn, bd, bdo = plan["tp"], plan["bn"], plan["bd"], plan["bdo"]
     splits = g // bn
@@ -154,10 +166,7 @@ def _kernel(
     slot = pid // splits
     nb = pid % splits
 
-    gate_te = gate_ref[...]  # [tp, ep] fp32, zero rows/cols for padding
-    used_e = jnp.max((gate_te != 0.0).astype(jnp.int32), axis=0)  # [ep]
-    cnt_e = jnp.cumsum(used_e)  # inclusive prefix count of the union
-    n_used = jnp.sum(used_e)
+    gate_te, cnt_e, n_used = _union(gate_ref)
 
     @pl.when(slot < n_used)
     def _():
@@ -191,6 +200,10 @@ def _kernel(
         if not plan["use_dot"]:
             h_g, h_u = jnp.sum(h_g, axis=-1), jnp.sum(h_u, axis=-1)  # [tp, bn]
         a_tn = h_g / (1.0 + jnp.exp(-h_g)) * h_u * g_t[:, None]  # silu(gate)·up·σ(g), fp32
+        if plan["down"] == "split":
+            acols = pl.ds(pl.multiple_of(slot * g + nb * bn, bn), bn)
+            plgpu.store(y_ref.at[:, acols], a_tn)
+            return
         row_ok = jax.lax.broadcasted_iota(jnp.int32, (tp, bdo), 0) < t
 
         def out_body(i, carry):
@@ -210,6 +223,45 @@ def _kernel(
         jax.lax.fori_loop(0, d // bdo, out_body, 0)
 
 
+def _down_kernel(gate_ref, act_ref, w_out_ref, y_in_ref, y_ref, *, t, g, e, n_slots, plan,
+                 interpret):  # fmt: skip
+    """Down-projection without per-expert atomics: program ``(j, c)`` owns output columns
+    ``[j·bdo, (j+1)·bdo)`` and union slots ``c, c + C, c + 2C, …``; it sums
+    ``act[:, slot] @ W_out[expert(slot), cols]`` in registers and adds once (C chunks ⇒ C adds
+    per output element instead of one per neuron block)."""
+    del y_in_ref
+    tp = gate_ref.shape[0]
+    bdo, chunks = plan["block_d_down"], plan["down_chunks"]
+    j, c = pl.program_id(0), pl.program_id(1)
+    _, cnt_e, n_used = _union(gate_ref)
+    cols = pl.ds(pl.multiple_of(j * bdo, bdo), bdo)
+    prec = jax.lax.Precision.HIGHEST if plan["fp32"] else None
+
+    def body(i, acc):
+        slot = c + i * chunks
+        ok = slot < n_used  # a static trip count (pipelinable loads); dead slots load nothing
+        ex = jnp.minimum(jnp.sum((cnt_e <= slot).astype(jnp.int32)), e - 1)
+        a = plgpu.load(
+            act_ref.at[:, pl.ds(pl.multiple_of(slot * g, g), g)],
+            mask=jnp.full((tp, g), ok),
+            other=0.0,
+        )  # [tp, g] fp32
+        wo = plgpu.load(
+            w_out_ref.at[pl.ds(pl.multiple_of(ex * g, g), g), cols],
+            mask=jnp.full((g, bdo), ok),
+            other=0.0,
+        )  # [g, bdo]
+        if plan["use_dot"]:
+            lhs = a if plan["fp32"] else a.astype(wo.dtype)
+            return acc + plgpu.dot(lhs, wo, precision=prec)
+        return acc + jnp.sum(a[:, :, None] * wo.astype(jnp.float32)[None], axis=1)
+
+    n_iter = -(-n_slots // chunks)
+    acc = jax.lax.fori_loop(0, n_iter, body, jnp.zeros((tp, bdo), jnp.float32))
+    row_ok = jax.lax.broadcasted_iota(jnp.int32, (tp, bdo), 0) < t
+    plgpu.atomic_add(y_ref, (pl.ds(0, tp), cols), acc, mask=None if interpret else row_ok)
+
+
 def expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, t, group_size, n_slots, plan, interpret):
     """The expert kernel alone: fp32 ``[tp, d]`` from the gate table ``[tp, ep]`` and padded x.
 
@@ -218,28 +270,57 @@ def expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, t, group_size, n_slots, pla
     """
     tp, ep = gate_pe.shape
     f, d = w_out_fd.shape
+    split = plan["down"] == "split"
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    return pl.pallas_call(
+    gate_spec = pl.BlockSpec((tp, ep), lambda *_: (0, 0))  # small: every program reads it
+    params = plgpu.CompilerParams(num_warps=plan["num_warps"], num_stages=plan["num_stages"])
+    a_cols = n_slots * group_size
+    out = pl.pallas_call(
         functools.partial(
             _kernel, t=t, d=d, f=f, g=group_size, ep=ep, plan=plan, interpret=interpret
         ),
-        out_shape=jax.ShapeDtypeStruct((tp, d), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((tp, a_cols) if split else (tp, d), jnp.float32),
         grid=(n_slots * (group_size // plan["bn"]),),
         in_specs=[
-            pl.BlockSpec((tp, ep), lambda i: (0, 0)),  # gate_te: small, every program reads it
+            gate_spec,
             any_spec,  # x_td [tp, d]
             any_spec,  # w_in [2f, d]: gate rows then up rows (a free reshape)
             any_spec,  # w_out_fd [f, d]
-            any_spec,  # y0 [tp, d] fp32 zeros (aliased to the output)
+            any_spec,  # y0 [tp, d] fp32 zeros (aliased to the output) / act [tp, a_cols]
         ],
         out_specs=any_spec,
         input_output_aliases={4: 0},
-        compiler_params=plgpu.CompilerParams(
-            num_warps=plan["num_warps"], num_stages=plan["num_stages"]
-        ),
+        compiler_params=params,
         interpret=interpret,
         name="prunepath_sparse_ffn_decode",
-    )(gate_pe, x_pd, w_in_cfd.reshape(2 * f, d), w_out_fd, jnp.zeros((tp, d), jnp.float32))
+    )(
+        gate_pe, x_pd, w_in_cfd.reshape(2 * f, d), w_out_fd,
+        jnp.zeros((tp, a_cols) if split else (tp, d), jnp.float32),
+    )  # fmt: skip
+    if not split:
+        return out
+    bdo = plan["block_d_down"]
+    chunks = min(plan["down_chunks"], n_slots)
+    plan = {**plan, "down_chunks": chunks}
+    return pl.pallas_call(
+        functools.partial(
+            _down_kernel,
+            t=t,
+            g=group_size,
+            e=f // group_size,
+            n_slots=n_slots,
+            plan=plan,
+            interpret=interpret,
+        ),
+        out_shape=jax.ShapeDtypeStruct((tp, d), jnp.float32),
+        grid=(d // bdo, chunks),
+        in_specs=[gate_spec, any_spec, any_spec, any_spec],  # gate, act, w_out, y0
+        out_specs=any_spec,
+        input_output_aliases={3: 0},
+        compiler_params=params,
+        interpret=interpret,
+        name="prunepath_sparse_ffn_down",
+    )(gate_pe, out, w_out_fd, jnp.zeros((tp, d), jnp.float32))
 
 
 @functools.partial(
@@ -305,7 +386,10 @@ def sparse_ffn_decode(
         interpret: run the kernel in the Pallas interpreter (CPU tests).
         **tuning: ``use_dot``, ``block_n``, ``block_d``, ``block_d_out``, ``num_warps``,
             ``num_stages`` (static; defaults chosen from t, G and d); ``routing="pallas"``
-            (default: one sort-free selection kernel) or ``"xla"`` (the reference's ops).
+            (default: one sort-free selection kernel) or ``"xla"`` (the reference's ops);
+            ``down="atomic"`` (default: the down-projection in the expert kernel, fp32 atomics
+            per neuron block) or ``"split"`` (a second kernel over output columns, ``down_chunks``
+            atomic adds per output element; ``block_d_down`` columns per program).
 
     Raises:
         NotImplementedError/ValueError: input outside what the kernel computes exactly
@@ -319,7 +403,8 @@ def sparse_ffn_decode(
             "the Pallas-Triton decode kernel needs a CUDA GPU (pass interpret=True on CPU)"
         )
     unknown = set(tuning) - {
-        "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing"
+        "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing",
+        "down", "down_chunks", "block_d_down",
     }  # fmt: skip
     if unknown:
         raise TypeError(f"unknown tuning options {sorted(unknown)}")
