@@ -140,3 +140,32 @@ def mesh_from_config(cfg: TrainConfig) -> Mesh:
             f"{int(np.prod(sizes))} devices; {n_dev} are visible"
         )
     return sharding.make_mesh(*sizes)
+
+
+def init_sharded(mcfg, dtype, mesh: Mesh, *, seed: int = 0, router_scale: float = 0.0):
+    """A random-weight model created directly in its sharded placement (benchmarks, multi-host).
+
+    Initialisation runs inside one `jax.jit` whose outputs carry the parameter shardings, so no
+    process ever holds the whole model and every process of a multi-host run gets the same
+    weights. `router_scale > 0` draws PrunePath routers from N(0, router_scale^2) (a zero
+    router routes uniformly).
+    """
+    from flax import nnx
+
+    from prunepath_jax import models
+
+    cls = models.model_class(mcfg)
+
+    def make():
+        model = cls(mcfg, dtype=dtype, rngs=nnx.Rngs(seed))
+        if router_scale and mcfg.prunepath is not None:
+            for i, layer in enumerate(model.layers):
+                key = jax.random.key(seed * 1000 + i)
+                layer.mlp.router[...] = (
+                    jax.random.normal(key, layer.mlp.router.shape) * router_scale
+                )
+        return nnx.split(model)[1]
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: cls(mcfg, dtype=dtype, rngs=nnx.Rngs(0))))
+    state = jax.jit(make, out_shardings=tree_shardings(abstract, mesh))()
+    return nnx.merge(graphdef, state)
