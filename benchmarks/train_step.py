@@ -22,12 +22,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, markdown_table, write_rows  # noqa: E402
 
-from prunepath_jax import models  # noqa: E402
 from prunepath_jax.config import PRESETS, PrunePathConfig  # noqa: E402
 from prunepath_jax.train import parallel  # noqa: E402
 from prunepath_jax.train import state as st  # noqa: E402
@@ -41,16 +39,14 @@ def flops_per_token(cfg, seq: int) -> float:
     return 6.0 * n + 12.0 * L * cfg.n_heads * cfg.head_dim * seq
 
 
-def build(name: str, seed: int = 0):
+def build(name: str, mesh, seed: int = 0):
+    """Random fp32 weights created in place on the mesh, with a live router (real selections)."""
     cfg = PRESETS[name].replace(prunepath=PrunePathConfig(group_size=32))
-    model = models.model_class(cfg)(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
-    for i, layer in enumerate(model.layers):  # a live router: real selections and losses
-        layer.mlp.router[...] = jax.random.normal(jax.random.key(i), layer.mlp.router.shape) * 0.1
-    return model
+    return parallel.init_sharded(cfg, jnp.float32, mesh, seed=seed, router_scale=0.1)
 
 
 def bench(name, mode, batch, seq, steps, mesh, peak):
-    model = build(name)
+    model = build(name, mesh)
     tcfg = TrainConfig(mode=mode, batch_size=batch, seq_len=seq, compute_dtype="bfloat16",
                        warmup_steps=1, decay_steps=4, hold_steps=1000, tau_target=0.5,
                        progress=False)  # fmt: skip
@@ -70,7 +66,7 @@ def bench(name, mode, batch, seq, steps, mesh, peak):
     b = parallel.put_batch(local, mesh)
     t0 = time.perf_counter()
     s, m = fn(s, fr, b)
-    jax.block_until_ready(m)
+    loss_first = float(m["loss"])  # same weights and batch on every mesh: comparable
     compile_s = time.perf_counter() - t0
     for _ in range(2):
         s, m = fn(s, fr, b)
@@ -88,7 +84,8 @@ def bench(name, mode, batch, seq, steps, mesh, peak):
         **header(), "bench": "train_step", "preset": name, "mode": mode, "batch": batch,
         "seq": seq, "devices": len(mesh.devices.flat), "mesh": dict(mesh.shape),
         "step_ms": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu, "compile_s": compile_s,
-        "loss": float(m["loss"]), "sparsity": float(m["sparsity"]), "tau": float(m["tau"]),
+        "loss_first": loss_first, "loss": float(m["loss"]), "sparsity": float(m["sparsity"]),
+        "tau": float(m["tau"]),
         "trainable_params": int(sum(x.size for x in jax.tree.leaves(s.params))),
         "opt_state_bytes": st.tree_bytes(s.opt_state),
         "peak_mem_gib": mem.get("peak_bytes_in_use", 0) / 2**30,

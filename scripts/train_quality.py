@@ -122,7 +122,7 @@ def evaluate_lm_all(a, trained) -> list[dict]:
         for t in TARGETS:
             table.append({"method": method, "target_sparsity": t, "ppl_tau": curve[t],
                           "ppl_static_k": static[t], "dense_ppl": dense_ppl})  # fmt: skip
-        out = Path(a.out) / f"lm_{method}.jsonl"
+        out = Path(a.out) / f"lm_{method.split()[0]}.jsonl"
         out.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     ks = (36, 24, 12)
