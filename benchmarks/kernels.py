@@ -76,11 +76,18 @@ def main():
     ap.add_argument("--f", type=int, default=14336)
     ap.add_argument("--g", type=int, default=32)
     ap.add_argument("--impls", nargs="+", default=["triton", "pallas"])
-    ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 0.5, 1.0])
+    ap.add_argument("--fractions", nargs="*", type=float, default=[0.1, 0.25, 0.5, 1.0])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--n-rot", type=int, default=8)
     ap.add_argument("--prefill-tokens", type=int, default=4096)
     ap.add_argument("--prefill-fraction", type=float, default=0.25)
+    ap.add_argument(
+        "--prefill-tunings",
+        nargs="*",
+        type=lambda v: tuple(map(int, v.split(","))),
+        default=[(64, 64, 4, 3)],
+        help="block_m,block_d,warps,stages per variant",
+    )
     ap.add_argument("--out", default="results/kernels.jsonl")
     a = ap.parse_args()
     head = header()
@@ -95,7 +102,7 @@ def main():
     layers = make_layers(a.n_rot, d, f, e, dt)
     slab = 3 * g * d * 2
     rows = []
-    for b in a.batches:
+    for b in a.batches if a.fractions else []:
         x = jax.random.normal(jax.random.key(b), (b, d), jnp.float32).astype(dt)
         dense = chain_fn("dense", g, e)
         t_dense = time_fn(dense, x, layers, warmup=3, iters=20) / a.n_rot
@@ -121,7 +128,7 @@ def main():
                 print({k_: row[k_] for k_ in keys}, row["custom_calls"], flush=True)
     # Launch overhead per layer: k = 1 at batch 1 moves ~0.4 MB of weights.
     x1 = jax.random.normal(jax.random.key(0), (1, d), jnp.float32).astype(dt)
-    for impl in impls:
+    for impl in impls if a.fractions else []:
         try:
             t = time_fn(chain_fn(impl, g, 1), x1, layers, warmup=3, iters=20) / a.n_rot
         except Exception as err:
@@ -142,19 +149,28 @@ def main():
     rows.append({**head, "bench": "prefill_ffn", "impl": "dense_xla", "tokens": tp, "k": e,
                  "us": t_dense * 1e6, "TFLOP_s": flops / t_dense / 1e12})  # fmt: skip
     print(rows[-1], flush=True)
-    for impl in ("triton", "xla"):
+    from prunepath_jax.kernels import triton_grouped
+
+    names = ("block_m", "block_d", "warps", "stages")
+    variants = [("xla", None)] + [
+        ("triton", dict(zip(names, v, strict=True))) for v in a.prefill_tunings
+    ]
+    for impl, tn in variants:
+        if tn:
+            triton_grouped.DEFAULT_TUNING.update(tn)
         try:
             t = time_fn(chain_fn(impl, g, kp), xp, one, warmup=2, iters=10)
         except Exception as err:
-            print(f"prefill {impl}: {err!r}"[:300], flush=True)
+            print(f"prefill {impl} {tn}: {err!r}"[:300], flush=True)
             continue
         rows.append({**head, "bench": "prefill_ffn", "impl": impl, "tokens": tp, "k": kp,
                      "k_frac": kp / e, "us": t * 1e6, "speedup_vs_dense": t_dense / t,
-                     "useful_TFLOP_s": flops * kp / e / t / 1e12})  # fmt: skip
+                     "useful_TFLOP_s": flops * kp / e / t / 1e12, "tuning": str(tn)})  # fmt: skip
         print(rows[-1], flush=True)
     write_rows(a.out, rows)
-    cols = ["bench", "impl", "batch", "k", "union_frac", "us", "dense_us", "speedup_vs_dense",
-            "GB_s", "pct_copy_bw", "custom_calls", "fusions", "overhead_us"]  # fmt: skip
+    cols = ["bench", "impl", "tuning", "batch", "k", "union_frac", "us", "dense_us",
+            "speedup_vs_dense", "GB_s", "pct_copy_bw", "custom_calls", "fusions",
+            "overhead_us"]  # fmt: skip
     print(f"\n{head['date']} commit {head['commit']} on {head['device']}; copy "
           f"{bw / 1e12:.2f} TB/s")  # fmt: skip
     print(markdown_table(rows, cols))

@@ -157,7 +157,23 @@ DEFAULT_TUNING = {
     "warps_down": 4,
     "stages_up": 3,
     "stages_down": 4,
+    "logits": "reduce",
 }
+
+
+def router_logits(router_de: jax.Array, x_td: jax.Array, how: str = "reduce") -> jax.Array:
+    """``x @ router`` in float32 for a few tokens.
+
+    ``"dot"`` is `routing.router_logits` (a HIGHEST-precision float32 dot); ``"reduce"`` writes
+    the same product as a multiply + sum over d, which XLA emits as one column-reduction fusion
+    spread over the whole GPU instead of a GEMV library call (measured in benchmarks/kernels.py).
+    """
+    if how == "dot":
+        return routing.router_logits(router_de, x_td)
+    if how != "reduce":
+        raise ValueError(f"logits must be 'dot' or 'reduce', got {how!r}")
+    prod_tde = x_td.astype(jnp.float32)[:, :, None] * router_de.astype(jnp.float32)[None]
+    return jnp.sum(prod_tde, axis=1)
 
 
 def sparse_ffn_decode(
@@ -197,7 +213,7 @@ def sparse_ffn_decode(
     is_f32 = x_td.dtype == jnp.float32
     common = dict(T=t, D=d, E=e, G=g, T_PAD=16, E_PAD=max(16, jt.next_pow2(e)),
                   DOT_F32=bool(interpret), IEEE=bool(is_f32 and not interpret))  # fmt: skip
-    logits_te = routing.router_logits(router_de, x_td)
+    logits_te = router_logits(router_de, x_td, tn["logits"])
     tau_1 = jnp.reshape(jnp.asarray(tau, jnp.float32), (1,))
     a_tf, sel_te = jt.triton_call(
         _up_kernel, x_td, logits_te, tau_1, w_in_cfd,

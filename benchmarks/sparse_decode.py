@@ -1,0 +1,213 @@
+"""End-to-end sparse decode: µs per generated token, PrunePath kernels vs our dense decode.
+
+Random weights at real model shapes (no real weights of these sizes are on the GPU machine).
+The target k per layer goes through the real routing path: random routers and
+``k_min = k_max = k`` at tau = 1.0 (`kernels.synthetic.sparse_llama`), so every token of every
+layer uses exactly k of E experts (FFN sparsity 1 - k/E). Decode runs the production loop
+(`generate.decode_chunk`: ``steps`` tokens per compiled call, KV cache of ``ctx`` positions, the
+whole step one program) from a cache filled to ``prompt_len`` positions (zeros: attention reads
+the same bytes whatever they hold), timed over ``chunks`` calls after a warm-up.
+
+Also: the union-of-experts fraction that bounds batched speedups (random hidden states through
+layer 0's router), launches per decode step (custom calls and fusions in the compiled step),
+and the compiled step's device memory (arguments + temporaries) sparse vs dense.
+
+    python benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import copy_bandwidth, header, markdown_table, write_rows  # noqa: E402
+
+from prunepath_jax import routing  # noqa: E402
+from prunepath_jax.config import PRESETS  # noqa: E402
+from prunepath_jax.generate import DecodeState, decode_chunk_donating  # noqa: E402
+from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
+from prunepath_jax.models.layers import init_cache  # noqa: E402
+from prunepath_jax.models.llama import LlamaModel  # noqa: E402
+from prunepath_jax.nn import PrunePathFFN, route_args, set_compute  # noqa: E402
+
+PEERS = "paper 1.046x (GPT-2 Medium, b1); TEAL 1.53x @40% / 1.8x @50% model-wide (7B, b1, fp16)"
+
+
+def time_decode(model, batch, prompt_len, steps, chunks, ffn_args) -> dict:
+    cfg = model.cfg
+    graphdef, state = nnx.split(model)
+    ctx = prompt_len + steps * (chunks + 3) + 1
+    st = DecodeState(
+        token_b=jnp.ones((batch,), jnp.int32),
+        pos_b=jnp.full((batch,), prompt_len, jnp.int32),
+        done_b=jnp.zeros((batch,), bool),
+        cache=init_cache(cfg, batch, ctx, jnp.bfloat16),
+        rng=jax.random.key(0),
+    )
+    args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), ffn_args)
+    kw = dict(n_steps=steps, greedy=True)
+    compiled = decode_chunk_donating.lower(graphdef, state, st, *args, **kw).compile()
+    txt = compiled.as_text()
+    mem = compiled.memory_analysis()
+    for _ in range(2):
+        st, _ = decode_chunk_donating(graphdef, state, st, *args, **kw)
+    jax.block_until_ready(st)
+    t0 = time.perf_counter()
+    for _ in range(chunks):
+        st, _ = decode_chunk_donating(graphdef, state, st, *args, **kw)
+    jax.block_until_ready(st)
+    dt = (time.perf_counter() - t0) / (chunks * steps)
+    return {
+        "us_per_step": dt * 1e6,
+        "custom_calls_per_layer": txt.count(" custom-call(") / cfg.n_layers,
+        "fusions_per_step": txt.count(" fusion("),
+        "args_MB": getattr(mem, "argument_size_in_bytes", 0) / 1e6,
+        "temp_MB": getattr(mem, "temp_size_in_bytes", 0) / 1e6,
+    }
+
+
+def union_fraction(model, batch, k, draws=20) -> float:
+    ffn = next(m for _, m in nnx.iter_graph(model) if isinstance(m, PrunePathFFN))
+    d, e = ffn.router.shape
+    fr = []
+    for i in range(draws):
+        x = jax.random.normal(jax.random.key(i), (batch, d), jnp.float32)
+        sel = routing.select(routing.router_logits(ffn.router[...], x), 1.0, k_min=k, k_max=k)
+        fr.append(float(jnp.mean(jnp.any(sel.mask_te, axis=0))))
+    return float(np.mean(fr))
+
+
+def pick_logits(emit, n_layers=8) -> str:
+    """Per-layer cost of the two router-logit forms (8B layer shape, batch 1), and the winner.
+
+    Also the XLA router GEMV alone, to split the fixed per-layer cost."""
+    from common import time_fn
+
+    from kernels import chain_fn, make_layers
+    from prunepath_jax.kernels import triton_decode
+
+    layers = make_layers(n_layers, 4096, 14336, 448, jnp.bfloat16, seed=3)
+    x = jax.random.normal(jax.random.key(0), (1, 4096), jnp.float32).astype(jnp.bfloat16)
+    best = {}
+    for how in ("dot", "reduce"):
+        lg = jax.jit(
+            lambda x, ls, how=how: sum(
+                jnp.sum(triton_decode.router_logits(r, x, how)) for r, _, _ in ls
+            )
+        )
+        t_lg = time_fn(lg, x, layers, warmup=3, iters=20) / n_layers
+        emit({"bench": "breakdown", "impl": f"logits_only_{how}", "batch": 1, "us": t_lg * 1e6})
+        triton_decode.DEFAULT_TUNING["logits"] = how
+        for k in (1, 112):
+            t = time_fn(chain_fn("triton", 32, k), x, layers, warmup=3, iters=20) / n_layers
+            emit({"bench": "breakdown", "impl": f"triton_layer_logits_{how}", "batch": 1, "k": k,
+                  "us": t * 1e6})  # fmt: skip
+            best.setdefault(how, 0.0)
+            best[how] += t
+    how = min(best, key=best.get)
+    triton_decode.DEFAULT_TUNING["logits"] = how
+    return how
+
+
+def set_k(model, k):
+    for _, m in nnx.iter_graph(model):
+        if isinstance(m, PrunePathFFN):
+            m.k_min = m.k_max = k
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "llama-3-8b"])
+    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.75, 0.9])
+    ap.add_argument("--impls", nargs="+", default=["triton", "pallas"])
+    ap.add_argument(
+        "--all-impl-sparsity",
+        type=float,
+        default=0.75,
+        help="sparsity at which every impl runs (others: the first impl only)",
+    )
+    ap.add_argument(
+        "--batches",
+        nargs="*",
+        type=int,
+        default=[4, 8, 16],
+        help="batched study (first impl, --all-impl-sparsity) on the last shape",
+    )
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--chunks", type=int, default=6)
+    ap.add_argument(
+        "--pick-logits",
+        action="store_true",
+        help="time both router-logit forms first and use the faster",
+    )
+    ap.add_argument("--out", default="results/sparse_decode.jsonl")
+    a = ap.parse_args()
+    head = {**header(), "peers": PEERS}
+    impls = [i for i in a.impls if i != "pallas" or
+             importlib.util.find_spec("prunepath_jax.kernels.pallas_decode")]  # fmt: skip
+    bws = copy_bandwidth(2 << 30)
+    bw = max(bws.values())
+    print({k: f"{v / 1e12:.2f} TB/s" for k, v in bws.items()}, flush=True)
+    rows = []
+
+    def emit(row):
+        row = {**head, "copy_TB_s": bw / 1e12, **row}
+        rows.append(row)
+        write_rows(a.out, [row])  # row by row: a run cut short keeps what it measured
+        print({k: v for k, v in row.items() if k not in head}, flush=True)
+
+    if a.pick_logits and jax.default_backend() == "gpu":
+        head["logits"] = pick_logits(emit)
+
+    for si, shape in enumerate(a.shapes):
+        cfg = PRESETS[shape]
+        last = si == len(a.shapes) - 1
+        batches = [1] + (a.batches if last else [])
+        dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        dense_us = {}
+        for b in batches:
+            r = time_decode(dense, b, a.prompt_len, a.steps, a.chunks, None)
+            dense_us[b] = r["us_per_step"]
+            emit({"shape": shape, "impl": "dense", "batch": b, "sparsity": 0.0, **r})
+        del dense
+        sparse = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
+        e = sparse.cfg.n_experts
+        args = route_args(sparse.cfg, 1.0)
+        for s in a.sparsities:
+            k = max(1, round((1 - s) * e))
+            set_k(sparse, k)
+            for impl in impls:
+                if impl != impls[0] and abs(s - a.all_impl_sparsity) > 1e-6:
+                    continue
+                bs = batches if (impl == impls[0] and abs(s - a.all_impl_sparsity) < 1e-6) else [1]
+                set_compute(sparse, "kernel", impl)
+                for b in bs:
+                    try:
+                        r = time_decode(sparse, b, a.prompt_len, a.steps, a.chunks, args)
+                    except Exception as err:
+                        print(f"{shape} {impl} s{s} b{b}: {type(err).__name__}: {err}"[:400])
+                        continue
+                    emit({"shape": shape, "impl": impl, "batch": b, "sparsity": 1 - k / e,
+                          "k": k, "E": e, "union_frac": union_fraction(sparse, b, k),
+                          "speedup_vs_dense": dense_us[b] / r["us_per_step"], **r})  # fmt: skip
+        del sparse
+    cols = ["bench", "shape", "impl", "batch", "k", "us", "sparsity", "union_frac", "us_per_step",
+            "speedup_vs_dense", "custom_calls_per_layer", "fusions_per_step", "args_MB",
+            "temp_MB"]  # fmt: skip
+    print(f"\n{head['date']} commit {head['commit']} on {head['device']}; copy "
+          f"{bw / 1e12:.2f} TB/s; peers: {PEERS}")  # fmt: skip
+    print(markdown_table(rows, cols))
+
+
+if __name__ == "__main__":
+    main()
