@@ -1,4 +1,4 @@
-"""`prunepath` command line (tyro subcommands): demo, convert, sweep, generate, info."""
+"""`prunepath` command line (tyro subcommands): demo, convert, sweep, generate, info, bench."""
 
 from __future__ import annotations
 
@@ -169,6 +169,36 @@ class Demo:
         run_demo(self.model, self.max_new_tokens)
 
 
+@dataclasses.dataclass
+class Bench:
+    """Run the kernel benchmarks (issue 5) and append their rows to results/*.jsonl."""
+
+    which: tuple[Literal["kernels", "sparse-decode", "decode"], ...] = ("kernels", "sparse-decode")
+    """Scripts of benchmarks/ to run: kernels.py (decode GB/s, launch overhead, grouped-GEMM
+    prefill), sparse_decode.py (end-to-end sparse vs dense decode), decode.py (dense decode)."""
+    out_dir: str = "results"
+    extra: str = ""
+    """Extra arguments for every script, one string: --extra="--shapes llama-3.2-1b"."""
+
+    def run(self) -> None:
+        import shlex
+        import subprocess
+        from pathlib import Path
+
+        import prunepath_jax
+
+        bench_dir = Path(prunepath_jax.__file__).resolve().parent.parent / "benchmarks"
+        if not bench_dir.is_dir():
+            raise FileNotFoundError(f"{bench_dir}: benchmarks/ ships with the repository checkout")
+        names = {"kernels": "kernels", "sparse-decode": "sparse_decode", "decode": "decode"}
+        for w in self.which:
+            script = bench_dir / f"{names[w]}.py"
+            out = str(Path(self.out_dir) / f"{names[w]}.jsonl")
+            cmd = [sys.executable, str(script), "--out", out, *shlex.split(self.extra)]
+            print("+", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+
+
 def _sweep_args():
     from prunepath_jax.eval.sweep import SweepArgs
 
@@ -181,6 +211,7 @@ Command = (
     | Annotated[_sweep_args(), tyro.conf.subcommand("sweep")]
     | Annotated[Generate, tyro.conf.subcommand("generate")]
     | Annotated[Info, tyro.conf.subcommand("info")]
+    | Annotated[Bench, tyro.conf.subcommand("bench")]
 )
 
 

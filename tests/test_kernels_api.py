@@ -140,3 +140,17 @@ def test_sparse_generation_matches_xla_on_gpu(batch, impl):
         lk = model(toks, pos, ffn_args=args).logits
         set_compute(model, "auto")
         assert_close(lk, lx, "bf16", f"{impl} logits, {same:.0%} of sequences identical")
+
+
+def test_cli_bench_runs_the_scripts(tmp_path, monkeypatch):
+    """`prunepath bench` builds one command per script, writing to --out-dir."""
+    import subprocess
+
+    from prunepath_jax import cli
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd))
+    cli.main(["bench", "--which", "kernels", "sparse-decode", "--out-dir", str(tmp_path),
+              "--extra=--batches 1"])  # fmt: skip
+    assert [Path(c[1]).name for c in calls] == ["kernels.py", "sparse_decode.py"]
+    assert calls[0][3] == str(tmp_path / "kernels.jsonl") and calls[0][-2:] == ["--batches", "1"]
