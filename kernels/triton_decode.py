@@ -166,12 +166,19 @@ def router_logits(router_de: jax.Array, x_td: jax.Array, how: str = "reduce") ->
 
     ``"dot"`` is `routing.router_logits` (a HIGHEST-precision float32 dot); ``"reduce"`` writes
     the same product as a multiply + sum over d, which XLA emits as one column-reduction fusion
-    spread over the whole GPU instead of a GEMV library call (measured in benchmarks/kernels.py).
+    spread over the whole GPU instead of a GEMV library call; ``"dot2"`` feeds the dot two copies
+    of a single row, which keeps XLA from rewriting a one-row product into a multiply that writes
+    a weight-sized temporary (`models.layers.matvec_safe_matmul`). Measured in
+    benchmarks/sparse_decode.py --pick-logits.
     """
     if how == "dot":
         return routing.router_logits(router_de, x_td)
+    if how == "dot2":
+        if x_td.shape[0] != 1:
+            return routing.router_logits(router_de, x_td)
+        return routing.router_logits(router_de, jnp.concatenate([x_td, x_td], axis=0))[:1]
     if how != "reduce":
-        raise ValueError(f"logits must be 'dot' or 'reduce', got {how!r}")
+        raise ValueError(f"logits must be 'dot', 'dot2' or 'reduce', got {how!r}")
     prod_tde = x_td.astype(jnp.float32)[:, :, None] * router_de.astype(jnp.float32)[None]
     return jnp.sum(prod_tde, axis=1)
 
