@@ -51,6 +51,14 @@ def per_call(make, n, iters, t_empty, data):
     return max(time_fn(make(n), data, warmup=2, iters=iters) - t_empty, 1e-9) / n
 
 
+def after(x, prev):
+    """``x``, but only once ``prev`` exists: serialises the n calls of a timed jit as layers are
+    (and stops XLA's dot merger from fusing calls that share a weight set into one GEMM)."""
+    if prev is None:
+        return x
+    return jax.lax.optimization_barrier((x, prev))[0]
+
+
 def empty_jit_time(n, iters) -> float:
     """Dispatch + sync cost of a jit with n tiny outputs (subtracted from every timing)."""
     xs = [jnp.full((16,), float(i)) for i in range(n)]
@@ -128,14 +136,14 @@ def bench_shape(lay, t, kfrac, tuning, args, what=("kernel", "layer")) -> list[d
         def make_k(n):
             def f(data):
                 sets, gts, xps = data
-                outs = []
+                outs = [None]
                 for j in range(n):
                     _, wi, wo = sets[j % r_sets]
                     outs.append(pd.expert_ffn(
-                        gts[j], xps[j], wi, wo, t=t, group_size=g,
+                        gts[j], after(xps[j], outs[-1]), wi, wo, t=t, group_size=g,
                         n_slots=min(e, t * k), plan=plan, interpret=args.interpret,
                     ))  # fmt: skip
-                return outs
+                return outs[1:]
 
             return jax.jit(f)
 
@@ -147,14 +155,14 @@ def bench_shape(lay, t, kfrac, tuning, args, what=("kernel", "layer")) -> list[d
         def make_l(n):
             def f(data):
                 sets, xs_, tau_ = data
-                outs = []
+                outs = [None]
                 for j in range(n):
                     r, wi, wo = sets[j % r_sets]
                     outs.append(pd.sparse_ffn_decode(
-                        xs_[j], r, wi, wo, tau_, group_size=g, interpret=args.interpret,
-                        **rkw, **tuning,
-                    ))  # fmt: skip
-                return outs
+                        after(xs_[j], outs[-1]), r, wi, wo, tau_, group_size=g,
+                        interpret=args.interpret, **rkw, **tuning,
+                    )[0])  # fmt: skip
+                return outs[1:]
 
             return jax.jit(f)
 
@@ -178,12 +186,12 @@ def bench_dense(lay, t, args) -> dict:
     def make(n):
         def f(data):
             sets, xs_ = data
-            outs = []
+            outs = [None]
             for j in range(n):
                 _, wi, wo = sets[j % r_sets]
-                h = jnp.einsum("td,cfd->tcf", xs_[j], wi)
+                h = jnp.einsum("td,cfd->tcf", after(xs_[j], outs[-1]), wi)
                 outs.append((jax.nn.silu(h[:, 0]) * h[:, 1]) @ wo)
-            return outs
+            return outs[1:]
 
         return jax.jit(f)
 
@@ -192,6 +200,64 @@ def bench_dense(lay, t, args) -> dict:
     return {"batch": t, "what": "xla_dense", "k": lay.e, "k_frac": 1.0, "union": lay.e,
             "union_frac": 1.0, "us": s * 1e6, "MB_read": nb / 1e6,
             "GB_s": nb / s / 1e9}  # fmt: skip
+
+
+def breakdown(lay, t, kfrac, args) -> list[dict]:
+    """µs per call of each piece of one layer (serialised chains of n calls): the router logits
+    (XLA), the selection kernel, XLA's selection (the reference's ops), the expert kernel, and
+    the whole layer with either selection."""
+    from prunepath_jax.kernels.pallas_routing import route_gates_pallas
+
+    e, g, d = lay.e, lay.g, lay.d
+    k = max(1, round(kfrac * e))
+    rkw = {"rule": "paper", "gate": "sigmoid", "k_min": k, "k_max": k}
+    plan = pd._plan(t, d, g, lay.dtype, {})
+    tp, ep = plan["tp"], max(pd._next_pow2(e), 16)
+    xs = lay.xs(args.n, t, seed=4)
+    tau = jnp.float32(1.05)
+    r_sets = len(lay.sets)
+
+    def chain(piece):
+        def f(sets, xs_, tau_):
+            outs = [None]
+            for j in range(args.n):
+                r, wi, wo = sets[j % r_sets]
+                x = after(xs_[j], outs[-1])
+                lg = routing.router_logits(r, x)
+                if piece == "logits":
+                    out = lg
+                elif piece == "select_pallas":
+                    out = route_gates_pallas(
+                        lg, tau_, tp=tp, ep=ep, interpret=args.interpret, **rkw
+                    )[0]
+                elif piece == "select_xla":
+                    sel = routing.select(lg, tau_, k_min=k, k_max=k)
+                    out = routing.gates(lg, sel.mask_te)
+                elif piece == "experts":
+                    gt = (
+                        jnp.zeros((tp, ep), jnp.float32)
+                        .at[:t, :e]
+                        .set(jax.lax.stop_gradient(jax.nn.one_hot(jnp.arange(k), e).max(0) * 0.5))
+                    )
+                    out = pd.expert_ffn(gt, x if tp == t else jnp.zeros((tp, d), x.dtype),
+                                        wi, wo, t=t, group_size=g, n_slots=min(e, t * k),
+                                        plan=plan, interpret=args.interpret)  # fmt: skip
+                else:
+                    out = pd.sparse_ffn_decode(x, r, wi, wo, tau_, group_size=g,
+                                               interpret=args.interpret, routing=piece[6:],
+                                               **rkw)[0]  # fmt: skip
+                outs.append(out)
+            return outs[1:]
+
+        return jax.jit(f)
+
+    rows = []
+    pieces = ["logits", "select_pallas", "select_xla", "experts", "layer_pallas", "layer_xla"]
+    for piece in pieces:
+        tt = time_fn(chain(piece), lay.sets, xs, tau, warmup=2, iters=args.iters)
+        us = max(tt - args.t_empty, 0.0) / args.n * 1e6
+        rows.append({"what": f"breakdown_{piece}", "batch": t, "k": k, "us": us})
+    return rows
 
 
 def launch_overhead(args) -> list[dict]:
@@ -267,6 +333,7 @@ def main():
     ap.add_argument("--n", type=int, default=16, help="calls per timed jit")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--sweep", action="store_true", help="tuning sweep at batch 1 and 16 first")
+    ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--out", default="results/pallas_decode.jsonl")
     a = ap.parse_args()
     a.interpret = a.smoke
@@ -289,12 +356,8 @@ def main():
     best = {}
     if a.sweep:
         grid = {
-            1: [{}, {"block_d": 1024, "num_warps": 8}, {"block_n": 8, "block_d": 512},
-                {"down": "split"}, {"down": "split", "block_d": 1024, "num_warps": 8}],
-            4: [{}, {"use_dot": True}, {"down": "split"},
-                {"use_dot": True, "down": "split", "down_chunks": 8}],
-            16: [{}, {"down": "split", "down_chunks": 8}, {"block_n": 32},
-                 {"down": "split", "down_chunks": 16, "num_warps": 8}],
+            1: [{}, {"block_d": 2048, "num_warps": 8}, {"block_n": 32, "num_warps": 8},
+                {"num_stages": 1}, {"num_warps": 16, "block_d": 2048}],
         }  # fmt: skip
         for t, configs in grid.items():
             if t not in a.batch:
@@ -330,6 +393,12 @@ def main():
         rows.append({**head, **r})
         write_rows(a.out, rows[-1:])
         print(r, flush=True)
+    if not a.no_breakdown:
+        for t_b in a.batch[:1]:
+            for r in breakdown(lay, t_b, a.kfrac[0], a):
+                rows.append({**head, **r})
+                write_rows(a.out, rows[-1:])
+                print(r, flush=True)
     del lay
     for r in launch_overhead(a):
         rows.append({**head, **r})

@@ -25,7 +25,10 @@ reference's scan round differently, so a mass within ~1 float32 ulp of τ may fa
 side (the reference's own docstring says the same of itself); everywhere else the sets agree.
 
 Output: the gate table ``[tp, ep]`` (σ(logit) or 1 for selected experts, 0 otherwise and for
-padding) and ``k_t`` accumulated with integer atomics (one add per program and token).
+padding); ``k_t`` is its count of non-zeros per token (a selected gate is kept ≥ the smallest
+normal float, so it never reads as 0). An earlier version also returned ``k_t`` as a second,
+aliased output accumulated with int32 atomics: on the H200 (jax 0.11.2) that output came back
+all zeros while the interpreter was right, so the kernel has one output now.
 """
 
 from __future__ import annotations
@@ -42,13 +45,11 @@ except ImportError:  # pragma: no cover
     plgpu = None
 
 NEG = -1e30  # padding logit: exp() underflows to exactly 0, no inf - inf = NaN
+TINY = float(jnp.finfo(jnp.float32).tiny)  # smallest normal float32
 
 
-def _route_kernel(
-    logits_ref, tau_ref, k_in_ref, gate_ref, k_ref, *, t, e, be, bj, rule, gate, k_min, k_max,
-):  # fmt: skip
+def _route_kernel(logits_ref, tau_ref, gate_ref, *, t, e, be, bj, rule, gate, k_min, k_max):
     """Program j: experts ``[j*be, (j+1)*be)`` of every token. logits ``[tp, ep]`` fp32."""
-    del k_in_ref  # aliased to k_ref (zeroed int32 [tp])
     tp, ep = logits_ref.shape
     pid = pl.program_id(0)
     lg_te = logits_ref[...]  # [tp, ep] (small: t ≤ 16 rows)
@@ -82,11 +83,14 @@ def _route_kernel(
     real = (e_b < e) & (jax.lax.broadcasted_iota(jnp.int32, (tp, be), 0) < t)
     sel = sel & real
     if gate == "sigmoid":
-        g_tb = jnp.where(sel, 1.0 / (1.0 + jnp.exp(-lg_tb)), 0.0)
+        # A selected gate never reads as 0 (σ underflows below logit ≈ -88): the table alone then
+        # says which experts are selected, so k and the union need no second output. The
+        # change is ≤ 1.2e-38 per gate, far below any tolerance.
+        sig = jnp.maximum(1.0 / (1.0 + jnp.exp(-lg_tb)), TINY)
+        g_tb = jnp.where(sel, sig, 0.0)
     else:
         g_tb = jnp.where(sel, 1.0, 0.0)
     gate_ref[...] = g_tb.astype(jnp.float32)
-    plgpu.atomic_add(k_ref, pl.ds(0, tp), jnp.sum(sel.astype(jnp.int32), axis=1))
 
 
 def route_gates_pallas(
@@ -124,25 +128,18 @@ def route_gates_pallas(
     kern = functools.partial(
         _route_kernel, t=t, e=e, be=be, bj=bj, rule=rule, gate=gate, k_min=k_min, k_max=k_max
     )
-    gate_te, k_t = pl.pallas_call(
+    gate_te = pl.pallas_call(
         kern,
-        out_shape=(
-            jax.ShapeDtypeStruct((tp, ep), jnp.float32),
-            jax.ShapeDtypeStruct((tp,), jnp.int32),
-        ),
+        out_shape=jax.ShapeDtypeStruct((tp, ep), jnp.float32),
         grid=(ep // be,),
         in_specs=[
             pl.BlockSpec((tp, ep), lambda i: (0, 0)),  # logits, whole (small)
             pl.BlockSpec((1,), lambda i: (0,)),  # tau
-            pl.BlockSpec(memory_space=pl.ANY),  # k0 [tp] int32 zeros (aliased)
         ],
-        out_specs=(
-            pl.BlockSpec((tp, be), lambda i: (0, i)),
-            pl.BlockSpec(memory_space=pl.ANY),
-        ),
-        input_output_aliases={2: 1},
+        out_specs=pl.BlockSpec((tp, be), lambda i: (0, i)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="prunepath_route_select",
-    )(lg, tau_1, jnp.zeros((tp,), jnp.int32))
-    return gate_te, k_t[:t]
+    )(lg, tau_1)
+    k_t = jnp.sum(gate_te[:t] != 0.0, axis=1, dtype=jnp.int32)
+    return gate_te, k_t

@@ -38,6 +38,9 @@ CASES = [
     ("b16_dot_bf16", 16, 64, 8, 32, jnp.bfloat16, 0.5, 0.05, {"use_dot": True}),
     ("b7_dot_fp32", 7, 64, 8, 16, jnp.float32, 0.5, 0.05, {"use_dot": True}),
     ("b6_xla_routing_fp32", 6, 64, 8, 16, jnp.float32, 0.5, 0.05, {"routing": "xla"}),
+    ("b4_bcast_atomic_bf16", 4, 64, 8, 16, jnp.bfloat16, 0.6, 0.1,
+     {"use_dot": False, "down": "atomic"}),
+    ("b9_dot_atomic_fp32", 9, 64, 8, 16, jnp.float32, 0.6, 0.1, {"down": "atomic"}),
     ("b1_split_fp32", 1, 64, 8, 16, jnp.float32, 0.7, 0.3, {"down": "split"}),
     ("b5_split3_odd_bf16", 5, 96, 7, 16, jnp.bfloat16, 0.7, 0.1,
      {"down": "split", "down_chunks": 3}),
@@ -184,7 +187,8 @@ def test_triton_lowering_exports_for_cuda(case):
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(*specs)
     n_triton = exp.mlir_module().count("custom_call @__gpu$xla.gpu.triton")
-    expect = 1 + (opts.get("routing") != "xla") + (opts.get("down") == "split")
+    split = opts.get("down", "split" if (t > 1 and g % 16 == 0) else "atomic") == "split"
+    expect = 1 + (opts.get("routing") != "xla") + split
     assert n_triton == expect
 
 
