@@ -7,8 +7,10 @@ per byte, so anything above the floor is overhead (extra passes, materialised sc
 parallelism over a single query row). Issue 5 item 5: a split-K kernel is worth writing only if
 XLA is far (> 1.5×) from this floor.
 
-Timing: n calls inside one jit on distinct queries, rotating enough cache copies that their total
-exceeds the 50 MB L2, minus the cost of an empty jit with n outputs.
+Timing: n calls inside one jit on distinct queries, serialised (each waits for the previous
+output: otherwise XLA's dot merger turns calls that share a cache into one batched product that
+reads it once), rotating enough cache copies that their total exceeds the 50 MB L2, minus the
+cost of an empty jit with n outputs.
 
     python benchmarks/decode_attention.py
 """
@@ -45,7 +47,13 @@ def bench(b, s, args, bw) -> dict:
 
     def make(n):
         def f(qs_, caches_, allowed_):  # data as arguments: closed-over arrays become constants
-            return [attention(qs_[j], *caches_[j % n_sets], allowed_) for j in range(n)]
+            outs = [None]
+            for j in range(n):
+                q = qs_[j]
+                if outs[-1] is not None:  # serialise: else XLA merges calls sharing a cache
+                    q = jax.lax.optimization_barrier((q, outs[-1]))[0]
+                outs.append(attention(q, *caches_[j % n_sets], allowed_))
+            return outs[1:]
 
         return jax.jit(f)
 
