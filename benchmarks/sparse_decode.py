@@ -169,10 +169,9 @@ def main():
     if a.pick_logits and jax.default_backend() == "gpu":
         head["logits"] = pick_logits(emit)
 
-    for si, shape in enumerate(a.shapes):
+    for shape in a.shapes:
         cfg = PRESETS[shape]
-        last = si == len(a.shapes) - 1
-        batches = [1] + (a.batches if last else [])
+        batches = [1] + (a.batches if shape == a.batch_shape else [])
         dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
         dense_us = {}
         for b in batches:
