@@ -5,7 +5,8 @@ bf16) over 4k and 32k cached tokens at batch 1 and 8. The floor is the K and V b
 bandwidth measured in the same run: decode attention reads the whole cache once and does ~1 FLOP
 per byte, so anything above the floor is overhead (extra passes, materialised scores, poor
 parallelism over a single query row). Issue 5 item 5: a split-K kernel is worth writing only if
-XLA is far (> 1.5×) from this floor.
+XLA is far (> 1.5×) from this floor; on GPU the split-K Pallas kernel
+(`kernels/pallas_attention.py`) is timed beside it.
 
 Timing: n calls inside one jit on distinct queries, serialised (each waits for the previous
 output: otherwise XLA's dot merger turns calls that share a cache into one batched product that
@@ -28,10 +29,11 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).parent))
 from common import copy_bandwidth, header, markdown_table, time_fn, write_rows  # noqa: E402
 
+from prunepath_jax.kernels.pallas_attention import decode_attention  # noqa: E402
 from prunepath_jax.models.layers import attention  # noqa: E402
 
 
-def bench(b, s, args, bw) -> dict:
+def bench(b, s, args, bw) -> list[dict]:
     h, kv, hd = args.heads, args.kv_heads, args.head_dim
     dtype = jnp.bfloat16
     kv_bytes = 2 * b * s * kv * hd * jnp.dtype(dtype).itemsize
@@ -44,40 +46,55 @@ def bench(b, s, args, bw) -> dict:
                        jax.random.normal(k2, (b, s, kv, hd), dtype)))  # fmt: skip
     qs = jax.random.normal(jax.random.fold_in(key, 99), (args.n, b, 1, h, hd), dtype)
     allowed = jnp.ones((b, 1, s), bool)
+    lengths = jnp.full((b,), s, jnp.int32)
 
-    def make(n):
-        def f(qs_, caches_, allowed_):  # data as arguments: closed-over arrays become constants
+    def make(n, impl, opts):
+        def f(qs_, caches_, allowed_, lengths_):  # data as arguments, never closed over
             outs = [None]
             for j in range(n):
                 q = qs_[j]
                 if outs[-1] is not None:  # serialise: else XLA merges calls sharing a cache
                     q = jax.lax.optimization_barrier((q, outs[-1]))[0]
-                outs.append(attention(q, *caches_[j % n_sets], allowed_))
+                if impl == "xla":
+                    outs.append(attention(q, *caches_[j % n_sets], allowed_))
+                else:
+                    outs.append(decode_attention(q[:, 0], *caches_[j % n_sets], lengths_,
+                                                 **opts)[:, None])  # fmt: skip
             return outs[1:]
 
         return jax.jit(f)
 
     xs = [jnp.full((16,), float(i)) for i in range(args.n)]
     t_empty = time_fn(jax.jit(lambda: [x + 1.0 for x in xs]), warmup=3, iters=20)
-    t = time_fn(make(args.n), qs, caches, allowed, warmup=2, iters=args.iters)
-    t = (t - t_empty) / args.n
-    hlo = make(1).lower(qs, caches, allowed).compile().as_text()
-    entry = hlo[hlo.index("ENTRY") :]
-    row = {
-        "what": "xla_attention",
-        "batch": b,
-        "ctx": s,
-        "us": t * 1e6,
-        "kv_MB": kv_bytes / 1e6,
-        "GB_s": kv_bytes / t / 1e9,
-        "kernels": entry.count(" fusion(") + entry.count("custom-call("),
-        "cache_sets": n_sets,
-    }
-    if bw:
-        row["floor_us"] = kv_bytes / bw * 1e6
-        row["x_floor"] = row["us"] / row["floor_us"]
-        row["copy_TB_s"] = bw / 1e12
-    return row
+    data = (qs, caches, allowed, lengths)
+    rows = []
+    configs = [("xla", {})]
+    if jax.default_backend() == "gpu":
+        configs += [("pallas_split_k", {}), ("pallas_split_k", {"block_s": 128, "num_warps": 8})]
+    elif args.interpret:  # CPU smoke test of the kernel branch
+        configs += [("pallas_split_k", {"interpret": True, "block_s": 16})]
+    for impl, opts in configs:
+        t = time_fn(make(args.n, impl, opts), *data, warmup=2, iters=args.iters)
+        t = (t - t_empty) / args.n
+        hlo = make(1, impl, opts).lower(*data).compile().as_text()
+        entry = hlo[hlo.index("ENTRY") :]
+        row = {
+            "what": impl,
+            "opts": opts,
+            "batch": b,
+            "ctx": s,
+            "us": t * 1e6,
+            "kv_MB": kv_bytes / 1e6,
+            "GB_s": kv_bytes / t / 1e9,
+            "kernels": entry.count(" fusion(") + entry.count("custom-call("),
+            "cache_sets": n_sets,
+        }
+        if bw:
+            row["floor_us"] = kv_bytes / bw * 1e6
+            row["x_floor"] = row["us"] / row["floor_us"]
+            row["copy_TB_s"] = bw / 1e12
+        rows.append(row)
+    return rows
 
 
 def main():
@@ -89,6 +106,7 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--interpret", action="store_true", help="CPU: time the kernel interpreted")
     ap.add_argument("--out", default="results/decode_attention.jsonl")
     a = ap.parse_args()
     head = header()
@@ -100,12 +118,13 @@ def main():
     rows = []
     for s in a.ctx:
         for b in a.batch:
-            r = {**head, **bench(b, s, a, bw)}
-            rows.append(r)
-            print(r, flush=True)
-    write_rows(a.out, rows)
+            for r in bench(b, s, a, bw):
+                rows.append({**head, **r})
+                write_rows(a.out, rows[-1:])
+                print(rows[-1], flush=True)
     print(f"\n{head['date']} commit {head['commit']} on {head['device']} (jax {head['jax']})")
-    cols = ["batch", "ctx", "us", "kv_MB", "GB_s", "floor_us", "x_floor", "kernels"]
+    cols = ["what", "opts", "batch", "ctx", "us", "kv_MB", "GB_s", "floor_us", "x_floor",
+            "kernels"]  # fmt: skip
     print(markdown_table(rows, cols))
 
 
