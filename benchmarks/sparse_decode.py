@@ -142,6 +142,7 @@ def main():
         default=[4, 8, 16],
         help="batched study (first impl, --all-impl-sparsity) on the last shape",
     )
+    ap.add_argument("--batch-shape", default="llama-3-8b")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--chunks", type=int, default=6)
