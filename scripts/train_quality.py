@@ -126,16 +126,16 @@ def evaluate_lm_all(a, trained) -> list[dict]:
         out.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     ks = (36, 24, 12)
-    base = sweep(convert_with_init(src.model, tok, a), tok, taus=TAUS, static_k=ks,
+    base = sweep(convert_with_init(src.model, tok, a), tok, taus=a.taus, static_k=ks,
                  reference=src.model, out_dir=Path(a.work) / "sw_init", **kw)  # fmt: skip
     base_dense = base[0]["ppl"]
     record("init_only (training-free)", base, base_dense)
     for name in ("prunepath", "static_topk"):
         m = restore_model(trained[name]["out_dir"]).model
-        rows = sweep(m, tok, taus=TAUS, static_k=ks, out_dir=Path(a.work) / f"sw_{name}", **kw)
+        rows = sweep(m, tok, taus=a.taus, static_k=ks, out_dir=Path(a.work) / f"sw_{name}", **kw)
         record(f"{name} (trained)", rows)
     ft = restore_model(trained["dense_ft"]["out_dir"]).model
-    rows = sweep(convert_with_init(ft, tok, a), tok, taus=TAUS, static_k=ks, reference=ft,
+    rows = sweep(convert_with_init(ft, tok, a), tok, taus=a.taus, static_k=ks, reference=ft,
                  out_dir=Path(a.work) / "sw_ft", **kw)  # fmt: skip
     record("dense_ft + conversion (post-hoc)", rows, rows[0]["ppl"])
     table.append({"method": "dense (original)", "target_sparsity": 0.0, "dense_ppl": base_dense})
@@ -169,12 +169,12 @@ def evaluate_cls_all(a, trained) -> list[dict]:
 
     post = convert_with_init(ft.model, tok, a, task_data=train)
     record("dense_ft + conversion (post-hoc)",
-           classification_sweep(post, val, TAUS, static_k=ks, out_dir=Path(a.work) / "c_ft",
+           classification_sweep(post, val, a.taus, static_k=ks, out_dir=Path(a.work) / "c_ft",
                                 progress=False))  # fmt: skip
     for name in ("prunepath", "static_topk"):
         m = restore_model(trained[name]["out_dir"]).model
         record(f"{name} (trained)",
-               classification_sweep(m, val, TAUS, static_k=ks, progress=False,
+               classification_sweep(m, val, a.taus, static_k=ks, progress=False,
                                     out_dir=Path(a.work) / f"c_{name}"))  # fmt: skip
     table.append({"method": "dense_ft", "target_sparsity": 0.0, "dense_acc": dense_acc})
     return table
@@ -195,6 +195,7 @@ def main(argv=None):
     ap.add_argument("--compute", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--gate", default="sigmoid", choices=["sigmoid", "none"])
     ap.add_argument("--lr-backbone", type=float, default=1e-4)
+    ap.add_argument("--taus", type=float, nargs="+", default=list(TAUS))
     ap.add_argument("--work", default="runs/quality")
     ap.add_argument("--out", default="results/quality")
     a = ap.parse_args(argv)

@@ -217,11 +217,18 @@ def validate(c: TrainConfig) -> None:
 
 # Named presets. CPU-sized ones run on the shipped text; GPU-sized ones take a user's checkpoint.
 PRESETS: dict[str, TrainConfig] = {
-    # The README's main training job: SmolLM2-135M on the shipped text, small enough for a CPU.
+    # The README's training job on a CPU: SmolLM2-135M, shipped text, routers only, ~5 min.
     "smollm2-lm": TrainConfig(
-        source="default", task="lm", seq_len=128, batch_size=8, warmup_steps=20,
-        decay_steps=60, hold_steps=20, tau_target=0.5, router_init_tokens=8192,
-        save_every=50, eval_every=50, eval_tokens=4096, out_dir="runs/smollm2-lm",
+        source="default", task="lm", mode="router", seq_len=128, batch_size=4, warmup_steps=5,
+        decay_steps=20, hold_steps=5, tau_target=0.6, router_init_tokens=4096,
+        save_every=10, eval_every=15, eval_tokens=2048, out_dir="runs/smollm2-lm",
+    ),
+    # The same on a GPU: full training, the quality table's settings (scripts/train_quality.py).
+    "smollm2-lm-gpu": TrainConfig(
+        source="default", task="lm", seq_len=256, batch_size=16, warmup_steps=60,
+        decay_steps=240, hold_steps=100, tau_target=0.5, router_init_tokens=8192,
+        compute_dtype="bfloat16", save_every=100, eval_every=100, eval_tokens=32768,
+        out_dir="runs/smollm2-lm-gpu",
     ),
     "smollm2-sft": TrainConfig(
         source="default", task="sft", seq_len=256, batch_size=8, warmup_steps=20,
