@@ -167,23 +167,30 @@ def _nonempty(docs: list[str], where: str) -> list[str]:
     return docs
 
 
-def _read_hf(name: str, split: str, field: str) -> list[str]:
+def load_hf_dataset(name: str, split: str):
+    """A Hugging Face `datasets` split ("path" or "path:config"), imported lazily: online users
+    only; offline, or without the package, a clear error says what is missing."""
     try:
         import datasets  # optional dependency, only for online users
     except ImportError:
         raise ImportError(
             f"reading Hugging Face dataset {name!r} needs the `datasets` package: "
-            "pip install 'prunepath_jax[hf]' (or pip install datasets), plus network access"
+            "pip install 'prunepath_jax[hf]' (or pip install datasets), plus network access; "
+            "offline, use a local .txt/.jsonl file"
         ) from None
     path, _, config = name.partition(":")
     try:
-        ds = datasets.load_dataset(path, config or None, split=split)
+        return datasets.load_dataset(path, config or None, split=split)
     except Exception as e:  # datasets raises many types for offline / missing data
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ConnectionError(
             f"could not load Hugging Face dataset {name!r} split {split!r} "
             f"({type(e).__name__}: {first}); this needs network access or a local HF cache"
         ) from e
+
+
+def _read_hf(name: str, split: str, field: str) -> list[str]:
+    ds = load_hf_dataset(name, split)
     if field not in ds.column_names:
         raise ValueError(f"{name} has no column {field!r} (columns: {', '.join(ds.column_names)})")
     return [str(t) for t in ds[field]]

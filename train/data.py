@@ -363,23 +363,9 @@ def lm_data(
 
 
 def _load_hf(name: str, split: str):
-    """A Hugging Face `datasets` split, imported lazily (online users only)."""
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(
-            f"reading Hugging Face dataset {name!r} needs the `datasets` package: "
-            "pip install datasets (and network access); offline, use a local .jsonl file"
-        ) from None
-    path, _, config = name.partition(":")
-    try:
-        return datasets.load_dataset(path, config or None, split=split)
-    except Exception as e:  # datasets raises many types for offline / missing data
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ConnectionError(
-            f"could not load Hugging Face dataset {name!r} split {split!r} "
-            f"({type(e).__name__}: {first}); this needs network access or a local HF cache"
-        ) from e
+    from prunepath_jax.text import load_hf_dataset
+
+    return load_hf_dataset(name, split)
 
 
 def _glue_task(source: str) -> str | None:
