@@ -172,9 +172,12 @@ def test_bad_input(world, tmp_path, capsys):
 def test_classification_run(world, tmp_path):
     cfg = _cfg(world, tmp_path / "cls", source=str(world / "bert"), task="cls",
                data=str(world / "cls.jsonl"), seq_len=16, batch_size=8, gate="none",
-               eval_every=4)  # fmt: skip
+               eval_every=4, tensorboard=True)  # fmt: skip
     r = run(cfg, report=lambda m: None)
     assert r["status"] == "finished"
+    assert list((tmp_path / "cls" / "tensorboard").glob("events.out.tfevents.*"))
+    evals = read_metrics(tmp_path / "cls", "eval")
+    assert [e["step"] for e in evals] == [4, 8] and all("accuracy" in e for e in evals)
     assert 0.0 <= r["eval"]["accuracy"] <= 1.0 and "sparsity" in r["eval"]
     restored = ckpt.restore_model(tmp_path / "cls")
     assert restored.config.num_labels == 2 and restored.config.prunepath is not None
