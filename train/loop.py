@@ -305,7 +305,7 @@ def run(cfg: TrainConfig, *, pretrained=None, on_step=None, report=print) -> dic
                 writer.write(step, row)
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.3f}", tau=f"{m['tau']:.3f}",
-                            sparsity=f"{m['sparsity']:.2f}", k=f"{m['k_mean']:.1f}",
+                            sparsity=f"{max(m['sparsity'], 0.0):.2f}", k=f"{m['k_mean']:.1f}",
                             tok_s=f"{row['tokens_per_s']:.0f}")  # fmt: skip
             last = row
             if on_step is not None:
