@@ -181,3 +181,23 @@ def test_classification_run(world, tmp_path):
     assert 0.0 <= r["eval"]["accuracy"] <= 1.0 and "sparsity" in r["eval"]
     restored = ckpt.restore_model(tmp_path / "cls")
     assert restored.config.num_labels == 2 and restored.config.prunepath is not None
+
+
+def test_classification_head_reuses_a_saved_pooler(world):
+    from safetensors.numpy import load_file
+
+    from prunepath_jax.train.prepare import add_classification_head
+
+    model = load_any(world / "bert").model  # encoder only: the pooler is not loaded
+    assert model.cfg.num_labels == 0
+    with_head = add_classification_head(model, 3, seed=0, source_dir=str(world / "bert"))
+    saved = load_file(str(world / "bert" / "model.safetensors"))
+    np.testing.assert_array_equal(
+        np.asarray(with_head.pooler.kernel[...]), saved["pooler.dense.weight"].T
+    )
+    assert with_head.classifier.kernel.shape == (model.cfg.d_model, 3)
+    # Encoder weights are kept as they were.
+    np.testing.assert_array_equal(
+        np.asarray(with_head.layers[0].mlp.intermediate.kernel[...]),
+        np.asarray(model.layers[0].mlp.intermediate.kernel[...]),
+    )

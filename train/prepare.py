@@ -8,23 +8,27 @@ run's settings; what was done is returned as metadata and recorded in every chec
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from prunepath_jax.config import ModelConfig, PrunePathConfig
-from prunepath_jax.loading import Pretrained, abstract_model, load_any, tree_items, tree_set
+from prunepath_jax.loading import Pretrained, load_any, tree_items, tree_set
 from prunepath_jax.train.config import TrainConfig
 
 
-def add_classification_head(model: nnx.Module, num_labels: int, seed: int) -> nnx.Module:
+def add_classification_head(
+    model: nnx.Module, num_labels: int, seed: int, source_dir: str | None = None
+) -> nnx.Module:
     """The same model with a freshly initialised `num_labels`-way sequence-classification head.
 
     Encoders get BERT's pooler + classifier (RoBERTa's dense + out_proj); decoders that have a
-    classification variant (GPT-2) get its `score` head. Every existing parameter is kept.
+    classification variant (GPT-2) get its `score` head. Every existing parameter is kept, and a
+    BERT pooler saved next to the encoder (sentence-transformer checkpoints keep it: pre-trained
+    on next-sentence prediction) is loaded from `source_dir` instead of initialised.
     """
     cfg: ModelConfig = model.cfg
     if cfg.num_labels == num_labels:
@@ -48,8 +52,31 @@ def add_classification_head(model: nnx.Module, num_labels: int, seed: int) -> nn
     pure = nnx.to_pure_dict(state)
     for path, value in tree_items(old):
         tree_set(pure, path, value)
+    if new_cfg.model_type == "bert" and source_dir is not None:
+        pooler = _saved_pooler(Path(source_dir))
+        if pooler is not None:
+            w_oi, b_o = pooler
+            pure["pooler"]["kernel"] = jnp.asarray(w_oi.T, dtype)
+            pure["pooler"]["bias"] = jnp.asarray(b_o, dtype)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
+
+
+def _saved_pooler(directory: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(weight [out, in], bias) of a BERT checkpoint's pooler, or None."""
+    if not (directory / "config.json").exists():
+        return None
+    from prunepath_jax.hf.safetensors_io import SafetensorsCheckpoint
+
+    try:
+        ck = SafetensorsCheckpoint(directory)
+    except (FileNotFoundError, ValueError):
+        return None
+    for pre in ("", "bert."):
+        w, b = f"{pre}pooler.dense.weight", f"{pre}pooler.dense.bias"
+        if w in ck.names() and b in ck.names():
+            return ck.read(w), ck.read(b)
+    return None
 
 
 def prunepath_config(cfg: TrainConfig) -> PrunePathConfig:
@@ -88,7 +115,7 @@ def prepare_model(
     model = pre.model
     meta: dict = {"source": pre.source, "source_metadata": pre.metadata or {}}
     if cfg.task == "cls":
-        model = add_classification_head(model, num_labels, cfg.seed)
+        model = add_classification_head(model, num_labels, cfg.seed, pre.source)
         meta["classification_head"] = num_labels
     if cfg.sparse == "dense":
         if model.cfg.prunepath is not None:
@@ -128,19 +155,3 @@ def prepare_model(
     conv["seconds"] = time.perf_counter() - t0
     meta["conversion"] = conv
     return model, meta
-
-
-def cast_model(model: nnx.Module, dtype) -> nnx.Module:
-    """The model with floating parameters in `dtype` (routers stay float32)."""
-    graphdef, state = nnx.split(model)
-    pure = nnx.to_pure_dict(state)
-    for path, v in tree_items(pure):
-        if jnp.issubdtype(v.dtype, jnp.floating) and "router" not in path:
-            tree_set(pure, path, jnp.asarray(v, dtype))
-    abstract = nnx.split(abstract_model(model.cfg, dtype))[1]
-    nnx.replace_by_pure_dict(abstract, pure)
-    return nnx.merge(graphdef, abstract)
-
-
-def n_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
