@@ -43,6 +43,10 @@ def world(tmp_path_factory):
     rows = [{"text": " ".join(rng.choice(WORDS[:7] if i % 2 else WORDS[7:], size=8)),
              "label": i % 2} for i in range(40)]  # fmt: skip
     (d / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft = [{"messages": [{"role": "user", "content": " ".join(rng.choice(WORDS, size=6))},
+                         {"role": "assistant", "content": " ".join(rng.choice(WORDS, size=4))}]}
+           for _ in range(24)]  # fmt: skip
+    (d / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
     tiny_bert(d / "bert", seed=6, vocab_size=260)
     byte_tokenizer().save(d / "bert")
     return d
@@ -201,3 +205,14 @@ def test_classification_head_reuses_a_saved_pooler(world):
         np.asarray(with_head.layers[0].mlp.intermediate.kernel[...]),
         np.asarray(model.layers[0].mlp.intermediate.kernel[...]),
     )
+
+
+def test_sft_run_trains_on_responses(world, tmp_path):
+    cfg = _cfg(world, tmp_path / "sft", task="sft", data=str(world / "sft.jsonl"), seq_len=96,
+               warmup_steps=1, decay_steps=2, hold_steps=1, eval_every=2)  # fmt: skip
+    r = run(cfg, report=lambda m: None)
+    assert r["status"] == "finished" and r["step"] == 4
+    rows = read_metrics(tmp_path / "sft")
+    # Only assistant tokens count: far fewer than the padded batch's positions.
+    assert all(0 < row["count"] < cfg.batch_size * cfg.seq_len / 2 for row in rows)
+    assert np.isfinite(r["eval"]["loss"])
