@@ -37,6 +37,42 @@ MAX_TOKENS = 16
 
 
 @triton.jit
+def expert_swiglu_rows(
+    x_ptr,  # [T, D] activations
+    rows,  # [M] i32 token rows to compute
+    rmask,  # [M] which of them are real
+    w_in_ptr,  # [2, F, D] gate/up weights, neuron-major
+    e,  # the expert
+    gate,  # [M] f32 per-token gate of expert e (0: not selected)
+    D: tl.constexpr, F: tl.constexpr, G: tl.constexpr, M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """``gate * silu(x W_gate[e]^T) * (x W_up[e]^T)`` for M token rows: ``[M, G]`` float32.
+
+    Expert e's gate and up rows are read as one interleaved ``[2G, d]`` slab (even rows gate
+    neuron n//2, odd rows up neuron), so one dot per d-tile serves both projections. Shared by
+    the decode and the grouped (prefill) up kernels.
+    """
+    rn = tl.arange(0, 2 * G)
+    w_row = (rn % 2) * F * D + (e * G + rn // 2) * D
+    acc = tl.zeros((M, 2 * G), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_D):
+        rk = k0 + tl.arange(0, BLOCK_D)
+        kmask = rk < D
+        xk = tl.load(x_ptr + rows[:, None] * D + rk[None, :],
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)  # fmt: skip
+        wk = tl.load(w_in_ptr + w_row[:, None] + rk[None, :], mask=kmask[None, :], other=0.0)
+        if DOT_F32:
+            acc += tl.dot(xk.to(tl.float32), tl.trans(wk.to(tl.float32)))
+        elif IEEE:
+            acc += tl.dot(xk, tl.trans(wk), input_precision="ieee")
+        else:
+            acc += tl.dot(xk, tl.trans(wk))
+    g, u = tl.split(tl.reshape(acc, (M, G, 2)))
+    return g / (1.0 + tl.exp(-g)) * u * gate[:, None]
+
+
+@triton.jit
 def _up_kernel(
     x_ptr,  # [T, D] bf16/f32 activations
     logits_ptr,  # [T, E] f32 router logits
@@ -84,23 +120,8 @@ def _up_kernel(
         gate = tl.where(sel, 1.0, 0.0)
     # --- expert e's gate/up GEMV, only if some token chose it -----------------------------
     if tl.sum(sel.to(tl.int32), 0) > 0:
-        rn = tl.arange(0, 2 * G)  # interleaved rows: even = gate neuron n//2, odd = up neuron
-        w_row = (rn % 2) * F * D + (e * G + rn // 2) * D
-        acc = tl.zeros((T_PAD, 2 * G), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_D):
-            rk = k0 + tl.arange(0, BLOCK_D)
-            kmask = rk < D
-            xk = tl.load(x_ptr + rt[:, None] * D + rk[None, :],
-                         mask=tmask[:, None] & kmask[None, :], other=0.0)  # fmt: skip
-            wk = tl.load(w_in_ptr + w_row[:, None] + rk[None, :], mask=kmask[None, :], other=0.0)
-            if DOT_F32:
-                acc += tl.dot(xk.to(tl.float32), tl.trans(wk.to(tl.float32)))
-            elif IEEE:
-                acc += tl.dot(xk, tl.trans(wk), input_precision="ieee")
-            else:
-                acc += tl.dot(xk, tl.trans(wk))
-        g, u = tl.split(tl.reshape(acc, (T_PAD, G, 2)))
-        a = g / (1.0 + tl.exp(-g)) * u * gate[:, None]
+        a = expert_swiglu_rows(x_ptr, rt, tmask, w_in_ptr, e, gate, D, F, G, T_PAD, BLOCK_D,
+                               DOT_F32, IEEE)  # fmt: skip
         rg = tl.arange(0, G)
         tl.store(a_ptr + rt[:, None] * F + e * G + rg[None, :], a, mask=tmask[:, None])
 

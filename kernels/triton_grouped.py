@@ -28,6 +28,7 @@ import triton.language as tl
 
 from prunepath_jax import routing
 from prunepath_jax.kernels import jt
+from prunepath_jax.kernels.triton_decode import expert_swiglu_rows
 
 
 @triton.jit
@@ -56,23 +57,8 @@ def _grouped_up_kernel(
         rmask = rows < cnt
         tok = tl.load(tok_ptr + off + rows, mask=rmask, other=0)
         gate = tl.load(gate_ptr + tok * E + e, mask=rmask, other=0.0)
-        rn = tl.arange(0, 2 * G)  # interleaved rows: even = gate neuron n//2, odd = up neuron
-        w_row = (rn % 2) * F * D + (e * G + rn // 2) * D
-        acc = tl.zeros((BLOCK_M, 2 * G), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_D):
-            rk = k0 + tl.arange(0, BLOCK_D)
-            kmask = rk < D
-            xk = tl.load(x_ptr + tok[:, None] * D + rk[None, :],
-                         mask=rmask[:, None] & kmask[None, :], other=0.0)  # fmt: skip
-            wk = tl.load(w_in_ptr + w_row[:, None] + rk[None, :], mask=kmask[None, :], other=0.0)
-            if DOT_F32:
-                acc += tl.dot(xk.to(tl.float32), tl.trans(wk.to(tl.float32)))
-            elif IEEE:
-                acc += tl.dot(xk, tl.trans(wk), input_precision="ieee")
-            else:
-                acc += tl.dot(xk, tl.trans(wk))
-        g, u = tl.split(tl.reshape(acc, (BLOCK_M, G, 2)))
-        a = g / (1.0 + tl.exp(-g)) * u * gate[:, None]
+        a = expert_swiglu_rows(x_ptr, tok, rmask, w_in_ptr, e, gate, D, F, G, BLOCK_M, BLOCK_D,
+                               DOT_F32, IEEE)  # fmt: skip
         rg = tl.arange(0, G)
         tl.store(a_ptr + tok[:, None] * F + e * G + rg[None, :], a.to(a_ptr.dtype.element_ty),
                  mask=rmask[:, None])  # fmt: skip
