@@ -25,11 +25,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from prunepath_jax.routing import check_tau
 from prunepath_jax.runinfo import run_header
 
-from .perplexity import _args_builder, summarize
-from .sweep import STATIC_TAU, _fmt, static_top_k
+from .perplexity import _args_builder, routing_sums, summarize
+from .sweep import STATIC_TAU, _fmt, check_sweep_args, static_top_k
 
 # Incremented each time `_cls_sums` is traced; tests prove a sweep compiles once with it.
 _TRACES = [0]
@@ -81,14 +80,7 @@ def _cls_sums(graphdef, state, batch: dict, ffn_args) -> dict:
         "nll": jnp.float32(0.0),  # `summarize` wants these two names (token NLL: none here)
         "count": jnp.sum(mask_bt),
     }
-    stats = [s for s in out.ffn_stats if s is not None]
-    if stats:
-        e = model.cfg.n_experts
-        k_lbt = jnp.stack([s.k_t for s in stats])
-        sums["k_sum_l"] = jnp.sum(k_lbt.astype(jnp.float32) * mask_bt, axis=(1, 2))
-        onehot_lbtk = jax.nn.one_hot(k_lbt, e + 1, dtype=jnp.float32)
-        sums["k_hist_lk"] = jnp.sum(onehot_lbtk * mask_bt[None, ..., None], axis=(1, 2))
-    return sums
+    return {**sums, **routing_sums(out.ffn_stats, mask_bt, model.cfg.n_experts)}
 
 
 def evaluate_classification(
@@ -180,14 +172,7 @@ def classification_sweep(
     Returns:
         One dict per setting (dense first if given, then taus, then static k).
     """
-    if model.cfg.prunepath is None:
-        raise ValueError("classification_sweep needs a PrunePath model (to_prunepath first)")
-    for tau in taus:
-        check_tau(tau, model.cfg.n_layers)
-    e = model.cfg.n_experts
-    bad_k = [k for k in static_k if not 1 <= int(k) <= e]
-    if bad_k:
-        raise ValueError(f"static k must be in [1, {e}], got {bad_k}")
+    check_sweep_args(model, taus, static_k)
     batches = list(data.eval_batches() if hasattr(data, "eval_batches") else data)
     extra = {}
     if hasattr(data, "config"):

@@ -60,14 +60,21 @@ def _batch_sums(graphdef, state, inputs_bt, targets_bt, mask_bt, ffn_args) -> di
     lse_bt = jax.nn.logsumexp(logits_btv, axis=-1)
     tgt_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
     sums = {"nll": jnp.sum((lse_bt - tgt_bt) * m_bt), "count": jnp.sum(m_bt)}
-    stats = [s for s in out.ffn_stats if s is not None]
-    if stats:
-        e = model.cfg.n_experts
-        k_lbt = jnp.stack([s.k_t for s in stats])
-        sums["k_sum_l"] = jnp.sum(k_lbt.astype(jnp.float32) * m_bt, axis=(1, 2))
-        onehot_lbtk = jax.nn.one_hot(k_lbt, e + 1, dtype=jnp.float32)
-        sums["k_hist_lk"] = jnp.sum(onehot_lbtk * m_bt[None, ..., None], axis=(1, 2))
-    return sums
+    return {**sums, **routing_sums(out.ffn_stats, m_bt, model.cfg.n_experts)}
+
+
+def routing_sums(ffn_stats, mask_bt: jax.Array, e: int) -> dict:
+    """Per-layer k sums and k histograms (E + 1 bins) over the real tokens of one batch; empty
+    for a dense model. `summarize` turns the totals into sparsity and exact k percentiles."""
+    stats = [s for s in ffn_stats if s is not None]
+    if not stats:
+        return {}
+    k_lbt = jnp.stack([s.k_t for s in stats])
+    onehot_lbtk = jax.nn.one_hot(k_lbt, e + 1, dtype=jnp.float32)
+    return {
+        "k_sum_l": jnp.sum(k_lbt.astype(jnp.float32) * mask_bt, axis=(1, 2)),
+        "k_hist_lk": jnp.sum(onehot_lbtk * mask_bt[None, ..., None], axis=(1, 2)),
+    }
 
 
 def _is_prunepath(model: nnx.Module) -> bool:

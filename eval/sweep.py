@@ -104,6 +104,19 @@ def static_top_k(model: nnx.Module, k: int) -> Iterator[None]:
             m.k_min, m.k_max = lo, hi
 
 
+def check_sweep_args(model: nnx.Module, taus: Sequence[float], static_k: Sequence[int]) -> None:
+    """Validates a sweep before minutes of evaluation, not in the middle: a PrunePath model,
+    every tau valid (> 0, finite, right per-layer length), every static k in [1, E]."""
+    if model.cfg.prunepath is None:
+        raise ValueError("a sweep needs a PrunePath model; convert it with to_prunepath first")
+    for tau in taus:
+        check_tau(tau, model.cfg.n_layers)
+    e = model.cfg.n_experts
+    bad_k = [k for k in static_k if not 1 <= int(k) <= e]
+    if bad_k:
+        raise ValueError(f"static k must be in [1, {e}], got {bad_k}")
+
+
 def sweep(
     model: nnx.Module,
     tokenizer,
@@ -144,15 +157,7 @@ def sweep(
     Returns:
         One dict per setting (dense first if evaluated, then taus, then static k).
     """
-    if model.cfg.prunepath is None:
-        raise ValueError("sweep needs a PrunePath model; convert it with to_prunepath first")
-    # Fail before minutes of evaluation, not in the middle.
-    for tau in taus:
-        check_tau(tau, model.cfg.n_layers)
-    e = model.cfg.n_experts
-    bad_k = [k for k in static_k if not 1 <= int(k) <= e]
-    if bad_k:
-        raise ValueError(f"static k must be in [1, {e}], got {bad_k}")
+    check_sweep_args(model, taus, static_k)
     docs = text.read_texts(text_source, split=split)
     sep = tokenizer.eos_id if sep_id is None else sep_id
     stream, n_bytes = tokenize_stream(tokenizer, docs, max_tokens=max_tokens, sep_id=sep)
