@@ -37,16 +37,11 @@ class TrainCheckpointer:
     def __init__(self, directory: str | Path, *, keep: int, asynchronous: bool = True):
         self.directory = Path(directory).expanduser().absolute()
         self.directory.mkdir(parents=True, exist_ok=True)
-        handlers = {
-            name: ocp.args.get_registered_handler_cls(a)()
-            for name, a in {
-                ckpt.STATE: ocp.args.StandardSave({}),
-                ckpt.CONFIG: ocp.args.JsonSave({}),
-                ckpt.METADATA: ocp.args.JsonSave({}),
-                OPT: ocp.args.StandardSave({}),
-                TRAIN: ocp.args.JsonSave({}),
-            }.items()
-        }
+        handlers = ckpt._handlers({
+            ckpt.STATE: ocp.args.StandardSave({}), ckpt.CONFIG: ocp.args.JsonSave({}),
+            ckpt.METADATA: ocp.args.JsonSave({}), OPT: ocp.args.StandardSave({}),
+            TRAIN: ocp.args.JsonSave({}),
+        })  # fmt: skip
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
         )

@@ -106,6 +106,14 @@ class TaskData:
         self.epoch, self.step = 0, 0
         self._order_cache: tuple[int, np.ndarray] | None = None
 
+    def with_seed(self, seed: int) -> TaskData:
+        """The same examples in another shuffle, from the start, without tokenizing again (e.g.
+        calibration batches that must not move this iterator)."""
+        own = {k: v for k, v in self.config.items() if k not in ("kind", "batch_size")}
+        return TaskData(self.kind, self.arrays, batch_size=self.batch_size, seed=seed,
+                        process_index=self.process_index, process_count=self.process_count,
+                        config=own, info=self.info)  # fmt: skip
+
     @property
     def n_examples(self) -> int:
         return len(self.arrays["tokens"])

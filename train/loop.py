@@ -32,7 +32,13 @@ from prunepath_jax import checkpoint as ckpt
 from prunepath_jax.loading import abstract_model
 from prunepath_jax.train import parallel, prepare
 from prunepath_jax.train import state as st
-from prunepath_jax.train.checkpointing import OPT, TRAIN, TrainCheckpointer, restore_latest
+from prunepath_jax.train.checkpointing import (
+    OPT,
+    TRAIN,
+    TrainCheckpointer,
+    restore_latest,
+    with_shardings,
+)
 from prunepath_jax.train.config import TrainConfig
 from prunepath_jax.train.metrics import MetricsWriter
 from prunepath_jax.train.step import forward_sums
@@ -81,10 +87,11 @@ def _make_data(cfg: TrainConfig, tokenizer, split: str, seed: int, max_context: 
     )
 
 
-def _calibration(cfg: TrainConfig, tokenizer, max_context: int):
-    """(tokens, mask) batches of the task's training data for the router initialisation."""
-    it = _make_data(cfg, tokenizer, "train", cfg.seed + 1, max_context)
+def _calibration(cfg: TrainConfig, data):
+    """(tokens, mask) batches of the task's training data for the router initialisation: the
+    same examples as training, in another order, without moving the training iterator."""
     n = -(-cfg.router_init_tokens // (cfg.batch_size * cfg.seq_len))
+    it = data.with_seed(cfg.seed + 1)
     return [(b["tokens"], b["token_mask"]) for b in itertools.islice(it, max(1, n))]
 
 
@@ -102,6 +109,7 @@ class Run:
     metadata: dict
     data: Any
     history: list
+    model_cfg: Any
 
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.state.params, self.frozen)
@@ -117,14 +125,12 @@ def setup(cfg: TrainConfig, *, pretrained=None, report=print) -> Run:
 
     def abstract_opt(mcfg):
         _, tr, _ = st.split_model(abstract_model(mcfg, pdtype), cfg.mode)
-        opt = st.make_optimizer(cfg, tr)
-        abstract = jax.eval_shape(opt.init, tr)
-        shd = parallel.tree_shardings(abstract, mesh)
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shd)  # fmt: skip
+        abstract = jax.eval_shape(st.make_optimizer(cfg, tr).init, tr)
+        return with_shardings(abstract, parallel.tree_shardings(abstract, mesh))
 
     restored = restore_latest(out, abstract_opt_state=abstract_opt, mesh=mesh, dtype=pdtype,
-                              report=report) if ckpt.list_steps(out) else None  # fmt: skip
+                              report=report)  # fmt: skip
+    data = None
     if restored is not None:
         train_json = restored.extra[TRAIN]
         _compatible(train_json["train_config"], cfg, out)
@@ -137,12 +143,12 @@ def setup(cfg: TrainConfig, *, pretrained=None, report=print) -> Run:
         if pre.tokenizer is None:
             raise ValueError(f"{pre.source}: no tokenizer found next to the model")
         tokenizer = pre.tokenizer
-        num_labels = cfg.num_labels
-        if cfg.task == "cls" and not num_labels:
-            num_labels = _make_data(cfg, tokenizer, "train", cfg.seed, 1 << 30).info["n_labels"]
+        # Conversion and a task head keep the context length: the data is built once, here.
+        data = _make_data(cfg, tokenizer, "train", cfg.seed, pre.config.max_position)
+        num_labels = cfg.num_labels or (data.info["n_labels"] if cfg.task == "cls" else 0)
         calib = None
         if cfg.router_init_tokens > 0 and cfg.sparse != "dense":
-            calib = _calibration(cfg, tokenizer, pre.config.max_position)
+            calib = _calibration(cfg, data)
         model, meta = prepare.prepare_model(cfg, pre, num_labels=num_labels, calibration=calib)
     mcfg = model.cfg
     if cfg.seq_len > mcfg.max_position:
@@ -154,7 +160,8 @@ def setup(cfg: TrainConfig, *, pretrained=None, report=print) -> Run:
     optimizer = st.make_optimizer(cfg, trainable)
     trainable = parallel.place(trainable, parallel.tree_shardings(trainable, mesh))
     frozen = parallel.place(frozen, parallel.tree_shardings(frozen, mesh))
-    data = _make_data(cfg, tokenizer, "train", cfg.seed, mcfg.max_position)
+    if data is None:
+        data = _make_data(cfg, tokenizer, "train", cfg.seed, mcfg.max_position)
     if restored is not None:
         state = st.TrainState(
             jnp.asarray(train_json["step"], jnp.int32),
@@ -169,7 +176,7 @@ def setup(cfg: TrainConfig, *, pretrained=None, report=print) -> Run:
         state = st.init_state(cfg, trainable, optimizer)
         history = []
     state = parallel.place(state, parallel.tree_shardings(state, mesh))
-    return Run(cfg, mesh, graphdef, state, frozen, optimizer, tokenizer, meta, data, history)
+    return Run(cfg, mesh, graphdef, state, frozen, optimizer, tokenizer, meta, data, history, mcfg)
 
 
 def _save(run: Run, saver: TrainCheckpointer, step: int, *, wait: bool) -> None:
@@ -181,7 +188,7 @@ def _save(run: Run, saver: TrainCheckpointer, step: int, *, wait: bool) -> None:
         "history": run.history,
     }
     meta = {**run.metadata, "training": {"step": step, "config": run.cfg.to_dict()}}
-    saver.save(step, run.model(), run.model().cfg, opt_state=run.state.opt_state,
+    saver.save(step, run.model(), run.model_cfg, opt_state=run.state.opt_state,
                train=train_json, metadata=meta, tokenizer=run.tokenizer, wait=wait)  # fmt: skip
 
 
@@ -220,7 +227,7 @@ def evaluate(run: Run, batches: list[dict], fn) -> dict:
         out["accuracy"] = tot["correct"] / max(tot["count"], 1.0)
     else:
         out["ppl"] = float(np.exp(out["loss"]))
-    e = run.model().cfg.n_experts
+    e = run.model_cfg.n_experts
     if "k_sum" in tot and e:
         out["k_mean"] = tot["k_sum"] / max(tot["tokens"], 1.0)
         out["sparsity"] = 1.0 - out["k_mean"] / e
@@ -232,7 +239,7 @@ def _eval_batches(run: Run) -> list[dict]:
     cfg = run.cfg
     if cfg.eval_every == 0:
         return []
-    it = _make_data(cfg, run.tokenizer, "validation", cfg.seed, run.model().cfg.max_position)
+    it = _make_data(cfg, run.tokenizer, "validation", cfg.seed, run.model_cfg.max_position)
     batches = it.eval_batches()
     if cfg.task != "cls" and cfg.eval_tokens > 0:
         n = max(1, -(-cfg.eval_tokens // (cfg.batch_size * cfg.seq_len)))

@@ -124,22 +124,20 @@ def init_distributed(cfg: TrainConfig) -> None:
 
 
 def mesh_from_config(cfg: TrainConfig) -> Mesh:
-    """The (data, fsdp, model) mesh; one axis may be -1 (the remaining devices)."""
-    sizes = [cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_model]
-    if sizes.count(-1) > 1:
-        raise ValueError("at most one of mesh_data, mesh_fsdp, mesh_model may be -1")
-    n_dev = jax.device_count()
+    """The (data, fsdp, model) mesh over every device; one axis may be -1 (the remaining ones)."""
+    sizes = (cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_model)
     fixed = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if n_dev % fixed:
-            raise ValueError(f"{n_dev} devices do not split into mesh axes {sizes}")
-        sizes[sizes.index(-1)] = n_dev // fixed
-    if int(np.prod(sizes)) != n_dev:
+    n_dev = jax.device_count()
+    if -1 in sizes and n_dev % fixed:
+        raise ValueError(f"{n_dev} devices do not split into mesh axes {list(sizes)}")
+    mesh = sharding.make_mesh(*sizes)  # validates the sizes, resolves -1
+    if mesh.devices.size != n_dev:
         raise ValueError(
-            f"mesh data={sizes[0]} x fsdp={sizes[1]} x model={sizes[2]} needs "
-            f"{int(np.prod(sizes))} devices; {n_dev} are visible"
+            f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} x "
+            f"model={mesh.shape['model']} uses {mesh.devices.size} of the {n_dev} visible "
+            "devices; the axes must use them all"
         )
-    return sharding.make_mesh(*sizes)
+    return mesh
 
 
 def init_sharded(mcfg, dtype, mesh: Mesh, *, seed: int = 0, router_scale: float = 0.0):
