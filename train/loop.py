@@ -193,13 +193,9 @@ def _save(run: Run, saver: TrainCheckpointer, step: int, *, wait: bool) -> None:
 
 
 def _eval_fn(graphdef, cfg: TrainConfig):
-    compute = jnp.dtype(cfg.compute_dtype)
-
     @jax.jit
     def sums(params, frozen, batch, tau):
-        model = nnx.merge(
-            graphdef, st.cast_floating(params, compute), st.cast_floating(frozen, compute)
-        )
+        model = st.compute_model(graphdef, params, frozen, cfg.compute_dtype)
         s, stats = forward_sums(model, batch, tau, cfg.task)
         mask = batch["token_mask"].astype(jnp.float32)
         if stats:

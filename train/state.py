@@ -117,6 +117,14 @@ def cast_floating(tree, dtype, keep_router_fp32: bool = True):
     return jax.tree_util.tree_map_with_path(cast, tree)
 
 
+def compute_model(graphdef, params, frozen, compute_dtype) -> nnx.Module:
+    """The model to run forward: trainable and frozen state merged, cast to the compute dtype
+    (the cast is inside the differentiated function, so gradients reach the master weights)."""
+    return nnx.merge(
+        graphdef, cast_floating(params, compute_dtype), cast_floating(frozen, compute_dtype)
+    )
+
+
 def tree_bytes(tree) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 

@@ -29,9 +29,10 @@ from prunepath_jax import routing
 from prunepath_jax.config import ModelConfig
 from prunepath_jax.nn import route_args
 from prunepath_jax.train.config import TrainConfig
-from prunepath_jax.train.state import TrainState, cast_floating
+from prunepath_jax.train.state import TrainState, compute_model
 
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "token_mask", "labels", "last_index")
+_AUX_MEANS = ("ent", "bal", "gate", "k_mean", "sparsity")  # averaged over micro-batches
+_SUMS = ("nll", "count", "correct")  # added over micro-batches
 
 
 def tau_at(step: jax.Array, cfg: TrainConfig) -> jax.Array:
@@ -102,18 +103,12 @@ def aux_terms(stats: tuple, mcfg: ModelConfig) -> dict:
 
 
 def _loss(params, frozen, graphdef, batch, tau, n_task, aux_scale, cfg: TrainConfig):
-    compute = jnp.dtype(cfg.compute_dtype)
-    model = nnx.merge(graphdef, cast_floating(params, compute), cast_floating(frozen, compute))
+    model = compute_model(graphdef, params, frozen, cfg.compute_dtype)
     sums, stats = forward_sums(model, batch, tau, cfg.task)
     aux = aux_terms(stats, model.cfg)
     task = sums["nll"] / n_task
     weighted = cfg.eta * aux["ent"] + cfg.lam * aux["bal"] + cfg.mu * aux["gate"]
-    return task + aux_scale * weighted, {
-        **aux,
-        "nll": sums["nll"],
-        "count": sums["count"],
-        "correct": sums["correct"],
-    }
+    return task + aux_scale * weighted, {**aux, **{k: sums[k] for k in _SUMS}}
 
 
 def _split_micro(batch: dict, a: int) -> dict:
@@ -157,12 +152,11 @@ def train_step(
             return (g_acc, l_acc + loss_i, aux_acc), None
 
         zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-        aux0 = {k: jnp.float32(0.0) for k in (
-            "ent", "bal", "gate", "k_mean", "sparsity", "nll", "count", "correct")}  # fmt: skip
+        aux0 = {k: jnp.float32(0.0) for k in (*_AUX_MEANS, *_SUMS)}
         (grads, loss, aux_sum), _ = jax.lax.scan(
             body, (zeros_g, jnp.float32(0.0), aux0), _split_micro(batch, a)
         )
-        mean_aux = {k: aux_sum[k] / a for k in ("ent", "bal", "gate", "k_mean", "sparsity")}
+        mean_aux = {k: aux_sum[k] / a for k in _AUX_MEANS}
         aux = {**aux_sum, **mean_aux}
 
     grad_norm = jnp.sqrt(
