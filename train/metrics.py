@@ -49,9 +49,9 @@ class MetricsWriter:
         clean = {k: _plain(v) for k, v in row.items()}
         self.file.write(json.dumps({"step": step, "split": prefix, **clean}) + "\n")
         self.file.flush()
-        for k, v in clean.items():
-            if isinstance(v, int | float):
-                if self.tb is not None:
+        if self.tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, int | float):
                     self.tb.add_scalar(f"{prefix}/{k}", v, step)
         if self.wandb is not None:
             self.wandb.log({f"{prefix}/{k}": v for k, v in clean.items()}, step=step)
@@ -67,10 +67,8 @@ class MetricsWriter:
 
 
 def _plain(v):
-    try:
-        return float(v) if getattr(v, "ndim", 0) == 0 and not isinstance(v, str | int) else v
-    except (TypeError, ValueError):
-        return v
+    """JSON-ready: numpy / JAX scalars become Python numbers."""
+    return v.item() if hasattr(v, "item") else v
 
 
 def truncate_after(path: Path, step: int) -> None:
