@@ -50,6 +50,20 @@ def static_points(rows: list[dict], metric: str, e: int) -> dict[float, float | 
     return {t: by_k.get(round((1 - t) * e)) for t in TARGETS}
 
 
+def record(table, out_dir, prefix, method, rows, metric, log, dense):
+    """Appends `method`'s rows at each target sparsity to `table` (tau curve interpolated,
+    static k exact) and writes its raw sweep rows to `<out_dir>/<prefix>_<method>.jsonl`."""
+    curve = interpolate(rows, metric, log=log)
+    static = static_points(rows, metric, rows[-1]["n_experts"])
+    short = "ppl" if metric == "ppl" else "acc"
+    for t in TARGETS:
+        table.append({"method": method, "target_sparsity": t, f"{short}_tau": curve[t],
+                      f"{short}_static_k": static[t], f"dense_{short}": dense})  # fmt: skip
+    (Path(out_dir) / f"{prefix}_{method.split()[0]}.jsonl").write_text(
+        "".join(json.dumps(r, default=str) + "\n" for r in rows)
+    )
+
+
 def train_cfg(a, name: str, **kw):
     from prunepath_jax.train.config import TrainConfig
 
@@ -111,33 +125,24 @@ def evaluate_lm_all(a, trained) -> list[dict]:
     src = load_any(a.source, progress=False)
     tok = src.tokenizer
     kw = dict(seq_len=512, batch_size=8, max_tokens=a.eval_tokens, progress=False)
-    e = None
     table = []
 
-    def record(method, rows, dense_ppl=None):
-        nonlocal e
-        e = rows[-1]["n_experts"]
-        curve = interpolate(rows, "ppl", log=True)
-        static = static_points(rows, "ppl", e)
-        for t in TARGETS:
-            table.append({"method": method, "target_sparsity": t, "ppl_tau": curve[t],
-                          "ppl_static_k": static[t], "dense_ppl": dense_ppl})  # fmt: skip
-        out = Path(a.out) / f"lm_{method.split()[0]}.jsonl"
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    def add(method, rows, dense_ppl=None):
+        record(table, a.out, "lm", method, rows, "ppl", True, dense_ppl)
 
     ks = (36, 24, 12)
     base = sweep(convert_with_init(src.model, tok, a), tok, taus=a.taus, static_k=ks,
                  reference=src.model, out_dir=Path(a.work) / "sw_init", **kw)  # fmt: skip
     base_dense = base[0]["ppl"]
-    record("init_only (training-free)", base, base_dense)
+    add("init_only (training-free)", base, base_dense)
     for name in ("prunepath", "static_topk"):
         m = restore_model(trained[name]["out_dir"]).model
         rows = sweep(m, tok, taus=a.taus, static_k=ks, out_dir=Path(a.work) / f"sw_{name}", **kw)
-        record(f"{name} (trained)", rows)
+        add(f"{name} (trained)", rows)
     ft = restore_model(trained["dense_ft"]["out_dir"]).model
     rows = sweep(convert_with_init(ft, tok, a), tok, taus=a.taus, static_k=ks, reference=ft,
                  out_dir=Path(a.work) / "sw_ft", **kw)  # fmt: skip
-    record("dense_ft + conversion (post-hoc)", rows, rows[0]["ppl"])
+    add("dense_ft + conversion (post-hoc)", rows, rows[0]["ppl"])
     table.append({"method": "dense (original)", "target_sparsity": 0.0, "dense_ppl": base_dense})
     table.append({"method": "dense_ft", "target_sparsity": 0.0, "dense_ppl": rows[0]["ppl"]})
     return table
@@ -156,24 +161,16 @@ def evaluate_cls_all(a, trained) -> list[dict]:
     ks = (36, 24, 12)
     dense_acc = evaluate_classification(ft.model, list(val.eval_batches()))["accuracy"]
 
-    def record(method, rows):
-        curve = interpolate(rows, "accuracy", log=False)
-        e = rows[-1]["n_experts"]
-        static = static_points(rows, "accuracy", e)
-        for t in TARGETS:
-            table.append({"method": method, "target_sparsity": t, "acc_tau": curve[t],
-                          "acc_static_k": static[t], "dense_acc": dense_acc})  # fmt: skip
-        (Path(a.out) / f"cls_{method.split()[0]}.jsonl").write_text(
-            "".join(json.dumps(r, default=str) + "\n" for r in rows)
-        )
+    def add(method, rows):
+        record(table, a.out, "cls", method, rows, "accuracy", False, dense_acc)
 
     post = convert_with_init(ft.model, tok, a, task_data=train)
-    record("dense_ft + conversion (post-hoc)",
+    add("dense_ft + conversion (post-hoc)",
            classification_sweep(post, val, a.taus, static_k=ks, out_dir=Path(a.work) / "c_ft",
                                 progress=False))  # fmt: skip
     for name in ("prunepath", "static_topk"):
         m = restore_model(trained[name]["out_dir"]).model
-        record(f"{name} (trained)",
+        add(f"{name} (trained)",
                classification_sweep(m, val, a.taus, static_k=ks, progress=False,
                                     out_dir=Path(a.work) / f"c_{name}"))  # fmt: skip
     table.append({"method": "dense_ft", "target_sparsity": 0.0, "dense_acc": dense_acc})
