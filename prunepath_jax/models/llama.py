@@ -16,6 +16,7 @@ from prunepath_jax.config import ModelConfig, RopeScaling
 from prunepath_jax.hf import configs as hfc
 from prunepath_jax.hf.source import Source
 from prunepath_jax.models.common import ModelOutput, ffn_arg_for_layer, select_positions
+from prunepath_jax.models.decode_attention import cached_attention
 from prunepath_jax.models.layers import (
     Dense,
     Embed,
@@ -177,7 +178,11 @@ class SwiGLU(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with RoPE and an optional static KV cache."""
+    """Grouped-query attention with RoPE and an optional static KV cache.
+
+    `attn_impl` (static, see `models.decode_attention`) picks how decode steps attend over the
+    cache: "xla" (default), or "pallas" for the split-K kernel where it can run.
+    """
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         d, hd = cfg.d_model, cfg.head_dim
@@ -185,10 +190,13 @@ class Attention(nnx.Module):
         self.qkv_proj = Dense(d, n_qkv, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Dense(cfg.n_heads * hd, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
         self.cfg = cfg
+        self.attn_impl = "xla"
 
     def __call__(self, x_btd, positions_bt, rope, allowed_bts, cache: LayerCache | None):
         """`rope` = (cos, sin) tables, `allowed_bts` = mask over this call's keys (the new tokens
-        without a cache, the whole cache with one); both shared by every layer."""
+        without a cache, the whole cache with one: `causal_mask(positions_bt, arange(s),
+        window)`, which the decode kernel rebuilds from `positions_bt`); both shared by every
+        layer."""
         cfg = self.cfg
         b, t, _ = x_btd.shape
         h, kv = cfg.n_heads, cfg.n_kv_heads
@@ -199,7 +207,9 @@ class Attention(nnx.Module):
             out = attention(q, k, v, allowed_bts)
         else:
             cache = cache_write(cache, k, v, positions_bt)
-            out = attention(q, cache.k, cache.v, allowed_bts)
+            out = cached_attention(
+                q, cache, allowed_bts, positions_bt, impl=self.attn_impl, window=cfg.sliding_window
+            )
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 

@@ -1,0 +1,165 @@
+"""Decode attention over the KV cache: XLA, or the Pallas split-K kernel where it can run.
+
+Why. A decode step is one query row per head against the whole cache, bound by reading K and V
+once; the split-K kernel (`prunepath_jax.kernels.pallas_attention`) streams the cache in parallel
+chunks and measured 1.66-1.97x faster than XLA's attention at batch 8 on an H200 (BENCHMARKS.md).
+Prefill (t > 1) stays on XLA / cuDNN.
+
+Which one runs is a static attribute of every Llama-family `Attention` module, ``attn_impl``
+(part of the graphdef, so a jitted step compiles the chosen path once):
+
+- ``"xla"`` (default): `models.layers.attention` over the masked cache.
+- ``"pallas"``: the kernel for decode steps it supports, on a CUDA GPU; every other case -- prefill,
+  no GPU, a sliding window, unsupported shapes or dtypes -- runs the XLA path, by an explicit
+  check (`unsupported_reason`) rather than by computing something else.
+- ``"pallas_interpret"``: as ``"pallas"`` but through the Pallas interpreter on any backend; for
+  CPU tests of the wiring, slow.
+
+The kernel masks by length (key ``s`` is attended iff ``s < len[b]``). The model's decode mask is
+``causal_mask(positions, arange(s), window)``: with no window and one query per sequence that is
+exactly ``s < min(pos[b] + 1, s_max)`` (`prefix_lengths`); a window is not a prefix, so it falls
+back.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prunepath_jax.models.layers import LayerCache, attention
+
+ATTN_IMPLS = ("xla", "pallas", "pallas_interpret")
+_ROWS = 16  # the kernel's query rows per program: at most 16 query heads per KV head
+_MAX_BLOCK = 64  # cache positions per inner step (the measured default)
+_MIN_BLOCK = 16  # the smallest dot dimension of a Triton tensor-core product
+_TARGET_PROGRAMS = 256  # ~2 programs per SM of an H200 (the kernel's own default)
+
+
+def kernel_ready() -> str | None:
+    """Why the compiled kernel cannot run on this platform (None when it can)."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return f"the Pallas decode attention needs a CUDA GPU (backend is {backend!r})"
+    from prunepath_jax.kernels import pallas_attention
+
+    if pallas_attention.plgpu is None:
+        return "jax.experimental.pallas.triton is not importable"
+    return None
+
+
+def _plan(b: int, kv: int, s: int) -> tuple[int, int] | None:
+    """``(n_splits, block_s)`` for a cache of ``s`` positions, or None when no power-of-two block
+    of at least 16 positions divides it. Splits double (keeping whole blocks per chunk) until
+    ~256 programs, as the kernel's default does for the measured power-of-two lengths."""
+    block = min(_MAX_BLOCK, s & -s)  # the largest power of two dividing s, capped
+    if block < _MIN_BLOCK:
+        return None
+    n_splits = 1
+    while b * kv * n_splits < _TARGET_PROGRAMS and (s // block) % (2 * n_splits) == 0:
+        n_splits *= 2
+    return n_splits, block
+
+
+def unsupported_reason(
+    impl: str, q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, window: int | None
+) -> str | None:
+    """Why ``impl`` does not run the kernel for this call (None when it does). Shapes and
+    dtypes only, so it is decided at trace time."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
+    if impl == "xla":
+        return "attn_impl is 'xla'"
+    b, t, h, hd = q_bthd.shape
+    s, kv = k_bskd.shape[1], k_bskd.shape[2]
+    if t != 1:
+        return f"the kernel is for decode steps (one query per sequence), got t={t}"
+    if window is not None:
+        return f"a sliding window ({window}) is not a length mask"
+    if impl == "pallas":
+        why = kernel_ready()
+        if why is not None:
+            return why
+    if q_bthd.dtype not in (jnp.bfloat16, jnp.float32):
+        return f"the kernel takes bfloat16 or float32, got {q_bthd.dtype}"
+    if k_bskd.dtype != q_bthd.dtype or v_bskd.dtype != q_bthd.dtype:
+        return f"cache dtype ({k_bskd.dtype}, {v_bskd.dtype}) differs from q's {q_bthd.dtype}"
+    if h % kv or h // kv > _ROWS:
+        return f"needs h % kv == 0 and h/kv <= {_ROWS}, got h={h}, kv={kv}"
+    if hd < 16 or hd & (hd - 1):
+        return f"head_dim must be a power of 2 >= 16, got {hd}"
+    if _plan(b, kv, s) is None:
+        return f"cache length {s} is not a multiple of {_MIN_BLOCK}"
+    return None
+
+
+def prefix_lengths(positions_b: jax.Array, s: int) -> jax.Array:
+    """int32 ``[b]``: how many cache positions a query at ``positions_b`` attends without a
+    window. ``causal_mask`` allows key ``j <= pos``; past the cache end (writes dropped) every
+    key is allowed, hence the clip to ``s``."""
+    return jnp.minimum(positions_b.astype(jnp.int32) + 1, s)
+
+
+def cached_attention(
+    q_bthd: jax.Array,
+    cache: LayerCache,
+    allowed_bts: jax.Array,
+    positions_bt: jax.Array,
+    *,
+    impl: str,
+    window: int | None,
+) -> jax.Array:
+    """Attention of the new queries over the (already written) cache: ``[b, t, h, hd]``.
+
+    Args:
+        q_bthd: queries at ``positions_bt``.
+        cache: this layer's cache after writing the new keys/values.
+        allowed_bts: the XLA path's mask; must be ``causal_mask(positions_bt, arange(s),
+            window)``, the mask the kernel path rebuilds from the positions.
+        positions_bt: the queries' absolute positions.
+        impl: an ``attn_impl`` value (``ATTN_IMPLS``).
+        window: the model's sliding window, or None.
+    """
+    if unsupported_reason(impl, q_bthd, cache.k, cache.v, window) is not None:
+        return attention(q_bthd, cache.k, cache.v, allowed_bts)
+    from prunepath_jax.kernels import pallas_attention
+
+    _, s, kv, _ = cache.k.shape
+    n_splits, block_s = _plan(q_bthd.shape[0], kv, s)
+    out_bhd = pallas_attention.decode_attention(
+        q_bthd[:, 0], cache.k, cache.v, prefix_lengths(positions_bt[:, 0], s),
+        n_splits=n_splits, block_s=block_s, interpret=impl == "pallas_interpret",
+    )  # fmt: skip
+    return out_bhd[:, None]
+
+
+def attention_modules(model: nnx.Module) -> list[nnx.Module]:
+    """Every Llama-family attention module of ``model`` (empty for other families)."""
+    from prunepath_jax.models.llama import Attention
+
+    return [m for _, m in nnx.iter_graph(model) if isinstance(m, Attention)]
+
+
+def set_attention(model: nnx.Module, impl: str) -> None:
+    """Sets ``attn_impl`` (``ATTN_IMPLS``) on every Llama-family attention module of ``model``;
+    raises ValueError for a model without any."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
+    mods = attention_modules(model)
+    if not mods:
+        raise ValueError("set_attention applies to Llama-family models only")
+    for m in mods:
+        m.attn_impl = impl
+
+
+def impl_for(implementation: str, model: nnx.Module) -> str:
+    """The ``attn_impl`` a `generate(implementation=...)` value asks for: "pallas" -> the kernel;
+    "auto" -> the kernel when it can run here and the weights sit on one device (a sharded cache
+    would be gathered for the custom call); "xla" and "triton" (FFN kernels only) -> XLA."""
+    if implementation == "pallas":
+        return "pallas"
+    if implementation != "auto" or kernel_ready() is not None:
+        return "xla"
+    leaves = jax.tree.leaves(nnx.state(model))
+    one_device = all(len(x.sharding.device_set) == 1 for x in leaves if hasattr(x, "sharding"))
+    return "pallas" if one_device else "xla"
