@@ -115,26 +115,41 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _split(model: nnx.Module, implementation: str | None):
-    """`nnx.split`, with every PrunePath FFN switched to the kernel registry in the graphdef only
-    (the caller's model keeps its compute paths)."""
+    """`nnx.split`, with the compute paths `implementation` asks for set in the graphdef only
+    (the caller's model keeps its own): every PrunePath FFN through the kernel registry, and
+    Llama-family decode attention through the Pallas split-K kernel for "pallas" (and "auto"
+    where it can run; `models.decode_attention.impl_for`)."""
     if implementation is None:
         return nnx.split(model)
-    if model.cfg.prunepath is None:
-        raise ValueError("implementation= applies to PrunePath models only")
     if implementation not in ("auto", "xla", "triton", "pallas"):
         raise ValueError(
             f"implementation must be auto, xla, triton or pallas, got {implementation!r}"
         )
+    from prunepath_jax.models import decode_attention as da
     from prunepath_jax.nn import PrunePathFFN, set_compute
 
     ffns = [m for _, m in nnx.iter_graph(model) if isinstance(m, PrunePathFFN)]
-    saved = [(m.compute, m.implementation) for m in ffns]
-    set_compute(model, "kernel", None if implementation == "auto" else implementation)
+    attns = da.attention_modules(model)
+    if not ffns and not attns:
+        raise ValueError("implementation= applies to PrunePath FFNs and Llama-family attention")
+    if not ffns and implementation == "triton":
+        raise ValueError(
+            "implementation='triton' names FFN kernels and this model has no PrunePath FFN; "
+            "use 'pallas' or 'auto' for the decode attention kernel"
+        )
+    saved_ffn = [(m.compute, m.implementation) for m in ffns]
+    saved_attn = [m.attn_impl for m in attns]
     try:
+        if ffns:
+            set_compute(model, "kernel", None if implementation == "auto" else implementation)
+        if attns:
+            da.set_attention(model, da.impl_for(implementation, model))
         return nnx.split(model)
     finally:
-        for m, (c, i) in zip(ffns, saved, strict=True):
+        for m, (c, i) in zip(ffns, saved_ffn, strict=True):
             m.compute, m.implementation = c, i
+        for m, a in zip(attns, saved_attn, strict=True):
+            m.attn_impl = a
 
 
 def generate(
@@ -167,10 +182,13 @@ def generate(
         ffn_args: per-layer FFN arguments passed through to the model (PrunePath tau, ...).
         chunk: decode steps per compiled call between host checks of the stop flags.
         progress: show a progress bar over generated tokens.
-        implementation: PrunePath models only: run every FFN through the kernel registry
+        implementation: run every PrunePath FFN through the kernel registry
             (`prunepath_jax.kernels.api`) with this backend, "xla" | "triton" | "pallas", or
-            "auto" (fastest available), for prefill and decode; None keeps the model's own
-            compute paths. The decode step stays one compiled program.
+            "auto" (fastest available), for prefill and decode; for Llama-family models
+            (dense too) "pallas" also runs decode-step attention through the split-K kernel
+            (`models.decode_attention`; XLA where it cannot run, e.g. on CPU or with a sliding
+            window), as does "auto" on a GPU. None keeps the model's own compute paths. The
+            decode step stays one compiled program.
         tau: PrunePath budget (scalar or per-layer); builds `ffn_args` when those are not given.
 
     Returns:
