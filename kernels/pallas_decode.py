@@ -1,8 +1,8 @@
 """Sparse-expert decode FFN (1-16 tokens) as Pallas kernels on the Triton backend.
 
 Why this shape. At decode the FFN is bound by the bytes of the selected experts' weights, and
-for small models by launches (DESIGN.md §4). So the layer is: the router logits (one XLA dot),
-the sort-free selection kernel (``pallas_routing.py``: softmax, the paper's cumulative-mass
+for small models by launches (DESIGN.md §4). So the layer is: the router logits (the split-K
+GEMV kernel of ``pallas_logits.py``, which XLA's narrow GEMV was 10x slower than), the sort-free selection kernel (``pallas_routing.py``: softmax, the paper's cumulative-mass
 rule, sigmoid gates → a gate table ``[t, E]``), and the expert kernel(s):
 
 * Union of experts, in the kernel. Every program reads the small gate table (zero for experts a
@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from prunepath_jax import routing
+from prunepath_jax.kernels.pallas_logits import router_logits_pallas
 from prunepath_jax.kernels.pallas_routing import route_gates_pallas
 from prunepath_jax.kernels.reference import route_reference
 
@@ -113,20 +114,22 @@ def check_inputs(x_td, router_de, w_in_cfd, w_out_fd, group_size: int) -> None:
 def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
     """Static block sizes. ``use_dot`` picks tensor-core dots (tokens padded to 16 rows).
 
-    Defaults from the H200 sweep (BENCHMARKS.md, issue 5, Llama-3-8B layer, k/E = 25%): one
-    token: broadcast FMAs, ``block_d`` 1024, 8 warps (57 µs vs 70 µs for 512/4 warps); 2-16
-    tokens: dots + the split down-projection with 8 chunks (batch 16: 146 µs vs 470 µs with
-    per-block atomics; batch 4: 112 µs vs 166 µs dot+atomics, 265 µs broadcast).
+    Defaults from the H200 sweeps (BENCHMARKS.md, issue 5, Llama-3-8B layer, k/E = 25%): one
+    token: tensor-core dots on 16 padded rows + atomic down-projection (45 µs vs 74 µs for
+    broadcast FMAs in the same run: the loads feed dots, which Triton software-pipelines);
+    2-16 tokens: dots + the split down-projection with 8 chunks (batch 16: 146 µs vs 470 µs with
+    per-block atomics; batch 4: 112 µs vs 166 µs dot+atomics, 265 µs broadcast), 32-neuron
+    blocks up to 4 tokens (104 µs vs 119 µs). Broadcast FMAs remain for G not a multiple of 16.
     """
     use_dot = tuning.get("use_dot")
     bn_default = 16 if g % 16 == 0 else _pow2_divisor(g, 16)
     if use_dot is None:
-        use_dot = t > 1 and g % 16 == 0
+        use_dot = g % 16 == 0
     if use_dot:
         if g % 16:
             raise NotImplementedError(f"dot path needs group_size % 16 == 0, got {g}")
         tp = MAX_TOKENS
-        bn = tuning.get("block_n", 16)
+        bn = tuning.get("block_n", 32 if 1 < t <= 4 and g % 32 == 0 else 16)
         if bn < 16:
             raise ValueError(f"dot path needs block_n >= 16, got {bn}")
     else:
@@ -151,7 +154,8 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
         "num_stages": tuning.get("num_stages", 3),
         "fp32": jnp.dtype(dtype) == jnp.float32,
         "routing": tuning.get("routing", "pallas"),
-        "down": tuning.get("down", "split" if use_dot else "atomic"),
+        "logits": tuning.get("logits", "pallas"),
+        "down": tuning.get("down", "split" if use_dot and t > 1 else "atomic"),
         "down_chunks": tuning.get("down_chunks", 8),
         "block_d_down": _pow2_divisor(d, tuning.get("block_d_down", 128)),
     }
@@ -350,18 +354,26 @@ def _decode_jit(
     tp = plan["tp"]
     ep = max(_next_pow2(e), 16)
 
+    x_pd = x_td if tp == t else jnp.zeros((tp, d), x_td.dtype).at[:t].set(x_td)
     if plan["routing"] == "pallas":  # one launch: softmax, rank-based selection, gates
-        logits_te = routing.router_logits(router_de, x_td)
-        gate_pe, k_t = route_gates_pallas(
-            logits_te, tau, tp=tp, ep=ep, rule=rule, gate=gate, k_min=k_min, k_max=k_max,
+        # Routing runs on the real tokens padded to a power of two, not on the expert kernel's
+        # 16 dot rows: the selection kernel's work grows with its rows (tp·E² compares).
+        tr = _next_pow2(t)
+        if plan["logits"] == "pallas":  # split-K GEMV kernel + one small XLA sum
+            x_rd = x_pd[:tr] if tr <= tp else jnp.zeros((tr, d), x_td.dtype).at[:t].set(x_td)
+            logits_te = router_logits_pallas(x_rd, router_de, interpret=interpret)[:t]
+        else:
+            logits_te = routing.router_logits(router_de, x_td)
+        gate_re, k_t = route_gates_pallas(
+            logits_te, tau, tp=tr, ep=ep, rule=rule, gate=gate, k_min=k_min, k_max=k_max,
             interpret=interpret,
         )  # fmt: skip
+        gate_pe = gate_re if tr == tp else jnp.pad(gate_re, ((0, tp - tr), (0, 0)))
     else:  # the reference's XLA ops (sort, cumsum, scatter)
         gate_te, k_t = route_gates(
             x_td, router_de, tau, rule=rule, gate=gate, k_min=k_min, k_max=k_max
         )
         gate_pe = jnp.zeros((tp, ep), jnp.float32).at[:t, :e].set(gate_te)
-    x_pd = x_td if tp == t else jnp.zeros((tp, d), x_td.dtype).at[:t].set(x_td)
     y_pd = expert_ffn(
         gate_pe, x_pd, w_in_cfd, w_out_fd, t=t, group_size=group_size,
         n_slots=min(e, t * k_cap), plan=plan, interpret=interpret,
@@ -398,6 +410,8 @@ def sparse_ffn_decode(
         **tuning: ``use_dot``, ``block_n``, ``block_d``, ``block_d_out``, ``num_warps``,
             ``num_stages`` (static; defaults chosen from t, G and d); ``routing="pallas"``
             (default: one sort-free selection kernel) or ``"xla"`` (the reference's ops);
+            ``logits="pallas"`` (default with Pallas routing: the split-K router GEMV of
+            ``pallas_logits.py``) or ``"xla"`` (one XLA dot);
             ``down="atomic"`` (default: the down-projection in the expert kernel, fp32 atomics
             per neuron block) or ``"split"`` (a second kernel over output columns, ``down_chunks``
             atomic adds per output element; ``block_d_down`` columns per program).
@@ -415,7 +429,7 @@ def sparse_ffn_decode(
         )
     unknown = set(tuning) - {
         "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing",
-        "down", "down_chunks", "block_d_down",
+        "logits", "down", "down_chunks", "block_d_down",
     }  # fmt: skip
     if unknown:
         raise TypeError(f"unknown tuning options {sorted(unknown)}")

@@ -30,6 +30,7 @@ def _reference(x_td, router_de, w_in_cfd, w_out_fd, tau, *, group_size, **kw):
 CASES = [
     ("b1_k1_fp32", 1, 64, 8, 16, jnp.float32, 0.01, 1.0, {}),
     ("b1_kE_bf16", 1, 64, 8, 16, jnp.bfloat16, 1.05, 1.0, {}),
+    ("b1_bcast_fp32", 1, 64, 8, 16, jnp.float32, 0.7, 0.3, {"use_dot": False}),
     ("b5_odd_fp32", 5, 96, 7, 16, jnp.float32, 0.6, 0.05, {}),
     ("b3_kmax2_unused_bf16", 3, 64, 16, 8, jnp.bfloat16, 1.05, 1.0, {"k_max": 2}),
     ("b4_clamp_nucleus_none", 4, 64, 8, 16, jnp.float32, 0.6, 0.3,
@@ -38,6 +39,7 @@ CASES = [
     ("b16_dot_bf16", 16, 64, 8, 32, jnp.bfloat16, 0.5, 0.05, {"use_dot": True}),
     ("b7_dot_fp32", 7, 64, 8, 16, jnp.float32, 0.5, 0.05, {"use_dot": True}),
     ("b6_xla_routing_fp32", 6, 64, 8, 16, jnp.float32, 0.5, 0.05, {"routing": "xla"}),
+    ("b3_xla_logits_bf16", 3, 64, 8, 16, jnp.bfloat16, 0.6, 0.1, {"logits": "xla"}),
     ("b4_bcast_atomic_bf16", 4, 64, 8, 16, jnp.bfloat16, 0.6, 0.1,
      {"use_dot": False, "down": "atomic"}),
     ("b9_dot_atomic_fp32", 9, 64, 8, 16, jnp.float32, 0.6, 0.1, {"down": "atomic"}),
@@ -156,7 +158,15 @@ EXPORT_CASES = [c[:6] + (c[8],) for c in CASES] + [
     ("8b_b4", 4, 4096, 448, 32, jnp.bfloat16, {}),
     ("8b_b16_dot", 16, 4096, 448, 32, jnp.bfloat16, {}),
     ("8b_b16_fp32", 16, 4096, 448, 32, jnp.float32, {}),
-    ("8b_b1_bn8_w8", 1, 4096, 448, 32, jnp.bfloat16, {"block_n": 8, "num_warps": 8}),
+    (
+        "8b_b1_bcast_bn8_w8",
+        1,
+        4096,
+        448,
+        32,
+        jnp.bfloat16,
+        {"use_dot": False, "block_n": 8, "num_warps": 8},
+    ),
     ("8b_b1_split", 1, 4096, 448, 32, jnp.bfloat16, {"down": "split"}),
     ("8b_b16_split", 16, 4096, 448, 32, jnp.bfloat16, {"down": "split", "down_chunks": 8}),
 ]
@@ -188,7 +198,9 @@ def test_triton_lowering_exports_for_cuda(case):
     )(*specs)
     n_triton = exp.mlir_module().count("custom_call @__gpu$xla.gpu.triton")
     split = opts.get("down", "split" if (t > 1 and g % 16 == 0) else "atomic") == "split"
-    expect = 1 + (opts.get("routing") != "xla") + split
+    route = opts.get("routing") != "xla"  # the sort-free selection kernel
+    logits = route and opts.get("logits", "pallas") == "pallas"  # the split-K router GEMV
+    expect = 1 + route + logits + split
     assert n_triton == expect
 
 

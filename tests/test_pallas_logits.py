@@ -1,0 +1,71 @@
+"""Split-K router logits kernel (kernels/pallas_logits.py) against ``routing.router_logits``.
+
+Interpreter on CPU, the Triton lowering through ``jax.export(platforms=["cuda"])``, and the
+compiled kernel on a GPU (``gpu`` marker): batch 1 and > 1, odd d and E (blocks of one column),
+the dot form (16 rows), bf16 and fp32 activations.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from prunepath_jax import routing
+from prunepath_jax.kernels.pallas_logits import plan, router_logits_pallas
+from tests.helpers import assert_close
+
+# name, t, d, E, x dtype
+CASES = [
+    ("b1_bf16", 1, 256, 48, jnp.bfloat16),
+    ("b4_odd_fp32", 4, 96, 7, jnp.float32),
+    ("b16_dot_fp32", 16, 128, 64, jnp.float32),
+    ("b8_smollm2_bf16", 8, 576, 48, jnp.bfloat16),
+    ("b2_one_expert", 2, 64, 1, jnp.float32),
+    ("b16_dot_8b_bf16", 16, 4096, 448, jnp.bfloat16),
+]
+
+
+def _check(case, interpret):
+    name, t, d, e, dtype = case
+    kx, kr = jax.random.split(jax.random.key(d + e + t))
+    x = jax.random.normal(kx, (t, d)).astype(dtype)
+    r = jax.random.normal(kr, (d, e)) * d**-0.5
+    got = jax.jit(lambda x, r: router_logits_pallas(x, r, interpret=interpret))(x, r)
+    assert_close(got, routing.router_logits(r, x), "op_fp32", name)
+
+
+@pytest.mark.parametrize("case", CASES[:-1], ids=[c[0] for c in CASES[:-1]])
+def test_interpret_matches_router_logits(case):
+    _check(case, interpret=True)
+
+
+def test_plan_spreads_the_8b_router_over_many_programs():
+    p = plan(1, 4096, 448)
+    assert p["be"] == 64 and p["s"] * p["steps"] * p["bdi"] == 4096
+    assert p["s"] * (448 // p["be"]) >= 132  # at least one program per H200 SM
+    assert plan(16, 4096, 448)["use_dot"] and not plan(1, 4096, 448)["use_dot"]
+
+
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="router rows"):
+        router_logits_pallas(jnp.zeros((1, 8)), jnp.zeros((16, 4)), interpret=True)
+    with pytest.raises(ValueError, match="power-of-two"):
+        router_logits_pallas(jnp.zeros((3, 8)), jnp.zeros((8, 4)), interpret=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_triton_lowering_exports_for_cuda(case):
+    _, t, d, e, dtype = case
+    exp = jax.export.export(
+        jax.jit(lambda x, r: router_logits_pallas(x, r)),
+        platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(jax.ShapeDtypeStruct((t, d), dtype), jax.ShapeDtypeStruct((d, e), jnp.float32))
+    assert exp.mlir_module().count("custom_call @__gpu$xla.gpu.triton") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_gpu_matches_router_logits(case):
+    _check(case, interpret=False)
