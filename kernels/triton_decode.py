@@ -170,6 +170,60 @@ def _down_kernel(
              mask=tmask[:, None] & dmask[None, :])  # fmt: skip
 
 
+@triton.jit
+def _logits_kernel(
+    x_ptr,  # [T, D] activations
+    r_ptr,  # [D, E] f32 router
+    out_ptr,  # out [S, T, E] f32 partial logits, one slab per split of D
+    T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, T_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """Split-K router GEMV: program (s, j) multiplies rows ``[s·ROWS, (s+1)·ROWS)`` of router
+    columns ``[j·BLOCK_E, ...)``. XLA's own ``[t, d] @ [d, E]`` at t = 1 reads the fp32 router at
+    ~0.3 TB/s (BENCHMARKS.md); spread over ~200 programs the same bytes stream at bandwidth. The
+    S partials are summed by one small XLA reduction (deterministic, unlike atomics)."""
+    s = tl.program_id(0)
+    j = tl.program_id(1)
+    rt = tl.arange(0, T_PAD)
+    re = j * BLOCK_E + tl.arange(0, BLOCK_E)
+    tmask = rt < T
+    emask = re < E
+    acc = tl.zeros((T_PAD, BLOCK_E), dtype=tl.float32)
+    for r0 in range(s * ROWS, s * ROWS + ROWS, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        rmask = rr < D
+        x = tl.load(x_ptr + rt[:, None] * D + rr[None, :], mask=tmask[:, None] & rmask[None, :],
+                    other=0.0).to(tl.float32)  # fmt: skip
+        w = tl.load(r_ptr + rr[:, None] * E + re[None, :], mask=rmask[:, None] & emask[None, :],
+                    other=0.0)  # fmt: skip
+        if DOT_F32:  # the interpreter's numpy dot is exact float32 already
+            acc += tl.dot(x, w)
+        else:  # exact float32 (no TF32): routing ranks probabilities closer than a bf16 ulp
+            acc += tl.dot(x, w, input_precision="ieee")
+    tl.store(out_ptr + s * T * E + rt[:, None] * E + re[None, :], acc,
+             mask=tmask[:, None] & emask[None, :])  # fmt: skip
+
+
+def router_logits_triton(router_de, x_td, *, splits=32, block_r=64, block_e=64, num_warps=4,
+                         interpret=False):  # fmt: skip
+    """``x @ router`` ``[t, E]`` fp32 through the split-K Triton GEMV (t ≤ 16)."""
+    t, d = x_td.shape
+    e = router_de.shape[1]
+    block_r = min(block_r, max(16, jt.next_pow2(d)))
+    block_e = min(block_e, max(16, jt.next_pow2(e)))
+    n_blocks = -(-d // block_r)
+    rows = -(-n_blocks // min(splits, n_blocks)) * block_r  # rows per split, whole blocks
+    n_s = -(-d // rows)
+    (part,) = jt.triton_call(
+        _logits_kernel, x_td, router_de,
+        out_shape=[jax.ShapeDtypeStruct((n_s, t, e), jnp.float32)],
+        grid=(n_s, -(-e // block_e)), num_warps=num_warps, num_stages=2, interpret=interpret,
+        T=t, D=d, E=e, T_PAD=16, BLOCK_R=block_r, BLOCK_E=block_e, ROWS=rows,
+        DOT_F32=bool(interpret),
+    )  # fmt: skip
+    return jnp.sum(part, axis=0)
+
+
 DEFAULT_TUNING = {
     "block_d_up": 256,
     "block_d_down": 128,
@@ -178,11 +232,13 @@ DEFAULT_TUNING = {
     "warps_down": 4,
     "stages_up": 3,
     "stages_down": 4,
-    "logits": "dot",
+    "logits": "triton",
 }
 
 
-def router_logits(router_de: jax.Array, x_td: jax.Array, how: str = "reduce") -> jax.Array:
+def router_logits(
+    router_de: jax.Array, x_td: jax.Array, how: str = "reduce", interpret: bool = False
+) -> jax.Array:
     """``x @ router`` in float32 for a few tokens.
 
     ``"dot"`` is `routing.router_logits` (a HIGHEST-precision float32 dot); ``"reduce"`` writes
@@ -191,9 +247,11 @@ def router_logits(router_de: jax.Array, x_td: jax.Array, how: str = "reduce") ->
     of a single row, which keeps XLA from rewriting a one-row product into a multiply that writes
     a weight-sized temporary (`models.layers.matvec_safe_matmul`). Measured in
     benchmarks/sparse_decode.py --pick-logits (H200, 8B layer, batch 1): all three ~22 us per
-    layer; "dot" was fastest inside the layer and is the default ("reduce" may materialise a
-    [t, d, E] product at larger t).
+    layer ("reduce" may materialise a [t, d, E] product at larger t). ``"triton"`` is the
+    split-K kernel above (`router_logits_triton`).
     """
+    if how == "triton":
+        return router_logits_triton(router_de, x_td, interpret=interpret)
     if how == "dot":
         return routing.router_logits(router_de, x_td)
     if how == "dot2":
@@ -201,7 +259,7 @@ def router_logits(router_de: jax.Array, x_td: jax.Array, how: str = "reduce") ->
             return routing.router_logits(router_de, x_td)
         return routing.router_logits(router_de, jnp.concatenate([x_td, x_td], axis=0))[:1]
     if how != "reduce":
-        raise ValueError(f"logits must be 'dot', 'dot2' or 'reduce', got {how!r}")
+        raise ValueError(f"logits must be 'triton', 'dot', 'dot2' or 'reduce', got {how!r}")
     prod_tde = x_td.astype(jnp.float32)[:, :, None] * router_de.astype(jnp.float32)[None]
     return jnp.sum(prod_tde, axis=1)
 
@@ -243,7 +301,7 @@ def sparse_ffn_decode(
     is_f32 = x_td.dtype == jnp.float32
     common = dict(T=t, D=d, E=e, G=g, T_PAD=16, E_PAD=max(16, jt.next_pow2(e)),
                   DOT_F32=bool(interpret), IEEE=bool(is_f32 and not interpret))  # fmt: skip
-    logits_te = router_logits(router_de, x_td, tn["logits"])
+    logits_te = router_logits(router_de, x_td, tn["logits"], interpret)
     tau_1 = jnp.reshape(jnp.asarray(tau, jnp.float32), (1,))
     a_tf, sel_te = jt.triton_call(
         _up_kernel, x_td, logits_te, tau_1, w_in_cfd,

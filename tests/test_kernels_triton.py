@@ -63,6 +63,29 @@ def test_interpreter_matches_reference(case, interp_results):
     _check(case, interp_results[f"{case.name}/y"], interp_results[f"{case.name}/k"])
 
 
+def test_split_k_router_logits_in_the_interpreter():
+    """The Triton router GEMV (odd d and E, several splits, 1 and 16 tokens) in the interpreter."""
+    code = (
+        "import jax, jax.numpy as jnp, numpy as np\n"
+        "from prunepath_jax.kernels.triton_decode import router_logits_triton\n"
+        "from prunepath_jax import routing\n"
+        "for t, d, e in [(1, 256, 48), (3, 96, 7), (16, 200, 70)]:\n"
+        "    x = jax.random.normal(jax.random.key(t), (t, d)).astype(jnp.bfloat16)\n"
+        "    r = jax.random.normal(jax.random.key(d), (d, e)) * d**-0.5\n"
+        "    got = router_logits_triton(r, x, splits=4, interpret=True)\n"
+        "    want = routing.router_logits(r, x)\n"
+        "    print(float(jnp.max(jnp.abs(got - want))), float(jnp.max(jnp.abs(want))))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.split("\n")[:3]
+    for line in lines:
+        err, scale = map(float, line.split())
+        assert_close(np.array([err]), np.array([0.0]), "op_fp32", f"scale {scale}")
+
+
 def test_dead_expert_is_skipped():
     """The dead-expert cases really leave expert 1 unselected (so early exits are exercised)."""
     from prunepath_jax.kernels.reference import route_reference
@@ -107,6 +130,9 @@ def test_kernels_compile_for_sm90(dtype):
              {"a": "*fp32", "s": "*i32", "w": f"*{dtype}", "y": "*fp32", "l": "*i32"},
              dict(T=4, **dims, T_PAD=16, E_PAD=512, BLOCK_D=128, SPLIT=8, **ieee),
              stages=4)  # fmt: skip
+    _compile(td._logits_kernel, {"x": f"*{dtype}", "r": "*fp32", "o": "*fp32"},
+             dict(T=1, D=4096, E=448, T_PAD=16, BLOCK_R=64, BLOCK_E=64, ROWS=128,
+                  DOT_F32=False), stages=2)  # fmt: skip
     if dtype == "bf16":
         _compile(tg._grouped_up_kernel,
                  {"x": "*bf16", "w": "*bf16", "g": "*fp32", "tok": "*i32", "off": "*i32",
