@@ -206,6 +206,7 @@ def breakdown(lay, t, kfrac, args) -> list[dict]:
     """µs per call of each piece of one layer (serialised chains of n calls): the router logits
     (XLA), the selection kernel, XLA's selection (the reference's ops), the expert kernel, and
     the whole layer with either selection."""
+    from prunepath_jax.kernels.pallas_logits import router_logits_pallas
     from prunepath_jax.kernels.pallas_routing import route_gates_pallas
 
     e, g, d = lay.e, lay.g, lay.d
@@ -223,6 +224,10 @@ def breakdown(lay, t, kfrac, args) -> list[dict]:
             for j in range(args.n):
                 r, wi, wo = sets[j % r_sets]
                 x = after(xs_[j], outs[-1])
+                if piece == "logits_pallas":  # the split-K kernel (+ its XLA sum)
+                    xp = x if tp == t else jnp.zeros((tp, d), x.dtype).at[:t].set(x)
+                    outs.append(router_logits_pallas(xp, r, interpret=args.interpret))
+                    continue
                 lg = routing.router_logits(r, x)
                 if piece == "logits":
                     out = lg
@@ -244,7 +249,7 @@ def breakdown(lay, t, kfrac, args) -> list[dict]:
                                         plan=plan, interpret=args.interpret)  # fmt: skip
                 else:
                     out = pd.sparse_ffn_decode(x, r, wi, wo, tau_, group_size=g,
-                                               interpret=args.interpret, routing=piece[6:],
+                                               interpret=args.interpret, **LAYERS[piece],
                                                **rkw)[0]  # fmt: skip
                 outs.append(out)
             return outs[1:]
@@ -252,12 +257,21 @@ def breakdown(lay, t, kfrac, args) -> list[dict]:
         return jax.jit(f)
 
     rows = []
-    pieces = ["logits", "select_pallas", "select_xla", "experts", "layer_pallas", "layer_xla"]
+    pieces = ["logits", "logits_pallas", "select_pallas", "select_xla", "experts", *LAYERS]
     for piece in pieces:
         tt = time_fn(chain(piece), lay.sets, xs, tau, warmup=2, iters=args.iters)
         us = max(tt - args.t_empty, 0.0) / args.n * 1e6
         rows.append({"what": f"breakdown_{piece}", "batch": t, "k": k, "us": us})
     return rows
+
+
+# Whole-layer variants of the breakdown: Pallas logits + selection (the default), XLA logits +
+# Pallas selection, XLA logits + XLA selection.
+LAYERS = {
+    "layer_pallas": {},
+    "layer_pallas_xla_logits": {"logits": "xla"},
+    "layer_xla": {"routing": "xla"},
+}
 
 
 def launch_overhead(args) -> list[dict]:
@@ -332,7 +346,7 @@ def main():
     ap.add_argument("--kfrac", nargs="+", type=float, default=[0.1, 0.25, 0.5, 1.0])
     ap.add_argument("--n", type=int, default=16, help="calls per timed jit")
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--sweep", action="store_true", help="tuning sweep at batch 1 and 16 first")
+    ap.add_argument("--sweep", action="store_true", help="tuning sweep at batch 1 and 4 first")
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--out", default="results/pallas_decode.jsonl")
     a = ap.parse_args()
@@ -356,8 +370,16 @@ def main():
     best = {}
     if a.sweep:
         grid = {
-            1: [{}, {"block_d": 2048, "num_warps": 8}, {"block_n": 32, "num_warps": 8},
-                {"num_stages": 1}, {"num_warps": 16, "block_d": 2048}],
+            1: [{}, {"block_d": 2048, "num_warps": 8}, {"num_stages": 1},
+                # tensor-core dots at one token (rows padded to 16): the loads feed dots, which
+                # Triton's pipeliner overlaps; the batch-4 form was ~1.3x more GB/s per byte.
+                {"use_dot": True, "down": "split"}, {"use_dot": True, "down": "atomic"},
+                {"use_dot": True, "down": "split", "block_d": 1024},
+                {"use_dot": True, "down": "split", "block_d": 256, "num_stages": 4},
+                {"use_dot": True, "down": "split", "block_n": 32},
+                {"use_dot": True, "down": "split", "num_warps": 8},
+                {"use_dot": True, "down": "split", "down_chunks": 16}],
+            4: [{}, {"block_d": 1024}, {"block_n": 32}, {"down_chunks": 16}],
         }  # fmt: skip
         for t, configs in grid.items():
             if t not in a.batch:

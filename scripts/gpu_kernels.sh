@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 5 GPU runs on one H200: kernel tests, the decode-kernel benchmark, the end-to-end decode.
+# Usage: OUT=dir STAGE=kernels|e2e bash scripts/gpu_kernels.sh   (logs + JSONL rows in $OUT)
+set -u
+OUT=${OUT:-results/tmp}; mkdir -p "$OUT"
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+nvidia-smi -L > "$OUT/gpus.txt" 2>&1
+run() { echo "== $*" | tee -a "$OUT/log.txt"; "$@" >> "$OUT/log.txt" 2>&1; echo "rc=$?" | tee -a "$OUT/log.txt"; }
+case "${STAGE:-kernels}" in
+kernels)
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pallas_logits.py \
+    tests/test_kernels_pallas.py tests/test_kernels_triton.py tests/test_pallas_attention.py
+  run timeout 330 python3 benchmarks/pallas_decode.py --sweep --batch 1 4 16 \
+    --out "$OUT/pallas_decode.jsonl"
+  ;;
+e2e)
+  run timeout 420 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --impls pallas triton --pick-logits --batches 4 8 16 --steps 8 --chunks 3 \
+    --out "$OUT/sparse_decode.jsonl"
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_api.py \
+    tests/test_decode_attention_model.py
+  ;;
+esac
