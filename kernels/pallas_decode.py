@@ -2,8 +2,9 @@
 
 Why this shape. At decode the FFN is bound by the bytes of the selected experts' weights, and
 for small models by launches (DESIGN.md §4). So the layer is: the router logits (the split-K
-GEMV kernel of ``pallas_logits.py``, which XLA's narrow GEMV was 10x slower than), the sort-free selection kernel (``pallas_routing.py``: softmax, the paper's cumulative-mass
-rule, sigmoid gates → a gate table ``[t, E]``), and the expert kernel(s):
+GEMV kernel of ``pallas_logits.py``; XLA's narrow GEMV was ~2x slower inside the layer), the
+sort-free selection kernel (``pallas_routing.py``: softmax, the paper's cumulative-mass rule,
+sigmoid gates → a gate table ``[t, E]``), and the expert kernel(s):
 
 * Union of experts, in the kernel. Every program reads the small gate table (zero for experts a
   token did not select), takes the union over tokens and its prefix count, and finds the expert
