@@ -22,6 +22,7 @@ and the per-layer cost of a 30-layer chain at the SmolLM2 shape (launch-bound), 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -349,6 +350,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="tuning sweep at batch 1 and 4 first")
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--out", default="results/pallas_decode.jsonl")
+    ap.add_argument("--best-out", help="write the sweep's best tuning per batch here (JSON)")
     a = ap.parse_args()
     a.interpret = a.smoke
     head = header()
@@ -370,35 +372,43 @@ def main():
     best = {}
     if a.sweep:
         grid = {
-            1: [{}, {"block_d": 2048, "num_warps": 8}, {"num_stages": 1},
-                # tensor-core dots at one token (rows padded to 16): the loads feed dots, which
-                # Triton's pipeliner overlaps; the batch-4 form was ~1.3x more GB/s per byte.
-                {"use_dot": True, "down": "split"}, {"use_dot": True, "down": "atomic"},
-                {"use_dot": True, "down": "split", "block_d": 1024},
-                {"use_dot": True, "down": "split", "block_d": 256, "num_stages": 4},
-                {"use_dot": True, "down": "split", "block_n": 32},
-                {"use_dot": True, "down": "split", "num_warps": 8},
-                {"use_dot": True, "down": "split", "down_chunks": 16}],
-            4: [{}, {"block_d": 1024}, {"block_n": 32}, {"down_chunks": 16}],
+            # one token: the default (dots on 16 padded rows + atomic down) against the
+            # pre-activation form with the up-projection split over d (shorter chains of
+            # dependent loads per program, more programs); {} again last to gauge drift.
+            1: [{}, {"use_dot": False},
+                *({"down": "preact", "up_splits": u, "block_d_down": 512, "down_chunks": 32}
+                  for u in (1, 2, 4, 8)),
+                {"down": "preact", "up_splits": 4, "block_d_down": 256, "down_chunks": 16},
+                {"down": "preact", "up_splits": 4, "block_d_down": 1024, "down_chunks": 64},
+                {"down": "preact", "up_splits": 8, "block_d": 256, "block_d_down": 512,
+                 "down_chunks": 32},
+                {}],
+            4: [{}, {"down": "preact", "up_splits": 2, "down_chunks": 16, "block_d_down": 256},
+                {"down": "preact", "up_splits": 4, "down_chunks": 16, "block_d_down": 256}],
         }  # fmt: skip
         for t, configs in grid.items():
             if t not in a.batch:
                 continue
             scored = []
             for tun in configs:
-                try:
-                    r = bench_shape(lay, t, 0.25, tun, a, what=("kernel",))[0]
-                except Exception as err:  # a config that fails to compile is a result too
-                    r = {"batch": t, "what": "kernel", "tuning": tun, "error": repr(err)[:300]}
-                r["sweep"] = True
-                rows.append({**head, **r})
-                write_rows(a.out, rows[-1:])  # row by row: a timeout keeps what was measured
-                print(r, flush=True)
-                if "us" in r:
-                    scored.append((r["us"], tun))
-            if scored:
-                best[t] = min(scored, key=lambda s: s[0])[1]
+                total = 0.0
+                for kf in (0.1, 0.25):  # low k (latency-bound) and the 75%-sparsity point
+                    try:
+                        r = bench_shape(lay, t, kf, tun, a, what=("kernel",))[0]
+                    except Exception as err:  # a config that fails to compile is a result too
+                        r = {"batch": t, "what": "kernel", "tuning": tun,
+                             "error": repr(err)[:300]}  # fmt: skip
+                    r["sweep"] = True
+                    rows.append({**head, **r})
+                    write_rows(a.out, rows[-1:])  # row by row: a timeout keeps what was measured
+                    print(r, flush=True)
+                    total = total + r["us"] if "us" in r else float("inf")
+                scored.append((total, tun))
+            best[t] = min(scored, key=lambda s: s[0])[1]
         print("best tuning:", best, flush=True)
+        pd.TUNING_OVERRIDES.update(best)  # the breakdown's layers run the winners too
+        if a.best_out:
+            Path(a.best_out).write_text(json.dumps({str(k): v for k, v in best.items()}))
     for t in a.batch:
         for kf in a.kfrac:
             for r in bench_shape(lay, t, kf, best.get(t, {}), a):

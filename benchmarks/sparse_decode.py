@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -153,8 +154,19 @@ def main():
         help="time both router-logit forms first and use the faster",
     )
     ap.add_argument("--out", default="results/sparse_decode.jsonl")
+    ap.add_argument(
+        "--pallas-tuning",
+        help="JSON {batch: tuning} for the Pallas decode layer (e.g. pallas_decode.py --best-out)",
+    )
     a = ap.parse_args()
     head = {**header(), "peers": PEERS}
+    if a.pallas_tuning:
+        from prunepath_jax.kernels import pallas_decode
+
+        text = Path(a.pallas_tuning).read_text() if Path(a.pallas_tuning).exists() else "{}"
+        over = {int(b): tun for b, tun in json.loads(text).items()}
+        pallas_decode.TUNING_OVERRIDES.update(over)
+        head["pallas_tuning"] = over
     impls = [i for i in a.impls if i != "pallas" or
              importlib.util.find_spec("prunepath_jax.kernels.pallas_decode")]  # fmt: skip
     bws = copy_bandwidth(2 << 30)

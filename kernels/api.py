@@ -31,11 +31,12 @@ from prunepath_jax.models.layers import activation as _activation
 
 IMPLEMENTATIONS = ("xla", "triton", "pallas")
 DECODE_MAX_TOKENS = 16
-# Fastest measured on the H200 (BENCHMARKS.md, issue 5), by token-count regime: the Triton decode
-# layer beats the dense layer at 1-4 tokens (8B shape, k/E <= 25%); at 5-16 tokens the union of
-# the batch's experts approaches all of them and the masked XLA path wins; the grouped GEMM beats
+# Fastest measured on the H200 (BENCHMARKS.md, issue 5), by token-count regime: at 1-4 tokens
+# the Pallas decode path (8B end to end at 75% sparsity, batch 1: 3563 us/token vs Triton 3959,
+# dense 4432; 1B: 1073 vs 1367, dense 1140); at 5-16 tokens the union of the batch's experts
+# approaches all of them (90% at batch 8) and the masked XLA path wins; the grouped GEMM beats
 # the masked XLA path for prefill (1.07x the dense FFN vs 0.82x).
-DEFAULTS = {"decode_small": "triton", "decode": "xla", "prefill": "triton"}
+DEFAULTS = {"decode_small": "pallas", "decode": "xla", "prefill": "triton"}
 SMALL_BATCH = 4
 
 

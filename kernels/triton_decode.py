@@ -232,7 +232,7 @@ DEFAULT_TUNING = {
     "warps_down": 4,
     "stages_up": 3,
     "stages_down": 4,
-    "logits": "triton",
+    "logits": "dot",
 }
 
 
@@ -248,7 +248,10 @@ def router_logits(
     a weight-sized temporary (`models.layers.matvec_safe_matmul`). Measured in
     benchmarks/sparse_decode.py --pick-logits (H200, 8B layer, batch 1): all three ~22 us per
     layer ("reduce" may materialise a [t, d, E] product at larger t). ``"triton"`` is the
-    split-K kernel above (`router_logits_triton`).
+    split-K kernel above (`router_logits_triton`): in the same comparison (2026-11-30, H200) it
+    was no faster inside the Triton layer (8B, k = 1: 69 vs 91 us; k = 112: 156 vs 132 us; the
+    jax-triton launch costs ~6 us), so ``"dot"`` stays the default; the Pallas path, whose
+    launches are cheap, uses its own split-K kernel (`pallas_logits.py`).
     """
     if how == "triton":
         return router_logits_triton(router_de, x_td, interpret=interpret)

@@ -16,6 +16,16 @@ kernels)
   run timeout 330 python3 benchmarks/pallas_decode.py --sweep --batch 1 4 16 \
     --out "$OUT/pallas_decode.jsonl"
   ;;
+all)  # sweep -> best tuning -> kernel rows -> end-to-end with it -> every GPU kernel test
+  run timeout 220 python3 benchmarks/pallas_decode.py --sweep --batch 1 4 16 \
+    --best-out "$OUT/best.json" --out "$OUT/pallas_decode.jsonl"
+  run timeout 160 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --impls pallas triton --batches 4 8 --steps 8 --chunks 3 --pallas-tuning "$OUT/best.json" \
+    --out "$OUT/sparse_decode.jsonl"
+  run timeout 190 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py tests/test_decode_attention_model.py tests/test_pallas_logits.py \
+    tests/test_kernels_pallas.py tests/test_kernels_triton.py tests/test_pallas_attention.py
+  ;;
 e2e)
   run timeout 380 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
     --impls pallas triton --pick-logits --batches 8 16 --steps 8 --chunks 3 \

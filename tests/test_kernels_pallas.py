@@ -48,6 +48,12 @@ CASES = [
      {"down": "split", "down_chunks": 3}),
     ("b16_dot_split_bf16", 16, 64, 8, 32, jnp.bfloat16, 0.5, 0.05,
      {"use_dot": True, "down": "split", "down_chunks": 2}),
+    ("b1_preact_up4_bf16", 1, 256, 8, 32, jnp.bfloat16, 0.6, 0.1,
+     {"down": "preact", "up_splits": 4, "block_d": 64, "down_chunks": 3}),
+    ("b3_preact_up2_fp32", 3, 128, 7, 16, jnp.float32, 0.7, 0.3,
+     {"down": "preact", "up_splits": 2, "block_d": 32, "block_d_down": 32}),
+    ("b2_preact_bcast_bf16", 2, 64, 8, 16, jnp.bfloat16, 0.7, 0.3,
+     {"down": "preact", "use_dot": False}),
 ]  # fmt: skip
 _ROUTE_KEYS = ("rule", "gate", "k_min", "k_max")
 
@@ -169,6 +175,8 @@ EXPORT_CASES = [c[:6] + (c[8],) for c in CASES] + [
     ),
     ("8b_b1_split", 1, 4096, 448, 32, jnp.bfloat16, {"down": "split"}),
     ("8b_b16_split", 16, 4096, 448, 32, jnp.bfloat16, {"down": "split", "down_chunks": 8}),
+    ("8b_b1_preact", 1, 4096, 448, 32, jnp.bfloat16,
+     {"down": "preact", "up_splits": 4, "block_d_down": 512, "down_chunks": 32}),
 ]
 
 
@@ -197,7 +205,7 @@ def test_triton_lowering_exports_for_cuda(case):
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(*specs)
     n_triton = exp.mlir_module().count("custom_call @__gpu$xla.gpu.triton")
-    split = opts.get("down", "split" if (t > 1 and g % 16 == 0) else "atomic") == "split"
+    split = opts.get("down", "split" if (t > 1 and g % 16 == 0) else "atomic") != "atomic"
     route = opts.get("routing") != "xla"  # the sort-free selection kernel
     logits = route and opts.get("logits", "pallas") == "pallas"  # the split-K router GEMV
     expect = 1 + route + logits + split
