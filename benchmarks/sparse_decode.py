@@ -46,7 +46,7 @@ PEERS = "paper 1.046x (GPT-2 Medium, b1); TEAL 1.53x @40% / 1.8x @50% model-wide
 def time_decode(model, batch, prompt_len, steps, chunks, ffn_args) -> dict:
     cfg = model.cfg
     graphdef, state = nnx.split(model)
-    ctx = prompt_len + steps * (chunks + 3) + 1
+    ctx = -(-(prompt_len + steps * (chunks + 3) + 1) // 256) * 256  # the attention kernel's tiles
     st = DecodeState(
         token_b=jnp.ones((batch,), jnp.int32),
         pos_b=jnp.full((batch,), prompt_len, jnp.int32),
@@ -120,6 +120,33 @@ def pick_logits(emit, n_layers=8) -> str:
     return how
 
 
+def long_context(a, impl, emit) -> None:
+    """Batch-1 decode from long caches: XLA attention vs the Pallas split-K kernel
+    (`models.decode_attention`), dense and sparse, on the last shape."""
+    from prunepath_jax.models.decode_attention import set_attention
+
+    shape = a.shapes[-1]
+    cfg = PRESETS[shape]
+    dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    sparse = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
+    e = sparse.cfg.n_experts
+    k = max(1, round((1 - a.all_impl_sparsity) * e))
+    set_k(sparse, k)
+    set_compute(sparse, "kernel", impl)
+    args = route_args(sparse.cfg, 1.0)
+    for ctx in a.long_ctx:
+        base = {}
+        for name, model, ffn_args in (("dense", dense, None), (impl, sparse, args)):
+            for attn in ("xla", "pallas"):
+                set_attention(model, attn)
+                r = time_decode(model, 1, ctx, a.steps, a.chunks, ffn_args)
+                base.setdefault("dense_xla", r["us_per_step"])
+                emit({"bench": "long_ctx", "shape": shape, "impl": name, "batch": 1, "ctx": ctx,
+                      "attention": attn, "sparsity": 0.0 if ffn_args is None else 1 - k / e,
+                      "speedup_vs_dense": base["dense_xla"] / r["us_per_step"], **r})  # fmt: skip
+    del dense, sparse
+
+
 def set_k(model, k):
     for _, m in nnx.iter_graph(model):
         if isinstance(m, PrunePathFFN):
@@ -154,6 +181,14 @@ def main():
         help="time both router-logit forms first and use the faster",
     )
     ap.add_argument("--out", default="results/sparse_decode.jsonl")
+    ap.add_argument(
+        "--long-ctx",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also decode the last shape from caches of these lengths with XLA vs the Pallas "
+        "split-K attention (dense, and sparse at --all-impl-sparsity with the first impl)",
+    )
     ap.add_argument(
         "--pallas-tuning",
         help="JSON {batch: tuning} for the Pallas decode layer (e.g. pallas_decode.py --best-out)",
@@ -214,9 +249,11 @@ def main():
                           "k": k, "E": e, "union_frac": union_fraction(sparse, b, k),
                           "speedup_vs_dense": dense_us[b] / r["us_per_step"], **r})  # fmt: skip
         del sparse
-    cols = ["bench", "shape", "impl", "batch", "k", "us", "sparsity", "union_frac", "us_per_step",
-            "speedup_vs_dense", "custom_calls_per_layer", "fusions_per_step", "args_MB",
-            "temp_MB"]  # fmt: skip
+    if a.long_ctx:
+        long_context(a, impls[0], emit)
+    cols = ["bench", "shape", "impl", "batch", "k", "us", "sparsity", "ctx", "attention",
+            "union_frac", "us_per_step", "speedup_vs_dense", "custom_calls_per_layer",
+            "fusions_per_step", "args_MB", "temp_MB"]  # fmt: skip
     print(f"\n{head['date']} commit {head['commit']} on {head['device']}; copy "
           f"{bw / 1e12:.2f} TB/s; peers: {PEERS}")  # fmt: skip
     print(markdown_table(rows, cols))

@@ -26,6 +26,15 @@ all)  # sweep -> best tuning -> kernel rows -> end-to-end with it -> every GPU k
     tests/test_kernels_api.py tests/test_decode_attention_model.py tests/test_pallas_logits.py \
     tests/test_kernels_pallas.py tests/test_kernels_triton.py tests/test_pallas_attention.py
   ;;
+final)  # the kernel-path generate diagnosis, the GPU tests not yet run, long-context decode
+  run timeout 150 python3 scripts/diag_sparse_generate.py --batch 1
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_decode_attention_model.py tests/test_pallas_attention.py \
+    tests/test_kernels_pallas.py -k "gpu and (preact or attention or llama8b or b1)"
+  run timeout 190 python3 benchmarks/sparse_decode.py --shapes llama-3-8b --sparsities \
+    --impls pallas --batches --steps 8 --chunks 2 --long-ctx 4096 32768 \
+    --out "$OUT/sparse_decode.jsonl"
+  ;;
 e2e)
   run timeout 380 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
     --impls pallas triton --pick-logits --batches 8 16 --steps 8 --chunks 3 \
