@@ -117,8 +117,8 @@ def _round_up(n: int, m: int) -> int:
 def _split(model: nnx.Module, implementation: str | None):
     """`nnx.split`, with the compute paths `implementation` asks for set in the graphdef only
     (the caller's model keeps its own): every PrunePath FFN through the kernel registry, and
-    Llama-family decode attention through the Pallas split-K kernel for "pallas" (and "auto"
-    where it can run; `models.decode_attention.impl_for`)."""
+    Llama-family decode attention through the Pallas split-K kernel for "pallas" only
+    (`models.decode_attention.impl_for`)."""
     if implementation is None:
         return nnx.split(model)
     if implementation not in ("auto", "xla", "triton", "pallas"):
@@ -187,7 +187,8 @@ def generate(
             "auto" (fastest available), for prefill and decode; for Llama-family models
             (dense too) "pallas" also runs decode-step attention through the split-K kernel
             (`models.decode_attention`; XLA where it cannot run, e.g. on CPU or with a sliding
-            window), as does "auto" on a GPU. None keeps the model's own compute paths. The
+            window); "auto" keeps XLA attention (the kernel measured slower in the 8B decode
+            step, BENCHMARKS.md). None keeps the model's own compute paths. The
             decode step stays one compiled program.
         tau: PrunePath budget (scalar or per-layer); builds `ffn_args` when those are not given.
 

@@ -165,7 +165,7 @@ def test_generate_implementation_switches_attention_in_the_graphdef_only():
     assert {m.attn_impl for m in da.attention_modules(nnx.merge(graphdef, state))} == {"pallas"}
     assert {m.attn_impl for m in da.attention_modules(model)} == {"xla"}
     auto = nnx.merge(*gen_mod._split(model, "auto"))
-    assert {m.attn_impl for m in da.attention_modules(auto)} == {"pallas" if ON_GPU else "xla"}
+    assert {m.attn_impl for m in da.attention_modules(auto)} == {"xla"}  # measured slower
     prompts = [[1, 2, 3, 4], [5, 6]]
     assert generate(model, prompts, 6, implementation="pallas") == generate(model, prompts, 6)
     with pytest.raises(ValueError, match="no PrunePath FFN"):
@@ -193,16 +193,13 @@ def test_model_decode_step_lowers_the_kernel_for_cuda(monkeypatch):
     assert exp.mlir_module().count("custom_call @__gpu$xla.gpu.triton") == cfg.n_layers
 
 
-def test_auto_uses_the_kernel_only_on_one_device(monkeypatch):
+def test_only_an_explicit_pallas_uses_the_kernel(monkeypatch):
+    """"auto" keeps XLA attention: in the 8B decode step the kernel was slower (BENCHMARKS.md)."""
     monkeypatch.setattr(da, "kernel_ready", lambda: None)
     model = _model(4, 2)
-    assert da.impl_for("auto", model) == "pallas"
-    assert da.impl_for("triton", model) == "xla"
-    if len(jax.devices()) > 1:
-        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
-        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        nnx.update(model, jax.device_put(nnx.state(model), rep))
-        assert da.impl_for("auto", model) == "xla"
+    assert da.impl_for("pallas", model) == "pallas"
+    for impl in ("auto", "xla", "triton"):
+        assert da.impl_for(impl, model) == "xla"
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close
+from helpers import TOL, assert_close
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernel_cases import DECODE_CASES, inputs, kwargs  # noqa: E402
@@ -118,8 +118,13 @@ def _ffns(model):
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("impl", ["triton", "pallas"])
 def test_sparse_generation_matches_xla_on_gpu(batch, impl):
-    """SmolLM2-shaped random weights, bf16, k = 12 of 48 experts: same greedy tokens (or, where
-    a near-tie flips a token, first-step logits within the bf16 tolerance)."""
+    """SmolLM2-shaped random bf16 weights, k = 12 of 48 experts: the same greedy tokens, or, for
+    a sequence that differs, the kernel's token at the first difference is a near-argmax of the
+    XLA model's own logits there (within the bf16 tolerance of the top logit): a near-tie that
+    bf16 rounding may break either way, not a wrong computation. (Comparing whole-model logits
+    instead is not a sound check: over 30 random bf16 layers, one-ulp differences grow past
+    any per-op tolerance; measured 0.07 vs a 0.045 bound for identical routing in every layer.)
+    """
     if impl == "pallas":
         pytest.importorskip("prunepath_jax.kernels.pallas_decode")
     model = sparse_llama(PRESETS["smollm2-135m"], 12, dtype=jnp.bfloat16)
@@ -127,19 +132,20 @@ def test_sparse_generation_matches_xla_on_gpu(batch, impl):
     prompts = [list(rng.integers(0, 49152, 5 + 3 * i)) for i in range(batch)]
     ref = generate(model, prompts, 16, tau=1.0, implementation="xla")
     out = generate(model, prompts, 16, tau=1.0, implementation=impl)
-    same = np.mean([a == b for a, b in zip(ref, out, strict=True)])
-    if same < 1.0:
-        from prunepath_jax.nn import route_args
+    from prunepath_jax.nn import route_args
 
-        toks = jnp.asarray([p[:5] for p in prompts], jnp.int32)
-        pos = jnp.broadcast_to(jnp.arange(5), toks.shape)
-        args = route_args(model.cfg, 1.0)
-        set_compute(model, "kernel", "xla")
-        lx = model(toks, pos, ffn_args=args).logits
-        set_compute(model, "kernel", impl)
-        lk = model(toks, pos, ffn_args=args).logits
-        set_compute(model, "auto")
-        assert_close(lk, lx, "bf16", f"{impl} logits, {same:.0%} of sequences identical")
+    set_compute(model, "kernel", "xla")
+    args = route_args(model.cfg, 1.0)
+    for p, r, o in zip(prompts, ref, out, strict=True):
+        if r == o:
+            continue
+        i = next(j for j, (a, b) in enumerate(zip(r, o, strict=True)) if a != b)
+        toks = jnp.asarray([p + r[:i]], jnp.int32)
+        logits = model(toks, jnp.arange(toks.shape[1])[None], ffn_args=args).logits[0, -1]
+        top = float(jnp.max(logits))
+        gap = top - float(logits[o[i]])
+        bound = TOL["bf16"] * max(1.0, abs(top))
+        assert gap <= bound, f"{impl}: token {i} differs and is {gap:.3g} below the top logit"
 
 
 def test_cli_bench_runs_the_scripts(tmp_path, monkeypatch):

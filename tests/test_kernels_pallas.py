@@ -224,3 +224,13 @@ def test_gpu_llama8b_layer_shape():
     for t in (1, 4, 16):
         case = (f"8b_b{t}", t, 4096, 448, 32, jnp.bfloat16, 0.5, 0.02, {})
         _check(case, interpret=False, seed=t)
+
+
+@pytest.mark.gpu
+def test_gpu_smollm2_layer_shape():
+    """SmolLM2's layer (d 576, E 48, G 32) at 1, 5 and 8 tokens, default and pre-activation
+    forms: the shapes of the end-to-end generation test, checked one layer at a time."""
+    for t in (1, 5, 8):
+        for opts in ({}, {"down": "preact"}):
+            case = (f"smollm2_b{t}_{opts}", t, 576, 48, 32, jnp.bfloat16, 0.6, 0.05, opts)
+            _check(case, interpret=False, seed=t)
