@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from prunepath_jax import routing
+from prunepath_jax.kernels.pallas_logits import pow2_divisor as _pow2_divisor
 from prunepath_jax.kernels.pallas_logits import router_logits_pallas
 from prunepath_jax.kernels.pallas_routing import route_gates_pallas
 from prunepath_jax.kernels.reference import route_reference
@@ -54,14 +55,6 @@ except ImportError:  # pragma: no cover - only on a jax without Pallas-Triton
 
 MAX_TOKENS = 16
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float16))
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-    """Largest power of two that divides ``n`` and is ≤ ``cap`` (Triton blocks are powers of 2)."""
-    b = 1
-    while b * 2 <= cap and n % (b * 2) == 0:
-        b *= 2
-    return b
 
 
 def _next_pow2(n: int) -> int:

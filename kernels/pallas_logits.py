@@ -28,8 +28,9 @@ except ImportError:  # pragma: no cover - only on a jax without Pallas-Triton
     plgpu = None
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
-    """Largest power of two dividing ``n`` and ≤ ``cap`` (Triton blocks are powers of two)."""
+def pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two dividing ``n`` and ≤ ``cap`` (Triton blocks are powers of two); shared
+    with ``pallas_decode``."""
     b = 1
     while b * 2 <= cap and n % (b * 2) == 0:
         b *= 2
@@ -43,12 +44,12 @@ def _largest_divisor(n: int, cap: int) -> int:
 def plan(tp: int, d: int, e: int, *, splits: int = 32, block_e: int = 64) -> dict:
     """Static blocks: ``be`` columns (a power of two dividing E, so no program reads past the
     router), ``bdi`` rows per step, ``s`` splits of d, ``steps`` per program, ``use_dot``."""
-    be = _pow2_divisor(e, block_e)
+    be = pow2_divisor(e, block_e)
     use_dot = tp >= 16 and be >= 16
     # Broadcast accumulator [tp, bdi, be] fp32 stays ≤ 4k elements (32 registers a thread).
-    bdi = _pow2_divisor(d, 64 if use_dot else max(1, 4096 // (tp * be)))
+    bdi = pow2_divisor(d, 64 if use_dot else max(1, 4096 // (tp * be)))
     if use_dot and bdi < 16:
-        use_dot, bdi = False, _pow2_divisor(d, max(1, 4096 // (tp * be)))
+        use_dot, bdi = False, pow2_divisor(d, max(1, 4096 // (tp * be)))
     s = _largest_divisor(d // bdi, splits)
     return {"be": be, "bdi": bdi, "s": s, "steps": d // bdi // s, "use_dot": use_dot}
 
