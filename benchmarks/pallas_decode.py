@@ -130,7 +130,9 @@ def bench_shape(lay, t, kfrac, tuning, args, what=("kernel", "layer")) -> list[d
             "tuning": dict(tuning)}  # fmt: skip
     if "kernel" in what:
         x_p = [
-            xs[j] if plan["tp"] == t else jnp.zeros((plan["tp"], d), lay.dtype).at[:t].set(xs[j])
+            xs[j]
+            if t in (1, plan["tp"])
+            else jnp.zeros((plan["tp"], d), lay.dtype).at[:t].set(xs[j])
             for j in range(args.n)
         ]
 
@@ -245,7 +247,7 @@ def breakdown(lay, t, kfrac, args) -> list[dict]:
                         .at[:t, :e]
                         .set(jax.lax.stop_gradient(jax.nn.one_hot(jnp.arange(k), e).max(0) * 0.5))
                     )
-                    out = pd.expert_ffn(gt, x if tp == t else jnp.zeros((tp, d), x.dtype),
+                    out = pd.expert_ffn(gt, x if t in (1, tp) else jnp.zeros((tp, d), x.dtype),
                                         wi, wo, t=t, group_size=g, n_slots=min(e, t * k),
                                         plan=plan, interpret=args.interpret)  # fmt: skip
                 else:

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from prunepath_jax import routing
+from prunepath_jax.kernels import pallas_atomic
 from prunepath_jax.kernels.pallas_logits import pow2_divisor as _pow2_divisor
 from prunepath_jax.kernels.pallas_logits import router_logits_pallas
 from prunepath_jax.kernels.pallas_routing import route_gates_pallas
@@ -114,8 +115,10 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
     """Static block sizes. ``use_dot`` picks tensor-core dots (tokens padded to 16 rows).
 
     Defaults from the H200 sweeps (BENCHMARKS.md, issue 5, Llama-3-8B layer, k/E = 25%): one
-    token: tensor-core dots on 16 padded rows + atomic down-projection (45 µs vs 74 µs for
-    broadcast FMAs in the same run: the loads feed dots, which Triton software-pipelines);
+    token: tensor-core dots on 16 rows + atomic down-projection, 32-neuron blocks (device time
+    from profiler traces, 2026-12-01: 27.8 µs vs 35.3 µs with 16-neuron blocks, 43.4 µs with
+    broadcast FMAs, 38.3 µs split down-projection; a whole G = 32 expert per program streams
+    its 768 KB with one prologue and half the atomics);
     2-16 tokens: dots + the split down-projection with 8 chunks (batch 16: 146 µs vs 470 µs with
     per-block atomics; batch 4: 112 µs vs 166 µs dot+atomics, 265 µs broadcast), 32-neuron
     blocks up to 4 tokens (104 µs vs 119 µs). Broadcast FMAs remain for G not a multiple of 16.
@@ -129,7 +132,7 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
         if g % 16:
             raise NotImplementedError(f"dot path needs group_size % 16 == 0, got {g}")
         tp = MAX_TOKENS
-        bn = tuning.get("block_n", 32 if 1 < t <= 4 and g % 32 == 0 else 16)
+        bn = tuning.get("block_n", 32 if t <= 4 and g % 32 == 0 else 16)
         if bn < 16:
             raise ValueError(f"dot path needs block_n >= 16, got {bn}")
     else:
@@ -152,6 +155,9 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
         raise ValueError(
             f"up_splits={up_splits} needs down='preact' and to divide d/block_d = {d // bd}"
         )
+    atomics = tuning.get("atomics", "relaxed")
+    if atomics not in ("relaxed", "acq_rel"):
+        raise ValueError(f"atomics must be 'relaxed' or 'acq_rel', got {atomics!r}")
     return {
         "use_dot": bool(use_dot),
         "tp": tp,
@@ -165,14 +171,23 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
         "logits": tuning.get("logits", "pallas"),
         "down": down,
         "up_splits": up_splits,
+        "atomics": atomics,
         "down_chunks": tuning.get("down_chunks", 8),
         "block_d_down": _pow2_divisor(d, tuning.get("block_d_down", 128)),
     }
 
 
+def _atomic_add(plan, ref, idx, val, mask=None):
+    """Partial-sum atomics: relaxed by default (``pallas_atomic.py`` says why); ``atomics=
+    "acq_rel"`` keeps Pallas' own (fenced) atomics, for measuring the difference."""
+    if plan["atomics"] == "relaxed":
+        return pallas_atomic.atomic_add(ref, idx, val, mask=mask)
+    return plgpu.atomic_add(ref, idx, val, mask=mask)
+
+
 def _union(gate_ref):
     """Union of the tokens' experts from the gate table: ``(gate_te, cnt_e, n_used)``."""
-    gate_te = gate_ref[...]  # [tp, ep] fp32, zero rows/cols for padding
+    gate_te = gate_ref[...]  # [tp or 1, ep] fp32, zero rows/cols for padding
     used_e = jnp.max((gate_te != 0.0).astype(jnp.int32), axis=0)  # [ep]
     return gate_te, jnp.cumsum(used_e), jnp.sum(used_e)  # inclusive prefix count of the union
 
@@ -205,8 +220,8 @@ def _kernel(
     def _():
         # Expert of this slot: the first e with cnt_e == slot + 1 is #(cnt_e <= slot).
         e = jnp.sum((cnt_e <= slot).astype(jnp.int32))
-        iota_e = jax.lax.broadcasted_iota(jnp.int32, (tp, ep), 1)
-        g_t = jnp.sum(jnp.where(iota_e == e, gate_te, 0.0), axis=1)  # [tp]
+        iota_e = jax.lax.broadcasted_iota(jnp.int32, gate_te.shape, 1)
+        g_t = jnp.sum(jnp.where(iota_e == e, gate_te, 0.0), axis=1)  # [tp] or [1]
         row0 = e * g + nb * bn
         rows = pl.ds(pl.multiple_of(row0, bn), bn)
         rows_up = pl.ds(pl.multiple_of(f + row0, bn), bn)  # w_in is viewed as [2f, d]
@@ -215,7 +230,9 @@ def _kernel(
         def in_body(i, carry):
             acc_g, acc_u = carry
             cols = pl.ds(pl.multiple_of((ks * n_in + i) * bd, bd), bd)
-            x = plgpu.load(x_ref.at[:, cols])  # [tp, bd]
+            x = plgpu.load(x_ref.at[:, cols])  # [tp, bd], or [1, bd] for one token
+            if x.shape[0] != tp:  # one token on the dot path: 16 identical rows, no padding
+                x = jnp.broadcast_to(x, (tp, bd))
             wg = plgpu.load(w_in_ref.at[rows, cols])  # [bn, bd]
             wu = plgpu.load(w_in_ref.at[rows_up, cols])  # [bn, bd]
             if plan["use_dot"]:
@@ -239,7 +256,7 @@ def _kernel(
                 if ks_n == 1:
                     plgpu.store(y_ref.at[cols], h)
                 else:
-                    plgpu.atomic_add(y_ref, cols, h)
+                    _atomic_add(plan, y_ref, cols, h)
             return
         a_tn = h_g / (1.0 + jnp.exp(-h_g)) * h_u * g_t[:, None]  # silu(gate)·up·σ(g), fp32
         if plan["down"] == "split":
@@ -247,6 +264,7 @@ def _kernel(
             plgpu.store(y_ref.at[:, acols], a_tn)
             return
         row_ok = jax.lax.broadcasted_iota(jnp.int32, (tp, bdo), 0) < t
+        one_row = y_ref.shape[0] == 1 < tp  # one token: its row alone goes out
 
         def out_body(i, carry):
             cols = pl.ds(pl.multiple_of(i * bdo, bdo), bdo)
@@ -256,10 +274,14 @@ def _kernel(
                 part = plgpu.dot(lhs, wo, precision=prec)  # [tp, bdo] fp32
             else:
                 part = jnp.sum(a_tn[:, :, None] * wo.astype(jnp.float32)[None], axis=1)
-            # Padding rows add exact zeros (x = 0 there); the mask only saves their atomics.
-            # The interpreter cannot discharge masked atomics, so it adds the zeros.
+            if one_row:  # the 16 rows are the same token's: any one is exact (max of equals)
+                _atomic_add(plan, y_ref, (pl.ds(0, 1), cols), jnp.max(part, axis=0)[None, :])
+                return carry
+            # Rows past t are padding (zeros, or copies of the token); the mask skips their
+            # atomics. The interpreter cannot discharge masked atomics: it adds them to rows
+            # the caller drops.
             mask = None if interpret else row_ok
-            plgpu.atomic_add(y_ref, (pl.ds(0, tp), cols), part, mask=mask)
+            _atomic_add(plan, y_ref, (pl.ds(0, tp), cols), part, mask=mask)
             return carry
 
         jax.lax.fori_loop(0, d // bdo, out_body, 0)
@@ -272,7 +294,7 @@ def _down_kernel(gate_ref, act_ref, w_out_ref, y_in_ref, y_ref, *, t, g, e, n_sl
     ``act[:, slot] @ W_out[expert(slot), cols]`` in registers and adds once (C chunks ⇒ C adds
     per output element instead of one per neuron block)."""
     del y_in_ref
-    tp, ep = gate_ref.shape
+    tp = plan["tp"]
     bdo, chunks = plan["block_d_down"], plan["down_chunks"]
     preact = plan["down"] == "preact"
     j, c = pl.program_id(0), pl.program_id(1)
@@ -291,8 +313,8 @@ def _down_kernel(gate_ref, act_ref, w_out_ref, y_in_ref, y_ref, *, t, g, e, n_sl
                            mask=jnp.full((tp, g), ok), other=0.0)
                 for o in (0, g)
             )  # fmt: skip
-            iota_e = jax.lax.broadcasted_iota(jnp.int32, (tp, ep), 1)
-            g_t = jnp.sum(jnp.where(iota_e == ex, gate_te, 0.0), axis=1)  # [tp]
+            iota_e = jax.lax.broadcasted_iota(jnp.int32, gate_te.shape, 1)
+            g_t = jnp.sum(jnp.where(iota_e == ex, gate_te, 0.0), axis=1)  # [tp] or [1]
             a = hg / (1.0 + jnp.exp(-hg)) * hu * g_t[:, None]
         else:
             a = plgpu.load(
@@ -315,27 +337,33 @@ def _down_kernel(gate_ref, act_ref, w_out_ref, y_in_ref, y_ref, *, t, g, e, n_sl
         n_iter = jnp.clip((n_used - c + chunks - 1) // chunks, 0, n_iter)
     acc = jax.lax.fori_loop(0, n_iter, body, jnp.zeros((tp, bdo), jnp.float32))
     row_ok = jax.lax.broadcasted_iota(jnp.int32, (tp, bdo), 0) < t
-    plgpu.atomic_add(y_ref, (pl.ds(0, tp), cols), acc, mask=None if interpret else row_ok)
+    _atomic_add(plan, y_ref, (pl.ds(0, tp), cols), acc, mask=None if interpret else row_ok)
 
 
 def expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, t, group_size, n_slots, plan, interpret):
-    """The expert kernel alone: fp32 ``[tp, d]`` from the gate table ``[tp, ep]`` and padded x.
+    """The expert kernel alone: fp32 ``[tp, d]`` from the gate table and padded x ``[tp, d]``.
 
     Separate so benchmarks can time the bytes-bound part without the routing launches.
-    ``n_slots`` bounds the union size statically (``min(E, t·k_max)``).
+    ``n_slots`` bounds the union size statically (``min(E, t·k_max)``). The gate table is
+    ``[tp, ep]``, or ``[1, ep]`` for one token: every program reads it before its first weight
+    load, so one token does not pay for 15 padding rows (32 KB at E = 448) in that prologue.
     """
-    tp, ep = gate_pe.shape
+    tp = plan["tp"]
+    tg, ep = gate_pe.shape
+    if tg not in (1, tp) or x_pd.shape[0] not in (1, tp):
+        raise ValueError(f"gate table and x need 1 or {tp} rows: {gate_pe.shape}, {x_pd.shape}")
     f, d = w_out_fd.shape
     split = plan["down"] != "atomic"
+    ty = 1 if t == 1 and not split else tp  # rows of the atomic output
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    gate_spec = pl.BlockSpec((tp, ep), lambda *_: (0, 0))  # small: every program reads it
+    gate_spec = pl.BlockSpec((tg, ep), lambda *_: (0, 0))  # small: every program reads it
     params = plgpu.CompilerParams(num_warps=plan["num_warps"], num_stages=plan["num_stages"])
     a_cols = n_slots * group_size * (2 if plan["down"] == "preact" else 1)
     out = pl.pallas_call(
         functools.partial(
             _kernel, t=t, d=d, f=f, g=group_size, ep=ep, plan=plan, interpret=interpret
         ),
-        out_shape=jax.ShapeDtypeStruct((tp, a_cols) if split else (tp, d), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((tp, a_cols) if split else (ty, d), jnp.float32),
         grid=(n_slots * (group_size // plan["bn"]) * plan["up_splits"],),
         in_specs=[
             gate_spec,
@@ -351,7 +379,7 @@ def expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, t, group_size, n_slots, pla
         name="prunepath_sparse_ffn_decode",
     )(
         gate_pe, x_pd, w_in_cfd.reshape(2 * f, d), w_out_fd,
-        jnp.zeros((tp, a_cols) if split else (tp, d), jnp.float32),
+        jnp.zeros((tp, a_cols) if split else (ty, d), jnp.float32),
     )  # fmt: skip
     if not split:
         return out
@@ -395,7 +423,9 @@ def _decode_jit(
     tp = plan["tp"]
     ep = max(_next_pow2(e), 16)
 
-    x_pd = x_td if tp == t else jnp.zeros((tp, d), x_td.dtype).at[:t].set(x_td)
+    # One token is never padded: the expert kernel broadcasts its row to the 16 dot rows (a pad
+    # was one more XLA launch per layer, ~1.3 µs on the H200, for 32 KB of zeros).
+    x_pd = x_td if t in (1, tp) else jnp.zeros((tp, d), x_td.dtype).at[:t].set(x_td)
     if plan["routing"] == "pallas":  # one launch: softmax, rank-based selection, gates
         # Routing runs on the real tokens padded to a power of two, not on the expert kernel's
         # 16 dot rows: the selection kernel's work grows with its rows (tp·E² compares).
@@ -409,7 +439,7 @@ def _decode_jit(
             logits_te, tau, tp=tr, ep=ep, rule=rule, gate=gate, k_min=k_min, k_max=k_max,
             interpret=interpret,
         )  # fmt: skip
-        gate_pe = gate_re if tr == tp else jnp.pad(gate_re, ((0, tp - tr), (0, 0)))
+        gate_pe = gate_re if tr in (1, tp) else jnp.pad(gate_re, ((0, tp - tr), (0, 0)))
     else:  # the reference's XLA ops (sort, cumsum, scatter)
         gate_te, k_t = route_gates(
             x_td, router_de, tau, rule=rule, gate=gate, k_min=k_min, k_max=k_max
@@ -457,7 +487,9 @@ def sparse_ffn_decode(
             per neuron block) or ``"split"`` (a second kernel over output columns, ``down_chunks``
             atomic adds per output element; ``block_d_down`` columns per program) or
             ``"preact"`` (as split, but the up kernel may be split over d into ``up_splits``
-            programs that add pre-activations; the down kernel applies the activation).
+            programs that add pre-activations; the down kernel applies the activation);
+            ``atomics="relaxed"`` (default; partial sums need no ordering) or ``"acq_rel"``
+            (Pallas' fenced atomics, kept to measure the difference).
 
     Raises:
         NotImplementedError/ValueError: input outside what the kernel computes exactly
@@ -472,7 +504,7 @@ def sparse_ffn_decode(
         )
     unknown = set(tuning) - {
         "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing",
-        "logits", "down", "down_chunks", "block_d_down", "up_splits",
+        "logits", "down", "down_chunks", "block_d_down", "up_splits", "atomics",
     }  # fmt: skip
     if unknown:
         raise TypeError(f"unknown tuning options {sorted(unknown)}")

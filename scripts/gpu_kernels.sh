@@ -35,6 +35,49 @@ final)  # the kernel-path generate diagnosis, the GPU tests not yet run, long-co
     --impls pallas --batches --steps 8 --chunks 2 --long-ctx 4096 32768 \
     --out "$OUT/sparse_decode.jsonl"
   ;;
+relaxed)  # relaxed vs fenced atomics: interleaved timings, an ncu profile, e2e b1, GPU tests
+  run timeout 170 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 --rounds 4 \
+    --out "$OUT/expert_profile.jsonl"
+  run timeout 120 ncu --clock-control none -k regex:prunepath --section SpeedOfLight \
+    --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
+    --log-file "$OUT/ncu.csv" python3 benchmarks/expert_profile.py \
+    --variants default default_acq_rel split
+  run timeout 170 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --impls pallas --batches --steps 8 --chunks 3 --out "$OUT/sparse_decode.jsonl"
+  run timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_pallas_atomic.py tests/test_kernels_pallas.py
+  ;;
+tune)  # expert-kernel variants timed by device traces (8B and 1B layers), the kernel GPU tests
+  run timeout 200 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 --rounds 3 \
+    --out "$OUT/expert_profile.jsonl"
+  run timeout 120 python3 benchmarks/expert_profile.py --time --kfrac 0.25 --rounds 3 \
+    --shape 2048,8192,32 --out "$OUT/expert_profile.jsonl"
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_pallas_atomic.py tests/test_kernels_pallas.py
+  ;;
+e2e2)  # end-to-end decode after the launch cuts and 32-neuron blocks, then where the time goes
+  run timeout 260 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --impls pallas triton --batches 4 8 --steps 8 --chunks 3 --out "$OUT/sparse_decode.jsonl"
+  for sh in llama-3-8b llama-3.2-1b; do
+    run timeout 100 python3 scripts/trace_decode.py --shape $sh --sparsity 0.75 \
+      --out "$OUT/trace_${sh}_0.75"
+    find "$OUT/trace_${sh}_0.75" -name "*.xplane.pb" -delete
+  done
+  ;;
+tests2)  # GPU tests of the changed paths: generation through the kernels, decode layers
+  run timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_pallas_atomic.py tests/test_kernels_api.py tests/test_pallas_logits.py \
+    tests/test_kernels_pallas.py -k "gpu and not matches_reference or g32 or b1"
+  ;;
+trace)  # kernel-by-kernel device timelines of decode steps (dense and sparse), GPU tests
+  for sh in llama-3-8b llama-3.2-1b; do for sp in 0 0.75; do
+    run timeout 150 python3 scripts/trace_decode.py --shape $sh --sparsity $sp \
+      --out "$OUT/trace_${sh}_$sp"
+    find "$OUT/trace_${sh}_$sp" -name "*.xplane.pb" -delete
+  done; done
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_pallas_atomic.py tests/test_kernels_pallas.py
+  ;;
 e2e)
   run timeout 380 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
     --impls pallas triton --pick-logits --batches 8 16 --steps 8 --chunks 3 \

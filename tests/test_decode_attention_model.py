@@ -194,7 +194,7 @@ def test_model_decode_step_lowers_the_kernel_for_cuda(monkeypatch):
 
 
 def test_only_an_explicit_pallas_uses_the_kernel(monkeypatch):
-    """"auto" keeps XLA attention: in the 8B decode step the kernel was slower (BENCHMARKS.md)."""
+    """Auto keeps XLA attention: in the 8B decode step the kernel was slower (BENCHMARKS.md)."""
     monkeypatch.setattr(da, "kernel_ready", lambda: None)
     model = _model(4, 2)
     assert da.impl_for("pallas", model) == "pallas"

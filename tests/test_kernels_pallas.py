@@ -54,6 +54,9 @@ CASES = [
      {"down": "preact", "up_splits": 2, "block_d": 32, "block_d_down": 32}),
     ("b2_preact_bcast_bf16", 2, 64, 8, 16, jnp.bfloat16, 0.7, 0.3,
      {"down": "preact", "use_dot": False}),
+    ("b1_acq_rel_atomics_bf16", 1, 64, 8, 16, jnp.bfloat16, 0.7, 0.3, {"atomics": "acq_rel"}),
+    ("b1_g32_default_bf16", 1, 128, 8, 32, jnp.bfloat16, 0.6, 0.1, {}),
+    ("b1_g32_bn16_fp32", 1, 128, 8, 32, jnp.float32, 0.6, 0.1, {"block_n": 16}),
 ]  # fmt: skip
 _ROUTE_KEYS = ("rule", "gate", "k_min", "k_max")
 
@@ -175,8 +178,15 @@ EXPORT_CASES = [c[:6] + (c[8],) for c in CASES] + [
     ),
     ("8b_b1_split", 1, 4096, 448, 32, jnp.bfloat16, {"down": "split"}),
     ("8b_b16_split", 16, 4096, 448, 32, jnp.bfloat16, {"down": "split", "down_chunks": 8}),
-    ("8b_b1_preact", 1, 4096, 448, 32, jnp.bfloat16,
-     {"down": "preact", "up_splits": 4, "block_d_down": 512, "down_chunks": 32}),
+    (
+        "8b_b1_preact",
+        1,
+        4096,
+        448,
+        32,
+        jnp.bfloat16,
+        {"down": "preact", "up_splits": 4, "block_d_down": 512, "down_chunks": 32},
+    ),
 ]
 
 

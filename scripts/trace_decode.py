@@ -1,0 +1,147 @@
+"""Where a decode step's time goes on the GPU: every kernel of a few traced steps, and the idle.
+
+Runs the production decode loop (as ``benchmarks/sparse_decode.py``: random weights at a real
+shape, routers forced to k experts) under ``jax.profiler.trace`` and reads the Perfetto trace it
+writes: per kernel name, launches per step and device µs per step; the sum of kernel time
+against the step's wall time on the device timeline (the rest is launch gaps and ramp-up/drain
+between dependent kernels). A kernel's duration here is its real one inside the step, not one
+measured alone.
+
+    python scripts/trace_decode.py --shape llama-3-8b --sparsity 0.75 --out results/trace_8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from sparse_decode import set_k  # noqa: E402
+
+from prunepath_jax.config import PRESETS  # noqa: E402
+from prunepath_jax.generate import DecodeState, decode_chunk_donating  # noqa: E402
+from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
+from prunepath_jax.models.layers import init_cache  # noqa: E402
+from prunepath_jax.models.llama import LlamaModel  # noqa: E402
+from prunepath_jax.nn import route_args, set_compute  # noqa: E402
+
+
+def device_events(trace_dir: Path) -> list[dict]:
+    """Complete ('X') events on GPU timelines of the Perfetto trace under ``trace_dir``."""
+    files = sorted(trace_dir.rglob("*.trace.json.gz"))
+    if not files:
+        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+    data = json.loads(gzip.open(files[-1]).read())
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    gpu = {p for p, n in names.items() if "GPU" in n or "gpu" in n}
+    threads = {
+        (e["pid"], e["tid"]): e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
+    dev = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
+    for e in dev:
+        e["thread"] = threads.get((e["pid"], e["tid"]), "?")
+    # Kernel timelines are the "Stream" threads; others (XLA op / module lines) span them.
+    streams = [e for e in dev if "Stream" in e["thread"]]
+    return streams or dev
+
+
+def summarize(events: list[dict], steps: int) -> dict:
+    """Per-name launches and µs per step; busy (union of kernel intervals) vs span."""
+    if not events:
+        return {"error": "no device events in the trace"}
+    per = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        per[e["name"]][0] += 1
+        per[e["name"]][1] += float(e["dur"])
+    iv = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events)
+    busy, cur_s, cur_e = 0.0, iv[0][0], iv[0][1]
+    for s, t in iv[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, t
+        else:
+            cur_e = max(cur_e, t)
+    busy += cur_e - cur_s
+    span = iv[-1][1] - iv[0][0]
+    kernels = sorted(
+        ({"name": n[:90], "per_step": c / steps, "us_per_step": d / steps}
+         for n, (c, d) in per.items()),
+        key=lambda r: -r["us_per_step"],
+    )  # fmt: skip
+    threads = defaultdict(int)
+    for e in events:
+        threads[e.get("thread", "?")] += 1
+    return {
+        "threads": dict(threads),
+        "launches_per_step": len(events) / steps,
+        "busy_us_per_step": busy / steps,
+        "span_us_per_step": span / steps,
+        "idle_frac": 1 - busy / span,
+        "kernels": kernels,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama-3-8b")
+    ap.add_argument("--sparsity", type=float, default=0.75, help="0: the dense model")
+    ap.add_argument("--impl", default="pallas")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--out", default="results/trace")
+    a = ap.parse_args()
+    cfg = PRESETS[a.shape]
+    if a.sparsity > 0:
+        model = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
+        e = model.cfg.n_experts
+        set_k(model, max(1, round((1 - a.sparsity) * e)))
+        set_compute(model, "kernel", a.impl)
+        ffn_args = route_args(model.cfg, 1.0)
+    else:
+        model, ffn_args = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), None
+    graphdef, state = nnx.split(model)
+    ctx = -(-(a.prompt_len + 4 * a.steps + 1) // 256) * 256
+    b = a.batch
+    st = DecodeState(
+        token_b=jnp.ones((b,), jnp.int32),
+        pos_b=jnp.full((b,), a.prompt_len, jnp.int32),
+        done_b=jnp.zeros((b,), bool),
+        cache=init_cache(model.cfg, b, ctx, jnp.bfloat16),
+        rng=jax.random.key(0),
+    )
+    args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), ffn_args)
+    kw = dict(n_steps=a.steps, greedy=True)
+    for _ in range(2):
+        st, _ = decode_chunk_donating(graphdef, state, st, *args, **kw)
+    jax.block_until_ready(st)
+    out = Path(a.out)
+    with jax.profiler.trace(str(out / "trace"), create_perfetto_trace=True):
+        st, _ = decode_chunk_donating(graphdef, state, st, *args, **kw)
+        jax.block_until_ready(st)
+    s = summarize(device_events(out / "trace"), a.steps)
+    s.update(shape=a.shape, sparsity=a.sparsity, impl=a.impl, batch=b, n_layers=cfg.n_layers)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(s, indent=1))
+    print(json.dumps({k: v for k, v in s.items() if k != "kernels"}))
+    for r in s.get("kernels", [])[:25]:
+        print(f"{r['per_step']:8.1f} x {r['us_per_step']:9.1f} us  {r['name']}")
+
+
+if __name__ == "__main__":
+    main()
