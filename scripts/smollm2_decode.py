@@ -29,21 +29,47 @@ from prunepath_jax.convert import to_prunepath  # noqa: E402
 from prunepath_jax.demo import calibration_batches  # noqa: E402
 from prunepath_jax.generate import generate  # noqa: E402
 from prunepath_jax.loading import load_any  # noqa: E402
-from prunepath_jax.nn import route_args  # noqa: E402
+from prunepath_jax.nn import route_args, set_compute  # noqa: E402
 from prunepath_jax.router_init import init_routers  # noqa: E402
 from prunepath_jax.text import read_texts  # noqa: E402
 
 
 def prompts(tok, n: int, length: int = 32) -> list[list[int]]:
-    """The first ``length`` tokens of ``n`` held-out (validation) documents."""
+    """``n`` windows of ``length`` tokens from held-out (validation) documents, in order."""
     out = []
     for doc in read_texts("shipped", "validation"):
         ids = tok.encode(doc, add_special_tokens=False)
-        if len(ids) >= length:
-            out.append(ids[:length])
-        if len(out) == n:
-            return out
-    raise ValueError(f"only {len(out)} validation documents have {length} tokens")
+        for i in range(0, len(ids) - length + 1, length):
+            out.append(ids[i : i + length])
+            if len(out) == n:
+                return out
+    raise ValueError(f"the validation text has only {len(out)} windows of {length} tokens")
+
+
+def prefill_check(model, ps, tau, impls) -> list[dict]:
+    """Last-position logits of one forward pass over the prompts through each FFN backend,
+    against the first: max |Δ|, whether the argmax agrees, and the first's top-2 gap (a greedy
+    token can only flip where that gap is below the difference)."""
+    x = jnp.asarray(ps, jnp.int32)
+    args = route_args(model.cfg, tau)
+    rows, ref = [], None
+    for impl in impls:
+        set_compute(model, "kernel", impl)
+        res = model(x, ffn_args=args)
+        lg = np.asarray(res.logits[:, -1].astype(jnp.float32))
+        k = [np.asarray(s.k_t) for s in res.ffn_stats if s is not None]
+        if ref is None:
+            ref = (lg, k)
+            top2 = np.sort(lg, axis=-1)[:, -2:]
+        rows.append({
+            "impl": impl, "tau": tau, "max_abs_dlogit": float(np.max(np.abs(lg - ref[0]))),
+            "argmax_agree": float(np.mean(lg.argmax(-1) == ref[0].argmax(-1))),
+            "ref_top2_gap_min": float(np.min(top2[:, 1] - top2[:, 0])),
+            "k_t_equal_layers": int(sum(map(np.array_equal, k, ref[1]))),
+            "n_layers": len(k),
+        })  # fmt: skip
+    set_compute(model, "auto")
+    return rows
 
 
 def decode_tps(model, ps, n1, n2, repeats=3, **kw) -> tuple[float, list[list[int]]]:
@@ -99,6 +125,8 @@ def main():
         dense_tps, _ = decode_tps(pre.model, ps, n1, n2)
         emit({"batch": b, "impl": "dense", "tau": None, "tok_s_per_seq": dense_tps})
         for tau in a.taus:
+            for r in prefill_check(model, ps, tau, a.impls):
+                emit({"batch": b, "what": "prefill_logits", **r})
             base = None
             for impl in a.impls:
                 try:
@@ -120,6 +148,8 @@ def main():
     print("\n| batch | impl | tau | sparsity | tok/s/seq | vs dense | same tokens |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+        if r.get("what"):
+            continue
         print(f"| {r['batch']} | {r['impl']} | {r['tau']} | {r.get('sparsity', '')} | "
               f"{r.get('tok_s_per_seq', r.get('error', ''))} | {r.get('speedup_vs_dense', '')} | "
               f"{r.get('same_tokens_as_first_impl', '')} |")  # fmt: skip
