@@ -1,0 +1,34 @@
+"""The decode-step trace summary (scripts/trace_decode.py) that BENCHMARKS.md's breakdowns read."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("trace_decode", ROOT / "scripts/trace_decode.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_summary_counts_launches_and_merges_overlapping_intervals():
+    ev = [  # two steps: kernels a (2 µs), b (3 µs, overlapping a by 1 µs), then a gap, then c
+        {"name": "a", "ts": 0.0, "dur": 2.0},
+        {"name": "b", "ts": 1.0, "dur": 3.0},
+        {"name": "c", "ts": 10.0, "dur": 1.0},
+        {"name": "a", "ts": 20.0, "dur": 2.0},
+    ]
+    s = _module().summarize(ev, steps=2)
+    assert s["launches_per_step"] == 2.0
+    assert s["span_us_per_step"] == 11.0  # 0 .. 22
+    assert s["busy_us_per_step"] == (4.0 + 1.0 + 2.0) / 2  # [0, 4] ∪ [10, 11] ∪ [20, 22]
+    by = {k["name"]: k for k in s["kernels"]}
+    assert by["a"]["per_step"] == 1.0 and by["a"]["us_per_step"] == 2.0
+    assert [k["name"] for k in s["kernels"]] == ["a", "b", "c"]  # by device µs per step
+    assert _module().summarize([], steps=1) == {"error": "no device events in the trace"}
