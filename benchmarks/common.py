@@ -31,32 +31,41 @@ def time_fn(fn, *args, warmup: int = 2, iters: int = 10) -> float:
     return float(np.median(times))
 
 
+def device_events(trace_dir: str | os.PathLike) -> list[dict]:
+    """Complete ('X') events on the GPU kernel timelines of the Perfetto trace that
+    ``jax.profiler.trace(..., create_perfetto_trace=True)`` wrote under ``trace_dir``; each
+    carries its ``thread`` name. Kernel timelines are the "Stream" threads (other GPU lines, XLA
+    ops and modules, span them); all GPU events if a trace names no streams."""
+    import gzip
+
+    files = sorted(Path(trace_dir).rglob("*.trace.json.gz"))
+    if not files:
+        raise FileNotFoundError(f"the profiler wrote no *.trace.json.gz under {trace_dir}")
+    data = json.loads(gzip.open(files[-1]).read())
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    meta = [e for e in events if e.get("ph") == "M"]
+    gpu = {e["pid"] for e in meta if e.get("name") == "process_name" and "GPU" in e["args"]["name"]}
+    threads = {
+        (e["pid"], e["tid"]): e["args"]["name"] for e in meta if e.get("name") == "thread_name"
+    }
+    dev = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
+    for e in dev:
+        e["thread"] = threads.get((e["pid"], e["tid"]), "?")
+    return [e for e in dev if "Stream" in e["thread"]] or dev
+
+
 def kernel_durations(fn, *args, log_dir: str = "/tmp/prunepath_trace") -> dict[str, list[float]]:
     """Device µs of every kernel ``fn(*args)`` launches, by kernel name, read from a
-    ``jax.profiler`` trace (Perfetto JSON): each kernel's own duration, without the launch gaps
-    or host noise of wall-clock timing. ``fn`` should be compiled and warm already."""
-    import gzip
+    ``jax.profiler`` trace: each kernel's own duration, without the launch gaps or host noise of
+    wall-clock timing. ``fn`` should be compiled and warm already."""
     import shutil
 
     shutil.rmtree(log_dir, ignore_errors=True)
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         jax.block_until_ready(fn(*args))
-    files = sorted(Path(log_dir).rglob("*.trace.json.gz"))
-    if not files:
-        raise FileNotFoundError(f"the profiler wrote no *.trace.json.gz under {log_dir}")
-    data = json.loads(gzip.open(files[-1]).read())
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    meta = [e for e in events if e.get("ph") == "M"]
-    gpu = {e["pid"] for e in meta if e.get("name") == "process_name" and "GPU" in e["args"]["name"]}
-    streams = {
-        (e["pid"], e["tid"])
-        for e in meta
-        if e.get("name") == "thread_name" and e["pid"] in gpu and "Stream" in e["args"]["name"]
-    }
     out: dict[str, list[float]] = {}
-    for e in events:
-        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams:
-            out.setdefault(e["name"], []).append(float(e["dur"]))
+    for e in device_events(log_dir):
+        out.setdefault(e["name"], []).append(float(e["dur"]))
     return out
 
 

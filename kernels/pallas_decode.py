@@ -266,7 +266,7 @@ def _kernel(
             plgpu.store(y_ref.at[:, acols], a_tn)
             return
         row_ok = jax.lax.broadcasted_iota(jnp.int32, (tp, bdo), 0) < t
-        one_row = y_ref.shape[0] == 1 < tp  # one token: its row alone goes out
+        one_row = y_ref.shape[0] == 1 and tp > 1  # one token: its row alone goes out
 
         def out_body(i, carry):
             cols = pl.ds(pl.multiple_of(i * bdo, bdo), bdo)

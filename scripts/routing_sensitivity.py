@@ -26,14 +26,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from common import header, write_rows  # noqa: E402
-from smollm2_decode import prompts  # noqa: E402
+from smollm2_decode import converted, prompts  # noqa: E402
 
-from prunepath_jax.config import PrunePathConfig  # noqa: E402
-from prunepath_jax.convert import to_prunepath  # noqa: E402
-from prunepath_jax.demo import calibration_batches  # noqa: E402
-from prunepath_jax.loading import load_any  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
-from prunepath_jax.router_init import init_routers  # noqa: E402
 
 
 def main():
@@ -46,10 +41,7 @@ def main():
     a = ap.parse_args()
     head = header()
     for dt in a.dtypes:
-        pre = load_any(a.model, dtype=getattr(jnp, dt))
-        pp = PrunePathConfig(32, "paper", "sigmoid", 1, None)
-        model, _ = to_prunepath(pre.model, pp, seed=0)
-        model, _ = init_routers(model, calibration_batches(pre.tokenizer, a.calib_tokens), seed=0)
+        pre, model = converted(a.model, getattr(jnp, dt), a.calib_tokens)
         x = jnp.asarray(prompts(pre.tokenizer, 8), jnp.int32)
         for tau in a.taus:
             got = {}

@@ -34,6 +34,15 @@ from prunepath_jax.router_init import init_routers  # noqa: E402
 from prunepath_jax.text import read_texts  # noqa: E402
 
 
+def converted(path: str, dtype, calib_tokens: int):
+    """``(pretrained, PrunePath model)``: G = 32 balanced k-means experts, paper rule, sigmoid
+    gates, routers initialised from ``calib_tokens`` shipped training tokens."""
+    pre = load_any(path, dtype=dtype)
+    model, _ = to_prunepath(pre.model, PrunePathConfig(32, "paper", "sigmoid", 1, None), seed=0)
+    model, _ = init_routers(model, calibration_batches(pre.tokenizer, calib_tokens), seed=0)
+    return pre, model
+
+
 def prompts(tok, n: int, length: int = 32) -> list[list[int]]:
     """``n`` windows of ``length`` tokens from held-out (validation) documents, in order."""
     out = []
@@ -107,10 +116,8 @@ def main():
     ap.add_argument("--out", default="results/smollm2_decode.jsonl")
     a = ap.parse_args()
     head = header()
-    pre = load_any(a.gguf, dtype=jnp.bfloat16)
     t0 = time.perf_counter()
-    model, _ = to_prunepath(pre.model, PrunePathConfig(32, "paper", "sigmoid", 1, None), seed=0)
-    model, _ = init_routers(model, calibration_batches(pre.tokenizer, a.calib_tokens), seed=0)
+    pre, model = converted(a.gguf, jnp.bfloat16, a.calib_tokens)
     print(f"converted in {time.perf_counter() - t0:.1f} s: E = {model.cfg.n_experts}", flush=True)
     rows = []
 

@@ -13,7 +13,6 @@ measured alone.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 from collections import defaultdict
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from common import device_events  # noqa: E402
 from sparse_decode import set_k  # noqa: E402
 
 from prunepath_jax.config import PRESETS  # noqa: E402
@@ -32,32 +32,6 @@ from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
 from prunepath_jax.models.layers import init_cache  # noqa: E402
 from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
-
-
-def device_events(trace_dir: Path) -> list[dict]:
-    """Complete ('X') events on GPU timelines of the Perfetto trace under ``trace_dir``."""
-    files = sorted(trace_dir.rglob("*.trace.json.gz"))
-    if not files:
-        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
-    data = json.loads(gzip.open(files[-1]).read())
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    names = {
-        e["pid"]: e["args"]["name"]
-        for e in events
-        if e.get("ph") == "M" and e.get("name") == "process_name"
-    }
-    gpu = {p for p, n in names.items() if "GPU" in n or "gpu" in n}
-    threads = {
-        (e["pid"], e["tid"]): e["args"]["name"]
-        for e in events
-        if e.get("ph") == "M" and e.get("name") == "thread_name"
-    }
-    dev = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
-    for e in dev:
-        e["thread"] = threads.get((e["pid"], e["tid"]), "?")
-    # Kernel timelines are the "Stream" threads; others (XLA op / module lines) span them.
-    streams = [e for e in dev if "Stream" in e["thread"]]
-    return streams or dev
 
 
 def summarize(events: list[dict], steps: int) -> dict:
