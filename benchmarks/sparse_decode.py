@@ -147,6 +147,26 @@ def long_context(a, impl, emit) -> None:
     del dense, sparse
 
 
+def time_variants(model, shape, variants, a, args, dense_us, e, k, emit) -> None:
+    """The Pallas decode layer under other tunings (``pallas_decode.TUNING_OVERRIDES``), batch
+    1. The jit caches are cleared around each one: the layer's plan is fixed at trace time."""
+    from prunepath_jax.kernels import pallas_decode
+
+    saved = dict(pallas_decode.TUNING_OVERRIDES)
+    set_compute(model, "kernel", "pallas")
+    for label, over in variants.items():
+        pallas_decode.TUNING_OVERRIDES.clear()
+        pallas_decode.TUNING_OVERRIDES.update({**saved, **over})
+        jax.clear_caches()
+        r = time_decode(model, 1, a.prompt_len, a.steps, a.chunks, args)
+        emit({"shape": shape, "impl": f"pallas[{label}]", "batch": 1, "sparsity": 1 - k / e,
+              "k": k, "E": e, "variant": over,
+              "speedup_vs_dense": dense_us / r["us_per_step"], **r})  # fmt: skip
+    pallas_decode.TUNING_OVERRIDES.clear()
+    pallas_decode.TUNING_OVERRIDES.update(saved)
+    jax.clear_caches()
+
+
 def set_k(model, k):
     for _, m in nnx.iter_graph(model):
         if isinstance(m, PrunePathFFN):
@@ -193,8 +213,16 @@ def main():
         "--pallas-tuning",
         help="JSON {batch: tuning} for the Pallas decode layer (e.g. pallas_decode.py --best-out)",
     )
+    ap.add_argument(
+        "--variants",
+        default="{}",
+        help="JSON {label: {batch: tuning}}: also time the Pallas layer with these tunings "
+        "(batch 1, --all-impl-sparsity), side by side with the default in the same run, e.g. "
+        '\'{"xla_glue": {"1": {"glue": "xla"}}}\'',
+    )
     a = ap.parse_args()
     head = {**header(), "peers": PEERS}
+    variants = {lab: {int(b): t for b, t in v.items()} for lab, v in json.loads(a.variants).items()}
     if a.pallas_tuning:
         from prunepath_jax.kernels import pallas_decode
 
@@ -248,6 +276,8 @@ def main():
                     emit({"shape": shape, "impl": impl, "batch": b, "sparsity": 1 - k / e,
                           "k": k, "E": e, "union_frac": union_fraction(sparse, b, k),
                           "speedup_vs_dense": dense_us[b] / r["us_per_step"], **r})  # fmt: skip
+            if "pallas" in impls and abs(s - a.all_impl_sparsity) < 1e-6 and variants:
+                time_variants(sparse, shape, variants, a, args, dense_us[1], e, k, emit)
         del sparse
     if a.long_ctx:
         long_context(a, impls[0], emit)

@@ -47,8 +47,12 @@ from jax.experimental import pallas as pl
 from prunepath_jax import routing
 from prunepath_jax.kernels import pallas_atomic
 from prunepath_jax.kernels.pallas_logits import pow2_divisor as _pow2_divisor
-from prunepath_jax.kernels.pallas_logits import router_logits_pallas
-from prunepath_jax.kernels.pallas_routing import route_gates_pallas
+from prunepath_jax.kernels.pallas_logits import router_logits_pallas, router_logits_partials
+from prunepath_jax.kernels.pallas_routing import (
+    route_gates_from_partials,
+    route_gates_pallas,
+    zeroable,
+)
 from prunepath_jax.kernels.reference import route_reference
 
 try:  # The Triton backend module imports on CPU jaxlib too; guard anyway (it is deprecated).
@@ -57,6 +61,10 @@ except ImportError:  # pragma: no cover - only on a jax without Pallas-Triton
     plgpu = None
 
 MAX_TOKENS = 16
+# Up to this many (power-of-two padded) tokens the selection kernel adds the router logits'
+# partials itself; each of its programs re-reads them (tp·S·E floats), so for more tokens one XLA
+# reduction first is cheaper.
+FUSED_GLUE_MAX_TOKENS = 2
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float16))
 
 
@@ -157,6 +165,9 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
         raise ValueError(
             f"up_splits={up_splits} needs down='preact' and to divide d/block_d = {d // bd}"
         )
+    glue = tuning.get("glue", "fused")
+    if glue not in ("fused", "xla"):
+        raise ValueError(f"glue must be 'fused' or 'xla', got {glue!r}")
     atomics = tuning.get("atomics", "relaxed")
     if atomics not in ("relaxed", "acq_rel"):
         raise ValueError(f"atomics must be 'relaxed' or 'acq_rel', got {atomics!r}")
@@ -174,6 +185,7 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
         "down": down,
         "up_splits": up_splits,
         "atomics": atomics,
+        "glue": glue,
         "down_chunks": tuning.get("down_chunks", 8),
         "block_d_down": _pow2_divisor(d, tuning.get("block_d_down", 128)),
     }
@@ -342,13 +354,26 @@ def _down_kernel(gate_ref, act_ref, w_out_ref, y_in_ref, y_ref, *, t, g, e, n_sl
     _atomic_add(plan, y_ref, (pl.ds(0, tp), cols), acc, mask=None if interpret else row_ok)
 
 
-def expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, t, group_size, n_slots, plan, interpret):
+def accumulator_shape(t: int, d: int, group_size: int, n_slots: int, plan: dict):
+    """Shape of the expert kernel's fp32 output buffer (zeroed, aliased): ``[1 or tp, d]`` for
+    the atomic down-projection, the activations ``[tp, n_slots·G(·2)]`` for the split forms."""
+    tp = plan["tp"]
+    if plan["down"] == "atomic":
+        return (1 if t == 1 else tp, d)
+    return (tp, n_slots * group_size * (2 if plan["down"] == "preact" else 1))
+
+
+def expert_ffn(
+    gate_pe, x_pd, w_in_cfd, w_out_fd, *, t, group_size, n_slots, plan, interpret, y0=None
+):
     """The expert kernel alone: fp32 ``[tp, d]`` from the gate table and padded x ``[tp, d]``.
 
     Separate so benchmarks can time the bytes-bound part without the routing launches.
     ``n_slots`` bounds the union size statically (``min(E, t·k_max)``). The gate table is
     ``[tp, ep]``, or ``[1, ep]`` for one token: every program reads it before its first weight
     load, so one token does not pay for 15 padding rows (32 KB at E = 448) in that prologue.
+    ``y0``: the zeroed accumulator (``accumulator_shape``) if the caller has one (the selection
+    kernel zeroes it on the way), else a fresh ``jnp.zeros`` (an XLA memset).
     """
     tp = plan["tp"]
     tg, ep = gate_pe.shape
@@ -356,16 +381,19 @@ def expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, t, group_size, n_slots, pla
         raise ValueError(f"gate table and x need 1 or {tp} rows: {gate_pe.shape}, {x_pd.shape}")
     f, d = w_out_fd.shape
     split = plan["down"] != "atomic"
-    ty = 1 if t == 1 and not split else tp  # rows of the atomic output
+    acc_shape = accumulator_shape(t, d, group_size, n_slots, plan)
+    if y0 is None:
+        y0 = jnp.zeros(acc_shape, jnp.float32)
+    elif y0.shape != acc_shape:
+        raise ValueError(f"accumulator {y0.shape} != {acc_shape}")
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     gate_spec = pl.BlockSpec((tg, ep), lambda *_: (0, 0))  # small: every program reads it
     params = plgpu.CompilerParams(num_warps=plan["num_warps"], num_stages=plan["num_stages"])
-    a_cols = n_slots * group_size * (2 if plan["down"] == "preact" else 1)
     out = pl.pallas_call(
         functools.partial(
             _kernel, t=t, d=d, f=f, g=group_size, ep=ep, plan=plan, interpret=interpret
         ),
-        out_shape=jax.ShapeDtypeStruct((tp, a_cols) if split else (ty, d), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct(acc_shape, jnp.float32),
         grid=(n_slots * (group_size // plan["bn"]) * plan["up_splits"],),
         in_specs=[
             gate_spec,
@@ -379,10 +407,7 @@ def expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, t, group_size, n_slots, pla
         compiler_params=params,
         interpret=interpret,
         name="prunepath_sparse_ffn_decode",
-    )(
-        gate_pe, x_pd, w_in_cfd.reshape(2 * f, d), w_out_fd,
-        jnp.zeros((tp, a_cols) if split else (ty, d), jnp.float32),
-    )  # fmt: skip
+    )(gate_pe, x_pd, w_in_cfd.reshape(2 * f, d), w_out_fd, y0)
     if not split:
         return out
     bdo = plan["block_d_down"]
@@ -428,10 +453,28 @@ def _decode_jit(
     # One token is never padded: the expert kernel broadcasts its row to the 16 dot rows (a pad
     # was one more XLA launch per layer, ~1.3 µs on the H200, for 32 KB of zeros).
     x_pd = x_td if t in (1, tp) else jnp.zeros((tp, d), x_td.dtype).at[:t].set(x_td)
-    if plan["routing"] == "pallas":  # one launch: softmax, rank-based selection, gates
+    n_slots = min(e, t * k_cap)
+    acc_shape = accumulator_shape(t, d, group_size, n_slots, plan)
+    y0 = None
+    tr = _next_pow2(t)
+    fused = (
+        plan["routing"] == "pallas"
+        and plan["logits"] == "pallas"
+        and plan["glue"] == "fused"
+        and tr <= FUSED_GLUE_MAX_TOKENS
+    )
+    if fused:  # logits kernel -> selection kernel (adds the partials, zeroes the accumulator)
+        x_rd = x_pd[:tr] if tr <= tp else jnp.zeros((tr, d), x_td.dtype).at[:t].set(x_td)
+        part, n_part = router_logits_partials(x_rd, router_de, stride=ep, interpret=interpret)
+        zero = acc_shape if zeroable(acc_shape, ep) else None
+        gate_re, k_t, y0 = route_gates_from_partials(
+            part, n_part, tau, t=t, e=e, ep=ep, rule=rule, gate=gate, k_min=k_min,
+            k_max=k_max, zeros=zero, interpret=interpret,
+        )  # fmt: skip
+        gate_pe = gate_re if tr in (1, tp) else jnp.pad(gate_re, ((0, tp - tr), (0, 0)))
+    elif plan["routing"] == "pallas":  # one launch: softmax, rank-based selection, gates
         # Routing runs on the real tokens padded to a power of two, not on the expert kernel's
         # 16 dot rows: the selection kernel's work grows with its rows (tp·E² compares).
-        tr = _next_pow2(t)
         if plan["logits"] == "pallas":  # split-K GEMV kernel + one small XLA sum
             x_rd = x_pd[:tr] if tr <= tp else jnp.zeros((tr, d), x_td.dtype).at[:t].set(x_td)
             logits_te = router_logits_pallas(x_rd, router_de, interpret=interpret)[:t]
@@ -448,8 +491,8 @@ def _decode_jit(
         )
         gate_pe = jnp.zeros((tp, ep), jnp.float32).at[:t, :e].set(gate_te)
     y_pd = expert_ffn(
-        gate_pe, x_pd, w_in_cfd, w_out_fd, t=t, group_size=group_size,
-        n_slots=min(e, t * k_cap), plan=plan, interpret=interpret,
+        gate_pe, x_pd, w_in_cfd, w_out_fd, t=t, group_size=group_size, n_slots=n_slots,
+        plan=plan, interpret=interpret, y0=y0,
     )  # fmt: skip
     return y_pd[:t].astype(x_td.dtype), k_t
 
@@ -491,7 +534,10 @@ def sparse_ffn_decode(
             ``"preact"`` (as split, but the up kernel may be split over d into ``up_splits``
             programs that add pre-activations; the down kernel applies the activation);
             ``atomics="relaxed"`` (default; partial sums need no ordering) or ``"acq_rel"``
-            (Pallas' fenced atomics, kept to measure the difference).
+            (Pallas' fenced atomics, kept to measure the difference); ``glue="fused"``
+            (default: for ≤ 2 tokens the selection kernel adds the logits' partials and zeroes
+            the expert kernel's accumulator) or ``"xla"`` (an XLA reduction, padding and memset
+            between the kernels, kept to measure the difference).
 
     Raises:
         NotImplementedError/ValueError: input outside what the kernel computes exactly
@@ -506,7 +552,7 @@ def sparse_ffn_decode(
         )
     unknown = set(tuning) - {
         "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing",
-        "logits", "down", "down_chunks", "block_d_down", "up_splits", "atomics",
+        "logits", "down", "down_chunks", "block_d_down", "up_splits", "atomics", "glue",
     }  # fmt: skip
     if unknown:
         raise TypeError(f"unknown tuning options {sorted(unknown)}")

@@ -6,8 +6,9 @@ on the H200, about 40% of a whole sparse decode layer (BENCHMARKS.md, issue 5). 
 bandwidth the same bytes take ~2 µs. The bytes are the whole cost, so the kernel spreads them
 over many programs: program ``(s, j)`` reads rows ``[s·R, (s+1)·R)`` of router columns
 ``[j·BE, (j+1)·BE)`` — a ``[R, BE]`` slab — and writes its partial logits for those columns. The
-``S`` partial sums per logit are added by one small XLA reduction (no atomics, so the result is
-deterministic: the routing decision of a token never depends on the run).
+``S`` partial sums per logit are added by one small XLA reduction, or by the selection kernel
+itself (``router_logits_partials``; no atomics either way, so the result is deterministic: the
+routing decision of a token never depends on the run).
 
 Two inner products, both exact float32 (IEEE, never TF32, because routing ranks probabilities
 that differ by less than a bf16 ulp): broadcast multiply + one reduction at the end (any token
@@ -54,8 +55,9 @@ def plan(tp: int, d: int, e: int, *, splits: int = 32, block_e: int = 64) -> dic
     return {"be": be, "bdi": bdi, "s": s, "steps": d // bdi // s, "use_dot": use_dot}
 
 
-def _kernel(x_ref, r_ref, out_ref, *, e, p):
-    """Program (s, j): partial logits of columns j·be.. over router rows of split s."""
+def _kernel(x_ref, r_ref, out_ref, *, stride, p):
+    """Program (s, j): partial logits of columns j·be.. over router rows of split s, stored at
+    columns ``s·stride + j·be`` (``stride`` ≥ E leaves each split's padding columns unwritten)."""
     s, j = pl.program_id(0), pl.program_id(1)
     tp = x_ref.shape[0]
     be, bdi, steps = p["be"], p["bdi"], p["steps"]
@@ -73,7 +75,52 @@ def _kernel(x_ref, r_ref, out_ref, *, e, p):
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(shape, jnp.float32))
     if not p["use_dot"]:
         acc = jnp.sum(acc, axis=1)
-    plgpu.store(out_ref.at[:, pl.ds(pl.multiple_of(s * e + j * be, be), be)], acc)
+    plgpu.store(out_ref.at[:, pl.ds(pl.multiple_of(s * stride + j * be, be), be)], acc)
+
+
+def router_logits_partials(
+    x_td: jax.Array,
+    router_de: jax.Array,
+    *,
+    stride: int | None = None,
+    splits: int = 32,
+    block_e: int = 64,
+    num_warps: int = 4,
+    interpret: bool = False,
+) -> tuple[jax.Array, int]:
+    """The kernel's unreduced output: ``(part [t, S·stride] fp32, S)``; split ``s``'s partial
+    logits of expert ``e`` sit at column ``s·stride + e`` and ``Σ_s`` of them is ``x @ router``.
+
+    Why unreduced: the selection kernel (``pallas_routing.route_gates_from_partials``) can add
+    the ``S`` partials itself, so a decode layer needs no XLA reduction (nor a padding fusion)
+    between the two kernels -- two launches fewer per layer. ``stride`` (default E) may be
+    larger, e.g. the selection kernel's power-of-two expert count; columns ``[E, stride)`` of
+    each split are left unwritten (garbage) and must be masked by the reader.
+    """
+    t, d = x_td.shape
+    if router_de.shape[0] != d:
+        raise ValueError(f"router rows {router_de.shape[0]} != d = {d}")
+    if t > 16 or t & (t - 1):
+        raise ValueError(f"router_logits_pallas takes a power-of-two t <= 16, got {t}")
+    if plgpu is None:
+        raise NotImplementedError("this jax has no Pallas Triton backend")
+    e = router_de.shape[1]
+    stride = e if stride is None else stride
+    if stride < e:
+        raise ValueError(f"stride {stride} < E = {e}")
+    p = plan(t, d, e, splits=splits, block_e=block_e)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    part = pl.pallas_call(
+        functools.partial(_kernel, stride=stride, p=p),
+        out_shape=jax.ShapeDtypeStruct((t, p["s"] * stride), jnp.float32),
+        grid=(p["s"], e // p["be"]),
+        in_specs=[any_spec, any_spec],
+        out_specs=any_spec,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        interpret=interpret,
+        name="prunepath_router_logits",
+    )(x_td, router_de)
+    return part, p["s"]
 
 
 def router_logits_pallas(
@@ -90,24 +137,9 @@ def router_logits_pallas(
     Equals ``routing.router_logits`` up to float32 summation order. ``t`` is used as given
     (callers pad to a power of two; padded zero rows cost nothing but their logits).
     """
-    t, d = x_td.shape
-    if router_de.shape[0] != d:
-        raise ValueError(f"router rows {router_de.shape[0]} != d = {d}")
-    if t > 16 or t & (t - 1):
-        raise ValueError(f"router_logits_pallas takes a power-of-two t <= 16, got {t}")
-    if plgpu is None:
-        raise NotImplementedError("this jax has no Pallas Triton backend")
+    t = x_td.shape[0]
     e = router_de.shape[1]
-    p = plan(t, d, e, splits=splits, block_e=block_e)
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    part = pl.pallas_call(
-        functools.partial(_kernel, e=e, p=p),
-        out_shape=jax.ShapeDtypeStruct((t, p["s"] * e), jnp.float32),
-        grid=(p["s"], e // p["be"]),
-        in_specs=[any_spec, any_spec],
-        out_specs=any_spec,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
-        interpret=interpret,
-        name="prunepath_router_logits",
-    )(x_td, router_de)
-    return jnp.sum(part.reshape(t, p["s"], e), axis=1)
+    part, n = router_logits_partials(
+        x_td, router_de, splits=splits, block_e=block_e, num_warps=num_warps, interpret=interpret
+    )
+    return jnp.sum(part.reshape(t, n, e), axis=1)

@@ -91,4 +91,20 @@ e2e)
     tests/test_kernels_pallas.py tests/test_kernels_triton.py tests/test_kernels_api.py \
     tests/test_pallas_attention.py tests/test_decode_attention_model.py
   ;;
+glue)  # routing glue in the selection kernel: GPU tests, e2e fused vs XLA glue in one run
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py tests/test_pallas_logits.py tests/test_kernels_api.py
+  run timeout 330 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --impls pallas --batches --steps 8 --chunks 3 \
+    --variants '{"xla_glue": {"1": {"glue": "xla"}}}' --out "$OUT/sparse_decode.jsonl"
+  ;;
+trace3)  # per-kernel timelines: fused glue; split-K attention at a short and a 32k cache (+HLO)
+  tr() { local name=$1; shift; run timeout 150 python3 scripts/trace_decode.py --out "$OUT/$name" "$@"
+         find "$OUT/$name" -name "*.xplane.pb" -delete; find "$OUT/$name" -name "*.trace.json.gz" -delete; }
+  tr trace_1b_0.75 --shape llama-3.2-1b --sparsity 0.75
+  tr trace_1b_0.75_attn --shape llama-3.2-1b --sparsity 0.75 --attn pallas
+  tr trace_1b_0_attn --shape llama-3.2-1b --sparsity 0 --attn pallas
+  tr trace_8b_0_32k --shape llama-3-8b --sparsity 0 --ctx 32768 --steps 2 --hlo
+  tr trace_8b_0_32k_attn --shape llama-3-8b --sparsity 0 --attn pallas --ctx 32768 --steps 2 --hlo
+  ;;
 esac

@@ -29,6 +29,7 @@ from sparse_decode import set_k  # noqa: E402
 from prunepath_jax.config import PRESETS  # noqa: E402
 from prunepath_jax.generate import DecodeState, decode_chunk_donating  # noqa: E402
 from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
+from prunepath_jax.models.decode_attention import set_attention  # noqa: E402
 from prunepath_jax.models.layers import init_cache  # noqa: E402
 from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
@@ -79,8 +80,17 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--out", default="results/trace")
+    ap.add_argument("--attn", default="xla", help="decode attention: xla or pallas")
+    ap.add_argument("--ctx", type=int, default=0, help="cache length (default: just enough)")
+    ap.add_argument("--tuning", default="{}", help="JSON {batch: tuning} for the Pallas layer")
+    ap.add_argument("--hlo", action="store_true", help="also write the optimized HLO (hlo.txt)")
     a = ap.parse_args()
     cfg = PRESETS[a.shape]
+    over = {int(b): t for b, t in json.loads(a.tuning).items()}
+    if over:
+        from prunepath_jax.kernels import pallas_decode
+
+        pallas_decode.TUNING_OVERRIDES.update(over)
     if a.sparsity > 0:
         model = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
         e = model.cfg.n_experts
@@ -89,8 +99,10 @@ def main():
         ffn_args = route_args(model.cfg, 1.0)
     else:
         model, ffn_args = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), None
+    if a.attn != "xla":
+        set_attention(model, a.attn)
     graphdef, state = nnx.split(model)
-    ctx = -(-(a.prompt_len + 4 * a.steps + 1) // 256) * 256
+    ctx = a.ctx or -(-(a.prompt_len + 4 * a.steps + 1) // 256) * 256
     b = a.batch
     st = DecodeState(
         token_b=jnp.ones((b,), jnp.int32),
@@ -101,16 +113,20 @@ def main():
     )
     args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), ffn_args)
     kw = dict(n_steps=a.steps, greedy=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.hlo:
+        hlo = decode_chunk_donating.lower(graphdef, state, st, *args, **kw).compile().as_text()
+        (out / "hlo.txt").write_text(hlo)
     for _ in range(2):
         st, _ = decode_chunk_donating(graphdef, state, st, *args, **kw)
     jax.block_until_ready(st)
-    out = Path(a.out)
     with jax.profiler.trace(str(out / "trace"), create_perfetto_trace=True):
         st, _ = decode_chunk_donating(graphdef, state, st, *args, **kw)
         jax.block_until_ready(st)
     s = summarize(device_events(out / "trace"), a.steps)
-    s.update(shape=a.shape, sparsity=a.sparsity, impl=a.impl, batch=b, n_layers=cfg.n_layers)
-    out.mkdir(parents=True, exist_ok=True)
+    s.update(shape=a.shape, sparsity=a.sparsity, impl=a.impl, batch=b, n_layers=cfg.n_layers,
+             attn=a.attn, ctx=ctx, tuning=over)  # fmt: skip
     (out / "summary.json").write_text(json.dumps(s, indent=1))
     print(json.dumps({k: v for k, v in s.items() if k != "kernels"}))
     for r in s.get("kernels", [])[:25]:

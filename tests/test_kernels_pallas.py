@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from prunepath_jax.kernels import pallas_decode as pd
-from prunepath_jax.kernels.pallas_routing import route_gates_pallas
+from prunepath_jax.kernels.pallas_routing import route_gates_from_partials, route_gates_pallas
 from prunepath_jax.kernels.reference import route_reference, sparse_ffn_reference
 from tests.helpers import assert_close
 
@@ -57,6 +57,8 @@ CASES = [
     ("b1_acq_rel_atomics_bf16", 1, 64, 8, 16, jnp.bfloat16, 0.7, 0.3, {"atomics": "acq_rel"}),
     ("b1_g32_default_bf16", 1, 128, 8, 32, jnp.bfloat16, 0.6, 0.1, {}),
     ("b1_g32_bn16_fp32", 1, 128, 8, 32, jnp.float32, 0.6, 0.1, {"block_n": 16}),
+    ("b2_e40_fused_glue_fp32", 2, 128, 40, 16, jnp.float32, 0.6, 0.1, {}),
+    ("b1_e40_xla_glue_bf16", 1, 128, 40, 16, jnp.bfloat16, 0.6, 0.1, {"glue": "xla"}),
 ]  # fmt: skip
 _ROUTE_KEYS = ("rule", "gate", "k_min", "k_max")
 
@@ -125,6 +127,60 @@ def test_sort_free_selection_matches_routing_select(rule):
                                       err_msg=what)  # fmt: skip
         assert_close(gate_pe[:t, :e], gate_ref, "op_fp32", what)
         assert not np.asarray(gate_pe[t:]).any() and not np.asarray(gate_pe[:, e:]).any(), what
+
+
+def test_selection_from_partials_adds_them_and_zeroes_the_accumulator():
+    """``route_gates_from_partials`` = ``route_gates_pallas`` on the partials' sum (added in the
+    same order, so bitwise the same logits), whatever sits in each split's padding columns;
+    its extra output is an all-zero buffer."""
+    rng = np.random.default_rng(11)
+    for t, e, n_part in ((1, 40, 4), (2, 7, 3), (1, 16, 1)):
+        tp, ep = pd._next_pow2(t), max(16, pd._next_pow2(e))
+        part = rng.normal(size=(tp, n_part, ep)).astype(np.float32) * 0.5
+        part[:, :, e:] = np.nan  # unwritten columns: must be masked, never summed
+        logits = part[:t, 0, :e].copy()
+        for s in range(1, n_part):
+            logits = logits + part[:t, s, :e]  # float32, in the kernel's order
+        kw = {"rule": "paper", "gate": "sigmoid", "k_min": 1, "k_max": None}
+        tau = jnp.float32(0.6)
+        g_ref, k_ref = jax.jit(
+            lambda lg, ta, kw=kw, tp=tp, ep=ep: route_gates_pallas(
+                lg, ta, tp=tp, ep=ep, interpret=True, **kw
+            )
+        )(jnp.asarray(logits), tau)
+        n_prog = ep // 16
+        zeros = (1, 32 * n_prog)
+        g, k, z = jax.jit(
+            lambda pt, ta, kw=kw, t=t, e=e, ep=ep, n=n_part, zs=zeros: route_gates_from_partials(
+                pt, n, ta, t=t, e=e, ep=ep, zeros=zs, interpret=True, **kw
+            )
+        )(jnp.asarray(part.reshape(tp, n_part * ep)), tau)
+        what = f"t={t} e={e} n_part={n_part}"
+        np.testing.assert_array_equal(np.asarray(k), np.asarray(k_ref), err_msg=what)
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(g_ref), err_msg=what)
+        assert z.shape == zeros and not np.asarray(z).any(), what
+    with pytest.raises(ValueError, match="do not hold"):
+        route_gates_from_partials(jnp.zeros((1, 48)), 3, 0.5, t=1, e=8, ep=32, interpret=True)
+    with pytest.raises(ValueError, match="cannot split"):
+        route_gates_from_partials(
+            jnp.zeros((1, 64)), 2, 0.5, t=1, e=20, ep=32, zeros=(1, 24), interpret=True
+        )
+
+
+def test_fused_and_xla_glue_agree():
+    """The one-token layer with the selection kernel adding the logits' partials (default) and
+    with the XLA reduction + padding + memset between the kernels: same k, same y."""
+    x, r, w_in, w_out = _inputs(5, 1, 128, 40, 16, jnp.bfloat16, 0.1)
+    outs = [
+        pd.sparse_ffn_decode(
+            x, r, w_in, w_out, jnp.float32(0.7), group_size=16, interpret=True, glue=glue
+        )  # fmt: skip
+        for glue in ("fused", "xla")
+    ]
+    np.testing.assert_array_equal(np.asarray(outs[0][1]), np.asarray(outs[1][1]))
+    assert_close(outs[0][0], outs[1][0], "bf16", "fused vs xla glue")
+    with pytest.raises(ValueError, match="glue"):
+        pd.sparse_ffn_decode(x, r, w_in, w_out, 0.7, group_size=16, interpret=True, glue="no")
 
 
 def test_k_equals_e_at_batch_gt_1_and_jit_with_traced_tau():
