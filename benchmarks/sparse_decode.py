@@ -36,6 +36,7 @@ from prunepath_jax import routing  # noqa: E402
 from prunepath_jax.config import PRESETS  # noqa: E402
 from prunepath_jax.generate import DecodeState, decode_chunk_donating  # noqa: E402
 from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
+from prunepath_jax.models import decode_attention as da  # noqa: E402
 from prunepath_jax.models.layers import init_cache  # noqa: E402
 from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 from prunepath_jax.nn import PrunePathFFN, route_args, set_compute  # noqa: E402
@@ -43,10 +44,16 @@ from prunepath_jax.nn import PrunePathFFN, route_args, set_compute  # noqa: E402
 PEERS = "paper 1.046x (GPT-2 Medium, b1); TEAL 1.53x @40% / 1.8x @50% model-wide (7B, b1, fp16)"
 
 
+ATTN = {"impl": "xla"}  # --attn, applied by time_decode to each model it times (None: as set)
+
+
 def time_decode(model, batch, prompt_len, steps, chunks, ffn_args) -> dict:
     cfg = model.cfg
-    graphdef, state = nnx.split(model)
     ctx = -(-(prompt_len + steps * (chunks + 3) + 1) // 256) * 256  # the attention kernel's tiles
+    if ATTN["impl"] is not None:
+        da.set_attention(model, da.impl_for(ATTN["impl"], model, ctx, batch))
+    attn = da.attention_modules(model)[0].attn_impl
+    graphdef, state = nnx.split(model)
     st = DecodeState(
         token_b=jnp.ones((batch,), jnp.int32),
         pos_b=jnp.full((batch,), prompt_len, jnp.int32),
@@ -68,6 +75,7 @@ def time_decode(model, batch, prompt_len, steps, chunks, ffn_args) -> dict:
     jax.block_until_ready(st)
     dt = (time.perf_counter() - t0) / (chunks * steps)
     return {
+        "attention": attn,
         "us_per_step": dt * 1e6,
         "custom_calls_per_layer": txt.count(" custom-call(") / cfg.n_layers,
         "fusions_per_step": txt.count(" fusion("),
@@ -123,10 +131,9 @@ def pick_logits(emit, n_layers=8) -> str:
 def long_context(a, impl, emit) -> None:
     """Batch-1 decode from long caches: XLA attention vs the Pallas split-K kernel
     (`models.decode_attention`), dense and sparse, on the last shape."""
-    from prunepath_jax.models.decode_attention import set_attention
-
     shape = a.shapes[-1]
     cfg = PRESETS[shape]
+    ATTN["impl"] = None  # this study sets each model's attention itself
     dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     sparse = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
     e = sparse.cfg.n_experts
@@ -138,7 +145,7 @@ def long_context(a, impl, emit) -> None:
         base = {}
         for name, model, ffn_args in (("dense", dense, None), (impl, sparse, args)):
             for attn in ("xla", "pallas"):
-                set_attention(model, attn)
+                da.set_attention(model, attn)
                 r = time_decode(model, 1, ctx, a.steps, a.chunks, ffn_args)
                 base.setdefault("dense_xla", r["us_per_step"])
                 emit({"bench": "long_ctx", "shape": shape, "impl": name, "batch": 1, "ctx": ctx,
@@ -176,7 +183,7 @@ def set_k(model, k):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "llama-3-8b"])
-    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.75, 0.9])
+    ap.add_argument("--sparsities", nargs="*", type=float, default=[0.5, 0.75, 0.9])
     ap.add_argument("--impls", nargs="+", default=["triton", "pallas"])
     ap.add_argument(
         "--all-impl-sparsity",
@@ -220,9 +227,16 @@ def main():
         "(batch 1, --all-impl-sparsity), side by side with the default in the same run, e.g. "
         '\'{"xla_glue": {"1": {"glue": "xla"}}}\'',
     )
+    ap.add_argument(
+        "--attn",
+        default="xla",
+        choices=["xla", "pallas", "auto"],
+        help="decode attention of every model timed (auto: `decode_attention.impl_for`'s rule)",
+    )
     a = ap.parse_args()
-    head = {**header(), "peers": PEERS}
+    head = {**header(), "peers": PEERS, "attn": a.attn}
     variants = {lab: {int(b): t for b, t in v.items()} for lab, v in json.loads(a.variants).items()}
+    ATTN["impl"] = a.attn
     if a.pallas_tuning:
         from prunepath_jax.kernels import pallas_decode
 

@@ -186,6 +186,8 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
         "up_splits": up_splits,
         "atomics": atomics,
         "glue": glue,
+        "logit_splits": tuning.get("logit_splits", 32),
+        "logit_block_e": tuning.get("logit_block_e", 64),
         "down_chunks": tuning.get("down_chunks", 8),
         "block_d_down": _pow2_divisor(d, tuning.get("block_d_down", 128)),
     }
@@ -465,7 +467,10 @@ def _decode_jit(
     )
     if fused:  # logits kernel -> selection kernel (adds the partials, zeroes the accumulator)
         x_rd = x_pd[:tr] if tr <= tp else jnp.zeros((tr, d), x_td.dtype).at[:t].set(x_td)
-        part, n_part = router_logits_partials(x_rd, router_de, stride=ep, interpret=interpret)
+        part, n_part = router_logits_partials(
+            x_rd, router_de, stride=ep, splits=plan["logit_splits"],
+            block_e=plan["logit_block_e"], interpret=interpret,
+        )  # fmt: skip
         zero = acc_shape if zeroable(acc_shape, ep) else None
         gate_re, k_t, y0 = route_gates_from_partials(
             part, n_part, tau, t=t, e=e, ep=ep, rule=rule, gate=gate, k_min=k_min,
@@ -537,7 +542,9 @@ def sparse_ffn_decode(
             (Pallas' fenced atomics, kept to measure the difference); ``glue="fused"``
             (default: for ≤ 2 tokens the selection kernel adds the logits' partials and zeroes
             the expert kernel's accumulator) or ``"xla"`` (an XLA reduction, padding and memset
-            between the kernels, kept to measure the difference).
+            between the kernels, kept to measure the difference); ``logit_splits`` /
+            ``logit_block_e`` (fused glue: splits of d and experts per program of the router
+            GEMV; the selection kernel re-reads the splits' partials).
 
     Raises:
         NotImplementedError/ValueError: input outside what the kernel computes exactly
@@ -553,6 +560,7 @@ def sparse_ffn_decode(
     unknown = set(tuning) - {
         "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing",
         "logits", "down", "down_chunks", "block_d_down", "up_splits", "atomics", "glue",
+        "logit_splits", "logit_block_e",
     }  # fmt: skip
     if unknown:
         raise TypeError(f"unknown tuning options {sorted(unknown)}")

@@ -114,11 +114,17 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _split(model: nnx.Module, implementation: str | None):
+def _split(
+    model: nnx.Module,
+    implementation: str | None,
+    cache_len: int | None = None,
+    batch: int | None = None,
+):
     """`nnx.split`, with the compute paths `implementation` asks for set in the graphdef only
     (the caller's model keeps its own): every PrunePath FFN through the kernel registry, and
-    Llama-family decode attention through the Pallas split-K kernel for "pallas" only
-    (`models.decode_attention.impl_for`)."""
+    Llama-family decode attention through the Pallas split-K kernel for "pallas", and for
+    "auto" where it measured faster (`models.decode_attention.impl_for`: one sequence, a short
+    cache)."""
     if implementation is None:
         return nnx.split(model)
     if implementation not in ("auto", "xla", "triton", "pallas"):
@@ -143,7 +149,7 @@ def _split(model: nnx.Module, implementation: str | None):
         if ffns:
             set_compute(model, "kernel", None if implementation == "auto" else implementation)
         if attns:
-            da.set_attention(model, da.impl_for(implementation, model))
+            da.set_attention(model, da.impl_for(implementation, model, cache_len, batch))
         return nnx.split(model)
     finally:
         for m, (c, i) in zip(ffns, saved_ffn, strict=True):
@@ -187,8 +193,9 @@ def generate(
             "auto" (fastest available), for prefill and decode; for Llama-family models
             (dense too) "pallas" also runs decode-step attention through the split-K kernel
             (`models.decode_attention`; XLA where it cannot run, e.g. on CPU or with a sliding
-            window); "auto" keeps XLA attention (the kernel measured slower in the 8B decode
-            step, BENCHMARKS.md). None keeps the model's own compute paths. The
+            window); "auto" uses that kernel only for one sequence with a cache of at most 1024
+            positions, where it measured faster (BENCHMARKS.md). None keeps the model's own
+            compute paths. The
             decode step stays one compiled program.
         tau: PrunePath budget (scalar or per-layer); builds `ffn_args` when those are not given.
 
@@ -222,7 +229,7 @@ def generate(
         from prunepath_jax.nn import route_args
 
         ffn_args = route_args(cfg, tau)
-    graphdef, state = _split(model, implementation)
+    graphdef, state = _split(model, implementation, cache_len, len(prompts))
     dtype = dtype or model.embed_tokens.embedding.dtype
     cache = init_cache(cfg, len(prompts), cache_len, dtype)
     greedy = sampling.temperature == 0.0

@@ -98,6 +98,33 @@ glue)  # routing glue in the selection kernel: GPU tests, e2e fused vs XLA glue 
     --impls pallas --batches --steps 8 --chunks 3 \
     --variants '{"xla_glue": {"1": {"glue": "xla"}}}' --out "$OUT/sparse_decode.jsonl"
   ;;
+apitests)  # generation through the kernels (incl. the fp32 token-equality test), 1B traces
+  run timeout 320 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py
+  STAGE=trace1b bash "$0"
+  ;;
+trace1b)
+  for v in "trace_1b_0.75 --sparsity 0.75" "trace_1b_0.75_attn --sparsity 0.75 --attn pallas"; do
+    set -- $v; name=$1; shift
+    run timeout 120 python3 scripts/trace_decode.py --shape llama-3.2-1b --out "$OUT/$name" "$@"
+    find "$OUT/$name" -name "*.xplane.pb" -delete; find "$OUT/$name" -name "*.trace.json.gz" -delete
+  done
+  ;;
+attn)  # split-K decode attention in the model at short and 4k caches (1B, 8B); 32k HLO + trace
+  for sh in llama-3.2-1b llama-3-8b; do
+    run timeout 200 python3 benchmarks/sparse_decode.py --shapes $sh --sparsities --impls pallas \
+      --batches --steps 8 --chunks 3 --long-ctx 64 4096 --out "$OUT/attn_ctx.jsonl"
+  done
+  [ -n "${TRACE32K:-}" ] && run timeout 140 python3 scripts/trace_decode.py --shape llama-3-8b --sparsity 0 --attn pallas \
+    --ctx 32768 --prompt-len 32000 --steps 2 --hlo --out "$OUT/trace_8b_32k_attn"
+  find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
+  ;;
+final2)  # e2e with the measured attention rule (auto) + fused glue; glue and logit-split variants
+  run timeout 470 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --impls pallas triton --batches 4 8 --steps 8 --chunks 3 --attn auto \
+    --variants '{"xla_glue": {"1": {"glue": "xla"}}, "s8": {"1": {"logit_splits": 8, "logit_block_e": 16}}, "s16": {"1": {"logit_splits": 16, "logit_block_e": 32}}}' \
+    --out "$OUT/sparse_decode.jsonl"
+  ;;
 trace3)  # per-kernel timelines: fused glue; split-K attention at a short and a 32k cache (+HLO)
   tr() { local name=$1; shift; run timeout 150 python3 scripts/trace_decode.py --out "$OUT/$name" "$@"
          find "$OUT/$name" -name "*.xplane.pb" -delete; find "$OUT/$name" -name "*.trace.json.gz" -delete; }

@@ -165,7 +165,7 @@ def test_generate_implementation_switches_attention_in_the_graphdef_only():
     assert {m.attn_impl for m in da.attention_modules(nnx.merge(graphdef, state))} == {"pallas"}
     assert {m.attn_impl for m in da.attention_modules(model)} == {"xla"}
     auto = nnx.merge(*gen_mod._split(model, "auto"))
-    assert {m.attn_impl for m in da.attention_modules(auto)} == {"xla"}  # measured slower
+    assert {m.attn_impl for m in da.attention_modules(auto)} == {"xla"}  # no cache length given
     prompts = [[1, 2, 3, 4], [5, 6]]
     assert generate(model, prompts, 6, implementation="pallas") == generate(model, prompts, 6)
     with pytest.raises(ValueError, match="no PrunePath FFN"):
@@ -193,13 +193,22 @@ def test_model_decode_step_lowers_the_kernel_for_cuda(monkeypatch):
     assert exp.mlir_module().count("custom_call @__gpu$xla.gpu.triton") == cfg.n_layers
 
 
-def test_only_an_explicit_pallas_uses_the_kernel(monkeypatch):
-    """Auto keeps XLA attention: in the 8B decode step the kernel was slower (BENCHMARKS.md)."""
-    monkeypatch.setattr(da, "kernel_ready", lambda: None)
+def test_auto_uses_the_kernel_only_where_it_measured_faster(monkeypatch):
+    """ "auto": the kernel for one sequence and a short cache (faster in the 1B and 8B decode
+    steps), XLA for longer caches (a tie at 4k, slower at 32k), unmeasured batches, and where
+    the kernel cannot run; "pallas" always asks for it (BENCHMARKS.md)."""
     model = _model(4, 2)
+    monkeypatch.setattr(da, "kernel_ready", lambda: "no GPU")
+    assert da.impl_for("auto", model, 256, 1) == "xla"
+    monkeypatch.setattr(da, "kernel_ready", lambda: None)
     assert da.impl_for("pallas", model) == "pallas"
-    for impl in ("auto", "xla", "triton"):
-        assert da.impl_for(impl, model) == "xla"
+    assert da.impl_for("auto", model, 256, 1) == "pallas"
+    assert da.impl_for("auto", model, da.AUTO_MAX_CACHE, 1) == "pallas"
+    assert da.impl_for("auto", model, da.AUTO_MAX_CACHE + 64, 1) == "xla"
+    assert da.impl_for("auto", model, 256, 8) == "xla"
+    assert da.impl_for("auto", model) == "xla"
+    for impl in ("xla", "triton"):
+        assert da.impl_for(impl, model, 256, 1) == "xla"
 
 
 @pytest.mark.gpu

@@ -152,14 +152,35 @@ def set_attention(model: nnx.Module, impl: str) -> None:
         m.attn_impl = impl
 
 
-def impl_for(implementation: str, model: nnx.Module) -> str:
-    """The ``attn_impl`` a `generate(implementation=...)` value asks for: "pallas" -> the kernel;
-    everything else, "auto" included, -> XLA.
+# "auto" uses the kernel up to this many cache positions, at batch 1 (measured, below).
+AUTO_MAX_CACHE = 1024
 
-    Why "auto" keeps XLA: measured in the model's decode step on the H200 (Llama-3-8B shape,
-    batch 1, BENCHMARKS.md issue 5), the kernel made a token slower: 4931 vs 4838 µs at a 4k
-    cache, 8472 vs 5909 µs at 32k; the stand-alone kernel only wins at batch 8 (1.66-1.97x),
-    which has not been measured inside the model. "auto" means the fastest measured path.
+
+def impl_for(
+    implementation: str, model: nnx.Module, cache_len: int | None = None, batch: int | None = None
+) -> str:
+    """The ``attn_impl`` a `generate(implementation=...)` value asks for: "pallas" -> the kernel;
+    "auto" -> the kernel for one sequence with a cache of at most ``AUTO_MAX_CACHE`` positions
+    on a GPU that can run it, XLA otherwise; anything else -> XLA.
+
+    Why, measured in the model's decode step on the H200 (BENCHMARKS.md, issue 5, batch 1):
+    with a 256-position cache the kernel makes a token faster -- Llama-3.2-1B 1114 vs 1188 µs
+    dense, 934 vs 1021 µs at 75% FFN sparsity; Llama-3-8B 4340 vs 4565 dense, 2863 vs 3068
+    sparse -- because it replaces ~5 small XLA launches per layer; at a 4352-position cache it
+    ties (1B 1300 vs 1303, 8B 4802 vs 4750 dense), and at 32k it is much slower (8472 vs
+    5909 µs: the kernel itself runs at ~91% of the copy bandwidth there, but the step idles
+    36% of the time, not yet explained). Batch > 1 inside the model is not measured, so
+    "auto" keeps XLA there. "auto" means the fastest measured path.
     """
-    del model  # kept in the signature: a later measured rule may depend on batch or sharding
-    return "pallas" if implementation == "pallas" else "xla"
+    del model  # kept in the signature: a later measured rule may depend on sharding
+    if implementation == "pallas":
+        return "pallas"
+    if (
+        implementation == "auto"
+        and cache_len is not None
+        and cache_len <= AUTO_MAX_CACHE
+        and batch == 1
+        and kernel_ready() is None
+    ):
+        return "pallas"
+    return "xla"
