@@ -229,7 +229,7 @@ def main():
     )
     ap.add_argument(
         "--attn",
-        default="xla",
+        default="auto",
         choices=["xla", "pallas", "auto"],
         help="decode attention of every model timed (auto: `decode_attention.impl_for`'s rule)",
     )

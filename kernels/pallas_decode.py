@@ -4,7 +4,11 @@ Why this shape. At decode the FFN is bound by the bytes of the selected experts'
 for small models by launches (DESIGN.md §4). So the layer is: the router logits (the split-K
 GEMV kernel of ``pallas_logits.py``; XLA's narrow GEMV was ~2x slower inside the layer), the
 sort-free selection kernel (``pallas_routing.py``: softmax, the paper's cumulative-mass rule,
-sigmoid gates → a gate table ``[t, E]``), and the expert kernel(s):
+sigmoid gates → a gate table ``[t, E]``), and the expert kernel(s). For one or two tokens the
+selection kernel also adds the logits kernel's unreduced split-K partials and zeroes the expert
+kernel's atomic accumulator (``glue="fused"``), so a one-token layer is exactly three launches
+with nothing between them (measured: 2 XLA launches fewer per 8B layer, 1 per 1B layer; 1-3%
+of an end-to-end token, BENCHMARKS.md):
 
 * Union of experts, in the kernel. Every program reads the small gate table (zero for experts a
   token did not select), takes the union over tokens and its prefix count, and finds the expert
@@ -186,8 +190,10 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
         "up_splits": up_splits,
         "atomics": atomics,
         "glue": glue,
-        "logit_splits": tuning.get("logit_splits", 32),
-        "logit_block_e": tuning.get("logit_block_e", 64),
+        # Fused glue only: 16 splits of d, 32 experts a program (e2e 2026-12-01, batch 1, 75%:
+        # 8B 2794 vs 2856 µs/token with 32 x 64, 1B 961 vs 965; 8 x 16: 2840 / 955).
+        "logit_splits": tuning.get("logit_splits", 16),
+        "logit_block_e": tuning.get("logit_block_e", 32),
         "down_chunks": tuning.get("down_chunks", 8),
         "block_d_down": _pow2_divisor(d, tuning.get("block_d_down", 128)),
     }

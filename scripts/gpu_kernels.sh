@@ -125,6 +125,11 @@ final2)  # e2e with the measured attention rule (auto) + fused glue; glue and lo
     --variants '{"xla_glue": {"1": {"glue": "xla"}}, "s8": {"1": {"logit_splits": 8, "logit_block_e": 16}}, "s16": {"1": {"logit_splits": 16, "logit_block_e": 32}}}' \
     --out "$OUT/sparse_decode.jsonl"
   ;;
+tests3)  # GPU tests after the fused-glue default change and the auto attention rule
+  run timeout 380 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short -x \
+    tests/test_kernels_pallas.py tests/test_pallas_logits.py tests/test_decode_attention_model.py \
+    tests/test_kernels_api.py
+  ;;
 trace3)  # per-kernel timelines: fused glue; split-K attention at a short and a 32k cache (+HLO)
   tr() { local name=$1; shift; run timeout 150 python3 scripts/trace_decode.py --out "$OUT/$name" "$@"
          find "$OUT/$name" -name "*.xplane.pb" -delete; find "$OUT/$name" -name "*.trace.json.gz" -delete; }

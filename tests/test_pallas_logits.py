@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from prunepath_jax import routing
-from prunepath_jax.kernels.pallas_logits import plan, router_logits_pallas
+from prunepath_jax.kernels.pallas_logits import plan, router_logits_pallas, router_logits_partials
 from tests.helpers import assert_close
 
 # name, t, d, E, x dtype
@@ -38,6 +38,21 @@ def _check(case, interpret):
 @pytest.mark.parametrize("case", CASES[:-1], ids=[c[0] for c in CASES[:-1]])
 def test_interpret_matches_router_logits(case):
     _check(case, interpret=True)
+
+
+def test_unreduced_partials_sum_to_the_logits_and_leave_padding_alone():
+    """``router_logits_partials`` with a stride past E: each split's first E columns add up to
+    ``x @ router``; the padding columns are the kernel's to leave unwritten."""
+    kx, kr = jax.random.split(jax.random.key(4))
+    t, d, e, stride = 2, 1024, 40, 64
+    x = jax.random.normal(kx, (t, d))
+    r = jax.random.normal(kr, (d, e)) * d**-0.5
+    part, n = router_logits_partials(x, r, stride=stride, splits=4, interpret=True)
+    assert n == plan(t, d, e, splits=4)["s"] == 4 and part.shape == (t, n * stride)
+    got = jnp.sum(part.reshape(t, n, stride)[:, :, :e], axis=1)
+    assert_close(got, routing.router_logits(r, x), "op_fp32", "partials")
+    with pytest.raises(ValueError, match="stride"):
+        router_logits_partials(x, r, stride=e - 1, interpret=True)
 
 
 def test_plan_spreads_the_8b_router_over_many_programs():
