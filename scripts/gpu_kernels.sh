@@ -130,6 +130,18 @@ tests3)  # GPU tests after the fused-glue default change and the auto attention 
     tests/test_kernels_pallas.py tests/test_pallas_logits.py tests/test_decode_attention_model.py \
     tests/test_kernels_api.py
   ;;
+idle32k)  # why the 8B step idles 36% at a 32k cache with the attention kernel: command buffers?
+  for cb in default none custom; do
+    case $cb in
+      default) flags="";;
+      none) flags="--xla_gpu_enable_command_buffer=";;
+      custom) flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN";;
+    esac
+    XLA_FLAGS="$flags" run timeout 140 python3 scripts/trace_decode.py --shape llama-3-8b \
+      --sparsity 0 --attn pallas --ctx 32768 --prompt-len 32000 --steps 2 --out "$OUT/idle32k_$cb"
+  done
+  find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
+  ;;
 trace3)  # per-kernel timelines: fused glue; split-K attention at a short and a 32k cache (+HLO)
   tr() { local name=$1; shift; run timeout 150 python3 scripts/trace_decode.py --out "$OUT/$name" "$@"
          find "$OUT/$name" -name "*.xplane.pb" -delete; find "$OUT/$name" -name "*.trace.json.gz" -delete; }
