@@ -25,23 +25,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
-
-
-# On the lent GPU machine pytest has hung after printing its summary (until the caller's
-# timeout, burning device time). With PRUNEPATH_HARD_EXIT=1 (set by scripts/gpu_kernels.sh) the
-# process leaves right after the summary with pytest's own exit status.
-_EXIT = {"status": None}
-
-
-def pytest_sessionfinish(session, exitstatus):
-    _EXIT["status"] = int(exitstatus)
-
-
-def pytest_unconfigure(config):
-    import os
-    import sys
-
-    if os.environ.get("PRUNEPATH_HARD_EXIT") == "1" and _EXIT["status"] is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(_EXIT["status"])
