@@ -45,6 +45,8 @@ def _largest_divisor(n: int, cap: int) -> int:
 def plan(tp: int, d: int, e: int, *, splits: int = 32, block_e: int = 64) -> dict:
     """Static blocks: ``be`` columns (a power of two dividing E, so no program reads past the
     router), ``bdi`` rows per step, ``s`` splits of d, ``steps`` per program, ``use_dot``."""
+    if splits < 1 or block_e < 1:
+        raise ValueError(f"splits and block_e must be >= 1, got {splits}, {block_e}")
     be = pow2_divisor(e, block_e)
     use_dot = tp >= 16 and be >= 16
     # Broadcast accumulator [tp, bdi, be] fp32 stays ≤ 4k elements (32 registers a thread).

@@ -67,6 +67,8 @@ def test_rejects_bad_shapes():
         router_logits_pallas(jnp.zeros((1, 8)), jnp.zeros((16, 4)), interpret=True)
     with pytest.raises(ValueError, match="power-of-two"):
         router_logits_pallas(jnp.zeros((3, 8)), jnp.zeros((8, 4)), interpret=True)
+    with pytest.raises(ValueError, match="splits and block_e"):
+        router_logits_pallas(jnp.zeros((1, 8)), jnp.zeros((8, 4)), splits=0, interpret=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
