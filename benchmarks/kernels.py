@@ -24,7 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, header, markdown_table, time_fn, write_rows  # noqa: E402
+from common import (  # noqa: E402
+    copy_bandwidth,
+    header,
+    kernel_durations,
+    markdown_table,
+    time_fn,
+    write_rows,
+)
 
 from prunepath_jax import routing  # noqa: E402
 from prunepath_jax.kernels import api  # noqa: E402
@@ -65,6 +72,15 @@ def chain_fn(impl, g, k):
     return jax.jit(f)
 
 
+def kernel_breakdown(fn, *args, top: int = 8) -> dict:
+    """The device µs of one warm call, by kernel (the ``top`` largest, the rest summed)."""
+    per = {n: sum(v) for n, v in kernel_durations(fn, *args).items()}
+    ranked = sorted(per.items(), key=lambda kv: -kv[1])
+    out = {n[:60]: round(us, 1) for n, us in ranked[:top]}
+    out["(rest)"] = round(sum(us for _, us in ranked[top:]), 1)
+    return {"device_us_total": round(sum(per.values()), 1), "kernels_us": out}
+
+
 def launches(fn, *args) -> dict:
     txt = fn.lower(*args).compile().as_text()
     return {"custom_calls": txt.count(" custom-call("), "fusions": txt.count(" fusion(")}
@@ -87,6 +103,12 @@ def main():
         type=lambda v: tuple(map(int, v.split(","))),
         default=[(64, 64, 4, 3)],
         help="block_m,block_d,warps,stages per variant",
+    )
+    ap.add_argument(
+        "--prefill-trace",
+        action="store_true",
+        help="also record each prefill variant's per-kernel device µs (profiler trace): where the "
+        "time goes between routing, grouping, the grouped up-projection and the down GEMM",
     )
     ap.add_argument("--out", default="results/kernels.jsonl")
     a = ap.parse_args()
@@ -144,10 +166,12 @@ def main():
     kp = max(1, round(a.prefill_fraction * e))
     xp = jax.random.normal(jax.random.key(1), (tp, d), jnp.float32).astype(dt)
     one = layers[:1]
-    t_dense = time_fn(chain_fn("dense", g, e), xp, one, warmup=2, iters=10)
+    dense_fn = chain_fn("dense", g, e)
+    t_dense = time_fn(dense_fn, xp, one, warmup=2, iters=10)
     flops = 2 * tp * 3 * f * d
     rows.append({**head, "bench": "prefill_ffn", "impl": "dense_xla", "tokens": tp, "k": e,
-                 "us": t_dense * 1e6, "TFLOP_s": flops / t_dense / 1e12})  # fmt: skip
+                 "us": t_dense * 1e6, "TFLOP_s": flops / t_dense / 1e12,
+                 **(kernel_breakdown(dense_fn, xp, one) if a.prefill_trace else {})})  # fmt: skip
     print(rows[-1], flush=True)
     from prunepath_jax.kernels import triton_grouped
 
@@ -159,13 +183,16 @@ def main():
         if tn:
             triton_grouped.DEFAULT_TUNING.update(tn)
         try:
-            t = time_fn(chain_fn(impl, g, kp), xp, one, warmup=2, iters=10)
+            fn = chain_fn(impl, g, kp)
+            t = time_fn(fn, xp, one, warmup=2, iters=10)
+            kb = kernel_breakdown(fn, xp, one) if a.prefill_trace else {}
         except Exception as err:
             print(f"prefill {impl} {tn}: {err!r}"[:300], flush=True)
             continue
         rows.append({**head, "bench": "prefill_ffn", "impl": impl, "tokens": tp, "k": kp,
                      "k_frac": kp / e, "us": t * 1e6, "speedup_vs_dense": t_dense / t,
-                     "useful_TFLOP_s": flops * kp / e / t / 1e12, "tuning": str(tn)})  # fmt: skip
+                     "useful_TFLOP_s": flops * kp / e / t / 1e12, "tuning": str(tn),
+                     **kb})  # fmt: skip
         print(rows[-1], flush=True)
     write_rows(a.out, rows)
     cols = ["bench", "impl", "tuning", "batch", "k", "union_frac", "us", "dense_us",

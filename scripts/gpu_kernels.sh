@@ -142,6 +142,12 @@ idle32k)  # why the 8B step idles 36% at a 32k cache with the attention kernel: 
   done
   find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
   ;;
+prefill)  # grouped-GEMM prefill: a wider tuning sweep with per-kernel device time (not run yet)
+  run timeout 400 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+    --prefill-tunings 128,64,4,4 64,64,4,3 128,64,8,4 128,128,8,3 256,64,8,3 128,32,4,5 \
+    64,128,4,4 --out "$OUT/prefill.jsonl"
+  find "$OUT" -name "*.xplane.pb" -delete
+  ;;
 trace3)  # per-kernel timelines: fused glue; split-K attention at a short and a 32k cache (+HLO)
   tr() { local name=$1; shift; run timeout 150 python3 scripts/trace_decode.py --out "$OUT/$name" "$@"
          find "$OUT/$name" -name "*.xplane.pb" -delete; find "$OUT/$name" -name "*.trace.json.gz" -delete; }

@@ -134,10 +134,12 @@ def test_kernels_compile_for_sm90(dtype):
              dict(T=1, D=4096, E=448, T_PAD=16, BLOCK_R=64, BLOCK_E=64, ROWS=128,
                   DOT_F32=False), stages=2)  # fmt: skip
     if dtype == "bf16":
+        tn = tg.DEFAULT_TUNING  # the tiles the registry launches
         _compile(tg._grouped_up_kernel,
                  {"x": "*bf16", "w": "*bf16", "g": "*fp32", "tok": "*i32", "off": "*i32",
                   "cnt": "*i32", "te": "*i32", "tm": "*i32", "ai": "*bf16", "a": "*bf16"},
-                 dict(T=4096, **dims, BLOCK_M=64, BLOCK_D=64, **ieee))  # fmt: skip
+                 dict(T=4096, **dims, BLOCK_M=tn["block_m"], BLOCK_D=tn["block_d"], **ieee),
+                 warps=tn["warps"], stages=tn["stages"])  # fmt: skip
 
 
 @pytest.mark.gpu
