@@ -464,37 +464,32 @@ def _decode_jit(
     n_slots = min(e, t * k_cap)
     acc_shape = accumulator_shape(t, d, group_size, n_slots, plan)
     y0 = None
-    tr = _next_pow2(t)
-    fused = (
-        plan["routing"] == "pallas"
-        and plan["logits"] == "pallas"
-        and plan["glue"] == "fused"
-        and tr <= FUSED_GLUE_MAX_TOKENS
-    )
-    if fused:  # logits kernel -> selection kernel (adds the partials, zeroes the accumulator)
-        x_rd = x_pd[:tr] if tr <= tp else jnp.zeros((tr, d), x_td.dtype).at[:t].set(x_td)
-        part, n_part = router_logits_partials(
-            x_rd, router_de, stride=ep, splits=plan["logit_splits"],
-            block_e=plan["logit_block_e"], interpret=interpret,
-        )  # fmt: skip
-        zero = acc_shape if zeroable(acc_shape, ep) else None
-        gate_re, k_t, y0 = route_gates_from_partials(
-            part, n_part, tau, t=t, e=e, ep=ep, rule=rule, gate=gate, k_min=k_min,
-            k_max=k_max, zeros=zero, interpret=interpret,
-        )  # fmt: skip
-        gate_pe = gate_re if tr in (1, tp) else jnp.pad(gate_re, ((0, tp - tr), (0, 0)))
-    elif plan["routing"] == "pallas":  # one launch: softmax, rank-based selection, gates
+    if plan["routing"] == "pallas":  # one selection launch: softmax, rank-based choice, gates
         # Routing runs on the real tokens padded to a power of two, not on the expert kernel's
         # 16 dot rows: the selection kernel's work grows with its rows (tp·E² compares).
-        if plan["logits"] == "pallas":  # split-K GEMV kernel + one small XLA sum
+        tr = _next_pow2(t)
+        if plan["logits"] == "pallas":  # the split-K GEMV kernel
             x_rd = x_pd[:tr] if tr <= tp else jnp.zeros((tr, d), x_td.dtype).at[:t].set(x_td)
-            logits_te = router_logits_pallas(x_rd, router_de, interpret=interpret)[:t]
+        if plan["logits"] == "pallas" and plan["glue"] == "fused" and tr <= FUSED_GLUE_MAX_TOKENS:
+            # The selection kernel adds the partials and zeroes the expert kernel's accumulator.
+            part, n_part = router_logits_partials(
+                x_rd, router_de, stride=ep, splits=plan["logit_splits"],
+                block_e=plan["logit_block_e"], interpret=interpret,
+            )  # fmt: skip
+            zero = acc_shape if zeroable(acc_shape, ep) else None
+            gate_re, k_t, y0 = route_gates_from_partials(
+                part, n_part, tau, t=t, e=e, ep=ep, rule=rule, gate=gate, k_min=k_min,
+                k_max=k_max, zeros=zero, interpret=interpret,
+            )  # fmt: skip
         else:
-            logits_te = routing.router_logits(router_de, x_td)
-        gate_re, k_t = route_gates_pallas(
-            logits_te, tau, tp=tr, ep=ep, rule=rule, gate=gate, k_min=k_min, k_max=k_max,
-            interpret=interpret,
-        )  # fmt: skip
+            if plan["logits"] == "pallas":  # + one small XLA sum of the partials
+                logits_te = router_logits_pallas(x_rd, router_de, interpret=interpret)[:t]
+            else:
+                logits_te = routing.router_logits(router_de, x_td)
+            gate_re, k_t = route_gates_pallas(
+                logits_te, tau, tp=tr, ep=ep, rule=rule, gate=gate, k_min=k_min, k_max=k_max,
+                interpret=interpret,
+            )  # fmt: skip
         gate_pe = gate_re if tr in (1, tp) else jnp.pad(gate_re, ((0, tp - tr), (0, 0)))
     else:  # the reference's XLA ops (sort, cumsum, scatter)
         gate_te, k_t = route_gates(

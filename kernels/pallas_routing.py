@@ -57,7 +57,7 @@ def _logits(lg_ref, c0, w, *, n_part, stride, e):
     for s in range(1, n_part):
         acc = acc + plgpu.load(lg_ref.at[:, pl.ds(s * stride + c0, w)])
     col = c0 + jax.lax.broadcasted_iota(jnp.int32, acc.shape, 1)
-    return jnp.where(col < e, acc, NEG)  # padding columns may be unwritten when n_part > 1
+    return jnp.where(col < e, acc, NEG)  # padding columns: zeros, or unwritten partials
 
 
 def _route_kernel(lg_ref, tau_ref, *out_refs, t, e, ep, be, bj, n_part, rule, gate, k_min,
@@ -116,17 +116,6 @@ def _route_kernel(lg_ref, tau_ref, *out_refs, t, e, ep, be, bj, n_part, rule, ga
         plgpu.store(z_ref.at[:, cols], jnp.zeros((zr, zc), jnp.float32))
 
 
-def _check_modes(rule, gate, k_min, k_max, e):
-    if rule not in ("paper", "nucleus"):
-        raise ValueError(f"rule must be 'paper' or 'nucleus', got {rule!r}")
-    if gate not in ("sigmoid", "none"):
-        raise ValueError(f"gate mode must be 'sigmoid' or 'none', got {gate!r}")
-    k_max = e if k_max is None else min(k_max, e)
-    if not 1 <= k_min <= k_max:
-        raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
-    return k_max
-
-
 def zeroable(shape: tuple[int, int], ep: int, block_e: int = 16) -> bool:
     """Whether the selection kernel can zero a ``shape`` fp32 buffer: its columns split into
     one power-of-two share per program."""
@@ -135,36 +124,6 @@ def zeroable(shape: tuple[int, int], ep: int, block_e: int = 16) -> bool:
     return (
         shape[1] % n_prog == 0 and zc >= 1 and zc & (zc - 1) == 0 and shape[0] & (shape[0] - 1) == 0
     )
-
-
-def _route_call(lg, tau, *, t, e, tp, ep, n_part, rule, gate, k_min, k_max, interpret, block_e,
-                num_warps, zeros):  # fmt: skip
-    be = min(block_e, ep)
-    bj = max(1, min(ep, 4096 // (tp * be)))  # [tp, be, bj] compare tile in registers
-    tau_1 = jnp.reshape(jnp.asarray(tau, jnp.float32), (1,))
-    kern = functools.partial(
-        _route_kernel, t=t, e=e, ep=ep, be=be, bj=bj, n_part=n_part, rule=rule, gate=gate,
-        k_min=k_min, k_max=k_max,
-    )  # fmt: skip
-    out_shape = [jax.ShapeDtypeStruct((tp, ep), jnp.float32)]
-    if zeros is not None:
-        if not zeroable(zeros, ep, block_e):
-            raise ValueError(f"cannot split a {zeros} buffer over {ep // be} programs")
-        out_shape.append(jax.ShapeDtypeStruct(zeros, jnp.float32))
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    outs = pl.pallas_call(
-        kern,
-        out_shape=out_shape,
-        grid=(ep // be,),
-        in_specs=[any_spec, any_spec],  # logits (or their partials), tau [1]
-        out_specs=[any_spec] * len(out_shape),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name="prunepath_route_select",
-    )(lg, tau_1)
-    gate_te = outs[0]
-    k_t = jnp.sum(gate_te[:t] != 0.0, axis=1, dtype=jnp.int32)
-    return gate_te, k_t, (outs[1] if zeros is not None else None)
 
 
 def route_gates_pallas(
@@ -186,13 +145,13 @@ def route_gates_pallas(
     ``tp ≥ t`` and ``ep ≥ e`` are powers of two (padding rows/experts get gate 0). Same
     selection as ``routing.select`` + ``routing.gates`` (see the module docstring for the one
     rounding caveat). Must be called under jit with static ``tp, ep, rule, gate, k_min, k_max``.
+    The logits are one "partial" (the kernel masks the padding columns itself).
     """
     t, e = logits_te.shape
-    k_max = _check_modes(rule, gate, k_min, k_max, e)
-    lg = jnp.full((tp, ep), NEG, jnp.float32).at[:t, :e].set(logits_te.astype(jnp.float32))
-    gate_te, k_t, _ = _route_call(
-        lg, tau, t=t, e=e, tp=tp, ep=ep, n_part=1, rule=rule, gate=gate, k_min=k_min,
-        k_max=k_max, interpret=interpret, block_e=block_e, num_warps=num_warps, zeros=None,
+    lg = jnp.pad(logits_te.astype(jnp.float32), ((0, tp - t), (0, ep - e)))
+    gate_te, k_t, _ = route_gates_from_partials(
+        lg, 1, tau, t=t, e=e, ep=ep, rule=rule, gate=gate, k_min=k_min, k_max=k_max,
+        interpret=interpret, block_e=block_e, num_warps=num_warps,
     )  # fmt: skip
     return gate_te, k_t
 
@@ -232,8 +191,34 @@ def route_gates_from_partials(
     tp = part_tp.shape[0]
     if part_tp.shape[1] != n_part * ep:
         raise ValueError(f"partials {part_tp.shape} do not hold {n_part} splits of {ep} columns")
-    k_max = _check_modes(rule, gate, k_min, k_max, e)
-    return _route_call(
-        part_tp, tau, t=t, e=e, tp=tp, ep=ep, n_part=n_part, rule=rule, gate=gate, k_min=k_min,
-        k_max=k_max, interpret=interpret, block_e=block_e, num_warps=num_warps, zeros=zeros,
+    if rule not in ("paper", "nucleus"):
+        raise ValueError(f"rule must be 'paper' or 'nucleus', got {rule!r}")
+    if gate not in ("sigmoid", "none"):
+        raise ValueError(f"gate mode must be 'sigmoid' or 'none', got {gate!r}")
+    k_max = e if k_max is None else min(k_max, e)
+    if not 1 <= k_min <= k_max:
+        raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
+    be = min(block_e, ep)
+    bj = max(1, min(ep, 4096 // (tp * be)))  # [tp, be, bj] compare tile in registers
+    kern = functools.partial(
+        _route_kernel, t=t, e=e, ep=ep, be=be, bj=bj, n_part=n_part, rule=rule, gate=gate,
+        k_min=k_min, k_max=k_max,
     )  # fmt: skip
+    out_shape = [jax.ShapeDtypeStruct((tp, ep), jnp.float32)]
+    if zeros is not None:
+        if not zeroable(zeros, ep, block_e):
+            raise ValueError(f"cannot split a {zeros} buffer over {ep // be} programs")
+        out_shape.append(jax.ShapeDtypeStruct(zeros, jnp.float32))
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    outs = pl.pallas_call(
+        kern,
+        out_shape=out_shape,
+        grid=(ep // be,),
+        in_specs=[any_spec, any_spec],  # logits (or their partials), tau [1]
+        out_specs=[any_spec] * len(out_shape),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="prunepath_route_select",
+    )(part_tp, jnp.reshape(jnp.asarray(tau, jnp.float32), (1,)))
+    k_t = jnp.sum(outs[0][:t] != 0.0, axis=1, dtype=jnp.int32)
+    return outs[0], k_t, (outs[1] if zeros is not None else None)
