@@ -44,15 +44,14 @@ from prunepath_jax.nn import PrunePathFFN, route_args, set_compute  # noqa: E402
 PEERS = "paper 1.046x (GPT-2 Medium, b1); TEAL 1.53x @40% / 1.8x @50% model-wide (7B, b1, fp16)"
 
 
-ATTN = {"impl": "xla"}  # --attn, applied by time_decode to each model it times (None: as set)
-
-
-def time_decode(model, batch, prompt_len, steps, chunks, ffn_args) -> dict:
+def time_decode(model, batch, prompt_len, steps, chunks, ffn_args, attn=None) -> dict:
+    """µs per decode step of ``model``; ``attn`` (an ``--attn`` value) sets its decode attention
+    for this cache length and batch first, None keeps the model's own."""
     cfg = model.cfg
     ctx = -(-(prompt_len + steps * (chunks + 3) + 1) // 256) * 256  # the attention kernel's tiles
-    if ATTN["impl"] is not None:
-        da.set_attention(model, da.impl_for(ATTN["impl"], model, ctx, batch))
-    attn = da.attention_modules(model)[0].attn_impl
+    if attn is not None:
+        da.set_attention(model, da.impl_for(attn, model, ctx, batch))
+    attn_used = da.attention_modules(model)[0].attn_impl
     graphdef, state = nnx.split(model)
     st = DecodeState(
         token_b=jnp.ones((batch,), jnp.int32),
@@ -75,7 +74,7 @@ def time_decode(model, batch, prompt_len, steps, chunks, ffn_args) -> dict:
     jax.block_until_ready(st)
     dt = (time.perf_counter() - t0) / (chunks * steps)
     return {
-        "attention": attn,
+        "attention": attn_used,
         "us_per_step": dt * 1e6,
         "custom_calls_per_layer": txt.count(" custom-call(") / cfg.n_layers,
         "fusions_per_step": txt.count(" fusion("),
@@ -133,7 +132,6 @@ def long_context(a, impl, emit) -> None:
     (`models.decode_attention`), dense and sparse, on the last shape."""
     shape = a.shapes[-1]
     cfg = PRESETS[shape]
-    ATTN["impl"] = None  # this study sets each model's attention itself
     dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     sparse = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
     e = sparse.cfg.n_experts
@@ -165,7 +163,7 @@ def time_variants(model, shape, variants, a, args, dense_us, e, k, emit) -> None
         pallas_decode.TUNING_OVERRIDES.clear()
         pallas_decode.TUNING_OVERRIDES.update({**saved, **over})
         jax.clear_caches()
-        r = time_decode(model, 1, a.prompt_len, a.steps, a.chunks, args)
+        r = time_decode(model, 1, a.prompt_len, a.steps, a.chunks, args, a.attn)
         emit({"shape": shape, "impl": f"pallas[{label}]", "batch": 1, "sparsity": 1 - k / e,
               "k": k, "E": e, "variant": over,
               "speedup_vs_dense": dense_us / r["us_per_step"], **r})  # fmt: skip
@@ -236,7 +234,6 @@ def main():
     a = ap.parse_args()
     head = {**header(), "peers": PEERS, "attn": a.attn}
     variants = {lab: {int(b): t for b, t in v.items()} for lab, v in json.loads(a.variants).items()}
-    ATTN["impl"] = a.attn
     if a.pallas_tuning:
         from prunepath_jax.kernels import pallas_decode
 
@@ -266,7 +263,7 @@ def main():
         dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
         dense_us = {}
         for b in batches:
-            r = time_decode(dense, b, a.prompt_len, a.steps, a.chunks, None)
+            r = time_decode(dense, b, a.prompt_len, a.steps, a.chunks, None, a.attn)
             dense_us[b] = r["us_per_step"]
             emit({"shape": shape, "impl": "dense", "batch": b, "sparsity": 0.0, **r})
         del dense
@@ -283,7 +280,7 @@ def main():
                 set_compute(sparse, "kernel", impl)
                 for b in bs:
                     try:
-                        r = time_decode(sparse, b, a.prompt_len, a.steps, a.chunks, args)
+                        r = time_decode(sparse, b, a.prompt_len, a.steps, a.chunks, args, a.attn)
                     except Exception as err:
                         print(f"{shape} {impl} s{s} b{b}: {type(err).__name__}: {err}"[:400])
                         continue
