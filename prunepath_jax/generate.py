@@ -194,9 +194,8 @@ def generate(
             (dense too) "pallas" also runs decode-step attention through the split-K kernel
             (`models.decode_attention`; XLA where it cannot run, e.g. on CPU or with a sliding
             window); "auto" uses that kernel only for one sequence with a cache of at most 1024
-            positions, where it measured faster (BENCHMARKS.md). None keeps the model's own
-            compute paths. The
-            decode step stays one compiled program.
+            positions and unsharded weights, where it measured faster (BENCHMARKS.md). None
+            keeps the model's own compute paths. The decode step stays one compiled program.
         tau: PrunePath budget (scalar or per-layer); builds `ffn_args` when those are not given.
 
     Returns:

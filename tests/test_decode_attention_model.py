@@ -195,8 +195,8 @@ def test_model_decode_step_lowers_the_kernel_for_cuda(monkeypatch):
 
 def test_auto_uses_the_kernel_only_where_it_measured_faster(monkeypatch):
     """ "auto": the kernel for one sequence and a short cache (faster in the 1B and 8B decode
-    steps), XLA for longer caches (a tie at 4k, slower at 32k), unmeasured batches, and where
-    the kernel cannot run; "pallas" always asks for it (BENCHMARKS.md)."""
+    steps), XLA for longer caches (a tie at 4k, slower at 32k), unmeasured batches, sharded
+    weights, and where the kernel cannot run; "pallas" always asks for it (BENCHMARKS.md)."""
     model = _model(4, 2)
     monkeypatch.setattr(da, "kernel_ready", lambda: "no GPU")
     assert da.impl_for("auto", model, 256, 1) == "xla"
@@ -209,6 +209,11 @@ def test_auto_uses_the_kernel_only_where_it_measured_faster(monkeypatch):
     assert da.impl_for("auto", model) == "xla"
     for impl in ("xla", "triton"):
         assert da.impl_for(impl, model, 256, 1) == "xla"
+    if len(jax.devices()) > 1:  # weights on several devices: the cache would be gathered
+        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        nnx.update(model, jax.device_put(nnx.state(model), rep))
+        assert da.impl_for("auto", model, 256, 1) == "xla"
 
 
 @pytest.mark.gpu

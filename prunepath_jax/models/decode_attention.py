@@ -161,7 +161,8 @@ def impl_for(
 ) -> str:
     """The ``attn_impl`` a `generate(implementation=...)` value asks for: "pallas" -> the kernel;
     "auto" -> the kernel for one sequence with a cache of at most ``AUTO_MAX_CACHE`` positions
-    on a GPU that can run it, XLA otherwise; anything else -> XLA.
+    on a GPU that can run it, with the weights on one device (a sharded cache would be gathered
+    for the custom call), XLA otherwise; anything else -> XLA.
 
     Why, measured in the model's decode step on the H200 (BENCHMARKS.md, issue 5, batch 1):
     with a 256-position cache the kernel makes a token faster -- Llama-3.2-1B 1114 vs 1188 µs
@@ -172,15 +173,16 @@ def impl_for(
     36% of the time, not yet explained). Batch > 1 inside the model is not measured, so
     "auto" keeps XLA there. "auto" means the fastest measured path.
     """
-    del model  # kept in the signature: a later measured rule may depend on sharding
     if implementation == "pallas":
         return "pallas"
     if (
-        implementation == "auto"
-        and cache_len is not None
-        and cache_len <= AUTO_MAX_CACHE
-        and batch == 1
-        and kernel_ready() is None
+        implementation != "auto"
+        or cache_len is None
+        or cache_len > AUTO_MAX_CACHE
+        or batch != 1
+        or kernel_ready() is not None
     ):
-        return "pallas"
-    return "xla"
+        return "xla"
+    leaves = jax.tree.leaves(nnx.state(model))
+    one_device = all(len(x.sharding.device_set) == 1 for x in leaves if hasattr(x, "sharding"))
+    return "pallas" if one_device else "xla"
