@@ -1,6 +1,7 @@
 """Thresholded grouped GEMM for many tokens (prefill, training forward): tokens grouped by expert.
 
-Routing runs in XLA (`routing.select`: a sort per token is cheap next to the FFN at this size).
+Routing runs in XLA (`routing.select`: a sort per token is cheap next to the FFN at this size;
+the fp32-accurate router logits on tensor cores, `routing.router_logits_bf16x3`).
 The grouping is computed on the device from the selection mask with prefix sums -- no host
 synchronisation, so it works under jit -- and gives, per expert, the ascending list of tokens
 that chose it, padded to ``BLOCK_M`` tiles. ``_grouped_up_kernel`` runs one program per
@@ -121,7 +122,7 @@ def sparse_ffn_grouped(
     if unknown:
         raise ValueError(f"unknown tuning keys {sorted(unknown)}")
     k_max = e if k_max is None else min(k_max, e)
-    logits_te = routing.router_logits(router_de, x_td)
+    logits_te = routing.router_logits_bf16x3(router_de, x_td)
     sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
     gate_te = routing.gates(logits_te, sel.mask_te, gate)
     block_m = tn["block_m"]

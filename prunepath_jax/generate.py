@@ -123,7 +123,7 @@ def _split(
     """`nnx.split`, with the compute paths `implementation` asks for set in the graphdef only
     (the caller's model keeps its own): every PrunePath FFN through the kernel registry, and
     Llama-family decode attention through the Pallas split-K kernel for "pallas", and for
-    "auto" where it measured faster (`models.decode_attention.impl_for`: one sequence, a short
+    "auto" where it measured faster (`models.decode_attention.impl_for`: up to 8 sequences, a short
     cache)."""
     if implementation is None:
         return nnx.split(model)
@@ -193,7 +193,7 @@ def generate(
             "auto" (fastest available), for prefill and decode; for Llama-family models
             (dense too) "pallas" also runs decode-step attention through the split-K kernel
             (`models.decode_attention`; XLA where it cannot run, e.g. on CPU or with a sliding
-            window); "auto" uses that kernel only for one sequence with a cache of at most 1024
+            window); "auto" uses that kernel only for up to 8 sequences with a cache of at most 1024
             positions and unsharded weights, where it measured faster (BENCHMARKS.md). None
             keeps the model's own compute paths. The decode step stays one compiled program.
         tau: PrunePath budget (scalar or per-layer); builds `ffn_args` when those are not given.

@@ -142,10 +142,12 @@ idle32k)  # why the 8B step idles 36% at a 32k cache with the attention kernel: 
   done
   find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
   ;;
-prefill)  # grouped-GEMM prefill: a wider tuning sweep with per-kernel device time (not run yet)
-  run timeout 400 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
-    --prefill-tunings 128,64,4,4 64,64,4,3 128,64,8,4 128,128,8,3 256,64,8,3 128,32,4,5 \
-    64,128,4,4 --out "$OUT/prefill.jsonl"
+prefill)  # grouped-GEMM prefill: a tuning sweep with per-kernel device time; the Triton GPU tests
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_triton.py
+  run timeout 330 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+    --prefill-tunings 128,64,4,4 64,64,4,3 128,128,8,3 256,64,8,3 128,32,4,5 \
+    --out "$OUT/prefill.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
   ;;
 trace3)  # per-kernel timelines: fused glue; split-K attention at a short and a 32k cache (+HLO)
@@ -156,5 +158,16 @@ trace3)  # per-kernel timelines: fused glue; split-K attention at a short and a 
   tr trace_1b_0_attn --shape llama-3.2-1b --sparsity 0 --attn pallas
   tr trace_8b_0_32k --shape llama-3-8b --sparsity 0 --ctx 32768 --steps 2 --hlo
   tr trace_8b_0_32k_attn --shape llama-3-8b --sparsity 0 --attn pallas --ctx 32768 --steps 2 --hlo
+  ;;
+s6a)  # session 6: optimized HLO of 1B decode steps (split-K attn, dense + sparse); 8B batch 4/8
+       # with XLA vs split-K attention in the model (dense and 75% sparse)
+  tr() { local name=$1; shift; run timeout 150 python3 scripts/trace_decode.py --out "$OUT/$name" "$@"
+         find "$OUT/$name" -name "*.xplane.pb" -delete; find "$OUT/$name" -name "*.trace.json.gz" -delete; }
+  tr hlo_1b_0.75_attn --shape llama-3.2-1b --sparsity 0.75 --attn pallas --hlo
+  tr hlo_1b_0_attn --shape llama-3.2-1b --sparsity 0 --attn pallas --hlo
+  for at in xla pallas; do
+    run timeout 200 python3 benchmarks/sparse_decode.py --shapes llama-3-8b --sparsities 0.75 \
+      --impls pallas --batches 4 8 --steps 8 --chunks 3 --attn $at --out "$OUT/batch_attn_$at.jsonl"
+  done
   ;;
 esac

@@ -194,7 +194,7 @@ def test_model_decode_step_lowers_the_kernel_for_cuda(monkeypatch):
 
 
 def test_auto_uses_the_kernel_only_where_it_measured_faster(monkeypatch):
-    """ "auto": the kernel for one sequence and a short cache (faster in the 1B and 8B decode
+    """ "auto": the kernel for up to 8 sequences and a short cache (faster in the 1B and 8B decode
     steps), XLA for longer caches (a tie at 4k, slower at 32k), unmeasured batches, sharded
     weights, and where the kernel cannot run; "pallas" always asks for it (BENCHMARKS.md)."""
     model = _model(4, 2)
@@ -205,7 +205,8 @@ def test_auto_uses_the_kernel_only_where_it_measured_faster(monkeypatch):
     assert da.impl_for("auto", model, 256, 1) == "pallas"
     assert da.impl_for("auto", model, da.AUTO_MAX_CACHE, 1) == "pallas"
     assert da.impl_for("auto", model, da.AUTO_MAX_CACHE + 64, 1) == "xla"
-    assert da.impl_for("auto", model, 256, 8) == "xla"
+    assert da.impl_for("auto", model, 256, da.AUTO_MAX_BATCH) == "pallas"
+    assert da.impl_for("auto", model, 256, da.AUTO_MAX_BATCH + 1) == "xla"
     assert da.impl_for("auto", model) == "xla"
     for impl in ("xla", "triton"):
         assert da.impl_for(impl, model, 256, 1) == "xla"

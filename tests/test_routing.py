@@ -240,6 +240,25 @@ def test_init_and_logits_dtype():
     assert_close(R.router_logits(w, x), x.astype(np.float64) @ w, "op_fp32", "fp32 logits")
 
 
+def test_bf16x3_logits_are_fp32_accurate():
+    """The tensor-core router split (prefill path) is as close to the float64 product as the
+    fp32 GEMM, over a wide range of router magnitudes; bf16 routers alone would be ~1e3x
+    worse (so the test would catch a lost split term); non-bf16 inputs take the fp32 GEMM."""
+    kx, kw = jax.random.split(jax.random.key(5))
+    x = jax.random.normal(kx, (3, 40, 384)).astype(jnp.bfloat16)  # leading dims pass through
+    w = jax.random.normal(kw, (384, 72)) * jnp.logspace(-3, 1, 72)  # per-expert scales
+    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    got = R.router_logits_bf16x3(w, x)
+    assert got.dtype == jnp.float32 and got.shape == (3, 40, 72)
+    assert_close(got, ref, "op_fp32", "bf16x3 logits")
+    err_fp32 = np.abs(np.asarray(R.router_logits(w, x), np.float64) - ref).max()
+    assert np.abs(np.asarray(got, np.float64) - ref).max() <= 4 * err_fp32 + 1e-9
+    w_bf16 = np.asarray(w.astype(jnp.bfloat16), np.float64)
+    assert np.abs(np.asarray(x, np.float64) @ w_bf16 - ref).max() > 100 * err_fp32
+    x32 = x.astype(jnp.float32) + 1e-3  # not exact in bf16: the fp32 GEMM itself
+    np.testing.assert_array_equal(R.router_logits_bf16x3(w, x32), R.router_logits(w, x32))
+
+
 def test_gates_and_top_k():
     logits = np.random.default_rng(4).normal(size=(5, 8)).astype(np.float32)
     sel = _select_jit(logits, np.float32(0.7), k_max=4)

@@ -152,16 +152,17 @@ def set_attention(model: nnx.Module, impl: str) -> None:
         m.attn_impl = impl
 
 
-# "auto" uses the kernel up to this many cache positions, at batch 1 (measured, below).
+# "auto" uses the kernel up to this many cache positions and sequences (measured, below).
 AUTO_MAX_CACHE = 1024
+AUTO_MAX_BATCH = 8
 
 
 def impl_for(
     implementation: str, model: nnx.Module, cache_len: int | None = None, batch: int | None = None
 ) -> str:
     """The ``attn_impl`` a `generate(implementation=...)` value asks for: "pallas" -> the kernel;
-    "auto" -> the kernel for one sequence with a cache of at most ``AUTO_MAX_CACHE`` positions
-    on a GPU that can run it, with the weights on one device (a sharded cache would be gathered
+    "auto" -> the kernel for at most ``AUTO_MAX_BATCH`` sequences with a cache of at most
+    ``AUTO_MAX_CACHE`` positions on a GPU that can run it, with the weights on one device (a sharded cache would be gathered
     for the custom call), XLA otherwise; anything else -> XLA.
 
     Why, measured in the model's decode step on the H200 (BENCHMARKS.md, issue 5, batch 1):
@@ -170,8 +171,10 @@ def impl_for(
     sparse -- because it replaces ~5 small XLA launches per layer; at a 4352-position cache it
     ties (1B 1300 vs 1303, 8B 4802 vs 4750 dense), and at 32k it is much slower (8472 vs
     5909 µs: the kernel itself runs at ~91% of the copy bandwidth there, but the step idles
-    36% of the time, not yet explained). Batch > 1 inside the model is not measured, so
-    "auto" keeps XLA there. "auto" means the fastest measured path.
+    36% of the time, not yet explained). Batch 4 / 8, 256-position cache (8B, 2026-12-01,
+    separate runs): dense 4334 vs 4765 µs and 4469 vs 4843; 75% sparse 4757 vs 5112 and
+    5801 vs 6297 -- the kernel also wins there; larger batches are not measured, so XLA.
+    "auto" means the fastest measured path.
     """
     if implementation == "pallas":
         return "pallas"
@@ -179,7 +182,8 @@ def impl_for(
         implementation != "auto"
         or cache_len is None
         or cache_len > AUTO_MAX_CACHE
-        or batch != 1
+        or batch is None
+        or not 1 <= batch <= AUTO_MAX_BATCH
         or kernel_ready() is not None
     ):
         return "xla"
