@@ -162,8 +162,8 @@ def impl_for(
 ) -> str:
     """The ``attn_impl`` a `generate(implementation=...)` value asks for: "pallas" -> the kernel;
     "auto" -> the kernel for at most ``AUTO_MAX_BATCH`` sequences with a cache of at most
-    ``AUTO_MAX_CACHE`` positions on a GPU that can run it, with the weights on one device (a sharded cache would be gathered
-    for the custom call), XLA otherwise; anything else -> XLA.
+    ``AUTO_MAX_CACHE`` positions on a GPU that can run it, with the weights on one device (a
+    sharded cache would be gathered for the custom call), XLA otherwise; anything else -> XLA.
 
     Why, measured in the model's decode step on the H200 (BENCHMARKS.md, issue 5, batch 1):
     with a 256-position cache the kernel makes a token faster -- Llama-3.2-1B 1114 vs 1188 µs
