@@ -228,7 +228,7 @@ def main():
     ap.add_argument(
         "--attn",
         default="auto",
-        choices=["xla", "pallas", "auto"],
+        choices=["xla", "pallas", "pallas_plain", "auto"],
         help="decode attention of every model timed (auto: `decode_attention.impl_for`'s rule)",
     )
     a = ap.parse_args()

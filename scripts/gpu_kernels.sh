@@ -170,4 +170,21 @@ s6a)  # session 6: optimized HLO of 1B decode steps (split-K attn, dense + spars
       --impls pallas --batches 4 8 --steps 8 --chunks 3 --attn $at --out "$OUT/batch_attn_$at.jsonl"
   done
   ;;
+s6b)  # the attention kernel with the RoPE / cache-write prologue: GPU tests, 1B device traces
+  tr() { local name=$1; shift; run timeout 150 python3 scripts/trace_decode.py --out "$OUT/$name" "$@"
+         find "$OUT/$name" -name "*.xplane.pb" -delete; find "$OUT/$name" -name "*.trace.json.gz" -delete; }
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_pallas_attention.py tests/test_decode_attention_model.py
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py -k "fp32 and pallas"
+  tr trace_1b_0.75_rope --shape llama-3.2-1b --sparsity 0.75 --attn pallas
+  tr trace_1b_0.75_plain --shape llama-3.2-1b --sparsity 0.75 --attn pallas_plain
+  ;;
+s6c)  # end-to-end with the final code (auto attention = the fused kernel); the plain kernel
+  run timeout 300 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --impls pallas --batches 4 8 --steps 8 --chunks 3 --attn auto --out "$OUT/sparse_decode.jsonl"
+  run timeout 200 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --impls pallas --sparsities 0.75 --batches --steps 8 --chunks 3 --attn pallas_plain \
+    --out "$OUT/sparse_decode_plain.jsonl"
+  ;;
 esac

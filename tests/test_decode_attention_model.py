@@ -37,15 +37,18 @@ def _model(n_heads, n_kv, *, dtype=jnp.float32, window=None, head_dim=16, vocab=
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts calls (traces under jit) of the split-K kernel, then runs it."""
+    """Counts calls (traces under jit) of the split-K kernels, then runs them; each call's
+    kwargs get ``"fn"``: which entry point ran (``decode_attention``: the plain kernel after
+    XLA's RoPE and cache write; ``decode_attention_rope``: all three in the kernel)."""
     calls = []
-    real = pallas_attention.decode_attention
+    for name in ("decode_attention", "decode_attention_rope"):
+        real = getattr(pallas_attention, name)
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append({**kwargs, "fn": _name})
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(pallas_attention, "decode_attention", spy)
+        monkeypatch.setattr(pallas_attention, name, spy)
     return calls
 
 
@@ -71,28 +74,60 @@ def _decode_logits(model, impl, cache, positions_b, seed=1):
     return out.logits, out.cache
 
 
-# name, n_heads, n_kv, dtype, cache length, prompt lengths, decode positions (>= s: writes dropped)
+# name, n_heads, n_kv, dtype, cache length, prompt lengths, decode positions (>= s: writes
+# dropped), head_dim (16: XLA's RoPE + cache write, then the plain kernel; >= 32: all in the
+# kernel, `decode_attention_rope`)
 CASES = [
-    ("gqa2_fp32_ragged_full", 4, 2, jnp.float32, 64, [5, 17, 20], [5, 17, 63]),
-    ("mqa8_fp32_s48_len1_overflow", 8, 1, jnp.float32, 48, [1, 9, 30], [0, 47, 50]),
-    ("mha_bf16_ragged", 4, 4, jnp.bfloat16, 64, [3, 30], [3, 30]),
+    ("gqa2_fp32_ragged_full", 4, 2, jnp.float32, 64, [5, 17, 20], [5, 17, 63], 16),
+    ("mqa8_fp32_s48_len1_overflow", 8, 1, jnp.float32, 48, [1, 9, 30], [0, 47, 50], 16),
+    ("mha_bf16_ragged", 4, 4, jnp.bfloat16, 64, [3, 30], [3, 30], 16),
+    ("rope_gqa2_fp32_ragged_full", 4, 2, jnp.float32, 64, [5, 17, 20], [5, 17, 63], 32),
+    ("rope_mqa8_fp32_overflow", 8, 1, jnp.float32, 48, [1, 9, 30], [0, 47, 50], 32),
+    ("rope_gqa3_bf16_hd64", 9, 3, jnp.bfloat16, 64, [3, 30], [3, 30], 64),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_interpreted_kernel_decode_step_matches_xla(case, kernel_calls):
-    name, h, kv, dtype, s, lengths, positions = case
-    model = _model(h, kv, dtype=dtype)
+    name, h, kv, dtype, s, lengths, positions, hd = case
+    model = _model(h, kv, dtype=dtype, head_dim=hd)
     cache = _prefilled(model, lengths, s)
     ref, ref_cache = _decode_logits(model, "xla", cache, positions)
     assert not kernel_calls
     out, out_cache = _decode_logits(model, "pallas_interpret", cache, positions)
-    assert len(kernel_calls) == model.cfg.n_layers  # the kernel ran in every layer
+    assert len(kernel_calls) == model.cfg.n_layers  # a kernel ran in every layer
+    fused = hd >= 32
+    assert {c["fn"] for c in kernel_calls} == {
+        "decode_attention_rope" if fused else "decode_attention"
+    }
     tol = "bf16" if dtype == jnp.bfloat16 else "model_fp32"
     assert_close(out, ref, tol, name)
-    np.testing.assert_array_equal(out_cache[0].k, ref_cache[0].k)  # the same first-layer write
+    if not fused:  # XLA's own write; the kernel's RoPE may round an fp32 ulp differently
+        np.testing.assert_array_equal(out_cache[0].k, ref_cache[0].k)
     for a, b in zip(jax.tree.leaves(out_cache), jax.tree.leaves(ref_cache), strict=True):
         assert_close(a.astype(jnp.float32), b.astype(jnp.float32), tol, f"{name} cache")
+    changed = np.asarray(out_cache[0].v != cache[0].v).any(axis=(2, 3))  # [b, s] rows written
+    in_cache = np.asarray(positions) < s
+    np.testing.assert_array_equal(changed.sum(axis=1), in_cache.astype(int))
+
+
+def test_rope_step_only_where_the_fused_kernel_runs():
+    """`rope_step` declines (None: XLA's RoPE and cache write, then `cached_attention`) for
+    "pallas_plain", head_dim 16 (too small for its half-width products), XLA, and prefill."""
+    cache = init_cache(_model(4, 2, head_dim=32).cfg, 1, 64, jnp.float32)[0]
+    qkv = jnp.ones((1, 1, 8, 32))
+    rope = (jnp.ones((1, 1, 1, 16)), jnp.zeros((1, 1, 1, 16)))
+    pos = jnp.array([[3]], jnp.int32)
+
+    def step(impl, qkv=qkv, cache=cache, rope=rope, pos=pos):
+        return da.rope_step(qkv, rope, cache, pos, impl=impl, window=None, n_heads=4)
+
+    assert step("pallas_interpret") is not None
+    for impl in ("pallas_plain", "xla"):
+        assert step(impl) is None
+    cache16 = init_cache(_model(4, 2).cfg, 1, 64, jnp.float32)[0]
+    assert step("pallas_interpret", jnp.ones((1, 1, 8, 16)), cache16) is None
+    assert step("pallas_interpret", jnp.ones((1, 2, 8, 32)), pos=jnp.array([[3, 4]])) is None
 
 
 def test_prefix_lengths_are_the_decode_mask():
@@ -202,6 +237,7 @@ def test_auto_uses_the_kernel_only_where_it_measured_faster(monkeypatch):
     assert da.impl_for("auto", model, 256, 1) == "xla"
     monkeypatch.setattr(da, "kernel_ready", lambda: None)
     assert da.impl_for("pallas", model) == "pallas"
+    assert da.impl_for("pallas_plain", model) == "pallas_plain"
     assert da.impl_for("auto", model, 256, 1) == "pallas"
     assert da.impl_for("auto", model, da.AUTO_MAX_CACHE, 1) == "pallas"
     assert da.impl_for("auto", model, da.AUTO_MAX_CACHE + 64, 1) == "xla"

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from prunepath_jax.kernels.pallas_attention import decode_attention
-from prunepath_jax.models.layers import attention
+from prunepath_jax.kernels.pallas_attention import decode_attention, decode_attention_rope
+from prunepath_jax.models.layers import (
+    LayerCache,
+    apply_rope,
+    attention,
+    cache_write,
+    rope_inv_freq,
+    rope_tables,
+)
 from tests.helpers import assert_close
 
 # name, b, s, h, kv, hd, dtype, lengths, options
@@ -83,3 +91,88 @@ def test_gpu_matches_xla_attention(case):
 @pytest.mark.gpu
 def test_gpu_llama8b_long_context():
     _check(("8b_32k", 2, 32768, 32, 8, 128, jnp.bfloat16, [32768, 20000], {}), interpret=False)
+
+
+# The kernel with the step's prologue (`decode_attention_rope`): name, b, s, h, kv, hd, dtype,
+# positions (>= s: the write is dropped and the whole cache attended), options
+ROPE_CASES = [
+    ("rope_gqa4_fp32_ragged_dropped", 3, 128, 8, 2, 32, jnp.float32, [5, 127, 130],
+     {"n_splits": 4, "block_s": 16}),
+    ("rope_gqa3_bf16_default_splits", 2, 256, 9, 3, 64, jnp.bfloat16, [0, 200], {}),
+    ("rope_mha_fp32_one_split", 1, 64, 4, 4, 32, jnp.float32, [63], {"n_splits": 1}),
+]  # fmt: skip
+
+
+def _check_rope(case, interpret):
+    name, b, s, h, kv, hd, dtype, pos, opts = case
+    k = jax.random.split(jax.random.key(len(name)), 3)
+    qkv = jax.random.normal(k[0], (b, 1, h + 2 * kv, hd), jnp.float32).astype(dtype)
+    kc = jax.random.normal(k[1], (b, s, kv, hd), jnp.float32).astype(dtype)
+    vc = jax.random.normal(k[2], (b, s, kv, hd), jnp.float32).astype(dtype)
+    pos = jnp.asarray(pos, jnp.int32)
+    cos, sin = rope_tables(pos[:, None], rope_inv_freq(hd, 1e4, None))
+    qk = apply_rope(qkv[:, :, : h + kv], cos, sin)
+    ref_cache = cache_write(LayerCache(kc, vc), qk[:, :, h:], qkv[:, :, h + kv :], pos[:, None])
+    allowed = jnp.arange(s)[None, None, :] < jnp.minimum(pos + 1, s)[:, None, None]
+    with jax.default_matmul_precision("highest"):  # not TF32 on the GPU (see _check)
+        ref = attention(qk[:, :, :h], ref_cache.k, ref_cache.v, allowed)[:, 0]
+    out, k2, v2 = jax.jit(
+        lambda *a: decode_attention_rope(*a, n_heads=h, interpret=interpret, **opts),
+        donate_argnums=(3, 4),
+    )(qkv[:, 0], cos[:, 0, 0], sin[:, 0, 0], jnp.copy(kc), jnp.copy(vc), pos)
+    tol = "bf16" if dtype == jnp.bfloat16 else "op_fp32"
+    assert out.shape == (b, h, hd) and out.dtype == dtype
+    assert_close(out, ref, tol, name)
+    np.testing.assert_array_equal(v2, ref_cache.v)  # v is copied, not computed
+    assert_close(k2.astype(jnp.float32), ref_cache.k.astype(jnp.float32), tol, f"{name} k")
+    untouched = np.ones((b, s), bool)
+    for i, p in enumerate(np.asarray(pos)):
+        if p < s:
+            untouched[i, p] = False
+    np.testing.assert_array_equal(np.asarray(k2)[untouched], np.asarray(kc)[untouched])
+
+
+@pytest.mark.parametrize("case", ROPE_CASES, ids=[c[0] for c in ROPE_CASES])
+def test_rope_kernel_interpret_matches_rope_write_attention(case):
+    _check_rope(case, interpret=True)
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 256, 32, 8, 128), (8, 4096, 32, 8, 64), (1, 1024, 9, 3, 64)],
+    ids=["8b_b1", "1b_4k_b8", "smollm2_b1"],
+)  # fmt: skip
+def test_rope_kernel_lowering_exports_for_cuda(shape):
+    b, s, h, kv, hd = shape
+    f = jax.ShapeDtypeStruct
+    specs = (f((b, h + 2 * kv, hd), jnp.bfloat16), f((b, hd // 2), jnp.float32),
+             f((b, hd // 2), jnp.float32), f((b, s, kv, hd), jnp.bfloat16),
+             f((b, s, kv, hd), jnp.bfloat16), f((b,), jnp.int32))  # fmt: skip
+    exp = jax.export.export(
+        jax.jit(lambda *a: decode_attention_rope(*a, n_heads=h), donate_argnums=(3, 4)),
+        platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*specs)
+    assert exp.mlir_module().count("custom_call @__gpu$xla.gpu.triton") == 1
+
+
+def test_rope_kernel_rejects_what_it_cannot_compute():
+    kc = jnp.ones((1, 64, 2, 32))
+    cs = jnp.ones((1, 16))
+    with pytest.raises(NotImplementedError, match="qkv rows"):
+        decode_attention_rope(jnp.ones((1, 7, 32)), cs, cs, kc, kc, jnp.array([3]), n_heads=4)
+    with pytest.raises(NotImplementedError, match="head_dim"):
+        kc16 = jnp.ones((1, 64, 2, 16))
+        decode_attention_rope(jnp.ones((1, 8, 16)), cs[:, :8], cs[:, :8], kc16, kc16,
+                              jnp.array([3]), n_heads=4)  # fmt: skip
+    with pytest.raises(ValueError, match="cos/sin"):
+        decode_attention_rope(jnp.ones((1, 8, 32)), cs[:, :8], cs, kc, kc, jnp.array([3]),
+                              n_heads=4)  # fmt: skip
+    with pytest.raises(ValueError, match="must match"):
+        decode_attention_rope(jnp.ones((1, 8, 32), jnp.bfloat16), cs, cs, kc, kc, jnp.array([3]),
+                              n_heads=4)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ROPE_CASES, ids=[c[0] for c in ROPE_CASES])
+def test_gpu_rope_kernel_matches_rope_write_attention(case):
+    _check_rope(case, interpret=False)

@@ -3,7 +3,8 @@
 Why. A decode step is one query row per head against the whole cache, bound by reading K and V
 once; the split-K kernel (`prunepath_jax.kernels.pallas_attention`) streams the cache in parallel
 chunks and measured 1.66-1.97x faster than XLA's attention at batch 8 on an H200 (BENCHMARKS.md).
-Prefill (t > 1) stays on XLA / cuDNN.
+Prefill (t > 1) stays on XLA / cuDNN. For head_dim >= 32 the decode step's RoPE and cache write
+run inside the kernel too (`rope_step`), which removes four or five small launches per layer.
 
 Which one runs is a static attribute of every Llama-family `Attention` module, ``attn_impl``
 (part of the graphdef, so a jitted step compiles the chosen path once):
@@ -12,6 +13,8 @@ Which one runs is a static attribute of every Llama-family `Attention` module, `
 - ``"pallas"``: the kernel for decode steps it supports, on a CUDA GPU; every other case -- prefill,
   no GPU, a sliding window, unsupported shapes or dtypes -- runs the XLA path, by an explicit
   check (`unsupported_reason`) rather than by computing something else.
+- ``"pallas_plain"``: as ``"pallas"`` but always with XLA's RoPE and cache write before the
+  kernel (no `rope_step`): the form before the fused prologue, kept to measure the difference.
 - ``"pallas_interpret"``: as ``"pallas"`` but through the Pallas interpreter on any backend; for
   CPU tests of the wiring, slow.
 
@@ -29,7 +32,7 @@ from flax import nnx
 
 from prunepath_jax.models.layers import LayerCache, attention
 
-ATTN_IMPLS = ("xla", "pallas", "pallas_interpret")
+ATTN_IMPLS = ("xla", "pallas", "pallas_plain", "pallas_interpret")
 _ROWS = 16  # the kernel's query rows per program: at most 16 query heads per KV head
 _MAX_BLOCK = 64  # cache positions per inner step (the measured default)
 _MIN_BLOCK = 16  # the smallest dot dimension of a Triton tensor-core product
@@ -76,7 +79,7 @@ def unsupported_reason(
         return f"the kernel is for decode steps (one query per sequence), got t={t}"
     if window is not None:
         return f"a sliding window ({window}) is not a length mask"
-    if impl == "pallas":
+    if impl in ("pallas", "pallas_plain"):
         why = kernel_ready()
         if why is not None:
             return why
@@ -133,6 +136,51 @@ def cached_attention(
     return out_bhd[:, None]
 
 
+def rope_step(
+    qkv_bthd: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
+    cache: LayerCache,
+    positions_bt: jax.Array,
+    *,
+    impl: str,
+    window: int | None,
+    n_heads: int,
+) -> tuple[jax.Array, LayerCache] | None:
+    """A decode step from the QKV projection in one kernel: RoPE, the cache write and the
+    attention (`pallas_attention.decode_attention_rope`), or None where it cannot run (the
+    caller then rotates, writes and calls `cached_attention`, which may still use the plain
+    kernel: head_dim 16 is too small for the kernel's two half-width products).
+
+    Args:
+        qkv_bthd: ``[b, 1, h + 2kv, hd]``, q, k, v of the new tokens before RoPE.
+        rope: the model's ``(cos, sin)`` tables, ``[b, 1, 1, hd/2]``.
+        cache: this layer's cache before the write.
+        positions_bt: ``[b, 1]`` positions of the new tokens.
+        impl, window: as for `cached_attention`.
+        n_heads: query heads h.
+
+    Returns:
+        ``(out [b, 1, h, hd], cache after the write)``, or None.
+    """
+    b, t, _, hd = qkv_bthd.shape
+    q_spec = jax.ShapeDtypeStruct((b, t, n_heads, hd), qkv_bthd.dtype)
+    if impl == "pallas_plain" or hd < 2 * _MIN_BLOCK:
+        return None
+    if unsupported_reason(impl, q_spec, cache.k, cache.v, window) is not None:
+        return None
+    from prunepath_jax.kernels import pallas_attention
+
+    _, s, kv, _ = cache.k.shape
+    n_splits, block_s = _plan(b, kv, s)
+    cos, sin = (jnp.broadcast_to(r[:, 0, 0], (b, hd // 2)) for r in rope)
+    out_bhd, k, v = pallas_attention.decode_attention_rope(
+        qkv_bthd[:, 0], cos, sin, cache.k, cache.v, positions_bt[:, 0].astype(jnp.int32),
+        n_heads=n_heads, n_splits=n_splits, block_s=block_s,
+        interpret=impl == "pallas_interpret",
+    )  # fmt: skip
+    return out_bhd[:, None], LayerCache(k, v)
+
+
 def attention_modules(model: nnx.Module) -> list[nnx.Module]:
     """Every Llama-family attention module of ``model`` (empty for other families)."""
     from prunepath_jax.models.llama import Attention
@@ -160,7 +208,8 @@ AUTO_MAX_BATCH = 8
 def impl_for(
     implementation: str, model: nnx.Module, cache_len: int | None = None, batch: int | None = None
 ) -> str:
-    """The ``attn_impl`` a `generate(implementation=...)` value asks for: "pallas" -> the kernel;
+    """The ``attn_impl`` a `generate(implementation=...)` value asks for: "pallas" -> the kernel
+    ("pallas_plain", for benchmarks: the kernel without its RoPE / cache-write prologue);
     "auto" -> the kernel for at most ``AUTO_MAX_BATCH`` sequences with a cache of at most
     ``AUTO_MAX_CACHE`` positions on a GPU that can run it, with the weights on one device (a
     sharded cache would be gathered for the custom call), XLA otherwise; anything else -> XLA.
@@ -176,8 +225,8 @@ def impl_for(
     5801 vs 6297 -- the kernel also wins there; larger batches are not measured, so XLA.
     "auto" means the fastest measured path.
     """
-    if implementation == "pallas":
-        return "pallas"
+    if implementation in ("pallas", "pallas_plain"):
+        return implementation
     if (
         implementation != "auto"
         or cache_len is None

@@ -16,7 +16,7 @@ from prunepath_jax.config import ModelConfig, RopeScaling
 from prunepath_jax.hf import configs as hfc
 from prunepath_jax.hf.source import Source
 from prunepath_jax.models.common import ModelOutput, ffn_arg_for_layer, select_positions
-from prunepath_jax.models.decode_attention import cached_attention
+from prunepath_jax.models.decode_attention import cached_attention, rope_step
 from prunepath_jax.models.layers import (
     Dense,
     Embed,
@@ -201,6 +201,12 @@ class Attention(nnx.Module):
         b, t, _ = x_btd.shape
         h, kv = cfg.n_heads, cfg.n_kv_heads
         qkv = self.qkv_proj(x_btd).reshape(b, t, h + 2 * kv, cfg.head_dim)
+        if cache is not None and t == 1:  # decode: RoPE + cache write + attention in one kernel
+            step = rope_step(qkv, rope, cache, positions_bt, impl=self.attn_impl,
+                             window=cfg.sliding_window, n_heads=h)  # fmt: skip
+            if step is not None:
+                out, cache = step
+                return self.o_proj(out.reshape(b, t, -1)), cache
         qk = apply_rope(qkv[:, :, : h + kv], *rope)  # one rotation for q and k together
         q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kv :]
         if cache is None:
