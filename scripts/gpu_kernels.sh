@@ -72,7 +72,7 @@ tests2)  # GPU tests of the changed paths: generation through the kernels, decod
 smollm2)  # real SmolLM2: its 98 MB GGUF comes in two carries (/tmp/gguf_a from the call before)
   cat /tmp/gguf_a .gpu_model/b/part01 > /tmp/smollm2.gguf && md5sum /tmp/smollm2.gguf | tee -a "$OUT/log.txt"
   run timeout 480 python3 scripts/smollm2_decode.py --gguf /tmp/smollm2.gguf \
-    --taus 0.9 0.5 --out "$OUT/smollm2_decode.jsonl"
+    --taus 0.9 0.5 --impls xla pallas --out "$OUT/smollm2_decode.jsonl"
   ;;
 trace)  # kernel-by-kernel device timelines of decode steps (dense and sparse), GPU tests
   for sh in llama-3-8b llama-3.2-1b; do for sp in 0 0.75; do
