@@ -100,9 +100,9 @@ def main():
     ap.add_argument(
         "--prefill-tunings",
         nargs="*",
-        type=lambda v: tuple(map(int, v.split(","))),
+        type=lambda v: tuple(int(x) if x.isdigit() else x for x in v.split(",")),
         default=[(64, 64, 4, 3)],
-        help="block_m,block_d,warps,stages per variant",
+        help="block_m,block_d,warps,stages[,router_logits] per variant (fp32 or bf16x3)",
     )
     ap.add_argument(
         "--prefill-trace",
@@ -175,9 +175,10 @@ def main():
     print(rows[-1], flush=True)
     from prunepath_jax.kernels import triton_grouped
 
-    names = ("block_m", "block_d", "warps", "stages")
+    names = ("block_m", "block_d", "warps", "stages", "router_logits")
     variants = [("xla", None)] + [
-        ("triton", dict(zip(names, v, strict=True))) for v in a.prefill_tunings
+        ("triton", {"router_logits": "fp32", **dict(zip(names, v, strict=False))})
+        for v in a.prefill_tunings
     ]
     for impl, tn in variants:
         if tn:

@@ -1,7 +1,8 @@
 """Thresholded grouped GEMM for many tokens (prefill, training forward): tokens grouped by expert.
 
 Routing runs in XLA (`routing.select`: a sort per token is cheap next to the FFN at this size;
-the fp32-accurate router logits on tensor cores, `routing.router_logits_bf16x3`).
+the router logits are the XLA path's fp32 GEMM, or opt-in fp32-accurate tensor-core products,
+``router_logits="bf16x3"``).
 The grouping is computed on the device from the selection mask with prefix sums -- no host
 synchronisation, so it works under jit -- and gives, per expert, the ascending list of tokens
 that chose it, padded to ``BLOCK_M`` tiles. ``_grouped_up_kernel`` runs one program per
@@ -67,7 +68,13 @@ def _grouped_up_kernel(
 
 # The fastest of the measured tunings (H200, 4096 tokens, 8B shape, k/E = 25%, BENCHMARKS.md
 # issue 5): 2102 µs per layer vs 2325 with 64-token tiles and 3 stages, 2198 with 8 warps.
-DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 4, "stages": 4}
+# ``router_logits``: "fp32" (the XLA path's own GEMM: the same logits bit for bit, so the same
+# experts) or "bf16x3" (`routing.router_logits_bf16x3`: fp32-accurate on tensor cores; the fp32
+# GEMM was 335 of 2200 µs at 4096 tokens, but summing in another order can move a token's
+# threshold boundary, and through the layers a prompt's selections drift apart from the XLA
+# path's: measured on SmolLM2 at τ = 0.5, batch 8, equal k_t in 11 of 30 layers).
+DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 4, "stages": 4, "router_logits": "fp32"}
+_LOGITS = {"fp32": routing.router_logits, "bf16x3": routing.router_logits_bf16x3}
 
 
 def group_by_expert(mask_te: jax.Array, k_max: int, block_m: int):
@@ -122,7 +129,9 @@ def sparse_ffn_grouped(
     if unknown:
         raise ValueError(f"unknown tuning keys {sorted(unknown)}")
     k_max = e if k_max is None else min(k_max, e)
-    logits_te = routing.router_logits_bf16x3(router_de, x_td)
+    if tn["router_logits"] not in _LOGITS:
+        raise ValueError(f"router_logits must be one of {sorted(_LOGITS)}: {tn['router_logits']!r}")
+    logits_te = _LOGITS[tn["router_logits"]](router_de, x_td)
     sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
     gate_te = routing.gates(logits_te, sel.mask_te, gate)
     block_m = tn["block_m"]

@@ -187,4 +187,11 @@ s6c)  # end-to-end with the final code (auto attention = the fused kernel); the 
     --impls pallas --sparsities 0.75 --batches --steps 8 --chunks 3 --attn pallas_plain \
     --out "$OUT/sparse_decode_plain.jsonl"
   ;;
+s6d)  # grouped prefill: the XLA path's fp32 router GEMM vs the opt-in bf16x3 one; Triton GPU tests
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_triton.py
+  run timeout 200 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+    --prefill-tunings 128,64,4,4 128,64,4,4,bf16x3 --out "$OUT/prefill.jsonl"
+  find "$OUT" -name "*.xplane.pb" -delete
+  ;;
 esac

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import assert_close
-from kernel_cases import ALL_CASES, DECODE_CASES, inputs, kwargs
+from kernel_cases import ALL_CASES, DECODE_CASES, GROUPED_CASES, inputs, kwargs
 
 from prunepath_jax.kernels.reference import sparse_ffn_reference
 
@@ -61,6 +61,21 @@ def test_cases_cover_the_contract():
 @pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.name)
 def test_interpreter_matches_reference(case, interp_results):
     _check(case, interp_results[f"{case.name}/y"], interp_results[f"{case.name}/k"])
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
+def test_grouped_bf16x3_router_logits_match_reference(case, interp_results):
+    """Opt-in tensor-core router logits: the same experts on these inputs (no token sits within
+    an fp32 rounding of its threshold) and outputs within the tolerance of the dtype."""
+    _check(case, interp_results[f"{case.name}+bf16x3/y"], interp_results[f"{case.name}+bf16x3/k"])
+
+
+def test_grouped_rejects_unknown_router_logits():
+    from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
+
+    c = GROUPED_CASES[0]
+    with pytest.raises(ValueError, match="router_logits"):
+        sparse_ffn_grouped(*inputs(c), c.tau, interpret=True, **kwargs(c), router_logits="bf16")
 
 
 def test_split_k_router_logits_in_the_interpreter():

@@ -29,6 +29,11 @@ def main(out: str) -> None:
             y, k = fn(*inputs(c), c.tau, interpret=True, **kwargs(c), **tuning)
             res[f"{c.name}/y"] = np.asarray(y.astype(np.float32))
             res[f"{c.name}/k"] = np.asarray(k)
+    for c in GROUPED_CASES:  # the opt-in tensor-core router logits
+        y, k = sparse_ffn_grouped(*inputs(c), c.tau, interpret=True, **kwargs(c), block_m=16,
+                                  router_logits="bf16x3")  # fmt: skip
+        res[f"{c.name}+bf16x3/y"] = np.asarray(y.astype(np.float32))
+        res[f"{c.name}+bf16x3/k"] = np.asarray(k)
     np.savez(out, **res)
 
 
