@@ -17,8 +17,8 @@ probabilities cast to the cache dtype before the value product, as there.
 ``decode_attention_rope`` is the same kernel with the step's prologue inside: it takes the
 QKV projection's output as it is, rotates q and the new k (RoPE, fp32, cast back as
 ``models.layers.apply_rope`` does), writes the new k and v into the cache in place (the cache is
-aliased to an output; only the program whose chunk holds the position writes, and it uses the
-new row from registers, so no program waits on that store) and attends. Why: in the Llama
+aliased to an output; only the program whose chunk holds the position writes, after its loop,
+which took the new row from registers) and attends. Why: in the Llama
 decode step those were four or five small XLA launches per layer (RoPE for q and k, the
 16-row q padding, two cache updates) on the critical path of a launch-bound step
 (BENCHMARKS.md, issue 5).
@@ -103,8 +103,12 @@ def _rope_kernel(qkv_ref, cos_ref, sin_ref, pos_ref, k_in_ref, v_in_ref, o_ref, 
                  k_ref, v_ref, *, s, h, kv, hd, chunk, bs, scale, prec):  # fmt: skip
     """qkv ``[b·(h + 2kv) + 16, hd]`` (pre-RoPE, padded by 16 rows so the 16-row q block of the
     last head group stays in bounds); cos, sin ``[b, hd/2]``; pos ``[b]``; k, v ``[b·s, kv·hd]``
-    (aliased: written at ``pos``); outputs as in :func:`_kernel`."""
-    del k_in_ref, v_in_ref  # the same buffers as k_ref / v_ref
+    (aliased: written at ``pos``); outputs as in :func:`_kernel`.
+
+    The cache is read through the input refs and the new row is stored last, after the loop:
+    the loop takes the new row from registers, so nothing orders its loads after that store
+    (a store first, to the same buffer the loop streams, would keep the compiler from issuing
+    the first tiles' loads early)."""
     bi, hi, ci = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     half, grp, dt = hd // 2, h // kv, k_ref.dtype
     pos = jnp.sum(plgpu.load(pos_ref.at[pl.ds(bi, 1)]))  # the new token's position
@@ -121,21 +125,14 @@ def _rope_kernel(qkv_ref, cos_ref, sin_ref, pos_ref, k_in_ref, v_in_ref, o_ref, 
     c_v = pl.ds(pl.multiple_of(hi * hd, hd), hd)
     start = ci * chunk
 
-    @pl.when((pos >= start) & (pos < start + chunk))
-    def _():
-        row = pl.ds(bi * s + pos, 1)
-        plgpu.store(k_ref.at[row, c_a], ka)
-        plgpu.store(k_ref.at[row, c_b], kb)
-        plgpu.store(v_ref.at[row, c_v], v_new)
-
     def body(i, carry):
         p0 = start + i * bs
         rows = pl.ds(pl.multiple_of(bi * s + p0, bs), bs)
         new = (p0 + jax.lax.broadcasted_iota(jnp.int32, (bs, half), 0)) == pos
-        k_a = jnp.where(new, ka, plgpu.load(k_ref.at[rows, c_a]))  # [bs, half]
-        k_b = jnp.where(new, kb, plgpu.load(k_ref.at[rows, c_b]))
+        k_a = jnp.where(new, ka, plgpu.load(k_in_ref.at[rows, c_a]))  # [bs, half]
+        k_b = jnp.where(new, kb, plgpu.load(k_in_ref.at[rows, c_b]))
         new_v = (p0 + jax.lax.broadcasted_iota(jnp.int32, (bs, hd), 0)) == pos
-        v = jnp.where(new_v, v_new, plgpu.load(v_ref.at[rows, c_v]))  # [bs, hd]
+        v = jnp.where(new_v, v_new, plgpu.load(v_in_ref.at[rows, c_v]))  # [bs, hd]
         sc = plgpu.dot(qa, k_a, trans_b=True, precision=prec)
         sc = (sc + plgpu.dot(qb, k_b, trans_b=True, precision=prec)) * scale  # [16, bs] fp32
         return _online_softmax_step(carry, sc, v, p0, n, prec)
@@ -144,6 +141,13 @@ def _rope_kernel(qkv_ref, cos_ref, sin_ref, pos_ref, k_in_ref, v_in_ref, o_ref, 
     o_ref[...] = acc
     m_ref[...] = m[None, :]
     den_ref[...] = den[None, :]
+
+    @pl.when((pos >= start) & (pos < start + chunk))
+    def _():
+        row = pl.ds(bi * s + pos, 1)
+        plgpu.store(k_ref.at[row, c_a], ka)
+        plgpu.store(k_ref.at[row, c_b], kb)
+        plgpu.store(v_ref.at[row, c_v], v_new)
 
 
 def decode_attention(

@@ -194,4 +194,15 @@ s6d)  # grouped prefill: the XLA path's fp32 router GEMM vs the opt-in bf16x3 on
     --prefill-tunings 128,64,4,4 128,64,4,4,bf16x3 --out "$OUT/prefill.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
   ;;
+s6e)  # the prologue kernel with its cache store after the loop: GPU tests, e2e, 8B device traces
+  tr() { local name=$1; shift; run timeout 100 python3 scripts/trace_decode.py --out "$OUT/$name" "$@"
+         find "$OUT/$name" -name "*.xplane.pb" -delete; find "$OUT/$name" -name "*.trace.json.gz" -delete; }
+  run timeout 80 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_pallas_attention.py
+  run timeout 150 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --impls pallas --sparsities 0.75 --batches --steps 8 --chunks 3 --attn auto \
+    --out "$OUT/sparse_decode.jsonl"
+  tr trace_8b_0.75_rope --shape llama-3-8b --sparsity 0.75 --attn pallas
+  tr trace_8b_0.75_plain --shape llama-3-8b --sparsity 0.75 --attn pallas_plain
+  ;;
 esac
