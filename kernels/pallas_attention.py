@@ -186,16 +186,7 @@ def decode_attention(
     p_total = b * kv * n_splits
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     acc, m, den = pl.pallas_call(
-        functools.partial(
-            _kernel,
-            s=s,
-            kv=kv,
-            hd=hd,
-            chunk=chunk,
-            bs=block_s,
-            scale=1.0 / math.sqrt(hd),
-            prec=jax.lax.Precision.HIGHEST if q_bhd.dtype == jnp.float32 else None,
-        ),  # fp32: IEEE dots, not TF32
+        functools.partial(_kernel, **_static(s, kv, hd, chunk, block_s, q_bhd.dtype)),
         out_shape=_partial_specs(p_total, hd),
         grid=(b, kv, n_splits),
         in_specs=[any_spec, any_spec, any_spec, any_spec],
@@ -230,6 +221,12 @@ def _splits(b, kv, s, n_splits, block_s):
             f"block_s={block_s} (a power of 2)"
         )
     return n_splits, chunk
+
+
+def _static(s, kv, hd, chunk, block_s, dtype) -> dict:
+    """The kernels' static arguments; fp32 inputs get IEEE dots, not TF32."""
+    prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    return dict(s=s, kv=kv, hd=hd, chunk=chunk, bs=block_s, scale=1.0 / math.sqrt(hd), prec=prec)
 
 
 def _partial_specs(p_total, hd):
@@ -302,17 +299,7 @@ def decode_attention_rope(
     p_total = b * kv * n_splits
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     acc, m, den, k2, v2 = pl.pallas_call(
-        functools.partial(
-            _rope_kernel,
-            s=s,
-            h=h,
-            kv=kv,
-            hd=hd,
-            chunk=chunk,
-            bs=block_s,
-            scale=1.0 / math.sqrt(hd),
-            prec=jax.lax.Precision.HIGHEST if dt == jnp.float32 else None,
-        ),  # fmt: skip
+        functools.partial(_rope_kernel, h=h, **_static(s, kv, hd, chunk, block_s, dt)),
         out_shape=(
             *_partial_specs(p_total, hd),
             jax.ShapeDtypeStruct((b * s, kv * hd), dt),
