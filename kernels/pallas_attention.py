@@ -173,11 +173,7 @@ def decode_attention(
     """
     b, h, hd = q_bhd.shape
     _, s, kv, _ = k_bskd.shape
-    grp = h // kv
-    if h % kv or grp > ROWS:
-        raise NotImplementedError(f"need h % kv == 0 and h/kv <= {ROWS}, got h={h}, kv={kv}")
-    if hd & (hd - 1) or hd < 16:
-        raise NotImplementedError(f"head_dim must be a power of 2 >= 16, got {hd}")
+    grp = _check_heads(h, kv, hd, min_hd=16)
     n_splits, chunk = _splits(b, kv, s, n_splits, block_s)
     q = q_bhd.reshape(b, kv, grp, hd)
     q = jnp.zeros((b, kv, ROWS, hd), q.dtype).at[:, :, :grp].set(q).reshape(b * kv * ROWS, hd)
@@ -196,6 +192,16 @@ def decode_attention(
         name="prunepath_decode_attention",
     )(q, k2, v2, lengths_b.astype(jnp.int32))
     return _combine(acc, m, den, b, kv, n_splits, grp, q_bhd.dtype)
+
+
+def _check_heads(h: int, kv: int, hd: int, *, min_hd: int) -> int:
+    """The query heads per KV head (≤ 16, one padded dot block); raises for a head layout the
+    kernels cannot take (``min_hd``: the smallest dot dimension the kernel's products see)."""
+    if h % kv or h // kv > ROWS:
+        raise NotImplementedError(f"need h % kv == 0 and h/kv <= {ROWS}, got h={h}, kv={kv}")
+    if hd & (hd - 1) or hd < min_hd:
+        raise NotImplementedError(f"head_dim must be a power of 2 >= {min_hd}, got {hd}")
+    return h // kv
 
 
 def _combine(acc, m, den, b, kv, n_splits, grp, dtype):
@@ -281,14 +287,9 @@ def decode_attention_rope(
     b, nq, hd = qkv_bnd.shape
     _, s, kv, _ = k_bskd.shape
     h = n_heads
-    grp = h // kv if kv else 0
-    if nq != h + 2 * kv or h % kv or grp > ROWS:
-        raise NotImplementedError(
-            f"need qkv rows h + 2kv with h % kv == 0 and h/kv <= {ROWS}: {qkv_bnd.shape}, h={h}, "
-            f"kv={kv}"
-        )
-    if hd & (hd - 1) or hd < 32:
-        raise NotImplementedError(f"head_dim must be a power of 2 >= 32, got {hd}")
+    if nq != h + 2 * kv:
+        raise NotImplementedError(f"need qkv rows h + 2kv = {h + 2 * kv}, got {qkv_bnd.shape}")
+    grp = _check_heads(h, kv, hd, min_hd=32)  # two half-width products: hd/2 >= 16
     dt = qkv_bnd.dtype
     if k_bskd.dtype != dt or v_bskd.dtype != dt or v_bskd.shape != k_bskd.shape:
         raise ValueError(f"cache {k_bskd.dtype}/{v_bskd.dtype} must match qkv {dt}")

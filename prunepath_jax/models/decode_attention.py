@@ -163,9 +163,9 @@ def rope_step(
         ``(out [b, 1, h, hd], cache after the write)``, or None.
     """
     b, t, _, hd = qkv_bthd.shape
-    q_spec = jax.ShapeDtypeStruct((b, t, n_heads, hd), qkv_bthd.dtype)
     if impl == "pallas_plain" or hd < 2 * _MIN_BLOCK:
         return None
+    q_spec = jax.ShapeDtypeStruct((b, t, n_heads, hd), qkv_bthd.dtype)
     if unsupported_reason(impl, q_spec, cache.k, cache.v, window) is not None:
         return None
     from prunepath_jax.kernels import pallas_attention
