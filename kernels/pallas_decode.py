@@ -120,6 +120,22 @@ def check_inputs(x_td, router_de, w_in_cfd, w_out_fd, group_size: int) -> None:
         )
 
 
+def _tiles(d: int, cap: int, tail: str) -> tuple[int, int]:
+    """``(block, n_tiles)`` over d: the largest power-of-two block ≤ ``cap`` dividing d, or, with
+    ``tail="masked"`` where fewer tiles result, ``cap`` (≤ d's next power of two) with a masked
+    last tile.
+
+    Why: at one token a program's time is its chain of dependent tile loads, not its bytes. A
+    d with a small power-of-two factor (SmolLM2-135M's 576 = 9·64, Qwen2-0.5B's 896 = 7·128)
+    otherwise walks 7-15 small tiles twice (up and down); masked 512-wide tiles walk 2.
+    """
+    b = _pow2_divisor(d, cap)
+    wide = min(cap, _next_pow2(d))
+    if tail == "masked" and -(-d // wide) < d // b:
+        return wide, -(-d // wide)
+    return b, d // b
+
+
 # Benchmark hook: tuning applied under every call's own options, keyed by token count (set once,
 # before the first trace: the jitted layer caches its plan per static tuning).
 TUNING_OVERRIDES: dict[int, dict] = {}
@@ -158,16 +174,18 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
     # Broadcast accumulators [tp, bn, bd] (two, fp32) live in registers: tp·bn·bd ≤ 16k
     # elements for one token at 8 warps (64 per thread), ≤ 4k otherwise (32 per thread, 4 warps).
     bd_cap = tuning.get("block_d", 512 if use_dot else (1024 if one else 4096 // (tp * bn)))
-    bd = _pow2_divisor(d, max(bd_cap, 1))
-    bdo_cap = tuning.get("block_d_out", bd_cap)
-    bdo = _pow2_divisor(d, max(bdo_cap, 1))
+    tail = tuning.get("tail", "masked")
+    if tail not in ("masked", "divisor"):
+        raise ValueError(f"tail must be 'masked' or 'divisor', got {tail!r}")
+    bd, n_in = _tiles(d, max(bd_cap, 1), tail)
+    bdo, n_out = _tiles(d, max(tuning.get("block_d_out", bd_cap), 1), tail)
     down = tuning.get("down", "split" if use_dot and t > 1 else "atomic")
     if down not in ("atomic", "split", "preact"):
         raise ValueError(f"down must be 'atomic', 'split' or 'preact', got {down!r}")
     up_splits = tuning.get("up_splits", 1)
-    if up_splits != 1 and (down != "preact" or (d // bd) % up_splits):
+    if up_splits != 1 and (down != "preact" or n_in % up_splits):
         raise ValueError(
-            f"up_splits={up_splits} needs down='preact' and to divide d/block_d = {d // bd}"
+            f"up_splits={up_splits} needs down='preact' and to divide the {n_in} tiles of d"
         )
     glue = tuning.get("glue", "fused")
     if glue not in ("fused", "xla"):
@@ -180,7 +198,9 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
         "tp": tp,
         "bn": bn,
         "bd": bd,
+        "n_in": n_in,
         "bdo": bdo,
+        "n_out": n_out,
         "num_warps": tuning.get("num_warps", 8 if one else 4),
         "num_stages": tuning.get("num_stages", 3),
         "fp32": jnp.dtype(dtype) == jnp.float32,
@@ -207,6 +227,14 @@ def _atomic_add(plan, ref, idx, val, mask=None):
     return plgpu.atomic_add(ref, idx, val, mask=mask)
 
 
+def _load_cols(ref, shape, c0, d, tail: bool):
+    """A ``shape`` tile whose columns start at ``c0``; with ``tail``, columns ≥ d read as 0."""
+    if not tail:
+        return plgpu.load(ref)
+    ok = (c0 + jax.lax.broadcasted_iota(jnp.int32, shape, 1)) < d
+    return plgpu.load(ref, mask=ok, other=0)
+
+
 def _union(gate_ref):
     """Union of the tokens' experts from the gate table: ``(gate_te, cnt_e, n_used)``."""
     gate_te = gate_ref[...]  # [tp or 1, ep] fp32, zero rows/cols for padding
@@ -230,7 +258,8 @@ def _kernel(
     del y_in_ref  # aliased to y_ref (the zeroed fp32 accumulator)
     tp, bn, bd, bdo = plan["tp"], plan["bn"], plan["bd"], plan["bdo"]
     splits, ks_n = g // bn, plan["up_splits"]
-    n_in = d // bd // ks_n  # d tiles per program
+    n_in = plan["n_in"] // ks_n  # d tiles per program (the last of d may be partial: masked)
+    in_tail, out_tail = bd * plan["n_in"] != d, bdo * plan["n_out"] != d
     pid = pl.program_id(0)
     ks = pid % ks_n
     slot = pid // ks_n // splits
@@ -251,12 +280,14 @@ def _kernel(
 
         def in_body(i, carry):
             acc_g, acc_u = carry
-            cols = pl.ds(pl.multiple_of((ks * n_in + i) * bd, bd), bd)
-            x = plgpu.load(x_ref.at[:, cols])  # [tp, bd], or [1, bd] for one token
-            if x.shape[0] != tp:  # one token on the dot path: 16 identical rows, no padding
+            c0 = (ks * n_in + i) * bd
+            cols = pl.ds(pl.multiple_of(c0, bd), bd)
+            xr = x_ref.shape[0]
+            x = _load_cols(x_ref.at[:, cols], (xr, bd), c0, d, in_tail)  # [tp or 1, bd]
+            if xr != tp:  # one token on the dot path: 16 identical rows, no padding
                 x = jnp.broadcast_to(x, (tp, bd))
-            wg = plgpu.load(w_in_ref.at[rows, cols])  # [bn, bd]
-            wu = plgpu.load(w_in_ref.at[rows_up, cols])  # [bn, bd]
+            wg = _load_cols(w_in_ref.at[rows, cols], (bn, bd), c0, d, in_tail)
+            wu = _load_cols(w_in_ref.at[rows_up, cols], (bn, bd), c0, d, in_tail)
             if plan["use_dot"]:
                 acc_g += plgpu.dot(x, wg, trans_b=True, precision=prec)
                 acc_u += plgpu.dot(x, wu, trans_b=True, precision=prec)
@@ -290,7 +321,8 @@ def _kernel(
 
         def out_body(i, carry):
             cols = pl.ds(pl.multiple_of(i * bdo, bdo), bdo)
-            wo = plgpu.load(w_out_ref.at[rows, cols])  # [bn, bdo]
+            # [bn, bdo]; past d zeros, added to the accumulator's padding columns (no mask)
+            wo = _load_cols(w_out_ref.at[rows, cols], (bn, bdo), i * bdo, d, out_tail)
             if plan["use_dot"]:
                 lhs = a_tn if plan["fp32"] else a_tn.astype(wo.dtype)
                 part = plgpu.dot(lhs, wo, precision=prec)  # [tp, bdo] fp32
@@ -306,7 +338,7 @@ def _kernel(
             _atomic_add(plan, y_ref, (pl.ds(0, tp), cols), part, mask=mask)
             return carry
 
-        jax.lax.fori_loop(0, d // bdo, out_body, 0)
+        jax.lax.fori_loop(0, plan["n_out"], out_body, 0)
 
 
 def _down_kernel(gate_ref, act_ref, w_out_ref, y_in_ref, y_ref, *, t, g, e, n_slots, plan,
@@ -363,11 +395,12 @@ def _down_kernel(gate_ref, act_ref, w_out_ref, y_in_ref, y_ref, *, t, g, e, n_sl
 
 
 def accumulator_shape(t: int, d: int, group_size: int, n_slots: int, plan: dict):
-    """Shape of the expert kernel's fp32 output buffer (zeroed, aliased): ``[1 or tp, d]`` for
-    the atomic down-projection, the activations ``[tp, n_slots·G(·2)]`` for the split forms."""
+    """Shape of the expert kernel's fp32 output buffer (zeroed, aliased): ``[1 or tp, d']`` for
+    the atomic down-projection (d' = d rounded up to whole output tiles), the activations
+    ``[tp, n_slots·G(·2)]`` for the split forms."""
     tp = plan["tp"]
-    if plan["down"] == "atomic":
-        return (1 if t == 1 else tp, d)
+    if plan["down"] == "atomic":  # whole output tiles: a masked last tile adds to padding
+        return (1 if t == 1 else tp, plan["bdo"] * plan["n_out"])
     return (tp, n_slots * group_size * (2 if plan["down"] == "preact" else 1))
 
 
@@ -417,7 +450,7 @@ def expert_ffn(
         name="prunepath_sparse_ffn_decode",
     )(gate_pe, x_pd, w_in_cfd.reshape(2 * f, d), w_out_fd, y0)
     if not split:
-        return out
+        return out[:, :d]  # a slice XLA fuses into the consumer
     bdo = plan["block_d_down"]
     chunks = min(plan["down_chunks"], n_slots)
     plan = {**plan, "down_chunks": chunks}
@@ -545,7 +578,9 @@ def sparse_ffn_decode(
             the expert kernel's accumulator) or ``"xla"`` (an XLA reduction, padding and memset
             between the kernels, kept to measure the difference); ``logit_splits`` /
             ``logit_block_e`` (fused glue: splits of d and experts per program of the router
-            GEMV; the selection kernel re-reads the splits' partials).
+            GEMV; the selection kernel re-reads the splits' partials); ``tail="masked"``
+            (default: where d has a small power-of-two factor, ``block_d``-wide tiles with a
+            masked last one) or ``"divisor"`` (the largest power-of-two block dividing d).
 
     Raises:
         NotImplementedError/ValueError: input outside what the kernel computes exactly
@@ -561,7 +596,7 @@ def sparse_ffn_decode(
     unknown = set(tuning) - {
         "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing",
         "logits", "down", "down_chunks", "block_d_down", "up_splits", "atomics", "glue",
-        "logit_splits", "logit_block_e",
+        "logit_splits", "logit_block_e", "tail",
     }  # fmt: skip
     if unknown:
         raise TypeError(f"unknown tuning options {sorted(unknown)}")

@@ -158,6 +158,75 @@ def _split(
             m.attn_impl = a
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _forced(graphdef, state, tokens_bt, lengths_b, cache, forced_bn, ffn_args):
+    model = nnx.merge(graphdef, state)
+    b, t = tokens_bt.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    out = model(tokens_bt, positions, cache=cache, ffn_args=ffn_args, logit_index_b=lengths_b - 1)
+
+    def step(carry, token_b):  # the decode step of `decode_step`, fed the given token
+        cache, pos_b = carry
+        o = model(token_b[:, None], pos_b[:, None], cache=cache, ffn_args=ffn_args)
+        return (o.cache, pos_b + 1), o.logits[:, 0].astype(jnp.float32)
+
+    _, rest_nbv = jax.lax.scan(step, (out.cache, lengths_b), forced_bn[:, :-1].T)
+    first_1bv = out.logits[:, :1].astype(jnp.float32).transpose(1, 0, 2)
+    return jnp.concatenate([first_1bv, rest_nbv], axis=0).transpose(1, 0, 2)
+
+
+def forced_logits(
+    model: nnx.Module,
+    prompts: list[list[int]],
+    continuations: list[list[int]],
+    *,
+    implementation: str | None = None,
+    tau=None,
+    ffn_args=None,
+    cache_len: int | None = None,
+) -> np.ndarray:
+    """Next-token logits along given continuations, through generation's own prefill and
+    KV-cache decode steps: ``[b, n, vocab]`` float32, row ``i`` predicting continuation token i.
+
+    Why: comparing two compute paths by their greedy outputs stops at the first flip, after
+    which the sequences differ; feeding both the same tokens (teacher forcing) compares every
+    step, on the decode path (one token per step) that generation runs.
+
+    Args:
+        model, prompts, implementation, tau, ffn_args, cache_len: as for `generate`.
+        continuations: the tokens fed after each prompt, all of one length n ≥ 1.
+    """
+    if len(continuations) != len(prompts) or not prompts:
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    n = len(continuations[0])
+    if n < 1 or any(len(c) != n for c in continuations):
+        raise ValueError("continuations must be non-empty and of one length")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    cfg = model.cfg
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    t_pad = _round_up(int(lengths.max()), 32)
+    cache_len = cache_len or _round_up(max(int(lengths.max()) + n, t_pad), 64)
+    if int(lengths.max()) + n > min(cache_len, cfg.max_position) or t_pad > cache_len:
+        raise ValueError(
+            f"prompt ({int(lengths.max())}) + continuation ({n}) tokens do not fit a cache of "
+            f"{cache_len} / the model's context of {cfg.max_position}"
+        )
+    tokens = np.zeros((len(prompts), t_pad), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    if tau is not None and ffn_args is None and cfg.prunepath is not None:
+        from prunepath_jax.nn import route_args
+
+        ffn_args = route_args(cfg, tau)
+    graphdef, state = _split(model, implementation, cache_len, len(prompts))
+    cache = init_cache(cfg, len(prompts), cache_len, model.embed_tokens.embedding.dtype)
+    forced = jnp.asarray(np.array(continuations, np.int32))
+    out = _forced(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cache, forced,
+                  ffn_args)  # fmt: skip
+    return np.asarray(out)
+
+
 def generate(
     model: nnx.Module,
     prompts: list[list[int]],

@@ -72,7 +72,7 @@ tests2)  # GPU tests of the changed paths: generation through the kernels, decod
 smollm2)  # real SmolLM2: its 98 MB GGUF comes in two carries (/tmp/gguf_a from the call before)
   cat /tmp/gguf_a .gpu_model/b/part01 > /tmp/smollm2.gguf && md5sum /tmp/smollm2.gguf | tee -a "$OUT/log.txt"
   run timeout 480 python3 scripts/smollm2_decode.py --gguf /tmp/smollm2.gguf \
-    --taus 0.9 0.5 --impls xla pallas --out "$OUT/smollm2_decode.jsonl"
+    --taus 0.9 0.5 --impls xla pallas --parity --out "$OUT/smollm2_decode.jsonl"
   ;;
 trace)  # kernel-by-kernel device timelines of decode steps (dense and sparse), GPU tests
   for sh in llama-3-8b llama-3.2-1b; do for sp in 0 0.75; do
@@ -213,5 +213,17 @@ smoltrace)  # why real SmolLM2 decodes 1815 us/token at tau 0.9 but 1312 at 0.5 
     find "$OUT/trace_smollm2_$sp" -name "*.xplane.pb" -delete
     find "$OUT/trace_smollm2_$sp" -name "*.trace.json.gz" -delete
   done
+  ;;
+s7a)  # session 7: masked last d tiles in the expert kernel (SmolLM2's d = 576): GPU tests, the
+      # SmolLM2 shape decoded with masked vs divisor tiles side by side, a SmolLM2 0.55 trace
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py
+  run timeout 200 python3 benchmarks/sparse_decode.py --shapes smollm2-135m llama-3.2-1b \
+    --impls pallas --sparsities 0.55 0.75 --all-impl-sparsity 0.55 --batches --steps 8 \
+    --chunks 3 --attn auto --variants '{"divisor": {"1": {"tail": "divisor"}}}' \
+    --out "$OUT/sparse_decode.jsonl"
+  run timeout 100 python3 scripts/trace_decode.py --shape smollm2-135m --sparsity 0.55 \
+    --attn pallas --out "$OUT/trace_smollm2_0.55"
+  find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
   ;;
 esac

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from common import header, write_rows  # noqa: E402
@@ -27,7 +28,7 @@ from common import header, write_rows  # noqa: E402
 from prunepath_jax.config import PrunePathConfig  # noqa: E402
 from prunepath_jax.convert import to_prunepath  # noqa: E402
 from prunepath_jax.demo import calibration_batches  # noqa: E402
-from prunepath_jax.generate import generate  # noqa: E402
+from prunepath_jax.generate import forced_logits, generate  # noqa: E402
 from prunepath_jax.loading import load_any  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
 from prunepath_jax.router_init import init_routers  # noqa: E402
@@ -81,6 +82,41 @@ def prefill_check(model, ps, tau, impls) -> list[dict]:
     return rows
 
 
+def forced_parity(model, ps, conts, paths, tau=None) -> list[dict]:
+    """Teacher-forced next-token logits along ``conts`` through each ``(label, implementation,
+    attn_impl or None)`` path, against the first: top-1 agreement over all steps, max and median
+    (over steps) of the per-step max |Δlogit|. ``attn_impl`` set means: FFNs through the XLA
+    kernel path and attention forced to that impl (an attention-only change, the control)."""
+    from prunepath_jax.models import decode_attention as da
+    from prunepath_jax.nn import PrunePathFFN
+
+    rows, ref = [], None
+    has_ffn = any(isinstance(m, PrunePathFFN) for _, m in nnx.iter_graph(model))
+    for label, impl, attn in paths:
+        if attn is None:
+            lg = forced_logits(model, ps, conts, implementation=impl, tau=tau)
+        else:
+            if has_ffn:
+                set_compute(model, "kernel", "xla")
+            da.set_attention(model, attn)
+            try:
+                lg = forced_logits(model, ps, conts, tau=tau)
+            finally:
+                da.set_attention(model, "xla")
+                if has_ffn:
+                    set_compute(model, "auto")
+        if ref is None:
+            ref = lg
+        step_max = np.abs(lg - ref).max(-1)  # [b, n]
+        rows.append({
+            "what": "forced_logits", "path": label, "tau": tau, "steps": int(step_max.size),
+            "top1_agree": float(np.mean(lg.argmax(-1) == ref.argmax(-1))),
+            "max_abs_dlogit": float(step_max.max()),
+            "median_step_max_abs_dlogit": float(np.median(step_max)),
+        })  # fmt: skip
+    return rows
+
+
 def decode_tps(model, ps, n1, n2, repeats=3, **kw) -> tuple[float, list[list[int]]]:
     """Decode tokens/s per sequence from two forced lengths (best of ``repeats`` each), and the
     longer greedy output."""
@@ -114,6 +150,12 @@ def main():
     ap.add_argument("--lengths", nargs=2, type=int, default=[16, 80])
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--out", default="results/smollm2_decode.jsonl")
+    ap.add_argument(
+        "--parity",
+        action="store_true",
+        help="also teacher-forced logits of every path along the first's tokens",
+    )
+    ap.add_argument("--parity-taus", nargs="*", type=float, default=[0.5])
     a = ap.parse_args()
     head = header()
     t0 = time.perf_counter()
@@ -133,9 +175,17 @@ def main():
         # faster), the baseline of every ratio; dense with XLA attention too, for reference.
         dense_tps, _ = decode_tps(pre.model, ps, n1, n2, implementation="auto")
         emit({"batch": b, "impl": "dense", "tau": None, "tok_s_per_seq": dense_tps})
-        xla_tps, _ = decode_tps(pre.model, ps, n1, n2)
+        xla_tps, dense_out = decode_tps(pre.model, ps, n1, n2)
         emit({"batch": b, "impl": "dense_xla_attention", "tau": None, "tok_s_per_seq": xla_tps,
               "speedup_vs_dense": xla_tps / dense_tps})  # fmt: skip
+        if a.parity:  # the bf16 noise floor: dense, XLA vs kernel attention, same tokens
+            for r in forced_parity(
+                pre.model,
+                ps,
+                dense_out,
+                [("dense_xla", None, None), ("dense_pallas_attn", None, "pallas")],
+            ):
+                emit({"batch": b, **r})  # fmt: skip
         for tau in a.taus:
             for r in prefill_check(model, ps, tau, a.impls):
                 emit({"batch": b, "what": "prefill_logits", **r})
@@ -149,6 +199,11 @@ def main():
                 if base is None:
                     base = out
                     sp = measured_sparsity(model, ps, out, tau)
+                    if a.parity and tau in a.parity_taus:
+                        paths = [(f"sparse_{i}", i, None) for i in a.impls]
+                        paths.append(("sparse_xla_ffn_pallas_attn", None, "pallas"))
+                        for r in forced_parity(model, ps, out, paths, tau):
+                            emit({"batch": b, **r})
                 same = float(np.mean([o == r for o, r in zip(out, base, strict=True)]))
                 first = [
                     next((i for i, (u, v) in enumerate(zip(o, r, strict=False)) if u != v), None)

@@ -13,6 +13,7 @@ from hf_fixtures import tiny_llama  # noqa: E402
 from prunepath_jax import generate as gen_mod  # noqa: E402
 from prunepath_jax.generate import SamplingConfig, generate, sample_tokens  # noqa: E402
 from prunepath_jax.loading import load_pretrained  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,28 @@ def test_bad_sampling_args():
         SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(temperature=-1.0)
+
+
+def test_forced_logits_follow_the_decode_path(tiny):
+    """Teacher-forced logits along a greedy output: their argmax is that output (the same
+    prefill + decode steps), and they match one full forward pass over prompt + output."""
+    model, _ = tiny
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    outs = generate(model, prompts, 12, chunk=4)
+    lg = gen_mod.forced_logits(model, prompts, outs)
+    assert lg.shape == (2, 12, model.cfg.vocab_size) and lg.dtype == np.float32
+    np.testing.assert_array_equal(lg.argmax(-1), np.array(outs))
+    for p, o, row in zip(prompts, outs, lg, strict=True):
+        seq = jnp.asarray([p + o], jnp.int32)
+        full = np.asarray(model(seq).logits[0, len(p) - 1 : -1], np.float32)
+        assert_close(row, full, "model_fp32", "forced vs full forward")
+
+
+def test_forced_logits_bad_input(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="one length"):
+        gen_mod.forced_logits(model, [[1, 2], [3]], [[4, 5], [6]])
+    with pytest.raises(ValueError, match="2 prompts but 1"):
+        gen_mod.forced_logits(model, [[1, 2], [3]], [[4, 5]])
+    with pytest.raises(ValueError, match="do not fit"):
+        gen_mod.forced_logits(model, [[1, 2]], [[4] * 10], cache_len=8)

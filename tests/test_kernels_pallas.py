@@ -59,6 +59,14 @@ CASES = [
     ("b1_g32_bn16_fp32", 1, 128, 8, 32, jnp.float32, 0.6, 0.1, {"block_n": 16}),
     ("b2_e40_fused_glue_fp32", 2, 128, 40, 16, jnp.float32, 0.6, 0.1, {}),
     ("b1_e40_xla_glue_bf16", 1, 128, 40, 16, jnp.bfloat16, 0.6, 0.1, {"glue": "xla"}),
+    # d with a small power-of-two factor: masked last tiles (up and down), or the divisor tiles
+    ("b1_tail_d320_bf16", 1, 320, 8, 32, jnp.bfloat16, 0.6, 0.1, {"block_d": 128}),
+    ("b1_tail_d320_divisor_fp32", 1, 320, 8, 32, jnp.float32, 0.6, 0.1,
+     {"block_d": 128, "tail": "divisor"}),
+    ("b1_tail_bcast_d192_fp32", 1, 192, 8, 16, jnp.float32, 0.6, 0.1, {"use_dot": False}),
+    ("b4_tail_split_d320_bf16", 4, 320, 8, 32, jnp.bfloat16, 0.6, 0.1, {"block_d": 128}),
+    ("b2_tail_preact_up3_fp32", 2, 320, 8, 16, jnp.float32, 0.7, 0.3,
+     {"down": "preact", "up_splits": 3, "block_d": 128}),
 ]  # fmt: skip
 _ROUTE_KEYS = ("rule", "gate", "k_min", "k_max")
 
@@ -212,6 +220,8 @@ def test_rejects_unsupported_inputs():
         pd.sparse_ffn_decode(x.astype(jnp.int8), r, w_in, w_out, 0.5, **kw)
     with pytest.raises(TypeError, match="unknown tuning"):
         pd.sparse_ffn_decode(x, r, w_in, w_out, 0.5, block_m=4, **kw)
+    with pytest.raises(ValueError, match="tail must be"):
+        pd.sparse_ffn_decode(x, r, w_in, w_out, 0.5, tail="pad", **kw)
     if jax.default_backend() == "cpu":
         with pytest.raises(NotImplementedError, match="CUDA GPU"):
             pd.sparse_ffn_decode(x, r, w_in, w_out, 0.5, group_size=16)
@@ -233,6 +243,8 @@ EXPORT_CASES = [c[:6] + (c[8],) for c in CASES] + [
         {"use_dot": False, "block_n": 8, "num_warps": 8},
     ),
     ("8b_b1_split", 1, 4096, 448, 32, jnp.bfloat16, {"down": "split"}),
+    ("smollm2_b1", 1, 576, 48, 32, jnp.bfloat16, {}),
+    ("smollm2_b8", 8, 576, 48, 32, jnp.bfloat16, {}),
     ("8b_b16_split", 16, 4096, 448, 32, jnp.bfloat16, {"down": "split", "down_chunks": 8}),
     (
         "8b_b1_preact",
@@ -300,3 +312,17 @@ def test_gpu_smollm2_layer_shape():
         for opts in ({}, {"down": "preact"}):
             case = (f"smollm2_b{t}_{opts}", t, 576, 48, 32, jnp.bfloat16, 0.6, 0.05, opts)
             _check(case, interpret=False, seed=t)
+
+
+def test_tiles_mask_the_last_tile_only_where_that_shortens_the_walk():
+    """576 = 9·64 walks 2 masked 512-wide tiles, not 9 of 64; a d that 512 divides is unchanged;
+    "divisor" keeps the old walk."""
+    assert pd._tiles(576, 512, "masked") == (512, 2)
+    assert pd._tiles(576, 512, "divisor") == (64, 9)
+    assert pd._tiles(4096, 512, "masked") == (512, 8)
+    assert pd._tiles(1536, 512, "masked") == (512, 3)
+    assert pd._tiles(96, 512, "masked") == (128, 1)
+    assert pd._tiles(64, 512, "masked") == (64, 1)
+    plan = pd._plan(1, 576, 32, jnp.bfloat16, {})
+    # the atomic accumulator covers whole output tiles: 2 x 512 columns for d = 576
+    assert pd.accumulator_shape(1, 576, 32, 21, plan) == (1, 1024)
