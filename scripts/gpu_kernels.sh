@@ -226,4 +226,12 @@ s7a)  # session 7: masked last d tiles in the expert kernel (SmolLM2's d = 576):
     --attn pallas --out "$OUT/trace_smollm2_0.55"
   find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
   ;;
+s7b)  # session 7: expert-kernel tuning at the SmolLM2 shape (launch/latency-bound), side by side
+  run timeout 300 python3 benchmarks/sparse_decode.py --shapes smollm2-135m --impls pallas \
+    --sparsities 0.55 --all-impl-sparsity 0.55 --batches --steps 8 --chunks 3 --attn auto \
+    --variants '{"bn16": {"1": {"block_n": 16}}, "bn16_w8": {"1": {"block_n": 16, "num_warps": 8}},
+      "bd256": {"1": {"block_d": 256}}, "w8": {"1": {"num_warps": 8}},
+      "stages2": {"1": {"num_stages": 2}}, "bcast": {"1": {"use_dot": false, "block_n": 8}}}' \
+    --out "$OUT/sparse_decode_sweep.jsonl"
+  ;;
 esac
