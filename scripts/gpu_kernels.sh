@@ -234,4 +234,15 @@ s7b)  # session 7: expert-kernel tuning at the SmolLM2 shape (launch/latency-bou
       "stages2": {"1": {"num_stages": 2}}, "bcast": {"1": {"use_dot": false, "block_n": 8}}}' \
     --out "$OUT/sparse_decode_sweep.jsonl"
   ;;
+s7c)  # session 7: broadcast 8-neuron blocks as the one-token default at d <= 1024: GPU tests
+      # (kernel cases, fp32 SmolLM2-shape generation = XLA tokens), e2e vs the dot blocks
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py -k "b1 or smollm2 or tail"
+  run timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py -k "pallas"
+  run timeout 200 python3 benchmarks/sparse_decode.py --shapes smollm2-135m llama-3.2-1b \
+    --impls pallas --sparsities 0.55 --all-impl-sparsity 0.55 --batches --steps 8 --chunks 3 \
+    --attn auto --variants '{"dot32": {"1": {"use_dot": true, "block_n": 32}},
+      "bcast8": {"1": {"use_dot": false, "block_n": 8}}}' --out "$OUT/sparse_decode.jsonl"
+  ;;
 esac

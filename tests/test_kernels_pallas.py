@@ -56,11 +56,13 @@ CASES = [
      {"down": "preact", "use_dot": False}),
     ("b1_acq_rel_atomics_bf16", 1, 64, 8, 16, jnp.bfloat16, 0.7, 0.3, {"atomics": "acq_rel"}),
     ("b1_g32_default_bf16", 1, 128, 8, 32, jnp.bfloat16, 0.6, 0.1, {}),
+    ("b1_g32_dot_bf16", 1, 128, 8, 32, jnp.bfloat16, 0.6, 0.1, {"use_dot": True}),
     ("b1_g32_bn16_fp32", 1, 128, 8, 32, jnp.float32, 0.6, 0.1, {"block_n": 16}),
     ("b2_e40_fused_glue_fp32", 2, 128, 40, 16, jnp.float32, 0.6, 0.1, {}),
     ("b1_e40_xla_glue_bf16", 1, 128, 40, 16, jnp.bfloat16, 0.6, 0.1, {"glue": "xla"}),
     # d with a small power-of-two factor: masked last tiles (up and down), or the divisor tiles
-    ("b1_tail_d320_bf16", 1, 320, 8, 32, jnp.bfloat16, 0.6, 0.1, {"block_d": 128}),
+    ("b1_tail_d320_dot_bf16", 1, 320, 8, 32, jnp.bfloat16, 0.6, 0.1,
+     {"block_d": 128, "use_dot": True}),
     ("b1_tail_d320_divisor_fp32", 1, 320, 8, 32, jnp.float32, 0.6, 0.1,
      {"block_d": 128, "tail": "divisor"}),
     ("b1_tail_bcast_d192_fp32", 1, 192, 8, 16, jnp.float32, 0.6, 0.1, {"use_dot": False}),
@@ -323,6 +325,11 @@ def test_tiles_mask_the_last_tile_only_where_that_shortens_the_walk():
     assert pd._tiles(1536, 512, "masked") == (512, 3)
     assert pd._tiles(96, 512, "masked") == (128, 1)
     assert pd._tiles(64, 512, "masked") == (64, 1)
-    plan = pd._plan(1, 576, 32, jnp.bfloat16, {})
+    plan = pd._plan(1, 576, 32, jnp.bfloat16, {"use_dot": True})
     # the atomic accumulator covers whole output tiles: 2 x 512 columns for d = 576
     assert pd.accumulator_shape(1, 576, 32, 21, plan) == (1, 1024)
+    # one token at a small d: 8-neuron broadcast blocks, one masked 1024-wide tile
+    small = pd._plan(1, 576, 32, jnp.bfloat16, {})
+    assert (small["use_dot"], small["bn"], small["bd"], small["n_in"]) == (False, 8, 1024, 1)
+    assert pd._plan(1, 2048, 32, jnp.bfloat16, {})["use_dot"]
+    assert pd._plan(2, 576, 32, jnp.bfloat16, {})["use_dot"]
