@@ -11,6 +11,11 @@ layer that differs, last-position max |Δlogit| and argmax agreement. The kernel
 drift (``smollm2_decode.py``'s ``prefill_logits`` rows) is read against it.
 
     python scripts/routing_sensitivity.py --out results/routing_sensitivity.jsonl   # CPU, ~2 min
+    python scripts/routing_sensitivity.py --checkpoint runs/smollm2-lm   # a trained model
+
+Each row also carries the routers' mean entropy (nats, over layers and the prompts' tokens) and
+its fraction of log E: a nearly flat router orders its experts by tiny differences, so the
+expert set itself -- not only the last expert at the threshold -- moves with rounding.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from common import header, write_rows  # noqa: E402
 from smollm2_decode import converted, prompts  # noqa: E402
 
+from prunepath_jax.checkpoint import restore_model  # noqa: E402
+from prunepath_jax.loading import load_any  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
 
 
@@ -37,22 +44,34 @@ def main():
     ap.add_argument("--taus", nargs="+", type=float, default=[0.9, 0.5])
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--checkpoint", help="a trained/converted PrunePath checkpoint instead")
     ap.add_argument("--out", default="results/routing_sensitivity.jsonl")
     a = ap.parse_args()
     head = header()
+    source = a.checkpoint or f"{a.model} (converted, routers fitted on {a.calib_tokens} tokens)"
     for dt in a.dtypes:
-        pre, model = converted(a.model, getattr(jnp, dt), a.calib_tokens)
-        x = jnp.asarray(prompts(pre.tokenizer, 8), jnp.int32)
+        if a.checkpoint:
+            restored = restore_model(a.checkpoint, dtype=getattr(jnp, dt))
+            model, tok = restored.model, restored.tokenizer or load_any("default").tokenizer
+        else:
+            pre, model = converted(a.model, getattr(jnp, dt), a.calib_tokens)
+            tok = pre.tokenizer
+        x = jnp.asarray(prompts(tok, 8), jnp.int32)
+        log_e = float(np.log(model.cfg.n_experts))
         for tau in a.taus:
             got = {}
             for mode in ("masked", "gather"):
                 set_compute(model, mode)
                 res = model(x, ffn_args=route_args(model.cfg, tau))
                 lg = np.asarray(res.logits[:, -1].astype(jnp.float32))
-                got[mode] = (lg, [np.asarray(s.k_t) for s in res.ffn_stats if s is not None])
+                stats = [s for s in res.ffn_stats if s is not None]
+                ent = float(np.mean([float(s.entropy_mean) for s in stats]))
+                got[mode] = (lg, [np.asarray(s.k_t) for s in stats])
             (la, ka), (lb, kb) = got["masked"], got["gather"]
             eq = [bool(np.array_equal(u, v)) for u, v in zip(ka, kb, strict=True)]
-            r = {**head, "dtype": dt, "tau": tau, "compare": "masked vs gather (both XLA)",
+            r = {**head, "model": source, "dtype": dt, "tau": tau,
+                 "compare": "masked vs gather (both XLA)",
+                 "router_entropy_mean": ent, "entropy_frac_of_uniform": ent / log_e,
                  "k_t_equal_layers": sum(eq), "n_layers": len(eq),
                  "first_differing_layer": eq.index(False) if False in eq else None,
                  "max_abs_dlogit": float(np.max(np.abs(la - lb))),
