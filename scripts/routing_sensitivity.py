@@ -13,9 +13,8 @@ drift (``smollm2_decode.py``'s ``prefill_logits`` rows) is read against it.
     python scripts/routing_sensitivity.py --out results/routing_sensitivity.jsonl   # CPU, ~2 min
     python scripts/routing_sensitivity.py --checkpoint runs/smollm2-lm   # a trained model
 
-Each row also carries the routers' mean entropy (nats, over layers and the prompts' tokens) and
-its fraction of log E: a nearly flat router orders its experts by tiny differences, so the
-expert set itself -- not only the last expert at the threshold -- moves with rounding.
+Each row also carries the routers' mean entropy (nats, over layers and the prompts' tokens), its
+fraction of log E, and the FFN sparsity of the gather pass (read the drift at matched sparsity).
 """
 
 from __future__ import annotations
@@ -45,16 +44,26 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--checkpoint", help="a trained/converted PrunePath checkpoint instead")
+    ap.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="router-fit target temperature T (default: router_init's)",
+    )
     ap.add_argument("--out", default="results/routing_sensitivity.jsonl")
     a = ap.parse_args()
     head = header()
-    source = a.checkpoint or f"{a.model} (converted, routers fitted on {a.calib_tokens} tokens)"
+    fit = {} if a.temperature is None else {"temperature": a.temperature}
+    source = a.checkpoint or (
+        f"{a.model} (converted, routers fitted on {a.calib_tokens} tokens"
+        + (f", T = {a.temperature:g})" if fit else ")")
+    )
     for dt in a.dtypes:
         if a.checkpoint:
             restored = restore_model(a.checkpoint, dtype=getattr(jnp, dt))
             model, tok = restored.model, restored.tokenizer or load_any("default").tokenizer
         else:
-            pre, model = converted(a.model, getattr(jnp, dt), a.calib_tokens)
+            pre, model = converted(a.model, getattr(jnp, dt), a.calib_tokens, **fit)
             tok = pre.tokenizer
         x = jnp.asarray(prompts(tok, 8), jnp.int32)
         log_e = float(np.log(model.cfg.n_experts))
@@ -66,12 +75,14 @@ def main():
                 lg = np.asarray(res.logits[:, -1].astype(jnp.float32))
                 stats = [s for s in res.ffn_stats if s is not None]
                 ent = float(np.mean([float(s.entropy_mean) for s in stats]))
+                k_mean = float(np.mean([float(s.k_mean) for s in stats]))
                 got[mode] = (lg, [np.asarray(s.k_t) for s in stats])
             (la, ka), (lb, kb) = got["masked"], got["gather"]
             eq = [bool(np.array_equal(u, v)) for u, v in zip(ka, kb, strict=True)]
             r = {**head, "model": source, "dtype": dt, "tau": tau,
                  "compare": "masked vs gather (both XLA)",
                  "router_entropy_mean": ent, "entropy_frac_of_uniform": ent / log_e,
+                 "sparsity": 1.0 - k_mean / model.cfg.n_experts,
                  "k_t_equal_layers": sum(eq), "n_layers": len(eq),
                  "first_differing_layer": eq.index(False) if False in eq else None,
                  "max_abs_dlogit": float(np.max(np.abs(la - lb))),

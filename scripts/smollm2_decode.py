@@ -35,12 +35,14 @@ from prunepath_jax.router_init import init_routers  # noqa: E402
 from prunepath_jax.text import read_texts  # noqa: E402
 
 
-def converted(path: str, dtype, calib_tokens: int):
+def converted(path: str, dtype, calib_tokens: int, **fit_kwargs):
     """``(pretrained, PrunePath model)``: G = 32 balanced k-means experts, paper rule, sigmoid
-    gates, routers initialised from ``calib_tokens`` shipped training tokens."""
+    gates, routers initialised from ``calib_tokens`` shipped training tokens (``fit_kwargs``:
+    `router_init.fit_routers` options such as ``temperature``)."""
     pre = load_any(path, dtype=dtype)
     model, _ = to_prunepath(pre.model, PrunePathConfig(32, "paper", "sigmoid", 1, None), seed=0)
-    model, _ = init_routers(model, calibration_batches(pre.tokenizer, calib_tokens), seed=0)
+    batches = calibration_batches(pre.tokenizer, calib_tokens)
+    model, _ = init_routers(model, batches, seed=0, **fit_kwargs)
     return pre, model
 
 
