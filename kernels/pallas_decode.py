@@ -12,7 +12,10 @@ exactly three launches with nothing between them (measured: 2 XLA launches fewer
 1 per 1B layer; 1-3% of an end-to-end token, BENCHMARKS.md).
 
 This module plans the static blocks (`_plan`, from the H200 sweeps), checks the input, runs the
-routing and hands the gate table to the expert kernels.
+routing and hands the gate table to the expert kernels. The layer works under ``jit`` with τ
+traced, and under ``vmap`` (Pallas adds a grid axis to each kernel): a τ sweep of one checkpoint,
+or independent token sets sharing the weights (tests: interpreter and CUDA lowering; the GPU
+test is prepared, not yet run).
 
 The result equals ``prunepath_jax.kernels.reference.sparse_ffn_reference`` (the masked XLA math
 of ``PrunePathFFN``) up to summation order, and ``k_t`` exactly (see ``pallas_routing.py`` for

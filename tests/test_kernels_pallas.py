@@ -333,3 +333,59 @@ def test_tiles_mask_the_last_tile_only_where_that_shortens_the_walk():
     assert (small["use_dot"], small["bn"], small["bd"], small["n_in"]) == (False, 8, 1024, 1)
     assert pd._plan(1, 2048, 32, jnp.bfloat16, {})["use_dot"]
     assert pd._plan(2, 576, 32, jnp.bfloat16, {})["use_dot"]
+
+
+def _vmapped(x, r, w_in, w_out, g, interpret):
+    """The layer vmapped two ways: over a tau sweep (one checkpoint, several sparsities at once)
+    and over independent token sets sharing the weights."""
+    taus = jnp.array([0.3, 0.6, 0.9, 1.05], jnp.float32)
+    over_tau = jax.jit(jax.vmap(lambda tau: pd.sparse_ffn_decode(
+        x, r, w_in, w_out, tau, group_size=g, interpret=interpret)))(taus)  # fmt: skip
+    xs = jnp.stack([x, -x, 2 * x])
+    over_x = jax.jit(jax.vmap(lambda xx: pd.sparse_ffn_decode(
+        xx, r, w_in, w_out, 0.6, group_size=g, interpret=interpret)))(xs)  # fmt: skip
+    for tau, y, k_t in zip(taus, *over_tau, strict=True):
+        y_ref, k_ref = _reference(x, r, w_in, w_out, tau, group_size=g)
+        np.testing.assert_array_equal(np.asarray(k_t), np.asarray(k_ref))
+        assert_close(y, y_ref, "op_fp32", f"vmap over tau {float(tau)}")
+    for xx, y, k_t in zip(xs, *over_x, strict=True):
+        y_ref, k_ref = _reference(xx, r, w_in, w_out, jnp.float32(0.6), group_size=g)
+        np.testing.assert_array_equal(np.asarray(k_t), np.asarray(k_ref))
+        assert_close(y, y_ref, "op_fp32", "vmap over token sets")
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_vmap_matches_reference(t):
+    x, r, w_in, w_out = _inputs(t, t, 96, 8, 16, jnp.float32, 0.3)
+    _vmapped(x, r, w_in, w_out, 16, interpret=True)
+
+
+def test_vmapped_layer_lowers_for_cuda():
+    """Batched grids of all three kernels (logits, selection, experts) lower through Triton."""
+    t, d, e, g = 1, 576, 48, 32
+
+    def fn(x, r, w_in, w_out, taus):
+        return jax.vmap(lambda tau: pd._decode_jit(
+            x, r, w_in, w_out, tau, group_size=g, rule="paper", gate="sigmoid", k_min=1,
+            k_max=None, interpret=False, tuning=()))(taus)  # fmt: skip
+
+    specs = (
+        jax.ShapeDtypeStruct((t, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((d, e), jnp.float32),
+        jax.ShapeDtypeStruct((2, e * g, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((e * g, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((4,), jnp.float32),
+    )
+    exp = jax.export.export(
+        jax.jit(fn),
+        platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*specs)
+    assert exp.mlir_module().count("custom_call @__gpu$xla.gpu.triton") == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 3])
+def test_gpu_vmap_matches_reference(t):
+    x, r, w_in, w_out = _inputs(t + 10, t, 96, 8, 16, jnp.float32, 0.3)
+    _vmapped(x, r, w_in, w_out, 16, interpret=False)
