@@ -245,4 +245,11 @@ s7c)  # session 7: broadcast 8-neuron blocks as the one-token default at d <= 10
     --attn auto --variants '{"dot32": {"1": {"use_dot": true, "block_n": 32}},
       "bcast8": {"1": {"use_dot": false, "block_n": 8}}}' --out "$OUT/sparse_decode.jsonl"
   ;;
+s8a)  # next: the GPU checks this session could not run -- the pallas_experts split and the vmap
+      # tests (all Pallas decode GPU tests), fp32 generation through Pallas at batch 1 and 8
+  run timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py
+  run timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py -k "pallas"
+  ;;
 esac
