@@ -4,8 +4,8 @@ The shipped Q4_1 GGUF (the embedded default model) is converted to PrunePath (ba
 experts, G = 32, routers initialised from shipped training text), then for each tau: greedy
 generation from real prompts through the masked XLA path and the kernels, comparing tokens, and
 decode tokens/s from two forced generation lengths ((N2 − N1) / (t2 − t1): prefill and set-up
-cancel). The FFN sparsity is measured on the generated text (routing statistics of a forward
-pass over prompt + output).
+cancel; the median of 7 paired repeats, with their range). The FFN sparsity is measured on the
+generated text (routing statistics of a forward pass over prompt + output).
 
     python scripts/smollm2_decode.py --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf
 """
@@ -119,18 +119,26 @@ def forced_parity(model, ps, conts, paths, tau=None) -> list[dict]:
     return rows
 
 
-def decode_tps(model, ps, n1, n2, repeats=3, **kw) -> tuple[float, list[list[int]]]:
-    """Decode tokens/s per sequence from two forced lengths (best of ``repeats`` each), and the
-    longer greedy output."""
+def decode_tps(model, ps, n1, n2, repeats=7, **kw) -> tuple[float, list[float], list[list[int]]]:
+    """Decode tokens/s per sequence from two forced lengths, and the longer greedy output.
+
+    Each repeat times the two lengths back to back and gives one paired estimate
+    ``(n2 − n1) / (t2 − t1)`` (prefill and set-up cancel); the median of the repeats is returned
+    with their ``[min, max]``. Why not the difference of the best times: in this launch-bound
+    model that estimate moved by ±25% between processes (BENCHMARKS.md, fifth session), and a
+    spread says how far a single number can be trusted.
+    """
     for n in (n1, n2):  # compile both lengths first
         generate(model, ps, n, chunk=8, **kw)
-    ts = {n1: [], n2: []}
+    rates = []
     for _ in range(repeats):
+        t = {}
         for n in (n1, n2):
             t0 = time.perf_counter()
             out = generate(model, ps, n, chunk=8, **kw)
-            ts[n].append(time.perf_counter() - t0)
-    return (n2 - n1) / (min(ts[n2]) - min(ts[n1])), out
+            t[n] = time.perf_counter() - t0
+        rates.append((n2 - n1) / (t[n2] - t[n1]))
+    return float(np.median(rates)), [min(rates), max(rates)], out
 
 
 def measured_sparsity(model, ps, outs, tau) -> float:
@@ -175,11 +183,12 @@ def main():
         ps = prompts(pre.tokenizer, b)
         # Our dense decode at its fastest ("auto": the attention kernel where it measured
         # faster), the baseline of every ratio; dense with XLA attention too, for reference.
-        dense_tps, _ = decode_tps(pre.model, ps, n1, n2, implementation="auto")
-        emit({"batch": b, "impl": "dense", "tau": None, "tok_s_per_seq": dense_tps})
-        xla_tps, dense_out = decode_tps(pre.model, ps, n1, n2)
+        dense_tps, rng, _ = decode_tps(pre.model, ps, n1, n2, implementation="auto")
+        emit({"batch": b, "impl": "dense", "tau": None, "tok_s_per_seq": dense_tps,
+              "tok_s_range": rng})  # fmt: skip
+        xla_tps, rng, dense_out = decode_tps(pre.model, ps, n1, n2)
         emit({"batch": b, "impl": "dense_xla_attention", "tau": None, "tok_s_per_seq": xla_tps,
-              "speedup_vs_dense": xla_tps / dense_tps})  # fmt: skip
+              "tok_s_range": rng, "speedup_vs_dense": xla_tps / dense_tps})  # fmt: skip
         if a.parity:  # the bf16 noise floor: dense, XLA vs kernel attention, same tokens
             for r in forced_parity(
                 pre.model,
@@ -194,7 +203,7 @@ def main():
             base = None
             for impl in a.impls:
                 try:
-                    tps, out = decode_tps(model, ps, n1, n2, tau=tau, implementation=impl)
+                    tps, rng, out = decode_tps(model, ps, n1, n2, tau=tau, implementation=impl)
                 except Exception as err:  # an unsupported backend is a row too
                     emit({"batch": b, "impl": impl, "tau": tau, "error": repr(err)[:300]})
                     continue
@@ -212,7 +221,8 @@ def main():
                     for o, r in zip(out, base, strict=True)
                 ]
                 emit({"batch": b, "impl": impl, "tau": tau, "sparsity": sp,
-                      "tok_s_per_seq": tps, "speedup_vs_dense": tps / dense_tps,
+                      "tok_s_per_seq": tps, "tok_s_range": rng,
+                      "speedup_vs_dense": tps / dense_tps,
                       "same_tokens_as_first_impl": same, "first_divergence": first})  # fmt: skip
     print("\n| batch | impl | tau | sparsity | tok/s/seq | vs dense | same tokens |")
     print("|---|---|---|---|---|---|---|")
