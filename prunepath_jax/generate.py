@@ -158,6 +158,24 @@ def _split(
             m.attn_impl = a
 
 
+def _batch(model, prompts, tau, ffn_args, pad_id: int = 0):
+    """Right-padded ``tokens [b, t_pad]`` (t_pad: the longest prompt rounded up to 32, so prompt
+    lengths share compiled prefills), ``lengths [b]`` and the FFN arguments (built from ``tau``
+    for a PrunePath model when ``ffn_args`` is not given) -- what `generate` and
+    `forced_logits` both feed the prefill."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens = np.full((len(prompts), _round_up(int(lengths.max()), 32)), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    if tau is not None and ffn_args is None and model.cfg.prunepath is not None:
+        from prunepath_jax.nn import route_args
+
+        ffn_args = route_args(model.cfg, tau)
+    return tokens, lengths, ffn_args
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _forced(graphdef, state, tokens_bt, lengths_b, cache, forced_bn, ffn_args):
     model = nnx.merge(graphdef, state)
@@ -201,24 +219,14 @@ def forced_logits(
     n = len(continuations[0])
     if n < 1 or any(len(c) != n for c in continuations):
         raise ValueError("continuations must be non-empty and of one length")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    cfg = model.cfg
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    t_pad = _round_up(int(lengths.max()), 32)
-    cache_len = cache_len or _round_up(max(int(lengths.max()) + n, t_pad), 64)
-    if int(lengths.max()) + n > min(cache_len, cfg.max_position) or t_pad > cache_len:
+    tokens, lengths, ffn_args = _batch(model, prompts, tau, ffn_args)
+    cfg, longest, t_pad = model.cfg, int(lengths.max()), tokens.shape[1]
+    cache_len = cache_len or _round_up(max(longest + n, t_pad), 64)
+    if longest + n > min(cache_len, cfg.max_position) or t_pad > cache_len:
         raise ValueError(
-            f"prompt ({int(lengths.max())}) + continuation ({n}) tokens do not fit a cache of "
+            f"prompt ({longest}) + continuation ({n}) tokens do not fit a cache of "
             f"{cache_len} / the model's context of {cfg.max_position}"
         )
-    tokens = np.zeros((len(prompts), t_pad), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-    if tau is not None and ffn_args is None and cfg.prunepath is not None:
-        from prunepath_jax.nn import route_args
-
-        ffn_args = route_args(cfg, tau)
     graphdef, state = _split(model, implementation, cache_len, len(prompts))
     cache = init_cache(cfg, len(prompts), cache_len, model.embed_tokens.embedding.dtype)
     forced = jnp.asarray(np.array(continuations, np.int32))
@@ -271,32 +279,23 @@ def generate(
         The generated ids per prompt (prompt excluded), cut after the first stop token.
     """
     cfg = model.cfg
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+    tokens, lengths, ffn_args = _batch(model, prompts, tau, ffn_args, pad_id)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    t_pad = _round_up(int(lengths.max()), 32)
+    t_pad = tokens.shape[1]
     needed = int(lengths.max()) + max_new_tokens
     if cache_len is None:
         cache_len = _round_up(max(needed, t_pad), 64)
     if int(lengths.max()) + 1 > cache_len or t_pad > cache_len:
         raise ValueError(
             f"prompt of {int(lengths.max())} tokens does not fit a KV cache of {cache_len} "
-            "(padded to {t_pad}); pass a larger cache_len or a shorter prompt"
+            f"(padded to {t_pad}); pass a larger cache_len or a shorter prompt"
         )
     if needed > cfg.max_position:
         raise ValueError(
             f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
             f"model's context of {cfg.max_position} tokens"
         )
-    tokens = np.full((len(prompts), t_pad), pad_id, np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-    if tau is not None and ffn_args is None and cfg.prunepath is not None:
-        from prunepath_jax.nn import route_args
-
-        ffn_args = route_args(cfg, tau)
     graphdef, state = _split(model, implementation, cache_len, len(prompts))
     dtype = dtype or model.embed_tokens.embedding.dtype
     cache = init_cache(cfg, len(prompts), cache_len, dtype)

@@ -23,3 +23,16 @@ def assert_close(actual, expected, tol: str, what: str = "") -> None:
     scale = max(1.0, float(np.abs(e).max(initial=0.0)))
     err = float(np.abs(a - e).max(initial=0.0))
     assert err <= TOL[tol] * scale, f"{what}: max abs err {err:.3e} > {TOL[tol]} * {scale:.3g}"
+
+
+def cuda_triton_calls(fn, *args) -> int:
+    """How many Triton kernels ``fn`` (jitted) lowers to for CUDA, exported on this machine:
+    the real Triton lowering runs, so Triton-only errors (non-power-of-2 blocks, ops Triton
+    cannot lower) fail here without a GPU. ``args``: arrays or ``jax.ShapeDtypeStruct``."""
+    import jax
+
+    call = "__gpu$xla.gpu.triton"
+    exp = jax.export.export(
+        fn, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(call)]
+    )(*args)
+    return exp.mlir_module().count(f"custom_call @{call}")

@@ -17,7 +17,7 @@ import pytest
 from prunepath_jax.kernels import pallas_decode as pd
 from prunepath_jax.kernels.pallas_routing import route_gates_from_partials, route_gates_pallas
 from prunepath_jax.kernels.reference import route_reference, sparse_ffn_reference
-from tests.helpers import assert_close
+from tests.helpers import assert_close, cuda_triton_calls
 
 
 def _reference(x_td, router_de, w_in_cfd, w_out_fd, tau, *, group_size, **kw):
@@ -260,6 +260,18 @@ EXPORT_CASES = [c[:6] + (c[8],) for c in CASES] + [
 ]
 
 
+def _layer_specs(t, d, e, g, dtype, tau_shape):
+    """Abstract inputs of one decode layer: x, router, w_in, w_out, tau."""
+    f = e * g
+    return (
+        jax.ShapeDtypeStruct((t, d), dtype),
+        jax.ShapeDtypeStruct((d, e), jnp.float32),
+        jax.ShapeDtypeStruct((2, f, d), dtype),
+        jax.ShapeDtypeStruct((f, d), dtype),
+        jax.ShapeDtypeStruct(tau_shape, jnp.float32),
+    )
+
+
 @pytest.mark.parametrize("case", EXPORT_CASES, ids=[c[0] for c in EXPORT_CASES])
 def test_triton_lowering_exports_for_cuda(case):
     _, t, d, e, g, dtype, opts = case
@@ -271,20 +283,7 @@ def test_triton_lowering_exports_for_cuda(case):
         return pd._decode_jit(x, r, w_in, w_out, tau, group_size=g, interpret=False,
                               tuning=tuning, **route_kw)  # fmt: skip
 
-    f = e * g
-    specs = (
-        jax.ShapeDtypeStruct((t, d), dtype),
-        jax.ShapeDtypeStruct((d, e), jnp.float32),
-        jax.ShapeDtypeStruct((2, f, d), dtype),
-        jax.ShapeDtypeStruct((f, d), dtype),
-        jax.ShapeDtypeStruct((), jnp.float32),
-    )
-    exp = jax.export.export(
-        jax.jit(fn),
-        platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*specs)
-    n_triton = exp.mlir_module().count("custom_call @__gpu$xla.gpu.triton")
+    n_triton = cuda_triton_calls(jax.jit(fn), *_layer_specs(t, d, e, g, dtype, ()))
     split = opts.get("down", "split" if (t > 1 and g % 16 == 0) else "atomic") != "atomic"
     route = opts.get("routing") != "xla"  # the sort-free selection kernel
     logits = route and opts.get("logits", "pallas") == "pallas"  # the split-K router GEMV
@@ -369,19 +368,8 @@ def test_vmapped_layer_lowers_for_cuda():
             x, r, w_in, w_out, tau, group_size=g, rule="paper", gate="sigmoid", k_min=1,
             k_max=None, interpret=False, tuning=()))(taus)  # fmt: skip
 
-    specs = (
-        jax.ShapeDtypeStruct((t, d), jnp.bfloat16),
-        jax.ShapeDtypeStruct((d, e), jnp.float32),
-        jax.ShapeDtypeStruct((2, e * g, d), jnp.bfloat16),
-        jax.ShapeDtypeStruct((e * g, d), jnp.bfloat16),
-        jax.ShapeDtypeStruct((4,), jnp.float32),
-    )
-    exp = jax.export.export(
-        jax.jit(fn),
-        platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*specs)
-    assert exp.mlir_module().count("custom_call @__gpu$xla.gpu.triton") == 3
+    specs = _layer_specs(t, d, e, g, jnp.bfloat16, (4,))
+    assert cuda_triton_calls(jax.jit(fn), *specs) == 3
 
 
 @pytest.mark.gpu

@@ -20,7 +20,7 @@ from prunepath_jax.models.layers import (
     rope_inv_freq,
     rope_tables,
 )
-from tests.helpers import assert_close
+from tests.helpers import assert_close, cuda_triton_calls
 
 # name, b, s, h, kv, hd, dtype, lengths, options
 CASES = [
@@ -65,12 +65,7 @@ def test_triton_lowering_exports_for_cuda(shape):
         jax.ShapeDtypeStruct((b, s, kv, hd), jnp.bfloat16),
         jax.ShapeDtypeStruct((b,), jnp.int32),
     )
-    exp = jax.export.export(
-        jax.jit(decode_attention),
-        platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*specs)
-    assert exp.mlir_module().count("custom_call @__gpu$xla.gpu.triton") == 1
+    assert cuda_triton_calls(jax.jit(decode_attention), *specs) == 1
 
 
 def test_rejects_unsupported_shapes():
@@ -147,12 +142,8 @@ def test_rope_kernel_lowering_exports_for_cuda(shape):
     specs = (f((b, h + 2 * kv, hd), jnp.bfloat16), f((b, hd // 2), jnp.float32),
              f((b, hd // 2), jnp.float32), f((b, s, kv, hd), jnp.bfloat16),
              f((b, s, kv, hd), jnp.bfloat16), f((b,), jnp.int32))  # fmt: skip
-    exp = jax.export.export(
-        jax.jit(lambda *a: decode_attention_rope(*a, n_heads=h), donate_argnums=(3, 4)),
-        platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*specs)
-    assert exp.mlir_module().count("custom_call @__gpu$xla.gpu.triton") == 1
+    fn = jax.jit(lambda *a: decode_attention_rope(*a, n_heads=h), donate_argnums=(3, 4))
+    assert cuda_triton_calls(fn, *specs) == 1
 
 
 def test_rope_kernel_rejects_what_it_cannot_compute():

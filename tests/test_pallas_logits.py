@@ -13,7 +13,7 @@ import pytest
 
 from prunepath_jax import routing
 from prunepath_jax.kernels.pallas_logits import plan, router_logits_pallas, router_logits_partials
-from tests.helpers import assert_close
+from tests.helpers import assert_close, cuda_triton_calls
 
 # name, t, d, E, x dtype
 CASES = [
@@ -74,12 +74,8 @@ def test_rejects_bad_shapes():
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_triton_lowering_exports_for_cuda(case):
     _, t, d, e, dtype = case
-    exp = jax.export.export(
-        jax.jit(lambda x, r: router_logits_pallas(x, r)),
-        platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(jax.ShapeDtypeStruct((t, d), dtype), jax.ShapeDtypeStruct((d, e), jnp.float32))
-    assert exp.mlir_module().count("custom_call @__gpu$xla.gpu.triton") == 1
+    specs = (jax.ShapeDtypeStruct((t, d), dtype), jax.ShapeDtypeStruct((d, e), jnp.float32))
+    assert cuda_triton_calls(jax.jit(lambda x, r: router_logits_pallas(x, r)), *specs) == 1
 
 
 @pytest.mark.gpu
