@@ -28,6 +28,7 @@ from prunepath_jax import routing
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.reference import route_reference
 from prunepath_jax.models.layers import activation as _activation
+from prunepath_jax.models.layers import rms_norm
 
 IMPLEMENTATIONS = ("xla", "triton", "pallas")
 DECODE_MAX_TOKENS = 16
@@ -134,14 +135,24 @@ def sparse_ffn(
     k_min: int = 1,
     k_max: int | None = None,
     implementation: str | None = None,
+    norm_d: jax.Array | None = None,
+    norm_eps: float = 1e-6,
 ) -> tuple[jax.Array, jax.Array]:
     """One PrunePath FFN layer on ``x_td [t, d]``: ``(y_td in x's dtype, k_t int32 [t])``.
 
-    Works under jit with tau traced. See the module docstring for the backends.
+    Works under jit with tau traced. See the module docstring for the backends. With
+    ``norm_d`` (an RMSNorm weight ``[d]``) ``x_td`` is the residual stream and the layer is
+    ``FFN(rms_norm(x_td, norm_d, norm_eps))``: the Pallas decode path normalises inside its
+    router-logits kernel, the others in XLA first.
     """
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, "
                          f"got {implementation!r}")  # fmt: skip
+    if norm_d is not None and (norm_d.shape != x_td.shape[1:] or norm_d.dtype != x_td.dtype):
+        raise ValueError(
+            f"norm_d must be [d] = {x_td.shape[1:]} in x's dtype {x_td.dtype}, "
+            f"got {norm_d.shape} {norm_d.dtype}"
+        )
     t = x_td.shape[0]
     impl = choose(t, implementation)
     why = unsupported_reason(
@@ -157,6 +168,13 @@ def sparse_ffn(
         if not_ready is not None:
             raise NotImplementedError(not_ready)
     kw = dict(group_size=group_size, rule=rule, gate=gate, k_min=k_min, k_max=k_max)
+    if impl == "pallas":
+        mod = importlib.import_module("prunepath_jax.kernels.pallas_decode")
+        return mod.sparse_ffn_decode(
+            x_td, router_de, w_in_cfd, w_out_fd, tau, norm_d=norm_d, norm_eps=norm_eps, **kw
+        )
+    if norm_d is not None:
+        x_td = rms_norm(x_td, norm_d, norm_eps)
     if impl == "triton":
         if t <= DECODE_MAX_TOKENS:
             from prunepath_jax.kernels.triton_decode import sparse_ffn_decode
@@ -165,9 +183,6 @@ def sparse_ffn(
         from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
 
         return sparse_ffn_grouped(x_td, router_de, w_in_cfd, w_out_fd, tau, **kw)
-    if impl == "pallas":
-        mod = importlib.import_module("prunepath_jax.kernels.pallas_decode")
-        return mod.sparse_ffn_decode(x_td, router_de, w_in_cfd, w_out_fd, tau, **kw)
     _, _, gate_te, k_t = route_reference(
         x_td, router_de, tau, rule=rule, gate=gate, k_min=k_min, k_max=k_max
     )

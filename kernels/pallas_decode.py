@@ -32,13 +32,18 @@ import jax.numpy as jnp
 from prunepath_jax import routing
 from prunepath_jax.kernels.pallas_experts import accumulator_shape, expert_ffn
 from prunepath_jax.kernels.pallas_logits import pow2_divisor as _pow2_divisor
-from prunepath_jax.kernels.pallas_logits import router_logits_pallas, router_logits_partials
+from prunepath_jax.kernels.pallas_logits import (
+    router_logits_pallas,
+    router_logits_partials,
+    router_logits_partials_normed,
+)
 from prunepath_jax.kernels.pallas_routing import (
     route_gates_from_partials,
     route_gates_pallas,
     zeroable,
 )
 from prunepath_jax.kernels.reference import route_reference
+from prunepath_jax.models.layers import rms_norm
 
 try:  # The Triton backend module imports on CPU jaxlib too; guard anyway (it is deprecated).
     from jax.experimental.pallas import triton as plgpu
@@ -177,6 +182,9 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
     glue = tuning.get("glue", "fused")
     if glue not in ("fused", "xla"):
         raise ValueError(f"glue must be 'fused' or 'xla', got {glue!r}")
+    norm = tuning.get("norm", "fused")
+    if norm not in ("fused", "xla"):
+        raise ValueError(f"norm must be 'fused' or 'xla', got {norm!r}")
     atomics = tuning.get("atomics", "relaxed")
     if atomics not in ("relaxed", "acq_rel"):
         raise ValueError(f"atomics must be 'relaxed' or 'acq_rel', got {atomics!r}")
@@ -197,6 +205,7 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
         "up_splits": up_splits,
         "atomics": atomics,
         "glue": glue,
+        "norm": norm,
         # Fused glue only: 16 splits of d, 32 experts a program (e2e 2026-12-01, batch 1, 75%:
         # 8B 2794 vs 2856 µs/token with 32 x 64, 1B 961 vs 965; 8 x 16: 2840 / 955).
         "logit_splits": tuning.get("logit_splits", 16),
@@ -208,11 +217,13 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("group_size", "rule", "gate", "k_min", "k_max", "interpret", "tuning"),
-)
+    static_argnames=(
+        "group_size", "rule", "gate", "k_min", "k_max", "interpret", "tuning", "norm_eps",
+    ),
+)  # fmt: skip
 def _decode_jit(
-    x_td, router_de, w_in_cfd, w_out_fd, tau, *, group_size, rule, gate, k_min, k_max, interpret,
-    tuning,
+    x_td, router_de, w_in_cfd, w_out_fd, tau, norm_d, *, group_size, rule, gate, k_min, k_max,
+    interpret, tuning, norm_eps,
 ):  # fmt: skip
     t, d = x_td.shape
     f = w_in_cfd.shape[1]
@@ -221,6 +232,16 @@ def _decode_jit(
     plan = _plan(t, d, group_size, x_td.dtype, dict(tuning))
     tp = plan["tp"]
     ep = max(_next_pow2(e), 16)
+    tr = _next_pow2(t)  # routing rows: the real tokens padded to a power of two
+    fused_glue = (
+        plan["routing"] == "pallas" and plan["logits"] == "pallas" and plan["glue"] == "fused"
+        and tr <= FUSED_GLUE_MAX_TOKENS
+    )  # fmt: skip
+    # With a norm, x is the residual stream: the fused-glue logits kernel normalises it itself.
+    fuse_norm = norm_d is not None and fused_glue and plan["norm"] == "fused"
+    x_raw = x_td
+    if norm_d is not None and not fuse_norm:
+        x_td = rms_norm(x_td, norm_d, norm_eps)
 
     # One token is never padded: the expert kernel broadcasts its row to the 16 dot rows (a pad
     # was one more XLA launch per layer, ~1.3 µs on the H200, for 32 KB of zeros).
@@ -231,15 +252,19 @@ def _decode_jit(
     if plan["routing"] == "pallas":  # one selection launch: softmax, rank-based choice, gates
         # Routing runs on the real tokens padded to a power of two, not on the expert kernel's
         # 16 dot rows: the selection kernel's work grows with its rows (tp·E² compares).
-        tr = _next_pow2(t)
         if plan["logits"] == "pallas":  # the split-K GEMV kernel
             x_rd = x_pd[:tr] if tr <= tp else jnp.zeros((tr, d), x_td.dtype).at[:t].set(x_td)
-        if plan["logits"] == "pallas" and plan["glue"] == "fused" and tr <= FUSED_GLUE_MAX_TOKENS:
+        if fused_glue:
             # The selection kernel adds the partials and zeroes the expert kernel's accumulator.
-            part, n_part = router_logits_partials(
-                x_rd, router_de, stride=ep, splits=plan["logit_splits"],
-                block_e=plan["logit_block_e"], interpret=interpret,
-            )  # fmt: skip
+            kw = dict(stride=ep, splits=plan["logit_splits"], block_e=plan["logit_block_e"],
+                      interpret=interpret)  # fmt: skip
+            if not fuse_norm:
+                part, n_part = router_logits_partials(x_rd, router_de, **kw)
+            else:  # the logits kernel normalises the rows (tr == t here) for the experts too
+                part, n_part, x_rd = router_logits_partials_normed(
+                    x_raw, router_de, norm_d, norm_eps, **kw
+                )
+                x_pd = x_rd if t in (1, tp) else jnp.zeros((tp, d), x_rd.dtype).at[:t].set(x_rd)
             zero = acc_shape if zeroable(acc_shape, ep) else None
             gate_re, k_t, y0 = route_gates_from_partials(
                 part, n_part, tau, t=t, e=e, ep=ep, rule=rule, gate=gate, k_min=k_min,
@@ -279,19 +304,26 @@ def sparse_ffn_decode(
     gate: routing.GateMode = "sigmoid",
     k_min: int = 1,
     k_max: int | None = None,
+    norm_d: jax.Array | None = None,
+    norm_eps: float = 1e-6,
     interpret: bool = False,
     **tuning,
 ) -> tuple[jax.Array, jax.Array]:
     """One PrunePath SwiGLU FFN layer for 1..16 tokens: ``(y_td [t, d] x.dtype, k_t int32 [t])``.
 
     Args:
-        x_td: ``[t, d]`` FFN input (after the norm), bf16/fp16/fp32.
+        x_td: ``[t, d]`` FFN input (after the norm, or before it with ``norm_d``), bf16/fp16/fp32.
         router_de: ``[d, E]`` fp32 router.
         w_in_cfd: ``[2, f, d]`` gate/up rows, neuron-major, expert e = rows ``[e*G, (e+1)*G)``.
         w_out_fd: ``[f, d]`` down-projection rows.
         tau: fp32 scalar budget (may be traced); τ > 1 selects every expert.
         group_size: G, neurons per expert.
         rule, gate, k_min, k_max: as in ``routing.select`` / ``routing.gates``.
+        norm_d: ``[d]`` RMSNorm weight (x's dtype), or None: the layer computes
+            ``FFN(rms_norm(x_td, norm_d, norm_eps))``; for 1-2 tokens the router-logits kernel
+            normalises the rows itself (two XLA launches fewer per layer; tuning ``norm="xla"``
+            keeps the XLA norm, to measure the difference).
+        norm_eps: the RMSNorm epsilon.
         interpret: run the kernel in the Pallas interpreter (CPU tests).
         **tuning: ``use_dot``, ``block_n``, ``block_d``, ``block_d_out``, ``num_warps``,
             ``num_stages`` (static; defaults chosen from t, G and d); ``routing="pallas"``
@@ -318,6 +350,11 @@ def sparse_ffn_decode(
             (token count, GELU/bias layouts, dtype, shapes).
     """
     check_inputs(x_td, router_de, w_in_cfd, w_out_fd, group_size)
+    if norm_d is not None and (norm_d.shape != (x_td.shape[1],) or norm_d.dtype != x_td.dtype):
+        raise ValueError(
+            f"norm_d must be [d] = {(x_td.shape[1],)} in x's dtype {x_td.dtype}, "
+            f"got {norm_d.shape} {norm_d.dtype}"
+        )
     if plgpu is None:
         raise NotImplementedError("this jax has no Pallas Triton backend")
     if not interpret and jax.default_backend() != "gpu":
@@ -327,12 +364,12 @@ def sparse_ffn_decode(
     unknown = set(tuning) - {
         "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing",
         "logits", "down", "down_chunks", "block_d_down", "up_splits", "atomics", "glue",
-        "logit_splits", "logit_block_e", "tail",
+        "logit_splits", "logit_block_e", "tail", "norm",
     }  # fmt: skip
     if unknown:
         raise TypeError(f"unknown tuning options {sorted(unknown)}")
     return _decode_jit(
-        x_td, router_de, w_in_cfd, w_out_fd, jnp.asarray(tau, jnp.float32),
+        x_td, router_de, w_in_cfd, w_out_fd, jnp.asarray(tau, jnp.float32), norm_d,
         group_size=group_size, rule=rule, gate=gate, k_min=k_min, k_max=k_max,
-        interpret=interpret, tuning=tuple(sorted(tuning.items())),
+        interpret=interpret, tuning=tuple(sorted(tuning.items())), norm_eps=float(norm_eps),
     )  # fmt: skip

@@ -57,17 +57,45 @@ def plan(tp: int, d: int, e: int, *, splits: int = 32, block_e: int = 64) -> dic
     return {"be": be, "bdi": bdi, "s": s, "steps": d // bdi // s, "use_dot": use_dot}
 
 
-def _kernel(x_ref, r_ref, out_ref, *, stride, p):
-    """Program (s, j): partial logits of columns j·be.. over router rows of split s, stored at
-    columns ``s·stride + j·be`` (``stride`` ≥ E leaves each split's padding columns unwritten)."""
-    s, j = pl.program_id(0), pl.program_id(1)
+def _row_scale(x_ref, d, eps):
+    """``rsqrt(mean(x²) + eps)`` per row ``[tp, 1]`` over the whole (masked, power-of-two
+    padded) row: every program needs it for its own slice of d, and re-reading a decode token's
+    row (8 KB at d = 4096) from L2 is cheaper than one more launch."""
     tp = x_ref.shape[0]
+    dp = 1 << max(0, (d - 1).bit_length())
+    ok = jax.lax.broadcasted_iota(jnp.int32, (tp, dp), 1) < d
+    x = plgpu.load(x_ref.at[:, pl.ds(0, dp)], mask=ok, other=0).astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) / d + eps)
+
+
+def _kernel(x_ref, r_ref, *refs, stride, p, eps):
+    """Program (s, j): partial logits of columns j·be.. over router rows of split s, stored at
+    columns ``s·stride + j·be`` (``stride`` ≥ E leaves each split's padding columns unwritten).
+
+    With an RMSNorm weight (``refs = (w_ref, out_ref, xn_ref)``) the program normalises its
+    rows of x first, in ``models.layers.rms_norm``'s order of operations and roundings, and the
+    programs of column block 0 store them: the expert kernel's input, with no XLA norm between.
+    """
+    norm = len(refs) == 3
+    w_ref, out_ref, xn_ref = refs if norm else (None, refs[0], None)
+    s, j = pl.program_id(0), pl.program_id(1)
+    tp, d = x_ref.shape
     be, bdi, steps = p["be"], p["bdi"], p["steps"]
     cols = pl.ds(pl.multiple_of(j * be, be), be)
+    scale = _row_scale(x_ref, d, eps) if norm else None
 
     def body(i, acc):
         rows = pl.ds(pl.multiple_of((s * steps + i) * bdi, bdi), bdi)
-        x = plgpu.load(x_ref.at[:, rows]).astype(jnp.float32)  # [tp, bdi]
+        x = plgpu.load(x_ref.at[:, rows])  # [tp, bdi]
+        if norm:  # w · bf16(x · r): the product of two bf16 is exact in fp32, then rounded
+            xn = (x.astype(jnp.float32) * scale).astype(x.dtype).astype(jnp.float32)
+            x = (plgpu.load(w_ref.at[rows]).astype(jnp.float32)[None] * xn).astype(x.dtype)
+
+            @pl.when(j == 0)
+            def _():
+                plgpu.store(xn_ref.at[:, rows], x)
+
+        x = x.astype(jnp.float32)
         w = plgpu.load(r_ref.at[rows, cols]).astype(jnp.float32)  # [bdi, be]
         if p["use_dot"]:
             return acc + plgpu.dot(x, w, precision=jax.lax.Precision.HIGHEST)
@@ -99,6 +127,36 @@ def router_logits_partials(
     larger, e.g. the selection kernel's power-of-two expert count; columns ``[E, stride)`` of
     each split are left unwritten (garbage) and must be masked by the reader.
     """
+    part, n, _ = _call(x_td, router_de, None, 0.0, stride, splits, block_e, num_warps, interpret)
+    return part, n
+
+
+def router_logits_partials_normed(
+    x_td: jax.Array,
+    router_de: jax.Array,
+    norm_d: jax.Array,
+    eps: float,
+    *,
+    stride: int | None = None,
+    splits: int = 32,
+    block_e: int = 64,
+    num_warps: int = 4,
+    interpret: bool = False,
+) -> tuple[jax.Array, int, jax.Array]:
+    """As ``router_logits_partials`` of ``rms_norm(x_td, norm_d, eps)``, from the un-normalised
+    residual stream: ``(part, S, xn_td)`` with ``xn_td`` the normalised rows (x's dtype).
+
+    Why: a decode layer's RMSNorm before the FFN is two XLA launches (a reduction and a
+    multiply, ~1.3 µs each on the H200) for 8 KB of data; this kernel already reads the row,
+    so it normalises it and hands ``xn_td`` to the expert kernel. Equals
+    ``models.layers.rms_norm`` up to the float32 summation order of ``mean(x²)``.
+    """
+    if norm_d.shape != (x_td.shape[1],):
+        raise ValueError(f"norm weight must be [d] = {(x_td.shape[1],)}, got {norm_d.shape}")
+    return _call(x_td, router_de, norm_d, eps, stride, splits, block_e, num_warps, interpret)
+
+
+def _call(x_td, router_de, norm_d, eps, stride, splits, block_e, num_warps, interpret):
     t, d = x_td.shape
     if router_de.shape[0] != d:
         raise ValueError(f"router rows {router_de.shape[0]} != d = {d}")
@@ -112,17 +170,22 @@ def router_logits_partials(
         raise ValueError(f"stride {stride} < E = {e}")
     p = plan(t, d, e, splits=splits, block_e=block_e)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    part = pl.pallas_call(
-        functools.partial(_kernel, stride=stride, p=p),
-        out_shape=jax.ShapeDtypeStruct((t, p["s"] * stride), jnp.float32),
+    part_shape = jax.ShapeDtypeStruct((t, p["s"] * stride), jnp.float32)
+    norm = norm_d is not None
+    outs = pl.pallas_call(
+        functools.partial(_kernel, stride=stride, p=p, eps=float(eps)),
+        out_shape=(part_shape, jax.ShapeDtypeStruct(x_td.shape, x_td.dtype))
+        if norm
+        else part_shape,
         grid=(p["s"], e // p["be"]),
-        in_specs=[any_spec, any_spec],
-        out_specs=any_spec,
+        in_specs=[any_spec] * (3 if norm else 2),
+        out_specs=(any_spec, any_spec) if norm else any_spec,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="prunepath_router_logits",
-    )(x_td, router_de)
-    return part, p["s"]
+    )(x_td, router_de, *((norm_d,) if norm else ()))
+    part, xn = outs if norm else (outs, None)
+    return part, p["s"], xn
 
 
 def router_logits_pallas(

@@ -30,7 +30,7 @@ from flax import nnx
 
 from prunepath_jax import routing
 from prunepath_jax.config import ModelConfig
-from prunepath_jax.models.layers import activation
+from prunepath_jax.models.layers import activation, rms_norm
 
 
 class RouteArgs(NamedTuple):
@@ -64,7 +64,13 @@ class Permutation(nnx.Variable):
 
 
 class PrunePathFFN(nnx.Module):
-    """Routed-expert FFN. `__call__(x_btd, RouteArgs) -> (y_btd, RouteStats)`."""
+    """Routed-expert FFN. `__call__(x_btd, RouteArgs, norm=None) -> (y_btd, RouteStats)`.
+
+    `norm=(weight_d, eps)` hands the block's pre-FFN RMSNorm to the layer: x is then the
+    residual stream and the layer computes FFN(rms_norm(x)). Every path normalises in XLA first
+    except the Pallas decode kernels, whose router-logits kernel normalises the row it reads
+    anyway (two launches fewer per decode layer).
+    """
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         pp = cfg.prunepath
@@ -105,9 +111,12 @@ class PrunePathFFN(nnx.Module):
             else "masked"
         )
 
-    def __call__(self, x_btd: jax.Array, arg: RouteArgs | None):
+    def __call__(self, x_btd: jax.Array, arg: RouteArgs | None, norm=None):
         if arg is None:
             raise ValueError("a PrunePath FFN needs a RouteArgs (tau) per layer: pass ffn_args")
+        x_raw = x_btd
+        if norm is not None:  # under jit, dead code on the fused kernel path when stats are unused
+            x_btd = rms_norm(x_btd, *norm)
         logits_bte = routing.router_logits(self.router[...], x_btd)
         sel = routing.select(
             logits_bte, arg.tau, rule=self.rule, k_min=self.k_min, k_max=self.k_max
@@ -115,7 +124,8 @@ class PrunePathFFN(nnx.Module):
         gate_bte = routing.gates(logits_bte, sel.mask_te, self.gate_mode)
         b, t, _ = x_btd.shape
         if self._path(b * t) == "kernel":
-            return self._kernel(x_btd, arg), routing.route_stats(sel, logits_bte, arg.token_mask)
+            y = self._kernel(x_raw if norm else x_btd, arg, norm)
+            return y, routing.route_stats(sel, logits_bte, arg.token_mask)
         if self._path(b * t) == "gather":
             y = self._gathered(x_btd, sel, gate_bte)
         else:
@@ -124,7 +134,7 @@ class PrunePathFFN(nnx.Module):
             y = y + self.b_out[...]
         return y, routing.route_stats(sel, logits_bte, arg.token_mask)
 
-    def _kernel(self, x_btd, arg):
+    def _kernel(self, x_btd, arg, norm):
         """The registry path (`prunepath_jax.kernels.api`); the stats above stay in XLA and are
         dead code under jit when unused (decode)."""
         from prunepath_jax.kernels import api
@@ -136,6 +146,8 @@ class PrunePathFFN(nnx.Module):
             group_size=self.g, activation=self.act_name, b_in_cf=opt(self.b_in),
             b_out_d=opt(self.b_out), rule=self.rule, gate=self.gate_mode, k_min=self.k_min,
             k_max=self.k_max, implementation=api.for_model(self.implementation, b * t),
+            norm_d=None if norm is None else norm[0],
+            norm_eps=1e-6 if norm is None else norm[1],
         )  # fmt: skip
         return y_td.reshape(b, t, d)
 

@@ -61,7 +61,11 @@ REPORT_TAUS = (0.5, 0.7, 0.9)
 
 
 class _Tap:
-    """Stands in for one layer's FFN inside the capture trace: records the input, then runs it."""
+    """Stands in for one layer's FFN inside the capture trace: records the input, then runs it.
+
+    Not a `PrunePathFFN`, so a Llama block normalises before calling it (it hands the norm only
+    to a real PrunePath FFN): the tap records the FFN's input proper, after the norm.
+    """
 
     def __init__(self, mlp: PrunePathFFN, sink: list):
         self.mlp, self.sink = mlp, sink

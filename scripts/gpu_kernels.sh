@@ -252,4 +252,25 @@ s8a)  # next: the GPU checks this session could not run -- the pallas_experts sp
   run timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_api.py -k "pallas"
   ;;
+s9a)  # session 8: the RMSNorm fused into the router-logits kernel, end to end, same run as the
+      # XLA norm (variant), on the SmolLM2 / 1B / 8B shapes at 75% FFN sparsity, batch 1
+  run timeout 420 python3 benchmarks/sparse_decode.py --shapes smollm2-135m llama-3.2-1b \
+    llama-3-8b --sparsities 0.75 --impls pallas --batches --steps 8 --chunks 3 --attn auto \
+    --variants '{"xla_norm": {"1": {"norm": "xla"}}}' --out "$OUT/sparse_decode.jsonl"
+  ;;
+s9b)  # the fused norm's GPU tests (kernel, layer, fp32 generation at batch 1); the 32k-cache idle
+      # with and without command buffers over 8 traced steps, and a short cache for contrast
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_pallas_logits.py tests/test_kernels_pallas.py -k "norm or smollm2 or llama8b"
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py -k "pallas and not 8"
+  for cb in default none; do
+    flags=""; [ $cb = none ] && flags="--xla_gpu_enable_command_buffer="
+    XLA_FLAGS="$flags" run timeout 100 python3 scripts/trace_decode.py --shape llama-3-8b \
+      --sparsity 0 --attn pallas --ctx 32768 --prompt-len 32000 --steps 8 --out "$OUT/idle32k8_$cb"
+    XLA_FLAGS="$flags" run timeout 60 python3 scripts/trace_decode.py --shape llama-3.2-1b \
+      --sparsity 0.75 --attn pallas --steps 8 --out "$OUT/idle64_1b_$cb"
+  done
+  find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
+  ;;
 esac

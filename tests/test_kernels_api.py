@@ -71,6 +71,23 @@ def test_explicit_backend_errors_are_clear():
         assert api.choose(1, None) == "xla" and api.choose(4096, None) == "xla"
 
 
+def test_norm_weight_means_ffn_of_rms_norm_and_is_checked():
+    """``norm_d`` hands the block's RMSNorm to the layer: x is then the residual stream."""
+    from prunepath_jax.models.layers import rms_norm
+
+    c = DECODE_CASES[1]
+    x, r, wi, wo = inputs(c)
+    x = x * jnp.asarray(3, x.dtype)
+    w = (1 + 0.2 * jax.random.normal(jax.random.key(9), x.shape[1:])).astype(x.dtype)
+    y, k = api.sparse_ffn(x, r, wi, wo, 0.6, **kwargs(c), norm_d=w, norm_eps=1e-5)
+    y_ref, k_ref = sparse_ffn_reference(rms_norm(x, w, 1e-5), r, wi, wo, 0.6, **kwargs(c))
+    np.testing.assert_array_equal(k, k_ref)
+    assert_close(y.astype(jnp.float32), y_ref.astype(jnp.float32), "bf16")
+    for bad in (w[:-1], w.astype(jnp.float16)):
+        with pytest.raises(ValueError, match="norm_d must be"):
+            api.sparse_ffn(x, r, wi, wo, 0.6, **kwargs(c), norm_d=bad)
+
+
 def _tiny_sparse(k, dtype=jnp.float32):
     cfg = PRESETS["smollm2-135m"].replace(n_layers=2, vocab_size=512, d_model=64, d_ff=256,
                                           n_heads=4, n_kv_heads=2)  # fmt: skip

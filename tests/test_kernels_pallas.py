@@ -17,6 +17,7 @@ import pytest
 from prunepath_jax.kernels import pallas_decode as pd
 from prunepath_jax.kernels.pallas_routing import route_gates_from_partials, route_gates_pallas
 from prunepath_jax.kernels.reference import route_reference, sparse_ffn_reference
+from prunepath_jax.models.layers import rms_norm
 from tests.helpers import assert_close, cuda_triton_calls
 
 
@@ -67,10 +68,21 @@ CASES = [
      {"block_d": 128, "tail": "divisor"}),
     ("b1_tail_bcast_d192_fp32", 1, 192, 8, 16, jnp.float32, 0.6, 0.1, {"use_dot": False}),
     ("b4_tail_split_d320_bf16", 4, 320, 8, 32, jnp.bfloat16, 0.6, 0.1, {"block_d": 128}),
+    # The block's RMSNorm handed to the layer: fused into the logits kernel for 1-2 tokens (a
+    # d that is no power of two: the row's mean(x²) reads a masked padded row), XLA for more.
+    ("b1_norm_d192_bf16", 1, 192, 8, 16, jnp.bfloat16, 0.6, 0.1, {"with_norm": True}),
+    ("b2_norm_e40_fp32", 2, 128, 40, 16, jnp.float32, 0.6, 0.1, {"with_norm": True}),
+    ("b2_norm_bcast_bf16", 2, 64, 8, 16, jnp.bfloat16, 0.6, 0.1,
+     {"with_norm": True, "use_dot": False}),
+    ("b4_norm_in_xla_bf16", 4, 64, 8, 16, jnp.bfloat16, 0.6, 0.1, {"with_norm": True}),
+    ("b1_norm_tuning_xla_fp32", 1, 64, 8, 16, jnp.float32, 0.6, 0.1,
+     {"with_norm": True, "norm": "xla"}),
     ("b2_tail_preact_up3_fp32", 2, 320, 8, 16, jnp.float32, 0.7, 0.3,
      {"down": "preact", "up_splits": 3, "block_d": 128}),
 ]  # fmt: skip
 _ROUTE_KEYS = ("rule", "gate", "k_min", "k_max")
+_TEST_KEYS = _ROUTE_KEYS + ("with_norm",)
+NORM_EPS = 1e-5
 
 
 def _inputs(seed, t, d, e, g, dtype, scale):
@@ -83,15 +95,25 @@ def _inputs(seed, t, d, e, g, dtype, scale):
     return x, router, w_in, w_out
 
 
+def _norm_weight(seed, d, dtype):
+    return (1.0 + 0.2 * jax.random.normal(jax.random.key(seed + 7), (d,))).astype(dtype)
+
+
 def _check(case, interpret, seed):
     name, t, d, e, g, dtype, tau, scale, opts = case
     args = _inputs(seed, t, d, e, g, dtype, scale)
     route_kw = {k: v for k, v in opts.items() if k in _ROUTE_KEYS}
-    tuning = {k: v for k, v in opts.items() if k not in _ROUTE_KEYS}
+    tuning = {k: v for k, v in opts.items() if k not in _TEST_KEYS}
     tau = jnp.float32(tau)
+    norm_kw, ref_args = {}, args
+    if opts.get("with_norm"):  # x is the residual stream (scale 3: far from unit RMS)
+        x_raw = args[0] * jnp.asarray(3, dtype)
+        norm_kw = {"norm_d": _norm_weight(seed, d, dtype), "norm_eps": NORM_EPS}
+        args = (x_raw,) + args[1:]
+        ref_args = (rms_norm(x_raw, norm_kw["norm_d"], NORM_EPS),) + args[1:]
     y, k_t = pd.sparse_ffn_decode(*args, tau, group_size=g, interpret=interpret, **route_kw,
-                                  **tuning)  # fmt: skip
-    y_ref, k_ref = _reference(*args, tau, group_size=g, **route_kw)
+                                  **norm_kw, **tuning)  # fmt: skip
+    y_ref, k_ref = _reference(*ref_args, tau, group_size=g, **route_kw)
     assert y.shape == (t, d) and y.dtype == dtype, name
     np.testing.assert_array_equal(np.asarray(k_t), np.asarray(k_ref), err_msg=name)
     assert_close(y, y_ref, "bf16" if dtype == jnp.bfloat16 else "op_fp32", name)
@@ -260,8 +282,8 @@ EXPORT_CASES = [c[:6] + (c[8],) for c in CASES] + [
 ]
 
 
-def _layer_specs(t, d, e, g, dtype, tau_shape):
-    """Abstract inputs of one decode layer: x, router, w_in, w_out, tau."""
+def _layer_specs(t, d, e, g, dtype, tau_shape, norm=False):
+    """Abstract inputs of one decode layer: x, router, w_in, w_out, tau (and the norm weight)."""
     f = e * g
     return (
         jax.ShapeDtypeStruct((t, d), dtype),
@@ -269,7 +291,7 @@ def _layer_specs(t, d, e, g, dtype, tau_shape):
         jax.ShapeDtypeStruct((2, f, d), dtype),
         jax.ShapeDtypeStruct((f, d), dtype),
         jax.ShapeDtypeStruct(tau_shape, jnp.float32),
-    )
+    ) + ((jax.ShapeDtypeStruct((d,), dtype),) if norm else ())
 
 
 @pytest.mark.parametrize("case", EXPORT_CASES, ids=[c[0] for c in EXPORT_CASES])
@@ -277,14 +299,15 @@ def test_triton_lowering_exports_for_cuda(case):
     _, t, d, e, g, dtype, opts = case
     defaults = {"rule": "paper", "gate": "sigmoid", "k_min": 1, "k_max": None}
     route_kw = {k: opts.get(k, v) for k, v in defaults.items()}
-    tuning = tuple(sorted((k, v) for k, v in opts.items() if k not in _ROUTE_KEYS))
+    tuning = tuple(sorted((k, v) for k, v in opts.items() if k not in _TEST_KEYS))
+    norm = bool(opts.get("with_norm"))
 
-    def fn(x, r, w_in, w_out, tau):
-        return pd._decode_jit(x, r, w_in, w_out, tau, group_size=g, interpret=False,
-                              tuning=tuning, **route_kw)  # fmt: skip
+    def fn(x, r, w_in, w_out, tau, norm_d=None):
+        return pd._decode_jit(x, r, w_in, w_out, tau, norm_d, group_size=g, interpret=False,
+                              tuning=tuning, norm_eps=NORM_EPS, **route_kw)  # fmt: skip
 
-    n_triton = cuda_triton_calls(jax.jit(fn), *_layer_specs(t, d, e, g, dtype, ()))
-    split = opts.get("down", "split" if (t > 1 and g % 16 == 0) else "atomic") != "atomic"
+    n_triton = cuda_triton_calls(jax.jit(fn), *_layer_specs(t, d, e, g, dtype, (), norm))
+    split = pd._plan(t, d, g, dtype, dict(tuning))["down"] != "atomic"  # a second expert kernel
     route = opts.get("routing") != "xla"  # the sort-free selection kernel
     logits = route and opts.get("logits", "pallas") == "pallas"  # the split-K router GEMV
     expect = 1 + route + logits + split
@@ -365,8 +388,8 @@ def test_vmapped_layer_lowers_for_cuda():
 
     def fn(x, r, w_in, w_out, taus):
         return jax.vmap(lambda tau: pd._decode_jit(
-            x, r, w_in, w_out, tau, group_size=g, rule="paper", gate="sigmoid", k_min=1,
-            k_max=None, interpret=False, tuning=()))(taus)  # fmt: skip
+            x, r, w_in, w_out, tau, None, group_size=g, rule="paper", gate="sigmoid", k_min=1,
+            k_max=None, interpret=False, tuning=(), norm_eps=1e-6))(taus)  # fmt: skip
 
     specs = _layer_specs(t, d, e, g, jnp.bfloat16, (4,))
     assert cuda_triton_calls(jax.jit(fn), *specs) == 3

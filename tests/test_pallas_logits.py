@@ -12,7 +12,13 @@ import jax.numpy as jnp
 import pytest
 
 from prunepath_jax import routing
-from prunepath_jax.kernels.pallas_logits import plan, router_logits_pallas, router_logits_partials
+from prunepath_jax.kernels.pallas_logits import (
+    plan,
+    router_logits_pallas,
+    router_logits_partials,
+    router_logits_partials_normed,
+)
+from prunepath_jax.models.layers import rms_norm
 from tests.helpers import assert_close, cuda_triton_calls
 
 # name, t, d, E, x dtype
@@ -82,3 +88,61 @@ def test_triton_lowering_exports_for_cuda(case):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_gpu_matches_router_logits(case):
     _check(case, interpret=False)
+
+
+# name, t, d, E, x dtype: the RMSNorm fused into the kernel (decode layers of 1-2 tokens).
+NORM_CASES = [
+    ("b1_smollm2_bf16", 1, 576, 48, jnp.bfloat16),  # d = 9·64: the row's mean reads 1024 masked
+    ("b2_fp32", 2, 256, 40, jnp.float32),
+    ("b1_8b_bf16", 1, 4096, 448, jnp.bfloat16),
+]
+
+
+def _check_normed(case, interpret):
+    name, t, d, e, dtype = case
+    kx, kr, kw = jax.random.split(jax.random.key(d + e), 3)
+    x = (3 * jax.random.normal(kx, (t, d))).astype(dtype)  # a residual stream, RMS far from 1
+    r = jax.random.normal(kr, (d, e)) * d**-0.5
+    w = (1 + 0.2 * jax.random.normal(kw, (d,))).astype(dtype)
+    stride = 64 if e <= 64 else 512
+    part, n, xn = jax.jit(
+        lambda x, r, w: router_logits_partials_normed(
+            x, r, w, 1e-5, stride=stride, splits=16, block_e=32, interpret=interpret
+        )
+    )(x, r, w)
+    want = rms_norm(x, w, 1e-5)
+    assert xn.dtype == dtype and xn.shape == (t, d)
+    # Same operations and roundings as rms_norm; only mean(x²)'s summation order may differ.
+    assert_close(xn, want, "op_fp32", f"{name} normalised rows")
+    got = jnp.sum(part.reshape(t, n, stride)[:, :, :e], axis=1)
+    assert_close(got, routing.router_logits(r, want), "op_fp32", f"{name} logits")
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=[c[0] for c in NORM_CASES])
+def test_normed_partials_match_rms_norm_then_logits(case):
+    _check_normed(case, interpret=True)
+
+
+def test_normed_partials_reject_a_wrong_norm_weight():
+    with pytest.raises(ValueError, match="norm weight"):
+        router_logits_partials_normed(
+            jnp.zeros((1, 8)), jnp.zeros((8, 4)), jnp.ones((4,)), 1e-6, interpret=True
+        )
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=[c[0] for c in NORM_CASES])
+def test_normed_kernel_lowers_for_cuda(case):
+    _, t, d, e, dtype = case
+    specs = (
+        jax.ShapeDtypeStruct((t, d), dtype),
+        jax.ShapeDtypeStruct((d, e), jnp.float32),
+        jax.ShapeDtypeStruct((d,), dtype),
+    )
+    fn = jax.jit(lambda x, r, w: router_logits_partials_normed(x, r, w, 1e-5, splits=16)[::2])
+    assert cuda_triton_calls(fn, *specs) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", NORM_CASES, ids=[c[0] for c in NORM_CASES])
+def test_gpu_normed_partials_match_rms_norm_then_logits(case):
+    _check_normed(case, interpret=False)

@@ -232,7 +232,11 @@ class Block(nnx.Module):
     def __call__(self, x, positions, rope, allowed, cache, ffn_arg):
         h, cache = self.self_attn(self.input_layernorm(x), positions, rope, allowed, cache)
         x = x + h
-        h, stats = self.mlp(self.post_attention_layernorm(x), ffn_arg)
+        norm = self.post_attention_layernorm
+        if isinstance(self.mlp, PrunePathFFN):  # the FFN may fuse its norm (decode kernels)
+            h, stats = self.mlp(x, ffn_arg, norm=(norm.weight[...], norm.eps))
+        else:
+            h, stats = self.mlp(norm(x), ffn_arg)
         return x + h, cache, stats
 
 
