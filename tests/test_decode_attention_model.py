@@ -268,3 +268,37 @@ def test_gpu_generate_pallas_attention_matches_xla(batch, kernel_calls):
         lx, _ = _decode_logits(model, "xla", cache, lengths)
         lk, _ = _decode_logits(model, "pallas", cache, lengths)
         assert_close(lk, lx, "bf16", "decode-step logits")
+
+
+def test_sparse_decode_step_fuses_the_ffn_norm_for_cuda(monkeypatch):
+    """The exported batch-1 decode step of a sparse SmolLM2-shaped model with the Pallas FFN:
+    three Triton kernels (router logits, selection, experts; one shared function for the
+    layers) and the pre-FFN RMSNorm inside the first -- the step's XLA ops keep one ``rsqrt``
+    per layer (the attention norm) plus the final norm's. An XLA FFN norm would add one (checked
+    by hand in a fresh process with ``norm="xla"``: 4 instead of 3; the layer's plan is cached
+    per process, so this test cannot switch it); a norm kept alive for the routing statistics
+    (unused at decode) one per layer."""
+    from prunepath_jax.kernels import api
+    from prunepath_jax.kernels.synthetic import sparse_llama
+    from prunepath_jax.nn import route_args, set_compute
+
+    monkeypatch.setattr(api, "_backend_ready", lambda impl: None)
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")  # export for CUDA from a CPU
+    cfg = PRESETS["smollm2-135m"].replace(n_layers=2, vocab_size=512)
+    model = sparse_llama(cfg, 12, dtype=jnp.bfloat16, group_size=32)
+    set_compute(model, "kernel", "pallas")
+    graphdef, state = nnx.split(model)
+    args = route_args(model.cfg, 0.5)
+
+    def step(state, toks_b1, pos_b1, cache):
+        return nnx.merge(graphdef, state)(toks_b1, pos_b1, cache=cache, ffn_args=args).logits
+
+    zeros = jnp.zeros((1, 1), jnp.int32)
+    call = "__gpu$xla.gpu.triton"
+    exp = jax.export.export(
+        jax.jit(step), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(call)],
+    )(state, zeros, zeros, init_cache(cfg, 1, 256, jnp.bfloat16))  # fmt: skip
+    text = exp.mlir_module()
+    assert text.count(f"custom_call @{call}") == 3
+    assert text.count("stablehlo.rsqrt") == cfg.n_layers + 1
