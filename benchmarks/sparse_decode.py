@@ -197,6 +197,11 @@ def main():
         help="batched study (first impl, --all-impl-sparsity) on the last shape",
     )
     ap.add_argument("--batch-shape", default="llama-3-8b")
+    ap.add_argument(
+        "--batch-all-impls",
+        action="store_true",
+        help="the batched study for every impl, not only the first (registry defaults by batch)",
+    )
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--chunks", type=int, default=6)
@@ -276,7 +281,8 @@ def main():
             for impl in impls:
                 if impl != impls[0] and abs(s - a.all_impl_sparsity) > 1e-6:
                     continue
-                bs = batches if (impl == impls[0] and abs(s - a.all_impl_sparsity) < 1e-6) else [1]
+                first = impl == impls[0] or a.batch_all_impls
+                bs = batches if (first and abs(s - a.all_impl_sparsity) < 1e-6) else [1]
                 set_compute(sparse, "kernel", impl)
                 for b in bs:
                     try:

@@ -273,4 +273,10 @@ s9b)  # the fused norm's GPU tests (kernel, layer, fp32 generation at batch 1); 
   done
   find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
   ;;
+s9c)  # registry defaults by batch: every impl (Triton, Pallas, masked XLA) at batch 1/4/8/16
+      # beside dense, 8B shape, 75% FFN sparsity, one process
+  run timeout 540 python3 benchmarks/sparse_decode.py --shapes llama-3-8b --sparsities 0.75 \
+    --impls triton pallas xla --batches 4 8 16 --batch-all-impls --steps 8 --chunks 3 \
+    --attn auto --out "$OUT/batch_impls.jsonl"
+  ;;
 esac
