@@ -32,13 +32,19 @@ from prunepath_jax.models.layers import rms_norm
 
 IMPLEMENTATIONS = ("xla", "triton", "pallas")
 DECODE_MAX_TOKENS = 16
-# Fastest measured on the H200 (BENCHMARKS.md, issue 5), by token-count regime: at 1-4 tokens
-# the Pallas decode path (8B end to end at 75% sparsity, batch 1: 3563 us/token vs Triton 3959,
-# dense 4432; 1B: 1073 vs 1367, dense 1140); at 5-16 tokens the union of the batch's experts
-# approaches all of them (90% at batch 8) and the masked XLA path wins; the grouped GEMM beats
-# the masked XLA path for prefill (1.07x the dense FFN vs 0.82x).
-DEFAULTS = {"decode_small": "pallas", "decode": "xla", "prefill": "triton"}
-SMALL_BATCH = 4
+# Fastest measured on the H200 (BENCHMARKS.md, issue 5), by token-count regime, in order of
+# preference (a backend that cannot run here is skipped; XLA is the last resort). Llama-3-8B end
+# to end at 75% FFN sparsity, one run (2026-12-01, µs/token, dense 4191 / 4288 / 4408 / 4989 at
+# batch 1 / 4 / 8 / 16): batch 1 Pallas 2705, Triton 3686, XLA 5470; batch 4 Triton 3677,
+# Pallas 4956, XLA 5255; batch 8 Triton 3724, Pallas 5214, XLA 5258; batch 16 Triton 4304,
+# XLA 5741, Pallas 7096. Prefill: the grouped GEMM (1.06x the dense FFN vs the masked XLA
+# path's 0.84x). Batches 2-3 were not measured; they take the batch-4 order.
+DEFAULTS = {
+    "decode_one": ("pallas", "triton"),
+    "decode_few": ("triton", "pallas"),  # 2-8 tokens
+    "decode": ("triton",),  # 9-16 tokens: the masked XLA path beats Pallas at 16
+    "prefill": ("triton",),
+}
 
 
 def unsupported_reason(
@@ -94,11 +100,13 @@ def choose(n_tokens: int, implementation: str | None) -> str:
         return implementation
     if jax.default_backend() != "gpu":
         return "xla"
-    if n_tokens <= SMALL_BATCH:
-        want = DEFAULTS["decode_small"]
+    if n_tokens == 1:
+        regime = "decode_one"
+    elif n_tokens <= 8:
+        regime = "decode_few"
     else:
-        want = DEFAULTS["decode" if n_tokens <= DECODE_MAX_TOKENS else "prefill"]
-    return want if _backend_ready(want) is None else "xla"
+        regime = "decode" if n_tokens <= DECODE_MAX_TOKENS else "prefill"
+    return next((b for b in DEFAULTS[regime] if _backend_ready(b) is None), "xla")
 
 
 def xla_masked(

@@ -279,4 +279,12 @@ s9c)  # registry defaults by batch: every impl (Triton, Pallas, masked XLA) at b
     --impls triton pallas xla --batches 4 8 16 --batch-all-impls --steps 8 --chunks 3 \
     --attn auto --out "$OUT/batch_impls.jsonl"
   ;;
+s9d)  # registry defaults by batch, the rest: 8B at batch 2; the 1B shape at batch 1-16, every impl
+  run timeout 200 python3 benchmarks/sparse_decode.py --shapes llama-3-8b --sparsities 0.75 \
+    --impls triton pallas --batches 2 --batch-all-impls --steps 8 --chunks 3 --attn auto \
+    --out "$OUT/batch_impls.jsonl"
+  run timeout 250 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b --sparsities 0.75 \
+    --impls triton pallas xla --batch-shape llama-3.2-1b --batches 2 4 8 16 --batch-all-impls \
+    --steps 8 --chunks 3 --attn auto --out "$OUT/batch_impls.jsonl"
+  ;;
 esac

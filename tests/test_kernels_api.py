@@ -71,6 +71,22 @@ def test_explicit_backend_errors_are_clear():
         assert api.choose(1, None) == "xla" and api.choose(4096, None) == "xla"
 
 
+def test_default_backend_follows_the_measured_order(monkeypatch):
+    """On a GPU, ``implementation=None`` takes the fastest measured backend for the token count,
+    skipping one that cannot run here (e.g. no jax-triton), XLA last (BENCHMARKS.md, 8B e2e)."""
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(api, "_backend_ready", lambda b: None)
+    assert [api.choose(n, None) for n in (1, 2, 4, 8, 12, 16, 17, 4096)] == (
+        ["pallas"] + ["triton"] * 7
+    )
+    no_triton = lambda b: "no jax-triton" if b == "triton" else None  # noqa: E731
+    monkeypatch.setattr(api, "_backend_ready", no_triton)
+    assert [api.choose(n, None) for n in (1, 4, 8, 12, 4096)] == [
+        "pallas", "pallas", "pallas", "xla", "xla",
+    ]  # fmt: skip
+    assert api.choose(4, "xla") == "xla"  # an explicit request is never overridden
+
+
 def test_norm_weight_means_ffn_of_rms_norm_and_is_checked():
     """``norm_d`` hands the block's RMSNorm to the layer: x is then the residual stream."""
     from prunepath_jax.models.layers import rms_norm
