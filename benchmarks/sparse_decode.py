@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import sys
 import time
@@ -34,7 +35,12 @@ from common import copy_bandwidth, header, markdown_table, write_rows  # noqa: E
 
 from prunepath_jax import routing  # noqa: E402
 from prunepath_jax.config import PRESETS  # noqa: E402
-from prunepath_jax.generate import DecodeState, decode_chunk_donating  # noqa: E402
+from prunepath_jax.generate import (  # noqa: E402
+    DecodeState,
+    command_buffers_for,
+    decode_chunk_donating,
+    decode_chunk_plain,
+)
 from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
 from prunepath_jax.models import decode_attention as da  # noqa: E402
 from prunepath_jax.models.layers import init_cache  # noqa: E402
@@ -44,9 +50,13 @@ from prunepath_jax.nn import PrunePathFFN, route_args, set_compute  # noqa: E402
 PEERS = "paper 1.046x (GPT-2 Medium, b1); TEAL 1.53x @40% / 1.8x @50% model-wide (7B, b1, fp16)"
 
 
-def time_decode(model, batch, prompt_len, steps, chunks, ffn_args, attn=None) -> dict:
+def time_decode(
+    model, batch, prompt_len, steps, chunks, ffn_args, attn=None, command_buffers=True
+) -> dict:
     """µs per decode step of ``model``; ``attn`` (an ``--attn`` value) sets its decode attention
-    for this cache length and batch first, None keeps the model's own."""
+    for this cache length and batch first, None keeps the model's own; ``command_buffers=False``
+    times the loop compiled without XLA's command buffers (``generate.decode_chunk_plain``)."""
+    step_fn = decode_chunk_donating if command_buffers else decode_chunk_plain
     cfg = model.cfg
     ctx = -(-(prompt_len + steps * (chunks + 3) + 1) // 256) * 256  # the attention kernel's tiles
     if attn is not None:
@@ -62,19 +72,21 @@ def time_decode(model, batch, prompt_len, steps, chunks, ffn_args, attn=None) ->
     )
     args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), ffn_args)
     kw = dict(n_steps=steps, greedy=True)
-    compiled = decode_chunk_donating.lower(graphdef, state, st, *args, **kw).compile()
+    compiled = step_fn.lower(graphdef, state, st, *args, **kw).compile()
     txt = compiled.as_text()
     mem = compiled.memory_analysis()
     for _ in range(2):
-        st, _ = decode_chunk_donating(graphdef, state, st, *args, **kw)
+        st, _ = step_fn(graphdef, state, st, *args, **kw)
     jax.block_until_ready(st)
     t0 = time.perf_counter()
     for _ in range(chunks):
-        st, _ = decode_chunk_donating(graphdef, state, st, *args, **kw)
+        st, _ = step_fn(graphdef, state, st, *args, **kw)
     jax.block_until_ready(st)
     dt = (time.perf_counter() - t0) / (chunks * steps)
     return {
         "attention": attn_used,
+        "command_buffers": command_buffers,
+        "command_buffer_mentions": txt.count("command_buffer"),
         "us_per_step": dt * 1e6,
         "custom_calls_per_layer": txt.count(" custom-call(") / cfg.n_layers,
         "fusions_per_step": txt.count(" fusion("),
@@ -133,23 +145,28 @@ def long_context(a, impl, emit) -> None:
     shape = a.shapes[-1]
     cfg = PRESETS[shape]
     dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    sparse = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
-    e = sparse.cfg.n_experts
-    k = max(1, round((1 - a.all_impl_sparsity) * e))
-    set_k(sparse, k)
-    set_compute(sparse, "kernel", impl)
-    args = route_args(sparse.cfg, 1.0)
+    models = [("dense", dense, None)]
+    e = k = 1
+    if a.long_ctx_sparse:
+        sparse = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
+        e = sparse.cfg.n_experts
+        k = max(1, round((1 - a.all_impl_sparsity) * e))
+        set_k(sparse, k)
+        set_compute(sparse, "kernel", impl)
+        models.append((impl, sparse, route_args(sparse.cfg, 1.0)))
     for ctx in a.long_ctx:
         base = {}
-        for name, model, ffn_args in (("dense", dense, None), (impl, sparse, args)):
-            for attn in ("xla", "pallas"):
-                da.set_attention(model, attn)
-                r = time_decode(model, 1, ctx, a.steps, a.chunks, ffn_args)
-                base.setdefault("dense_xla", r["us_per_step"])
-                emit({"bench": "long_ctx", "shape": shape, "impl": name, "batch": 1, "ctx": ctx,
-                      "attention": attn, "sparsity": 0.0 if ffn_args is None else 1 - k / e,
-                      "speedup_vs_dense": base["dense_xla"] / r["us_per_step"], **r})  # fmt: skip
-    del dense, sparse
+        for (name, model, ffn_args), attn, cb in itertools.product(
+            models, ("xla", "pallas"), [m == "on" for m in a.command_buffers]
+        ):
+            da.set_attention(model, attn)
+            r = time_decode(model, 1, ctx, a.steps, a.chunks, ffn_args, command_buffers=cb)
+            base.setdefault("dense_xla", r["us_per_step"])
+            emit({"bench": "long_ctx", "shape": shape, "impl": name, "batch": 1, "ctx": ctx,
+                  "attention": attn, "sparsity": 0.0 if ffn_args is None else 1 - k / e,
+                  "command_buffers_rule": command_buffers_for(ctx),
+                  "speedup_vs_dense": base["dense_xla"] / r["us_per_step"], **r})  # fmt: skip
+    del dense, models
 
 
 def time_variants(model, shape, variants, a, args, dense_us, e, k, emit) -> None:
@@ -218,6 +235,19 @@ def main():
         default=[],
         help="also decode the last shape from caches of these lengths with XLA vs the Pallas "
         "split-K attention (dense, and sparse at --all-impl-sparsity with the first impl)",
+    )
+    ap.add_argument(
+        "--long-ctx-sparse",
+        type=int,
+        default=1,
+        help="0: the long-context study times the dense model only",
+    )
+    ap.add_argument(
+        "--command-buffers",
+        nargs="+",
+        default=["on"],
+        choices=["on", "off"],
+        help="long-context study: with and/or without XLA's command buffers, side by side",
     )
     ap.add_argument(
         "--pallas-tuning",
