@@ -302,6 +302,8 @@ def main():
             dense_us[b] = r["us_per_step"]
             emit({"shape": shape, "impl": "dense", "batch": b, "sparsity": 0.0, **r})
         del dense
+        if not a.sparsities:
+            continue
         sparse = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
         e = sparse.cfg.n_experts
         args = route_args(sparse.cfg, 1.0)
