@@ -36,16 +36,26 @@ from common import copy_bandwidth, header, markdown_table, write_rows  # noqa: E
 from prunepath_jax import routing  # noqa: E402
 from prunepath_jax.config import PRESETS  # noqa: E402
 from prunepath_jax.generate import (  # noqa: E402
+    _STATIC,
     DecodeState,
-    command_buffers_for,
+    _decode_chunk_impl,
     decode_chunk_donating,
-    decode_chunk_plain,
 )
 from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
 from prunepath_jax.models import decode_attention as da  # noqa: E402
 from prunepath_jax.models.layers import init_cache  # noqa: E402
 from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 from prunepath_jax.nn import PrunePathFFN, route_args, set_compute  # noqa: E402
+
+# The production decode loop compiled without XLA's command buffers (CUDA graphs), to measure
+# what they cost or save by cache length (`--command-buffers on off`; BENCHMARKS.md, issue 5:
+# e2e they never lost on the 8B shape, 4k-32k caches, so generation keeps them).
+decode_chunk_plain = jax.jit(
+    _decode_chunk_impl,
+    static_argnames=_STATIC,
+    donate_argnums=(2,),
+    compiler_options={"xla_gpu_enable_command_buffer": ""},
+)
 
 PEERS = "paper 1.046x (GPT-2 Medium, b1); TEAL 1.53x @40% / 1.8x @50% model-wide (7B, b1, fp16)"
 
@@ -55,7 +65,7 @@ def time_decode(
 ) -> dict:
     """µs per decode step of ``model``; ``attn`` (an ``--attn`` value) sets its decode attention
     for this cache length and batch first, None keeps the model's own; ``command_buffers=False``
-    times the loop compiled without XLA's command buffers (``generate.decode_chunk_plain``)."""
+    times the loop compiled without XLA's command buffers (``decode_chunk_plain``)."""
     step_fn = decode_chunk_donating if command_buffers else decode_chunk_plain
     cfg = model.cfg
     ctx = -(-(prompt_len + steps * (chunks + 3) + 1) // 256) * 256  # the attention kernel's tiles
@@ -164,7 +174,6 @@ def long_context(a, impl, emit) -> None:
             base.setdefault("dense_xla", r["us_per_step"])
             emit({"bench": "long_ctx", "shape": shape, "impl": name, "batch": 1, "ctx": ctx,
                   "attention": attn, "sparsity": 0.0 if ffn_args is None else 1 - k / e,
-                  "command_buffers_rule": command_buffers_for(ctx),
                   "speedup_vs_dense": base["dense_xla"] / r["us_per_step"], **r})  # fmt: skip
     del dense, models
 

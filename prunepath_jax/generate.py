@@ -108,32 +108,6 @@ def _decode_chunk_impl(graphdef, state, st, temperature, top_p, stop_ids, pad_id
 _STATIC = ("graphdef", "n_steps", "greedy")
 decode_chunk = jax.jit(_decode_chunk_impl, static_argnames=_STATIC)
 decode_chunk_donating = jax.jit(_decode_chunk_impl, static_argnames=_STATIC, donate_argnums=(2,))
-# The same loop compiled without XLA's command buffers (CUDA graphs). With them a short-cache
-# step's ~200-500 launches cost ~1 µs each instead of ~5 (1B at 75% sparsity, 256-position
-# cache, traced on the H200: 928 vs 1360 µs/step); from a long cache the step idles between
-# its kernels with them (8B dense, 32k cache: 5868 vs 5433 µs/step). See `command_buffers_for`.
-decode_chunk_plain = jax.jit(
-    _decode_chunk_impl,
-    static_argnames=_STATIC,
-    donate_argnums=(2,),
-    compiler_options={"xla_gpu_enable_command_buffer": ""},
-)
-# From this many cache positions GPU decode compiles without command buffers (BENCHMARKS.md,
-# `benchmarks/command_buffers.py`).
-LONG_CACHE = 16384
-
-
-def command_buffers_for(cache_len: int) -> bool:
-    """Whether GPU decode from a KV cache of ``cache_len`` positions keeps XLA's command buffers
-    (measured faster below ``LONG_CACHE``, slower from it)."""
-    return cache_len < LONG_CACHE
-
-
-def decode_chunk_for(cache_len: int):
-    """The jitted decode loop generation uses on this platform for this cache length."""
-    if jax.default_backend() == "cpu":
-        return decode_chunk  # CPU keeps the non-donating loop
-    return decode_chunk_donating if command_buffers_for(cache_len) else decode_chunk_plain
 
 
 def _round_up(n: int, m: int) -> int:
@@ -334,7 +308,7 @@ def generate(
                  top_p, stops, ffn_args, greedy=greedy)  # fmt: skip
     out = [np.asarray(st.token_b)[:, None]]
     n = 1
-    step_fn = decode_chunk_for(cache_len)
+    step_fn = decode_chunk if jax.default_backend() == "cpu" else decode_chunk_donating
     bar = tqdm(total=max_new_tokens, desc="generating", disable=not progress, leave=False)
     bar.update(1)
     while n < max_new_tokens and not bool(np.asarray(st.done_b).all()):

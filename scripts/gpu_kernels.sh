@@ -288,9 +288,7 @@ s9d)  # registry defaults by batch, the rest: 8B at batch 2; the 1B shape at bat
     --steps 8 --chunks 3 --attn auto --out "$OUT/batch_impls.jsonl"
   ;;
 s9e)  # command buffers by cache length: 8B dense, XLA and Pallas attention, on and off, one
-      # process; the no-command-buffer loop's generation test on the GPU
-  run timeout 120 python3 -m pytest -q -m "not slow" -p no:cacheprovider -rf --tb=short \
-    tests/test_generate.py -k "command_buffers"
+      # process (run 7 also ran a generation test of a cache-length rule, since removed)
   run timeout 400 python3 benchmarks/sparse_decode.py --shapes llama-3-8b --sparsities \
     --impls pallas --batches --steps 8 --chunks 3 --long-ctx 4096 16384 32768 \
     --long-ctx-sparse 0 --command-buffers on off --out "$OUT/command_buffers.jsonl"

@@ -129,20 +129,3 @@ def test_forced_logits_bad_input(tiny):
         gen_mod.forced_logits(model, [[1, 2], [3]], [[4, 5]])
     with pytest.raises(ValueError, match="do not fit"):
         gen_mod.forced_logits(model, [[1, 2]], [[4] * 10], cache_len=8)
-
-
-def test_long_caches_decode_without_command_buffers(tiny, monkeypatch):
-    """GPU decode from a cache of ``LONG_CACHE`` positions or more runs the loop compiled
-    without XLA's command buffers (measured faster there), and that loop gives the same tokens
-    (on CPU the option is a no-op; on a GPU this compares the two compiled programs)."""
-    model, _ = tiny
-    monkeypatch.setattr(gen_mod.jax, "default_backend", lambda: "gpu")
-    assert gen_mod.decode_chunk_for(gen_mod.LONG_CACHE - 64) is gen_mod.decode_chunk_donating
-    assert gen_mod.decode_chunk_for(gen_mod.LONG_CACHE) is gen_mod.decode_chunk_plain
-    monkeypatch.undo()
-    if jax.default_backend() == "cpu":
-        assert gen_mod.decode_chunk_for(gen_mod.LONG_CACHE) is gen_mod.decode_chunk
-    prompts = [[5, 6, 7], [8, 9]]
-    base = generate(model, prompts, 12, chunk=4, cache_len=128)
-    monkeypatch.setattr(gen_mod, "decode_chunk_for", lambda n: gen_mod.decode_chunk_plain)
-    assert generate(model, prompts, 12, chunk=4, cache_len=128) == base
