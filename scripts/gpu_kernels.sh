@@ -293,4 +293,9 @@ s9e)  # command buffers by cache length: 8B dense, XLA and Pallas attention, on 
     --impls pallas --batches --steps 8 --chunks 3 --long-ctx 4096 16384 32768 \
     --long-ctx-sparse 0 --command-buffers on off --out "$OUT/command_buffers.jsonl"
   ;;
+s9f)  # the registry's new defaults on the GPU: every test of the registry module (its un-marked
+      # tests run the GPU defaults: Triton for 2-16 tokens), Triton generation at batch 1 and 8
+  run timeout 420 python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py -k "not (generation and pallas)"
+  ;;
 esac
