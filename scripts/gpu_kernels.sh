@@ -298,4 +298,11 @@ s9f)  # the registry's new defaults on the GPU: every test of the registry modul
   run timeout 420 python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_api.py -k "not (generation and pallas)"
   ;;
+s10a)  # next: decode attention at long caches with the any-divisor split plan (the benchmark's
+       # caches are 4352 / 16640 / 33024 positions: 4 splits before, 34 / 65 / 43 now), dense
+       # and 75% sparse, XLA vs Pallas attention -- decides the "auto" rule above 1024 positions
+  run timeout 450 python3 benchmarks/sparse_decode.py --shapes llama-3-8b --sparsities \
+    --impls pallas --batches --steps 8 --chunks 3 --long-ctx 4096 16384 32768 \
+    --out "$OUT/long_ctx.jsonl"
+  ;;
 esac

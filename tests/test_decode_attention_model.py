@@ -84,7 +84,20 @@ CASES = [
     ("rope_gqa2_fp32_ragged_full", 4, 2, jnp.float32, 64, [5, 17, 20], [5, 17, 63], 32),
     ("rope_mqa8_fp32_overflow", 8, 1, jnp.float32, 48, [1, 9, 30], [0, 47, 50], 32),
     ("rope_gqa3_bf16_hd64", 9, 3, jnp.bfloat16, 64, [3, 30], [3, 30], 64),
+    # A cache of 5 blocks: 5 splits, a grid axis that is no power of two.
+    ("gqa2_bf16_s320_5splits", 4, 2, jnp.bfloat16, 320, [70, 301], [70, 319], 16),
+    ("rope_gqa2_fp32_s320_5splits", 4, 2, jnp.float32, 320, [130, 7], [200, 7], 32),
 ]  # fmt: skip
+
+
+def test_split_plan_uses_any_divisor_of_the_block_count():
+    """~256 programs from any divisor of the cache's blocks; powers of two as before."""
+    assert da._plan(1, 8, 32768) == (32, 64)  # 512 blocks: 8 heads x 32 splits
+    assert da._plan(1, 8, 33024) == (43, 64)  # 516 = 4·129 blocks: was 4 splits (32 programs)
+    assert da._plan(4, 8, 4160) == (13, 64)  # 65 blocks, 8 splits wanted: was 1
+    assert da._plan(1, 3, 192) == (3, 64)  # fewer blocks than wanted: one each
+    assert da._plan(16, 8, 256) == (2, 64)  # enough programs from batch x heads
+    assert da._plan(1, 8, 40) is None  # no power-of-two block of 16 divides 40
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -68,6 +68,21 @@ def test_triton_lowering_exports_for_cuda(shape):
     assert cuda_triton_calls(jax.jit(decode_attention), *specs) == 1
 
 
+def test_lowering_with_a_split_count_that_is_no_power_of_two():
+    """The model's plan for a 33024-position cache (43 splits of 12 blocks) lowers: the split
+    count is a grid axis, never a Triton block shape."""
+    f = jax.ShapeDtypeStruct
+    b, s, h, kv, hd = 1, 33024, 32, 8, 128
+    specs = (f((b, h, hd), jnp.bfloat16), f((b, s, kv, hd), jnp.bfloat16),
+             f((b, s, kv, hd), jnp.bfloat16), f((b,), jnp.int32))  # fmt: skip
+    fn = jax.jit(lambda *a: decode_attention(*a, n_splits=43, block_s=64))
+    assert cuda_triton_calls(fn, *specs) == 1
+    rope_specs = (f((b, h + 2 * kv, hd), jnp.bfloat16), f((b, hd // 2), jnp.float32),
+                  f((b, hd // 2), jnp.float32), specs[1], specs[2], specs[3])  # fmt: skip
+    fn = jax.jit(lambda *a: decode_attention_rope(*a, n_heads=h, n_splits=43, block_s=64))
+    assert cuda_triton_calls(fn, *rope_specs) == 1
+
+
 def test_rejects_unsupported_shapes():
     q = jnp.ones((1, 6, 32))
     kc = jnp.ones((1, 64, 4, 32))
