@@ -9,13 +9,15 @@ union of the tokens' experts, neuron blocks, the atomic or split down-projection
 two tokens the selection kernel also adds the logits kernel's unreduced split-K partials and
 zeroes the expert kernel's atomic accumulator (``glue="fused"``), so a one-token layer is
 exactly three launches with nothing between them (measured: 2 XLA launches fewer per 8B layer,
-1 per 1B layer; 1-3% of an end-to-end token, BENCHMARKS.md).
+1 per 1B layer; 1-3% of an end-to-end token, BENCHMARKS.md). Given the block's RMSNorm weight
+(``norm_d``), the logits kernel of such a layer also normalises the residual-stream row it reads
+and stores it for the expert kernel, so the norm's two XLA launches go too (H200, 75% sparse,
+same run: 8B 2699 vs 2754 µs/token, 1B 865 vs 873, SmolLM2 shape 1008 either way).
 
 This module plans the static blocks (`_plan`, from the H200 sweeps), checks the input, runs the
 routing and hands the gate table to the expert kernels. The layer works under ``jit`` with τ
 traced, and under ``vmap`` (Pallas adds a grid axis to each kernel): a τ sweep of one checkpoint,
-or independent token sets sharing the weights (tests: interpreter and CUDA lowering; the GPU
-test is prepared, not yet run).
+or independent token sets sharing the weights (interpreter, CUDA lowering and H200 tests).
 
 The result equals ``prunepath_jax.kernels.reference.sparse_ffn_reference`` (the masked XLA math
 of ``PrunePathFFN``) up to summation order, and ``k_t`` exactly (see ``pallas_routing.py`` for
