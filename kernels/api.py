@@ -156,11 +156,11 @@ def sparse_ffn(
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, "
                          f"got {implementation!r}")  # fmt: skip
-    if norm_d is not None and (norm_d.shape != x_td.shape[1:] or norm_d.dtype != x_td.dtype):
-        raise ValueError(
-            f"norm_d must be [d] = {x_td.shape[1:]} in x's dtype {x_td.dtype}, "
-            f"got {norm_d.shape} {norm_d.dtype}"
-        )
+    if norm_d is not None and norm_d.shape != x_td.shape[1:]:
+        raise ValueError(f"norm_d must be [d] = {x_td.shape[1:]}, got {norm_d.shape}")
+    if norm_d is not None and norm_d.dtype != x_td.dtype:
+        # The norm's output takes the promoted dtype (as in the model): XLA first, as before.
+        x_td, norm_d = rms_norm(x_td, norm_d, norm_eps), None
     t = x_td.shape[0]
     impl = choose(t, implementation)
     why = unsupported_reason(

@@ -99,9 +99,15 @@ def test_norm_weight_means_ffn_of_rms_norm_and_is_checked():
     y_ref, k_ref = sparse_ffn_reference(rms_norm(x, w, 1e-5), r, wi, wo, 0.6, **kwargs(c))
     np.testing.assert_array_equal(k, k_ref)
     assert_close(y.astype(jnp.float32), y_ref.astype(jnp.float32), "bf16")
-    for bad in (w[:-1], w.astype(jnp.float16)):
-        with pytest.raises(ValueError, match="norm_d must be"):
-            api.sparse_ffn(x, r, wi, wo, 0.6, **kwargs(c), norm_d=bad)
+    with pytest.raises(ValueError, match="norm_d must be"):
+        api.sparse_ffn(x, r, wi, wo, 0.6, **kwargs(c), norm_d=w[:-1])
+    # A norm weight in another dtype promotes the normalised rows, as the model's norm does.
+    w32 = w.astype(jnp.float32)
+    y32, k32 = api.sparse_ffn(x, r, wi, wo, 0.6, **kwargs(c), norm_d=w32, norm_eps=1e-5)
+    y_ref, k_ref = sparse_ffn_reference(rms_norm(x, w32, 1e-5), r, wi, wo, 0.6, **kwargs(c))
+    np.testing.assert_array_equal(k32, k_ref)
+    assert y32.dtype == jnp.float32
+    assert_close(y32, y_ref.astype(jnp.float32), "bf16")
 
 
 def _tiny_sparse(k, dtype=jnp.float32):
