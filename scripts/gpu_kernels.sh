@@ -305,4 +305,10 @@ s10a)  # next: decode attention at long caches with the any-divisor split plan (
     --impls pallas --batches --steps 8 --chunks 3 --long-ctx 4096 16384 32768 \
     --out "$OUT/long_ctx.jsonl"
   ;;
+s10b)  # next: real SmolLM2 with the registry's batch defaults (Triton at batch 8) and the fused
+       # norm: two calls like `smollm2` (call A copies part00 to /tmp/gguf_a); no parity rows
+  cat /tmp/gguf_a .gpu_model/b/part01 > /tmp/smollm2.gguf && md5sum /tmp/smollm2.gguf | tee -a "$OUT/log.txt"
+  run timeout 480 python3 scripts/smollm2_decode.py --gguf /tmp/smollm2.gguf \
+    --taus 0.5 --impls xla pallas triton --out "$OUT/smollm2_decode.jsonl"
+  ;;
 esac
