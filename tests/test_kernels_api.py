@@ -204,6 +204,7 @@ def test_cli_bench_runs_the_scripts(tmp_path, monkeypatch):
     """`prunepath bench` builds one command per script, writing to --out-dir."""
     import subprocess
 
+    pytest.importorskip("tyro")  # the CLI's parser (absent where the package is --no-deps)
     from prunepath_jax import cli
 
     calls = []
