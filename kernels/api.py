@@ -37,8 +37,10 @@ DECODE_MAX_TOKENS = 16
 # to end at 75% FFN sparsity, one run (2026-12-01, µs/token, dense 4191 / 4288 / 4408 / 4989 at
 # batch 1 / 4 / 8 / 16): batch 1 Pallas 2705, Triton 3686, XLA 5470; batch 4 Triton 3677,
 # Pallas 4956, XLA 5255; batch 8 Triton 3724, Pallas 5214, XLA 5258; batch 16 Triton 4304,
-# XLA 5741, Pallas 7096. Prefill: the grouped GEMM (1.06x the dense FFN vs the masked XLA
-# path's 0.84x). Batches 2-3 were not measured; they take the batch-4 order.
+# XLA 5741, Pallas 7096; batch 2 (another run, dense 4260) Triton 3540, Pallas 3874. On the 1B
+# shape batch 2 is the one cell where Pallas edges Triton (1071 vs 1117 µs, dense 1001); the
+# 8B order is kept. Prefill: the grouped GEMM (1.06x the dense FFN vs the masked XLA path's
+# 0.84x).
 DEFAULTS = {
     "decode_one": ("pallas", "triton"),
     "decode_few": ("triton", "pallas"),  # 2-8 tokens
