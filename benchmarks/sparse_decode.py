@@ -96,7 +96,6 @@ def time_decode(
     return {
         "attention": attn_used,
         "command_buffers": command_buffers,
-        "command_buffer_mentions": txt.count("command_buffer"),
         "us_per_step": dt * 1e6,
         "custom_calls_per_layer": txt.count(" custom-call(") / cfg.n_layers,
         "fusions_per_step": txt.count(" fusion("),

@@ -66,6 +66,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _pad_rows(x_td: jax.Array, n: int) -> jax.Array:
+    """``x_td`` with zero rows appended up to ``n`` (itself when it has ``n`` rows)."""
+    t, d = x_td.shape
+    return x_td if t == n else jnp.zeros((n, d), x_td.dtype).at[:t].set(x_td)
+
+
 def route_gates(x_td, router_de, tau, *, rule="paper", gate="sigmoid", k_min=1, k_max=None):
     """Gate table ``gate_te`` (fp32, zero for unselected experts) and ``k_t`` with XLA ops.
 
@@ -241,40 +247,34 @@ def _decode_jit(
     )  # fmt: skip
     # With a norm, x is the residual stream: the fused-glue logits kernel normalises it itself.
     fuse_norm = norm_d is not None and fused_glue and plan["norm"] == "fused"
-    x_raw = x_td
     if norm_d is not None and not fuse_norm:
         x_td = rms_norm(x_td, norm_d, norm_eps)
-
-    # One token is never padded: the expert kernel broadcasts its row to the 16 dot rows (a pad
-    # was one more XLA launch per layer, ~1.3 µs on the H200, for 32 KB of zeros).
-    x_pd = x_td if t in (1, tp) else jnp.zeros((tp, d), x_td.dtype).at[:t].set(x_td)
     n_slots = min(e, t * k_cap)
     acc_shape = accumulator_shape(t, d, group_size, n_slots, plan)
     y0 = None
     if plan["routing"] == "pallas":  # one selection launch: softmax, rank-based choice, gates
         # Routing runs on the real tokens padded to a power of two, not on the expert kernel's
         # 16 dot rows: the selection kernel's work grows with its rows (tp·E² compares).
-        if plan["logits"] == "pallas":  # the split-K GEMV kernel
-            x_rd = x_pd[:tr] if tr <= tp else jnp.zeros((tr, d), x_td.dtype).at[:t].set(x_td)
         if fused_glue:
             # The selection kernel adds the partials and zeroes the expert kernel's accumulator.
             kw = dict(stride=ep, splits=plan["logit_splits"], block_e=plan["logit_block_e"],
                       interpret=interpret)  # fmt: skip
-            if not fuse_norm:
-                part, n_part = router_logits_partials(x_rd, router_de, **kw)
-            else:  # the logits kernel normalises the rows (tr == t here) for the experts too
-                part, n_part, x_rd = router_logits_partials_normed(
-                    x_raw, router_de, norm_d, norm_eps, **kw
+            if fuse_norm:  # the logits kernel normalises the rows (tr == t here) for the experts
+                part, n_part, x_td = router_logits_partials_normed(
+                    x_td, router_de, norm_d, norm_eps, **kw
                 )
-                x_pd = x_rd if t in (1, tp) else jnp.zeros((tp, d), x_rd.dtype).at[:t].set(x_rd)
+            else:
+                part, n_part = router_logits_partials(_pad_rows(x_td, tr), router_de, **kw)
             zero = acc_shape if zeroable(acc_shape, ep) else None
             gate_re, k_t, y0 = route_gates_from_partials(
                 part, n_part, tau, t=t, e=e, ep=ep, rule=rule, gate=gate, k_min=k_min,
                 k_max=k_max, zeros=zero, interpret=interpret,
             )  # fmt: skip
         else:
-            if plan["logits"] == "pallas":  # + one small XLA sum of the partials
-                logits_te = router_logits_pallas(x_rd, router_de, interpret=interpret)[:t]
+            if plan["logits"] == "pallas":  # the split-K GEMV kernel + one small XLA sum
+                logits_te = router_logits_pallas(
+                    _pad_rows(x_td, tr), router_de, interpret=interpret
+                )[:t]
             else:
                 logits_te = routing.router_logits(router_de, x_td)
             gate_re, k_t = route_gates_pallas(
@@ -287,6 +287,9 @@ def _decode_jit(
             x_td, router_de, tau, rule=rule, gate=gate, k_min=k_min, k_max=k_max
         )
         gate_pe = jnp.zeros((tp, ep), jnp.float32).at[:t, :e].set(gate_te)
+    # One token is never padded: the expert kernel broadcasts its row to the 16 dot rows (a pad
+    # was one more XLA launch per layer, ~1.3 µs on the H200, for 32 KB of zeros).
+    x_pd = x_td if t == 1 else _pad_rows(x_td, tp)
     y_pd = expert_ffn(
         gate_pe, x_pd, w_in_cfd, w_out_fd, t=t, group_size=group_size, n_slots=n_slots,
         plan=plan, interpret=interpret, y0=y0,

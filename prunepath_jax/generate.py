@@ -68,14 +68,18 @@ def _stop(tokens_b, stop_ids):
     return jnp.any(tokens_b[:, None] == stop_ids[None, :], axis=-1)
 
 
+def _prompt_pass(model, tokens_bt, lengths_b, cache, ffn_args):
+    """The prompts' forward pass: fills the cache, logits at each prompt's last position."""
+    b, t = tokens_bt.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return model(tokens_bt, positions, cache=cache, ffn_args=ffn_args, logit_index_b=lengths_b - 1)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"))
 def prefill(graphdef, state, tokens_bt, lengths_b, cache, rng, temperature, top_p, stop_ids,
             ffn_args=None, *, greedy: bool):  # fmt: skip
     """Runs the prompts through the model, fills the cache, samples each first new token."""
-    model = nnx.merge(graphdef, state)
-    b, t = tokens_bt.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    out = model(tokens_bt, positions, cache=cache, ffn_args=ffn_args, logit_index_b=lengths_b - 1)
+    out = _prompt_pass(nnx.merge(graphdef, state), tokens_bt, lengths_b, cache, ffn_args)
     rng, key = jax.random.split(rng)
     token = sample_tokens(out.logits[:, 0], key, temperature, top_p, greedy=greedy)
     done = _stop(token, stop_ids)
@@ -179,9 +183,7 @@ def _batch(model, prompts, tau, ffn_args, pad_id: int = 0):
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _forced(graphdef, state, tokens_bt, lengths_b, cache, forced_bn, ffn_args):
     model = nnx.merge(graphdef, state)
-    b, t = tokens_bt.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    out = model(tokens_bt, positions, cache=cache, ffn_args=ffn_args, logit_index_b=lengths_b - 1)
+    out = _prompt_pass(model, tokens_bt, lengths_b, cache, ffn_args)
 
     def step(carry, token_b):  # the decode step of `decode_step`, fed the given token
         cache, pos_b = carry

@@ -124,7 +124,7 @@ class PrunePathFFN(nnx.Module):
         gate_bte = routing.gates(logits_bte, sel.mask_te, self.gate_mode)
         b, t, _ = x_btd.shape
         if self._path(b * t) == "kernel":
-            y = self._kernel(x_raw if norm else x_btd, arg, norm)
+            y = self._kernel(x_raw, arg, norm)
             return y, routing.route_stats(sel, logits_bte, arg.token_mask)
         if self._path(b * t) == "gather":
             y = self._gathered(x_btd, sel, gate_bte)
@@ -141,13 +141,13 @@ class PrunePathFFN(nnx.Module):
 
         b, t, d = x_btd.shape
         opt = lambda p: None if p is None else p[...]  # noqa: E731
+        norm_d, norm_eps = (None, 1e-6) if norm is None else norm
         y_td, _ = api.sparse_ffn(
             x_btd.reshape(b * t, d), self.router[...], self.w_in[...], self.w_out[...], arg.tau,
             group_size=self.g, activation=self.act_name, b_in_cf=opt(self.b_in),
             b_out_d=opt(self.b_out), rule=self.rule, gate=self.gate_mode, k_min=self.k_min,
             k_max=self.k_max, implementation=api.for_model(self.implementation, b * t),
-            norm_d=None if norm is None else norm[0],
-            norm_eps=1e-6 if norm is None else norm[1],
+            norm_d=norm_d, norm_eps=norm_eps,
         )  # fmt: skip
         return y_td.reshape(b, t, d)
 

@@ -67,10 +67,8 @@ def _plan(b: int, kv: int, s: int) -> tuple[int, int] | None:
     if block < _MIN_BLOCK:
         return None
     n_blocks = s // block
-    target = -(-_TARGET_PROGRAMS // (b * kv))
-    divisors = [n for n in range(1, n_blocks + 1) if n_blocks % n == 0]
-    n_splits = next((n for n in divisors if n >= target), divisors[-1])
-    return n_splits, block
+    target = min(n_blocks, -(-_TARGET_PROGRAMS // (b * kv)))
+    return next(n for n in range(target, n_blocks + 1) if n_blocks % n == 0), block
 
 
 def unsupported_reason(
