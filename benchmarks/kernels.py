@@ -102,7 +102,13 @@ def main():
         nargs="*",
         type=lambda v: tuple(int(x) if x.isdigit() else x for x in v.split(",")),
         default=[(64, 64, 4, 3)],
-        help="block_m,block_d,warps,stages[,router_logits] per variant (fp32 or bf16x3)",
+        help="block_m,block_d,warps,stages[,router_logits] per variant (shared, fp32 or bf16x3)",
+    )
+    ap.add_argument(
+        "--prefill-router-ab",
+        action="store_true",
+        help="also time the masked XLA path and the first grouped tuning with the fp32 router GEMM "
+        "(what every path used before the shared tensor-core split), side by side",
     )
     ap.add_argument(
         "--prefill-trace",
@@ -177,12 +183,18 @@ def main():
 
     names = ("block_m", "block_d", "warps", "stages", "router_logits")
     variants = [("xla", None)] + [
-        ("triton", {"router_logits": "fp32", **dict(zip(names, v, strict=False))})
-        for v in a.prefill_tunings
+        ("triton", dict(zip(names, v, strict=False))) for v in a.prefill_tunings
     ]
+    if a.prefill_router_ab:
+        variants += [("xla", {"router_logits": "fp32"}), ("triton", {**variants[1][1],
+                     "router_logits": "fp32"})]  # fmt: skip
+    no_split = routing.BF16X3_MIN_TOKENS
     for impl, tn in variants:
-        if tn:
-            triton_grouped.DEFAULT_TUNING.update(tn)
+        # The XLA path's router: the shared function, or (A/B) the fp32 GEMM at every size.
+        fp32_xla = impl == "xla" and bool(tn)
+        routing.BF16X3_MIN_TOKENS = 1 << 62 if fp32_xla else no_split
+        if tn and impl == "triton":
+            triton_grouped.DEFAULT_TUNING.update({"router_logits": "shared", **tn})
         try:
             fn = chain_fn(impl, g, kp)
             t = time_fn(fn, xp, one, warmup=2, iters=10)
@@ -190,6 +202,8 @@ def main():
         except Exception as err:
             print(f"prefill {impl} {tn}: {err!r}"[:300], flush=True)
             continue
+        finally:
+            routing.BF16X3_MIN_TOKENS = no_split
         rows.append({**head, "bench": "prefill_ffn", "impl": impl, "tokens": tp, "k": kp,
                      "k_frac": kp / e, "us": t * 1e6, "speedup_vs_dense": t_dense / t,
                      "useful_TFLOP_s": flops * kp / e / t / 1e12, "tuning": str(tn),

@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, markdown_table, write_rows  # noqa: E402
 
+from prunepath_jax import routing  # noqa: E402
 from prunepath_jax.config import PRESETS, PrunePathConfig  # noqa: E402
 from prunepath_jax.train import parallel  # noqa: E402
 from prunepath_jax.train import state as st  # noqa: E402
@@ -105,20 +106,34 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--mesh", type=int, nargs=3, default=[-1, 1, 1], help="data fsdp model")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument(
+        "--router-logits",
+        nargs="+",
+        choices=["shared", "fp32"],
+        default=["shared"],
+        help="shared: routing.router_logits as shipped (bf16 tensor-core split on CUDA); fp32: "
+        "the fp32 GEMM at every size (what it was before), for a side-by-side run",
+    )
     ap.add_argument("--out", default="results/train_step.jsonl")
     a = ap.parse_args(argv)
     mesh = parallel.mesh_from_config(
         TrainConfig(mesh_data=a.mesh[0], mesh_fsdp=a.mesh[1], mesh_model=a.mesh[2])
     )
     rows = []
+    shipped = routing.BF16X3_MIN_TOKENS
     for name in a.preset:
         for mode in a.modes:
-            row = bench(name, mode, a.batch, a.seq, a.steps, mesh, a.peak_tflops)
-            print(row, flush=True)
-            rows.append(row)
+            for logits in a.router_logits:
+                routing.BF16X3_MIN_TOKENS = shipped if logits == "shared" else 1 << 62
+                row = bench(name, mode, a.batch, a.seq, a.steps, mesh, a.peak_tflops)
+                row["router_logits"] = logits
+                print(row, flush=True)
+                rows.append(row)
+    routing.BF16X3_MIN_TOKENS = shipped
     write_rows(a.out, rows)
-    cols = ["preset", "mode", "devices", "batch", "seq", "step_ms", "tokens_per_s", "mfu",
-            "trainable_params", "opt_state_bytes", "peak_mem_gib"]  # fmt: skip
+    cols = ["preset", "mode", "router_logits", "devices", "batch", "seq", "step_ms",
+            "tokens_per_s", "mfu", "trainable_params", "opt_state_bytes",
+            "peak_mem_gib"]  # fmt: skip
     print(markdown_table(rows, cols))
 
 

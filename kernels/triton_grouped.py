@@ -1,8 +1,8 @@
 """Thresholded grouped GEMM for many tokens (prefill, training forward): tokens grouped by expert.
 
 Routing runs in XLA (`routing.select`: a sort per token is cheap next to the FFN at this size;
-the router logits are the XLA path's fp32 GEMM, or opt-in fp32-accurate tensor-core products,
-``router_logits="bf16x3"``).
+the router logits are `routing.router_logits`, the XLA path's own function: fp32-accurate, on
+tensor cores for bf16 prompts on a GPU).
 The grouping is computed on the device from the selection mask with prefix sums -- no host
 synchronisation, so it works under jit -- and gives, per expert, the ascending list of tokens
 that chose it, padded to ``BLOCK_M`` tiles. ``_grouped_up_kernel`` runs one program per
@@ -10,7 +10,9 @@ that chose it, padded to ``BLOCK_M`` tiles. ``_grouped_up_kernel`` runs one prog
 interleaved gate/up slab ``[2G, d]`` (fp32 accumulation), applies ``gate * silu(g) * u`` and
 scatters the result back into token order, ``a_tf[token, e*G:(e+1)*G]`` (every (token, expert)
 slot is written by exactly one program, so no atomics; unselected slots stay 0). The down
-projection is then one dense GEMM ``a_tf @ W_out`` in XLA.
+projection is then one dense GEMM ``a_tf @ W_out`` in XLA. (Zero programs in this kernel that
+wrote the unselected slots instead of the memset were measured slower on the H200: the kernel
+went from 621 to 750 µs while the memset it replaced took 70.)
 
 Why the down projection is dense: a sparse down over random per-token expert sets has no
 block structure to skip (a 64-token tile at 25% uses ~every expert), and per-(token, expert)
@@ -68,13 +70,19 @@ def _grouped_up_kernel(
 
 # The fastest of the measured tunings (H200, 4096 tokens, 8B shape, k/E = 25%, BENCHMARKS.md
 # issue 5): 2102 µs per layer vs 2325 with 64-token tiles and 3 stages, 2198 with 8 warps.
-# ``router_logits``: "fp32" (the XLA path's own GEMM: the same logits bit for bit, so the same
-# experts) or "bf16x3" (`routing.router_logits_bf16x3`: fp32-accurate on tensor cores; the fp32
-# GEMM was 335 of 2200 µs at 4096 tokens, but summing in another order can move a token's
-# threshold boundary, and through the layers a prompt's selections drift apart from the XLA
-# path's: measured on SmolLM2 at τ = 0.5, batch 8, equal k_t in 11 of 30 layers).
-DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 4, "stages": 4, "router_logits": "fp32"}
-_LOGITS = {"fp32": routing.router_logits, "bf16x3": routing.router_logits_bf16x3}
+# ``router_logits``: "shared" (`routing.router_logits`, the function every path calls: the XLA
+# path's logits bit for bit at the same input, so the same experts; on a GPU, bf16 activations of
+# >= 64 tokens take its tensor-core split: 69 instead of 332 µs at 4096 tokens), or, for
+# measurements, "fp32" (always the fp32 GEMM) and "bf16x3" (always the split). A logits function
+# other than the XLA path's sums in another order, which can move a token across its τ
+# boundary; through the layers the prompts' selections then drift apart (measured on SmolLM2 at
+# τ = 0.5, batch 8: equal k_t in 11 of 30 layers when only this path took the split).
+DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 4, "stages": 4, "router_logits": "shared"}
+_LOGITS = {
+    "shared": routing.router_logits,
+    "fp32": routing.router_logits_fp32,
+    "bf16x3": routing.router_logits_bf16x3,
+}
 
 
 def group_by_expert(mask_te: jax.Array, k_max: int, block_m: int):

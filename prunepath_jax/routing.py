@@ -93,12 +93,35 @@ def init_router(d: int, e: int, dtype=jnp.float32) -> jax.Array:
     return jnp.zeros((d, e), dtype=dtype)
 
 
+# From this many tokens per call, bf16 activations on a CUDA GPU take the tensor-core split
+# (`router_logits_bf16x3`). Below it (decode: 1-16 tokens) the router GEMV is bound by bytes, and
+# the split's three bf16 copies would read 1.5x the fp32 router's.
+BF16X3_MIN_TOKENS = 64
+
+
 def router_logits(w_de: jax.Array, x_td: jax.Array) -> jax.Array:
     """Logits ``[t, e]`` (any leading dims) in float32, whatever the input dtype.
 
-    The ranking compares probabilities that can differ by less than a bf16 ulp, so the matmul
-    accumulates and returns in float32 even for bf16 activations and weights.
+    The ranking compares probabilities that can differ by less than a bf16 ulp, so the logits
+    are fp32-accurate even for bf16 activations and weights. Every path calls this one function
+    (the masked XLA path, the grouped-GEMM prefill, training, router initialisation), so at the
+    same input they get the same logits bit for bit and select the same experts. How:
+    ``router_logits_fp32`` (an fp32 GEMM at ``Precision.HIGHEST``) in general;
+    ``router_logits_bf16x3`` (the same logits up to summation order, on tensor cores, fp32
+    backward) for bf16 activations of at least ``BF16X3_MIN_TOKENS`` tokens lowered for CUDA,
+    where the fp32 GEMM runs without tensor cores (335 of 2200 µs of a 4096-token Llama-3-8B
+    grouped-GEMM layer on the H200, BENCHMARKS.md).
     """
+    n_tokens = int(np.prod(x_td.shape[:-1]))
+    if x_td.dtype != jnp.bfloat16 or n_tokens < BF16X3_MIN_TOKENS:
+        return router_logits_fp32(w_de, x_td)
+    return jax.lax.platform_dependent(
+        w_de, x_td, cuda=router_logits_bf16x3, default=router_logits_fp32
+    )
+
+
+def router_logits_fp32(w_de: jax.Array, x_td: jax.Array) -> jax.Array:
+    """``x @ w`` as an fp32 GEMM at ``Precision.HIGHEST`` (no TF32): the portable logits."""
     return jnp.matmul(
         x_td.astype(jnp.float32),
         w_de.astype(jnp.float32),
@@ -106,21 +129,20 @@ def router_logits(w_de: jax.Array, x_td: jax.Array) -> jax.Array:
     )
 
 
+@jax.custom_vjp
 def router_logits_bf16x3(w_de: jax.Array, x_td: jax.Array) -> jax.Array:
-    """``router_logits`` for bf16 activations on tensor cores: fp32 accuracy, ~4x less time.
+    """fp32-accurate router logits for bf16 activations from one bf16 tensor-core GEMM.
 
-    Why. At prefill the fp32 router GEMM (no tensor cores at ``Precision.HIGHEST``) took 335 µs
-    of a 2200 µs grouped-GEMM layer (4096 tokens, Llama-3-8B shape, H200, BENCHMARKS.md). A bf16
-    ``x`` is exact in bf16, and an fp32 router is exactly ``w1 + w2 + w3`` up to its last bit
-    with ``w1 = bf16(w)``, ``w2 = bf16(w - w1)``, ``w3 = bf16(w - w1 - w2)``; bf16 x bf16
-    products are exact in fp32, so one bf16 GEMM against ``[w1 | w2 | w3]`` with fp32
-    accumulation and a sum of the three blocks gives the fp32 logits up to summation order
-    (~1e-7 relative, the same order as two fp32 GEMMs that sum differently). Other activation
-    dtypes (fp16, fp32: not exact in bf16) take ``router_logits``. Forward only: the split has
-    no useful gradient (kernel paths are inference paths).
+    Why it is exact up to summation order: a bf16 ``x`` is exact in bf16, and an fp32 router is
+    exactly ``w1 + w2 + w3`` up to its last bit with ``w1 = bf16(w)``, ``w2 = bf16(w - w1)``,
+    ``w3 = bf16(w - w1 - w2)``; bf16 x bf16 products are exact in fp32, so one bf16 GEMM against
+    ``[w1 | w2 | w3]`` with fp32 accumulation and a sum of the three blocks gives the fp32
+    logits up to summation order (~1e-7 relative, the same order as two fp32 GEMMs that sum
+    differently). Other activation dtypes (fp16, fp32: not exact in bf16) take
+    ``router_logits_fp32``. The backward is the fp32 GEMM's (the split has no useful gradient).
     """
     if x_td.dtype != jnp.bfloat16:
-        return router_logits(w_de, x_td)
+        return router_logits_fp32(w_de, x_td)
     w = w_de.astype(jnp.float32)
     w1 = w.astype(jnp.bfloat16)
     r1 = w - w1.astype(jnp.float32)
@@ -131,6 +153,17 @@ def router_logits_bf16x3(w_de: jax.Array, x_td: jax.Array) -> jax.Array:
         x_td, jnp.concatenate([w1, w2, w3], axis=-1), preferred_element_type=jnp.float32
     )
     return parts[..., :e] + parts[..., e : 2 * e] + parts[..., 2 * e :]
+
+
+def _bf16x3_fwd(w_de, x_td):
+    return router_logits_bf16x3(w_de, x_td), (w_de, x_td)
+
+
+def _bf16x3_bwd(res, g_te):
+    return jax.vjp(router_logits_fp32, *res)[1](g_te)
+
+
+router_logits_bf16x3.defvjp(_bf16x3_fwd, _bf16x3_bwd)
 
 
 def check_tau(tau, n_layers: int | None = None) -> np.ndarray:

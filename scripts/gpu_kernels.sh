@@ -311,4 +311,27 @@ s10b)  # next: real SmolLM2 with the registry's batch defaults (Triton at batch 
   run timeout 480 python3 scripts/smollm2_decode.py --gguf /tmp/smollm2.gguf \
     --taus 0.5 --impls xla pallas triton --out "$OUT/smollm2_decode.jsonl"
   ;;
+s11a)  # session 9: the shared router logits (bf16 prefill takes the tensor-core split on CUDA, in
+       # every path) and zero programs in the grouped kernel (since reverted): Triton + routing
+       # GPU tests; prefill A/B (shared vs fp32 router, XLA and grouped) with per-kernel times
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_triton.py tests/test_routing.py
+  run timeout 260 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+    --prefill-tunings 128,64,4,4 128,64,8,4 256,64,8,3 --prefill-router-ab \
+    --out "$OUT/prefill.jsonl"
+  find "$OUT" -name "*.xplane.pb" -delete
+  ;;
+s11b)  # the shared router logits in training: the 1B full-training step on one GPU, shipped
+       # router logits vs the fp32 GEMM everywhere, side by side in one process
+  run timeout 400 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes full \
+    --batch 8 --seq 2048 --steps 5 --router-logits shared fp32 --out "$OUT/train_step.jsonl"
+  ;;
+s11c)  # the grouped kernel back on its memset (the zero programs measured slower in s11a): the
+       # Triton GPU tests, prefill with the shared router logits, 4 vs 8 warps
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_triton.py
+  run timeout 200 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+    --prefill-tunings 128,64,4,4 128,64,8,4 --prefill-router-ab --out "$OUT/prefill.jsonl"
+  find "$OUT" -name "*.xplane.pb" -delete
+  ;;
 esac

@@ -187,3 +187,30 @@ def test_groups_cover_every_pair_once():
             pairs.add((int(tok[off[e] + r]), int(e)))
     assert pairs == set(zip(*np.nonzero(mask), strict=True))
     assert (tile_e[: int(np.sum(-(-cnt // 8)))] < 12).all()
+
+
+@pytest.mark.gpu
+def test_grouped_prefill_selects_the_xla_paths_experts_on_gpu():
+    """At prefill size in bf16 both the masked XLA path and the grouped GEMM take the shared
+    router logits (the tensor-core split on a GPU), so they select the same experts for every
+    token, and their outputs agree within the bf16 tolerance."""
+    import jax.numpy as jnp
+    from kernel_cases import Case
+
+    from prunepath_jax import routing
+    from prunepath_jax.kernels import api
+
+    c = Case("t256_bf16_prefill", 4 * routing.BF16X3_MIN_TOKENS, 256, 32, 16, "bfloat16", 0.6,
+             seed=11)  # fmt: skip
+    x, r, wi, wo = inputs(c)
+    runs = {
+        impl: jax.jit(lambda *a, impl=impl: api.sparse_ffn(*a, **kwargs(c), implementation=impl))(
+            x, r, wi, wo, jnp.float32(c.tau)
+        )
+        for impl in ("xla", "triton")
+    }
+    np.testing.assert_array_equal(runs["triton"][1], runs["xla"][1])
+    assert 1 < float(np.mean(runs["xla"][1])) < 32
+    y = {k: np.asarray(v[0].astype(jnp.float32)) for k, v in runs.items()}
+    assert np.isfinite(y["triton"]).all()
+    assert_close(y["triton"], y["xla"], "bf16", "grouped vs XLA path")

@@ -251,12 +251,52 @@ def test_bf16x3_logits_are_fp32_accurate():
     got = R.router_logits_bf16x3(w, x)
     assert got.dtype == jnp.float32 and got.shape == (3, 40, 72)
     assert_close(got, ref, "op_fp32", "bf16x3 logits")
-    err_fp32 = np.abs(np.asarray(R.router_logits(w, x), np.float64) - ref).max()
+    err_fp32 = np.abs(np.asarray(R.router_logits_fp32(w, x), np.float64) - ref).max()
     assert np.abs(np.asarray(got, np.float64) - ref).max() <= 4 * err_fp32 + 1e-9
     w_bf16 = np.asarray(w.astype(jnp.bfloat16), np.float64)
     assert np.abs(np.asarray(x, np.float64) @ w_bf16 - ref).max() > 100 * err_fp32
     x32 = x.astype(jnp.float32) + 1e-3  # not exact in bf16: the fp32 GEMM itself
-    np.testing.assert_array_equal(R.router_logits_bf16x3(w, x32), R.router_logits(w, x32))
+    np.testing.assert_array_equal(R.router_logits_bf16x3(w, x32), R.router_logits_fp32(w, x32))
+
+
+def _dots(fn, *args, platform):
+    """Operand/result types of every dot in ``fn`` exported for ``platform``."""
+    text = jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+    lines = [ln for ln in text.splitlines() if "stablehlo.dot_general" in ln]
+    return [ln.split(" : ")[-1].split(" loc(")[0] for ln in lines]
+
+
+def test_router_logits_takes_the_split_only_for_bf16_prefill_on_cuda():
+    """The shared logits function lowers to one bf16 tensor-core GEMM for bf16 activations of
+    >= BF16X3_MIN_TOKENS tokens on CUDA, and to the fp32 GEMM otherwise (decode sizes, fp32
+    activations, other platforms), so every path that calls it gets the same logits."""
+    w = jax.random.normal(jax.random.key(0), (64, 24))
+    n = R.BF16X3_MIN_TOKENS
+    x = jax.random.normal(jax.random.key(1), (2, n // 2, 64)).astype(jnp.bfloat16)
+    split = "(tensor<2x32x64xbf16>, tensor<64x72xbf16>) -> tensor<2x32x72xf32>"
+    assert _dots(R.router_logits, w, x, platform="cuda") == [split]
+    (cpu,) = _dots(R.router_logits, w, x, platform="cpu")
+    assert "xf32>, tensor<64x24xf32>" in cpu
+    (short,) = _dots(R.router_logits, w, x[:, : n // 2 - 1], platform="cuda")
+    assert "bf16" not in short
+    (f32,) = _dots(R.router_logits, w, x.astype(jnp.float32), platform="cuda")
+    assert "bf16" not in f32
+
+
+def test_bf16x3_backward_is_the_fp32_gemms():
+    """The split's gradient is the fp32 GEMM's (same cotangent, same result bit for bit), and
+    gradients flow through the platform dispatch under jit."""
+    kx, kw, kg = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(kx, (80, 48)).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (48, 12))
+    g = jax.random.normal(kg, (80, 12))
+    got = jax.vjp(R.router_logits_bf16x3, w, x)[1](g)
+    want = jax.vjp(R.router_logits_fp32, w, x)[1](g)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    gw = jax.jit(jax.grad(lambda w, x: jnp.sum(R.router_logits(w, x) * g)))(w, x)
+    assert_close(gw, np.asarray(x, np.float64).T @ np.asarray(g, np.float64), "op_fp32", "dw")
 
 
 def test_gates_and_top_k():

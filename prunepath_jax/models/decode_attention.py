@@ -208,7 +208,7 @@ def set_attention(model: nnx.Module, impl: str) -> None:
 
 
 # "auto" uses the kernel up to this many cache positions and sequences (measured, below).
-AUTO_MAX_CACHE = 1024
+AUTO_MAX_CACHE = 17 * 1024
 AUTO_MAX_BATCH = 8
 
 
@@ -224,12 +224,14 @@ def impl_for(
     Why, measured in the model's decode step on the H200 (BENCHMARKS.md, issue 5, batch 1):
     with a 256-position cache the kernel makes a token faster -- Llama-3.2-1B 1114 vs 1188 µs
     dense, 934 vs 1021 µs at 75% FFN sparsity; Llama-3-8B 4340 vs 4565 dense, 2863 vs 3068
-    sparse -- because it replaces ~5 small XLA launches per layer; at a 4352-position cache it
-    ties (1B 1300 vs 1303, 8B 4802 vs 4750 dense), and at 32k it is much slower (8472 vs
-    5909 µs: the kernel itself runs at ~91% of the copy bandwidth there, but the step idles
-    36% of the time, not yet explained). Batch 4 / 8, 256-position cache (8B, 2026-12-01,
-    separate runs): dense 4334 vs 4765 µs and 4469 vs 4843; 75% sparse 4757 vs 5112 and
-    5801 vs 6297 -- the kernel also wins there; larger batches are not measured, so XLA.
+    sparse -- because it replaces ~5 small XLA launches per layer. Long caches, 8B, one run
+    (2026-12-01, after the split plan took any divisor of the block count): 4352 positions 4709
+    vs 4795 µs dense, 3089 vs 3260 sparse; 16640: 5226 vs 5194 dense, 3616 vs 3684 sparse;
+    33024: 5760 vs 5764 dense, 4280 vs 4205 sparse (XLA ahead by 1.8%), so the kernel up to
+    ~17k positions. (Before that fix a 33024-position cache split only 4 ways and the kernel
+    took 10040 µs.) Batch 4 / 8, 256-position cache (8B, 2026-12-01, separate runs): dense 4334
+    vs 4765 µs and 4469 vs 4843; 75% sparse 4757 vs 5112 and 5801 vs 6297 -- the kernel also
+    wins there; larger batches are not measured, so XLA.
     "auto" means the fastest measured path.
     """
     if implementation in ("pallas", "pallas_plain"):
