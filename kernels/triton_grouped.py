@@ -69,7 +69,9 @@ def _grouped_up_kernel(
 
 
 # The fastest of the measured tunings (H200, 4096 tokens, 8B shape, k/E = 25%, BENCHMARKS.md
-# issue 5): 2102 µs per layer vs 2325 with 64-token tiles and 3 stages, 2198 with 8 warps.
+# issue 5): 128-token tiles, 64-wide d steps, 4 stages (2102 µs per layer vs 2325 with 64-token
+# tiles and 3 stages); 8 warps over 4: the grouped kernel 605.8 vs 618.0 device µs (2026-12-01,
+# one run; 738 vs 750 in another with a since-reverted variant of the kernel).
 # ``router_logits``: "shared" (`routing.router_logits`, the function every path calls: the XLA
 # path's logits bit for bit at the same input, so the same experts; on a GPU, bf16 activations of
 # >= 64 tokens take its tensor-core split: 69 instead of 332 µs at 4096 tokens), or, for
@@ -77,7 +79,7 @@ def _grouped_up_kernel(
 # other than the XLA path's sums in another order, which can move a token across its τ
 # boundary; through the layers the prompts' selections then drift apart (measured on SmolLM2 at
 # τ = 0.5, batch 8: equal k_t in 11 of 30 layers when only this path took the split).
-DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 4, "stages": 4, "router_logits": "shared"}
+DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared"}
 _LOGITS = {
     "shared": routing.router_logits,
     "fp32": routing.router_logits_fp32,

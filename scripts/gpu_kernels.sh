@@ -334,4 +334,10 @@ s11c)  # the grouped kernel back on its memset (the zero programs measured slowe
     --prefill-tunings 128,64,4,4 128,64,8,4 --prefill-router-ab --out "$OUT/prefill.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
   ;;
+s11d)  # the GPU tests of everything this session touched: the registry and generation (bf16
+       # prompts take the shared split), the decode-attention rule, the Triton kernels (8 warps)
+  run timeout 480 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py tests/test_decode_attention_model.py tests/test_kernels_triton.py \
+    -k "not cli_bench"
+  ;;
 esac
