@@ -340,4 +340,9 @@ s11d)  # the GPU tests of everything this session touched: the registry and gene
     tests/test_kernels_api.py tests/test_decode_attention_model.py tests/test_kernels_triton.py \
     -k "not cli_bench"
   ;;
+s11e)  # whole-model prefill (time to first token), 8B shape, 4096 tokens, 75% FFN sparsity: dense
+       # vs the masked XLA path vs the grouped GEMM, each with the shared and the fp32 logits
+  run timeout 420 python3 benchmarks/sparse_prefill.py --shapes llama-3-8b --batch 1 \
+    --prompt-len 4096 --router-ab --iters 5 --out "$OUT/sparse_prefill.jsonl"
+  ;;
 esac
