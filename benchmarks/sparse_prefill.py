@@ -118,7 +118,8 @@ def main(argv=None):
                     routing.BF16X3_MIN_TOKENS = shipped_min
                     triton_grouped.DEFAULT_TUNING.update(shipped_logits)
                 emit({"shape": shape, "impl": impl, "router_logits": logits, "k": k, "E": e,
-                      "sparsity": 1 - k / e, "speedup_vs_dense": base["ms"] / r["ms"], **r})  # fmt: skip
+                      "sparsity": 1 - k / e, "speedup_vs_dense": base["ms"] / r["ms"],
+                      **r})  # fmt: skip
         del sparse
     cols = ["shape", "impl", "router_logits", "sparsity", "ms", "tok_s", "speedup_vs_dense",
             "compile_s"]  # fmt: skip
