@@ -69,10 +69,15 @@ def _stop(tokens_b, stop_ids):
 
 
 def _prompt_pass(model, tokens_bt, lengths_b, cache, ffn_args):
-    """The prompts' forward pass: fills the cache, logits at each prompt's last position."""
+    """The prompts' forward pass: fills the (empty) cache, logits at each prompt's last position.
+
+    Right-padded prompts from position 0 into a fresh cache: attention is causal within the
+    prompt tokens (pads sit after every real token, so no real token sees one), which the model
+    runs as its fused causal kernel (``fresh_cache=True``)."""
     b, t = tokens_bt.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return model(tokens_bt, positions, cache=cache, ffn_args=ffn_args, logit_index_b=lengths_b - 1)
+    return model(tokens_bt, positions, cache=cache, ffn_args=ffn_args,
+                 logit_index_b=lengths_b - 1, fresh_cache=True)  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"))

@@ -345,4 +345,13 @@ s11e)  # whole-model prefill (time to first token), 8B shape, 4096 tokens, 75% F
   run timeout 420 python3 benchmarks/sparse_prefill.py --shapes llama-3-8b --batch 1 \
     --prompt-len 4096 --router-ab --iters 5 --out "$OUT/sparse_prefill.jsonl"
   ;;
+s11f)  # the prompt pass into a fresh cache as causal (cuDNN flash) attention: its GPU test, the
+       # whole-model prefill again (same command as s11e), generation through the kernels
+  run timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_generate.py
+  run timeout 240 python3 benchmarks/sparse_prefill.py --shapes llama-3-8b --batch 1 \
+    --prompt-len 4096 --router-ab --iters 5 --out "$OUT/sparse_prefill.jsonl"
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py -k "generation and not cli_bench"
+  ;;
 esac

@@ -129,3 +129,73 @@ def test_forced_logits_bad_input(tiny):
         gen_mod.forced_logits(model, [[1, 2], [3]], [[4, 5]])
     with pytest.raises(ValueError, match="do not fit"):
         gen_mod.forced_logits(model, [[1, 2]], [[4] * 10], cache_len=8)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_prompt_pass_into_a_fresh_cache_equals_the_cached_path(tiny, window):
+    """``fresh_cache=True`` (what `generate`'s prompt pass promises) attends causally within the
+    prompt -- the fused kernel on GPU -- and must give the masked-over-the-cache path's logits at
+    every position and write the same keys/values, right-padded rows included. Sliding-window
+    models ignore the promise (same arrays exactly)."""
+    from prunepath_jax.models.layers import init_cache
+
+    model, _ = tiny
+    model = nnx_replace_window(model, window)
+    rng = np.random.default_rng(13)
+    b, t, s = 3, 32, 48
+    tokens = jnp.asarray(rng.integers(3, 97, (b, t)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    runs = [
+        model(tokens, positions, cache=init_cache(model.cfg, b, s, jnp.float32), fresh_cache=f)
+        for f in (True, False)
+    ]
+    assert_close(runs[0].logits, runs[1].logits, "model_fp32", "fresh-cache logits")
+    for fresh, masked in zip(runs[0].cache, runs[1].cache, strict=True):
+        np.testing.assert_array_equal(fresh.k, masked.k)
+        np.testing.assert_array_equal(fresh.v, masked.v)
+    if window is not None:
+        np.testing.assert_array_equal(runs[0].logits, runs[1].logits)
+
+
+def nnx_replace_window(model, window):
+    """The tiny model with ``sliding_window = window`` (the same weights)."""
+    if window is None:
+        return model
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    clone = nnx.merge(graphdef, state)
+    cfg = clone.cfg.replace(sliding_window=window)
+    for _, m in nnx.iter_graph(clone):
+        if hasattr(m, "cfg"):
+            m.cfg = cfg
+    return clone
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [32, 96])
+def test_fresh_cache_prompt_pass_on_gpu_matches_the_masked_path(t):
+    """On the GPU the fresh-cache prompt pass runs cuDNN's flash attention (bf16, head_dim 64):
+    its logits agree with the masked-over-the-cache path within the bf16 tolerance, at the
+    prompt lengths `generate` pads to (multiples of 32)."""
+    from flax import nnx
+
+    from prunepath_jax.config import PRESETS
+    from prunepath_jax.models.layers import init_cache
+    from prunepath_jax.models.llama import LlamaModel
+
+    cfg = PRESETS["smollm2-135m"].replace(n_layers=2)
+    model = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(14)
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, t)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
+    fn = jax.jit(lambda tok, pos, c, f: model(tok, pos, cache=c, fresh_cache=f), static_argnums=3)
+    hlo = (
+        jax.jit(lambda tok, pos, c: model(tok, pos, cache=c, fresh_cache=True))
+        .lower(tokens, positions, init_cache(cfg, 2, t + 64, jnp.bfloat16))
+        .compile()
+        .as_text()
+    )
+    assert "cudnn" in hlo.lower()  # the fused kernel really ran
+    out = [fn(tokens, positions, init_cache(cfg, 2, t + 64, jnp.bfloat16), f) for f in (1, 0)]
+    assert_close(out[0].logits, out[1].logits, "bf16", "fresh-cache logits on GPU")

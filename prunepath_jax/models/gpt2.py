@@ -216,6 +216,7 @@ class GPT2Model(nnx.Module):
         cache: tuple[LayerCache, ...] | None = None,
         ffn_args=None,
         logit_index_b: jax.Array | None = None,
+        fresh_cache: bool = False,
     ) -> ModelOutput:
         """Runs the decoder.
 
@@ -227,11 +228,14 @@ class GPT2Model(nnx.Module):
             ffn_args: per-layer FFN arguments (see `ffn_arg_for_layer`), ignored by dense FFNs.
             logit_index_b: if given, logits only at `tokens_bt[b, logit_index_b[b]]`. For a
                 classifier the default is each row's last non-pad token (transformers' pooling).
+            fresh_cache: accepted for `LlamaModel`'s interface (a prompt pass into an empty
+                cache); GPT-2's attention always takes the masked path, so it changes nothing.
 
         Returns:
             `ModelOutput(logits, cache, ffn_stats per layer)`; logits are float32
             `[b, t or 1, vocab]` for the LM, `[b, num_labels]` for a classifier.
         """
+        del fresh_cache
         cfg = self.cfg
         b, t = tokens_bt.shape
         if positions_bt is None:

@@ -195,13 +195,14 @@ class Attention(nnx.Module):
     def __call__(self, x_btd, positions_bt, rope, allowed_bts, cache: LayerCache | None):
         """`rope` = (cos, sin) tables, `allowed_bts` = mask over this call's keys (the new tokens
         without a cache, the whole cache with one: `causal_mask(positions_bt, arange(s),
-        window)`, which the decode kernel rebuilds from `positions_bt`); both shared by every
-        layer."""
+        window)`, which the decode kernel rebuilds from `positions_bt`), or None for plain causal
+        attention within this call's tokens (no cache, or a fresh one being filled from
+        position 0: the new keys/values are still written); both shared by every layer."""
         cfg = self.cfg
         b, t, _ = x_btd.shape
         h, kv = cfg.n_heads, cfg.n_kv_heads
         qkv = self.qkv_proj(x_btd).reshape(b, t, h + 2 * kv, cfg.head_dim)
-        if cache is not None and t == 1:  # decode: RoPE + cache write + attention in one kernel
+        if cache is not None and t == 1 and allowed_bts is not None:  # decode: RoPE + write +
             step = rope_step(qkv, rope, cache, positions_bt, impl=self.attn_impl,
                              window=cfg.sliding_window, n_heads=h)  # fmt: skip
             if step is not None:
@@ -209,10 +210,11 @@ class Attention(nnx.Module):
                 return self.o_proj(out.reshape(b, t, -1)), cache
         qk = apply_rope(qkv[:, :, : h + kv], *rope)  # one rotation for q and k together
         q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kv :]
-        if cache is None:
+        if cache is not None:
+            cache = cache_write(cache, k, v, positions_bt)
+        if cache is None or allowed_bts is None:  # None: causal within this call (fused kernel)
             out = attention(q, k, v, allowed_bts)
         else:
-            cache = cache_write(cache, k, v, positions_bt)
             out = cached_attention(
                 q, cache, allowed_bts, positions_bt, impl=self.attn_impl, window=cfg.sliding_window
             )
@@ -259,6 +261,7 @@ class LlamaModel(nnx.Module):
         cache: tuple[LayerCache, ...] | None = None,
         ffn_args=None,
         logit_index_b: jax.Array | None = None,
+        fresh_cache: bool = False,
     ) -> ModelOutput:
         """Runs the decoder.
 
@@ -270,6 +273,12 @@ class LlamaModel(nnx.Module):
                 within `tokens_bt` only).
             ffn_args: per-layer FFN arguments (see `ffn_arg_for_layer`), ignored by dense FFNs.
             logit_index_b: if given, logits only at `tokens_bt[b, logit_index_b[b]]` (prefill).
+            fresh_cache: the caller's promise that ``cache`` holds nothing yet and
+                ``positions_bt`` is ``arange(t)`` in every row (a prompt pass). Attention over the
+                cache is then causal attention within the call's tokens, which runs as the fused
+                kernel (cuDNN flash attention on GPU) instead of materialising ``[t, s]`` scores
+                per head; the keys/values are written as usual. Ignored for sliding-window
+                models.
 
         Returns:
             `ModelOutput(logits [b, t or 1, vocab] float32, cache, ffn_stats per layer)`.
@@ -278,7 +287,9 @@ class LlamaModel(nnx.Module):
         b, t = tokens_bt.shape
         # Plain causal attention over the call's own tokens goes to the fused kernel (cuDNN flash
         # attention on GPU; training and long prefill never materialise [t, t] scores there).
-        plain_causal = positions_bt is None and cache is None and cfg.sliding_window is None
+        plain_causal = cfg.sliding_window is None and (
+            (positions_bt is None and cache is None) or (fresh_cache and cache is not None)
+        )
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         rope = rope_tables(
