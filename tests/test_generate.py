@@ -135,8 +135,9 @@ def test_forced_logits_bad_input(tiny):
 def test_prompt_pass_into_a_fresh_cache_equals_the_cached_path(tiny, window):
     """``fresh_cache=True`` (what `generate`'s prompt pass promises) attends causally within the
     prompt -- the fused kernel on GPU -- and must give the masked-over-the-cache path's logits at
-    every position and write the same keys/values, right-padded rows included. Sliding-window
-    models ignore the promise (same arrays exactly)."""
+    every position and write the same keys/values (layer 0 exactly, later layers up to the
+    rounding of attention sums), right-padded rows included. Sliding-window models ignore the
+    promise (same arrays exactly)."""
     from prunepath_jax.models.layers import init_cache
 
     model, _ = tiny
@@ -150,9 +151,12 @@ def test_prompt_pass_into_a_fresh_cache_equals_the_cached_path(tiny, window):
         for f in (True, False)
     ]
     assert_close(runs[0].logits, runs[1].logits, "model_fp32", "fresh-cache logits")
-    for fresh, masked in zip(runs[0].cache, runs[1].cache, strict=True):
-        np.testing.assert_array_equal(fresh.k, masked.k)
-        np.testing.assert_array_equal(fresh.v, masked.v)
+    for i, (fresh, masked) in enumerate(zip(runs[0].cache, runs[1].cache, strict=True)):
+        if i == 0:  # from the embeddings alone: the same arrays; later layers see attention
+            np.testing.assert_array_equal(fresh.k, masked.k)
+            np.testing.assert_array_equal(fresh.v, masked.v)
+        assert_close(fresh.k, masked.k, "model_fp32", f"layer {i} keys")
+        assert_close(fresh.v, masked.v, "model_fp32", f"layer {i} values")
     if window is not None:
         np.testing.assert_array_equal(runs[0].logits, runs[1].logits)
 

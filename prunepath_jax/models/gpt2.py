@@ -164,15 +164,21 @@ class Attention(nnx.Module):
         self.c_proj = Dense(d, d, bias=True, dtype=dtype, rngs=rngs)
         self.cfg = cfg
 
-    def __call__(self, x_btd, positions_bt, cache: LayerCache | None):
+    def __call__(self, x_btd, positions_bt, cache: LayerCache | None, plain_causal=False):
+        """``plain_causal``: the positions are ``arange(t)`` and the cache (if any) is empty, so
+        attention is causal within this call's tokens: the fused kernel (cuDNN flash attention
+        on GPU) instead of masked scores; the new keys/values are still written."""
         cfg = self.cfg
         b, t, _ = x_btd.shape
         qkv = self.c_attn(x_btd).reshape(b, t, 3, cfg.n_heads, cfg.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if cache is None:
+        if cache is not None:
+            cache = cache_write(cache, k, v, positions_bt)
+        if plain_causal:
+            out = attention(q, k, v, None)
+        elif cache is None:
             out = attention(q, k, v, causal_mask(positions_bt, positions_bt, None))
         else:
-            cache = cache_write(cache, k, v, positions_bt)
             s = cache.k.shape[1]
             key_pos = jnp.broadcast_to(jnp.arange(s, dtype=positions_bt.dtype), (b, s))
             out = attention(q, cache.k, cache.v, causal_mask(positions_bt, key_pos, None))
@@ -189,8 +195,8 @@ class Block(nnx.Module):
         ffn = GeluMLP if cfg.prunepath is None else PrunePathFFN
         self.mlp = ffn(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, cache, ffn_arg):
-        h, cache = self.attn(self.ln_1(x), positions, cache)
+    def __call__(self, x, positions, cache, ffn_arg, plain_causal=False):
+        h, cache = self.attn(self.ln_1(x), positions, cache, plain_causal)
         x = x + h
         h, stats = self.mlp(self.ln_2(x), ffn_arg)
         return x + h, cache, stats
@@ -228,23 +234,29 @@ class GPT2Model(nnx.Module):
             ffn_args: per-layer FFN arguments (see `ffn_arg_for_layer`), ignored by dense FFNs.
             logit_index_b: if given, logits only at `tokens_bt[b, logit_index_b[b]]`. For a
                 classifier the default is each row's last non-pad token (transformers' pooling).
-            fresh_cache: accepted for `LlamaModel`'s interface (a prompt pass into an empty
-                cache); GPT-2's attention always takes the masked path, so it changes nothing.
+            fresh_cache: the caller's promise that ``cache`` holds nothing yet and
+                ``positions_bt`` is ``arange(t)`` in every row (a prompt pass): attention is
+                then causal within the call's tokens, as without a cache and positions, and runs
+                as the fused kernel (cuDNN flash attention on GPU).
 
         Returns:
             `ModelOutput(logits, cache, ffn_stats per layer)`; logits are float32
             `[b, t or 1, vocab]` for the LM, `[b, num_labels]` for a classifier.
         """
-        del fresh_cache
         cfg = self.cfg
         b, t = tokens_bt.shape
+        plain_causal = (positions_bt is None and cache is None) or (
+            fresh_cache and cache is not None
+        )
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.wte(tokens_bt) + self.wpe(positions_bt + cfg.position_offset)
         new_cache, stats = [], []
         for i, layer in enumerate(self.h):
             layer_cache = None if cache is None else cache[i]
-            x, layer_cache, s = layer(x, positions_bt, layer_cache, ffn_arg_for_layer(ffn_args, i))
+            x, layer_cache, s = layer(
+                x, positions_bt, layer_cache, ffn_arg_for_layer(ffn_args, i), plain_causal
+            )
             new_cache.append(layer_cache)
             stats.append(s)
         if cfg.num_labels and logit_index_b is None:
