@@ -23,17 +23,14 @@ on an abstract model (`abstract_model`): every array is read straight into its f
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
-import gc
 import importlib.metadata
 import json
 import logging
 import os
 import shutil
 import sys
-import time
 import traceback
 import uuid
 from collections.abc import Mapping
@@ -43,12 +40,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from absl import logging as absl_logging
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 import prunepath_jax
-from prunepath_jax import sharding
+from prunepath_jax import orbax_io, sharding
 from prunepath_jax.config import ModelConfig
 from prunepath_jax.loading import abstract_model
 from prunepath_jax.tokenizer import Tokenizer
@@ -76,87 +72,7 @@ class Restored:
 
 
 # --------------------------------------------------------------------------------------------------
-# Orbax plumbing: quiet logs, one manager per call, errors turned into one-line messages.
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Orbax logs every save/restore at INFO and read-only managers at WARNING; errors still show.
-
-    The level is restored afterwards because absl's verbosity is process-wide.
-    """
-    old = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logging.set_verbosity(old)
-
-
-def _is_orbax_read_noise(unraisable) -> bool:
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-        return True
-    name = getattr(unraisable.object, "__qualname__", "")
-    return "_read_array_index" in name or str(exc).startswith("Encountered error while reading")
-
-
-@contextlib.contextmanager
-def _orbax_read_noise_filter():
-    """Drops the echoes of a failed Orbax read, passing every other unraisable exception on.
-
-    When one array read fails, Orbax abandons the other reads' coroutines and closes their event
-    loop; their finalisers then print dozens of tracebacks (each with a full TensorStore spec)
-    through `sys.unraisablehook`, possibly long after the real error. We report that error once;
-    `_flush_failed_reads` makes the echoes happen while this filter is installed.
-    """
-    prev = sys.unraisablehook
-
-    def hook(unraisable):
-        if not _is_orbax_read_noise(unraisable):
-            prev(unraisable)
-
-    sys.unraisablehook = hook
-    try:
-        yield
-    finally:
-        sys.unraisablehook = prev
-
-
-def _flush_failed_reads() -> None:
-    time.sleep(0.05)  # in-flight TensorStore reads finish (local files: well under this)
-    gc.collect()  # ... and their abandoned coroutines are finalised now, inside the filter
-
-
-def _first_line(e: BaseException, limit: int = 300) -> str:
-    """One line describing `e` by its root cause: Orbax wraps the informative TensorStore error
-    ("OUT_OF_RANGE: Error reading "layers.0..." ...") in a generic one that dumps a whole spec."""
-    seen = set()
-    while id(e) not in seen and (e.__cause__ or e.__context__) is not None:
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    lines = str(e).strip().splitlines()
-    text = lines[0] if lines else ""
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _handlers(items: Mapping[str, Any]) -> dict:
-    """A handler per item: lets `item_metadata` read items this manager never saved."""
-    return {name: ocp.args.get_registered_handler_cls(args)() for name, args in items.items()}
-
-
-def _manager(
-    directory: Path,
-    items: Mapping[str, Any],
-    *,
-    keep: int | None = None,
-    read_only: bool = False,
-) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only
-    )
-    return ocp.CheckpointManager(directory, item_handlers=_handlers(items), options=options)
+# Listing steps.
 
 
 def _check_directory(directory: str | os.PathLike) -> Path:
@@ -175,7 +91,7 @@ def list_steps(directory: str | os.PathLike) -> list[int]:
     if not path.exists():
         return []
     path = _check_directory(path)
-    with _quiet():
+    with orbax_io.quiet():
         mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
         try:
             return sorted(mngr.all_steps())
@@ -373,8 +289,8 @@ def save_model(
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     items = model_items(model, config, metadata, extra_items)
-    with _quiet():
-        mngr = _manager(directory, items, keep=keep)
+    with orbax_io.quiet():
+        mngr = orbax_io.manager(directory, items, keep=keep)
         try:
             if step in mngr.all_steps():
                 raise ValueError(
@@ -397,15 +313,15 @@ def save_model(
 
 def _restore(mngr, step: int, what: str, where: Path, args: Mapping[str, Any]) -> Any:
     """`mngr.restore` of some items, with Orbax's failure turned into one clear line."""
-    with _quiet(), _orbax_read_noise_filter():
+    with orbax_io.quiet(), orbax_io.read_noise_filter():
         try:
             return mngr.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # Orbax/TensorStore raise bare Exception, ValueError, OSError...
-            message = _first_line(e)
+            message = orbax_io.first_line(e)
             # Logged as text, not as exc_info: a kept traceback would keep Orbax's abandoned
-            # coroutines alive past the filter (see `_orbax_read_noise_filter`).
+            # coroutines alive past the filter (see `orbax_io.read_noise_filter`).
             log.debug("restoring %s from %s failed:\n%s", what, where, traceback.format_exc())
-        _flush_failed_reads()
+        orbax_io.flush_failed_reads()
     raise ValueError(f"{where}: checkpoint {what} is corrupted or unreadable ({message})")
 
 
@@ -413,7 +329,7 @@ def _saved_shapes(mngr, step: int, step_dir: Path) -> dict[tuple, Any]:
     """{path (strings): array metadata with .shape/.dtype} of the saved state, read from Orbax's
     metadata only (no array data)."""
     try:
-        with _quiet():
+        with orbax_io.quiet():
             meta = mngr.item_metadata(step)[STATE]
         tree = getattr(meta, "tree", meta)
         if tree is None:
@@ -421,7 +337,7 @@ def _saved_shapes(mngr, step: int, step_dir: Path) -> dict[tuple, Any]:
         leaves = _leaves_by_path(tree, lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
     except Exception as e:
         raise ValueError(
-            f"{step_dir}: checkpoint state is corrupted or unreadable ({_first_line(e)})"
+            f"{step_dir}: checkpoint state is corrupted or unreadable ({orbax_io.first_line(e)})"
         ) from None
     return {tuple(str(k) for k in p): v for p, v in leaves.items()}
 
@@ -457,13 +373,13 @@ def _restore_target(abstract: dict, saved: dict, step_dir: Path, dtype, mesh: Me
 def read_config(directory: str | os.PathLike, step: int) -> ModelConfig:
     """The `ModelConfig` saved with step `step` (reads only the small JSON item)."""
     directory = _check_directory(directory)
-    with _quiet():
-        mngr = _manager(directory, {CONFIG: ocp.args.JsonRestore()}, read_only=True)
+    with orbax_io.quiet():
+        mngr = orbax_io.manager(directory, {CONFIG: ocp.args.JsonRestore()}, read_only=True)
     try:
         where = directory / str(step) / CONFIG
         d = _restore(mngr, step, "config", where, {CONFIG: ocp.args.JsonRestore()})[CONFIG]
     finally:
-        with _quiet():
+        with orbax_io.quiet():
             mngr.close()
     try:
         return ModelConfig.from_dict(d)
@@ -504,8 +420,8 @@ def restore_model(
         METADATA: ocp.args.JsonRestore(),
         **extra,
     }
-    with _quiet():
-        mngr = _manager(directory, handlers, read_only=True)
+    with orbax_io.quiet():
+        mngr = orbax_io.manager(directory, handlers, read_only=True)
     try:
         steps = sorted(mngr.all_steps())
         if not steps:
@@ -541,7 +457,7 @@ def restore_model(
         args = {STATE: ocp.args.StandardRestore(target), **extra}
         restored = _restore(mngr, step, "state", step_dir, args)
     finally:
-        with _quiet():
+        with orbax_io.quiet():
             mngr.close()
     nnx.replace_by_pure_dict(state, restored[STATE])
     model = nnx.merge(graphdef, state)
@@ -551,6 +467,6 @@ def restore_model(
             tokenizer = Tokenizer.from_dir(directory / TOKENIZER_DIR)
         except Exception as e:
             raise ValueError(
-                f"{directory / TOKENIZER_DIR}: tokenizer is unreadable ({_first_line(e)})"
+                f"{directory / TOKENIZER_DIR}: tokenizer is unreadable ({orbax_io.first_line(e)})"
             ) from None
     return Restored(model, config, tokenizer, meta, step, {name: restored[name] for name in extra})

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from prunepath_jax import checkpoint as ckpt
+from prunepath_jax import orbax_io
 from prunepath_jax.config import ModelConfig
 from prunepath_jax.tokenizer import Tokenizer
 
@@ -37,7 +38,7 @@ class TrainCheckpointer:
     def __init__(self, directory: str | Path, *, keep: int, asynchronous: bool = True):
         self.directory = Path(directory).expanduser().absolute()
         self.directory.mkdir(parents=True, exist_ok=True)
-        handlers = ckpt._handlers({
+        handlers = orbax_io.handlers({
             ckpt.STATE: ocp.args.StandardSave({}), ckpt.CONFIG: ocp.args.JsonSave({}),
             ckpt.METADATA: ocp.args.JsonSave({}), OPT: ocp.args.StandardSave({}),
             TRAIN: ocp.args.JsonSave({}),
@@ -45,7 +46,7 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
         )
-        with ckpt._quiet():
+        with orbax_io.quiet():
             self.mngr = ocp.CheckpointManager(
                 self.directory, item_handlers=handlers, options=options
             )
@@ -69,7 +70,7 @@ class TrainCheckpointer:
             metadata,
             {OPT: ocp.args.StandardSave(opt_state), TRAIN: ocp.args.JsonSave(train)},
         )
-        with ckpt._quiet():
+        with orbax_io.quiet():
             if step in self.mngr.all_steps():
                 log.info("step %d is already saved", step)
             else:
@@ -80,17 +81,17 @@ class TrainCheckpointer:
             ckpt.write_tokenizer(self.directory, tokenizer)
 
     def wait(self) -> None:
-        with ckpt._quiet():
+        with orbax_io.quiet():
             self.mngr.wait_until_finished()
 
     def close(self) -> None:
-        with ckpt._quiet():
+        with orbax_io.quiet():
             self.mngr.wait_until_finished()
             self.mngr.close()
 
     def reload(self) -> None:
         """Re-reads the step list (after steps were moved aside)."""
-        with ckpt._quiet():
+        with orbax_io.quiet():
             self.mngr.reload()
 
 
