@@ -354,4 +354,18 @@ s11f)  # the prompt pass into a fresh cache as causal (cuDNN flash) attention: i
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_api.py -k "generation and not cli_bench"
   ;;
+s12a)  # prepared for the next session: why the one-token expert kernel is at 75% of the copy
+       # bandwidth at 25% of the 8B experts and latency-bound at 10% (27.8 / 22.8 µs): an ncu
+       # reading at both fractions with occupancy, launch, scheduler and warp-stall sections,
+       # then the registry's generation GPU tests that s11f's timeout cut
+  for kf in 0.1 0.25; do
+    run timeout 150 ncu --clock-control none -k regex:prunepath_sparse_ffn --section SpeedOfLight \
+      --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
+      --section LaunchStats --section SchedulerStats --csv --page details \
+      --log-file "$OUT/ncu_k$kf.csv" python3 benchmarks/expert_profile.py --kfrac $kf \
+      --variants default
+  done
+  run timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py -k "generation and not cli_bench"
+  ;;
 esac
