@@ -173,9 +173,14 @@ class Demo:
 class Bench:
     """Run the kernel benchmarks (issue 5) and append their rows to results/*.jsonl."""
 
-    which: tuple[Literal["kernels", "sparse-decode", "decode"], ...] = ("kernels", "sparse-decode")
+    which: tuple[Literal["kernels", "sparse-decode", "sparse-prefill", "decode"], ...] = (
+        "kernels",
+        "sparse-decode",
+        "sparse-prefill",
+    )
     """Scripts of benchmarks/ to run: kernels.py (decode GB/s, launch overhead, grouped-GEMM
-    prefill), sparse_decode.py (end-to-end sparse vs dense decode), decode.py (dense decode)."""
+    prefill), sparse_decode.py (end-to-end sparse vs dense decode), sparse_prefill.py (whole-model
+    prompt pass, sparse vs dense), decode.py (dense decode)."""
     out_dir: str = "results"
     extra: str = ""
     """Extra arguments for every script, one string: --extra="--shapes llama-3.2-1b"."""
@@ -190,7 +195,12 @@ class Bench:
         bench_dir = Path(prunepath_jax.__file__).resolve().parent.parent / "benchmarks"
         if not bench_dir.is_dir():
             raise FileNotFoundError(f"{bench_dir}: benchmarks/ ships with the repository checkout")
-        names = {"kernels": "kernels", "sparse-decode": "sparse_decode", "decode": "decode"}
+        names = {
+            "kernels": "kernels",
+            "sparse-decode": "sparse_decode",
+            "sparse-prefill": "sparse_prefill",
+            "decode": "decode",
+        }
         for w in self.which:
             script = bench_dir / f"{names[w]}.py"
             out = str(Path(self.out_dir) / f"{names[w]}.jsonl")
