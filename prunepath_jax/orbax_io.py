@@ -11,6 +11,7 @@ import contextlib
 import gc
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,14 @@ def read_noise_filter():
 
 
 def flush_failed_reads() -> None:
+    """Finalises the abandoned read coroutines of a failed restore now, inside the filter; their
+    "coroutine ... was never awaited" RuntimeWarnings are the same echo and are dropped too."""
     time.sleep(0.05)  # in-flight TensorStore reads finish (local files: well under this)
-    gc.collect()  # ... and their abandoned coroutines are finalised now, inside the filter
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="coroutine '_read_array_index", category=RuntimeWarning
+        )
+        gc.collect()
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
