@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -11,12 +12,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunepath_jax import routing
 from prunepath_jax.runinfo import run_header
 
 
 def header() -> dict:
     """Date, commit, machine and command of this run (every result row carries it)."""
     return run_header()
+
+
+@contextlib.contextmanager
+def router_logits_mode(mode: str):
+    """Every path's router logits, for an A/B within one run: ``"shared"`` is
+    `routing.router_logits` as shipped (the tensor-core split for bf16 prefill on CUDA),
+    ``"fp32"`` the fp32 GEMM at every size (what every path used before the split). Read when a
+    function is traced: trace (jit) inside the block."""
+    if mode not in ("shared", "fp32"):
+        raise ValueError(f"router logits mode must be 'shared' or 'fp32', got {mode!r}")
+    shipped = routing.BF16X3_MIN_TOKENS
+    routing.BF16X3_MIN_TOKENS = shipped if mode == "shared" else 1 << 62
+    try:
+        yield
+    finally:
+        routing.BF16X3_MIN_TOKENS = shipped
 
 
 def time_fn(fn, *args, warmup: int = 2, iters: int = 10) -> float:

@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     header,
     kernel_durations,
     markdown_table,
+    router_logits_mode,
     time_fn,
     write_rows,
 )
@@ -188,22 +189,17 @@ def main():
     if a.prefill_router_ab:
         variants += [("xla", {"router_logits": "fp32"}), ("triton", {**variants[1][1],
                      "router_logits": "fp32"})]  # fmt: skip
-    no_split = routing.BF16X3_MIN_TOKENS
     for impl, tn in variants:
-        # The XLA path's router: the shared function, or (A/B) the fp32 GEMM at every size.
-        fp32_xla = impl == "xla" and bool(tn)
-        routing.BF16X3_MIN_TOKENS = 1 << 62 if fp32_xla else no_split
         if tn and impl == "triton":
             triton_grouped.DEFAULT_TUNING.update({"router_logits": "shared", **tn})
-        try:
-            fn = chain_fn(impl, g, kp)
-            t = time_fn(fn, xp, one, warmup=2, iters=10)
-            kb = kernel_breakdown(fn, xp, one) if a.prefill_trace else {}
+        try:  # the XLA path's router: the shared function, or (A/B) the fp32 GEMM at every size
+            with router_logits_mode("fp32" if impl == "xla" and tn else "shared"):
+                fn = chain_fn(impl, g, kp)
+                t = time_fn(fn, xp, one, warmup=2, iters=10)
+                kb = kernel_breakdown(fn, xp, one) if a.prefill_trace else {}
         except Exception as err:
             print(f"prefill {impl} {tn}: {err!r}"[:300], flush=True)
             continue
-        finally:
-            routing.BF16X3_MIN_TOKENS = no_split
         rows.append({**head, "bench": "prefill_ffn", "impl": impl, "tokens": tp, "k": kp,
                      "k_frac": kp / e, "us": t * 1e6, "speedup_vs_dense": t_dense / t,
                      "useful_TFLOP_s": flops * kp / e / t / 1e12, "tuning": str(tn),

@@ -26,13 +26,11 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import header, markdown_table, write_rows  # noqa: E402
+from common import header, markdown_table, router_logits_mode, write_rows  # noqa: E402
 from sparse_decode import set_k  # noqa: E402
 
-from prunepath_jax import routing  # noqa: E402
 from prunepath_jax.config import PRESETS  # noqa: E402
 from prunepath_jax.generate import _prompt_pass  # noqa: E402
-from prunepath_jax.kernels import triton_grouped  # noqa: E402
 from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
 from prunepath_jax.models.layers import init_cache  # noqa: E402
 from prunepath_jax.models.llama import LlamaModel  # noqa: E402
@@ -91,7 +89,6 @@ def main(argv=None):
         write_rows(a.out, rows[-1:])
         print({k: v for k, v in rows[-1].items() if k not in header()}, flush=True)
 
-    shipped_min, shipped_logits = routing.BF16X3_MIN_TOKENS, triton_grouped.DEFAULT_TUNING.copy()
     for shape in a.shapes:
         cfg = PRESETS[shape]
         dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
@@ -105,18 +102,14 @@ def main(argv=None):
         args = route_args(sparse.cfg, 1.0)
         for logits in ["shared"] + (["fp32"] if a.router_ab else []):
             for impl in a.impls:
-                routing.BF16X3_MIN_TOKENS = shipped_min if logits == "shared" else 1 << 62
-                triton_grouped.DEFAULT_TUNING["router_logits"] = logits
                 set_compute(sparse, "kernel", impl)
-                try:
-                    r = time_prefill(sparse, a.batch, a.prompt_len, args, a.iters)
+                try:  # the grouped GEMM's default logits are the shared function too
+                    with router_logits_mode(logits):
+                        r = time_prefill(sparse, a.batch, a.prompt_len, args, a.iters)
                 except Exception as err:  # an unsupported backend is a row too
                     emit({"shape": shape, "impl": impl, "router_logits": logits,
                           "error": repr(err)[:300]})  # fmt: skip
                     continue
-                finally:
-                    routing.BF16X3_MIN_TOKENS = shipped_min
-                    triton_grouped.DEFAULT_TUNING.update(shipped_logits)
                 emit({"shape": shape, "impl": impl, "router_logits": logits, "k": k, "E": e,
                       "sparsity": 1 - k / e, "speedup_vs_dense": base["ms"] / r["ms"],
                       **r})  # fmt: skip

@@ -24,9 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, markdown_table, write_rows  # noqa: E402
+from common import header, markdown_table, router_logits_mode, write_rows  # noqa: E402
 
-from prunepath_jax import routing  # noqa: E402
 from prunepath_jax.config import PRESETS, PrunePathConfig  # noqa: E402
 from prunepath_jax.train import parallel  # noqa: E402
 from prunepath_jax.train import state as st  # noqa: E402
@@ -120,16 +119,14 @@ def main(argv=None):
         TrainConfig(mesh_data=a.mesh[0], mesh_fsdp=a.mesh[1], mesh_model=a.mesh[2])
     )
     rows = []
-    shipped = routing.BF16X3_MIN_TOKENS
     for name in a.preset:
         for mode in a.modes:
             for logits in a.router_logits:
-                routing.BF16X3_MIN_TOKENS = shipped if logits == "shared" else 1 << 62
-                row = bench(name, mode, a.batch, a.seq, a.steps, mesh, a.peak_tflops)
+                with router_logits_mode(logits):
+                    row = bench(name, mode, a.batch, a.seq, a.steps, mesh, a.peak_tflops)
                 row["router_logits"] = logits
                 print(row, flush=True)
                 rows.append(row)
-    routing.BF16X3_MIN_TOKENS = shipped
     write_rows(a.out, rows)
     cols = ["preset", "mode", "router_logits", "devices", "batch", "seq", "step_ms",
             "tokens_per_s", "mfu", "trainable_params", "opt_state_bytes",
