@@ -29,7 +29,7 @@ from prunepath_jax.models.layers import (
     activation,
     attention,
     cache_write,
-    causal_mask,
+    call_mask,
 )
 from prunepath_jax.nn import PrunePathFFN
 
@@ -164,24 +164,21 @@ class Attention(nnx.Module):
         self.c_proj = Dense(d, d, bias=True, dtype=dtype, rngs=rngs)
         self.cfg = cfg
 
-    def __call__(self, x_btd, positions_bt, cache: LayerCache | None, plain_causal=False):
-        """``plain_causal``: the positions are ``arange(t)`` and the cache (if any) is empty, so
-        attention is causal within this call's tokens: the fused kernel (cuDNN flash attention
-        on GPU) instead of masked scores; the new keys/values are still written."""
+    def __call__(self, x_btd, positions_bt, allowed_bts, cache: LayerCache | None):
+        """``allowed_bts``: the mask over this call's keys (the new tokens without a cache, the
+        whole cache with one), or None for plain causal attention within this call's tokens (no
+        cache, or a fresh one being filled from position 0): the fused kernel (cuDNN flash
+        attention on GPU); the new keys/values are still written. Shared by every layer."""
         cfg = self.cfg
         b, t, _ = x_btd.shape
         qkv = self.c_attn(x_btd).reshape(b, t, 3, cfg.n_heads, cfg.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if cache is not None:
             cache = cache_write(cache, k, v, positions_bt)
-        if plain_causal:
-            out = attention(q, k, v, None)
-        elif cache is None:
-            out = attention(q, k, v, causal_mask(positions_bt, positions_bt, None))
+        if cache is None or allowed_bts is None:
+            out = attention(q, k, v, allowed_bts)
         else:
-            s = cache.k.shape[1]
-            key_pos = jnp.broadcast_to(jnp.arange(s, dtype=positions_bt.dtype), (b, s))
-            out = attention(q, cache.k, cache.v, causal_mask(positions_bt, key_pos, None))
+            out = attention(q, cache.k, cache.v, allowed_bts)
         return self.c_proj(out.reshape(b, t, -1)), cache
 
 
@@ -195,8 +192,8 @@ class Block(nnx.Module):
         ffn = GeluMLP if cfg.prunepath is None else PrunePathFFN
         self.mlp = ffn(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, cache, ffn_arg, plain_causal=False):
-        h, cache = self.attn(self.ln_1(x), positions, cache, plain_causal)
+    def __call__(self, x, positions, allowed, cache, ffn_arg):
+        h, cache = self.attn(self.ln_1(x), positions, allowed, cache)
         x = x + h
         h, stats = self.mlp(self.ln_2(x), ffn_arg)
         return x + h, cache, stats
@@ -250,12 +247,13 @@ class GPT2Model(nnx.Module):
         )
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        allowed = call_mask(positions_bt, cache, None, plain_causal)
         x = self.wte(tokens_bt) + self.wpe(positions_bt + cfg.position_offset)
         new_cache, stats = [], []
         for i, layer in enumerate(self.h):
             layer_cache = None if cache is None else cache[i]
             x, layer_cache, s = layer(
-                x, positions_bt, layer_cache, ffn_arg_for_layer(ffn_args, i), plain_causal
+                x, positions_bt, allowed, layer_cache, ffn_arg_for_layer(ffn_args, i)
             )
             new_cache.append(layer_cache)
             stats.append(s)

@@ -139,6 +139,19 @@ def causal_mask(positions_bt: jax.Array, key_positions_bs: jax.Array, window: in
     return allowed
 
 
+def call_mask(positions_bt: jax.Array, cache, window: int | None, plain_causal: bool):
+    """The attention mask of one model call, shared by every layer: None for plain causal
+    attention within the call's tokens (the fused kernel), else `causal_mask` over the call's
+    own keys (no cache) or over the whole cache (`cache`: the per-layer caches)."""
+    if plain_causal:
+        return None
+    if cache is None:
+        return causal_mask(positions_bt, positions_bt, window)
+    b, s = positions_bt.shape[0], cache[0].k.shape[1]
+    key_pos = jnp.broadcast_to(jnp.arange(s, dtype=positions_bt.dtype), (b, s))
+    return causal_mask(positions_bt, key_pos, window)
+
+
 # Measured on the H200 (jax 0.11.2): XLA strength-reduces a one-row product with a large weight
 # into an elementwise multiply that writes a weight-sized temporary, then a reduction that reads it
 # back (three passes over the weight instead of one). Feeding two copies of the row keeps it a

@@ -26,7 +26,7 @@ from prunepath_jax.models.layers import (
     apply_rope,
     attention,
     cache_write,
-    causal_mask,
+    call_mask,
     rope_inv_freq,
     rope_tables,
 )
@@ -295,12 +295,7 @@ class LlamaModel(nnx.Module):
         rope = rope_tables(
             positions_bt, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         )
-        if cache is None:
-            key_pos = positions_bt
-        else:
-            s = cache[0].k.shape[1]
-            key_pos = jnp.broadcast_to(jnp.arange(s, dtype=positions_bt.dtype), (b, s))
-        allowed = None if plain_causal else causal_mask(positions_bt, key_pos, cfg.sliding_window)
+        allowed = call_mask(positions_bt, cache, cfg.sliding_window, plain_causal)
         x = self.embed_tokens(tokens_bt)
         new_cache, stats = [], []
         for i, layer in enumerate(self.layers):
