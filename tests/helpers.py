@@ -36,3 +36,30 @@ def cuda_triton_calls(fn, *args) -> int:
         fn, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(call)]
     )(*args)
     return exp.mlir_module().count(f"custom_call @{call}")
+
+
+def fresh_cache_prompt_passes(model, tokens_bt, cache_len: int):
+    """The prompt pass of ``tokens_bt`` from position 0 into an empty fp32 cache, with
+    ``fresh_cache=True`` (causal attention within the prompt) and without (masked attention over
+    the cache); asserts they agree -- logits and written keys/values within the fp32 model
+    tolerance, layer 0's keys/values (from the embeddings alone) exactly -- and returns both
+    outputs."""
+    import jax.numpy as jnp
+
+    from prunepath_jax.models.layers import init_cache
+
+    b, t = tokens_bt.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    fresh, masked = (
+        model(tokens_bt, positions, cache=init_cache(model.cfg, b, cache_len, jnp.float32),
+              fresh_cache=f)
+        for f in (True, False)
+    )  # fmt: skip
+    assert_close(fresh.logits, masked.logits, "model_fp32", "fresh-cache logits")
+    for i, (cf, cm) in enumerate(zip(fresh.cache, masked.cache, strict=True)):
+        if i == 0:  # from the embeddings alone: the same arrays; later layers see attention
+            np.testing.assert_array_equal(cf.k, cm.k)
+            np.testing.assert_array_equal(cf.v, cm.v)
+        assert_close(cf.k, cm.k, "model_fp32", f"layer {i} keys")
+        assert_close(cf.v, cm.v, "model_fp32", f"layer {i} values")
+    return fresh, masked

@@ -13,7 +13,7 @@ from hf_fixtures import tiny_llama  # noqa: E402
 from prunepath_jax import generate as gen_mod  # noqa: E402
 from prunepath_jax.generate import SamplingConfig, generate, sample_tokens  # noqa: E402
 from prunepath_jax.loading import load_pretrained  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+from tests.helpers import assert_close, fresh_cache_prompt_passes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -138,27 +138,13 @@ def test_prompt_pass_into_a_fresh_cache_equals_the_cached_path(tiny, window):
     every position and write the same keys/values (layer 0 exactly, later layers up to the
     rounding of attention sums), right-padded rows included. Sliding-window models ignore the
     promise (same arrays exactly)."""
-    from prunepath_jax.models.layers import init_cache
-
     model, _ = tiny
     model = nnx_replace_window(model, window)
     rng = np.random.default_rng(13)
-    b, t, s = 3, 32, 48
-    tokens = jnp.asarray(rng.integers(3, 97, (b, t)), jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    runs = [
-        model(tokens, positions, cache=init_cache(model.cfg, b, s, jnp.float32), fresh_cache=f)
-        for f in (True, False)
-    ]
-    assert_close(runs[0].logits, runs[1].logits, "model_fp32", "fresh-cache logits")
-    for i, (fresh, masked) in enumerate(zip(runs[0].cache, runs[1].cache, strict=True)):
-        if i == 0:  # from the embeddings alone: the same arrays; later layers see attention
-            np.testing.assert_array_equal(fresh.k, masked.k)
-            np.testing.assert_array_equal(fresh.v, masked.v)
-        assert_close(fresh.k, masked.k, "model_fp32", f"layer {i} keys")
-        assert_close(fresh.v, masked.v, "model_fp32", f"layer {i} values")
+    tokens = jnp.asarray(rng.integers(3, 97, (3, 32)), jnp.int32)
+    fresh, masked = fresh_cache_prompt_passes(model, tokens, cache_len=48)
     if window is not None:
-        np.testing.assert_array_equal(runs[0].logits, runs[1].logits)
+        np.testing.assert_array_equal(fresh.logits, masked.logits)
 
 
 def nnx_replace_window(model, window):

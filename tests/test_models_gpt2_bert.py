@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_close
+from helpers import assert_close, fresh_cache_prompt_passes
 from hf_fixtures import (
     edit_config,
     tiny_bert,
@@ -94,21 +94,7 @@ def test_gpt2_fresh_cache_prompt_pass_equals_the_cached_path(gpt2):
     same logits as attending over the masked cache, the same keys/values written (up to the
     rounding of attention sums over t instead of s keys in later layers)."""
     _, _, p = gpt2
-    model, cfg = p.model, p.config
-    b, t = 2, 16
-    ids = jnp.asarray(_ids(b, t, seed=8))
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    runs = [
-        model(ids, pos, cache=layers.init_cache(cfg, b, 32, jnp.float32), fresh_cache=f)
-        for f in (True, False)
-    ]
-    assert_close(runs[0].logits, runs[1].logits, "model_fp32", "gpt2 fresh-cache logits")
-    for i, (fresh, masked) in enumerate(zip(runs[0].cache, runs[1].cache, strict=True)):
-        if i == 0:  # from the embeddings alone: the same arrays; later layers see attention
-            np.testing.assert_array_equal(fresh.k, masked.k)
-            np.testing.assert_array_equal(fresh.v, masked.v)
-        assert_close(fresh.k, masked.k, "model_fp32", f"layer {i} keys")
-        assert_close(fresh.v, masked.v, "model_fp32", f"layer {i} values")
+    fresh_cache_prompt_passes(p.model, jnp.asarray(_ids(2, 16, seed=8)), cache_len=32)
 
 
 def test_gpt2_kv_cache_decoding_matches_full_recompute(gpt2):
