@@ -47,7 +47,31 @@ VARIANTS = {
     "bd256": {"block_d": 256},
     "bd1024": {"block_d": 1024},
     "gate16": {"_gate_rows": 16},  # one token, but the gate table padded to the 16 dot rows
+    # One token, balanced persistent programs (pallas_balanced.py): defaults 4-neuron units,
+    # whole-d chunks (≤ 4096), one program per SM, 8 warps, 2 stages.
+    "balanced": {"experts": "balanced"},
+    "bal_bn2": {"experts": "balanced", "block_n": 2},
+    "bal_bn8": {"experts": "balanced", "block_n": 8},
+    "bal_bn16": {"experts": "balanced", "block_n": 16},
+    "bal_p2x": {"experts": "balanced", "_programs_x": 2},
+    "bal_p4x": {"experts": "balanced", "_programs_x": 4},
+    "bal_s1": {"experts": "balanced", "num_stages": 1},
+    "bal_s3": {"experts": "balanced", "num_stages": 3},
+    "bal_w4": {"experts": "balanced", "num_warps": 4},
+    "bal_bd1024": {"experts": "balanced", "block_d": 1024},
+    "bal_bd1024_s3": {"experts": "balanced", "block_d": 1024, "num_stages": 3},
 }
+
+
+def variant_tuning(name: str) -> dict:
+    """A variant's tuning: its public keys, ``_programs_x`` as a multiple of the SM count."""
+    v = VARIANTS[name]
+    tuning = {k: val for k, val in v.items() if not k.startswith("_")}
+    if "_programs_x" in v:
+        from prunepath_jax.kernels.pallas_balanced import default_programs
+
+        tuning["programs"] = v["_programs_x"] * default_programs()
+    return tuning
 
 
 def gate_table(lay, t, k, rows, seed=3):
@@ -79,11 +103,14 @@ def main():
     bw = max(copy_bandwidth().values()) if a.time else None
     if bw:
         print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+        from prunepath_jax.kernels.pallas_balanced import default_programs
+
+        print(f"balanced kernel: {default_programs()} programs (SMs)", flush=True)
     for kf in a.kfrac:
         k = max(1, round(kf * lay.e))
         fns, datas = {}, {}
         for name in a.variants:
-            tuning = {k_: v for k_, v in VARIANTS[name].items() if not k_.startswith("_")}
+            tuning = variant_tuning(name)
             plan = pd._plan(t, d, g, lay.dtype, tuning)
             tp = plan["tp"]
             gt = gate_table(lay, t, k, VARIANTS[name].get("_gate_rows", 1 if t == 1 else tp))
@@ -119,6 +146,11 @@ def main():
 
                 return jax.jit(chain)
 
+            try:  # compile now: a tiling past the GPU's resources skips, not ends, the sweep
+                jax.block_until_ready(make(1)((lay.sets, gt, x_p)))
+            except Exception as err:  # noqa: BLE001 - reported, the sweep goes on
+                print(f"skip {name} k={k}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+                continue
             fns[name] = make(a.n)
             datas[name] = (lay.sets, gt, x_p)
         if not a.time:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from prunepath_jax import routing
+from prunepath_jax.kernels import pallas_balanced
 from prunepath_jax.kernels.pallas_experts import accumulator_shape, expert_ffn
 from prunepath_jax.kernels.pallas_logits import pow2_divisor as _pow2_divisor
 from prunepath_jax.kernels.pallas_logits import (
@@ -153,6 +154,12 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
     970 µs/token with 8-neuron broadcast blocks vs 1109 with the 32-neuron dot blocks).
     """
     tuning = {**TUNING_OVERRIDES.get(t, {}), **tuning}
+    common = _plan_common(dtype, tuning)
+    experts = tuning.get("experts", "blocks")
+    if experts not in ("blocks", "balanced"):
+        raise ValueError(f"experts must be 'blocks' or 'balanced', got {experts!r}")
+    if experts == "balanced":
+        return {**common, **_plan_balanced(t, d, g, tuning)}
     use_dot = tuning.get("use_dot")
     bn_default = 16 if g % 16 == 0 else _pow2_divisor(g, 16)
     small = t == 1 and d <= SMALL_D
@@ -187,6 +194,27 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
         raise ValueError(
             f"up_splits={up_splits} needs down='preact' and to divide the {n_in} tiles of d"
         )
+    return {
+        **common,
+        "experts": "blocks",
+        "use_dot": bool(use_dot),
+        "tp": tp,
+        "bn": bn,
+        "bd": bd,
+        "n_in": n_in,
+        "bdo": bdo,
+        "n_out": n_out,
+        "num_warps": tuning.get("num_warps", 8 if one else 4),
+        "num_stages": tuning.get("num_stages", 3),
+        "down": down,
+        "up_splits": up_splits,
+        "down_chunks": tuning.get("down_chunks", 8),
+        "block_d_down": _pow2_divisor(d, tuning.get("block_d_down", 128)),
+    }
+
+
+def _plan_common(dtype, tuning: dict) -> dict:
+    """The plan's keys shared by both expert forms: routing, glue, norm, atomics."""
     glue = tuning.get("glue", "fused")
     if glue not in ("fused", "xla"):
         raise ValueError(f"glue must be 'fused' or 'xla', got {glue!r}")
@@ -197,20 +225,9 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
     if atomics not in ("relaxed", "acq_rel"):
         raise ValueError(f"atomics must be 'relaxed' or 'acq_rel', got {atomics!r}")
     return {
-        "use_dot": bool(use_dot),
-        "tp": tp,
-        "bn": bn,
-        "bd": bd,
-        "n_in": n_in,
-        "bdo": bdo,
-        "n_out": n_out,
-        "num_warps": tuning.get("num_warps", 8 if one else 4),
-        "num_stages": tuning.get("num_stages", 3),
         "fp32": jnp.dtype(dtype) == jnp.float32,
         "routing": tuning.get("routing", "pallas"),
         "logits": tuning.get("logits", "pallas"),
-        "down": down,
-        "up_splits": up_splits,
         "atomics": atomics,
         "glue": glue,
         "norm": norm,
@@ -218,8 +235,37 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
         # 8B 2794 vs 2856 µs/token with 32 x 64, 1B 961 vs 965; 8 x 16: 2840 / 955).
         "logit_splits": tuning.get("logit_splits", 16),
         "logit_block_e": tuning.get("logit_block_e", 32),
-        "down_chunks": tuning.get("down_chunks", 8),
-        "block_d_down": _pow2_divisor(d, tuning.get("block_d_down", 128)),
+    }
+
+
+def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
+    """Blocks of the one-token balanced kernel (``pallas_balanced.py``): ``block_n`` neurons a
+    unit, d in ``block_d``-column chunks, ``programs`` persistent programs (default: one per
+    SM)."""
+    if t != 1:
+        raise ValueError(f"experts='balanced' is the one-token kernel, got {t} tokens")
+    bad = {"use_dot", "block_d_out", "down", "up_splits", "down_chunks", "block_d_down"} & set(
+        tuning
+    )
+    if bad:
+        raise ValueError(f"options {sorted(bad)} do not apply to experts='balanced'")
+    bn = tuning.get("block_n", 4)
+    if g % bn or bn & (bn - 1):
+        raise ValueError(f"block_n={bn} must be a power of 2 dividing group_size={g}")
+    bc, _ = pallas_balanced.chunking(d, tuning.get("block_d", 4096))
+    programs = tuning.get("programs") or pallas_balanced.default_programs()
+    if programs < 1:
+        raise ValueError(f"programs must be >= 1, got {programs}")
+    return {
+        "experts": "balanced",
+        "use_dot": False,
+        "tp": 1,
+        "bn": bn,
+        "bc": bc,
+        "programs": int(programs),
+        "down": "balanced",
+        "num_warps": tuning.get("num_warps", 8),
+        "num_stages": tuning.get("num_stages", 2),
     }
 
 
@@ -369,7 +415,7 @@ def sparse_ffn_decode(
     unknown = set(tuning) - {
         "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing",
         "logits", "down", "down_chunks", "block_d_down", "up_splits", "atomics", "glue",
-        "logit_splits", "logit_block_e", "tail", "norm",
+        "logit_splits", "logit_block_e", "tail", "norm", "experts", "programs",
     }  # fmt: skip
     if unknown:
         raise TypeError(f"unknown tuning options {sorted(unknown)}")

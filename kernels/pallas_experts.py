@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from prunepath_jax.kernels import pallas_atomic
+from prunepath_jax.kernels import pallas_atomic, pallas_balanced
 
 try:  # The Triton backend module imports on CPU jaxlib too; guard anyway (it is deprecated).
     from jax.experimental.pallas import triton as plgpu
@@ -226,6 +226,8 @@ def accumulator_shape(t: int, d: int, group_size: int, n_slots: int, plan: dict)
     the atomic down-projection (d' = d rounded up to whole output tiles), the activations
     ``[tp, n_slots·G(·2)]`` for the split forms."""
     tp = plan["tp"]
+    if plan["experts"] == "balanced":  # one row of whole d chunks (pallas_balanced.py)
+        return (1, plan["bc"] * -(-d // plan["bc"]))
     if plan["down"] == "atomic":  # whole output tiles: a masked last tile adds to padding
         return (1 if t == 1 else tp, plan["bdo"] * plan["n_out"])
     return (tp, n_slots * group_size * (2 if plan["down"] == "preact" else 1))
@@ -243,6 +245,11 @@ def expert_ffn(
     ``y0``: the zeroed accumulator (``accumulator_shape``) if the caller has one (the selection
     kernel zeroes it on the way), else a fresh ``jnp.zeros`` (an XLA memset).
     """
+    if plan["experts"] == "balanced":
+        return pallas_balanced.balanced_expert_ffn(
+            gate_pe, x_pd, w_in_cfd, w_out_fd, group_size=group_size, plan=plan,
+            interpret=interpret, y0=y0,
+        )  # fmt: skip
     tp = plan["tp"]
     tg, ep = gate_pe.shape
     if tg not in (1, tp) or x_pd.shape[0] not in (1, tp):

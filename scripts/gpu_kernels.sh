@@ -368,4 +368,16 @@ s12a)  # prepared for the next session: why the one-token expert kernel is at 75
   run timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_api.py -k "generation and not cli_bench"
   ;;
+s12b)  # the one-token balanced expert kernel (pallas_balanced.py): its GPU tests, then device
+       # time vs the block kernel at 10/25/50% of the 8B experts and 25% of the 1B ones
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py -k "balanced or llama8b"
+  run timeout 260 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 0.5 --rounds 3 \
+    --variants default balanced bal_bn2 bal_bn8 bal_bn16 bal_p2x bal_p4x bal_s1 bal_s3 bal_w4 \
+    bal_bd1024 bal_bd1024_s3 --out "$OUT/expert_profile.jsonl"
+  run timeout 100 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 --rounds 3 \
+    --shape 2048,8192,32 --variants default balanced bal_bn2 bal_bn8 bal_p2x bal_s1 \
+    --out "$OUT/expert_profile.jsonl"
+  find "$OUT" -name "*.xplane.pb" -delete
+  ;;
 esac

@@ -79,6 +79,21 @@ CASES = [
      {"with_norm": True, "norm": "xla"}),
     ("b2_tail_preact_up3_fp32", 2, 320, 8, 16, jnp.float32, 0.7, 0.3,
      {"down": "preact", "up_splits": 3, "block_d": 128}),
+    # The one-token balanced kernel (pallas_balanced.py): programs sharing the union's rows,
+    # more programs than units (k = 1), a masked last chunk of d, the selection kernel's
+    # zeroed accumulator at E = 40 and the XLA memset, the fused norm, fp32 and bf16.
+    ("b1_balanced_bf16", 1, 128, 8, 32, jnp.bfloat16, 0.6, 0.1,
+     {"experts": "balanced", "programs": 5}),
+    ("b1_balanced_k1_fp32", 1, 64, 8, 16, jnp.float32, 0.01, 1.0,
+     {"experts": "balanced", "programs": 7, "block_n": 2}),
+    ("b1_balanced_kE_bn8_fp32", 1, 64, 8, 16, jnp.float32, 1.05, 1.0,
+     {"experts": "balanced", "programs": 3, "block_n": 8}),
+    ("b1_balanced_tail_d192_bf16", 1, 192, 8, 16, jnp.bfloat16, 0.6, 0.1,
+     {"experts": "balanced", "programs": 4, "block_d": 128}),
+    ("b1_balanced_e40_norm_fp32", 1, 128, 40, 16, jnp.float32, 0.6, 0.1,
+     {"experts": "balanced", "programs": 6, "with_norm": True}),
+    ("b1_balanced_xla_glue_bf16", 1, 96, 8, 16, jnp.bfloat16, 0.6, 0.1,
+     {"experts": "balanced", "programs": 2, "glue": "xla"}),
 ]  # fmt: skip
 _ROUTE_KEYS = ("rule", "gate", "k_min", "k_max")
 _TEST_KEYS = _ROUTE_KEYS + ("with_norm",)
@@ -246,6 +261,14 @@ def test_rejects_unsupported_inputs():
         pd.sparse_ffn_decode(x, r, w_in, w_out, 0.5, block_m=4, **kw)
     with pytest.raises(ValueError, match="tail must be"):
         pd.sparse_ffn_decode(x, r, w_in, w_out, 0.5, tail="pad", **kw)
+    with pytest.raises(ValueError, match="experts must be"):
+        pd.sparse_ffn_decode(x, r, w_in, w_out, 0.5, experts="rows", **kw)
+    with pytest.raises(ValueError, match="one-token kernel"):
+        pd.sparse_ffn_decode(x, r, w_in, w_out, 0.5, experts="balanced", **kw)
+    with pytest.raises(ValueError, match="do not apply"):
+        pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", use_dot=True, **kw)
+    with pytest.raises(ValueError, match="programs must be"):
+        pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", programs=-1, **kw)
     if jax.default_backend() == "cpu":
         with pytest.raises(NotImplementedError, match="CUDA GPU"):
             pd.sparse_ffn_decode(x, r, w_in, w_out, 0.5, group_size=16)
@@ -267,6 +290,8 @@ EXPORT_CASES = [c[:6] + (c[8],) for c in CASES] + [
         {"use_dot": False, "block_n": 8, "num_warps": 8},
     ),
     ("8b_b1_split", 1, 4096, 448, 32, jnp.bfloat16, {"down": "split"}),
+    ("8b_b1_balanced", 1, 4096, 448, 32, jnp.bfloat16, {"experts": "balanced"}),
+    ("70b_b1_balanced", 1, 8192, 896, 32, jnp.bfloat16, {"experts": "balanced"}),
     ("smollm2_b1", 1, 576, 48, 32, jnp.bfloat16, {}),
     ("smollm2_b8", 8, 576, 48, 32, jnp.bfloat16, {}),
     ("8b_b16_split", 16, 4096, 448, 32, jnp.bfloat16, {"down": "split", "down_chunks": 8}),
@@ -307,7 +332,7 @@ def test_triton_lowering_exports_for_cuda(case):
                               tuning=tuning, norm_eps=NORM_EPS, **route_kw)  # fmt: skip
 
     n_triton = cuda_triton_calls(jax.jit(fn), *_layer_specs(t, d, e, g, dtype, (), norm))
-    split = pd._plan(t, d, g, dtype, dict(tuning))["down"] != "atomic"  # a second expert kernel
+    split = pd._plan(t, d, g, dtype, dict(tuning))["down"] in ("split", "preact")  # 2nd kernel
     route = opts.get("routing") != "xla"  # the sort-free selection kernel
     logits = route and opts.get("logits", "pallas") == "pallas"  # the split-K router GEMV
     expect = 1 + route + logits + split
@@ -326,6 +351,15 @@ def test_gpu_llama8b_layer_shape():
     for t in (1, 4, 16):
         case = (f"8b_b{t}", t, 4096, 448, 32, jnp.bfloat16, 0.5, 0.02, {})
         _check(case, interpret=False, seed=t)
+
+
+@pytest.mark.gpu
+def test_gpu_balanced_kernel_real_layer_shapes():
+    """The one-token balanced kernel at the 8B, 1B and SmolLM2 layers, 10% to all experts."""
+    for d, e, tau in ((4096, 448, 0.5), (2048, 256, 0.2), (576, 48, 1.05), (4096, 448, 0.05)):
+        opts = {"experts": "balanced"}
+        case = (f"balanced_d{d}_tau{tau}", 1, d, e, 32, jnp.bfloat16, tau, 0.02, opts)
+        _check(case, interpret=False, seed=d)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,173 @@
+"""One-token expert kernel with work-balanced persistent programs (``experts="balanced"``).
+
+Why. The block kernel of ``pallas_experts.py`` gives each (expert, neuron block) one program,
+which streams its ``3·G·d`` weight bytes in a serial chain of tile loads. At one token one
+program fills one SM, and an SM streams ~32-34 GB/s that way (H200, BENCHMARKS.md): 45 experts
+at 10% of the Llama-3-8B layer run on 45 of 132 SMs (22.8 µs for 35 MB, 1.5 TB/s), 112 at 25%
+on 112 (27.8 µs, 75% of copy). The bytes are there to share, not the programs.
+
+How. ``P`` programs (default: one per SM) split the union's neuron rows evenly: the union of
+``n_used`` experts is ``n_used·G/bn`` units of ``bn`` neurons (a unit never straddles two
+experts), and program ``p`` takes units ``[p·U/P, (p+1)·U/P)`` — loads that differ by at most one
+unit, whatever k is. A unit reads its ``bn`` W_gate/W_up rows whole (``[bn, bc]`` chunks of d),
+reduces them against x in fp32 (broadcast multiply + row sums: no 16-row tensor-core padding for
+one token), applies ``silu(gate)·up·σ(g)``, and adds its ``bn`` W_out rows times those
+activations into a register accumulator ``[d]``. A program adds its accumulator to the output
+once, with relaxed fp32 atomics: at most ``P·d`` atomics per layer, whatever k is (the block
+kernel pays ``k·d``).
+
+Neurons are independent until the down-projection sums them, so any split of the rows gives the
+same sum up to order; the result equals the reference within the dtype's tolerance.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from prunepath_jax.kernels import pallas_atomic
+
+try:  # The Triton backend module imports on CPU jaxlib too; guard anyway (it is deprecated).
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - only on a jax without Pallas-Triton
+    plgpu = None
+
+# Programs when the device does not say how many SMs it has (an H200 has 132).
+DEFAULT_PROGRAMS = 132
+
+
+def default_programs() -> int:
+    """One program per SM of the default device (its ``core_count``), else 132."""
+    try:
+        n = getattr(jax.devices()[0], "core_count", None)
+    except RuntimeError:  # pragma: no cover - no backend at all
+        n = None
+    return int(n) if isinstance(n, int) and n > 0 else DEFAULT_PROGRAMS
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def chunking(d: int, block_d: int) -> tuple[int, int]:
+    """``(bc, n_c)``: d read in ``n_c`` power-of-two chunks of ``bc`` columns (last one masked)."""
+    bc = min(_next_pow2(d), _next_pow2(block_d))
+    return bc, -(-d // bc)
+
+
+def accumulator_cols(d: int, block_d: int) -> int:
+    """Columns of the one-row fp32 accumulator: whole chunks, so no atomic needs a mask."""
+    bc, n_c = chunking(d, block_d)
+    return bc * n_c
+
+
+def _load(ref, shape, c0, d, tail):
+    if not tail:
+        return plgpu.load(ref)
+    ok = (c0 + jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)) < d
+    return plgpu.load(ref, mask=ok, other=0)
+
+
+def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, bn, bc, n_c,
+            n_prog, atomics):  # fmt: skip
+    del y_in_ref  # aliased to y_ref (the zeroed fp32 accumulator)
+    tail = bc * n_c != d
+    p = pl.program_id(0)
+    gate_e = gate_ref[...]  # [1, ep] fp32, zero for unselected experts
+    used_e = (gate_e != 0.0).astype(jnp.int32)
+    cnt_e = jnp.cumsum(used_e, axis=1)  # inclusive prefix count of the selected experts
+    per = g // bn
+    n_units = jnp.sum(used_e) * per
+    u0 = p * n_units // n_prog
+    u1 = (p + 1) * n_units // n_prog
+
+    # Chunk starts as traced values: a masked last chunk reaches past d, which Pallas' bound
+    # check of static slices rejects (the load's mask keeps it in bounds).
+    c0s = [p * 0 + c * bc for c in range(n_c)]
+
+    @pl.when(u1 > u0)
+    def _():
+        xs = [
+            _load(x_ref.at[:, pl.ds(c0s[c], bc)], (1, bc), c * bc, d, tail).astype(jnp.float32)
+            for c in range(n_c)
+        ]  # [1, bc] each
+
+        def unit(u, accs):
+            slot, nb = u // per, u % per
+            e = jnp.sum((cnt_e <= slot).astype(jnp.int32))  # expert of union slot `slot`
+            iota_e = jax.lax.broadcasted_iota(jnp.int32, gate_e.shape, 1)
+            g_e = jnp.sum(jnp.where(iota_e == e, gate_e, 0.0))
+            row0 = e * g + nb * bn
+            rows = pl.ds(pl.multiple_of(row0, bn), bn)
+            rows_up = pl.ds(pl.multiple_of(f + row0, bn), bn)  # w_in viewed as [2f, d]
+            h_g = jnp.zeros((bn,), jnp.float32)
+            h_u = jnp.zeros((bn,), jnp.float32)
+            for c in range(n_c):
+                cols = pl.ds(c0s[c], bc)
+                wg = _load(w_in_ref.at[rows, cols], (bn, bc), c * bc, d, tail)
+                wu = _load(w_in_ref.at[rows_up, cols], (bn, bc), c * bc, d, tail)
+                h_g += jnp.sum(wg.astype(jnp.float32) * xs[c], axis=1)
+                h_u += jnp.sum(wu.astype(jnp.float32) * xs[c], axis=1)
+            a_n = h_g / (1.0 + jnp.exp(-h_g)) * h_u * g_e  # silu(gate)·up·σ(g), fp32 [bn]
+            out = []
+            for c in range(n_c):
+                wo = _load(w_out_ref.at[rows, pl.ds(c0s[c], bc)], (bn, bc), c * bc, d, tail)
+                out.append(accs[c] + jnp.sum(a_n[:, None] * wo.astype(jnp.float32), axis=0))
+            return tuple(out)
+
+        zero = tuple(jnp.zeros((bc,), jnp.float32) for _ in range(n_c))
+        accs = jax.lax.fori_loop(u0, u1, unit, zero)
+        for c in range(n_c):  # columns past d add zeros to the accumulator's padding
+            idx = (pl.ds(0, 1), pl.ds(c * bc, bc))
+            if atomics == "relaxed":
+                pallas_atomic.atomic_add(y_ref, idx, accs[c][None, :])
+            else:
+                plgpu.atomic_add(y_ref, idx, accs[c][None, :])
+
+
+def balanced_expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, group_size, plan, interpret, y0):
+    """fp32 ``[1, d]`` FFN output of one token from its gate table ``[1, ep]`` and x ``[1, d]``.
+
+    ``plan`` keys used: ``bn`` (neurons per unit, a power of two dividing G), ``bc`` (columns
+    per chunk of d), ``programs``, ``num_warps``, ``num_stages``, ``atomics``. ``y0``: the zeroed
+    ``[1, bc·n_c]`` accumulator (the selection kernel's), or None for a fresh memset.
+    """
+    if gate_pe.shape[0] != 1 or x_pd.shape[0] != 1:
+        raise ValueError(f"the balanced kernel takes one token: {gate_pe.shape}, {x_pd.shape}")
+    f, d = w_out_fd.shape
+    g, bn, bc = group_size, plan["bn"], plan["bc"]
+    if g % bn or bn & (bn - 1):
+        raise ValueError(f"block_n={bn} must be a power of 2 dividing group_size={g}")
+    n_c = -(-d // bc)
+    acc_shape = (1, bc * n_c)
+    if y0 is None:
+        y0 = jnp.zeros(acc_shape, jnp.float32)
+    elif y0.shape != acc_shape:
+        raise ValueError(f"accumulator {y0.shape} != {acc_shape}")
+    n_prog = plan["programs"]
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    out = pl.pallas_call(
+        functools.partial(
+            _kernel, d=d, f=f, g=g, bn=bn, bc=bc, n_c=n_c, n_prog=n_prog, atomics=plan["atomics"]
+        ),  # fmt: skip
+        out_shape=jax.ShapeDtypeStruct(acc_shape, jnp.float32),
+        grid=(n_prog,),
+        in_specs=[
+            pl.BlockSpec(gate_pe.shape, lambda *_: (0, 0)),  # small: every program reads it
+            any_spec,  # x [1, d]
+            any_spec,  # w_in [2f, d]: gate rows then up rows (a free reshape)
+            any_spec,  # w_out [f, d]
+            any_spec,  # y0 [1, bc·n_c] fp32 zeros (aliased to the output)
+        ],
+        out_specs=any_spec,
+        input_output_aliases={4: 0},
+        compiler_params=plgpu.CompilerParams(
+            num_warps=plan["num_warps"], num_stages=plan["num_stages"]
+        ),
+        interpret=interpret,
+        name="prunepath_sparse_ffn_balanced",
+    )(gate_pe, x_pd, w_in_cfd.reshape(2 * f, d), w_out_fd, y0)
+    return out[:, :d]
