@@ -60,6 +60,13 @@ VARIANTS = {
     "bal_w4": {"experts": "balanced", "num_warps": 4},
     "bal_bd1024": {"experts": "balanced", "block_d": 1024},
     "bal_bd1024_s3": {"experts": "balanced", "block_d": 1024, "num_stages": 3},
+    "bal_bn8_p2x": {"experts": "balanced", "block_n": 8, "_programs_x": 2},
+    "bal_bn16_p2x": {"experts": "balanced", "block_n": 16, "_programs_x": 2},
+    "bal_bn16_p4x": {"experts": "balanced", "block_n": 16, "_programs_x": 4},
+    "bal_bn16_bd2048": {"experts": "balanced", "block_n": 16, "block_d": 2048},
+    "bal_bn16_w16": {"experts": "balanced", "block_n": 16, "num_warps": 16},
+    "bal_bn32": {"experts": "balanced", "block_n": 32},
+    "bal_bn32_p2x": {"experts": "balanced", "block_n": 32, "_programs_x": 2},
 }
 
 

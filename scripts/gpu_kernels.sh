@@ -380,4 +380,13 @@ s12b)  # the one-token balanced expert kernel (pallas_balanced.py): its GPU test
     --out "$OUT/expert_profile.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
   ;;
+s12c)  # the balanced kernel with bigger units and more programs (s12b: bigger units won at low k)
+  run timeout 200 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 0.5 --rounds 3 \
+    --variants default bal_bn16 bal_bn8_p2x bal_bn16_p2x bal_bn16_p4x bal_bn16_bd2048 \
+    bal_bn16_w16 bal_bn32 bal_bn32_p2x --out "$OUT/expert_profile.jsonl"
+  run timeout 100 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 --rounds 3 \
+    --shape 2048,8192,32 --variants default bal_bn8 bal_bn16 bal_bn8_p2x bal_bn16_p2x bal_bn32 \
+    --out "$OUT/expert_profile.jsonl"
+  find "$OUT" -name "*.xplane.pb" -delete
+  ;;
 esac
