@@ -389,4 +389,18 @@ s12c)  # the balanced kernel with bigger units and more programs (s12b: bigger u
     --out "$OUT/expert_profile.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
   ;;
+s12d)  # why the balanced kernel's unit takes ~15 µs: ncu (registers, spills, stalls) of the block
+       # default and the balanced variants, then end to end with the balanced kernel side by side
+  for kf in 0.1 0.25; do
+    run timeout 120 ncu --clock-control none -k regex:prunepath_sparse_ffn --section SpeedOfLight \
+      --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
+      --section LaunchStats --metrics l1tex__t_bytes_pipe_lsu_mem_local_op_ld.sum,l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum,lts__t_requests_op_red.sum \
+      --csv --page details --log-file "$OUT/ncu_k$kf.csv" python3 benchmarks/expert_profile.py \
+      --kfrac $kf --variants default bal_bn8_p2x bal_bn16
+  done
+  run timeout 330 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 0.9 --impls pallas --batches --steps 16 --chunks 4 \
+    --variants '{"bal_bn8_p2x": {"1": {"experts": "balanced", "block_n": 8, "programs": 264}}, "bal_bn16": {"1": {"experts": "balanced", "block_n": 16}}}' \
+    --out "$OUT/sparse_decode.jsonl"
+  ;;
 esac
