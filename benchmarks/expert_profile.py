@@ -33,7 +33,8 @@ from prunepath_jax.kernels import pallas_decode as pd  # noqa: E402
 # Named tunings of the expert kernel (see ``pallas_decode._plan``).
 # ``*_acq_rel``: Pallas' own fenced atomics instead of the relaxed ones (``pallas_atomic.py``).
 VARIANTS = {
-    "default": {},
+    "default": {},  # the plan at k_min = 1: one token at a large d takes the balanced kernel
+    "blocks": {"experts": "blocks"},  # the block kernel's own defaults
     "default_acq_rel": {"atomics": "acq_rel"},
     "split": {"down": "split"},
     "split_acq_rel": {"down": "split", "atomics": "acq_rel"},

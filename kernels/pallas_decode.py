@@ -138,7 +138,32 @@ def _tiles(d: int, cap: int, tail: str) -> tuple[int, int]:
 TUNING_OVERRIDES: dict[int, dict] = {}
 
 
-def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
+# Options only the block kernel takes: given one, "auto" keeps the block kernel.
+_BLOCK_ONLY = frozenset({"use_dot", "block_d_out", "down", "up_splits", "down_chunks",
+                         "block_d_down", "tail"})  # fmt: skip
+# The block kernel fills the GPU with one program per selected expert; where the static minimum
+# k (``k_min``) guarantees this many experts per SM, it is the faster one-token kernel.
+BLOCKS_MIN_EXPERTS_PER_SM = 0.75
+
+
+def _experts_form(t: int, d: int, k_min: int, tuning: dict) -> str:
+    """``"balanced"`` or ``"blocks"`` for ``experts="auto"`` (the default).
+
+    One token with d > ``SMALL_D``: the balanced kernel (``pallas_balanced.py``) unless k_min
+    already guarantees ≥ 0.75 selected experts per SM. H200, device µs per call (BENCHMARKS.md,
+    eighth session): 8B layer at k/E 10% / 25% / 50% balanced (16-neuron units) 15.1 / 29.5 /
+    55.5 vs blocks 22.8 / 27.5 / 51.8; 1B layer at 10% / 25%: 8.6 / 12.4 vs 13.0 / 14.4. With
+    threshold routing (k_min = 1) k is unknown until the router has run, and the balanced kernel
+    is the one that does not lose much anywhere; a fixed k of ≥ 99 experts on an H200 (e.g.
+    k/E 25% of the 8B layer) keeps the block kernel.
+    """
+    if t != 1 or d <= SMALL_D or _BLOCK_ONLY & set(tuning):
+        return "blocks"
+    per_sm = k_min / pallas_balanced.default_programs()
+    return "blocks" if per_sm >= BLOCKS_MIN_EXPERTS_PER_SM else "balanced"
+
+
+def _plan(t: int, d: int, g: int, dtype, tuning: dict, k_min: int = 1) -> dict:
     """Static block sizes. ``use_dot`` picks tensor-core dots (tokens padded to 16 rows).
 
     Defaults from the H200 sweeps (BENCHMARKS.md, issue 5, Llama-3-8B layer, k/E = 25%): one
@@ -155,9 +180,11 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
     """
     tuning = {**TUNING_OVERRIDES.get(t, {}), **tuning}
     common = _plan_common(dtype, tuning)
-    experts = tuning.get("experts", "blocks")
-    if experts not in ("blocks", "balanced"):
-        raise ValueError(f"experts must be 'blocks' or 'balanced', got {experts!r}")
+    experts = tuning.get("experts", "auto")
+    if experts not in ("auto", "blocks", "balanced"):
+        raise ValueError(f"experts must be 'auto', 'blocks' or 'balanced', got {experts!r}")
+    if experts == "auto":
+        experts = _experts_form(t, d, k_min, tuning)
     if experts == "balanced":
         return {**common, **_plan_balanced(t, d, g, tuning)}
     use_dot = tuning.get("use_dot")
@@ -244,12 +271,10 @@ def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
     SM)."""
     if t != 1:
         raise ValueError(f"experts='balanced' is the one-token kernel, got {t} tokens")
-    bad = {"use_dot", "block_d_out", "down", "up_splits", "down_chunks", "block_d_down"} & set(
-        tuning
-    )
+    bad = _BLOCK_ONLY & set(tuning)
     if bad:
         raise ValueError(f"options {sorted(bad)} do not apply to experts='balanced'")
-    bn = tuning.get("block_n", 4)
+    bn = tuning.get("block_n", _pow2_divisor(g, 16))
     if g % bn or bn & (bn - 1):
         raise ValueError(f"block_n={bn} must be a power of 2 dividing group_size={g}")
     bc, _ = pallas_balanced.chunking(d, tuning.get("block_d", 4096))
@@ -283,7 +308,7 @@ def _decode_jit(
     f = w_in_cfd.shape[1]
     e = f // group_size
     k_cap = e if k_max is None else min(k_max, e)
-    plan = _plan(t, d, group_size, x_td.dtype, dict(tuning))
+    plan = _plan(t, d, group_size, x_td.dtype, dict(tuning), k_min=k_min)
     tp = plan["tp"]
     ep = max(_next_pow2(e), 16)
     tr = _next_pow2(t)  # routing rows: the real tokens padded to a power of two
@@ -394,7 +419,11 @@ def sparse_ffn_decode(
             ``logit_block_e`` (fused glue: splits of d and experts per program of the router
             GEMV; the selection kernel re-reads the splits' partials); ``tail="masked"``
             (default: where d has a small power-of-two factor, ``block_d``-wide tiles with a
-            masked last one) or ``"divisor"`` (the largest power-of-two block dividing d).
+            masked last one) or ``"divisor"`` (the largest power-of-two block dividing d);
+            ``experts="auto"`` (default: ``_experts_form`` picks by t, d and k_min),
+            ``"blocks"`` (``pallas_experts.py``: a program per expert and neuron block) or
+            ``"balanced"`` (one token: ``pallas_balanced.py``, ``programs`` persistent programs
+            sharing the union's neurons in ``block_n``-neuron units).
 
     Raises:
         NotImplementedError/ValueError: input outside what the kernel computes exactly

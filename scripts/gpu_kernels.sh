@@ -403,4 +403,19 @@ s12d)  # why the balanced kernel's unit takes ~15 µs: ncu (registers, spills, s
     --variants '{"bal_bn8_p2x": {"1": {"experts": "balanced", "block_n": 8, "programs": 264}}, "bal_bn16": {"1": {"experts": "balanced", "block_n": 16}}}' \
     --out "$OUT/sparse_decode.jsonl"
   ;;
+s12e)  # experts="auto" (balanced for one token unless k_min fills the GPU): GPU tests of the
+       # Pallas decode layer and the prompt pass (Llama and GPT-2 flash), then end to end with the
+       # block and balanced kernels forced, side by side
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py tests/test_generate.py \
+    -k "balanced or llama8b or auto or vmap or fresh_cache or b1"
+  run timeout 330 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.5 0.75 0.9 --impls pallas --batches --steps 16 --chunks 4 \
+    --variants '{"blocks": {"1": {"experts": "blocks"}}, "balanced": {"1": {"experts": "balanced"}}}' \
+    --out "$OUT/sparse_decode.jsonl"
+  ;;
+s12f)  # the registry's generation GPU tests (cut by s11f's timeout), Pallas default included
+  run timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py -k "generation and not cli_bench"
+  ;;
 esac

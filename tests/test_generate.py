@@ -162,20 +162,35 @@ def nnx_replace_window(model, window):
     return clone
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("t", [32, 96])
-def test_fresh_cache_prompt_pass_on_gpu_matches_the_masked_path(t):
-    """On the GPU the fresh-cache prompt pass runs cuDNN's flash attention (bf16, head_dim 64):
-    its logits agree with the masked-over-the-cache path within the bf16 tolerance, at the
-    prompt lengths `generate` pads to (multiples of 32)."""
+def _gpu_prompt_model(family):
+    """A 2-layer bf16 model of SmolLM2's (Llama) or GPT-2 small's width, random weights."""
     from flax import nnx
 
-    from prunepath_jax.config import PRESETS
-    from prunepath_jax.models.layers import init_cache
+    from prunepath_jax.config import PRESETS, ModelConfig
+    from prunepath_jax.models.gpt2 import GPT2Model
     from prunepath_jax.models.llama import LlamaModel
 
-    cfg = PRESETS["smollm2-135m"].replace(n_layers=2)
-    model = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    if family == "llama":
+        cfg = PRESETS["smollm2-135m"].replace(n_layers=2)
+        return LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    cfg = ModelConfig(family="gpt2", model_type="gpt2", vocab_size=50257, d_model=768,
+                      d_ff=3072, n_layers=2, n_heads=12, n_kv_heads=12, head_dim=64,
+                      max_position=1024, norm_eps=1e-5, activation="gelu_new", qkv_bias=True,
+                      o_bias=True, mlp_bias=True, tie_embeddings=True)  # fmt: skip
+    return GPT2Model(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("t", [32, 96])
+def test_fresh_cache_prompt_pass_on_gpu_matches_the_masked_path(t, family):
+    """On the GPU the fresh-cache prompt pass runs cuDNN's flash attention (bf16, head_dim 64):
+    its logits agree with the masked-over-the-cache path within the bf16 tolerance, at the
+    prompt lengths `generate` pads to (multiples of 32), for Llama and GPT-2."""
+    from prunepath_jax.models.layers import init_cache
+
+    model = _gpu_prompt_model(family)
+    cfg = model.cfg
     rng = np.random.default_rng(14)
     tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, t)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))

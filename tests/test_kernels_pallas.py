@@ -387,8 +387,25 @@ def test_tiles_mask_the_last_tile_only_where_that_shortens_the_walk():
     # one token at a small d: 8-neuron broadcast blocks, one masked 1024-wide tile
     small = pd._plan(1, 576, 32, jnp.bfloat16, {})
     assert (small["use_dot"], small["bn"], small["bd"], small["n_in"]) == (False, 8, 1024, 1)
-    assert pd._plan(1, 2048, 32, jnp.bfloat16, {})["use_dot"]
     assert pd._plan(2, 576, 32, jnp.bfloat16, {})["use_dot"]
+    assert pd._plan(1, 2048, 32, jnp.bfloat16, {"experts": "blocks"})["use_dot"]
+
+
+def test_auto_expert_form_by_tokens_d_and_k_min():
+    """One token at a large d: the balanced kernel, unless k_min guarantees the block kernel a
+    full GPU (≥ 0.75 experts per SM) or a block-only option is given; more tokens or a small
+    d: the block kernel."""
+    sms = pd.pallas_balanced.default_programs()
+    plan = pd._plan(1, 2048, 32, jnp.bfloat16, {})
+    assert (plan["experts"], plan["bn"], plan["programs"]) == ("balanced", 16, sms)
+    assert pd.accumulator_shape(1, 2048, 32, 64, plan) == (1, 2048)
+    k_full = -(-3 * sms // 4)
+    assert pd._plan(1, 4096, 32, jnp.bfloat16, {}, k_min=k_full - 1)["experts"] == "balanced"
+    assert pd._plan(1, 4096, 32, jnp.bfloat16, {}, k_min=k_full)["experts"] == "blocks"
+    assert pd._plan(1, 4096, 32, jnp.bfloat16, {"use_dot": True})["experts"] == "blocks"
+    assert pd._plan(2, 4096, 32, jnp.bfloat16, {})["experts"] == "blocks"
+    assert pd._plan(1, 576, 32, jnp.bfloat16, {})["experts"] == "blocks"
+    assert pd._plan(1, 4096, 24, jnp.bfloat16, {"experts": "balanced"})["bn"] == 8
 
 
 def _vmapped(x, r, w_in, w_out, g, interpret):
