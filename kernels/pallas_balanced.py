@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from prunepath_jax.kernels import pallas_atomic
+from prunepath_jax.kernels.pallas_experts import load_cols, union
 
 try:  # The Triton backend module imports on CPU jaxlib too; guard anyway (it is deprecated).
     from jax.experimental.pallas import triton as plgpu
@@ -64,23 +65,14 @@ def accumulator_cols(d: int, block_d: int) -> int:
     return bc * n_c
 
 
-def _load(ref, shape, c0, d, tail):
-    if not tail:
-        return plgpu.load(ref)
-    ok = (c0 + jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)) < d
-    return plgpu.load(ref, mask=ok, other=0)
-
-
 def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, bn, bc, n_c,
             n_prog, atomics):  # fmt: skip
     del y_in_ref  # aliased to y_ref (the zeroed fp32 accumulator)
     tail = bc * n_c != d
     p = pl.program_id(0)
-    gate_e = gate_ref[...]  # [1, ep] fp32, zero for unselected experts
-    used_e = (gate_e != 0.0).astype(jnp.int32)
-    cnt_e = jnp.cumsum(used_e, axis=1)  # inclusive prefix count of the selected experts
+    gate_e, cnt_e, n_used = union(gate_ref)  # [1, ep] gates, prefix count of the selected
     per = g // bn
-    n_units = jnp.sum(used_e) * per
+    n_units = n_used * per
     u0 = p * n_units // n_prog
     u1 = (p + 1) * n_units // n_prog
 
@@ -91,7 +83,7 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
     @pl.when(u1 > u0)
     def _():
         xs = [
-            _load(x_ref.at[:, pl.ds(c0s[c], bc)], (1, bc), c * bc, d, tail).astype(jnp.float32)
+            load_cols(x_ref.at[:, pl.ds(c0s[c], bc)], (1, bc), c * bc, d, tail).astype(jnp.float32)
             for c in range(n_c)
         ]  # [1, bc] each
 
@@ -107,14 +99,14 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
             h_u = jnp.zeros((bn,), jnp.float32)
             for c in range(n_c):
                 cols = pl.ds(c0s[c], bc)
-                wg = _load(w_in_ref.at[rows, cols], (bn, bc), c * bc, d, tail)
-                wu = _load(w_in_ref.at[rows_up, cols], (bn, bc), c * bc, d, tail)
+                wg = load_cols(w_in_ref.at[rows, cols], (bn, bc), c * bc, d, tail)
+                wu = load_cols(w_in_ref.at[rows_up, cols], (bn, bc), c * bc, d, tail)
                 h_g += jnp.sum(wg.astype(jnp.float32) * xs[c], axis=1)
                 h_u += jnp.sum(wu.astype(jnp.float32) * xs[c], axis=1)
             a_n = h_g / (1.0 + jnp.exp(-h_g)) * h_u * g_e  # silu(gate)·up·σ(g), fp32 [bn]
             out = []
             for c in range(n_c):
-                wo = _load(w_out_ref.at[rows, pl.ds(c0s[c], bc)], (bn, bc), c * bc, d, tail)
+                wo = load_cols(w_out_ref.at[rows, pl.ds(c0s[c], bc)], (bn, bc), c * bc, d, tail)
                 out.append(accs[c] + jnp.sum(a_n[:, None] * wo.astype(jnp.float32), axis=0))
             return tuple(out)
 

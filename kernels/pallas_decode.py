@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from prunepath_jax import routing
-from prunepath_jax.kernels import pallas_balanced
-from prunepath_jax.kernels.pallas_experts import accumulator_shape, expert_ffn
+from prunepath_jax.kernels import pallas_balanced, pallas_experts
+from prunepath_jax.kernels.pallas_experts import accumulator_shape
 from prunepath_jax.kernels.pallas_logits import pow2_divisor as _pow2_divisor
 from prunepath_jax.kernels.pallas_logits import (
     router_logits_pallas,
@@ -131,6 +131,21 @@ def _tiles(d: int, cap: int, tail: str) -> tuple[int, int]:
     if tail == "masked" and -(-d // wide) < d // b:
         return wide, -(-d // wide)
     return b, d // b
+
+
+def expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, t, group_size, n_slots, plan, interpret,
+               y0=None):  # fmt: skip
+    """The plan's expert kernel(s) alone: ``pallas_balanced.balanced_expert_ffn`` for
+    ``experts="balanced"``, else ``pallas_experts.expert_ffn`` (same arguments, same output)."""
+    if plan["experts"] == "balanced":
+        return pallas_balanced.balanced_expert_ffn(
+            gate_pe, x_pd, w_in_cfd, w_out_fd, group_size=group_size, plan=plan,
+            interpret=interpret, y0=y0,
+        )  # fmt: skip
+    return pallas_experts.expert_ffn(
+        gate_pe, x_pd, w_in_cfd, w_out_fd, t=t, group_size=group_size, n_slots=n_slots,
+        plan=plan, interpret=interpret, y0=y0,
+    )  # fmt: skip
 
 
 # Benchmark hook: tuning applied under every call's own options, keyed by token count (set once,

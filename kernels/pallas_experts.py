@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from prunepath_jax.kernels import pallas_atomic, pallas_balanced
+from prunepath_jax.kernels import pallas_atomic
 
 try:  # The Triton backend module imports on CPU jaxlib too; guard anyway (it is deprecated).
     from jax.experimental.pallas import triton as plgpu
@@ -54,7 +54,7 @@ def _atomic_add(plan, ref, idx, val, mask=None):
     return plgpu.atomic_add(ref, idx, val, mask=mask)
 
 
-def _load_cols(ref, shape, c0, d, tail: bool):
+def load_cols(ref, shape, c0, d, tail: bool):
     """A ``shape`` tile whose columns start at ``c0``; with ``tail``, columns ≥ d read as 0."""
     if not tail:
         return plgpu.load(ref)
@@ -62,7 +62,7 @@ def _load_cols(ref, shape, c0, d, tail: bool):
     return plgpu.load(ref, mask=ok, other=0)
 
 
-def _union(gate_ref):
+def union(gate_ref):
     """Union of the tokens' experts from the gate table: ``(gate_te, cnt_e, n_used)``."""
     gate_te = gate_ref[...]  # [tp or 1, ep] fp32, zero rows/cols for padding
     used_e = jnp.max((gate_te != 0.0).astype(jnp.int32), axis=0)  # [ep]
@@ -92,7 +92,7 @@ def _kernel(
     slot = pid // ks_n // splits
     nb = pid // ks_n % splits
 
-    gate_te, cnt_e, n_used = _union(gate_ref)
+    gate_te, cnt_e, n_used = union(gate_ref)
 
     @pl.when(slot < n_used)
     def _():
@@ -110,11 +110,11 @@ def _kernel(
             c0 = (ks * n_in + i) * bd
             cols = pl.ds(pl.multiple_of(c0, bd), bd)
             xr = x_ref.shape[0]
-            x = _load_cols(x_ref.at[:, cols], (xr, bd), c0, d, in_tail)  # [tp or 1, bd]
+            x = load_cols(x_ref.at[:, cols], (xr, bd), c0, d, in_tail)  # [tp or 1, bd]
             if xr != tp:  # one token on the dot path: 16 identical rows, no padding
                 x = jnp.broadcast_to(x, (tp, bd))
-            wg = _load_cols(w_in_ref.at[rows, cols], (bn, bd), c0, d, in_tail)
-            wu = _load_cols(w_in_ref.at[rows_up, cols], (bn, bd), c0, d, in_tail)
+            wg = load_cols(w_in_ref.at[rows, cols], (bn, bd), c0, d, in_tail)
+            wu = load_cols(w_in_ref.at[rows_up, cols], (bn, bd), c0, d, in_tail)
             if plan["use_dot"]:
                 acc_g += plgpu.dot(x, wg, trans_b=True, precision=prec)
                 acc_u += plgpu.dot(x, wu, trans_b=True, precision=prec)
@@ -149,7 +149,7 @@ def _kernel(
         def out_body(i, carry):
             cols = pl.ds(pl.multiple_of(i * bdo, bdo), bdo)
             # [bn, bdo]; past d zeros, added to the accumulator's padding columns (no mask)
-            wo = _load_cols(w_out_ref.at[rows, cols], (bn, bdo), i * bdo, d, out_tail)
+            wo = load_cols(w_out_ref.at[rows, cols], (bn, bdo), i * bdo, d, out_tail)
             if plan["use_dot"]:
                 lhs = a_tn if plan["fp32"] else a_tn.astype(wo.dtype)
                 part = plgpu.dot(lhs, wo, precision=prec)  # [tp, bdo] fp32
@@ -179,7 +179,7 @@ def _down_kernel(gate_ref, act_ref, w_out_ref, y_in_ref, y_ref, *, t, g, e, n_sl
     bdo, chunks = plan["block_d_down"], plan["down_chunks"]
     preact = plan["down"] == "preact"
     j, c = pl.program_id(0), pl.program_id(1)
-    gate_te, cnt_e, n_used = _union(gate_ref)
+    gate_te, cnt_e, n_used = union(gate_ref)
     cols = pl.ds(pl.multiple_of(j * bdo, bdo), bdo)
     prec = jax.lax.Precision.HIGHEST if plan["fp32"] else None
 
@@ -245,11 +245,6 @@ def expert_ffn(
     ``y0``: the zeroed accumulator (``accumulator_shape``) if the caller has one (the selection
     kernel zeroes it on the way), else a fresh ``jnp.zeros`` (an XLA memset).
     """
-    if plan["experts"] == "balanced":
-        return pallas_balanced.balanced_expert_ffn(
-            gate_pe, x_pd, w_in_cfd, w_out_fd, group_size=group_size, plan=plan,
-            interpret=interpret, y0=y0,
-        )  # fmt: skip
     tp = plan["tp"]
     tg, ep = gate_pe.shape
     if tg not in (1, tp) or x_pd.shape[0] not in (1, tp):
