@@ -18,6 +18,12 @@ kernel pays ``k·d``).
 
 Neurons are independent until the down-projection sums them, so any split of the rows gives the
 same sum up to order; the result equals the reference within the dtype's tolerance.
+
+Measured (H200, device µs per call, BENCHMARKS.md eighth session): 8B layer at k/E 10% 15.1 vs
+the block kernel's 22.8, but 29.5 vs 27.5 at 25% and 55.5 vs 51.8 at 50%, where the block kernel
+already has ~1 expert per SM; 1B layer 8.6 vs 13.0 (10%) and 12.4 vs 14.4 (25%). Units of 16
+neurons were the best single size (4: 45.2 µs at 8B/25%, 32: 44.5); pipeline stages change
+nothing (no dots, so Triton leaves the loads alone). ``pallas_decode._experts_form`` picks it.
 """
 
 from __future__ import annotations

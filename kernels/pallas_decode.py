@@ -5,7 +5,8 @@ for small models by launches (DESIGN.md §4). So the layer is: the router logits
 GEMV kernel of ``pallas_logits.py``; XLA's narrow GEMV was ~2x slower inside the layer), the
 sort-free selection kernel (``pallas_routing.py``: softmax, the paper's cumulative-mass rule,
 sigmoid gates → a gate table ``[t, E]``), and the expert kernel(s) (``pallas_experts.py``: the
-union of the tokens' experts, neuron blocks, the atomic or split down-projection). For one or
+union of the tokens' experts, neuron blocks, the atomic or split down-projection; or, for one
+token, ``pallas_balanced.py``: one program per SM sharing the union's neurons evenly). For one or
 two tokens the selection kernel also adds the logits kernel's unreduced split-K partials and
 zeroes the expert kernel's atomic accumulator (``glue="fused"``), so a one-token layer is
 exactly three launches with nothing between them (measured: 2 XLA launches fewer per 8B layer,

@@ -408,15 +408,15 @@ def test_auto_expert_form_by_tokens_d_and_k_min():
     assert pd._plan(1, 4096, 24, jnp.bfloat16, {"experts": "balanced"})["bn"] == 8
 
 
-def _vmapped(x, r, w_in, w_out, g, interpret):
+def _vmapped(x, r, w_in, w_out, g, interpret, **tuning):
     """The layer vmapped two ways: over a tau sweep (one checkpoint, several sparsities at once)
     and over independent token sets sharing the weights."""
     taus = jnp.array([0.3, 0.6, 0.9, 1.05], jnp.float32)
     over_tau = jax.jit(jax.vmap(lambda tau: pd.sparse_ffn_decode(
-        x, r, w_in, w_out, tau, group_size=g, interpret=interpret)))(taus)  # fmt: skip
+        x, r, w_in, w_out, tau, group_size=g, interpret=interpret, **tuning)))(taus)  # fmt: skip
     xs = jnp.stack([x, -x, 2 * x])
     over_x = jax.jit(jax.vmap(lambda xx: pd.sparse_ffn_decode(
-        xx, r, w_in, w_out, 0.6, group_size=g, interpret=interpret)))(xs)  # fmt: skip
+        xx, r, w_in, w_out, 0.6, group_size=g, interpret=interpret, **tuning)))(xs)  # fmt: skip
     for tau, y, k_t in zip(taus, *over_tau, strict=True):
         y_ref, k_ref = _reference(x, r, w_in, w_out, tau, group_size=g)
         np.testing.assert_array_equal(np.asarray(k_t), np.asarray(k_ref))
@@ -427,15 +427,19 @@ def _vmapped(x, r, w_in, w_out, g, interpret):
         assert_close(y, y_ref, "op_fp32", "vmap over token sets")
 
 
-@pytest.mark.parametrize("t", [1, 3])
-def test_vmap_matches_reference(t):
+_VMAP_CASES = [(1, {}), (3, {}), (1, {"experts": "balanced", "programs": 4})]
+
+
+@pytest.mark.parametrize("t,tuning", _VMAP_CASES, ids=["b1", "b3", "b1_balanced"])
+def test_vmap_matches_reference(t, tuning):
     x, r, w_in, w_out = _inputs(t, t, 96, 8, 16, jnp.float32, 0.3)
-    _vmapped(x, r, w_in, w_out, 16, interpret=True)
+    _vmapped(x, r, w_in, w_out, 16, interpret=True, **tuning)
 
 
-def test_vmapped_layer_lowers_for_cuda():
+@pytest.mark.parametrize("d", [576, 2048])  # the block kernel; the balanced one (auto)
+def test_vmapped_layer_lowers_for_cuda(d):
     """Batched grids of all three kernels (logits, selection, experts) lower through Triton."""
-    t, d, e, g = 1, 576, 48, 32
+    t, e, g = 1, 48, 32
 
     def fn(x, r, w_in, w_out, taus):
         return jax.vmap(lambda tau: pd._decode_jit(
@@ -447,7 +451,7 @@ def test_vmapped_layer_lowers_for_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t", [1, 3])
-def test_gpu_vmap_matches_reference(t):
+@pytest.mark.parametrize("t,tuning", _VMAP_CASES, ids=["b1", "b3", "b1_balanced"])
+def test_gpu_vmap_matches_reference(t, tuning):
     x, r, w_in, w_out = _inputs(t + 10, t, 96, 8, 16, jnp.float32, 0.3)
-    _vmapped(x, r, w_in, w_out, 16, interpret=False)
+    _vmapped(x, r, w_in, w_out, 16, interpret=False, **tuning)
