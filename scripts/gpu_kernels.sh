@@ -418,4 +418,17 @@ s12f)  # the registry's generation GPU tests (cut by s11f's timeout), Pallas def
   run timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_api.py -k "generation and not cli_bench"
   ;;
+s13a)  # prepared for the next session: why the balanced kernel loses to the block kernel at 25%
+       # and 50% of the 8B experts (29.5 vs 27.5 µs): ncu of each kernel alone (one variant per
+       # ncu process: three in one process outran 120 s in s12d), then the GPU vmap cases
+  for v in balanced blocks; do
+    run timeout 200 ncu --clock-control none -k regex:prunepath_sparse_ffn --section SpeedOfLight \
+      --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
+      --section LaunchStats --metrics lts__t_requests_op_red.sum \
+      --csv --page details --log-file "$OUT/ncu_${v}_k0.25.csv" \
+      python3 benchmarks/expert_profile.py --kfrac 0.25 --variants $v
+  done
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py -k "vmap"
+  ;;
 esac
