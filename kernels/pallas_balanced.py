@@ -65,12 +65,6 @@ def chunking(d: int, block_d: int) -> tuple[int, int]:
     return bc, -(-d // bc)
 
 
-def accumulator_cols(d: int, block_d: int) -> int:
-    """Columns of the one-row fp32 accumulator: whole chunks, so no atomic needs a mask."""
-    bc, n_c = chunking(d, block_d)
-    return bc * n_c
-
-
 def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, bn, bc, n_c,
             n_prog, atomics):  # fmt: skip
     del y_in_ref  # aliased to y_ref (the zeroed fp32 accumulator)
