@@ -76,9 +76,7 @@ def variant_tuning(name: str) -> dict:
     v = VARIANTS[name]
     tuning = {k: val for k, val in v.items() if not k.startswith("_")}
     if "_programs_x" in v:
-        from prunepath_jax.kernels.pallas_balanced import default_programs
-
-        tuning["programs"] = v["_programs_x"] * default_programs()
+        tuning["programs"] = v["_programs_x"] * pd.pallas_balanced.default_programs()
     return tuning
 
 
@@ -111,9 +109,7 @@ def main():
     bw = max(copy_bandwidth().values()) if a.time else None
     if bw:
         print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
-        from prunepath_jax.kernels.pallas_balanced import default_programs
-
-        print(f"balanced kernel: {default_programs()} programs (SMs)", flush=True)
+        print(f"balanced kernel: {pd.pallas_balanced.default_programs()} programs", flush=True)
     for kf in a.kfrac:
         k = max(1, round(kf * lay.e))
         fns, datas = {}, {}
@@ -154,13 +150,13 @@ def main():
 
                 return jax.jit(chain)
 
-            try:  # compile now: a tiling past the GPU's resources skips, not ends, the sweep
-                jax.block_until_ready(make(1)((lay.sets, gt, x_p)))
+            fn, inputs = make(a.n), (lay.sets, gt, x_p)
+            try:  # compile now (timing reuses it): a tiling past the GPU's resources skips
+                jax.block_until_ready(fn(inputs))
             except Exception as err:  # noqa: BLE001 - reported, the sweep goes on
                 print(f"skip {name} k={k}: {type(err).__name__}: {str(err)[:300]}", flush=True)
                 continue
-            fns[name] = make(a.n)
-            datas[name] = (lay.sets, gt, x_p)
+            fns[name], datas[name] = fn, inputs
         if not a.time:
             continue
         t_empty = empty_jit_time(a.n, 20)

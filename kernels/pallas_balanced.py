@@ -71,6 +71,7 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
     tail = bc * n_c != d
     p = pl.program_id(0)
     gate_e, cnt_e, n_used = union(gate_ref)  # [1, ep] gates, prefix count of the selected
+    iota_e = jax.lax.broadcasted_iota(jnp.int32, gate_e.shape, 1)
     per = g // bn
     n_units = n_used * per
     u0 = p * n_units // n_prog
@@ -90,7 +91,6 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
         def unit(u, accs):
             slot, nb = u // per, u % per
             e = jnp.sum((cnt_e <= slot).astype(jnp.int32))  # expert of union slot `slot`
-            iota_e = jax.lax.broadcasted_iota(jnp.int32, gate_e.shape, 1)
             g_e = jnp.sum(jnp.where(iota_e == e, gate_e, 0.0))
             row0 = e * g + nb * bn
             rows = pl.ds(pl.multiple_of(row0, bn), bn)
@@ -123,17 +123,15 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
 def balanced_expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, group_size, plan, interpret, y0):
     """fp32 ``[1, d]`` FFN output of one token from its gate table ``[1, ep]`` and x ``[1, d]``.
 
-    ``plan`` keys used: ``bn`` (neurons per unit, a power of two dividing G), ``bc`` (columns
-    per chunk of d), ``programs``, ``num_warps``, ``num_stages``, ``atomics``. ``y0``: the zeroed
-    ``[1, bc·n_c]`` accumulator (the selection kernel's), or None for a fresh memset.
+    ``plan`` (``pallas_decode._plan_balanced``, which checks it) keys used: ``bn`` (neurons per
+    unit, a power of two dividing G), ``bc`` / ``n_c`` (columns per chunk of d, chunks),
+    ``programs``, ``num_warps``, ``num_stages``, ``atomics``. ``y0``: the zeroed ``[1, bc·n_c]``
+    accumulator (the selection kernel's), or None for a fresh memset.
     """
     if gate_pe.shape[0] != 1 or x_pd.shape[0] != 1:
         raise ValueError(f"the balanced kernel takes one token: {gate_pe.shape}, {x_pd.shape}")
     f, d = w_out_fd.shape
-    g, bn, bc = group_size, plan["bn"], plan["bc"]
-    if g % bn or bn & (bn - 1):
-        raise ValueError(f"block_n={bn} must be a power of 2 dividing group_size={g}")
-    n_c = -(-d // bc)
+    g, bn, bc, n_c = group_size, plan["bn"], plan["bc"], plan["n_c"]
     acc_shape = (1, bc * n_c)
     if y0 is None:
         y0 = jnp.zeros(acc_shape, jnp.float32)

@@ -218,8 +218,7 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict, k_min: int = 1) -> dict:
     else:
         tp = _next_pow2(t)
         bn = tuning.get("block_n", min(bn_default, 8) if t > 1 or small else bn_default)
-    if g % bn or bn & (bn - 1):
-        raise ValueError(f"block_n={bn} must be a power of 2 dividing group_size={g}")
+    _check_block_n(bn, g)
     one = not use_dot and tp == 1
     # Broadcast accumulators [tp, bn, bd] (two, fp32) live in registers: tp·bn·bd ≤ 16k
     # elements for one token at 8 warps (64 per thread), ≤ 4k otherwise (32 per thread, 4 warps).
@@ -254,6 +253,11 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict, k_min: int = 1) -> dict:
         "down_chunks": tuning.get("down_chunks", 8),
         "block_d_down": _pow2_divisor(d, tuning.get("block_d_down", 128)),
     }
+
+
+def _check_block_n(bn: int, g: int) -> None:
+    if g % bn or bn & (bn - 1):
+        raise ValueError(f"block_n={bn} must be a power of 2 dividing group_size={g}")
 
 
 def _plan_common(dtype, tuning: dict) -> dict:
@@ -291,20 +295,18 @@ def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
     if bad:
         raise ValueError(f"options {sorted(bad)} do not apply to experts='balanced'")
     bn = tuning.get("block_n", _pow2_divisor(g, 16))
-    if g % bn or bn & (bn - 1):
-        raise ValueError(f"block_n={bn} must be a power of 2 dividing group_size={g}")
-    bc, _ = pallas_balanced.chunking(d, tuning.get("block_d", 4096))
+    _check_block_n(bn, g)
+    bc, n_c = pallas_balanced.chunking(d, tuning.get("block_d", 4096))
     programs = tuning.get("programs") or pallas_balanced.default_programs()
     if programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
     return {
         "experts": "balanced",
-        "use_dot": False,
         "tp": 1,
         "bn": bn,
         "bc": bc,
+        "n_c": n_c,
         "programs": int(programs),
-        "down": "balanced",
         "num_warps": tuning.get("num_warps", 8),
         "num_stages": tuning.get("num_stages", 2),
     }

@@ -227,7 +227,7 @@ def accumulator_shape(t: int, d: int, group_size: int, n_slots: int, plan: dict)
     ``[tp, n_slots·G(·2)]`` for the split forms."""
     tp = plan["tp"]
     if plan["experts"] == "balanced":  # one row of whole d chunks (pallas_balanced.py)
-        return (1, plan["bc"] * -(-d // plan["bc"]))
+        return (1, plan["bc"] * plan["n_c"])
     if plan["down"] == "atomic":  # whole output tiles: a masked last tile adds to padding
         return (1 if t == 1 else tp, plan["bdo"] * plan["n_out"])
     return (tp, n_slots * group_size * (2 if plan["down"] == "preact" else 1))
