@@ -431,4 +431,22 @@ s13a)  # prepared for the next session: why the balanced kernel loses to the blo
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_pallas.py -k "vmap"
   ;;
+s14a)  # where an 8B / 1B decode step's time goes now (device traces + the 8B optimized HLO), ncu
+       # of the balanced vs block kernel at 25% of the 8B experts (one launch each), GPU vmap cases
+  tr() { local name=$1; shift; run timeout 110 python3 scripts/trace_decode.py --out "$OUT/$name" "$@"
+         find "$OUT/$name" -name "*.xplane.pb" -delete; find "$OUT/$name" -name "*.trace.json.gz" -delete; }
+  tr trace_8b_0.75 --shape llama-3-8b --sparsity 0.75 --attn pallas --hlo
+  tr trace_8b_0 --shape llama-3-8b --sparsity 0 --attn pallas --hlo
+  tr trace_1b_0.75 --shape llama-3.2-1b --sparsity 0.75 --attn pallas
+  tr trace_1b_0 --shape llama-3.2-1b --sparsity 0 --attn pallas
+  for v in balanced blocks; do
+    run timeout 120 ncu --clock-control none -k regex:prunepath_sparse_ffn -s 3 -c 1 \
+      --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+      --section Occupancy --section LaunchStats --section SchedulerStats \
+      --csv --page details --log-file "$OUT/ncu_${v}_k0.25.csv" \
+      python3 benchmarks/expert_profile.py --kfrac 0.25 --variants $v
+  done
+  run timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py -k "vmap"
+  ;;
 esac
