@@ -68,6 +68,13 @@ VARIANTS = {
     "bal_bn16_w16": {"experts": "balanced", "block_n": 16, "num_warps": 16},
     "bal_bn32": {"experts": "balanced", "block_n": 32},
     "bal_bn32_p2x": {"experts": "balanced", "block_n": 32, "_programs_x": 2},
+    # Software-pipelined unit loop (the next unit's W_gate/W_up rows in flight meanwhile).
+    "bal_pf": {"experts": "balanced", "prefetch": 1},
+    "bal_pf_bn4": {"experts": "balanced", "prefetch": 1, "block_n": 4},
+    "bal_pf_bn8": {"experts": "balanced", "prefetch": 1, "block_n": 8},
+    "bal_pf_bn8_w16": {"experts": "balanced", "prefetch": 1, "block_n": 8, "num_warps": 16},
+    "bal_pf_bn4_p2x": {"experts": "balanced", "prefetch": 1, "block_n": 4, "_programs_x": 2},
+    "bal_pf_bn4_w4": {"experts": "balanced", "prefetch": 1, "block_n": 4, "num_warps": 4},
 }
 
 

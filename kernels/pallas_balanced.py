@@ -65,8 +65,21 @@ def chunking(d: int, block_d: int) -> tuple[int, int]:
     return bc, -(-d // bc)
 
 
+def _unit(u, *, per, bn, g, gate_e, cnt_e, iota_e):
+    """Unit ``u``'s first neuron row and its expert's gate: union slot ``u // per``, block
+    ``u % per`` of that expert's neurons."""
+    slot, nb = u // per, u % per
+    e = jnp.sum((cnt_e <= slot).astype(jnp.int32))  # expert of union slot `slot`
+    g_e = jnp.sum(jnp.where(iota_e == e, gate_e, 0.0))
+    return e * g + nb * bn, g_e
+
+
 def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, bn, bc, n_c,
-            n_prog, atomics):  # fmt: skip
+            n_prog, atomics, prefetch):  # fmt: skip
+    """Program p: units ``[p·U/P, (p+1)·U/P)``. With ``prefetch`` the unit loop is software-
+    pipelined in registers: iteration u issues unit u+1's W_gate/W_up loads and its own W_out
+    loads before it reduces unit u's rows (loaded by the previous iteration), so the next unit's
+    DRAM round trip overlaps this unit's work instead of following it."""
     del y_in_ref  # aliased to y_ref (the zeroed fp32 accumulator)
     tail = bc * n_c != d
     p = pl.program_id(0)
@@ -76,10 +89,21 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
     n_units = n_used * per
     u0 = p * n_units // n_prog
     u1 = (p + 1) * n_units // n_prog
+    unit_of = functools.partial(_unit, per=per, bn=bn, g=g, gate_e=gate_e, cnt_e=cnt_e,
+                                iota_e=iota_e)  # fmt: skip
 
     # Chunk starts as traced values: a masked last chunk reaches past d, which Pallas' bound
     # check of static slices rejects (the load's mask keeps it in bounds).
     c0s = [p * 0 + c * bc for c in range(n_c)]
+
+    def rows_in(ref, r0, c):  # [bn, bc] rows r0.. of chunk c
+        rows = pl.ds(pl.multiple_of(r0, bn), bn)
+        return load_cols(ref.at[rows, pl.ds(c0s[c], bc)], (bn, bc), c * bc, d, tail)
+
+    def load_up(row0):  # W_gate rows then W_up rows (w_in viewed as [2f, d]), every chunk
+        return tuple(rows_in(w_in_ref, row0, c) for c in range(n_c)) + tuple(
+            rows_in(w_in_ref, f + row0, c) for c in range(n_c)
+        )
 
     @pl.when(u1 > u0)
     def _():
@@ -88,30 +112,38 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
             for c in range(n_c)
         ]  # [1, bc] each
 
-        def unit(u, accs):
-            slot, nb = u // per, u % per
-            e = jnp.sum((cnt_e <= slot).astype(jnp.int32))  # expert of union slot `slot`
-            g_e = jnp.sum(jnp.where(iota_e == e, gate_e, 0.0))
-            row0 = e * g + nb * bn
-            rows = pl.ds(pl.multiple_of(row0, bn), bn)
-            rows_up = pl.ds(pl.multiple_of(f + row0, bn), bn)  # w_in viewed as [2f, d]
+        def compute(up, g_e, wo, accs):
             h_g = jnp.zeros((bn,), jnp.float32)
             h_u = jnp.zeros((bn,), jnp.float32)
             for c in range(n_c):
-                cols = pl.ds(c0s[c], bc)
-                wg = load_cols(w_in_ref.at[rows, cols], (bn, bc), c * bc, d, tail)
-                wu = load_cols(w_in_ref.at[rows_up, cols], (bn, bc), c * bc, d, tail)
-                h_g += jnp.sum(wg.astype(jnp.float32) * xs[c], axis=1)
-                h_u += jnp.sum(wu.astype(jnp.float32) * xs[c], axis=1)
+                h_g += jnp.sum(up[c].astype(jnp.float32) * xs[c], axis=1)
+                h_u += jnp.sum(up[n_c + c].astype(jnp.float32) * xs[c], axis=1)
             a_n = h_g / (1.0 + jnp.exp(-h_g)) * h_u * g_e  # silu(gate)·up·σ(g), fp32 [bn]
-            out = []
-            for c in range(n_c):
-                wo = load_cols(w_out_ref.at[rows, pl.ds(c0s[c], bc)], (bn, bc), c * bc, d, tail)
-                out.append(accs[c] + jnp.sum(a_n[:, None] * wo.astype(jnp.float32), axis=0))
-            return tuple(out)
+            return tuple(
+                accs[c] + jnp.sum(a_n[:, None] * wo[c].astype(jnp.float32), axis=0)
+                for c in range(n_c)
+            )
 
         zero = tuple(jnp.zeros((bc,), jnp.float32) for _ in range(n_c))
-        accs = jax.lax.fori_loop(u0, u1, unit, zero)
+        if prefetch:
+
+            def unit(u, carry):
+                accs, up = carry[:n_c], carry[n_c:]
+                row0, g_e = unit_of(u)
+                wo = [rows_in(w_out_ref, row0, c) for c in range(n_c)]
+                nxt = load_up(unit_of(jnp.minimum(u + 1, u1 - 1))[0])  # last: a harmless reload
+                return compute(up, g_e, wo, accs) + nxt
+
+            accs = jax.lax.fori_loop(u0, u1, unit, zero + load_up(unit_of(u0)[0]))[:n_c]
+        else:
+
+            def unit(u, accs):
+                row0, g_e = unit_of(u)
+                up = load_up(row0)
+                wo = [rows_in(w_out_ref, row0, c) for c in range(n_c)]
+                return compute(up, g_e, wo, accs)
+
+            accs = jax.lax.fori_loop(u0, u1, unit, zero)
         for c in range(n_c):  # columns past d add zeros to the accumulator's padding
             idx = (pl.ds(0, 1), pl.ds(c * bc, bc))
             if atomics == "relaxed":
@@ -125,7 +157,7 @@ def balanced_expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, group_size, plan, 
 
     ``plan`` (``pallas_decode._plan_balanced``, which checks it) keys used: ``bn`` (neurons per
     unit, a power of two dividing G), ``bc`` / ``n_c`` (columns per chunk of d, chunks),
-    ``programs``, ``num_warps``, ``num_stages``, ``atomics``. ``y0``: the zeroed ``[1, bc·n_c]``
+    ``programs``, ``num_warps``, ``num_stages``, ``atomics``, ``prefetch``. ``y0``: the zeroed ``[1, bc·n_c]``
     accumulator (the selection kernel's), or None for a fresh memset.
     """
     if gate_pe.shape[0] != 1 or x_pd.shape[0] != 1:
@@ -141,7 +173,16 @@ def balanced_expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, group_size, plan, 
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     out = pl.pallas_call(
         functools.partial(
-            _kernel, d=d, f=f, g=g, bn=bn, bc=bc, n_c=n_c, n_prog=n_prog, atomics=plan["atomics"]
+            _kernel,
+            d=d,
+            f=f,
+            g=g,
+            bn=bn,
+            bc=bc,
+            n_c=n_c,
+            n_prog=n_prog,
+            atomics=plan["atomics"],
+            prefetch=plan["prefetch"],
         ),  # fmt: skip
         out_shape=jax.ShapeDtypeStruct(acc_shape, jnp.float32),
         grid=(n_prog,),

@@ -300,8 +300,12 @@ def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
     programs = tuning.get("programs") or pallas_balanced.default_programs()
     if programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
+    prefetch = tuning.get("prefetch", 0)
+    if prefetch not in (0, 1):
+        raise ValueError(f"prefetch must be 0 or 1, got {prefetch!r}")
     return {
         "experts": "balanced",
+        "prefetch": int(prefetch),
         "tp": 1,
         "bn": bn,
         "bc": bc,
@@ -441,7 +445,8 @@ def sparse_ffn_decode(
             ``experts="auto"`` (default: ``_experts_form`` picks by t, d and k_min),
             ``"blocks"`` (``pallas_experts.py``: a program per expert and neuron block) or
             ``"balanced"`` (one token: ``pallas_balanced.py``, ``programs`` persistent programs
-            sharing the union's neurons in ``block_n``-neuron units).
+            sharing the union's neurons in ``block_n``-neuron units; ``prefetch=1`` software-
+            pipelines its unit loop: the next unit's rows load while this one computes).
 
     Raises:
         NotImplementedError/ValueError: input outside what the kernel computes exactly
@@ -462,7 +467,7 @@ def sparse_ffn_decode(
     unknown = set(tuning) - {
         "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing",
         "logits", "down", "down_chunks", "block_d_down", "up_splits", "atomics", "glue",
-        "logit_splits", "logit_block_e", "tail", "norm", "experts", "programs",
+        "logit_splits", "logit_block_e", "tail", "norm", "experts", "programs", "prefetch",
     }  # fmt: skip
     if unknown:
         raise TypeError(f"unknown tuning options {sorted(unknown)}")

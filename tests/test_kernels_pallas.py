@@ -94,6 +94,14 @@ CASES = [
      {"experts": "balanced", "programs": 6, "with_norm": True}),
     ("b1_balanced_xla_glue_bf16", 1, 96, 8, 16, jnp.bfloat16, 0.6, 0.1,
      {"experts": "balanced", "programs": 2, "glue": "xla"}),
+    # The software-pipelined unit loop: several units a program (its prefetch of the next
+    # unit, the clamped reload of the last), one unit a program, masked chunks, k = E.
+    ("b1_balanced_prefetch_bf16", 1, 128, 8, 32, jnp.bfloat16, 0.6, 0.1,
+     {"experts": "balanced", "programs": 3, "block_n": 4, "prefetch": 1}),
+    ("b1_balanced_prefetch_kE_tail_fp32", 1, 192, 8, 16, jnp.float32, 1.05, 1.0,
+     {"experts": "balanced", "programs": 5, "block_n": 2, "block_d": 128, "prefetch": 1}),
+    ("b1_balanced_prefetch_k1_fp32", 1, 64, 8, 16, jnp.float32, 0.01, 1.0,
+     {"experts": "balanced", "programs": 9, "prefetch": 1}),
 ]  # fmt: skip
 _ROUTE_KEYS = ("rule", "gate", "k_min", "k_max")
 _TEST_KEYS = _ROUTE_KEYS + ("with_norm",)
@@ -269,6 +277,8 @@ def test_rejects_unsupported_inputs():
         pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", use_dot=True, **kw)
     with pytest.raises(ValueError, match="programs must be"):
         pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", programs=-1, **kw)
+    with pytest.raises(ValueError, match="prefetch must be"):
+        pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", prefetch=2, **kw)
     if jax.default_backend() == "cpu":
         with pytest.raises(NotImplementedError, match="CUDA GPU"):
             pd.sparse_ffn_decode(x, r, w_in, w_out, 0.5, group_size=16)
@@ -292,6 +302,15 @@ EXPORT_CASES = [c[:6] + (c[8],) for c in CASES] + [
     ("8b_b1_split", 1, 4096, 448, 32, jnp.bfloat16, {"down": "split"}),
     ("8b_b1_balanced", 1, 4096, 448, 32, jnp.bfloat16, {"experts": "balanced"}),
     ("70b_b1_balanced", 1, 8192, 896, 32, jnp.bfloat16, {"experts": "balanced"}),
+    (
+        "8b_b1_balanced_prefetch_bn4",
+        1,
+        4096,
+        448,
+        32,
+        jnp.bfloat16,
+        {"experts": "balanced", "prefetch": 1, "block_n": 4},
+    ),  # fmt: skip
     ("smollm2_b1", 1, 576, 48, 32, jnp.bfloat16, {}),
     ("smollm2_b8", 8, 576, 48, 32, jnp.bfloat16, {}),
     ("8b_b16_split", 16, 4096, 448, 32, jnp.bfloat16, {"down": "split", "down_chunks": 8}),
@@ -357,9 +376,9 @@ def test_gpu_llama8b_layer_shape():
 def test_gpu_balanced_kernel_real_layer_shapes():
     """The one-token balanced kernel at the 8B, 1B and SmolLM2 layers, 10% to all experts."""
     for d, e, tau in ((4096, 448, 0.5), (2048, 256, 0.2), (576, 48, 1.05), (4096, 448, 0.05)):
-        opts = {"experts": "balanced"}
-        case = (f"balanced_d{d}_tau{tau}", 1, d, e, 32, jnp.bfloat16, tau, 0.02, opts)
-        _check(case, interpret=False, seed=d)
+        for opts in ({"experts": "balanced"}, {"experts": "balanced", "prefetch": 1, "block_n": 4}):
+            case = (f"balanced_d{d}_tau{tau}_{opts}", 1, d, e, 32, jnp.bfloat16, tau, 0.02, opts)
+            _check(case, interpret=False, seed=d)
 
 
 @pytest.mark.gpu
