@@ -157,8 +157,8 @@ def balanced_expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, group_size, plan, 
 
     ``plan`` (``pallas_decode._plan_balanced``, which checks it) keys used: ``bn`` (neurons per
     unit, a power of two dividing G), ``bc`` / ``n_c`` (columns per chunk of d, chunks),
-    ``programs``, ``num_warps``, ``num_stages``, ``atomics``, ``prefetch``. ``y0``: the zeroed ``[1, bc·n_c]``
-    accumulator (the selection kernel's), or None for a fresh memset.
+    ``programs``, ``num_warps``, ``num_stages``, ``atomics``, ``prefetch``. ``y0``: the zeroed
+    ``[1, bc·n_c]`` accumulator (the selection kernel's), or None for a fresh memset.
     """
     if gate_pe.shape[0] != 1 or x_pd.shape[0] != 1:
         raise ValueError(f"the balanced kernel takes one token: {gate_pe.shape}, {x_pd.shape}")
