@@ -75,16 +75,6 @@ VARIANTS = {
     "bal_pf_bn8_w16": {"experts": "balanced", "prefetch": 1, "block_n": 8, "num_warps": 16},
     "bal_pf_bn4_p2x": {"experts": "balanced", "prefetch": 1, "block_n": 4, "_programs_x": 2},
     "bal_pf_bn4_w4": {"experts": "balanced", "prefetch": 1, "block_n": 4, "num_warps": 4},
-    # Each program's sum stored in its own row and added by XLA (no atomics, no memset).
-    "bal_rows": {"experts": "balanced", "flush": "rows"},
-    "bal_pf_bn4_rows": {"experts": "balanced", "prefetch": 1, "block_n": 4, "flush": "rows"},
-    "bal_pf_bn4_rows_p2x": {
-        "experts": "balanced",
-        "prefetch": 1,
-        "block_n": 4,
-        "flush": "rows",
-        "_programs_x": 2,
-    },
 }
 
 

@@ -74,17 +74,13 @@ def _unit(u, *, per, bn, g, gate_e, cnt_e, iota_e):
     return e * g + nb * bn, g_e
 
 
-def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, *refs, d, f, g, bn, bc, n_c, n_prog, atomics,
-            prefetch, flush):  # fmt: skip
+def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, bn, bc, n_c,
+            n_prog, atomics, prefetch):  # fmt: skip
     """Program p: units ``[p·U/P, (p+1)·U/P)``. With ``prefetch`` the unit loop is software-
     pipelined in registers: iteration u issues unit u+1's W_gate/W_up loads and its own W_out
     loads before it reduces unit u's rows (loaded by the previous iteration), so the next unit's
-    DRAM round trip overlaps this unit's work instead of following it.
-
-    ``flush="atomic"``: ``refs = (y_in, y)``, the zeroed ``[1, bc·n_c]`` accumulator (aliased)
-    that every program adds its sum into; ``"rows"``: ``refs = (y,)``, ``[P, bc·n_c]``, program p
-    stores its sum (zeros if it has no unit) into row p and the caller adds the rows."""
-    y_ref = refs[-1]
+    DRAM round trip overlaps this unit's work instead of following it."""
+    del y_in_ref  # aliased to y_ref (the zeroed fp32 accumulator)
     tail = bc * n_c != d
     p = pl.program_id(0)
     gate_e, cnt_e, n_used = union(gate_ref)  # [1, ep] gates, prefix count of the selected
@@ -149,23 +145,11 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, *refs, d, f, g, bn, bc, n_c, n
 
             accs = jax.lax.fori_loop(u0, u1, unit, zero)
         for c in range(n_c):  # columns past d add zeros to the accumulator's padding
-            if flush == "rows":
-                plgpu.store(y_ref.at[pl.ds(p, 1), pl.ds(c * bc, bc)], accs[c][None, :])
-                continue
             idx = (pl.ds(0, 1), pl.ds(c * bc, bc))
             if atomics == "relaxed":
                 pallas_atomic.atomic_add(y_ref, idx, accs[c][None, :])
             else:
                 plgpu.atomic_add(y_ref, idx, accs[c][None, :])
-
-    if flush == "rows":
-
-        @pl.when(u1 <= u0)
-        def _():
-            for c in range(n_c):
-                plgpu.store(
-                    y_ref.at[pl.ds(p, 1), pl.ds(c * bc, bc)], jnp.zeros((1, bc), jnp.float32)
-                )
 
 
 def balanced_expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, group_size, plan, interpret, y0):
@@ -173,36 +157,20 @@ def balanced_expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, group_size, plan, 
 
     ``plan`` (``pallas_decode._plan_balanced``, which checks it) keys used: ``bn`` (neurons per
     unit, a power of two dividing G), ``bc`` / ``n_c`` (columns per chunk of d, chunks),
-    ``programs``, ``num_warps``, ``num_stages``, ``atomics``, ``prefetch``, ``flush``. ``y0``: the
-    zeroed ``[1, bc·n_c]`` accumulator (the selection kernel's), or None for a fresh memset
-    (``flush="atomic"``); None with ``flush="rows"``, which needs no zeroed buffer.
+    ``programs``, ``num_warps``, ``num_stages``, ``atomics``, ``prefetch``. ``y0``: the zeroed
+    ``[1, bc·n_c]`` accumulator (the selection kernel's), or None for a fresh memset.
     """
     if gate_pe.shape[0] != 1 or x_pd.shape[0] != 1:
         raise ValueError(f"the balanced kernel takes one token: {gate_pe.shape}, {x_pd.shape}")
     f, d = w_out_fd.shape
     g, bn, bc, n_c = group_size, plan["bn"], plan["bc"], plan["n_c"]
-    n_prog, flush = plan["programs"], plan["flush"]
     acc_shape = (1, bc * n_c)
+    if y0 is None:
+        y0 = jnp.zeros(acc_shape, jnp.float32)
+    elif y0.shape != acc_shape:
+        raise ValueError(f"accumulator {y0.shape} != {acc_shape}")
+    n_prog = plan["programs"]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    in_specs = [
-        pl.BlockSpec(gate_pe.shape, lambda *_: (0, 0)),  # small: every program reads it
-        any_spec,  # x [1, d]
-        any_spec,  # w_in [2f, d]: gate rows then up rows (a free reshape)
-        any_spec,  # w_out [f, d]
-    ]
-    args = [gate_pe, x_pd, w_in_cfd.reshape(2 * f, d), w_out_fd]
-    if flush == "rows":  # one row per program, summed here (fused into the caller's next op)
-        if y0 is not None:
-            raise ValueError("flush='rows' takes no zeroed accumulator")
-        out_shape, aliases = (n_prog, bc * n_c), {}
-    else:
-        if y0 is None:
-            y0 = jnp.zeros(acc_shape, jnp.float32)
-        elif y0.shape != acc_shape:
-            raise ValueError(f"accumulator {y0.shape} != {acc_shape}")
-        in_specs.append(any_spec)  # y0 [1, bc·n_c] fp32 zeros (aliased to the output)
-        args.append(y0)
-        out_shape, aliases = acc_shape, {4: 0}
     out = pl.pallas_call(
         functools.partial(
             _kernel,
@@ -215,19 +183,22 @@ def balanced_expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, group_size, plan, 
             n_prog=n_prog,
             atomics=plan["atomics"],
             prefetch=plan["prefetch"],
-            flush=flush,
         ),  # fmt: skip
-        out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
+        out_shape=jax.ShapeDtypeStruct(acc_shape, jnp.float32),
         grid=(n_prog,),
-        in_specs=in_specs,
+        in_specs=[
+            pl.BlockSpec(gate_pe.shape, lambda *_: (0, 0)),  # small: every program reads it
+            any_spec,  # x [1, d]
+            any_spec,  # w_in [2f, d]: gate rows then up rows (a free reshape)
+            any_spec,  # w_out [f, d]
+            any_spec,  # y0 [1, bc·n_c] fp32 zeros (aliased to the output)
+        ],
         out_specs=any_spec,
-        input_output_aliases=aliases,
+        input_output_aliases={4: 0},
         compiler_params=plgpu.CompilerParams(
             num_warps=plan["num_warps"], num_stages=plan["num_stages"]
         ),
         interpret=interpret,
         name="prunepath_sparse_ffn_balanced",
-    )(*args)
-    if flush == "rows":
-        out = jnp.sum(out, axis=0, keepdims=True)
+    )(gate_pe, x_pd, w_in_cfd.reshape(2 * f, d), w_out_fd, y0)
     return out[:, :d]

@@ -303,13 +303,9 @@ def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
     prefetch = tuning.get("prefetch", 0)
     if prefetch not in (0, 1):
         raise ValueError(f"prefetch must be 0 or 1, got {prefetch!r}")
-    flush = tuning.get("flush", "atomic")
-    if flush not in ("atomic", "rows"):
-        raise ValueError(f"flush must be 'atomic' or 'rows', got {flush!r}")
     return {
         "experts": "balanced",
         "prefetch": int(prefetch),
-        "flush": flush,
         "tp": 1,
         "bn": bn,
         "bc": bc,
@@ -362,7 +358,7 @@ def _decode_jit(
                 )
             else:
                 part, n_part = router_logits_partials(_pad_rows(x_td, tr), router_de, **kw)
-            zero = acc_shape if acc_shape and zeroable(acc_shape, ep) else None
+            zero = acc_shape if zeroable(acc_shape, ep) else None
             gate_re, k_t, y0 = route_gates_from_partials(
                 part, n_part, tau, t=t, e=e, ep=ep, rule=rule, gate=gate, k_min=k_min,
                 k_max=k_max, zeros=zero, interpret=interpret,
@@ -450,9 +446,7 @@ def sparse_ffn_decode(
             ``"blocks"`` (``pallas_experts.py``: a program per expert and neuron block) or
             ``"balanced"`` (one token: ``pallas_balanced.py``, ``programs`` persistent programs
             sharing the union's neurons in ``block_n``-neuron units; ``prefetch=1`` software-
-            pipelines its unit loop: the next unit's rows load while this one computes;
-            ``flush="rows"`` stores each program's sum in a row of its own, added by XLA,
-            instead of atomics).
+            pipelines its unit loop: the next unit's rows load while this one computes).
 
     Raises:
         NotImplementedError/ValueError: input outside what the kernel computes exactly
@@ -474,7 +468,6 @@ def sparse_ffn_decode(
         "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing",
         "logits", "down", "down_chunks", "block_d_down", "up_splits", "atomics", "glue",
         "logit_splits", "logit_block_e", "tail", "norm", "experts", "programs", "prefetch",
-        "flush",
     }  # fmt: skip
     if unknown:
         raise TypeError(f"unknown tuning options {sorted(unknown)}")

@@ -224,11 +224,10 @@ def _down_kernel(gate_ref, act_ref, w_out_ref, y_in_ref, y_ref, *, t, g, e, n_sl
 def accumulator_shape(t: int, d: int, group_size: int, n_slots: int, plan: dict):
     """Shape of the expert kernel's fp32 output buffer (zeroed, aliased): ``[1 or tp, d']`` for
     the atomic down-projection (d' = d rounded up to whole output tiles), the activations
-    ``[tp, n_slots·G(·2)]`` for the split forms; None where the kernel needs no zeroed buffer
-    (the balanced kernel's ``flush="rows"``)."""
+    ``[tp, n_slots·G(·2)]`` for the split forms."""
     tp = plan["tp"]
     if plan["experts"] == "balanced":  # one row of whole d chunks (pallas_balanced.py)
-        return None if plan["flush"] == "rows" else (1, plan["bc"] * plan["n_c"])
+        return (1, plan["bc"] * plan["n_c"])
     if plan["down"] == "atomic":  # whole output tiles: a masked last tile adds to padding
         return (1 if t == 1 else tp, plan["bdo"] * plan["n_out"])
     return (tp, n_slots * group_size * (2 if plan["down"] == "preact" else 1))

@@ -461,16 +461,4 @@ s14b)  # the balanced kernel with its unit loop software-pipelined (prefetch=1):
     --out "$OUT/expert_profile.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
   ;;
-s14c)  # s14b: prefetch helps with 4-neuron units (1B 10%: 9.3 -> 6.4 us), not 8/16 (spills). Now
-       # each program's sum in a row of its own (flush=rows, no atomics) vs atomics; GPU tests
-  run timeout 130 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
-    tests/test_kernels_pallas.py -k "balanced_kernel_real or vmap"
-  run timeout 220 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 0.5 --rounds 3 \
-    --variants blocks balanced bal_pf_bn4 bal_rows bal_pf_bn4_rows bal_pf_bn4_rows_p2x \
-    --out "$OUT/expert_profile.jsonl"
-  run timeout 110 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 --rounds 3 \
-    --shape 2048,8192,32 --variants blocks balanced bal_pf_bn4 bal_rows bal_pf_bn4_rows \
-    bal_pf_bn4_rows_p2x --out "$OUT/expert_profile.jsonl"
-  find "$OUT" -name "*.xplane.pb" -delete
-  ;;
 esac

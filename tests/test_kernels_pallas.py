@@ -102,12 +102,6 @@ CASES = [
      {"experts": "balanced", "programs": 5, "block_n": 2, "block_d": 128, "prefetch": 1}),
     ("b1_balanced_prefetch_k1_fp32", 1, 64, 8, 16, jnp.float32, 0.01, 1.0,
      {"experts": "balanced", "programs": 9, "prefetch": 1}),
-    # Each program's sum in a row of its own (no atomics): programs without a unit store zeros.
-    ("b1_balanced_rows_k1_fp32", 1, 64, 8, 16, jnp.float32, 0.01, 1.0,
-     {"experts": "balanced", "programs": 6, "block_n": 8, "flush": "rows"}),
-    ("b1_balanced_rows_prefetch_tail_bf16", 1, 192, 40, 16, jnp.bfloat16, 0.6, 0.1,
-     {"experts": "balanced", "programs": 5, "block_n": 4, "block_d": 128, "prefetch": 1,
-      "flush": "rows", "with_norm": True}),
 ]  # fmt: skip
 _ROUTE_KEYS = ("rule", "gate", "k_min", "k_max")
 _TEST_KEYS = _ROUTE_KEYS + ("with_norm",)
@@ -283,8 +277,6 @@ def test_rejects_unsupported_inputs():
         pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", use_dot=True, **kw)
     with pytest.raises(ValueError, match="programs must be"):
         pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", programs=-1, **kw)
-    with pytest.raises(ValueError, match="flush must be"):
-        pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", flush="sum", **kw)
     with pytest.raises(ValueError, match="prefetch must be"):
         pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", prefetch=2, **kw)
     if jax.default_backend() == "cpu":
@@ -384,8 +376,7 @@ def test_gpu_llama8b_layer_shape():
 def test_gpu_balanced_kernel_real_layer_shapes():
     """The one-token balanced kernel at the 8B, 1B and SmolLM2 layers, 10% to all experts."""
     for d, e, tau in ((4096, 448, 0.5), (2048, 256, 0.2), (576, 48, 1.05), (4096, 448, 0.05)):
-        for more in ({}, {"prefetch": 1, "block_n": 4}, {"prefetch": 1, "flush": "rows"}):
-            opts = {"experts": "balanced", **more}
+        for opts in ({"experts": "balanced"}, {"experts": "balanced", "prefetch": 1, "block_n": 4}):
             case = (f"balanced_d{d}_tau{tau}_{opts}", 1, d, e, 32, jnp.bfloat16, tau, 0.02, opts)
             _check(case, interpret=False, seed=d)
 
