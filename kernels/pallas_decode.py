@@ -294,15 +294,19 @@ def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
     bad = _BLOCK_ONLY & set(tuning)
     if bad:
         raise ValueError(f"options {sorted(bad)} do not apply to experts='balanced'")
-    bn = tuning.get("block_n", _pow2_divisor(g, 16))
+    # 4-neuron units with the next unit's rows prefetched: as fast as 16-neuron units without
+    # prefetch at 8B (15.6 / 30.4 / 55.1 vs 15.7 / 30.6 / 57.9 µs at k/E 10 / 25 / 50%) and
+    # faster at 1B (6.4 vs 9.3 µs at 10%); 8- and 16-neuron units with prefetch spill registers
+    # (33 / 460 µs at 8B 10%). H200, 2026-12-01, BENCHMARKS.md ninth session.
+    prefetch = tuning.get("prefetch", 1)
+    if prefetch not in (0, 1):
+        raise ValueError(f"prefetch must be 0 or 1, got {prefetch!r}")
+    bn = tuning.get("block_n", _pow2_divisor(g, 4 if prefetch else 16))
     _check_block_n(bn, g)
     bc, n_c = pallas_balanced.chunking(d, tuning.get("block_d", 4096))
     programs = tuning.get("programs") or pallas_balanced.default_programs()
     if programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
-    prefetch = tuning.get("prefetch", 0)
-    if prefetch not in (0, 1):
-        raise ValueError(f"prefetch must be 0 or 1, got {prefetch!r}")
     return {
         "experts": "balanced",
         "prefetch": int(prefetch),

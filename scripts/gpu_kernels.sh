@@ -450,14 +450,15 @@ s14a)  # where an 8B / 1B decode step's time goes now (device traces + the 8B op
     tests/test_kernels_pallas.py -k "vmap"
   ;;
 s14b)  # the balanced kernel with its unit loop software-pipelined (prefetch=1): GPU tests, then
-       # device time vs the block kernel and the plain balanced kernel (8B 10/25/50%, 1B 10/25%)
+       # device time vs the block kernel and the plain balanced kernel (8B 10/25/50%, 1B 10/25%).
+       # Run at e3f248b, where "balanced" was 16-neuron units without prefetch (now bal_bn16)
   run timeout 110 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_pallas.py -k "balanced_kernel_real"
   run timeout 270 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 0.5 --rounds 3 \
-    --variants blocks balanced bal_pf bal_pf_bn4 bal_pf_bn8 bal_pf_bn8_w16 bal_pf_bn4_p2x \
+    --variants blocks balanced bal_pf_bn16 bal_pf_bn4 bal_pf_bn8 bal_pf_bn8_w16 bal_pf_bn4_p2x \
     bal_pf_bn4_w4 bal_bn8 --out "$OUT/expert_profile.jsonl"
   run timeout 110 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 --rounds 3 \
-    --shape 2048,8192,32 --variants blocks balanced bal_pf bal_pf_bn4 bal_pf_bn8 bal_pf_bn4_w4 \
+    --shape 2048,8192,32 --variants blocks balanced bal_pf_bn16 bal_pf_bn4 bal_pf_bn8 bal_pf_bn4_w4 \
     --out "$OUT/expert_profile.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
   ;;

@@ -87,7 +87,7 @@ CASES = [
     ("b1_balanced_k1_fp32", 1, 64, 8, 16, jnp.float32, 0.01, 1.0,
      {"experts": "balanced", "programs": 7, "block_n": 2}),
     ("b1_balanced_kE_bn8_fp32", 1, 64, 8, 16, jnp.float32, 1.05, 1.0,
-     {"experts": "balanced", "programs": 3, "block_n": 8}),
+     {"experts": "balanced", "programs": 3, "block_n": 8, "prefetch": 0}),
     ("b1_balanced_tail_d192_bf16", 1, 192, 8, 16, jnp.bfloat16, 0.6, 0.1,
      {"experts": "balanced", "programs": 4, "block_d": 128}),
     ("b1_balanced_e40_norm_fp32", 1, 128, 40, 16, jnp.float32, 0.6, 0.1,
@@ -376,7 +376,7 @@ def test_gpu_llama8b_layer_shape():
 def test_gpu_balanced_kernel_real_layer_shapes():
     """The one-token balanced kernel at the 8B, 1B and SmolLM2 layers, 10% to all experts."""
     for d, e, tau in ((4096, 448, 0.5), (2048, 256, 0.2), (576, 48, 1.05), (4096, 448, 0.05)):
-        for opts in ({"experts": "balanced"}, {"experts": "balanced", "prefetch": 1, "block_n": 4}):
+        for opts in ({"experts": "balanced"}, {"experts": "balanced", "prefetch": 0}):
             case = (f"balanced_d{d}_tau{tau}_{opts}", 1, d, e, 32, jnp.bfloat16, tau, 0.02, opts)
             _check(case, interpret=False, seed=d)
 
@@ -416,7 +416,8 @@ def test_auto_expert_form_by_tokens_d_and_k_min():
     d: the block kernel."""
     sms = pd.pallas_balanced.default_programs()
     plan = pd._plan(1, 2048, 32, jnp.bfloat16, {})
-    assert (plan["experts"], plan["bn"], plan["programs"]) == ("balanced", 16, sms)
+    assert (plan["experts"], plan["bn"], plan["programs"]) == ("balanced", 4, sms)
+    assert plan["prefetch"] == 1
     assert pd.accumulator_shape(1, 2048, 32, 64, plan) == (1, 2048)
     k_full = -(-3 * sms // 4)
     assert pd._plan(1, 4096, 32, jnp.bfloat16, {}, k_min=k_full - 1)["experts"] == "balanced"
@@ -424,7 +425,8 @@ def test_auto_expert_form_by_tokens_d_and_k_min():
     assert pd._plan(1, 4096, 32, jnp.bfloat16, {"use_dot": True})["experts"] == "blocks"
     assert pd._plan(2, 4096, 32, jnp.bfloat16, {})["experts"] == "blocks"
     assert pd._plan(1, 576, 32, jnp.bfloat16, {})["experts"] == "blocks"
-    assert pd._plan(1, 4096, 24, jnp.bfloat16, {"experts": "balanced"})["bn"] == 8
+    assert pd._plan(1, 4096, 24, jnp.bfloat16, {"experts": "balanced"})["bn"] == 4
+    assert pd._plan(1, 4096, 24, jnp.bfloat16, {"experts": "balanced", "prefetch": 0})["bn"] == 8
 
 
 def _vmapped(x, r, w_in, w_out, g, interpret, **tuning):
