@@ -456,8 +456,9 @@ def sparse_ffn_decode(
             GEMV; the selection kernel re-reads the splits' partials); ``select="auto"``
             (default), ``"whole"`` or ``"blocks"``: the selection kernel compares against the
             whole probability row at once where its tile fits, or in re-read blocks;
-            ``tail="masked"`` (default: where d has a small power-of-two factor, ``block_d``-wide tiles with a
-            masked last one) or ``"divisor"`` (the largest power-of-two block dividing d);
+            ``tail="masked"`` (default: where d has a small power-of-two factor,
+            ``block_d``-wide tiles with a masked last one) or ``"divisor"`` (the largest
+            power-of-two block dividing d);
             ``experts="auto"`` (default: ``_experts_form`` picks by t, d and k_min),
             ``"blocks"`` (``pallas_experts.py``: a program per expert and neuron block) or
             ``"balanced"`` (one token: ``pallas_balanced.py``, ``programs`` persistent programs
