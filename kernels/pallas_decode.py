@@ -282,17 +282,7 @@ def _plan_common(dtype, tuning: dict) -> dict:
         # 8B 2794 vs 2856 µs/token with 32 x 64, 1B 961 vs 965; 8 x 16: 2840 / 955).
         "logit_splits": tuning.get("logit_splits", 16),
         "logit_block_e": tuning.get("logit_block_e", 32),
-        "select": _select_form(tuning.get("select", "auto")),
     }
-
-
-def _select_form(select: str) -> bool | None:
-    """The selection kernel's compare form (``pallas_routing``'s ``whole``): "auto" (None: the
-    whole row where its tile fits), "whole" or "blocks"."""
-    forms = {"auto": None, "whole": True, "blocks": False}
-    if select not in forms:
-        raise ValueError(f"select must be one of {sorted(forms)}, got {select!r}")
-    return forms[select]
 
 
 def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
@@ -375,7 +365,7 @@ def _decode_jit(
             zero = acc_shape if zeroable(acc_shape, ep) else None
             gate_re, k_t, y0 = route_gates_from_partials(
                 part, n_part, tau, t=t, e=e, ep=ep, rule=rule, gate=gate, k_min=k_min,
-                k_max=k_max, zeros=zero, interpret=interpret, whole=plan["select"],
+                k_max=k_max, zeros=zero, interpret=interpret,
             )  # fmt: skip
         else:
             if plan["logits"] == "pallas":  # the split-K GEMV kernel + one small XLA sum
@@ -386,7 +376,7 @@ def _decode_jit(
                 logits_te = routing.router_logits(router_de, x_td)
             gate_re, k_t = route_gates_pallas(
                 logits_te, tau, tp=tr, ep=ep, rule=rule, gate=gate, k_min=k_min, k_max=k_max,
-                interpret=interpret, whole=plan["select"],
+                interpret=interpret,
             )  # fmt: skip
         gate_pe = gate_re if tr in (1, tp) else jnp.pad(gate_re, ((0, tp - tr), (0, 0)))
     else:  # the reference's XLA ops (sort, cumsum, scatter)
@@ -453,12 +443,9 @@ def sparse_ffn_decode(
             the expert kernel's accumulator) or ``"xla"`` (an XLA reduction, padding and memset
             between the kernels, kept to measure the difference); ``logit_splits`` /
             ``logit_block_e`` (fused glue: splits of d and experts per program of the router
-            GEMV; the selection kernel re-reads the splits' partials); ``select="auto"``
-            (default), ``"whole"`` or ``"blocks"``: the selection kernel compares against the
-            whole probability row at once where its tile fits, or in re-read blocks;
-            ``tail="masked"`` (default: where d has a small power-of-two factor,
-            ``block_d``-wide tiles with a masked last one) or ``"divisor"`` (the largest
-            power-of-two block dividing d);
+            GEMV; the selection kernel re-reads the splits' partials); ``tail="masked"``
+            (default: where d has a small power-of-two factor, ``block_d``-wide tiles with a
+            masked last one) or ``"divisor"`` (the largest power-of-two block dividing d);
             ``experts="auto"`` (default: ``_experts_form`` picks by t, d and k_min),
             ``"blocks"`` (``pallas_experts.py``: a program per expert and neuron block) or
             ``"balanced"`` (one token: ``pallas_balanced.py``, ``programs`` persistent programs
@@ -485,7 +472,6 @@ def sparse_ffn_decode(
         "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing",
         "logits", "down", "down_chunks", "block_d_down", "up_splits", "atomics", "glue",
         "logit_splits", "logit_block_e", "tail", "norm", "experts", "programs", "prefetch",
-        "select",
     }  # fmt: skip
     if unknown:
         raise TypeError(f"unknown tuning options {sorted(unknown)}")

@@ -46,8 +46,6 @@ except ImportError:  # pragma: no cover
 
 NEG = -1e30  # padding logit: exp() underflows to exactly 0, no inf - inf = NaN
 TINY = float(jnp.finfo(jnp.float32).tiny)  # smallest normal float32
-# Largest [tp, be, ep] compare tile compared in one piece (one token at E ≤ 512: 16·512).
-WHOLE_MAX = 8192
 
 
 def _logits(lg_ref, c0, w, *, n_part, stride, e):
@@ -63,7 +61,7 @@ def _logits(lg_ref, c0, w, *, n_part, stride, e):
 
 
 def _route_kernel(lg_ref, tau_ref, *out_refs, t, e, ep, be, bj, n_part, rule, gate, k_min,
-                  k_max, whole):  # fmt: skip
+                  k_max):  # fmt: skip
     """Program j: experts ``[j*be, (j+1)*be)`` of every token (``tp ≤ 16`` rows).
 
     ``out_refs``: the gate table ``[tp, ep]``, and optionally a ``[rows, cols]`` fp32 buffer this
@@ -78,37 +76,23 @@ def _route_kernel(lg_ref, tau_ref, *out_refs, t, e, ep, be, bj, n_part, rule, ga
     z_t = jnp.sum(jnp.exp(lg_te - m_t[:, None]), axis=1)  # Σ exp; p = exp / z
 
     c_own = pl.multiple_of(pid * be, be)
+    lg_tb = ld(c_own, be)  # [tp, be] own experts
+    p_tb = jnp.exp(lg_tb - m_t[:, None]) / z_t[:, None]
     e_b = pid * be + jax.lax.broadcasted_iota(jnp.int32, (tp, be), 1)  # expert ids
-    if whole:
-        # The compare tile [tp, be, ep] fits: compare against the row already in registers and
-        # pick the own experts' logits out of it (a one-hot sum adds only zeros: exact), so the
-        # partials are read once instead of twice more (own block, then every bj block).
-        j_idx = jax.lax.broadcasted_iota(jnp.int32, (tp, be, ep), 2)
-        own = j_idx == e_b[:, :, None]
-        lg_tb = jnp.sum(jnp.where(own, lg_te[:, None, :], 0.0), axis=2)  # [tp, be]
-        p_tb = jnp.exp(lg_tb - m_t[:, None]) / z_t[:, None]
-        pj = (jnp.exp(lg_te - m_t[:, None]) / z_t[:, None])[:, None, :]
+
+    def body(i, carry):
+        rank, mass = carry
+        p_tj = jnp.exp(ld(pl.multiple_of(i * bj, bj), bj) - m_t[:, None]) / z_t[:, None]
+        j_idx = i * bj + jax.lax.broadcasted_iota(jnp.int32, (tp, be, bj), 2)
+        pj = p_tj[:, None, :]
         pe = p_tb[:, :, None]
         ahead = (pj > pe) | ((pj == pe) & (j_idx < e_b[:, :, None]))  # strictly ahead
-        rank_tb = jnp.sum(ahead.astype(jnp.int32), axis=2)
-        ahead_tb = jnp.sum(jnp.where(ahead, pj, 0.0), axis=2)
-    else:
-        lg_tb = ld(c_own, be)  # [tp, be] own experts
-        p_tb = jnp.exp(lg_tb - m_t[:, None]) / z_t[:, None]
+        rank += jnp.sum(ahead.astype(jnp.int32), axis=2)
+        mass += jnp.sum(jnp.where(ahead, pj, 0.0), axis=2)
+        return rank, mass
 
-        def body(i, carry):
-            rank, mass = carry
-            p_tj = jnp.exp(ld(pl.multiple_of(i * bj, bj), bj) - m_t[:, None]) / z_t[:, None]
-            j_idx = i * bj + jax.lax.broadcasted_iota(jnp.int32, (tp, be, bj), 2)
-            pj = p_tj[:, None, :]
-            pe = p_tb[:, :, None]
-            ahead = (pj > pe) | ((pj == pe) & (j_idx < e_b[:, :, None]))  # strictly ahead
-            rank += jnp.sum(ahead.astype(jnp.int32), axis=2)
-            mass += jnp.sum(jnp.where(ahead, pj, 0.0), axis=2)
-            return rank, mass
-
-        init = (jnp.zeros((tp, be), jnp.int32), jnp.zeros((tp, be), jnp.float32))
-        rank_tb, ahead_tb = jax.lax.fori_loop(0, ep // bj, body, init)
+    init = (jnp.zeros((tp, be), jnp.int32), jnp.zeros((tp, be), jnp.float32))
+    rank_tb, ahead_tb = jax.lax.fori_loop(0, ep // bj, body, init)
     zsum_t = jnp.sum(jnp.exp(lg_te - m_t[:, None]) / z_t[:, None], axis=1)  # Σ p (≈ 1)
     mass_tb = ahead_tb + p_tb if rule == "paper" else ahead_tb
     tau = jnp.sum(plgpu.load(tau_ref.at[pl.ds(0, 1)]))  # [1] -> scalar
@@ -155,7 +139,6 @@ def route_gates_pallas(
     interpret: bool = False,
     block_e: int = 16,
     num_warps: int = 4,
-    whole: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Gate table ``[tp, ep]`` fp32 and ``k_t`` int32 ``[t]`` from logits ``[t, e]`` (fp32).
 
@@ -168,7 +151,7 @@ def route_gates_pallas(
     lg = jnp.pad(logits_te.astype(jnp.float32), ((0, tp - t), (0, ep - e)))
     gate_te, k_t, _ = route_gates_from_partials(
         lg, 1, tau, t=t, e=e, ep=ep, rule=rule, gate=gate, k_min=k_min, k_max=k_max,
-        interpret=interpret, block_e=block_e, num_warps=num_warps, whole=whole,
+        interpret=interpret, block_e=block_e, num_warps=num_warps,
     )  # fmt: skip
     return gate_te, k_t
 
@@ -189,7 +172,6 @@ def route_gates_from_partials(
     interpret: bool = False,
     block_e: int = 16,
     num_warps: int = 4,
-    whole: bool | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """As ``route_gates_pallas``, from the router-logit kernel's unreduced partials.
 
@@ -198,10 +180,6 @@ def route_gates_from_partials(
             stride=ep)``: rows ≥ t and columns ``[e, ep)`` of each split are ignored.
         zeros: optional ``(rows, cols)`` of an fp32 buffer to return zeroed (the expert
             kernel's atomic accumulator), so the layer needs no separate memset.
-        whole: compare each program's experts against the whole row of probabilities at once
-            (``[tp, be, ep]`` tile; the partials read once) instead of ``bj``-wide blocks
-            re-read from memory; None: where the tile has at most ``WHOLE_MAX`` elements. The
-            two differ only in the float32 summation order of the masses (the caveat above).
 
     Returns:
         ``(gate_te [tp, ep], k_t [t], zeros buffer or None)``.
@@ -222,10 +200,9 @@ def route_gates_from_partials(
         raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
     be = min(block_e, ep)
     bj = max(1, min(ep, 4096 // (tp * be)))  # [tp, be, bj] compare tile in registers
-    whole = tp * be * ep <= WHOLE_MAX if whole is None else bool(whole)
     kern = functools.partial(
         _route_kernel, t=t, e=e, ep=ep, be=be, bj=bj, n_part=n_part, rule=rule, gate=gate,
-        k_min=k_min, k_max=k_max, whole=whole,
+        k_min=k_min, k_max=k_max,
     )  # fmt: skip
     out_shape = [jax.ShapeDtypeStruct((tp, ep), jnp.float32)]
     if zeros is not None:

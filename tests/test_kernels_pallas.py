@@ -102,7 +102,6 @@ CASES = [
      {"experts": "balanced", "programs": 5, "block_n": 2, "block_d": 128, "prefetch": 1}),
     ("b1_balanced_prefetch_k1_fp32", 1, 64, 8, 16, jnp.float32, 0.01, 1.0,
      {"experts": "balanced", "programs": 9, "prefetch": 1}),
-    ("b1_select_blocks_bf16", 1, 64, 40, 16, jnp.bfloat16, 0.6, 0.1, {"select": "blocks"}),
 ]  # fmt: skip
 _ROUTE_KEYS = ("rule", "gate", "k_min", "k_max")
 _TEST_KEYS = _ROUTE_KEYS + ("with_norm",)
@@ -170,20 +169,19 @@ def test_sort_free_selection_matches_routing_select(rule):
         k_min, k_max = (1, None) if i % 2 else (2, max(2, e // 2))
         kw = {"rule": rule, "gate": "sigmoid", "k_min": k_min, "k_max": k_max}
         tp, ep = pd._next_pow2(t), max(16, pd._next_pow2(e))
+        gate_pe, k_t = jax.jit(
+            lambda lg, ta, kw=kw, tp=tp, ep=ep: route_gates_pallas(
+                lg, ta, tp=tp, ep=ep, interpret=True, **kw
+            )
+        )(logits, jnp.float32(tau))
         # route_reference takes x and a router: identity router turns logits into themselves.
         _, mask_ref, gate_ref, k_ref = route_reference(logits, jnp.eye(e), tau, **kw)
-        for whole in (True, False):  # the whole-row compare tile and the bj-block loop
-            gate_pe, k_t = jax.jit(
-                lambda lg, ta, kw=kw, tp=tp, ep=ep, wh=whole: route_gates_pallas(
-                    lg, ta, tp=tp, ep=ep, interpret=True, whole=wh, **kw
-                )
-            )(logits, jnp.float32(tau))
-            what = f"case {i}: t={t} e={e} scale={scale} tau={tau:.3f} {kw} whole={whole}"
-            np.testing.assert_array_equal(np.asarray(k_t), np.asarray(k_ref), err_msg=what)
-            np.testing.assert_array_equal(np.asarray(gate_pe[:t, :e] != 0), np.asarray(mask_ref),
-                                          err_msg=what)  # fmt: skip
-            assert_close(gate_pe[:t, :e], gate_ref, "op_fp32", what)
-            assert not np.asarray(gate_pe[t:]).any() and not np.asarray(gate_pe[:, e:]).any(), what
+        what = f"case {i}: t={t} e={e} scale={scale} tau={tau:.3f} {kw}"
+        np.testing.assert_array_equal(np.asarray(k_t), np.asarray(k_ref), err_msg=what)
+        np.testing.assert_array_equal(np.asarray(gate_pe[:t, :e] != 0), np.asarray(mask_ref),
+                                      err_msg=what)  # fmt: skip
+        assert_close(gate_pe[:t, :e], gate_ref, "op_fp32", what)
+        assert not np.asarray(gate_pe[t:]).any() and not np.asarray(gate_pe[:, e:]).any(), what
 
 
 def test_selection_from_partials_adds_them_and_zeroes_the_accumulator():
@@ -279,8 +277,6 @@ def test_rejects_unsupported_inputs():
         pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", use_dot=True, **kw)
     with pytest.raises(ValueError, match="programs must be"):
         pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", programs=-1, **kw)
-    with pytest.raises(ValueError, match="select must be"):
-        pd.sparse_ffn_decode(x, r, w_in, w_out, 0.5, select="sort", **kw)
     with pytest.raises(ValueError, match="prefetch must be"):
         pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", prefetch=2, **kw)
     if jax.default_backend() == "cpu":
