@@ -473,4 +473,19 @@ s14d)  # end to end with the new defaults (balanced: 4-neuron units + prefetch; 
     --variants '{"blocks": {"1": {"experts": "blocks"}}, "bal16_noprefetch": {"1": {"experts": "balanced", "prefetch": 0}}}' \
     --out "$OUT/sparse_decode.jsonl"
   ;;
+s14e)  # XLA's GEMM choice at decode: its Triton split-K GEMMs (default) pad M to 2 and need a
+       # reduction fusion after every projection; cuBLAS (triton_gemm off) may fuse the residual
+       # add as the GEMM's beta. End to end dense vs 75% sparse in one process per flag setting,
+       # then device traces of the 8B steps with cuBLAS
+  for fl in "" "--xla_gpu_enable_triton_gemm=false"; do
+    XLA_FLAGS="$fl" run timeout 150 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b \
+      llama-3-8b --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 \
+      --out "$OUT/sparse_decode_flags${fl:+_cublas}.jsonl"
+  done
+  tr() { local name=$1; shift; run timeout 110 python3 scripts/trace_decode.py --out "$OUT/$name" "$@"
+         find "$OUT/$name" -name "*.xplane.pb" -delete; find "$OUT/$name" -name "*.trace.json.gz" -delete; }
+  export XLA_FLAGS=--xla_gpu_enable_triton_gemm=false
+  tr trace_8b_0.75_cublas --shape llama-3-8b --sparsity 0.75 --attn pallas
+  tr trace_8b_0_cublas --shape llama-3-8b --sparsity 0 --attn pallas
+  ;;
 esac
