@@ -488,4 +488,12 @@ s14e)  # XLA's GEMM choice at decode: its Triton split-K GEMMs (default) pad M t
   tr trace_8b_0.75_cublas --shape llama-3-8b --sparsity 0.75 --attn pallas
   tr trace_8b_0_cublas --shape llama-3-8b --sparsity 0 --attn pallas
   ;;
+s14f)  # registry defaults by layer size: at the SmolLM2 shape (d 576, E 48) Pallas beat the batched
+       # Triton default on the real model at batch 8 (seventh session); every backend at batch
+       # 1-16 on the SmolLM2 shape, one process, 50% and 75% FFN sparsity
+  run timeout 250 python3 benchmarks/sparse_decode.py --shapes smollm2-135m --sparsities 0.5 0.75 \
+    --all-impl-sparsity 0.5 --impls pallas triton xla --batches 2 4 8 16 \
+    --batch-shape smollm2-135m --batch-all-impls --steps 16 --chunks 4 \
+    --out "$OUT/sparse_decode_smollm2.jsonl"
+  ;;
 esac
