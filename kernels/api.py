@@ -47,6 +47,13 @@ DEFAULTS = {
     "decode": ("triton",),  # 9-16 tokens: the masked XLA path beats Pallas at 16
     "prefill": ("triton",),
 }
+# Small layers (d ≤ SMALL_D, e.g. SmolLM2's 576) are launch-bound, and there the Pallas layer wins
+# at every decode batch: SmolLM2-135M shape, 50% FFN sparsity, µs/token (2026-12-01, H200, one
+# run): batch 2 / 4 / 8 / 16 Pallas 1133 / 1192 / 1104 / 1572, Triton 1285 / 1302 / 1244 / 1585,
+# masked XLA 1405 / 1416 / 1352 / 1839 (the real model at batch 8 agreed: Pallas 545 vs Triton
+# 475 tokens/s per sequence, seventh session).
+SMALL_D = 1024
+SMALL_DEFAULTS = {"decode_few": ("pallas", "triton"), "decode": ("pallas", "triton")}
 
 
 def unsupported_reason(
@@ -95,9 +102,9 @@ def _backend_ready(implementation: str) -> str | None:
     return None
 
 
-def choose(n_tokens: int, implementation: str | None) -> str:
-    """The backend ``implementation=None`` would use for ``n_tokens`` on this platform, before
-    the input checks."""
+def choose(n_tokens: int, implementation: str | None, d: int | None = None) -> str:
+    """The backend ``implementation=None`` would use for ``n_tokens`` tokens of width ``d`` on
+    this platform, before the input checks."""
     if implementation is not None:
         return implementation
     if jax.default_backend() != "gpu":
@@ -108,7 +115,10 @@ def choose(n_tokens: int, implementation: str | None) -> str:
         regime = "decode_few"
     else:
         regime = "decode" if n_tokens <= DECODE_MAX_TOKENS else "prefill"
-    return next((b for b in DEFAULTS[regime] if _backend_ready(b) is None), "xla")
+    order = DEFAULTS[regime]
+    if d is not None and d <= SMALL_D:
+        order = SMALL_DEFAULTS.get(regime, order)
+    return next((b for b in order if _backend_ready(b) is None), "xla")
 
 
 def xla_masked(
@@ -164,7 +174,7 @@ def sparse_ffn(
         # The norm's output takes the promoted dtype (as in the model): XLA first, as before.
         x_td, norm_d = rms_norm(x_td, norm_d, norm_eps), None
     t = x_td.shape[0]
-    impl = choose(t, implementation)
+    impl = choose(t, implementation, x_td.shape[1])
     why = unsupported_reason(
         impl, x_td, w_in_cfd, w_out_fd, router_de, group_size=group_size,
         activation=activation, b_in_cf=b_in_cf, b_out_d=b_out_d,

@@ -277,8 +277,9 @@ def generate(
             "auto" (fastest available), for prefill and decode; for Llama-family models
             (dense too) "pallas" also runs decode-step attention through the split-K kernel
             (`models.decode_attention`; XLA where it cannot run, e.g. on CPU or with a sliding
-            window); "auto" uses that kernel only for up to 8 sequences with a cache of at most 1024
-            positions and unsharded weights, where it measured faster (BENCHMARKS.md). None
+            window); "auto" uses that kernel only for up to 8 sequences with a cache of at most
+            17 408 positions (``decode_attention.AUTO_MAX_CACHE``) and unsharded weights, where
+            it measured faster (BENCHMARKS.md). None
             keeps the model's own compute paths. The decode step stays one compiled program.
         tau: PrunePath budget (scalar or per-layer); builds `ffn_args` when those are not given.
 

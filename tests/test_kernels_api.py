@@ -85,6 +85,12 @@ def test_default_backend_follows_the_measured_order(monkeypatch):
         "pallas", "pallas", "pallas", "xla", "xla",
     ]  # fmt: skip
     assert api.choose(4, "xla") == "xla"  # an explicit request is never overridden
+    # Small layers (SmolLM2's d = 576): Pallas at every decode batch, Triton for prefill.
+    monkeypatch.setattr(api, "_backend_ready", lambda b: None)
+    assert [api.choose(n, None, 576) for n in (1, 2, 8, 16, 17)] == ["pallas"] * 4 + ["triton"]
+    assert [api.choose(n, None, 4096) for n in (1, 2, 16)] == ["pallas", "triton", "triton"]
+    monkeypatch.setattr(api, "_backend_ready", no_triton)
+    assert [api.choose(n, None, 576) for n in (4, 17)] == ["pallas", "xla"]
 
 
 def test_norm_weight_means_ffn_of_rms_norm_and_is_checked():
