@@ -496,4 +496,17 @@ s14f)  # registry defaults by layer size: at the SmolLM2 shape (d 576, E 48) Pal
     --batch-shape smollm2-135m --batch-all-impls --steps 16 --chunks 4 \
     --out "$OUT/sparse_decode_smollm2.jsonl"
   ;;
+s14g)  # the registry's default backend on the GPU (new small-layer rule), then ncu of the balanced
+       # (default: 4-neuron units + prefetch) vs the block kernel at 25% of the 8B experts, this
+       # time seeing into XLA's command buffers (--graph-profiling node; s14a's came back empty)
+  run timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py -k "default_backend"
+  for v in balanced blocks; do
+    run timeout 110 ncu --graph-profiling node --clock-control none -k regex:prunepath_sparse_ffn \
+      -s 1 -c 1 --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+      --section Occupancy --section LaunchStats --section SchedulerStats \
+      --csv --page details --log-file "$OUT/ncu_${v}_k0.25.csv" \
+      python3 benchmarks/expert_profile.py --kfrac 0.25 --variants $v
+  done
+  ;;
 esac

@@ -163,6 +163,35 @@ def _ffns(model):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "t,d,expect",
+    [(1, 2048, "pallas"), (4, 576, "pallas"), (12, 576, "pallas"), (4, 2048, "triton")],
+)
+def test_default_backend_runs_and_matches_xla_on_gpu(t, d, expect):
+    """``implementation=None`` on the GPU takes the measured order's backend for this token count
+    and layer width (one token at d 2048: the balanced expert kernel) and gives the XLA path's
+    routing and output (fp32, so a threshold cannot amplify rounding)."""
+    from kernel_cases import Case
+
+    if expect == "triton" and api._backend_ready("triton") is not None:
+        pytest.skip("jax-triton is not installed")
+    c = Case(f"default_t{t}_d{d}", t, d, 48, 32, "float32", 0.6, seed=t + d)
+    x, r, wi, wo = inputs(c)
+    assert api.choose(t, None, d) == expect
+    with jax.default_matmul_precision("highest"):
+        outs = [
+            jax.jit(lambda *a, impl=impl: api.sparse_ffn(*a, **kwargs(c), implementation=impl))(
+                x, r, wi, wo, jnp.float32(c.tau)
+            )
+            for impl in (None, "xla")
+        ]
+    (y, k), (y_ref, k_ref) = outs
+    np.testing.assert_array_equal(np.asarray(k), np.asarray(k_ref))
+    assert 1 < float(np.mean(np.asarray(k))) < c.e, "tau 0.6 should select some of the experts"
+    assert_close(y, y_ref, "op_fp32", f"t={t} d={d} via {expect}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("impl", ["triton", "pallas"])
 def test_fp32_sparse_generation_equals_xla_tokens_on_gpu(batch, impl):
