@@ -223,6 +223,9 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict, k_min: int = 1) -> dict:
     # Broadcast accumulators [tp, bn, bd] (two, fp32) live in registers: tp·bn·bd ≤ 16k
     # elements for one token at 8 warps (64 per thread), ≤ 4k otherwise (32 per thread, 4 warps).
     bd_cap = tuning.get("block_d", 512 if use_dot else (1024 if one else 4096 // (tp * bn)))
+    stages = tuning.get("num_stages", 3)
+    if use_dot and "block_d" not in tuning:
+        bd_cap = _fit_smem(bd_cap, tp, bn, stages, jnp.dtype(dtype).itemsize)
     tail = tuning.get("tail", "masked")
     if tail not in ("masked", "divisor"):
         raise ValueError(f"tail must be 'masked' or 'divisor', got {tail!r}")
@@ -247,12 +250,27 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict, k_min: int = 1) -> dict:
         "bdo": bdo,
         "n_out": n_out,
         "num_warps": tuning.get("num_warps", 8 if one else 4),
-        "num_stages": tuning.get("num_stages", 3),
+        "num_stages": stages,
         "down": down,
         "up_splits": up_splits,
         "down_chunks": tuning.get("down_chunks", 8),
         "block_d_down": _pow2_divisor(d, tuning.get("block_d_down", 128)),
     }
+
+
+# Shared memory the dot path's pipelined loads may take (the H200 allows 227 KB a program; the
+# rest is Triton's own scratch).
+SMEM_BYTES = 200 * 1024
+
+
+def _fit_smem(bd: int, tp: int, bn: int, stages: int, itemsize: int) -> int:
+    """Largest ``bd`` ≤ the given one whose pipelined tiles fit ``SMEM_BYTES``: Triton keeps
+    ``stages - 1`` copies of the x tile ``[tp, bd]`` and the two weight tiles ``[bn, bd]`` in
+    flight. Why: fp32 at 2-4 tokens (32-neuron blocks, 512 columns) asked for 320 KB and failed
+    to launch on the H200 (RESOURCE_EXHAUSTED); bf16 defaults are unchanged (160 KB)."""
+    while bd > 16 and max(stages - 1, 1) * (tp + 2 * bn) * bd * itemsize > SMEM_BYTES:
+        bd //= 2
+    return bd
 
 
 def _check_block_n(bn: int, g: int) -> None:

@@ -509,4 +509,9 @@ s14g)  # the registry's default backend on the GPU (new small-layer rule), then 
       python3 benchmarks/expert_profile.py --kfrac 0.25 --variants $v
   done
   ;;
+s14h)  # s14g found the Pallas dot path's fp32 tiles at 2-4 tokens over shared memory (320 KB); with
+       # the d tile fitted to SMEM_BYTES: the registry default test again, fp32 at real widths
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py tests/test_kernels_pallas.py -k "default_backend or fp32_few_tokens"
+  ;;
 esac

@@ -391,6 +391,26 @@ def test_gpu_smollm2_layer_shape():
             _check(case, interpret=False, seed=t)
 
 
+def test_dot_tiles_fit_shared_memory():
+    """The dot path's default d tile keeps its pipelined loads within ``SMEM_BYTES``: bf16 keeps
+    512 columns, fp32 at 2-4 tokens (32-neuron blocks) halves it (320 KB failed on the H200)."""
+    for t, dtype, bd in ((4, jnp.bfloat16, 512), (4, jnp.float32, 256), (8, jnp.float32, 512)):
+        plan = pd._plan(t, 2048, 32, dtype, {})
+        assert plan["use_dot"] and plan["bd"] == bd, (t, dtype, plan["bd"])
+        need = (plan["num_stages"] - 1) * (plan["tp"] + 2 * plan["bn"]) * plan["bd"]
+        assert need * jnp.dtype(dtype).itemsize <= pd.SMEM_BYTES
+    assert pd._plan(4, 2048, 32, jnp.float32, {"block_d": 512})["bd"] == 512  # explicit: kept
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_few_tokens_at_real_widths():
+    """fp32 at 2-4 tokens on real layer widths: the dot path's tiles must fit shared memory."""
+    for t in (2, 4):
+        for d, e in ((576, 48), (2048, 64)):
+            case = (f"fp32_b{t}_d{d}", t, d, e, 32, jnp.float32, 0.6, 0.05, {})
+            _check(case, interpret=False, seed=t + d)
+
+
 def test_tiles_mask_the_last_tile_only_where_that_shortens_the_walk():
     """576 = 9·64 walks 2 masked 512-wide tiles, not 9 of 64; a d that 512 divides is unchanged;
     "divisor" keeps the old walk."""
