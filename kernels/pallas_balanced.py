@@ -19,11 +19,18 @@ kernel pays ``k·d``).
 Neurons are independent until the down-projection sums them, so any split of the rows gives the
 same sum up to order; the result equals the reference within the dtype's tolerance.
 
-Measured (H200, device µs per call, BENCHMARKS.md eighth session): 8B layer at k/E 10% 15.1 vs
-the block kernel's 22.8, but 29.5 vs 27.5 at 25% and 55.5 vs 51.8 at 50%, where the block kernel
-already has ~1 expert per SM; 1B layer 8.6 vs 13.0 (10%) and 12.4 vs 14.4 (25%). Units of 16
-neurons were the best single size (4: 45.2 µs at 8B/25%, 32: 44.5); pipeline stages change
-nothing (no dots, so Triton leaves the loads alone). ``pallas_decode._experts_form`` picks it.
+Prefetch (``prefetch=1``, the default with 4-neuron units): the unit loop is software-pipelined
+in registers, so the next unit's W_gate/W_up rows are in flight while this unit is reduced and
+its W_out rows load. Without it each unit costs two dependent DRAM round trips, which is why
+small units were slow (4-neuron units: 45.2 µs at 8B / 25%) and 16-neuron units were the best
+unprefetched size; with it 4-neuron units balance finely and hide that latency. Bigger units
+with prefetch hold two units' rows in registers and spill (8 neurons: 2×, 16: 30× slower).
+
+Measured (H200, device µs per call, BENCHMARKS.md ninth session): 8B layer at k/E 10 / 25 / 50%
+15.6 / 30.3 / 55.1 (16-neuron units without prefetch 15.8 / 30.4 / 58.0; the block kernel 22.8 /
+27.8 / 52.3, ahead where it already has ~1 expert per SM); 1B layer at 10 / 25% 6.4 / 12.7 (9.3 /
+13.2; blocks 12.8 / 14.4). Under ncu it is latency-bound at one program per SM (249 registers a
+thread), its top stall the cross-warp row sums. ``pallas_decode._experts_form`` picks it.
 """
 
 from __future__ import annotations
