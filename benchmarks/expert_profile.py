@@ -76,6 +76,10 @@ VARIANTS = {
     "bal_pf_bn8_w16": {"experts": "balanced", "prefetch": 1, "block_n": 8, "num_warps": 16},
     "bal_pf_bn4_p2x": {"experts": "balanced", "prefetch": 1, "block_n": 4, "_programs_x": 2},
     "bal_pf_bn4_w4": {"experts": "balanced", "prefetch": 1, "block_n": 4, "num_warps": 4},
+    "bal_pf_bn2": {"experts": "balanced", "prefetch": 1, "block_n": 2},
+    "bal_pf_bn2_p2x": {"experts": "balanced", "prefetch": 1, "block_n": 2, "_programs_x": 2},
+    "bal_pf_bn4_bd2048": {"experts": "balanced", "prefetch": 1, "block_n": 4, "block_d": 2048},
+    "bal_pf_bn4_bd1024": {"experts": "balanced", "prefetch": 1, "block_n": 4, "block_d": 1024},
 }
 
 

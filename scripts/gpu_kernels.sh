@@ -514,4 +514,11 @@ s14h)  # s14g found the Pallas dot path's fp32 tiles at 2-4 tokens over shared m
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_api.py tests/test_kernels_pallas.py -k "default_backend or fp32_few_tokens"
   ;;
+s14i)  # fewer registers per thread for the prefetching balanced kernel (ncu, s14g: 249 registers,
+       # one program per SM): 2-neuron units (and two programs per SM), narrower d chunks
+  run timeout 150 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 --rounds 3 \
+    --variants balanced bal_pf_bn2 bal_pf_bn2_p2x bal_pf_bn4_bd2048 bal_pf_bn4_bd1024 blocks \
+    --out "$OUT/expert_profile.jsonl"
+  find "$OUT" -name "*.xplane.pb" -delete
+  ;;
 esac
