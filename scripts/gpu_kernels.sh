@@ -521,4 +521,12 @@ s14i)  # fewer registers per thread for the prefetching balanced kernel (ncu, s1
     --out "$OUT/expert_profile.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
   ;;
+s14j)  # s14i: 2-neuron units with prefetch at 2 programs per SM beat the default at 8B 10/25% (14.7 /
+       # 28.0 vs 15.6 / 30.3 us); the rest of the grid: 8B 50%, 1B 10/25%
+  run timeout 60 python3 benchmarks/expert_profile.py --time --kfrac 0.5 --rounds 3 \
+    --variants balanced bal_pf_bn2_p2x blocks --out "$OUT/expert_profile.jsonl"
+  run timeout 60 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 --rounds 3 \
+    --shape 2048,8192,32 --variants balanced bal_pf_bn2_p2x blocks --out "$OUT/expert_profile.jsonl"
+  find "$OUT" -name "*.xplane.pb" -delete
+  ;;
 esac
