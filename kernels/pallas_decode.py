@@ -305,24 +305,27 @@ def _plan_common(dtype, tuning: dict) -> dict:
 
 def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
     """Blocks of the one-token balanced kernel (``pallas_balanced.py``): ``block_n`` neurons a
-    unit, d in ``block_d``-column chunks, ``programs`` persistent programs (default: one per
-    SM)."""
+    unit, d in ``block_d``-column chunks, ``programs`` persistent programs (default: two per SM
+    for prefetched 2-neuron units, the default, else one)."""
     if t != 1:
         raise ValueError(f"experts='balanced' is the one-token kernel, got {t} tokens")
     bad = _BLOCK_ONLY & set(tuning)
     if bad:
         raise ValueError(f"options {sorted(bad)} do not apply to experts='balanced'")
-    # 4-neuron units with the next unit's rows prefetched: as fast as 16-neuron units without
-    # prefetch at 8B (15.6 / 30.4 / 55.1 vs 15.7 / 30.6 / 57.9 µs at k/E 10 / 25 / 50%) and
-    # faster at 1B (6.4 vs 9.3 µs at 10%); 8- and 16-neuron units with prefetch spill registers
-    # (33 / 460 µs at 8B 10%). H200, 2026-12-01, BENCHMARKS.md ninth session.
+    # 2-neuron units with the next unit's rows prefetched, two programs per SM (few enough
+    # registers that two fit): H200 device µs at 8B k/E 10 / 25 / 50% 14.7 / 28.0 / 49.6, vs
+    # 4-neuron units at one program per SM 15.6 / 30.3 / 54.6 and 16-neuron units without
+    # prefetch 15.8 / 30.4 / 58.0 (the block kernel 22.8 / 27.4 / 51.9); 1B at 10 / 25% 7.2 / 11.7
+    # vs 6.4 / 12.7. 8- and 16-neuron units with prefetch spill registers (33 / 460 µs at 8B
+    # 10%). 2026-12-01, BENCHMARKS.md ninth session.
     prefetch = tuning.get("prefetch", 1)
     if prefetch not in (0, 1):
         raise ValueError(f"prefetch must be 0 or 1, got {prefetch!r}")
-    bn = tuning.get("block_n", _pow2_divisor(g, 4 if prefetch else 16))
+    bn = tuning.get("block_n", _pow2_divisor(g, 2 if prefetch else 16))
     _check_block_n(bn, g)
     bc, n_c = pallas_balanced.chunking(d, tuning.get("block_d", 4096))
-    programs = tuning.get("programs") or pallas_balanced.default_programs()
+    per_sm = 2 if prefetch and bn <= 2 else 1  # prefetched 2-neuron units: two programs fit an SM
+    programs = tuning.get("programs") or per_sm * pallas_balanced.default_programs()
     if programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
     return {
