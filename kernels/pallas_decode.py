@@ -306,22 +306,22 @@ def _plan_common(dtype, tuning: dict) -> dict:
 def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
     """Blocks of the one-token balanced kernel (``pallas_balanced.py``): ``block_n`` neurons a
     unit, d in ``block_d``-column chunks, ``programs`` persistent programs (default: two per SM
-    for prefetched 2-neuron units, the default, else one)."""
+    for prefetched 2-neuron units, else one)."""
     if t != 1:
         raise ValueError(f"experts='balanced' is the one-token kernel, got {t} tokens")
     bad = _BLOCK_ONLY & set(tuning)
     if bad:
         raise ValueError(f"options {sorted(bad)} do not apply to experts='balanced'")
-    # 2-neuron units with the next unit's rows prefetched, two programs per SM (few enough
-    # registers that two fit): H200 device µs at 8B k/E 10 / 25 / 50% 14.7 / 28.0 / 49.6, vs
-    # 4-neuron units at one program per SM 15.6 / 30.3 / 54.6 and 16-neuron units without
-    # prefetch 15.8 / 30.4 / 58.0 (the block kernel 22.8 / 27.4 / 51.9); 1B at 10 / 25% 7.2 / 11.7
-    # vs 6.4 / 12.7. 8- and 16-neuron units with prefetch spill registers (33 / 460 µs at 8B
-    # 10%). 2026-12-01, BENCHMARKS.md ninth session.
+    # 4-neuron units with the next unit's rows prefetched, one program per SM: H200 device µs at
+    # 8B k/E 10 / 25 / 50% 15.6 / 30.3 / 55.1 vs 16-neuron units without prefetch 15.7 / 30.6 /
+    # 57.9, 1B at 10% 6.4 vs 9.3; 8- and 16-neuron units with prefetch spill registers (33 / 460
+    # µs at 8B 10%). `block_n=2` (two programs per SM then) measured faster at 8B (14.7 / 28.0 /
+    # 49.6) and at 1B / 25% (11.7 vs 12.7), slower at 1B / 10% (7.2); it becomes the default once
+    # its GPU correctness test has run (`STAGE=s14k`). 2026-12-01, BENCHMARKS.md ninth session.
     prefetch = tuning.get("prefetch", 1)
     if prefetch not in (0, 1):
         raise ValueError(f"prefetch must be 0 or 1, got {prefetch!r}")
-    bn = tuning.get("block_n", _pow2_divisor(g, 2 if prefetch else 16))
+    bn = tuning.get("block_n", _pow2_divisor(g, 4 if prefetch else 16))
     _check_block_n(bn, g)
     bc, n_c = pallas_balanced.chunking(d, tuning.get("block_d", 4096))
     per_sm = 2 if prefetch and bn <= 2 else 1  # prefetched 2-neuron units: two programs fit an SM

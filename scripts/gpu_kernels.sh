@@ -529,8 +529,9 @@ s14j)  # s14i: 2-neuron units with prefetch at 2 programs per SM beat the defaul
     --shape 2048,8192,32 --variants balanced bal_pf_bn2_p2x blocks --out "$OUT/expert_profile.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
   ;;
-s14k)  # the new balanced default (2-neuron prefetched units, two programs per SM) on the GPU: real
-       # layer shapes (both forms) and the registry's one-token default at d 2048
+s14k)  # prepared (the device time ran out): 2-neuron prefetched units at two programs per SM on
+       # the GPU (real layer shapes; the registry's one-token default at d 2048); if they pass,
+       # make block_n=2 the balanced default (pallas_decode._plan_balanced) and time end to end
   run timeout 75 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_pallas.py tests/test_kernels_api.py -k "balanced_kernel_real or 1-2048"
   ;;

@@ -436,10 +436,10 @@ def test_auto_expert_form_by_tokens_d_and_k_min():
     d: the block kernel."""
     sms = pd.pallas_balanced.default_programs()
     plan = pd._plan(1, 2048, 32, jnp.bfloat16, {})
-    assert (plan["experts"], plan["bn"], plan["programs"]) == ("balanced", 2, 2 * sms)
+    assert (plan["experts"], plan["bn"], plan["programs"]) == ("balanced", 4, sms)
     assert plan["prefetch"] == 1
-    explicit = pd._plan(1, 4096, 32, jnp.bfloat16, {"experts": "balanced", "block_n": 4})
-    assert explicit["programs"] == sms  # one program per SM unless the default units fit two
+    two = pd._plan(1, 4096, 32, jnp.bfloat16, {"experts": "balanced", "block_n": 2})
+    assert two["programs"] == 2 * sms  # prefetched 2-neuron units: two programs fit an SM
     assert pd.accumulator_shape(1, 2048, 32, 64, plan) == (1, 2048)
     k_full = -(-3 * sms // 4)
     assert pd._plan(1, 4096, 32, jnp.bfloat16, {}, k_min=k_full - 1)["experts"] == "balanced"
@@ -447,7 +447,7 @@ def test_auto_expert_form_by_tokens_d_and_k_min():
     assert pd._plan(1, 4096, 32, jnp.bfloat16, {"use_dot": True})["experts"] == "blocks"
     assert pd._plan(2, 4096, 32, jnp.bfloat16, {})["experts"] == "blocks"
     assert pd._plan(1, 576, 32, jnp.bfloat16, {})["experts"] == "blocks"
-    assert pd._plan(1, 4096, 24, jnp.bfloat16, {"experts": "balanced"})["bn"] == 2
+    assert pd._plan(1, 4096, 24, jnp.bfloat16, {"experts": "balanced"})["bn"] == 4
     assert pd._plan(1, 4096, 24, jnp.bfloat16, {"experts": "balanced", "prefetch": 0})["bn"] == 8
 
 
