@@ -19,21 +19,22 @@ kernel pays ``k·d``).
 Neurons are independent until the down-projection sums them, so any split of the rows gives the
 same sum up to order; the result equals the reference within the dtype's tolerance.
 
-Prefetch (``prefetch=1``, the default with 2-neuron units): the unit loop is software-pipelined
+Prefetch (``prefetch=1``, the default, with 4-neuron units): the unit loop is software-pipelined
 in registers, so the next unit's W_gate/W_up rows are in flight while this unit is reduced and
 its W_out rows load. Without it each unit costs two dependent DRAM round trips, which is why
 small units were slow (4-neuron units: 45.2 µs at 8B / 25%) and 16-neuron units were the best
 unprefetched size; with it small units balance finely and hide that latency. Bigger units with
 prefetch hold two units' rows in registers and spill (8 neurons: 2×, 16: 30× slower); 2-neuron
-units need few enough registers that two programs share an SM (the default then launches two
+units need few enough registers that two programs share an SM (``block_n=2`` then launches two
 per SM), which ncu showed is what the one-program-per-SM kernels lacked.
 
 Measured (H200, device µs per call, BENCHMARKS.md ninth session): 8B layer at k/E 10 / 25 / 50%
-14.7 / 28.0 / 49.6 (4-neuron units at one program per SM 15.6 / 30.3 / 54.6; 16-neuron units
-without prefetch 15.8 / 30.4 / 58.0; the block kernel 22.8 / 27.4 / 51.9); 1B layer at 10 / 25%
-7.2 / 11.7 (6.4 / 12.7; blocks 12.9 / 14.5). Under ncu the 4-neuron form was latency-bound at
-one program per SM (249 registers a thread), its top stall the cross-warp row sums.
-``pallas_decode._experts_form`` picks it.
+15.6 / 30.3 / 54.6 (the default: 4-neuron units, one program per SM), 14.7 / 28.0 / 49.6
+(2-neuron units, two per SM: faster, the default once its GPU correctness test has run),
+16-neuron units without prefetch 15.8 / 30.4 / 58.0, the block kernel 22.8 / 27.4 / 51.9; 1B
+layer at 10 / 25% 6.4 / 12.7 (2-neuron: 7.2 / 11.7; blocks 12.9 / 14.5). Under ncu the 4-neuron
+form is latency-bound at one program per SM (249 registers a thread), its top stall the
+cross-warp row sums. ``pallas_decode._experts_form`` picks the kernel.
 """
 
 from __future__ import annotations

@@ -376,7 +376,8 @@ def test_gpu_llama8b_layer_shape():
 def test_gpu_balanced_kernel_real_layer_shapes():
     """The one-token balanced kernel at the 8B, 1B and SmolLM2 layers, 10% to all experts."""
     for d, e, tau in ((4096, 448, 0.5), (2048, 256, 0.2), (576, 48, 1.05), (4096, 448, 0.05)):
-        for opts in ({"experts": "balanced"}, {"experts": "balanced", "prefetch": 0}):
+        for more in ({}, {"prefetch": 0}, {"block_n": 2}):
+            opts = {"experts": "balanced", **more}
             case = (f"balanced_d{d}_tau{tau}_{opts}", 1, d, e, 32, jnp.bfloat16, tau, 0.02, opts)
             _check(case, interpret=False, seed=d)
 
