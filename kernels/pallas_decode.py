@@ -167,8 +167,10 @@ def _experts_form(t: int, d: int, k_min: int, tuning: dict) -> str:
 
     One token with d > ``SMALL_D``: the balanced kernel (``pallas_balanced.py``) unless k_min
     already guarantees ≥ 0.75 selected experts per SM. H200, device µs per call (BENCHMARKS.md,
-    eighth session): 8B layer at k/E 10% / 25% / 50% balanced (16-neuron units) 15.1 / 29.5 /
-    55.5 vs blocks 22.8 / 27.5 / 51.8; 1B layer at 10% / 25%: 8.6 / 12.4 vs 13.0 / 14.4. With
+    ninth session): 8B layer at k/E 10% / 25% / 50% balanced (its default, 4-neuron prefetched
+    units) 15.6 / 30.3 / 55.1 vs blocks 22.8 / 27.8 / 52.3; 1B layer at 10% / 25%: 6.4 / 12.7 vs
+    12.8 / 14.4. (With 2-neuron units at two programs per SM the balanced kernel also wins at 8B
+    50%: 49.6 vs 51.9; this rule should be re-measured when those become the default.) With
     threshold routing (k_min = 1) k is unknown until the router has run, and the balanced kernel
     is the one that does not lose much anywhere; a fixed k of ≥ 99 experts on an H200 (e.g.
     k/E 25% of the 8B layer) keeps the block kernel.
