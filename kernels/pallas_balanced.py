@@ -9,8 +9,8 @@ on 112 (27.8 µs, 75% of copy). The bytes are there to share, not the programs.
 How. ``P`` programs (default: one per SM, two per SM with ``block_n=2``) split the union's neuron
 rows evenly: the union of ``n_used`` experts is ``n_used·G/bn`` units of ``bn`` neurons (a unit
 never straddles two experts), and program ``p`` takes units ``[p·U/P, (p+1)·U/P)`` — loads that
-differ by at most one unit, whatever k is. A unit reads its ``bn`` W_gate/W_up rows whole (``[bn,
-bc]`` chunks of d), reduces them against x in fp32 (broadcast multiply + row sums: no 16-row
+differ by at most one unit, whatever k is. A unit reads its ``bn`` W_gate/W_up rows whole
+(``[bn, bc]`` chunks of d), reduces them against x in fp32 (broadcast multiply + row sums: no 16-row
 tensor-core padding for one token), applies ``silu(gate)·up·σ(g)``, and adds its ``bn`` W_out rows
 times those activations into a register accumulator ``[d]``. A program adds its accumulator to the
 output once, with relaxed fp32 atomics: at most ``P·d`` atomics per layer, whatever k is (the block
