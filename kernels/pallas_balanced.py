@@ -46,7 +46,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from prunepath_jax.kernels import pallas_atomic
-from prunepath_jax.kernels.pallas_experts import load_cols, union
+from prunepath_jax.kernels.jt import next_pow2
+from prunepath_jax.kernels.pallas_experts import accumulator_shape, load_cols, union
 
 try:  # The Triton backend module imports on CPU jaxlib too; guard anyway (it is deprecated).
     from jax.experimental.pallas import triton as plgpu
@@ -66,13 +67,9 @@ def default_programs() -> int:
     return int(n) if isinstance(n, int) and n > 0 else DEFAULT_PROGRAMS
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def chunking(d: int, block_d: int) -> tuple[int, int]:
     """``(bc, n_c)``: d read in ``n_c`` power-of-two chunks of ``bc`` columns (last one masked)."""
-    bc = min(_next_pow2(d), _next_pow2(block_d))
+    bc = min(next_pow2(d), next_pow2(block_d))
     return bc, -(-d // bc)
 
 
@@ -175,7 +172,7 @@ def balanced_expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, group_size, plan, 
         raise ValueError(f"the balanced kernel takes one token: {gate_pe.shape}, {x_pd.shape}")
     f, d = w_out_fd.shape
     g, bn, bc, n_c = group_size, plan["bn"], plan["bc"], plan["n_c"]
-    acc_shape = (1, bc * n_c)
+    acc_shape = accumulator_shape(1, d, g, 0, plan)  # (1, bc·n_c): whole chunks of d
     if y0 is None:
         y0 = jnp.zeros(acc_shape, jnp.float32)
     elif y0.shape != acc_shape:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from prunepath_jax import routing
 from prunepath_jax.kernels import pallas_balanced, pallas_experts
+from prunepath_jax.kernels.jt import next_pow2 as _next_pow2
 from prunepath_jax.kernels.pallas_experts import accumulator_shape
 from prunepath_jax.kernels.pallas_logits import pow2_divisor as _pow2_divisor
 from prunepath_jax.kernels.pallas_logits import (
@@ -62,10 +63,6 @@ SMALL_D = 1024
 # reduction first is cheaper.
 FUSED_GLUE_MAX_TOKENS = 2
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float16))
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _pad_rows(x_td: jax.Array, n: int) -> jax.Array:

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from prunepath_jax.kernels.jt import next_pow2
+
 try:
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover - only on a jax without Pallas-Triton
@@ -62,7 +64,7 @@ def _row_scale(x_ref, d, eps):
     padded) row: every program needs it for its own slice of d, and re-reading a decode token's
     row (8 KB at d = 4096) from L2 is cheaper than one more launch."""
     tp = x_ref.shape[0]
-    dp = 1 << max(0, (d - 1).bit_length())
+    dp = next_pow2(d)
     ok = jax.lax.broadcasted_iota(jnp.int32, (tp, dp), 1) < d
     x = plgpu.load(x_ref.at[:, pl.ds(0, dp)], mask=ok, other=0).astype(jnp.float32)
     return jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) / d + eps)
