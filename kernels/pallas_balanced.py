@@ -134,17 +134,15 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
 
         zero = tuple(jnp.zeros((bc,), jnp.float32) for _ in range(n_c))
         if prefetch:
-            # The carry holds unit u's rows and its (first row, gate), found by the previous
-            # iteration: each unit's expert lookup (two reductions over the gate table) runs once.
-            def unit(u, carry):
-                (row0, g_e), accs, up = carry[0], carry[1 : 1 + n_c], carry[1 + n_c :]
-                wo = [rows_in(w_out_ref, row0, c) for c in range(n_c)]
-                nxt = unit_of(jnp.minimum(u + 1, u1 - 1))  # the last unit: a harmless reload
-                return (nxt,) + compute(up, g_e, wo, accs) + load_up(nxt[0])
 
-            first = unit_of(u0)
-            init = (first,) + zero + load_up(first[0])
-            accs = jax.lax.fori_loop(u0, u1, unit, init)[1 : 1 + n_c]
+            def unit(u, carry):
+                accs, up = carry[:n_c], carry[n_c:]
+                row0, g_e = unit_of(u)
+                wo = [rows_in(w_out_ref, row0, c) for c in range(n_c)]
+                nxt = load_up(unit_of(jnp.minimum(u + 1, u1 - 1))[0])  # last: a harmless reload
+                return compute(up, g_e, wo, accs) + nxt
+
+            accs = jax.lax.fori_loop(u0, u1, unit, zero + load_up(unit_of(u0)[0]))[:n_c]
         else:
 
             def unit(u, accs):
