@@ -48,8 +48,8 @@ VARIANTS = {
     "bd256": {"block_d": 256},
     "bd1024": {"block_d": 1024},
     "gate16": {"_gate_rows": 16},  # one token, but the gate table padded to the 16 dot rows
-    # One token, balanced persistent programs (pallas_balanced.py): defaults 4-neuron units
-    # with the next unit prefetched, whole-d chunks (≤ 4096), one program per SM, 8 warps, 2
+    # One token, balanced persistent programs (pallas_balanced.py): defaults 2-neuron units
+    # with the next unit prefetched, whole-d chunks (≤ 4096), two programs per SM, 8 warps, 2
     # stages; the bal_* variants without "pf" in their name are the unit loop without prefetch.
     "balanced": {"experts": "balanced"},
     "bal_bn2": {"experts": "balanced", "prefetch": 0, "block_n": 2},
@@ -78,6 +78,21 @@ VARIANTS = {
     "bal_pf_bn4_w4": {"experts": "balanced", "prefetch": 1, "block_n": 4, "num_warps": 4},
     "bal_pf_bn2": {"experts": "balanced", "prefetch": 1, "block_n": 2, "_programs_x": 1},
     "bal_pf_bn2_p2x": {"experts": "balanced", "prefetch": 1, "block_n": 2, "_programs_x": 2},
+    "bal_pf_bn2_p4x_w4": {
+        "experts": "balanced",
+        "prefetch": 1,
+        "block_n": 2,
+        "_programs_x": 4,
+        "num_warps": 4,
+    },
+    "bal_pf_bn1_p2x": {"experts": "balanced", "prefetch": 1, "block_n": 1, "_programs_x": 2},
+    "bal_pf_bn1_p4x_w4": {
+        "experts": "balanced",
+        "prefetch": 1,
+        "block_n": 1,
+        "_programs_x": 4,
+        "num_warps": 4,
+    },
     "bal_pf_bn4_bd2048": {"experts": "balanced", "prefetch": 1, "block_n": 4, "block_d": 2048},
     "bal_pf_bn4_bd1024": {"experts": "balanced", "prefetch": 1, "block_n": 4, "block_d": 1024},
 }

@@ -6,7 +6,7 @@ program fills one SM, and an SM streams ~32-34 GB/s that way (H200, BENCHMARKS.m
 at 10% of the Llama-3-8B layer run on 45 of 132 SMs (22.8 µs for 35 MB, 1.5 TB/s), 112 at 25%
 on 112 (27.8 µs, 75% of copy). The bytes are there to share, not the programs.
 
-How. ``P`` programs (default: one per SM, two per SM with ``block_n=2``) split the union's neuron
+How. ``P`` programs (default: two per SM with ``block_n ≤ 2``, else one) split the union's neuron
 rows evenly: the union of ``n_used`` experts is ``n_used·G/bn`` units of ``bn`` neurons (a unit
 never straddles two experts), and program ``p`` takes units ``[p·U/P, (p+1)·U/P)`` — loads that
 differ by at most one unit, whatever k is. A unit reads its ``bn`` W_gate/W_up rows whole
@@ -19,22 +19,23 @@ kernel pays ``k·d``).
 Neurons are independent until the down-projection sums them, so any split of the rows gives the
 same sum up to order; the result equals the reference within the dtype's tolerance.
 
-Prefetch (``prefetch=1``, the default, with 4-neuron units): the unit loop is software-pipelined
+Prefetch (``prefetch=1``, the default, with 2-neuron units): the unit loop is software-pipelined
 in registers, so the next unit's W_gate/W_up rows are in flight while this unit is reduced and
 its W_out rows load. Without it each unit costs two dependent DRAM round trips, which is why
 small units were slow (4-neuron units: 45.2 µs at 8B / 25%) and 16-neuron units were the best
 unprefetched size; with it small units balance finely and hide that latency. Bigger units with
 prefetch hold two units' rows in registers and spill (8 neurons: 2×, 16: 30× slower); 2-neuron
-units need few enough registers that two programs share an SM (``block_n=2`` then launches two
-per SM), which ncu showed is what the one-program-per-SM kernels lacked.
+units need few enough registers that two programs share an SM (``block_n ≤ 2`` launches two per
+SM), which ncu showed is what the one-program-per-SM kernels lacked. Each unit's expert (two
+reductions over the gate table) is looked up once, by the iteration that prefetches it.
 
-Measured (H200, device µs per call, BENCHMARKS.md ninth session): 8B layer at k/E 10 / 25 / 50%
-15.6 / 30.3 / 54.6 (the default: 4-neuron units, one program per SM), 14.7 / 28.0 / 49.6
-(2-neuron units, two per SM: faster, the default once its GPU correctness test has run),
-16-neuron units without prefetch 15.8 / 30.4 / 58.0, the block kernel 22.8 / 27.4 / 51.9; 1B
-layer at 10 / 25% 6.4 / 12.7 (2-neuron: 7.2 / 11.7; blocks 12.9 / 14.5). Under ncu the 4-neuron
-form is latency-bound at one program per SM (249 registers a thread), its top stall the
-cross-warp row sums. ``pallas_decode._experts_form`` picks the kernel.
+Measured (H200, device µs per call, one run, BENCHMARKS.md tenth session): 8B layer at k/E 10 /
+25 / 50% 15.0 / 27.6 / 49.1 (the default: 2-neuron units, two programs per SM; 76% / 85% of the
+copy bandwidth at 25 / 50%), 4-neuron units at one per SM 15.9 / 30.7 / 55.9, the block kernel
+22.9 / 28.0 / 52.7; 1B layer at 10 / 25% 7.3 / 12.2 (4-neuron: 6.5 / 13.2; blocks 12.5 / 14.4).
+Looking each unit up once instead of twice: 15.0 / 27.6 / 49.1 vs 15.0 / 28.3 / 50.3. Under ncu
+the 4-neuron form is latency-bound at one program per SM (249 registers a thread), its top stall
+the cross-warp row sums. ``pallas_decode._experts_form`` picks the kernel.
 """
 
 from __future__ import annotations
@@ -134,15 +135,17 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
 
         zero = tuple(jnp.zeros((bc,), jnp.float32) for _ in range(n_c))
         if prefetch:
-
+            # The carry holds unit u's rows and its (first row, gate), found by the previous
+            # iteration: each unit's expert lookup (two reductions over the gate table) runs once.
             def unit(u, carry):
-                accs, up = carry[:n_c], carry[n_c:]
-                row0, g_e = unit_of(u)
+                (row0, g_e), accs, up = carry[0], carry[1 : 1 + n_c], carry[1 + n_c :]
                 wo = [rows_in(w_out_ref, row0, c) for c in range(n_c)]
-                nxt = load_up(unit_of(jnp.minimum(u + 1, u1 - 1))[0])  # last: a harmless reload
-                return compute(up, g_e, wo, accs) + nxt
+                nxt = unit_of(jnp.minimum(u + 1, u1 - 1))  # the last unit: a harmless reload
+                return (nxt,) + compute(up, g_e, wo, accs) + load_up(nxt[0])
 
-            accs = jax.lax.fori_loop(u0, u1, unit, zero + load_up(unit_of(u0)[0]))[:n_c]
+            first = unit_of(u0)
+            init = (first,) + zero + load_up(first[0])
+            accs = jax.lax.fori_loop(u0, u1, unit, init)[1 : 1 + n_c]
         else:
 
             def unit(u, accs):

@@ -154,31 +154,24 @@ TUNING_OVERRIDES: dict[int, dict] = {}
 # Options only the block kernel takes: given one, "auto" keeps the block kernel.
 _BLOCK_ONLY = frozenset({"use_dot", "block_d_out", "down", "up_splits", "down_chunks",
                          "block_d_down", "tail"})  # fmt: skip
-# The block kernel fills the GPU with one program per selected expert; where the static minimum
-# k (``k_min``) guarantees this many experts per SM, it is the faster one-token kernel.
-BLOCKS_MIN_EXPERTS_PER_SM = 0.75
 
 
-def _experts_form(t: int, d: int, k_min: int, tuning: dict) -> str:
+def _experts_form(t: int, d: int, tuning: dict) -> str:
     """``"balanced"`` or ``"blocks"`` for ``experts="auto"`` (the default).
 
-    One token with d > ``SMALL_D``: the balanced kernel (``pallas_balanced.py``) unless k_min
-    already guarantees ≥ 0.75 selected experts per SM. H200, device µs per call (BENCHMARKS.md,
-    ninth session): 8B layer at k/E 10% / 25% / 50% balanced (its default, 4-neuron prefetched
-    units) 15.6 / 30.3 / 55.1 vs blocks 22.8 / 27.8 / 52.3; 1B layer at 10% / 25%: 6.4 / 12.7 vs
-    12.8 / 14.4. (With 2-neuron units at two programs per SM the balanced kernel also wins at 8B
-    50%: 49.6 vs 51.9; this rule should be re-measured when those become the default.) With
-    threshold routing (k_min = 1) k is unknown until the router has run, and the balanced kernel
-    is the one that does not lose much anywhere; a fixed k of ≥ 99 experts on an H200 (e.g.
-    k/E 25% of the 8B layer) keeps the block kernel.
+    One token with d > ``SMALL_D``: the balanced kernel (``pallas_balanced.py``), at every k.
+    H200, device µs per call, one run (BENCHMARKS.md, tenth session): 8B layer at k/E 10 / 25 /
+    50% balanced (2-neuron prefetched units, two programs per SM) 15.0 / 27.6 / 49.1 vs blocks
+    22.9 / 28.0 / 52.7; 1B layer at 10 / 25%: 7.3 / 12.2 vs 12.5 / 14.4. (Until the 2-neuron
+    default the block kernel won at a fixed k ≥ 0.75 experts per SM, and a k_min rule kept it
+    there; the balanced kernel now wins or ties at every k measured, so the rule is gone.)
     """
     if t != 1 or d <= SMALL_D or _BLOCK_ONLY & set(tuning):
         return "blocks"
-    per_sm = k_min / pallas_balanced.default_programs()
-    return "blocks" if per_sm >= BLOCKS_MIN_EXPERTS_PER_SM else "balanced"
+    return "balanced"
 
 
-def _plan(t: int, d: int, g: int, dtype, tuning: dict, k_min: int = 1) -> dict:
+def _plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
     """Static block sizes. ``use_dot`` picks tensor-core dots (tokens padded to 16 rows).
 
     Defaults from the H200 sweeps (BENCHMARKS.md, issue 5, Llama-3-8B layer, k/E = 25%): one
@@ -199,7 +192,7 @@ def _plan(t: int, d: int, g: int, dtype, tuning: dict, k_min: int = 1) -> dict:
     if experts not in ("auto", "blocks", "balanced"):
         raise ValueError(f"experts must be 'auto', 'blocks' or 'balanced', got {experts!r}")
     if experts == "auto":
-        experts = _experts_form(t, d, k_min, tuning)
+        experts = _experts_form(t, d, tuning)
     if experts == "balanced":
         return {**common, **_plan_balanced(t, d, g, tuning)}
     use_dot = tuning.get("use_dot")
@@ -311,16 +304,16 @@ def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
     bad = _BLOCK_ONLY & set(tuning)
     if bad:
         raise ValueError(f"options {sorted(bad)} do not apply to experts='balanced'")
-    # 4-neuron units with the next unit's rows prefetched, one program per SM: H200 device µs at
-    # 8B k/E 10 / 25 / 50% 15.6 / 30.3 / 55.1 vs 16-neuron units without prefetch 15.7 / 30.6 /
-    # 57.9, 1B at 10% 6.4 vs 9.3; 8- and 16-neuron units with prefetch spill registers (33 / 460
-    # µs at 8B 10%). `block_n=2` (two programs per SM then) measured faster at 8B (14.7 / 28.0 /
-    # 49.6) and at 1B / 25% (11.7 vs 12.7), slower at 1B / 10% (7.2); it becomes the default once
-    # its GPU correctness test has run (`STAGE=s14k`). 2026-12-01, BENCHMARKS.md ninth session.
+    # 2-neuron units with the next unit's rows prefetched, two programs per SM: H200 device µs
+    # at 8B k/E 10 / 25 / 50% 15.0 / 27.6 / 49.1 vs 4-neuron units at one program per SM 15.9 /
+    # 30.7 / 55.9; at 1B 12.2 vs 13.2 at 25%, but 7.3 vs 6.5 at 10%. 1-neuron units tie at 8B
+    # and lose at 1B; 4 warps at four programs per SM lose (19.5 / 32.5 / 53.8 at 8B); 8- and
+    # 16-neuron units with prefetch spill registers (33 / 460 µs at 8B 10%). BENCHMARKS.md,
+    # tenth session.
     prefetch = tuning.get("prefetch", 1)
     if prefetch not in (0, 1):
         raise ValueError(f"prefetch must be 0 or 1, got {prefetch!r}")
-    bn = tuning.get("block_n", _pow2_divisor(g, 4 if prefetch else 16))
+    bn = tuning.get("block_n", _pow2_divisor(g, 2 if prefetch else 16))
     _check_block_n(bn, g)
     bc, n_c = pallas_balanced.chunking(d, tuning.get("block_d", 4096))
     per_sm = 2 if prefetch and bn <= 2 else 1  # prefetched 2-neuron units: two programs fit an SM
@@ -354,7 +347,7 @@ def _decode_jit(
     f = w_in_cfd.shape[1]
     e = f // group_size
     k_cap = e if k_max is None else min(k_max, e)
-    plan = _plan(t, d, group_size, x_td.dtype, dict(tuning), k_min=k_min)
+    plan = _plan(t, d, group_size, x_td.dtype, dict(tuning))
     tp = plan["tp"]
     ep = max(_next_pow2(e), 16)
     tr = _next_pow2(t)  # routing rows: the real tokens padded to a power of two
@@ -466,7 +459,7 @@ def sparse_ffn_decode(
             GEMV; the selection kernel re-reads the splits' partials); ``tail="masked"``
             (default: where d has a small power-of-two factor, ``block_d``-wide tiles with a
             masked last one) or ``"divisor"`` (the largest power-of-two block dividing d);
-            ``experts="auto"`` (default: ``_experts_form`` picks by t, d and k_min),
+            ``experts="auto"`` (default: ``_experts_form`` picks by t and d),
             ``"blocks"`` (``pallas_experts.py``: a program per expert and neuron block) or
             ``"balanced"`` (one token: ``pallas_balanced.py``, ``programs`` persistent programs
             sharing the union's neurons in ``block_n``-neuron units; ``prefetch=1`` software-

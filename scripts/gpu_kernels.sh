@@ -136,7 +136,24 @@ idle32k)  # why the 8B step idles 36% at a 32k cache with the attention kernel: 
       default) flags="";;
       none) flags="--xla_gpu_enable_command_buffer=";;
       custom) flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN";;
-    esac
+    s15a)  # 2-neuron prefetched units at two programs per SM (the new balanced default) and the carried
+       # unit lookup (each unit's expert found once): GPU correctness, then device time against
+       # the previous default (4-neuron units, one program per SM) and narrower forms; the
+       # tree without the carried lookup (BASE, an install of the previous commit) alongside
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py tests/test_kernels_api.py -k "balanced_kernel_real or default_backend or vmap"
+  V="balanced bal_pf_bn4 bal_pf_bn2_p4x_w4 bal_pf_bn1_p2x bal_pf_bn1_p4x_w4 blocks"
+  run timeout 150 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 0.5 --rounds 3 \
+    --variants $V --out "$OUT/expert_profile.jsonl"
+  run timeout 90 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 --rounds 3 \
+    --shape 2048,8192,32 --variants $V --out "$OUT/expert_profile.jsonl"
+  if [ -n "${BASE:-}" ]; then
+    PYTHONPATH=$BASE run timeout 100 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 \
+      0.5 --rounds 3 --variants balanced bal_pf_bn2_p2x blocks --out "$OUT/expert_profile_base.jsonl"
+  fi
+  find "$OUT" -name "*.xplane.pb" -delete
+  ;;
+esac
     XLA_FLAGS="$flags" run timeout 140 python3 scripts/trace_decode.py --shape llama-3-8b \
       --sparsity 0 --attn pallas --ctx 32768 --prompt-len 32000 --steps 2 --out "$OUT/idle32k_$cb"
   done
@@ -534,5 +551,22 @@ s14k)  # prepared (the device time ran out): 2-neuron prefetched units at two pr
        # make block_n=2 the balanced default (pallas_decode._plan_balanced) and time end to end
   run timeout 75 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_pallas.py tests/test_kernels_api.py -k "balanced_kernel_real or 1-2048"
+  ;;
+s15a)  # 2-neuron prefetched units at two programs per SM (the new balanced default) and the carried
+       # unit lookup (each unit's expert found once): GPU correctness, then device time against
+       # the previous default (4-neuron units, one program per SM) and narrower forms; the
+       # tree without the carried lookup (BASE, an install of the previous commit) alongside
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py tests/test_kernels_api.py -k "balanced_kernel_real or default_backend or vmap"
+  V="balanced bal_pf_bn4 bal_pf_bn2_p4x_w4 bal_pf_bn1_p2x bal_pf_bn1_p4x_w4 blocks"
+  run timeout 150 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 0.5 --rounds 3 \
+    --variants $V --out "$OUT/expert_profile.jsonl"
+  run timeout 90 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 --rounds 3 \
+    --shape 2048,8192,32 --variants $V --out "$OUT/expert_profile.jsonl"
+  if [ -n "${BASE:-}" ]; then
+    PYTHONPATH=$BASE run timeout 100 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 \
+      0.5 --rounds 3 --variants balanced bal_pf_bn2_p2x blocks --out "$OUT/expert_profile_base.jsonl"
+  fi
+  find "$OUT" -name "*.xplane.pb" -delete
   ;;
 esac

@@ -376,7 +376,7 @@ def test_gpu_llama8b_layer_shape():
 def test_gpu_balanced_kernel_real_layer_shapes():
     """The one-token balanced kernel at the 8B, 1B and SmolLM2 layers, 10% to all experts."""
     for d, e, tau in ((4096, 448, 0.5), (2048, 256, 0.2), (576, 48, 1.05), (4096, 448, 0.05)):
-        for more in ({}, {"prefetch": 0}, {"block_n": 2}):
+        for more in ({}, {"prefetch": 0}, {"block_n": 4}):
             opts = {"experts": "balanced", **more}
             case = (f"balanced_d{d}_tau{tau}_{opts}", 1, d, e, 32, jnp.bfloat16, tau, 0.02, opts)
             _check(case, interpret=False, seed=d)
@@ -431,24 +431,20 @@ def test_tiles_mask_the_last_tile_only_where_that_shortens_the_walk():
     assert pd._plan(1, 2048, 32, jnp.bfloat16, {"experts": "blocks"})["use_dot"]
 
 
-def test_auto_expert_form_by_tokens_d_and_k_min():
-    """One token at a large d: the balanced kernel, unless k_min guarantees the block kernel a
-    full GPU (≥ 0.75 experts per SM) or a block-only option is given; more tokens or a small
-    d: the block kernel."""
+def test_auto_expert_form_by_tokens_and_d():
+    """One token at a large d: the balanced kernel, unless a block-only option is given; more
+    tokens or a small d: the block kernel."""
     sms = pd.pallas_balanced.default_programs()
     plan = pd._plan(1, 2048, 32, jnp.bfloat16, {})
-    assert (plan["experts"], plan["bn"], plan["programs"]) == ("balanced", 4, sms)
-    assert plan["prefetch"] == 1
-    two = pd._plan(1, 4096, 32, jnp.bfloat16, {"experts": "balanced", "block_n": 2})
-    assert two["programs"] == 2 * sms  # prefetched 2-neuron units: two programs fit an SM
+    assert (plan["experts"], plan["bn"], plan["programs"]) == ("balanced", 2, 2 * sms)
+    assert plan["prefetch"] == 1  # prefetched 2-neuron units: two programs fit an SM
+    four = pd._plan(1, 4096, 32, jnp.bfloat16, {"experts": "balanced", "block_n": 4})
+    assert four["programs"] == sms
     assert pd.accumulator_shape(1, 2048, 32, 64, plan) == (1, 2048)
-    k_full = -(-3 * sms // 4)
-    assert pd._plan(1, 4096, 32, jnp.bfloat16, {}, k_min=k_full - 1)["experts"] == "balanced"
-    assert pd._plan(1, 4096, 32, jnp.bfloat16, {}, k_min=k_full)["experts"] == "blocks"
     assert pd._plan(1, 4096, 32, jnp.bfloat16, {"use_dot": True})["experts"] == "blocks"
     assert pd._plan(2, 4096, 32, jnp.bfloat16, {})["experts"] == "blocks"
     assert pd._plan(1, 576, 32, jnp.bfloat16, {})["experts"] == "blocks"
-    assert pd._plan(1, 4096, 24, jnp.bfloat16, {"experts": "balanced"})["bn"] == 4
+    assert pd._plan(1, 4096, 24, jnp.bfloat16, {"experts": "balanced"})["bn"] == 2
     assert pd._plan(1, 4096, 24, jnp.bfloat16, {"experts": "balanced", "prefetch": 0})["bn"] == 8
 
 
