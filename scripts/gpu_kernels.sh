@@ -153,6 +153,26 @@ idle32k)  # why the 8B step idles 36% at a 32k cache with the attention kernel: 
   fi
   find "$OUT" -name "*.xplane.pb" -delete
   ;;
+s15b)  # end to end with the new balanced default (2-neuron units, two programs per SM) vs the previous
+       # one (4-neuron units), one process; where the step's time goes now; ncu of the two routing
+       # kernels (router logits, selection) inside the 8B decode step
+  run timeout 260 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 0.9 --impls pallas --batches --steps 16 --chunks 4 \
+    --variants '{"bn4": {"1": {"experts": "balanced", "block_n": 4}}}' \
+    --out "$OUT/sparse_decode.jsonl"
+  tr() { local name=$1; shift; run timeout 110 python3 scripts/trace_decode.py --out "$OUT/$name" "$@"
+         find "$OUT/$name" -name "*.xplane.pb" -delete; find "$OUT/$name" -name "*.trace.json.gz" -delete; }
+  tr trace_8b_0.75 --shape llama-3-8b --sparsity 0.75 --attn pallas
+  tr trace_1b_0.75 --shape llama-3.2-1b --sparsity 0.75 --attn pallas
+  for k in route_select router_logits; do
+    run timeout 100 ncu --graph-profiling node --clock-control none -k regex:prunepath_$k -s 64 -c 1 \
+      --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+      --section Occupancy --section LaunchStats --section SchedulerStats \
+      --csv --page details --log-file "$OUT/ncu_$k.csv" python3 benchmarks/sparse_decode.py \
+      --shapes llama-3-8b --sparsities 0.75 --impls pallas --batches --steps 2 --chunks 1 \
+      --out /tmp/ncu_rows.jsonl
+  done
+  ;;
 esac
     XLA_FLAGS="$flags" run timeout 140 python3 scripts/trace_decode.py --shape llama-3-8b \
       --sparsity 0 --attn pallas --ctx 32768 --prompt-len 32000 --steps 2 --out "$OUT/idle32k_$cb"
@@ -568,5 +588,25 @@ s15a)  # 2-neuron prefetched units at two programs per SM (the new balanced defa
       0.5 --rounds 3 --variants balanced bal_pf_bn2_p2x blocks --out "$OUT/expert_profile_base.jsonl"
   fi
   find "$OUT" -name "*.xplane.pb" -delete
+  ;;
+s15b)  # end to end with the new balanced default (2-neuron units, two programs per SM) vs the previous
+       # one (4-neuron units), one process; where the step's time goes now; ncu of the two routing
+       # kernels (router logits, selection) inside the 8B decode step
+  run timeout 260 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 0.9 --impls pallas --batches --steps 16 --chunks 4 \
+    --variants '{"bn4": {"1": {"experts": "balanced", "block_n": 4}}}' \
+    --out "$OUT/sparse_decode.jsonl"
+  tr() { local name=$1; shift; run timeout 110 python3 scripts/trace_decode.py --out "$OUT/$name" "$@"
+         find "$OUT/$name" -name "*.xplane.pb" -delete; find "$OUT/$name" -name "*.trace.json.gz" -delete; }
+  tr trace_8b_0.75 --shape llama-3-8b --sparsity 0.75 --attn pallas
+  tr trace_1b_0.75 --shape llama-3.2-1b --sparsity 0.75 --attn pallas
+  for k in route_select router_logits; do
+    run timeout 100 ncu --graph-profiling node --clock-control none -k regex:prunepath_$k -s 64 -c 1 \
+      --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+      --section Occupancy --section LaunchStats --section SchedulerStats \
+      --csv --page details --log-file "$OUT/ncu_$k.csv" python3 benchmarks/sparse_decode.py \
+      --shapes llama-3-8b --sparsities 0.75 --impls pallas --batches --steps 2 --chunks 1 \
+      --out /tmp/ncu_rows.jsonl
+  done
   ;;
 esac
