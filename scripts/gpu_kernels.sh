@@ -173,6 +173,20 @@ s15b)  # end to end with the new balanced default (2-neuron units, two programs 
       --out /tmp/ncu_rows.jsonl
   done
   ;;
+s15c)  # XLA's M = 1 projections: a split-K Triton GEMM with M padded to 2 (a concatenate fusion before,
+       # a reduction fusion after: ~4 of the ~11 launches of a sparse layer). Which flags exist on
+       # this jaxlib, then end to end dense vs 75% sparse under each that does, one process each
+  for fl in --xla_gpu_enable_split_k_autotuning=false --xla_gpu_enable_triton_gemm_int4=false \
+            --xla_gpu_autotune_level=0; do
+    XLA_FLAGS="$fl" run timeout 60 python3 -c "import jax, jax.numpy as jnp; print(jnp.ones(3).sum())"
+  done
+  for fl in "" "--xla_gpu_enable_split_k_autotuning=false" "--xla_gpu_autotune_level=0"; do
+    tag=$(echo "${fl:-default}" | tr -dc 'a-z0-9_')
+    XLA_FLAGS="$fl" run timeout 150 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b \
+      llama-3-8b --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 \
+      --out "$OUT/sparse_decode_$tag.jsonl"
+  done
+  ;;
 esac
     XLA_FLAGS="$flags" run timeout 140 python3 scripts/trace_decode.py --shape llama-3-8b \
       --sparsity 0 --attn pallas --ctx 32768 --prompt-len 32000 --steps 2 --out "$OUT/idle32k_$cb"
@@ -607,6 +621,20 @@ s15b)  # end to end with the new balanced default (2-neuron units, two programs 
       --csv --page details --log-file "$OUT/ncu_$k.csv" python3 benchmarks/sparse_decode.py \
       --shapes llama-3-8b --sparsities 0.75 --impls pallas --batches --steps 2 --chunks 1 \
       --out /tmp/ncu_rows.jsonl
+  done
+  ;;
+s15c)  # XLA's M = 1 projections: a split-K Triton GEMM with M padded to 2 (a concatenate fusion before,
+       # a reduction fusion after: ~4 of the ~11 launches of a sparse layer). Which flags exist on
+       # this jaxlib, then end to end dense vs 75% sparse under each that does, one process each
+  for fl in --xla_gpu_enable_split_k_autotuning=false --xla_gpu_enable_triton_gemm_int4=false \
+            --xla_gpu_autotune_level=0; do
+    XLA_FLAGS="$fl" run timeout 60 python3 -c "import jax, jax.numpy as jnp; print(jnp.ones(3).sum())"
+  done
+  for fl in "" "--xla_gpu_enable_split_k_autotuning=false" "--xla_gpu_autotune_level=0"; do
+    tag=$(echo "${fl:-default}" | tr -dc 'a-z0-9_')
+    XLA_FLAGS="$fl" run timeout 150 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b \
+      llama-3-8b --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 \
+      --out "$OUT/sparse_decode_$tag.jsonl"
   done
   ;;
 esac
