@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import copy_bandwidth, header, kernel_durations, time_fn, write_rows  # noqa: E402
 from pallas_decode import Layer, after, empty_jit_time  # noqa: E402
 
+from prunepath_jax.kernels import jt  # noqa: E402
 from prunepath_jax.kernels import pallas_decode as pd  # noqa: E402
 
 # Named tunings of the expert kernel (see ``pallas_decode._plan``).
@@ -103,7 +104,7 @@ def variant_tuning(name: str) -> dict:
     v = VARIANTS[name]
     tuning = {k: val for k, val in v.items() if not k.startswith("_")}
     if "_programs_x" in v:
-        tuning["programs"] = v["_programs_x"] * pd.pallas_balanced.default_programs()
+        tuning["programs"] = v["_programs_x"] * jt.default_programs()
     return tuning
 
 
@@ -136,7 +137,7 @@ def main():
     bw = max(copy_bandwidth().values()) if a.time else None
     if bw:
         print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
-        print(f"balanced kernel: {pd.pallas_balanced.default_programs()} programs", flush=True)
+        print(f"balanced kernel: {jt.default_programs()} programs", flush=True)
     for kf in a.kfrac:
         k = max(1, round(kf * lay.e))
         fns, datas = {}, {}

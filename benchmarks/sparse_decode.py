@@ -178,22 +178,24 @@ def long_context(a, impl, emit) -> None:
 
 
 def time_variants(model, shape, variants, a, args, dense_us, e, k, emit) -> None:
-    """The Pallas decode layer under other tunings (``pallas_decode.TUNING_OVERRIDES``), batch
-    1. The jit caches are cleared around each one: the layer's plan is fixed at trace time."""
-    from prunepath_jax.kernels import pallas_decode
+    """The decode layer under other tunings (``TUNING_OVERRIDES`` of ``pallas_decode``, or of
+    ``triton_decode`` for a variant with ``"impl": "triton"``), batch 1. The jit caches are
+    cleared around each one: the layer's plan is fixed at trace time."""
+    from prunepath_jax.kernels import pallas_decode, triton_decode
 
-    saved = dict(pallas_decode.TUNING_OVERRIDES)
-    set_compute(model, "kernel", "pallas")
-    for label, over in variants.items():
-        pallas_decode.TUNING_OVERRIDES.clear()
-        pallas_decode.TUNING_OVERRIDES.update({**saved, **over})
+    mods = {"pallas": pallas_decode, "triton": triton_decode}
+    saved = {impl: dict(m.TUNING_OVERRIDES) for impl, m in mods.items()}
+    for label, (impl, over) in variants.items():
+        set_compute(model, "kernel", impl)
+        mods[impl].TUNING_OVERRIDES.clear()
+        mods[impl].TUNING_OVERRIDES.update({**saved[impl], **over})
         jax.clear_caches()
         r = time_decode(model, 1, a.prompt_len, a.steps, a.chunks, args, a.attn)
-        emit({"shape": shape, "impl": f"pallas[{label}]", "batch": 1, "sparsity": 1 - k / e,
+        emit({"shape": shape, "impl": f"{impl}[{label}]", "batch": 1, "sparsity": 1 - k / e,
               "k": k, "E": e, "variant": over,
               "speedup_vs_dense": dense_us / r["us_per_step"], **r})  # fmt: skip
-    pallas_decode.TUNING_OVERRIDES.clear()
-    pallas_decode.TUNING_OVERRIDES.update(saved)
+        mods[impl].TUNING_OVERRIDES.clear()
+        mods[impl].TUNING_OVERRIDES.update(saved[impl])
     jax.clear_caches()
 
 
@@ -264,9 +266,11 @@ def main():
     ap.add_argument(
         "--variants",
         default="{}",
-        help="JSON {label: {batch: tuning}}: also time the Pallas layer with these tunings "
-        "(batch 1, every sparsity), side by side with the default in the same run, e.g. "
-        '\'{"xla_glue": {"1": {"glue": "xla"}}}\'',
+        help="JSON {label: {batch: tuning}}: also time the Pallas layer (or the Triton one, with "
+        '"impl": "triton") with these tunings (batch 1, every sparsity), side by side with the '
+        "default in the same run, e.g. "
+        '\'{"xla_glue": {"1": {"glue": "xla"}}, "tri_blocks": {"impl": "triton", '
+        '"1": {"experts": "blocks"}}}\'',
     )
     ap.add_argument(
         "--attn",
@@ -276,7 +280,10 @@ def main():
     )
     a = ap.parse_args()
     head = {**header(), "peers": PEERS, "attn": a.attn}
-    variants = {lab: {int(b): t for b, t in v.items()} for lab, v in json.loads(a.variants).items()}
+    variants = {
+        lab: (v.get("impl", "pallas"), {int(b): t for b, t in v.items() if b != "impl"})
+        for lab, v in json.loads(a.variants).items()
+    }
     if a.pallas_tuning:
         from prunepath_jax.kernels import pallas_decode
 
@@ -333,7 +340,7 @@ def main():
                     emit({"shape": shape, "impl": impl, "batch": b, "sparsity": 1 - k / e,
                           "k": k, "E": e, "union_frac": union_fraction(sparse, b, k),
                           "speedup_vs_dense": dense_us[b] / r["us_per_step"], **r})  # fmt: skip
-            if "pallas" in impls and variants:  # every sparsity: tunings can flip with k
+            if variants:  # every sparsity: tunings can flip with k
                 time_variants(sparse, shape, variants, a, args, dense_us[1], e, k, emit)
         del sparse
     if a.long_ctx:

@@ -137,3 +137,17 @@ def triton_call(
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+# Programs when the device does not say how many SMs it has (an H200 has 132).
+DEFAULT_PROGRAMS = 132
+
+
+def default_programs() -> int:
+    """The default device's SM count (its ``core_count``), else 132: persistent kernels
+    (``pallas_balanced``, ``triton_balanced``) size their grids by it."""
+    try:
+        n = getattr(jax.devices()[0], "core_count", None)
+    except RuntimeError:  # pragma: no cover - no backend at all
+        n = None
+    return int(n) if isinstance(n, int) and n > 0 else DEFAULT_PROGRAMS

@@ -55,18 +55,6 @@ try:  # The Triton backend module imports on CPU jaxlib too; guard anyway (it is
 except ImportError:  # pragma: no cover - only on a jax without Pallas-Triton
     plgpu = None
 
-# Programs when the device does not say how many SMs it has (an H200 has 132).
-DEFAULT_PROGRAMS = 132
-
-
-def default_programs() -> int:
-    """One program per SM of the default device (its ``core_count``), else 132."""
-    try:
-        n = getattr(jax.devices()[0], "core_count", None)
-    except RuntimeError:  # pragma: no cover - no backend at all
-        n = None
-    return int(n) if isinstance(n, int) and n > 0 else DEFAULT_PROGRAMS
-
 
 def chunking(d: int, block_d: int) -> tuple[int, int]:
     """``(bc, n_c)``: d read in ``n_c`` power-of-two chunks of ``bc`` columns (last one masked)."""

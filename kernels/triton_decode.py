@@ -1,6 +1,9 @@
 """Triton decode kernels (t = 1..16 tokens): fused routing + union-of-experts sparse FFN.
 
-Two launches per layer plus two tiny XLA fusions:
+One token at d ≤ 4096 (the default for decode at batch 1): the XLA router logits, then one
+launch of ``triton_balanced.py`` (selection and the work-balanced expert loop fused). Otherwise
+(2-16 tokens, wider layers, or ``experts="blocks"``) two launches per layer plus two tiny XLA
+fusions:
 
 1. XLA: ``logits_te = x @ router`` (float32; a GEMV XLA already runs at bandwidth).
 2. ``_up_kernel``, grid ``(E,)``: program e decides *for every token* whether expert e is
@@ -31,7 +34,7 @@ import triton
 import triton.language as tl
 
 from prunepath_jax import routing
-from prunepath_jax.kernels import jt
+from prunepath_jax.kernels import jt, triton_balanced
 
 MAX_TOKENS = 16
 
@@ -224,7 +227,15 @@ def router_logits_triton(router_de, x_td, *, splits=32, block_r=64, block_e=64, 
     return jnp.sum(part, axis=0)
 
 
+# ``experts``: "auto" (one token at d ≤ 4096: the fused one-token kernel of
+# ``triton_balanced.py``, one launch after the logits; else the per-expert kernels), "balanced"
+# or "blocks" (the two launches above). ``bal_*``: that kernel's neurons per unit, programs (0:
+# two per SM) and warps.
 DEFAULT_TUNING = {
+    "experts": "auto",
+    "bal_block_n": 2,
+    "bal_programs": 0,
+    "bal_warps": 8,
     "block_d_up": 256,
     "block_d_down": 128,
     "split": 8,
@@ -234,6 +245,11 @@ DEFAULT_TUNING = {
     "stages_down": 4,
     "logits": "dot",
 }
+
+
+# Per-token-count tuning applied before the caller's (benchmarks time variants of the whole
+# model's layers with it; the jitted step fixes its tuning at trace time).
+TUNING_OVERRIDES: dict[int, dict] = {}
 
 
 def router_logits(
@@ -297,14 +313,24 @@ def sparse_ffn_decode(
     if c != 2:
         raise ValueError("the decode kernel is SwiGLU only (w_in [2, f, d])")
     k_max = e if k_max is None else min(k_max, e)
-    tn = {**DEFAULT_TUNING, **tuning}
+    tn = {**DEFAULT_TUNING, **TUNING_OVERRIDES.get(t, {}), **tuning}
     unknown = set(tn) - set(DEFAULT_TUNING)
     if unknown:
         raise ValueError(f"unknown tuning keys {sorted(unknown)}")
+    if tn["experts"] not in ("auto", "balanced", "blocks"):
+        raise ValueError(f"experts must be 'auto', 'balanced' or 'blocks', got {tn['experts']!r}")
+    logits_te = router_logits(router_de, x_td, tn["logits"], interpret)
+    if tn["experts"] == "balanced" or (
+        tn["experts"] == "auto" and triton_balanced.supported(t, d, g, tn["bal_block_n"])
+    ):
+        return triton_balanced.balanced_ffn_decode(
+            x_td, logits_te, tau, w_in_cfd, w_out_fd, group_size=g, rule=rule, gate=gate,
+            k_min=k_min, k_max=k_max, block_n=tn["bal_block_n"], programs=tn["bal_programs"],
+            num_warps=tn["bal_warps"], interpret=interpret,
+        )  # fmt: skip
     is_f32 = x_td.dtype == jnp.float32
     common = dict(T=t, D=d, E=e, G=g, T_PAD=16, E_PAD=max(16, jt.next_pow2(e)),
                   DOT_F32=bool(interpret), IEEE=bool(is_f32 and not interpret))  # fmt: skip
-    logits_te = router_logits(router_de, x_td, tn["logits"], interpret)
     tau_1 = jnp.reshape(jnp.asarray(tau, jnp.float32), (1,))
     a_tf, sel_te = jt.triton_call(
         _up_kernel, x_td, logits_te, tau_1, w_in_cfd,

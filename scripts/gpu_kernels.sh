@@ -187,6 +187,19 @@ s15c)  # XLA's M = 1 projections: a split-K Triton GEMM with M padded to 2 (a co
       --out "$OUT/sparse_decode_$tag.jsonl"
   done
   ;;
+s15d)  # the Triton backend's one-token layer as one fused launch (triton_balanced.py: selection +
+       # balanced expert loop): GPU correctness (every Triton case, real widths, every one-token
+       # form), end to end vs its per-expert kernels and vs Pallas, where the Triton step's time goes
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_triton.py
+  run timeout 280 python3 benchmarks/sparse_decode.py --shapes smollm2-135m llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --all-impl-sparsity 0.75 --impls triton pallas --batches --steps 16 --chunks 4 \
+    --variants '{"tri_blocks": {"impl": "triton", "1": {"experts": "blocks"}}}' \
+    --out "$OUT/sparse_decode.jsonl"
+  run timeout 110 python3 scripts/trace_decode.py --out "$OUT/trace_8b_0.75_triton" \
+    --shape llama-3-8b --sparsity 0.75 --impl triton --attn pallas
+  find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
+  ;;
 esac
     XLA_FLAGS="$flags" run timeout 140 python3 scripts/trace_decode.py --shape llama-3-8b \
       --sparsity 0 --attn pallas --ctx 32768 --prompt-len 32000 --steps 2 --out "$OUT/idle32k_$cb"
@@ -636,5 +649,18 @@ s15c)  # XLA's M = 1 projections: a split-K Triton GEMM with M padded to 2 (a co
       llama-3-8b --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 \
       --out "$OUT/sparse_decode_$tag.jsonl"
   done
+  ;;
+s15d)  # the Triton backend's one-token layer as one fused launch (triton_balanced.py: selection +
+       # balanced expert loop): GPU correctness (every Triton case, real widths, every one-token
+       # form), end to end vs its per-expert kernels and vs Pallas, where the Triton step's time goes
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_triton.py
+  run timeout 280 python3 benchmarks/sparse_decode.py --shapes smollm2-135m llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --all-impl-sparsity 0.75 --impls triton pallas --batches --steps 16 --chunks 4 \
+    --variants '{"tri_blocks": {"impl": "triton", "1": {"experts": "blocks"}}}' \
+    --out "$OUT/sparse_decode.jsonl"
+  run timeout 110 python3 scripts/trace_decode.py --out "$OUT/trace_8b_0.75_triton" \
+    --shape llama-3-8b --sparsity 0.75 --impl triton --attn pallas
+  find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
   ;;
 esac

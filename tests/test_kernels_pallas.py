@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from prunepath_jax.kernels import jt
 from prunepath_jax.kernels import pallas_decode as pd
 from prunepath_jax.kernels.pallas_routing import route_gates_from_partials, route_gates_pallas
 from prunepath_jax.kernels.reference import route_reference, sparse_ffn_reference
@@ -434,7 +435,7 @@ def test_tiles_mask_the_last_tile_only_where_that_shortens_the_walk():
 def test_auto_expert_form_by_tokens_and_d():
     """One token at a large d: the balanced kernel, unless a block-only option is given; more
     tokens or a small d: the block kernel."""
-    sms = pd.pallas_balanced.default_programs()
+    sms = jt.default_programs()
     plan = pd._plan(1, 2048, 32, jnp.bfloat16, {})
     assert (plan["experts"], plan["bn"], plan["programs"]) == ("balanced", 2, 2 * sms)
     assert plan["prefetch"] == 1  # prefetched 2-neuron units: two programs fit an SM

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import assert_close
-from kernel_cases import ALL_CASES, DECODE_CASES, GROUPED_CASES, inputs, kwargs
+from kernel_cases import ALL_CASES, DECODE_CASES, GROUPED_CASES, ONE_TOKEN_TUNINGS, inputs, kwargs
 
 from prunepath_jax.kernels.reference import sparse_ffn_reference
 
@@ -61,6 +61,13 @@ def test_cases_cover_the_contract():
 @pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.name)
 def test_interpreter_matches_reference(case, interp_results):
     _check(case, interp_results[f"{case.name}/y"], interp_results[f"{case.name}/k"])
+
+
+@pytest.mark.parametrize("label", list(ONE_TOKEN_TUNINGS))
+@pytest.mark.parametrize("case", [c for c in DECODE_CASES if c.t == 1], ids=lambda c: c.name)
+def test_one_token_forms_match_reference(case, label, interp_results):
+    """The per-expert kernels and the fused kernel at other grids / units, one token."""
+    _check(case, interp_results[f"{case.name}+{label}/y"], interp_results[f"{case.name}+{label}/k"])
 
 
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
@@ -131,6 +138,8 @@ def _compile(kernel, sig: dict, const: dict, warps=4, stages=3):
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_kernels_compile_for_sm90(dtype):
     """Real Triton lowering to PTX/cubin for the H200 at the Llama-3-8B layer shape."""
+    from prunepath_jax.kernels import jt
+    from prunepath_jax.kernels import triton_balanced as tb
     from prunepath_jax.kernels import triton_decode as td
     from prunepath_jax.kernels import triton_grouped as tg
 
@@ -148,6 +157,13 @@ def test_kernels_compile_for_sm90(dtype):
     _compile(td._logits_kernel, {"x": f"*{dtype}", "r": "*fp32", "o": "*fp32"},
              dict(T=1, D=4096, E=448, T_PAD=16, BLOCK_R=64, BLOCK_E=64, ROWS=128,
                   DOT_F32=False), stages=2)  # fmt: skip
+    for d, e in ((4096, 448), (2048, 256), (576, 48)):  # the fused one-token kernel
+        _compile(tb._balanced_kernel,
+                 {"x": f"*{dtype}", "l": "*fp32", "tau": "*fp32", "wi": f"*{dtype}",
+                  "wo": f"*{dtype}", "yi": "*fp32", "y": "*fp32", "k": "*i32"},
+                 dict(D=d, E=e, G=32, E_PAD=jt.next_pow2(e), D_PAD=jt.next_pow2(d), BN=2, P=264,
+                      NUCLEUS=False, SIGMOID=True, K_MIN=1, K_MAX=e),
+                 warps=8, stages=1)  # fmt: skip
     if dtype == "bf16":
         tn = tg.DEFAULT_TUNING  # the tiles the registry launches
         _compile(tg._grouped_up_kernel,
@@ -168,6 +184,24 @@ def test_jax_triton_matches_reference_on_gpu(case):
     jitted = jax.jit(lambda *a: fn(*a, **kwargs(case)))
     y, k = jitted(x, router, w_in, w_out, np.float32(case.tau))
     _check(case, y, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("label", ["default", *ONE_TOKEN_TUNINGS])
+def test_one_token_real_widths_on_gpu(label):
+    """One token at the 8B, 1B and SmolLM2 layer widths, 10% to all experts, every one-token
+    form (the fused kernel by default) through jax-triton under jit."""
+    from kernel_cases import Case
+
+    from prunepath_jax.kernels.triton_decode import sparse_ffn_decode
+
+    tuning = {} if label == "default" else ONE_TOKEN_TUNINGS[label]
+    for d, e, tau in ((4096, 448, 0.5), (2048, 256, 0.2), (576, 48, 1.05), (4096, 448, 0.05)):
+        case = Case(f"gpu_b1_d{d}_tau{tau}_{label}", 1, d, e, 32, "bfloat16", tau, seed=d)
+        x, router, w_in, w_out = inputs(case)
+        jitted = jax.jit(lambda *a: sparse_ffn_decode(*a, **kwargs(case), **tuning))  # noqa: B023
+        y, k = jitted(x, router, w_in, w_out, np.float32(case.tau))
+        _check(case, y, k)
 
 
 def test_groups_cover_every_pair_once():

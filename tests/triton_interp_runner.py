@@ -13,7 +13,13 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before
 sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np  # noqa: E402
-from kernel_cases import DECODE_CASES, GROUPED_CASES, inputs, kwargs  # noqa: E402
+from kernel_cases import (  # noqa: E402
+    DECODE_CASES,
+    GROUPED_CASES,
+    ONE_TOKEN_TUNINGS,
+    inputs,
+    kwargs,
+)
 
 from prunepath_jax.kernels.triton_decode import sparse_ffn_decode  # noqa: E402
 from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped  # noqa: E402
@@ -29,6 +35,11 @@ def main(out: str) -> None:
             y, k = fn(*inputs(c), c.tau, interpret=True, **kwargs(c), **tuning)
             res[f"{c.name}/y"] = np.asarray(y.astype(np.float32))
             res[f"{c.name}/k"] = np.asarray(k)
+    for c in (c for c in DECODE_CASES if c.t == 1):
+        for label, tuning in ONE_TOKEN_TUNINGS.items():
+            y, k = sparse_ffn_decode(*inputs(c), c.tau, interpret=True, **kwargs(c), **tuning)
+            res[f"{c.name}+{label}/y"] = np.asarray(y.astype(np.float32))
+            res[f"{c.name}+{label}/k"] = np.asarray(k)
     for c in GROUPED_CASES:  # the opt-in tensor-core router logits
         y, k = sparse_ffn_grouped(*inputs(c), c.tau, interpret=True, **kwargs(c), block_m=16,
                                   router_logits="bf16x3")  # fmt: skip

@@ -1,0 +1,194 @@
+"""One-token decode FFN in one Triton launch: the selection and the balanced expert loop fused.
+
+Why. Through jax-triton every launch inside a jitted step costs ≈ 6 µs on the H200 (issue 5),
+so the Triton backend's one-token layer (an XLA logits GEMV, the per-expert up kernel, the down
+kernel, an XLA sum) paid two launches per layer and lost to dense decode at the 1B shape
+(0.93×, BENCHMARKS.md). Here the whole FFN after the router logits is one launch, and it is the
+work-balanced loop of ``pallas_balanced.py`` (the Pallas backend's one-token default), so the
+Triton backend keeps that kernel if Pallas' deprecated Triton backend goes away.
+
+How. Every program first computes the token's selection itself — identical in every program
+(same inputs, same operations), so no program waits for another: softmax of the logits, a
+descending ``tl.sort`` of the probabilities (raw Triton has a sort; Pallas-Triton does not,
+which is why the Pallas path needs a separate selection kernel), their cumulative mass, and
+``k = clip(#{r : c_r < τ}, k_min, k_max)`` as in ``routing.select``. The selected set is the
+top k by (p descending, index ascending): every expert with ``p > v_k`` (the k-th largest p)
+plus, among those with ``p == v_k``, the lowest indices. Then ``P`` programs split the union's
+neuron rows into ``BN``-neuron units exactly as the Pallas kernel does (a unit never straddles
+two experts; program p takes units ``[p·U/P, (p+1)·U/P)``), with the next unit's W_gate/W_up
+rows loaded while the current one is reduced, and add their ``[d]`` fp32 sums into the output
+with relaxed atomics. Program 0 writes k.
+
+Rounding: the cumulative mass is a Triton scan here and XLA's scan in the reference, so a mass
+within ~1 float32 ulp of τ may fall on the other side (as for every kernel's selection); the
+expert sums are fp32 in any order, within the dtype's tolerance of the reference.
+
+Limits: one token; ``next_pow2(d) ≤ 4096`` (one register chunk of d: every Llama-3 / Qwen2 /
+Mistral / SmolLM2 width up to 4096); G a multiple of ``block_n``. ``triton_decode`` falls back to
+its per-expert kernels otherwise.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from prunepath_jax.kernels import jt
+
+MAX_D = 4096  # one register chunk of d: [BN, next_pow2(d)] tiles, four of them in flight
+# A selected gate never reads as 0 (see pallas_routing); constexpr: a jit function reads globals
+# only as constexprs.
+TINY = tl.constexpr(float(jnp.finfo(jnp.float32).tiny))
+
+
+@triton.jit
+def _select(logits_ptr, tau_ptr, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.constexpr,
+            SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr):  # fmt: skip
+    """``(gate [E_PAD] f32, 0 where unselected; k)`` of one token, as ``routing.select`` +
+    ``routing.gates`` decide them."""
+    re = tl.arange(0, E_PAD)
+    emask = re < E
+    lg = tl.load(logits_ptr + re, mask=emask, other=float("-inf"))
+    ex = tl.where(emask, tl.exp(lg - tl.max(lg, 0)), 0.0)
+    p = ex / tl.sum(ex, 0)  # padding: exactly 0
+    ps = tl.sort(p, 0, descending=True)  # rank order; padding zeros last
+    cum = tl.cumsum(ps, 0)
+    total = tl.sum(tl.where(re == E_PAD - 1, cum, 0.0), 0)  # the scan's last entry, as the ref
+    if NUCLEUS:
+        c = (cum - ps) / total
+    else:
+        c = cum / total
+    tau = tl.load(tau_ptr)
+    thr = tl.where(tau > 1.0, 3.0, tau)  # τ > 1 selects every expert (masses are ≤ 1)
+    ok = (re < K_MIN) | ((re < K_MAX) & (c < thr))  # a prefix of the ranks
+    k = tl.sum((ok & emask).to(tl.int32), 0)
+    v_k = tl.sum(tl.where(re == k - 1, ps, 0.0), 0)  # the k-th largest probability
+    above = (p > v_k) & emask
+    tie = (p == v_k) & emask
+    tie_rank = tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)  # lower index first
+    sel = above | (tie & (tie_rank < k - tl.sum(above.to(tl.int32), 0)))
+    if SIGMOID:
+        g = tl.maximum(1.0 / (1.0 + tl.exp(-lg)), TINY)
+    else:
+        g = tl.full([E_PAD], 1.0, tl.float32)
+    return tl.where(sel, g, 0.0), k
+
+
+@triton.jit
+def _unit(u, cnt, gate, re, PER: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
+    """Unit ``u``'s first neuron row and its expert's gate: union slot ``u // PER`` (the slot-th
+    selected expert, from the inclusive prefix count ``cnt``), neuron block ``u % PER``."""
+    e = tl.sum((cnt <= u // PER).to(tl.int32), 0)
+    return e * G + (u % PER) * BN, tl.sum(tl.where(re == e, gate, 0.0), 0)
+
+
+@triton.jit
+def _balanced_kernel(
+    x_ptr,  # [1, D] activations (bf16/f16/f32)
+    logits_ptr,  # [1, E] f32 router logits
+    tau_ptr,  # [1] f32 budget
+    w_in_ptr,  # [2, F, D] gate rows then up rows, neuron-major
+    w_out_ptr,  # [F, D] down-projection rows
+    y_in_ptr,  # [1, D_PAD] f32 zeros (aliased to y_ptr)
+    y_ptr,  # out [1, D_PAD] f32: the FFN output, accumulated with atomics
+    k_ptr,  # out [1] i32: experts selected (program 0 writes it)
+    D: tl.constexpr, E: tl.constexpr, G: tl.constexpr, E_PAD: tl.constexpr,
+    D_PAD: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, NUCLEUS: tl.constexpr,
+    SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr,
+):  # fmt: skip
+    F: tl.constexpr = E * G
+    PER: tl.constexpr = G // BN
+    pid = tl.program_id(0)
+    gate, k = _select(logits_ptr, tau_ptr, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
+    if pid == 0:
+        tl.store(k_ptr, k)
+    re = tl.arange(0, E_PAD)
+    cnt = tl.cumsum((gate != 0.0).to(tl.int32), 0)  # selected experts up to each index
+    n_units = k * PER
+    u0 = pid * n_units // P
+    u1 = (pid + 1) * n_units // P
+    if u1 > u0:
+        rd = tl.arange(0, D_PAD)
+        dmask = rd < D
+        rn = tl.arange(0, BN)
+        x = tl.load(x_ptr + rd, mask=dmask, other=0.0).to(tl.float32)
+        row0, g_e = _unit(u0, cnt, gate, re, PER, BN, G)
+        off = (row0 + rn)[:, None] * D + rd[None, :]
+        wg = tl.load(w_in_ptr + off, mask=dmask[None, :], other=0.0)
+        wu = tl.load(w_in_ptr + F * D + off, mask=dmask[None, :], other=0.0)
+        acc = tl.zeros([D_PAD], tl.float32)
+        for u in range(u0, u1):
+            # Issue this unit's W_out rows and the next unit's W_gate/W_up rows before reducing
+            # this unit: the next DRAM round trip overlaps this unit's work (the last unit
+            # reloads itself, harmlessly).
+            wo = tl.load(w_out_ptr + off, mask=dmask[None, :], other=0.0)
+            n_row0, n_g = _unit(tl.minimum(u + 1, u1 - 1), cnt, gate, re, PER, BN, G)
+            n_off = (n_row0 + rn)[:, None] * D + rd[None, :]
+            n_wg = tl.load(w_in_ptr + n_off, mask=dmask[None, :], other=0.0)
+            n_wu = tl.load(w_in_ptr + F * D + n_off, mask=dmask[None, :], other=0.0)
+            h_g = tl.sum(wg.to(tl.float32) * x[None, :], 1)
+            h_u = tl.sum(wu.to(tl.float32) * x[None, :], 1)
+            a = h_g / (1.0 + tl.exp(-h_g)) * h_u * g_e  # silu(gate)·up·σ(g), [BN]
+            acc += tl.sum(a[:, None] * wo.to(tl.float32), 0)
+            off, g_e, wg, wu = n_off, n_g, n_wg, n_wu
+        tl.atomic_add(y_ptr + rd, acc, mask=dmask, sem="relaxed")
+
+
+def supported(t: int, d: int, group_size: int, block_n: int = 2) -> bool:
+    """Whether the fused one-token kernel takes this layer (else the per-expert kernels)."""
+    return t == 1 and jt.next_pow2(d) <= MAX_D and group_size % block_n == 0
+
+
+def balanced_ffn_decode(
+    x_td: jax.Array,
+    logits_te: jax.Array,
+    tau,
+    w_in_cfd: jax.Array,
+    w_out_fd: jax.Array,
+    *,
+    group_size: int,
+    rule: str = "paper",
+    gate: str = "sigmoid",
+    k_min: int = 1,
+    k_max: int | None = None,
+    block_n: int = 2,
+    programs: int = 0,
+    num_warps: int = 8,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """``(y_td [1, d] x.dtype, k_t [1] int32)`` of one token from its router logits ``[1, E]``.
+
+    ``programs`` 0: two per SM (2-neuron units; the Pallas kernel's measured best), else one
+    per SM. Raises ValueError outside ``supported``.
+    """
+    t, d = x_td.shape
+    f = w_out_fd.shape[0]
+    e = f // group_size
+    if block_n < 1 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two, got {block_n}")
+    if not supported(t, d, group_size, block_n):
+        raise ValueError(
+            f"the fused one-token kernel takes t = 1, next_pow2(d) <= {MAX_D} and G % block_n "
+            f"== 0; got t={t}, d={d}, G={group_size}, block_n={block_n}"
+        )
+    if logits_te.shape != (1, e):
+        raise ValueError(f"logits must be [1, {e}], got {logits_te.shape}")
+    k_max = e if k_max is None else min(k_max, e)
+    if not 1 <= k_min <= k_max:
+        raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
+    n_prog = programs or (2 if block_n <= 2 else 1) * jt.default_programs()
+    d_pad = jt.next_pow2(d)
+    y, k = jt.triton_call(
+        _balanced_kernel, x_td, logits_te.astype(jnp.float32),
+        jnp.reshape(jnp.asarray(tau, jnp.float32), (1,)), w_in_cfd, w_out_fd,
+        jnp.zeros((1, d_pad), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((1, d_pad), jnp.float32),
+                   jax.ShapeDtypeStruct((1,), jnp.int32)],
+        input_output_aliases={5: 0}, grid=(n_prog,), num_warps=num_warps, num_stages=1,
+        interpret=interpret, D=d, E=e, G=group_size, E_PAD=max(16, jt.next_pow2(e)),
+        D_PAD=d_pad, BN=block_n, P=n_prog, NUCLEUS=rule == "nucleus",
+        SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=k_max,
+    )  # fmt: skip
+    return y[:, :d].astype(x_td.dtype), k
