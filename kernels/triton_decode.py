@@ -1,9 +1,9 @@
 """Triton decode kernels (t = 1..16 tokens): fused routing + union-of-experts sparse FFN.
 
-One token at d ≤ 4096 (the default for decode at batch 1): the XLA router logits, then one
-launch of ``triton_balanced.py`` (selection and the work-balanced expert loop fused). Otherwise
-(2-16 tokens, wider layers, or ``experts="blocks"``) two launches per layer plus two tiny XLA
-fusions:
+One token at 1024 < d ≤ 4096 (decode at batch 1 of 1B-8B-class models): the XLA router
+logits, then one launch of ``triton_balanced.py`` (selection and the work-balanced expert loop
+fused). Otherwise (2-16 tokens, small or wide layers, or ``experts="blocks"``) two launches per
+layer plus two tiny XLA fusions:
 
 1. XLA: ``logits_te = x @ router`` (float32; a GEMV XLA already runs at bandwidth).
 2. ``_up_kernel``, grid ``(E,)``: program e decides *for every token* whether expert e is
@@ -227,10 +227,15 @@ def router_logits_triton(router_de, x_td, *, splits=32, block_r=64, block_e=64, 
     return jnp.sum(part, axis=0)
 
 
-# ``experts``: "auto" (one token at d ≤ 4096: the fused one-token kernel of
+# ``experts``: "auto" (one token at SMALL_D < d ≤ 4096: the fused one-token kernel of
 # ``triton_balanced.py``, one launch after the logits; else the per-expert kernels), "balanced"
 # or "blocks" (the two launches above). ``bal_*``: that kernel's neurons per unit, programs (0:
 # two per SM) and warps.
+# At d ≤ SMALL_D the fused kernel lost end to end (H200, batch 1, 75% sparse, µs per token,
+# one run: SmolLM2-135M shape 1180 fused vs 1049 per-expert kernels; 1B 907 vs 1073; 8B 3186 vs
+# 3400; BENCHMARKS.md tenth session): its per-program selection (a sort, a dozen block-wide
+# reductions) is a fixed ~5 µs that small layers do not amortise.
+SMALL_D = 1024
 DEFAULT_TUNING = {
     "experts": "auto",
     "bal_block_n": 2,
@@ -283,6 +288,16 @@ def router_logits(
     return jnp.sum(prod_tde, axis=1)
 
 
+def use_fused(t: int, d: int, group_size: int, tuning: dict) -> bool:
+    """Whether the layer runs as the fused one-token kernel (``triton_balanced.py``)."""
+    if tuning["experts"] == "balanced":
+        return True
+    return (
+        tuning["experts"] == "auto" and d > SMALL_D
+        and triton_balanced.supported(t, d, group_size, tuning["bal_block_n"])
+    )  # fmt: skip
+
+
 def sparse_ffn_decode(
     x_td: jax.Array,
     router_de: jax.Array,
@@ -320,9 +335,7 @@ def sparse_ffn_decode(
     if tn["experts"] not in ("auto", "balanced", "blocks"):
         raise ValueError(f"experts must be 'auto', 'balanced' or 'blocks', got {tn['experts']!r}")
     logits_te = router_logits(router_de, x_td, tn["logits"], interpret)
-    if tn["experts"] == "balanced" or (
-        tn["experts"] == "auto" and triton_balanced.supported(t, d, g, tn["bal_block_n"])
-    ):
+    if use_fused(t, d, g, tn):
         return triton_balanced.balanced_ffn_decode(
             x_td, logits_te, tau, w_in_cfd, w_out_fd, group_size=g, rule=rule, gate=gate,
             k_min=k_min, k_max=k_max, block_n=tn["bal_block_n"], programs=tn["bal_programs"],

@@ -200,6 +200,14 @@ s15d)  # the Triton backend's one-token layer as one fused launch (triton_balanc
     --shape llama-3-8b --sparsity 0.75 --impl triton --attn pallas
   find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
   ;;
+s15e)  # s15d: the fused Triton one-token kernel spends ~9 us/layer more than the Pallas balanced
+       # kernel (its per-program selection); fewer warps / programs for it, and the Pallas router
+       # logits' split count, end to end in one process
+  run timeout 400 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --all-impl-sparsity 0.75 --impls triton pallas --batches --steps 16 --chunks 4 \
+    --variants '{"tri_w4": {"impl": "triton", "1": {"bal_warps": 4}}, "tri_p1x": {"impl": "triton", "1": {"bal_programs": 132}}, "tri_w4_p4x": {"impl": "triton", "1": {"bal_warps": 4, "bal_programs": 528}}, "ls32": {"1": {"logit_splits": 32}}, "ls8": {"1": {"logit_splits": 8}}}' \
+    --out "$OUT/sparse_decode.jsonl"
+  ;;
 esac
     XLA_FLAGS="$flags" run timeout 140 python3 scripts/trace_decode.py --shape llama-3-8b \
       --sparsity 0 --attn pallas --ctx 32768 --prompt-len 32000 --steps 2 --out "$OUT/idle32k_$cb"
@@ -662,5 +670,13 @@ s15d)  # the Triton backend's one-token layer as one fused launch (triton_balanc
   run timeout 110 python3 scripts/trace_decode.py --out "$OUT/trace_8b_0.75_triton" \
     --shape llama-3-8b --sparsity 0.75 --impl triton --attn pallas
   find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
+  ;;
+s15e)  # s15d: the fused Triton one-token kernel spends ~9 us/layer more than the Pallas balanced
+       # kernel (its per-program selection); fewer warps / programs for it, and the Pallas router
+       # logits' split count, end to end in one process
+  run timeout 400 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --all-impl-sparsity 0.75 --impls triton pallas --batches --steps 16 --chunks 4 \
+    --variants '{"tri_w4": {"impl": "triton", "1": {"bal_warps": 4}}, "tri_p1x": {"impl": "triton", "1": {"bal_programs": 132}}, "tri_w4_p4x": {"impl": "triton", "1": {"bal_warps": 4, "bal_programs": 528}}, "ls32": {"1": {"logit_splits": 32}}, "ls8": {"1": {"logit_splits": 8}}}' \
+    --out "$OUT/sparse_decode.jsonl"
   ;;
 esac

@@ -49,17 +49,19 @@ DECODE_CASES = [
         seed=5,
     ),  # fmt: skip
 ]
-# One token: the fused one-token Triton kernel (triton_balanced.py) by default.
+# One token (small d: the per-expert Triton kernels by default; every form below).
 DECODE_CASES += [
     Case("b1_bf16_e12_g16_dead", 1, 100, 12, 16, "bfloat16", 0.6, dead_expert=True, seed=9),
     Case("b1_f32_k1", 1, 80, 8, 16, "float32", 0.9, k_max=1, seed=10),
     Case("b1_bf16_all_gate_none", 1, 64, 8, 32, "bfloat16", 1.05, gate="none", seed=11),
     Case("b1_f32_nucleus_kmin3", 1, 64, 12, 16, "float32", 0.3, rule="nucleus", k_min=3, seed=12),
 ]
-# Other forms of the one-token layer, run on every one-token case: the per-expert kernels, and
-# the fused kernel with few programs (several units each), many (some idle) and other units.
+# The forms of the one-token layer, run on every one-token case: the per-expert kernels, and
+# the fused kernel (triton_balanced.py) with its default grid (two programs per SM: most idle
+# here), few programs (several units each), many, and other unit sizes.
 ONE_TOKEN_TUNINGS = {
     "blocks": {"experts": "blocks"},
+    "bal": {"experts": "balanced"},
     "bal_p3": {"experts": "balanced", "bal_programs": 3},
     "bal_p64_bn1": {"experts": "balanced", "bal_programs": 64, "bal_block_n": 1},
     "bal_p5_bn4": {"experts": "balanced", "bal_programs": 5, "bal_block_n": 4},

@@ -190,7 +190,7 @@ def test_jax_triton_matches_reference_on_gpu(case):
 @pytest.mark.parametrize("label", ["default", *ONE_TOKEN_TUNINGS])
 def test_one_token_real_widths_on_gpu(label):
     """One token at the 8B, 1B and SmolLM2 layer widths, 10% to all experts, every one-token
-    form (the fused kernel by default) through jax-triton under jit."""
+    form (by default the fused kernel at d 4096 and 2048) through jax-triton under jit."""
     from kernel_cases import Case
 
     from prunepath_jax.kernels.triton_decode import sparse_ffn_decode
@@ -202,6 +202,20 @@ def test_one_token_real_widths_on_gpu(label):
         jitted = jax.jit(lambda *a: sparse_ffn_decode(*a, **kwargs(case), **tuning))  # noqa: B023
         y, k = jitted(x, router, w_in, w_out, np.float32(case.tau))
         _check(case, y, k)
+
+
+def test_one_token_auto_form():
+    """The fused kernel for one token at 1024 < d ≤ 4096, else the per-expert kernels;
+    "balanced" forces it, "blocks" never takes it."""
+    from prunepath_jax.kernels.triton_decode import DEFAULT_TUNING, use_fused
+
+    tn = dict(DEFAULT_TUNING)
+    assert use_fused(1, 4096, 32, tn) and use_fused(1, 2048, 32, tn)
+    assert not use_fused(1, 576, 32, tn)  # small: measured slower end to end
+    assert not use_fused(1, 8192, 32, tn)  # wider than one register chunk
+    assert not use_fused(2, 4096, 32, tn)
+    assert use_fused(1, 576, 32, {**tn, "experts": "balanced"})
+    assert not use_fused(1, 4096, 32, {**tn, "experts": "blocks"})
 
 
 def test_groups_cover_every_pair_once():
