@@ -208,6 +208,16 @@ s15e)  # s15d: the fused Triton one-token kernel spends ~9 us/layer more than th
     --variants '{"tri_w4": {"impl": "triton", "1": {"bal_warps": 4}}, "tri_p1x": {"impl": "triton", "1": {"bal_programs": 132}}, "tri_w4_p4x": {"impl": "triton", "1": {"bal_warps": 4, "bal_programs": 528}}, "ls32": {"1": {"logit_splits": 32}}, "ls8": {"1": {"logit_splits": 8}}}' \
     --out "$OUT/sparse_decode.jsonl"
   ;;
+s15f)  # s15e: 4 warps for the fused Triton one-token kernel gave 8B 3002 vs 3343 us/token (1B 982 vs
+       # 991) but the Triton rows move ~10% run to run: device time per kernel from traces instead
+  for w in 8 4; do
+    run timeout 110 python3 scripts/trace_decode.py --out "$OUT/trace_8b_tri_w$w" --shape llama-3-8b \
+      --sparsity 0.75 --impl triton --attn pallas --tuning "{\"1\": {\"bal_warps\": $w}}"
+    run timeout 110 python3 scripts/trace_decode.py --out "$OUT/trace_1b_tri_w$w" --shape llama-3.2-1b \
+      --sparsity 0.75 --impl triton --attn pallas --tuning "{\"1\": {\"bal_warps\": $w}}"
+  done
+  find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
+  ;;
 esac
     XLA_FLAGS="$flags" run timeout 140 python3 scripts/trace_decode.py --shape llama-3-8b \
       --sparsity 0 --attn pallas --ctx 32768 --prompt-len 32000 --steps 2 --out "$OUT/idle32k_$cb"
@@ -678,5 +688,15 @@ s15e)  # s15d: the fused Triton one-token kernel spends ~9 us/layer more than th
     --sparsities 0.75 --all-impl-sparsity 0.75 --impls triton pallas --batches --steps 16 --chunks 4 \
     --variants '{"tri_w4": {"impl": "triton", "1": {"bal_warps": 4}}, "tri_p1x": {"impl": "triton", "1": {"bal_programs": 132}}, "tri_w4_p4x": {"impl": "triton", "1": {"bal_warps": 4, "bal_programs": 528}}, "ls32": {"1": {"logit_splits": 32}}, "ls8": {"1": {"logit_splits": 8}}}' \
     --out "$OUT/sparse_decode.jsonl"
+  ;;
+s15f)  # s15e: 4 warps for the fused Triton one-token kernel gave 8B 3002 vs 3343 us/token (1B 982 vs
+       # 991) but the Triton rows move ~10% run to run: device time per kernel from traces instead
+  for w in 8 4; do
+    run timeout 110 python3 scripts/trace_decode.py --out "$OUT/trace_8b_tri_w$w" --shape llama-3-8b \
+      --sparsity 0.75 --impl triton --attn pallas --tuning "{\"1\": {\"bal_warps\": $w}}"
+    run timeout 110 python3 scripts/trace_decode.py --out "$OUT/trace_1b_tri_w$w" --shape llama-3.2-1b \
+      --sparsity 0.75 --impl triton --attn pallas --tuning "{\"1\": {\"bal_warps\": $w}}"
+  done
+  find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
   ;;
 esac

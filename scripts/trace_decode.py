@@ -82,15 +82,16 @@ def main():
     ap.add_argument("--out", default="results/trace")
     ap.add_argument("--attn", default="xla", help="decode attention: xla or pallas")
     ap.add_argument("--ctx", type=int, default=0, help="cache length (default: just enough)")
-    ap.add_argument("--tuning", default="{}", help="JSON {batch: tuning} for the Pallas layer")
+    ap.add_argument("--tuning", default="{}", help="JSON {batch: tuning} for the --impl layer")
     ap.add_argument("--hlo", action="store_true", help="also write the optimized HLO (hlo.txt)")
     a = ap.parse_args()
     cfg = PRESETS[a.shape]
     over = {int(b): t for b, t in json.loads(a.tuning).items()}
-    if over:
-        from prunepath_jax.kernels import pallas_decode
+    if over:  # the layer of --impl (pallas_decode or triton_decode) under that tuning
+        import importlib
 
-        pallas_decode.TUNING_OVERRIDES.update(over)
+        mod = importlib.import_module(f"prunepath_jax.kernels.{a.impl}_decode")
+        mod.TUNING_OVERRIDES.update(over)
     if a.sparsity > 0:
         model = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
         e = model.cfg.n_experts
