@@ -218,6 +218,14 @@ s15f)  # s15e: 4 warps for the fused Triton one-token kernel gave 8B 3002 vs 334
   done
   find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
   ;;
+s15g)  # the session's final state: the Triton GPU tests under the 4-warp fused default, then end to end
+       # at 50/75/90% (Pallas; Triton at 75%), one process
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_triton.py
+  run timeout 300 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.5 0.75 0.9 --all-impl-sparsity 0.75 --impls pallas triton --batches \
+    --steps 16 --chunks 4 --out "$OUT/sparse_decode.jsonl"
+  ;;
 esac
     XLA_FLAGS="$flags" run timeout 140 python3 scripts/trace_decode.py --shape llama-3-8b \
       --sparsity 0 --attn pallas --ctx 32768 --prompt-len 32000 --steps 2 --out "$OUT/idle32k_$cb"
@@ -698,5 +706,13 @@ s15f)  # s15e: 4 warps for the fused Triton one-token kernel gave 8B 3002 vs 334
       --sparsity 0.75 --impl triton --attn pallas --tuning "{\"1\": {\"bal_warps\": $w}}"
   done
   find "$OUT" -name "*.xplane.pb" -delete; find "$OUT" -name "*.trace.json.gz" -delete
+  ;;
+s15g)  # the session's final state: the Triton GPU tests under the 4-warp fused default, then end to end
+       # at 50/75/90% (Pallas; Triton at 75%), one process
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_triton.py
+  run timeout 300 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.5 0.75 0.9 --all-impl-sparsity 0.75 --impls pallas triton --batches \
+    --steps 16 --chunks 4 --out "$OUT/sparse_decode.jsonl"
   ;;
 esac
