@@ -625,4 +625,12 @@ s15g)  # the session's final state: the Triton GPU tests under the 4-warp fused 
     --sparsities 0.5 0.75 0.9 --all-impl-sparsity 0.75 --impls pallas triton --batches \
     --steps 16 --chunks 4 --out "$OUT/sparse_decode.jsonl"
   ;;
+s15h)  # the Triton one-token layer's router logits: XLA's fp32 one-row dot becomes a multiply + reduce
+       # pair (12.3 us per 8B layer, run 6); the same dot fed two rows ("dot2") or the split-K
+       # Triton GEMV ("triton"), end to end in one process
+  run timeout 280 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --impls triton --batches --steps 16 --chunks 4 \
+    --variants '{"dot2": {"impl": "triton", "1": {"logits": "dot2"}}, "tri_logits": {"impl": "triton", "1": {"logits": "triton"}}}' \
+    --out "$OUT/sparse_decode.jsonl"
+  ;;
 esac
