@@ -1,9 +1,9 @@
 """Triton decode kernels (t = 1..16 tokens): fused routing + union-of-experts sparse FFN.
 
-One token at 1024 < d ≤ 4096 (decode at batch 1 of 1B-8B-class models): the XLA router
-logits, then one launch of ``triton_balanced.py`` (selection and the work-balanced expert loop
-fused). Otherwise (2-16 tokens, small or wide layers, or ``experts="blocks"``) two launches per
-layer plus two tiny XLA fusions:
+One token at 1024 < d ≤ 4096 (decode at batch 1 of 1B-8B-class models): the split-K router
+logits kernel below (+ one XLA sum), then one launch of ``triton_balanced.py`` (selection and
+the work-balanced expert loop fused). Otherwise (2-16 tokens, small or wide layers, or
+``experts="blocks"``) two launches per layer plus two tiny XLA fusions:
 
 1. XLA: ``logits_te = x @ router`` (float32; a GEMV XLA already runs at bandwidth).
 2. ``_up_kernel``, grid ``(E,)``: program e decides *for every token* whether expert e is
@@ -249,7 +249,11 @@ DEFAULT_TUNING = {
     "warps_down": 4,
     "stages_up": 3,
     "stages_down": 4,
-    "logits": "dot",
+    # "auto": the split-K Triton GEMV before the fused one-token kernel, XLA's dot otherwise.
+    # Before the fused kernel (H200, batch 1, 75%, µs/token, one process): 8B 2964 with the
+    # Triton GEMV vs 3150 with XLA's one-row fp32 dot (which XLA turns into a multiply + reduce
+    # pair, 12.3 µs per layer) and 3008 with the dot fed two rows; 1B 958 vs 1000 / 1002.
+    "logits": "auto",
 }
 
 
@@ -271,9 +275,11 @@ def router_logits(
     benchmarks/sparse_decode.py --pick-logits (H200, 8B layer, batch 1): all three ~22 us per
     layer ("reduce" may materialise a [t, d, E] product at larger t). ``"triton"`` is the
     split-K kernel above (`router_logits_triton`): in the same comparison (2026-11-30, H200) it
-    was no faster inside the Triton layer (8B, k = 1: 69 vs 91 us; k = 112: 156 vs 132 us; the
-    jax-triton launch costs ~6 us), so ``"dot"`` stays the default; the Pallas path, whose
-    launches are cheap, uses its own split-K kernel (`pallas_logits.py`).
+    was no faster inside the per-expert Triton layer (8B, k = 1: 69 vs 91 us; k = 112: 156 vs
+    132 us; the jax-triton launch costs ~6 us), so ``"dot"`` stays that layer's default; before
+    the fused one-token kernel it is faster end to end (see ``DEFAULT_TUNING``) and the
+    default. The Pallas path, whose launches are cheap, uses its own split-K kernel
+    (`pallas_logits.py`).
     """
     if how == "triton":
         return router_logits_triton(router_de, x_td, interpret=interpret)
@@ -335,8 +341,12 @@ def sparse_ffn_decode(
         raise ValueError(f"unknown tuning keys {sorted(unknown)}")
     if tn["experts"] not in ("auto", "balanced", "blocks"):
         raise ValueError(f"experts must be 'auto', 'balanced' or 'blocks', got {tn['experts']!r}")
-    logits_te = router_logits(router_de, x_td, tn["logits"], interpret)
-    if use_fused(t, d, g, tn):
+    fused = use_fused(t, d, g, tn)
+    how = tn["logits"]
+    if how == "auto":  # see DEFAULT_TUNING
+        how = "triton" if fused else "dot"
+    logits_te = router_logits(router_de, x_td, how, interpret)
+    if fused:
         return triton_balanced.balanced_ffn_decode(
             x_td, logits_te, tau, w_in_cfd, w_out_fd, group_size=g, rule=rule, gate=gate,
             k_min=k_min, k_max=k_max, block_n=tn["bal_block_n"], programs=tn["bal_programs"],
