@@ -183,6 +183,10 @@ def balanced_ffn_decode(
     k_max = e if k_max is None else min(k_max, e)
     if not 1 <= k_min <= k_max:
         raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
+    if rule not in ("paper", "nucleus") or gate not in ("sigmoid", "none"):
+        raise ValueError(f"rule must be paper|nucleus and gate sigmoid|none: {rule!r}, {gate!r}")
+    if programs < 0:
+        raise ValueError(f"programs must be >= 0 (0: two per SM), got {programs}")
     n_prog = programs or (2 if block_n <= 2 else 1) * jt.default_programs()
     d_pad = jt.next_pow2(d)
     y, k = jt.triton_call(

@@ -218,6 +218,32 @@ def test_one_token_auto_form():
     assert not use_fused(1, 4096, 32, {**tn, "experts": "blocks"})
 
 
+def test_fused_one_token_rejects_bad_input():
+    """Shapes, clamps, rules and grids outside the fused kernel: a clear error before launch."""
+    from prunepath_jax.kernels.triton_balanced import balanced_ffn_decode
+
+    c = next(c for c in DECODE_CASES if c.t == 1)
+    x, _, w_in, w_out = inputs(c)
+    lg = np.zeros((1, c.e), np.float32)
+    kw = dict(group_size=c.g, interpret=True)
+    bad = [
+        (dict(x_td=np.zeros((2, c.d), np.float32)), "t = 1"),
+        (dict(x_td=np.zeros((1, 8192), np.float32)), "next_pow2"),
+        (dict(logits_te=np.zeros((1, c.e + 1), np.float32)), "logits must be"),
+        (dict(k_min=3, k_max=2), "k_min"),
+        (dict(rule="top"), "rule must be"),
+        (dict(gate="softmax"), "rule must be"),
+        (dict(programs=-1), "programs"),
+        (dict(block_n=3), "power of two"),
+    ]
+    for over, msg in bad:
+        args = {"x_td": x, "logits_te": lg, "tau": 0.5, "w_in_cfd": w_in, "w_out_fd": w_out}
+        args.update({k: v for k, v in over.items() if k in args})
+        opts = {**kw, **{k: v for k, v in over.items() if k not in args}}
+        with pytest.raises(ValueError, match=msg):
+            balanced_ffn_decode(**args, **opts)
+
+
 def test_groups_cover_every_pair_once():
     """The device-side grouping lists each selected (token, expert) pair exactly once."""
     from prunepath_jax.kernels.triton_grouped import group_by_expert
