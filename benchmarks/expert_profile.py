@@ -31,10 +31,16 @@ from pallas_decode import Layer, after, empty_jit_time  # noqa: E402
 from prunepath_jax.kernels import jt  # noqa: E402
 from prunepath_jax.kernels import pallas_decode as pd  # noqa: E402
 
+
+def _bal(prefetch: int, **kw) -> dict:
+    """A balanced-kernel variant: unit loop with (1) or without (0) prefetch, plus ``kw``."""
+    return {"experts": "balanced", "prefetch": prefetch, **kw}
+
+
 # Named tunings of the expert kernel (see ``pallas_decode._plan``).
 # ``*_acq_rel``: Pallas' own fenced atomics instead of the relaxed ones (``pallas_atomic.py``).
 VARIANTS = {
-    "default": {},  # the plan at k_min = 1: one token at a large d takes the balanced kernel
+    "default": {},  # the plan's default: one token at a large d takes the balanced kernel
     "blocks": {"experts": "blocks"},  # the block kernel's own defaults
     "default_acq_rel": {"atomics": "acq_rel"},
     "split": {"down": "split"},
@@ -53,49 +59,37 @@ VARIANTS = {
     # with the next unit prefetched, whole-d chunks (≤ 4096), two programs per SM, 8 warps, 2
     # stages; the bal_* variants without "pf" in their name are the unit loop without prefetch.
     "balanced": {"experts": "balanced"},
-    "bal_bn2": {"experts": "balanced", "prefetch": 0, "block_n": 2},
-    "bal_bn8": {"experts": "balanced", "prefetch": 0, "block_n": 8},
-    "bal_bn16": {"experts": "balanced", "prefetch": 0, "block_n": 16},
-    "bal_p2x": {"experts": "balanced", "prefetch": 0, "_programs_x": 2},
-    "bal_p4x": {"experts": "balanced", "prefetch": 0, "_programs_x": 4},
-    "bal_s1": {"experts": "balanced", "prefetch": 0, "num_stages": 1},
-    "bal_s3": {"experts": "balanced", "prefetch": 0, "num_stages": 3},
-    "bal_w4": {"experts": "balanced", "prefetch": 0, "num_warps": 4},
-    "bal_bd1024": {"experts": "balanced", "prefetch": 0, "block_d": 1024},
-    "bal_bd1024_s3": {"experts": "balanced", "prefetch": 0, "block_d": 1024, "num_stages": 3},
-    "bal_bn8_p2x": {"experts": "balanced", "prefetch": 0, "block_n": 8, "_programs_x": 2},
-    "bal_bn16_p2x": {"experts": "balanced", "prefetch": 0, "block_n": 16, "_programs_x": 2},
-    "bal_bn16_p4x": {"experts": "balanced", "prefetch": 0, "block_n": 16, "_programs_x": 4},
-    "bal_bn16_bd2048": {"experts": "balanced", "prefetch": 0, "block_n": 16, "block_d": 2048},
-    "bal_bn16_w16": {"experts": "balanced", "prefetch": 0, "block_n": 16, "num_warps": 16},
-    "bal_bn32": {"experts": "balanced", "prefetch": 0, "block_n": 32},
-    "bal_bn32_p2x": {"experts": "balanced", "prefetch": 0, "block_n": 32, "_programs_x": 2},
+    "bal_bn2": _bal(0, block_n=2),
+    "bal_bn8": _bal(0, block_n=8),
+    "bal_bn16": _bal(0, block_n=16),
+    "bal_p2x": _bal(0, _programs_x=2),
+    "bal_p4x": _bal(0, _programs_x=4),
+    "bal_s1": _bal(0, num_stages=1),
+    "bal_s3": _bal(0, num_stages=3),
+    "bal_w4": _bal(0, num_warps=4),
+    "bal_bd1024": _bal(0, block_d=1024),
+    "bal_bd1024_s3": _bal(0, block_d=1024, num_stages=3),
+    "bal_bn8_p2x": _bal(0, block_n=8, _programs_x=2),
+    "bal_bn16_p2x": _bal(0, block_n=16, _programs_x=2),
+    "bal_bn16_p4x": _bal(0, block_n=16, _programs_x=4),
+    "bal_bn16_bd2048": _bal(0, block_n=16, block_d=2048),
+    "bal_bn16_w16": _bal(0, block_n=16, num_warps=16),
+    "bal_bn32": _bal(0, block_n=32),
+    "bal_bn32_p2x": _bal(0, block_n=32, _programs_x=2),
     # Software-pipelined unit loop (the next unit's W_gate/W_up rows in flight meanwhile).
-    "bal_pf_bn16": {"experts": "balanced", "prefetch": 1, "block_n": 16},
-    "bal_pf_bn4": {"experts": "balanced", "prefetch": 1, "block_n": 4},
-    "bal_pf_bn8": {"experts": "balanced", "prefetch": 1, "block_n": 8},
-    "bal_pf_bn8_w16": {"experts": "balanced", "prefetch": 1, "block_n": 8, "num_warps": 16},
-    "bal_pf_bn4_p2x": {"experts": "balanced", "prefetch": 1, "block_n": 4, "_programs_x": 2},
-    "bal_pf_bn4_w4": {"experts": "balanced", "prefetch": 1, "block_n": 4, "num_warps": 4},
-    "bal_pf_bn2": {"experts": "balanced", "prefetch": 1, "block_n": 2, "_programs_x": 1},
-    "bal_pf_bn2_p2x": {"experts": "balanced", "prefetch": 1, "block_n": 2, "_programs_x": 2},
-    "bal_pf_bn2_p4x_w4": {
-        "experts": "balanced",
-        "prefetch": 1,
-        "block_n": 2,
-        "_programs_x": 4,
-        "num_warps": 4,
-    },
-    "bal_pf_bn1_p2x": {"experts": "balanced", "prefetch": 1, "block_n": 1, "_programs_x": 2},
-    "bal_pf_bn1_p4x_w4": {
-        "experts": "balanced",
-        "prefetch": 1,
-        "block_n": 1,
-        "_programs_x": 4,
-        "num_warps": 4,
-    },
-    "bal_pf_bn4_bd2048": {"experts": "balanced", "prefetch": 1, "block_n": 4, "block_d": 2048},
-    "bal_pf_bn4_bd1024": {"experts": "balanced", "prefetch": 1, "block_n": 4, "block_d": 1024},
+    "bal_pf_bn16": _bal(1, block_n=16),
+    "bal_pf_bn4": _bal(1, block_n=4),
+    "bal_pf_bn8": _bal(1, block_n=8),
+    "bal_pf_bn8_w16": _bal(1, block_n=8, num_warps=16),
+    "bal_pf_bn4_p2x": _bal(1, block_n=4, _programs_x=2),
+    "bal_pf_bn4_w4": _bal(1, block_n=4, num_warps=4),
+    "bal_pf_bn2": _bal(1, block_n=2, _programs_x=1),
+    "bal_pf_bn2_p2x": _bal(1, block_n=2, _programs_x=2),
+    "bal_pf_bn2_p4x_w4": _bal(1, block_n=2, _programs_x=4, num_warps=4),
+    "bal_pf_bn1_p2x": _bal(1, block_n=1, _programs_x=2),
+    "bal_pf_bn1_p4x_w4": _bal(1, block_n=1, _programs_x=4, num_warps=4),
+    "bal_pf_bn4_bd2048": _bal(1, block_n=4, block_d=2048),
+    "bal_pf_bn4_bd1024": _bal(1, block_n=4, block_d=1024),
 }
 
 
@@ -137,7 +131,7 @@ def main():
     bw = max(copy_bandwidth().values()) if a.time else None
     if bw:
         print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
-        print(f"balanced kernel: {jt.default_programs()} programs", flush=True)
+        print(f"SMs: {jt.default_programs()} (the balanced kernel's grid unit)", flush=True)
     for kf in a.kfrac:
         k = max(1, round(kf * lay.e))
         fns, datas = {}, {}

@@ -151,3 +151,10 @@ def default_programs() -> int:
     except RuntimeError:  # pragma: no cover - no backend at all
         n = None
     return int(n) if isinstance(n, int) and n > 0 else DEFAULT_PROGRAMS
+
+
+def unit_programs(block_n: int) -> int:
+    """Grid of a persistent one-token unit loop with ``block_n``-neuron units: two programs per
+    SM for units of ≤ 2 neurons (few enough registers that two share an SM: measured faster for
+    the Pallas and the Triton balanced kernels, BENCHMARKS.md tenth session), else one."""
+    return (2 if block_n <= 2 else 1) * default_programs()

@@ -170,19 +170,10 @@ def balanced_expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, group_size, plan, 
         raise ValueError(f"accumulator {y0.shape} != {acc_shape}")
     n_prog = plan["programs"]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    kernel = functools.partial(_kernel, d=d, f=f, g=g, bn=bn, bc=bc, n_c=n_c, n_prog=n_prog,
+                               atomics=plan["atomics"], prefetch=plan["prefetch"])  # fmt: skip
     out = pl.pallas_call(
-        functools.partial(
-            _kernel,
-            d=d,
-            f=f,
-            g=g,
-            bn=bn,
-            bc=bc,
-            n_c=n_c,
-            n_prog=n_prog,
-            atomics=plan["atomics"],
-            prefetch=plan["prefetch"],
-        ),  # fmt: skip
+        kernel,
         out_shape=jax.ShapeDtypeStruct(acc_shape, jnp.float32),
         grid=(n_prog,),
         in_specs=[

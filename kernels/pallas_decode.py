@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from prunepath_jax import routing
-from prunepath_jax.kernels import jt, pallas_balanced, pallas_experts
+from prunepath_jax.kernels import pallas_balanced, pallas_experts
+from prunepath_jax.kernels.jt import default_programs, unit_programs
 from prunepath_jax.kernels.jt import next_pow2 as _next_pow2
 from prunepath_jax.kernels.pallas_experts import accumulator_shape
 from prunepath_jax.kernels.pallas_logits import pow2_divisor as _pow2_divisor
@@ -316,8 +317,8 @@ def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
     bn = tuning.get("block_n", _pow2_divisor(g, 2 if prefetch else 16))
     _check_block_n(bn, g)
     bc, n_c = pallas_balanced.chunking(d, tuning.get("block_d", 4096))
-    per_sm = 2 if prefetch and bn <= 2 else 1  # prefetched 2-neuron units: two programs fit an SM
-    programs = tuning.get("programs") or per_sm * jt.default_programs()
+    # Two programs per SM need the prefetched loop's register budget at 2-neuron units.
+    programs = tuning.get("programs") or (unit_programs(bn) if prefetch else default_programs())
     if programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
     return {

@@ -187,7 +187,7 @@ def balanced_ffn_decode(
         raise ValueError(f"rule must be paper|nucleus and gate sigmoid|none: {rule!r}, {gate!r}")
     if programs < 0:
         raise ValueError(f"programs must be >= 0 (0: two per SM), got {programs}")
-    n_prog = programs or (2 if block_n <= 2 else 1) * jt.default_programs()
+    n_prog = programs or jt.unit_programs(block_n)
     d_pad = jt.next_pow2(d)
     y, k = jt.triton_call(
         _balanced_kernel, x_td, logits_te.astype(jnp.float32),
