@@ -43,6 +43,7 @@ from prunepath_jax.generate import (  # noqa: E402
 )
 from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
 from prunepath_jax.models import decode_attention as da  # noqa: E402
+from prunepath_jax.models.decode_proj import set_projections  # noqa: E402
 from prunepath_jax.models.layers import init_cache  # noqa: E402
 from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 from prunepath_jax.nn import PrunePathFFN, route_args, set_compute  # noqa: E402
@@ -273,6 +274,13 @@ def main():
         '"1": {"experts": "blocks"}}}\'',
     )
     ap.add_argument(
+        "--projs",
+        nargs="+",
+        default=["xla"],
+        choices=["xla", "pallas"],
+        help="attention projections of every model timed (models.decode_proj), each in turn",
+    )
+    ap.add_argument(
         "--attn",
         default="auto",
         choices=["xla", "pallas", "pallas_plain", "auto"],
@@ -307,10 +315,12 @@ def main():
     if a.pick_logits and jax.default_backend() == "gpu":
         head["logits"] = pick_logits(emit)
 
-    for shape in a.shapes:
+    for shape, proj in itertools.product(a.shapes, a.projs):
+        head["proj"] = proj
         cfg = PRESETS[shape]
         batches = [1] + (a.batches if shape == a.batch_shape else [])
         dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        set_projections(dense, proj)
         dense_us = {}
         for b in batches:
             r = time_decode(dense, b, a.prompt_len, a.steps, a.chunks, None, a.attn)
@@ -320,6 +330,7 @@ def main():
         if not a.sparsities:
             continue
         sparse = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
+        set_projections(sparse, proj)
         e = sparse.cfg.n_experts
         args = route_args(sparse.cfg, 1.0)
         for s in a.sparsities:

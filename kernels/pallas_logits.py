@@ -59,15 +59,24 @@ def plan(tp: int, d: int, e: int, *, splits: int = 32, block_e: int = 64) -> dic
     return {"be": be, "bdi": bdi, "s": s, "steps": d // bdi // s, "use_dot": use_dot}
 
 
-def _row_scale(x_ref, d, eps):
+def row_scale(x_ref, d, eps):
     """``rsqrt(mean(x²) + eps)`` per row ``[tp, 1]`` over the whole (masked, power-of-two
     padded) row: every program needs it for its own slice of d, and re-reading a decode token's
-    row (8 KB at d = 4096) from L2 is cheaper than one more launch."""
+    row (8 KB at d = 4096) from L2 is cheaper than one more launch. Shared with
+    ``pallas_proj``."""
     tp = x_ref.shape[0]
     dp = next_pow2(d)
     ok = jax.lax.broadcasted_iota(jnp.int32, (tp, dp), 1) < d
     x = plgpu.load(x_ref.at[:, pl.ds(0, dp)], mask=ok, other=0).astype(jnp.float32)
     return jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) / d + eps)
+
+
+def normed(x_tk, w_k, scale_t1):
+    """``models.layers.rms_norm`` of a ``[tp, k]`` slice given its rows' scale: ``w · bf16(x·r)``
+    in that function's order and roundings (the product of two bf16 is exact in fp32, then
+    rounded to x's dtype)."""
+    xn = (x_tk.astype(jnp.float32) * scale_t1).astype(x_tk.dtype).astype(jnp.float32)
+    return (w_k.astype(jnp.float32)[None] * xn).astype(x_tk.dtype)
 
 
 def _kernel(x_ref, r_ref, *refs, stride, p, eps):
@@ -84,14 +93,13 @@ def _kernel(x_ref, r_ref, *refs, stride, p, eps):
     tp, d = x_ref.shape
     be, bdi, steps = p["be"], p["bdi"], p["steps"]
     cols = pl.ds(pl.multiple_of(j * be, be), be)
-    scale = _row_scale(x_ref, d, eps) if norm else None
+    scale = row_scale(x_ref, d, eps) if norm else None
 
     def body(i, acc):
         rows = pl.ds(pl.multiple_of((s * steps + i) * bdi, bdi), bdi)
         x = plgpu.load(x_ref.at[:, rows])  # [tp, bdi]
-        if norm:  # w · bf16(x · r): the product of two bf16 is exact in fp32, then rounded
-            xn = (x.astype(jnp.float32) * scale).astype(x.dtype).astype(jnp.float32)
-            x = (plgpu.load(w_ref.at[rows]).astype(jnp.float32)[None] * xn).astype(x.dtype)
+        if norm:
+            x = normed(x, plgpu.load(w_ref.at[rows]), scale)
 
             @pl.when(j == 0)
             def _():

@@ -633,4 +633,14 @@ s15h)  # the Triton one-token layer's router logits: XLA's fp32 one-row dot beco
     --variants '{"dot2": {"impl": "triton", "1": {"logits": "dot2"}}, "tri_logits": {"impl": "triton", "1": {"logits": "triton"}}}' \
     --out "$OUT/sparse_decode.jsonl"
   ;;
+s16a)  # the attention-projection kernel (kernels/pallas_proj.py): GPU tests, kernel vs XLA at the
+       # 1B / 8B QKV and O shapes with a tuning sweep, end to end with XLA vs kernel projections
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_decode_proj.py
+  run timeout 160 python3 benchmarks/proj_gemv.py --out "$OUT/proj_gemv.jsonl" --variants \
+    '{"bn16": {"block_n": 16, "block_d": 256}, "bn64": {"block_n": 64, "block_d": 64}, "w8": {"num_warps": 8}, "s3": {"num_stages": 3}, "s6": {"num_stages": 6}, "bd64": {"block_d": 64}, "bn16_bd128": {"block_n": 16, "block_d": 128}}'
+  run timeout 260 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --impls pallas --batches --projs xla pallas --steps 16 --chunks 4 \
+    --out "$OUT/sparse_decode.jsonl"
+  ;;
 esac

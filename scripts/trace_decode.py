@@ -30,6 +30,7 @@ from prunepath_jax.config import PRESETS  # noqa: E402
 from prunepath_jax.generate import DecodeState, decode_chunk_donating  # noqa: E402
 from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
 from prunepath_jax.models.decode_attention import set_attention  # noqa: E402
+from prunepath_jax.models.decode_proj import set_projections  # noqa: E402
 from prunepath_jax.models.layers import init_cache  # noqa: E402
 from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
@@ -84,6 +85,7 @@ def main():
     ap.add_argument("--ctx", type=int, default=0, help="cache length (default: just enough)")
     ap.add_argument("--tuning", default="{}", help="JSON {batch: tuning} for the --impl layer")
     ap.add_argument("--hlo", action="store_true", help="also write the optimized HLO (hlo.txt)")
+    ap.add_argument("--proj", default="xla", help="attention projections: xla or pallas")
     a = ap.parse_args()
     cfg = PRESETS[a.shape]
     over = {int(b): t for b, t in json.loads(a.tuning).items()}
@@ -102,6 +104,7 @@ def main():
         model, ffn_args = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), None
     if a.attn != "xla":
         set_attention(model, a.attn)
+    set_projections(model, a.proj)
     graphdef, state = nnx.split(model)
     ctx = a.ctx or -(-(a.prompt_len + 4 * a.steps + 1) // 256) * 256
     b = a.batch
@@ -127,7 +130,7 @@ def main():
         jax.block_until_ready(st)
     s = summarize(device_events(out / "trace"), a.steps)
     s.update(shape=a.shape, sparsity=a.sparsity, impl=a.impl, batch=b, n_layers=cfg.n_layers,
-             attn=a.attn, ctx=ctx, tuning=over)  # fmt: skip
+             attn=a.attn, proj=a.proj, ctx=ctx, tuning=over)  # fmt: skip
     (out / "summary.json").write_text(json.dumps(s, indent=1))
     print(json.dumps({k: v for k, v in s.items() if k != "kernels"}))
     for r in s.get("kernels", [])[:25]:

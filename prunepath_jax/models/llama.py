@@ -15,6 +15,7 @@ from flax import nnx
 from prunepath_jax.config import ModelConfig, RopeScaling
 from prunepath_jax.hf import configs as hfc
 from prunepath_jax.hf.source import Source
+from prunepath_jax.models import decode_proj as dp
 from prunepath_jax.models.common import ModelOutput, ffn_arg_for_layer, select_positions
 from prunepath_jax.models.decode_attention import cached_attention, rope_step
 from prunepath_jax.models.layers import (
@@ -191,6 +192,7 @@ class Attention(nnx.Module):
         self.o_proj = Dense(cfg.n_heads * hd, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
         self.cfg = cfg
         self.attn_impl = "xla"
+        self.proj_impl = "xla"  # see models.decode_proj
 
     def __call__(self, x_btd, positions_bt, rope, allowed_bts, cache: LayerCache | None):
         """`rope` = (cos, sin) tables, `allowed_bts` = mask over this call's keys (the new tokens
@@ -198,16 +200,37 @@ class Attention(nnx.Module):
         window)`, which the decode kernel rebuilds from `positions_bt`), or None for plain causal
         attention within this call's tokens (no cache, or a fresh one being filled from
         position 0: the new keys/values are still written); both shared by every layer."""
-        cfg = self.cfg
         b, t, _ = x_btd.shape
+        out, cache = self._attend(self.qkv_proj(x_btd), positions_bt, rope, allowed_bts, cache)
+        return self.o_proj(out.reshape(b, t, -1)), cache
+
+    def residual_step(self, x_btd, norm, positions_bt, rope, allowed_bts, cache):
+        """``x + attn(rms_norm(x, *norm))`` of a one-token step with both projections in the
+        projection kernel (`models.decode_proj`: the norm, bias and residual inside), or None
+        where it cannot run (the block then takes the XLA path)."""
+        b, t, d = x_btd.shape
+        x_td = x_btd.reshape(b * t, d)
+        qkv = None if t != 1 else dp.project(self.proj_impl, x_td, self.qkv_proj, norm=norm)
+        if qkv is None:
+            return None
+        out, cache = self._attend(qkv.reshape(b, t, -1), positions_bt, rope, allowed_bts, cache)
+        o_td = out.reshape(b * t, -1)
+        y = dp.project(self.proj_impl, o_td, self.o_proj, resid_tn=x_td)
+        if y is None:  # not reached for the shapes the QKV kernel took; XLA, never a wrong path
+            y = x_td + self.o_proj(o_td)
+        return y.reshape(b, t, d), cache
+
+    def _attend(self, qkv_btn, positions_bt, rope, allowed_bts, cache):
+        """Attention from the QKV projection's output: ``(out [b, t, h, hd], cache)``."""
+        cfg = self.cfg
+        b, t, _ = qkv_btn.shape
         h, kv = cfg.n_heads, cfg.n_kv_heads
-        qkv = self.qkv_proj(x_btd).reshape(b, t, h + 2 * kv, cfg.head_dim)
+        qkv = qkv_btn.reshape(b, t, h + 2 * kv, cfg.head_dim)
         if cache is not None and t == 1 and allowed_bts is not None:  # decode: RoPE + write +
             step = rope_step(qkv, rope, cache, positions_bt, impl=self.attn_impl,
                              window=cfg.sliding_window, n_heads=h)  # fmt: skip
             if step is not None:
-                out, cache = step
-                return self.o_proj(out.reshape(b, t, -1)), cache
+                return step
         qk = apply_rope(qkv[:, :, : h + kv], *rope)  # one rotation for q and k together
         q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kv :]
         if cache is not None:
@@ -218,7 +241,7 @@ class Attention(nnx.Module):
             out = cached_attention(
                 q, cache, allowed_bts, positions_bt, impl=self.attn_impl, window=cfg.sliding_window
             )
-        return self.o_proj(out.reshape(b, t, -1)), cache
+        return out, cache
 
 
 class Block(nnx.Module):
@@ -232,8 +255,15 @@ class Block(nnx.Module):
         self.mlp = ffn(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, positions, rope, allowed, cache, ffn_arg):
-        h, cache = self.self_attn(self.input_layernorm(x), positions, rope, allowed, cache)
-        x = x + h
+        ln = self.input_layernorm
+        step = self.self_attn.residual_step(
+            x, (ln.weight[...], ln.eps), positions, rope, allowed, cache
+        )
+        if step is not None:  # decode through the projection kernels (models.decode_proj)
+            x, cache = step
+        else:
+            h, cache = self.self_attn(ln(x), positions, rope, allowed, cache)
+            x = x + h
         norm = self.post_attention_layernorm
         if isinstance(self.mlp, PrunePathFFN):  # the FFN may fuse its norm (decode kernels)
             h, stats = self.mlp(x, ffn_arg, norm=(norm.weight[...], norm.eps))

@@ -1,0 +1,252 @@
+"""The attention-projection kernel (`kernels/pallas_proj.py`) and its wiring (`models/decode_proj`).
+
+On CPU the kernel runs through the Pallas interpreter against the XLA path (norm, bias, residual;
+batch 1 and > 1; odd sizes; bf16 and fp32), its Triton lowering is checked through
+``jax.export(platforms=["cuda"])``, and a decode step with ``proj_impl="pallas_interpret"`` gives
+the XLA path's logits. The ``gpu`` tests run the compiled kernel at the 1B / 8B widths and
+compare greedy generation with XLA's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import assert_close, cuda_triton_calls
+
+from prunepath_jax.config import PRESETS
+from prunepath_jax.generate import generate
+from prunepath_jax.kernels import pallas_proj
+from prunepath_jax.kernels.pallas_proj import plan, projection
+from prunepath_jax.models import decode_attention as da
+from prunepath_jax.models import decode_proj as dp
+from prunepath_jax.models.layers import init_cache, rms_norm
+from prunepath_jax.models.llama import LlamaModel
+
+ON_GPU = jax.default_backend() == "gpu"
+
+# name, rows, d, n, dtype, norm, bias, residual
+CASES = [
+    ("b1_bf16_norm", 1, 256, 384, jnp.bfloat16, True, False, False),
+    ("b1_bf16_resid", 1, 256, 256, jnp.bfloat16, False, False, True),
+    ("b4_fp32_all", 4, 576, 192, jnp.float32, True, True, True),
+    ("b2_odd_bf16_bias", 2, 96, 40, jnp.bfloat16, True, True, False),
+    ("b16_fp32_plain", 16, 128, 64, jnp.float32, False, False, False),
+    ("b1_bf16_one_col_block", 1, 64, 24, jnp.bfloat16, False, True, True),
+]
+
+
+def _operands(case):
+    _, t, d, n, dtype, norm, bias, resid = case
+    k = jax.random.split(jax.random.key(t * 1000 + d + n), 5)
+    x = jax.random.normal(k[0], (t, d)).astype(dtype)
+    w = (jax.random.normal(k[1], (d, n)) * d**-0.5).astype(dtype)
+    nw = (1 + 0.2 * jax.random.normal(k[2], (d,))).astype(dtype) if norm else None
+    b = jax.random.normal(k[3], (n,)).astype(dtype) if bias else None
+    r = jax.random.normal(k[4], (t, n)).astype(dtype) if resid else None
+    return x, w, nw, b, r
+
+
+def _xla(x, w, nw, b, r, eps=1e-5):
+    """The model's XLA path: rms_norm, Dense (product rounded, + bias), residual add."""
+    h = rms_norm(x, nw, eps) if nw is not None else x
+    y = h @ w
+    y = y + b if b is not None else y
+    return r + y if r is not None else y
+
+
+def _tol(dtype):
+    return "bf16" if dtype == jnp.bfloat16 else "op_fp32"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_interpret_matches_the_xla_path(case):
+    x, w, nw, b, r = _operands(case)
+    got = jax.jit(
+        lambda x, w, nw, b, r: projection(
+            x, w, norm=None if nw is None else (nw, 1e-5), bias_n=b, resid_tn=r, interpret=True
+        )
+    )(x, w, nw, b, r)
+    assert got.dtype == x.dtype
+    assert_close(got, _xla(x, w, nw, b, r), _tol(x.dtype), case[0])
+
+
+def test_plan_blocks_divide_and_bound_the_accumulator():
+    for t, d, n in [(1, 4096, 6144), (16, 2048, 2048), (8, 576, 960), (2, 96, 40), (1, 5, 3)]:
+        p = plan(t, d, n)
+        assert n % p["bn"] == 0 and d % p["bd"] == 0 and p["steps"] * p["bd"] == d
+        assert t * p["bd"] * p["bn"] <= 4096
+    assert plan(1, 4096, 6144, {"block_n": 16})["bn"] == 16
+    with pytest.raises(ValueError, match="unknown projection tuning"):
+        plan(1, 64, 64, {"block_m": 4})
+    with pytest.raises(ValueError, match=">= 1"):
+        plan(1, 64, 64, {"num_warps": 0})
+
+
+def test_bad_operands_raise_before_launch():
+    x = jnp.ones((1, 64), jnp.bfloat16)
+    w = jnp.ones((64, 32), jnp.bfloat16)
+    with pytest.raises(ValueError, match="power-of-two row count"):
+        projection(jnp.ones((3, 64), jnp.bfloat16), w)
+    with pytest.raises(ValueError, match="power-of-two row count"):
+        projection(jnp.ones((32, 64), jnp.bfloat16), w)
+    with pytest.raises(ValueError, match="do not make"):
+        projection(x, jnp.ones((48, 32), jnp.bfloat16))
+    with pytest.raises(ValueError, match="share one float dtype"):
+        projection(x, w.astype(jnp.float32))
+    with pytest.raises(ValueError, match="norm weight"):
+        projection(x, w, norm=(jnp.ones((32,), jnp.bfloat16), 1e-5))
+    with pytest.raises(ValueError, match="bias"):
+        projection(x, w, bias_n=jnp.ones((64,), jnp.bfloat16))
+    with pytest.raises(ValueError, match="residual"):
+        projection(x, w, resid_tn=jnp.ones((2, 32), jnp.bfloat16))
+
+
+@pytest.mark.parametrize(
+    "t,d,n,fused", [(1, 4096, 6144, "norm"), (1, 4096, 4096, "resid"), (8, 576, 960, "bias")]
+)
+def test_kernel_lowers_for_cuda(t, d, n, fused):
+    """Triton-only errors (non-power-of-2 blocks, ops Triton cannot lower) fail here, no GPU."""
+    bf = jnp.bfloat16
+    S = jax.ShapeDtypeStruct
+    extra = {"norm": S((d,), bf), "resid": S((t, n), bf), "bias": S((n,), bf)}[fused]
+
+    def f(x, w, e):
+        kw = {"norm": {"norm": (e, 1e-5)}, "resid": {"resid_tn": e}, "bias": {"bias_n": e}}
+        return projection(x, w, **kw[fused])
+
+    assert cuda_triton_calls(jax.jit(f), S((t, d), bf), S((d, n), bf), extra) == 1
+
+
+def _model(dtype, *, bias=False, layers=2, seed=0):
+    cfg = PRESETS["smollm2-135m"].replace(
+        vocab_size=97, d_model=64, d_ff=96, n_layers=layers, n_heads=4, n_kv_heads=2,
+        head_dim=32, tie_embeddings=False, qkv_bias=bias,
+    )  # fmt: skip
+    model = LlamaModel(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+    if bias:  # Qwen2-style QKV bias, non-zero so a dropped bias would show
+        for m in da.attention_modules(model):
+            m.qkv_proj.bias[...] = jax.random.normal(
+                jax.random.key(7), m.qkv_proj.bias.shape, dtype
+            )
+    return model
+
+
+@pytest.fixture
+def proj_calls(monkeypatch):
+    """Counts (traces of) the projection kernel's calls, then runs it."""
+    calls = []
+    real = pallas_proj.projection
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pallas_proj, "projection", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "dtype,bias,attn",
+    [(jnp.float32, False, "xla"), (jnp.bfloat16, True, "pallas_interpret")],
+    ids=["fp32_xla_attention", "bf16_bias_kernel_attention"],
+)
+def test_decode_step_matches_xla(dtype, bias, attn, proj_calls):
+    """One decode step of a ragged batch of 2 over a prefilled cache: the same logits and cache
+    as the XLA projections; both projections of both layers ran in the kernel (norm in the QKV
+    call, residual in the O call)."""
+    model = _model(dtype, bias=bias)
+    cfg = model.cfg
+    rng = np.random.default_rng(0)
+    toks = jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 9)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 9))
+    cache = model(toks, pos, cache=init_cache(cfg, 2, 64, dtype)).cache
+    step_toks, step_pos = jnp.array([[5], [11]], jnp.int32), jnp.array([[9], [4]], jnp.int32)
+    da.set_attention(model, attn)
+    ref = model(step_toks, step_pos, cache=cache)
+    assert not proj_calls
+    dp.set_projections(model, "pallas_interpret")
+    got = model(step_toks, step_pos, cache=cache)
+    assert len(proj_calls) == 2 * cfg.n_layers
+    assert sum(c["norm"] is not None for c in proj_calls) == cfg.n_layers
+    assert sum(c["resid_tn"] is not None for c in proj_calls) == cfg.n_layers
+    tol = _tol(dtype)
+    assert_close(got.logits, ref.logits, tol, "decode logits")
+    for lg, lr in zip(got.cache, ref.cache, strict=True):
+        assert_close(lg.k, lr.k, tol, "cache k")
+        assert_close(lg.v, lr.v, tol, "cache v")
+
+
+def test_prefill_odd_batches_and_cpu_pallas_stay_on_xla(proj_calls):
+    """Prefill (t > 1), a batch of 3 (not a power of two) and ``"pallas"`` without a GPU run
+    the XLA path, by the explicit check, not by computing something else."""
+    model = _model(jnp.float32)
+    dp.set_projections(model, "pallas_interpret")
+    toks = jnp.ones((3, 4), jnp.int32)
+    model(toks)  # prefill
+    model(
+        toks[:, :1], jnp.zeros((3, 1), jnp.int32), cache=init_cache(model.cfg, 3, 16, jnp.float32)
+    )
+    assert not proj_calls
+    if not ON_GPU:
+        dp.set_projections(model, "pallas")
+        model(toks[:1, :1], jnp.zeros((1, 1), jnp.int32),
+              cache=init_cache(model.cfg, 1, 16, jnp.float32))  # fmt: skip
+        assert not proj_calls
+        x, w = jnp.ones((1, 64)), jnp.ones((64, 8))
+        assert "CUDA GPU" in dp.unsupported_reason("pallas", x, w)
+    assert dp.unsupported_reason("xla", jnp.ones((1, 4)), jnp.ones((4, 4))) == "proj_impl is 'xla'"
+    with pytest.raises(ValueError, match="proj_impl must be"):
+        dp.set_projections(model, "triton")
+    with pytest.raises(ValueError, match="proj_impl must be"):
+        dp.unsupported_reason("cuda", jnp.ones((1, 4)), jnp.ones((4, 4)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("shape", ["llama-3.2-1b", "llama-3-8b"])
+def test_gpu_kernel_at_real_widths(shape):
+    """The compiled kernel at a real layer's QKV (norm) and O (residual) widths, batch 1 and 8."""
+    cfg = PRESETS[shape]
+    d, hd = cfg.d_model, cfg.head_dim
+    n_qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * hd
+    for t in (1, 8):
+        for n, fused in ((n_qkv, "norm"), (d, "resid")):
+            case = (f"{shape}_b{t}_{fused}", t, d, n, jnp.bfloat16, fused == "norm", False,
+                    fused == "resid")  # fmt: skip
+            x, w, nw, b, r = _operands(case)
+            norm = None if nw is None else (nw, 1e-5)
+            got = jax.jit(lambda x, w, r, norm=norm: projection(x, w, norm=norm, resid_tn=r))(
+                x, w, r
+            )
+            assert_close(got, _xla(x, w, nw, b, r), "bf16", case[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("batch", [1, 8])
+def test_gpu_generate_with_projection_kernels_matches_xla(batch, proj_calls):
+    """SmolLM2-shaped random bf16 weights, the attention kernel on: the same greedy tokens with
+    and without the projection kernels, or decode-step logits within the bf16 tolerance."""
+    model = LlamaModel(PRESETS["smollm2-135m"].replace(n_layers=4), dtype=jnp.bfloat16,
+                       rngs=nnx.Rngs(batch))  # fmt: skip
+    rng = np.random.default_rng(batch)
+    prompts = [rng.integers(0, 49152, 5 + 11 * i).tolist() for i in range(batch)]
+    ref = generate(model, prompts, 24, implementation="pallas")
+    assert not proj_calls
+    dp.set_projections(model, "pallas")
+    out = generate(model, prompts, 24, implementation="pallas")
+    assert proj_calls  # the compiled kernel ran
+    if out != ref:
+        lengths = [len(p) for p in prompts]
+        b, t = len(prompts), max(lengths)
+        toks = jnp.asarray([p + [0] * (t - len(p)) for p in prompts], jnp.int32)
+        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cache = model(toks, pos, cache=init_cache(model.cfg, b, 256, jnp.bfloat16)).cache
+        step = jnp.asarray(lengths, jnp.int32)[:, None]
+        got = model(toks[:, :1], step, cache=cache).logits
+        dp.set_projections(model, "xla")
+        want = model(toks[:, :1], step, cache=cache).logits
+        assert_close(got, want, "bf16", "decode-step logits")
