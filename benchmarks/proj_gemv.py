@@ -55,7 +55,9 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--variants", default="{}", help="JSON {label: tuning} besides the default")
     ap.add_argument("--out", default="results/proj_gemv.jsonl")
+    ap.add_argument("--best-out", help="write the kernel variant with the least total device time")
     a = ap.parse_args()
+    total: dict[str, float] = {}
     variants = {"xla": None, "kernel": {}, **json.loads(a.variants)}
     bw = max(copy_bandwidth(2 << 30).values())
     head = {**header(), "copy_TB_s": bw / 1e12, "batch": a.batch}
@@ -87,9 +89,15 @@ def main():
                        "weight_TB_s": w_bytes / (dev * 1e-6) / 1e12, "max_abs_vs_xla": err,
                        "kernels": {k: sum(v) / N_SETS for k, v in durs.items()}}  # fmt: skip
                 write_rows(a.out, [row])
+                total[label] = total.get(label, 0.0) + dev
                 print(f"{shape} {kind} {label}: device {dev:.2f} us ({row['weight_TB_s']:.2f} "
                       f"TB/s), wall {wall * 1e6:.2f} us, launches {row['launches']:.1f}, "
                       f"err {err:.3g}", flush=True)  # fmt: skip
+
+    best = min((lab for lab in total if lab != "xla"), key=total.get)
+    print(f"total device us per layer (QKV + O, summed over shapes): {total}; best {best}")
+    if a.best_out:
+        Path(a.best_out).write_text(json.dumps(variants[best]))
 
 
 if __name__ == "__main__":

@@ -280,6 +280,7 @@ def main():
         choices=["xla", "pallas"],
         help="attention projections of every model timed (models.decode_proj), each in turn",
     )
+    ap.add_argument("--proj-tuning", help="JSON file of pallas_proj tuning overrides")
     ap.add_argument(
         "--attn",
         default="auto",
@@ -299,6 +300,11 @@ def main():
         over = {int(b): tun for b, tun in json.loads(text).items()}
         pallas_decode.TUNING_OVERRIDES.update(over)
         head["pallas_tuning"] = over
+    if a.proj_tuning and Path(a.proj_tuning).exists():
+        from prunepath_jax.kernels import pallas_proj
+
+        pallas_proj.TUNING_OVERRIDES.update(json.loads(Path(a.proj_tuning).read_text()))
+        head["proj_tuning"] = dict(pallas_proj.TUNING_OVERRIDES)
     impls = [i for i in a.impls if i != "pallas" or
              importlib.util.find_spec("prunepath_jax.kernels.pallas_decode")]  # fmt: skip
     bws = copy_bandwidth(2 << 30)

@@ -35,7 +35,9 @@ except ImportError:  # pragma: no cover - only on a jax without Pallas-Triton
 
 # Column block, rows per step, warps, pipeline stages. Untuned first guess (see BENCHMARKS.md for
 # what the H200 measured); ``TUNING_OVERRIDES`` lets benchmarks time others.
-DEFAULT_TUNING = {"block_n": 32, "block_d": 128, "num_warps": 4, "num_stages": 4}
+DEFAULT_TUNING = {
+    "block_n": 32, "block_d": 128, "loads": 4, "prefetch": 1, "num_warps": 4, "num_stages": 1,
+}  # fmt: skip
 TUNING_OVERRIDES: dict = {}
 MAX_ROWS = 16  # decode batches; the broadcast accumulator is [rows, BD, BN]
 
@@ -48,12 +50,14 @@ def plan(tp: int, d: int, n: int, tuning: dict | None = None) -> dict:
     unknown = set(tn) - set(DEFAULT_TUNING)
     if unknown:
         raise ValueError(f"unknown projection tuning keys {sorted(unknown)}")
-    if min(tn.values()) < 1:
+    if min(v for k, v in tn.items() if k != "prefetch") < 1:
         raise ValueError(f"projection tuning values must be >= 1: {tn}")
     bn = pow2_divisor(n, tn["block_n"])
     bd = pow2_divisor(d, min(tn["block_d"], max(1, 4096 // (tp * bn))))
-    return {"bn": bn, "bd": bd, "steps": d // bd, "warps": tn["num_warps"],
-            "stages": tn["num_stages"]}  # fmt: skip
+    steps = d // bd
+    loads = pow2_divisor(steps, tn["loads"])  # slabs per iteration: a divisor of the steps
+    return {"bn": bn, "bd": bd, "steps": steps, "loads": loads, "prefetch": bool(tn["prefetch"]),
+            "warps": tn["num_warps"], "stages": tn["num_stages"]}  # fmt: skip
 
 
 def _kernel(x_ref, w_ref, *refs, p, eps, norm, bias, resid):
@@ -69,15 +73,37 @@ def _kernel(x_ref, w_ref, *refs, p, eps, norm, bias, resid):
     cols = pl.ds(pl.multiple_of(pl.program_id(0) * bn, bn), bn)
     scale = row_scale(x_ref, d, eps) if norm else None
 
-    def body(i, acc):
-        rows = pl.ds(pl.multiple_of(i * bd, bd), bd)
-        x = plgpu.load(x_ref.at[:, rows])  # [tp, bd]
-        if norm:
-            x = normed(x, plgpu.load(nw_ref.at[rows]), scale)
-        w = plgpu.load(w_ref.at[rows, cols]).astype(jnp.float32)  # [bd, bn]
-        return acc + x.astype(jnp.float32)[:, :, None] * w[None]  # reduced once, after the loop
+    n_u, steps = p["loads"], p["steps"]
 
-    acc = jax.lax.fori_loop(0, p["steps"], body, jnp.zeros((tp, bd, bn), jnp.float32))
+    def x_at(i):  # [tp, bd] rows of step i, normalised when the norm is fused
+        rows = pl.ds(pl.multiple_of(i * bd, bd), bd)
+        x = plgpu.load(x_ref.at[:, rows])
+        return normed(x, plgpu.load(nw_ref.at[rows]), scale) if norm else x
+
+    def w_at(i):  # the [bd, bn] slabs of steps i·U .. i·U + U - 1 (i past the end: a reload)
+        i = jnp.minimum(i, steps // n_u - 1)
+        return tuple(
+            plgpu.load(w_ref.at[pl.ds(pl.multiple_of((i * n_u + u) * bd, bd), bd), cols])
+            for u in range(n_u)
+        )
+
+    def fma(i, ws, acc):  # reduced once, after the loop
+        for u in range(n_u):
+            x = x_at(i * n_u + u).astype(jnp.float32)
+            acc = acc + x[:, :, None] * ws[u].astype(jnp.float32)[None]
+        return acc
+
+    zero = jnp.zeros((tp, bd, bn), jnp.float32)
+    if p["prefetch"]:  # the next U slabs are in flight while this iteration multiplies
+
+        def body(i, carry):
+            acc, ws = carry[0], carry[1:]
+            nxt = w_at(i + 1)
+            return (fma(i, ws, acc),) + nxt
+
+        acc = jax.lax.fori_loop(0, steps // n_u, body, (zero,) + w_at(0))[0]
+    else:
+        acc = jax.lax.fori_loop(0, steps // n_u, lambda i, acc: fma(i, w_at(i), acc), zero)
     dt, f32 = out_ref.dtype, jnp.float32
     y = jnp.sum(acc, axis=1).astype(dt)  # [tp, bn]: Dense's product, rounded
     if bias:

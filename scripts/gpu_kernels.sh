@@ -643,4 +643,15 @@ s16a)  # the attention-projection kernel (kernels/pallas_proj.py): GPU tests, ke
     --sparsities 0.75 --impls pallas --batches --projs xla pallas --steps 16 --chunks 4 \
     --out "$OUT/sparse_decode.jsonl"
   ;;
+s16b)  # the projection kernel with several slabs per step and a register prefetch (s16a: one
+       # slab per step ran at 0.8-1.5 TB/s, 2x slower than XLA's GEMMs): sweep, best, end to end
+  run timeout 220 python3 benchmarks/proj_gemv.py --out "$OUT/proj_gemv.jsonl" \
+    --best-out "$OUT/proj_best.json" --variants \
+    '{"l2": {"loads": 2}, "l8_w8": {"loads": 8, "num_warps": 8}, "w8": {"num_warps": 8}, "pf0": {"prefetch": 0}, "l8_pf0_w8": {"loads": 8, "prefetch": 0, "num_warps": 8}, "bn16": {"block_n": 16, "block_d": 256}, "bn16_l2": {"block_n": 16, "block_d": 256, "loads": 2}, "bn64": {"block_n": 64, "block_d": 64}, "bd64_l8": {"block_d": 64, "loads": 8}, "bn16_bd128_l8_w8": {"block_n": 16, "block_d": 128, "loads": 8, "num_warps": 8}}'
+  run timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_decode_proj.py -k real_widths
+  run timeout 240 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --impls pallas --batches --projs xla pallas --steps 16 --chunks 4 \
+    --proj-tuning "$OUT/proj_best.json" --out "$OUT/sparse_decode.jsonl"
+  ;;
 esac
