@@ -60,9 +60,10 @@ def plan(tp: int, d: int, n: int, tuning: dict | None = None) -> dict:
             "warps": tn["num_warps"], "stages": tn["num_stages"]}  # fmt: skip
 
 
-def _kernel(x_ref, w_ref, *refs, p, eps, norm, bias, resid):
+def _kernel(x_ref, w_ref, *refs, p, eps, norm, bias, resid, nd):
     """Program j: columns ``j·bn..`` of every row. ``refs``: [norm weight ``[d]``], [bias ``[n]``],
-    [residual ``[tp, n]``], then the output ``[tp, n]``."""
+    [residual ``[tp, n]``], then the output ``[tp, n]``. ``nd``: W is stored ``[n, d]`` (each
+    output's weights one contiguous row) instead of ``[d, n]``."""
     it = iter(refs)
     nw_ref = next(it) if norm else None
     b_ref = next(it) if bias else None
@@ -80,20 +81,19 @@ def _kernel(x_ref, w_ref, *refs, p, eps, norm, bias, resid):
         x = plgpu.load(x_ref.at[:, rows])
         return normed(x, plgpu.load(nw_ref.at[rows]), scale) if norm else x
 
-    def w_at(i):  # the [bd, bn] slabs of steps i·U .. i·U + U - 1 (i past the end: a reload)
-        i = jnp.minimum(i, steps // n_u - 1)
-        return tuple(
-            plgpu.load(w_ref.at[pl.ds(pl.multiple_of((i * n_u + u) * bd, bd), bd), cols])
-            for u in range(n_u)
-        )
+    def w_at(i):  # the [bd, bn] ([bn, bd]) slabs of steps i·U .. i·U + U - 1 (past the end: a
+        i = jnp.minimum(i, steps // n_u - 1)  # harmless reload)
+        rows = [pl.ds(pl.multiple_of((i * n_u + u) * bd, bd), bd) for u in range(n_u)]
+        return tuple(plgpu.load(w_ref.at[(cols, r) if nd else (r, cols)]) for r in rows)
 
     def fma(i, ws, acc):  # reduced once, after the loop
         for u in range(n_u):
             x = x_at(i * n_u + u).astype(jnp.float32)
-            acc = acc + x[:, :, None] * ws[u].astype(jnp.float32)[None]
+            x = x[:, None, :] if nd else x[:, :, None]
+            acc = acc + x * ws[u].astype(jnp.float32)[None]
         return acc
 
-    zero = jnp.zeros((tp, bd, bn), jnp.float32)
+    zero = jnp.zeros((tp, bn, bd) if nd else (tp, bd, bn), jnp.float32)
     if p["prefetch"]:  # the next U slabs are in flight while this iteration multiplies
 
         def body(i, carry):
@@ -105,7 +105,7 @@ def _kernel(x_ref, w_ref, *refs, p, eps, norm, bias, resid):
     else:
         acc = jax.lax.fori_loop(0, steps // n_u, lambda i, acc: fma(i, w_at(i), acc), zero)
     dt, f32 = out_ref.dtype, jnp.float32
-    y = jnp.sum(acc, axis=1).astype(dt)  # [tp, bn]: Dense's product, rounded
+    y = jnp.sum(acc, axis=2 if nd else 1).astype(dt)  # [tp, bn]: Dense's product, rounded
     if bias:
         y = (y.astype(f32) + plgpu.load(b_ref.at[cols]).astype(f32)[None]).astype(dt)
     if resid:
@@ -136,6 +136,7 @@ def projection(
     bias_n: jax.Array | None = None,
     resid_tn: jax.Array | None = None,
     tuning: dict | None = None,
+    w_layout: str = "dn",
     interpret: bool = False,
 ) -> jax.Array:
     """``[resid +] (rms_norm(x, *norm) | x) @ W [+ bias]`` in x's dtype, ``[t, n]``.
@@ -147,16 +148,21 @@ def projection(
         bias_n: ``Dense.bias`` or None.
         resid_tn: a residual added last (the block's ``x + h``), or None.
         tuning: ``DEFAULT_TUNING`` keys to override.
+        w_layout: ``"dn"`` (``Dense.kernel``) or ``"nd"``: ``w_dn`` is the transposed ``[n, d]``
+            weight (each output's weights one contiguous row; measured as an alternative).
         interpret: run under the Pallas interpreter (CPU tests).
 
     Equals the XLA path (``Dense`` after ``rms_norm``, then the residual add) up to fp32
     summation order, which can move a result by one rounding of x's dtype.
     """
-    why = unsupported_reason(x_td, w_dn)
+    if w_layout not in ("dn", "nd"):
+        raise ValueError(f"w_layout must be 'dn' or 'nd', got {w_layout!r}")
+    nd = w_layout == "nd"
+    why = unsupported_reason(x_td, w_dn.T if nd else w_dn)
     if why is not None:
         raise ValueError(why)
     t, d = x_td.shape
-    n = w_dn.shape[1]
+    n = w_dn.shape[0 if nd else 1]
     if norm is not None and norm[0].shape != (d,):
         raise ValueError(f"norm weight must be [d] = {(d,)}, got {norm[0].shape}")
     if bias_n is not None and bias_n.shape != (n,):
@@ -167,7 +173,7 @@ def projection(
     extra = [a for a in (None if norm is None else norm[0], bias_n, resid_tn) if a is not None]
     kernel = functools.partial(
         _kernel, p=p, eps=0.0 if norm is None else float(norm[1]), norm=norm is not None,
-        bias=bias_n is not None, resid=resid_tn is not None,
+        bias=bias_n is not None, resid=resid_tn is not None, nd=nd,
     )  # fmt: skip
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(

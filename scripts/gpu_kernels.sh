@@ -654,4 +654,10 @@ s16b)  # the projection kernel with several slabs per step and a register prefet
     --sparsities 0.75 --impls pallas --batches --projs xla pallas --steps 16 --chunks 4 \
     --proj-tuning "$OUT/proj_best.json" --out "$OUT/sparse_decode.jsonl"
   ;;
+s16c)  # the projection kernel over transposed [n, d] weights (contiguous rows; s16b: the [d, n]
+       # column slabs stayed at 0.9-1.5 TB/s whatever the slabs per step or prefetch)
+  run timeout 200 python3 benchmarks/proj_gemv.py --out "$OUT/proj_gemv.jsonl" \
+    --best-out "$OUT/proj_best.json" --variants \
+    '{"l2": {"loads": 2}, "nd8": {"w_layout": "nd", "block_n": 8, "block_d": 512, "loads": 1}, "nd8_l2": {"w_layout": "nd", "block_n": 8, "block_d": 512, "loads": 2}, "nd4": {"w_layout": "nd", "block_n": 4, "block_d": 1024, "loads": 1}, "nd4_l2": {"w_layout": "nd", "block_n": 4, "block_d": 1024, "loads": 2}, "nd2_l2": {"w_layout": "nd", "block_n": 2, "block_d": 2048, "loads": 2, "num_warps": 8}, "nd8_l2_w8": {"w_layout": "nd", "block_n": 8, "block_d": 512, "loads": 2, "num_warps": 8}, "nd16_l4": {"w_layout": "nd", "block_n": 16, "block_d": 256, "loads": 4}, "nd4_pf0_l4": {"w_layout": "nd", "block_n": 4, "block_d": 1024, "loads": 4, "prefetch": 0}}'
+  ;;
 esac
