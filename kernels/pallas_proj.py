@@ -10,12 +10,16 @@ sparsity is ~10% of a decode step. Here each projection is one kernel that reads
 whole, so it can normalise them itself, and adds the bias and the residual to its own output
 columns before the store.
 
-How. Program ``j`` owns output columns ``[j·BN, (j+1)·BN)`` and streams the ``[d, BN]`` slab of
-``W`` (stored ``[in, out]``, as ``models.layers.Dense`` keeps it) in ``[BD, BN]`` steps,
-accumulating ``x[:, :, None] · w`` in fp32 and reducing once after the loop (the router-logits
-kernel's scheme, without its split of d: a split would need a reduction launch, the glue this
-removes). Rounding follows the XLA path: the product rounded to the weight dtype, then
-``+ b`` rounded, then ``r +`` rounded, as ``Dense`` and the block's residual add do.
+How. Program ``j`` owns output columns ``[j·BN, (j+1)·BN)`` and streams their weights in steps
+of ``BD`` inputs, accumulating ``x · w`` in fp32 and reducing once after the loop (the
+router-logits kernel's scheme, without its split of d: a split would need a reduction launch,
+the glue this removes). Two weight layouts: ``"nd"``, W transposed to ``[n, d]`` (each output's
+weights one contiguous row; ``[BN, BD]`` tiles), the fast one; and ``"dn"``, ``Dense.kernel``
+as stored (``[d, BN]`` column slabs, 2·BN bytes a row), 2x slower than XLA's split-K GEMM on the
+H200 whatever the slabs per step or prefetch (BENCHMARKS.md, issue 5), kept for callers without
+a transposed copy (`models.decode_proj`). Rounding follows the XLA path: the product rounded to
+the weight dtype, then ``+ b`` rounded, then ``r +`` rounded, as ``Dense`` and the block's
+residual add do.
 """
 
 from __future__ import annotations
@@ -33,31 +37,40 @@ try:
 except ImportError:  # pragma: no cover - only on a jax without Pallas-Triton
     plgpu = None
 
-# Column block, rows per step, warps, pipeline stages. Untuned first guess (see BENCHMARKS.md for
-# what the H200 measured); ``TUNING_OVERRIDES`` lets benchmarks time others.
+# Per weight layout: output columns (rows of W for "nd") per block, d per step, slabs per step,
+# register prefetch of the next step's slabs, warps, Triton pipeline stages, programs (0: one per
+# block, else a persistent grid-stride over the blocks). Measured on the H200 (BENCHMARKS.md,
+# issue 5, proj_gemv.py): "dn" best of 18 tunings 0.9-1.5 TB/s (XLA's GEMMs 1.2-2.75 with their
+# glue); "nd" 2.0 (1B QKV) to 2.85 TB/s (8B O) at 8 rows x 512 columns.
 DEFAULT_TUNING = {
-    "block_n": 32, "block_d": 128, "loads": 4, "prefetch": 1, "num_warps": 4, "num_stages": 1,
+    "nd": {"block_n": 8, "block_d": 512, "loads": 1, "prefetch": 1, "num_warps": 4,
+           "num_stages": 1, "programs": 0},
+    "dn": {"block_n": 32, "block_d": 128, "loads": 2, "prefetch": 1, "num_warps": 4,
+           "num_stages": 1, "programs": 0},
 }  # fmt: skip
 TUNING_OVERRIDES: dict = {}
-MAX_ROWS = 16  # decode batches; the broadcast accumulator is [rows, BD, BN]
+MAX_ROWS = 16  # decode batches; the broadcast accumulator is [rows, BN, BD] (or [rows, BD, BN])
 
 
-def plan(tp: int, d: int, n: int, tuning: dict | None = None) -> dict:
+def plan(tp: int, d: int, n: int, tuning: dict | None = None, layout: str = "nd") -> dict:
     """Static blocks: ``bn`` output columns per program (a power of two dividing n), ``bd`` rows
     of W per step (a power of two dividing d, with ``tp·bd·bn ≤ 4096`` accumulator elements, 32
     fp32 registers a thread at 4 warps), ``steps``."""
-    tn = {**DEFAULT_TUNING, **TUNING_OVERRIDES, **(tuning or {})}
-    unknown = set(tn) - set(DEFAULT_TUNING)
+    tn = {**DEFAULT_TUNING[layout], **TUNING_OVERRIDES, **(tuning or {})}
+    unknown = set(tn) - set(DEFAULT_TUNING[layout])
     if unknown:
         raise ValueError(f"unknown projection tuning keys {sorted(unknown)}")
-    if min(v for k, v in tn.items() if k != "prefetch") < 1:
-        raise ValueError(f"projection tuning values must be >= 1: {tn}")
+    if min(v for k, v in tn.items() if k not in ("prefetch", "programs")) < 1 or tn["programs"] < 0:
+        raise ValueError(f"projection tuning values must be >= 1 (programs >= 0): {tn}")
     bn = pow2_divisor(n, tn["block_n"])
     bd = pow2_divisor(d, min(tn["block_d"], max(1, 4096 // (tp * bn))))
     steps = d // bd
     loads = pow2_divisor(steps, tn["loads"])  # slabs per iteration: a divisor of the steps
+    n_blocks = n // bn
+    progs = min(tn["programs"], n_blocks) or n_blocks  # 0: one program per block
     return {"bn": bn, "bd": bd, "steps": steps, "loads": loads, "prefetch": bool(tn["prefetch"]),
-            "warps": tn["num_warps"], "stages": tn["num_stages"]}  # fmt: skip
+            "warps": tn["num_warps"], "stages": tn["num_stages"], "blocks": n_blocks,
+            "programs": progs}  # fmt: skip
 
 
 def _kernel(x_ref, w_ref, *refs, p, eps, norm, bias, resid, nd):
@@ -70,10 +83,27 @@ def _kernel(x_ref, w_ref, *refs, p, eps, norm, bias, resid, nd):
     r_ref = next(it) if resid else None
     out_ref = next(it)
     tp, d = x_ref.shape
-    bn, bd = p["bn"], p["bd"]
-    cols = pl.ds(pl.multiple_of(pl.program_id(0) * bn, bn), bn)
     scale = row_scale(x_ref, d, eps) if norm else None
+    pid, n_prog = pl.program_id(0), p["programs"]
+    block = functools.partial(_block, x_ref, w_ref, nw_ref, b_ref, r_ref, out_ref, p=p, nd=nd,
+                              scale=scale)  # fmt: skip
+    if n_prog == p["blocks"]:
+        block(pid)
+    else:  # grid-stride: blocks pid, pid + P, ...
 
+        def one(i, c):
+            block(pid + i * n_prog)
+            return c
+
+        jax.lax.fori_loop(0, (p["blocks"] - pid + n_prog - 1) // n_prog, one, 0)
+
+
+def _block(x_ref, w_ref, nw_ref, b_ref, r_ref, out_ref, j, *, p, nd, scale):
+    """Output columns ``[j·bn, (j+1)·bn)`` of every row, stored."""
+    norm, bias, resid = nw_ref is not None, b_ref is not None, r_ref is not None
+    tp = x_ref.shape[0]
+    bn, bd = p["bn"], p["bd"]
+    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
     n_u, steps = p["loads"], p["steps"]
 
     def x_at(i):  # [tp, bd] rows of step i, normalised when the norm is fused
@@ -147,7 +177,7 @@ def projection(
         norm: ``(weight [d], eps)`` of an RMSNorm applied to x first, or None.
         bias_n: ``Dense.bias`` or None.
         resid_tn: a residual added last (the block's ``x + h``), or None.
-        tuning: ``DEFAULT_TUNING`` keys to override.
+        tuning: ``DEFAULT_TUNING[w_layout]`` keys to override.
         w_layout: ``"dn"`` (``Dense.kernel``) or ``"nd"``: ``w_dn`` is the transposed ``[n, d]``
             weight (each output's weights one contiguous row; measured as an alternative).
         interpret: run under the Pallas interpreter (CPU tests).
@@ -169,7 +199,7 @@ def projection(
         raise ValueError(f"bias must be [n] = {(n,)}, got {bias_n.shape}")
     if resid_tn is not None and resid_tn.shape != (t, n):
         raise ValueError(f"residual must be [t, n] = {(t, n)}, got {resid_tn.shape}")
-    p = plan(t, d, n, tuning)
+    p = plan(t, d, n, tuning, w_layout)
     extra = [a for a in (None if norm is None else norm[0], bias_n, resid_tn) if a is not None]
     kernel = functools.partial(
         _kernel, p=p, eps=0.0 if norm is None else float(norm[1]), norm=norm is not None,
@@ -179,7 +209,7 @@ def projection(
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((t, n), x_td.dtype),
-        grid=(n // p["bn"],),
+        grid=(p["programs"],),
         in_specs=[any_spec] * (2 + len(extra)),
         out_specs=any_spec,
         compiler_params=plgpu.CompilerParams(num_warps=p["warps"], num_stages=p["stages"]),

@@ -220,7 +220,9 @@ def model_items(
     reserved = sorted(set(user) & set(_RESERVED_METADATA))
     if reserved:
         raise ValueError(f"metadata keys {reserved} are reserved (written by save_model)")
-    _, state = nnx.split(model)
+    from prunepath_jax.models.decode_proj import DecodeWeight
+
+    _, _, state = nnx.split(model, DecodeWeight, ...)  # decode-only copies are not the model
     pure = nnx.to_pure_dict(state)
     leaves = _leaves_by_path(pure)
     for path, leaf in leaves.items():

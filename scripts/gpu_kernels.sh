@@ -660,4 +660,15 @@ s16c)  # the projection kernel over transposed [n, d] weights (contiguous rows; 
     --best-out "$OUT/proj_best.json" --variants \
     '{"l2": {"loads": 2}, "nd8": {"w_layout": "nd", "block_n": 8, "block_d": 512, "loads": 1}, "nd8_l2": {"w_layout": "nd", "block_n": 8, "block_d": 512, "loads": 2}, "nd4": {"w_layout": "nd", "block_n": 4, "block_d": 1024, "loads": 1}, "nd4_l2": {"w_layout": "nd", "block_n": 4, "block_d": 1024, "loads": 2}, "nd2_l2": {"w_layout": "nd", "block_n": 2, "block_d": 2048, "loads": 2, "num_warps": 8}, "nd8_l2_w8": {"w_layout": "nd", "block_n": 8, "block_d": 512, "loads": 2, "num_warps": 8}, "nd16_l4": {"w_layout": "nd", "block_n": 16, "block_d": 256, "loads": 4}, "nd4_pf0_l4": {"w_layout": "nd", "block_n": 4, "block_d": 1024, "loads": 4, "prefetch": 0}}'
   ;;
+s16d)  # the [n, d] projection kernel (transposed DecodeWeight copies): persistent grid-stride
+       # variants, the best end to end (XLA vs kernel projections, dense and 75% sparse), GPU tests
+  run timeout 200 python3 benchmarks/proj_gemv.py --out "$OUT/proj_gemv.jsonl" \
+    --best-out "$OUT/proj_best.json" --variants \
+    '{"p264": {"w_layout": "nd", "programs": 264}, "p132": {"w_layout": "nd", "programs": 132}, "p528": {"w_layout": "nd", "programs": 528}, "bn4_p264_l2": {"w_layout": "nd", "block_n": 4, "block_d": 1024, "loads": 2, "programs": 264}, "bn2_p264": {"w_layout": "nd", "block_n": 2, "block_d": 2048, "programs": 264}, "pf0": {"w_layout": "nd", "prefetch": 0}, "w8_p264": {"w_layout": "nd", "num_warps": 8, "programs": 264}, "bn16_p264": {"w_layout": "nd", "block_n": 16, "block_d": 256, "programs": 264}, "bn4_bd512_p396": {"w_layout": "nd", "block_n": 4, "block_d": 512, "programs": 396}}'
+  run timeout 240 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --impls pallas --batches --projs xla pallas --steps 16 --chunks 4 \
+    --proj-tuning "$OUT/proj_best.json" --out "$OUT/sparse_decode.jsonl"
+  run timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_decode_proj.py
+  ;;
 esac

@@ -9,6 +9,8 @@ compare greedy generation with XLA's.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +38,15 @@ CASES = [
     ("b16_fp32_plain", 16, 128, 64, jnp.float32, False, False, False),
     ("b1_bf16_one_col_block", 1, 64, 24, jnp.bfloat16, False, True, True),
 ]
+# (label, w_layout, tuning): both layouts; several slabs per step with and without the prefetch;
+# persistent grid-stride programs (3: blocks left over; 100: clamped to the block count).
+FORMS = [
+    ("dn", "dn", {}),
+    ("nd", "nd", {}),
+    ("dn_l2_pf0", "dn", {"loads": 2, "prefetch": 0, "block_n": 16}),
+    ("nd_p3", "nd", {"programs": 3, "block_n": 4, "block_d": 64, "loads": 2}),
+    ("dn_p100", "dn", {"programs": 100}),
+]
 
 
 def _operands(case):
@@ -61,28 +72,44 @@ def _tol(dtype):
     return "bf16" if dtype == jnp.bfloat16 else "op_fp32"
 
 
+@pytest.mark.parametrize("form", FORMS, ids=[f[0] for f in FORMS])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_interpret_matches_the_xla_path(case):
+def test_interpret_matches_the_xla_path(case, form):
+    _, layout, tuning = form
     x, w, nw, b, r = _operands(case)
+    w_in = w.T if layout == "nd" else w
     got = jax.jit(
         lambda x, w, nw, b, r: projection(
-            x, w, norm=None if nw is None else (nw, 1e-5), bias_n=b, resid_tn=r, interpret=True
+            x,
+            w,
+            norm=None if nw is None else (nw, 1e-5),
+            bias_n=b,
+            resid_tn=r,
+            tuning=tuning,
+            w_layout=layout,
+            interpret=True,
         )
-    )(x, w, nw, b, r)
+    )(x, w_in, nw, b, r)
     assert got.dtype == x.dtype
-    assert_close(got, _xla(x, w, nw, b, r), _tol(x.dtype), case[0])
+    assert_close(got, _xla(x, w, nw, b, r), _tol(x.dtype), f"{case[0]} {form[0]}")
 
 
 def test_plan_blocks_divide_and_bound_the_accumulator():
-    for t, d, n in [(1, 4096, 6144), (16, 2048, 2048), (8, 576, 960), (2, 96, 40), (1, 5, 3)]:
-        p = plan(t, d, n)
+    for (t, d, n), lay in itertools.product(
+        [(1, 4096, 6144), (16, 2048, 2048), (8, 576, 960), (2, 96, 40), (1, 5, 3)], ("nd", "dn")
+    ):
+        p = plan(t, d, n, layout=lay)
         assert n % p["bn"] == 0 and d % p["bd"] == 0 and p["steps"] * p["bd"] == d
         assert t * p["bd"] * p["bn"] <= 4096
     assert plan(1, 4096, 6144, {"block_n": 16})["bn"] == 16
+    assert plan(1, 4096, 6144, {"programs": 0})["programs"] == 6144 // plan(1, 4096, 6144)["bn"]
+    assert plan(1, 4096, 6144, {"block_n": 8, "programs": 264})["programs"] == 264
     with pytest.raises(ValueError, match="unknown projection tuning"):
         plan(1, 64, 64, {"block_m": 4})
     with pytest.raises(ValueError, match=">= 1"):
         plan(1, 64, 64, {"num_warps": 0})
+    with pytest.raises(ValueError, match=">= 1"):
+        plan(1, 64, 64, {"programs": -1})
 
 
 def test_bad_operands_raise_before_launch():
@@ -102,12 +129,23 @@ def test_bad_operands_raise_before_launch():
         projection(x, w, bias_n=jnp.ones((64,), jnp.bfloat16))
     with pytest.raises(ValueError, match="residual"):
         projection(x, w, resid_tn=jnp.ones((2, 32), jnp.bfloat16))
+    with pytest.raises(ValueError, match="w_layout"):
+        projection(x, w, w_layout="td")
+    with pytest.raises(ValueError, match="do not make"):
+        projection(x, w, w_layout="nd")  # [64, 32] read as [n, d]: d = 32 != 64
 
 
 @pytest.mark.parametrize(
-    "t,d,n,fused", [(1, 4096, 6144, "norm"), (1, 4096, 4096, "resid"), (8, 576, 960, "bias")]
+    "t,d,n,fused,layout,tuning",
+    [
+        (1, 4096, 6144, "norm", "dn", {}),
+        (1, 4096, 4096, "resid", "nd", {}),
+        (1, 4096, 6144, "norm", "nd", {"programs": 264, "block_n": 8}),
+        (8, 576, 960, "bias", "nd", {}),
+        (8, 576, 960, "bias", "dn", {"loads": 2, "prefetch": 0}),
+    ],
 )
-def test_kernel_lowers_for_cuda(t, d, n, fused):
+def test_kernel_lowers_for_cuda(t, d, n, fused, layout, tuning):
     """Triton-only errors (non-power-of-2 blocks, ops Triton cannot lower) fail here, no GPU."""
     bf = jnp.bfloat16
     S = jax.ShapeDtypeStruct
@@ -115,9 +153,10 @@ def test_kernel_lowers_for_cuda(t, d, n, fused):
 
     def f(x, w, e):
         kw = {"norm": {"norm": (e, 1e-5)}, "resid": {"resid_tn": e}, "bias": {"bias_n": e}}
-        return projection(x, w, **kw[fused])
+        return projection(x, w, **kw[fused], w_layout=layout, tuning=tuning)
 
-    assert cuda_triton_calls(jax.jit(f), S((t, d), bf), S((d, n), bf), extra) == 1
+    w = S((n, d) if layout == "nd" else (d, n), bf)
+    assert cuda_triton_calls(jax.jit(f), S((t, d), bf), w, extra) == 1
 
 
 def _model(dtype, *, bias=False, layers=2, seed=0):
@@ -149,11 +188,15 @@ def proj_calls(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "dtype,bias,attn",
-    [(jnp.float32, False, "xla"), (jnp.bfloat16, True, "pallas_interpret")],
-    ids=["fp32_xla_attention", "bf16_bias_kernel_attention"],
+    "dtype,bias,attn,layout",
+    [
+        (jnp.float32, False, "xla", "dn"),
+        (jnp.bfloat16, True, "pallas_interpret", "nd"),
+        (jnp.float32, True, "xla", "nd"),
+    ],
+    ids=["fp32_xla_attention_dn", "bf16_bias_kernel_attention_nd", "fp32_bias_nd"],
 )
-def test_decode_step_matches_xla(dtype, bias, attn, proj_calls):
+def test_decode_step_matches_xla(dtype, bias, attn, layout, proj_calls):
     """One decode step of a ragged batch of 2 over a prefilled cache: the same logits and cache
     as the XLA projections; both projections of both layers ran in the kernel (norm in the QKV
     call, residual in the O call)."""
@@ -167,9 +210,10 @@ def test_decode_step_matches_xla(dtype, bias, attn, proj_calls):
     da.set_attention(model, attn)
     ref = model(step_toks, step_pos, cache=cache)
     assert not proj_calls
-    dp.set_projections(model, "pallas_interpret")
+    dp.set_projections(model, "pallas_interpret", layout=layout)
     got = model(step_toks, step_pos, cache=cache)
     assert len(proj_calls) == 2 * cfg.n_layers
+    assert {c["w_layout"] for c in proj_calls} == {layout}
     assert sum(c["norm"] is not None for c in proj_calls) == cfg.n_layers
     assert sum(c["resid_tn"] is not None for c in proj_calls) == cfg.n_layers
     tol = _tol(dtype)
@@ -250,3 +294,26 @@ def test_gpu_generate_with_projection_kernels_matches_xla(batch, proj_calls):
         dp.set_projections(model, "xla")
         want = model(toks[:, :1], step, cache=cache).logits
         assert_close(got, want, "bf16", "decode-step logits")
+
+
+def test_transposed_copies_are_made_dropped_and_not_checkpointed(tmp_path):
+    """``set_projections(.., "pallas")`` stores ``[out, in]`` copies as `DecodeWeight`s, ``"xla"``
+    drops them, and `save_model` of a model holding them writes (and restores) the plain model."""
+    from prunepath_jax.checkpoint import restore_model, save_model
+
+    model = _model(jnp.float32, bias=True)
+    dp.set_projections(model, "pallas_interpret")
+    att = da.attention_modules(model)[0]
+    assert isinstance(att.qkv_nd, dp.DecodeWeight)
+    np.testing.assert_array_equal(att.qkv_nd[...], att.qkv_proj.kernel[...].T)
+    np.testing.assert_array_equal(att.o_nd[...], att.o_proj.kernel[...].T)
+    save_model(tmp_path / "ck", model, model.cfg)
+    restored = restore_model(tmp_path / "ck").model
+    assert all(m.qkv_nd is None for m in da.attention_modules(restored))
+    want = nnx.to_pure_dict(nnx.split(model, dp.DecodeWeight, ...)[2])
+    got = nnx.to_pure_dict(nnx.state(restored))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    dp.set_projections(model, "xla")
+    assert all(m.qkv_nd is None and m.o_nd is None for m in da.attention_modules(model))
+    with pytest.raises(ValueError, match="layout must be"):
+        dp.set_projections(model, "pallas", layout="td")

@@ -193,6 +193,8 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.attn_impl = "xla"
         self.proj_impl = "xla"  # see models.decode_proj
+        # The transposed DecodeWeight copies set_projections makes for the kernel (None: none).
+        self.qkv_nd, self.o_nd = nnx.data(None), nnx.data(None)
 
     def __call__(self, x_btd, positions_bt, rope, allowed_bts, cache: LayerCache | None):
         """`rope` = (cos, sin) tables, `allowed_bts` = mask over this call's keys (the new tokens
@@ -210,12 +212,14 @@ class Attention(nnx.Module):
         where it cannot run (the block then takes the XLA path)."""
         b, t, d = x_btd.shape
         x_td = x_btd.reshape(b * t, d)
-        qkv = None if t != 1 else dp.project(self.proj_impl, x_td, self.qkv_proj, norm=norm)
+        qkv = None
+        if t == 1:
+            qkv = dp.project(self.proj_impl, x_td, self.qkv_proj, self.qkv_nd, norm=norm)
         if qkv is None:
             return None
         out, cache = self._attend(qkv.reshape(b, t, -1), positions_bt, rope, allowed_bts, cache)
         o_td = out.reshape(b * t, -1)
-        y = dp.project(self.proj_impl, o_td, self.o_proj, resid_tn=x_td)
+        y = dp.project(self.proj_impl, o_td, self.o_proj, self.o_nd, resid_tn=x_td)
         if y is None:  # not reached for the shapes the QKV kernel took; XLA, never a wrong path
             y = x_td + self.o_proj(o_td)
         return y.reshape(b, t, d), cache
