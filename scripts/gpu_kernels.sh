@@ -671,4 +671,12 @@ s16d)  # the [n, d] projection kernel (transposed DecodeWeight copies): persiste
   run timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_decode_proj.py
   ;;
+s16e)  # where the time goes with the projection kernels in the decode step (s16d: slower end to
+       # end at 8B than the kernel-alone rows predicted): device traces, 75% sparse and dense
+  for sh in llama-3.2-1b llama-3-8b; do for sp in 0.75 0; do for pj in xla pallas; do
+    run timeout 100 python3 scripts/trace_decode.py --shape $sh --sparsity $sp --attn pallas \
+      --proj $pj --proj-tuning '{"prefetch": 0}' --out "$OUT/trace_${sh}_${sp}_${pj}"
+    rm -rf "$OUT/trace_${sh}_${sp}_${pj}/trace"
+  done; done; done
+  ;;
 esac

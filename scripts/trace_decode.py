@@ -86,6 +86,7 @@ def main():
     ap.add_argument("--tuning", default="{}", help="JSON {batch: tuning} for the --impl layer")
     ap.add_argument("--hlo", action="store_true", help="also write the optimized HLO (hlo.txt)")
     ap.add_argument("--proj", default="xla", help="attention projections: xla or pallas")
+    ap.add_argument("--proj-tuning", default="{}", help="JSON pallas_proj tuning overrides")
     a = ap.parse_args()
     cfg = PRESETS[a.shape]
     over = {int(b): t for b, t in json.loads(a.tuning).items()}
@@ -105,6 +106,10 @@ def main():
     if a.attn != "xla":
         set_attention(model, a.attn)
     set_projections(model, a.proj)
+    if json.loads(a.proj_tuning):
+        from prunepath_jax.kernels import pallas_proj
+
+        pallas_proj.TUNING_OVERRIDES.update(json.loads(a.proj_tuning))
     graphdef, state = nnx.split(model)
     ctx = a.ctx or -(-(a.prompt_len + 4 * a.steps + 1) // 256) * 256
     b = a.batch
@@ -130,7 +135,8 @@ def main():
         jax.block_until_ready(st)
     s = summarize(device_events(out / "trace"), a.steps)
     s.update(shape=a.shape, sparsity=a.sparsity, impl=a.impl, batch=b, n_layers=cfg.n_layers,
-             attn=a.attn, proj=a.proj, ctx=ctx, tuning=over)  # fmt: skip
+             attn=a.attn, proj=a.proj, proj_tuning=json.loads(a.proj_tuning), ctx=ctx,
+             tuning=over)  # fmt: skip
     (out / "summary.json").write_text(json.dumps(s, indent=1))
     print(json.dumps({k: v for k, v in s.items() if k != "kernels"}))
     for r in s.get("kernels", [])[:25]:
