@@ -280,7 +280,9 @@ def main():
         choices=["xla", "pallas"],
         help="attention projections of every model timed (models.decode_proj), each in turn",
     )
-    ap.add_argument("--proj-tuning", help="JSON file of pallas_proj tuning overrides")
+    ap.add_argument(
+        "--proj-tuning", help='JSON file of pallas_proj tuning overrides (+ "w_layout")'
+    )
     ap.add_argument(
         "--attn",
         default="auto",
@@ -300,11 +302,14 @@ def main():
         over = {int(b): tun for b, tun in json.loads(text).items()}
         pallas_decode.TUNING_OVERRIDES.update(over)
         head["pallas_tuning"] = over
+    layout = "nd"
     if a.proj_tuning and Path(a.proj_tuning).exists():
         from prunepath_jax.kernels import pallas_proj
 
-        pallas_proj.TUNING_OVERRIDES.update(json.loads(Path(a.proj_tuning).read_text()))
-        head["proj_tuning"] = dict(pallas_proj.TUNING_OVERRIDES)
+        tn = json.loads(Path(a.proj_tuning).read_text())
+        layout = tn.pop("w_layout", layout)
+        pallas_proj.TUNING_OVERRIDES.update(tn)
+        head["proj_tuning"] = {"w_layout": layout, **pallas_proj.TUNING_OVERRIDES}
     impls = [i for i in a.impls if i != "pallas" or
              importlib.util.find_spec("prunepath_jax.kernels.pallas_decode")]  # fmt: skip
     bws = copy_bandwidth(2 << 30)
@@ -326,7 +331,7 @@ def main():
         cfg = PRESETS[shape]
         batches = [1] + (a.batches if shape == a.batch_shape else [])
         dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-        set_projections(dense, proj)
+        set_projections(dense, proj, layout=layout)
         dense_us = {}
         for b in batches:
             r = time_decode(dense, b, a.prompt_len, a.steps, a.chunks, None, a.attn)
@@ -336,7 +341,7 @@ def main():
         if not a.sparsities:
             continue
         sparse = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
-        set_projections(sparse, proj)
+        set_projections(sparse, proj, layout=layout)
         e = sparse.cfg.n_experts
         args = route_args(sparse.cfg, 1.0)
         for s in a.sparsities:

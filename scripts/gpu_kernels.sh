@@ -679,4 +679,15 @@ s16e)  # where the time goes with the projection kernels in the decode step (s16
     rm -rf "$OUT/trace_${sh}_${sp}_${pj}/trace"
   done; done; done
   ;;
+s16f)  # the projection kernel's tensor-core form (rows padded to 16, W tiles pipelined through
+       # shared memory by Triton): sweep both layouts, the best end to end, GPU tests
+  run timeout 230 python3 benchmarks/proj_gemv.py --out "$OUT/proj_gemv.jsonl" \
+    --best-out "$OUT/proj_best.json" --variants \
+    '{"nd_pf0": {"w_layout": "nd", "prefetch": 0}, "dn_dot_32x256_s4": {"w_layout": "dn", "dot": 1, "loads": 1, "prefetch": 0, "block_n": 32, "block_d": 256, "num_stages": 4, "num_warps": 4}, "dn_dot_64x128_s4": {"w_layout": "dn", "dot": 1, "loads": 1, "prefetch": 0, "block_n": 64, "block_d": 128, "num_stages": 4, "num_warps": 4}, "dn_dot_64x256_s3": {"w_layout": "dn", "dot": 1, "loads": 1, "prefetch": 0, "block_n": 64, "block_d": 256, "num_stages": 3, "num_warps": 4}, "dn_dot_128x128_s4": {"w_layout": "dn", "dot": 1, "loads": 1, "prefetch": 0, "block_n": 128, "block_d": 128, "num_stages": 4, "num_warps": 4}, "dn_dot_32x512_s3": {"w_layout": "dn", "dot": 1, "loads": 1, "prefetch": 0, "block_n": 32, "block_d": 512, "num_stages": 3, "num_warps": 4}, "dn_dot_16x512_s4": {"w_layout": "dn", "dot": 1, "loads": 1, "prefetch": 0, "block_n": 16, "block_d": 512, "num_stages": 4, "num_warps": 4}, "dn_dot_64x256_s4_w8": {"w_layout": "dn", "dot": 1, "loads": 1, "prefetch": 0, "block_n": 64, "block_d": 256, "num_stages": 4, "num_warps": 8}, "nd_dot_16x512_s4": {"w_layout": "nd", "dot": 1, "loads": 1, "prefetch": 0, "block_n": 16, "block_d": 512, "num_stages": 4, "num_warps": 4}, "nd_dot_32x256_s4": {"w_layout": "nd", "dot": 1, "loads": 1, "prefetch": 0, "block_n": 32, "block_d": 256, "num_stages": 4, "num_warps": 4}, "nd_dot_64x256_s3": {"w_layout": "nd", "dot": 1, "loads": 1, "prefetch": 0, "block_n": 64, "block_d": 256, "num_stages": 3, "num_warps": 4}, "nd_dot_16x1024_s3": {"w_layout": "nd", "dot": 1, "loads": 1, "prefetch": 0, "block_n": 16, "block_d": 1024, "num_stages": 3, "num_warps": 4}}'
+  run timeout 200 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --impls pallas --batches --projs xla pallas --steps 16 --chunks 4 \
+    --proj-tuning "$OUT/proj_best.json" --out "$OUT/sparse_decode.jsonl"
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_decode_proj.py
+  ;;
 esac

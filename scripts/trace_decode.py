@@ -105,11 +105,12 @@ def main():
         model, ffn_args = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), None
     if a.attn != "xla":
         set_attention(model, a.attn)
-    set_projections(model, a.proj)
-    if json.loads(a.proj_tuning):
+    proj_tn = json.loads(a.proj_tuning)
+    set_projections(model, a.proj, layout=proj_tn.pop("w_layout", "nd"))
+    if proj_tn:
         from prunepath_jax.kernels import pallas_proj
 
-        pallas_proj.TUNING_OVERRIDES.update(json.loads(a.proj_tuning))
+        pallas_proj.TUNING_OVERRIDES.update(proj_tn)
     graphdef, state = nnx.split(model)
     ctx = a.ctx or -(-(a.prompt_len + 4 * a.steps + 1) // 256) * 256
     b = a.batch

@@ -46,6 +46,8 @@ FORMS = [
     ("dn_l2_pf0", "dn", {"loads": 2, "prefetch": 0, "block_n": 16}),
     ("nd_p3", "nd", {"programs": 3, "block_n": 4, "block_d": 64, "loads": 2}),
     ("dn_p100", "dn", {"programs": 100}),
+    ("dn_dot", "dn", {"dot": 1, "block_n": 16, "block_d": 64}),
+    ("nd_dot_l2_p3", "nd", {"dot": 1, "block_n": 16, "block_d": 32, "loads": 2, "programs": 3}),
 ]
 
 
@@ -110,6 +112,9 @@ def test_plan_blocks_divide_and_bound_the_accumulator():
         plan(1, 64, 64, {"num_warps": 0})
     with pytest.raises(ValueError, match=">= 1"):
         plan(1, 64, 64, {"programs": -1})
+    assert plan(1, 4096, 6144, {"dot": 1, "block_n": 32, "block_d": 512})["bd"] == 512
+    assert not plan(1, 4096, 6144, {"dot": 1, "block_n": 8})["dot"]  # a dot needs 16 | bn
+    assert not plan(1, 40, 64, {"dot": 1, "block_n": 16})["dot"]  # ... and 16 | bd
 
 
 def test_bad_operands_raise_before_launch():
@@ -143,6 +148,9 @@ def test_bad_operands_raise_before_launch():
         (1, 4096, 6144, "norm", "nd", {"programs": 264, "block_n": 8}),
         (8, 576, 960, "bias", "nd", {}),
         (8, 576, 960, "bias", "dn", {"loads": 2, "prefetch": 0}),
+        (1, 4096, 6144, "norm", "dn", {"dot": 1, "block_n": 32, "block_d": 256, "num_stages": 4}),
+        (8, 4096, 4096, "resid", "nd", {"dot": 1, "block_n": 64, "block_d": 128, "loads": 2}),
+        (4, 576, 960, "norm", "nd", {"dot": 1, "block_n": 64, "block_d": 64}),
     ],
 )
 def test_kernel_lowers_for_cuda(t, d, n, fused, layout, tuning):
@@ -248,11 +256,22 @@ def test_prefill_odd_batches_and_cpu_pallas_stay_on_xla(proj_calls):
         dp.unsupported_reason("cuda", jnp.ones((1, 4)), jnp.ones((4, 4)))
 
 
+GPU_FORMS = [
+    ("dn", {}),
+    ("nd", {}),
+    ("dn", {"dot": 1, "block_n": 32, "block_d": 256, "loads": 1, "prefetch": 0, "num_stages": 4}),
+    ("nd", {"dot": 1, "block_n": 32, "block_d": 256, "loads": 1, "prefetch": 0, "num_stages": 4}),
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("form", GPU_FORMS, ids=["dn", "nd", "dn_dot", "nd_dot"])
 @pytest.mark.parametrize("shape", ["llama-3.2-1b", "llama-3-8b"])
-def test_gpu_kernel_at_real_widths(shape):
-    """The compiled kernel at a real layer's QKV (norm) and O (residual) widths, batch 1 and 8."""
+def test_gpu_kernel_at_real_widths(shape, form):
+    """The compiled kernel at a real layer's QKV (norm) and O (residual) widths, batch 1 and 8,
+    in both weight layouts, broadcast and tensor-core forms."""
+    layout, tuning = form
     cfg = PRESETS[shape]
     d, hd = cfg.d_model, cfg.head_dim
     n_qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * hd
@@ -262,9 +281,11 @@ def test_gpu_kernel_at_real_widths(shape):
                     fused == "resid")  # fmt: skip
             x, w, nw, b, r = _operands(case)
             norm = None if nw is None else (nw, 1e-5)
-            got = jax.jit(lambda x, w, r, norm=norm: projection(x, w, norm=norm, resid_tn=r))(
-                x, w, r
-            )
+            got = jax.jit(
+                lambda x, w, r, norm=norm: projection(
+                    x, w, norm=norm, resid_tn=r, tuning=tuning, w_layout=layout
+                )
+            )(x, w.T if layout == "nd" else w, r)
             assert_close(got, _xla(x, w, nw, b, r), "bf16", case[0])
 
 
