@@ -37,154 +37,86 @@ try:
 except ImportError:  # pragma: no cover - only on a jax without Pallas-Triton
     plgpu = None
 
-# Per weight layout: output columns (rows of W for "nd") per block, d per step, slabs per step,
-# register prefetch of the next step's slabs, warps, Triton pipeline stages, programs (0: one per
-# block, else a persistent grid-stride over the blocks). Measured on the H200 (BENCHMARKS.md,
-# issue 5, proj_gemv.py): "dn" best of 18 tunings 0.9-1.5 TB/s (XLA's GEMMs 1.2-2.75 with their
-# glue); "nd" 2.0 (1B QKV) to 2.85 TB/s (8B O) at 8 rows x 512 columns.
+# Per weight layout: output columns (rows of W for "nd") per program, d per step, W tiles per
+# loop step, register prefetch of the next step's tiles, warps, Triton pipeline stages. Measured on
+# the H200 (BENCHMARKS.md, issue 5, benchmarks/proj_gemv.py; device µs per 1B / 8B layer, QKV +
+# O): "nd" 12.4 / 28.7 (no prefetch; 11.4 / 31.6 with it) vs XLA's GEMMs with their glue 16.8 /
+# 30.6; "dn" 26 / 58 at best. Also tried and removed (slower at every shape, numbers there):
+# persistent grid-stride programs, and a tensor-core form with the row padded to 16 so Triton
+# pipelines the W tiles through shared memory (best 54.0 µs over the four shapes vs 41.1).
 DEFAULT_TUNING = {
-    "nd": {"block_n": 8, "block_d": 512, "loads": 1, "prefetch": 1, "num_warps": 4,
-           "num_stages": 1, "programs": 0, "dot": 0},
+    "nd": {"block_n": 8, "block_d": 512, "loads": 1, "prefetch": 0, "num_warps": 4,
+           "num_stages": 1},
     "dn": {"block_n": 32, "block_d": 128, "loads": 2, "prefetch": 1, "num_warps": 4,
-           "num_stages": 1, "programs": 0, "dot": 0},
+           "num_stages": 1},
 }  # fmt: skip
 TUNING_OVERRIDES: dict = {}
 MAX_ROWS = 16  # decode batches; the broadcast accumulator is [rows, BN, BD] (or [rows, BD, BN])
 
 
 def plan(tp: int, d: int, n: int, tuning: dict | None = None, layout: str = "nd") -> dict:
-    """Static blocks: ``bn`` output columns per program (a power of two dividing n), ``bd`` rows
-    of W per step (a power of two dividing d, with ``tp·bd·bn ≤ 4096`` accumulator elements, 32
-    fp32 registers a thread at 4 warps), ``steps``."""
+    """Static blocks: ``bn`` output columns per program (a power of two dividing n), ``bd`` inputs
+    per step (a power of two dividing d, with ``tp·bd·bn ≤ 4096`` accumulator elements, 32 fp32
+    registers a thread at 4 warps), ``steps``, ``loads`` tiles per loop step (dividing steps)."""
     tn = {**DEFAULT_TUNING[layout], **TUNING_OVERRIDES, **(tuning or {})}
     unknown = set(tn) - set(DEFAULT_TUNING[layout])
     if unknown:
         raise ValueError(f"unknown projection tuning keys {sorted(unknown)}")
-    flags = ("prefetch", "programs", "dot")
-    if min(v for k, v in tn.items() if k not in flags) < 1 or min(tn[k] for k in flags) < 0:
-        raise ValueError(f"projection tuning values must be >= 1 (flags >= 0): {tn}")
+    if min(v for k, v in tn.items() if k != "prefetch") < 1 or tn["prefetch"] < 0:
+        raise ValueError(f"projection tuning values must be >= 1 (prefetch >= 0): {tn}")
     bn = pow2_divisor(n, tn["block_n"])
-    # "dot": rows padded to 16 for a tensor-core product per step, whose W tiles Triton can
-    # pipeline through shared memory (num_stages); needs 16 | bn and 16 | bd.
-    dot = bool(tn["dot"]) and bn >= 16 and pow2_divisor(d, tn["block_d"]) >= 16
-    bd = pow2_divisor(d, tn["block_d"] if dot else min(tn["block_d"], max(1, 4096 // (tp * bn))))
+    bd = pow2_divisor(d, min(tn["block_d"], max(1, 4096 // (tp * bn))))
     steps = d // bd
-    loads = pow2_divisor(steps, tn["loads"])  # slabs per iteration: a divisor of the steps
-    n_blocks = n // bn
-    progs = min(tn["programs"], n_blocks) or n_blocks  # 0: one program per block
-    return {"bn": bn, "bd": bd, "steps": steps, "loads": loads, "prefetch": bool(tn["prefetch"]),
-            "warps": tn["num_warps"], "stages": tn["num_stages"], "blocks": n_blocks,
-            "programs": progs, "dot": dot}  # fmt: skip
+    return {"bn": bn, "bd": bd, "steps": steps, "loads": pow2_divisor(steps, tn["loads"]),
+            "prefetch": bool(tn["prefetch"]), "warps": tn["num_warps"],
+            "stages": tn["num_stages"]}  # fmt: skip
 
 
 def _kernel(x_ref, w_ref, *refs, p, eps, norm, bias, resid, nd):
-    """Program j: columns ``j·bn..`` of every row. ``refs``: [norm weight ``[d]``], [bias ``[n]``],
-    [residual ``[tp, n]``], then the output ``[tp, n]``. ``nd``: W is stored ``[n, d]`` (each
-    output's weights one contiguous row) instead of ``[d, n]``."""
+    """Program j: output columns ``[j·bn, (j+1)·bn)`` of every row. ``refs``: [norm weight
+    ``[d]``], [bias ``[n]``], [residual ``[tp, n]``], then the output ``[tp, n]``. ``nd``: W is
+    stored ``[n, d]`` (each output's weights one contiguous row) instead of ``[d, n]``."""
     it = iter(refs)
     nw_ref = next(it) if norm else None
     b_ref = next(it) if bias else None
     r_ref = next(it) if resid else None
     out_ref = next(it)
     tp, d = x_ref.shape
-    scale = None
-    if norm:
-        scale = _scale16(x_ref, p, eps) if p["dot"] and tp > 1 else row_scale(x_ref, d, eps)
-    pid, n_prog = pl.program_id(0), p["programs"]
-    block = functools.partial(_block, x_ref, w_ref, nw_ref, b_ref, r_ref, out_ref, p=p, nd=nd,
-                              scale=scale)  # fmt: skip
-    if n_prog == p["blocks"]:
-        block(pid)
-    else:  # grid-stride: blocks pid, pid + P, ...
+    scale = row_scale(x_ref, d, eps) if norm else None
+    bn, bd, n_u, steps = p["bn"], p["bd"], p["loads"], p["steps"]
+    cols = pl.ds(pl.multiple_of(pl.program_id(0) * bn, bn), bn)
 
-        def one(i, c):
-            block(pid + i * n_prog)
-            return c
-
-        jax.lax.fori_loop(0, (p["blocks"] - pid + n_prog - 1) // n_prog, one, 0)
-
-
-def _rows16(ref, cols, zero, width):
-    """``ref[0:16, cols]`` with rows past ``ref``'s count read as 0 (the start is traced: Pallas
-    rejects a static slice past the bounds; the mask keeps the load inside them)."""
-    ok = jax.lax.broadcasted_iota(jnp.int32, (16, width), 0) < ref.shape[0]
-    return ref.at[pl.ds(zero, 16), cols], ok
-
-
-def _scale16(x_ref, p, eps):
-    """``rsqrt(mean(x²) + eps)`` ``[16, 1]`` of the 16-row padded x (padding rows: finite), summed
-    in ``bd`` steps: a ``[16, d]`` tile at once would not fit in registers."""
-    d, bd = x_ref.shape[1], p["bd"]
-    zero = pl.program_id(0) * 0
-
-    def body(i, acc):
-        ref, ok = _rows16(x_ref, pl.ds(pl.multiple_of(i * bd, bd), bd), zero, bd)
-        x = plgpu.load(ref, mask=ok, other=0).astype(jnp.float32)
-        return acc + jnp.sum(x * x, axis=1, keepdims=True)
-
-    ss = jax.lax.fori_loop(0, p["steps"], body, jnp.zeros((16, 1), jnp.float32))
-    return jax.lax.rsqrt(ss / d + eps)
-
-
-def _block(x_ref, w_ref, nw_ref, b_ref, r_ref, out_ref, j, *, p, nd, scale):
-    """Output columns ``[j·bn, (j+1)·bn)`` of every row, stored."""
-    norm, bias, resid = nw_ref is not None, b_ref is not None, r_ref is not None
-    tp = x_ref.shape[0]
-    bn, bd, dot = p["bn"], p["bd"], p["dot"]
-    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
-    n_u, steps = p["loads"], p["steps"]
-    zero = j * 0  # a traced 0 (see _rows16)
-
-    def x_at(i):  # [tp or 16, bd] rows of step i, normalised when the norm is fused
+    def x_at(i):  # [tp, bd] inputs of step i, normalised when the norm is fused
         rows = pl.ds(pl.multiple_of(i * bd, bd), bd)
-        if dot:
-            ref, ok = _rows16(x_ref, rows, zero, bd)
-            x = plgpu.load(ref, mask=ok, other=0)
-        else:
-            x = plgpu.load(x_ref.at[:, rows])
+        x = plgpu.load(x_ref.at[:, rows])
         return normed(x, plgpu.load(nw_ref.at[rows]), scale) if norm else x
 
-    def w_at(i):  # the [bd, bn] ([bn, bd]) slabs of steps i·U .. i·U + U - 1 (past the end: a
+    def w_at(i):  # the [bn, bd] ([bd, bn]) tiles of steps i·U .. i·U + U - 1 (past the end: a
         i = jnp.minimum(i, steps // n_u - 1)  # harmless reload)
         rows = [pl.ds(pl.multiple_of((i * n_u + u) * bd, bd), bd) for u in range(n_u)]
         return tuple(plgpu.load(w_ref.at[(cols, r) if nd else (r, cols)]) for r in rows)
 
-    prec = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
-
-    def fma(i, ws, acc):  # broadcast form: reduced once, after the loop
+    def fma(i, ws, acc):  # reduced once, after the loop
         for u in range(n_u):
-            x = x_at(i * n_u + u)
-            if dot:
-                acc = acc + plgpu.dot(x.astype(ws[u].dtype), ws[u], trans_b=nd, precision=prec)
-                continue
-            x = x.astype(jnp.float32)
+            x = x_at(i * n_u + u).astype(jnp.float32)
             x = x[:, None, :] if nd else x[:, :, None]
             acc = acc + x * ws[u].astype(jnp.float32)[None]
         return acc
 
-    acc0 = jnp.zeros((16, bn) if dot else (tp, bn, bd) if nd else (tp, bd, bn), jnp.float32)
-    if p["prefetch"]:  # the next U slabs are in flight while this iteration multiplies
+    acc0 = jnp.zeros((tp, bn, bd) if nd else (tp, bd, bn), jnp.float32)
+    if p["prefetch"]:  # the next step's tiles are in flight while this one multiplies
 
         def body(i, carry):
-            acc, ws = carry[0], carry[1:]
             nxt = w_at(i + 1)
-            return (fma(i, ws, acc),) + nxt
+            return (fma(i, carry[1:], carry[0]),) + nxt
 
         acc = jax.lax.fori_loop(0, steps // n_u, body, (acc0,) + w_at(0))[0]
     else:
         acc = jax.lax.fori_loop(0, steps // n_u, lambda i, acc: fma(i, w_at(i), acc), acc0)
     dt, f32 = out_ref.dtype, jnp.float32
-    # [tp or 16, bn]: Dense's product, rounded
-    y = (acc if dot else jnp.sum(acc, axis=2 if nd else 1)).astype(dt)
+    y = jnp.sum(acc, axis=2 if nd else 1).astype(dt)  # [tp, bn]: Dense's product, rounded
     if bias:
         y = (y.astype(f32) + plgpu.load(b_ref.at[cols]).astype(f32)[None]).astype(dt)
-    if dot:  # padding rows: never stored
-        ref, ok = _rows16(r_ref, cols, zero, bn) if resid else (None, None)
-        if resid:
-            y = (plgpu.load(ref, mask=ok, other=0).astype(f32) + y.astype(f32)).astype(dt)
-        ref, ok = _rows16(out_ref, cols, zero, bn)
-        plgpu.store(ref, y, mask=ok)
-        return
     if resid:
         y = (plgpu.load(r_ref.at[:, cols]).astype(f32) + y.astype(f32)).astype(dt)
     plgpu.store(out_ref.at[:, cols], y)
@@ -256,7 +188,7 @@ def projection(
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((t, n), x_td.dtype),
-        grid=(p["programs"],),
+        grid=(n // p["bn"],),
         in_specs=[any_spec] * (2 + len(extra)),
         out_specs=any_spec,
         compiler_params=plgpu.CompilerParams(num_warps=p["warps"], num_stages=p["stages"]),

@@ -660,7 +660,7 @@ s16c)  # the projection kernel over transposed [n, d] weights (contiguous rows; 
     --best-out "$OUT/proj_best.json" --variants \
     '{"l2": {"loads": 2}, "nd8": {"w_layout": "nd", "block_n": 8, "block_d": 512, "loads": 1}, "nd8_l2": {"w_layout": "nd", "block_n": 8, "block_d": 512, "loads": 2}, "nd4": {"w_layout": "nd", "block_n": 4, "block_d": 1024, "loads": 1}, "nd4_l2": {"w_layout": "nd", "block_n": 4, "block_d": 1024, "loads": 2}, "nd2_l2": {"w_layout": "nd", "block_n": 2, "block_d": 2048, "loads": 2, "num_warps": 8}, "nd8_l2_w8": {"w_layout": "nd", "block_n": 8, "block_d": 512, "loads": 2, "num_warps": 8}, "nd16_l4": {"w_layout": "nd", "block_n": 16, "block_d": 256, "loads": 4}, "nd4_pf0_l4": {"w_layout": "nd", "block_n": 4, "block_d": 1024, "loads": 4, "prefetch": 0}}'
   ;;
-s16d)  # the [n, d] projection kernel (transposed DecodeWeight copies): persistent grid-stride
+s16d)  # (ran at 15e66ab; its "programs" knob was removed after run 6) the [n, d] projection kernel (transposed DecodeWeight copies): persistent grid-stride
        # variants, the best end to end (XLA vs kernel projections, dense and 75% sparse), GPU tests
   run timeout 200 python3 benchmarks/proj_gemv.py --out "$OUT/proj_gemv.jsonl" \
     --best-out "$OUT/proj_best.json" --variants \
@@ -679,7 +679,7 @@ s16e)  # where the time goes with the projection kernels in the decode step (s16
     rm -rf "$OUT/trace_${sh}_${sp}_${pj}/trace"
   done; done; done
   ;;
-s16f)  # the projection kernel's tensor-core form (rows padded to 16, W tiles pipelined through
+s16f)  # (ran at 6a7113e; the "dot" form was removed after it) the projection kernel's tensor-core form (rows padded to 16, W tiles pipelined through
        # shared memory by Triton): sweep both layouts, the best end to end, GPU tests
   run timeout 230 python3 benchmarks/proj_gemv.py --out "$OUT/proj_gemv.jsonl" \
     --best-out "$OUT/proj_best.json" --variants \
@@ -689,5 +689,9 @@ s16f)  # the projection kernel's tensor-core form (rows padded to 16, W tiles pi
     --proj-tuning "$OUT/proj_best.json" --out "$OUT/sparse_decode.jsonl"
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_decode_proj.py
+  ;;
+s16g)  # the projection kernel's GPU tests at the final code (default "nd" tuning without prefetch)
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_decode_proj.py tests/test_pallas_logits.py
   ;;
 esac
