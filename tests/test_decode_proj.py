@@ -324,3 +324,5 @@ def test_transposed_copies_are_made_dropped_and_not_checkpointed(tmp_path):
     assert all(m.qkv_nd is None and m.o_nd is None for m in da.attention_modules(model))
     with pytest.raises(ValueError, match="layout must be"):
         dp.set_projections(model, "pallas", layout="td")
+    with pytest.raises(ValueError, match="set_projections applies to Llama-family"):
+        dp.set_projections(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), "pallas")

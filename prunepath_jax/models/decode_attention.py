@@ -188,11 +188,15 @@ def rope_step(
     return out_bhd[:, None], LayerCache(k, v)
 
 
-def attention_modules(model: nnx.Module) -> list[nnx.Module]:
-    """Every Llama-family attention module of ``model`` (empty for other families)."""
+def attention_modules(model: nnx.Module, *, required_by: str | None = None) -> list[nnx.Module]:
+    """Every Llama-family attention module of ``model`` (empty for other families; with
+    ``required_by``, the name of the caller, a ValueError instead)."""
     from prunepath_jax.models.llama import Attention
 
-    return [m for _, m in nnx.iter_graph(model) if isinstance(m, Attention)]
+    mods = [m for _, m in nnx.iter_graph(model) if isinstance(m, Attention)]
+    if required_by is not None and not mods:
+        raise ValueError(f"{required_by} applies to Llama-family models only")
+    return mods
 
 
 def set_attention(model: nnx.Module, impl: str) -> None:
@@ -200,10 +204,7 @@ def set_attention(model: nnx.Module, impl: str) -> None:
     raises ValueError for a model without any."""
     if impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
-    mods = attention_modules(model)
-    if not mods:
-        raise ValueError("set_attention applies to Llama-family models only")
-    for m in mods:
+    for m in attention_modules(model, required_by="set_attention"):
         m.attn_impl = impl
 
 

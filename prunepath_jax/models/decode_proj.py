@@ -80,10 +80,7 @@ def set_projections(model: nnx.Module, impl: str, *, layout: str = "nd") -> None
         raise ValueError(f"proj_impl must be one of {PROJ_IMPLS}, got {impl!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    mods = attention_modules(model)
-    if not mods:
-        raise ValueError("set_projections applies to Llama-family models only")
-    for m in mods:
+    for m in attention_modules(model, required_by="set_projections"):
         m.proj_impl = impl
         copy = impl != "xla" and layout == "nd"
         m.qkv_nd = DecodeWeight(jnp.asarray(m.qkv_proj.kernel[...].T)) if copy else None
