@@ -133,7 +133,8 @@ def _split(
     (the caller's model keeps its own): every PrunePath FFN through the kernel registry, and
     Llama-family decode attention through the Pallas split-K kernel for "pallas", and for
     "auto" where it measured faster (`models.decode_attention.impl_for`: up to 8 sequences, a short
-    cache)."""
+    cache). The attention projections keep the model's ``proj_impl`` (`models.decode_proj`:
+    opt-in, not faster at every size) except for "xla", the reference, which runs XLA's."""
     if implementation is None:
         return nnx.split(model)
     if implementation not in ("auto", "xla", "triton", "pallas"):
@@ -153,18 +154,21 @@ def _split(
             "use 'pallas' or 'auto' for the decode attention kernel"
         )
     saved_ffn = [(m.compute, m.implementation) for m in ffns]
-    saved_attn = [m.attn_impl for m in attns]
+    saved_attn = [(m.attn_impl, m.proj_impl) for m in attns]
     try:
         if ffns:
             set_compute(model, "kernel", None if implementation == "auto" else implementation)
-        if attns:
-            da.set_attention(model, da.impl_for(implementation, model, cache_len, batch))
+        attn_impl = da.impl_for(implementation, model, cache_len, batch) if attns else None
+        for m in attns:
+            m.attn_impl = attn_impl
+            if implementation == "xla":  # the reference path: no projection kernels either
+                m.proj_impl = "xla"
         return nnx.split(model)
     finally:
         for m, (c, i) in zip(ffns, saved_ffn, strict=True):
             m.compute, m.implementation = c, i
-        for m, a in zip(attns, saved_attn, strict=True):
-            m.attn_impl = a
+        for m, (a, p) in zip(attns, saved_attn, strict=True):
+            m.attn_impl, m.proj_impl = a, p
 
 
 def _batch(model, prompts, tau, ffn_args, pad_id: int = 0):

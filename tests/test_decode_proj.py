@@ -326,3 +326,17 @@ def test_transposed_copies_are_made_dropped_and_not_checkpointed(tmp_path):
         dp.set_projections(model, "pallas", layout="td")
     with pytest.raises(ValueError, match="set_projections applies to Llama-family"):
         dp.set_projections(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), "pallas")
+
+
+def test_generate_xla_is_the_reference_and_keeps_the_models_setting(proj_calls):
+    """``generate(implementation="xla")`` runs XLA's projections even on a model set to the
+    kernel (the graphdef only: the model keeps ``proj_impl``); other values keep the model's
+    choice, so the kernel runs (interpreted here) and gives the same greedy tokens."""
+    model = _model(jnp.float32, layers=1)
+    dp.set_projections(model, "pallas_interpret")
+    prompts = [[3, 5, 7], [11, 2]]
+    ref = generate(model, prompts, 4, implementation="xla")
+    assert not proj_calls
+    assert {m.proj_impl for m in da.attention_modules(model)} == {"pallas_interpret"}
+    out = generate(model, prompts, 4, implementation=None)
+    assert proj_calls and out == ref
