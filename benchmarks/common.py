@@ -37,6 +37,18 @@ def router_logits_mode(mode: str):
         routing.BF16X3_MIN_TOKENS = shipped
 
 
+def apply_proj_tuning(tuning: dict) -> str:
+    """Makes ``tuning`` (``kernels.pallas_proj`` keys, plus an optional ``"w_layout"``, as
+    ``benchmarks/proj_gemv.py --best-out`` writes it) the projection kernel's overrides; returns
+    the weight layout to pass to ``set_projections``."""
+    from prunepath_jax.kernels import pallas_proj
+
+    tn = dict(tuning)
+    layout = tn.pop("w_layout", "nd")
+    pallas_proj.TUNING_OVERRIDES.update(tn)
+    return layout
+
+
 def time_fn(fn, *args, warmup: int = 2, iters: int = 10) -> float:
     """Median wall seconds of `fn(*args)` with `block_until_ready` (device work included)."""
     for _ in range(warmup):

@@ -31,7 +31,13 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, header, markdown_table, write_rows  # noqa: E402
+from common import (  # noqa: E402
+    apply_proj_tuning,
+    copy_bandwidth,
+    header,
+    markdown_table,
+    write_rows,
+)
 
 from prunepath_jax import routing  # noqa: E402
 from prunepath_jax.config import PRESETS  # noqa: E402
@@ -304,12 +310,9 @@ def main():
         head["pallas_tuning"] = over
     layout = "nd"
     if a.proj_tuning and Path(a.proj_tuning).exists():
-        from prunepath_jax.kernels import pallas_proj
-
         tn = json.loads(Path(a.proj_tuning).read_text())
-        layout = tn.pop("w_layout", layout)
-        pallas_proj.TUNING_OVERRIDES.update(tn)
-        head["proj_tuning"] = {"w_layout": layout, **pallas_proj.TUNING_OVERRIDES}
+        layout = apply_proj_tuning(tn)
+        head["proj_tuning"] = {**tn, "w_layout": layout}
     impls = [i for i in a.impls if i != "pallas" or
              importlib.util.find_spec("prunepath_jax.kernels.pallas_decode")]  # fmt: skip
     bws = copy_bandwidth(2 << 30)

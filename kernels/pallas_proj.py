@@ -167,7 +167,9 @@ def projection(
     if w_layout not in ("dn", "nd"):
         raise ValueError(f"w_layout must be 'dn' or 'nd', got {w_layout!r}")
     nd = w_layout == "nd"
-    why = unsupported_reason(x_td, w_dn.T if nd else w_dn)
+    # The check takes the logical [d, n] shape: no transpose of the weight just to validate it.
+    w_spec = jax.ShapeDtypeStruct(w_dn.shape[::-1] if nd else w_dn.shape, w_dn.dtype)
+    why = unsupported_reason(x_td, w_spec)
     if why is not None:
         raise ValueError(why)
     t, d = x_td.shape

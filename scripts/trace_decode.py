@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from common import device_events  # noqa: E402
+from common import apply_proj_tuning, device_events  # noqa: E402
 from sparse_decode import set_k  # noqa: E402
 
 from prunepath_jax.config import PRESETS  # noqa: E402
@@ -105,12 +105,7 @@ def main():
         model, ffn_args = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), None
     if a.attn != "xla":
         set_attention(model, a.attn)
-    proj_tn = json.loads(a.proj_tuning)
-    set_projections(model, a.proj, layout=proj_tn.pop("w_layout", "nd"))
-    if proj_tn:
-        from prunepath_jax.kernels import pallas_proj
-
-        pallas_proj.TUNING_OVERRIDES.update(proj_tn)
+    set_projections(model, a.proj, layout=apply_proj_tuning(json.loads(a.proj_tuning)))
     graphdef, state = nnx.split(model)
     ctx = a.ctx or -(-(a.prompt_len + 4 * a.steps + 1) // 256) * 256
     b = a.batch

@@ -220,7 +220,7 @@ class Attention(nnx.Module):
         out, cache = self._attend(qkv.reshape(b, t, -1), positions_bt, rope, allowed_bts, cache)
         o_td = out.reshape(b * t, -1)
         y = dp.project(self.proj_impl, o_td, self.o_proj, self.o_nd, resid_tn=x_td)
-        if y is None:  # not reached for the shapes the QKV kernel took; XLA, never a wrong path
+        if y is None:  # e.g. a cache dtype other than the weights' (attention output): XLA
             y = x_td + self.o_proj(o_td)
         return y.reshape(b, t, d), cache
 
