@@ -80,6 +80,14 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
     del y_in_ref  # aliased to y_ref (the zeroed fp32 accumulator)
     tail = bc * n_c != d
     p = pl.program_id(0)
+    # Chunk starts as traced values: a masked last chunk reaches past d, which Pallas' bound
+    # check of static slices rejects (the load's mask keeps it in bounds).
+    c0s = [p * 0 + c * bc for c in range(n_c)]
+    # x does not depend on the routing: its loads go out first, beside the gate table's.
+    xs = [
+        load_cols(x_ref.at[:, pl.ds(c0s[c], bc)], (1, bc), c * bc, d, tail).astype(jnp.float32)
+        for c in range(n_c)
+    ]  # [1, bc] each
     gate_e, cnt_e, n_used = union(gate_ref)  # [1, ep] gates, prefix count of the selected
     iota_e = jax.lax.broadcasted_iota(jnp.int32, gate_e.shape, 1)
     per = g // bn
@@ -88,10 +96,6 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
     u1 = (p + 1) * n_units // n_prog
     unit_of = functools.partial(_unit, per=per, bn=bn, g=g, gate_e=gate_e, cnt_e=cnt_e,
                                 iota_e=iota_e)  # fmt: skip
-
-    # Chunk starts as traced values: a masked last chunk reaches past d, which Pallas' bound
-    # check of static slices rejects (the load's mask keeps it in bounds).
-    c0s = [p * 0 + c * bc for c in range(n_c)]
 
     def rows_in(ref, r0, c):  # [bn, bc] rows r0.. of chunk c
         rows = pl.ds(pl.multiple_of(r0, bn), bn)
@@ -102,13 +106,11 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
             rows_in(w_in_ref, f + row0, c) for c in range(n_c)
         )
 
+    def load_out(row0):  # W_out rows, every chunk
+        return tuple(rows_in(w_out_ref, row0, c) for c in range(n_c))
+
     @pl.when(u1 > u0)
     def _():
-        xs = [
-            load_cols(x_ref.at[:, pl.ds(c0s[c], bc)], (1, bc), c * bc, d, tail).astype(jnp.float32)
-            for c in range(n_c)
-        ]  # [1, bc] each
-
         def compute(up, g_e, wo, accs):
             h_g = jnp.zeros((bn,), jnp.float32)
             h_u = jnp.zeros((bn,), jnp.float32)
@@ -122,25 +124,30 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
             )
 
         zero = tuple(jnp.zeros((bc,), jnp.float32) for _ in range(n_c))
+        n_up = 2 * n_c
         if prefetch:
             # The carry holds unit u's rows and its (first row, gate), found by the previous
             # iteration: each unit's expert lookup (two reductions over the gate table) runs once.
+            # prefetch=2 also carries unit u's W_out rows, so no DRAM round trip is left inside
+            # an iteration (with 1, this unit's W_out loads are issued and awaited in it).
             def unit(u, carry):
-                (row0, g_e), accs, up = carry[0], carry[1 : 1 + n_c], carry[1 + n_c :]
-                wo = [rows_in(w_out_ref, row0, c) for c in range(n_c)]
+                (row0, g_e), accs = carry[0], carry[1 : 1 + n_c]
+                up = carry[1 + n_c : 1 + n_c + n_up]
+                wo = carry[1 + n_c + n_up :] if prefetch == 2 else load_out(row0)
                 nxt = unit_of(jnp.minimum(u + 1, u1 - 1))  # the last unit: a harmless reload
-                return (nxt,) + compute(up, g_e, wo, accs) + load_up(nxt[0])
+                ahead = load_up(nxt[0]) + (load_out(nxt[0]) if prefetch == 2 else ())
+                return (nxt,) + compute(up, g_e, wo, accs) + ahead
 
             first = unit_of(u0)
             init = (first,) + zero + load_up(first[0])
+            if prefetch == 2:
+                init += load_out(first[0])
             accs = jax.lax.fori_loop(u0, u1, unit, init)[1 : 1 + n_c]
         else:
 
             def unit(u, accs):
                 row0, g_e = unit_of(u)
-                up = load_up(row0)
-                wo = [rows_in(w_out_ref, row0, c) for c in range(n_c)]
-                return compute(up, g_e, wo, accs)
+                return compute(load_up(row0), g_e, load_out(row0), accs)
 
             accs = jax.lax.fori_loop(u0, u1, unit, zero)
         for c in range(n_c):  # columns past d add zeros to the accumulator's padding

@@ -293,7 +293,18 @@ def _plan_common(dtype, tuning: dict) -> dict:
         # 8B 2794 vs 2856 µs/token with 32 x 64, 1B 961 vs 965; 8 x 16: 2840 / 955).
         "logit_splits": tuning.get("logit_splits", 16),
         "logit_block_e": tuning.get("logit_block_e", 32),
+        # The selection kernel: experts a program, warps (fused glue and XLA logits alike).
+        "select_block_e": _pow2_key(tuning, "select_block_e", 16),
+        "select_warps": _pow2_key(tuning, "select_warps", 4),
     }
+
+
+def _pow2_key(tuning: dict, key: str, default: int) -> int:
+    """``tuning[key]`` (or ``default``), checked to be a power of two (a Triton block)."""
+    v = tuning.get(key, default)
+    if not isinstance(v, int) or v < 1 or v & (v - 1):
+        raise ValueError(f"{key} must be a power of two >= 1, got {v!r}")
+    return v
 
 
 def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
@@ -312,8 +323,8 @@ def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
     # 16-neuron units with prefetch spill registers (33 / 460 µs at 8B 10%). BENCHMARKS.md,
     # tenth session.
     prefetch = tuning.get("prefetch", 1)
-    if prefetch not in (0, 1):
-        raise ValueError(f"prefetch must be 0 or 1, got {prefetch!r}")
+    if prefetch not in (0, 1, 2):
+        raise ValueError(f"prefetch must be 0, 1 or 2, got {prefetch!r}")
     bn = tuning.get("block_n", _pow2_divisor(g, 2 if prefetch else 16))
     _check_block_n(bn, g)
     bc, n_c = pallas_balanced.chunking(d, tuning.get("block_d", 4096))
@@ -376,10 +387,11 @@ def _decode_jit(
                 )
             else:
                 part, n_part = router_logits_partials(_pad_rows(x_td, tr), router_de, **kw)
-            zero = acc_shape if zeroable(acc_shape, ep) else None
+            sel_kw = dict(block_e=plan["select_block_e"], num_warps=plan["select_warps"])
+            zero = acc_shape if zeroable(acc_shape, ep, sel_kw["block_e"]) else None
             gate_re, k_t, y0 = route_gates_from_partials(
                 part, n_part, tau, t=t, e=e, ep=ep, rule=rule, gate=gate, k_min=k_min,
-                k_max=k_max, zeros=zero, interpret=interpret,
+                k_max=k_max, zeros=zero, interpret=interpret, **sel_kw,
             )  # fmt: skip
         else:
             if plan["logits"] == "pallas":  # the split-K GEMV kernel + one small XLA sum
@@ -390,7 +402,8 @@ def _decode_jit(
                 logits_te = routing.router_logits(router_de, x_td)
             gate_re, k_t = route_gates_pallas(
                 logits_te, tau, tp=tr, ep=ep, rule=rule, gate=gate, k_min=k_min, k_max=k_max,
-                interpret=interpret,
+                interpret=interpret, block_e=plan["select_block_e"],
+                num_warps=plan["select_warps"],
             )  # fmt: skip
         gate_pe = gate_re if tr in (1, tp) else jnp.pad(gate_re, ((0, tp - tr), (0, 0)))
     else:  # the reference's XLA ops (sort, cumsum, scatter)
@@ -457,14 +470,17 @@ def sparse_ffn_decode(
             the expert kernel's accumulator) or ``"xla"`` (an XLA reduction, padding and memset
             between the kernels, kept to measure the difference); ``logit_splits`` /
             ``logit_block_e`` (fused glue: splits of d and experts per program of the router
-            GEMV; the selection kernel re-reads the splits' partials); ``tail="masked"``
+            GEMV; the selection kernel re-reads the splits' partials); ``select_block_e`` /
+            ``select_warps`` (the selection kernel's experts per program and warps: 16 / 4);
+            ``tail="masked"``
             (default: where d has a small power-of-two factor, ``block_d``-wide tiles with a
             masked last one) or ``"divisor"`` (the largest power-of-two block dividing d);
             ``experts="auto"`` (default: ``_experts_form`` picks by t and d),
             ``"blocks"`` (``pallas_experts.py``: a program per expert and neuron block) or
             ``"balanced"`` (one token: ``pallas_balanced.py``, ``programs`` persistent programs
             sharing the union's neurons in ``block_n``-neuron units; ``prefetch=1`` software-
-            pipelines its unit loop: the next unit's rows load while this one computes).
+            pipelines its unit loop: the next unit's W_gate/W_up rows load while this one
+            computes; ``prefetch=2`` its W_out rows too).
 
     Raises:
         NotImplementedError/ValueError: input outside what the kernel computes exactly
@@ -486,6 +502,7 @@ def sparse_ffn_decode(
         "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing",
         "logits", "down", "down_chunks", "block_d_down", "up_splits", "atomics", "glue",
         "logit_splits", "logit_block_e", "tail", "norm", "experts", "programs", "prefetch",
+        "select_block_e", "select_warps",
     }  # fmt: skip
     if unknown:
         raise TypeError(f"unknown tuning options {sorted(unknown)}")

@@ -694,4 +694,19 @@ s16g)  # the projection kernel's GPU tests at the final code (default "nd" tunin
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_decode_proj.py tests/test_pallas_logits.py
   ;;
+s17a)  # the balanced kernel with W_out rows prefetched too (prefetch=2), the selection kernel's
+       # blocks: GPU tests first, then the kernel alone (8B and 1B layers), then end to end
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py -k "balanced_kernel_real or prefetch2 or select_be"
+  run timeout 130 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 0.5 --rounds 3 \
+    --variants default bal_pf2 bal_pf2_bn1_p2x bal_pf2_bn4 bal_pf2_bn4_p2x \
+    --out "$OUT/expert_profile.jsonl"
+  run timeout 80 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 --rounds 3 \
+    --variants default bal_pf2 bal_pf2_bn1_p2x bal_pf2_bn4 --shape 2048,8192,32 \
+    --out "$OUT/expert_profile.jsonl"
+  run timeout 200 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 --variants \
+    '{"pf2": {"1": {"prefetch": 2}}, "sel8": {"1": {"select_block_e": 8}}, "sel4": {"1": {"select_block_e": 4}}, "sel32": {"1": {"select_block_e": 32}}, "sel_w8": {"1": {"select_warps": 8}}}' \
+    --out "$OUT/sparse_decode.jsonl"
+  ;;
 esac
