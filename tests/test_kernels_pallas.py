@@ -330,8 +330,7 @@ EXPORT_CASES = [c[:6] + (c[8],) for c in CASES] + [
         {"experts": "balanced", "prefetch": 1, "block_n": 4},
     ),  # fmt: skip
     ("8b_b1_balanced_prefetch2", 1, 4096, 448, 32, jnp.bfloat16, {"prefetch": 2}),
-    ("8b_b1_balanced_prefetch2_bn1", 1, 4096, 448, 32, jnp.bfloat16,
-     {"prefetch": 2, "block_n": 1}),
+    ("8b_b1_balanced_prefetch2_bn1", 1, 4096, 448, 32, jnp.bfloat16, {"prefetch": 2, "block_n": 1}),
     ("8b_b1_select_be8", 1, 4096, 448, 32, jnp.bfloat16, {"select_block_e": 8}),
     ("smollm2_b1", 1, 576, 48, 32, jnp.bfloat16, {}),
     ("smollm2_b8", 8, 576, 48, 32, jnp.bfloat16, {}),
