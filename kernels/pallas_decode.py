@@ -293,6 +293,7 @@ def _plan_common(dtype, tuning: dict) -> dict:
         # 8B 2794 vs 2856 µs/token with 32 x 64, 1B 961 vs 965; 8 x 16: 2840 / 955).
         "logit_splits": tuning.get("logit_splits", 16),
         "logit_block_e": tuning.get("logit_block_e", 32),
+        "logit_warps": _pow2_key(tuning, "logit_warps", 4),
         # The selection kernel: experts a program, warps (fused glue and XLA logits alike).
         "select_block_e": _pow2_key(tuning, "select_block_e", 16),
         "select_warps": _pow2_key(tuning, "select_warps", 4),
@@ -380,7 +381,7 @@ def _decode_jit(
         if fused_glue:
             # The selection kernel adds the partials and zeroes the expert kernel's accumulator.
             kw = dict(stride=ep, splits=plan["logit_splits"], block_e=plan["logit_block_e"],
-                      interpret=interpret)  # fmt: skip
+                      num_warps=plan["logit_warps"], interpret=interpret)  # fmt: skip
             if fuse_norm:  # the logits kernel normalises the rows (tr == t here) for the experts
                 part, n_part, x_td = router_logits_partials_normed(
                     x_td, router_de, norm_d, norm_eps, **kw
@@ -472,6 +473,7 @@ def sparse_ffn_decode(
             ``logit_block_e`` (fused glue: splits of d and experts per program of the router
             GEMV; the selection kernel re-reads the splits' partials); ``select_block_e`` /
             ``select_warps`` (the selection kernel's experts per program and warps: 16 / 4);
+            ``logit_warps`` (the fused-glue router GEMV's warps: 4);
             ``tail="masked"``
             (default: where d has a small power-of-two factor, ``block_d``-wide tiles with a
             masked last one) or ``"divisor"`` (the largest power-of-two block dividing d);
@@ -502,7 +504,7 @@ def sparse_ffn_decode(
         "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing",
         "logits", "down", "down_chunks", "block_d_down", "up_splits", "atomics", "glue",
         "logit_splits", "logit_block_e", "tail", "norm", "experts", "programs", "prefetch",
-        "select_block_e", "select_warps",
+        "select_block_e", "select_warps", "logit_warps",
     }  # fmt: skip
     if unknown:
         raise TypeError(f"unknown tuning options {sorted(unknown)}")

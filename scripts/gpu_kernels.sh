@@ -709,4 +709,17 @@ s17a)  # the balanced kernel with W_out rows prefetched too (prefetch=2), the se
     '{"pf2": {"1": {"prefetch": 2}}, "sel8": {"1": {"select_block_e": 8}}, "sel4": {"1": {"select_block_e": 4}}, "sel32": {"1": {"select_block_e": 32}}, "sel_w8": {"1": {"select_warps": 8}}}' \
     --out "$OUT/sparse_decode.jsonl"
   ;;
+s17b)  # the balanced kernel without its tail reload (the last prefetch masked off), and the
+       # routing kernels' warps (s17a: the selection kernel's expert blocks did not pay)
+  run timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py -k "balanced_kernel_real or prefetch or select_be or llama8b"
+  run timeout 100 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 0.5 --rounds 3 \
+    --variants default bal_pf2_bn1_p2x --out "$OUT/expert_profile.jsonl"
+  run timeout 60 python3 benchmarks/expert_profile.py --time --kfrac 0.1 0.25 --rounds 3 \
+    --variants default bal_pf2 --shape 2048,8192,32 --out "$OUT/expert_profile.jsonl"
+  run timeout 260 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 --variants \
+    '{"pf2": {"1": {"prefetch": 2}}, "sel_w1": {"1": {"select_warps": 1}}, "sel_w2": {"1": {"select_warps": 2}}, "sel8_w1": {"1": {"select_block_e": 8, "select_warps": 1}}, "logit_w1": {"1": {"logit_warps": 1}}, "logit_w2": {"1": {"logit_warps": 2}}, "logit_w8": {"1": {"logit_warps": 8}}}' \
+    --out "$OUT/sparse_decode.jsonl"
+  ;;
 esac

@@ -113,7 +113,8 @@ CASES = [
     # The selection kernel's own blocks: 4 experts a program over E = 40 (zeroing the
     # accumulator in 16 shares), 2 warps; and through the XLA-glue path at batch 3.
     ("b1_select_be4_w2_bf16", 1, 128, 40, 16, jnp.bfloat16, 0.6, 0.1,
-     {"experts": "balanced", "programs": 4, "select_block_e": 4, "select_warps": 2}),
+     {"experts": "balanced", "programs": 4, "select_block_e": 4, "select_warps": 2,
+      "logit_warps": 1}),
     ("b3_select_be64_fp32", 3, 64, 40, 16, jnp.float32, 0.6, 0.1,
      {"select_block_e": 64, "select_warps": 8}),
 ]  # fmt: skip
