@@ -97,20 +97,17 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
     unit_of = functools.partial(_unit, per=per, bn=bn, g=g, gate_e=gate_e, cnt_e=cnt_e,
                                 iota_e=iota_e)  # fmt: skip
 
-    def rows_in(ref, r0, c, live):  # [bn, bc] rows r0.. of chunk c; `live` False: no reads
+    def rows_in(ref, r0, c):  # [bn, bc] rows r0.. of chunk c
         rows = pl.ds(pl.multiple_of(r0, bn), bn)
-        if live is None:
-            return load_cols(ref.at[rows, pl.ds(c0s[c], bc)], (bn, bc), c * bc, d, tail)
-        ok = (c * bc + jax.lax.broadcasted_iota(jnp.int32, (bn, bc), 1) < d) & live
-        return plgpu.load(ref.at[rows, pl.ds(c0s[c], bc)], mask=ok, other=0)
+        return load_cols(ref.at[rows, pl.ds(c0s[c], bc)], (bn, bc), c * bc, d, tail)
 
-    def load_up(row0, live=None):  # W_gate rows then W_up rows (w_in as [2f, d]), every chunk
-        return tuple(rows_in(w_in_ref, row0, c, live) for c in range(n_c)) + tuple(
-            rows_in(w_in_ref, f + row0, c, live) for c in range(n_c)
+    def load_up(row0):  # W_gate rows then W_up rows (w_in viewed as [2f, d]), every chunk
+        return tuple(rows_in(w_in_ref, row0, c) for c in range(n_c)) + tuple(
+            rows_in(w_in_ref, f + row0, c) for c in range(n_c)
         )
 
-    def load_out(row0, live=None):  # W_out rows, every chunk
-        return tuple(rows_in(w_out_ref, row0, c, live) for c in range(n_c))
+    def load_out(row0):  # W_out rows, every chunk
+        return tuple(rows_in(w_out_ref, row0, c) for c in range(n_c))
 
     @pl.when(u1 > u0)
     def _():
@@ -137,12 +134,8 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
                 (row0, g_e), accs = carry[0], carry[1 : 1 + n_c]
                 up = carry[1 + n_c : 1 + n_c + n_up]
                 wo = carry[1 + n_c + n_up :] if prefetch == 2 else load_out(row0)
-                # The last iteration's prefetch is masked off: no reads, nothing to wait for
-                # before the program's atomics (it used to reload the last unit: one more DRAM
-                # round trip at every program's tail).
-                live = u + 1 < u1
-                nxt = unit_of(jnp.minimum(u + 1, u1 - 1))
-                ahead = load_up(nxt[0], live) + (load_out(nxt[0], live) if prefetch == 2 else ())
+                nxt = unit_of(jnp.minimum(u + 1, u1 - 1))  # the last unit: a harmless reload
+                ahead = load_up(nxt[0]) + (load_out(nxt[0]) if prefetch == 2 else ())
                 return (nxt,) + compute(up, g_e, wo, accs) + ahead
 
             first = unit_of(u0)
