@@ -90,11 +90,6 @@ VARIANTS = {
     "bal_pf_bn1_p4x_w4": _bal(1, block_n=1, _programs_x=4, num_warps=4),
     "bal_pf_bn4_bd2048": _bal(1, block_n=4, block_d=2048),
     "bal_pf_bn4_bd1024": _bal(1, block_n=4, block_d=1024),
-    # W_out rows carried as well (prefetch=2): no DRAM round trip left inside an iteration.
-    "bal_pf2": _bal(2),
-    "bal_pf2_bn1_p2x": _bal(2, block_n=1, _programs_x=2),
-    "bal_pf2_bn4": _bal(2, block_n=4),
-    "bal_pf2_bn4_p2x": _bal(2, block_n=4, _programs_x=2),
 }
 
 

@@ -35,7 +35,11 @@ copy bandwidth at 25 / 50%), 4-neuron units at one per SM 15.9 / 30.7 / 55.9, th
 22.9 / 28.0 / 52.7; 1B layer at 10 / 25% 7.3 / 12.2 (4-neuron: 6.5 / 13.2; blocks 12.5 / 14.4).
 Looking each unit up once instead of twice: 15.0 / 27.6 / 49.1 vs 15.0 / 28.3 / 50.3. Under ncu
 the 4-neuron form is latency-bound at one program per SM (249 registers a thread), its top stall
-the cross-warp row sums. ``pallas_decode._experts_form`` picks the kernel.
+the cross-warp row sums. Tried and reverted (twelfth session, 8B 10 / 25 / 50%, 1B 10 / 25%):
+carrying the next unit's W_out rows too (2-neuron units 18.5 / 34.1 / 60.4 µs: past two programs'
+registers per SM; 1-neuron units 15.3 / 27.4 / 49.1, a tie; 1B 6.9 / 11.4, a tie) and masking off
+the last iteration's reload of its unit (28.4 vs 27.4 µs at 8B / 25%, 12.2 vs 11.4 at 1B / 25%).
+``pallas_decode._experts_form`` picks the kernel.
 """
 
 from __future__ import annotations
@@ -124,24 +128,17 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
             )
 
         zero = tuple(jnp.zeros((bc,), jnp.float32) for _ in range(n_c))
-        n_up = 2 * n_c
         if prefetch:
             # The carry holds unit u's rows and its (first row, gate), found by the previous
             # iteration: each unit's expert lookup (two reductions over the gate table) runs once.
-            # prefetch=2 also carries unit u's W_out rows, so no DRAM round trip is left inside
-            # an iteration (with 1, this unit's W_out loads are issued and awaited in it).
             def unit(u, carry):
-                (row0, g_e), accs = carry[0], carry[1 : 1 + n_c]
-                up = carry[1 + n_c : 1 + n_c + n_up]
-                wo = carry[1 + n_c + n_up :] if prefetch == 2 else load_out(row0)
+                (row0, g_e), accs, up = carry[0], carry[1 : 1 + n_c], carry[1 + n_c :]
+                wo = load_out(row0)
                 nxt = unit_of(jnp.minimum(u + 1, u1 - 1))  # the last unit: a harmless reload
-                ahead = load_up(nxt[0]) + (load_out(nxt[0]) if prefetch == 2 else ())
-                return (nxt,) + compute(up, g_e, wo, accs) + ahead
+                return (nxt,) + compute(up, g_e, wo, accs) + load_up(nxt[0])
 
             first = unit_of(u0)
             init = (first,) + zero + load_up(first[0])
-            if prefetch == 2:
-                init += load_out(first[0])
             accs = jax.lax.fori_loop(u0, u1, unit, init)[1 : 1 + n_c]
         else:
 

@@ -324,8 +324,8 @@ def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
     # 16-neuron units with prefetch spill registers (33 / 460 µs at 8B 10%). BENCHMARKS.md,
     # tenth session.
     prefetch = tuning.get("prefetch", 1)
-    if prefetch not in (0, 1, 2):
-        raise ValueError(f"prefetch must be 0, 1 or 2, got {prefetch!r}")
+    if prefetch not in (0, 1):
+        raise ValueError(f"prefetch must be 0 or 1, got {prefetch!r}")
     bn = tuning.get("block_n", _pow2_divisor(g, 2 if prefetch else 16))
     _check_block_n(bn, g)
     bc, n_c = pallas_balanced.chunking(d, tuning.get("block_d", 4096))
@@ -482,7 +482,7 @@ def sparse_ffn_decode(
             ``"balanced"`` (one token: ``pallas_balanced.py``, ``programs`` persistent programs
             sharing the union's neurons in ``block_n``-neuron units; ``prefetch=1`` software-
             pipelines its unit loop: the next unit's W_gate/W_up rows load while this one
-            computes; ``prefetch=2`` its W_out rows too).
+            computes).
 
     Raises:
         NotImplementedError/ValueError: input outside what the kernel computes exactly

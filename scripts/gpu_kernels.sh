@@ -694,7 +694,7 @@ s16g)  # the projection kernel's GPU tests at the final code (default "nd" tunin
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_decode_proj.py tests/test_pallas_logits.py
   ;;
-s17a)  # the balanced kernel with W_out rows prefetched too (prefetch=2), the selection kernel's
+s17a)  # (ran at 421172d; prefetch=2 and its bal_pf2* variants were removed after s17b) the balanced kernel with W_out rows prefetched too (prefetch=2), the selection kernel's
        # blocks: GPU tests first, then the kernel alone (8B and 1B layers), then end to end
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_pallas.py -k "balanced_kernel_real or prefetch2 or select_be"
@@ -709,7 +709,7 @@ s17a)  # the balanced kernel with W_out rows prefetched too (prefetch=2), the se
     '{"pf2": {"1": {"prefetch": 2}}, "sel8": {"1": {"select_block_e": 8}}, "sel4": {"1": {"select_block_e": 4}}, "sel32": {"1": {"select_block_e": 32}}, "sel_w8": {"1": {"select_warps": 8}}}' \
     --out "$OUT/sparse_decode.jsonl"
   ;;
-s17b)  # the balanced kernel without its tail reload (the last prefetch masked off), and the
+s17b)  # (ran at e338d30; the masked last prefetch and prefetch=2 were reverted after it) the balanced kernel without its tail reload (the last prefetch masked off), and the
        # routing kernels' warps (s17a: the selection kernel's expert blocks did not pay)
   run timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_pallas.py -k "balanced_kernel_real or prefetch or select_be or llama8b"

@@ -103,13 +103,9 @@ CASES = [
      {"experts": "balanced", "programs": 5, "block_n": 2, "block_d": 128, "prefetch": 1}),
     ("b1_balanced_prefetch_k1_fp32", 1, 64, 8, 16, jnp.float32, 0.01, 1.0,
      {"experts": "balanced", "programs": 9, "prefetch": 1}),
-    # W_out rows carried too (prefetch=2): several units a program, masked chunks, k = 1 / E.
-    ("b1_balanced_prefetch2_bf16", 1, 128, 8, 32, jnp.bfloat16, 0.6, 0.1,
-     {"experts": "balanced", "programs": 3, "block_n": 4, "prefetch": 2}),
-    ("b1_balanced_prefetch2_kE_tail_fp32", 1, 192, 8, 16, jnp.float32, 1.05, 1.0,
-     {"experts": "balanced", "programs": 5, "block_n": 1, "block_d": 128, "prefetch": 2}),
-    ("b1_balanced_prefetch2_k1_fp32", 1, 64, 8, 16, jnp.float32, 0.01, 1.0,
-     {"experts": "balanced", "programs": 9, "prefetch": 2}),
+    # 1-neuron units (two programs a SM) with a masked last chunk of d, every expert.
+    ("b1_balanced_prefetch_bn1_kE_tail_fp32", 1, 192, 8, 16, jnp.float32, 1.05, 1.0,
+     {"experts": "balanced", "programs": 5, "block_n": 1, "block_d": 128, "prefetch": 1}),
     # The selection kernel's own blocks: 4 experts a program over E = 40 (zeroing the
     # accumulator in 16 shares), 2 warps; and through the XLA-glue path at batch 3.
     ("b1_select_be4_w2_bf16", 1, 128, 40, 16, jnp.bfloat16, 0.6, 0.1,
@@ -293,7 +289,7 @@ def test_rejects_unsupported_inputs():
     with pytest.raises(ValueError, match="programs must be"):
         pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", programs=-1, **kw)
     with pytest.raises(ValueError, match="prefetch must be"):
-        pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", prefetch=3, **kw)
+        pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", prefetch=2, **kw)
     with pytest.raises(ValueError, match="select_block_e must be a power of two"):
         pd.sparse_ffn_decode(x, r, w_in, w_out, 0.5, select_block_e=12, **kw)
     with pytest.raises(ValueError, match="select_warps must be a power of two"):
@@ -330,8 +326,7 @@ EXPORT_CASES = [c[:6] + (c[8],) for c in CASES] + [
         jnp.bfloat16,
         {"experts": "balanced", "prefetch": 1, "block_n": 4},
     ),  # fmt: skip
-    ("8b_b1_balanced_prefetch2", 1, 4096, 448, 32, jnp.bfloat16, {"prefetch": 2}),
-    ("8b_b1_balanced_prefetch2_bn1", 1, 4096, 448, 32, jnp.bfloat16, {"prefetch": 2, "block_n": 1}),
+    ("8b_b1_balanced_bn1", 1, 4096, 448, 32, jnp.bfloat16, {"block_n": 1}),
     ("8b_b1_select_be8", 1, 4096, 448, 32, jnp.bfloat16, {"select_block_e": 8}),
     ("smollm2_b1", 1, 576, 48, 32, jnp.bfloat16, {}),
     ("smollm2_b8", 8, 576, 48, 32, jnp.bfloat16, {}),
@@ -398,8 +393,7 @@ def test_gpu_llama8b_layer_shape():
 def test_gpu_balanced_kernel_real_layer_shapes():
     """The one-token balanced kernel at the 8B, 1B and SmolLM2 layers, 10% to all experts."""
     for d, e, tau in ((4096, 448, 0.5), (2048, 256, 0.2), (576, 48, 1.05), (4096, 448, 0.05)):
-        for more in ({}, {"prefetch": 0}, {"block_n": 4}, {"prefetch": 2},
-                     {"prefetch": 2, "block_n": 1}, {"select_block_e": 4}):  # fmt: skip
+        for more in ({}, {"prefetch": 0}, {"block_n": 4}, {"block_n": 1}, {"select_block_e": 4}):
             opts = {"experts": "balanced", **more}
             case = (f"balanced_d{d}_tau{tau}_{opts}", 1, d, e, 32, jnp.bfloat16, tau, 0.02, opts)
             _check(case, interpret=False, seed=d)
