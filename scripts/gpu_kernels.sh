@@ -722,4 +722,9 @@ s17b)  # (ran at e338d30; the masked last prefetch and prefetch=2 were reverted 
     '{"pf2": {"1": {"prefetch": 2}}, "sel_w1": {"1": {"select_warps": 1}}, "sel_w2": {"1": {"select_warps": 2}}, "sel8_w1": {"1": {"select_block_e": 8, "select_warps": 1}}, "logit_w1": {"1": {"logit_warps": 1}}, "logit_w2": {"1": {"logit_warps": 2}}, "logit_w8": {"1": {"logit_warps": 8}}}' \
     --out "$OUT/sparse_decode.jsonl"
   ;;
+s17c)  # the Pallas decode kernels' GPU tests at the session's final code (the balanced kernel's x
+       # loads now go out before the routing lookups; the selection / logits warps keys)
+  run timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py tests/test_kernels_api.py
+  ;;
 esac
