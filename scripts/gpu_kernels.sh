@@ -727,4 +727,16 @@ s17c)  # the Pallas decode kernels' GPU tests at the session's final code (the b
   run timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_pallas.py tests/test_kernels_api.py
   ;;
+s17d)  # the balanced kernel's fixed cost: device time at 1 expert, one and two units a program,
+       # and 25% (8B and 1B layers), then an ncu reading of the default at 8B / 25%
+  run timeout 90 python3 benchmarks/expert_profile.py --time --kfrac 0.0023 0.038 0.076 0.25 \
+    --rounds 3 --variants default blocks --out "$OUT/expert_profile.jsonl"
+  run timeout 60 python3 benchmarks/expert_profile.py --time --kfrac 0.004 0.0645 0.129 0.25 \
+    --rounds 3 --variants default --shape 2048,8192,32 --out "$OUT/expert_profile.jsonl"
+  run timeout 150 ncu --clock-control none --graph-profiling node -k regex:prunepath \
+    --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
+    --section SchedulerStats --section MemoryWorkloadAnalysis --csv --page details \
+    --log-file "$OUT/ncu.csv" python3 benchmarks/expert_profile.py --variants default \
+    --kfrac 0.0023 0.25
+  ;;
 esac
