@@ -728,7 +728,10 @@ s17c)  # the Pallas decode kernels' GPU tests at the session's final code (the b
     tests/test_kernels_pallas.py tests/test_kernels_api.py
   ;;
 s17d)  # the balanced kernel's fixed cost: device time at 1 expert, one and two units a program,
-       # and 25% (8B and 1B layers), then an ncu reading of the default at 8B / 25%
+       # and 25% (8B and 1B layers), then an ncu reading of the default at 8B / 25%; first the
+       # GPU test s17c's time limit cut
+  run timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py -k "fp32_sparse_generation and pallas-8"
   run timeout 90 python3 benchmarks/expert_profile.py --time --kfrac 0.0023 0.038 0.076 0.25 \
     --rounds 3 --variants default blocks --out "$OUT/expert_profile.jsonl"
   run timeout 60 python3 benchmarks/expert_profile.py --time --kfrac 0.004 0.0645 0.129 0.25 \
