@@ -37,7 +37,7 @@ def _bal(prefetch: int, **kw) -> dict:
     return {"experts": "balanced", "prefetch": prefetch, **kw}
 
 
-# Named tunings of the expert kernel (see ``pallas_decode._plan``).
+# Named tunings of the expert kernel (see ``pallas_plan.plan``).
 # ``*_acq_rel``: Pallas' own fenced atomics instead of the relaxed ones (``pallas_atomic.py``).
 VARIANTS = {
     "default": {},  # the plan's default: one token at a large d takes the balanced kernel

@@ -52,7 +52,8 @@ DEFAULTS = {
 # run): batch 2 / 4 / 8 / 16 Pallas 1133 / 1192 / 1104 / 1572, Triton 1285 / 1302 / 1244 / 1585,
 # masked XLA 1405 / 1416 / 1352 / 1839 (the real model at batch 8 agreed: Pallas 545 vs Triton
 # 475 tokens/s per sequence, seventh session).
-SMALL_D = 1024  # the registry's own bound (pallas_decode.SMALL_D, its plan's, was measured apart)
+# The registry's own bound (pallas_plan.SMALL_D, the Pallas plan's, was measured apart).
+SMALL_D = 1024
 SMALL_DEFAULTS = {"decode_few": ("pallas", "triton"), "decode": ("pallas", "triton")}
 
 

@@ -39,7 +39,7 @@ the cross-warp row sums. Tried and reverted (twelfth session, 8B 10 / 25 / 50%, 
 carrying the next unit's W_out rows too (2-neuron units 18.5 / 34.1 / 60.4 µs: past two programs'
 registers per SM; 1-neuron units 15.3 / 27.4 / 49.1, a tie; 1B 6.9 / 11.4, a tie) and masking off
 the last iteration's reload of its unit (28.4 vs 27.4 µs at 8B / 25%, 12.2 vs 11.4 at 1B / 25%).
-``pallas_decode._experts_form`` picks the kernel.
+``pallas_plan._experts_form`` picks the kernel.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
 def balanced_expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, group_size, plan, interpret, y0):
     """fp32 ``[1, d]`` FFN output of one token from its gate table ``[1, ep]`` and x ``[1, d]``.
 
-    ``plan`` (``pallas_decode._plan_balanced``, which checks it) keys used: ``bn`` (neurons per
+    ``plan`` (``pallas_plan._plan_balanced``, which checks it) keys used: ``bn`` (neurons per
     unit, a power of two dividing G), ``bc`` / ``n_c`` (columns per chunk of d, chunks),
     ``programs``, ``num_warps``, ``num_stages``, ``atomics``, ``prefetch``. ``y0``: the zeroed
     ``[1, bc·n_c]`` accumulator (the selection kernel's), or None for a fresh memset.
