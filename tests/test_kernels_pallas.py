@@ -1,4 +1,5 @@
-"""Pallas-Triton sparse decode FFN (kernels/pallas_decode.py, kernels/pallas_routing.py).
+"""Pallas-Triton sparse decode FFN (kernels/pallas_decode.py, kernels/pallas_routing.py); its static
+plan has tests/test_pallas_plan.py.
 
 One shared case list, run three ways: the Pallas interpreter on CPU against the XLA reference,
 the real Triton lowering on CPU through ``jax.export(platforms=["cuda"])`` (catches non-power-of-2
@@ -14,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prunepath_jax.kernels import jt
 from prunepath_jax.kernels import pallas_decode as pd
 from prunepath_jax.kernels.pallas_routing import route_gates_from_partials, route_gates_pallas
 from prunepath_jax.kernels.reference import route_reference, sparse_ffn_reference
@@ -409,17 +409,6 @@ def test_gpu_smollm2_layer_shape():
             _check(case, interpret=False, seed=t)
 
 
-def test_dot_tiles_fit_shared_memory():
-    """The dot path's default d tile keeps its pipelined loads within ``SMEM_BYTES``: bf16 keeps
-    512 columns, fp32 at 2-4 tokens (32-neuron blocks) halves it (320 KB failed on the H200)."""
-    for t, dtype, bd in ((4, jnp.bfloat16, 512), (4, jnp.float32, 256), (8, jnp.float32, 512)):
-        plan = pd._plan(t, 2048, 32, dtype, {})
-        assert plan["use_dot"] and plan["bd"] == bd, (t, dtype, plan["bd"])
-        need = (plan["num_stages"] - 1) * (plan["tp"] + 2 * plan["bn"]) * plan["bd"]
-        assert need * jnp.dtype(dtype).itemsize <= pd.SMEM_BYTES
-    assert pd._plan(4, 2048, 32, jnp.float32, {"block_d": 512})["bd"] == 512  # explicit: kept
-
-
 @pytest.mark.gpu
 def test_gpu_fp32_few_tokens_at_real_widths():
     """fp32 at 2-4 tokens on real layer widths: the dot path's tiles must fit shared memory."""
@@ -427,42 +416,6 @@ def test_gpu_fp32_few_tokens_at_real_widths():
         for d, e in ((576, 48), (2048, 64)):
             case = (f"fp32_b{t}_d{d}", t, d, e, 32, jnp.float32, 0.6, 0.05, {})
             _check(case, interpret=False, seed=t + d)
-
-
-def test_tiles_mask_the_last_tile_only_where_that_shortens_the_walk():
-    """576 = 9·64 walks 2 masked 512-wide tiles, not 9 of 64; a d that 512 divides is unchanged;
-    "divisor" keeps the old walk."""
-    assert pd._tiles(576, 512, "masked") == (512, 2)
-    assert pd._tiles(576, 512, "divisor") == (64, 9)
-    assert pd._tiles(4096, 512, "masked") == (512, 8)
-    assert pd._tiles(1536, 512, "masked") == (512, 3)
-    assert pd._tiles(96, 512, "masked") == (128, 1)
-    assert pd._tiles(64, 512, "masked") == (64, 1)
-    plan = pd._plan(1, 576, 32, jnp.bfloat16, {"use_dot": True})
-    # the atomic accumulator covers whole output tiles: 2 x 512 columns for d = 576
-    assert pd.accumulator_shape(1, 576, 32, 21, plan) == (1, 1024)
-    # one token at a small d: 8-neuron broadcast blocks, one masked 1024-wide tile
-    small = pd._plan(1, 576, 32, jnp.bfloat16, {})
-    assert (small["use_dot"], small["bn"], small["bd"], small["n_in"]) == (False, 8, 1024, 1)
-    assert pd._plan(2, 576, 32, jnp.bfloat16, {})["use_dot"]
-    assert pd._plan(1, 2048, 32, jnp.bfloat16, {"experts": "blocks"})["use_dot"]
-
-
-def test_auto_expert_form_by_tokens_and_d():
-    """One token at a large d: the balanced kernel, unless a block-only option is given; more
-    tokens or a small d: the block kernel."""
-    sms = jt.default_programs()
-    plan = pd._plan(1, 2048, 32, jnp.bfloat16, {})
-    assert (plan["experts"], plan["bn"], plan["programs"]) == ("balanced", 2, 2 * sms)
-    assert plan["prefetch"] == 1  # prefetched 2-neuron units: two programs fit an SM
-    four = pd._plan(1, 4096, 32, jnp.bfloat16, {"experts": "balanced", "block_n": 4})
-    assert four["programs"] == sms
-    assert pd.accumulator_shape(1, 2048, 32, 64, plan) == (1, 2048)
-    assert pd._plan(1, 4096, 32, jnp.bfloat16, {"use_dot": True})["experts"] == "blocks"
-    assert pd._plan(2, 4096, 32, jnp.bfloat16, {})["experts"] == "blocks"
-    assert pd._plan(1, 576, 32, jnp.bfloat16, {})["experts"] == "blocks"
-    assert pd._plan(1, 4096, 24, jnp.bfloat16, {"experts": "balanced"})["bn"] == 2
-    assert pd._plan(1, 4096, 24, jnp.bfloat16, {"experts": "balanced", "prefetch": 0})["bn"] == 8
 
 
 def _vmapped(x, r, w_in, w_out, g, interpret, **tuning):
