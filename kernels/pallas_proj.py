@@ -157,8 +157,9 @@ def projection(
         bias_n: ``Dense.bias`` or None.
         resid_tn: a residual added last (the block's ``x + h``), or None.
         tuning: ``DEFAULT_TUNING[w_layout]`` keys to override.
-        w_layout: ``"dn"`` (``Dense.kernel``) or ``"nd"``: ``w_dn`` is the transposed ``[n, d]``
-            weight (each output's weights one contiguous row; measured as an alternative).
+        w_layout: ``"dn"`` (``Dense.kernel`` as stored) or ``"nd"``: ``w_dn`` is the transposed
+            ``[n, d]`` weight (each output's weights one contiguous row: the fast layout, which
+            `models.decode_proj` uses by default).
         interpret: run under the Pallas interpreter (CPU tests).
 
     Equals the XLA path (``Dense`` after ``rms_norm``, then the residual add) up to fp32

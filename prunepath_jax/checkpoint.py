@@ -47,6 +47,7 @@ import prunepath_jax
 from prunepath_jax import orbax_io, sharding
 from prunepath_jax.config import ModelConfig
 from prunepath_jax.loading import abstract_model
+from prunepath_jax.models.decode_proj import DecodeWeight
 from prunepath_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -220,8 +221,6 @@ def model_items(
     reserved = sorted(set(user) & set(_RESERVED_METADATA))
     if reserved:
         raise ValueError(f"metadata keys {reserved} are reserved (written by save_model)")
-    from prunepath_jax.models.decode_proj import DecodeWeight
-
     _, _, state = nnx.split(model, DecodeWeight, ...)  # decode-only copies are not the model
     pure = nnx.to_pure_dict(state)
     leaves = _leaves_by_path(pure)

@@ -90,6 +90,7 @@ def main():
     a = ap.parse_args()
     cfg = PRESETS[a.shape]
     over = {int(b): t for b, t in json.loads(a.tuning).items()}
+    proj_tuning = json.loads(a.proj_tuning)
     if over:  # the layer of --impl (pallas_decode or triton_decode) under that tuning
         import importlib
 
@@ -105,7 +106,7 @@ def main():
         model, ffn_args = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), None
     if a.attn != "xla":
         set_attention(model, a.attn)
-    set_projections(model, a.proj, layout=apply_proj_tuning(json.loads(a.proj_tuning)))
+    set_projections(model, a.proj, layout=apply_proj_tuning(proj_tuning))
     graphdef, state = nnx.split(model)
     ctx = a.ctx or -(-(a.prompt_len + 4 * a.steps + 1) // 256) * 256
     b = a.batch
@@ -131,7 +132,7 @@ def main():
         jax.block_until_ready(st)
     s = summarize(device_events(out / "trace"), a.steps)
     s.update(shape=a.shape, sparsity=a.sparsity, impl=a.impl, batch=b, n_layers=cfg.n_layers,
-             attn=a.attn, proj=a.proj, proj_tuning=json.loads(a.proj_tuning), ctx=ctx,
+             attn=a.attn, proj=a.proj, proj_tuning=proj_tuning, ctx=ctx,
              tuning=over)  # fmt: skip
     (out / "summary.json").write_text(json.dumps(s, indent=1))
     print(json.dumps({k: v for k, v in s.items() if k != "kernels"}))

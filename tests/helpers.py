@@ -63,3 +63,16 @@ def fresh_cache_prompt_passes(model, tokens_bt, cache_len: int):
         assert_close(cf.k, cm.k, "model_fp32", f"layer {i} keys")
         assert_close(cf.v, cm.v, "model_fp32", f"layer {i} values")
     return fresh, masked
+
+
+def prefill_cache(model, tokens_bt, cache_len: int):
+    """The cache after one (XLA) prompt pass of ``tokens_bt`` from position 0 into an empty cache
+    of ``cache_len`` positions in the model's dtype: the start of a decode-step comparison."""
+    import jax.numpy as jnp
+
+    from prunepath_jax.models.layers import init_cache
+
+    b, t = tokens_bt.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cache = init_cache(model.cfg, b, cache_len, model.embed_tokens.embedding.dtype)
+    return model(tokens_bt, pos, cache=cache).cache

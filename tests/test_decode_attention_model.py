@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_close, cuda_triton_calls
+from helpers import assert_close, cuda_triton_calls, prefill_cache
 
 from prunepath_jax import generate as gen_mod
 from prunepath_jax.config import PRESETS
@@ -55,11 +55,8 @@ def kernel_calls(monkeypatch):
 def _prefilled(model, lengths, s, seed=0):
     """A cache after an XLA prefill of random prompts of ``lengths`` (right-padded)."""
     rng = np.random.default_rng(seed)
-    b, t = len(lengths), max(lengths)
-    toks = jnp.asarray(rng.integers(1, model.cfg.vocab_size, (b, t)), jnp.int32)
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    cache = init_cache(model.cfg, b, s, model.embed_tokens.embedding.dtype)
-    return model(toks, pos, cache=cache).cache
+    toks = rng.integers(1, model.cfg.vocab_size, (len(lengths), max(lengths)))
+    return prefill_cache(model, jnp.asarray(toks, jnp.int32), s)
 
 
 def _decode_logits(model, impl, cache, positions_b, seed=1):

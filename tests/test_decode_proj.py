@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_close, cuda_triton_calls
+from helpers import assert_close, cuda_triton_calls, prefill_cache
 
 from prunepath_jax.config import PRESETS
 from prunepath_jax.generate import generate
@@ -203,8 +203,7 @@ def test_decode_step_matches_xla(dtype, bias, attn, layout, proj_calls):
     cfg = model.cfg
     rng = np.random.default_rng(0)
     toks = jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 9)), jnp.int32)
-    pos = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 9))
-    cache = model(toks, pos, cache=init_cache(cfg, 2, 64, dtype)).cache
+    cache = prefill_cache(model, toks, 64)
     step_toks, step_pos = jnp.array([[5], [11]], jnp.int32), jnp.array([[9], [4]], jnp.int32)
     da.set_attention(model, attn)
     ref = model(step_toks, step_pos, cache=cache)
@@ -292,10 +291,9 @@ def test_gpu_generate_with_projection_kernels_matches_xla(batch, proj_calls):
     assert proj_calls  # the compiled kernel ran
     if out != ref:
         lengths = [len(p) for p in prompts]
-        b, t = len(prompts), max(lengths)
+        t = max(lengths)
         toks = jnp.asarray([p + [0] * (t - len(p)) for p in prompts], jnp.int32)
-        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        cache = model(toks, pos, cache=init_cache(model.cfg, b, 256, jnp.bfloat16)).cache
+        cache = prefill_cache(model, toks, 256)
         step = jnp.asarray(lengths, jnp.int32)[:, None]
         got = model(toks[:, :1], step, cache=cache).logits
         dp.set_projections(model, "xla")
