@@ -742,4 +742,17 @@ s17d)  # the balanced kernel's fixed cost: device time at 1 expert, one and two 
     --log-file "$OUT/ncu.csv" python3 benchmarks/expert_profile.py --variants default \
     --kfrac 0.0023 0.25
   ;;
+s18a)  # the one-launch layer (kernels/pallas_fused.py: logits, selection, experts with grid
+       # barriers): GPU tests, then end to end beside the three-launch default, then traces
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py -k "fused"
+  run timeout 200 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 --variants \
+    '{"fused": {"1": {"fuse": "grid"}}}' --out "$OUT/sparse_decode.jsonl"
+  for sh in llama-3.2-1b llama-3-8b; do
+    run timeout 100 python3 scripts/trace_decode.py --shape $sh --sparsity 0.75 --attn pallas \
+      --tuning '{"1": {"fuse": "grid"}}' --out "$OUT/trace_${sh}_fused"
+    rm -rf "$OUT/trace_${sh}_fused/trace"
+  done
+  ;;
 esac
