@@ -84,7 +84,31 @@ def _grid_barrier(buf_ref, base: int, n: int, fp: int, pid) -> jax.Array:
     return count >= n
 
 
-def _kernel(*refs, norm, phases, n1, nj, n2, fp, acc_cols, ep, lp, sel, bal, eps):
+def _counter_barrier(buf_ref, slot: int, n: int, pid) -> jax.Array:
+    """As :func:`_grid_barrier` with one fp32 counter at ``buf[0, slot]``: programs ``0..n-1``
+    add 1 (an acquire-release atomic: their stores are visible first), every program polls the
+    one word (no cross-warp sum a poll) and a CTA barrier keeps the later loads after the loop.
+    No acquire atomic after the wait: nothing on this SM read the data behind the barrier
+    before (so no stale L1 line), and the data's writers fenced before arriving."""
+    plgpu.debug_barrier()
+    ctr = (pl.ds(0, 1), pl.ds(slot, 1))
+
+    @pl.when(pid < n)
+    def _():
+        plgpu.atomic_add(buf_ref, ctr, jnp.ones((1, 1), jnp.float32))
+
+    def poll(c):
+        return jnp.max(plgpu.load(buf_ref.at[ctr], volatile=True)), c[1] + 1
+
+    def waiting(c):
+        return (c[0] < n) & (c[1] < SPIN_LIMIT)
+
+    count, _ = jax.lax.while_loop(waiting, poll, (jnp.float32(0.0), jnp.int32(0)))
+    plgpu.debug_barrier()
+    return count >= n
+
+
+def _kernel(*refs, norm, phases, n1, nj, n2, fp, acc_cols, ep, lp, sel, bal, eps, barrier):
     """Inputs ``x, router, [norm_w], tau, w_in, w_out, buf`` (+ ``part, gate, [xn]`` when run
     one phase a launch, aliased to the outputs); outputs ``buf, part, gate, [xn]``."""
     x_ref, r_ref = refs[0], refs[1]
@@ -103,8 +127,14 @@ def _kernel(*refs, norm, phases, n1, nj, n2, fp, acc_cols, ep, lp, sel, bal, eps
             logits_program(x_ref, r_ref, nw_ref, part_ref, xn_ref, pid // nj, pid % nj,
                            stride=ep, p=lp, eps=eps)  # fmt: skip
 
+    if barrier == "counter":  # two counters, a cache line apart
+        wait1 = functools.partial(_counter_barrier, buf_ref, acc_cols, n1, pid)
+        wait2 = functools.partial(_counter_barrier, buf_ref, acc_cols + 32, n2, pid)
+    else:
+        wait1 = functools.partial(_grid_barrier, buf_ref, acc_cols, n1, fp, pid)
+        wait2 = functools.partial(_grid_barrier, buf_ref, acc_cols + fp, n2, fp, pid)
     if sync:
-        ok = _grid_barrier(buf_ref, acc_cols, n1, fp, pid)
+        ok = wait1()
     if 2 in phases:
 
         @pl.when(pid < n2)
@@ -112,7 +142,7 @@ def _kernel(*refs, norm, phases, n1, nj, n2, fp, acc_cols, ep, lp, sel, bal, eps
             select_program(part_ref, tau_ref, gate_ref, pid, **sel)
 
     if sync:
-        ok = ok & _grid_barrier(buf_ref, acc_cols + fp, n2, fp, pid)
+        ok = ok & wait2()
     if 3 in phases:
         x_in = xn_ref if norm else x_ref
         balanced_program(
@@ -159,7 +189,7 @@ def fused_ffn(x_td, router_de, norm_d, tau, w_in_cfd, w_out_fd, *, group_size, e
         )
     bc, n_c = plan["bc"], plan["n_c"]
     acc_cols = bc * n_c
-    fp = max(next_pow2(max(n1, n2)), 16)
+    fp = max(next_pow2(max(n1, n2)), 32)  # flag row width (≥ the counters' cache line)
     bal = dict(d=d, f=f, g=group_size, bn=plan["bn"], bc=bc, n_c=n_c, n_prog=n_prog,
                atomics=plan["atomics"], prefetch=plan["prefetch"])  # fmt: skip
     norm = norm_d is not None
@@ -180,7 +210,7 @@ def fused_ffn(x_td, router_de, norm_d, tau, w_in_cfd, w_out_fd, *, group_size, e
     ] + ([jax.ShapeDtypeStruct((1, d), x_td.dtype)] if norm else [])
     kern = functools.partial(
         _kernel, norm=norm, n1=n1, nj=nj, n2=n2, fp=fp, acc_cols=acc_cols, ep=ep, lp=lp,
-        sel=sel, bal=bal, eps=float(eps),
+        sel=sel, bal=bal, eps=float(eps), barrier=plan["barrier"],
     )  # fmt: skip
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     call = functools.partial(

@@ -755,4 +755,17 @@ s18a)  # the one-launch layer (kernels/pallas_fused.py: logits, selection, exper
     rm -rf "$OUT/trace_${sh}_fused/trace"
   done
   ;;
+s18b)  # s18a: the one-launch layer was slower end to end (8B 2717 vs 2535 us/token; its kernel
+       # 40.7 us a layer vs 37.8 for the three): a one-counter barrier without the acquire
+       # atomic, the selection over more programs, fewer router-GEMV programs
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py -k "fused"
+  run timeout 300 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 --variants \
+    '{"fused": {"1": {"fuse": "grid"}}, "fused_ctr": {"1": {"fuse": "grid", "barrier": "counter"}}, "fused_ctr_sel4": {"1": {"fuse": "grid", "barrier": "counter", "select_block_e": 4}}, "fused_ctr_ls8": {"1": {"fuse": "grid", "barrier": "counter", "logit_splits": 8}}, "fused_ctr_p132": {"1": {"fuse": "grid", "barrier": "counter", "programs": 132, "logit_splits": 8}}}' \
+    --out "$OUT/sparse_decode.jsonl"
+  run timeout 100 python3 scripts/trace_decode.py --shape llama-3-8b --sparsity 0.75 --attn pallas \
+    --tuning '{"1": {"fuse": "grid", "barrier": "counter"}}' --out "$OUT/trace_8b_fused_ctr"
+  rm -rf "$OUT/trace_8b_fused_ctr/trace"
+  ;;
 esac

@@ -343,6 +343,7 @@ EXPORT_CASES = [c[:6] + (c[8],) for c in CASES] + [
     ("8b_b1_select_be8", 1, 4096, 448, 32, jnp.bfloat16, {"select_block_e": 8}),
     ("8b_b1_fused_norm", 1, 4096, 448, 32, jnp.bfloat16, {"fuse": "grid", "with_norm": True}),
     ("1b_b1_fused", 1, 2048, 256, 32, jnp.bfloat16, {"fuse": "grid"}),
+    ("8b_b1_fused_counter", 1, 4096, 448, 32, jnp.bfloat16, {"fuse": "grid", "barrier": "counter"}),
     ("8b_b4_fuse_key_ignored", 4, 4096, 448, 32, jnp.bfloat16, {"fuse": "grid"}),
     ("smollm2_b1", 1, 576, 48, 32, jnp.bfloat16, {}),
     ("smollm2_b8", 8, 576, 48, 32, jnp.bfloat16, {}),
@@ -421,9 +422,10 @@ def test_gpu_balanced_kernel_real_layer_shapes():
 @pytest.mark.gpu
 def test_gpu_fused_layer_real_shapes():
     """The one-launch layer (grid barriers between logits, selection and experts) at the 8B,
-    1B and SmolLM2 widths, with and without the fused norm, one expert to all of them."""
+    1B and SmolLM2 widths, with and without the fused norm, both barriers, one expert to all
+    of them."""
     for d, e, tau in ((4096, 448, 0.5), (2048, 256, 0.2), (576, 48, 1.05), (4096, 448, 0.01)):
-        for more in ({}, {"with_norm": True}):
+        for more in ({}, {"with_norm": True}, {"barrier": "counter", "with_norm": True}):
             opts = {"experts": "balanced", "fuse": "grid", **more}
             case = (f"fused_d{d}_tau{tau}_{opts}", 1, d, e, 32, jnp.bfloat16, tau, 0.02, opts)
             _check(case, interpret=False, seed=d + 1)
