@@ -768,4 +768,14 @@ s18b)  # s18a: the one-launch layer was slower end to end (8B 2717 vs 2535 us/to
     --tuning '{"1": {"fuse": "grid", "barrier": "counter"}}' --out "$OUT/trace_8b_fused_ctr"
   rm -rf "$OUT/trace_8b_fused_ctr/trace"
   ;;
+s18c)  # s18b: every one-launch variant slower end to end; the selection phase over 4 experts a
+       # program recovered most (8B 2629 vs 2746 us/token): 2 experts a program, both barriers
+  run timeout 300 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 --variants \
+    '{"fused_sel4": {"1": {"fuse": "grid", "select_block_e": 4}}, "fused_sel2": {"1": {"fuse": "grid", "select_block_e": 2}}, "fused_ctr_sel2": {"1": {"fuse": "grid", "barrier": "counter", "select_block_e": 2}}, "sel4": {"1": {"select_block_e": 4}}}' \
+    --out "$OUT/sparse_decode.jsonl"
+  run timeout 100 python3 scripts/trace_decode.py --shape llama-3-8b --sparsity 0.75 --attn pallas \
+    --tuning '{"1": {"fuse": "grid", "select_block_e": 2}}' --out "$OUT/trace_8b_fused_sel2"
+  rm -rf "$OUT/trace_8b_fused_sel2/trace"
+  ;;
 esac
