@@ -52,7 +52,7 @@ from jax.experimental import pallas as pl
 
 from prunepath_jax.kernels import pallas_atomic
 from prunepath_jax.kernels.jt import next_pow2
-from prunepath_jax.kernels.pallas_experts import accumulator_shape, load_cols, union_of
+from prunepath_jax.kernels.pallas_experts import accumulator_shape, load_cols, union
 
 try:  # The Triton backend module imports on CPU jaxlib too; guard anyway (it is deprecated).
     from jax.experimental.pallas import triton as plgpu
@@ -75,26 +75,15 @@ def _unit(u, *, per, bn, g, gate_e, cnt_e, iota_e):
     return e * g + nb * bn, g_e
 
 
-def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, **kw):
-    """Program p of :func:`balanced_program` (the gate table as a small block every program
-    reads)."""
+def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, bn, bc, n_c,
+            n_prog, atomics, prefetch):  # fmt: skip
+    """Program p: units ``[p·U/P, (p+1)·U/P)``. With ``prefetch`` the unit loop is software-
+    pipelined in registers: iteration u issues unit u+1's W_gate/W_up loads and its own W_out
+    loads before it reduces unit u's rows (loaded by the previous iteration), so the next unit's
+    DRAM round trip overlaps this unit's work instead of following it."""
     del y_in_ref  # aliased to y_ref (the zeroed fp32 accumulator)
-    balanced_program(
-        lambda: gate_ref[...], x_ref, w_in_ref, w_out_ref, y_ref, pl.program_id(0), **kw
-    )
-
-
-def balanced_program(load_gate, x_ref, w_in_ref, w_out_ref, y_ref, p, *, d, f, g, bn, bc, n_c,
-                     n_prog, atomics, prefetch):  # fmt: skip
-    """Program p: units ``[p·U/P, (p+1)·U/P)``, added into the fp32 accumulator ``y_ref``.
-    ``load_gate()`` loads the gate table ``[1, ep]`` (a function: the one-launch layer of
-    ``pallas_fused.py`` reads it after a grid barrier, from L2).
-
-    With ``prefetch`` the unit loop is software-pipelined in registers: iteration u issues unit
-    u+1's W_gate/W_up loads and its own W_out loads before it reduces unit u's rows (loaded by
-    the previous iteration), so the next unit's DRAM round trip overlaps this unit's work
-    instead of following it."""
     tail = bc * n_c != d
+    p = pl.program_id(0)
     # Chunk starts as traced values: a masked last chunk reaches past d, which Pallas' bound
     # check of static slices rejects (the load's mask keeps it in bounds).
     c0s = [p * 0 + c * bc for c in range(n_c)]
@@ -103,7 +92,7 @@ def balanced_program(load_gate, x_ref, w_in_ref, w_out_ref, y_ref, p, *, d, f, g
         load_cols(x_ref.at[:, pl.ds(c0s[c], bc)], (1, bc), c * bc, d, tail).astype(jnp.float32)
         for c in range(n_c)
     ]  # [1, bc] each
-    gate_e, cnt_e, n_used = union_of(load_gate())  # [1, ep] gates, prefix count of selected
+    gate_e, cnt_e, n_used = union(gate_ref)  # [1, ep] gates, prefix count of the selected
     iota_e = jax.lax.broadcasted_iota(jnp.int32, gate_e.shape, 1)
     per = g // bn
     n_units = n_used * per

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from prunepath_jax import routing
-from prunepath_jax.kernels import pallas_balanced, pallas_experts, pallas_fused
+from prunepath_jax.kernels import pallas_balanced, pallas_experts
 from prunepath_jax.kernels.jt import next_pow2 as _next_pow2
 from prunepath_jax.kernels.pallas_experts import accumulator_shape
 from prunepath_jax.kernels.pallas_logits import (
@@ -163,14 +163,6 @@ def _decode_jit(
     fuse_norm = norm_d is not None and fused_glue and plan["norm"] == "fused"
     if norm_d is not None and not fuse_norm:
         x_td = rms_norm(x_td, norm_d, norm_eps)
-    if fused_glue and plan["experts"] == "balanced" and plan["fuse"] == "grid":
-        y_1d, gate_1e = pallas_fused.fused_ffn(
-            x_td, router_de, norm_d if fuse_norm else None, tau, w_in_cfd, w_out_fd,
-            group_size=group_size, ep=ep, plan=plan, eps=norm_eps, interpret=interpret,
-            select=dict(rule=rule, gate=gate, k_min=k_min, k_max=k_max),
-        )  # fmt: skip
-        k_t = jnp.sum(gate_1e != 0.0, axis=1, dtype=jnp.int32)
-        return y_1d.astype(x_td.dtype), k_t
     n_slots = min(e, t * k_cap)
     acc_shape = accumulator_shape(t, d, group_size, n_slots, plan)
     y0 = None
@@ -273,8 +265,6 @@ def sparse_ffn_decode(
             GEMV; the selection kernel re-reads the splits' partials); ``select_block_e`` /
             ``select_warps`` (the selection kernel's experts per program and warps: 16 / 4);
             ``logit_warps`` (the fused-glue router GEMV's warps: 4);
-            ``fuse="grid"`` (one token, balanced experts, fused glue: the whole layer as one
-            launch, ``pallas_fused.py``; other layers are unchanged) or ``"none"``;
             ``tail="masked"``
             (default: where d has a small power-of-two factor, ``block_d``-wide tiles with a
             masked last one) or ``"divisor"`` (the largest power-of-two block dividing d);
@@ -305,7 +295,7 @@ def sparse_ffn_decode(
         "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing",
         "logits", "down", "down_chunks", "block_d_down", "up_splits", "atomics", "glue",
         "logit_splits", "logit_block_e", "tail", "norm", "experts", "programs", "prefetch",
-        "select_block_e", "select_warps", "logit_warps", "fuse", "barrier",
+        "select_block_e", "select_warps", "logit_warps",
     }  # fmt: skip
     if unknown:
         raise TypeError(f"unknown tuning options {sorted(unknown)}")

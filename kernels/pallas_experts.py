@@ -64,11 +64,7 @@ def load_cols(ref, shape, c0, d, tail: bool):
 
 def union(gate_ref):
     """Union of the tokens' experts from the gate table: ``(gate_te, cnt_e, n_used)``."""
-    return union_of(gate_ref[...])  # [tp or 1, ep] fp32, zero rows/cols for padding
-
-
-def union_of(gate_te):
-    """:func:`union` of a loaded gate table ``[tp or 1, ep]``."""
+    gate_te = gate_ref[...]  # [tp or 1, ep] fp32, zero rows/cols for padding
     used_e = jnp.max((gate_te != 0.0).astype(jnp.int32), axis=0)  # [ep]
     return gate_te, jnp.cumsum(used_e), jnp.sum(used_e)  # inclusive prefix count of the union
 

@@ -80,26 +80,16 @@ def normed(x_tk, w_k, scale_t1):
 
 
 def _kernel(x_ref, r_ref, *refs, stride, p, eps):
-    """Program (s, j) of :func:`logits_program`; ``refs``: ``(w_ref, out_ref, xn_ref)`` with an
-    RMSNorm weight, else ``(out_ref,)``."""
-    w_ref, out_ref, xn_ref = refs if len(refs) == 3 else (None, refs[0], None)
-    logits_program(
-        x_ref, r_ref, w_ref, out_ref, xn_ref, pl.program_id(0), pl.program_id(1),
-        stride=stride, p=p, eps=eps,
-    )  # fmt: skip
+    """Program (s, j): partial logits of columns j·be.. over router rows of split s, stored at
+    columns ``s·stride + j·be`` (``stride`` ≥ E leaves each split's padding columns unwritten).
 
-
-def logits_program(x_ref, r_ref, w_ref, out_ref, xn_ref, s, j, *, stride, p, eps):
-    """Partial logits of columns j·be.. over router rows of split s, stored at columns
-    ``s·stride + j·be`` (``stride`` ≥ E leaves each split's padding columns unwritten). A
-    function of the split and column block (not of ``pl.program_id``) so the one-launch layer
-    of ``pallas_fused.py`` runs it as its first phase.
-
-    With an RMSNorm weight ``w_ref`` the program normalises its rows of x first, in
-    ``models.layers.rms_norm``'s order of operations and roundings, and the programs of column
-    block 0 store them in ``xn_ref``: the expert kernel's input, with no XLA norm between.
+    With an RMSNorm weight (``refs = (w_ref, out_ref, xn_ref)``) the program normalises its
+    rows of x first, in ``models.layers.rms_norm``'s order of operations and roundings, and the
+    programs of column block 0 store them: the expert kernel's input, with no XLA norm between.
     """
-    norm = w_ref is not None
+    norm = len(refs) == 3
+    w_ref, out_ref, xn_ref = refs if norm else (None, refs[0], None)
+    s, j = pl.program_id(0), pl.program_id(1)
     tp, d = x_ref.shape
     be, bdi, steps = p["be"], p["bdi"], p["steps"]
     cols = pl.ds(pl.multiple_of(j * be, be), be)

@@ -168,9 +168,6 @@ def _plan_common(dtype, tuning: dict) -> dict:
     norm = tuning.get("norm", "fused")
     if norm not in ("fused", "xla"):
         raise ValueError(f"norm must be 'fused' or 'xla', got {norm!r}")
-    fuse = tuning.get("fuse", "none")
-    if fuse not in ("none", "grid"):
-        raise ValueError(f"fuse must be 'none' or 'grid', got {fuse!r}")
     atomics = tuning.get("atomics", "relaxed")
     if atomics not in ("relaxed", "acq_rel"):
         raise ValueError(f"atomics must be 'relaxed' or 'acq_rel', got {atomics!r}")
@@ -181,11 +178,6 @@ def _plan_common(dtype, tuning: dict) -> dict:
         "atomics": atomics,
         "glue": glue,
         "norm": norm,
-        # "grid": a one-token balanced layer with fused glue runs as one launch
-        # (``pallas_fused.py``: logits, selection and experts as phases with grid barriers).
-        "fuse": fuse,
-        # The one-launch layer's grid barrier: a flag a program ("flags") or one counter.
-        "barrier": _choice(tuning, "barrier", ("flags", "counter")),
         # Fused glue only: 16 splits of d, 32 experts a program (e2e 2026-12-01, batch 1, 75%:
         # 8B 2794 vs 2856 µs/token with 32 x 64, 1B 961 vs 965; 8 x 16: 2840 / 955).
         "logit_splits": tuning.get("logit_splits", 16),
@@ -195,14 +187,6 @@ def _plan_common(dtype, tuning: dict) -> dict:
         "select_block_e": _pow2_key(tuning, "select_block_e", 16),
         "select_warps": _pow2_key(tuning, "select_warps", 4),
     }
-
-
-def _choice(tuning: dict, key: str, options: tuple[str, ...]) -> str:
-    """``tuning[key]`` (default: the first option), checked to be one of ``options``."""
-    v = tuning.get(key, options[0])
-    if v not in options:
-        raise ValueError(f"{key} must be one of {options}, got {v!r}")
-    return v
 
 
 def _pow2_key(tuning: dict, key: str, default: int) -> int:

@@ -60,27 +60,18 @@ def _logits(lg_ref, c0, w, *, n_part, stride, e):
     return jnp.where(col < e, acc, NEG)  # padding columns: zeros, or unwritten partials
 
 
-def _route_kernel(lg_ref, tau_ref, *out_refs, **kw):
-    """Program j of :func:`select_program`. ``out_refs``: the gate table ``[tp, ep]``, and
-    optionally a ``[rows, cols]`` fp32 buffer this kernel zeroes (program j its
-    ``cols/n_programs`` columns) for the expert kernel's atomic accumulator: one memset launch
-    fewer per layer."""
-    pid = pl.program_id(0)
-    select_program(lg_ref, tau_ref, out_refs[0], pid, **kw)
-    if len(out_refs) > 1:
-        z_ref, ep, be = out_refs[1], kw["ep"], kw["be"]
-        zr, zc = z_ref.shape[0], z_ref.shape[1] // (ep // be)
-        cols = pl.ds(pl.multiple_of(pid * zc, zc), zc)
-        plgpu.store(z_ref.at[:, cols], jnp.zeros((zr, zc), jnp.float32))
+def _route_kernel(lg_ref, tau_ref, *out_refs, t, e, ep, be, bj, n_part, rule, gate, k_min,
+                  k_max):  # fmt: skip
+    """Program j: experts ``[j*be, (j+1)*be)`` of every token (``tp ≤ 16`` rows).
 
-
-def select_program(lg_ref, tau_ref, gate_ref, pid, *, t, e, ep, be, bj, n_part, rule, gate,
-                   k_min, k_max):  # fmt: skip
-    """Experts ``[pid*be, (pid+1)*be)`` of every token (``tp ≤ 16`` rows): their gates into
-    ``gate_ref``. A function of the program index so ``pallas_fused.py`` runs it as a phase."""
+    ``out_refs``: the gate table ``[tp, ep]``, and optionally a ``[rows, cols]`` fp32 buffer this
+    kernel zeroes (program j its ``cols/n_programs`` columns) for the expert kernel's atomic
+    accumulator: one memset launch fewer per layer."""
+    gate_ref = out_refs[0]
     ld = functools.partial(_logits, lg_ref, n_part=n_part, stride=ep, e=e)
     lg_te = ld(0, ep)  # [tp, ep], small
     tp = lg_te.shape[0]
+    pid = pl.program_id(0)
     m_t = jnp.max(lg_te, axis=1)
     z_t = jnp.sum(jnp.exp(lg_te - m_t[:, None]), axis=1)  # Σ exp; p = exp / z
 
@@ -118,6 +109,11 @@ def select_program(lg_ref, tau_ref, gate_ref, pid, *, t, e, ep, be, bj, n_part, 
     else:
         g_tb = jnp.where(sel, 1.0, 0.0)
     plgpu.store(gate_ref.at[:, pl.ds(c_own, be)], g_tb.astype(jnp.float32))
+    if len(out_refs) > 1:
+        z_ref = out_refs[1]
+        zr, zc = z_ref.shape[0], z_ref.shape[1] // (ep // be)
+        cols = pl.ds(pl.multiple_of(pid * zc, zc), zc)
+        plgpu.store(z_ref.at[:, cols], jnp.zeros((zr, zc), jnp.float32))
 
 
 def zeroable(shape: tuple[int, int], ep: int, block_e: int = 16) -> bool:
@@ -128,22 +124,6 @@ def zeroable(shape: tuple[int, int], ep: int, block_e: int = 16) -> bool:
     return (
         shape[1] % n_prog == 0 and zc >= 1 and zc & (zc - 1) == 0 and shape[0] & (shape[0] - 1) == 0
     )
-
-
-def select_config(tp, t, e, ep, n_part, rule, gate, k_min, k_max, block_e) -> dict:
-    """:func:`select_program`'s static keywords, checked (``be`` experts a program, ``bj``
-    compared per step); shared with the one-launch layer of ``pallas_fused.py``."""
-    if rule not in ("paper", "nucleus"):
-        raise ValueError(f"rule must be 'paper' or 'nucleus', got {rule!r}")
-    if gate not in ("sigmoid", "none"):
-        raise ValueError(f"gate mode must be 'sigmoid' or 'none', got {gate!r}")
-    k_max = e if k_max is None else min(k_max, e)
-    if not 1 <= k_min <= k_max:
-        raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
-    be = min(block_e, ep)
-    bj = max(1, min(ep, 4096 // (tp * be)))  # [tp, be, bj] compare tile in registers
-    return dict(t=t, e=e, ep=ep, be=be, bj=bj, n_part=n_part, rule=rule, gate=gate,
-                k_min=k_min, k_max=k_max)  # fmt: skip
 
 
 def route_gates_pallas(
@@ -211,9 +191,19 @@ def route_gates_from_partials(
     tp = part_tp.shape[0]
     if part_tp.shape[1] != n_part * ep:
         raise ValueError(f"partials {part_tp.shape} do not hold {n_part} splits of {ep} columns")
-    cfg = select_config(tp, t, e, ep, n_part, rule, gate, k_min, k_max, block_e)
-    kern = functools.partial(_route_kernel, **cfg)
-    be = cfg["be"]
+    if rule not in ("paper", "nucleus"):
+        raise ValueError(f"rule must be 'paper' or 'nucleus', got {rule!r}")
+    if gate not in ("sigmoid", "none"):
+        raise ValueError(f"gate mode must be 'sigmoid' or 'none', got {gate!r}")
+    k_max = e if k_max is None else min(k_max, e)
+    if not 1 <= k_min <= k_max:
+        raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
+    be = min(block_e, ep)
+    bj = max(1, min(ep, 4096 // (tp * be)))  # [tp, be, bj] compare tile in registers
+    kern = functools.partial(
+        _route_kernel, t=t, e=e, ep=ep, be=be, bj=bj, n_part=n_part, rule=rule, gate=gate,
+        k_min=k_min, k_max=k_max,
+    )  # fmt: skip
     out_shape = [jax.ShapeDtypeStruct((tp, ep), jnp.float32)]
     if zeros is not None:
         if not zeroable(zeros, ep, block_e):

@@ -742,7 +742,7 @@ s17d)  # the balanced kernel's fixed cost: device time at 1 expert, one and two 
     --log-file "$OUT/ncu.csv" python3 benchmarks/expert_profile.py --variants default \
     --kfrac 0.0023 0.25
   ;;
-s18a)  # the one-launch layer (kernels/pallas_fused.py: logits, selection, experts with grid
+s18a)  # (ran at 1fcd030; kernels/pallas_fused.py was removed after s18c: slower) the one-launch layer (kernels/pallas_fused.py: logits, selection, experts with grid
        # barriers): GPU tests, then end to end beside the three-launch default, then traces
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_pallas.py -k "fused"
@@ -755,7 +755,7 @@ s18a)  # the one-launch layer (kernels/pallas_fused.py: logits, selection, exper
     rm -rf "$OUT/trace_${sh}_fused/trace"
   done
   ;;
-s18b)  # s18a: the one-launch layer was slower end to end (8B 2717 vs 2535 us/token; its kernel
+s18b)  # (ran at 7f4953c) s18a: the one-launch layer was slower end to end (8B 2717 vs 2535 us/token; its kernel
        # 40.7 us a layer vs 37.8 for the three): a one-counter barrier without the acquire
        # atomic, the selection over more programs, fewer router-GEMV programs
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
@@ -768,7 +768,7 @@ s18b)  # s18a: the one-launch layer was slower end to end (8B 2717 vs 2535 us/to
     --tuning '{"1": {"fuse": "grid", "barrier": "counter"}}' --out "$OUT/trace_8b_fused_ctr"
   rm -rf "$OUT/trace_8b_fused_ctr/trace"
   ;;
-s18c)  # s18b: every one-launch variant slower end to end; the selection phase over 4 experts a
+s18c)  # (ran at d0b942f) s18b: every one-launch variant slower end to end; the selection phase over 4 experts a
        # program recovered most (8B 2629 vs 2746 us/token): 2 experts a program, both barriers
   run timeout 300 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
     --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 --variants \
@@ -777,5 +777,16 @@ s18c)  # s18b: every one-launch variant slower end to end; the selection phase o
   run timeout 100 python3 scripts/trace_decode.py --shape llama-3-8b --sparsity 0.75 --attn pallas \
     --tuning '{"1": {"fuse": "grid", "select_block_e": 2}}' --out "$OUT/trace_8b_fused_sel2"
   rm -rf "$OUT/trace_8b_fused_sel2/trace"
+  ;;
+s18d)  # where the expert kernel's fixed cost goes (s18a-c: a grid barrier costs what a kernel
+       # boundary does, so the fixed costs are each kernel's chain of memory round trips): ncu on
+       # the balanced kernel alone at 1 expert and at 25% (8B layer), a few launches each
+  for kf in 0.0023 0.25; do
+    run timeout 200 ncu --clock-control none --graph-profiling node -k regex:prunepath \
+      --launch-skip 2 --launch-count 2 --section SpeedOfLight --section WarpStateStats \
+      --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis --csv \
+      --page details --log-file "$OUT/ncu_k$kf.csv" python3 benchmarks/expert_profile.py \
+      --variants default --kfrac $kf
+  done
   ;;
 esac

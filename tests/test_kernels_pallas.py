@@ -113,19 +113,6 @@ CASES = [
       "logit_warps": 1}),
     ("b3_select_be64_fp32", 3, 64, 40, 16, jnp.float32, 0.6, 0.1,
      {"select_block_e": 64, "select_warps": 8}),
-    # The one-launch layer (pallas_fused.py; in the interpreter one phase a launch): the
-    # router GEMV over 5 column blocks with the norm fused, 3 splits of d with masked chunks at
-    # k = E, one expert under the nucleus rule, the XLA norm in front of it.
-    ("b1_fused_bf16", 1, 128, 8, 32, jnp.bfloat16, 0.6, 0.1,
-     {"experts": "balanced", "programs": 5, "fuse": "grid"}),
-    ("b1_fused_e40_norm_fp32", 1, 128, 40, 16, jnp.float32, 0.6, 0.1,
-     {"experts": "balanced", "programs": 6, "with_norm": True, "fuse": "grid"}),
-    ("b1_fused_splits_kE_tail_fp32", 1, 1536, 8, 16, jnp.float32, 1.05, 1.0,
-     {"experts": "balanced", "programs": 5, "block_d": 1024, "fuse": "grid"}),
-    ("b1_fused_k1_nucleus_bf16", 1, 128, 40, 16, jnp.bfloat16, 0.01, 1.0,
-     {"experts": "balanced", "programs": 8, "rule": "nucleus", "fuse": "grid"}),
-    ("b1_fused_norm_xla_bf16", 1, 128, 40, 16, jnp.bfloat16, 0.6, 0.1,
-     {"experts": "balanced", "programs": 6, "with_norm": True, "norm": "xla", "fuse": "grid"}),
 ]  # fmt: skip
 _ROUTE_KEYS = ("rule", "gate", "k_min", "k_max")
 _TEST_KEYS = _ROUTE_KEYS + ("with_norm",)
@@ -341,10 +328,6 @@ EXPORT_CASES = [c[:6] + (c[8],) for c in CASES] + [
     ),  # fmt: skip
     ("8b_b1_balanced_bn1", 1, 4096, 448, 32, jnp.bfloat16, {"block_n": 1}),
     ("8b_b1_select_be8", 1, 4096, 448, 32, jnp.bfloat16, {"select_block_e": 8}),
-    ("8b_b1_fused_norm", 1, 4096, 448, 32, jnp.bfloat16, {"fuse": "grid", "with_norm": True}),
-    ("1b_b1_fused", 1, 2048, 256, 32, jnp.bfloat16, {"fuse": "grid"}),
-    ("8b_b1_fused_counter", 1, 4096, 448, 32, jnp.bfloat16, {"fuse": "grid", "barrier": "counter"}),
-    ("8b_b4_fuse_key_ignored", 4, 4096, 448, 32, jnp.bfloat16, {"fuse": "grid"}),
     ("smollm2_b1", 1, 576, 48, 32, jnp.bfloat16, {}),
     ("smollm2_b8", 8, 576, 48, 32, jnp.bfloat16, {}),
     ("8b_b16_split", 16, 4096, 448, 32, jnp.bfloat16, {"down": "split", "down_chunks": 8}),
@@ -389,9 +372,6 @@ def test_triton_lowering_exports_for_cuda(case):
     route = opts.get("routing") != "xla"  # the sort-free selection kernel
     logits = route and opts.get("logits", "pallas") == "pallas"  # the split-K router GEMV
     expect = 1 + route + logits + split
-    plan = pd._plan(t, d, g, dtype, dict(tuning))
-    if plan["fuse"] == "grid" and plan["experts"] == "balanced" and plan["glue"] == "fused":
-        expect = 1  # logits, selection and experts as one launch (pallas_fused.py)
     assert n_triton == expect
 
 
@@ -417,18 +397,6 @@ def test_gpu_balanced_kernel_real_layer_shapes():
             opts = {"experts": "balanced", **more}
             case = (f"balanced_d{d}_tau{tau}_{opts}", 1, d, e, 32, jnp.bfloat16, tau, 0.02, opts)
             _check(case, interpret=False, seed=d)
-
-
-@pytest.mark.gpu
-def test_gpu_fused_layer_real_shapes():
-    """The one-launch layer (grid barriers between logits, selection and experts) at the 8B,
-    1B and SmolLM2 widths, with and without the fused norm, both barriers, one expert to all
-    of them."""
-    for d, e, tau in ((4096, 448, 0.5), (2048, 256, 0.2), (576, 48, 1.05), (4096, 448, 0.01)):
-        for more in ({}, {"with_norm": True}, {"barrier": "counter", "with_norm": True}):
-            opts = {"experts": "balanced", "fuse": "grid", **more}
-            case = (f"fused_d{d}_tau{tau}_{opts}", 1, d, e, 32, jnp.bfloat16, tau, 0.02, opts)
-            _check(case, interpret=False, seed=d + 1)
 
 
 @pytest.mark.gpu
