@@ -782,8 +782,8 @@ s18d)  # where the expert kernel's fixed cost goes (s18a-c: a grid barrier costs
        # boundary does, so the fixed costs are each kernel's chain of memory round trips): ncu on
        # the balanced kernel alone at 1 expert and at 25% (8B layer), a few launches each
   for kf in 0.0023 0.25; do
-    run timeout 200 ncu --clock-control none --graph-profiling node -k regex:prunepath \
-      --launch-skip 2 --launch-count 2 --section SpeedOfLight --section WarpStateStats \
+    run timeout 200 ncu --clock-control none --graph-profiling node \
+      -k regex:prunepath_sparse_ffn -s 1 -c 1 --section SpeedOfLight --section WarpStateStats \
       --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis --csv \
       --page details --log-file "$OUT/ncu_k$kf.csv" python3 benchmarks/expert_profile.py \
       --variants default --kfrac $kf
