@@ -789,4 +789,12 @@ s18d)  # where the expert kernel's fixed cost goes (s18a-c: a grid barrier costs
       --variants default --kfrac $kf
   done
   ;;
+s18e)  # the session's final code (kernels as at 78fe0bc): the GPU generation tests twelfth-session
+       # limits cut (fp32 sparse generation through both backends, batch 1 and 8), then the
+       # balanced-kernel and routing GPU tests
+  run timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py -k "fp32_sparse_generation"
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py -k "balanced_kernel_real or llama8b or select"
+  ;;
 esac
