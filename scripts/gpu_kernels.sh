@@ -797,4 +797,12 @@ s18e)  # the session's final code (kernels as at 78fe0bc): the GPU generation te
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_pallas.py -k "balanced_kernel_real or llama8b or select"
   ;;
+s18f)  # overlap instead of fusion: can a latency-bound kernel's spare programs pull the next
+       # GEMV's weights into L2 (benchmarks/l2_prefetch.py)? 1B and 8B QKV shapes, with the
+       # experts' stream between (default and evict-first loads)
+  run timeout 130 python3 benchmarks/l2_prefetch.py --shape 2048,3072 --stream-mb 24 \
+    --out "$OUT/l2_prefetch.jsonl"
+  run timeout 130 python3 benchmarks/l2_prefetch.py --shape 4096,6144 --stream-mb 88 \
+    --out "$OUT/l2_prefetch.jsonl"
+  ;;
 esac

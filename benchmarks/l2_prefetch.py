@@ -1,0 +1,233 @@
+"""Can a latency-bound decode kernel hide the next GEMV's weight bytes by prefetching them into L2?
+
+Why. A decode layer's fixed costs are latency chains: each kernel spends microseconds in a few
+dependent memory round trips while DRAM idles (ncu, BENCHMARKS.md thirteenth session: the expert
+kernel at one expert keeps DRAM 2.4% busy). Fusing launches did not shorten the chains, so the
+lever left is overlap: extra programs in a latency-bound kernel that stream weights a later
+kernel will read (e.g. the next layer's QKV projection during the routing kernels) into L2, so
+that kernel reads them at L2 speed. This measures the mechanism before any model plumbing.
+
+The chain, per "layer" ``i`` of ``--layers`` (distinct weights, so nothing stays in L2 between
+layers without help):
+
+* ``K``: a latency-bound Pallas-Triton kernel — ``--chain`` programs each walk ``--hops``
+  dependent loads through a small table (the routing kernels' stand-in) and pass x on; with
+  ``prefetch``, ``--programs`` more programs load the next GEMV's weight ``W_i`` whole
+  (``evict_last``) and store one float each, so the loads cannot be dropped;
+* optionally ``E``: a streaming kernel reading an expert-sized buffer (``--stream-mb``, the
+  expert kernel's bytes between routing and the next layer), with default or ``evict_first``
+  loads: whether the stream evicts what was prefetched;
+* ``G``: XLA's GEMV ``x @ W_i`` (``[1, d] @ [d, n]`` bf16, the QKV projection's shape).
+
+Rows: wall µs per layer of each variant's jitted chain (and device µs per kernel from a profiler
+trace), side by side in one process.
+
+    python benchmarks/l2_prefetch.py --shape 2048,3072     # H200: Llama-3.2-1B QKV
+    python benchmarks/l2_prefetch.py --smoke               # CPU, interpreter, tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import copy_bandwidth, header, kernel_durations, time_fn, write_rows  # noqa: E402
+
+from prunepath_jax.kernels.jt import next_pow2  # noqa: E402
+
+try:
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+COLS = 512  # weights viewed as [rows, 512]; a prefetch tile is [TILE_ROWS, 512]
+TILE_ROWS = 8
+TABLE = 1024
+
+
+def _k_kernel(y_ref, tab_ref, *refs, d, n_chain, hops, rows_per, prefetch):
+    """Programs < n_chain: ``hops`` dependent table loads (program 0 also copies x on);
+    the others: load their rows of W (into L2) and store the sum."""
+    w_ref, x_ref, junk_ref = refs if prefetch else (None,) + refs
+    pid = pl.program_id(0)
+
+    @pl.when(pid < n_chain)
+    def _():
+        def hop(_, idx):
+            # volatile: from L2 every hop, as the routing kernels' first loads of partials and
+            # gate tables (Pallas' ".cg" cache modifier fails to lower in jax 0.10-0.11)
+            return jnp.sum(plgpu.load(tab_ref.at[pl.ds(idx, 1)], volatile=True))
+
+        start = (pid * 7) % TABLE
+        idx = jax.lax.fori_loop(0, hops, hop, start)
+        plgpu.store(junk_ref.at[pl.ds(pid, 1)], jnp.full((1,), idx, jnp.int32).astype(jnp.float32))
+
+        @pl.when(pid == 0)
+        def _():
+            dp = next_pow2(d)
+            ok = jax.lax.broadcasted_iota(jnp.int32, (1, dp), 1) < d
+            cols = (pl.ds(0, 1), pl.ds(0, dp))
+            x = plgpu.load(y_ref.at[cols], mask=ok, other=0)
+            plgpu.store(x_ref.at[cols], x, mask=ok)
+
+    if prefetch:
+
+        @pl.when(pid >= n_chain)
+        def _():
+            r0 = (pid - n_chain) * rows_per
+
+            def tile(i, acc):
+                rows = pl.ds(pl.multiple_of(r0 + i * TILE_ROWS, TILE_ROWS), TILE_ROWS)
+                w = plgpu.load(w_ref.at[rows, :], eviction_policy="evict_last")
+                return acc + w.astype(jnp.float32)
+
+            zero = jnp.zeros((TILE_ROWS, COLS), jnp.float32)
+            acc = jax.lax.fori_loop(0, rows_per // TILE_ROWS, tile, zero)
+            plgpu.store(junk_ref.at[pl.ds(pid, 1)], jnp.full((1,), jnp.sum(acc), jnp.float32))
+
+
+def k_call(y, tab, w_rc, *, d, n_chain, hops, programs, prefetch, interpret):
+    """``(x [1, d], junk)``: the latency-bound kernel, with ``programs`` prefetching W or not."""
+    rows = w_rc.shape[0]
+    rows_per = -(-rows // programs // TILE_ROWS) * TILE_ROWS if prefetch else 0
+    if prefetch and rows_per * programs != rows:
+        raise ValueError(f"{rows} weight rows do not split into {programs} x {rows_per}")
+    grid = n_chain + (programs if prefetch else 0)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    kern = functools.partial(_k_kernel, d=d, n_chain=n_chain, hops=hops, rows_per=rows_per,
+                             prefetch=prefetch)  # fmt: skip
+    ins = (y, tab) + ((w_rc,) if prefetch else ())
+    return pl.pallas_call(
+        kern,
+        out_shape=(
+            jax.ShapeDtypeStruct((1, d), y.dtype),
+            jax.ShapeDtypeStruct((grid,), jnp.float32),
+        ),  # fmt: skip
+        grid=(grid,),
+        in_specs=[any_spec] * len(ins),
+        out_specs=(any_spec, any_spec),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+        interpret=interpret,
+        name="prefetch_probe_k",
+    )(*ins)
+
+
+def _e_kernel(x_ref, buf_ref, out_ref, junk_ref, *, rows_per, evict):
+    """Streams its rows of the buffer (the expert kernel's bytes); program 0 passes x on."""
+    pid = pl.program_id(0)
+    r0 = pid * rows_per
+
+    def tile(i, acc):
+        rows = pl.ds(pl.multiple_of(r0 + i * TILE_ROWS, TILE_ROWS), TILE_ROWS)
+        return acc + plgpu.load(buf_ref.at[rows, :], eviction_policy=evict).astype(jnp.float32)
+
+    acc = jax.lax.fori_loop(0, rows_per // TILE_ROWS, tile, jnp.zeros((TILE_ROWS, COLS)))
+    plgpu.store(junk_ref.at[pl.ds(pid, 1)], jnp.full((1,), jnp.sum(acc), jnp.float32))
+
+    @pl.when(pid == 0)
+    def _():
+        plgpu.store(out_ref, plgpu.load(x_ref))
+
+
+def e_call(x, buf, *, programs, evict, interpret):
+    rows_per = buf.shape[0] // programs
+    if rows_per * programs != buf.shape[0] or rows_per % TILE_ROWS:
+        raise ValueError(f"stream rows {buf.shape[0]} do not split into {programs} programs")
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        functools.partial(_e_kernel, rows_per=rows_per, evict=evict),
+        out_shape=(
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            jax.ShapeDtypeStruct((programs,), jnp.float32),
+        ),  # fmt: skip
+        grid=(programs,),
+        in_specs=[any_spec, any_spec],
+        out_specs=(any_spec, any_spec),
+        compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=3),
+        interpret=interpret,
+        name="prefetch_probe_stream",
+    )(x, buf)[0]
+
+
+def chain(y0, tab, ws, bufs, *, d, n, a, prefetch, stream, interpret):
+    """The variant's chain over every layer; returns the last GEMV output."""
+    y = y0
+    for i, w in enumerate(ws):
+        w_rc = w.reshape(-1, COLS)
+        x, _ = k_call(y, tab, w_rc, d=d, n_chain=a.chain, hops=a.hops, programs=a.programs,
+                      prefetch=prefetch, interpret=interpret)  # fmt: skip
+        if stream != "off":  # "normal" (default eviction) or "evict_first"
+            evict = None if stream == "normal" else stream
+            x = e_call(x, bufs[i], programs=a.programs, evict=evict, interpret=interpret)
+        y = jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)  # [1, n]
+    return y
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="2048,3072", help="d,n of the GEMV (1B QKV: 2048,3072)")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--chain", type=int, default=32, help="latency-bound programs")
+    ap.add_argument("--hops", type=int, default=12, help="dependent loads a chain program walks")
+    ap.add_argument("--programs", type=int, default=128, help="prefetch / stream programs")
+    ap.add_argument("--stream-mb", type=float, default=24.0, help="expert bytes between K and G")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes in the interpreter (CPU)")
+    ap.add_argument("--out", default="results/l2_prefetch.jsonl")
+    a = ap.parse_args()
+    interpret = a.smoke
+    if a.smoke:
+        a.shape, a.layers, a.chain, a.hops, a.programs, a.stream_mb = "64,128", 2, 2, 3, 2, 0.03
+    d, n = (int(v) for v in a.shape.split(","))
+    key = jax.random.split(jax.random.key(0), 4)
+    ws = [jax.random.normal(k, (d, n), jnp.bfloat16) * d**-0.5
+          for k in jax.random.split(key[0], a.layers)]  # fmt: skip
+    srows = (
+        int(a.stream_mb * 2**20)
+        // (2 * COLS)
+        // (a.programs * TILE_ROWS)
+        * (a.programs * TILE_ROWS)
+    )
+    bufs = [jnp.ones((srows, COLS), jnp.bfloat16) for _ in range(a.layers)]
+    tab = jax.random.randint(key[1], (TABLE,), 0, TABLE, dtype=jnp.int32)
+    y0 = jax.random.normal(key[2], (1, n), jnp.bfloat16)
+    variants = {
+        "no_prefetch": dict(prefetch=False, stream="off"),
+        "prefetch": dict(prefetch=True, stream="off"),
+        "no_prefetch+stream": dict(prefetch=False, stream="normal"),
+        "prefetch+stream": dict(prefetch=True, stream="normal"),
+        "prefetch+stream_evict_first": dict(prefetch=True, stream="evict_first"),
+    }
+    head = {**header(), "d": d, "n": n, "layers": a.layers, "chain": a.chain, "hops": a.hops,
+            "programs": a.programs, "stream_mb": srows * COLS * 2 / 2**20}  # fmt: skip
+    if not a.smoke:
+        head["copy_TB_s"] = max(copy_bandwidth().values()) / 1e12
+    ref = y0
+    for w in ws:  # the chain's math without the kernels: x = y[:, :d], y = x @ W
+        ref = jnp.dot(ref[:, :d], w, preferred_element_type=jnp.float32).astype(ref.dtype)
+    rows = []
+    for name, v in variants.items():
+        fn = jax.jit(functools.partial(chain, d=d, n=n, a=a, interpret=interpret, **v))
+        got = fn(y0, tab, ws, bufs)
+        if not bool(jnp.allclose(got.astype(jnp.float32), ref.astype(jnp.float32), rtol=0.05,
+                                 atol=0.05)):  # fmt: skip
+            raise AssertionError(f"{name}: the chain's output differs from the XLA chain's")
+        us = time_fn(fn, y0, tab, ws, bufs, iters=a.iters) * 1e6 / a.layers
+        row = {**head, "variant": name, "wall_us_per_layer": us}
+        if not a.smoke:
+            dur = kernel_durations(fn, y0, tab, ws, bufs)
+            row["device_us_per_layer"] = {k: sum(v) / a.layers for k, v in dur.items()}
+        rows.append(row)
+        print(name, f"{us:.2f} us/layer", row.get("device_us_per_layer", ""), flush=True)
+    write_rows(a.out, rows)
+
+
+if __name__ == "__main__":
+    main()
