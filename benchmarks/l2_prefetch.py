@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover
     plgpu = None
 
 COLS = 512  # weights viewed as [rows, 512]; a prefetch tile is [TILE_ROWS, 512]
-TILE_ROWS = 8
+TILE_ROWS = 8  # --tile-rows sets it
 TABLE = 1024
 
 
@@ -178,11 +178,14 @@ def main():
     ap.add_argument("--hops", type=int, default=12, help="dependent loads a chain program walks")
     ap.add_argument("--programs", type=int, default=128, help="prefetch / stream programs")
     ap.add_argument("--stream-mb", type=float, default=24.0, help="expert bytes between K and G")
+    ap.add_argument("--tile-rows", type=int, default=8, help="rows of 512 per prefetch load")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in the interpreter (CPU)")
     ap.add_argument("--out", default="results/l2_prefetch.jsonl")
     a = ap.parse_args()
     interpret = a.smoke
+    global TILE_ROWS
+    TILE_ROWS = a.tile_rows
     if a.smoke:
         a.shape, a.layers, a.chain, a.hops, a.programs, a.stream_mb = "64,128", 2, 2, 3, 2, 0.03
     d, n = (int(v) for v in a.shape.split(","))
@@ -206,7 +209,8 @@ def main():
         "prefetch+stream_evict_first": dict(prefetch=True, stream="evict_first"),
     }
     head = {**header(), "d": d, "n": n, "layers": a.layers, "chain": a.chain, "hops": a.hops,
-            "programs": a.programs, "stream_mb": srows * COLS * 2 / 2**20}  # fmt: skip
+            "programs": a.programs, "tile_rows": a.tile_rows,
+            "stream_mb": srows * COLS * 2 / 2**20}  # fmt: skip
     if not a.smoke:
         head["copy_TB_s"] = max(copy_bandwidth().values()) / 1e12
     ref = y0

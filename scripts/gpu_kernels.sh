@@ -805,4 +805,9 @@ s18f)  # overlap instead of fusion: can a latency-bound kernel's spare programs 
   run timeout 130 python3 benchmarks/l2_prefetch.py --shape 4096,6144 --stream-mb 88 \
     --out "$OUT/l2_prefetch.jsonl"
   ;;
+s18g)  # s18f: the prefetch programs streamed ~1.5 TB/s (128 programs, 8-row tiles), too slow to
+       # hide inside the chain: 256 programs, 16-row tiles, 1B shape
+  run timeout 120 python3 benchmarks/l2_prefetch.py --shape 2048,3072 --stream-mb 24 \
+    --programs 256 --tile-rows 16 --iters 10 --out "$OUT/l2_prefetch.jsonl"
+  ;;
 esac
