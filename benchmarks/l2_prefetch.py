@@ -17,7 +17,9 @@ layers without help):
 * optionally ``E``: a streaming kernel reading an expert-sized buffer (``--stream-mb``, the
   expert kernel's bytes between routing and the next layer), with default or ``evict_first``
   loads: whether the stream evicts what was prefetched;
-* ``G``: XLA's GEMV ``x @ W_i`` (``[1, d] @ [d, n]`` bf16, the QKV projection's shape).
+* ``G``: XLA's GEMV ``x @ W_i`` (``[1, d] @ [d, n]`` bf16, the QKV projection's shape), by
+  default in the decode step's own form (``--gemv model``); runs 7-8 of BENCHMARKS.md used an
+  f32-accumulating dot that XLA lowers to a slower reduce fusion (``--gemv dot_f32``).
 
 Rows: wall µs per layer of each variant's jitted chain (and device µs per kernel from a profiler
 trace), side by side in one process.
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import copy_bandwidth, header, kernel_durations, time_fn, write_rows  # noqa: E402
 
 from prunepath_jax.kernels.jt import next_pow2  # noqa: E402
+from prunepath_jax.models.layers import matvec_safe_matmul  # noqa: E402
 
 try:
     from jax.experimental.pallas import triton as plgpu
@@ -166,7 +169,10 @@ def chain(y0, tab, ws, bufs, *, d, n, a, prefetch, stream, interpret):
         if stream != "off":  # "normal" (default eviction) or "evict_first"
             evict = None if stream == "normal" else stream
             x = e_call(x, bufs[i], programs=a.programs, evict=evict, interpret=interpret)
-        y = jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)  # [1, n]
+        if a.gemv == "model":  # the decode step's projection (XLA's split-K Triton GEMM)
+            y = matvec_safe_matmul(x, w)  # [1, n]
+        else:  # runs 7-8: XLA turns this into a reduce fusion (~0.85 TB/s)
+            y = jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     return y
 
 
@@ -176,9 +182,16 @@ def main():
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--chain", type=int, default=32, help="latency-bound programs")
     ap.add_argument("--hops", type=int, default=12, help="dependent loads a chain program walks")
-    ap.add_argument("--programs", type=int, default=128, help="prefetch / stream programs")
+    ap.add_argument("--programs", type=int, default=256, help="prefetch / stream programs")
     ap.add_argument("--stream-mb", type=float, default=24.0, help="expert bytes between K and G")
-    ap.add_argument("--tile-rows", type=int, default=8, help="rows of 512 per prefetch load")
+    ap.add_argument("--tile-rows", type=int, default=16, help="rows of 512 per prefetch load")
+    ap.add_argument(
+        "--gemv",
+        default="model",
+        choices=["model", "dot_f32"],
+        help="model: the decode step's own projection form (models.layers.matvec_safe_matmul); "
+        "dot_f32: the f32-accumulating dot of runs 7-8, which XLA lowers to a reduce fusion",
+    )
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in the interpreter (CPU)")
     ap.add_argument("--out", default="results/l2_prefetch.jsonl")
@@ -188,6 +201,7 @@ def main():
     TILE_ROWS = a.tile_rows
     if a.smoke:
         a.shape, a.layers, a.chain, a.hops, a.programs, a.stream_mb = "64,128", 2, 2, 3, 2, 0.03
+        a.tile_rows = 8
     d, n = (int(v) for v in a.shape.split(","))
     key = jax.random.split(jax.random.key(0), 4)
     ws = [jax.random.normal(k, (d, n), jnp.bfloat16) * d**-0.5
@@ -209,7 +223,7 @@ def main():
         "prefetch+stream_evict_first": dict(prefetch=True, stream="evict_first"),
     }
     head = {**header(), "d": d, "n": n, "layers": a.layers, "chain": a.chain, "hops": a.hops,
-            "programs": a.programs, "tile_rows": a.tile_rows,
+            "programs": a.programs, "tile_rows": a.tile_rows, "gemv": a.gemv,
             "stream_mb": srows * COLS * 2 / 2**20}  # fmt: skip
     if not a.smoke:
         head["copy_TB_s"] = max(copy_bandwidth().values()) / 1e12
