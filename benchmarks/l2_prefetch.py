@@ -197,11 +197,11 @@ def main():
     ap.add_argument("--out", default="results/l2_prefetch.jsonl")
     a = ap.parse_args()
     interpret = a.smoke
-    global TILE_ROWS
-    TILE_ROWS = a.tile_rows
     if a.smoke:
         a.shape, a.layers, a.chain, a.hops, a.programs, a.stream_mb = "64,128", 2, 2, 3, 2, 0.03
         a.tile_rows = 8
+    global TILE_ROWS
+    TILE_ROWS = a.tile_rows
     d, n = (int(v) for v in a.shape.split(","))
     key = jax.random.split(jax.random.key(0), 4)
     ws = [jax.random.normal(k, (d, n), jnp.bfloat16) * d**-0.5
