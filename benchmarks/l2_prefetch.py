@@ -50,12 +50,31 @@ try:
 except ImportError:  # pragma: no cover
     plgpu = None
 
-COLS = 512  # weights viewed as [rows, 512]; a prefetch tile is [TILE_ROWS, 512]
-TILE_ROWS = 8  # --tile-rows sets it
+COLS = 512  # weights viewed as [rows, 512]; a streaming load is a [tile, 512] slab
 TABLE = 1024
 
 
-def _k_kernel(y_ref, tab_ref, *refs, d, n_chain, hops, rows_per, prefetch):
+def _rows_per(rows: int, programs: int, tile: int) -> int:
+    """Rows of 512 each of ``programs`` programs streams, in whole ``tile``-row loads."""
+    per = rows // programs
+    if per * programs != rows or per % tile:
+        raise ValueError(f"{rows} rows do not split into {programs} programs of {tile}-row tiles")
+    return per
+
+
+def _stream_rows(src_ref, junk_ref, slot, r0, rows_per, tile, evict):
+    """Loads rows ``[r0, r0 + rows_per)`` of ``src_ref`` (``[rows, 512]``) in ``tile``-row
+    slabs and stores their sum at ``junk_ref[slot]``, so the loads cannot be dropped."""
+
+    def step(i, acc):
+        rows = pl.ds(pl.multiple_of(r0 + i * tile, tile), tile)
+        return acc + plgpu.load(src_ref.at[rows, :], eviction_policy=evict).astype(jnp.float32)
+
+    acc = jax.lax.fori_loop(0, rows_per // tile, step, jnp.zeros((tile, COLS), jnp.float32))
+    plgpu.store(junk_ref.at[pl.ds(slot, 1)], jnp.full((1,), jnp.sum(acc), jnp.float32))
+
+
+def _k_kernel(y_ref, tab_ref, *refs, d, n_chain, hops, rows_per, tile, prefetch):
     """Programs < n_chain: ``hops`` dependent table loads (program 0 also copies x on);
     the others: load their rows of W (into L2) and store the sum."""
     w_ref, x_ref, junk_ref = refs if prefetch else (None,) + refs
@@ -85,27 +104,16 @@ def _k_kernel(y_ref, tab_ref, *refs, d, n_chain, hops, rows_per, prefetch):
         @pl.when(pid >= n_chain)
         def _():
             r0 = (pid - n_chain) * rows_per
-
-            def tile(i, acc):
-                rows = pl.ds(pl.multiple_of(r0 + i * TILE_ROWS, TILE_ROWS), TILE_ROWS)
-                w = plgpu.load(w_ref.at[rows, :], eviction_policy="evict_last")
-                return acc + w.astype(jnp.float32)
-
-            zero = jnp.zeros((TILE_ROWS, COLS), jnp.float32)
-            acc = jax.lax.fori_loop(0, rows_per // TILE_ROWS, tile, zero)
-            plgpu.store(junk_ref.at[pl.ds(pid, 1)], jnp.full((1,), jnp.sum(acc), jnp.float32))
+            _stream_rows(w_ref, junk_ref, pid, r0, rows_per, tile, "evict_last")
 
 
-def k_call(y, tab, w_rc, *, d, n_chain, hops, programs, prefetch, interpret):
+def k_call(y, tab, w_rc, *, d, n_chain, hops, programs, tile, prefetch, interpret):
     """``(x [1, d], junk)``: the latency-bound kernel, with ``programs`` prefetching W or not."""
-    rows = w_rc.shape[0]
-    rows_per = -(-rows // programs // TILE_ROWS) * TILE_ROWS if prefetch else 0
-    if prefetch and rows_per * programs != rows:
-        raise ValueError(f"{rows} weight rows do not split into {programs} x {rows_per}")
+    rows_per = _rows_per(w_rc.shape[0], programs, tile) if prefetch else 0
     grid = n_chain + (programs if prefetch else 0)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     kern = functools.partial(_k_kernel, d=d, n_chain=n_chain, hops=hops, rows_per=rows_per,
-                             prefetch=prefetch)  # fmt: skip
+                             tile=tile, prefetch=prefetch)  # fmt: skip
     ins = (y, tab) + ((w_rc,) if prefetch else ())
     return pl.pallas_call(
         kern,
@@ -122,30 +130,21 @@ def k_call(y, tab, w_rc, *, d, n_chain, hops, programs, prefetch, interpret):
     )(*ins)
 
 
-def _e_kernel(x_ref, buf_ref, out_ref, junk_ref, *, rows_per, evict):
+def _e_kernel(x_ref, buf_ref, out_ref, junk_ref, *, rows_per, tile, evict):
     """Streams its rows of the buffer (the expert kernel's bytes); program 0 passes x on."""
     pid = pl.program_id(0)
-    r0 = pid * rows_per
-
-    def tile(i, acc):
-        rows = pl.ds(pl.multiple_of(r0 + i * TILE_ROWS, TILE_ROWS), TILE_ROWS)
-        return acc + plgpu.load(buf_ref.at[rows, :], eviction_policy=evict).astype(jnp.float32)
-
-    acc = jax.lax.fori_loop(0, rows_per // TILE_ROWS, tile, jnp.zeros((TILE_ROWS, COLS)))
-    plgpu.store(junk_ref.at[pl.ds(pid, 1)], jnp.full((1,), jnp.sum(acc), jnp.float32))
+    _stream_rows(buf_ref, junk_ref, pid, pid * rows_per, rows_per, tile, evict)
 
     @pl.when(pid == 0)
     def _():
         plgpu.store(out_ref, plgpu.load(x_ref))
 
 
-def e_call(x, buf, *, programs, evict, interpret):
-    rows_per = buf.shape[0] // programs
-    if rows_per * programs != buf.shape[0] or rows_per % TILE_ROWS:
-        raise ValueError(f"stream rows {buf.shape[0]} do not split into {programs} programs")
+def e_call(x, buf, *, programs, tile, evict, interpret):
+    rows_per = _rows_per(buf.shape[0], programs, tile)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
-        functools.partial(_e_kernel, rows_per=rows_per, evict=evict),
+        functools.partial(_e_kernel, rows_per=rows_per, tile=tile, evict=evict),
         out_shape=(
             jax.ShapeDtypeStruct(x.shape, x.dtype),
             jax.ShapeDtypeStruct((programs,), jnp.float32),
@@ -159,16 +158,17 @@ def e_call(x, buf, *, programs, evict, interpret):
     )(x, buf)[0]
 
 
-def chain(y0, tab, ws, bufs, *, d, n, a, prefetch, stream, interpret):
+def chain(y0, tab, ws, bufs, *, d, a, prefetch, stream, interpret):
     """The variant's chain over every layer; returns the last GEMV output."""
     y = y0
     for i, w in enumerate(ws):
         w_rc = w.reshape(-1, COLS)
         x, _ = k_call(y, tab, w_rc, d=d, n_chain=a.chain, hops=a.hops, programs=a.programs,
-                      prefetch=prefetch, interpret=interpret)  # fmt: skip
+                      tile=a.tile_rows, prefetch=prefetch, interpret=interpret)  # fmt: skip
         if stream != "off":  # "normal" (default eviction) or "evict_first"
             evict = None if stream == "normal" else stream
-            x = e_call(x, bufs[i], programs=a.programs, evict=evict, interpret=interpret)
+            x = e_call(x, bufs[i], programs=a.programs, tile=a.tile_rows, evict=evict,
+                       interpret=interpret)  # fmt: skip
         if a.gemv == "model":  # the decode step's projection (XLA's split-K Triton GEMM)
             y = matvec_safe_matmul(x, w)  # [1, n]
         else:  # runs 7-8: XLA turns this into a reduce fusion (~0.85 TB/s)
@@ -200,18 +200,12 @@ def main():
     if a.smoke:
         a.shape, a.layers, a.chain, a.hops, a.programs, a.stream_mb = "64,128", 2, 2, 3, 2, 0.03
         a.tile_rows = 8
-    global TILE_ROWS
-    TILE_ROWS = a.tile_rows
     d, n = (int(v) for v in a.shape.split(","))
-    key = jax.random.split(jax.random.key(0), 4)
+    key = jax.random.split(jax.random.key(0), 3)
     ws = [jax.random.normal(k, (d, n), jnp.bfloat16) * d**-0.5
           for k in jax.random.split(key[0], a.layers)]  # fmt: skip
-    srows = (
-        int(a.stream_mb * 2**20)
-        // (2 * COLS)
-        // (a.programs * TILE_ROWS)
-        * (a.programs * TILE_ROWS)
-    )
+    share = a.programs * a.tile_rows  # whole tiles for every program
+    srows = int(a.stream_mb * 2**20) // (2 * COLS) // share * share
     bufs = [jnp.ones((srows, COLS), jnp.bfloat16) for _ in range(a.layers)]
     tab = jax.random.randint(key[1], (TABLE,), 0, TABLE, dtype=jnp.int32)
     y0 = jax.random.normal(key[2], (1, n), jnp.bfloat16)
@@ -232,7 +226,7 @@ def main():
         ref = jnp.dot(ref[:, :d], w, preferred_element_type=jnp.float32).astype(ref.dtype)
     rows = []
     for name, v in variants.items():
-        fn = jax.jit(functools.partial(chain, d=d, n=n, a=a, interpret=interpret, **v))
+        fn = jax.jit(functools.partial(chain, d=d, a=a, interpret=interpret, **v))
         got = fn(y0, tab, ws, bufs)
         if not bool(jnp.allclose(got.astype(jnp.float32), ref.astype(jnp.float32), rtol=0.05,
                                  atol=0.05)):  # fmt: skip
