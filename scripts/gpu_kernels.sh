@@ -9,6 +9,11 @@ nvidia-smi -L > "$OUT/gpus.txt" 2>&1
 # pytest puts the repo root first on sys.path, so mirror that mapping there.
 for p in kernels train eval; do [ -e "prunepath_jax/$p" ] || ln -s "../$p" "prunepath_jax/$p"; done
 run() { echo "== $*" | tee -a "$OUT/log.txt"; "$@" >> "$OUT/log.txt" 2>&1; echo "rc=$?" | tee -a "$OUT/log.txt"; }
+# trace TIMEOUT NAME ARGS...: a decode-step device trace (scripts/trace_decode.py) into $OUT/NAME,
+# keeping its summary and dropping the raw profiler files.
+trace() { local t=$1 name=$2; shift 2
+          run timeout "$t" python3 scripts/trace_decode.py --out "$OUT/$name" "$@"
+          rm -rf "$OUT/$name/trace"; }
 case "${STAGE:-kernels}" in
 kernels)
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pallas_logits.py \
@@ -750,9 +755,8 @@ s18a)  # (ran at 1fcd030; kernels/pallas_fused.py was removed after s18c: slower
     --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 --variants \
     '{"fused": {"1": {"fuse": "grid"}}}' --out "$OUT/sparse_decode.jsonl"
   for sh in llama-3.2-1b llama-3-8b; do
-    run timeout 100 python3 scripts/trace_decode.py --shape $sh --sparsity 0.75 --attn pallas \
-      --tuning '{"1": {"fuse": "grid"}}' --out "$OUT/trace_${sh}_fused"
-    rm -rf "$OUT/trace_${sh}_fused/trace"
+    trace 100 "trace_${sh}_fused" --shape $sh --sparsity 0.75 --attn pallas \
+      --tuning '{"1": {"fuse": "grid"}}'
   done
   ;;
 s18b)  # (ran at 7f4953c) s18a: the one-launch layer was slower end to end (8B 2717 vs 2535 us/token; its kernel
@@ -764,9 +768,8 @@ s18b)  # (ran at 7f4953c) s18a: the one-launch layer was slower end to end (8B 2
     --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 --variants \
     '{"fused": {"1": {"fuse": "grid"}}, "fused_ctr": {"1": {"fuse": "grid", "barrier": "counter"}}, "fused_ctr_sel4": {"1": {"fuse": "grid", "barrier": "counter", "select_block_e": 4}}, "fused_ctr_ls8": {"1": {"fuse": "grid", "barrier": "counter", "logit_splits": 8}}, "fused_ctr_p132": {"1": {"fuse": "grid", "barrier": "counter", "programs": 132, "logit_splits": 8}}}' \
     --out "$OUT/sparse_decode.jsonl"
-  run timeout 100 python3 scripts/trace_decode.py --shape llama-3-8b --sparsity 0.75 --attn pallas \
-    --tuning '{"1": {"fuse": "grid", "barrier": "counter"}}' --out "$OUT/trace_8b_fused_ctr"
-  rm -rf "$OUT/trace_8b_fused_ctr/trace"
+  trace 100 trace_8b_fused_ctr --shape llama-3-8b --sparsity 0.75 --attn pallas \
+    --tuning '{"1": {"fuse": "grid", "barrier": "counter"}}'
   ;;
 s18c)  # (ran at d0b942f) s18b: every one-launch variant slower end to end; the selection phase over 4 experts a
        # program recovered most (8B 2629 vs 2746 us/token): 2 experts a program, both barriers
@@ -774,9 +777,8 @@ s18c)  # (ran at d0b942f) s18b: every one-launch variant slower end to end; the 
     --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 --variants \
     '{"fused_sel4": {"1": {"fuse": "grid", "select_block_e": 4}}, "fused_sel2": {"1": {"fuse": "grid", "select_block_e": 2}}, "fused_ctr_sel2": {"1": {"fuse": "grid", "barrier": "counter", "select_block_e": 2}}, "sel4": {"1": {"select_block_e": 4}}}' \
     --out "$OUT/sparse_decode.jsonl"
-  run timeout 100 python3 scripts/trace_decode.py --shape llama-3-8b --sparsity 0.75 --attn pallas \
-    --tuning '{"1": {"fuse": "grid", "select_block_e": 2}}' --out "$OUT/trace_8b_fused_sel2"
-  rm -rf "$OUT/trace_8b_fused_sel2/trace"
+  trace 100 trace_8b_fused_sel2 --shape llama-3-8b --sparsity 0.75 --attn pallas \
+    --tuning '{"1": {"fuse": "grid", "select_block_e": 2}}'
   ;;
 s18d)  # where the expert kernel's fixed cost goes (s18a-c: a grid barrier costs what a kernel
        # boundary does, so the fixed costs are each kernel's chain of memory round trips): ncu on
