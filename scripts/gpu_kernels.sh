@@ -812,4 +812,14 @@ s18g)  # s18f: the prefetch programs streamed ~1.5 TB/s (128 programs, 8-row til
   run timeout 120 python3 benchmarks/l2_prefetch.py --shape 2048,3072 --stream-mb 24 \
     --programs 256 --tile-rows 16 --iters 10 --out "$OUT/l2_prefetch.jsonl"
   ;;
+s19a)  # l2_prefetch.py in the decode step's own GEMV form (--gemv model, 256 programs, 16-row
+       # tiles): 1B QKV and O after a routing-like chain with the expert stream between, and 8B
+       # QKV / O with a longer chain (the 8B logits + selection last ~10 us)
+  run timeout 110 python3 benchmarks/l2_prefetch.py --shape 2048,3072 --stream-mb 24 \
+    --iters 10 --out "$OUT/l2_prefetch.jsonl"
+  run timeout 110 python3 benchmarks/l2_prefetch.py --shape 2048,2048 --stream-mb 24 \
+    --iters 10 --out "$OUT/l2_prefetch.jsonl"
+  run timeout 110 python3 benchmarks/l2_prefetch.py --shape 4096,4096 --stream-mb 88 \
+    --hops 40 --iters 10 --out "$OUT/l2_prefetch.jsonl"
+  ;;
 esac
