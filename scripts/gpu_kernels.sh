@@ -822,4 +822,17 @@ s19a)  # l2_prefetch.py in the decode step's own GEMV form (--gemv model, 256 pr
   run timeout 110 python3 benchmarks/l2_prefetch.py --shape 4096,4096 --stream-mb 88 \
     --hops 40 --iters 10 --out "$OUT/l2_prefetch.jsonl"
   ;;
+s19b)  # Programmatic Dependent Launch: which kernels XLA gives griddepcontrol (default flags and
+       # --xla_gpu_enable_pdl=true/false), then the batch-1 decode at 1B / 8B, 75%, under each
+  for f in default true false; do
+    x=""; [ $f = default ] || x="--xla_gpu_enable_pdl=$f"
+    XLA_FLAGS="$x" run timeout 60 python3 scripts/pdl_check.py "/tmp/pdl_$f"
+  done
+  for f in default true false; do
+    x=""; [ $f = default ] || x="--xla_gpu_enable_pdl=$f"
+    XLA_FLAGS="$x" run timeout 150 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b \
+      llama-3-8b --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 \
+      --out "$OUT/sparse_decode_pdl_$f.jsonl"
+  done
+  ;;
 esac
