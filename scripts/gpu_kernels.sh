@@ -835,4 +835,11 @@ s19b)  # Programmatic Dependent Launch: which kernels XLA gives griddepcontrol (
       --out "$OUT/sparse_decode_pdl_$f.jsonl"
   done
   ;;
+s19c)  # s19b: PDL is on by default (off: 1B 872 vs 780 us sparse); where XLA puts griddepcontrol
+  for f in default false; do
+    x=""; [ $f = default ] || x="--xla_gpu_enable_pdl=$f"
+    XLA_FLAGS="$x" run timeout 60 python3 scripts/pdl_check.py "/tmp/pdl_$f"
+    tar czf "$OUT/pdl_dump_$f.tgz" -C /tmp "pdl_$f"
+  done
+  ;;
 esac

@@ -48,10 +48,18 @@ x = jnp.ones((16, 256), jnp.bfloat16)
 w = jnp.ones((256, 256), jnp.bfloat16) * 0.01
 print("XLA_FLAGS", os.environ["XLA_FLAGS"])
 print("result", float(chain(x, w).astype(jnp.float32).sum()))
-for f in sorted(dump.glob("*.ptx")):
-    text = f.read_text()
-    for entry in re.split(r"\.entry\s+", text)[1:]:
+exts = sorted({f.suffix for f in dump.iterdir()})
+print("files", len(list(dump.iterdir())), "suffixes", exts)
+for f in sorted(dump.iterdir()):
+    try:
+        text = f.read_text(errors="replace")
+    except OSError:
+        continue
+    hits = {k: text.count(k) for k in ("griddepcontrol.wait", "griddepcontrol.launch_dependents",
+                                       "pdl", "pdl_probe_scale", "xla.gpu.triton")}  # fmt: skip
+    if any(hits.values()):
+        print(f.name[:90], hits)
+    for entry in re.split(r"\.entry\s+", text)[1:]:  # PTX kernels, if any were dumped
         name = entry.split("(", 1)[0]
-        print(f.name[:60], name[:50], "wait", entry.count("griddepcontrol.wait"),
+        print("  entry", name[:50], "wait", entry.count("griddepcontrol.wait"),
               "launch_dependents", entry.count("griddepcontrol.launch_dependents"))
-print("ptx files", len(list(dump.glob("*.ptx"))), "all files", len(list(dump.iterdir())))
