@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 dump = Path(sys.argv[1])
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}"
+os.environ["XLA_FLAGS"] = (
+    f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_gpu_dump_llvmir=true"
+)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -55,11 +57,11 @@ for f in sorted(dump.iterdir()):
         text = f.read_text(errors="replace")
     except OSError:
         continue
-    hits = {k: text.count(k) for k in ("griddepcontrol.wait", "griddepcontrol.launch_dependents",
-                                       "pdl", "pdl_probe_scale", "xla.gpu.triton")}  # fmt: skip
+    hits = {k: text.count(k) for k in ("griddepcontrol", "pdl.wait", "pdl.launch",
+                                       "nvvm.griddep", "probe_scale", "xla.gpu.triton")}  # fmt: skip
     if any(hits.values()):
         print(f.name[:90], hits)
-    for entry in re.split(r"\.entry\s+", text)[1:]:  # PTX kernels, if any were dumped
-        name = entry.split("(", 1)[0]
-        print("  entry", name[:50], "wait", entry.count("griddepcontrol.wait"),
-              "launch_dependents", entry.count("griddepcontrol.launch_dependents"))
+    for fn in re.split(r"\ndefine ", text)[1:]:  # LLVM IR kernels
+        name = fn.split("(", 1)[0].split("@")[-1]
+        print("  define", name[:50], "griddep calls",
+              [ln.strip()[:90] for ln in fn.splitlines() if "griddep" in ln][:4])
