@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from prunepath_jax.kernels import pallas_pdl
+
 try:
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover
@@ -182,7 +184,10 @@ def decode_attention(
     p_total = b * kv * n_splits
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     acc, m, den = pl.pallas_call(
-        functools.partial(_kernel, **_static(s, kv, hd, chunk, block_s, q_bhd.dtype)),
+        pallas_pdl.early_launch(
+            functools.partial(_kernel, **_static(s, kv, hd, chunk, block_s, q_bhd.dtype)),
+            interpret=interpret,
+        ),
         out_shape=_partial_specs(p_total, hd),
         grid=(b, kv, n_splits),
         in_specs=[any_spec, any_spec, any_spec, any_spec],
@@ -300,7 +305,10 @@ def decode_attention_rope(
     p_total = b * kv * n_splits
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     acc, m, den, k2, v2 = pl.pallas_call(
-        functools.partial(_rope_kernel, h=h, **_static(s, kv, hd, chunk, block_s, dt)),
+        pallas_pdl.early_launch(
+            functools.partial(_rope_kernel, h=h, **_static(s, kv, hd, chunk, block_s, dt)),
+            interpret=interpret,
+        ),
         out_shape=(
             *_partial_specs(p_total, hd),
             jax.ShapeDtypeStruct((b * s, kv * hd), dt),

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from prunepath_jax.kernels import pallas_atomic
+from prunepath_jax.kernels import pallas_atomic, pallas_pdl
 
 try:  # The Triton backend module imports on CPU jaxlib too; guard anyway (it is deprecated).
     from jax.experimental.pallas import triton as plgpu
@@ -260,8 +260,11 @@ def expert_ffn(
     gate_spec = pl.BlockSpec((tg, ep), lambda *_: (0, 0))  # small: every program reads it
     params = plgpu.CompilerParams(num_warps=plan["num_warps"], num_stages=plan["num_stages"])
     out = pl.pallas_call(
-        functools.partial(
-            _kernel, t=t, d=d, f=f, g=group_size, ep=ep, plan=plan, interpret=interpret
+        pallas_pdl.early_launch(
+            functools.partial(
+                _kernel, t=t, d=d, f=f, g=group_size, ep=ep, plan=plan, interpret=interpret
+            ),
+            interpret=interpret,
         ),
         out_shape=jax.ShapeDtypeStruct(acc_shape, jnp.float32),
         grid=(n_slots * (group_size // plan["bn"]) * plan["up_splits"],),
@@ -284,13 +287,16 @@ def expert_ffn(
     chunks = min(plan["down_chunks"], n_slots)
     plan = {**plan, "down_chunks": chunks}
     return pl.pallas_call(
-        functools.partial(
-            _down_kernel,
-            t=t,
-            g=group_size,
-            e=f // group_size,
-            n_slots=n_slots,
-            plan=plan,
+        pallas_pdl.early_launch(
+            functools.partial(
+                _down_kernel,
+                t=t,
+                g=group_size,
+                e=f // group_size,
+                n_slots=n_slots,
+                plan=plan,
+                interpret=interpret,
+            ),
             interpret=interpret,
         ),
         out_shape=jax.ShapeDtypeStruct((tp, d), jnp.float32),

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from prunepath_jax.kernels import pallas_pdl
 from prunepath_jax.kernels.jt import next_pow2
 
 try:
@@ -183,7 +184,9 @@ def _call(x_td, router_de, norm_d, eps, stride, splits, block_e, num_warps, inte
     part_shape = jax.ShapeDtypeStruct((t, p["s"] * stride), jnp.float32)
     norm = norm_d is not None
     outs = pl.pallas_call(
-        functools.partial(_kernel, stride=stride, p=p, eps=float(eps)),
+        pallas_pdl.early_launch(
+            functools.partial(_kernel, stride=stride, p=p, eps=float(eps)), interpret=interpret
+        ),
         out_shape=(part_shape, jax.ShapeDtypeStruct(x_td.shape, x_td.dtype))
         if norm
         else part_shape,

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from prunepath_jax.kernels import pallas_pdl
 from prunepath_jax.kernels.pallas_logits import normed, pow2_divisor, row_scale
 
 try:
@@ -189,7 +190,7 @@ def projection(
     )  # fmt: skip
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
-        kernel,
+        pallas_pdl.early_launch(kernel, interpret=interpret),
         out_shape=jax.ShapeDtypeStruct((t, n), x_td.dtype),
         grid=(n // p["bn"],),
         in_specs=[any_spec] * (2 + len(extra)),

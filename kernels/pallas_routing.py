@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from prunepath_jax.kernels import pallas_pdl
+
 try:
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover
@@ -211,7 +213,7 @@ def route_gates_from_partials(
         out_shape.append(jax.ShapeDtypeStruct(zeros, jnp.float32))
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     outs = pl.pallas_call(
-        kern,
+        pallas_pdl.early_launch(kern, interpret=interpret),
         out_shape=out_shape,
         grid=(ep // be,),
         in_specs=[any_spec, any_spec],  # logits (or their partials), tau [1]

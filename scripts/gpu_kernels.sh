@@ -842,4 +842,18 @@ s19c)  # s19b: PDL is on by default (off: 1B 872 vs 780 us sparse); where XLA pu
     tar czf "$OUT/pdl_dump_$f.tgz" -C /tmp "pdl_$f"
   done
   ;;
+s19d)  # our Pallas kernels signal griddepcontrol.launch_dependents at their start (kernels/
+       # pallas_pdl.py): batch-1 decode with it off / on, alternated twice, then GPU tests with it on
+  for r in 1 2; do
+    for f in 0 1; do
+      PRUNEPATH_PDL=$f run timeout 150 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b \
+        llama-3-8b --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 \
+        --out "$OUT/sparse_decode_trigger$f.jsonl"
+    done
+  done
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_pallas_pdl.py tests/test_pallas_attention.py tests/test_pallas_logits.py \
+    tests/test_decode_attention_model.py tests/test_kernels_pallas.py \
+    -k "pdl or attention or logits or balanced_kernel_real or llama8b or select"
+  ;;
 esac

@@ -1,0 +1,74 @@
+"""Early launch of the next kernel (Programmatic Dependent Launch) from Pallas-Triton kernels.
+
+Why. On Hopper a kernel launched with the programmatic-serialization attribute may start while
+the kernel before it is still running: its programs become resident and wait in
+``griddepcontrol.wait`` until the predecessor has finished and its writes are visible. XLA
+(jax 0.11) does this for the kernels it generates (``--xla_gpu_enable_pdl``, on by default;
+turning it off made the batch-1 decode step 6-12% slower, BENCHMARKS.md fourteenth session).
+The successor may start only once every program of the running kernel has executed
+``griddepcontrol.launch_dependents`` or exited, so a kernel without the instruction hands over
+at exit and the next launch's latency stays on the critical path. The decode step is a chain
+of short, latency-bound kernels, ours among them; :func:`early_launch` makes each of our
+programs signal at its start.
+
+Correct by construction: the signal only lets the successor *start*; its
+``griddepcontrol.wait`` still waits for this whole kernel to complete and flush its memory, so
+what it reads is what this kernel wrote. A successor launched without the attribute ignores it.
+
+How. Pallas has no primitive for the instruction; its inline-assembly op is pure, so the
+instruction is paired with a ``mov`` of the program id and the kernel body runs under a branch
+on the result, which keeps the instruction alive and ahead of the body. The interpreter (CPU)
+gets the body unchanged. :data:`ENABLED` (env ``PRUNEPATH_PDL``, default on) switches it off
+for A/B runs; read at trace time.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+try:
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+ENABLED = os.environ.get("PRUNEPATH_PDL", "1") != "0"
+ASM = "griddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;"
+
+
+def _signal(pid: jax.Array) -> jax.Array:
+    """``pid`` (a scalar) back, after this thread executed ``griddepcontrol.launch_dependents``
+    (as a ``[1]`` vector: Pallas lowers a 0-d asm result as a tensor no scalar op accepts)."""
+    [out] = plgpu.elementwise_inline_asm(
+        ASM,
+        args=[jnp.full((1,), pid, jnp.int32)],
+        constraints="=r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct((1,), jnp.int32)],
+    )
+    return jnp.sum(out)
+
+
+def early_launch(kernel, *, interpret: bool):
+    """``kernel`` (a Pallas-Triton body) whose programs first let the next kernel launch.
+
+    Args:
+        kernel: the body, called with the refs unchanged.
+        interpret: the interpreter has no PTX: the body is returned as it is.
+    """
+    if interpret or not ENABLED or plgpu is None:
+        return kernel
+
+    @functools.wraps(kernel)
+    def body(*refs):
+        pid = pl.program_id(0).astype(jnp.int32)
+
+        @pl.when(_signal(pid) >= 0)  # always true; the branch keeps the pure asm alive
+        def _():
+            kernel(*refs)
+
+    return body

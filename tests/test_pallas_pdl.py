@@ -1,0 +1,78 @@
+"""Early launch (PDL) in Pallas-Triton kernels: the instruction is in the Triton IR ahead of the
+body, absent when switched off, and the interpreter runs the body unchanged."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from prunepath_jax.kernels import pallas_pdl
+from tests.helpers import assert_close
+
+plgpu = pytest.importorskip("jax.experimental.pallas.triton")
+
+
+def _body(x_ref, o_ref):
+    o_ref[...] = x_ref[...] * 2.0 + 1.0
+
+
+def _call(interpret: bool, debug: bool = False):
+    def f(x):
+        return pl.pallas_call(
+            pallas_pdl.early_launch(_body, interpret=interpret),
+            out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+            grid=(x.shape[0] // 8,),
+            in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
+            out_specs=pl.BlockSpec((8, 128), lambda i: (i, 0)),
+            compiler_params=plgpu.CompilerParams(num_warps=4),
+            interpret=interpret,
+            debug=debug,
+        )(x)
+
+    return jax.jit(f)
+
+
+def _triton_ir(capsys) -> str:
+    spec = jax.ShapeDtypeStruct((24, 128), jnp.float32)
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    capsys.readouterr()
+    jax.export.export(_call(False, debug=True), platforms=["cuda"], disabled_checks=checks)(spec)
+    out = capsys.readouterr().out
+    return out[out.index("tt.func") :]  # the Triton IR (debug prints the jaxpr first)
+
+
+def test_signal_is_in_the_triton_ir_before_the_body(capsys):
+    ir = _triton_ir(capsys)
+    asm = [ln for ln in ir.splitlines() if "tt.elementwise_inline_asm" in ln]
+    assert len(asm) == 1 and "griddepcontrol.launch_dependents" in asm[0]
+    # the body (its load and store) sits in the branch on the asm's result, after it
+    first_load = ir.index("tt.load")
+    assert ir.index("griddepcontrol.launch_dependents") < ir.index("scf.if") < first_load
+
+
+def test_switched_off_leaves_the_kernel_alone(capsys, monkeypatch):
+    monkeypatch.setattr(pallas_pdl, "ENABLED", False)
+    ir = _triton_ir(capsys)
+    assert "griddepcontrol" not in ir and "tt.load" in ir
+
+
+def test_interpreter_runs_the_body_unchanged():
+    assert pallas_pdl.early_launch(_body, interpret=True) is _body
+    x = jax.random.normal(jax.random.key(0), (24, 128), jnp.float32)
+    assert_close(_call(True)(x), np.asarray(x) * 2 + 1, "op_fp32", "interpreter")
+
+
+@pytest.mark.gpu
+def test_gpu_chain_of_early_launching_kernels_reads_what_the_last_wrote():
+    """Eight dependent launches (each doubles and adds 1): if a successor read before its
+    predecessor finished, the sum would be off."""
+    x = jax.random.normal(jax.random.key(1), (4096, 128), jnp.float32)
+    f = _call(False)
+    chain = jax.jit(lambda v: f(f(f(f(f(f(f(f(v)))))))))
+    want = np.asarray(x, np.float64)
+    for _ in range(8):
+        want = want * 2 + 1
+    assert_close(chain(x), want, "op_fp32", "8 early-launching kernels")
