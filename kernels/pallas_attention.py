@@ -187,6 +187,7 @@ def decode_attention(
         pallas_pdl.early_launch(
             functools.partial(_kernel, **_static(s, kv, hd, chunk, block_s, q_bhd.dtype)),
             interpret=interpret,
+            tag="attention",
         ),
         out_shape=_partial_specs(p_total, hd),
         grid=(b, kv, n_splits),
@@ -308,6 +309,7 @@ def decode_attention_rope(
         pallas_pdl.early_launch(
             functools.partial(_rope_kernel, h=h, **_static(s, kv, hd, chunk, block_s, dt)),
             interpret=interpret,
+            tag="attention",
         ),
         out_shape=(
             *_partial_specs(p_total, hd),

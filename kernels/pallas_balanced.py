@@ -177,7 +177,7 @@ def balanced_expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, group_size, plan, 
     kernel = functools.partial(_kernel, d=d, f=f, g=g, bn=bn, bc=bc, n_c=n_c, n_prog=n_prog,
                                atomics=plan["atomics"], prefetch=plan["prefetch"])  # fmt: skip
     out = pl.pallas_call(
-        pallas_pdl.early_launch(kernel, interpret=interpret),
+        pallas_pdl.early_launch(kernel, interpret=interpret, tag="experts"),
         out_shape=jax.ShapeDtypeStruct(acc_shape, jnp.float32),
         grid=(n_prog,),
         in_specs=[

@@ -265,6 +265,7 @@ def expert_ffn(
                 _kernel, t=t, d=d, f=f, g=group_size, ep=ep, plan=plan, interpret=interpret
             ),
             interpret=interpret,
+            tag="experts",
         ),
         out_shape=jax.ShapeDtypeStruct(acc_shape, jnp.float32),
         grid=(n_slots * (group_size // plan["bn"]) * plan["up_splits"],),
@@ -298,6 +299,7 @@ def expert_ffn(
                 interpret=interpret,
             ),
             interpret=interpret,
+            tag="experts",
         ),
         out_shape=jax.ShapeDtypeStruct((tp, d), jnp.float32),
         grid=(d // bdo, chunks),

@@ -185,7 +185,9 @@ def _call(x_td, router_de, norm_d, eps, stride, splits, block_e, num_warps, inte
     norm = norm_d is not None
     outs = pl.pallas_call(
         pallas_pdl.early_launch(
-            functools.partial(_kernel, stride=stride, p=p, eps=float(eps)), interpret=interpret
+            functools.partial(_kernel, stride=stride, p=p, eps=float(eps)),
+            interpret=interpret,
+            tag="logits",
         ),
         out_shape=(part_shape, jax.ShapeDtypeStruct(x_td.shape, x_td.dtype))
         if norm

@@ -190,7 +190,7 @@ def projection(
     )  # fmt: skip
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
-        pallas_pdl.early_launch(kernel, interpret=interpret),
+        pallas_pdl.early_launch(kernel, interpret=interpret, tag="proj"),
         out_shape=jax.ShapeDtypeStruct((t, n), x_td.dtype),
         grid=(n // p["bn"],),
         in_specs=[any_spec] * (2 + len(extra)),

@@ -213,7 +213,7 @@ def route_gates_from_partials(
         out_shape.append(jax.ShapeDtypeStruct(zeros, jnp.float32))
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     outs = pl.pallas_call(
-        pallas_pdl.early_launch(kern, interpret=interpret),
+        pallas_pdl.early_launch(kern, interpret=interpret, tag="select"),
         out_shape=out_shape,
         grid=(ep // be,),
         in_specs=[any_spec, any_spec],  # logits (or their partials), tau [1]

@@ -856,4 +856,16 @@ s19d)  # our Pallas kernels signal griddepcontrol.launch_dependents at their sta
     tests/test_decode_attention_model.py tests/test_kernels_pallas.py \
     -k "pdl or attention or logits or balanced_kernel_real or llama8b or select"
   ;;
+s19e)  # s19d: the signal in every Pallas kernel was 2% slower at 1B, 1.2% faster at 8B; only in
+       # the kernels XLA fusions follow (attention, experts) vs none vs all, alternated twice
+  for r in 1 2; do
+    for f in 0 attention,experts all; do
+      PRUNEPATH_PDL=$f run timeout 150 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b \
+        llama-3-8b --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 \
+        --out "$OUT/sparse_decode_pdl_${f/,/+}.jsonl"
+    done
+  done
+  PRUNEPATH_PDL=all run timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -rf \
+    --tb=short tests/test_pallas_pdl.py
+  ;;
 esac

@@ -22,7 +22,7 @@ def _body(x_ref, o_ref):
 def _call(interpret: bool, debug: bool = False):
     def f(x):
         return pl.pallas_call(
-            pallas_pdl.early_launch(_body, interpret=interpret),
+            pallas_pdl.early_launch(_body, interpret=interpret, tag="proj"),
             out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
             grid=(x.shape[0] // 8,),
             in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
@@ -44,7 +44,8 @@ def _triton_ir(capsys) -> str:
     return out[out.index("tt.func") :]  # the Triton IR (debug prints the jaxpr first)
 
 
-def test_signal_is_in_the_triton_ir_before_the_body(capsys):
+def test_signal_is_in_the_triton_ir_before_the_body(capsys, monkeypatch):
+    monkeypatch.setattr(pallas_pdl, "ENABLED", frozenset({"proj"}))
     ir = _triton_ir(capsys)
     asm = [ln for ln in ir.splitlines() if "tt.elementwise_inline_asm" in ln]
     assert len(asm) == 1 and "griddepcontrol.launch_dependents" in asm[0]
@@ -54,25 +55,36 @@ def test_signal_is_in_the_triton_ir_before_the_body(capsys):
 
 
 def test_switched_off_leaves_the_kernel_alone(capsys, monkeypatch):
-    monkeypatch.setattr(pallas_pdl, "ENABLED", False)
+    monkeypatch.setattr(pallas_pdl, "ENABLED", frozenset({"attention"}))  # not this kernel's tag
     ir = _triton_ir(capsys)
     assert "griddepcontrol" not in ir and "tt.load" in ir
 
 
 def test_interpreter_runs_the_body_unchanged():
-    assert pallas_pdl.early_launch(_body, interpret=True) is _body
+    assert pallas_pdl.early_launch(_body, interpret=True, tag="proj") is _body
     x = jax.random.normal(jax.random.key(0), (24, 128), jnp.float32)
     assert_close(_call(True)(x), np.asarray(x) * 2 + 1, "op_fp32", "interpreter")
 
 
+def test_env_spec_parses_and_rejects_unknown_tags():
+    assert pallas_pdl._enabled("0") == frozenset()
+    assert pallas_pdl._enabled("all") == frozenset(pallas_pdl.TAGS)
+    assert pallas_pdl._enabled("attention, proj") == {"attention", "proj"}
+    with pytest.raises(ValueError, match="tags must come from"):
+        pallas_pdl._enabled("attn")
+    with pytest.raises(ValueError, match="unknown kernel tag"):
+        pallas_pdl.early_launch(_body, interpret=False, tag="attn")
+
+
 @pytest.mark.gpu
-def test_gpu_chain_of_early_launching_kernels_reads_what_the_last_wrote():
+def test_gpu_chain_of_early_launching_kernels_reads_what_the_last_wrote(monkeypatch):
     """Eight dependent launches (each doubles and adds 1): if a successor read before its
     predecessor finished, the sum would be off."""
-    x = jax.random.normal(jax.random.key(1), (4096, 128), jnp.float32)
+    monkeypatch.setattr(pallas_pdl, "ENABLED", frozenset(pallas_pdl.TAGS))
     f = _call(False)
-    chain = jax.jit(lambda v: f(f(f(f(f(f(f(f(v)))))))))
+    x = jax.random.normal(jax.random.key(1), (4096, 128), jnp.float32)
+    got = jax.jit(lambda v: f(f(f(f(f(f(f(f(v)))))))))(x)
     want = np.asarray(x, np.float64)
     for _ in range(8):
         want = want * 2 + 1
-    assert_close(chain(x), want, "op_fp32", "8 early-launching kernels")
+    assert_close(got, want, "op_fp32", "8 early-launching kernels")
