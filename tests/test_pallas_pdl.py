@@ -76,8 +76,54 @@ def test_env_spec_parses_and_rejects_unknown_tags():
         pallas_pdl.early_launch(_body, interpret=False, tag="attn")
 
 
+@pytest.fixture
+def fresh_traces():
+    """Kernel bodies are traced once per shape and cached: clear around a test that flips
+    :data:`pallas_pdl.ENABLED`, so it sees its own setting and leaves no signalling trace behind."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+def _exported(fn, *specs) -> str:
+    call = "__gpu$xla.gpu.triton"
+    checks = [jax.export.DisabledSafetyCheck.custom_call(call)]
+    text = jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(*specs).mlir_module()
+    assert f"custom_call @{call}" in text
+    return text
+
+
+@pytest.mark.parametrize("tuning", [(), (("down", "split"),), (("experts", "blocks"),)])
+def test_decode_kernels_lower_for_cuda_with_the_signal(tuning, fresh_traces, monkeypatch):
+    """The opt-in path stays lowerable and changes the kernels: the one-token decode layer
+    (logits, selection and the balanced / split / block expert kernels) and the attention
+    kernel at the 8B shape, lowered with every kernel signalling and with none."""
+    from prunepath_jax.kernels import pallas_decode as pd
+    from prunepath_jax.kernels.pallas_attention import decode_attention_rope
+    from tests.test_kernels_pallas import NORM_EPS, _layer_specs
+
+    def layer(x, r, w_in, w_out, tau):
+        return pd._decode_jit(x, r, w_in, w_out, tau, None, group_size=32, interpret=False,
+                              tuning=tuning, norm_eps=NORM_EPS, rule="paper", gate="sigmoid",
+                              k_min=1, k_max=None)  # fmt: skip
+
+    f = jax.ShapeDtypeStruct
+    att_specs = (f((1, 48, 128), jnp.bfloat16), f((1, 64), jnp.float32),
+                 f((1, 64), jnp.float32), f((1, 256, 8, 128), jnp.bfloat16),
+                 f((1, 256, 8, 128), jnp.bfloat16), f((1,), jnp.int32))  # fmt: skip
+    texts = {}
+    for on in (True, False):
+        monkeypatch.setattr(pallas_pdl, "ENABLED", frozenset(pallas_pdl.TAGS if on else ()))
+        jax.clear_caches()
+        texts[on] = (
+            _exported(jax.jit(layer), *_layer_specs(1, 4096, 448, 32, jnp.bfloat16, ())),
+            _exported(jax.jit(lambda *a: decode_attention_rope(*a, n_heads=32)), *att_specs),
+        )
+    assert texts[True][0] != texts[False][0] and texts[True][1] != texts[False][1]
+
+
 @pytest.mark.gpu
-def test_gpu_chain_of_early_launching_kernels_reads_what_the_last_wrote(monkeypatch):
+def test_gpu_chain_of_early_launching_kernels_reads_what_the_last_wrote(fresh_traces, monkeypatch):
     """Eight dependent launches (each doubles and adds 1): if a successor read before its
     predecessor finished, the sum would be off."""
     monkeypatch.setattr(pallas_pdl, "ENABLED", frozenset(pallas_pdl.TAGS))
