@@ -826,7 +826,7 @@ s19b)  # Programmatic Dependent Launch: which kernels XLA gives griddepcontrol (
        # --xla_gpu_enable_pdl=true/false), then the batch-1 decode at 1B / 8B, 75%, under each
   for f in default true false; do
     x=""; [ $f = default ] || x="--xla_gpu_enable_pdl=$f"
-    XLA_FLAGS="$x" run timeout 60 python3 scripts/pdl_check.py "/tmp/pdl_$f"
+    XLA_FLAGS="$x" run timeout 60 python3 scripts/pdl_check.py --dump "/tmp/pdl_$f"
   done
   for f in default true false; do
     x=""; [ $f = default ] || x="--xla_gpu_enable_pdl=$f"
@@ -838,7 +838,7 @@ s19b)  # Programmatic Dependent Launch: which kernels XLA gives griddepcontrol (
 s19c)  # s19b: PDL is on by default (off: 1B 872 vs 780 us sparse); where XLA puts griddepcontrol
   for f in default false; do
     x=""; [ $f = default ] || x="--xla_gpu_enable_pdl=$f"
-    XLA_FLAGS="$x" run timeout 60 python3 scripts/pdl_check.py "/tmp/pdl_$f"
+    XLA_FLAGS="$x" run timeout 60 python3 scripts/pdl_check.py --dump "/tmp/pdl_$f"
     tar czf "$OUT/pdl_dump_$f.tgz" -C /tmp "pdl_$f"
   done
   ;;
@@ -867,5 +867,14 @@ s19e)  # s19d: the signal in every Pallas kernel was 2% slower at 1B, 1.2% faste
   done
   PRUNEPATH_PDL=all run timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -rf \
     --tb=short tests/test_pallas_pdl.py
+  ;;
+s19f)  # does XLA launch Pallas kernels with PDL? per-launch us of 32-kernel chains (XLA fusions,
+       # Pallas, Pallas signalling early) with XLA's PDL on (default) and off, twice
+  for r in 1 2; do
+    for f in default false; do
+      x=""; [ $f = default ] || x="--xla_gpu_enable_pdl=$f"
+      XLA_FLAGS="$x" run timeout 60 python3 scripts/pdl_check.py --time --out "$OUT/pdl_chains.jsonl"
+    done
+  done
   ;;
 esac

@@ -1,67 +1,160 @@
-"""Which kernels of a jitted Pallas-Triton + XLA chain carry PDL instructions (H200 probe).
+"""Does XLA's Programmatic Dependent Launch reach Pallas-Triton kernels? (H200 probe)
 
 Why. XLA has a flag ``--xla_gpu_enable_pdl`` (Programmatic Dependent Launch: a kernel may start
-while its predecessor drains and waits in ``griddepcontrol.wait``). The decode step's fixed costs
-are per-kernel latency chains (BENCHMARKS.md, thirteenth session), the thing PDL overlaps. This
-compiles a small chain (a Pallas kernel, an XLA GEMV, another Pallas kernel) with the XLA_FLAGS
-it is given plus a dump, then counts ``griddepcontrol`` instructions per kernel entry in the
-dumped PTX, so a run can tell whether XLA's own kernels and the Pallas custom calls get them.
+while its predecessor drains and waits in ``griddepcontrol.wait``); on by default in jax 0.11 and
+worth 6-12% of the batch-1 decode step (BENCHMARKS.md, fourteenth session). The step's fixed
+costs are per-kernel latency chains, the thing PDL overlaps, and the sparse step has four Pallas
+kernels a layer where the dense one has one.
 
-    XLA_FLAGS=--xla_gpu_enable_pdl=true python scripts/pdl_check.py /tmp/dump
+* ``--dump DIR``: compiles a small chain (a Pallas kernel, an XLA GEMV, another Pallas kernel)
+  with a dump (and LLVM IR) and lists every dumped file that mentions ``griddepcontrol`` or PDL.
+* ``--time``: per-launch µs of chains of 32 dependent tiny kernels — XLA fusions (separated by
+  optimisation barriers), Pallas kernels, and Pallas kernels that signal early
+  (``kernels/pallas_pdl.py``). Run it under ``XLA_FLAGS=--xla_gpu_enable_pdl=false`` and
+  without: if the Pallas rows move with the flag as the XLA row does, XLA launches our kernels
+  with PDL too.
+
+    python scripts/pdl_check.py --time --out results/pdl.jsonl
+    XLA_FLAGS=--xla_gpu_enable_pdl=false python scripts/pdl_check.py --time
 """
 
+import argparse
+import json
 import os
 import re
+import statistics
 import sys
+import time
 from pathlib import Path
 
-dump = Path(sys.argv[1])
-os.environ["XLA_FLAGS"] = (
-    f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_gpu_dump_llvmir=true"
+N_CHAIN = 32
+KEYS = (
+    "griddepcontrol",
+    "pdl.wait",
+    "pdl.launch",
+    "nvvm.griddep",
+    "probe_kernel",
+    "xla.gpu.triton",
 )
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.experimental import pallas as pl  # noqa: E402
-from jax.experimental.pallas import triton as plgpu  # noqa: E402
+
+def dump_check(dump: Path) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def chain(x, w):
+        y = _pallas(x, signal=False)
+        z = jnp.dot(y, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        return _pallas(jnp.tanh(z) + 1, signal=False)
+
+    x = jnp.ones((16, 256), jnp.float32)
+    w = jnp.ones((256, 256), jnp.float32) * 0.01
+    print("result", float(chain(x, w).sum()))
+    print(
+        "files", len(list(dump.iterdir())), "suffixes", sorted({f.suffix for f in dump.iterdir()})
+    )
+    for f in sorted(dump.iterdir()):
+        try:
+            text = f.read_text(errors="replace")
+        except OSError:
+            continue
+        hits = {k: text.count(k) for k in KEYS}
+        if any(hits.values()):
+            print(f.name[:90], hits)
+        for fn in re.split(r"\ndefine ", text)[1:]:  # LLVM IR kernels
+            name = fn.split("(", 1)[0].split("@")[-1]
+            print("  define", name[:50], "griddep calls",
+                  [ln.strip()[:90] for ln in fn.splitlines() if "griddep" in ln][:4])  # fmt: skip
 
 
-def _scale(x_ref, o_ref):
-    o_ref[...] = x_ref[...] * 2
+def _body(x_ref, o_ref):
+    o_ref[...] = x_ref[...] * 0.5 + 1.0
 
 
-def scale(x):
+def _pallas(x, *, signal: bool):
+    """``x·0.5 + 1`` as one Pallas-Triton kernel of 8-row programs, optionally signalling."""
+    import jax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    from prunepath_jax.kernels import pallas_pdl
+
+    body = _body
+    if signal:  # the wrapper checks ENABLED when called
+        saved, pallas_pdl.ENABLED = pallas_pdl.ENABLED, frozenset({"proj"})
+        try:
+            body = pallas_pdl.early_launch(_body, interpret=False, tag="proj")
+        finally:
+            pallas_pdl.ENABLED = saved
     return pl.pallas_call(
-        _scale,
+        body,
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        grid=(x.shape[0] // 8,),
+        in_specs=[pl.BlockSpec((8, x.shape[1]), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((8, x.shape[1]), lambda i: (i, 0)),
         compiler_params=plgpu.CompilerParams(num_warps=4),
-        name="pdl_probe_scale",
+        name="probe_kernel",
     )(x)
 
 
-@jax.jit
-def chain(x, w):
-    y = scale(x)
-    z = jnp.dot(y, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    return scale(jnp.tanh(z) + 1)
+def time_chains(out: str | None) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    def xla_step(x):
+        return jax.lax.optimization_barrier(x * 0.5 + 1.0)  # one fusion per step
+
+    steps = {
+        "xla": xla_step,
+        "pallas": lambda x: _pallas(x, signal=False),
+        "pallas_signal": lambda x: _pallas(x, signal=True),
+    }
+    x = jnp.ones((64, 512), jnp.float32)  # 8 programs
+    rows = []
+    for name, step in steps.items():
+
+        def chain(v, step=step):
+            for _ in range(N_CHAIN):
+                v = step(v)
+            return v
+
+        fn = jax.jit(chain)
+        want = 2.0 + (1.0 - 2.0) * 0.5**N_CHAIN  # fixed point 2 of v -> v/2 + 1, from 1
+        got = fn(x)
+        assert abs(float(got[0, 0]) - want) < 1e-5, (name, float(got[0, 0]))
+        ts = []
+        for _ in range(30):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                got = fn(x)
+            got.block_until_ready()
+            ts.append((time.perf_counter() - t0) / 20)
+        us = statistics.median(ts) * 1e6 / N_CHAIN
+        row = {"chain": name, "us_per_launch": us, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+               "device": jax.devices()[0].device_kind, "jax": jax.__version__}  # fmt: skip
+        rows.append(row)
+        print(row, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-x = jnp.ones((16, 256), jnp.bfloat16)
-w = jnp.ones((256, 256), jnp.bfloat16) * 0.01
-print("XLA_FLAGS", os.environ["XLA_FLAGS"])
-print("result", float(chain(x, w).astype(jnp.float32).sum()))
-exts = sorted({f.suffix for f in dump.iterdir()})
-print("files", len(list(dump.iterdir())), "suffixes", exts)
-for f in sorted(dump.iterdir()):
-    try:
-        text = f.read_text(errors="replace")
-    except OSError:
-        continue
-    hits = {k: text.count(k) for k in ("griddepcontrol", "pdl.wait", "pdl.launch",
-                                       "nvvm.griddep", "probe_scale", "xla.gpu.triton")}  # fmt: skip
-    if any(hits.values()):
-        print(f.name[:90], hits)
-    for fn in re.split(r"\ndefine ", text)[1:]:  # LLVM IR kernels
-        name = fn.split("(", 1)[0].split("@")[-1]
-        print("  define", name[:50], "griddep calls",
-              [ln.strip()[:90] for ln in fn.splitlines() if "griddep" in ln][:4])
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dump", type=Path, help="dump directory for the dump check")
+    ap.add_argument("--time", action="store_true", help="time chains of tiny kernels")
+    ap.add_argument("--out", help="JSONL file to append the timing rows to")
+    a = ap.parse_args()
+    if a.dump:
+        flags = f"--xla_dump_to={a.dump} --xla_gpu_dump_llvmir=true"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}"
+        dump_check(a.dump)
+    if a.time:
+        time_chains(a.out)
+    if not (a.dump or a.time):
+        sys.exit("nothing to do: pass --dump DIR and/or --time")
+
+
+if __name__ == "__main__":
+    main()
