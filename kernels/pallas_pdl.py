@@ -3,12 +3,12 @@
 Why. On Hopper a kernel launched with the programmatic-serialization attribute may start while
 the kernel before it is still running: its programs become resident and wait in
 ``griddepcontrol.wait`` until the predecessor has finished and its writes are visible. XLA
-(jax 0.11) does this for the kernels it generates (``--xla_gpu_enable_pdl``, on by default;
-turning it off made the batch-1 decode step 6-12% slower, BENCHMARKS.md fourteenth session).
-The successor may start only once every program of the running kernel has executed
-``griddepcontrol.launch_dependents`` or exited, so a kernel without the instruction hands over
-at exit and the next launch's latency stays on the critical path. The decode step is a chain
-of short, latency-bound kernels, ours among them; :func:`early_launch` makes each of our
+(jax 0.11) launches its kernels this way, Pallas custom calls included (``--xla_gpu_enable_pdl``,
+on by default: turning it off made chains of tiny Pallas kernels 0.14-0.55 µs a launch slower
+and the batch-1 decode step 6-12% slower, BENCHMARKS.md fourteenth session). The successor may
+start only once every program of the running kernel has executed
+``griddepcontrol.launch_dependents`` or exited; XLA's own kernels signal, ours did not, so the
+next launch's latency stayed on the critical path. :func:`early_launch` makes each of our
 programs signal at its start.
 
 Correct by construction: the signal only lets the successor *start*; its
@@ -20,10 +20,11 @@ instruction is paired with a ``mov`` of the program id and the kernel body runs 
 on the result, which keeps the instruction alive and ahead of the body. The interpreter (CPU)
 gets the body unchanged.
 
-Off by default. Measured on the H200 (batch-1 decode, 75%, two alternating runs each): in every
-kernel, 1B 796 vs 779 µs/token (2% slower), 8B 2504 vs 2535 (1.2% faster); the dense steps
-within 1%. :data:`ENABLED` (env ``PRUNEPATH_PDL``, read at trace time: ``0`` none, ``all``, or
-comma-separated tags out of :data:`TAGS`) picks the kernels that signal, for A/B runs.
+Off by default. Measured on the H200 (batch-1 decode, 75%, alternating processes): in every
+kernel, the 1B sparse step 1.8-2.8% slower, the 8B one −1.3% to +0.1%, the 1B dense step
+0.7-2.0% faster; in a chain of tiny kernels −0.10 to +0.02 µs a launch. :data:`ENABLED` (env
+``PRUNEPATH_PDL``, read at trace time: ``0`` none, ``all``, or comma-separated tags out of
+:data:`TAGS`) picks the kernels that signal, for A/B runs.
 """
 
 from __future__ import annotations
