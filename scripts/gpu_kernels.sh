@@ -877,4 +877,13 @@ s19f)  # does XLA launch Pallas kernels with PDL? per-launch us of 32-kernel cha
     done
   done
   ;;
+s19g)  # does the jax-triton backend (a custom call outside XLA's kernel path) lose XLA's PDL?
+       # batch-1 decode, both backends, XLA's PDL on (default) and off
+  for f in default false; do
+    x=""; [ $f = default ] || x="--xla_gpu_enable_pdl=$f"
+    XLA_FLAGS="$x" run timeout 170 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b \
+      llama-3-8b --sparsities 0.75 --impls triton pallas --batches --steps 16 --chunks 3 \
+      --out "$OUT/sparse_decode_backends_pdl_$f.jsonl"
+  done
+  ;;
 esac
