@@ -886,4 +886,11 @@ s19g)  # does the jax-triton backend (a custom call outside XLA's kernel path) l
       --out "$OUT/sparse_decode_backends_pdl_$f.jsonl"
   done
   ;;
+s19h)  # who waits: does a Mosaic GPU kernel (jaxlib's launch) or a Pallas-Triton one (XLA's) read
+       # its predecessor's output before the writes land, with XLA's PDL on and off
+  for f in default false; do
+    x=""; [ $f = default ] || x="--xla_gpu_enable_pdl=$f"
+    XLA_FLAGS="$x" run timeout 100 python3 scripts/pdl_check.py --race --out "$OUT/pdl_race.jsonl"
+  done
+  ;;
 esac

@@ -140,11 +140,114 @@ def time_chains(out: str | None) -> None:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+def _streamer(buf, init, *, signal: bool):
+    """Kernel A: 128 programs each sum their 1 MB of ``buf`` ([128·1024, 512] bf16 ones), then
+    write ``sum + 1`` into ``init`` (prefilled with −1, aliased): the writes land at the end of a
+    ~30 µs kernel. With ``signal`` its programs let the next kernel launch at their start."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    from prunepath_jax.kernels import pallas_pdl
+
+    rows = buf.shape[0] // init.shape[0]
+
+    def body(b_ref, i_ref, o_ref):
+        del i_ref
+        pid = pl.program_id(0)
+
+        def step(k, acc):
+            blk = plgpu.load(b_ref.at[pl.ds(pid * rows + k * 16, 16), :])
+            return acc + blk.astype(jnp.float32)
+
+        acc = jax.lax.fori_loop(0, rows // 16, step, jnp.zeros((16, 512), jnp.float32))
+        plgpu.store(o_ref.at[pl.ds(pid, 1)], jnp.full((1,), jnp.sum(acc) + 1.0, jnp.float32))
+
+    kern = body
+    if signal:
+        saved, pallas_pdl.ENABLED = pallas_pdl.ENABLED, frozenset({"proj"})
+        try:
+            kern = pallas_pdl.early_launch(body, interpret=False, tag="proj")
+        finally:
+            pallas_pdl.ENABLED = saved
+    anyspec = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        kern,
+        out_shape=jax.ShapeDtypeStruct(init.shape, jnp.float32),
+        grid=(init.shape[0],),
+        in_specs=[anyspec, anyspec],
+        out_specs=anyspec,
+        input_output_aliases={1: 0},
+        compiler_params=plgpu.CompilerParams(num_warps=4),
+        name="probe_streamer",
+    )(buf, init)
+
+
+def _copy_mosaic(x):
+    """Kernel B, Mosaic GPU backend, no ``griddepcontrol.wait`` of its own: copies ``x``."""
+    import jax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as mgpu
+
+    def body(x_ref, o_ref):
+        o_ref[...] = x_ref[...]
+
+    return pl.pallas_call(
+        body,
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        compiler_params=mgpu.CompilerParams(),
+    )(x)
+
+
+def race_check(out: str | None, trials: int = 50) -> None:
+    """Does a successor start before kernel A's writes land? Kernel B copies A's output right
+    after A; a −1 in B's copy means B read before A wrote: B was launched with PDL and ran
+    without waiting. B as a Mosaic GPU kernel (jaxlib's launch, no wait unless the kernel has
+    one) and as a Pallas-Triton kernel (XLA compiles it and may insert the wait); A with and
+    without the early signal."""
+    import jax
+    import jax.numpy as jnp
+
+    buf = jnp.ones((128 * 1024, 512), jnp.bfloat16)
+    rows = []
+    copies = {  # kernel B and what it computes from A's output when it reads it in time
+        "mosaic": (_copy_mosaic, lambda a: a),
+        "triton": (lambda x: _pallas(x.reshape(16, 8), signal=False).reshape(-1),
+                   lambda a: a * 0.5 + 1.0),
+    }  # fmt: skip
+    for b_name, (b_fn, want_fn) in copies.items():
+        for signal in (False, True):
+
+            def pair(buf, init, b_fn=b_fn, signal=signal):
+                a = _streamer(buf, init, signal=signal)
+                return a, b_fn(a)
+
+            try:
+                fn = jax.jit(pair, donate_argnums=(1,))
+                stale = 0
+                for _ in range(trials):
+                    a, b = fn(buf, jnp.full((128,), -1.0, jnp.float32))
+                    assert float(a.min()) > 0, "kernel A did not write every slot"
+                    stale += int(not bool(jnp.allclose(b, want_fn(a))))
+                row = {"b": b_name, "a_signals": signal, "trials": trials, "stale_trials": stale}
+            except Exception as err:  # a backend that does not lower here: say so, go on
+                msg = f"{type(err).__name__}: {err}"[:300]
+                row = {"b": b_name, "a_signals": signal, "error": msg}
+            row.update(xla_flags=os.environ.get("XLA_FLAGS", ""), jax=jax.__version__)
+            rows.append(row)
+            print(row, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dump", type=Path, help="dump directory for the dump check")
     ap.add_argument("--time", action="store_true", help="time chains of tiny kernels")
-    ap.add_argument("--out", help="JSONL file to append the timing rows to")
+    ap.add_argument("--race", action="store_true", help="does a successor read before A wrote?")
+    ap.add_argument("--out", help="JSONL file to append the rows to")
     a = ap.parse_args()
     if a.dump:
         flags = f"--xla_dump_to={a.dump} --xla_gpu_dump_llvmir=true"
@@ -152,8 +255,10 @@ def main():
         dump_check(a.dump)
     if a.time:
         time_chains(a.out)
-    if not (a.dump or a.time):
-        sys.exit("nothing to do: pass --dump DIR and/or --time")
+    if a.race:
+        race_check(a.out)
+    if not (a.dump or a.time or a.race):
+        sys.exit("nothing to do: pass --dump DIR, --time and/or --race")
 
 
 if __name__ == "__main__":
