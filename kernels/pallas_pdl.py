@@ -85,12 +85,16 @@ def early_launch(kernel, *, interpret: bool, tag: str):
         raise ValueError(f"unknown kernel tag {tag!r}, expected one of {TAGS}")
     if interpret or tag not in ENABLED or plgpu is None:
         return kernel
+    return signalling(kernel)
+
+
+def signalling(kernel):
+    """``kernel`` with ``griddepcontrol.launch_dependents`` at the start of each program,
+    unconditionally (CUDA only; :func:`early_launch` decides when the decode kernels use it)."""
 
     @functools.wraps(kernel)
     def body(*refs):
-        pid = pl.program_id(0).astype(jnp.int32)
-
-        @pl.when(_signal(pid) >= 0)  # always true; the branch keeps the pure asm alive
+        @pl.when(_signal(pl.program_id(0)) >= 0)  # always true; the branch keeps the pure asm
         def _():
             kernel(*refs)
 

@@ -14,6 +14,8 @@ run() { echo "== $*" | tee -a "$OUT/log.txt"; "$@" >> "$OUT/log.txt" 2>&1; echo 
 trace() { local t=$1 name=$2; shift 2
           run timeout "$t" python3 scripts/trace_decode.py --out "$OUT/$name" "$@"
           rm -rf "$OUT/$name/trace"; }
+# pdl_flag default|true|false: the XLA flag for XLA's Programmatic Dependent Launch (none: default).
+pdl_flag() { [ "$1" = default ] || echo "--xla_gpu_enable_pdl=$1"; }
 case "${STAGE:-kernels}" in
 kernels)
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pallas_logits.py \
@@ -483,8 +485,9 @@ s14e)  # XLA's GEMM choice at decode: its Triton split-K GEMMs (default) pad M t
        # add as the GEMM's beta. End to end dense vs 75% sparse in one process per flag setting,
        # then device traces of the 8B steps with cuBLAS
   for fl in "" "--xla_gpu_enable_triton_gemm=false"; do
-    XLA_FLAGS="$fl" run timeout 150 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b \
-      llama-3-8b --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 \
+    XLA_FLAGS="$fl" run timeout 150 python3 benchmarks/sparse_decode.py \
+      --shapes llama-3.2-1b llama-3-8b --sparsities 0.75 --impls pallas --batches \
+      --steps 16 --chunks 4 \
       --out "$OUT/sparse_decode_flags${fl:+_cublas}.jsonl"
   done
   tr() { local name=$1; shift; run timeout 110 python3 scripts/trace_decode.py --out "$OUT/$name" "$@"
@@ -586,8 +589,9 @@ s15c)  # XLA's M = 1 projections: a split-K Triton GEMM with M padded to 2 (a co
   done
   for fl in "" "--xla_gpu_enable_split_k_autotuning=false" "--xla_gpu_autotune_level=0"; do
     tag=$(echo "${fl:-default}" | tr -dc 'a-z0-9_')
-    XLA_FLAGS="$fl" run timeout 150 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b \
-      llama-3-8b --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 \
+    XLA_FLAGS="$fl" run timeout 150 python3 benchmarks/sparse_decode.py \
+      --shapes llama-3.2-1b llama-3-8b --sparsities 0.75 --impls pallas --batches \
+      --steps 16 --chunks 4 \
       --out "$OUT/sparse_decode_$tag.jsonl"
   done
   ;;
@@ -825,25 +829,23 @@ s19a)  # l2_prefetch.py in the decode step's own GEMV form (--gemv model, 256 pr
 s19b)  # Programmatic Dependent Launch: which kernels XLA gives griddepcontrol (default flags and
        # --xla_gpu_enable_pdl=true/false), then the batch-1 decode at 1B / 8B, 75%, under each
   for f in default true false; do
-    x=""; [ $f = default ] || x="--xla_gpu_enable_pdl=$f"
-    XLA_FLAGS="$x" run timeout 60 python3 scripts/pdl_check.py --dump "/tmp/pdl_$f"
+    XLA_FLAGS="$(pdl_flag $f)" run timeout 60 python3 scripts/pdl_check.py --dump "/tmp/pdl_$f"
   done
   for f in default true false; do
-    x=""; [ $f = default ] || x="--xla_gpu_enable_pdl=$f"
-    XLA_FLAGS="$x" run timeout 150 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b \
-      llama-3-8b --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 \
+    XLA_FLAGS="$(pdl_flag $f)" run timeout 150 python3 benchmarks/sparse_decode.py \
+      --shapes llama-3.2-1b llama-3-8b --sparsities 0.75 --impls pallas --batches \
+      --steps 16 --chunks 4 \
       --out "$OUT/sparse_decode_pdl_$f.jsonl"
   done
   ;;
 s19c)  # s19b: PDL is on by default (off: 1B 872 vs 780 us sparse); where XLA puts griddepcontrol
   for f in default false; do
-    x=""; [ $f = default ] || x="--xla_gpu_enable_pdl=$f"
-    XLA_FLAGS="$x" run timeout 60 python3 scripts/pdl_check.py --dump "/tmp/pdl_$f"
+    XLA_FLAGS="$(pdl_flag $f)" run timeout 60 python3 scripts/pdl_check.py --dump "/tmp/pdl_$f"
     tar czf "$OUT/pdl_dump_$f.tgz" -C /tmp "pdl_$f"
   done
   ;;
 s19d)  # our Pallas kernels signal griddepcontrol.launch_dependents at their start (kernels/
-       # pallas_pdl.py): batch-1 decode with it off / on, alternated twice, then GPU tests with it on
+       # pallas_pdl.py): batch-1 decode with it off / on, alternated twice; GPU tests with it on
   for r in 1 2; do
     for f in 0 1; do
       PRUNEPATH_PDL=$f run timeout 150 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b \
@@ -872,25 +874,25 @@ s19f)  # does XLA launch Pallas kernels with PDL? per-launch us of 32-kernel cha
        # Pallas, Pallas signalling early) with XLA's PDL on (default) and off, twice
   for r in 1 2; do
     for f in default false; do
-      x=""; [ $f = default ] || x="--xla_gpu_enable_pdl=$f"
-      XLA_FLAGS="$x" run timeout 60 python3 scripts/pdl_check.py --time --out "$OUT/pdl_chains.jsonl"
+      XLA_FLAGS="$(pdl_flag $f)" run timeout 60 python3 scripts/pdl_check.py --time \
+        --out "$OUT/pdl_chains.jsonl"
     done
   done
   ;;
 s19g)  # does the jax-triton backend (a custom call outside XLA's kernel path) lose XLA's PDL?
        # batch-1 decode, both backends, XLA's PDL on (default) and off
   for f in default false; do
-    x=""; [ $f = default ] || x="--xla_gpu_enable_pdl=$f"
-    XLA_FLAGS="$x" run timeout 170 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b \
-      llama-3-8b --sparsities 0.75 --impls triton pallas --batches --steps 16 --chunks 3 \
+    XLA_FLAGS="$(pdl_flag $f)" run timeout 170 python3 benchmarks/sparse_decode.py \
+      --shapes llama-3.2-1b llama-3-8b --sparsities 0.75 --impls triton pallas --batches \
+      --steps 16 --chunks 3 \
       --out "$OUT/sparse_decode_backends_pdl_$f.jsonl"
   done
   ;;
 s19h)  # who waits: does a Mosaic GPU kernel (jaxlib's launch) or a Pallas-Triton one (XLA's) read
        # its predecessor's output before the writes land, with XLA's PDL on and off
   for f in default false; do
-    x=""; [ $f = default ] || x="--xla_gpu_enable_pdl=$f"
-    XLA_FLAGS="$x" run timeout 100 python3 scripts/pdl_check.py --race --out "$OUT/pdl_race.jsonl"
+    XLA_FLAGS="$(pdl_flag $f)" run timeout 100 python3 scripts/pdl_check.py --race \
+      --out "$OUT/pdl_race.jsonl"
   done
   ;;
 esac

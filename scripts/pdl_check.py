@@ -81,15 +81,8 @@ def _pallas(x, *, signal: bool):
 
     from prunepath_jax.kernels import pallas_pdl
 
-    body = _body
-    if signal:  # the wrapper checks ENABLED when called
-        saved, pallas_pdl.ENABLED = pallas_pdl.ENABLED, frozenset({"proj"})
-        try:
-            body = pallas_pdl.early_launch(_body, interpret=False, tag="proj")
-        finally:
-            pallas_pdl.ENABLED = saved
     return pl.pallas_call(
-        body,
+        pallas_pdl.signalling(_body) if signal else _body,
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         grid=(x.shape[0] // 8,),
         in_specs=[pl.BlockSpec((8, x.shape[1]), lambda i: (i, 0))],
@@ -165,16 +158,9 @@ def _streamer(buf, init, *, signal: bool):
         acc = jax.lax.fori_loop(0, rows // 16, step, jnp.zeros((16, 512), jnp.float32))
         plgpu.store(o_ref.at[pl.ds(pid, 1)], jnp.full((1,), jnp.sum(acc) + 1.0, jnp.float32))
 
-    kern = body
-    if signal:
-        saved, pallas_pdl.ENABLED = pallas_pdl.ENABLED, frozenset({"proj"})
-        try:
-            kern = pallas_pdl.early_launch(body, interpret=False, tag="proj")
-        finally:
-            pallas_pdl.ENABLED = saved
     anyspec = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
-        kern,
+        pallas_pdl.signalling(body) if signal else body,
         out_shape=jax.ShapeDtypeStruct(init.shape, jnp.float32),
         grid=(init.shape[0],),
         in_specs=[anyspec, anyspec],

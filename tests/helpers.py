@@ -25,17 +25,22 @@ def assert_close(actual, expected, tol: str, what: str = "") -> None:
     assert err <= TOL[tol] * scale, f"{what}: max abs err {err:.3e} > {TOL[tol]} * {scale:.3g}"
 
 
-def cuda_triton_calls(fn, *args) -> int:
-    """How many Triton kernels ``fn`` (jitted) lowers to for CUDA, exported on this machine:
-    the real Triton lowering runs, so Triton-only errors (non-power-of-2 blocks, ops Triton
-    cannot lower) fail here without a GPU. ``args``: arrays or ``jax.ShapeDtypeStruct``."""
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def cuda_export_text(fn, *args) -> str:
+    """The MLIR module ``fn`` (jitted) exports to for CUDA on this machine: the real Triton
+    lowering runs, so Triton-only errors (non-power-of-2 blocks, ops Triton cannot lower) fail
+    here without a GPU. ``args``: arrays or ``jax.ShapeDtypeStruct``."""
     import jax
 
-    call = "__gpu$xla.gpu.triton"
-    exp = jax.export.export(
-        fn, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(call)]
-    )(*args)
-    return exp.mlir_module().count(f"custom_call @{call}")
+    checks = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+    return jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
+
+
+def cuda_triton_calls(fn, *args) -> int:
+    """How many Triton kernels ``fn`` (jitted) lowers to for CUDA (:func:`cuda_export_text`)."""
+    return cuda_export_text(fn, *args).count(f"custom_call @{TRITON_CALL}")
 
 
 def fresh_cache_prompt_passes(model, tokens_bt, cache_len: int):

@@ -10,7 +10,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 from prunepath_jax.kernels import pallas_pdl
-from tests.helpers import assert_close
+from tests.helpers import TRITON_CALL, assert_close, cuda_export_text
 
 plgpu = pytest.importorskip("jax.experimental.pallas.triton")
 
@@ -36,10 +36,8 @@ def _call(interpret: bool, debug: bool = False):
 
 
 def _triton_ir(capsys) -> str:
-    spec = jax.ShapeDtypeStruct((24, 128), jnp.float32)
-    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     capsys.readouterr()
-    jax.export.export(_call(False, debug=True), platforms=["cuda"], disabled_checks=checks)(spec)
+    cuda_export_text(_call(False, debug=True), jax.ShapeDtypeStruct((24, 128), jnp.float32))
     out = capsys.readouterr().out
     return out[out.index("tt.func") :]  # the Triton IR (debug prints the jaxpr first)
 
@@ -86,10 +84,8 @@ def fresh_traces():
 
 
 def _exported(fn, *specs) -> str:
-    call = "__gpu$xla.gpu.triton"
-    checks = [jax.export.DisabledSafetyCheck.custom_call(call)]
-    text = jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(*specs).mlir_module()
-    assert f"custom_call @{call}" in text
+    text = cuda_export_text(fn, *specs)
+    assert f"custom_call @{TRITON_CALL}" in text
     return text
 
 
