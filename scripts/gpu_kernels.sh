@@ -895,4 +895,44 @@ s19h)  # who waits: does a Mosaic GPU kernel (jaxlib's launch) or a Pallas-Trito
       --out "$OUT/pdl_race.jsonl"
   done
   ;;
+s20a)  # why Pallas Mosaic GPU does not lower in the GPU image: source of the failing rule, the
+       # registration import, then the race probe with the rule module imported first
+  run timeout 120 python3 - <<'PY'
+import inspect, traceback, importlib
+import jax, jaxlib
+print("jax", jax.__version__, "jaxlib", jaxlib.__version__)
+try:
+    import jax_cuda13_plugin as pl; print("plugin13", getattr(pl, "__version__", "?"))
+except Exception as e: print("no cuda13 plugin", e)
+try:
+    import jax_cuda12_plugin as pl; print("plugin12", getattr(pl, "__version__", "?"))
+except Exception as e: print("no cuda12 plugin", e)
+from jax._src.pallas import pallas_call as pc
+src = inspect.getsource(pc)
+i = src.find("def gpu_lowering")
+print(src[i:i+2600])
+from jax._src.pallas import core as pcore
+print(inspect.getsource(pcore.get_lowering_rule))
+print(inspect.getsource(pcore.register_lowering_rule))
+for m in ["jax.experimental.mosaic.gpu", "jax._src.pallas.mosaic_gpu.core",
+          "jax._src.pallas.mosaic_gpu.lowering",
+          "jax._src.pallas.mosaic_gpu.pallas_call_registration",
+          "jax.experimental.pallas.mosaic_gpu"]:
+    try:
+        importlib.import_module(m); print("import ok", m)
+    except Exception:
+        print("import FAILED", m); traceback.print_exc()
+import jax.experimental.pallas.mosaic_gpu as plgpu
+print("rule now:", pcore.get_lowering_rule(plgpu.CompilerParams, "gpu"))
+print([n for n in dir(plgpu) if "griddep" in n or n in ("kernel", "copy_gmem_to_smem", "emit_pipeline")])
+PY
+  run timeout 100 python3 scripts/pdl_check.py --race --out "$OUT/pdl_race.jsonl"
+  ;;
+s20b)  # Mosaic GPU (plgpu.kernel): does it start before its predecessor's writes land, and does
+       # fetching weights before griddepcontrol.wait shorten a chain of dependent kernels
+  run timeout 100 python3 scripts/pdl_check.py --race --out "$OUT/pdl_race.jsonl"
+  run timeout 200 python3 scripts/mosaic_prefetch.py --out "$OUT/mosaic_prefetch.jsonl"
+  XLA_FLAGS="$(pdl_flag false)" run timeout 200 python3 scripts/mosaic_prefetch.py \
+    --rows 256 --out "$OUT/mosaic_prefetch_pdl_false.jsonl"
+  ;;
 esac

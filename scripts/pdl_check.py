@@ -172,18 +172,22 @@ def _streamer(buf, init, *, signal: bool):
 
 
 def _copy_mosaic(x):
-    """Kernel B, Mosaic GPU backend, no ``griddepcontrol.wait`` of its own: copies ``x``."""
+    """Kernel B, Mosaic GPU backend, no ``griddepcontrol.wait`` of its own: copies ``x``
+    through shared memory. ``plgpu.kernel``: jax 0.11 lowers ``pallas_call`` only for Triton."""
     import jax
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as mgpu
+    from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    def body(x_ref, o_ref):
-        o_ref[...] = x_ref[...]
+    def body(x_ref, o_ref, smem, bar):
+        plgpu.copy_gmem_to_smem(x_ref, smem, bar)
+        plgpu.barrier_wait(bar)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(smem, o_ref)
+        plgpu.wait_smem_to_gmem(0)
 
-    return pl.pallas_call(
+    return plgpu.kernel(
         body,
-        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-        compiler_params=mgpu.CompilerParams(),
+        out_type=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        scratch_types=[plgpu.SMEM(x.shape, x.dtype), plgpu.Barrier(num_arrivals=1)],
     )(x)
 
 
