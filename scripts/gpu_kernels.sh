@@ -16,6 +16,8 @@ trace() { local t=$1 name=$2; shift 2
           rm -rf "$OUT/$name/trace"; }
 # pdl_flag default|true|false: the XLA flag for XLA's Programmatic Dependent Launch (none: default).
 pdl_flag() { [ "$1" = default ] || echo "--xla_gpu_enable_pdl=$1"; }
+# sched_flag default|CONCURRENT|SERIALIZE|LHS: XLA's command-buffer scheduling mode (none: default).
+sched_flag() { [ "$1" = default ] || echo "--xla_gpu_command_buffer_scheduling_mode=$1"; }
 case "${STAGE:-kernels}" in
 kernels)
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pallas_logits.py \
@@ -934,5 +936,17 @@ s20b)  # Mosaic GPU (plgpu.kernel): does it start before its predecessor's write
   run timeout 200 python3 scripts/mosaic_prefetch.py --out "$OUT/mosaic_prefetch.jsonl"
   XLA_FLAGS="$(pdl_flag false)" run timeout 200 python3 scripts/mosaic_prefetch.py \
     --rows 256 --out "$OUT/mosaic_prefetch_pdl_false.jsonl"
+  ;;
+s20c)  # s20b: Mosaic kernels never start early (0/50) and fetch-first ties wait-first. What a
+       # Mosaic launch costs in a chain (vs Pallas-Triton, XLA); XLA's command buffers as a DAG
+       # (CONCURRENT: independent kernels may overlap) vs the default, batch-1 decode, alternated
+  run timeout 100 python3 scripts/pdl_check.py --time --out "$OUT/pdl_chains.jsonl"
+  for r in 1 2; do
+    for m in default CONCURRENT; do
+      XLA_FLAGS="$(sched_flag $m)" run timeout 170 python3 benchmarks/sparse_decode.py \
+        --shapes llama-3.2-1b llama-3-8b --sparsities 0.75 --impls pallas --batches \
+        --steps 16 --chunks 4 --out "$OUT/sparse_decode_sched_$m.jsonl"
+    done
+  done
   ;;
 esac

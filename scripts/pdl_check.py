@@ -92,6 +92,33 @@ def _pallas(x, *, signal: bool):
     )(x)
 
 
+def _mosaic(x):
+    """``x·0.5 + 1`` as one Mosaic GPU kernel of 8-row programs (``plgpu.kernel``; TMA copies
+    through shared memory) — what a launch costs when Pallas-Triton is gone."""
+    import jax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def body(x_ref, o_ref, x_smem, o_smem, bar):
+        rows = pl.ds(jax.lax.axis_index("p") * 8, 8)
+        plgpu.copy_gmem_to_smem(x_ref.at[rows], x_smem, bar)
+        plgpu.barrier_wait(bar)
+        o_smem[...] = x_smem[...] * 0.5 + 1.0
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    x2 = x.reshape(-1, 256)  # a TMA box is at most 256 elements a dimension
+    tile = plgpu.SMEM((8, 256), x.dtype)
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct(x2.shape, x.dtype),
+        scratch_types=[tile, tile, plgpu.Barrier(num_arrivals=1)],
+        grid=(x2.shape[0] // 8,),
+        grid_names=("p",),
+    )(x2).reshape(x.shape)
+
+
 def time_chains(out: str | None) -> None:
     import jax
     import jax.numpy as jnp
@@ -103,6 +130,7 @@ def time_chains(out: str | None) -> None:
         "xla": xla_step,
         "pallas": lambda x: _pallas(x, signal=False),
         "pallas_signal": lambda x: _pallas(x, signal=True),
+        "mosaic": _mosaic,
     }
     x = jnp.ones((64, 512), jnp.float32)  # 8 programs
     rows = []
