@@ -17,6 +17,11 @@ layers without help):
 * optionally ``E``: a streaming kernel reading an expert-sized buffer (``--stream-mb``, the
   expert kernel's bytes between routing and the next layer), with default or ``evict_first``
   loads: whether the stream evicts what was prefetched;
+* ``P`` (``side`` variants): the prefetch as a kernel of its own that takes the layer's input
+  ``y`` as an operand (so it starts after ``y`` exists) and that nothing downstream reads; under
+  ``--xla_gpu_command_buffer_scheduling_mode=CONCURRENT`` XLA's command buffer is a DAG and
+  ``P`` may run beside ``K`` and ``E`` instead of lengthening ``K`` (the fourteenth session's
+  in-kernel prefetch lengthened ``K`` by more than ``G`` saved);
 * ``G``: XLA's GEMV ``x @ W_i`` (``[1, d] @ [d, n]`` bf16, the QKV projection's shape), by
   default in the decode step's own form (``--gemv model``); runs 7-8 of BENCHMARKS.md used an
   f32-accumulating dot that XLA lowers to a slower reduce fusion (``--gemv dot_f32``).
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -130,6 +136,30 @@ def k_call(y, tab, w_rc, *, d, n_chain, hops, programs, tile, prefetch, interpre
     )(*ins)
 
 
+def _p_kernel(y_ref, w_ref, junk_ref, *, rows_per, tile):
+    """Loads its rows of W with ``evict_last`` (into L2); ``y`` is an operand only to order P
+    after the layer's input."""
+    del y_ref
+    pid = pl.program_id(0)
+    _stream_rows(w_ref, junk_ref, pid, pid * rows_per, rows_per, tile, "evict_last")
+
+
+def p_call(y, w_rc, *, programs, tile, interpret):
+    """``junk [programs]``: the side prefetch kernel over ``w_rc`` ``[rows, 512]``."""
+    rows_per = _rows_per(w_rc.shape[0], programs, tile)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        functools.partial(_p_kernel, rows_per=rows_per, tile=tile),
+        out_shape=jax.ShapeDtypeStruct((programs,), jnp.float32),
+        grid=(programs,),
+        in_specs=[any_spec, any_spec],
+        out_specs=any_spec,
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+        interpret=interpret,
+        name="prefetch_probe_side",
+    )(y, w_rc)
+
+
 def _e_kernel(x_ref, buf_ref, out_ref, junk_ref, *, rows_per, tile, evict):
     """Streams its rows of the buffer (the expert kernel's bytes); program 0 passes x on."""
     pid = pl.program_id(0)
@@ -158,11 +188,16 @@ def e_call(x, buf, *, programs, tile, evict, interpret):
     )(x, buf)[0]
 
 
-def chain(y0, tab, ws, bufs, *, d, a, prefetch, stream, interpret):
-    """The variant's chain over every layer; returns the last GEMV output."""
+def chain(y0, tab, ws, bufs, *, d, a, prefetch, stream, interpret, side=False):
+    """The variant's chain over every layer; returns the last GEMV output and the side
+    prefetch kernels' junk (returned, so XLA keeps those kernels)."""
     y = y0
+    junk = []
     for i, w in enumerate(ws):
         w_rc = w.reshape(-1, COLS)
+        if side:
+            junk.append(p_call(y, w_rc, programs=a.programs, tile=a.tile_rows,
+                               interpret=interpret))  # fmt: skip
         x, _ = k_call(y, tab, w_rc, d=d, n_chain=a.chain, hops=a.hops, programs=a.programs,
                       tile=a.tile_rows, prefetch=prefetch, interpret=interpret)  # fmt: skip
         if stream != "off":  # "normal" (default eviction) or "evict_first"
@@ -173,7 +208,7 @@ def chain(y0, tab, ws, bufs, *, d, a, prefetch, stream, interpret):
             y = matvec_safe_matmul(x, w)  # [1, n]
         else:  # runs 7-8: XLA turns this into a reduce fusion (~0.85 TB/s)
             y = jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    return y
+    return y, junk
 
 
 def main():
@@ -193,6 +228,7 @@ def main():
         "dot_f32: the f32-accumulating dot of runs 7-8, which XLA lowers to a reduce fusion",
     )
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--variants", nargs="+", help="a subset of the variants, in this order")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in the interpreter (CPU)")
     ap.add_argument("--out", default="results/l2_prefetch.jsonl")
     a = ap.parse_args()
@@ -215,7 +251,12 @@ def main():
         "no_prefetch+stream": dict(prefetch=False, stream="normal"),
         "prefetch+stream": dict(prefetch=True, stream="normal"),
         "prefetch+stream_evict_first": dict(prefetch=True, stream="evict_first"),
+        "side": dict(prefetch=False, stream="off", side=True),
+        "side+stream": dict(prefetch=False, stream="normal", side=True),
+        "side+stream_evict_first": dict(prefetch=False, stream="evict_first", side=True),
     }
+    if a.variants:
+        variants = {k: variants[k] for k in a.variants}
     head = {**header(), "d": d, "n": n, "layers": a.layers, "chain": a.chain, "hops": a.hops,
             "programs": a.programs, "tile_rows": a.tile_rows, "gemv": a.gemv,
             "stream_mb": srows * COLS * 2 / 2**20}  # fmt: skip
@@ -227,12 +268,13 @@ def main():
     rows = []
     for name, v in variants.items():
         fn = jax.jit(functools.partial(chain, d=d, a=a, interpret=interpret, **v))
-        got = fn(y0, tab, ws, bufs)
+        got = fn(y0, tab, ws, bufs)[0]
         if not bool(jnp.allclose(got.astype(jnp.float32), ref.astype(jnp.float32), rtol=0.05,
                                  atol=0.05)):  # fmt: skip
             raise AssertionError(f"{name}: the chain's output differs from the XLA chain's")
         us = time_fn(fn, y0, tab, ws, bufs, iters=a.iters) * 1e6 / a.layers
-        row = {**head, "variant": name, "wall_us_per_layer": us}
+        row = {**head, "variant": name, "wall_us_per_layer": us,
+               "xla_flags": os.environ.get("XLA_FLAGS", "")}  # fmt: skip
         if not a.smoke:
             dur = kernel_durations(fn, y0, tab, ws, bufs)
             row["device_us_per_layer"] = {k: sum(v) / a.layers for k, v in dur.items()}

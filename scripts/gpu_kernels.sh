@@ -949,4 +949,16 @@ s20c)  # s20b: Mosaic kernels never start early (0/50) and fetch-first ties wait
     done
   done
   ;;
+s20d)  # s20c: CONCURRENT command buffers tie the default (1B sparse -2%). The next GEMV's weights
+       # prefetched into L2 by a side kernel that may run beside the latency-bound kernels (a
+       # DAG edge only to the layer input), 1B / 8B QKV shapes, default vs CONCURRENT
+  for m in default CONCURRENT; do
+    for sh in "2048,3072 24" "4096,6144 88"; do
+      set -- $sh
+      XLA_FLAGS="$(sched_flag $m)" run timeout 130 python3 benchmarks/l2_prefetch.py --shape $1 \
+        --stream-mb $2 --iters 10 --variants no_prefetch side no_prefetch+stream side+stream \
+        side+stream_evict_first --out "$OUT/l2_side_$m.jsonl"
+    done
+  done
+  ;;
 esac
