@@ -961,4 +961,21 @@ s20d)  # s20c: CONCURRENT command buffers tie the default (1B sparse -2%). The n
     done
   done
   ;;
+s20e)  # s20d: the side prefetch moves bytes, no net gain. Repeats: a Mosaic launch vs Pallas / XLA
+       # with XLA's PDL on and off (s20b: a Mosaic weight chain was slower with PDL on), and one
+       # more default / CONCURRENT decode pair
+  for r in 1 2; do
+    for f in default false; do
+      XLA_FLAGS="$(pdl_flag $f)" run timeout 60 python3 scripts/pdl_check.py --time \
+        --out "$OUT/pdl_chains.jsonl"
+      XLA_FLAGS="$(pdl_flag $f)" run timeout 100 python3 scripts/mosaic_prefetch.py --rows 64 256 \
+        --out "$OUT/mosaic_prefetch_pdl_$f.jsonl"
+    done
+  done
+  for m in CONCURRENT default; do
+    XLA_FLAGS="$(sched_flag $m)" run timeout 170 python3 benchmarks/sparse_decode.py \
+      --shapes llama-3.2-1b llama-3-8b --sparsities 0.75 --impls pallas --batches \
+      --steps 16 --chunks 4 --out "$OUT/sparse_decode_sched_$m.jsonl"
+  done
+  ;;
 esac
