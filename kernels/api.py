@@ -97,9 +97,11 @@ def _backend_ready(implementation: str) -> str | None:
         return "jax-triton is not importable; install the `gpu` extra"
     if implementation == "pallas":
         try:
-            importlib.import_module("prunepath_jax.kernels.pallas_decode")
+            mod = importlib.import_module("prunepath_jax.kernels.pallas_decode")
         except ImportError as err:
             return f"the Pallas decode kernel is not available ({err})"
+        if mod.plgpu is None:  # the module imports without it; its kernels would raise
+            return "this jax has no Pallas Triton backend (deprecated since JAX 0.11)"
     return None
 
 

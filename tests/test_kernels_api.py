@@ -93,6 +93,24 @@ def test_default_backend_follows_the_measured_order(monkeypatch):
     assert [api.choose(n, None, 576) for n in (4, 17)] == ["pallas", "xla"]
 
 
+def test_a_jax_without_pallas_triton_falls_back(monkeypatch):
+    """Pallas' Triton backend is deprecated since JAX 0.11: on a jax without it the default
+    must skip ``pallas`` (whose module still imports, with ``plgpu = None``) instead of picking
+    it and raising at the first decode step, and an explicit request says why."""
+    from prunepath_jax.kernels import pallas_decode
+
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(pallas_decode, "plgpu", None)
+    monkeypatch.setattr(api.jt, "available", lambda: True)
+    assert api._backend_ready("pallas") == (
+        "this jax has no Pallas Triton backend (deprecated since JAX 0.11)"
+    )
+    assert [api.choose(n, None) for n in (1, 2, 4096)] == ["triton"] * 3
+    assert [api.choose(n, None, 576) for n in (1, 8)] == ["triton"] * 2
+    monkeypatch.setattr(api.jt, "available", lambda: False)
+    assert [api.choose(n, None) for n in (1, 4096)] == ["xla", "xla"]
+
+
 def test_norm_weight_means_ffn_of_rms_norm_and_is_checked():
     """``norm_d`` hands the block's RMSNorm to the layer: x is then the residual stream."""
     from prunepath_jax.models.layers import rms_norm
