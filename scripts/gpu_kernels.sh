@@ -978,4 +978,9 @@ s20e)  # s20d: the side prefetch moves bytes, no net gain. Repeats: a Mosaic lau
       --steps 16 --chunks 4 --out "$OUT/sparse_decode_sched_$m.jsonl"
   done
   ;;
+s20f)  # s20b/e: a Mosaic weight chain costs 7.5-9 us a kernel for 2-17 MB, wall. Device side
+       # (trace): the kernels' own time vs the launch gaps
+  run timeout 150 python3 scripts/mosaic_prefetch.py --rows 64 256 512 --trace \
+    --out "$OUT/mosaic_prefetch_trace.jsonl"
+  ;;
 esac

@@ -101,7 +101,33 @@ def chain_fn(*, variant: str, rows: int, programs: int):
     return jax.jit(chain)
 
 
-def time_variants(rows_list, programs: int, out: str | None) -> None:
+def trace_chain(fn, *args) -> dict:
+    """Device-side figures of one traced call: the kernels' own µs and the span from the first
+    kernel's start to the last one's end, per kernel (launch gaps included, host noise not)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import jax
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import device_events
+
+    log_dir = "/tmp/mosaic_prefetch_trace"
+    shutil.rmtree(log_dir, ignore_errors=True)
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        jax.block_until_ready(fn(*args))
+    ev = device_events(log_dir)
+    if not ev:
+        return {"trace": "no device events"}
+    span = max(e["ts"] + e["dur"] for e in ev) - min(e["ts"] for e in ev)
+    names = sorted({e["name"] for e in ev})
+    busy = sum(e["dur"] for e in ev)
+    return {"device_span_us_per_kernel": span / N_CHAIN, "device_busy_us_per_kernel":
+            busy / N_CHAIN, "device_events": len(ev), "kernel_names": names[:4]}  # fmt: skip
+
+
+def time_variants(rows_list, programs: int, out: str | None, trace: bool = False) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -138,6 +164,8 @@ def time_variants(rows_list, programs: int, out: str | None) -> None:
                    "us_per_kernel": us, "gb_s": mb * 1e3 / us, "max_abs_err": errs[v],
                    "xla_flags": os.environ.get("XLA_FLAGS", ""),
                    "device": jax.devices()[0].device_kind, "jax": jax.__version__}  # fmt: skip
+            if trace:
+                row.update(trace_chain(fns[v], x, ws))
             rows_out.append(row)
             print(row, flush=True)
     if out:
@@ -150,8 +178,9 @@ def main():
     ap.add_argument("--rows", type=int, nargs="+", default=[64, 256, 512])
     ap.add_argument("--programs", type=int, default=132)
     ap.add_argument("--out", help="JSONL file to append the rows to")
+    ap.add_argument("--trace", action="store_true", help="add device times from a profiler trace")
     a = ap.parse_args()
-    time_variants(a.rows, a.programs, a.out)
+    time_variants(a.rows, a.programs, a.out, a.trace)
 
 
 if __name__ == "__main__":
