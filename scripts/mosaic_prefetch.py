@@ -15,7 +15,9 @@ next kernel's input. Variants, all signalling ``launch_dependents`` at their sta
 
 * ``wait_first``: wait, then weights and ``x`` — what our Pallas-Triton kernels do;
 * ``fetch_first``: weights, then wait, then ``x`` — the lever;
-* ``no_wait``: never waits (may read a stale ``x``; timing bound only).
+* ``no_wait``: never waits (may read a stale ``x``; timing bound only);
+* ``pallas_triton``: the same reads and result as one Pallas-Triton kernel (the backend our
+  decode kernels use; XLA makes it wait at entry), for the per-kernel cost side by side.
 
     python scripts/mosaic_prefetch.py --out results/mosaic_prefetch.jsonl
 """
@@ -31,7 +33,7 @@ N_CHAIN = 16
 COLS = 128  # bf16 columns of a weight block: one 256-byte row, one TMA box width
 CHUNK = 256  # rows per TMA copy (a TMA box holds at most 256 rows)
 OUT_ROWS = 8  # rows of the activation each kernel reads and writes per program
-VARIANTS = ("wait_first", "fetch_first", "no_wait")
+VARIANTS = ("wait_first", "fetch_first", "no_wait", "pallas_triton")
 
 
 def mosaic_step(x, w, *, variant: str, rows: int, programs: int):
@@ -42,8 +44,8 @@ def mosaic_step(x, w, *, variant: str, rows: int, programs: int):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    if variant not in VARIANTS:
-        raise ValueError(f"variant {variant!r} not in {VARIANTS}")
+    if variant not in VARIANTS[:3]:
+        raise ValueError(f"variant {variant!r} not in {VARIANTS[:3]}")
     if rows % CHUNK and rows > CHUNK:
         raise ValueError(f"rows {rows} must be ≤ {CHUNK} or a multiple of it")
     chunks = max(1, rows // CHUNK)
@@ -87,11 +89,50 @@ def mosaic_step(x, w, *, variant: str, rows: int, programs: int):
     )(x, w)
 
 
+def triton_step(x, w, *, rows: int, programs: int):
+    """``mosaic_step``'s result from a Pallas-Triton kernel: each program streams its block of
+    ``w`` in 64-row slabs (folded into the output times 0, so the loads stay) and adds its first
+    ``OUT_ROWS`` rows to ``x[0]``."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltr
+
+    slab = min(rows, 64)
+
+    def body(x_ref, w_ref, o_ref):
+        pid = pl.program_id(0)
+
+        def step(c, acc):
+            blk = pltr.load(w_ref.at[pl.ds(pid * rows + c * slab, slab), :])
+            return acc + jnp.sum(blk.astype(jnp.float32), axis=0, keepdims=True)
+
+        acc = jax.lax.fori_loop(0, rows // slab, step, jnp.zeros((1, COLS), jnp.float32))
+        first = pltr.load(w_ref.at[pl.ds(pid * rows, OUT_ROWS), :]).astype(jnp.float32)
+        xv = pltr.load(x_ref.at[pl.ds(0, 1), :, :]).astype(jnp.float32)  # [1, OUT_ROWS, COLS]
+        val = xv + first[None] + (acc * 0.0)[None]
+        pltr.store(o_ref.at[pl.ds(pid, 1), :, :], val.astype(o_ref.dtype))
+
+    anyspec = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        body,
+        out_shape=jax.ShapeDtypeStruct((programs, OUT_ROWS, COLS), jnp.bfloat16),
+        grid=(programs,),
+        in_specs=[anyspec, anyspec],
+        out_specs=anyspec,
+        compiler_params=pltr.CompilerParams(num_warps=4),
+        name="probe_triton_stream",
+    )(x, w)
+
+
 def chain_fn(*, variant: str, rows: int, programs: int):
     """A jitted chain of ``N_CHAIN`` kernels over ``ws`` [N_CHAIN, programs · rows, COLS]."""
     import jax
 
-    step = functools.partial(mosaic_step, variant=variant, rows=rows, programs=programs)
+    if variant == "pallas_triton":
+        step = functools.partial(triton_step, rows=rows, programs=programs)
+    else:
+        step = functools.partial(mosaic_step, variant=variant, rows=rows, programs=programs)
 
     def chain(x, ws):
         for i in range(N_CHAIN):
