@@ -983,4 +983,14 @@ s20f)  # s20b/e: a Mosaic weight chain costs 7.5-9 us a kernel for 2-17 MB, wall
   run timeout 150 python3 scripts/mosaic_prefetch.py --rows 64 256 512 --trace \
     --out "$OUT/mosaic_prefetch_trace.jsonl"
   ;;
+s20g)  # s20c/e: CONCURRENT command buffers 1.6-2.5% faster on the 1B sparse step; the embedded
+       # default's shape (SmolLM2-135M, the most launch-bound) and 1B, alternated twice
+  for r in 1 2; do
+    for m in CONCURRENT default; do
+      XLA_FLAGS="$(sched_flag $m)" run timeout 120 python3 benchmarks/sparse_decode.py \
+        --shapes smollm2-135m llama-3.2-1b --sparsities 0.75 --impls pallas --batches \
+        --steps 16 --chunks 4 --out "$OUT/sparse_decode_sched_$m.jsonl"
+    done
+  done
+  ;;
 esac
