@@ -24,10 +24,14 @@ next kernel's input. Variants, all signalling ``launch_dependents`` at their sta
 
 import argparse
 import functools
-import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import device_events, write_rows  # noqa: E402
 
 N_CHAIN = 16
 COLS = 128  # bf16 columns of a weight block: one 256-byte row, one TMA box width
@@ -146,13 +150,8 @@ def trace_chain(fn, *args) -> dict:
     """Device-side figures of one traced call: the kernels' own µs and the span from the first
     kernel's start to the last one's end, per kernel (launch gaps included, host noise not)."""
     import shutil
-    import sys
-    from pathlib import Path
 
     import jax
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from common import device_events
 
     log_dir = "/tmp/mosaic_prefetch_trace"
     shutil.rmtree(log_dir, ignore_errors=True)
@@ -210,8 +209,7 @@ def time_variants(rows_list, programs: int, out: str | None, trace: bool = False
             rows_out.append(row)
             print(row, flush=True)
     if out:
-        with open(out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows_out)
+        write_rows(out, rows_out)
 
 
 def main():
