@@ -13,13 +13,15 @@ kernels a layer where the dense one has one.
   (``kernels/pallas_pdl.py``). Run it under ``XLA_FLAGS=--xla_gpu_enable_pdl=false`` and
   without: if the Pallas rows move with the flag as the XLA row does, XLA launches our kernels
   with PDL too.
+* ``--race``: does a kernel start before its predecessor's writes land? Kernel B (Pallas-Triton
+  or Mosaic GPU, no wait of its own) reads the output of a ~30 µs streaming kernel A that writes
+  at its end; a stale read means B ran early.
 
     python scripts/pdl_check.py --time --out results/pdl.jsonl
     XLA_FLAGS=--xla_gpu_enable_pdl=false python scripts/pdl_check.py --time
 """
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -27,6 +29,9 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import write_rows  # noqa: E402
 
 N_CHAIN = 32
 KEYS = (
@@ -92,29 +97,31 @@ def _pallas(x, *, signal: bool):
     )(x)
 
 
-def _mosaic(x):
-    """``x·0.5 + 1`` as one Mosaic GPU kernel of 8-row programs (``plgpu.kernel``; TMA copies
-    through shared memory) — what a launch costs when Pallas-Triton is gone."""
+def _mosaic(x, fn=lambda v: v * 0.5 + 1.0, rows: int = 8):
+    """``fn(x)`` as one Mosaic GPU kernel of ``rows``-row programs over ``x`` viewed as
+    ``[-1, 256]`` (a TMA box is at most 256 elements a dimension), each copying its rows through
+    shared memory, with no ``griddepcontrol.wait`` of its own. Written with ``plgpu.kernel``:
+    jax 0.11 lowers ``pallas_call`` only for the Triton backend."""
     import jax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     def body(x_ref, o_ref, x_smem, o_smem, bar):
-        rows = pl.ds(jax.lax.axis_index("p") * 8, 8)
-        plgpu.copy_gmem_to_smem(x_ref.at[rows], x_smem, bar)
+        blk = pl.ds(jax.lax.axis_index("p") * rows, rows)
+        plgpu.copy_gmem_to_smem(x_ref.at[blk], x_smem, bar)
         plgpu.barrier_wait(bar)
-        o_smem[...] = x_smem[...] * 0.5 + 1.0
+        o_smem[...] = fn(x_smem[...])
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[rows])
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[blk])
         plgpu.wait_smem_to_gmem(0)
 
-    x2 = x.reshape(-1, 256)  # a TMA box is at most 256 elements a dimension
-    tile = plgpu.SMEM((8, 256), x.dtype)
+    x2 = x.reshape(-1, 256)
+    tile = plgpu.SMEM((rows, 256), x.dtype)
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(x2.shape, x.dtype),
         scratch_types=[tile, tile, plgpu.Barrier(num_arrivals=1)],
-        grid=(x2.shape[0] // 8,),
+        grid=(x2.shape[0] // rows,),
         grid_names=("p",),
     )(x2).reshape(x.shape)
 
@@ -158,8 +165,7 @@ def time_chains(out: str | None) -> None:
         rows.append(row)
         print(row, flush=True)
     if out:
-        with open(out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_rows(out, rows)
 
 
 def _streamer(buf, init, *, signal: bool):
@@ -199,26 +205,6 @@ def _streamer(buf, init, *, signal: bool):
     )(buf, init)
 
 
-def _copy_mosaic(x):
-    """Kernel B, Mosaic GPU backend, no ``griddepcontrol.wait`` of its own: copies ``x``
-    through shared memory. ``plgpu.kernel``: jax 0.11 lowers ``pallas_call`` only for Triton."""
-    import jax
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    def body(x_ref, o_ref, smem, bar):
-        plgpu.copy_gmem_to_smem(x_ref, smem, bar)
-        plgpu.barrier_wait(bar)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(smem, o_ref)
-        plgpu.wait_smem_to_gmem(0)
-
-    return plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct(x.shape, x.dtype),
-        scratch_types=[plgpu.SMEM(x.shape, x.dtype), plgpu.Barrier(num_arrivals=1)],
-    )(x)
-
-
 def race_check(out: str | None, trials: int = 50) -> None:
     """Does a successor start before kernel A's writes land? Kernel B copies A's output right
     after A; a −1 in B's copy means B read before A wrote: B was launched with PDL and ran
@@ -231,7 +217,7 @@ def race_check(out: str | None, trials: int = 50) -> None:
     buf = jnp.ones((128 * 1024, 512), jnp.bfloat16)
     rows = []
     copies = {  # kernel B and what it computes from A's output when it reads it in time
-        "mosaic": (_copy_mosaic, lambda a: a),
+        "mosaic": (lambda x: _mosaic(x, lambda v: v, rows=1), lambda a: a),  # a copy
         "triton": (lambda x: _pallas(x.reshape(32, 8), signal=False).reshape(-1),
                    lambda a: a * 0.5 + 1.0),
     }  # fmt: skip
@@ -257,8 +243,7 @@ def race_check(out: str | None, trials: int = 50) -> None:
             rows.append(row)
             print(row, flush=True)
     if out:
-        with open(out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_rows(out, rows)
 
 
 def main():
