@@ -993,4 +993,13 @@ s20g)  # s20c/e: CONCURRENT command buffers 1.6-2.5% faster on the 1B sparse ste
     done
   done
   ;;
+s21a)  # the 1B sparse step's optimized HLO (XLA and Pallas projections) and dense, with traces:
+       # which glue fusions surround the kernels
+  for pr in xla pallas; do
+    trace 150 hlo_1b_75_$pr --shape llama-3.2-1b --sparsity 0.75 --attn pallas --proj $pr --hlo
+    gzip -f "$OUT/hlo_1b_75_$pr/hlo.txt"
+  done
+  trace 150 hlo_1b_dense --shape llama-3.2-1b --sparsity 0 --attn pallas --hlo
+  gzip -f "$OUT/hlo_1b_dense/hlo.txt"
+  ;;
 esac
