@@ -1002,4 +1002,17 @@ s21a)  # the 1B sparse step's optimized HLO (XLA and Pallas projections) and den
   trace 150 hlo_1b_dense --shape llama-3.2-1b --sparsity 0 --attn pallas --hlo
   gzip -f "$OUT/hlo_1b_dense/hlo.txt"
   ;;
+s21b)  # the balanced kernel's first unit peeled (its W_out rows load with its W_gate/W_up): device
+       # µs at k = 1 and 10/25/50% (8B, 1B), end to end at 75%, its GPU tests
+  run timeout 150 python3 benchmarks/expert_profile.py --time --kfrac 0.0023 0.1 0.25 0.5 \
+    --rounds 3 --variants default peel --out "$OUT/expert_profile.jsonl"
+  run timeout 100 python3 benchmarks/expert_profile.py --time --kfrac 0.004 0.1 0.25 --rounds 3 \
+    --shape 2048,8192,32 --variants default peel --out "$OUT/expert_profile.jsonl"
+  find "$OUT" -name "*.xplane.pb" -delete
+  run timeout 200 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --impls pallas --batches --steps 16 --chunks 4 \
+    --variants '{"peel": {"1": {"peel": 1}}}' --out "$OUT/sparse_decode.jsonl"
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py -k "balanced_kernel_real_layer_shapes"
+  ;;
 esac
