@@ -90,8 +90,6 @@ VARIANTS = {
     "bal_pf_bn1_p4x_w4": _bal(1, block_n=1, _programs_x=4, num_warps=4),
     "bal_pf_bn4_bd2048": _bal(1, block_n=4, block_d=2048),
     "bal_pf_bn4_bd1024": _bal(1, block_n=4, block_d=1024),
-    # The default with its first unit peeled: that unit's W_out rows load with its W_gate/W_up.
-    "peel": {"peel": 1},
 }
 
 

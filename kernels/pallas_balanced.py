@@ -76,7 +76,7 @@ def _unit(u, *, per, bn, g, gate_e, cnt_e, iota_e):
 
 
 def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, bn, bc, n_c,
-            n_prog, atomics, prefetch, peel=0):  # fmt: skip
+            n_prog, atomics, prefetch):  # fmt: skip
     """Program p: units ``[p·U/P, (p+1)·U/P)``. With ``prefetch`` the unit loop is software-
     pipelined in registers: iteration u issues unit u+1's W_gate/W_up loads and its own W_out
     loads before it reduces unit u's rows (loaded by the previous iteration), so the next unit's
@@ -138,14 +138,8 @@ def _kernel(gate_ref, x_ref, w_in_ref, w_out_ref, y_in_ref, y_ref, *, d, f, g, b
                 return (nxt,) + compute(up, g_e, wo, accs) + load_up(nxt[0])
 
             first = unit_of(u0)
-            if peel:  # the first unit's W_out rows load beside its W_gate/W_up rows
-                up0, wo0 = load_up(first[0]), load_out(first[0])
-                nxt = unit_of(jnp.minimum(u0 + 1, u1 - 1))
-                init = (nxt,) + compute(up0, first[1], wo0, zero) + load_up(nxt[0])
-                accs = jax.lax.fori_loop(u0 + 1, u1, unit, init)[1 : 1 + n_c]
-            else:
-                init = (first,) + zero + load_up(first[0])
-                accs = jax.lax.fori_loop(u0, u1, unit, init)[1 : 1 + n_c]
+            init = (first,) + zero + load_up(first[0])
+            accs = jax.lax.fori_loop(u0, u1, unit, init)[1 : 1 + n_c]
         else:
 
             def unit(u, accs):
@@ -181,8 +175,7 @@ def balanced_expert_ffn(gate_pe, x_pd, w_in_cfd, w_out_fd, *, group_size, plan, 
     n_prog = plan["programs"]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     kernel = functools.partial(_kernel, d=d, f=f, g=g, bn=bn, bc=bc, n_c=n_c, n_prog=n_prog,
-                               atomics=plan["atomics"], prefetch=plan["prefetch"],
-                               peel=plan.get("peel", 0))  # fmt: skip
+                               atomics=plan["atomics"], prefetch=plan["prefetch"])  # fmt: skip
     out = pl.pallas_call(
         pallas_pdl.early_launch(kernel, interpret=interpret, tag="experts"),
         out_shape=jax.ShapeDtypeStruct(acc_shape, jnp.float32),

@@ -294,7 +294,7 @@ def sparse_ffn_decode(
     unknown = set(tuning) - {
         "use_dot", "block_n", "block_d", "block_d_out", "num_warps", "num_stages", "routing",
         "logits", "down", "down_chunks", "block_d_down", "up_splits", "atomics", "glue",
-        "logit_splits", "logit_block_e", "tail", "norm", "experts", "programs", "prefetch", "peel",
+        "logit_splits", "logit_block_e", "tail", "norm", "experts", "programs", "prefetch",
         "select_block_e", "select_warps", "logit_warps",
     }  # fmt: skip
     if unknown:

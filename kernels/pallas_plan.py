@@ -215,9 +215,6 @@ def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
     prefetch = tuning.get("prefetch", 1)
     if prefetch not in (0, 1):
         raise ValueError(f"prefetch must be 0 or 1, got {prefetch!r}")
-    peel = tuning.get("peel", 0)
-    if peel not in (0, 1) or (peel and not prefetch):
-        raise ValueError(f"peel must be 0 or 1 (1 only with prefetch=1), got {peel!r}")
     bn = tuning.get("block_n", _pow2_divisor(g, 2 if prefetch else 16))
     _check_block_n(bn, g)
     bc, n_c = pallas_balanced.chunking(d, tuning.get("block_d", 4096))
@@ -228,7 +225,6 @@ def _plan_balanced(t: int, d: int, g: int, tuning: dict) -> dict:
     return {
         "experts": "balanced",
         "prefetch": int(prefetch),
-        "peel": int(peel),
         "tp": 1,
         "bn": bn,
         "bc": bc,

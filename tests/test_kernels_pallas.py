@@ -103,14 +103,6 @@ CASES = [
      {"experts": "balanced", "programs": 5, "block_n": 2, "block_d": 128, "prefetch": 1}),
     ("b1_balanced_prefetch_k1_fp32", 1, 64, 8, 16, jnp.float32, 0.01, 1.0,
      {"experts": "balanced", "programs": 9, "prefetch": 1}),
-    # The peeled first unit (its W_out rows load with its W_gate/W_up): several units a
-    # program, one unit a program (the loop runs no iteration), masked chunks, k = E.
-    ("b1_balanced_peel_bf16", 1, 128, 8, 32, jnp.bfloat16, 0.6, 0.1,
-     {"experts": "balanced", "programs": 3, "block_n": 4, "peel": 1}),
-    ("b1_balanced_peel_kE_tail_fp32", 1, 192, 8, 16, jnp.float32, 1.05, 1.0,
-     {"experts": "balanced", "programs": 5, "block_n": 2, "block_d": 128, "peel": 1}),
-    ("b1_balanced_peel_k1_fp32", 1, 64, 8, 16, jnp.float32, 0.01, 1.0,
-     {"experts": "balanced", "programs": 9, "peel": 1}),
     # 1-neuron units (two programs a SM) with a masked last chunk of d, every expert.
     ("b1_balanced_prefetch_bn1_kE_tail_fp32", 1, 192, 8, 16, jnp.float32, 1.05, 1.0,
      {"experts": "balanced", "programs": 5, "block_n": 1, "block_d": 128, "prefetch": 1}),
@@ -298,10 +290,6 @@ def test_rejects_unsupported_inputs():
         pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", programs=-1, **kw)
     with pytest.raises(ValueError, match="prefetch must be"):
         pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", prefetch=2, **kw)
-    with pytest.raises(ValueError, match="peel must be"):
-        pd.sparse_ffn_decode(
-            x[:1], r, w_in, w_out, 0.5, experts="balanced", prefetch=0, peel=1, **kw
-        )
     with pytest.raises(ValueError, match="select_block_e must be a power of two"):
         pd.sparse_ffn_decode(x, r, w_in, w_out, 0.5, select_block_e=12, **kw)
     with pytest.raises(ValueError, match="select_warps must be a power of two"):
@@ -339,8 +327,6 @@ EXPORT_CASES = [c[:6] + (c[8],) for c in CASES] + [
         {"experts": "balanced", "prefetch": 1, "block_n": 4},
     ),  # fmt: skip
     ("8b_b1_balanced_bn1", 1, 4096, 448, 32, jnp.bfloat16, {"block_n": 1}),
-    ("8b_b1_balanced_peel", 1, 4096, 448, 32, jnp.bfloat16, {"peel": 1}),
-    ("1b_b1_balanced_peel", 1, 2048, 256, 32, jnp.bfloat16, {"peel": 1}),
     ("8b_b1_select_be8", 1, 4096, 448, 32, jnp.bfloat16, {"select_block_e": 8}),
     ("smollm2_b1", 1, 576, 48, 32, jnp.bfloat16, {}),
     ("smollm2_b8", 8, 576, 48, 32, jnp.bfloat16, {}),
@@ -407,8 +393,7 @@ def test_gpu_llama8b_layer_shape():
 def test_gpu_balanced_kernel_real_layer_shapes():
     """The one-token balanced kernel at the 8B, 1B and SmolLM2 layers, 10% to all experts."""
     for d, e, tau in ((4096, 448, 0.5), (2048, 256, 0.2), (576, 48, 1.05), (4096, 448, 0.05)):
-        for more in ({}, {"prefetch": 0}, {"block_n": 4}, {"block_n": 1}, {"select_block_e": 4},
-                     {"peel": 1}):  # fmt: skip
+        for more in ({}, {"prefetch": 0}, {"block_n": 4}, {"block_n": 1}, {"select_block_e": 4}):
             opts = {"experts": "balanced", **more}
             case = (f"balanced_d{d}_tau{tau}_{opts}", 1, d, e, 32, jnp.bfloat16, tau, 0.02, opts)
             _check(case, interpret=False, seed=d)
