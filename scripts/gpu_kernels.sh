@@ -1015,4 +1015,14 @@ s21b)  # the balanced kernel's first unit peeled (its W_out rows load with its W
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_pallas.py -k "balanced_kernel_real_layer_shapes"
   ;;
+s21c)  # the SmolLM2-135M shape with the projection kernels (models.decode_proj; never timed at d 576),
+       # dense and sparse, next to 1B; traces of SmolLM2's sparse step with each projection form
+  run timeout 250 python3 benchmarks/sparse_decode.py --shapes smollm2-135m llama-3.2-1b \
+    --sparsities 0.5 0.75 --impls pallas --batches --projs xla pallas --steps 16 --chunks 4 \
+    --out "$OUT/sparse_decode.jsonl"
+  for pr in xla pallas; do
+    trace 120 trace_smollm2_75_$pr --shape smollm2-135m --sparsity 0.75 --attn pallas --proj $pr
+  done
+  trace 120 trace_smollm2_dense_pallas --shape smollm2-135m --sparsity 0 --attn pallas --proj pallas
+  ;;
 esac
