@@ -1025,4 +1025,16 @@ s21c)  # the SmolLM2-135M shape with the projection kernels (models.decode_proj;
   done
   trace 120 trace_smollm2_dense_pallas --shape smollm2-135m --sparsity 0 --attn pallas --proj pallas
   ;;
+s21d)  # the one-launch small layer (kernels/pallas_inline.py, routing="inline"): its GPU tests, the
+       # SmolLM2-135M shape end to end next to the three-launch default (two processes), a trace
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_pallas.py -k "inline or smollm2_layer_shape"
+  for r in 1 2; do
+    run timeout 150 python3 benchmarks/sparse_decode.py --shapes smollm2-135m \
+      --sparsities 0.5 0.75 --impls pallas --batches --steps 16 --chunks 4 \
+      --variants '{"inline": {"1": {"routing": "inline"}}}' --out "$OUT/sparse_decode.jsonl"
+  done
+  trace 120 trace_smollm2_75_inline --shape smollm2-135m --sparsity 0.75 --attn pallas \
+    --tuning '{"1": {"routing": "inline"}}'
+  ;;
 esac
