@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - only on a jax without Pallas-Triton
 
 SMALL_D = 1024  # the row, and each weight row, as one masked power-of-two tile
 MAX_EP = 64  # the rank rule's [E, E] comparison stays ≤ 4096 elements in registers
-ROUTER_TILE = 8192  # router elements per load ([rows, ep] fp32: 32 registers a thread at 8 warps)
+ROUTER_REGS = 32  # fp32 registers a thread per router tile ([rows, ep]: 8192 elements at 8 warps)
 
 
 def unsupported_reason(t: int, d: int, e: int) -> str | None:
@@ -68,11 +68,11 @@ def _row(ref, zero, d, dp, nw_ref, scale):
     return normed(x, plgpu.load(nw_ref.at[pl.ds(zero, dp)], mask=ok, other=0), scale)
 
 
-def _logits(x_ref, r_ref, nw_ref, scale, zero, *, d, e, ep):
+def _logits(x_ref, r_ref, nw_ref, scale, zero, *, d, e, ep, warps):
     """Router logits ``[1, ep]`` fp32 (NEG past E): ``Σ_d x·R`` over static ``[br, ep]`` router
     tiles (an unrolled loop: no tile waits for the previous one's reduction), reduced across
     threads once."""
-    br = max(1, min(next_pow2(d), ROUTER_TILE // ep))
+    br = max(1, min(next_pow2(d), ROUTER_REGS * 32 * warps // ep))
     acc = jnp.zeros((1, br, ep), jnp.float32)
     col_ok = jax.lax.broadcasted_iota(jnp.int32, (br, ep), 1) < e
     for c in range(-(-d // br)):
@@ -105,7 +105,7 @@ def _gates(lg, tau, *, e, ep, rule, gate, k_min, k_max):
                   gate=gate, k_min=k_min, k_max=k_max)  # fmt: skip
 
 
-def _kernel(x_ref, r_ref, tau_ref, *refs, d, f, e, ep, g, bn, eps, norm, route):
+def _kernel(x_ref, r_ref, tau_ref, *refs, d, f, e, ep, g, bn, eps, norm, route, warps):
     """Program p: union slot ``p // (G/bn)``, neuron block ``p % (G/bn)``. ``refs``: [norm weight
     ``[d]``], W_in ``[2f, d]``, W_out ``[f, d]``, the zeroed accumulator ``[1, dp]`` (aliased),
     then the outputs: the accumulator and ``k [1, 16]`` int32 (program 0 writes it)."""
@@ -117,7 +117,7 @@ def _kernel(x_ref, r_ref, tau_ref, *refs, d, f, e, ep, g, bn, eps, norm, route):
     slot, nb = pid // (g // bn), pid % (g // bn)
     scale = row_scale(x_ref, d, eps) if norm else None
     zero = pid * 0
-    lg = _logits(x_ref, r_ref, nw_ref, scale, zero, d=d, e=e, ep=ep)
+    lg = _logits(x_ref, r_ref, nw_ref, scale, zero, d=d, e=e, ep=ep, warps=warps)
     tau = jnp.sum(plgpu.load(tau_ref.at[pl.ds(0, 1)]))
     gate_e = _gates(lg, tau, e=e, ep=ep, **route)  # [1, ep]
     used = (gate_e != 0.0).astype(jnp.int32)
@@ -173,7 +173,7 @@ def inline_ffn(x_1d, router_de, w_in_cfd, w_out_fd, tau, *, group_size, rule="pa
     route = dict(rule=rule, gate=gate, k_min=k_min, k_max=k_max)
     kernel = functools.partial(
         _kernel, d=d, f=f, e=e, ep=ep, g=g, bn=block_n, eps=float(norm_eps),
-        norm=norm_d is not None, route=route,
+        norm=norm_d is not None, route=route, warps=num_warps,
     )  # fmt: skip
     extra = [] if norm_d is None else [norm_d]
     tau_1 = jnp.reshape(jnp.asarray(tau, jnp.float32), (1,))

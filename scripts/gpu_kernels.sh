@@ -1037,4 +1037,16 @@ s21d)  # the one-launch small layer (kernels/pallas_inline.py, routing="inline")
   trace 120 trace_smollm2_75_inline --shape smollm2-135m --sparsity 0.75 --attn pallas \
     --tuning '{"1": {"routing": "inline"}}'
   ;;
+s21e)  # s21d: the one-launch layer 11.5 us a SmolLM2 layer vs 9.8 for the three launches (its ~13
+       # dependent cross-thread reductions at 8 warps); fewer warps (shuffles, no barriers), fewer
+       # neurons a program
+  run timeout 200 python3 benchmarks/sparse_decode.py --shapes smollm2-135m --sparsities 0.75 \
+    --impls pallas --batches --steps 16 --chunks 4 --variants '{
+      "inline_w4": {"1": {"routing": "inline", "num_warps": 4}},
+      "inline_w2": {"1": {"routing": "inline", "num_warps": 2}},
+      "inline_w1": {"1": {"routing": "inline", "num_warps": 1}},
+      "inline_w2_bn4": {"1": {"routing": "inline", "num_warps": 2, "block_n": 4}},
+      "inline_w4_bn16": {"1": {"routing": "inline", "num_warps": 4, "block_n": 16}}}' \
+    --out "$OUT/sparse_decode.jsonl"
+  ;;
 esac
