@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from prunepath_jax import routing
-from prunepath_jax.kernels import pallas_balanced, pallas_experts, pallas_inline
+from prunepath_jax.kernels import pallas_balanced, pallas_experts
 from prunepath_jax.kernels.jt import next_pow2 as _next_pow2
 from prunepath_jax.kernels.pallas_experts import accumulator_shape
 from prunepath_jax.kernels.pallas_logits import (
@@ -151,14 +151,7 @@ def _decode_jit(
     f = w_in_cfd.shape[1]
     e = f // group_size
     k_cap = e if k_max is None else min(k_max, e)
-    plan = _plan(t, d, group_size, x_td.dtype, dict(tuning), e=e)
-    if plan["routing"] == "inline":  # a small layer: one launch, every program routes
-        y_1d, k_t = pallas_inline.inline_ffn(
-            x_td, router_de, w_in_cfd, w_out_fd, tau, group_size=group_size, rule=rule,
-            gate=gate, k_min=k_min, k_max=k_max, norm_d=norm_d, norm_eps=norm_eps,
-            block_n=plan["bn"], num_warps=plan["num_warps"], interpret=interpret,
-        )  # fmt: skip
-        return y_1d.astype(x_td.dtype), k_t
+    plan = _plan(t, d, group_size, x_td.dtype, dict(tuning))
     tp = plan["tp"]
     ep = max(_next_pow2(e), 16)
     tr = _next_pow2(t)  # routing rows: the real tokens padded to a power of two

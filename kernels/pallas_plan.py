@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from prunepath_jax.kernels import pallas_balanced, pallas_inline
+from prunepath_jax.kernels import pallas_balanced
 from prunepath_jax.kernels.jt import default_programs, unit_programs
 from prunepath_jax.kernels.jt import next_pow2 as _next_pow2
 from prunepath_jax.kernels.pallas_logits import pow2_divisor as _pow2_divisor
@@ -61,23 +61,7 @@ def _experts_form(t: int, d: int, tuning: dict) -> str:
     return "balanced"
 
 
-def _routing_form(t: int, d: int, e: int | None, tuning: dict) -> str:
-    """``routing``: ``"pallas"`` (the logits and selection kernels), ``"xla"`` (the reference's
-    ops) or ``"inline"`` (``pallas_inline.py``: one launch, every program routes; one token of a
-    small layer only)."""
-    routing = tuning.get("routing", "pallas")
-    if routing not in ("pallas", "xla", "inline"):
-        raise ValueError(f"routing must be 'pallas', 'xla' or 'inline', got {routing!r}")
-    if routing == "inline":
-        why = pallas_inline.unsupported_reason(t, d, 1 if e is None else e)  # E unknown: unchecked
-        if why is None and (tuning.get("use_dot") or tuning.get("experts") == "balanced"):
-            why = "the one-launch layer is its own expert kernel (no use_dot / balanced)"
-        if why is not None:
-            raise ValueError(f"routing='inline': {why}")
-    return routing
-
-
-def plan(t: int, d: int, g: int, dtype, tuning: dict, e: int | None = None) -> dict:
+def plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
     """Static block sizes. ``use_dot`` picks tensor-core dots (tokens padded to 16 rows).
 
     Defaults from the H200 sweeps (BENCHMARKS.md, issue 5, Llama-3-8B layer, k/E = 25%): one
@@ -93,7 +77,7 @@ def plan(t: int, d: int, g: int, dtype, tuning: dict, e: int | None = None) -> d
     970 µs/token with 8-neuron broadcast blocks vs 1109 with the 32-neuron dot blocks).
     """
     tuning = {**TUNING_OVERRIDES.get(t, {}), **tuning}
-    common = {**_plan_common(dtype, tuning), "routing": _routing_form(t, d, e, tuning)}
+    common = _plan_common(dtype, tuning)
     experts = tuning.get("experts", "auto")
     if experts not in ("auto", "blocks", "balanced"):
         raise ValueError(f"experts must be 'auto', 'blocks' or 'balanced', got {experts!r}")
@@ -189,6 +173,7 @@ def _plan_common(dtype, tuning: dict) -> dict:
         raise ValueError(f"atomics must be 'relaxed' or 'acq_rel', got {atomics!r}")
     return {
         "fp32": jnp.dtype(dtype) == jnp.float32,
+        "routing": tuning.get("routing", "pallas"),
         "logits": tuning.get("logits", "pallas"),
         "atomics": atomics,
         "glue": glue,

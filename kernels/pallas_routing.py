@@ -96,24 +96,8 @@ def _route_kernel(lg_ref, tau_ref, *out_refs, t, e, ep, be, bj, n_part, rule, ga
     init = (jnp.zeros((tp, be), jnp.int32), jnp.zeros((tp, be), jnp.float32))
     rank_tb, ahead_tb = jax.lax.fori_loop(0, ep // bj, body, init)
     zsum_t = jnp.sum(jnp.exp(lg_te - m_t[:, None]) / z_t[:, None], axis=1)  # Σ p (≈ 1)
-    tau = jnp.sum(plgpu.load(tau_ref.at[pl.ds(0, 1)]))  # [1] -> scalar
-    g_tb = choose(rank_tb, ahead_tb, p_tb, lg_tb, zsum_t, tau, e_b, t=t, e=e, rule=rule,
-                  gate=gate, k_min=k_min, k_max=k_max)  # fmt: skip
-    plgpu.store(gate_ref.at[:, pl.ds(c_own, be)], g_tb)
-    if len(out_refs) > 1:
-        z_ref = out_refs[1]
-        zr, zc = z_ref.shape[0], z_ref.shape[1] // (ep // be)
-        cols = pl.ds(pl.multiple_of(pid * zc, zc), zc)
-        plgpu.store(z_ref.at[:, cols], jnp.zeros((zr, zc), jnp.float32))
-
-
-def choose(rank_tb, ahead_tb, p_tb, lg_tb, zsum_t, tau, e_b, *, t, e, rule, gate, k_min, k_max):
-    """The selection rule (module docstring) on experts ``e_b`` ``[tp, be]``: their rank, the
-    mass strictly ahead of them, their probability and logit, ``Σ p`` per row, τ (a traced
-    scalar) → fp32 gates, 0 for unselected experts and padding rows/columns. Shared by the
-    selection kernel and the one-launch layer of ``pallas_inline.py``."""
-    tp, be = rank_tb.shape
     mass_tb = ahead_tb + p_tb if rule == "paper" else ahead_tb
+    tau = jnp.sum(plgpu.load(tau_ref.at[pl.ds(0, 1)]))  # [1] -> scalar
     below = (mass_tb / zsum_t[:, None]) < tau
     sel = (rank_tb < k_min) | ((rank_tb < k_max) & ((tau > 1.0) | below))
     real = (e_b < e) & (jax.lax.broadcasted_iota(jnp.int32, (tp, be), 0) < t)
@@ -123,20 +107,15 @@ def choose(rank_tb, ahead_tb, p_tb, lg_tb, zsum_t, tau, e_b, *, t, e, rule, gate
         # says which experts are selected, so k and the union need no second output. The
         # change is ≤ 1.2e-38 per gate, far below any tolerance.
         sig = jnp.maximum(1.0 / (1.0 + jnp.exp(-lg_tb)), TINY)
-        return jnp.where(sel, sig, 0.0).astype(jnp.float32)
-    return jnp.where(sel, 1.0, 0.0).astype(jnp.float32)
-
-
-def check_rule(rule: str, gate: str, k_min: int, k_max: int | None, e: int) -> int:
-    """Raises ValueError for a selection the kernels do not know; returns ``k_max`` (≤ E)."""
-    if rule not in ("paper", "nucleus"):
-        raise ValueError(f"rule must be 'paper' or 'nucleus', got {rule!r}")
-    if gate not in ("sigmoid", "none"):
-        raise ValueError(f"gate mode must be 'sigmoid' or 'none', got {gate!r}")
-    k_max = e if k_max is None else min(k_max, e)
-    if not 1 <= k_min <= k_max:
-        raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
-    return k_max
+        g_tb = jnp.where(sel, sig, 0.0)
+    else:
+        g_tb = jnp.where(sel, 1.0, 0.0)
+    plgpu.store(gate_ref.at[:, pl.ds(c_own, be)], g_tb.astype(jnp.float32))
+    if len(out_refs) > 1:
+        z_ref = out_refs[1]
+        zr, zc = z_ref.shape[0], z_ref.shape[1] // (ep // be)
+        cols = pl.ds(pl.multiple_of(pid * zc, zc), zc)
+        plgpu.store(z_ref.at[:, cols], jnp.zeros((zr, zc), jnp.float32))
 
 
 def zeroable(shape: tuple[int, int], ep: int, block_e: int = 16) -> bool:
@@ -214,7 +193,13 @@ def route_gates_from_partials(
     tp = part_tp.shape[0]
     if part_tp.shape[1] != n_part * ep:
         raise ValueError(f"partials {part_tp.shape} do not hold {n_part} splits of {ep} columns")
-    k_max = check_rule(rule, gate, k_min, k_max, e)
+    if rule not in ("paper", "nucleus"):
+        raise ValueError(f"rule must be 'paper' or 'nucleus', got {rule!r}")
+    if gate not in ("sigmoid", "none"):
+        raise ValueError(f"gate mode must be 'sigmoid' or 'none', got {gate!r}")
+    k_max = e if k_max is None else min(k_max, e)
+    if not 1 <= k_min <= k_max:
+        raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
     be = min(block_e, ep)
     bj = max(1, min(ep, 4096 // (tp * be)))  # [tp, be, bj] compare tile in registers
     kern = functools.partial(

@@ -106,16 +106,6 @@ CASES = [
     # 1-neuron units (two programs a SM) with a masked last chunk of d, every expert.
     ("b1_balanced_prefetch_bn1_kE_tail_fp32", 1, 192, 8, 16, jnp.float32, 1.05, 1.0,
      {"experts": "balanced", "programs": 5, "block_n": 1, "block_d": 128, "prefetch": 1}),
-    # One launch for a small layer (pallas_inline.py): every program routes. Masked d, E = 40
-    # padded to 64, the fused norm, k = 1 and k = E, the nucleus rule with k clamps, no gates.
-    ("b1_inline_bf16", 1, 128, 8, 32, jnp.bfloat16, 0.6, 0.1, {"routing": "inline"}),
-    ("b1_inline_d96_e40_norm_fp32", 1, 96, 40, 16, jnp.float32, 0.6, 0.1,
-     {"routing": "inline", "with_norm": True}),
-    ("b1_inline_k1_fp32", 1, 64, 8, 16, jnp.float32, 0.01, 1.0, {"routing": "inline"}),
-    ("b1_inline_kE_d200_bf16", 1, 200, 12, 16, jnp.bfloat16, 1.05, 0.1,
-     {"routing": "inline", "block_n": 4}),
-    ("b1_inline_nucleus_clamps_nogate_fp32", 1, 160, 24, 8, jnp.float32, 0.5, 0.5,
-     {"routing": "inline", "rule": "nucleus", "k_min": 2, "k_max": 5, "gate": "none"}),
     # The selection kernel's own blocks: 4 experts a program over E = 40 (zeroing the
     # accumulator in 16 shares), 2 warps; and through the XLA-glue path at batch 3.
     ("b1_select_be4_w2_bf16", 1, 128, 40, 16, jnp.bfloat16, 0.6, 0.1,
@@ -300,12 +290,6 @@ def test_rejects_unsupported_inputs():
         pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", programs=-1, **kw)
     with pytest.raises(ValueError, match="prefetch must be"):
         pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, experts="balanced", prefetch=2, **kw)
-    with pytest.raises(ValueError, match="routing must be"):
-        pd.sparse_ffn_decode(x, r, w_in, w_out, 0.5, routing="fused", **kw)
-    with pytest.raises(ValueError, match="one token"):  # the one-launch layer: one token only
-        pd.sparse_ffn_decode(x, r, w_in, w_out, 0.5, routing="inline", **kw)
-    with pytest.raises(ValueError, match="no use_dot"):
-        pd.sparse_ffn_decode(x[:1], r, w_in, w_out, 0.5, routing="inline", use_dot=True, **kw)
     with pytest.raises(ValueError, match="select_block_e must be a power of two"):
         pd.sparse_ffn_decode(x, r, w_in, w_out, 0.5, select_block_e=12, **kw)
     with pytest.raises(ValueError, match="select_warps must be a power of two"):
@@ -345,15 +329,6 @@ EXPORT_CASES = [c[:6] + (c[8],) for c in CASES] + [
     ("8b_b1_balanced_bn1", 1, 4096, 448, 32, jnp.bfloat16, {"block_n": 1}),
     ("8b_b1_select_be8", 1, 4096, 448, 32, jnp.bfloat16, {"select_block_e": 8}),
     ("smollm2_b1", 1, 576, 48, 32, jnp.bfloat16, {}),
-    (
-        "smollm2_b1_inline_norm",
-        1,
-        576,
-        48,
-        32,
-        jnp.bfloat16,
-        {"routing": "inline", "with_norm": True},
-    ),
     ("smollm2_b8", 8, 576, 48, 32, jnp.bfloat16, {}),
     ("8b_b16_split", 16, 4096, 448, 32, jnp.bfloat16, {"down": "split", "down_chunks": 8}),
     (
@@ -397,8 +372,6 @@ def test_triton_lowering_exports_for_cuda(case):
     route = opts.get("routing") != "xla"  # the sort-free selection kernel
     logits = route and opts.get("logits", "pallas") == "pallas"  # the split-K router GEMV
     expect = 1 + route + logits + split
-    if opts.get("routing") == "inline":  # the one-launch small layer: exactly one kernel
-        expect = 1
     assert n_triton == expect
 
 
@@ -431,8 +404,7 @@ def test_gpu_smollm2_layer_shape():
     """SmolLM2's layer (d 576, E 48, G 32) at 1, 5 and 8 tokens, default and pre-activation
     forms: the shapes of the end-to-end generation test, checked one layer at a time."""
     for t in (1, 5, 8):
-        inline = [{"routing": "inline"}, {"routing": "inline", "with_norm": True}]
-        for opts in [{}, {"down": "preact"}] + (inline if t == 1 else []):
+        for opts in ({}, {"down": "preact"}):
             case = (f"smollm2_b{t}_{opts}", t, 576, 48, 32, jnp.bfloat16, 0.6, 0.05, opts)
             _check(case, interpret=False, seed=t)
 
@@ -465,16 +437,10 @@ def _vmapped(x, r, w_in, w_out, g, interpret, **tuning):
         assert_close(y, y_ref, "op_fp32", "vmap over token sets")
 
 
-_VMAP_IDS = ["b1", "b3", "b1_balanced", "b1_inline"]
-_VMAP_CASES = [
-    (1, {}),
-    (3, {}),
-    (1, {"experts": "balanced", "programs": 4}),
-    (1, {"routing": "inline"}),
-]
+_VMAP_CASES = [(1, {}), (3, {}), (1, {"experts": "balanced", "programs": 4})]
 
 
-@pytest.mark.parametrize("t,tuning", _VMAP_CASES, ids=_VMAP_IDS)
+@pytest.mark.parametrize("t,tuning", _VMAP_CASES, ids=["b1", "b3", "b1_balanced"])
 def test_vmap_matches_reference(t, tuning):
     x, r, w_in, w_out = _inputs(t, t, 96, 8, 16, jnp.float32, 0.3)
     _vmapped(x, r, w_in, w_out, 16, interpret=True, **tuning)
@@ -495,7 +461,7 @@ def test_vmapped_layer_lowers_for_cuda(d):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,tuning", _VMAP_CASES, ids=_VMAP_IDS)
+@pytest.mark.parametrize("t,tuning", _VMAP_CASES, ids=["b1", "b3", "b1_balanced"])
 def test_gpu_vmap_matches_reference(t, tuning):
     x, r, w_in, w_out = _inputs(t + 10, t, 96, 8, 16, jnp.float32, 0.3)
     _vmapped(x, r, w_in, w_out, 16, interpret=False, **tuning)
