@@ -117,6 +117,8 @@ def main():
         help="also record each prefill variant's per-kernel device µs (profiler trace): where the "
         "time goes between routing, grouping, the grouped up-projection and the down GEMM",
     )
+    ap.add_argument("--prefill-top", type=int, default=8, help="kernels listed by --prefill-trace")
+    ap.add_argument("--prefill-hlo", help="also write each prefill variant's optimized HLO here")
     ap.add_argument("--out", default="results/kernels.jsonl")
     a = ap.parse_args()
     head = header()
@@ -196,7 +198,11 @@ def main():
             with router_logits_mode("fp32" if impl == "xla" and tn else "shared"):
                 fn = chain_fn(impl, g, kp)
                 t = time_fn(fn, xp, one, warmup=2, iters=10)
-                kb = kernel_breakdown(fn, xp, one) if a.prefill_trace else {}
+                kb = kernel_breakdown(fn, xp, one, a.prefill_top) if a.prefill_trace else {}
+                if a.prefill_hlo:
+                    Path(a.prefill_hlo).mkdir(parents=True, exist_ok=True)
+                    hlo = fn.lower(xp, one).compile().as_text()
+                    (Path(a.prefill_hlo) / f"{impl}_{len(rows)}.txt").write_text(hlo)
         except Exception as err:
             print(f"prefill {impl} {tn}: {err!r}"[:300], flush=True)
             continue

@@ -1049,4 +1049,12 @@ s21e)  # s21d: the one-launch layer 11.5 us a SmolLM2 layer vs 9.8 for the three
       "inline_w4_bn16": {"1": {"routing": "inline", "num_warps": 4, "block_n": 16}}}' \
     --out "$OUT/sparse_decode.jsonl"
   ;;
+s21f)  # the grouped prefill's every kernel (4096 tokens, 8B layer, 25%) and its optimized HLO: what the
+       # ~320 us outside the two GEMMs and the router are
+  run timeout 250 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+    --prefill-top 40 --prefill-tunings 128,64,8,4 --prefill-hlo "$OUT/prefill_hlo" \
+    --out "$OUT/prefill.jsonl"
+  gzip -f "$OUT"/prefill_hlo/*.txt
+  find "$OUT" -name "*.xplane.pb" -delete
+  ;;
 esac
