@@ -198,7 +198,7 @@ def main():
             with router_logits_mode("fp32" if impl == "xla" and tn else "shared"):
                 fn = chain_fn(impl, g, kp)
                 t = time_fn(fn, xp, one, warmup=2, iters=10)
-                kb = kernel_breakdown(fn, xp, one, a.prefill_top) if a.prefill_trace else {}
+                kb = kernel_breakdown(fn, xp, one, top=a.prefill_top) if a.prefill_trace else {}
                 if a.prefill_hlo:
                     Path(a.prefill_hlo).mkdir(parents=True, exist_ok=True)
                     hlo = fn.lower(xp, one).compile().as_text()
