@@ -1057,4 +1057,12 @@ s21f)  # the grouped prefill's every kernel (4096 tokens, 8B layer, 25%) and its
   gzip -f "$OUT"/prefill_hlo/*.txt
   find "$OUT" -name "*.xplane.pb" -delete
   ;;
+s21g)  # the grouping's tile table without jnp.searchsorted's device while loop: the grouped prefill's
+       # kernels again, and the Triton GPU tests of the grouped path
+  run timeout 200 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+    --prefill-top 40 --prefill-tunings 128,64,8,4 --out "$OUT/prefill.jsonl"
+  find "$OUT" -name "*.xplane.pb" -delete
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_triton.py -k "group"
+  ;;
 esac

@@ -261,6 +261,10 @@ def test_groups_cover_every_pair_once():
             pairs.add((int(tok[off[e] + r]), int(e)))
     assert pairs == set(zip(*np.nonzero(mask), strict=True))
     assert (tile_e[: int(np.sum(-(-cnt // 8)))] < 12).all()
+    tile_end = np.cumsum(-(-cnt // 8))  # each tile's expert: the sorted search it replaces
+    np.testing.assert_array_equal(
+        tile_e, np.searchsorted(tile_end, np.arange(len(tile_e)), "right")
+    )
 
 
 @pytest.mark.gpu
