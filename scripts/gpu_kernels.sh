@@ -1002,7 +1002,8 @@ s21a)  # the 1B sparse step's optimized HLO (XLA and Pallas projections) and den
   trace 150 hlo_1b_dense --shape llama-3.2-1b --sparsity 0 --attn pallas --hlo
   gzip -f "$OUT/hlo_1b_dense/hlo.txt"
   ;;
-s21b)  # the balanced kernel's first unit peeled (its W_out rows load with its W_gate/W_up): device
+s21b)  # (needs e18635a: peel was removed after this run) the balanced kernel's first unit peeled
+       # (its W_out rows load with its W_gate/W_up): device
        # µs at k = 1 and 10/25/50% (8B, 1B), end to end at 75%, its GPU tests
   run timeout 150 python3 benchmarks/expert_profile.py --time --kfrac 0.0023 0.1 0.25 0.5 \
     --rounds 3 --variants default peel --out "$OUT/expert_profile.jsonl"
@@ -1025,7 +1026,8 @@ s21c)  # the SmolLM2-135M shape with the projection kernels (models.decode_proj;
   done
   trace 120 trace_smollm2_dense_pallas --shape smollm2-135m --sparsity 0 --attn pallas --proj pallas
   ;;
-s21d)  # the one-launch small layer (kernels/pallas_inline.py, routing="inline"): its GPU tests, the
+s21d)  # (needs 8676e46: removed after s21e) the one-launch small layer (kernels/pallas_inline.py,
+       # routing="inline"): its GPU tests, the
        # SmolLM2-135M shape end to end next to the three-launch default (two processes), a trace
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_pallas.py -k "inline or smollm2_layer_shape"
@@ -1037,7 +1039,8 @@ s21d)  # the one-launch small layer (kernels/pallas_inline.py, routing="inline")
   trace 120 trace_smollm2_75_inline --shape smollm2-135m --sparsity 0.75 --attn pallas \
     --tuning '{"1": {"routing": "inline"}}'
   ;;
-s21e)  # s21d: the one-launch layer 11.5 us a SmolLM2 layer vs 9.8 for the three launches (its ~13
+s21e)  # (needs 5fff1ed) s21d: the one-launch layer 11.5 us a SmolLM2 layer vs 9.8 for the three
+       # launches (its ~13
        # dependent cross-thread reductions at 8 warps); fewer warps (shuffles, no barriers), fewer
        # neurons a program
   run timeout 200 python3 benchmarks/sparse_decode.py --shapes smollm2-135m --sparsities 0.75 \
