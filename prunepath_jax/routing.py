@@ -268,12 +268,28 @@ def select(
     k_t = jnp.sum(below_te, axis=-1, dtype=jnp.int32)
     k_t = jnp.where(tau > 1.0, e, k_t)
     k_t = jnp.clip(k_t, k_min, k_max).astype(jnp.int32)  # k_min ≥ 1 keeps the top-1 (paper)
-    # Scatter the rank-space prefix back to expert space (cheaper than inverting the sort).
-    prefix_te = jnp.arange(e, dtype=jnp.int32) < k_t[..., None]
-    mask_te = jnp.put_along_axis(
-        jnp.zeros(prefix_te.shape, bool), order_te, prefix_te, axis=-1, inplace=False
-    )
+    mask_te = _rank_below(probs_te, sorted_te, k_t)
     return Selection(mask_te, k_t, probs_te, order_te, cum_te)
+
+
+def _rank_below(probs_te, sorted_te, k_t):
+    """``rank(e) < k_t`` in expert space, where rank is the position in the stable descending
+    sort (``order_te``), without inverting the sort or scattering into it.
+
+    Why: ``put_along_axis`` is a scatter, ~45 µs with its index and zero fusions at 4096 tokens x
+    448 experts on an H200 (every prefill and training layer pays it); this is ~3 fusions.
+    How: with ``p*`` the k-th sorted probability, e ranks before k iff ``p_e`` sorts ahead of
+    ``p*``, or ties it and is among the first ``k − #ahead`` of those ties by index (the stable
+    sort keeps ties in index order). Sort order is ``lax.sort``'s: ±0 equal, NaN after every
+    number (NaNs tie with each other), so ``p`` ahead of ``p*`` means ``p > p*`` or ``p*`` NaN
+    and ``p`` not."""
+    p_star = jnp.take_along_axis(sorted_te, k_t[..., None] - 1, axis=-1)  # [..., 1]
+    nan_p, nan_s = jnp.isnan(probs_te), jnp.isnan(p_star)
+    ahead = (probs_te > p_star) | (nan_s & ~nan_p)
+    tie = (probs_te == p_star) | (nan_s & nan_p)
+    n_ahead = jnp.sum(ahead, axis=-1, keepdims=True, dtype=jnp.int32)
+    tie_before = jnp.cumsum(tie, axis=-1, dtype=jnp.int32) - tie.astype(jnp.int32)
+    return ahead | (tie & (tie_before < k_t[..., None] - n_ahead))
 
 
 def gates(logits_te: jax.Array, mask_te: jax.Array, mode: GateMode = "sigmoid") -> jax.Array:

@@ -1068,4 +1068,12 @@ s21g)  # the grouping's tile table without jnp.searchsorted's device while loop:
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_triton.py -k "group"
   ;;
+s21h)  # routing.select's mask by a threshold on the k-th sorted probability instead of a scatter:
+       # the prefill's kernels (XLA and grouped paths), the grouped path's GPU test
+  run timeout 200 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+    --prefill-top 40 --prefill-tunings 128,64,8,4 --out "$OUT/prefill.jsonl"
+  find "$OUT" -name "*.xplane.pb" -delete
+  run timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_triton.py -k "group"
+  ;;
 esac

@@ -154,6 +154,32 @@ def test_uniform_boundaries_and_ties():
     np.testing.assert_array_equal(sel.order_te[0], [1, 3, 2, 4, 0])
 
 
+def test_mask_is_the_sorts_prefix_with_ties_zeros_and_nans():
+    """``select``'s mask (a threshold on the k-th sorted probability plus an index rule for ties,
+    no scatter) equals the first k_t entries of its own sort, also where probabilities tie,
+    underflow to exactly 0, or are NaN (which ``lax.sort`` places after every number), under
+    clamps and at every k."""
+    rng = np.random.default_rng(11)
+    rows = [
+        rng.normal(size=12) * 3,
+        np.repeat([2.0, 0.0, -1.0], 4),  # three tie groups
+        np.array([0.0, -300.0, 5.0, -300.0, 5.0, -400.0, 0.0, 1.0, -500.0, 5.0, 2.0, -300.0]),
+        np.where(np.arange(12) % 3 == 0, np.nan, rng.normal(size=12)),  # NaN rows: all NaN p
+        np.array([1.0, 2.0] + [-1000.0] * 10),  # ten exact zeros after two experts
+    ]
+    logits = np.stack(rows).astype(np.float32)
+    logits[3, 5] = -np.nan  # a NaN with the sign bit set
+    for tau in (0.05, 0.3, 0.7, 0.999, 1.0, 1.05):
+        for rule in ("paper", "nucleus"):
+            for k_min, k_max in ((1, None), (3, 3), (2, 9), (11, 12)):
+                sel = _select_jit(logits, np.float32(tau), rule=rule, k_min=k_min, k_max=k_max)
+                order, k = np.asarray(sel.order_te), np.asarray(sel.k_t)
+                ref = np.zeros_like(np.asarray(sel.mask_te))
+                for i in range(len(rows)):
+                    ref[i, order[i, : k[i]]] = True
+                np.testing.assert_array_equal(sel.mask_te, ref, err_msg=f"{tau} {rule} {k_min}")
+
+
 def test_tau_above_one_selects_all_even_with_underflow():
     logits = np.array([[0.0, -200.0, -300.0, 50.0]], np.float32)  # p underflows to 0
     for rule in ("paper", "nucleus"):
