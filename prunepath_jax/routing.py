@@ -276,8 +276,9 @@ def _rank_below(probs_te, sorted_te, k_t):
     """``rank(e) < k_t`` in expert space, where rank is the position in the stable descending
     sort (``order_te``), without inverting the sort or scattering into it.
 
-    Why: ``put_along_axis`` is a scatter, ~45 µs with its index and zero fusions at 4096 tokens x
-    448 experts on an H200 (every prefill and training layer pays it); this is ~3 fusions.
+    Why: ``put_along_axis`` is a scatter, 33.6 µs plus its index and zero fusions at 4096
+    tokens x 448 experts on an H200, paid by every prefill and training layer; this form
+    measured 31-32 µs less device time per such layer (BENCHMARKS.md, sixteenth session).
     How: with ``p*`` the k-th sorted probability, e ranks before k iff ``p_e`` sorts ahead of
     ``p*``, or ties it and is among the first ``k − #ahead`` of those ties by index (the stable
     sort keeps ties in index order). Sort order is ``lax.sort``'s: ±0 equal, NaN after every
