@@ -82,8 +82,13 @@ def kernel_breakdown(fn, *args, top: int = 8) -> dict:
     return {"device_us_total": round(sum(per.values()), 1), "kernels_us": out}
 
 
+def hlo_text(fn, *args) -> str:
+    """The optimized HLO XLA compiles ``fn(*args)`` to."""
+    return fn.lower(*args).compile().as_text()
+
+
 def launches(fn, *args) -> dict:
-    txt = fn.lower(*args).compile().as_text()
+    txt = hlo_text(fn, *args)
     return {"custom_calls": txt.count(" custom-call("), "fusions": txt.count(" fusion(")}
 
 
@@ -201,8 +206,8 @@ def main():
                 kb = kernel_breakdown(fn, xp, one, top=a.prefill_top) if a.prefill_trace else {}
                 if a.prefill_hlo:
                     Path(a.prefill_hlo).mkdir(parents=True, exist_ok=True)
-                    hlo = fn.lower(xp, one).compile().as_text()
-                    (Path(a.prefill_hlo) / f"{impl}_{len(rows)}.txt").write_text(hlo)
+                    hlo = Path(a.prefill_hlo) / f"{impl}_{len(rows)}.txt"
+                    hlo.write_text(hlo_text(fn, xp, one))
         except Exception as err:
             print(f"prefill {impl} {tn}: {err!r}"[:300], flush=True)
             continue
