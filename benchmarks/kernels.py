@@ -108,7 +108,8 @@ def main():
         nargs="*",
         type=lambda v: tuple(int(x) if x.isdigit() else x for x in v.split(",")),
         default=[(64, 64, 4, 3)],
-        help="block_m,block_d,warps,stages[,router_logits] per variant (shared, fp32 or bf16x3)",
+        help="block_m,block_d,warps,stages[,router_logits[,zeros[,x_evict]]] per variant "
+        "(router_logits: shared, fp32 or bf16x3; zeros: xla or memset; x_evict: e.g. evict_last)",
     )
     ap.add_argument(
         "--prefill-router-ab",
@@ -189,16 +190,17 @@ def main():
     print(rows[-1], flush=True)
     from prunepath_jax.kernels import triton_grouped
 
-    names = ("block_m", "block_d", "warps", "stages", "router_logits")
+    names = ("block_m", "block_d", "warps", "stages", "router_logits", "zeros", "x_evict")
     variants = [("xla", None)] + [
         ("triton", dict(zip(names, v, strict=False))) for v in a.prefill_tunings
     ]
     if a.prefill_router_ab:
         variants += [("xla", {"router_logits": "fp32"}), ("triton", {**variants[1][1],
                      "router_logits": "fp32"})]  # fmt: skip
+    defaults = dict(triton_grouped.DEFAULT_TUNING)
     for impl, tn in variants:
-        if tn and impl == "triton":
-            triton_grouped.DEFAULT_TUNING.update({"router_logits": "shared", **tn})
+        if tn and impl == "triton":  # each variant from the module's defaults, not the last's
+            triton_grouped.DEFAULT_TUNING.update({**defaults, **tn})
         try:  # the XLA path's router: the shared function, or (A/B) the fp32 GEMM at every size
             with router_logits_mode("fp32" if impl == "xla" and tn else "shared"):
                 fn = chain_fn(impl, g, kp)

@@ -91,6 +91,7 @@ def triton_call(
     num_warps: int = 4,
     num_stages: int = 3,
     input_output_aliases: dict[int, int] | None = None,
+    zeroed_outputs: Sequence[int] = (),
     interpret: bool = False,
     **meta,
 ) -> tuple[jax.Array, ...]:
@@ -104,6 +105,8 @@ def triton_call(
         num_warps, num_stages: Triton compile options (ignored by the interpreter).
         input_output_aliases: ``{input index: output index}``: the output starts as a copy of
             that input (jax-triton donates the buffer; the interpreter copies it).
+        zeroed_outputs: indices of outputs that start as zeros: jax-triton clears them with
+            a memset on the launch's stream, no XLA fusion writing a zeros array first.
         interpret: run under the Triton interpreter on CPU (eager, not under jit).
         **meta: the kernel's ``tl.constexpr`` parameters.
     """
@@ -119,6 +122,8 @@ def triton_call(
         outs = [_poisoned(s) for s in out_shape]
         for i, o in aliases.items():
             outs[o] = t_args[i].clone()
+        for o in zeroed_outputs:
+            outs[o] = outs[o].zero_()
         kernel[grid](*t_args, *outs, **meta)
         return tuple(_from_torch(o, s.dtype) for o, s in zip(outs, out_shape, strict=True))
     jt = jax_triton_module()
@@ -129,6 +134,7 @@ def triton_call(
         num_warps=num_warps,
         num_stages=num_stages,
         input_output_aliases=aliases or None,
+        zeroed_outputs=tuple(zeroed_outputs),
         **{_out_kwarg(): out_shape},
         **meta,
     )

@@ -1076,4 +1076,15 @@ s21h)  # routing.select's mask by a threshold on the k-th sorted probability ins
   run timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_triton.py -k "group"
   ;;
+s22a)  # the grouped up-projection's alternatives: zeros by jax-triton's memset instead of an XLA
+       # fill, the activations' L2 eviction hint, 256-token tiles, d steps, warps; their GPU tests
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_triton.py -k "group"
+  run timeout 400 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+    --prefill-top 12 --prefill-tunings 128,64,8,4 128,64,8,4,shared,memset \
+    128,64,8,4,shared,memset,evict_last 256,64,8,3,shared,memset 256,64,8,4,shared,memset \
+    256,64,8,3,shared,memset,evict_last 128,128,8,3,shared,memset 64,64,4,4,shared,memset \
+    256,32,8,6,shared,memset 128,64,4,4,shared,memset --out "$OUT/prefill.jsonl"
+  find "$OUT" -name "*.xplane.pb" -delete
+  ;;
 esac
