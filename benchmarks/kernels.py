@@ -108,8 +108,7 @@ def main():
         nargs="*",
         type=lambda v: tuple(int(x) if x.isdigit() else x for x in v.split(",")),
         default=[(64, 64, 4, 3)],
-        help="block_m,block_d,warps,stages[,router_logits[,zeros[,x_evict]]] per variant "
-        "(router_logits: shared, fp32 or bf16x3; zeros: xla or memset; x_evict: e.g. evict_last)",
+        help="block_m,block_d,warps,stages[,router_logits] per variant (shared, fp32 or bf16x3)",
     )
     ap.add_argument(
         "--prefill-router-ab",
@@ -190,7 +189,7 @@ def main():
     print(rows[-1], flush=True)
     from prunepath_jax.kernels import triton_grouped
 
-    names = ("block_m", "block_d", "warps", "stages", "router_logits", "zeros", "x_evict")
+    names = ("block_m", "block_d", "warps", "stages", "router_logits")
     variants = [("xla", None)] + [
         ("triton", dict(zip(names, v, strict=False))) for v in a.prefill_tunings
     ]

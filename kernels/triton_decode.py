@@ -48,15 +48,13 @@ def expert_swiglu_rows(
     e,  # the expert
     gate,  # [M] f32 per-token gate of expert e (0: not selected)
     D: tl.constexpr, F: tl.constexpr, G: tl.constexpr, M: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_F32: tl.constexpr, IEEE: tl.constexpr, X_EVICT: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """``gate * silu(x W_gate[e]^T) * (x W_up[e]^T)`` for M token rows: ``[M, G]`` float32.
 
     Expert e's gate and up rows are read as one interleaved ``[2G, d]`` slab (even rows gate
     neuron n//2, odd rows up neuron), so one dot per d-tile serves both projections. Shared by
-    the decode and the grouped (prefill) up kernels. ``X_EVICT``: the L2 eviction hint of the
-    activation loads ("" or e.g. "evict_last": the grouped kernel re-reads each token row once
-    per expert that selected it, the weights stream past).
+    the decode and the grouped (prefill) up kernels.
     """
     rn = tl.arange(0, 2 * G)
     w_row = (rn % 2) * F * D + (e * G + rn // 2) * D
@@ -65,8 +63,7 @@ def expert_swiglu_rows(
         rk = k0 + tl.arange(0, BLOCK_D)
         kmask = rk < D
         xk = tl.load(x_ptr + rows[:, None] * D + rk[None, :],
-                     mask=rmask[:, None] & kmask[None, :], other=0.0,
-                     eviction_policy=X_EVICT)  # fmt: skip
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)  # fmt: skip
         wk = tl.load(w_in_ptr + w_row[:, None] + rk[None, :], mask=kmask[None, :], other=0.0)
         if DOT_F32:
             acc += tl.dot(xk.to(tl.float32), tl.trans(wk.to(tl.float32)))
@@ -127,7 +124,7 @@ def _up_kernel(
     # --- expert e's gate/up GEMV, only if some token chose it -----------------------------
     if tl.sum(sel.to(tl.int32), 0) > 0:
         a = expert_swiglu_rows(x_ptr, rt, tmask, w_in_ptr, e, gate, D, F, G, T_PAD, BLOCK_D,
-                               DOT_F32, IEEE, "")  # fmt: skip
+                               DOT_F32, IEEE)  # fmt: skip
         rg = tl.arange(0, G)
         tl.store(a_ptr + rt[:, None] * F + e * G + rg[None, :], a, mask=tmask[:, None])
 

@@ -9,10 +9,11 @@ that chose it, padded to ``BLOCK_M`` tiles. ``_grouped_up_kernel`` runs one prog
 (expert, token tile): it gathers the tile's token rows of x, multiplies them with the expert's
 interleaved gate/up slab ``[2G, d]`` (fp32 accumulation), applies ``gate * silu(g) * u`` and
 scatters the result back into token order, ``a_tf[token, e*G:(e+1)*G]`` (every (token, expert)
-slot is written by exactly one program, so no atomics; unselected slots stay 0). The down
-projection is then one dense GEMM ``a_tf @ W_out`` in XLA. (Zero programs in this kernel that
-wrote the unselected slots instead of the memset were measured slower on the H200: the kernel
-went from 621 to 750 µs while the memset it replaced took 70.)
+slot is written by exactly one program, so no atomics; unselected slots stay 0: jax-triton
+clears the output with a memset on the launch's stream, 27.5 µs at 4096 x 14336 bf16 on the
+H200 against 70 µs for an XLA zeros fusion aliased into the kernel). The down projection is then
+one dense GEMM ``a_tf @ W_out`` in XLA. (Zero programs in this kernel that wrote the unselected
+slots instead of a memset were measured slower on the H200: the kernel went from 621 to 750 µs.)
 
 Why the down projection is dense: a sparse down over random per-token expert sets has no
 block structure to skip (a 64-token tile at 25% uses ~every expert), and per-(token, expert)
@@ -45,11 +46,9 @@ def _grouped_up_kernel(
     cnt_ptr,  # [E] i32 tokens per expert
     tile_e_ptr,  # [N_TILES] i32 expert of each tile (E past the last real tile)
     tile_m_ptr,  # [N_TILES] i32 tile index inside its expert's group
-    a_in_ptr,  # [T, F] zeros (aliased to a_ptr)
-    a_ptr,  # out [T, F] gate * silu(g) * u in token order
+    a_ptr,  # out [T, F] gate * silu(g) * u in token order (zeroed by jax-triton's memset)
     T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-    X_EVICT: tl.constexpr,
 ):  # fmt: skip
     F: tl.constexpr = E * G
     i = tl.program_id(0)
@@ -63,7 +62,7 @@ def _grouped_up_kernel(
         tok = tl.load(tok_ptr + off + rows, mask=rmask, other=0)
         gate = tl.load(gate_ptr + tok * E + e, mask=rmask, other=0.0)
         a = expert_swiglu_rows(x_ptr, tok, rmask, w_in_ptr, e, gate, D, F, G, BLOCK_M, BLOCK_D,
-                               DOT_F32, IEEE, X_EVICT)  # fmt: skip
+                               DOT_F32, IEEE)  # fmt: skip
         rg = tl.arange(0, G)
         tl.store(a_ptr + tok[:, None] * F + e * G + rg[None, :], a.to(a_ptr.dtype.element_ty),
                  mask=rmask[:, None])  # fmt: skip
@@ -80,15 +79,7 @@ def _grouped_up_kernel(
 # other than the XLA path's sums in another order, which can move a token across its τ
 # boundary; through the layers the prompts' selections then drift apart (measured on SmolLM2 at
 # τ = 0.5, batch 8: equal k_t in 11 of 30 layers when only this path took the split).
-DEFAULT_TUNING = {
-    "block_m": 128,
-    "block_d": 64,
-    "warps": 8,
-    "stages": 4,
-    "router_logits": "shared",
-    "zeros": "xla",
-    "x_evict": "",
-}
+DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared"}
 _LOGITS = {
     "shared": routing.router_logits,
     "fp32": routing.router_logits_fp32,
@@ -158,18 +149,13 @@ def sparse_ffn_grouped(
     block_m = tn["block_m"]
     tok, off_e, cnt_e, tile_e, tile_m = group_by_expert(sel.mask_te, k_max, block_m)
     is_f32 = x_td.dtype == jnp.float32
-    if tn["zeros"] not in ("xla", "memset"):
-        raise ValueError(f"zeros must be 'xla' or 'memset': {tn['zeros']!r}")
-    memset = tn["zeros"] == "memset"
-    zeros = jnp.zeros((1,) if memset else (t, f), x_td.dtype)
     (a_tf,) = jt.triton_call(
-        _grouped_up_kernel, x_td, w_in_cfd, gate_te, tok, off_e, cnt_e, tile_e, tile_m, zeros,
-        out_shape=[jax.ShapeDtypeStruct((t, f), x_td.dtype)],
-        input_output_aliases=None if memset else {8: 0}, zeroed_outputs=(0,) if memset else (),
-        grid=(tile_e.shape[0],), num_warps=tn["warps"],
-        num_stages=tn["stages"], interpret=interpret, T=t, D=d, E=e, G=g, BLOCK_M=block_m,
+        _grouped_up_kernel, x_td, w_in_cfd, gate_te, tok, off_e, cnt_e, tile_e, tile_m,
+        out_shape=[jax.ShapeDtypeStruct((t, f), x_td.dtype)], zeroed_outputs=(0,),
+        grid=(tile_e.shape[0],), num_warps=tn["warps"], num_stages=tn["stages"],
+        interpret=interpret, T=t, D=d, E=e, G=g, BLOCK_M=block_m,
         BLOCK_D=min(tn["block_d"], max(16, jt.next_pow2(d))), DOT_F32=bool(interpret),
-        IEEE=bool(is_f32 and not interpret), X_EVICT=tn["x_evict"],
+        IEEE=bool(is_f32 and not interpret),
     )  # fmt: skip
     prec = jax.lax.Precision.HIGHEST if is_f32 else None
     y_td = jnp.matmul(a_tf, w_out_fd, precision=prec, preferred_element_type=jnp.float32)

@@ -1087,4 +1087,14 @@ s22a)  # the grouped up-projection's alternatives: zeros by jax-triton's memset 
     256,32,8,6,shared,memset 128,64,4,4,shared,memset --out "$OUT/prefill.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
   ;;
+s22b)  # the grouped kernel's output zeroed by jax-triton's memset (the default now): the Triton GPU
+       # tests, one prefill layer with its kernels, the whole-model prefill (8B, 4096 tokens)
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_triton.py
+  run timeout 150 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+    --prefill-top 12 --prefill-tunings 128,64,8,4 --out "$OUT/prefill.jsonl"
+  find "$OUT" -name "*.xplane.pb" -delete
+  run timeout 300 python3 benchmarks/sparse_prefill.py --shapes llama-3-8b --batch 1 \
+    --prompt-len 4096 --iters 5 --out "$OUT/sparse_prefill.jsonl"
+  ;;
 esac
