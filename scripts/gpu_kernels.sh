@@ -1097,4 +1097,9 @@ s22b)  # the grouped kernel's output zeroed by jax-triton's memset (the default 
   run timeout 300 python3 benchmarks/sparse_prefill.py --shapes llama-3-8b --batch 1 \
     --prompt-len 4096 --iters 5 --out "$OUT/sparse_prefill.jsonl"
   ;;
+s22c)  # weights before the barrier in one persistent kernel (scripts/megakernel_probe.py): a chain
+       # of 32 dependent GEMVs as XLA's GEMVs vs one Triton launch with grid barriers
+  run timeout 300 python3 scripts/megakernel_probe.py --d 1024 2048 --programs 128 256 \
+    --layers 32 --out "$OUT/megakernel.jsonl"
+  ;;
 esac

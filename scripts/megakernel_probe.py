@@ -1,0 +1,182 @@
+"""Weights before the barrier in one persistent kernel: is a decode megakernel worth building?
+
+Why. Every lever inside XLA-launched kernels has been measured (BENCHMARKS.md, sessions 12-16):
+the decode step's ~10 launches a layer each pay a chain of dependent round trips, XLA starts no
+kernel before its predecessor ends, and a grid barrier inside one launch costs about what a
+kernel boundary does (13th session) -- when the work after the barrier still has to fetch its
+weights. What no measurement has covered is the one thing only a persistent kernel can do:
+issue the *next* phase's weight loads before waiting at the barrier, so weight streaming
+overlaps the barrier and the activations' round trip. This probe measures exactly that on the
+simplest chain with the decode step's dependency shape: L dependent GEMVs ``y_l = W_l y_(l-1)``
+(``W_l`` ``[D, D]`` bf16, one token), as
+
+* ``xla``: one XLA GEMV per phase, the model's own form (`matvec_safe_matmul`, bf16 activations:
+  XLA's split-K GEMM and its fusions, ~3 launches a phase, as the decode step's projections);
+* ``mega``: one Triton launch for all L phases; each of P programs owns ``D / P`` output rows,
+  a grid barrier (one counter, release/acquire at GPU scope) separates the phases, and the
+  program loads its rows of ``W_l`` only after the barrier;
+* ``mega_prefetch``: the same, but the program issues the loads of its rows of ``W_(l+1)``
+  right after its arrival at barrier l, so they are in flight while it waits there (after the
+  arrival, because the release fence before it would otherwise wait for them).
+
+Each program's weight rows stay in registers (``D / P * D`` bf16: 64 KB at D 2048 over 128
+programs), so only shapes where that fits are probed. The counter starts at zero (jax-triton's
+memset); a program that polls ``SPIN`` times without the barrier opening gives up and reports it
+(the ``fail`` output), so a scheduling surprise cannot hang the GPU.
+
+    python scripts/megakernel_probe.py --d 2048 --layers 32 --out results/megakernel.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import copy_bandwidth, header, kernel_durations, time_fn, write_rows  # noqa: E402
+
+from prunepath_jax.kernels import jt  # noqa: E402
+from prunepath_jax.models.layers import matvec_safe_matmul  # noqa: E402
+
+SPIN = 200_000  # polls before a program gives up on a barrier (~0.1 s)
+VARIANTS = ("xla", "mega", "mega_prefetch")
+
+
+@triton.jit
+def _chain_kernel(
+    x_ptr,  # [D] f32 input of phase 0
+    w_ptr,  # [L, D, D] bf16 weights, output-row-major
+    y_ptr,  # out [L, D] f32: every phase's output (the next phase's input)
+    ctr_ptr,  # out [1] i32 barrier counter (zeroed by jax-triton)
+    fail_ptr,  # out [P] i32: 1 where the program gave up on a barrier
+    L: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, P: tl.constexpr,
+    PREFETCH: tl.constexpr, SPIN: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rr = pid * ROWS + tl.arange(0, ROWS)
+    rd = tl.arange(0, D)
+    wp = w_ptr + rr[:, None] * D + rd[None, :]
+    w = tl.load(wp)  # phase 0's rows
+    failed = pid * 0
+    for layer in range(L):
+        if layer > 0:
+            # Barrier: every program has stored phase layer-1 (P arrivals per phase).
+            target = P * layer
+            seen = tl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
+            n = pid * 0
+            while (seen < target) & (n < SPIN):
+                seen = tl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
+                n += 1
+            failed = tl.where(seen < target, 1, failed)
+            tl.debug_barrier()
+            xv = tl.load(y_ptr + (layer - 1) * D + rd, cache_modifier=".cg")
+            if not PREFETCH:
+                w = tl.load(wp + layer * D * D)
+        else:
+            xv = tl.load(x_ptr + rd)
+        y = tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+        tl.store(y_ptr + layer * D + rr, y)
+        tl.debug_barrier()  # all of this program's stores issued before its arrival
+        tl.atomic_add(ctr_ptr, 1, sem="release", scope="gpu")
+        # After the arrival, not before: the release's fence (MEMBAR.GPU) would wait for these.
+        if PREFETCH:  # the next phase's rows, in flight during the next barrier's wait
+            w = tl.load(wp + tl.minimum(layer + 1, L - 1) * D * D)
+    tl.store(fail_ptr + pid, failed)
+
+
+def megakernel_chain(
+    x_d: jax.Array, w_ldd: jax.Array, *, programs: int, prefetch: bool, warps: int = 8,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """All L phases in one launch: ``(y_ld f32, fail_p i32)``."""
+    n_layers, d, d2 = w_ldd.shape
+    if d != d2 or d % programs or (d // programs) & (d // programs - 1) or d & (d - 1):
+        raise ValueError(f"need square power-of-2 layers split evenly over programs: {w_ldd.shape}")
+    y, _, fail = jt.triton_call(
+        _chain_kernel, x_d.astype(jnp.float32), w_ldd,
+        out_shape=[jax.ShapeDtypeStruct((n_layers, d), jnp.float32),
+                   jax.ShapeDtypeStruct((1,), jnp.int32),
+                   jax.ShapeDtypeStruct((programs,), jnp.int32)],
+        zeroed_outputs=(1,), grid=(programs,), num_warps=warps, num_stages=1,
+        interpret=interpret, L=n_layers, D=d, ROWS=d // programs, P=programs,
+        PREFETCH=bool(prefetch), SPIN=SPIN,
+    )  # fmt: skip
+    return y, fail
+
+
+def xla_chain(x_d: jax.Array, w_t_ldd: jax.Array) -> jax.Array:
+    """The model's form: bf16 activations, one XLA GEMV per phase (``w_t`` is ``[L, in, out]``)."""
+    x = x_d.astype(jnp.bfloat16)[None, :]
+    for layer in range(w_t_ldd.shape[0]):
+        x = matvec_safe_matmul(x, w_t_ldd[layer])
+    return x[0]
+
+
+def reference_chain(x_d: jax.Array, w_ldd: jax.Array) -> jax.Array:
+    """fp32 chain (bf16 weights): the megakernel's math, for the correctness check."""
+    ys, x = [], x_d.astype(jnp.float32)
+    for layer in range(w_ldd.shape[0]):
+        x = jnp.dot(w_ldd[layer].astype(jnp.float32), x, precision=jax.lax.Precision.HIGHEST)
+        ys.append(x)
+    return jnp.stack(ys)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--d", type=int, nargs="+", default=[2048])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--programs", type=int, nargs="+", default=[128])
+    ap.add_argument("--warps", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--out", default="results/megakernel.jsonl")
+    a = ap.parse_args()
+    head = {**header(), "bench": "megakernel_probe", "layers": a.layers}
+    bw = max(copy_bandwidth().values())
+    rows = []
+    for d in a.d:
+        kx, kw = jax.random.split(jax.random.key(d))
+        w = (jax.random.normal(kw, (a.layers, d, d)) * d**-0.5).astype(jnp.bfloat16)
+        w_t = jnp.swapaxes(w, 1, 2).copy()
+        x = jax.random.normal(kx, (d,), jnp.float32)
+        want = reference_chain(x, w)
+        bytes_phase = d * d * 2
+        fns = {"xla": (jax.jit(xla_chain), (x, w_t))}
+        for p in a.programs:
+            for v in ("mega", "mega_prefetch"):
+                f = jax.jit(lambda x, w, p=p, v=v: megakernel_chain(
+                    x, w, programs=p, prefetch=v == "mega_prefetch", warps=a.warps))  # fmt: skip
+                fns[f"{v}_p{p}"] = (f, (x, w))
+        for name, (fn, args) in fns.items():
+            out = jax.block_until_ready(fn(*args))
+            if name == "xla":
+                got, fails = np.asarray(out, np.float32), 0
+                err = float(np.max(np.abs(got - want[-1])) / np.max(np.abs(want[-1])))
+            else:
+                got, fails = np.asarray(out[0]), int(np.asarray(out[1]).sum())
+                err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+            t = time_fn(fn, *args, warmup=3, iters=a.iters)
+            dev = kernel_durations(fn, *args)
+            dev_us = sum(sum(v) for v in dev.values())
+            launches = sum(len(v) for v in dev.values())
+            row = {**head, "d": d, "variant": name, "us_per_phase": t * 1e6 / a.layers,
+                   "device_us_per_phase": dev_us / a.layers,
+                   "launches_per_phase": launches / a.layers,
+                   "floor_us_per_phase": bytes_phase / bw * 1e6,
+                   "pct_copy_bw": bytes_phase / (t / a.layers) / bw * 100,
+                   "rel_err_vs_fp32": err, "failed_programs": fails,
+                   "copy_TB_s": bw / 1e12}  # fmt: skip
+            rows.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                   if k not in head}, flush=True)  # fmt: skip
+    write_rows(a.out, rows)
+
+
+if __name__ == "__main__":
+    main()
