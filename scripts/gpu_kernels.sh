@@ -1102,4 +1102,8 @@ s22c)  # weights before the barrier in one persistent kernel (scripts/megakernel
   run timeout 300 python3 scripts/megakernel_probe.py --d 1024 2048 --programs 128 256 \
     --layers 32 --out "$OUT/megakernel.jsonl"
   ;;
+s22d)  # the megakernel probe again with each chain's device span (first kernel start to last end)
+  run timeout 300 python3 scripts/megakernel_probe.py --d 1024 2048 --programs 128 256 \
+    --layers 64 --out "$OUT/megakernel.jsonl"
+  ;;
 esac
