@@ -1106,4 +1106,11 @@ s22d)  # the megakernel probe again with each chain's device span (first kernel 
   run timeout 300 python3 scripts/megakernel_probe.py --d 1024 2048 --programs 128 256 \
     --layers 64 --out "$OUT/megakernel.jsonl"
   ;;
+s22e)  # the megakernel probe: the barrier's own cost (tiny phases) and the 8B width (d 4096, rows
+       # walked in 1024-column chunks, the prefetch covering the first)
+  run timeout 200 python3 scripts/megakernel_probe.py --d 256 512 --programs 128 --layers 64 \
+    --out "$OUT/megakernel.jsonl"
+  run timeout 250 python3 scripts/megakernel_probe.py --d 4096 --programs 128 256 \
+    --block-k 1024 --layers 32 --out "$OUT/megakernel.jsonl"
+  ;;
 esac

@@ -19,8 +19,9 @@ simplest chain with the decode step's dependency shape: L dependent GEMVs ``y_l 
   right after its arrival at barrier l, so they are in flight while it waits there (after the
   arrival, because the release fence before it would otherwise wait for them).
 
-Each program's weight rows stay in registers (``D / P * D`` bf16: 64 KB at D 2048 over 128
-programs), so only shapes where that fits are probed. The counter starts at zero (jax-triton's
+A program holds ``D / P`` rows by ``block_k`` columns of a phase's weights in registers at once
+(64 KB at D 2048 over 128 programs); at D 4096 it walks the row in chunks, and the prefetch
+covers only the first chunk. The counter starts at zero (jax-triton's
 memset); a program that polls ``SPIN`` times without the barrier opening gives up and reports it
 (the ``fail`` output), so a scheduling surprise cannot hang the GPU.
 
@@ -50,20 +51,31 @@ VARIANTS = ("xla", "mega", "mega_prefetch")
 
 
 @triton.jit
+def _x_chunk(x_ptr, y_ptr, layer, off, D: tl.constexpr):
+    """Phase ``layer``'s input at columns ``off``: x for phase 0, else phase layer-1's output
+    (read past L1: other SMs wrote it)."""
+    if layer == 0:
+        xv = tl.load(x_ptr + off)
+    else:
+        xv = tl.load(y_ptr + (layer - 1) * D + off, cache_modifier=".cg")
+    return xv
+
+
+@triton.jit
 def _chain_kernel(
     x_ptr,  # [D] f32 input of phase 0
     w_ptr,  # [L, D, D] bf16 weights, output-row-major
     y_ptr,  # out [L, D] f32: every phase's output (the next phase's input)
     ctr_ptr,  # out [1] i32 barrier counter (zeroed by jax-triton)
     fail_ptr,  # out [P] i32: 1 where the program gave up on a barrier
-    L: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, P: tl.constexpr,
-    PREFETCH: tl.constexpr, SPIN: tl.constexpr,
+    L: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+    P: tl.constexpr, PREFETCH: tl.constexpr, SPIN: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rr = pid * ROWS + tl.arange(0, ROWS)
-    rd = tl.arange(0, D)
-    wp = w_ptr + rr[:, None] * D + rd[None, :]
-    w = tl.load(wp)  # phase 0's rows
+    rk = tl.arange(0, BLOCK_K)
+    wp = w_ptr + rr[:, None] * D + rk[None, :]  # this program's rows, first column chunk
+    w = tl.load(wp)  # phase 0's first chunk
     failed = pid * 0
     for layer in range(L):
         if layer > 0:
@@ -76,37 +88,49 @@ def _chain_kernel(
                 n += 1
             failed = tl.where(seen < target, 1, failed)
             tl.debug_barrier()
-            xv = tl.load(y_ptr + (layer - 1) * D + rd, cache_modifier=".cg")
             if not PREFETCH:
                 w = tl.load(wp + layer * D * D)
-        else:
-            xv = tl.load(x_ptr + rd)
-        y = tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+        y = tl.sum(w.to(tl.float32) * _x_chunk(x_ptr, y_ptr, layer, rk, D)[None, :], axis=1)
+        for c in tl.static_range(1, D // BLOCK_K):  # the rest of the rows, after the barrier
+            wc = tl.load(wp + layer * D * D + c * BLOCK_K)
+            xc = _x_chunk(x_ptr, y_ptr, layer, c * BLOCK_K + rk, D)
+            y += tl.sum(wc.to(tl.float32) * xc[None, :], axis=1)
         tl.store(y_ptr + layer * D + rr, y)
         tl.debug_barrier()  # all of this program's stores issued before its arrival
         tl.atomic_add(ctr_ptr, 1, sem="release", scope="gpu")
         # After the arrival, not before: the release's fence (MEMBAR.GPU) would wait for these.
-        if PREFETCH:  # the next phase's rows, in flight during the next barrier's wait
+        if PREFETCH:  # the next phase's first chunk, in flight during the next barrier's wait
             w = tl.load(wp + tl.minimum(layer + 1, L - 1) * D * D)
     tl.store(fail_ptr + pid, failed)
 
 
 def megakernel_chain(
-    x_d: jax.Array, w_ldd: jax.Array, *, programs: int, prefetch: bool, warps: int = 8,
-    interpret: bool = False,
+    x_d: jax.Array, w_ldd: jax.Array, *, programs: int, prefetch: bool, block_k: int | None = None,
+    warps: int = 8, spin: int = SPIN, interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-    """All L phases in one launch: ``(y_ld f32, fail_p i32)``."""
+    """All L phases in one launch: ``(y_ld f32, fail_p i32)``. ``block_k``: columns a program
+    holds at once (default all of them); with prefetch only the first ``block_k`` columns of the
+    next phase are loaded before the wait."""
     n_layers, d, d2 = w_ldd.shape
-    if d != d2 or d % programs or (d // programs) & (d // programs - 1) or d & (d - 1):
-        raise ValueError(f"need square power-of-2 layers split evenly over programs: {w_ldd.shape}")
+    block_k = d if block_k is None else block_k
+    rows = d // programs if programs else 0
+
+    def pow2(n):
+        return n > 0 and not n & (n - 1)
+
+    if d != d2 or d % programs or not (pow2(rows) and pow2(d) and pow2(block_k)) or d % block_k:
+        raise ValueError(
+            f"need square power-of-2 layers split evenly over {programs} programs and into "
+            f"{block_k}-column chunks: {w_ldd.shape}"
+        )
     y, _, fail = jt.triton_call(
         _chain_kernel, x_d.astype(jnp.float32), w_ldd,
         out_shape=[jax.ShapeDtypeStruct((n_layers, d), jnp.float32),
                    jax.ShapeDtypeStruct((1,), jnp.int32),
                    jax.ShapeDtypeStruct((programs,), jnp.int32)],
         zeroed_outputs=(1,), grid=(programs,), num_warps=warps, num_stages=1,
-        interpret=interpret, L=n_layers, D=d, ROWS=d // programs, P=programs,
-        PREFETCH=bool(prefetch), SPIN=SPIN,
+        interpret=interpret, L=n_layers, D=d, ROWS=rows, BLOCK_K=block_k, P=programs,
+        PREFETCH=bool(prefetch), SPIN=spin,
     )  # fmt: skip
     return y, fail
 
@@ -149,6 +173,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--programs", type=int, nargs="+", default=[128])
     ap.add_argument("--warps", type=int, default=8)
+    ap.add_argument("--block-k", type=int, default=2048, help="columns held at once (≤ d)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default="results/megakernel.jsonl")
     a = ap.parse_args()
@@ -163,10 +188,12 @@ def main() -> None:
         want = reference_chain(x, w)
         bytes_phase = d * d * 2
         fns = {"xla": (jax.jit(xla_chain), (x, w_t))}
+        bk = min(a.block_k, d)
         for p in a.programs:
             for v in ("mega", "mega_prefetch"):
-                f = jax.jit(lambda x, w, p=p, v=v: megakernel_chain(
-                    x, w, programs=p, prefetch=v == "mega_prefetch", warps=a.warps))  # fmt: skip
+                f = jax.jit(lambda x, w, p=p, v=v, bk=bk: megakernel_chain(
+                    x, w, programs=p, prefetch=v == "mega_prefetch", block_k=bk,
+                    warps=a.warps))  # fmt: skip
                 fns[f"{v}_p{p}"] = (f, (x, w))
         for name, (fn, args) in fns.items():
             out = jax.block_until_ready(fn(*args))

@@ -1,4 +1,5 @@
-"""The H200 probes' kernels (scripts/mosaic_prefetch.py, scripts/pdl_check.py) build here.
+"""The H200 probes' kernels (scripts/mosaic_prefetch.py, scripts/pdl_check.py,
+scripts/megakernel_probe.py) build here.
 
 Why: these scripts run only on the lent GPU, where a lowering error costs a device call; Pallas'
 Mosaic GPU API moves between jax releases (jax 0.11 dropped ``pallas_call`` for it), so the CUDA
@@ -7,6 +8,8 @@ in the interpreter.
 """
 
 import functools
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TRITON_CALL, assert_close, cuda_export_text
+from helpers import TRITON_CALL, assert_close, cuda_export_text, sm90_compile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import megakernel_probe  # noqa: E402
 import mosaic_prefetch  # noqa: E402
 import pdl_check  # noqa: E402
 
@@ -69,3 +73,65 @@ def test_pdl_check_mosaic_kernels_lower_for_cuda():
     v = jax.ShapeDtypeStruct((256,), jnp.float32)
     copy = functools.partial(pdl_check._mosaic, fn=lambda a: a, rows=1)
     assert cuda_export_text(jax.jit(copy), v).count(MOSAIC_CALL) == 1
+
+
+_MEGA_INTERP = """
+import sys; sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
+import megakernel_probe as mp
+for programs, d, layers, block_k in [(1, 32, 4, None), (1, 64, 3, 16), (2, 64, 3, 32)]:
+    w = (jax.random.normal(jax.random.key(d), (layers, d, d)) * d**-0.5).astype(jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(layers), (d,))
+    want = mp.reference_chain(x, w)
+    for prefetch in (False, True):
+        y, fail = mp.megakernel_chain(x, w, programs=programs, prefetch=prefetch,
+                                      block_k=block_k, spin=5, interpret=True)
+        err = float(jnp.max(jnp.abs(y - want))) if programs == 1 else -1.0
+        print(programs, int(np.asarray(fail).sum()), err, float(jnp.max(jnp.abs(want))))
+"""
+
+
+def test_megakernel_probe_chain_in_the_interpreter():
+    """One program: every phase's output is the fp32 chain's, whole rows and 16-column chunks,
+    with and without the prefetch. Two programs in the sequential interpreter: the first
+    cannot see the second arrive, so its barrier gives up after ``spin`` polls and reports it
+    (the guard that keeps a scheduling surprise from hanging the GPU)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    proc = subprocess.run([sys.executable, "-c", _MEGA_INTERP, scripts], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line.split() for line in proc.stdout.strip().split("\n")]
+    assert len(lines) == 6
+    for programs, failed, err, scale in lines:
+        if programs == "1":
+            assert failed == "0"
+            assert_close(np.array([float(err)]), np.array([0.0]), "op_fp32", f"scale {scale}")
+        else:
+            assert failed == "1"
+
+
+def test_megakernel_probe_rejects_bad_shapes():
+    w = jnp.zeros((2, 64, 64), jnp.bfloat16)
+    x = jnp.zeros((64,), jnp.float32)
+    for kw in ({"programs": 3}, {"programs": 2, "block_k": 48}, {"programs": 128}):
+        with pytest.raises(ValueError, match="power-of-2"):
+            megakernel_probe.megakernel_chain(x, w, prefetch=True, **kw)
+    with pytest.raises(ValueError, match="power-of-2"):
+        megakernel_probe.megakernel_chain(x, jnp.zeros((2, 64, 32)), programs=2, prefetch=True)
+
+
+@pytest.mark.parametrize(("d", "programs", "block_k"), [(2048, 128, 2048), (4096, 128, 1024)])
+def test_megakernel_probe_compiles_for_sm90(d, programs, block_k):
+    """The probe's shapes compile for the H200, its barrier a GPU-scope release add and
+    acquire polls."""
+    ck = sm90_compile(
+        megakernel_probe._chain_kernel,
+        {"x": "*fp32", "w": "*bf16", "y": "*fp32", "c": "*i32", "f": "*i32"},
+        dict(L=4, D=d, ROWS=d // programs, BLOCK_K=block_k, P=programs, PREFETCH=True,
+             SPIN=megakernel_probe.SPIN),
+        warps=8, stages=1,
+    )  # fmt: skip
+    ptx = ck.asm["ptx"]
+    assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
+    assert ".gpu.acquire" in ptx

@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import assert_close
+from helpers import assert_close, sm90_compile
 from kernel_cases import ALL_CASES, DECODE_CASES, GROUPED_CASES, ONE_TOKEN_TUNINGS, inputs, kwargs
 
 from prunepath_jax.kernels.reference import sparse_ffn_reference
@@ -118,26 +118,6 @@ def test_dead_expert_is_skipped():
         assert not np.asarray(mask)[:, 1].any(), c.name
 
 
-def _compile(kernel, sig: dict, const: dict, warps=4, stages=3):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = list(kernel.arg_names)  # pointer parameters first, then the constexprs
-    full = dict(
-        zip(names, [*sig.values(), *(["constexpr"] * (len(names) - len(sig)))], strict=True)
-    )
-    constexprs = {(names.index(k),): v for k, v in const.items()}
-    # jax-triton marks every array argument 16-byte aligned (XLA's buffers are): without it the
-    # loads compile to 2-byte scalars and no cp.async pipeline, a different kernel.
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig))}
-    src = ASTSource(fn=kernel, signature=full, constexprs=constexprs, attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": warps, "num_stages": stages})  # fmt: skip
-    assert "cubin" in ck.asm and ck.metadata.shared <= 227 * 1024
-    return ck
-
-
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_kernels_compile_for_sm90(dtype):
     """Real Triton lowering to PTX/cubin for the H200 at the Llama-3-8B layer shape."""
@@ -148,20 +128,20 @@ def test_kernels_compile_for_sm90(dtype):
 
     dims = dict(D=4096, E=448, G=32)
     ieee = dict(DOT_F32=False, IEEE=dtype == "fp32")
-    _compile(td._up_kernel,
+    sm90_compile(td._up_kernel,
              {"x": f"*{dtype}", "l": "*fp32", "tau": "*fp32", "w": f"*{dtype}", "a": "*fp32",
               "s": "*i32"},
              dict(T=4, **dims, T_PAD=16, E_PAD=512, BLOCK_D=256, NUCLEUS=False, SIGMOID=True,
                   K_MIN=1, K_MAX=448, **ieee))  # fmt: skip
-    _compile(td._down_kernel,
+    sm90_compile(td._down_kernel,
              {"a": "*fp32", "s": "*i32", "w": f"*{dtype}", "y": "*fp32", "l": "*i32"},
              dict(T=4, **dims, T_PAD=16, E_PAD=512, BLOCK_D=128, SPLIT=8, **ieee),
              stages=4)  # fmt: skip
-    _compile(td._logits_kernel, {"x": f"*{dtype}", "r": "*fp32", "o": "*fp32"},
+    sm90_compile(td._logits_kernel, {"x": f"*{dtype}", "r": "*fp32", "o": "*fp32"},
              dict(T=1, D=4096, E=448, T_PAD=16, BLOCK_R=64, BLOCK_E=64, ROWS=128,
                   DOT_F32=False), stages=2)  # fmt: skip
     for d, e in ((4096, 448), (2048, 256), (576, 48)):  # the fused one-token kernel
-        _compile(tb._balanced_kernel,
+        sm90_compile(tb._balanced_kernel,
                  {"x": f"*{dtype}", "l": "*fp32", "tau": "*fp32", "wi": f"*{dtype}",
                   "wo": f"*{dtype}", "yi": "*fp32", "y": "*fp32", "k": "*i32"},
                  dict(D=d, E=e, G=32, E_PAD=jt.next_pow2(e), D_PAD=jt.next_pow2(d), BN=2, P=264,
@@ -169,7 +149,7 @@ def test_kernels_compile_for_sm90(dtype):
                  warps=8, stages=1)  # fmt: skip
     if dtype == "bf16":
         tn = tg.DEFAULT_TUNING  # the tiles the registry launches
-        ck = _compile(tg._grouped_up_kernel,
+        ck = sm90_compile(tg._grouped_up_kernel,
                  {"x": "*bf16", "w": "*bf16", "g": "*fp32", "tok": "*i32", "off": "*i32",
                   "cnt": "*i32", "te": "*i32", "tm": "*i32", "a": "*bf16"},
                  dict(T=4096, **dims, BLOCK_M=tn["block_m"], BLOCK_D=tn["block_d"], **ieee),
