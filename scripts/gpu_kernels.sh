@@ -1113,4 +1113,11 @@ s22e)  # the megakernel probe: the barrier's own cost (tiny phases) and the 8B w
   run timeout 250 python3 scripts/megakernel_probe.py --d 4096 --programs 128 256 \
     --block-k 1024 --layers 32 --out "$OUT/megakernel.jsonl"
   ;;
+s22f)  # generation through the kernels after the grouped prefill's memset (GPU tests), and the
+       # probe's d 4096 over 256 programs again with its outputs zeroed (a failed barrier shows)
+  run timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py -k "generation and not cli_bench"
+  run timeout 120 python3 scripts/megakernel_probe.py --d 4096 --programs 256 --block-k 1024 \
+    --layers 8 --iters 3 --out "$OUT/megakernel.jsonl"
+  ;;
 esac

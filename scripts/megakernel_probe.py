@@ -65,7 +65,8 @@ def _x_chunk(x_ptr, y_ptr, layer, off, D: tl.constexpr):
 def _chain_kernel(
     x_ptr,  # [D] f32 input of phase 0
     w_ptr,  # [L, D, D] bf16 weights, output-row-major
-    y_ptr,  # out [L, D] f32: every phase's output (the next phase's input)
+    y_ptr,  # out [L, D] f32: every phase's output (the next phase's input); zeroed, so a read
+    # past a failed barrier sees zeros, not a stale buffer's (possibly right) values
     ctr_ptr,  # out [1] i32 barrier counter (zeroed by jax-triton)
     fail_ptr,  # out [P] i32: 1 where the program gave up on a barrier
     L: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -128,7 +129,7 @@ def megakernel_chain(
         out_shape=[jax.ShapeDtypeStruct((n_layers, d), jnp.float32),
                    jax.ShapeDtypeStruct((1,), jnp.int32),
                    jax.ShapeDtypeStruct((programs,), jnp.int32)],
-        zeroed_outputs=(1,), grid=(programs,), num_warps=warps, num_stages=1,
+        zeroed_outputs=(0, 1), grid=(programs,), num_warps=warps, num_stages=1,
         interpret=interpret, L=n_layers, D=d, ROWS=rows, BLOCK_K=block_k, P=programs,
         PREFETCH=bool(prefetch), SPIN=spin,
     )  # fmt: skip
