@@ -11,7 +11,7 @@ simplest chain with the decode step's dependency shape: L dependent GEMVs ``y_l 
 (``W_l`` ``[D, D]`` bf16, one token), as
 
 * ``xla``: one XLA GEMV per phase, the model's own form (`matvec_safe_matmul`, bf16 activations:
-  XLA's split-K GEMM and its fusions, ~3 launches a phase, as the decode step's projections);
+  XLA's GEMM and its split-K reduction, 1-2 launches a phase, as the decode step's projections);
 * ``mega``: one Triton launch for all L phases; each of P programs owns ``D / P`` output rows,
   a grid barrier (one counter, release/acquire at GPU scope) separates the phases, and the
   program loads its rows of ``W_l`` only after the barrier;
@@ -26,6 +26,9 @@ memset); a program that polls ``SPIN`` times without the barrier opening gives u
 (the ``fail`` output), so a scheduling surprise cannot hang the GPU.
 
     python scripts/megakernel_probe.py --d 2048 --layers 32 --out results/megakernel.jsonl
+
+Measured (H200, BENCHMARKS.md seventeenth session): with the prefetch a phase costs ~1.3-1.5 µs
+above its bytes (2 µs at d 4096), against XLA's 1.8-5.2 µs per GEMV phase at d 256-2048.
 """
 
 from __future__ import annotations
@@ -46,8 +49,7 @@ from common import copy_bandwidth, device_events, header, time_fn, write_rows  #
 from prunepath_jax.kernels import jt  # noqa: E402
 from prunepath_jax.models.layers import matvec_safe_matmul  # noqa: E402
 
-SPIN = 200_000  # polls before a program gives up on a barrier (~0.1 s)
-VARIANTS = ("xla", "mega", "mega_prefetch")
+SPIN = 200_000  # polls before a program gives up on a barrier (41-45 ms on the H200)
 
 
 @triton.jit
