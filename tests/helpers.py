@@ -3,6 +3,10 @@
 Never loosen a value here to make a test pass: find the cause instead.
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 
 TOL = {
@@ -104,3 +108,14 @@ def sm90_compile(kernel, sig: dict, const: dict, warps=4, stages=3):
                         options={"num_warps": warps, "num_stages": stages})  # fmt: skip
     assert "cubin" in ck.asm and ck.metadata.shared <= 227 * 1024
     return ck
+
+
+def run_triton_interpreted(argv: list[str], timeout: int = 600) -> str:
+    """Runs ``python *argv`` with ``TRITON_INTERPRET=1`` on CPU jax and returns its stdout,
+    failing the test with its stderr. A fresh process because the variable only works when set
+    before triton is first imported."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout

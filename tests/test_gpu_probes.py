@@ -8,8 +8,6 @@ in the interpreter.
 """
 
 import functools
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TRITON_CALL, assert_close, cuda_export_text, sm90_compile
+from helpers import (
+    TRITON_CALL,
+    assert_close,
+    cuda_export_text,
+    run_triton_interpreted,
+    sm90_compile,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import megakernel_probe  # noqa: E402
@@ -96,12 +100,9 @@ def test_megakernel_probe_chain_in_the_interpreter():
     with and without the prefetch. Two programs in the sequential interpreter: the first
     cannot see the second arrive, so its barrier gives up after ``spin`` polls and reports it
     (the guard that keeps a scheduling surprise from hanging the GPU)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}
     scripts = str(Path(__file__).resolve().parents[1] / "scripts")
-    proc = subprocess.run([sys.executable, "-c", _MEGA_INTERP, scripts], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line.split() for line in proc.stdout.strip().split("\n")]
+    out = run_triton_interpreted(["-c", _MEGA_INTERP, scripts], timeout=300)
+    lines = [line.split() for line in out.strip().split("\n")]
     assert len(lines) == 6
     for programs, failed, err, scale in lines:
         if programs == "1":

@@ -8,15 +8,12 @@ triton's own compiler, which catches GPU-only errors (layouts, shared memory, un
 on a machine without a GPU. The ``gpu`` tests run the same cases through jax-triton.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from helpers import assert_close, sm90_compile
+from helpers import assert_close, run_triton_interpreted, sm90_compile
 from kernel_cases import ALL_CASES, DECODE_CASES, GROUPED_CASES, ONE_TOKEN_TUNINGS, inputs, kwargs
 
 from prunepath_jax.kernels.reference import sparse_ffn_reference
@@ -27,12 +24,7 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def interp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("interp") / "out.npz"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "triton_interp_runner.py"), str(out)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_triton_interpreted([str(HERE / "triton_interp_runner.py"), str(out)])
     return dict(np.load(out))
 
 
@@ -98,11 +90,7 @@ def test_split_k_router_logits_in_the_interpreter():
         "    want = routing.router_logits(r, x)\n"
         "    print(float(jnp.max(jnp.abs(got - want))), float(jnp.max(jnp.abs(want))))\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = proc.stdout.split("\n")[:3]
+    lines = run_triton_interpreted(["-c", code], timeout=300).split("\n")[:3]
     for line in lines:
         err, scale = map(float, line.split())
         assert_close(np.array([err]), np.array([0.0]), "op_fp32", f"scale {scale}")
