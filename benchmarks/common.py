@@ -84,17 +84,33 @@ def device_events(trace_dir: str | os.PathLike) -> list[dict]:
     return [e for e in dev if "Stream" in e["thread"]] or dev
 
 
-def kernel_durations(fn, *args, log_dir: str = "/tmp/prunepath_trace") -> dict[str, list[float]]:
-    """Device µs of every kernel ``fn(*args)`` launches, by kernel name, read from a
-    ``jax.profiler`` trace: each kernel's own duration, without the launch gaps or host noise of
-    wall-clock timing. ``fn`` should be compiled and warm already."""
+def traced_events(fn, *args, log_dir: str = "/tmp/prunepath_trace") -> list[dict]:
+    """The device kernel events (:func:`device_events`) of one call ``fn(*args)`` under the
+    profiler. ``fn`` should be compiled and warm already."""
     import shutil
 
     shutil.rmtree(log_dir, ignore_errors=True)
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         jax.block_until_ready(fn(*args))
+    return device_events(log_dir)
+
+
+def busy_and_span(events: list[dict]) -> tuple[float, float]:
+    """``(busy, span)`` µs of kernel events: their own durations summed, and the first start to
+    the last end (what a chain takes on the device, launch gaps included, host noise not)."""
+    busy = sum(float(e["dur"]) for e in events)
+    span = max(float(e["ts"]) + float(e["dur"]) for e in events) - min(
+        float(e["ts"]) for e in events
+    )
+    return busy, span
+
+
+def kernel_durations(fn, *args, log_dir: str = "/tmp/prunepath_trace") -> dict[str, list[float]]:
+    """Device µs of every kernel ``fn(*args)`` launches, by kernel name, read from a
+    ``jax.profiler`` trace: each kernel's own duration, without the launch gaps or host noise of
+    wall-clock timing. ``fn`` should be compiled and warm already."""
     out: dict[str, list[float]] = {}
-    for e in device_events(log_dir):
+    for e in traced_events(fn, *args, log_dir=log_dir):
         out.setdefault(e["name"], []).append(float(e["dur"]))
     return out
 

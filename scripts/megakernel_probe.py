@@ -44,7 +44,14 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import copy_bandwidth, device_events, header, time_fn, write_rows  # noqa: E402
+from common import (  # noqa: E402
+    busy_and_span,
+    copy_bandwidth,
+    header,
+    time_fn,
+    traced_events,
+    write_rows,
+)
 
 from prunepath_jax.kernels import jt  # noqa: E402
 from prunepath_jax.models.layers import matvec_safe_matmul  # noqa: E402
@@ -158,16 +165,10 @@ def reference_chain(x_d: jax.Array, w_ldd: jax.Array) -> jax.Array:
 def device_span(fn, *args, log_dir: str = "/tmp/megakernel_trace") -> tuple[float, float, int]:
     """``(busy µs, span µs, kernels)`` of one call from a profiler trace: the kernels' own
     durations summed, and first start to last end (what the chain takes on the device, launch
-    gaps included, host dispatch excluded)."""
-    import shutil
-
-    shutil.rmtree(log_dir, ignore_errors=True)
-    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-        jax.block_until_ready(fn(*args))
-    ev = [e for e in device_events(log_dir) if "memset" not in e["name"].lower()]
-    busy = sum(float(e["dur"]) for e in ev)
-    span = max(float(e["ts"]) + float(e["dur"]) for e in ev) - min(float(e["ts"]) for e in ev)
-    return busy, span, len(ev)
+    gaps included, host dispatch excluded), without the memsets of the barrier counter."""
+    ev = traced_events(fn, *args, log_dir=log_dir)
+    ev = [e for e in ev if "memset" not in e["name"].lower()]
+    return (*busy_and_span(ev), len(ev))
 
 
 def main() -> None:

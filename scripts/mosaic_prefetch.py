@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import device_events, write_rows  # noqa: E402
+from common import busy_and_span, traced_events, write_rows  # noqa: E402
 
 N_CHAIN = 16
 COLS = 128  # bf16 columns of a weight block: one 256-byte row, one TMA box width
@@ -150,20 +150,11 @@ def chain_fn(*, variant: str, rows: int, programs: int):
 def trace_chain(fn, *args) -> dict:
     """Device-side figures of one traced call: the kernels' own µs and the span from the first
     kernel's start to the last one's end, per kernel (launch gaps included, host noise not)."""
-    import shutil
-
-    import jax
-
-    log_dir = "/tmp/mosaic_prefetch_trace"
-    shutil.rmtree(log_dir, ignore_errors=True)
-    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-        jax.block_until_ready(fn(*args))
-    ev = device_events(log_dir)
+    ev = traced_events(fn, *args, log_dir="/tmp/mosaic_prefetch_trace")
     if not ev:
         return {"trace": "no device events"}
-    span = max(e["ts"] + e["dur"] for e in ev) - min(e["ts"] for e in ev)
+    busy, span = busy_and_span(ev)
     names = sorted({e["name"] for e in ev})
-    busy = sum(e["dur"] for e in ev)
     return {"device_span_us_per_kernel": span / N_CHAIN, "device_busy_us_per_kernel":
             busy / N_CHAIN, "device_events": len(ev), "kernel_names": names[:4]}  # fmt: skip
 
