@@ -123,7 +123,7 @@ def triton_call(
         for i, o in aliases.items():
             outs[o] = t_args[i].clone()
         for o in zeroed_outputs:
-            outs[o] = outs[o].zero_()
+            outs[o].zero_()
         kernel[grid](*t_args, *outs, **meta)
         return tuple(_from_torch(o, s.dtype) for o, s in zip(outs, out_shape, strict=True))
     jt = jax_triton_module()
