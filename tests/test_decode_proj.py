@@ -250,7 +250,6 @@ GPU_FORMS = [("dn", {}), ("nd", {}), ("nd", {"prefetch": 1})]
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("form", GPU_FORMS, ids=["dn", "nd", "nd_prefetch"])
 @pytest.mark.parametrize("shape", ["llama-3.2-1b", "llama-3-8b"])
 def test_gpu_kernel_at_real_widths(shape, form):
@@ -275,7 +274,6 @@ def test_gpu_kernel_at_real_widths(shape, form):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("batch", [1, 8])
 def test_gpu_generate_with_projection_kernels_matches_xla(batch, proj_calls):
     """SmolLM2-shaped random bf16 weights, the attention kernel on: the same greedy tokens with
