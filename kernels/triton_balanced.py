@@ -50,12 +50,14 @@ TINY = tl.constexpr(float(jnp.finfo(jnp.float32).tiny))
 
 @triton.jit
 def _select(logits_ptr, tau_ptr, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.constexpr,
-            SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr):  # fmt: skip
+            SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr,
+            CACHE: tl.constexpr = ""):  # fmt: skip
     """``(gate [E_PAD] f32, 0 where unselected; k)`` of one token, as ``routing.select`` +
-    ``routing.gates`` decide them."""
+    ``routing.gates`` decide them. ``CACHE`` ".cg": logits other programs of this launch wrote
+    (read from L2, not a stale L1)."""
     re = tl.arange(0, E_PAD)
     emask = re < E
-    lg = tl.load(logits_ptr + re, mask=emask, other=float("-inf"))
+    lg = tl.load(logits_ptr + re, mask=emask, other=float("-inf"), cache_modifier=CACHE)
     ex = tl.where(emask, tl.exp(lg - tl.max(lg, 0)), 0.0)
     p = ex / tl.sum(ex, 0)  # padding: exactly 0
     ps = tl.sort(p, 0, descending=True)  # rank order; padding zeros last
@@ -90,6 +92,40 @@ def _unit(u, cnt, gate, re, PER: tl.constexpr, BN: tl.constexpr, G: tl.constexpr
 
 
 @triton.jit
+def _unit_loop(x, w_in_ptr, w_out_ptr, gate, cnt, u0, u1, D: tl.constexpr,
+               D_PAD: tl.constexpr, E_PAD: tl.constexpr, F: tl.constexpr, G: tl.constexpr,
+               BN: tl.constexpr):  # fmt: skip
+    """``[D_PAD]`` f32: the sum over units ``[u0, u1)`` (``u1 > u0``) of
+    ``(silu(x·W_gate)·(x·W_up)·σ(g)) W_out`` over each unit's ``BN`` neuron rows; ``x`` f32
+    ``[D_PAD]``, zero past D. Shared with ``triton_megastep``'s expert phase."""
+    PER: tl.constexpr = G // BN
+    re = tl.arange(0, E_PAD)
+    rd = tl.arange(0, D_PAD)
+    dmask = rd < D
+    rn = tl.arange(0, BN)
+    row0, g_e = _unit(u0, cnt, gate, re, PER, BN, G)
+    off = (row0 + rn)[:, None] * D + rd[None, :]
+    wg = tl.load(w_in_ptr + off, mask=dmask[None, :], other=0.0)
+    wu = tl.load(w_in_ptr + F * D + off, mask=dmask[None, :], other=0.0)
+    acc = tl.zeros([D_PAD], tl.float32)
+    for u in range(u0, u1):
+        # Issue this unit's W_out rows and the next unit's W_gate/W_up rows before reducing
+        # this unit: the next DRAM round trip overlaps this unit's work (the last unit
+        # reloads itself, harmlessly).
+        wo = tl.load(w_out_ptr + off, mask=dmask[None, :], other=0.0)
+        n_row0, n_g = _unit(tl.minimum(u + 1, u1 - 1), cnt, gate, re, PER, BN, G)
+        n_off = (n_row0 + rn)[:, None] * D + rd[None, :]
+        n_wg = tl.load(w_in_ptr + n_off, mask=dmask[None, :], other=0.0)
+        n_wu = tl.load(w_in_ptr + F * D + n_off, mask=dmask[None, :], other=0.0)
+        h_g = tl.sum(wg.to(tl.float32) * x[None, :], 1)
+        h_u = tl.sum(wu.to(tl.float32) * x[None, :], 1)
+        a = h_g / (1.0 + tl.exp(-h_g)) * h_u * g_e  # silu(gate)·up·σ(g), [BN]
+        acc += tl.sum(a[:, None] * wo.to(tl.float32), 0)
+        off, g_e, wg, wu = n_off, n_g, n_wg, n_wu
+    return acc
+
+
+@triton.jit
 def _balanced_kernel(
     x_ptr,  # [1, D] activations (bf16/f16/f32)
     logits_ptr,  # [1, E] f32 router logits
@@ -109,7 +145,6 @@ def _balanced_kernel(
     gate, k = _select(logits_ptr, tau_ptr, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
     if pid == 0:
         tl.store(k_ptr, k)
-    re = tl.arange(0, E_PAD)
     cnt = tl.cumsum((gate != 0.0).to(tl.int32), 0)  # selected experts up to each index
     n_units = k * PER
     u0 = pid * n_units // P
@@ -117,27 +152,8 @@ def _balanced_kernel(
     if u1 > u0:
         rd = tl.arange(0, D_PAD)
         dmask = rd < D
-        rn = tl.arange(0, BN)
         x = tl.load(x_ptr + rd, mask=dmask, other=0.0).to(tl.float32)
-        row0, g_e = _unit(u0, cnt, gate, re, PER, BN, G)
-        off = (row0 + rn)[:, None] * D + rd[None, :]
-        wg = tl.load(w_in_ptr + off, mask=dmask[None, :], other=0.0)
-        wu = tl.load(w_in_ptr + F * D + off, mask=dmask[None, :], other=0.0)
-        acc = tl.zeros([D_PAD], tl.float32)
-        for u in range(u0, u1):
-            # Issue this unit's W_out rows and the next unit's W_gate/W_up rows before reducing
-            # this unit: the next DRAM round trip overlaps this unit's work (the last unit
-            # reloads itself, harmlessly).
-            wo = tl.load(w_out_ptr + off, mask=dmask[None, :], other=0.0)
-            n_row0, n_g = _unit(tl.minimum(u + 1, u1 - 1), cnt, gate, re, PER, BN, G)
-            n_off = (n_row0 + rn)[:, None] * D + rd[None, :]
-            n_wg = tl.load(w_in_ptr + n_off, mask=dmask[None, :], other=0.0)
-            n_wu = tl.load(w_in_ptr + F * D + n_off, mask=dmask[None, :], other=0.0)
-            h_g = tl.sum(wg.to(tl.float32) * x[None, :], 1)
-            h_u = tl.sum(wu.to(tl.float32) * x[None, :], 1)
-            a = h_g / (1.0 + tl.exp(-h_g)) * h_u * g_e  # silu(gate)·up·σ(g), [BN]
-            acc += tl.sum(a[:, None] * wo.to(tl.float32), 0)
-            off, g_e, wg, wu = n_off, n_g, n_wg, n_wu
+        acc = _unit_loop(x, w_in_ptr, w_out_ptr, gate, cnt, u0, u1, D, D_PAD, E_PAD, F, G, BN)
         tl.atomic_add(y_ptr + rd, acc, mask=dmask, sem="relaxed")
 
 

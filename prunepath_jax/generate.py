@@ -246,6 +246,20 @@ def forced_logits(
     return np.asarray(out)
 
 
+def _megastep_setup(model, batch: int, ffn_args):
+    """The one-launch decode step's checks and weight copy (``prunepath_jax.megastep``)."""
+    from prunepath_jax import megastep
+    from prunepath_jax.kernels import jt
+
+    megastep.check(model)
+    if batch != 1:
+        raise ValueError(f"implementation='megastep' decodes one sequence, got {batch} prompts")
+    if ffn_args is None:
+        raise ValueError("implementation='megastep' needs tau (or ffn_args)")
+    jt.jax_triton_module()  # a clear error without a GPU or jax-triton
+    return megastep.pack(model)
+
+
 def generate(
     model: nnx.Module,
     prompts: list[list[int]],
@@ -283,7 +297,9 @@ def generate(
             (`models.decode_attention`; XLA where it cannot run, e.g. on CPU or with a sliding
             window); "auto" uses that kernel only for up to 8 sequences with a cache of at most
             17 408 positions (``decode_attention.AUTO_MAX_CACHE``) and unsharded weights, where
-            it measured faster (BENCHMARKS.md). None
+            it measured faster (BENCHMARKS.md). "megastep": one prompt through a PrunePath
+            Llama (no attention biases nor sliding window), the prefill as "auto", then every
+            decode step's layers in ONE Triton launch (`prunepath_jax.megastep`; GPU only). None
             keeps the model's own compute paths. The decode step stays one compiled program.
         tau: PrunePath budget (scalar or per-layer); builds `ffn_args` when those are not given.
 
@@ -308,7 +324,10 @@ def generate(
             f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
             f"model's context of {cfg.max_position} tokens"
         )
-    graphdef, state = _split(model, implementation, cache_len, len(prompts))
+    mega = implementation == "megastep"
+    if mega:
+        mw = _megastep_setup(model, len(prompts), ffn_args)
+    graphdef, state = _split(model, "auto" if mega else implementation, cache_len, len(prompts))
     dtype = dtype or model.embed_tokens.embedding.dtype
     cache = init_cache(cfg, len(prompts), cache_len, dtype)
     greedy = sampling.temperature == 0.0
@@ -321,11 +340,23 @@ def generate(
     out = [np.asarray(st.token_b)[:, None]]
     n = 1
     step_fn = decode_chunk if jax.default_backend() == "cpu" else decode_chunk_donating
+    if mega:
+        from prunepath_jax import megastep
+
+        st = megastep.from_decode_state(st)
+        tau_l = jnp.stack([a.tau for a in ffn_args])
     bar = tqdm(total=max_new_tokens, desc="generating", disable=not progress, leave=False)
     bar.update(1)
     while n < max_new_tokens and not bool(np.asarray(st.done_b).all()):
-        st, toks = step_fn(graphdef, state, st, temp, top_p, stops, jnp.int32(pad_id), ffn_args,
-                           n_steps=chunk, greedy=greedy)  # fmt: skip
+        if mega:
+            st, toks = megastep.decode_chunk(graphdef, state, mw, st, temp, top_p, stops,
+                                             jnp.int32(pad_id), tau_l, n_steps=chunk,
+                                             greedy=greedy, launch=megastep.Launch())  # fmt: skip
+            megastep.check_fail(st)
+            toks = toks[None]
+        else:
+            st, toks = step_fn(graphdef, state, st, temp, top_p, stops, jnp.int32(pad_id),
+                               ffn_args, n_steps=chunk, greedy=greedy)  # fmt: skip
         out.append(np.asarray(toks))
         n += chunk
         bar.update(min(chunk, max_new_tokens - bar.n))

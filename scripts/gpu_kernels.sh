@@ -1120,4 +1120,9 @@ s22f)  # generation through the kernels after the grouped prefill's memset (GPU 
   run timeout 120 python3 scripts/megakernel_probe.py --d 4096 --programs 256 --block-k 1024 \
     --layers 8 --iters 3 --out "$OUT/megakernel.jsonl"
   ;;
+s23a)  # the one-launch decode step (prunepath_jax.megastep) vs the default kernels and dense
+  run timeout 560 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --check-steps 4 --chunks 4 --launches '{"p1": {}, "t64k": {"tile_bytes": 65536}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac

@@ -287,6 +287,16 @@ class LlamaModel(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = Dense(cfg.d_model, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
 
+    def head(self, x_btd: jax.Array) -> jax.Array:
+        """Final norm and output logits ``[b, t, vocab]`` float32 of residual rows (shared by
+        the forward and the one-launch decode step, ``prunepath_jax.megastep``)."""
+        x = self.norm(x_btd)
+        if self.cfg.tie_embeddings:
+            return self.embed_tokens.attend(x)
+        return jnp.einsum(
+            "btd,dv->btv", x, self.lm_head.kernel[...], preferred_element_type=jnp.float32
+        )
+
     def __call__(
         self,
         tokens_bt: jax.Array,
@@ -339,15 +349,8 @@ class LlamaModel(nnx.Module):
             )
             new_cache.append(layer_cache)
             stats.append(s)
-        x = self.norm(select_positions(x, logit_index_b))
-        if cfg.tie_embeddings:
-            logits = self.embed_tokens.attend(x)
-        else:
-            logits = jnp.einsum(
-                "btd,dv->btv", x, self.lm_head.kernel[...], preferred_element_type=jnp.float32
-            )
         return ModelOutput(
-            logits=logits,
+            logits=self.head(select_positions(x, logit_index_b)),
             cache=None if cache is None else tuple(new_cache),
             ffn_stats=tuple(stats),
         )

@@ -1,0 +1,183 @@
+"""Batch-1 decode with every layer in one Triton launch (``prunepath_jax.megastep``) vs our
+default sparse decode (the Pallas kernels, ~10 launches a layer) and our dense decode.
+
+Random weights at real shapes, exactly k experts per token (``kernels.synthetic.sparse_llama``),
+the same loop shape as ``sparse_decode.py`` (``steps`` tokens per compiled call from a cache
+filled to ``prompt_len`` positions, median over ``chunks`` calls after a warm-up). Before
+timing, a teacher-forced check: ``check_steps`` decode steps through both paths from the same
+cache, fed the same tokens, comparing logits, greedy tokens and experts per layer.
+
+    python benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b --sparsities 0.75
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import copy_bandwidth, header, markdown_table, write_rows  # noqa: E402
+from sparse_decode import set_k, time_decode  # noqa: E402
+
+from prunepath_jax import megastep  # noqa: E402
+from prunepath_jax.config import PRESETS  # noqa: E402
+from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
+from prunepath_jax.models.layers import init_cache  # noqa: E402
+from prunepath_jax.models.llama import LlamaModel  # noqa: E402
+from prunepath_jax.nn import route_args, set_compute  # noqa: E402
+
+
+def _ctx(prompt_len: int, steps: int, chunks: int) -> int:
+    return -(-(prompt_len + steps * (chunks + 3) + 1) // 256) * 256  # as sparse_decode
+
+
+def time_mega(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
+    """µs per decode step of the one-launch path (same loop shape as ``time_decode``)."""
+    cfg = model.cfg
+    ctx = _ctx(prompt_len, steps, chunks)
+    shape = (cfg.n_layers, ctx, cfg.n_kv_heads, cfg.head_dim)
+    st = megastep.MegaState(
+        token_b=jnp.ones((1,), jnp.int32), pos_b=jnp.full((1,), prompt_len, jnp.int32),
+        done_b=jnp.zeros((1,), bool), kc=jnp.zeros(shape, jnp.bfloat16),
+        vc=jnp.zeros(shape, jnp.bfloat16), rng=jax.random.key(0), fail=jnp.int32(0),
+    )  # fmt: skip
+    graphdef, state = nnx.split(model)
+    args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), tau_l)
+    kw = dict(n_steps=steps, greedy=True, launch=launch)
+    for _ in range(2):
+        st, _ = megastep.decode_chunk(graphdef, state, mw, st, *args, **kw)
+    jax.block_until_ready(st)
+    t0 = time.perf_counter()
+    for _ in range(chunks):
+        st, _ = megastep.decode_chunk(graphdef, state, mw, st, *args, **kw)
+    jax.block_until_ready(st)
+    dt = (time.perf_counter() - t0) / (chunks * steps)
+    return {"us_per_step": dt * 1e6, "barrier_failures": int(np.asarray(st.fail))}
+
+
+def check(model, mw, ffn_args, tau_l, prompt_len, n_steps, launch) -> dict:
+    """Teacher-forced parity with the model's own decode step (the default kernels)."""
+    cfg = model.cfg
+    ctx = _ctx(prompt_len, n_steps, 1)
+    rng = np.random.default_rng(0)
+    toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, prompt_len)), jnp.int32)
+    cache = init_cache(cfg, 1, ctx, jnp.bfloat16)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def prefill(state, toks, cache):
+        return nnx.merge(graphdef, state)(toks, cache=cache, ffn_args=ffn_args,
+                                          fresh_cache=True).cache  # fmt: skip
+
+    @jax.jit
+    def ref_step(state, tok, pos, cache):
+        out = nnx.merge(graphdef, state)(tok[None, None], pos[None, None], cache=cache,
+                                         ffn_args=ffn_args)  # fmt: skip
+        return out.logits[0, 0], out.cache, jnp.stack([s.k_t.reshape(-1)[0] for s in out.ffn_stats])
+
+    @jax.jit
+    def mega_step(state, tok, pos, kc, vc):
+        lg, kc, vc, k_l, fail = megastep.step(nnx.merge(graphdef, state), mw, tok[None],
+                                              pos[None], kc, vc, tau_l, launch)  # fmt: skip
+        return lg[0], kc, vc, k_l, jnp.sum(fail)
+
+    cache = prefill(state, toks, cache)
+    kc, vc = megastep.stack_cache(cache)
+    tok = jnp.int32(int(toks[0, -1]))
+    errs, agree, k_same, fails = [], 0, 0, 0
+    for i in range(n_steps):
+        pos = jnp.int32(prompt_len + i)
+        want, cache, k_ref = ref_step(state, tok, pos, cache)
+        got, kc, vc, k_l, fail = mega_step(state, tok, pos, kc, vc)
+        want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
+        errs.append(float(np.abs(got - want).max() / max(1.0, np.abs(want).max())))
+        agree += int(got.argmax() == want.argmax())
+        k_same += int(np.array_equal(np.asarray(k_l), np.asarray(k_ref)))
+        fails += int(fail)
+        tok = jnp.int32(int(want.argmax()))
+    return {"check_steps": n_steps, "max_rel_logit_err": max(errs), "argmax_agree": agree,
+            "k_equal_steps": k_same, "check_barrier_failures": fails}  # fmt: skip
+
+
+def ratio(dense_us, r) -> float | None:
+    return dense_us / r["us_per_step"] if dense_us else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "llama-3-8b"])
+    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.75])
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--chunks", type=int, default=6)
+    ap.add_argument("--check-steps", type=int, default=8)
+    ap.add_argument(
+        "--launches",
+        default='{"default": {}}',
+        help='JSON {label: Launch fields}, each timed, e.g. {"p264": {"programs": 264}}',
+    )
+    ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--out", default="results/megastep_decode.jsonl")
+    a = ap.parse_args()
+    head = {**header(), "bench": "megastep_decode"}
+    bw = max(copy_bandwidth(2 << 30).values())
+    launches = {k: megastep.Launch(**v) for k, v in json.loads(a.launches).items()}
+    rows = []
+
+    def emit(row):
+        row = {**head, "copy_TB_s": bw / 1e12, **row}
+        rows.append(row)
+        write_rows(a.out, [row])
+        print({k: v for k, v in row.items() if k not in head}, flush=True)
+
+    for shape in a.shapes:
+        cfg = PRESETS[shape]
+        dense_us = None
+        if not a.no_dense:
+            dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+            dense_us = time_decode(dense, 1, a.prompt_len, a.steps, a.chunks, None)["us_per_step"]
+            emit({"shape": shape, "impl": "dense", "sparsity": 0.0, "us_per_step": dense_us})
+            del dense
+        sparse = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
+        e = sparse.cfg.n_experts
+        args = route_args(sparse.cfg, 1.0)
+        tau_l = jnp.stack([x.tau for x in args])
+        for s in a.sparsities:
+            k = max(1, round((1 - s) * e))
+            set_k(sparse, k)
+            set_compute(sparse, "kernel", "pallas")
+            mw = megastep.pack(sparse)
+            for label, launch in launches.items():
+                try:
+                    chk = check(sparse, mw, args, tau_l, a.prompt_len, a.check_steps, launch)
+                    r = time_mega(sparse, mw, tau_l, a.prompt_len, a.steps, a.chunks, launch)
+                except Exception as err:  # report and go on with the next variant
+                    print(f"{shape} s{s} {label}: {type(err).__name__}: {err}"[:600], flush=True)
+                    continue
+                emit({"shape": shape, "impl": f"megastep_{label}", "sparsity": 1 - k / e, "k": k,
+                      "E": e, "launch": launch._asdict(), **chk, **r,
+                      "speedup_vs_dense": ratio(dense_us, r)})  # fmt: skip
+            del mw
+            set_compute(sparse, "kernel", "pallas")
+            r = time_decode(sparse, 1, a.prompt_len, a.steps, a.chunks, args)
+            emit({"shape": shape, "impl": "pallas_default", "sparsity": 1 - k / e, "k": k, "E": e,
+                  "us_per_step": r["us_per_step"], "speedup_vs_dense": ratio(dense_us, r)})  # fmt: skip
+        del sparse
+    cols = ["shape", "impl", "sparsity", "k", "us_per_step", "speedup_vs_dense",
+            "max_rel_logit_err", "argmax_agree", "k_equal_steps", "barrier_failures"]  # fmt: skip
+    print(
+        f"\n{head['date']} commit {head['commit']} on {head['device']}; copy {bw / 1e12:.2f} TB/s"
+    )
+    print(markdown_table(rows, cols))
+
+
+if __name__ == "__main__":
+    main()

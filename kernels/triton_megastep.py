@@ -1,0 +1,446 @@
+"""A whole one-token decode step of a PrunePath Llama in ONE Triton launch (batch 1).
+
+Why. Every lever inside XLA-launched kernels was measured in issue 5's sessions 12-17: a
+one-token layer is ~10 launches (1B: ~40 µs a layer for ~11 µs of bytes at 75% sparsity), each
+paying a chain of dependent round trips that no kernel can start before its predecessor ends.
+A persistent kernel can do the one thing XLA cannot: issue the *next* phase's weight loads
+before it waits at the grid barrier, so weight streaming overlaps the barrier and the
+activations' round trip (``scripts/megakernel_probe.py``: ~1.3-1.5 µs a phase above its bytes,
+against XLA's 1.8-5.2 µs per GEMV phase at 1B widths).
+
+What. For every layer l, five phases separated by grid barriers (one counter, release arrival,
+acquire polls; a program that polls ``SPIN`` times without the barrier opening gives up and
+sets its ``fail`` flag, so a scheduling surprise cannot hang the GPU):
+
+* A: RMSNorm of the residual ``h`` (every program recomputes Σh², 8-16 KB from L2) and the QKV
+  GEMV; each program owns ``ceil(N / P)`` output rows (weights ``[N, D]``, output-row-major).
+* B: attention over the KV cache, one work item per (KV head, key split): RoPE of the group's
+  query heads and of the new key, online softmax over the split's cached keys, the new token
+  in the last split, the new key/value written to the cache by split 0; the split that
+  arrives last at its head's counter (acq_rel) combines the splits (no grid barrier for it).
+* C: the O projection and the residual add (``h[rows] += W_o[rows] · attn``).
+* D: the FFN's RMSNorm (program 0 stores the normalised row) and the router logits (fp32).
+* F: the expert FFN: every program computes the token's selection itself (``triton_balanced``'s
+  ``_select``, exactly ``routing.select`` + ``routing.gates``), then the work-balanced unit loop
+  (``triton_balanced._unit_loop``) over the selected experts' rows, added into ``h`` with
+  relaxed atomics.
+
+Right after arriving at a barrier (after the release fence, which would otherwise wait for
+them) a program loads the first tile of its next GEMV's weights: W_qkv of the next layer after
+F, W_o after B, the router after C. Data other programs wrote in this launch (h, the QKV row,
+the attention partials, the normalised row, the logits) is read with ``.cg`` (L2, not a stale
+L1). Every phase walks its work items with stride P, so any grid size computes the same result
+and the Triton interpreter runs the whole step with one program (CPU tests).
+
+The residual stream stays fp32 inside the launch (the XLA model rounds it to the model dtype
+after every add), so bf16 results agree with the XLA path within the bf16 tolerance, fp32 ones
+up to summation order.
+
+Limits (``check`` raises on anything else): Llama family without attention biases or a sliding
+window, a PrunePath SwiGLU FFN, ``next_pow2(d) ≤ 4096``, G a multiple of 2, head_dim a power of
+two, batch 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from prunepath_jax.kernels import jt
+from prunepath_jax.kernels.triton_balanced import MAX_D, _select, _unit_loop
+
+SPIN = 1_000_000  # polls before a program gives up on a barrier (~0.2 s on the H200)
+PHASES = 5  # grid barriers per layer (A, B, C, D, F)
+TILE_BYTES = 32 * 1024  # one program's prefetched weight tile (registers)
+
+
+@triton.jit
+def _arrive(ctr_ptr):
+    """This program's arrival: its stores issued (CTA barrier), then a GPU-scope release add."""
+    tl.debug_barrier()
+    tl.atomic_add(ctr_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait(ctr_ptr, target, failed, SPIN: tl.constexpr):
+    """Polls (acquire) until ``target`` arrivals; returns ``failed`` or 1 on giving up."""
+    seen = tl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
+    n = target * 0
+    while (seen < target) & (n < SPIN):
+        seen = tl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
+        n += 1
+    tl.debug_barrier()
+    return tl.where(seen < target, 1, failed)
+
+
+@triton.jit
+def _tile(w_ptr, blk, c, N, K: tl.constexpr, R: tl.constexpr, BR: tl.constexpr,
+          BK: tl.constexpr):  # fmt: skip
+    """Rows ``[blk·R, +R)`` (``R ≤ BR``, the tile's power-of-2 height) x columns ``[c·BK, +BK)``
+    of a row-major ``[N, K]`` matrix (zeros outside; a block past N loads nothing)."""
+    rb = tl.arange(0, BR)
+    rr = blk * R + rb
+    rk = c * BK + tl.arange(0, BK)
+    m = (rb[:, None] < R) & (rr[:, None] < N) & (rk[None, :] < K)
+    return tl.load(w_ptr + rr[:, None] * K + rk[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _x_chunk(src_ptr, ln_ptr, rstd, c, K: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
+    """Columns ``[c·BK, +BK)`` of a GEMV's input, fp32: the (normalised) row other programs
+    wrote (``.cg``)."""
+    rk = c * BK + tl.arange(0, BK)
+    x = tl.load(src_ptr + rk, mask=rk < K, other=0.0, cache_modifier=".cg")
+    if NORM:
+        x = x * rstd * tl.load(ln_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _row_block(w_ptr, w0, blk, src_ptr, ln_ptr, rstd, out_ptr, N, K: tl.constexpr,
+               R: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
+               RESID: tl.constexpr):  # fmt: skip
+    """``out[rows] (+)= W[rows] · x`` for block ``blk``, whose first column tile ``w0`` the
+    program already holds."""
+    NC: tl.constexpr = (K + BK - 1) // BK
+    acc = tl.sum(w0.to(tl.float32) * _x_chunk(src_ptr, ln_ptr, rstd, 0, K, BK, NORM)[None, :], 1)
+    for c in tl.static_range(1, NC):
+        w = _tile(w_ptr, blk, c, N, K, R, BR, BK)
+        acc += tl.sum(
+            w.to(tl.float32) * _x_chunk(src_ptr, ln_ptr, rstd, c, K, BK, NORM)[None, :], 1
+        )
+    rb = tl.arange(0, BR)
+    rr = blk * R + rb
+    rm = (rb < R) & (rr < N)
+    if RESID:
+        acc += tl.load(out_ptr + rr, mask=rm, other=0.0, cache_modifier=".cg")
+    tl.store(out_ptr + rr, acc, mask=rm)
+
+
+@triton.jit
+def _gemv(w_ptr, w0, src_ptr, ln_ptr, rstd, out_ptr, pid, N, K: tl.constexpr, R: tl.constexpr,
+          BR: tl.constexpr, BK: tl.constexpr, P: tl.constexpr, NORM: tl.constexpr,
+          RESID: tl.constexpr):  # fmt: skip
+    """A GEMV phase: block ``pid`` from the prefetched tile, then blocks ``pid + P, …``."""
+    nb = tl.cdiv(N, R)
+    if pid < nb:
+        _row_block(w_ptr, w0, pid, src_ptr, ln_ptr, rstd, out_ptr, N, K, R, BR, BK, NORM, RESID)
+    for blk in range(pid + P, nb, P):
+        w = _tile(w_ptr, blk, 0, N, K, R, BR, BK)
+        _row_block(w_ptr, w, blk, src_ptr, ln_ptr, rstd, out_ptr, N, K, R, BR, BK, NORM, RESID)
+
+
+@triton.jit
+def _rstd(h_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constexpr):
+    rd = tl.arange(0, D_PAD)
+    h = tl.load(h_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
+    return 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + EPS)
+
+
+@triton.jit
+def _rope_half(qkv_ptr, head, cos, sin, HD: tl.constexpr, rows, rmask):
+    """RoPE ("rotate half") of heads ``head + rows``: the two rotated halves, fp32."""
+    HALF: tl.constexpr = HD // 2
+    rh = tl.arange(0, HALF)
+    base = (head + rows)[:, None] * HD + rh[None, :]
+    x1 = tl.load(qkv_ptr + base, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+    x2 = tl.load(qkv_ptr + base + HALF, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+    return x1 * cos[None, :] - x2 * sin[None, :], x2 * cos[None, :] + x1 * sin[None, :]
+
+
+@triton.jit
+def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos, sin, pos,
+                  layer, g, s, HQ: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr,
+                  GQ: tl.constexpr, GQ_PAD: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
+                  BT: tl.constexpr, S_MAX: tl.constexpr, SCALE: tl.constexpr):  # fmt: skip
+    """Work item (KV head g, split s) of phase B; the last split of head g to finish combines."""
+    HALF: tl.constexpr = HD // 2
+    rq = tl.arange(0, GQ_PAD)
+    qmask = rq < GQ
+    q1, q2 = _rope_half(qkv_ptr, g * GQ, cos, sin, HD, rq, qmask)
+    q1, q2 = q1 * SCALE, q2 * SCALE
+    one = tl.arange(0, 1)
+    k1, k2 = _rope_half(qkv_ptr, HQ + g, cos, sin, HD, one, one < 1)  # [1, HALF]
+    rh = tl.arange(0, HALF)
+    rdh = tl.arange(0, HD)
+    v_new = tl.load(qkv_ptr + (HQ + KV + g) * HD + rdh, cache_modifier=".cg")
+    kdt = kc_ptr.dtype.element_ty
+    k1, k2 = k1.to(kdt).to(tl.float32), k2.to(kdt).to(tl.float32)  # the cache's rounding
+    v_new = v_new.to(kdt).to(tl.float32)
+    row = ((layer * S_MAX + pos) * KV + g) * HD
+    if s == 0:
+        # A full cache drops the write, as cache_write's mode="drop" (the position broadcast
+        # as a tensor: the interpreter rejects a scalar bool & a tensor bool as a mask).
+        ok = rdh * 0 + pos < S_MAX
+        okh = rh[None, :] * 0 + pos < S_MAX
+        tl.store(kc_ptr + row + rh[None, :], k1.to(kdt), mask=okh)
+        tl.store(kc_ptr + row + HALF + rh[None, :], k2.to(kdt), mask=okh)
+        tl.store(vc_ptr + row + rdh, v_new.to(kdt), mask=ok)
+    n_old = tl.minimum(pos, S_MAX)
+    ts = tl.cdiv(tl.cdiv(n_old, S), BT) * BT
+    t0 = s * ts
+    t1 = tl.minimum(t0 + ts, n_old)
+    m = tl.full([GQ_PAD], -1e30, tl.float32)
+    lsum = tl.zeros([GQ_PAD], tl.float32)
+    acc = tl.zeros([GQ_PAD, HD], tl.float32)
+    rt = tl.arange(0, BT)
+    for t in range(t0, t1, BT):
+        tt = t + rt
+        tm = tt < t1
+        kb = ((layer * S_MAX + tt) * KV + g) * HD
+        ka = tl.load(kc_ptr + kb[:, None] + rh[None, :], mask=tm[:, None], other=0.0)
+        kz = tl.load(kc_ptr + kb[:, None] + HALF + rh[None, :], mask=tm[:, None], other=0.0)
+        sc = tl.sum(q1[:, None, :] * ka.to(tl.float32)[None, :, :], 2)
+        sc += tl.sum(q2[:, None, :] * kz.to(tl.float32)[None, :, :], 2)  # [GQ_PAD, BT]
+        sc = tl.where(tm[None, :], sc, -1e30)
+        m_new = tl.maximum(m, tl.max(sc, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        v = tl.load(vc_ptr + kb[:, None] + rdh[None, :], mask=tm[:, None], other=0.0)
+        lsum = lsum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+        m = m_new
+    if s == S - 1:  # the new token's own key and value
+        sn = tl.sum(q1 * k1, 1) + tl.sum(q2 * k2, 1)
+        m_new = tl.maximum(m, sn)
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(sn - m_new)
+        lsum = lsum * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v_new[None, :]
+        m = m_new
+    slot = g * S + s
+    tl.store(po_ptr + (slot * GQ_PAD + rq)[:, None] * HD + rdh[None, :], acc)
+    tl.store(pml_ptr + slot * 2 * GQ_PAD + rq, m)
+    tl.store(pml_ptr + slot * 2 * GQ_PAD + GQ_PAD + rq, lsum)
+    tl.debug_barrier()
+    done = tl.atomic_add(hcnt_ptr + layer * KV + g, 1, sem="acq_rel", scope="gpu")
+    if done == S - 1:  # every split of head g has stored: combine them
+        tl.debug_barrier()
+        rs = tl.arange(0, S_PAD)
+        sm = rs < S
+        ml = pml_ptr + (g * S + rs)[:, None] * 2 * GQ_PAD + rq[None, :]
+        ms = tl.load(ml, mask=sm[:, None], other=-1e30, cache_modifier=".cg")  # [S_PAD, GQ_PAD]
+        ls = tl.load(ml + GQ_PAD, mask=sm[:, None], other=0.0, cache_modifier=".cg")
+        mt = tl.max(ms, 0)
+        w = tl.exp(ms - mt[None, :])
+        lt = tl.sum(w * ls, 0)
+        o_off = ((g * S + rs)[:, None, None] * GQ_PAD + rq[None, :, None]) * HD + rdh[None, None, :]
+        os = tl.load(po_ptr + o_off, mask=sm[:, None, None], other=0.0, cache_modifier=".cg")
+        o = tl.sum(w[:, :, None] * os, 0) / lt[:, None]
+        out = (g * GQ + rq)[:, None] * HD + rdh[None, :]
+        tl.store(att_ptr + out, o, mask=qmask[:, None])
+
+
+@triton.jit
+def _megastep_kernel(
+    h_in_ptr,  # [D] f32 residual input (aliased to h_ptr)
+    cos_ptr, sin_ptr,  # [HD/2] f32 RoPE at this token's position
+    pos_ptr,  # [1] i32 the token's position (where its key/value go)
+    tau_ptr,  # [L] f32 budgets
+    ln1_ptr, ln2_ptr,  # [L, D] RMSNorm weights
+    wqkv_ptr,  # [L, NQKV, D] QKV rows
+    wo_ptr,  # [L, D, NA] O-projection rows
+    wr_ptr,  # [L, E, D] f32 router rows
+    w_in_ptr,  # [L, 2, F, D] gate rows, then up rows
+    w_out_ptr,  # [L, F, D] down-projection rows
+    kc_in_ptr, vc_in_ptr,  # [L, S_MAX, KV, HD] caches (aliased to kc_ptr, vc_ptr)
+    h_ptr,  # out [D] f32 residual after every layer
+    kc_ptr, vc_ptr,  # out caches, this token's key/value written at pos
+    qkv_ptr,  # scratch [NQKV] f32
+    po_ptr,  # scratch [KV·S, GQ_PAD, HD] f32 attention partials
+    pml_ptr,  # scratch [KV·S, 2, GQ_PAD] f32 their running max and sum
+    att_ptr,  # scratch [NA] f32 attention output
+    x2_ptr,  # scratch [D] f32 the FFN's normalised input
+    lg_ptr,  # out [L, E] f32 router logits
+    k_ptr,  # out [L] i32 experts selected per layer
+    ctr_ptr,  # out [1] i32 barrier counter (zeroed)
+    hcnt_ptr,  # out [L, KV] i32 split counters (zeroed)
+    fail_ptr,  # out [P] i32 1 where the program gave up on a barrier
+    L: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, HQ: tl.constexpr, KV: tl.constexpr,
+    HD: tl.constexpr, GQ_PAD: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
+    G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
+    BT: tl.constexpr, S_MAX: tl.constexpr, R_A: tl.constexpr, BR_A: tl.constexpr,
+    BK_A: tl.constexpr, R_C: tl.constexpr, BR_C: tl.constexpr, BK_C: tl.constexpr,
+    R_D: tl.constexpr, BR_D: tl.constexpr, BK_D: tl.constexpr,
+    EPS: tl.constexpr, NUCLEUS: tl.constexpr, SIGMOID: tl.constexpr, K_MIN: tl.constexpr,
+    K_MAX: tl.constexpr, SCALE: tl.constexpr, SPIN: tl.constexpr,
+):  # fmt: skip
+    NQKV: tl.constexpr = (HQ + 2 * KV) * HD
+    NA: tl.constexpr = HQ * HD
+    GQ: tl.constexpr = HQ // KV
+    F: tl.constexpr = E * G
+    PER: tl.constexpr = G // BN
+    pid = tl.program_id(0)
+    failed = pid * 0
+    ph = pid * 0  # barriers passed
+    pos = tl.load(pos_ptr)
+    rh = tl.arange(0, HD // 2)
+    cos = tl.load(cos_ptr + rh)
+    sin = tl.load(sin_ptr + rh)
+    rd = tl.arange(0, D_PAD)
+    dmask = rd < D
+    wa = _tile(wqkv_ptr, pid, 0, NQKV, D, R_A, BR_A, BK_A)  # h_ptr starts as h_in (aliased)
+    for layer in range(L):
+        # A: norm + QKV (tile wa prefetched).
+        rstd = _rstd(h_ptr, D, D_PAD, EPS)
+        _gemv(wqkv_ptr + layer * NQKV * D, wa, h_ptr, ln1_ptr + layer * D, rstd, qkv_ptr, pid,
+              NQKV, D, R_A, BR_A, BK_A, P, True, False)  # fmt: skip
+        _arrive(ctr_ptr)
+        ph += 1
+        failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        # B: attention, one item per (KV head, split).
+        for item in range(pid, KV * S, P):
+            _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos, sin,
+                          pos, layer, item // S, item % S, HQ, KV, HD, GQ, GQ_PAD, S, S_PAD, BT,
+                          S_MAX, SCALE)  # fmt: skip
+        _arrive(ctr_ptr)
+        wo = _tile(wo_ptr + layer * D * NA, pid, 0, D, NA, R_C, BR_C, BK_C)
+        ph += 1
+        failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        # C: O projection + residual.
+        _gemv(wo_ptr + layer * D * NA, wo, att_ptr, ln1_ptr, 1.0, h_ptr, pid, D, NA, R_C, BR_C,
+              BK_C, P, False, True)  # fmt: skip
+        _arrive(ctr_ptr)
+        wr = _tile(wr_ptr + layer * E * D, pid, 0, E, D, R_D, BR_D, BK_D)
+        ph += 1
+        failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        # D: the FFN's norm (program 0 keeps the row) + router logits.
+        rstd = _rstd(h_ptr, D, D_PAD, EPS)
+        if pid == 0:
+            hv = tl.load(h_ptr + rd, mask=dmask, other=0.0, cache_modifier=".cg")
+            lnv = tl.load(ln2_ptr + layer * D + rd, mask=dmask, other=0.0).to(tl.float32)
+            tl.store(x2_ptr + rd, hv * rstd * lnv, mask=dmask)
+        _gemv(wr_ptr + layer * E * D, wr, h_ptr, ln2_ptr + layer * D, rstd, lg_ptr + layer * E,
+              pid, E, D, R_D, BR_D, BK_D, P, True, False)  # fmt: skip
+        _arrive(ctr_ptr)
+        ph += 1
+        failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        # F: selection in every program, then the balanced unit loop into h.
+        gate, k = _select(lg_ptr + layer * E, tau_ptr + layer, E, E_PAD, NUCLEUS, SIGMOID,
+                          K_MIN, K_MAX, ".cg")  # fmt: skip
+        if pid == 0:
+            tl.store(k_ptr + layer, k)
+        cnt = tl.cumsum((gate != 0.0).to(tl.int32), 0)
+        n_units = k * PER
+        u0 = pid * n_units // P
+        u1 = (pid + 1) * n_units // P
+        if u1 > u0:
+            x2 = tl.load(x2_ptr + rd, mask=dmask, other=0.0, cache_modifier=".cg")
+            acc = _unit_loop(x2, w_in_ptr + layer * 2 * F * D, w_out_ptr + layer * F * D, gate,
+                             cnt, u0, u1, D, D_PAD, E_PAD, F, G, BN)  # fmt: skip
+            tl.atomic_add(h_ptr + rd, acc, mask=dmask, sem="relaxed")
+        if layer + 1 < L:
+            _arrive(ctr_ptr)
+            wa = _tile(wqkv_ptr + (layer + 1) * NQKV * D, pid, 0, NQKV, D, R_A, BR_A, BK_A)
+            ph += 1
+            failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+    tl.store(fail_ptr + pid, failed)
+
+
+def _tile_shape(n: int, k: int, programs: int, itemsize: int,
+                tile_bytes: int = TILE_BYTES) -> tuple[int, int, int]:  # fmt: skip
+    """``(rows, tile rows, columns)`` of a program's GEMV block: ``ceil(n / P)`` rows (the P
+    programs cover n in one round), held as a power-of-2 tile, and columns so the tile stays
+    within ``tile_bytes`` of registers."""
+    r = -(-n // programs)
+    br = jt.next_pow2(r)
+    bk = max(16, min(jt.next_pow2(k), jt.next_pow2(tile_bytes // (br * itemsize) + 1) // 2))
+    return r, br, bk
+
+
+def default_splits(programs: int, kv: int, gq: int, head_dim: int, s_max: int, bt: int) -> int:
+    """Key splits per KV head: as many as programs allow, at most 16, at least ``4·bt`` cache
+    rows each, and few enough that the combine's ``[splits, gq, hd]`` partials fit registers."""
+    by_regs = max(1, 8192 // (jt.next_pow2(gq) * head_dim))
+    by_rows = max(1, s_max // (4 * bt))
+    s = max(1, min(16, programs // kv, by_regs, by_rows))
+    return 1 << (s.bit_length() - 1)
+
+
+def megastep(
+    h_d, cos_h, sin_h, pos, tau_l, ln1_ld, ln2_ld, wqkv_lnd, wo_ldn, wr_led, w_in_lcfd,
+    w_out_lfd, kc_lskh, vc_lskh, *, eps: float, rule: str = "paper", gate: str = "sigmoid",
+    k_min: int = 1, k_max: int | None = None, programs: int = 0, splits: int = 0,
+    block_t: int = 32, warps: int = 8, tile_bytes: int = TILE_BYTES, spin: int = SPIN,
+    interpret: bool = False,
+):  # fmt: skip
+    """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
+
+    ``h_d`` is the embedded token (any float dtype), ``cos_h``/``sin_h`` the RoPE tables
+    ``[head_dim / 2]`` at ``pos`` (int32 scalar or ``[1]``), ``tau_l`` the per-layer budgets.
+    Weights are stacked over layers and output-row-major (``models``' ``megastep.pack``).
+    ``fail_p`` is nonzero where a program gave up on a grid barrier (its result is then wrong;
+    ``megastep.decode_chunk`` raises). ``programs`` 0: one per SM (always co-resident).
+    """
+    n_layers, n_qkv, d = wqkv_lnd.shape
+    _, s_max, kv, hd = kc_lskh.shape
+    e = wr_led.shape[1]
+    f = w_out_lfd.shape[1]
+    hq = n_qkv // hd - 2 * kv
+    want = {
+        "ln1": (ln1_ld.shape, (n_layers, d)), "ln2": (ln2_ld.shape, (n_layers, d)),
+        "wo": (wo_ldn.shape, (n_layers, d, hq * hd)), "router": (wr_led.shape, (n_layers, e, d)),
+        "w_in": (w_in_lcfd.shape, (n_layers, 2, f, d)),
+        "w_out": (w_out_lfd.shape, (n_layers, f, d)),
+        "k cache": (kc_lskh.shape, (n_layers, s_max, kv, hd)), "v cache": (vc_lskh.shape,
+        kc_lskh.shape), "h": (h_d.shape, (d,)), "cos": (cos_h.shape, (hd // 2,)),
+        "sin": (sin_h.shape, (hd // 2,)), "tau": (jnp.shape(tau_l), (n_layers,)),
+    }  # fmt: skip
+    bad = {k: v for k, v in want.items() if tuple(v[0]) != tuple(v[1])}
+    if bad:
+        raise ValueError(f"megastep shapes do not fit (got, want): {bad}")
+    g = f // e if e else 0
+    if hq <= 0 or hq % kv or n_qkv != (hq + 2 * kv) * hd or f != e * g:
+        raise ValueError(f"inconsistent heads/experts: qkv rows {n_qkv}, kv {kv}, hd {hd}, f {f}")
+    if jt.next_pow2(d) > MAX_D or hd & (hd - 1) or hd < 2 or g % 2:
+        raise ValueError(
+            f"megastep takes next_pow2(d) <= {MAX_D}, a power-of-2 head_dim and an even group "
+            f"size; got d={d}, head_dim={hd}, G={g}"
+        )
+    k_max = e if k_max is None else min(k_max, e)
+    if not 1 <= k_min <= k_max:
+        raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
+    if rule not in ("paper", "nucleus") or gate not in ("sigmoid", "none"):
+        raise ValueError(f"rule must be paper|nucleus and gate sigmoid|none: {rule!r}, {gate!r}")
+    if programs < 0 or splits < 0 or block_t < 1 or block_t & (block_t - 1):
+        raise ValueError(f"bad launch sizes: programs={programs}, splits={splits}, bt={block_t}")
+    p = programs or jt.default_programs()
+    gq = hq // kv
+    s = splits or default_splits(p, kv, gq, hd, s_max, block_t)
+    isz = jnp.dtype(wqkv_lnd.dtype).itemsize
+    r_a, br_a, bk_a = _tile_shape(n_qkv, d, p, isz, tile_bytes)
+    r_c, br_c, bk_c = _tile_shape(d, hq * hd, p, jnp.dtype(wo_ldn.dtype).itemsize, tile_bytes)
+    r_d, br_d, bk_d = _tile_shape(e, d, p, jnp.dtype(wr_led.dtype).itemsize, tile_bytes)
+    gq_pad = jt.next_pow2(gq)
+    f32 = jnp.float32
+    out_shape = [
+        jax.ShapeDtypeStruct((d,), f32),  # h
+        jax.ShapeDtypeStruct(kc_lskh.shape, kc_lskh.dtype),
+        jax.ShapeDtypeStruct(vc_lskh.shape, vc_lskh.dtype),
+        jax.ShapeDtypeStruct((n_qkv,), f32),  # qkv scratch
+        jax.ShapeDtypeStruct((kv * s * gq_pad * hd,), f32),  # partials
+        jax.ShapeDtypeStruct((kv * s * 2 * gq_pad,), f32),
+        jax.ShapeDtypeStruct((hq * hd,), f32),  # attention output
+        jax.ShapeDtypeStruct((d,), f32),  # normalised FFN input
+        jax.ShapeDtypeStruct((n_layers, e), f32),  # logits
+        jax.ShapeDtypeStruct((n_layers,), jnp.int32),  # k
+        jax.ShapeDtypeStruct((1,), jnp.int32),  # barrier counter
+        jax.ShapeDtypeStruct((n_layers * kv,), jnp.int32),  # split counters
+        jax.ShapeDtypeStruct((p,), jnp.int32),  # fail flags
+    ]
+    outs = jt.triton_call(
+        _megastep_kernel, h_d.astype(f32), cos_h.astype(f32), sin_h.astype(f32),
+        jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)), jnp.asarray(tau_l, f32), ln1_ld, ln2_ld,
+        wqkv_lnd, wo_ldn, wr_led, w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh,
+        out_shape=out_shape, input_output_aliases={0: 0, 12: 1, 13: 2},
+        zeroed_outputs=(10, 11), grid=(p,), num_warps=warps, num_stages=1, interpret=interpret,
+        L=n_layers, D=d, D_PAD=jt.next_pow2(d), HQ=hq, KV=kv, HD=hd, GQ_PAD=gq_pad, E=e,
+        E_PAD=max(16, jt.next_pow2(e)), G=g, BN=2, P=p, S=s, S_PAD=jt.next_pow2(s),
+        BT=block_t, S_MAX=s_max, R_A=r_a, BR_A=br_a, BK_A=bk_a, R_C=r_c, BR_C=br_c, BK_C=bk_c,
+        R_D=r_d, BR_D=br_d, BK_D=bk_d, EPS=float(eps), NUCLEUS=rule == "nucleus",
+        SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=k_max, SCALE=float(hd**-0.5), SPIN=spin,
+    )  # fmt: skip
+    h, kc, vc = outs[:3]
+    return h, kc, vc, outs[9], outs[12]

@@ -1,0 +1,172 @@
+"""One-token decode of a PrunePath Llama with every layer in ONE Triton launch.
+
+Why: a batch-1 decode step is ~10 kernel launches a layer, each a chain of dependent memory
+round trips that XLA cannot overlap (BENCHMARKS.md, issue 5, sessions 12-17); the persistent
+kernel ``kernels.triton_megastep`` runs all layers' phases between grid barriers and loads the
+next phase's weights while it waits. XLA keeps the embedding lookup, the final norm, the LM head
+and sampling.
+
+The kernel reads weights stacked over layers and output-row-major, so ``pack`` makes a copy of
+the model's layer weights once (the model's own arrays are per layer; memory: the layer
+weights twice while both are alive). The KV cache is stacked too: ``stack_cache`` turns the
+per-layer caches a prefill filled into ``[L, s, kv, hd]`` arrays. Batch 1 only.
+
+    mw = megastep.pack(model)
+    tokens = generate(model, [prompt], 64, tau=0.5, implementation="megastep")
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prunepath_jax.models.layers import rope_inv_freq, rope_tables
+from prunepath_jax.nn import PrunePathFFN
+
+
+class MegaWeights(NamedTuple):
+    """Layer weights stacked over layers, output-row-major (what the kernel streams)."""
+
+    ln1: jax.Array  # [L, d]
+    ln2: jax.Array  # [L, d]
+    wqkv: jax.Array  # [L, (h + 2 kv) hd, d]
+    wo: jax.Array  # [L, d, h hd]
+    router: jax.Array  # [L, E, d] float32
+    w_in: jax.Array  # [L, 2, f, d]
+    w_out: jax.Array  # [L, f, d]
+
+
+class Launch(NamedTuple):
+    """Static launch choices (``triton_megastep.megastep``): 0 = its default."""
+
+    programs: int = 0
+    splits: int = 0
+    block_t: int = 32
+    warps: int = 8
+    tile_bytes: int = 32 * 1024
+
+
+def check(model: nnx.Module) -> PrunePathFFN:
+    """Raises ValueError unless the one-launch step computes this model; returns an FFN (every
+    layer's routing settings are the same config)."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or cfg.family != "llama":
+        raise ValueError("the one-launch decode step takes Llama-family models only")
+    if cfg.prunepath is None:
+        raise ValueError("the one-launch decode step needs a PrunePath model (routed FFNs)")
+    if cfg.qkv_bias or cfg.o_bias or cfg.sliding_window is not None:
+        raise ValueError(
+            "the one-launch decode step has no attention biases (Qwen2) nor sliding window "
+            f"(Mistral); got qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, "
+            f"sliding_window={cfg.sliding_window}"
+        )
+    ffn = model.layers[0].mlp
+    if not ffn.gated or ffn.b_in is not None:
+        raise ValueError("the one-launch decode step takes SwiGLU FFNs without biases")
+    return ffn
+
+
+def pack(model: nnx.Module) -> MegaWeights:
+    """The kernel's copy of the layer weights (made once; see the module docstring)."""
+    check(model)
+    lay = model.layers
+
+    def stack(fn):
+        return jnp.stack([fn(b) for b in lay])
+
+    return MegaWeights(
+        ln1=stack(lambda b: b.input_layernorm.weight[...]),
+        ln2=stack(lambda b: b.post_attention_layernorm.weight[...]),
+        wqkv=stack(lambda b: b.self_attn.qkv_proj.kernel[...].T),
+        wo=stack(lambda b: b.self_attn.o_proj.kernel[...].T),
+        router=stack(lambda b: b.mlp.router[...].T.astype(jnp.float32)),
+        w_in=stack(lambda b: b.mlp.w_in[...]),
+        w_out=stack(lambda b: b.mlp.w_out[...]),
+    )
+
+
+def stack_cache(cache) -> tuple[jax.Array, jax.Array]:
+    """Per-layer ``LayerCache``s of batch 1 -> stacked ``(k, v)`` ``[L, s, kv, hd]``."""
+    if cache[0].k.shape[0] != 1:
+        raise ValueError(f"the one-launch decode step takes batch 1, got {cache[0].k.shape[0]}")
+    return jnp.stack([c.k[0] for c in cache]), jnp.stack([c.v[0] for c in cache])
+
+
+DEFAULT_LAUNCH = Launch()
+
+
+def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch = DEFAULT_LAUNCH,
+         interpret: bool = False):  # fmt: skip
+    """One token: ``(logits [1, vocab] f32, kc, vc, k_l [L] int32, fail_p [P] int32)``."""
+    from prunepath_jax.kernels import triton_megastep as tm
+
+    ffn = check(model)
+    cfg = model.cfg
+    h = model.embed_tokens(token_1)[0]
+    cos, sin = rope_tables(pos_1[None], rope_inv_freq(cfg.head_dim, cfg.rope_theta,
+                                                      cfg.rope_scaling))  # fmt: skip
+    h, kc, vc, k_l, fail = tm.megastep(
+        h, cos.reshape(-1), sin.reshape(-1), pos_1, tau_l, *mw, kc, vc,
+        eps=cfg.norm_eps, rule=ffn.rule, gate=ffn.gate_mode, k_min=ffn.k_min, k_max=ffn.k_max,
+        programs=launch.programs, splits=launch.splits, block_t=launch.block_t,
+        warps=launch.warps, tile_bytes=launch.tile_bytes, interpret=interpret,
+    )  # fmt: skip
+    x = h.astype(model.embed_tokens.embedding.dtype)[None, None]
+    return model.head(x)[:, 0], kc, vc, k_l, fail
+
+
+class MegaState(NamedTuple):
+    """Decode state between chunks; ``fail`` counts barrier give-ups (must stay 0)."""
+
+    token_b: jax.Array  # [1]
+    pos_b: jax.Array  # [1]
+    done_b: jax.Array  # [1]
+    kc: jax.Array
+    vc: jax.Array
+    rng: jax.Array
+    fail: jax.Array  # [] int32
+
+
+def _decode_chunk_impl(graphdef, state, mw, st: MegaState, temperature, top_p, stop_ids,
+                       pad_id, tau_l, *, n_steps: int, greedy: bool, launch: Launch):  # fmt: skip
+    from prunepath_jax.generate import _stop, sample_tokens
+
+    model = nnx.merge(graphdef, state)
+
+    def body(i, carry):
+        st, out_n = carry
+        logits, kc, vc, _, fail = step(model, mw, st.token_b, st.pos_b, st.kc, st.vc, tau_l,
+                                       launch)  # fmt: skip
+        rng, key = jax.random.split(st.rng)
+        nxt = sample_tokens(logits, key, temperature, top_p, greedy=greedy)
+        nxt = jnp.where(st.done_b, pad_id, nxt)
+        done = st.done_b | _stop(nxt, stop_ids)
+        st = MegaState(nxt, st.pos_b + 1, done, kc, vc, rng, st.fail + jnp.sum(fail))
+        return st, out_n.at[i].set(nxt[0])
+
+    return jax.lax.fori_loop(0, n_steps, body, (st, jnp.zeros((n_steps,), jnp.int32)))
+
+
+_STATIC = ("graphdef", "n_steps", "greedy", "launch")
+decode_chunk = jax.jit(_decode_chunk_impl, static_argnames=_STATIC, donate_argnums=(3,))
+
+
+def check_fail(st: MegaState) -> None:
+    """Raises if any program gave up on a grid barrier (the tokens since are not to be trusted:
+    the grid did not fit on the GPU at once)."""
+    n = int(np.asarray(st.fail))
+    if n:
+        raise RuntimeError(
+            f"{n} program(s) of the one-launch decode step gave up waiting at a grid barrier: "
+            "the grid was not co-resident; use fewer programs (Launch(programs=...))"
+        )
+
+
+def from_decode_state(st) -> MegaState:
+    """A prefill's ``generate.DecodeState`` (batch 1) as a ``MegaState``."""
+    kc, vc = stack_cache(st.cache)
+    return MegaState(st.token_b, st.pos_b, st.done_b, kc, vc, st.rng, jnp.int32(0))

@@ -1,0 +1,94 @@
+"""Tiny PrunePath Llamas for the one-launch decode step's tests: each case a model, a KV cache
+filled by the model's own prefill, and the next token at its position."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prunepath_jax.config import ModelConfig, PrunePathConfig
+from prunepath_jax.models.layers import init_cache
+from prunepath_jax.models.llama import LlamaModel
+from prunepath_jax.nn import PrunePathFFN, route_args
+
+
+class Case(NamedTuple):
+    name: str
+    d: int
+    heads: int
+    kv: int
+    head_dim: int
+    f: int
+    g: int
+    prompt: int  # tokens already in the cache (the new token's position)
+    tau: float
+    splits: int
+    block_t: int
+    rule: str = "paper"
+    gate: str = "sigmoid"
+    k_min: int = 1
+    k_max: int | None = None
+    dtype: str = "float32"
+    cache_len: int = 32
+    layers: int = 2
+
+
+CASES = (
+    Case("gqa2_f32", 64, 4, 2, 16, 128, 8, 5, 0.5, splits=2, block_t=4),
+    # d not a power of two, 3 query heads a KV head, nucleus rule, no gates, clamps on k.
+    Case(
+        "gqa3_nucleus",
+        96,
+        6,
+        2,
+        16,
+        160,
+        10,
+        11,
+        0.9,
+        splits=1,
+        block_t=8,
+        rule="nucleus",
+        gate="none",
+        k_min=2,
+        k_max=5,
+    ),  # fmt: skip
+    # The first token (empty cache), every expert (tau > 1), more splits than cached rows.
+    Case("first_token_all", 64, 4, 4, 16, 96, 8, 0, 1.5, splits=4, block_t=4),
+    Case("bf16", 64, 4, 1, 32, 128, 8, 9, 0.6, splits=2, block_t=4, dtype="bfloat16"),
+)
+
+
+def config(c: Case) -> ModelConfig:
+    pp = PrunePathConfig(c.g, c.rule, c.gate, c.k_min, c.k_max)
+    return ModelConfig(
+        family="llama", model_type="llama", vocab_size=50, d_model=c.d, d_ff=c.f,
+        n_layers=c.layers, n_heads=c.heads, n_kv_heads=c.kv, head_dim=c.head_dim,
+        max_position=64, norm_eps=1e-5, activation="silu", rope_theta=10000.0,
+        prunepath=pp,
+    )  # fmt: skip
+
+
+def build(c: Case):
+    """``(model, ffn_args, cache filled to c.prompt, token [], pos [])``."""
+    cfg = config(c)
+    dtype = jnp.dtype(c.dtype)
+    model = LlamaModel(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    key = jax.random.key(1)
+    for _, m in nnx.iter_graph(model):  # non-trivial norms and routers
+        if isinstance(m, PrunePathFFN):
+            key, sub = jax.random.split(key)
+            m.router[...] = jax.random.normal(sub, m.router.shape, jnp.float32) * c.d**-0.5
+    for i, b in enumerate(model.layers):
+        for ln in (b.input_layernorm, b.post_attention_layernorm):
+            w = 1 + 0.1 * jax.random.normal(jax.random.key(10 + i), ln.weight.shape)
+            ln.weight[...] = w.astype(dtype)
+    args = route_args(cfg, c.tau)
+    cache = init_cache(cfg, 1, c.cache_len, dtype)
+    rng = np.random.default_rng(len(c.name))
+    if c.prompt:
+        toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, c.prompt)), jnp.int32)
+        cache = model(toks, cache=cache, ffn_args=args, fresh_cache=True).cache
+    return model, args, cache, jnp.int32(rng.integers(0, cfg.vocab_size)), jnp.int32(c.prompt)
