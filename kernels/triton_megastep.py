@@ -105,12 +105,15 @@ def _row_block(w_ptr, w0, blk, src_ptr, ln_ptr, rstd, out_ptr, N, K: tl.constexp
     """``out[rows] (+)= W[rows] · x`` for block ``blk``, whose first column tile ``w0`` the
     program already holds."""
     NC: tl.constexpr = (K + BK - 1) // BK
-    acc = tl.sum(w0.to(tl.float32) * _x_chunk(src_ptr, ln_ptr, rstd, 0, K, BK, NORM)[None, :], 1)
-    for c in tl.static_range(1, NC):
-        w = _tile(w_ptr, blk, c, N, K, R, BR, BK)
-        acc += tl.sum(
-            w.to(tl.float32) * _x_chunk(src_ptr, ln_ptr, rstd, c, K, BK, NORM)[None, :], 1
-        )
+    w = w0
+    acc = tl.zeros([BR], tl.float32)
+    for c in tl.static_range(NC):
+        if c + 1 < NC:  # the next tile's loads in flight while this one is reduced
+            w_next = _tile(w_ptr, blk, c + 1, N, K, R, BR, BK)
+        x = _x_chunk(src_ptr, ln_ptr, rstd, c, K, BK, NORM)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], 1)
+        if c + 1 < NC:
+            w = w_next
     rb = tl.arange(0, BR)
     rr = blk * R + rb
     rm = (rb < R) & (rr < N)

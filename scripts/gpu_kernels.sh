@@ -1125,4 +1125,9 @@ s23a)  # the one-launch decode step (prunepath_jax.megastep) vs the default kern
     --check-steps 4 --chunks 4 --launches '{"p1": {}, "t64k": {"tile_bytes": 65536}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
+s23b)  # megastep after the pipelined GEMV tiles: 64 KB / 32 KB tiles, 4 warps x 2 programs an SM
+  run timeout 560 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --check-steps 3 --chunks 4 --launches '{"t64k": {"tile_bytes": 65536}, "t32k": {},
+    "w4p264": {"warps": 4, "programs": 264}}' --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
