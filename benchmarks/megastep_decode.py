@@ -63,6 +63,35 @@ def time_mega(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
     return {"us_per_step": dt * 1e6, "barrier_failures": int(np.asarray(st.fail))}
 
 
+PHASE_NAMES = ("A norm+qkv", "B attention", "C o+residual", "D norm+router", "F experts")
+
+
+def phase_times(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
+    """Mean µs a layer of each phase from one step's %globaltimer stamps: phase i ends when its
+    last program arrives (the barrier opens), so its time is the gap between those moments."""
+    from prunepath_jax.kernels.triton_megastep import N_PHASES
+
+    cfg = model.cfg
+    shape = (cfg.n_layers, _ctx(prompt_len, steps, chunks), cfg.n_kv_heads, cfg.head_dim)
+    kc = jnp.zeros(shape, jnp.bfloat16)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, mw, kc):
+        out = megastep.step(nnx.merge(graphdef, state), mw, jnp.ones((1,), jnp.int32),
+                            jnp.full((1,), prompt_len, jnp.int32), kc, kc, tau_l, launch,
+                            timing=True)  # fmt: skip
+        return out[-1]
+
+    for _ in range(3):  # the last of three calls (warm caches, as in decode)
+        t = np.asarray(f(state, mw, kc)).astype(np.int64)
+    ends = t[:, 1:].max(axis=0)
+    gaps = np.diff(np.concatenate([[t[:, 0].min()], ends])) / 1e3  # µs per phase
+    per = gaps.reshape(cfg.n_layers, N_PHASES).mean(axis=0)
+    return {"phase_us_per_layer": dict(zip(PHASE_NAMES, np.round(per, 2).tolist(), strict=True)),
+            "layers_us": float(gaps.sum())}  # fmt: skip
+
+
 def check(model, mw, ffn_args, tau_l, prompt_len, n_steps, launch) -> dict:
     """Teacher-forced parity with the model's own decode step (the default kernels)."""
     cfg = model.cfg
@@ -162,6 +191,8 @@ def main() -> None:
                         emit({"shape": shape, "impl": f"megastep_{label}", **chk})
                         continue
                     r = time_mega(sparse, mw, tau_l, a.prompt_len, a.steps, a.chunks, launch)
+                    r.update(phase_times(sparse, mw, tau_l, a.prompt_len, a.steps, a.chunks,
+                                         launch))  # fmt: skip
                 except Exception as err:  # report and go on with the next variant
                     print(f"{shape} s{s} {label}: {type(err).__name__}: {err}"[:600], flush=True)
                     continue

@@ -52,7 +52,8 @@ from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.triton_balanced import MAX_D, _select, _unit_loop
 
 SPIN = 1_000_000  # polls before a program gives up on a barrier (~0.2 s on the H200)
-PHASES = 5  # grid barriers per layer (A, B, C, D, F)
+N_PHASES = 5  # grid barriers per layer (A, B, C, D, F)
+PHASES = tl.constexpr(N_PHASES)
 TILE_BYTES = 32 * 1024  # one program's prefetched weight tile (registers)
 
 
@@ -61,6 +62,15 @@ def _arrive(ctr_ptr):
     """This program's arrival: its stores issued (CTA barrier), then a GPU-scope release add."""
     tl.debug_barrier()
     tl.atomic_add(ctr_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _stamp(tim_ptr, pid, idx, NT: tl.constexpr, TIMING: tl.constexpr):
+    """With TIMING, this program's %globaltimer (ns) at event ``idx`` (GPU only: inline PTX)."""
+    if TIMING:
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid],
+                                      dtype=tl.int64, is_pure=False, pack=1)  # fmt: skip
+        tl.store(tim_ptr + pid * NT + idx, t)
 
 
 @triton.jit
@@ -261,6 +271,7 @@ def _megastep_kernel(
     ctr_ptr,  # out [1] i32 barrier counter (zeroed)
     hcnt_ptr,  # out [L, KV] i32 split counters (zeroed)
     fail_ptr,  # out [P] i32 1 where the program gave up on a barrier
+    tim_ptr,  # out [P, NT] i64 with TIMING: %globaltimer at the start and at each phase's end
     L: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, HQ: tl.constexpr, KV: tl.constexpr,
     HD: tl.constexpr, GQ_PAD: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
     G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
@@ -268,14 +279,16 @@ def _megastep_kernel(
     BK_A: tl.constexpr, R_C: tl.constexpr, BR_C: tl.constexpr, BK_C: tl.constexpr,
     R_D: tl.constexpr, BR_D: tl.constexpr, BK_D: tl.constexpr,
     EPS: tl.constexpr, NUCLEUS: tl.constexpr, SIGMOID: tl.constexpr, K_MIN: tl.constexpr,
-    K_MAX: tl.constexpr, SCALE: tl.constexpr, SPIN: tl.constexpr,
+    K_MAX: tl.constexpr, SCALE: tl.constexpr, SPIN: tl.constexpr, TIMING: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
     GQ: tl.constexpr = HQ // KV
     F: tl.constexpr = E * G
     PER: tl.constexpr = G // BN
+    NT: tl.constexpr = L * PHASES + 1
     pid = tl.program_id(0)
+    _stamp(tim_ptr, pid, 0, NT, TIMING)
     failed = pid * 0
     ph = pid * 0  # barriers passed
     pos = tl.load(pos_ptr)
@@ -286,27 +299,32 @@ def _megastep_kernel(
     dmask = rd < D
     wa = _tile(wqkv_ptr, pid, 0, NQKV, D, R_A, BR_A, BK_A)  # h_ptr starts as h_in (aliased)
     for layer in range(L):
+        # int64 offsets: 8B's stacked w_in has 3.8e9 elements, past int32.
+        lw = tl.full([], 0, tl.int64) + layer
         # A: norm + QKV (tile wa prefetched).
         rstd = _rstd(h_ptr, D, D_PAD, EPS)
-        _gemv(wqkv_ptr + layer * NQKV * D, wa, h_ptr, ln1_ptr + layer * D, rstd, qkv_ptr, pid,
+        _gemv(wqkv_ptr + lw * NQKV * D, wa, h_ptr, ln1_ptr + layer * D, rstd, qkv_ptr, pid,
               NQKV, D, R_A, BR_A, BK_A, P, True, False)  # fmt: skip
+        _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         # B: attention, one item per (KV head, split).
         for item in range(pid, KV * S, P):
             _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos, sin,
-                          pos, layer, item // S, item % S, HQ, KV, HD, GQ, GQ_PAD, S, S_PAD, BT,
+                          pos, lw, item // S, item % S, HQ, KV, HD, GQ, GQ_PAD, S, S_PAD, BT,
                           S_MAX, SCALE)  # fmt: skip
+        _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         _arrive(ctr_ptr)
-        wo = _tile(wo_ptr + layer * D * NA, pid, 0, D, NA, R_C, BR_C, BK_C)
+        wo = _tile(wo_ptr + lw * D * NA, pid, 0, D, NA, R_C, BR_C, BK_C)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         # C: O projection + residual.
-        _gemv(wo_ptr + layer * D * NA, wo, att_ptr, ln1_ptr, 1.0, h_ptr, pid, D, NA, R_C, BR_C,
+        _gemv(wo_ptr + lw * D * NA, wo, att_ptr, ln1_ptr, 1.0, h_ptr, pid, D, NA, R_C, BR_C,
               BK_C, P, False, True)  # fmt: skip
+        _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         _arrive(ctr_ptr)
-        wr = _tile(wr_ptr + layer * E * D, pid, 0, E, D, R_D, BR_D, BK_D)
+        wr = _tile(wr_ptr + lw * E * D, pid, 0, E, D, R_D, BR_D, BK_D)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         # D: the FFN's norm (program 0 keeps the row) + router logits.
@@ -315,8 +333,9 @@ def _megastep_kernel(
             hv = tl.load(h_ptr + rd, mask=dmask, other=0.0, cache_modifier=".cg")
             lnv = tl.load(ln2_ptr + layer * D + rd, mask=dmask, other=0.0).to(tl.float32)
             tl.store(x2_ptr + rd, hv * rstd * lnv, mask=dmask)
-        _gemv(wr_ptr + layer * E * D, wr, h_ptr, ln2_ptr + layer * D, rstd, lg_ptr + layer * E,
+        _gemv(wr_ptr + lw * E * D, wr, h_ptr, ln2_ptr + layer * D, rstd, lg_ptr + layer * E,
               pid, E, D, R_D, BR_D, BK_D, P, True, False)  # fmt: skip
+        _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
@@ -331,12 +350,13 @@ def _megastep_kernel(
         u1 = (pid + 1) * n_units // P
         if u1 > u0:
             x2 = tl.load(x2_ptr + rd, mask=dmask, other=0.0, cache_modifier=".cg")
-            acc = _unit_loop(x2, w_in_ptr + layer * 2 * F * D, w_out_ptr + layer * F * D, gate,
+            acc = _unit_loop(x2, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D, gate,
                              cnt, u0, u1, D, D_PAD, E_PAD, F, G, BN)  # fmt: skip
             tl.atomic_add(h_ptr + rd, acc, mask=dmask, sem="relaxed")
+        _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         if layer + 1 < L:
             _arrive(ctr_ptr)
-            wa = _tile(wqkv_ptr + (layer + 1) * NQKV * D, pid, 0, NQKV, D, R_A, BR_A, BK_A)
+            wa = _tile(wqkv_ptr + (lw + 1) * NQKV * D, pid, 0, NQKV, D, R_A, BR_A, BK_A)
             ph += 1
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
     tl.store(fail_ptr + pid, failed)
@@ -367,7 +387,7 @@ def megastep(
     w_out_lfd, kc_lskh, vc_lskh, *, eps: float, rule: str = "paper", gate: str = "sigmoid",
     k_min: int = 1, k_max: int | None = None, programs: int = 0, splits: int = 0,
     block_t: int = 32, warps: int = 8, tile_bytes: int = TILE_BYTES, spin: int = SPIN,
-    interpret: bool = False,
+    timing: bool = False, interpret: bool = False,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
@@ -432,6 +452,7 @@ def megastep(
         jax.ShapeDtypeStruct((1,), jnp.int32),  # barrier counter
         jax.ShapeDtypeStruct((n_layers * kv,), jnp.int32),  # split counters
         jax.ShapeDtypeStruct((p,), jnp.int32),  # fail flags
+        jax.ShapeDtypeStruct((p, n_layers * N_PHASES + 1) if timing else (1,), jnp.int64),
     ]
     outs = jt.triton_call(
         _megastep_kernel, h_d.astype(f32), cos_h.astype(f32), sin_h.astype(f32),
@@ -444,6 +465,9 @@ def megastep(
         BT=block_t, S_MAX=s_max, R_A=r_a, BR_A=br_a, BK_A=bk_a, R_C=r_c, BR_C=br_c, BK_C=bk_c,
         R_D=r_d, BR_D=br_d, BK_D=bk_d, EPS=float(eps), NUCLEUS=rule == "nucleus",
         SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=k_max, SCALE=float(hd**-0.5), SPIN=spin,
+        TIMING=bool(timing),
     )  # fmt: skip
     h, kc, vc = outs[:3]
+    if timing:
+        return h, kc, vc, outs[9], outs[12], outs[13]
     return h, kc, vc, outs[9], outs[12]

@@ -100,8 +100,10 @@ DEFAULT_LAUNCH = Launch()
 
 
 def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch = DEFAULT_LAUNCH,
-         interpret: bool = False):  # fmt: skip
-    """One token: ``(logits [1, vocab] f32, kc, vc, k_l [L] int32, fail_p [P] int32)``."""
+         interpret: bool = False, timing: bool = False):  # fmt: skip
+    """One token: ``(logits [1, vocab] f32, kc, vc, k_l [L] int32, fail_p [P] int32)``, plus
+    each program's %globaltimer stamps ``[P, 5 L + 1]`` with ``timing`` (GPU; the benchmark's
+    per-phase breakdown)."""
     from prunepath_jax.kernels import triton_megastep as tm
 
     ffn = check(model)
@@ -109,14 +111,14 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
     h = model.embed_tokens(token_1)[0]
     cos, sin = rope_tables(pos_1[None], rope_inv_freq(cfg.head_dim, cfg.rope_theta,
                                                       cfg.rope_scaling))  # fmt: skip
-    h, kc, vc, k_l, fail = tm.megastep(
+    h, kc, vc, k_l, fail, *stamps = tm.megastep(
         h, cos.reshape(-1), sin.reshape(-1), pos_1, tau_l, *mw, kc, vc,
         eps=cfg.norm_eps, rule=ffn.rule, gate=ffn.gate_mode, k_min=ffn.k_min, k_max=ffn.k_max,
         programs=launch.programs, splits=launch.splits, block_t=launch.block_t,
-        warps=launch.warps, tile_bytes=launch.tile_bytes, interpret=interpret,
+        warps=launch.warps, tile_bytes=launch.tile_bytes, timing=timing, interpret=interpret,
     )  # fmt: skip
     x = h.astype(model.embed_tokens.embedding.dtype)[None, None]
-    return model.head(x)[:, 0], kc, vc, k_l, fail
+    return (model.head(x)[:, 0], kc, vc, k_l, fail, *stamps)
 
 
 class MegaState(NamedTuple):

@@ -1130,4 +1130,11 @@ s23b)  # megastep after the pipelined GEMV tiles: 64 KB / 32 KB tiles, 4 warps x
     --check-steps 3 --chunks 4 --launches '{"t64k": {"tile_bytes": 65536}, "t32k": {},
     "w4p264": {"warps": 4, "programs": 264}}' --out "$OUT/megastep_decode.jsonl"
   ;;
+s23c)  # megastep with int64 layer offsets (8B) and per-phase timing; its GPU tests
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
+  run timeout 400 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --check-steps 3 --chunks 4 --launches '{"t64k": {"tile_bytes": 65536}, "t32k": {},
+    "w4p264": {"warps": 4, "programs": 264}}' --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac

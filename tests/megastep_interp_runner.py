@@ -15,9 +15,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 from megastep_cases import CASES, build  # noqa: E402
 
 from prunepath_jax import megastep  # noqa: E402
+from prunepath_jax.kernels import triton_megastep as tm  # noqa: E402
 
 
 def main(out: str) -> None:
@@ -44,7 +46,24 @@ def main(out: str) -> None:
             bool(jnp.all(kc2[:, :p] == kc[:, :p]) & jnp.all(vc2[:, p + 1 :] == vc[:, p + 1 :]))
         )
         res[f"{c.name}/fail"] = np.asarray(fail)
+        if c.dtype != "float32":  # the same weights in fp32: what bf16 rounding is measured from
+            g, st = nnx.split(model)
+            up = lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a  # noqa: E731
+            m32 = nnx.merge(g, jax.tree.map(up, st))
+            ref32 = m32(tok[None, None], pos[None, None], cache=jax.tree.map(up, cache),
+                        ffn_args=args)  # fmt: skip
+            res[f"{c.name}/ref32_logits"] = np.asarray(ref32.logits[0, 0])
         print(c.name, "done", flush=True)
+    # The barrier guard: two programs run one after the other here, so program 0 waits for an
+    # arrival that cannot come, gives up after `spin` polls and must say so.
+    c = CASES[0]
+    model, args, cache, tok, pos = build(c)
+    kc, vc = megastep.stack_cache(cache)
+    h = model.embed_tokens(tok[None])[0]
+    cos = jnp.ones((c.head_dim // 2,))
+    guard = tm.megastep(h, cos, cos * 0, pos, jnp.full((c.layers,), c.tau), *megastep.pack(model),
+                      kc, vc, eps=1e-5, programs=2, splits=1, spin=20, interpret=True)  # fmt: skip
+    res["guard/fail"] = np.asarray(guard[4])
     np.savez(out, **res)
 
 

@@ -1,0 +1,167 @@
+"""The one-launch decode step (``prunepath_jax.megastep``, ``kernels.triton_megastep``).
+
+CPU: the whole step under the Triton interpreter (one program walks every phase's work items)
+against the model's own XLA decode step -- logits, the experts chosen per layer, the key and
+value written at the token's position and nothing else; the barrier guard; the sm_90 lowering
+(barrier atomics, the timing stamps); clear errors. GPU: the real grid against XLA, and
+generation through it token for token.
+"""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import assert_close, run_triton_interpreted, sm90_compile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from megastep_cases import CASES, build  # noqa: E402
+
+from prunepath_jax import megastep  # noqa: E402
+from prunepath_jax.config import PRESETS  # noqa: E402
+from prunepath_jax.generate import SamplingConfig, generate  # noqa: E402
+from prunepath_jax.kernels import jt  # noqa: E402
+from prunepath_jax.kernels import triton_megastep as tm  # noqa: E402
+from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
+from prunepath_jax.models.llama import LlamaModel  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("megastep") / "out.npz"
+    run_triton_interpreted([str(HERE / "megastep_interp_runner.py"), str(out)], timeout=900)
+    return dict(np.load(out))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_interpreted_step_matches_the_xla_decode_step(interpreted, case):
+    r = {k.split("/", 1)[1]: v for k, v in interpreted.items() if k.startswith(case.name + "/")}
+    np.testing.assert_array_equal(r["k"], r["ref_k"], err_msg="experts per layer")
+    assert not r["fail"].any()
+    assert bool(r["old_kv_same"]), "the step wrote outside the token's cache row"
+    if case.dtype == "float32":
+        assert_close(r["logits"], r["ref_logits"], "model_fp32", case.name)
+        assert_close(r["kv"], r["ref_kv"], "model_fp32", f"{case.name} cache row")
+    else:  # fp32 residual inside the launch: held to the fp32 model at the bf16 tolerance
+        assert_close(r["logits"], r["ref32_logits"], "bf16", case.name)
+        assert_close(r["kv"], r["ref_kv"], "bf16", f"{case.name} cache row")
+
+
+def test_interpreted_cases_cover_what_they_claim(interpreted):
+    """Real sparsity somewhere, every expert where tau > 1, the nucleus clamp at k_max."""
+    k = {c.name: interpreted[f"{c.name}/ref_k"] for c in CASES}
+    assert (k["gqa2_f32"] < 16).all() and (k["first_token_all"] == 12).all()
+    assert (k["gqa3_nucleus"] <= 5).all()
+
+
+def test_a_grid_that_is_not_co_resident_is_flagged(interpreted):
+    assert interpreted["guard/fail"].sum() > 0
+
+
+def _signature(timing: bool):
+    f32 = {"h_in", "cos", "sin", "tau", "wr", "h", "qkv", "po", "pml", "att", "x2", "lg"}
+    i32 = {"pos", "k", "ctr", "hcnt", "fail"}
+    names = ["h_in", "cos", "sin", "pos", "tau", "ln1", "ln2", "wqkv", "wo", "wr", "w_in",
+             "w_out", "kc_in", "vc_in", "h", "kc", "vc", "qkv", "po", "pml", "att", "x2", "lg",
+             "k", "ctr", "hcnt", "fail", "tim"]  # fmt: skip
+    return {n: "*" + ("fp32" if n in f32 else "i32" if n in i32 else "i64" if n == "tim"
+                      else "bf16") for n in names}  # fmt: skip
+
+
+@pytest.mark.parametrize("timing", [False, True])
+def test_lowers_for_sm90_with_gpu_scope_barriers(timing):
+    """The Llama-3.2-1B layer shape over 132 programs compiles to a cubin whose barrier is a
+    GPU-scope release add and acquire polls; the timing stamps only when asked for."""
+    n_layers, d, hq, kv, hd, e, g, s_max, p = 2, 2048, 32, 8, 64, 256, 32, 512, 132
+    r_a, br_a, bk_a = tm._tile_shape((hq + 2 * kv) * hd, d, p, 2)
+    r_c, br_c, bk_c = tm._tile_shape(d, hq * hd, p, 2)
+    r_d, br_d, bk_d = tm._tile_shape(e, d, p, 4)
+    s = tm.default_splits(p, kv, hq // kv, hd, s_max, 32)
+    const = dict(L=n_layers, D=d, D_PAD=d, HQ=hq, KV=kv, HD=hd, GQ_PAD=4, E=e, E_PAD=e, G=g,
+                 BN=2, P=p, S=s, S_PAD=s, BT=32, S_MAX=s_max, R_A=r_a, BR_A=br_a, BK_A=bk_a,
+                 R_C=r_c, BR_C=br_c, BK_C=bk_c, R_D=r_d, BR_D=br_d, BK_D=bk_d, EPS=1e-5,
+                 NUCLEUS=False, SIGMOID=True, K_MIN=1, K_MAX=e, SCALE=hd**-0.5, SPIN=tm.SPIN,
+                 TIMING=timing)  # fmt: skip
+    ptx = sm90_compile(tm._megastep_kernel, _signature(timing), const, warps=8, stages=1).asm["ptx"]
+    assert "atom.release.gpu" in ptx and "atom.acquire.gpu" in ptx
+    assert "ld.global.cg" in ptx, "data other programs wrote must be read from L2"
+    assert ("%globaltimer" in ptx) == timing
+
+
+def test_bad_inputs_raise_clearly():
+    c = CASES[0]
+    model, args, cache, tok, pos = build(c)
+    mw = megastep.pack(model)
+    kc, vc = megastep.stack_cache(cache)
+    h, cs = jnp.zeros((c.d,)), jnp.zeros((c.head_dim // 2,))
+    tau = jnp.full((c.layers,), 0.5)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        tm.megastep(h, cs, cs, pos, tau, mw.ln1[:, :-1], *mw[1:], kc, vc, eps=1e-5)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        tm.megastep(h, cs, cs, pos, tau[:1], *mw, kc, vc, eps=1e-5)
+    with pytest.raises(ValueError, match="k_min"):
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, k_min=3, k_max=2)
+    with pytest.raises(ValueError, match="programs"):
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, programs=-1)
+    two = jax.tree.map(lambda a: jnp.concatenate([a, a]), cache)
+    with pytest.raises(ValueError, match="batch 1"):
+        megastep.stack_cache(two)
+    small = PRESETS["smollm2-135m"].replace(n_layers=1)
+    with pytest.raises(ValueError, match="PrunePath"):
+        megastep.check(LlamaModel(small, rngs=nnx.Rngs(0)))
+    biased = sparse_llama(small.replace(qkv_bias=True), 1, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="biases"):
+        megastep.check(biased)
+    with pytest.raises(ValueError, match="one sequence"):
+        generate(model, [[1, 2], [3]], 4, tau=0.5, implementation="megastep")
+    if not jt.available():
+        with pytest.raises(NotImplementedError, match="CUDA GPU"):
+            generate(model, [[1, 2]], 4, tau=0.5, implementation="megastep")
+    st = megastep.MegaState(*(jnp.zeros(1),) * 6, fail=jnp.int32(3))
+    with pytest.raises(RuntimeError, match="gave up"):
+        megastep.check_fail(st)
+
+
+@pytest.mark.gpu
+def test_gpu_step_matches_xla_at_the_smollm2_shape():
+    """The real grid (one program per SM) against the model's XLA decode step, fp32."""
+    from prunepath_jax.models.layers import init_cache
+    from prunepath_jax.nn import route_args
+
+    model = sparse_llama(PRESETS["smollm2-135m"], None, dtype=jnp.float32, seed=3)
+    args = route_args(model.cfg, 0.5)
+    with jax.default_matmul_precision("highest"):
+        toks = jnp.asarray(np.random.default_rng(0).integers(0, 49152, (1, 40)), jnp.int32)
+        cache = model(toks, cache=init_cache(model.cfg, 1, 128, jnp.float32), ffn_args=args,
+                      fresh_cache=True).cache  # fmt: skip
+        tok, pos = jnp.int32(7), jnp.int32(40)
+        ref = model(tok[None, None], pos[None, None], cache=cache, ffn_args=args)
+        kc, vc = megastep.stack_cache(cache)
+        tau = jnp.stack([a.tau for a in args])
+        lg, kc, vc, k_l, fail = jax.jit(megastep.step, static_argnums=(0,))(
+            model, megastep.pack(model), tok[None], pos[None], kc, vc, tau
+        )
+    assert not np.asarray(fail).any()
+    k_ref = np.array([int(s.k_t.reshape(-1)[0]) for s in ref.ffn_stats])
+    np.testing.assert_array_equal(np.asarray(k_l), k_ref)
+    assert 1 < k_ref.mean() < 0.9 * model.cfg.n_experts, "tau 0.5 should leave real sparsity"
+    assert_close(lg[0], ref.logits[0, 0], "model_fp32", "logits")
+
+
+@pytest.mark.gpu
+def test_gpu_generation_equals_xla_tokens():
+    """Greedy and sampled generation through the one-launch step: exactly XLA's tokens (fp32,
+    tau 0.5; see test_kernels_api's fp32 generation test for why fp32)."""
+    model = sparse_llama(PRESETS["smollm2-135m"], None, dtype=jnp.float32, seed=3)
+    prompt = [list(np.random.default_rng(5).integers(0, 49152, 9))]
+    with jax.default_matmul_precision("highest"):
+        for kw in ({}, {"sampling": SamplingConfig(temperature=1.0, seed=1)}):
+            ref = generate(model, prompt, 24, tau=0.5, implementation="xla", **kw)
+            out = generate(model, prompt, 24, tau=0.5, implementation="megastep", **kw)
+            assert out == ref, f"{kw}: {out} vs {ref}"
+    assert len(set(ref[0])) > 4, f"the sampled sequence should vary, got {ref[0]}"
