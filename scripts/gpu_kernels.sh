@@ -1137,4 +1137,11 @@ s23c)  # megastep with int64 layer offsets (8B) and per-phase timing; its GPU te
     --check-steps 3 --chunks 4 --launches '{"t64k": {"tile_bytes": 65536}, "t32k": {},
     "w4p264": {"warps": 4, "programs": 264}}' --out "$OUT/megastep_decode.jsonl"
   ;;
+s23d)  # megastep launch choices at the 1B shape: key splits, 4 warps x 264 programs
+  run timeout 300 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b \
+    --check-steps 2 --chunks 4 --launches '{"t32k": {}, "s1": {"splits": 1},
+    "w4p264s1": {"warps": 4, "programs": 264, "splits": 1},
+    "w4p264t64k": {"warps": 4, "programs": 264, "tile_bytes": 65536}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
