@@ -173,14 +173,17 @@ class Demo:
 class Bench:
     """Run the kernel benchmarks (issue 5) and append their rows to results/*.jsonl."""
 
-    which: tuple[Literal["kernels", "sparse-decode", "sparse-prefill", "decode"], ...] = (
+    which: tuple[
+        Literal["kernels", "sparse-decode", "sparse-prefill", "decode", "megastep-decode"], ...
+    ] = (
         "kernels",
         "sparse-decode",
         "sparse-prefill",
     )
     """Scripts of benchmarks/ to run: kernels.py (decode GB/s, launch overhead, grouped-GEMM
     prefill), sparse_decode.py (end-to-end sparse vs dense decode), sparse_prefill.py (whole-model
-    prompt pass, sparse vs dense), decode.py (dense decode)."""
+    prompt pass, sparse vs dense), decode.py (dense decode), megastep_decode.py (every layer of a
+    decode step in one launch vs the default kernels and dense)."""
     out_dir: str = "results"
     extra: str = ""
     """Extra arguments for every script, one string: --extra="--shapes llama-3.2-1b"."""
@@ -200,6 +203,7 @@ class Bench:
             "sparse-decode": "sparse_decode",
             "sparse-prefill": "sparse_prefill",
             "decode": "decode",
+            "megastep-decode": "megastep_decode",
         }
         for w in self.which:
             script = bench_dir / f"{names[w]}.py"

@@ -88,7 +88,9 @@ def test_lowers_for_sm90_with_gpu_scope_barriers(timing):
                  NUCLEUS=False, SIGMOID=True, K_MIN=1, K_MAX=e, SCALE=hd**-0.5, SPIN=tm.SPIN,
                  TIMING=timing)  # fmt: skip
     ptx = sm90_compile(tm._megastep_kernel, _signature(timing), const, warps=8, stages=1).asm["ptx"]
-    assert "atom.release.gpu" in ptx and "atom.acquire.gpu" in ptx
+    assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
+    assert "ld.global.gpu.acquire" in ptx or "atom.global.gpu.acquire" in ptx
+    assert "atom.global.gpu.acq_rel.add" in ptx, "the last key split's counter"
     assert "ld.global.cg" in ptx, "data other programs wrote must be read from L2"
     assert ("%globaltimer" in ptx) == timing
 
