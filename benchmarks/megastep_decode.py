@@ -25,7 +25,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import copy_bandwidth, header, markdown_table, write_rows  # noqa: E402
-from sparse_decode import set_k, time_decode  # noqa: E402
+from sparse_decode import decode_cache_len, set_k, time_decode  # noqa: E402
 
 from prunepath_jax import megastep  # noqa: E402
 from prunepath_jax.config import PRESETS  # noqa: E402
@@ -35,14 +35,10 @@ from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
 
 
-def _ctx(prompt_len: int, steps: int, chunks: int) -> int:
-    return -(-(prompt_len + steps * (chunks + 3) + 1) // 256) * 256  # as sparse_decode
-
-
 def time_mega(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
     """µs per decode step of the one-launch path (same loop shape as ``time_decode``)."""
     cfg = model.cfg
-    ctx = _ctx(prompt_len, steps, chunks)
+    ctx = decode_cache_len(prompt_len, steps, chunks)
     shape = (cfg.n_layers, ctx, cfg.n_kv_heads, cfg.head_dim)
     st = megastep.MegaState(
         token_b=jnp.ones((1,), jnp.int32), pos_b=jnp.full((1,), prompt_len, jnp.int32),
@@ -72,7 +68,12 @@ def phase_times(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
     from prunepath_jax.kernels.triton_megastep import N_PHASES
 
     cfg = model.cfg
-    shape = (cfg.n_layers, _ctx(prompt_len, steps, chunks), cfg.n_kv_heads, cfg.head_dim)
+    shape = (
+        cfg.n_layers,
+        decode_cache_len(prompt_len, steps, chunks),
+        cfg.n_kv_heads,
+        cfg.head_dim,
+    )
     kc = jnp.zeros(shape, jnp.bfloat16)
     graphdef, state = nnx.split(model)
 
@@ -95,7 +96,7 @@ def phase_times(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
 def check(model, mw, ffn_args, tau_l, prompt_len, n_steps, launch) -> dict:
     """Teacher-forced parity with the model's own decode step (the default kernels)."""
     cfg = model.cfg
-    ctx = _ctx(prompt_len, n_steps, 1)
+    ctx = decode_cache_len(prompt_len, n_steps, 1)
     rng = np.random.default_rng(0)
     toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, prompt_len)), jnp.int32)
     cache = init_cache(cfg, 1, ctx, jnp.bfloat16)

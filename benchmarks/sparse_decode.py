@@ -67,6 +67,12 @@ decode_chunk_plain = jax.jit(
 PEERS = "paper 1.046x (GPT-2 Medium, b1); TEAL 1.53x @40% / 1.8x @50% model-wide (7B, b1, fp16)"
 
 
+def decode_cache_len(prompt_len: int, steps: int, chunks: int) -> int:
+    """KV-cache positions for a timed decode loop (warm-up included), in the attention
+    kernel's 256-position tiles."""
+    return -(-(prompt_len + steps * (chunks + 3) + 1) // 256) * 256
+
+
 def time_decode(
     model, batch, prompt_len, steps, chunks, ffn_args, attn=None, command_buffers=True
 ) -> dict:
@@ -75,7 +81,7 @@ def time_decode(
     times the loop compiled without XLA's command buffers (``decode_chunk_plain``)."""
     step_fn = decode_chunk_donating if command_buffers else decode_chunk_plain
     cfg = model.cfg
-    ctx = -(-(prompt_len + steps * (chunks + 3) + 1) // 256) * 256  # the attention kernel's tiles
+    ctx = decode_cache_len(prompt_len, steps, chunks)
     if attn is not None:
         da.set_attention(model, da.impl_for(attn, model, ctx, batch))
     attn_used = da.attention_modules(model)[0].attn_impl

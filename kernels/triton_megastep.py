@@ -55,6 +55,8 @@ SPIN = 1_000_000  # polls before a program gives up on a barrier (~0.2 s on the 
 N_PHASES = 5  # grid barriers per layer (A, B, C, D, F)
 PHASES = tl.constexpr(N_PHASES)
 TILE_BYTES = 32 * 1024  # one program's prefetched weight tile (registers)
+BLOCK_T = 32  # cached keys an attention work item reads at once
+WARPS = 8
 
 
 @triton.jit
@@ -386,7 +388,7 @@ def megastep(
     h_d, cos_h, sin_h, pos, tau_l, ln1_ld, ln2_ld, wqkv_lnd, wo_ldn, wr_led, w_in_lcfd,
     w_out_lfd, kc_lskh, vc_lskh, *, eps: float, rule: str = "paper", gate: str = "sigmoid",
     k_min: int = 1, k_max: int | None = None, programs: int = 0, splits: int = 0,
-    block_t: int = 32, warps: int = 8, tile_bytes: int = TILE_BYTES, spin: int = SPIN,
+    block_t: int = BLOCK_T, warps: int = WARPS, tile_bytes: int = TILE_BYTES, spin: int = SPIN,
     timing: bool = False, interpret: bool = False,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.

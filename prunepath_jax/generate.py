@@ -91,13 +91,21 @@ def prefill(graphdef, state, tokens_bt, lengths_b, cache, rng, temperature, top_
     return DecodeState(token, lengths_b.astype(jnp.int32), done, out.cache, rng)
 
 
+def next_tokens(logits_bv, st, temperature, top_p, stop_ids, pad_id, greedy):
+    """``(tokens_b, done_b, rng)`` after one decode step's logits: sampled, ``pad_id`` for
+    finished sequences, stop flags updated (every decode loop's tail; ``st`` carries
+    ``done_b`` and ``rng``)."""
+    rng, key = jax.random.split(st.rng)
+    nxt = sample_tokens(logits_bv, key, temperature, top_p, greedy=greedy)
+    nxt = jnp.where(st.done_b, pad_id, nxt)
+    return nxt, st.done_b | _stop(nxt, stop_ids), rng
+
+
 def decode_step(model, st: DecodeState, temperature, top_p, stop_ids, pad_id, ffn_args, greedy):
     """One token for every sequence: feed `token_b` at `pos_b`, sample the next one."""
     out = model(st.token_b[:, None], st.pos_b[:, None], cache=st.cache, ffn_args=ffn_args)
-    rng, key = jax.random.split(st.rng)
-    nxt = sample_tokens(out.logits[:, 0], key, temperature, top_p, greedy=greedy)
-    nxt = jnp.where(st.done_b, pad_id, nxt)
-    done = st.done_b | _stop(nxt, stop_ids)
+    nxt, done, rng = next_tokens(out.logits[:, 0], st, temperature, top_p, stop_ids, pad_id,
+                                 greedy)  # fmt: skip
     return DecodeState(nxt, st.pos_b + 1, done, out.cache, rng)
 
 
@@ -349,9 +357,10 @@ def generate(
     bar.update(1)
     while n < max_new_tokens and not bool(np.asarray(st.done_b).all()):
         if mega:
-            st, toks = megastep.decode_chunk(graphdef, state, mw, st, temp, top_p, stops,
-                                             jnp.int32(pad_id), tau_l, n_steps=chunk,
-                                             greedy=greedy, launch=megastep.Launch())  # fmt: skip
+            st, toks = megastep.decode_chunk(
+                graphdef, state, mw, st, temp, top_p, stops, jnp.int32(pad_id), tau_l,
+                n_steps=chunk, greedy=greedy, launch=megastep.DEFAULT_LAUNCH,
+            )  # fmt: skip
             megastep.check_fail(st)
             toks = toks[None]
         else:

@@ -11,8 +11,8 @@ the model's layer weights once (the model's own arrays are per layer; memory: th
 weights twice while both are alive). The KV cache is stacked too: ``stack_cache`` turns the
 per-layer caches a prefill filled into ``[L, s, kv, hd]`` arrays. Batch 1 only.
 
-    mw = megastep.pack(model)
-    tokens = generate(model, [prompt], 64, tau=0.5, implementation="megastep")
+    tokens = generate(model, [prompt], 64, tau=0.5, implementation="megastep")  # packs itself
+    mw = megastep.pack(model)  # or step by step: megastep.step / decode_chunk
 """
 
 from __future__ import annotations
@@ -41,13 +41,15 @@ class MegaWeights(NamedTuple):
 
 
 class Launch(NamedTuple):
-    """Static launch choices (``triton_megastep.megastep``): 0 = its default."""
+    """Static launch choices: ``triton_megastep.megastep``'s keywords; None (and 0 for programs
+    and splits) leaves its default. (This module imports without triton: ``generate`` checks
+    the model before it looks for a GPU.)"""
 
     programs: int = 0
     splits: int = 0
-    block_t: int = 32
-    warps: int = 8
-    tile_bytes: int = 32 * 1024
+    block_t: int | None = None
+    warps: int | None = None
+    tile_bytes: int | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:
@@ -114,8 +116,8 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
     h, kc, vc, k_l, fail, *stamps = tm.megastep(
         h, cos.reshape(-1), sin.reshape(-1), pos_1, tau_l, *mw, kc, vc,
         eps=cfg.norm_eps, rule=ffn.rule, gate=ffn.gate_mode, k_min=ffn.k_min, k_max=ffn.k_max,
-        programs=launch.programs, splits=launch.splits, block_t=launch.block_t,
-        warps=launch.warps, tile_bytes=launch.tile_bytes, timing=timing, interpret=interpret,
+        timing=timing, interpret=interpret,
+        **{k: v for k, v in launch._asdict().items() if v is not None},
     )  # fmt: skip
     x = h.astype(model.embed_tokens.embedding.dtype)[None, None]
     return (model.head(x)[:, 0], kc, vc, k_l, fail, *stamps)
@@ -135,7 +137,7 @@ class MegaState(NamedTuple):
 
 def _decode_chunk_impl(graphdef, state, mw, st: MegaState, temperature, top_p, stop_ids,
                        pad_id, tau_l, *, n_steps: int, greedy: bool, launch: Launch):  # fmt: skip
-    from prunepath_jax.generate import _stop, sample_tokens
+    from prunepath_jax.generate import next_tokens
 
     model = nnx.merge(graphdef, state)
 
@@ -143,10 +145,7 @@ def _decode_chunk_impl(graphdef, state, mw, st: MegaState, temperature, top_p, s
         st, out_n = carry
         logits, kc, vc, _, fail = step(model, mw, st.token_b, st.pos_b, st.kc, st.vc, tau_l,
                                        launch)  # fmt: skip
-        rng, key = jax.random.split(st.rng)
-        nxt = sample_tokens(logits, key, temperature, top_p, greedy=greedy)
-        nxt = jnp.where(st.done_b, pad_id, nxt)
-        done = st.done_b | _stop(nxt, stop_ids)
+        nxt, done, rng = next_tokens(logits, st, temperature, top_p, stop_ids, pad_id, greedy)
         st = MegaState(nxt, st.pos_b + 1, done, kc, vc, rng, st.fail + jnp.sum(fail))
         return st, out_n.at[i].set(nxt[0])
 

@@ -54,6 +54,7 @@ from common import (  # noqa: E402
 )
 
 from prunepath_jax.kernels import jt  # noqa: E402
+from prunepath_jax.kernels.triton_megastep import _arrive, _wait  # noqa: E402
 from prunepath_jax.models.layers import matvec_safe_matmul  # noqa: E402
 
 SPIN = 200_000  # polls before a program gives up on a barrier (41-45 ms on the H200)
@@ -90,14 +91,7 @@ def _chain_kernel(
     for layer in range(L):
         if layer > 0:
             # Barrier: every program has stored phase layer-1 (P arrivals per phase).
-            target = P * layer
-            seen = tl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
-            n = pid * 0
-            while (seen < target) & (n < SPIN):
-                seen = tl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
-                n += 1
-            failed = tl.where(seen < target, 1, failed)
-            tl.debug_barrier()
+            failed = _wait(ctr_ptr, P * layer, failed, SPIN)
             if not PREFETCH:
                 w = tl.load(wp + layer * D * D)
         y = tl.sum(w.to(tl.float32) * _x_chunk(x_ptr, y_ptr, layer, rk, D)[None, :], axis=1)
@@ -106,8 +100,7 @@ def _chain_kernel(
             xc = _x_chunk(x_ptr, y_ptr, layer, c * BLOCK_K + rk, D)
             y += tl.sum(wc.to(tl.float32) * xc[None, :], axis=1)
         tl.store(y_ptr + layer * D + rr, y)
-        tl.debug_barrier()  # all of this program's stores issued before its arrival
-        tl.atomic_add(ctr_ptr, 1, sem="release", scope="gpu")
+        _arrive(ctr_ptr)  # all of this program's stores issued, then the release add
         # After the arrival, not before: the release's fence (MEMBAR.GPU) would wait for these.
         if PREFETCH:  # the next phase's first chunk, in flight during the next barrier's wait
             w = tl.load(wp + tl.minimum(layer + 1, L - 1) * D * D)
