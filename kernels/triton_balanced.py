@@ -125,6 +125,33 @@ def _unit_loop(x, w_in_ptr, w_out_ptr, gate, cnt, u0, u1, D: tl.constexpr,
     return acc
 
 
+
+@triton.jit
+def _unit_loop_piped(x, w_in_ptr, w_out_ptr, gate, cnt, u0, u1, D: tl.constexpr,
+                     D_PAD: tl.constexpr, E_PAD: tl.constexpr, F: tl.constexpr, G: tl.constexpr,
+                     BN: tl.constexpr, ST: tl.constexpr):  # fmt: skip
+    """``_unit_loop``'s sum with the unit rows streamed by Triton's software pipeliner: ``ST``
+    stages of ``cp.async`` copies into shared memory, so ``ST - 1`` units' rows (48 KB each at d
+    4096) stay in flight without holding registers (``_unit_loop`` keeps one unit ahead in
+    registers, which a kernel at its register limit cannot deepen)."""
+    PER: tl.constexpr = G // BN
+    re = tl.arange(0, E_PAD)
+    rd = tl.arange(0, D_PAD)
+    dmask = rd < D
+    rn = tl.arange(0, BN)
+    acc = tl.zeros([D_PAD], tl.float32)
+    for u in tl.range(u0, u1, num_stages=ST):
+        row0, g_e = _unit(u, cnt, gate, re, PER, BN, G)
+        off = (row0 + rn)[:, None] * D + rd[None, :]
+        wg = tl.load(w_in_ptr + off, mask=dmask[None, :], other=0.0)
+        wu = tl.load(w_in_ptr + F * D + off, mask=dmask[None, :], other=0.0)
+        wo = tl.load(w_out_ptr + off, mask=dmask[None, :], other=0.0)
+        h_g = tl.sum(wg.to(tl.float32) * x[None, :], 1)
+        h_u = tl.sum(wu.to(tl.float32) * x[None, :], 1)
+        a = h_g / (1.0 + tl.exp(-h_g)) * h_u * g_e  # silu(gate)·up·σ(g), [BN]
+        acc += tl.sum(a[:, None] * wo.to(tl.float32), 0)
+    return acc
+
 @triton.jit
 def _balanced_kernel(
     x_ptr,  # [1, D] activations (bf16/f16/f32)

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from prunepath_jax.kernels import jt
-from prunepath_jax.kernels.triton_balanced import MAX_D, _select, _unit_loop
+from prunepath_jax.kernels.triton_balanced import MAX_D, _select, _unit_loop, _unit_loop_piped
 
 SPIN = 1_000_000  # polls before a program gives up on a barrier (~0.2 s on the H200)
 N_PHASES = 5  # grid barriers per layer (A, B, C, D, F)
@@ -146,6 +146,53 @@ def _gemv(w_ptr, w0, src_ptr, ln_ptr, rstd, out_ptr, pid, N, K: tl.constexpr, R:
         w = _tile(w_ptr, blk, 0, N, K, R, BR, BK)
         _row_block(w_ptr, w, blk, src_ptr, ln_ptr, rstd, out_ptr, N, K, R, BR, BK, NORM, RESID)
 
+
+
+@triton.jit
+def _rows(w_ptr, r0, i, r1, K: tl.constexpr, K_PAD: tl.constexpr, BRC: tl.constexpr):
+    """Row chunk ``i`` of a program's rows ``[r0, r1)`` of a row-major ``[N, K]`` matrix: rows
+    ``r0 + i·BRC + [0, BRC)``, full width (contiguous rows), zeros outside."""
+    rb = r0 + i * BRC + tl.arange(0, BRC)
+    rk = tl.arange(0, K_PAD)
+    m = (rb[:, None] < r1) & (rk[None, :] < K)
+    return tl.load(w_ptr + rb[:, None] * K + rk[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _put(out_ptr, rows, y, r1, RESID: tl.constexpr):
+    """``out[rows] (+)= y`` for the rows below ``r1``."""
+    rm = rows < r1
+    if RESID:
+        y += tl.load(out_ptr + rows, mask=rm, other=0.0, cache_modifier=".cg")
+    tl.store(out_ptr + rows, y, mask=rm)
+
+
+@triton.jit
+def _gemv_rows(w_ptr, w0, x, out_ptr, pid, N, K: tl.constexpr, K_PAD: tl.constexpr,
+               R: tl.constexpr, BRC: tl.constexpr, RESID: tl.constexpr,
+               ST: tl.constexpr):  # fmt: skip
+    """A GEMV phase over the program's ``R`` contiguous output rows, ``BRC`` full rows at a time
+    against the whole input ``x`` (f32 ``[K_PAD]``, zero past K, held in registers): chunk 0 from
+    the tile ``w0`` the program loaded before the barrier, the rest streamed by Triton's
+    software pipeliner (``ST`` stages of ``cp.async`` into shared memory, so ``ST - 1`` chunks are
+    in flight without registers)."""
+    NI: tl.constexpr = (R + BRC - 1) // BRC
+    r0 = pid * R
+    r1 = tl.minimum(r0 + R, N)
+    rc = tl.arange(0, BRC)
+    _put(out_ptr, r0 + rc, tl.sum(w0.to(tl.float32) * x[None, :], 1), r1, RESID)
+    for i in tl.range(1, NI, num_stages=ST):
+        w = _rows(w_ptr, r0, i, r1, K, K_PAD, BRC)
+        _put(out_ptr, r0 + i * BRC + rc, tl.sum(w.to(tl.float32) * x[None, :], 1), r1, RESID)
+
+
+@triton.jit
+def _normed(h_ptr, ln_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constexpr):
+    """RMSNorm of the residual row other programs wrote (``.cg``), f32 ``[D_PAD]``."""
+    rd = tl.arange(0, D_PAD)
+    h = tl.load(h_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + EPS)
+    return h * rstd * tl.load(ln_ptr + rd, mask=rd < D, other=0.0).to(tl.float32)
 
 @triton.jit
 def _rstd(h_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constexpr):
@@ -282,6 +329,8 @@ def _megastep_kernel(
     R_D: tl.constexpr, BR_D: tl.constexpr, BK_D: tl.constexpr,
     EPS: tl.constexpr, NUCLEUS: tl.constexpr, SIGMOID: tl.constexpr, K_MIN: tl.constexpr,
     K_MAX: tl.constexpr, SCALE: tl.constexpr, SPIN: tl.constexpr, TIMING: tl.constexpr,
+    GS: tl.constexpr = 0, US: tl.constexpr = 0, NA_PAD: tl.constexpr = 0,
+    BRC_A: tl.constexpr = 0, BRC_C: tl.constexpr = 0, BRC_D: tl.constexpr = 0,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -299,14 +348,22 @@ def _megastep_kernel(
     sin = tl.load(sin_ptr + rh)
     rd = tl.arange(0, D_PAD)
     dmask = rd < D
-    wa = _tile(wqkv_ptr, pid, 0, NQKV, D, R_A, BR_A, BK_A)  # h_ptr starts as h_in (aliased)
+    if GS > 0:
+        wa = _rows(wqkv_ptr, pid * R_A, 0, tl.minimum(pid * R_A + R_A, NQKV), D, D_PAD, BRC_A)
+    else:
+        wa = _tile(wqkv_ptr, pid, 0, NQKV, D, R_A, BR_A, BK_A)  # h_ptr starts as h_in (aliased)
     for layer in range(L):
         # int64 offsets: 8B's stacked w_in has 3.8e9 elements, past int32.
         lw = tl.full([], 0, tl.int64) + layer
         # A: norm + QKV (tile wa prefetched).
-        rstd = _rstd(h_ptr, D, D_PAD, EPS)
-        _gemv(wqkv_ptr + lw * NQKV * D, wa, h_ptr, ln1_ptr + layer * D, rstd, qkv_ptr, pid,
-              NQKV, D, R_A, BR_A, BK_A, P, True, False)  # fmt: skip
+        if GS > 0:
+            x = _normed(h_ptr, ln1_ptr + layer * D, D, D_PAD, EPS)
+            _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, pid, NQKV, D, D_PAD, R_A, BRC_A,
+                       False, GS)  # fmt: skip
+        else:
+            rstd = _rstd(h_ptr, D, D_PAD, EPS)
+            _gemv(wqkv_ptr + lw * NQKV * D, wa, h_ptr, ln1_ptr + layer * D, rstd, qkv_ptr, pid,
+                  NQKV, D, R_A, BR_A, BK_A, P, True, False)  # fmt: skip
         _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
@@ -318,25 +375,44 @@ def _megastep_kernel(
                           S_MAX, SCALE)  # fmt: skip
         _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         _arrive(ctr_ptr)
-        wo = _tile(wo_ptr + lw * D * NA, pid, 0, D, NA, R_C, BR_C, BK_C)
+        if GS > 0:
+            wo = _rows(wo_ptr + lw * D * NA, pid * R_C, 0, tl.minimum(pid * R_C + R_C, D), NA,
+                       NA_PAD, BRC_C)  # fmt: skip
+        else:
+            wo = _tile(wo_ptr + lw * D * NA, pid, 0, D, NA, R_C, BR_C, BK_C)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         # C: O projection + residual.
-        _gemv(wo_ptr + lw * D * NA, wo, att_ptr, ln1_ptr, 1.0, h_ptr, pid, D, NA, R_C, BR_C,
-              BK_C, P, False, True)  # fmt: skip
+        if GS > 0:
+            rna = tl.arange(0, NA_PAD)
+            xa = tl.load(att_ptr + rna, mask=rna < NA, other=0.0, cache_modifier=".cg")
+            _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, pid, D, NA, NA_PAD, R_C, BRC_C, True,
+                       GS)  # fmt: skip
+        else:
+            _gemv(wo_ptr + lw * D * NA, wo, att_ptr, ln1_ptr, 1.0, h_ptr, pid, D, NA, R_C, BR_C,
+                  BK_C, P, False, True)  # fmt: skip
         _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         _arrive(ctr_ptr)
-        wr = _tile(wr_ptr + lw * E * D, pid, 0, E, D, R_D, BR_D, BK_D)
+        if GS > 0:
+            wr = _rows(wr_ptr + lw * E * D, pid * R_D, 0, tl.minimum(pid * R_D + R_D, E), D, D_PAD,
+                       BRC_D)  # fmt: skip
+        else:
+            wr = _tile(wr_ptr + lw * E * D, pid, 0, E, D, R_D, BR_D, BK_D)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         # D: the FFN's norm (program 0 keeps the row) + router logits.
-        rstd = _rstd(h_ptr, D, D_PAD, EPS)
-        if pid == 0:
-            hv = tl.load(h_ptr + rd, mask=dmask, other=0.0, cache_modifier=".cg")
-            lnv = tl.load(ln2_ptr + layer * D + rd, mask=dmask, other=0.0).to(tl.float32)
-            tl.store(x2_ptr + rd, hv * rstd * lnv, mask=dmask)
-        _gemv(wr_ptr + lw * E * D, wr, h_ptr, ln2_ptr + layer * D, rstd, lg_ptr + layer * E,
-              pid, E, D, R_D, BR_D, BK_D, P, True, False)  # fmt: skip
+        if GS > 0:  # every program keeps the normalised row for phase F
+            x2 = _normed(h_ptr, ln2_ptr + layer * D, D, D_PAD, EPS)
+            _gemv_rows(wr_ptr + lw * E * D, wr, x2, lg_ptr + layer * E, pid, E, D, D_PAD, R_D,
+                       BRC_D, False, GS)  # fmt: skip
+        else:
+            rstd = _rstd(h_ptr, D, D_PAD, EPS)
+            if pid == 0:
+                hv = tl.load(h_ptr + rd, mask=dmask, other=0.0, cache_modifier=".cg")
+                lnv = tl.load(ln2_ptr + layer * D + rd, mask=dmask, other=0.0).to(tl.float32)
+                tl.store(x2_ptr + rd, hv * rstd * lnv, mask=dmask)
+            _gemv(wr_ptr + lw * E * D, wr, h_ptr, ln2_ptr + layer * D, rstd, lg_ptr + layer * E,
+                  pid, E, D, R_D, BR_D, BK_D, P, True, False)  # fmt: skip
         _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
@@ -351,14 +427,23 @@ def _megastep_kernel(
         u0 = pid * n_units // P
         u1 = (pid + 1) * n_units // P
         if u1 > u0:
-            x2 = tl.load(x2_ptr + rd, mask=dmask, other=0.0, cache_modifier=".cg")
-            acc = _unit_loop(x2, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D, gate,
-                             cnt, u0, u1, D, D_PAD, E_PAD, F, G, BN)  # fmt: skip
+            if GS == 0:
+                x2 = tl.load(x2_ptr + rd, mask=dmask, other=0.0, cache_modifier=".cg")
+            if US > 0:
+                acc = _unit_loop_piped(x2, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D,
+                                       gate, cnt, u0, u1, D, D_PAD, E_PAD, F, G, BN, US)  # fmt: skip
+            else:
+                acc = _unit_loop(x2, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D, gate,
+                                 cnt, u0, u1, D, D_PAD, E_PAD, F, G, BN)  # fmt: skip
             tl.atomic_add(h_ptr + rd, acc, mask=dmask, sem="relaxed")
         _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         if layer + 1 < L:
             _arrive(ctr_ptr)
-            wa = _tile(wqkv_ptr + (lw + 1) * NQKV * D, pid, 0, NQKV, D, R_A, BR_A, BK_A)
+            if GS > 0:
+                wa = _rows(wqkv_ptr + (lw + 1) * NQKV * D, pid * R_A, 0,
+                           tl.minimum(pid * R_A + R_A, NQKV), D, D_PAD, BRC_A)  # fmt: skip
+            else:
+                wa = _tile(wqkv_ptr + (lw + 1) * NQKV * D, pid, 0, NQKV, D, R_A, BR_A, BK_A)
             ph += 1
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
     tl.store(fail_ptr + pid, failed)
@@ -375,6 +460,12 @@ def _tile_shape(n: int, k: int, programs: int, itemsize: int,
     return r, br, bk
 
 
+def _row_chunk(r: int, k: int, itemsize: int, tile_bytes: int = TILE_BYTES) -> int:
+    """Full rows a GEMV chunk holds: a power of 2 within ``tile_bytes``, at most ``r``'s."""
+    rows = max(1, tile_bytes // (jt.next_pow2(k) * itemsize))
+    return min(1 << (rows.bit_length() - 1), jt.next_pow2(r))
+
+
 def default_splits(programs: int, kv: int, gq: int, head_dim: int, s_max: int, bt: int) -> int:
     """Key splits per KV head: as many as programs allow, at most 16, at least ``4·bt`` cache
     rows each, and few enough that the combine's ``[splits, gq, hd]`` partials fit registers."""
@@ -389,7 +480,7 @@ def megastep(
     w_out_lfd, kc_lskh, vc_lskh, *, eps: float, rule: str = "paper", gate: str = "sigmoid",
     k_min: int = 1, k_max: int | None = None, programs: int = 0, splits: int = 0,
     block_t: int = BLOCK_T, warps: int = WARPS, tile_bytes: int = TILE_BYTES, spin: int = SPIN,
-    timing: bool = False, interpret: bool = False,
+    timing: bool = False, interpret: bool = False, gemv_stages: int = 3, unit_stages: int = 3,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
@@ -439,6 +530,10 @@ def megastep(
     r_c, br_c, bk_c = _tile_shape(d, hq * hd, p, jnp.dtype(wo_ldn.dtype).itemsize, tile_bytes)
     r_d, br_d, bk_d = _tile_shape(e, d, p, jnp.dtype(wr_led.dtype).itemsize, tile_bytes)
     gq_pad = jt.next_pow2(gq)
+    na_pad = jt.next_pow2(hq * hd)
+    brc_a = _row_chunk(r_a, d, isz, tile_bytes)
+    brc_c = _row_chunk(r_c, hq * hd, jnp.dtype(wo_ldn.dtype).itemsize, tile_bytes)
+    brc_d = _row_chunk(r_d, d, jnp.dtype(wr_led.dtype).itemsize, tile_bytes)
     f32 = jnp.float32
     out_shape = [
         jax.ShapeDtypeStruct((d,), f32),  # h
@@ -467,7 +562,8 @@ def megastep(
         BT=block_t, S_MAX=s_max, R_A=r_a, BR_A=br_a, BK_A=bk_a, R_C=r_c, BR_C=br_c, BK_C=bk_c,
         R_D=r_d, BR_D=br_d, BK_D=bk_d, EPS=float(eps), NUCLEUS=rule == "nucleus",
         SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=k_max, SCALE=float(hd**-0.5), SPIN=spin,
-        TIMING=bool(timing),
+        TIMING=bool(timing), GS=gemv_stages, US=unit_stages, NA_PAD=na_pad, BRC_A=brc_a,
+        BRC_C=brc_c, BRC_D=brc_d,
     )  # fmt: skip
     h, kc, vc = outs[:3]
     if timing:

@@ -50,6 +50,8 @@ class Launch(NamedTuple):
     block_t: int | None = None
     warps: int | None = None
     tile_bytes: int | None = None
+    gemv_stages: int | None = None
+    unit_stages: int | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:
