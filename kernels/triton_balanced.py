@@ -125,7 +125,6 @@ def _unit_loop(x, w_in_ptr, w_out_ptr, gate, cnt, u0, u1, D: tl.constexpr,
     return acc
 
 
-
 @triton.jit
 def _unit_loop_piped(x, w_in_ptr, w_out_ptr, gate, cnt, u0, u1, D: tl.constexpr,
                      D_PAD: tl.constexpr, E_PAD: tl.constexpr, F: tl.constexpr, G: tl.constexpr,
@@ -151,6 +150,7 @@ def _unit_loop_piped(x, w_in_ptr, w_out_ptr, gate, cnt, u0, u1, D: tl.constexpr,
         a = h_g / (1.0 + tl.exp(-h_g)) * h_u * g_e  # silu(gate)·up·σ(g), [BN]
         acc += tl.sum(a[:, None] * wo.to(tl.float32), 0)
     return acc
+
 
 @triton.jit
 def _balanced_kernel(

@@ -147,7 +147,6 @@ def _gemv(w_ptr, w0, src_ptr, ln_ptr, rstd, out_ptr, pid, N, K: tl.constexpr, R:
         _row_block(w_ptr, w, blk, src_ptr, ln_ptr, rstd, out_ptr, N, K, R, BR, BK, NORM, RESID)
 
 
-
 @triton.jit
 def _rows(w_ptr, r0, i, r1, K: tl.constexpr, K_PAD: tl.constexpr, BRC: tl.constexpr):
     """Row chunk ``i`` of a program's rows ``[r0, r1)`` of a row-major ``[N, K]`` matrix: rows
@@ -193,6 +192,7 @@ def _normed(h_ptr, ln_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constex
     h = tl.load(h_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + EPS)
     return h * rstd * tl.load(ln_ptr + rd, mask=rd < D, other=0.0).to(tl.float32)
+
 
 @triton.jit
 def _rstd(h_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constexpr):
@@ -431,7 +431,8 @@ def _megastep_kernel(
                 x2 = tl.load(x2_ptr + rd, mask=dmask, other=0.0, cache_modifier=".cg")
             if US > 0:
                 acc = _unit_loop_piped(x2, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D,
-                                       gate, cnt, u0, u1, D, D_PAD, E_PAD, F, G, BN, US)  # fmt: skip
+                                       gate, cnt, u0, u1, D, D_PAD, E_PAD, F, G, BN,
+                                       US)  # fmt: skip
             else:
                 acc = _unit_loop(x2, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D, gate,
                                  cnt, u0, u1, D, D_PAD, E_PAD, F, G, BN)  # fmt: skip
