@@ -476,6 +476,34 @@ def default_splits(programs: int, kv: int, gq: int, head_dim: int, s_max: int, b
     return 1 << (s.bit_length() - 1)
 
 
+def constants(
+    n_layers: int, d: int, hq: int, kv: int, hd: int, e: int, g: int, s_max: int, *,
+    programs: int, splits: int = 0, block_t: int = BLOCK_T, tile_bytes: int = TILE_BYTES,
+    itemsizes=(2, 2, 4), eps: float = 1e-5, rule: str = "paper", gate: str = "sigmoid",
+    k_min: int = 1, k_max: int | None = None, spin: int = SPIN, timing: bool = False,
+    gemv_stages: int = 3, unit_stages: int = 3,
+) -> dict:  # fmt: skip
+    """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
+    W_qkv, W_o and the router); also what the sm_90 lowering test compiles."""
+    p = programs
+    s = splits or default_splits(p, kv, hq // kv, hd, s_max, block_t)
+    r_a, br_a, bk_a = _tile_shape((hq + 2 * kv) * hd, d, p, itemsizes[0], tile_bytes)
+    r_c, br_c, bk_c = _tile_shape(d, hq * hd, p, itemsizes[1], tile_bytes)
+    r_d, br_d, bk_d = _tile_shape(e, d, p, itemsizes[2], tile_bytes)
+    return dict(
+        L=n_layers, D=d, D_PAD=jt.next_pow2(d), HQ=hq, KV=kv, HD=hd,
+        GQ_PAD=jt.next_pow2(hq // kv), E=e, E_PAD=max(16, jt.next_pow2(e)), G=g, BN=2, P=p, S=s,
+        S_PAD=jt.next_pow2(s), BT=block_t, S_MAX=s_max, R_A=r_a, BR_A=br_a, BK_A=bk_a, R_C=r_c,
+        BR_C=br_c, BK_C=bk_c, R_D=r_d, BR_D=br_d, BK_D=bk_d, EPS=float(eps),
+        NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min,
+        K_MAX=e if k_max is None else k_max, SCALE=float(hd**-0.5), SPIN=spin,
+        TIMING=bool(timing), GS=gemv_stages, US=unit_stages, NA_PAD=jt.next_pow2(hq * hd),
+        BRC_A=_row_chunk(r_a, d, itemsizes[0], tile_bytes),
+        BRC_C=_row_chunk(r_c, hq * hd, itemsizes[1], tile_bytes),
+        BRC_D=_row_chunk(r_d, d, itemsizes[2], tile_bytes),
+    )  # fmt: skip
+
+
 def megastep(
     h_d, cos_h, sin_h, pos, tau_l, ln1_ld, ln2_ld, wqkv_lnd, wo_ldn, wr_led, w_in_lcfd,
     w_out_lfd, kc_lskh, vc_lskh, *, eps: float, rule: str = "paper", gate: str = "sigmoid",
@@ -523,18 +551,14 @@ def megastep(
         raise ValueError(f"rule must be paper|nucleus and gate sigmoid|none: {rule!r}, {gate!r}")
     if programs < 0 or splits < 0 or block_t < 1 or block_t & (block_t - 1):
         raise ValueError(f"bad launch sizes: programs={programs}, splits={splits}, bt={block_t}")
-    p = programs or jt.default_programs()
-    gq = hq // kv
-    s = splits or default_splits(p, kv, gq, hd, s_max, block_t)
-    isz = jnp.dtype(wqkv_lnd.dtype).itemsize
-    r_a, br_a, bk_a = _tile_shape(n_qkv, d, p, isz, tile_bytes)
-    r_c, br_c, bk_c = _tile_shape(d, hq * hd, p, jnp.dtype(wo_ldn.dtype).itemsize, tile_bytes)
-    r_d, br_d, bk_d = _tile_shape(e, d, p, jnp.dtype(wr_led.dtype).itemsize, tile_bytes)
-    gq_pad = jt.next_pow2(gq)
-    na_pad = jt.next_pow2(hq * hd)
-    brc_a = _row_chunk(r_a, d, isz, tile_bytes)
-    brc_c = _row_chunk(r_c, hq * hd, jnp.dtype(wo_ldn.dtype).itemsize, tile_bytes)
-    brc_d = _row_chunk(r_d, d, jnp.dtype(wr_led.dtype).itemsize, tile_bytes)
+    c = constants(
+        n_layers, d, hq, kv, hd, e, g, s_max, programs=programs or jt.default_programs(),
+        splits=splits, block_t=block_t, tile_bytes=tile_bytes,
+        itemsizes=[jnp.dtype(w.dtype).itemsize for w in (wqkv_lnd, wo_ldn, wr_led)], eps=eps,
+        rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin, timing=timing,
+        gemv_stages=gemv_stages, unit_stages=unit_stages,
+    )  # fmt: skip
+    p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32
     out_shape = [
         jax.ShapeDtypeStruct((d,), f32),  # h
@@ -558,13 +582,7 @@ def megastep(
         wqkv_lnd, wo_ldn, wr_led, w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh,
         out_shape=out_shape, input_output_aliases={0: 0, 12: 1, 13: 2},
         zeroed_outputs=(10, 11), grid=(p,), num_warps=warps, num_stages=1, interpret=interpret,
-        L=n_layers, D=d, D_PAD=jt.next_pow2(d), HQ=hq, KV=kv, HD=hd, GQ_PAD=gq_pad, E=e,
-        E_PAD=max(16, jt.next_pow2(e)), G=g, BN=2, P=p, S=s, S_PAD=jt.next_pow2(s),
-        BT=block_t, S_MAX=s_max, R_A=r_a, BR_A=br_a, BK_A=bk_a, R_C=r_c, BR_C=br_c, BK_C=bk_c,
-        R_D=r_d, BR_D=br_d, BK_D=bk_d, EPS=float(eps), NUCLEUS=rule == "nucleus",
-        SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=k_max, SCALE=float(hd**-0.5), SPIN=spin,
-        TIMING=bool(timing), GS=gemv_stages, US=unit_stages, NA_PAD=na_pad, BRC_A=brc_a,
-        BRC_C=brc_c, BRC_D=brc_d,
+        **c,
     )  # fmt: skip
     h, kc, vc = outs[:3]
     if timing:

@@ -77,22 +77,17 @@ def _signature(timing: bool):
 def test_lowers_for_sm90_with_gpu_scope_barriers(timing):
     """The Llama-3.2-1B layer shape over 132 programs compiles to a cubin whose barrier is a
     GPU-scope release add and acquire polls; the timing stamps only when asked for."""
-    n_layers, d, hq, kv, hd, e, g, s_max, p = 2, 2048, 32, 8, 64, 256, 32, 512, 132
-    r_a, br_a, bk_a = tm._tile_shape((hq + 2 * kv) * hd, d, p, 2)
-    r_c, br_c, bk_c = tm._tile_shape(d, hq * hd, p, 2)
-    r_d, br_d, bk_d = tm._tile_shape(e, d, p, 4)
-    s = tm.default_splits(p, kv, hq // kv, hd, s_max, 32)
-    const = dict(L=n_layers, D=d, D_PAD=d, HQ=hq, KV=kv, HD=hd, GQ_PAD=4, E=e, E_PAD=e, G=g,
-                 BN=2, P=p, S=s, S_PAD=s, BT=32, S_MAX=s_max, R_A=r_a, BR_A=br_a, BK_A=bk_a,
-                 R_C=r_c, BR_C=br_c, BK_C=bk_c, R_D=r_d, BR_D=br_d, BK_D=bk_d, EPS=1e-5,
-                 NUCLEUS=False, SIGMOID=True, K_MIN=1, K_MAX=e, SCALE=hd**-0.5, SPIN=tm.SPIN,
-                 TIMING=timing)  # fmt: skip
+    const = tm.constants(2, 2048, 32, 8, 64, 256, 32, 512, programs=132, timing=timing)
     ptx = sm90_compile(tm._megastep_kernel, _signature(timing), const, warps=8, stages=1).asm["ptx"]
     assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
     assert "ld.global.gpu.acquire" in ptx or "atom.global.gpu.acquire" in ptx
     assert "atom.global.gpu.acq_rel.add" in ptx, "the last key split's counter"
     assert "ld.global.cg" in ptx, "data other programs wrote must be read from L2"
     assert ("%globaltimer" in ptx) == timing
+    # The weight streams are Triton's cp.async pipelines (shared memory, not registers), and
+    # every copy is .cg: nothing this launch reads can sit stale in L1.
+    assert "cp.async.wait_group" in ptx and "cp.async.cg" in ptx
+    assert "cp.async.ca" not in ptx
 
 
 def test_bad_inputs_raise_clearly():
