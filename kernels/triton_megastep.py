@@ -213,6 +213,91 @@ def _rope_half(qkv_ptr, head, cos, sin, HD: tl.constexpr, rows, rmask):
 
 
 @triton.jit
+def _rope_rows(qkv_ptr, cos_ptr, sin_ptr, head, rows, rmask, HD: tl.constexpr):
+    """RoPE ("rotate half") of heads ``head + rows`` as whole rows ``[n, HD]`` f32: element j
+    is ``x_j cos_j - x_(j+HD/2) sin_j`` in the first half, ``x_j cos_j + x_(j-HD/2) sin_j`` in
+    the second (the tables ``[HD / 2]``, repeated)."""
+    HALF: tl.constexpr = HD // 2
+    rdh = tl.arange(0, HD)
+    cs = tl.load(cos_ptr + rdh % HALF)
+    sn = tl.load(sin_ptr + rdh % HALF) * tl.where(rdh < HALF, -1.0, 1.0)
+    base = (head + rows)[:, None] * HD
+    x = tl.load(qkv_ptr + base + rdh[None, :], mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+    xp = tl.load(qkv_ptr + base + ((rdh + HALF) % HD)[None, :], mask=rmask[:, None], other=0.0,
+                 cache_modifier=".cg")  # fmt: skip
+    return x * cs[None, :] + xp * sn[None, :]
+
+
+@triton.jit
+def _attend_split_dot(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos_ptr,
+                      sin_ptr, pos, layer, g, s, HQ: tl.constexpr, KV: tl.constexpr,
+                      HD: tl.constexpr, GQ: tl.constexpr, GQ_PAD: tl.constexpr, S: tl.constexpr,
+                      S_PAD: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr,
+                      SCALE: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    """``_attend_split`` with the scores and the value sum as ``tl.dot`` (tensor cores for 16-bit
+    caches, exact fp32 otherwise) over the group's query heads padded to 16 rows, the keys and
+    values read as whole rows. As the XLA decode step: queries rounded to the cache dtype,
+    probabilities to the value dtype, fp32 accumulation."""
+    QM: tl.constexpr = 16 if GQ_PAD < 16 else GQ_PAD
+    kdt = kc_ptr.dtype.element_ty
+    PREC: tl.constexpr = "ieee" if kdt == tl.float32 else "tf32"
+    rq = tl.arange(0, QM)
+    rdh = tl.arange(0, HD)
+    q = (_rope_rows(qkv_ptr, cos_ptr, sin_ptr, g * GQ, rq, rq < GQ, HD) * SCALE).to(kdt)
+    one = tl.arange(0, 1)
+    k_new = _rope_rows(qkv_ptr, cos_ptr, sin_ptr, HQ + g, one, one < 1, HD).to(kdt)  # [1, HD]
+    v_new = tl.load(qkv_ptr + (HQ + KV + g) * HD + rdh, cache_modifier=".cg").to(kdt)
+    row = ((layer * S_MAX + pos) * KV + g) * HD
+    if s == 0:  # a full cache drops the write (cache_write's mode="drop")
+        ok = rdh * 0 + pos < S_MAX
+        tl.store(kc_ptr + row + rdh[None, :], k_new, mask=ok[None, :])
+        tl.store(vc_ptr + row + rdh, v_new, mask=ok)
+    n_old = tl.minimum(pos, S_MAX)
+    ts = tl.cdiv(tl.cdiv(n_old, S), BT) * BT
+    t0 = s * ts
+    t1 = tl.minimum(t0 + ts, n_old)
+    m = tl.full([QM], -1e30, tl.float32)
+    lsum = tl.zeros([QM], tl.float32)
+    acc = tl.zeros([QM, HD], tl.float32)
+    rt = tl.arange(0, BT)
+    for t in range(t0, t1, BT):
+        tt = t + rt
+        tm = tt < t1
+        kb = ((layer * S_MAX + tt) * KV + g) * HD
+        k = tl.load(kc_ptr + kb[:, None] + rdh[None, :], mask=tm[:, None], other=0.0)
+        v = tl.load(vc_ptr + kb[:, None] + rdh[None, :], mask=tm[:, None], other=0.0)
+        if DOT_F32:  # the interpreter: its 16-bit dot is wrong, its f32 one exact
+            sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+        else:
+            sc = tl.dot(q, tl.trans(k), input_precision=PREC)  # [QM, BT] f32
+        sc = tl.where(tm[None, :], sc, -1e30)
+        m_new = tl.maximum(m, tl.max(sc, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        lsum = lsum * alpha + tl.sum(p, 1)
+        if DOT_F32:
+            acc = acc * alpha[:, None] + tl.dot(p.to(kdt).to(tl.float32), v.to(tl.float32))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(kdt), v, input_precision=PREC)
+        m = m_new
+    if s == S - 1:  # the new token's own key and value
+        sn = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1)
+        m_new = tl.maximum(m, sn)
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(sn - m_new)
+        lsum = lsum * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+        m = m_new
+    # The first GQ_PAD rows are the group's heads (QM >= GQ_PAD).
+    keep = rq[:, None] < GQ_PAD
+    acc = tl.reshape(tl.where(keep, acc, 0.0), [QM // GQ_PAD, GQ_PAD, HD])
+    _finish_split(po_ptr, pml_ptr, att_ptr, hcnt_ptr, tl.sum(acc, 0),
+                  tl.max(tl.reshape(tl.where(rq < GQ_PAD, m, -1e30), [QM // GQ_PAD, GQ_PAD]), 0),
+                  tl.sum(tl.reshape(tl.where(rq < GQ_PAD, lsum, 0.0), [QM // GQ_PAD, GQ_PAD]), 0),
+                  layer, g, s, KV, HD, GQ, GQ_PAD, S, S_PAD)  # fmt: skip
+
+
+@triton.jit
 def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos, sin, pos,
                   layer, g, s, HQ: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr,
                   GQ: tl.constexpr, GQ_PAD: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
@@ -272,6 +357,19 @@ def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, c
         lsum = lsum * alpha + p
         acc = acc * alpha[:, None] + p[:, None] * v_new[None, :]
         m = m_new
+    _finish_split(po_ptr, pml_ptr, att_ptr, hcnt_ptr, acc, m, lsum, layer, g, s, KV, HD, GQ,
+                  GQ_PAD, S, S_PAD)  # fmt: skip
+
+
+@triton.jit
+def _finish_split(po_ptr, pml_ptr, att_ptr, hcnt_ptr, acc, m, lsum, layer, g, s,
+                  KV: tl.constexpr, HD: tl.constexpr, GQ: tl.constexpr, GQ_PAD: tl.constexpr,
+                  S: tl.constexpr, S_PAD: tl.constexpr):  # fmt: skip
+    """Stores split s's partial output ``acc`` ``[GQ_PAD, HD]`` (unnormalised), running max
+    ``m`` and sum ``lsum``; the split that arrives last at head g's counter combines them all."""
+    rq = tl.arange(0, GQ_PAD)
+    qmask = rq < GQ
+    rdh = tl.arange(0, HD)
     slot = g * S + s
     tl.store(po_ptr + (slot * GQ_PAD + rq)[:, None] * HD + rdh[None, :], acc)
     tl.store(pml_ptr + slot * 2 * GQ_PAD + rq, m)
@@ -331,6 +429,7 @@ def _megastep_kernel(
     K_MAX: tl.constexpr, SCALE: tl.constexpr, SPIN: tl.constexpr, TIMING: tl.constexpr,
     GS: tl.constexpr = 0, US: tl.constexpr = 0, NA_PAD: tl.constexpr = 0,
     BRC_A: tl.constexpr = 0, BRC_C: tl.constexpr = 0, BRC_D: tl.constexpr = 0,
+    ATT_DOT: tl.constexpr = False, DOT_F32: tl.constexpr = False,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -370,9 +469,14 @@ def _megastep_kernel(
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         # B: attention, one item per (KV head, split).
         for item in range(pid, KV * S, P):
-            _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos, sin,
-                          pos, lw, item // S, item % S, HQ, KV, HD, GQ, GQ_PAD, S, S_PAD, BT,
-                          S_MAX, SCALE)  # fmt: skip
+            if ATT_DOT:
+                _attend_split_dot(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr,
+                                  cos_ptr, sin_ptr, pos, lw, item // S, item % S, HQ, KV, HD, GQ,
+                                  GQ_PAD, S, S_PAD, BT, S_MAX, SCALE, DOT_F32)  # fmt: skip
+            else:
+                _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos,
+                              sin, pos, lw, item // S, item % S, HQ, KV, HD, GQ, GQ_PAD, S, S_PAD,
+                              BT, S_MAX, SCALE)  # fmt: skip
         _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         _arrive(ctr_ptr)
         if GS > 0:
@@ -481,7 +585,8 @@ def constants(
     programs: int, splits: int = 0, block_t: int = BLOCK_T, tile_bytes: int = TILE_BYTES,
     itemsizes=(2, 2, 4), eps: float = 1e-5, rule: str = "paper", gate: str = "sigmoid",
     k_min: int = 1, k_max: int | None = None, spin: int = SPIN, timing: bool = False,
-    gemv_stages: int = 3, unit_stages: int = 3,
+    gemv_stages: int = 3, unit_stages: int = 3, attention_dot: bool = False,
+    interpret: bool = False,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o and the router); also what the sm_90 lowering test compiles."""
@@ -500,7 +605,8 @@ def constants(
         TIMING=bool(timing), GS=gemv_stages, US=unit_stages, NA_PAD=jt.next_pow2(hq * hd),
         BRC_A=_row_chunk(r_a, d, itemsizes[0], tile_bytes),
         BRC_C=_row_chunk(r_c, hq * hd, itemsizes[1], tile_bytes),
-        BRC_D=_row_chunk(r_d, d, itemsizes[2], tile_bytes),
+        BRC_D=_row_chunk(r_d, d, itemsizes[2], tile_bytes), ATT_DOT=bool(attention_dot),
+        DOT_F32=bool(interpret),
     )  # fmt: skip
 
 
@@ -510,6 +616,7 @@ def megastep(
     k_min: int = 1, k_max: int | None = None, programs: int = 0, splits: int = 0,
     block_t: int = BLOCK_T, warps: int = WARPS, tile_bytes: int = TILE_BYTES, spin: int = SPIN,
     timing: bool = False, interpret: bool = False, gemv_stages: int = 3, unit_stages: int = 3,
+    attention_dot: bool = False,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
@@ -556,7 +663,8 @@ def megastep(
         splits=splits, block_t=block_t, tile_bytes=tile_bytes,
         itemsizes=[jnp.dtype(w.dtype).itemsize for w in (wqkv_lnd, wo_ldn, wr_led)], eps=eps,
         rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin, timing=timing,
-        gemv_stages=gemv_stages, unit_stages=unit_stages,
+        gemv_stages=gemv_stages, unit_stages=unit_stages, attention_dot=attention_dot,
+        interpret=interpret,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32

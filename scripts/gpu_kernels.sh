@@ -1149,14 +1149,14 @@ s24a)  # megastep: pipelined GEMV rows / unit loop (cp.async stages) vs the regi
     tests/test_megastep.py
   run timeout 380 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b \
     --check-steps 2 --chunks 4 --launches '{"old": {"gemv_stages": 0, "unit_stages": 0},
-    "g3u3": {}, "g3u0": {"unit_stages": 0}, "g0u3": {"gemv_stages": 0},
-    "g4u4t16k": {"gemv_stages": 4, "unit_stages": 4, "tile_bytes": 16384}}' \
+    "g3u3": {}, "g3u3dot": {"attention_dot": true}, "g3u0": {"unit_stages": 0},
+    "g0u3": {"gemv_stages": 0}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
 s24b)  # the same at the 8B shape
   run timeout 560 python3 benchmarks/megastep_decode.py --shapes llama-3-8b \
     --check-steps 2 --chunks 4 --launches '{"old": {"gemv_stages": 0, "unit_stages": 0},
-    "g3u3": {}, "g4u4t16k": {"gemv_stages": 4, "unit_stages": 4, "tile_bytes": 16384}}' \
+    "g3u3": {}, "g3u3dot": {"attention_dot": true}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
 esac
