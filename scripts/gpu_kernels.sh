@@ -1159,4 +1159,11 @@ s24b)  # the same at the 8B shape
     "g3u3": {}, "g3u3dot": {"attention_dot": true}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
+s24c)  # s24a + s24b in one call: tests, then both shapes with old / pipelined / + dot attention
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
+  run timeout 420 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --check-steps 2 --chunks 4 --launches '{"old": {"gemv_stages": 0, "unit_stages": 0},
+    "g3u3": {}, "g3u3dot": {"attention_dot": true}}' --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
