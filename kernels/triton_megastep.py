@@ -12,25 +12,35 @@ What. For every layer l, five phases separated by grid barriers (one counter, re
 acquire polls; a program that polls ``SPIN`` times without the barrier opening gives up and
 sets its ``fail`` flag, so a scheduling surprise cannot hang the GPU):
 
-* A: RMSNorm of the residual ``h`` (every program recomputes Σh², 8-16 KB from L2) and the QKV
-  GEMV; each program owns ``ceil(N / P)`` output rows (weights ``[N, D]``, output-row-major).
+* A: RMSNorm of the residual ``h`` (every program reads the whole row from L2 and keeps it
+  normalised in registers) and the QKV GEMV; each program owns ``ceil(N / P)`` contiguous
+  output rows (weights ``[N, D]``, output-row-major) and reduces them a chunk of full rows
+  at a time against the whole input row.
 * B: attention over the KV cache, one work item per (KV head, key split): RoPE of the group's
-  query heads and of the new key, online softmax over the split's cached keys, the new token
-  in the last split, the new key/value written to the cache by split 0; the split that
-  arrives last at its head's counter (acq_rel) combines the splits (no grid barrier for it).
+  query heads and of the new key, online softmax over the split's cached keys with the scores
+  and the value sum as ``tl.dot`` (the group's query heads padded to 16 rows; queries and
+  probabilities rounded to the cache dtype, as the XLA step does), the new token in the last
+  split, the new key/value written to the cache by split 0; the split that arrives last at its
+  head's counter (acq_rel) combines the splits (no grid barrier for it).
 * C: the O projection and the residual add (``h[rows] += W_o[rows] · attn``).
-* D: the FFN's RMSNorm (program 0 stores the normalised row) and the router logits (fp32).
+* D: the FFN's RMSNorm (every program keeps the normalised row for F) and the router logits
+  (fp32).
 * F: the expert FFN: every program computes the token's selection itself (``triton_balanced``'s
   ``_select``, exactly ``routing.select`` + ``routing.gates``), then the work-balanced unit loop
-  (``triton_balanced._unit_loop``) over the selected experts' rows, added into ``h`` with
+  (``triton_balanced._unit_loop_piped``) over the selected experts' rows, added into ``h`` with
   relaxed atomics.
 
-Right after arriving at a barrier (after the release fence, which would otherwise wait for
-them) a program loads the first tile of its next GEMV's weights: W_qkv of the next layer after
-F, W_o after B, the router after C. Data other programs wrote in this launch (h, the QKV row,
-the attention partials, the normalised row, the logits) is read with ``.cg`` (L2, not a stale
-L1). Every phase walks its work items with stride P, so any grid size computes the same result
-and the Triton interpreter runs the whole step with one program (CPU tests).
+Weight streaming (what decides the speed; BENCHMARKS.md, nineteenth session). Right after
+arriving at a barrier (after the release fence, which would otherwise wait for them) a program
+loads the first row chunk of its next GEMV's weights into registers: W_qkv of the next layer
+after F, W_o after B, the router after C. The rest of every GEMV and the unit loop stream
+through Triton's software pipeliner (``tl.range(num_stages=STAGES)``: ``cp.async.cg`` copies
+into shared memory, ``STAGES - 1`` chunks in flight). Keeping the next chunk in registers
+instead (the first form of this kernel) left one ~32 KB chunk in flight per SM, and the 8B
+layer's GEMVs ran at ~2× their bytes' time. Data other programs wrote in this launch (h, the
+QKV row, the attention partials, the logits) is read with ``.cg`` (L2, not a stale L1). Every
+phase walks its work items with stride P, so any grid size computes the same result and the
+Triton interpreter runs the whole step with one program (CPU tests).
 
 The residual stream stays fp32 inside the launch (the XLA model rounds it to the model dtype
 after every add), so bf16 results agree with the XLA path within the bf16 tolerance, fp32 ones
@@ -38,7 +48,7 @@ up to summation order.
 
 Limits (``check`` raises on anything else): Llama family without attention biases or a sliding
 window, a PrunePath SwiGLU FFN, ``next_pow2(d) ≤ 4096``, G a multiple of 2, head_dim a power of
-two, batch 1.
+two, batch 1; launch: ``block_t`` a power of 2 ≥ 16 (the dot's key block).
 """
 
 from __future__ import annotations
@@ -49,12 +59,13 @@ import triton
 import triton.language as tl
 
 from prunepath_jax.kernels import jt
-from prunepath_jax.kernels.triton_balanced import MAX_D, _select, _unit_loop, _unit_loop_piped
+from prunepath_jax.kernels.triton_balanced import MAX_D, _select, _unit_loop_piped
 
 SPIN = 1_000_000  # polls before a program gives up on a barrier (~0.2 s on the H200)
 N_PHASES = 5  # grid barriers per layer (A, B, C, D, F)
 PHASES = tl.constexpr(N_PHASES)
-TILE_BYTES = 32 * 1024  # one program's prefetched weight tile (registers)
+TILE_BYTES = 32 * 1024  # one GEMV row chunk (the prefetched one in registers, the rest in smem)
+STAGES = 3  # software-pipeline stages of the GEMV and unit loops (cp.async into shared memory)
 BLOCK_T = 32  # cached keys an attention work item reads at once
 WARPS = 8
 
@@ -88,66 +99,6 @@ def _wait(ctr_ptr, target, failed, SPIN: tl.constexpr):
 
 
 @triton.jit
-def _tile(w_ptr, blk, c, N, K: tl.constexpr, R: tl.constexpr, BR: tl.constexpr,
-          BK: tl.constexpr):  # fmt: skip
-    """Rows ``[blk·R, +R)`` (``R ≤ BR``, the tile's power-of-2 height) x columns ``[c·BK, +BK)``
-    of a row-major ``[N, K]`` matrix (zeros outside; a block past N loads nothing)."""
-    rb = tl.arange(0, BR)
-    rr = blk * R + rb
-    rk = c * BK + tl.arange(0, BK)
-    m = (rb[:, None] < R) & (rr[:, None] < N) & (rk[None, :] < K)
-    return tl.load(w_ptr + rr[:, None] * K + rk[None, :], mask=m, other=0.0)
-
-
-@triton.jit
-def _x_chunk(src_ptr, ln_ptr, rstd, c, K: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
-    """Columns ``[c·BK, +BK)`` of a GEMV's input, fp32: the (normalised) row other programs
-    wrote (``.cg``)."""
-    rk = c * BK + tl.arange(0, BK)
-    x = tl.load(src_ptr + rk, mask=rk < K, other=0.0, cache_modifier=".cg")
-    if NORM:
-        x = x * rstd * tl.load(ln_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
-    return x
-
-
-@triton.jit
-def _row_block(w_ptr, w0, blk, src_ptr, ln_ptr, rstd, out_ptr, N, K: tl.constexpr,
-               R: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
-               RESID: tl.constexpr):  # fmt: skip
-    """``out[rows] (+)= W[rows] · x`` for block ``blk``, whose first column tile ``w0`` the
-    program already holds."""
-    NC: tl.constexpr = (K + BK - 1) // BK
-    w = w0
-    acc = tl.zeros([BR], tl.float32)
-    for c in tl.static_range(NC):
-        if c + 1 < NC:  # the next tile's loads in flight while this one is reduced
-            w_next = _tile(w_ptr, blk, c + 1, N, K, R, BR, BK)
-        x = _x_chunk(src_ptr, ln_ptr, rstd, c, K, BK, NORM)
-        acc += tl.sum(w.to(tl.float32) * x[None, :], 1)
-        if c + 1 < NC:
-            w = w_next
-    rb = tl.arange(0, BR)
-    rr = blk * R + rb
-    rm = (rb < R) & (rr < N)
-    if RESID:
-        acc += tl.load(out_ptr + rr, mask=rm, other=0.0, cache_modifier=".cg")
-    tl.store(out_ptr + rr, acc, mask=rm)
-
-
-@triton.jit
-def _gemv(w_ptr, w0, src_ptr, ln_ptr, rstd, out_ptr, pid, N, K: tl.constexpr, R: tl.constexpr,
-          BR: tl.constexpr, BK: tl.constexpr, P: tl.constexpr, NORM: tl.constexpr,
-          RESID: tl.constexpr):  # fmt: skip
-    """A GEMV phase: block ``pid`` from the prefetched tile, then blocks ``pid + P, …``."""
-    nb = tl.cdiv(N, R)
-    if pid < nb:
-        _row_block(w_ptr, w0, pid, src_ptr, ln_ptr, rstd, out_ptr, N, K, R, BR, BK, NORM, RESID)
-    for blk in range(pid + P, nb, P):
-        w = _tile(w_ptr, blk, 0, N, K, R, BR, BK)
-        _row_block(w_ptr, w, blk, src_ptr, ln_ptr, rstd, out_ptr, N, K, R, BR, BK, NORM, RESID)
-
-
-@triton.jit
 def _rows(w_ptr, r0, i, r1, K: tl.constexpr, K_PAD: tl.constexpr, BRC: tl.constexpr):
     """Row chunk ``i`` of a program's rows ``[r0, r1)`` of a row-major ``[N, K]`` matrix: rows
     ``r0 + i·BRC + [0, BRC)``, full width (contiguous rows), zeros outside."""
@@ -155,6 +106,13 @@ def _rows(w_ptr, r0, i, r1, K: tl.constexpr, K_PAD: tl.constexpr, BRC: tl.conste
     rk = tl.arange(0, K_PAD)
     m = (rb[:, None] < r1) & (rk[None, :] < K)
     return tl.load(w_ptr + rb[:, None] * K + rk[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _first_rows(w_ptr, pid, R: tl.constexpr, N, K: tl.constexpr, K_PAD: tl.constexpr,
+                BRC: tl.constexpr):  # fmt: skip
+    """Program ``pid``'s first row chunk of a GEMV phase: what it loads before a barrier."""
+    return _rows(w_ptr, pid * R, 0, tl.minimum(pid * R + R, N), K, K_PAD, BRC)
 
 
 @triton.jit
@@ -195,24 +153,6 @@ def _normed(h_ptr, ln_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constex
 
 
 @triton.jit
-def _rstd(h_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constexpr):
-    rd = tl.arange(0, D_PAD)
-    h = tl.load(h_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
-    return 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + EPS)
-
-
-@triton.jit
-def _rope_half(qkv_ptr, head, cos, sin, HD: tl.constexpr, rows, rmask):
-    """RoPE ("rotate half") of heads ``head + rows``: the two rotated halves, fp32."""
-    HALF: tl.constexpr = HD // 2
-    rh = tl.arange(0, HALF)
-    base = (head + rows)[:, None] * HD + rh[None, :]
-    x1 = tl.load(qkv_ptr + base, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
-    x2 = tl.load(qkv_ptr + base + HALF, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
-    return x1 * cos[None, :] - x2 * sin[None, :], x2 * cos[None, :] + x1 * sin[None, :]
-
-
-@triton.jit
 def _rope_rows(qkv_ptr, cos_ptr, sin_ptr, head, rows, rmask, HD: tl.constexpr):
     """RoPE ("rotate half") of heads ``head + rows`` as whole rows ``[n, HD]`` f32: element j
     is ``x_j cos_j - x_(j+HD/2) sin_j`` in the first half, ``x_j cos_j + x_(j-HD/2) sin_j`` in
@@ -229,7 +169,7 @@ def _rope_rows(qkv_ptr, cos_ptr, sin_ptr, head, rows, rmask, HD: tl.constexpr):
 
 
 @triton.jit
-def _attend_split_dot(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos_ptr,
+def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos_ptr,
                       sin_ptr, pos, layer, g, s, HQ: tl.constexpr, KV: tl.constexpr,
                       HD: tl.constexpr, GQ: tl.constexpr, GQ_PAD: tl.constexpr, S: tl.constexpr,
                       S_PAD: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr,
@@ -298,70 +238,6 @@ def _attend_split_dot(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_pt
 
 
 @triton.jit
-def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos, sin, pos,
-                  layer, g, s, HQ: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr,
-                  GQ: tl.constexpr, GQ_PAD: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
-                  BT: tl.constexpr, S_MAX: tl.constexpr, SCALE: tl.constexpr):  # fmt: skip
-    """Work item (KV head g, split s) of phase B; the last split of head g to finish combines."""
-    HALF: tl.constexpr = HD // 2
-    rq = tl.arange(0, GQ_PAD)
-    qmask = rq < GQ
-    q1, q2 = _rope_half(qkv_ptr, g * GQ, cos, sin, HD, rq, qmask)
-    q1, q2 = q1 * SCALE, q2 * SCALE
-    one = tl.arange(0, 1)
-    k1, k2 = _rope_half(qkv_ptr, HQ + g, cos, sin, HD, one, one < 1)  # [1, HALF]
-    rh = tl.arange(0, HALF)
-    rdh = tl.arange(0, HD)
-    v_new = tl.load(qkv_ptr + (HQ + KV + g) * HD + rdh, cache_modifier=".cg")
-    kdt = kc_ptr.dtype.element_ty
-    k1, k2 = k1.to(kdt).to(tl.float32), k2.to(kdt).to(tl.float32)  # the cache's rounding
-    v_new = v_new.to(kdt).to(tl.float32)
-    row = ((layer * S_MAX + pos) * KV + g) * HD
-    if s == 0:
-        # A full cache drops the write, as cache_write's mode="drop" (the position broadcast
-        # as a tensor: the interpreter rejects a scalar bool & a tensor bool as a mask).
-        ok = rdh * 0 + pos < S_MAX
-        okh = rh[None, :] * 0 + pos < S_MAX
-        tl.store(kc_ptr + row + rh[None, :], k1.to(kdt), mask=okh)
-        tl.store(kc_ptr + row + HALF + rh[None, :], k2.to(kdt), mask=okh)
-        tl.store(vc_ptr + row + rdh, v_new.to(kdt), mask=ok)
-    n_old = tl.minimum(pos, S_MAX)
-    ts = tl.cdiv(tl.cdiv(n_old, S), BT) * BT
-    t0 = s * ts
-    t1 = tl.minimum(t0 + ts, n_old)
-    m = tl.full([GQ_PAD], -1e30, tl.float32)
-    lsum = tl.zeros([GQ_PAD], tl.float32)
-    acc = tl.zeros([GQ_PAD, HD], tl.float32)
-    rt = tl.arange(0, BT)
-    for t in range(t0, t1, BT):
-        tt = t + rt
-        tm = tt < t1
-        kb = ((layer * S_MAX + tt) * KV + g) * HD
-        ka = tl.load(kc_ptr + kb[:, None] + rh[None, :], mask=tm[:, None], other=0.0)
-        kz = tl.load(kc_ptr + kb[:, None] + HALF + rh[None, :], mask=tm[:, None], other=0.0)
-        sc = tl.sum(q1[:, None, :] * ka.to(tl.float32)[None, :, :], 2)
-        sc += tl.sum(q2[:, None, :] * kz.to(tl.float32)[None, :, :], 2)  # [GQ_PAD, BT]
-        sc = tl.where(tm[None, :], sc, -1e30)
-        m_new = tl.maximum(m, tl.max(sc, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(sc - m_new[:, None])
-        v = tl.load(vc_ptr + kb[:, None] + rdh[None, :], mask=tm[:, None], other=0.0)
-        lsum = lsum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-        m = m_new
-    if s == S - 1:  # the new token's own key and value
-        sn = tl.sum(q1 * k1, 1) + tl.sum(q2 * k2, 1)
-        m_new = tl.maximum(m, sn)
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(sn - m_new)
-        lsum = lsum * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * v_new[None, :]
-        m = m_new
-    _finish_split(po_ptr, pml_ptr, att_ptr, hcnt_ptr, acc, m, lsum, layer, g, s, KV, HD, GQ,
-                  GQ_PAD, S, S_PAD)  # fmt: skip
-
-
-@triton.jit
 def _finish_split(po_ptr, pml_ptr, att_ptr, hcnt_ptr, acc, m, lsum, layer, g, s,
                   KV: tl.constexpr, HD: tl.constexpr, GQ: tl.constexpr, GQ_PAD: tl.constexpr,
                   S: tl.constexpr, S_PAD: tl.constexpr):  # fmt: skip
@@ -412,7 +288,6 @@ def _megastep_kernel(
     po_ptr,  # scratch [KV·S, GQ_PAD, HD] f32 attention partials
     pml_ptr,  # scratch [KV·S, 2, GQ_PAD] f32 their running max and sum
     att_ptr,  # scratch [NA] f32 attention output
-    x2_ptr,  # scratch [D] f32 the FFN's normalised input
     lg_ptr,  # out [L, E] f32 router logits
     k_ptr,  # out [L] i32 experts selected per layer
     ctr_ptr,  # out [1] i32 barrier counter (zeroed)
@@ -420,16 +295,13 @@ def _megastep_kernel(
     fail_ptr,  # out [P] i32 1 where the program gave up on a barrier
     tim_ptr,  # out [P, NT] i64 with TIMING: %globaltimer at the start and at each phase's end
     L: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, HQ: tl.constexpr, KV: tl.constexpr,
-    HD: tl.constexpr, GQ_PAD: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
-    G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
-    BT: tl.constexpr, S_MAX: tl.constexpr, R_A: tl.constexpr, BR_A: tl.constexpr,
-    BK_A: tl.constexpr, R_C: tl.constexpr, BR_C: tl.constexpr, BK_C: tl.constexpr,
-    R_D: tl.constexpr, BR_D: tl.constexpr, BK_D: tl.constexpr,
-    EPS: tl.constexpr, NUCLEUS: tl.constexpr, SIGMOID: tl.constexpr, K_MIN: tl.constexpr,
-    K_MAX: tl.constexpr, SCALE: tl.constexpr, SPIN: tl.constexpr, TIMING: tl.constexpr,
-    GS: tl.constexpr = 0, US: tl.constexpr = 0, NA_PAD: tl.constexpr = 0,
-    BRC_A: tl.constexpr = 0, BRC_C: tl.constexpr = 0, BRC_D: tl.constexpr = 0,
-    ATT_DOT: tl.constexpr = False, DOT_F32: tl.constexpr = False,
+    HD: tl.constexpr, GQ_PAD: tl.constexpr, NA_PAD: tl.constexpr, E: tl.constexpr,
+    E_PAD: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
+    S_PAD: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr, R_A: tl.constexpr,
+    BRC_A: tl.constexpr, R_C: tl.constexpr, BRC_C: tl.constexpr, R_D: tl.constexpr,
+    BRC_D: tl.constexpr, GS: tl.constexpr, US: tl.constexpr, EPS: tl.constexpr,
+    NUCLEUS: tl.constexpr, SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr,
+    SCALE: tl.constexpr, SPIN: tl.constexpr, TIMING: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -442,81 +314,43 @@ def _megastep_kernel(
     failed = pid * 0
     ph = pid * 0  # barriers passed
     pos = tl.load(pos_ptr)
-    rh = tl.arange(0, HD // 2)
-    cos = tl.load(cos_ptr + rh)
-    sin = tl.load(sin_ptr + rh)
     rd = tl.arange(0, D_PAD)
     dmask = rd < D
-    if GS > 0:
-        wa = _rows(wqkv_ptr, pid * R_A, 0, tl.minimum(pid * R_A + R_A, NQKV), D, D_PAD, BRC_A)
-    else:
-        wa = _tile(wqkv_ptr, pid, 0, NQKV, D, R_A, BR_A, BK_A)  # h_ptr starts as h_in (aliased)
+    rna = tl.arange(0, NA_PAD)
+    wa = _first_rows(wqkv_ptr, pid, R_A, NQKV, D, D_PAD, BRC_A)  # h_ptr starts as h_in (aliased)
     for layer in range(L):
         # int64 offsets: 8B's stacked w_in has 3.8e9 elements, past int32.
         lw = tl.full([], 0, tl.int64) + layer
-        # A: norm + QKV (tile wa prefetched).
-        if GS > 0:
-            x = _normed(h_ptr, ln1_ptr + layer * D, D, D_PAD, EPS)
-            _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, pid, NQKV, D, D_PAD, R_A, BRC_A,
-                       False, GS)  # fmt: skip
-        else:
-            rstd = _rstd(h_ptr, D, D_PAD, EPS)
-            _gemv(wqkv_ptr + lw * NQKV * D, wa, h_ptr, ln1_ptr + layer * D, rstd, qkv_ptr, pid,
-                  NQKV, D, R_A, BR_A, BK_A, P, True, False)  # fmt: skip
+        # A: norm + QKV (first row chunk prefetched).
+        x = _normed(h_ptr, ln1_ptr + layer * D, D, D_PAD, EPS)
+        _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, pid, NQKV, D, D_PAD, R_A, BRC_A,
+                   False, GS)  # fmt: skip
         _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         # B: attention, one item per (KV head, split).
         for item in range(pid, KV * S, P):
-            if ATT_DOT:
-                _attend_split_dot(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr,
-                                  cos_ptr, sin_ptr, pos, lw, item // S, item % S, HQ, KV, HD, GQ,
-                                  GQ_PAD, S, S_PAD, BT, S_MAX, SCALE, DOT_F32)  # fmt: skip
-            else:
-                _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos,
-                              sin, pos, lw, item // S, item % S, HQ, KV, HD, GQ, GQ_PAD, S, S_PAD,
-                              BT, S_MAX, SCALE)  # fmt: skip
+            _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos_ptr,
+                          sin_ptr, pos, lw, item // S, item % S, HQ, KV, HD, GQ, GQ_PAD, S, S_PAD,
+                          BT, S_MAX, SCALE, DOT_F32)  # fmt: skip
         _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         _arrive(ctr_ptr)
-        if GS > 0:
-            wo = _rows(wo_ptr + lw * D * NA, pid * R_C, 0, tl.minimum(pid * R_C + R_C, D), NA,
-                       NA_PAD, BRC_C)  # fmt: skip
-        else:
-            wo = _tile(wo_ptr + lw * D * NA, pid, 0, D, NA, R_C, BR_C, BK_C)
+        wo = _first_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, NA_PAD, BRC_C)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         # C: O projection + residual.
-        if GS > 0:
-            rna = tl.arange(0, NA_PAD)
-            xa = tl.load(att_ptr + rna, mask=rna < NA, other=0.0, cache_modifier=".cg")
-            _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, pid, D, NA, NA_PAD, R_C, BRC_C, True,
-                       GS)  # fmt: skip
-        else:
-            _gemv(wo_ptr + lw * D * NA, wo, att_ptr, ln1_ptr, 1.0, h_ptr, pid, D, NA, R_C, BR_C,
-                  BK_C, P, False, True)  # fmt: skip
+        xa = tl.load(att_ptr + rna, mask=rna < NA, other=0.0, cache_modifier=".cg")
+        _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, pid, D, NA, NA_PAD, R_C, BRC_C, True, GS)
         _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         _arrive(ctr_ptr)
-        if GS > 0:
-            wr = _rows(wr_ptr + lw * E * D, pid * R_D, 0, tl.minimum(pid * R_D + R_D, E), D, D_PAD,
-                       BRC_D)  # fmt: skip
-        else:
-            wr = _tile(wr_ptr + lw * E * D, pid, 0, E, D, R_D, BR_D, BK_D)
+        wr = _first_rows(wr_ptr + lw * E * D, pid, R_D, E, D, D_PAD, BRC_D)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
-        # D: the FFN's norm (program 0 keeps the row) + router logits.
-        if GS > 0:  # every program keeps the normalised row for phase F
-            x2 = _normed(h_ptr, ln2_ptr + layer * D, D, D_PAD, EPS)
-            _gemv_rows(wr_ptr + lw * E * D, wr, x2, lg_ptr + layer * E, pid, E, D, D_PAD, R_D,
-                       BRC_D, False, GS)  # fmt: skip
-        else:
-            rstd = _rstd(h_ptr, D, D_PAD, EPS)
-            if pid == 0:
-                hv = tl.load(h_ptr + rd, mask=dmask, other=0.0, cache_modifier=".cg")
-                lnv = tl.load(ln2_ptr + layer * D + rd, mask=dmask, other=0.0).to(tl.float32)
-                tl.store(x2_ptr + rd, hv * rstd * lnv, mask=dmask)
-            _gemv(wr_ptr + lw * E * D, wr, h_ptr, ln2_ptr + layer * D, rstd, lg_ptr + layer * E,
-                  pid, E, D, R_D, BR_D, BK_D, P, True, False)  # fmt: skip
+        # D: the FFN's norm (every program keeps the row for phase F) + router logits.
+        x2 = _normed(h_ptr, ln2_ptr + layer * D, D, D_PAD, EPS)
+        _gemv_rows(wr_ptr + lw * E * D, wr, x2, lg_ptr + layer * E, pid, E, D, D_PAD, R_D, BRC_D,
+                   False, GS)  # fmt: skip
         _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
@@ -531,38 +365,16 @@ def _megastep_kernel(
         u0 = pid * n_units // P
         u1 = (pid + 1) * n_units // P
         if u1 > u0:
-            if GS == 0:
-                x2 = tl.load(x2_ptr + rd, mask=dmask, other=0.0, cache_modifier=".cg")
-            if US > 0:
-                acc = _unit_loop_piped(x2, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D,
-                                       gate, cnt, u0, u1, D, D_PAD, E_PAD, F, G, BN,
-                                       US)  # fmt: skip
-            else:
-                acc = _unit_loop(x2, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D, gate,
-                                 cnt, u0, u1, D, D_PAD, E_PAD, F, G, BN)  # fmt: skip
+            acc = _unit_loop_piped(x2, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D, gate,
+                                   cnt, u0, u1, D, D_PAD, E_PAD, F, G, BN, US)  # fmt: skip
             tl.atomic_add(h_ptr + rd, acc, mask=dmask, sem="relaxed")
         _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
         if layer + 1 < L:
             _arrive(ctr_ptr)
-            if GS > 0:
-                wa = _rows(wqkv_ptr + (lw + 1) * NQKV * D, pid * R_A, 0,
-                           tl.minimum(pid * R_A + R_A, NQKV), D, D_PAD, BRC_A)  # fmt: skip
-            else:
-                wa = _tile(wqkv_ptr + (lw + 1) * NQKV * D, pid, 0, NQKV, D, R_A, BR_A, BK_A)
+            wa = _first_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, D_PAD, BRC_A)
             ph += 1
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
     tl.store(fail_ptr + pid, failed)
-
-
-def _tile_shape(n: int, k: int, programs: int, itemsize: int,
-                tile_bytes: int = TILE_BYTES) -> tuple[int, int, int]:  # fmt: skip
-    """``(rows, tile rows, columns)`` of a program's GEMV block: ``ceil(n / P)`` rows (the P
-    programs cover n in one round), held as a power-of-2 tile, and columns so the tile stays
-    within ``tile_bytes`` of registers."""
-    r = -(-n // programs)
-    br = jt.next_pow2(r)
-    bk = max(16, min(jt.next_pow2(k), jt.next_pow2(tile_bytes // (br * itemsize) + 1) // 2))
-    return r, br, bk
 
 
 def _row_chunk(r: int, k: int, itemsize: int, tile_bytes: int = TILE_BYTES) -> int:
@@ -585,28 +397,24 @@ def constants(
     programs: int, splits: int = 0, block_t: int = BLOCK_T, tile_bytes: int = TILE_BYTES,
     itemsizes=(2, 2, 4), eps: float = 1e-5, rule: str = "paper", gate: str = "sigmoid",
     k_min: int = 1, k_max: int | None = None, spin: int = SPIN, timing: bool = False,
-    gemv_stages: int = 3, unit_stages: int = 3, attention_dot: bool = False,
-    interpret: bool = False,
+    gemv_stages: int = STAGES, unit_stages: int = STAGES, interpret: bool = False,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
-    W_qkv, W_o and the router); also what the sm_90 lowering test compiles."""
+    W_qkv, W_o and the router); also what the sm_90 lowering test compiles. A GEMV phase gives
+    each program ``ceil(N / P)`` contiguous output rows (the P programs cover N in one round)."""
     p = programs
     s = splits or default_splits(p, kv, hq // kv, hd, s_max, block_t)
-    r_a, br_a, bk_a = _tile_shape((hq + 2 * kv) * hd, d, p, itemsizes[0], tile_bytes)
-    r_c, br_c, bk_c = _tile_shape(d, hq * hd, p, itemsizes[1], tile_bytes)
-    r_d, br_d, bk_d = _tile_shape(e, d, p, itemsizes[2], tile_bytes)
+    r_a, r_c, r_d = (-(-n // p) for n in ((hq + 2 * kv) * hd, d, e))
     return dict(
         L=n_layers, D=d, D_PAD=jt.next_pow2(d), HQ=hq, KV=kv, HD=hd,
-        GQ_PAD=jt.next_pow2(hq // kv), E=e, E_PAD=max(16, jt.next_pow2(e)), G=g, BN=2, P=p, S=s,
-        S_PAD=jt.next_pow2(s), BT=block_t, S_MAX=s_max, R_A=r_a, BR_A=br_a, BK_A=bk_a, R_C=r_c,
-        BR_C=br_c, BK_C=bk_c, R_D=r_d, BR_D=br_d, BK_D=bk_d, EPS=float(eps),
-        NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min,
+        GQ_PAD=jt.next_pow2(hq // kv), NA_PAD=jt.next_pow2(hq * hd), E=e,
+        E_PAD=max(16, jt.next_pow2(e)), G=g, BN=2, P=p, S=s, S_PAD=jt.next_pow2(s), BT=block_t,
+        S_MAX=s_max, R_A=r_a, BRC_A=_row_chunk(r_a, d, itemsizes[0], tile_bytes), R_C=r_c,
+        BRC_C=_row_chunk(r_c, hq * hd, itemsizes[1], tile_bytes), R_D=r_d,
+        BRC_D=_row_chunk(r_d, d, itemsizes[2], tile_bytes), GS=gemv_stages, US=unit_stages,
+        EPS=float(eps), NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min,
         K_MAX=e if k_max is None else k_max, SCALE=float(hd**-0.5), SPIN=spin,
-        TIMING=bool(timing), GS=gemv_stages, US=unit_stages, NA_PAD=jt.next_pow2(hq * hd),
-        BRC_A=_row_chunk(r_a, d, itemsizes[0], tile_bytes),
-        BRC_C=_row_chunk(r_c, hq * hd, itemsizes[1], tile_bytes),
-        BRC_D=_row_chunk(r_d, d, itemsizes[2], tile_bytes), ATT_DOT=bool(attention_dot),
-        DOT_F32=bool(interpret),
+        TIMING=bool(timing), DOT_F32=bool(interpret),
     )  # fmt: skip
 
 
@@ -615,8 +423,8 @@ def megastep(
     w_out_lfd, kc_lskh, vc_lskh, *, eps: float, rule: str = "paper", gate: str = "sigmoid",
     k_min: int = 1, k_max: int | None = None, programs: int = 0, splits: int = 0,
     block_t: int = BLOCK_T, warps: int = WARPS, tile_bytes: int = TILE_BYTES, spin: int = SPIN,
-    timing: bool = False, interpret: bool = False, gemv_stages: int = 3, unit_stages: int = 3,
-    attention_dot: bool = False,
+    timing: bool = False, interpret: bool = False, gemv_stages: int = STAGES,
+    unit_stages: int = STAGES,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
@@ -656,15 +464,19 @@ def megastep(
         raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
     if rule not in ("paper", "nucleus") or gate not in ("sigmoid", "none"):
         raise ValueError(f"rule must be paper|nucleus and gate sigmoid|none: {rule!r}, {gate!r}")
-    if programs < 0 or splits < 0 or block_t < 1 or block_t & (block_t - 1):
-        raise ValueError(f"bad launch sizes: programs={programs}, splits={splits}, bt={block_t}")
+    if programs < 0 or splits < 0 or block_t < 16 or block_t & (block_t - 1):
+        raise ValueError(
+            f"bad launch sizes: programs={programs}, splits={splits}, block_t={block_t} (a power "
+            "of 2 >= 16: the attention's dot needs 16 keys)"
+        )
+    if gemv_stages < 1 or unit_stages < 1:
+        raise ValueError(f"pipeline stages must be >= 1: {gemv_stages}, {unit_stages}")
     c = constants(
         n_layers, d, hq, kv, hd, e, g, s_max, programs=programs or jt.default_programs(),
         splits=splits, block_t=block_t, tile_bytes=tile_bytes,
         itemsizes=[jnp.dtype(w.dtype).itemsize for w in (wqkv_lnd, wo_ldn, wr_led)], eps=eps,
         rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin, timing=timing,
-        gemv_stages=gemv_stages, unit_stages=unit_stages, attention_dot=attention_dot,
-        interpret=interpret,
+        gemv_stages=gemv_stages, unit_stages=unit_stages, interpret=interpret,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32
@@ -676,7 +488,6 @@ def megastep(
         jax.ShapeDtypeStruct((kv * s * gq_pad * hd,), f32),  # partials
         jax.ShapeDtypeStruct((kv * s * 2 * gq_pad,), f32),
         jax.ShapeDtypeStruct((hq * hd,), f32),  # attention output
-        jax.ShapeDtypeStruct((d,), f32),  # normalised FFN input
         jax.ShapeDtypeStruct((n_layers, e), f32),  # logits
         jax.ShapeDtypeStruct((n_layers,), jnp.int32),  # k
         jax.ShapeDtypeStruct((1,), jnp.int32),  # barrier counter
@@ -689,10 +500,10 @@ def megastep(
         jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)), jnp.asarray(tau_l, f32), ln1_ld, ln2_ld,
         wqkv_lnd, wo_ldn, wr_led, w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh,
         out_shape=out_shape, input_output_aliases={0: 0, 12: 1, 13: 2},
-        zeroed_outputs=(10, 11), grid=(p,), num_warps=warps, num_stages=1, interpret=interpret,
+        zeroed_outputs=(9, 10), grid=(p,), num_warps=warps, num_stages=1, interpret=interpret,
         **c,
     )  # fmt: skip
     h, kc, vc = outs[:3]
     if timing:
-        return h, kc, vc, outs[9], outs[12], outs[13]
-    return h, kc, vc, outs[9], outs[12]
+        return h, kc, vc, outs[8], outs[11], outs[12]
+    return h, kc, vc, outs[8], outs[11]

@@ -52,7 +52,6 @@ class Launch(NamedTuple):
     tile_bytes: int | None = None
     gemv_stages: int | None = None
     unit_stages: int | None = None
-    attention_dot: bool | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:

@@ -1166,4 +1166,12 @@ s24c)  # s24a + s24b in one call: tests, then both shapes with old / pipelined /
     --check-steps 2 --chunks 4 --launches '{"old": {"gemv_stages": 0, "unit_stages": 0},
     "g3u3": {}, "g3u3dot": {"attention_dot": true}}' --out "$OUT/megastep_decode.jsonl"
   ;;
+s24d)  # the final megastep (pipelined weights, dot attention): GPU tests, 50/75/90% at 1B/8B
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
+  run timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_triton.py -k "one_token"
+  run timeout 400 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.5 0.75 0.9 --check-steps 2 --chunks 4 --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac

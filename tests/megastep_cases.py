@@ -36,7 +36,8 @@ class Case(NamedTuple):
 
 
 CASES = (
-    Case("gqa2_f32", 64, 4, 2, 16, 128, 8, 5, 0.5, splits=2, block_t=4),
+    # Two splits of two 16-key blocks each (the last one partial): the online softmax's loop.
+    Case("gqa2_f32", 64, 4, 2, 16, 128, 8, 40, 0.5, splits=2, block_t=16, cache_len=48),
     # d not a power of two, 3 query heads a KV head, nucleus rule, no gates, clamps on k.
     Case(
         "gqa3_nucleus",
@@ -49,15 +50,16 @@ CASES = (
         11,
         0.9,
         splits=1,
-        block_t=8,
+        block_t=16,
         rule="nucleus",
         gate="none",
         k_min=2,
         k_max=5,
     ),  # fmt: skip
     # The first token (empty cache), every expert (tau > 1), more splits than cached rows.
-    Case("first_token_all", 64, 4, 4, 16, 96, 8, 0, 1.5, splits=4, block_t=4),
-    Case("bf16", 64, 4, 1, 32, 128, 8, 9, 0.6, splits=2, block_t=4, dtype="bfloat16"),
+    Case("first_token_all", 64, 4, 4, 16, 96, 8, 0, 1.5, splits=4, block_t=16),
+    # The second split has no cached key (9 < one 16-key block).
+    Case("bf16", 64, 4, 1, 32, 128, 8, 9, 0.6, splits=2, block_t=16, dtype="bfloat16"),
 )
 
 

@@ -64,10 +64,10 @@ def test_a_grid_that_is_not_co_resident_is_flagged(interpreted):
 
 
 def _signature(timing: bool):
-    f32 = {"h_in", "cos", "sin", "tau", "wr", "h", "qkv", "po", "pml", "att", "x2", "lg"}
+    f32 = {"h_in", "cos", "sin", "tau", "wr", "h", "qkv", "po", "pml", "att", "lg"}
     i32 = {"pos", "k", "ctr", "hcnt", "fail"}
     names = ["h_in", "cos", "sin", "pos", "tau", "ln1", "ln2", "wqkv", "wo", "wr", "w_in",
-             "w_out", "kc_in", "vc_in", "h", "kc", "vc", "qkv", "po", "pml", "att", "x2", "lg",
+             "w_out", "kc_in", "vc_in", "h", "kc", "vc", "qkv", "po", "pml", "att", "lg",
              "k", "ctr", "hcnt", "fail", "tim"]  # fmt: skip
     return {n: "*" + ("fp32" if n in f32 else "i32" if n in i32 else "i64" if n == "tim"
                       else "bf16") for n in names}  # fmt: skip
@@ -105,6 +105,10 @@ def test_bad_inputs_raise_clearly():
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, k_min=3, k_max=2)
     with pytest.raises(ValueError, match="programs"):
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, programs=-1)
+    with pytest.raises(ValueError, match="16 keys"):
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, block_t=8)
+    with pytest.raises(ValueError, match="stages"):
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, unit_stages=0)
     two = jax.tree.map(lambda a: jnp.concatenate([a, a]), cache)
     with pytest.raises(ValueError, match="batch 1"):
         megastep.stack_cache(two)
