@@ -1169,8 +1169,6 @@ s24c)  # s24a + s24b in one call: tests, then both shapes with old / pipelined /
 s24d)  # the final megastep (pipelined weights, dot attention): GPU tests, 50/75/90% at 1B/8B
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py
-  run timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
-    tests/test_kernels_triton.py -k "one_token"
   run timeout 400 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
     --sparsities 0.5 0.75 0.9 --check-steps 2 --chunks 4 --out "$OUT/megastep_decode.jsonl"
   ;;
