@@ -1172,4 +1172,8 @@ s24d)  # the final megastep (pipelined weights, dot attention): GPU tests, 50/75
   run timeout 400 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
     --sparsities 0.5 0.75 0.9 --check-steps 2 --chunks 4 --out "$OUT/megastep_decode.jsonl"
   ;;
+s24e)  # the Triton backend's fused one-token kernel (triton_balanced, its _unit_loop) on the GPU
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_triton.py -k "one_token"
+  ;;
 esac
