@@ -51,7 +51,7 @@ TINY = tl.constexpr(float(jnp.finfo(jnp.float32).tiny))
 @triton.jit
 def _select(logits_ptr, tau_ptr, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.constexpr,
             SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr,
-            CACHE: tl.constexpr = ""):  # fmt: skip
+            CACHE: tl.constexpr):  # fmt: skip
     """``(gate [E_PAD] f32, 0 where unselected; k)`` of one token, as ``routing.select`` +
     ``routing.gates`` decide them. ``CACHE`` ".cg": logits other programs of this launch wrote
     (read from L2, not a stale L1)."""
@@ -169,7 +169,9 @@ def _balanced_kernel(
     F: tl.constexpr = E * G
     PER: tl.constexpr = G // BN
     pid = tl.program_id(0)
-    gate, k = _select(logits_ptr, tau_ptr, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
+    # CACHE passed, not defaulted: triton 3.6 hands a jit callee's defaulted constexpr over as a
+    # plain str (a compile error on the H200, nineteenth session; 3.9 accepts it).
+    gate, k = _select(logits_ptr, tau_ptr, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX, "")
     if pid == 0:
         tl.store(k_ptr, k)
     cnt = tl.cumsum((gate != 0.0).to(tl.int32), 0)  # selected experts up to each index
