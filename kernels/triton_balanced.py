@@ -92,12 +92,23 @@ def _unit(u, cnt, gate, re, PER: tl.constexpr, BN: tl.constexpr, G: tl.constexpr
 
 
 @triton.jit
+def _unit_term(x, wg, wu, wo, g_e):
+    """One unit's ``[D_PAD]`` f32 contribution: ``silu(x·W_gate)·(x·W_up)·σ(g)`` over its
+    ``BN`` neuron rows (``[BN, D_PAD]`` tiles), times those rows of W_out."""
+    h_g = tl.sum(wg.to(tl.float32) * x[None, :], 1)
+    h_u = tl.sum(wu.to(tl.float32) * x[None, :], 1)
+    a = h_g / (1.0 + tl.exp(-h_g)) * h_u * g_e  # [BN]
+    return tl.sum(a[:, None] * wo.to(tl.float32), 0)
+
+
+@triton.jit
 def _unit_loop(x, w_in_ptr, w_out_ptr, gate, cnt, u0, u1, D: tl.constexpr,
                D_PAD: tl.constexpr, E_PAD: tl.constexpr, F: tl.constexpr, G: tl.constexpr,
                BN: tl.constexpr):  # fmt: skip
     """``[D_PAD]`` f32: the sum over units ``[u0, u1)`` (``u1 > u0``) of
     ``(silu(x·W_gate)·(x·W_up)·σ(g)) W_out`` over each unit's ``BN`` neuron rows; ``x`` f32
-    ``[D_PAD]``, zero past D. Shared with ``triton_megastep``'s expert phase."""
+    ``[D_PAD]``, zero past D. The next unit's rows are held in registers (the standalone
+    one-token kernel); ``_unit_loop_piped`` is the form for ``triton_megastep``."""
     PER: tl.constexpr = G // BN
     re = tl.arange(0, E_PAD)
     rd = tl.arange(0, D_PAD)
@@ -117,10 +128,7 @@ def _unit_loop(x, w_in_ptr, w_out_ptr, gate, cnt, u0, u1, D: tl.constexpr,
         n_off = (n_row0 + rn)[:, None] * D + rd[None, :]
         n_wg = tl.load(w_in_ptr + n_off, mask=dmask[None, :], other=0.0)
         n_wu = tl.load(w_in_ptr + F * D + n_off, mask=dmask[None, :], other=0.0)
-        h_g = tl.sum(wg.to(tl.float32) * x[None, :], 1)
-        h_u = tl.sum(wu.to(tl.float32) * x[None, :], 1)
-        a = h_g / (1.0 + tl.exp(-h_g)) * h_u * g_e  # silu(gate)·up·σ(g), [BN]
-        acc += tl.sum(a[:, None] * wo.to(tl.float32), 0)
+        acc += _unit_term(x, wg, wu, wo, g_e)
         off, g_e, wg, wu = n_off, n_g, n_wg, n_wu
     return acc
 
@@ -145,10 +153,7 @@ def _unit_loop_piped(x, w_in_ptr, w_out_ptr, gate, cnt, u0, u1, D: tl.constexpr,
         wg = tl.load(w_in_ptr + off, mask=dmask[None, :], other=0.0)
         wu = tl.load(w_in_ptr + F * D + off, mask=dmask[None, :], other=0.0)
         wo = tl.load(w_out_ptr + off, mask=dmask[None, :], other=0.0)
-        h_g = tl.sum(wg.to(tl.float32) * x[None, :], 1)
-        h_u = tl.sum(wu.to(tl.float32) * x[None, :], 1)
-        a = h_g / (1.0 + tl.exp(-h_g)) * h_u * g_e  # silu(gate)·up·σ(g), [BN]
-        acc += tl.sum(a[:, None] * wo.to(tl.float32), 0)
+        acc += _unit_term(x, wg, wu, wo, g_e)
     return acc
 
 

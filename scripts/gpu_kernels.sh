@@ -1144,22 +1144,8 @@ s23d)  # megastep launch choices at the 1B shape: key splits, 4 warps x 264 prog
     "w4p264t64k": {"warps": 4, "programs": 264, "tile_bytes": 65536}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
-s24a)  # megastep: pipelined GEMV rows / unit loop (cp.async stages) vs the register prefetch
-  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
-    tests/test_megastep.py
-  run timeout 380 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b \
-    --check-steps 2 --chunks 4 --launches '{"old": {"gemv_stages": 0, "unit_stages": 0},
-    "g3u3": {}, "g3u3dot": {"attention_dot": true}, "g3u0": {"unit_stages": 0},
-    "g0u3": {"gemv_stages": 0}}' \
-    --out "$OUT/megastep_decode.jsonl"
-  ;;
-s24b)  # the same at the 8B shape
-  run timeout 560 python3 benchmarks/megastep_decode.py --shapes llama-3-8b \
-    --check-steps 2 --chunks 4 --launches '{"old": {"gemv_stages": 0, "unit_stages": 0},
-    "g3u3": {}, "g3u3dot": {"attention_dot": true}}' \
-    --out "$OUT/megastep_decode.jsonl"
-  ;;
-s24c)  # s24a + s24b in one call: tests, then both shapes with old / pipelined / + dot attention
+s24c)  # run 1 at 4e6f157: old / pipelined / + dot attention side by side (the "old" launch
+  # and "attention_dot" no longer exist: the record of that run, not runnable at later commits)
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py
   run timeout 420 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
