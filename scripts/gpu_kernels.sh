@@ -1162,4 +1162,8 @@ s24e)  # the Triton backend's fused one-token kernel (triton_balanced, its _unit
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_triton.py -k "one_token"
   ;;
+s25a)  # every GPU test (both backends, megastep, generate) at the session's start commit
+  run timeout 520 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    --durations=15 tests/
+  ;;
 esac
