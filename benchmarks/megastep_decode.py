@@ -24,7 +24,14 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, header, markdown_table, write_rows  # noqa: E402
+from common import (  # noqa: E402
+    busy_and_span,
+    copy_bandwidth,
+    header,
+    markdown_table,
+    traced_events,
+    write_rows,
+)
 from sparse_decode import decode_cache_len, set_k, time_decode  # noqa: E402
 
 from prunepath_jax import megastep  # noqa: E402
@@ -35,16 +42,21 @@ from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
 
 
-def time_mega(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
-    """µs per decode step of the one-launch path (same loop shape as ``time_decode``)."""
+def _state(model, prompt_len, ctx) -> megastep.MegaState:
     cfg = model.cfg
-    ctx = decode_cache_len(prompt_len, steps, chunks)
     shape = (cfg.n_layers, ctx, cfg.n_kv_heads, cfg.head_dim)
-    st = megastep.MegaState(
+    return megastep.MegaState(
         token_b=jnp.ones((1,), jnp.int32), pos_b=jnp.full((1,), prompt_len, jnp.int32),
         done_b=jnp.zeros((1,), bool), kc=jnp.zeros(shape, jnp.bfloat16),
         vc=jnp.zeros(shape, jnp.bfloat16), rng=jax.random.key(0), fail=jnp.int32(0),
     )  # fmt: skip
+
+
+def time_mega(model, mw, tau_l, prompt_len, steps, chunks, launch, trace=False) -> dict:
+    """µs per decode step of the one-launch path (same loop shape as ``time_decode``); with
+    ``trace``, also every kernel's device µs a step in one more (traced) call: what runs
+    outside the one launch (embedding, LM head, sampling) and the launch itself."""
+    st = _state(model, prompt_len, decode_cache_len(prompt_len, steps, chunks + trace))
     graphdef, state = nnx.split(model)
     args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), tau_l)
     kw = dict(n_steps=steps, greedy=True, launch=launch)
@@ -56,17 +68,53 @@ def time_mega(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
         st, _ = megastep.decode_chunk(graphdef, state, mw, st, *args, **kw)
     jax.block_until_ready(st)
     dt = (time.perf_counter() - t0) / (chunks * steps)
-    return {"us_per_step": dt * 1e6, "barrier_failures": int(np.asarray(st.fail))}
+    out = {"us_per_step": dt * 1e6, "barrier_failures": int(np.asarray(st.fail))}
+    if trace:
+        ev = traced_events(lambda s: megastep.decode_chunk(graphdef, state, mw, s, *args, **kw), st)
+        per: dict[str, float] = {}
+        for e in ev:
+            per[e["name"][:60]] = per.get(e["name"][:60], 0.0) + float(e["dur"]) / steps
+        busy, span = busy_and_span(ev)
+        out["trace_us_per_step"] = {
+            k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1])
+        }
+        out["trace_busy_span_us_per_step"] = [busy / steps, span / steps]
+    return out
 
 
 PHASE_NAMES = ("A norm+qkv", "B attention", "C o+residual", "D norm+router", "F experts")
 
 
-def phase_times(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
-    """Mean µs a layer of each phase from one step's %globaltimer stamps: phase i ends when its
-    last program arrives (the barrier opens), so its time is the gap between those moments."""
-    from prunepath_jax.kernels.triton_megastep import N_PHASES
+def timeline(t_ps: np.ndarray, n_layers: int) -> dict:
+    """Per-phase µs a layer from every program's %globaltimer stamps ``[P, 1 + SLOTS·L]``
+    (``triton_megastep``: a start and an end stamp per phase, F also after its selection and
+    after its unit loop). A phase's time runs from the moment the previous phase's last
+    program arrived (its barrier opened) to its own last arrival; ``wake`` is how long after
+    that opening a program starts the phase (the barrier's latency), ``work`` (mean and max
+    over programs) what it spends in it. Means over layers."""
+    from prunepath_jax.kernels.triton_megastep import N_SLOTS
 
+    s = t_ps[:, 1:].reshape(t_ps.shape[0], n_layers, N_SLOTS).astype(np.float64) / 1e3  # µs
+    starts, ends = s[:, :, [0, 2, 4, 6, 8]], s[:, :, [1, 3, 5, 7, 11]]  # [P, L, 5]: A B C D F
+    opened = ends.max(axis=0).reshape(-1)  # [L·5] the moments the barriers opened
+    prev = np.concatenate([[t_ps[:, 0].min() / 1e3], opened[:-1]]).reshape(n_layers, 5)
+    work = ends - starts
+    out = {
+        "phase_us_per_layer": (opened.reshape(n_layers, 5) - prev).mean(0),
+        "wake_us": (starts - prev[None]).mean((0, 1)),
+        "work_mean_us": work.mean((0, 1)),
+        "work_max_us": work.max(0).mean(0),
+    }
+    out = {k: dict(zip(PHASE_NAMES, np.round(v, 2).tolist(), strict=True)) for k, v in out.items()}
+    out["F_select_us"] = round(float((s[:, :, 9] - s[:, :, 8]).mean()), 2)
+    out["F_units_us"] = round(float((s[:, :, 10] - s[:, :, 9]).mean()), 2)
+    out["F_atomics_us"] = round(float((s[:, :, 11] - s[:, :, 10]).mean()), 2)
+    out["layers_us"] = float(opened[-1] - t_ps[:, 0].min() / 1e3)
+    return out
+
+
+def phase_times(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
+    """``timeline`` of one step (the last of three calls: warm caches, as in decode)."""
     cfg = model.cfg
     shape = (
         cfg.n_layers,
@@ -84,13 +132,9 @@ def phase_times(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
                             timing=True)  # fmt: skip
         return out[-1]
 
-    for _ in range(3):  # the last of three calls (warm caches, as in decode)
+    for _ in range(3):
         t = np.asarray(f(state, mw, kc)).astype(np.int64)
-    ends = t[:, 1:].max(axis=0)
-    gaps = np.diff(np.concatenate([[t[:, 0].min()], ends])) / 1e3  # µs per phase
-    per = gaps.reshape(cfg.n_layers, N_PHASES).mean(axis=0)
-    return {"phase_us_per_layer": dict(zip(PHASE_NAMES, np.round(per, 2).tolist(), strict=True)),
-            "layers_us": float(gaps.sum())}  # fmt: skip
+    return timeline(t, cfg.n_layers)
 
 
 def check(model, mw, ffn_args, tau_l, prompt_len, n_steps, launch) -> dict:
@@ -155,6 +199,7 @@ def main() -> None:
         help='JSON {label: Launch fields}, each timed, e.g. {"p264": {"programs": 264}}',
     )
     ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--trace", action="store_true", help="per-kernel device µs of one chunk")
     ap.add_argument("--out", default="results/megastep_decode.jsonl")
     a = ap.parse_args()
     head = {**header(), "bench": "megastep_decode"}
@@ -191,7 +236,8 @@ def main() -> None:
                     if chk["check_barrier_failures"]:  # not co-resident: every barrier times out
                         emit({"shape": shape, "impl": f"megastep_{label}", **chk})
                         continue
-                    r = time_mega(sparse, mw, tau_l, a.prompt_len, a.steps, a.chunks, launch)
+                    r = time_mega(sparse, mw, tau_l, a.prompt_len, a.steps, a.chunks, launch,
+                                  a.trace)  # fmt: skip
                     r.update(phase_times(sparse, mw, tau_l, a.prompt_len, a.steps, a.chunks,
                                          launch))  # fmt: skip
                 except Exception as err:  # report and go on with the next variant

@@ -49,15 +49,16 @@ TINY = tl.constexpr(float(jnp.finfo(jnp.float32).tiny))
 
 
 @triton.jit
-def _select(logits_ptr, tau_ptr, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.constexpr,
-            SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr,
-            CACHE: tl.constexpr):  # fmt: skip
+def _select(logits_ptr, scale, tau_ptr, E: tl.constexpr, E_PAD: tl.constexpr,
+            NUCLEUS: tl.constexpr, SIGMOID: tl.constexpr, K_MIN: tl.constexpr,
+            K_MAX: tl.constexpr, CACHE: tl.constexpr):  # fmt: skip
     """``(gate [E_PAD] f32, 0 where unselected; k)`` of one token, as ``routing.select`` +
-    ``routing.gates`` decide them. ``CACHE`` ".cg": logits other programs of this launch wrote
-    (read from L2, not a stale L1)."""
+    ``routing.gates`` decide them, from the logits at ``logits_ptr`` times ``scale`` (> 0;
+    ``triton_megastep`` sums them before the RMSNorm's scale is known). ``CACHE`` ".cg": logits
+    other programs of this launch wrote (read from L2, not a stale L1)."""
     re = tl.arange(0, E_PAD)
     emask = re < E
-    lg = tl.load(logits_ptr + re, mask=emask, other=float("-inf"), cache_modifier=CACHE)
+    lg = tl.load(logits_ptr + re, mask=emask, other=float("-inf"), cache_modifier=CACHE) * scale
     ex = tl.where(emask, tl.exp(lg - tl.max(lg, 0)), 0.0)
     p = ex / tl.sum(ex, 0)  # padding: exactly 0
     ps = tl.sort(p, 0, descending=True)  # rank order; padding zeros last
@@ -176,7 +177,7 @@ def _balanced_kernel(
     pid = tl.program_id(0)
     # CACHE passed, not defaulted: triton 3.6 hands a jit callee's defaulted constexpr over as a
     # plain str (a compile error on the H200, nineteenth session; 3.9 accepts it).
-    gate, k = _select(logits_ptr, tau_ptr, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX, "")
+    gate, k = _select(logits_ptr, 1.0, tau_ptr, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX, "")
     if pid == 0:
         tl.store(k_ptr, k)
     cnt = tl.cumsum((gate != 0.0).to(tl.int32), 0)  # selected experts up to each index

@@ -60,14 +60,21 @@ import triton.language as tl
 
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.triton_balanced import MAX_D, _select, _unit_loop_piped
+from prunepath_jax.kernels.triton_l2 import l2_prefetch
+from prunepath_jax.kernels.triton_megastep_attn import _attend_split, _pf_kv
 
 SPIN = 1_000_000  # polls before a program gives up on a barrier (~0.2 s on the H200)
-N_PHASES = 5  # grid barriers per layer (A, B, C, D, F)
-PHASES = tl.constexpr(N_PHASES)
+# Timing events a layer (TIMING): A start/end, B start/end, C start/end, D start/end (with RC:
+# C's end twice), F start, F selected, F's unit loop done, F end.
+N_SLOTS = 12
+SLOTS = tl.constexpr(N_SLOTS)
 TILE_BYTES = 32 * 1024  # one GEMV row chunk (the prefetched one in registers, the rest in smem)
 STAGES = 3  # software-pipeline stages of the GEMV and unit loops (cp.async into shared memory)
 BLOCK_T = 32  # cached keys an attention work item reads at once
 WARPS = 8
+LINE = 128  # bytes of an L2 prefetch line
+PREFETCH_KB = 64  # of a program's next GEMV block asked of L2 at its barrier arrival
+PREFETCH_KEYS = 64  # cached keys (and values) of an attention item asked of L2 the same way
 
 
 @triton.jit
@@ -116,157 +123,81 @@ def _first_rows(w_ptr, pid, R: tl.constexpr, N, K: tl.constexpr, K_PAD: tl.const
 
 
 @triton.jit
-def _put(out_ptr, rows, y, r1, RESID: tl.constexpr):
-    """``out[rows] (+)= y`` for the rows below ``r1``."""
+def _put(out_ptr, f_ptr, rows, y, r1, RESID: tl.constexpr):
+    """``out[rows] = y``; with ``RESID`` the residual update ``out[rows] += y + f[rows]``, which
+    folds the previous FFN's sum ``f`` (see the kernel) into the residual and zeroes it."""
     rm = rows < r1
     if RESID:
         y += tl.load(out_ptr + rows, mask=rm, other=0.0, cache_modifier=".cg")
+        y += tl.load(f_ptr + rows, mask=rm, other=0.0, cache_modifier=".cg")
+        tl.store(f_ptr + rows, tl.zeros_like(y), mask=rm)
     tl.store(out_ptr + rows, y, mask=rm)
 
 
 @triton.jit
-def _gemv_rows(w_ptr, w0, x, out_ptr, pid, N, K: tl.constexpr, K_PAD: tl.constexpr,
+def _gemv_rows(w_ptr, w0, x, out_ptr, f_ptr, pid, N, K: tl.constexpr, K_PAD: tl.constexpr,
                R: tl.constexpr, BRC: tl.constexpr, RESID: tl.constexpr,
                ST: tl.constexpr):  # fmt: skip
     """A GEMV phase over the program's ``R`` contiguous output rows, ``BRC`` full rows at a time
     against the whole input ``x`` (f32 ``[K_PAD]``, zero past K, held in registers): chunk 0 from
     the tile ``w0`` the program loaded before the barrier, the rest streamed by Triton's
     software pipeliner (``ST`` stages of ``cp.async`` into shared memory, so ``ST - 1`` chunks are
-    in flight without registers)."""
+    in flight without registers). ``f_ptr``: ``_put``'s FFN sum (``RESID`` only)."""
     NI: tl.constexpr = (R + BRC - 1) // BRC
     r0 = pid * R
     r1 = tl.minimum(r0 + R, N)
     rc = tl.arange(0, BRC)
-    _put(out_ptr, r0 + rc, tl.sum(w0.to(tl.float32) * x[None, :], 1), r1, RESID)
+    _put(out_ptr, f_ptr, r0 + rc, tl.sum(w0.to(tl.float32) * x[None, :], 1), r1, RESID)
     for i in tl.range(1, NI, num_stages=ST):
         w = _rows(w_ptr, r0, i, r1, K, K_PAD, BRC)
-        _put(out_ptr, r0 + i * BRC + rc, tl.sum(w.to(tl.float32) * x[None, :], 1), r1, RESID)
+        y = tl.sum(w.to(tl.float32) * x[None, :], 1)
+        _put(out_ptr, f_ptr, r0 + i * BRC + rc, y, r1, RESID)
 
 
 @triton.jit
-def _normed(h_ptr, ln_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constexpr):
-    """RMSNorm of the residual row other programs wrote (``.cg``), f32 ``[D_PAD]``."""
+def _normed(h_ptr, f_ptr, ln_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constexpr,
+            WITH_F: tl.constexpr):  # fmt: skip
+    """``(RMSNorm of the residual row, its 1 / rms)``, f32 ``[D_PAD]`` and a scalar; the row is
+    what other programs wrote (``.cg``), plus the FFN sum ``f`` not yet folded in (``WITH_F``)."""
     rd = tl.arange(0, D_PAD)
     h = tl.load(h_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
+    if WITH_F:
+        h += tl.load(f_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + EPS)
-    return h * rstd * tl.load(ln_ptr + rd, mask=rd < D, other=0.0).to(tl.float32)
+    return h * rstd * tl.load(ln_ptr + rd, mask=rd < D, other=0.0).to(tl.float32), rstd
 
 
 @triton.jit
-def _rope_rows(qkv_ptr, cos_ptr, sin_ptr, head, rows, rmask, HD: tl.constexpr):
-    """RoPE ("rotate half") of heads ``head + rows`` as whole rows ``[n, HD]`` f32: element j
-    is ``x_j cos_j - x_(j+HD/2) sin_j`` in the first half, ``x_j cos_j + x_(j-HD/2) sin_j`` in
-    the second (the tables ``[HD / 2]``, repeated)."""
-    HALF: tl.constexpr = HD // 2
-    rdh = tl.arange(0, HD)
-    cs = tl.load(cos_ptr + rdh % HALF)
-    sn = tl.load(sin_ptr + rdh % HALF) * tl.where(rdh < HALF, -1.0, 1.0)
-    base = (head + rows)[:, None] * HD
-    x = tl.load(qkv_ptr + base + rdh[None, :], mask=rmask[:, None], other=0.0, cache_modifier=".cg")
-    xp = tl.load(qkv_ptr + base + ((rdh + HALF) % HD)[None, :], mask=rmask[:, None], other=0.0,
-                 cache_modifier=".cg")  # fmt: skip
-    return x * cs[None, :] + xp * sn[None, :]
+def _pf_rows(w_ptr, pid, R: tl.constexpr, N, K: tl.constexpr, BRC: tl.constexpr,
+             PF: tl.constexpr, STEP: tl.constexpr):  # fmt: skip
+    """L2 prefetch of up to ``PF`` lines of a GEMV block's rows after the first chunk (which the
+    program loads into registers itself): the block is contiguous, ``[pid·R, pid·R + R)``."""
+    if PF > 0:
+        r1 = tl.minimum(pid * R + R, N)
+        if pid * R + BRC < r1:
+            start = (pid * R + BRC) * K
+            l2_prefetch(w_ptr + start, r1 * K - start, PF, STEP)
 
 
 @triton.jit
-def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos_ptr,
-                      sin_ptr, pos, layer, g, s, HQ: tl.constexpr, KV: tl.constexpr,
-                      HD: tl.constexpr, GQ: tl.constexpr, GQ_PAD: tl.constexpr, S: tl.constexpr,
-                      S_PAD: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr,
-                      SCALE: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
-    """``_attend_split`` with the scores and the value sum as ``tl.dot`` (tensor cores for 16-bit
-    caches, exact fp32 otherwise) over the group's query heads padded to 16 rows, the keys and
-    values read as whole rows. As the XLA decode step: queries rounded to the cache dtype,
-    probabilities to the value dtype, fp32 accumulation."""
-    QM: tl.constexpr = 16 if GQ_PAD < 16 else GQ_PAD
-    kdt = kc_ptr.dtype.element_ty
-    PREC: tl.constexpr = "ieee" if kdt == tl.float32 else "tf32"
-    rq = tl.arange(0, QM)
-    rdh = tl.arange(0, HD)
-    q = (_rope_rows(qkv_ptr, cos_ptr, sin_ptr, g * GQ, rq, rq < GQ, HD) * SCALE).to(kdt)
-    one = tl.arange(0, 1)
-    k_new = _rope_rows(qkv_ptr, cos_ptr, sin_ptr, HQ + g, one, one < 1, HD).to(kdt)  # [1, HD]
-    v_new = tl.load(qkv_ptr + (HQ + KV + g) * HD + rdh, cache_modifier=".cg").to(kdt)
-    row = ((layer * S_MAX + pos) * KV + g) * HD
-    if s == 0:  # a full cache drops the write (cache_write's mode="drop")
-        ok = rdh * 0 + pos < S_MAX
-        tl.store(kc_ptr + row + rdh[None, :], k_new, mask=ok[None, :])
-        tl.store(vc_ptr + row + rdh, v_new, mask=ok)
-    n_old = tl.minimum(pos, S_MAX)
-    ts = tl.cdiv(tl.cdiv(n_old, S), BT) * BT
-    t0 = s * ts
-    t1 = tl.minimum(t0 + ts, n_old)
-    m = tl.full([QM], -1e30, tl.float32)
-    lsum = tl.zeros([QM], tl.float32)
-    acc = tl.zeros([QM, HD], tl.float32)
-    rt = tl.arange(0, BT)
-    for t in range(t0, t1, BT):
-        tt = t + rt
-        tm = tt < t1
-        kb = ((layer * S_MAX + tt) * KV + g) * HD
-        k = tl.load(kc_ptr + kb[:, None] + rdh[None, :], mask=tm[:, None], other=0.0)
-        v = tl.load(vc_ptr + kb[:, None] + rdh[None, :], mask=tm[:, None], other=0.0)
-        if DOT_F32:  # the interpreter: its 16-bit dot is wrong, its f32 one exact
-            sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-        else:
-            sc = tl.dot(q, tl.trans(k), input_precision=PREC)  # [QM, BT] f32
-        sc = tl.where(tm[None, :], sc, -1e30)
-        m_new = tl.maximum(m, tl.max(sc, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(sc - m_new[:, None])
-        lsum = lsum * alpha + tl.sum(p, 1)
-        if DOT_F32:
-            acc = acc * alpha[:, None] + tl.dot(p.to(kdt).to(tl.float32), v.to(tl.float32))
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(kdt), v, input_precision=PREC)
-        m = m_new
-    if s == S - 1:  # the new token's own key and value
-        sn = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1)
-        m_new = tl.maximum(m, sn)
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(sn - m_new)
-        lsum = lsum * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
-        m = m_new
-    # The first GQ_PAD rows are the group's heads (QM >= GQ_PAD).
-    keep = rq[:, None] < GQ_PAD
-    acc = tl.reshape(tl.where(keep, acc, 0.0), [QM // GQ_PAD, GQ_PAD, HD])
-    _finish_split(po_ptr, pml_ptr, att_ptr, hcnt_ptr, tl.sum(acc, 0),
-                  tl.max(tl.reshape(tl.where(rq < GQ_PAD, m, -1e30), [QM // GQ_PAD, GQ_PAD]), 0),
-                  tl.sum(tl.reshape(tl.where(rq < GQ_PAD, lsum, 0.0), [QM // GQ_PAD, GQ_PAD]), 0),
-                  layer, g, s, KV, HD, GQ, GQ_PAD, S, S_PAD)  # fmt: skip
-
-
-@triton.jit
-def _finish_split(po_ptr, pml_ptr, att_ptr, hcnt_ptr, acc, m, lsum, layer, g, s,
-                  KV: tl.constexpr, HD: tl.constexpr, GQ: tl.constexpr, GQ_PAD: tl.constexpr,
-                  S: tl.constexpr, S_PAD: tl.constexpr):  # fmt: skip
-    """Stores split s's partial output ``acc`` ``[GQ_PAD, HD]`` (unnormalised), running max
-    ``m`` and sum ``lsum``; the split that arrives last at head g's counter combines them all."""
-    rq = tl.arange(0, GQ_PAD)
-    qmask = rq < GQ
-    rdh = tl.arange(0, HD)
-    slot = g * S + s
-    tl.store(po_ptr + (slot * GQ_PAD + rq)[:, None] * HD + rdh[None, :], acc)
-    tl.store(pml_ptr + slot * 2 * GQ_PAD + rq, m)
-    tl.store(pml_ptr + slot * 2 * GQ_PAD + GQ_PAD + rq, lsum)
-    tl.debug_barrier()
-    done = tl.atomic_add(hcnt_ptr + layer * KV + g, 1, sem="acq_rel", scope="gpu")
-    if done == S - 1:  # every split of head g has stored: combine them
-        tl.debug_barrier()
-        rs = tl.arange(0, S_PAD)
-        sm = rs < S
-        ml = pml_ptr + (g * S + rs)[:, None] * 2 * GQ_PAD + rq[None, :]
-        ms = tl.load(ml, mask=sm[:, None], other=-1e30, cache_modifier=".cg")  # [S_PAD, GQ_PAD]
-        ls = tl.load(ml + GQ_PAD, mask=sm[:, None], other=0.0, cache_modifier=".cg")
-        mt = tl.max(ms, 0)
-        w = tl.exp(ms - mt[None, :])
-        lt = tl.sum(w * ls, 0)
-        o_off = ((g * S + rs)[:, None, None] * GQ_PAD + rq[None, :, None]) * HD + rdh[None, None, :]
-        os = tl.load(po_ptr + o_off, mask=sm[:, None, None], other=0.0, cache_modifier=".cg")
-        o = tl.sum(w[:, :, None] * os, 0) / lt[:, None]
-        out = (g * GQ + rq)[:, None] * HD + rdh[None, :]
-        tl.store(att_ptr + out, o, mask=qmask[:, None])
+def _router_part(wr_ptr, ln_ptr, h_ptr, lg_ptr, pid, R: tl.constexpr, R_PAD: tl.constexpr,
+                 D: tl.constexpr, E: tl.constexpr, BE: tl.constexpr,
+                 ST: tl.constexpr):  # fmt: skip
+    """Program ``pid``'s share of the router logits before the RMSNorm's scale:
+    ``lg[e] += Σ_r W_r[e, r]·ln2[r]·h[r]`` over its residual rows ``[pid·R, pid·R + R)`` (those
+    the O phase just wrote), added with relaxed atomics. The scale ``1 / rms(h)`` is common to
+    every logit, so the expert phase applies it: the router needs no grid barrier of its own."""
+    rr = pid * R + tl.arange(0, R_PAD)
+    rm = rr < tl.minimum(pid * R + R, D)
+    hv = tl.load(h_ptr + rr, mask=rm, other=0.0, cache_modifier=".cg")
+    hv *= tl.load(ln_ptr + rr, mask=rm, other=0.0).to(tl.float32)
+    re = tl.arange(0, BE)
+    for e0 in tl.range(0, E, BE, num_stages=ST):
+        em = e0 + re < E
+        w = tl.load(wr_ptr + (e0 + re)[:, None] * D + rr[None, :], mask=em[:, None] & rm[None, :],
+                    other=0.0)  # fmt: skip
+        part = tl.sum(w.to(tl.float32) * hv[None, :], 1)
+        tl.atomic_add(lg_ptr + e0 + re, part, mask=em, sem="relaxed")
 
 
 @triton.jit
@@ -282,18 +213,19 @@ def _megastep_kernel(
     w_in_ptr,  # [L, 2, F, D] gate rows, then up rows
     w_out_ptr,  # [L, F, D] down-projection rows
     kc_in_ptr, vc_in_ptr,  # [L, S_MAX, KV, HD] caches (aliased to kc_ptr, vc_ptr)
-    h_ptr,  # out [D] f32 residual after every layer
+    h_ptr,  # out [D] f32 residual, without the last FFN's sum (f_ptr)
     kc_ptr, vc_ptr,  # out caches, this token's key/value written at pos
     qkv_ptr,  # scratch [NQKV] f32
     po_ptr,  # scratch [KV·S, GQ_PAD, HD] f32 attention partials
     pml_ptr,  # scratch [KV·S, 2, GQ_PAD] f32 their running max and sum
     att_ptr,  # scratch [NA] f32 attention output
-    lg_ptr,  # out [L, E] f32 router logits
+    f_ptr,  # out [D] f32 (zeroed) the FFN sum not yet folded into h (the last layer's at the end)
+    lg_ptr,  # out [L, E] f32 (zeroed) router logits (with RC: before the RMSNorm scale)
     k_ptr,  # out [L] i32 experts selected per layer
     ctr_ptr,  # out [1] i32 barrier counter (zeroed)
     hcnt_ptr,  # out [L, KV] i32 split counters (zeroed)
     fail_ptr,  # out [P] i32 1 where the program gave up on a barrier
-    tim_ptr,  # out [P, NT] i64 with TIMING: %globaltimer at the start and at each phase's end
+    tim_ptr,  # out [P, NT] i64 with TIMING: %globaltimer at the start and SLOTS events a layer
     L: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, HQ: tl.constexpr, KV: tl.constexpr,
     HD: tl.constexpr, GQ_PAD: tl.constexpr, NA_PAD: tl.constexpr, E: tl.constexpr,
     E_PAD: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
@@ -302,13 +234,16 @@ def _megastep_kernel(
     BRC_D: tl.constexpr, GS: tl.constexpr, US: tl.constexpr, EPS: tl.constexpr,
     NUCLEUS: tl.constexpr, SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr,
     SCALE: tl.constexpr, SPIN: tl.constexpr, TIMING: tl.constexpr, DOT_F32: tl.constexpr,
+    RC: tl.constexpr, RC_PAD: tl.constexpr, BE: tl.constexpr, PF: tl.constexpr,
+    STEP_A: tl.constexpr, STEP_C: tl.constexpr, STEP_D: tl.constexpr, PF_KEYS: tl.constexpr,
+    LPR: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
     GQ: tl.constexpr = HQ // KV
     F: tl.constexpr = E * G
     PER: tl.constexpr = G // BN
-    NT: tl.constexpr = L * PHASES + 1
+    NT: tl.constexpr = L * SLOTS + 1
     pid = tl.program_id(0)
     _stamp(tim_ptr, pid, 0, NT, TIMING)
     failed = pid * 0
@@ -318,48 +253,76 @@ def _megastep_kernel(
     dmask = rd < D
     rna = tl.arange(0, NA_PAD)
     wa = _first_rows(wqkv_ptr, pid, R_A, NQKV, D, D_PAD, BRC_A)  # h_ptr starts as h_in (aliased)
+    _pf_rows(wqkv_ptr, pid, R_A, NQKV, D, BRC_A, PF, STEP_A)
     for layer in range(L):
         # int64 offsets: 8B's stacked w_in has 3.8e9 elements, past int32.
         lw = tl.full([], 0, tl.int64) + layer
-        # A: norm + QKV (first row chunk prefetched).
-        x = _normed(h_ptr, ln1_ptr + layer * D, D, D_PAD, EPS)
-        _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, pid, NQKV, D, D_PAD, R_A, BRC_A,
-                   False, GS)  # fmt: skip
-        _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
+        t = 1 + layer * SLOTS  # this layer's first timing slot
+        _stamp(tim_ptr, pid, t, NT, TIMING)
+        # A: norm (of h plus the previous FFN's sum) + QKV (first row chunk prefetched).
+        x, _ = _normed(h_ptr, f_ptr, ln1_ptr + layer * D, D, D_PAD, EPS, True)
+        _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, f_ptr, pid, NQKV, D, D_PAD, R_A,
+                   BRC_A, False, GS)  # fmt: skip
+        _stamp(tim_ptr, pid, t + 1, NT, TIMING)
         _arrive(ctr_ptr)
+        if PF_KEYS > 0:
+            if pid < KV * S:
+                _pf_kv(kc_ptr, vc_ptr, pos, lw, pid // S, pid % S, KV, HD, S, BT, S_MAX, PF_KEYS,
+                       LPR)  # fmt: skip
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        _stamp(tim_ptr, pid, t + 2, NT, TIMING)
         # B: attention, one item per (KV head, split).
         for item in range(pid, KV * S, P):
             _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos_ptr,
                           sin_ptr, pos, lw, item // S, item % S, HQ, KV, HD, GQ, GQ_PAD, S, S_PAD,
                           BT, S_MAX, SCALE, DOT_F32)  # fmt: skip
-        _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
+        _stamp(tim_ptr, pid, t + 3, NT, TIMING)
         _arrive(ctr_ptr)
         wo = _first_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, NA_PAD, BRC_C)
+        _pf_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, BRC_C, PF, STEP_C)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
-        # C: O projection + residual.
+        _stamp(tim_ptr, pid, t + 4, NT, TIMING)
+        # C: O projection + residual (+ the previous FFN's sum, zeroed for this layer's).
         xa = tl.load(att_ptr + rna, mask=rna < NA, other=0.0, cache_modifier=".cg")
-        _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, pid, D, NA, NA_PAD, R_C, BRC_C, True, GS)
-        _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
+        _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, f_ptr, pid, D, NA, NA_PAD, R_C, BRC_C,
+                   True, GS)  # fmt: skip
+        if RC:  # + this program's share of the router logits: no phase D
+            if pid * R_C < D:
+                tl.debug_barrier()  # the rows this program's threads just stored
+                _router_part(wr_ptr + lw * E * D, ln2_ptr + layer * D, h_ptr, lg_ptr + layer * E,
+                             pid, R_C, RC_PAD, D, E, BE, GS)  # fmt: skip
+            _stamp(tim_ptr, pid, t + 5, NT, TIMING)
+            _stamp(tim_ptr, pid, t + 6, NT, TIMING)
+        else:
+            _stamp(tim_ptr, pid, t + 5, NT, TIMING)
+            _arrive(ctr_ptr)
+            wr = _first_rows(wr_ptr + lw * E * D, pid, R_D, E, D, D_PAD, BRC_D)
+            _pf_rows(wr_ptr + lw * E * D, pid, R_D, E, D, BRC_D, PF, STEP_D)
+            ph += 1
+            failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+            _stamp(tim_ptr, pid, t + 6, NT, TIMING)
+            # D: the FFN's norm (every program keeps the row for phase F) + router logits.
+            x2, _ = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
+            _gemv_rows(wr_ptr + lw * E * D, wr, x2, lg_ptr + layer * E, f_ptr, pid, E, D, D_PAD,
+                       R_D, BRC_D, False, GS)  # fmt: skip
+        _stamp(tim_ptr, pid, t + 7, NT, TIMING)
         _arrive(ctr_ptr)
-        wr = _first_rows(wr_ptr + lw * E * D, pid, R_D, E, D, D_PAD, BRC_D)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
-        # D: the FFN's norm (every program keeps the row for phase F) + router logits.
-        x2 = _normed(h_ptr, ln2_ptr + layer * D, D, D_PAD, EPS)
-        _gemv_rows(wr_ptr + lw * E * D, wr, x2, lg_ptr + layer * E, pid, E, D, D_PAD, R_D, BRC_D,
-                   False, GS)  # fmt: skip
-        _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
-        _arrive(ctr_ptr)
-        ph += 1
-        failed = _wait(ctr_ptr, P * ph, failed, SPIN)
-        # F: selection in every program, then the balanced unit loop into h.
-        gate, k = _select(lg_ptr + layer * E, tau_ptr + layer, E, E_PAD, NUCLEUS, SIGMOID,
+        _stamp(tim_ptr, pid, t + 8, NT, TIMING)
+        # F: selection in every program, then the balanced unit loop into the FFN sum f (not h:
+        # with RC other programs still read h here; the next O phase folds f into h).
+        if RC:
+            x2, rstd = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
+        else:
+            rstd = 1.0
+        gate, k = _select(lg_ptr + layer * E, rstd, tau_ptr + layer, E, E_PAD, NUCLEUS, SIGMOID,
                           K_MIN, K_MAX, ".cg")  # fmt: skip
         if pid == 0:
             tl.store(k_ptr + layer, k)
+        _stamp(tim_ptr, pid, t + 9, NT, TIMING)
         cnt = tl.cumsum((gate != 0.0).to(tl.int32), 0)
         n_units = k * PER
         u0 = pid * n_units // P
@@ -367,20 +330,28 @@ def _megastep_kernel(
         if u1 > u0:
             acc = _unit_loop_piped(x2, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D, gate,
                                    cnt, u0, u1, D, D_PAD, E_PAD, F, G, BN, US)  # fmt: skip
-            tl.atomic_add(h_ptr + rd, acc, mask=dmask, sem="relaxed")
-        _stamp(tim_ptr, pid, ph + 1, NT, TIMING)
+            _stamp(tim_ptr, pid, t + 10, NT, TIMING)
+            tl.atomic_add(f_ptr + rd, acc, mask=dmask, sem="relaxed")
+        else:
+            _stamp(tim_ptr, pid, t + 10, NT, TIMING)
+        _stamp(tim_ptr, pid, t + 11, NT, TIMING)
         if layer + 1 < L:
             _arrive(ctr_ptr)
             wa = _first_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, D_PAD, BRC_A)
+            _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, BRC_A, PF, STEP_A)
             ph += 1
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
     tl.store(fail_ptr + pid, failed)
 
 
+def _pow2_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
 def _row_chunk(r: int, k: int, itemsize: int, tile_bytes: int = TILE_BYTES) -> int:
     """Full rows a GEMV chunk holds: a power of 2 within ``tile_bytes``, at most ``r``'s."""
     rows = max(1, tile_bytes // (jt.next_pow2(k) * itemsize))
-    return min(1 << (rows.bit_length() - 1), jt.next_pow2(r))
+    return min(_pow2_floor(rows), jt.next_pow2(r))
 
 
 def default_splits(programs: int, kv: int, gq: int, head_dim: int, s_max: int, bt: int) -> int:
@@ -395,17 +366,28 @@ def default_splits(programs: int, kv: int, gq: int, head_dim: int, s_max: int, b
 def constants(
     n_layers: int, d: int, hq: int, kv: int, hd: int, e: int, g: int, s_max: int, *,
     programs: int, splits: int = 0, block_t: int = BLOCK_T, tile_bytes: int = TILE_BYTES,
-    itemsizes=(2, 2, 4), eps: float = 1e-5, rule: str = "paper", gate: str = "sigmoid",
+    itemsizes=(2, 2, 4, 2), eps: float = 1e-5, rule: str = "paper", gate: str = "sigmoid",
     k_min: int = 1, k_max: int | None = None, spin: int = SPIN, timing: bool = False,
-    gemv_stages: int = STAGES, unit_stages: int = STAGES, interpret: bool = False,
+    gemv_stages: int = STAGES, unit_stages: int = STAGES, router_in_c: bool = True,
+    prefetch_kb: int = PREFETCH_KB, prefetch_keys: int = PREFETCH_KEYS, interpret: bool = False,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
-    W_qkv, W_o and the router); also what the sm_90 lowering test compiles. A GEMV phase gives
-    each program ``ceil(N / P)`` contiguous output rows (the P programs cover N in one round)."""
+    W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
+    phase gives each program ``ceil(N / P)`` contiguous output rows (the P programs cover N in
+    one round). The interpreter gets no L2 prefetch (inline PTX)."""
     p = programs
     s = splits or default_splits(p, kv, hq // kv, hd, s_max, block_t)
     r_a, r_c, r_d = (-(-n // p) for n in ((hq + 2 * kv) * hd, d, e))
+    rc_pad = jt.next_pow2(r_c)
+    pf_lines = 0 if interpret else prefetch_kb * 1024 // LINE
+    pf_keys = 0 if interpret else prefetch_keys
     return dict(
+        RC=bool(router_in_c), RC_PAD=rc_pad,
+        BE=min(max(16, jt.next_pow2(e)), _pow2_floor(max(1, tile_bytes // (rc_pad * 4)))),
+        PF=_pow2_floor(pf_lines) if pf_lines else 0, STEP_A=LINE // itemsizes[0],
+        STEP_C=LINE // itemsizes[1], STEP_D=LINE // itemsizes[2],
+        PF_KEYS=_pow2_floor(pf_keys) if pf_keys else 0,
+        LPR=max(1, hd * itemsizes[3] // LINE),
         L=n_layers, D=d, D_PAD=jt.next_pow2(d), HQ=hq, KV=kv, HD=hd,
         GQ_PAD=jt.next_pow2(hq // kv), NA_PAD=jt.next_pow2(hq * hd), E=e,
         E_PAD=max(16, jt.next_pow2(e)), G=g, BN=2, P=p, S=s, S_PAD=jt.next_pow2(s), BT=block_t,
@@ -424,7 +406,8 @@ def megastep(
     k_min: int = 1, k_max: int | None = None, programs: int = 0, splits: int = 0,
     block_t: int = BLOCK_T, warps: int = WARPS, tile_bytes: int = TILE_BYTES, spin: int = SPIN,
     timing: bool = False, interpret: bool = False, gemv_stages: int = STAGES,
-    unit_stages: int = STAGES,
+    unit_stages: int = STAGES, router_in_c: bool = True, prefetch_kb: int = PREFETCH_KB,
+    prefetch_keys: int = PREFETCH_KEYS,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
@@ -471,12 +454,15 @@ def megastep(
         )
     if gemv_stages < 1 or unit_stages < 1:
         raise ValueError(f"pipeline stages must be >= 1: {gemv_stages}, {unit_stages}")
+    if prefetch_kb < 0 or prefetch_keys < 0:
+        raise ValueError(f"prefetch sizes must be >= 0: {prefetch_kb} KB, {prefetch_keys} keys")
     c = constants(
         n_layers, d, hq, kv, hd, e, g, s_max, programs=programs or jt.default_programs(),
         splits=splits, block_t=block_t, tile_bytes=tile_bytes,
-        itemsizes=[jnp.dtype(w.dtype).itemsize for w in (wqkv_lnd, wo_ldn, wr_led)], eps=eps,
-        rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin, timing=timing,
-        gemv_stages=gemv_stages, unit_stages=unit_stages, interpret=interpret,
+        itemsizes=[jnp.dtype(w.dtype).itemsize for w in (wqkv_lnd, wo_ldn, wr_led, kc_lskh)],
+        eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin, timing=timing,
+        gemv_stages=gemv_stages, unit_stages=unit_stages, router_in_c=router_in_c,
+        prefetch_kb=prefetch_kb, prefetch_keys=prefetch_keys, interpret=interpret,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32
@@ -488,22 +474,24 @@ def megastep(
         jax.ShapeDtypeStruct((kv * s * gq_pad * hd,), f32),  # partials
         jax.ShapeDtypeStruct((kv * s * 2 * gq_pad,), f32),
         jax.ShapeDtypeStruct((hq * hd,), f32),  # attention output
+        jax.ShapeDtypeStruct((d,), f32),  # the last FFN's sum
         jax.ShapeDtypeStruct((n_layers, e), f32),  # logits
         jax.ShapeDtypeStruct((n_layers,), jnp.int32),  # k
         jax.ShapeDtypeStruct((1,), jnp.int32),  # barrier counter
         jax.ShapeDtypeStruct((n_layers * kv,), jnp.int32),  # split counters
         jax.ShapeDtypeStruct((p,), jnp.int32),  # fail flags
-        jax.ShapeDtypeStruct((p, n_layers * N_PHASES + 1) if timing else (1,), jnp.int64),
+        jax.ShapeDtypeStruct((p, n_layers * N_SLOTS + 1) if timing else (1,), jnp.int64),
     ]
     outs = jt.triton_call(
         _megastep_kernel, h_d.astype(f32), cos_h.astype(f32), sin_h.astype(f32),
         jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)), jnp.asarray(tau_l, f32), ln1_ld, ln2_ld,
         wqkv_lnd, wo_ldn, wr_led, w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh,
         out_shape=out_shape, input_output_aliases={0: 0, 12: 1, 13: 2},
-        zeroed_outputs=(9, 10), grid=(p,), num_warps=warps, num_stages=1, interpret=interpret,
-        **c,
+        zeroed_outputs=(7, 8, 10, 11), grid=(p,), num_warps=warps, num_stages=1,
+        interpret=interpret, **c,
     )  # fmt: skip
     h, kc, vc = outs[:3]
+    h = h + outs[7]  # the last layer's FFN sum
     if timing:
-        return h, kc, vc, outs[8], outs[11], outs[12]
-    return h, kc, vc, outs[8], outs[11]
+        return h, kc, vc, outs[9], outs[12], outs[13]
+    return h, kc, vc, outs[9], outs[12]

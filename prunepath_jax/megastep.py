@@ -52,6 +52,9 @@ class Launch(NamedTuple):
     tile_bytes: int | None = None
     gemv_stages: int | None = None
     unit_stages: int | None = None
+    router_in_c: bool | None = None
+    prefetch_kb: int | None = None
+    prefetch_keys: int | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:
@@ -106,7 +109,7 @@ DEFAULT_LAUNCH = Launch()
 def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch = DEFAULT_LAUNCH,
          interpret: bool = False, timing: bool = False):  # fmt: skip
     """One token: ``(logits [1, vocab] f32, kc, vc, k_l [L] int32, fail_p [P] int32)``, plus
-    each program's %globaltimer stamps ``[P, 5 L + 1]`` with ``timing`` (GPU; the benchmark's
+    each program's %globaltimer stamps ``[P, N_SLOTS · L + 1]`` with ``timing`` (GPU; the benchmark's
     per-phase breakdown)."""
     from prunepath_jax.kernels import triton_megastep as tm
 

@@ -1166,4 +1166,17 @@ s25a)  # every GPU test (both backends, megastep, generate) at the session's sta
   run timeout 520 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     --durations=15 tests/
   ;;
+s25b)  # L2 prefetch across barriers + the router in the O phase: GPU tests, 1B variants + trace
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py tests/test_kernels_triton.py -k "megastep or one_token or generate"
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --sparsities 0.75 \
+    --trace --launches '{"new": {}, "no_prefetch": {"prefetch_kb": 0, "prefetch_keys": 0},
+    "d_phase": {"router_in_c": false}, "pf256": {"prefetch_kb": 256}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  ;;
+s25c)  # the same variants at the 8B shape (LAUNCHES overrides the set)
+  v8='{"new": {}, "no_prefetch": {"prefetch_kb": 0, "prefetch_keys": 0}, "d_phase": {"router_in_c": false}}'
+  run timeout 560 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --sparsities 0.75 \
+    --trace --launches "${LAUNCHES:-$v8}" --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac

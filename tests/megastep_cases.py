@@ -33,6 +33,7 @@ class Case(NamedTuple):
     dtype: str = "float32"
     cache_len: int = 32
     layers: int = 2
+    router_in_c: bool = True  # the router logits summed in the O phase (else a phase of its own)
 
 
 CASES = (
@@ -55,6 +56,7 @@ CASES = (
         gate="none",
         k_min=2,
         k_max=5,
+        router_in_c=False,
     ),  # fmt: skip
     # The first token (empty cache), every expert (tau > 1), more splits than cached rows.
     Case("first_token_all", 64, 4, 4, 16, 96, 8, 0, 1.5, splits=4, block_t=16),

@@ -64,26 +64,29 @@ def test_a_grid_that_is_not_co_resident_is_flagged(interpreted):
 
 
 def _signature(timing: bool):
-    f32 = {"h_in", "cos", "sin", "tau", "wr", "h", "qkv", "po", "pml", "att", "lg"}
+    f32 = {"h_in", "cos", "sin", "tau", "wr", "h", "qkv", "po", "pml", "att", "f", "lg"}
     i32 = {"pos", "k", "ctr", "hcnt", "fail"}
     names = ["h_in", "cos", "sin", "pos", "tau", "ln1", "ln2", "wqkv", "wo", "wr", "w_in",
-             "w_out", "kc_in", "vc_in", "h", "kc", "vc", "qkv", "po", "pml", "att", "lg",
+             "w_out", "kc_in", "vc_in", "h", "kc", "vc", "qkv", "po", "pml", "att", "f", "lg",
              "k", "ctr", "hcnt", "fail", "tim"]  # fmt: skip
     return {n: "*" + ("fp32" if n in f32 else "i32" if n in i32 else "i64" if n == "tim"
                       else "bf16") for n in names}  # fmt: skip
 
 
-@pytest.mark.parametrize("timing", [False, True])
-def test_lowers_for_sm90_with_gpu_scope_barriers(timing):
+@pytest.mark.parametrize("timing,router_in_c", [(False, True), (True, False)])
+def test_lowers_for_sm90_with_gpu_scope_barriers(timing, router_in_c):
     """The Llama-3.2-1B layer shape over 132 programs compiles to a cubin whose barrier is a
-    GPU-scope release add and acquire polls; the timing stamps only when asked for."""
-    const = tm.constants(2, 2048, 32, 8, 64, 256, 32, 512, programs=132, timing=timing)
+    GPU-scope release add and acquire polls, which asks L2 for the next phase's weights while it
+    waits; the timing stamps only when asked for. Both router placements compile."""
+    const = tm.constants(2, 2048, 32, 8, 64, 256, 32, 512, programs=132, timing=timing,
+                         router_in_c=router_in_c)  # fmt: skip
     ptx = sm90_compile(tm._megastep_kernel, _signature(timing), const, warps=8, stages=1).asm["ptx"]
     assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
     assert "ld.global.gpu.acquire" in ptx or "atom.global.gpu.acquire" in ptx
     assert "atom.global.gpu.acq_rel.add" in ptx, "the last key split's counter"
     assert "ld.global.cg" in ptx, "data other programs wrote must be read from L2"
     assert ("%globaltimer" in ptx) == timing
+    assert "prefetch.global.L2" in ptx
     # The weight streams are Triton's cp.async pipelines (shared memory, not registers), and
     # every copy is .cg: nothing this launch reads can sit stale in L1.
     assert "cp.async.wait_group" in ptx and "cp.async.cg" in ptx
