@@ -60,7 +60,7 @@ import triton.language as tl
 
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.triton_balanced import MAX_D, _select, _unit_loop_piped
-from prunepath_jax.kernels.triton_l2 import l2_prefetch
+from prunepath_jax.kernels.triton_l2 import l2_lines, l2_prefetch
 from prunepath_jax.kernels.triton_megastep_attn import _attend_split, _pf_kv
 
 SPIN = 1_000_000  # polls before a program gives up on a barrier (~0.2 s on the H200)
@@ -234,9 +234,9 @@ def _megastep_kernel(
     BRC_D: tl.constexpr, GS: tl.constexpr, US: tl.constexpr, EPS: tl.constexpr,
     NUCLEUS: tl.constexpr, SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr,
     SCALE: tl.constexpr, SPIN: tl.constexpr, TIMING: tl.constexpr, DOT_F32: tl.constexpr,
-    RC: tl.constexpr, RC_PAD: tl.constexpr, BE: tl.constexpr, PF: tl.constexpr,
-    STEP_A: tl.constexpr, STEP_C: tl.constexpr, STEP_D: tl.constexpr, PF_KEYS: tl.constexpr,
-    LPR: tl.constexpr,
+    RC: tl.constexpr, RC_PAD: tl.constexpr, BE: tl.constexpr, PF_A: tl.constexpr,
+    PF_C: tl.constexpr, PF_D: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
+    STEP_D: tl.constexpr, PF_KEYS: tl.constexpr, LPR: tl.constexpr, PF_R: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -253,7 +253,7 @@ def _megastep_kernel(
     dmask = rd < D
     rna = tl.arange(0, NA_PAD)
     wa = _first_rows(wqkv_ptr, pid, R_A, NQKV, D, D_PAD, BRC_A)  # h_ptr starts as h_in (aliased)
-    _pf_rows(wqkv_ptr, pid, R_A, NQKV, D, BRC_A, PF, STEP_A)
+    _pf_rows(wqkv_ptr, pid, R_A, NQKV, D, BRC_A, PF_A, STEP_A)
     for layer in range(L):
         # int64 offsets: 8B's stacked w_in has 3.8e9 elements, past int32.
         lw = tl.full([], 0, tl.int64) + layer
@@ -280,7 +280,11 @@ def _megastep_kernel(
         _stamp(tim_ptr, pid, t + 3, NT, TIMING)
         _arrive(ctr_ptr)
         wo = _first_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, NA_PAD, BRC_C)
-        _pf_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, BRC_C, PF, STEP_C)
+        _pf_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, BRC_C, PF_C, STEP_C)
+        if PF_R > 0:  # the router columns of this program's rows (RC): one line a router row
+            if pid * R_C < D:
+                l2_lines(wr_ptr + lw * E * D + tl.minimum(tl.arange(0, PF_R), E - 1) * D
+                         + pid * R_C)  # fmt: skip
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         _stamp(tim_ptr, pid, t + 4, NT, TIMING)
@@ -299,7 +303,7 @@ def _megastep_kernel(
             _stamp(tim_ptr, pid, t + 5, NT, TIMING)
             _arrive(ctr_ptr)
             wr = _first_rows(wr_ptr + lw * E * D, pid, R_D, E, D, D_PAD, BRC_D)
-            _pf_rows(wr_ptr + lw * E * D, pid, R_D, E, D, BRC_D, PF, STEP_D)
+            _pf_rows(wr_ptr + lw * E * D, pid, R_D, E, D, BRC_D, PF_D, STEP_D)
             ph += 1
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
             _stamp(tim_ptr, pid, t + 6, NT, TIMING)
@@ -338,7 +342,8 @@ def _megastep_kernel(
         if layer + 1 < L:
             _arrive(ctr_ptr)
             wa = _first_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, D_PAD, BRC_A)
-            _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, BRC_A, PF, STEP_A)
+            _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, BRC_A, PF_A,
+                     STEP_A)  # fmt: skip
             ph += 1
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
     tl.store(fail_ptr + pid, failed)
@@ -346,6 +351,13 @@ def _megastep_kernel(
 
 def _pow2_floor(n: int) -> int:
     return 1 << (n.bit_length() - 1)
+
+
+def _pf_lines(cap: int, r: int, brc: int, k: int, itemsize: int) -> int:
+    """L2 prefetch lines for a GEMV block past its first chunk: a power of 2, at most ``cap``
+    and no more than the rest of the block needs (more would only repeat its last line)."""
+    need = -(-max(0, r - brc) * k * itemsize // LINE)
+    return min(_pow2_floor(cap), jt.next_pow2(need)) if cap and need else 0
 
 
 def _row_chunk(r: int, k: int, itemsize: int, tile_bytes: int = TILE_BYTES) -> int:
@@ -379,21 +391,26 @@ def constants(
     s = splits or default_splits(p, kv, hq // kv, hd, s_max, block_t)
     r_a, r_c, r_d = (-(-n // p) for n in ((hq + 2 * kv) * hd, d, e))
     rc_pad = jt.next_pow2(r_c)
+    brc_a = _row_chunk(r_a, d, itemsizes[0], tile_bytes)
+    brc_c = _row_chunk(r_c, hq * hd, itemsizes[1], tile_bytes)
+    brc_d = _row_chunk(r_d, d, itemsizes[2], tile_bytes)
     pf_lines = 0 if interpret else prefetch_kb * 1024 // LINE
     pf_keys = 0 if interpret else prefetch_keys
     return dict(
         RC=bool(router_in_c), RC_PAD=rc_pad,
         BE=min(max(16, jt.next_pow2(e)), _pow2_floor(max(1, tile_bytes // (rc_pad * 4)))),
-        PF=_pow2_floor(pf_lines) if pf_lines else 0, STEP_A=LINE // itemsizes[0],
+        PF_A=_pf_lines(pf_lines, r_a, brc_a, d, itemsizes[0]),
+        PF_C=_pf_lines(pf_lines, r_c, brc_c, hq * hd, itemsizes[1]),
+        PF_D=_pf_lines(pf_lines, r_d, brc_d, d, itemsizes[2]), STEP_A=LINE // itemsizes[0],
         STEP_C=LINE // itemsizes[1], STEP_D=LINE // itemsizes[2],
         PF_KEYS=_pow2_floor(pf_keys) if pf_keys else 0,
+        PF_R=max(16, jt.next_pow2(e)) if pf_lines and router_in_c else 0,
         LPR=max(1, hd * itemsizes[3] // LINE),
         L=n_layers, D=d, D_PAD=jt.next_pow2(d), HQ=hq, KV=kv, HD=hd,
         GQ_PAD=jt.next_pow2(hq // kv), NA_PAD=jt.next_pow2(hq * hd), E=e,
         E_PAD=max(16, jt.next_pow2(e)), G=g, BN=2, P=p, S=s, S_PAD=jt.next_pow2(s), BT=block_t,
-        S_MAX=s_max, R_A=r_a, BRC_A=_row_chunk(r_a, d, itemsizes[0], tile_bytes), R_C=r_c,
-        BRC_C=_row_chunk(r_c, hq * hd, itemsizes[1], tile_bytes), R_D=r_d,
-        BRC_D=_row_chunk(r_d, d, itemsizes[2], tile_bytes), GS=gemv_stages, US=unit_stages,
+        S_MAX=s_max, R_A=r_a, BRC_A=brc_a, R_C=r_c, BRC_C=brc_c, R_D=r_d, BRC_D=brc_d,
+        GS=gemv_stages, US=unit_stages,
         EPS=float(eps), NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min,
         K_MAX=e if k_max is None else k_max, SCALE=float(hd**-0.5), SPIN=spin,
         TIMING=bool(timing), DOT_F32=bool(interpret),

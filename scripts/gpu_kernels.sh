@@ -1175,8 +1175,8 @@ s25b)  # L2 prefetch across barriers + the router in the O phase: GPU tests, 1B 
     --out "$OUT/megastep_decode.jsonl"
   ;;
 s25c)  # the same variants at the 8B shape (LAUNCHES overrides the set)
-  v8='{"new": {}, "no_prefetch": {"prefetch_kb": 0, "prefetch_keys": 0}, "d_phase": {"router_in_c": false}}'
+  v8='{"new": {}, "pf128": {"prefetch_kb": 128}, "no_prefetch": {"prefetch_kb": 0, "prefetch_keys": 0}, "d_phase": {"router_in_c": false}}'
   run timeout 560 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --sparsities 0.75 \
-    --trace --launches "${LAUNCHES:-$v8}" --out "$OUT/megastep_decode.jsonl"
+    --trace --check-steps 4 --launches "${LAUNCHES:-$v8}" --out "$OUT/megastep_decode.jsonl"
   ;;
 esac
