@@ -73,7 +73,10 @@ STAGES = 3  # software-pipeline stages of the GEMV and unit loops (cp.async into
 BLOCK_T = 32  # cached keys an attention work item reads at once
 WARPS = 8
 LINE = 128  # bytes of an L2 prefetch line
-PREFETCH_KB = 64  # of a program's next GEMV block asked of L2 at its barrier arrival
+PREFETCH_KB = 64  # of a program's next QKV (and router) block asked of L2 at its arrival
+# ... of its W_o block: at the attention's barrier, where ~90% of the programs arrive at once
+# and their prefetches compete with the attention items' own loads (8B: 64 KB slowed it 2.4 µs)
+PREFETCH_O_KB = 32
 PREFETCH_KEYS = 64  # cached keys (and values) of an attention item asked of L2 the same way
 
 
@@ -381,7 +384,8 @@ def constants(
     itemsizes=(2, 2, 4, 2), eps: float = 1e-5, rule: str = "paper", gate: str = "sigmoid",
     k_min: int = 1, k_max: int | None = None, spin: int = SPIN, timing: bool = False,
     gemv_stages: int = STAGES, unit_stages: int = STAGES, router_in_c: bool = True,
-    prefetch_kb: int = PREFETCH_KB, prefetch_keys: int = PREFETCH_KEYS, interpret: bool = False,
+    prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
+    prefetch_keys: int = PREFETCH_KEYS, interpret: bool = False,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -400,7 +404,8 @@ def constants(
         RC=bool(router_in_c), RC_PAD=rc_pad,
         BE=min(max(16, jt.next_pow2(e)), _pow2_floor(max(1, tile_bytes // (rc_pad * 4)))),
         PF_A=_pf_lines(pf_lines, r_a, brc_a, d, itemsizes[0]),
-        PF_C=_pf_lines(pf_lines, r_c, brc_c, hq * hd, itemsizes[1]),
+        PF_C=_pf_lines(0 if interpret else prefetch_o_kb * 1024 // LINE, r_c, brc_c, hq * hd,
+                       itemsizes[1]),
         PF_D=_pf_lines(pf_lines, r_d, brc_d, d, itemsizes[2]), STEP_A=LINE // itemsizes[0],
         STEP_C=LINE // itemsizes[1], STEP_D=LINE // itemsizes[2],
         PF_KEYS=_pow2_floor(pf_keys) if pf_keys else 0,
@@ -424,7 +429,7 @@ def megastep(
     block_t: int = BLOCK_T, warps: int = WARPS, tile_bytes: int = TILE_BYTES, spin: int = SPIN,
     timing: bool = False, interpret: bool = False, gemv_stages: int = STAGES,
     unit_stages: int = STAGES, router_in_c: bool = True, prefetch_kb: int = PREFETCH_KB,
-    prefetch_keys: int = PREFETCH_KEYS,
+    prefetch_o_kb: int = PREFETCH_O_KB, prefetch_keys: int = PREFETCH_KEYS,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
@@ -471,15 +476,19 @@ def megastep(
         )
     if gemv_stages < 1 or unit_stages < 1:
         raise ValueError(f"pipeline stages must be >= 1: {gemv_stages}, {unit_stages}")
-    if prefetch_kb < 0 or prefetch_keys < 0:
-        raise ValueError(f"prefetch sizes must be >= 0: {prefetch_kb} KB, {prefetch_keys} keys")
+    if min(prefetch_kb, prefetch_o_kb, prefetch_keys) < 0:
+        raise ValueError(
+            f"prefetch sizes must be >= 0: {prefetch_kb} KB, {prefetch_o_kb} KB, "
+            f"{prefetch_keys} keys"
+        )
     c = constants(
         n_layers, d, hq, kv, hd, e, g, s_max, programs=programs or jt.default_programs(),
         splits=splits, block_t=block_t, tile_bytes=tile_bytes,
         itemsizes=[jnp.dtype(w.dtype).itemsize for w in (wqkv_lnd, wo_ldn, wr_led, kc_lskh)],
         eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin, timing=timing,
         gemv_stages=gemv_stages, unit_stages=unit_stages, router_in_c=router_in_c,
-        prefetch_kb=prefetch_kb, prefetch_keys=prefetch_keys, interpret=interpret,
+        prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, prefetch_keys=prefetch_keys,
+        interpret=interpret,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32

@@ -54,6 +54,7 @@ class Launch(NamedTuple):
     unit_stages: int | None = None
     router_in_c: bool | None = None
     prefetch_kb: int | None = None
+    prefetch_o_kb: int | None = None
     prefetch_keys: int | None = None
 
 
@@ -109,8 +110,8 @@ DEFAULT_LAUNCH = Launch()
 def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch = DEFAULT_LAUNCH,
          interpret: bool = False, timing: bool = False):  # fmt: skip
     """One token: ``(logits [1, vocab] f32, kc, vc, k_l [L] int32, fail_p [P] int32)``, plus
-    each program's %globaltimer stamps ``[P, N_SLOTS · L + 1]`` with ``timing`` (GPU; the benchmark's
-    per-phase breakdown)."""
+    each program's %globaltimer stamps ``[P, N_SLOTS · L + 1]`` with ``timing`` (GPU; the
+    benchmark's per-phase breakdown)."""
     from prunepath_jax.kernels import triton_megastep as tm
 
     ffn = check(model)

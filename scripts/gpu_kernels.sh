@@ -1179,4 +1179,9 @@ s25c)  # the same variants at the 8B shape (LAUNCHES overrides the set)
   run timeout 560 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --sparsities 0.75 \
     --trace --check-steps 4 --launches "${LAUNCHES:-$v8}" --out "$OUT/megastep_decode.jsonl"
   ;;
+s25d)  # W_o prefetch size and key splits, 8B and 1B (after run 2: the 64 KB W_o prefetch slowed 8B)
+  v='{"new": {}, "pf_o0": {"prefetch_o_kb": 0}, "no_prefetch": {"prefetch_kb": 0, "prefetch_o_kb": 0, "prefetch_keys": 0}, "s4": {"splits": 4}}'
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b llama-3.2-1b \
+    --sparsities 0.75 --check-steps 4 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
