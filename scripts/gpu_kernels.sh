@@ -1184,4 +1184,9 @@ s25d)  # W_o prefetch size and key splits, 8B and 1B (after run 2: the 64 KB W_o
   run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b llama-3.2-1b \
     --sparsities 0.75 --check-steps 4 --launches "$v" --out "$OUT/megastep_decode.jsonl"
   ;;
+s25e)  # which prefetch slows the 8B attention phase (4 key splits in every variant)
+  v='{"all": {"splits": 4}, "keys0": {"prefetch_keys": 0, "splits": 4}, "qkv0": {"prefetch_kb": 0, "splits": 4}, "none": {"prefetch_kb": 0, "prefetch_o_kb": 0, "prefetch_keys": 0, "splits": 4}}'
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
+    --sparsities 0.75 --check-steps 2 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
