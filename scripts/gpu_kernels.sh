@@ -1189,4 +1189,10 @@ s25e)  # which prefetch slows the 8B attention phase (4 key splits in every vari
   run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
     --sparsities 0.75 --check-steps 2 --launches "$v" --out "$OUT/megastep_decode.jsonl"
   ;;
+s25f)  # the final defaults (prefetch on, 4 splits at 256 rows): GPU tests, 75% at 1B and 8B
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.75 --check-steps 4 --trace --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
