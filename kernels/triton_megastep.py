@@ -2,49 +2,42 @@
 
 Why. Every lever inside XLA-launched kernels was measured in issue 5's sessions 12-17: a
 one-token layer is ~10 launches (1B: ~40 µs a layer for ~11 µs of bytes at 75% sparsity), each
-paying a chain of dependent round trips that no kernel can start before its predecessor ends.
-A persistent kernel can do the one thing XLA cannot: issue the *next* phase's weight loads
-before it waits at the grid barrier, so weight streaming overlaps the barrier and the
-activations' round trip (``scripts/megakernel_probe.py``: ~1.3-1.5 µs a phase above its bytes,
-against XLA's 1.8-5.2 µs per GEMV phase at 1B widths).
+a chain of dependent round trips that no kernel can start before its predecessor ends. A
+persistent kernel can issue the *next* phase's weight loads before it waits at the grid
+barrier, so weight streaming overlaps the barrier and the activations' round trip.
 
-What. For every layer l, five phases separated by grid barriers (one counter, release arrival,
+What. For every layer, four phases separated by grid barriers (one counter, release arrival,
 acquire polls; a program that polls ``SPIN`` times without the barrier opening gives up and
 sets its ``fail`` flag, so a scheduling surprise cannot hang the GPU):
 
-* A: RMSNorm of the residual ``h`` (every program reads the whole row from L2 and keeps it
-  normalised in registers) and the QKV GEMV; each program owns ``ceil(N / P)`` contiguous
-  output rows (weights ``[N, D]``, output-row-major) and reduces them a chunk of full rows
+* A: RMSNorm of the residual (``h`` plus the previous FFN's sum ``f``; every program reads the
+  row from L2 and keeps it normalised in registers) and the QKV GEMV; each program owns
+  ``ceil(N / P)`` contiguous output rows (weights ``[N, D]``) and reduces a chunk of full rows
   at a time against the whole input row.
-* B: attention over the KV cache, one work item per (KV head, key split): RoPE of the group's
-  query heads and of the new key, online softmax over the split's cached keys with the scores
-  and the value sum as ``tl.dot`` (the group's query heads padded to 16 rows; queries and
-  probabilities rounded to the cache dtype, as the XLA step does), the new token in the last
-  split, the new key/value written to the cache by split 0; the split that arrives last at its
-  head's counter (acq_rel) combines the splits (no grid barrier for it).
-* C: the O projection and the residual add (``h[rows] += W_o[rows] · attn``).
-* D: the FFN's RMSNorm (every program keeps the normalised row for F) and the router logits
-  (fp32).
-* F: the expert FFN: every program computes the token's selection itself (``triton_balanced``'s
-  ``_select``, exactly ``routing.select`` + ``routing.gates``), then the work-balanced unit loop
-  (``triton_balanced._unit_loop_piped``) over the selected experts' rows, added into ``h`` with
-  relaxed atomics.
+* B: attention over the KV cache, one work item per (KV head, key split)
+  (``triton_megastep_attn``).
+* C: the O projection and the residual add (``h[rows] += W_o[rows]·attn + f[rows]``, then
+  ``f[rows] = 0``), and with ``RC`` (the default) this program's share of the router logits
+  before the RMSNorm's scale (``Σ_rows W_r[:, r]·ln2[r]·h[r]``, relaxed atomics): the scale
+  ``1 / rms(h)`` is common to all logits, so the router needs no barrier of its own (without
+  ``RC``, a phase D: norm + router GEMV).
+* F: every program normalises ``h`` and computes the token's selection itself
+  (``triton_balanced._select``, exactly ``routing.select`` + ``routing.gates``), then the
+  work-balanced unit loop (``_unit_loop_piped``) over the selected experts' rows, added into
+  ``f`` with relaxed atomics — not into ``h``, which slower programs may still be reading.
 
-Weight streaming (what decides the speed; BENCHMARKS.md, nineteenth session). Right after
-arriving at a barrier (after the release fence, which would otherwise wait for them) a program
-loads the first row chunk of its next GEMV's weights into registers: W_qkv of the next layer
-after F, W_o after B, the router after C. The rest of every GEMV and the unit loop stream
-through Triton's software pipeliner (``tl.range(num_stages=STAGES)``: ``cp.async.cg`` copies
-into shared memory, ``STAGES - 1`` chunks in flight). Keeping the next chunk in registers
-instead (the first form of this kernel) left one ~32 KB chunk in flight per SM, and the 8B
-layer's GEMVs ran at ~2× their bytes' time. Data other programs wrote in this launch (h, the
-QKV row, the attention partials, the logits) is read with ``.cg`` (L2, not a stale L1). Every
-phase walks its work items with stride P, so any grid size computes the same result and the
-Triton interpreter runs the whole step with one program (CPU tests).
+Weight streaming (BENCHMARKS.md, nineteenth and twentieth sessions). Right after arriving at a
+barrier a program loads the first row chunk of its next GEMV into registers and asks L2 for the
+next ``PF_*`` lines of its block (``prefetch.global.L2``, ``triton_l2``), the attention items
+for their first cached keys; the rest of every GEMV and the unit loop stream through Triton's
+software pipeliner (``tl.range(num_stages=STAGES)``: ``cp.async.cg`` into shared memory). Data
+other programs wrote in this launch is read with ``.cg`` (L2, not a stale L1). Every phase walks
+its work items with stride P, so any grid size computes the same result and the Triton
+interpreter runs the whole step with one program (CPU tests).
 
 The residual stream stays fp32 inside the launch (the XLA model rounds it to the model dtype
 after every add), so bf16 results agree with the XLA path within the bf16 tolerance, fp32 ones
-up to summation order.
+up to summation order (the atomics' order varies from run to run).
 
 Limits (``check`` raises on anything else): Llama family without attention biases or a sliding
 window, a PrunePath SwiGLU FFN, ``next_pow2(d) ≤ 4096``, G a multiple of 2, head_dim a power of

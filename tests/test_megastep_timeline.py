@@ -1,0 +1,32 @@
+"""The one-launch step's per-phase timeline (benchmarks/megastep_decode.py ``timeline``) that
+BENCHMARKS.md's phase tables read: barrier openings, wake-up and work times from the stamps."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from megastep_decode import timeline  # noqa: E402
+
+from prunepath_jax.kernels.triton_megastep import N_SLOTS  # noqa: E402
+
+
+def test_timeline_reads_barrier_openings_wake_and_work():
+    # Two programs, one layer; stamps in ns. Slots: A0 A1 B0 B1 C0 C1 D0 D1 F0 Fsel Floop F1.
+    p0 = [0, 1000, 1500, 2000, 2600, 4000, 4000, 4000, 4500, 5000, 8000, 8100]
+    p1 = [0, 1200, 1400, 2500, 2700, 3900, 3900, 3900, 4400, 4900, 7000, 7100]
+    assert len(p0) == N_SLOTS
+    t = np.array([[0, *p0], [0, *p1]], np.int64)
+    r = timeline(t, 1)
+    ph = r["phase_us_per_layer"]
+    # A ends when its last program arrives (1.2 µs), B at 2.5, C and D at 4.0, F at 8.1.
+    assert [ph[k] for k in ph] == pytest.approx([1.2, 1.3, 1.5, 0.0, 4.1])
+    assert r["wake_us"]["B attention"] == pytest.approx(0.25)  # (0.3 + 0.2) / 2 after 1.2
+    assert r["work_mean_us"]["A norm+qkv"] == pytest.approx(1.1)
+    assert r["work_max_us"]["F experts"] == pytest.approx(3.6)  # 8.1 - 4.5
+    assert (r["F_select_us"], r["F_units_us"], r["F_atomics_us"]) == pytest.approx((0.5, 2.55, 0.1))
+    assert r["layers_us"] == pytest.approx(8.1)
