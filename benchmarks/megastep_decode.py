@@ -137,8 +137,10 @@ def phase_times(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
     return timeline(t, cfg.n_layers)
 
 
-def check(model, mw, ffn_args, tau_l, prompt_len, n_steps, launch) -> dict:
-    """Teacher-forced parity with the model's own decode step (the default kernels)."""
+def check(model, mw, ffn_args, tau_l, prompt_len, n_steps, launch, fp32=False) -> dict:
+    """Teacher-forced parity with the model's own decode step (the default kernels); with
+    ``fp32``, also both paths' distance from the same model in fp32 (its own cache, the same
+    tokens): which of the two the bf16 difference comes from."""
     cfg = model.cfg
     ctx = decode_cache_len(prompt_len, n_steps, 1)
     rng = np.random.default_rng(0)
@@ -163,22 +165,37 @@ def check(model, mw, ffn_args, tau_l, prompt_len, n_steps, launch) -> dict:
                                               pos[None], kc, vc, tau_l, launch)  # fmt: skip
         return lg[0], kc, vc, k_l, jnp.sum(fail)
 
+    def rel(a, b):
+        return float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
+
     cache = prefill(state, toks, cache)
     kc, vc = megastep.stack_cache(cache)
+    if fp32:
+        state32 = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a,
+                               state)  # fmt: skip
+        cache32 = prefill(state32, toks, init_cache(cfg, 1, ctx, jnp.float32))
     tok = jnp.int32(int(toks[0, -1]))
-    errs, agree, k_same, fails = [], 0, 0, 0
+    errs, errs32, agree, k_same, fails = [], {"megastep": [], "default": []}, 0, 0, 0
     for i in range(n_steps):
         pos = jnp.int32(prompt_len + i)
         want, cache, k_ref = ref_step(state, tok, pos, cache)
         got, kc, vc, k_l, fail = mega_step(state, mw, tok, pos, kc, vc)
         want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
-        errs.append(float(np.abs(got - want).max() / max(1.0, np.abs(want).max())))
+        errs.append(rel(got, want))
+        if fp32:
+            w32, cache32, _ = ref_step(state32, tok, pos, cache32)
+            w32 = np.asarray(w32, np.float32)
+            errs32["megastep"].append(rel(got, w32))
+            errs32["default"].append(rel(want, w32))
         agree += int(got.argmax() == want.argmax())
         k_same += int(np.array_equal(np.asarray(k_l), np.asarray(k_ref)))
         fails += int(fail)
         tok = jnp.int32(int(want.argmax()))
-    return {"check_steps": n_steps, "max_rel_logit_err": max(errs), "argmax_agree": agree,
-            "k_equal_steps": k_same, "check_barrier_failures": fails}  # fmt: skip
+    out = {"check_steps": n_steps, "max_rel_logit_err": max(errs), "argmax_agree": agree,
+           "k_equal_steps": k_same, "check_barrier_failures": fails}  # fmt: skip
+    if fp32:
+        out["max_rel_err_vs_fp32"] = {k: max(v) for k, v in errs32.items()}
+    return out
 
 
 def ratio(dense_us, r) -> float | None:
@@ -200,6 +217,7 @@ def main() -> None:
     )
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--trace", action="store_true", help="per-kernel device µs of one chunk")
+    ap.add_argument("--fp32-check", action="store_true", help="parity against the fp32 model too")
     ap.add_argument("--out", default="results/megastep_decode.jsonl")
     a = ap.parse_args()
     head = {**header(), "bench": "megastep_decode"}
@@ -232,7 +250,8 @@ def main() -> None:
             mw = megastep.pack(sparse)
             for label, launch in launches.items():
                 try:
-                    chk = check(sparse, mw, args, tau_l, a.prompt_len, a.check_steps, launch)
+                    chk = check(sparse, mw, args, tau_l, a.prompt_len, a.check_steps, launch,
+                                a.fp32_check)  # fmt: skip
                     if chk["check_barrier_failures"]:  # not co-resident: every barrier times out
                         emit({"shape": shape, "impl": f"megastep_{label}", **chk})
                         continue
