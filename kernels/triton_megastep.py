@@ -233,7 +233,6 @@ def _megastep_kernel(
     RC: tl.constexpr, RC_PAD: tl.constexpr, BE: tl.constexpr, PF_A: tl.constexpr,
     PF_C: tl.constexpr, PF_D: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     STEP_D: tl.constexpr, PF_KEYS: tl.constexpr, LPR: tl.constexpr, PF_R: tl.constexpr,
-    PF_S: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -313,9 +312,6 @@ def _megastep_kernel(
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         _stamp(tim_ptr, pid, t + 8, NT, TIMING)
-        if PF_S > 0:  # DRAM idles while every program selects: the next QKV block into L2
-            if layer + 1 < L:
-                _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, BRC_A, PF_S, STEP_A)
         # F: selection in every program, then the balanced unit loop into the FFN sum f (not h:
         # with RC other programs still read h here; the next O phase folds f into h).
         if RC:
@@ -384,7 +380,7 @@ def constants(
     k_min: int = 1, k_max: int | None = None, spin: int = SPIN, timing: bool = False,
     gemv_stages: int = STAGES, unit_stages: int = STAGES, router_in_c: bool = True,
     prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
-    prefetch_keys: int = PREFETCH_KEYS, prefetch_sel_kb: int = 0, interpret: bool = False,
+    prefetch_keys: int = PREFETCH_KEYS, interpret: bool = False,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -409,8 +405,6 @@ def constants(
         STEP_C=LINE // itemsizes[1], STEP_D=LINE // itemsizes[2],
         PF_KEYS=_pow2_floor(pf_keys) if pf_keys else 0,
         PF_R=max(16, jt.next_pow2(e)) if pf_lines and router_in_c else 0,
-        PF_S=_pf_lines(0 if interpret else prefetch_sel_kb * 1024 // LINE, r_a, brc_a, d,
-                       itemsizes[0]),
         LPR=max(1, hd * itemsizes[3] // LINE),
         L=n_layers, D=d, D_PAD=jt.next_pow2(d), HQ=hq, KV=kv, HD=hd,
         GQ_PAD=jt.next_pow2(hq // kv), NA_PAD=jt.next_pow2(hq * hd), E=e,
@@ -431,7 +425,6 @@ def megastep(
     timing: bool = False, interpret: bool = False, gemv_stages: int = STAGES,
     unit_stages: int = STAGES, router_in_c: bool = True, prefetch_kb: int = PREFETCH_KB,
     prefetch_o_kb: int = PREFETCH_O_KB, prefetch_keys: int = PREFETCH_KEYS,
-    prefetch_sel_kb: int = 0,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
@@ -478,7 +471,7 @@ def megastep(
         )
     if gemv_stages < 1 or unit_stages < 1:
         raise ValueError(f"pipeline stages must be >= 1: {gemv_stages}, {unit_stages}")
-    if min(prefetch_kb, prefetch_o_kb, prefetch_keys, prefetch_sel_kb) < 0:
+    if min(prefetch_kb, prefetch_o_kb, prefetch_keys) < 0:
         raise ValueError(
             f"prefetch sizes must be >= 0: {prefetch_kb} KB, {prefetch_o_kb} KB, "
             f"{prefetch_keys} keys"
@@ -490,7 +483,7 @@ def megastep(
         eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin, timing=timing,
         gemv_stages=gemv_stages, unit_stages=unit_stages, router_in_c=router_in_c,
         prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, prefetch_keys=prefetch_keys,
-        prefetch_sel_kb=prefetch_sel_kb, interpret=interpret,
+        interpret=interpret,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32

@@ -56,7 +56,6 @@ class Launch(NamedTuple):
     prefetch_kb: int | None = None
     prefetch_o_kb: int | None = None
     prefetch_keys: int | None = None
-    prefetch_sel_kb: int | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:

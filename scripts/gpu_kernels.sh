@@ -1195,7 +1195,8 @@ s25f)  # the final defaults (prefetch on, 4 splits at 256 rows): GPU tests, 75% 
   run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
     --sparsities 0.75 --check-steps 4 --trace --out "$OUT/megastep_decode.jsonl"
   ;;
-s25g)  # 1B parity against the fp32 model; 8B: the next QKV block into L2 during the selection
+s25g)  # run 8 at c718bb5 (record): 1B parity against the fp32 model; 8B: the next QKV block
+  # into L2 during the selection (prefetch_sel_kb: 55 µs a token slower, removed after this run)
   run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
     --sparsities 0.75 --check-steps 4 --fp32-check --out "$OUT/megastep_decode.jsonl"
   run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \

@@ -79,7 +79,7 @@ def test_lowers_for_sm90_with_gpu_scope_barriers(timing, router_in_c):
     GPU-scope release add and acquire polls, which asks L2 for the next phase's weights while it
     waits; the timing stamps only when asked for. Both router placements compile."""
     const = tm.constants(2, 2048, 32, 8, 64, 256, 32, 512, programs=132, timing=timing,
-                         router_in_c=router_in_c, prefetch_sel_kb=64 * timing)  # fmt: skip
+                         router_in_c=router_in_c)  # fmt: skip
     ptx = sm90_compile(tm._megastep_kernel, _signature(timing), const, warps=8, stages=1).asm["ptx"]
     assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
     assert "ld.global.gpu.acquire" in ptx or "atom.global.gpu.acquire" in ptx
