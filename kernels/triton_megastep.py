@@ -66,11 +66,13 @@ STAGES = 3  # software-pipeline stages of the GEMV and unit loops (cp.async into
 BLOCK_T = 32  # cached keys an attention work item reads at once
 WARPS = 8
 LINE = 128  # bytes of an L2 prefetch line
-PREFETCH_KB = 64  # of a program's next QKV (and router) block asked of L2 at its arrival
-# ... of its W_o block: at the attention's barrier, where ~90% of the programs arrive at once
-# and their prefetches compete with the attention items' own loads (8B: 64 KB slowed it 2.4 µs)
+# L2 prefetch at a program's barrier arrival (BENCHMARKS.md, twentieth session: 4-6% faster at
+# 1B, neutral within noise at 8B with 4 key splits): KB of its next QKV (and router) block, of
+# its W_o block (32: the whole rest of a 1B block; 0 measured the same at 8B), and cached keys
+# (and values) of an attention item.
+PREFETCH_KB = 64
 PREFETCH_O_KB = 32
-PREFETCH_KEYS = 64  # cached keys (and values) of an attention item asked of L2 the same way
+PREFETCH_KEYS = 64
 
 
 @triton.jit
