@@ -405,7 +405,7 @@ def constants(
                        itemsizes[1]),
         PF_D=_pf_lines(pf_lines, r_d, brc_d, d, itemsizes[2]), STEP_A=LINE // itemsizes[0],
         STEP_C=LINE // itemsizes[1], STEP_D=LINE // itemsizes[2],
-        PF_KEYS=_pow2_floor(pf_keys) if pf_keys else 0,
+        PF_KEYS=min(_pow2_floor(pf_keys), jt.next_pow2(s_max)) if pf_keys else 0,
         PF_R=max(16, jt.next_pow2(e)) if pf_lines and router_in_c else 0,
         LPR=max(1, hd * itemsizes[3] // LINE),
         L=n_layers, D=d, D_PAD=jt.next_pow2(d), HQ=hq, KV=kv, HD=hd,

@@ -112,6 +112,8 @@ def test_bad_inputs_raise_clearly():
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, block_t=8)
     with pytest.raises(ValueError, match="stages"):
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, unit_stages=0)
+    with pytest.raises(ValueError, match="prefetch sizes"):
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, prefetch_keys=-1)
     two = jax.tree.map(lambda a: jnp.concatenate([a, a]), cache)
     with pytest.raises(ValueError, match="batch 1"):
         megastep.stack_cache(two)
