@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import jax
@@ -103,6 +104,42 @@ def busy_and_span(events: list[dict]) -> tuple[float, float]:
         float(e["ts"]) for e in events
     )
     return busy, span
+
+
+def summarize(events: list[dict], steps: int) -> dict:
+    """Per-name launches and µs per step; busy (union of kernel intervals) vs span."""
+    if not events:
+        return {"error": "no device events in the trace"}
+    per = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        per[e["name"]][0] += 1
+        per[e["name"]][1] += float(e["dur"])
+    iv = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events)
+    busy, cur_s, cur_e = 0.0, iv[0][0], iv[0][1]
+    for s, t in iv[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, t
+        else:
+            cur_e = max(cur_e, t)
+    busy += cur_e - cur_s
+    span = iv[-1][1] - iv[0][0]
+    kernels = sorted(
+        ({"name": n[:90], "per_step": c / steps, "us_per_step": d / steps}
+         for n, (c, d) in per.items()),
+        key=lambda r: -r["us_per_step"],
+    )  # fmt: skip
+    threads = defaultdict(int)
+    for e in events:
+        threads[e.get("thread", "?")] += 1
+    return {
+        "threads": dict(threads),
+        "launches_per_step": len(events) / steps,
+        "busy_us_per_step": busy / steps,
+        "span_us_per_step": span / steps,
+        "idle_frac": 1 - busy / span,
+        "kernels": kernels,
+    }
 
 
 def kernel_durations(fn, *args, log_dir: str = "/tmp/prunepath_trace") -> dict[str, list[float]]:

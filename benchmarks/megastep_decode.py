@@ -25,10 +25,10 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    busy_and_span,
     copy_bandwidth,
     header,
     markdown_table,
+    summarize,
     traced_events,
     write_rows,
 )
@@ -71,14 +71,9 @@ def time_mega(model, mw, tau_l, prompt_len, steps, chunks, launch, trace=False) 
     out = {"us_per_step": dt * 1e6, "barrier_failures": int(np.asarray(st.fail))}
     if trace:
         ev = traced_events(lambda s: megastep.decode_chunk(graphdef, state, mw, s, *args, **kw), st)
-        per: dict[str, float] = {}
-        for e in ev:
-            per[e["name"][:60]] = per.get(e["name"][:60], 0.0) + float(e["dur"]) / steps
-        busy, span = busy_and_span(ev)
-        out["trace_us_per_step"] = {
-            k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1])
-        }
-        out["trace_busy_span_us_per_step"] = [busy / steps, span / steps]
+        tr = summarize(ev, steps)
+        out["trace_us_per_step"] = {k["name"]: round(k["us_per_step"], 2) for k in tr["kernels"]}
+        out["trace_busy_span_us_per_step"] = [tr["busy_us_per_step"], tr["span_us_per_step"]]
     return out
 
 
@@ -115,14 +110,7 @@ def timeline(t_ps: np.ndarray, n_layers: int) -> dict:
 
 def phase_times(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
     """``timeline`` of one step (the last of three calls: warm caches, as in decode)."""
-    cfg = model.cfg
-    shape = (
-        cfg.n_layers,
-        decode_cache_len(prompt_len, steps, chunks),
-        cfg.n_kv_heads,
-        cfg.head_dim,
-    )
-    kc = jnp.zeros(shape, jnp.bfloat16)
+    kc = _state(model, prompt_len, decode_cache_len(prompt_len, steps, chunks)).kc
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -134,7 +122,7 @@ def phase_times(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
 
     for _ in range(3):
         t = np.asarray(f(state, mw, kc)).astype(np.int64)
-    return timeline(t, cfg.n_layers)
+    return timeline(t, model.cfg.n_layers)
 
 
 def check(model, mw, ffn_args, tau_l, prompt_len, n_steps, launch, fp32=False) -> dict:

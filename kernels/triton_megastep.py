@@ -395,22 +395,25 @@ def constants(
     brc_a = _row_chunk(r_a, d, itemsizes[0], tile_bytes)
     brc_c = _row_chunk(r_c, hq * hd, itemsizes[1], tile_bytes)
     brc_d = _row_chunk(r_d, d, itemsizes[2], tile_bytes)
-    pf_lines = 0 if interpret else prefetch_kb * 1024 // LINE
+    e_pad = max(16, jt.next_pow2(e))
+
+    def lines(kb: int) -> int:  # L2 prefetch lines; none under the interpreter (inline PTX)
+        return 0 if interpret else kb * 1024 // LINE
+
     pf_keys = 0 if interpret else prefetch_keys
     return dict(
         RC=bool(router_in_c), RC_PAD=rc_pad,
-        BE=min(max(16, jt.next_pow2(e)), _pow2_floor(max(1, tile_bytes // (rc_pad * 4)))),
-        PF_A=_pf_lines(pf_lines, r_a, brc_a, d, itemsizes[0]),
-        PF_C=_pf_lines(0 if interpret else prefetch_o_kb * 1024 // LINE, r_c, brc_c, hq * hd,
-                       itemsizes[1]),
-        PF_D=_pf_lines(pf_lines, r_d, brc_d, d, itemsizes[2]), STEP_A=LINE // itemsizes[0],
-        STEP_C=LINE // itemsizes[1], STEP_D=LINE // itemsizes[2],
+        BE=min(e_pad, _pow2_floor(max(1, tile_bytes // (rc_pad * 4)))),
+        PF_A=_pf_lines(lines(prefetch_kb), r_a, brc_a, d, itemsizes[0]),
+        PF_C=_pf_lines(lines(prefetch_o_kb), r_c, brc_c, hq * hd, itemsizes[1]),
+        PF_D=_pf_lines(lines(prefetch_kb), r_d, brc_d, d, itemsizes[2]),
+        STEP_A=LINE // itemsizes[0], STEP_C=LINE // itemsizes[1], STEP_D=LINE // itemsizes[2],
         PF_KEYS=min(_pow2_floor(pf_keys), jt.next_pow2(s_max)) if pf_keys else 0,
-        PF_R=max(16, jt.next_pow2(e)) if pf_lines and router_in_c else 0,
+        PF_R=e_pad if lines(prefetch_kb) and router_in_c else 0,
         LPR=max(1, hd * itemsizes[3] // LINE),
         L=n_layers, D=d, D_PAD=jt.next_pow2(d), HQ=hq, KV=kv, HD=hd,
         GQ_PAD=jt.next_pow2(hq // kv), NA_PAD=jt.next_pow2(hq * hd), E=e,
-        E_PAD=max(16, jt.next_pow2(e)), G=g, BN=2, P=p, S=s, S_PAD=jt.next_pow2(s), BT=block_t,
+        E_PAD=e_pad, G=g, BN=2, P=p, S=s, S_PAD=jt.next_pow2(s), BT=block_t,
         S_MAX=s_max, R_A=r_a, BRC_A=brc_a, R_C=r_c, BRC_C=brc_c, R_D=r_d, BRC_D=brc_d,
         GS=gemv_stages, US=unit_stages,
         EPS=float(eps), NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import jax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from common import apply_proj_tuning, device_events  # noqa: E402
+from common import apply_proj_tuning, device_events, summarize  # noqa: E402
 from sparse_decode import set_k  # noqa: E402
 
 from prunepath_jax.config import PRESETS  # noqa: E402
@@ -34,42 +33,6 @@ from prunepath_jax.models.decode_proj import set_projections  # noqa: E402
 from prunepath_jax.models.layers import init_cache  # noqa: E402
 from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
-
-
-def summarize(events: list[dict], steps: int) -> dict:
-    """Per-name launches and µs per step; busy (union of kernel intervals) vs span."""
-    if not events:
-        return {"error": "no device events in the trace"}
-    per = defaultdict(lambda: [0, 0.0])
-    for e in events:
-        per[e["name"]][0] += 1
-        per[e["name"]][1] += float(e["dur"])
-    iv = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events)
-    busy, cur_s, cur_e = 0.0, iv[0][0], iv[0][1]
-    for s, t in iv[1:]:
-        if s > cur_e:
-            busy += cur_e - cur_s
-            cur_s, cur_e = s, t
-        else:
-            cur_e = max(cur_e, t)
-    busy += cur_e - cur_s
-    span = iv[-1][1] - iv[0][0]
-    kernels = sorted(
-        ({"name": n[:90], "per_step": c / steps, "us_per_step": d / steps}
-         for n, (c, d) in per.items()),
-        key=lambda r: -r["us_per_step"],
-    )  # fmt: skip
-    threads = defaultdict(int)
-    for e in events:
-        threads[e.get("thread", "?")] += 1
-    return {
-        "threads": dict(threads),
-        "launches_per_step": len(events) / steps,
-        "busy_us_per_step": busy / steps,
-        "span_us_per_step": span / steps,
-        "idle_frac": 1 - busy / span,
-        "kernels": kernels,
-    }
 
 
 def main():
