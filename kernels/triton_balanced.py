@@ -41,47 +41,9 @@ import triton
 import triton.language as tl
 
 from prunepath_jax.kernels import jt
+from prunepath_jax.kernels.triton_select import _select
 
 MAX_D = 4096  # one register chunk of d: [BN, next_pow2(d)] tiles, four of them in flight
-# A selected gate never reads as 0 (see pallas_routing); constexpr: a jit function reads globals
-# only as constexprs.
-TINY = tl.constexpr(float(jnp.finfo(jnp.float32).tiny))
-
-
-@triton.jit
-def _select(logits_ptr, scale, tau_ptr, E: tl.constexpr, E_PAD: tl.constexpr,
-            NUCLEUS: tl.constexpr, SIGMOID: tl.constexpr, K_MIN: tl.constexpr,
-            K_MAX: tl.constexpr, CACHE: tl.constexpr):  # fmt: skip
-    """``(gate [E_PAD] f32, 0 where unselected; k)`` of one token, as ``routing.select`` +
-    ``routing.gates`` decide them, from the logits at ``logits_ptr`` times ``scale`` (> 0;
-    ``triton_megastep`` sums them before the RMSNorm's scale is known). ``CACHE`` ".cg": logits
-    other programs of this launch wrote (read from L2, not a stale L1)."""
-    re = tl.arange(0, E_PAD)
-    emask = re < E
-    lg = tl.load(logits_ptr + re, mask=emask, other=float("-inf"), cache_modifier=CACHE) * scale
-    ex = tl.where(emask, tl.exp(lg - tl.max(lg, 0)), 0.0)
-    p = ex / tl.sum(ex, 0)  # padding: exactly 0
-    ps = tl.sort(p, 0, descending=True)  # rank order; padding zeros last
-    cum = tl.cumsum(ps, 0)
-    total = tl.sum(tl.where(re == E_PAD - 1, cum, 0.0), 0)  # the scan's last entry, as the ref
-    if NUCLEUS:
-        c = (cum - ps) / total
-    else:
-        c = cum / total
-    tau = tl.load(tau_ptr)
-    thr = tl.where(tau > 1.0, 3.0, tau)  # τ > 1 selects every expert (masses are ≤ 1)
-    ok = (re < K_MIN) | ((re < K_MAX) & (c < thr))  # a prefix of the ranks
-    k = tl.sum((ok & emask).to(tl.int32), 0)
-    v_k = tl.sum(tl.where(re == k - 1, ps, 0.0), 0)  # the k-th largest probability
-    above = (p > v_k) & emask
-    tie = (p == v_k) & emask
-    tie_rank = tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)  # lower index first
-    sel = above | (tie & (tie_rank < k - tl.sum(above.to(tl.int32), 0)))
-    if SIGMOID:
-        g = tl.maximum(1.0 / (1.0 + tl.exp(-lg)), TINY)
-    else:
-        g = tl.full([E_PAD], 1.0, tl.float32)
-    return tl.where(sel, g, 0.0), k
 
 
 @triton.jit
@@ -135,13 +97,18 @@ def _unit_loop(x, w_in_ptr, w_out_ptr, gate, cnt, u0, u1, D: tl.constexpr,
 
 
 @triton.jit
-def _unit_loop_piped(x, w_in_ptr, w_out_ptr, gate, cnt, u0, u1, D: tl.constexpr,
+def _unit_loop_piped(x, w_in_ptr, w_out_ptr, gate, cnt, tab_ptr, u0, u1, D: tl.constexpr,
                      D_PAD: tl.constexpr, E_PAD: tl.constexpr, F: tl.constexpr, G: tl.constexpr,
-                     BN: tl.constexpr, ST: tl.constexpr):  # fmt: skip
+                     BN: tl.constexpr, ST: tl.constexpr, UT: tl.constexpr):  # fmt: skip
     """``_unit_loop``'s sum with the unit rows streamed by Triton's software pipeliner: ``ST``
     stages of ``cp.async`` copies into shared memory, so ``ST - 1`` units' rows (48 KB each at d
     4096) stay in flight without holding registers (``_unit_loop`` keeps one unit ahead in
-    registers, which a kernel at its register limit cannot deepen)."""
+    registers, which a kernel at its register limit cannot deepen).
+
+    ``UT``: each unit's expert and gate come from the program's table at ``tab_ptr`` (``[2,
+    E_PAD]`` int32: the selected experts in index order, then their gates' bits; see
+    ``_unit_table``) — two scalar loads instead of ``_unit``'s two block-wide reductions, which
+    sit on the address path of every unit's copies."""
     PER: tl.constexpr = G // BN
     re = tl.arange(0, E_PAD)
     rd = tl.arange(0, D_PAD)
@@ -149,13 +116,30 @@ def _unit_loop_piped(x, w_in_ptr, w_out_ptr, gate, cnt, u0, u1, D: tl.constexpr,
     rn = tl.arange(0, BN)
     acc = tl.zeros([D_PAD], tl.float32)
     for u in tl.range(u0, u1, num_stages=ST):
-        row0, g_e = _unit(u, cnt, gate, re, PER, BN, G)
+        if UT:
+            slot = u // PER
+            row0 = tl.load(tab_ptr + slot) * G + (u % PER) * BN
+            g_e = tl.load(tab_ptr + E_PAD + slot).to(tl.float32, bitcast=True)
+        else:
+            row0, g_e = _unit(u, cnt, gate, re, PER, BN, G)
         off = (row0 + rn)[:, None] * D + rd[None, :]
         wg = tl.load(w_in_ptr + off, mask=dmask[None, :], other=0.0)
         wu = tl.load(w_in_ptr + F * D + off, mask=dmask[None, :], other=0.0)
         wo = tl.load(w_out_ptr + off, mask=dmask[None, :], other=0.0)
         acc += _unit_term(x, wg, wu, wo, g_e)
     return acc
+
+
+@triton.jit
+def _unit_table(tab_ptr, gate, cnt, E_PAD: tl.constexpr):
+    """Writes the program's unit table (``_unit_loop_piped``'s ``UT``): slot ``cnt[e] - 1`` of
+    each selected expert e holds e and its gate's bits. Read back by the same program's threads
+    after the CTA barrier (which orders global memory within the block)."""
+    re = tl.arange(0, E_PAD)
+    sel = gate != 0.0
+    tl.store(tab_ptr + cnt - 1, re, mask=sel)
+    tl.store(tab_ptr + E_PAD + cnt - 1, gate.to(tl.int32, bitcast=True), mask=sel)
+    tl.debug_barrier()
 
 
 @triton.jit

@@ -52,9 +52,10 @@ import triton
 import triton.language as tl
 
 from prunepath_jax.kernels import jt
-from prunepath_jax.kernels.triton_balanced import MAX_D, _select, _unit_loop_piped
+from prunepath_jax.kernels.triton_balanced import MAX_D, _unit_loop_piped, _unit_table
 from prunepath_jax.kernels.triton_l2 import l2_lines, l2_prefetch
 from prunepath_jax.kernels.triton_megastep_attn import _attend_split, _pf_kv
+from prunepath_jax.kernels.triton_select import _select, _select_sorted
 
 SPIN = 1_000_000  # polls before a program gives up on a barrier (~0.2 s on the H200)
 # Timing events a layer (TIMING): A start/end, B start/end, C start/end, D start/end (with RC:
@@ -73,6 +74,11 @@ LINE = 128  # bytes of an L2 prefetch line
 PREFETCH_KB = 64
 PREFETCH_O_KB = 32
 PREFETCH_KEYS = 64
+# The expert phase's selection: "radix" (triton_select._select, no sort) or "sort"; and whether
+# each program looks its units' experts up in a table (_unit_table) instead of two block-wide
+# reductions a unit (BENCHMARKS.md, twenty-first session).
+SELECT = "radix"
+UNIT_TABLE = True
 
 
 @triton.jit
@@ -224,6 +230,7 @@ def _megastep_kernel(
     hcnt_ptr,  # out [L, KV] i32 split counters (zeroed)
     fail_ptr,  # out [P] i32 1 where the program gave up on a barrier
     tim_ptr,  # out [P, NT] i64 with TIMING: %globaltimer at the start and SLOTS events a layer
+    tab_ptr,  # scratch [P, 2, E_PAD] i32 with UT: each program's unit table (_unit_table)
     L: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, HQ: tl.constexpr, KV: tl.constexpr,
     HD: tl.constexpr, GQ_PAD: tl.constexpr, NA_PAD: tl.constexpr, E: tl.constexpr,
     E_PAD: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
@@ -235,6 +242,7 @@ def _megastep_kernel(
     RC: tl.constexpr, RC_PAD: tl.constexpr, BE: tl.constexpr, PF_A: tl.constexpr,
     PF_C: tl.constexpr, PF_D: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     STEP_D: tl.constexpr, PF_KEYS: tl.constexpr, LPR: tl.constexpr, PF_R: tl.constexpr,
+    SORTED: tl.constexpr, UT: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -320,8 +328,12 @@ def _megastep_kernel(
             x2, rstd = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
         else:
             rstd = 1.0
-        gate, k = _select(lg_ptr + layer * E, rstd, tau_ptr + layer, E, E_PAD, NUCLEUS, SIGMOID,
-                          K_MIN, K_MAX, ".cg")  # fmt: skip
+        if SORTED:
+            gate, k = _select_sorted(lg_ptr + layer * E, rstd, tau_ptr + layer, E, E_PAD, NUCLEUS,
+                                     SIGMOID, K_MIN, K_MAX, ".cg")  # fmt: skip
+        else:
+            gate, k = _select(lg_ptr + layer * E, rstd, tau_ptr + layer, E, E_PAD, NUCLEUS,
+                              SIGMOID, K_MIN, K_MAX, ".cg")  # fmt: skip
         if pid == 0:
             tl.store(k_ptr + layer, k)
         _stamp(tim_ptr, pid, t + 9, NT, TIMING)
@@ -330,8 +342,11 @@ def _megastep_kernel(
         u0 = pid * n_units // P
         u1 = (pid + 1) * n_units // P
         if u1 > u0:
+            if UT:
+                _unit_table(tab_ptr + pid * 2 * E_PAD, gate, cnt, E_PAD)
             acc = _unit_loop_piped(x2, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D, gate,
-                                   cnt, u0, u1, D, D_PAD, E_PAD, F, G, BN, US)  # fmt: skip
+                                   cnt, tab_ptr + pid * 2 * E_PAD, u0, u1, D, D_PAD, E_PAD, F,
+                                   G, BN, US, UT)  # fmt: skip
             _stamp(tim_ptr, pid, t + 10, NT, TIMING)
             tl.atomic_add(f_ptr + rd, acc, mask=dmask, sem="relaxed")
         else:
@@ -382,7 +397,8 @@ def constants(
     k_min: int = 1, k_max: int | None = None, spin: int = SPIN, timing: bool = False,
     gemv_stages: int = STAGES, unit_stages: int = STAGES, router_in_c: bool = True,
     prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
-    prefetch_keys: int = PREFETCH_KEYS, interpret: bool = False,
+    prefetch_keys: int = PREFETCH_KEYS, select: str = SELECT, unit_table: bool = UNIT_TABLE,
+    interpret: bool = False,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -418,7 +434,8 @@ def constants(
         GS=gemv_stages, US=unit_stages,
         EPS=float(eps), NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min,
         K_MAX=e if k_max is None else k_max, SCALE=float(hd**-0.5), SPIN=spin,
-        TIMING=bool(timing), DOT_F32=bool(interpret),
+        TIMING=bool(timing), DOT_F32=bool(interpret), SORTED=select == "sort",
+        UT=bool(unit_table),
     )  # fmt: skip
 
 
@@ -430,6 +447,7 @@ def megastep(
     timing: bool = False, interpret: bool = False, gemv_stages: int = STAGES,
     unit_stages: int = STAGES, router_in_c: bool = True, prefetch_kb: int = PREFETCH_KB,
     prefetch_o_kb: int = PREFETCH_O_KB, prefetch_keys: int = PREFETCH_KEYS,
+    select: str = SELECT, unit_table: bool = UNIT_TABLE,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
@@ -476,6 +494,8 @@ def megastep(
         )
     if gemv_stages < 1 or unit_stages < 1:
         raise ValueError(f"pipeline stages must be >= 1: {gemv_stages}, {unit_stages}")
+    if select not in ("radix", "sort"):
+        raise ValueError(f"select must be 'radix' or 'sort', got {select!r}")
     if min(prefetch_kb, prefetch_o_kb, prefetch_keys) < 0:
         raise ValueError(
             f"prefetch sizes must be >= 0: {prefetch_kb} KB, {prefetch_o_kb} KB, "
@@ -488,7 +508,7 @@ def megastep(
         eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin, timing=timing,
         gemv_stages=gemv_stages, unit_stages=unit_stages, router_in_c=router_in_c,
         prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, prefetch_keys=prefetch_keys,
-        interpret=interpret,
+        select=select, unit_table=unit_table, interpret=interpret,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32
@@ -507,6 +527,7 @@ def megastep(
         jax.ShapeDtypeStruct((n_layers * kv,), jnp.int32),  # split counters
         jax.ShapeDtypeStruct((p,), jnp.int32),  # fail flags
         jax.ShapeDtypeStruct((p, n_layers * N_SLOTS + 1) if timing else (1,), jnp.int64),
+        jax.ShapeDtypeStruct((p * 2 * c["E_PAD"] if unit_table else 1,), jnp.int32),  # tables
     ]
     outs = jt.triton_call(
         _megastep_kernel, h_d.astype(f32), cos_h.astype(f32), sin_h.astype(f32),

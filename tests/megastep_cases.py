@@ -34,6 +34,8 @@ class Case(NamedTuple):
     cache_len: int = 32
     layers: int = 2
     router_in_c: bool = True  # the router logits summed in the O phase (else a phase of its own)
+    select: str = "radix"  # the expert phase's selection (radix search, or "sort")
+    unit_table: bool = True  # units' experts from a table (else two reductions a unit)
 
 
 CASES = (
@@ -57,6 +59,8 @@ CASES = (
         k_min=2,
         k_max=5,
         router_in_c=False,
+        select="sort",
+        unit_table=False,
     ),  # fmt: skip
     # The first token (empty cache), every expert (tau > 1), more splits than cached rows.
     Case("first_token_all", 64, 4, 4, 16, 96, 8, 0, 1.5, splits=4, block_t=16),

@@ -65,10 +65,10 @@ def test_a_grid_that_is_not_co_resident_is_flagged(interpreted):
 
 def _signature(timing: bool):
     f32 = {"h_in", "cos", "sin", "tau", "wr", "h", "qkv", "po", "pml", "att", "f", "lg"}
-    i32 = {"pos", "k", "ctr", "hcnt", "fail"}
+    i32 = {"pos", "k", "ctr", "hcnt", "fail", "tab"}
     names = ["h_in", "cos", "sin", "pos", "tau", "ln1", "ln2", "wqkv", "wo", "wr", "w_in",
              "w_out", "kc_in", "vc_in", "h", "kc", "vc", "qkv", "po", "pml", "att", "f", "lg",
-             "k", "ctr", "hcnt", "fail", "tim"]  # fmt: skip
+             "k", "ctr", "hcnt", "fail", "tim", "tab"]  # fmt: skip
     return {n: "*" + ("fp32" if n in f32 else "i32" if n in i32 else "i64" if n == "tim"
                       else "bf16") for n in names}  # fmt: skip
 
@@ -77,9 +77,11 @@ def _signature(timing: bool):
 def test_lowers_for_sm90_with_gpu_scope_barriers(timing, router_in_c):
     """The Llama-3.2-1B layer shape over 132 programs compiles to a cubin whose barrier is a
     GPU-scope release add and acquire polls, which asks L2 for the next phase's weights while it
-    waits; the timing stamps only when asked for. Both router placements compile."""
+    waits; the timing stamps only when asked for. Both router placements compile, the second
+    with the sorted selection and no unit table."""
     const = tm.constants(2, 2048, 32, 8, 64, 256, 32, 512, programs=132, timing=timing,
-                         router_in_c=router_in_c)  # fmt: skip
+                         router_in_c=router_in_c, select="radix" if router_in_c else "sort",
+                         unit_table=router_in_c)  # fmt: skip
     ptx = sm90_compile(tm._megastep_kernel, _signature(timing), const, warps=8, stages=1).asm["ptx"]
     assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
     assert "ld.global.gpu.acquire" in ptx or "atom.global.gpu.acquire" in ptx
@@ -88,9 +90,11 @@ def test_lowers_for_sm90_with_gpu_scope_barriers(timing, router_in_c):
     assert ("%globaltimer" in ptx) == timing
     assert "prefetch.global.L2" in ptx
     # The weight streams are Triton's cp.async pipelines (shared memory, not registers), and
-    # every copy is .cg: nothing this launch reads can sit stale in L1.
+    # every copy of what other programs wrote is .cg: nothing of theirs can sit stale in L1. The
+    # only .ca copies are 4-byte reads of the program's own unit table.
     assert "cp.async.wait_group" in ptx and "cp.async.cg" in ptx
-    assert "cp.async.ca" not in ptx
+    ca = [ln for ln in ptx.splitlines() if "cp.async.ca" in ln]
+    assert bool(ca) == const["UT"] and all("], 0x4," in ln for ln in ca)
 
 
 def test_bad_inputs_raise_clearly():
@@ -114,6 +118,8 @@ def test_bad_inputs_raise_clearly():
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, unit_stages=0)
     with pytest.raises(ValueError, match="prefetch sizes"):
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, prefetch_keys=-1)
+    with pytest.raises(ValueError, match="select"):
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, select="bitonic")
     two = jax.tree.map(lambda a: jnp.concatenate([a, a]), cache)
     with pytest.raises(ValueError, match="batch 1"):
         megastep.stack_cache(two)

@@ -1,0 +1,33 @@
+"""Runs the in-kernel selection (sorted and sort-free) under the Triton interpreter on the cases
+of ``select_cases.py``; writes gates and k to an .npz file. Started by tests/test_select.py with
+TRITON_INTERPRET=1. Usage: ``python tests/select_interp_runner.py OUT.npz``."""
+
+import os
+import sys
+from pathlib import Path
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before starting"
+sys.path.insert(0, str(Path(__file__).parent))
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from select_cases import CASES, logits  # noqa: E402
+
+from prunepath_jax.kernels.triton_select import select_gates  # noqa: E402
+
+
+def main(out: str) -> None:
+    res = {}
+    for c in CASES:
+        for form, sort in (("radix", False), ("sort", True)):
+            g, k = select_gates(
+                jnp.asarray(logits(c)), c.tau, rule=c.rule, gate=c.gate, k_min=c.k_min,
+                k_max=c.k_max, sort=sort, interpret=True,
+            )  # fmt: skip
+            res[f"{c.name}/{form}/g"] = np.asarray(g)
+            res[f"{c.name}/{form}/k"] = np.asarray(k)
+    np.savez(out, **res)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

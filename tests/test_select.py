@@ -1,0 +1,70 @@
+"""The in-kernel selection (``kernels/triton_select.py``), both forms, under the Triton
+interpreter against ``routing.select`` + ``routing.gates``: the same k and the same experts on
+every case of ``select_cases.py``, the gates within the fp32 tolerance; and the sort-free form
+lowers for sm_90."""
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_close, run_triton_interpreted
+from select_cases import CASES, logits
+
+from prunepath_jax import routing
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("select") / "out.npz"
+    run_triton_interpreted([str(HERE / "select_interp_runner.py"), str(out)])
+    return dict(np.load(out))
+
+
+def _reference(c):
+    lg = jnp.asarray(logits(c))
+    s = routing.select(lg, c.tau, rule=c.rule, k_min=c.k_min, k_max=c.k_max)
+    return (
+        np.asarray(routing.gates(lg, s.mask_te, c.gate)),
+        np.asarray(s.k_t),
+        np.asarray(s.mask_te),
+    )
+
+
+def test_cases_cover_the_contract():
+    ks = {c.name: _reference(c)[1] for c in CASES}
+    assert any((k == 1).any() for k in ks.values()), "a token with k = 1"
+    assert any((k == c.e).all() for c, k in zip(CASES, ks.values(), strict=True)), "k = E"
+    assert any((k == c.e - 1).any() for c, k in zip(CASES, ks.values(), strict=True)), "τ = 1"
+    assert any(c.k_min > 1 and (k == c.k_min).any() for c, k in zip(CASES, ks.values(),
+               strict=True)), "k clamped up"  # fmt: skip
+    assert any(c.k_max and (k == c.k_max).any() for c, k in zip(CASES, ks.values(),
+               strict=True)), "k clamped down"  # fmt: skip
+    assert any(1 < k.min() and k.max() < c.e - 1 for c, k in zip(CASES, ks.values(), strict=True))
+
+
+@pytest.mark.parametrize("form", ["radix", "sort"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_selection_matches_routing(case, form, results):
+    g_ref, k_ref, mask_ref = _reference(case)
+    g, k = results[f"{case.name}/{form}/g"], results[f"{case.name}/{form}/k"]
+    np.testing.assert_array_equal(k, k_ref, err_msg=f"{case.name}: k")
+    np.testing.assert_array_equal(g != 0, mask_ref, err_msg=f"{case.name}: selected experts")
+    assert_close(g, g_ref, "op_fp32", case.name)
+
+
+@pytest.mark.parametrize("sort", [False, True])
+def test_selection_lowers_for_sm90(sort):
+    """Both forms compile to an sm_90 cubin within the shared-memory limit (sm90_compile's
+    assertions) at the 8B, 1B and a small expert count."""
+    from helpers import sm90_compile
+
+    from prunepath_jax.kernels.triton_select import _select_kernel
+
+    for e in (448, 256, 12):
+        sm90_compile(_select_kernel, {"l": "*fp32", "tau": "*fp32", "g": "*fp32", "k": "*i32"},
+                          dict(E=e, E_PAD=max(16, 1 << (e - 1).bit_length()), NUCLEUS=False,
+                               SIGMOID=True, K_MIN=1, K_MAX=e, SORTED=sort),
+                          warps=8, stages=1)  # fmt: skip
