@@ -7,8 +7,9 @@ bound, its splits combined without a grid barrier.
 One work item: RoPE of the group's query heads and of the new key, online softmax over the
 split's cached keys with the scores and the value sum as ``tl.dot`` (the group's query heads
 padded to 16 rows; queries and probabilities rounded to the cache dtype, as the XLA step does),
-the new token in the last split, the new key/value written to the cache by split 0; the split
-that arrives last at its head's counter (acq_rel) combines the splits.
+the new token in the last split, the new key/value written to the cache by split 0 (after its
+loop, so its cached keys' loads do not wait for the new key); the split that arrives last at its
+head's counter (acq_rel) combines the splits.
 """
 
 from __future__ import annotations
@@ -80,11 +81,6 @@ def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, c
     one = tl.arange(0, 1)
     k_new = _rope_rows(qkv_ptr, cos_ptr, sin_ptr, HQ + g, one, one < 1, HD).to(kdt)  # [1, HD]
     v_new = tl.load(qkv_ptr + (HQ + KV + g) * HD + rdh, cache_modifier=".cg").to(kdt)
-    row = ((layer * S_MAX + pos) * KV + g) * HD
-    if s == 0:  # a full cache drops the write (cache_write's mode="drop")
-        ok = rdh * 0 + pos < S_MAX
-        tl.store(kc_ptr + row + rdh[None, :], k_new, mask=ok[None, :])
-        tl.store(vc_ptr + row + rdh, v_new, mask=ok)
     t0, t1 = _split_range(pos, s, S, BT, S_MAX)
     m = tl.full([QM], -1e30, tl.float32)
     lsum = tl.zeros([QM], tl.float32)
@@ -118,6 +114,12 @@ def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, c
         lsum = lsum * alpha + p
         acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
         m = m_new
+    if s == 0:  # after the loop: the cached keys' loads need not wait for k_new (no item
+        # reads row pos); a full cache drops the write (cache_write's mode="drop")
+        row = ((layer * S_MAX + pos) * KV + g) * HD
+        ok = rdh * 0 + pos < S_MAX
+        tl.store(kc_ptr + row + rdh[None, :], k_new, mask=ok[None, :])
+        tl.store(vc_ptr + row + rdh, v_new, mask=ok)
     # The first GQ_PAD rows are the group's heads (QM >= GQ_PAD).
     keep = rq[:, None] < GQ_PAD
     acc = tl.reshape(tl.where(keep, acc, 0.0), [QM // GQ_PAD, GQ_PAD, HD])

@@ -1203,12 +1203,14 @@ s25g)  # run 8 at c718bb5 (record): 1B parity against the fp32 model; 8B: the ne
     --sparsities 0.75 --check-steps 2 --launches '{"default": {}, "selpf128": {"prefetch_sel_kb": 128}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
-s26a)  # twenty-first session: the sort-free selection and the unit table, side by side (75%)
-  v='{"new": {}, "old": {"select": "sort", "unit_table": false}, "radix": {"unit_table": false}, "table": {"select": "sort"}}'
-  run timeout 240 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+s26a)  # twenty-first session, 1B at 75%: the sort-free selection, the unit table, key splits
+  v='{"new": {}, "old": {"select": "sort", "unit_table": false}, "radix": {"unit_table": false}, "table": {"select": "sort"}, "s8": {"splits": 8}, "bt64": {"block_t": 64, "splits": 4}}'
+  run timeout 420 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
     --sparsities 0.75 --check-steps 2 --launches "$v" --out "$OUT/megastep_decode.jsonl"
-  v='{"new": {}, "old": {"select": "sort", "unit_table": false}}'
-  run timeout 300 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
+  ;;
+s26b)  # the same at 8B
+  v='{"new": {}, "old": {"select": "sort", "unit_table": false}, "s8": {"splits": 8}, "bt64": {"block_t": 64, "splits": 4}}'
+  run timeout 420 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
     --sparsities 0.75 --check-steps 2 --launches "$v" --out "$OUT/megastep_decode.jsonl"
   ;;
 esac
