@@ -77,7 +77,7 @@ PREFETCH_KEYS = 64
 # The expert phase's selection: "radix" (triton_select._select, no sort) or "sort"; and whether
 # each program looks its units' experts up in a table (_unit_table) instead of two block-wide
 # reductions a unit (BENCHMARKS.md, twenty-first session).
-SELECT = "radix"
+SELECT = "sort"
 UNIT_TABLE = True
 
 

@@ -1208,9 +1208,12 @@ s26a)  # twenty-first session, 1B at 75%: the sort-free selection, the unit tabl
   run timeout 420 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
     --sparsities 0.75 --check-steps 2 --launches "$v" --out "$OUT/megastep_decode.jsonl"
   ;;
-s26b)  # the same at 8B
-  v='{"new": {}, "old": {"select": "sort", "unit_table": false}, "s8": {"splits": 8}, "bt64": {"block_t": 64, "splits": 4}}'
-  run timeout 420 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
+s26b)  # 8B at 75%: the unit table (sorted selection: the radix one lost at 1B, run 1), 64-key
+  # blocks; then the GPU tests of the table path
+  v='{"new": {}, "old": {"unit_table": false}, "bt64": {"block_t": 64, "splits": 4}}'
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
     --sparsities 0.75 --check-steps 2 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
   ;;
 esac
