@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from prunepath_jax.kernels import jt
-from prunepath_jax.kernels.triton_select import _select
+from prunepath_jax.kernels.triton_select import _logits, _select
 
 MAX_D = 4096  # one register chunk of d: [BN, next_pow2(d)] tiles, four of them in flight
 
@@ -161,7 +161,8 @@ def _balanced_kernel(
     pid = tl.program_id(0)
     # CACHE passed, not defaulted: triton 3.6 hands a jit callee's defaulted constexpr over as a
     # plain str (a compile error on the H200, nineteenth session; 3.9 accepts it).
-    gate, k = _select(logits_ptr, 1.0, tau_ptr, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX, "")
+    gate, k = _select(_logits(logits_ptr, E, E_PAD, ""), tl.load(tau_ptr), E, E_PAD, NUCLEUS,
+                      SIGMOID, K_MIN, K_MAX)  # fmt: skip
     if pid == 0:
         tl.store(k_ptr, k)
     cnt = tl.cumsum((gate != 0.0).to(tl.int32), 0)  # selected experts up to each index

@@ -22,8 +22,9 @@ sets its ``fail`` flag, so a scheduling surprise cannot hang the GPU):
   ``1 / rms(h)`` is common to all logits, so the router needs no barrier of its own (without
   ``RC``, a phase D: norm + router GEMV).
 * F: every program normalises ``h`` and computes the token's selection itself
-  (``triton_balanced._select``, exactly ``routing.select`` + ``routing.gates``), then the
-  work-balanced unit loop (``_unit_loop_piped``) over the selected experts' rows, added into
+  (``triton_select._select``, exactly ``routing.select`` + ``routing.gates``), then the
+  work-balanced unit loop (``_unit_loop_piped``; each unit's expert from the program's unit
+  table, ``_unit_table``) over the selected experts' rows, added into
   ``f`` with relaxed atomics — not into ``h``, which slower programs may still be reading.
 
 Weight streaming (BENCHMARKS.md, nineteenth and twentieth sessions). Right after arriving at a
@@ -55,7 +56,7 @@ from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.triton_balanced import MAX_D, _unit_loop_piped, _unit_table
 from prunepath_jax.kernels.triton_l2 import l2_lines, l2_prefetch
 from prunepath_jax.kernels.triton_megastep_attn import _attend_split, _pf_kv
-from prunepath_jax.kernels.triton_select import _select, _select_sorted
+from prunepath_jax.kernels.triton_select import _logits, _select
 
 SPIN = 1_000_000  # polls before a program gives up on a barrier (~0.2 s on the H200)
 # Timing events a layer (TIMING): A start/end, B start/end, C start/end, D start/end (with RC:
@@ -74,10 +75,9 @@ LINE = 128  # bytes of an L2 prefetch line
 PREFETCH_KB = 64
 PREFETCH_O_KB = 32
 PREFETCH_KEYS = 64
-# The expert phase's selection: "radix" (triton_select._select, no sort) or "sort"; and whether
-# each program looks its units' experts up in a table (_unit_table) instead of two block-wide
-# reductions a unit (BENCHMARKS.md, twenty-first session).
-SELECT = "sort"
+# Each program looks its units' experts up in a table (_unit_table) instead of two block-wide
+# reductions a unit: the 1B unit loop 9.1 vs 10.8 µs a layer, 8B (bound by bytes) the same
+# (BENCHMARKS.md, twenty-first session).
 UNIT_TABLE = True
 
 
@@ -242,7 +242,7 @@ def _megastep_kernel(
     RC: tl.constexpr, RC_PAD: tl.constexpr, BE: tl.constexpr, PF_A: tl.constexpr,
     PF_C: tl.constexpr, PF_D: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     STEP_D: tl.constexpr, PF_KEYS: tl.constexpr, LPR: tl.constexpr, PF_R: tl.constexpr,
-    SORTED: tl.constexpr, UT: tl.constexpr,
+    UT: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -324,16 +324,14 @@ def _megastep_kernel(
         _stamp(tim_ptr, pid, t + 8, NT, TIMING)
         # F: selection in every program, then the balanced unit loop into the FFN sum f (not h:
         # with RC other programs still read h here; the next O phase folds f into h).
+        # The logits and τ are loaded before the norm's reduction (loads do not move past a
+        # CTA barrier): one L2 round trip with h's instead of two more after it.
+        lgv = _logits(lg_ptr + layer * E, E, E_PAD, ".cg")
+        tau = tl.load(tau_ptr + layer)
         if RC:
             x2, rstd = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
-        else:
-            rstd = 1.0
-        if SORTED:
-            gate, k = _select_sorted(lg_ptr + layer * E, rstd, tau_ptr + layer, E, E_PAD, NUCLEUS,
-                                     SIGMOID, K_MIN, K_MAX, ".cg")  # fmt: skip
-        else:
-            gate, k = _select(lg_ptr + layer * E, rstd, tau_ptr + layer, E, E_PAD, NUCLEUS,
-                              SIGMOID, K_MIN, K_MAX, ".cg")  # fmt: skip
+            lgv *= rstd
+        gate, k = _select(lgv, tau, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
         if pid == 0:
             tl.store(k_ptr + layer, k)
         _stamp(tim_ptr, pid, t + 9, NT, TIMING)
@@ -397,8 +395,7 @@ def constants(
     k_min: int = 1, k_max: int | None = None, spin: int = SPIN, timing: bool = False,
     gemv_stages: int = STAGES, unit_stages: int = STAGES, router_in_c: bool = True,
     prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
-    prefetch_keys: int = PREFETCH_KEYS, select: str = SELECT, unit_table: bool = UNIT_TABLE,
-    interpret: bool = False,
+    prefetch_keys: int = PREFETCH_KEYS, unit_table: bool = UNIT_TABLE, interpret: bool = False,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -434,8 +431,7 @@ def constants(
         GS=gemv_stages, US=unit_stages,
         EPS=float(eps), NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min,
         K_MAX=e if k_max is None else k_max, SCALE=float(hd**-0.5), SPIN=spin,
-        TIMING=bool(timing), DOT_F32=bool(interpret), SORTED=select == "sort",
-        UT=bool(unit_table),
+        TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
     )  # fmt: skip
 
 
@@ -447,7 +443,7 @@ def megastep(
     timing: bool = False, interpret: bool = False, gemv_stages: int = STAGES,
     unit_stages: int = STAGES, router_in_c: bool = True, prefetch_kb: int = PREFETCH_KB,
     prefetch_o_kb: int = PREFETCH_O_KB, prefetch_keys: int = PREFETCH_KEYS,
-    select: str = SELECT, unit_table: bool = UNIT_TABLE,
+    unit_table: bool = UNIT_TABLE,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
@@ -494,8 +490,6 @@ def megastep(
         )
     if gemv_stages < 1 or unit_stages < 1:
         raise ValueError(f"pipeline stages must be >= 1: {gemv_stages}, {unit_stages}")
-    if select not in ("radix", "sort"):
-        raise ValueError(f"select must be 'radix' or 'sort', got {select!r}")
     if min(prefetch_kb, prefetch_o_kb, prefetch_keys) < 0:
         raise ValueError(
             f"prefetch sizes must be >= 0: {prefetch_kb} KB, {prefetch_o_kb} KB, "
@@ -508,7 +502,7 @@ def megastep(
         eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin, timing=timing,
         gemv_stages=gemv_stages, unit_stages=unit_stages, router_in_c=router_in_c,
         prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, prefetch_keys=prefetch_keys,
-        select=select, unit_table=unit_table, interpret=interpret,
+        unit_table=unit_table, interpret=interpret,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32

@@ -56,7 +56,6 @@ class Launch(NamedTuple):
     prefetch_kb: int | None = None
     prefetch_o_kb: int | None = None
     prefetch_keys: int | None = None
-    select: str | None = None
     unit_table: bool | None = None
 
 

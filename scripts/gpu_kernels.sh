@@ -1216,4 +1216,8 @@ s26b)  # 8B at 75%: the unit table (sorted selection: the radix one lost at 1B, 
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py
   ;;
+s26c)  # the final defaults (unit table, logits/τ loaded before the norm): 50/75/90%, both shapes
+  run timeout 560 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.5 0.75 0.9 --check-steps 2 --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac

@@ -34,7 +34,6 @@ class Case(NamedTuple):
     cache_len: int = 32
     layers: int = 2
     router_in_c: bool = True  # the router logits summed in the O phase (else a phase of its own)
-    select: str = "radix"  # the expert phase's selection (radix search, or "sort")
     unit_table: bool = True  # units' experts from a table (else two reductions a unit)
 
 
@@ -59,7 +58,6 @@ CASES = (
         k_min=2,
         k_max=5,
         router_in_c=False,
-        select="sort",
         unit_table=False,
     ),  # fmt: skip
     # The first token (empty cache), every expert (tau > 1), more splits than cached rows.

@@ -1,4 +1,4 @@
-"""Runs the in-kernel selection (sorted and sort-free) under the Triton interpreter on the cases
+"""Runs the in-kernel selection under the Triton interpreter on the cases
 of ``select_cases.py``; writes gates and k to an .npz file. Started by tests/test_select.py with
 TRITON_INTERPRET=1. Usage: ``python tests/select_interp_runner.py OUT.npz``."""
 
@@ -19,13 +19,10 @@ from prunepath_jax.kernels.triton_select import select_gates  # noqa: E402
 def main(out: str) -> None:
     res = {}
     for c in CASES:
-        for form, sort in (("radix", False), ("sort", True)):
-            g, k = select_gates(
-                jnp.asarray(logits(c)), c.tau, rule=c.rule, gate=c.gate, k_min=c.k_min,
-                k_max=c.k_max, sort=sort, interpret=True,
-            )  # fmt: skip
-            res[f"{c.name}/{form}/g"] = np.asarray(g)
-            res[f"{c.name}/{form}/k"] = np.asarray(k)
+        g, k = select_gates(jnp.asarray(logits(c)), c.tau, rule=c.rule, gate=c.gate,
+                            k_min=c.k_min, k_max=c.k_max, interpret=True)  # fmt: skip
+        res[f"{c.name}/g"] = np.asarray(g)
+        res[f"{c.name}/k"] = np.asarray(k)
     np.savez(out, **res)
 
 

@@ -78,10 +78,9 @@ def test_lowers_for_sm90_with_gpu_scope_barriers(timing, router_in_c):
     """The Llama-3.2-1B layer shape over 132 programs compiles to a cubin whose barrier is a
     GPU-scope release add and acquire polls, which asks L2 for the next phase's weights while it
     waits; the timing stamps only when asked for. Both router placements compile, the second
-    with the sorted selection and no unit table."""
+    without the unit table."""
     const = tm.constants(2, 2048, 32, 8, 64, 256, 32, 512, programs=132, timing=timing,
-                         router_in_c=router_in_c, select="radix" if router_in_c else "sort",
-                         unit_table=router_in_c)  # fmt: skip
+                         router_in_c=router_in_c, unit_table=router_in_c)  # fmt: skip
     ptx = sm90_compile(tm._megastep_kernel, _signature(timing), const, warps=8, stages=1).asm["ptx"]
     assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
     assert "ld.global.gpu.acquire" in ptx or "atom.global.gpu.acquire" in ptx
@@ -118,8 +117,6 @@ def test_bad_inputs_raise_clearly():
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, unit_stages=0)
     with pytest.raises(ValueError, match="prefetch sizes"):
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, prefetch_keys=-1)
-    with pytest.raises(ValueError, match="select"):
-        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, select="bitonic")
     two = jax.tree.map(lambda a: jnp.concatenate([a, a]), cache)
     with pytest.raises(ValueError, match="batch 1"):
         megastep.stack_cache(two)

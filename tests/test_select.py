@@ -1,7 +1,8 @@
-"""The in-kernel selection (``kernels/triton_select.py``), both forms, under the Triton
-interpreter against ``routing.select`` + ``routing.gates``: the same k and the same experts on
-every case of ``select_cases.py``, the gates within the fp32 tolerance; and the sort-free form
-lowers for sm_90."""
+"""The in-kernel selection (``kernels/triton_select.py``, what the fused one-token kernel and
+the one-launch step run in every program) under the Triton interpreter against
+``routing.select`` + ``routing.gates``: the same k and the same experts on every case of
+``select_cases.py`` (ties, τ = 1, τ > 1, clamped k, zero-mass experts), the gates within the fp32
+tolerance; and it lowers for sm_90."""
 
 from pathlib import Path
 
@@ -45,20 +46,18 @@ def test_cases_cover_the_contract():
     assert any(1 < k.min() and k.max() < c.e - 1 for c, k in zip(CASES, ks.values(), strict=True))
 
 
-@pytest.mark.parametrize("form", ["radix", "sort"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_selection_matches_routing(case, form, results):
+def test_selection_matches_routing(case, results):
     g_ref, k_ref, mask_ref = _reference(case)
-    g, k = results[f"{case.name}/{form}/g"], results[f"{case.name}/{form}/k"]
+    g, k = results[f"{case.name}/g"], results[f"{case.name}/k"]
     np.testing.assert_array_equal(k, k_ref, err_msg=f"{case.name}: k")
     np.testing.assert_array_equal(g != 0, mask_ref, err_msg=f"{case.name}: selected experts")
     assert_close(g, g_ref, "op_fp32", case.name)
 
 
-@pytest.mark.parametrize("sort", [False, True])
-def test_selection_lowers_for_sm90(sort):
-    """Both forms compile to an sm_90 cubin within the shared-memory limit (sm90_compile's
-    assertions) at the 8B, 1B and a small expert count."""
+def test_selection_lowers_for_sm90():
+    """Compiles to an sm_90 cubin within the shared-memory limit (sm90_compile's assertions)
+    at the 8B, 1B and a small expert count."""
     from helpers import sm90_compile
 
     from prunepath_jax.kernels.triton_select import _select_kernel
@@ -66,5 +65,5 @@ def test_selection_lowers_for_sm90(sort):
     for e in (448, 256, 12):
         sm90_compile(_select_kernel, {"l": "*fp32", "tau": "*fp32", "g": "*fp32", "k": "*i32"},
                           dict(E=e, E_PAD=max(16, 1 << (e - 1).bit_length()), NUCLEUS=False,
-                               SIGMOID=True, K_MIN=1, K_MAX=e, SORTED=sort),
+                               SIGMOID=True, K_MIN=1, K_MAX=e),
                           warps=8, stages=1)  # fmt: skip
