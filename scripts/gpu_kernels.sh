@@ -1220,4 +1220,11 @@ s26c)  # the final defaults (unit table, logits/τ loaded before the norm): 50/7
   run timeout 560 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
     --sparsities 0.5 0.75 0.9 --check-steps 2 --out "$OUT/megastep_decode.jsonl"
   ;;
+s26d)  # launch sweep at 75% on the final code: 4 warps, deeper unit / GEMV pipelines
+  v='{"default": {}, "w4": {"warps": 4}, "us4": {"unit_stages": 4}, "gs4": {"gemv_stages": 4}}'
+  run timeout 280 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --sparsities 0.75 --check-steps 2 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  run timeout 300 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
+    --sparsities 0.75 --check-steps 2 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
