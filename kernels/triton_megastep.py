@@ -66,7 +66,17 @@ SLOTS = tl.constexpr(N_SLOTS)
 TILE_BYTES = 32 * 1024  # one GEMV row chunk (the prefetched one in registers, the rest in smem)
 STAGES = 3  # software-pipeline stages of the GEMV and unit loops (cp.async into shared memory)
 BLOCK_T = 32  # cached keys an attention work item reads at once
-WARPS = 8
+# Warps a program: 0 picks by the expert count — 4 up to 256 experts (1B at 75%: 722 vs 748 µs a
+# token; the selection and unit loop faster, the attention slower), 8 above (8B: 4 warps tie,
+# the 512-wide selection 5.6 vs 4.4 µs a layer); BENCHMARKS.md, twenty-first session.
+WARPS = 0
+
+
+def default_warps(e: int) -> int:
+    """The launch's warps a program for ``e`` experts (``WARPS`` 0)."""
+    return 4 if max(16, jt.next_pow2(e)) <= 256 else 8
+
+
 LINE = 128  # bytes of an L2 prefetch line
 # L2 prefetch at a program's barrier arrival (BENCHMARKS.md, twentieth session: 4-6% faster at
 # 1B, neutral within noise at 8B with 4 key splits): KB of its next QKV (and router) block, of
@@ -483,10 +493,12 @@ def megastep(
         raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
     if rule not in ("paper", "nucleus") or gate not in ("sigmoid", "none"):
         raise ValueError(f"rule must be paper|nucleus and gate sigmoid|none: {rule!r}, {gate!r}")
-    if programs < 0 or splits < 0 or block_t < 16 or block_t & (block_t - 1):
+    bad_warps = warps < 0 or warps & (warps - 1)
+    if programs < 0 or splits < 0 or block_t < 16 or block_t & (block_t - 1) or bad_warps:
         raise ValueError(
-            f"bad launch sizes: programs={programs}, splits={splits}, block_t={block_t} (a power "
-            "of 2 >= 16: the attention's dot needs 16 keys)"
+            f"bad launch sizes: programs={programs}, splits={splits}, warps={warps} (0: by the "
+            f"expert count, else a power of 2), block_t={block_t} (a power of 2 >= 16: the "
+            "attention's dot needs 16 keys)"
         )
     if gemv_stages < 1 or unit_stages < 1:
         raise ValueError(f"pipeline stages must be >= 1: {gemv_stages}, {unit_stages}")
@@ -528,7 +540,8 @@ def megastep(
         jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)), jnp.asarray(tau_l, f32), ln1_ld, ln2_ld,
         wqkv_lnd, wo_ldn, wr_led, w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh,
         out_shape=out_shape, input_output_aliases={0: 0, 12: 1, 13: 2},
-        zeroed_outputs=(7, 8, 10, 11), grid=(p,), num_warps=warps, num_stages=1,
+        zeroed_outputs=(7, 8, 10, 11), grid=(p,), num_warps=warps or default_warps(e),
+        num_stages=1,
         interpret=interpret, **c,
     )  # fmt: skip
     h, kc, vc = outs[:3]

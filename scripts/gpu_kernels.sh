@@ -1227,4 +1227,10 @@ s26d)  # launch sweep at 75% on the final code: 4 warps, deeper unit / GEMV pipe
   run timeout 300 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
     --sparsities 0.75 --check-steps 2 --launches "$v" --out "$OUT/megastep_decode.jsonl"
   ;;
+s26e)  # final: 4 warps by default up to 256 experts; the GPU tests (SmolLM2 shape: 4 warps), 1B
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b \
+    --sparsities 0.5 0.75 0.9 --check-steps 2 --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac

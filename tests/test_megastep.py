@@ -81,7 +81,9 @@ def test_lowers_for_sm90_with_gpu_scope_barriers(timing, router_in_c):
     without the unit table."""
     const = tm.constants(2, 2048, 32, 8, 64, 256, 32, 512, programs=132, timing=timing,
                          router_in_c=router_in_c, unit_table=router_in_c)  # fmt: skip
-    ptx = sm90_compile(tm._megastep_kernel, _signature(timing), const, warps=8, stages=1).asm["ptx"]
+    warps = tm.default_warps(256) if router_in_c else 8  # the default (4 here), and 8
+    ptx = sm90_compile(tm._megastep_kernel, _signature(timing), const, warps=warps, stages=1)
+    ptx = ptx.asm["ptx"]
     assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
     assert "ld.global.gpu.acquire" in ptx or "atom.global.gpu.acquire" in ptx
     assert "atom.global.gpu.acq_rel.add" in ptx, "the last key split's counter"
@@ -111,6 +113,9 @@ def test_bad_inputs_raise_clearly():
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, k_min=3, k_max=2)
     with pytest.raises(ValueError, match="programs"):
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, programs=-1)
+    with pytest.raises(ValueError, match="warps"):
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, warps=6)
+    assert (tm.default_warps(256), tm.default_warps(448)) == (4, 8)  # BENCHMARKS, 21st session
     with pytest.raises(ValueError, match="16 keys"):
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, block_t=8)
     with pytest.raises(ValueError, match="stages"):
