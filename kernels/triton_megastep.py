@@ -89,6 +89,10 @@ PREFETCH_KEYS = 64
 # reductions a unit: the 1B unit loop 9.1 vs 10.8 µs a layer, 8B (bound by bytes) the same
 # (BENCHMARKS.md, twenty-first session).
 UNIT_TABLE = True
+# Latency hoists (bits; a temporary knob to measure them side by side): 1 the norms' weights
+# loaded before the barrier, 2 the O phase's residual rows loaded once before its reductions,
+# 4 the attention's first key block loaded before the query.
+HOIST = 7
 
 
 @triton.jit
@@ -151,34 +155,63 @@ def _put(out_ptr, f_ptr, rows, y, r1, RESID: tl.constexpr):
 @triton.jit
 def _gemv_rows(w_ptr, w0, x, out_ptr, f_ptr, pid, N, K: tl.constexpr, K_PAD: tl.constexpr,
                R: tl.constexpr, BRC: tl.constexpr, RESID: tl.constexpr,
-               ST: tl.constexpr):  # fmt: skip
+               ST: tl.constexpr, PRE: tl.constexpr, NI_PAD: tl.constexpr):  # fmt: skip
     """A GEMV phase over the program's ``R`` contiguous output rows, ``BRC`` full rows at a time
     against the whole input ``x`` (f32 ``[K_PAD]``, zero past K, held in registers): chunk 0 from
     the tile ``w0`` the program loaded before the barrier, the rest streamed by Triton's
     software pipeliner (``ST`` stages of ``cp.async`` into shared memory, so ``ST - 1`` chunks are
-    in flight without registers). ``f_ptr``: ``_put``'s FFN sum (``RESID`` only)."""
+    in flight without registers). ``f_ptr``: ``_put``'s FFN sum (``RESID`` only).
+
+    ``PRE`` (with ``RESID``): the residual rows ``out[rows] + f[rows]`` of every chunk are loaded
+    once, before the first chunk's reduction, as ``[NI, BRC]``, and the results stored once after
+    the loop — not an L2 round trip after each chunk's reduction (a load issued after a CTA
+    barrier waits for it)."""
     NI: tl.constexpr = (R + BRC - 1) // BRC
     r0 = pid * R
     r1 = tl.minimum(r0 + R, N)
     rc = tl.arange(0, BRC)
-    _put(out_ptr, f_ptr, r0 + rc, tl.sum(w0.to(tl.float32) * x[None, :], 1), r1, RESID)
-    for i in tl.range(1, NI, num_stages=ST):
-        w = _rows(w_ptr, r0, i, r1, K, K_PAD, BRC)
-        y = tl.sum(w.to(tl.float32) * x[None, :], 1)
-        _put(out_ptr, f_ptr, r0 + i * BRC + rc, y, r1, RESID)
+    if RESID and PRE:  # NI_PAD: next_pow2(NI)
+        ri = tl.arange(0, NI_PAD)
+        rows2 = r0 + ri[:, None] * BRC + rc[None, :]
+        m2 = (rows2 < r1) & (ri[:, None] < NI)
+        hf = tl.load(out_ptr + rows2, mask=m2, other=0.0, cache_modifier=".cg")
+        hf += tl.load(f_ptr + rows2, mask=m2, other=0.0, cache_modifier=".cg")
+        y2 = tl.where(ri[:, None] == 0, tl.sum(w0.to(tl.float32) * x[None, :], 1)[None, :], 0.0)
+        for i in tl.range(1, NI, num_stages=ST):
+            w = _rows(w_ptr, r0, i, r1, K, K_PAD, BRC)
+            y2 = tl.where(ri[:, None] == i, tl.sum(w.to(tl.float32) * x[None, :], 1)[None, :], y2)
+        tl.store(f_ptr + rows2, tl.zeros_like(hf), mask=m2)
+        tl.store(out_ptr + rows2, y2 + hf, mask=m2)
+    else:
+        _put(out_ptr, f_ptr, r0 + rc, tl.sum(w0.to(tl.float32) * x[None, :], 1), r1, RESID)
+        for i in tl.range(1, NI, num_stages=ST):
+            w = _rows(w_ptr, r0, i, r1, K, K_PAD, BRC)
+            y = tl.sum(w.to(tl.float32) * x[None, :], 1)
+            _put(out_ptr, f_ptr, r0 + i * BRC + rc, y, r1, RESID)
 
 
 @triton.jit
-def _normed(h_ptr, f_ptr, ln_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constexpr,
-            WITH_F: tl.constexpr):  # fmt: skip
+def _normed(h_ptr, f_ptr, ln_ptr, lnv, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constexpr,
+            WITH_F: tl.constexpr, LN_V: tl.constexpr):  # fmt: skip
     """``(RMSNorm of the residual row, its 1 / rms)``, f32 ``[D_PAD]`` and a scalar; the row is
-    what other programs wrote (``.cg``), plus the FFN sum ``f`` not yet folded in (``WITH_F``)."""
+    what other programs wrote (``.cg``), plus the FFN sum ``f`` not yet folded in (``WITH_F``).
+    ``LN_V``: the norm's weights ``lnv`` f32 ``[D_PAD]`` the caller loaded before its barrier (a
+    load here would be issued after the reduction's CTA barrier: one more round trip)."""
     rd = tl.arange(0, D_PAD)
     h = tl.load(h_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
     if WITH_F:
         h += tl.load(f_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + EPS)
+    if LN_V:
+        return h * rstd * lnv, rstd
     return h * rstd * tl.load(ln_ptr + rd, mask=rd < D, other=0.0).to(tl.float32), rstd
+
+
+@triton.jit
+def _ln(ln_ptr, D: tl.constexpr, D_PAD: tl.constexpr):
+    """A norm's weights as f32 ``[D_PAD]`` (zero past D): loaded before a barrier."""
+    rd = tl.arange(0, D_PAD)
+    return tl.load(ln_ptr + rd, mask=rd < D, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -252,7 +285,7 @@ def _megastep_kernel(
     RC: tl.constexpr, RC_PAD: tl.constexpr, BE: tl.constexpr, PF_A: tl.constexpr,
     PF_C: tl.constexpr, PF_D: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     STEP_D: tl.constexpr, PF_KEYS: tl.constexpr, LPR: tl.constexpr, PF_R: tl.constexpr,
-    UT: tl.constexpr,
+    UT: tl.constexpr, HOIST: tl.constexpr, NIC_PAD: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -269,6 +302,7 @@ def _megastep_kernel(
     dmask = rd < D
     rna = tl.arange(0, NA_PAD)
     wa = _first_rows(wqkv_ptr, pid, R_A, NQKV, D, D_PAD, BRC_A)  # h_ptr starts as h_in (aliased)
+    ln1 = _ln(ln1_ptr, D, D_PAD)
     _pf_rows(wqkv_ptr, pid, R_A, NQKV, D, BRC_A, PF_A, STEP_A)
     for layer in range(L):
         # int64 offsets: 8B's stacked w_in has 3.8e9 elements, past int32.
@@ -276,9 +310,9 @@ def _megastep_kernel(
         t = 1 + layer * SLOTS  # this layer's first timing slot
         _stamp(tim_ptr, pid, t, NT, TIMING)
         # A: norm (of h plus the previous FFN's sum) + QKV (first row chunk prefetched).
-        x, _ = _normed(h_ptr, f_ptr, ln1_ptr + layer * D, D, D_PAD, EPS, True)
+        x, _ = _normed(h_ptr, f_ptr, ln1_ptr + layer * D, ln1, D, D_PAD, EPS, True, HOIST & 1)
         _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, f_ptr, pid, NQKV, D, D_PAD, R_A,
-                   BRC_A, False, GS)  # fmt: skip
+                   BRC_A, False, GS, False, 1)  # fmt: skip
         _stamp(tim_ptr, pid, t + 1, NT, TIMING)
         _arrive(ctr_ptr)
         if PF_KEYS > 0:
@@ -292,7 +326,7 @@ def _megastep_kernel(
         for item in range(pid, KV * S, P):
             _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos_ptr,
                           sin_ptr, pos, lw, item // S, item % S, HQ, KV, HD, GQ, GQ_PAD, S, S_PAD,
-                          BT, S_MAX, SCALE, DOT_F32)  # fmt: skip
+                          BT, S_MAX, SCALE, DOT_F32, HOIST & 4)  # fmt: skip
         _stamp(tim_ptr, pid, t + 3, NT, TIMING)
         _arrive(ctr_ptr)
         wo = _first_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, NA_PAD, BRC_C)
@@ -307,7 +341,7 @@ def _megastep_kernel(
         # C: O projection + residual (+ the previous FFN's sum, zeroed for this layer's).
         xa = tl.load(att_ptr + rna, mask=rna < NA, other=0.0, cache_modifier=".cg")
         _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, f_ptr, pid, D, NA, NA_PAD, R_C, BRC_C,
-                   True, GS)  # fmt: skip
+                   True, GS, HOIST & 2, NIC_PAD)  # fmt: skip
         if RC:  # + this program's share of the router logits: no phase D
             if pid * R_C < D:
                 tl.debug_barrier()  # the rows this program's threads just stored
@@ -324,11 +358,12 @@ def _megastep_kernel(
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
             _stamp(tim_ptr, pid, t + 6, NT, TIMING)
             # D: the FFN's norm (every program keeps the row for phase F) + router logits.
-            x2, _ = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
+            x2, _ = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, 0.0, D, D_PAD, EPS, False, False)
             _gemv_rows(wr_ptr + lw * E * D, wr, x2, lg_ptr + layer * E, f_ptr, pid, E, D, D_PAD,
-                       R_D, BRC_D, False, GS)  # fmt: skip
+                       R_D, BRC_D, False, GS, False, 1)  # fmt: skip
         _stamp(tim_ptr, pid, t + 7, NT, TIMING)
         _arrive(ctr_ptr)
+        ln2 = _ln(ln2_ptr + layer * D, D, D_PAD)  # before the wait: for phase F's norm
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         _stamp(tim_ptr, pid, t + 8, NT, TIMING)
@@ -339,7 +374,8 @@ def _megastep_kernel(
         lgv = _logits(lg_ptr + layer * E, E, E_PAD, ".cg")
         tau = tl.load(tau_ptr + layer)
         if RC:
-            x2, rstd = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
+            x2, rstd = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, ln2, D, D_PAD, EPS, False,
+                               HOIST & 1)  # fmt: skip
             lgv *= rstd
         gate, k = _select(lgv, tau, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
         if pid == 0:
@@ -363,6 +399,7 @@ def _megastep_kernel(
         if layer + 1 < L:
             _arrive(ctr_ptr)
             wa = _first_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, D_PAD, BRC_A)
+            ln1 = _ln(ln1_ptr + (layer + 1) * D, D, D_PAD)
             _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, BRC_A, PF_A,
                      STEP_A)  # fmt: skip
             ph += 1
@@ -405,7 +442,8 @@ def constants(
     k_min: int = 1, k_max: int | None = None, spin: int = SPIN, timing: bool = False,
     gemv_stages: int = STAGES, unit_stages: int = STAGES, router_in_c: bool = True,
     prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
-    prefetch_keys: int = PREFETCH_KEYS, unit_table: bool = UNIT_TABLE, interpret: bool = False,
+    prefetch_keys: int = PREFETCH_KEYS, unit_table: bool = UNIT_TABLE, hoist: int = HOIST,
+    interpret: bool = False,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -441,7 +479,8 @@ def constants(
         GS=gemv_stages, US=unit_stages,
         EPS=float(eps), NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min,
         K_MAX=e if k_max is None else k_max, SCALE=float(hd**-0.5), SPIN=spin,
-        TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
+        TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table), HOIST=int(hoist),
+        NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
     )  # fmt: skip
 
 
@@ -453,7 +492,7 @@ def megastep(
     timing: bool = False, interpret: bool = False, gemv_stages: int = STAGES,
     unit_stages: int = STAGES, router_in_c: bool = True, prefetch_kb: int = PREFETCH_KB,
     prefetch_o_kb: int = PREFETCH_O_KB, prefetch_keys: int = PREFETCH_KEYS,
-    unit_table: bool = UNIT_TABLE,
+    unit_table: bool = UNIT_TABLE, hoist: int = HOIST,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
@@ -514,7 +553,7 @@ def megastep(
         eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin, timing=timing,
         gemv_stages=gemv_stages, unit_stages=unit_stages, router_in_c=router_in_c,
         prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, prefetch_keys=prefetch_keys,
-        unit_table=unit_table, interpret=interpret,
+        unit_table=unit_table, hoist=hoist, interpret=interpret,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32

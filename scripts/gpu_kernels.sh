@@ -1233,4 +1233,16 @@ s26e)  # final: 4 warps by default up to 256 experts; the GPU tests (SmolLM2 sha
   run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b \
     --sparsities 0.5 0.75 0.9 --check-steps 2 --out "$OUT/megastep_decode.jsonl"
   ;;
+s27a)  # twenty-second session: latency hoists (bits: 1 norm weights before the barrier, 2 the O
+  # phase's residual rows before its reductions, 4 the attention's first key block before the
+  # query), side by side at 75%; 16 KB GEMV chunks at 1B; then the GPU tests (default: all)
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
+  v='{"h0": {"hoist": 0}, "h1": {"hoist": 1}, "h2": {"hoist": 2}, "h4": {"hoist": 4}, "h7": {}}'
+  v1='{"h0": {"hoist": 0}, "h1": {"hoist": 1}, "h2": {"hoist": 2}, "h4": {"hoist": 4}, "h7": {}, "h7tb16": {"tile_bytes": 16384}}'
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --sparsities 0.75 --check-steps 2 --launches "$v1" --out "$OUT/megastep_decode.jsonl"
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
+    --sparsities 0.75 --check-steps 2 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
