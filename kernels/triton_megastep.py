@@ -27,6 +27,9 @@ sets its ``fail`` flag, so a scheduling surprise cannot hang the GPU):
   table, ``_unit_table``) over the selected experts' rows, added into
   ``f`` with relaxed atomics — not into ``h``, which slower programs may still be reading.
 
+The GEMV phases' helpers live in ``triton_megastep_gemv``, the attention item in
+``triton_megastep_attn``.
+
 Weight streaming (BENCHMARKS.md, nineteenth and twentieth sessions). Right after arriving at a
 barrier a program loads the first row chunk of its next GEMV into registers and asks L2 for the
 next ``PF_*`` lines of its block (``prefetch.global.L2``, ``triton_l2``), the attention items
@@ -54,8 +57,15 @@ import triton.language as tl
 
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.triton_balanced import MAX_D, _unit_loop_piped, _unit_table
-from prunepath_jax.kernels.triton_l2 import l2_lines, l2_prefetch
+from prunepath_jax.kernels.triton_l2 import l2_lines
 from prunepath_jax.kernels.triton_megastep_attn import _attend_split, _pf_kv
+from prunepath_jax.kernels.triton_megastep_gemv import (
+    _first_rows,
+    _gemv_rows,
+    _normed,
+    _pf_rows,
+    _router_part,
+)
 from prunepath_jax.kernels.triton_select import _logits, _select
 
 SPIN = 1_000_000  # polls before a program gives up on a barrier (~0.2 s on the H200)
@@ -89,10 +99,6 @@ PREFETCH_KEYS = 64
 # reductions a unit: the 1B unit loop 9.1 vs 10.8 µs a layer, 8B (bound by bytes) the same
 # (BENCHMARKS.md, twenty-first session).
 UNIT_TABLE = True
-# Latency hoists (bits; a temporary knob to measure them side by side): 1 the norms' weights
-# loaded before the barrier, 2 the O phase's residual rows loaded once before its reductions,
-# 4 the attention's first key block loaded before the query.
-HOIST = 7
 
 
 @triton.jit
@@ -121,130 +127,6 @@ def _wait(ctr_ptr, target, failed, SPIN: tl.constexpr):
         n += 1
     tl.debug_barrier()
     return tl.where(seen < target, 1, failed)
-
-
-@triton.jit
-def _rows(w_ptr, r0, i, r1, K: tl.constexpr, K_PAD: tl.constexpr, BRC: tl.constexpr):
-    """Row chunk ``i`` of a program's rows ``[r0, r1)`` of a row-major ``[N, K]`` matrix: rows
-    ``r0 + i·BRC + [0, BRC)``, full width (contiguous rows), zeros outside."""
-    rb = r0 + i * BRC + tl.arange(0, BRC)
-    rk = tl.arange(0, K_PAD)
-    m = (rb[:, None] < r1) & (rk[None, :] < K)
-    return tl.load(w_ptr + rb[:, None] * K + rk[None, :], mask=m, other=0.0)
-
-
-@triton.jit
-def _first_rows(w_ptr, pid, R: tl.constexpr, N, K: tl.constexpr, K_PAD: tl.constexpr,
-                BRC: tl.constexpr):  # fmt: skip
-    """Program ``pid``'s first row chunk of a GEMV phase: what it loads before a barrier."""
-    return _rows(w_ptr, pid * R, 0, tl.minimum(pid * R + R, N), K, K_PAD, BRC)
-
-
-@triton.jit
-def _put(out_ptr, f_ptr, rows, y, r1, RESID: tl.constexpr):
-    """``out[rows] = y``; with ``RESID`` the residual update ``out[rows] += y + f[rows]``, which
-    folds the previous FFN's sum ``f`` (see the kernel) into the residual and zeroes it."""
-    rm = rows < r1
-    if RESID:
-        y += tl.load(out_ptr + rows, mask=rm, other=0.0, cache_modifier=".cg")
-        y += tl.load(f_ptr + rows, mask=rm, other=0.0, cache_modifier=".cg")
-        tl.store(f_ptr + rows, tl.zeros_like(y), mask=rm)
-    tl.store(out_ptr + rows, y, mask=rm)
-
-
-@triton.jit
-def _gemv_rows(w_ptr, w0, x, out_ptr, f_ptr, pid, N, K: tl.constexpr, K_PAD: tl.constexpr,
-               R: tl.constexpr, BRC: tl.constexpr, RESID: tl.constexpr,
-               ST: tl.constexpr, PRE: tl.constexpr, NI_PAD: tl.constexpr):  # fmt: skip
-    """A GEMV phase over the program's ``R`` contiguous output rows, ``BRC`` full rows at a time
-    against the whole input ``x`` (f32 ``[K_PAD]``, zero past K, held in registers): chunk 0 from
-    the tile ``w0`` the program loaded before the barrier, the rest streamed by Triton's
-    software pipeliner (``ST`` stages of ``cp.async`` into shared memory, so ``ST - 1`` chunks are
-    in flight without registers). ``f_ptr``: ``_put``'s FFN sum (``RESID`` only).
-
-    ``PRE`` (with ``RESID``): the residual rows ``out[rows] + f[rows]`` of every chunk are loaded
-    once, before the first chunk's reduction, as ``[NI, BRC]``, and the results stored once after
-    the loop — not an L2 round trip after each chunk's reduction (a load issued after a CTA
-    barrier waits for it)."""
-    NI: tl.constexpr = (R + BRC - 1) // BRC
-    r0 = pid * R
-    r1 = tl.minimum(r0 + R, N)
-    rc = tl.arange(0, BRC)
-    if RESID and PRE:  # NI_PAD: next_pow2(NI)
-        ri = tl.arange(0, NI_PAD)
-        rows2 = r0 + ri[:, None] * BRC + rc[None, :]
-        m2 = (rows2 < r1) & (ri[:, None] < NI)
-        hf = tl.load(out_ptr + rows2, mask=m2, other=0.0, cache_modifier=".cg")
-        hf += tl.load(f_ptr + rows2, mask=m2, other=0.0, cache_modifier=".cg")
-        y2 = tl.where(ri[:, None] == 0, tl.sum(w0.to(tl.float32) * x[None, :], 1)[None, :], 0.0)
-        for i in tl.range(1, NI, num_stages=ST):
-            w = _rows(w_ptr, r0, i, r1, K, K_PAD, BRC)
-            y2 = tl.where(ri[:, None] == i, tl.sum(w.to(tl.float32) * x[None, :], 1)[None, :], y2)
-        tl.store(f_ptr + rows2, tl.zeros_like(hf), mask=m2)
-        tl.store(out_ptr + rows2, y2 + hf, mask=m2)
-    else:
-        _put(out_ptr, f_ptr, r0 + rc, tl.sum(w0.to(tl.float32) * x[None, :], 1), r1, RESID)
-        for i in tl.range(1, NI, num_stages=ST):
-            w = _rows(w_ptr, r0, i, r1, K, K_PAD, BRC)
-            y = tl.sum(w.to(tl.float32) * x[None, :], 1)
-            _put(out_ptr, f_ptr, r0 + i * BRC + rc, y, r1, RESID)
-
-
-@triton.jit
-def _normed(h_ptr, f_ptr, ln_ptr, lnv, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constexpr,
-            WITH_F: tl.constexpr, LN_V: tl.constexpr):  # fmt: skip
-    """``(RMSNorm of the residual row, its 1 / rms)``, f32 ``[D_PAD]`` and a scalar; the row is
-    what other programs wrote (``.cg``), plus the FFN sum ``f`` not yet folded in (``WITH_F``).
-    ``LN_V``: the norm's weights ``lnv`` f32 ``[D_PAD]`` the caller loaded before its barrier (a
-    load here would be issued after the reduction's CTA barrier: one more round trip)."""
-    rd = tl.arange(0, D_PAD)
-    h = tl.load(h_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
-    if WITH_F:
-        h += tl.load(f_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + EPS)
-    if LN_V:
-        return h * rstd * lnv, rstd
-    return h * rstd * tl.load(ln_ptr + rd, mask=rd < D, other=0.0).to(tl.float32), rstd
-
-
-@triton.jit
-def _ln(ln_ptr, D: tl.constexpr, D_PAD: tl.constexpr):
-    """A norm's weights as f32 ``[D_PAD]`` (zero past D): loaded before a barrier."""
-    rd = tl.arange(0, D_PAD)
-    return tl.load(ln_ptr + rd, mask=rd < D, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _pf_rows(w_ptr, pid, R: tl.constexpr, N, K: tl.constexpr, BRC: tl.constexpr,
-             PF: tl.constexpr, STEP: tl.constexpr):  # fmt: skip
-    """L2 prefetch of up to ``PF`` lines of a GEMV block's rows after the first chunk (which the
-    program loads into registers itself): the block is contiguous, ``[pid·R, pid·R + R)``."""
-    if PF > 0:
-        r1 = tl.minimum(pid * R + R, N)
-        if pid * R + BRC < r1:
-            start = (pid * R + BRC) * K
-            l2_prefetch(w_ptr + start, r1 * K - start, PF, STEP)
-
-
-@triton.jit
-def _router_part(wr_ptr, ln_ptr, h_ptr, lg_ptr, pid, R: tl.constexpr, R_PAD: tl.constexpr,
-                 D: tl.constexpr, E: tl.constexpr, BE: tl.constexpr,
-                 ST: tl.constexpr):  # fmt: skip
-    """Program ``pid``'s share of the router logits before the RMSNorm's scale:
-    ``lg[e] += Σ_r W_r[e, r]·ln2[r]·h[r]`` over its residual rows ``[pid·R, pid·R + R)`` (those
-    the O phase just wrote), added with relaxed atomics. The scale ``1 / rms(h)`` is common to
-    every logit, so the expert phase applies it: the router needs no grid barrier of its own."""
-    rr = pid * R + tl.arange(0, R_PAD)
-    rm = rr < tl.minimum(pid * R + R, D)
-    hv = tl.load(h_ptr + rr, mask=rm, other=0.0, cache_modifier=".cg")
-    hv *= tl.load(ln_ptr + rr, mask=rm, other=0.0).to(tl.float32)
-    re = tl.arange(0, BE)
-    for e0 in tl.range(0, E, BE, num_stages=ST):
-        em = e0 + re < E
-        w = tl.load(wr_ptr + (e0 + re)[:, None] * D + rr[None, :], mask=em[:, None] & rm[None, :],
-                    other=0.0)  # fmt: skip
-        part = tl.sum(w.to(tl.float32) * hv[None, :], 1)
-        tl.atomic_add(lg_ptr + e0 + re, part, mask=em, sem="relaxed")
 
 
 @triton.jit
@@ -285,7 +167,7 @@ def _megastep_kernel(
     RC: tl.constexpr, RC_PAD: tl.constexpr, BE: tl.constexpr, PF_A: tl.constexpr,
     PF_C: tl.constexpr, PF_D: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     STEP_D: tl.constexpr, PF_KEYS: tl.constexpr, LPR: tl.constexpr, PF_R: tl.constexpr,
-    UT: tl.constexpr, HOIST: tl.constexpr, NIC_PAD: tl.constexpr,
+    UT: tl.constexpr, NIC_PAD: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -302,7 +184,6 @@ def _megastep_kernel(
     dmask = rd < D
     rna = tl.arange(0, NA_PAD)
     wa = _first_rows(wqkv_ptr, pid, R_A, NQKV, D, D_PAD, BRC_A)  # h_ptr starts as h_in (aliased)
-    ln1 = _ln(ln1_ptr, D, D_PAD)
     _pf_rows(wqkv_ptr, pid, R_A, NQKV, D, BRC_A, PF_A, STEP_A)
     for layer in range(L):
         # int64 offsets: 8B's stacked w_in has 3.8e9 elements, past int32.
@@ -310,9 +191,9 @@ def _megastep_kernel(
         t = 1 + layer * SLOTS  # this layer's first timing slot
         _stamp(tim_ptr, pid, t, NT, TIMING)
         # A: norm (of h plus the previous FFN's sum) + QKV (first row chunk prefetched).
-        x, _ = _normed(h_ptr, f_ptr, ln1_ptr + layer * D, ln1, D, D_PAD, EPS, True, HOIST & 1)
+        x, _ = _normed(h_ptr, f_ptr, ln1_ptr + layer * D, D, D_PAD, EPS, True)
         _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, f_ptr, pid, NQKV, D, D_PAD, R_A,
-                   BRC_A, False, GS, False, 1)  # fmt: skip
+                   BRC_A, False, GS, 1)  # fmt: skip
         _stamp(tim_ptr, pid, t + 1, NT, TIMING)
         _arrive(ctr_ptr)
         if PF_KEYS > 0:
@@ -326,7 +207,7 @@ def _megastep_kernel(
         for item in range(pid, KV * S, P):
             _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos_ptr,
                           sin_ptr, pos, lw, item // S, item % S, HQ, KV, HD, GQ, GQ_PAD, S, S_PAD,
-                          BT, S_MAX, SCALE, DOT_F32, HOIST & 4)  # fmt: skip
+                          BT, S_MAX, SCALE, DOT_F32)  # fmt: skip
         _stamp(tim_ptr, pid, t + 3, NT, TIMING)
         _arrive(ctr_ptr)
         wo = _first_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, NA_PAD, BRC_C)
@@ -341,7 +222,7 @@ def _megastep_kernel(
         # C: O projection + residual (+ the previous FFN's sum, zeroed for this layer's).
         xa = tl.load(att_ptr + rna, mask=rna < NA, other=0.0, cache_modifier=".cg")
         _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, f_ptr, pid, D, NA, NA_PAD, R_C, BRC_C,
-                   True, GS, HOIST & 2, NIC_PAD)  # fmt: skip
+                   True, GS, NIC_PAD)  # fmt: skip
         if RC:  # + this program's share of the router logits: no phase D
             if pid * R_C < D:
                 tl.debug_barrier()  # the rows this program's threads just stored
@@ -358,12 +239,11 @@ def _megastep_kernel(
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
             _stamp(tim_ptr, pid, t + 6, NT, TIMING)
             # D: the FFN's norm (every program keeps the row for phase F) + router logits.
-            x2, _ = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, 0.0, D, D_PAD, EPS, False, False)
+            x2, _ = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
             _gemv_rows(wr_ptr + lw * E * D, wr, x2, lg_ptr + layer * E, f_ptr, pid, E, D, D_PAD,
-                       R_D, BRC_D, False, GS, False, 1)  # fmt: skip
+                       R_D, BRC_D, False, GS, 1)  # fmt: skip
         _stamp(tim_ptr, pid, t + 7, NT, TIMING)
         _arrive(ctr_ptr)
-        ln2 = _ln(ln2_ptr + layer * D, D, D_PAD)  # before the wait: for phase F's norm
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         _stamp(tim_ptr, pid, t + 8, NT, TIMING)
@@ -374,8 +254,7 @@ def _megastep_kernel(
         lgv = _logits(lg_ptr + layer * E, E, E_PAD, ".cg")
         tau = tl.load(tau_ptr + layer)
         if RC:
-            x2, rstd = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, ln2, D, D_PAD, EPS, False,
-                               HOIST & 1)  # fmt: skip
+            x2, rstd = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
             lgv *= rstd
         gate, k = _select(lgv, tau, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
         if pid == 0:
@@ -399,12 +278,22 @@ def _megastep_kernel(
         if layer + 1 < L:
             _arrive(ctr_ptr)
             wa = _first_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, D_PAD, BRC_A)
-            ln1 = _ln(ln1_ptr + (layer + 1) * D, D, D_PAD)
             _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, BRC_A, PF_A,
                      STEP_A)  # fmt: skip
             ph += 1
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
     tl.store(fail_ptr + pid, failed)
+
+
+def unsupported_shape(d: int, head_dim: int, group_size: int) -> str | None:
+    """Why the kernel cannot run these widths, or None (``megastep.check`` asks too)."""
+    hd, g = head_dim, group_size
+    if jt.next_pow2(d) > MAX_D or hd & (hd - 1) or hd < 2 or g % 2:
+        return (
+            f"megastep takes next_pow2(d) <= {MAX_D}, a power-of-2 head_dim and an even group "
+            f"size; got d={d}, head_dim={hd}, G={g}"
+        )
+    return None
 
 
 def _pow2_floor(n: int) -> int:
@@ -442,8 +331,7 @@ def constants(
     k_min: int = 1, k_max: int | None = None, spin: int = SPIN, timing: bool = False,
     gemv_stages: int = STAGES, unit_stages: int = STAGES, router_in_c: bool = True,
     prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
-    prefetch_keys: int = PREFETCH_KEYS, unit_table: bool = UNIT_TABLE, hoist: int = HOIST,
-    interpret: bool = False,
+    prefetch_keys: int = PREFETCH_KEYS, unit_table: bool = UNIT_TABLE, interpret: bool = False,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -479,7 +367,7 @@ def constants(
         GS=gemv_stages, US=unit_stages,
         EPS=float(eps), NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min,
         K_MAX=e if k_max is None else k_max, SCALE=float(hd**-0.5), SPIN=spin,
-        TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table), HOIST=int(hoist),
+        TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
         NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
     )  # fmt: skip
 
@@ -492,7 +380,7 @@ def megastep(
     timing: bool = False, interpret: bool = False, gemv_stages: int = STAGES,
     unit_stages: int = STAGES, router_in_c: bool = True, prefetch_kb: int = PREFETCH_KB,
     prefetch_o_kb: int = PREFETCH_O_KB, prefetch_keys: int = PREFETCH_KEYS,
-    unit_table: bool = UNIT_TABLE, hoist: int = HOIST,
+    unit_table: bool = UNIT_TABLE,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
@@ -522,11 +410,9 @@ def megastep(
     g = f // e if e else 0
     if hq <= 0 or hq % kv or n_qkv != (hq + 2 * kv) * hd or f != e * g:
         raise ValueError(f"inconsistent heads/experts: qkv rows {n_qkv}, kv {kv}, hd {hd}, f {f}")
-    if jt.next_pow2(d) > MAX_D or hd & (hd - 1) or hd < 2 or g % 2:
-        raise ValueError(
-            f"megastep takes next_pow2(d) <= {MAX_D}, a power-of-2 head_dim and an even group "
-            f"size; got d={d}, head_dim={hd}, G={g}"
-        )
+    why = unsupported_shape(d, hd, g)
+    if why:
+        raise ValueError(why)
     k_max = e if k_max is None else min(k_max, e)
     if not 1 <= k_min <= k_max:
         raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
@@ -553,7 +439,7 @@ def megastep(
         eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin, timing=timing,
         gemv_stages=gemv_stages, unit_stages=unit_stages, router_in_c=router_in_c,
         prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, prefetch_keys=prefetch_keys,
-        unit_table=unit_table, hoist=hoist, interpret=interpret,
+        unit_table=unit_table, interpret=interpret,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32

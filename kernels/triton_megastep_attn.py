@@ -10,6 +10,11 @@ padded to 16 rows; queries and probabilities rounded to the cache dtype, as the 
 the new token in the last split, the new key/value written to the cache by split 0 (after its
 loop, so its cached keys' loads do not wait for the new key); the split that arrives last at its
 head's counter (acq_rel) combines the splits.
+
+Measured and not kept (BENCHMARKS.md, twenty-second session): the first key block's loads
+issued before the query's (the next block's rows carried in registers), to take one L2 round
+trip off the item: 1B 760 vs 723 µs a token (the kernel sits at 255 registers; the carried
+rows grew its spills and slowed other phases), 8B 2576 vs 2588 (within noise).
 """
 
 from __future__ import annotations
@@ -67,8 +72,7 @@ def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, c
                       sin_ptr, pos, layer, g, s, HQ: tl.constexpr, KV: tl.constexpr,
                       HD: tl.constexpr, GQ: tl.constexpr, GQ_PAD: tl.constexpr, S: tl.constexpr,
                       S_PAD: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr,
-                      SCALE: tl.constexpr, DOT_F32: tl.constexpr,
-                      KV_FIRST: tl.constexpr):  # fmt: skip
+                      SCALE: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
     """Work item (head g, key split s): the scores and the value sum as ``tl.dot`` (tensor
     cores for 16-bit caches, exact fp32 otherwise) over the group's query heads padded to 16
     rows, the keys and values read as whole rows. As the XLA decode step: queries rounded to
@@ -78,35 +82,21 @@ def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, c
     PREC: tl.constexpr = "ieee" if kdt == tl.float32 else "tf32"
     rq = tl.arange(0, QM)
     rdh = tl.arange(0, HD)
-    rt = tl.arange(0, BT)
-    t0, t1 = _split_range(pos, s, S, BT, S_MAX)
-    if KV_FIRST:  # the first key block's loads go out before the query's (not after its RoPE
-        # and the dot operand's CTA barrier): one L2 round trip, not two in a row
-        kb = ((layer * S_MAX + t0 + rt) * KV + g) * HD
-        tm = t0 + rt < t1
-        k_nx = tl.load(kc_ptr + kb[:, None] + rdh[None, :], mask=tm[:, None], other=0.0)
-        v_nx = tl.load(vc_ptr + kb[:, None] + rdh[None, :], mask=tm[:, None], other=0.0)
     q = (_rope_rows(qkv_ptr, cos_ptr, sin_ptr, g * GQ, rq, rq < GQ, HD) * SCALE).to(kdt)
     one = tl.arange(0, 1)
     k_new = _rope_rows(qkv_ptr, cos_ptr, sin_ptr, HQ + g, one, one < 1, HD).to(kdt)  # [1, HD]
     v_new = tl.load(qkv_ptr + (HQ + KV + g) * HD + rdh, cache_modifier=".cg").to(kdt)
+    t0, t1 = _split_range(pos, s, S, BT, S_MAX)
     m = tl.full([QM], -1e30, tl.float32)
     lsum = tl.zeros([QM], tl.float32)
     acc = tl.zeros([QM, HD], tl.float32)
+    rt = tl.arange(0, BT)
     for t in range(t0, t1, BT):
         tt = t + rt
         tm = tt < t1
-        if KV_FIRST:  # this block's rows are in registers; load the next block's
-            k = k_nx
-            v = v_nx
-            kb = ((layer * S_MAX + tt + BT) * KV + g) * HD
-            tn = tt + BT < t1
-            k_nx = tl.load(kc_ptr + kb[:, None] + rdh[None, :], mask=tn[:, None], other=0.0)
-            v_nx = tl.load(vc_ptr + kb[:, None] + rdh[None, :], mask=tn[:, None], other=0.0)
-        else:
-            kb = ((layer * S_MAX + tt) * KV + g) * HD
-            k = tl.load(kc_ptr + kb[:, None] + rdh[None, :], mask=tm[:, None], other=0.0)
-            v = tl.load(vc_ptr + kb[:, None] + rdh[None, :], mask=tm[:, None], other=0.0)
+        kb = ((layer * S_MAX + tt) * KV + g) * HD
+        k = tl.load(kc_ptr + kb[:, None] + rdh[None, :], mask=tm[:, None], other=0.0)
+        v = tl.load(vc_ptr + kb[:, None] + rdh[None, :], mask=tm[:, None], other=0.0)
         if DOT_F32:  # the interpreter: its 16-bit dot is wrong, its f32 one exact
             sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
         else:

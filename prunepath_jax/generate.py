@@ -307,8 +307,11 @@ def generate(
             17 408 positions (``decode_attention.AUTO_MAX_CACHE``) and unsharded weights, where
             it measured faster (BENCHMARKS.md). "megastep": one prompt through a PrunePath
             Llama (no attention biases nor sliding window), the prefill as "auto", then every
-            decode step's layers in ONE Triton launch (`prunepath_jax.megastep`; GPU only). None
-            keeps the model's own compute paths. The decode step stays one compiled program.
+            decode step's layers in ONE Triton launch (`prunepath_jax.megastep`; GPU only);
+            "auto" takes it for one prompt where it can run and measured faster, with a cache
+            of at most `megastep.AUTO_MAX_CACHE` positions and room for its weight copy
+            (`megastep.auto_ok`). None keeps the model's own compute paths. The decode step
+            stays one compiled program.
         tau: PrunePath budget (scalar or per-layer); builds `ffn_args` when those are not given.
 
     Returns:
@@ -333,6 +336,10 @@ def generate(
             f"model's context of {cfg.max_position} tokens"
         )
     mega = implementation == "megastep"
+    if implementation == "auto":
+        from prunepath_jax import megastep
+
+        mega = megastep.auto_ok(model, len(prompts), ffn_args, cache_len) is None
     if mega:
         mw = _megastep_setup(model, len(prompts), ffn_args)
     graphdef, state = _split(model, "auto" if mega else implementation, cache_len, len(prompts))

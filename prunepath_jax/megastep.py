@@ -57,7 +57,6 @@ class Launch(NamedTuple):
     prefetch_o_kb: int | None = None
     prefetch_keys: int | None = None
     unit_table: bool | None = None
-    hoist: int | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:
@@ -77,7 +76,60 @@ def check(model: nnx.Module) -> PrunePathFFN:
     ffn = model.layers[0].mlp
     if not ffn.gated or ffn.b_in is not None:
         raise ValueError("the one-launch decode step takes SwiGLU FFNs without biases")
+    try:
+        from prunepath_jax.kernels.triton_megastep import unsupported_shape
+    except ImportError:  # no triton here: generate's GPU check names what is missing
+        return ffn
+    why = unsupported_shape(cfg.d_model, cfg.head_dim, cfg.prunepath.group_size)
+    if why:
+        raise ValueError(why)
     return ffn
+
+
+# "auto" takes the one-launch step up to this KV-cache length (measured faster than the default
+# kernels there; BENCHMARKS.md, twenty-second session).
+AUTO_MAX_CACHE = 4096
+# ... and when its stacked copies (layer weights, KV cache) fit in this share of the free memory.
+AUTO_MEMORY_SHARE = 0.5
+
+
+def packed_bytes(model: nnx.Module, cache_len: int) -> int:
+    """Bytes of ``pack``'s copy (the router in float32) plus the stacked KV cache."""
+    n = 0
+    for b in model.layers:
+        n += b.input_layernorm.weight[...].nbytes + b.post_attention_layernorm.weight[...].nbytes
+        n += b.self_attn.qkv_proj.kernel[...].nbytes + b.self_attn.o_proj.kernel[...].nbytes
+        n += b.mlp.router[...].size * 4 + b.mlp.w_in[...].nbytes + b.mlp.w_out[...].nbytes
+    cfg = model.cfg
+    item = jnp.dtype(model.embed_tokens.embedding.dtype).itemsize
+    return n + 2 * cfg.n_layers * cache_len * cfg.n_kv_heads * cfg.head_dim * item
+
+
+def auto_ok(model: nnx.Module, n_prompts: int, ffn_args, cache_len: int) -> str | None:
+    """Why ``generate(..., implementation="auto")`` does not take the one-launch step, or None
+    when it does: one prompt of a PrunePath Llama it computes, a budget, a GPU with jax-triton,
+    a cache of at most ``AUTO_MAX_CACHE`` positions, and its stacked copies within
+    ``AUTO_MEMORY_SHARE`` of the device's free memory (it doubles the layer weights while it
+    decodes; where the device reports no memory figures, it is not taken)."""
+    if n_prompts != 1 or ffn_args is None:
+        return "one prompt and a budget tau"
+    if jax.default_backend() != "gpu":
+        return "a GPU"
+    try:
+        check(model)
+        from prunepath_jax.kernels import jt
+
+        jt.jax_triton_module()
+    except (ValueError, NotImplementedError) as err:
+        return str(err)
+    if cache_len > AUTO_MAX_CACHE:
+        return f"a KV cache of at most {AUTO_MAX_CACHE} positions (measured), got {cache_len}"
+    stats = jax.devices()[0].memory_stats() or {}
+    free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+    need = packed_bytes(model, cache_len)
+    if need > AUTO_MEMORY_SHARE * free:
+        return f"{need / 2**30:.1f} GiB of stacked copies, {free / 2**30:.1f} GiB free"
+    return None
 
 
 def pack(model: nnx.Module) -> MegaWeights:

@@ -1245,4 +1245,20 @@ s27a)  # twenty-second session: latency hoists (bits: 1 norm weights before the 
   run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
     --sparsities 0.75 --check-steps 2 --launches "$v" --out "$OUT/megastep_decode.jsonl"
   ;;
+s27b)  # the O phase's residual rows loaded once (the only hoist kept); "auto" takes the one-launch
+  # step for one prompt (GPU tests); the SmolLM2 shape; 4k-token caches (AUTO_MAX_CACHE)
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
+  run timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py -k fp32_sparse_generation
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes smollm2-135m \
+    --sparsities 0.5 0.75 0.9 --check-steps 2 --out "$OUT/megastep_decode.jsonl"
+  run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --sparsities 0.75 --check-steps 2 --out "$OUT/megastep_decode.jsonl"
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --no-dense --sparsities 0.75 --prompt-len 4000 --check-steps 1 \
+    --out "$OUT/megastep_decode.jsonl"
+  run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
+    --sparsities 0.75 --check-steps 2 --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac

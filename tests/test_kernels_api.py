@@ -211,7 +211,7 @@ def test_default_backend_runs_and_matches_xla_on_gpu(t, d, expect):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("impl", ["triton", "pallas"])
+@pytest.mark.parametrize("impl", ["triton", "pallas", "auto"])
 def test_fp32_sparse_generation_equals_xla_tokens_on_gpu(batch, impl):
     """fp32 SmolLM2-shaped random weights with a real threshold (tau 0.5, k free per token):
     exactly the XLA path's tokens, every sequence, no escape clause -- greedy, and sampled at
@@ -233,11 +233,15 @@ def test_fp32_sparse_generation_equals_xla_tokens_on_gpu(batch, impl):
     """
     if impl == "pallas":
         pytest.importorskip("prunepath_jax.kernels.pallas_decode")
+    from prunepath_jax import megastep
     from prunepath_jax.nn import route_args
 
     model = sparse_llama(PRESETS["smollm2-135m"], None, dtype=jnp.float32, seed=3)
     rng = np.random.default_rng(10 + batch)
     prompts = [list(rng.integers(0, 49152, 5 + 3 * i)) for i in range(batch)]
+    if impl == "auto":  # one prompt: the one-launch step (`megastep.auto_ok`), else the kernels
+        why = megastep.auto_ok(model, batch, route_args(model.cfg, 0.5), 64)
+        assert (why is None) == (batch == 1), why
     sampled = SamplingConfig(temperature=1.0, seed=batch)
     with jax.default_matmul_precision("highest"):
         for how, kw in (("greedy", {}), ("sampled", {"sampling": sampled})):

@@ -139,6 +139,41 @@ def test_bad_inputs_raise_clearly():
     st = megastep.MegaState(*(jnp.zeros(1),) * 6, fail=jnp.int32(3))
     with pytest.raises(RuntimeError, match="gave up"):
         megastep.check_fail(st)
+    odd = sparse_llama(small.replace(head_dim=48, d_model=432), 1, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="power-of-2 head_dim"):
+        megastep.check(odd)
+
+
+class _Device:
+    def __init__(self, free: int):
+        self.free = free
+
+    def memory_stats(self):
+        return {"bytes_limit": self.free + 100, "bytes_in_use": 100}
+
+
+def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch):
+    """generate's "auto" decision: one prompt, a budget, a GPU with jax-triton, a measured cache
+    length, the stacked copies within the memory share; every refusal says why."""
+    model = build(CASES[0])[0]
+    args = [0.5]
+    assert "GPU" in megastep.auto_ok(model, 1, args, 64) or jt.available()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jt, "jax_triton_module", lambda: None)
+    need = megastep.packed_bytes(model, 64)
+    mw = megastep.pack(model)
+    packed = sum(a.nbytes for a in mw)
+    assert need - packed == 2 * 2 * 64 * 2 * 16 * 4  # the stacked cache: k and v, fp32
+    monkeypatch.setattr(jax, "devices", lambda: [_Device(4 * need)])
+    assert megastep.auto_ok(model, 1, args, 64) is None
+    assert "one prompt" in megastep.auto_ok(model, 2, args, 64)
+    assert "budget" in megastep.auto_ok(model, 1, None, 64)
+    long = megastep.AUTO_MAX_CACHE + 64
+    assert "cache" in megastep.auto_ok(model, 1, args, long)
+    monkeypatch.setattr(jax, "devices", lambda: [_Device(need)])  # over the share
+    assert "GiB" in megastep.auto_ok(model, 1, args, 64)
+    dense = LlamaModel(PRESETS["smollm2-135m"].replace(n_layers=1), rngs=nnx.Rngs(0))
+    assert "PrunePath" in megastep.auto_ok(dense, 1, args, 64)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,121 @@
+"""The weight-streaming phases of the one-launch decode step (``triton_megastep``): the GEMVs
+over a program's contiguous output rows, the RMSNorm of the residual row, L2 prefetch of a
+block, and a program's share of the router logits.
+
+Why a file of its own: these are the phases bounded by bytes (every program streams its own
+block of rows), a different problem from the barriers and the phase order (``triton_megastep``)
+and from the latency-bound attention (``triton_megastep_attn``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from prunepath_jax.kernels.triton_l2 import l2_prefetch
+
+
+@triton.jit
+def _rows(w_ptr, r0, i, r1, K: tl.constexpr, K_PAD: tl.constexpr, BRC: tl.constexpr):
+    """Row chunk ``i`` of a program's rows ``[r0, r1)`` of a row-major ``[N, K]`` matrix: rows
+    ``r0 + i·BRC + [0, BRC)``, full width (contiguous rows), zeros outside."""
+    rb = r0 + i * BRC + tl.arange(0, BRC)
+    rk = tl.arange(0, K_PAD)
+    m = (rb[:, None] < r1) & (rk[None, :] < K)
+    return tl.load(w_ptr + rb[:, None] * K + rk[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _first_rows(w_ptr, pid, R: tl.constexpr, N, K: tl.constexpr, K_PAD: tl.constexpr,
+                BRC: tl.constexpr):  # fmt: skip
+    """Program ``pid``'s first row chunk of a GEMV phase: what it loads before a barrier."""
+    return _rows(w_ptr, pid * R, 0, tl.minimum(pid * R + R, N), K, K_PAD, BRC)
+
+
+@triton.jit
+def _gemv_rows(w_ptr, w0, x, out_ptr, f_ptr, pid, N, K: tl.constexpr, K_PAD: tl.constexpr,
+               R: tl.constexpr, BRC: tl.constexpr, RESID: tl.constexpr,
+               ST: tl.constexpr, NI_PAD: tl.constexpr):  # fmt: skip
+    """A GEMV phase over the program's ``R`` contiguous output rows, ``BRC`` full rows at a time
+    against the whole input ``x`` (f32 ``[K_PAD]``, zero past K, held in registers): chunk 0 from
+    the tile ``w0`` the program loaded before the barrier, the rest streamed by Triton's
+    software pipeliner (``ST`` stages of ``cp.async`` into shared memory, so ``ST - 1`` chunks are
+    in flight without registers).
+
+    ``RESID``: the residual update ``out[rows] += y + f[rows]`` (``f``: the previous FFN's sum,
+    zeroed here): every chunk's residual rows are loaded once, before the first reduction, as
+    ``[NI_PAD, BRC]`` (``NI_PAD = next_pow2(NI)``), and the results stored once after the loop
+    — not an L2 round trip after each chunk's reduction, which a load issued behind the
+    reduction's CTA barrier would be (1B: 706 vs 723 µs a token; BENCHMARKS.md, twenty-second
+    session)."""
+    NI: tl.constexpr = (R + BRC - 1) // BRC
+    r0 = pid * R
+    r1 = tl.minimum(r0 + R, N)
+    rc = tl.arange(0, BRC)
+    if RESID:
+        ri = tl.arange(0, NI_PAD)
+        rows2 = r0 + ri[:, None] * BRC + rc[None, :]
+        m2 = (rows2 < r1) & (ri[:, None] < NI)
+        hf = tl.load(out_ptr + rows2, mask=m2, other=0.0, cache_modifier=".cg")
+        hf += tl.load(f_ptr + rows2, mask=m2, other=0.0, cache_modifier=".cg")
+        y2 = tl.where(ri[:, None] == 0, tl.sum(w0.to(tl.float32) * x[None, :], 1)[None, :], 0.0)
+        for i in tl.range(1, NI, num_stages=ST):
+            w = _rows(w_ptr, r0, i, r1, K, K_PAD, BRC)
+            y2 = tl.where(ri[:, None] == i, tl.sum(w.to(tl.float32) * x[None, :], 1)[None, :], y2)
+        tl.store(f_ptr + rows2, tl.zeros_like(hf), mask=m2)
+        tl.store(out_ptr + rows2, y2 + hf, mask=m2)
+    else:
+        rm = r0 + rc < r1
+        tl.store(out_ptr + r0 + rc, tl.sum(w0.to(tl.float32) * x[None, :], 1), mask=rm)
+        for i in tl.range(1, NI, num_stages=ST):
+            w = _rows(w_ptr, r0, i, r1, K, K_PAD, BRC)
+            rows = r0 + i * BRC + rc
+            tl.store(out_ptr + rows, tl.sum(w.to(tl.float32) * x[None, :], 1), mask=rows < r1)
+
+
+@triton.jit
+def _normed(h_ptr, f_ptr, ln_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constexpr,
+            WITH_F: tl.constexpr):  # fmt: skip
+    """``(RMSNorm of the residual row, its 1 / rms)``, f32 ``[D_PAD]`` and a scalar; the row is
+    what other programs wrote (``.cg``), plus the FFN sum ``f`` not yet folded in (``WITH_F``).
+    (Loading the norm's weights before the grid barrier instead measured no faster at 1B and
+    49 µs a token slower at 8B, twenty-second session.)"""
+    rd = tl.arange(0, D_PAD)
+    h = tl.load(h_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
+    if WITH_F:
+        h += tl.load(f_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + EPS)
+    return h * rstd * tl.load(ln_ptr + rd, mask=rd < D, other=0.0).to(tl.float32), rstd
+
+
+@triton.jit
+def _pf_rows(w_ptr, pid, R: tl.constexpr, N, K: tl.constexpr, BRC: tl.constexpr,
+             PF: tl.constexpr, STEP: tl.constexpr):  # fmt: skip
+    """L2 prefetch of up to ``PF`` lines of a GEMV block's rows after the first chunk (which the
+    program loads into registers itself): the block is contiguous, ``[pid·R, pid·R + R)``."""
+    if PF > 0:
+        r1 = tl.minimum(pid * R + R, N)
+        if pid * R + BRC < r1:
+            start = (pid * R + BRC) * K
+            l2_prefetch(w_ptr + start, r1 * K - start, PF, STEP)
+
+
+@triton.jit
+def _router_part(wr_ptr, ln_ptr, h_ptr, lg_ptr, pid, R: tl.constexpr, R_PAD: tl.constexpr,
+                 D: tl.constexpr, E: tl.constexpr, BE: tl.constexpr,
+                 ST: tl.constexpr):  # fmt: skip
+    """Program ``pid``'s share of the router logits before the RMSNorm's scale:
+    ``lg[e] += Σ_r W_r[e, r]·ln2[r]·h[r]`` over its residual rows ``[pid·R, pid·R + R)`` (those
+    the O phase just wrote), added with relaxed atomics. The scale ``1 / rms(h)`` is common to
+    every logit, so the expert phase applies it: the router needs no grid barrier of its own."""
+    rr = pid * R + tl.arange(0, R_PAD)
+    rm = rr < tl.minimum(pid * R + R, D)
+    hv = tl.load(h_ptr + rr, mask=rm, other=0.0, cache_modifier=".cg")
+    hv *= tl.load(ln_ptr + rr, mask=rm, other=0.0).to(tl.float32)
+    re = tl.arange(0, BE)
+    for e0 in tl.range(0, E, BE, num_stages=ST):
+        em = e0 + re < E
+        w = tl.load(wr_ptr + (e0 + re)[:, None] * D + rr[None, :], mask=em[:, None] & rm[None, :],
+                    other=0.0)  # fmt: skip
+        part = tl.sum(w.to(tl.float32) * hv[None, :], 1)
+        tl.atomic_add(lg_ptr + e0 + re, part, mask=em, sem="relaxed")
