@@ -86,9 +86,11 @@ def check(model: nnx.Module) -> PrunePathFFN:
     return ffn
 
 
-# "auto" takes the one-launch step up to this KV-cache length (measured faster than the default
-# kernels there; BENCHMARKS.md, twenty-second session).
-AUTO_MAX_CACHE = 4096
+# "auto" takes the one-launch step up to this KV-cache length. Measured against the default
+# kernels at 75% (BENCHMARKS.md, twenty-second session): faster at a 256-position cache at every
+# shape (SmolLM2 1.9-2.0x, 1B 1.2x, 8B 1.07x) and at 4096 positions at 1B (920 vs 982 µs a
+# token), 1% slower at 8B at 4096 (3124 vs 3086: its attention phase grows to 26 µs a layer).
+AUTO_MAX_CACHE = 2048
 # ... and when its stacked copies (layer weights, KV cache) fit in this share of the free memory.
 AUTO_MEMORY_SHARE = 0.5
 
