@@ -1261,4 +1261,10 @@ s27b)  # the O phase's residual rows loaded once (the only hoist kept); "auto" t
   run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
     --sparsities 0.75 --check-steps 2 --out "$OUT/megastep_decode.jsonl"
   ;;
+s27c)  # real SmolLM2 (GGUF in two carries: /tmp/gguf_a from the call before), batch 1: the
+  # default kernels vs the one-launch step ("auto" for one prompt)
+  cat /tmp/gguf_a .gpu_model/b/part01 > /tmp/smollm2.gguf && md5sum /tmp/smollm2.gguf | tee -a "$OUT/log.txt"
+  run timeout 330 python3 scripts/smollm2_decode.py --gguf /tmp/smollm2.gguf --batches 1 \
+    --taus 0.5 0.9 --impls xla pallas megastep --out "$OUT/smollm2_decode.jsonl"
+  ;;
 esac

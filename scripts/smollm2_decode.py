@@ -8,6 +8,7 @@ cancel; the median of 7 paired repeats, with their range). The FFN sparsity is m
 generated text (routing statistics of a forward pass over prompt + output).
 
     python scripts/smollm2_decode.py --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf
+    python scripts/smollm2_decode.py --gguf ... --batches 1 --impls xla pallas megastep
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def prefill_check(model, ps, tau, impls) -> list[dict]:
     args = route_args(model.cfg, tau)
     rows, ref = [], None
     for impl in impls:
+        if impl in ("megastep", "auto"):  # decode-only choices: their prefill is "auto"'s
+            continue
         set_compute(model, "kernel", impl)
         res = model(x, ffn_args=args)
         lg = np.asarray(res.logits[:, -1].astype(jnp.float32))
