@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 import tyro
 
 DTYPES = Literal["float32", "bfloat16"]
+IMPLS = Literal["model", "auto", "xla", "triton", "pallas", "megastep"]
 
 
 def _load(model: str, dtype: str):
@@ -48,6 +49,10 @@ class Generate:
     dtype: DTYPES = "float32"
     tau: float = 1.05
     """PrunePath budget (PrunePath checkpoints only); > 1 uses every expert."""
+    implementation: IMPLS = "model"
+    """"model": the model's own XLA paths; "auto": the fastest measured kernels on a GPU (one
+    prompt: the whole decode step in one launch, where it runs); or one backend (generate's
+    `implementation`)."""
 
     def run(self) -> None:
         from prunepath_jax.generate import SamplingConfig, generate
@@ -68,6 +73,7 @@ class Generate:
             pad_id=tok.pad_id,
             ffn_args=route_args(pre.config, self.tau) if pre.config.prunepath else None,
             progress=True,
+            implementation=None if self.implementation == "model" else self.implementation,
         )
         dt = time.perf_counter() - t0
         for p, o in zip(self.prompt, out, strict=True):
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd = tyro.cli(Command, args=args, prog="prunepath")
     try:
         cmd.run()
-    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+    except (FileNotFoundError, ValueError, NotImplementedError) as e:  # one clear line
         print(f"prunepath: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from hf_fixtures import tiny_llama  # noqa: E402
+from hf_fixtures import byte_tokenizer, tiny_llama  # noqa: E402
 
 from prunepath_jax.cli import main  # noqa: E402
 
@@ -46,3 +46,31 @@ def test_generate_default_model(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNEPATH_CACHE", str(tmp_path))
     main(["generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "12"])
     assert "Paris" in capsys.readouterr().out
+
+
+@pytest.fixture
+def pp_checkpoint(tmp_path):
+    """A tiny PrunePath Llama checkpoint with a byte tokenizer (vocabulary 260)."""
+    import jax.numpy as jnp
+
+    from prunepath_jax.checkpoint import save_model
+    from prunepath_jax.config import PRESETS
+    from prunepath_jax.kernels.synthetic import sparse_llama
+
+    cfg = PRESETS["smollm2-135m"].replace(n_layers=2, d_model=64, d_ff=128, n_heads=4,
+                                          n_kv_heads=2, head_dim=16, vocab_size=260)  # fmt: skip
+    model = sparse_llama(cfg, None, dtype=jnp.float32, seed=1)
+    save_model(tmp_path / "ckpt", model, model.cfg, tokenizer=byte_tokenizer())
+    return str(tmp_path / "ckpt")
+
+
+def test_generate_takes_an_implementation(pp_checkpoint, capsys):
+    """`--implementation xla` runs the kernel registry's XLA path on the CPU and prints text;
+    the one-launch step needs a GPU, which is one clear line here."""
+    base = ["generate", "--model", pp_checkpoint, "--tau", "0.5", "--max-new-tokens", "4"]
+    main([*base, "--implementation", "xla", "--no-chat", "--prompt", "to be"])
+    assert "### to be" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--implementation", "megastep", "--no-chat"])
+    assert e.value.code == 2
+    assert "CUDA GPU" in capsys.readouterr().err
