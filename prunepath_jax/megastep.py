@@ -96,12 +96,17 @@ AUTO_MEMORY_SHARE = 0.5
 
 
 def packed_bytes(model: nnx.Module, cache_len: int) -> int:
-    """Bytes of ``pack``'s copy (the router in float32) plus the stacked KV cache."""
+    """Bytes of ``pack``'s copy (the router in float32) plus the stacked KV cache; from shapes
+    only, so an abstract model (``nnx.eval_shape``) plans its memory too."""
+
+    def nbytes(v, dtype=None) -> int:
+        return int(np.prod(v.shape)) * jnp.dtype(dtype or v.dtype).itemsize
+
     n = 0
     for b in model.layers:
-        n += b.input_layernorm.weight[...].nbytes + b.post_attention_layernorm.weight[...].nbytes
-        n += b.self_attn.qkv_proj.kernel[...].nbytes + b.self_attn.o_proj.kernel[...].nbytes
-        n += b.mlp.router[...].size * 4 + b.mlp.w_in[...].nbytes + b.mlp.w_out[...].nbytes
+        n += nbytes(b.input_layernorm.weight) + nbytes(b.post_attention_layernorm.weight)
+        n += nbytes(b.self_attn.qkv_proj.kernel) + nbytes(b.self_attn.o_proj.kernel)
+        n += nbytes(b.mlp.router, jnp.float32) + nbytes(b.mlp.w_in) + nbytes(b.mlp.w_out)
     cfg = model.cfg
     item = jnp.dtype(model.embed_tokens.embedding.dtype).itemsize
     return n + 2 * cfg.n_layers * cache_len * cfg.n_kv_heads * cfg.head_dim * item
