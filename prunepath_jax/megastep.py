@@ -112,12 +112,20 @@ def packed_bytes(model: nnx.Module, cache_len: int) -> int:
     return n + 2 * cfg.n_layers * cache_len * cfg.n_kv_heads * cfg.head_dim * item
 
 
+def _free_bytes(leaves) -> int:
+    """Free bytes on the device holding the weights (0 where it reports no figures)."""
+    placed = [x for x in leaves if hasattr(x, "sharding")]
+    dev = next(iter(placed[0].sharding.device_set)) if placed else jax.devices()[0]
+    stats = dev.memory_stats() or {}
+    return stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+
+
 def auto_ok(model: nnx.Module, n_prompts: int, ffn_args, cache_len: int) -> str | None:
     """Why ``generate(..., implementation="auto")`` does not take the one-launch step, or None
     when it does: one prompt of a PrunePath Llama it computes, a budget, a GPU with jax-triton,
-    a cache of at most ``AUTO_MAX_CACHE`` positions, and its stacked copies within
-    ``AUTO_MEMORY_SHARE`` of the device's free memory (it doubles the layer weights while it
-    decodes; where the device reports no memory figures, it is not taken)."""
+    a cache of at most ``AUTO_MAX_CACHE`` positions, weights on one device, and its stacked
+    copies within ``AUTO_MEMORY_SHARE`` of that device's free memory (it doubles the layer
+    weights while it decodes; where the device reports no memory figures, it is not taken)."""
     if n_prompts != 1 or ffn_args is None:
         return "one prompt and a budget tau"
     if jax.default_backend() != "gpu":
@@ -131,8 +139,10 @@ def auto_ok(model: nnx.Module, n_prompts: int, ffn_args, cache_len: int) -> str 
         return str(err)
     if cache_len > AUTO_MAX_CACHE:
         return f"a KV cache of at most {AUTO_MAX_CACHE} positions (measured), got {cache_len}"
-    stats = jax.devices()[0].memory_stats() or {}
-    free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+    leaves = jax.tree.leaves(nnx.state(model))
+    if any(len(x.sharding.device_set) > 1 for x in leaves if hasattr(x, "sharding")):
+        return "weights on one device (the launch runs on one GPU; these are sharded)"
+    free = _free_bytes(leaves)
     need = packed_bytes(model, cache_len)
     if need > AUTO_MEMORY_SHARE * free:
         return f"{need / 2**30:.1f} GiB of stacked copies, {free / 2**30:.1f} GiB free"

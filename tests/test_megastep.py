@@ -144,14 +144,6 @@ def test_bad_inputs_raise_clearly():
         megastep.check(odd)
 
 
-class _Device:
-    def __init__(self, free: int):
-        self.free = free
-
-    def memory_stats(self):
-        return {"bytes_limit": self.free + 100, "bytes_in_use": 100}
-
-
 def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch):
     """generate's "auto" decision: one prompt, a budget, a GPU with jax-triton, a measured cache
     length, the stacked copies within the memory share; every refusal says why."""
@@ -164,16 +156,21 @@ def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch)
     mw = megastep.pack(model)
     packed = sum(a.nbytes for a in mw)
     assert need - packed == 2 * 2 * 64 * 2 * 16 * 4  # the stacked cache: k and v, fp32
-    monkeypatch.setattr(jax, "devices", lambda: [_Device(4 * need)])
+    assert megastep._free_bytes(jax.tree.leaves(nnx.state(model))) >= 0  # CPU: no figures
+    monkeypatch.setattr(megastep, "_free_bytes", lambda leaves: 4 * need)
     assert megastep.auto_ok(model, 1, args, 64) is None
     assert "one prompt" in megastep.auto_ok(model, 2, args, 64)
     assert "budget" in megastep.auto_ok(model, 1, None, 64)
     long = megastep.AUTO_MAX_CACHE + 64
     assert "cache" in megastep.auto_ok(model, 1, args, long)
-    monkeypatch.setattr(jax, "devices", lambda: [_Device(need)])  # over the share
+    monkeypatch.setattr(megastep, "_free_bytes", lambda leaves: need)  # over the share
     assert "GiB" in megastep.auto_ok(model, 1, args, 64)
     dense = LlamaModel(PRESETS["smollm2-135m"].replace(n_layers=1), rngs=nnx.Rngs(0))
     assert "PrunePath" in megastep.auto_ok(dense, 1, args, 64)
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("model",))  # conftest: 8
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    nnx.update(model, jax.device_put(nnx.state(model), spec))
+    assert "one device" in megastep.auto_ok(model, 1, args, 64)
 
 
 @pytest.mark.gpu
