@@ -122,7 +122,9 @@ def forced_parity(model, ps, conts, paths, tau=None) -> list[dict]:
     return rows
 
 
-def decode_tps(model, ps, n1, n2, repeats=7, **kw) -> tuple[float, list[float], list[list[int]]]:
+def decode_tps(
+    model, ps, n1, n2, repeats=7, chunk=8, **kw
+) -> tuple[float, list[float], list[list[int]]]:
     """Decode tokens/s per sequence from two forced lengths, and the longer greedy output.
 
     Each repeat times the two lengths back to back and gives one paired estimate
@@ -132,13 +134,13 @@ def decode_tps(model, ps, n1, n2, repeats=7, **kw) -> tuple[float, list[float], 
     spread says how far a single number can be trusted.
     """
     for n in (n1, n2):  # compile both lengths first
-        generate(model, ps, n, chunk=8, **kw)
+        generate(model, ps, n, chunk=chunk, **kw)
     rates = []
     for _ in range(repeats):
         t = {}
         for n in (n1, n2):
             t0 = time.perf_counter()
-            out = generate(model, ps, n, chunk=8, **kw)
+            out = generate(model, ps, n, chunk=chunk, **kw)
             t[n] = time.perf_counter() - t0
         rates.append((n2 - n1) / (t[n2] - t[n1]))
     return float(np.median(rates)), [min(rates), max(rates)], out
@@ -162,6 +164,10 @@ def main():
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--lengths", nargs=2, type=int, default=[16, 80])
     ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=7, help="paired timings per rate (median)")
+    ap.add_argument(
+        "--chunk", type=int, default=8, help="decode steps per compiled call (host checks between)"
+    )
     ap.add_argument("--out", default="results/smollm2_decode.jsonl")
     ap.add_argument(
         "--parity",
@@ -186,10 +192,12 @@ def main():
         ps = prompts(pre.tokenizer, b)
         # Our dense decode at its fastest ("auto": the attention kernel where it measured
         # faster), the baseline of every ratio; dense with XLA attention too, for reference.
-        dense_tps, rng, _ = decode_tps(pre.model, ps, n1, n2, implementation="auto")
+        dense_tps, rng, _ = decode_tps(
+            pre.model, ps, n1, n2, a.repeats, a.chunk, implementation="auto"
+        )
         emit({"batch": b, "impl": "dense", "tau": None, "tok_s_per_seq": dense_tps,
               "tok_s_range": rng})  # fmt: skip
-        xla_tps, rng, dense_out = decode_tps(pre.model, ps, n1, n2)
+        xla_tps, rng, dense_out = decode_tps(pre.model, ps, n1, n2, a.repeats, a.chunk)
         emit({"batch": b, "impl": "dense_xla_attention", "tau": None, "tok_s_per_seq": xla_tps,
               "tok_s_range": rng, "speedup_vs_dense": xla_tps / dense_tps})  # fmt: skip
         if a.parity:  # the bf16 noise floor: dense, XLA vs kernel attention, same tokens
@@ -206,7 +214,9 @@ def main():
             base = None
             for impl in a.impls:
                 try:
-                    tps, rng, out = decode_tps(model, ps, n1, n2, tau=tau, implementation=impl)
+                    tps, rng, out = decode_tps(
+                        model, ps, n1, n2, a.repeats, a.chunk, tau=tau, implementation=impl
+                    )
                 except Exception as err:  # an unsupported backend is a row too
                     emit({"batch": b, "impl": impl, "tau": tau, "error": repr(err)[:300]})
                     continue
