@@ -3,11 +3,16 @@ default sparse decode (the Pallas kernels, ~10 launches a layer) and our dense d
 
 Random weights at real shapes, exactly k experts per token (``kernels.synthetic.sparse_llama``),
 the same loop shape as ``sparse_decode.py`` (``steps`` tokens per compiled call from a cache
-filled to ``prompt_len`` positions, median over ``chunks`` calls after a warm-up). Before
+filled to ``prompt_len`` positions, the mean over ``chunks`` calls after a warm-up). With
+``--rounds R`` the launch variants are timed R times each, interleaved (every variant once a
+round), and each row gives the median, the range and the median ratio to the first variant
+within a round: on this noisy machine (±1-2% between processes) that separates 1% effects. Before
 timing, a teacher-forced check: ``check_steps`` decode steps through both paths from the same
 cache, fed the same tokens, comparing logits, greedy tokens and experts per layer.
 
     python benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b --sparsities 0.75
+    python benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense --rounds 5 \
+        --launches '{"base": {}, "w4": {"warps": 4}}'
 """
 
 from __future__ import annotations
@@ -52,29 +57,62 @@ def _state(model, prompt_len, ctx) -> megastep.MegaState:
     )  # fmt: skip
 
 
-def time_mega(model, mw, tau_l, prompt_len, steps, chunks, launch, trace=False) -> dict:
-    """µs per decode step of the one-launch path (same loop shape as ``time_decode``); with
-    ``trace``, also every kernel's device µs a step in one more (traced) call: what runs
-    outside the one launch (embedding, LM head, sampling) and the launch itself."""
-    st = _state(model, prompt_len, decode_cache_len(prompt_len, steps, chunks + trace))
+def mega_timer(model, mw, tau_l, prompt_len, steps, chunks, launch):
+    """A compiled, warmed ``() -> (µs per step, barrier failures)`` of the one-launch path
+    (same loop shape as ``time_decode``): each call times ``chunks`` calls of ``steps`` tokens
+    from a fresh cache at ``prompt_len`` after one untimed call, so every call sees the same
+    context lengths and calls of several variants can interleave (``round_stats``)."""
+    ctx = decode_cache_len(prompt_len, steps, chunks)
     graphdef, state = nnx.split(model)
     args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), tau_l)
     kw = dict(n_steps=steps, greedy=True, launch=launch)
-    for _ in range(2):
+
+    def run() -> tuple[float, int]:
+        st = _state(model, prompt_len, ctx)
         st, _ = megastep.decode_chunk(graphdef, state, mw, st, *args, **kw)
-    jax.block_until_ready(st)
-    t0 = time.perf_counter()
-    for _ in range(chunks):
-        st, _ = megastep.decode_chunk(graphdef, state, mw, st, *args, **kw)
-    jax.block_until_ready(st)
-    dt = (time.perf_counter() - t0) / (chunks * steps)
-    out = {"us_per_step": dt * 1e6, "barrier_failures": int(np.asarray(st.fail))}
-    if trace:
-        ev = traced_events(lambda s: megastep.decode_chunk(graphdef, state, mw, s, *args, **kw), st)
-        tr = summarize(ev, steps)
-        out["trace_us_per_step"] = {k["name"]: round(k["us_per_step"], 2) for k in tr["kernels"]}
-        out["trace_busy_span_us_per_step"] = [tr["busy_us_per_step"], tr["span_us_per_step"]]
+        jax.block_until_ready(st)
+        t0 = time.perf_counter()
+        for _ in range(chunks):
+            st, _ = megastep.decode_chunk(graphdef, state, mw, st, *args, **kw)
+        jax.block_until_ready(st)
+        return (time.perf_counter() - t0) / (chunks * steps) * 1e6, int(np.asarray(st.fail))
+
+    run()  # compile
+    return run
+
+
+def round_stats(us: dict[str, list[float]]) -> dict[str, dict]:
+    """Per variant, from ``rounds`` interleaved timings each (``us[label][r]``, every variant
+    timed once in round r before any in round r + 1): the median µs per step, the range, and
+    the median over rounds of the ratio to the first variant's time in the same round — a
+    drift of the machine between rounds moves both sides of each ratio alike."""
+    first = next(iter(us.values()))
+    out = {}
+    for label, t in us.items():
+        t = np.asarray(t, np.float64)
+        out[label] = {
+            "us_per_step": float(np.median(t)),
+            "us_range": [float(t.min()), float(t.max())],
+            "rounds": len(t),
+            "vs_first": float(np.median(t / np.asarray(first, np.float64))),
+        }
     return out
+
+
+def trace_mega(model, mw, tau_l, prompt_len, steps, launch) -> dict:
+    """Every kernel's device µs a step in one traced call: what runs outside the one launch
+    (embedding, LM head, sampling) and the launch itself."""
+    st = _state(model, prompt_len, decode_cache_len(prompt_len, steps, 1))
+    graphdef, state = nnx.split(model)
+    args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), tau_l)
+    kw = dict(n_steps=steps, greedy=True, launch=launch)
+    st, _ = megastep.decode_chunk(graphdef, state, mw, st, *args, **kw)
+    ev = traced_events(lambda s: megastep.decode_chunk(graphdef, state, mw, s, *args, **kw), st)
+    tr = summarize(ev, steps)
+    return {
+        "trace_us_per_step": {k["name"]: round(k["us_per_step"], 2) for k in tr["kernels"]},
+        "trace_busy_span_us_per_step": [tr["busy_us_per_step"], tr["span_us_per_step"]],
+    }
 
 
 PHASE_NAMES = ("A norm+qkv", "B attention", "C o+residual", "D norm+router", "F experts")
@@ -197,6 +235,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--chunks", type=int, default=6)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="timings per variant, interleaved across variants (median, range, paired ratio)",
+    )
     ap.add_argument("--check-steps", type=int, default=8)
     ap.add_argument(
         "--launches",
@@ -236,6 +280,7 @@ def main() -> None:
             set_k(sparse, k)
             set_compute(sparse, "kernel", "pallas")
             mw = megastep.pack(sparse)
+            prepared = {}  # label -> (timer, the check's and timeline's fields)
             for label, launch in launches.items():
                 try:
                     chk = check(sparse, mw, args, tau_l, a.prompt_len, a.check_steps, launch,
@@ -243,15 +288,27 @@ def main() -> None:
                     if chk["check_barrier_failures"]:  # not co-resident: every barrier times out
                         emit({"shape": shape, "impl": f"megastep_{label}", **chk})
                         continue
-                    r = time_mega(sparse, mw, tau_l, a.prompt_len, a.steps, a.chunks, launch,
-                                  a.trace)  # fmt: skip
-                    r.update(phase_times(sparse, mw, tau_l, a.prompt_len, a.steps, a.chunks,
-                                         launch))  # fmt: skip
+                    fields = {**chk, **phase_times(sparse, mw, tau_l, a.prompt_len, a.steps,
+                                                   a.chunks, launch)}  # fmt: skip
+                    if a.trace:
+                        fields.update(trace_mega(sparse, mw, tau_l, a.prompt_len, a.steps, launch))
+                    timer = mega_timer(sparse, mw, tau_l, a.prompt_len, a.steps, a.chunks, launch)
+                    prepared[label] = (timer, fields)
                 except Exception as err:  # report and go on with the next variant
                     print(f"{shape} s{s} {label}: {type(err).__name__}: {err}"[:600], flush=True)
-                    continue
+            us = {label: [] for label in prepared}
+            fails = dict.fromkeys(prepared, 0)
+            for _ in range(a.rounds):  # interleaved: each variant once a round
+                for label, (timer, _) in prepared.items():
+                    t, f = timer()
+                    us[label].append(t)
+                    fails[label] += f
+            stats = round_stats(us) if us else {}
+            for label, (_, fields) in prepared.items():
+                r = stats[label]
                 emit({"shape": shape, "impl": f"megastep_{label}", "sparsity": 1 - k / e, "k": k,
-                      "E": e, "launch": launch._asdict(), **chk, **r,
+                      "E": e, "launch": launches[label]._asdict(), **fields, **r,
+                      "barrier_failures": fails[label],
                       "speedup_vs_dense": ratio(dense_us, r)})  # fmt: skip
             del mw
             set_compute(sparse, "kernel", "pallas")
@@ -260,7 +317,7 @@ def main() -> None:
                   "E": e, "us_per_step": r["us_per_step"],
                   "speedup_vs_dense": ratio(dense_us, r)})  # fmt: skip
         del sparse
-    cols = ["shape", "impl", "sparsity", "k", "us_per_step", "speedup_vs_dense",
+    cols = ["shape", "impl", "sparsity", "k", "us_per_step", "vs_first", "speedup_vs_dense",
             "max_rel_logit_err", "argmax_agree", "k_equal_steps", "barrier_failures"]  # fmt: skip
     print(
         f"\n{head['date']} commit {head['commit']} on {head['device']}; copy {bw / 1e12:.2f} TB/s"

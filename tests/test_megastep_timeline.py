@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from megastep_decode import timeline  # noqa: E402
+from megastep_decode import round_stats, timeline  # noqa: E402
 
 from prunepath_jax.kernels.triton_megastep import N_SLOTS  # noqa: E402
 
@@ -30,3 +30,12 @@ def test_timeline_reads_barrier_openings_wake_and_work():
     assert r["work_max_us"]["F experts"] == pytest.approx(3.6)  # 8.1 - 4.5
     assert (r["F_select_us"], r["F_units_us"], r["F_atomics_us"]) == pytest.approx((0.5, 2.55, 0.1))
     assert r["layers_us"] == pytest.approx(8.1)
+
+
+def test_round_stats_pairs_each_round_with_the_first_variant():
+    """A drift that slows round 2 for everyone leaves the paired ratio alone."""
+    us = {"base": [100.0, 130.0, 101.0], "new": [98.0, 127.4, 99.0]}
+    r = round_stats(us)
+    assert r["base"]["vs_first"] == 1.0 and r["base"]["rounds"] == 3
+    assert r["new"]["us_per_step"] == 99.0 and r["new"]["us_range"] == [98.0, 127.4]
+    assert r["new"]["vs_first"] == pytest.approx(0.98)  # ratios 0.98, 0.98, 0.980...
