@@ -99,6 +99,12 @@ PREFETCH_KEYS = 64
 # reductions a unit: the 1B unit loop 9.1 vs 10.8 µs a layer, 8B (bound by bytes) the same
 # (BENCHMARKS.md, twenty-first session).
 UNIT_TABLE = True
+# Software-pipeline stages of the attention items' key-block loop: 1 (a plain loop, each block's
+# keys and values loaded after the previous block's dots: L2 round trips in a row) is what was
+# measured; 2-3 (cp.async into shared memory, blocks loaded ahead) compile for sm_90 and pass the
+# interpreter tests but are NOT yet measured on the GPU (written after the twenty-second
+# session's last device run; `--launches '{"a1": {}, "a3": {"attn_stages": 3}}' --rounds 5`).
+ATTN_STAGES = 1
 
 
 @triton.jit
@@ -167,7 +173,7 @@ def _megastep_kernel(
     RC: tl.constexpr, RC_PAD: tl.constexpr, BE: tl.constexpr, PF_A: tl.constexpr,
     PF_C: tl.constexpr, PF_D: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     STEP_D: tl.constexpr, PF_KEYS: tl.constexpr, LPR: tl.constexpr, PF_R: tl.constexpr,
-    UT: tl.constexpr, NIC_PAD: tl.constexpr,
+    UT: tl.constexpr, NIC_PAD: tl.constexpr, AST: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -207,7 +213,7 @@ def _megastep_kernel(
         for item in range(pid, KV * S, P):
             _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos_ptr,
                           sin_ptr, pos, lw, item // S, item % S, HQ, KV, HD, GQ, GQ_PAD, S, S_PAD,
-                          BT, S_MAX, SCALE, DOT_F32)  # fmt: skip
+                          BT, S_MAX, SCALE, DOT_F32, AST)  # fmt: skip
         _stamp(tim_ptr, pid, t + 3, NT, TIMING)
         _arrive(ctr_ptr)
         wo = _first_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, NA_PAD, BRC_C)
@@ -331,7 +337,8 @@ def constants(
     k_min: int = 1, k_max: int | None = None, spin: int = SPIN, timing: bool = False,
     gemv_stages: int = STAGES, unit_stages: int = STAGES, router_in_c: bool = True,
     prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
-    prefetch_keys: int = PREFETCH_KEYS, unit_table: bool = UNIT_TABLE, interpret: bool = False,
+    prefetch_keys: int = PREFETCH_KEYS, unit_table: bool = UNIT_TABLE,
+    attn_stages: int = ATTN_STAGES, interpret: bool = False,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -368,7 +375,7 @@ def constants(
         EPS=float(eps), NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min,
         K_MAX=e if k_max is None else k_max, SCALE=float(hd**-0.5), SPIN=spin,
         TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
-        NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
+        AST=int(attn_stages), NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
     )  # fmt: skip
 
 
@@ -380,7 +387,7 @@ def megastep(
     timing: bool = False, interpret: bool = False, gemv_stages: int = STAGES,
     unit_stages: int = STAGES, router_in_c: bool = True, prefetch_kb: int = PREFETCH_KB,
     prefetch_o_kb: int = PREFETCH_O_KB, prefetch_keys: int = PREFETCH_KEYS,
-    unit_table: bool = UNIT_TABLE,
+    unit_table: bool = UNIT_TABLE, attn_stages: int = ATTN_STAGES,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
@@ -425,8 +432,10 @@ def megastep(
             f"expert count, else a power of 2), block_t={block_t} (a power of 2 >= 16: the "
             "attention's dot needs 16 keys)"
         )
-    if gemv_stages < 1 or unit_stages < 1:
-        raise ValueError(f"pipeline stages must be >= 1: {gemv_stages}, {unit_stages}")
+    if min(gemv_stages, unit_stages, attn_stages) < 1:
+        raise ValueError(
+            f"pipeline stages must be >= 1: {gemv_stages}, {unit_stages}, {attn_stages}"
+        )
     if min(prefetch_kb, prefetch_o_kb, prefetch_keys) < 0:
         raise ValueError(
             f"prefetch sizes must be >= 0: {prefetch_kb} KB, {prefetch_o_kb} KB, "
@@ -439,7 +448,7 @@ def megastep(
         eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin, timing=timing,
         gemv_stages=gemv_stages, unit_stages=unit_stages, router_in_c=router_in_c,
         prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, prefetch_keys=prefetch_keys,
-        unit_table=unit_table, interpret=interpret,
+        unit_table=unit_table, attn_stages=attn_stages, interpret=interpret,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32

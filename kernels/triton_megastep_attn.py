@@ -72,7 +72,8 @@ def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, c
                       sin_ptr, pos, layer, g, s, HQ: tl.constexpr, KV: tl.constexpr,
                       HD: tl.constexpr, GQ: tl.constexpr, GQ_PAD: tl.constexpr, S: tl.constexpr,
                       S_PAD: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr,
-                      SCALE: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+                      SCALE: tl.constexpr, DOT_F32: tl.constexpr,
+                      AST: tl.constexpr):  # fmt: skip
     """Work item (head g, key split s): the scores and the value sum as ``tl.dot`` (tensor
     cores for 16-bit caches, exact fp32 otherwise) over the group's query heads padded to 16
     rows, the keys and values read as whole rows. As the XLA decode step: queries rounded to
@@ -91,7 +92,7 @@ def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, c
     lsum = tl.zeros([QM], tl.float32)
     acc = tl.zeros([QM, HD], tl.float32)
     rt = tl.arange(0, BT)
-    for t in range(t0, t1, BT):
+    for t in tl.range(t0, t1, BT, num_stages=AST):  # AST > 1: cp.async-pipelined key blocks
         tt = t + rt
         tm = tt < t1
         kb = ((layer * S_MAX + tt) * KV + g) * HD

@@ -57,6 +57,7 @@ class Launch(NamedTuple):
     prefetch_o_kb: int | None = None
     prefetch_keys: int | None = None
     unit_table: bool | None = None
+    attn_stages: int | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:

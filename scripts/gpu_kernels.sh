@@ -1267,4 +1267,12 @@ s27c)  # real SmolLM2 (GGUF in two carries: /tmp/gguf_a from the call before), b
   run timeout 330 python3 scripts/smollm2_decode.py --gguf /tmp/smollm2.gguf --batches 1 \
     --taus 0.5 0.9 --impls xla pallas megastep --out "$OUT/smollm2_decode.jsonl"
   ;;
+s28a)  # next session, first: the interleaved timing (--rounds) and the pipelined attention loop
+  # (attn_stages, written but not measured in the twenty-second session), 75%, both shapes
+  v='{"a1": {}, "a2": {"attn_stages": 2}, "a3": {"attn_stages": 3}, "a3s2": {"attn_stages": 3, "splits": 2}}'
+  run timeout 280 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --sparsities 0.75 --check-steps 1 --rounds 5 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  run timeout 300 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
+    --sparsities 0.75 --check-steps 1 --rounds 5 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac

@@ -98,6 +98,18 @@ def test_lowers_for_sm90_with_gpu_scope_barriers(timing, router_in_c):
     assert bool(ca) == const["UT"] and all("], 0x4," in ln for ln in ca)
 
 
+def test_attention_stages_pipeline_the_key_blocks_for_sm90():
+    """``attn_stages`` > 1 turns the attention items' key/value loads into cp.async copies (more
+    of them than in the plain loop); 1 is the plain loop the measurements were taken with."""
+    shape = (2, 2048, 32, 8, 64, 256, 32, 512)
+    counts = []
+    for st in (1, 3):
+        const = tm.constants(*shape, programs=132, attn_stages=st)
+        ptx = sm90_compile(tm._megastep_kernel, _signature(False), const, warps=4, stages=1)
+        counts.append(ptx.asm["ptx"].count("cp.async.cg"))
+    assert counts[1] > counts[0], counts
+
+
 def test_bad_inputs_raise_clearly():
     c = CASES[0]
     model, args, cache, tok, pos = build(c)
@@ -120,6 +132,8 @@ def test_bad_inputs_raise_clearly():
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, block_t=8)
     with pytest.raises(ValueError, match="stages"):
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, unit_stages=0)
+    with pytest.raises(ValueError, match="stages"):
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, attn_stages=0)
     with pytest.raises(ValueError, match="prefetch sizes"):
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, prefetch_keys=-1)
     two = jax.tree.map(lambda a: jnp.concatenate([a, a]), cache)
