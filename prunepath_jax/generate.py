@@ -339,7 +339,7 @@ def generate(
     if implementation == "auto":
         from prunepath_jax import megastep
 
-        mega = megastep.auto_ok(model, len(prompts), ffn_args, cache_len) is None
+        mega = megastep.auto_ok(model, len(prompts), ffn_args, cache_len, dtype) is None
     if mega:
         mw = _megastep_setup(model, len(prompts), ffn_args)
     graphdef, state = _split(model, "auto" if mega else implementation, cache_len, len(prompts))

@@ -121,10 +121,14 @@ def _free_bytes(leaves) -> int:
     return stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
 
 
-def auto_ok(model: nnx.Module, n_prompts: int, ffn_args, cache_len: int) -> str | None:
+def auto_ok(
+    model: nnx.Module, n_prompts: int, ffn_args, cache_len: int, cache_dtype=None
+) -> str | None:
     """Why ``generate(..., implementation="auto")`` does not take the one-launch step, or None
     when it does: one prompt of a PrunePath Llama it computes, a budget, a GPU with jax-triton,
-    a cache of at most ``AUTO_MAX_CACHE`` positions, weights on one device, and its stacked
+    bf16 or fp32 weights and cache (``cache_dtype``: the embedding's when None; the dtypes it
+    was measured and tested with), a cache of at most ``AUTO_MAX_CACHE`` positions, weights on
+    one device, and its stacked
     copies within ``AUTO_MEMORY_SHARE`` of that device's free memory (it doubles the layer
     weights while it decodes; where the device reports no memory figures, it is not taken)."""
     if n_prompts != 1 or ffn_args is None:
@@ -138,6 +142,10 @@ def auto_ok(model: nnx.Module, n_prompts: int, ffn_args, cache_len: int) -> str 
         jt.jax_triton_module()
     except (ValueError, NotImplementedError) as err:
         return str(err)
+    weights = jnp.dtype(model.embed_tokens.embedding.dtype)
+    dtypes = {weights, jnp.dtype(cache_dtype or weights)}
+    if not dtypes <= {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}:
+        return f"bfloat16 or float32 weights and cache, got {sorted(map(str, dtypes))}"
     if cache_len > AUTO_MAX_CACHE:
         return f"a KV cache of at most {AUTO_MAX_CACHE} positions (measured), got {cache_len}"
     leaves = jax.tree.leaves(nnx.state(model))

@@ -177,6 +177,10 @@ def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch)
     assert "budget" in megastep.auto_ok(model, 1, None, 64)
     long = megastep.AUTO_MAX_CACHE + 64
     assert "cache" in megastep.auto_ok(model, 1, args, long)
+    assert "float16" in megastep.auto_ok(model, 1, args, 64, jnp.float16)
+    half = sparse_llama(PRESETS["smollm2-135m"].replace(n_layers=1), 1, dtype=jnp.float16)
+    assert "float16" in megastep.auto_ok(half, 1, args, 64)  # the cache follows the weights
+    assert megastep.auto_ok(model, 1, args, 64, jnp.bfloat16) is None
     monkeypatch.setattr(megastep, "_free_bytes", lambda leaves: need)  # over the share
     assert "GiB" in megastep.auto_ok(model, 1, args, 64)
     dense = LlamaModel(PRESETS["smollm2-135m"].replace(n_layers=1), rngs=nnx.Rngs(0))
