@@ -96,18 +96,22 @@ AUTO_MAX_CACHE = 2048
 AUTO_MEMORY_SHARE = 0.5
 
 
+def _layer_vars(b) -> tuple:
+    """One layer's weights in ``MegaWeights`` order, as the model's variables (their shapes
+    and dtypes are there for abstract models too)."""
+    return (b.input_layernorm.weight, b.post_attention_layernorm.weight,
+            b.self_attn.qkv_proj.kernel, b.self_attn.o_proj.kernel, b.mlp.router, b.mlp.w_in,
+            b.mlp.w_out)  # fmt: skip
+
+
 def packed_bytes(model: nnx.Module, cache_len: int) -> int:
     """Bytes of ``pack``'s copy (the router in float32) plus the stacked KV cache; from shapes
     only, so an abstract model (``nnx.eval_shape``) plans its memory too."""
-
-    def nbytes(v, dtype=None) -> int:
-        return int(np.prod(v.shape)) * jnp.dtype(dtype or v.dtype).itemsize
-
     n = 0
     for b in model.layers:
-        n += nbytes(b.input_layernorm.weight) + nbytes(b.post_attention_layernorm.weight)
-        n += nbytes(b.self_attn.qkv_proj.kernel) + nbytes(b.self_attn.o_proj.kernel)
-        n += nbytes(b.mlp.router, jnp.float32) + nbytes(b.mlp.w_in) + nbytes(b.mlp.w_out)
+        for name, v in zip(MegaWeights._fields, _layer_vars(b), strict=True):
+            dtype = jnp.float32 if name == "router" else v.dtype
+            n += int(np.prod(v.shape)) * jnp.dtype(dtype).itemsize
     cfg = model.cfg
     item = jnp.dtype(model.embed_tokens.embedding.dtype).itemsize
     return n + 2 * cfg.n_layers * cache_len * cfg.n_kv_heads * cfg.head_dim * item
@@ -128,9 +132,9 @@ def auto_ok(
     when it does: one prompt of a PrunePath Llama it computes, a budget, a GPU with jax-triton,
     bf16 or fp32 weights and cache (``cache_dtype``: the embedding's when None; the dtypes it
     was measured and tested with), a cache of at most ``AUTO_MAX_CACHE`` positions, weights on
-    one device, and its stacked
-    copies within ``AUTO_MEMORY_SHARE`` of that device's free memory (it doubles the layer
-    weights while it decodes; where the device reports no memory figures, it is not taken)."""
+    one device, and its stacked copies within ``AUTO_MEMORY_SHARE`` of that device's free
+    memory (it doubles the layer weights while it decodes; where the device reports no memory
+    figures, it is not taken)."""
     if n_prompts != 1 or ffn_args is None:
         return "one prompt and a budget tau"
     if jax.default_backend() != "gpu":
@@ -176,13 +180,7 @@ def _stacked(layers) -> MegaWeights:
 def pack(model: nnx.Module) -> MegaWeights:
     """The kernel's copy of the layer weights (made once; see the module docstring)."""
     check(model)
-    layers = [
-        (b.input_layernorm.weight[...], b.post_attention_layernorm.weight[...],
-         b.self_attn.qkv_proj.kernel[...], b.self_attn.o_proj.kernel[...], b.mlp.router[...],
-         b.mlp.w_in[...], b.mlp.w_out[...])
-        for b in model.layers
-    ]  # fmt: skip
-    return _stacked(layers)
+    return _stacked([tuple(v[...] for v in _layer_vars(b)) for b in model.layers])
 
 
 def stack_cache(cache) -> tuple[jax.Array, jax.Array]:
