@@ -57,23 +57,28 @@ def _state(model, prompt_len, ctx) -> megastep.MegaState:
     )  # fmt: skip
 
 
+def _chunk_call(model, mw, tau_l, steps, launch):
+    """``state -> (state, tokens)``: one compiled call of ``steps`` greedy one-launch steps."""
+    graphdef, state = nnx.split(model)
+    args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), tau_l)
+    kw = dict(n_steps=steps, greedy=True, launch=launch)
+    return lambda st: megastep.decode_chunk(graphdef, state, mw, st, *args, **kw)
+
+
 def mega_timer(model, mw, tau_l, prompt_len, steps, chunks, launch):
     """A compiled, warmed ``() -> (µs per step, barrier failures)`` of the one-launch path
     (same loop shape as ``time_decode``): each call times ``chunks`` calls of ``steps`` tokens
     from a fresh cache at ``prompt_len`` after one untimed call, so every call sees the same
     context lengths and calls of several variants can interleave (``round_stats``)."""
     ctx = decode_cache_len(prompt_len, steps, chunks)
-    graphdef, state = nnx.split(model)
-    args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), tau_l)
-    kw = dict(n_steps=steps, greedy=True, launch=launch)
+    call = _chunk_call(model, mw, tau_l, steps, launch)
 
     def run() -> tuple[float, int]:
-        st = _state(model, prompt_len, ctx)
-        st, _ = megastep.decode_chunk(graphdef, state, mw, st, *args, **kw)
+        st, _ = call(_state(model, prompt_len, ctx))
         jax.block_until_ready(st)
         t0 = time.perf_counter()
         for _ in range(chunks):
-            st, _ = megastep.decode_chunk(graphdef, state, mw, st, *args, **kw)
+            st, _ = call(st)
         jax.block_until_ready(st)
         return (time.perf_counter() - t0) / (chunks * steps) * 1e6, int(np.asarray(st.fail))
 
@@ -102,13 +107,9 @@ def round_stats(us: dict[str, list[float]]) -> dict[str, dict]:
 def trace_mega(model, mw, tau_l, prompt_len, steps, launch) -> dict:
     """Every kernel's device µs a step in one traced call: what runs outside the one launch
     (embedding, LM head, sampling) and the launch itself."""
-    st = _state(model, prompt_len, decode_cache_len(prompt_len, steps, 1))
-    graphdef, state = nnx.split(model)
-    args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), tau_l)
-    kw = dict(n_steps=steps, greedy=True, launch=launch)
-    st, _ = megastep.decode_chunk(graphdef, state, mw, st, *args, **kw)
-    ev = traced_events(lambda s: megastep.decode_chunk(graphdef, state, mw, s, *args, **kw), st)
-    tr = summarize(ev, steps)
+    call = _chunk_call(model, mw, tau_l, steps, launch)
+    st, _ = call(_state(model, prompt_len, decode_cache_len(prompt_len, steps, 1)))
+    tr = summarize(traced_events(call, st), steps)
     return {
         "trace_us_per_step": {k["name"]: round(k["us_per_step"], 2) for k in tr["kernels"]},
         "trace_busy_span_us_per_step": [tr["busy_us_per_step"], tr["span_us_per_step"]],
