@@ -58,6 +58,12 @@ import triton.language as tl
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.triton_balanced import MAX_D, _unit_loop_piped, _unit_table
 from prunepath_jax.kernels.triton_l2 import l2_lines
+from prunepath_jax.kernels.triton_megastep_ao import (
+    _attend_project,
+    _pf_item,
+    _router_base,
+    ao_constants,
+)
 from prunepath_jax.kernels.triton_megastep_attn import _attend_split, _pf_kv
 from prunepath_jax.kernels.triton_megastep_gemv import (
     _first_rows,
@@ -105,6 +111,9 @@ UNIT_TABLE = True
 # interpreter tests but are NOT yet measured on the GPU (written after the twenty-second
 # session's last device run; `--launches '{"a1": {}, "a3": {"attn_stages": 3}}' --rounds 5`).
 ATTN_STAGES = 1
+# Attention and the O projection as one phase (``triton_megastep_ao``): NOT yet measured, off.
+MERGE_BC = False
+PREFETCH_AO_KB = 256  # L2 prefetch of a merged item's W_o block at barrier arrival (KB)
 
 
 @triton.jit
@@ -145,6 +154,7 @@ def _megastep_kernel(
     wqkv_ptr,  # [L, NQKV, D] QKV rows
     wo_ptr,  # [L, D, NA] O-projection rows
     wr_ptr,  # [L, E, D] f32 router rows
+    wm_ptr,  # [L, E, NA] f32 M = W_r·diag(ln2)·W_o (MBC: the router's share of the O phase)
     w_in_ptr,  # [L, 2, F, D] gate rows, then up rows
     w_out_ptr,  # [L, F, D] down-projection rows
     kc_in_ptr, vc_in_ptr,  # [L, S_MAX, KV, HD] caches (aliased to kc_ptr, vc_ptr)
@@ -173,7 +183,10 @@ def _megastep_kernel(
     RC: tl.constexpr, RC_PAD: tl.constexpr, BE: tl.constexpr, PF_A: tl.constexpr,
     PF_C: tl.constexpr, PF_D: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     STEP_D: tl.constexpr, PF_KEYS: tl.constexpr, LPR: tl.constexpr, PF_R: tl.constexpr,
-    UT: tl.constexpr, NIC_PAD: tl.constexpr, AST: tl.constexpr,
+    UT: tl.constexpr, NIC_PAD: tl.constexpr, AST: tl.constexpr, MBC: tl.constexpr,
+    NP: tl.constexpr, RB: tl.constexpr, RB_PAD: tl.constexpr, BRB: tl.constexpr, RE: tl.constexpr,
+    RE_PAD: tl.constexpr, R_B: tl.constexpr, PF_OR: tl.constexpr, LPO: tl.constexpr,
+    LPM: tl.constexpr, PF_RB: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -191,63 +204,82 @@ def _megastep_kernel(
     rna = tl.arange(0, NA_PAD)
     wa = _first_rows(wqkv_ptr, pid, R_A, NQKV, D, D_PAD, BRC_A)  # h_ptr starts as h_in (aliased)
     _pf_rows(wqkv_ptr, pid, R_A, NQKV, D, BRC_A, PF_A, STEP_A)
+    _pf_rows(wr_ptr, pid, R_B, E, D, 0, PF_RB, STEP_D)  # MBC: the router rows of phase A
     for layer in range(L):
         # int64 offsets: 8B's stacked w_in has 3.8e9 elements, past int32.
         lw = tl.full([], 0, tl.int64) + layer
         t = 1 + layer * SLOTS  # this layer's first timing slot
         _stamp(tim_ptr, pid, t, NT, TIMING)
         # A: norm (of h plus the previous FFN's sum) + QKV (first row chunk prefetched).
-        x, _ = _normed(h_ptr, f_ptr, ln1_ptr + layer * D, D, D_PAD, EPS, True)
+        x, _, hf = _normed(h_ptr, f_ptr, ln1_ptr + layer * D, D, D_PAD, EPS, True)
         _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, f_ptr, pid, NQKV, D, D_PAD, R_A,
                    BRC_A, False, GS, 1)  # fmt: skip
+        if MBC:  # this program's experts' router logits of the residual before attention
+            _router_base(wr_ptr + lw * E * D, ln2_ptr + layer * D, hf, lg_ptr + layer * E, pid,
+                         R_B, D, D_PAD, E, GS)  # fmt: skip
         _stamp(tim_ptr, pid, t + 1, NT, TIMING)
         _arrive(ctr_ptr)
-        if PF_KEYS > 0:
+        if MBC:
+            for item in range(pid, KV * NP, P):
+                _pf_item(wo_ptr + lw * D * NA, wm_ptr + lw * E * NA, kc_ptr, vc_ptr, pos, lw,
+                         item // NP, item % NP, D, NA, E, KV, HD, GQ, NP, RB, PF_OR, LPO, STEP_C,
+                         RE, RE_PAD, LPM, STEP_D, BT, S_MAX, PF_KEYS, LPR)  # fmt: skip
+        elif PF_KEYS > 0:
             if pid < KV * S:
                 _pf_kv(kc_ptr, vc_ptr, pos, lw, pid // S, pid % S, KV, HD, S, BT, S_MAX, PF_KEYS,
                        LPR)  # fmt: skip
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         _stamp(tim_ptr, pid, t + 2, NT, TIMING)
-        # B: attention, one item per (KV head, split).
-        for item in range(pid, KV * S, P):
-            _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos_ptr,
-                          sin_ptr, pos, lw, item // S, item % S, HQ, KV, HD, GQ, GQ_PAD, S, S_PAD,
-                          BT, S_MAX, SCALE, DOT_F32, AST)  # fmt: skip
-        _stamp(tim_ptr, pid, t + 3, NT, TIMING)
-        _arrive(ctr_ptr)
-        wo = _first_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, NA_PAD, BRC_C)
-        _pf_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, BRC_C, PF_C, STEP_C)
-        if PF_R > 0:  # the router columns of this program's rows (RC): one line a router row
-            if pid * R_C < D:
-                l2_lines(wr_ptr + lw * E * D + tl.minimum(tl.arange(0, PF_R), E - 1) * D
-                         + pid * R_C)  # fmt: skip
-        ph += 1
-        failed = _wait(ctr_ptr, P * ph, failed, SPIN)
-        _stamp(tim_ptr, pid, t + 4, NT, TIMING)
-        # C: O projection + residual (+ the previous FFN's sum, zeroed for this layer's).
-        xa = tl.load(att_ptr + rna, mask=rna < NA, other=0.0, cache_modifier=".cg")
-        _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, f_ptr, pid, D, NA, NA_PAD, R_C, BRC_C,
-                   True, GS, NIC_PAD)  # fmt: skip
-        if RC:  # + this program's share of the router logits: no phase D
-            if pid * R_C < D:
-                tl.debug_barrier()  # the rows this program's threads just stored
-                _router_part(wr_ptr + lw * E * D, ln2_ptr + layer * D, h_ptr, lg_ptr + layer * E,
-                             pid, R_C, RC_PAD, D, E, BE, GS)  # fmt: skip
-            _stamp(tim_ptr, pid, t + 5, NT, TIMING)
-            _stamp(tim_ptr, pid, t + 6, NT, TIMING)
+        if MBC:  # B and C as one phase: attention + O projection + the router's O share
+            for item in range(pid, KV * NP, P):
+                _attend_project(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, wo_ptr + lw * D * NA,
+                                wm_ptr + lw * E * NA, h_ptr, f_ptr, lg_ptr + layer * E, pos, lw,
+                                item // NP, item % NP, D, E, HQ, KV, HD, GQ, GQ_PAD, BT, S_MAX,
+                                SCALE, DOT_F32, AST, RB, RB_PAD, BRB, RE, RE_PAD,
+                                GS)  # fmt: skip
+            for j in tl.static_range(3, 7):  # C and D take no time
+                _stamp(tim_ptr, pid, t + j, NT, TIMING)
         else:
-            _stamp(tim_ptr, pid, t + 5, NT, TIMING)
+            # B: attention, one item per (KV head, split).
+            for item in range(pid, KV * S, P):
+                _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr,
+                              cos_ptr, sin_ptr, pos, lw, item // S, item % S, HQ, KV, HD, GQ,
+                              GQ_PAD, S, S_PAD, BT, S_MAX, SCALE, DOT_F32, AST)  # fmt: skip
+            _stamp(tim_ptr, pid, t + 3, NT, TIMING)
             _arrive(ctr_ptr)
-            wr = _first_rows(wr_ptr + lw * E * D, pid, R_D, E, D, D_PAD, BRC_D)
-            _pf_rows(wr_ptr + lw * E * D, pid, R_D, E, D, BRC_D, PF_D, STEP_D)
+            wo = _first_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, NA_PAD, BRC_C)
+            _pf_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, BRC_C, PF_C, STEP_C)
+            if PF_R > 0:  # the router columns of this program's rows (RC): one line a router row
+                if pid * R_C < D:
+                    l2_lines(wr_ptr + lw * E * D + tl.minimum(tl.arange(0, PF_R), E - 1) * D
+                             + pid * R_C)  # fmt: skip
             ph += 1
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
-            _stamp(tim_ptr, pid, t + 6, NT, TIMING)
-            # D: the FFN's norm (every program keeps the row for phase F) + router logits.
-            x2, _ = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
-            _gemv_rows(wr_ptr + lw * E * D, wr, x2, lg_ptr + layer * E, f_ptr, pid, E, D, D_PAD,
-                       R_D, BRC_D, False, GS, 1)  # fmt: skip
+            _stamp(tim_ptr, pid, t + 4, NT, TIMING)
+            # C: O projection + residual (+ the previous FFN's sum, zeroed for this layer's).
+            xa = tl.load(att_ptr + rna, mask=rna < NA, other=0.0, cache_modifier=".cg")
+            _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, f_ptr, pid, D, NA, NA_PAD, R_C, BRC_C,
+                       True, GS, NIC_PAD)  # fmt: skip
+            if RC:  # + this program's share of the router logits: no phase D
+                if pid * R_C < D:
+                    tl.debug_barrier()  # the rows this program's threads just stored
+                    _router_part(wr_ptr + lw * E * D, ln2_ptr + layer * D, h_ptr,
+                                 lg_ptr + layer * E, pid, R_C, RC_PAD, D, E, BE, GS)  # fmt: skip
+                _stamp(tim_ptr, pid, t + 5, NT, TIMING)
+                _stamp(tim_ptr, pid, t + 6, NT, TIMING)
+            else:
+                _stamp(tim_ptr, pid, t + 5, NT, TIMING)
+                _arrive(ctr_ptr)
+                wr = _first_rows(wr_ptr + lw * E * D, pid, R_D, E, D, D_PAD, BRC_D)
+                _pf_rows(wr_ptr + lw * E * D, pid, R_D, E, D, BRC_D, PF_D, STEP_D)
+                ph += 1
+                failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+                _stamp(tim_ptr, pid, t + 6, NT, TIMING)
+                # D: the FFN's norm (every program keeps the row for phase F) + router logits.
+                x2, _, _ = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
+                _gemv_rows(wr_ptr + lw * E * D, wr, x2, lg_ptr + layer * E, f_ptr, pid, E, D, D_PAD,
+                           R_D, BRC_D, False, GS, 1)  # fmt: skip
         _stamp(tim_ptr, pid, t + 7, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
@@ -260,7 +292,7 @@ def _megastep_kernel(
         lgv = _logits(lg_ptr + layer * E, E, E_PAD, ".cg")
         tau = tl.load(tau_ptr + layer)
         if RC:
-            x2, rstd = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
+            x2, rstd, _ = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
             lgv *= rstd
         gate, k = _select(lgv, tau, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
         if pid == 0:
@@ -286,6 +318,7 @@ def _megastep_kernel(
             wa = _first_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, D_PAD, BRC_A)
             _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, BRC_A, PF_A,
                      STEP_A)  # fmt: skip
+            _pf_rows(wr_ptr + (lw + 1) * E * D, pid, R_B, E, D, 0, PF_RB, STEP_D)
             ph += 1
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
     tl.store(fail_ptr + pid, failed)
@@ -338,7 +371,8 @@ def constants(
     gemv_stages: int = STAGES, unit_stages: int = STAGES, router_in_c: bool = True,
     prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
     prefetch_keys: int = PREFETCH_KEYS, unit_table: bool = UNIT_TABLE,
-    attn_stages: int = ATTN_STAGES, interpret: bool = False,
+    attn_stages: int = ATTN_STAGES, merge_bc: bool = MERGE_BC, parts: int = 0,
+    prefetch_ao_kb: int = PREFETCH_AO_KB, interpret: bool = False,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -358,7 +392,7 @@ def constants(
 
     pf_keys = 0 if interpret else prefetch_keys
     return dict(
-        RC=bool(router_in_c), RC_PAD=rc_pad,
+        RC=bool(router_in_c or merge_bc), RC_PAD=rc_pad,
         BE=min(e_pad, _pow2_floor(max(1, tile_bytes // (rc_pad * 4)))),
         PF_A=_pf_lines(lines(prefetch_kb), r_a, brc_a, d, itemsizes[0]),
         PF_C=_pf_lines(lines(prefetch_o_kb), r_c, brc_c, hq * hd, itemsizes[1]),
@@ -376,24 +410,28 @@ def constants(
         K_MAX=e if k_max is None else k_max, SCALE=float(hd**-0.5), SPIN=spin,
         TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
         AST=int(attn_stages), NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
+        **ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes,
+                       lines(prefetch_ao_kb), lines(prefetch_kb)),
     )  # fmt: skip
 
 
 def megastep(
-    h_d, cos_h, sin_h, pos, tau_l, ln1_ld, ln2_ld, wqkv_lnd, wo_ldn, wr_led, w_in_lcfd,
+    h_d, cos_h, sin_h, pos, tau_l, ln1_ld, ln2_ld, wqkv_lnd, wo_ldn, wr_led, wm_len, w_in_lcfd,
     w_out_lfd, kc_lskh, vc_lskh, *, eps: float, rule: str = "paper", gate: str = "sigmoid",
     k_min: int = 1, k_max: int | None = None, programs: int = 0, splits: int = 0,
     block_t: int = BLOCK_T, warps: int = WARPS, tile_bytes: int = TILE_BYTES, spin: int = SPIN,
     timing: bool = False, interpret: bool = False, gemv_stages: int = STAGES,
     unit_stages: int = STAGES, router_in_c: bool = True, prefetch_kb: int = PREFETCH_KB,
     prefetch_o_kb: int = PREFETCH_O_KB, prefetch_keys: int = PREFETCH_KEYS,
-    unit_table: bool = UNIT_TABLE, attn_stages: int = ATTN_STAGES,
+    unit_table: bool = UNIT_TABLE, attn_stages: int = ATTN_STAGES, merge_bc: bool = MERGE_BC,
+    parts: int = 0, prefetch_ao_kb: int = PREFETCH_AO_KB,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
     ``h_d`` is the embedded token (any float dtype), ``cos_h``/``sin_h`` the RoPE tables
     ``[head_dim / 2]`` at ``pos`` (int32 scalar or ``[1]``), ``tau_l`` the per-layer budgets.
-    Weights are stacked over layers and output-row-major (``models``' ``megastep.pack``).
+    Weights are stacked over layers and output-row-major (``models``' ``megastep.pack``);
+    ``wm_len`` is ``W_r · diag(ln2) · W_o`` a layer (read with ``merge_bc``).
     ``fail_p`` is nonzero where a program gave up on a grid barrier (its result is then wrong;
     ``megastep.decode_chunk`` raises). ``programs`` 0: one per SM (always co-resident).
     """
@@ -405,6 +443,7 @@ def megastep(
     want = {
         "ln1": (ln1_ld.shape, (n_layers, d)), "ln2": (ln2_ld.shape, (n_layers, d)),
         "wo": (wo_ldn.shape, (n_layers, d, hq * hd)), "router": (wr_led.shape, (n_layers, e, d)),
+        "router @ wo": (wm_len.shape, (n_layers, e, hq * hd)),
         "w_in": (w_in_lcfd.shape, (n_layers, 2, f, d)),
         "w_out": (w_out_lfd.shape, (n_layers, f, d)),
         "k cache": (kc_lskh.shape, (n_layers, s_max, kv, hd)), "v cache": (vc_lskh.shape,
@@ -426,9 +465,17 @@ def megastep(
     if rule not in ("paper", "nucleus") or gate not in ("sigmoid", "none"):
         raise ValueError(f"rule must be paper|nucleus and gate sigmoid|none: {rule!r}, {gate!r}")
     bad_warps = warps < 0 or warps & (warps - 1)
-    if programs < 0 or splits < 0 or block_t < 16 or block_t & (block_t - 1) or bad_warps:
+    if (
+        programs < 0
+        or splits < 0
+        or parts < 0
+        or block_t < 16
+        or block_t & (block_t - 1)
+        or bad_warps
+    ):
         raise ValueError(
-            f"bad launch sizes: programs={programs}, splits={splits}, warps={warps} (0: by the "
+            f"bad launch sizes: programs={programs}, splits={splits}, parts={parts}, "
+            f"warps={warps} (0: by the "
             f"expert count, else a power of 2), block_t={block_t} (a power of 2 >= 16: the "
             "attention's dot needs 16 keys)"
         )
@@ -436,10 +483,10 @@ def megastep(
         raise ValueError(
             f"pipeline stages must be >= 1: {gemv_stages}, {unit_stages}, {attn_stages}"
         )
-    if min(prefetch_kb, prefetch_o_kb, prefetch_keys) < 0:
+    if min(prefetch_kb, prefetch_o_kb, prefetch_keys, prefetch_ao_kb) < 0:
         raise ValueError(
             f"prefetch sizes must be >= 0: {prefetch_kb} KB, {prefetch_o_kb} KB, "
-            f"{prefetch_keys} keys"
+            f"{prefetch_keys} keys, {prefetch_ao_kb} KB"
         )
     c = constants(
         n_layers, d, hq, kv, hd, e, g, s_max, programs=programs or jt.default_programs(),
@@ -448,7 +495,8 @@ def megastep(
         eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin, timing=timing,
         gemv_stages=gemv_stages, unit_stages=unit_stages, router_in_c=router_in_c,
         prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, prefetch_keys=prefetch_keys,
-        unit_table=unit_table, attn_stages=attn_stages, interpret=interpret,
+        unit_table=unit_table, attn_stages=attn_stages, merge_bc=merge_bc, parts=parts,
+        prefetch_ao_kb=prefetch_ao_kb, interpret=interpret,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32
@@ -472,8 +520,8 @@ def megastep(
     outs = jt.triton_call(
         _megastep_kernel, h_d.astype(f32), cos_h.astype(f32), sin_h.astype(f32),
         jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)), jnp.asarray(tau_l, f32), ln1_ld, ln2_ld,
-        wqkv_lnd, wo_ldn, wr_led, w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh,
-        out_shape=out_shape, input_output_aliases={0: 0, 12: 1, 13: 2},
+        wqkv_lnd, wo_ldn, wr_led, wm_len, w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh,
+        out_shape=out_shape, input_output_aliases={0: 0, 13: 1, 14: 2},
         zeroed_outputs=(7, 8, 10, 11), grid=(p,), num_warps=warps or default_warps(e),
         num_stages=1,
         interpret=interpret, **c,

@@ -68,26 +68,31 @@ def _rope_rows(qkv_ptr, cos_ptr, sin_ptr, head, rows, rmask, HD: tl.constexpr):
 
 
 @triton.jit
-def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos_ptr,
-                      sin_ptr, pos, layer, g, s, HQ: tl.constexpr, KV: tl.constexpr,
-                      HD: tl.constexpr, GQ: tl.constexpr, GQ_PAD: tl.constexpr, S: tl.constexpr,
-                      S_PAD: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr,
-                      SCALE: tl.constexpr, DOT_F32: tl.constexpr,
-                      AST: tl.constexpr):  # fmt: skip
-    """Work item (head g, key split s): the scores and the value sum as ``tl.dot`` (tensor
-    cores for 16-bit caches, exact fp32 otherwise) over the group's query heads padded to 16
-    rows, the keys and values read as whole rows. As the XLA decode step: queries rounded to
-    the cache dtype, probabilities to the value dtype, fp32 accumulation."""
-    QM: tl.constexpr = 16 if GQ_PAD < 16 else GQ_PAD
+def _group_qkv(qkv_ptr, kc_ptr, cos_ptr, sin_ptr, g, HQ: tl.constexpr, KV: tl.constexpr,
+               HD: tl.constexpr, GQ: tl.constexpr, QM: tl.constexpr,
+               SCALE: tl.constexpr):  # fmt: skip
+    """Head g's group: its query heads after RoPE, scaled and padded to ``QM`` rows, its new key
+    ``[1, HD]`` (RoPE) and value ``[HD]``, all rounded to the cache dtype as the XLA step does."""
     kdt = kc_ptr.dtype.element_ty
-    PREC: tl.constexpr = "ieee" if kdt == tl.float32 else "tf32"
     rq = tl.arange(0, QM)
-    rdh = tl.arange(0, HD)
     q = (_rope_rows(qkv_ptr, cos_ptr, sin_ptr, g * GQ, rq, rq < GQ, HD) * SCALE).to(kdt)
     one = tl.arange(0, 1)
     k_new = _rope_rows(qkv_ptr, cos_ptr, sin_ptr, HQ + g, one, one < 1, HD).to(kdt)  # [1, HD]
-    v_new = tl.load(qkv_ptr + (HQ + KV + g) * HD + rdh, cache_modifier=".cg").to(kdt)
-    t0, t1 = _split_range(pos, s, S, BT, S_MAX)
+    v_new = tl.load(qkv_ptr + (HQ + KV + g) * HD + tl.arange(0, HD), cache_modifier=".cg")
+    return q, k_new, v_new.to(kdt)
+
+
+@triton.jit
+def _online(q, kc_ptr, vc_ptr, layer, g, t0, t1, KV: tl.constexpr, HD: tl.constexpr,
+            QM: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr, DOT_F32: tl.constexpr,
+            AST: tl.constexpr):  # fmt: skip
+    """Online softmax of the queries ``q`` ``[QM, HD]`` over head g's cached keys ``[t0, t1)``:
+    ``(running max [QM], sum [QM], unnormalised value sum [QM, HD])``, the scores and the value
+    sum as ``tl.dot`` (tensor cores for 16-bit caches, exact fp32 otherwise), the keys and
+    values read as whole rows, probabilities rounded to the value dtype."""
+    kdt = kc_ptr.dtype.element_ty
+    PREC: tl.constexpr = "ieee" if kdt == tl.float32 else "tf32"
+    rdh = tl.arange(0, HD)
     m = tl.full([QM], -1e30, tl.float32)
     lsum = tl.zeros([QM], tl.float32)
     acc = tl.zeros([QM, HD], tl.float32)
@@ -112,27 +117,66 @@ def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, c
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(kdt), v, input_precision=PREC)
         m = m_new
-    if s == S - 1:  # the new token's own key and value
-        sn = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1)
-        m_new = tl.maximum(m, sn)
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(sn - m_new)
-        lsum = lsum * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
-        m = m_new
-    if s == 0:  # after the loop: the cached keys' loads need not wait for k_new (no item
-        # reads row pos); a full cache drops the write (cache_write's mode="drop")
-        row = ((layer * S_MAX + pos) * KV + g) * HD
-        ok = rdh * 0 + pos < S_MAX
-        tl.store(kc_ptr + row + rdh[None, :], k_new, mask=ok[None, :])
-        tl.store(vc_ptr + row + rdh, v_new, mask=ok)
-    # The first GQ_PAD rows are the group's heads (QM >= GQ_PAD).
+    return m, lsum, acc
+
+
+@triton.jit
+def _with_new(q, k_new, v_new, m, lsum, acc):
+    """The online softmax's state after the new token's own key and value."""
+    sn = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1)
+    m_new = tl.maximum(m, sn)
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(sn - m_new)
+    lsum = lsum * alpha + p
+    acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+    return m_new, lsum, acc
+
+
+@triton.jit
+def _write_new(kc_ptr, vc_ptr, k_new, v_new, pos, layer, g, KV: tl.constexpr, HD: tl.constexpr,
+               S_MAX: tl.constexpr):  # fmt: skip
+    """The new key and value into head g's cache row ``pos``; a full cache drops the write
+    (cache_write's mode="drop"). Callers write after their key loop: the cached keys' loads
+    need not wait for k_new (no item reads row pos)."""
+    rdh = tl.arange(0, HD)
+    row = ((layer * S_MAX + pos) * KV + g) * HD
+    ok = rdh * 0 + pos < S_MAX
+    tl.store(kc_ptr + row + rdh[None, :], k_new, mask=ok[None, :])
+    tl.store(vc_ptr + row + rdh, v_new, mask=ok)
+
+
+@triton.jit
+def _group_rows(acc, m, lsum, HD: tl.constexpr, GQ_PAD: tl.constexpr, QM: tl.constexpr):
+    """The group's first ``GQ_PAD`` rows of the ``QM``-row state (``QM >= GQ_PAD``)."""
+    rq = tl.arange(0, QM)
     keep = rq[:, None] < GQ_PAD
     acc = tl.reshape(tl.where(keep, acc, 0.0), [QM // GQ_PAD, GQ_PAD, HD])
-    _finish_split(po_ptr, pml_ptr, att_ptr, hcnt_ptr, tl.sum(acc, 0),
-                  tl.max(tl.reshape(tl.where(rq < GQ_PAD, m, -1e30), [QM // GQ_PAD, GQ_PAD]), 0),
-                  tl.sum(tl.reshape(tl.where(rq < GQ_PAD, lsum, 0.0), [QM // GQ_PAD, GQ_PAD]), 0),
-                  layer, g, s, KV, HD, GQ, GQ_PAD, S, S_PAD)  # fmt: skip
+    m = tl.max(tl.reshape(tl.where(rq < GQ_PAD, m, -1e30), [QM // GQ_PAD, GQ_PAD]), 0)
+    lsum = tl.sum(tl.reshape(tl.where(rq < GQ_PAD, lsum, 0.0), [QM // GQ_PAD, GQ_PAD]), 0)
+    return tl.sum(acc, 0), m, lsum
+
+
+@triton.jit
+def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos_ptr,
+                      sin_ptr, pos, layer, g, s, HQ: tl.constexpr, KV: tl.constexpr,
+                      HD: tl.constexpr, GQ: tl.constexpr, GQ_PAD: tl.constexpr, S: tl.constexpr,
+                      S_PAD: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr,
+                      SCALE: tl.constexpr, DOT_F32: tl.constexpr,
+                      AST: tl.constexpr):  # fmt: skip
+    """Work item (head g, key split s) over the group's query heads padded to 16 rows; the new
+    token in the last split, written to the cache by split 0."""
+    QM: tl.constexpr = 16 if GQ_PAD < 16 else GQ_PAD
+    q, k_new, v_new = _group_qkv(qkv_ptr, kc_ptr, cos_ptr, sin_ptr, g, HQ, KV, HD, GQ, QM, SCALE)
+    t0, t1 = _split_range(pos, s, S, BT, S_MAX)
+    m, lsum, acc = _online(q, kc_ptr, vc_ptr, layer, g, t0, t1, KV, HD, QM, BT, S_MAX, DOT_F32,
+                           AST)  # fmt: skip
+    if s == S - 1:  # the new token's own key and value
+        m, lsum, acc = _with_new(q, k_new, v_new, m, lsum, acc)
+    if s == 0:
+        _write_new(kc_ptr, vc_ptr, k_new, v_new, pos, layer, g, KV, HD, S_MAX)
+    acc, m, lsum = _group_rows(acc, m, lsum, HD, GQ_PAD, QM)
+    _finish_split(po_ptr, pml_ptr, att_ptr, hcnt_ptr, acc, m, lsum, layer, g, s, KV, HD, GQ,
+                  GQ_PAD, S, S_PAD)  # fmt: skip
 
 
 @triton.jit

@@ -36,6 +36,7 @@ class MegaWeights(NamedTuple):
     wqkv: jax.Array  # [L, (h + 2 kv) hd, d]
     wo: jax.Array  # [L, d, h hd]
     router: jax.Array  # [L, E, d] float32
+    router_o: jax.Array  # [L, E, h hd] float32: router · diag(ln2) · wo (the merged O phase's)
     w_in: jax.Array  # [L, 2, f, d]
     w_out: jax.Array  # [L, f, d]
 
@@ -58,6 +59,9 @@ class Launch(NamedTuple):
     prefetch_keys: int | None = None
     unit_table: bool | None = None
     attn_stages: int | None = None
+    merge_bc: bool | None = None
+    parts: int | None = None
+    prefetch_ao_kb: int | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:
@@ -108,11 +112,13 @@ def packed_bytes(model: nnx.Module, cache_len: int) -> int:
     """Bytes of ``pack``'s copy (the router in float32) plus the stacked KV cache; from shapes
     only, so an abstract model (``nnx.eval_shape``) plans its memory too."""
     n = 0
+    cfg = model.cfg
+    fields = [f for f in MegaWeights._fields if f != "router_o"]
     for b in model.layers:
-        for name, v in zip(MegaWeights._fields, _layer_vars(b), strict=True):
+        for name, v in zip(fields, _layer_vars(b), strict=True):
             dtype = jnp.float32 if name == "router" else v.dtype
             n += int(np.prod(v.shape)) * jnp.dtype(dtype).itemsize
-    cfg = model.cfg
+        n += 4 * b.mlp.router.shape[-1] * cfg.n_heads * cfg.head_dim  # router_o
     item = jnp.dtype(model.embed_tokens.embedding.dtype).itemsize
     return n + 2 * cfg.n_layers * cache_len * cfg.n_kv_heads * cfg.head_dim * item
 
@@ -166,12 +172,25 @@ def auto_ok(
 def _stacked(layers) -> MegaWeights:
     """One compiled program for the whole copy (eagerly it was ~7 dispatches a layer)."""
     ln1, ln2, wqkv, wo, router, w_in, w_out = zip(*layers, strict=True)
+    f32 = jnp.float32
     return MegaWeights(
         ln1=jnp.stack(ln1),
         ln2=jnp.stack(ln2),
         wqkv=jnp.stack([w.T for w in wqkv]),
         wo=jnp.stack([w.T for w in wo]),
-        router=jnp.stack([w.T.astype(jnp.float32) for w in router]),
+        router=jnp.stack([w.T.astype(f32) for w in router]),
+        router_o=jnp.stack(
+            [
+                jnp.einsum(
+                    "de,d,nd->en",
+                    r.astype(f32),
+                    n.astype(f32),
+                    o.astype(f32),
+                    precision=jax.lax.Precision.HIGHEST,
+                )
+                for r, n, o in zip(router, ln2, wo, strict=True)
+            ]
+        ),  # fmt: skip
         w_in=jnp.stack(w_in),
         w_out=jnp.stack(w_out),
     )

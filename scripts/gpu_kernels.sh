@@ -1275,4 +1275,16 @@ s28a)  # next session, first: the interleaved timing (--rounds) and the pipeline
   run timeout 300 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
     --sparsities 0.75 --check-steps 1 --rounds 5 --launches "$v" --out "$OUT/megastep_decode.jsonl"
   ;;
+s29a)  # the merged attention + O phase (merge_bc, written in the twenty-third session): GPU tests,
+  # then 1B and 8B at 75% side by side with the split phases
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
+  v='{"split": {}, "mbc": {"merge_bc": true}, "mbc_a3": {"merge_bc": true, "attn_stages": 3},
+      "mbc_bt128": {"merge_bc": true, "block_t": 128},
+      "mbc_pf0": {"merge_bc": true, "prefetch_ao_kb": 0}}'
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --sparsities 0.75 --check-steps 1 --rounds 3 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  run timeout 220 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
+    --sparsities 0.75 --check-steps 1 --rounds 3 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac

@@ -35,6 +35,8 @@ class Case(NamedTuple):
     layers: int = 2
     router_in_c: bool = True  # the router logits summed in the O phase (else a phase of its own)
     unit_table: bool = True  # units' experts from a table (else two reductions a unit)
+    merge_bc: bool = False  # attention + O projection as one phase (triton_megastep_ao)
+    parts: int = 0  # its row parts a KV head (0: by the programs, 1 under the interpreter)
 
 
 CASES = (
@@ -64,6 +66,61 @@ CASES = (
     Case("first_token_all", 64, 4, 4, 16, 96, 8, 0, 1.5, splits=4, block_t=16),
     # The second split has no cached key (9 < one 16-key block).
     Case("bf16", 64, 4, 1, 32, 128, 8, 9, 0.6, splits=2, block_t=16, dtype="bfloat16"),
+    # The merged attention + O phase: 3 row parts of 22 rows (the last one 20) and 6 of the 16
+    # experts' rows of M (the last one 4), a key loop of 3 blocks (the last one partial).
+    Case(
+        "merged_gqa2",
+        64,
+        4,
+        2,
+        16,
+        128,
+        8,
+        40,
+        0.5,
+        splits=1,
+        block_t=16,
+        cache_len=48,
+        merge_bc=True,
+        parts=3,
+    ),
+    # ... 3 query heads a KV head (padded to 4), d not a power of two, the nucleus rule, the
+    # first token; 13 parts of 8 rows for 96 (the last one empty) and 2 experts (from the 9th on,
+    # none).
+    Case(
+        "merged_gqa3_first",
+        96,
+        6,
+        2,
+        16,
+        160,
+        10,
+        0,
+        0.9,
+        splits=1,
+        block_t=16,
+        rule="nucleus",
+        gate="none",
+        k_max=5,
+        merge_bc=True,
+        parts=13,
+    ),
+    Case(
+        "merged_bf16",
+        64,
+        4,
+        1,
+        32,
+        128,
+        8,
+        9,
+        0.6,
+        splits=1,
+        block_t=16,
+        dtype="bfloat16",
+        merge_bc=True,
+        parts=2,
+    ),
 )
 
 

@@ -64,9 +64,9 @@ def test_a_grid_that_is_not_co_resident_is_flagged(interpreted):
 
 
 def _signature(timing: bool):
-    f32 = {"h_in", "cos", "sin", "tau", "wr", "h", "qkv", "po", "pml", "att", "f", "lg"}
+    f32 = {"h_in", "cos", "sin", "tau", "wr", "wm", "h", "qkv", "po", "pml", "att", "f", "lg"}
     i32 = {"pos", "k", "ctr", "hcnt", "fail", "tab"}
-    names = ["h_in", "cos", "sin", "pos", "tau", "ln1", "ln2", "wqkv", "wo", "wr", "w_in",
+    names = ["h_in", "cos", "sin", "pos", "tau", "ln1", "ln2", "wqkv", "wo", "wr", "wm", "w_in",
              "w_out", "kc_in", "vc_in", "h", "kc", "vc", "qkv", "po", "pml", "att", "f", "lg",
              "k", "ctr", "hcnt", "fail", "tim", "tab"]  # fmt: skip
     return {n: "*" + ("fp32" if n in f32 else "i32" if n in i32 else "i64" if n == "tim"
@@ -192,8 +192,10 @@ def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch)
 
 
 @pytest.mark.gpu
-def test_gpu_step_matches_xla_at_the_smollm2_shape():
-    """The real grid (one program per SM) against the model's XLA decode step, fp32."""
+@pytest.mark.parametrize("merge_bc", [False, True], ids=["split", "merged"])
+def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc):
+    """The real grid (one program per SM) against the model's XLA decode step, fp32; with the
+    attention and O projection as one phase too (44 row parts a KV head, the last two empty)."""
     from prunepath_jax.models.layers import init_cache
     from prunepath_jax.nn import route_args
 
@@ -207,8 +209,9 @@ def test_gpu_step_matches_xla_at_the_smollm2_shape():
         ref = model(tok[None, None], pos[None, None], cache=cache, ffn_args=args)
         kc, vc = megastep.stack_cache(cache)
         tau = jnp.stack([a.tau for a in args])
-        lg, kc, vc, k_l, fail = jax.jit(megastep.step, static_argnums=(0,))(
-            model, megastep.pack(model), tok[None], pos[None], kc, vc, tau
+        lg, kc, vc, k_l, fail = jax.jit(megastep.step, static_argnums=(0, 7))(
+            model, megastep.pack(model), tok[None], pos[None], kc, vc, tau,
+            megastep.Launch(merge_bc=merge_bc),
         )
     assert not np.asarray(fail).any()
     k_ref = np.array([int(s.k_t.reshape(-1)[0]) for s in ref.ffn_stats])

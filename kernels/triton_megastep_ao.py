@@ -1,0 +1,166 @@
+"""Attention and the O projection as ONE phase of the one-launch decode step (``triton_megastep``
+with ``MBC``): no grid barrier between them, and the O weights stream while the attention waits.
+
+Why. Split, the attention phase is a chain of dependent L2 round trips on 16-32 of 132 programs
+(1B: 7 µs a layer, the other programs idle and DRAM with them), then a barrier, then the O
+GEMV streams W_o on every program (5 µs). Merged, every program gets a work item (KV head g,
+row part p): it asks L2 for its slice of W_o at barrier arrival, runs head g's attention over
+the whole cache (the parts of one head repeat it: a few KB of keys each from L2 at short
+contexts), and multiplies its ``[rows of part p, columns of head g]`` block of W_o into the
+residual with relaxed atomics.
+
+The router logits then have no residual row to read after the O phase (the items' sums land in
+any order), so they are split by linearity: ``W_r·(ln2 ⊙ h_new) = W_r·(ln2 ⊙ h_old) +
+M·attn`` with ``M = W_r · diag(ln2) · W_o`` (``[E, NA]``, float32, made once by
+``megastep.pack``). The first term each program computes for its share of experts in the QKV
+phase (``_router_base``, where every program already holds ``h_old``); the second each item adds
+for its columns (``M``'s rows of part p). The expert phase scales the sum by ``1 / rms(h_new)``
+as before. Costs: ``W_r``'s bytes once more a layer (in the QKV phase), the attention repeated
+per part (L2 reads, ~16 items a head), and fp32 atomics on the residual (summation order varies
+from run to run, like the FFN's).
+
+At long contexts each item reads the whole cache of its head, so the split phases stay the
+choice there (``merge_bc`` in the launch).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from prunepath_jax.kernels import jt
+from prunepath_jax.kernels.triton_l2 import l2_lines
+from prunepath_jax.kernels.triton_megastep_attn import (
+    _group_qkv,
+    _group_rows,
+    _online,
+    _pf_kv,
+    _with_new,
+    _write_new,
+)
+
+
+@triton.jit
+def _part_rows(p, R: tl.constexpr, R_PAD: tl.constexpr, N):
+    """Rows ``[p·R, min(p·R + R, N))`` of part p as an ``R_PAD`` index vector and its mask."""
+    r = p * R + tl.arange(0, R_PAD)
+    return r, (r < tl.minimum(p * R + R, N)) & (tl.arange(0, R_PAD) < R)
+
+
+@triton.jit
+def _pf_item(wo_ptr, wm_ptr, kc_ptr, vc_ptr, pos, layer, g, p, D: tl.constexpr, NA: tl.constexpr,
+             E: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, GQ: tl.constexpr,
+             NP: tl.constexpr, RB: tl.constexpr, PF_OR: tl.constexpr, LPO: tl.constexpr,
+             STEP_O: tl.constexpr, RE: tl.constexpr, RE_PAD: tl.constexpr, LPM: tl.constexpr,
+             STEP_M: tl.constexpr, BT: tl.constexpr,
+             S_MAX: tl.constexpr, PF_KEYS: tl.constexpr, LPR: tl.constexpr):  # fmt: skip
+    """L2 prefetch of item (g, p)'s inputs, issued at barrier arrival (none of them changes in
+    the phase before): the first ``PF_OR`` rows of its W_o block (``LPO`` lines a row), its rows
+    of M (``LPM`` lines a row) and part p's share of head g's cached keys and values."""
+    c0 = g * GQ * HD
+    if PF_OR > 0:
+        if p * RB < D:
+            r, rm = _part_rows(p, RB, PF_OR, D)
+            r = tl.where(rm, r, p * RB)  # every address inside the block
+            lo = tl.minimum(tl.arange(0, LPO) * STEP_O, GQ * HD - 1)
+            l2_lines(wo_ptr + r[:, None] * NA + c0 + lo[None, :])
+    if LPM > 0:
+        e, em = _part_rows(p, RE, RE_PAD, E)
+        if p * RE < E:
+            e = tl.where(em, e, p * RE)
+            lm = tl.minimum(tl.arange(0, LPM) * STEP_M, GQ * HD - 1)
+            l2_lines(wm_ptr + e[:, None] * NA + c0 + lm[None, :])
+    if PF_KEYS > 0:
+        _pf_kv(kc_ptr, vc_ptr, pos, layer, g, p, KV, HD, NP, BT, S_MAX, PF_KEYS, LPR)
+
+
+@triton.jit
+def _attend_project(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, wo_ptr, wm_ptr, h_ptr, f_ptr,
+                    lg_ptr, pos, layer, g, p, D: tl.constexpr, E: tl.constexpr,
+                    HQ: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, GQ: tl.constexpr,
+                    GQ_PAD: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr,
+                    SCALE: tl.constexpr, DOT_F32: tl.constexpr, AST: tl.constexpr,
+                    RB: tl.constexpr, RB_PAD: tl.constexpr, BRB: tl.constexpr,
+                    RE: tl.constexpr, RE_PAD: tl.constexpr, ST: tl.constexpr):  # fmt: skip
+    """Work item (KV head g, row part p): head g's attention over every cached key and the new
+    one, then ``h[rows] += W_o[rows, cols]·attn[cols]`` (rows: part p's ``RB``; cols: head g's
+    ``GQ·HD``, ``BRB`` rows at a time through the software pipeliner) and
+    ``lg[e] += M[e, cols]·attn[cols]`` for part p's ``RE`` experts, relaxed atomics. Head 0's
+    item also folds the previous FFN's sum ``f`` into its rows (and zeroes them): nothing else
+    reads ``f`` in this phase."""
+    QM: tl.constexpr = 16 if GQ_PAD < 16 else GQ_PAD
+    NA: tl.constexpr = HQ * HD
+    W: tl.constexpr = GQ_PAD * HD  # the block's columns, padded
+    NB: tl.constexpr = (RB + BRB - 1) // BRB
+    if g == 0:  # independent of the attention: issued first
+        r, rm = _part_rows(p, RB, RB_PAD, D)
+        fv = tl.load(f_ptr + r, mask=rm, other=0.0, cache_modifier=".cg")
+        tl.atomic_add(h_ptr + r, fv, mask=rm, sem="relaxed")
+        tl.store(f_ptr + r, tl.zeros_like(fv), mask=rm)
+    q, k_new, v_new = _group_qkv(qkv_ptr, kc_ptr, cos_ptr, sin_ptr, g, HQ, KV, HD, GQ, QM, SCALE)
+    m, lsum, acc = _online(q, kc_ptr, vc_ptr, layer, g, 0, tl.minimum(pos, S_MAX), KV, HD, QM,
+                           BT, S_MAX, DOT_F32, AST)  # fmt: skip
+    m, lsum, acc = _with_new(q, k_new, v_new, m, lsum, acc)
+    if p == 0:
+        _write_new(kc_ptr, vc_ptr, k_new, v_new, pos, layer, g, KV, HD, S_MAX)
+    acc, m, lsum = _group_rows(acc, m, lsum, HD, GQ_PAD, QM)
+    rq = tl.arange(0, GQ_PAD)
+    o = tl.reshape(tl.where(rq[:, None] < GQ, acc / lsum[:, None], 0.0), [W])  # [W] f32
+    rc = tl.arange(0, W)
+    cols = g * GQ * HD + rc
+    cm = rc < GQ * HD
+    rb = tl.arange(0, BRB)
+    r1 = tl.minimum(p * RB + RB, D)
+    for i in tl.range(0, NB, num_stages=ST):
+        rows = p * RB + i * BRB + rb
+        rm = (rows < r1) & (i * BRB + rb < RB)
+        w = tl.load(wo_ptr + rows[:, None] * NA + cols[None, :], mask=rm[:, None] & cm[None, :],
+                    other=0.0)  # fmt: skip
+        tl.atomic_add(h_ptr + rows, tl.sum(w.to(tl.float32) * o[None, :], 1), mask=rm,
+                      sem="relaxed")  # fmt: skip
+    e, em = _part_rows(p, RE, RE_PAD, E)
+    wm = tl.load(wm_ptr + e[:, None] * NA + cols[None, :], mask=em[:, None] & cm[None, :],
+                 other=0.0)  # fmt: skip
+    tl.atomic_add(lg_ptr + e, tl.sum(wm.to(tl.float32) * o[None, :], 1), mask=em, sem="relaxed")
+
+
+@triton.jit
+def _router_base(wr_ptr, ln_ptr, hf, lg_ptr, pid, R: tl.constexpr, D: tl.constexpr,
+                 D_PAD: tl.constexpr, E: tl.constexpr, ST: tl.constexpr):  # fmt: skip
+    """Program ``pid``'s experts ``[pid·R, pid·R + R)``: ``lg[e] = W_r[e]·(ln2 ⊙ h_old)``, the
+    residual ``hf`` (f32 ``[D_PAD]``, zero past D) being what the QKV phase normalised, one
+    router row at a time through the software pipeliner."""
+    rd = tl.arange(0, D_PAD)
+    x = hf * tl.load(ln_ptr + rd, mask=rd < D, other=0.0).to(tl.float32)
+    e1 = tl.minimum(pid * R + R, E)
+    for e in tl.range(pid * R, e1, num_stages=ST):
+        w = tl.load(wr_ptr + e * D + rd, mask=rd < D, other=0.0)
+        tl.store(lg_ptr + e, tl.sum(w.to(tl.float32) * x, 0))
+
+
+def ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes, ao_lines,
+                 r_lines, line: int = 128) -> dict:  # fmt: skip
+    """The merged phase's constexprs for ``triton_megastep.constants``: ``NP`` row parts a KV
+    head (``parts``, or as many as ``p`` programs allow), ``RB`` W_o rows and ``RE`` rows of M
+    a part, ``BRB`` rows a chunk (within ``tile_bytes``), ``R_B`` router rows a program in the
+    QKV phase; L2 prefetch lines at barrier arrival (``ao_lines``/``r_lines`` of ``line`` bytes
+    allowed, 0 under the interpreter): ``PF_OR`` W_o rows of ``LPO`` lines, ``LPM`` lines a row
+    of M, ``PF_RB`` for the router rows. ``itemsizes``: W_qkv, W_o, router, cache."""
+    n_p = parts or max(1, p // kv)
+    rb, re_, r_b, w = -(-d // n_p), -(-e // n_p), -(-e // p), (hq // kv) * hd
+    w_pad = jt.next_pow2(hq // kv) * hd
+    row_bytes = w * itemsizes[1]
+    on = bool(merge_bc)
+
+    def floor2(n: int) -> int:
+        return 1 << (max(1, n).bit_length() - 1)
+
+    return dict(
+        MBC=on, NP=n_p, RB=rb, RB_PAD=jt.next_pow2(rb), RE=re_, RE_PAD=jt.next_pow2(re_),
+        R_B=r_b, BRB=min(floor2(tile_bytes // (w_pad * itemsizes[1])), jt.next_pow2(rb)),
+        PF_OR=min(jt.next_pow2(rb), floor2(ao_lines * line // row_bytes)) if on and ao_lines
+        else 0,
+        LPO=jt.next_pow2(-(-row_bytes // line)),
+        LPM=jt.next_pow2(-(-w * itemsizes[2] // line)) if on and ao_lines else 0,
+        PF_RB=jt.next_pow2(-(-r_b * d * itemsizes[2] // line)) if on and r_lines else 0,
+    )  # fmt: skip
