@@ -185,8 +185,8 @@ def _megastep_kernel(
     STEP_D: tl.constexpr, PF_KEYS: tl.constexpr, LPR: tl.constexpr, PF_R: tl.constexpr,
     UT: tl.constexpr, NIC_PAD: tl.constexpr, AST: tl.constexpr, MBC: tl.constexpr,
     NP: tl.constexpr, RB: tl.constexpr, RB_PAD: tl.constexpr, BRB: tl.constexpr, RE: tl.constexpr,
-    RE_PAD: tl.constexpr, R_B: tl.constexpr, PF_OR: tl.constexpr, LPO: tl.constexpr,
-    LPM: tl.constexpr, PF_RB: tl.constexpr,
+    RE_PAD: tl.constexpr, R_B: tl.constexpr, R_B_PAD: tl.constexpr, PF_OR: tl.constexpr,
+    LPO: tl.constexpr, LPM: tl.constexpr, PF_RB: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -216,7 +216,7 @@ def _megastep_kernel(
                    BRC_A, False, GS, 1)  # fmt: skip
         if MBC:  # this program's experts' router logits of the residual before attention
             _router_base(wr_ptr + lw * E * D, ln2_ptr + layer * D, hf, lg_ptr + layer * E, pid,
-                         R_B, D, D_PAD, E, GS)  # fmt: skip
+                         R_B, R_B_PAD, D, D_PAD, E)  # fmt: skip
         _stamp(tim_ptr, pid, t + 1, NT, TIMING)
         _arrive(ctr_ptr)
         if MBC:

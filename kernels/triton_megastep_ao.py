@@ -125,17 +125,20 @@ def _attend_project(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, wo_ptr, wm_ptr, h
 
 
 @triton.jit
-def _router_base(wr_ptr, ln_ptr, hf, lg_ptr, pid, R: tl.constexpr, D: tl.constexpr,
-                 D_PAD: tl.constexpr, E: tl.constexpr, ST: tl.constexpr):  # fmt: skip
+def _router_base(wr_ptr, ln_ptr, hf, lg_ptr, pid, R: tl.constexpr, R_PAD: tl.constexpr,
+                 D: tl.constexpr, D_PAD: tl.constexpr, E: tl.constexpr):  # fmt: skip
     """Program ``pid``'s experts ``[pid·R, pid·R + R)``: ``lg[e] = W_r[e]·(ln2 ⊙ h_old)``, the
-    residual ``hf`` (f32 ``[D_PAD]``, zero past D) being what the QKV phase normalised, one
-    router row at a time through the software pipeliner."""
+    residual ``hf`` (f32 ``[D_PAD]``, zero past D) being what the QKV phase normalised. Its rows
+    as one ``[R_PAD, D_PAD]`` tile and one reduction: a row at a time, each row's block-wide
+    reduction is a round trip of its own (8B: the QKV phase 3-5 µs longer, not the 1.7 µs of
+    the bytes; BENCHMARKS.md, twenty-third session)."""
     rd = tl.arange(0, D_PAD)
     x = hf * tl.load(ln_ptr + rd, mask=rd < D, other=0.0).to(tl.float32)
-    e1 = tl.minimum(pid * R + R, E)
-    for e in tl.range(pid * R, e1, num_stages=ST):
-        w = tl.load(wr_ptr + e * D + rd, mask=rd < D, other=0.0)
-        tl.store(lg_ptr + e, tl.sum(w.to(tl.float32) * x, 0))
+    e = pid * R + tl.arange(0, R_PAD)
+    em = (e < tl.minimum(pid * R + R, E)) & (tl.arange(0, R_PAD) < R)
+    w = tl.load(wr_ptr + e[:, None] * D + rd[None, :], mask=em[:, None] & (rd < D)[None, :],
+                other=0.0)  # fmt: skip
+    tl.store(lg_ptr + e, tl.sum(w.to(tl.float32) * x[None, :], 1), mask=em)
 
 
 def ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes, ao_lines,
@@ -157,7 +160,8 @@ def ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes, ao
 
     return dict(
         MBC=on, NP=n_p, RB=rb, RB_PAD=jt.next_pow2(rb), RE=re_, RE_PAD=jt.next_pow2(re_),
-        R_B=r_b, BRB=min(floor2(tile_bytes // (w_pad * itemsizes[1])), jt.next_pow2(rb)),
+        R_B=r_b, R_B_PAD=jt.next_pow2(r_b),
+        BRB=min(floor2(tile_bytes // (w_pad * itemsizes[1])), jt.next_pow2(rb)),
         PF_OR=min(jt.next_pow2(rb), floor2(ao_lines * line // row_bytes)) if on and ao_lines
         else 0,
         LPO=jt.next_pow2(-(-row_bytes // line)),

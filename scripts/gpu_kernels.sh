@@ -1287,4 +1287,16 @@ s29a)  # the merged attention + O phase (merge_bc, written in the twenty-third s
   run timeout 220 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
     --sparsities 0.75 --check-steps 1 --rounds 3 --launches "$v" --out "$OUT/megastep_decode.jsonl"
   ;;
+s29b)  # the merged phase with the router rows of phase A as one tile (one reduction, not one a
+  # row): variants of its key loop and parts, 1B and 8B at 75%; the merged GPU step test
+  run timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py -k smollm2_shape
+  v='{"split": {}, "mbc": {"merge_bc": true}, "mbc_a3": {"merge_bc": true, "attn_stages": 3},
+      "mbc_a3_np8": {"merge_bc": true, "attn_stages": 3, "parts": 8},
+      "mbc_a3_bt64": {"merge_bc": true, "attn_stages": 3, "block_t": 64}}'
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --sparsities 0.75 --check-steps 1 --rounds 3 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  run timeout 220 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
+    --sparsities 0.75 --check-steps 1 --rounds 3 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
