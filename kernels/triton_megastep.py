@@ -211,12 +211,12 @@ def _megastep_kernel(
         t = 1 + layer * SLOTS  # this layer's first timing slot
         _stamp(tim_ptr, pid, t, NT, TIMING)
         # A: norm (of h plus the previous FFN's sum) + QKV (first row chunk prefetched).
-        x, _, hf = _normed(h_ptr, f_ptr, ln1_ptr + layer * D, D, D_PAD, EPS, True)
+        x, _ = _normed(h_ptr, f_ptr, ln1_ptr + layer * D, D, D_PAD, EPS, True)
         _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, f_ptr, pid, NQKV, D, D_PAD, R_A,
                    BRC_A, False, GS, 1)  # fmt: skip
         if MBC:  # this program's experts' router logits of the residual before attention
-            _router_base(wr_ptr + lw * E * D, ln2_ptr + layer * D, hf, lg_ptr + layer * E, pid,
-                         R_B, R_B_PAD, D, D_PAD, E)  # fmt: skip
+            _router_base(wr_ptr + lw * E * D, ln2_ptr + layer * D, h_ptr, f_ptr, lg_ptr + layer * E,
+                         pid, R_B, R_B_PAD, D, D_PAD, E)  # fmt: skip
         _stamp(tim_ptr, pid, t + 1, NT, TIMING)
         _arrive(ctr_ptr)
         if MBC:
@@ -277,7 +277,7 @@ def _megastep_kernel(
                 failed = _wait(ctr_ptr, P * ph, failed, SPIN)
                 _stamp(tim_ptr, pid, t + 6, NT, TIMING)
                 # D: the FFN's norm (every program keeps the row for phase F) + router logits.
-                x2, _, _ = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
+                x2, _ = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
                 _gemv_rows(wr_ptr + lw * E * D, wr, x2, lg_ptr + layer * E, f_ptr, pid, E, D, D_PAD,
                            R_D, BRC_D, False, GS, 1)  # fmt: skip
         _stamp(tim_ptr, pid, t + 7, NT, TIMING)
@@ -292,7 +292,7 @@ def _megastep_kernel(
         lgv = _logits(lg_ptr + layer * E, E, E_PAD, ".cg")
         tau = tl.load(tau_ptr + layer)
         if RC:
-            x2, rstd, _ = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
+            x2, rstd = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
             lgv *= rstd
         gate, k = _select(lgv, tau, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
         if pid == 0:

@@ -125,19 +125,22 @@ def _attend_project(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, wo_ptr, wm_ptr, h
 
 
 @triton.jit
-def _router_base(wr_ptr, ln_ptr, hf, lg_ptr, pid, R: tl.constexpr, R_PAD: tl.constexpr,
+def _router_base(wr_ptr, ln_ptr, h_ptr, f_ptr, lg_ptr, pid, R: tl.constexpr, R_PAD: tl.constexpr,
                  D: tl.constexpr, D_PAD: tl.constexpr, E: tl.constexpr):  # fmt: skip
-    """Program ``pid``'s experts ``[pid·R, pid·R + R)``: ``lg[e] = W_r[e]·(ln2 ⊙ h_old)``, the
-    residual ``hf`` (f32 ``[D_PAD]``, zero past D) being what the QKV phase normalised. Its rows
-    as one ``[R_PAD, D_PAD]`` tile and one reduction: a row at a time, each row's block-wide
-    reduction is a round trip of its own (8B: the QKV phase 3-5 µs longer, not the 1.7 µs of
-    the bytes; BENCHMARKS.md, twenty-third session)."""
+    """Program ``pid``'s experts ``[pid·R, pid·R + R)``: ``lg[e] = W_r[e]·(ln2 ⊙ h_old)``, with
+    ``h_old = h + f`` as the QKV phase read it (nothing writes either in that phase). Its rows as
+    one ``[R_PAD, D_PAD]`` tile and one reduction (a row at a time, each row's block-wide
+    reduction is a round trip of its own), and the residual loaded again here rather than kept
+    from the norm (carried through the QKV GEMV it costs registers there: 8B's QKV phase 6.5 µs
+    a layer longer, not the 1.7 µs of the bytes; BENCHMARKS.md, twenty-third session)."""
     rd = tl.arange(0, D_PAD)
-    x = hf * tl.load(ln_ptr + rd, mask=rd < D, other=0.0).to(tl.float32)
+    dm = rd < D
     e = pid * R + tl.arange(0, R_PAD)
     em = (e < tl.minimum(pid * R + R, E)) & (tl.arange(0, R_PAD) < R)
-    w = tl.load(wr_ptr + e[:, None] * D + rd[None, :], mask=em[:, None] & (rd < D)[None, :],
-                other=0.0)  # fmt: skip
+    w = tl.load(wr_ptr + e[:, None] * D + rd[None, :], mask=em[:, None] & dm[None, :], other=0.0)
+    x = tl.load(h_ptr + rd, mask=dm, other=0.0, cache_modifier=".cg")
+    x += tl.load(f_ptr + rd, mask=dm, other=0.0, cache_modifier=".cg")
+    x *= tl.load(ln_ptr + rd, mask=dm, other=0.0).to(tl.float32)
     tl.store(lg_ptr + e, tl.sum(w.to(tl.float32) * x[None, :], 1), mask=em)
 
 

@@ -1299,4 +1299,13 @@ s29b)  # the merged phase with the router rows of phase A as one tile (one reduc
   run timeout 220 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
     --sparsities 0.75 --check-steps 1 --rounds 3 --launches "$v" --out "$OUT/megastep_decode.jsonl"
   ;;
+s29c)  # the merged phase with phase A's router rows reading the residual again (not carried
+  # through the QKV GEMV in registers), 1B and 8B at 75%
+  v='{"split": {}, "mbc_a3_bt64": {"merge_bc": true, "attn_stages": 3, "block_t": 64},
+      "mbc_bt64": {"merge_bc": true, "block_t": 64}}'
+  run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --sparsities 0.75 --check-steps 1 --rounds 3 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  run timeout 170 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
+    --sparsities 0.75 --check-steps 1 --rounds 3 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
