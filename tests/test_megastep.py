@@ -98,6 +98,22 @@ def test_lowers_for_sm90_with_gpu_scope_barriers(timing, router_in_c):
     assert bool(ca) == const["UT"] and all("], 0x4," in ln for ln in ca)
 
 
+def test_merged_phase_lowers_for_sm90_and_is_the_measured_default():
+    """The merged attention + O phase at the 1B shape compiles for sm_90: no split counter, the
+    residual and the logits summed with relaxed atomics, its W_o blocks prefetched; by default
+    it runs where measured faster (d <= 2048, a cache of <= 256 positions) with 64-key blocks."""
+    const = tm.constants(2, 2048, 32, 8, 64, 256, 32, 256, programs=132, merge_bc=True,
+                         block_t=64)  # fmt: skip
+    assert (const["NP"], const["RB"], const["RE"], const["R_B"]) == (16, 128, 16, 2)
+    ptx = sm90_compile(tm._megastep_kernel, _signature(False), const, warps=4, stages=1)
+    ptx = ptx.asm["ptx"]
+    assert "atom.global.gpu.acq_rel.add" not in ptx, "no key splits to combine"
+    assert "atom.global.gpu.relaxed.add.f32" in ptx or "red.global.gpu.relaxed.add.f32" in ptx
+    assert "prefetch.global.L2" in ptx
+    assert tm.default_merge(2048, 256) and not tm.default_merge(4096, 256)
+    assert not tm.default_merge(2048, 512)
+
+
 def test_attention_stages_pipeline_the_key_blocks_for_sm90():
     """``attn_stages`` > 1 turns the attention items' key/value loads into cp.async copies (more
     of them than in the plain loop); 1 is the plain loop the measurements were taken with."""

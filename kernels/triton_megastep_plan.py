@@ -1,0 +1,153 @@
+"""The one-launch decode step's launch plan (``triton_megastep``): its measured defaults and the
+kernel's constexprs for a model shape and launch.
+
+Why a file of its own: the host-side arithmetic (rows a program, chunk sizes, key splits, L2
+prefetch lines) and the reasons behind each default are a different thing to read from the
+kernel's phase order; ``triton_megastep`` re-exports what callers use.
+"""
+
+from __future__ import annotations
+
+from prunepath_jax.kernels import jt
+from prunepath_jax.kernels.triton_balanced import MAX_D
+from prunepath_jax.kernels.triton_megastep_ao import ao_constants
+
+SPIN = 1_000_000  # polls before a program gives up on a barrier (~0.2 s on the H200)
+TILE_BYTES = 32 * 1024  # one GEMV row chunk (the prefetched one in registers, the rest in smem)
+STAGES = 3  # software-pipeline stages of the GEMV and unit loops (cp.async into shared memory)
+BLOCK_T = 32  # cached keys a split attention work item reads at once
+# Warps a program: 0 picks by the expert count — 4 up to 256 experts (1B at 75%: 722 vs 748 µs a
+# token; the selection and unit loop faster, the attention slower), 8 above (8B: 4 warps tie,
+# the 512-wide selection 5.6 vs 4.4 µs a layer); BENCHMARKS.md, twenty-first session.
+WARPS = 0
+
+
+def default_warps(e: int) -> int:
+    """The launch's warps a program for ``e`` experts (``WARPS`` 0)."""
+    return 4 if max(16, jt.next_pow2(e)) <= 256 else 8
+
+
+LINE = 128  # bytes of an L2 prefetch line
+# L2 prefetch at a program's barrier arrival (BENCHMARKS.md, twentieth session: 4-6% faster at
+# 1B, neutral within noise at 8B with 4 key splits): KB of its next QKV (and router) block, of
+# its W_o block (32: the whole rest of a 1B block; 0 measured the same at 8B), and cached keys
+# (and values) of an attention item.
+PREFETCH_KB = 64
+PREFETCH_O_KB = 32
+PREFETCH_KEYS = 64
+# Each program looks its units' experts up in a table (_unit_table) instead of two block-wide
+# reductions a unit: the 1B unit loop 9.1 vs 10.8 µs a layer, 8B (bound by bytes) the same
+# (BENCHMARKS.md, twenty-first session).
+UNIT_TABLE = True
+# Software-pipeline stages of the attention items' key-block loop: 1, a plain loop. 2-3 (cp.async
+# into shared memory, blocks loaded ahead) measured a wash with the split phases (1B 710.9 /
+# 710.8 / 713.5 µs a token at 1 / 2 / 3, 8B 2622 / 2610 / 2605; 5 paired rounds) and slower
+# with the merged phase and 64-key blocks (1B 706.8 vs 687.6; BENCHMARKS.md, twenty-third
+# session).
+ATTN_STAGES = 1
+# Attention and the O projection as one phase (``triton_megastep_ao``) where it measured faster
+# (twenty-third session, 75%, a 256-position cache, 3 paired rounds): 1B 687.6 vs 716.2 µs a
+# token with 64-key blocks (32-key blocks slower); at 8B slower (2717-2775 vs 2603: its QKV phase
+# grows 7 µs a layer with the router rows). Its items read their head's whole cache, so long
+# caches keep the split phases (not measured merged).
+MERGE_MAX_D = 2048
+MERGE_MAX_CACHE = 256
+MERGE_BLOCK_T = 64  # cached keys a merged item reads at once
+PREFETCH_AO_KB = 256  # L2 prefetch of a merged item's W_o block at barrier arrival (KB)
+
+
+def default_merge(d: int, s_max: int) -> bool:
+    """Whether the attention and the O projection run as one phase by default: where measured
+    faster (``MERGE_MAX_D``, ``MERGE_MAX_CACHE``)."""
+    return d <= MERGE_MAX_D and s_max <= MERGE_MAX_CACHE
+
+
+def unsupported_shape(d: int, head_dim: int, group_size: int) -> str | None:
+    """Why the kernel cannot run these widths, or None (``megastep.check`` asks too)."""
+    hd, g = head_dim, group_size
+    if jt.next_pow2(d) > MAX_D or hd & (hd - 1) or hd < 2 or g % 2:
+        return (
+            f"megastep takes next_pow2(d) <= {MAX_D}, a power-of-2 head_dim and an even group "
+            f"size; got d={d}, head_dim={hd}, G={g}"
+        )
+    return None
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def _pf_lines(cap: int, r: int, brc: int, k: int, itemsize: int) -> int:
+    """L2 prefetch lines for a GEMV block past its first chunk: a power of 2, at most ``cap``
+    and no more than the rest of the block needs (more would only repeat its last line)."""
+    need = -(-max(0, r - brc) * k * itemsize // LINE)
+    return min(_pow2_floor(cap), jt.next_pow2(need)) if cap and need else 0
+
+
+def _row_chunk(r: int, k: int, itemsize: int, tile_bytes: int = TILE_BYTES) -> int:
+    """Full rows a GEMV chunk holds: a power of 2 within ``tile_bytes``, at most ``r``'s."""
+    rows = max(1, tile_bytes // (jt.next_pow2(k) * itemsize))
+    return min(_pow2_floor(rows), jt.next_pow2(r))
+
+
+def default_splits(programs: int, kv: int, gq: int, head_dim: int, s_max: int, bt: int) -> int:
+    """Key splits per KV head: as many as programs allow, at most 16, at least ``2·bt`` cache
+    rows each (4·bt until the twentieth session: 4 splits of a 256-row cache beat 2 by 1-2%
+    at 1B and 8B), and few enough that the combine's ``[splits, gq, hd]`` partials fit
+    registers."""
+    by_regs = max(1, 8192 // (jt.next_pow2(gq) * head_dim))
+    by_rows = max(1, s_max // (2 * bt))
+    s = max(1, min(16, programs // kv, by_regs, by_rows))
+    return 1 << (s.bit_length() - 1)
+
+
+def constants(
+    n_layers: int, d: int, hq: int, kv: int, hd: int, e: int, g: int, s_max: int, *,
+    programs: int, splits: int = 0, block_t: int = BLOCK_T, tile_bytes: int = TILE_BYTES,
+    itemsizes=(2, 2, 4, 2), eps: float = 1e-5, rule: str = "paper", gate: str = "sigmoid",
+    k_min: int = 1, k_max: int | None = None, spin: int = SPIN, timing: bool = False,
+    gemv_stages: int = STAGES, unit_stages: int = STAGES, router_in_c: bool = True,
+    prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
+    prefetch_keys: int = PREFETCH_KEYS, unit_table: bool = UNIT_TABLE,
+    attn_stages: int = ATTN_STAGES, merge_bc: bool = False, parts: int = 0,
+    prefetch_ao_kb: int = PREFETCH_AO_KB, interpret: bool = False,
+) -> dict:  # fmt: skip
+    """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
+    W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
+    phase gives each program ``ceil(N / P)`` contiguous output rows (the P programs cover N in
+    one round). The interpreter gets no L2 prefetch (inline PTX)."""
+    p = programs
+    s = splits or default_splits(p, kv, hq // kv, hd, s_max, block_t)
+    r_a, r_c, r_d = (-(-n // p) for n in ((hq + 2 * kv) * hd, d, e))
+    rc_pad = jt.next_pow2(r_c)
+    brc_a = _row_chunk(r_a, d, itemsizes[0], tile_bytes)
+    brc_c = _row_chunk(r_c, hq * hd, itemsizes[1], tile_bytes)
+    brc_d = _row_chunk(r_d, d, itemsizes[2], tile_bytes)
+    e_pad = max(16, jt.next_pow2(e))
+
+    def lines(kb: int) -> int:  # L2 prefetch lines; none under the interpreter (inline PTX)
+        return 0 if interpret else kb * 1024 // LINE
+
+    pf_keys = 0 if interpret else prefetch_keys
+    return dict(
+        RC=bool(router_in_c or merge_bc), RC_PAD=rc_pad,
+        BE=min(e_pad, _pow2_floor(max(1, tile_bytes // (rc_pad * 4)))),
+        PF_A=_pf_lines(lines(prefetch_kb), r_a, brc_a, d, itemsizes[0]),
+        PF_C=_pf_lines(lines(prefetch_o_kb), r_c, brc_c, hq * hd, itemsizes[1]),
+        PF_D=_pf_lines(lines(prefetch_kb), r_d, brc_d, d, itemsizes[2]),
+        STEP_A=LINE // itemsizes[0], STEP_C=LINE // itemsizes[1], STEP_D=LINE // itemsizes[2],
+        PF_KEYS=min(_pow2_floor(pf_keys), jt.next_pow2(s_max)) if pf_keys else 0,
+        PF_R=e_pad if lines(prefetch_kb) and router_in_c else 0,
+        LPR=max(1, hd * itemsizes[3] // LINE),
+        L=n_layers, D=d, D_PAD=jt.next_pow2(d), HQ=hq, KV=kv, HD=hd,
+        GQ_PAD=jt.next_pow2(hq // kv), NA_PAD=jt.next_pow2(hq * hd), E=e,
+        E_PAD=e_pad, G=g, BN=2, P=p, S=s, S_PAD=jt.next_pow2(s), BT=block_t,
+        S_MAX=s_max, R_A=r_a, BRC_A=brc_a, R_C=r_c, BRC_C=brc_c, R_D=r_d, BRC_D=brc_d,
+        GS=gemv_stages, US=unit_stages,
+        EPS=float(eps), NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min,
+        K_MAX=e if k_max is None else k_max, SCALE=float(hd**-0.5), SPIN=spin,
+        TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
+        AST=int(attn_stages), NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
+        **ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes,
+                       lines(prefetch_ao_kb), lines(prefetch_kb)),
+    )  # fmt: skip
