@@ -82,6 +82,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     PREFETCH_KB,
     PREFETCH_KEYS,
     PREFETCH_O_KB,
+    PREFETCH_RB_KB,
     SPIN,
     STAGES,
     TILE_BYTES,
@@ -318,7 +319,7 @@ def megastep(
     unit_stages: int = STAGES, router_in_c: bool = True, prefetch_kb: int = PREFETCH_KB,
     prefetch_o_kb: int = PREFETCH_O_KB, prefetch_keys: int = PREFETCH_KEYS,
     unit_table: bool = UNIT_TABLE, attn_stages: int = ATTN_STAGES, merge_bc: bool | None = None,
-    parts: int = 0, prefetch_ao_kb: int = PREFETCH_AO_KB,
+    parts: int = 0, prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
@@ -380,10 +381,10 @@ def megastep(
         raise ValueError(
             f"pipeline stages must be >= 1: {gemv_stages}, {unit_stages}, {attn_stages}"
         )
-    if min(prefetch_kb, prefetch_o_kb, prefetch_keys, prefetch_ao_kb) < 0:
+    if min(prefetch_kb, prefetch_o_kb, prefetch_keys, prefetch_ao_kb, prefetch_rb_kb) < 0:
         raise ValueError(
             f"prefetch sizes must be >= 0: {prefetch_kb} KB, {prefetch_o_kb} KB, "
-            f"{prefetch_keys} keys, {prefetch_ao_kb} KB"
+            f"{prefetch_keys} keys, {prefetch_ao_kb} KB, {prefetch_rb_kb} KB"
         )
     c = constants(
         n_layers, d, hq, kv, hd, e, g, s_max, programs=programs or jt.default_programs(),
@@ -393,7 +394,7 @@ def megastep(
         gemv_stages=gemv_stages, unit_stages=unit_stages, router_in_c=router_in_c,
         prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, prefetch_keys=prefetch_keys,
         unit_table=unit_table, attn_stages=attn_stages, merge_bc=merge_bc, parts=parts,
-        prefetch_ao_kb=prefetch_ao_kb, interpret=interpret,
+        prefetch_ao_kb=prefetch_ao_kb, prefetch_rb_kb=prefetch_rb_kb, interpret=interpret,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32

@@ -149,8 +149,8 @@ def ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes, ao
     """The merged phase's constexprs for ``triton_megastep.constants``: ``NP`` row parts a KV
     head (``parts``, or as many as ``p`` programs allow), ``RB`` W_o rows and ``RE`` rows of M
     a part, ``BRB`` rows a chunk (within ``tile_bytes``), ``R_B`` router rows a program in the
-    QKV phase; L2 prefetch lines at barrier arrival (``ao_lines``/``r_lines`` of ``line`` bytes
-    allowed, 0 under the interpreter): ``PF_OR`` W_o rows of ``LPO`` lines, ``LPM`` lines a row
+    QKV phase; L2 prefetch lines at barrier arrival (at most ``ao_lines``/``r_lines`` of ``line``
+    bytes, 0 under the interpreter): ``PF_OR`` W_o rows of ``LPO`` lines, ``LPM`` lines a row
     of M, ``PF_RB`` for the router rows. ``itemsizes``: W_qkv, W_o, router, cache."""
     n_p = parts or max(1, p // kv)
     rb, re_, r_b, w = -(-d // n_p), -(-e // n_p), -(-e // p), (hq // kv) * hd
@@ -169,5 +169,6 @@ def ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes, ao
         else 0,
         LPO=jt.next_pow2(-(-row_bytes // line)),
         LPM=jt.next_pow2(-(-w * itemsizes[2] // line)) if on and ao_lines else 0,
-        PF_RB=jt.next_pow2(-(-r_b * d * itemsizes[2] // line)) if on and r_lines else 0,
+        PF_RB=min(jt.next_pow2(-(-r_b * d * itemsizes[2] // line)), floor2(r_lines))
+        if on and r_lines else 0,
     )  # fmt: skip

@@ -54,6 +54,10 @@ MERGE_MAX_D = 2048
 MERGE_MAX_CACHE = 256
 MERGE_BLOCK_T = 64  # cached keys a merged item reads at once
 PREFETCH_AO_KB = 256  # L2 prefetch of a merged item's W_o block at barrier arrival (KB)
+# ... and of a program's router rows for phase A (KB; all of them at 1B and 8B). Suspected, not
+# measured, in the 8B phase A's 7 µs growth: 128 KB of QKV prefetch measured slower than 64 at
+# 8B in the twentieth session, and this adds 64 KB a program there.
+PREFETCH_RB_KB = 64
 
 
 def default_merge(d: int, s_max: int) -> bool:
@@ -110,7 +114,8 @@ def constants(
     prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
     prefetch_keys: int = PREFETCH_KEYS, unit_table: bool = UNIT_TABLE,
     attn_stages: int = ATTN_STAGES, merge_bc: bool = False, parts: int = 0,
-    prefetch_ao_kb: int = PREFETCH_AO_KB, interpret: bool = False,
+    prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
+    interpret: bool = False,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -149,5 +154,5 @@ def constants(
         TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
         AST=int(attn_stages), NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
         **ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes,
-                       lines(prefetch_ao_kb), lines(prefetch_kb)),
+                       lines(prefetch_ao_kb), lines(prefetch_rb_kb)),
     )  # fmt: skip

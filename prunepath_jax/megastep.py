@@ -62,6 +62,7 @@ class Launch(NamedTuple):
     merge_bc: bool | None = None
     parts: int | None = None
     prefetch_ao_kb: int | None = None
+    prefetch_rb_kb: int | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:

@@ -225,9 +225,9 @@ def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc):
         ref = model(tok[None, None], pos[None, None], cache=cache, ffn_args=args)
         kc, vc = megastep.stack_cache(cache)
         tau = jnp.stack([a.tau for a in args])
+        launch = megastep.Launch(merge_bc=merge_bc)
         lg, kc, vc, k_l, fail = jax.jit(megastep.step, static_argnums=(0, 7))(
-            model, megastep.pack(model), tok[None], pos[None], kc, vc, tau,
-            megastep.Launch(merge_bc=merge_bc),
+            model, megastep.pack(model), tok[None], pos[None], kc, vc, tau, launch
         )
     assert not np.asarray(fail).any()
     k_ref = np.array([int(s.k_t.reshape(-1)[0]) for s in ref.ffn_stats])
