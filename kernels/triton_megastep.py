@@ -132,7 +132,7 @@ def _wait(ctr_ptr, target, failed, SPIN: tl.constexpr):
 
 @triton.jit
 def _megastep_kernel(
-    h_in_ptr,  # [D] f32 residual input (aliased to h_ptr)
+    h_in_ptr,  # [2, D] f32 residual input, the second row zero (aliased to h_ptr)
     cos_ptr, sin_ptr,  # [HD/2] f32 RoPE at this token's position
     pos_ptr,  # [1] i32 the token's position (where its key/value go)
     tau_ptr,  # [L] f32 budgets
@@ -144,13 +144,13 @@ def _megastep_kernel(
     w_in_ptr,  # [L, 2, F, D] gate rows, then up rows
     w_out_ptr,  # [L, F, D] down-projection rows
     kc_in_ptr, vc_in_ptr,  # [L, S_MAX, KV, HD] caches (aliased to kc_ptr, vc_ptr)
-    h_ptr,  # out [D] f32 residual, without the last FFN's sum (f_ptr)
+    h_ptr,  # out [2, D] f32 residual without the last FFN's sum (row L % 2 with RBI, else 0)
     kc_ptr, vc_ptr,  # out caches, this token's key/value written at pos
     qkv_ptr,  # scratch [NQKV] f32
     po_ptr,  # scratch [KV·S, GQ_PAD, HD] f32 attention partials
     pml_ptr,  # scratch [KV·S, 2, GQ_PAD] f32 their running max and sum
     att_ptr,  # scratch [NA] f32 attention output
-    f_ptr,  # out [D] f32 (zeroed) the FFN sum not yet folded into h (the last layer's at the end)
+    f_ptr,  # out [2, D] f32 (zeroed) the FFN sum not yet folded into h (the last one's at the end)
     lg_ptr,  # out [L, E] f32 (zeroed) router logits (with RC: before the RMSNorm scale)
     k_ptr,  # out [L] i32 experts selected per layer
     ctr_ptr,  # out [1] i32 barrier counter (zeroed)
@@ -172,7 +172,8 @@ def _megastep_kernel(
     UT: tl.constexpr, NIC_PAD: tl.constexpr, AST: tl.constexpr, MBC: tl.constexpr,
     NP: tl.constexpr, RB: tl.constexpr, RB_PAD: tl.constexpr, BRB: tl.constexpr, RE: tl.constexpr,
     RE_PAD: tl.constexpr, R_B: tl.constexpr, R_B_PAD: tl.constexpr, PF_OR: tl.constexpr,
-    LPO: tl.constexpr, LPM: tl.constexpr, PF_RB: tl.constexpr,
+    LPO: tl.constexpr, LPM: tl.constexpr, PF_RB: tl.constexpr, RBI: tl.constexpr,
+    RBA: tl.constexpr, HS: tl.constexpr, R_Z: tl.constexpr, R_Z_PAD: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -190,19 +191,26 @@ def _megastep_kernel(
     rna = tl.arange(0, NA_PAD)
     wa = _first_rows(wqkv_ptr, pid, R_A, NQKV, D, D_PAD, BRC_A)  # h_ptr starts as h_in (aliased)
     _pf_rows(wqkv_ptr, pid, R_A, NQKV, D, BRC_A, PF_A, STEP_A)
-    _pf_rows(wr_ptr, pid, R_B, E, D, 0, PF_RB, STEP_D)  # MBC: the router rows of phase A
+    if RBA:  # the router rows of phase A
+        _pf_rows(wr_ptr, pid, R_B, E, D, 0, PF_RB, STEP_D)
     for layer in range(L):
         # int64 offsets: 8B's stacked w_in has 3.8e9 elements, past int32.
         lw = tl.full([], 0, tl.int64) + layer
         t = 1 + layer * SLOTS  # this layer's first timing slot
+        # The residual and FFN sum buffers this layer reads (c) and writes (n): the same buffer
+        # unless RBI double-buffers them (HS = D).
+        hc = h_ptr + (layer % 2) * HS
+        hn = h_ptr + ((layer + 1) % 2) * HS
+        fc = f_ptr + (layer % 2) * HS
+        fn = f_ptr + ((layer + 1) % 2) * HS
         _stamp(tim_ptr, pid, t, NT, TIMING)
         # A: norm (of h plus the previous FFN's sum) + QKV (first row chunk prefetched).
-        x, _ = _normed(h_ptr, f_ptr, ln1_ptr + layer * D, D, D_PAD, EPS, True)
+        x, _ = _normed(hc, fc, ln1_ptr + layer * D, D, D_PAD, EPS, True)
         _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, f_ptr, pid, NQKV, D, D_PAD, R_A,
                    BRC_A, False, GS, 1)  # fmt: skip
-        if MBC:  # this program's experts' router logits of the residual before attention
-            _router_base(wr_ptr + lw * E * D, ln2_ptr + layer * D, h_ptr, f_ptr, lg_ptr + layer * E,
-                         pid, R_B, R_B_PAD, D, D_PAD, E)  # fmt: skip
+        if RBA:  # this program's experts' router logits of the residual before attention
+            _router_base(wr_ptr + lw * E * D, ln2_ptr + layer * D, hc, fc, lg_ptr + layer * E,
+                         pid, R_B, R_B_PAD, D, D_PAD, E, False)  # fmt: skip
         _stamp(tim_ptr, pid, t + 1, NT, TIMING)
         _arrive(ctr_ptr)
         if MBC:
@@ -210,6 +218,8 @@ def _megastep_kernel(
                 _pf_item(wo_ptr + lw * D * NA, wm_ptr + lw * E * NA, kc_ptr, vc_ptr, pos, lw,
                          item // NP, item % NP, D, NA, E, KV, HD, GQ, NP, RB, PF_OR, LPO, STEP_C,
                          RE, RE_PAD, LPM, STEP_D, BT, S_MAX, PF_KEYS, LPR)  # fmt: skip
+                if RBI:  # the item's router rows
+                    _pf_rows(wr_ptr + lw * E * D, item, R_B, E, D, 0, PF_RB, STEP_D)
         elif PF_KEYS > 0:
             if pid < KV * S:
                 _pf_kv(kc_ptr, vc_ptr, pos, lw, pid // S, pid % S, KV, HD, S, BT, S_MAX, PF_KEYS,
@@ -220,10 +230,11 @@ def _megastep_kernel(
         if MBC:  # B and C as one phase: attention + O projection + the router's O share
             for item in range(pid, KV * NP, P):
                 _attend_project(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, wo_ptr + lw * D * NA,
-                                wm_ptr + lw * E * NA, h_ptr, f_ptr, lg_ptr + layer * E, pos, lw,
-                                item // NP, item % NP, D, E, HQ, KV, HD, GQ, GQ_PAD, BT, S_MAX,
-                                SCALE, DOT_F32, AST, RB, RB_PAD, BRB, RE, RE_PAD,
-                                GS)  # fmt: skip
+                                wm_ptr + lw * E * NA, wr_ptr + lw * E * D, ln2_ptr + layer * D,
+                                hc, fc, hn, lg_ptr + layer * E, pos, lw, item // NP, item % NP, D,
+                                D_PAD, E, HQ, KV, HD, GQ, GQ_PAD, BT, S_MAX, SCALE, DOT_F32, AST,
+                                RB, RB_PAD, BRB, RE, RE_PAD, GS, RBI, NP, R_B,
+                                R_B_PAD)  # fmt: skip
             for j in tl.static_range(3, 7):  # C and D take no time
                 _stamp(tim_ptr, pid, t + j, NT, TIMING)
         else:
@@ -277,8 +288,13 @@ def _megastep_kernel(
         # CTA barrier): one L2 round trip with h's instead of two more after it.
         lgv = _logits(lg_ptr + layer * E, E, E_PAD, ".cg")
         tau = tl.load(tau_ptr + layer)
+        if RBI:  # this layer's read buffers are free again: zeroed for the next layer's writes
+            rz = pid * R_Z + tl.arange(0, R_Z_PAD)
+            zm = (rz < tl.minimum(pid * R_Z + R_Z, D)) & (tl.arange(0, R_Z_PAD) < R_Z)
+            tl.store(hc + rz, tl.zeros([R_Z_PAD], tl.float32), mask=zm)
+            tl.store(fc + rz, tl.zeros([R_Z_PAD], tl.float32), mask=zm)
         if RC:
-            x2, rstd = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
+            x2, rstd = _normed(hn, fn, ln2_ptr + layer * D, D, D_PAD, EPS, False)
             lgv *= rstd
         gate, k = _select(lgv, tau, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
         if pid == 0:
@@ -295,7 +311,7 @@ def _megastep_kernel(
                                    cnt, tab_ptr + pid * 2 * E_PAD, u0, u1, D, D_PAD, E_PAD, F,
                                    G, BN, US, UT)  # fmt: skip
             _stamp(tim_ptr, pid, t + 10, NT, TIMING)
-            tl.atomic_add(f_ptr + rd, acc, mask=dmask, sem="relaxed")
+            tl.atomic_add(fn + rd, acc, mask=dmask, sem="relaxed")
         else:
             _stamp(tim_ptr, pid, t + 10, NT, TIMING)
         _stamp(tim_ptr, pid, t + 11, NT, TIMING)
@@ -304,7 +320,8 @@ def _megastep_kernel(
             wa = _first_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, D_PAD, BRC_A)
             _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, BRC_A, PF_A,
                      STEP_A)  # fmt: skip
-            _pf_rows(wr_ptr + (lw + 1) * E * D, pid, R_B, E, D, 0, PF_RB, STEP_D)
+            if RBA:
+                _pf_rows(wr_ptr + (lw + 1) * E * D, pid, R_B, E, D, 0, PF_RB, STEP_D)
             ph += 1
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
     tl.store(fail_ptr + pid, failed)
@@ -320,6 +337,7 @@ def megastep(
     prefetch_o_kb: int = PREFETCH_O_KB, prefetch_keys: int = PREFETCH_KEYS,
     unit_table: bool = UNIT_TABLE, attn_stages: int = ATTN_STAGES, merge_bc: bool | None = None,
     parts: int = 0, prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
+    router_in_items: bool = False,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
@@ -356,6 +374,8 @@ def megastep(
     if why:
         raise ValueError(why)
     merge_bc = default_merge(d, s_max) if merge_bc is None else bool(merge_bc)
+    if router_in_items and not merge_bc:
+        raise ValueError("router_in_items computes the router inside the merged phase: merge_bc")
     block_t = block_t or (MERGE_BLOCK_T if merge_bc else BLOCK_T)
     k_max = e if k_max is None else min(k_max, e)
     if not 1 <= k_min <= k_max:
@@ -394,19 +414,20 @@ def megastep(
         gemv_stages=gemv_stages, unit_stages=unit_stages, router_in_c=router_in_c,
         prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, prefetch_keys=prefetch_keys,
         unit_table=unit_table, attn_stages=attn_stages, merge_bc=merge_bc, parts=parts,
-        prefetch_ao_kb=prefetch_ao_kb, prefetch_rb_kb=prefetch_rb_kb, interpret=interpret,
+        prefetch_ao_kb=prefetch_ao_kb, prefetch_rb_kb=prefetch_rb_kb,
+        router_in_items=router_in_items, interpret=interpret,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32
     out_shape = [
-        jax.ShapeDtypeStruct((d,), f32),  # h
+        jax.ShapeDtypeStruct((2 * d,), f32),  # h (two buffers with RBI)
         jax.ShapeDtypeStruct(kc_lskh.shape, kc_lskh.dtype),
         jax.ShapeDtypeStruct(vc_lskh.shape, vc_lskh.dtype),
         jax.ShapeDtypeStruct((n_qkv,), f32),  # qkv scratch
         jax.ShapeDtypeStruct((kv * s * gq_pad * hd,), f32),  # partials
         jax.ShapeDtypeStruct((kv * s * 2 * gq_pad,), f32),
         jax.ShapeDtypeStruct((hq * hd,), f32),  # attention output
-        jax.ShapeDtypeStruct((d,), f32),  # the last FFN's sum
+        jax.ShapeDtypeStruct((2 * d,), f32),  # the last FFN's sum (two buffers with RBI)
         jax.ShapeDtypeStruct((n_layers, e), f32),  # logits
         jax.ShapeDtypeStruct((n_layers,), jnp.int32),  # k
         jax.ShapeDtypeStruct((1,), jnp.int32),  # barrier counter
@@ -416,7 +437,8 @@ def megastep(
         jax.ShapeDtypeStruct((p * 2 * c["E_PAD"] if unit_table else 1,), jnp.int32),  # tables
     ]
     outs = jt.triton_call(
-        _megastep_kernel, h_d.astype(f32), cos_h.astype(f32), sin_h.astype(f32),
+        _megastep_kernel, jnp.concatenate([h_d.astype(f32), jnp.zeros((d,), f32)]),
+        cos_h.astype(f32), sin_h.astype(f32),
         jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)), jnp.asarray(tau_l, f32), ln1_ld, ln2_ld,
         wqkv_lnd, wo_ldn, wr_led, wm_len, w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh,
         out_shape=out_shape, input_output_aliases={0: 0, 13: 1, 14: 2},
@@ -425,7 +447,8 @@ def megastep(
         interpret=interpret, **c,
     )  # fmt: skip
     h, kc, vc = outs[:3]
-    h = h + outs[7]  # the last layer's FFN sum
+    last = slice(d, 2 * d) if c["RBI"] and n_layers % 2 else slice(0, d)  # the last layer's buffer
+    h = h[last] + outs[7][last]  # + its FFN sum
     if timing:
         return h, kc, vc, outs[9], outs[12], outs[13]
     return h, kc, vc, outs[9], outs[12]

@@ -13,11 +13,19 @@ The router logits then have no residual row to read after the O phase (the items
 any order), so they are split by linearity: ``W_r·(ln2 ⊙ h_new) = W_r·(ln2 ⊙ h_old) +
 M·attn`` with ``M = W_r · diag(ln2) · W_o`` (``[E, NA]``, float32, made once by
 ``megastep.pack``). The first term each program computes for its share of experts in the QKV
-phase (``_router_base``, where every program already holds ``h_old``); the second each item adds
+phase (``_router_base``, reading ``h_old`` again after the QKV GEMV); the second each item adds
 for its columns (``M``'s rows of part p). The expert phase scales the sum by ``1 / rms(h_new)``
-as before. Costs: ``W_r``'s bytes once more a layer (in the QKV phase), the attention repeated
-per part (L2 reads, ~16 items a head), and fp32 atomics on the residual (summation order varies
-from run to run, like the FFN's).
+as before. Costs: ``W_r``'s bytes once more a layer (in the QKV phase: measured 1.5 µs a layer
+at 1B, 7.2 at 8B, where the merged phase is therefore off), the attention repeated per part (L2
+reads, ~16 items a head), and fp32 atomics on the residual (summation order varies from run to
+run, like the FFN's).
+
+``router_in_items`` (``RBI``; written in the twenty-third session after its last device run,
+interpreter- and sm_90-tested, NOT measured) moves the first term into the merged items, where
+the attention's latency could hide it: each item adds its experts' share. The items cannot read
+the residual they add into, so it is double-buffered (``HS``): layer l reads ``h[l % 2]`` and
+``f[l % 2]``, its items write ``h[(l + 1) % 2]``, its expert phase writes ``f[(l + 1) % 2]`` and
+zeroes the buffers it read, for layer l + 1 to write.
 
 At long contexts each item reads the whole cache of its head, so the split phases stay the
 choice there (``merge_bc`` in the launch).
@@ -75,28 +83,37 @@ def _pf_item(wo_ptr, wm_ptr, kc_ptr, vc_ptr, pos, layer, g, p, D: tl.constexpr, 
 
 
 @triton.jit
-def _attend_project(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, wo_ptr, wm_ptr, h_ptr, f_ptr,
-                    lg_ptr, pos, layer, g, p, D: tl.constexpr, E: tl.constexpr,
+def _attend_project(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, wo_ptr, wm_ptr, wr_ptr, ln_ptr,
+                    hc_ptr, fc_ptr, hn_ptr, lg_ptr, pos, layer, g, p, D: tl.constexpr,
+                    D_PAD: tl.constexpr, E: tl.constexpr,
                     HQ: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, GQ: tl.constexpr,
                     GQ_PAD: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr,
                     SCALE: tl.constexpr, DOT_F32: tl.constexpr, AST: tl.constexpr,
                     RB: tl.constexpr, RB_PAD: tl.constexpr, BRB: tl.constexpr,
-                    RE: tl.constexpr, RE_PAD: tl.constexpr, ST: tl.constexpr):  # fmt: skip
+                    RE: tl.constexpr, RE_PAD: tl.constexpr, ST: tl.constexpr, RBI: tl.constexpr,
+                    NP: tl.constexpr, R_B: tl.constexpr, R_B_PAD: tl.constexpr):  # fmt: skip
     """Work item (KV head g, row part p): head g's attention over every cached key and the new
     one, then ``h[rows] += W_o[rows, cols]·attn[cols]`` (rows: part p's ``RB``; cols: head g's
     ``GQ·HD``, ``BRB`` rows at a time through the software pipeliner) and
     ``lg[e] += M[e, cols]·attn[cols]`` for part p's ``RE`` experts, relaxed atomics. Head 0's
-    item also folds the previous FFN's sum ``f`` into its rows (and zeroes them): nothing else
-    reads ``f`` in this phase."""
+    item also folds the previous FFN's sum ``f`` into its rows and zeroes them (nothing else
+    reads ``f`` in this phase; ``hn_ptr`` is ``hc_ptr`` then). With ``RBI`` the residual is
+    double-buffered: the items add into the zeroed next buffer ``hn`` (head 0's the current
+    ``hc + fc`` of its rows) and each also adds its ``R_B`` experts' share of the router logits
+    of the residual before attention, ``W_r·(ln2 ⊙ (hc + fc))`` — which nothing writes in this
+    phase — so phase A has no router rows."""
     QM: tl.constexpr = 16 if GQ_PAD < 16 else GQ_PAD
     NA: tl.constexpr = HQ * HD
     W: tl.constexpr = GQ_PAD * HD  # the block's columns, padded
     NB: tl.constexpr = (RB + BRB - 1) // BRB
     if g == 0:  # independent of the attention: issued first
         r, rm = _part_rows(p, RB, RB_PAD, D)
-        fv = tl.load(f_ptr + r, mask=rm, other=0.0, cache_modifier=".cg")
-        tl.atomic_add(h_ptr + r, fv, mask=rm, sem="relaxed")
-        tl.store(f_ptr + r, tl.zeros_like(fv), mask=rm)
+        fv = tl.load(fc_ptr + r, mask=rm, other=0.0, cache_modifier=".cg")
+        if RBI:
+            fv += tl.load(hc_ptr + r, mask=rm, other=0.0, cache_modifier=".cg")
+        tl.atomic_add(hn_ptr + r, fv, mask=rm, sem="relaxed")
+        if not RBI:
+            tl.store(fc_ptr + r, tl.zeros_like(fv), mask=rm)
     q, k_new, v_new = _group_qkv(qkv_ptr, kc_ptr, cos_ptr, sin_ptr, g, HQ, KV, HD, GQ, QM, SCALE)
     m, lsum, acc = _online(q, kc_ptr, vc_ptr, layer, g, 0, tl.minimum(pos, S_MAX), KV, HD, QM,
                            BT, S_MAX, DOT_F32, AST)  # fmt: skip
@@ -116,17 +133,21 @@ def _attend_project(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, wo_ptr, wm_ptr, h
         rm = (rows < r1) & (i * BRB + rb < RB)
         w = tl.load(wo_ptr + rows[:, None] * NA + cols[None, :], mask=rm[:, None] & cm[None, :],
                     other=0.0)  # fmt: skip
-        tl.atomic_add(h_ptr + rows, tl.sum(w.to(tl.float32) * o[None, :], 1), mask=rm,
+        tl.atomic_add(hn_ptr + rows, tl.sum(w.to(tl.float32) * o[None, :], 1), mask=rm,
                       sem="relaxed")  # fmt: skip
     e, em = _part_rows(p, RE, RE_PAD, E)
     wm = tl.load(wm_ptr + e[:, None] * NA + cols[None, :], mask=em[:, None] & cm[None, :],
                  other=0.0)  # fmt: skip
     tl.atomic_add(lg_ptr + e, tl.sum(wm.to(tl.float32) * o[None, :], 1), mask=em, sem="relaxed")
+    if RBI:
+        _router_base(wr_ptr, ln_ptr, hc_ptr, fc_ptr, lg_ptr, g * NP + p, R_B, R_B_PAD, D, D_PAD, E,
+                     True)  # fmt: skip
 
 
 @triton.jit
 def _router_base(wr_ptr, ln_ptr, h_ptr, f_ptr, lg_ptr, pid, R: tl.constexpr, R_PAD: tl.constexpr,
-                 D: tl.constexpr, D_PAD: tl.constexpr, E: tl.constexpr):  # fmt: skip
+                 D: tl.constexpr, D_PAD: tl.constexpr, E: tl.constexpr,
+                 ATOMIC: tl.constexpr):  # fmt: skip
     """Program ``pid``'s experts ``[pid·R, pid·R + R)``: ``lg[e] = W_r[e]·(ln2 ⊙ h_old)``, with
     ``h_old = h + f`` as the QKV phase read it (nothing writes either in that phase). Its rows as
     one ``[R_PAD, D_PAD]`` tile and one reduction (a row at a time, each row's block-wide
@@ -141,19 +162,27 @@ def _router_base(wr_ptr, ln_ptr, h_ptr, f_ptr, lg_ptr, pid, R: tl.constexpr, R_P
     x = tl.load(h_ptr + rd, mask=dm, other=0.0, cache_modifier=".cg")
     x += tl.load(f_ptr + rd, mask=dm, other=0.0, cache_modifier=".cg")
     x *= tl.load(ln_ptr + rd, mask=dm, other=0.0).to(tl.float32)
-    tl.store(lg_ptr + e, tl.sum(w.to(tl.float32) * x[None, :], 1), mask=em)
+    lg = tl.sum(w.to(tl.float32) * x[None, :], 1)
+    if ATOMIC:  # a merged item's share (RBI): the other items add theirs in any order
+        tl.atomic_add(lg_ptr + e, lg, mask=em, sem="relaxed")
+    else:
+        tl.store(lg_ptr + e, lg, mask=em)
 
 
 def ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes, ao_lines,
-                 r_lines, line: int = 128) -> dict:  # fmt: skip
+                 r_lines, router_in_items: bool = False, line: int = 128) -> dict:  # fmt: skip
     """The merged phase's constexprs for ``triton_megastep.constants``: ``NP`` row parts a KV
     head (``parts``, or as many as ``p`` programs allow), ``RB`` W_o rows and ``RE`` rows of M
     a part, ``BRB`` rows a chunk (within ``tile_bytes``), ``R_B`` router rows a program in the
-    QKV phase; L2 prefetch lines at barrier arrival (at most ``ao_lines``/``r_lines`` of ``line``
-    bytes, 0 under the interpreter): ``PF_OR`` W_o rows of ``LPO`` lines, ``LPM`` lines a row
-    of M, ``PF_RB`` for the router rows. ``itemsizes``: W_qkv, W_o, router, cache."""
+    QKV phase (``RBA``) or, with ``router_in_items`` (``RBI``), a merged item (then ``HS``, the
+    residual's second buffer, is ``d`` and ``R_Z`` the rows a program zeroes); L2 prefetch lines
+    at barrier arrival (at most ``ao_lines``/``r_lines`` of ``line`` bytes, 0 under the
+    interpreter): ``PF_OR`` W_o rows of ``LPO`` lines, ``LPM`` lines a row of M, ``PF_RB`` for
+    the router rows. ``itemsizes``: W_qkv, W_o, router, cache."""
     n_p = parts or max(1, p // kv)
-    rb, re_, r_b, w = -(-d // n_p), -(-e // n_p), -(-e // p), (hq // kv) * hd
+    rbi = bool(merge_bc and router_in_items)
+    r_b = -(-e // (kv * n_p)) if rbi else -(-e // p)
+    rb, re_, w = -(-d // n_p), -(-e // n_p), (hq // kv) * hd
     w_pad = jt.next_pow2(hq // kv) * hd
     row_bytes = w * itemsizes[1]
     on = bool(merge_bc)
@@ -162,7 +191,9 @@ def ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes, ao
         return 1 << (max(1, n).bit_length() - 1)
 
     return dict(
-        MBC=on, NP=n_p, RB=rb, RB_PAD=jt.next_pow2(rb), RE=re_, RE_PAD=jt.next_pow2(re_),
+        MBC=on, RBI=rbi, RBA=on and not rbi, HS=d if rbi else 0, R_Z=-(-d // p),
+        R_Z_PAD=jt.next_pow2(-(-d // p)), NP=n_p, RB=rb, RB_PAD=jt.next_pow2(rb), RE=re_,
+        RE_PAD=jt.next_pow2(re_),
         R_B=r_b, R_B_PAD=jt.next_pow2(r_b),
         BRB=min(floor2(tile_bytes // (w_pad * itemsizes[1])), jt.next_pow2(rb)),
         PF_OR=min(jt.next_pow2(rb), floor2(ao_lines * line // row_bytes)) if on and ao_lines

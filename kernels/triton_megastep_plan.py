@@ -115,7 +115,7 @@ def constants(
     prefetch_keys: int = PREFETCH_KEYS, unit_table: bool = UNIT_TABLE,
     attn_stages: int = ATTN_STAGES, merge_bc: bool = False, parts: int = 0,
     prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
-    interpret: bool = False,
+    router_in_items: bool = False, interpret: bool = False,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -154,5 +154,5 @@ def constants(
         TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
         AST=int(attn_stages), NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
         **ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes,
-                       lines(prefetch_ao_kb), lines(prefetch_rb_kb)),
+                       lines(prefetch_ao_kb), lines(prefetch_rb_kb), router_in_items),
     )  # fmt: skip

@@ -63,6 +63,7 @@ class Launch(NamedTuple):
     parts: int | None = None
     prefetch_ao_kb: int | None = None
     prefetch_rb_kb: int | None = None
+    router_in_items: bool | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:

@@ -1310,8 +1310,10 @@ s29c)  # the merged phase with phase A's router rows reading the residual again 
   ;;
 s30a)  # next session, first: the merged phase where it is the default but untimed (SmolLM2
   # shape), at a longer cache (1B, ~512 positions: not the default there), 8B without the router
-  # rows' L2 prefetch (the suspect in its phase A's growth), and 1B dense re-timed for the ratio
-  v='{"split": {"merge_bc": false}, "merged": {"merge_bc": true, "block_t": 64}}'
+  # rows' L2 prefetch (the suspect in its phase A's growth), the router's first term inside the
+  # merged items (router_in_items: no router rows in phase A), and 1B dense re-timed
+  v='{"split": {"merge_bc": false}, "merged": {"merge_bc": true, "block_t": 64},
+      "merged_ri": {"merge_bc": true, "block_t": 64, "router_in_items": true}}'
   run timeout 130 python3 benchmarks/megastep_decode.py --shapes smollm2-135m --sparsities 0.75 \
     --check-steps 1 --rounds 3 --launches "$v" --out "$OUT/megastep_decode.jsonl"
   run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --sparsities 0.75 \
@@ -1320,7 +1322,8 @@ s30a)  # next session, first: the merged phase where it is the default but untim
     --sparsities 0.75 --prompt-len 400 --check-steps 1 --rounds 3 --launches "$v" \
     --out "$OUT/megastep_decode.jsonl"
   v8='{"split": {}, "merged": {"merge_bc": true, "block_t": 64},
-       "merged_rb0": {"merge_bc": true, "block_t": 64, "prefetch_rb_kb": 0}}'
+       "merged_rb0": {"merge_bc": true, "block_t": 64, "prefetch_rb_kb": 0},
+       "merged_ri": {"merge_bc": true, "block_t": 64, "router_in_items": true}}'
   run timeout 170 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
     --sparsities 0.75 --check-steps 1 --rounds 3 --launches "$v8" --out "$OUT/megastep_decode.jsonl"
   ;;

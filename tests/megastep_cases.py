@@ -37,6 +37,7 @@ class Case(NamedTuple):
     unit_table: bool = True  # units' experts from a table (else two reductions a unit)
     merge_bc: bool = False  # attention + O projection as one phase (triton_megastep_ao)
     parts: int = 0  # its row parts a KV head (0: by the programs, 1 under the interpreter)
+    router_in_items: bool = False  # the merged items compute the router's first term too
 
 
 CASES = (
@@ -121,6 +122,26 @@ CASES = (
         merge_bc=True,
         parts=2,
     ),
+    # The merged items with the router's first term and a double-buffered residual: 3 layers
+    # (the result in the second buffer), 3 parts, 6 / 6 / 4 experts' router rows an item.
+    Case(
+        "merged_router_items",
+        64,
+        4,
+        2,
+        16,
+        128,
+        8,
+        21,
+        0.5,
+        splits=1,
+        block_t=16,
+        cache_len=48,
+        layers=3,
+        merge_bc=True,
+        parts=3,
+        router_in_items=True,
+    ),  # fmt: skip
 )
 
 

@@ -98,13 +98,16 @@ def test_lowers_for_sm90_with_gpu_scope_barriers(timing, router_in_c):
     assert bool(ca) == const["UT"] and all("], 0x4," in ln for ln in ca)
 
 
-def test_merged_phase_lowers_for_sm90_and_is_the_measured_default():
+@pytest.mark.parametrize("in_items", [False, True], ids=["router_in_a", "router_in_items"])
+def test_merged_phase_lowers_for_sm90_and_is_the_measured_default(in_items):
     """The merged attention + O phase at the 1B shape compiles for sm_90: no split counter, the
     residual and the logits summed with relaxed atomics, its W_o blocks prefetched; by default
-    it runs where measured faster (d <= 2048, a cache of <= 256 positions) with 64-key blocks."""
+    it runs where measured faster (d <= 2048, a cache of <= 256 positions) with 64-key blocks.
+    With the router's first term in the items, 2 of the 256 experts an item, none in phase A."""
     const = tm.constants(2, 2048, 32, 8, 64, 256, 32, 256, programs=132, merge_bc=True,
-                         block_t=64)  # fmt: skip
+                         block_t=64, router_in_items=in_items)  # fmt: skip
     assert (const["NP"], const["RB"], const["RE"], const["R_B"]) == (16, 128, 16, 2)
+    assert (const["RBA"], const["RBI"], const["HS"]) == (not in_items, in_items, 2048 * in_items)
     ptx = sm90_compile(tm._megastep_kernel, _signature(False), const, warps=4, stages=1)
     ptx = ptx.asm["ptx"]
     assert "atom.global.gpu.acq_rel.add" not in ptx, "no key splits to combine"
@@ -152,6 +155,9 @@ def test_bad_inputs_raise_clearly():
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, attn_stages=0)
     with pytest.raises(ValueError, match="prefetch sizes"):
         tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, prefetch_keys=-1)
+    with pytest.raises(ValueError, match="merge_bc"):
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, merge_bc=False,
+                    router_in_items=True)  # fmt: skip
     two = jax.tree.map(lambda a: jnp.concatenate([a, a]), cache)
     with pytest.raises(ValueError, match="batch 1"):
         megastep.stack_cache(two)
