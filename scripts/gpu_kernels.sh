@@ -1327,4 +1327,11 @@ s30a)  # next session, first: the merged phase where it is the default but untim
   run timeout 170 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
     --sparsities 0.75 --check-steps 1 --rounds 3 --launches "$v8" --out "$OUT/megastep_decode.jsonl"
   ;;
+s30b)  # next session: the GPU tests of generation since the merged phase became the default at
+  # short caches (not run in the twenty-third session; its s29a cut them at a 150 s timeout)
+  run timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
+  run timeout 260 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py -k fp32_sparse_generation
+  ;;
 esac
