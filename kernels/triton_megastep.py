@@ -132,7 +132,7 @@ def _wait(ctr_ptr, target, failed, SPIN: tl.constexpr):
 
 @triton.jit
 def _megastep_kernel(
-    h_in_ptr,  # [2, D] f32 residual input, the second row zero (aliased to h_ptr)
+    h_in_ptr,  # [D] f32 residual input ([2, D] with RBI, the second row zero; aliased to h_ptr)
     cos_ptr, sin_ptr,  # [HD/2] f32 RoPE at this token's position
     pos_ptr,  # [1] i32 the token's position (where its key/value go)
     tau_ptr,  # [L] f32 budgets
@@ -144,13 +144,13 @@ def _megastep_kernel(
     w_in_ptr,  # [L, 2, F, D] gate rows, then up rows
     w_out_ptr,  # [L, F, D] down-projection rows
     kc_in_ptr, vc_in_ptr,  # [L, S_MAX, KV, HD] caches (aliased to kc_ptr, vc_ptr)
-    h_ptr,  # out [2, D] f32 residual without the last FFN's sum (row L % 2 with RBI, else 0)
+    h_ptr,  # out [D] f32 residual without the last FFN's sum ([2, D] with RBI: row L % 2)
     kc_ptr, vc_ptr,  # out caches, this token's key/value written at pos
     qkv_ptr,  # scratch [NQKV] f32
     po_ptr,  # scratch [KV·S, GQ_PAD, HD] f32 attention partials
     pml_ptr,  # scratch [KV·S, 2, GQ_PAD] f32 their running max and sum
     att_ptr,  # scratch [NA] f32 attention output
-    f_ptr,  # out [2, D] f32 (zeroed) the FFN sum not yet folded into h (the last one's at the end)
+    f_ptr,  # out [D] ([2, D] with RBI) f32 (zeroed) the FFN sum not yet folded into h
     lg_ptr,  # out [L, E] f32 (zeroed) router logits (with RC: before the RMSNorm scale)
     k_ptr,  # out [L] i32 experts selected per layer
     ctr_ptr,  # out [1] i32 barrier counter (zeroed)
@@ -419,15 +419,19 @@ def megastep(
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32
+    nb = 2 if c["RBI"] else 1  # residual and FFN-sum buffers (RBI double-buffers them)
+    h_in = h_d.astype(f32)
+    if nb == 2:
+        h_in = jnp.concatenate([h_in, jnp.zeros((d,), f32)])
     out_shape = [
-        jax.ShapeDtypeStruct((2 * d,), f32),  # h (two buffers with RBI)
+        jax.ShapeDtypeStruct((nb * d,), f32),  # h
         jax.ShapeDtypeStruct(kc_lskh.shape, kc_lskh.dtype),
         jax.ShapeDtypeStruct(vc_lskh.shape, vc_lskh.dtype),
         jax.ShapeDtypeStruct((n_qkv,), f32),  # qkv scratch
         jax.ShapeDtypeStruct((kv * s * gq_pad * hd,), f32),  # partials
         jax.ShapeDtypeStruct((kv * s * 2 * gq_pad,), f32),
         jax.ShapeDtypeStruct((hq * hd,), f32),  # attention output
-        jax.ShapeDtypeStruct((2 * d,), f32),  # the last FFN's sum (two buffers with RBI)
+        jax.ShapeDtypeStruct((nb * d,), f32),  # the last FFN's sum
         jax.ShapeDtypeStruct((n_layers, e), f32),  # logits
         jax.ShapeDtypeStruct((n_layers,), jnp.int32),  # k
         jax.ShapeDtypeStruct((1,), jnp.int32),  # barrier counter
@@ -437,8 +441,7 @@ def megastep(
         jax.ShapeDtypeStruct((p * 2 * c["E_PAD"] if unit_table else 1,), jnp.int32),  # tables
     ]
     outs = jt.triton_call(
-        _megastep_kernel, jnp.concatenate([h_d.astype(f32), jnp.zeros((d,), f32)]),
-        cos_h.astype(f32), sin_h.astype(f32),
+        _megastep_kernel, h_in, cos_h.astype(f32), sin_h.astype(f32),
         jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)), jnp.asarray(tau_l, f32), ln1_ld, ln2_ld,
         wqkv_lnd, wo_ldn, wr_led, wm_len, w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh,
         out_shape=out_shape, input_output_aliases={0: 0, 13: 1, 14: 2},
@@ -447,7 +450,7 @@ def megastep(
         interpret=interpret, **c,
     )  # fmt: skip
     h, kc, vc = outs[:3]
-    last = slice(d, 2 * d) if c["RBI"] and n_layers % 2 else slice(0, d)  # the last layer's buffer
+    last = slice(d, 2 * d) if nb == 2 and n_layers % 2 else slice(0, d)  # the last layer's buffer
     h = h[last] + outs[7][last]  # + its FFN sum
     if timing:
         return h, kc, vc, outs[9], outs[12], outs[13]

@@ -36,7 +36,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.triton_l2 import l2_lines
 from prunepath_jax.kernels.triton_megastep_attn import (
     _group_qkv,
@@ -167,39 +166,3 @@ def _router_base(wr_ptr, ln_ptr, h_ptr, f_ptr, lg_ptr, pid, R: tl.constexpr, R_P
         tl.atomic_add(lg_ptr + e, lg, mask=em, sem="relaxed")
     else:
         tl.store(lg_ptr + e, lg, mask=em)
-
-
-def ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes, ao_lines,
-                 r_lines, router_in_items: bool = False, line: int = 128) -> dict:  # fmt: skip
-    """The merged phase's constexprs for ``triton_megastep.constants``: ``NP`` row parts a KV
-    head (``parts``, or as many as ``p`` programs allow), ``RB`` W_o rows and ``RE`` rows of M
-    a part, ``BRB`` rows a chunk (within ``tile_bytes``), ``R_B`` router rows a program in the
-    QKV phase (``RBA``) or, with ``router_in_items`` (``RBI``), a merged item (then ``HS``, the
-    residual's second buffer, is ``d`` and ``R_Z`` the rows a program zeroes); L2 prefetch lines
-    at barrier arrival (at most ``ao_lines``/``r_lines`` of ``line`` bytes, 0 under the
-    interpreter): ``PF_OR`` W_o rows of ``LPO`` lines, ``LPM`` lines a row of M, ``PF_RB`` for
-    the router rows. ``itemsizes``: W_qkv, W_o, router, cache."""
-    n_p = parts or max(1, p // kv)
-    rbi = bool(merge_bc and router_in_items)
-    r_b = -(-e // (kv * n_p)) if rbi else -(-e // p)
-    rb, re_, w = -(-d // n_p), -(-e // n_p), (hq // kv) * hd
-    w_pad = jt.next_pow2(hq // kv) * hd
-    row_bytes = w * itemsizes[1]
-    on = bool(merge_bc)
-
-    def floor2(n: int) -> int:
-        return 1 << (max(1, n).bit_length() - 1)
-
-    return dict(
-        MBC=on, RBI=rbi, RBA=on and not rbi, HS=d if rbi else 0, R_Z=-(-d // p),
-        R_Z_PAD=jt.next_pow2(-(-d // p)), NP=n_p, RB=rb, RB_PAD=jt.next_pow2(rb), RE=re_,
-        RE_PAD=jt.next_pow2(re_),
-        R_B=r_b, R_B_PAD=jt.next_pow2(r_b),
-        BRB=min(floor2(tile_bytes // (w_pad * itemsizes[1])), jt.next_pow2(rb)),
-        PF_OR=min(jt.next_pow2(rb), floor2(ao_lines * line // row_bytes)) if on and ao_lines
-        else 0,
-        LPO=jt.next_pow2(-(-row_bytes // line)),
-        LPM=jt.next_pow2(-(-w * itemsizes[2] // line)) if on and ao_lines else 0,
-        PF_RB=min(jt.next_pow2(-(-r_b * d * itemsizes[2] // line)), floor2(r_lines))
-        if on and r_lines else 0,
-    )  # fmt: skip

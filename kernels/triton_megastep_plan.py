@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.triton_balanced import MAX_D
-from prunepath_jax.kernels.triton_megastep_ao import ao_constants
 
 SPIN = 1_000_000  # polls before a program gives up on a barrier (~0.2 s on the H200)
 TILE_BYTES = 32 * 1024  # one GEMV row chunk (the prefetched one in registers, the rest in smem)
@@ -153,6 +152,35 @@ def constants(
         K_MAX=e if k_max is None else k_max, SCALE=float(hd**-0.5), SPIN=spin,
         TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
         AST=int(attn_stages), NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
-        **ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes,
+        **_ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes,
                        lines(prefetch_ao_kb), lines(prefetch_rb_kb), router_in_items),
+    )  # fmt: skip
+
+
+def _ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes, ao_lines,
+                  r_lines, router_in_items) -> dict:  # fmt: skip
+    """The merged phase's constexprs (``triton_megastep_ao``): ``NP`` row parts a KV head
+    (``parts``, or as many as ``p`` programs allow), ``RB`` W_o rows and ``RE`` rows of M a part,
+    ``BRB`` rows a chunk (within ``tile_bytes``), ``R_B`` router rows a program in the QKV phase
+    (``RBA``) or, with ``router_in_items`` (``RBI``), a merged item (then ``HS``, the residual's
+    second buffer, is ``d`` and ``R_Z`` the rows a program zeroes); L2 prefetch lines at barrier
+    arrival (at most ``ao_lines``/``r_lines``, 0 under the interpreter): ``PF_OR`` W_o rows of
+    ``LPO`` lines, ``LPM`` lines a row of M, ``PF_RB`` for the router rows."""
+    n_p = parts or max(1, p // kv)
+    rbi = bool(merge_bc and router_in_items)
+    r_b = -(-e // (kv * n_p)) if rbi else -(-e // p)
+    rb, re_, w = -(-d // n_p), -(-e // n_p), (hq // kv) * hd
+    row_bytes = w * itemsizes[1]
+    on = bool(merge_bc)
+    return dict(
+        MBC=on, RBI=rbi, RBA=on and not rbi, HS=d if rbi else 0, R_Z=-(-d // p),
+        R_Z_PAD=jt.next_pow2(-(-d // p)), NP=n_p, RB=rb, RB_PAD=jt.next_pow2(rb), RE=re_,
+        RE_PAD=jt.next_pow2(re_), R_B=r_b, R_B_PAD=jt.next_pow2(r_b),
+        BRB=_row_chunk(rb, jt.next_pow2(hq // kv) * hd, itemsizes[1], tile_bytes),
+        PF_OR=min(jt.next_pow2(rb), _pow2_floor(max(1, ao_lines * LINE // row_bytes)))
+        if on and ao_lines else 0,
+        LPO=jt.next_pow2(-(-row_bytes // LINE)),
+        LPM=jt.next_pow2(-(-w * itemsizes[2] // LINE)) if on and ao_lines else 0,
+        PF_RB=min(jt.next_pow2(-(-r_b * d * itemsizes[2] // LINE)), _pow2_floor(r_lines))
+        if on and r_lines else 0,
     )  # fmt: skip

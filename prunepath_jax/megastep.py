@@ -170,6 +170,14 @@ def auto_ok(
     return None
 
 
+def _router_o(router_de, ln2_d, o_nd) -> jax.Array:
+    """``M = W_r·diag(ln2)·W_o`` ``[E, h·hd]`` in float32 from the model's ``[d, E]`` router,
+    ``[d]`` norm weights and ``[h·hd, d]`` O kernel: the merged O phase's router share."""
+    f32 = jnp.float32
+    return jnp.einsum("de,d,nd->en", router_de.astype(f32), ln2_d.astype(f32), o_nd.astype(f32),
+                      precision=jax.lax.Precision.HIGHEST)  # fmt: skip
+
+
 @jax.jit
 def _stacked(layers) -> MegaWeights:
     """One compiled program for the whole copy (eagerly it was ~7 dispatches a layer)."""
@@ -181,18 +189,7 @@ def _stacked(layers) -> MegaWeights:
         wqkv=jnp.stack([w.T for w in wqkv]),
         wo=jnp.stack([w.T for w in wo]),
         router=jnp.stack([w.T.astype(f32) for w in router]),
-        router_o=jnp.stack(
-            [
-                jnp.einsum(
-                    "de,d,nd->en",
-                    r.astype(f32),
-                    n.astype(f32),
-                    o.astype(f32),
-                    precision=jax.lax.Precision.HIGHEST,
-                )
-                for r, n, o in zip(router, ln2, wo, strict=True)
-            ]
-        ),  # fmt: skip
+        router_o=jnp.stack([_router_o(*rno) for rno in zip(router, ln2, wo, strict=True)]),
         w_in=jnp.stack(w_in),
         w_out=jnp.stack(w_out),
     )
