@@ -143,6 +143,16 @@ def _unit_table(tab_ptr, gate, cnt, E_PAD: tl.constexpr):
 
 
 @triton.jit
+def _rank_table(tab_ptr, expert, gate, E_PAD: tl.constexpr):
+    """``_unit_table`` from a ranked selection (``triton_select._select_ranked``): slot r holds
+    the r-th expert and its gate's bits, no scan needed (slots from k on are never read)."""
+    re = tl.arange(0, E_PAD)
+    tl.store(tab_ptr + re, expert)
+    tl.store(tab_ptr + E_PAD + re, gate.to(tl.int32, bitcast=True))
+    tl.debug_barrier()
+
+
+@triton.jit
 def _balanced_kernel(
     x_ptr,  # [1, D] activations (bf16/f16/f32)
     logits_ptr,  # [1, E] f32 router logits

@@ -22,9 +22,10 @@ sets its ``fail`` flag, so a scheduling surprise cannot hang the GPU):
   ``1 / rms(h)`` is common to all logits, so the router needs no barrier of its own (without
   ``RC``, a phase D: norm + router GEMV).
 * F: every program normalises ``h`` and computes the token's selection itself
-  (``triton_select._select``, exactly ``routing.select`` + ``routing.gates``), then the
-  work-balanced unit loop (``_unit_loop_piped``; each unit's expert from the program's unit
-  table, ``_unit_table``) over the selected experts' rows, added into
+  (``triton_select._select_ranked``, ``routing.select`` + ``routing.gates``' k and set, the
+  experts in rank order; ``_select`` with ``ranked_select=False``), then the work-balanced unit
+  loop (``_unit_loop_piped``; each unit's expert from the program's unit table,
+  ``_rank_table`` / ``_unit_table``) over the selected experts' rows, added into
   ``f`` with relaxed atomics — not into ``h``, which slower programs may still be reading.
 
 With ``MBC`` (``merge_bc``; by default where measured faster, ``triton_megastep_plan``) B and C
@@ -63,7 +64,7 @@ import triton
 import triton.language as tl
 
 from prunepath_jax.kernels import jt
-from prunepath_jax.kernels.triton_balanced import _unit_loop_piped, _unit_table
+from prunepath_jax.kernels.triton_balanced import _rank_table, _unit_loop_piped, _unit_table
 from prunepath_jax.kernels.triton_l2 import l2_lines
 from prunepath_jax.kernels.triton_megastep_ao import _attend_project, _pf_item, _router_base
 from prunepath_jax.kernels.triton_megastep_attn import _attend_split, _pf_kv
@@ -83,6 +84,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     PREFETCH_KEYS,
     PREFETCH_O_KB,
     PREFETCH_RB_KB,
+    RANKED_SELECT,
     SPIN,
     STAGES,
     TILE_BYTES,
@@ -94,7 +96,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     default_warps,
     unsupported_shape,
 )
-from prunepath_jax.kernels.triton_select import _logits, _select
+from prunepath_jax.kernels.triton_select import _logits, _select, _select_ranked
 
 # Timing events a layer (TIMING): A start/end, B start/end, C start/end, D start/end (with RC:
 # C's end twice), F start, F selected, F's unit loop done, F end.
@@ -174,6 +176,7 @@ def _megastep_kernel(
     RE_PAD: tl.constexpr, R_B: tl.constexpr, R_B_PAD: tl.constexpr, PF_OR: tl.constexpr,
     LPO: tl.constexpr, LPM: tl.constexpr, PF_RB: tl.constexpr, RBI: tl.constexpr,
     RBA: tl.constexpr, HS: tl.constexpr, R_Z: tl.constexpr, R_Z_PAD: tl.constexpr,
+    RK: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -296,16 +299,22 @@ def _megastep_kernel(
         if RC:
             x2, rstd = _normed(hn, fn, ln2_ptr + layer * D, D, D_PAD, EPS, False)
             lgv *= rstd
-        gate, k = _select(lgv, tau, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
+        if RK:  # the selected experts in rank order: the table needs no scan
+            expert, gate, k = _select_ranked(lgv, tau, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
+            cnt = expert  # unread: the unit loop reads the table
+        else:
+            gate, k = _select(lgv, tau, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
+            cnt = tl.cumsum((gate != 0.0).to(tl.int32), 0)
         if pid == 0:
             tl.store(k_ptr + layer, k)
         _stamp(tim_ptr, pid, t + 9, NT, TIMING)
-        cnt = tl.cumsum((gate != 0.0).to(tl.int32), 0)
         n_units = k * PER
         u0 = pid * n_units // P
         u1 = (pid + 1) * n_units // P
         if u1 > u0:
-            if UT:
+            if RK:
+                _rank_table(tab_ptr + pid * 2 * E_PAD, expert, gate, E_PAD)
+            elif UT:
                 _unit_table(tab_ptr + pid * 2 * E_PAD, gate, cnt, E_PAD)
             acc = _unit_loop_piped(x2, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D, gate,
                                    cnt, tab_ptr + pid * 2 * E_PAD, u0, u1, D, D_PAD, E_PAD, F,
@@ -337,7 +346,7 @@ def megastep(
     prefetch_o_kb: int = PREFETCH_O_KB, prefetch_keys: int = PREFETCH_KEYS,
     unit_table: bool = UNIT_TABLE, attn_stages: int = ATTN_STAGES, merge_bc: bool | None = None,
     parts: int = 0, prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
-    router_in_items: bool = False,
+    router_in_items: bool = False, ranked_select: bool = RANKED_SELECT,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
@@ -415,7 +424,7 @@ def megastep(
         prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, prefetch_keys=prefetch_keys,
         unit_table=unit_table, attn_stages=attn_stages, merge_bc=merge_bc, parts=parts,
         prefetch_ao_kb=prefetch_ao_kb, prefetch_rb_kb=prefetch_rb_kb,
-        router_in_items=router_in_items, interpret=interpret,
+        router_in_items=router_in_items, ranked_select=ranked_select, interpret=interpret,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32

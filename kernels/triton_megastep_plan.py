@@ -38,6 +38,10 @@ PREFETCH_KEYS = 64
 # reductions a unit: the 1B unit loop 9.1 vs 10.8 µs a layer, 8B (bound by bytes) the same
 # (BENCHMARKS.md, twenty-first session).
 UNIT_TABLE = True
+# The table filled from a ranked selection (triton_select._select_ranked: one sort of 64-bit
+# (logit, index) keys, no way back to index order, no scan to number the experts) instead of the
+# sorted one's index-order table. NOT yet measured on the GPU (twenty-fourth session).
+RANKED_SELECT = True
 # Software-pipeline stages of the attention items' key-block loop: 1, a plain loop. 2-3 (cp.async
 # into shared memory, blocks loaded ahead) measured a wash with the split phases (1B 710.9 /
 # 710.8 / 713.5 µs a token at 1 / 2 / 3, 8B 2622 / 2610 / 2605; 5 paired rounds) and slower
@@ -114,7 +118,7 @@ def constants(
     prefetch_keys: int = PREFETCH_KEYS, unit_table: bool = UNIT_TABLE,
     attn_stages: int = ATTN_STAGES, merge_bc: bool = False, parts: int = 0,
     prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
-    router_in_items: bool = False, interpret: bool = False,
+    router_in_items: bool = False, ranked_select: bool = RANKED_SELECT, interpret: bool = False,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -151,6 +155,7 @@ def constants(
         EPS=float(eps), NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min,
         K_MAX=e if k_max is None else k_max, SCALE=float(hd**-0.5), SPIN=spin,
         TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
+        RK=bool(unit_table and ranked_select),
         AST=int(attn_stages), NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
         **_ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes,
                        lines(prefetch_ao_kb), lines(prefetch_rb_kb), router_in_items),

@@ -18,6 +18,15 @@ A sort-free form (a 16-way radix search for the cumulative-mass boundary: 8 roun
 in the 1B megastep (BENCHMARKS.md, twenty-first session): each block-wide reduction costs
 ~0.1-0.2 µs, and it needs ~16 more than the bitonic sort's few cross-warp stages; removed.
 
+``_select_ranked`` decides the same k and set but returns the selected experts in *rank*
+order (expert ids and gates, slot r the r-th): it sorts 64-bit keys (the logit's order-preserving
+bits, then the index) so each rank carries its expert, which drops ``_select``'s way back to
+index order (the k-th value, the count above it, a scan of the ties) and the caller's scan that
+numbers the selected experts (what the unit table needs, ``triton_balanced._rank_table``). Ties
+in p that are not ties in the logit (two logits whose p round to the same float) order by logit
+rather than index; the cumulative masses, hence k, are the same, and the set differs only if
+such a pair straddles the boundary.
+
 Rounding: the cumulative mass is a Triton scan here and XLA's scan in the reference, so a mass
 within ~1 float32 ulp of τ may fall on the other side (``routing``'s docstring says the same of
 itself); the tests compare k and the sets on random logits, ties, τ = 1, τ > 1 and clamped k.
@@ -84,23 +93,69 @@ def _select(lg, tau, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.constexpr
 
 
 @triton.jit
+def _order_bits(x):
+    """An int32 whose signed order is the f32 ``x``'s (-0 as +0; an involution on the bits, so
+    ``_from_order_bits`` undoes it): negative floats get all bits but the sign flipped."""
+    b = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _from_order_bits(b):
+    return (b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _select_ranked(lg, tau, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.constexpr,
+                   SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr):  # fmt: skip
+    """``(expert [E_PAD] i32, gate [E_PAD] f32, k)`` in rank order (by p descending, index
+    ascending; gate 0 from rank k on): ``_select``'s k and set from one sort of (logit, index)
+    keys. Each rank's p is computed from its own logit exactly as ``_select`` computes it, so
+    the scan sees the same values in the same order."""
+    re = tl.arange(0, E_PAD)
+    m = tl.max(lg, 0)
+    s = tl.sum(tl.where(re < E, tl.exp(lg - m), 0.0), 0)
+    key = (_order_bits(lg).to(tl.int64) << 32) | (E_PAD - 1 - re).to(tl.int64)
+    ks = tl.sort(key, 0, descending=True)  # padding (-inf, highest index) last
+    ls = _from_order_bits((ks >> 32).to(tl.int32))
+    expert = E_PAD - 1 - ks.to(tl.int32)  # the low word
+    ps = tl.where(re < E, tl.exp(ls - m) / s, 0.0)
+    cum = tl.cumsum(ps, 0)
+    total = tl.sum(tl.where(re == E_PAD - 1, cum, 0.0), 0)
+    if NUCLEUS:
+        c = (cum - ps) / total
+    else:
+        c = cum / total
+    thr = tl.where(tau > 1.0, 3.0, tau)
+    ok = (re < K_MIN) | ((re < K_MAX) & (c < thr))
+    k = tl.sum((ok & (re < E)).to(tl.int32), 0)
+    return expert, _gates(ls, re < k, SIGMOID), k
+
+
+@triton.jit
 def _select_kernel(logits_ptr, tau_ptr, gate_ptr, k_ptr, E: tl.constexpr, E_PAD: tl.constexpr,
                    NUCLEUS: tl.constexpr, SIGMOID: tl.constexpr, K_MIN: tl.constexpr,
-                   K_MAX: tl.constexpr):  # fmt: skip
-    """Token ``program_id`` of ``[T, E]`` logits: its gates ``[T, E_PAD]`` and k ``[T]``."""
+                   K_MAX: tl.constexpr, RANKED: tl.constexpr):  # fmt: skip
+    """Token ``program_id`` of ``[T, E]`` logits: its gates ``[T, E_PAD]`` and k ``[T]``
+    (``RANKED``: through ``_select_ranked``, scattered back to index order)."""
     t = tl.program_id(0)
-    g, k = _select(_logits(logits_ptr + t * E, E, E_PAD, ""), tl.load(tau_ptr), E, E_PAD, NUCLEUS,
-                   SIGMOID, K_MIN, K_MAX)  # fmt: skip
-    tl.store(gate_ptr + t * E_PAD + tl.arange(0, E_PAD), g)
+    lg = _logits(logits_ptr + t * E, E, E_PAD, "")
+    if RANKED:
+        expert, g, k = _select_ranked(lg, tl.load(tau_ptr), E, E_PAD, NUCLEUS, SIGMOID, K_MIN,
+                                      K_MAX)  # fmt: skip
+        tl.store(gate_ptr + t * E_PAD + expert, g)  # a permutation of 0..E_PAD-1
+    else:
+        g, k = _select(lg, tl.load(tau_ptr), E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
+        tl.store(gate_ptr + t * E_PAD + tl.arange(0, E_PAD), g)
     tl.store(k_ptr + t, k)
 
 
 def select_gates(
     logits_te: jax.Array, tau, *, rule: str = "paper", gate: str = "sigmoid", k_min: int = 1,
-    k_max: int | None = None, interpret: bool = False,
+    k_max: int | None = None, ranked: bool = False, interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """``(gates [t, E] f32, k [t] i32)``, one program a token: the kernels' selection on its
-    own (what the tests run)."""
+    own (what the tests run; ``ranked``: ``_select_ranked``)."""
     t, e = logits_te.shape
     k_max = e if k_max is None else min(k_max, e)
     if not 1 <= k_min <= k_max:
@@ -115,5 +170,6 @@ def select_gates(
                    jax.ShapeDtypeStruct((t,), jnp.int32)],
         grid=(t,), num_warps=8, num_stages=1, interpret=interpret, E=e, E_PAD=e_pad,
         NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=k_max,
+        RANKED=bool(ranked),
     )  # fmt: skip
     return g[:, :e], k

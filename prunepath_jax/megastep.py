@@ -64,6 +64,7 @@ class Launch(NamedTuple):
     prefetch_ao_kb: int | None = None
     prefetch_rb_kb: int | None = None
     router_in_items: bool | None = None
+    ranked_select: bool | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:

@@ -1334,4 +1334,21 @@ s30b)  # next session: the GPU tests of generation since the merged phase became
   run timeout 260 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_api.py -k fp32_sparse_generation
   ;;
+s31a)  # the ranked selection (twenty-fourth session) against the sorted one, each shape at its
+  # default launch (merged phase at SmolLM2 and 1B, split at 8B); 8B dense re-timed
+  v='{"ranked": {}, "sorted": {"ranked_select": false}}'
+  run timeout 100 python3 benchmarks/megastep_decode.py --shapes smollm2-135m --no-dense \
+    --sparsities 0.75 --check-steps 1 --rounds 3 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  run timeout 120 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --sparsities 0.75 --check-steps 1 --rounds 3 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  run timeout 190 python3 benchmarks/megastep_decode.py --shapes llama-3-8b \
+    --sparsities 0.75 --check-steps 1 --rounds 3 --launches "$v" --out "$OUT/megastep_decode.jsonl"
+  ;;
+s31b)  # the GPU tests of the one-launch step and of generation under this session's defaults
+  # (merged phase at short caches, ranked selection)
+  run timeout 290 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
+  run timeout 270 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_kernels_api.py -k fp32_sparse_generation
+  ;;
 esac

@@ -38,6 +38,7 @@ class Case(NamedTuple):
     merge_bc: bool = False  # attention + O projection as one phase (triton_megastep_ao)
     parts: int = 0  # its row parts a KV head (0: by the programs, 1 under the interpreter)
     router_in_items: bool = False  # the merged items compute the router's first term too
+    ranked_select: bool = True  # the unit table from a ranked selection (else sorted + scans)
 
 
 CASES = (
@@ -65,8 +66,22 @@ CASES = (
     ),  # fmt: skip
     # The first token (empty cache), every expert (tau > 1), more splits than cached rows.
     Case("first_token_all", 64, 4, 4, 16, 96, 8, 0, 1.5, splits=4, block_t=16),
-    # The second split has no cached key (9 < one 16-key block).
-    Case("bf16", 64, 4, 1, 32, 128, 8, 9, 0.6, splits=2, block_t=16, dtype="bfloat16"),
+    # The second split has no cached key (9 < one 16-key block); the sorted selection's table.
+    Case(
+        "bf16",
+        64,
+        4,
+        1,
+        32,
+        128,
+        8,
+        9,
+        0.6,
+        splits=2,
+        block_t=16,
+        dtype="bfloat16",
+        ranked_select=False,
+    ),
     # The merged attention + O phase: 3 row parts of 22 rows (the last one 20) and 6 of the 16
     # experts' rows of M (the last one 4), a key loop of 3 blocks (the last one partial).
     Case(

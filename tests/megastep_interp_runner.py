@@ -33,7 +33,8 @@ def main(out: str) -> None:
         launch = megastep.Launch(programs=1, splits=c.splits, block_t=c.block_t,
                                  router_in_c=c.router_in_c, unit_table=c.unit_table,
                                  merge_bc=c.merge_bc, parts=c.parts,
-                                 router_in_items=c.router_in_items)  # fmt: skip
+                                 router_in_items=c.router_in_items,
+                                 ranked_select=c.ranked_select)  # fmt: skip
         logits, kc2, vc2, k_l, fail = megastep.step(model, mw, tok[None], pos[None], kc, vc,
                                                     tau_l, launch, interpret=True)  # fmt: skip
         p = int(pos)

@@ -1,6 +1,7 @@
-"""Runs the in-kernel selection under the Triton interpreter on the cases
-of ``select_cases.py``; writes gates and k to an .npz file. Started by tests/test_select.py with
-TRITON_INTERPRET=1. Usage: ``python tests/select_interp_runner.py OUT.npz``."""
+"""Runs the in-kernel selection under the Triton interpreter on the cases of ``select_cases.py``,
+sorted and ranked (``select_gates(ranked=...)``); writes gates and k to an .npz file. Started by
+tests/test_select.py with TRITON_INTERPRET=1. Usage: ``python tests/select_interp_runner.py
+OUT.npz``."""
 
 import os
 import sys
@@ -19,10 +20,12 @@ from prunepath_jax.kernels.triton_select import select_gates  # noqa: E402
 def main(out: str) -> None:
     res = {}
     for c in CASES:
-        g, k = select_gates(jnp.asarray(logits(c)), c.tau, rule=c.rule, gate=c.gate,
-                            k_min=c.k_min, k_max=c.k_max, interpret=True)  # fmt: skip
-        res[f"{c.name}/g"] = np.asarray(g)
-        res[f"{c.name}/k"] = np.asarray(k)
+        for ranked in (False, True):
+            g, k = select_gates(jnp.asarray(logits(c)), c.tau, rule=c.rule, gate=c.gate,
+                                k_min=c.k_min, k_max=c.k_max, ranked=ranked,
+                                interpret=True)  # fmt: skip
+            res[f"{c.name}/{ranked}/g"] = np.asarray(g)
+            res[f"{c.name}/{ranked}/k"] = np.asarray(k)
     np.savez(out, **res)
 
 

@@ -46,10 +46,11 @@ def test_cases_cover_the_contract():
     assert any(1 < k.min() and k.max() < c.e - 1 for c, k in zip(CASES, ks.values(), strict=True))
 
 
+@pytest.mark.parametrize("ranked", [False, True], ids=["sorted", "ranked"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_selection_matches_routing(case, results):
+def test_selection_matches_routing(case, ranked, results):
     g_ref, k_ref, mask_ref = _reference(case)
-    g, k = results[f"{case.name}/g"], results[f"{case.name}/k"]
+    g, k = results[f"{case.name}/{ranked}/g"], results[f"{case.name}/{ranked}/k"]
     np.testing.assert_array_equal(k, k_ref, err_msg=f"{case.name}: k")
     np.testing.assert_array_equal(g != 0, mask_ref, err_msg=f"{case.name}: selected experts")
     assert_close(g, g_ref, "op_fp32", case.name)
@@ -62,8 +63,8 @@ def test_selection_lowers_for_sm90():
 
     from prunepath_jax.kernels.triton_select import _select_kernel
 
-    for e in (448, 256, 12):
+    for e, ranked in ((448, False), (448, True), (256, True), (12, False), (12, True)):
         sm90_compile(_select_kernel, {"l": "*fp32", "tau": "*fp32", "g": "*fp32", "k": "*i32"},
                           dict(E=e, E_PAD=max(16, 1 << (e - 1).bit_length()), NUCLEUS=False,
-                               SIGMOID=True, K_MIN=1, K_MAX=e),
+                               SIGMOID=True, K_MIN=1, K_MAX=e, RANKED=ranked),
                           warps=8, stages=1)  # fmt: skip
