@@ -1351,4 +1351,8 @@ s31b)  # the GPU tests of the one-launch step and of generation under this sessi
   run timeout 270 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_api.py -k fp32_sparse_generation
   ;;
+s31c)  # the final defaults at 50 / 75 / 90% with dense re-timed, both shapes
+  run timeout 250 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --sparsities 0.5 0.75 0.9 --check-steps 1 --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
