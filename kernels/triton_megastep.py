@@ -135,7 +135,7 @@ def _wait(ctr_ptr, target, failed, SPIN: tl.constexpr):
 @triton.jit
 def _megastep_kernel(
     h_in_ptr,  # [D] f32 residual input ([2, D] with RBI, the second row zero; aliased to h_ptr)
-    inv_ptr,  # [HD/2] f32 RoPE inverse frequencies (the angles are pos · inv_freq)
+    cos_ptr, sin_ptr,  # [HD/2] f32 RoPE at this token's position
     pos_ptr,  # [1] i32 the token's position (where its key/value go)
     tau_ptr,  # [L] f32 budgets
     ln1_ptr, ln2_ptr,  # [L, D] RMSNorm weights
@@ -232,7 +232,7 @@ def _megastep_kernel(
         _stamp(tim_ptr, pid, t + 2, NT, TIMING)
         if MBC:  # B and C as one phase: attention + O projection + the router's O share
             for item in range(pid, KV * NP, P):
-                _attend_project(qkv_ptr, kc_ptr, vc_ptr, inv_ptr, wo_ptr + lw * D * NA,
+                _attend_project(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, wo_ptr + lw * D * NA,
                                 wm_ptr + lw * E * NA, wr_ptr + lw * E * D, ln2_ptr + layer * D,
                                 hc, fc, hn, lg_ptr + layer * E, pos, lw, item // NP, item % NP, D,
                                 D_PAD, E, HQ, KV, HD, GQ, GQ_PAD, BT, S_MAX, SCALE, DOT_F32, AST,
@@ -244,7 +244,7 @@ def _megastep_kernel(
             # B: attention, one item per (KV head, split).
             for item in range(pid, KV * S, P):
                 _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr,
-                              inv_ptr, pos, lw, item // S, item % S, HQ, KV, HD, GQ,
+                              cos_ptr, sin_ptr, pos, lw, item // S, item % S, HQ, KV, HD, GQ,
                               GQ_PAD, S, S_PAD, BT, S_MAX, SCALE, DOT_F32, AST)  # fmt: skip
             _stamp(tim_ptr, pid, t + 3, NT, TIMING)
             _arrive(ctr_ptr)
@@ -337,7 +337,7 @@ def _megastep_kernel(
 
 
 def megastep(
-    h_d, inv_freq_h, pos, tau_l, ln1_ld, ln2_ld, wqkv_lnd, wo_ldn, wr_led, wm_len, w_in_lcfd,
+    h_d, cos_h, sin_h, pos, tau_l, ln1_ld, ln2_ld, wqkv_lnd, wo_ldn, wr_led, wm_len, w_in_lcfd,
     w_out_lfd, kc_lskh, vc_lskh, *, eps: float, rule: str = "paper", gate: str = "sigmoid",
     k_min: int = 1, k_max: int | None = None, programs: int = 0, splits: int = 0,
     block_t: int | None = None, warps: int = WARPS, tile_bytes: int = TILE_BYTES, spin: int = SPIN,
@@ -350,10 +350,8 @@ def megastep(
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
 
-    ``h_d`` is the embedded token (any float dtype), ``inv_freq_h`` RoPE's inverse frequencies
-    ``[head_dim / 2]`` (``layers.rope_inv_freq``; the kernel takes cos and sin of ``pos ·
-    inv_freq``), ``pos`` the token's position (int32 scalar or ``[1]``), ``tau_l`` the per-layer
-    budgets.
+    ``h_d`` is the embedded token (any float dtype), ``cos_h``/``sin_h`` the RoPE tables
+    ``[head_dim / 2]`` at ``pos`` (int32 scalar or ``[1]``), ``tau_l`` the per-layer budgets.
     Weights are stacked over layers and output-row-major (``models``' ``megastep.pack``);
     ``wm_len`` is ``W_r · diag(ln2) · W_o`` a layer (read with ``merge_bc``).
     ``fail_p`` is nonzero where a program gave up on a grid barrier (its result is then wrong;
@@ -372,8 +370,8 @@ def megastep(
         "w_in": (w_in_lcfd.shape, (n_layers, 2, f, d)),
         "w_out": (w_out_lfd.shape, (n_layers, f, d)),
         "k cache": (kc_lskh.shape, (n_layers, s_max, kv, hd)), "v cache": (vc_lskh.shape,
-        kc_lskh.shape), "h": (h_d.shape, (d,)), "inv_freq": (inv_freq_h.shape, (hd // 2,)),
-        "tau": (jnp.shape(tau_l), (n_layers,)),
+        kc_lskh.shape), "h": (h_d.shape, (d,)), "cos": (cos_h.shape, (hd // 2,)),
+        "sin": (sin_h.shape, (hd // 2,)), "tau": (jnp.shape(tau_l), (n_layers,)),
     }  # fmt: skip
     bad = {k: v for k, v in want.items() if tuple(v[0]) != tuple(v[1])}
     if bad:
@@ -452,10 +450,10 @@ def megastep(
         jax.ShapeDtypeStruct((p * 2 * c["E_PAD"] if unit_table else 1,), jnp.int32),  # tables
     ]
     outs = jt.triton_call(
-        _megastep_kernel, h_in, inv_freq_h.astype(f32),
+        _megastep_kernel, h_in, cos_h.astype(f32), sin_h.astype(f32),
         jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)), jnp.asarray(tau_l, f32), ln1_ld, ln2_ld,
         wqkv_lnd, wo_ldn, wr_led, wm_len, w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh,
-        out_shape=out_shape, input_output_aliases={0: 0, 12: 1, 13: 2},
+        out_shape=out_shape, input_output_aliases={0: 0, 13: 1, 14: 2},
         zeroed_outputs=(7, 8, 10, 11), grid=(p,), num_warps=warps or default_warps(e),
         num_stages=1,
         interpret=interpret, **c,

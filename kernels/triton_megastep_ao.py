@@ -82,7 +82,7 @@ def _pf_item(wo_ptr, wm_ptr, kc_ptr, vc_ptr, pos, layer, g, p, D: tl.constexpr, 
 
 
 @triton.jit
-def _attend_project(qkv_ptr, kc_ptr, vc_ptr, inv_ptr, wo_ptr, wm_ptr, wr_ptr, ln_ptr,
+def _attend_project(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, wo_ptr, wm_ptr, wr_ptr, ln_ptr,
                     hc_ptr, fc_ptr, hn_ptr, lg_ptr, pos, layer, g, p, D: tl.constexpr,
                     D_PAD: tl.constexpr, E: tl.constexpr,
                     HQ: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, GQ: tl.constexpr,
@@ -113,7 +113,7 @@ def _attend_project(qkv_ptr, kc_ptr, vc_ptr, inv_ptr, wo_ptr, wm_ptr, wr_ptr, ln
         tl.atomic_add(hn_ptr + r, fv, mask=rm, sem="relaxed")
         if not RBI:
             tl.store(fc_ptr + r, tl.zeros_like(fv), mask=rm)
-    q, k_new, v_new = _group_qkv(qkv_ptr, kc_ptr, inv_ptr, pos, g, HQ, KV, HD, GQ, QM, SCALE)
+    q, k_new, v_new = _group_qkv(qkv_ptr, kc_ptr, cos_ptr, sin_ptr, g, HQ, KV, HD, GQ, QM, SCALE)
     m, lsum, acc = _online(q, kc_ptr, vc_ptr, layer, g, 0, tl.minimum(pos, S_MAX), KV, HD, QM,
                            BT, S_MAX, DOT_F32, AST)  # fmt: skip
     m, lsum, acc = _with_new(q, k_new, v_new, m, lsum, acc)

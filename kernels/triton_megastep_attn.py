@@ -52,17 +52,17 @@ def _pf_kv(kc_ptr, vc_ptr, pos, layer, g, s, KV: tl.constexpr, HD: tl.constexpr,
 
 
 @triton.jit
-def _rope_rows(qkv_ptr, inv_ptr, pos, head, rows, rmask, HD: tl.constexpr):
+def _rope_rows(qkv_ptr, cos_ptr, sin_ptr, head, rows, rmask, HD: tl.constexpr):
     """RoPE ("rotate half") of heads ``head + rows`` as whole rows ``[n, HD]`` f32: element j
     is ``x_j cos_j - x_(j+HD/2) sin_j`` in the first half, ``x_j cos_j + x_(j-HD/2) sin_j`` in
-    the second, the angles ``pos · inv_freq`` (``[HD / 2]``, repeated) computed here as
-    ``layers.rope_tables`` does (f32 product, libdevice's cos and sin, as XLA's) instead of
-    three small XLA kernels a step before the launch."""
+    the second (the tables ``[HD / 2]``, repeated). The tables come from XLA: computing cos and
+    sin of ``pos · inv_freq`` here instead (libdevice's, twice an item) made the SmolLM2-shape
+    launch 41 µs a token slower for the ~4 µs of XLA kernels it saved (BENCHMARKS.md,
+    twenty-fourth session)."""
     HALF: tl.constexpr = HD // 2
     rdh = tl.arange(0, HD)
-    ang = pos.to(tl.float32) * tl.load(inv_ptr + rdh % HALF)
-    cs = tl.cos(ang)
-    sn = tl.sin(ang) * tl.where(rdh < HALF, -1.0, 1.0)
+    cs = tl.load(cos_ptr + rdh % HALF)
+    sn = tl.load(sin_ptr + rdh % HALF) * tl.where(rdh < HALF, -1.0, 1.0)
     base = (head + rows)[:, None] * HD
     x = tl.load(qkv_ptr + base + rdh[None, :], mask=rmask[:, None], other=0.0, cache_modifier=".cg")
     xp = tl.load(qkv_ptr + base + ((rdh + HALF) % HD)[None, :], mask=rmask[:, None], other=0.0,
@@ -71,16 +71,16 @@ def _rope_rows(qkv_ptr, inv_ptr, pos, head, rows, rmask, HD: tl.constexpr):
 
 
 @triton.jit
-def _group_qkv(qkv_ptr, kc_ptr, inv_ptr, pos, g, HQ: tl.constexpr, KV: tl.constexpr,
+def _group_qkv(qkv_ptr, kc_ptr, cos_ptr, sin_ptr, g, HQ: tl.constexpr, KV: tl.constexpr,
                HD: tl.constexpr, GQ: tl.constexpr, QM: tl.constexpr,
                SCALE: tl.constexpr):  # fmt: skip
     """Head g's group: its query heads after RoPE, scaled and padded to ``QM`` rows, its new key
     ``[1, HD]`` (RoPE) and value ``[HD]``, all rounded to the cache dtype as the XLA step does."""
     kdt = kc_ptr.dtype.element_ty
     rq = tl.arange(0, QM)
-    q = (_rope_rows(qkv_ptr, inv_ptr, pos, g * GQ, rq, rq < GQ, HD) * SCALE).to(kdt)
+    q = (_rope_rows(qkv_ptr, cos_ptr, sin_ptr, g * GQ, rq, rq < GQ, HD) * SCALE).to(kdt)
     one = tl.arange(0, 1)
-    k_new = _rope_rows(qkv_ptr, inv_ptr, pos, HQ + g, one, one < 1, HD).to(kdt)  # [1, HD]
+    k_new = _rope_rows(qkv_ptr, cos_ptr, sin_ptr, HQ + g, one, one < 1, HD).to(kdt)  # [1, HD]
     v_new = tl.load(qkv_ptr + (HQ + KV + g) * HD + tl.arange(0, HD), cache_modifier=".cg")
     return q, k_new, v_new.to(kdt)
 
@@ -160,8 +160,8 @@ def _group_rows(acc, m, lsum, HD: tl.constexpr, GQ_PAD: tl.constexpr, QM: tl.con
 
 
 @triton.jit
-def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, inv_ptr,
-                      pos, layer, g, s, HQ: tl.constexpr, KV: tl.constexpr,
+def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, cos_ptr,
+                      sin_ptr, pos, layer, g, s, HQ: tl.constexpr, KV: tl.constexpr,
                       HD: tl.constexpr, GQ: tl.constexpr, GQ_PAD: tl.constexpr, S: tl.constexpr,
                       S_PAD: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr,
                       SCALE: tl.constexpr, DOT_F32: tl.constexpr,
@@ -169,7 +169,7 @@ def _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr, i
     """Work item (head g, key split s) over the group's query heads padded to 16 rows; the new
     token in the last split, written to the cache by split 0."""
     QM: tl.constexpr = 16 if GQ_PAD < 16 else GQ_PAD
-    q, k_new, v_new = _group_qkv(qkv_ptr, kc_ptr, inv_ptr, pos, g, HQ, KV, HD, GQ, QM, SCALE)
+    q, k_new, v_new = _group_qkv(qkv_ptr, kc_ptr, cos_ptr, sin_ptr, g, HQ, KV, HD, GQ, QM, SCALE)
     t0, t1 = _split_range(pos, s, S, BT, S_MAX)
     m, lsum, acc = _online(q, kc_ptr, vc_ptr, layer, g, t0, t1, KV, HD, QM, BT, S_MAX, DOT_F32,
                            AST)  # fmt: skip

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prunepath_jax.models.layers import rope_inv_freq
+from prunepath_jax.models.layers import rope_inv_freq, rope_tables
 from prunepath_jax.nn import PrunePathFFN
 
 
@@ -227,10 +227,10 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
     ffn = check(model)
     cfg = model.cfg
     h = model.embed_tokens(token_1)[0]
-    with jax.ensure_compile_time_eval():  # a constant of the program, not a kernel a step
-        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    cos, sin = rope_tables(pos_1[None], rope_inv_freq(cfg.head_dim, cfg.rope_theta,
+                                                      cfg.rope_scaling))  # fmt: skip
     h, kc, vc, k_l, fail, *stamps = tm.megastep(
-        h, inv_freq, pos_1, tau_l, *mw, kc, vc,
+        h, cos.reshape(-1), sin.reshape(-1), pos_1, tau_l, *mw, kc, vc,
         eps=cfg.norm_eps, rule=ffn.rule, gate=ffn.gate_mode, k_min=ffn.k_min, k_max=ffn.k_max,
         timing=timing, interpret=interpret,
         **{k: v for k, v in launch._asdict().items() if v is not None},

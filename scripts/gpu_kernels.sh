@@ -1355,8 +1355,9 @@ s31c)  # the final defaults at 50 / 75 / 90% with dense re-timed, both shapes
   run timeout 250 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
     --sparsities 0.5 0.75 0.9 --check-steps 1 --out "$OUT/megastep_decode.jsonl"
   ;;
-s31d)  # RoPE inside the launch (the angles, cos and sin computed by the attention items): the
-  # one-launch GPU tests, then the SmolLM2 and 1B shapes traced (compare run 5 of h200_2026-12-03c)
+s31d)  # RoPE inside the launch (the angles, cos and sin computed by the attention items; commit
+  # 2d07930, reverted: measured slower, run 6 of h200_2026-12-03c): the one-launch GPU tests,
+  # then the SmolLM2 and 1B shapes traced (compare run 5 of h200_2026-12-03c)
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py
   for s in smollm2-135m llama-3.2-1b; do

@@ -64,10 +64,9 @@ def main(out: str) -> None:
     model, args, cache, tok, pos = build(c)
     kc, vc = megastep.stack_cache(cache)
     h = model.embed_tokens(tok[None])[0]
-    inv_freq = jnp.zeros((c.head_dim // 2,))
-    tau = jnp.full((c.layers,), c.tau)
-    guard = tm.megastep(h, inv_freq, pos, tau, *megastep.pack(model), kc, vc, eps=1e-5,
-                        programs=2, splits=1, spin=20, interpret=True)  # fmt: skip
+    cos = jnp.ones((c.head_dim // 2,))
+    guard = tm.megastep(h, cos, cos * 0, pos, jnp.full((c.layers,), c.tau), *megastep.pack(model),
+                      kc, vc, eps=1e-5, programs=2, splits=1, spin=20, interpret=True)  # fmt: skip
     res["guard/fail"] = np.asarray(guard[4])
     np.savez(out, **res)
 

@@ -64,9 +64,9 @@ def test_a_grid_that_is_not_co_resident_is_flagged(interpreted):
 
 
 def _signature(timing: bool):
-    f32 = {"h_in", "inv_freq", "tau", "wr", "wm", "h", "qkv", "po", "pml", "att", "f", "lg"}
+    f32 = {"h_in", "cos", "sin", "tau", "wr", "wm", "h", "qkv", "po", "pml", "att", "f", "lg"}
     i32 = {"pos", "k", "ctr", "hcnt", "fail", "tab"}
-    names = ["h_in", "inv_freq", "pos", "tau", "ln1", "ln2", "wqkv", "wo", "wr", "wm", "w_in",
+    names = ["h_in", "cos", "sin", "pos", "tau", "ln1", "ln2", "wqkv", "wo", "wr", "wm", "w_in",
              "w_out", "kc_in", "vc_in", "h", "kc", "vc", "qkv", "po", "pml", "att", "f", "lg",
              "k", "ctr", "hcnt", "fail", "tim", "tab"]  # fmt: skip
     return {n: "*" + ("fp32" if n in f32 else "i32" if n in i32 else "i64" if n == "tim"
@@ -137,28 +137,26 @@ def test_bad_inputs_raise_clearly():
     h, cs = jnp.zeros((c.d,)), jnp.zeros((c.head_dim // 2,))
     tau = jnp.full((c.layers,), 0.5)
     with pytest.raises(ValueError, match="shapes do not fit"):
-        tm.megastep(h, cs, pos, tau, mw.ln1[:, :-1], *mw[1:], kc, vc, eps=1e-5)
+        tm.megastep(h, cs, cs, pos, tau, mw.ln1[:, :-1], *mw[1:], kc, vc, eps=1e-5)
     with pytest.raises(ValueError, match="shapes do not fit"):
-        tm.megastep(h, cs, pos, tau[:1], *mw, kc, vc, eps=1e-5)
-    with pytest.raises(ValueError, match="inv_freq"):
-        tm.megastep(h, jnp.zeros((c.head_dim,)), pos, tau, *mw, kc, vc, eps=1e-5)
+        tm.megastep(h, cs, cs, pos, tau[:1], *mw, kc, vc, eps=1e-5)
     with pytest.raises(ValueError, match="k_min"):
-        tm.megastep(h, cs, pos, tau, *mw, kc, vc, eps=1e-5, k_min=3, k_max=2)
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, k_min=3, k_max=2)
     with pytest.raises(ValueError, match="programs"):
-        tm.megastep(h, cs, pos, tau, *mw, kc, vc, eps=1e-5, programs=-1)
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, programs=-1)
     with pytest.raises(ValueError, match="warps"):
-        tm.megastep(h, cs, pos, tau, *mw, kc, vc, eps=1e-5, warps=6)
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, warps=6)
     assert (tm.default_warps(256), tm.default_warps(448)) == (4, 8)  # BENCHMARKS, 21st session
     with pytest.raises(ValueError, match="16 keys"):
-        tm.megastep(h, cs, pos, tau, *mw, kc, vc, eps=1e-5, block_t=8)
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, block_t=8)
     with pytest.raises(ValueError, match="stages"):
-        tm.megastep(h, cs, pos, tau, *mw, kc, vc, eps=1e-5, unit_stages=0)
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, unit_stages=0)
     with pytest.raises(ValueError, match="stages"):
-        tm.megastep(h, cs, pos, tau, *mw, kc, vc, eps=1e-5, attn_stages=0)
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, attn_stages=0)
     with pytest.raises(ValueError, match="prefetch sizes"):
-        tm.megastep(h, cs, pos, tau, *mw, kc, vc, eps=1e-5, prefetch_keys=-1)
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, prefetch_keys=-1)
     with pytest.raises(ValueError, match="merge_bc"):
-        tm.megastep(h, cs, pos, tau, *mw, kc, vc, eps=1e-5, merge_bc=False,
+        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, merge_bc=False,
                     router_in_items=True)  # fmt: skip
     two = jax.tree.map(lambda a: jnp.concatenate([a, a]), cache)
     with pytest.raises(ValueError, match="batch 1"):
