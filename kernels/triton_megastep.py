@@ -66,7 +66,12 @@ import triton.language as tl
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.triton_balanced import _rank_table, _unit_loop_piped, _unit_table
 from prunepath_jax.kernels.triton_l2 import l2_lines
-from prunepath_jax.kernels.triton_megastep_ao import _attend_project, _pf_item, _router_base
+from prunepath_jax.kernels.triton_megastep_ao import (
+    _attend_project,
+    _part_rows,
+    _pf_item,
+    _router_base,
+)
 from prunepath_jax.kernels.triton_megastep_attn import _attend_split, _pf_kv
 from prunepath_jax.kernels.triton_megastep_gemv import (
     _first_rows,
@@ -292,8 +297,7 @@ def _megastep_kernel(
         lgv = _logits(lg_ptr + layer * E, E, E_PAD, ".cg")
         tau = tl.load(tau_ptr + layer)
         if RBI:  # this layer's read buffers are free again: zeroed for the next layer's writes
-            rz = pid * R_Z + tl.arange(0, R_Z_PAD)
-            zm = (rz < tl.minimum(pid * R_Z + R_Z, D)) & (tl.arange(0, R_Z_PAD) < R_Z)
+            rz, zm = _part_rows(pid, R_Z, R_Z_PAD, D)
             tl.store(hc + rz, tl.zeros([R_Z_PAD], tl.float32), mask=zm)
             tl.store(fc + rz, tl.zeros([R_Z_PAD], tl.float32), mask=zm)
         if RC:

@@ -54,14 +54,15 @@ ATTN_STAGES = 1
 # (twenty-third session, 75%, a 256-position cache, 3 paired rounds): 1B 687.6 vs 716.2 µs a
 # token with 64-key blocks (32-key blocks slower); at 8B slower (2717-2775 vs 2603: its QKV phase
 # grows 7 µs a layer with the router rows). Its items read their head's whole cache, so long
-# caches keep the split phases (not measured merged).
+# caches keep the split phases (1B with a 400-token prompt, 512 positions: merged 821.4 vs split
+# 718.9; twenty-fourth session).
 MERGE_MAX_D = 2048
 MERGE_MAX_CACHE = 256
 MERGE_BLOCK_T = 64  # cached keys a merged item reads at once
 PREFETCH_AO_KB = 256  # L2 prefetch of a merged item's W_o block at barrier arrival (KB)
-# ... and of a program's router rows for phase A (KB; all of them at 1B and 8B). Suspected, not
-# measured, in the 8B phase A's 7 µs growth: 128 KB of QKV prefetch measured slower than 64 at
-# 8B in the twentieth session, and this adds 64 KB a program there.
+# ... and of a program's router rows for phase A (KB; all of them at 1B and 8B). Not the cause
+# of the 8B phase A's 7 µs growth: 0 measured the same (2768 vs 2781 µs a token, phase A 22.7
+# vs 24.2 µs a layer; twenty-fourth session).
 PREFETCH_RB_KB = 64
 
 
