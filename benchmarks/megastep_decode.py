@@ -13,11 +13,18 @@ cache, fed the same tokens, comparing logits, greedy tokens and experts per laye
     python benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b --sparsities 0.75
     python benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense --rounds 5 \
         --launches '{"base": {}, "w4": {"warps": 4}}'
+
+``--baseline MODULE`` times another version of ``prunepath_jax.megastep`` in the same rounds,
+first in each (so ``vs_first`` is every variant's ratio to it): an older checkout installed under
+another package name, e.g. ``git archive <commit>`` with ``prunepath_jax`` renamed to ``ppold``,
+then ``--baseline ppold.megastep``. Code changes that no launch field switches are compared so,
+side by side in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -47,34 +54,35 @@ from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
 
 
-def _state(model, prompt_len, ctx) -> megastep.MegaState:
+def _state(model, prompt_len, ctx, mod=megastep):
     cfg = model.cfg
     shape = (cfg.n_layers, ctx, cfg.n_kv_heads, cfg.head_dim)
-    return megastep.MegaState(
+    return mod.MegaState(
         token_b=jnp.ones((1,), jnp.int32), pos_b=jnp.full((1,), prompt_len, jnp.int32),
         done_b=jnp.zeros((1,), bool), kc=jnp.zeros(shape, jnp.bfloat16),
         vc=jnp.zeros(shape, jnp.bfloat16), rng=jax.random.key(0), fail=jnp.int32(0),
     )  # fmt: skip
 
 
-def _chunk_call(model, mw, tau_l, steps, launch):
-    """``state -> (state, tokens)``: one compiled call of ``steps`` greedy one-launch steps."""
+def _chunk_call(model, mw, tau_l, steps, launch, mod=megastep):
+    """``state -> (state, tokens)``: one compiled call of ``steps`` greedy one-launch steps
+    (``mod``: the ``megastep`` module whose decode loop runs)."""
     graphdef, state = nnx.split(model)
     args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), tau_l)
     kw = dict(n_steps=steps, greedy=True, launch=launch)
-    return lambda st: megastep.decode_chunk(graphdef, state, mw, st, *args, **kw)
+    return lambda st: mod.decode_chunk(graphdef, state, mw, st, *args, **kw)
 
 
-def mega_timer(model, mw, tau_l, prompt_len, steps, chunks, launch):
+def mega_timer(model, mw, tau_l, prompt_len, steps, chunks, launch, mod=megastep):
     """A compiled, warmed ``() -> (µs per step, barrier failures)`` of the one-launch path
     (same loop shape as ``time_decode``): each call times ``chunks`` calls of ``steps`` tokens
     from a fresh cache at ``prompt_len`` after one untimed call, so every call sees the same
     context lengths and calls of several variants can interleave (``round_stats``)."""
     ctx = decode_cache_len(prompt_len, steps, chunks)
-    call = _chunk_call(model, mw, tau_l, steps, launch)
+    call = _chunk_call(model, mw, tau_l, steps, launch, mod)
 
     def run() -> tuple[float, int]:
-        st, _ = call(_state(model, prompt_len, ctx))
+        st, _ = call(_state(model, prompt_len, ctx, mod))
         jax.block_until_ready(st)
         t0 = time.perf_counter()
         for _ in range(chunks):
@@ -249,6 +257,8 @@ def main() -> None:
         help='JSON {label: Launch fields}, each timed, e.g. {"p264": {"programs": 264}}',
     )
     ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--no-default", action="store_true", help="skip the default kernels' row")
+    ap.add_argument("--baseline", help="another megastep module, timed first in every round")
     ap.add_argument("--trace", action="store_true", help="per-kernel device µs of one chunk")
     ap.add_argument("--fp32-check", action="store_true", help="parity against the fp32 model too")
     ap.add_argument("--out", default="results/megastep_decode.jsonl")
@@ -282,6 +292,14 @@ def main() -> None:
             set_compute(sparse, "kernel", "pallas")
             mw = megastep.pack(sparse)
             prepared = {}  # label -> (timer, the check's and timeline's fields)
+            if a.baseline:
+                try:
+                    old = importlib.import_module(a.baseline)
+                    timer = mega_timer(sparse, old.pack(sparse), tau_l, a.prompt_len, a.steps,
+                                       a.chunks, old.Launch(), old)  # fmt: skip
+                    prepared["baseline"] = (timer, {"module": a.baseline})
+                except Exception as err:
+                    print(f"{shape} s{s} baseline: {type(err).__name__}: {err}"[:600], flush=True)
             for label, launch in launches.items():
                 try:
                     chk = check(sparse, mw, args, tau_l, a.prompt_len, a.check_steps, launch,
@@ -307,11 +325,14 @@ def main() -> None:
             stats = round_stats(us) if us else {}
             for label, (_, fields) in prepared.items():
                 r = stats[label]
+                lch = launches[label]._asdict() if label in launches else {}
                 emit({"shape": shape, "impl": f"megastep_{label}", "sparsity": 1 - k / e, "k": k,
-                      "E": e, "launch": launches[label]._asdict(), **fields, **r,
+                      "E": e, "launch": lch, **fields, **r,
                       "barrier_failures": fails[label],
                       "speedup_vs_dense": ratio(dense_us, r)})  # fmt: skip
             del mw
+            if a.no_default:
+                continue
             set_compute(sparse, "kernel", "pallas")
             r = time_decode(sparse, 1, a.prompt_len, a.steps, a.chunks, args)
             emit({"shape": shape, "impl": "pallas_default", "sparsity": 1 - k / e, "k": k,

@@ -74,6 +74,7 @@ from prunepath_jax.kernels.triton_megastep_ao import (
 )
 from prunepath_jax.kernels.triton_megastep_attn import _attend_split, _pf_kv
 from prunepath_jax.kernels.triton_megastep_gemv import (
+    _final_normed,
     _first_rows,
     _gemv_rows,
     _normed,
@@ -83,6 +84,8 @@ from prunepath_jax.kernels.triton_megastep_gemv import (
 from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the launch's API)
     ATTN_STAGES,
     BLOCK_T,
+    HEAD_IN,
+    HEAD_STAGES,
     MERGE_BLOCK_T,
     PREFETCH_AO_KB,
     PREFETCH_KB,
@@ -139,8 +142,9 @@ def _wait(ctr_ptr, target, failed, SPIN: tl.constexpr):
 
 @triton.jit
 def _megastep_kernel(
-    h_in_ptr,  # [D] f32 residual input ([2, D] with RBI, the second row zero; aliased to h_ptr)
-    cos_ptr, sin_ptr,  # [HD/2] f32 RoPE at this token's position
+    x0_ptr,  # [V, D] the embedding table (or [1, D]: a given residual row), any float dtype
+    tok_ptr,  # [1] i32 the token: layer 0's residual is row tok of x0
+    inv_ptr,  # [HD/2] f32 RoPE inverse frequencies
     pos_ptr,  # [1] i32 the token's position (where its key/value go)
     tau_ptr,  # [L] f32 budgets
     ln1_ptr, ln2_ptr,  # [L, D] RMSNorm weights
@@ -150,21 +154,21 @@ def _megastep_kernel(
     wm_ptr,  # [L, E, NA] f32 M = W_r·diag(ln2)·W_o (MBC: the router's share of the O phase)
     w_in_ptr,  # [L, 2, F, D] gate rows, then up rows
     w_out_ptr,  # [L, F, D] down-projection rows
+    hw_ptr,  # [V, D] LM head rows (with HI; else unread)
+    nw_ptr,  # [D] final RMSNorm weights (with HI; else unread)
     kc_in_ptr, vc_in_ptr,  # [L, S_MAX, KV, HD] caches (aliased to kc_ptr, vc_ptr)
-    h_ptr,  # out [D] f32 residual without the last FFN's sum ([2, D] with RBI: row L % 2)
+    ws_ptr,  # out, zeroed, f32: h [NB, D] | f [NB, D] | logits [L, E] | i32: ctr [1] | hcnt [L, KV]
     kc_ptr, vc_ptr,  # out caches, this token's key/value written at pos
+    rope_ptr,  # scratch [HD] f32: cos, then sin, of pos · inv_freq (program 0 writes them)
     qkv_ptr,  # scratch [NQKV] f32
     po_ptr,  # scratch [KV·S, GQ_PAD, HD] f32 attention partials
     pml_ptr,  # scratch [KV·S, 2, GQ_PAD] f32 their running max and sum
     att_ptr,  # scratch [NA] f32 attention output
-    f_ptr,  # out [D] ([2, D] with RBI) f32 (zeroed) the FFN sum not yet folded into h
-    lg_ptr,  # out [L, E] f32 (zeroed) router logits (with RC: before the RMSNorm scale)
     k_ptr,  # out [L] i32 experts selected per layer
-    ctr_ptr,  # out [1] i32 barrier counter (zeroed)
-    hcnt_ptr,  # out [L, KV] i32 split counters (zeroed)
     fail_ptr,  # out [P] i32 1 where the program gave up on a barrier
     tim_ptr,  # out [P, NT] i64 with TIMING: %globaltimer at the start and SLOTS events a layer
     tab_ptr,  # scratch [P, 2, E_PAD] i32 with UT: each program's unit table (_unit_table)
+    out_ptr,  # out [V] f32 with HI: the logits
     L: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, HQ: tl.constexpr, KV: tl.constexpr,
     HD: tl.constexpr, GQ_PAD: tl.constexpr, NA_PAD: tl.constexpr, E: tl.constexpr,
     E_PAD: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
@@ -181,7 +185,8 @@ def _megastep_kernel(
     RE_PAD: tl.constexpr, R_B: tl.constexpr, R_B_PAD: tl.constexpr, PF_OR: tl.constexpr,
     LPO: tl.constexpr, LPM: tl.constexpr, PF_RB: tl.constexpr, RBI: tl.constexpr,
     RBA: tl.constexpr, HS: tl.constexpr, R_Z: tl.constexpr, R_Z_PAD: tl.constexpr,
-    RK: tl.constexpr,
+    RK: tl.constexpr, HI: tl.constexpr, V: tl.constexpr, R_H: tl.constexpr, BRC_H: tl.constexpr,
+    PF_H: tl.constexpr, STEP_H: tl.constexpr, HST: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -193,14 +198,29 @@ def _megastep_kernel(
     _stamp(tim_ptr, pid, 0, NT, TIMING)
     failed = pid * 0
     ph = pid * 0  # barriers passed
+    NB: tl.constexpr = 2 if HS > 0 else 1  # residual and FFN-sum buffers (RBI: two)
+    HALF: tl.constexpr = HD // 2
+    # One zeroed workspace (one memset before the launch, not four): the residual, the FFN sum,
+    # the router logits, then the barrier and split counters as int32.
+    h_ptr = ws_ptr
+    f_ptr = ws_ptr + NB * D
+    lg_ptr = ws_ptr + 2 * NB * D
+    ctr_ptr = (ws_ptr + 2 * NB * D + L * E).to(tl.pointer_type(tl.int32))
+    hcnt_ptr = ctr_ptr + 1
     pos = tl.load(pos_ptr)
+    x0_row = x0_ptr + tl.load(tok_ptr).to(tl.int64) * D
     rd = tl.arange(0, D_PAD)
     dmask = rd < D
     rna = tl.arange(0, NA_PAD)
-    wa = _first_rows(wqkv_ptr, pid, R_A, NQKV, D, D_PAD, BRC_A)  # h_ptr starts as h_in (aliased)
+    wa = _first_rows(wqkv_ptr, pid, R_A, NQKV, D, D_PAD, BRC_A)
     _pf_rows(wqkv_ptr, pid, R_A, NQKV, D, BRC_A, PF_A, STEP_A)
     if RBA:  # the router rows of phase A
         _pf_rows(wr_ptr, pid, R_B, E, D, 0, PF_RB, STEP_D)
+    if pid == 0:  # RoPE at this position, once a step (read after the first barrier)
+        rh = tl.arange(0, HALF)
+        ang = pos.to(tl.float32) * tl.load(inv_ptr + rh)
+        tl.store(rope_ptr + rh, tl.cos(ang))
+        tl.store(rope_ptr + HALF + rh, tl.sin(ang))
     for layer in range(L):
         # int64 offsets: 8B's stacked w_in has 3.8e9 elements, past int32.
         lw = tl.full([], 0, tl.int64) + layer
@@ -212,13 +232,24 @@ def _megastep_kernel(
         fc = f_ptr + (layer % 2) * HS
         fn = f_ptr + ((layer + 1) % 2) * HS
         _stamp(tim_ptr, pid, t, NT, TIMING)
-        # A: norm (of h plus the previous FFN's sum) + QKV (first row chunk prefetched).
-        x, _ = _normed(hc, fc, ln1_ptr + layer * D, D, D_PAD, EPS, True)
+        # A: norm (of h plus the previous FFN's sum) + QKV (first row chunk prefetched). Layer
+        # 0 reads the token's embedding row itself, and each program writes its part of it into
+        # the residual for the phases after the barrier (no gather or convert kernel before).
+        if layer == 0:
+            x, _ = _normed(x0_row, fc, ln1_ptr, D, D_PAD, EPS, False)
+            rz, zm = _part_rows(pid, R_Z, R_Z_PAD, D)
+            tl.store(hc + rz, tl.load(x0_row + rz, mask=zm, other=0.0).to(tl.float32), mask=zm)
+        else:
+            x, _ = _normed(hc, fc, ln1_ptr + layer * D, D, D_PAD, EPS, True)
         _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, f_ptr, pid, NQKV, D, D_PAD, R_A,
                    BRC_A, False, GS, 1)  # fmt: skip
         if RBA:  # this program's experts' router logits of the residual before attention
-            _router_base(wr_ptr + lw * E * D, ln2_ptr + layer * D, hc, fc, lg_ptr + layer * E,
-                         pid, R_B, R_B_PAD, D, D_PAD, E, False)  # fmt: skip
+            if layer == 0:
+                _router_base(wr_ptr, ln2_ptr, x0_row, fc, lg_ptr, pid, R_B, R_B_PAD, D, D_PAD, E,
+                             False)  # fmt: skip
+            else:
+                _router_base(wr_ptr + lw * E * D, ln2_ptr + layer * D, hc, fc, lg_ptr + layer * E,
+                             pid, R_B, R_B_PAD, D, D_PAD, E, False)  # fmt: skip
         _stamp(tim_ptr, pid, t + 1, NT, TIMING)
         _arrive(ctr_ptr)
         if MBC:
@@ -237,7 +268,8 @@ def _megastep_kernel(
         _stamp(tim_ptr, pid, t + 2, NT, TIMING)
         if MBC:  # B and C as one phase: attention + O projection + the router's O share
             for item in range(pid, KV * NP, P):
-                _attend_project(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, wo_ptr + lw * D * NA,
+                _attend_project(qkv_ptr, kc_ptr, vc_ptr, rope_ptr, rope_ptr + HALF,
+                                wo_ptr + lw * D * NA,
                                 wm_ptr + lw * E * NA, wr_ptr + lw * E * D, ln2_ptr + layer * D,
                                 hc, fc, hn, lg_ptr + layer * E, pos, lw, item // NP, item % NP, D,
                                 D_PAD, E, HQ, KV, HD, GQ, GQ_PAD, BT, S_MAX, SCALE, DOT_F32, AST,
@@ -249,7 +281,8 @@ def _megastep_kernel(
             # B: attention, one item per (KV head, split).
             for item in range(pid, KV * S, P):
                 _attend_split(qkv_ptr, kc_ptr, vc_ptr, po_ptr, pml_ptr, att_ptr, hcnt_ptr,
-                              cos_ptr, sin_ptr, pos, lw, item // S, item % S, HQ, KV, HD, GQ,
+                              rope_ptr, rope_ptr + HALF, pos, lw, item // S, item % S, HQ, KV,
+                              HD, GQ,
                               GQ_PAD, S, S_PAD, BT, S_MAX, SCALE, DOT_F32, AST)  # fmt: skip
             _stamp(tim_ptr, pid, t + 3, NT, TIMING)
             _arrive(ctr_ptr)
@@ -337,27 +370,40 @@ def _megastep_kernel(
                 _pf_rows(wr_ptr + (lw + 1) * E * D, pid, R_B, E, D, 0, PF_RB, STEP_D)
             ph += 1
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+    if HI:  # the final norm and the LM head's rows: the step's logits without another launch
+        _arrive(ctr_ptr)
+        wh = _first_rows(hw_ptr, pid, R_H, V, D, D_PAD, BRC_H)
+        _pf_rows(hw_ptr, pid, R_H, V, D, BRC_H, PF_H, STEP_H)
+        ph += 1
+        failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        x = _final_normed(h_ptr + (L % 2) * HS, f_ptr + (L % 2) * HS, nw_ptr, D, D_PAD, EPS)
+        _gemv_rows(hw_ptr, wh, x, out_ptr, f_ptr, pid, V, D, D_PAD, R_H, BRC_H, False, HST, 1)
     tl.store(fail_ptr + pid, failed)
 
 
 def megastep(
-    h_d, cos_h, sin_h, pos, tau_l, ln1_ld, ln2_ld, wqkv_lnd, wo_ldn, wr_led, wm_len, w_in_lcfd,
-    w_out_lfd, kc_lskh, vc_lskh, *, eps: float, rule: str = "paper", gate: str = "sigmoid",
-    k_min: int = 1, k_max: int | None = None, programs: int = 0, splits: int = 0,
-    block_t: int | None = None, warps: int = WARPS, tile_bytes: int = TILE_BYTES, spin: int = SPIN,
-    timing: bool = False, interpret: bool = False, gemv_stages: int = STAGES,
+    x0_vd, token, inv_freq_h, pos, tau_l, ln1_ld, ln2_ld, wqkv_lnd, wo_ldn, wr_led, wm_len,
+    w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh, *, eps: float, head_vd=None, norm_d=None,
+    head_in: bool = False, head_stages: int = HEAD_STAGES, rule: str = "paper",
+    gate: str = "sigmoid", k_min: int = 1, k_max: int | None = None, programs: int = 0,
+    splits: int = 0, block_t: int | None = None, warps: int = WARPS, tile_bytes: int = TILE_BYTES,
+    spin: int = SPIN, timing: bool = False, interpret: bool = False, gemv_stages: int = STAGES,
     unit_stages: int = STAGES, router_in_c: bool = True, prefetch_kb: int = PREFETCH_KB,
     prefetch_o_kb: int = PREFETCH_O_KB, prefetch_keys: int = PREFETCH_KEYS,
     unit_table: bool = UNIT_TABLE, attn_stages: int = ATTN_STAGES, merge_bc: bool | None = None,
     parts: int = 0, prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT,
 ):  # fmt: skip
-    """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``.
+    """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``, or
+    with ``head_in`` the logits ``[V]`` f32 instead of ``h_d``.
 
-    ``h_d`` is the embedded token (any float dtype), ``cos_h``/``sin_h`` the RoPE tables
-    ``[head_dim / 2]`` at ``pos`` (int32 scalar or ``[1]``), ``tau_l`` the per-layer budgets.
-    Weights are stacked over layers and output-row-major (``models``' ``megastep.pack``);
-    ``wm_len`` is ``W_r · diag(ln2) · W_o`` a layer (read with ``merge_bc``).
+    Layer 0's residual is row ``token`` of ``x0_vd`` (the embedding table; or a ``[1, d]``
+    residual row with token 0), read inside the launch; ``inv_freq_h`` the RoPE inverse
+    frequencies ``[head_dim / 2]`` (cos and sin at ``pos`` are computed in the launch);
+    ``pos`` an int32 scalar or ``[1]``; ``tau_l`` the per-layer budgets. Weights are stacked
+    over layers and output-row-major (``models``' ``megastep.pack``); ``wm_len`` is
+    ``W_r · diag(ln2) · W_o`` a layer (read with ``merge_bc``). ``head_in``: the final RMSNorm
+    (``norm_d``) and the LM head (``head_vd``, rows ``[V, d]``) run as the launch's last phase.
     ``fail_p`` is nonzero where a program gave up on a grid barrier (its result is then wrong;
     ``megastep.decode_chunk`` raises). ``programs`` 0: one per SM (always co-resident);
     ``merge_bc`` None: ``default_merge`` (with ``MERGE_BLOCK_T``-key blocks unless ``block_t``).
@@ -374,9 +420,17 @@ def megastep(
         "w_in": (w_in_lcfd.shape, (n_layers, 2, f, d)),
         "w_out": (w_out_lfd.shape, (n_layers, f, d)),
         "k cache": (kc_lskh.shape, (n_layers, s_max, kv, hd)), "v cache": (vc_lskh.shape,
-        kc_lskh.shape), "h": (h_d.shape, (d,)), "cos": (cos_h.shape, (hd // 2,)),
-        "sin": (sin_h.shape, (hd // 2,)), "tau": (jnp.shape(tau_l), (n_layers,)),
+        kc_lskh.shape), "x0 [V, d]": ((jnp.ndim(x0_vd), jnp.shape(x0_vd)[-1]), (2, d)),
+        "inv_freq": (jnp.shape(inv_freq_h), (hd // 2,)), "tau": (jnp.shape(tau_l), (n_layers,)),
+        "token, pos": ((jnp.size(token), jnp.size(pos)), (1, 1)),
     }  # fmt: skip
+    vocab = 0
+    if head_in:
+        if head_vd is None or norm_d is None:
+            raise ValueError("head_in needs the LM head's rows (head_vd) and norm weights (norm_d)")
+        vocab = jnp.shape(head_vd)[0]
+        want["head"] = (jnp.shape(head_vd), (vocab, d))
+        want["norm"] = (jnp.shape(norm_d), (d,))
     bad = {k: v for k, v in want.items() if tuple(v[0]) != tuple(v[1])}
     if bad:
         raise ValueError(f"megastep shapes do not fit (got, want): {bad}")
@@ -410,9 +464,10 @@ def megastep(
             f"expert count, else a power of 2), block_t={block_t} (a power of 2 >= 16: the "
             "attention's dot needs 16 keys)"
         )
-    if min(gemv_stages, unit_stages, attn_stages) < 1:
+    if min(gemv_stages, unit_stages, attn_stages, head_stages) < 1:
         raise ValueError(
-            f"pipeline stages must be >= 1: {gemv_stages}, {unit_stages}, {attn_stages}"
+            f"pipeline stages must be >= 1: {gemv_stages}, {unit_stages}, {attn_stages}, "
+            f"{head_stages}"
         )
     if min(prefetch_kb, prefetch_o_kb, prefetch_keys, prefetch_ao_kb, prefetch_rb_kb) < 0:
         raise ValueError(
@@ -429,42 +484,42 @@ def megastep(
         unit_table=unit_table, attn_stages=attn_stages, merge_bc=merge_bc, parts=parts,
         prefetch_ao_kb=prefetch_ao_kb, prefetch_rb_kb=prefetch_rb_kb,
         router_in_items=router_in_items, ranked_select=ranked_select, interpret=interpret,
+        vocab=vocab, head_itemsize=jnp.dtype(head_vd.dtype).itemsize if head_in else 2,
+        head_stages=head_stages,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32
     nb = 2 if c["RBI"] else 1  # residual and FFN-sum buffers (RBI double-buffers them)
-    h_in = h_d.astype(f32)
-    if nb == 2:
-        h_in = jnp.concatenate([h_in, jnp.zeros((d,), f32)])
+    ws = 2 * nb * d + n_layers * e + 1 + n_layers * kv  # the zeroed workspace (kernel's ws_ptr)
     out_shape = [
-        jax.ShapeDtypeStruct((nb * d,), f32),  # h
+        jax.ShapeDtypeStruct((ws,), f32),
         jax.ShapeDtypeStruct(kc_lskh.shape, kc_lskh.dtype),
         jax.ShapeDtypeStruct(vc_lskh.shape, vc_lskh.dtype),
+        jax.ShapeDtypeStruct((hd,), f32),  # RoPE tables
         jax.ShapeDtypeStruct((n_qkv,), f32),  # qkv scratch
         jax.ShapeDtypeStruct((kv * s * gq_pad * hd,), f32),  # partials
         jax.ShapeDtypeStruct((kv * s * 2 * gq_pad,), f32),
         jax.ShapeDtypeStruct((hq * hd,), f32),  # attention output
-        jax.ShapeDtypeStruct((nb * d,), f32),  # the last FFN's sum
-        jax.ShapeDtypeStruct((n_layers, e), f32),  # logits
         jax.ShapeDtypeStruct((n_layers,), jnp.int32),  # k
-        jax.ShapeDtypeStruct((1,), jnp.int32),  # barrier counter
-        jax.ShapeDtypeStruct((n_layers * kv,), jnp.int32),  # split counters
         jax.ShapeDtypeStruct((p,), jnp.int32),  # fail flags
         jax.ShapeDtypeStruct((p, n_layers * N_SLOTS + 1) if timing else (1,), jnp.int64),
         jax.ShapeDtypeStruct((p * 2 * c["E_PAD"] if unit_table else 1,), jnp.int32),  # tables
+        jax.ShapeDtypeStruct((c["V"] if head_in else 1,), f32),  # logits
     ]
     outs = jt.triton_call(
-        _megastep_kernel, h_in, cos_h.astype(f32), sin_h.astype(f32),
-        jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)), jnp.asarray(tau_l, f32), ln1_ld, ln2_ld,
-        wqkv_lnd, wo_ldn, wr_led, wm_len, w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh,
-        out_shape=out_shape, input_output_aliases={0: 0, 13: 1, 14: 2},
-        zeroed_outputs=(7, 8, 10, 11), grid=(p,), num_warps=warps or default_warps(e),
-        num_stages=1,
-        interpret=interpret, **c,
+        _megastep_kernel, x0_vd, jnp.reshape(jnp.asarray(token, jnp.int32), (1,)),
+        jnp.asarray(inv_freq_h, f32), jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)),
+        jnp.asarray(tau_l, f32), ln1_ld, ln2_ld, wqkv_lnd, wo_ldn, wr_led, wm_len, w_in_lcfd,
+        w_out_lfd, head_vd if head_in else x0_vd, norm_d if head_in else ln1_ld, kc_lskh,
+        vc_lskh, out_shape=out_shape, input_output_aliases={15: 1, 16: 2}, zeroed_outputs=(0,),
+        grid=(p,), num_warps=warps or default_warps(e), num_stages=1, interpret=interpret, **c,
     )  # fmt: skip
-    h, kc, vc = outs[:3]
-    last = slice(d, 2 * d) if nb == 2 and n_layers % 2 else slice(0, d)  # the last layer's buffer
-    h = h[last] + outs[7][last]  # + its FFN sum
+    kc, vc, k_l, fail = outs[1], outs[2], outs[8], outs[9]
+    if head_in:
+        y = outs[12]
+    else:  # the last layer's residual buffer + its FFN sum
+        last = d if nb == 2 and n_layers % 2 else 0
+        y = outs[0][last : last + d] + outs[0][nb * d + last : nb * d + last + d]
     if timing:
-        return h, kc, vc, outs[9], outs[12], outs[13]
-    return h, kc, vc, outs[9], outs[12]
+        return y, kc, vc, k_l, fail, outs[10]
+    return y, kc, vc, k_l, fail

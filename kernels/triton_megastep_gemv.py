@@ -81,11 +81,28 @@ def _normed(h_ptr, f_ptr, ln_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.
     (Loading the norm's weights before the grid barrier instead measured no faster at 1B and
     49 µs a token slower at 8B, twenty-second session.)"""
     rd = tl.arange(0, D_PAD)
-    h = tl.load(h_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
+    h = tl.load(h_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg").to(tl.float32)
     if WITH_F:
         h += tl.load(f_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + EPS)
     return h * rstd * tl.load(ln_ptr + rd, mask=rd < D, other=0.0).to(tl.float32), rstd
+
+
+@triton.jit
+def _final_normed(h_ptr, f_ptr, nw_ptr, D: tl.constexpr, D_PAD: tl.constexpr,
+                  EPS: tl.constexpr):  # fmt: skip
+    """The LM head's input: the final RMSNorm of the residual ``h + f`` with the XLA step's
+    roundings (the residual, the normalised row and its product with the weights each rounded
+    to the weights' dtype, as ``models.layers.rms_norm`` of a model-dtype row does), f32
+    ``[D_PAD]``, zero past D."""
+    dt = nw_ptr.dtype.element_ty
+    rd = tl.arange(0, D_PAD)
+    m = rd < D
+    h = tl.load(h_ptr + rd, mask=m, other=0.0, cache_modifier=".cg")
+    h = (h + tl.load(f_ptr + rd, mask=m, other=0.0, cache_modifier=".cg")).to(dt).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + EPS)
+    w = tl.load(nw_ptr + rd, mask=m, other=0.0).to(tl.float32)
+    return ((h * rstd).to(dt).to(tl.float32) * w).to(dt).to(tl.float32)
 
 
 @triton.jit

@@ -64,6 +64,10 @@ PREFETCH_AO_KB = 256  # L2 prefetch of a merged item's W_o block at barrier arri
 # of the 8B phase A's 7 µs growth: 0 measured the same (2768 vs 2781 µs a token, phase A 22.7
 # vs 24.2 µs a layer; twenty-fourth session).
 PREFETCH_RB_KB = 64
+# Software-pipeline stages of the LM head's rows when the launch runs the head (``head_in``): a
+# long stream (1B: ~970 rows of 4 KB a program), not a few chunks like the layers' GEMVs.
+HEAD_STAGES = 4
+HEAD_IN = False  # whether megastep.step runs the final norm and the LM head in the launch
 
 
 def default_merge(d: int, s_max: int) -> bool:
@@ -122,11 +126,13 @@ def constants(
     attn_stages: int = ATTN_STAGES, merge_bc: bool = False, parts: int = 0,
     prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT, interpret: bool = False,
+    vocab: int = 0, head_itemsize: int = 2, head_stages: int = HEAD_STAGES,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
     phase gives each program ``ceil(N / P)`` contiguous output rows (the P programs cover N in
-    one round). The interpreter gets no L2 prefetch (inline PTX)."""
+    one round). The interpreter gets no L2 prefetch (inline PTX). ``vocab`` > 0: the launch
+    ends with the final norm and the LM head's ``vocab`` rows (``HI``)."""
     p = programs
     s = splits or default_splits(p, kv, hq // kv, hd, s_max, block_t)
     r_a, r_c, r_d = (-(-n // p) for n in ((hq + 2 * kv) * hd, d, e))
@@ -162,7 +168,25 @@ def constants(
         AST=int(attn_stages), NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
         **_ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes,
                        lines(prefetch_ao_kb), lines(prefetch_rb_kb), router_in_items),
+        **_head_constants(vocab, d, p, tile_bytes, head_itemsize, lines(prefetch_kb),
+                          head_stages),
     )  # fmt: skip
+
+
+def _head_constants(vocab, d, p, tile_bytes, itemsize, pf_lines, stages) -> dict:
+    """The LM head phase's constexprs (``HI`` when ``vocab``): ``R_H`` rows a program,
+    ``BRC_H`` a chunk, ``PF_H`` L2 prefetch lines at barrier arrival, ``HST`` stages."""
+    r_h = -(-vocab // p) if vocab else 1
+    brc_h = _row_chunk(r_h, d, itemsize, tile_bytes)
+    return dict(
+        HI=bool(vocab),
+        V=max(1, vocab),
+        R_H=r_h,
+        BRC_H=brc_h,
+        PF_H=_pf_lines(pf_lines, r_h, brc_h, d, itemsize) if vocab else 0,
+        STEP_H=LINE // itemsize,
+        HST=int(stages),
+    )
 
 
 def _ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes, ao_lines,

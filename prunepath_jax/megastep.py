@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prunepath_jax.models.layers import rope_inv_freq, rope_tables
+from prunepath_jax.models.layers import rope_inv_freq
 from prunepath_jax.nn import PrunePathFFN
 
 
@@ -39,6 +39,13 @@ class MegaWeights(NamedTuple):
     router_o: jax.Array  # [L, E, h hd] float32: router · diag(ln2) · wo (the merged O phase's)
     w_in: jax.Array  # [L, 2, f, d]
     w_out: jax.Array  # [L, f, d]
+    # [V, d] the LM head's rows for a launch that runs the head (``Launch.head_in``): the
+    # embedding itself when tied, else a transposed copy of ``lm_head`` (``pack(head=True)``).
+    head: jax.Array | None = None
+
+    def layers(self) -> tuple:
+        """The stacked layer arrays, in ``triton_megastep.megastep``'s argument order."""
+        return tuple(self)[:8]
 
 
 class Launch(NamedTuple):
@@ -65,6 +72,8 @@ class Launch(NamedTuple):
     prefetch_rb_kb: int | None = None
     router_in_items: bool | None = None
     ranked_select: bool | None = None
+    head_in: bool | None = None
+    head_stages: int | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:
@@ -111,12 +120,16 @@ def _layer_vars(b) -> tuple:
             b.mlp.w_out)  # fmt: skip
 
 
-def packed_bytes(model: nnx.Module, cache_len: int) -> int:
-    """Bytes of ``pack``'s copy (the router in float32) plus the stacked KV cache; from shapes
-    only, so an abstract model (``nnx.eval_shape``) plans its memory too."""
-    n = 0
+def packed_bytes(model: nnx.Module, cache_len: int, head: bool = True) -> int:
+    """Bytes of ``pack``'s copy (the router in float32; ``head``: the LM head's transposed
+    rows of an untied model) plus the stacked KV cache; from shapes only, so an abstract model
+    (``nnx.eval_shape``) plans its memory too."""
     cfg = model.cfg
-    fields = [f for f in MegaWeights._fields if f != "router_o"]
+    n = 0
+    if head and not cfg.tie_embeddings:
+        v = model.lm_head.kernel
+        n += int(np.prod(v.shape)) * jnp.dtype(v.dtype).itemsize
+    fields = [f for f in MegaWeights._fields[:8] if f != "router_o"]
     for b in model.layers:
         for name, v in zip(fields, _layer_vars(b), strict=True):
             dtype = jnp.float32 if name == "router" else v.dtype
@@ -196,10 +209,22 @@ def _stacked(layers) -> MegaWeights:
     )
 
 
-def pack(model: nnx.Module) -> MegaWeights:
-    """The kernel's copy of the layer weights (made once; see the module docstring)."""
+def pack(model: nnx.Module, head: bool = True) -> MegaWeights:
+    """The kernel's copy of the layer weights (made once; see the module docstring); with
+    ``head``, also the LM head's rows for ``Launch.head_in`` (a tied model's embedding, no copy;
+    an untied model's ``lm_head`` transposed, a copy)."""
     check(model)
-    return _stacked([tuple(v[...] for v in _layer_vars(b)) for b in model.layers])
+    mw = _stacked([tuple(v[...] for v in _layer_vars(b)) for b in model.layers])
+    if not head:
+        return mw
+    if model.cfg.tie_embeddings:
+        return mw._replace(head=model.embed_tokens.embedding[...])
+    return mw._replace(head=_transposed(model.lm_head.kernel[...]))
+
+
+@jax.jit
+def _transposed(w):
+    return w.T
 
 
 def stack_cache(cache) -> tuple[jax.Array, jax.Array]:
@@ -221,21 +246,27 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
          interpret: bool = False, timing: bool = False):  # fmt: skip
     """One token: ``(logits [1, vocab] f32, kc, vc, k_l [L] int32, fail_p [P] int32)``, plus
     each program's %globaltimer stamps ``[P, N_SLOTS · L + 1]`` with ``timing`` (GPU; the
-    benchmark's per-phase breakdown)."""
+    benchmark's per-phase breakdown). The launch reads the token's embedding row and computes
+    RoPE itself; with ``head_in`` (``Launch``; default ``triton_megastep.HEAD_IN``) it also
+    runs the final norm and the LM head, else XLA does (``model.head``)."""
     from prunepath_jax.kernels import triton_megastep as tm
 
     ffn = check(model)
     cfg = model.cfg
-    h = model.embed_tokens(token_1)[0]
-    cos, sin = rope_tables(pos_1[None], rope_inv_freq(cfg.head_dim, cfg.rope_theta,
-                                                      cfg.rope_scaling))  # fmt: skip
-    h, kc, vc, k_l, fail, *stamps = tm.megastep(
-        h, cos.reshape(-1), sin.reshape(-1), pos_1, tau_l, *mw, kc, vc,
-        eps=cfg.norm_eps, rule=ffn.rule, gate=ffn.gate_mode, k_min=ffn.k_min, k_max=ffn.k_max,
-        timing=timing, interpret=interpret,
-        **{k: v for k, v in launch._asdict().items() if v is not None},
+    opts = {k: v for k, v in launch._asdict().items() if v is not None}
+    head_in = opts.pop("head_in", tm.HEAD_IN)
+    if head_in and mw.head is None:
+        raise ValueError("Launch(head_in=True) needs the head's rows: megastep.pack(head=True)")
+    y, kc, vc, k_l, fail, *stamps = tm.megastep(
+        model.embed_tokens.embedding[...], token_1, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
+        cfg.rope_scaling), pos_1, tau_l, *mw.layers(), kc, vc, eps=cfg.norm_eps,
+        head_vd=mw.head, norm_d=model.norm.weight[...], head_in=head_in, rule=ffn.rule,
+        gate=ffn.gate_mode, k_min=ffn.k_min, k_max=ffn.k_max, timing=timing, interpret=interpret,
+        **opts,
     )  # fmt: skip
-    x = h.astype(model.embed_tokens.embedding.dtype)[None, None]
+    if head_in:
+        return (y[None], kc, vc, k_l, fail, *stamps)
+    x = y.astype(model.embed_tokens.embedding.dtype)[None, None]
     return (model.head(x)[:, 0], kc, vc, k_l, fail, *stamps)
 
 

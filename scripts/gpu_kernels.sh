@@ -1375,4 +1375,18 @@ s32a)  # next session: the real SmolLM2 timed inside one compiled loop. Its 98 M
     --taus 0.5 0.9 --impls pallas megastep --chunk 64 --lengths 65 129 --cache-len 256 \
     --repeats 5 --out "$OUT/smollm2_decode.jsonl"
   ;;
+s33a)  # embedding, RoPE and one zeroed workspace inside the launch (twenty-fifth session) against
+  # the last session's code (.old: `git archive 8541c23` with prunepath_jax renamed to ppold,
+  # installed beside it), and the final norm + LM head inside the launch (`head_in`); GPU tests
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .old \
+    2>/dev/null
+  run timeout 250 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
+  v='{"new": {}, "head": {"head_in": true}, "head6": {"head_in": true, "head_stages": 6}}'
+  for s in smollm2-135m llama-3.2-1b llama-3-8b; do
+    run timeout 200 python3 benchmarks/megastep_decode.py --shapes $s --no-dense --no-default \
+      --sparsities 0.75 --check-steps 2 --rounds 3 --baseline ppold.megastep --launches "$v" \
+      --out "$OUT/megastep_decode.jsonl"
+  done
+  ;;
 esac

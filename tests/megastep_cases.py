@@ -39,11 +39,16 @@ class Case(NamedTuple):
     parts: int = 0  # its row parts a KV head (0: by the programs, 1 under the interpreter)
     router_in_items: bool = False  # the merged items compute the router's first term too
     ranked_select: bool = True  # the unit table from a ranked selection (else sorted + scans)
+    head_in: bool = False  # the final norm and the LM head inside the launch
+    tie: bool = False  # the LM head is the embedding (else pack's transposed lm_head)
 
 
 CASES = (
-    # Two splits of two 16-key blocks each (the last one partial): the online softmax's loop.
-    Case("gqa2_f32", 64, 4, 2, 16, 128, 8, 40, 0.5, splits=2, block_t=16, cache_len=48),
+    # Two splits of two 16-key blocks each (the last one partial): the online softmax's loop;
+    # the LM head in the launch (an untied head: 50 rows).
+    Case(
+        "gqa2_f32", 64, 4, 2, 16, 128, 8, 40, 0.5, splits=2, block_t=16, cache_len=48, head_in=True
+    ),  # fmt: skip
     # d not a power of two, 3 query heads a KV head, nucleus rule, no gates, clamps on k.
     Case(
         "gqa3_nucleus",
@@ -136,9 +141,12 @@ CASES = (
         dtype="bfloat16",
         merge_bc=True,
         parts=2,
+        head_in=True,
+        tie=True,
     ),
     # The merged items with the router's first term and a double-buffered residual: 3 layers
-    # (the result in the second buffer), 3 parts, 6 / 6 / 4 experts' router rows an item.
+    # (the result in the second buffer, which the launch's LM head reads), 3 parts, 6 / 6 / 4
+    # experts' router rows an item.
     Case(
         "merged_router_items",
         64,
@@ -156,6 +164,7 @@ CASES = (
         merge_bc=True,
         parts=3,
         router_in_items=True,
+        head_in=True,
     ),  # fmt: skip
 )
 
@@ -166,7 +175,7 @@ def config(c: Case) -> ModelConfig:
         family="llama", model_type="llama", vocab_size=50, d_model=c.d, d_ff=c.f,
         n_layers=c.layers, n_heads=c.heads, n_kv_heads=c.kv, head_dim=c.head_dim,
         max_position=64, norm_eps=1e-5, activation="silu", rope_theta=10000.0,
-        prunepath=pp,
+        prunepath=pp, tie_embeddings=c.tie,
     )  # fmt: skip
 
 
@@ -184,6 +193,8 @@ def build(c: Case):
         for ln in (b.input_layernorm, b.post_attention_layernorm):
             w = 1 + 0.1 * jax.random.normal(jax.random.key(10 + i), ln.weight.shape)
             ln.weight[...] = w.astype(dtype)
+    w = 1 + 0.1 * jax.random.normal(jax.random.key(9), model.norm.weight.shape)
+    model.norm.weight[...] = w.astype(dtype)
     args = route_args(cfg, c.tau)
     cache = init_cache(cfg, 1, c.cache_len, dtype)
     rng = np.random.default_rng(len(c.name))

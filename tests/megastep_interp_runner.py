@@ -34,7 +34,8 @@ def main(out: str) -> None:
                                  router_in_c=c.router_in_c, unit_table=c.unit_table,
                                  merge_bc=c.merge_bc, parts=c.parts,
                                  router_in_items=c.router_in_items,
-                                 ranked_select=c.ranked_select)  # fmt: skip
+                                 ranked_select=c.ranked_select,
+                                 head_in=c.head_in)  # fmt: skip
         logits, kc2, vc2, k_l, fail = megastep.step(model, mw, tok[None], pos[None], kc, vc,
                                                     tau_l, launch, interpret=True)  # fmt: skip
         p = int(pos)
@@ -63,10 +64,11 @@ def main(out: str) -> None:
     c = CASES[0]
     model, args, cache, tok, pos = build(c)
     kc, vc = megastep.stack_cache(cache)
-    h = model.embed_tokens(tok[None])[0]
-    cos = jnp.ones((c.head_dim // 2,))
-    guard = tm.megastep(h, cos, cos * 0, pos, jnp.full((c.layers,), c.tau), *megastep.pack(model),
-                      kc, vc, eps=1e-5, programs=2, splits=1, spin=20, interpret=True)  # fmt: skip
+    h = model.embed_tokens(tok[None])  # [1, d]: a given residual row, token 0
+    inv = jnp.ones((c.head_dim // 2,))
+    guard = tm.megastep(h, 0, inv, pos, jnp.full((c.layers,), c.tau),
+                        *megastep.pack(model).layers(), kc, vc, eps=1e-5, programs=2, splits=1,
+                        spin=20, interpret=True)  # fmt: skip
     res["guard/fail"] = np.asarray(guard[4])
     np.savez(out, **res)
 

@@ -64,11 +64,11 @@ def test_a_grid_that_is_not_co_resident_is_flagged(interpreted):
 
 
 def _signature(timing: bool):
-    f32 = {"h_in", "cos", "sin", "tau", "wr", "wm", "h", "qkv", "po", "pml", "att", "f", "lg"}
-    i32 = {"pos", "k", "ctr", "hcnt", "fail", "tab"}
-    names = ["h_in", "cos", "sin", "pos", "tau", "ln1", "ln2", "wqkv", "wo", "wr", "wm", "w_in",
-             "w_out", "kc_in", "vc_in", "h", "kc", "vc", "qkv", "po", "pml", "att", "f", "lg",
-             "k", "ctr", "hcnt", "fail", "tim", "tab"]  # fmt: skip
+    f32 = {"inv", "tau", "wr", "wm", "ws", "rope", "qkv", "po", "pml", "att", "out"}
+    i32 = {"tok", "pos", "k", "fail", "tab"}
+    names = ["x0", "tok", "inv", "pos", "tau", "ln1", "ln2", "wqkv", "wo", "wr", "wm", "w_in",
+             "w_out", "hw", "nw", "kc_in", "vc_in", "ws", "kc", "vc", "rope", "qkv", "po", "pml",
+             "att", "k", "fail", "tim", "tab", "out"]  # fmt: skip
     return {n: "*" + ("fp32" if n in f32 else "i32" if n in i32 else "i64" if n == "tim"
                       else "bf16") for n in names}  # fmt: skip
 
@@ -117,6 +117,23 @@ def test_merged_phase_lowers_for_sm90_and_is_the_measured_default(in_items):
     assert not tm.default_merge(2048, 512)
 
 
+def test_head_phase_lowers_for_sm90():
+    """The launch that ends with the final norm and the LM head (the 1B shape, 128256 rows over
+    132 programs: 972 a program, 8 a chunk) compiles for sm_90 with one more grid barrier, its
+    rows through a cp.async pipeline of ``HEAD_STAGES`` and their first lines prefetched."""
+    shape = (2, 2048, 32, 8, 64, 256, 32, 256)
+    const = tm.constants(*shape, programs=132, merge_bc=True, block_t=64, vocab=128256)
+    assert (const["HI"], const["R_H"], const["BRC_H"], const["HST"]) == (True, 972, 8, 4)
+    assert const["PF_H"] == 512  # 64 KB of the program's rows past the first chunk
+    off = tm.constants(*shape, programs=132, merge_bc=True, block_t=64)
+    ptx = [sm90_compile(tm._megastep_kernel, _signature(False), c, warps=4, stages=1).asm["ptx"]
+           for c in (off, const)]  # fmt: skip
+    acquire = [p.count("ld.global.gpu.acquire") + p.count("atom.global.gpu.acquire") for p in ptx]
+    assert acquire[1] > acquire[0], acquire  # the head's barrier
+    assert ptx[1].count("cp.async.cg") > ptx[0].count("cp.async.cg")
+    assert ptx[1].count("prefetch.global.L2") > ptx[0].count("prefetch.global.L2")
+
+
 def test_attention_stages_pipeline_the_key_blocks_for_sm90():
     """``attn_stages`` > 1 turns the attention items' key/value loads into cp.async copies (more
     of them than in the plain loop); 1 is the plain loop the measurements were taken with."""
@@ -134,30 +151,47 @@ def test_bad_inputs_raise_clearly():
     model, args, cache, tok, pos = build(c)
     mw = megastep.pack(model)
     kc, vc = megastep.stack_cache(cache)
-    h, cs = jnp.zeros((c.d,)), jnp.zeros((c.head_dim // 2,))
+    emb, inv = model.embed_tokens.embedding[...], jnp.zeros((c.head_dim // 2,))
+    lw = mw.layers()
     tau = jnp.full((c.layers,), 0.5)
+
+    def call(*layers, tau=tau, x0=emb, **kw):
+        return tm.megastep(x0, tok, inv, pos, tau, *(layers or lw), kc, vc, eps=1e-5, **kw)
+
     with pytest.raises(ValueError, match="shapes do not fit"):
-        tm.megastep(h, cs, cs, pos, tau, mw.ln1[:, :-1], *mw[1:], kc, vc, eps=1e-5)
+        call(mw.ln1[:, :-1], *lw[1:])
     with pytest.raises(ValueError, match="shapes do not fit"):
-        tm.megastep(h, cs, cs, pos, tau[:1], *mw, kc, vc, eps=1e-5)
+        call(tau=tau[:1])
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        call(x0=emb[:, :-1])
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        call(x0=emb[0])
+    with pytest.raises(ValueError, match="needs the LM head"):
+        call(head_in=True)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        call(head_in=True, head_vd=mw.head[:, :-1], norm_d=model.norm.weight[...])
+    with pytest.raises(ValueError, match="needs the head's rows"):
+        megastep.step(model, megastep.pack(model, head=False), tok[None], pos[None], kc, vc, tau,
+                      megastep.Launch(head_in=True))  # fmt: skip
     with pytest.raises(ValueError, match="k_min"):
-        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, k_min=3, k_max=2)
+        call(k_min=3, k_max=2)
     with pytest.raises(ValueError, match="programs"):
-        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, programs=-1)
+        call(programs=-1)
     with pytest.raises(ValueError, match="warps"):
-        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, warps=6)
+        call(warps=6)
     assert (tm.default_warps(256), tm.default_warps(448)) == (4, 8)  # BENCHMARKS, 21st session
     with pytest.raises(ValueError, match="16 keys"):
-        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, block_t=8)
+        call(block_t=8)
     with pytest.raises(ValueError, match="stages"):
-        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, unit_stages=0)
+        call(unit_stages=0)
     with pytest.raises(ValueError, match="stages"):
-        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, attn_stages=0)
+        call(attn_stages=0)
+    with pytest.raises(ValueError, match="stages"):
+        call(head_stages=0)
     with pytest.raises(ValueError, match="prefetch sizes"):
-        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, prefetch_keys=-1)
+        call(prefetch_keys=-1)
     with pytest.raises(ValueError, match="merge_bc"):
-        tm.megastep(h, cs, cs, pos, tau, *mw, kc, vc, eps=1e-5, merge_bc=False,
-                    router_in_items=True)  # fmt: skip
+        call(merge_bc=False, router_in_items=True)
     two = jax.tree.map(lambda a: jnp.concatenate([a, a]), cache)
     with pytest.raises(ValueError, match="batch 1"):
         megastep.stack_cache(two)
@@ -192,6 +226,9 @@ def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch)
     mw = megastep.pack(model)
     packed = sum(a.nbytes for a in mw)
     assert need - packed == 2 * 2 * 64 * 2 * 16 * 4  # the stacked cache: k and v, fp32
+    head = model.lm_head.kernel[...].nbytes  # untied: pack's transposed copy
+    assert megastep.packed_bytes(model, 64, head=False) == need - head
+    assert megastep.pack(model, head=False).head is None
     assert megastep._free_bytes(jax.tree.leaves(nnx.state(model))) >= 0  # CPU: no figures
     monkeypatch.setattr(megastep, "_free_bytes", lambda leaves: 4 * need)
     assert megastep.auto_ok(model, 1, args, 64) is None
@@ -214,10 +251,15 @@ def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("merge_bc", [False, True], ids=["split", "merged"])
-def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc):
+@pytest.mark.parametrize(
+    "merge_bc,head_in", [(False, False), (True, False), (True, True)],
+    ids=["split", "merged", "merged_head"],
+)  # fmt: skip
+def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc, head_in):
     """The real grid (one program per SM) against the model's XLA decode step, fp32; with the
-    attention and O projection as one phase too (44 row parts a KV head, the last two empty)."""
+    attention and O projection as one phase too (44 row parts a KV head, the last two empty),
+    and with the final norm and the LM head inside the launch (372 of the 49152 rows a
+    program)."""
     from prunepath_jax.models.layers import init_cache
     from prunepath_jax.nn import route_args
 
@@ -231,7 +273,7 @@ def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc):
         ref = model(tok[None, None], pos[None, None], cache=cache, ffn_args=args)
         kc, vc = megastep.stack_cache(cache)
         tau = jnp.stack([a.tau for a in args])
-        launch = megastep.Launch(merge_bc=merge_bc)
+        launch = megastep.Launch(merge_bc=merge_bc, head_in=head_in)
         lg, kc, vc, k_l, fail = jax.jit(megastep.step, static_argnums=(0, 7))(
             model, megastep.pack(model), tok[None], pos[None], kc, vc, tau, launch
         )
