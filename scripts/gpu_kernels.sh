@@ -1380,13 +1380,20 @@ s33a)  # embedding, RoPE and one zeroed workspace inside the launch (twenty-fift
   # installed beside it), and the final norm + LM head inside the launch (`head_in`); GPU tests
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .old \
     2>/dev/null
-  run timeout 250 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
-    tests/test_megastep.py
-  v='{"new": {}, "head": {"head_in": true}, "head6": {"head_in": true, "head_stages": 6}}'
+  v='{"new": {}, "head": {"head_in": true}}'
   for s in smollm2-135m llama-3.2-1b llama-3-8b; do
-    run timeout 200 python3 benchmarks/megastep_decode.py --shapes $s --no-dense --no-default \
+    run timeout 180 python3 benchmarks/megastep_decode.py --shapes $s --no-dense --no-default \
       --sparsities 0.75 --check-steps 2 --rounds 3 --baseline ppold.megastep --launches "$v" \
       --out "$OUT/megastep_decode.jsonl"
   done
+  cp .gpu_model/a/part00 /tmp/gguf_a  # for s33b's real SmolLM2 (the GGUF's first half)
+  ;;
+s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
+  cat /tmp/gguf_a .gpu_model/b/part01 > /tmp/smollm2.gguf && md5sum /tmp/smollm2.gguf | tee -a "$OUT/log.txt"
+  run timeout 360 python3 scripts/smollm2_decode.py --gguf /tmp/smollm2.gguf --batches 1 \
+    --taus 0.5 0.9 --impls pallas megastep --chunk 64 --lengths 65 129 --cache-len 256 \
+    --repeats 3 --out "$OUT/smollm2_decode.jsonl"
   ;;
 esac
