@@ -28,6 +28,13 @@ sets its ``fail`` flag, so a scheduling surprise cannot hang the GPU):
   ``_rank_table`` / ``_unit_table``) over the selected experts' rows, added into
   ``f`` with relaxed atomics — not into ``h``, which slower programs may still be reading.
 
+Around the layers: layer 0 reads its residual row from the embedding table at the token (each
+program writes its part into ``h`` before the first barrier), program 0 computes RoPE's cos and
+sin at the position once (read after that barrier), and the residual, FFN sum, logits and
+counters share one zeroed workspace (one memset before the launch). With ``HI`` (``head_in``)
+one more barrier after the last layer, then the final RMSNorm and the LM head's rows, each
+program ``ceil(V / P)`` of them: the step's logits come out of the launch.
+
 With ``MBC`` (``merge_bc``; by default where measured faster, ``triton_megastep_plan``) B and C
 are one phase, three barriers a layer: each program's item (KV head, row part) runs its head's
 attention over the whole cache and adds its block of W_o into ``h`` (``triton_megastep_ao``);

@@ -3,8 +3,9 @@
 Why: a batch-1 decode step is ~10 kernel launches a layer, each a chain of dependent memory
 round trips that XLA cannot overlap (BENCHMARKS.md, issue 5, sessions 12-17); the persistent
 kernel ``kernels.triton_megastep`` runs all layers' phases between grid barriers and loads the
-next phase's weights while it waits. XLA keeps the embedding lookup, the final norm, the LM head
-and sampling.
+next phase's weights while it waits. The launch also reads the token's embedding row and computes
+RoPE at its position itself (no XLA kernels before it); the final norm and the LM head run in
+XLA, or as the launch's last phase with ``Launch(head_in=True)``; sampling stays in XLA.
 
 The kernel reads weights stacked over layers and output-row-major, so ``pack`` makes a copy of
 the model's layer weights once (the model's own arrays are per layer; memory: the layer
