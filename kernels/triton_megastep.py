@@ -228,6 +228,13 @@ def _megastep_kernel(
         ang = pos.to(tl.float32) * tl.load(inv_ptr + rh)
         tl.store(rope_ptr + rh, tl.cos(ang))
         tl.store(rope_ptr + HALF + rh, tl.sin(ang))
+    # The token's embedding row into the residual, each program its part, then one barrier: a
+    # branch for layer 0 inside the layer loop instead measured 0.5-0.7 µs a layer slower.
+    rz, zm = _part_rows(pid, R_Z, R_Z_PAD, D)
+    tl.store(h_ptr + rz, tl.load(x0_row + rz, mask=zm, other=0.0).to(tl.float32), mask=zm)
+    _arrive(ctr_ptr)
+    ph += 1
+    failed = _wait(ctr_ptr, P * ph, failed, SPIN)
     for layer in range(L):
         # int64 offsets: 8B's stacked w_in has 3.8e9 elements, past int32.
         lw = tl.full([], 0, tl.int64) + layer
@@ -239,24 +246,13 @@ def _megastep_kernel(
         fc = f_ptr + (layer % 2) * HS
         fn = f_ptr + ((layer + 1) % 2) * HS
         _stamp(tim_ptr, pid, t, NT, TIMING)
-        # A: norm (of h plus the previous FFN's sum) + QKV (first row chunk prefetched). Layer
-        # 0 reads the token's embedding row itself, and each program writes its part of it into
-        # the residual for the phases after the barrier (no gather or convert kernel before).
-        if layer == 0:
-            x, _ = _normed(x0_row, fc, ln1_ptr, D, D_PAD, EPS, False)
-            rz, zm = _part_rows(pid, R_Z, R_Z_PAD, D)
-            tl.store(hc + rz, tl.load(x0_row + rz, mask=zm, other=0.0).to(tl.float32), mask=zm)
-        else:
-            x, _ = _normed(hc, fc, ln1_ptr + layer * D, D, D_PAD, EPS, True)
+        # A: norm (of h plus the previous FFN's sum) + QKV (first row chunk prefetched).
+        x, _ = _normed(hc, fc, ln1_ptr + layer * D, D, D_PAD, EPS, True)
         _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, f_ptr, pid, NQKV, D, D_PAD, R_A,
                    BRC_A, False, GS, 1)  # fmt: skip
         if RBA:  # this program's experts' router logits of the residual before attention
-            if layer == 0:
-                _router_base(wr_ptr, ln2_ptr, x0_row, fc, lg_ptr, pid, R_B, R_B_PAD, D, D_PAD, E,
-                             False)  # fmt: skip
-            else:
-                _router_base(wr_ptr + lw * E * D, ln2_ptr + layer * D, hc, fc, lg_ptr + layer * E,
-                             pid, R_B, R_B_PAD, D, D_PAD, E, False)  # fmt: skip
+            _router_base(wr_ptr + lw * E * D, ln2_ptr + layer * D, hc, fc, lg_ptr + layer * E,
+                         pid, R_B, R_B_PAD, D, D_PAD, E, False)  # fmt: skip
         _stamp(tim_ptr, pid, t + 1, NT, TIMING)
         _arrive(ctr_ptr)
         if MBC:

@@ -56,13 +56,15 @@ def _rope_rows(qkv_ptr, cos_ptr, sin_ptr, head, rows, rmask, HD: tl.constexpr):
     """RoPE ("rotate half") of heads ``head + rows`` as whole rows ``[n, HD]`` f32: element j
     is ``x_j cos_j - x_(j+HD/2) sin_j`` in the first half, ``x_j cos_j + x_(j-HD/2) sin_j`` in
     the second (the tables ``[HD / 2]``, repeated). Program 0 computes the tables once a launch,
-    before the first barrier (``.cg``: written in this launch). Computing cos and sin of
-    ``pos · inv_freq`` here instead (libdevice's, twice an item) made the SmolLM2-shape launch
-    41 µs a token slower (BENCHMARKS.md, twenty-fourth session)."""
+    before the first barrier; nothing reads them before it, so no SM's L1 can hold a stale
+    line and the plain (L1-cached) loads are safe — read ``.cg`` from L2 every layer they made
+    the attention 0.5 µs a layer slower. Computing cos and sin of ``pos · inv_freq`` here
+    instead (libdevice's, twice an item) made the SmolLM2-shape launch 41 µs a token slower
+    (BENCHMARKS.md, twenty-fourth and twenty-fifth sessions)."""
     HALF: tl.constexpr = HD // 2
     rdh = tl.arange(0, HD)
-    cs = tl.load(cos_ptr + rdh % HALF, cache_modifier=".cg")
-    sn = tl.load(sin_ptr + rdh % HALF, cache_modifier=".cg") * tl.where(rdh < HALF, -1.0, 1.0)
+    cs = tl.load(cos_ptr + rdh % HALF)
+    sn = tl.load(sin_ptr + rdh % HALF) * tl.where(rdh < HALF, -1.0, 1.0)
     base = (head + rows)[:, None] * HD
     x = tl.load(qkv_ptr + base + rdh[None, :], mask=rmask[:, None], other=0.0, cache_modifier=".cg")
     xp = tl.load(qkv_ptr + base + ((rdh + HALF) % HD)[None, :], mask=rmask[:, None], other=0.0,

@@ -1388,6 +1388,17 @@ s33a)  # embedding, RoPE and one zeroed workspace inside the launch (twenty-fift
   done
   cp .gpu_model/a/part00 /tmp/gguf_a  # for s33b's real SmolLM2 (the GGUF's first half)
   ;;
+s33c)  # s33a after its fixes (the embedding row copied before the layer loop behind one barrier,
+  # RoPE tables read L1-cached), against the same baseline, 4 rounds
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .old \
+    2>/dev/null
+  for s in smollm2-135m llama-3.2-1b llama-3-8b; do
+    run timeout 150 python3 benchmarks/megastep_decode.py --shapes $s --no-dense --no-default \
+      --sparsities 0.75 --check-steps 2 --rounds 4 --baseline ppold.megastep \
+      --launches '{"new": {}}' --out "$OUT/megastep_decode.jsonl"
+  done
+  cp .gpu_model/a/part00 /tmp/gguf_a
+  ;;
 s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py
