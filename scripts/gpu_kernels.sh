@@ -1399,6 +1399,14 @@ s33c)  # s33a after its fixes (the embedding row copied before the layer loop be
   done
   cp .gpu_model/a/part00 /tmp/gguf_a
   ;;
+s33d)  # the device trace of the new step (what XLA still runs around the launch), with and without
+  # the LM head inside the launch
+  for s in smollm2-135m llama-3.2-1b; do
+    run timeout 110 python3 benchmarks/megastep_decode.py --shapes $s --no-dense --no-default \
+      --sparsities 0.75 --check-steps 1 --trace --launches '{"new": {}, "head": {"head_in": true}}' \
+      --out "$OUT/megastep_decode.jsonl"
+  done
+  ;;
 s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py
