@@ -290,7 +290,7 @@ def main() -> None:
             k = max(1, round((1 - s) * e))
             set_k(sparse, k)
             set_compute(sparse, "kernel", "pallas")
-            mw = megastep.pack(sparse)
+            mw = megastep.pack(sparse, head=any(x.head_in for x in launches.values()))
             prepared = {}  # label -> (timer, the check's and timeline's fields)
             if a.baseline:
                 try:

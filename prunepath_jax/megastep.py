@@ -41,7 +41,8 @@ class MegaWeights(NamedTuple):
     w_in: jax.Array  # [L, 2, f, d]
     w_out: jax.Array  # [L, f, d]
     # [V, d] the LM head's rows for a launch that runs the head (``Launch.head_in``): the
-    # embedding itself when tied, else a transposed copy of ``lm_head`` (``pack(head=True)``).
+    # embedding itself when tied, else a transposed copy of ``lm_head`` (``pack(head=True)``;
+    # None without it).
     head: jax.Array | None = None
 
     def layers(self) -> tuple:
@@ -121,7 +122,7 @@ def _layer_vars(b) -> tuple:
             b.mlp.w_out)  # fmt: skip
 
 
-def packed_bytes(model: nnx.Module, cache_len: int, head: bool = True) -> int:
+def packed_bytes(model: nnx.Module, cache_len: int, head: bool = False) -> int:
     """Bytes of ``pack``'s copy (the router in float32; ``head``: the LM head's transposed
     rows of an untied model) plus the stacked KV cache; from shapes only, so an abstract model
     (``nnx.eval_shape``) plans its memory too."""
@@ -210,17 +211,16 @@ def _stacked(layers) -> MegaWeights:
     )
 
 
-def pack(model: nnx.Module, head: bool = True) -> MegaWeights:
-    """The kernel's copy of the layer weights (made once; see the module docstring); with
-    ``head``, also the LM head's rows for ``Launch.head_in`` (a tied model's embedding, no copy;
-    an untied model's ``lm_head`` transposed, a copy)."""
+def pack(model: nnx.Module, head: bool = False) -> MegaWeights:
+    """The kernel's copy of the layer weights (made once; see the module docstring), and the LM
+    head's rows for ``Launch.head_in``: a tied model's embedding (no copy), an untied model's
+    ``lm_head`` transposed only with ``head`` (a copy: 1 GB at 8B; the default step does not
+    read it — ``head_in`` measured slower, BENCHMARKS.md, twenty-fifth session)."""
     check(model)
     mw = _stacked([tuple(v[...] for v in _layer_vars(b)) for b in model.layers])
-    if not head:
-        return mw
     if model.cfg.tie_embeddings:
         return mw._replace(head=model.embed_tokens.embedding[...])
-    return mw._replace(head=_transposed(model.lm_head.kernel[...]))
+    return mw._replace(head=_transposed(model.lm_head.kernel[...])) if head else mw
 
 
 @jax.jit

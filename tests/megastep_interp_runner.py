@@ -27,7 +27,7 @@ def main(out: str) -> None:
     for c in CASES:
         model, args, cache, tok, pos = build(c)
         ref = model(tok[None, None], pos[None, None], cache=cache, ffn_args=args)
-        mw = megastep.pack(model)
+        mw = megastep.pack(model, head=c.head_in)
         kc, vc = megastep.stack_cache(cache)
         tau_l = jnp.stack([a.tau for a in args])
         launch = megastep.Launch(programs=1, splits=c.splits, block_t=c.block_t,

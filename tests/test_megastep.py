@@ -169,10 +169,9 @@ def test_bad_inputs_raise_clearly():
     with pytest.raises(ValueError, match="needs the LM head"):
         call(head_in=True)
     with pytest.raises(ValueError, match="shapes do not fit"):
-        call(head_in=True, head_vd=mw.head[:, :-1], norm_d=model.norm.weight[...])
+        call(head_in=True, head_vd=emb[:, :-1], norm_d=model.norm.weight[...])
     with pytest.raises(ValueError, match="needs the head's rows"):
-        megastep.step(model, megastep.pack(model, head=False), tok[None], pos[None], kc, vc, tau,
-                      megastep.Launch(head_in=True))  # fmt: skip
+        megastep.step(model, mw, tok[None], pos[None], kc, vc, tau, megastep.Launch(head_in=True))
     with pytest.raises(ValueError, match="k_min"):
         call(k_min=3, k_max=2)
     with pytest.raises(ValueError, match="programs"):
@@ -224,11 +223,12 @@ def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch)
     monkeypatch.setattr(jt, "jax_triton_module", lambda: None)
     need = megastep.packed_bytes(model, 64)
     mw = megastep.pack(model)
-    packed = sum(a.nbytes for a in mw)
+    assert mw.head is None  # untied: no copy of the LM head unless asked for
+    packed = sum(a.nbytes for a in mw.layers())
     assert need - packed == 2 * 2 * 64 * 2 * 16 * 4  # the stacked cache: k and v, fp32
     head = model.lm_head.kernel[...].nbytes  # untied: pack's transposed copy
-    assert megastep.packed_bytes(model, 64, head=False) == need - head
-    assert megastep.pack(model, head=False).head is None
+    assert megastep.packed_bytes(model, 64, head=True) == need + head
+    assert megastep.pack(model, head=True).head.shape == (50, CASES[0].d)
     assert megastep._free_bytes(jax.tree.leaves(nnx.state(model))) >= 0  # CPU: no figures
     monkeypatch.setattr(megastep, "_free_bytes", lambda leaves: 4 * need)
     assert megastep.auto_ok(model, 1, args, 64) is None
