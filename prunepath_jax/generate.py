@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -283,6 +284,7 @@ def generate(
     progress: bool = False,
     implementation: str | None = None,
     tau=None,
+    chunk_seconds: list[float] | None = None,
 ) -> list[list[int]]:
     """Generates up to `max_new_tokens` tokens for each prompt (a batch of any lengths).
 
@@ -298,6 +300,9 @@ def generate(
         ffn_args: per-layer FFN arguments passed through to the model (PrunePath tau, ...).
         chunk: decode steps per compiled call between host checks of the stop flags.
         progress: show a progress bar over generated tokens.
+        chunk_seconds: if a list, the wall seconds of every decode chunk (one compiled call of
+            `chunk` steps and its tokens to the host) are appended to it: decode speed without
+            the prefill and set-up (`scripts/smollm2_decode.py --direct`).
         implementation: run every PrunePath FFN through the kernel registry
             (`prunepath_jax.kernels.api`) with this backend, "xla" | "triton" | "pallas", or
             "auto" (fastest available), for prefill and decode; for Llama-family models
@@ -363,6 +368,7 @@ def generate(
     bar = tqdm(total=max_new_tokens, desc="generating", disable=not progress, leave=False)
     bar.update(1)
     while n < max_new_tokens and not bool(np.asarray(st.done_b).all()):
+        t0 = time.perf_counter()
         if mega:
             st, toks = megastep.decode_chunk(
                 graphdef, state, mw, st, temp, top_p, stops, jnp.int32(pad_id), tau_l,
@@ -374,6 +380,8 @@ def generate(
             st, toks = step_fn(graphdef, state, st, temp, top_p, stops, jnp.int32(pad_id),
                                ffn_args, n_steps=chunk, greedy=greedy)  # fmt: skip
         out.append(np.asarray(toks))
+        if chunk_seconds is not None:
+            chunk_seconds.append(time.perf_counter() - t0)
         n += chunk
         bar.update(min(chunk, max_new_tokens - bar.n))
     bar.close()

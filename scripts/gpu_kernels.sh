@@ -1407,6 +1407,13 @@ s33d)  # the device trace of the new step (what XLA still runs around the launch
       --out "$OUT/megastep_decode.jsonl"
   done
   ;;
+s33e)  # the real SmolLM2, decode timed chunk by chunk (--direct); part00 copied by a first call:
+  # `cp .gpu_model/a/part00 /tmp/gguf_a` carrying .gpu_model/a
+  cat /tmp/gguf_a .gpu_model/b/part01 > /tmp/smollm2.gguf && md5sum /tmp/smollm2.gguf | tee -a "$OUT/log.txt"
+  run timeout 330 python3 scripts/smollm2_decode.py --gguf /tmp/smollm2.gguf --batches 1 \
+    --taus 0.5 0.9 --impls pallas megastep --direct --chunk 32 --lengths 33 129 --cache-len 256 \
+    --repeats 3 --out "$OUT/smollm2_decode.jsonl"
+  ;;
 s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py

@@ -123,9 +123,15 @@ def forced_parity(model, ps, conts, paths, tau=None) -> list[dict]:
 
 
 def decode_tps(
-    model, ps, n1, n2, repeats=7, chunk=8, **kw
+    model, ps, n1, n2, repeats=7, chunk=8, direct=False, **kw
 ) -> tuple[float, list[float], list[list[int]]]:
     """Decode tokens/s per sequence from two forced lengths, and the longer greedy output.
+
+    ``direct``: instead, the ``n2``-token generation ``repeats`` times, each of its decode chunks
+    timed by ``generate``'s ``chunk_seconds`` (one compiled call of ``chunk`` steps and its
+    tokens to the host): the median and range of ``chunk / seconds`` over all chunks. No set-up
+    or prefill inside the difference of two timings (their spread made paired estimates range
+    over 2-9×, twenty-fifth session).
 
     Each repeat times the two lengths back to back and gives one paired estimate
     ``(n2 − n1) / (t2 − t1)`` (prefill and set-up cancel); the median of the repeats is returned
@@ -135,6 +141,12 @@ def decode_tps(
     """
     for n in (n1, n2):  # compile both lengths first
         generate(model, ps, n, chunk=chunk, **kw)
+    if direct:
+        secs: list[float] = []
+        for _ in range(repeats):
+            out = generate(model, ps, n2, chunk=chunk, chunk_seconds=secs, **kw)
+        rates = [chunk / t for t in secs]
+        return float(np.median(rates)), [min(rates), max(rates)], out
     rates = []
     for _ in range(repeats):
         t = {}
@@ -175,6 +187,11 @@ def main():
         help="one KV-cache length for both forced lengths (one compiled program each path: with "
         "--chunk C and --lengths N N+C the paired difference is one C-step compiled call)",
     )
+    ap.add_argument(
+        "--direct",
+        action="store_true",
+        help="time every decode chunk of the longer generation instead of two lengths' difference",
+    )
     ap.add_argument("--out", default="results/smollm2_decode.jsonl")
     ap.add_argument(
         "--parity",
@@ -199,14 +216,12 @@ def main():
         ps = prompts(pre.tokenizer, b)
         # Our dense decode at its fastest ("auto": the attention kernel where it measured
         # faster), the baseline of every ratio; dense with XLA attention too, for reference.
-        dense_tps, rng, _ = decode_tps(
-            pre.model, ps, n1, n2, a.repeats, a.chunk, implementation="auto", cache_len=a.cache_len
-        )
+        dense_tps, rng, _ = decode_tps(pre.model, ps, n1, n2, a.repeats, a.chunk, a.direct,
+                                       implementation="auto", cache_len=a.cache_len)  # fmt: skip
         emit({"batch": b, "impl": "dense", "tau": None, "tok_s_per_seq": dense_tps,
               "tok_s_range": rng})  # fmt: skip
-        xla_tps, rng, dense_out = decode_tps(
-            pre.model, ps, n1, n2, a.repeats, a.chunk, cache_len=a.cache_len
-        )
+        xla_tps, rng, dense_out = decode_tps(pre.model, ps, n1, n2, a.repeats, a.chunk, a.direct,
+                                             cache_len=a.cache_len)  # fmt: skip
         emit({"batch": b, "impl": "dense_xla_attention", "tau": None, "tok_s_per_seq": xla_tps,
               "tok_s_range": rng, "speedup_vs_dense": xla_tps / dense_tps})  # fmt: skip
         if a.parity:  # the bf16 noise floor: dense, XLA vs kernel attention, same tokens
@@ -230,6 +245,7 @@ def main():
                         n2,
                         a.repeats,
                         a.chunk,
+                        a.direct,
                         tau=tau,
                         implementation=impl,
                         cache_len=a.cache_len,

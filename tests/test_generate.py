@@ -68,6 +68,16 @@ def test_decode_compiles_once(tiny):
     assert len(traces) == 1
 
 
+def test_chunk_seconds_times_every_decode_chunk(tiny):
+    """The direct decode timing (``scripts/smollm2_decode.py --direct``): one wall time per
+    compiled decode chunk after the prefill's token, the same tokens as without it."""
+    model, _ = tiny
+    secs = []
+    out = generate(model, [[5, 6, 7]], 17, chunk=4, chunk_seconds=secs)
+    assert out == generate(model, [[5, 6, 7]], 17, chunk=4)
+    assert len(secs) == 4 and all(t > 0 for t in secs)  # 16 tokens after the first, 4 a chunk
+
+
 def test_sampling_is_seeded_and_varies(tiny):
     model, _ = tiny
     s1 = generate(model, [[5, 6, 7]], 16, sampling=SamplingConfig(1.0, 1.0, seed=1))
