@@ -1401,11 +1401,9 @@ s33c)  # s33a after its fixes (the embedding row copied before the layer loop be
   ;;
 s33d)  # the device trace of the new step (what XLA still runs around the launch), with and without
   # the LM head inside the launch
-  for s in smollm2-135m llama-3.2-1b; do
-    run timeout 110 python3 benchmarks/megastep_decode.py --shapes $s --no-dense --no-default \
-      --sparsities 0.75 --check-steps 1 --trace --launches '{"new": {}, "head": {"head_in": true}}' \
-      --out "$OUT/megastep_decode.jsonl"
-  done
+  run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --no-default --sparsities 0.75 --check-steps 1 --trace \
+    --launches '{"new": {}, "head": {"head_in": true}}' --out "$OUT/megastep_decode.jsonl"
   ;;
 s33e)  # the real SmolLM2, decode timed chunk by chunk (--direct); part00 copied by a first call:
   # `cp .gpu_model/a/part00 /tmp/gguf_a` carrying .gpu_model/a
