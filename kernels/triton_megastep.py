@@ -228,8 +228,10 @@ def _megastep_kernel(
         ang = pos.to(tl.float32) * tl.load(inv_ptr + rh)
         tl.store(rope_ptr + rh, tl.cos(ang))
         tl.store(rope_ptr + HALF + rh, tl.sin(ang))
-    # The token's embedding row into the residual, each program its part, then one barrier: a
-    # branch for layer 0 inside the layer loop instead measured 0.5-0.7 µs a layer slower.
+    # The token's embedding row into the residual, each program its part, then one barrier. (A
+    # branch for layer 0 inside the layer loop instead, with .cg RoPE loads, made the step 1-2.6%
+    # slower than XLA's gather before the launch; this version measured neutral. BENCHMARKS.md,
+    # twenty-fifth session.)
     rz, zm = _part_rows(pid, R_Z, R_Z_PAD, D)
     tl.store(h_ptr + rz, tl.load(x0_row + rz, mask=zm, other=0.0).to(tl.float32), mask=zm)
     _arrive(ctr_ptr)
