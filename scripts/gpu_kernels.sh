@@ -1412,6 +1412,11 @@ s33e)  # the real SmolLM2, decode timed chunk by chunk (--direct); part00 copied
     --taus 0.5 0.9 --impls pallas megastep --direct --chunk 32 --lengths 33 129 --cache-len 256 \
     --repeats 3 --out "$OUT/smollm2_decode.jsonl"
   ;;
+s34a)  # next session: what the expert phase's fp32 atomics cost the next barrier (all programs
+  # adding d floats into one vector vs plain stores into their own rows vs the barrier alone)
+  run timeout 200 python3 scripts/atomic_drain_probe.py --d 576 2048 4096 --programs 132 \
+    --rounds 2000 --warps 4 8 --out "$OUT/atomic_drain.jsonl"
+  ;;
 s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py

@@ -1,5 +1,5 @@
 """The H200 probes' kernels (scripts/mosaic_prefetch.py, scripts/pdl_check.py,
-scripts/megakernel_probe.py) build here.
+scripts/megakernel_probe.py, scripts/atomic_drain_probe.py) build here.
 
 Why: these scripts run only on the lent GPU, where a lowering error costs a device call; Pallas'
 Mosaic GPU API moves between jax releases (jax 0.11 dropped ``pallas_call`` for it), so the CUDA
@@ -24,6 +24,7 @@ from helpers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import atomic_drain_probe  # noqa: E402
 import megakernel_probe  # noqa: E402
 import mosaic_prefetch  # noqa: E402
 import pdl_check  # noqa: E402
@@ -136,3 +137,46 @@ def test_megakernel_probe_compiles_for_sm90(d, programs, block_k):
     ptx = ck.asm["ptx"]
     assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
     assert ".gpu.acquire" in ptx
+
+
+_DRAIN_INTERP = """
+import sys; sys.path.insert(0, sys.argv[1])
+import numpy as np
+import atomic_drain_probe as ap
+for mode in ap.MODES:
+    f, rows, fail = ap.drain_rounds(40, programs=1, rounds=5, mode=mode, interpret=True)
+    rows = float(np.asarray(rows).sum()) if mode == "rows" else 0.0  # (not zeroed otherwise)
+    print(mode, int(np.asarray(fail).sum()), float(np.asarray(f).sum()), rows)
+f, rows, fail = ap.drain_rounds(8, programs=2, rounds=2, mode="atomic", spin=5, interpret=True)
+print("two", int(np.asarray(fail).sum()), float(np.asarray(f).sum()), 0.0)
+"""
+
+
+def test_atomic_drain_probe_in_the_interpreter():
+    """One program, 5 rounds of 40 floats: the atomics sum to 5 an address, the plain stores
+    fill the program's row with ones, the barrier-only mode adds nothing. Two programs in the
+    sequential interpreter: the first gives up on its barrier and says so."""
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    out = run_triton_interpreted(["-c", _DRAIN_INTERP, scripts], timeout=300)
+    got = {ln.split()[0]: [float(x) for x in ln.split()[1:]] for ln in out.strip().split("\n")}
+    assert got["barrier"] == [0, 0.0, 0.0]
+    assert got["atomic"] == [0, 5 * 40.0, 0.0]
+    assert got["rows"] == [0, 0.0, 40.0]
+    assert got["two"][0] >= 1
+
+
+def test_atomic_drain_probe_compiles_for_sm90_and_rejects_bad_sizes():
+    """At the 1B width over 132 programs: relaxed fp32 atomics only in the atomic mode, the
+    barrier's release arrival and acquire polls in every mode."""
+    sig = {"f": "*fp32", "rows": "*fp32", "sink": "*fp32", "ctr": "*i32", "fail": "*i32"}
+    for i, mode in enumerate(atomic_drain_probe.MODES):
+        const = dict(R=4, D=2048, D_PAD=2048, P=132, MODE=i, SPIN=atomic_drain_probe.SPIN)
+        ptx = sm90_compile(atomic_drain_probe._drain_kernel, sig, const, warps=4, stages=1)
+        ptx = ptx.asm["ptx"]
+        assert ("gpu.relaxed.add" in ptx) == (mode == "atomic"), mode  # (.v4).f32 atomics
+        assert ".gpu.acquire" in ptx and ".gpu.release" in ptx
+    for kw in ({"mode": "fence"}, {"rounds": 0}, {"rounds": 2**17, "programs": 132}):
+        with pytest.raises(ValueError, match="mode one of"):
+            atomic_drain_probe.drain_rounds(
+                64, **{"programs": 2, "rounds": 2, "mode": "rows", **kw}
+            )
