@@ -102,7 +102,6 @@ def main() -> None:
     ap.add_argument("--out", default="results/atomic_drain.jsonl")
     a = ap.parse_args()
     head = {**header(), "bench": "atomic_drain_probe", "rounds": a.rounds}
-    rows = []
     for d in a.d:
         for p in a.programs:
             for w in a.warps:
@@ -126,9 +125,8 @@ def main() -> None:
                         "sums_exact": ok,
                         "failed_programs": int(np.asarray(fail).sum()),
                     }
-                    rows.append(row)
+                    write_rows(a.out, [row])  # row by row: a cut run keeps what it measured
                     print({k: v for k, v in row.items() if k not in head}, flush=True)
-    write_rows(a.out, rows)
 
 
 if __name__ == "__main__":

@@ -1414,7 +1414,7 @@ s33e)  # the real SmolLM2, decode timed chunk by chunk (--direct); part00 copied
   ;;
 s34a)  # next session: what the expert phase's fp32 atomics cost the next barrier (all programs
   # adding d floats into one vector vs plain stores into their own rows vs the barrier alone)
-  run timeout 200 python3 scripts/atomic_drain_probe.py --d 576 2048 4096 --programs 132 \
+  run timeout 200 python3 scripts/atomic_drain_probe.py --d 2048 576 4096 --programs 132 \
     --rounds 2000 --warps 4 8 --out "$OUT/atomic_drain.jsonl"
   ;;
 s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
