@@ -159,7 +159,7 @@ def _router_base(wr_ptr, ln_ptr, h_ptr, f_ptr, lg_ptr, pid, R: tl.constexpr, R_P
     dm = rd < D
     e, em = _part_rows(pid, R, R_PAD, E)
     w = tl.load(wr_ptr + e[:, None] * D + rd[None, :], mask=em[:, None] & dm[None, :], other=0.0)
-    x = tl.load(h_ptr + rd, mask=dm, other=0.0, cache_modifier=".cg").to(tl.float32)
+    x = tl.load(h_ptr + rd, mask=dm, other=0.0, cache_modifier=".cg")
     x += tl.load(f_ptr + rd, mask=dm, other=0.0, cache_modifier=".cg")
     x *= tl.load(ln_ptr + rd, mask=dm, other=0.0).to(tl.float32)
     lg = tl.sum(w.to(tl.float32) * x[None, :], 1)

@@ -81,7 +81,7 @@ def _normed(h_ptr, f_ptr, ln_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.
     (Loading the norm's weights before the grid barrier instead measured no faster at 1B and
     49 µs a token slower at 8B, twenty-second session.)"""
     rd = tl.arange(0, D_PAD)
-    h = tl.load(h_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg").to(tl.float32)
+    h = tl.load(h_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
     if WITH_F:
         h += tl.load(f_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + EPS)

@@ -65,6 +65,23 @@ def _gates(lg, sel, SIGMOID: tl.constexpr):
 
 
 @triton.jit
+def _prefix_k(ps, tau, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.constexpr,
+              K_MIN: tl.constexpr, K_MAX: tl.constexpr):  # fmt: skip
+    """k, the length of the selected prefix of the probabilities ``ps`` in rank order (padding
+    zeros last): the budget rule on their scan, clamped to ``[K_MIN, K_MAX]``."""
+    re = tl.arange(0, E_PAD)
+    cum = tl.cumsum(ps, 0)
+    total = tl.sum(tl.where(re == E_PAD - 1, cum, 0.0), 0)  # the scan's last entry, as the ref
+    if NUCLEUS:
+        c = (cum - ps) / total
+    else:
+        c = cum / total
+    thr = tl.where(tau > 1.0, 3.0, tau)  # τ > 1 selects every expert (masses are ≤ 1)
+    ok = (re < K_MIN) | ((re < K_MAX) & (c < thr))  # a prefix of the ranks
+    return tl.sum((ok & (re < E)).to(tl.int32), 0)
+
+
+@triton.jit
 def _select(lg, tau, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.constexpr,
             SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr):  # fmt: skip
     """``(gate, k)`` of one token from its logits ``lg`` (``_logits``, already times any scale
@@ -75,15 +92,7 @@ def _select(lg, tau, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.constexpr
     ex = tl.where(emask, tl.exp(lg - tl.max(lg, 0)), 0.0)
     p = ex / tl.sum(ex, 0)  # padding: exactly 0
     ps = tl.sort(p, 0, descending=True)  # rank order; padding zeros last
-    cum = tl.cumsum(ps, 0)
-    total = tl.sum(tl.where(re == E_PAD - 1, cum, 0.0), 0)  # the scan's last entry, as the ref
-    if NUCLEUS:
-        c = (cum - ps) / total
-    else:
-        c = cum / total
-    thr = tl.where(tau > 1.0, 3.0, tau)  # τ > 1 selects every expert (masses are ≤ 1)
-    ok = (re < K_MIN) | ((re < K_MAX) & (c < thr))  # a prefix of the ranks
-    k = tl.sum((ok & emask).to(tl.int32), 0)
+    k = _prefix_k(ps, tau, E, E_PAD, NUCLEUS, K_MIN, K_MAX)
     v_k = tl.sum(tl.where(re == k - 1, ps, 0.0), 0)  # the k-th largest probability
     above = (p > v_k) & emask
     tie = (p == v_k) & emask
@@ -120,15 +129,7 @@ def _select_ranked(lg, tau, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.co
     ls = _from_order_bits((ks >> 32).to(tl.int32))
     expert = E_PAD - 1 - ks.to(tl.int32)  # the low word
     ps = tl.where(re < E, tl.exp(ls - m) / s, 0.0)
-    cum = tl.cumsum(ps, 0)
-    total = tl.sum(tl.where(re == E_PAD - 1, cum, 0.0), 0)
-    if NUCLEUS:
-        c = (cum - ps) / total
-    else:
-        c = cum / total
-    thr = tl.where(tau > 1.0, 3.0, tau)
-    ok = (re < K_MIN) | ((re < K_MAX) & (c < thr))
-    k = tl.sum((ok & (re < E)).to(tl.int32), 0)
+    k = _prefix_k(ps, tau, E, E_PAD, NUCLEUS, K_MIN, K_MAX)
     return expert, _gates(ls, re < k, SIGMOID), k
 
 
