@@ -139,7 +139,7 @@ def decode_tps(
     model that estimate moved by ±25% between processes (BENCHMARKS.md, fifth session), and a
     spread says how far a single number can be trusted.
     """
-    for n in (n1, n2):  # compile both lengths first
+    for n in (n2,) if direct else (n1, n2):  # compile (and warm) what is timed first
         generate(model, ps, n, chunk=chunk, **kw)
     if direct:
         secs: list[float] = []
