@@ -1417,6 +1417,11 @@ s34a)  # next session: what the expert phase's fp32 atomics cost the next barrie
   run timeout 200 python3 scripts/atomic_drain_probe.py --d 2048 576 4096 --programs 132 \
     --rounds 2000 --warps 4 8 --out "$OUT/atomic_drain.jsonl"
   ;;
+s35a)  # the atomic drain again, with the adds spread over 1-8 copies of the sum (run 1 of the
+  # twenty-sixth session: atomics 2.5 µs a round above the barrier at d 2048, plain rows 0.4)
+  run timeout 200 python3 scripts/atomic_drain_probe.py --d 2048 4096 576 --programs 132 \
+    --rounds 2000 --warps 4 8 --copies 1 2 4 8 --out "$OUT/atomic_drain.jsonl"
+  ;;
 s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py

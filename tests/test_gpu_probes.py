@@ -149,13 +149,18 @@ for mode in ap.MODES:
     print(mode, int(np.asarray(fail).sum()), float(np.asarray(f).sum()), rows)
 f, rows, fail = ap.drain_rounds(8, programs=2, rounds=2, mode="atomic", spin=5, interpret=True)
 print("two", int(np.asarray(fail).sum()), float(np.asarray(f).sum()), 0.0)
+f, rows, fail = ap.drain_rounds(8, programs=2, rounds=2, mode="atomic", spin=5, copies=2,
+                                interpret=True)
+print("copies", int(np.asarray(fail).sum()), float(np.asarray(f).min()),
+      float(np.asarray(f).max()))
 """
 
 
 def test_atomic_drain_probe_in_the_interpreter():
     """One program, 5 rounds of 40 floats: the atomics sum to 5 an address, the plain stores
     fill the program's row with ones, the barrier-only mode adds nothing. Two programs in the
-    sequential interpreter: the first gives up on its barrier and says so."""
+    sequential interpreter: the first gives up on its barrier and says so; with two copies of
+    the sum (one a program) the copies still add to 2 rounds × 2 programs at every address."""
     scripts = str(Path(__file__).resolve().parents[1] / "scripts")
     out = run_triton_interpreted(["-c", _DRAIN_INTERP, scripts], timeout=300)
     got = {ln.split()[0]: [float(x) for x in ln.split()[1:]] for ln in out.strip().split("\n")}
@@ -163,6 +168,7 @@ def test_atomic_drain_probe_in_the_interpreter():
     assert got["atomic"] == [0, 5 * 40.0, 0.0]
     assert got["rows"] == [0, 0.0, 40.0]
     assert got["two"][0] >= 1
+    assert got["copies"][1:] == [4.0, 4.0]
 
 
 def test_atomic_drain_probe_compiles_for_sm90_and_rejects_bad_sizes():
@@ -170,12 +176,13 @@ def test_atomic_drain_probe_compiles_for_sm90_and_rejects_bad_sizes():
     barrier's release arrival and acquire polls in every mode."""
     sig = {"f": "*fp32", "rows": "*fp32", "sink": "*fp32", "ctr": "*i32", "fail": "*i32"}
     for i, mode in enumerate(atomic_drain_probe.MODES):
-        const = dict(R=4, D=2048, D_PAD=2048, P=132, MODE=i, SPIN=atomic_drain_probe.SPIN)
+        const = dict(R=4, D=2048, D_PAD=2048, P=132, MODE=i, SPIN=atomic_drain_probe.SPIN, C=4)
         ptx = sm90_compile(atomic_drain_probe._drain_kernel, sig, const, warps=4, stages=1)
         ptx = ptx.asm["ptx"]
         assert ("gpu.relaxed.add" in ptx) == (mode == "atomic"), mode  # (.v4).f32 atomics
         assert ".gpu.acquire" in ptx and ".gpu.release" in ptx
-    for kw in ({"mode": "fence"}, {"rounds": 0}, {"rounds": 2**17, "programs": 132}):
+    bad = ({"mode": "fence"}, {"rounds": 0}, {"rounds": 2**17, "programs": 132}, {"copies": 3})
+    for kw in bad:
         with pytest.raises(ValueError, match="mode one of"):
             atomic_drain_probe.drain_rounds(
                 64, **{"programs": 2, "rounds": 2, "mode": "rows", **kw}
