@@ -134,6 +134,23 @@ def test_head_phase_lowers_for_sm90():
     assert ptx[1].count("prefetch.global.L2") > ptx[0].count("prefetch.global.L2")
 
 
+@pytest.mark.parametrize("merge_bc", [False, True], ids=["split", "merged"])
+def test_ffn_sum_copies_lower_for_sm90(merge_bc):
+    """Four copies of the FFN sum at the 1B shape: the expert phase's partial sums are still one
+    vectorised relaxed atomic add (into one copy), and every reader of the sum loads all four
+    (more L2 loads than with one copy)."""
+    shape = (2, 2048, 32, 8, 64, 256, 32, 256)
+    ptx = []
+    for fc in (1, 4):
+        const = tm.constants(*shape, programs=132, merge_bc=merge_bc, block_t=64, f_copies=fc)
+        assert const["FC"] == fc
+        ptx.append(sm90_compile(tm._megastep_kernel, _signature(False), const, warps=4,
+                                stages=1).asm["ptx"])  # fmt: skip
+    vec = [p.count("relaxed.add.v4.f32") for p in ptx]
+    assert vec[0] == vec[1] > 0, vec
+    assert ptx[1].count("ld.global.cg") > ptx[0].count("ld.global.cg")
+
+
 def test_attention_stages_pipeline_the_key_blocks_for_sm90():
     """``attn_stages`` > 1 turns the attention items' key/value loads into cp.async copies (more
     of them than in the plain loop); 1 is the plain loop the measurements were taken with."""
@@ -191,6 +208,10 @@ def test_bad_inputs_raise_clearly():
         call(prefetch_keys=-1)
     with pytest.raises(ValueError, match="merge_bc"):
         call(merge_bc=False, router_in_items=True)
+    for bad in ({"f_copies": 0}, {"f_copies": tm.MAX_F_COPIES + 1},
+                {"f_copies": 2, "merge_bc": True, "router_in_items": True}):  # fmt: skip
+        with pytest.raises(ValueError, match="f_copies"):
+            call(**bad)
     two = jax.tree.map(lambda a: jnp.concatenate([a, a]), cache)
     with pytest.raises(ValueError, match="batch 1"):
         megastep.stack_cache(two)
