@@ -246,7 +246,8 @@ def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch)
     mw = megastep.pack(model)
     assert mw.head is None  # untied: no copy of the LM head unless asked for
     packed = sum(a.nbytes for a in mw.layers())
-    assert need - packed == 2 * 2 * 64 * 2 * 16 * 4  # the stacked cache: k and v, fp32
+    layers = CASES[0].layers
+    assert need - packed == layers * 2 * 64 * 2 * 16 * 4  # the stacked cache: k and v, fp32
     head = model.lm_head.kernel[...].nbytes  # untied: pack's transposed copy
     assert megastep.packed_bytes(model, 64, head=True) == need + head
     assert megastep.pack(model, head=True).head.shape == (50, CASES[0].d)
