@@ -107,6 +107,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     TILE_BYTES,
     UNIT_TABLE,
     WARPS,
+    check_launch,
     constants,
     default_merge,
     default_splits,
@@ -457,43 +458,12 @@ def megastep(
     if why:
         raise ValueError(why)
     merge_bc = default_merge(d, s_max) if merge_bc is None else bool(merge_bc)
-    if router_in_items and not merge_bc:
-        raise ValueError("router_in_items computes the router inside the merged phase: merge_bc")
-    if not 1 <= f_copies <= MAX_F_COPIES or (router_in_items and f_copies > 1):
-        raise ValueError(
-            f"f_copies must be 1..{MAX_F_COPIES}, and 1 with router_in_items: got {f_copies}"
-        )
-    block_t = block_t or (MERGE_BLOCK_T if merge_bc else BLOCK_T)
-    k_max = e if k_max is None else min(k_max, e)
-    if not 1 <= k_min <= k_max:
-        raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
-    if rule not in ("paper", "nucleus") or gate not in ("sigmoid", "none"):
-        raise ValueError(f"rule must be paper|nucleus and gate sigmoid|none: {rule!r}, {gate!r}")
-    bad_warps = warps < 0 or warps & (warps - 1)
-    if (
-        programs < 0
-        or splits < 0
-        or parts < 0
-        or block_t < 16
-        or block_t & (block_t - 1)
-        or bad_warps
-    ):
-        raise ValueError(
-            f"bad launch sizes: programs={programs}, splits={splits}, parts={parts}, "
-            f"warps={warps} (0: by the "
-            f"expert count, else a power of 2), block_t={block_t} (a power of 2 >= 16: the "
-            "attention's dot needs 16 keys)"
-        )
-    if min(gemv_stages, unit_stages, attn_stages, head_stages) < 1:
-        raise ValueError(
-            f"pipeline stages must be >= 1: {gemv_stages}, {unit_stages}, {attn_stages}, "
-            f"{head_stages}"
-        )
-    if min(prefetch_kb, prefetch_o_kb, prefetch_keys, prefetch_ao_kb, prefetch_rb_kb) < 0:
-        raise ValueError(
-            f"prefetch sizes must be >= 0: {prefetch_kb} KB, {prefetch_o_kb} KB, "
-            f"{prefetch_keys} keys, {prefetch_ao_kb} KB, {prefetch_rb_kb} KB"
-        )
+    block_t, k_max = check_launch(
+        e, merge_bc, router_in_items=router_in_items, f_copies=f_copies, block_t=block_t,
+        k_min=k_min, k_max=k_max, rule=rule, gate=gate, programs=programs, splits=splits,
+        parts=parts, warps=warps, stages=(gemv_stages, unit_stages, attn_stages, head_stages),
+        prefetch=(prefetch_kb, prefetch_o_kb, prefetch_keys, prefetch_ao_kb, prefetch_rb_kb),
+    )  # fmt: skip
     c = constants(
         n_layers, d, hq, kv, hd, e, g, s_max, programs=programs or jt.default_programs(),
         splits=splits, block_t=block_t, tile_bytes=tile_bytes,

@@ -77,6 +77,43 @@ F_COPIES = 1
 MAX_F_COPIES = 16
 
 
+def check_launch(
+    e: int, merge_bc: bool, *, router_in_items: bool, f_copies: int, block_t: int | None,
+    k_min: int, k_max: int | None, rule: str, gate: str, programs: int, splits: int, parts: int,
+    warps: int, stages: tuple, prefetch: tuple,
+) -> tuple[int, int]:  # fmt: skip
+    """Raises ValueError on a launch the kernel cannot run; returns ``(block_t, k_max)`` with
+    their defaults filled in (``MERGE_BLOCK_T`` or ``BLOCK_T`` keys, all ``e`` experts)."""
+    if router_in_items and not merge_bc:
+        raise ValueError("router_in_items computes the router inside the merged phase: merge_bc")
+    if not 1 <= f_copies <= MAX_F_COPIES or (router_in_items and f_copies > 1):
+        raise ValueError(
+            f"f_copies must be 1..{MAX_F_COPIES}, and 1 with router_in_items: got {f_copies}"
+        )
+    block_t = block_t or (MERGE_BLOCK_T if merge_bc else BLOCK_T)
+    k_max = e if k_max is None else min(k_max, e)
+    if not 1 <= k_min <= k_max:
+        raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
+    if rule not in ("paper", "nucleus") or gate not in ("sigmoid", "none"):
+        raise ValueError(f"rule must be paper|nucleus and gate sigmoid|none: {rule!r}, {gate!r}")
+    bad_warps = warps < 0 or warps & (warps - 1)
+    bad_t = block_t < 16 or block_t & (block_t - 1)
+    if programs < 0 or splits < 0 or parts < 0 or bad_t or bad_warps:
+        raise ValueError(
+            f"bad launch sizes: programs={programs}, splits={splits}, parts={parts}, "
+            f"warps={warps} (0: by the expert count, else a power of 2), block_t={block_t} (a "
+            "power of 2 >= 16: the attention's dot needs 16 keys)"
+        )
+    if min(stages) < 1:
+        raise ValueError(f"pipeline stages must be >= 1 (gemv, unit, attention, head): {stages}")
+    if min(prefetch) < 0:
+        raise ValueError(
+            "prefetch sizes must be >= 0 (KB of QKV, of W_o, keys, KB of a merged item's W_o, of "
+            f"the router rows): {prefetch}"
+        )
+    return block_t, k_max
+
+
 def default_merge(d: int, s_max: int) -> bool:
     """Whether the attention and the O projection run as one phase by default: where measured
     faster (``MERGE_MAX_D``, ``MERGE_MAX_CACHE``)."""
