@@ -1432,6 +1432,15 @@ s35b)  # the probe (s35a), then f_copies in the step: the FFN sum's copies, pair
       --out "$OUT/megastep_decode.jsonl"
   done
   ;;
+s35c)  # the one-launch GPU tests (1 and 4 copies of the FFN sum), then the real SmolLM2 timed chunk
+  # by chunk (s33e; part00 copied by the call before, which carried .gpu_model/a)
+  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
+  cat /tmp/gguf_a .gpu_model/b/part01 > /tmp/smollm2.gguf && md5sum /tmp/smollm2.gguf | tee -a "$OUT/log.txt"
+  run timeout 330 python3 scripts/smollm2_decode.py --gguf /tmp/smollm2.gguf --batches 1 \
+    --taus 0.5 0.9 --impls pallas megastep --direct --chunk 32 --lengths 33 129 --cache-len 256 \
+    --repeats 3 --out "$OUT/smollm2_decode.jsonl"
+  ;;
 s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py

@@ -274,14 +274,15 @@ def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "merge_bc,head_in", [(False, False), (True, False), (True, True)],
-    ids=["split", "merged", "merged_head"],
+    "merge_bc,head_in,f_copies",
+    [(False, False, 1), (True, False, 1), (True, True, 1), (False, False, 4), (True, True, 4)],
+    ids=["split", "merged", "merged_head", "split_f4", "merged_head_f4"],
 )  # fmt: skip
-def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc, head_in):
+def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc, head_in, f_copies):
     """The real grid (one program per SM) against the model's XLA decode step, fp32; with the
     attention and O projection as one phase too (44 row parts a KV head, the last two empty),
-    and with the final norm and the LM head inside the launch (372 of the 49152 rows a
-    program)."""
+    with the final norm and the LM head inside the launch (372 of the 49152 rows a program),
+    and with the FFN sum in 4 copies (33 programs adding into each)."""
     from prunepath_jax.models.layers import init_cache
     from prunepath_jax.nn import route_args
 
@@ -295,7 +296,7 @@ def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc, head_in):
         ref = model(tok[None, None], pos[None, None], cache=cache, ffn_args=args)
         kc, vc = megastep.stack_cache(cache)
         tau = jnp.stack([a.tau for a in args])
-        launch = megastep.Launch(merge_bc=merge_bc, head_in=head_in)
+        launch = megastep.Launch(merge_bc=merge_bc, head_in=head_in, f_copies=f_copies)
         lg, kc, vc, k_l, fail = jax.jit(megastep.step, static_argnums=(0, 7))(
             model, megastep.pack(model), tok[None], pos[None], kc, vc, tau, launch
         )
