@@ -1425,10 +1425,14 @@ s35a)  # the atomic drain again, with the adds spread over 1-8 copies of the sum
 s35b)  # the probe (s35a), then f_copies in the step: the FFN sum's copies, paired rounds
   run timeout 200 python3 scripts/atomic_drain_probe.py --d 2048 4096 576 --programs 132 \
     --rounds 2000 --warps 4 8 --copies 1 2 4 8 --out "$OUT/atomic_drain.jsonl"
-  for s in llama-3.2-1b smollm2-135m llama-3-8b; do
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --no-default --sparsities 0.75 --check-steps 1 --rounds 3 \
+    --launches '{"fc1": {}, "fc2": {"f_copies": 2}, "fc4": {"f_copies": 4}, "fc8": {"f_copies": 8}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  for s in smollm2-135m llama-3-8b; do
     run timeout 200 python3 benchmarks/megastep_decode.py --shapes $s --no-dense --no-default \
       --sparsities 0.75 --check-steps 1 --rounds 3 \
-      --launches '{"fc1": {}, "fc2": {"f_copies": 2}, "fc4": {"f_copies": 4}, "fc8": {"f_copies": 8}}' \
+      --launches '{"fc1": {}, "fc4": {"f_copies": 4}, "fc8": {"f_copies": 8}}' \
       --out "$OUT/megastep_decode.jsonl"
   done
   ;;
