@@ -1422,19 +1422,22 @@ s35a)  # the atomic drain again, with the adds spread over 1-8 copies of the sum
   run timeout 200 python3 scripts/atomic_drain_probe.py --d 2048 4096 576 --programs 132 \
     --rounds 2000 --warps 4 8 --copies 1 2 4 8 --out "$OUT/atomic_drain.jsonl"
   ;;
-s35b)  # the probe (s35a), then f_copies in the step: the FFN sum's copies, paired rounds
-  run timeout 200 python3 scripts/atomic_drain_probe.py --d 2048 4096 576 --programs 132 \
+s35b)  # the probe (s35a), then f_copies in the step: the FFN sum's copies, paired rounds; then
+  # the GPU tests with 4 copies
+  run timeout 90 python3 scripts/atomic_drain_probe.py --d 2048 4096 576 --programs 132 \
     --rounds 2000 --warps 4 8 --copies 1 2 4 8 --out "$OUT/atomic_drain.jsonl"
-  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+  run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
     --no-default --sparsities 0.75 --check-steps 1 --rounds 3 \
     --launches '{"fc1": {}, "fc2": {"f_copies": 2}, "fc4": {"f_copies": 4}, "fc8": {"f_copies": 8}}' \
     --out "$OUT/megastep_decode.jsonl"
-  for s in smollm2-135m llama-3-8b; do
-    run timeout 200 python3 benchmarks/megastep_decode.py --shapes $s --no-dense --no-default \
+  for s in llama-3-8b smollm2-135m; do
+    run timeout 130 python3 benchmarks/megastep_decode.py --shapes $s --no-dense --no-default \
       --sparsities 0.75 --check-steps 1 --rounds 3 \
       --launches '{"fc1": {}, "fc4": {"f_copies": 4}, "fc8": {"f_copies": 8}}' \
       --out "$OUT/megastep_decode.jsonl"
   done
+  run timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py -k f4
   ;;
 s35c)  # the one-launch GPU tests (1 and 4 copies of the FFN sum), then the real SmolLM2 timed chunk
   # by chunk (s33e; part00 copied by the call before, which carried .gpu_model/a)
