@@ -91,10 +91,8 @@ from prunepath_jax.kernels.triton_megastep_gemv import (
 from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the launch's API)
     ATTN_STAGES,
     BLOCK_T,
-    F_COPIES,
     HEAD_IN,
     HEAD_STAGES,
-    MAX_F_COPIES,
     MERGE_BLOCK_T,
     PREFETCH_AO_KB,
     PREFETCH_KB,
@@ -196,7 +194,7 @@ def _megastep_kernel(
     LPO: tl.constexpr, LPM: tl.constexpr, PF_RB: tl.constexpr, RBI: tl.constexpr,
     RBA: tl.constexpr, HS: tl.constexpr, R_Z: tl.constexpr, R_Z_PAD: tl.constexpr,
     RK: tl.constexpr, HI: tl.constexpr, V: tl.constexpr, R_H: tl.constexpr, BRC_H: tl.constexpr,
-    PF_H: tl.constexpr, STEP_H: tl.constexpr, HST: tl.constexpr, FC: tl.constexpr,
+    PF_H: tl.constexpr, STEP_H: tl.constexpr, HST: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -209,14 +207,13 @@ def _megastep_kernel(
     failed = pid * 0
     ph = pid * 0  # barriers passed
     NB: tl.constexpr = 2 if HS > 0 else 1  # residual and FFN-sum buffers (RBI: two)
-    FST: tl.constexpr = NB * D  # the FFN sum's FC copies, this many floats apart
     HALF: tl.constexpr = HD // 2
-    # One zeroed workspace (one memset before the launch, not four): the residual, the FFN sum's
-    # FC copies, the router logits, then the barrier and split counters as int32.
+    # One zeroed workspace (one memset before the launch, not four): the residual, the FFN sum,
+    # the router logits, then the barrier and split counters as int32.
     h_ptr = ws_ptr
     f_ptr = ws_ptr + NB * D
-    lg_ptr = ws_ptr + (1 + FC) * NB * D
-    ctr_ptr = (ws_ptr + (1 + FC) * NB * D + L * E).to(tl.pointer_type(tl.int32))
+    lg_ptr = ws_ptr + 2 * NB * D
+    ctr_ptr = (ws_ptr + 2 * NB * D + L * E).to(tl.pointer_type(tl.int32))
     hcnt_ptr = ctr_ptr + 1
     pos = tl.load(pos_ptr)
     x0_row = x0_ptr + tl.load(tok_ptr).to(tl.int64) * D
@@ -253,12 +250,12 @@ def _megastep_kernel(
         fn = f_ptr + ((layer + 1) % 2) * HS
         _stamp(tim_ptr, pid, t, NT, TIMING)
         # A: norm (of h plus the previous FFN's sum) + QKV (first row chunk prefetched).
-        x, _ = _normed(hc, fc, ln1_ptr + layer * D, D, D_PAD, EPS, True, FC, FST)
+        x, _ = _normed(hc, fc, ln1_ptr + layer * D, D, D_PAD, EPS, True)
         _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, f_ptr, pid, NQKV, D, D_PAD, R_A,
-                   BRC_A, False, GS, 1, FC, FST)  # fmt: skip
+                   BRC_A, False, GS, 1)  # fmt: skip
         if RBA:  # this program's experts' router logits of the residual before attention
             _router_base(wr_ptr + lw * E * D, ln2_ptr + layer * D, hc, fc, lg_ptr + layer * E,
-                         pid, R_B, R_B_PAD, D, D_PAD, E, False, FC, FST)  # fmt: skip
+                         pid, R_B, R_B_PAD, D, D_PAD, E, False)  # fmt: skip
         _stamp(tim_ptr, pid, t + 1, NT, TIMING)
         _arrive(ctr_ptr)
         if MBC:
@@ -283,7 +280,7 @@ def _megastep_kernel(
                                 hc, fc, hn, lg_ptr + layer * E, pos, lw, item // NP, item % NP, D,
                                 D_PAD, E, HQ, KV, HD, GQ, GQ_PAD, BT, S_MAX, SCALE, DOT_F32, AST,
                                 RB, RB_PAD, BRB, RE, RE_PAD, GS, RBI, NP, R_B,
-                                R_B_PAD, FC, FST)  # fmt: skip
+                                R_B_PAD)  # fmt: skip
             for j in tl.static_range(3, 7):  # C and D take no time
                 _stamp(tim_ptr, pid, t + j, NT, TIMING)
         else:
@@ -307,7 +304,7 @@ def _megastep_kernel(
             # C: O projection + residual (+ the previous FFN's sum, zeroed for this layer's).
             xa = tl.load(att_ptr + rna, mask=rna < NA, other=0.0, cache_modifier=".cg")
             _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, f_ptr, pid, D, NA, NA_PAD, R_C, BRC_C,
-                       True, GS, NIC_PAD, FC, FST)  # fmt: skip
+                       True, GS, NIC_PAD)  # fmt: skip
             if RC:  # + this program's share of the router logits: no phase D
                 if pid * R_C < D:
                     tl.debug_barrier()  # the rows this program's threads just stored
@@ -324,9 +321,9 @@ def _megastep_kernel(
                 failed = _wait(ctr_ptr, P * ph, failed, SPIN)
                 _stamp(tim_ptr, pid, t + 6, NT, TIMING)
                 # D: the FFN's norm (every program keeps the row for phase F) + router logits.
-                x2, _ = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False, FC, FST)
+                x2, _ = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
                 _gemv_rows(wr_ptr + lw * E * D, wr, x2, lg_ptr + layer * E, f_ptr, pid, E, D, D_PAD,
-                           R_D, BRC_D, False, GS, 1, FC, FST)  # fmt: skip
+                           R_D, BRC_D, False, GS, 1)  # fmt: skip
         _stamp(tim_ptr, pid, t + 7, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
@@ -343,7 +340,7 @@ def _megastep_kernel(
             tl.store(hc + rz, tl.zeros([R_Z_PAD], tl.float32), mask=zm)
             tl.store(fc + rz, tl.zeros([R_Z_PAD], tl.float32), mask=zm)
         if RC:
-            x2, rstd = _normed(hn, fn, ln2_ptr + layer * D, D, D_PAD, EPS, False, FC, FST)
+            x2, rstd = _normed(hn, fn, ln2_ptr + layer * D, D, D_PAD, EPS, False)
             lgv *= rstd
         if RK:  # the selected experts in rank order: the table needs no scan
             expert, gate, k = _select_ranked(lgv, tau, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
@@ -366,10 +363,7 @@ def _megastep_kernel(
                                    cnt, tab_ptr + pid * 2 * E_PAD, u0, u1, D, D_PAD, E_PAD, F,
                                    G, BN, US, UT)  # fmt: skip
             _stamp(tim_ptr, pid, t + 10, NT, TIMING)
-            # Into copy (pid + layer) % FC of the sum: L2 serialises P / FC adds an address, not
-            # P (+ layer: one interpreted program writes every copy over FC layers).
-            cp = (pid + layer) % FC
-            tl.atomic_add(fn + cp * FST + rd, acc, mask=dmask, sem="relaxed")
+            tl.atomic_add(fn + rd, acc, mask=dmask, sem="relaxed")
         else:
             _stamp(tim_ptr, pid, t + 10, NT, TIMING)
         _stamp(tim_ptr, pid, t + 11, NT, TIMING)
@@ -388,10 +382,8 @@ def _megastep_kernel(
         _pf_rows(hw_ptr, pid, R_H, V, D, BRC_H, PF_H, STEP_H)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
-        x = _final_normed(h_ptr + (L % 2) * HS, f_ptr + (L % 2) * HS, nw_ptr, D, D_PAD, EPS, FC,
-                          FST)  # fmt: skip
-        _gemv_rows(hw_ptr, wh, x, out_ptr, f_ptr, pid, V, D, D_PAD, R_H, BRC_H, False, HST, 1, FC,
-                   FST)  # fmt: skip
+        x = _final_normed(h_ptr + (L % 2) * HS, f_ptr + (L % 2) * HS, nw_ptr, D, D_PAD, EPS)
+        _gemv_rows(hw_ptr, wh, x, out_ptr, f_ptr, pid, V, D, D_PAD, R_H, BRC_H, False, HST, 1)
     tl.store(fail_ptr + pid, failed)
 
 
@@ -407,7 +399,6 @@ def megastep(
     unit_table: bool = UNIT_TABLE, attn_stages: int = ATTN_STAGES, merge_bc: bool | None = None,
     parts: int = 0, prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT,
-    f_copies: int = F_COPIES,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``, or
     with ``head_in`` the logits ``[V]`` f32 instead of ``h_d``.
@@ -422,8 +413,6 @@ def megastep(
     ``fail_p`` is nonzero where a program gave up on a grid barrier (its result is then wrong;
     ``megastep.decode_chunk`` raises). ``programs`` 0: one per SM (always co-resident);
     ``merge_bc`` None: ``default_merge`` (with ``MERGE_BLOCK_T``-key blocks unless ``block_t``).
-    ``f_copies``: copies of the FFN sum the expert phase's atomics spread over (not with
-    ``router_in_items``).
     """
     n_layers, n_qkv, d = wqkv_lnd.shape
     _, s_max, kv, hd = kc_lskh.shape
@@ -459,9 +448,9 @@ def megastep(
         raise ValueError(why)
     merge_bc = default_merge(d, s_max) if merge_bc is None else bool(merge_bc)
     block_t, k_max = check_launch(
-        e, merge_bc, router_in_items=router_in_items, f_copies=f_copies, block_t=block_t,
-        k_min=k_min, k_max=k_max, rule=rule, gate=gate, programs=programs, splits=splits,
-        parts=parts, warps=warps, stages=(gemv_stages, unit_stages, attn_stages, head_stages),
+        e, merge_bc, router_in_items=router_in_items, block_t=block_t, k_min=k_min, k_max=k_max,
+        rule=rule, gate=gate, programs=programs, splits=splits, parts=parts, warps=warps,
+        stages=(gemv_stages, unit_stages, attn_stages, head_stages),
         prefetch=(prefetch_kb, prefetch_o_kb, prefetch_keys, prefetch_ao_kb, prefetch_rb_kb),
     )  # fmt: skip
     c = constants(
@@ -475,13 +464,12 @@ def megastep(
         prefetch_ao_kb=prefetch_ao_kb, prefetch_rb_kb=prefetch_rb_kb,
         router_in_items=router_in_items, ranked_select=ranked_select, interpret=interpret,
         vocab=vocab, head_itemsize=jnp.dtype(head_vd.dtype).itemsize if head_in else 2,
-        head_stages=head_stages, f_copies=f_copies,
+        head_stages=head_stages,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32
     nb = 2 if c["RBI"] else 1  # residual and FFN-sum buffers (RBI double-buffers them)
-    fc = c["FC"]
-    ws = (1 + fc) * nb * d + n_layers * e + 1 + n_layers * kv  # zeroed workspace (ws_ptr)
+    ws = 2 * nb * d + n_layers * e + 1 + n_layers * kv  # the zeroed workspace (kernel's ws_ptr)
     out_shape = [
         jax.ShapeDtypeStruct((ws,), f32),
         jax.ShapeDtypeStruct(kc_lskh.shape, kc_lskh.dtype),
@@ -508,10 +496,9 @@ def megastep(
     kc, vc, k_l, fail = outs[1], outs[2], outs[8], outs[9]
     if head_in:
         y = outs[12]
-    else:  # the last layer's residual buffer + its FFN sum's copies
+    else:  # the last layer's residual buffer + its FFN sum
         last = d if nb == 2 and n_layers % 2 else 0
-        f_cd = outs[0][nb * d : (1 + fc) * nb * d].reshape(fc, nb * d)[:, last : last + d]
-        y = outs[0][last : last + d] + jnp.sum(f_cd, 0)
+        y = outs[0][last : last + d] + outs[0][nb * d + last : nb * d + last + d]
     if timing:
         return y, kc, vc, k_l, fail, outs[10]
     return y, kc, vc, k_l, fail

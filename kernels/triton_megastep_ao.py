@@ -47,7 +47,6 @@ from prunepath_jax.kernels.triton_megastep_attn import (
     _with_new,
     _write_new,
 )
-from prunepath_jax.kernels.triton_megastep_gemv import _f_sum, _f_zero
 
 
 @triton.jit
@@ -93,14 +92,12 @@ def _attend_project(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, wo_ptr, wm_ptr, w
                     SCALE: tl.constexpr, DOT_F32: tl.constexpr, AST: tl.constexpr,
                     RB: tl.constexpr, RB_PAD: tl.constexpr, BRB: tl.constexpr,
                     RE: tl.constexpr, RE_PAD: tl.constexpr, ST: tl.constexpr, RBI: tl.constexpr,
-                    NP: tl.constexpr, R_B: tl.constexpr, R_B_PAD: tl.constexpr, FC: tl.constexpr,
-                    FST: tl.constexpr):  # fmt: skip
+                    NP: tl.constexpr, R_B: tl.constexpr, R_B_PAD: tl.constexpr):  # fmt: skip
     """Work item (KV head g, row part p): head g's attention over every cached key and the new
     one, then ``h[rows] += W_o[rows, cols]·attn[cols]`` (rows: part p's ``RB``; cols: head g's
     ``GQ·HD``, ``BRB`` rows at a time through the software pipeliner) and
     ``lg[e] += M[e, cols]·attn[cols]`` for part p's ``RE`` experts, relaxed atomics. Head 0's
-    item also folds the previous FFN's sum ``f`` (its ``FC`` copies) into its rows and zeroes
-    them (nothing else
+    item also folds the previous FFN's sum ``f`` into its rows and zeroes them (nothing else
     reads ``f`` in this phase; ``hn_ptr`` is ``hc_ptr`` then). With ``RBI`` the residual is
     double-buffered: the items add into the zeroed next buffer ``hn`` (head 0's the current
     ``hc + fc`` of its rows) and each also adds its ``R_B`` experts' share of the router logits
@@ -112,12 +109,12 @@ def _attend_project(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, wo_ptr, wm_ptr, w
     NB: tl.constexpr = (RB + BRB - 1) // BRB
     if g == 0:  # independent of the attention: issued first
         r, rm = _part_rows(p, RB, RB_PAD, D)
-        fv = _f_sum(fc_ptr, r, rm, FC, FST)
+        fv = tl.load(fc_ptr + r, mask=rm, other=0.0, cache_modifier=".cg")
         if RBI:
             fv += tl.load(hc_ptr + r, mask=rm, other=0.0, cache_modifier=".cg")
         tl.atomic_add(hn_ptr + r, fv, mask=rm, sem="relaxed")
         if not RBI:
-            _f_zero(fc_ptr, r, rm, FC, FST)
+            tl.store(fc_ptr + r, tl.zeros_like(fv), mask=rm)
     q, k_new, v_new = _group_qkv(qkv_ptr, kc_ptr, cos_ptr, sin_ptr, g, HQ, KV, HD, GQ, QM, SCALE)
     m, lsum, acc = _online(q, kc_ptr, vc_ptr, layer, g, 0, tl.minimum(pos, S_MAX), KV, HD, QM,
                            BT, S_MAX, DOT_F32, AST)  # fmt: skip
@@ -145,26 +142,25 @@ def _attend_project(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, wo_ptr, wm_ptr, w
     tl.atomic_add(lg_ptr + e, tl.sum(wm.to(tl.float32) * o[None, :], 1), mask=em, sem="relaxed")
     if RBI:
         _router_base(wr_ptr, ln_ptr, hc_ptr, fc_ptr, lg_ptr, g * NP + p, R_B, R_B_PAD, D, D_PAD, E,
-                     True, 1, 0)  # fmt: skip
+                     True)  # fmt: skip
 
 
 @triton.jit
 def _router_base(wr_ptr, ln_ptr, h_ptr, f_ptr, lg_ptr, pid, R: tl.constexpr, R_PAD: tl.constexpr,
                  D: tl.constexpr, D_PAD: tl.constexpr, E: tl.constexpr,
-                 ATOMIC: tl.constexpr, FC: tl.constexpr, FST: tl.constexpr):  # fmt: skip
+                 ATOMIC: tl.constexpr):  # fmt: skip
     """Program ``pid``'s experts ``[pid·R, pid·R + R)``: ``lg[e] = W_r[e]·(ln2 ⊙ h_old)``, with
-    ``h_old = h + f`` (``FC`` copies of f) as the QKV phase read it (nothing writes either in that
-    phase). Its rows as one ``[R_PAD, D_PAD]`` tile and one reduction (a row at a time, each
-    row's block-wide reduction is a round trip of its own), and the residual loaded again here
-    rather than kept from the norm (carried through the QKV GEMV it costs registers there: 8B's
-    QKV phase 6.5 µs a layer longer, not the 1.7 µs of the bytes; BENCHMARKS.md, twenty-third
-    session)."""
+    ``h_old = h + f`` as the QKV phase read it (nothing writes either in that phase). Its rows as
+    one ``[R_PAD, D_PAD]`` tile and one reduction (a row at a time, each row's block-wide
+    reduction is a round trip of its own), and the residual loaded again here rather than kept
+    from the norm (carried through the QKV GEMV it costs registers there: 8B's QKV phase 6.5 µs
+    a layer longer, not the 1.7 µs of the bytes; BENCHMARKS.md, twenty-third session)."""
     rd = tl.arange(0, D_PAD)
     dm = rd < D
     e, em = _part_rows(pid, R, R_PAD, E)
     w = tl.load(wr_ptr + e[:, None] * D + rd[None, :], mask=em[:, None] & dm[None, :], other=0.0)
     x = tl.load(h_ptr + rd, mask=dm, other=0.0, cache_modifier=".cg")
-    x += _f_sum(f_ptr, rd, dm, FC, FST)
+    x += tl.load(f_ptr + rd, mask=dm, other=0.0, cache_modifier=".cg")
     x *= tl.load(ln_ptr + rd, mask=dm, other=0.0).to(tl.float32)
     lg = tl.sum(w.to(tl.float32) * x[None, :], 1)
     if ATOMIC:  # a merged item's share (RBI): the other items add theirs in any order

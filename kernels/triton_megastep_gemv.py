@@ -16,25 +16,6 @@ from prunepath_jax.kernels.triton_l2 import l2_prefetch
 
 
 @triton.jit
-def _f_sum(f_ptr, offs, mask, FC: tl.constexpr, FST: tl.constexpr):
-    """The FFN sum at ``offs``: its ``FC`` copies (``FST`` floats apart) added, read from L2.
-    The expert phase spreads its atomics over the copies (program p of layer l into copy
-    ``(p + l) % FC``), so
-    L2 serialises P / FC adds an address instead of P."""
-    f = tl.load(f_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    for c in tl.static_range(1, FC):
-        f += tl.load(f_ptr + c * FST + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    return f
-
-
-@triton.jit
-def _f_zero(f_ptr, offs, mask, FC: tl.constexpr, FST: tl.constexpr):
-    """Zeroes the FFN sum's ``FC`` copies at ``offs`` (folded into the residual)."""
-    for c in tl.static_range(FC):
-        tl.store(f_ptr + c * FST + offs, tl.zeros(offs.shape, tl.float32), mask=mask)
-
-
-@triton.jit
 def _rows(w_ptr, r0, i, r1, K: tl.constexpr, K_PAD: tl.constexpr, BRC: tl.constexpr):
     """Row chunk ``i`` of a program's rows ``[r0, r1)`` of a row-major ``[N, K]`` matrix: rows
     ``r0 + i·BRC + [0, BRC)``, full width (contiguous rows), zeros outside."""
@@ -54,20 +35,19 @@ def _first_rows(w_ptr, pid, R: tl.constexpr, N, K: tl.constexpr, K_PAD: tl.const
 @triton.jit
 def _gemv_rows(w_ptr, w0, x, out_ptr, f_ptr, pid, N, K: tl.constexpr, K_PAD: tl.constexpr,
                R: tl.constexpr, BRC: tl.constexpr, RESID: tl.constexpr,
-               ST: tl.constexpr, NI_PAD: tl.constexpr, FC: tl.constexpr,
-               FST: tl.constexpr):  # fmt: skip
+               ST: tl.constexpr, NI_PAD: tl.constexpr):  # fmt: skip
     """A GEMV phase over the program's ``R`` contiguous output rows, ``BRC`` full rows at a time
-    against the whole input ``x`` (f32 ``[K_PAD]``, zero past K, held in registers): chunk 0
-    from the tile ``w0`` the program loaded before the barrier, the rest streamed by Triton's
-    software pipeliner (``ST`` stages of ``cp.async`` into shared memory, so ``ST - 1`` chunks
-    are in flight without registers).
+    against the whole input ``x`` (f32 ``[K_PAD]``, zero past K, held in registers): chunk 0 from
+    the tile ``w0`` the program loaded before the barrier, the rest streamed by Triton's
+    software pipeliner (``ST`` stages of ``cp.async`` into shared memory, so ``ST - 1`` chunks are
+    in flight without registers).
 
     ``RESID``: the residual update ``out[rows] += y + f[rows]`` (``f``: the previous FFN's sum,
-    zeroed here; its ``FC`` copies ``FST`` apart, ``_f_sum``): every chunk's residual rows are
-    loaded once, before the first reduction, as ``[NI_PAD, BRC]`` (``NI_PAD = next_pow2(NI)``),
-    and the results stored once after the loop — not an L2 round trip after each chunk's
-    reduction, which a load issued behind the reduction's CTA barrier would be (1B: 706 vs 723
-    µs a token; BENCHMARKS.md, twenty-second session)."""
+    zeroed here): every chunk's residual rows are loaded once, before the first reduction, as
+    ``[NI_PAD, BRC]`` (``NI_PAD = next_pow2(NI)``), and the results stored once after the loop
+    — not an L2 round trip after each chunk's reduction, which a load issued behind the
+    reduction's CTA barrier would be (1B: 706 vs 723 µs a token; BENCHMARKS.md, twenty-second
+    session)."""
     NI: tl.constexpr = (R + BRC - 1) // BRC
     r0 = pid * R
     r1 = tl.minimum(r0 + R, N)
@@ -77,12 +57,12 @@ def _gemv_rows(w_ptr, w0, x, out_ptr, f_ptr, pid, N, K: tl.constexpr, K_PAD: tl.
         rows2 = r0 + ri[:, None] * BRC + rc[None, :]
         m2 = (rows2 < r1) & (ri[:, None] < NI)
         hf = tl.load(out_ptr + rows2, mask=m2, other=0.0, cache_modifier=".cg")
-        hf += _f_sum(f_ptr, rows2, m2, FC, FST)
+        hf += tl.load(f_ptr + rows2, mask=m2, other=0.0, cache_modifier=".cg")
         y2 = tl.where(ri[:, None] == 0, tl.sum(w0.to(tl.float32) * x[None, :], 1)[None, :], 0.0)
         for i in tl.range(1, NI, num_stages=ST):
             w = _rows(w_ptr, r0, i, r1, K, K_PAD, BRC)
             y2 = tl.where(ri[:, None] == i, tl.sum(w.to(tl.float32) * x[None, :], 1)[None, :], y2)
-        _f_zero(f_ptr, rows2, m2, FC, FST)
+        tl.store(f_ptr + rows2, tl.zeros_like(hf), mask=m2)
         tl.store(out_ptr + rows2, y2 + hf, mask=m2)
     else:
         rm = r0 + rc < r1
@@ -95,32 +75,31 @@ def _gemv_rows(w_ptr, w0, x, out_ptr, f_ptr, pid, N, K: tl.constexpr, K_PAD: tl.
 
 @triton.jit
 def _normed(h_ptr, f_ptr, ln_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constexpr,
-            WITH_F: tl.constexpr, FC: tl.constexpr, FST: tl.constexpr):  # fmt: skip
+            WITH_F: tl.constexpr):  # fmt: skip
     """``(RMSNorm of the residual row, its 1 / rms)``, f32 ``[D_PAD]`` and a scalar; the row is
-    what other programs wrote (``.cg``), plus the FFN sum ``f`` not yet folded in (``WITH_F``;
-    its ``FC`` copies).
+    what other programs wrote (``.cg``), plus the FFN sum ``f`` not yet folded in (``WITH_F``).
     (Loading the norm's weights before the grid barrier instead measured no faster at 1B and
     49 µs a token slower at 8B, twenty-second session.)"""
     rd = tl.arange(0, D_PAD)
     h = tl.load(h_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
     if WITH_F:
-        h += _f_sum(f_ptr, rd, rd < D, FC, FST)
+        h += tl.load(f_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + EPS)
     return h * rstd * tl.load(ln_ptr + rd, mask=rd < D, other=0.0).to(tl.float32), rstd
 
 
 @triton.jit
 def _final_normed(h_ptr, f_ptr, nw_ptr, D: tl.constexpr, D_PAD: tl.constexpr,
-                  EPS: tl.constexpr, FC: tl.constexpr, FST: tl.constexpr):  # fmt: skip
-    """The LM head's input: the final RMSNorm of the residual ``h + f`` (``FC`` copies) with the
-    XLA step's roundings (the residual, the normalised row and its product with the weights each
-    rounded to the weights' dtype, as ``models.layers.rms_norm`` of a model-dtype row does), f32
+                  EPS: tl.constexpr):  # fmt: skip
+    """The LM head's input: the final RMSNorm of the residual ``h + f`` with the XLA step's
+    roundings (the residual, the normalised row and its product with the weights each rounded
+    to the weights' dtype, as ``models.layers.rms_norm`` of a model-dtype row does), f32
     ``[D_PAD]``, zero past D."""
     dt = nw_ptr.dtype.element_ty
     rd = tl.arange(0, D_PAD)
     m = rd < D
     h = tl.load(h_ptr + rd, mask=m, other=0.0, cache_modifier=".cg")
-    h = (h + _f_sum(f_ptr, rd, m, FC, FST)).to(dt).to(tl.float32)
+    h = (h + tl.load(f_ptr + rd, mask=m, other=0.0, cache_modifier=".cg")).to(dt).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + EPS)
     w = tl.load(nw_ptr + rd, mask=m, other=0.0).to(tl.float32)
     return ((h * rstd).to(dt).to(tl.float32) * w).to(dt).to(tl.float32)

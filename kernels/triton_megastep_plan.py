@@ -68,28 +68,17 @@ PREFETCH_RB_KB = 64
 # long stream (1B: ~970 rows of 4 KB a program), not a few chunks like the layers' GEMVs.
 HEAD_STAGES = 4
 HEAD_IN = False  # whether megastep.step runs the final norm and the LM head in the launch
-# Copies of the FFN sum the expert phase's relaxed atomics spread over (program p of layer l
-# into copy (p + l) % F_COPIES; every reader adds them up). One copy: all P programs add their
-# [d] partials into the same addresses, and the barrier after the expert phase waits for L2 to
-# perform them (scripts/atomic_drain_probe.py: 2.5 µs a round above the barrier alone at d
-# 2048, 4 warps, vs 0.4 for plain stores of the same bytes; twenty-sixth session).
-F_COPIES = 1
-MAX_F_COPIES = 16
 
 
 def check_launch(
-    e: int, merge_bc: bool, *, router_in_items: bool, f_copies: int, block_t: int | None,
-    k_min: int, k_max: int | None, rule: str, gate: str, programs: int, splits: int, parts: int,
-    warps: int, stages: tuple, prefetch: tuple,
+    e: int, merge_bc: bool, *, router_in_items: bool, block_t: int | None, k_min: int,
+    k_max: int | None, rule: str, gate: str, programs: int, splits: int, parts: int, warps: int,
+    stages: tuple, prefetch: tuple,
 ) -> tuple[int, int]:  # fmt: skip
     """Raises ValueError on a launch the kernel cannot run; returns ``(block_t, k_max)`` with
     their defaults filled in (``MERGE_BLOCK_T`` or ``BLOCK_T`` keys, all ``e`` experts)."""
     if router_in_items and not merge_bc:
         raise ValueError("router_in_items computes the router inside the merged phase: merge_bc")
-    if not 1 <= f_copies <= MAX_F_COPIES or (router_in_items and f_copies > 1):
-        raise ValueError(
-            f"f_copies must be 1..{MAX_F_COPIES}, and 1 with router_in_items: got {f_copies}"
-        )
     block_t = block_t or (MERGE_BLOCK_T if merge_bc else BLOCK_T)
     k_max = e if k_max is None else min(k_max, e)
     if not 1 <= k_min <= k_max:
@@ -171,7 +160,6 @@ def constants(
     prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT, interpret: bool = False,
     vocab: int = 0, head_itemsize: int = 2, head_stages: int = HEAD_STAGES,
-    f_copies: int = F_COPIES,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -210,7 +198,7 @@ def constants(
         K_MAX=e if k_max is None else k_max, SCALE=float(hd**-0.5), SPIN=spin,
         TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
         RK=bool(unit_table and ranked_select),
-        AST=int(attn_stages), NIC_PAD=jt.next_pow2(-(-r_c // brc_c)), FC=int(f_copies),
+        AST=int(attn_stages), NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
         **_ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes,
                        lines(prefetch_ao_kb), lines(prefetch_rb_kb), router_in_items),
         **_head_constants(vocab, d, p, tile_bytes, head_itemsize, lines(prefetch_kb),

@@ -76,7 +76,6 @@ class Launch(NamedTuple):
     ranked_select: bool | None = None
     head_in: bool | None = None
     head_stages: int | None = None
-    f_copies: int | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:

@@ -1412,18 +1412,14 @@ s33e)  # the real SmolLM2, decode timed chunk by chunk (--direct); part00 copied
     --taus 0.5 0.9 --impls pallas megastep --direct --chunk 32 --lengths 33 129 --cache-len 256 \
     --repeats 3 --out "$OUT/smollm2_decode.jsonl"
   ;;
-s34a)  # next session: what the expert phase's fp32 atomics cost the next barrier (all programs
+s34a)  # run 1 of the twenty-sixth session (at eae71a8): what the expert phase's fp32 atomics cost the next barrier (all programs
   # adding d floats into one vector vs plain stores into their own rows vs the barrier alone)
   run timeout 200 python3 scripts/atomic_drain_probe.py --d 2048 576 4096 --programs 132 \
     --rounds 2000 --warps 4 8 --out "$OUT/atomic_drain.jsonl"
   ;;
-s35a)  # the atomic drain again, with the adds spread over 1-8 copies of the sum (run 1 of the
-  # twenty-sixth session: atomics 2.5 µs a round above the barrier at d 2048, plain rows 0.4)
-  run timeout 200 python3 scripts/atomic_drain_probe.py --d 2048 4096 576 --programs 132 \
-    --rounds 2000 --warps 4 8 --copies 1 2 4 8 --out "$OUT/atomic_drain.jsonl"
-  ;;
-s35b)  # the probe (s35a), then f_copies in the step: the FFN sum's copies, paired rounds; then
-  # the GPU tests with 4 copies
+s35b)  # run 2 of the twenty-sixth session's record (at 2f5d326): the probe with the adds spread over
+  # 1-8 copies of the sum, then the step's f_copies (the FFN sum's copies; measured slower or
+  # equal, removed after this run, so this stage no longer runs at later code), then its GPU tests
   run timeout 90 python3 scripts/atomic_drain_probe.py --d 2048 4096 576 --programs 132 \
     --rounds 2000 --warps 4 8 --copies 1 2 4 8 --out "$OUT/atomic_drain.jsonl"
   run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
@@ -1438,15 +1434,6 @@ s35b)  # the probe (s35a), then f_copies in the step: the FFN sum's copies, pair
   done
   run timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py -k f4
-  ;;
-s35c)  # the one-launch GPU tests (1 and 4 copies of the FFN sum), then the real SmolLM2 timed chunk
-  # by chunk (s33e; part00 copied by the call before, which carried .gpu_model/a)
-  run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
-    tests/test_megastep.py
-  cat /tmp/gguf_a .gpu_model/b/part01 > /tmp/smollm2.gguf && md5sum /tmp/smollm2.gguf | tee -a "$OUT/log.txt"
-  run timeout 330 python3 scripts/smollm2_decode.py --gguf /tmp/smollm2.gguf --batches 1 \
-    --taus 0.5 0.9 --impls pallas megastep --direct --chunk 32 --lengths 33 129 --cache-len 256 \
-    --repeats 3 --out "$OUT/smollm2_decode.jsonl"
   ;;
 s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \

@@ -41,30 +41,13 @@ class Case(NamedTuple):
     ranked_select: bool = True  # the unit table from a ranked selection (else sorted + scans)
     head_in: bool = False  # the final norm and the LM head inside the launch
     tie: bool = False  # the LM head is the embedding (else pack's transposed lm_head)
-    f_copies: int = 1  # copies of the FFN sum (layer l's one program writes copy l % f_copies)
 
 
 CASES = (
     # Two splits of two 16-key blocks each (the last one partial): the online softmax's loop;
     # the LM head in the launch (an untied head: 50 rows).
-    # Three copies of the FFN sum over 3 layers: layer 1 reads copy 0, layer 2 copies 0-1 (its O
-    # phase folds copy 1 in), the launch's LM head copy 2.
     Case(
-        "gqa2_f32",
-        64,
-        4,
-        2,
-        16,
-        128,
-        8,
-        40,
-        0.5,
-        splits=2,
-        block_t=16,
-        cache_len=48,
-        head_in=True,
-        layers=3,
-        f_copies=3,
+        "gqa2_f32", 64, 4, 2, 16, 128, 8, 40, 0.5, splits=2, block_t=16, cache_len=48, head_in=True
     ),  # fmt: skip
     # d not a power of two, 3 query heads a KV head, nucleus rule, no gates, clamps on k.
     Case(
@@ -105,9 +88,7 @@ CASES = (
         ranked_select=False,
     ),
     # The merged attention + O phase: 3 row parts of 22 rows (the last one 20) and 6 of the 16
-    # experts' rows of M (the last one 4), a key loop of 3 blocks (the last one partial); two
-    # copies of the FFN sum over 3 layers (the merged items fold copy 1 into layer 2's residual,
-    # the result read from both).
+    # experts' rows of M (the last one 4), a key loop of 3 blocks (the last one partial).
     Case(
         "merged_gqa2",
         64,
@@ -123,8 +104,6 @@ CASES = (
         cache_len=48,
         merge_bc=True,
         parts=3,
-        layers=3,
-        f_copies=2,
     ),
     # ... 3 query heads a KV head (padded to 4), d not a power of two, the nucleus rule, the
     # first token; 13 parts of 8 rows for 96 (the last one empty) and 2 experts (from the 9th on,

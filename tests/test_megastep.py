@@ -134,23 +134,6 @@ def test_head_phase_lowers_for_sm90():
     assert ptx[1].count("prefetch.global.L2") > ptx[0].count("prefetch.global.L2")
 
 
-@pytest.mark.parametrize("merge_bc", [False, True], ids=["split", "merged"])
-def test_ffn_sum_copies_lower_for_sm90(merge_bc):
-    """Four copies of the FFN sum at the 1B shape: the expert phase's partial sums are still one
-    vectorised relaxed atomic add (into one copy), and every reader of the sum loads all four
-    (more L2 loads than with one copy)."""
-    shape = (2, 2048, 32, 8, 64, 256, 32, 256)
-    ptx = []
-    for fc in (1, 4):
-        const = tm.constants(*shape, programs=132, merge_bc=merge_bc, block_t=64, f_copies=fc)
-        assert const["FC"] == fc
-        ptx.append(sm90_compile(tm._megastep_kernel, _signature(False), const, warps=4,
-                                stages=1).asm["ptx"])  # fmt: skip
-    vec = [p.count("relaxed.add.v4.f32") for p in ptx]
-    assert vec[0] == vec[1] > 0, vec
-    assert ptx[1].count("ld.global.cg") > ptx[0].count("ld.global.cg")
-
-
 def test_attention_stages_pipeline_the_key_blocks_for_sm90():
     """``attn_stages`` > 1 turns the attention items' key/value loads into cp.async copies (more
     of them than in the plain loop); 1 is the plain loop the measurements were taken with."""
@@ -208,10 +191,6 @@ def test_bad_inputs_raise_clearly():
         call(prefetch_keys=-1)
     with pytest.raises(ValueError, match="merge_bc"):
         call(merge_bc=False, router_in_items=True)
-    for bad in ({"f_copies": 0}, {"f_copies": tm.MAX_F_COPIES + 1},
-                {"f_copies": 2, "merge_bc": True, "router_in_items": True}):  # fmt: skip
-        with pytest.raises(ValueError, match="f_copies"):
-            call(**bad)
     two = jax.tree.map(lambda a: jnp.concatenate([a, a]), cache)
     with pytest.raises(ValueError, match="batch 1"):
         megastep.stack_cache(two)
@@ -246,8 +225,7 @@ def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch)
     mw = megastep.pack(model)
     assert mw.head is None  # untied: no copy of the LM head unless asked for
     packed = sum(a.nbytes for a in mw.layers())
-    layers = CASES[0].layers
-    assert need - packed == layers * 2 * 64 * 2 * 16 * 4  # the stacked cache: k and v, fp32
+    assert need - packed == 2 * 2 * 64 * 2 * 16 * 4  # the stacked cache: k and v, fp32
     head = model.lm_head.kernel[...].nbytes  # untied: pack's transposed copy
     assert megastep.packed_bytes(model, 64, head=True) == need + head
     assert megastep.pack(model, head=True).head.shape == (50, CASES[0].d)
@@ -274,15 +252,14 @@ def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "merge_bc,head_in,f_copies",
-    [(False, False, 1), (True, False, 1), (True, True, 1), (False, False, 4), (True, True, 4)],
-    ids=["split", "merged", "merged_head", "split_f4", "merged_head_f4"],
+    "merge_bc,head_in", [(False, False), (True, False), (True, True)],
+    ids=["split", "merged", "merged_head"],
 )  # fmt: skip
-def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc, head_in, f_copies):
+def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc, head_in):
     """The real grid (one program per SM) against the model's XLA decode step, fp32; with the
     attention and O projection as one phase too (44 row parts a KV head, the last two empty),
-    with the final norm and the LM head inside the launch (372 of the 49152 rows a program),
-    and with the FFN sum in 4 copies (33 programs adding into each)."""
+    and with the final norm and the LM head inside the launch (372 of the 49152 rows a
+    program)."""
     from prunepath_jax.models.layers import init_cache
     from prunepath_jax.nn import route_args
 
@@ -296,7 +273,7 @@ def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc, head_in, f_copies):
         ref = model(tok[None, None], pos[None, None], cache=cache, ffn_args=args)
         kc, vc = megastep.stack_cache(cache)
         tau = jnp.stack([a.tau for a in args])
-        launch = megastep.Launch(merge_bc=merge_bc, head_in=head_in, f_copies=f_copies)
+        launch = megastep.Launch(merge_bc=merge_bc, head_in=head_in)
         lg, kc, vc, k_l, fail = jax.jit(megastep.step, static_argnums=(0, 7))(
             model, megastep.pack(model), tok[None], pos[None], kc, vc, tau, launch
         )
