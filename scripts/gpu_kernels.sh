@@ -1435,6 +1435,14 @@ s35b)  # run 2 of the twenty-sixth session's record (at 2f5d326): the probe with
   run timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py -k f4
   ;;
+s35d)  # the 1B wake-up after the expert phase (2.6 µs a layer): which of the loads a program issues
+  # between arriving and polling it is — the router rows' prefetch, the QKV lines, the 32 KB
+  # first chunk — and the split phases for comparison (timeline rows; existing launch fields)
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --no-default --sparsities 0.75 --check-steps 1 --rounds 2 \
+    --launches '{"base": {}, "rb0": {"prefetch_rb_kb": 0}, "pf0": {"prefetch_kb": 0}, "tile8k": {"tile_bytes": 8192}, "split": {"merge_bc": false}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  ;;
 s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py
