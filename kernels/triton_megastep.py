@@ -109,6 +109,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     constants,
     default_merge,
     default_splits,
+    default_tile_bytes,
     default_warps,
     unsupported_shape,
 )
@@ -392,7 +393,7 @@ def megastep(
     w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh, *, eps: float, head_vd=None, norm_d=None,
     head_in: bool = False, head_stages: int = HEAD_STAGES, rule: str = "paper",
     gate: str = "sigmoid", k_min: int = 1, k_max: int | None = None, programs: int = 0,
-    splits: int = 0, block_t: int | None = None, warps: int = WARPS, tile_bytes: int = TILE_BYTES,
+    splits: int = 0, block_t: int | None = None, warps: int = WARPS, tile_bytes: int = 0,
     spin: int = SPIN, timing: bool = False, interpret: bool = False, gemv_stages: int = STAGES,
     unit_stages: int = STAGES, router_in_c: bool = True, prefetch_kb: int = PREFETCH_KB,
     prefetch_o_kb: int = PREFETCH_O_KB, prefetch_keys: int = PREFETCH_KEYS,
@@ -412,7 +413,8 @@ def megastep(
     (``norm_d``) and the LM head (``head_vd``, rows ``[V, d]``) run as the launch's last phase.
     ``fail_p`` is nonzero where a program gave up on a grid barrier (its result is then wrong;
     ``megastep.decode_chunk`` raises). ``programs`` 0: one per SM (always co-resident);
-    ``merge_bc`` None: ``default_merge`` (with ``MERGE_BLOCK_T``-key blocks unless ``block_t``).
+    ``merge_bc`` None: ``default_merge`` (with ``MERGE_BLOCK_T``-key blocks unless ``block_t``);
+    ``tile_bytes`` 0: ``default_tile_bytes``.
     """
     n_layers, n_qkv, d = wqkv_lnd.shape
     _, s_max, kv, hd = kc_lskh.shape
@@ -450,12 +452,13 @@ def megastep(
     block_t, k_max = check_launch(
         e, merge_bc, router_in_items=router_in_items, block_t=block_t, k_min=k_min, k_max=k_max,
         rule=rule, gate=gate, programs=programs, splits=splits, parts=parts, warps=warps,
+        tile_bytes=tile_bytes,
         stages=(gemv_stages, unit_stages, attn_stages, head_stages),
         prefetch=(prefetch_kb, prefetch_o_kb, prefetch_keys, prefetch_ao_kb, prefetch_rb_kb),
     )  # fmt: skip
     c = constants(
         n_layers, d, hq, kv, hd, e, g, s_max, programs=programs or jt.default_programs(),
-        splits=splits, block_t=block_t, tile_bytes=tile_bytes,
+        splits=splits, block_t=block_t, tile_bytes=tile_bytes or default_tile_bytes(d),
         itemsizes=[jnp.dtype(w.dtype).itemsize for w in (wqkv_lnd, wo_ldn, wr_led, kc_lskh)],
         eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin, timing=timing,
         gemv_stages=gemv_stages, unit_stages=unit_stages, router_in_c=router_in_c,

@@ -13,12 +13,24 @@ from prunepath_jax.kernels.triton_balanced import MAX_D
 
 SPIN = 1_000_000  # polls before a program gives up on a barrier (~0.2 s on the H200)
 TILE_BYTES = 32 * 1024  # one GEMV row chunk (the prefetched one in registers, the rest in smem)
+# ... at the Llama-3.2-1B width (1024 < d <= 2048): 8 KB chunks, 675.0 vs 697.8 µs a token at 75%
+# (2 paired rounds, ranges 672-678 vs 692-703): the QKV phase wakes 0.9 µs a layer sooner after
+# the expert phase and the merged attention + O phase is 1.2 µs shorter — fewer registers held
+# across the barriers by the chunk loaded before them (4 warps: 64 registers a thread for 32 KB).
+# Other widths keep 32 KB until measured (BENCHMARKS.md, twenty-sixth session).
+TILE_BYTES_1B = 8 * 1024
 STAGES = 3  # software-pipeline stages of the GEMV and unit loops (cp.async into shared memory)
 BLOCK_T = 32  # cached keys a split attention work item reads at once
 # Warps a program: 0 picks by the expert count — 4 up to 256 experts (1B at 75%: 722 vs 748 µs a
 # token; the selection and unit loop faster, the attention slower), 8 above (8B: 4 warps tie,
 # the 512-wide selection 5.6 vs 4.4 µs a layer); BENCHMARKS.md, twenty-first session.
 WARPS = 0
+
+
+def default_tile_bytes(d: int) -> int:
+    """A GEMV chunk's bytes by default: ``TILE_BYTES_1B`` where measured faster (the 1B width),
+    ``TILE_BYTES`` elsewhere."""
+    return TILE_BYTES_1B if 1024 < d <= 2048 else TILE_BYTES
 
 
 def default_warps(e: int) -> int:
@@ -73,7 +85,7 @@ HEAD_IN = False  # whether megastep.step runs the final norm and the LM head in 
 def check_launch(
     e: int, merge_bc: bool, *, router_in_items: bool, block_t: int | None, k_min: int,
     k_max: int | None, rule: str, gate: str, programs: int, splits: int, parts: int, warps: int,
-    stages: tuple, prefetch: tuple,
+    stages: tuple, prefetch: tuple, tile_bytes: int = 0,
 ) -> tuple[int, int]:  # fmt: skip
     """Raises ValueError on a launch the kernel cannot run; returns ``(block_t, k_max)`` with
     their defaults filled in (``MERGE_BLOCK_T`` or ``BLOCK_T`` keys, all ``e`` experts)."""
@@ -87,9 +99,10 @@ def check_launch(
         raise ValueError(f"rule must be paper|nucleus and gate sigmoid|none: {rule!r}, {gate!r}")
     bad_warps = warps < 0 or warps & (warps - 1)
     bad_t = block_t < 16 or block_t & (block_t - 1)
-    if programs < 0 or splits < 0 or parts < 0 or bad_t or bad_warps:
+    if min(programs, splits, parts, tile_bytes) < 0 or bad_t or bad_warps:
         raise ValueError(
             f"bad launch sizes: programs={programs}, splits={splits}, parts={parts}, "
+            f"tile_bytes={tile_bytes} (0: by the width), "
             f"warps={warps} (0: by the expert count, else a power of 2), block_t={block_t} (a "
             "power of 2 >= 16: the attention's dot needs 16 keys)"
         )

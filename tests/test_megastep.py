@@ -117,6 +117,20 @@ def test_merged_phase_lowers_for_sm90_and_is_the_measured_default(in_items):
     assert not tm.default_merge(2048, 512)
 
 
+def test_small_tiles_at_the_1b_width_lower_for_sm90():
+    """The 1B width takes 8 KB GEMV chunks by default (measured faster there; BENCHMARKS.md,
+    twenty-sixth session): 2 QKV rows and 16 rows of a merged item's W_o block a chunk instead
+    of 8 and 64, and the launch still compiles with its cp.async pipelines; the other widths keep
+    32 KB."""
+    assert [tm.default_tile_bytes(d) for d in (576, 2048, 4096)] == [32768, 8192, 32768]
+    shape = (2, 2048, 32, 8, 64, 256, 32, 256)
+    const = tm.constants(*shape, programs=132, merge_bc=True, block_t=64,
+                         tile_bytes=tm.default_tile_bytes(2048))  # fmt: skip
+    assert (const["BRC_A"], const["BRB"], const["BRC_C"]) == (2, 16, 2)
+    ptx = sm90_compile(tm._megastep_kernel, _signature(False), const, warps=4, stages=1)
+    assert "cp.async.cg" in ptx.asm["ptx"]
+
+
 def test_head_phase_lowers_for_sm90():
     """The launch that ends with the final norm and the LM head (the 1B shape, 128256 rows over
     132 programs: 972 a program, 8 a chunk) compiles for sm_90 with one more grid barrier, its
@@ -178,6 +192,8 @@ def test_bad_inputs_raise_clearly():
         call(programs=-1)
     with pytest.raises(ValueError, match="warps"):
         call(warps=6)
+    with pytest.raises(ValueError, match="tile_bytes"):
+        call(tile_bytes=-1)
     assert (tm.default_warps(256), tm.default_warps(448)) == (4, 8)  # BENCHMARKS, 21st session
     with pytest.raises(ValueError, match="16 keys"):
         call(block_t=8)
