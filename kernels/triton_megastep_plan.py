@@ -16,8 +16,9 @@ TILE_BYTES = 32 * 1024  # one GEMV row chunk (the prefetched one in registers, t
 # ... at the Llama-3.2-1B width (1024 < d <= 2048): 8 KB chunks, 675.0 vs 697.8 µs a token at 75%
 # (2 paired rounds, ranges 672-678 vs 692-703): the QKV phase wakes 0.9 µs a layer sooner after
 # the expert phase and the merged attention + O phase is 1.2 µs shorter — fewer registers held
-# across the barriers by the chunk loaded before them (4 warps: 64 registers a thread for 32 KB).
-# Other widths keep 32 KB until measured (BENCHMARKS.md, twenty-sixth session).
+# across the barriers by the chunk loaded before them (4 warps: 64 registers a thread for 32 KB;
+# ptxas: 80 spilled bytes at 32 KB, none at 8 KB). Measured with the merged phase (a 256-position
+# cache); other widths keep 32 KB until measured (BENCHMARKS.md, twenty-sixth session).
 TILE_BYTES_1B = 8 * 1024
 STAGES = 3  # software-pipeline stages of the GEMV and unit loops (cp.async into shared memory)
 BLOCK_T = 32  # cached keys a split attention work item reads at once
