@@ -166,7 +166,7 @@ def _megastep_kernel(
     hw_ptr,  # [V, D] LM head rows (with HI; else unread)
     nw_ptr,  # [D] final RMSNorm weights (with HI; else unread)
     kc_in_ptr, vc_in_ptr,  # [L, S_MAX, KV, HD] caches (aliased to kc_ptr, vc_ptr)
-    ws_ptr,  # out, zeroed, f32: h [NB, D] | f [NB, D] | logits [L, E] | i32: ctr [1] | hcnt [L, KV]
+    ws_ptr,  # out, zeroed workspace (triton_megastep_plan.workspace): h | f | logits | counters
     kc_ptr, vc_ptr,  # out caches, this token's key/value written at pos
     rope_ptr,  # scratch [HD] f32: cos, then sin, of pos · inv_freq (program 0 writes them)
     qkv_ptr,  # scratch [NQKV] f32
@@ -195,7 +195,8 @@ def _megastep_kernel(
     LPO: tl.constexpr, LPM: tl.constexpr, PF_RB: tl.constexpr, RBI: tl.constexpr,
     RBA: tl.constexpr, HS: tl.constexpr, R_Z: tl.constexpr, R_Z_PAD: tl.constexpr,
     RK: tl.constexpr, HI: tl.constexpr, V: tl.constexpr, R_H: tl.constexpr, BRC_H: tl.constexpr,
-    PF_H: tl.constexpr, STEP_H: tl.constexpr, HST: tl.constexpr,
+    PF_H: tl.constexpr, STEP_H: tl.constexpr, HST: tl.constexpr, WS_F: tl.constexpr,
+    WS_LG: tl.constexpr, WS_CTR: tl.constexpr, WS_N: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -207,14 +208,13 @@ def _megastep_kernel(
     _stamp(tim_ptr, pid, 0, NT, TIMING)
     failed = pid * 0
     ph = pid * 0  # barriers passed
-    NB: tl.constexpr = 2 if HS > 0 else 1  # residual and FFN-sum buffers (RBI: two)
     HALF: tl.constexpr = HD // 2
     # One zeroed workspace (one memset before the launch, not four): the residual, the FFN sum,
     # the router logits, then the barrier and split counters as int32.
     h_ptr = ws_ptr
-    f_ptr = ws_ptr + NB * D
-    lg_ptr = ws_ptr + 2 * NB * D
-    ctr_ptr = (ws_ptr + 2 * NB * D + L * E).to(tl.pointer_type(tl.int32))
+    f_ptr = ws_ptr + WS_F
+    lg_ptr = ws_ptr + WS_LG
+    ctr_ptr = (ws_ptr + WS_CTR).to(tl.pointer_type(tl.int32))
     hcnt_ptr = ctr_ptr + 1
     pos = tl.load(pos_ptr)
     x0_row = x0_ptr + tl.load(tok_ptr).to(tl.int64) * D
@@ -471,10 +471,8 @@ def megastep(
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32
-    nb = 2 if c["RBI"] else 1  # residual and FFN-sum buffers (RBI double-buffers them)
-    ws = 2 * nb * d + n_layers * e + 1 + n_layers * kv  # the zeroed workspace (kernel's ws_ptr)
     out_shape = [
-        jax.ShapeDtypeStruct((ws,), f32),
+        jax.ShapeDtypeStruct((c["WS_N"],), f32),  # the zeroed workspace
         jax.ShapeDtypeStruct(kc_lskh.shape, kc_lskh.dtype),
         jax.ShapeDtypeStruct(vc_lskh.shape, vc_lskh.dtype),
         jax.ShapeDtypeStruct((hd,), f32),  # RoPE tables
@@ -500,8 +498,9 @@ def megastep(
     if head_in:
         y = outs[12]
     else:  # the last layer's residual buffer + its FFN sum
-        last = d if nb == 2 and n_layers % 2 else 0
-        y = outs[0][last : last + d] + outs[0][nb * d + last : nb * d + last + d]
+        h0 = c["HS"] * (n_layers % 2)  # RBI double-buffers them (HS = d), else HS = 0
+        f0 = c["WS_F"] + h0
+        y = outs[0][h0 : h0 + d] + outs[0][f0 : f0 + d]
     if timing:
         return y, kc, vc, k_l, fail, outs[10]
     return y, kc, vc, k_l, fail

@@ -86,7 +86,7 @@ HEAD_IN = False  # whether megastep.step runs the final norm and the LM head in 
 def check_launch(
     e: int, merge_bc: bool, *, router_in_items: bool, block_t: int | None, k_min: int,
     k_max: int | None, rule: str, gate: str, programs: int, splits: int, parts: int, warps: int,
-    stages: tuple, prefetch: tuple, tile_bytes: int = 0,
+    tile_bytes: int, stages: tuple, prefetch: tuple,
 ) -> tuple[int, int]:  # fmt: skip
     """Raises ValueError on a launch the kernel cannot run; returns ``(block_t, k_max)`` with
     their defaults filled in (``MERGE_BLOCK_T`` or ``BLOCK_T`` keys, all ``e`` experts)."""
@@ -217,7 +217,19 @@ def constants(
                        lines(prefetch_ao_kb), lines(prefetch_rb_kb), router_in_items),
         **_head_constants(vocab, d, p, tile_bytes, head_itemsize, lines(prefetch_kb),
                           head_stages),
+        **workspace(n_layers, d, e, kv, bool(merge_bc and router_in_items)),
     )  # fmt: skip
+
+
+def workspace(n_layers: int, d: int, e: int, kv: int, double: bool) -> dict:
+    """The launch's one zeroed f32 workspace (one memset): the residual ``[NB, d]``, the FFN sum
+    ``[NB, d]`` (``NB`` 2 when ``double``: ``router_in_items``' double buffers), the router
+    logits ``[L, E]``, then int32 the barrier counter and the split counters ``[L, KV]``.
+    ``WS_F``, ``WS_LG``, ``WS_CTR`` are offsets (floats), ``WS_N`` the size: the kernel and the
+    host read the same layout from here."""
+    nb = 2 if double else 1
+    return dict(WS_F=nb * d, WS_LG=2 * nb * d, WS_CTR=2 * nb * d + n_layers * e,
+                WS_N=2 * nb * d + n_layers * e + 1 + n_layers * kv)  # fmt: skip
 
 
 def _head_constants(vocab, d, p, tile_bytes, itemsize, pf_lines, stages) -> dict:

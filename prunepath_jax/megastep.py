@@ -47,7 +47,10 @@ class MegaWeights(NamedTuple):
 
     def layers(self) -> tuple:
         """The stacked layer arrays, in ``triton_megastep.megastep``'s argument order."""
-        return tuple(self)[:8]
+        return tuple(getattr(self, f) for f in _LAYER_FIELDS)
+
+
+_LAYER_FIELDS = tuple(f for f in MegaWeights._fields if f != "head")  # the stacked layer arrays
 
 
 class Launch(NamedTuple):
@@ -131,7 +134,7 @@ def packed_bytes(model: nnx.Module, cache_len: int, head: bool = False) -> int:
     if head and not cfg.tie_embeddings:
         v = model.lm_head.kernel
         n += int(np.prod(v.shape)) * jnp.dtype(v.dtype).itemsize
-    fields = [f for f in MegaWeights._fields[:8] if f != "router_o"]
+    fields = [f for f in _LAYER_FIELDS if f != "router_o"]
     for b in model.layers:
         for name, v in zip(fields, _layer_vars(b), strict=True):
             dtype = jnp.float32 if name == "router" else v.dtype
