@@ -1443,18 +1443,25 @@ s35d)  # the 1B wake-up after the expert phase (2.6 µs a layer): which of the l
     --launches '{"base": {}, "rb0": {"prefetch_rb_kb": 0}, "pf0": {"prefetch_kb": 0}, "tile8k": {"tile_bytes": 8192}, "split": {"merge_bc": false}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
-s36a)  # next session: GEMV chunk bytes at every shape (8 KB is the 1B width's default since run 5
-  # of the twenty-sixth session; SmolLM2 and 8B unmeasured), 1B with dense re-timed
-  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
-    --sparsities 0.75 --check-steps 1 --rounds 3 \
-    --launches '{"default": {}, "t4k": {"tile_bytes": 4096}, "t16k": {"tile_bytes": 16384}, "t32k": {"tile_bytes": 32768}}' \
+s37a)  # the GPU tests (the 1B width at 8 KB chunks included), then the GEMV pipeline depth at
+  # the 1B width's 8 KB chunks (3 stages = 2 chunks in flight, 16 KB a program: the QKV phase
+  # streams ~14 GB/s an SM, latency-bound) and 4 / 16 KB chunks; dense re-timed
+  run timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
+  run timeout 280 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 2 \
+    --launches '{"default": {}, "gs4": {"gemv_stages": 4}, "gs6": {"gemv_stages": 6}, "gs8": {"gemv_stages": 8}, "us4": {"unit_stages": 4}, "t4k_gs8": {"tile_bytes": 4096, "gemv_stages": 8}, "t16k": {"tile_bytes": 16384}}' \
     --out "$OUT/megastep_decode.jsonl"
-  for s in smollm2-135m llama-3-8b; do
-    run timeout 170 python3 benchmarks/megastep_decode.py --shapes $s --no-dense --no-default \
-      --sparsities 0.75 --check-steps 1 --rounds 3 \
-      --launches '{"t32k": {}, "t8k": {"tile_bytes": 8192}, "t16k": {"tile_bytes": 16384}}' \
-      --out "$OUT/megastep_decode.jsonl"
-  done
+  ;;
+s37b)  # chunk bytes and pipeline depth at the 8B and SmolLM2 widths (32 KB by default there)
+  run timeout 300 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 2 \
+    --launches '{"t32k": {}, "t32k_gs4": {"gemv_stages": 4}, "t16k": {"tile_bytes": 16384}, "t16k_gs6": {"tile_bytes": 16384, "gemv_stages": 6}, "t8k": {"tile_bytes": 8192}, "t8k_gs8": {"tile_bytes": 8192, "gemv_stages": 8}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes smollm2-135m --no-dense --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 2 \
+    --launches '{"t32k": {}, "t8k": {"tile_bytes": 8192}, "t8k_gs6": {"tile_bytes": 8192, "gemv_stages": 6}, "t16k": {"tile_bytes": 16384}}' \
+    --out "$OUT/megastep_decode.jsonl"
   ;;
 s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \

@@ -266,30 +266,23 @@ def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch)
     assert "one device" in megastep.auto_ok(model, 1, args, 64)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "merge_bc,head_in", [(False, False), (True, False), (True, True)],
-    ids=["split", "merged", "merged_head"],
-)  # fmt: skip
-def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc, head_in):
-    """The real grid (one program per SM) against the model's XLA decode step, fp32; with the
-    attention and O projection as one phase too (44 row parts a KV head, the last two empty),
-    and with the final norm and the LM head inside the launch (372 of the 49152 rows a
-    program)."""
+def _gpu_step_vs_xla(cfg, launch):
+    """One decode step of a tau-0.5 fp32 model of ``cfg``'s shape through the real grid (one
+    program per SM) against the model's XLA decode step: the same k per layer, logits within
+    the fp32 tolerance."""
     from prunepath_jax.models.layers import init_cache
     from prunepath_jax.nn import route_args
 
-    model = sparse_llama(PRESETS["smollm2-135m"], None, dtype=jnp.float32, seed=3)
+    model = sparse_llama(cfg, None, dtype=jnp.float32, seed=3)
     args = route_args(model.cfg, 0.5)
     with jax.default_matmul_precision("highest"):
-        toks = jnp.asarray(np.random.default_rng(0).integers(0, 49152, (1, 40)), jnp.int32)
+        toks = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 40)), jnp.int32)
         cache = model(toks, cache=init_cache(model.cfg, 1, 128, jnp.float32), ffn_args=args,
                       fresh_cache=True).cache  # fmt: skip
         tok, pos = jnp.int32(7), jnp.int32(40)
         ref = model(tok[None, None], pos[None, None], cache=cache, ffn_args=args)
         kc, vc = megastep.stack_cache(cache)
         tau = jnp.stack([a.tau for a in args])
-        launch = megastep.Launch(merge_bc=merge_bc, head_in=head_in)
         lg, kc, vc, k_l, fail = jax.jit(megastep.step, static_argnums=(0, 7))(
             model, megastep.pack(model), tok[None], pos[None], kc, vc, tau, launch
         )
@@ -298,6 +291,28 @@ def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc, head_in):
     np.testing.assert_array_equal(np.asarray(k_l), k_ref)
     assert 1 < k_ref.mean() < 0.9 * model.cfg.n_experts, "tau 0.5 should leave real sparsity"
     assert_close(lg[0], ref.logits[0, 0], "model_fp32", "logits")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "merge_bc,head_in", [(False, False), (True, False), (True, True)],
+    ids=["split", "merged", "merged_head"],
+)  # fmt: skip
+def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc, head_in):
+    """The whole SmolLM2 shape; with the attention and O projection as one phase too (44 row
+    parts a KV head, the last two empty), and with the final norm and the LM head inside the
+    launch (372 of the 49152 rows a program)."""
+    _gpu_step_vs_xla(PRESETS["smollm2-135m"], megastep.Launch(merge_bc=merge_bc, head_in=head_in))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile_bytes", [None, 32768], ids=["default_8k", "32k"])
+def test_gpu_step_matches_xla_at_the_1b_width(tile_bytes):
+    """Two layers of the Llama-3.2-1B shape (d 2048, f 8192, 8 KV heads, 128k vocabulary):
+    the width where 8 KB GEMV chunks are the default, and the 32 KB chunks it replaced."""
+    assert tm.default_tile_bytes(2048) == 8192
+    cfg = PRESETS["llama-3.2-1b"].replace(n_layers=2)
+    _gpu_step_vs_xla(cfg, megastep.Launch(tile_bytes=tile_bytes))
 
 
 @pytest.mark.gpu
