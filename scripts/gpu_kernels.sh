@@ -1443,25 +1443,27 @@ s35d)  # the 1B wake-up after the expert phase (2.6 µs a layer): which of the l
     --launches '{"base": {}, "rb0": {"prefetch_rb_kb": 0}, "pf0": {"prefetch_kb": 0}, "tile8k": {"tile_bytes": 8192}, "split": {"merge_bc": false}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
-s37a)  # the GPU tests (the 1B width at 8 KB chunks included), then the GEMV pipeline depth at
-  # the 1B width's 8 KB chunks (3 stages = 2 chunks in flight, 16 KB a program: the QKV phase
-  # streams ~14 GB/s an SM, latency-bound) and 4 / 16 KB chunks; dense re-timed
-  run timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
-    tests/test_megastep.py
-  run timeout 280 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
+s37a)  # the GEMV pipeline depth at the 1B width's 8 KB chunks (3 stages = 2 chunks in flight, 16
+  # KB a program: the QKV phase streams ~14 GB/s an SM, latency-bound), 4 KB chunks, and the next
+  # layer's QKV L2 prefetch before the selection instead of at the barrier arrival; dense re-timed
+  run timeout 400 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 2 \
-    --launches '{"default": {}, "gs4": {"gemv_stages": 4}, "gs6": {"gemv_stages": 6}, "gs8": {"gemv_stages": 8}, "us4": {"unit_stages": 4}, "t4k_gs8": {"tile_bytes": 4096, "gemv_stages": 8}, "t16k": {"tile_bytes": 16384}}' \
+    --launches '{"default": {}, "gs4": {"gemv_stages": 4}, "gs6": {"gemv_stages": 6}, "gs8": {"gemv_stages": 8}, "pfe": {"prefetch_early": true}, "pfe128": {"prefetch_early": true, "prefetch_kb": 128}, "t4k_gs8": {"tile_bytes": 4096, "gemv_stages": 8}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
-s37b)  # chunk bytes and pipeline depth at the 8B and SmolLM2 widths (32 KB by default there)
-  run timeout 300 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense --no-default \
+s37b)  # chunk bytes, pipeline depth and the early QKV prefetch at the 8B and SmolLM2 widths
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 2 \
-    --launches '{"t32k": {}, "t32k_gs4": {"gemv_stages": 4}, "t16k": {"tile_bytes": 16384}, "t16k_gs6": {"tile_bytes": 16384, "gemv_stages": 6}, "t8k": {"tile_bytes": 8192}, "t8k_gs8": {"tile_bytes": 8192, "gemv_stages": 8}}' \
+    --launches '{"t32k": {}, "t32k_gs4": {"gemv_stages": 4}, "t16k": {"tile_bytes": 16384}, "t16k_gs6": {"tile_bytes": 16384, "gemv_stages": 6}, "t8k_gs8": {"tile_bytes": 8192, "gemv_stages": 8}, "pfe": {"prefetch_early": true}}' \
     --out "$OUT/megastep_decode.jsonl"
   run timeout 200 python3 benchmarks/megastep_decode.py --shapes smollm2-135m --no-dense --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 2 \
-    --launches '{"t32k": {}, "t8k": {"tile_bytes": 8192}, "t8k_gs6": {"tile_bytes": 8192, "gemv_stages": 6}, "t16k": {"tile_bytes": 16384}}' \
+    --launches '{"t32k": {}, "t8k": {"tile_bytes": 8192}, "t8k_gs6": {"tile_bytes": 8192, "gemv_stages": 6}, "pfe": {"prefetch_early": true}}' \
     --out "$OUT/megastep_decode.jsonl"
+  ;;
+s37c)  # the one-launch GPU tests (the 1B width at 8 KB chunks included)
+  run timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
   ;;
 s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
