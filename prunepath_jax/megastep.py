@@ -288,7 +288,8 @@ class MegaState(NamedTuple):
 
 
 def _decode_chunk_impl(graphdef, state, mw, st: MegaState, temperature, top_p, stop_ids,
-                       pad_id, tau_l, *, n_steps: int, greedy: bool, launch: Launch):  # fmt: skip
+                       pad_id, tau_l, *, n_steps: int, greedy: bool, launch: Launch,
+                       unroll: int = 1):  # fmt: skip
     from prunepath_jax.generate import next_tokens
 
     model = nnx.merge(graphdef, state)
@@ -301,10 +302,11 @@ def _decode_chunk_impl(graphdef, state, mw, st: MegaState, temperature, top_p, s
         st = MegaState(nxt, st.pos_b + 1, done, kc, vc, rng, st.fail + jnp.sum(fail))
         return st, out_n.at[i].set(nxt[0])
 
-    return jax.lax.fori_loop(0, n_steps, body, (st, jnp.zeros((n_steps,), jnp.int32)))
+    init = (st, jnp.zeros((n_steps,), jnp.int32))
+    return jax.lax.fori_loop(0, n_steps, body, init, unroll=unroll)
 
 
-_STATIC = ("graphdef", "n_steps", "greedy", "launch")
+_STATIC = ("graphdef", "n_steps", "greedy", "launch", "unroll")
 decode_chunk = jax.jit(_decode_chunk_impl, static_argnames=_STATIC, donate_argnums=(3,))
 
 

@@ -1451,7 +1451,11 @@ s37a)  # the GEMV pipeline depth at the 1B width's 8 KB chunks (3 stages = 2 chu
     --launches '{"default": {}, "gs4": {"gemv_stages": 4}, "gs6": {"gemv_stages": 6}, "gs8": {"gemv_stages": 8}, "pfe": {"prefetch_early": true}, "pfe128": {"prefetch_early": true, "prefetch_kb": 128}, "t4k_gs8": {"tile_bytes": 4096, "gemv_stages": 8}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
-s37b)  # chunk bytes, pipeline depth and the early QKV prefetch at the 8B and SmolLM2 widths
+s37b)  # the decode loop unrolled (1B: span 664 vs busy 641 µs a step in the twenty-fifth session's
+  # trace), then chunk bytes, pipeline depth and the early QKV prefetch at the 8B and SmolLM2 widths
+  run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 3 --launches '{"default": {}}' --unroll 1 4 16 \
+    --out "$OUT/megastep_decode.jsonl"
   run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 2 \
     --launches '{"t32k": {}, "t32k_gs4": {"gemv_stages": 4}, "t16k": {"tile_bytes": 16384}, "t16k_gs6": {"tile_bytes": 16384, "gemv_stages": 6}, "t8k_gs8": {"tile_bytes": 8192, "gemv_stages": 8}, "pfe": {"prefetch_early": true}}' \
