@@ -50,6 +50,10 @@ PREFETCH_KEYS = 64
 # Where the next layer's QKV lines are asked for: at the expert phase's barrier arrival (False),
 # or before its selection (True), which reads no weights for ~2.6 µs a layer at 1B.
 PREFETCH_EARLY = False
+# prefetch_early's lines asked for with L2 priority evict_last: the expert phase between the
+# prefetch and its use streams 88 MB at 8B (75%) through a 50 MB L2. (Triton 3.6 drops
+# eviction_policy="evict_first" on the unit loop's pipelined cp.async copies: no PTX hint.)
+PREFETCH_LAST = False
 # Each program looks its units' experts up in a table (_unit_table) instead of two block-wide
 # reductions a unit: the 1B unit loop 9.1 vs 10.8 µs a layer, 8B (bound by bytes) the same
 # (BENCHMARKS.md, twenty-first session).
@@ -177,7 +181,7 @@ def constants(
     prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT, interpret: bool = False,
     vocab: int = 0, head_itemsize: int = 2, head_stages: int = HEAD_STAGES,
-    prefetch_early: bool = PREFETCH_EARLY,
+    prefetch_early: bool = PREFETCH_EARLY, prefetch_last: bool = PREFETCH_LAST,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -216,6 +220,7 @@ def constants(
         K_MAX=e if k_max is None else k_max, SCALE=float(hd**-0.5), SPIN=spin,
         TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
         RK=bool(unit_table and ranked_select), PFE=bool(prefetch_early),
+        PFL=bool(prefetch_early and prefetch_last),
         AST=int(attn_stages), NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
         **_ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes,
                        lines(prefetch_ao_kb), lines(prefetch_rb_kb), router_in_items),

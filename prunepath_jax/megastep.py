@@ -80,6 +80,7 @@ class Launch(NamedTuple):
     head_in: bool | None = None
     head_stages: int | None = None
     prefetch_early: bool | None = None
+    prefetch_last: bool | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:

@@ -1251,6 +1251,10 @@ s27b)  # the O phase's residual rows loaded once (the only hoist kept); "auto" t
     tests/test_megastep.py
   run timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_api.py -k fp32_sparse_generation
+  ;;
+s37c)  # the one-launch GPU tests (the 1B width at 8 KB chunks included), SmolLM2's chunks
+  run timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
   run timeout 200 python3 benchmarks/megastep_decode.py --shapes smollm2-135m \
     --sparsities 0.5 0.75 0.9 --check-steps 2 --out "$OUT/megastep_decode.jsonl"
   run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
@@ -1448,7 +1452,7 @@ s37a)  # the GEMV pipeline depth at the 1B width's 8 KB chunks (3 stages = 2 chu
   # layer's QKV L2 prefetch before the selection instead of at the barrier arrival; dense re-timed
   run timeout 400 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 2 \
-    --launches '{"default": {}, "gs4": {"gemv_stages": 4}, "gs6": {"gemv_stages": 6}, "gs8": {"gemv_stages": 8}, "pfe": {"prefetch_early": true}, "pfe128": {"prefetch_early": true, "prefetch_kb": 128}, "t4k_gs8": {"tile_bytes": 4096, "gemv_stages": 8}}' \
+    --launches '{"default": {}, "gs4": {"gemv_stages": 4}, "gs6": {"gemv_stages": 6}, "gs8": {"gemv_stages": 8}, "pfe": {"prefetch_early": true}, "pfe128": {"prefetch_early": true, "prefetch_kb": 128}, "pfe128L": {"prefetch_early": true, "prefetch_kb": 128, "prefetch_last": true}, "t4k_gs8": {"tile_bytes": 4096, "gemv_stages": 8}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
 s37b)  # the decode loop unrolled (1B: span 664 vs busy 641 µs a step in the twenty-fifth session's
@@ -1458,16 +1462,12 @@ s37b)  # the decode loop unrolled (1B: span 664 vs busy 641 µs a step in the tw
     --out "$OUT/megastep_decode.jsonl"
   run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 2 \
-    --launches '{"t32k": {}, "t32k_gs4": {"gemv_stages": 4}, "t16k": {"tile_bytes": 16384}, "t16k_gs6": {"tile_bytes": 16384, "gemv_stages": 6}, "t8k_gs8": {"tile_bytes": 8192, "gemv_stages": 8}, "pfe": {"prefetch_early": true}}' \
+    --launches '{"t32k": {}, "t32k_gs4": {"gemv_stages": 4}, "t16k_gs6": {"tile_bytes": 16384, "gemv_stages": 6}, "pfe": {"prefetch_early": true}, "pfe128L": {"prefetch_early": true, "prefetch_kb": 128, "prefetch_last": true}, "o256": {"prefetch_o_kb": 256}}' \\
     --out "$OUT/megastep_decode.jsonl"
   run timeout 200 python3 benchmarks/megastep_decode.py --shapes smollm2-135m --no-dense --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 2 \
-    --launches '{"t32k": {}, "t8k": {"tile_bytes": 8192}, "t8k_gs6": {"tile_bytes": 8192, "gemv_stages": 6}, "pfe": {"prefetch_early": true}}' \
+    --launches '{"t32k": {}, "t8k": {"tile_bytes": 8192}, "pfe": {"prefetch_early": true}}' \
     --out "$OUT/megastep_decode.jsonl"
-  ;;
-s37c)  # the one-launch GPU tests (the 1B width at 8 KB chunks included)
-  run timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
-    tests/test_megastep.py
   ;;
 s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
