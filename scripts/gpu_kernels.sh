@@ -1251,10 +1251,6 @@ s27b)  # the O phase's residual rows loaded once (the only hoist kept); "auto" t
     tests/test_megastep.py
   run timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_api.py -k fp32_sparse_generation
-  ;;
-s37c)  # the one-launch GPU tests (the 1B width at 8 KB chunks included), SmolLM2's chunks
-  run timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
-    tests/test_megastep.py
   run timeout 200 python3 benchmarks/megastep_decode.py --shapes smollm2-135m \
     --sparsities 0.5 0.75 0.9 --check-steps 2 --out "$OUT/megastep_decode.jsonl"
   run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
@@ -1456,14 +1452,19 @@ s37a)  # the GEMV pipeline depth at the 1B width's 8 KB chunks (3 stages = 2 chu
     --out "$OUT/megastep_decode.jsonl"
   ;;
 s37b)  # the decode loop unrolled (1B: span 664 vs busy 641 µs a step in the twenty-fifth session's
-  # trace), then chunk bytes, pipeline depth and the early QKV prefetch at the 8B and SmolLM2 widths
+  # trace), then chunk bytes, pipeline depth, the early QKV prefetch and the whole W_o block's
+  # prefetch (during the attention phase, which 100 of 132 programs sit out) at the 8B width
   run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 3 --launches '{"default": {}}' --unroll 1 4 16 \
     --out "$OUT/megastep_decode.jsonl"
-  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense --no-default \
+  run timeout 400 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 2 \
-    --launches '{"t32k": {}, "t32k_gs4": {"gemv_stages": 4}, "t16k_gs6": {"tile_bytes": 16384, "gemv_stages": 6}, "pfe": {"prefetch_early": true}, "pfe128L": {"prefetch_early": true, "prefetch_kb": 128, "prefetch_last": true}, "o256": {"prefetch_o_kb": 256}}' \\
+    --launches '{"t32k": {}, "t32k_gs4": {"gemv_stages": 4}, "t16k_gs6": {"tile_bytes": 16384, "gemv_stages": 6}, "pfe": {"prefetch_early": true}, "pfe128L": {"prefetch_early": true, "prefetch_kb": 128, "prefetch_last": true}, "o256": {"prefetch_o_kb": 256}}' \
     --out "$OUT/megastep_decode.jsonl"
+  ;;
+s37c)  # the one-launch GPU tests (the 1B width at 8 KB chunks included), SmolLM2's chunk bytes
+  run timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
   run timeout 200 python3 benchmarks/megastep_decode.py --shapes smollm2-135m --no-dense --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 2 \
     --launches '{"t32k": {}, "t8k": {"tile_bytes": 8192}, "pfe": {"prefetch_early": true}}' \
