@@ -1470,6 +1470,14 @@ s37c)  # the one-launch GPU tests (the 1B width at 8 KB chunks included), SmolLM
     --launches '{"t32k": {}, "t8k": {"tile_bytes": 8192}, "pfe": {"prefetch_early": true}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
+s37d)  # steps a compiled call: 16 vs 40 (same 256-position cache), dense and the one-launch step
+  # (the twenty-fifth session's trace: 699 µs a token timed vs a 664 µs device span a step)
+  for st in "16 6" "40 2"; do set -- $st
+    run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
+      --sparsities 0.75 --check-steps 1 --rounds 3 --prompt-len 16 --steps $1 --chunks $2 \
+      --out "$OUT/megastep_decode.jsonl"
+  done
+  ;;
 s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py
