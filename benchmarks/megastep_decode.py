@@ -64,25 +64,22 @@ def _state(model, prompt_len, ctx, mod=megastep):
     )  # fmt: skip
 
 
-def _chunk_call(model, mw, tau_l, steps, launch, mod=megastep, unroll=1):
+def _chunk_call(model, mw, tau_l, steps, launch, mod=megastep):
     """``state -> (state, tokens)``: one compiled call of ``steps`` greedy one-launch steps
-    (``mod``: the ``megastep`` module whose decode loop runs; ``unroll``: steps a loop
-    iteration)."""
+    (``mod``: the ``megastep`` module whose decode loop runs)."""
     graphdef, state = nnx.split(model)
     args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), tau_l)
     kw = dict(n_steps=steps, greedy=True, launch=launch)
-    if unroll != 1:  # (a baseline module may predate the keyword)
-        kw["unroll"] = unroll
     return lambda st: mod.decode_chunk(graphdef, state, mw, st, *args, **kw)
 
 
-def mega_timer(model, mw, tau_l, prompt_len, steps, chunks, launch, mod=megastep, unroll=1):
+def mega_timer(model, mw, tau_l, prompt_len, steps, chunks, launch, mod=megastep):
     """A compiled, warmed ``() -> (µs per step, barrier failures)`` of the one-launch path
     (same loop shape as ``time_decode``): each call times ``chunks`` calls of ``steps`` tokens
     from a fresh cache at ``prompt_len`` after one untimed call, so every call sees the same
     context lengths and calls of several variants can interleave (``round_stats``)."""
     ctx = decode_cache_len(prompt_len, steps, chunks)
-    call = _chunk_call(model, mw, tau_l, steps, launch, mod, unroll)
+    call = _chunk_call(model, mw, tau_l, steps, launch, mod)
 
     def run() -> tuple[float, int]:
         st, _ = call(_state(model, prompt_len, ctx, mod))
@@ -259,14 +256,6 @@ def main() -> None:
         default='{"default": {}}',
         help='JSON {label: Launch fields}, each timed, e.g. {"p264": {"programs": 264}}',
     )
-    ap.add_argument(
-        "--unroll",
-        nargs="+",
-        type=int,
-        default=[1],
-        help="decode-loop unroll factors: each launch is also timed with each factor but 1 "
-        "(label suffix _uN; XLA's while loop between steps vs straight-line steps)",
-    )
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--no-default", action="store_true", help="skip the default kernels' row")
     ap.add_argument("--baseline", help="another megastep module, timed first in every round")
@@ -324,14 +313,6 @@ def main() -> None:
                         fields.update(trace_mega(sparse, mw, tau_l, a.prompt_len, a.steps, launch))
                     timer = mega_timer(sparse, mw, tau_l, a.prompt_len, a.steps, a.chunks, launch)
                     prepared[label] = (timer, fields)
-                    for u in a.unroll:
-                        if u != 1:
-                            timer = mega_timer(sparse, mw, tau_l, a.prompt_len, a.steps, a.chunks,
-                                               launch, unroll=u)  # fmt: skip
-                            prepared[f"{label}_u{u}"] = (
-                                timer,
-                                {**fields, "unroll": u, "launch": launch._asdict()},
-                            )
                 except Exception as err:  # report and go on with the next variant
                     print(f"{shape} s{s} {label}: {type(err).__name__}: {err}"[:600], flush=True)
             us = {label: [] for label in prepared}

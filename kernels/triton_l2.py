@@ -14,24 +14,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_LAST = tl.constexpr("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;")
-
 
 @triton.jit
-def l2_lines(ptrs, LAST: tl.constexpr = False):
+def l2_lines(ptrs):
     """``prefetch.global.L2`` of the line holding each address of the pointer tensor ``ptrs``
-    (every address must be inside an allocation); ``LAST``: ``prefetch.global.L2::evict_last``,
-    lines other traffic is to push out last."""
-    if LAST:
-        tl.inline_asm_elementwise(_LAST, "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                  dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+    (every address must be inside an allocation)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
 @triton.jit
-def l2_prefetch(ptr, n, LINES: tl.constexpr, STEP: tl.constexpr, LAST: tl.constexpr = False):
+def l2_prefetch(ptr, n, LINES: tl.constexpr, STEP: tl.constexpr):
     """L2 prefetch of ``ptr[0:n]`` (``n`` > 0), at most ``LINES`` lines of ``STEP`` elements
-    (``STEP`` = 128 bytes / element size) from the start (``LAST``: as ``l2_lines``)."""
-    # no address past the range
-    l2_lines(ptr + tl.minimum(tl.arange(0, LINES) * STEP, n - 1), LAST)
+    (``STEP`` = 128 bytes / element size) from the start."""
+    l2_lines(ptr + tl.minimum(tl.arange(0, LINES) * STEP, n - 1))  # no address past the range

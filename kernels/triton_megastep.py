@@ -95,10 +95,8 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     HEAD_STAGES,
     MERGE_BLOCK_T,
     PREFETCH_AO_KB,
-    PREFETCH_EARLY,
     PREFETCH_KB,
     PREFETCH_KEYS,
-    PREFETCH_LAST,
     PREFETCH_O_KB,
     PREFETCH_RB_KB,
     RANKED_SELECT,
@@ -198,8 +196,7 @@ def _megastep_kernel(
     RBA: tl.constexpr, HS: tl.constexpr, R_Z: tl.constexpr, R_Z_PAD: tl.constexpr,
     RK: tl.constexpr, HI: tl.constexpr, V: tl.constexpr, R_H: tl.constexpr, BRC_H: tl.constexpr,
     PF_H: tl.constexpr, STEP_H: tl.constexpr, HST: tl.constexpr, WS_F: tl.constexpr,
-    WS_LG: tl.constexpr, WS_CTR: tl.constexpr, WS_N: tl.constexpr, PFE: tl.constexpr,
-    PFL: tl.constexpr,
+    WS_LG: tl.constexpr, WS_CTR: tl.constexpr, WS_N: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -346,12 +343,6 @@ def _megastep_kernel(
         if RC:
             x2, rstd = _normed(hn, fn, ln2_ptr + layer * D, D, D_PAD, EPS, False)
             lgv *= rstd
-        if PFE:  # the next layer's QKV (and router) lines while the selection computes
-            if layer + 1 < L:
-                _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, BRC_A, PF_A, STEP_A,
-                         PFL)  # fmt: skip
-                if RBA:
-                    _pf_rows(wr_ptr + (lw + 1) * E * D, pid, R_B, E, D, 0, PF_RB, STEP_D, PFL)
         if RK:  # the selected experts in rank order: the table needs no scan
             expert, gate, k = _select_ranked(lgv, tau, E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
             cnt = expert  # unread: the unit loop reads the table
@@ -380,11 +371,10 @@ def _megastep_kernel(
         if layer + 1 < L:
             _arrive(ctr_ptr)
             wa = _first_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, D_PAD, BRC_A)
-            if not PFE:
-                _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, BRC_A, PF_A,
-                         STEP_A)  # fmt: skip
-                if RBA:
-                    _pf_rows(wr_ptr + (lw + 1) * E * D, pid, R_B, E, D, 0, PF_RB, STEP_D)
+            _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, BRC_A, PF_A,
+                     STEP_A)  # fmt: skip
+            if RBA:
+                _pf_rows(wr_ptr + (lw + 1) * E * D, pid, R_B, E, D, 0, PF_RB, STEP_D)
             ph += 1
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
     if HI:  # the final norm and the LM head's rows: the step's logits without another launch
@@ -410,7 +400,6 @@ def megastep(
     unit_table: bool = UNIT_TABLE, attn_stages: int = ATTN_STAGES, merge_bc: bool | None = None,
     parts: int = 0, prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT,
-    prefetch_early: bool = PREFETCH_EARLY, prefetch_last: bool = PREFETCH_LAST,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``, or
     with ``head_in`` the logits ``[V]`` f32 instead of ``h_d``.
@@ -478,8 +467,7 @@ def megastep(
         prefetch_ao_kb=prefetch_ao_kb, prefetch_rb_kb=prefetch_rb_kb,
         router_in_items=router_in_items, ranked_select=ranked_select, interpret=interpret,
         vocab=vocab, head_itemsize=jnp.dtype(head_vd.dtype).itemsize if head_in else 2,
-        head_stages=head_stages, prefetch_early=prefetch_early,
-        prefetch_last=prefetch_last,
+        head_stages=head_stages,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32

@@ -18,9 +18,14 @@ TILE_BYTES = 32 * 1024  # one GEMV row chunk (the prefetched one in registers, t
 # the expert phase and the merged attention + O phase is 1.2 µs shorter — fewer registers held
 # across the barriers by the chunk loaded before them (4 warps: 64 registers a thread for 32 KB;
 # ptxas: 80 spilled bytes at 32 KB, none at 8 KB). Measured with the merged phase (a 256-position
-# cache); other widths keep 32 KB until measured (BENCHMARKS.md, twenty-sixth session).
+# cache). Other widths keep 32 KB, measured (75%, 2 paired rounds, µs a token): SmolLM2 497.0
+# vs 516.4 with 8 KB; 8B 2583 vs 2590 with 16 KB + 6 stages; 4 KB at 1B 770.9 (BENCHMARKS.md,
+# twenty-sixth and twenty-seventh sessions).
 TILE_BYTES_1B = 8 * 1024
-STAGES = 3  # software-pipeline stages of the GEMV and unit loops (cp.async into shared memory)
+# Software-pipeline stages of the GEMV and unit loops (cp.async into shared memory). More GEMV
+# stages measured slower at the 1B width's 8 KB chunks (669.3 µs a token at 3, 671.8 / 685.6 /
+# 707.9 at 4 / 6 / 8) and a tie at 8B (2583 vs 2572 at 4); twenty-seventh session.
+STAGES = 3
 BLOCK_T = 32  # cached keys a split attention work item reads at once
 # Warps a program: 0 picks by the expert count — 4 up to 256 experts (1B at 75%: 722 vs 748 µs a
 # token; the selection and unit loop faster, the attention slower), 8 above (8B: 4 warps tie,
@@ -43,17 +48,14 @@ LINE = 128  # bytes of an L2 prefetch line
 # L2 prefetch at a program's barrier arrival (BENCHMARKS.md, twentieth session: 4-6% faster at
 # 1B, neutral within noise at 8B with 4 key splits): KB of its next QKV (and router) block, of
 # its W_o block (32: the whole rest of a 1B block; 0 measured the same at 8B), and cached keys
-# (and values) of an attention item.
+# (and values) of an attention item. Measured and not kept (twenty-seventh session, 75%): the
+# next QKV block's lines asked for before the expert phase's selection instead (1B 672.6 vs
+# 669.3 µs a token, the wake-up 0.5 µs shorter but the QKV phase 0.8 longer; 8B and SmolLM2
+# ties), with 128 KB or L2 priority evict_last (1B 679.3 / 682.2), and the whole W_o block during
+# the 8B attention phase (prefetch_o_kb 256: 2603 vs 2583).
 PREFETCH_KB = 64
 PREFETCH_O_KB = 32
 PREFETCH_KEYS = 64
-# Where the next layer's QKV lines are asked for: at the expert phase's barrier arrival (False),
-# or before its selection (True), which reads no weights for ~2.6 µs a layer at 1B.
-PREFETCH_EARLY = False
-# prefetch_early's lines asked for with L2 priority evict_last: the expert phase between the
-# prefetch and its use streams 88 MB at 8B (75%) through a 50 MB L2. (Triton 3.6 drops
-# eviction_policy="evict_first" on the unit loop's pipelined cp.async copies: no PTX hint.)
-PREFETCH_LAST = False
 # Each program looks its units' experts up in a table (_unit_table) instead of two block-wide
 # reductions a unit: the 1B unit loop 9.1 vs 10.8 µs a layer, 8B (bound by bytes) the same
 # (BENCHMARKS.md, twenty-first session).
@@ -181,7 +183,6 @@ def constants(
     prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT, interpret: bool = False,
     vocab: int = 0, head_itemsize: int = 2, head_stages: int = HEAD_STAGES,
-    prefetch_early: bool = PREFETCH_EARLY, prefetch_last: bool = PREFETCH_LAST,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -219,8 +220,7 @@ def constants(
         EPS=float(eps), NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min,
         K_MAX=e if k_max is None else k_max, SCALE=float(hd**-0.5), SPIN=spin,
         TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
-        RK=bool(unit_table and ranked_select), PFE=bool(prefetch_early),
-        PFL=bool(prefetch_early and prefetch_last),
+        RK=bool(unit_table and ranked_select),
         AST=int(attn_stages), NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
         **_ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes,
                        lines(prefetch_ao_kb), lines(prefetch_rb_kb), router_in_items),

@@ -79,8 +79,6 @@ class Launch(NamedTuple):
     ranked_select: bool | None = None
     head_in: bool | None = None
     head_stages: int | None = None
-    prefetch_early: bool | None = None
-    prefetch_last: bool | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:
@@ -289,8 +287,7 @@ class MegaState(NamedTuple):
 
 
 def _decode_chunk_impl(graphdef, state, mw, st: MegaState, temperature, top_p, stop_ids,
-                       pad_id, tau_l, *, n_steps: int, greedy: bool, launch: Launch,
-                       unroll: int = 1):  # fmt: skip
+                       pad_id, tau_l, *, n_steps: int, greedy: bool, launch: Launch):  # fmt: skip
     from prunepath_jax.generate import next_tokens
 
     model = nnx.merge(graphdef, state)
@@ -303,11 +300,10 @@ def _decode_chunk_impl(graphdef, state, mw, st: MegaState, temperature, top_p, s
         st = MegaState(nxt, st.pos_b + 1, done, kc, vc, rng, st.fail + jnp.sum(fail))
         return st, out_n.at[i].set(nxt[0])
 
-    init = (st, jnp.zeros((n_steps,), jnp.int32))
-    return jax.lax.fori_loop(0, n_steps, body, init, unroll=unroll)
+    return jax.lax.fori_loop(0, n_steps, body, (st, jnp.zeros((n_steps,), jnp.int32)))
 
 
-_STATIC = ("graphdef", "n_steps", "greedy", "launch", "unroll")
+_STATIC = ("graphdef", "n_steps", "greedy", "launch")
 decode_chunk = jax.jit(_decode_chunk_impl, static_argnames=_STATIC, donate_argnums=(3,))
 
 

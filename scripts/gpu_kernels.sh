@@ -1443,7 +1443,7 @@ s35d)  # the 1B wake-up after the expert phase (2.6 µs a layer): which of the l
     --launches '{"base": {}, "rb0": {"prefetch_rb_kb": 0}, "pf0": {"prefetch_kb": 0}, "tile8k": {"tile_bytes": 8192}, "split": {"merge_bc": false}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
-s37a)  # the GEMV pipeline depth at the 1B width's 8 KB chunks (3 stages = 2 chunks in flight, 16
+s37a)  # (ran at 0d94a49; prefetch_early / prefetch_last removed after) the GEMV pipeline depth at the 1B width's 8 KB chunks (3 stages = 2 chunks in flight, 16
   # KB a program: the QKV phase streams ~14 GB/s an SM, latency-bound), 4 KB chunks, and the next
   # layer's QKV L2 prefetch before the selection instead of at the barrier arrival; dense re-timed
   run timeout 400 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
@@ -1451,7 +1451,7 @@ s37a)  # the GEMV pipeline depth at the 1B width's 8 KB chunks (3 stages = 2 chu
     --launches '{"default": {}, "gs4": {"gemv_stages": 4}, "gs6": {"gemv_stages": 6}, "gs8": {"gemv_stages": 8}, "pfe": {"prefetch_early": true}, "pfe128": {"prefetch_early": true, "prefetch_kb": 128}, "pfe128L": {"prefetch_early": true, "prefetch_kb": 128, "prefetch_last": true}, "t4k_gs8": {"tile_bytes": 4096, "gemv_stages": 8}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
-s37b)  # the decode loop unrolled (1B: span 664 vs busy 641 µs a step in the twenty-fifth session's
+s37b)  # (ran at 0d94a49; --unroll, prefetch_early / prefetch_last removed after) the decode loop unrolled (1B: span 664 vs busy 641 µs a step in the twenty-fifth session's
   # trace), then chunk bytes, pipeline depth, the early QKV prefetch and the whole W_o block's
   # prefetch (during the attention phase, which 100 of 132 programs sit out) at the 8B width
   run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense --no-default \
