@@ -1478,6 +1478,12 @@ s37d)  # steps a compiled call: 16 vs 40 (same 256-position cache), dense and th
       --out "$OUT/megastep_decode.jsonl"
   done
   ;;
+s37e)  # the unit loop's pipeline depth at 1B (~8 units of 24 KB a program a layer, 2 in flight)
+  run timeout 250 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 2 \
+    --launches '{"default": {}, "us4": {"unit_stages": 4}, "us5": {"unit_stages": 5}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  ;;
 s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py
