@@ -24,7 +24,8 @@ TILE_BYTES = 32 * 1024  # one GEMV row chunk (the prefetched one in registers, t
 TILE_BYTES_1B = 8 * 1024
 # Software-pipeline stages of the GEMV and unit loops (cp.async into shared memory). More GEMV
 # stages measured slower at the 1B width's 8 KB chunks (669.3 µs a token at 3, 671.8 / 685.6 /
-# 707.9 at 4 / 6 / 8) and a tie at 8B (2583 vs 2572 at 4); twenty-seventh session.
+# 707.9 at 4 / 6 / 8) and a tie at 8B (2583 vs 2572 at 4); unit-loop stages 4 / 5 at 1B tie
+# (687.6 / 693.8 vs 687.6); twenty-seventh session.
 STAGES = 3
 BLOCK_T = 32  # cached keys a split attention work item reads at once
 # Warps a program: 0 picks by the expert count — 4 up to 256 experts (1B at 75%: 722 vs 748 µs a
