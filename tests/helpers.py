@@ -9,6 +9,9 @@ import sys
 
 import numpy as np
 
+# Lowering for the H200 without a GPU (one place for the tests and scripts/megastep_census.py).
+from prunepath_jax.kernels.sm90 import compile_sm90 as sm90_compile  # noqa: F401
+
 TOL = {
     "op_fp32": 1e-5,  # simple ops in float32
     "model_fp32": 1e-4,  # whole models in float32
@@ -85,29 +88,6 @@ def prefill_cache(model, tokens_bt, cache_len: int):
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cache = init_cache(model.cfg, b, cache_len, model.embed_tokens.embedding.dtype)
     return model(tokens_bt, pos, cache=cache).cache
-
-
-def sm90_compile(kernel, sig: dict, const: dict, warps=4, stages=3):
-    """Lowers a ``@triton.jit`` kernel to PTX and cubin for sm_90 (the H200) with triton's own
-    compiler, as jax-triton would: catches GPU-only errors without a GPU. ``sig``: the pointer
-    parameters' types in order; ``const``: the constexprs by name."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = list(kernel.arg_names)  # pointer parameters first, then the constexprs
-    full = dict(
-        zip(names, [*sig.values(), *(["constexpr"] * (len(names) - len(sig)))], strict=True)
-    )
-    constexprs = {(names.index(k),): v for k, v in const.items()}
-    # jax-triton marks every array argument 16-byte aligned (XLA's buffers are): without it the
-    # loads compile to 2-byte scalars and no cp.async pipeline, a different kernel.
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig))}
-    src = ASTSource(fn=kernel, signature=full, constexprs=constexprs, attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": warps, "num_stages": stages})  # fmt: skip
-    assert "cubin" in ck.asm and ck.metadata.shared <= 227 * 1024
-    return ck
 
 
 def run_triton_interpreted(argv: list[str], timeout: int = 600) -> str:

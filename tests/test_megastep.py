@@ -131,6 +131,27 @@ def test_small_tiles_at_the_1b_width_lower_for_sm90():
     assert "cp.async.cg" in ptx.asm["ptx"]
 
 
+def test_census_compiles_the_launch_megastep_plans():
+    """``scripts/megastep_census.py`` plans through ``megastep`` itself (its ``triton_call``
+    caught under ``eval_shape``): at the 1B width the constexprs are the launch arithmetic's (8
+    KB chunks: 2 QKV rows each; 32 KB: 8), the pointer types are the ones this file writes by
+    hand, and the compiled kernel's report is filled in."""
+    sys.path.insert(0, str(HERE.parent / "scripts"))
+    import megastep_census
+
+    cfg = PRESETS["llama-3.2-1b"]
+    sig, const, warps = megastep_census.plan(cfg, megastep.Launch())
+    assert (const["BRC_A"], const["P"], const["E"], warps) == (2, 132, 256, 4)
+    assert list(sig.values()) == list(_signature(False).values())
+    big = megastep_census.plan(cfg, megastep.Launch(tile_bytes=32768))[1]
+    assert big["BRC_A"] == 8 and {k: v for k, v in big.items() if k != "BRC_A"} != const
+    with pytest.raises(ValueError, match="tile_bytes"):  # megastep's own checks run
+        megastep_census.plan(cfg, megastep.Launch(tile_bytes=-1))
+    row = megastep_census.census(cfg, megastep.Launch())
+    assert 64 <= row["registers"] <= 255 and row["shared_bytes"] > 0
+    assert row["BAR"] > 0 and row["SHFL"] > 0 and row["ptx_prefetch"] > 0
+
+
 def test_head_phase_lowers_for_sm90():
     """The launch that ends with the final norm and the LM head (the 1B shape, 128256 rows over
     132 programs: 972 a program, 8 a chunk) compiles for sm_90 with one more grid barrier, its

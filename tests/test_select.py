@@ -57,7 +57,7 @@ def test_selection_matches_routing(case, ranked, results):
 
 
 def test_selection_lowers_for_sm90():
-    """Compiles to an sm_90 cubin within the shared-memory limit (sm90_compile's assertions)
+    """Compiles to an sm_90 cubin within the shared-memory limit (sm90_compile raises otherwise)
     at the 8B, 1B and a small expert count."""
     from helpers import sm90_compile
 
