@@ -1485,6 +1485,13 @@ s37e)  # the unit loop's pipeline depth at 1B (~8 units of 24 KB a program a lay
     --launches '{"default": {}, "us4": {"unit_stages": 4}, "us5": {"unit_stages": 5}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
+s38a)  # next session: the 8B width's chunk bytes, never timed alone (triton 3.6 spills 120 / 60 /
+  # 52 / 36 bytes at 32 / 16 / 8 KB / 8 KB with 4 warps: scripts/megastep_census.py), dense re-timed
+  run timeout 560 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 3 \
+    --launches '{"t32k": {}, "t16k": {"tile_bytes": 16384}, "t8k": {"tile_bytes": 8192}, "t8k_w4": {"tile_bytes": 8192, "warps": 4}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  ;;
 s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's real SmolLM2 timing
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py
