@@ -49,13 +49,15 @@ def compile_sm90(kernel, sig: dict, const: dict, warps: int = 4, stages: int = 3
     return ck
 
 
-def _tool(name: str) -> str:
-    import triton.backends.nvidia as nv
-
-    path = os.path.join(os.path.dirname(nv.__file__), "bin", name)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: this triton wheel does not bundle {name}")
-    return path
+def _run_on_file(data: str | bytes, suffix: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """Runs ``argv + [a temporary file holding data]`` (the tools read files, not stdin)."""
+    with tempfile.NamedTemporaryFile("wb" if isinstance(data, bytes) else "w", suffix=suffix,
+                                     delete=False) as f:  # fmt: skip
+        f.write(data)
+    try:
+        return subprocess.run([*argv, f.name], capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(f.name)
 
 
 def ptxas_info(ptx: str) -> dict:
@@ -64,13 +66,8 @@ def ptxas_info(ptx: str) -> dict:
     registers a thread, spill store / load bytes and the stack frame, as ints."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        out = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", f.name, "-o",
-                              os.devnull], capture_output=True, text=True, check=True)  # fmt: skip
-    finally:
-        os.unlink(f.name)
+    argv = [get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", "-o", os.devnull]
+    out = _run_on_file(ptx, ".ptx", argv)
 
     def grab(pattern: str) -> int:
         m = re.search(pattern, out.stderr)
@@ -88,13 +85,9 @@ def sass_ops(cubin: bytes) -> collections.Counter:
     """SASS opcode counts of a cubin (``nvdisasm``), by base opcode (``SHFL.BFLY`` -> ``SHFL``):
     static counts, not executed ones, but the cross-thread ones (``BAR``, ``SHFL``) mark a
     latency chain's steps."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        sass = subprocess.run([_tool("nvdisasm"), f.name], capture_output=True, text=True,
-                              check=True).stdout  # fmt: skip
-    finally:
-        os.unlink(f.name)
+    from triton import knobs
+
+    sass = _run_on_file(cubin, ".cubin", [knobs.nvidia.nvdisasm.path]).stdout
     ops = collections.Counter()
     for line in sass.splitlines():
         m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)

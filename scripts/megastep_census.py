@@ -6,9 +6,10 @@
 
 Why: a GPU run is the only judge of speed, but whether a launch variant spills, how much shared
 memory its pipelines take and how many CTA barriers and shuffles its phases chain are facts of
-the compiled code. The launch is planned by ``triton_megastep.megastep`` itself (under
-``jax.eval_shape``, its ``triton_call`` caught before it launches), so the numbers are for the
-exact constexprs and pointer types a real call would compile. ``--launches`` takes
+the compiled code. The launch is planned by the decode step itself (``megastep.pack`` and
+``megastep.step`` of an abstract model under ``jax.eval_shape``, ``triton_call`` caught before
+it launches), so the numbers are for the exact constexprs and pointer types a real call would
+compile. ``--launches`` takes
 ``megastep.Launch`` fields, as ``benchmarks/megastep_decode.py`` does; ``--interpret`` is not a
 thing here (the interpreter drops the L2 prefetch lines).
 
@@ -22,16 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from functools import partial
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from prunepath_jax import megastep
 from prunepath_jax.config import PRESETS
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels import triton_megastep as tm
 from prunepath_jax.kernels.sm90 import compile_sm90, ptxas_info, sass_ops
-from prunepath_jax.megastep import Launch
+from prunepath_jax.kernels.synthetic import sparse_llama
 
 _NOT_CONSTEXPR = ("input_output_aliases", "zeroed_outputs", "interpret", "grid", "num_stages")
 _PTR = {jnp.dtype(jnp.bfloat16): "*bf16", jnp.dtype(jnp.float16): "*fp16",
@@ -39,26 +41,13 @@ _PTR = {jnp.dtype(jnp.bfloat16): "*bf16", jnp.dtype(jnp.float16): "*fp16",
         jnp.dtype(jnp.int64): "*i64"}  # fmt: skip
 
 
-def _inputs(cfg, s_max: int, head_in: bool) -> list:
-    """``megastep``'s array arguments as shapes: bf16 weights and cache, the fp32 router and
-    its O-projection product, as ``megastep.pack`` lays them out."""
-    n, d, hd, kv, hq = cfg.n_layers, cfg.d_model, cfg.head_dim, cfg.n_kv_heads, cfg.n_heads
-    e = cfg.n_experts or cfg.d_ff // 32  # a dense preset: the conversion's 32-neuron experts
-    f, v = cfg.d_ff, cfg.vocab_size
-    s = jax.ShapeDtypeStruct
-    bf, f32, i32 = jnp.bfloat16, jnp.float32, jnp.int32
-    arrays = [s((v, d), bf), s((1,), i32), s((hd // 2,), f32), s((1,), i32), s((n,), f32),
-              s((n, d), bf), s((n, d), bf), s((n, (hq + 2 * kv) * hd, d), bf),
-              s((n, d, hq * hd), bf), s((n, e, d), f32), s((n, e, hq * hd), f32),
-              s((n, 2, f, d), bf), s((n, f, d), bf), s((n, s_max, kv, hd), bf),
-              s((n, s_max, kv, hd), bf)]  # fmt: skip
-    heads = [s((v, d), bf), s((d,), bf)] if head_in else [None, None]
-    return arrays, heads
-
-
-def plan(cfg, launch: Launch, s_max: int = 256, programs: int = 132) -> tuple[dict, dict, int]:
-    """``(signature, constexprs, warps)`` of the launch ``megastep`` would make for this model
-    shape: its own checks and defaults, its ``triton_call`` intercepted."""
+def plan(
+    cfg, launch: megastep.Launch, s_max: int = 256, programs: int = 132
+) -> tuple[dict, dict, int]:
+    """``(signature, constexprs, warps)`` of the launch one decode step makes for this model
+    shape: an abstract PrunePath model (``nnx.eval_shape``, no weights allocated) through
+    ``megastep.pack`` and ``megastep.step`` under ``jax.eval_shape``, with ``triton_call``
+    caught, so the kernel's own checks, defaults and weight layout decide everything."""
     caught = {}
 
     def fake_call(kernel, *args, out_shape, num_warps, **kw):
@@ -71,19 +60,26 @@ def plan(cfg, launch: Launch, s_max: int = 256, programs: int = 132) -> tuple[di
         return [jnp.zeros(o.shape, jnp.int32 if o.dtype == jnp.int64 else o.dtype)
                 for o in out_shape]  # fmt: skip
 
-    opts = {k: v for k, v in launch._asdict().items() if v is not None}
-    opts.setdefault("programs", programs)  # the H200's SMs; no GPU here to ask
-    arrays, (head, norm) = _inputs(cfg, s_max, bool(opts.get("head_in")))
+    launch = launch._replace(programs=launch.programs or programs)  # no GPU here to ask
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: sparse_llama(cfg, None)))
+    n = cfg.n_layers
+
+    def one_step(state):
+        model = nnx.merge(graphdef, state)
+        kc = jnp.zeros((n, s_max, cfg.n_kv_heads, cfg.head_dim), jnp.bfloat16)
+        i1 = jnp.zeros((1,), jnp.int32)
+        mw = megastep.pack(model, head=bool(launch.head_in))
+        return megastep.step(model, mw, i1, i1, kc, kc, jnp.ones((n,), jnp.float32), launch)
+
     real, jt.triton_call = jt.triton_call, fake_call
     try:
-        call = partial(tm.megastep, eps=cfg.norm_eps, **opts)
-        jax.eval_shape(lambda *a: call(*a, head_vd=head, norm_d=norm), *arrays)
+        jax.eval_shape(one_step, state)
     finally:
         jt.triton_call = real
     return caught["sig"], caught["const"], caught["warps"]
 
 
-def census(cfg, launch: Launch, s_max: int = 256) -> dict:
+def census(cfg, launch: megastep.Launch, s_max: int = 256) -> dict:
     """Compiles the planned launch for sm_90 and reads it: registers a thread, spill bytes,
     stack, shared memory, SASS size, CTA barriers and shuffles, PTX L2 prefetches."""
     sig, const, warps = plan(cfg, launch, s_max)
@@ -103,7 +99,7 @@ def main() -> None:
     ap.add_argument("--cache-len", type=int, default=256, help="KV-cache positions (s_max)")
     ap.add_argument("--out", help="JSONL rows here as well")
     a = ap.parse_args()
-    launches = {k: Launch(**v) for k, v in json.loads(a.launches).items()}
+    launches = {k: megastep.Launch(**v) for k, v in json.loads(a.launches).items()}
     cols = ["registers", "spill_stores", "spill_loads", "stack", "shared_bytes", "warps", "sass",
             "BAR", "SHFL", "ptx_prefetch"]  # fmt: skip
     import triton
