@@ -82,7 +82,9 @@ from prunepath_jax.kernels.triton_megastep_ao import (
 from prunepath_jax.kernels.triton_megastep_attn import _attend_split, _pf_kv
 from prunepath_jax.kernels.triton_megastep_gemv import (
     _final_normed,
+    _first_cols,
     _first_rows,
+    _gemv_cols,
     _gemv_rows,
     _normed,
     _pf_rows,
@@ -91,6 +93,7 @@ from prunepath_jax.kernels.triton_megastep_gemv import (
 from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the launch's API)
     ATTN_STAGES,
     BLOCK_T,
+    COLS_KB,
     HEAD_IN,
     HEAD_STAGES,
     MERGE_BLOCK_T,
@@ -178,6 +181,7 @@ def _megastep_kernel(
     tim_ptr,  # out [P, NT] i64 with TIMING: %globaltimer at the start and SLOTS events a layer
     tab_ptr,  # scratch [P, 2, E_PAD] i32 with UT: each program's unit table (_unit_table)
     out_ptr,  # out [V] f32 with HI: the logits
+    xs_ptr,  # scratch [P, D_PAD] f32 with KS: each program's normed row (_gemv_cols)
     L: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, HQ: tl.constexpr, KV: tl.constexpr,
     HD: tl.constexpr, GQ_PAD: tl.constexpr, NA_PAD: tl.constexpr, E: tl.constexpr,
     E_PAD: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
@@ -196,7 +200,8 @@ def _megastep_kernel(
     RBA: tl.constexpr, HS: tl.constexpr, R_Z: tl.constexpr, R_Z_PAD: tl.constexpr,
     RK: tl.constexpr, HI: tl.constexpr, V: tl.constexpr, R_H: tl.constexpr, BRC_H: tl.constexpr,
     PF_H: tl.constexpr, STEP_H: tl.constexpr, HST: tl.constexpr, WS_F: tl.constexpr,
-    WS_LG: tl.constexpr, WS_CTR: tl.constexpr, WS_N: tl.constexpr,
+    WS_LG: tl.constexpr, WS_CTR: tl.constexpr, WS_N: tl.constexpr, KS: tl.constexpr,
+    RA_PAD: tl.constexpr, BK_A: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -221,7 +226,10 @@ def _megastep_kernel(
     rd = tl.arange(0, D_PAD)
     dmask = rd < D
     rna = tl.arange(0, NA_PAD)
-    wa = _first_rows(wqkv_ptr, pid, R_A, NQKV, D, D_PAD, BRC_A)
+    if KS:
+        wa = _first_cols(wqkv_ptr, pid, R_A, NQKV, D, RA_PAD, BK_A)
+    else:
+        wa = _first_rows(wqkv_ptr, pid, R_A, NQKV, D, D_PAD, BRC_A)
     _pf_rows(wqkv_ptr, pid, R_A, NQKV, D, BRC_A, PF_A, STEP_A)
     if RBA:  # the router rows of phase A
         _pf_rows(wr_ptr, pid, R_B, E, D, 0, PF_RB, STEP_D)
@@ -252,8 +260,12 @@ def _megastep_kernel(
         _stamp(tim_ptr, pid, t, NT, TIMING)
         # A: norm (of h plus the previous FFN's sum) + QKV (first row chunk prefetched).
         x, _ = _normed(hc, fc, ln1_ptr + layer * D, D, D_PAD, EPS, True)
-        _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, f_ptr, pid, NQKV, D, D_PAD, R_A,
-                   BRC_A, False, GS, 1)  # fmt: skip
+        if KS:
+            _gemv_cols(wqkv_ptr + lw * NQKV * D, wa, x, xs_ptr + pid * D_PAD, qkv_ptr, pid, NQKV,
+                       D, R_A, RA_PAD, BK_A, GS)  # fmt: skip
+        else:
+            _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, f_ptr, pid, NQKV, D, D_PAD, R_A,
+                       BRC_A, False, GS, 1)  # fmt: skip
         if RBA:  # this program's experts' router logits of the residual before attention
             _router_base(wr_ptr + lw * E * D, ln2_ptr + layer * D, hc, fc, lg_ptr + layer * E,
                          pid, R_B, R_B_PAD, D, D_PAD, E, False)  # fmt: skip
@@ -370,7 +382,11 @@ def _megastep_kernel(
         _stamp(tim_ptr, pid, t + 11, NT, TIMING)
         if layer + 1 < L:
             _arrive(ctr_ptr)
-            wa = _first_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, D_PAD, BRC_A)
+            if KS:
+                wa = _first_cols(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, RA_PAD, BK_A)
+            else:
+                wa = _first_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, D_PAD,
+                                 BRC_A)  # fmt: skip
             _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, BRC_A, PF_A,
                      STEP_A)  # fmt: skip
             if RBA:
@@ -400,6 +416,7 @@ def megastep(
     unit_table: bool = UNIT_TABLE, attn_stages: int = ATTN_STAGES, merge_bc: bool | None = None,
     parts: int = 0, prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT,
+    cols_kb: int = COLS_KB,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``, or
     with ``head_in`` the logits ``[V]`` f32 instead of ``h_d``.
@@ -452,7 +469,7 @@ def megastep(
     block_t, k_max = check_launch(
         e, merge_bc, router_in_items=router_in_items, block_t=block_t, k_min=k_min, k_max=k_max,
         rule=rule, gate=gate, programs=programs, splits=splits, parts=parts, warps=warps,
-        tile_bytes=tile_bytes,
+        tile_bytes=tile_bytes, cols_kb=cols_kb,
         stages=(gemv_stages, unit_stages, attn_stages, head_stages),
         prefetch=(prefetch_kb, prefetch_o_kb, prefetch_keys, prefetch_ao_kb, prefetch_rb_kb),
     )  # fmt: skip
@@ -467,7 +484,7 @@ def megastep(
         prefetch_ao_kb=prefetch_ao_kb, prefetch_rb_kb=prefetch_rb_kb,
         router_in_items=router_in_items, ranked_select=ranked_select, interpret=interpret,
         vocab=vocab, head_itemsize=jnp.dtype(head_vd.dtype).itemsize if head_in else 2,
-        head_stages=head_stages,
+        head_stages=head_stages, cols_kb=cols_kb,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32
@@ -485,6 +502,7 @@ def megastep(
         jax.ShapeDtypeStruct((p, n_layers * N_SLOTS + 1) if timing else (1,), jnp.int64),
         jax.ShapeDtypeStruct((p * 2 * c["E_PAD"] if unit_table else 1,), jnp.int32),  # tables
         jax.ShapeDtypeStruct((c["V"] if head_in else 1,), f32),  # logits
+        jax.ShapeDtypeStruct((p * c["D_PAD"] if c["KS"] else 1,), f32),  # normed rows
     ]
     outs = jt.triton_call(
         _megastep_kernel, x0_vd, jnp.reshape(jnp.asarray(token, jnp.int32), (1,)),

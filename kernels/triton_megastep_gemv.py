@@ -74,6 +74,50 @@ def _gemv_rows(w_ptr, w0, x, out_ptr, f_ptr, pid, N, K: tl.constexpr, K_PAD: tl.
 
 
 @triton.jit
+def _cols(w_ptr, r0, r1, k0, K: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr):
+    """Columns ``[k0, k0 + BK)`` of a program's rows ``[r0, r1)`` of a row-major ``[N, K]``
+    matrix: ``[R_PAD, BK]``, zeros outside (``_gemv_cols``' chunk)."""
+    rr = r0 + tl.arange(0, R_PAD)
+    rk = k0 + tl.arange(0, BK)
+    m = (rr[:, None] < r1) & (rk[None, :] < K)
+    return tl.load(w_ptr + rr[:, None] * K + rk[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _first_cols(w_ptr, pid, R: tl.constexpr, N, K: tl.constexpr, R_PAD: tl.constexpr,
+                BK: tl.constexpr):  # fmt: skip
+    """Program ``pid``'s first column chunk of a ``_gemv_cols`` phase (loaded before a
+    barrier)."""
+    return _cols(w_ptr, pid * R, tl.minimum(pid * R + R, N), 0, K, R_PAD, BK)
+
+
+@triton.jit
+def _gemv_cols(w_ptr, w0, x, xs_ptr, out_ptr, pid, N, K: tl.constexpr, R: tl.constexpr,
+               R_PAD: tl.constexpr, BK: tl.constexpr, ST: tl.constexpr):  # fmt: skip
+    """``_gemv_rows``' product (no residual) over column chunks: each chunk is all ``R`` of the
+    program's rows × ``BK`` columns, multiplied into an ``[R_PAD, BK]`` f32 accumulator, and
+    the rows are reduced once after the loop — not one block-wide reduction (shared memory and
+    a CTA barrier) per chunk of full rows, which sits between every two chunks of the stream.
+
+    The input's column slices come from this program's scratch row ``xs_ptr`` (``x`` stored
+    there first: a register tensor cannot be sliced; the program's own stores, read back after
+    a CTA barrier, so no other program's data and no stale L1 line). Chunk 0 is ``w0``."""
+    NK: tl.constexpr = (K + BK - 1) // BK
+    r0 = pid * R
+    r1 = tl.minimum(r0 + R, N)
+    rd = tl.arange(0, x.shape[0])
+    tl.store(xs_ptr + rd, x)
+    tl.debug_barrier()
+    rk = tl.arange(0, BK)
+    acc = w0.to(tl.float32) * tl.load(xs_ptr + rk)[None, :]
+    for i in tl.range(1, NK, num_stages=ST):
+        w = _cols(w_ptr, r0, r1, i * BK, K, R_PAD, BK)
+        acc += w.to(tl.float32) * tl.load(xs_ptr + i * BK + rk)[None, :]
+    rr = r0 + tl.arange(0, R_PAD)
+    tl.store(out_ptr + rr, tl.sum(acc, 1), mask=rr < r1)
+
+
+@triton.jit
 def _normed(h_ptr, f_ptr, ln_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constexpr,
             WITH_F: tl.constexpr):  # fmt: skip
     """``(RMSNorm of the residual row, its 1 / rms)``, f32 ``[D_PAD]`` and a scalar; the row is

@@ -1500,4 +1500,23 @@ s33b)  # the one-launch GPU tests at this code (head_in included), then s32a's r
     --taus 0.5 0.9 --impls pallas megastep --chunk 64 --lengths 65 129 --cache-len 256 \
     --repeats 3 --out "$OUT/smollm2_decode.jsonl"
   ;;
+s39a)  # the QKV GEMV over column chunks (cols_kb: one reduction after the stream instead of one
+  # block-wide reduction a chunk of full rows) at 1B, dense re-timed; its GPU parity test
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 3 \
+    --launches '{"default": {}, "c4": {"cols_kb": 4}, "c8": {"cols_kb": 8}, "c16": {"cols_kb": 16}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py -k "1b_width and cols"
+  ;;
+s39b)  # the same at the 8B and SmolLM2 widths
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 2 \
+    --launches '{"t32k": {}, "c4": {"cols_kb": 4}, "c8": {"cols_kb": 8}, "c16": {"cols_kb": 16}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes smollm2-135m --no-dense --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 3 \
+    --launches '{"default": {}, "c4": {"cols_kb": 4}, "c8": {"cols_kb": 8}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac

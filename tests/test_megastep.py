@@ -64,11 +64,11 @@ def test_a_grid_that_is_not_co_resident_is_flagged(interpreted):
 
 
 def _signature(timing: bool):
-    f32 = {"inv", "tau", "wr", "wm", "ws", "rope", "qkv", "po", "pml", "att", "out"}
+    f32 = {"inv", "tau", "wr", "wm", "ws", "rope", "qkv", "po", "pml", "att", "out", "xs"}
     i32 = {"tok", "pos", "k", "fail", "tab"}
     names = ["x0", "tok", "inv", "pos", "tau", "ln1", "ln2", "wqkv", "wo", "wr", "wm", "w_in",
              "w_out", "hw", "nw", "kc_in", "vc_in", "ws", "kc", "vc", "rope", "qkv", "po", "pml",
-             "att", "k", "fail", "tim", "tab", "out"]  # fmt: skip
+             "att", "k", "fail", "tim", "tab", "out", "xs"]  # fmt: skip
     return {n: "*" + ("fp32" if n in f32 else "i32" if n in i32 else "i64" if n == "tim"
                       else "bf16") for n in names}  # fmt: skip
 
@@ -128,6 +128,22 @@ def test_small_tiles_at_the_1b_width_lower_for_sm90():
                          tile_bytes=tm.default_tile_bytes(2048))  # fmt: skip
     assert (const["BRC_A"], const["BRB"], const["BRC_C"]) == (2, 16, 2)
     ptx = sm90_compile(tm._megastep_kernel, _signature(False), const, warps=4, stages=1)
+    assert "cp.async.cg" in ptx.asm["ptx"]
+
+
+@pytest.mark.parametrize("d,q,kv,e", [(2048, 32, 8, 256), (4096, 32, 8, 448)], ids=["1b", "8b"])
+def test_column_chunk_qkv_lowers_for_sm90(d, q, kv, e):
+    """The QKV GEMV over column chunks (``cols_kb``): every one of a program's rows (24 at 1B,
+    47 at 8B over 132 programs, padded to 32 / 64) × 8 KB of columns a chunk, through the
+    cp.async pipeline; the launch compiles at both widths."""
+    shape = (2, d, q, kv, 128 if d == 4096 else 64, e, 32, 256)
+    const = tm.constants(*shape, programs=132, merge_bc=d == 2048, block_t=64 if d == 2048 else 32,
+                         tile_bytes=tm.default_tile_bytes(d), cols_kb=8)  # fmt: skip
+    rows = -(-(q + 2 * kv) * shape[4] // 132)
+    assert const["KS"] and const["RA_PAD"] == jt.next_pow2(rows)
+    assert const["BK_A"] * const["RA_PAD"] * 2 == 8192
+    ptx = sm90_compile(tm._megastep_kernel, _signature(False), const,
+                       warps=tm.default_warps(e), stages=1)  # fmt: skip
     assert "cp.async.cg" in ptx.asm["ptx"]
 
 
@@ -327,13 +343,16 @@ def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc, head_in):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile_bytes", [None, 32768], ids=["default_8k", "32k"])
-def test_gpu_step_matches_xla_at_the_1b_width(tile_bytes):
+@pytest.mark.parametrize(
+    "launch", [{}, {"tile_bytes": 32768}, {"cols_kb": 8}], ids=["default_8k", "32k", "cols_8k"]
+)  # fmt: skip
+def test_gpu_step_matches_xla_at_the_1b_width(launch):
     """Two layers of the Llama-3.2-1B shape (d 2048, f 8192, 8 KV heads, 128k vocabulary):
-    the width where 8 KB GEMV chunks are the default, and the 32 KB chunks it replaced."""
+    the width where 8 KB GEMV chunks are the default, the 32 KB chunks it replaced, and the QKV
+    GEMV over 8 KB column chunks."""
     assert tm.default_tile_bytes(2048) == 8192
     cfg = PRESETS["llama-3.2-1b"].replace(n_layers=2)
-    _gpu_step_vs_xla(cfg, megastep.Launch(tile_bytes=tile_bytes))
+    _gpu_step_vs_xla(cfg, megastep.Launch(**launch))
 
 
 @pytest.mark.gpu
