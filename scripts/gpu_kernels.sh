@@ -1509,14 +1509,16 @@ s39a)  # the QKV GEMV over column chunks (cols_kb: one reduction after the strea
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_megastep.py -k "1b_width and cols"
   ;;
-s39b)  # the same at the 8B and SmolLM2 widths
-  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense --no-default \
-    --sparsities 0.75 --check-steps 1 --rounds 2 \
-    --launches '{"t32k": {}, "c4": {"cols_kb": 4}, "c8": {"cols_kb": 8}, "c16": {"cols_kb": 16}}' \
-    --out "$OUT/megastep_decode.jsonl"
-  run timeout 200 python3 benchmarks/megastep_decode.py --shapes smollm2-135m --no-dense --no-default \
+s39b)  # column chunks again (1B 16 KB: 675.4 vs 678.2 in s39a) and two programs an SM (264: two
+  # 4-warp CTAs, 255 registers each, fit; one per SM measured no faster in the eighteenth session,
+  # a different kernel) at 1B; column chunks and 4 warps × 264 at 8B
+  run timeout 260 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 3 \
-    --launches '{"default": {}, "c4": {"cols_kb": 4}, "c8": {"cols_kb": 8}}' \
+    --launches '{"default": {}, "c16": {"cols_kb": 16}, "p264": {"programs": 264}, "p264_c16": {"programs": 264, "cols_kb": 16}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  run timeout 300 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 2 \
+    --launches '{"t32k": {}, "c16": {"cols_kb": 16}, "c32": {"cols_kb": 32}, "w4p264": {"warps": 4, "programs": 264, "tile_bytes": 8192}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
 esac
