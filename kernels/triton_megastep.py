@@ -12,8 +12,9 @@ sets its ``fail`` flag, so a scheduling surprise cannot hang the GPU):
 
 * A: RMSNorm of the residual (``h`` plus the previous FFN's sum ``f``; every program reads the
   row from L2 and keeps it normalised in registers) and the QKV GEMV; each program owns
-  ``ceil(N / P)`` contiguous output rows (weights ``[N, D]``) and reduces a chunk of full rows
-  at a time against the whole input row.
+  ``ceil(N / P)`` contiguous output rows (weights ``[N, D]``). Above d 1024 it streams them in
+  column chunks of all its rows and reduces once at the end (``_gemv_cols``, ``qkv_cols``),
+  below in chunks of full rows, each reduced against the whole input row.
 * B: attention over the KV cache, one work item per (KV head, key split)
   (``triton_megastep_attn``).
 * C: the O projection and the residual add (``h[rows] += W_o[rows]·attn + f[rows]``, then
@@ -93,7 +94,6 @@ from prunepath_jax.kernels.triton_megastep_gemv import (
 from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the launch's API)
     ATTN_STAGES,
     BLOCK_T,
-    COLS_KB,
     HEAD_IN,
     HEAD_STAGES,
     MERGE_BLOCK_T,
@@ -102,6 +102,8 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     PREFETCH_KEYS,
     PREFETCH_O_KB,
     PREFETCH_RB_KB,
+    QKV_COLS,
+    QKV_COLS_MIN_D,
     RANKED_SELECT,
     SPIN,
     STAGES,
@@ -111,6 +113,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     check_launch,
     constants,
     default_merge,
+    default_qkv_cols,
     default_splits,
     default_tile_bytes,
     default_warps,
@@ -416,7 +419,7 @@ def megastep(
     unit_table: bool = UNIT_TABLE, attn_stages: int = ATTN_STAGES, merge_bc: bool | None = None,
     parts: int = 0, prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT,
-    cols_kb: int = COLS_KB,
+    qkv_cols: int | None = None,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``, or
     with ``head_in`` the logits ``[V]`` f32 instead of ``h_d``.
@@ -431,7 +434,7 @@ def megastep(
     ``fail_p`` is nonzero where a program gave up on a grid barrier (its result is then wrong;
     ``megastep.decode_chunk`` raises). ``programs`` 0: one per SM (always co-resident);
     ``merge_bc`` None: ``default_merge`` (with ``MERGE_BLOCK_T``-key blocks unless ``block_t``);
-    ``tile_bytes`` 0: ``default_tile_bytes``.
+    ``tile_bytes`` 0: ``default_tile_bytes``; ``qkv_cols`` None: ``default_qkv_cols``.
     """
     n_layers, n_qkv, d = wqkv_lnd.shape
     _, s_max, kv, hd = kc_lskh.shape
@@ -469,7 +472,7 @@ def megastep(
     block_t, k_max = check_launch(
         e, merge_bc, router_in_items=router_in_items, block_t=block_t, k_min=k_min, k_max=k_max,
         rule=rule, gate=gate, programs=programs, splits=splits, parts=parts, warps=warps,
-        tile_bytes=tile_bytes, cols_kb=cols_kb,
+        tile_bytes=tile_bytes, qkv_cols=qkv_cols,
         stages=(gemv_stages, unit_stages, attn_stages, head_stages),
         prefetch=(prefetch_kb, prefetch_o_kb, prefetch_keys, prefetch_ao_kb, prefetch_rb_kb),
     )  # fmt: skip
@@ -484,7 +487,7 @@ def megastep(
         prefetch_ao_kb=prefetch_ao_kb, prefetch_rb_kb=prefetch_rb_kb,
         router_in_items=router_in_items, ranked_select=ranked_select, interpret=interpret,
         vocab=vocab, head_itemsize=jnp.dtype(head_vd.dtype).itemsize if head_in else 2,
-        head_stages=head_stages, cols_kb=cols_kb,
+        head_stages=head_stages, qkv_cols=qkv_cols,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32

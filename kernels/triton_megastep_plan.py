@@ -90,16 +90,21 @@ PREFETCH_RB_KB = 64
 # Software-pipeline stages of the LM head's rows when the launch runs the head (``head_in``): a
 # long stream (1B: ~970 rows of 4 KB a program), not a few chunks like the layers' GEMVs.
 HEAD_STAGES = 4
-# KB of a column chunk of the QKV phase's GEMV (``_gemv_cols``: all the program's rows, one
-# reduction after the stream); 0: chunks of full rows (one block-wide reduction each).
-COLS_KB = 0
+# Columns a chunk of the QKV phase's GEMV over column chunks of all the program's rows
+# (``_gemv_cols``: one reduction after the stream) instead of chunks of full rows (one
+# block-wide reduction each), above d 1024. Measured (75%, paired rounds, µs a token;
+# BENCHMARKS.md, twenty-eighth session): 1B 668.3 vs 678.5 at 256 columns (32 rows × 16 KB;
+# 718.1 / 751.0 at 128 / 64), 8B 2460 vs 2596 at 256 (64 rows × 32 KB; 2653 at 128: a row's
+# 256 contiguous bytes a chunk are too few). SmolLM2's QKV block is one chunk of full rows.
+QKV_COLS = 256
+QKV_COLS_MIN_D = 1025
 HEAD_IN = False  # whether megastep.step runs the final norm and the LM head in the launch
 
 
 def check_launch(
     e: int, merge_bc: bool, *, router_in_items: bool, block_t: int | None, k_min: int,
     k_max: int | None, rule: str, gate: str, programs: int, splits: int, parts: int, warps: int,
-    tile_bytes: int, stages: tuple, prefetch: tuple, cols_kb: int = 0,
+    tile_bytes: int, stages: tuple, prefetch: tuple, qkv_cols: int | None = None,
 ) -> tuple[int, int]:  # fmt: skip
     """Raises ValueError on a launch the kernel cannot run; returns ``(block_t, k_max)`` with
     their defaults filled in (``MERGE_BLOCK_T`` or ``BLOCK_T`` keys, all ``e`` experts)."""
@@ -113,10 +118,13 @@ def check_launch(
         raise ValueError(f"rule must be paper|nucleus and gate sigmoid|none: {rule!r}, {gate!r}")
     bad_warps = warps < 0 or warps & (warps - 1)
     bad_t = block_t < 16 or block_t & (block_t - 1)
-    if min(programs, splits, parts, tile_bytes, cols_kb) < 0 or bad_t or bad_warps:
+    cols = qkv_cols or 0
+    bad_cols = cols < 0 or (cols and (cols < 16 or cols & (cols - 1)))
+    if min(programs, splits, parts, tile_bytes) < 0 or bad_t or bad_warps or bad_cols:
         raise ValueError(
             f"bad launch sizes: programs={programs}, splits={splits}, parts={parts}, "
-            f"tile_bytes={tile_bytes} (0: by the width), cols_kb={cols_kb} (0: row chunks), "
+            f"tile_bytes={tile_bytes} (0: by the width), qkv_cols={qkv_cols} (0: row chunks, "
+            "else a power of 2 >= 16), "
             f"warps={warps} (0: by the expert count, else a power of 2), block_t={block_t} (a "
             "power of 2 >= 16: the attention's dot needs 16 keys)"
         )
@@ -187,7 +195,7 @@ def constants(
     prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT, interpret: bool = False,
     vocab: int = 0, head_itemsize: int = 2, head_stages: int = HEAD_STAGES,
-    cols_kb: int = COLS_KB,
+    qkv_cols: int | None = None,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -227,7 +235,7 @@ def constants(
         TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
         RK=bool(unit_table and ranked_select),
         AST=int(attn_stages), NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
-        **_cols_constants(r_a, d, cols_kb * 1024, itemsizes[0]),
+        **_cols_constants(r_a, d, default_qkv_cols(d) if qkv_cols is None else qkv_cols),
         **_ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes,
                        lines(prefetch_ao_kb), lines(prefetch_rb_kb), router_in_items),
         **_head_constants(vocab, d, p, tile_bytes, head_itemsize, lines(prefetch_kb),
@@ -236,13 +244,16 @@ def constants(
     )  # fmt: skip
 
 
-def _cols_constants(r_a: int, d: int, chunk_bytes: int, itemsize: int) -> dict:
-    """The QKV phase's column-chunk GEMV (``KS`` when ``chunk_bytes``): ``RA_PAD`` rows (the
-    program's ``R_A`` padded), ``BK_A`` columns a chunk (a power of 2 within ``chunk_bytes``,
-    16 to ``D_PAD``)."""
-    ra_pad = jt.next_pow2(r_a)
-    bk = _pow2_floor(max(16, chunk_bytes // (ra_pad * itemsize)))
-    return dict(KS=chunk_bytes > 0, RA_PAD=ra_pad, BK_A=min(bk, jt.next_pow2(d)))
+def default_qkv_cols(d: int) -> int:
+    """The QKV GEMV's column chunk by default (``QKV_COLS`` from ``QKV_COLS_MIN_D`` on; 0: row
+    chunks)."""
+    return QKV_COLS if d >= QKV_COLS_MIN_D else 0
+
+
+def _cols_constants(r_a: int, d: int, cols: int) -> dict:
+    """The QKV phase's column-chunk GEMV (``KS`` when ``cols``): ``RA_PAD`` rows (the program's
+    ``R_A`` padded), ``BK_A`` columns a chunk (``cols``, at most ``D_PAD``)."""
+    return dict(KS=cols > 0, RA_PAD=jt.next_pow2(r_a), BK_A=min(max(cols, 16), jt.next_pow2(d)))
 
 
 def workspace(n_layers: int, d: int, e: int, kv: int, double: bool) -> dict:

@@ -79,7 +79,7 @@ class Launch(NamedTuple):
     ranked_select: bool | None = None
     head_in: bool | None = None
     head_stages: int | None = None
-    cols_kb: int | None = None
+    qkv_cols: int | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:

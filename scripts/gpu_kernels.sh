@@ -1521,4 +1521,16 @@ s39b)  # column chunks again (1B 16 KB: 675.4 vs 678.2 in s39a) and two programs
     --launches '{"t32k": {}, "c16": {"cols_kb": 16}, "c32": {"cols_kb": 32}, "w4p264": {"warps": 4, "programs": 264, "tile_bytes": 8192}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
+s39c)  # the one-launch GPU tests with the QKV GEMV in 256-column chunks by default above d 1024
+  run timeout 520 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    tests/test_megastep.py
+  ;;
+s39d)  # the new default (256-column QKV chunks) against row chunks, dense re-timed, 1B and 8B
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 3 \
+    --launches '{"default": {}, "rows": {"qkv_cols": 0}}' --out "$OUT/megastep_decode.jsonl"
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 2 \
+    --launches '{"default": {}, "rows": {"qkv_cols": 0}}' --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac

@@ -41,7 +41,7 @@ class Case(NamedTuple):
     ranked_select: bool = True  # the unit table from a ranked selection (else sorted + scans)
     head_in: bool = False  # the final norm and the LM head inside the launch
     tie: bool = False  # the LM head is the embedding (else pack's transposed lm_head)
-    cols_kb: int = 0  # the QKV GEMV over column chunks of this many KB (0: row chunks)
+    qkv_cols: int | None = None  # the QKV GEMV's column chunk (None: by the width, 0: rows)
 
 
 CASES = (
@@ -69,7 +69,7 @@ CASES = (
         k_max=5,
         router_in_c=False,
         unit_table=False,
-        cols_kb=64,  # 256 row slots (160 rows), 64-column chunks: the second one partial
+        qkv_cols=64,  # 256 row slots (160 rows), 64-column chunks: the second one partial
     ),  # fmt: skip
     # The first token (empty cache), every expert (tau > 1), more splits than cached rows.
     Case("first_token_all", 64, 4, 4, 16, 96, 8, 0, 1.5, splits=4, block_t=16),
@@ -145,7 +145,7 @@ CASES = (
         parts=2,
         head_in=True,
         tie=True,
-        cols_kb=8,  # bf16 rows in 16-column chunks
+        qkv_cols=16,  # bf16 rows in 16-column chunks
     ),
     # The merged items with the router's first term and a double-buffered residual: 3 layers
     # (the result in the second buffer, which the launch's LM head reads), 3 parts, 6 / 6 / 4

@@ -80,7 +80,8 @@ def test_lowers_for_sm90_with_gpu_scope_barriers(timing, router_in_c):
     waits; the timing stamps only when asked for. Both router placements compile, the second
     without the unit table."""
     const = tm.constants(2, 2048, 32, 8, 64, 256, 32, 512, programs=132, timing=timing,
-                         router_in_c=router_in_c, unit_table=router_in_c)  # fmt: skip
+                         router_in_c=router_in_c, unit_table=router_in_c,
+                         qkv_cols=None if router_in_c else 0)  # fmt: skip
     warps = tm.default_warps(256) if router_in_c else 8  # the default (4 here), and 8
     ptx = sm90_compile(tm._megastep_kernel, _signature(timing), const, warps=warps, stages=1)
     ptx = ptx.asm["ptx"]
@@ -92,10 +93,12 @@ def test_lowers_for_sm90_with_gpu_scope_barriers(timing, router_in_c):
     assert "prefetch.global.L2" in ptx
     # The weight streams are Triton's cp.async pipelines (shared memory, not registers), and
     # every copy of what other programs wrote is .cg: nothing of theirs can sit stale in L1. The
-    # only .ca copies are 4-byte reads of the program's own unit table.
+    # only .ca copies read what the program itself wrote: its unit table (4 bytes a thread) and,
+    # with the QKV GEMV in column chunks (the first case), its normed row's slices (8 bytes).
     assert "cp.async.wait_group" in ptx and "cp.async.cg" in ptx
-    ca = [ln for ln in ptx.splitlines() if "cp.async.ca" in ln]
-    assert bool(ca) == const["UT"] and all("], 0x4," in ln for ln in ca)
+    ca = [ln.split("], ")[2].split(",")[0] for ln in ptx.splitlines() if "cp.async.ca" in ln]
+    want = {"0x4"} if const["UT"] else set()
+    assert set(ca) == (want | {"0x8"} if const["KS"] else want), set(ca)
 
 
 @pytest.mark.parametrize("in_items", [False, True], ids=["router_in_a", "router_in_items"])
@@ -133,15 +136,17 @@ def test_small_tiles_at_the_1b_width_lower_for_sm90():
 
 @pytest.mark.parametrize("d,q,kv,e", [(2048, 32, 8, 256), (4096, 32, 8, 448)], ids=["1b", "8b"])
 def test_column_chunk_qkv_lowers_for_sm90(d, q, kv, e):
-    """The QKV GEMV over column chunks (``cols_kb``): every one of a program's rows (24 at 1B,
-    47 at 8B over 132 programs, padded to 32 / 64) × 8 KB of columns a chunk, through the
-    cp.async pipeline; the launch compiles at both widths."""
+    """The QKV GEMV over column chunks (``qkv_cols``, the default above d 1024): every one of a
+    program's rows (24 at 1B, 47 at 8B over 132 programs, padded to 32 / 64) × 256 columns a
+    chunk, through the cp.async pipeline; the launch compiles at both widths. SmolLM2's width
+    keeps chunks of full rows."""
+    assert [tm.default_qkv_cols(w) for w in (576, 1024, 2048, 4096)] == [0, 0, 256, 256]
     shape = (2, d, q, kv, 128 if d == 4096 else 64, e, 32, 256)
     const = tm.constants(*shape, programs=132, merge_bc=d == 2048, block_t=64 if d == 2048 else 32,
-                         tile_bytes=tm.default_tile_bytes(d), cols_kb=8)  # fmt: skip
+                         tile_bytes=tm.default_tile_bytes(d))  # fmt: skip
     rows = -(-(q + 2 * kv) * shape[4] // 132)
-    assert const["KS"] and const["RA_PAD"] == jt.next_pow2(rows)
-    assert const["BK_A"] * const["RA_PAD"] * 2 == 8192
+    assert const["KS"] and const["RA_PAD"] == jt.next_pow2(rows) and const["BK_A"] == 256
+    assert not tm.constants(*shape, programs=132, qkv_cols=0)["KS"]
     ptx = sm90_compile(tm._megastep_kernel, _signature(False), const,
                        warps=tm.default_warps(e), stages=1)  # fmt: skip
     assert "cp.async.cg" in ptx.asm["ptx"]
@@ -231,6 +236,9 @@ def test_bad_inputs_raise_clearly():
         call(warps=6)
     with pytest.raises(ValueError, match="tile_bytes"):
         call(tile_bytes=-1)
+    for cols in (-16, 8, 48):
+        with pytest.raises(ValueError, match="qkv_cols"):
+            call(qkv_cols=cols)
     assert (tm.default_warps(256), tm.default_warps(448)) == (4, 8)  # BENCHMARKS, 21st session
     with pytest.raises(ValueError, match="16 keys"):
         call(block_t=8)
@@ -344,12 +352,13 @@ def test_gpu_step_matches_xla_at_the_smollm2_shape(merge_bc, head_in):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "launch", [{}, {"tile_bytes": 32768}, {"cols_kb": 8}], ids=["default_8k", "32k", "cols_8k"]
+    "launch", [{}, {"qkv_cols": 0}, {"tile_bytes": 32768, "qkv_cols": 0}],
+    ids=["default", "row_chunks_8k", "row_chunks_32k"],
 )  # fmt: skip
 def test_gpu_step_matches_xla_at_the_1b_width(launch):
     """Two layers of the Llama-3.2-1B shape (d 2048, f 8192, 8 KV heads, 128k vocabulary):
-    the width where 8 KB GEMV chunks are the default, the 32 KB chunks it replaced, and the QKV
-    GEMV over 8 KB column chunks."""
+    the default launch (8 KB GEMV chunks, the QKV GEMV in 256-column chunks), and the QKV
+    GEMV in chunks of full rows of 8 KB and 32 KB."""
     assert tm.default_tile_bytes(2048) == 8192
     cfg = PRESETS["llama-3.2-1b"].replace(n_layers=2)
     _gpu_step_vs_xla(cfg, megastep.Launch(**launch))
