@@ -73,6 +73,7 @@ import triton.language as tl
 
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.triton_balanced import _rank_table, _unit_loop_piped, _unit_table
+from prunepath_jax.kernels.triton_grid import _arrive, _stamp, _wait
 from prunepath_jax.kernels.triton_l2 import l2_lines
 from prunepath_jax.kernels.triton_megastep_ao import (
     _attend_project,
@@ -125,34 +126,6 @@ from prunepath_jax.kernels.triton_select import _logits, _select, _select_ranked
 # C's end twice), F start, F selected, F's unit loop done, F end.
 N_SLOTS = 12
 SLOTS = tl.constexpr(N_SLOTS)
-
-
-@triton.jit
-def _arrive(ctr_ptr):
-    """This program's arrival: its stores issued (CTA barrier), then a GPU-scope release add."""
-    tl.debug_barrier()
-    tl.atomic_add(ctr_ptr, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def _stamp(tim_ptr, pid, idx, NT: tl.constexpr, TIMING: tl.constexpr):
-    """With TIMING, this program's %globaltimer (ns) at event ``idx`` (GPU only: inline PTX)."""
-    if TIMING:
-        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid],
-                                      dtype=tl.int64, is_pure=False, pack=1)  # fmt: skip
-        tl.store(tim_ptr + pid * NT + idx, t)
-
-
-@triton.jit
-def _wait(ctr_ptr, target, failed, SPIN: tl.constexpr):
-    """Polls (acquire) until ``target`` arrivals; returns ``failed`` or 1 on giving up."""
-    seen = tl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
-    n = target * 0
-    while (seen < target) & (n < SPIN):
-        seen = tl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
-        n += 1
-    tl.debug_barrier()
-    return tl.where(seen < target, 1, failed)
 
 
 @triton.jit

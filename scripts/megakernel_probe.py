@@ -54,7 +54,7 @@ from common import (  # noqa: E402
 )
 
 from prunepath_jax.kernels import jt  # noqa: E402
-from prunepath_jax.kernels.triton_megastep import _arrive, _wait  # noqa: E402
+from prunepath_jax.kernels.triton_grid import _arrive, _wait  # noqa: E402
 from prunepath_jax.models.layers import matvec_safe_matmul  # noqa: E402
 
 SPIN = 200_000  # polls before a program gives up on a barrier (41-45 ms on the H200)
