@@ -1533,4 +1533,13 @@ s39d)  # the new default (256-column QKV chunks) against row chunks, dense re-ti
     --sparsities 0.75 --check-steps 1 --rounds 2 \
     --launches '{"default": {}, "rows": {"qkv_cols": 0}}' --out "$OUT/megastep_decode.jsonl"
   ;;
+s40a)  # next session: 8B launches that spill less at triton 3.6 (the column-chunk QKV GEMV halved the
+  # spills, 120 -> 60 bytes, and the step got 5% faster in phases it did not change): 16-key
+  # blocks (12 bytes; 8 key splits by default), 8 splits of 32 keys (20), no L2 prefetch (28);
+  # census: results/cpu_census_2026-12-03/triton36_8b_spills.md. Dense re-timed.
+  run timeout 560 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 2 \
+    --launches '{"default": {}, "bt16": {"block_t": 16}, "s8": {"splits": 8}, "pf0": {"prefetch_kb": 0, "prefetch_o_kb": 0, "prefetch_keys": 0}, "bt16_pk0": {"block_t": 16, "prefetch_keys": 0}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
