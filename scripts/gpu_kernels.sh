@@ -1542,4 +1542,10 @@ s40a)  # next session: 8B launches that spill less at triton 3.6 (the column-chu
     --launches '{"default": {}, "bt16": {"block_t": 16}, "s8": {"splits": 8}, "pf0": {"prefetch_kb": 0, "prefetch_o_kb": 0, "prefetch_keys": 0}, "bt16_pk0": {"block_t": 16, "prefetch_keys": 0}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
+s40b)  # next session: auto's cache limit (AUTO_MAX_CACHE 2048) after the 8B step's 5% gain — at 4096+
+  # positions it was 1% slower than the default kernels at 8B (3124 vs 3086, twenty-second session)
+  run timeout 560 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
+    --sparsities 0.75 --prompt-len 4000 --check-steps 1 --rounds 2 \
+    --launches '{"default": {}}' --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
