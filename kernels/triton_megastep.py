@@ -84,7 +84,7 @@ from prunepath_jax.kernels.triton_megastep_ao import (
 from prunepath_jax.kernels.triton_megastep_attn import _attend_split, _pf_kv
 from prunepath_jax.kernels.triton_megastep_gemv import (
     _final_normed,
-    _first_cols,
+    _first_chunk,
     _first_rows,
     _gemv_cols,
     _gemv_rows,
@@ -104,7 +104,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     PREFETCH_O_KB,
     PREFETCH_RB_KB,
     QKV_COLS,
-    QKV_COLS_MIN_D,
+    QKV_COLS_ABOVE_D,
     RANKED_SELECT,
     SPIN,
     STAGES,
@@ -202,10 +202,7 @@ def _megastep_kernel(
     rd = tl.arange(0, D_PAD)
     dmask = rd < D
     rna = tl.arange(0, NA_PAD)
-    if KS:
-        wa = _first_cols(wqkv_ptr, pid, R_A, NQKV, D, RA_PAD, BK_A)
-    else:
-        wa = _first_rows(wqkv_ptr, pid, R_A, NQKV, D, D_PAD, BRC_A)
+    wa = _first_chunk(wqkv_ptr, pid, R_A, NQKV, D, D_PAD, BRC_A, RA_PAD, BK_A, KS)
     _pf_rows(wqkv_ptr, pid, R_A, NQKV, D, BRC_A, PF_A, STEP_A)
     if RBA:  # the router rows of phase A
         _pf_rows(wr_ptr, pid, R_B, E, D, 0, PF_RB, STEP_D)
@@ -234,7 +231,7 @@ def _megastep_kernel(
         fc = f_ptr + (layer % 2) * HS
         fn = f_ptr + ((layer + 1) % 2) * HS
         _stamp(tim_ptr, pid, t, NT, TIMING)
-        # A: norm (of h plus the previous FFN's sum) + QKV (first row chunk prefetched).
+        # A: norm (of h plus the previous FFN's sum) + QKV (its first chunk loaded already).
         x, _ = _normed(hc, fc, ln1_ptr + layer * D, D, D_PAD, EPS, True)
         if KS:
             _gemv_cols(wqkv_ptr + lw * NQKV * D, wa, x, xs_ptr + pid * D_PAD, qkv_ptr, pid, NQKV,
@@ -358,11 +355,8 @@ def _megastep_kernel(
         _stamp(tim_ptr, pid, t + 11, NT, TIMING)
         if layer + 1 < L:
             _arrive(ctr_ptr)
-            if KS:
-                wa = _first_cols(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, RA_PAD, BK_A)
-            else:
-                wa = _first_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, D_PAD,
-                                 BRC_A)  # fmt: skip
+            wa = _first_chunk(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, D_PAD, BRC_A,
+                              RA_PAD, BK_A, KS)  # fmt: skip
             _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, BRC_A, PF_A,
                      STEP_A)  # fmt: skip
             if RBA:

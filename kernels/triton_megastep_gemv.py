@@ -84,11 +84,16 @@ def _cols(w_ptr, r0, r1, k0, K: tl.constexpr, R_PAD: tl.constexpr, BK: tl.conste
 
 
 @triton.jit
-def _first_cols(w_ptr, pid, R: tl.constexpr, N, K: tl.constexpr, R_PAD: tl.constexpr,
-                BK: tl.constexpr):  # fmt: skip
-    """Program ``pid``'s first column chunk of a ``_gemv_cols`` phase (loaded before a
-    barrier)."""
-    return _cols(w_ptr, pid * R, tl.minimum(pid * R + R, N), 0, K, R_PAD, BK)
+def _first_chunk(w_ptr, pid, R: tl.constexpr, N, K: tl.constexpr, K_PAD: tl.constexpr,
+                 BRC: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr,
+                 COLS: tl.constexpr):  # fmt: skip
+    """Program ``pid``'s first chunk of a GEMV phase, loaded before a barrier: with ``COLS``
+    ``_gemv_cols``' first column chunk, else ``_gemv_rows``' first chunk of full rows."""
+    if COLS:
+        w = _cols(w_ptr, pid * R, tl.minimum(pid * R + R, N), 0, K, R_PAD, BK)
+    else:
+        w = _first_rows(w_ptr, pid, R, N, K, K_PAD, BRC)
+    return w
 
 
 @triton.jit

@@ -97,7 +97,7 @@ HEAD_STAGES = 4
 # 718.1 / 751.0 at 128 / 64), 8B 2460 vs 2596 at 256 (64 rows × 32 KB; 2653 at 128: a row's
 # 256 contiguous bytes a chunk are too few). SmolLM2's QKV block is one chunk of full rows.
 QKV_COLS = 256
-QKV_COLS_MIN_D = 1025
+QKV_COLS_ABOVE_D = 1024
 HEAD_IN = False  # whether megastep.step runs the final norm and the LM head in the launch
 
 
@@ -245,9 +245,9 @@ def constants(
 
 
 def default_qkv_cols(d: int) -> int:
-    """The QKV GEMV's column chunk by default (``QKV_COLS`` from ``QKV_COLS_MIN_D`` on; 0: row
+    """The QKV GEMV's column chunk by default (``QKV_COLS`` above ``QKV_COLS_ABOVE_D``; 0: row
     chunks)."""
-    return QKV_COLS if d >= QKV_COLS_MIN_D else 0
+    return QKV_COLS if d > QKV_COLS_ABOVE_D else 0
 
 
 def _cols_constants(r_a: int, d: int, cols: int) -> dict:
