@@ -1548,4 +1548,13 @@ s40b)  # next session: auto's cache limit (AUTO_MAX_CACHE 2048) after the 8B ste
     --sparsities 0.75 --prompt-len 4000 --check-steps 1 --rounds 2 \
     --launches '{"default": {}}' --out "$OUT/megastep_decode.jsonl"
   ;;
+s41a)  # long caches (4000-token prompt): the attention items' knobs were tuned at 256 positions only,
+  # where the phase is a chain of L2 round trips; at 4096 the 8B attention phase is 26 µs a layer
+  # for 17 MB of cache (twenty-second session). Key prefetch of the whole item, pipelined key
+  # blocks, 64-key blocks; the default kernels as the baseline auto chooses against.
+  run timeout 580 python3 benchmarks/megastep_decode.py --shapes ${SHAPE:-llama-3-8b} --no-dense \
+    --sparsities 0.75 --prompt-len 4000 --check-steps 1 --rounds 2 \
+    --launches '{"default": {}, "pk256": {"prefetch_keys": 256}, "ast3": {"attn_stages": 3}, "bt64_ast2": {"block_t": 64, "attn_stages": 2}, "pk256_ast3": {"prefetch_keys": 256, "attn_stages": 3}, "pk256_bt64_ast2": {"prefetch_keys": 256, "block_t": 64, "attn_stages": 2}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
