@@ -16,7 +16,7 @@ sets its ``fail`` flag, so a scheduling surprise cannot hang the GPU):
   column chunks of all its rows and reduces once at the end (``_gemv_cols``, ``qkv_cols``),
   below in chunks of full rows, each reduced against the whole input row.
 * B: attention over the KV cache, one work item per (KV head, key split)
-  (``triton_megastep_attn``).
+  (``triton_megastep_attn``; pipelined 64-key blocks above 256 positions, ``default_attention``).
 * C: the O projection and the residual add (``h[rows] += W_o[rows]·attn + f[rows]``, then
   ``f[rows] = 0``), and with ``RC`` (the default) this program's share of the router logits
   before the RMSNorm's scale (``Σ_rows W_r[:, r]·ln2[r]·h[r]``, relaxed atomics): the scale
@@ -97,6 +97,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     BLOCK_T,
     HEAD_IN,
     HEAD_STAGES,
+    LONG_CACHE,
     MERGE_BLOCK_T,
     PREFETCH_AO_KB,
     PREFETCH_KB,
@@ -113,6 +114,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     WARPS,
     check_launch,
     constants,
+    default_attention,
     default_merge,
     default_qkv_cols,
     default_splits,
@@ -383,7 +385,7 @@ def megastep(
     spin: int = SPIN, timing: bool = False, interpret: bool = False, gemv_stages: int = STAGES,
     unit_stages: int = STAGES, router_in_c: bool = True, prefetch_kb: int = PREFETCH_KB,
     prefetch_o_kb: int = PREFETCH_O_KB, prefetch_keys: int = PREFETCH_KEYS,
-    unit_table: bool = UNIT_TABLE, attn_stages: int = ATTN_STAGES, merge_bc: bool | None = None,
+    unit_table: bool = UNIT_TABLE, attn_stages: int | None = None, merge_bc: bool | None = None,
     parts: int = 0, prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT,
     qkv_cols: int | None = None,
@@ -400,7 +402,8 @@ def megastep(
     (``norm_d``) and the LM head (``head_vd``, rows ``[V, d]``) run as the launch's last phase.
     ``fail_p`` is nonzero where a program gave up on a grid barrier (its result is then wrong;
     ``megastep.decode_chunk`` raises). ``programs`` 0: one per SM (always co-resident);
-    ``merge_bc`` None: ``default_merge`` (with ``MERGE_BLOCK_T``-key blocks unless ``block_t``);
+    ``merge_bc`` None: ``default_merge``; ``block_t`` and ``attn_stages`` None:
+    ``default_attention`` (by the phase and the cache length);
     ``tile_bytes`` 0: ``default_tile_bytes``; ``qkv_cols`` None: ``default_qkv_cols``.
     """
     n_layers, n_qkv, d = wqkv_lnd.shape
@@ -436,7 +439,10 @@ def megastep(
     if why:
         raise ValueError(why)
     merge_bc = default_merge(d, s_max) if merge_bc is None else bool(merge_bc)
-    block_t, k_max = check_launch(
+    bt, ast = default_attention(merge_bc, s_max)
+    block_t = block_t or bt
+    attn_stages = ast if attn_stages is None else attn_stages
+    k_max = check_launch(
         e, merge_bc, router_in_items=router_in_items, block_t=block_t, k_min=k_min, k_max=k_max,
         rule=rule, gate=gate, programs=programs, splits=splits, parts=parts, warps=warps,
         tile_bytes=tile_bytes, qkv_cols=qkv_cols,

@@ -82,6 +82,16 @@ ATTN_STAGES = 1
 MERGE_MAX_D = 2048
 MERGE_MAX_CACHE = 256
 MERGE_BLOCK_T = 64  # cached keys a merged item reads at once
+# Split-phase attention above LONG_CACHE positions: 64-key blocks through a 3-stage cp.async
+# pipeline (``tl.range(num_stages=3)``). At 256 positions an item reads one or two blocks (the
+# plain loop measured the same, see ATTN_STAGES); at long caches it reads dozens, one L2/HBM
+# round trip after another without the pipeline. Measured (75%, a 4000 / 32000-token prompt, 2
+# paired rounds, µs a token; BENCHMARKS.md, twenty-ninth session): 8B 2792 vs 3029 at 4352
+# positions, 3829 vs 6221 at 32256 (the default kernels 3002 / 4050); 1B 740.0 vs 756.0 at
+# 1280, 1187 vs 2433 at 32256 (default kernels 1231). Not measured at the SmolLM2 width.
+LONG_CACHE = 256
+LONG_BLOCK_T = 64
+LONG_ATTN_STAGES = 3
 PREFETCH_AO_KB = 256  # L2 prefetch of a merged item's W_o block at barrier arrival (KB)
 # ... and of a program's router rows for phase A (KB; all of them at 1B and 8B). Not the cause
 # of the 8B phase A's 7 µs growth: 0 measured the same (2768 vs 2781 µs a token, phase A 22.7
@@ -102,15 +112,15 @@ HEAD_IN = False  # whether megastep.step runs the final norm and the LM head in 
 
 
 def check_launch(
-    e: int, merge_bc: bool, *, router_in_items: bool, block_t: int | None, k_min: int,
+    e: int, merge_bc: bool, *, router_in_items: bool, block_t: int, k_min: int,
     k_max: int | None, rule: str, gate: str, programs: int, splits: int, parts: int, warps: int,
     tile_bytes: int, stages: tuple, prefetch: tuple, qkv_cols: int | None = None,
-) -> tuple[int, int]:  # fmt: skip
-    """Raises ValueError on a launch the kernel cannot run; returns ``(block_t, k_max)`` with
-    their defaults filled in (``MERGE_BLOCK_T`` or ``BLOCK_T`` keys, all ``e`` experts)."""
+) -> int:  # fmt: skip
+    """Raises ValueError on a launch the kernel cannot run; returns ``k_max`` with its default
+    filled in (all ``e`` experts). ``block_t`` and the stages come with their defaults filled
+    in already (``default_attention``)."""
     if router_in_items and not merge_bc:
         raise ValueError("router_in_items computes the router inside the merged phase: merge_bc")
-    block_t = block_t or (MERGE_BLOCK_T if merge_bc else BLOCK_T)
     k_max = e if k_max is None else min(k_max, e)
     if not 1 <= k_min <= k_max:
         raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
@@ -135,7 +145,18 @@ def check_launch(
             "prefetch sizes must be >= 0 (KB of QKV, of W_o, keys, KB of a merged item's W_o, of "
             f"the router rows): {prefetch}"
         )
-    return block_t, k_max
+    return k_max
+
+
+def default_attention(merge_bc: bool, s_max: int) -> tuple[int, int]:
+    """``(block_t, attn_stages)`` by default: ``MERGE_BLOCK_T`` keys in a plain loop for the
+    merged phase, ``LONG_BLOCK_T`` keys through ``LONG_ATTN_STAGES`` stages for split phases
+    over more than ``LONG_CACHE`` positions, else ``BLOCK_T`` keys in a plain loop."""
+    if merge_bc:
+        return MERGE_BLOCK_T, ATTN_STAGES
+    if s_max > LONG_CACHE:
+        return LONG_BLOCK_T, LONG_ATTN_STAGES
+    return BLOCK_T, ATTN_STAGES
 
 
 def default_merge(d: int, s_max: int) -> bool:

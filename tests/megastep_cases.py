@@ -89,6 +89,11 @@ CASES = (
         dtype="bfloat16",
         ranked_select=False,
     ),
+    # A cache past LONG_CACHE in the long-cache default's 64-key blocks: two splits of 3 blocks
+    # (the last one partial).
+    Case(
+        "long_cache", 64, 4, 2, 16, 128, 8, 300, 0.5, splits=2, block_t=64, cache_len=320
+    ),  # fmt: skip
     # The merged attention + O phase: 3 row parts of 22 rows (the last one 20) and 6 of the 16
     # experts' rows of M (the last one 4), a key loop of 3 blocks (the last one partial).
     Case(
@@ -177,7 +182,7 @@ def config(c: Case) -> ModelConfig:
     return ModelConfig(
         family="llama", model_type="llama", vocab_size=50, d_model=c.d, d_ff=c.f,
         n_layers=c.layers, n_heads=c.heads, n_kv_heads=c.kv, head_dim=c.head_dim,
-        max_position=64, norm_eps=1e-5, activation="silu", rope_theta=10000.0,
+        max_position=max(64, c.cache_len), norm_eps=1e-5, activation="silu", rope_theta=10000.0,
         prunepath=pp, tie_embeddings=c.tie,
     )  # fmt: skip
 

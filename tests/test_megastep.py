@@ -202,6 +202,31 @@ def test_attention_stages_pipeline_the_key_blocks_for_sm90():
     assert counts[1] > counts[0], counts
 
 
+def test_long_caches_pipeline_the_key_blocks_by_default():
+    """Above ``LONG_CACHE`` positions the split phases' items read 64-key blocks through 3
+    cp.async stages (measured 6% / 38% faster at 8B with 4352 / 32256 positions; BENCHMARKS.md,
+    twenty-ninth session); the merged phase and short caches keep the plain loop they were
+    measured with, and a launch's own values win. Planned through ``megastep`` itself."""
+    sys.path.insert(0, str(HERE.parent / "scripts"))
+    import megastep_census
+
+    assert tm.default_attention(False, tm.LONG_CACHE) == (tm.BLOCK_T, tm.ATTN_STAGES) == (32, 1)
+    assert tm.default_attention(False, tm.LONG_CACHE + 1) == (64, 3)
+    assert tm.default_attention(True, 4096) == (tm.MERGE_BLOCK_T, 1)
+    cfg = PRESETS["llama-3-8b"]
+
+    def attn(launch, s_max):
+        const = megastep_census.plan(cfg, launch, s_max)[1]
+        return const["BT"], const["AST"], const["S"]
+
+    assert attn(megastep.Launch(), 256) == (32, 1, 4)
+    assert attn(megastep.Launch(), 4352) == (64, 3, 16)
+    assert attn(megastep.Launch(block_t=32, attn_stages=1), 4352) == (32, 1, 16)
+    assert attn(megastep.Launch(attn_stages=2), 4352) == (64, 2, 16)
+    one_b = megastep_census.plan(PRESETS["llama-3.2-1b"], megastep.Launch(), 256)[1]
+    assert (one_b["MBC"], one_b["BT"], one_b["AST"]) == (True, 64, 1)
+
+
 def test_bad_inputs_raise_clearly():
     c = CASES[0]
     model, args, cache, tok, pos = build(c)
