@@ -336,20 +336,21 @@ def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch)
     assert "one device" in megastep.auto_ok(model, 1, args, 64)
 
 
-def _gpu_step_vs_xla(cfg, launch):
+def _gpu_step_vs_xla(cfg, launch, prompt: int = 40, cache_len: int = 128):
     """One decode step of a tau-0.5 fp32 model of ``cfg``'s shape through the real grid (one
-    program per SM) against the model's XLA decode step: the same k per layer, logits within
-    the fp32 tolerance."""
+    program per SM) after a ``prompt``-token prefill against the model's XLA decode step: the
+    same k per layer, logits within the fp32 tolerance."""
     from prunepath_jax.models.layers import init_cache
     from prunepath_jax.nn import route_args
 
     model = sparse_llama(cfg, None, dtype=jnp.float32, seed=3)
     args = route_args(model.cfg, 0.5)
     with jax.default_matmul_precision("highest"):
-        toks = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 40)), jnp.int32)
-        cache = model(toks, cache=init_cache(model.cfg, 1, 128, jnp.float32), ffn_args=args,
+        rng = np.random.default_rng(0)
+        toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, prompt)), jnp.int32)
+        cache = model(toks, cache=init_cache(model.cfg, 1, cache_len, jnp.float32), ffn_args=args,
                       fresh_cache=True).cache  # fmt: skip
-        tok, pos = jnp.int32(7), jnp.int32(40)
+        tok, pos = jnp.int32(7), jnp.int32(prompt)
         ref = model(tok[None, None], pos[None, None], cache=cache, ffn_args=args)
         kc, vc = megastep.stack_cache(cache)
         tau = jnp.stack([a.tau for a in args])
@@ -387,6 +388,19 @@ def test_gpu_step_matches_xla_at_the_1b_width(launch):
     assert tm.default_tile_bytes(2048) == 8192
     cfg = PRESETS["llama-3.2-1b"].replace(n_layers=2)
     _gpu_step_vs_xla(cfg, megastep.Launch(**launch))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["smollm2-135m", "llama-3.2-1b"])
+def test_gpu_step_matches_xla_at_a_long_cache(shape):
+    """Past ``LONG_CACHE`` positions (a 600-token prompt in a 768-position cache): the split
+    phases with the long-cache default, 64-key blocks through 3 cp.async stages (4 splits a KV
+    head of three blocks each, the last split a partial one)."""
+    cfg = PRESETS[shape]
+    if shape != "smollm2-135m":
+        cfg = cfg.replace(n_layers=2)
+    assert tm.default_attention(False, 768) == (64, 3)
+    _gpu_step_vs_xla(cfg, megastep.Launch(), prompt=600, cache_len=768)
 
 
 @pytest.mark.gpu
