@@ -1581,4 +1581,15 @@ s42a)  # next session: the long-cache attention default (64-key blocks, 3 stages
 s42b)  # next session: the long-cache GPU step tests (SmolLM2 shape and 2 layers of the 1B width)
   run timeout 400 python3 -m pytest -q -m gpu tests/test_megastep.py -k long_cache
   ;;
+s42c)  # next session: past the new long-cache default at 32k (8B attention 64% of copy, 1B 45%): the
+  # 1B's 64-key blocks are 8 KB (hd 64), the 8B's 16 KB — 128-key blocks at 1B, 4 stages; the 8B
+  # dense step re-timed at 32k in the same process (its only figure is the seventh session's)
+  run timeout 290 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --no-default --sparsities 0.75 --prompt-len 32000 --check-steps 0 --rounds 2 \
+    --launches '{"default": {}, "bt128_ast3": {"block_t": 128, "attn_stages": 3}, "ast4": {"attn_stages": 4}, "bt128_ast2": {"block_t": 128, "attn_stages": 2}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  run timeout 290 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
+    --sparsities 0.75 --prompt-len 32000 --check-steps 0 --rounds 2 \
+    --launches '{"default": {}, "ast4": {"attn_stages": 4}}' --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
