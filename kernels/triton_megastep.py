@@ -16,7 +16,7 @@ sets its ``fail`` flag, so a scheduling surprise cannot hang the GPU):
   column chunks of all its rows and reduces once at the end (``_gemv_cols``, ``qkv_cols``),
   below in chunks of full rows, each reduced against the whole input row.
 * B: attention over the KV cache, one work item per (KV head, key split)
-  (``triton_megastep_attn``; pipelined 64-key blocks above 256 positions, ``default_attention``).
+  (``triton_megastep_attn``; pipelined 64-key blocks above 1024 positions: ``default_attention``).
 * C: the O projection and the residual add (``h[rows] += W_o[rows]·attn + f[rows]``, then
   ``f[rows] = 0``), and with ``RC`` (the default) this program's share of the router logits
   before the RMSNorm's scale (``Σ_rows W_r[:, r]·ln2[r]·h[r]``, relaxed atomics): the scale

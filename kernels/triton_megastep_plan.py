@@ -85,11 +85,13 @@ MERGE_BLOCK_T = 64  # cached keys a merged item reads at once
 # Split-phase attention above LONG_CACHE positions: 64-key blocks through a 3-stage cp.async
 # pipeline (``tl.range(num_stages=3)``). At 256 positions an item reads one or two blocks (the
 # plain loop measured the same, see ATTN_STAGES); at long caches it reads dozens, one L2/HBM
-# round trip after another without the pipeline. Measured (75%, a 4000 / 32000-token prompt, 2
-# paired rounds, µs a token; BENCHMARKS.md, twenty-ninth session): 8B 2792 vs 3029 at 4352
-# positions, 3829 vs 6221 at 32256 (the default kernels 3002 / 4050); 1B 740.0 vs 756.0 at
-# 1280, 1187 vs 2433 at 32256 (default kernels 1231). Not measured at the SmolLM2 width.
-LONG_CACHE = 256
+# round trip after another without the pipeline. Measured (75%, a 1000 / 4000 / 32000-token
+# prompt, 2 paired rounds, µs a token; BENCHMARKS.md, twenty-ninth session): 8B 2792 vs 3029 at
+# 4352 positions, 3829 vs 6221 at 32256 (the default kernels 3002 / 4050); 1B 740.0 vs 756.0 at
+# 1280, 1187 vs 2433 at 32256 (default kernels 1231). Not measured at the SmolLM2 width, nor
+# between 257 and 1279 positions, where 64-key blocks also halve the key splits (by_rows in
+# default_splits): hence the limit at 1024, the last length below the shortest one measured.
+LONG_CACHE = 1024
 LONG_BLOCK_T = 64
 LONG_ATTN_STAGES = 3
 PREFETCH_AO_KB = 256  # L2 prefetch of a merged item's W_o block at barrier arrival (KB)

@@ -1564,7 +1564,7 @@ s41b)  # 32k-token prompt (no check: its XLA prefill would not fit): pipelined k
     --launches '{"default": {}, "ast3": {"attn_stages": 3}, "ast4": {"attn_stages": 4}, "bt64_ast2": {"block_t": 64, "attn_stages": 2}, "bt64_ast3": {"block_t": 64, "attn_stages": 3}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
-s42a)  # next session: the long-cache attention default (64-key blocks, 3 stages above 256 positions)
+s42a)  # next session: the long-cache attention default (64-key blocks, 3 stages above 1024 positions)
   # where it was not measured: the SmolLM2 width at 1000 / 4000 prompts and the 1B at 4000,
   # against the plain 32-key loop and the default kernels; then its GPU step tests
   for pl in 1000 4000; do
@@ -1577,8 +1577,14 @@ s42a)  # next session: the long-cache attention default (64-key blocks, 3 stages
     --sparsities 0.75 --prompt-len 4000 --check-steps 1 --rounds 2 \
     --launches '{"default": {}, "ast3": {"block_t": 32, "attn_stages": 3}}' \
     --out "$OUT/megastep_decode.jsonl"
+  # below LONG_CACHE (1024): 64-key pipelined blocks at 512 positions (half the key splits)
+  run timeout 280 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --no-dense --no-default --sparsities 0.75 --prompt-len 300 --check-steps 1 --rounds 2 \
+    --launches '{"default": {}, "bt64_ast3": {"block_t": 64, "attn_stages": 3}, "ast3": {"attn_stages": 3}}' \
+    --out "$OUT/megastep_decode.jsonl"
   ;;
-s42b)  # next session: the long-cache GPU step tests (SmolLM2 shape and 2 layers of the 1B width)
+s42b)  # next session: the long-cache GPU step tests (SmolLM2 shape and 2 layers of the 1B width, 1280
+  # positions)
   run timeout 400 python3 -m pytest -q -m gpu tests/test_megastep.py -k long_cache
   ;;
 s42c)  # next session: past the new long-cache default at 32k (8B attention 64% of copy, 1B 45%): the

@@ -89,10 +89,10 @@ CASES = (
         dtype="bfloat16",
         ranked_select=False,
     ),
-    # A cache past LONG_CACHE in the long-cache default's 64-key blocks: two splits of 3 blocks
-    # (the last one partial).
+    # A cache past LONG_CACHE (1088 positions) in the long-cache default's 64-key blocks: two
+    # splits of 9 and 8 blocks (the last one partial).
     Case(
-        "long_cache", 64, 4, 2, 16, 128, 8, 300, 0.5, splits=2, block_t=64, cache_len=320
+        "long_cache", 64, 4, 2, 16, 128, 8, 1050, 0.5, splits=2, block_t=64, cache_len=1088
     ),  # fmt: skip
     # The merged attention + O phase: 3 row parts of 22 rows (the last one 20) and 6 of the 16
     # experts' rows of M (the last one 4), a key loop of 3 blocks (the last one partial).

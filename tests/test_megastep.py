@@ -204,12 +204,13 @@ def test_attention_stages_pipeline_the_key_blocks_for_sm90():
 
 def test_long_caches_pipeline_the_key_blocks_by_default():
     """Above ``LONG_CACHE`` positions the split phases' items read 64-key blocks through 3
-    cp.async stages (measured 6% / 38% faster at 8B with 4352 / 32256 positions; BENCHMARKS.md,
-    twenty-ninth session); the merged phase and short caches keep the plain loop they were
+    cp.async stages (measured 8% / 38% faster at 8B with 4352 / 32256 positions; BENCHMARKS.md,
+    twenty-ninth session); the merged phase and shorter caches keep the plain loop they were
     measured with, and a launch's own values win. Planned through ``megastep`` itself."""
     sys.path.insert(0, str(HERE.parent / "scripts"))
     import megastep_census
 
+    assert tm.LONG_CACHE == 1024  # below 1280 positions, the shortest measured, nothing changes
     assert tm.default_attention(False, tm.LONG_CACHE) == (tm.BLOCK_T, tm.ATTN_STAGES) == (32, 1)
     assert tm.default_attention(False, tm.LONG_CACHE + 1) == (64, 3)
     assert tm.default_attention(True, 4096) == (tm.MERGE_BLOCK_T, 1)
@@ -220,6 +221,7 @@ def test_long_caches_pipeline_the_key_blocks_by_default():
         return const["BT"], const["AST"], const["S"]
 
     assert attn(megastep.Launch(), 256) == (32, 1, 4)
+    assert attn(megastep.Launch(), 1024) == (32, 1, 16)
     assert attn(megastep.Launch(), 4352) == (64, 3, 16)
     assert attn(megastep.Launch(block_t=32, attn_stages=1), 4352) == (32, 1, 16)
     assert attn(megastep.Launch(attn_stages=2), 4352) == (64, 2, 16)
@@ -393,14 +395,15 @@ def test_gpu_step_matches_xla_at_the_1b_width(launch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", ["smollm2-135m", "llama-3.2-1b"])
 def test_gpu_step_matches_xla_at_a_long_cache(shape):
-    """Past ``LONG_CACHE`` positions (a 600-token prompt in a 768-position cache): the split
-    phases with the long-cache default, 64-key blocks through 3 cp.async stages (4 splits a KV
-    head of three blocks each, the last split a partial one)."""
+    """Past ``LONG_CACHE`` positions (a 1100-token prompt in a 1280-position cache): the split
+    phases with the long-cache default, 64-key blocks through 3 cp.async stages (8 splits a KV
+    head of three blocks each: the sixth one partial, the last two empty but for the new
+    token's own key in the last)."""
     cfg = PRESETS[shape]
     if shape != "smollm2-135m":
         cfg = cfg.replace(n_layers=2)
-    assert tm.default_attention(False, 768) == (64, 3)
-    _gpu_step_vs_xla(cfg, megastep.Launch(), prompt=600, cache_len=768)
+    assert tm.default_attention(False, 1280) == (64, 3)
+    _gpu_step_vs_xla(cfg, megastep.Launch(), prompt=1100, cache_len=1280)
 
 
 @pytest.mark.gpu
