@@ -89,9 +89,8 @@ MERGE_BLOCK_T = 64  # cached keys a merged item reads at once
 # prompt, 2 paired rounds, µs a token; BENCHMARKS.md, twenty-ninth session): 8B 2792 vs 3029 at
 # 4352 positions (two runs), 3829 vs 6221 at 32256 (the default kernels 3002 / 4050); 1B 740.0
 # vs 756.0 at 1280, 1187 vs 2433 at 32256 (default kernels 1231). Not measured at the SmolLM2
-# width, nor
-# between 257 and 1279 positions, where 64-key blocks also halve the key splits (by_rows in
-# default_splits): hence the limit at 1024, the last length below the shortest one measured.
+# width, nor between 257 and 1279 positions, where 64-key blocks also halve the key splits
+# (by_rows in default_splits): hence the limit at 1024, below the shortest cache measured.
 LONG_CACHE = 1024
 LONG_BLOCK_T = 64
 LONG_ATTN_STAGES = 3

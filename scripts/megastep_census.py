@@ -42,12 +42,13 @@ _PTR = {jnp.dtype(jnp.bfloat16): "*bf16", jnp.dtype(jnp.float16): "*fp16",
 
 
 def plan(
-    cfg, launch: megastep.Launch, s_max: int = 256, programs: int = 132
+    cfg, launch: megastep.Launch, s_max: int = 256, programs: int = 132, dtype=jnp.bfloat16
 ) -> tuple[dict, dict, int]:
     """``(signature, constexprs, warps)`` of the launch one decode step makes for this model
-    shape: an abstract PrunePath model (``nnx.eval_shape``, no weights allocated) through
-    ``megastep.pack`` and ``megastep.step`` under ``jax.eval_shape``, with ``triton_call``
-    caught, so the kernel's own checks, defaults and weight layout decide everything."""
+    shape: an abstract PrunePath model (``nnx.eval_shape``, no weights allocated; weights and
+    cache in ``dtype``) through ``megastep.pack`` and ``megastep.step`` under
+    ``jax.eval_shape``, with ``triton_call`` caught, so the kernel's own checks, defaults and
+    weight layout decide everything."""
     caught = {}
 
     def fake_call(kernel, *args, out_shape, num_warps, **kw):
@@ -61,12 +62,12 @@ def plan(
                 for o in out_shape]  # fmt: skip
 
     launch = launch._replace(programs=launch.programs or programs)  # no GPU here to ask
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: sparse_llama(cfg, None)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: sparse_llama(cfg, None, dtype=dtype)))
     n = cfg.n_layers
 
     def one_step(state):
         model = nnx.merge(graphdef, state)
-        kc = jnp.zeros((n, s_max, cfg.n_kv_heads, cfg.head_dim), jnp.bfloat16)
+        kc = jnp.zeros((n, s_max, cfg.n_kv_heads, cfg.head_dim), dtype)
         i1 = jnp.zeros((1,), jnp.int32)
         mw = megastep.pack(model, head=bool(launch.head_in))
         return megastep.step(model, mw, i1, i1, kc, kc, jnp.ones((n,), jnp.float32), launch)
@@ -79,10 +80,10 @@ def plan(
     return caught["sig"], caught["const"], caught["warps"]
 
 
-def census(cfg, launch: megastep.Launch, s_max: int = 256) -> dict:
+def census(cfg, launch: megastep.Launch, s_max: int = 256, dtype=jnp.bfloat16) -> dict:
     """Compiles the planned launch for sm_90 and reads it: registers a thread, spill bytes,
     stack, shared memory, SASS size, CTA barriers and shuffles, PTX L2 prefetches."""
-    sig, const, warps = plan(cfg, launch, s_max)
+    sig, const, warps = plan(cfg, launch, s_max, dtype=dtype)
     ck = compile_sm90(tm._megastep_kernel, sig, const, warps=warps, stages=1)
     ops = sass_ops(ck.asm["cubin"])
     return {
@@ -97,6 +98,8 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama-3.2-1b", "llama-3-8b"])
     ap.add_argument("--launches", default='{"default": {}}', help="JSON {label: Launch fields}")
     ap.add_argument("--cache-len", type=int, default=256, help="KV-cache positions (s_max)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="weights and KV cache (auto takes both)")  # fmt: skip
     ap.add_argument("--out", help="JSONL rows here as well")
     a = ap.parse_args()
     launches = {k: megastep.Launch(**v) for k, v in json.loads(a.launches).items()}
@@ -104,18 +107,18 @@ def main() -> None:
             "BAR", "SHFL", "ptx_prefetch"]  # fmt: skip
     import triton
 
-    print(f"triton {triton.__version__}, sm_90, a {a.cache_len}-position cache")
+    print(f"triton {triton.__version__}, sm_90, a {a.cache_len}-position cache, {a.dtype}")
     print("| shape | launch | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 2) + "|")
     for shape in a.shapes:
         cfg = PRESETS[shape]
         for label, launch in launches.items():
-            row = census(cfg, launch, a.cache_len)
+            row = census(cfg, launch, a.cache_len, jnp.dtype(a.dtype))
             print(f"| {shape} | {label} | " + " | ".join(str(row[c]) for c in cols) + " |")
             if a.out:
                 with open(a.out, "a") as f:
-                    f.write(json.dumps({"triton": triton.__version__, "shape": shape,
-                                        "launch": label, **row}) + "\n")  # fmt: skip
+                    meta = {"triton": triton.__version__, "shape": shape, "launch": label}
+                    f.write(json.dumps({**meta, "dtype": a.dtype, **row}) + "\n")
 
 
 if __name__ == "__main__":
