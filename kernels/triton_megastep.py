@@ -16,7 +16,8 @@ sets its ``fail`` flag, so a scheduling surprise cannot hang the GPU):
   column chunks of all its rows and reduces once at the end (``_gemv_cols``, ``qkv_cols``),
   below in chunks of full rows, each reduced against the whole input row.
 * B: attention over the KV cache, one work item per (KV head, key split)
-  (``triton_megastep_attn``; pipelined 64-key blocks above 1024 positions: ``default_attention``).
+  (``triton_megastep_attn``; pipelined 64-key blocks above 1024 positions or with 128-dim
+  heads: ``default_attention``).
 * C: the O projection and the residual add (``h[rows] += W_o[rows]·attn + f[rows]``, then
   ``f[rows] = 0``), and with ``RC`` (the default) this program's share of the router logits
   before the RMSNorm's scale (``Σ_rows W_r[:, r]·ln2[r]·h[r]``, relaxed atomics): the scale
@@ -112,6 +113,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     TILE_BYTES,
     UNIT_TABLE,
     WARPS,
+    WIDE_HEAD,
     check_launch,
     constants,
     default_attention,
@@ -403,7 +405,7 @@ def megastep(
     ``fail_p`` is nonzero where a program gave up on a grid barrier (its result is then wrong;
     ``megastep.decode_chunk`` raises). ``programs`` 0: one per SM (always co-resident);
     ``merge_bc`` None: ``default_merge``; ``block_t`` and ``attn_stages`` None:
-    ``default_attention`` (by the phase and the cache length);
+    ``default_attention`` (by the phase, the cache length and the head width);
     ``tile_bytes`` 0: ``default_tile_bytes``; ``qkv_cols`` None: ``default_qkv_cols``.
     """
     n_layers, n_qkv, d = wqkv_lnd.shape
@@ -439,7 +441,7 @@ def megastep(
     if why:
         raise ValueError(why)
     merge_bc = default_merge(d, s_max) if merge_bc is None else bool(merge_bc)
-    bt, ast = default_attention(merge_bc, s_max)
+    bt, ast = default_attention(merge_bc, s_max, hd)
     block_t = block_t or bt
     attn_stages = ast if attn_stages is None else attn_stages
     k_max = check_launch(

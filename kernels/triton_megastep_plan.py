@@ -86,14 +86,21 @@ MERGE_BLOCK_T = 64  # cached keys a merged item reads at once
 # pipeline (``tl.range(num_stages=3)``). At 256 positions an item reads one or two blocks (the
 # plain loop measured the same, see ATTN_STAGES); at long caches it reads dozens, one L2/HBM
 # round trip after another without the pipeline. Measured (75%, a 1000 / 4000 / 32000-token
-# prompt, 2 paired rounds, µs a token; BENCHMARKS.md, twenty-ninth session): 8B 2792 vs 3029 at
-# 4352 positions (two runs), 3829 vs 6221 at 32256 (the default kernels 3002 / 4050); 1B 740.0
-# vs 756.0 at 1280, 1187 vs 2433 at 32256 (default kernels 1231). Not measured at the SmolLM2
-# width, nor between 257 and 1279 positions, where 64-key blocks also halve the key splits
-# (by_rows in default_splits): hence the limit at 1024, below the shortest cache measured.
+# prompt, 2 paired rounds, µs a token; BENCHMARKS.md, twenty-ninth and thirtieth sessions): 8B
+# 2792 vs 3029 at 4352 positions (two runs), 3815 vs 6221 at 32256 (dense 5609, the default
+# kernels 4050); 1B 740.0 vs 756.0 at 1280, 787.3 vs 916.5 at 4352, 1176 vs 2433 at 32256
+# (default kernels 1231); SmolLM2 573.7 vs 624.3 at 1280, 639.8 vs 896.7 at 4352.
 LONG_CACHE = 1024
 LONG_BLOCK_T = 64
 LONG_ATTN_STAGES = 3
+# ... and at every length for heads of WIDE_HEAD dims or more (the 8B's 128), whose 64-key
+# blocks are 16 KB: 8B 2446.0 vs 2470.6 at 256 positions, 2486.0 / 2505.8 vs 2552.2 / 2572.6 at
+# 512 (two runs), 2539.5 vs 2643.5 at 768. With 64-dim heads (8 KB blocks) it measured slower
+# below LONG_CACHE although the attention phase itself got faster: 1B 731.1 / 741.0 vs 725.5 /
+# 720.8 at 512, 755.7 vs 749.9 at 768 (thirtieth session). Nor do 128-key blocks generalise
+# the 16 KB rule to 64-dim heads: 1B 1128.8 vs 1175.9 at 32256, but SmolLM2 663.6 vs 573.7 at
+# 1280 and 660.4 vs 639.8 at 4352; not taken.
+WIDE_HEAD = 128
 PREFETCH_AO_KB = 256  # L2 prefetch of a merged item's W_o block at barrier arrival (KB)
 # ... and of a program's router rows for phase A (KB; all of them at 1B and 8B). Not the cause
 # of the 8B phase A's 7 µs growth: 0 measured the same (2768 vs 2781 µs a token, phase A 22.7
@@ -150,13 +157,14 @@ def check_launch(
     return k_max
 
 
-def default_attention(merge_bc: bool, s_max: int) -> tuple[int, int]:
+def default_attention(merge_bc: bool, s_max: int, head_dim: int) -> tuple[int, int]:
     """``(block_t, attn_stages)`` by default: ``MERGE_BLOCK_T`` keys in a plain loop for the
-    merged phase, ``LONG_BLOCK_T`` keys through ``LONG_ATTN_STAGES`` stages for split phases
-    over more than ``LONG_CACHE`` positions, else ``BLOCK_T`` keys in a plain loop."""
+    merged phase; ``LONG_BLOCK_T`` keys through ``LONG_ATTN_STAGES`` stages for split phases over
+    more than ``LONG_CACHE`` positions or with heads of ``WIDE_HEAD`` dims or more; else
+    ``BLOCK_T`` keys in a plain loop (each where it measured fastest)."""
     if merge_bc:
         return MERGE_BLOCK_T, ATTN_STAGES
-    if s_max > LONG_CACHE:
+    if s_max > LONG_CACHE or head_dim >= WIDE_HEAD:
         return LONG_BLOCK_T, LONG_ATTN_STAGES
     return BLOCK_T, ATTN_STAGES
 

@@ -112,9 +112,9 @@ def check(model: nnx.Module) -> PrunePathFFN:
 # "auto" takes the one-launch step up to this KV-cache length: measured faster than the default
 # kernels at 75% (µs a token) at 256 positions at every shape (twenty-second session), and, since
 # long caches get pipelined 64-key attention blocks (``triton_megastep_plan.default_attention``),
-# at 4352 positions (8B 2792 vs 3002; 1B 3-stage 32-key blocks 808 vs 946) and at 32256 (8B
-# 3829 vs 4050, 1B 1187 vs 1231): BENCHMARKS.md, twenty-ninth session. The margin shrinks with
-# the cache (8B 7% at 4k, 5% at 32k); longer caches were not measured.
+# at 4352 positions (8B 2792 vs 3002; 1B 787 vs 946, separate runs) and at 32256 (8B 3829 vs
+# 4050, 1B 1187 vs 1231): BENCHMARKS.md, twenty-ninth and thirtieth sessions. The margin shrinks
+# with the cache (8B 7% at 4k, 5% at 32k); longer caches were not measured.
 AUTO_MAX_CACHE = 32 * 1024
 # ... and when its stacked copies (layer weights, KV cache) fit in this share of the free memory.
 AUTO_MEMORY_SHARE = 0.5

@@ -1598,4 +1598,19 @@ s42c)  # next session: past the new long-cache default at 32k (8B attention 64% 
     --sparsities 0.75 --prompt-len 32000 --check-steps 0 --rounds 2 \
     --launches '{"default": {}, "ast4": {"attn_stages": 4}}' --out "$OUT/megastep_decode.jsonl"
   ;;
+s43a)  # next session: 128-key blocks for 64-dim heads at long caches (1B 1128.8 vs 1175.9 at 32256
+  # positions, SmolLM2 slower at 1280 / 4352): where between 4352 and 32256 they start to pay,
+  # at both 64-dim shapes, before any rule
+  for pl in 16000 32000; do
+    run timeout 280 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b smollm2-135m \
+      --no-dense --no-default --sparsities 0.75 --prompt-len $pl --check-steps 0 --rounds 2 \
+      --launches '{"default": {}, "bt128_ast3": {"block_t": 128, "attn_stages": 3}}' \
+      --out "$OUT/megastep_decode.jsonl"
+  done
+  ;;
+s43b)  # next session: the 50 / 75 / 90% table at 256 positions under the 128-dim-head default
+  # (64-key pipelined blocks at 8B), dense re-timed in the same process
+  run timeout 400 python3 benchmarks/megastep_decode.py --shapes llama-3-8b llama-3.2-1b \
+    --sparsities 0.5 0.75 0.9 --check-steps 1 --rounds 2 --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac

@@ -202,31 +202,36 @@ def test_attention_stages_pipeline_the_key_blocks_for_sm90():
     assert counts[1] > counts[0], counts
 
 
-def test_long_caches_pipeline_the_key_blocks_by_default():
-    """Above ``LONG_CACHE`` positions the split phases' items read 64-key blocks through 3
-    cp.async stages (measured 8% / 38% faster at 8B with 4352 / 32256 positions; BENCHMARKS.md,
-    twenty-ninth session); the merged phase and shorter caches keep the plain loop they were
-    measured with, and a launch's own values win. Planned through ``megastep`` itself."""
+def test_long_caches_and_wide_heads_pipeline_the_key_blocks_by_default():
+    """Above ``LONG_CACHE`` positions, or with 128-dim heads at any length, the split phases'
+    items read 64-key blocks through 3 cp.async stages (measured 8% / 38% faster at 8B with 4352
+    / 32256 positions, 1-4% at 256-768; slower with the 1B's 64-dim heads below 1024 positions;
+    BENCHMARKS.md, twenty-ninth and thirtieth sessions); the merged phase and short caches of
+    narrow heads keep the plain loop they were measured with, and a launch's own values win.
+    Planned through ``megastep`` itself."""
     sys.path.insert(0, str(HERE.parent / "scripts"))
     import megastep_census
 
-    assert tm.LONG_CACHE == 1024  # below 1280 positions, the shortest measured, nothing changes
-    assert tm.default_attention(False, tm.LONG_CACHE) == (tm.BLOCK_T, tm.ATTN_STAGES) == (32, 1)
-    assert tm.default_attention(False, tm.LONG_CACHE + 1) == (64, 3)
-    assert tm.default_attention(True, 4096) == (tm.MERGE_BLOCK_T, 1)
-    cfg = PRESETS["llama-3-8b"]
+    assert tm.LONG_CACHE == 1024 and tm.WIDE_HEAD == 128
+    assert tm.default_attention(False, tm.LONG_CACHE, 64) == (tm.BLOCK_T, tm.ATTN_STAGES)
+    assert (tm.BLOCK_T, tm.ATTN_STAGES) == (32, 1)
+    assert tm.default_attention(False, tm.LONG_CACHE + 1, 64) == (64, 3)
+    assert tm.default_attention(False, 256, 128) == (64, 3)
+    assert tm.default_attention(True, 4096, 128) == (tm.MERGE_BLOCK_T, 1)
 
-    def attn(launch, s_max):
+    def attn(cfg, launch, s_max):
         const = megastep_census.plan(cfg, launch, s_max)[1]
-        return const["BT"], const["AST"], const["S"]
+        return const["MBC"], const["BT"], const["AST"]
 
-    assert attn(megastep.Launch(), 256) == (32, 1, 4)
-    assert attn(megastep.Launch(), 1024) == (32, 1, 16)
-    assert attn(megastep.Launch(), 4352) == (64, 3, 16)
-    assert attn(megastep.Launch(block_t=32, attn_stages=1), 4352) == (32, 1, 16)
-    assert attn(megastep.Launch(attn_stages=2), 4352) == (64, 2, 16)
-    one_b = megastep_census.plan(PRESETS["llama-3.2-1b"], megastep.Launch(), 256)[1]
-    assert (one_b["MBC"], one_b["BT"], one_b["AST"]) == (True, 64, 1)
+    eight_b, one_b = PRESETS["llama-3-8b"], PRESETS["llama-3.2-1b"]
+    assert attn(eight_b, megastep.Launch(), 256) == (False, 64, 3)
+    assert attn(eight_b, megastep.Launch(), 4352) == (False, 64, 3)
+    assert attn(eight_b, megastep.Launch(block_t=32, attn_stages=1), 4352) == (False, 32, 1)
+    assert attn(eight_b, megastep.Launch(attn_stages=2), 1024) == (False, 64, 2)
+    assert attn(one_b, megastep.Launch(), 256) == (True, 64, 1)
+    assert attn(one_b, megastep.Launch(), 512) == (False, 32, 1)
+    assert attn(one_b, megastep.Launch(), 1024) == (False, 32, 1)
+    assert attn(one_b, megastep.Launch(), 4352) == (False, 64, 3)
 
 
 def test_bad_inputs_raise_clearly():
@@ -402,7 +407,7 @@ def test_gpu_step_matches_xla_at_a_long_cache(shape):
     cfg = PRESETS[shape]
     if shape != "smollm2-135m":
         cfg = cfg.replace(n_layers=2)
-    assert tm.default_attention(False, 1280) == (64, 3)
+    assert tm.default_attention(False, 1280, 64) == (64, 3)
     _gpu_step_vs_xla(cfg, megastep.Launch(), prompt=1100, cache_len=1280)
 
 
