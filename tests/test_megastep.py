@@ -355,8 +355,9 @@ def _gpu_step_vs_xla(cfg, launch, prompt: int = 40, cache_len: int = 128):
     with jax.default_matmul_precision("highest"):
         rng = np.random.default_rng(0)
         toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, prompt)), jnp.int32)
-        cache = model(toks, cache=init_cache(model.cfg, 1, cache_len, jnp.float32), ffn_args=args,
-                      fresh_cache=True).cache  # fmt: skip
+        # jitted: eager, a 1100-token prefill took most of a 2-minute test (thirtieth session)
+        prefill = nnx.jit(lambda m, t, c: m(t, cache=c, ffn_args=args, fresh_cache=True).cache)
+        cache = prefill(model, toks, init_cache(model.cfg, 1, cache_len, jnp.float32))
         tok, pos = jnp.int32(7), jnp.int32(prompt)
         ref = model(tok[None, None], pos[None, None], cache=cache, ffn_args=args)
         kc, vc = megastep.stack_cache(cache)
