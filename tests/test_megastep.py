@@ -355,7 +355,7 @@ def _gpu_step_vs_xla(cfg, launch, prompt: int = 40, cache_len: int = 128):
     with jax.default_matmul_precision("highest"):
         rng = np.random.default_rng(0)
         toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, prompt)), jnp.int32)
-        # jitted: eager, a 1100-token prefill took most of a 2-minute test (thirtieth session)
+        # jitted: eager, a 1100-token prefill is the likely bulk of a 2-minute test (not profiled)
         prefill = nnx.jit(lambda m, t, c: m(t, cache=c, ffn_args=args, fresh_cache=True).cache)
         cache = prefill(model, toks, init_cache(model.cfg, 1, cache_len, jnp.float32))
         tok, pos = jnp.int32(7), jnp.int32(prompt)
