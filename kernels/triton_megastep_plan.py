@@ -87,9 +87,10 @@ MERGE_BLOCK_T = 64  # cached keys a merged item reads at once
 # plain loop measured the same, see ATTN_STAGES); at long caches it reads dozens, one L2/HBM
 # round trip after another without the pipeline. Measured (75%, a 1000 / 4000 / 32000-token
 # prompt, 2 paired rounds, µs a token; BENCHMARKS.md, twenty-ninth and thirtieth sessions): 8B
-# 2792 vs 3029 at 4352 positions (two runs), 3815 vs 6221 at 32256 (dense 5609, the default
-# kernels 4050); 1B 740.0 vs 756.0 at 1280, 787.3 vs 916.5 at 4352, 1176 vs 2433 at 32256
-# (default kernels 1231); SmolLM2 573.7 vs 624.3 at 1280, 639.8 vs 896.7 at 4352.
+# 2792 vs 3029 at 4352 positions (two runs), 3829 vs 6221 at 32256 (the default kernels 4050;
+# in another run 3815 vs dense 5609); 1B 740.0 vs 756.0 at 1280, 787.3 vs 916.5 at 4352, 1187
+# vs 2433 at 32256 (default kernels 1231); SmolLM2 573.7 vs 624.3 at 1280, 639.8 vs 896.7 at
+# 4352.
 LONG_CACHE = 1024
 LONG_BLOCK_T = 64
 LONG_ATTN_STAGES = 3
