@@ -134,8 +134,8 @@ def pick_logits(emit, n_layers=8) -> str:
 
     Also the XLA router GEMV alone, to split the fixed per-layer cost."""
     from common import time_fn
+    from ffn_kernels import chain_fn, make_layers
 
-    from kernels import chain_fn, make_layers
     from prunepath_jax.kernels import triton_decode
 
     layers = make_layers(n_layers, 4096, 14336, 448, jnp.bfloat16, seed=3)

@@ -1,6 +1,6 @@
 """Whole-model prefill (time to first token): PrunePath kernels vs our dense model.
 
-The kernel micro-benchmark (`kernels.py --prefill-*`) times one FFN layer; this times the real
+The kernel micro-benchmark (`ffn_kernels.py --prefill-*`) times one FFN layer; this times the real
 prompt pass of `generate` (`generate._prompt_pass`: every layer, attention, norms, the LM head at
 each prompt's last position, the KV cache written) on a random-weight model at a real shape,
 where per-call launch overhead is amortised over the layers. Routers are random with

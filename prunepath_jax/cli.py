@@ -186,8 +186,8 @@ class Bench:
         "sparse-decode",
         "sparse-prefill",
     )
-    """Scripts of benchmarks/ to run: kernels.py (decode GB/s, launch overhead, grouped-GEMM
-    prefill), sparse_decode.py (end-to-end sparse vs dense decode), sparse_prefill.py (whole-model
+    """Scripts of benchmarks/ to run: ffn_kernels.py (decode GB/s, launch overhead, grouped-GEMM
+    prefill; rows in kernels.jsonl), sparse_decode.py (end-to-end sparse vs dense decode), sparse_prefill.py (whole-model
     prompt pass, sparse vs dense), decode.py (dense decode), megastep_decode.py (every layer of a
     decode step in one launch vs the default kernels and dense)."""
     out_dir: str = "results"
@@ -204,16 +204,13 @@ class Bench:
         bench_dir = Path(prunepath_jax.__file__).resolve().parent.parent / "benchmarks"
         if not bench_dir.is_dir():
             raise FileNotFoundError(f"{bench_dir}: benchmarks/ ships with the repository checkout")
-        names = {
-            "kernels": "kernels",
-            "sparse-decode": "sparse_decode",
-            "sparse-prefill": "sparse_prefill",
-            "decode": "decode",
-            "megastep-decode": "megastep_decode",
-        }
+        # not benchmarks/kernels.py: on sys.path that name shadows Hugging Face's `kernels`,
+        # which transformers imports
+        scripts = {"kernels": "ffn_kernels"}
         for w in self.which:
-            script = bench_dir / f"{names[w]}.py"
-            out = str(Path(self.out_dir) / f"{names[w]}.jsonl")
+            stem = w.replace("-", "_")
+            script = bench_dir / f"{scripts.get(w, stem)}.py"
+            out = str(Path(self.out_dir) / f"{stem}.jsonl")
             cmd = [sys.executable, str(script), "--out", out, *shlex.split(self.extra)]
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)

@@ -154,7 +154,7 @@ idle32k)  # why the 8B step idles 36% at a 32k cache with the attention kernel: 
 prefill)  # grouped-GEMM prefill: a tuning sweep with per-kernel device time; the Triton GPU tests
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_triton.py
-  run timeout 330 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+  run timeout 330 python3 benchmarks/ffn_kernels.py --fractions --n-rot 1 --prefill-trace \
     --prefill-tunings 128,64,4,4 64,64,4,3 128,128,8,3 256,64,8,3 128,32,4,5 \
     --out "$OUT/prefill.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
@@ -199,7 +199,7 @@ s6c)  # end-to-end with the final code (auto attention = the fused kernel); the 
 s6d)  # grouped prefill: the XLA path's fp32 router GEMM vs the opt-in bf16x3 one; Triton GPU tests
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_triton.py
-  run timeout 200 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+  run timeout 200 python3 benchmarks/ffn_kernels.py --fractions --n-rot 1 --prefill-trace \
     --prefill-tunings 128,64,4,4 128,64,4,4,bf16x3 --out "$OUT/prefill.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
   ;;
@@ -325,7 +325,7 @@ s11a)  # session 9: the shared router logits (bf16 prefill takes the tensor-core
        # GPU tests; prefill A/B (shared vs fp32 router, XLA and grouped) with per-kernel times
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_triton.py tests/test_routing.py
-  run timeout 260 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+  run timeout 260 python3 benchmarks/ffn_kernels.py --fractions --n-rot 1 --prefill-trace \
     --prefill-tunings 128,64,4,4 128,64,8,4 256,64,8,3 --prefill-router-ab \
     --out "$OUT/prefill.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
@@ -339,7 +339,7 @@ s11c)  # the grouped kernel back on its memset (the zero programs measured slowe
        # Triton GPU tests, prefill with the shared router logits, 4 vs 8 warps
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_triton.py
-  run timeout 200 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+  run timeout 200 python3 benchmarks/ffn_kernels.py --fractions --n-rot 1 --prefill-trace \
     --prefill-tunings 128,64,4,4 128,64,8,4 --prefill-router-ab --out "$OUT/prefill.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
   ;;
@@ -1054,7 +1054,7 @@ s21e)  # (needs 5fff1ed) s21d: the one-launch layer 11.5 us a SmolLM2 layer vs 9
   ;;
 s21f)  # the grouped prefill's every kernel (4096 tokens, 8B layer, 25%) and its optimized HLO: what the
        # ~320 us outside the two GEMMs and the router are
-  run timeout 250 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+  run timeout 250 python3 benchmarks/ffn_kernels.py --fractions --n-rot 1 --prefill-trace \
     --prefill-top 40 --prefill-tunings 128,64,8,4 --prefill-hlo "$OUT/prefill_hlo" \
     --out "$OUT/prefill.jsonl"
   gzip -f "$OUT"/prefill_hlo/*.txt
@@ -1062,7 +1062,7 @@ s21f)  # the grouped prefill's every kernel (4096 tokens, 8B layer, 25%) and its
   ;;
 s21g)  # the grouping's tile table without jnp.searchsorted's device while loop: the grouped prefill's
        # kernels again, and the Triton GPU tests of the grouped path
-  run timeout 200 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+  run timeout 200 python3 benchmarks/ffn_kernels.py --fractions --n-rot 1 --prefill-trace \
     --prefill-top 40 --prefill-tunings 128,64,8,4 --out "$OUT/prefill.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
@@ -1070,7 +1070,7 @@ s21g)  # the grouping's tile table without jnp.searchsorted's device while loop:
   ;;
 s21h)  # routing.select's mask by a threshold on the k-th sorted probability instead of a scatter:
        # the prefill's kernels (XLA and grouped paths), the grouped path's GPU test
-  run timeout 200 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+  run timeout 200 python3 benchmarks/ffn_kernels.py --fractions --n-rot 1 --prefill-trace \
     --prefill-top 40 --prefill-tunings 128,64,8,4 --out "$OUT/prefill.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
   run timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
@@ -1080,7 +1080,7 @@ s22a)  # the grouped up-projection's alternatives: zeros by jax-triton's memset 
        # fill, the activations' L2 eviction hint, 256-token tiles, d steps, warps; their GPU tests
   run timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_triton.py -k "group"
-  run timeout 400 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+  run timeout 400 python3 benchmarks/ffn_kernels.py --fractions --n-rot 1 --prefill-trace \
     --prefill-top 12 --prefill-tunings 128,64,8,4 128,64,8,4,shared,memset \
     128,64,8,4,shared,memset,evict_last 256,64,8,3,shared,memset 256,64,8,4,shared,memset \
     256,64,8,3,shared,memset,evict_last 128,128,8,3,shared,memset 64,64,4,4,shared,memset \
@@ -1091,7 +1091,7 @@ s22b)  # the grouped kernel's output zeroed by jax-triton's memset (the default 
        # tests, one prefill layer with its kernels, the whole-model prefill (8B, 4096 tokens)
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_kernels_triton.py
-  run timeout 150 python3 benchmarks/kernels.py --fractions --n-rot 1 --prefill-trace \
+  run timeout 150 python3 benchmarks/ffn_kernels.py --fractions --n-rot 1 --prefill-trace \
     --prefill-top 12 --prefill-tunings 128,64,8,4 --out "$OUT/prefill.jsonl"
   find "$OUT" -name "*.xplane.pb" -delete
   run timeout 300 python3 benchmarks/sparse_prefill.py --shapes llama-3-8b --batch 1 \

@@ -269,7 +269,8 @@ def test_cli_bench_runs_the_scripts(tmp_path, monkeypatch):
     cli.main(["bench", "--which", "kernels", "sparse-decode", "sparse-prefill",
               "megastep-decode", "--out-dir", str(tmp_path), "--extra=--batches 1"])  # fmt: skip
     names = [Path(c[1]).name for c in calls]
-    assert names == ["kernels.py", "sparse_decode.py", "sparse_prefill.py", "megastep_decode.py"]
+    want = ["ffn_kernels.py", "sparse_decode.py", "sparse_prefill.py", "megastep_decode.py"]
+    assert names == want
     assert all(Path(c[1]).is_file() for c in calls)  # the scripts ship with the checkout
     assert calls[0][3] == str(tmp_path / "kernels.jsonl") and calls[0][-2:] == ["--batches", "1"]
     assert calls[2][3] == str(tmp_path / "sparse_prefill.jsonl")

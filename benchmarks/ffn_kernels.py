@@ -9,7 +9,7 @@ random routers and k_min = k_max = k at tau = 1.0.
 
 Prefill: t tokens through the grouped GEMM vs the dense XLA SwiGLU FFN and the masked XLA path.
 
-    python benchmarks/kernels.py --impls triton pallas xla --out results/kernels.jsonl
+    python benchmarks/ffn_kernels.py --impls triton pallas xla --out results/kernels.jsonl
 """
 
 from __future__ import annotations
