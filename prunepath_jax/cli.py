@@ -187,9 +187,10 @@ class Bench:
         "sparse-prefill",
     )
     """Scripts of benchmarks/ to run: ffn_kernels.py (decode GB/s, launch overhead, grouped-GEMM
-    prefill; rows in kernels.jsonl), sparse_decode.py (end-to-end sparse vs dense decode), sparse_prefill.py (whole-model
-    prompt pass, sparse vs dense), decode.py (dense decode), megastep_decode.py (every layer of a
-    decode step in one launch vs the default kernels and dense)."""
+    prefill; rows in kernels.jsonl), sparse_decode.py (end-to-end sparse vs dense decode),
+    sparse_prefill.py (whole-model prompt pass, sparse vs dense), decode.py (dense decode),
+    megastep_decode.py (every layer of a decode step in one launch vs the default kernels and
+    dense)."""
     out_dir: str = "results"
     extra: str = ""
     """Extra arguments for every script, one string: --extra="--shapes llama-3.2-1b"."""

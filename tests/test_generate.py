@@ -8,12 +8,12 @@ pytest.importorskip("torch")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from helpers import assert_close, fresh_cache_prompt_passes  # noqa: E402
 from hf_fixtures import tiny_llama  # noqa: E402
 
 from prunepath_jax import generate as gen_mod  # noqa: E402
 from prunepath_jax.generate import SamplingConfig, generate, sample_tokens  # noqa: E402
 from prunepath_jax.loading import load_pretrained  # noqa: E402
-from tests.helpers import assert_close, fresh_cache_prompt_passes  # noqa: E402
 
 
 @pytest.fixture(scope="module")

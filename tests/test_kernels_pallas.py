@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close, cuda_triton_calls
 
 from prunepath_jax.kernels import pallas_decode as pd
 from prunepath_jax.kernels.pallas_routing import route_gates_from_partials, route_gates_pallas
 from prunepath_jax.kernels.reference import route_reference, sparse_ffn_reference
 from prunepath_jax.models.layers import rms_norm
-from tests.helpers import assert_close, cuda_triton_calls
 
 
 def _reference(x_td, router_de, w_in_cfd, w_out_fd, tau, *, group_size, **kw):

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close
 from jax.experimental import pallas as pl
 
 from prunepath_jax.kernels import pallas_atomic
-from tests.helpers import assert_close
 
 plgpu = pytest.importorskip("jax.experimental.pallas.triton")
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close, cuda_triton_calls
 
 from prunepath_jax.kernels.pallas_attention import decode_attention, decode_attention_rope
 from prunepath_jax.models.layers import (
@@ -20,7 +21,6 @@ from prunepath_jax.models.layers import (
     rope_inv_freq,
     rope_tables,
 )
-from tests.helpers import assert_close, cuda_triton_calls
 
 # name, b, s, h, kv, hd, dtype, lengths, options
 CASES = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import assert_close, cuda_triton_calls
 
 from prunepath_jax import routing
 from prunepath_jax.kernels.pallas_logits import (
@@ -19,7 +20,6 @@ from prunepath_jax.kernels.pallas_logits import (
     router_logits_partials_normed,
 )
 from prunepath_jax.models.layers import rms_norm
-from tests.helpers import assert_close, cuda_triton_calls
 
 # name, t, d, E, x dtype
 CASES = [

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import TRITON_CALL, assert_close, cuda_export_text
 from jax.experimental import pallas as pl
 
 from prunepath_jax.kernels import pallas_pdl
-from tests.helpers import TRITON_CALL, assert_close, cuda_export_text
 
 plgpu = pytest.importorskip("jax.experimental.pallas.triton")
 
@@ -94,9 +94,10 @@ def test_decode_kernels_lower_for_cuda_with_the_signal(tuning, fresh_traces, mon
     """The opt-in path stays lowerable and changes the kernels: the one-token decode layer
     (logits, selection and the balanced / split / block expert kernels) and the attention
     kernel at the 8B shape, lowered with every kernel signalling and with none."""
+    from test_kernels_pallas import NORM_EPS, _layer_specs
+
     from prunepath_jax.kernels import pallas_decode as pd
     from prunepath_jax.kernels.pallas_attention import decode_attention_rope
-    from tests.test_kernels_pallas import NORM_EPS, _layer_specs
 
     def layer(x, r, w_in, w_out, tau):
         return pd._decode_jit(x, r, w_in, w_out, tau, None, group_size=32, interpret=False,
