@@ -100,6 +100,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     HEAD_STAGES,
     LONG_CACHE,
     MERGE_BLOCK_T,
+    O_COLS,
     PREFETCH_AO_KB,
     PREFETCH_KB,
     PREFETCH_KEYS,
@@ -118,6 +119,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     constants,
     default_attention,
     default_merge,
+    default_o_cols,
     default_qkv_cols,
     default_splits,
     default_tile_bytes,
@@ -161,7 +163,7 @@ def _megastep_kernel(
     tim_ptr,  # out [P, NT] i64 with TIMING: %globaltimer at the start and SLOTS events a layer
     tab_ptr,  # scratch [P, 2, E_PAD] i32 with UT: each program's unit table (_unit_table)
     out_ptr,  # out [V] f32 with HI: the logits
-    xs_ptr,  # scratch [P, D_PAD] f32 with KS: each program's normed row (_gemv_cols)
+    xs_ptr,  # scratch [P, XS_W] f32 with KS or KSC: each program's GEMV input row (_gemv_cols)
     L: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, HQ: tl.constexpr, KV: tl.constexpr,
     HD: tl.constexpr, GQ_PAD: tl.constexpr, NA_PAD: tl.constexpr, E: tl.constexpr,
     E_PAD: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
@@ -181,7 +183,8 @@ def _megastep_kernel(
     RK: tl.constexpr, HI: tl.constexpr, V: tl.constexpr, R_H: tl.constexpr, BRC_H: tl.constexpr,
     PF_H: tl.constexpr, STEP_H: tl.constexpr, HST: tl.constexpr, WS_F: tl.constexpr,
     WS_LG: tl.constexpr, WS_CTR: tl.constexpr, WS_N: tl.constexpr, KS: tl.constexpr,
-    RA_PAD: tl.constexpr, BK_A: tl.constexpr,
+    RA_PAD: tl.constexpr, BK_A: tl.constexpr, KSC: tl.constexpr, BK_C: tl.constexpr,
+    XS_W: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -238,8 +241,8 @@ def _megastep_kernel(
         # A: norm (of h plus the previous FFN's sum) + QKV (its first chunk loaded already).
         x, _ = _normed(hc, fc, ln1_ptr + layer * D, D, D_PAD, EPS, True)
         if KS:
-            _gemv_cols(wqkv_ptr + lw * NQKV * D, wa, x, xs_ptr + pid * D_PAD, qkv_ptr, pid, NQKV,
-                       D, R_A, RA_PAD, BK_A, GS)  # fmt: skip
+            _gemv_cols(wqkv_ptr + lw * NQKV * D, wa, x, xs_ptr + pid * XS_W, qkv_ptr, f_ptr, pid,
+                       NQKV, D, R_A, RA_PAD, BK_A, GS, False)  # fmt: skip
         else:
             _gemv_rows(wqkv_ptr + lw * NQKV * D, wa, x, qkv_ptr, f_ptr, pid, NQKV, D, D_PAD, R_A,
                        BRC_A, False, GS, 1)  # fmt: skip
@@ -282,7 +285,8 @@ def _megastep_kernel(
                               GQ_PAD, S, S_PAD, BT, S_MAX, SCALE, DOT_F32, AST)  # fmt: skip
             _stamp(tim_ptr, pid, t + 3, NT, TIMING)
             _arrive(ctr_ptr)
-            wo = _first_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, NA_PAD, BRC_C)
+            wo = _first_chunk(wo_ptr + lw * D * NA, pid, R_C, D, NA, NA_PAD, BRC_C, RC_PAD, BK_C,
+                              KSC)  # fmt: skip
             _pf_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, BRC_C, PF_C, STEP_C)
             if PF_R > 0:  # the router columns of this program's rows (RC): one line a router row
                 if pid * R_C < D:
@@ -293,8 +297,12 @@ def _megastep_kernel(
             _stamp(tim_ptr, pid, t + 4, NT, TIMING)
             # C: O projection + residual (+ the previous FFN's sum, zeroed for this layer's).
             xa = tl.load(att_ptr + rna, mask=rna < NA, other=0.0, cache_modifier=".cg")
-            _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, f_ptr, pid, D, NA, NA_PAD, R_C, BRC_C,
-                       True, GS, NIC_PAD)  # fmt: skip
+            if KSC:
+                _gemv_cols(wo_ptr + lw * D * NA, wo, xa, xs_ptr + pid * XS_W, h_ptr, f_ptr, pid, D,
+                           NA, R_C, RC_PAD, BK_C, GS, True)  # fmt: skip
+            else:
+                _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, f_ptr, pid, D, NA, NA_PAD, R_C,
+                           BRC_C, True, GS, NIC_PAD)  # fmt: skip
             if RC:  # + this program's share of the router logits: no phase D
                 if pid * R_C < D:
                     tl.debug_barrier()  # the rows this program's threads just stored
@@ -390,7 +398,7 @@ def megastep(
     unit_table: bool = UNIT_TABLE, attn_stages: int | None = None, merge_bc: bool | None = None,
     parts: int = 0, prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT,
-    qkv_cols: int | None = None,
+    qkv_cols: int | None = None, o_cols: int | None = None,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``, or
     with ``head_in`` the logits ``[V]`` f32 instead of ``h_d``.
@@ -406,7 +414,8 @@ def megastep(
     ``megastep.decode_chunk`` raises). ``programs`` 0: one per SM (always co-resident);
     ``merge_bc`` None: ``default_merge``; ``block_t`` and ``attn_stages`` None:
     ``default_attention`` (by the phase, the cache length and the head width);
-    ``tile_bytes`` 0: ``default_tile_bytes``; ``qkv_cols`` None: ``default_qkv_cols``.
+    ``tile_bytes`` 0: ``default_tile_bytes``; ``qkv_cols`` / ``o_cols`` None:
+    ``default_qkv_cols`` / ``default_o_cols``.
     """
     n_layers, n_qkv, d = wqkv_lnd.shape
     _, s_max, kv, hd = kc_lskh.shape
@@ -447,7 +456,7 @@ def megastep(
     k_max = check_launch(
         e, merge_bc, router_in_items=router_in_items, block_t=block_t, k_min=k_min, k_max=k_max,
         rule=rule, gate=gate, programs=programs, splits=splits, parts=parts, warps=warps,
-        tile_bytes=tile_bytes, qkv_cols=qkv_cols,
+        tile_bytes=tile_bytes, qkv_cols=qkv_cols, o_cols=o_cols,
         stages=(gemv_stages, unit_stages, attn_stages, head_stages),
         prefetch=(prefetch_kb, prefetch_o_kb, prefetch_keys, prefetch_ao_kb, prefetch_rb_kb),
     )  # fmt: skip
@@ -462,7 +471,7 @@ def megastep(
         prefetch_ao_kb=prefetch_ao_kb, prefetch_rb_kb=prefetch_rb_kb,
         router_in_items=router_in_items, ranked_select=ranked_select, interpret=interpret,
         vocab=vocab, head_itemsize=jnp.dtype(head_vd.dtype).itemsize if head_in else 2,
-        head_stages=head_stages, qkv_cols=qkv_cols,
+        head_stages=head_stages, qkv_cols=qkv_cols, o_cols=o_cols,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32
@@ -480,7 +489,7 @@ def megastep(
         jax.ShapeDtypeStruct((p, n_layers * N_SLOTS + 1) if timing else (1,), jnp.int64),
         jax.ShapeDtypeStruct((p * 2 * c["E_PAD"] if unit_table else 1,), jnp.int32),  # tables
         jax.ShapeDtypeStruct((c["V"] if head_in else 1,), f32),  # logits
-        jax.ShapeDtypeStruct((p * c["D_PAD"] if c["KS"] else 1,), f32),  # normed rows
+        jax.ShapeDtypeStruct((p * c["XS_W"] if c["KS"] or c["KSC"] else 1,), f32),  # GEMV rows
     ]
     outs = jt.triton_call(
         _megastep_kernel, x0_vd, jnp.reshape(jnp.asarray(token, jnp.int32), (1,)),

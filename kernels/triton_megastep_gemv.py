@@ -97,19 +97,30 @@ def _first_chunk(w_ptr, pid, R: tl.constexpr, N, K: tl.constexpr, K_PAD: tl.cons
 
 
 @triton.jit
-def _gemv_cols(w_ptr, w0, x, xs_ptr, out_ptr, pid, N, K: tl.constexpr, R: tl.constexpr,
-               R_PAD: tl.constexpr, BK: tl.constexpr, ST: tl.constexpr):  # fmt: skip
-    """``_gemv_rows``' product (no residual) over column chunks: each chunk is all ``R`` of the
-    program's rows × ``BK`` columns, multiplied into an ``[R_PAD, BK]`` f32 accumulator, and
-    the rows are reduced once after the loop — not one block-wide reduction (shared memory and
-    a CTA barrier) per chunk of full rows, which sits between every two chunks of the stream.
+def _gemv_cols(w_ptr, w0, x, xs_ptr, out_ptr, f_ptr, pid, N, K: tl.constexpr, R: tl.constexpr,
+               R_PAD: tl.constexpr, BK: tl.constexpr, ST: tl.constexpr,
+               RESID: tl.constexpr):  # fmt: skip
+    """``_gemv_rows``' product over column chunks: each chunk is all ``R`` of the program's
+    rows × ``BK`` columns, multiplied into an ``[R_PAD, BK]`` f32 accumulator, and the rows are
+    reduced once after the loop — not one block-wide reduction (shared memory and a CTA barrier)
+    per chunk of full rows, which sits between every two chunks of the stream.
 
     The input's column slices come from this program's scratch row ``xs_ptr`` (``x`` stored
     there first: a register tensor cannot be sliced; the program's own stores, read back after
-    a CTA barrier, so no other program's data and no stale L1 line). Chunk 0 is ``w0``."""
+    a CTA barrier, so no other program's data and no stale L1 line). Chunk 0 is ``w0``.
+
+    ``RESID``: ``_gemv_rows``' residual update ``out[rows] += y + f[rows]`` (``f`` zeroed), its
+    rows loaded before the stream, not behind the reduction's CTA barrier."""
     NK: tl.constexpr = (K + BK - 1) // BK
     r0 = pid * R
     r1 = tl.minimum(r0 + R, N)
+    rr = r0 + tl.arange(0, R_PAD)
+    rm = rr < r1
+    if RESID:
+        hf = tl.load(out_ptr + rr, mask=rm, other=0.0, cache_modifier=".cg")
+        hf += tl.load(f_ptr + rr, mask=rm, other=0.0, cache_modifier=".cg")
+    else:
+        hf = tl.zeros([R_PAD], tl.float32)
     rd = tl.arange(0, x.shape[0])
     tl.store(xs_ptr + rd, x)
     tl.debug_barrier()
@@ -118,8 +129,9 @@ def _gemv_cols(w_ptr, w0, x, xs_ptr, out_ptr, pid, N, K: tl.constexpr, R: tl.con
     for i in tl.range(1, NK, num_stages=ST):
         w = _cols(w_ptr, r0, r1, i * BK, K, R_PAD, BK)
         acc += w.to(tl.float32) * tl.load(xs_ptr + i * BK + rk)[None, :]
-    rr = r0 + tl.arange(0, R_PAD)
-    tl.store(out_ptr + rr, tl.sum(acc, 1), mask=rr < r1)
+    if RESID:
+        tl.store(f_ptr + rr, tl.zeros_like(hf), mask=rm)
+    tl.store(out_ptr + rr, tl.sum(acc, 1) + hf, mask=rm)
 
 
 @triton.jit

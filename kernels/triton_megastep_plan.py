@@ -118,6 +118,9 @@ HEAD_STAGES = 4
 # 256 contiguous bytes a chunk are too few). SmolLM2's QKV block is one chunk of full rows.
 QKV_COLS = 256
 QKV_COLS_ABOVE_D = 1024
+# ... and of the O phase's GEMV with its residual update (``_gemv_cols`` with ``RESID``; split
+# phases only: the merged phase has no O GEMV of its own). 0 until measured.
+O_COLS = 0
 HEAD_IN = False  # whether megastep.step runs the final norm and the LM head in the launch
 
 
@@ -125,6 +128,7 @@ def check_launch(
     e: int, merge_bc: bool, *, router_in_items: bool, block_t: int, k_min: int,
     k_max: int | None, rule: str, gate: str, programs: int, splits: int, parts: int, warps: int,
     tile_bytes: int, stages: tuple, prefetch: tuple, qkv_cols: int | None = None,
+    o_cols: int | None = None,
 ) -> int:  # fmt: skip
     """Raises ValueError on a launch the kernel cannot run; returns ``k_max`` with its default
     filled in (all ``e`` experts). ``block_t`` and the stages come with their defaults filled
@@ -138,13 +142,12 @@ def check_launch(
         raise ValueError(f"rule must be paper|nucleus and gate sigmoid|none: {rule!r}, {gate!r}")
     bad_warps = warps < 0 or warps & (warps - 1)
     bad_t = block_t < 16 or block_t & (block_t - 1)
-    cols = qkv_cols or 0
-    bad_cols = cols < 0 or (cols and (cols < 16 or cols & (cols - 1)))
+    bad_cols = any(c < 0 or (c and (c < 16 or c & (c - 1))) for c in (qkv_cols or 0, o_cols or 0))
     if min(programs, splits, parts, tile_bytes) < 0 or bad_t or bad_warps or bad_cols:
         raise ValueError(
             f"bad launch sizes: programs={programs}, splits={splits}, parts={parts}, "
-            f"tile_bytes={tile_bytes} (0: by the width), qkv_cols={qkv_cols} (0: row chunks, "
-            "else a power of 2 >= 16), "
+            f"tile_bytes={tile_bytes} (0: by the width), qkv_cols={qkv_cols} and "
+            f"o_cols={o_cols} (0: row chunks, else a power of 2 >= 16), "
             f"warps={warps} (0: by the expert count, else a power of 2), block_t={block_t} (a "
             "power of 2 >= 16: the attention's dot needs 16 keys)"
         )
@@ -227,7 +230,7 @@ def constants(
     prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT, interpret: bool = False,
     vocab: int = 0, head_itemsize: int = 2, head_stages: int = HEAD_STAGES,
-    qkv_cols: int | None = None,
+    qkv_cols: int | None = None, o_cols: int | None = None,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -267,7 +270,9 @@ def constants(
         TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
         RK=bool(unit_table and ranked_select),
         AST=int(attn_stages), NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
-        **_cols_constants(r_a, d, default_qkv_cols(d) if qkv_cols is None else qkv_cols),
+        **_cols_constants(r_a, r_c, d, hq * hd,
+                          default_qkv_cols(d) if qkv_cols is None else qkv_cols,
+                          default_o_cols(d) if o_cols is None else o_cols),
         **_ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes,
                        lines(prefetch_ao_kb), lines(prefetch_rb_kb), router_in_items),
         **_head_constants(vocab, d, p, tile_bytes, head_itemsize, lines(prefetch_kb),
@@ -282,10 +287,21 @@ def default_qkv_cols(d: int) -> int:
     return QKV_COLS if d > QKV_COLS_ABOVE_D else 0
 
 
-def _cols_constants(r_a: int, d: int, cols: int) -> dict:
-    """The QKV phase's column-chunk GEMV (``KS`` when ``cols``): ``RA_PAD`` rows (the program's
-    ``R_A`` padded), ``BK_A`` columns a chunk (``cols``, at most ``D_PAD``)."""
-    return dict(KS=cols > 0, RA_PAD=jt.next_pow2(r_a), BK_A=min(max(cols, 16), jt.next_pow2(d)))
+def default_o_cols(d: int) -> int:
+    """The O GEMV's column chunk by default (``O_COLS``; 0: row chunks)."""
+    return O_COLS
+
+
+def _cols_constants(r_a: int, r_c: int, d: int, na: int, cols: int, o_cols: int) -> dict:
+    """The column-chunk GEMVs: the QKV phase's (``KS`` when ``cols``; ``RA_PAD`` rows, the
+    program's ``R_A`` padded, ``BK_A`` columns a chunk, at most ``D_PAD``) and the O phase's
+    (``KSC`` when ``o_cols``; its ``R_C`` rows padded to ``RC_PAD``, ``BK_C`` columns a chunk,
+    at most ``NA_PAD``). ``XS_W``: a program's scratch row, wide enough for either input."""
+    return dict(
+        KS=cols > 0, RA_PAD=jt.next_pow2(r_a), BK_A=min(max(cols, 16), jt.next_pow2(d)),
+        KSC=o_cols > 0, BK_C=min(max(o_cols, 16), jt.next_pow2(na)),
+        XS_W=max(jt.next_pow2(d), jt.next_pow2(na)),
+    )  # fmt: skip
 
 
 def workspace(n_layers: int, d: int, e: int, kv: int, double: bool) -> dict:

@@ -80,6 +80,7 @@ class Launch(NamedTuple):
     head_in: bool | None = None
     head_stages: int | None = None
     qkv_cols: int | None = None
+    o_cols: int | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:

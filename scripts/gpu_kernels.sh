@@ -1613,4 +1613,18 @@ s43b)  # next session: the 50 / 75 / 90% table at 256 positions under the 128-di
   run timeout 400 python3 benchmarks/megastep_decode.py --shapes llama-3-8b llama-3.2-1b \
     --sparsities 0.5 0.75 0.9 --check-steps 1 --rounds 2 --out "$OUT/megastep_decode.jsonl"
   ;;
+s44a)  # the O GEMV in column chunks (o_cols; the 8B phase C ran at 60% of copy): 8B at 256
+  # positions with dense re-timed, and the 1B at 512 (a 300-token prompt: split phases there too)
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 3 \
+    --launches '{"default": {}, "oc256": {"o_cols": 256}, "oc128": {"o_cols": 128}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --no-default --sparsities 0.75 --prompt-len 300 --check-steps 1 --rounds 3 \
+    --launches '{"default": {}, "oc256": {"o_cols": 256}}' --out "$OUT/megastep_decode.jsonl"
+  ;;
+s44b)  # GPU step tests: 2 layers of the 8B width (short cache; default and o_cols), long caches
+  run timeout 500 python3 -m pytest -q -m gpu -rf --tb=short tests/test_megastep.py \
+    -k "8b_width or long_cache"
+  ;;
 esac

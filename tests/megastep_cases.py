@@ -42,6 +42,7 @@ class Case(NamedTuple):
     head_in: bool = False  # the final norm and the LM head inside the launch
     tie: bool = False  # the LM head is the embedding (else pack's transposed lm_head)
     qkv_cols: int | None = None  # the QKV GEMV's column chunk (None: by the width, 0: rows)
+    o_cols: int | None = None  # the O GEMV's column chunk (None: the default, 0: rows)
 
 
 CASES = (
@@ -70,6 +71,7 @@ CASES = (
         router_in_c=False,
         unit_table=False,
         qkv_cols=64,  # 256 row slots (160 rows), 64-column chunks: the second one partial
+        o_cols=64,  # the O GEMV (96 rows, 96 columns) too, with the router as a phase of its own
     ),  # fmt: skip
     # The first token (empty cache), every expert (tau > 1), more splits than cached rows.
     Case("first_token_all", 64, 4, 4, 16, 96, 8, 0, 1.5, splits=4, block_t=16),
@@ -88,6 +90,7 @@ CASES = (
         block_t=16,
         dtype="bfloat16",
         ranked_select=False,
+        o_cols=32,  # the O GEMV in bf16 (64 rows, 128 columns): 4 chunks, the router in phase C
     ),
     # A cache past LONG_CACHE (1088 positions) in the long-cache default's 64-key blocks: two
     # splits of 9 and 8 blocks (the last one partial).

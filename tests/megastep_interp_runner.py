@@ -35,7 +35,8 @@ def main(out: str) -> None:
                                  merge_bc=c.merge_bc, parts=c.parts,
                                  router_in_items=c.router_in_items,
                                  ranked_select=c.ranked_select,
-                                 head_in=c.head_in, qkv_cols=c.qkv_cols)  # fmt: skip
+                                 head_in=c.head_in, qkv_cols=c.qkv_cols,
+                                 o_cols=c.o_cols)  # fmt: skip
         logits, kc2, vc2, k_l, fail = megastep.step(model, mw, tok[None], pos[None], kc, vc,
                                                     tau_l, launch, interpret=True)  # fmt: skip
         p = int(pos)

@@ -98,7 +98,7 @@ def test_lowers_for_sm90_with_gpu_scope_barriers(timing, router_in_c):
     assert "cp.async.wait_group" in ptx and "cp.async.cg" in ptx
     ca = [ln.split("], ")[2].split(",")[0] for ln in ptx.splitlines() if "cp.async.ca" in ln]
     want = {"0x4"} if const["UT"] else set()
-    assert set(ca) == (want | {"0x8"} if const["KS"] else want), set(ca)
+    assert set(ca) == (want | {"0x8"} if const["KS"] or const["KSC"] else want), set(ca)
 
 
 @pytest.mark.parametrize("in_items", [False, True], ids=["router_in_a", "router_in_items"])
@@ -150,6 +150,24 @@ def test_column_chunk_qkv_lowers_for_sm90(d, q, kv, e):
     ptx = sm90_compile(tm._megastep_kernel, _signature(False), const,
                        warps=tm.default_warps(e), stages=1)  # fmt: skip
     assert "cp.async.cg" in ptx.asm["ptx"]
+
+
+def test_column_chunk_o_gemv_lowers_for_sm90():
+    """The O GEMV with its residual update over column chunks (``o_cols``) at the 8B width: 31
+    rows a program (padded to 32) × 256 columns a chunk through the cp.async pipeline, the
+    attention output staged in the program's scratch row as the QKV phase's normed row is, one
+    scratch row wide enough for both inputs; off by default until measured. The only ``.ca``
+    copies are 4 bytes a thread: the unit table's and, with 8 warps, both rows' 256-column
+    slices (one float a thread) — nothing another program wrote."""
+    shape = (2, 4096, 32, 8, 128, 448, 32, 256)
+    const = tm.constants(*shape, programs=132, o_cols=256)
+    assert const["KSC"] and const["RC_PAD"] == 32 and const["BK_C"] == 256
+    assert const["XS_W"] == 4096 and not tm.constants(*shape, programs=132)["KSC"]
+    assert tm.default_o_cols(4096) == tm.O_COLS == 0
+    ptx = sm90_compile(tm._megastep_kernel, _signature(False), const, warps=8, stages=1)
+    ptx = ptx.asm["ptx"]
+    ca = [ln.split("], ")[2].split(",")[0] for ln in ptx.splitlines() if "cp.async.ca" in ln]
+    assert set(ca) == {"0x4"}, set(ca)
 
 
 def test_census_compiles_the_launch_megastep_plans():
@@ -395,6 +413,17 @@ def test_gpu_step_matches_xla_at_the_1b_width(launch):
     GEMV in chunks of full rows of 8 KB and 32 KB."""
     assert tm.default_tile_bytes(2048) == 8192
     cfg = PRESETS["llama-3.2-1b"].replace(n_layers=2)
+    _gpu_step_vs_xla(cfg, megastep.Launch(**launch))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", [{}, {"o_cols": 256}], ids=["default", "o_cols_256"])
+def test_gpu_step_matches_xla_at_the_8b_width(launch):
+    """Two layers of the Llama-3-8B shape (d 4096, 128-dim heads, 448 experts, 8 warps) at a
+    short cache: the split phases with the 128-dim-head default (64-key blocks through 3
+    cp.async stages), the QKV GEMV in 256-column chunks; and the O GEMV in column chunks too."""
+    assert tm.default_attention(False, 128, 128) == (64, 3)
+    cfg = PRESETS["llama-3-8b"].replace(n_layers=2)
     _gpu_step_vs_xla(cfg, megastep.Launch(**launch))
 
 
