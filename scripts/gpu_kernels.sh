@@ -1617,7 +1617,7 @@ s44a)  # the O GEMV in column chunks (o_cols; the 8B phase C ran at 60% of copy)
   # positions with dense re-timed, and the 1B at 512 (a 300-token prompt: split phases there too)
   run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 3 \
-    --launches '{"default": {}, "oc256": {"o_cols": 256}, "oc128": {"o_cols": 128}}' \
+    --launches '{"default": {}, "oc256": {"o_cols": 256}, "oc128": {"o_cols": 128}, "oc256_gs4": {"o_cols": 256, "gemv_stages": 4}}' \
     --out "$OUT/megastep_decode.jsonl"
   run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
     --no-default --sparsities 0.75 --prompt-len 300 --check-steps 1 --rounds 3 \
