@@ -1627,4 +1627,11 @@ s44b)  # GPU step tests: 2 layers of the 8B width (short cache; default and o_co
   run timeout 500 python3 -m pytest -q -m gpu -rf --tb=short tests/test_megastep.py \
     -k "8b_width or long_cache"
   ;;
+s44c)  # the same GPU step tests with the step jitted on the model's arrays (not a static model,
+  # whose weights XLA folded in as constants: a 4 GB HLO at the 8B width), then the 1B-width ones
+  run timeout 330 python3 -m pytest -q -m gpu -rf --tb=short --durations=0 tests/test_megastep.py \
+    -k "8b_width or long_cache"
+  run timeout 200 python3 -m pytest -q -m gpu -rf --tb=short --durations=0 tests/test_megastep.py \
+    -k "1b_width"
+  ;;
 esac

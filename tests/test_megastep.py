@@ -380,9 +380,11 @@ def _gpu_step_vs_xla(cfg, launch, prompt: int = 40, cache_len: int = 128):
         ref = model(tok[None, None], pos[None, None], cache=cache, ffn_args=args)
         kc, vc = megastep.stack_cache(cache)
         tau = jnp.stack([a.tau for a in args])
-        lg, kc, vc, k_l, fail = jax.jit(megastep.step, static_argnums=(0, 7))(
-            model, megastep.pack(model), tok[None], pos[None], kc, vc, tau, launch
-        )
+        # The model's arrays as arguments, not a static model: XLA would fold them into the
+        # program as constants (a 4 GB HLO at two layers of the 8B width, minutes to compile).
+        gd, st = nnx.split(model)
+        step = jax.jit(lambda st, *a: megastep.step(nnx.merge(gd, st), *a, launch))
+        lg, kc, vc, k_l, fail = step(st, megastep.pack(model), tok[None], pos[None], kc, vc, tau)
     assert not np.asarray(fail).any()
     k_ref = np.array([int(s.k_t.reshape(-1)[0]) for s in ref.ffn_stats])
     np.testing.assert_array_equal(np.asarray(k_l), k_ref)
