@@ -119,7 +119,10 @@ HEAD_STAGES = 4
 QKV_COLS = 256
 QKV_COLS_ABOVE_D = 1024
 # ... and of the O phase's GEMV with its residual update (``_gemv_cols`` with ``RESID``; split
-# phases only: the merged phase has no O GEMV of its own). 0 until measured.
+# phases only: the merged phase has no O GEMV of its own). Measured slower, so off (75%, 3 paired
+# rounds, µs a token; BENCHMARKS.md, thirty-first session): 8B 2512.3 at 256 columns, 2647.9 at
+# 128, 2458.1 at 256 with 4 GEMV stages vs row chunks' 2451.6 (its phase C 15.0 / 18.1 / 13.4
+# vs 13.3 µs a layer); 1B at 512 positions 724.2 vs 717.4.
 O_COLS = 0
 HEAD_IN = False  # whether megastep.step runs the final norm and the LM head in the launch
 
