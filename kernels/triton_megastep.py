@@ -115,6 +115,9 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     UNIT_TABLE,
     WARPS,
     WIDE_HEAD,
+    XLONG_BLOCK_BYTES,
+    XLONG_BLOCK_T,
+    XLONG_CACHE,
     check_launch,
     constants,
     default_attention,
@@ -413,7 +416,8 @@ def megastep(
     ``fail_p`` is nonzero where a program gave up on a grid barrier (its result is then wrong;
     ``megastep.decode_chunk`` raises). ``programs`` 0: one per SM (always co-resident);
     ``merge_bc`` None: ``default_merge``; ``block_t`` and ``attn_stages`` None:
-    ``default_attention`` (by the phase, the cache length and the head width);
+    ``default_attention`` (by the phase, the cache length, the head width and the cache's
+    dtype);
     ``tile_bytes`` 0: ``default_tile_bytes``; ``qkv_cols`` / ``o_cols`` None:
     ``default_qkv_cols`` / ``default_o_cols``.
     """
@@ -450,7 +454,7 @@ def megastep(
     if why:
         raise ValueError(why)
     merge_bc = default_merge(d, s_max) if merge_bc is None else bool(merge_bc)
-    bt, ast = default_attention(merge_bc, s_max, hd)
+    bt, ast = default_attention(merge_bc, s_max, hd, jnp.dtype(kc_lskh.dtype).itemsize)
     block_t = block_t or bt
     attn_stages = ast if attn_stages is None else attn_stages
     k_max = check_launch(

@@ -102,6 +102,15 @@ LONG_ATTN_STAGES = 3
 # the 16 KB rule to 64-dim heads: 1B 1128.8 vs 1175.9 at 32256, but SmolLM2 663.6 vs 573.7 at
 # 1280 and 660.4 vs 639.8 at 4352; not taken.
 WIDE_HEAD = 128
+# From XLONG_CACHE positions on, key blocks of XLONG_BLOCK_BYTES (64-dim bf16 heads: 128 keys;
+# at most XLONG_BLOCK_T, at least LONG_BLOCK_T): 1B 939.5 vs 955.8 at 16384 positions, 1126.4
+# vs 1171.6 at 32256; SmolLM2 894.1 vs 919.9 and 1240.7 vs 1323.6 (thirty-first session; and
+# 1B 1128.8 vs 1175.9 at 32256 in the thirtieth). Not below: SmolLM2 slower at 1280 and 4352
+# (thirtieth session); 4352-16384 is not measured. The 8B's 128-dim heads keep 64 keys (16 KB
+# already; 128-key blocks through 2 stages 4003.5 vs 3814.9 at 32256).
+XLONG_CACHE = 16384
+XLONG_BLOCK_BYTES = 16 * 1024
+XLONG_BLOCK_T = 128
 PREFETCH_AO_KB = 256  # L2 prefetch of a merged item's W_o block at barrier arrival (KB)
 # ... and of a program's router rows for phase A (KB; all of them at 1B and 8B). Not the cause
 # of the 8B phase A's 7 µs growth: 0 measured the same (2768 vs 2781 µs a token, phase A 22.7
@@ -164,13 +173,19 @@ def check_launch(
     return k_max
 
 
-def default_attention(merge_bc: bool, s_max: int, head_dim: int) -> tuple[int, int]:
+def default_attention(
+    merge_bc: bool, s_max: int, head_dim: int, itemsize: int = 2
+) -> tuple[int, int]:
     """``(block_t, attn_stages)`` by default: ``MERGE_BLOCK_T`` keys in a plain loop for the
     merged phase; ``LONG_BLOCK_T`` keys through ``LONG_ATTN_STAGES`` stages for split phases over
-    more than ``LONG_CACHE`` positions or with heads of ``WIDE_HEAD`` dims or more; else
+    more than ``LONG_CACHE`` positions or with heads of ``WIDE_HEAD`` dims or more, blocks of
+    ``XLONG_BLOCK_BYTES`` (cache elements of ``itemsize`` bytes) from ``XLONG_CACHE`` on; else
     ``BLOCK_T`` keys in a plain loop (each where it measured fastest)."""
     if merge_bc:
         return MERGE_BLOCK_T, ATTN_STAGES
+    if s_max >= XLONG_CACHE:
+        keys = XLONG_BLOCK_BYTES // (head_dim * itemsize)
+        return min(XLONG_BLOCK_T, max(LONG_BLOCK_T, keys)), LONG_ATTN_STAGES
     if s_max > LONG_CACHE or head_dim >= WIDE_HEAD:
         return LONG_BLOCK_T, LONG_ATTN_STAGES
     return BLOCK_T, ATTN_STAGES

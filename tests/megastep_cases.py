@@ -97,6 +97,11 @@ CASES = (
     Case(
         "long_cache", 64, 4, 2, 16, 128, 8, 1050, 0.5, splits=2, block_t=64, cache_len=1088
     ),  # fmt: skip
+    # 128-key blocks (the default from XLONG_CACHE positions with 64-dim bf16 heads): two splits
+    # of 3 blocks each, the third of the second split partial.
+    Case(
+        "long_cache_128", 64, 4, 2, 16, 128, 8, 700, 0.5, splits=2, block_t=128, cache_len=768
+    ),  # fmt: skip
     # The merged attention + O phase: 3 row parts of 22 rows (the last one 20) and 6 of the 16
     # experts' rows of M (the last one 4), a key loop of 3 blocks (the last one partial).
     Case(

@@ -224,9 +224,11 @@ def test_long_caches_and_wide_heads_pipeline_the_key_blocks_by_default():
     """Above ``LONG_CACHE`` positions, or with 128-dim heads at any length, the split phases'
     items read 64-key blocks through 3 cp.async stages (measured 8% / 38% faster at 8B with 4352
     / 32256 positions, 1-4% at 256-768; slower with the 1B's 64-dim heads below 1024 positions;
-    BENCHMARKS.md, twenty-ninth and thirtieth sessions); the merged phase and short caches of
-    narrow heads keep the plain loop they were measured with, and a launch's own values win.
-    Planned through ``megastep`` itself."""
+    BENCHMARKS.md, twenty-ninth and thirtieth sessions); from ``XLONG_CACHE`` positions on, 16 KB
+    blocks (64-dim bf16 heads: 128 keys, 2-6% faster at 16k and 32k; fp32 caches and 128-dim
+    heads: 64; thirty-first session); the merged phase and short caches of narrow heads keep
+    the plain loop they were measured with, and a launch's own values win. Planned through
+    ``megastep`` itself."""
     sys.path.insert(0, str(HERE.parent / "scripts"))
     import megastep_census
 
@@ -250,6 +252,15 @@ def test_long_caches_and_wide_heads_pipeline_the_key_blocks_by_default():
     assert attn(one_b, megastep.Launch(), 512) == (False, 32, 1)
     assert attn(one_b, megastep.Launch(), 1024) == (False, 32, 1)
     assert attn(one_b, megastep.Launch(), 4352) == (False, 64, 3)
+    assert tm.XLONG_CACHE == 16384
+    assert attn(one_b, megastep.Launch(), 16384 - 256) == (False, 64, 3)
+    assert attn(one_b, megastep.Launch(), 16384) == (False, 128, 3)
+    assert attn(PRESETS["smollm2-135m"], megastep.Launch(), 32256) == (False, 128, 3)
+    assert attn(eight_b, megastep.Launch(), 32256) == (False, 64, 3)
+    assert attn(one_b, megastep.Launch(block_t=64), 32256) == (False, 64, 3)
+    f32 = megastep_census.plan(one_b, megastep.Launch(), 32256, dtype=jnp.float32)[1]
+    assert (f32["BT"], f32["AST"]) == (64, 3), "16 KB blocks: 64 keys of fp32"
+    assert tm.default_attention(False, 16384, 32) == (tm.XLONG_BLOCK_T, 3), "at most 128 keys"
 
 
 def test_bad_inputs_raise_clearly():
@@ -441,6 +452,16 @@ def test_gpu_step_matches_xla_at_a_long_cache(shape):
         cfg = cfg.replace(n_layers=2)
     assert tm.default_attention(False, 1280, 64) == (64, 3)
     _gpu_step_vs_xla(cfg, megastep.Launch(), prompt=1100, cache_len=1280)
+
+
+@pytest.mark.gpu
+def test_gpu_step_matches_xla_with_128_key_blocks():
+    """The SmolLM2 shape through 128-key blocks in 3 stages, the default from ``XLONG_CACHE``
+    positions with 64-dim bf16 heads (an XLA prefill that long does not fit the test, so the
+    blocks are checked at 1280 positions)."""
+    cfg = PRESETS["smollm2-135m"]
+    launch = megastep.Launch(block_t=128, attn_stages=3)
+    _gpu_step_vs_xla(cfg, launch, prompt=1100, cache_len=1280)
 
 
 @pytest.mark.gpu
