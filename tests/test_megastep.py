@@ -300,6 +300,8 @@ def test_bad_inputs_raise_clearly():
     for cols in (-16, 8, 48):
         with pytest.raises(ValueError, match="qkv_cols"):
             call(qkv_cols=cols)
+        with pytest.raises(ValueError, match=f"o_cols={cols}"):
+            call(o_cols=cols)
     assert (tm.default_warps(256), tm.default_warps(448)) == (4, 8)  # BENCHMARKS, 21st session
     with pytest.raises(ValueError, match="16 keys"):
         call(block_t=8)
