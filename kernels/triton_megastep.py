@@ -122,7 +122,6 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     constants,
     default_attention,
     default_merge,
-    default_o_cols,
     default_qkv_cols,
     default_splits,
     default_tile_bytes,
@@ -419,7 +418,7 @@ def megastep(
     ``default_attention`` (by the phase, the cache length, the head width and the cache's
     dtype);
     ``tile_bytes`` 0: ``default_tile_bytes``; ``qkv_cols`` / ``o_cols`` None:
-    ``default_qkv_cols`` / ``default_o_cols``.
+    ``default_qkv_cols`` / ``O_COLS``.
     """
     n_layers, n_qkv, d = wqkv_lnd.shape
     _, s_max, kv, hd = kc_lskh.shape

@@ -288,9 +288,9 @@ def constants(
         TIMING=bool(timing), DOT_F32=bool(interpret), UT=bool(unit_table),
         RK=bool(unit_table and ranked_select),
         AST=int(attn_stages), NIC_PAD=jt.next_pow2(-(-r_c // brc_c)),
-        **_cols_constants(r_a, r_c, d, hq * hd,
+        **_cols_constants(r_a, d, hq * hd,
                           default_qkv_cols(d) if qkv_cols is None else qkv_cols,
-                          default_o_cols(d) if o_cols is None else o_cols),
+                          O_COLS if o_cols is None else o_cols),
         **_ao_constants(d, hq, kv, hd, e, p, merge_bc, parts, tile_bytes, itemsizes,
                        lines(prefetch_ao_kb), lines(prefetch_rb_kb), router_in_items),
         **_head_constants(vocab, d, p, tile_bytes, head_itemsize, lines(prefetch_kb),
@@ -305,16 +305,12 @@ def default_qkv_cols(d: int) -> int:
     return QKV_COLS if d > QKV_COLS_ABOVE_D else 0
 
 
-def default_o_cols(d: int) -> int:
-    """The O GEMV's column chunk by default (``O_COLS``; 0: row chunks)."""
-    return O_COLS
-
-
-def _cols_constants(r_a: int, r_c: int, d: int, na: int, cols: int, o_cols: int) -> dict:
+def _cols_constants(r_a: int, d: int, na: int, cols: int, o_cols: int) -> dict:
     """The column-chunk GEMVs: the QKV phase's (``KS`` when ``cols``; ``RA_PAD`` rows, the
     program's ``R_A`` padded, ``BK_A`` columns a chunk, at most ``D_PAD``) and the O phase's
-    (``KSC`` when ``o_cols``; its ``R_C`` rows padded to ``RC_PAD``, ``BK_C`` columns a chunk,
-    at most ``NA_PAD``). ``XS_W``: a program's scratch row, wide enough for either input."""
+    (``KSC`` when ``o_cols``; its ``R_C`` rows padded to the router's ``RC_PAD``, ``BK_C``
+    columns a chunk, at most ``NA_PAD``). ``XS_W``: a program's scratch row, wide enough for
+    either input."""
     return dict(
         KS=cols > 0, RA_PAD=jt.next_pow2(r_a), BK_A=min(max(cols, 16), jt.next_pow2(d)),
         KSC=o_cols > 0, BK_C=min(max(o_cols, 16), jt.next_pow2(na)),
