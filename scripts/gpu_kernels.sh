@@ -1634,12 +1634,16 @@ s44c)  # the same GPU step tests with the step jitted on the model's arrays (not
   run timeout 200 python3 -m pytest -q -m gpu -rf --tb=short --durations=0 tests/test_megastep.py \
     -k "1b_width"
   ;;
-s45a)  # next session: the 128-key blocks' GPU parity test (the default from 16384 positions with
-  # 64-dim bf16 heads, measured but not yet checked against XLA on the GPU), then the 1B's 50 / 75 /
-  # 90% table and the 8B's 75% again, dense re-timed in the same process
+s45a)  # the 128-key blocks' GPU parity test (the default from 16384 positions with 64-dim bf16
+  # heads, measured but not yet checked against XLA on the GPU), then the 1B's 50 / 75 / 90% table
+  # with a per-kernel trace (what runs outside the launch) and the 8B's, dense re-timed in the
+  # same process
   run timeout 200 python3 -m pytest -q -m gpu -rf --tb=short --durations=0 tests/test_megastep.py \
     -k "128_key_blocks"
-  run timeout 380 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
+  run timeout 160 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b \
+    --no-default --sparsities 0.5 0.75 0.9 --check-steps 1 --rounds 2 --trace \
+    --out "$OUT/megastep_decode.jsonl"
+  run timeout 220 python3 benchmarks/megastep_decode.py --shapes llama-3-8b \
     --no-default --sparsities 0.5 0.75 0.9 --check-steps 1 --rounds 2 \
     --out "$OUT/megastep_decode.jsonl"
   ;;
