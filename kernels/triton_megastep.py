@@ -119,6 +119,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     XLONG_BLOCK_T,
     XLONG_CACHE,
     check_launch,
+    check_shapes,
     constants,
     default_attention,
     default_merge,
@@ -423,35 +424,11 @@ def megastep(
     n_layers, n_qkv, d = wqkv_lnd.shape
     _, s_max, kv, hd = kc_lskh.shape
     e = wr_led.shape[1]
-    f = w_out_lfd.shape[1]
-    hq = n_qkv // hd - 2 * kv
-    want = {
-        "ln1": (ln1_ld.shape, (n_layers, d)), "ln2": (ln2_ld.shape, (n_layers, d)),
-        "wo": (wo_ldn.shape, (n_layers, d, hq * hd)), "router": (wr_led.shape, (n_layers, e, d)),
-        "router @ wo": (wm_len.shape, (n_layers, e, hq * hd)),
-        "w_in": (w_in_lcfd.shape, (n_layers, 2, f, d)),
-        "w_out": (w_out_lfd.shape, (n_layers, f, d)),
-        "k cache": (kc_lskh.shape, (n_layers, s_max, kv, hd)), "v cache": (vc_lskh.shape,
-        kc_lskh.shape), "x0 [V, d]": ((jnp.ndim(x0_vd), jnp.shape(x0_vd)[-1]), (2, d)),
-        "inv_freq": (jnp.shape(inv_freq_h), (hd // 2,)), "tau": (jnp.shape(tau_l), (n_layers,)),
-        "token, pos": ((jnp.size(token), jnp.size(pos)), (1, 1)),
-    }  # fmt: skip
-    vocab = 0
-    if head_in:
-        if head_vd is None or norm_d is None:
-            raise ValueError("head_in needs the LM head's rows (head_vd) and norm weights (norm_d)")
-        vocab = jnp.shape(head_vd)[0]
-        want["head"] = (jnp.shape(head_vd), (vocab, d))
-        want["norm"] = (jnp.shape(norm_d), (d,))
-    bad = {k: v for k, v in want.items() if tuple(v[0]) != tuple(v[1])}
-    if bad:
-        raise ValueError(f"megastep shapes do not fit (got, want): {bad}")
-    g = f // e if e else 0
-    if hq <= 0 or hq % kv or n_qkv != (hq + 2 * kv) * hd or f != e * g:
-        raise ValueError(f"inconsistent heads/experts: qkv rows {n_qkv}, kv {kv}, hd {hd}, f {f}")
-    why = unsupported_shape(d, hd, g)
-    if why:
-        raise ValueError(why)
+    hq, g, vocab = check_shapes(
+        x0_vd, token, inv_freq_h, pos, tau_l, ln1_ld, ln2_ld, wqkv_lnd, wo_ldn, wr_led, wm_len,
+        w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh, head_vd if head_in else None,
+        norm_d if head_in else None, head_in,
+    )  # fmt: skip
     merge_bc = default_merge(d, s_max) if merge_bc is None else bool(merge_bc)
     bt, ast = default_attention(merge_bc, s_max, hd, jnp.dtype(kc_lskh.dtype).itemsize)
     block_t = block_t or bt

@@ -8,6 +8,8 @@ kernel's phase order; ``triton_megastep`` re-exports what callers use.
 
 from __future__ import annotations
 
+import numpy as np
+
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.triton_balanced import MAX_D
 
@@ -206,6 +208,47 @@ def unsupported_shape(d: int, head_dim: int, group_size: int) -> str | None:
             f"size; got d={d}, head_dim={hd}, G={g}"
         )
     return None
+
+
+def check_shapes(
+    x0_vd, token, inv_freq_h, pos, tau_l, ln1_ld, ln2_ld, wqkv_lnd, wo_ldn, wr_led, wm_len,
+    w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh, head_vd, norm_d, head_in: bool,
+) -> tuple[int, int, int]:  # fmt: skip
+    """``(hq, G, vocab)`` of ``triton_megastep.megastep``'s operands, or a ValueError naming
+    every operand whose shape does not fit (a wrong shape would read out of bounds on the GPU,
+    not fail)."""
+    n_layers, n_qkv, d = wqkv_lnd.shape
+    _, s_max, kv, hd = kc_lskh.shape
+    e, f = wr_led.shape[1], w_out_lfd.shape[1]
+    hq = n_qkv // hd - 2 * kv
+    want = {
+        "ln1": (ln1_ld.shape, (n_layers, d)), "ln2": (ln2_ld.shape, (n_layers, d)),
+        "wo": (wo_ldn.shape, (n_layers, d, hq * hd)), "router": (wr_led.shape, (n_layers, e, d)),
+        "router @ wo": (wm_len.shape, (n_layers, e, hq * hd)),
+        "w_in": (w_in_lcfd.shape, (n_layers, 2, f, d)),
+        "w_out": (w_out_lfd.shape, (n_layers, f, d)),
+        "k cache": (kc_lskh.shape, (n_layers, s_max, kv, hd)), "v cache": (vc_lskh.shape,
+        kc_lskh.shape), "x0 [V, d]": ((np.ndim(x0_vd), np.shape(x0_vd)[-1]), (2, d)),
+        "inv_freq": (np.shape(inv_freq_h), (hd // 2,)), "tau": (np.shape(tau_l), (n_layers,)),
+        "token, pos": ((np.size(token), np.size(pos)), (1, 1)),
+    }  # fmt: skip
+    vocab = 0
+    if head_in:
+        if head_vd is None or norm_d is None:
+            raise ValueError("head_in needs the LM head's rows (head_vd) and norm weights (norm_d)")
+        vocab = np.shape(head_vd)[0]
+        want["head"] = (np.shape(head_vd), (vocab, d))
+        want["norm"] = (np.shape(norm_d), (d,))
+    bad = {k: v for k, v in want.items() if tuple(v[0]) != tuple(v[1])}
+    if bad:
+        raise ValueError(f"megastep shapes do not fit (got, want): {bad}")
+    g = f // e if e else 0
+    if hq <= 0 or hq % kv or n_qkv != (hq + 2 * kv) * hd or f != e * g:
+        raise ValueError(f"inconsistent heads/experts: qkv rows {n_qkv}, kv {kv}, hd {hd}, f {f}")
+    why = unsupported_shape(d, hd, g)
+    if why:
+        raise ValueError(why)
+    return hq, g, vocab
 
 
 def _pow2_floor(n: int) -> int:
