@@ -96,6 +96,7 @@ from prunepath_jax.kernels.triton_megastep_gemv import (
 from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the launch's API)
     ATTN_STAGES,
     BLOCK_T,
+    BULK_PREFETCH,
     HEAD_IN,
     HEAD_STAGES,
     LONG_CACHE,
@@ -187,7 +188,7 @@ def _megastep_kernel(
     PF_H: tl.constexpr, STEP_H: tl.constexpr, HST: tl.constexpr, WS_F: tl.constexpr,
     WS_LG: tl.constexpr, WS_CTR: tl.constexpr, WS_N: tl.constexpr, KS: tl.constexpr,
     RA_PAD: tl.constexpr, BK_A: tl.constexpr, KSC: tl.constexpr, BK_C: tl.constexpr,
-    XS_W: tl.constexpr,
+    XS_W: tl.constexpr, PFB: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -213,9 +214,9 @@ def _megastep_kernel(
     dmask = rd < D
     rna = tl.arange(0, NA_PAD)
     wa = _first_chunk(wqkv_ptr, pid, R_A, NQKV, D, D_PAD, BRC_A, RA_PAD, BK_A, KS)
-    _pf_rows(wqkv_ptr, pid, R_A, NQKV, D, BRC_A, PF_A, STEP_A)
+    _pf_rows(wqkv_ptr, pid, R_A, NQKV, D, BRC_A, PF_A, STEP_A, PFB)
     if RBA:  # the router rows of phase A
-        _pf_rows(wr_ptr, pid, R_B, E, D, 0, PF_RB, STEP_D)
+        _pf_rows(wr_ptr, pid, R_B, E, D, 0, PF_RB, STEP_D, PFB)
     if pid == 0:  # RoPE at this position, once a step (read after the first barrier)
         rh = tl.arange(0, HALF)
         ang = pos.to(tl.float32) * tl.load(inv_ptr + rh)
@@ -260,7 +261,7 @@ def _megastep_kernel(
                          item // NP, item % NP, D, NA, E, KV, HD, GQ, NP, RB, PF_OR, LPO, STEP_C,
                          RE, RE_PAD, LPM, STEP_D, BT, S_MAX, PF_KEYS, LPR)  # fmt: skip
                 if RBI:  # the item's router rows
-                    _pf_rows(wr_ptr + lw * E * D, item, R_B, E, D, 0, PF_RB, STEP_D)
+                    _pf_rows(wr_ptr + lw * E * D, item, R_B, E, D, 0, PF_RB, STEP_D, PFB)
         elif PF_KEYS > 0:
             if pid < KV * S:
                 _pf_kv(kc_ptr, vc_ptr, pos, lw, pid // S, pid % S, KV, HD, S, BT, S_MAX, PF_KEYS,
@@ -290,7 +291,7 @@ def _megastep_kernel(
             _arrive(ctr_ptr)
             wo = _first_chunk(wo_ptr + lw * D * NA, pid, R_C, D, NA, NA_PAD, BRC_C, RC_PAD, BK_C,
                               KSC)  # fmt: skip
-            _pf_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, BRC_C, PF_C, STEP_C)
+            _pf_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, BRC_C, PF_C, STEP_C, PFB)
             if PF_R > 0:  # the router columns of this program's rows (RC): one line a router row
                 if pid * R_C < D:
                     l2_lines(wr_ptr + lw * E * D + tl.minimum(tl.arange(0, PF_R), E - 1) * D
@@ -317,7 +318,7 @@ def _megastep_kernel(
                 _stamp(tim_ptr, pid, t + 5, NT, TIMING)
                 _arrive(ctr_ptr)
                 wr = _first_rows(wr_ptr + lw * E * D, pid, R_D, E, D, D_PAD, BRC_D)
-                _pf_rows(wr_ptr + lw * E * D, pid, R_D, E, D, BRC_D, PF_D, STEP_D)
+                _pf_rows(wr_ptr + lw * E * D, pid, R_D, E, D, BRC_D, PF_D, STEP_D, PFB)
                 ph += 1
                 failed = _wait(ctr_ptr, P * ph, failed, SPIN)
                 _stamp(tim_ptr, pid, t + 6, NT, TIMING)
@@ -373,15 +374,15 @@ def _megastep_kernel(
             wa = _first_chunk(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, D_PAD, BRC_A,
                               RA_PAD, BK_A, KS)  # fmt: skip
             _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, BRC_A, PF_A,
-                     STEP_A)  # fmt: skip
+                     STEP_A, PFB)  # fmt: skip
             if RBA:
-                _pf_rows(wr_ptr + (lw + 1) * E * D, pid, R_B, E, D, 0, PF_RB, STEP_D)
+                _pf_rows(wr_ptr + (lw + 1) * E * D, pid, R_B, E, D, 0, PF_RB, STEP_D, PFB)
             ph += 1
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
     if HI:  # the final norm and the LM head's rows: the step's logits without another launch
         _arrive(ctr_ptr)
         wh = _first_rows(hw_ptr, pid, R_H, V, D, D_PAD, BRC_H)
-        _pf_rows(hw_ptr, pid, R_H, V, D, BRC_H, PF_H, STEP_H)
+        _pf_rows(hw_ptr, pid, R_H, V, D, BRC_H, PF_H, STEP_H, PFB)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         x = _final_normed(h_ptr + (L % 2) * HS, f_ptr + (L % 2) * HS, nw_ptr, D, D_PAD, EPS)
@@ -402,6 +403,7 @@ def megastep(
     parts: int = 0, prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT,
     qkv_cols: int | None = None, o_cols: int | None = None,
+    bulk_prefetch: bool = BULK_PREFETCH,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``, or
     with ``head_in`` the logits ``[V]`` f32 instead of ``h_d``.
@@ -452,6 +454,7 @@ def megastep(
         router_in_items=router_in_items, ranked_select=ranked_select, interpret=interpret,
         vocab=vocab, head_itemsize=jnp.dtype(head_vd.dtype).itemsize if head_in else 2,
         head_stages=head_stages, qkv_cols=qkv_cols, o_cols=o_cols,
+        bulk_prefetch=bulk_prefetch,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32

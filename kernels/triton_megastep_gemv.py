@@ -168,14 +168,15 @@ def _final_normed(h_ptr, f_ptr, nw_ptr, D: tl.constexpr, D_PAD: tl.constexpr,
 
 @triton.jit
 def _pf_rows(w_ptr, pid, R: tl.constexpr, N, K: tl.constexpr, BRC: tl.constexpr,
-             PF: tl.constexpr, STEP: tl.constexpr):  # fmt: skip
+             PF: tl.constexpr, STEP: tl.constexpr, PFB: tl.constexpr):  # fmt: skip
     """L2 prefetch of up to ``PF`` lines of a GEMV block's rows after the first chunk (which the
-    program loads into registers itself): the block is contiguous, ``[pid·R, pid·R + R)``."""
+    program loads into registers itself): the block is contiguous, ``[pid·R, pid·R + R)``; with
+    ``PFB`` as bulk requests (``triton_l2.l2_bulk``)."""
     if PF > 0:
         r1 = tl.minimum(pid * R + R, N)
         if pid * R + BRC < r1:
             start = (pid * R + BRC) * K
-            l2_prefetch(w_ptr + start, r1 * K - start, PF, STEP)
+            l2_prefetch(w_ptr + start, r1 * K - start, PF, STEP, PFB)
 
 
 @triton.jit

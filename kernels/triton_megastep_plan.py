@@ -58,6 +58,9 @@ LINE = 128  # bytes of an L2 prefetch line
 # the 8B attention phase (prefetch_o_kb 256: 2603 vs 2583).
 PREFETCH_KB = 64
 PREFETCH_O_KB = 32
+# The GEMV blocks' L2 prefetch as bulk requests (``triton_l2.l2_bulk``: thread 0 asks the copy
+# engine for 16 KB at a time) instead of one ``prefetch.global.L2`` a line.
+BULK_PREFETCH = False
 PREFETCH_KEYS = 64
 # Each program looks its units' experts up in a table (_unit_table) instead of two block-wide
 # reductions a unit: the 1B unit loop 9.1 vs 10.8 µs a layer, 8B (bound by bytes) the same
@@ -292,6 +295,7 @@ def constants(
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT, interpret: bool = False,
     vocab: int = 0, head_itemsize: int = 2, head_stages: int = HEAD_STAGES,
     qkv_cols: int | None = None, o_cols: int | None = None,
+    bulk_prefetch: bool = BULK_PREFETCH,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -311,7 +315,12 @@ def constants(
         return 0 if interpret else kb * 1024 // LINE
 
     pf_keys = 0 if interpret else prefetch_keys
+    # Bulk requests need 16-byte aligned starts and sizes: every GEMV row's bytes a multiple of
+    # 16 (row starts are whole rows from 16-byte aligned buffers).
+    rows_bytes = (d * itemsizes[0], hq * hd * itemsizes[1], d * itemsizes[2], d * head_itemsize)
+    pfb = bool(bulk_prefetch) and not interpret and all(b % 16 == 0 for b in rows_bytes)
     return dict(
+        PFB=pfb,
         RC=bool(router_in_c or merge_bc), RC_PAD=rc_pad,
         BE=min(e_pad, _pow2_floor(max(1, tile_bytes // (rc_pad * 4)))),
         PF_A=_pf_lines(lines(prefetch_kb), r_a, brc_a, d, itemsizes[0]),

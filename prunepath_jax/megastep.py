@@ -81,6 +81,7 @@ class Launch(NamedTuple):
     head_stages: int | None = None
     qkv_cols: int | None = None
     o_cols: int | None = None
+    bulk_prefetch: bool | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:

@@ -1647,4 +1647,15 @@ s45a)  # the 128-key blocks' GPU parity test (the default from 16384 positions w
     --no-default --sparsities 0.5 0.75 0.9 --check-steps 1 --rounds 2 \
     --out "$OUT/megastep_decode.jsonl"
   ;;
+s45b)  # the GEMV blocks' L2 prefetch as bulk copy-engine requests (bulk_prefetch): its GPU parity
+  # test with the 128-key blocks' one, then the 8B at 75% with the whole W_o block asked for
+  # during the attention phase, bulk and per line
+  run timeout 200 python3 -m pytest -q -m gpu -rf --tb=short --durations=0 tests/test_megastep.py \
+    -k "128_key_blocks or bulk_prefetch"
+  run timeout 360 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
+    --no-dense --sparsities 0.75 --check-steps 1 --rounds 2 --launches '{"default": {},
+    "bulk": {"bulk_prefetch": true}, "bulk_o256": {"bulk_prefetch": true, "prefetch_o_kb": 256},
+    "bulk_o256_q256": {"bulk_prefetch": true, "prefetch_o_kb": 256, "prefetch_kb": 256},
+    "lines_o256": {"prefetch_o_kb": 256}}' --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac

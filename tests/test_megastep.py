@@ -176,6 +176,25 @@ def test_column_chunk_o_gemv_lowers_for_sm90():
     assert set(ca) == {"0x4"}, set(ca)
 
 
+def test_bulk_prefetch_lowers_for_sm90():
+    """``bulk_prefetch`` asks L2 for the GEMV blocks' lines as bulk copy-engine requests (thread 0
+    only, 16 KB each, predicated off past the block) instead of one ``prefetch.global.L2`` a
+    line: the 8B width compiles with them and without the line prefetches of those blocks; off
+    by default until measured, and never under the interpreter (inline PTX)."""
+    shape = (2, 4096, 32, 8, 128, 448, 32, 256)
+    const = tm.constants(*shape, programs=132, bulk_prefetch=True, prefetch_o_kb=256)
+    assert const["PFB"] and const["PF_C"] == 2048 and not tm.BULK_PREFETCH
+    assert not tm.constants(*shape, programs=132, bulk_prefetch=True, interpret=True)["PFB"]
+    odd = tm.constants(2, 4100, 32, 8, 128, 448, 32, 256, programs=132, bulk_prefetch=True)
+    assert not odd["PFB"], "rows of 8200 bytes: not 16-byte multiples"
+    ptx = sm90_compile(tm._megastep_kernel, _signature(False), const, warps=8, stages=1)
+    ptx = ptx.asm["ptx"]
+    assert "cp.async.bulk.prefetch.L2.global" in ptx
+    plain = sm90_compile(tm._megastep_kernel, _signature(False),
+                         tm.constants(*shape, programs=132), warps=8, stages=1)  # fmt: skip
+    assert "cp.async.bulk.prefetch" not in plain.asm["ptx"]
+
+
 def test_census_compiles_the_launch_megastep_plans():
     """``scripts/megastep_census.py`` plans through ``megastep`` itself (its ``triton_call``
     caught under ``eval_shape``): at the 1B width the constexprs are the launch arithmetic's (8
@@ -438,11 +457,15 @@ def test_gpu_step_matches_xla_at_the_1b_width(launch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("launch", [{}, {"o_cols": 256}], ids=["default", "o_cols_256"])
+@pytest.mark.parametrize(
+    "launch", [{}, {"o_cols": 256}, {"bulk_prefetch": True, "prefetch_o_kb": 256}],
+    ids=["default", "o_cols_256", "bulk_prefetch"],
+)  # fmt: skip
 def test_gpu_step_matches_xla_at_the_8b_width(launch):
     """Two layers of the Llama-3-8B shape (d 4096, 128-dim heads, 448 experts, 8 warps) at a
     short cache: the split phases with the 128-dim-head default (64-key blocks through 3
-    cp.async stages), the QKV GEMV in 256-column chunks; and the O GEMV in column chunks too."""
+    cp.async stages), the QKV GEMV in 256-column chunks; the O GEMV in column chunks too; and
+    the GEMV blocks' L2 prefetch as bulk requests (the whole W_o block)."""
     assert tm.default_attention(False, 128, 128) == (64, 3)
     cfg = PRESETS["llama-3-8b"].replace(n_layers=2)
     _gpu_step_vs_xla(cfg, megastep.Launch(**launch))
