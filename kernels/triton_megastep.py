@@ -428,8 +428,7 @@ def megastep(
     e = wr_led.shape[1]
     hq, g, vocab = check_shapes(
         x0_vd, token, inv_freq_h, pos, tau_l, ln1_ld, ln2_ld, wqkv_lnd, wo_ldn, wr_led, wm_len,
-        w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh, head_vd if head_in else None,
-        norm_d if head_in else None, head_in,
+        w_in_lcfd, w_out_lfd, kc_lskh, vc_lskh, head_vd, norm_d, head_in,
     )  # fmt: skip
     merge_bc = default_merge(d, s_max) if merge_bc is None else bool(merge_bc)
     bt, ast = default_attention(merge_bc, s_max, hd, jnp.dtype(kc_lskh.dtype).itemsize)
