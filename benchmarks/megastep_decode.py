@@ -133,7 +133,9 @@ def timeline(t_ps: np.ndarray, n_layers: int) -> dict:
     after its unit loop). A phase's time runs from the moment the previous phase's last
     program arrived (its barrier opened) to its own last arrival; ``wake`` is how long after
     that opening a program starts the phase (the barrier's latency), ``work`` (mean and max
-    over programs) what it spends in it. Means over layers."""
+    over programs) what it spends in it. Means over layers. With the router in the O phase
+    (``router_in_c``, the split phases' default) D is the router share after the O GEMV, with no
+    barrier before it: its "opening" is the O GEMV's last end."""
     from prunepath_jax.kernels.triton_megastep import N_SLOTS
 
     s = t_ps[:, 1:].reshape(t_ps.shape[0], n_layers, N_SLOTS).astype(np.float64) / 1e3  # µs

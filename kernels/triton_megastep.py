@@ -133,7 +133,8 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
 from prunepath_jax.kernels.triton_select import _logits, _select, _select_ranked
 
 # Timing events a layer (TIMING): A start/end, B start/end, C start/end, D start/end (with RC:
-# C's end twice), F start, F selected, F's unit loop done, F end.
+# C's end twice, then D's end after the router share, so D is that share without a barrier),
+# F start, F selected, F's unit loop done, F end.
 N_SLOTS = 12
 SLOTS = tl.constexpr(N_SLOTS)
 
@@ -307,13 +308,13 @@ def _megastep_kernel(
             else:
                 _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, f_ptr, pid, D, NA, NA_PAD, R_C,
                            BRC_C, True, GS, NIC_PAD)  # fmt: skip
-            if RC:  # + this program's share of the router logits: no phase D
+            if RC:  # + this program's share of the router logits: no barrier, timed as D
+                _stamp(tim_ptr, pid, t + 5, NT, TIMING)
+                _stamp(tim_ptr, pid, t + 6, NT, TIMING)
                 if pid * R_C < D:
                     tl.debug_barrier()  # the rows this program's threads just stored
                     _router_part(wr_ptr + lw * E * D, ln2_ptr + layer * D, h_ptr,
                                  lg_ptr + layer * E, pid, R_C, RC_PAD, D, E, BE, GS)  # fmt: skip
-                _stamp(tim_ptr, pid, t + 5, NT, TIMING)
-                _stamp(tim_ptr, pid, t + 6, NT, TIMING)
             else:
                 _stamp(tim_ptr, pid, t + 5, NT, TIMING)
                 _arrive(ctr_ptr)

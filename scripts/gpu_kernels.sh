@@ -1658,4 +1658,22 @@ s45b)  # the GEMV blocks' L2 prefetch as bulk copy-engine requests (bulk_prefetc
     "bulk_o256_q256": {"bulk_prefetch": true, "prefetch_o_kb": 256, "prefetch_kb": 256},
     "lines_o256": {"prefetch_o_kb": 256}}' --out "$OUT/megastep_decode.jsonl"
   ;;
+s46a)  # the O phase alone (benchmarks/gemv_phase.py: the step's own GEMV and router-share code
+  # in a persistent grid of its own, 32 layers behind grid barriers): which launch choices move
+  # it toward the copy bandwidth, with its weights in DRAM and already in L2; then the 8B step
+  # at 75% with the router share timed as its own phase (D)
+  run timeout 240 python3 benchmarks/gemv_phase.py --shapes llama-3-8b-o --reps 5 \
+    --out "$OUT/gemv_phase.jsonl" --variants '{"hot": {"sets": 1}, "no_router": {"router": false},
+    "no_router_hot": {"router": false, "sets": 1}, "w4": {"warps": 4}, "w16": {"warps": 16},
+    "t16": {"tile_kb": 16}, "t64": {"tile_kb": 64}, "st2": {"stages": 2}, "st4": {"stages": 4},
+    "st6": {"stages": 6}, "t16_st6": {"tile_kb": 16, "stages": 6}, "t8_st8": {"tile_kb": 8,
+    "stages": 8}, "cols256": {"cols": 256}, "cols512": {"cols": 512}, "p264": {"programs": 264},
+    "p264_hot": {"programs": 264, "sets": 1}, "no_pre": {"pre": false}, "pf0": {"pf_kb": 0},
+    "pf256": {"pf_kb": 256}, "bulk256": {"pf_kb": 256, "bulk": true}}'
+  run timeout 120 python3 benchmarks/gemv_phase.py --shapes llama-3-8b-qkv llama-3.2-1b-o \
+    --reps 5 --out "$OUT/gemv_phase.jsonl" --variants '{"hot": {"sets": 1},
+    "no_router": {"router": false}, "cols256": {"cols": 256, "router": false}}'
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
+    --no-dense --sparsities 0.75 --check-steps 1 --rounds 1 --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
