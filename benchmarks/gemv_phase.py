@@ -51,6 +51,7 @@ from prunepath_jax.kernels.triton_megastep_gemv import (  # noqa: E402
 from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: E402
     LINE,
     PREFETCH_O_KB,
+    ROUTER_FROM_REGS,
     STAGES,
     _pf_lines,
     _pow2_floor,
@@ -77,11 +78,12 @@ def _phase_kernel(w_ptr, x_ptr, h0_ptr, f0_ptr, wr_ptr, ln_ptr,
                   K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
                   BRC: tl.constexpr, NI_PAD: tl.constexpr, ST: tl.constexpr, COLS: tl.constexpr,
                   BK: tl.constexpr, PF: tl.constexpr, STEP: tl.constexpr, PFB: tl.constexpr,
-                  PRE: tl.constexpr, ROUTER: tl.constexpr, E: tl.constexpr, BE: tl.constexpr,
-                  PF_R: tl.constexpr, TIMING: tl.constexpr, SPIN: tl.constexpr,
+                  PRE: tl.constexpr, ROUTER: tl.constexpr, REGS: tl.constexpr, E: tl.constexpr,
+                  BE: tl.constexpr, PF_R: tl.constexpr, TIMING: tl.constexpr, SPIN: tl.constexpr,
                   NT: tl.constexpr):  # fmt: skip
     """L layers of ``h[rows] += W_l[rows]·x + f[rows]`` (f zeroed) and, with ``ROUTER``,
-    ``lg[l] += W_r,l[:, rows]·(ln ⊙ h)[rows]``, program ``pid`` owning rows
+    ``lg[l] += W_r,l[:, rows]·(ln ⊙ h)[rows]`` (``REGS``: h's rows from the GEMV's registers, as
+    the step does, else read back), program ``pid`` owning rows
     ``[pid·R, pid·R + R)``; a grid barrier before each layer, the first chunk loaded (``PRE``)
     and ``PF`` lines of the rest asked for in L2 before it, as ``triton_megastep`` does."""
     pid = tl.program_id(0)
@@ -103,15 +105,15 @@ def _phase_kernel(w_ptr, x_ptr, h0_ptr, f0_ptr, wr_ptr, ln_ptr,
         if not PRE:
             w0 = _first_chunk(wl, pid, R, N, K, K_PAD, BRC, R_PAD, BK, COLS)
         if COLS:
-            _gemv_cols(wl, w0, x, xs_ptr + pid * K_PAD, h_ptr, f_ptr, pid, N, K, R, R_PAD, BK, ST,
-                       True)  # fmt: skip
+            hv = _gemv_cols(wl, w0, x, xs_ptr + pid * K_PAD, h_ptr, f_ptr, pid, N, K, R, R_PAD, BK,
+                            ST, True)  # fmt: skip
         else:
-            _gemv_rows(wl, w0, x, h_ptr, f_ptr, pid, N, K, K_PAD, R, BRC, True, ST, NI_PAD)
+            hv = _gemv_rows(wl, w0, x, h_ptr, f_ptr, pid, N, K, K_PAD, R, BRC, True, ST, NI_PAD)
         _stamp(tim_ptr, pid, 2 + 3 * layer, NT, TIMING)
         if ROUTER:
             if pid * R < N:
-                tl.debug_barrier()  # the rows this program's threads just stored
-                _router_part(wrl, ln_ptr, h_ptr, lg_ptr + layer * E, pid, R, R_PAD, N, E, BE, ST)
+                _router_part(wrl, ln_ptr, h_ptr, hv, lg_ptr + layer * E, pid, R, R_PAD, N, E, BE,
+                             ST, REGS)  # fmt: skip
         _stamp(tim_ptr, pid, 3 + 3 * layer, NT, TIMING)
         _arrive(ctr_ptr)
     tl.store(fail_ptr + pid, failed)
@@ -135,7 +137,8 @@ def plan(shape: tuple, v: dict, n_sm: int, interpret: bool) -> dict:
         R=r, R_PAD=r_pad, BRC=brc, NI_PAD=jt.next_pow2(-(-r // brc)), ST=v.get("stages", STAGES),
         COLS=cols > 0, BK=min(max(cols, 16), jt.next_pow2(k)),
         PF=_pf_lines(pf, r, brc, k, 2), STEP=LINE // 2, PFB=bool(v.get("bulk", False)),
-        PRE=bool(v.get("pre", True)), ROUTER=router, E=e,
+        PRE=bool(v.get("pre", True)), ROUTER=router, REGS=bool(v.get("regs", ROUTER_FROM_REGS)),
+        E=e,
         BE=min(e_pad, _pow2_floor(max(1, tile // (r_pad * 4)))),
         PF_R=e_pad if router and pf and not interpret else 0,
         TIMING=not interpret, SPIN=1_000_000, NT=1 + N_STAMPS * v.get("layers", 32),

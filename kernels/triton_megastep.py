@@ -177,7 +177,8 @@ def _megastep_kernel(
     BRC_D: tl.constexpr, GS: tl.constexpr, US: tl.constexpr, EPS: tl.constexpr,
     NUCLEUS: tl.constexpr, SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr,
     SCALE: tl.constexpr, SPIN: tl.constexpr, TIMING: tl.constexpr, DOT_F32: tl.constexpr,
-    RC: tl.constexpr, RC_PAD: tl.constexpr, BE: tl.constexpr, PF_A: tl.constexpr,
+    RC: tl.constexpr, RC_PAD: tl.constexpr, RC_REGS: tl.constexpr, BE: tl.constexpr,
+    PF_A: tl.constexpr,
     PF_C: tl.constexpr, PF_D: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     STEP_D: tl.constexpr, PF_KEYS: tl.constexpr, LPR: tl.constexpr, PF_R: tl.constexpr,
     UT: tl.constexpr, NIC_PAD: tl.constexpr, AST: tl.constexpr, MBC: tl.constexpr,
@@ -303,18 +304,18 @@ def _megastep_kernel(
             # C: O projection + residual (+ the previous FFN's sum, zeroed for this layer's).
             xa = tl.load(att_ptr + rna, mask=rna < NA, other=0.0, cache_modifier=".cg")
             if KSC:
-                _gemv_cols(wo_ptr + lw * D * NA, wo, xa, xs_ptr + pid * XS_W, h_ptr, f_ptr, pid, D,
-                           NA, R_C, RC_PAD, BK_C, GS, True)  # fmt: skip
+                hv = _gemv_cols(wo_ptr + lw * D * NA, wo, xa, xs_ptr + pid * XS_W, h_ptr, f_ptr,
+                                pid, D, NA, R_C, RC_PAD, BK_C, GS, True)  # fmt: skip
             else:
-                _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, f_ptr, pid, D, NA, NA_PAD, R_C,
-                           BRC_C, True, GS, NIC_PAD)  # fmt: skip
+                hv = _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, f_ptr, pid, D, NA, NA_PAD,
+                                R_C, BRC_C, True, GS, NIC_PAD)  # fmt: skip
             if RC:  # + this program's share of the router logits: no barrier, timed as D
                 _stamp(tim_ptr, pid, t + 5, NT, TIMING)
                 _stamp(tim_ptr, pid, t + 6, NT, TIMING)
                 if pid * R_C < D:
-                    tl.debug_barrier()  # the rows this program's threads just stored
-                    _router_part(wr_ptr + lw * E * D, ln2_ptr + layer * D, h_ptr,
-                                 lg_ptr + layer * E, pid, R_C, RC_PAD, D, E, BE, GS)  # fmt: skip
+                    _router_part(wr_ptr + lw * E * D, ln2_ptr + layer * D, h_ptr, hv,
+                                 lg_ptr + layer * E, pid, R_C, RC_PAD, D, E, BE, GS,
+                                 RC_REGS)  # fmt: skip
             else:
                 _stamp(tim_ptr, pid, t + 5, NT, TIMING)
                 _arrive(ctr_ptr)

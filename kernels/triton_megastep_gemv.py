@@ -47,7 +47,9 @@ def _gemv_rows(w_ptr, w0, x, out_ptr, f_ptr, pid, N, K: tl.constexpr, K_PAD: tl.
     ``[NI_PAD, BRC]`` (``NI_PAD = next_pow2(NI)``), and the results stored once after the loop
     — not an L2 round trip after each chunk's reduction, which a load issued behind the
     reduction's CTA barrier would be (1B: 706 vs 723 µs a token; BENCHMARKS.md, twenty-second
-    session)."""
+    session). Returns the new residual rows as ``[NI_PAD·BRC]`` = ``[next_pow2(R)]`` f32 (zero
+    past the block), for the router share to use without reading them back (``[BRC]`` zeros
+    without ``RESID``)."""
     NI: tl.constexpr = (R + BRC - 1) // BRC
     r0 = pid * R
     r1 = tl.minimum(r0 + R, N)
@@ -63,14 +65,18 @@ def _gemv_rows(w_ptr, w0, x, out_ptr, f_ptr, pid, N, K: tl.constexpr, K_PAD: tl.
             w = _rows(w_ptr, r0, i, r1, K, K_PAD, BRC)
             y2 = tl.where(ri[:, None] == i, tl.sum(w.to(tl.float32) * x[None, :], 1)[None, :], y2)
         tl.store(f_ptr + rows2, tl.zeros_like(hf), mask=m2)
-        tl.store(out_ptr + rows2, y2 + hf, mask=m2)
+        hv = y2 + hf
+        tl.store(out_ptr + rows2, hv, mask=m2)
+        hv = tl.reshape(hv, [NI_PAD * BRC])  # rows in order: chunk i's row c is i·BRC + c
     else:
+        hv = tl.zeros([BRC], tl.float32)
         rm = r0 + rc < r1
         tl.store(out_ptr + r0 + rc, tl.sum(w0.to(tl.float32) * x[None, :], 1), mask=rm)
         for i in tl.range(1, NI, num_stages=ST):
             w = _rows(w_ptr, r0, i, r1, K, K_PAD, BRC)
             rows = r0 + i * BRC + rc
             tl.store(out_ptr + rows, tl.sum(w.to(tl.float32) * x[None, :], 1), mask=rows < r1)
+    return hv
 
 
 @triton.jit
@@ -110,7 +116,8 @@ def _gemv_cols(w_ptr, w0, x, xs_ptr, out_ptr, f_ptr, pid, N, K: tl.constexpr, R:
     a CTA barrier, so no other program's data and no stale L1 line). Chunk 0 is ``w0``.
 
     ``RESID``: ``_gemv_rows``' residual update ``out[rows] += y + f[rows]`` (``f`` zeroed), its
-    rows loaded before the stream, not behind the reduction's CTA barrier."""
+    rows loaded before the stream, not behind the reduction's CTA barrier. Returns the rows
+    stored, ``[R_PAD]`` f32 (zero past the block)."""
     NK: tl.constexpr = (K + BK - 1) // BK
     r0 = pid * R
     r1 = tl.minimum(r0 + R, N)
@@ -131,7 +138,9 @@ def _gemv_cols(w_ptr, w0, x, xs_ptr, out_ptr, f_ptr, pid, N, K: tl.constexpr, R:
         acc += w.to(tl.float32) * tl.load(xs_ptr + i * BK + rk)[None, :]
     if RESID:
         tl.store(f_ptr + rr, tl.zeros_like(hf), mask=rm)
-    tl.store(out_ptr + rr, tl.sum(acc, 1) + hf, mask=rm)
+    y = tl.where(rm, tl.sum(acc, 1) + hf, 0.0)
+    tl.store(out_ptr + rr, y, mask=rm)
+    return y
 
 
 @triton.jit
@@ -180,16 +189,23 @@ def _pf_rows(w_ptr, pid, R: tl.constexpr, N, K: tl.constexpr, BRC: tl.constexpr,
 
 
 @triton.jit
-def _router_part(wr_ptr, ln_ptr, h_ptr, lg_ptr, pid, R: tl.constexpr, R_PAD: tl.constexpr,
-                 D: tl.constexpr, E: tl.constexpr, BE: tl.constexpr,
-                 ST: tl.constexpr):  # fmt: skip
+def _router_part(wr_ptr, ln_ptr, h_ptr, h_rows, lg_ptr, pid, R: tl.constexpr,
+                 R_PAD: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BE: tl.constexpr,
+                 ST: tl.constexpr, REGS: tl.constexpr):  # fmt: skip
     """Program ``pid``'s share of the router logits before the RMSNorm's scale:
     ``lg[e] += Σ_r W_r[e, r]·ln2[r]·h[r]`` over its residual rows ``[pid·R, pid·R + R)`` (those
     the O phase just wrote), added with relaxed atomics. The scale ``1 / rms(h)`` is common to
-    every logit, so the expert phase applies it: the router needs no grid barrier of its own."""
+    every logit, so the expert phase applies it: the router needs no grid barrier of its own.
+
+    ``REGS``: the rows are ``h_rows`` (``[R_PAD]``, what the O GEMV returned), not read back
+    from ``h_ptr`` behind a CTA barrier (an L2 round trip before the first product)."""
     rr = pid * R + tl.arange(0, R_PAD)
     rm = rr < tl.minimum(pid * R + R, D)
-    hv = tl.load(h_ptr + rr, mask=rm, other=0.0, cache_modifier=".cg")
+    if REGS:
+        hv = h_rows
+    else:
+        tl.debug_barrier()  # the rows this program's threads just stored
+        hv = tl.load(h_ptr + rr, mask=rm, other=0.0, cache_modifier=".cg")
     hv *= tl.load(ln_ptr + rr, mask=rm, other=0.0).to(tl.float32)
     re = tl.arange(0, BE)
     for e0 in tl.range(0, E, BE, num_stages=ST):

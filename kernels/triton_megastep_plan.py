@@ -138,6 +138,10 @@ QKV_COLS_ABOVE_D = 1024
 # 128, 2458.1 at 256 with 4 GEMV stages vs row chunks' 2451.6 (its phase C 15.0 / 18.1 / 13.4
 # vs 13.3 µs a layer); 1B at 512 positions 724.2 vs 717.4.
 O_COLS = 0
+# The O phase's router share (``router_in_c``) takes the program's new residual rows from the O
+# GEMV's registers instead of storing them, a CTA barrier, and reading them back from L2
+# (``_router_part``'s ``REGS``).
+ROUTER_FROM_REGS = True
 HEAD_IN = False  # whether megastep.step runs the final norm and the LM head in the launch
 
 
@@ -321,7 +325,7 @@ def constants(
     pfb = bool(bulk_prefetch) and not interpret and all(b % 16 == 0 for b in rows_bytes)
     return dict(
         PFB=pfb,
-        RC=bool(router_in_c or merge_bc), RC_PAD=rc_pad,
+        RC=bool(router_in_c or merge_bc), RC_PAD=rc_pad, RC_REGS=ROUTER_FROM_REGS,
         BE=min(e_pad, _pow2_floor(max(1, tile_bytes // (rc_pad * 4)))),
         PF_A=_pf_lines(lines(prefetch_kb), r_a, brc_a, d, itemsizes[0]),
         PF_C=_pf_lines(lines(prefetch_o_kb), r_c, brc_c, hq * hd, itemsizes[1]),

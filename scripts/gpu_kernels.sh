@@ -1676,4 +1676,20 @@ s46a)  # the O phase alone (benchmarks/gemv_phase.py: the step's own GEMV and ro
   run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
     --no-dense --sparsities 0.75 --check-steps 1 --rounds 1 --out "$OUT/megastep_decode.jsonl"
   ;;
+s46b)  # the O phase's router share from the GEMV's registers (no CTA barrier and L2 read-back of
+  # the rows it just stored): alone (gemv_phase.py, regs vs reload) and in the step against the
+  # code before it (.old: scripts/make_baseline.sh 3fa4de0), 8B also with 4 warps
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .old \
+    2>/dev/null
+  run timeout 150 python3 benchmarks/gemv_phase.py --shapes llama-3-8b-o llama-3.2-1b-o --reps 7 \
+    --out "$OUT/gemv_phase.jsonl" --variants '{"reload": {"regs": false}, "hot": {"sets": 1},
+    "reload_hot": {"regs": false, "sets": 1}, "w4": {"warps": 4}, "w4_reload": {"warps": 4,
+    "regs": false}}'
+  run timeout 300 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
+    --no-default --sparsities 0.75 --check-steps 1 --rounds 3 --baseline ppold.megastep \
+    --launches '{"regs": {}, "regs_w4": {"warps": 4}}' --out "$OUT/megastep_decode.jsonl"
+  run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --no-default --sparsities 0.75 --check-steps 1 --rounds 3 --baseline ppold.megastep \
+    --launches '{"regs": {}}' --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
