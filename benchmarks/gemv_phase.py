@@ -45,6 +45,7 @@ from prunepath_jax.kernels.triton_megastep_gemv import (  # noqa: E402
     _first_chunk,
     _gemv_cols,
     _gemv_rows,
+    _normed,
     _pf_rows,
     _router_part,
 )
@@ -64,28 +65,36 @@ SHAPES = {  # name: (output rows N, input width K, router experts E, model width
     "llama-3-8b-o": (4096, 4096, 448, 4096),
     "llama-3-8b-qkv": (6144, 4096, 448, 4096),
     "llama-3.2-1b-o": (2048, 2048, 256, 2048),
+    "llama-3.2-1b-qkv": (3072, 2048, 256, 2048),
 }
+# The ``-qkv`` shapes run the QKV phase (the norm, then the GEMV into its own output; no residual
+# update, no router share); the ``-o`` shapes the O phase.
 # The check's tolerance: tests/helpers.py's TOL["model_fp32"] (f32 sums in another order; the
 # reference uses the same bf16 weights), times max(1, max |expected|).
 TOL_FP32 = 1e-4
+EPS = tl.constexpr(1e-5)  # the norm's epsilon (NORM)
 N_STAMPS = 3  # a layer's stamps: start (barrier passed), GEMV done, router share done
 
 
 @triton.jit
-def _phase_kernel(w_ptr, x_ptr, h0_ptr, f0_ptr, wr_ptr, ln_ptr,
+def _phase_kernel(w_ptr, x_ptr, h0_ptr, f0_ptr, wr_ptr, ln_ptr, lnk_ptr,
                   h_ptr, f_ptr, lg_ptr, ctr_ptr, tim_ptr, fail_ptr, xs_ptr,
                   L: tl.constexpr, SETS: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
                   K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
                   BRC: tl.constexpr, NI_PAD: tl.constexpr, ST: tl.constexpr, COLS: tl.constexpr,
                   BK: tl.constexpr, PF: tl.constexpr, STEP: tl.constexpr, PFB: tl.constexpr,
                   PRE: tl.constexpr, ROUTER: tl.constexpr, REGS: tl.constexpr, E: tl.constexpr,
-                  BE: tl.constexpr, PF_R: tl.constexpr, TIMING: tl.constexpr, SPIN: tl.constexpr,
-                  NT: tl.constexpr):  # fmt: skip
+                  BE: tl.constexpr, PF_R: tl.constexpr, RESID: tl.constexpr, NORM: tl.constexpr,
+                  TIMING: tl.constexpr, SPIN: tl.constexpr, NT: tl.constexpr):  # fmt: skip
     """L layers of ``h[rows] += W_l[rows]·x + f[rows]`` (f zeroed) and, with ``ROUTER``,
     ``lg[l] += W_r,l[:, rows]·(ln ⊙ h)[rows]`` (``REGS``: h's rows from the GEMV's registers, as
     the step does, else read back), program ``pid`` owning rows
     ``[pid·R, pid·R + R)``; a grid barrier before each layer, the first chunk loaded (``PRE``)
-    and ``PF`` lines of the rest asked for in L2 before it, as ``triton_megastep`` does."""
+    and ``PF`` lines of the rest asked for in L2 before it, as ``triton_megastep`` does.
+
+    Without ``RESID``, the QKV phase instead: ``h[rows] = W_l[rows]·x`` (no router share); with
+    ``NORM`` its input is the RMSNorm of the row ``x`` (weights ``lnk``), computed after each
+    barrier as the step's phase A computes it (``_normed``)."""
     pid = tl.program_id(0)
     rk = tl.arange(0, K_PAD)
     x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
@@ -104,11 +113,16 @@ def _phase_kernel(w_ptr, x_ptr, h0_ptr, f0_ptr, wr_ptr, ln_ptr,
         _stamp(tim_ptr, pid, 1 + 3 * layer, NT, TIMING)
         if not PRE:
             w0 = _first_chunk(wl, pid, R, N, K, K_PAD, BRC, R_PAD, BK, COLS)
-        if COLS:
-            hv = _gemv_cols(wl, w0, x, xs_ptr + pid * K_PAD, h_ptr, f_ptr, pid, N, K, R, R_PAD, BK,
-                            ST, True)  # fmt: skip
+        if NORM:
+            xin, _ = _normed(x_ptr, x_ptr, lnk_ptr, K, K_PAD, EPS, False)
         else:
-            hv = _gemv_rows(wl, w0, x, h_ptr, f_ptr, pid, N, K, K_PAD, R, BRC, True, ST, NI_PAD)
+            xin = x
+        if COLS:
+            hv = _gemv_cols(wl, w0, xin, xs_ptr + pid * K_PAD, h_ptr, f_ptr, pid, N, K, R, R_PAD,
+                            BK, ST, RESID)  # fmt: skip
+        else:
+            hv = _gemv_rows(wl, w0, xin, h_ptr, f_ptr, pid, N, K, K_PAD, R, BRC, RESID, ST,
+                            NI_PAD)  # fmt: skip
         _stamp(tim_ptr, pid, 2 + 3 * layer, NT, TIMING)
         if ROUTER:
             if pid * R < N:
@@ -131,8 +145,10 @@ def plan(shape: tuple, v: dict, n_sm: int, interpret: bool) -> dict:
     r_pad = jt.next_pow2(r)
     e_pad = max(16, jt.next_pow2(e))
     pf = 0 if interpret else v.get("pf_kb", PREFETCH_O_KB) * 1024 // LINE
-    router = bool(v.get("router", True))
+    qkv = v.get("qkv", False)
+    router = bool(v.get("router", not qkv)) and not qkv
     return dict(
+        RESID=not qkv, NORM=bool(v.get("norm", qkv)),
         L=v.get("layers", 32), SETS=v.get("sets", 8), P=p, N=n, K=k, K_PAD=jt.next_pow2(k),
         R=r, R_PAD=r_pad, BRC=brc, NI_PAD=jt.next_pow2(-(-r // brc)), ST=v.get("stages", STAGES),
         COLS=cols > 0, BK=min(max(cols, 16), jt.next_pow2(k)),
@@ -146,7 +162,7 @@ def plan(shape: tuple, v: dict, n_sm: int, interpret: bool) -> dict:
 
 
 def launch(c: dict, warps: int, args: tuple, interpret: bool):
-    w, x, h0, f0, wr, ln = args
+    w, x, h0, f0, wr, ln, lnk = args
     f32 = jnp.float32
     out_shape = [
         jax.ShapeDtypeStruct((c["N"],), f32),  # h
@@ -158,7 +174,7 @@ def launch(c: dict, warps: int, args: tuple, interpret: bool):
         jax.ShapeDtypeStruct((c["P"] * c["K_PAD"] if c["COLS"] else 1,), f32),  # scratch
     ]
     return jt.triton_call(
-        _phase_kernel, w, x, h0, f0, wr, ln, out_shape=out_shape,
+        _phase_kernel, w, x, h0, f0, wr, ln, lnk, out_shape=out_shape,
         input_output_aliases={2: 0, 3: 1}, zeroed_outputs=(2, 3), grid=(c["P"],),
         num_warps=warps, num_stages=1, interpret=interpret, **c,
     )  # fmt: skip
@@ -175,14 +191,21 @@ def inputs(n: int, k: int, e: int, s: int, seed: int = 0):
     h0 = jnp.asarray(rng.standard_normal((n,), np.float32))
     f0 = jnp.asarray(rng.standard_normal((n,), np.float32))
     ln = jnp.asarray(1 + 0.1 * rng.standard_normal((n,), np.float32), jnp.bfloat16)
-    return w, x, h0, f0, wr, ln
+    lnk = jnp.asarray(1 + 0.1 * rng.standard_normal((k,), np.float32), jnp.bfloat16)
+    return w, x, h0, f0, wr, ln, lnk
 
 
 @functools.cache
-def expected(n: int, k: int, e: int, s: int, layers: int) -> tuple[np.ndarray, np.ndarray]:
-    """The residual after ``layers`` layers and every layer's router logits, in float64."""
-    w, x, h0, f0, wr, ln = (np.asarray(a, np.float64) for a in inputs(n, k, e, s))
+def expected(
+    n: int, k: int, e: int, s: int, layers: int, resid: bool, norm: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The residual after ``layers`` layers and every layer's router logits, in float64; without
+    ``resid`` (the QKV phase) the last layer's output and no logits."""
+    w, x, h0, f0, wr, ln, lnk = (np.asarray(a, np.float64) for a in inputs(n, k, e, s))
     w, wr = w.reshape(s, n, k), wr.reshape(s, e, n)
+    if not resid:
+        xn = x / np.sqrt(np.mean(x * x) + 1e-5) * lnk if norm else x
+        return w[(layers - 1) % s] @ xn, np.zeros((layers, e))
     h, lg = h0 + f0, []
     for layer in range(layers):
         h = h + w[layer % s] @ x
@@ -213,12 +236,12 @@ def timeline(t_ps: np.ndarray, layers: int) -> dict:
 
 def run_case(shape_name: str, label: str, v: dict, n_sm: int, interpret: bool, reps: int):
     shape = SHAPES[shape_name] if not interpret else (96, 80, 24, 96)
-    c = plan(shape, v, n_sm, interpret)
+    c = plan(shape, {"qkv": shape_name.endswith("-qkv"), **v}, n_sm, interpret)
     warps = v.get("warps", default_warps(shape[2]))
     dims = (c["N"], c["K"], c["E"], c["SETS"])
     args = inputs(*dims)
     outs = launch(c, warps, args, interpret)
-    h_want, lg_want = expected(*dims, c["L"])
+    h_want, lg_want = expected(*dims, c["L"], c["RESID"], c["NORM"])
     h_err = float(np.max(np.abs(np.asarray(outs[0], np.float64) - h_want)))
     lg = np.asarray(outs[2], np.float64).reshape(c["L"], c["E"])
     lg_err = float(np.max(np.abs(lg - lg_want))) if c["ROUTER"] else 0.0

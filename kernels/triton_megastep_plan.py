@@ -138,10 +138,13 @@ QKV_COLS_ABOVE_D = 1024
 # 128, 2458.1 at 256 with 4 GEMV stages vs row chunks' 2451.6 (its phase C 15.0 / 18.1 / 13.4
 # vs 13.3 µs a layer); 1B at 512 positions 724.2 vs 717.4.
 O_COLS = 0
-# The O phase's router share (``router_in_c``) takes the program's new residual rows from the O
-# GEMV's registers instead of storing them, a CTA barrier, and reading them back from L2
-# (``_router_part``'s ``REGS``).
-ROUTER_FROM_REGS = True
+# Whether the O phase's router share (``router_in_c``) takes the program's new residual rows from
+# the O GEMV's registers (``_router_part``'s ``REGS``) instead of storing them, a CTA barrier and
+# reading them back from L2. Measured slower, so off (BENCHMARKS.md, thirty-third session; the
+# reshape to the router tile's layout costs more than the read-back): alone (gemv_phase.py, 7
+# launches) the share took 2.14 vs 1.73 µs at 8B, 1.07 vs 0.87 at 1B; in the step (75%, 3 paired
+# rounds) 8B 2452 vs 2441 µs a token, 1B 677.2 vs 665.6.
+ROUTER_FROM_REGS = False
 HEAD_IN = False  # whether megastep.step runs the final norm and the LM head in the launch
 
 

@@ -1692,4 +1692,18 @@ s46b)  # the O phase's router share from the GEMV's registers (no CTA barrier an
     --no-default --sparsities 0.75 --check-steps 1 --rounds 3 --baseline ppold.megastep \
     --launches '{"regs": {}}' --out "$OUT/megastep_decode.jsonl"
   ;;
+s46c)  # the QKV phase alone (gemv_phase.py's -qkv shapes: the norm after each barrier, then the
+  # GEMV), rows and 256-column chunks, with and without the norm; then s45a's tables (the 1B with
+  # a per-kernel trace, the 8B with dense in the same process)
+  run timeout 150 python3 benchmarks/gemv_phase.py --shapes llama-3-8b-qkv llama-3.2-1b-qkv \
+    --reps 7 --out "$OUT/gemv_phase.jsonl" --variants '{"cols256": {"cols": 256},
+    "no_norm": {"norm": false}, "cols256_no_norm": {"cols": 256, "norm": false},
+    "hot": {"sets": 1}, "cols256_hot": {"cols": 256, "sets": 1}}'
+  run timeout 160 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b \
+    --no-default --sparsities 0.5 0.75 0.9 --check-steps 1 --rounds 2 --trace \
+    --out "$OUT/megastep_decode.jsonl"
+  run timeout 240 python3 benchmarks/megastep_decode.py --shapes llama-3-8b \
+    --no-default --sparsities 0.5 0.75 0.9 --check-steps 1 --rounds 2 \
+    --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
