@@ -148,14 +148,17 @@ def _normed(h_ptr, f_ptr, ln_ptr, D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.
             WITH_F: tl.constexpr):  # fmt: skip
     """``(RMSNorm of the residual row, its 1 / rms)``, f32 ``[D_PAD]`` and a scalar; the row is
     what other programs wrote (``.cg``), plus the FFN sum ``f`` not yet folded in (``WITH_F``).
-    (Loading the norm's weights before the grid barrier instead measured no faster at 1B and
-    49 µs a token slower at 8B, twenty-second session.)"""
+    The weights are loaded first, with the row: loaded after the reduction they were a second
+    L2 round trip behind its CTA barrier (which no load crosses), on the path to the first
+    product of every phase that starts with a norm. (Loading them before the grid barrier
+    instead measured no faster at 1B and 49 µs a token slower at 8B, twenty-second session.)"""
     rd = tl.arange(0, D_PAD)
+    w = tl.load(ln_ptr + rd, mask=rd < D, other=0.0)
     h = tl.load(h_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
     if WITH_F:
         h += tl.load(f_ptr + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + EPS)
-    return h * rstd * tl.load(ln_ptr + rd, mask=rd < D, other=0.0).to(tl.float32), rstd
+    return h * rstd * w.to(tl.float32), rstd
 
 
 @triton.jit
@@ -168,10 +171,10 @@ def _final_normed(h_ptr, f_ptr, nw_ptr, D: tl.constexpr, D_PAD: tl.constexpr,
     dt = nw_ptr.dtype.element_ty
     rd = tl.arange(0, D_PAD)
     m = rd < D
+    w = tl.load(nw_ptr + rd, mask=m, other=0.0).to(tl.float32)  # with the row (``_normed``)
     h = tl.load(h_ptr + rd, mask=m, other=0.0, cache_modifier=".cg")
     h = (h + tl.load(f_ptr + rd, mask=m, other=0.0, cache_modifier=".cg")).to(dt).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + EPS)
-    w = tl.load(nw_ptr + rd, mask=m, other=0.0).to(tl.float32)
     return ((h * rstd).to(dt).to(tl.float32) * w).to(dt).to(tl.float32)
 
 

@@ -1706,4 +1706,19 @@ s46c)  # the QKV phase alone (gemv_phase.py's -qkv shapes: the norm after each b
     --no-default --sparsities 0.5 0.75 0.9 --check-steps 1 --rounds 2 \
     --out "$OUT/megastep_decode.jsonl"
   ;;
+s46d)  # the norm's weights loaded with the row (one L2 round trip before its reduction, not one
+  # after it): the QKV phase alone, then the step against the code before it (.old:
+  # scripts/make_baseline.sh 8189e5b); the 8B also with more of the QKV block asked for in L2
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .old \
+    2>/dev/null
+  run timeout 100 python3 benchmarks/gemv_phase.py --shapes llama-3-8b-qkv llama-3.2-1b-qkv \
+    --reps 7 --out "$OUT/gemv_phase.jsonl" --variants '{"cols256": {"cols": 256}}'
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-dense \
+    --no-default --sparsities 0.75 --check-steps 1 --rounds 3 --baseline ppold.megastep \
+    --launches '{"ln_first": {}, "ln_first_pf128": {"prefetch_kb": 128},
+    "ln_first_pf256": {"prefetch_kb": 256}}' --out "$OUT/megastep_decode.jsonl"
+  run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --no-default --sparsities 0.75 --check-steps 1 --rounds 3 --baseline ppold.megastep \
+    --launches '{"ln_first": {}}' --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
