@@ -1721,4 +1721,11 @@ s46d)  # the norm's weights loaded with the row (one L2 round trip before its re
     --no-default --sparsities 0.75 --check-steps 1 --rounds 3 --baseline ppold.megastep \
     --launches '{"ln_first": {}}' --out "$OUT/megastep_decode.jsonl"
   ;;
+s46e)  # the step's GPU tests after this session's kernel changes (the norms' weights loaded with
+  # the row, the router share's stamps, the REGS flag), then bulk_prefetch re-timed at 1B
+  run timeout 420 python3 -m pytest -q -m gpu -rf --tb=short --durations=0 tests/test_megastep.py
+  run timeout 120 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --no-default --sparsities 0.75 --check-steps 1 --rounds 3 --launches '{"default": {},
+    "bulk": {"bulk_prefetch": true}}' --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
