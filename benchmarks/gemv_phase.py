@@ -57,6 +57,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: E402
     _pf_lines,
     _pow2_floor,
     _row_chunk,
+    default_bulk_prefetch,
     default_tile_bytes,
     default_warps,
 )
@@ -135,7 +136,9 @@ def _phase_kernel(w_ptr, x_ptr, h0_ptr, f0_ptr, wr_ptr, ln_ptr, lnk_ptr,
 
 def plan(shape: tuple, v: dict, n_sm: int, interpret: bool) -> dict:
     """The kernel's constexprs for a shape and a variant (the step's defaults where ``v`` is
-    silent: ``triton_megastep_plan``'s chunk bytes, stages, warps and O-phase prefetch)."""
+    silent: ``triton_megastep_plan``'s chunk bytes, stages, warps and O-phase prefetch, bulk
+    above d 1024; the runs in BENCHMARKS.md's thirty-third session predate that default and
+    asked for the prefetch per line)."""
     n, k, e, d = shape
     p = v.get("programs", n_sm)
     r = -(-n // p)
@@ -152,7 +155,8 @@ def plan(shape: tuple, v: dict, n_sm: int, interpret: bool) -> dict:
         L=v.get("layers", 32), SETS=v.get("sets", 8), P=p, N=n, K=k, K_PAD=jt.next_pow2(k),
         R=r, R_PAD=r_pad, BRC=brc, NI_PAD=jt.next_pow2(-(-r // brc)), ST=v.get("stages", STAGES),
         COLS=cols > 0, BK=min(max(cols, 16), jt.next_pow2(k)),
-        PF=_pf_lines(pf, r, brc, k, 2), STEP=LINE // 2, PFB=bool(v.get("bulk", False)),
+        PF=_pf_lines(pf, r, brc, k, 2), STEP=LINE // 2,
+        PFB=bool(v.get("bulk", default_bulk_prefetch(d))) and not interpret,
         PRE=bool(v.get("pre", True)), ROUTER=router, REGS=bool(v.get("regs", ROUTER_FROM_REGS)),
         E=e,
         BE=min(e_pad, _pow2_floor(max(1, tile // (r_pad * 4)))),

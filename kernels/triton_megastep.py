@@ -96,7 +96,7 @@ from prunepath_jax.kernels.triton_megastep_gemv import (
 from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the launch's API)
     ATTN_STAGES,
     BLOCK_T,
-    BULK_PREFETCH,
+    BULK_PREFETCH_ABOVE_D,
     HEAD_IN,
     HEAD_STAGES,
     LONG_CACHE,
@@ -123,6 +123,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     check_shapes,
     constants,
     default_attention,
+    default_bulk_prefetch,
     default_merge,
     default_qkv_cols,
     default_splits,
@@ -405,7 +406,7 @@ def megastep(
     parts: int = 0, prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT,
     qkv_cols: int | None = None, o_cols: int | None = None,
-    bulk_prefetch: bool = BULK_PREFETCH,
+    bulk_prefetch: bool | None = None,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``, or
     with ``head_in`` the logits ``[V]`` f32 instead of ``h_d``.

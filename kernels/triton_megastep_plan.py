@@ -59,8 +59,18 @@ LINE = 128  # bytes of an L2 prefetch line
 PREFETCH_KB = 64
 PREFETCH_O_KB = 32
 # The GEMV blocks' L2 prefetch as bulk requests (``triton_l2.l2_bulk``: thread 0 asks the copy
-# engine for 16 KB at a time) instead of one ``prefetch.global.L2`` a line.
-BULK_PREFETCH = False
+# engine for 16 KB at a time) instead of one ``prefetch.global.L2`` a line, above d
+# BULK_PREFETCH_ABOVE_D (``default_bulk_prefetch``). Measured (75%, paired rounds, µs a token):
+# 8B 2379.0 vs 2407.2 (2 rounds, thirty-second session), 1B 672.9 [670.9-673.3] vs 677.2
+# [676.4-678.4] (3 rounds, thirty-third). SmolLM2 (d 576) is not measured and keeps the lines.
+BULK_PREFETCH_ABOVE_D = 1024
+
+
+def default_bulk_prefetch(d: int) -> bool:
+    """Whether the GEMV blocks' L2 prefetch is bulk requests by default at width ``d``."""
+    return d > BULK_PREFETCH_ABOVE_D
+
+
 PREFETCH_KEYS = 64
 # Each program looks its units' experts up in a table (_unit_table) instead of two block-wide
 # reductions a unit: the 1B unit loop 9.1 vs 10.8 µs a layer, 8B (bound by bytes) the same
@@ -302,7 +312,7 @@ def constants(
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT, interpret: bool = False,
     vocab: int = 0, head_itemsize: int = 2, head_stages: int = HEAD_STAGES,
     qkv_cols: int | None = None, o_cols: int | None = None,
-    bulk_prefetch: bool = BULK_PREFETCH,
+    bulk_prefetch: bool | None = None,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -325,6 +335,8 @@ def constants(
     # Bulk requests need 16-byte aligned starts and sizes: every GEMV row's bytes a multiple of
     # 16 (row starts are whole rows from 16-byte aligned buffers).
     rows_bytes = (d * itemsizes[0], hq * hd * itemsizes[1], d * itemsizes[2], d * head_itemsize)
+    if bulk_prefetch is None:
+        bulk_prefetch = default_bulk_prefetch(d)
     pfb = bool(bulk_prefetch) and not interpret and all(b % 16 == 0 for b in rows_bytes)
     return dict(
         PFB=pfb,

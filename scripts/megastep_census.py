@@ -90,6 +90,7 @@ def census(cfg, launch: megastep.Launch, s_max: int = 256, dtype=jnp.bfloat16) -
         **ptxas_info(ck.asm["ptx"]), "shared_bytes": ck.metadata.shared, "warps": warps,
         "sass": sum(ops.values()), "BAR": ops["BAR"], "SHFL": ops["SHFL"],
         "ptx_prefetch": ck.asm["ptx"].count("prefetch.global.L2"),
+        "ptx_bulk_prefetch": ck.asm["ptx"].count("cp.async.bulk.prefetch.L2"),
     }  # fmt: skip
 
 
