@@ -152,8 +152,9 @@ O_COLS = 0
 # the O GEMV's registers (``_router_part``'s ``REGS``) instead of storing them, a CTA barrier and
 # reading them back from L2. Measured slower, so off (BENCHMARKS.md, thirty-third session; the
 # reshape to the router tile's layout costs more than the read-back): alone (gemv_phase.py, 7
-# launches) the share took 2.14 vs 1.73 µs at 8B, 1.07 vs 0.87 at 1B; in the step (75%, 3 paired
-# rounds) 8B 2452 vs 2441 µs a token, 1B 677.2 vs 665.6.
+# launches) the share took 2.14 vs 1.73 µs at 8B, 1.07 vs 0.87 at 1B's width; in the 8B step
+# (75%, 3 paired rounds) 2451.6 vs 2441.0 µs a token. (The 1B step runs the merged phase, which
+# has no router share.)
 ROUTER_FROM_REGS = False
 HEAD_IN = False  # whether megastep.step runs the final norm and the LM head in the launch
 
