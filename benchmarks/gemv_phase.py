@@ -134,6 +134,11 @@ def _phase_kernel(w_ptr, x_ptr, h0_ptr, f0_ptr, wr_ptr, ln_ptr, lnk_ptr,
     tl.store(fail_ptr + pid, failed)
 
 
+# A variant's keys (anything else is a typo, refused before any launch).
+VARIANT_KEYS = {"programs", "tile_kb", "cols", "pf_kb", "qkv", "router", "layers", "sets",
+                "stages", "bulk", "pre", "regs", "norm", "warps"}  # fmt: skip
+
+
 def plan(shape: tuple, v: dict, n_sm: int, interpret: bool) -> dict:
     """The kernel's constexprs for a shape and a variant (the step's defaults where ``v`` is
     silent: ``triton_megastep_plan``'s chunk bytes, stages, warps and O-phase prefetch, bulk
@@ -166,6 +171,7 @@ def plan(shape: tuple, v: dict, n_sm: int, interpret: bool) -> dict:
 
 
 def launch(c: dict, warps: int, args: tuple, interpret: bool):
+    """One launch of ``_phase_kernel`` (fresh outputs: the barrier counter starts at zero)."""
     w, x, h0, f0, wr, ln, lnk = args
     f32 = jnp.float32
     out_shape = [
@@ -273,13 +279,16 @@ def run_case(shape_name: str, label: str, v: dict, n_sm: int, interpret: bool, r
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=["llama-3-8b-o"])
+    ap.add_argument("--shapes", nargs="+", default=["llama-3-8b-o"], choices=list(SHAPES))
     ap.add_argument("--variants", default="{}", help='JSON {label: launch}; "default" always')
     ap.add_argument("--reps", type=int, default=5, help="timed launches a case (median)")
     ap.add_argument("--out", default="results/gemv_phase.jsonl")
     ap.add_argument("--interpret", action="store_true", help="CPU smoke run (TRITON_INTERPRET=1)")
     a = ap.parse_args()
     variants = {"default": {}, **json.loads(a.variants)}
+    for label, v in variants.items():
+        if not isinstance(v, dict) or set(v) - VARIANT_KEYS:
+            ap.error(f"variant {label!r}: {v!r}; keys must be among {sorted(VARIANT_KEYS)}")
     if a.interpret:
         small = {"programs": 1, "layers": 3, "sets": 2, "tile_kb": 4}  # 16-row chunks: a loop
         variants = {k: {**small, **v} for k, v in variants.items()}

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from gemv_phase import N_STAMPS, timeline  # noqa: E402
+from gemv_phase import N_STAMPS, main, timeline  # noqa: E402
 from helpers import run_triton_interpreted  # noqa: E402
 
 
@@ -62,3 +62,12 @@ def test_interpreted_phase_matches_float64():
         assert r["ok"] and r["barrier_failures"] == 0, r
         assert r["max_abs_err_h"] < 1e-4, r
     assert any(r["launch"].get("regs") and r["max_abs_err_router"] > 0 for r in rows)
+
+
+def test_a_variant_key_it_does_not_know_is_refused(monkeypatch, capsys):
+    """A typo ("stage" for "stages") would otherwise time the default under another name."""
+    argv = ["gemv_phase.py", "--interpret", "--variants", '{"typo": {"stage": 4}}']
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit):
+        main()
+    assert "variant 'typo'" in capsys.readouterr().err
