@@ -78,6 +78,17 @@ N_STAMPS = 3  # a layer's stamps: start (barrier passed), GEMV done, router shar
 
 
 @triton.jit
+def _idle(pid, NS: tl.constexpr):
+    """Spins until ``NS`` ns of ``%globaltimer`` have passed (GPU only: inline PTX)."""
+    t0 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid], dtype=tl.int64,
+                                   is_pure=False, pack=1)  # fmt: skip
+    t = t0
+    while t - t0 < NS:
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid],
+                                      dtype=tl.int64, is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
 def _phase_kernel(w_ptr, x_ptr, h0_ptr, f0_ptr, wr_ptr, ln_ptr, lnk_ptr,
                   h_ptr, f_ptr, lg_ptr, ctr_ptr, tim_ptr, fail_ptr, xs_ptr,
                   L: tl.constexpr, SETS: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
@@ -86,7 +97,8 @@ def _phase_kernel(w_ptr, x_ptr, h0_ptr, f0_ptr, wr_ptr, ln_ptr, lnk_ptr,
                   BK: tl.constexpr, PF: tl.constexpr, STEP: tl.constexpr, PFB: tl.constexpr,
                   PRE: tl.constexpr, ROUTER: tl.constexpr, REGS: tl.constexpr, E: tl.constexpr,
                   BE: tl.constexpr, PF_R: tl.constexpr, RESID: tl.constexpr, NORM: tl.constexpr,
-                  TIMING: tl.constexpr, SPIN: tl.constexpr, NT: tl.constexpr):  # fmt: skip
+                  IDLE_NS: tl.constexpr, TIMING: tl.constexpr, SPIN: tl.constexpr,
+                  NT: tl.constexpr):  # fmt: skip
     """L layers of ``h[rows] += W_l[rows]·x + f[rows]`` (f zeroed) and, with ``ROUTER``,
     ``lg[l] += W_r,l[:, rows]·(ln ⊙ h)[rows]`` (``REGS``: h's rows from the GEMV's registers, as
     the step does, else read back), program ``pid`` owning rows
@@ -95,7 +107,12 @@ def _phase_kernel(w_ptr, x_ptr, h0_ptr, f0_ptr, wr_ptr, ln_ptr, lnk_ptr,
 
     Without ``RESID``, the QKV phase instead: ``h[rows] = W_l[rows]·x`` (no router share); with
     ``NORM`` its input is the RMSNorm of the row ``x`` (weights ``lnk``), computed after each
-    barrier as the step's phase A computes it (``_normed``)."""
+    barrier as the step's phase A computes it (``_normed``).
+
+    ``IDLE_NS`` > 0: every program waits that long after the barrier before it starts (and
+    stamps its start), standing in for the step's attention phase, during which the L2 prefetch
+    asked for at arrival can land: does a completed prefetch give the GEMV the speed it has
+    with its block already in L2?"""
     pid = tl.program_id(0)
     rk = tl.arange(0, K_PAD)
     x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
@@ -111,6 +128,8 @@ def _phase_kernel(w_ptr, x_ptr, h0_ptr, f0_ptr, wr_ptr, ln_ptr, lnk_ptr,
                 if pid * R < N:
                     l2_lines(wrl + tl.minimum(tl.arange(0, PF_R), E - 1) * N + pid * R)
         failed = _wait(ctr_ptr, P * layer, failed, SPIN)
+        if IDLE_NS > 0:  # a latency-bound phase's time, during which the prefetch can land
+            _idle(pid, IDLE_NS)
         _stamp(tim_ptr, pid, 1 + 3 * layer, NT, TIMING)
         if not PRE:
             w0 = _first_chunk(wl, pid, R, N, K, K_PAD, BRC, R_PAD, BK, COLS)
@@ -136,7 +155,7 @@ def _phase_kernel(w_ptr, x_ptr, h0_ptr, f0_ptr, wr_ptr, ln_ptr, lnk_ptr,
 
 # A variant's keys (anything else is a typo, refused before any launch).
 VARIANT_KEYS = {"programs", "tile_kb", "cols", "pf_kb", "qkv", "router", "layers", "sets",
-                "stages", "bulk", "pre", "regs", "norm", "warps"}  # fmt: skip
+                "stages", "bulk", "pre", "regs", "norm", "warps", "idle_us"}  # fmt: skip
 
 
 def plan(shape: tuple, v: dict, n_sm: int, interpret: bool) -> dict:
@@ -166,6 +185,7 @@ def plan(shape: tuple, v: dict, n_sm: int, interpret: bool) -> dict:
         E=e,
         BE=min(e_pad, _pow2_floor(max(1, tile // (r_pad * 4)))),
         PF_R=e_pad if router and pf and not interpret else 0,
+        IDLE_NS=0 if interpret else int(v.get("idle_us", 0) * 1000),
         TIMING=not interpret, SPIN=1_000_000, NT=1 + N_STAMPS * v.get("layers", 32),
     )  # fmt: skip
 
@@ -226,8 +246,9 @@ def expected(
 def timeline(t_ps: np.ndarray, layers: int) -> dict:
     """µs a layer (means over layers 1..L-1): ``phase`` from the moment the previous layer's
     last program arrived (the barrier opened) to this layer's last arrival; ``gemv`` to the
-    last program's end of the GEMV; ``wake`` a program's mean start after the opening; work
-    (mean and max over programs) of the GEMV and of the router share."""
+    last program's end of the GEMV; ``wake`` a program's mean start after the opening (with
+    ``idle_us``, after its idle wait); work (mean and max over programs) of the GEMV and of the
+    router share."""
     s = t_ps[:, 1:].reshape(t_ps.shape[0], layers, N_STAMPS).astype(np.float64) / 1e3
     start, gemv, end = s[..., 0], s[..., 1], s[..., 2]
     opened = end.max(0)  # [L]

@@ -1728,4 +1728,15 @@ s46e)  # the step's GPU tests after this session's kernel changes (the norms' we
     --no-default --sparsities 0.75 --check-steps 1 --rounds 3 --launches '{"default": {},
     "bulk": {"bulk_prefetch": true}}' --out "$OUT/megastep_decode.jsonl"
   ;;
+s47a)  # does an L2 prefetch that has time to land give the O GEMV its in-L2 speed? The 8B O phase
+  # alone with an idle wait after each barrier standing in for the attention phase (6-10 µs),
+  # W_o asked for at arrival: 32 KB (default), the whole 256 KB block as bulk requests or lines;
+  # the block already in L2 (one weight set) as the bound
+  run timeout 200 python3 benchmarks/gemv_phase.py --shapes llama-3-8b-o --reps 7 \
+    --out "$OUT/gemv_phase.jsonl" --variants '{"hot": {"sets": 1}, "idle6": {"idle_us": 6},
+    "idle6_hot": {"idle_us": 6, "sets": 1}, "idle6_bulk256": {"idle_us": 6, "pf_kb": 256},
+    "idle6_lines256": {"idle_us": 6, "pf_kb": 256, "bulk": false},
+    "idle10_bulk256": {"idle_us": 10, "pf_kb": 256}, "idle3_bulk256": {"idle_us": 3,
+    "pf_kb": 256}}'
+  ;;
 esac
