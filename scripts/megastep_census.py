@@ -105,7 +105,7 @@ def main() -> None:
     a = ap.parse_args()
     launches = {k: megastep.Launch(**v) for k, v in json.loads(a.launches).items()}
     cols = ["registers", "spill_stores", "spill_loads", "stack", "shared_bytes", "warps", "sass",
-            "BAR", "SHFL", "ptx_prefetch"]  # fmt: skip
+            "BAR", "SHFL", "ptx_prefetch", "ptx_bulk_prefetch"]  # fmt: skip
     import triton
 
     print(f"triton {triton.__version__}, sm_90, a {a.cache_len}-position cache, {a.dtype}")
