@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import copy_bandwidth, header, markdown_table, write_rows  # noqa: E402
 
 from prunepath_jax.kernels import jt  # noqa: E402
-from prunepath_jax.kernels.triton_grid import _arrive, _stamp, _wait  # noqa: E402
+from prunepath_jax.kernels.triton_grid import _arrive, _now, _stamp, _wait  # noqa: E402
 from prunepath_jax.kernels.triton_l2 import l2_lines  # noqa: E402
 from prunepath_jax.kernels.triton_megastep_gemv import (  # noqa: E402
     _first_chunk,
@@ -53,13 +53,14 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: E402
     LINE,
     PREFETCH_O_KB,
     ROUTER_FROM_REGS,
+    SPIN,
     STAGES,
     _pf_lines,
-    _pow2_floor,
     _row_chunk,
     default_bulk_prefetch,
     default_tile_bytes,
     default_warps,
+    router_chunk,
 )
 
 SHAPES = {  # name: (output rows N, input width K, router experts E, model width d)
@@ -80,12 +81,10 @@ N_STAMPS = 3  # a layer's stamps: start (barrier passed), GEMV done, router shar
 @triton.jit
 def _idle(pid, NS: tl.constexpr):
     """Spins until ``NS`` ns of ``%globaltimer`` have passed (GPU only: inline PTX)."""
-    t0 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid], dtype=tl.int64,
-                                   is_pure=False, pack=1)  # fmt: skip
+    t0 = _now(pid)
     t = t0
     while t - t0 < NS:
-        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid],
-                                      dtype=tl.int64, is_pure=False, pack=1)  # fmt: skip
+        t = _now(pid)
 
 
 @triton.jit
@@ -173,20 +172,21 @@ def plan(shape: tuple, v: dict, n_sm: int, interpret: bool) -> dict:
     e_pad = max(16, jt.next_pow2(e))
     pf = 0 if interpret else v.get("pf_kb", PREFETCH_O_KB) * 1024 // LINE
     qkv = v.get("qkv", False)
-    router = bool(v.get("router", not qkv)) and not qkv
+    router = not qkv and bool(v.get("router", True))  # the QKV phase has no router share
+    layers = v.get("layers", 32)
     return dict(
         RESID=not qkv, NORM=bool(v.get("norm", qkv)),
-        L=v.get("layers", 32), SETS=v.get("sets", 8), P=p, N=n, K=k, K_PAD=jt.next_pow2(k),
+        L=layers, SETS=v.get("sets", 8), P=p, N=n, K=k, K_PAD=jt.next_pow2(k),
         R=r, R_PAD=r_pad, BRC=brc, NI_PAD=jt.next_pow2(-(-r // brc)), ST=v.get("stages", STAGES),
         COLS=cols > 0, BK=min(max(cols, 16), jt.next_pow2(k)),
         PF=_pf_lines(pf, r, brc, k, 2), STEP=LINE // 2,
         PFB=bool(v.get("bulk", default_bulk_prefetch(d))) and not interpret,
         PRE=bool(v.get("pre", True)), ROUTER=router, REGS=bool(v.get("regs", ROUTER_FROM_REGS)),
         E=e,
-        BE=min(e_pad, _pow2_floor(max(1, tile // (r_pad * 4)))),
+        BE=router_chunk(e_pad, r_pad, tile),
         PF_R=e_pad if router and pf and not interpret else 0,
         IDLE_NS=0 if interpret else int(v.get("idle_us", 0) * 1000),
-        TIMING=not interpret, SPIN=1_000_000, NT=1 + N_STAMPS * v.get("layers", 32),
+        TIMING=not interpret, SPIN=SPIN, NT=1 + N_STAMPS * layers,
     )  # fmt: skip
 
 
@@ -265,7 +265,10 @@ def timeline(t_ps: np.ndarray, layers: int) -> dict:
     }
 
 
-def run_case(shape_name: str, label: str, v: dict, n_sm: int, interpret: bool, reps: int):
+def run_case(head: dict, shape_name: str, label: str, v: dict, n_sm: int, interpret: bool,
+             reps: int) -> dict:  # fmt: skip
+    """One case's row (``head``: the run's provenance, ``header()``): its check against float64
+    and, on the GPU, the median timeline of ``reps`` launches."""
     shape = SHAPES[shape_name] if not interpret else (96, 80, 24, 96)
     c = plan(shape, {"qkv": shape_name.endswith("-qkv"), **v}, n_sm, interpret)
     warps = v.get("warps", default_warps(shape[2]))
@@ -277,7 +280,7 @@ def run_case(shape_name: str, label: str, v: dict, n_sm: int, interpret: bool, r
     lg = np.asarray(outs[2], np.float64).reshape(c["L"], c["E"])
     lg_err = float(np.max(np.abs(lg - lg_want))) if c["ROUTER"] else 0.0
     fails = int(np.asarray(outs[5]).sum())
-    row = {**header(), "shape": shape_name, "variant": label, "launch": v, "programs": c["P"],
+    row = {**head, "shape": shape_name, "variant": label, "launch": v, "programs": c["P"],
            "warps": warps, "rows_per_program": c["R"], "chunk_rows": c["BRC"],
            "stages": c["ST"], "sets": c["SETS"], "layers": c["L"], "max_abs_err_h": h_err,
            "max_abs_err_router": lg_err, "barrier_failures": fails}  # fmt: skip
@@ -316,17 +319,17 @@ def main():
         n_sm = 1
     else:
         n_sm = jax.devices()[0].core_count
-    rows = []
+    rows, head = [], header()
     if not a.interpret:
         bw = copy_bandwidth()
         print(f"copy bandwidth: {json.dumps({k: round(v / 1e9, 1) for k, v in bw.items()})} GB/s")
     for s in a.shapes:
         for label, v in variants.items():
-            row = run_case(s, label, v, n_sm, a.interpret, a.reps)
+            row = run_case(head, s, label, v, n_sm, a.interpret, a.reps)
             if not a.interpret:
                 row["copy_GBps"] = round(max(bw.values()) / 1e9, 1)
             rows.append(row)
-            print(json.dumps({k: row[k] for k in row if k not in header()}), flush=True)
+            print(json.dumps({k: row[k] for k in row if k not in head}), flush=True)
     if not a.interpret:
         write_rows(a.out, rows)
     cols = ["shape", "variant", "ok", "phase_us", "gemv_us", "wake_us", "gemv_work_max_us",

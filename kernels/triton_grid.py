@@ -21,12 +21,18 @@ def _arrive(ctr_ptr):
 
 
 @triton.jit
+def _now(pid):
+    """``%globaltimer`` (ns, int64) as this program reads it (GPU only: inline PTX; ``pid`` is
+    the asm's dummy operand; impure, so each call reads the clock again)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid], dtype=tl.int64,
+                                     is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
 def _stamp(tim_ptr, pid, idx, NT: tl.constexpr, TIMING: tl.constexpr):
     """With TIMING, this program's %globaltimer (ns) at event ``idx`` (GPU only: inline PTX)."""
     if TIMING:
-        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid],
-                                      dtype=tl.int64, is_pure=False, pack=1)  # fmt: skip
-        tl.store(tim_ptr + pid * NT + idx, t)
+        tl.store(tim_ptr + pid * NT + idx, _now(pid))
 
 
 @triton.jit

@@ -283,6 +283,12 @@ def _pf_lines(cap: int, r: int, brc: int, k: int, itemsize: int) -> int:
     return min(_pow2_floor(cap), jt.next_pow2(need)) if cap and need else 0
 
 
+def router_chunk(e_pad: int, r_pad: int, tile_bytes: int) -> int:
+    """Experts a tile of the O phase's router share holds (``_router_part``'s ``BE``): as many
+    rows of ``r_pad`` f32 columns as ``tile_bytes`` allow, a power of 2, at most ``e_pad``."""
+    return min(e_pad, _pow2_floor(max(1, tile_bytes // (r_pad * 4))))
+
+
 def _row_chunk(r: int, k: int, itemsize: int, tile_bytes: int = TILE_BYTES) -> int:
     """Full rows a GEMV chunk holds: a power of 2 within ``tile_bytes``, at most ``r``'s."""
     rows = max(1, tile_bytes // (jt.next_pow2(k) * itemsize))
@@ -342,7 +348,7 @@ def constants(
     return dict(
         PFB=pfb,
         RC=bool(router_in_c or merge_bc), RC_PAD=rc_pad, RC_REGS=ROUTER_FROM_REGS,
-        BE=min(e_pad, _pow2_floor(max(1, tile_bytes // (rc_pad * 4)))),
+        BE=router_chunk(e_pad, rc_pad, tile_bytes),
         PF_A=_pf_lines(lines(prefetch_kb), r_a, brc_a, d, itemsizes[0]),
         PF_C=_pf_lines(lines(prefetch_o_kb), r_c, brc_c, hq * hd, itemsizes[1]),
         PF_D=_pf_lines(lines(prefetch_kb), r_d, brc_d, d, itemsizes[2]),
