@@ -157,8 +157,11 @@ def timeline(t_ps: np.ndarray, n_layers: int) -> dict:
     return out
 
 
-def phase_times(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
-    """``timeline`` of one step (the last of three calls: warm caches, as in decode)."""
+def phase_times(model, mw, tau_l, prompt_len, steps, chunks, launch, trace=False) -> dict:
+    """``timeline`` of one step (the last of three calls: warm caches, as in decode). With
+    ``trace``, that same stamped call also runs under the profiler: the launch's device time
+    against its stamps (``stamps_vs_kernel``) says how much of the kernel lies before the first
+    program's first stamp or after the last one's end, which the timeline cannot see."""
     kc = _state(model, prompt_len, decode_cache_len(prompt_len, steps, chunks)).kc
     graphdef, state = nnx.split(model)
 
@@ -171,7 +174,26 @@ def phase_times(model, mw, tau_l, prompt_len, steps, chunks, launch) -> dict:
 
     for _ in range(3):
         t = np.asarray(f(state, mw, kc)).astype(np.int64)
-    return timeline(t, model.cfg.n_layers)
+    out = timeline(t, model.cfg.n_layers)
+    if trace:
+        out["stamps_vs_kernel"] = stamps_vs_kernel(t, traced_events(f, state, mw, kc))
+    return out
+
+
+def stamps_vs_kernel(t_ps: np.ndarray, events: list[dict]) -> dict:
+    """The one-launch kernel's traced device µs next to what its programs' stamps span
+    (``[P, NT]`` ns: first start stamp to last stamp of any program), and how far apart the
+    programs' first stamps are (all programs must be resident before the first barrier opens)."""
+    durs = [float(e["dur"]) for e in events if "_megastep_kernel" in e["name"]]
+    first, last = t_ps[:, 0].astype(np.float64), t_ps[:, -1].astype(np.float64)
+    stamped = (last.max() - first.min()) / 1e3
+    return {
+        "kernel_us": round(durs[0], 2) if durs else None,
+        "stamped_us": round(stamped, 2),
+        "unstamped_us": round(durs[0] - stamped, 2) if durs else None,
+        "first_stamp_spread_us": round((first.max() - first.min()) / 1e3, 2),
+        "last_stamp_spread_us": round((last.max() - last.min()) / 1e3, 2),
+    }
 
 
 def check(model, mw, ffn_args, tau_l, prompt_len, n_steps, launch, fp32=False) -> dict:
@@ -312,7 +334,7 @@ def main() -> None:
                         emit({"shape": shape, "impl": f"megastep_{label}", **chk})
                         continue
                     fields = {**chk, **phase_times(sparse, mw, tau_l, a.prompt_len, a.steps,
-                                                   a.chunks, launch)}  # fmt: skip
+                                                   a.chunks, launch, a.trace)}  # fmt: skip
                     if a.trace:
                         fields.update(trace_mega(sparse, mw, tau_l, a.prompt_len, a.steps, launch))
                     timer = mega_timer(sparse, mw, tau_l, a.prompt_len, a.steps, a.chunks, launch)

@@ -1739,4 +1739,39 @@ s47a)  # does an L2 prefetch that has time to land give the O GEMV its in-L2 spe
     "idle10_bulk256": {"idle_us": 10, "pf_kb": 256}, "idle3_bulk256": {"idle_us": 3,
     "pf_kb": 256}}'
   ;;
+s47b)  # SmolLM2's shape with bulk L2 prefetch (the default only above d 1024; at d 576 the
+  # per-line prefetch was never compared with it), 75 and 90%, 3 interleaved rounds
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes smollm2-135m --no-dense \
+    --no-default --sparsities 0.75 0.9 --check-steps 1 --rounds 3 --launches '{"lines": {},
+    "bulk": {"bulk_prefetch": true}}' --out "$OUT/megastep_decode.jsonl"
+  ;;
+s47c)  # the one-launch kernel's traced device time against its own stamps (1B: the trace gave
+  # the launch 487.5 µs, the stamped layers 464.5): where the ~23 µs outside the stamps sit
+  run timeout 250 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --no-dense --no-default --sparsities 0.75 --check-steps 1 --trace \
+    --out "$OUT/megastep_decode.jsonl"
+  ;;
+s47d)  # the XLA kernels around the one-launch step (the trace's ~15 small kernels a token):
+  # the optimized HLO of one greedy decode chunk and its loop body's kernels, 1B and SmolLM2
+  for s in llama-3.2-1b smollm2-135m; do
+    run timeout 120 python3 scripts/step_hlo.py --shape "$s" --out "$OUT/step_hlo"
+  done
+  ;;
+s47e)  # greedy decode without the per-step key split (generate.next_tokens), against the
+  # previous commit installed beside it (scripts/make_baseline.sh; carry .old), 1B at 75%
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --no-default --sparsities 0.75 --check-steps 1 --rounds 3 --baseline ppold.megastep \
+    --launches '{"no_split": {}}' --out "$OUT/megastep_decode.jsonl"
+  ;;
+s47f)  # the step's glue without the key split and with RoPE's inverse frequencies as a constant
+  # (one kernel less in the loop body each), against the previous commit beside it (carry .old);
+  # SmolLM2's shape also with bulk L2 prefetch, 5 rounds (s47b: 0.99 by the median, ranges overlap)
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-dense \
+    --no-default --sparsities 0.75 --check-steps 1 --rounds 3 --baseline ppold.megastep \
+    --launches '{"glue": {}}' --out "$OUT/megastep_decode.jsonl"
+  run timeout 250 python3 benchmarks/megastep_decode.py --shapes smollm2-135m --no-dense \
+    --no-default --sparsities 0.75 --check-steps 1 --rounds 5 --baseline ppold.megastep \
+    --launches '{"glue": {}, "glue_bulk": {"bulk_prefetch": true}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac

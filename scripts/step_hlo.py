@@ -1,0 +1,91 @@
+"""What XLA runs around the one-launch decode step: the optimized HLO of one compiled decode
+chunk (``megastep.decode_chunk``, greedy, random weights at a real shape) and the kernels of its
+loop body, one line each (fusion name, its root instruction, its output shape).
+
+The device trace names ~15 small XLA kernels beside the launch and the LM head GEMM (1B: ~18 µs
+of kernels a token plus their gaps, BENCHMARKS.md); this says which ops they are, so the glue can
+be folded away deliberately. GPU only (the launch is a Triton custom call).
+
+    python scripts/step_hlo.py --shape llama-3.2-1b --out results/step_hlo
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from sparse_decode import set_k  # noqa: E402
+
+from prunepath_jax import megastep  # noqa: E402
+from prunepath_jax.config import PRESETS  # noqa: E402
+from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
+from prunepath_jax.nn import route_args, set_compute  # noqa: E402
+
+KERNEL_OPS = "fusion|custom-call|copy|copy-start|dynamic-update-slice|reduce|sort|rng-bit-generator"
+
+
+def body_kernels(hlo: str) -> list[str]:
+    """One line per kernel-launching instruction of the while loop's body computation (fusions,
+    custom calls, copies): ``name = shape op(...)`` shortened to name, shape and op."""
+    bodies = re.findall(r"body=(%?[\w.\-]+)", hlo)
+    out = []
+    for name in dict.fromkeys(b.lstrip("%") for b in bodies):
+        m = re.search(rf"^%?{re.escape(name)} .*?\{{\n(.*?)\n\}}", hlo, re.S | re.M)
+        if not m:
+            continue
+        for line in m.group(1).splitlines():
+            op = re.search(rf"=\s*(\S+)\s+({KERNEL_OPS})\(", line)
+            if op:
+                lhs = line.split("=")[0].strip()
+                kind = re.search(r"kind=(\w+)", line)
+                target = re.search(r'custom_call_target="([^"]+)"', line)
+                out.append(f"{name}: {lhs} {op.group(1)} {op.group(2)} "
+                           f"{(kind or target).group(1) if (kind or target) else ''}")  # fmt: skip
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama-3.2-1b")
+    ap.add_argument("--sparsity", type=float, default=0.75)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--out", default="results/step_hlo")
+    a = ap.parse_args()
+    cfg = PRESETS[a.shape]
+    model = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
+    e = model.cfg.n_experts
+    set_k(model, max(1, round((1 - a.sparsity) * e)))
+    set_compute(model, "kernel", "pallas")
+    mw = megastep.pack(model)
+    tau_l = jnp.stack([x.tau for x in route_args(model.cfg, 1.0)])
+    shape = (cfg.n_layers, a.ctx, cfg.n_kv_heads, cfg.head_dim)
+    st = megastep.MegaState(
+        token_b=jnp.ones((1,), jnp.int32), pos_b=jnp.full((1,), 64, jnp.int32),
+        done_b=jnp.zeros((1,), bool), kc=jnp.zeros(shape, jnp.bfloat16),
+        vc=jnp.zeros(shape, jnp.bfloat16), rng=jax.random.key(0), fail=jnp.int32(0),
+    )  # fmt: skip
+    graphdef, state = nnx.split(model)
+    lowered = megastep.decode_chunk.lower(
+        graphdef, state, mw, st, jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32),
+        jnp.int32(0), tau_l, n_steps=a.steps, greedy=True, launch=megastep.Launch(),
+    )  # fmt: skip
+    hlo = lowered.compile().as_text()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{a.shape}.hlo.txt").write_text(hlo)
+    lines = body_kernels(hlo)
+    (out / f"{a.shape}.body.txt").write_text("\n".join(lines) + "\n")
+    print(f"{a.shape}: {len(lines)} kernel instructions in the loop body")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
