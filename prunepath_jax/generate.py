@@ -96,7 +96,10 @@ def next_tokens(logits_bv, st, temperature, top_p, stop_ids, pad_id, greedy):
     """``(tokens_b, done_b, rng)`` after one decode step's logits: sampled, ``pad_id`` for
     finished sequences, stop flags updated (every decode loop's tail; ``st`` carries
     ``done_b`` and ``rng``)."""
-    rng, key = jax.random.split(st.rng)
+    if greedy:  # no draw: the key would be split for nothing, a kernel or two every step
+        rng, key = st.rng, None
+    else:
+        rng, key = jax.random.split(st.rng)
     nxt = sample_tokens(logits_bv, key, temperature, top_p, greedy=greedy)
     nxt = jnp.where(st.done_b, pad_id, nxt)
     return nxt, st.done_b | _stop(nxt, stop_ids), rng

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from prunepath_jax.config import RopeScaling
@@ -47,25 +48,30 @@ def activation(name: str):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
-    """Inverse frequencies `[head_dim // 2]` in float32, with Llama-3 or linear scaling applied."""
-    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    inv_freq = 1.0 / (theta**exponents)
+    """Inverse frequencies `[head_dim // 2]` in float32, with Llama-3 or linear scaling applied.
+
+    Computed on the host in float32 (numpy), so a jitted caller embeds them as a constant: as a
+    `jnp` computation they were one small kernel inside every decode step's loop body, which XLA
+    did not hoist (`scripts/step_hlo.py`)."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = np.float32(1.0) / (np.float32(theta) ** exponents)
     if scaling is None:
-        return inv_freq
+        return jnp.asarray(inv_freq)
     if scaling.kind == "linear":
-        return inv_freq / scaling.factor
+        return jnp.asarray(inv_freq / np.float32(scaling.factor))
     if scaling.kind == "llama3":
-        old = scaling.original_max_position
-        low_wavelen = old / scaling.low_freq_factor
-        high_wavelen = old / scaling.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-        smooth = (old / wavelen - scaling.low_freq_factor) / (
+        f = np.float32(scaling.factor)
+        old = np.float32(scaling.original_max_position)
+        low_wavelen = old / np.float32(scaling.low_freq_factor)
+        high_wavelen = old / np.float32(scaling.high_freq_factor)
+        wavelen = np.float32(2 * math.pi) / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / f, inv_freq)
+        smooth = (old / wavelen - np.float32(scaling.low_freq_factor)) / np.float32(
             scaling.high_freq_factor - scaling.low_freq_factor
         )
-        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        smoothed = (1 - smooth) * scaled / f + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return jnp.where(medium, smoothed, scaled)
+        return jnp.asarray(np.where(medium, smoothed, scaled).astype(np.float32))
     raise ValueError(f"unsupported rope scaling kind {scaling.kind!r}")
 
 
