@@ -1774,4 +1774,19 @@ s47f)  # the step's glue without the key split and with RoPE's inverse frequenci
     --launches '{"glue": {}, "glue_bulk": {"bulk_prefetch": true}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
+s47g)  # (ran at e952346 + the change, which was reverted after it) barrier give-ups accumulated in the launch's own flags (no sum + add in XLA a step),
+  # against the previous commit beside it (carry .old): 1B and SmolLM2 at 75%; then the step's
+  # GPU tests (greedy generation through decode_chunk included)
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b smollm2-135m \
+    --no-dense --no-default --sparsities 0.75 --check-steps 1 --rounds 3 \
+    --baseline ppold.megastep --launches '{"fail_in": {}}' --out "$OUT/megastep_decode.jsonl"
+  run timeout 330 python3 -m pytest -q -m gpu -rf --tb=short --durations=0 tests/test_megastep.py
+  ;;
+s47h)  # after the glue change (RoPE's inverse frequencies a constant, no key split when greedy):
+  # the 1B at 75% against dense re-timed in the same process (dense uses the same glue), then
+  # the step's GPU tests at this code
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 2 --out "$OUT/megastep_decode.jsonl"
+  run timeout 330 python3 -m pytest -q -m gpu -rf --tb=short --durations=0 tests/test_megastep.py
+  ;;
 esac
