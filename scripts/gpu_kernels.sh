@@ -1789,4 +1789,8 @@ s47h)  # after the glue change (RoPE's inverse frequencies a constant, no key sp
     --sparsities 0.75 --check-steps 1 --rounds 2 --out "$OUT/megastep_decode.jsonl"
   run timeout 330 python3 -m pytest -q -m gpu -rf --tb=short --durations=0 tests/test_megastep.py
   ;;
+s47i)  # the same for the 8B at 75%, dense re-timed in the same process
+  run timeout 300 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 2 --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
