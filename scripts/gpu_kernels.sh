@@ -1793,4 +1793,8 @@ s47i)  # the same for the 8B at 75%, dense re-timed in the same process
   run timeout 300 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 2 --out "$OUT/megastep_decode.jsonl"
   ;;
+s47j)  # the 50 / 90% rows of the table after the glue change (1B and 8B, dense re-timed)
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --no-default --sparsities 0.5 0.9 --check-steps 1 --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
