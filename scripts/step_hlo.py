@@ -41,7 +41,7 @@ def body_kernels(hlo: str) -> list[str]:
         if not m:
             continue
         for line in m.group(1).splitlines():
-            op = re.search(rf"=\s*(\S+)\s+({KERNEL_OPS})\(", line)
+            op = re.search(rf"=\s*(\(.*?\)|\S+)\s+({KERNEL_OPS})\(", line)  # tuple shapes too
             if op:
                 lhs = line.split("=")[0].strip()
                 kind = re.search(r"kind=(\w+)", line)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from megastep_decode import round_stats, timeline  # noqa: E402
+from megastep_decode import round_stats, stamps_vs_kernel, timeline  # noqa: E402
 
 from prunepath_jax.kernels.triton_megastep import N_SLOTS  # noqa: E402
 
@@ -39,3 +39,13 @@ def test_round_stats_pairs_each_round_with_the_first_variant():
     assert r["base"]["vs_first"] == 1.0 and r["base"]["rounds"] == 3
     assert r["new"]["us_per_step"] == 99.0 and r["new"]["us_range"] == [98.0, 127.4]
     assert r["new"]["vs_first"] == pytest.approx(0.98)  # ratios 0.98, 0.98, 0.980...
+
+
+def test_stamps_vs_kernel_reads_what_lies_outside_the_stamps():
+    """Programs start 0.2 µs apart; the traced launch is 1.5 µs longer than its stamps span."""
+    t = np.array([[1000, 5000, 9000], [1200, 6000, 10000]], np.int64)  # ns: start .. last stamp
+    ev = [{"name": "gemm_fusion", "dur": 3.0}, {"name": "_megastep_kernel_0d1d", "dur": 10.5}]
+    r = stamps_vs_kernel(t, ev)
+    assert r["kernel_us"] == 10.5 and r["stamped_us"] == 9.0 and r["unstamped_us"] == 1.5
+    assert (r["first_stamp_spread_us"], r["last_stamp_spread_us"]) == (0.2, 1.0)
+    assert stamps_vs_kernel(t, ev[:1])["kernel_us"] is None  # no launch in the trace
