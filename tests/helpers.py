@@ -3,9 +3,11 @@
 Never loosen a value here to make a test pass: find the cause instead.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -99,3 +101,14 @@ def run_triton_interpreted(argv: list[str], timeout: int = 600) -> str:
                           timeout=timeout)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (scripts are not a package; they import from
+    ``benchmarks/``, so that goes on the path first)."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, root / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_script
 
 # A trimmed optimized-HLO text in the form XLA prints it: a while loop whose body holds a fusion,
 # the Triton custom call with a tuple shape (index comments included), a tuple-shaped reduce
@@ -36,11 +32,7 @@ ENTRY %main (x: f32[4]) -> f32[4] {
 
 
 def _module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("step_hlo", ROOT / "scripts/step_hlo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("step_hlo")
 
 
 def test_body_kernels_lists_the_loop_body_launches_only():
