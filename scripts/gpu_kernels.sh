@@ -1797,4 +1797,12 @@ s47j)  # the 50 / 90% rows of the table after the glue change (1B and 8B, dense 
   run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b llama-3-8b \
     --no-default --sparsities 0.5 0.9 --check-steps 1 --out "$OUT/megastep_decode.jsonl"
   ;;
+s48a)  # next session: why RoPE's frequencies as a constant made the 1B step 8 µs faster while two
+  # removed kernels after the launch did nothing: the decode chunk's thunk sequences (how XLA
+  # cut the loop body into command buffers) now and at 2a2ffe7 (before; carry .old built by
+  # scripts/make_baseline.sh 2a2ffe7)
+  run timeout 150 python3 scripts/step_hlo.py --shape llama-3.2-1b --xla-dump --out "$OUT/step_hlo"
+  run timeout 150 python3 scripts/step_hlo.py --shape llama-3.2-1b --xla-dump \
+    --module ppold.megastep --out "$OUT/step_hlo"
+  ;;
 esac

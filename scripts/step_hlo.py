@@ -7,12 +7,16 @@ of kernels a token plus their gaps, BENCHMARKS.md); this says which ops they are
 be folded away deliberately. GPU only (the launch is a Triton custom call).
 
     python scripts/step_hlo.py --shape llama-3.2-1b --out results/step_hlo
+    python scripts/step_hlo.py --module ppold.megastep --xla-dump   # an older commit, thunks
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,7 +27,6 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from sparse_decode import set_k  # noqa: E402
 
-from prunepath_jax import megastep  # noqa: E402
 from prunepath_jax.config import PRESETS  # noqa: E402
 from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
@@ -58,7 +61,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--out", default="results/step_hlo")
+    ap.add_argument(
+        "--module",
+        default="prunepath_jax.megastep",
+        help="the megastep module whose decode chunk compiles (e.g. an older commit "
+        "installed beside this one as ppold.megastep, scripts/make_baseline.sh)",
+    )
+    ap.add_argument(
+        "--xla-dump",
+        action="store_true",
+        help="also XLA's dump of the chunk's module: its thunk sequence before and "
+        "after the thunk passes, which show how the body was cut into command buffers",
+    )
     a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    label = f"{a.shape}.{a.module.split('.')[0]}"
+    if a.xla_dump:  # read when the backend starts, which nothing above has done yet
+        dump = (out / f"{label}.xla_dump").resolve()
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}"
+    megastep = importlib.import_module(a.module)
     cfg = PRESETS[a.shape]
     model = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
     e = model.cfg.n_experts
@@ -78,12 +100,14 @@ def main() -> None:
         jnp.int32(0), tau_l, n_steps=a.steps, greedy=True, launch=megastep.Launch(),
     )  # fmt: skip
     hlo = lowered.compile().as_text()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{a.shape}.hlo.txt").write_text(hlo)
+    (out / f"{label}.hlo.txt").write_text(hlo)
     lines = body_kernels(hlo)
-    (out / f"{a.shape}.body.txt").write_text("\n".join(lines) + "\n")
-    print(f"{a.shape}: {len(lines)} kernel instructions in the loop body")
+    (out / f"{label}.body.txt").write_text("\n".join(lines) + "\n")
+    if a.xla_dump:  # keep the decode chunk's thunk sequences, drop the rest of the dump
+        for f in sorted(dump.glob("*decode_chunk*thunk_sequence*.txt")):
+            shutil.copy(f, out / f"{label}.{f.name.split('.', 2)[-1]}")
+        shutil.rmtree(dump, ignore_errors=True)
+    print(f"{label}: {len(lines)} kernel instructions in the loop body")
     print("\n".join(lines))
 
 
