@@ -54,7 +54,8 @@ from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
 
 
-def _state(model, prompt_len, ctx, mod=megastep):
+def mega_state(model, prompt_len, ctx, mod=megastep):
+    """A fresh one-launch decode state: token 1 at ``prompt_len``, empty caches of ``ctx``."""
     cfg = model.cfg
     shape = (cfg.n_layers, ctx, cfg.n_kv_heads, cfg.head_dim)
     return mod.MegaState(
@@ -64,12 +65,18 @@ def _state(model, prompt_len, ctx, mod=megastep):
     )  # fmt: skip
 
 
+def chunk_inputs(tau_l, steps, launch) -> tuple[tuple, dict]:
+    """``decode_chunk``'s arguments after the state (temperature, top-p, no stop ids, pad id,
+    budgets) and its static keywords, for ``steps`` greedy one-launch steps."""
+    args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), tau_l)
+    return args, dict(n_steps=steps, greedy=True, launch=launch)
+
+
 def _chunk_call(model, mw, tau_l, steps, launch, mod=megastep):
     """``state -> (state, tokens)``: one compiled call of ``steps`` greedy one-launch steps
     (``mod``: the ``megastep`` module whose decode loop runs)."""
     graphdef, state = nnx.split(model)
-    args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), tau_l)
-    kw = dict(n_steps=steps, greedy=True, launch=launch)
+    args, kw = chunk_inputs(tau_l, steps, launch)
     return lambda st: mod.decode_chunk(graphdef, state, mw, st, *args, **kw)
 
 
@@ -82,7 +89,7 @@ def mega_timer(model, mw, tau_l, prompt_len, steps, chunks, launch, mod=megastep
     call = _chunk_call(model, mw, tau_l, steps, launch, mod)
 
     def run() -> tuple[float, int]:
-        st, _ = call(_state(model, prompt_len, ctx, mod))
+        st, _ = call(mega_state(model, prompt_len, ctx, mod))
         jax.block_until_ready(st)
         t0 = time.perf_counter()
         for _ in range(chunks):
@@ -116,7 +123,7 @@ def trace_mega(model, mw, tau_l, prompt_len, steps, launch) -> dict:
     """Every kernel's device µs a step in one traced call: what runs outside the one launch
     (embedding, LM head, sampling) and the launch itself."""
     call = _chunk_call(model, mw, tau_l, steps, launch)
-    st, _ = call(_state(model, prompt_len, decode_cache_len(prompt_len, steps, 1)))
+    st, _ = call(mega_state(model, prompt_len, decode_cache_len(prompt_len, steps, 1)))
     tr = summarize(traced_events(call, st), steps)
     return {
         "trace_us_per_step": {k["name"]: round(k["us_per_step"], 2) for k in tr["kernels"]},
@@ -162,7 +169,7 @@ def phase_times(model, mw, tau_l, prompt_len, steps, chunks, launch, trace=False
     ``trace``, that same stamped call also runs under the profiler: the launch's device time
     against its stamps (``stamps_vs_kernel``) says how much of the kernel lies before the first
     program's first stamp or after the last one's end, which the timeline cannot see."""
-    kc = _state(model, prompt_len, decode_cache_len(prompt_len, steps, chunks)).kc
+    kc = mega_state(model, prompt_len, decode_cache_len(prompt_len, steps, chunks)).kc
     graphdef, state = nnx.split(model)
 
     @jax.jit

@@ -1774,9 +1774,9 @@ s47f)  # the step's glue without the key split and with RoPE's inverse frequenci
     --launches '{"glue": {}, "glue_bulk": {"bulk_prefetch": true}}' \
     --out "$OUT/megastep_decode.jsonl"
   ;;
-s47g)  # (ran at e952346 + the change, which was reverted after it) barrier give-ups accumulated in the launch's own flags (no sum + add in XLA a step),
-  # against the previous commit beside it (carry .old): 1B and SmolLM2 at 75%; then the step's
-  # GPU tests (greedy generation through decode_chunk included)
+s47g)  # (ran at e952346 + a change reverted after it) barrier give-ups accumulated in the
+  # launch's own flags (no sum + add in XLA a step), against the previous commit beside it
+  # (carry .old): 1B and SmolLM2 at 75%; then the step's GPU tests (generation included)
   run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b smollm2-135m \
     --no-dense --no-default --sparsities 0.75 --check-steps 1 --rounds 3 \
     --baseline ppold.megastep --launches '{"fail_in": {}}' --out "$OUT/megastep_decode.jsonl"

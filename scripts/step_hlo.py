@@ -20,11 +20,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from megastep_decode import chunk_inputs, mega_state  # noqa: E402
 from sparse_decode import set_k  # noqa: E402
 
 from prunepath_jax.config import PRESETS  # noqa: E402
@@ -47,10 +47,10 @@ def body_kernels(hlo: str) -> list[str]:
             op = re.search(rf"=\s*(\(.*?\)|\S+)\s+({KERNEL_OPS})\(", line)  # tuple shapes too
             if op:
                 lhs = line.split("=")[0].strip()
-                kind = re.search(r"kind=(\w+)", line)
-                target = re.search(r'custom_call_target="([^"]+)"', line)
-                out.append(f"{name}: {lhs} {op.group(1)} {op.group(2)} "
-                           f"{(kind or target).group(1) if (kind or target) else ''}")  # fmt: skip
+                tag = re.search(r"kind=(\w+)", line) or re.search(
+                    r'custom_call_target="([^"]+)"', line
+                )
+                out.append(f"{name}: {lhs} {op.group(1)} {op.group(2)} {tag[1] if tag else ''}")
     return out
 
 
@@ -88,17 +88,10 @@ def main() -> None:
     set_compute(model, "kernel", "pallas")
     mw = megastep.pack(model)
     tau_l = jnp.stack([x.tau for x in route_args(model.cfg, 1.0)])
-    shape = (cfg.n_layers, a.ctx, cfg.n_kv_heads, cfg.head_dim)
-    st = megastep.MegaState(
-        token_b=jnp.ones((1,), jnp.int32), pos_b=jnp.full((1,), 64, jnp.int32),
-        done_b=jnp.zeros((1,), bool), kc=jnp.zeros(shape, jnp.bfloat16),
-        vc=jnp.zeros(shape, jnp.bfloat16), rng=jax.random.key(0), fail=jnp.int32(0),
-    )  # fmt: skip
     graphdef, state = nnx.split(model)
-    lowered = megastep.decode_chunk.lower(
-        graphdef, state, mw, st, jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32),
-        jnp.int32(0), tau_l, n_steps=a.steps, greedy=True, launch=megastep.Launch(),
-    )  # fmt: skip
+    args, kw = chunk_inputs(tau_l, a.steps, megastep.Launch())
+    st = mega_state(model, 64, a.ctx, megastep)
+    lowered = megastep.decode_chunk.lower(graphdef, state, mw, st, *args, **kw)
     hlo = lowered.compile().as_text()
     (out / f"{label}.hlo.txt").write_text(hlo)
     lines = body_kernels(hlo)

@@ -53,25 +53,25 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> j
     Computed on the host in float32 (numpy), so a jitted caller embeds them as a constant: as a
     `jnp` computation they were one small kernel inside every decode step's loop body, which XLA
     did not hoist (`scripts/step_hlo.py`)."""
-    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    inv_freq = np.float32(1.0) / (np.float32(theta) ** exponents)
+    return jnp.asarray(_inv_freq_host(head_dim, theta, scaling))
+
+
+def _inv_freq_host(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    f32 = np.float32
+    inv_freq = f32(1.0) / (f32(theta) ** (np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)))
     if scaling is None:
-        return jnp.asarray(inv_freq)
+        return inv_freq
     if scaling.kind == "linear":
-        return jnp.asarray(inv_freq / np.float32(scaling.factor))
+        return inv_freq / f32(scaling.factor)
     if scaling.kind == "llama3":
-        f = np.float32(scaling.factor)
-        old = np.float32(scaling.original_max_position)
-        low_wavelen = old / np.float32(scaling.low_freq_factor)
-        high_wavelen = old / np.float32(scaling.high_freq_factor)
-        wavelen = np.float32(2 * math.pi) / inv_freq
-        scaled = np.where(wavelen > low_wavelen, inv_freq / f, inv_freq)
-        smooth = (old / wavelen - np.float32(scaling.low_freq_factor)) / np.float32(
-            scaling.high_freq_factor - scaling.low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / f + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return jnp.asarray(np.where(medium, smoothed, scaled).astype(np.float32))
+        factor, old = f32(scaling.factor), f32(scaling.original_max_position)
+        low, high = f32(scaling.low_freq_factor), f32(scaling.high_freq_factor)
+        wavelen = f32(2 * math.pi) / inv_freq
+        scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / f32(scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        return np.where(medium, smoothed, scaled).astype(f32)
     raise ValueError(f"unsupported rope scaling kind {scaling.kind!r}")
 
 
