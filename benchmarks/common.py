@@ -139,7 +139,37 @@ def summarize(events: list[dict], steps: int) -> dict:
         "span_us_per_step": span / steps,
         "idle_frac": 1 - busy / span,
         "kernels": kernels,
+        **idle_gaps(events, steps),
     }
+
+
+def idle_gaps(events: list[dict], steps: int, top: int = 6) -> dict:
+    """Where the span's idle time lies: ``gaps``, the device's idle gaps grouped by the kernel
+    that ended last before them and the one that starts after, largest first (µs and gaps per
+    step), and ``largest_gap``, the longest single one. A host round trip inside a loop (a
+    while loop's predicate read each iteration) shows as one large gap per step before the same
+    kernel; launch latency between XLA kernels as many small ones; a host-bound gap between two
+    compiled calls as one large gap."""
+    ev = sorted(events, key=lambda e: float(e["ts"]))
+    per = defaultdict(lambda: [0, 0.0])
+    largest = {"after": None, "before": None, "us": 0.0}
+    last, end = ev[0]["name"], float(ev[0]["ts"]) + float(ev[0]["dur"])
+    for e in ev[1:]:
+        t0, t1 = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+        if t0 > end:
+            key = (last[:60], e["name"][:60])
+            per[key][0] += 1
+            per[key][1] += t0 - end
+            if t0 - end > largest["us"]:
+                largest = {"after": key[0], "before": key[1], "us": t0 - end}
+        if t1 >= end:
+            last, end = e["name"], t1
+    rows = sorted(per.items(), key=lambda kv: -kv[1][1])[:top]
+    gaps = [
+        {"after": a, "before": b, "per_step": c / steps, "us_per_step": g / steps}
+        for (a, b), (c, g) in rows
+    ]
+    return {"gaps": gaps, "largest_gap": largest}
 
 
 def kernel_durations(fn, *args, log_dir: str = "/tmp/prunepath_trace") -> dict[str, list[float]]:

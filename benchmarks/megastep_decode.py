@@ -120,14 +120,18 @@ def round_stats(us: dict[str, list[float]]) -> dict[str, dict]:
 
 
 def trace_mega(model, mw, tau_l, prompt_len, steps, launch) -> dict:
-    """Every kernel's device µs a step in one traced call: what runs outside the one launch
-    (embedding, LM head, sampling) and the launch itself."""
+    """Every kernel's device µs a step in one traced pair of calls: what runs outside the one
+    launch (embedding, LM head, sampling), the launch itself, and the idle gaps (two calls back
+    to back, as the timed loop issues them, so the gap between calls shows too)."""
     call = _chunk_call(model, mw, tau_l, steps, launch)
     st, _ = call(mega_state(model, prompt_len, decode_cache_len(prompt_len, steps, 1)))
-    tr = summarize(traced_events(call, st), steps)
+    tr = summarize(traced_events(lambda s: call(call(s)[0]), st), 2 * steps)
+    rnd = lambda g: {k: round(v, 2) if isinstance(v, float) else v for k, v in g.items()}  # noqa: E731
     return {
         "trace_us_per_step": {k["name"]: round(k["us_per_step"], 2) for k in tr["kernels"]},
         "trace_busy_span_us_per_step": [tr["busy_us_per_step"], tr["span_us_per_step"]],
+        "trace_gaps": [rnd(g) for g in tr["gaps"]],
+        "trace_largest_gap": rnd(tr["largest_gap"]),
     }
 
 

@@ -1805,4 +1805,16 @@ s48a)  # next session: why RoPE's frequencies as a constant made the 1B step 8 Â
   run timeout 150 python3 scripts/step_hlo.py --shape llama-3.2-1b --xla-dump \
     --module ppold.megastep --out "$OUT/step_hlo"
   ;;
+s48b)  # where the one-launch step's idle time lies: the trace of two back-to-back greedy chunks
+  # (16 steps each) with its idle gaps grouped by the kernels around them, the timed wall Âµs
+  # beside it, dense traced the same way; then the same step with XLA's while loop inside the
+  # command buffer (WHILE, CONDITIONAL added to the default command types); the thunk dump
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 2 --trace --out "$OUT/megastep_decode.jsonl"
+  trace 150 dense_1b --shape llama-3.2-1b --sparsity 0 --steps 16 --calls 2
+  XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
+    run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 2 --trace --out "$OUT/megastep_decode_while.jsonl"
+  run timeout 150 python3 scripts/step_hlo.py --shape llama-3.2-1b --xla-dump --out "$OUT/step_hlo"
+  ;;
 esac

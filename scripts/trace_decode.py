@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--impl", default="pallas")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--calls", type=int, default=1, help="compiled calls traced back to back")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--out", default="results/trace")
     ap.add_argument("--attn", default="xla", help="decode attention: xla or pallas")
@@ -71,7 +72,7 @@ def main():
         set_attention(model, a.attn)
     set_projections(model, a.proj, layout=apply_proj_tuning(proj_tuning))
     graphdef, state = nnx.split(model)
-    ctx = a.ctx or -(-(a.prompt_len + 4 * a.steps + 1) // 256) * 256
+    ctx = a.ctx or -(-(a.prompt_len + (3 + a.calls) * a.steps + 1) // 256) * 256
     b = a.batch
     st = DecodeState(
         token_b=jnp.ones((b,), jnp.int32),
@@ -91,11 +92,12 @@ def main():
         st, _ = decode_chunk_donating(graphdef, state, st, *args, **kw)
     jax.block_until_ready(st)
     with jax.profiler.trace(str(out / "trace"), create_perfetto_trace=True):
-        st, _ = decode_chunk_donating(graphdef, state, st, *args, **kw)
+        for _ in range(a.calls):
+            st, _ = decode_chunk_donating(graphdef, state, st, *args, **kw)
         jax.block_until_ready(st)
-    s = summarize(device_events(out / "trace"), a.steps)
+    s = summarize(device_events(out / "trace"), a.steps * a.calls)
     s.update(shape=a.shape, sparsity=a.sparsity, impl=a.impl, batch=b, n_layers=cfg.n_layers,
-             attn=a.attn, proj=a.proj, proj_tuning=proj_tuning, ctx=ctx,
+             attn=a.attn, proj=a.proj, proj_tuning=proj_tuning, ctx=ctx, calls=a.calls,
              tuning=over)  # fmt: skip
     (out / "summary.json").write_text(json.dumps(s, indent=1))
     print(json.dumps({k: v for k, v in s.items() if k != "kernels"}))
