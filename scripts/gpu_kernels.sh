@@ -1817,4 +1817,9 @@ s48b)  # where the one-launch step's idle time lies: the trace of two back-to-ba
     --sparsities 0.75 --check-steps 1 --rounds 2 --trace --out "$OUT/megastep_decode_while.jsonl"
   run timeout 150 python3 scripts/step_hlo.py --shape llama-3.2-1b --xla-dump --out "$OUT/step_hlo"
   ;;
+s48c)  # is the timed loop host-bound? per-call dispatch µs against device time, jit vs AOT
+  # Compiled, pipelined vs serial (scripts/dispatch_probe.py), the one-launch step and dense
+  run timeout 200 python3 scripts/dispatch_probe.py --shape llama-3.2-1b --out "$OUT/dispatch.jsonl"
+  run timeout 200 python3 scripts/dispatch_probe.py --shape smollm2-135m --out "$OUT/dispatch.jsonl"
+  ;;
 esac
