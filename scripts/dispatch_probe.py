@@ -67,6 +67,41 @@ def probe(call, fresh, steps: int, n: int) -> dict:
     }
 
 
+def mega_calls(cfg, sparsity, prompt_len, ctx, steps):
+    """The one-launch step's ``(fresh, {name: call})``: through ``jit`` and through AOT."""
+    sparse = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
+    set_k(sparse, max(1, round((1 - sparsity) * sparse.cfg.n_experts)))
+    set_compute(sparse, "kernel", "pallas")
+    mw = megastep.pack(sparse)
+    tau_l = jnp.stack([x.tau for x in route_args(sparse.cfg, 1.0)])
+    graphdef, state = nnx.split(sparse)
+    args, kw = chunk_inputs(tau_l, steps, megastep.DEFAULT_LAUNCH)
+    fresh = lambda: mega_state(sparse, prompt_len, ctx)  # noqa: E731
+    comp = megastep.decode_chunk.lower(graphdef, state, mw, fresh(), *args, **kw).compile()
+    return fresh, {
+        "megastep_jit": lambda st: megastep.decode_chunk(graphdef, state, mw, st, *args, **kw),
+        "megastep_aot": lambda st: comp(state, mw, st, *args),
+    }
+
+
+def dense_calls(cfg, prompt_len, ctx, steps):
+    """The dense XLA step's ``(fresh, {name: call})``: through ``jit`` and through AOT."""
+    dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(dense)
+    fresh = lambda: DecodeState(  # noqa: E731
+        token_b=jnp.ones((1,), jnp.int32), pos_b=jnp.full((1,), prompt_len, jnp.int32),
+        done_b=jnp.zeros((1,), bool), cache=init_cache(cfg, 1, ctx, jnp.bfloat16),
+        rng=jax.random.key(0),
+    )  # fmt: skip
+    args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), None)
+    kw = dict(n_steps=steps, greedy=True)
+    comp = decode_chunk_donating.lower(graphdef, state, fresh(), *args, **kw).compile()
+    return fresh, {
+        "dense_jit": lambda st: decode_chunk_donating(graphdef, state, st, *args, **kw),
+        "dense_aot": lambda st: comp(state, st, *args),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-3.2-1b")
@@ -80,38 +115,15 @@ def main() -> None:
     ctx = decode_cache_len(a.prompt_len, a.steps, 2 * a.calls)
     head = {**header(), "bench": "dispatch_probe", "shape": a.shape, "steps": a.steps}
     rows = []
-
-    sparse = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
-    set_k(sparse, max(1, round((1 - a.sparsity) * sparse.cfg.n_experts)))
-    set_compute(sparse, "kernel", "pallas")
-    mw = megastep.pack(sparse)
-    tau_l = jnp.stack([x.tau for x in route_args(sparse.cfg, 1.0)])
-    graphdef, state = nnx.split(sparse)
-    args, kw = chunk_inputs(tau_l, a.steps, megastep.DEFAULT_LAUNCH)
-    fresh = lambda: mega_state(sparse, a.prompt_len, ctx)  # noqa: E731
-    jit_call = lambda st: megastep.decode_chunk(graphdef, state, mw, st, *args, **kw)  # noqa: E731
-    comp = megastep.decode_chunk.lower(graphdef, state, mw, fresh(), *args, **kw).compile()
-    aot_call = lambda st: comp(state, mw, st, *args)  # noqa: E731
-    for name, call in (("megastep_jit", jit_call), ("megastep_aot", aot_call)):
-        rows.append({**head, "path": name, **probe(call, fresh, a.steps, a.calls)})
-        print(rows[-1], flush=True)
-    del sparse, mw, state, comp
-
-    dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(dense)
-    fresh = lambda: DecodeState(  # noqa: E731
-        token_b=jnp.ones((1,), jnp.int32), pos_b=jnp.full((1,), a.prompt_len, jnp.int32),
-        done_b=jnp.zeros((1,), bool), cache=init_cache(cfg, 1, ctx, jnp.bfloat16),
-        rng=jax.random.key(0),
-    )  # fmt: skip
-    dargs = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), None)
-    dkw = dict(n_steps=a.steps, greedy=True)
-    jit_call = lambda st: decode_chunk_donating(graphdef, state, st, *dargs, **dkw)  # noqa: E731
-    comp = decode_chunk_donating.lower(graphdef, state, fresh(), *dargs, **dkw).compile()
-    aot_call = lambda st: comp(state, st, *dargs)  # noqa: E731
-    for name, call in (("dense_jit", jit_call), ("dense_aot", aot_call)):
-        rows.append({**head, "path": name, **probe(call, fresh, a.steps, a.calls)})
-        print(rows[-1], flush=True)
+    for make in (
+        lambda: mega_calls(cfg, a.sparsity, a.prompt_len, ctx, a.steps),
+        lambda: dense_calls(cfg, a.prompt_len, ctx, a.steps),
+    ):
+        fresh, calls = make()
+        for name, call in calls.items():
+            rows.append({**head, "path": name, **probe(call, fresh, a.steps, a.calls)})
+            print(rows[-1], flush=True)
+        del fresh, calls
     write_rows(a.out, rows)
 
 
