@@ -46,7 +46,7 @@ from common import (  # noqa: E402
 )
 from sparse_decode import decode_cache_len, set_k, time_decode  # noqa: E402
 
-from prunepath_jax import megastep  # noqa: E402
+from prunepath_jax import flatjit, megastep  # noqa: E402
 from prunepath_jax.config import PRESETS  # noqa: E402
 from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
 from prunepath_jax.models.layers import init_cache  # noqa: E402
@@ -74,10 +74,12 @@ def chunk_inputs(tau_l, steps, launch) -> tuple[tuple, dict]:
 
 def _chunk_call(model, mw, tau_l, steps, launch, mod=megastep):
     """``state -> (state, tokens)``: one compiled call of ``steps`` greedy one-launch steps
-    (``mod``: the ``megastep`` module whose decode loop runs)."""
-    graphdef, state = nnx.split(model)
+    (``mod``: the ``megastep`` module whose decode loop runs), called as ``generate`` calls it
+    (``flatjit.bind``)."""
     args, kw = chunk_inputs(tau_l, steps, launch)
-    return lambda st: mod.decode_chunk(graphdef, state, mw, st, *args, **kw)
+    fn, leaves = flatjit.bind(mod._decode_chunk_impl, *nnx.split(model), donate_argnums=(2,),
+                              **kw)  # fmt: skip
+    return lambda st: fn(leaves, mw, st, *args)
 
 
 def mega_timer(model, mw, tau_l, prompt_len, steps, chunks, launch, mod=megastep):

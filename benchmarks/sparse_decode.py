@@ -39,13 +39,12 @@ from common import (  # noqa: E402
     write_rows,
 )
 
-from prunepath_jax import routing  # noqa: E402
+from prunepath_jax import flatjit, routing  # noqa: E402
 from prunepath_jax.config import PRESETS  # noqa: E402
 from prunepath_jax.generate import (  # noqa: E402
     _STATIC,
     DecodeState,
     _decode_chunk_impl,
-    decode_chunk_donating,
 )
 from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
 from prunepath_jax.models import decode_attention as da  # noqa: E402
@@ -79,7 +78,6 @@ def time_decode(
     """µs per decode step of ``model``; ``attn`` (an ``--attn`` value) sets its decode attention
     for this cache length and batch first, None keeps the model's own; ``command_buffers=False``
     times the loop compiled without XLA's command buffers (``decode_chunk_plain``)."""
-    step_fn = decode_chunk_donating if command_buffers else decode_chunk_plain
     cfg = model.cfg
     ctx = decode_cache_len(prompt_len, steps, chunks)
     if attn is not None:
@@ -95,15 +93,21 @@ def time_decode(
     )
     args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), ffn_args)
     kw = dict(n_steps=steps, greedy=True)
-    compiled = step_fn.lower(graphdef, state, st, *args, **kw).compile()
+    if command_buffers:  # generate's call: the graph hashed once, the state a flat list
+        fn, leaves = flatjit.bind(_decode_chunk_impl, graphdef, state, donate_argnums=(1,), **kw)
+        step_fn = lambda st: fn(leaves, st, *args)  # noqa: E731
+        compiled = fn.lower(leaves, st, *args).compile()
+    else:
+        step_fn = lambda st: decode_chunk_plain(graphdef, state, st, *args, **kw)  # noqa: E731
+        compiled = decode_chunk_plain.lower(graphdef, state, st, *args, **kw).compile()
     txt = compiled.as_text()
     mem = compiled.memory_analysis()
     for _ in range(2):
-        st, _ = step_fn(graphdef, state, st, *args, **kw)
+        st, _ = step_fn(st)
     jax.block_until_ready(st)
     t0 = time.perf_counter()
     for _ in range(chunks):
-        st, _ = step_fn(graphdef, state, st, *args, **kw)
+        st, _ = step_fn(st)
     jax.block_until_ready(st)
     dt = (time.perf_counter() - t0) / (chunks * steps)
     return {

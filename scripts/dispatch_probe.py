@@ -10,7 +10,8 @@ waits for the host. This probe times, for the one-launch step and for the dense 
   µs a token and the host µs each call took to return (its dispatch);
 - ``serial``: a wait after every call (device time + dispatch, nothing overlapped);
 - the same two through the ahead-of-time ``Compiled`` object (``jit(...).lower().compile()``:
-  no static-argument hashing, no jit cache lookup).
+  no static-argument hashing, no jit cache lookup), and through ``flatjit.bind`` (what
+  ``generate`` calls: the graph hashed once, the state passed as a flat list).
 
     python scripts/dispatch_probe.py --shape llama-3.2-1b --out results/dispatch.jsonl
 """
@@ -32,9 +33,13 @@ from common import header, write_rows  # noqa: E402
 from megastep_decode import chunk_inputs, mega_state  # noqa: E402
 from sparse_decode import decode_cache_len, set_k  # noqa: E402
 
-from prunepath_jax import megastep  # noqa: E402
+from prunepath_jax import flatjit, megastep  # noqa: E402
 from prunepath_jax.config import PRESETS  # noqa: E402
-from prunepath_jax.generate import DecodeState, decode_chunk_donating  # noqa: E402
+from prunepath_jax.generate import (  # noqa: E402
+    DecodeState,
+    _decode_chunk_impl,
+    decode_chunk_donating,
+)
 from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
 from prunepath_jax.models.layers import init_cache  # noqa: E402
 from prunepath_jax.models.llama import LlamaModel  # noqa: E402
@@ -78,9 +83,12 @@ def mega_calls(cfg, sparsity, prompt_len, ctx, steps):
     args, kw = chunk_inputs(tau_l, steps, megastep.DEFAULT_LAUNCH)
     fresh = lambda: mega_state(sparse, prompt_len, ctx)  # noqa: E731
     comp = megastep.decode_chunk.lower(graphdef, state, mw, fresh(), *args, **kw).compile()
+    fn, leaves = flatjit.bind(megastep._decode_chunk_impl, graphdef, state, donate_argnums=(2,),
+                              **kw)  # fmt: skip
     return fresh, {
         "megastep_jit": lambda st: megastep.decode_chunk(graphdef, state, mw, st, *args, **kw),
         "megastep_aot": lambda st: comp(state, mw, st, *args),
+        "megastep_flat": lambda st: fn(leaves, mw, st, *args),
     }
 
 
@@ -96,9 +104,11 @@ def dense_calls(cfg, prompt_len, ctx, steps):
     args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), None)
     kw = dict(n_steps=steps, greedy=True)
     comp = decode_chunk_donating.lower(graphdef, state, fresh(), *args, **kw).compile()
+    fn, leaves = flatjit.bind(_decode_chunk_impl, graphdef, state, donate_argnums=(1,), **kw)
     return fresh, {
         "dense_jit": lambda st: decode_chunk_donating(graphdef, state, st, *args, **kw),
         "dense_aot": lambda st: comp(state, st, *args),
+        "dense_flat": lambda st: fn(leaves, st, *args),
     }
 
 

@@ -1822,4 +1822,17 @@ s48c)  # is the timed loop host-bound? per-call dispatch µs against device time
   run timeout 200 python3 scripts/dispatch_probe.py --shape llama-3.2-1b --out "$OUT/dispatch.jsonl"
   run timeout 200 python3 scripts/dispatch_probe.py --shape smollm2-135m --out "$OUT/dispatch.jsonl"
   ;;
+s48d)  # generate's chunk call through flatjit.bind (graph hashed once, flat state) with one chunk
+  # in flight: the dispatch probe with its flat variants, generate itself against 4a3483c
+  # beside it (carry .old from scripts/make_baseline.sh 4a3483c), the 1B table row after it
+  run timeout 200 python3 scripts/dispatch_probe.py --shape llama-3.2-1b --out "$OUT/dispatch.jsonl"
+  run timeout 330 python3 scripts/generate_timing.py --shape llama-3.2-1b --paths megastep dense \
+    --out "$OUT/generate_timing.jsonl"
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 2 --out "$OUT/megastep_decode.jsonl"
+  ;;
+s48e)  # the GPU tests of the generate paths after the loop change (megastep, pallas, dense)
+  run timeout 400 python3 -m pytest -q -m gpu -rf --tb=short --durations=5 tests/test_megastep.py \
+    tests/test_generate.py
+  ;;
 esac

@@ -49,7 +49,9 @@ def test_stop_tokens_cut_each_sequence(tiny):
     assert out[1] == free[1][:cut]
 
 
-def test_decode_compiles_once(tiny):
+def test_decode_compiles_once(tiny, monkeypatch):
+    """One trace of the decode chunk for a whole generate call and none for a second call on
+    the same model (``flatjit.bind`` keeps the compiled function per graph and tree)."""
     model, _ = tiny
     traces = []
     orig = gen_mod._decode_chunk_impl
@@ -58,13 +60,9 @@ def test_decode_compiles_once(tiny):
         traces.append(1)
         return orig(*a, **k)
 
-    jitted = jax.jit(counting, static_argnames=("graphdef", "n_steps", "greedy"))
-    old = gen_mod.decode_chunk, gen_mod.decode_chunk_donating
-    gen_mod.decode_chunk = gen_mod.decode_chunk_donating = jitted
-    try:
-        generate(model, [[5, 6, 7]], 40, chunk=4)  # 10 chunk calls
-    finally:
-        gen_mod.decode_chunk, gen_mod.decode_chunk_donating = old
+    monkeypatch.setattr(gen_mod, "_decode_chunk_impl", counting)
+    first = generate(model, [[5, 6, 7]], 40, chunk=4)  # 10 chunk calls
+    assert generate(model, [[5, 6, 7]], 40, chunk=4) == first
     assert len(traces) == 1
 
 
@@ -214,3 +212,43 @@ def test_fresh_cache_prompt_pass_on_gpu_matches_the_masked_path(t, family):
     assert "cudnn" in hlo.lower()  # the fused kernel really ran
     out = [fn(tokens, positions, init_cache(cfg, 2, t + 64, jnp.bfloat16), f) for f in (1, 0)]
     assert_close(out[0].logits, out[1].logits, "bf16", "fresh-cache logits on GPU")
+
+
+class _FakeChunks:
+    """A decode call that records how many chunks were issued and which were read back."""
+
+    def __init__(self, rows):
+        self.rows, self.issued, self.read = rows, 0, []
+
+    def __call__(self, st):
+        i, self.issued = self.issued, self.issued + 1
+        tracker = self
+
+        class Toks:  # np.asarray(toks) marks the chunk read
+            def __array__(self, dtype=None, copy=None):
+                tracker.read.append(i)
+                return np.asarray(tracker.rows[i], dtype)
+
+        return st, Toks()
+
+
+def test_decode_loop_keeps_one_chunk_in_flight_and_stops_reading_after_every_stop():
+    class Bar:
+        n = 1
+
+        def update(self, k):
+            self.n += k
+
+    stop = 9
+    rows = [[[1, 2], [3, 4]], [[5, stop], [6, 7]], [[0, 0], [stop, 0]], [[0, 0], [0, 0]]]
+    fake, secs = _FakeChunks(rows), []
+    out, _ = gen_mod._decode_loop(fake, None, [False, False], 100, 2, (stop,), secs, Bar())
+    assert [o.tolist() for o in out] == rows[:3]  # both sequences stopped in chunk 2
+    assert fake.read == [0, 1, 2] and fake.issued == 4  # chunk 3 issued before 2 was read
+    assert len(secs) == 3
+    fake = _FakeChunks(rows)
+    out, _ = gen_mod._decode_loop(fake, None, [False, False], 5, 2, (), None, Bar())
+    assert fake.issued == len(fake.read) == 2 and len(out) == 2  # 1 + 2 · 2 ≥ 5 tokens
+    fake = _FakeChunks(rows)
+    assert gen_mod._decode_loop(fake, None, [True, True], 100, 2, (stop,), None, Bar())[0] == []
+    assert fake.issued == 0  # the prefill's token already stopped every sequence
