@@ -1831,8 +1831,11 @@ s48d)  # generate's chunk call through flatjit.bind (graph hashed once, flat sta
   run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 2 --out "$OUT/megastep_decode.jsonl"
   ;;
-s48e)  # the GPU tests of the generate paths after the loop change (megastep, pallas, dense)
-  run timeout 400 python3 -m pytest -q -m gpu -rf --tb=short --durations=5 tests/test_megastep.py \
+s48e)  # the GPU tests of the generate paths after the loop change (megastep, pallas, dense),
+  # then generate at the SmolLM2 shape against 4a3483c (carry .old)
+  run timeout 330 python3 -m pytest -q -m gpu -rf --tb=short --durations=5 tests/test_megastep.py \
     tests/test_generate.py
+  run timeout 200 python3 scripts/generate_timing.py --shape smollm2-135m \
+    --paths megastep pallas dense --out "$OUT/generate_timing.jsonl"
   ;;
 esac
