@@ -1833,9 +1833,16 @@ s48d)  # generate's chunk call through flatjit.bind (graph hashed once, flat sta
   ;;
 s48e)  # the GPU tests of the generate paths after the loop change (megastep, pallas, dense),
   # then generate at the SmolLM2 shape against 4a3483c (carry .old)
-  run timeout 330 python3 -m pytest -q -m gpu -rf --tb=short --durations=5 tests/test_megastep.py \
-    tests/test_generate.py
+  PYTHONUNBUFFERED=1 run timeout 330 python3 -m pytest -v -m gpu -rf --tb=short --durations=5 \
+    tests/test_megastep.py tests/test_generate.py
   run timeout 200 python3 scripts/generate_timing.py --shape smollm2-135m \
     --paths megastep pallas dense --out "$OUT/generate_timing.jsonl"
+  ;;
+s48f)  # s48e's GPU tests again, unbuffered (its run hit the 330 s limit with nothing printed):
+  # the generation tests first, then the rest of the one-launch step's
+  PYTHONUNBUFFERED=1 run timeout 240 python3 -m pytest -v -x -m gpu -rf --tb=short \
+    --durations=8 tests/test_generate.py tests/test_megastep.py -k "generation or fresh_cache"
+  PYTHONUNBUFFERED=1 run timeout 330 python3 -m pytest -v -m gpu -rf --tb=short --durations=8 \
+    tests/test_megastep.py -k "not generation"
   ;;
 esac
