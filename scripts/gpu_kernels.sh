@@ -1845,4 +1845,15 @@ s48f)  # s48e's GPU tests again, unbuffered (its run hit the 330 s limit with no
   PYTHONUNBUFFERED=1 run timeout 330 python3 -m pytest -v -m gpu -rf --tb=short --durations=8 \
     tests/test_megastep.py -k "not generation"
   ;;
+s48g)  # call A of the real SmolLM2 (carry .gpu_model/a): the GGUF's first part to /tmp/gguf_a
+  cp .gpu_model/a/part00 /tmp/gguf_a
+  ;;
+s48h)  # call B (carry .gpu_model/b, .whl; within the 30 s idle release after s48g): the real
+  # SmolLM2 through generate after the loop change, every 16-step chunk timed (--direct: now the
+  # time between successive chunks' tokens reaching the host, one chunk always in flight)
+  cat /tmp/gguf_a .gpu_model/b/part01 > /tmp/smollm2.gguf && md5sum /tmp/smollm2.gguf | tee -a "$OUT/log.txt"
+  run timeout 420 python3 scripts/smollm2_decode.py --gguf /tmp/smollm2.gguf --batches 1 \
+    --taus 0.5 0.9 --impls pallas megastep --direct --chunk 16 --lengths 17 129 --cache-len 256 \
+    --repeats 3 --out "$OUT/smollm2_decode.jsonl"
+  ;;
 esac
