@@ -333,7 +333,9 @@ def generate(
         cache_len: KV-cache length; default: longest prompt + max_new_tokens, rounded up.
         dtype: cache dtype (default: the embedding's dtype).
         ffn_args: per-layer FFN arguments passed through to the model (PrunePath tau, ...).
-        chunk: decode steps per compiled call between host checks of the stop flags.
+        chunk: decode steps per compiled call between host checks of the stop flags; the next
+            call is issued before a chunk's tokens are read, so once every sequence has stopped
+            up to one more chunk runs on the device, its tokens discarded.
         progress: show a progress bar over generated tokens.
         chunk_seconds: if a list, the wall seconds of every decode chunk (one compiled call of
             `chunk` steps; the time from the previous chunk's tokens on the host, or the first
