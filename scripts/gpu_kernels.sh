@@ -1856,4 +1856,8 @@ s48h)  # call B (carry .gpu_model/b, .whl; within the 30 s idle release after s4
     --taus 0.5 0.9 --impls pallas megastep --direct --chunk 16 --lengths 17 129 --cache-len 256 \
     --repeats 3 --out "$OUT/smollm2_decode.jsonl"
   ;;
+s48i)  # the 8B at 75% through generate's call (flatjit.bind), dense re-timed in the same process
+  run timeout 300 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 1 --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
