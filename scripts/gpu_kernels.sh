@@ -1860,4 +1860,8 @@ s48i)  # the 8B at 75% through generate's call (flatjit.bind), dense re-timed in
   run timeout 300 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 1 --out "$OUT/megastep_decode.jsonl"
   ;;
+s48j)  # the 1B at 50 / 90% through generate's call, dense re-timed in the same process
+  run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
+    --sparsities 0.5 0.9 --check-steps 1 --rounds 1 --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
