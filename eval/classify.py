@@ -11,7 +11,6 @@ nowhere, their tokens included.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -25,6 +24,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from prunepath_jax import flatjit
 from prunepath_jax.runinfo import run_header
 
 from .perplexity import _args_builder, routing_sums, summarize
@@ -44,7 +44,6 @@ def trace_count() -> int:
     return _TRACES[0]
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _cls_sums(graphdef, state, batch: dict, ffn_args) -> dict:
     """Sums of one batch: correct predictions, NLL, confusion counts and routing aggregates."""
     _TRACES[0] += 1
@@ -111,7 +110,7 @@ def evaluate_classification(
     if not cfg.num_labels:
         raise ValueError("evaluate_classification needs a classifier (model.cfg.num_labels > 0)")
     make_args = _args_builder(cfg, tau, ffn_args_fn)
-    graphdef, state = nnx.split(model)
+    fn, leaves = flatjit.bind(_cls_sums, *nnx.split(model))  # the graph hashed once
     traces0, t0 = trace_count(), time.perf_counter()
     totals: dict[str, Any] = {}
 
@@ -123,7 +122,7 @@ def evaluate_classification(
     for batch in tqdm(batches, disable=not progress, desc="eval cls", leave=False):
         dev = {k: jnp.asarray(v) for k, v in batch.items()}
         w_b = dev.get("example_mask", jnp.ones(dev["tokens"].shape[:1], jnp.float32))
-        sums = _cls_sums(graphdef, state, dev, make_args(dev["token_mask"] * w_b[:, None]))
+        sums = fn(leaves, dev, make_args(dev["token_mask"] * w_b[:, None]))
         if pending is not None:
             add(pending)
         pending = sums
