@@ -44,7 +44,7 @@ from common import (  # noqa: E402
     traced_events,
     write_rows,
 )
-from sparse_decode import decode_cache_len, set_k, time_decode  # noqa: E402
+from sparse_decode import decode_cache_len, greedy_chunk_args, set_k, time_decode  # noqa: E402
 
 from prunepath_jax import flatjit, megastep  # noqa: E402
 from prunepath_jax.config import PRESETS  # noqa: E402
@@ -68,8 +68,7 @@ def mega_state(model, prompt_len, ctx, mod=megastep):
 def chunk_inputs(tau_l, steps, launch) -> tuple[tuple, dict]:
     """``decode_chunk``'s arguments after the state (temperature, top-p, no stop ids, pad id,
     budgets) and its static keywords, for ``steps`` greedy one-launch steps."""
-    args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), tau_l)
-    return args, dict(n_steps=steps, greedy=True, launch=launch)
+    return greedy_chunk_args(tau_l), dict(n_steps=steps, greedy=True, launch=launch)
 
 
 def _chunk_call(model, mw, tau_l, steps, launch, mod=megastep):
@@ -77,6 +76,8 @@ def _chunk_call(model, mw, tau_l, steps, launch, mod=megastep):
     (``mod``: the ``megastep`` module whose decode loop runs), called as ``generate`` calls it
     (``flatjit.bind``)."""
     args, kw = chunk_inputs(tau_l, steps, launch)
+    # `megastep.bind_decode_chunk`'s call, spelt out: a `--baseline` module older than it has
+    # only `_decode_chunk_impl` (same signature, the MegaState third after the flat state).
     fn, leaves = flatjit.bind(mod._decode_chunk_impl, *nnx.split(model), donate_argnums=(2,),
                               **kw)  # fmt: skip
     return lambda st: fn(leaves, mw, st, *args)

@@ -39,12 +39,13 @@ from common import (  # noqa: E402
     write_rows,
 )
 
-from prunepath_jax import flatjit, routing  # noqa: E402
+from prunepath_jax import routing  # noqa: E402
 from prunepath_jax.config import PRESETS  # noqa: E402
 from prunepath_jax.generate import (  # noqa: E402
     _STATIC,
     DecodeState,
     _decode_chunk_impl,
+    bind_decode_chunk,
 )
 from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
 from prunepath_jax.models import decode_attention as da  # noqa: E402
@@ -72,6 +73,24 @@ def decode_cache_len(prompt_len: int, steps: int, chunks: int) -> int:
     return -(-(prompt_len + steps * (chunks + 3) + 1) // 256) * 256
 
 
+def fresh_decode_state(cfg, batch: int, prompt_len: int, ctx: int) -> DecodeState:
+    """A timed decode loop's start: token 1 at ``prompt_len`` for ``batch`` sequences, an empty
+    bf16 cache of ``ctx`` positions."""
+    return DecodeState(
+        token_b=jnp.ones((batch,), jnp.int32),
+        pos_b=jnp.full((batch,), prompt_len, jnp.int32),
+        done_b=jnp.zeros((batch,), bool),
+        cache=init_cache(cfg, batch, ctx, jnp.bfloat16),
+        rng=jax.random.key(0),
+    )
+
+
+def greedy_chunk_args(ffn_args) -> tuple:
+    """The decode chunk's arguments after the state for greedy decoding: temperature, top-p, no
+    stop ids, pad id, ``ffn_args``."""
+    return jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), ffn_args
+
+
 def time_decode(
     model, batch, prompt_len, steps, chunks, ffn_args, attn=None, command_buffers=True
 ) -> dict:
@@ -84,17 +103,11 @@ def time_decode(
         da.set_attention(model, da.impl_for(attn, model, ctx, batch))
     attn_used = da.attention_modules(model)[0].attn_impl
     graphdef, state = nnx.split(model)
-    st = DecodeState(
-        token_b=jnp.ones((batch,), jnp.int32),
-        pos_b=jnp.full((batch,), prompt_len, jnp.int32),
-        done_b=jnp.zeros((batch,), bool),
-        cache=init_cache(cfg, batch, ctx, jnp.bfloat16),
-        rng=jax.random.key(0),
-    )
-    args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), ffn_args)
+    st = fresh_decode_state(cfg, batch, prompt_len, ctx)
+    args = greedy_chunk_args(ffn_args)
     kw = dict(n_steps=steps, greedy=True)
     if command_buffers:  # generate's call: the graph hashed once, the state a flat list
-        fn, leaves = flatjit.bind(_decode_chunk_impl, graphdef, state, donate_argnums=(1,), **kw)
+        fn, leaves = bind_decode_chunk(graphdef, state, **kw)
         step_fn = lambda st: fn(leaves, st, *args)  # noqa: E731
         compiled = fn.lower(leaves, st, *args).compile()
     else:

@@ -132,6 +132,14 @@ decode_chunk = jax.jit(_decode_chunk_impl, static_argnames=_STATIC)
 decode_chunk_donating = jax.jit(_decode_chunk_impl, static_argnames=_STATIC, donate_argnums=(2,))
 
 
+def bind_decode_chunk(graphdef, state, *, n_steps: int, greedy: bool, donate: bool = True):
+    """``generate``'s compiled decode chunk (``flatjit.bind``: the graph hashed once, the state a
+    flat list): ``(fn, leaves)``, ``fn(leaves, st, temperature, top_p, stop_ids, pad_id,
+    ffn_args) -> (st, tokens [b, n_steps])``, ``st`` donated with ``donate``."""
+    return flatjit.bind(_decode_chunk_impl, graphdef, state, donate_argnums=(1,) if donate else (),
+                        n_steps=n_steps, greedy=greedy)  # fmt: skip
+
+
 def _decode_loop(call, st, done_b, n_tokens: int, chunk: int, stop_ids, chunk_seconds, bar):
     """The decode chunks after the prefill's token: ``([tokens [b, chunk], ...], last state)``.
 
@@ -404,18 +412,15 @@ def generate(
 
         st = megastep.from_decode_state(st)
         tau_l = jnp.stack([a.tau for a in ffn_args])
-        fn, leaves = flatjit.bind(
-            megastep._decode_chunk_impl, graphdef, state, donate_argnums=(2,) if donate else (),
-            n_steps=chunk, greedy=greedy, launch=megastep.DEFAULT_LAUNCH,
-        )  # fmt: skip
+        fn, leaves = megastep.bind_decode_chunk(graphdef, state, n_steps=chunk, greedy=greedy,
+                                                donate=donate)  # fmt: skip
 
         def call(st):
             st, toks = fn(leaves, mw, st, temp, top_p, stops, pad, tau_l)
             return st, toks[None]
     else:
-        fn, leaves = flatjit.bind(_decode_chunk_impl, graphdef, state,
-                                  donate_argnums=(1,) if donate else (), n_steps=chunk,
-                                  greedy=greedy)  # fmt: skip
+        fn, leaves = bind_decode_chunk(graphdef, state, n_steps=chunk, greedy=greedy,
+                                       donate=donate)  # fmt: skip
 
         def call(st):
             return fn(leaves, st, temp, top_p, stops, pad, ffn_args)

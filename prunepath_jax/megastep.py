@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prunepath_jax import flatjit
 from prunepath_jax.models.layers import rope_inv_freq
 from prunepath_jax.nn import PrunePathFFN
 
@@ -310,6 +311,15 @@ def _decode_chunk_impl(graphdef, state, mw, st: MegaState, temperature, top_p, s
 
 _STATIC = ("graphdef", "n_steps", "greedy", "launch")
 decode_chunk = jax.jit(_decode_chunk_impl, static_argnames=_STATIC, donate_argnums=(3,))
+
+
+def bind_decode_chunk(graphdef, state, *, n_steps: int, greedy: bool,
+                      launch: Launch = DEFAULT_LAUNCH, donate: bool = True):  # fmt: skip
+    """``generate``'s compiled one-launch decode chunk (``flatjit.bind``): ``(fn, leaves)``,
+    ``fn(leaves, mw, st, temperature, top_p, stop_ids, pad_id, tau_l) -> (st, tokens
+    [n_steps])``, the ``MegaState`` donated with ``donate``."""
+    return flatjit.bind(_decode_chunk_impl, graphdef, state, donate_argnums=(2,) if donate else (),
+                        n_steps=n_steps, greedy=greedy, launch=launch)  # fmt: skip
 
 
 def check_fail(st: MegaState) -> None:

@@ -31,17 +31,17 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from common import header, write_rows  # noqa: E402
 from megastep_decode import chunk_inputs, mega_state  # noqa: E402
-from sparse_decode import decode_cache_len, set_k  # noqa: E402
-
-from prunepath_jax import flatjit, megastep  # noqa: E402
-from prunepath_jax.config import PRESETS  # noqa: E402
-from prunepath_jax.generate import (  # noqa: E402
-    DecodeState,
-    _decode_chunk_impl,
-    decode_chunk_donating,
+from sparse_decode import (  # noqa: E402
+    decode_cache_len,
+    fresh_decode_state,
+    greedy_chunk_args,
+    set_k,
 )
+
+from prunepath_jax import megastep  # noqa: E402
+from prunepath_jax.config import PRESETS  # noqa: E402
+from prunepath_jax.generate import bind_decode_chunk, decode_chunk_donating  # noqa: E402
 from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
-from prunepath_jax.models.layers import init_cache  # noqa: E402
 from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
 
@@ -83,8 +83,7 @@ def mega_calls(cfg, sparsity, prompt_len, ctx, steps):
     args, kw = chunk_inputs(tau_l, steps, megastep.DEFAULT_LAUNCH)
     fresh = lambda: mega_state(sparse, prompt_len, ctx)  # noqa: E731
     comp = megastep.decode_chunk.lower(graphdef, state, mw, fresh(), *args, **kw).compile()
-    fn, leaves = flatjit.bind(megastep._decode_chunk_impl, graphdef, state, donate_argnums=(2,),
-                              **kw)  # fmt: skip
+    fn, leaves = megastep.bind_decode_chunk(graphdef, state, **kw)
     return fresh, {
         "megastep_jit": lambda st: megastep.decode_chunk(graphdef, state, mw, st, *args, **kw),
         "megastep_aot": lambda st: comp(state, mw, st, *args),
@@ -96,15 +95,11 @@ def dense_calls(cfg, prompt_len, ctx, steps):
     """The dense XLA step's ``(fresh, {name: call})``: through ``jit`` and through AOT."""
     dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(dense)
-    fresh = lambda: DecodeState(  # noqa: E731
-        token_b=jnp.ones((1,), jnp.int32), pos_b=jnp.full((1,), prompt_len, jnp.int32),
-        done_b=jnp.zeros((1,), bool), cache=init_cache(cfg, 1, ctx, jnp.bfloat16),
-        rng=jax.random.key(0),
-    )  # fmt: skip
-    args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), None)
+    fresh = lambda: fresh_decode_state(cfg, 1, prompt_len, ctx)  # noqa: E731
+    args = greedy_chunk_args(None)
     kw = dict(n_steps=steps, greedy=True)
     comp = decode_chunk_donating.lower(graphdef, state, fresh(), *args, **kw).compile()
-    fn, leaves = flatjit.bind(_decode_chunk_impl, graphdef, state, donate_argnums=(1,), **kw)
+    fn, leaves = bind_decode_chunk(graphdef, state, **kw)
     return fresh, {
         "dense_jit": lambda st: decode_chunk_donating(graphdef, state, st, *args, **kw),
         "dense_aot": lambda st: comp(state, st, *args),

@@ -39,6 +39,7 @@ def build(pkg: str, shape: str, path: str, sparsity: float):
         cfg, 1, dtype=jnp.bfloat16
     )
     k = max(1, round((1 - sparsity) * model.cfg.n_experts))
+    # sparse_decode.set_k's isinstance test names this package's class, not `ppold`'s
     for _, m in nnx.iter_graph(model):
         if type(m).__name__ == "PrunePathFFN":
             m.k_min = m.k_max = k

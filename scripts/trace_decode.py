@@ -23,14 +23,13 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from common import apply_proj_tuning, device_events, summarize  # noqa: E402
-from sparse_decode import set_k  # noqa: E402
+from sparse_decode import fresh_decode_state, greedy_chunk_args, set_k  # noqa: E402
 
 from prunepath_jax.config import PRESETS  # noqa: E402
-from prunepath_jax.generate import DecodeState, decode_chunk_donating  # noqa: E402
+from prunepath_jax.generate import decode_chunk_donating  # noqa: E402
 from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
 from prunepath_jax.models.decode_attention import set_attention  # noqa: E402
 from prunepath_jax.models.decode_proj import set_projections  # noqa: E402
-from prunepath_jax.models.layers import init_cache  # noqa: E402
 from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
 
@@ -74,14 +73,8 @@ def main():
     graphdef, state = nnx.split(model)
     ctx = a.ctx or -(-(a.prompt_len + (3 + a.calls) * a.steps + 1) // 256) * 256
     b = a.batch
-    st = DecodeState(
-        token_b=jnp.ones((b,), jnp.int32),
-        pos_b=jnp.full((b,), a.prompt_len, jnp.int32),
-        done_b=jnp.zeros((b,), bool),
-        cache=init_cache(model.cfg, b, ctx, jnp.bfloat16),
-        rng=jax.random.key(0),
-    )
-    args = (jnp.float32(0), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), ffn_args)
+    st = fresh_decode_state(model.cfg, b, a.prompt_len, ctx)
+    args = greedy_chunk_args(ffn_args)
     kw = dict(n_steps=a.steps, greedy=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
