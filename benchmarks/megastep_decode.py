@@ -167,6 +167,9 @@ def timeline(t_ps: np.ndarray, n_layers: int) -> dict:
     out["F_select_us"] = round(float((s[:, :, 9] - s[:, :, 8]).mean()), 2)
     out["F_units_us"] = round(float((s[:, :, 10] - s[:, :, 9]).mean()), 2)
     out["F_atomics_us"] = round(float((s[:, :, 11] - s[:, :, 10]).mean()), 2)
+    # The expert stream as a whole: the first program's start of its unit loop to the last
+    # program's end of it (what ``expert_GB_s`` divides the selected experts' bytes by).
+    out["F_units_span_us"] = round(float((s[:, :, 10].max(0) - s[:, :, 9].min(0)).mean()), 2)
     out["layers_us"] = float(opened[-1] - t_ps[:, 0].min() / 1e3)
     return out
 
@@ -366,8 +369,13 @@ def main() -> None:
             for label, (_, fields) in prepared.items():
                 r = stats[label]
                 lch = launches[label]._asdict() if label in launches else {}
+                span = fields.get("F_units_span_us")
+                # bytes the unit loop must read: k experts' gate, up and down rows (bf16)
+                x_bytes = k * (sparse.cfg.d_ff // e) * sparse.cfg.d_model * 3 * 2
                 emit({"shape": shape, "impl": f"megastep_{label}", "sparsity": 1 - k / e, "k": k,
                       "E": e, "launch": lch, **fields, **r,
+                      "expert_GB_s": x_bytes / span / 1e3 if span else None,
+                      "expert_pct_copy": 100 * x_bytes / span * 1e6 / bw if span else None,
                       "barrier_failures": fails[label],
                       "speedup_vs_dense": ratio(dense_us, r)})  # fmt: skip
             del mw

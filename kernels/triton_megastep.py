@@ -399,7 +399,7 @@ def megastep(
     head_in: bool = False, head_stages: int = HEAD_STAGES, rule: str = "paper",
     gate: str = "sigmoid", k_min: int = 1, k_max: int | None = None, programs: int = 0,
     splits: int = 0, block_t: int | None = None, warps: int = WARPS, tile_bytes: int = 0,
-    spin: int = SPIN, timing: bool = False, interpret: bool = False, gemv_stages: int = STAGES,
+    spin: int = SPIN, timing: int = 0, interpret: bool = False, gemv_stages: int = STAGES,
     unit_stages: int = STAGES, router_in_c: bool = True, prefetch_kb: int = PREFETCH_KB,
     prefetch_o_kb: int = PREFETCH_O_KB, prefetch_keys: int = PREFETCH_KEYS,
     unit_table: bool = UNIT_TABLE, attn_stages: int | None = None, merge_bc: bool | None = None,

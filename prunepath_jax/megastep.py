@@ -83,6 +83,10 @@ class Launch(NamedTuple):
     qkv_cols: int | None = None
     o_cols: int | None = None
     bulk_prefetch: bool | None = None
+    # Diagnostic: the timeline's %globaltimer stamps compiled in, their output discarded (1), or
+    # only their clock reads (2: the stores predicated off), to time what the stamps themselves
+    # change in the step (BENCHMARKS.md, thirty-sixth session).
+    stamps: int | None = None
 
 
 def check(model: nnx.Module) -> PrunePathFFN:
@@ -265,15 +269,17 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
     cfg = model.cfg
     opts = {k: v for k, v in launch._asdict().items() if v is not None}
     head_in = opts.pop("head_in", tm.HEAD_IN)
+    stamped = int(opts.pop("stamps", 0))  # compiled in; returned only with timing
     if head_in and mw.head is None:
         raise ValueError("Launch(head_in=True) needs the head's rows: megastep.pack(head=True)")
     y, kc, vc, k_l, fail, *stamps = tm.megastep(
         model.embed_tokens.embedding[...], token_1, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
         cfg.rope_scaling), pos_1, tau_l, *mw.layers(), kc, vc, eps=cfg.norm_eps,
         head_vd=mw.head, norm_d=model.norm.weight[...], head_in=head_in, rule=ffn.rule,
-        gate=ffn.gate_mode, k_min=ffn.k_min, k_max=ffn.k_max, timing=timing, interpret=interpret,
-        **opts,
+        gate=ffn.gate_mode, k_min=ffn.k_min, k_max=ffn.k_max, timing=1 if timing else stamped,
+        interpret=interpret, **opts,
     )  # fmt: skip
+    stamps = stamps if timing else []
     if head_in:
         return (y[None], kc, vc, k_l, fail, *stamps)
     x = y.astype(model.embed_tokens.embedding.dtype)[None, None]

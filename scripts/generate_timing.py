@@ -7,7 +7,9 @@ host's part of every call (2-5 ms at 1B on the H200's host) left the GPU idle. T
 ``generate`` itself (random weights at a real shape, routers forced to k experts, greedy, no
 stop ids) through the package of this checkout and through ``ppold`` (an older checkout built by
 ``scripts/make_baseline.sh``, when installed), interleaved round by round, and reports the decode
-µs a token from ``chunk_seconds`` (prefill and set-up excluded).
+µs a token from ``chunk_seconds`` (prefill and set-up excluded). Each row also carries the
+device's peak bytes in use so far (``peak_gib``, process-wide: run one path per process, as
+``--paths dense`` then ``--paths megastep``, for a path's own peak).
 
     python scripts/generate_timing.py --shape llama-3.2-1b --paths megastep dense
 """
@@ -19,6 +21,7 @@ import importlib
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -44,6 +47,13 @@ def build(pkg: str, shape: str, path: str, sparsity: float):
         if type(m).__name__ == "PrunePathFFN":
             m.k_min = m.k_max = k
     return gen, model, {"implementation": path, "tau": 1.0}
+
+
+def _peak_gib() -> float | None:
+    """The device's peak bytes in use since the process started, GiB (None where the backend
+    reports no memory figures, as on CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
 
 
 def main() -> None:
@@ -82,6 +92,7 @@ def main() -> None:
                 **head, "path": path, "package": pkg, "us_per_token": float(np.median(us[pkg])),
                 "us_range": [min(us[pkg]), max(us[pkg])], "rounds": a.rounds,
                 "vs_first": float(np.median(np.asarray(us[pkg]) / np.asarray(us[pkgs[0]]))),
+                "peak_gib": _peak_gib(),
             })  # fmt: skip
             print(rows[-1], flush=True)
         del runs

@@ -1864,4 +1864,24 @@ s48j)  # the 1B at 50 / 90% through generate's call, dense re-timed in the same 
   run timeout 200 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
     --sparsities 0.5 0.9 --check-steps 1 --rounds 1 --out "$OUT/megastep_decode.jsonl"
   ;;
+s49a)  # do the timeline's stamps change the one-launch step? (Launch.stamps: 1 the stamps
+  # compiled in, 2 only their clock reads) at 1B and the SmolLM2 shape, 3 interleaved rounds;
+  # then peak device memory through generate, dense and the one-launch step, one process each
+  run timeout 300 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b smollm2-135m \
+    --no-default --sparsities 0.75 --check-steps 1 --rounds 3 \
+    --launches '{"default": {}, "stamps": {"stamps": 1}, "fences": {"stamps": 2}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  for p in dense megastep; do
+    run timeout 120 python3 scripts/generate_timing.py --shape llama-3.2-1b --paths $p \
+      --rounds 1 --out "$OUT/generate_timing.jsonl"
+  done
+  ;;
+s49b)  # the same at 8B (75%, 2 rounds), and the expert stream inside the launch at 10 / 50% of E
+  run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 2 \
+    --launches '{"default": {}, "stamps": {"stamps": 1}, "fences": {"stamps": 2}}' \
+    --out "$OUT/megastep_decode.jsonl"
+  run timeout 240 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
+    --no-dense --sparsities 0.9 0.5 --check-steps 1 --rounds 1 --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
