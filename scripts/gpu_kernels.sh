@@ -1884,4 +1884,15 @@ s49b)  # the same at 8B (75%, 2 rounds), and the expert stream inside the launch
   run timeout 240 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
     --no-dense --sparsities 0.9 0.5 --check-steps 1 --rounds 1 --out "$OUT/megastep_decode.jsonl"
   ;;
+s49c)  # which stamp positions' clock reads make the SmolLM2-shape step faster (Launch.stamps 2
+  # with fence_mask bits: 0-1 phase A, 2-6 attention + O, 7-8 the barrier before the experts,
+  # 9 after the selection, 10-11 after the unit loop, 12 the launch's start), SmolLM2 and 1B
+  V='{"default": {}, "all": {"stamps": 2}, "A": {"stamps": 2, "fence_mask": 3},
+      "BC": {"stamps": 2, "fence_mask": 124}, "Fbar": {"stamps": 2, "fence_mask": 384},
+      "Fsel": {"stamps": 2, "fence_mask": 512}, "Floop": {"stamps": 2, "fence_mask": 3072}}'
+  run timeout 280 python3 benchmarks/megastep_decode.py --shapes smollm2-135m --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 3 --launches "$V" --out "$OUT/megastep_decode.jsonl"
+  run timeout 280 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
+    --sparsities 0.75 --check-steps 1 --rounds 2 --launches "$V" --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
