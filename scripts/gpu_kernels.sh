@@ -1876,10 +1876,10 @@ s49a)  # do the timeline's stamps change the one-launch step? (Launch.stamps: 1 
       --rounds 1 --out "$OUT/generate_timing.jsonl"
   done
   ;;
-s49b)  # the same at 8B (75%, 2 rounds), and the expert stream inside the launch at 10 / 50% of E
+s49b)  # the same at 8B (75%, 2 rounds; all clock reads, and those after the unit loop), and the expert stream inside the launch at 10 / 50% of E
   run timeout 330 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 2 \
-    --launches '{"default": {}, "stamps": {"stamps": 1}, "fences": {"stamps": 2}}' \
+    --launches '{"default": {}, "fences": {"stamps": 2}, "Floop": {"stamps": 2, "fence_mask": 3072}}' \
     --out "$OUT/megastep_decode.jsonl"
   run timeout 240 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
     --no-dense --sparsities 0.9 0.5 --check-steps 1 --rounds 1 --out "$OUT/megastep_decode.jsonl"
