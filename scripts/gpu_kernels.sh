@@ -1895,4 +1895,10 @@ s49c)  # which stamp positions' clock reads make the SmolLM2-shape step faster (
   run timeout 280 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
     --sparsities 0.75 --check-steps 1 --rounds 2 --launches "$V" --out "$OUT/megastep_decode.jsonl"
   ;;
+s49d)  # the SmolLM2 shape's clock-read variants again in a fresh process, 5 interleaved rounds
+  V='{"default": {}, "Floop": {"stamps": 2, "fence_mask": 3072}, "all": {"stamps": 2},
+      "Fbar": {"stamps": 2, "fence_mask": 384}}'
+  run timeout 280 python3 benchmarks/megastep_decode.py --shapes smollm2-135m --no-default \
+    --sparsities 0.75 0.5 --check-steps 1 --rounds 5 --launches "$V" --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
