@@ -42,19 +42,6 @@ def _stamp(tim_ptr, pid, idx, NT: tl.constexpr, TIMING: tl.constexpr):
 
 
 @triton.jit
-def _mark(tim_ptr, pid, idx, J: tl.constexpr, NT: tl.constexpr, TIMING: tl.constexpr,
-          FM: tl.constexpr):
-    """``_stamp`` at a kernel's event ``idx`` of kind ``J`` (its slot within a repeated phase
-    sequence); with TIMING 2 (clock reads only) only where bit ``J`` of the mask ``FM`` is set:
-    which of the stamps' positions change the kernel's schedule (a diagnostic)."""
-    if TIMING == 2:
-        if (FM >> J) & 1:
-            _stamp(tim_ptr, pid, idx, NT, TIMING)
-    else:
-        _stamp(tim_ptr, pid, idx, NT, TIMING)
-
-
-@triton.jit
 def _wait(ctr_ptr, target, failed, SPIN: tl.constexpr):
     """Polls (acquire) until ``target`` arrivals; returns ``failed`` or 1 on giving up."""
     seen = tl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")

@@ -74,7 +74,7 @@ import triton.language as tl
 
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.triton_balanced import _rank_table, _unit_loop_piped, _unit_table
-from prunepath_jax.kernels.triton_grid import _arrive, _mark, _wait
+from prunepath_jax.kernels.triton_grid import _arrive, _stamp, _wait
 from prunepath_jax.kernels.triton_l2 import l2_lines
 from prunepath_jax.kernels.triton_megastep_ao import (
     _attend_project,
@@ -97,7 +97,6 @@ from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: F401 (the laun
     ATTN_STAGES,
     BLOCK_T,
     BULK_PREFETCH_ABOVE_D,
-    FENCE_MASK,
     HEAD_IN,
     HEAD_STAGES,
     LONG_CACHE,
@@ -192,7 +191,7 @@ def _megastep_kernel(
     PF_H: tl.constexpr, STEP_H: tl.constexpr, HST: tl.constexpr, WS_F: tl.constexpr,
     WS_LG: tl.constexpr, WS_CTR: tl.constexpr, WS_N: tl.constexpr, KS: tl.constexpr,
     RA_PAD: tl.constexpr, BK_A: tl.constexpr, KSC: tl.constexpr, BK_C: tl.constexpr,
-    XS_W: tl.constexpr, PFB: tl.constexpr, FM: tl.constexpr,
+    XS_W: tl.constexpr, PFB: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -201,7 +200,7 @@ def _megastep_kernel(
     PER: tl.constexpr = G // BN
     NT: tl.constexpr = L * SLOTS + 1
     pid = tl.program_id(0)
-    _mark(tim_ptr, pid, 0, SLOTS, NT, TIMING, FM)
+    _stamp(tim_ptr, pid, 0, NT, TIMING)
     failed = pid * 0
     ph = pid * 0  # barriers passed
     HALF: tl.constexpr = HD // 2
@@ -245,7 +244,7 @@ def _megastep_kernel(
         hn = h_ptr + ((layer + 1) % 2) * HS
         fc = f_ptr + (layer % 2) * HS
         fn = f_ptr + ((layer + 1) % 2) * HS
-        _mark(tim_ptr, pid, t, 0, NT, TIMING, FM)
+        _stamp(tim_ptr, pid, t, NT, TIMING)
         # A: norm (of h plus the previous FFN's sum) + QKV (its first chunk loaded already).
         x, _ = _normed(hc, fc, ln1_ptr + layer * D, D, D_PAD, EPS, True)
         if KS:
@@ -257,7 +256,7 @@ def _megastep_kernel(
         if RBA:  # this program's experts' router logits of the residual before attention
             _router_base(wr_ptr + lw * E * D, ln2_ptr + layer * D, hc, fc, lg_ptr + layer * E,
                          pid, R_B, R_B_PAD, D, D_PAD, E, False)  # fmt: skip
-        _mark(tim_ptr, pid, t + 1, 1, NT, TIMING, FM)
+        _stamp(tim_ptr, pid, t + 1, NT, TIMING)
         _arrive(ctr_ptr)
         if MBC:
             for item in range(pid, KV * NP, P):
@@ -272,7 +271,7 @@ def _megastep_kernel(
                        LPR)  # fmt: skip
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
-        _mark(tim_ptr, pid, t + 2, 2, NT, TIMING, FM)
+        _stamp(tim_ptr, pid, t + 2, NT, TIMING)
         if MBC:  # B and C as one phase: attention + O projection + the router's O share
             for item in range(pid, KV * NP, P):
                 _attend_project(qkv_ptr, kc_ptr, vc_ptr, rope_ptr, rope_ptr + HALF,
@@ -283,7 +282,7 @@ def _megastep_kernel(
                                 RB, RB_PAD, BRB, RE, RE_PAD, GS, RBI, NP, R_B,
                                 R_B_PAD)  # fmt: skip
             for j in tl.static_range(3, 7):  # C and D take no time
-                _mark(tim_ptr, pid, t + j, j, NT, TIMING, FM)
+                _stamp(tim_ptr, pid, t + j, NT, TIMING)
         else:
             # B: attention, one item per (KV head, split).
             for item in range(pid, KV * S, P):
@@ -291,7 +290,7 @@ def _megastep_kernel(
                               rope_ptr, rope_ptr + HALF, pos, lw, item // S, item % S, HQ, KV,
                               HD, GQ,
                               GQ_PAD, S, S_PAD, BT, S_MAX, SCALE, DOT_F32, AST)  # fmt: skip
-            _mark(tim_ptr, pid, t + 3, 3, NT, TIMING, FM)
+            _stamp(tim_ptr, pid, t + 3, NT, TIMING)
             _arrive(ctr_ptr)
             wo = _first_chunk(wo_ptr + lw * D * NA, pid, R_C, D, NA, NA_PAD, BRC_C, RC_PAD, BK_C,
                               KSC)  # fmt: skip
@@ -302,7 +301,7 @@ def _megastep_kernel(
                              + pid * R_C)  # fmt: skip
             ph += 1
             failed = _wait(ctr_ptr, P * ph, failed, SPIN)
-            _mark(tim_ptr, pid, t + 4, 4, NT, TIMING, FM)
+            _stamp(tim_ptr, pid, t + 4, NT, TIMING)
             # C: O projection + residual (+ the previous FFN's sum, zeroed for this layer's).
             xa = tl.load(att_ptr + rna, mask=rna < NA, other=0.0, cache_modifier=".cg")
             if KSC:
@@ -312,29 +311,29 @@ def _megastep_kernel(
                 hv = _gemv_rows(wo_ptr + lw * D * NA, wo, xa, h_ptr, f_ptr, pid, D, NA, NA_PAD,
                                 R_C, BRC_C, True, GS, NIC_PAD)  # fmt: skip
             if RC:  # + this program's share of the router logits: no barrier, timed as D
-                _mark(tim_ptr, pid, t + 5, 5, NT, TIMING, FM)
-                _mark(tim_ptr, pid, t + 6, 6, NT, TIMING, FM)
+                _stamp(tim_ptr, pid, t + 5, NT, TIMING)
+                _stamp(tim_ptr, pid, t + 6, NT, TIMING)
                 if pid * R_C < D:
                     _router_part(wr_ptr + lw * E * D, ln2_ptr + layer * D, h_ptr, hv,
                                  lg_ptr + layer * E, pid, R_C, RC_PAD, D, E, BE, GS,
                                  RC_REGS)  # fmt: skip
             else:
-                _mark(tim_ptr, pid, t + 5, 5, NT, TIMING, FM)
+                _stamp(tim_ptr, pid, t + 5, NT, TIMING)
                 _arrive(ctr_ptr)
                 wr = _first_rows(wr_ptr + lw * E * D, pid, R_D, E, D, D_PAD, BRC_D)
                 _pf_rows(wr_ptr + lw * E * D, pid, R_D, E, D, BRC_D, PF_D, STEP_D, PFB)
                 ph += 1
                 failed = _wait(ctr_ptr, P * ph, failed, SPIN)
-                _mark(tim_ptr, pid, t + 6, 6, NT, TIMING, FM)
+                _stamp(tim_ptr, pid, t + 6, NT, TIMING)
                 # D: the FFN's norm (every program keeps the row for phase F) + router logits.
                 x2, _ = _normed(h_ptr, f_ptr, ln2_ptr + layer * D, D, D_PAD, EPS, False)
                 _gemv_rows(wr_ptr + lw * E * D, wr, x2, lg_ptr + layer * E, f_ptr, pid, E, D, D_PAD,
                            R_D, BRC_D, False, GS, 1)  # fmt: skip
-        _mark(tim_ptr, pid, t + 7, 7, NT, TIMING, FM)
+        _stamp(tim_ptr, pid, t + 7, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
-        _mark(tim_ptr, pid, t + 8, 8, NT, TIMING, FM)
+        _stamp(tim_ptr, pid, t + 8, NT, TIMING)
         # F: selection in every program, then the balanced unit loop into the FFN sum f (not h:
         # with RC other programs still read h here; the next O phase folds f into h).
         # The logits and τ are loaded before the norm's reduction (loads do not move past a
@@ -356,7 +355,7 @@ def _megastep_kernel(
             cnt = tl.cumsum((gate != 0.0).to(tl.int32), 0)
         if pid == 0:
             tl.store(k_ptr + layer, k)
-        _mark(tim_ptr, pid, t + 9, 9, NT, TIMING, FM)
+        _stamp(tim_ptr, pid, t + 9, NT, TIMING)
         n_units = k * PER
         u0 = pid * n_units // P
         u1 = (pid + 1) * n_units // P
@@ -368,11 +367,11 @@ def _megastep_kernel(
             acc = _unit_loop_piped(x2, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D, gate,
                                    cnt, tab_ptr + pid * 2 * E_PAD, u0, u1, D, D_PAD, E_PAD, F,
                                    G, BN, US, UT)  # fmt: skip
-            _mark(tim_ptr, pid, t + 10, 10, NT, TIMING, FM)
+            _stamp(tim_ptr, pid, t + 10, NT, TIMING)
             tl.atomic_add(fn + rd, acc, mask=dmask, sem="relaxed")
         else:
-            _mark(tim_ptr, pid, t + 10, 10, NT, TIMING, FM)
-        _mark(tim_ptr, pid, t + 11, 11, NT, TIMING, FM)
+            _stamp(tim_ptr, pid, t + 10, NT, TIMING)
+        _stamp(tim_ptr, pid, t + 11, NT, TIMING)
         if layer + 1 < L:
             _arrive(ctr_ptr)
             wa = _first_chunk(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, D_PAD, BRC_A,
@@ -407,7 +406,7 @@ def megastep(
     parts: int = 0, prefetch_ao_kb: int = PREFETCH_AO_KB, prefetch_rb_kb: int = PREFETCH_RB_KB,
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT,
     qkv_cols: int | None = None, o_cols: int | None = None,
-    bulk_prefetch: bool | None = None, fence_mask: int = FENCE_MASK,
+    bulk_prefetch: bool | None = None,
 ):  # fmt: skip
     """Every layer of one token's decode step: ``(h_d f32, kc, vc, k_l i32, fail_p i32)``, or
     with ``head_in`` the logits ``[V]`` f32 instead of ``h_d``.
@@ -457,7 +456,7 @@ def megastep(
         router_in_items=router_in_items, ranked_select=ranked_select, interpret=interpret,
         vocab=vocab, head_itemsize=jnp.dtype(head_vd.dtype).itemsize if head_in else 2,
         head_stages=head_stages, qkv_cols=qkv_cols, o_cols=o_cols,
-        bulk_prefetch=bulk_prefetch, fence_mask=fence_mask,
+        bulk_prefetch=bulk_prefetch,
     )  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32 = jnp.float32

@@ -64,9 +64,6 @@ PREFETCH_O_KB = 32
 # 8B 2379.0 vs 2407.2 (2 rounds, thirty-second session), 1B 672.9 [670.9-673.3] vs 677.2
 # [676.4-678.4] (3 rounds, thirty-third). SmolLM2 (d 576) is not measured and keeps the lines.
 BULK_PREFETCH_ABOVE_D = 1024
-# With ``Launch.stamps`` 2: which of the 12 stamp positions a layer (bits 0-11) and the launch's
-# start (bit 12) get a clock read (a diagnostic; BENCHMARKS.md, thirty-sixth session).
-FENCE_MASK = 0x1FFF
 
 
 def default_bulk_prefetch(d: int) -> bool:
@@ -322,7 +319,7 @@ def constants(
     router_in_items: bool = False, ranked_select: bool = RANKED_SELECT, interpret: bool = False,
     vocab: int = 0, head_itemsize: int = 2, head_stages: int = HEAD_STAGES,
     qkv_cols: int | None = None, o_cols: int | None = None,
-    bulk_prefetch: bool | None = None, fence_mask: int = FENCE_MASK,
+    bulk_prefetch: bool | None = None,
 ) -> dict:  # fmt: skip
     """The kernel's constexprs for a model shape and launch (``itemsizes``: bytes per element of
     W_qkv, W_o, the router and the KV cache); also what the sm_90 lowering test compiles. A GEMV
@@ -349,7 +346,7 @@ def constants(
         bulk_prefetch = default_bulk_prefetch(d)
     pfb = bool(bulk_prefetch) and not interpret and all(b % 16 == 0 for b in rows_bytes)
     return dict(
-        PFB=pfb, FM=int(fence_mask),
+        PFB=pfb,
         RC=bool(router_in_c or merge_bc), RC_PAD=rc_pad, RC_REGS=ROUTER_FROM_REGS,
         BE=router_chunk(e_pad, rc_pad, tile_bytes),
         PF_A=_pf_lines(lines(prefetch_kb), r_a, brc_a, d, itemsizes[0]),

@@ -87,7 +87,6 @@ class Launch(NamedTuple):
     # only their clock reads (2: the stores predicated off), to time what the stamps themselves
     # change in the step (BENCHMARKS.md, thirty-sixth session).
     stamps: int | None = None
-    fence_mask: int | None = None  # with stamps 2: which positions (triton_megastep_plan)
 
 
 def check(model: nnx.Module) -> PrunePathFFN:

@@ -7,6 +7,7 @@ value written at the token's position and nothing else; the barrier guard; the s
 generation through it token for token.
 """
 
+import re
 import sys
 from pathlib import Path
 
@@ -79,12 +80,12 @@ def _ca_copy_sizes(ptx: str) -> list[str]:
     return [ln.split("], ")[2].split(",")[0] for ln in ptx.splitlines() if "cp.async.ca" in ln]
 
 
-@pytest.mark.parametrize("timing,router_in_c", [(False, True), (True, False)])
+@pytest.mark.parametrize("timing,router_in_c", [(0, True), (1, False), (2, True)])
 def test_lowers_for_sm90_with_gpu_scope_barriers(timing, router_in_c):
     """The Llama-3.2-1B layer shape over 132 programs compiles to a cubin whose barrier is a
     GPU-scope release add and acquire polls, which asks L2 for the next phase's weights while it
-    waits; the timing stamps only when asked for. Both router placements compile, the second
-    without the unit table."""
+    waits; the timing stamps only when asked for (2: the clock reads with every store of them
+    predicated). Both router placements compile, the second without the unit table."""
     const = tm.constants(2, 2048, 32, 8, 64, 256, 32, 512, programs=132, timing=timing,
                          router_in_c=router_in_c, unit_table=router_in_c,
                          qkv_cols=None if router_in_c else 0)  # fmt: skip
@@ -95,7 +96,10 @@ def test_lowers_for_sm90_with_gpu_scope_barriers(timing, router_in_c):
     assert "ld.global.gpu.acquire" in ptx or "atom.global.gpu.acquire" in ptx
     assert "atom.global.gpu.acq_rel.add" in ptx, "the last key split's counter"
     assert "ld.global.cg" in ptx, "data other programs wrote must be read from L2"
-    assert ("%globaltimer" in ptx) == timing
+    assert ("%globaltimer" in ptx) == bool(timing)
+    if timing == 2:  # each clock value's store sits behind its never-true predicate
+        reads = [ln.split()[1].rstrip(",") for ln in ptx.splitlines() if "%globaltimer;" in ln]
+        assert reads and all(re.search(rf"setp\.lt\.s64\s+%p\d+, {r}, 0;", ptx) for r in reads)
     assert "prefetch.global.L2" in ptx
     # The weight streams are Triton's cp.async pipelines (shared memory, not registers), and
     # every copy of what other programs wrote is .cg: nothing of theirs can sit stale in L1. The

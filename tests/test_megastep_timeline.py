@@ -30,6 +30,8 @@ def test_timeline_reads_barrier_openings_wake_and_work():
     assert r["work_max_us"]["F experts"] == pytest.approx(3.6)  # 8.1 - 4.5
     assert (r["F_select_us"], r["F_units_us"], r["F_atomics_us"]) == pytest.approx((0.5, 2.55, 0.1))
     assert r["layers_us"] == pytest.approx(8.1)
+    # the expert stream: the first selection's end (4.9) to the last unit loop's end (8.0)
+    assert r["F_units_span_us"] == pytest.approx(3.1)
 
 
 def test_round_stats_pairs_each_round_with_the_first_variant():
