@@ -1901,4 +1901,13 @@ s49d)  # the SmolLM2 shape's clock-read variants again in a fresh process, 5 int
   run timeout 280 python3 benchmarks/megastep_decode.py --shapes smollm2-135m --no-default \
     --sparsities 0.75 0.5 --check-steps 1 --rounds 5 --launches "$V" --out "$OUT/megastep_decode.jsonl"
   ;;
+s49e)  # batched decode (2-16 sequences) at the current code: the registry's batch default
+  # (Triton) against dense in the same process, with the union of the batch's experts
+  run timeout 200 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b --sparsities \
+    --impls triton --batches 2 4 8 16 --batch-shape llama-3.2-1b --steps 8 --chunks 3 \
+    --out "$OUT/sparse_decode.jsonl"
+  run timeout 340 python3 benchmarks/sparse_decode.py --shapes llama-3-8b --sparsities \
+    --impls triton --batches 2 4 8 16 --batch-shape llama-3-8b --steps 8 --chunks 3 \
+    --out "$OUT/sparse_decode.jsonl"
+  ;;
 esac
