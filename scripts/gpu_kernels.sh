@@ -40,7 +40,7 @@ final)  # the kernel-path generate diagnosis, the GPU tests not yet run, long-co
   run timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     tests/test_decode_attention_model.py tests/test_pallas_attention.py \
     tests/test_kernels_pallas.py -k "gpu and (preact or attention or llama8b or b1)"
-  run timeout 190 python3 benchmarks/sparse_decode.py --shapes llama-3-8b --sparsities \
+  run timeout 190 python3 benchmarks/sparse_decode.py --shapes llama-3-8b --sparsities 0.75 \
     --impls pallas --batches --steps 8 --chunks 2 --long-ctx 4096 32768 \
     --out "$OUT/sparse_decode.jsonl"
   ;;
@@ -298,7 +298,7 @@ s9d)  # registry defaults by batch, the rest: 8B at batch 2; the 1B shape at bat
   ;;
 s9e)  # command buffers by cache length: 8B dense, XLA and Pallas attention, on and off, one
       # process (run 7 also ran a generation test of a cache-length rule, since removed)
-  run timeout 400 python3 benchmarks/sparse_decode.py --shapes llama-3-8b --sparsities \
+  run timeout 400 python3 benchmarks/sparse_decode.py --shapes llama-3-8b --sparsities 0.75 \
     --impls pallas --batches --steps 8 --chunks 3 --long-ctx 4096 16384 32768 \
     --long-ctx-sparse 0 --command-buffers on off --out "$OUT/command_buffers.jsonl"
   ;;
@@ -310,7 +310,7 @@ s9f)  # the registry's new defaults on the GPU: every test of the registry modul
 s10a)  # next: decode attention at long caches with the any-divisor split plan (the benchmark's
        # caches are 4352 / 16640 / 33024 positions: 4 splits before, 34 / 65 / 43 now), dense
        # and 75% sparse, XLA vs Pallas attention -- decides the "auto" rule above 1024 positions
-  run timeout 450 python3 benchmarks/sparse_decode.py --shapes llama-3-8b --sparsities \
+  run timeout 450 python3 benchmarks/sparse_decode.py --shapes llama-3-8b --sparsities 0.75 \
     --impls pallas --batches --steps 8 --chunks 3 --long-ctx 4096 16384 32768 \
     --out "$OUT/long_ctx.jsonl"
   ;;
@@ -1903,10 +1903,10 @@ s49d)  # the SmolLM2 shape's clock-read variants again in a fresh process, 5 int
   ;;
 s49e)  # batched decode (2-16 sequences) at the current code: the registry's batch default
   # (Triton) against dense in the same process, with the union of the batch's experts
-  run timeout 200 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b --sparsities \
+  run timeout 200 python3 benchmarks/sparse_decode.py --shapes llama-3.2-1b --sparsities 0.75 \
     --impls triton --batches 2 4 8 16 --batch-shape llama-3.2-1b --steps 8 --chunks 3 \
     --out "$OUT/sparse_decode.jsonl"
-  run timeout 340 python3 benchmarks/sparse_decode.py --shapes llama-3-8b --sparsities \
+  run timeout 340 python3 benchmarks/sparse_decode.py --shapes llama-3-8b --sparsities 0.75 \
     --impls triton --batches 2 4 8 16 --batch-shape llama-3-8b --steps 8 --chunks 3 \
     --out "$OUT/sparse_decode.jsonl"
   ;;
