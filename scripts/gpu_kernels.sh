@@ -1910,4 +1910,11 @@ s49e)  # batched decode (2-16 sequences) at the current code: the registry's bat
     --impls triton --batches 2 4 8 16 --batch-shape llama-3-8b --steps 8 --chunks 3 \
     --out "$OUT/sparse_decode.jsonl"
   ;;
+s49f)  # the table against our dense decode as generate(implementation="auto") runs it (the
+  # decode attention kernel), the model's own XLA attention beside it, same process
+  run timeout 150 python3 benchmarks/megastep_decode.py --shapes llama-3.2-1b --no-default \
+    --sparsities 0.75 0.5 0.9 --check-steps 1 --rounds 1 --out "$OUT/megastep_decode.jsonl"
+  run timeout 230 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
+    --sparsities 0.75 0.9 0.5 --check-steps 1 --rounds 1 --out "$OUT/megastep_decode.jsonl"
+  ;;
 esac
