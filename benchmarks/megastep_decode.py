@@ -285,7 +285,7 @@ def ratio(dense_us, r) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "llama-3-8b"])
-    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.75])
+    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.75, 0.9])
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--chunks", type=int, default=6)

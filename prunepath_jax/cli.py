@@ -184,6 +184,7 @@ class Bench:
     ] = (
         "kernels",
         "sparse-decode",
+        "megastep-decode",
         "sparse-prefill",
     )
     """Scripts of benchmarks/ to run: ffn_kernels.py (decode GB/s, launch overhead, grouped-GEMM
