@@ -269,7 +269,9 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
     cfg = model.cfg
     opts = {k: v for k, v in launch._asdict().items() if v is not None}
     head_in = opts.pop("head_in", tm.HEAD_IN)
-    stamped = int(opts.pop("stamps", 0))  # compiled in; returned only with timing
+    stamped = opts.pop("stamps", 0)  # compiled in; returned only with timing
+    if stamped not in (0, 1, 2):
+        raise ValueError(f"Launch.stamps must be 0, 1 or 2, got {stamped!r}")
     if head_in and mw.head is None:
         raise ValueError("Launch(head_in=True) needs the head's rows: megastep.pack(head=True)")
     y, kc, vc, k_l, fail, *stamps = tm.megastep(

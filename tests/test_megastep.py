@@ -324,6 +324,8 @@ def test_bad_inputs_raise_clearly():
         call(head_in=True, head_vd=emb[:, :-1], norm_d=model.norm.weight[...])
     with pytest.raises(ValueError, match="needs the head's rows"):
         megastep.step(model, mw, tok[None], pos[None], kc, vc, tau, megastep.Launch(head_in=True))
+    with pytest.raises(ValueError, match="stamps must be 0, 1 or 2"):
+        megastep.step(model, mw, tok[None], pos[None], kc, vc, tau, megastep.Launch(stamps=3))
     with pytest.raises(ValueError, match="k_min"):
         call(k_min=3, k_max=2)
     with pytest.raises(ValueError, match="programs"):
