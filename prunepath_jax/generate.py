@@ -372,6 +372,13 @@ def generate(
     tokens, lengths, ffn_args = _batch(model, prompts, tau, ffn_args, pad_id)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if chunk < 1:
+        raise ValueError(f"chunk (decode steps per compiled call) must be >= 1, got {chunk}")
+    if implementation not in (None, "auto", "megastep", "xla", "triton", "pallas"):
+        raise ValueError(
+            "implementation must be None, auto, megastep, xla, triton or pallas, got "
+            f"{implementation!r}"
+        )
     t_pad = tokens.shape[1]
     needed = int(lengths.max()) + max_new_tokens
     if cache_len is None:

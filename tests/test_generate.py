@@ -107,6 +107,14 @@ def test_prompt_longer_than_context(tiny):
         generate(model, [list(range(3, 90))] * 1, 60)
 
 
+def test_bad_chunk_and_implementation(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="chunk"):
+        generate(model, [[5, 6, 7]], 4, chunk=0)
+    with pytest.raises(ValueError, match="None, auto, megastep, xla, triton or pallas"):
+        generate(model, [[5, 6, 7]], 4, implementation="cuda")
+
+
 def test_bad_sampling_args():
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)
