@@ -57,7 +57,9 @@ class Generate:
     def run(self) -> None:
         from prunepath_jax.generate import SamplingConfig, generate
         from prunepath_jax.nn import route_args
+        from prunepath_jax.routing import check_tau
 
+        check_tau(self.tau)  # before loading: a bad budget is an error for a dense model too
         pre = _load(self.model, self.dtype)
         tok = pre.tokenizer
         if tok is None:

@@ -23,6 +23,8 @@ def test_info_on_a_checkpoint(tmp_path, capsys):
     [
         (["generate", "--model", "/no/such/dir"], "no such file or directory"),
         (["info", "--model", "/tmp"], "not a Hugging Face checkpoint directory"),
+        (["generate", "--tau", "-1"], "tau must be > 0"),
+        (["generate", "--tau", "nan"], "tau must be finite"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, capsys):
