@@ -158,6 +158,18 @@ def summarize(cfg: ModelConfig, totals: dict, n_bytes: int | None) -> dict:
     return res
 
 
+def check_windows(seq_len: int, batch_size: int, max_tokens: int | None = None) -> None:
+    """Raises ValueError unless the windows score something: a window needs a token and its
+    successor (seq_len ≥ 2), a batch a window, a token cap two tokens. (seq_len 0 was a
+    ZeroDivisionError deep in the window loop.)"""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2 (a token and the one it predicts), got {seq_len}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be None or >= 2, got {max_tokens}")
+
+
 def evaluate_lm(
     model: nnx.Module,
     token_ids_1d: np.ndarray | Sequence[int],
@@ -196,6 +208,7 @@ def evaluate_lm(
         compilation included when it happened) and `compiled` (whether this call traced).
     """
     cfg: ModelConfig = model.cfg
+    check_windows(seq_len, batch_size)
     if seq_len > cfg.max_position:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_position {cfg.max_position}")
     make_args = _args_builder(cfg, tau, ffn_args_fn)

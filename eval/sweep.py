@@ -31,7 +31,7 @@ from prunepath_jax.nn import PrunePathFFN
 from prunepath_jax.routing import check_tau
 from prunepath_jax.runinfo import run_header
 
-from .perplexity import evaluate_lm
+from .perplexity import check_windows, evaluate_lm
 
 DEFAULT_TAUS = (1.05, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5)
 # Tau of the static top-k baseline: > 1 selects every expert, then the k_max clamp keeps the
@@ -158,6 +158,7 @@ def sweep(
         One dict per setting (dense first if evaluated, then taus, then static k).
     """
     check_sweep_args(model, taus, static_k)
+    check_windows(seq_len, batch_size, max_tokens)
     docs = text.read_texts(text_source, split=split)
     sep = tokenizer.eos_id if sep_id is None else sep_id
     stream, n_bytes = tokenize_stream(tokenizer, docs, max_tokens=max_tokens, sep_id=sep)
@@ -382,6 +383,10 @@ class SweepArgs:
     """Also evaluate the dense model (when available) for the reference line."""
 
     def run(self) -> list[dict]:
+        # what can be checked without the model, before loading (and maybe converting) it
+        check_windows(self.seq_len, self.batch_size, self.max_tokens)
+        for tau in self.taus:
+            check_tau(tau)
         pp = PrunePathConfig(group_size=self.group_size, gate=self.gate)
         loaded = load_for_sweep(self.checkpoint, dtype=self.dtype, pp=pp)
         return sweep(

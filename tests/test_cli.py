@@ -25,6 +25,8 @@ def test_info_on_a_checkpoint(tmp_path, capsys):
         (["info", "--model", "/tmp"], "not a Hugging Face checkpoint directory"),
         (["generate", "--tau", "-1"], "tau must be > 0"),
         (["generate", "--tau", "nan"], "tau must be finite"),
+        (["sweep", "--seq-len", "0"], "seq_len must be >= 2"),  # before loading the model
+        (["sweep", "--taus", "0.5", "-0.5"], "tau must be > 0"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, capsys):

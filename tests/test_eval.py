@@ -255,6 +255,15 @@ def test_bad_arguments_raise(models, text_file, tmp_path):
         perplexity.evaluate_lm(models["dense"], stream[:1], seq_len=8)
     with pytest.raises(ValueError, match="max_position"):
         perplexity.evaluate_lm(models["dense"], stream, seq_len=4096)
+    for kw, msg in [({"seq_len": 0}, "seq_len"), ({"seq_len": 1}, "seq_len"),
+                    ({"seq_len": 8, "batch_size": 0}, "batch_size")]:  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            perplexity.evaluate_lm(models["dense"], stream, **kw)
+    with pytest.raises(ValueError, match="max_tokens"):
+        sweep.sweep(
+            models["routed"], CharTokenizer(), str(text_file[0]), (0.9,), max_tokens=1,
+            out_dir=tmp_path, progress=False,
+        )  # fmt: skip
     with pytest.raises(ValueError, match="PrunePath"):
         sweep.sweep(models["dense"], CharTokenizer(), str(text_file[0]), (0.9,), progress=False)
     before = perplexity.trace_count()
