@@ -326,7 +326,7 @@ def main() -> None:
             # Our dense decode as `generate(..., implementation="auto")` runs it (the decode
             # attention kernel where it measured faster): the baseline of every ratio. Until the
             # thirty-sixth session the ratios were against the model's own XLA attention, the
-            # slower of the two (1B 1080 vs 983 µs); that one is still timed, for continuity.
+            # slower of the two (1B 1082 vs 959.6 µs in one run); that one is still timed.
             dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
             for attn in ("auto", "xla"):
                 r = time_decode(dense, 1, a.prompt_len, a.steps, a.chunks, None, attn)

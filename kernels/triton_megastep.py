@@ -424,7 +424,8 @@ def megastep(
     ``default_attention`` (by the phase, the cache length, the head width and the cache's
     dtype);
     ``tile_bytes`` 0: ``default_tile_bytes``; ``qkv_cols`` / ``o_cols`` None:
-    ``default_qkv_cols`` / ``O_COLS``.
+    ``default_qkv_cols`` / ``O_COLS``. ``timing`` 1: each program's stamps come last; 2 (a
+    diagnostic): only their clock reads are compiled in, the returned stamps left unwritten.
     """
     n_layers, n_qkv, d = wqkv_lnd.shape
     _, s_max, kv, hd = kc_lskh.shape
