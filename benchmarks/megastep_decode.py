@@ -321,23 +321,21 @@ def main() -> None:
 
     for shape in a.shapes:
         cfg = PRESETS[shape]
-        dense_us = dense_xla_us = None
+        dense = {}  # attention ("auto" | "xla") -> µs a token
         if not a.no_dense:
             # Our dense decode as `generate(..., implementation="auto")` runs it (the decode
             # attention kernel where it measured faster): the baseline of every ratio. Until the
             # thirty-sixth session the ratios were against the model's own XLA attention, the
             # slower of the two (1B 1082 vs 959.6 µs in one run); that one is still timed.
-            dense = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+            model = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
             for attn in ("auto", "xla"):
-                r = time_decode(dense, 1, a.prompt_len, a.steps, a.chunks, None, attn)
+                r = time_decode(model, 1, a.prompt_len, a.steps, a.chunks, None, attn)
+                dense[attn] = r["us_per_step"]
                 emit({"shape": shape, "impl": "dense" if attn == "auto" else "dense_xla_attention",
                       "sparsity": 0.0, "us_per_step": r["us_per_step"],
                       "attention": r["attention"]})  # fmt: skip
-                if attn == "auto":
-                    dense_us = r["us_per_step"]
-                else:
-                    dense_xla_us = r["us_per_step"]
-            del dense
+            del model
+        dense_us, dense_xla_us = dense.get("auto"), dense.get("xla")
         sparse = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
         e = sparse.cfg.n_experts
         args = route_args(sparse.cfg, 1.0)
