@@ -1917,4 +1917,9 @@ s49f)  # the table against our dense decode as generate(implementation="auto") r
   run timeout 230 python3 benchmarks/megastep_decode.py --shapes llama-3-8b --no-default \
     --sparsities 0.75 0.9 0.5 --check-steps 1 --rounds 1 --out "$OUT/megastep_decode.jsonl"
   ;;
+s50a)  # weights streamed through a shared-memory ring across grid barriers (Gluon, launched
+  # through jax-triton by kernels/gluon_launch.py) against the Triton chain and XLA
+  run timeout 280 python3 scripts/gluon_chain_probe.py --d 2048 4096 --layers 32 --programs 128 \
+    --out "$OUT/gluon_chain.jsonl"
+  ;;
 esac

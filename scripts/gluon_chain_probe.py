@@ -1,0 +1,208 @@
+"""Weights streamed through shared memory across grid barriers (Gluon): does the barrier's cost
+leave the decode megakernel's phases?
+
+Why. The one-launch decode step (``kernels/triton_megastep``) pays ~1.5-5 µs a phase above its
+bytes (BENCHMARKS.md, sessions 17-36). In ``@triton.jit`` the next phase's weights can only be
+loaded into registers (full at 254 a thread in the step) or asked of L2, and only after the
+program's arrival at the barrier: the release fence before the arrival waits for loads in flight.
+So every phase restarts its weight stream from empty: the barrier's latency, the activation's L2
+round trip and the first bytes' DRAM latency are serial. Gluon allocates shared memory and
+issues ``cp.async`` copies into it that stay in flight across any code, so a program can keep a
+ring of weight chunks streaming *through* the barrier wait and the next phase's first
+activation loads. This probe measures that on ``scripts/megakernel_probe.py``'s chain of L
+dependent GEMVs ``y_l = W_l y_(l-1)`` (P programs own ``D / P`` output rows each, one grid
+barrier a phase), side by side with the Triton chain variants and XLA:
+
+* ``ring<N>_ck<C>``: each program streams its rows of every ``W_l`` in ``[ROWS, C]`` chunks
+  through an N-slot shared-memory ring, phase after phase with no break: at every chunk it
+  issues the copy N-1 chunks ahead (across phase boundaries) before it waits for anything.
+
+    python scripts/gluon_chain_probe.py --d 2048 4096 --layers 32 --out results/gluon.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import triton.experimental.gluon.language as gl
+from triton.experimental import gluon
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import copy_bandwidth, header, time_fn, write_rows  # noqa: E402
+from megakernel_probe import (  # noqa: E402
+    SPIN,
+    device_span,
+    megakernel_chain,
+    reference_chain,
+    xla_chain,
+)
+
+from prunepath_jax.kernels import gluon_launch, jt  # noqa: E402
+
+
+@gluon.jit
+def _gl_arrive(ctr_ptr):
+    gl.thread_barrier()
+    gl.atomic_add(ctr_ptr, 1, sem="release", scope="gpu")
+
+
+@gluon.jit
+def _gl_wait(ctr_ptr, target, failed, SPIN: gl.constexpr):
+    seen = gl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
+    n = target * 0
+    while (seen < target) & (n < SPIN):
+        seen = gl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
+        n += 1
+    gl.thread_barrier()
+    return gl.where(seen < target, 1, failed)
+
+
+@gluon.jit
+def _gl_issue(ring, w_ptr, offs, s, L: gl.constexpr, NC: gl.constexpr, D: gl.constexpr,
+              CK: gl.constexpr, NBUF: gl.constexpr):  # fmt: skip
+    """Copy of stream chunk ``s`` (phase ``s // NC``, columns ``(s % NC) · CK``) into its ring
+    slot, as one commit group (an empty group past the stream's end keeps the count)."""
+    if s < L * NC:
+        src = w_ptr + (s // NC) * (D * D) + (s % NC) * CK + offs  # < 2^31 elements here
+        cp.async_copy_global_to_shared(ring.index(s % NBUF), src, cache_modifier=".cg")
+    cp.commit_group()
+
+
+@gluon.jit
+def _gl_chain_kernel(
+    x_ptr,  # [D] f32 input of phase 0
+    w_ptr,  # [L, D, D] bf16 weights, output-row-major
+    y_ptr,  # out [L, D] f32, zeroed
+    ctr_ptr,  # out [1] i32 barrier counter, zeroed
+    fail_ptr,  # out [P] i32
+    L: gl.constexpr, D: gl.constexpr, ROWS: gl.constexpr, CK: gl.constexpr, P: gl.constexpr,
+    NBUF: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
+):  # fmt: skip
+    NC: gl.constexpr = D // CK
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])
+    row_l: gl.constexpr = gl.SliceLayout(1, blk)
+    col_l: gl.constexpr = gl.SliceLayout(0, blk)
+    sh: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF, ROWS, CK], sh)
+    pid = gl.program_id(0)
+    rr = pid * ROWS + gl.arange(0, ROWS, layout=row_l)
+    rk = gl.arange(0, CK, layout=col_l)
+    offs = rr[:, None] * D + rk[None, :]
+    for j in gl.static_range(NBUF - 1):  # the stream's first chunks
+        _gl_issue(ring, w_ptr, offs, j, L, NC, D, CK, NBUF)
+    failed = pid * 0
+    for layer in range(L):
+        y = gl.zeros([ROWS], gl.float32, layout=row_l)
+        for c in gl.static_range(NC):
+            s = layer * NC + c
+            # Keep NBUF - 1 chunks in flight, through the barrier's wait. The slot it reuses
+            # was read by the previous chunk, before the CTA barrier that follows every read.
+            _gl_issue(ring, w_ptr, offs, s + NBUF - 1, L, NC, D, CK, NBUF)
+            if c == 0:
+                if layer > 0:
+                    failed = _gl_wait(ctr_ptr, P * layer, failed, SPIN)
+            cp.wait_group(NBUF - 1)  # chunk s has landed (this thread's copies)
+            gl.thread_barrier()  # ... and every other thread's
+            w = ring.index(s % NBUF).load(blk)
+            if layer == 0:
+                xv = gl.load(x_ptr + c * CK + rk)
+            else:
+                xv = gl.load(y_ptr + (layer - 1) * D + c * CK + rk, cache_modifier=".cg")
+            y += gl.sum(w.to(gl.float32) * xv[None, :], axis=1)
+            gl.thread_barrier()  # every thread has read slot s % NBUF: free for a copy
+        gl.store(y_ptr + layer * D + rr, y)
+        _gl_arrive(ctr_ptr)
+    cp.wait_group(0)
+    gl.store(fail_ptr + pid, failed)
+
+
+def gluon_chain(
+    x_d: jax.Array, w_ldd: jax.Array, *, programs: int, ring: int, chunk: int, warps: int = 8,
+    spin: int = SPIN,
+) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """All L phases in one Gluon launch: ``(y_ld f32, fail_p i32)``."""
+    gluon_launch.install()
+    n_layers, d, _ = w_ldd.shape
+    rows = d // programs
+    if d % programs or rows & (rows - 1) or d % chunk or ring < 2:
+        raise ValueError(f"d {d}, {programs} programs, chunk {chunk}, ring {ring}")
+    y, _, fail = jt.triton_call(
+        _gl_chain_kernel, x_d.astype(jnp.float32), w_ldd,
+        out_shape=[jax.ShapeDtypeStruct((n_layers, d), jnp.float32),
+                   jax.ShapeDtypeStruct((1,), jnp.int32),
+                   jax.ShapeDtypeStruct((programs,), jnp.int32)],
+        zeroed_outputs=(0, 1), grid=(programs,), num_warps=warps, num_stages=1,
+        L=n_layers, D=d, ROWS=rows, CK=chunk, P=programs, NBUF=ring, SPIN=spin, WARPS=warps,
+    )  # fmt: skip
+    return y, fail
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--d", type=int, nargs="+", default=[2048])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--programs", type=int, default=128)
+    ap.add_argument("--warps", type=int, default=8)
+    ap.add_argument("--rings", default="2:2048,3:1024,4:512,6:512,8:256",
+                    help="comma list of slots:chunk")  # fmt: skip
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--out", default="results/gluon_chain.jsonl")
+    a = ap.parse_args()
+    head = {**header(), "bench": "gluon_chain_probe", "layers": a.layers}
+    bw = max(copy_bandwidth().values())
+    rows = []
+    for d in a.d:
+        kx, kw = jax.random.split(jax.random.key(d))
+        w = (jax.random.normal(kw, (a.layers, d, d)) * d**-0.5).astype(jnp.bfloat16)
+        x = jax.random.normal(kx, (d,), jnp.float32)
+        want = reference_chain(x, w)
+        fns = {"xla": (jax.jit(xla_chain), (x, jnp.swapaxes(w, 1, 2).copy()))}
+        bk = min(d, 2048)
+        for v in ("mega", "mega_prefetch"):
+            fns[v] = (jax.jit(lambda x, w, v=v, bk=bk: megakernel_chain(
+                x, w, programs=a.programs, prefetch=v == "mega_prefetch", block_k=bk,
+                warps=a.warps)), (x, w))  # fmt: skip
+        for spec in a.rings.split(","):
+            n, ck = (int(v) for v in spec.split(":"))
+            ck = min(ck, d)
+            if d // a.programs * ck * 2 * n > 200 * 1024:
+                continue  # past the shared memory a block may have
+            name = f"ring{n}_ck{ck}"
+            fns[name] = (jax.jit(lambda x, w, n=n, ck=ck: gluon_chain(
+                x, w, programs=a.programs, ring=n, chunk=ck, warps=a.warps)),
+                (x, w))  # fmt: skip
+        for name, (fn, args) in fns.items():
+            try:
+                out = jax.block_until_ready(fn(*args))
+            except Exception as err:  # a variant that does not compile or launch: say so
+                print({"d": d, "variant": name, "error": repr(err)[:400]}, flush=True)
+                continue
+            if name == "xla":
+                got, fails = np.asarray(out, np.float32), 0
+                err = float(np.max(np.abs(got - want[-1])) / np.max(np.abs(want[-1])))
+            else:
+                got, fails = np.asarray(out[0]), int(np.asarray(out[1]).sum())
+                err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+            t = time_fn(fn, *args, warmup=3, iters=a.iters)
+            busy, span, launches = device_span(fn, *args)
+            row = {**head, "d": d, "variant": name, "wall_us_per_phase": t * 1e6 / a.layers,
+                   "span_us_per_phase": span / a.layers, "busy_us_per_phase": busy / a.layers,
+                   "floor_us_per_phase": d * d * 2 / bw * 1e6,
+                   "pct_copy_bw": d * d * 2 / (span / a.layers * 1e-6) / bw * 100,
+                   "rel_err_vs_fp32": err, "failed_programs": fails,
+                   "copy_TB_s": bw / 1e12}  # fmt: skip
+            rows.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                   if k not in head}, flush=True)  # fmt: skip
+    write_rows(a.out, rows)
+
+
+if __name__ == "__main__":
+    main()
