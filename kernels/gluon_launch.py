@@ -55,10 +55,13 @@ def compile_gluon(fn, arg_dtypes, scalar_idx, constexprs: dict, *, warps, stages
     # copies compile to 16-byte cp.async.
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(arg_dtypes)) if i not in scalar_idx}
     src = GluonASTSource(fn, signature=sig, constexprs=const, attrs=attrs)
-    if not os.environ.get("TRITON_CACHE_DIR") and not os.access(Path.home(), os.W_OK):
-        # triton.compile always writes its file cache (jax-triton's own path does not): under
-        # a read-only home it fails with "Could not create or locate cache dir".
-        os.environ["TRITON_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "triton_cache")
+    if not os.environ.get("TRITON_CACHE_DIR"):
+        # triton.compile always writes its file cache (jax-triton's own path does not): where
+        # the home is not writable it fails with "Could not create or locate cache dir".
+        try:
+            os.makedirs(Path.home() / ".triton" / "cache", exist_ok=True)
+        except OSError:
+            os.environ["TRITON_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "triton_cache")
     ck = triton.compile(
         src,
         target=GPUTarget("cuda", cc, 32),
