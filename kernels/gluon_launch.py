@@ -56,12 +56,15 @@ def compile_gluon(fn, arg_dtypes, scalar_idx, constexprs: dict, *, warps, stages
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(arg_dtypes)) if i not in scalar_idx}
     src = GluonASTSource(fn, signature=sig, constexprs=const, attrs=attrs)
     if not os.environ.get("TRITON_CACHE_DIR"):
-        # triton.compile always writes its file cache (jax-triton's own path does not): where
-        # the home is not writable it fails with "Could not create or locate cache dir".
+        # triton.compile always writes its file cache (jax-triton's own path does not); with
+        # TRITON_CACHE_DIR set but empty (the GPU image) or a home it cannot write it fails
+        # with "Could not create or locate cache dir".
+        cache = Path.home() / ".triton" / "cache"
         try:
-            os.makedirs(Path.home() / ".triton" / "cache", exist_ok=True)
+            cache.mkdir(parents=True, exist_ok=True)
         except OSError:
-            os.environ["TRITON_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "triton_cache")
+            cache = Path(tempfile.gettempdir()) / "triton_cache"
+        os.environ["TRITON_CACHE_DIR"] = str(cache)
     ck = triton.compile(
         src,
         target=GPUTarget("cuda", cc, 32),
