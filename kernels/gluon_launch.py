@@ -30,7 +30,8 @@ def is_gluon(fn) -> bool:
 
 
 def compile_gluon(fn, arg_dtypes, scalar_idx, constexprs: dict, *, warps, stages, ctas, cc):
-    """``(name, shared bytes, ptx)`` of a Gluon kernel for compute capability ``cc``.
+    """``(name, shared bytes, ptx, attrs, warps a block)`` of a Gluon kernel for compute
+    capability ``cc``.
 
     Args:
         fn: the ``@gluon.jit`` function; parameters are the arrays (and scalars), then the
@@ -70,7 +71,8 @@ def compile_gluon(fn, arg_dtypes, scalar_idx, constexprs: dict, *, warps, stages
         target=GPUTarget("cuda", cc, 32),
         options={"num_warps": warps, "num_stages": stages, "num_ctas": ctas},
     )
-    return ck.metadata.name, ck.metadata.shared, ck.asm["ptx"], attrs
+    # metadata.num_warps counts a warp-specialized kernel's worker warps too: the block size
+    return ck.metadata.name, ck.metadata.shared, ck.asm["ptx"], attrs, ck.metadata.num_warps
 
 
 @functools.cache
@@ -93,11 +95,11 @@ def install() -> None:
         key = (fn, tuple(arg_dtypes), tuple(sorted(meta.items())), warps, stages, ctas, cc)
         if key not in cache:
             scalars = {i for i, _, _ in scalar_args}
-            name, shared, ptx, attrs = compile_gluon(
+            name, shared, ptx, attrs, block_warps = compile_gluon(
                 fn, list(arg_dtypes), scalars, meta, warps=warps, stages=stages, ctas=ctas, cc=cc
             )
             kernel = tlib.triton_kernel_call_lib.TritonKernel(
-                name, warps, ctas, shared, ptx, "", cc
+                name, block_warps, ctas, shared, ptx, "", cc
             )
             cache[key] = (kernel, attrs)
         return cache[key]

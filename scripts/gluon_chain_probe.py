@@ -32,6 +32,7 @@ import numpy as np
 import triton.experimental.gluon.language as gl
 from triton.experimental import gluon
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+from triton.experimental.gluon.language.nvidia.ampere import mbarrier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,6 +46,12 @@ from megakernel_probe import (  # noqa: E402
 )
 
 from prunepath_jax.kernels import gluon_launch, jt  # noqa: E402
+
+MODES = ("ring", "after", "ws")
+# mbarrier counts of the warp-specialized ring: every producer thread's cp.async completion
+# arrives on ``ready`` (``.noinc``); one arrival of the consumers frees a slot.
+WS_READY_PER_WARP = 32
+WS_EMPTY_COUNT = 1
 
 
 @gluon.jit
@@ -83,7 +90,7 @@ def _gl_chain_kernel(
     ctr_ptr,  # out [1] i32 barrier counter, zeroed
     fail_ptr,  # out [P] i32
     L: gl.constexpr, D: gl.constexpr, ROWS: gl.constexpr, CK: gl.constexpr, P: gl.constexpr,
-    NBUF: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
+    NBUF: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr, AFTER: gl.constexpr,
 ):  # fmt: skip
     NC: gl.constexpr = D // CK
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])
@@ -102,13 +109,17 @@ def _gl_chain_kernel(
         y = gl.zeros([ROWS], gl.float32, layout=row_l)
         for c in gl.static_range(NC):
             s = layer * NC + c
-            # Keep NBUF - 1 chunks in flight, through the barrier's wait. The slot it reuses
-            # was read by the previous chunk, before the CTA barrier that follows every read.
-            _gl_issue(ring, w_ptr, offs, s + NBUF - 1, L, NC, D, CK, NBUF)
+            if not AFTER:
+                # Keep NBUF - 1 chunks in flight, through the barrier's wait. The slot it reuses
+                # was read by the previous chunk, before the CTA barrier after every read.
+                _gl_issue(ring, w_ptr, offs, s + NBUF - 1, L, NC, D, CK, NBUF)
             if c == 0:
                 if layer > 0:
                     failed = _gl_wait(ctr_ptr, P * layer, failed, SPIN)
-            cp.wait_group(NBUF - 1)  # chunk s has landed (this thread's copies)
+            if AFTER:
+                cp.wait_group(0)
+            else:
+                cp.wait_group(NBUF - 1)  # chunk s has landed (this thread's copies)
             gl.thread_barrier()  # ... and every other thread's
             w = ring.index(s % NBUF).load(blk)
             if layer == 0:
@@ -119,27 +130,118 @@ def _gl_chain_kernel(
             gl.thread_barrier()  # every thread has read slot s % NBUF: free for a copy
         gl.store(y_ptr + layer * D + rr, y)
         _gl_arrive(ctr_ptr)
+        if AFTER:  # AFTER (NBUF 2, one chunk a phase): the next phase's copy after the arrival
+            _gl_issue(ring, w_ptr, offs, layer + 1, L, NC, D, CK, NBUF)
     cp.wait_group(0)
     gl.store(fail_ptr + pid, failed)
 
 
+@gluon.jit
+def _ws_producer(ring, ready, empty, w_ptr, L: gl.constexpr, D: gl.constexpr, ROWS: gl.constexpr,
+                 CK: gl.constexpr, NBUF: gl.constexpr, PW: gl.constexpr):  # fmt: skip
+    """The worker warps: copy every chunk of this program's rows into the ring, a row at a time,
+    each slot after the consumers freed it; completion signalled on the slot's ``ready``."""
+    NC: gl.constexpr = D // CK
+    row: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [1, PW], [1, 0])
+    rk = gl.arange(0, CK, layout=gl.SliceLayout(0, row))[None, :]  # [1, CK]
+    r0 = gl.program_id(0) * ROWS
+    for s in range(L * NC):
+        slot = s % NBUF
+        if s >= NBUF:
+            mbarrier.wait(empty.index(slot), ((s // NBUF) - 1) & 1)
+        base = w_ptr + (s // NC) * (D * D) + (s % NC) * CK + r0 * D
+        dst = ring.index(slot)
+        for r in gl.static_range(ROWS):
+            cp.async_copy_global_to_shared(dst.slice(r, 1), base + r * D + rk, cache_modifier=".cg")
+        cp.mbarrier_arrive(ready.index(slot), increment_count=False)
+
+
+@gluon.jit
+def _ws_consumer(ring, ready, empty, x_ptr, y_ptr, ctr_ptr, fail_ptr, L: gl.constexpr,
+                 D: gl.constexpr,
+                 ROWS: gl.constexpr, CK: gl.constexpr, P: gl.constexpr, NBUF: gl.constexpr,
+                 SPIN: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
+    """The default warps: wait for each chunk, multiply, free its slot; store and arrive at the
+    grid barrier a phase. They issue no copies, so their release fence waits for none."""
+    NC: gl.constexpr = D // CK
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])
+    pid = gl.program_id(0)
+    rr = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, blk))
+    rk = gl.arange(0, CK, layout=gl.SliceLayout(0, blk))
+    failed = pid * 0
+    for layer in range(L):
+        y = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, blk))
+        for c in gl.static_range(NC):
+            s = layer * NC + c
+            slot = s % NBUF
+            if c == 0:
+                if layer > 0:
+                    failed = _gl_wait(ctr_ptr, P * layer, failed, SPIN)
+            if layer == 0:
+                xv = gl.load(x_ptr + c * CK + rk)
+            else:
+                xv = gl.load(y_ptr + (layer - 1) * D + c * CK + rk, cache_modifier=".cg")
+            mbarrier.wait(ready.index(slot), (s // NBUF) & 1)
+            w = ring.index(slot).load(blk)
+            y += gl.sum(w.to(gl.float32) * xv[None, :], axis=1)
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index(slot))
+        gl.store(y_ptr + layer * D + rr, y)
+        _gl_arrive(ctr_ptr)
+    gl.store(fail_ptr + pid, failed)
+
+
+@gluon.jit
+def _ws_chain_kernel(x_ptr, w_ptr, y_ptr, ctr_ptr, fail_ptr, L: gl.constexpr, D: gl.constexpr,
+                     ROWS: gl.constexpr, CK: gl.constexpr, P: gl.constexpr, NBUF: gl.constexpr,
+                     SPIN: gl.constexpr, WARPS: gl.constexpr, PW: gl.constexpr,
+                     EMPTY_COUNT: gl.constexpr, READY_COUNT: gl.constexpr):  # fmt: skip
+    """The ring with a producer partition (``PW`` warps) and the chain's math in the default
+    warps: the copies stay in flight across the consumers' grid-barrier arrivals."""
+    sh: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF, ROWS, CK], sh)
+    ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NBUF):
+        mbarrier.init(ready.index(i), count=READY_COUNT)
+        mbarrier.init(empty.index(i), count=EMPTY_COUNT)
+    gl.warp_specialize(
+        [(_ws_consumer, (ring, ready, empty, x_ptr, y_ptr, ctr_ptr, fail_ptr, L, D, ROWS, CK, P,
+                         NBUF, SPIN, WARPS)),
+         (_ws_producer, (ring, ready, empty, w_ptr, L, D, ROWS, CK, NBUF, PW))],
+        [PW], [48],
+    )  # fmt: skip
+
+
 def gluon_chain(
-    x_d: jax.Array, w_ldd: jax.Array, *, programs: int, ring: int, chunk: int, warps: int = 8,
-    spin: int = SPIN,
+    x_d: jax.Array, w_ldd: jax.Array, *, programs: int, ring: int, chunk: int, mode: str = "ring",
+    warps: int = 8, producer_warps: int = 1, spin: int = SPIN,
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-    """All L phases in one Gluon launch: ``(y_ld f32, fail_p i32)``."""
+    """All L phases in one Gluon launch: ``(y_ld f32, fail_p i32)``. ``mode``: ``ring`` (every
+    warp copies, N-1 chunks ahead), ``after`` (a 2-slot ring of whole phases, the next one
+    copied after the arrival), ``ws`` (``producer_warps`` warps copy, the others compute)."""
     gluon_launch.install()
     n_layers, d, _ = w_ldd.shape
     rows = d // programs
-    if d % programs or rows & (rows - 1) or d % chunk or ring < 2:
-        raise ValueError(f"d {d}, {programs} programs, chunk {chunk}, ring {ring}")
+    if d % programs or rows & (rows - 1) or d % chunk or ring < 2 or mode not in MODES:
+        raise ValueError(f"d {d}, {programs} programs, chunk {chunk}, ring {ring}, mode {mode}")
+    if mode == "after" and (ring != 2 or chunk != d):
+        raise ValueError("mode 'after' copies whole phases into 2 slots: ring 2, chunk d")
+    meta = dict(L=n_layers, D=d, ROWS=rows, CK=chunk, P=programs, NBUF=ring, SPIN=spin,
+                WARPS=warps)  # fmt: skip
+    if mode == "ws":
+        kernel = _ws_chain_kernel
+        meta.update(PW=producer_warps, READY_COUNT=WS_READY_PER_WARP * producer_warps,
+                    EMPTY_COUNT=WS_EMPTY_COUNT)  # fmt: skip
+    else:
+        kernel = _gl_chain_kernel
+        meta.update(AFTER=mode == "after")
     y, _, fail = jt.triton_call(
-        _gl_chain_kernel, x_d.astype(jnp.float32), w_ldd,
+        kernel, x_d.astype(jnp.float32), w_ldd,
         out_shape=[jax.ShapeDtypeStruct((n_layers, d), jnp.float32),
                    jax.ShapeDtypeStruct((1,), jnp.int32),
                    jax.ShapeDtypeStruct((programs,), jnp.int32)],
-        zeroed_outputs=(0, 1), grid=(programs,), num_warps=warps, num_stages=1,
-        L=n_layers, D=d, ROWS=rows, CK=chunk, P=programs, NBUF=ring, SPIN=spin, WARPS=warps,
+        zeroed_outputs=(0, 1), grid=(programs,), num_warps=warps, num_stages=1, **meta,
     )  # fmt: skip
     return y, fail
 
@@ -150,8 +252,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--programs", type=int, default=128)
     ap.add_argument("--warps", type=int, default=8)
-    ap.add_argument("--rings", default="2:2048,3:1024,4:512,6:512,8:256",
-                    help="comma list of slots:chunk")  # fmt: skip
+    ap.add_argument("--rings", default="ring:2:2048,after:2:2048,ws:2:2048,ws:3:1024,ws:4:512,"
+                    "ws:6:512,ws:8:256", help="comma list of mode:slots:chunk")  # fmt: skip
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default="results/gluon_chain.jsonl")
     a = ap.parse_args()
@@ -170,13 +272,13 @@ def main() -> None:
                 x, w, programs=a.programs, prefetch=v == "mega_prefetch", block_k=bk,
                 warps=a.warps)), (x, w))  # fmt: skip
         for spec in a.rings.split(","):
-            n, ck = (int(v) for v in spec.split(":"))
-            ck = min(ck, d)
-            if d // a.programs * ck * 2 * n > 200 * 1024:
+            mode, n, ck = spec.split(":")
+            n, ck = int(n), min(int(ck), d)
+            if d // a.programs * ck * 2 * n > 200 * 1024 or (mode == "after" and ck != d):
                 continue  # past the shared memory a block may have
-            name = f"ring{n}_ck{ck}"
-            fns[name] = (jax.jit(lambda x, w, n=n, ck=ck: gluon_chain(
-                x, w, programs=a.programs, ring=n, chunk=ck, warps=a.warps)),
+            name = f"{mode}{n}_ck{ck}"
+            fns[name] = (jax.jit(lambda x, w, n=n, ck=ck, m=mode: gluon_chain(
+                x, w, programs=a.programs, ring=n, chunk=ck, mode=m, warps=a.warps)),
                 (x, w))  # fmt: skip
         for name, (fn, args) in fns.items():
             try:
