@@ -47,7 +47,7 @@ from megakernel_probe import (  # noqa: E402
 
 from prunepath_jax.kernels import gluon_launch, jt  # noqa: E402
 
-MODES = ("ring", "after", "ws")
+MODES = ("ring", "after", "ws", "regs", "nobar")
 # mbarrier counts of the warp-specialized ring: every producer thread's cp.async completion
 # arrives on ``ready`` (``.noinc``); one arrival of the consumers frees a slot.
 WS_READY_PER_WARP = 32
@@ -91,6 +91,7 @@ def _gl_chain_kernel(
     fail_ptr,  # out [P] i32
     L: gl.constexpr, D: gl.constexpr, ROWS: gl.constexpr, CK: gl.constexpr, P: gl.constexpr,
     NBUF: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr, AFTER: gl.constexpr,
+    REGS: gl.constexpr, NOBAR: gl.constexpr,
 ):  # fmt: skip
     NC: gl.constexpr = D // CK
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])
@@ -105,6 +106,8 @@ def _gl_chain_kernel(
     for j in gl.static_range(NBUF - 1):  # the stream's first chunks
         _gl_issue(ring, w_ptr, offs, j, L, NC, D, CK, NBUF)
     failed = pid * 0
+    if REGS:  # phase 0's rows in registers (the Triton chain's form, in Gluon)
+        wr = gl.load(w_ptr + offs)
     for layer in range(L):
         y = gl.zeros([ROWS], gl.float32, layout=row_l)
         for c in gl.static_range(NC):
@@ -115,22 +118,32 @@ def _gl_chain_kernel(
                 _gl_issue(ring, w_ptr, offs, s + NBUF - 1, L, NC, D, CK, NBUF)
             if c == 0:
                 if layer > 0:
-                    failed = _gl_wait(ctr_ptr, P * layer, failed, SPIN)
-            if AFTER:
-                cp.wait_group(0)
-            else:
-                cp.wait_group(NBUF - 1)  # chunk s has landed (this thread's copies)
-            gl.thread_barrier()  # ... and every other thread's
-            w = ring.index(s % NBUF).load(blk)
+                    if not NOBAR:
+                        failed = _gl_wait(ctr_ptr, P * layer, failed, SPIN)
+            # The activation's L2 round trip first: it overlaps the copies' landing.
             if layer == 0:
                 xv = gl.load(x_ptr + c * CK + rk)
             else:
                 xv = gl.load(y_ptr + (layer - 1) * D + c * CK + rk, cache_modifier=".cg")
+            if REGS:
+                w = wr
+            else:
+                if AFTER:
+                    cp.wait_group(0)
+                else:
+                    cp.wait_group(NBUF - 1)  # chunk s has landed (this thread's copies)
+                gl.thread_barrier()  # ... and every other thread's
+                w = ring.index(s % NBUF).load(blk)
             y += gl.sum(w.to(gl.float32) * xv[None, :], axis=1)
             gl.thread_barrier()  # every thread has read slot s % NBUF: free for a copy
         gl.store(y_ptr + layer * D + rr, y)
-        _gl_arrive(ctr_ptr)
-        if AFTER:  # AFTER (NBUF 2, one chunk a phase): the next phase's copy after the arrival
+        if NOBAR:
+            gl.thread_barrier()
+        else:
+            _gl_arrive(ctr_ptr)
+        if REGS:  # the next phase's rows, in flight during the barrier's wait
+            wr = gl.load(w_ptr + gl.minimum(layer + 1, L - 1) * (D * D) + offs)
+        elif AFTER:  # AFTER (NBUF 2, one chunk a phase): the next phase's copy after the arrival
             _gl_issue(ring, w_ptr, offs, layer + 1, L, NC, D, CK, NBUF)
     cp.wait_group(0)
     gl.store(fail_ptr + pid, failed)
@@ -219,14 +232,17 @@ def gluon_chain(
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """All L phases in one Gluon launch: ``(y_ld f32, fail_p i32)``. ``mode``: ``ring`` (every
     warp copies, N-1 chunks ahead), ``after`` (a 2-slot ring of whole phases, the next one
-    copied after the arrival), ``ws`` (``producer_warps`` warps copy, the others compute)."""
+    copied after the arrival), ``ws`` (``producer_warps`` warps copy, the others compute),
+    ``regs`` (the Triton chain's form in Gluon: the next phase's rows loaded into registers
+    after the arrival), ``nobar`` (the ring without the grid barrier: a wrong result, timed
+    only as the stream's own rate)."""
     gluon_launch.install()
     n_layers, d, _ = w_ldd.shape
     rows = d // programs
     if d % programs or rows & (rows - 1) or d % chunk or ring < 2 or mode not in MODES:
         raise ValueError(f"d {d}, {programs} programs, chunk {chunk}, ring {ring}, mode {mode}")
-    if mode == "after" and (ring != 2 or chunk != d):
-        raise ValueError("mode 'after' copies whole phases into 2 slots: ring 2, chunk d")
+    if mode in ("after", "regs") and (ring != 2 or chunk != d):
+        raise ValueError(f"mode {mode!r} moves whole phases (2 slots): ring 2, chunk d")
     meta = dict(L=n_layers, D=d, ROWS=rows, CK=chunk, P=programs, NBUF=ring, SPIN=spin,
                 WARPS=warps)  # fmt: skip
     if mode == "ws":
@@ -235,7 +251,7 @@ def gluon_chain(
                     EMPTY_COUNT=WS_EMPTY_COUNT)  # fmt: skip
     else:
         kernel = _gl_chain_kernel
-        meta.update(AFTER=mode == "after")
+        meta.update(AFTER=mode in ("after", "regs"), REGS=mode == "regs", NOBAR=mode == "nobar")
     y, _, fail = jt.triton_call(
         kernel, x_d.astype(jnp.float32), w_ldd,
         out_shape=[jax.ShapeDtypeStruct((n_layers, d), jnp.float32),
@@ -252,8 +268,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--programs", type=int, default=128)
     ap.add_argument("--warps", type=int, default=8)
-    ap.add_argument("--rings", default="ring:2:2048,after:2:2048,ws:2:2048,ws:3:1024,ws:4:512,"
-                    "ws:6:512,ws:8:256", help="comma list of mode:slots:chunk")  # fmt: skip
+    ap.add_argument("--rings", help="comma list of mode:slots:chunk",
+                    default="regs:2:2048,after:2:2048,ring:2:2048,nobar:2:2048,nobar:4:512,"
+                            "ws:2:2048,ws:4:512")  # fmt: skip
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default="results/gluon_chain.jsonl")
     a = ap.parse_args()
@@ -274,7 +291,7 @@ def main() -> None:
         for spec in a.rings.split(","):
             mode, n, ck = spec.split(":")
             n, ck = int(n), min(int(ck), d)
-            if d // a.programs * ck * 2 * n > 200 * 1024 or (mode == "after" and ck != d):
+            if d // a.programs * ck * 2 * n > 200 * 1024 or (mode in ("after", "regs") and ck != d):
                 continue  # past the shared memory a block may have
             name = f"{mode}{n}_ck{ck}"
             fns[name] = (jax.jit(lambda x, w, n=n, ck=ck, m=mode: gluon_chain(
