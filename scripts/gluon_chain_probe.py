@@ -91,10 +91,10 @@ def _gl_chain_kernel(
     fail_ptr,  # out [P] i32
     L: gl.constexpr, D: gl.constexpr, ROWS: gl.constexpr, CK: gl.constexpr, P: gl.constexpr,
     NBUF: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr, AFTER: gl.constexpr,
-    REGS: gl.constexpr, NOBAR: gl.constexpr,
+    REGS: gl.constexpr, NOBAR: gl.constexpr, WC: gl.constexpr,
 ):  # fmt: skip
     NC: gl.constexpr = D // CK
-    blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS // WC, WC], [1, 0])
     row_l: gl.constexpr = gl.SliceLayout(1, blk)
     col_l: gl.constexpr = gl.SliceLayout(0, blk)
     sh: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
@@ -173,11 +173,11 @@ def _ws_producer(ring, ready, empty, w_ptr, L: gl.constexpr, D: gl.constexpr, RO
 def _ws_consumer(ring, ready, empty, x_ptr, y_ptr, ctr_ptr, fail_ptr, L: gl.constexpr,
                  D: gl.constexpr,
                  ROWS: gl.constexpr, CK: gl.constexpr, P: gl.constexpr, NBUF: gl.constexpr,
-                 SPIN: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
+                 SPIN: gl.constexpr, WARPS: gl.constexpr, WC: gl.constexpr):  # fmt: skip
     """The default warps: wait for each chunk, multiply, free its slot; store and arrive at the
     grid barrier a phase. They issue no copies, so their release fence waits for none."""
     NC: gl.constexpr = D // CK
-    blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS // WC, WC], [1, 0])
     pid = gl.program_id(0)
     rr = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, blk))
     rk = gl.arange(0, CK, layout=gl.SliceLayout(0, blk))
@@ -207,7 +207,7 @@ def _ws_consumer(ring, ready, empty, x_ptr, y_ptr, ctr_ptr, fail_ptr, L: gl.cons
 @gluon.jit
 def _ws_chain_kernel(x_ptr, w_ptr, y_ptr, ctr_ptr, fail_ptr, L: gl.constexpr, D: gl.constexpr,
                      ROWS: gl.constexpr, CK: gl.constexpr, P: gl.constexpr, NBUF: gl.constexpr,
-                     SPIN: gl.constexpr, WARPS: gl.constexpr, PW: gl.constexpr,
+                     SPIN: gl.constexpr, WARPS: gl.constexpr, WC: gl.constexpr, PW: gl.constexpr,
                      EMPTY_COUNT: gl.constexpr, READY_COUNT: gl.constexpr):  # fmt: skip
     """The ring with a producer partition (``PW`` warps) and the chain's math in the default
     warps: the copies stay in flight across the consumers' grid-barrier arrivals."""
@@ -220,7 +220,7 @@ def _ws_chain_kernel(x_ptr, w_ptr, y_ptr, ctr_ptr, fail_ptr, L: gl.constexpr, D:
         mbarrier.init(empty.index(i), count=EMPTY_COUNT)
     gl.warp_specialize(
         [(_ws_consumer, (ring, ready, empty, x_ptr, y_ptr, ctr_ptr, fail_ptr, L, D, ROWS, CK, P,
-                         NBUF, SPIN, WARPS)),
+                         NBUF, SPIN, WARPS, WC)),
          (_ws_producer, (ring, ready, empty, w_ptr, L, D, ROWS, CK, NBUF, PW))],
         [PW], [48],
     )  # fmt: skip
@@ -228,12 +228,14 @@ def _ws_chain_kernel(x_ptr, w_ptr, y_ptr, ctr_ptr, fail_ptr, L: gl.constexpr, D:
 
 def gluon_chain(
     x_d: jax.Array, w_ldd: jax.Array, *, programs: int, ring: int, chunk: int, mode: str = "ring",
-    warps: int = 8, producer_warps: int = 1, spin: int = SPIN,
+    warps: int = 8, producer_warps: int = 1, warp_cols: int | None = None, spin: int = SPIN,
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """All L phases in one Gluon launch: ``(y_ld f32, fail_p i32)``. ``mode``: ``ring`` (every
     warp copies, N-1 chunks ahead), ``after`` (a 2-slot ring of whole phases, the next one
     copied after the arrival), ``ws`` (``producer_warps`` warps copy, the others compute),
-    ``regs`` (the Triton chain's form in Gluon: the next phase's rows loaded into registers
+    ``warp_cols``: warps along the columns (default ``chunk / 256`` up to ``warps``; 1 puts
+    every warp on its own rows, each loading the whole activation). ``regs`` (the Triton
+    chain's form in Gluon: the next phase's rows loaded into registers
     after the arrival), ``nobar`` (the ring without the grid barrier: a wrong result, timed
     only as the stream's own rate)."""
     gluon_launch.install()
@@ -243,8 +245,11 @@ def gluon_chain(
         raise ValueError(f"d {d}, {programs} programs, chunk {chunk}, ring {ring}, mode {mode}")
     if mode in ("after", "regs") and (ring != 2 or chunk != d):
         raise ValueError(f"mode {mode!r} moves whole phases (2 slots): ring 2, chunk d")
+    # Warps side by side along the columns by default (each loads only its columns of the
+    # activation, not all of it: 8x less L2 -> SM traffic for x at 8 warps), rows over the rest.
+    wc = min(warps, max(1, chunk // 256)) if warp_cols is None else warp_cols
     meta = dict(L=n_layers, D=d, ROWS=rows, CK=chunk, P=programs, NBUF=ring, SPIN=spin,
-                WARPS=warps)  # fmt: skip
+                WARPS=warps, WC=wc)  # fmt: skip
     if mode == "ws":
         kernel = _ws_chain_kernel
         meta.update(PW=producer_warps, READY_COUNT=WS_READY_PER_WARP * producer_warps,
@@ -268,9 +273,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--programs", type=int, default=128)
     ap.add_argument("--warps", type=int, default=8)
-    ap.add_argument("--rings", help="comma list of mode:slots:chunk",
-                    default="regs:2:2048,after:2:2048,ring:2:2048,nobar:2:2048,nobar:4:512,"
-                            "ws:2:2048,ws:4:512")  # fmt: skip
+    ap.add_argument("--rings", help="comma list of mode:slots:chunk[:warps along columns]",
+                    default="regs:2:2048,regs:2:2048:1,after:2:2048,ring:2:2048,nobar:2:2048,"
+                            "ring:3:1024,ring:4:512,ws:2:2048,ws:3:1024,ws:4:512,"
+                            "ws:6:512,ws:8:256")  # fmt: skip
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default="results/gluon_chain.jsonl")
     a = ap.parse_args()
@@ -289,13 +295,15 @@ def main() -> None:
                 x, w, programs=a.programs, prefetch=v == "mega_prefetch", block_k=bk,
                 warps=a.warps)), (x, w))  # fmt: skip
         for spec in a.rings.split(","):
-            mode, n, ck = spec.split(":")
+            mode, n, ck, *wcs = spec.split(":")
             n, ck = int(n), min(int(ck), d)
+            wc = int(wcs[0]) if wcs else None
             if d // a.programs * ck * 2 * n > 200 * 1024 or (mode in ("after", "regs") and ck != d):
                 continue  # past the shared memory a block may have
-            name = f"{mode}{n}_ck{ck}"
-            fns[name] = (jax.jit(lambda x, w, n=n, ck=ck, m=mode: gluon_chain(
-                x, w, programs=a.programs, ring=n, chunk=ck, mode=m, warps=a.warps)),
+            name = f"{mode}{n}_ck{ck}" + (f"_wc{wc}" if wcs else "")
+            fns[name] = (jax.jit(lambda x, w, n=n, ck=ck, m=mode, wc=wc: gluon_chain(
+                x, w, programs=a.programs, ring=n, chunk=ck, mode=m, warps=a.warps,
+                warp_cols=wc)),
                 (x, w))  # fmt: skip
         for name, (fn, args) in fns.items():
             try:
