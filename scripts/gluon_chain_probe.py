@@ -47,7 +47,7 @@ from megakernel_probe import (  # noqa: E402
 
 from prunepath_jax.kernels import gluon_launch, jt  # noqa: E402
 
-MODES = ("ring", "after", "ws", "regs", "nobar")
+MODES = ("ring", "after", "ws", "wsx", "regs", "nobar")
 # mbarrier counts of the warp-specialized ring: every producer thread's cp.async completion
 # arrives on ``ready`` (``.noinc``); one arrival of the consumers frees a slot.
 WS_READY_PER_WARP = 32
@@ -170,27 +170,37 @@ def _ws_producer(ring, ready, empty, w_ptr, L: gl.constexpr, D: gl.constexpr, RO
 
 
 @gluon.jit
-def _ws_consumer(ring, ready, empty, x_ptr, y_ptr, ctr_ptr, fail_ptr, L: gl.constexpr,
-                 D: gl.constexpr,
-                 ROWS: gl.constexpr, CK: gl.constexpr, P: gl.constexpr, NBUF: gl.constexpr,
-                 SPIN: gl.constexpr, WARPS: gl.constexpr, WC: gl.constexpr):  # fmt: skip
+def _ws_consumer(ring, ready, empty, xs, x_ptr, y_ptr, ctr_ptr, fail_ptr, L: gl.constexpr,
+                 D: gl.constexpr, ROWS: gl.constexpr, CK: gl.constexpr, P: gl.constexpr,
+                 NBUF: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr, WC: gl.constexpr,
+                 XS: gl.constexpr):  # fmt: skip
     """The default warps: wait for each chunk, multiply, free its slot; store and arrive at the
-    grid barrier a phase. They issue no copies, so their release fence waits for none."""
+    grid barrier a phase. They issue no copies, so their release fence waits for none. With
+    ``XS`` the phase's whole activation row is loaded once after the barrier (one L2 round
+    trip, not one a chunk) and kept in shared memory ``xs``."""
     NC: gl.constexpr = D // CK
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS // WC, WC], [1, 0])
     pid = gl.program_id(0)
     rr = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, blk))
     rk = gl.arange(0, CK, layout=gl.SliceLayout(0, blk))
+    rd = gl.arange(0, D, layout=gl.BlockedLayout([4], [32], [WARPS], [0]))
     failed = pid * 0
     for layer in range(L):
         y = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, blk))
+        if layer > 0:
+            failed = _gl_wait(ctr_ptr, P * layer, failed, SPIN)
+        if XS:
+            if layer == 0:
+                xs.store(gl.load(x_ptr + rd))
+            else:
+                xs.store(gl.load(y_ptr + (layer - 1) * D + rd, cache_modifier=".cg"))
+            gl.thread_barrier()
         for c in gl.static_range(NC):
             s = layer * NC + c
             slot = s % NBUF
-            if c == 0:
-                if layer > 0:
-                    failed = _gl_wait(ctr_ptr, P * layer, failed, SPIN)
-            if layer == 0:
+            if XS:
+                xv = xs.slice(c * CK, CK).load(gl.SliceLayout(0, blk))
+            elif layer == 0:
                 xv = gl.load(x_ptr + c * CK + rk)
             else:
                 xv = gl.load(y_ptr + (layer - 1) * D + c * CK + rk, cache_modifier=".cg")
@@ -208,19 +218,21 @@ def _ws_consumer(ring, ready, empty, x_ptr, y_ptr, ctr_ptr, fail_ptr, L: gl.cons
 def _ws_chain_kernel(x_ptr, w_ptr, y_ptr, ctr_ptr, fail_ptr, L: gl.constexpr, D: gl.constexpr,
                      ROWS: gl.constexpr, CK: gl.constexpr, P: gl.constexpr, NBUF: gl.constexpr,
                      SPIN: gl.constexpr, WARPS: gl.constexpr, WC: gl.constexpr, PW: gl.constexpr,
-                     EMPTY_COUNT: gl.constexpr, READY_COUNT: gl.constexpr):  # fmt: skip
+                     EMPTY_COUNT: gl.constexpr, READY_COUNT: gl.constexpr,
+                     XS: gl.constexpr):  # fmt: skip
     """The ring with a producer partition (``PW`` warps) and the chain's math in the default
     warps: the copies stay in flight across the consumers' grid-barrier arrivals."""
     sh: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF, ROWS, CK], sh)
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    xs = gl.allocate_shared_memory(gl.float32, [D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     for i in gl.static_range(NBUF):
         mbarrier.init(ready.index(i), count=READY_COUNT)
         mbarrier.init(empty.index(i), count=EMPTY_COUNT)
     gl.warp_specialize(
-        [(_ws_consumer, (ring, ready, empty, x_ptr, y_ptr, ctr_ptr, fail_ptr, L, D, ROWS, CK, P,
-                         NBUF, SPIN, WARPS, WC)),
+        [(_ws_consumer, (ring, ready, empty, xs, x_ptr, y_ptr, ctr_ptr, fail_ptr, L, D, ROWS, CK,
+                         P, NBUF, SPIN, WARPS, WC, XS)),
          (_ws_producer, (ring, ready, empty, w_ptr, L, D, ROWS, CK, NBUF, PW))],
         [PW], [48],
     )  # fmt: skip
@@ -232,7 +244,8 @@ def gluon_chain(
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """All L phases in one Gluon launch: ``(y_ld f32, fail_p i32)``. ``mode``: ``ring`` (every
     warp copies, N-1 chunks ahead), ``after`` (a 2-slot ring of whole phases, the next one
-    copied after the arrival), ``ws`` (``producer_warps`` warps copy, the others compute),
+    copied after the arrival), ``ws`` (``producer_warps`` warps copy, the others compute;
+    ``wsx``: and load the whole activation row once a phase, into shared memory),
     ``warp_cols``: warps along the columns (default ``chunk / 256`` up to ``warps``; 1 puts
     every warp on its own rows, each loading the whole activation). ``regs`` (the Triton
     chain's form in Gluon: the next phase's rows loaded into registers
@@ -250,10 +263,10 @@ def gluon_chain(
     wc = min(warps, max(1, chunk // 256)) if warp_cols is None else warp_cols
     meta = dict(L=n_layers, D=d, ROWS=rows, CK=chunk, P=programs, NBUF=ring, SPIN=spin,
                 WARPS=warps, WC=wc)  # fmt: skip
-    if mode == "ws":
+    if mode in ("ws", "wsx"):
         kernel = _ws_chain_kernel
         meta.update(PW=producer_warps, READY_COUNT=WS_READY_PER_WARP * producer_warps,
-                    EMPTY_COUNT=WS_EMPTY_COUNT)  # fmt: skip
+                    EMPTY_COUNT=WS_EMPTY_COUNT, XS=mode == "wsx")  # fmt: skip
     else:
         kernel = _gl_chain_kernel
         meta.update(AFTER=mode in ("after", "regs"), REGS=mode == "regs", NOBAR=mode == "nobar")
@@ -273,10 +286,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--programs", type=int, default=128)
     ap.add_argument("--warps", type=int, default=8)
-    ap.add_argument("--rings", help="comma list of mode:slots:chunk[:warps along columns]",
-                    default="regs:2:2048,regs:2:2048:1,after:2:2048,ring:2:2048,nobar:2:2048,"
-                            "ring:3:1024,ring:4:512,ws:2:2048,ws:3:1024,ws:4:512,"
-                            "ws:6:512,ws:8:256")  # fmt: skip
+    ap.add_argument("--rings", help="comma list of mode:slots:chunk[:warps along columns"
+                    "[:producer warps]]",
+                    default="ring:2:2048,ws:2:2048,ws:3:1024,wsx:2:2048,wsx:3:1024,wsx:4:512,"
+                            "wsx:6:512,wsx:8:256,wsx:12:256,wsx:3:1024::2,wsx:6:512::2,"
+                            "wsx:12:256::2")  # fmt: skip
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default="results/gluon_chain.jsonl")
     a = ap.parse_args()
@@ -295,15 +309,16 @@ def main() -> None:
                 x, w, programs=a.programs, prefetch=v == "mega_prefetch", block_k=bk,
                 warps=a.warps)), (x, w))  # fmt: skip
         for spec in a.rings.split(","):
-            mode, n, ck, *wcs = spec.split(":")
+            mode, n, ck, *more = spec.split(":")
             n, ck = int(n), min(int(ck), d)
-            wc = int(wcs[0]) if wcs else None
+            wc = int(more[0]) if more and more[0] else None
+            pw = int(more[1]) if len(more) > 1 else 1
             if d // a.programs * ck * 2 * n > 200 * 1024 or (mode in ("after", "regs") and ck != d):
                 continue  # past the shared memory a block may have
-            name = f"{mode}{n}_ck{ck}" + (f"_wc{wc}" if wcs else "")
-            fns[name] = (jax.jit(lambda x, w, n=n, ck=ck, m=mode, wc=wc: gluon_chain(
+            name = f"{mode}{n}_ck{ck}" + (f"_wc{wc}" if wc else "") + (f"_pw{pw}" if pw > 1 else "")
+            fns[name] = (jax.jit(lambda x, w, n=n, ck=ck, m=mode, wc=wc, pw=pw: gluon_chain(
                 x, w, programs=a.programs, ring=n, chunk=ck, mode=m, warps=a.warps,
-                warp_cols=wc)),
+                warp_cols=wc, producer_warps=pw)),
                 (x, w))  # fmt: skip
         for name, (fn, args) in fns.items():
             try:

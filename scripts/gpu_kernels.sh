@@ -1922,4 +1922,9 @@ s50a)  # weights streamed through a shared-memory ring across grid barriers (Glu
   run timeout 280 python3 scripts/gluon_chain_probe.py --d 2048 4096 --layers 32 --programs 128 \
     --out "$OUT/gluon_chain.jsonl"
   ;;
+s50b)  # the warp-specialized ring with the activation row loaded once a phase (wsx), more slots,
+  # 2 producer warps, d 1024 / 2048 / 4096
+  run timeout 400 python3 scripts/gluon_chain_probe.py --d 1024 2048 4096 --layers 32 \
+    --programs 128 --out "$OUT/gluon_chain.jsonl"
+  ;;
 esac
