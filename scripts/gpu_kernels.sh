@@ -1927,4 +1927,9 @@ s50b)  # the warp-specialized ring with the activation row loaded once a phase (
   run timeout 400 python3 scripts/gluon_chain_probe.py --d 1024 2048 4096 --layers 32 \
     --programs 128 --out "$OUT/gluon_chain.jsonl"
   ;;
+s50c)  # rings that hold more than a phase ahead (~192 KB) at d 1024 / 2048, and 4096's best
+  R="wsx3:1024,wsx6:1024,wsx12:512,wsx24:256,wsx12:1024,wsx8:512,wsx12:256"
+  run timeout 400 python3 scripts/gluon_chain_probe.py --d 1024 2048 4096 --layers 32 \
+    --programs 128 --rings "$(echo $R | sed 's/wsx/wsx:/g')" --out "$OUT/gluon_chain.jsonl"
+  ;;
 esac
