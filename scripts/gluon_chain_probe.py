@@ -47,6 +47,12 @@ from megakernel_probe import (  # noqa: E402
 
 from prunepath_jax.kernels import gluon_launch, jt  # noqa: E402
 
+# Gluon is experimental and its names move between releases: the GPU image runs triton 3.6,
+# the CPU tests whatever pip resolves. A CTA barrier: ``thread_barrier`` in 3.6, ``barrier`` later.
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+# cp.async into shared memory: ``async_copy_global_to_shared`` in 3.6, ``async_load`` later.
+_async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
+
 MODES = ("ring", "after", "ws", "wsx", "regs", "nobar")
 # mbarrier counts of the warp-specialized ring: every producer thread's cp.async completion
 # arrives on ``ready`` (``.noinc``); one arrival of the consumers frees a slot.
@@ -56,7 +62,7 @@ WS_EMPTY_COUNT = 1
 
 @gluon.jit
 def _gl_arrive(ctr_ptr):
-    gl.thread_barrier()
+    _cta_barrier()
     gl.atomic_add(ctr_ptr, 1, sem="release", scope="gpu")
 
 
@@ -67,7 +73,7 @@ def _gl_wait(ctr_ptr, target, failed, SPIN: gl.constexpr):
     while (seen < target) & (n < SPIN):
         seen = gl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
         n += 1
-    gl.thread_barrier()
+    _cta_barrier()
     return gl.where(seen < target, 1, failed)
 
 
@@ -78,7 +84,7 @@ def _gl_issue(ring, w_ptr, offs, s, L: gl.constexpr, NC: gl.constexpr, D: gl.con
     slot, as one commit group (an empty group past the stream's end keeps the count)."""
     if s < L * NC:
         src = w_ptr + (s // NC) * (D * D) + (s % NC) * CK + offs  # < 2^31 elements here
-        cp.async_copy_global_to_shared(ring.index(s % NBUF), src, cache_modifier=".cg")
+        _async_load(ring.index(s % NBUF), src, cache_modifier=".cg")
     cp.commit_group()
 
 
@@ -103,8 +109,9 @@ def _gl_chain_kernel(
     rr = pid * ROWS + gl.arange(0, ROWS, layout=row_l)
     rk = gl.arange(0, CK, layout=col_l)
     offs = rr[:, None] * D + rk[None, :]
-    for j in gl.static_range(NBUF - 1):  # the stream's first chunks
-        _gl_issue(ring, w_ptr, offs, j, L, NC, D, CK, NBUF)
+    if not REGS:
+        for j in gl.static_range(NBUF - 1):  # the stream's first chunks
+            _gl_issue(ring, w_ptr, offs, j, L, NC, D, CK, NBUF)
     failed = pid * 0
     if REGS:  # phase 0's rows in registers (the Triton chain's form, in Gluon)
         wr = gl.load(w_ptr + offs)
@@ -132,20 +139,21 @@ def _gl_chain_kernel(
                     cp.wait_group(0)
                 else:
                     cp.wait_group(NBUF - 1)  # chunk s has landed (this thread's copies)
-                gl.thread_barrier()  # ... and every other thread's
+                _cta_barrier()  # ... and every other thread's
                 w = ring.index(s % NBUF).load(blk)
             y += gl.sum(w.to(gl.float32) * xv[None, :], axis=1)
-            gl.thread_barrier()  # every thread has read slot s % NBUF: free for a copy
+            _cta_barrier()  # every thread has read slot s % NBUF: free for a copy
         gl.store(y_ptr + layer * D + rr, y)
         if NOBAR:
-            gl.thread_barrier()
+            _cta_barrier()
         else:
             _gl_arrive(ctr_ptr)
         if REGS:  # the next phase's rows, in flight during the barrier's wait
             wr = gl.load(w_ptr + gl.minimum(layer + 1, L - 1) * (D * D) + offs)
         elif AFTER:  # AFTER (NBUF 2, one chunk a phase): the next phase's copy after the arrival
             _gl_issue(ring, w_ptr, offs, layer + 1, L, NC, D, CK, NBUF)
-    cp.wait_group(0)
+    if not REGS:
+        cp.wait_group(0)
     gl.store(fail_ptr + pid, failed)
 
 
@@ -165,7 +173,7 @@ def _ws_producer(ring, ready, empty, w_ptr, L: gl.constexpr, D: gl.constexpr, RO
         base = w_ptr + (s // NC) * (D * D) + (s % NC) * CK + r0 * D
         dst = ring.index(slot)
         for r in gl.static_range(ROWS):
-            cp.async_copy_global_to_shared(dst.slice(r, 1), base + r * D + rk, cache_modifier=".cg")
+            _async_load(dst.slice(r, 1), base + r * D + rk, cache_modifier=".cg")
         cp.mbarrier_arrive(ready.index(slot), increment_count=False)
 
 
@@ -194,7 +202,7 @@ def _ws_consumer(ring, ready, empty, xs, x_ptr, y_ptr, ctr_ptr, fail_ptr, L: gl.
                 xs.store(gl.load(x_ptr + rd))
             else:
                 xs.store(gl.load(y_ptr + (layer - 1) * D + rd, cache_modifier=".cg"))
-            gl.thread_barrier()
+            _cta_barrier()
         for c in gl.static_range(NC):
             s = layer * NC + c
             slot = s % NBUF
@@ -207,7 +215,7 @@ def _ws_consumer(ring, ready, empty, xs, x_ptr, y_ptr, ctr_ptr, fail_ptr, L: gl.
             mbarrier.wait(ready.index(slot), (s // NBUF) & 1)
             w = ring.index(slot).load(blk)
             y += gl.sum(w.to(gl.float32) * xv[None, :], axis=1)
-            gl.thread_barrier()
+            _cta_barrier()
             mbarrier.arrive(empty.index(slot))
         gl.store(y_ptr + layer * D + rr, y)
         _gl_arrive(ctr_ptr)
@@ -251,13 +259,13 @@ def gluon_chain(
     chain's form in Gluon: the next phase's rows loaded into registers
     after the arrival), ``nobar`` (the ring without the grid barrier: a wrong result, timed
     only as the stream's own rate)."""
-    gluon_launch.install()
     n_layers, d, _ = w_ldd.shape
     rows = d // programs
     if d % programs or rows & (rows - 1) or d % chunk or ring < 2 or mode not in MODES:
         raise ValueError(f"d {d}, {programs} programs, chunk {chunk}, ring {ring}, mode {mode}")
     if mode in ("after", "regs") and (ring != 2 or chunk != d):
         raise ValueError(f"mode {mode!r} moves whole phases (2 slots): ring 2, chunk d")
+    gluon_launch.install()
     # Warps side by side along the columns by default (each loads only its columns of the
     # activation, not all of it: 8x less L2 -> SM traffic for x at 8 warps), rows over the rest.
     wc = min(warps, max(1, chunk // 256)) if warp_cols is None else warp_cols

@@ -1932,4 +1932,10 @@ s50c)  # rings that hold more than a phase ahead (~192 KB) at d 1024 / 2048, and
   run timeout 400 python3 scripts/gluon_chain_probe.py --d 1024 2048 4096 --layers 32 \
     --programs 128 --rings "$(echo $R | sed 's/wsx/wsx:/g')" --out "$OUT/gluon_chain.jsonl"
   ;;
+s50d)  # the Gluon ring's GPU tests, and the probe's best rows again in a second process
+  run timeout 240 python3 -m pytest -q -m gpu tests/test_gluon_probe.py -p no:cacheprovider
+  run timeout 300 python3 scripts/gluon_chain_probe.py --d 1024 2048 4096 --layers 32 \
+    --programs 128 --rings "ws:3:1024,wsx:3:1024,wsx:6:512,wsx:12:256" \
+    --out "$OUT/gluon_chain.jsonl"
+  ;;
 esac

@@ -1,0 +1,123 @@
+"""Gluon kernels through jax-triton (``kernels/gluon_launch.py``) and the shared-memory ring
+probe (``scripts/gluon_chain_probe.py``).
+
+Why here: Gluon is experimental and renames its builtins between triton releases (the H200
+image runs 3.6, pip may resolve a newer one here), and a ring's mbarrier counts are only right
+for the lowering they were written against. So the probe's kernels are lowered for sm_90 on
+CPU with the installed triton, and the PTX is checked for what the counts assume; the result
+against the float32 chain needs the GPU (``gpu`` marker).
+"""
+
+import re
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import triton
+from helpers import assert_close
+
+from prunepath_jax.kernels import gluon_launch
+from prunepath_jax.kernels.sm90 import SMEM_LIMIT
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import gluon_chain_probe as gcp  # noqa: E402
+import megakernel_probe  # noqa: E402
+
+SIG = ["*fp32", "*bf16", "*fp32", "*i32", "*i32"]  # x, w, y, counter, fail
+# The grid barrier's arrival: a GPU-scope release add (``atom`` in triton 3.6, ``red`` later).
+RELEASE_ADD = re.compile(r"\b(atom|red)\.global\.gpu\.release\.add")
+
+
+def _lower(kernel, **meta):
+    """``(ptx, shared bytes, warps a block)`` of a probe kernel for sm_90."""
+    _, shared, ptx, _, warps = gluon_launch.compile_gluon(
+        kernel, SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
+    )
+    return ptx, shared, warps
+
+
+def _base(d=2048, ring=3, chunk=1024):
+    return dict(L=4, D=d, ROWS=d // 128, CK=chunk, P=128, NBUF=ring, SPIN=gcp.SPIN, WARPS=8,
+                WC=min(8, chunk // 256))  # fmt: skip
+
+
+@pytest.mark.parametrize("xs", [False, True])
+def test_ws_ring_lowers_with_the_counts_it_assumes(xs):
+    """The warp-specialized ring: 16-byte cp.async into shared memory, every producer thread's
+    completion arrives on ``ready`` (unpredicated ``.noinc``: WS_READY_PER_WARP a warp), one
+    consumer thread frees a slot (predicated arrive: WS_EMPTY_COUNT 1), worker warps beside the
+    8 default ones, and the grid barrier's release add."""
+    meta = {**_base(), "PW": 1, "READY_COUNT": gcp.WS_READY_PER_WARP, "EMPTY_COUNT": 1, "XS": xs}
+    ptx, shared, warps = _lower(gcp._ws_chain_kernel, **meta)
+    assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10, 0x10", ptx)
+    noinc = [ln.strip() for ln in ptx.splitlines() if "cp.async.mbarrier.arrive.noinc" in ln]
+    assert noinc and not any(ln.startswith("@") for ln in noinc), noinc
+    assert gcp.WS_READY_PER_WARP == 32
+    arrives = [
+        ln.strip()
+        for ln in ptx.splitlines()
+        if re.search(r"\bmbarrier\.arrive\b", ln) and "cp.async" not in ln
+    ]
+    assert arrives and all(ln.startswith("@") for ln in arrives), arrives
+    assert gcp.WS_EMPTY_COUNT == 1
+    assert "setmaxnreg" in ptx and warps > 8
+    assert RELEASE_ADD.search(ptx)
+    assert shared <= SMEM_LIMIT
+
+
+@pytest.mark.parametrize("mode", ["ring", "after", "regs", "nobar"])
+def test_plain_ring_modes_lower(mode):
+    chunk = 2048 if mode in ("after", "regs") else 1024
+    meta = {**_base(ring=2 if chunk == 2048 else 3, chunk=chunk),
+            "AFTER": mode in ("after", "regs"), "REGS": mode == "regs",
+            "NOBAR": mode == "nobar"}  # fmt: skip
+    ptx, shared, warps = _lower(gcp._gl_chain_kernel, **meta)
+    assert warps == 8 and shared <= SMEM_LIMIT
+    assert ("cp.async" in ptx) == (mode != "regs")
+    assert bool(RELEASE_ADD.search(ptx)) == (mode != "nobar")
+
+
+def test_compile_gluon_names_a_parameter_mismatch():
+    with pytest.raises(ValueError, match="parameters"):
+        gluon_launch.compile_gluon(gcp._ws_chain_kernel, SIG, set(), {"L": 1}, warps=8, stages=1,
+                                   ctas=1, cc=90)  # fmt: skip
+
+
+def test_is_gluon_tells_the_dialects_apart():
+    assert gluon_launch.is_gluon(gcp._ws_chain_kernel)
+    assert not gluon_launch.is_gluon(megakernel_probe._chain_kernel)
+    assert isinstance(gcp._ws_chain_kernel, triton.JITFunction)  # jax-triton's own type check
+
+
+def test_gluon_chain_rejects_bad_shapes():
+    x, w = jnp.zeros((256,)), jnp.zeros((2, 256, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="mode"):
+        gcp.gluon_chain(x, w, programs=128, ring=2, chunk=256, mode="fast")
+    with pytest.raises(ValueError, match="ring 2, chunk d"):
+        gcp.gluon_chain(x, w, programs=128, ring=3, chunk=256, mode="after")
+    with pytest.raises(ValueError, match="programs"):
+        gcp.gluon_chain(x, w, programs=96, ring=2, chunk=256)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU error")
+def test_install_on_cpu_says_why():
+    with pytest.raises(NotImplementedError, match="CUDA GPU"):
+        gluon_launch.install.__wrapped__()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,ring,chunk", [("ws", 3, 512), ("wsx", 4, 256), ("ring", 2, 1024),
+                                             ("after", 2, 1024), ("regs", 2, 1024)])  # fmt: skip
+def test_gluon_chain_matches_the_fp32_chain_on_gpu(mode, ring, chunk):
+    """Every phase's output of the Gluon chain against float32 (bf16 weights), no barrier
+    failures, on the real 128-program grid."""
+    d, layers = 1024, 6
+    kx, kw = jax.random.split(jax.random.key(0))
+    w = (jax.random.normal(kw, (layers, d, d)) * d**-0.5).astype(jnp.bfloat16)
+    x = jax.random.normal(kx, (d,), jnp.float32)
+    y, fail = gcp.gluon_chain(x, w, programs=128, ring=ring, chunk=chunk, mode=mode)
+    assert int(np.asarray(fail).sum()) == 0
+    assert_close(y, megakernel_probe.reference_chain(x, w), "model_fp32", f"{mode} chain")
