@@ -1938,4 +1938,10 @@ s50d)  # the Gluon ring's GPU tests, and the probe's best rows again in a second
     --programs 128 --rings "ws:3:1024,wsx:3:1024,wsx:6:512,wsx:12:256" \
     --out "$OUT/gluon_chain.jsonl"
   ;;
+s50e)  # an 8B layer's three weight streams (QKV, O, an 80 MB expert stand-in) through one
+  # warp-specialized ring, 8 layers, against XLA's GEMVs; and the probes' GPU tests
+  PYTHONUNBUFFERED=1 run timeout 240 python3 -m pytest -q -rA -m gpu tests/test_gluon_probe.py \
+    -p no:cacheprovider
+  run timeout 300 python3 scripts/gluon_layer_probe.py --layers 8 --out "$OUT/gluon_layer.jsonl"
+  ;;
 esac

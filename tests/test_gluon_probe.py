@@ -121,3 +121,46 @@ def test_gluon_chain_matches_the_fp32_chain_on_gpu(mode, ring, chunk):
     y, fail = gcp.gluon_chain(x, w, programs=128, ring=ring, chunk=chunk, mode=mode)
     assert int(np.asarray(fail).sum()) == 0
     assert_close(y, megakernel_probe.reference_chain(x, w), "model_fp32", f"{mode} chain")
+
+
+def test_layer_probe_lowers_without_spills():
+    """The 8B layer's three streams through one ring: every ring shape of the default sweep
+    fits the shared memory, and no thread spills (the producer's registers are set for that)."""
+    import gluon_layer_probe as glp
+
+    from prunepath_jax.kernels.sm90 import ptxas_info
+
+    sig = ["*fp32", "*bf16", "*bf16", "*bf16", "*fp32", "*fp32", "*fp32", "*i32", "*i32"]
+    for n, rb, ck in [(12, 16, 512), (3, 16, 2048)]:
+        meta = dict(L=2, RB=rb, CK=ck, NBUF=n, P=128, SPIN=glp.SPIN, WARPS=8, WC=min(8, ck // 256),
+                    PW=1, NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
+                    EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS)  # fmt: skip
+        _, shared, ptx, _, _ = gluon_launch.compile_gluon(
+            glp._layer_kernel, sig, set(), meta, warps=8, stages=1, ctas=1, cc=90
+        )
+        assert shared <= SMEM_LIMIT
+        info = ptxas_info(ptx)
+        assert info["spill_stores"] == 0 and info["spill_loads"] == 0, info
+
+
+def test_layer_probe_rejects_rows_that_do_not_split():
+    import gluon_layer_probe as glp
+
+    x = jnp.zeros((4096,))
+    w = jnp.zeros((1, 4096 + 64, 4096), jnp.bfloat16)
+    with pytest.raises(ValueError, match="rows over"):
+        glp.gluon_layers(x, w, w, w)
+
+
+@pytest.mark.gpu
+def test_layer_probe_matches_the_fp32_chain_on_gpu():
+    import gluon_layer_probe as glp
+
+    ks = jax.random.split(jax.random.key(2), 4)
+    ws = [(jax.random.normal(k, (2, n, 4096)) * 4096**-0.5).astype(jnp.bfloat16)
+          for k, n in zip(ks[:3], glp.PHASE_ROWS, strict=True)]  # fmt: skip
+    x = jax.random.normal(ks[3], (4096,), jnp.float32)
+    *got, fail = glp.gluon_layers(x, *ws, ring=6, rows=16, chunk=1024)
+    assert int(np.asarray(fail).sum()) == 0
+    for g, want, name in zip(got, glp.reference_layers(x, *ws), "qox", strict=True):
+        assert_close(g, want, "model_fp32", f"layer probe phase {name}")

@@ -1,0 +1,275 @@
+"""An 8B decode layer's weight streams through one warp-specialized shared-memory ring (Gluon):
+what the one-launch step's GEMV bytes would cost at the ring's speed.
+
+Why. ``scripts/gluon_chain_probe.py`` measured square ``d x d`` GEMV chains: at d 4096 a ring
+fed by a producer warp reaches ~89% of copy per barrier phase, where the Triton chain reaches
+63% (BENCHMARKS.md, thirty-seventh session). The decode step's layer is three weight streams of
+different sizes with a grid barrier between them: the QKV rows ``[6144, 4096]`` (50.3 MB), the O
+rows ``[4096, 4096]`` (33.5 MB) and the selected experts (88 MB at 25% of the 8B experts).
+This probe streams exactly that shape, L layers, one barrier before each phase, with the
+experts as a dense ``[X, 4096]`` block of about their bytes (no selection, no attention: those
+are latency the bytes would have to hide). Each phase's input is the previous phase's first
+4096 outputs, so the result is checked against the float32 chain. Against it, the same GEMVs as
+XLA kernels (the dense step's form), and the real step's phase times for the same bytes (A + C
++ F's unit loop: ~51 µs a layer at 75%, thirty-fourth / thirty-sixth sessions).
+
+    python scripts/gluon_layer_probe.py --layers 8 --out results/gluon_layer.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import triton.experimental.gluon.language as gl
+from triton.experimental import gluon
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+from triton.experimental.gluon.language.nvidia.ampere import mbarrier
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import copy_bandwidth, header, time_fn, write_rows  # noqa: E402
+from gluon_chain_probe import (  # noqa: E402
+    SPIN,
+    WS_EMPTY_COUNT,
+    WS_READY_PER_WARP,
+    _async_load,
+    _cta_barrier,
+    _gl_arrive,
+    _gl_wait,
+)
+from megakernel_probe import device_span  # noqa: E402
+
+from prunepath_jax.kernels import gluon_launch, jt  # noqa: E402
+
+D = gl.constexpr(4096)  # every phase's input width (the 8B model width)
+PHASE_ROWS = (6144, 4096, 10240)  # QKV, O, the experts' stand-in (80 MB ~ 22.8% of the FFN)
+PRODUCER_REGS = 96  # a producer thread's registers (48 and 64 spilled the unrolled row copies)
+
+
+@gluon.jit
+def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, RB: gl.constexpr,
+                   CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
+                   PW: gl.constexpr):  # fmt: skip
+    """Copies this program's ``NR / P`` rows of one phase's ``[NR, D]`` block into the ring,
+    ``[RB, CK]`` chunks in (row block, column chunk) order; returns the stream index after it."""
+    row: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [1, PW], [1, 0])
+    rk = gl.arange(0, CK, layout=gl.SliceLayout(0, row))[None, :]
+    r0 = gl.program_id(0) * (NR // P)
+    for rb in range(NR // P // RB):
+        for kc in gl.static_range(D // CK):
+            slot = s % NBUF
+            if s >= NBUF:
+                mbarrier.wait(empty.index(slot), ((s // NBUF) - 1) & 1)
+            base = w_ptr + (r0 + rb * RB) * D + kc * CK
+            dst = ring.index(slot)
+            for r in gl.static_range(RB):
+                _async_load(dst.slice(r, 1), base + r * D + rk, cache_modifier=".cg")
+            cp.mbarrier_arrive(ready.index(slot), increment_count=False)
+            s += 1
+    return s
+
+
+@gluon.jit
+def _producer(ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L: gl.constexpr, RB: gl.constexpr,
+              CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr, PW: gl.constexpr,
+              NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr):  # fmt: skip
+    s = gl.program_id(0) * 0
+    for layer in range(L):
+        s = _produce_phase(ring, ready, empty, wq_ptr + layer * NQ * D, s, NQ, RB, CK, NBUF, P, PW)
+        s = _produce_phase(ring, ready, empty, wo_ptr + layer * NO * D, s, NO, RB, CK, NBUF, P, PW)
+        s = _produce_phase(ring, ready, empty, wx_ptr + layer * NX * D, s, NX, RB, CK, NBUF, P, PW)
+
+
+@gluon.jit
+def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed,
+                   NR: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr,
+                   P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
+                   WC: gl.constexpr):  # fmt: skip
+    """One phase: wait for the barrier (``ph`` phases done), the input row into shared memory,
+    this program's rows chunk by chunk from the ring, stored, then the arrival."""
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS // WC, WC], [1, 0])
+    if ph > 0:
+        failed = _gl_wait(ctr_ptr, P * ph, failed, SPIN)
+    rd = gl.arange(0, D, layout=gl.BlockedLayout([4], [32], [WARPS], [0]))
+    xs.store(gl.load(x_src + rd, cache_modifier=".cg"))
+    _cta_barrier()
+    r0 = gl.program_id(0) * (NR // P)
+    rr = gl.arange(0, RB, layout=gl.SliceLayout(1, blk))
+    for rb in range(NR // P // RB):
+        y = gl.zeros([RB], gl.float32, layout=gl.SliceLayout(1, blk))
+        for kc in gl.static_range(D // CK):
+            slot = s % NBUF
+            xv = xs.slice(kc * CK, CK).load(gl.SliceLayout(0, blk))
+            mbarrier.wait(ready.index(slot), (s // NBUF) & 1)
+            w = ring.index(slot).load(blk)
+            y += gl.sum(w.to(gl.float32) * xv[None, :], axis=1)
+            _cta_barrier()
+            mbarrier.arrive(empty.index(slot))
+            s += 1
+        gl.store(y_ptr + r0 + rb * RB + rr, y)
+    _gl_arrive(ctr_ptr)
+    return s, failed
+
+
+@gluon.jit
+def _consumer(ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fail_ptr,
+              L: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr,
+              P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr, WC: gl.constexpr,
+              NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr):  # fmt: skip
+    pid = gl.program_id(0)
+    s = pid * 0
+    failed = pid * 0
+    for layer in range(L):
+        if layer == 0:
+            src = x_ptr
+        else:
+            src = yx_ptr + (layer - 1) * NX
+        s, failed = _consume_phase(ring, ready, empty, xs, src, yq_ptr + layer * NQ, ctr_ptr,
+                                   s, 3 * layer, failed, NQ, RB, CK, NBUF, P, SPIN, WARPS,
+                                   WC)  # fmt: skip
+        s, failed = _consume_phase(ring, ready, empty, xs, yq_ptr + layer * NQ, yo_ptr + layer * NO,
+                                   ctr_ptr, s, 3 * layer + 1, failed, NO, RB, CK, NBUF, P, SPIN,
+                                   WARPS, WC)  # fmt: skip
+        s, failed = _consume_phase(ring, ready, empty, xs, yo_ptr + layer * NO, yx_ptr + layer * NX,
+                                   ctr_ptr, s, 3 * layer + 2, failed, NX, RB, CK, NBUF, P, SPIN,
+                                   WARPS, WC)  # fmt: skip
+    gl.store(fail_ptr + pid, failed)
+
+
+@gluon.jit
+def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fail_ptr,
+                  L: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr,
+                  P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr, WC: gl.constexpr,
+                  PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr,
+                  READY_COUNT: gl.constexpr, EMPTY_COUNT: gl.constexpr,
+                  PR: gl.constexpr):  # fmt: skip
+    sh: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF, RB, CK], sh)
+    ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    xs = gl.allocate_shared_memory(gl.float32, [D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    for i in gl.static_range(NBUF):
+        mbarrier.init(ready.index(i), count=READY_COUNT)
+        mbarrier.init(empty.index(i), count=EMPTY_COUNT)
+    gl.warp_specialize(
+        [(_consumer, (ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fail_ptr, L,
+                      RB, CK, NBUF, P, SPIN, WARPS, WC, NQ, NO, NX)),
+         (_producer, (ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L, RB, CK, NBUF, P, PW, NQ, NO,
+                      NX))],
+        [PW], [PR],
+    )  # fmt: skip
+
+
+def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024, warps=8,
+                 producer_warps=1, spin=SPIN):  # fmt: skip
+    """Every layer's three phases in one launch: ``(yq, yo, yx, fail)``."""
+    n_layers = wq.shape[0]
+    nq, no, nx = wq.shape[1], wo.shape[1], wx.shape[1]
+    for n in (nq, no, nx):
+        if n % (programs * rows) or D % chunk:
+            raise ValueError(
+                f"{n} rows over {programs} programs in {rows}-row blocks, chunk {chunk}"
+            )
+    if ring * rows * chunk * 2 > 200 * 1024:
+        raise ValueError(f"a {ring} x {rows} x {chunk} bf16 ring is past the shared memory")
+    gluon_launch.install()
+    f32 = jnp.float32
+    yq, yo, yx, _, fail = jt.triton_call(
+        _layer_kernel, x_d.astype(f32), wq, wo, wx,
+        out_shape=[jax.ShapeDtypeStruct((n_layers, nq), f32),
+                   jax.ShapeDtypeStruct((n_layers, no), f32),
+                   jax.ShapeDtypeStruct((n_layers, nx), f32),
+                   jax.ShapeDtypeStruct((1,), jnp.int32),
+                   jax.ShapeDtypeStruct((programs,), jnp.int32)],
+        zeroed_outputs=(0, 1, 2, 3), grid=(programs,), num_warps=warps, num_stages=1,
+        L=n_layers, RB=rows, CK=chunk, NBUF=ring, P=programs, SPIN=spin, WARPS=warps,
+        WC=min(warps, chunk // 256), PW=producer_warps, NQ=nq, NO=no, NX=nx,
+        READY_COUNT=WS_READY_PER_WARP * producer_warps, EMPTY_COUNT=WS_EMPTY_COUNT,
+        PR=PRODUCER_REGS,
+    )  # fmt: skip
+    return yq, yo, yx, fail
+
+
+def xla_layers(x_d, wq_t, wo_t, wx_t):
+    """The same chain as XLA GEMVs (bf16 activations, the dense step's form); ``w_t`` is
+    ``[L, in, out]``."""
+    from prunepath_jax.models.layers import matvec_safe_matmul
+
+    h = x_d.astype(jnp.bfloat16)[None, :]
+    for layer in range(wq_t.shape[0]):
+        q = matvec_safe_matmul(h, wq_t[layer])
+        o = matvec_safe_matmul(q[:, :D], wo_t[layer])
+        h = matvec_safe_matmul(o[:, :D], wx_t[layer])[:, :D]
+    return h[0]
+
+
+def reference_layers(x_d, wq, wo, wx):
+    """Float32 chain (bf16 weights): every phase's output."""
+    hi = jax.lax.Precision.HIGHEST
+    x, yq, yo, yx = x_d.astype(jnp.float32), [], [], []
+    for layer in range(wq.shape[0]):
+        yq.append(jnp.dot(wq[layer].astype(jnp.float32), x, precision=hi))
+        yo.append(jnp.dot(wo[layer].astype(jnp.float32), yq[-1][:D], precision=hi))
+        yx.append(jnp.dot(wx[layer].astype(jnp.float32), yo[-1][:D], precision=hi))
+        x = yx[-1][:D]
+    return jnp.stack(yq), jnp.stack(yo), jnp.stack(yx)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--rings", default="12:16:512,6:16:1024,12:8:1024,3:16:2048",
+                    help="comma list of slots:rows:chunk")  # fmt: skip
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--out", default="results/gluon_layer.jsonl")
+    a = ap.parse_args()
+    head = {**header(), "bench": "gluon_layer_probe", "layers": a.layers}
+    bw = max(copy_bandwidth().values())
+    ks = jax.random.split(jax.random.key(1), 4)
+    ws = [(jax.random.normal(k, (a.layers, n, D)) * D**-0.5).astype(jnp.bfloat16)
+          for k, n in zip(ks[:3], PHASE_ROWS, strict=True)]  # fmt: skip
+    x = jax.random.normal(ks[3], (D,), jnp.float32)
+    want = reference_layers(x, *ws)
+    layer_bytes = sum(n * D * 2 for n in PHASE_ROWS)
+    wts = [jnp.swapaxes(w, 1, 2).copy() for w in ws]
+    fns = {"xla": (jax.jit(xla_layers), wts)}
+    for spec in a.rings.split(","):
+        n, rows, ck = (int(v) for v in spec.split(":"))
+        fns[f"ws{n}_rb{rows}_ck{ck}"] = (
+            jax.jit(lambda x, q, o, e, n=n, r=rows, c=ck: gluon_layers(
+                x, q, o, e, ring=n, rows=r, chunk=c)), ws)  # fmt: skip
+    rows_out = []
+    for name, (fn, w) in fns.items():
+        try:
+            out = jax.block_until_ready(fn(x, *w))
+        except Exception as err:  # a variant that does not compile or launch: say so
+            print({"variant": name, "error": repr(err)[:400]}, flush=True)
+            continue
+        if name == "xla":
+            got, ref, fails = np.asarray(out, np.float32), np.asarray(want[2][-1][:D]), 0
+        else:
+            got = np.concatenate([np.asarray(o).ravel() for o in out[:3]])
+            ref = np.concatenate([np.asarray(o).ravel() for o in want])
+            fails = int(np.asarray(out[3]).sum())
+        err = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+        t = time_fn(fn, x, *w, warmup=2, iters=a.iters)
+        busy, span, _ = device_span(fn, x, *w)
+        row = {**head, "variant": name, "us_per_layer": span / a.layers,
+               "wall_us_per_layer": t * 1e6 / a.layers,
+               "floor_us_per_layer": layer_bytes / bw * 1e6,
+               "pct_copy_bw": layer_bytes / (span / a.layers * 1e-6) / bw * 100,
+               "rel_err_vs_fp32": err, "failed_programs": fails,
+               "copy_TB_s": bw / 1e12}  # fmt: skip
+        rows_out.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+               if k not in head}, flush=True)  # fmt: skip
+    write_rows(a.out, rows_out)
+
+
+if __name__ == "__main__":
+    main()
