@@ -46,7 +46,8 @@ from megakernel_probe import device_span  # noqa: E402
 
 from prunepath_jax.kernels import gluon_launch, jt  # noqa: E402
 
-D = gl.constexpr(4096)  # every phase's input width (the 8B model width)
+D_MODEL = 4096  # every phase's input width (the 8B model width)
+D = gl.constexpr(D_MODEL)  # the same, for the kernels
 PHASE_ROWS = (6144, 4096, 10240)  # QKV, O, the experts' stand-in (80 MB ~ 22.8% of the FFN)
 PRODUCER_REGS = 96  # a producer thread's registers (48 and 64 spilled the unrolled row copies)
 
@@ -171,7 +172,7 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
     n_layers = wq.shape[0]
     nq, no, nx = wq.shape[1], wo.shape[1], wx.shape[1]
     for n in (nq, no, nx):
-        if n % (programs * rows) or D % chunk:
+        if n % (programs * rows) or D_MODEL % chunk:
             raise ValueError(
                 f"{n} rows over {programs} programs in {rows}-row blocks, chunk {chunk}"
             )
@@ -203,8 +204,8 @@ def xla_layers(x_d, wq_t, wo_t, wx_t):
     h = x_d.astype(jnp.bfloat16)[None, :]
     for layer in range(wq_t.shape[0]):
         q = matvec_safe_matmul(h, wq_t[layer])
-        o = matvec_safe_matmul(q[:, :D], wo_t[layer])
-        h = matvec_safe_matmul(o[:, :D], wx_t[layer])[:, :D]
+        o = matvec_safe_matmul(q[:, :D_MODEL], wo_t[layer])
+        h = matvec_safe_matmul(o[:, :D_MODEL], wx_t[layer])[:, :D_MODEL]
     return h[0]
 
 
@@ -214,9 +215,9 @@ def reference_layers(x_d, wq, wo, wx):
     x, yq, yo, yx = x_d.astype(jnp.float32), [], [], []
     for layer in range(wq.shape[0]):
         yq.append(jnp.dot(wq[layer].astype(jnp.float32), x, precision=hi))
-        yo.append(jnp.dot(wo[layer].astype(jnp.float32), yq[-1][:D], precision=hi))
-        yx.append(jnp.dot(wx[layer].astype(jnp.float32), yo[-1][:D], precision=hi))
-        x = yx[-1][:D]
+        yo.append(jnp.dot(wo[layer].astype(jnp.float32), yq[-1][:D_MODEL], precision=hi))
+        yx.append(jnp.dot(wx[layer].astype(jnp.float32), yo[-1][:D_MODEL], precision=hi))
+        x = yx[-1][:D_MODEL]
     return jnp.stack(yq), jnp.stack(yo), jnp.stack(yx)
 
 
@@ -231,11 +232,11 @@ def main() -> None:
     head = {**header(), "bench": "gluon_layer_probe", "layers": a.layers}
     bw = max(copy_bandwidth().values())
     ks = jax.random.split(jax.random.key(1), 4)
-    ws = [(jax.random.normal(k, (a.layers, n, D)) * D**-0.5).astype(jnp.bfloat16)
+    ws = [(jax.random.normal(k, (a.layers, n, D_MODEL)) * D_MODEL**-0.5).astype(jnp.bfloat16)
           for k, n in zip(ks[:3], PHASE_ROWS, strict=True)]  # fmt: skip
-    x = jax.random.normal(ks[3], (D,), jnp.float32)
+    x = jax.random.normal(ks[3], (D_MODEL,), jnp.float32)
     want = reference_layers(x, *ws)
-    layer_bytes = sum(n * D * 2 for n in PHASE_ROWS)
+    layer_bytes = sum(n * D_MODEL * 2 for n in PHASE_ROWS)
     wts = [jnp.swapaxes(w, 1, 2).copy() for w in ws]
     fns = {"xla": (jax.jit(xla_layers), wts)}
     for spec in a.rings.split(","):
@@ -251,7 +252,7 @@ def main() -> None:
             print({"variant": name, "error": repr(err)[:400]}, flush=True)
             continue
         if name == "xla":
-            got, ref, fails = np.asarray(out, np.float32), np.asarray(want[2][-1][:D]), 0
+            got, ref, fails = np.asarray(out, np.float32), np.asarray(want[2][-1][:D_MODEL]), 0
         else:
             got = np.concatenate([np.asarray(o).ravel() for o in out[:3]])
             ref = np.concatenate([np.asarray(o).ravel() for o in want])
