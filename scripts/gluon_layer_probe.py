@@ -46,15 +46,16 @@ from megakernel_probe import device_span  # noqa: E402
 
 from prunepath_jax.kernels import gluon_launch, jt  # noqa: E402
 
-D_MODEL = 4096  # every phase's input width (the 8B model width)
-D = gl.constexpr(D_MODEL)  # the same, for the kernels
-PHASE_ROWS = (6144, 4096, 10240)  # QKV, O, the experts' stand-in (80 MB ~ 22.8% of the FFN)
+# (width, rows of QKV, O and the experts' stand-in): the 8B's 80 MB ~ 22.8% of its FFN, the 1B's
+# 25.2 MB = 64 of its 256 experts (75% sparsity).
+SHAPES = {"8b": (4096, (6144, 4096, 10240)), "1b": (2048, (3072, 2048, 6144))}
+D_MODEL, PHASE_ROWS = SHAPES["8b"]
 PRODUCER_REGS = 96  # a producer thread's registers (48 and 64 spilled the unrolled row copies)
 
 
 @gluon.jit
-def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, RB: gl.constexpr,
-                   CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
+def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constexpr,
+                   RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
                    PW: gl.constexpr):  # fmt: skip
     """Copies this program's ``NR / P`` rows of one phase's ``[NR, D]`` block into the ring,
     ``[RB, CK]`` chunks in (row block, column chunk) order; returns the stream index after it."""
@@ -76,20 +77,27 @@ def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, RB: gl.conste
 
 
 @gluon.jit
-def _producer(ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L: gl.constexpr, RB: gl.constexpr,
-              CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr, PW: gl.constexpr,
-              NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr):  # fmt: skip
+def _producer(ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L: gl.constexpr, D: gl.constexpr,
+              RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
+              PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr,
+              NX: gl.constexpr):  # fmt: skip
     s = gl.program_id(0) * 0
     for layer in range(L):
-        s = _produce_phase(ring, ready, empty, wq_ptr + layer * NQ * D, s, NQ, RB, CK, NBUF, P, PW)
-        s = _produce_phase(ring, ready, empty, wo_ptr + layer * NO * D, s, NO, RB, CK, NBUF, P, PW)
-        s = _produce_phase(ring, ready, empty, wx_ptr + layer * NX * D, s, NX, RB, CK, NBUF, P, PW)
+        s = _produce_phase(
+            ring, ready, empty, wq_ptr + layer * NQ * D, s, NQ, D, RB, CK, NBUF, P, PW
+        )
+        s = _produce_phase(
+            ring, ready, empty, wo_ptr + layer * NO * D, s, NO, D, RB, CK, NBUF, P, PW
+        )
+        s = _produce_phase(
+            ring, ready, empty, wx_ptr + layer * NX * D, s, NX, D, RB, CK, NBUF, P, PW
+        )
 
 
 @gluon.jit
 def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed,
-                   NR: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr,
-                   P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
+                   NR: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr,
+                   NBUF: gl.constexpr, P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
                    WC: gl.constexpr):  # fmt: skip
     """One phase: wait for the barrier (``ph`` phases done), the input row into shared memory,
     this program's rows chunk by chunk from the ring, stored, then the arrival."""
@@ -119,9 +127,10 @@ def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed,
 
 @gluon.jit
 def _consumer(ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fail_ptr,
-              L: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr,
-              P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr, WC: gl.constexpr,
-              NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr):  # fmt: skip
+              L: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr,
+              NBUF: gl.constexpr, P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
+              WC: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr,
+              NX: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     s = pid * 0
     failed = pid * 0
@@ -131,23 +140,23 @@ def _consumer(ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fa
         else:
             src = yx_ptr + (layer - 1) * NX
         s, failed = _consume_phase(ring, ready, empty, xs, src, yq_ptr + layer * NQ, ctr_ptr,
-                                   s, 3 * layer, failed, NQ, RB, CK, NBUF, P, SPIN, WARPS,
+                                   s, 3 * layer, failed, NQ, D, RB, CK, NBUF, P, SPIN, WARPS,
                                    WC)  # fmt: skip
         s, failed = _consume_phase(ring, ready, empty, xs, yq_ptr + layer * NQ, yo_ptr + layer * NO,
-                                   ctr_ptr, s, 3 * layer + 1, failed, NO, RB, CK, NBUF, P, SPIN,
+                                   ctr_ptr, s, 3 * layer + 1, failed, NO, D, RB, CK, NBUF, P, SPIN,
                                    WARPS, WC)  # fmt: skip
         s, failed = _consume_phase(ring, ready, empty, xs, yo_ptr + layer * NO, yx_ptr + layer * NX,
-                                   ctr_ptr, s, 3 * layer + 2, failed, NX, RB, CK, NBUF, P, SPIN,
+                                   ctr_ptr, s, 3 * layer + 2, failed, NX, D, RB, CK, NBUF, P, SPIN,
                                    WARPS, WC)  # fmt: skip
     gl.store(fail_ptr + pid, failed)
 
 
 @gluon.jit
 def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fail_ptr,
-                  L: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr,
-                  P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr, WC: gl.constexpr,
-                  PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr,
-                  READY_COUNT: gl.constexpr, EMPTY_COUNT: gl.constexpr,
+                  L: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr,
+                  NBUF: gl.constexpr, P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
+                  WC: gl.constexpr, PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr,
+                  NX: gl.constexpr, READY_COUNT: gl.constexpr, EMPTY_COUNT: gl.constexpr,
                   PR: gl.constexpr):  # fmt: skip
     sh: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF, RB, CK], sh)
@@ -159,8 +168,8 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
         mbarrier.init(empty.index(i), count=EMPTY_COUNT)
     gl.warp_specialize(
         [(_consumer, (ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fail_ptr, L,
-                      RB, CK, NBUF, P, SPIN, WARPS, WC, NQ, NO, NX)),
-         (_producer, (ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L, RB, CK, NBUF, P, PW, NQ, NO,
+                      D, RB, CK, NBUF, P, SPIN, WARPS, WC, NQ, NO, NX)),
+         (_producer, (ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L, D, RB, CK, NBUF, P, PW, NQ, NO,
                       NX))],
         [PW], [PR],
     )  # fmt: skip
@@ -169,10 +178,12 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
 def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024, warps=8,
                  producer_warps=1, spin=SPIN):  # fmt: skip
     """Every layer's three phases in one launch: ``(yq, yo, yx, fail)``."""
-    n_layers = wq.shape[0]
-    nq, no, nx = wq.shape[1], wo.shape[1], wx.shape[1]
+    n_layers, nq, d = wq.shape
+    no, nx = wo.shape[1], wx.shape[1]
+    if wo.shape[2] != d or wx.shape[2] != d or min(nq, no) < d:
+        raise ValueError(f"phases {wq.shape}, {wo.shape}, {wx.shape}: need [L, >= d, d] blocks")
     for n in (nq, no, nx):
-        if n % (programs * rows) or D_MODEL % chunk:
+        if n % (programs * rows) or d % chunk:
             raise ValueError(
                 f"{n} rows over {programs} programs in {rows}-row blocks, chunk {chunk}"
             )
@@ -188,7 +199,7 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
                    jax.ShapeDtypeStruct((1,), jnp.int32),
                    jax.ShapeDtypeStruct((programs,), jnp.int32)],
         zeroed_outputs=(0, 1, 2, 3), grid=(programs,), num_warps=warps, num_stages=1,
-        L=n_layers, RB=rows, CK=chunk, NBUF=ring, P=programs, SPIN=spin, WARPS=warps,
+        L=n_layers, D=d, RB=rows, CK=chunk, NBUF=ring, P=programs, SPIN=spin, WARPS=warps,
         WC=min(warps, chunk // 256), PW=producer_warps, NQ=nq, NO=no, NX=nx,
         READY_COUNT=WS_READY_PER_WARP * producer_warps, EMPTY_COUNT=WS_EMPTY_COUNT,
         PR=PRODUCER_REGS,
@@ -201,42 +212,44 @@ def xla_layers(x_d, wq_t, wo_t, wx_t):
     ``[L, in, out]``."""
     from prunepath_jax.models.layers import matvec_safe_matmul
 
-    h = x_d.astype(jnp.bfloat16)[None, :]
+    h, d = x_d.astype(jnp.bfloat16)[None, :], wq_t.shape[1]
     for layer in range(wq_t.shape[0]):
         q = matvec_safe_matmul(h, wq_t[layer])
-        o = matvec_safe_matmul(q[:, :D_MODEL], wo_t[layer])
-        h = matvec_safe_matmul(o[:, :D_MODEL], wx_t[layer])[:, :D_MODEL]
+        o = matvec_safe_matmul(q[:, :d], wo_t[layer])
+        h = matvec_safe_matmul(o[:, :d], wx_t[layer])[:, :d]
     return h[0]
 
 
 def reference_layers(x_d, wq, wo, wx):
     """Float32 chain (bf16 weights): every phase's output."""
     hi = jax.lax.Precision.HIGHEST
-    x, yq, yo, yx = x_d.astype(jnp.float32), [], [], []
+    x, yq, yo, yx, d = x_d.astype(jnp.float32), [], [], [], wq.shape[2]
     for layer in range(wq.shape[0]):
         yq.append(jnp.dot(wq[layer].astype(jnp.float32), x, precision=hi))
-        yo.append(jnp.dot(wo[layer].astype(jnp.float32), yq[-1][:D_MODEL], precision=hi))
-        yx.append(jnp.dot(wx[layer].astype(jnp.float32), yo[-1][:D_MODEL], precision=hi))
-        x = yx[-1][:D_MODEL]
+        yo.append(jnp.dot(wo[layer].astype(jnp.float32), yq[-1][:d], precision=hi))
+        yx.append(jnp.dot(wx[layer].astype(jnp.float32), yo[-1][:d], precision=hi))
+        x = yx[-1][:d]
     return jnp.stack(yq), jnp.stack(yo), jnp.stack(yx)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="8b")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--rings", default="12:16:512,6:16:1024,12:8:1024,3:16:2048",
                     help="comma list of slots:rows:chunk")  # fmt: skip
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", default="results/gluon_layer.jsonl")
     a = ap.parse_args()
-    head = {**header(), "bench": "gluon_layer_probe", "layers": a.layers}
+    head = {**header(), "bench": "gluon_layer_probe", "layers": a.layers, "shape": a.shape}
+    d, phase_rows = SHAPES[a.shape]
     bw = max(copy_bandwidth().values())
     ks = jax.random.split(jax.random.key(1), 4)
-    ws = [(jax.random.normal(k, (a.layers, n, D_MODEL)) * D_MODEL**-0.5).astype(jnp.bfloat16)
-          for k, n in zip(ks[:3], PHASE_ROWS, strict=True)]  # fmt: skip
-    x = jax.random.normal(ks[3], (D_MODEL,), jnp.float32)
+    ws = [(jax.random.normal(k, (a.layers, n, d)) * d**-0.5).astype(jnp.bfloat16)
+          for k, n in zip(ks[:3], phase_rows, strict=True)]  # fmt: skip
+    x = jax.random.normal(ks[3], (d,), jnp.float32)
     want = reference_layers(x, *ws)
-    layer_bytes = sum(n * D_MODEL * 2 for n in PHASE_ROWS)
+    layer_bytes = sum(n * d * 2 for n in phase_rows)
     wts = [jnp.swapaxes(w, 1, 2).copy() for w in ws]
     fns = {"xla": (jax.jit(xla_layers), wts)}
     for spec in a.rings.split(","):
@@ -252,7 +265,7 @@ def main() -> None:
             print({"variant": name, "error": repr(err)[:400]}, flush=True)
             continue
         if name == "xla":
-            got, ref, fails = np.asarray(out, np.float32), np.asarray(want[2][-1][:D_MODEL]), 0
+            got, ref, fails = np.asarray(out, np.float32), np.asarray(want[2][-1][:d]), 0
         else:
             got = np.concatenate([np.asarray(o).ravel() for o in out[:3]])
             ref = np.concatenate([np.asarray(o).ravel() for o in want])

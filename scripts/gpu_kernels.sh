@@ -1944,4 +1944,11 @@ s50e)  # an 8B layer's three weight streams (QKV, O, an 80 MB expert stand-in) t
     -p no:cacheprovider
   run timeout 300 python3 scripts/gluon_layer_probe.py --layers 8 --out "$OUT/gluon_layer.jsonl"
   ;;
+s50f)  # the layer probe at the 1B shape (QKV 3072, O 2048, 64 of 256 experts' rows: 6144), and
+  # the 8B again in a second process
+  run timeout 200 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 \
+    --rings "12:8:1024,6:8:2048,24:8:512,3:8:2048" --out "$OUT/gluon_layer.jsonl"
+  run timeout 200 python3 scripts/gluon_layer_probe.py --shape 8b --layers 8 \
+    --rings "6:16:1024,3:16:2048" --out "$OUT/gluon_layer.jsonl"
+  ;;
 esac

@@ -132,7 +132,8 @@ def test_layer_probe_lowers_without_spills():
 
     sig = ["*fp32", "*bf16", "*bf16", "*bf16", "*fp32", "*fp32", "*fp32", "*i32", "*i32"]
     for n, rb, ck in [(12, 16, 512), (3, 16, 2048)]:
-        meta = dict(L=2, RB=rb, CK=ck, NBUF=n, P=128, SPIN=glp.SPIN, WARPS=8, WC=min(8, ck // 256),
+        meta = dict(L=2, D=4096, RB=rb, CK=ck, NBUF=n, P=128, SPIN=glp.SPIN, WARPS=8,
+                    WC=min(8, ck // 256),
                     PW=1, NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
                     EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS)  # fmt: skip
         _, shared, ptx, _, _ = gluon_launch.compile_gluon(
