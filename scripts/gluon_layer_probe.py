@@ -54,6 +54,23 @@ PRODUCER_REGS = 96  # a producer thread's registers (48 and 64 spilled the unrol
 
 
 @gluon.jit
+def _gl_now(dummy):
+    """``%globaltimer`` (ns); ``dummy`` is the asm's operand (impure: read again each call)."""
+    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy],
+                                     dtype=gl.int64, is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _spin_ns(dummy, NS: gl.constexpr):
+    """Busy for ``NS`` ns: stands in for work whose latency the ring should hide (attention)
+    or cannot (the selection the expert stream waits for)."""
+    t0 = _gl_now(dummy)
+    t = t0
+    while t - t0 < NS:
+        t = _gl_now(dummy)
+
+
+@gluon.jit
 def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constexpr,
                    RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
                    PW: gl.constexpr):  # fmt: skip
@@ -79,8 +96,8 @@ def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constex
 @gluon.jit
 def _producer(ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L: gl.constexpr, D: gl.constexpr,
               RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
-              PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr,
-              NX: gl.constexpr):  # fmt: skip
+              PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr, sel,
+              SEL: gl.constexpr):  # fmt: skip
     s = gl.program_id(0) * 0
     for layer in range(L):
         s = _produce_phase(
@@ -89,21 +106,28 @@ def _producer(ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L: gl.constexpr, D: gl
         s = _produce_phase(
             ring, ready, empty, wo_ptr + layer * NO * D, s, NO, D, RB, CK, NBUF, P, PW
         )
+        if SEL:  # the experts are known only after the selection (the consumers' arrival)
+            mbarrier.wait(sel.index(0), layer & 1)
         s = _produce_phase(
             ring, ready, empty, wx_ptr + layer * NX * D, s, NX, D, RB, CK, NBUF, P, PW
         )
 
 
 @gluon.jit
-def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed,
+def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed, sel,
                    NR: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr,
                    NBUF: gl.constexpr, P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
-                   WC: gl.constexpr):  # fmt: skip
-    """One phase: wait for the barrier (``ph`` phases done), the input row into shared memory,
-    this program's rows chunk by chunk from the ring, stored, then the arrival."""
+                   WC: gl.constexpr, DELAY_NS: gl.constexpr, SEL_ARRIVE: gl.constexpr):  # fmt: skip
+    """One phase: wait for the barrier (``ph`` phases done), ``DELAY_NS`` of stand-in work
+    (then, with ``SEL_ARRIVE``, let the producer start this phase's stream), the input row into
+    shared memory, this program's rows chunk by chunk from the ring, stored, the arrival."""
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS // WC, WC], [1, 0])
     if ph > 0:
         failed = _gl_wait(ctr_ptr, P * ph, failed, SPIN)
+    if DELAY_NS > 0:
+        _spin_ns(failed, DELAY_NS)
+    if SEL_ARRIVE:
+        mbarrier.arrive(sel.index(0))
     rd = gl.arange(0, D, layout=gl.BlockedLayout([4], [32], [WARPS], [0]))
     xs.store(gl.load(x_src + rd, cache_modifier=".cg"))
     _cta_barrier()
@@ -129,8 +153,8 @@ def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed,
 def _consumer(ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fail_ptr,
               L: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr,
               NBUF: gl.constexpr, P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
-              WC: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr,
-              NX: gl.constexpr):  # fmt: skip
+              WC: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr, sel,
+              SEL: gl.constexpr, ATT_NS: gl.constexpr, SEL_NS: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     s = pid * 0
     failed = pid * 0
@@ -140,14 +164,14 @@ def _consumer(ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fa
         else:
             src = yx_ptr + (layer - 1) * NX
         s, failed = _consume_phase(ring, ready, empty, xs, src, yq_ptr + layer * NQ, ctr_ptr,
-                                   s, 3 * layer, failed, NQ, D, RB, CK, NBUF, P, SPIN, WARPS,
-                                   WC)  # fmt: skip
+                                   s, 3 * layer, failed, sel, NQ, D, RB, CK, NBUF, P, SPIN,
+                                   WARPS, WC, 0, False)  # fmt: skip
         s, failed = _consume_phase(ring, ready, empty, xs, yq_ptr + layer * NQ, yo_ptr + layer * NO,
-                                   ctr_ptr, s, 3 * layer + 1, failed, NO, D, RB, CK, NBUF, P, SPIN,
-                                   WARPS, WC)  # fmt: skip
+                                   ctr_ptr, s, 3 * layer + 1, failed, sel, NO, D, RB, CK, NBUF, P,
+                                   SPIN, WARPS, WC, ATT_NS, False)  # fmt: skip
         s, failed = _consume_phase(ring, ready, empty, xs, yo_ptr + layer * NO, yx_ptr + layer * NX,
-                                   ctr_ptr, s, 3 * layer + 2, failed, NX, D, RB, CK, NBUF, P, SPIN,
-                                   WARPS, WC)  # fmt: skip
+                                   ctr_ptr, s, 3 * layer + 2, failed, sel, NX, D, RB, CK, NBUF, P,
+                                   SPIN, WARPS, WC, SEL_NS, SEL)  # fmt: skip
     gl.store(fail_ptr + pid, failed)
 
 
@@ -157,27 +181,35 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
                   NBUF: gl.constexpr, P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
                   WC: gl.constexpr, PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr,
                   NX: gl.constexpr, READY_COUNT: gl.constexpr, EMPTY_COUNT: gl.constexpr,
-                  PR: gl.constexpr):  # fmt: skip
+                  PR: gl.constexpr, SEL: gl.constexpr, ATT_NS: gl.constexpr,
+                  SEL_NS: gl.constexpr):  # fmt: skip
     sh: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF, RB, CK], sh)
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     xs = gl.allocate_shared_memory(gl.float32, [D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    sel = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NBUF):
         mbarrier.init(ready.index(i), count=READY_COUNT)
         mbarrier.init(empty.index(i), count=EMPTY_COUNT)
+    mbarrier.init(sel.index(0), count=1)
     gl.warp_specialize(
         [(_consumer, (ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fail_ptr, L,
-                      D, RB, CK, NBUF, P, SPIN, WARPS, WC, NQ, NO, NX)),
+                      D, RB, CK, NBUF, P, SPIN, WARPS, WC, NQ, NO, NX, sel, SEL, ATT_NS, SEL_NS)),
          (_producer, (ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L, D, RB, CK, NBUF, P, PW, NQ, NO,
-                      NX))],
+                      NX, sel, SEL))],
         [PW], [PR],
     )  # fmt: skip
 
 
 def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024, warps=8,
-                 producer_warps=1, spin=SPIN):  # fmt: skip
-    """Every layer's three phases in one launch: ``(yq, yo, yx, fail)``."""
+                 producer_warps=1, select: bool = False, attention_ns: int = 0,
+                 select_ns: int = 0, spin=SPIN):  # fmt: skip
+    """Every layer's three phases in one launch: ``(yq, yo, yx, fail)``. ``select``: the
+    producer streams a layer's experts only after the consumers passed the barrier before them
+    (and ``select_ns`` of stand-in selection work), as a data-dependent expert list forces;
+    ``attention_ns``: stand-in attention work before the O phase's GEMV (the ring may stream
+    W_o meanwhile)."""
     n_layers, nq, d = wq.shape
     no, nx = wo.shape[1], wx.shape[1]
     if wo.shape[2] != d or wx.shape[2] != d or min(nq, no) < d:
@@ -202,7 +234,7 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
         L=n_layers, D=d, RB=rows, CK=chunk, NBUF=ring, P=programs, SPIN=spin, WARPS=warps,
         WC=min(warps, chunk // 256), PW=producer_warps, NQ=nq, NO=no, NX=nx,
         READY_COUNT=WS_READY_PER_WARP * producer_warps, EMPTY_COUNT=WS_EMPTY_COUNT,
-        PR=PRODUCER_REGS,
+        PR=PRODUCER_REGS, SEL=bool(select), ATT_NS=int(attention_ns), SEL_NS=int(select_ns),
     )  # fmt: skip
     return yq, yo, yx, fail
 
@@ -239,6 +271,9 @@ def main() -> None:
     ap.add_argument("--rings", default="12:16:512,6:16:1024,12:8:1024,3:16:2048",
                     help="comma list of slots:rows:chunk")  # fmt: skip
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--latency", default="0:0",
+                    help="comma list of attention_us:selection_us stand-ins; each also with "
+                         "the expert stream held until the selection")  # fmt: skip
     ap.add_argument("--out", default="results/gluon_layer.jsonl")
     a = ap.parse_args()
     head = {**header(), "bench": "gluon_layer_probe", "layers": a.layers, "shape": a.shape}
@@ -254,9 +289,15 @@ def main() -> None:
     fns = {"xla": (jax.jit(xla_layers), wts)}
     for spec in a.rings.split(","):
         n, rows, ck = (int(v) for v in spec.split(":"))
-        fns[f"ws{n}_rb{rows}_ck{ck}"] = (
-            jax.jit(lambda x, q, o, e, n=n, r=rows, c=ck: gluon_layers(
-                x, q, o, e, ring=n, rows=r, chunk=c)), ws)  # fmt: skip
+        for lat in a.latency.split(","):
+            att, sel = (float(v) for v in lat.split(":"))
+            for held in (False, True) if att or sel else (False,):
+                name = f"ws{n}_rb{rows}_ck{ck}" + (f"_att{att:g}_sel{sel:g}" if att or sel else "")
+                name += "_held" if held else ""
+                fns[name] = (jax.jit(lambda x, q, o, e, n=n, r=rows, c=ck, h=held, at=att, se=sel:
+                                     gluon_layers(x, q, o, e, ring=n, rows=r, chunk=c, select=h,
+                                                  attention_ns=int(at * 1e3),
+                                                  select_ns=int(se * 1e3))), ws)  # fmt: skip
     rows_out = []
     for name, (fn, w) in fns.items():
         try:

@@ -1951,4 +1951,13 @@ s50f)  # the layer probe at the 1B shape (QKV 3072, O 2048, 64 of 256 experts' r
   run timeout 200 python3 scripts/gluon_layer_probe.py --shape 8b --layers 8 \
     --rings "6:16:1024,3:16:2048" --out "$OUT/gluon_layer.jsonl"
   ;;
+s50g)  # the layer probe with today's attention and selection latencies as stand-ins (8B: B 6.8,
+  # selection 4.35 µs; 1B: attention ~5.5, selection 2.6), the expert stream free or held
+  PYTHONUNBUFFERED=1 run timeout 200 python3 -m pytest -q -rA -m gpu tests/test_gluon_probe.py \
+    -k layer_probe -p no:cacheprovider
+  run timeout 200 python3 scripts/gluon_layer_probe.py --shape 8b --layers 8 \
+    --rings "6:16:1024,3:16:2048" --latency "0:0,6.8:4.35" --out "$OUT/gluon_layer.jsonl"
+  run timeout 200 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 \
+    --rings "6:8:2048,12:8:1024" --latency "0:0,5.5:2.6" --out "$OUT/gluon_layer.jsonl"
+  ;;
 esac
