@@ -61,13 +61,37 @@ def _gl_now(dummy):
 
 
 @gluon.jit
-def _spin_ns(dummy, NS: gl.constexpr):
+def _nap(dummy, NS: gl.constexpr):
+    """``nanosleep`` of about ``NS`` ns (0: none): a waiting warp leaves the issue slots to the
+    producer warp instead of spinning on them."""
+    if NS > 0:
+        gl.inline_asm_elementwise("nanosleep.u32 $1;\n\tmov.u32 $0, 0;", "=r,r", [dummy * 0 + NS],
+                                  dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _spin_ns(dummy, NS: gl.constexpr, NAP: gl.constexpr):
     """Busy for ``NS`` ns: stands in for work whose latency the ring should hide (attention)
-    or cannot (the selection the expert stream waits for)."""
+    or cannot (the selection the expert stream waits for); with ``NAP`` it sleeps between its
+    clock reads (an idle stand-in, not a busy one)."""
     t0 = _gl_now(dummy)
     t = t0
     while t - t0 < NS:
+        _nap(dummy, NAP)
         t = _gl_now(dummy)
+
+
+@gluon.jit
+def _wait_napping(ctr_ptr, target, failed, SPIN: gl.constexpr, NAP: gl.constexpr):
+    """``gluon_chain_probe._gl_wait`` with a ``NAP`` ns sleep between polls."""
+    seen = gl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
+    n = target * 0
+    while (seen < target) & (n < SPIN):
+        _nap(target, NAP)
+        seen = gl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
+        n += 1
+    _cta_barrier()
+    return gl.where(seen < target, 1, failed)
 
 
 @gluon.jit
@@ -117,15 +141,19 @@ def _producer(ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L: gl.constexpr, D: gl
 def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed, sel,
                    NR: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr,
                    NBUF: gl.constexpr, P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
-                   WC: gl.constexpr, DELAY_NS: gl.constexpr, SEL_ARRIVE: gl.constexpr):  # fmt: skip
+                   WC: gl.constexpr, DELAY_NS: gl.constexpr, SEL_ARRIVE: gl.constexpr,
+                   NAP: gl.constexpr):  # fmt: skip
     """One phase: wait for the barrier (``ph`` phases done), ``DELAY_NS`` of stand-in work
     (then, with ``SEL_ARRIVE``, let the producer start this phase's stream), the input row into
     shared memory, this program's rows chunk by chunk from the ring, stored, the arrival."""
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS // WC, WC], [1, 0])
     if ph > 0:
-        failed = _gl_wait(ctr_ptr, P * ph, failed, SPIN)
+        if NAP > 0:
+            failed = _wait_napping(ctr_ptr, P * ph, failed, SPIN, NAP)
+        else:
+            failed = _gl_wait(ctr_ptr, P * ph, failed, SPIN)
     if DELAY_NS > 0:
-        _spin_ns(failed, DELAY_NS)
+        _spin_ns(failed, DELAY_NS, NAP)
     if SEL_ARRIVE:
         mbarrier.arrive(sel.index(0))
     rd = gl.arange(0, D, layout=gl.BlockedLayout([4], [32], [WARPS], [0]))
@@ -154,7 +182,8 @@ def _consumer(ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fa
               L: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr,
               NBUF: gl.constexpr, P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
               WC: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr, sel,
-              SEL: gl.constexpr, ATT_NS: gl.constexpr, SEL_NS: gl.constexpr):  # fmt: skip
+              SEL: gl.constexpr, ATT_NS: gl.constexpr, SEL_NS: gl.constexpr,
+              NAP: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     s = pid * 0
     failed = pid * 0
@@ -165,13 +194,13 @@ def _consumer(ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fa
             src = yx_ptr + (layer - 1) * NX
         s, failed = _consume_phase(ring, ready, empty, xs, src, yq_ptr + layer * NQ, ctr_ptr,
                                    s, 3 * layer, failed, sel, NQ, D, RB, CK, NBUF, P, SPIN,
-                                   WARPS, WC, 0, False)  # fmt: skip
+                                   WARPS, WC, 0, False, NAP)  # fmt: skip
         s, failed = _consume_phase(ring, ready, empty, xs, yq_ptr + layer * NQ, yo_ptr + layer * NO,
                                    ctr_ptr, s, 3 * layer + 1, failed, sel, NO, D, RB, CK, NBUF, P,
-                                   SPIN, WARPS, WC, ATT_NS, False)  # fmt: skip
+                                   SPIN, WARPS, WC, ATT_NS, False, NAP)  # fmt: skip
         s, failed = _consume_phase(ring, ready, empty, xs, yo_ptr + layer * NO, yx_ptr + layer * NX,
                                    ctr_ptr, s, 3 * layer + 2, failed, sel, NX, D, RB, CK, NBUF, P,
-                                   SPIN, WARPS, WC, SEL_NS, SEL)  # fmt: skip
+                                   SPIN, WARPS, WC, SEL_NS, SEL, NAP)  # fmt: skip
     gl.store(fail_ptr + pid, failed)
 
 
@@ -182,7 +211,7 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
                   WC: gl.constexpr, PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr,
                   NX: gl.constexpr, READY_COUNT: gl.constexpr, EMPTY_COUNT: gl.constexpr,
                   PR: gl.constexpr, SEL: gl.constexpr, ATT_NS: gl.constexpr,
-                  SEL_NS: gl.constexpr):  # fmt: skip
+                  SEL_NS: gl.constexpr, NAP: gl.constexpr):  # fmt: skip
     sh: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF, RB, CK], sh)
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
@@ -195,7 +224,8 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
     mbarrier.init(sel.index(0), count=1)
     gl.warp_specialize(
         [(_consumer, (ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fail_ptr, L,
-                      D, RB, CK, NBUF, P, SPIN, WARPS, WC, NQ, NO, NX, sel, SEL, ATT_NS, SEL_NS)),
+                      D, RB, CK, NBUF, P, SPIN, WARPS, WC, NQ, NO, NX, sel, SEL, ATT_NS, SEL_NS,
+                      NAP)),
          (_producer, (ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L, D, RB, CK, NBUF, P, PW, NQ, NO,
                       NX, sel, SEL))],
         [PW], [PR],
@@ -204,12 +234,13 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
 
 def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024, warps=8,
                  producer_warps=1, select: bool = False, attention_ns: int = 0,
-                 select_ns: int = 0, spin=SPIN):  # fmt: skip
+                 select_ns: int = 0, nap_ns: int = 0, spin=SPIN):  # fmt: skip
     """Every layer's three phases in one launch: ``(yq, yo, yx, fail)``. ``select``: the
     producer streams a layer's experts only after the consumers passed the barrier before them
     (and ``select_ns`` of stand-in selection work), as a data-dependent expert list forces;
     ``attention_ns``: stand-in attention work before the O phase's GEMV (the ring may stream
-    W_o meanwhile)."""
+    W_o meanwhile); ``nap_ns``: the consumers sleep that long between barrier polls and in the
+    stand-ins (0: they spin, as the Triton step's barrier does)."""
     n_layers, nq, d = wq.shape
     no, nx = wo.shape[1], wx.shape[1]
     if wo.shape[2] != d or wx.shape[2] != d or min(nq, no) < d:
@@ -235,6 +266,7 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
         WC=min(warps, chunk // 256), PW=producer_warps, NQ=nq, NO=no, NX=nx,
         READY_COUNT=WS_READY_PER_WARP * producer_warps, EMPTY_COUNT=WS_EMPTY_COUNT,
         PR=PRODUCER_REGS, SEL=bool(select), ATT_NS=int(attention_ns), SEL_NS=int(select_ns),
+        NAP=int(nap_ns),
     )  # fmt: skip
     return yq, yo, yx, fail
 
@@ -271,6 +303,13 @@ def main() -> None:
     ap.add_argument("--rings", default="12:16:512,6:16:1024,12:8:1024,3:16:2048",
                     help="comma list of slots:rows:chunk")  # fmt: skip
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument(
+        "--naps",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="ns the consumers sleep between polls and in the stand-ins (0: spin)",
+    )
     ap.add_argument("--latency", default="0:0",
                     help="comma list of attention_us:selection_us stand-ins; each also with "
                          "the expert stream held until the selection")  # fmt: skip
@@ -292,12 +331,15 @@ def main() -> None:
         for lat in a.latency.split(","):
             att, sel = (float(v) for v in lat.split(":"))
             for held in (False, True) if att or sel else (False,):
-                name = f"ws{n}_rb{rows}_ck{ck}" + (f"_att{att:g}_sel{sel:g}" if att or sel else "")
-                name += "_held" if held else ""
-                fns[name] = (jax.jit(lambda x, q, o, e, n=n, r=rows, c=ck, h=held, at=att, se=sel:
-                                     gluon_layers(x, q, o, e, ring=n, rows=r, chunk=c, select=h,
-                                                  attention_ns=int(at * 1e3),
-                                                  select_ns=int(se * 1e3))), ws)  # fmt: skip
+                for nap in a.naps:
+                    name = f"ws{n}_rb{rows}_ck{ck}"
+                    name += f"_att{att:g}_sel{sel:g}" if att or sel else ""
+                    name += ("_held" if held else "") + (f"_nap{nap}" if nap else "")
+                    fns[name] = (jax.jit(
+                        lambda x, q, o, e, n=n, r=rows, c=ck, h=held, at=att, se=sel, nap=nap:
+                        gluon_layers(x, q, o, e, ring=n, rows=r, chunk=c, select=h,
+                                     attention_ns=int(at * 1e3), select_ns=int(se * 1e3),
+                                     nap_ns=nap)), ws)  # fmt: skip
     rows_out = []
     for name, (fn, w) in fns.items():
         try:

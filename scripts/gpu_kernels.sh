@@ -1960,4 +1960,13 @@ s50g)  # the layer probe with today's attention and selection latencies as stand
   run timeout 200 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 \
     --rings "6:8:2048,12:8:1024" --latency "0:0,5.5:2.6" --out "$OUT/gluon_layer.jsonl"
   ;;
+s50h)  # do the consumers' hot spins (grid-barrier polls, stand-in latencies) starve the producer
+  # warp? the same latencies with the consumers sleeping (nanosleep 200 ns) between polls
+  PYTHONUNBUFFERED=1 run timeout 120 python3 -m pytest -q -rA -m gpu tests/test_gluon_probe.py \
+    -k layer_probe -p no:cacheprovider
+  run timeout 150 python3 scripts/gluon_layer_probe.py --shape 8b --layers 8 --rings "6:16:1024" \
+    --latency "0:0,6.8:4.35" --naps 0 200 --out "$OUT/gluon_layer.jsonl"
+  run timeout 150 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
+    --latency "0:0,5.5:2.6" --naps 0 200 --out "$OUT/gluon_layer.jsonl"
+  ;;
 esac

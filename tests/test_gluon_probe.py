@@ -136,7 +136,7 @@ def test_layer_probe_lowers_without_spills():
                     WC=min(8, ck // 256),
                     PW=1, NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
                     EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=True,
-                    ATT_NS=5000, SEL_NS=2500)  # fmt: skip
+                    ATT_NS=5000, SEL_NS=2500, NAP=200)  # fmt: skip
         _, shared, ptx, _, _ = gluon_launch.compile_gluon(
             glp._layer_kernel, sig, set(), meta, warps=8, stages=1, ctas=1, cc=90
         )
@@ -165,7 +165,7 @@ def test_layer_probe_matches_the_fp32_chain_on_gpu(held):
     ws = [(jax.random.normal(k, (2, n, 4096)) * 4096**-0.5).astype(jnp.bfloat16)
           for k, n in zip(ks[:3], glp.PHASE_ROWS, strict=True)]  # fmt: skip
     x = jax.random.normal(ks[3], (4096,), jnp.float32)
-    lat = {"select": True, "attention_ns": 3000, "select_ns": 2000} if held else {}
+    lat = {"select": True, "attention_ns": 3000, "select_ns": 2000, "nap_ns": 200} if held else {}
     *got, fail = glp.gluon_layers(x, *ws, ring=6, rows=16, chunk=1024, **lat)
     assert int(np.asarray(fail).sum()) == 0
     for g, want, name in zip(got, glp.reference_layers(x, *ws), "qox", strict=True):
