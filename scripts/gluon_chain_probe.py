@@ -15,9 +15,17 @@ barrier a phase), side by side with the Triton chain variants and XLA:
 
 * ``ring<N>_ck<C>``: each program streams its rows of every ``W_l`` in ``[ROWS, C]`` chunks
   through an N-slot shared-memory ring, phase after phase with no break: at every chunk it
-  issues the copy N-1 chunks ahead (across phase boundaries) before it waits for anything.
+  issues the copy N-1 chunks ahead (across phase boundaries) before it waits for anything;
+* ``ws`` / ``wsx``: the same ring fed by a producer warp (``gl.warp_specialize``, mbarriers),
+  the other warps only compute (``wsx``: the activation row read once a phase into shared
+  memory); ``after``, ``regs``, ``nobar``: diagnostics (``gluon_chain``'s docstring).
 
     python scripts/gluon_chain_probe.py --d 2048 4096 --layers 32 --out results/gluon.jsonl
+
+Measured (H200, BENCHMARKS.md thirty-seventh session): the warp-specialized ring takes a d 4096
+phase from the Triton chain's 12.6 µs (63% of copy) to 8.9 (89%; XLA 10.5), d 2048 from 3.75 to
+3.4, d 1024 not at all (1.85, the barrier and activation round trip). The warps must sit side by
+side along the columns: stacked over the rows each loads the whole activation, 2x slower.
 """
 
 from __future__ import annotations

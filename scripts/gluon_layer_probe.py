@@ -14,6 +14,12 @@ XLA kernels (the dense step's form), and the real step's phase times for the sam
 + F's unit loop: ~51 µs a layer at 75%, thirty-fourth / thirty-sixth sessions).
 
     python scripts/gluon_layer_probe.py --layers 8 --out results/gluon_layer.jsonl
+    python scripts/gluon_layer_probe.py --shape 1b --layers 16 --latency 0:0,5.5:2.6
+
+Measured (H200, BENCHMARKS.md thirty-seventh session): 8B 43.5-44.2 µs a layer (90-93% of
+copy; XLA's GEMVs 46.9-47.5), 1B 15.0 (72%; XLA 23.0). Stand-ins for today's attention and
+selection latencies (``--latency``) add their full time (8B 55-58, 1B 23-26): the ring hides
+none of them, with or without the compute warps sleeping (``--naps``).
 """
 
 from __future__ import annotations
