@@ -36,7 +36,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import triton.experimental.gluon.language as gl
 from triton.experimental import gluon
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
@@ -44,10 +43,10 @@ from triton.experimental.gluon.language.nvidia.ampere import mbarrier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, header, time_fn, write_rows  # noqa: E402
+from common import copy_bandwidth, header, write_rows  # noqa: E402
 from megakernel_probe import (  # noqa: E402
     SPIN,
-    device_span,
+    chain_rows,
     megakernel_chain,
     reference_chain,
     xla_chain,
@@ -336,29 +335,9 @@ def main() -> None:
                 x, w, programs=a.programs, ring=n, chunk=ck, mode=m, warps=a.warps,
                 warp_cols=wc, producer_warps=pw)),
                 (x, w))  # fmt: skip
-        for name, (fn, args) in fns.items():
-            try:
-                out = jax.block_until_ready(fn(*args))
-            except Exception as err:  # a variant that does not compile or launch: say so
-                print({"d": d, "variant": name, "error": repr(err)[:400]}, flush=True)
-                continue
-            if name == "xla":
-                got, fails = np.asarray(out, np.float32), 0
-                err = float(np.max(np.abs(got - want[-1])) / np.max(np.abs(want[-1])))
-            else:
-                got, fails = np.asarray(out[0]), int(np.asarray(out[1]).sum())
-                err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-            t = time_fn(fn, *args, warmup=3, iters=a.iters)
-            busy, span, launches = device_span(fn, *args)
-            row = {**head, "d": d, "variant": name, "wall_us_per_phase": t * 1e6 / a.layers,
-                   "span_us_per_phase": span / a.layers, "busy_us_per_phase": busy / a.layers,
-                   "floor_us_per_phase": d * d * 2 / bw * 1e6,
-                   "pct_copy_bw": d * d * 2 / (span / a.layers * 1e-6) / bw * 100,
-                   "rel_err_vs_fp32": err, "failed_programs": fails,
-                   "copy_TB_s": bw / 1e12}  # fmt: skip
-            rows.append(row)
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                   if k not in head}, flush=True)  # fmt: skip
+        rows += chain_rows(
+            fns, want, {**head, "d": d}, a.layers, d * d * 2, bw, a.iters, catch=True
+        )
     write_rows(a.out, rows)
 
 

@@ -192,27 +192,46 @@ def main() -> None:
                     x, w, programs=p, prefetch=v == "mega_prefetch", block_k=bk,
                     warps=a.warps))  # fmt: skip
                 fns[f"{v}_p{p}"] = (f, (x, w))
-        for name, (fn, args) in fns.items():
-            out = jax.block_until_ready(fn(*args))
-            if name == "xla":
-                got, fails = np.asarray(out, np.float32), 0
-                err = float(np.max(np.abs(got - want[-1])) / np.max(np.abs(want[-1])))
-            else:
-                got, fails = np.asarray(out[0]), int(np.asarray(out[1]).sum())
-                err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-            t = time_fn(fn, *args, warmup=3, iters=a.iters)
-            busy, span, launches = device_span(fn, *args)
-            row = {**head, "d": d, "variant": name, "wall_us_per_phase": t * 1e6 / a.layers,
-                   "span_us_per_phase": span / a.layers, "busy_us_per_phase": busy / a.layers,
-                   "launches_per_phase": launches / a.layers,
-                   "floor_us_per_phase": bytes_phase / bw * 1e6,
-                   "pct_copy_bw": bytes_phase / (span / a.layers * 1e-6) / bw * 100,
-                   "rel_err_vs_fp32": err, "failed_programs": fails,
-                   "copy_TB_s": bw / 1e12}  # fmt: skip
-            rows.append(row)
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                   if k not in head}, flush=True)  # fmt: skip
+        rows += chain_rows(fns, want, {**head, "d": d}, a.layers, bytes_phase, bw, a.iters)
     write_rows(a.out, rows)
+
+
+def chain_rows(fns: dict, want, head: dict, layers: int, bytes_phase: int, bw: float,
+               iters: int, catch: bool = False) -> list[dict]:  # fmt: skip
+    """Runs, checks and times every chain variant ``{name: (jitted fn, args)}``: one row each
+    (µs a phase from the device span, % of copy, error against the float32 chain ``want``,
+    programs that gave up on a barrier). ``xla`` returns the last phase only, the others
+    ``(y_ld, fail_p)``. ``catch``: a variant that does not compile or launch prints its error
+    and is skipped (probes of experimental kernels), instead of stopping the run."""
+    rows = []
+    for name, (fn, args) in fns.items():
+        try:
+            out = jax.block_until_ready(fn(*args))
+        except Exception as err:
+            if not catch:
+                raise
+            print({**{k: head[k] for k in ("d",) if k in head}, "variant": name,
+                   "error": repr(err)[:400]}, flush=True)  # fmt: skip
+            continue
+        if name == "xla":
+            got, fails = np.asarray(out, np.float32), 0
+            err = float(np.max(np.abs(got - want[-1])) / np.max(np.abs(want[-1])))
+        else:
+            got, fails = np.asarray(out[0]), int(np.asarray(out[1]).sum())
+            err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+        t = time_fn(fn, *args, warmup=3, iters=iters)
+        busy, span, launches = device_span(fn, *args)
+        row = {**head, "variant": name, "wall_us_per_phase": t * 1e6 / layers,
+               "span_us_per_phase": span / layers, "busy_us_per_phase": busy / layers,
+               "launches_per_phase": launches / layers,
+               "floor_us_per_phase": bytes_phase / bw * 1e6,
+               "pct_copy_bw": bytes_phase / (span / layers * 1e-6) / bw * 100,
+               "rel_err_vs_fp32": err, "failed_programs": fails,
+               "copy_TB_s": bw / 1e12}  # fmt: skip
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+               if k not in head or k == "d"}, flush=True)  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":
