@@ -148,7 +148,7 @@ def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed,
                    NR: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr,
                    NBUF: gl.constexpr, P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
                    WC: gl.constexpr, DELAY_NS: gl.constexpr, SEL_ARRIVE: gl.constexpr,
-                   NAP: gl.constexpr):  # fmt: skip
+                   NAP: gl.constexpr, ACC: gl.constexpr):  # fmt: skip
     """One phase: wait for the barrier (``ph`` phases done), ``DELAY_NS`` of stand-in work
     (then, with ``SEL_ARRIVE``, let the producer start this phase's stream), the input row into
     shared memory, this program's rows chunk by chunk from the ring, stored, the arrival."""
@@ -169,15 +169,21 @@ def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed,
     rr = gl.arange(0, RB, layout=gl.SliceLayout(1, blk))
     for rb in range(NR // P // RB):
         y = gl.zeros([RB], gl.float32, layout=gl.SliceLayout(1, blk))
+        acc = gl.zeros([RB, CK], gl.float32, layout=blk)
         for kc in gl.static_range(D // CK):
             slot = s % NBUF
             xv = xs.slice(kc * CK, CK).load(gl.SliceLayout(0, blk))
             mbarrier.wait(ready.index(slot), (s // NBUF) & 1)
             w = ring.index(slot).load(blk)
-            y += gl.sum(w.to(gl.float32) * xv[None, :], axis=1)
+            if ACC:  # products only: one reduction a row block, after its last chunk
+                acc += w.to(gl.float32) * xv[None, :]
+            else:
+                y += gl.sum(w.to(gl.float32) * xv[None, :], axis=1)
             _cta_barrier()
             mbarrier.arrive(empty.index(slot))
             s += 1
+        if ACC:
+            y = gl.sum(acc, axis=1)
         gl.store(y_ptr + r0 + rb * RB + rr, y)
     _gl_arrive(ctr_ptr)
     return s, failed
@@ -189,7 +195,7 @@ def _consumer(ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fa
               NBUF: gl.constexpr, P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
               WC: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr, sel,
               SEL: gl.constexpr, ATT_NS: gl.constexpr, SEL_NS: gl.constexpr,
-              NAP: gl.constexpr):  # fmt: skip
+              NAP: gl.constexpr, ACC: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     s = pid * 0
     failed = pid * 0
@@ -200,13 +206,13 @@ def _consumer(ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fa
             src = yx_ptr + (layer - 1) * NX
         s, failed = _consume_phase(ring, ready, empty, xs, src, yq_ptr + layer * NQ, ctr_ptr,
                                    s, 3 * layer, failed, sel, NQ, D, RB, CK, NBUF, P, SPIN,
-                                   WARPS, WC, 0, False, NAP)  # fmt: skip
+                                   WARPS, WC, 0, False, NAP, ACC)  # fmt: skip
         s, failed = _consume_phase(ring, ready, empty, xs, yq_ptr + layer * NQ, yo_ptr + layer * NO,
                                    ctr_ptr, s, 3 * layer + 1, failed, sel, NO, D, RB, CK, NBUF, P,
-                                   SPIN, WARPS, WC, ATT_NS, False, NAP)  # fmt: skip
+                                   SPIN, WARPS, WC, ATT_NS, False, NAP, ACC)  # fmt: skip
         s, failed = _consume_phase(ring, ready, empty, xs, yo_ptr + layer * NO, yx_ptr + layer * NX,
                                    ctr_ptr, s, 3 * layer + 2, failed, sel, NX, D, RB, CK, NBUF, P,
-                                   SPIN, WARPS, WC, SEL_NS, SEL, NAP)  # fmt: skip
+                                   SPIN, WARPS, WC, SEL_NS, SEL, NAP, ACC)  # fmt: skip
     gl.store(fail_ptr + pid, failed)
 
 
@@ -217,7 +223,7 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
                   WC: gl.constexpr, PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr,
                   NX: gl.constexpr, READY_COUNT: gl.constexpr, EMPTY_COUNT: gl.constexpr,
                   PR: gl.constexpr, SEL: gl.constexpr, ATT_NS: gl.constexpr,
-                  SEL_NS: gl.constexpr, NAP: gl.constexpr):  # fmt: skip
+                  SEL_NS: gl.constexpr, NAP: gl.constexpr, ACC: gl.constexpr):  # fmt: skip
     sh: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF, RB, CK], sh)
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
@@ -231,7 +237,7 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
     gl.warp_specialize(
         [(_consumer, (ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fail_ptr, L,
                       D, RB, CK, NBUF, P, SPIN, WARPS, WC, NQ, NO, NX, sel, SEL, ATT_NS, SEL_NS,
-                      NAP)),
+                      NAP, ACC)),
          (_producer, (ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L, D, RB, CK, NBUF, P, PW, NQ, NO,
                       NX, sel, SEL))],
         [PW], [PR],
@@ -240,13 +246,16 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
 
 def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024, warps=8,
                  producer_warps=1, select: bool = False, attention_ns: int = 0,
-                 select_ns: int = 0, nap_ns: int = 0, spin=SPIN):  # fmt: skip
+                 select_ns: int = 0, nap_ns: int = 0, accumulate: bool = False,
+                 spin=SPIN):  # fmt: skip
     """Every layer's three phases in one launch: ``(yq, yo, yx, fail)``. ``select``: the
     producer streams a layer's experts only after the consumers passed the barrier before them
     (and ``select_ns`` of stand-in selection work), as a data-dependent expert list forces;
     ``attention_ns``: stand-in attention work before the O phase's GEMV (the ring may stream
     W_o meanwhile); ``nap_ns``: the consumers sleep that long between barrier polls and in the
-    stand-ins (0: they spin, as the Triton step's barrier does)."""
+    stand-ins (0: they spin, as the Triton step's barrier does); ``accumulate``: the compute
+    warps keep a row block's products and reduce once after its last chunk, not once a chunk
+    (fewer cross-warp reductions, so they may run ahead of DRAM)."""
     n_layers, nq, d = wq.shape
     no, nx = wo.shape[1], wx.shape[1]
     if wo.shape[2] != d or wx.shape[2] != d or min(nq, no) < d:
@@ -272,7 +281,7 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
         WC=min(warps, chunk // 256), PW=producer_warps, NQ=nq, NO=no, NX=nx,
         READY_COUNT=WS_READY_PER_WARP * producer_warps, EMPTY_COUNT=WS_EMPTY_COUNT,
         PR=PRODUCER_REGS, SEL=bool(select), ATT_NS=int(attention_ns), SEL_NS=int(select_ns),
-        NAP=int(nap_ns),
+        NAP=int(nap_ns), ACC=bool(accumulate),
     )  # fmt: skip
     return yq, yo, yx, fail
 
@@ -309,6 +318,8 @@ def main() -> None:
     ap.add_argument("--rings", default="12:16:512,6:16:1024,12:8:1024,3:16:2048",
                     help="comma list of slots:rows:chunk")  # fmt: skip
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--accumulate", action="store_true",
+                    help="each variant also with one reduction a row block")  # fmt: skip
     ap.add_argument(
         "--naps",
         type=int,
@@ -338,14 +349,17 @@ def main() -> None:
             att, sel = (float(v) for v in lat.split(":"))
             for held in (False, True) if att or sel else (False,):
                 for nap in a.naps:
-                    name = f"ws{n}_rb{rows}_ck{ck}"
-                    name += f"_att{att:g}_sel{sel:g}" if att or sel else ""
-                    name += ("_held" if held else "") + (f"_nap{nap}" if nap else "")
-                    fns[name] = (jax.jit(
-                        lambda x, q, o, e, n=n, r=rows, c=ck, h=held, at=att, se=sel, nap=nap:
-                        gluon_layers(x, q, o, e, ring=n, rows=r, chunk=c, select=h,
-                                     attention_ns=int(at * 1e3), select_ns=int(se * 1e3),
-                                     nap_ns=nap)), ws)  # fmt: skip
+                    for acc in (False, True) if a.accumulate else (False,):
+                        name = f"ws{n}_rb{rows}_ck{ck}"
+                        name += f"_att{att:g}_sel{sel:g}" if att or sel else ""
+                        name += ("_held" if held else "") + (f"_nap{nap}" if nap else "")
+                        name += "_acc" if acc else ""
+                        fns[name] = (jax.jit(
+                            lambda x, q, o, e, n=n, r=rows, c=ck, h=held, at=att, se=sel,
+                            nap=nap, acc=acc:
+                            gluon_layers(x, q, o, e, ring=n, rows=r, chunk=c, select=h,
+                                         attention_ns=int(at * 1e3), select_ns=int(se * 1e3),
+                                         nap_ns=nap, accumulate=acc)), ws)  # fmt: skip
     rows_out = []
     for name, (fn, w) in fns.items():
         try:

@@ -1969,4 +1969,13 @@ s50h)  # do the consumers' hot spins (grid-barrier polls, stand-in latencies) st
   run timeout 150 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --naps 0 200 --out "$OUT/gluon_layer.jsonl"
   ;;
+s50i)  # (written, not run yet) the compute warps with one reduction a row block (accumulate):
+  # do they now run ahead of DRAM, so the ring hides the attention / selection stand-ins?
+  PYTHONUNBUFFERED=1 run timeout 150 python3 -m pytest -q -rA -m gpu tests/test_gluon_probe.py \
+    -k layer_probe -p no:cacheprovider
+  run timeout 200 python3 scripts/gluon_layer_probe.py --shape 8b --layers 8 --rings "6:16:1024" \
+    --latency "0:0,6.8:4.35" --accumulate --out "$OUT/gluon_layer.jsonl"
+  run timeout 200 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
+    --latency "0:0,5.5:2.6" --accumulate --out "$OUT/gluon_layer.jsonl"
+  ;;
 esac

@@ -136,13 +136,29 @@ def test_layer_probe_lowers_without_spills():
                     WC=min(8, ck // 256),
                     PW=1, NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
                     EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=True,
-                    ATT_NS=5000, SEL_NS=2500, NAP=200)  # fmt: skip
+                    ATT_NS=5000, SEL_NS=2500, NAP=200, ACC=False)  # fmt: skip
         _, shared, ptx, _, _ = gluon_launch.compile_gluon(
             glp._layer_kernel, sig, set(), meta, warps=8, stages=1, ctas=1, cc=90
         )
         assert shared <= SMEM_LIMIT
         info = ptxas_info(ptx)
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, info
+
+
+def test_layer_probe_accumulating_consumer_lowers():
+    """``accumulate``: one reduction a row block; its products stay in registers, so only the
+    lowering and the shared memory are checked here (spills depend on the triton version)."""
+    import gluon_layer_probe as glp
+
+    sig = ["*fp32", "*bf16", "*bf16", "*bf16", "*fp32", "*fp32", "*fp32", "*i32", "*i32"]
+    meta = dict(L=2, D=4096, RB=8, CK=1024, NBUF=12, P=128, SPIN=glp.SPIN, WARPS=8, WC=4, PW=1,
+                NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
+                EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=False, ATT_NS=0,
+                SEL_NS=0, NAP=0, ACC=True)  # fmt: skip
+    _, shared, ptx, _, _ = gluon_launch.compile_gluon(
+        glp._layer_kernel, sig, set(), meta, warps=8, stages=1, ctas=1, cc=90
+    )
+    assert shared <= SMEM_LIMIT and "cp.async.mbarrier.arrive.noinc" in ptx
 
 
 def test_layer_probe_rejects_rows_that_do_not_split():
@@ -155,8 +171,8 @@ def test_layer_probe_rejects_rows_that_do_not_split():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("held", [False, True])
-def test_layer_probe_matches_the_fp32_chain_on_gpu(held):
+@pytest.mark.parametrize("held,accumulate", [(False, False), (True, False), (False, True)])
+def test_layer_probe_matches_the_fp32_chain_on_gpu(held, accumulate):
     """Both orders of the expert stream: prefetched freely, or held until the selection (with
     the stand-in latencies) — the same result, no barrier failures, no hang."""
     import gluon_layer_probe as glp
@@ -166,7 +182,7 @@ def test_layer_probe_matches_the_fp32_chain_on_gpu(held):
           for k, n in zip(ks[:3], glp.PHASE_ROWS, strict=True)]  # fmt: skip
     x = jax.random.normal(ks[3], (4096,), jnp.float32)
     lat = {"select": True, "attention_ns": 3000, "select_ns": 2000, "nap_ns": 200} if held else {}
-    *got, fail = glp.gluon_layers(x, *ws, ring=6, rows=16, chunk=1024, **lat)
+    *got, fail = glp.gluon_layers(x, *ws, ring=6, rows=16, chunk=1024, accumulate=accumulate, **lat)
     assert int(np.asarray(fail).sum()) == 0
     for g, want, name in zip(got, glp.reference_layers(x, *ws), "qox", strict=True):
         assert_close(g, want, "model_fp32", f"layer probe phase {name}")
