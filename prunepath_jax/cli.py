@@ -134,8 +134,14 @@ class Convert:
         from prunepath_jax.config import PrunePathConfig
         from prunepath_jax.convert import to_prunepath
 
-        pre = _load(self.model, self.dtype)
+        # The settings first: a bad one is one clear line before seconds of loading the model.
         pp = PrunePathConfig(self.group_size, self.rule, self.gate, 1, self.k_max)
+        if self.init_routers < 0:
+            raise ValueError(
+                f"init_routers is a number of calibration tokens (0: no initialisation), "
+                f"got {self.init_routers}"
+            )
+        pre = _load(self.model, self.dtype)
         t0 = time.perf_counter()
         model, info = to_prunepath(pre.model, pp, seed=self.seed)
         if self.init_routers > 0:

@@ -27,6 +27,16 @@ def test_info_on_a_checkpoint(tmp_path, capsys):
         (["generate", "--tau", "nan"], "tau must be finite"),
         (["sweep", "--seq-len", "0"], "seq_len must be >= 2"),  # before loading the model
         (["sweep", "--taus", "0.5", "-0.5"], "tau must be > 0"),
+        # convert's settings, checked before the model loads (/no/such/dir is never opened)
+        (["convert", "--out", "/tmp/x", "--model", "/no/such/dir", "--k-max", "0"], "k_max"),
+        (
+            ["convert", "--out", "/tmp/x", "--model", "/no/such/dir", "--group-size", "-32"],
+            "group_size must be positive",
+        ),  # fmt: skip
+        (
+            ["convert", "--out", "/tmp/x", "--model", "/no/such/dir", "--init-routers", "-5"],
+            "init_routers",
+        ),  # fmt: skip
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, capsys):
