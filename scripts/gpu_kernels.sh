@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Issue 5 GPU runs on one H200: kernel tests, the decode-kernel benchmark, the end-to-end decode.
-# Usage: OUT=dir STAGE=kernels|e2e bash scripts/gpu_kernels.sh   (logs + JSONL rows in $OUT)
+# Usage: OUT=dir STAGE=kernels|e2e bash scripts/gpu_kernels.sh > dir/stdout.txt
+# (logs + JSONL rows in $OUT; every command's output is appended to $OUT/log.txt, so send this
+# script's own stdout anywhere else: redirecting it to $OUT/log.txt as well interleaves two
+# writers and loses lines, as in the thirty-seventh session's run 9)
 set -u
 OUT=${OUT:-results/tmp}; mkdir -p "$OUT"
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
