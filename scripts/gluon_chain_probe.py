@@ -74,10 +74,22 @@ def _gl_arrive(ctr_ptr):
 
 
 @gluon.jit
-def _gl_wait(ctr_ptr, target, failed, SPIN: gl.constexpr):
+def _nap(dummy, NS: gl.constexpr):
+    """``nanosleep`` of about ``NS`` ns (0: none): a waiting warp leaves the issue slots to a
+    producer warp instead of spinning on them."""
+    if NS > 0:
+        gl.inline_asm_elementwise("nanosleep.u32 $1;\n\tmov.u32 $0, 0;", "=r,r", [dummy * 0 + NS],
+                                  dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _gl_wait(ctr_ptr, target, failed, SPIN: gl.constexpr, NAP: gl.constexpr = 0):
+    """``triton_grid._wait`` in Gluon (the dialects cannot call each other's functions), with an
+    optional ``NAP`` ns sleep between polls."""
     seen = gl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
     n = target * 0
     while (seen < target) & (n < SPIN):
+        _nap(target, NAP)
         seen = gl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
         n += 1
     _cta_barrier()

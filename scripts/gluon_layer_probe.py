@@ -47,6 +47,7 @@ from gluon_chain_probe import (  # noqa: E402
     _cta_barrier,
     _gl_arrive,
     _gl_wait,
+    _nap,
 )
 from megakernel_probe import device_span  # noqa: E402
 
@@ -55,7 +56,7 @@ from prunepath_jax.kernels import gluon_launch, jt  # noqa: E402
 # (width, rows of QKV, O and the experts' stand-in): the 8B's 80 MB ~ 22.8% of its FFN, the 1B's
 # 25.2 MB = 64 of its 256 experts (75% sparsity).
 SHAPES = {"8b": (4096, (6144, 4096, 10240)), "1b": (2048, (3072, 2048, 6144))}
-D_MODEL, PHASE_ROWS = SHAPES["8b"]
+PHASE_ROWS = SHAPES["8b"][1]
 PRODUCER_REGS = 96  # a producer thread's registers (48 and 64 spilled the unrolled row copies)
 
 
@@ -64,15 +65,6 @@ def _gl_now(dummy):
     """``%globaltimer`` (ns); ``dummy`` is the asm's operand (impure: read again each call)."""
     return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy],
                                      dtype=gl.int64, is_pure=False, pack=1)  # fmt: skip
-
-
-@gluon.jit
-def _nap(dummy, NS: gl.constexpr):
-    """``nanosleep`` of about ``NS`` ns (0: none): a waiting warp leaves the issue slots to the
-    producer warp instead of spinning on them."""
-    if NS > 0:
-        gl.inline_asm_elementwise("nanosleep.u32 $1;\n\tmov.u32 $0, 0;", "=r,r", [dummy * 0 + NS],
-                                  dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
 @gluon.jit
@@ -85,19 +77,6 @@ def _spin_ns(dummy, NS: gl.constexpr, NAP: gl.constexpr):
     while t - t0 < NS:
         _nap(dummy, NAP)
         t = _gl_now(dummy)
-
-
-@gluon.jit
-def _wait_napping(ctr_ptr, target, failed, SPIN: gl.constexpr, NAP: gl.constexpr):
-    """``gluon_chain_probe._gl_wait`` with a ``NAP`` ns sleep between polls."""
-    seen = gl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
-    n = target * 0
-    while (seen < target) & (n < SPIN):
-        _nap(target, NAP)
-        seen = gl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
-        n += 1
-    _cta_barrier()
-    return gl.where(seen < target, 1, failed)
 
 
 @gluon.jit
@@ -154,10 +133,7 @@ def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed,
     shared memory, this program's rows chunk by chunk from the ring, stored, the arrival."""
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS // WC, WC], [1, 0])
     if ph > 0:
-        if NAP > 0:
-            failed = _wait_napping(ctr_ptr, P * ph, failed, SPIN, NAP)
-        else:
-            failed = _gl_wait(ctr_ptr, P * ph, failed, SPIN)
+        failed = _gl_wait(ctr_ptr, P * ph, failed, SPIN, NAP)
     if DELAY_NS > 0:
         _spin_ns(failed, DELAY_NS, NAP)
     if SEL_ARRIVE:

@@ -27,6 +27,8 @@ import gluon_chain_probe as gcp  # noqa: E402
 import megakernel_probe  # noqa: E402
 
 SIG = ["*fp32", "*bf16", "*fp32", "*i32", "*i32"]  # x, w, y, counter, fail
+# the layer probe's: x, the three weight blocks, their outputs, counter, fail
+LAYER_SIG = ["*fp32", *["*bf16"] * 3, *["*fp32"] * 3, "*i32", "*i32"]
 # The grid barrier's arrival: a GPU-scope release add (``atom`` in triton 3.6, ``red`` later).
 RELEASE_ADD = re.compile(r"\b(atom|red)\.global\.gpu\.release\.add")
 
@@ -130,7 +132,6 @@ def test_layer_probe_lowers_without_spills():
 
     from prunepath_jax.kernels.sm90 import ptxas_info
 
-    sig = ["*fp32", "*bf16", "*bf16", "*bf16", "*fp32", "*fp32", "*fp32", "*i32", "*i32"]
     for n, rb, ck in [(12, 16, 512), (3, 16, 2048)]:
         meta = dict(L=2, D=4096, RB=rb, CK=ck, NBUF=n, P=128, SPIN=glp.SPIN, WARPS=8,
                     WC=min(8, ck // 256),
@@ -138,7 +139,7 @@ def test_layer_probe_lowers_without_spills():
                     EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=True,
                     ATT_NS=5000, SEL_NS=2500, NAP=200, ACC=False)  # fmt: skip
         _, shared, ptx, _, _ = gluon_launch.compile_gluon(
-            glp._layer_kernel, sig, set(), meta, warps=8, stages=1, ctas=1, cc=90
+            glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
         )
         assert shared <= SMEM_LIMIT
         info = ptxas_info(ptx)
@@ -150,13 +151,12 @@ def test_layer_probe_accumulating_consumer_lowers():
     lowering and the shared memory are checked here (spills depend on the triton version)."""
     import gluon_layer_probe as glp
 
-    sig = ["*fp32", "*bf16", "*bf16", "*bf16", "*fp32", "*fp32", "*fp32", "*i32", "*i32"]
     meta = dict(L=2, D=4096, RB=8, CK=1024, NBUF=12, P=128, SPIN=glp.SPIN, WARPS=8, WC=4, PW=1,
                 NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
                 EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=False, ATT_NS=0,
                 SEL_NS=0, NAP=0, ACC=True)  # fmt: skip
     _, shared, ptx, _, _ = gluon_launch.compile_gluon(
-        glp._layer_kernel, sig, set(), meta, warps=8, stages=1, ctas=1, cc=90
+        glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
     )
     assert shared <= SMEM_LIMIT and "cp.async.mbarrier.arrive.noinc" in ptx
 
