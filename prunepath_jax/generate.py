@@ -21,7 +21,20 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from prunepath_jax import flatjit
+from prunepath_jax.kernels.api import IMPLEMENTATIONS as KERNEL_IMPLEMENTATIONS
 from prunepath_jax.models.layers import init_cache
+
+# What a decode step's compute can be split into (the registry's backends, and "auto": the
+# measured-fastest per shape), and what `generate` takes on top (None: the model as it is;
+# "megastep": the one-launch step). One list each, so a new backend is one edit in the registry.
+SPLIT_IMPLEMENTATIONS = ("auto", *KERNEL_IMPLEMENTATIONS)
+GENERATE_IMPLEMENTATIONS = (None, "auto", "megastep", *KERNEL_IMPLEMENTATIONS)
+
+
+def _one_of(choices) -> str:
+    """``"a, b or c"``: the choices as an error message names them."""
+    names = [str(c) for c in choices]
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,9 +202,9 @@ def _split(
     opt-in, not faster at every size) except for "xla", the reference, which runs XLA's."""
     if implementation is None:
         return nnx.split(model)
-    if implementation not in ("auto", "xla", "triton", "pallas"):
+    if implementation not in SPLIT_IMPLEMENTATIONS:
         raise ValueError(
-            f"implementation must be auto, xla, triton or pallas, got {implementation!r}"
+            f"implementation must be {_one_of(SPLIT_IMPLEMENTATIONS)}, got {implementation!r}"
         )
     from prunepath_jax.models import decode_attention as da
     from prunepath_jax.nn import PrunePathFFN, set_compute
@@ -374,10 +387,9 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if chunk < 1:
         raise ValueError(f"chunk (decode steps per compiled call) must be >= 1, got {chunk}")
-    if implementation not in (None, "auto", "megastep", "xla", "triton", "pallas"):
+    if implementation not in GENERATE_IMPLEMENTATIONS:
         raise ValueError(
-            "implementation must be None, auto, megastep, xla, triton or pallas, got "
-            f"{implementation!r}"
+            f"implementation must be {_one_of(GENERATE_IMPLEMENTATIONS)}, got {implementation!r}"
         )
     t_pad = tokens.shape[1]
     needed = int(lengths.max()) + max_new_tokens
