@@ -25,6 +25,7 @@ none of them, with or without the compute warps sleeping (``--naps``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -79,16 +80,46 @@ def _spin_ns(dummy, NS: gl.constexpr, NAP: gl.constexpr):
         t = _gl_now(dummy)
 
 
+L2_SEG = gl.constexpr(16 * 1024)  # bytes of one bulk L2 prefetch request (``triton_l2.BULK_SEG``)
+
+
+@gluon.jit
+def _l2_bulk(ptr, NBYTES: gl.constexpr):
+    """``cp.async.bulk.prefetch.L2`` of ``NBYTES`` contiguous bf16 bytes at ``ptr``, asked by
+    lane 0 only (the producer partition is one warp): fire-and-forget, no ring slot, so DRAM
+    can keep streaming while the ring is full and the compute warps are busy elsewhere."""
+    for i in gl.static_range(NBYTES // L2_SEG):
+        gl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .u32 t; mov.u32 t, %laneid; setp.eq.u32 p, t, 0; "
+            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+            "=r,l,r", [ptr + i * (L2_SEG // 2), NBYTES * 0 + L2_SEG], dtype=gl.int32,
+            is_pure=False, pack=1,
+        )  # fmt: skip
+
+
 @gluon.jit
 def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constexpr,
                    RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
-                   PW: gl.constexpr):  # fmt: skip
+                   PW: gl.constexpr, nxt_ptr, has_nxt, NNR: gl.constexpr,
+                   L2A: gl.constexpr):  # fmt: skip
     """Copies this program's ``NR / P`` rows of one phase's ``[NR, D]`` block into the ring,
-    ``[RB, CK]`` chunks in (row block, column chunk) order; returns the stream index after it."""
+    ``[RB, CK]`` chunks in (row block, column chunk) order; returns the stream index after it.
+
+    ``L2A`` > 0: before each row block, the row block ``L2A`` ahead goes to L2 (bulk prefetch),
+    from the next phase's block ``nxt_ptr`` (``[NNR, D]``) past this one's end where
+    ``has_nxt``: DRAM then has work queued beyond the ring's slots."""
     row: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [1, PW], [1, 0])
     rk = gl.arange(0, CK, layout=gl.SliceLayout(0, row))[None, :]
+    NRB: gl.constexpr = NR // P // RB
     r0 = gl.program_id(0) * (NR // P)
-    for rb in range(NR // P // RB):
+    for rb in range(NRB):
+        if L2A > 0:
+            ahead = rb + L2A
+            if ahead < NRB:
+                _l2_bulk(w_ptr + (r0 + ahead * RB) * D, RB * D * 2)
+            elif has_nxt & (ahead - NRB < NNR // P // RB):
+                rn = gl.program_id(0) * (NNR // P) + (ahead - NRB) * RB
+                _l2_bulk(nxt_ptr + rn * D, RB * D * 2)
         for kc in gl.static_range(D // CK):
             slot = s % NBUF
             if s >= NBUF:
@@ -106,20 +137,37 @@ def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constex
 def _producer(ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L: gl.constexpr, D: gl.constexpr,
               RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
               PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr, sel,
-              SEL: gl.constexpr):  # fmt: skip
+              SEL: gl.constexpr, L2A: gl.constexpr):  # fmt: skip
+    """The layers' three streams in order. With ``SEL`` the expert rows wait for the selection,
+    and the L2 lookahead (``L2A``) does not run from the O rows into them either (the expert
+    list is not known there); it does run from the experts into the next layer's QKV rows."""
     s = gl.program_id(0) * 0
     for layer in range(L):
+        s = _produce_phase(ring, ready, empty, wq_ptr + layer * NQ * D, s, NQ, D, RB, CK, NBUF, P,
+                           PW, wo_ptr + layer * NO * D, layer >= 0, NO, L2A)  # fmt: skip
         s = _produce_phase(
-            ring, ready, empty, wq_ptr + layer * NQ * D, s, NQ, D, RB, CK, NBUF, P, PW
-        )
-        s = _produce_phase(
-            ring, ready, empty, wo_ptr + layer * NO * D, s, NO, D, RB, CK, NBUF, P, PW
-        )
+            ring,
+            ready,
+            empty,
+            wo_ptr + layer * NO * D,
+            s,
+            NO,
+            D,
+            RB,
+            CK,
+            NBUF,
+            P,
+            PW,
+            wx_ptr + layer * NX * D,
+            layer >= SEL * L,
+            NX,
+            L2A,
+        )  # fmt: skip  (SEL: never)
         if SEL:  # the experts are known only after the selection (the consumers' arrival)
             mbarrier.wait(sel.index(0), layer & 1)
-        s = _produce_phase(
-            ring, ready, empty, wx_ptr + layer * NX * D, s, NX, D, RB, CK, NBUF, P, PW
-        )
+        s = _produce_phase(ring, ready, empty, wx_ptr + layer * NX * D, s, NX, D, RB, CK, NBUF, P,
+                           PW, wq_ptr + (layer + 1) * NQ * D, layer + 1 < L, NQ,
+                           L2A)  # fmt: skip
 
 
 @gluon.jit
@@ -199,7 +247,8 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
                   WC: gl.constexpr, PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr,
                   NX: gl.constexpr, READY_COUNT: gl.constexpr, EMPTY_COUNT: gl.constexpr,
                   PR: gl.constexpr, SEL: gl.constexpr, ATT_NS: gl.constexpr,
-                  SEL_NS: gl.constexpr, NAP: gl.constexpr, ACC: gl.constexpr):  # fmt: skip
+                  SEL_NS: gl.constexpr, NAP: gl.constexpr, ACC: gl.constexpr,
+                  L2A: gl.constexpr):  # fmt: skip
     sh: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF, RB, CK], sh)
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
@@ -215,7 +264,7 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
                       D, RB, CK, NBUF, P, SPIN, WARPS, WC, NQ, NO, NX, sel, SEL, ATT_NS, SEL_NS,
                       NAP, ACC)),
          (_producer, (ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L, D, RB, CK, NBUF, P, PW, NQ, NO,
-                      NX, sel, SEL))],
+                      NX, sel, SEL, L2A))],
         [PW], [PR],
     )  # fmt: skip
 
@@ -223,7 +272,7 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
 def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024, warps=8,
                  producer_warps=1, select: bool = False, attention_ns: int = 0,
                  select_ns: int = 0, nap_ns: int = 0, accumulate: bool = False,
-                 spin=SPIN):  # fmt: skip
+                 l2_ahead: int = 0, spin=SPIN):  # fmt: skip
     """Every layer's three phases in one launch: ``(yq, yo, yx, fail)``. ``select``: the
     producer streams a layer's experts only after the consumers passed the barrier before them
     (and ``select_ns`` of stand-in selection work), as a data-dependent expert list forces;
@@ -231,7 +280,8 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
     W_o meanwhile); ``nap_ns``: the consumers sleep that long between barrier polls and in the
     stand-ins (0: they spin, as the Triton step's barrier does); ``accumulate``: the compute
     warps keep a row block's products and reduce once after its last chunk, not once a chunk
-    (fewer cross-warp reductions, so they may run ahead of DRAM)."""
+    (fewer cross-warp reductions, so they may run ahead of DRAM); ``l2_ahead``: the producer
+    also asks L2 for the row block that many blocks ahead of the one it copies (0: off)."""
     n_layers, nq, d = wq.shape
     no, nx = wo.shape[1], wx.shape[1]
     if wo.shape[2] != d or wx.shape[2] != d or min(nq, no) < d:
@@ -241,6 +291,9 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
             raise ValueError(
                 f"{n} rows over {programs} programs in {rows}-row blocks, chunk {chunk}"
             )
+    if l2_ahead < 0 or (l2_ahead and rows * d * 2 % L2_SEG):
+        raise ValueError(f"l2_ahead {l2_ahead}: needs >= 0 and {rows}-row blocks of whole "
+                         f"{L2_SEG}-byte requests")  # fmt: skip
     if ring * rows * chunk * 2 > 200 * 1024:
         raise ValueError(f"a {ring} x {rows} x {chunk} bf16 ring is past the shared memory")
     gluon_launch.install()
@@ -257,7 +310,7 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
         WC=min(warps, chunk // 256), PW=producer_warps, NQ=nq, NO=no, NX=nx,
         READY_COUNT=WS_READY_PER_WARP * producer_warps, EMPTY_COUNT=WS_EMPTY_COUNT,
         PR=PRODUCER_REGS, SEL=bool(select), ATT_NS=int(attention_ns), SEL_NS=int(select_ns),
-        NAP=int(nap_ns), ACC=bool(accumulate),
+        NAP=int(nap_ns), ACC=bool(accumulate), L2A=int(l2_ahead),
     )  # fmt: skip
     return yq, yo, yx, fail
 
@@ -294,14 +347,22 @@ def main() -> None:
     ap.add_argument("--rings", default="12:16:512,6:16:1024,12:8:1024,3:16:2048",
                     help="comma list of slots:rows:chunk")  # fmt: skip
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--accumulate", action="store_true",
-                    help="each variant also with one reduction a row block")  # fmt: skip
+    ap.add_argument("--accumulate", type=int, nargs="+", choices=(0, 1), default=[0],
+                    help="1: one reduction a row block, 0: one a chunk (both: each variant "
+                         "twice)")  # fmt: skip
     ap.add_argument(
         "--naps",
         type=int,
         nargs="+",
         default=[0],
         help="ns the consumers sleep between polls and in the stand-ins (0: spin)",
+    )
+    ap.add_argument(
+        "--l2-ahead",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="row blocks the producer's L2 prefetch runs ahead (0: none)",
     )
     ap.add_argument("--latency", default="0:0",
                     help="comma list of attention_us:selection_us stand-ins; each also with "
@@ -323,19 +384,19 @@ def main() -> None:
         n, rows, ck = (int(v) for v in spec.split(":"))
         for lat in a.latency.split(","):
             att, sel = (float(v) for v in lat.split(":"))
-            for held in (False, True) if att or sel else (False,):
-                for nap in a.naps:
-                    for acc in (False, True) if a.accumulate else (False,):
-                        name = f"ws{n}_rb{rows}_ck{ck}"
-                        name += f"_att{att:g}_sel{sel:g}" if att or sel else ""
-                        name += ("_held" if held else "") + (f"_nap{nap}" if nap else "")
-                        name += "_acc" if acc else ""
-                        fns[name] = (jax.jit(
-                            lambda x, q, o, e, n=n, r=rows, c=ck, h=held, at=att, se=sel,
-                            nap=nap, acc=acc:
-                            gluon_layers(x, q, o, e, ring=n, rows=r, chunk=c, select=h,
-                                         attention_ns=int(at * 1e3), select_ns=int(se * 1e3),
-                                         nap_ns=nap, accumulate=acc)), ws)  # fmt: skip
+            helds = (False, True) if att or sel else (False,)
+            accs = [bool(v) for v in a.accumulate]
+            for held, nap, acc, ahead in itertools.product(helds, a.naps, accs, a.l2_ahead):
+                name = f"ws{n}_rb{rows}_ck{ck}"
+                name += f"_att{att:g}_sel{sel:g}" if att or sel else ""
+                name += ("_held" if held else "") + (f"_nap{nap}" if nap else "")
+                name += ("_acc" if acc else "") + (f"_l2a{ahead}" if ahead else "")
+                fns[name] = (jax.jit(
+                    lambda x, q, o, e, n=n, r=rows, c=ck, h=held, at=att, se=sel, nap=nap,
+                    acc=acc, ahead=ahead:
+                    gluon_layers(x, q, o, e, ring=n, rows=r, chunk=c, select=h,
+                                 attention_ns=int(at * 1e3), select_ns=int(se * 1e3), nap_ns=nap,
+                                 accumulate=acc, l2_ahead=ahead)), ws)  # fmt: skip
     rows_out = []
     for name, (fn, w) in fns.items():
         try:

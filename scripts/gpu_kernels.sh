@@ -1977,8 +1977,18 @@ s50i)  # (written, not run yet) the compute warps with one reduction a row block
   PYTHONUNBUFFERED=1 run timeout 150 python3 -m pytest -q -rA -m gpu tests/test_gluon_probe.py \
     -k layer_probe -p no:cacheprovider
   run timeout 200 python3 scripts/gluon_layer_probe.py --shape 8b --layers 8 --rings "6:16:1024" \
-    --latency "0:0,6.8:4.35" --accumulate --out "$OUT/gluon_layer.jsonl"
+    --latency "0:0,6.8:4.35" --accumulate 0 1 --out "$OUT/gluon_layer.jsonl"
   run timeout 200 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
-    --latency "0:0,5.5:2.6" --accumulate --out "$OUT/gluon_layer.jsonl"
+    --latency "0:0,5.5:2.6" --accumulate 0 1 --out "$OUT/gluon_layer.jsonl"
+  ;;
+s51a)  # run at f6718e3 (s50i): the stand-ins still add their full time with one reduction a
+  # row block. Does DRAM idle during them? The producer's L2 lookahead (bulk prefetch of the
+  # row block 1-2 (8B) / 4-8 (1B) blocks ahead) keeps work queued past the ring's slots.
+  PYTHONUNBUFFERED=1 run timeout 200 python3 -m pytest -q -rA -m gpu tests/test_gluon_probe.py \
+    -k layer_probe -p no:cacheprovider
+  run timeout 240 python3 scripts/gluon_layer_probe.py --shape 8b --layers 8 --rings "6:16:1024" \
+    --latency "0:0,6.8:4.35" --accumulate 1 --l2-ahead 0 1 2 --out "$OUT/gluon_layer.jsonl"
+  run timeout 240 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
+    --latency "0:0,5.5:2.6" --accumulate 1 --l2-ahead 0 4 8 --out "$OUT/gluon_layer.jsonl"
   ;;
 esac

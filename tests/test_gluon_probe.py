@@ -137,7 +137,7 @@ def test_layer_probe_lowers_without_spills():
                     WC=min(8, ck // 256),
                     PW=1, NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
                     EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=True,
-                    ATT_NS=5000, SEL_NS=2500, NAP=200, ACC=False)  # fmt: skip
+                    ATT_NS=5000, SEL_NS=2500, NAP=200, ACC=False, L2A=0)  # fmt: skip
         _, shared, ptx, _, _ = gluon_launch.compile_gluon(
             glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
         )
@@ -154,11 +154,35 @@ def test_layer_probe_accumulating_consumer_lowers():
     meta = dict(L=2, D=4096, RB=8, CK=1024, NBUF=12, P=128, SPIN=glp.SPIN, WARPS=8, WC=4, PW=1,
                 NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
                 EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=False, ATT_NS=0,
-                SEL_NS=0, NAP=0, ACC=True)  # fmt: skip
+                SEL_NS=0, NAP=0, ACC=True, L2A=0)  # fmt: skip
     _, shared, ptx, _, _ = gluon_launch.compile_gluon(
         glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
     )
     assert shared <= SMEM_LIMIT and "cp.async.mbarrier.arrive.noinc" in ptx
+
+
+@pytest.mark.parametrize("sel", [False, True])
+def test_layer_probe_l2_lookahead_lowers(sel):
+    """``l2_ahead``: the producer's bulk L2 prefetch, lane 0 only, one request per 16 KB of a
+    row block; with triton 3.6 (the H200 image's) no thread spills."""
+    import gluon_layer_probe as glp
+
+    from prunepath_jax.kernels.sm90 import ptxas_info
+
+    meta = dict(L=2, D=4096, RB=16, CK=1024, NBUF=6, P=128, SPIN=glp.SPIN, WARPS=8, WC=4, PW=1,
+                NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
+                EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=sel, ATT_NS=5000,
+                SEL_NS=2500, NAP=0, ACC=False, L2A=2)  # fmt: skip
+    _, shared, ptx, _, _ = gluon_launch.compile_gluon(
+        glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
+    )
+    assert shared <= SMEM_LIMIT
+    asks = re.findall(r"@p cp\.async\.bulk\.prefetch\.L2\.global", ptx)
+    assert asks and len(asks) % (16 * 4096 * 2 // glp.L2_SEG.value) == 0, len(asks)
+    assert "%laneid" in ptx
+    if triton.__version__.startswith("3.6"):
+        info = ptxas_info(ptx)
+        assert info["spill_stores"] == 0 and info["spill_loads"] == 0, info
 
 
 def test_layer_probe_rejects_rows_that_do_not_split():
@@ -168,11 +192,17 @@ def test_layer_probe_rejects_rows_that_do_not_split():
     w = jnp.zeros((1, 4096 + 64, 4096), jnp.bfloat16)
     with pytest.raises(ValueError, match="rows over"):
         glp.gluon_layers(x, w, w, w)
+    w = jnp.zeros((1, 4096, 4096), jnp.bfloat16)
+    with pytest.raises(ValueError, match="l2_ahead -1"):
+        glp.gluon_layers(x, w, w, w, l2_ahead=-1)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("held,accumulate", [(False, False), (True, False), (False, True)])
-def test_layer_probe_matches_the_fp32_chain_on_gpu(held, accumulate):
+@pytest.mark.parametrize(
+    "held,accumulate,ahead",
+    [(False, False, 0), (True, False, 0), (False, True, 0), (True, True, 2)],
+)
+def test_layer_probe_matches_the_fp32_chain_on_gpu(held, accumulate, ahead):
     """Both orders of the expert stream: prefetched freely, or held until the selection (with
     the stand-in latencies) — the same result, no barrier failures, no hang."""
     import gluon_layer_probe as glp
@@ -182,7 +212,9 @@ def test_layer_probe_matches_the_fp32_chain_on_gpu(held, accumulate):
           for k, n in zip(ks[:3], glp.PHASE_ROWS, strict=True)]  # fmt: skip
     x = jax.random.normal(ks[3], (4096,), jnp.float32)
     lat = {"select": True, "attention_ns": 3000, "select_ns": 2000, "nap_ns": 200} if held else {}
-    *got, fail = glp.gluon_layers(x, *ws, ring=6, rows=16, chunk=1024, accumulate=accumulate, **lat)
+    *got, fail = glp.gluon_layers(
+        x, *ws, ring=6, rows=16, chunk=1024, accumulate=accumulate, l2_ahead=ahead, **lat
+    )
     assert int(np.asarray(fail).sum()) == 0
     for g, want, name in zip(got, glp.reference_layers(x, *ws), "qox", strict=True):
         assert_close(g, want, "model_fp32", f"layer probe phase {name}")
