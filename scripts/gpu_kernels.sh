@@ -1972,7 +1972,7 @@ s50h)  # do the consumers' hot spins (grid-barrier polls, stand-in latencies) st
   run timeout 150 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --naps 0 200 --out "$OUT/gluon_layer.jsonl"
   ;;
-s50i)  # (written, not run yet) the compute warps with one reduction a row block (accumulate):
+s50i)  # (run 1 of results/h200_2026-12-04f, at f6718e3) the compute warps with one reduction a row block (accumulate):
   # do they now run ahead of DRAM, so the ring hides the attention / selection stand-ins?
   PYTHONUNBUFFERED=1 run timeout 150 python3 -m pytest -q -rA -m gpu tests/test_gluon_probe.py \
     -k layer_probe -p no:cacheprovider
