@@ -80,7 +80,9 @@ def _spin_ns(dummy, NS: gl.constexpr, NAP: gl.constexpr):
         t = _gl_now(dummy)
 
 
-L2_SEG = gl.constexpr(16 * 1024)  # bytes of one bulk L2 prefetch request (``triton_l2.BULK_SEG``)
+# bytes of one bulk L2 prefetch request (``triton_l2.BULK_SEG``)
+L2_SEG_BYTES = 16 * 1024
+L2_SEG = gl.constexpr(L2_SEG_BYTES)
 
 
 @gluon.jit
@@ -291,9 +293,9 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
             raise ValueError(
                 f"{n} rows over {programs} programs in {rows}-row blocks, chunk {chunk}"
             )
-    if l2_ahead < 0 or (l2_ahead and rows * d * 2 % L2_SEG):
+    if l2_ahead < 0 or (l2_ahead and rows * d * 2 % L2_SEG_BYTES):
         raise ValueError(f"l2_ahead {l2_ahead}: needs >= 0 and {rows}-row blocks of whole "
-                         f"{L2_SEG}-byte requests")  # fmt: skip
+                         f"{L2_SEG_BYTES}-byte requests")  # fmt: skip
     if ring * rows * chunk * 2 > 200 * 1024:
         raise ValueError(f"a {ring} x {rows} x {chunk} bf16 ring is past the shared memory")
     gluon_launch.install()

@@ -178,7 +178,7 @@ def test_layer_probe_l2_lookahead_lowers(sel):
     )
     assert shared <= SMEM_LIMIT
     asks = re.findall(r"@p cp\.async\.bulk\.prefetch\.L2\.global", ptx)
-    assert asks and len(asks) % (16 * 4096 * 2 // glp.L2_SEG.value) == 0, len(asks)
+    assert asks and len(asks) % (16 * 4096 * 2 // glp.L2_SEG_BYTES) == 0, len(asks)
     assert "%laneid" in ptx
     if triton.__version__.startswith("3.6"):
         info = ptxas_info(ptx)
@@ -195,6 +195,8 @@ def test_layer_probe_rejects_rows_that_do_not_split():
     w = jnp.zeros((1, 4096, 4096), jnp.bfloat16)
     with pytest.raises(ValueError, match="l2_ahead -1"):
         glp.gluon_layers(x, w, w, w, l2_ahead=-1)
+    with pytest.raises(ValueError, match="1-row blocks of whole 16384-byte requests"):
+        glp.gluon_layers(x, w, w, w, rows=1, l2_ahead=1)
 
 
 @pytest.mark.gpu
