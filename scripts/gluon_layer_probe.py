@@ -100,16 +100,35 @@ def _l2_bulk(ptr, NBYTES: gl.constexpr):
 
 
 @gluon.jit
+def _l2_lines(ptr, NBYTES: gl.constexpr, PW: gl.constexpr):
+    """``_l2_bulk`` as one ``prefetch.global.L2`` a 128-byte line, spread over the producer's
+    threads (no copy engine: for telling its cost apart from the lookahead's)."""
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [PW], [0])
+    lines = gl.arange(0, NBYTES // 128, layout=lay) * 64  # 64 bf16 elements a line
+    gl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                              [ptr + lines], dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _l2_ahead(ptr, NBYTES: gl.constexpr, PW: gl.constexpr, L2M: gl.constexpr):
+    if L2M == 1:
+        _l2_bulk(ptr, NBYTES)
+    else:
+        _l2_lines(ptr, NBYTES, PW)
+
+
+@gluon.jit
 def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constexpr,
                    RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
                    PW: gl.constexpr, nxt_ptr, has_nxt, NNR: gl.constexpr,
-                   L2A: gl.constexpr):  # fmt: skip
+                   L2A: gl.constexpr, L2M: gl.constexpr):  # fmt: skip
     """Copies this program's ``NR / P`` rows of one phase's ``[NR, D]`` block into the ring,
     ``[RB, CK]`` chunks in (row block, column chunk) order; returns the stream index after it.
 
     ``L2A`` > 0: before each row block, the row block ``L2A`` ahead goes to L2 (bulk prefetch),
     from the next phase's block ``nxt_ptr`` (``[NNR, D]``) past this one's end where
-    ``has_nxt``: DRAM then has work queued beyond the ring's slots."""
+    ``has_nxt``: DRAM then has work queued beyond the ring's slots. ``L2M`` 1: bulk requests,
+    2: one request a line."""
     row: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [1, PW], [1, 0])
     rk = gl.arange(0, CK, layout=gl.SliceLayout(0, row))[None, :]
     NRB: gl.constexpr = NR // P // RB
@@ -118,10 +137,10 @@ def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constex
         if L2A > 0:
             ahead = rb + L2A
             if ahead < NRB:
-                _l2_bulk(w_ptr + (r0 + ahead * RB) * D, RB * D * 2)
+                _l2_ahead(w_ptr + (r0 + ahead * RB) * D, RB * D * 2, PW, L2M)
             elif has_nxt & (ahead - NRB < NNR // P // RB):
                 rn = gl.program_id(0) * (NNR // P) + (ahead - NRB) * RB
-                _l2_bulk(nxt_ptr + rn * D, RB * D * 2)
+                _l2_ahead(nxt_ptr + rn * D, RB * D * 2, PW, L2M)
         for kc in gl.static_range(D // CK):
             slot = s % NBUF
             if s >= NBUF:
@@ -139,37 +158,23 @@ def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constex
 def _producer(ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L: gl.constexpr, D: gl.constexpr,
               RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
               PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr, sel,
-              SEL: gl.constexpr, L2A: gl.constexpr):  # fmt: skip
+              SEL: gl.constexpr, L2A: gl.constexpr, L2M: gl.constexpr):  # fmt: skip
     """The layers' three streams in order. With ``SEL`` the expert rows wait for the selection,
     and the L2 lookahead (``L2A``) does not run from the O rows into them either (the expert
     list is not known there); it does run from the experts into the next layer's QKV rows."""
     s = gl.program_id(0) * 0
     for layer in range(L):
         s = _produce_phase(ring, ready, empty, wq_ptr + layer * NQ * D, s, NQ, D, RB, CK, NBUF, P,
-                           PW, wo_ptr + layer * NO * D, layer >= 0, NO, L2A)  # fmt: skip
-        s = _produce_phase(
-            ring,
-            ready,
-            empty,
-            wo_ptr + layer * NO * D,
-            s,
-            NO,
-            D,
-            RB,
-            CK,
-            NBUF,
-            P,
-            PW,
-            wx_ptr + layer * NX * D,
-            layer >= SEL * L,
-            NX,
-            L2A,
-        )  # fmt: skip  (SEL: never)
+                           PW, wo_ptr + layer * NO * D, layer >= 0, NO, L2A, L2M)  # fmt: skip
+        # the lookahead runs from the O rows into the experts' unless SEL (layer >= L: never)
+        s = _produce_phase(ring, ready, empty, wo_ptr + layer * NO * D, s, NO, D, RB, CK, NBUF, P,
+                           PW, wx_ptr + layer * NX * D, layer >= SEL * L, NX, L2A,
+                           L2M)  # fmt: skip
         if SEL:  # the experts are known only after the selection (the consumers' arrival)
             mbarrier.wait(sel.index(0), layer & 1)
         s = _produce_phase(ring, ready, empty, wx_ptr + layer * NX * D, s, NX, D, RB, CK, NBUF, P,
-                           PW, wq_ptr + (layer + 1) * NQ * D, layer + 1 < L, NQ,
-                           L2A)  # fmt: skip
+                           PW, wq_ptr + (layer + 1) * NQ * D, layer + 1 < L, NQ, L2A,
+                           L2M)  # fmt: skip
 
 
 @gluon.jit
@@ -250,7 +255,7 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
                   NX: gl.constexpr, READY_COUNT: gl.constexpr, EMPTY_COUNT: gl.constexpr,
                   PR: gl.constexpr, SEL: gl.constexpr, ATT_NS: gl.constexpr,
                   SEL_NS: gl.constexpr, NAP: gl.constexpr, ACC: gl.constexpr,
-                  L2A: gl.constexpr):  # fmt: skip
+                  L2A: gl.constexpr, L2M: gl.constexpr):  # fmt: skip
     sh: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF, RB, CK], sh)
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
@@ -266,7 +271,7 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
                       D, RB, CK, NBUF, P, SPIN, WARPS, WC, NQ, NO, NX, sel, SEL, ATT_NS, SEL_NS,
                       NAP, ACC)),
          (_producer, (ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L, D, RB, CK, NBUF, P, PW, NQ, NO,
-                      NX, sel, SEL, L2A))],
+                      NX, sel, SEL, L2A, L2M))],
         [PW], [PR],
     )  # fmt: skip
 
@@ -274,7 +279,7 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
 def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024, warps=8,
                  producer_warps=1, select: bool = False, attention_ns: int = 0,
                  select_ns: int = 0, nap_ns: int = 0, accumulate: bool = False,
-                 l2_ahead: int = 0, spin=SPIN):  # fmt: skip
+                 l2_ahead: int = 0, l2_lines: bool = False, spin=SPIN):  # fmt: skip
     """Every layer's three phases in one launch: ``(yq, yo, yx, fail)``. ``select``: the
     producer streams a layer's experts only after the consumers passed the barrier before them
     (and ``select_ns`` of stand-in selection work), as a data-dependent expert list forces;
@@ -283,7 +288,8 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
     stand-ins (0: they spin, as the Triton step's barrier does); ``accumulate``: the compute
     warps keep a row block's products and reduce once after its last chunk, not once a chunk
     (fewer cross-warp reductions, so they may run ahead of DRAM); ``l2_ahead``: the producer
-    also asks L2 for the row block that many blocks ahead of the one it copies (0: off)."""
+    also asks L2 for the row block that many blocks ahead of the one it copies (0: off), as bulk
+    requests or with ``l2_lines`` one request a line."""
     n_layers, nq, d = wq.shape
     no, nx = wo.shape[1], wx.shape[1]
     if wo.shape[2] != d or wx.shape[2] != d or min(nq, no) < d:
@@ -312,7 +318,7 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
         WC=min(warps, chunk // 256), PW=producer_warps, NQ=nq, NO=no, NX=nx,
         READY_COUNT=WS_READY_PER_WARP * producer_warps, EMPTY_COUNT=WS_EMPTY_COUNT,
         PR=PRODUCER_REGS, SEL=bool(select), ATT_NS=int(attention_ns), SEL_NS=int(select_ns),
-        NAP=int(nap_ns), ACC=bool(accumulate), L2A=int(l2_ahead),
+        NAP=int(nap_ns), ACC=bool(accumulate), L2A=int(l2_ahead), L2M=2 if l2_lines else 1,
     )  # fmt: skip
     return yq, yo, yx, fail
 
@@ -366,6 +372,8 @@ def main() -> None:
         default=[0],
         help="row blocks the producer's L2 prefetch runs ahead (0: none)",
     )
+    ap.add_argument("--l2-lines", action="store_true",
+                    help="each lookahead variant also as one L2 request a line")  # fmt: skip
     ap.add_argument("--latency", default="0:0",
                     help="comma list of attention_us:selection_us stand-ins; each also with "
                          "the expert stream held until the selection")  # fmt: skip
@@ -388,17 +396,21 @@ def main() -> None:
             att, sel = (float(v) for v in lat.split(":"))
             helds = (False, True) if att or sel else (False,)
             accs = [bool(v) for v in a.accumulate]
-            for held, nap, acc, ahead in itertools.product(helds, a.naps, accs, a.l2_ahead):
+            modes = [(v, m) for v in a.l2_ahead for m in ((False, True) if v and a.l2_lines
+                                                            else (False,))]  # fmt: skip
+            for held, nap, acc, (ahead, lines) in itertools.product(helds, a.naps, accs, modes):
                 name = f"ws{n}_rb{rows}_ck{ck}"
                 name += f"_att{att:g}_sel{sel:g}" if att or sel else ""
                 name += ("_held" if held else "") + (f"_nap{nap}" if nap else "")
                 name += ("_acc" if acc else "") + (f"_l2a{ahead}" if ahead else "")
+                name += "_lines" if lines else ""
                 fns[name] = (jax.jit(
                     lambda x, q, o, e, n=n, r=rows, c=ck, h=held, at=att, se=sel, nap=nap,
-                    acc=acc, ahead=ahead:
+                    acc=acc, ahead=ahead, lines=lines:
                     gluon_layers(x, q, o, e, ring=n, rows=r, chunk=c, select=h,
                                  attention_ns=int(at * 1e3), select_ns=int(se * 1e3), nap_ns=nap,
-                                 accumulate=acc, l2_ahead=ahead)), ws)  # fmt: skip
+                                 accumulate=acc, l2_ahead=ahead, l2_lines=lines)),
+                    ws)  # fmt: skip
     rows_out = []
     for name, (fn, w) in fns.items():
         try:

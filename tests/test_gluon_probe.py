@@ -137,7 +137,7 @@ def test_layer_probe_lowers_without_spills():
                     WC=min(8, ck // 256),
                     PW=1, NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
                     EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=True,
-                    ATT_NS=5000, SEL_NS=2500, NAP=200, ACC=False, L2A=0)  # fmt: skip
+                    ATT_NS=5000, SEL_NS=2500, NAP=200, ACC=False, L2A=0, L2M=1)  # fmt: skip
         _, shared, ptx, _, _ = gluon_launch.compile_gluon(
             glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
         )
@@ -154,15 +154,15 @@ def test_layer_probe_accumulating_consumer_lowers():
     meta = dict(L=2, D=4096, RB=8, CK=1024, NBUF=12, P=128, SPIN=glp.SPIN, WARPS=8, WC=4, PW=1,
                 NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
                 EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=False, ATT_NS=0,
-                SEL_NS=0, NAP=0, ACC=True, L2A=0)  # fmt: skip
+                SEL_NS=0, NAP=0, ACC=True, L2A=0, L2M=1)  # fmt: skip
     _, shared, ptx, _, _ = gluon_launch.compile_gluon(
         glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
     )
     assert shared <= SMEM_LIMIT and "cp.async.mbarrier.arrive.noinc" in ptx
 
 
-@pytest.mark.parametrize("sel", [False, True])
-def test_layer_probe_l2_lookahead_lowers(sel):
+@pytest.mark.parametrize("sel,mode", [(False, 1), (True, 1), (False, 2)])
+def test_layer_probe_l2_lookahead_lowers(sel, mode):
     """``l2_ahead``: the producer's bulk L2 prefetch, lane 0 only, one request per 16 KB of a
     row block; with triton 3.6 (the H200 image's) no thread spills."""
     import gluon_layer_probe as glp
@@ -172,14 +172,17 @@ def test_layer_probe_l2_lookahead_lowers(sel):
     meta = dict(L=2, D=4096, RB=16, CK=1024, NBUF=6, P=128, SPIN=glp.SPIN, WARPS=8, WC=4, PW=1,
                 NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
                 EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=sel, ATT_NS=5000,
-                SEL_NS=2500, NAP=0, ACC=False, L2A=2)  # fmt: skip
+                SEL_NS=2500, NAP=0, ACC=False, L2A=2, L2M=mode)  # fmt: skip
     _, shared, ptx, _, _ = gluon_launch.compile_gluon(
         glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
     )
     assert shared <= SMEM_LIMIT
-    asks = re.findall(r"@p cp\.async\.bulk\.prefetch\.L2\.global", ptx)
-    assert asks and len(asks) % (16 * 4096 * 2 // glp.L2_SEG_BYTES) == 0, len(asks)
-    assert "%laneid" in ptx
+    if mode == 1:
+        asks = re.findall(r"@p cp\.async\.bulk\.prefetch\.L2\.global", ptx)
+        assert asks and len(asks) % (16 * 4096 * 2 // glp.L2_SEG_BYTES) == 0, len(asks)
+        assert "%laneid" in ptx
+    else:
+        assert "prefetch.global.L2 [" in ptx and "cp.async.bulk.prefetch" not in ptx
     if triton.__version__.startswith("3.6"):
         info = ptxas_info(ptx)
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, info
