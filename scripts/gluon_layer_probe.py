@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -83,6 +84,10 @@ def _spin_ns(dummy, NS: gl.constexpr, NAP: gl.constexpr):
 # bytes of one bulk L2 prefetch request (``triton_l2.BULK_SEG``)
 L2_SEG_BYTES = 16 * 1024
 L2_SEG = gl.constexpr(L2_SEG_BYTES)
+# ``%globaltimer`` stamps a (program, layer, phase) with ``stamps``: 0-3 the compute warps'
+# (barrier passed, stand-in done, first chunk ready, phase done), 4-6 the producer's (waiting
+# for the phase's first slot, its first chunk issued, its last chunk issued), 7 unused.
+NSLOT = gl.constexpr(8)
 
 
 @gluon.jit
@@ -121,14 +126,17 @@ def _l2_ahead(ptr, NBYTES: gl.constexpr, PW: gl.constexpr, L2M: gl.constexpr):
 def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constexpr,
                    RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
                    PW: gl.constexpr, nxt_ptr, has_nxt, NNR: gl.constexpr,
-                   L2A: gl.constexpr, L2M: gl.constexpr):  # fmt: skip
+                   L2A: gl.constexpr, L2M: gl.constexpr, st_ptr, ST: gl.constexpr):  # fmt: skip
     """Copies this program's ``NR / P`` rows of one phase's ``[NR, D]`` block into the ring,
     ``[RB, CK]`` chunks in (row block, column chunk) order; returns the stream index after it.
 
     ``L2A`` > 0: before each row block, the row block ``L2A`` ahead goes to L2 (bulk prefetch),
     from the next phase's block ``nxt_ptr`` (``[NNR, D]``) past this one's end where
     ``has_nxt``: DRAM then has work queued beyond the ring's slots. ``L2M`` 1: bulk requests,
-    2: one request a line."""
+    2: one request a line. ``ST``: stamps (``%globaltimer``) at ``st_ptr``: slot 4 before the
+    phase's first slot is waited for, 5 its first chunk issued, 6 its last chunk issued."""
+    if ST:
+        gl.store(st_ptr + 4, _gl_now(s))
     row: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [1, PW], [1, 0])
     rk = gl.arange(0, CK, layout=gl.SliceLayout(0, row))[None, :]
     NRB: gl.constexpr = NR // P // RB
@@ -150,7 +158,12 @@ def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constex
             for r in gl.static_range(RB):
                 _async_load(dst.slice(r, 1), base + r * D + rk, cache_modifier=".cg")
             cp.mbarrier_arrive(ready.index(slot), increment_count=False)
+            if ST & (kc == 0):
+                if rb == 0:
+                    gl.store(st_ptr + 5, _gl_now(s))
             s += 1
+    if ST:
+        gl.store(st_ptr + 6, _gl_now(s))
     return s
 
 
@@ -158,23 +171,26 @@ def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constex
 def _producer(ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L: gl.constexpr, D: gl.constexpr,
               RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
               PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr, sel,
-              SEL: gl.constexpr, L2A: gl.constexpr, L2M: gl.constexpr):  # fmt: skip
+              SEL: gl.constexpr, L2A: gl.constexpr, L2M: gl.constexpr, st_ptr,
+              ST: gl.constexpr):  # fmt: skip
     """The layers' three streams in order. With ``SEL`` the expert rows wait for the selection,
     and the L2 lookahead (``L2A``) does not run from the O rows into them either (the expert
     list is not known there); it does run from the experts into the next layer's QKV rows."""
     s = gl.program_id(0) * 0
     for layer in range(L):
+        st = st_ptr + (gl.program_id(0) * L + layer) * (3 * NSLOT)
         s = _produce_phase(ring, ready, empty, wq_ptr + layer * NQ * D, s, NQ, D, RB, CK, NBUF, P,
-                           PW, wo_ptr + layer * NO * D, layer >= 0, NO, L2A, L2M)  # fmt: skip
+                           PW, wo_ptr + layer * NO * D, layer >= 0, NO, L2A, L2M, st,
+                           ST)  # fmt: skip
         # the lookahead runs from the O rows into the experts' unless SEL (layer >= L: never)
         s = _produce_phase(ring, ready, empty, wo_ptr + layer * NO * D, s, NO, D, RB, CK, NBUF, P,
-                           PW, wx_ptr + layer * NX * D, layer >= SEL * L, NX, L2A,
-                           L2M)  # fmt: skip
+                           PW, wx_ptr + layer * NX * D, layer >= SEL * L, NX, L2A, L2M,
+                           st + NSLOT, ST)  # fmt: skip
         if SEL:  # the experts are known only after the selection (the consumers' arrival)
             mbarrier.wait(sel.index(0), layer & 1)
         s = _produce_phase(ring, ready, empty, wx_ptr + layer * NX * D, s, NX, D, RB, CK, NBUF, P,
                            PW, wq_ptr + (layer + 1) * NQ * D, layer + 1 < L, NQ, L2A,
-                           L2M)  # fmt: skip
+                           L2M, st + 2 * NSLOT, ST)  # fmt: skip
 
 
 @gluon.jit
@@ -182,15 +198,20 @@ def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed,
                    NR: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr,
                    NBUF: gl.constexpr, P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
                    WC: gl.constexpr, DELAY_NS: gl.constexpr, SEL_ARRIVE: gl.constexpr,
-                   NAP: gl.constexpr, ACC: gl.constexpr):  # fmt: skip
+                   NAP: gl.constexpr, ACC: gl.constexpr, st_ptr,
+                   ST: gl.constexpr):  # fmt: skip
     """One phase: wait for the barrier (``ph`` phases done), ``DELAY_NS`` of stand-in work
     (then, with ``SEL_ARRIVE``, let the producer start this phase's stream), the input row into
     shared memory, this program's rows chunk by chunk from the ring, stored, the arrival."""
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS // WC, WC], [1, 0])
     if ph > 0:
         failed = _gl_wait(ctr_ptr, P * ph, failed, SPIN, NAP)
+    if ST:  # slots 0-3: barrier passed, stand-in done, first chunk ready, phase done
+        gl.store(st_ptr, _gl_now(failed))
     if DELAY_NS > 0:
         _spin_ns(failed, DELAY_NS, NAP)
+    if ST:
+        gl.store(st_ptr + 1, _gl_now(failed))
     if SEL_ARRIVE:
         mbarrier.arrive(sel.index(0))
     rd = gl.arange(0, D, layout=gl.BlockedLayout([4], [32], [WARPS], [0]))
@@ -205,6 +226,9 @@ def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed,
             slot = s % NBUF
             xv = xs.slice(kc * CK, CK).load(gl.SliceLayout(0, blk))
             mbarrier.wait(ready.index(slot), (s // NBUF) & 1)
+            if ST & (kc == 0):
+                if rb == 0:
+                    gl.store(st_ptr + 2, _gl_now(failed))
             w = ring.index(slot).load(blk)
             if ACC:  # products only: one reduction a row block, after its last chunk
                 acc += w.to(gl.float32) * xv[None, :]
@@ -216,6 +240,8 @@ def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed,
         if ACC:
             y = gl.sum(acc, axis=1)
         gl.store(y_ptr + r0 + rb * RB + rr, y)
+    if ST:
+        gl.store(st_ptr + 3, _gl_now(failed))
     _gl_arrive(ctr_ptr)
     return s, failed
 
@@ -226,36 +252,39 @@ def _consumer(ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fa
               NBUF: gl.constexpr, P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
               WC: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr, sel,
               SEL: gl.constexpr, ATT_NS: gl.constexpr, SEL_NS: gl.constexpr,
-              NAP: gl.constexpr, ACC: gl.constexpr):  # fmt: skip
+              NAP: gl.constexpr, ACC: gl.constexpr, st_ptr, ST: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     s = pid * 0
     failed = pid * 0
     for layer in range(L):
+        st = st_ptr + (pid * L + layer) * (3 * NSLOT)
         if layer == 0:
             src = x_ptr
         else:
             src = yx_ptr + (layer - 1) * NX
         s, failed = _consume_phase(ring, ready, empty, xs, src, yq_ptr + layer * NQ, ctr_ptr,
                                    s, 3 * layer, failed, sel, NQ, D, RB, CK, NBUF, P, SPIN,
-                                   WARPS, WC, 0, False, NAP, ACC)  # fmt: skip
+                                   WARPS, WC, 0, False, NAP, ACC, st, ST)  # fmt: skip
         s, failed = _consume_phase(ring, ready, empty, xs, yq_ptr + layer * NQ, yo_ptr + layer * NO,
                                    ctr_ptr, s, 3 * layer + 1, failed, sel, NO, D, RB, CK, NBUF, P,
-                                   SPIN, WARPS, WC, ATT_NS, False, NAP, ACC)  # fmt: skip
+                                   SPIN, WARPS, WC, ATT_NS, False, NAP, ACC, st + NSLOT,
+                                   ST)  # fmt: skip
         s, failed = _consume_phase(ring, ready, empty, xs, yo_ptr + layer * NO, yx_ptr + layer * NX,
                                    ctr_ptr, s, 3 * layer + 2, failed, sel, NX, D, RB, CK, NBUF, P,
-                                   SPIN, WARPS, WC, SEL_NS, SEL, NAP, ACC)  # fmt: skip
+                                   SPIN, WARPS, WC, SEL_NS, SEL, NAP, ACC, st + 2 * NSLOT,
+                                   ST)  # fmt: skip
     gl.store(fail_ptr + pid, failed)
 
 
 @gluon.jit
-def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fail_ptr,
+def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fail_ptr, st_ptr,
                   L: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, CK: gl.constexpr,
                   NBUF: gl.constexpr, P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
                   WC: gl.constexpr, PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr,
                   NX: gl.constexpr, READY_COUNT: gl.constexpr, EMPTY_COUNT: gl.constexpr,
                   PR: gl.constexpr, SEL: gl.constexpr, ATT_NS: gl.constexpr,
                   SEL_NS: gl.constexpr, NAP: gl.constexpr, ACC: gl.constexpr,
-                  L2A: gl.constexpr, L2M: gl.constexpr):  # fmt: skip
+                  L2A: gl.constexpr, L2M: gl.constexpr, ST: gl.constexpr):  # fmt: skip
     sh: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF, RB, CK], sh)
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
@@ -269,9 +298,9 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
     gl.warp_specialize(
         [(_consumer, (ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fail_ptr, L,
                       D, RB, CK, NBUF, P, SPIN, WARPS, WC, NQ, NO, NX, sel, SEL, ATT_NS, SEL_NS,
-                      NAP, ACC)),
+                      NAP, ACC, st_ptr, ST)),
          (_producer, (ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L, D, RB, CK, NBUF, P, PW, NQ, NO,
-                      NX, sel, SEL, L2A, L2M))],
+                      NX, sel, SEL, L2A, L2M, st_ptr, ST))],
         [PW], [PR],
     )  # fmt: skip
 
@@ -279,7 +308,8 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
 def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024, warps=8,
                  producer_warps=1, select: bool = False, attention_ns: int = 0,
                  select_ns: int = 0, nap_ns: int = 0, accumulate: bool = False,
-                 l2_ahead: int = 0, l2_lines: bool = False, spin=SPIN):  # fmt: skip
+                 l2_ahead: int = 0, l2_lines: bool = False, stamps: bool = False,
+                 spin=SPIN):  # fmt: skip
     """Every layer's three phases in one launch: ``(yq, yo, yx, fail)``. ``select``: the
     producer streams a layer's experts only after the consumers passed the barrier before them
     (and ``select_ns`` of stand-in selection work), as a data-dependent expert list forces;
@@ -289,7 +319,8 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
     warps keep a row block's products and reduce once after its last chunk, not once a chunk
     (fewer cross-warp reductions, so they may run ahead of DRAM); ``l2_ahead``: the producer
     also asks L2 for the row block that many blocks ahead of the one it copies (0: off), as bulk
-    requests or with ``l2_lines`` one request a line."""
+    requests or with ``l2_lines`` one request a line; ``stamps``: also return the timeline
+    ``[P, L, 3, NSLOT]`` int64 (``stamp_summary``)."""
     n_layers, nq, d = wq.shape
     no, nx = wo.shape[1], wx.shape[1]
     if wo.shape[2] != d or wx.shape[2] != d or min(nq, no) < d:
@@ -306,21 +337,54 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
         raise ValueError(f"a {ring} x {rows} x {chunk} bf16 ring is past the shared memory")
     gluon_launch.install()
     f32 = jnp.float32
-    yq, yo, yx, _, fail = jt.triton_call(
+    n_st = programs * n_layers * 3 * NSLOT.value if stamps else 1
+    yq, yo, yx, _, fail, st = jt.triton_call(
         _layer_kernel, x_d.astype(f32), wq, wo, wx,
         out_shape=[jax.ShapeDtypeStruct((n_layers, nq), f32),
                    jax.ShapeDtypeStruct((n_layers, no), f32),
                    jax.ShapeDtypeStruct((n_layers, nx), f32),
                    jax.ShapeDtypeStruct((1,), jnp.int32),
-                   jax.ShapeDtypeStruct((programs,), jnp.int32)],
+                   jax.ShapeDtypeStruct((programs,), jnp.int32),
+                   jax.ShapeDtypeStruct((n_st,), jnp.int64)],
         zeroed_outputs=(0, 1, 2, 3), grid=(programs,), num_warps=warps, num_stages=1,
         L=n_layers, D=d, RB=rows, CK=chunk, NBUF=ring, P=programs, SPIN=spin, WARPS=warps,
         WC=min(warps, chunk // 256), PW=producer_warps, NQ=nq, NO=no, NX=nx,
         READY_COUNT=WS_READY_PER_WARP * producer_warps, EMPTY_COUNT=WS_EMPTY_COUNT,
         PR=PRODUCER_REGS, SEL=bool(select), ATT_NS=int(attention_ns), SEL_NS=int(select_ns),
         NAP=int(nap_ns), ACC=bool(accumulate), L2A=int(l2_ahead), L2M=2 if l2_lines else 1,
+        ST=bool(stamps),
     )  # fmt: skip
+    if stamps:
+        return yq, yo, yx, fail, st.reshape(programs, n_layers, 3, NSLOT.value)
     return yq, yo, yx, fail
+
+
+def stamp_summary(st) -> dict:
+    """Medians over programs and layers 1.. (layer 0 starts cold) of each phase's timeline, µs:
+    ``wait`` (previous phase done → barrier passed), ``standin``, ``first_ready`` (stand-in done
+    → first chunk ready: ~0 when the ring had it banked), ``consume`` (stand-in done → phase
+    done), ``issued_first`` / ``issued_last`` (the producer's first / last chunk issued,
+    relative to the barrier passed: negative = before it opened), and ``span`` (the phase's
+    slowest program done minus the fastest program past its barrier)."""
+    full = np.asarray(st, np.int64).astype(np.float64) / 1e3  # [P, L, 3, NSLOT], µs
+    done = full[..., 3].reshape(full.shape[0], -1)  # phases in stream order
+    prev_done = np.concatenate([np.full_like(done[:, :1], np.nan), done[:, :-1]], axis=1)
+    prev_done = prev_done.reshape(full.shape[:3])[:, 1:]
+    t = full[:, 1:]
+    out = {}
+    for i, name in enumerate("qox"):
+        ph = t[:, :, i]
+        b = ph[..., 0]
+        out[name] = {
+            "wait": float(np.nanmedian(b - prev_done[:, :, i])),
+            "standin": float(np.median(ph[..., 1] - b)),
+            "first_ready": float(np.median(ph[..., 2] - ph[..., 1])),
+            "consume": float(np.median(ph[..., 3] - ph[..., 1])),
+            "issued_first": float(np.median(ph[..., 5] - b)),
+            "issued_last": float(np.median(ph[..., 6] - b)),
+            "span": float(np.median(ph[..., 3].max(0) - b.min(0))),
+        }
+    return out
 
 
 def xla_layers(x_d, wq_t, wo_t, wx_t):
@@ -377,6 +441,11 @@ def main() -> None:
     ap.add_argument("--latency", default="0:0",
                     help="comma list of attention_us:selection_us stand-ins; each also with "
                          "the expert stream held until the selection")  # fmt: skip
+    ap.add_argument(
+        "--stamps",
+        action="store_true",
+        help="each Gluon variant also once with its timeline (stamp_summary)",
+    )
     ap.add_argument("--out", default="results/gluon_layer.jsonl")
     a = ap.parse_args()
     head = {**header(), "bench": "gluon_layer_probe", "layers": a.layers, "shape": a.shape}
@@ -389,7 +458,7 @@ def main() -> None:
     want = reference_layers(x, *ws)
     layer_bytes = sum(n * d * 2 for n in phase_rows)
     wts = [jnp.swapaxes(w, 1, 2).copy() for w in ws]
-    fns = {"xla": (jax.jit(xla_layers), wts)}
+    fns, stamped = {"xla": (jax.jit(xla_layers), wts)}, {}
     for spec in a.rings.split(","):
         n, rows, ck = (int(v) for v in spec.split(":"))
         for lat in a.latency.split(","):
@@ -404,13 +473,12 @@ def main() -> None:
                 name += ("_held" if held else "") + (f"_nap{nap}" if nap else "")
                 name += ("_acc" if acc else "") + (f"_l2a{ahead}" if ahead else "")
                 name += "_lines" if lines else ""
-                fns[name] = (jax.jit(
-                    lambda x, q, o, e, n=n, r=rows, c=ck, h=held, at=att, se=sel, nap=nap,
-                    acc=acc, ahead=ahead, lines=lines:
-                    gluon_layers(x, q, o, e, ring=n, rows=r, chunk=c, select=h,
-                                 attention_ns=int(at * 1e3), select_ns=int(se * 1e3), nap_ns=nap,
-                                 accumulate=acc, l2_ahead=ahead, l2_lines=lines)),
-                    ws)  # fmt: skip
+                kw = dict(ring=n, rows=rows, chunk=ck, select=held, attention_ns=int(att * 1e3),
+                          select_ns=int(sel * 1e3), nap_ns=nap, accumulate=acc, l2_ahead=ahead,
+                          l2_lines=lines)  # fmt: skip
+                fns[name] = (jax.jit(partial(gluon_layers, **kw)), ws)
+                if a.stamps:
+                    stamped[name] = jax.jit(partial(gluon_layers, **kw, stamps=True))
     rows_out = []
     for name, (fn, w) in fns.items():
         try:
@@ -433,6 +501,8 @@ def main() -> None:
                "pct_copy_bw": layer_bytes / (span / a.layers * 1e-6) / bw * 100,
                "rel_err_vs_fp32": err, "failed_programs": fails,
                "copy_TB_s": bw / 1e12}  # fmt: skip
+        if name in stamped:  # one more call with the timeline compiled in (not the timed one)
+            row["timeline_us"] = stamp_summary(jax.block_until_ready(stamped[name](x, *w))[4])
         rows_out.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                if k not in head}, flush=True)  # fmt: skip

@@ -27,8 +27,8 @@ import gluon_chain_probe as gcp  # noqa: E402
 import megakernel_probe  # noqa: E402
 
 SIG = ["*fp32", "*bf16", "*fp32", "*i32", "*i32"]  # x, w, y, counter, fail
-# the layer probe's: x, the three weight blocks, their outputs, counter, fail
-LAYER_SIG = ["*fp32", *["*bf16"] * 3, *["*fp32"] * 3, "*i32", "*i32"]
+# the layer probe's: x, the three weight blocks, their outputs, counter, fail, stamps
+LAYER_SIG = ["*fp32", *["*bf16"] * 3, *["*fp32"] * 3, "*i32", "*i32", "*i64"]
 # The grid barrier's arrival: a GPU-scope release add (``atom`` in triton 3.6, ``red`` later).
 RELEASE_ADD = re.compile(r"\b(atom|red)\.global\.gpu\.release\.add")
 
@@ -137,7 +137,8 @@ def test_layer_probe_lowers_without_spills():
                     WC=min(8, ck // 256),
                     PW=1, NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
                     EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=True,
-                    ATT_NS=5000, SEL_NS=2500, NAP=200, ACC=False, L2A=0, L2M=1)  # fmt: skip
+                    ATT_NS=5000, SEL_NS=2500, NAP=200, ACC=False, L2A=0, L2M=1,
+                    ST=True)  # fmt: skip
         _, shared, ptx, _, _ = gluon_launch.compile_gluon(
             glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
         )
@@ -154,7 +155,7 @@ def test_layer_probe_accumulating_consumer_lowers():
     meta = dict(L=2, D=4096, RB=8, CK=1024, NBUF=12, P=128, SPIN=glp.SPIN, WARPS=8, WC=4, PW=1,
                 NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
                 EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=False, ATT_NS=0,
-                SEL_NS=0, NAP=0, ACC=True, L2A=0, L2M=1)  # fmt: skip
+                SEL_NS=0, NAP=0, ACC=True, L2A=0, L2M=1, ST=False)  # fmt: skip
     _, shared, ptx, _, _ = gluon_launch.compile_gluon(
         glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
     )
@@ -172,7 +173,7 @@ def test_layer_probe_l2_lookahead_lowers(sel, mode):
     meta = dict(L=2, D=4096, RB=16, CK=1024, NBUF=6, P=128, SPIN=glp.SPIN, WARPS=8, WC=4, PW=1,
                 NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
                 EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=sel, ATT_NS=5000,
-                SEL_NS=2500, NAP=0, ACC=False, L2A=2, L2M=mode)  # fmt: skip
+                SEL_NS=2500, NAP=0, ACC=False, L2A=2, L2M=mode, ST=False)  # fmt: skip
     _, shared, ptx, _, _ = gluon_launch.compile_gluon(
         glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
     )
@@ -202,6 +203,31 @@ def test_layer_probe_rejects_rows_that_do_not_split():
         glp.gluon_layers(x, w, w, w, rows=1, l2_ahead=1)
 
 
+def test_stamp_summary_reads_a_known_timeline():
+    """Two programs, three layers, phases of 10 µs: barrier passed 1 µs after the previous
+    phase, a 2 µs stand-in, the first chunk 0.5 µs later, the producer's first chunk 3 µs
+    before the barrier."""
+    import gluon_layer_probe as glp
+
+    st = np.zeros((2, 3, 3, glp.NSLOT.value), np.int64)
+    for p in range(2):
+        for layer in range(3):
+            for i in range(3):
+                t0 = ((layer * 3 + i) * 10_000) + 1_000 + p * 100  # ns
+                st[p, layer, i, :7] = [t0, t0 + 2_000, t0 + 2_500, t0 + 9_000, t0 - 5_000,
+                                       t0 - 3_000, t0 + 6_000]  # fmt: skip
+    got = glp.stamp_summary(st)
+    for name in "qox":
+        assert got[name]["standin"] == pytest.approx(2.0)
+        assert got[name]["first_ready"] == pytest.approx(0.5)
+        assert got[name]["consume"] == pytest.approx(7.0)
+        assert got[name]["issued_first"] == pytest.approx(-3.0)
+        assert got[name]["issued_last"] == pytest.approx(6.0)
+        assert got[name]["span"] == pytest.approx(9.1)
+    assert got["o"]["wait"] == pytest.approx(1.0) and got["x"]["wait"] == pytest.approx(1.0)
+    assert got["q"]["wait"] == pytest.approx(1.0)  # layer 2's, from layer 1's last phase
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "held,accumulate,ahead",
@@ -217,9 +243,21 @@ def test_layer_probe_matches_the_fp32_chain_on_gpu(held, accumulate, ahead):
           for k, n in zip(ks[:3], glp.PHASE_ROWS, strict=True)]  # fmt: skip
     x = jax.random.normal(ks[3], (4096,), jnp.float32)
     lat = {"select": True, "attention_ns": 3000, "select_ns": 2000, "nap_ns": 200} if held else {}
-    *got, fail = glp.gluon_layers(
-        x, *ws, ring=6, rows=16, chunk=1024, accumulate=accumulate, l2_ahead=ahead, **lat
+    *got, fail, st = glp.gluon_layers(
+        x,
+        *ws,
+        ring=6,
+        rows=16,
+        chunk=1024,
+        accumulate=accumulate,
+        l2_ahead=ahead,
+        stamps=True,
+        **lat,
     )
     assert int(np.asarray(fail).sum()) == 0
+    st = np.asarray(st)  # every program's timeline runs forward, phase after phase
+    for a, b in [(0, 1), (1, 2), (2, 3), (4, 5), (5, 6)]:
+        assert (st[..., b] >= st[..., a]).all(), (a, b)
+    assert (st[:, :, 1:, 0] >= st[:, :, :-1, 3]).all()
     for g, want, name in zip(got, glp.reference_layers(x, *ws), "qox", strict=True):
         assert_close(g, want, "model_fp32", f"layer probe phase {name}")
