@@ -1999,7 +1999,7 @@ s51b)  # (run 4 of results/h200_2026-12-04f) run 3 (s51a): bulk L2 lookahead mad
   run timeout 240 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --accumulate 1 --l2-ahead 0 8 --l2-lines --out "$OUT/gluon_layer.jsonl"
   ;;
-s51c)  # runs 1-4: the stand-ins add 1:1 with either consumer; L2 lookahead slows the ring.
+s51c)  # (run 5 of results/h200_2026-12-04f) runs 1-4: the stand-ins add 1:1 with either consumer; L2 lookahead slows the ring.
   # Where does a phase's time go? Each variant once more with its timeline (--stamps): barrier
   # wait, stand-in, first chunk ready after it (banked?), consumption, the producer's issue times.
   PYTHONUNBUFFERED=1 run timeout 200 python3 -m pytest -q -rA -m gpu tests/test_gluon_probe.py \
