@@ -16,10 +16,14 @@ XLA kernels (the dense step's form), and the real step's phase times for the sam
     python scripts/gluon_layer_probe.py --layers 8 --out results/gluon_layer.jsonl
     python scripts/gluon_layer_probe.py --shape 1b --layers 16 --latency 0:0,5.5:2.6
 
-Measured (H200, BENCHMARKS.md thirty-seventh session): 8B 43.5-44.2 µs a layer (90-93% of
-copy; XLA's GEMVs 46.9-47.5), 1B 15.0 (72%; XLA 23.0). Stand-ins for today's attention and
-selection latencies (``--latency``) add their full time (8B 55-58, 1B 23-26): the ring hides
-none of them, with or without the compute warps sleeping (``--naps``).
+Measured (H200, BENCHMARKS.md thirty-seventh and thirty-eighth sessions): 8B 43.5-44.2 µs a
+layer (90-93% of copy; XLA's GEMVs 46.9-47.5), 40.9-41.6 (95-97%) with one reduction a row block
+(``--accumulate 1``); 1B 15.0 (72%; XLA 23.0). Stand-ins for today's attention and selection
+latencies (``--latency``) add their full time (8B 52-58, 1B 23-26), whatever the consumer. The
+timeline (``--stamps``) says why: a program waits 3-4 µs at every 8B barrier (the programs'
+spread), and meanwhile the producer fills the whole ring, so the ring is full when the barrier
+opens and a stand-in finds nothing left to bank. An L2 lookahead past the ring (``--l2-ahead``)
+is 5-57% slower.
 """
 
 from __future__ import annotations
