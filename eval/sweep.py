@@ -387,6 +387,9 @@ class SweepArgs:
         check_windows(self.seq_len, self.batch_size, self.max_tokens)
         for tau in self.taus:
             check_tau(tau)
+        text.local_text_path(self.text, self.split)  # a wrong path fails here, not after the load
+        if any(int(k) < 1 for k in self.static_k):  # the upper bound (E) needs the model
+            raise ValueError(f"static k must be >= 1, got {list(self.static_k)}")
         pp = PrunePathConfig(group_size=self.group_size, gate=self.gate)
         loaded = load_for_sweep(self.checkpoint, dtype=self.dtype, pp=pp)
         return sweep(

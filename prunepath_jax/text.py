@@ -117,20 +117,8 @@ def read_texts(source: str, split: str = "train", field: str = "text") -> list[s
         ImportError / ConnectionError: a Hugging Face name without ``datasets`` installed, or
             without network access and no local cache.
     """
-    if source in ("shipped", "default"):
-        path = corpus_path(split)
-    elif _looks_like_path(source):
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"no such file: {path}")
-        if path.is_dir():
-            raise ValueError(f"{path} is a directory; expected a {' or '.join(SUPPORTED_SUFFIXES)}")
-        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-            raise ValueError(
-                f"unsupported file type {path.suffix!r} for {path}; "
-                f"supported: {', '.join(SUPPORTED_SUFFIXES)} (or a Hugging Face dataset name)"
-            )
-    else:
+    path = local_text_path(source, split)
+    if path is None:
         return _nonempty(_read_hf(source, split, field), f"{source} [{split}]")
 
     if path.suffix.lower() == ".txt":
@@ -138,6 +126,31 @@ def read_texts(source: str, split: str = "train", field: str = "text") -> list[s
     else:
         docs = [_field(row, field, f"{path}:{i + 1}") for i, row in enumerate(read_jsonl(path))]
     return _nonempty(docs, str(path))
+
+
+def local_text_path(source: str, split: str = "train") -> Path | None:
+    """The file ``read_texts`` would read for ``source`` (None: a Hugging Face dataset name),
+    checked without reading it, so a command can reject a wrong path before it loads a model.
+
+    Raises:
+        FileNotFoundError: a local path (or shipped file) does not exist.
+        ValueError: a directory, or an unsupported extension.
+    """
+    if source in ("shipped", "default"):
+        return corpus_path(split)
+    if not _looks_like_path(source):
+        return None
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; expected a {' or '.join(SUPPORTED_SUFFIXES)}")
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise ValueError(
+            f"unsupported file type {path.suffix!r} for {path}; "
+            f"supported: {', '.join(SUPPORTED_SUFFIXES)} (or a Hugging Face dataset name)"
+        )
+    return path
 
 
 def _looks_like_path(source: str) -> bool:

@@ -27,6 +27,10 @@ def test_info_on_a_checkpoint(tmp_path, capsys):
         (["generate", "--tau", "nan"], "tau must be finite"),
         (["sweep", "--seq-len", "0"], "seq_len must be >= 2"),  # before loading the model
         (["sweep", "--taus", "0.5", "-0.5"], "tau must be > 0"),
+        # the evaluation text and static k, also before the model (/no/such/dir never opened)
+        (["sweep", "--checkpoint", "/no/such/dir", "--text", "/no/such.txt"], "no such file"),
+        (["sweep", "--checkpoint", "/no/such/dir", "--text", "/tmp"], "is a directory"),
+        (["sweep", "--checkpoint", "/no/such/dir", "--static-k", "4", "0"], "static k must be"),
         # convert's settings, checked before the model loads (/no/such/dir is never opened)
         (["convert", "--out", "/tmp/x", "--model", "/no/such/dir", "--k-max", "0"], "k_max"),
         (

@@ -161,6 +161,23 @@ def test_read_texts_errors(tmp_path):
             text.read_texts(str(tmp_path / name))
 
 
+def test_local_text_path_checks_without_reading(tmp_path):
+    """What a command checks before it loads a model: the same file and the same errors as
+    ``read_texts``, and None for a Hugging Face dataset name (nothing to check offline)."""
+    assert text.local_text_path("shipped", "validation") == text.corpus_path("validation")
+    ok = tmp_path / "eval.txt"
+    ok.write_text("some text\n", encoding="utf-8")
+    assert text.local_text_path(str(ok)) == ok
+    assert text.local_text_path("wikitext:wikitext-2-raw-v1") is None
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        text.local_text_path(str(tmp_path / "nope.txt"))
+    with pytest.raises(ValueError, match="directory"):
+        text.local_text_path(str(tmp_path))
+    (tmp_path / "data.csv").write_text("a,b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        text.local_text_path(str(tmp_path / "data.csv"))
+
+
 def test_hf_without_datasets_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(ImportError, match="pip install"):
