@@ -2010,4 +2010,10 @@ s51c)  # (run 5 of results/h200_2026-12-04f) runs 1-4: the stand-ins add 1:1 wit
   run timeout 240 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --accumulate 1 --stamps --out "$OUT/gluon_layer.jsonl"
   ;;
+s51d)  # the generation paths' GPU tests after d4f901e (generate's implementation checks now
+  # derive from kernels.api's list; CPU-tested only): the registry backends and the one-launch
+  # step against the XLA path's tokens
+  PYTHONUNBUFFERED=1 run timeout 330 python3 -m pytest -v -m gpu -rf --tb=short --durations=8 \
+    tests/test_kernels_api.py tests/test_generate.py tests/test_megastep.py -k "generat"
+  ;;
 esac
