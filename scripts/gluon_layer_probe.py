@@ -53,8 +53,8 @@ from gluon_chain_probe import (  # noqa: E402
     _cta_barrier,
     _gl_arrive,
     _gl_wait,
-    _nap,
 )
+from gluon_ops import L2_SEG_BYTES, _gl_now, _l2_ahead, _spin_ns  # noqa: E402
 from megakernel_probe import device_span  # noqa: E402
 
 from prunepath_jax.kernels import gluon_launch, jt  # noqa: E402
@@ -66,64 +66,10 @@ PHASE_ROWS = SHAPES["8b"][1]
 PRODUCER_REGS = 96  # a producer thread's registers (48 and 64 spilled the unrolled row copies)
 
 
-@gluon.jit
-def _gl_now(dummy):
-    """``%globaltimer`` (ns); ``dummy`` is the asm's operand (impure: read again each call)."""
-    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy],
-                                     dtype=gl.int64, is_pure=False, pack=1)  # fmt: skip
-
-
-@gluon.jit
-def _spin_ns(dummy, NS: gl.constexpr, NAP: gl.constexpr):
-    """Busy for ``NS`` ns: stands in for work whose latency the ring should hide (attention)
-    or cannot (the selection the expert stream waits for); with ``NAP`` it sleeps between its
-    clock reads (an idle stand-in, not a busy one)."""
-    t0 = _gl_now(dummy)
-    t = t0
-    while t - t0 < NS:
-        _nap(dummy, NAP)
-        t = _gl_now(dummy)
-
-
-# bytes of one bulk L2 prefetch request (``triton_l2.BULK_SEG``)
-L2_SEG_BYTES = 16 * 1024
-L2_SEG = gl.constexpr(L2_SEG_BYTES)
 # ``%globaltimer`` stamps a (program, layer, phase) with ``stamps``: 0-3 the compute warps'
 # (barrier passed, stand-in done, first chunk ready, phase done), 4-6 the producer's (waiting
 # for the phase's first slot, its first chunk issued, its last chunk issued), 7 unused.
 NSLOT = gl.constexpr(8)
-
-
-@gluon.jit
-def _l2_bulk(ptr, NBYTES: gl.constexpr):
-    """``cp.async.bulk.prefetch.L2`` of ``NBYTES`` contiguous bf16 bytes at ``ptr``, asked by
-    lane 0 only (the producer partition is one warp): fire-and-forget, no ring slot, so DRAM
-    can keep streaming while the ring is full and the compute warps are busy elsewhere."""
-    for i in gl.static_range(NBYTES // L2_SEG):
-        gl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .u32 t; mov.u32 t, %laneid; setp.eq.u32 p, t, 0; "
-            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [ptr + i * (L2_SEG // 2), NBYTES * 0 + L2_SEG], dtype=gl.int32,
-            is_pure=False, pack=1,
-        )  # fmt: skip
-
-
-@gluon.jit
-def _l2_lines(ptr, NBYTES: gl.constexpr, PW: gl.constexpr):
-    """``_l2_bulk`` as one ``prefetch.global.L2`` a 128-byte line, spread over the producer's
-    threads (no copy engine: for telling its cost apart from the lookahead's)."""
-    lay: gl.constexpr = gl.BlockedLayout([1], [32], [PW], [0])
-    lines = gl.arange(0, NBYTES // 128, layout=lay) * 64  # 64 bf16 elements a line
-    gl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                              [ptr + lines], dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
-
-
-@gluon.jit
-def _l2_ahead(ptr, NBYTES: gl.constexpr, PW: gl.constexpr, L2M: gl.constexpr):
-    if L2M == 1:
-        _l2_bulk(ptr, NBYTES)
-    else:
-        _l2_lines(ptr, NBYTES, PW)
 
 
 @gluon.jit
