@@ -2015,5 +2015,8 @@ s51d)  # the generation paths' GPU tests after d4f901e (generate's implementatio
   # step against the XLA path's tokens
   PYTHONUNBUFFERED=1 run timeout 330 python3 -m pytest -v -m gpu -rf --tb=short --durations=8 \
     tests/test_kernels_api.py tests/test_generate.py tests/test_megastep.py -k "generat"
+  # and the layer probe after its helpers moved to scripts/gluon_ops.py (b7c8235)
+  PYTHONUNBUFFERED=1 run timeout 200 python3 -m pytest -q -rA -m gpu tests/test_gluon_probe.py \
+    -k layer_probe -p no:cacheprovider
   ;;
 esac
