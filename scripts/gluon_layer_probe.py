@@ -54,6 +54,7 @@ from gluon_chain_probe import (  # noqa: E402
     _gl_arrive,
     _gl_wait,
 )
+from gluon_dynamic import _consume_dyn, _produce_dyn  # noqa: E402
 from gluon_ops import L2_SEG_BYTES, _gl_now, _l2_ahead, _spin_ns  # noqa: E402
 from megakernel_probe import device_span  # noqa: E402
 
@@ -76,7 +77,8 @@ NSLOT = gl.constexpr(8)
 def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constexpr,
                    RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
                    PW: gl.constexpr, nxt_ptr, has_nxt, NNR: gl.constexpr,
-                   L2A: gl.constexpr, L2M: gl.constexpr, st_ptr, ST: gl.constexpr):  # fmt: skip
+                   L2A: gl.constexpr, L2M: gl.constexpr, st_ptr, ST: gl.constexpr,
+                   DYN: gl.constexpr, claims, cl_ptr):  # fmt: skip
     """Copies this program's ``NR / P`` rows of one phase's ``[NR, D]`` block into the ring,
     ``[RB, CK]`` chunks in (row block, column chunk) order; returns the stream index after it.
 
@@ -87,33 +89,37 @@ def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constex
     phase's first slot is waited for, 5 its first chunk issued, 6 its last chunk issued."""
     if ST:
         gl.store(st_ptr + 4, _gl_now(s))
-    row: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [1, PW], [1, 0])
-    rk = gl.arange(0, CK, layout=gl.SliceLayout(0, row))[None, :]
-    NRB: gl.constexpr = NR // P // RB
-    r0 = gl.program_id(0) * (NR // P)
-    for rb in range(NRB):
-        if L2A > 0:
-            ahead = rb + L2A
-            if ahead < NRB:
-                _l2_ahead(w_ptr + (r0 + ahead * RB) * D, RB * D * 2, PW, L2M)
-            elif has_nxt & (ahead - NRB < NNR // P // RB):
-                rn = gl.program_id(0) * (NNR // P) + (ahead - NRB) * RB
-                _l2_ahead(nxt_ptr + rn * D, RB * D * 2, PW, L2M)
-        for kc in gl.static_range(D // CK):
-            slot = s % NBUF
-            if s >= NBUF:
-                mbarrier.wait(empty.index(slot), ((s // NBUF) - 1) & 1)
-            base = w_ptr + (r0 + rb * RB) * D + kc * CK
-            dst = ring.index(slot)
-            for r in gl.static_range(RB):
-                _async_load(dst.slice(r, 1), base + r * D + rk, cache_modifier=".cg")
-            cp.mbarrier_arrive(ready.index(slot), increment_count=False)
-            if ST & (kc == 0):
-                if rb == 0:
-                    gl.store(st_ptr + 5, _gl_now(s))
-            s += 1
-    if ST:
-        gl.store(st_ptr + 6, _gl_now(s))
+    if DYN:  # blocks claimed from the phase's counter (``gluon_dynamic``)
+        s = _produce_dyn(ring, ready, empty, claims, w_ptr, cl_ptr, s, NR, D, RB, NBUF, PW,
+                         st_ptr, ST)  # fmt: skip
+    else:
+        row: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [1, PW], [1, 0])
+        rk = gl.arange(0, CK, layout=gl.SliceLayout(0, row))[None, :]
+        NRB: gl.constexpr = NR // P // RB
+        r0 = gl.program_id(0) * (NR // P)
+        for rb in range(NRB):
+            if L2A > 0:
+                ahead = rb + L2A
+                if ahead < NRB:
+                    _l2_ahead(w_ptr + (r0 + ahead * RB) * D, RB * D * 2, PW, L2M)
+                elif has_nxt & (ahead - NRB < NNR // P // RB):
+                    rn = gl.program_id(0) * (NNR // P) + (ahead - NRB) * RB
+                    _l2_ahead(nxt_ptr + rn * D, RB * D * 2, PW, L2M)
+            for kc in gl.static_range(D // CK):
+                slot = s % NBUF
+                if s >= NBUF:
+                    mbarrier.wait(empty.index(slot), ((s // NBUF) - 1) & 1)
+                base = w_ptr + (r0 + rb * RB) * D + kc * CK
+                dst = ring.index(slot)
+                for r in gl.static_range(RB):
+                    _async_load(dst.slice(r, 1), base + r * D + rk, cache_modifier=".cg")
+                cp.mbarrier_arrive(ready.index(slot), increment_count=False)
+                if ST & (kc == 0):
+                    if rb == 0:
+                        gl.store(st_ptr + 5, _gl_now(s))
+                s += 1
+        if ST:
+            gl.store(st_ptr + 6, _gl_now(s))
     return s
 
 
@@ -122,25 +128,26 @@ def _producer(ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L: gl.constexpr, D: gl
               RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
               PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr, sel,
               SEL: gl.constexpr, L2A: gl.constexpr, L2M: gl.constexpr, st_ptr,
-              ST: gl.constexpr):  # fmt: skip
+              ST: gl.constexpr, DYN: gl.constexpr, claims, ctr_ptr):  # fmt: skip
     """The layers' three streams in order. With ``SEL`` the expert rows wait for the selection,
     and the L2 lookahead (``L2A``) does not run from the O rows into them either (the expert
     list is not known there); it does run from the experts into the next layer's QKV rows."""
     s = gl.program_id(0) * 0
     for layer in range(L):
         st = st_ptr + (gl.program_id(0) * L + layer) * (3 * NSLOT)
+        cl = ctr_ptr + 1 + 3 * layer  # the phases' block counters (DYN)
         s = _produce_phase(ring, ready, empty, wq_ptr + layer * NQ * D, s, NQ, D, RB, CK, NBUF, P,
                            PW, wo_ptr + layer * NO * D, layer >= 0, NO, L2A, L2M, st,
-                           ST)  # fmt: skip
+                           ST, DYN, claims, cl)  # fmt: skip
         # the lookahead runs from the O rows into the experts' unless SEL (layer >= L: never)
         s = _produce_phase(ring, ready, empty, wo_ptr + layer * NO * D, s, NO, D, RB, CK, NBUF, P,
                            PW, wx_ptr + layer * NX * D, layer >= SEL * L, NX, L2A, L2M,
-                           st + NSLOT, ST)  # fmt: skip
+                           st + NSLOT, ST, DYN, claims, cl + 1)  # fmt: skip
         if SEL:  # the experts are known only after the selection (the consumers' arrival)
             mbarrier.wait(sel.index(0), layer & 1)
         s = _produce_phase(ring, ready, empty, wx_ptr + layer * NX * D, s, NX, D, RB, CK, NBUF, P,
                            PW, wq_ptr + (layer + 1) * NQ * D, layer + 1 < L, NQ, L2A,
-                           L2M, st + 2 * NSLOT, ST)  # fmt: skip
+                           L2M, st + 2 * NSLOT, ST, DYN, claims, cl + 2)  # fmt: skip
 
 
 @gluon.jit
@@ -149,7 +156,7 @@ def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed,
                    NBUF: gl.constexpr, P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
                    WC: gl.constexpr, DELAY_NS: gl.constexpr, SEL_ARRIVE: gl.constexpr,
                    NAP: gl.constexpr, ACC: gl.constexpr, st_ptr,
-                   ST: gl.constexpr):  # fmt: skip
+                   ST: gl.constexpr, DYN: gl.constexpr, claims):  # fmt: skip
     """One phase: wait for the barrier (``ph`` phases done), ``DELAY_NS`` of stand-in work
     (then, with ``SEL_ARRIVE``, let the producer start this phase's stream), the input row into
     shared memory, this program's rows chunk by chunk from the ring, stored, the arrival."""
@@ -167,29 +174,33 @@ def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed,
     rd = gl.arange(0, D, layout=gl.BlockedLayout([4], [32], [WARPS], [0]))
     xs.store(gl.load(x_src + rd, cache_modifier=".cg"))
     _cta_barrier()
-    r0 = gl.program_id(0) * (NR // P)
-    rr = gl.arange(0, RB, layout=gl.SliceLayout(1, blk))
-    for rb in range(NR // P // RB):
-        y = gl.zeros([RB], gl.float32, layout=gl.SliceLayout(1, blk))
-        acc = gl.zeros([RB, CK], gl.float32, layout=blk)
-        for kc in gl.static_range(D // CK):
-            slot = s % NBUF
-            xv = xs.slice(kc * CK, CK).load(gl.SliceLayout(0, blk))
-            mbarrier.wait(ready.index(slot), (s // NBUF) & 1)
-            if ST & (kc == 0):
-                if rb == 0:
-                    gl.store(st_ptr + 2, _gl_now(failed))
-            w = ring.index(slot).load(blk)
-            if ACC:  # products only: one reduction a row block, after its last chunk
-                acc += w.to(gl.float32) * xv[None, :]
-            else:
-                y += gl.sum(w.to(gl.float32) * xv[None, :], axis=1)
-            _cta_barrier()
-            mbarrier.arrive(empty.index(slot))
-            s += 1
-        if ACC:
-            y = gl.sum(acc, axis=1)
-        gl.store(y_ptr + r0 + rb * RB + rr, y)
+    if DYN:  # claimed blocks, one slot each (``gluon_dynamic``)
+        s = _consume_dyn(ring, ready, empty, claims, xs, y_ptr, s, failed, D, RB, NBUF, WARPS,
+                         WC, st_ptr, ST)  # fmt: skip
+    else:
+        r0 = gl.program_id(0) * (NR // P)
+        rr = gl.arange(0, RB, layout=gl.SliceLayout(1, blk))
+        for rb in range(NR // P // RB):
+            y = gl.zeros([RB], gl.float32, layout=gl.SliceLayout(1, blk))
+            acc = gl.zeros([RB, CK], gl.float32, layout=blk)
+            for kc in gl.static_range(D // CK):
+                slot = s % NBUF
+                xv = xs.slice(kc * CK, CK).load(gl.SliceLayout(0, blk))
+                mbarrier.wait(ready.index(slot), (s // NBUF) & 1)
+                if ST & (kc == 0):
+                    if rb == 0:
+                        gl.store(st_ptr + 2, _gl_now(failed))
+                w = ring.index(slot).load(blk)
+                if ACC:  # products only: one reduction a row block, after its last chunk
+                    acc += w.to(gl.float32) * xv[None, :]
+                else:
+                    y += gl.sum(w.to(gl.float32) * xv[None, :], axis=1)
+                _cta_barrier()
+                mbarrier.arrive(empty.index(slot))
+                s += 1
+            if ACC:
+                y = gl.sum(acc, axis=1)
+            gl.store(y_ptr + r0 + rb * RB + rr, y)
     if ST:
         gl.store(st_ptr + 3, _gl_now(failed))
     _gl_arrive(ctr_ptr)
@@ -202,7 +213,8 @@ def _consumer(ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fa
               NBUF: gl.constexpr, P: gl.constexpr, SPIN: gl.constexpr, WARPS: gl.constexpr,
               WC: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr, sel,
               SEL: gl.constexpr, ATT_NS: gl.constexpr, SEL_NS: gl.constexpr,
-              NAP: gl.constexpr, ACC: gl.constexpr, st_ptr, ST: gl.constexpr):  # fmt: skip
+              NAP: gl.constexpr, ACC: gl.constexpr, st_ptr, ST: gl.constexpr,
+              DYN: gl.constexpr, claims):  # fmt: skip
     pid = gl.program_id(0)
     s = pid * 0
     failed = pid * 0
@@ -214,15 +226,16 @@ def _consumer(ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fa
             src = yx_ptr + (layer - 1) * NX
         s, failed = _consume_phase(ring, ready, empty, xs, src, yq_ptr + layer * NQ, ctr_ptr,
                                    s, 3 * layer, failed, sel, NQ, D, RB, CK, NBUF, P, SPIN,
-                                   WARPS, WC, 0, False, NAP, ACC, st, ST)  # fmt: skip
+                                   WARPS, WC, 0, False, NAP, ACC, st, ST, DYN,
+                                   claims)  # fmt: skip
         s, failed = _consume_phase(ring, ready, empty, xs, yq_ptr + layer * NQ, yo_ptr + layer * NO,
                                    ctr_ptr, s, 3 * layer + 1, failed, sel, NO, D, RB, CK, NBUF, P,
                                    SPIN, WARPS, WC, ATT_NS, False, NAP, ACC, st + NSLOT,
-                                   ST)  # fmt: skip
+                                   ST, DYN, claims)  # fmt: skip
         s, failed = _consume_phase(ring, ready, empty, xs, yo_ptr + layer * NO, yx_ptr + layer * NX,
                                    ctr_ptr, s, 3 * layer + 2, failed, sel, NX, D, RB, CK, NBUF, P,
                                    SPIN, WARPS, WC, SEL_NS, SEL, NAP, ACC, st + 2 * NSLOT,
-                                   ST)  # fmt: skip
+                                   ST, DYN, claims)  # fmt: skip
     gl.store(fail_ptr + pid, failed)
 
 
@@ -234,13 +247,16 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
                   NX: gl.constexpr, READY_COUNT: gl.constexpr, EMPTY_COUNT: gl.constexpr,
                   PR: gl.constexpr, SEL: gl.constexpr, ATT_NS: gl.constexpr,
                   SEL_NS: gl.constexpr, NAP: gl.constexpr, ACC: gl.constexpr,
-                  L2A: gl.constexpr, L2M: gl.constexpr, ST: gl.constexpr):  # fmt: skip
+                  L2A: gl.constexpr, L2M: gl.constexpr, ST: gl.constexpr,
+                  DYN: gl.constexpr):  # fmt: skip
     sh: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF, RB, CK], sh)
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     xs = gl.allocate_shared_memory(gl.float32, [D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     sel = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    # each slot's block (DYN); a power-of-2 allocation, so up to 16 slots
+    claims = gl.allocate_shared_memory(gl.int32, [16, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     for i in gl.static_range(NBUF):
         mbarrier.init(ready.index(i), count=READY_COUNT)
         mbarrier.init(empty.index(i), count=EMPTY_COUNT)
@@ -248,9 +264,9 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
     gl.warp_specialize(
         [(_consumer, (ring, ready, empty, xs, x_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr, fail_ptr, L,
                       D, RB, CK, NBUF, P, SPIN, WARPS, WC, NQ, NO, NX, sel, SEL, ATT_NS, SEL_NS,
-                      NAP, ACC, st_ptr, ST)),
+                      NAP, ACC, st_ptr, ST, DYN, claims)),
          (_producer, (ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L, D, RB, CK, NBUF, P, PW, NQ, NO,
-                      NX, sel, SEL, L2A, L2M, st_ptr, ST))],
+                      NX, sel, SEL, L2A, L2M, st_ptr, ST, DYN, claims, ctr_ptr))],
         [PW], [PR],
     )  # fmt: skip
 
@@ -259,7 +275,7 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
                  producer_warps=1, select: bool = False, attention_ns: int = 0,
                  select_ns: int = 0, nap_ns: int = 0, accumulate: bool = False,
                  l2_ahead: int = 0, l2_lines: bool = False, stamps: bool = False,
-                 spin=SPIN):  # fmt: skip
+                 dynamic: bool = False, spin=SPIN):  # fmt: skip
     """Every layer's three phases in one launch: ``(yq, yo, yx, fail)``. ``select``: the
     producer streams a layer's experts only after the consumers passed the barrier before them
     (and ``select_ns`` of stand-in selection work), as a data-dependent expert list forces;
@@ -270,7 +286,8 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
     (fewer cross-warp reductions, so they may run ahead of DRAM); ``l2_ahead``: the producer
     also asks L2 for the row block that many blocks ahead of the one it copies (0: off), as bulk
     requests or with ``l2_lines`` one request a line; ``stamps``: also return the timeline
-    ``[P, L, 3, NSLOT]`` int64 (``stamp_summary``)."""
+    ``[P, L, 3, NSLOT]`` int64 (``stamp_summary``); ``dynamic``: the programs claim
+    ``rows``-row blocks from a counter per phase (``gluon_dynamic``; needs ``chunk == d``)."""
     n_layers, nq, d = wq.shape
     no, nx = wo.shape[1], wx.shape[1]
     if wo.shape[2] != d or wx.shape[2] != d or min(nq, no) < d:
@@ -283,6 +300,9 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
     if l2_ahead < 0 or (l2_ahead and rows * d * 2 % L2_SEG_BYTES):
         raise ValueError(f"l2_ahead {l2_ahead}: needs >= 0 and {rows}-row blocks of whole "
                          f"{L2_SEG_BYTES}-byte requests")  # fmt: skip
+    if dynamic and (chunk != d or l2_ahead or ring > 16):
+        raise ValueError(f"dynamic blocks take whole rows (chunk {chunk}, d {d}), no L2 "
+                         f"lookahead (l2_ahead {l2_ahead}), <= 16 slots ({ring})")  # fmt: skip
     if ring * rows * chunk * 2 > 200 * 1024:
         raise ValueError(f"a {ring} x {rows} x {chunk} bf16 ring is past the shared memory")
     gluon_launch.install()
@@ -293,16 +313,17 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
         out_shape=[jax.ShapeDtypeStruct((n_layers, nq), f32),
                    jax.ShapeDtypeStruct((n_layers, no), f32),
                    jax.ShapeDtypeStruct((n_layers, nx), f32),
-                   jax.ShapeDtypeStruct((1,), jnp.int32),
+                   jax.ShapeDtypeStruct((1 + 3 * n_layers,), jnp.int32),  # barrier, claims
                    jax.ShapeDtypeStruct((programs,), jnp.int32),
                    jax.ShapeDtypeStruct((n_st,), jnp.int64)],
         zeroed_outputs=(0, 1, 2, 3), grid=(programs,), num_warps=warps, num_stages=1,
         L=n_layers, D=d, RB=rows, CK=chunk, NBUF=ring, P=programs, SPIN=spin, WARPS=warps,
         WC=min(warps, chunk // 256), PW=producer_warps, NQ=nq, NO=no, NX=nx,
-        READY_COUNT=WS_READY_PER_WARP * producer_warps, EMPTY_COUNT=WS_EMPTY_COUNT,
+        READY_COUNT=WS_READY_PER_WARP * producer_warps + int(dynamic),
+        EMPTY_COUNT=WS_EMPTY_COUNT,
         PR=PRODUCER_REGS, SEL=bool(select), ATT_NS=int(attention_ns), SEL_NS=int(select_ns),
         NAP=int(nap_ns), ACC=bool(accumulate), L2A=int(l2_ahead), L2M=2 if l2_lines else 1,
-        ST=bool(stamps),
+        ST=bool(stamps), DYN=bool(dynamic),
     )  # fmt: skip
     if stamps:
         return yq, yo, yx, fail, st.reshape(programs, n_layers, 3, NSLOT.value)
@@ -391,6 +412,9 @@ def main() -> None:
     ap.add_argument("--latency", default="0:0",
                     help="comma list of attention_us:selection_us stand-ins; each also with "
                          "the expert stream held until the selection")  # fmt: skip
+    ap.add_argument("--dynamic", type=int, nargs="+", choices=(0, 1), default=[0],
+                    help="1: row blocks claimed from a counter (rings whose chunk is the "
+                         "width)")  # fmt: skip
     ap.add_argument(
         "--stamps",
         action="store_true",
@@ -417,15 +441,18 @@ def main() -> None:
             accs = [bool(v) for v in a.accumulate]
             modes = [(v, m) for v in a.l2_ahead for m in ((False, True) if v and a.l2_lines
                                                             else (False,))]  # fmt: skip
-            for held, nap, acc, (ahead, lines) in itertools.product(helds, a.naps, accs, modes):
+            combos = itertools.product(helds, a.naps, accs, modes, [bool(v) for v in a.dynamic])
+            for held, nap, acc, (ahead, lines), dyn in combos:
+                if dyn and (ck != d or ahead):  # dynamic blocks are whole rows, no lookahead
+                    continue
                 name = f"ws{n}_rb{rows}_ck{ck}"
                 name += f"_att{att:g}_sel{sel:g}" if att or sel else ""
                 name += ("_held" if held else "") + (f"_nap{nap}" if nap else "")
                 name += ("_acc" if acc else "") + (f"_l2a{ahead}" if ahead else "")
-                name += "_lines" if lines else ""
+                name += ("_lines" if lines else "") + ("_dyn" if dyn else "")
                 kw = dict(ring=n, rows=rows, chunk=ck, select=held, attention_ns=int(att * 1e3),
                           select_ns=int(sel * 1e3), nap_ns=nap, accumulate=acc, l2_ahead=ahead,
-                          l2_lines=lines)  # fmt: skip
+                          l2_lines=lines, dynamic=dyn)  # fmt: skip
                 fns[name] = (jax.jit(partial(gluon_layers, **kw)), ws)
                 if a.stamps:
                     stamped[name] = jax.jit(partial(gluon_layers, **kw, stamps=True))

@@ -2019,4 +2019,14 @@ s51d)  # the generation paths' GPU tests after d4f901e (generate's implementatio
   PYTHONUNBUFFERED=1 run timeout 200 python3 -m pytest -q -rA -m gpu tests/test_gluon_probe.py \
     -k layer_probe -p no:cacheprovider
   ;;
+s51e)  # run 5's timeline: programs wait 3-4 µs at every 8B barrier, their rings full. Row
+  # blocks claimed from a counter (--dynamic 1, whole-row slots) against the same slots owned
+  # statically, with the timeline; then the GPU tests (incl. two dynamic cases)
+  run timeout 200 python3 scripts/gluon_layer_probe.py --shape 8b --layers 8 --rings "6:4:4096" \
+    --latency "0:0,6.8:4.35" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
+  run timeout 150 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
+    --latency "0:0,5.5:2.6" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
+  PYTHONUNBUFFERED=1 run timeout 120 python3 -m pytest -q -rA -m gpu tests/test_gluon_probe.py \
+    -k layer_probe -p no:cacheprovider
+  ;;
 esac

@@ -138,7 +138,7 @@ def test_layer_probe_lowers_without_spills():
                     PW=1, NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
                     EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=True,
                     ATT_NS=5000, SEL_NS=2500, NAP=200, ACC=False, L2A=0, L2M=1,
-                    ST=True)  # fmt: skip
+                    ST=True, DYN=False)  # fmt: skip
         _, shared, ptx, _, _ = gluon_launch.compile_gluon(
             glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
         )
@@ -155,7 +155,7 @@ def test_layer_probe_accumulating_consumer_lowers():
     meta = dict(L=2, D=4096, RB=8, CK=1024, NBUF=12, P=128, SPIN=glp.SPIN, WARPS=8, WC=4, PW=1,
                 NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
                 EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=False, ATT_NS=0,
-                SEL_NS=0, NAP=0, ACC=True, L2A=0, L2M=1, ST=False)  # fmt: skip
+                SEL_NS=0, NAP=0, ACC=True, L2A=0, L2M=1, ST=False, DYN=False)  # fmt: skip
     _, shared, ptx, _, _ = gluon_launch.compile_gluon(
         glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
     )
@@ -173,7 +173,7 @@ def test_layer_probe_l2_lookahead_lowers(sel, mode):
     meta = dict(L=2, D=4096, RB=16, CK=1024, NBUF=6, P=128, SPIN=glp.SPIN, WARPS=8, WC=4, PW=1,
                 NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
                 EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=sel, ATT_NS=5000,
-                SEL_NS=2500, NAP=0, ACC=False, L2A=2, L2M=mode, ST=False)  # fmt: skip
+                SEL_NS=2500, NAP=0, ACC=False, L2A=2, L2M=mode, ST=False, DYN=False)  # fmt: skip
     _, shared, ptx, _, _ = gluon_launch.compile_gluon(
         glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
     )
@@ -201,6 +201,33 @@ def test_layer_probe_rejects_rows_that_do_not_split():
         glp.gluon_layers(x, w, w, w, l2_ahead=-1)
     with pytest.raises(ValueError, match="1-row blocks of whole 16384-byte requests"):
         glp.gluon_layers(x, w, w, w, rows=1, l2_ahead=1)
+    with pytest.raises(ValueError, match="dynamic blocks take whole rows"):
+        glp.gluon_layers(x, w, w, w, dynamic=True, chunk=1024)
+
+
+@pytest.mark.parametrize("sel", [False, True])
+def test_layer_probe_dynamic_blocks_lower(sel):
+    """``dynamic``: each phase's blocks claimed with one thread's relaxed atomic add, and each
+    slot's ``ready`` barrier opened by the copies' arrivals plus one plain arrival after its
+    block index is written (the count the host sets: 32 a producer warp + 1)."""
+    import gluon_layer_probe as glp
+
+    from prunepath_jax.kernels.sm90 import ptxas_info
+
+    meta = dict(L=2, D=4096, RB=4, CK=4096, NBUF=6, P=128, SPIN=glp.SPIN, WARPS=8, WC=8, PW=1,
+                NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP + 1,
+                EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=sel, ATT_NS=5000,
+                SEL_NS=2500, NAP=0, ACC=False, L2A=0, L2M=1, ST=True, DYN=True)  # fmt: skip
+    _, shared, ptx, _, _ = gluon_launch.compile_gluon(
+        glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
+    )
+    assert shared <= SMEM_LIMIT
+    claims = re.findall(r"(@%p\d+ )?atom\.global\.gpu\.relaxed\.add", ptx)
+    assert len(claims) == 6 and all(c for c in claims), claims  # 2 a phase, one thread each
+    assert "cp.async.mbarrier.arrive.noinc" in ptx
+    if triton.__version__.startswith("3.6"):
+        info = ptxas_info(ptx)
+        assert info["spill_stores"] == 0 and info["spill_loads"] == 0, info
 
 
 def test_stamp_summary_reads_a_known_timeline():
@@ -230,10 +257,11 @@ def test_stamp_summary_reads_a_known_timeline():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "held,accumulate,ahead",
-    [(False, False, 0), (True, False, 0), (False, True, 0), (True, True, 2)],
-)
-def test_layer_probe_matches_the_fp32_chain_on_gpu(held, accumulate, ahead):
+    "held,accumulate,ahead,dyn",
+    [(False, False, 0, False), (True, False, 0, False), (False, True, 0, False),
+     (True, True, 2, False), (False, False, 0, True), (True, False, 0, True)],
+)  # fmt: skip
+def test_layer_probe_matches_the_fp32_chain_on_gpu(held, accumulate, ahead, dyn):
     """Both orders of the expert stream: prefetched freely, or held until the selection (with
     the stand-in latencies) — the same result, no barrier failures, no hang."""
     import gluon_layer_probe as glp
@@ -247,11 +275,12 @@ def test_layer_probe_matches_the_fp32_chain_on_gpu(held, accumulate, ahead):
         x,
         *ws,
         ring=6,
-        rows=16,
-        chunk=1024,
+        rows=4 if dyn else 16,
+        chunk=4096 if dyn else 1024,
         accumulate=accumulate,
         l2_ahead=ahead,
         stamps=True,
+        dynamic=dyn,
         **lat,
     )
     assert int(np.asarray(fail).sum()) == 0
