@@ -2010,7 +2010,8 @@ s51c)  # (run 5 of results/h200_2026-12-04f) runs 1-4: the stand-ins add 1:1 wit
   run timeout 240 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --accumulate 1 --stamps --out "$OUT/gluon_layer.jsonl"
   ;;
-s51d)  # the generation paths' GPU tests after d4f901e (generate's implementation checks now
+s51d)  # (not run: no device) the generation paths' GPU tests after d4f901e (generate's
+  # implementation checks now
   # derive from kernels.api's list; CPU-tested only): the registry backends and the one-launch
   # step against the XLA path's tokens
   PYTHONUNBUFFERED=1 run timeout 330 python3 -m pytest -v -m gpu -rf --tb=short --durations=8 \
@@ -2019,7 +2020,8 @@ s51d)  # the generation paths' GPU tests after d4f901e (generate's implementatio
   PYTHONUNBUFFERED=1 run timeout 200 python3 -m pytest -q -rA -m gpu tests/test_gluon_probe.py \
     -k layer_probe -p no:cacheprovider
   ;;
-s51e)  # run 5's timeline: programs wait 3-4 µs at every 8B barrier, their rings full. Row
+s51e)  # (written, not run: no device at the end of the thirty-eighth session) run 5's
+  # timeline: programs wait 3-4 µs at every 8B barrier, their rings full. Row
   # blocks claimed from a counter (--dynamic 1, whole-row slots) against the same slots owned
   # statically, with the timeline; then the GPU tests (incl. two dynamic cases)
   run timeout 200 python3 scripts/gluon_layer_probe.py --shape 8b --layers 8 --rings "6:4:4096" \
