@@ -86,7 +86,9 @@ def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constex
     from the next phase's block ``nxt_ptr`` (``[NNR, D]``) past this one's end where
     ``has_nxt``: DRAM then has work queued beyond the ring's slots. ``L2M`` 1: bulk requests,
     2: one request a line. ``ST``: stamps (``%globaltimer``) at ``st_ptr``: slot 4 before the
-    phase's first slot is waited for, 5 its first chunk issued, 6 its last chunk issued."""
+    phase's first slot is waited for, 5 its first chunk issued, 6 its last chunk issued.
+    ``DYN``: the blocks are claimed from the phase's counter ``cl_ptr`` instead, each slot's
+    block index in ``claims`` (``gluon_dynamic._produce_dyn``)."""
     if ST:
         gl.store(st_ptr + 4, _gl_now(s))
     if DYN:  # blocks claimed from the phase's counter (``gluon_dynamic``)
@@ -159,7 +161,9 @@ def _consume_phase(ring, ready, empty, xs, x_src, y_ptr, ctr_ptr, s, ph, failed,
                    ST: gl.constexpr, DYN: gl.constexpr, claims):  # fmt: skip
     """One phase: wait for the barrier (``ph`` phases done), ``DELAY_NS`` of stand-in work
     (then, with ``SEL_ARRIVE``, let the producer start this phase's stream), the input row into
-    shared memory, this program's rows chunk by chunk from the ring, stored, the arrival."""
+    shared memory, this program's rows chunk by chunk from the ring, stored, the arrival.
+    ``DYN``: whichever blocks the producer claimed, read from ``claims``
+    (``gluon_dynamic._consume_dyn``)."""
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS // WC, WC], [1, 0])
     if ph > 0:
         failed = _gl_wait(ctr_ptr, P * ph, failed, SPIN, NAP)
