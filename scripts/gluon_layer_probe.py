@@ -275,27 +275,25 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
     )  # fmt: skip
 
 
-def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024, warps=8,
-                 producer_warps=1, select: bool = False, attention_ns: int = 0,
-                 select_ns: int = 0, nap_ns: int = 0, accumulate: bool = False,
-                 l2_ahead: int = 0, l2_lines: bool = False, stamps: bool = False,
-                 dynamic: bool = False, spin=SPIN):  # fmt: skip
-    """Every layer's three phases in one launch: ``(yq, yo, yx, fail)``. ``select``: the
-    producer streams a layer's experts only after the consumers passed the barrier before them
-    (and ``select_ns`` of stand-in selection work), as a data-dependent expert list forces;
-    ``attention_ns``: stand-in attention work before the O phase's GEMV (the ring may stream
-    W_o meanwhile); ``nap_ns``: the consumers sleep that long between barrier polls and in the
-    stand-ins (0: they spin, as the Triton step's barrier does); ``accumulate``: the compute
-    warps keep a row block's products and reduce once after its last chunk, not once a chunk
-    (fewer cross-warp reductions, so they may run ahead of DRAM); ``l2_ahead``: the producer
-    also asks L2 for the row block that many blocks ahead of the one it copies (0: off), as bulk
-    requests or with ``l2_lines`` one request a line; ``stamps``: also return the timeline
-    ``[P, L, 3, NSLOT]`` int64 (``stamp_summary``); ``dynamic``: the programs claim
-    ``rows``-row blocks from a counter per phase (``gluon_dynamic``; needs ``chunk == d``)."""
-    n_layers, nq, d = wq.shape
-    no, nx = wo.shape[1], wx.shape[1]
-    if wo.shape[2] != d or wx.shape[2] != d or min(nq, no) < d:
-        raise ValueError(f"phases {wq.shape}, {wo.shape}, {wx.shape}: need [L, >= d, d] blocks")
+def layer_meta(n_layers, d, nq, no, nx, *, programs=128, ring=12, rows=16, chunk=1024,
+               warps=8, producer_warps=1, select: bool = False, attention_ns: int = 0,
+               select_ns: int = 0, nap_ns: int = 0, accumulate: bool = False,
+               l2_ahead: int = 0, l2_lines: bool = False, stamps: bool = False,
+               dynamic: bool = False, spin=SPIN) -> dict:  # fmt: skip
+    """``_layer_kernel``'s constexprs for ``n_layers`` layers of ``[nq | no | nx, d]`` blocks,
+    checked: what ``gluon_layers`` launches and the tests lower.
+
+    ``select``: the producer streams a layer's experts only after the consumers passed the
+    barrier before them (and ``select_ns`` of stand-in selection work), as a data-dependent
+    expert list forces; ``attention_ns``: stand-in attention work before the O phase's GEMV
+    (the ring may stream W_o meanwhile); ``nap_ns``: the consumers sleep that long between
+    barrier polls and in the stand-ins (0: they spin, as the Triton step's barrier does);
+    ``accumulate``: the compute warps keep a row block's products and reduce once after its
+    last chunk, not once a chunk (fewer cross-warp reductions, so they may run ahead of DRAM);
+    ``l2_ahead``: the producer also asks L2 for the row block that many blocks ahead of the one
+    it copies (0: off), as bulk requests or with ``l2_lines`` one request a line; ``stamps``:
+    the timeline (``stamp_summary``); ``dynamic``: the programs claim ``rows``-row blocks from
+    a counter per phase (``gluon_dynamic``; needs ``chunk == d``)."""
     for n in (nq, no, nx):
         if n % (programs * rows) or d % chunk:
             raise ValueError(
@@ -309,18 +307,7 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
                          f"lookahead (l2_ahead {l2_ahead}), <= 16 slots ({ring})")  # fmt: skip
     if ring * rows * chunk * 2 > 200 * 1024:
         raise ValueError(f"a {ring} x {rows} x {chunk} bf16 ring is past the shared memory")
-    gluon_launch.install()
-    f32 = jnp.float32
-    n_st = programs * n_layers * 3 * NSLOT.value if stamps else 1
-    yq, yo, yx, _, fail, st = jt.triton_call(
-        _layer_kernel, x_d.astype(f32), wq, wo, wx,
-        out_shape=[jax.ShapeDtypeStruct((n_layers, nq), f32),
-                   jax.ShapeDtypeStruct((n_layers, no), f32),
-                   jax.ShapeDtypeStruct((n_layers, nx), f32),
-                   jax.ShapeDtypeStruct((1 + 3 * n_layers,), jnp.int32),  # barrier, claims
-                   jax.ShapeDtypeStruct((programs,), jnp.int32),
-                   jax.ShapeDtypeStruct((n_st,), jnp.int64)],
-        zeroed_outputs=(0, 1, 2, 3), grid=(programs,), num_warps=warps, num_stages=1,
+    return dict(
         L=n_layers, D=d, RB=rows, CK=chunk, NBUF=ring, P=programs, SPIN=spin, WARPS=warps,
         WC=min(warps, chunk // 256), PW=producer_warps, NQ=nq, NO=no, NX=nx,
         READY_COUNT=WS_READY_PER_WARP * producer_warps + int(dynamic),
@@ -329,8 +316,32 @@ def gluon_layers(x_d, wq, wo, wx, *, programs=128, ring=12, rows=16, chunk=1024,
         NAP=int(nap_ns), ACC=bool(accumulate), L2A=int(l2_ahead), L2M=2 if l2_lines else 1,
         ST=bool(stamps), DYN=bool(dynamic),
     )  # fmt: skip
-    if stamps:
-        return yq, yo, yx, fail, st.reshape(programs, n_layers, 3, NSLOT.value)
+
+
+def gluon_layers(x_d, wq, wo, wx, **settings):
+    """Every layer's three phases in one launch: ``(yq, yo, yx, fail)``, and with ``stamps``
+    the timeline ``[P, L, 3, NSLOT]`` int64 too; ``settings``: ``layer_meta``'s."""
+    n_layers, nq, d = wq.shape
+    no, nx = wo.shape[1], wx.shape[1]
+    if wo.shape[2] != d or wx.shape[2] != d or min(nq, no) < d:
+        raise ValueError(f"phases {wq.shape}, {wo.shape}, {wx.shape}: need [L, >= d, d] blocks")
+    meta = layer_meta(n_layers, d, nq, no, nx, **settings)
+    gluon_launch.install()
+    f32 = jnp.float32
+    p = meta["P"]
+    n_st = p * n_layers * 3 * NSLOT.value if meta["ST"] else 1
+    yq, yo, yx, _, fail, st = jt.triton_call(
+        _layer_kernel, x_d.astype(f32), wq, wo, wx,
+        out_shape=[jax.ShapeDtypeStruct((n_layers, nq), f32),
+                   jax.ShapeDtypeStruct((n_layers, no), f32),
+                   jax.ShapeDtypeStruct((n_layers, nx), f32),
+                   jax.ShapeDtypeStruct((1 + 3 * n_layers,), jnp.int32),  # barrier, claims
+                   jax.ShapeDtypeStruct((p,), jnp.int32),
+                   jax.ShapeDtypeStruct((n_st,), jnp.int64)],
+        zeroed_outputs=(0, 1, 2, 3), grid=(p,), num_warps=meta["WARPS"], num_stages=1, **meta,
+    )  # fmt: skip
+    if meta["ST"]:
+        return yq, yo, yx, fail, st.reshape(p, n_layers, 3, NSLOT.value)
     return yq, yo, yx, fail
 
 

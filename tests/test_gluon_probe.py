@@ -29,6 +29,7 @@ import megakernel_probe  # noqa: E402
 SIG = ["*fp32", "*bf16", "*fp32", "*i32", "*i32"]  # x, w, y, counter, fail
 # the layer probe's: x, the three weight blocks, their outputs, counter, fail, stamps
 LAYER_SIG = ["*fp32", *["*bf16"] * 3, *["*fp32"] * 3, "*i32", "*i32", "*i64"]
+EIGHT_B = (4096, 6144, 4096, 10240)  # the layer probe's 8B width and QKV / O / expert rows
 # The grid barrier's arrival: a GPU-scope release add (``atom`` in triton 3.6, ``red`` later).
 RELEASE_ADD = re.compile(r"\b(atom|red)\.global\.gpu\.release\.add")
 
@@ -133,12 +134,18 @@ def test_layer_probe_lowers_without_spills():
     from prunepath_jax.kernels.sm90 import ptxas_info
 
     for n, rb, ck in [(12, 16, 512), (3, 16, 2048)]:
-        meta = dict(L=2, D=4096, RB=rb, CK=ck, NBUF=n, P=128, SPIN=glp.SPIN, WARPS=8,
-                    WC=min(8, ck // 256),
-                    PW=1, NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
-                    EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=True,
-                    ATT_NS=5000, SEL_NS=2500, NAP=200, ACC=False, L2A=0, L2M=1,
-                    ST=True, DYN=False)  # fmt: skip
+        meta = glp.layer_meta(
+            2,
+            *EIGHT_B,
+            ring=n,
+            rows=rb,
+            chunk=ck,
+            select=True,
+            attention_ns=5000,
+            select_ns=2500,
+            nap_ns=200,
+            stamps=True,
+        )
         _, shared, ptx, _, _ = gluon_launch.compile_gluon(
             glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
         )
@@ -152,10 +159,7 @@ def test_layer_probe_accumulating_consumer_lowers():
     lowering and the shared memory are checked here (spills depend on the triton version)."""
     import gluon_layer_probe as glp
 
-    meta = dict(L=2, D=4096, RB=8, CK=1024, NBUF=12, P=128, SPIN=glp.SPIN, WARPS=8, WC=4, PW=1,
-                NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
-                EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=False, ATT_NS=0,
-                SEL_NS=0, NAP=0, ACC=True, L2A=0, L2M=1, ST=False, DYN=False)  # fmt: skip
+    meta = glp.layer_meta(2, *EIGHT_B, ring=12, rows=8, chunk=1024, accumulate=True)
     _, shared, ptx, _, _ = gluon_launch.compile_gluon(
         glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
     )
@@ -170,10 +174,18 @@ def test_layer_probe_l2_lookahead_lowers(sel, mode):
 
     from prunepath_jax.kernels.sm90 import ptxas_info
 
-    meta = dict(L=2, D=4096, RB=16, CK=1024, NBUF=6, P=128, SPIN=glp.SPIN, WARPS=8, WC=4, PW=1,
-                NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP,
-                EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=sel, ATT_NS=5000,
-                SEL_NS=2500, NAP=0, ACC=False, L2A=2, L2M=mode, ST=False, DYN=False)  # fmt: skip
+    meta = glp.layer_meta(
+        2,
+        *EIGHT_B,
+        ring=6,
+        rows=16,
+        chunk=1024,
+        select=sel,
+        attention_ns=5000,
+        select_ns=2500,
+        l2_ahead=2,
+        l2_lines=mode == 2,
+    )
     _, shared, ptx, _, _ = gluon_launch.compile_gluon(
         glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
     )
@@ -214,10 +226,19 @@ def test_layer_probe_dynamic_blocks_lower(sel):
 
     from prunepath_jax.kernels.sm90 import ptxas_info
 
-    meta = dict(L=2, D=4096, RB=4, CK=4096, NBUF=6, P=128, SPIN=glp.SPIN, WARPS=8, WC=8, PW=1,
-                NQ=6144, NO=4096, NX=10240, READY_COUNT=gcp.WS_READY_PER_WARP + 1,
-                EMPTY_COUNT=gcp.WS_EMPTY_COUNT, PR=glp.PRODUCER_REGS, SEL=sel, ATT_NS=5000,
-                SEL_NS=2500, NAP=0, ACC=False, L2A=0, L2M=1, ST=True, DYN=True)  # fmt: skip
+    meta = glp.layer_meta(
+        2,
+        *EIGHT_B,
+        ring=6,
+        rows=4,
+        chunk=4096,
+        select=sel,
+        attention_ns=5000,
+        select_ns=2500,
+        stamps=True,
+        dynamic=True,
+    )
+    assert meta["READY_COUNT"] == gcp.WS_READY_PER_WARP + 1
     _, shared, ptx, _, _ = gluon_launch.compile_gluon(
         glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
     )
