@@ -55,7 +55,7 @@ from gluon_chain_probe import (  # noqa: E402
     _gl_wait,
 )
 from gluon_dynamic import _consume_dyn, _produce_dyn  # noqa: E402
-from gluon_ops import L2_SEG_BYTES, _gl_now, _l2_ahead, _spin_ns  # noqa: E402
+from gluon_ops import L2_SEG_BYTES, _gl_now, _l2_bulk, _spin_ns  # noqa: E402
 from megakernel_probe import device_span  # noqa: E402
 
 from prunepath_jax.kernels import gluon_launch, jt  # noqa: E402
@@ -77,16 +77,16 @@ NSLOT = gl.constexpr(8)
 def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constexpr,
                    RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
                    PW: gl.constexpr, nxt_ptr, has_nxt, NNR: gl.constexpr,
-                   L2A: gl.constexpr, L2M: gl.constexpr, st_ptr, ST: gl.constexpr,
+                   L2A: gl.constexpr, st_ptr, ST: gl.constexpr,
                    DYN: gl.constexpr, claims, cl_ptr):  # fmt: skip
     """Copies this program's ``NR / P`` rows of one phase's ``[NR, D]`` block into the ring,
     ``[RB, CK]`` chunks in (row block, column chunk) order; returns the stream index after it.
 
     ``L2A`` > 0: before each row block, the row block ``L2A`` ahead goes to L2 (bulk prefetch),
     from the next phase's block ``nxt_ptr`` (``[NNR, D]``) past this one's end where
-    ``has_nxt``: DRAM then has work queued beyond the ring's slots. ``L2M`` 1: bulk requests,
-    2: one request a line. ``ST``: stamps (``%globaltimer``) at ``st_ptr``: slot 4 before the
-    phase's first slot is waited for, 5 its first chunk issued, 6 its last chunk issued.
+    ``has_nxt``: DRAM then has work queued beyond the ring's slots. ``ST``: stamps
+    (``%globaltimer``) at ``st_ptr``: slot 4 before the phase's first slot is waited for, 5 its
+    first chunk issued, 6 its last chunk issued.
     ``DYN``: the blocks are claimed from the phase's counter ``cl_ptr`` instead, each slot's
     block index in ``claims`` (``gluon_dynamic._produce_dyn``)."""
     if ST:
@@ -103,10 +103,10 @@ def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constex
             if L2A > 0:
                 ahead = rb + L2A
                 if ahead < NRB:
-                    _l2_ahead(w_ptr + (r0 + ahead * RB) * D, RB * D * 2, PW, L2M)
+                    _l2_bulk(w_ptr + (r0 + ahead * RB) * D, RB * D * 2)
                 elif has_nxt & (ahead - NRB < NNR // P // RB):
                     rn = gl.program_id(0) * (NNR // P) + (ahead - NRB) * RB
-                    _l2_ahead(nxt_ptr + rn * D, RB * D * 2, PW, L2M)
+                    _l2_bulk(nxt_ptr + rn * D, RB * D * 2)
             for kc in gl.static_range(D // CK):
                 slot = s % NBUF
                 if s >= NBUF:
@@ -129,7 +129,7 @@ def _produce_phase(ring, ready, empty, w_ptr, s, NR: gl.constexpr, D: gl.constex
 def _producer(ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L: gl.constexpr, D: gl.constexpr,
               RB: gl.constexpr, CK: gl.constexpr, NBUF: gl.constexpr, P: gl.constexpr,
               PW: gl.constexpr, NQ: gl.constexpr, NO: gl.constexpr, NX: gl.constexpr, sel,
-              SEL: gl.constexpr, L2A: gl.constexpr, L2M: gl.constexpr, st_ptr,
+              SEL: gl.constexpr, L2A: gl.constexpr, st_ptr,
               ST: gl.constexpr, DYN: gl.constexpr, claims, ctr_ptr):  # fmt: skip
     """The layers' three streams in order. With ``SEL`` the expert rows wait for the selection,
     and the L2 lookahead (``L2A``) does not run from the O rows into them either (the expert
@@ -139,17 +139,17 @@ def _producer(ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L: gl.constexpr, D: gl
         st = st_ptr + (gl.program_id(0) * L + layer) * (3 * NSLOT)
         cl = ctr_ptr + 1 + 3 * layer  # the phases' block counters (DYN)
         s = _produce_phase(ring, ready, empty, wq_ptr + layer * NQ * D, s, NQ, D, RB, CK, NBUF, P,
-                           PW, wo_ptr + layer * NO * D, layer >= 0, NO, L2A, L2M, st,
+                           PW, wo_ptr + layer * NO * D, layer >= 0, NO, L2A, st,
                            ST, DYN, claims, cl)  # fmt: skip
         # the lookahead runs from the O rows into the experts' unless SEL (layer >= L: never)
         s = _produce_phase(ring, ready, empty, wo_ptr + layer * NO * D, s, NO, D, RB, CK, NBUF, P,
-                           PW, wx_ptr + layer * NX * D, layer >= SEL * L, NX, L2A, L2M,
+                           PW, wx_ptr + layer * NX * D, layer >= SEL * L, NX, L2A,
                            st + NSLOT, ST, DYN, claims, cl + 1)  # fmt: skip
         if SEL:  # the experts are known only after the selection (the consumers' arrival)
             mbarrier.wait(sel.index(0), layer & 1)
         s = _produce_phase(ring, ready, empty, wx_ptr + layer * NX * D, s, NX, D, RB, CK, NBUF, P,
                            PW, wq_ptr + (layer + 1) * NQ * D, layer + 1 < L, NQ, L2A,
-                           L2M, st + 2 * NSLOT, ST, DYN, claims, cl + 2)  # fmt: skip
+                           st + 2 * NSLOT, ST, DYN, claims, cl + 2)  # fmt: skip
 
 
 @gluon.jit
@@ -251,7 +251,7 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
                   NX: gl.constexpr, READY_COUNT: gl.constexpr, EMPTY_COUNT: gl.constexpr,
                   PR: gl.constexpr, SEL: gl.constexpr, ATT_NS: gl.constexpr,
                   SEL_NS: gl.constexpr, NAP: gl.constexpr, ACC: gl.constexpr,
-                  L2A: gl.constexpr, L2M: gl.constexpr, ST: gl.constexpr,
+                  L2A: gl.constexpr, ST: gl.constexpr,
                   DYN: gl.constexpr):  # fmt: skip
     sh: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF, RB, CK], sh)
@@ -270,7 +270,7 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
                       D, RB, CK, NBUF, P, SPIN, WARPS, WC, NQ, NO, NX, sel, SEL, ATT_NS, SEL_NS,
                       NAP, ACC, st_ptr, ST, DYN, claims)),
          (_producer, (ring, ready, empty, wq_ptr, wo_ptr, wx_ptr, L, D, RB, CK, NBUF, P, PW, NQ, NO,
-                      NX, sel, SEL, L2A, L2M, st_ptr, ST, DYN, claims, ctr_ptr))],
+                      NX, sel, SEL, L2A, st_ptr, ST, DYN, claims, ctr_ptr))],
         [PW], [PR],
     )  # fmt: skip
 
@@ -278,7 +278,7 @@ def _layer_kernel(x_ptr, wq_ptr, wo_ptr, wx_ptr, yq_ptr, yo_ptr, yx_ptr, ctr_ptr
 def layer_meta(n_layers, d, nq, no, nx, *, programs=128, ring=12, rows=16, chunk=1024,
                warps=8, producer_warps=1, select: bool = False, attention_ns: int = 0,
                select_ns: int = 0, nap_ns: int = 0, accumulate: bool = False,
-               l2_ahead: int = 0, l2_lines: bool = False, stamps: bool = False,
+               l2_ahead: int = 0, stamps: bool = False,
                dynamic: bool = False, spin=SPIN) -> dict:  # fmt: skip
     """``_layer_kernel``'s constexprs for ``n_layers`` layers of ``[nq | no | nx, d]`` blocks,
     checked: what ``gluon_layers`` launches and the tests lower.
@@ -291,7 +291,7 @@ def layer_meta(n_layers, d, nq, no, nx, *, programs=128, ring=12, rows=16, chunk
     ``accumulate``: the compute warps keep a row block's products and reduce once after its
     last chunk, not once a chunk (fewer cross-warp reductions, so they may run ahead of DRAM);
     ``l2_ahead``: the producer also asks L2 for the row block that many blocks ahead of the one
-    it copies (0: off), as bulk requests or with ``l2_lines`` one request a line; ``stamps``:
+    it copies (0: off; bulk requests); ``stamps``:
     the timeline (``stamp_summary``); ``dynamic``: the programs claim ``rows``-row blocks from
     a counter per phase (``gluon_dynamic``; needs ``chunk == d``)."""
     for n in (nq, no, nx):
@@ -313,7 +313,7 @@ def layer_meta(n_layers, d, nq, no, nx, *, programs=128, ring=12, rows=16, chunk
         READY_COUNT=WS_READY_PER_WARP * producer_warps + int(dynamic),
         EMPTY_COUNT=WS_EMPTY_COUNT,
         PR=PRODUCER_REGS, SEL=bool(select), ATT_NS=int(attention_ns), SEL_NS=int(select_ns),
-        NAP=int(nap_ns), ACC=bool(accumulate), L2A=int(l2_ahead), L2M=2 if l2_lines else 1,
+        NAP=int(nap_ns), ACC=bool(accumulate), L2A=int(l2_ahead),
         ST=bool(stamps), DYN=bool(dynamic),
     )  # fmt: skip
 
@@ -422,8 +422,6 @@ def main() -> None:
         default=[0],
         help="row blocks the producer's L2 prefetch runs ahead (0: none)",
     )
-    ap.add_argument("--l2-lines", action="store_true",
-                    help="each lookahead variant also as one L2 request a line")  # fmt: skip
     ap.add_argument("--latency", default="0:0",
                     help="comma list of attention_us:selection_us stand-ins; each also with "
                          "the expert stream held until the selection")  # fmt: skip
@@ -448,26 +446,24 @@ def main() -> None:
     layer_bytes = sum(n * d * 2 for n in phase_rows)
     wts = [jnp.swapaxes(w, 1, 2).copy() for w in ws]
     fns, stamped = {"xla": (jax.jit(xla_layers), wts)}, {}
+    accs, dyns = [bool(v) for v in a.accumulate], [bool(v) for v in a.dynamic]
     for spec in a.rings.split(","):
         n, rows, ck = (int(v) for v in spec.split(":"))
         for lat in a.latency.split(","):
             att, sel = (float(v) for v in lat.split(":"))
             helds = (False, True) if att or sel else (False,)
-            accs = [bool(v) for v in a.accumulate]
-            modes = [(v, m) for v in a.l2_ahead for m in ((False, True) if v and a.l2_lines
-                                                            else (False,))]  # fmt: skip
-            combos = itertools.product(helds, a.naps, accs, modes, [bool(v) for v in a.dynamic])
-            for held, nap, acc, (ahead, lines), dyn in combos:
+            combos = itertools.product(helds, a.naps, accs, a.l2_ahead, dyns)
+            for held, nap, acc, ahead, dyn in combos:
                 if dyn and (ck != d or ahead):  # dynamic blocks are whole rows, no lookahead
                     continue
                 name = f"ws{n}_rb{rows}_ck{ck}"
                 name += f"_att{att:g}_sel{sel:g}" if att or sel else ""
                 name += ("_held" if held else "") + (f"_nap{nap}" if nap else "")
                 name += ("_acc" if acc else "") + (f"_l2a{ahead}" if ahead else "")
-                name += ("_lines" if lines else "") + ("_dyn" if dyn else "")
+                name += "_dyn" if dyn else ""
                 kw = dict(ring=n, rows=rows, chunk=ck, select=held, attention_ns=int(att * 1e3),
                           select_ns=int(sel * 1e3), nap_ns=nap, accumulate=acc, l2_ahead=ahead,
-                          l2_lines=lines, dynamic=dyn)  # fmt: skip
+                          dynamic=dyn)  # fmt: skip
                 fns[name] = (jax.jit(partial(gluon_layers, **kw)), ws)
                 if a.stamps:
                     stamped[name] = jax.jit(partial(gluon_layers, **kw, stamps=True))

@@ -55,22 +55,3 @@ def _l2_bulk(ptr, NBYTES: gl.constexpr):
             "=r,l,r", [ptr + i * (L2_SEG // 2), NBYTES * 0 + L2_SEG], dtype=gl.int32,
             is_pure=False, pack=1,
         )  # fmt: skip
-
-
-@gluon.jit
-def _l2_lines(ptr, NBYTES: gl.constexpr, PW: gl.constexpr):
-    """``_l2_bulk`` as one ``prefetch.global.L2`` a 128-byte line, spread over the producer's
-    threads (no copy engine: for telling its cost apart from the lookahead's)."""
-    lay: gl.constexpr = gl.BlockedLayout([1], [32], [PW], [0])
-    lines = gl.arange(0, NBYTES // 128, layout=lay) * 64  # 64 bf16 elements a line
-    gl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                              [ptr + lines], dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
-
-
-@gluon.jit
-def _l2_ahead(ptr, NBYTES: gl.constexpr, PW: gl.constexpr, L2M: gl.constexpr):
-    """``NBYTES`` at ``ptr`` asked for in L2: ``L2M`` 1 bulk requests, 2 one a line."""
-    if L2M == 1:
-        _l2_bulk(ptr, NBYTES)
-    else:
-        _l2_lines(ptr, NBYTES, PW)

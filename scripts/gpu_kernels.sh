@@ -1991,7 +1991,8 @@ s51a)  # (runs 2-3 of results/h200_2026-12-04f) at f6718e3 (s50i): the stand-ins
   run timeout 240 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --accumulate 1 --l2-ahead 0 4 8 --out "$OUT/gluon_layer.jsonl"
   ;;
-s51b)  # (run 4 of results/h200_2026-12-04f) run 3 (s51a): bulk L2 lookahead made the 8B layer 27-57% slower. The same lookahead as
+s51b)  # (run 4 of results/h200_2026-12-04f, at 321380f; --l2-lines was removed after it,
+  # measured no different from the bulk requests) run 3 (s51a): bulk L2 lookahead made the 8B layer 27-57% slower. The same lookahead as
   # one prefetch.global.L2 a line from the producer's 32 lanes: the copy engine, or the lookahead?
   run timeout 240 python3 scripts/gluon_layer_probe.py --shape 8b --layers 8 --rings "6:16:1024" \
     --latency "0:0,6.8:4.35" --accumulate 1 --l2-ahead 0 1 --l2-lines \

@@ -42,6 +42,25 @@ def _lower(kernel, **meta):
     return ptx, shared, warps
 
 
+def _lower_layer(**settings):
+    """``(ptx, shared bytes)`` of the layer probe's kernel for sm_90, two 8B layers with
+    ``gluon_layer_probe.layer_meta``'s ``settings`` (the constexprs it would launch)."""
+    import gluon_layer_probe as glp
+
+    meta = glp.layer_meta(2, *EIGHT_B, **settings)
+    _, shared, ptx, _, _ = gluon_launch.compile_gluon(
+        glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
+    )
+    return ptx, shared
+
+
+def _assert_no_spills(ptx):
+    from prunepath_jax.kernels.sm90 import ptxas_info
+
+    info = ptxas_info(ptx)
+    assert info["spill_stores"] == 0 and info["spill_loads"] == 0, info
+
+
 def _base(d=2048, ring=3, chunk=1024):
     return dict(L=4, D=d, ROWS=d // 128, CK=chunk, P=128, NBUF=ring, SPIN=gcp.SPIN, WARPS=8,
                 WC=min(8, chunk // 256))  # fmt: skip
@@ -129,76 +148,34 @@ def test_gluon_chain_matches_the_fp32_chain_on_gpu(mode, ring, chunk):
 def test_layer_probe_lowers_without_spills():
     """The 8B layer's three streams through one ring: every ring shape of the default sweep
     fits the shared memory, and no thread spills (the producer's registers are set for that)."""
-    import gluon_layer_probe as glp
-
-    from prunepath_jax.kernels.sm90 import ptxas_info
-
     for n, rb, ck in [(12, 16, 512), (3, 16, 2048)]:
-        meta = glp.layer_meta(
-            2,
-            *EIGHT_B,
-            ring=n,
-            rows=rb,
-            chunk=ck,
-            select=True,
-            attention_ns=5000,
-            select_ns=2500,
-            nap_ns=200,
-            stamps=True,
-        )
-        _, shared, ptx, _, _ = gluon_launch.compile_gluon(
-            glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
-        )
+        ptx, shared = _lower_layer(ring=n, rows=rb, chunk=ck, select=True, attention_ns=5000,
+                                   select_ns=2500, nap_ns=200, stamps=True)  # fmt: skip
         assert shared <= SMEM_LIMIT
-        info = ptxas_info(ptx)
-        assert info["spill_stores"] == 0 and info["spill_loads"] == 0, info
+        _assert_no_spills(ptx)
 
 
 def test_layer_probe_accumulating_consumer_lowers():
     """``accumulate``: one reduction a row block; its products stay in registers, so only the
     lowering and the shared memory are checked here (spills depend on the triton version)."""
-    import gluon_layer_probe as glp
-
-    meta = glp.layer_meta(2, *EIGHT_B, ring=12, rows=8, chunk=1024, accumulate=True)
-    _, shared, ptx, _, _ = gluon_launch.compile_gluon(
-        glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
-    )
+    ptx, shared = _lower_layer(ring=12, rows=8, chunk=1024, accumulate=True)
     assert shared <= SMEM_LIMIT and "cp.async.mbarrier.arrive.noinc" in ptx
 
 
-@pytest.mark.parametrize("sel,mode", [(False, 1), (True, 1), (False, 2)])
-def test_layer_probe_l2_lookahead_lowers(sel, mode):
+@pytest.mark.parametrize("sel", [False, True])
+def test_layer_probe_l2_lookahead_lowers(sel):
     """``l2_ahead``: the producer's bulk L2 prefetch, lane 0 only, one request per 16 KB of a
     row block; with triton 3.6 (the H200 image's) no thread spills."""
     import gluon_layer_probe as glp
 
-    from prunepath_jax.kernels.sm90 import ptxas_info
-
-    meta = glp.layer_meta(
-        2,
-        *EIGHT_B,
-        ring=6,
-        rows=16,
-        chunk=1024,
-        select=sel,
-        attention_ns=5000,
-        select_ns=2500,
-        l2_ahead=2,
-        l2_lines=mode == 2,
-    )
-    _, shared, ptx, _, _ = gluon_launch.compile_gluon(
-        glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
-    )
+    ptx, shared = _lower_layer(ring=6, rows=16, chunk=1024, select=sel, attention_ns=5000,
+                               select_ns=2500, l2_ahead=2)  # fmt: skip
     assert shared <= SMEM_LIMIT
-    if mode == 1:
-        asks = re.findall(r"@p cp\.async\.bulk\.prefetch\.L2\.global", ptx)
-        assert asks and len(asks) % (16 * 4096 * 2 // glp.L2_SEG_BYTES) == 0, len(asks)
-        assert "%laneid" in ptx
-    else:
-        assert "prefetch.global.L2 [" in ptx and "cp.async.bulk.prefetch" not in ptx
+    asks = re.findall(r"@p cp\.async\.bulk\.prefetch\.L2\.global", ptx)
+    assert asks and len(asks) % (16 * 4096 * 2 // glp.L2_SEG_BYTES) == 0, len(asks)
+    assert "%laneid" in ptx
     if triton.__version__.startswith("3.6"):
-        info = ptxas_info(ptx)
-        assert info["spill_stores"] == 0 and info["spill_loads"] == 0, info
+        _assert_no_spills(ptx)
 
 
 def test_layer_probe_rejects_rows_that_do_not_split():
@@ -224,31 +201,16 @@ def test_layer_probe_dynamic_blocks_lower(sel):
     block index is written (the count the host sets: 32 a producer warp + 1)."""
     import gluon_layer_probe as glp
 
-    from prunepath_jax.kernels.sm90 import ptxas_info
-
-    meta = glp.layer_meta(
-        2,
-        *EIGHT_B,
-        ring=6,
-        rows=4,
-        chunk=4096,
-        select=sel,
-        attention_ns=5000,
-        select_ns=2500,
-        stamps=True,
-        dynamic=True,
-    )
-    assert meta["READY_COUNT"] == gcp.WS_READY_PER_WARP + 1
-    _, shared, ptx, _, _ = gluon_launch.compile_gluon(
-        glp._layer_kernel, LAYER_SIG, set(), meta, warps=8, stages=1, ctas=1, cc=90
-    )
+    settings = dict(ring=6, rows=4, chunk=4096, select=sel, attention_ns=5000, select_ns=2500,
+                    stamps=True, dynamic=True)  # fmt: skip
+    assert glp.layer_meta(2, *EIGHT_B, **settings)["READY_COUNT"] == gcp.WS_READY_PER_WARP + 1
+    ptx, shared = _lower_layer(**settings)
     assert shared <= SMEM_LIMIT
     claims = re.findall(r"(@%p\d+ )?atom\.global\.gpu\.relaxed\.add", ptx)
     assert len(claims) == 6 and all(c for c in claims), claims  # 2 a phase, one thread each
     assert "cp.async.mbarrier.arrive.noinc" in ptx
     if triton.__version__.startswith("3.6"):
-        info = ptxas_info(ptx)
-        assert info["spill_stores"] == 0 and info["spill_loads"] == 0, info
+        _assert_no_spills(ptx)
 
 
 def test_stamp_summary_reads_a_known_timeline():
