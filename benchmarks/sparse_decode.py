@@ -74,10 +74,13 @@ def decode_cache_len(prompt_len: int, steps: int, chunks: int) -> int:
 
 
 def fresh_decode_state(cfg, batch: int, prompt_len: int, ctx: int) -> DecodeState:
-    """A timed decode loop's start: token 1 at ``prompt_len`` for ``batch`` sequences, an empty
-    bf16 cache of ``ctx`` positions."""
+    """A timed decode loop's start: tokens 1, 2, ... at ``prompt_len`` for ``batch`` sequences,
+    an empty bf16 cache of ``ctx`` positions. Distinct tokens: with one token for all (before
+    the thirty-ninth session) every sequence was the same sequence, routed to the same experts,
+    so the batched sparse rows were timed at a union of k / E, not the ``union_frac`` beside
+    them."""
     return DecodeState(
-        token_b=jnp.ones((batch,), jnp.int32),
+        token_b=(1 + jnp.arange(batch, dtype=jnp.int32)) % cfg.vocab_size,
         pos_b=jnp.full((batch,), prompt_len, jnp.int32),
         done_b=jnp.zeros((batch,), bool),
         cache=init_cache(cfg, batch, ctx, jnp.bfloat16),

@@ -316,9 +316,7 @@ def _megastep_setup(model, batch: int, ffn_args):
     from prunepath_jax import megastep
     from prunepath_jax.kernels import jt
 
-    megastep.check(model)
-    if batch != 1:
-        raise ValueError(f"implementation='megastep' decodes one sequence, got {batch} prompts")
+    megastep.check(model, batch)
     if ffn_args is None:
         raise ValueError("implementation='megastep' needs tau (or ffn_args)")
     jt.jax_triton_module()  # a clear error without a GPU or jax-triton
@@ -369,9 +367,10 @@ def generate(
             (`models.decode_attention`; XLA where it cannot run, e.g. on CPU or with a sliding
             window); "auto" uses that kernel only for up to 8 sequences with a cache of at most
             17 408 positions (``decode_attention.AUTO_MAX_CACHE``) and unsharded weights, where
-            it measured faster (BENCHMARKS.md). "megastep": one prompt through a PrunePath
+            it measured faster (BENCHMARKS.md). "megastep": 1-16 prompts through a PrunePath
             Llama (no attention biases nor sliding window), the prefill as "auto", then every
-            decode step's layers in ONE Triton launch (`prunepath_jax.megastep`; GPU only);
+            decode step's layers in ONE Triton launch (`prunepath_jax.megastep`; GPU only; the
+            2-16-sequence launch is not measured on a GPU yet);
             "auto" takes it for one prompt where it can run and measured faster, with a cache
             of at most `megastep.AUTO_MAX_CACHE` positions and room for its weight copy
             (`megastep.auto_ok`). None keeps the model's own compute paths. The decode step
@@ -435,8 +434,7 @@ def generate(
                                                 donate=donate)  # fmt: skip
 
         def call(st):
-            st, toks = fn(leaves, mw, st, temp, top_p, stops, pad, tau_l)
-            return st, toks[None]
+            return fn(leaves, mw, st, temp, top_p, stops, pad, tau_l)
     else:
         fn, leaves = bind_decode_chunk(graphdef, state, n_steps=chunk, greedy=greedy,
                                        donate=donate)  # fmt: skip

@@ -10,7 +10,10 @@ XLA, or as the launch's last phase with ``Launch(head_in=True)``; sampling stays
 The kernel reads weights stacked over layers and output-row-major, so ``pack`` makes a copy of
 the model's layer weights once (the model's own arrays are per layer; memory: the layer
 weights twice while both are alive). The KV cache is stacked too: ``stack_cache`` turns the
-per-layer caches a prefill filled into ``[L, s, kv, hd]`` arrays. Batch 1 only.
+per-layer caches a prefill filled into ``[L, s, kv, hd]`` arrays (batch 1), or
+``[L, b, s, kv, hd]`` for 2-16 sequences, which ``kernels.triton_megastep_batch`` decodes in one
+launch a step (``step`` picks the kernel by the cache's rank; the batched one is not measured
+on a GPU yet, so ``"auto"`` takes the one-launch step for one sequence only).
 
     tokens = generate(model, [prompt], 64, tau=0.5, implementation="megastep")  # packs itself
     mw = megastep.pack(model)  # or step by step: megastep.step / decode_chunk
@@ -18,6 +21,7 @@ per-layer caches a prefill filled into ``[L, s, kv, hd]`` arrays. Batch 1 only.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -89,9 +93,9 @@ class Launch(NamedTuple):
     stamps: int | None = None
 
 
-def check(model: nnx.Module) -> PrunePathFFN:
-    """Raises ValueError unless the one-launch step computes this model; returns an FFN (every
-    layer's routing settings are the same config)."""
+def check(model: nnx.Module, batch: int = 1) -> PrunePathFFN:
+    """Raises ValueError unless the one-launch step computes this model for ``batch``
+    sequences; returns an FFN (every layer's routing settings are the same config)."""
     cfg = getattr(model, "cfg", None)
     if cfg is None or cfg.family != "llama":
         raise ValueError("the one-launch decode step takes Llama-family models only")
@@ -106,16 +110,24 @@ def check(model: nnx.Module) -> PrunePathFFN:
     ffn = model.layers[0].mlp
     if not ffn.gated or ffn.b_in is not None:
         raise ValueError("the one-launch decode step takes SwiGLU FFNs without biases")
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"the one-launch decode step takes 1-{MAX_BATCH} sequences, got {batch}")
     try:
+        from prunepath_jax.kernels import triton_megastep_batch as tb
         from prunepath_jax.kernels.triton_megastep import unsupported_shape
     except ImportError:  # no triton here: generate's GPU check names what is missing
         return ffn
     why = unsupported_shape(cfg.d_model, cfg.head_dim, cfg.prunepath.group_size)
     if why:
         raise ValueError(why)
+    if batch > 1:
+        tb.check(batch, cfg.d_model, cfg.head_dim, cfg.prunepath.group_size)
     return ffn
 
 
+# Sequences the batched launch takes (``triton_megastep_batch.MAX_TOKENS``; here so that this
+# module imports without triton).
+MAX_BATCH = 16
 # "auto" takes the one-launch step up to this KV-cache length: measured faster than the default
 # kernels at 75% (µs a token) at 256 positions at every shape (twenty-second session), and, since
 # long caches get pipelined 64-key attention blocks (``triton_megastep_plan.default_attention``),
@@ -242,15 +254,19 @@ def _transposed(w):
 
 
 def stack_cache(cache) -> tuple[jax.Array, jax.Array]:
-    """Per-layer ``LayerCache``s of batch 1 -> stacked ``(k, v)`` ``[L, s, kv, hd]``."""
-    if cache[0].k.shape[0] != 1:
-        raise ValueError(f"the one-launch decode step takes batch 1, got {cache[0].k.shape[0]}")
-    return _stack_kv([(c.k, c.v) for c in cache])
+    """Per-layer ``LayerCache``s -> stacked ``(k, v)``: ``[L, s, kv, hd]`` for batch 1 (the
+    batch-1 kernel's layout), ``[L, b, s, kv, hd]`` for 2-16 sequences (the batched one's)."""
+    b = cache[0].k.shape[0]
+    if not 1 <= b <= MAX_BATCH:
+        raise ValueError(f"the one-launch decode step takes 1-{MAX_BATCH} sequences, got {b}")
+    return _stack_kv([(c.k, c.v) for c in cache], b == 1)
 
 
-@jax.jit
-def _stack_kv(kv) -> tuple[jax.Array, jax.Array]:
-    return jnp.stack([k[0] for k, _ in kv]), jnp.stack([v[0] for _, v in kv])
+@functools.partial(jax.jit, static_argnums=1)
+def _stack_kv(kv, squeeze: bool) -> tuple[jax.Array, jax.Array]:
+    if squeeze:
+        return jnp.stack([k[0] for k, _ in kv]), jnp.stack([v[0] for _, v in kv])
+    return jnp.stack([k for k, _ in kv]), jnp.stack([v for _, v in kv])
 
 
 DEFAULT_LAUNCH = Launch()
@@ -262,9 +278,17 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
     each program's %globaltimer stamps ``[P, N_SLOTS · L + 1]`` with ``timing`` (GPU; the
     benchmark's per-phase breakdown). The launch reads the token's embedding row and computes
     RoPE itself; with ``head_in`` (``Launch``; default ``triton_megastep.HEAD_IN``) it also
-    runs the final norm and the LM head, else XLA does (``model.head``)."""
+    runs the final norm and the LM head, else XLA does (``model.head``). With batched caches
+    ``[L, b, s, kv, hd]`` (``stack_cache`` of 2-16 sequences) it is ``step_batch``'s launch:
+    one token a sequence, logits ``[b, vocab]``, ``k_l`` ``[L, b]``."""
     from prunepath_jax.kernels import triton_megastep as tm
 
+    if kc.ndim == 5:  # [L, b, s, kv, hd]: the batched launch (no timeline)
+        if timing:
+            raise ValueError("the batched one-launch step has no timing stamps")
+        logits, kc, vc, k_lb, _, fail = step_batch(model, mw, token_1, pos_1, kc, vc, tau_l,
+                                                   launch, interpret)  # fmt: skip
+        return logits, kc, vc, k_lb, fail
     ffn = check(model)
     cfg = model.cfg
     opts = {k: v for k, v in launch._asdict().items() if v is not None}
@@ -288,12 +312,44 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
     return (model.head(x)[:, 0], kc, vc, k_l, fail, *stamps)
 
 
+# The launch choices the batched kernel takes (``triton_megastep_batch.megastep_batch``'s).
+BATCH_LAUNCH = ("programs", "splits", "block_t", "warps", "attn_stages", "gemv_stages",
+                "unit_stages")  # fmt: skip
+
+
+def step_batch(model, mw: MegaWeights, tokens_b, pos_b, kc, vc, tau_l,
+               launch: Launch = DEFAULT_LAUNCH, interpret: bool = False):  # fmt: skip
+    """One token of each of 2-16 sequences (``kernels.triton_megastep_batch``): ``(logits
+    [b, vocab] f32, kc, vc, k_lb [L, b] int32, union_l [L] int32, fail_p [P] int32)``; the
+    caches ``[L, b, s, kv, hd]`` (``stack_cache``), ``union_l`` the experts any of the tokens
+    selected, a layer (what bounds the batch's expert bytes)."""
+    from prunepath_jax.kernels import triton_megastep_batch as tb
+
+    ffn = check(model, kc.shape[1])
+    cfg = model.cfg
+    opts = {k: v for k, v in launch._asdict().items() if v is not None}
+    other = sorted(set(opts) - set(BATCH_LAUNCH))
+    if other:
+        raise ValueError(
+            f"the batched one-launch step takes only Launch({', '.join(BATCH_LAUNCH)}); got "
+            f"{', '.join(other)}"
+        )
+    y, kc, vc, k_lb, union_l, fail = tb.megastep_batch(
+        model.embed_tokens.embedding[...], tokens_b, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
+        cfg.rope_scaling), pos_b, tau_l, mw.ln1, mw.ln2, mw.wqkv, mw.wo, mw.router, mw.w_in,
+        mw.w_out, kc, vc, eps=cfg.norm_eps, rule=ffn.rule, gate=ffn.gate_mode, k_min=ffn.k_min,
+        k_max=ffn.k_max, interpret=interpret, **opts,
+    )  # fmt: skip
+    x = y.astype(model.embed_tokens.embedding.dtype)[:, None]
+    return model.head(x)[:, 0], kc, vc, k_lb, union_l, fail
+
+
 class MegaState(NamedTuple):
     """Decode state between chunks; ``fail`` counts barrier give-ups (must stay 0)."""
 
-    token_b: jax.Array  # [1]
-    pos_b: jax.Array  # [1]
-    done_b: jax.Array  # [1]
+    token_b: jax.Array  # [b]
+    pos_b: jax.Array  # [b]
+    done_b: jax.Array  # [b]
     kc: jax.Array
     vc: jax.Array
     rng: jax.Array
@@ -307,14 +363,15 @@ def _decode_chunk_impl(graphdef, state, mw, st: MegaState, temperature, top_p, s
     model = nnx.merge(graphdef, state)
 
     def body(i, carry):
-        st, out_n = carry
+        st, out_bn = carry
         logits, kc, vc, _, fail = step(model, mw, st.token_b, st.pos_b, st.kc, st.vc, tau_l,
                                        launch)  # fmt: skip
         nxt, done, rng = next_tokens(logits, st, temperature, top_p, stop_ids, pad_id, greedy)
         st = MegaState(nxt, st.pos_b + 1, done, kc, vc, rng, st.fail + jnp.sum(fail))
-        return st, out_n.at[i].set(nxt[0])
+        return st, out_bn.at[:, i].set(nxt)
 
-    return jax.lax.fori_loop(0, n_steps, body, (st, jnp.zeros((n_steps,), jnp.int32)))
+    out_bn = jnp.zeros((st.token_b.shape[0], n_steps), jnp.int32)
+    return jax.lax.fori_loop(0, n_steps, body, (st, out_bn))
 
 
 _STATIC = ("graphdef", "n_steps", "greedy", "launch")
@@ -325,7 +382,7 @@ def bind_decode_chunk(graphdef, state, *, n_steps: int, greedy: bool,
                       launch: Launch = DEFAULT_LAUNCH, donate: bool = True):  # fmt: skip
     """``generate``'s compiled one-launch decode chunk (``flatjit.bind``): ``(fn, leaves)``,
     ``fn(leaves, mw, st, temperature, top_p, stop_ids, pad_id, tau_l) -> (st, tokens
-    [n_steps])``, the ``MegaState`` donated with ``donate``."""
+    [b, n_steps])``, the ``MegaState`` donated with ``donate``."""
     return flatjit.bind(_decode_chunk_impl, graphdef, state, donate_argnums=(2,) if donate else (),
                         n_steps=n_steps, greedy=greedy, launch=launch)  # fmt: skip
 
@@ -342,6 +399,6 @@ def check_fail(st: MegaState) -> None:
 
 
 def from_decode_state(st) -> MegaState:
-    """A prefill's ``generate.DecodeState`` (batch 1) as a ``MegaState``."""
+    """A prefill's ``generate.DecodeState`` (1-16 sequences) as a ``MegaState``."""
     kc, vc = stack_cache(st.cache)
     return MegaState(st.token_b, st.pos_b, st.done_b, kc, vc, st.rng, jnp.int32(0))

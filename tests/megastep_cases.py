@@ -218,3 +218,75 @@ def build(c: Case):
         toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, c.prompt)), jnp.int32)
         cache = model(toks, cache=cache, ffn_args=args, fresh_cache=True).cache
     return model, args, cache, jnp.int32(rng.integers(0, cfg.vocab_size)), jnp.int32(c.prompt)
+
+
+class BatchCase(NamedTuple):
+    """A batched step's case: ``lengths`` the sequences' tokens already in the cache (each
+    sequence's new token goes at its own position)."""
+
+    name: str
+    d: int
+    heads: int
+    kv: int
+    head_dim: int
+    f: int
+    g: int
+    lengths: tuple[int, ...]
+    tau: float
+    splits: int
+    block_t: int = 16
+    rule: str = "paper"
+    gate: str = "sigmoid"
+    k_min: int = 1
+    k_max: int | None = None
+    dtype: str = "float32"
+    cache_len: int = 48
+    layers: int = 2
+
+
+BATCH_CASES = (
+    # Three sequences, one of them at its first token (an empty cache); two key splits.
+    BatchCase("b3_f32", 64, 4, 2, 16, 256, 16, (20, 33, 0), 0.9, splits=2),
+    # d not a power of two, 3 query heads a KV head, nucleus rule, no gates, clamps on k; bf16.
+    BatchCase(
+        "b2_bf16_nucleus",
+        96,
+        6,
+        2,
+        16,
+        320,
+        16,
+        (9, 40),
+        0.8,
+        splits=1,
+        rule="nucleus",
+        gate="none",
+        k_min=2,
+        k_max=5,
+        dtype="bfloat16",
+    ),  # fmt: skip
+    # The most sequences the launch takes, every expert (tau > 1), 32-neuron experts.
+    BatchCase("b16_all", 64, 4, 4, 16, 256, 32, tuple(range(1, 33, 2)), 1.5, splits=1),
+    # Few experts a token out of 32: experts no token selects, whose units are skipped.
+    BatchCase("b4_sparse", 64, 4, 2, 16, 512, 16, (5, 17, 30, 12), 0.3, splits=2),
+)
+
+
+def build_batch(c: BatchCase):
+    """``(model, ffn_args, cache with each sequence's prompt, tokens [b], positions [b])``: the
+    prompts through the model's own prefill (right-padded, as ``generate`` does)."""
+    base = Case(c.name, c.d, c.heads, c.kv, c.head_dim, c.f, c.g, 0, c.tau, c.splits, c.block_t,
+                c.rule, c.gate, c.k_min, c.k_max, c.dtype, c.cache_len, c.layers)  # fmt: skip
+    model, args, _, _, _ = build(base)
+    b, t = len(c.lengths), max(max(c.lengths), 1)
+    rng = np.random.default_rng(len(c.name))
+    toks = rng.integers(0, model.cfg.vocab_size, (b, t)).astype(np.int32)
+    lengths = np.asarray(c.lengths, np.int32)
+    cache = init_cache(model.cfg, b, c.cache_len, jnp.dtype(c.dtype))
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cache = model(jnp.asarray(toks), pos, cache=cache, ffn_args=args, fresh_cache=True,
+                  logit_index_b=jnp.maximum(jnp.asarray(lengths) - 1, 0)).cache  # fmt: skip
+    # A sequence's cache rows at and past its length hold the padding's keys, as in generate:
+    # the step masks them and overwrites its own position.
+    new = jnp.asarray(rng.integers(0, model.cfg.vocab_size, b), jnp.int32)
+    return model, args, cache, new, jnp.asarray(lengths)

@@ -352,16 +352,16 @@ def test_bad_inputs_raise_clearly():
         call(prefetch_keys=-1)
     with pytest.raises(ValueError, match="merge_bc"):
         call(merge_bc=False, router_in_items=True)
-    two = jax.tree.map(lambda a: jnp.concatenate([a, a]), cache)
-    with pytest.raises(ValueError, match="batch 1"):
-        megastep.stack_cache(two)
+    many = jax.tree.map(lambda a: jnp.concatenate([a] * 17), cache)
+    with pytest.raises(ValueError, match="1-16 sequences, got 17"):
+        megastep.stack_cache(many)
     small = PRESETS["smollm2-135m"].replace(n_layers=1)
     with pytest.raises(ValueError, match="PrunePath"):
         megastep.check(LlamaModel(small, rngs=nnx.Rngs(0)))
     biased = sparse_llama(small.replace(qkv_bias=True), 1, dtype=jnp.float32)
     with pytest.raises(ValueError, match="biases"):
         megastep.check(biased)
-    with pytest.raises(ValueError, match="one sequence"):
+    with pytest.raises(ValueError, match="multiple of 16"):  # G = 8: the batched launch's units
         generate(model, [[1, 2], [3]], 4, tau=0.5, implementation="megastep")
     if not jt.available():
         with pytest.raises(NotImplementedError, match="CUDA GPU"):

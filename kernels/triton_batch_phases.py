@@ -1,0 +1,181 @@
+"""The batched one-launch decode step's phases (``triton_megastep_batch``): skinny GEMMs of a
+few tokens against weight rows, and the union-of-experts unit loop.
+
+Why a file of its own: at batch 1 the step's phases are GEMVs (``triton_megastep_gemv``, one
+row reduced against one input row); with T = 2-16 tokens the same weight rows serve every
+token, so each phase is a ``[rows, K] · [K, T]`` product on the tensor cores (the tokens padded
+to ``TP`` = 16 columns, what ``tl.dot`` needs), and the expert phase runs over the *union* of
+the tokens' experts, each unit's rows read once for the whole batch (a token that did not
+select the unit's expert gets gate 0, as ``routing.gates`` gives it).
+
+The inputs of every product are activations other programs of the launch wrote (the residual,
+the FFN sum, the attention output), read ``.cg`` from L2 in ``[TP, BK]`` chunks next to the
+weights' ``[R, BK]`` chunks: per chunk the L2 bytes are ``T · BK · 4`` (twice where the residual
+and the FFN sum are added) against ``R · BK`` weight elements, which is why a program's rows
+and the units are at least 16 wide.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, w, DOT_F32: tl.constexpr):
+    """``a [M, K] · b [K, N]`` in f32, both rounded to the weights ``w``'s dtype first (bf16:
+    the tensor cores, as the XLA step's bf16 matmuls; f32: exact ``ieee``). The interpreter
+    (``DOT_F32``: its 16-bit dot is wrong, its f32 one exact) gets the same roundings in f32."""
+    if DOT_F32:
+        a32 = a.to(w.dtype).to(tl.float32)
+        return tl.dot(a32, b.to(w.dtype).to(tl.float32), input_precision="ieee")
+    elif w.dtype == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(w.dtype), b.to(w.dtype))
+
+
+@triton.jit
+def _tokens_chunk(a_ptr, b_ptr, kk, km, T: tl.constexpr, TP: tl.constexpr, K: tl.constexpr,
+                  TWO: tl.constexpr):  # fmt: skip
+    """``[TP, BK]`` f32 columns ``kk`` of the ``[T, K]`` rows at ``a_ptr`` (plus ``b_ptr``'s with
+    ``TWO``), zero past T and K, read from L2 (other programs wrote them)."""
+    rt = tl.arange(0, TP)
+    off = rt[:, None] * K + kk[None, :]
+    m = (rt[:, None] < T) & km[None, :]
+    x = tl.load(a_ptr + off, mask=m, other=0.0, cache_modifier=".cg")
+    if TWO:
+        x += tl.load(b_ptr + off, mask=m, other=0.0, cache_modifier=".cg")
+    return x
+
+
+@triton.jit
+def _skinny(w_ptr, a_ptr, b_ptr, ln_ptr, r0, r1, K: tl.constexpr, T: tl.constexpr,
+            TP: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+            NORM: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    """``(acc [R_PAD, TP] f32, ss [TP] f32)``: weight rows ``[r0, r1)`` (``[N, K]`` row-major)
+    times the tokens' inputs ``x [T, K]``, the rows past r1 zero. With ``NORM`` the input is the
+    residual plus the FFN sum (``a_ptr + b_ptr``) times the RMSNorm weights ``ln_ptr``, and
+    ``ss`` its sum of squares a token: the caller scales ``acc`` by ``1 / rms`` (RMSNorm is
+    linear in x but for that scale), so the norm costs no pass of its own over the residual.
+    Without ``NORM`` the input is ``a_ptr``'s rows alone."""
+    rr = r0 + tl.arange(0, R_PAD)
+    rmask = rr < r1
+    rk = tl.arange(0, BK)
+    acc = tl.zeros([R_PAD, TP], tl.float32)
+    ss = tl.zeros([TP], tl.float32)
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+        kk = k0 + rk
+        km = kk < K
+        w = tl.load(w_ptr + rr[:, None].to(tl.int64) * K + kk[None, :],
+                    mask=rmask[:, None] & km[None, :], other=0.0)  # fmt: skip
+        x = _tokens_chunk(a_ptr, b_ptr, kk, km, T, TP, K, NORM)
+        if NORM:
+            ss += tl.sum(x * x, 1)
+            x = x * tl.load(ln_ptr + kk, mask=km, other=0.0).to(tl.float32)[None, :]
+        acc += _dot(w, tl.trans(x), w, DOT_F32)
+    return acc, ss
+
+
+@triton.jit
+def _router_share(wr_ptr, ln_ptr, hv, lg_ptr, r0, r1, D: tl.constexpr, E: tl.constexpr,
+                  T: tl.constexpr, TP: tl.constexpr, R_PAD: tl.constexpr, BE: tl.constexpr,
+                  DOT_F32: tl.constexpr):  # fmt: skip
+    """Adds this program's share of the router logits before the RMSNorm's scale,
+    ``lg[t, e] += Σ_{r in [r0, r1)} W_r[e, r]·ln2[r]·h[t, r]``, into ``lg_ptr`` ``[T, E]`` with
+    relaxed atomics; ``hv [R_PAD, TP]`` the new residual's rows (zero past r1). The scale
+    ``1 / rms(h[t])`` is common to a token's logits, so the selection applies it
+    (``triton_megastep``'s ``RC``, batched)."""
+    rr = r0 + tl.arange(0, R_PAD)
+    rmask = rr < r1
+    xr = hv * tl.load(ln_ptr + rr, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    rt = tl.arange(0, TP)
+    for e0 in range(0, E, BE):
+        re = e0 + tl.arange(0, BE)
+        w = tl.load(wr_ptr + re[:, None] * D + rr[None, :], mask=(re[:, None] < E) & rmask[None, :],
+                    other=0.0)  # fmt: skip
+        part = _dot(w, xr, w, DOT_F32)  # [BE, TP]
+        off = rt[None, :] * E + re[:, None]
+        tl.atomic_add(lg_ptr + off, part, mask=(re[:, None] < E) & (rt[None, :] < T),
+                      sem="relaxed")  # fmt: skip
+
+
+@triton.jit
+def _unit_of(u, cnt, PER: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
+    """Unit ``u``'s expert and first neuron row: union slot ``u // PER`` (from the union's
+    inclusive prefix count ``cnt``), neuron block ``u % PER``."""
+    e = tl.sum((cnt <= u // PER).to(tl.int32), 0)
+    return e, e * G + (u % PER) * BN
+
+
+@triton.jit
+def _union(gs_ptr, T: tl.constexpr, TP: tl.constexpr, E_PAD: tl.constexpr):
+    """``(cnt [E_PAD] i32, n)``: the inclusive prefix count of the experts any token selected
+    (gates ``[T, E_PAD]`` at ``gs_ptr``, 0 where unselected) and their number."""
+    rt = tl.arange(0, TP)
+    re = tl.arange(0, E_PAD)
+    g = tl.load(gs_ptr + rt[:, None] * E_PAD + re[None, :], mask=(rt < T)[:, None], other=0.0,
+                cache_modifier=".cg")  # fmt: skip
+    uni = tl.max((g != 0.0).to(tl.int32), 0)
+    return tl.cumsum(uni, 0), tl.sum(uni, 0)
+
+
+@triton.jit
+def _unit_acts(h_ptr, ln_ptr, rs, gs_ptr, w_in_ptr, act_ptr, cnt, u0, u1, D: tl.constexpr,
+               F: tl.constexpr, G: tl.constexpr, E_PAD: tl.constexpr, T: tl.constexpr,
+               TP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+               DOT_F32: tl.constexpr):  # fmt: skip
+    """Stage 1 of the expert phase: for units ``[u0, u1)``, ``silu(x·W_gate)·(x·W_up)·σ(g_t)``
+    over each unit's ``BN`` neuron rows and every token, ``x[t] = h[t]·ln2·rs[t]``; stored as
+    ``[BN, TP]`` f32 blocks at ``act_ptr`` (this program's scratch, unit ``u`` at ``u - u0``).
+    A token that did not select the unit's expert has gate 0: its column is 0."""
+    PER: tl.constexpr = G // BN
+    rn = tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    rt = tl.arange(0, TP)
+    for u in range(u0, u1):
+        e, row0 = _unit_of(u, cnt, PER, BN, G)
+        gt = tl.load(gs_ptr + rt * E_PAD + e, mask=rt < T, other=0.0, cache_modifier=".cg")
+        rows = (row0 + rn).to(tl.int64) * D
+        ag = tl.zeros([BN, TP], tl.float32)
+        au = tl.zeros([BN, TP], tl.float32)
+        for k0 in tl.range(0, D, BK, num_stages=STAGES):
+            kk = k0 + rk
+            km = kk < D
+            wg = tl.load(w_in_ptr + rows[:, None] + kk[None, :], mask=km[None, :], other=0.0)
+            wu = tl.load(w_in_ptr + F * D + rows[:, None] + kk[None, :], mask=km[None, :],
+                         other=0.0)  # fmt: skip
+            x = _tokens_chunk(h_ptr, h_ptr, kk, km, T, TP, D, False)
+            x = tl.trans(x * tl.load(ln_ptr + kk, mask=km, other=0.0).to(tl.float32)[None, :])
+            ag += _dot(wg, x, wg, DOT_F32)
+            au += _dot(wu, x, wu, DOT_F32)
+        ag = ag * rs[None, :]
+        au = au * rs[None, :]
+        a = ag / (1.0 + tl.exp(-ag)) * au * gt[None, :]
+        tl.store(act_ptr + (u - u0) * BN * TP + rn[:, None] * TP + rt[None, :], a)
+
+
+@triton.jit
+def _unit_down(act_ptr, w_out_ptr, f_ptr, cnt, u0, u1, D: tl.constexpr, G: tl.constexpr,
+               T: tl.constexpr, TP: tl.constexpr, BN: tl.constexpr, DC: tl.constexpr,
+               STAGES: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    """Stage 2: ``f[t, :] += Σ_u act_u[:, t] · W_out[rows_u, :]`` in ``DC``-column chunks, one
+    relaxed atomic add of ``[T, DC]`` a chunk (the program's units summed first, so the atomics
+    are ``T · D`` a program whatever its unit count). The caller's CTA barrier separates the
+    stores of ``act`` from these loads."""
+    PER: tl.constexpr = G // BN
+    rn = tl.arange(0, BN)
+    rt = tl.arange(0, TP)
+    rc = tl.arange(0, DC)
+    for d0 in range(0, D, DC):
+        cols = d0 + rc
+        cm = cols < D
+        acc = tl.zeros([TP, DC], tl.float32)
+        for u in tl.range(u0, u1, num_stages=STAGES):
+            _, row0 = _unit_of(u, cnt, PER, BN, G)
+            a = tl.load(act_ptr + (u - u0) * BN * TP + rt[:, None] + rn[None, :] * TP)  # [TP, BN]
+            wo = tl.load(w_out_ptr + (row0 + rn).to(tl.int64)[:, None] * D + cols[None, :],
+                         mask=cm[None, :], other=0.0)  # fmt: skip
+            acc += _dot(a, wo, wo, DOT_F32)
+        tl.atomic_add(f_ptr + rt[:, None] * D + cols[None, :], acc,
+                      mask=(rt[:, None] < T) & cm[None, :], sem="relaxed")  # fmt: skip

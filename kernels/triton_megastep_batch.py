@@ -1,0 +1,346 @@
+"""A whole decode step of T = 2-16 sequences of a PrunePath Llama in ONE Triton launch.
+
+Why. At batch 2-16 the registry's default (the Triton kernels, a launch or more each phase of
+each layer through jax-triton, ~6 µs a launch) made the 1B model's sparse decode 0.90-0.96× of
+our dense decode (BENCHMARKS.md, thirty-fifth session), while the 8B gained 1.21-1.26×. The
+batch-1 step's answer, every layer's phases in one persistent launch between grid barriers
+(``triton_megastep``), applies to a batch too: the weights are read once for all T tokens, so
+a phase costs what it costs at batch 1 plus the tokens' arithmetic on the tensor cores.
+
+What. For every layer, five phases separated by grid barriers (``triton_grid``):
+
+* A: the QKV product of the T tokens' normalised residuals (``_skinny`` with the norm folded
+  in: each program owns ``ceil(N / P)`` contiguous rows of W_qkv, sums the tokens' squares as
+  it streams the residual, and scales its ``[rows, T]`` block by ``1 / rms`` at the end).
+* B: attention, one work item per (token, KV head, key split): the batch-1 step's item
+  (``triton_megastep_attn._attend_split``) on the token's query row, cache and RoPE tables.
+  Each sequence has its own position (``generate``'s right-padded prompts).
+* C: the O projection and the residual add (``h += W_o·attn + f``, then ``f = 0``) for the
+  program's rows, and its share of the T tokens' router logits before the RMSNorm's scale
+  (``_router_share``, relaxed atomics).
+* S: program t (< T) selects token t's experts (``triton_select._select``, the router logits
+  times its ``1 / rms``), writes its gates and k. A phase of its own because every program
+  needs every token's selection to split the union (sorting T rows in every program costs T
+  sorts a layer; here it is one, and a barrier).
+* F: the union of the tokens' experts cut into 16-neuron units, split evenly over the programs
+  (``_union``); each program computes its units' gated activations for all T tokens
+  (``_unit_acts``), then their down projection in column chunks, added into the FFN sum ``f``
+  with one relaxed atomic add of ``[T, chunk]`` a chunk (``_unit_down``).
+
+Around the layers: layer 0's residual rows are the tokens' embedding rows (each program copies
+its part before the first barrier), program 0 computes each token's RoPE tables there, and the
+residual, FFN sum, logits and counters share one zeroed workspace. The launch returns the last
+layer's residual (``h + f``, ``[T, d]`` f32); the final norm and the LM head run in XLA.
+
+The residual stream stays fp32 inside the launch (the XLA model rounds it to the model dtype
+after every add), so bf16 results agree with the fp32 model within the bf16 tolerance and fp32
+ones with the XLA step up to summation order (the atomics' order varies from run to run).
+
+Not measured on a GPU yet (written in a session without one, BENCHMARKS.md thirty-ninth
+session): correct under the Triton interpreter against the XLA step and lowered for sm_90;
+the L2 prefetches, column-chunked GEMVs and merged phases the batch-1 step measured are not
+here. ``prunepath_jax.megastep`` takes it for ``generate(..., implementation="megastep")``
+with 2-16 prompts; ``"auto"`` does not pick it before it is measured.
+
+Limits (``check`` raises): those of the batch-1 step, and 1 ≤ T ≤ 16, G a multiple of 16.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from prunepath_jax.kernels import jt
+from prunepath_jax.kernels.triton_batch_phases import (
+    _router_share,
+    _skinny,
+    _union,
+    _unit_acts,
+    _unit_down,
+)
+from prunepath_jax.kernels.triton_grid import _arrive, _wait
+from prunepath_jax.kernels.triton_megastep_attn import _attend_split
+from prunepath_jax.kernels.triton_megastep_plan import (
+    SPIN,
+    STAGES,
+    default_attention,
+    default_splits,
+    unsupported_shape,
+)
+from prunepath_jax.kernels.triton_select import _logits, _select
+
+MAX_TOKENS = 16  # the tokens padded to one tl.dot's 16 columns
+BN = 16  # neurons a unit: the down projection's K, tl.dot's smallest
+BK = 128  # input columns a chunk in the A, C and unit products
+DC = 256  # output columns a chunk of the down projection (one atomic add of [T, DC] each)
+BE = 64  # router rows a chunk of the router share
+
+
+@triton.jit
+def _batch_kernel(
+    x0_ptr,  # [V, D] the embedding table
+    tok_ptr,  # [T] i32 the tokens
+    inv_ptr,  # [HD/2] f32 RoPE inverse frequencies
+    pos_ptr,  # [T] i32 each token's position (where its key/value go)
+    tau_ptr,  # [L] f32 budgets
+    ln1_ptr, ln2_ptr,  # [L, D] RMSNorm weights
+    wqkv_ptr,  # [L, NQKV, D] QKV rows
+    wo_ptr,  # [L, D, NA] O-projection rows
+    wr_ptr,  # [L, E, D] f32 router rows
+    w_in_ptr,  # [L, 2, F, D] gate rows, then up rows
+    w_out_ptr,  # [L, F, D] down-projection rows
+    kc_in_ptr, vc_in_ptr,  # [L, T, S_MAX, KV, HD] caches (aliased to kc_ptr, vc_ptr)
+    ws_ptr,  # out, zeroed workspace: h [T, D] | f [T, D] | logits [L, T, E] | counters
+    kc_ptr, vc_ptr,  # out caches, each token's key/value written at its position
+    rope_ptr,  # scratch [T, HD] f32: cos, then sin, of pos_t · inv_freq (program 0 writes them)
+    qkv_ptr,  # scratch [T, NQKV] f32
+    po_ptr,  # scratch [T, KV·S, GQ_PAD, HD] f32 attention partials
+    pml_ptr,  # scratch [T, KV·S, 2, GQ_PAD] f32 their running max and sum
+    att_ptr,  # scratch [T, NA] f32 attention output
+    gs_ptr,  # scratch [T, E_PAD] f32 this layer's gates (phase S)
+    rs_ptr,  # scratch [T] f32 this layer's 1 / rms of the FFN's input (phase S)
+    k_ptr,  # out [L, T] i32 experts selected a token
+    nu_ptr,  # out [L] i32 experts in the union
+    fail_ptr,  # out [P] i32 1 where the program gave up on a barrier
+    act_ptr,  # scratch [P, U_MAX, BN, TP] f32 each program's units' activations
+    T: tl.constexpr, TP: tl.constexpr, L: tl.constexpr, D: tl.constexpr, HQ: tl.constexpr,
+    KV: tl.constexpr, HD: tl.constexpr, GQ_PAD: tl.constexpr, E: tl.constexpr,
+    E_PAD: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
+    S_PAD: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr, R_A: tl.constexpr,
+    RA_PAD: tl.constexpr, R_C: tl.constexpr, RC_PAD: tl.constexpr, R_Z: tl.constexpr,
+    RZ_PAD: tl.constexpr, D_PAD: tl.constexpr, BK: tl.constexpr, DC: tl.constexpr,
+    BE: tl.constexpr, U_MAX: tl.constexpr, EPS: tl.constexpr, NUCLEUS: tl.constexpr,
+    SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr, SCALE: tl.constexpr,
+    SPIN: tl.constexpr, DOT_F32: tl.constexpr, AST: tl.constexpr, GS: tl.constexpr,
+    US: tl.constexpr, WS_F: tl.constexpr, WS_LG: tl.constexpr, WS_CTR: tl.constexpr,
+):  # fmt: skip
+    NQKV: tl.constexpr = (HQ + 2 * KV) * HD
+    NA: tl.constexpr = HQ * HD
+    GQ: tl.constexpr = HQ // KV
+    F: tl.constexpr = E * G
+    PER: tl.constexpr = G // BN
+    HALF: tl.constexpr = HD // 2
+    pid = tl.program_id(0)
+    failed = pid * 0
+    ph = pid * 0  # barriers passed
+    h_ptr = ws_ptr
+    f_ptr = ws_ptr + WS_F
+    lg_ptr = ws_ptr + WS_LG
+    ctr_ptr = (ws_ptr + WS_CTR).to(tl.pointer_type(tl.int32))
+    hcnt_ptr = ctr_ptr + 1  # [L·T, KV] the key splits' counters
+    if pid == 0:  # each token's RoPE tables, once a step (read after the first barrier)
+        rh = tl.arange(0, HALF)
+        inv = tl.load(inv_ptr + rh)
+        for t in range(T):
+            ang = tl.load(pos_ptr + t).to(tl.float32) * inv
+            tl.store(rope_ptr + t * HD + rh, tl.cos(ang))
+            tl.store(rope_ptr + t * HD + HALF + rh, tl.sin(ang))
+    # The tokens' embedding rows into the residual, each program its columns.
+    rz = pid * R_Z + tl.arange(0, RZ_PAD)
+    zm = (rz < (pid + 1) * R_Z) & (rz < D)
+    for t in range(T):
+        row = x0_ptr + tl.load(tok_ptr + t).to(tl.int64) * D
+        tl.store(h_ptr + t * D + rz, tl.load(row + rz, mask=zm, other=0.0).to(tl.float32),
+                 mask=zm)  # fmt: skip
+    _arrive(ctr_ptr)
+    ph += 1
+    failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+    a0 = pid * R_A
+    a1 = tl.minimum(a0 + R_A, NQKV)
+    c0 = pid * R_C
+    c1 = tl.minimum(c0 + R_C, D)
+    rt = tl.arange(0, TP)
+    tmask = rt < T
+    for layer in range(L):
+        lw = tl.full([], 0, tl.int64) + layer  # 8B's stacked w_in has 3.8e9 elements
+        # A: norm (of h plus the previous FFN's sum) folded into the QKV product.
+        qa, ss = _skinny(wqkv_ptr + lw * NQKV * D, h_ptr, f_ptr, ln1_ptr + layer * D, a0, a1,
+                         D, T, TP, RA_PAD, BK, GS, True, DOT_F32)  # fmt: skip
+        qa = qa * tl.rsqrt(ss / D + EPS)[None, :]
+        ra = a0 + tl.arange(0, RA_PAD)
+        tl.store(qkv_ptr + rt[None, :] * NQKV + ra[:, None], qa,
+                 mask=(ra < a1)[:, None] & tmask[None, :])  # fmt: skip
+        _arrive(ctr_ptr)
+        ph += 1
+        failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        # B: attention, one item per (token, KV head, split).
+        for item in range(pid, T * KV * S, P):
+            t = item // (KV * S)
+            _attend_split(qkv_ptr + t * NQKV, kc_ptr, vc_ptr, po_ptr + t * KV * S * GQ_PAD * HD,
+                          pml_ptr + t * KV * S * 2 * GQ_PAD, att_ptr + t * NA, hcnt_ptr,
+                          rope_ptr + t * HD, rope_ptr + t * HD + HALF, tl.load(pos_ptr + t),
+                          lw * T + t, (item // S) % KV, item % S, HQ, KV, HD, GQ, GQ_PAD, S,
+                          S_PAD, BT, S_MAX, SCALE, DOT_F32, AST)  # fmt: skip
+        _arrive(ctr_ptr)
+        ph += 1
+        failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        # C: O projection + residual (+ the previous FFN's sum, zeroed for this layer's) + this
+        # program's share of the router logits.
+        if c0 < D:
+            oc, _ = _skinny(wo_ptr + lw * D * NA, att_ptr, att_ptr, ln1_ptr, c0, c1, NA, T, TP,
+                            RC_PAD, BK, GS, False, DOT_F32)  # fmt: skip
+            rc = c0 + tl.arange(0, RC_PAD)
+            off = rt[None, :] * D + rc[:, None]
+            m = (rc < c1)[:, None] & tmask[None, :]
+            hv = oc + tl.load(h_ptr + off, mask=m, other=0.0, cache_modifier=".cg")
+            hv += tl.load(f_ptr + off, mask=m, other=0.0, cache_modifier=".cg")
+            tl.store(h_ptr + off, hv, mask=m)
+            tl.store(f_ptr + off, tl.zeros([RC_PAD, TP], tl.float32), mask=m)
+            _router_share(wr_ptr + lw * E * D, ln2_ptr + layer * D, hv, lg_ptr + layer * T * E,
+                          c0, c1, D, E, T, TP, RC_PAD, BE, DOT_F32)  # fmt: skip
+        _arrive(ctr_ptr)
+        ph += 1
+        failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        # S: token t's selection in program t.
+        rd = tl.arange(0, D_PAD)
+        for t in range(pid, T, P):
+            x = tl.load(h_ptr + t * D + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
+            rstd = tl.rsqrt(tl.sum(x * x, 0) / D + EPS)
+            lgv = _logits(lg_ptr + (layer * T + t) * E, E, E_PAD, ".cg") * rstd
+            gate, k = _select(lgv, tl.load(tau_ptr + layer), E, E_PAD, NUCLEUS, SIGMOID, K_MIN,
+                              K_MAX)  # fmt: skip
+            tl.store(gs_ptr + t * E_PAD + tl.arange(0, E_PAD), gate)
+            tl.store(rs_ptr + t, rstd)
+            tl.store(k_ptr + layer * T + t, k)
+        _arrive(ctr_ptr)
+        ph += 1
+        failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        # F: the union's units, evenly over the programs, into the FFN sum.
+        cnt, n_union = _union(gs_ptr, T, TP, E_PAD)
+        if pid == 0:
+            tl.store(nu_ptr + layer, n_union)
+        n_units = n_union * PER
+        u0 = pid * n_units // P
+        u1 = (pid + 1) * n_units // P
+        if u1 > u0:
+            rs = tl.load(rs_ptr + rt, mask=tmask, other=0.0, cache_modifier=".cg")
+            act = act_ptr + pid * U_MAX * BN * TP
+            _unit_acts(h_ptr, ln2_ptr + layer * D, rs, gs_ptr, w_in_ptr + lw * 2 * F * D, act,
+                       cnt, u0, u1, D, F, G, E_PAD, T, TP, BN, BK, US, DOT_F32)  # fmt: skip
+            tl.debug_barrier()  # the activations' stores before any thread's loads of them
+            _unit_down(act, w_out_ptr + lw * F * D, f_ptr, cnt, u0, u1, D, G, T, TP, BN, DC, US,
+                       DOT_F32)  # fmt: skip
+        _arrive(ctr_ptr)
+        ph += 1
+        failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+    tl.store(fail_ptr + pid, failed)
+
+
+def check(t: int, d: int, head_dim: int, group_size: int) -> None:
+    """Raises ValueError unless the batched step runs these sizes."""
+    why = unsupported_shape(d, head_dim, group_size)
+    if why:
+        raise ValueError(why)
+    if not 1 <= t <= MAX_TOKENS:
+        raise ValueError(f"the batched one-launch step takes 1-{MAX_TOKENS} sequences, got {t}")
+    if group_size % BN:
+        raise ValueError(
+            f"the batched one-launch step takes a group size that is a multiple of {BN} (its "
+            f"units are {BN} neurons, tl.dot's smallest K), got {group_size}"
+        )
+
+
+def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, block_t=None,
+              attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
+              k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
+              interpret=False) -> dict:  # fmt: skip
+    """The kernel's constexprs (also what the sm_90 lowering test compiles)."""
+    p = programs
+    bt, ast = default_attention(False, s_max, hd, cache_itemsize)
+    bt = block_t or bt
+    s = splits or default_splits(max(1, p // t), kv, hq // kv, hd, s_max, bt)
+    nqkv = (hq + 2 * kv) * hd
+    r_a, r_c, r_z = (-(-n // p) for n in (nqkv, d, d))
+    e_pad = max(16, jt.next_pow2(e))
+    ws_f = t * d
+    ws_lg = 2 * t * d
+    return dict(
+        T=t, TP=MAX_TOKENS, L=n_layers, D=d, HQ=hq, KV=kv, HD=hd,
+        GQ_PAD=jt.next_pow2(hq // kv), E=e, E_PAD=e_pad, G=g, BN=BN, P=p, S=s,
+        S_PAD=jt.next_pow2(s), BT=bt, S_MAX=s_max, R_A=r_a, RA_PAD=max(16, jt.next_pow2(r_a)),
+        R_C=r_c, RC_PAD=max(16, jt.next_pow2(r_c)), R_Z=r_z, RZ_PAD=jt.next_pow2(r_z),
+        D_PAD=jt.next_pow2(d), BK=BK, DC=min(DC, jt.next_pow2(d)), BE=min(BE, e_pad),
+        U_MAX=max(1, -(-e * (g // BN) // p)), EPS=float(eps), NUCLEUS=rule == "nucleus",
+        SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=e if k_max is None else k_max,
+        SCALE=float(hd**-0.5), SPIN=spin, DOT_F32=bool(interpret),
+        AST=int(ast if attn_stages is None else attn_stages), GS=gemv_stages, US=unit_stages,
+        WS_F=ws_f, WS_LG=ws_lg, WS_CTR=ws_lg + n_layers * t * e,
+    )  # fmt: skip
+
+
+def workspace_size(c: dict) -> int:
+    """Elements of the zeroed workspace: h, f, the logits, the barrier and split counters."""
+    return c["WS_CTR"] + 1 + c["L"] * c["T"] * c["KV"]
+
+
+def megastep_batch(
+    x0_vd, tokens_t, inv_freq_h, pos_t, tau_l, ln1_ld, ln2_ld, wqkv_lnd, wo_ldn, wr_led,
+    w_in_lcfd, w_out_lfd, kc_ltskh, vc_ltskh, *, eps: float, rule: str = "paper",
+    gate: str = "sigmoid", k_min: int = 1, k_max: int | None = None, programs: int = 0,
+    splits: int = 0, block_t: int | None = None, attn_stages: int | None = None,
+    warps: int = 8, spin: int = SPIN, gemv_stages: int = STAGES, unit_stages: int = STAGES,
+    interpret: bool = False,
+):  # fmt: skip
+    """Every layer of T tokens' decode step: ``(h_td f32, kc, vc, k_lt i32, union_l i32,
+    fail_p i32)``.
+
+    ``tokens_t`` / ``pos_t`` ``[T]`` int32: each sequence's token and its position;
+    ``kc_ltskh`` / ``vc_ltskh`` ``[L, T, S_MAX, KV, HD]`` the stacked caches (each token's key
+    and value land at its position; a full cache drops them, as ``cache_write``). Weights as
+    ``triton_megastep.megastep`` takes them (``megastep.pack``). ``h_td`` is the last layer's
+    residual (the final norm and the LM head are the caller's); ``union_l`` the experts any
+    token selected, a layer; ``fail_p`` nonzero where a program gave up on a grid barrier (its
+    result is then wrong; ``megastep.check_fail`` raises). ``programs`` 0: one per SM."""
+    n_layers, n_qkv, d = wqkv_lnd.shape
+    _, t, s_max, kv, hd = kc_ltskh.shape
+    e = wr_led.shape[1]
+    g = w_in_lcfd.shape[2] // e
+    hq = wo_ldn.shape[2] // hd
+    check(t, d, hd, g)
+    want = {
+        "tokens_t": (jnp.shape(tokens_t), (t,)), "pos_t": (jnp.shape(pos_t), (t,)),
+        "tau_l": (jnp.shape(tau_l), (n_layers,)), "vc": (vc_ltskh.shape, kc_ltskh.shape),
+        "wqkv": (n_qkv, (hq + 2 * kv) * hd), "w_out": (w_out_lfd.shape, (n_layers, e * g, d)),
+    }  # fmt: skip
+    for name, (got, need) in want.items():
+        if got != need:
+            raise ValueError(f"megastep_batch: {name} has shape {got}, expected {need}")
+    k_max = e if k_max is None else min(k_max, e)
+    if not 1 <= k_min <= k_max:
+        raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
+    c = constants(t, n_layers, d, hq, kv, hd, e, g, s_max,
+                  programs=programs or jt.default_programs(), splits=splits, block_t=block_t,
+                  attn_stages=attn_stages, cache_itemsize=jnp.dtype(kc_ltskh.dtype).itemsize,
+                  eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin,
+                  gemv_stages=gemv_stages, unit_stages=unit_stages,
+                  interpret=interpret)  # fmt: skip
+    p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
+    f32, i32 = jnp.float32, jnp.int32
+    out_shape = [
+        jax.ShapeDtypeStruct((workspace_size(c),), f32),
+        jax.ShapeDtypeStruct(kc_ltskh.shape, kc_ltskh.dtype),
+        jax.ShapeDtypeStruct(vc_ltskh.shape, vc_ltskh.dtype),
+        jax.ShapeDtypeStruct((t * hd,), f32),  # RoPE tables
+        jax.ShapeDtypeStruct((t * n_qkv,), f32),
+        jax.ShapeDtypeStruct((t * kv * s * gq_pad * hd,), f32),  # attention partials
+        jax.ShapeDtypeStruct((t * kv * s * 2 * gq_pad,), f32),
+        jax.ShapeDtypeStruct((t * hq * hd,), f32),  # attention output
+        jax.ShapeDtypeStruct((t * c["E_PAD"],), f32),  # gates
+        jax.ShapeDtypeStruct((t,), f32),  # 1 / rms
+        jax.ShapeDtypeStruct((n_layers * t,), i32),  # k
+        jax.ShapeDtypeStruct((n_layers,), i32),  # union
+        jax.ShapeDtypeStruct((p,), i32),  # fail flags
+        jax.ShapeDtypeStruct((p * c["U_MAX"] * BN * MAX_TOKENS,), f32),  # activations
+    ]
+    outs = jt.triton_call(
+        _batch_kernel, x0_vd, jnp.asarray(tokens_t, i32), jnp.asarray(inv_freq_h, f32),
+        jnp.asarray(pos_t, i32), jnp.asarray(tau_l, f32), ln1_ld, ln2_ld, wqkv_lnd, wo_ldn,
+        wr_led, w_in_lcfd, w_out_lfd, kc_ltskh, vc_ltskh, out_shape=out_shape,
+        input_output_aliases={12: 1, 13: 2}, zeroed_outputs=(0,), grid=(p,), num_warps=warps,
+        num_stages=1, interpret=interpret, **c,
+    )  # fmt: skip
+    ws = outs[0]
+    y = (ws[: t * d] + ws[c["WS_F"] : c["WS_F"] + t * d]).reshape(t, d)
+    return y, outs[1], outs[2], outs[10].reshape(n_layers, t), outs[11], outs[12]

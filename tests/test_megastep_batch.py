@@ -1,0 +1,164 @@
+"""The batched one-launch decode step (``kernels.triton_megastep_batch``, 2-16 sequences).
+
+CPU: the whole step under the Triton interpreter (one program walks every phase's work items)
+through ``megastep.step`` against the model's own XLA decode step -- logits, the experts each
+token chose per layer, the keys and values written at each sequence's own position and nothing
+else; the sm_90 lowering at the 1B and 8B widths; clear errors. GPU: the real grid against XLA,
+and generation through it token for token.
+"""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_close, run_triton_interpreted, sm90_compile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from megastep_cases import BATCH_CASES, CASES, build, build_batch  # noqa: E402
+
+from prunepath_jax import megastep  # noqa: E402
+from prunepath_jax.generate import SamplingConfig, generate  # noqa: E402
+from prunepath_jax.kernels import jt  # noqa: E402
+from prunepath_jax.kernels import triton_megastep_batch as tb  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("megastep_batch") / "out.npz"
+    run_triton_interpreted([str(HERE / "megastep_batch_runner.py"), str(out)], timeout=900)
+    return dict(np.load(out))
+
+
+def _case(interpreted, name):
+    return {k.split("/", 1)[1]: v for k, v in interpreted.items() if k.startswith(name + "/")}
+
+
+@pytest.mark.parametrize("case", BATCH_CASES, ids=[c.name for c in BATCH_CASES])
+def test_interpreted_batch_step_matches_the_xla_decode_step(interpreted, case):
+    r = _case(interpreted, case.name)
+    np.testing.assert_array_equal(r["k"], r["ref_k"], err_msg="experts per layer and token")
+    assert not r["fail"].any()
+    assert bool(r["old_kv_same"]), "the step wrote outside the sequences' own cache rows"
+    if case.dtype == "float32":
+        assert_close(r["logits"], r["ref_logits"], "model_fp32", case.name)
+        assert_close(r["kv"], r["ref_kv"], "model_fp32", f"{case.name} cache rows")
+    else:  # fp32 residual inside the launch: held to the fp32 model at the bf16 tolerance
+        assert_close(r["logits"], r["ref32_logits"], "bf16", case.name)
+        assert_close(r["kv"], r["ref_kv"], "bf16", f"{case.name} cache rows")
+
+
+def test_interpreted_batch_cases_cover_what_they_claim(interpreted):
+    """Different k across a batch, every expert where tau > 1, the nucleus clamp at k_max, and
+    a layer where the tokens' experts together leave some out (their units skipped)."""
+    k = {c.name: _case(interpreted, c.name)["ref_k"] for c in BATCH_CASES}
+    assert len(np.unique(k["b3_f32"])) > 1
+    assert (k["b16_all"] == 256 // 32).all() and k["b16_all"].shape == (2, 16)
+    assert (k["b2_bf16_nucleus"] <= 5).all()
+    assert (k["b4_sparse"].sum(axis=1) < 512 // 16).all()
+
+
+def _signature():
+    f32 = {"inv", "tau", "wr", "ws", "rope", "qkv", "po", "pml", "att", "gs", "rs", "act"}
+    i32 = {"tok", "pos", "k", "nu", "fail"}
+    names = ["x0", "tok", "inv", "pos", "tau", "ln1", "ln2", "wqkv", "wo", "wr", "w_in", "w_out",
+             "kc_in", "vc_in", "ws", "kc", "vc", "rope", "qkv", "po", "pml", "att", "gs", "rs",
+             "k", "nu", "fail", "act"]  # fmt: skip
+    return {n: "*" + ("fp32" if n in f32 else "i32" if n in i32 else "bf16") for n in names}
+
+
+@pytest.mark.parametrize(
+    "t,d,hq,kv,e", [(4, 2048, 32, 8, 256), (16, 2048, 32, 8, 256), (8, 4096, 32, 8, 448)],
+    ids=["1b_t4", "1b_t16", "8b_t8"],
+)  # fmt: skip
+def test_batch_step_lowers_for_sm90_without_spills(t, d, hq, kv, e):
+    """The 1B and 8B layer shapes over 132 programs compile for sm_90: tensor-core products
+    (bf16 weights), grid barriers at GPU scope, what other programs wrote read from L2, the
+    weight and unit loops as cp.async pipelines. (Registers: 255 a thread at 8 warps with 4-24
+    bytes of spills, by the triton version; BENCHMARKS.md, thirty-ninth session.)"""
+    c = tb.constants(t, 2, d, hq, kv, 64, e, 32, 512, programs=132)
+    ck = sm90_compile(tb._batch_kernel, _signature(), c, warps=8, stages=1)
+    ptx = ck.asm["ptx"]
+    assert "mma.sync" in ptx or "wgmma" in ptx
+    assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
+    assert "ld.global.gpu.acquire" in ptx or "atom.global.gpu.acquire" in ptx
+    assert "ld.global.cg" in ptx or "cp.async.cg" in ptx
+    assert "cp.async.wait_group" in ptx
+    assert ck.metadata.num_warps == 8 and ck.metadata.shared <= 64 * 1024
+    # The expert phase's two stages: a gate/up loop of [16, BK] tiles, a down loop of [16, DC]
+    # tiles, each a tensor-core product of 16 tokens.
+    assert c["BN"] == 16 and c["TP"] == 16 and c["U_MAX"] == -(-e * 2 // 132)
+
+
+def test_batch_bad_inputs_raise_clearly():
+    c = BATCH_CASES[0]
+    model, args, cache, tok_b, pos_b = build_batch(c)
+    mw = megastep.pack(model)
+    kc, vc = megastep.stack_cache(cache)
+    assert kc.shape == (c.layers, 3, c.cache_len, c.kv, c.head_dim)
+    tau = jnp.full((c.layers,), 0.5)
+    emb, inv = model.embed_tokens.embedding[...], jnp.zeros((c.head_dim // 2,))
+
+    def call(tokens=tok_b, pos=pos_b, tau=tau, **kw):
+        return tb.megastep_batch(emb, tokens, inv, pos, tau, mw.ln1, mw.ln2, mw.wqkv, mw.wo,
+                                 mw.router, mw.w_in, mw.w_out, kc, vc, eps=1e-5,
+                                 **kw)  # fmt: skip
+
+    with pytest.raises(ValueError, match="tokens_t has shape"):
+        call(tokens=tok_b[:2])
+    with pytest.raises(ValueError, match="pos_t has shape"):
+        call(pos=pos_b[None])
+    with pytest.raises(ValueError, match="tau_l has shape"):
+        call(tau=tau[:1])
+    with pytest.raises(ValueError, match="k_min"):
+        call(k_min=3, k_max=2)
+    with pytest.raises(ValueError, match="1-16 sequences"):
+        tb.check(17, 64, 16, 16)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tb.check(2, 64, 16, 24)
+    with pytest.raises(ValueError, match="takes only Launch"):
+        megastep.step(model, mw, tok_b, pos_b, kc, vc, tau, megastep.Launch(merge_bc=True))
+    with pytest.raises(ValueError, match="no timing stamps"):
+        megastep.step(model, mw, tok_b, pos_b, kc, vc, tau, timing=True)
+    small, *_ = build(CASES[0])  # G = 8: no 16-neuron units
+    with pytest.raises(ValueError, match="multiple of 16"):
+        megastep.check(small, 2)
+    megastep.check(small, 1)  # the batch-1 launch takes it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not jt.available(), reason="needs a CUDA GPU with jax-triton")
+@pytest.mark.parametrize("case", BATCH_CASES, ids=[c.name for c in BATCH_CASES])
+def test_gpu_batch_step_matches_xla(case):
+    """The real grid (one program per SM, every phase's barriers) on the interpreter's cases."""
+    model, args, cache, tok_b, pos_b = build_batch(case)
+    ref = model(tok_b[:, None], pos_b[:, None], cache=cache, ffn_args=args)
+    mw = megastep.pack(model)
+    kc, vc = megastep.stack_cache(cache)
+    tau_l = jnp.stack([a.tau for a in args])
+    logits, _, _, k_lb, fail = jax.jit(megastep.step, static_argnums=(0, 7))(
+        model, mw, tok_b, pos_b, kc, vc, tau_l, megastep.Launch(splits=case.splits)
+    )
+    assert not np.asarray(fail).any()
+    ref_k = np.stack([np.asarray(s.k_t).reshape(-1) for s in ref.ffn_stats])
+    np.testing.assert_array_equal(np.asarray(k_lb), ref_k)
+    tol = "model_fp32" if case.dtype == "float32" else "bf16"
+    assert_close(logits, ref.logits[:, 0], tol, case.name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not jt.available(), reason="needs a CUDA GPU with jax-triton")
+def test_gpu_batched_generation_equals_xla_tokens():
+    """Four prompts of different lengths through the batched launch: the XLA path's greedy
+    tokens, in fp32."""
+    case = BATCH_CASES[0]
+    model, *_ = build_batch(case)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15, 16]]
+    kw = dict(tau=0.9, sampling=SamplingConfig(), cache_len=64)
+    want = generate(model, prompts, 24, **kw)
+    got = generate(model, prompts, 24, implementation="megastep", **kw)
+    assert got == want
