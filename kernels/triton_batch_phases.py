@@ -125,10 +125,11 @@ def _unit_acts(h_ptr, ln_ptr, rs, gs_ptr, w_in_ptr, act_ptr, cnt, u0, u1, D: tl.
                F: tl.constexpr, G: tl.constexpr, E_PAD: tl.constexpr, T: tl.constexpr,
                TP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
                DOT_F32: tl.constexpr):  # fmt: skip
-    """Stage 1 of the expert phase: for units ``[u0, u1)``, ``silu(x·W_gate)·(x·W_up)·σ(g_t)``
+    """The expert phase's first half: for units ``[u0, u1)``, ``silu(x·W_gate)·(x·W_up)·σ(g_t)``
     over each unit's ``BN`` neuron rows and every token, ``x[t] = h[t]·ln2·rs[t]``; stored as
-    ``[BN, TP]`` f32 blocks at ``act_ptr`` (this program's scratch, unit ``u`` at ``u - u0``).
-    A token that did not select the unit's expert has gate 0: its column is 0."""
+    ``[BN, TP]`` f32 blocks at ``act_ptr`` (unit u's at ``u · BN · TP``), which every program
+    reads after the next grid barrier. A token that did not select the unit's expert has gate
+    0: its column is 0."""
     PER: tl.constexpr = G // BN
     rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -152,30 +153,36 @@ def _unit_acts(h_ptr, ln_ptr, rs, gs_ptr, w_in_ptr, act_ptr, cnt, u0, u1, D: tl.
         ag = ag * rs[None, :]
         au = au * rs[None, :]
         a = ag / (1.0 + tl.exp(-ag)) * au * gt[None, :]
-        tl.store(act_ptr + (u - u0) * BN * TP + rn[:, None] * TP + rt[None, :], a)
+        tl.store(act_ptr + u * BN * TP + rn[:, None] * TP + rt[None, :], a)
 
 
 @triton.jit
-def _unit_down(act_ptr, w_out_ptr, f_ptr, cnt, u0, u1, D: tl.constexpr, G: tl.constexpr,
-               T: tl.constexpr, TP: tl.constexpr, BN: tl.constexpr, DC: tl.constexpr,
-               STAGES: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
-    """Stage 2: ``f[t, :] += Σ_u act_u[:, t] · W_out[rows_u, :]`` in ``DC``-column chunks, one
-    relaxed atomic add of ``[T, DC]`` a chunk (the program's units summed first, so the atomics
-    are ``T · D`` a program whatever its unit count). The caller's CTA barrier separates the
-    stores of ``act`` from these loads."""
+def _unit_down(act_ptr, w_out_ptr, f_ptr, cnt, u0, u1, c0, c1, D: tl.constexpr, G: tl.constexpr,
+               T: tl.constexpr, TP: tl.constexpr, BN: tl.constexpr, CW_PAD: tl.constexpr,
+               STAGES: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    """The expert phase's second half, one (unit group, column block) item: ``f[t, c0:c1] +=
+    Σ_{u in [u0, u1)} act_u[:, t] · W_out[rows_u, c0:c1]``. With one unit group (``ATOMIC``
+    False) the item owns its columns outright and stores them (the O phase zeroed ``f``);
+    with several, groups add with one relaxed atomic ``[T, c1 - c0]`` an item. (Each program
+    adding its own units' ``[T, d]`` into ``f`` instead would be ``P · T · d`` atomics a layer,
+    ~20 µs at the 1B width and 16 tokens at the rate the atomic-drain probe measured,
+    BENCHMARKS.md twenty-sixth session.)"""
     PER: tl.constexpr = G // BN
     rn = tl.arange(0, BN)
     rt = tl.arange(0, TP)
-    rc = tl.arange(0, DC)
-    for d0 in range(0, D, DC):
-        cols = d0 + rc
-        cm = cols < D
-        acc = tl.zeros([TP, DC], tl.float32)
-        for u in tl.range(u0, u1, num_stages=STAGES):
-            _, row0 = _unit_of(u, cnt, PER, BN, G)
-            a = tl.load(act_ptr + (u - u0) * BN * TP + rt[:, None] + rn[None, :] * TP)  # [TP, BN]
-            wo = tl.load(w_out_ptr + (row0 + rn).to(tl.int64)[:, None] * D + cols[None, :],
-                         mask=cm[None, :], other=0.0)  # fmt: skip
-            acc += _dot(a, wo, wo, DOT_F32)
-        tl.atomic_add(f_ptr + rt[:, None] * D + cols[None, :], acc,
-                      mask=(rt[:, None] < T) & cm[None, :], sem="relaxed")  # fmt: skip
+    cols = c0 + tl.arange(0, CW_PAD)
+    cm = cols < c1
+    acc = tl.zeros([TP, CW_PAD], tl.float32)
+    for u in tl.range(u0, u1, num_stages=STAGES):
+        _, row0 = _unit_of(u, cnt, PER, BN, G)
+        a = tl.load(act_ptr + u * BN * TP + rt[:, None] + rn[None, :] * TP,
+                    mask=(rt < T)[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+        wo = tl.load(w_out_ptr + (row0 + rn).to(tl.int64)[:, None] * D + cols[None, :],
+                     mask=cm[None, :], other=0.0)  # fmt: skip
+        acc += _dot(a, wo, wo, DOT_F32)
+    off = rt[:, None] * D + cols[None, :]
+    m = (rt[:, None] < T) & cm[None, :]
+    if ATOMIC:
+        tl.atomic_add(f_ptr + off, acc, mask=m, sem="relaxed")
+    else:
+        tl.store(f_ptr + off, acc, mask=m)

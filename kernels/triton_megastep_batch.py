@@ -7,7 +7,7 @@ batch-1 step's answer, every layer's phases in one persistent launch between gri
 (``triton_megastep``), applies to a batch too: the weights are read once for all T tokens, so
 a phase costs what it costs at batch 1 plus the tokens' arithmetic on the tensor cores.
 
-What. For every layer, five phases separated by grid barriers (``triton_grid``):
+What. For every layer, six phases separated by grid barriers (``triton_grid``):
 
 * A: the QKV product of the T tokens' normalised residuals (``_skinny`` with the norm folded
   in: each program owns ``ceil(N / P)`` contiguous rows of W_qkv, sums the tokens' squares as
@@ -24,8 +24,13 @@ What. For every layer, five phases separated by grid barriers (``triton_grid``):
   sorts a layer; here it is one, and a barrier).
 * F: the union of the tokens' experts cut into 16-neuron units, split evenly over the programs
   (``_union``); each program computes its units' gated activations for all T tokens
-  (``_unit_acts``), then their down projection in column chunks, added into the FFN sum ``f``
-  with one relaxed atomic add of ``[T, chunk]`` a chunk (``_unit_down``).
+  (``_unit_acts``) into a scratch every program reads after the next barrier.
+* G: the down projection, one item per (unit group, column block) (``_unit_down``): the item
+  sums its group's units for its columns and stores them into the FFN sum ``f``, or with
+  several groups adds them (relaxed atomics). A phase of its own because every program adding
+  its own units' ``[T, d]`` would be ``P · T · d`` atomics a layer: ~20 µs at the 1B width and
+  16 tokens at the rate ``scripts/atomic_drain_probe.py`` measured (BENCHMARKS.md,
+  twenty-sixth session), against ~1.5 µs for a barrier.
 
 Around the layers: layer 0's residual rows are the tokens' embedding rows (each program copies
 its part before the first barrier), program 0 computes each token's RoPE tables there, and the
@@ -74,7 +79,6 @@ from prunepath_jax.kernels.triton_select import _logits, _select
 MAX_TOKENS = 16  # the tokens padded to one tl.dot's 16 columns
 BN = 16  # neurons a unit: the down projection's K, tl.dot's smallest
 BK = 128  # input columns a chunk in the A, C and unit products
-DC = 256  # output columns a chunk of the down projection (one atomic add of [T, DC] each)
 BE = 64  # router rows a chunk of the router share
 
 
@@ -104,14 +108,15 @@ def _batch_kernel(
     k_ptr,  # out [L, T] i32 experts selected a token
     nu_ptr,  # out [L] i32 experts in the union
     fail_ptr,  # out [P] i32 1 where the program gave up on a barrier
-    act_ptr,  # scratch [P, U_MAX, BN, TP] f32 each program's units' activations
+    act_ptr,  # scratch [E·G/BN, BN, TP] f32 the union's units' activations (phase F)
     T: tl.constexpr, TP: tl.constexpr, L: tl.constexpr, D: tl.constexpr, HQ: tl.constexpr,
     KV: tl.constexpr, HD: tl.constexpr, GQ_PAD: tl.constexpr, E: tl.constexpr,
     E_PAD: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
     S_PAD: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr, R_A: tl.constexpr,
     RA_PAD: tl.constexpr, R_C: tl.constexpr, RC_PAD: tl.constexpr, R_Z: tl.constexpr,
-    RZ_PAD: tl.constexpr, D_PAD: tl.constexpr, BK: tl.constexpr, DC: tl.constexpr,
-    BE: tl.constexpr, U_MAX: tl.constexpr, EPS: tl.constexpr, NUCLEUS: tl.constexpr,
+    RZ_PAD: tl.constexpr, D_PAD: tl.constexpr, BK: tl.constexpr,
+    BE: tl.constexpr, NU: tl.constexpr, NC: tl.constexpr, CW: tl.constexpr,
+    CW_PAD: tl.constexpr, EPS: tl.constexpr, NUCLEUS: tl.constexpr,
     SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr, SCALE: tl.constexpr,
     SPIN: tl.constexpr, DOT_F32: tl.constexpr, AST: tl.constexpr, GS: tl.constexpr,
     US: tl.constexpr, WS_F: tl.constexpr, WS_LG: tl.constexpr, WS_CTR: tl.constexpr,
@@ -207,7 +212,7 @@ def _batch_kernel(
         _arrive(ctr_ptr)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
-        # F: the union's units, evenly over the programs, into the FFN sum.
+        # F: the union's units, evenly over the programs: their activations for every token.
         cnt, n_union = _union(gs_ptr, T, TP, E_PAD)
         if pid == 0:
             tl.store(nu_ptr + layer, n_union)
@@ -216,12 +221,19 @@ def _batch_kernel(
         u1 = (pid + 1) * n_units // P
         if u1 > u0:
             rs = tl.load(rs_ptr + rt, mask=tmask, other=0.0, cache_modifier=".cg")
-            act = act_ptr + pid * U_MAX * BN * TP
-            _unit_acts(h_ptr, ln2_ptr + layer * D, rs, gs_ptr, w_in_ptr + lw * 2 * F * D, act,
-                       cnt, u0, u1, D, F, G, E_PAD, T, TP, BN, BK, US, DOT_F32)  # fmt: skip
-            tl.debug_barrier()  # the activations' stores before any thread's loads of them
-            _unit_down(act, w_out_ptr + lw * F * D, f_ptr, cnt, u0, u1, D, G, T, TP, BN, DC, US,
+            _unit_acts(h_ptr, ln2_ptr + layer * D, rs, gs_ptr, w_in_ptr + lw * 2 * F * D,
+                       act_ptr, cnt, u0, u1, D, F, G, E_PAD, T, TP, BN, BK, US,
                        DOT_F32)  # fmt: skip
+        _arrive(ctr_ptr)
+        ph += 1
+        failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        # G: the down projection, one item per (unit group, column block), into the FFN sum.
+        for item in range(pid, NU * NC, P):
+            grp = item // NC
+            w0 = (item % NC) * CW
+            _unit_down(act_ptr, w_out_ptr + lw * F * D, f_ptr, cnt, grp * n_units // NU,
+                       (grp + 1) * n_units // NU, w0, tl.minimum(w0 + CW, D), D, G, T, TP, BN,
+                       CW_PAD, US, NU > 1, DOT_F32)  # fmt: skip
         _arrive(ctr_ptr)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
@@ -242,10 +254,28 @@ def check(t: int, d: int, head_dim: int, group_size: int) -> None:
         )
 
 
+def default_unit_groups(t: int) -> int:
+    """Unit groups of the down projection (``_down_split``): 2 up to 8 tokens, 4 above. Each
+    column block's program reads its group's activations (``n_units · BN · T · 4 / NU`` bytes
+    from L2, against ~1 / P of the down rows' bytes) and the groups add into the FFN sum
+    (``NU · T · d`` atomics a layer). Chosen on paper, to keep the first under about a quarter
+    of the second at 8B at a union of 44-99% (not measured yet)."""
+    return 4 if t > 8 else 2
+
+
+def _down_split(t: int, d: int, p: int, unit_groups: int) -> dict:
+    """The down projection's items: ``NU`` unit groups times ``NC`` column blocks of ``CW``
+    columns (``NU · NC ≤ P`` on a GPU; under the interpreter's one program they run in turn)."""
+    nu = unit_groups or default_unit_groups(t)
+    nc = max(1, p // nu)
+    cw = -(-d // nc)
+    return dict(NU=nu, NC=nc, CW=cw, CW_PAD=max(16, jt.next_pow2(cw)))
+
+
 def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, block_t=None,
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
-              interpret=False) -> dict:  # fmt: skip
+              unit_groups=0, interpret=False) -> dict:  # fmt: skip
     """The kernel's constexprs (also what the sm_90 lowering test compiles)."""
     p = programs
     bt, ast = default_attention(False, s_max, hd, cache_itemsize)
@@ -261,8 +291,8 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
         GQ_PAD=jt.next_pow2(hq // kv), E=e, E_PAD=e_pad, G=g, BN=BN, P=p, S=s,
         S_PAD=jt.next_pow2(s), BT=bt, S_MAX=s_max, R_A=r_a, RA_PAD=max(16, jt.next_pow2(r_a)),
         R_C=r_c, RC_PAD=max(16, jt.next_pow2(r_c)), R_Z=r_z, RZ_PAD=jt.next_pow2(r_z),
-        D_PAD=jt.next_pow2(d), BK=BK, DC=min(DC, jt.next_pow2(d)), BE=min(BE, e_pad),
-        U_MAX=max(1, -(-e * (g // BN) // p)), EPS=float(eps), NUCLEUS=rule == "nucleus",
+        D_PAD=jt.next_pow2(d), BK=BK, BE=min(BE, e_pad),
+        **_down_split(t, d, p, unit_groups), EPS=float(eps), NUCLEUS=rule == "nucleus",
         SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=e if k_max is None else k_max,
         SCALE=float(hd**-0.5), SPIN=spin, DOT_F32=bool(interpret),
         AST=int(ast if attn_stages is None else attn_stages), GS=gemv_stages, US=unit_stages,
@@ -281,7 +311,7 @@ def megastep_batch(
     gate: str = "sigmoid", k_min: int = 1, k_max: int | None = None, programs: int = 0,
     splits: int = 0, block_t: int | None = None, attn_stages: int | None = None,
     warps: int = 8, spin: int = SPIN, gemv_stages: int = STAGES, unit_stages: int = STAGES,
-    interpret: bool = False,
+    unit_groups: int = 0, interpret: bool = False,
 ):  # fmt: skip
     """Every layer of T tokens' decode step: ``(h_td f32, kc, vc, k_lt i32, union_l i32,
     fail_p i32)``.
@@ -299,6 +329,16 @@ def megastep_batch(
     g = w_in_lcfd.shape[2] // e
     hq = wo_ldn.shape[2] // hd
     check(t, d, hd, g)
+    ints = {"programs": programs, "splits": splits, "unit_groups": unit_groups}
+    bad = {k: v for k, v in ints.items() if v < 0}
+    bad |= {k: v for k, v in (("gemv_stages", gemv_stages), ("unit_stages", unit_stages),
+                              ("attn_stages", attn_stages or 1)) if v < 1}  # fmt: skip
+    if warps not in (1, 2, 4, 8, 16) or (block_t is not None and block_t < 16) or bad:
+        raise ValueError(
+            f"megastep_batch: need programs, splits, unit_groups >= 0, stages >= 1, warps a "
+            f"power of 2 up to 16, block_t >= 16; got {bad or ''} warps={warps} "
+            f"block_t={block_t}"
+        )
     want = {
         "tokens_t": (jnp.shape(tokens_t), (t,)), "pos_t": (jnp.shape(pos_t), (t,)),
         "tau_l": (jnp.shape(tau_l), (n_layers,)), "vc": (vc_ltskh.shape, kc_ltskh.shape),
@@ -314,7 +354,7 @@ def megastep_batch(
                   programs=programs or jt.default_programs(), splits=splits, block_t=block_t,
                   attn_stages=attn_stages, cache_itemsize=jnp.dtype(kc_ltskh.dtype).itemsize,
                   eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin,
-                  gemv_stages=gemv_stages, unit_stages=unit_stages,
+                  gemv_stages=gemv_stages, unit_stages=unit_stages, unit_groups=unit_groups,
                   interpret=interpret)  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32, i32 = jnp.float32, jnp.int32
@@ -332,7 +372,7 @@ def megastep_batch(
         jax.ShapeDtypeStruct((n_layers * t,), i32),  # k
         jax.ShapeDtypeStruct((n_layers,), i32),  # union
         jax.ShapeDtypeStruct((p,), i32),  # fail flags
-        jax.ShapeDtypeStruct((p * c["U_MAX"] * BN * MAX_TOKENS,), f32),  # activations
+        jax.ShapeDtypeStruct((e * g * MAX_TOKENS,), f32),  # the units' activations
     ]
     outs = jt.triton_call(
         _batch_kernel, x0_vd, jnp.asarray(tokens_t, i32), jnp.asarray(inv_freq_h, f32),

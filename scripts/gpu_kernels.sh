@@ -2032,4 +2032,19 @@ s51e)  # (written, not run: no device at the end of the thirty-eighth session) r
   PYTHONUNBUFFERED=1 run timeout 120 python3 -m pytest -q -rA -m gpu tests/test_gluon_probe.py \
     -k layer_probe -p no:cacheprovider
   ;;
+s52a)  # (written, not run: no device in the thirty-ninth session) the batched one-launch step
+  # (kernels/triton_megastep_batch.py): its GPU tests (the interpreter's cases on the real grid,
+  # four prompts' generation against XLA's tokens), then 1B and 8B at 2-16 sequences against
+  # dense and the Triton kernels in one process (distinct tokens a sequence: the union read is
+  # the launch's own count)
+  PYTHONUNBUFFERED=1 run timeout 300 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
+    -p no:cacheprovider
+  run timeout 420 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --batches 2 4 8 16 --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
+s52b)  # (written, not run) the batched step at 4 warps (8 by default: at 4 ptxas spills
+  # 300+ bytes a thread for sm_90; does it matter?)
+  run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --batches 4 16 --warps 4 --no-default --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
 esac

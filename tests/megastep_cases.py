@@ -242,11 +242,14 @@ class BatchCase(NamedTuple):
     dtype: str = "float32"
     cache_len: int = 48
     layers: int = 2
+    unit_groups: int = 0  # the down projection's unit groups (0: the default for the batch)
 
 
 BATCH_CASES = (
     # Three sequences, one of them at its first token (an empty cache); two key splits.
     BatchCase("b3_f32", 64, 4, 2, 16, 256, 16, (20, 33, 0), 0.9, splits=2),
+    # ... with one unit group: the down projection's items store their columns (no atomics).
+    BatchCase("b3_one_group", 64, 4, 2, 16, 256, 16, (20, 33, 0), 0.9, splits=2, unit_groups=1),
     # d not a power of two, 3 query heads a KV head, nucleus rule, no gates, clamps on k; bf16.
     BatchCase(
         "b2_bf16_nucleus",
@@ -266,9 +269,11 @@ BATCH_CASES = (
         dtype="bfloat16",
     ),  # fmt: skip
     # The most sequences the launch takes, every expert (tau > 1), 32-neuron experts.
-    BatchCase("b16_all", 64, 4, 4, 16, 256, 32, tuple(range(1, 33, 2)), 1.5, splits=1),
+    BatchCase("b16_all", 64, 4, 4, 16, 256, 32, tuple(range(1, 33, 2)), 1.5, splits=1),  # 4 groups
     # Few experts a token out of 32: experts no token selects, whose units are skipped.
-    BatchCase("b4_sparse", 64, 4, 2, 16, 512, 16, (5, 17, 30, 12), 0.3, splits=2),
+    BatchCase(
+        "b4_sparse", 64, 4, 2, 16, 512, 16, (5, 17, 30, 12), 0.3, splits=2, unit_groups=3
+    ),  # fmt: skip
 )
 
 

@@ -1,0 +1,178 @@
+"""Batched decode (2-16 sequences) with every layer in one Triton launch
+(``kernels.triton_megastep_batch`` through ``prunepath_jax.megastep``) vs the registry's default
+for 2-16 tokens (the Triton kernels, launches a layer) and our dense decode, in one process.
+
+Random weights at real shapes, exactly k experts per token (``kernels.synthetic.sparse_llama``),
+``sparse_decode.py``'s loop shape: ``steps`` tokens per compiled call from a cache at
+``prompt_len`` positions, the mean over ``chunks`` calls after a warm-up. The sequences start
+from distinct tokens, so they route apart; the union of experts the launch actually read is
+its own count (``step_batch``'s ``union_l``, mean over layers and the check's steps). Before
+timing, a teacher-forced check against the model's own decode step (the Triton kernels): logits,
+greedy tokens and every token's k per layer, ``check_steps`` steps from the same cache.
+
+    python benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b --batches 2 4 8 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import copy_bandwidth, header, markdown_table, write_rows  # noqa: E402
+from megastep_decode import _chunk_call  # noqa: E402
+from sparse_decode import decode_cache_len, set_k, time_decode  # noqa: E402
+
+from prunepath_jax import megastep  # noqa: E402
+from prunepath_jax.config import PRESETS  # noqa: E402
+from prunepath_jax.kernels.synthetic import sparse_llama  # noqa: E402
+from prunepath_jax.models.layers import init_cache  # noqa: E402
+from prunepath_jax.models.llama import LlamaModel  # noqa: E402
+from prunepath_jax.nn import route_args, set_compute  # noqa: E402
+
+
+def batch_state(model, batch, prompt_len, ctx) -> megastep.MegaState:
+    """Tokens 1..b at ``prompt_len``, empty stacked caches ``[L, b, ctx, kv, hd]`` (bf16)."""
+    cfg = model.cfg
+    shape = (cfg.n_layers, batch, ctx, cfg.n_kv_heads, cfg.head_dim)
+    return megastep.MegaState(
+        token_b=(1 + jnp.arange(batch, dtype=jnp.int32)) % cfg.vocab_size,
+        pos_b=jnp.full((batch,), prompt_len, jnp.int32), done_b=jnp.zeros((batch,), bool),
+        kc=jnp.zeros(shape, jnp.bfloat16), vc=jnp.zeros(shape, jnp.bfloat16),
+        rng=jax.random.key(0), fail=jnp.int32(0),
+    )  # fmt: skip
+
+
+def time_batch(model, mw, tau_l, batch, prompt_len, steps, chunks, launch) -> dict:
+    """µs a step of the batched launch and its barrier give-ups (``generate``'s loop)."""
+    ctx = decode_cache_len(prompt_len, steps, chunks)
+    call = _chunk_call(model, mw, tau_l, steps, launch)
+    st, _ = call(batch_state(model, batch, prompt_len, ctx))  # compile + warm
+    st, _ = call(st)
+    jax.block_until_ready(st)
+    t0 = time.perf_counter()
+    for _ in range(chunks):
+        st, _ = call(st)
+    jax.block_until_ready(st)
+    dt = (time.perf_counter() - t0) / (chunks * steps)
+    return {"us_per_step": dt * 1e6, "barrier_failures": int(np.asarray(st.fail))}
+
+
+def check(model, mw, ffn_args, tau_l, batch, prompt_len, n_steps, launch) -> dict:
+    """Teacher-forced parity with the model's own step from the same prefilled cache (each
+    sequence its own random prompt), and the union of experts the launch read."""
+    cfg = model.cfg
+    ctx = decode_cache_len(prompt_len, n_steps, 1)
+    rng = np.random.default_rng(0)
+    toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def prefill(state, toks, cache):
+        return nnx.merge(graphdef, state)(toks, cache=cache, ffn_args=ffn_args,
+                                          fresh_cache=True).cache  # fmt: skip
+
+    @jax.jit
+    def ref_step(state, tok_b, pos_b, cache):
+        out = nnx.merge(graphdef, state)(tok_b[:, None], pos_b[:, None], cache=cache,
+                                         ffn_args=ffn_args)  # fmt: skip
+        return out.logits[:, 0], out.cache, jnp.stack([s.k_t.reshape(-1) for s in out.ffn_stats])
+
+    @jax.jit
+    def mega_step(state, mw, tok_b, pos_b, kc, vc):
+        return megastep.step_batch(nnx.merge(graphdef, state), mw, tok_b, pos_b, kc, vc, tau_l,
+                                   launch)  # fmt: skip
+
+    cache = prefill(state, toks, init_cache(cfg, batch, ctx, jnp.bfloat16))
+    kc, vc = megastep.stack_cache(cache)
+    tok = toks[:, -1]
+    errs, agree, k_same, fails, unions = [], 0, 0, 0, []
+    for i in range(n_steps):
+        pos = jnp.full((batch,), prompt_len + i, jnp.int32)
+        want, cache, k_ref = ref_step(state, tok, pos, cache)
+        got, kc, vc, k_lb, union_l, fail = mega_step(state, mw, tok, pos, kc, vc)
+        want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
+        errs.append(float(np.abs(got - want).max() / max(1.0, np.abs(want).max())))
+        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+        k_same += int(np.array_equal(np.asarray(k_lb), np.asarray(k_ref)))
+        fails += int(np.asarray(fail).sum())
+        unions.append(np.asarray(union_l).mean() / cfg.n_experts)
+        tok = jnp.asarray(want.argmax(-1), jnp.int32)
+    return {"check_steps": n_steps, "max_rel_logit_err": max(errs),
+            "argmax_agree": f"{agree}/{n_steps * batch}", "k_equal_steps": k_same,
+            "check_barrier_failures": fails,
+            "union_frac": float(np.mean(unions))}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "llama-3-8b"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[2, 4, 8, 16])
+    ap.add_argument("--sparsity", type=float, default=0.75)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--chunks", type=int, default=6)
+    ap.add_argument("--check-steps", type=int, default=4)
+    ap.add_argument("--warps", type=int, default=None, help="the launch's warps (default 8)")
+    ap.add_argument("--no-default", action="store_true", help="skip the Triton kernels' rows")
+    ap.add_argument("--out", default="results/megastep_batch_decode.jsonl")
+    a = ap.parse_args()
+    head = {**header(), "bench": "megastep_batch_decode"}
+    bw = max(copy_bandwidth(2 << 30).values())
+    launch = megastep.Launch(warps=a.warps)
+    rows = []
+
+    def emit(row):
+        row = {**head, "copy_TB_s": bw / 1e12, **row}
+        rows.append(row)
+        write_rows(a.out, [row])
+        print({k: v for k, v in row.items() if k not in head}, flush=True)
+
+    for shape in a.shapes:
+        cfg = PRESETS[shape]
+        dense = {}
+        model = LlamaModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        for b in a.batches:
+            dense[b] = time_decode(model, b, a.prompt_len, a.steps, a.chunks, None, "auto")
+            emit({"shape": shape, "impl": "dense", "batch": b, "sparsity": 0.0,
+                  "us_per_step": dense[b]["us_per_step"]})  # fmt: skip
+        del model
+        sparse = sparse_llama(cfg, 1, dtype=jnp.bfloat16)
+        e = sparse.cfg.n_experts
+        k = max(1, round((1 - a.sparsity) * e))
+        set_k(sparse, k)
+        args = route_args(sparse.cfg, 1.0)
+        tau_l = jnp.stack([x.tau for x in args])
+        set_compute(sparse, "kernel", "triton")
+        mw = megastep.pack(sparse)
+        for b in a.batches:
+            base = {"shape": shape, "batch": b, "sparsity": 1 - k / e, "k": k, "E": e}
+            try:
+                chk = check(sparse, mw, args, tau_l, b, a.prompt_len, a.check_steps, launch)
+                r = time_batch(sparse, mw, tau_l, b, a.prompt_len, a.steps, a.chunks, launch)
+                emit({**base, "impl": "megastep_batch", **chk, **r,
+                      "speedup_vs_dense": dense[b]["us_per_step"] / r["us_per_step"]})  # fmt: skip
+            except Exception as err:  # report and go on
+                print(f"{shape} b{b} megastep_batch: {type(err).__name__}: {err}"[:800], flush=True)
+            if not a.no_default:
+                r = time_decode(sparse, b, a.prompt_len, a.steps, a.chunks, args, "auto")
+                emit({**base, "impl": "triton_default", "us_per_step": r["us_per_step"],
+                      "speedup_vs_dense": dense[b]["us_per_step"] / r["us_per_step"]})  # fmt: skip
+        del sparse, mw
+    cols = ["shape", "impl", "batch", "union_frac", "us_per_step", "speedup_vs_dense",
+            "max_rel_logit_err", "argmax_agree", "k_equal_steps", "barrier_failures"]  # fmt: skip
+    print(
+        f"\n{head['date']} commit {head['commit']} on {head['device']}; copy {bw / 1e12:.2f} TB/s"
+    )
+    print(markdown_table(rows, cols))
+
+
+if __name__ == "__main__":
+    main()
