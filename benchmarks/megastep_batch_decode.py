@@ -8,7 +8,8 @@ Random weights at real shapes, exactly k experts per token (``kernels.synthetic.
 from distinct tokens, so they route apart; the union of experts the launch actually read is
 its own count (``step_batch``'s ``union_l``, mean over layers and the check's steps). Before
 timing, a teacher-forced check against the model's own decode step (the Triton kernels): logits,
-greedy tokens and every token's k per layer, ``check_steps`` steps from the same cache.
+greedy tokens and every token's k per layer, ``check_steps`` steps from the same cache. And
+each of the launch's six phases' µs a layer from its programs' %globaltimer stamps.
 
     python benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b --batches 2 4 8 16
 """
@@ -63,6 +64,46 @@ def time_batch(model, mw, tau_l, batch, prompt_len, steps, chunks, launch) -> di
     jax.block_until_ready(st)
     dt = (time.perf_counter() - t0) / (chunks * steps)
     return {"us_per_step": dt * 1e6, "barrier_failures": int(np.asarray(st.fail))}
+
+
+def timeline(t_ps: np.ndarray, n_layers: int) -> dict:
+    """Per-phase µs a layer from every program's stamps ``[P, 1 + N_SLOTS·L]`` (ns; each
+    phase's start and end a layer, ``triton_megastep_batch.PHASES``): a phase runs from the
+    moment the barrier before it opened (the previous phase's last arrival) to its own last
+    arrival; ``wake`` is how long after that opening a program starts it, ``work`` (mean and
+    max over programs) what it spends in it. Means over layers."""
+    from prunepath_jax.kernels.triton_megastep_batch import N_SLOTS, PHASES
+
+    n = len(PHASES)
+    s = t_ps[:, 1:].reshape(t_ps.shape[0], n_layers, N_SLOTS).astype(np.float64) / 1e3  # µs
+    starts, ends = s[:, :, 0::2], s[:, :, 1::2]  # [P, L, phases]
+    opened = ends.max(axis=0).reshape(-1)
+    prev = np.concatenate([[t_ps[:, 0].min() / 1e3], opened[:-1]]).reshape(n_layers, n)
+    work = ends - starts
+    out = {
+        "phase_us_per_layer": (opened.reshape(n_layers, n) - prev).mean(0),
+        "wake_us": (starts - prev[None]).mean((0, 1)),
+        "work_mean_us": work.mean((0, 1)),
+        "work_max_us": work.max(0).mean(0),
+    }
+    out = {k: dict(zip(PHASES, np.round(v, 2).tolist(), strict=True)) for k, v in out.items()}
+    out["layers_us"] = round(float(opened[-1] - t_ps[:, 0].min() / 1e3), 2)
+    return out
+
+
+def phase_times(model, mw, tau_l, batch, prompt_len, ctx, launch) -> dict:
+    """``timeline`` of one stamped step (the last of three calls: warm caches, as in decode)."""
+    st = batch_state(model, batch, prompt_len, ctx)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, mw, kc):
+        return megastep.step_batch(nnx.merge(graphdef, state), mw, st.token_b, st.pos_b, kc, kc,
+                                   tau_l, launch, timing=True)[-1]  # fmt: skip
+
+    for _ in range(3):
+        t = np.asarray(f(state, mw, st.kc)).astype(np.int64)
+    return timeline(t, model.cfg.n_layers)
 
 
 def check(model, mw, ffn_args, tau_l, batch, prompt_len, n_steps, launch) -> dict:
@@ -157,7 +198,9 @@ def main() -> None:
             try:
                 chk = check(sparse, mw, args, tau_l, b, a.prompt_len, a.check_steps, launch)
                 r = time_batch(sparse, mw, tau_l, b, a.prompt_len, a.steps, a.chunks, launch)
-                emit({**base, "impl": "megastep_batch", **chk, **r,
+                ctx = decode_cache_len(a.prompt_len, a.steps, a.chunks)
+                tl_ = phase_times(sparse, mw, tau_l, b, a.prompt_len, ctx, launch)
+                emit({**base, "impl": "megastep_batch", **chk, **r, **tl_,
                       "speedup_vs_dense": dense[b]["us_per_step"] / r["us_per_step"]})  # fmt: skip
             except Exception as err:  # report and go on
                 print(f"{shape} b{b} megastep_batch: {type(err).__name__}: {err}"[:800], flush=True)

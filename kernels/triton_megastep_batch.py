@@ -32,6 +32,9 @@ What. For every layer, six phases separated by grid barriers (``triton_grid``):
   16 tokens at the rate ``scripts/atomic_drain_probe.py`` measured (BENCHMARKS.md,
   twenty-sixth session), against ~1.5 µs for a barrier.
 
+Right after arriving at a barrier a program asks L2 for the first rows of its next QKV or W_o
+block (the batch-1 step's measured prefetch sizes and forms, ``triton_megastep_plan``).
+
 Around the layers: layer 0's residual rows are the tokens' embedding rows (each program copies
 its part before the first barrier), program 0 computes each token's RoPE tables there, and the
 residual, FFN sum, logits and counters share one zeroed workspace. The launch returns the last
@@ -43,9 +46,10 @@ ones with the XLA step up to summation order (the atomics' order varies from run
 
 Not measured on a GPU yet (written in a session without one, BENCHMARKS.md thirty-ninth
 session): correct under the Triton interpreter against the XLA step and lowered for sm_90;
-the L2 prefetches, column-chunked GEMVs and merged phases the batch-1 step measured are not
-here. ``prunepath_jax.megastep`` takes it for ``generate(..., implementation="megastep")``
-with 2-16 prompts; ``"auto"`` does not pick it before it is measured.
+the batch-1 step's other measured levers (the next phase's first chunk held in registers,
+attention merged with O, the selection in rank order) are not here. ``prunepath_jax.megastep``
+takes it for ``generate(..., implementation="megastep")`` with 2-16 prompts; ``"auto"`` does
+not pick it before it is measured.
 
 Limits (``check`` raises): those of the batch-1 step, and 1 ≤ T ≤ 16, G a multiple of 16.
 """
@@ -65,12 +69,18 @@ from prunepath_jax.kernels.triton_batch_phases import (
     _unit_acts,
     _unit_down,
 )
-from prunepath_jax.kernels.triton_grid import _arrive, _wait
+from prunepath_jax.kernels.triton_grid import _arrive, _stamp, _wait
 from prunepath_jax.kernels.triton_megastep_attn import _attend_split
+from prunepath_jax.kernels.triton_megastep_gemv import _pf_rows
 from prunepath_jax.kernels.triton_megastep_plan import (
+    LINE,
+    PREFETCH_KB,
+    PREFETCH_O_KB,
     SPIN,
     STAGES,
+    _pf_lines,
     default_attention,
+    default_bulk_prefetch,
     default_splits,
     unsupported_shape,
 )
@@ -80,6 +90,12 @@ MAX_TOKENS = 16  # the tokens padded to one tl.dot's 16 columns
 BN = 16  # neurons a unit: the down projection's K, tl.dot's smallest
 BK = 128  # input columns a chunk in the A, C and unit products
 BE = 64  # router rows a chunk of the router share
+# Timing stamps a layer (TIMING): the start and the end of each of the six phases A, B, C, S,
+# F, G (a phase starts when its program leaves the barrier before it, ends at its arrival).
+PHASES = ("A norm+qkv", "B attention", "C o+residual+router", "S select", "F gate/up",
+          "G down")  # fmt: skip
+N_SLOTS = 2 * len(PHASES)
+SLOTS = tl.constexpr(N_SLOTS)
 
 
 @triton.jit
@@ -109,6 +125,7 @@ def _batch_kernel(
     nu_ptr,  # out [L] i32 experts in the union
     fail_ptr,  # out [P] i32 1 where the program gave up on a barrier
     act_ptr,  # scratch [E·G/BN, BN, TP] f32 the union's units' activations (phase F)
+    tim_ptr,  # out [P, NT] i64 with TIMING: %globaltimer at the start, then SLOTS a layer
     T: tl.constexpr, TP: tl.constexpr, L: tl.constexpr, D: tl.constexpr, HQ: tl.constexpr,
     KV: tl.constexpr, HD: tl.constexpr, GQ_PAD: tl.constexpr, E: tl.constexpr,
     E_PAD: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
@@ -120,6 +137,8 @@ def _batch_kernel(
     SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr, SCALE: tl.constexpr,
     SPIN: tl.constexpr, DOT_F32: tl.constexpr, AST: tl.constexpr, GS: tl.constexpr,
     US: tl.constexpr, WS_F: tl.constexpr, WS_LG: tl.constexpr, WS_CTR: tl.constexpr,
+    PF_A: tl.constexpr, PF_C: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
+    PFB: tl.constexpr, TIMING: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -127,7 +146,9 @@ def _batch_kernel(
     F: tl.constexpr = E * G
     PER: tl.constexpr = G // BN
     HALF: tl.constexpr = HD // 2
+    NT: tl.constexpr = 1 + L * SLOTS
     pid = tl.program_id(0)
+    _stamp(tim_ptr, pid, 0, NT, TIMING)
     failed = pid * 0
     ph = pid * 0  # barriers passed
     h_ptr = ws_ptr
@@ -150,6 +171,7 @@ def _batch_kernel(
         tl.store(h_ptr + t * D + rz, tl.load(row + rz, mask=zm, other=0.0).to(tl.float32),
                  mask=zm)  # fmt: skip
     _arrive(ctr_ptr)
+    _pf_rows(wqkv_ptr, pid, R_A, NQKV, D, 0, PF_A, STEP_A, PFB)  # L2, while the barrier waits
     ph += 1
     failed = _wait(ctr_ptr, P * ph, failed, SPIN)
     a0 = pid * R_A
@@ -160,16 +182,21 @@ def _batch_kernel(
     tmask = rt < T
     for layer in range(L):
         lw = tl.full([], 0, tl.int64) + layer  # 8B's stacked w_in has 3.8e9 elements
+        t0 = 1 + layer * SLOTS  # this layer's first stamp: phase j starts at t0 + 2j
+        _stamp(tim_ptr, pid, t0, NT, TIMING)
         # A: norm (of h plus the previous FFN's sum) folded into the QKV product.
-        qa, ss = _skinny(wqkv_ptr + lw * NQKV * D, h_ptr, f_ptr, ln1_ptr + layer * D, a0, a1,
-                         D, T, TP, RA_PAD, BK, GS, True, DOT_F32)  # fmt: skip
-        qa = qa * tl.rsqrt(ss / D + EPS)[None, :]
-        ra = a0 + tl.arange(0, RA_PAD)
-        tl.store(qkv_ptr + rt[None, :] * NQKV + ra[:, None], qa,
-                 mask=(ra < a1)[:, None] & tmask[None, :])  # fmt: skip
+        if a0 < NQKV:  # (programs past the rows would stream the residual for nothing)
+            qa, ss = _skinny(wqkv_ptr + lw * NQKV * D, h_ptr, f_ptr, ln1_ptr + layer * D, a0, a1,
+                             D, T, TP, RA_PAD, BK, GS, True, DOT_F32)  # fmt: skip
+            qa = qa * tl.rsqrt(ss / D + EPS)[None, :]
+            ra = a0 + tl.arange(0, RA_PAD)
+            tl.store(qkv_ptr + rt[None, :] * NQKV + ra[:, None], qa,
+                     mask=(ra < a1)[:, None] & tmask[None, :])  # fmt: skip
+        _stamp(tim_ptr, pid, t0 + 1, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        _stamp(tim_ptr, pid, t0 + 2, NT, TIMING)
         # B: attention, one item per (token, KV head, split).
         for item in range(pid, T * KV * S, P):
             t = item // (KV * S)
@@ -178,9 +205,12 @@ def _batch_kernel(
                           rope_ptr + t * HD, rope_ptr + t * HD + HALF, tl.load(pos_ptr + t),
                           lw * T + t, (item // S) % KV, item % S, HQ, KV, HD, GQ, GQ_PAD, S,
                           S_PAD, BT, S_MAX, SCALE, DOT_F32, AST)  # fmt: skip
+        _stamp(tim_ptr, pid, t0 + 3, NT, TIMING)
         _arrive(ctr_ptr)
+        _pf_rows(wo_ptr + lw * D * NA, pid, R_C, D, NA, 0, PF_C, STEP_C, PFB)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        _stamp(tim_ptr, pid, t0 + 4, NT, TIMING)
         # C: O projection + residual (+ the previous FFN's sum, zeroed for this layer's) + this
         # program's share of the router logits.
         if c0 < D:
@@ -195,9 +225,11 @@ def _batch_kernel(
             tl.store(f_ptr + off, tl.zeros([RC_PAD, TP], tl.float32), mask=m)
             _router_share(wr_ptr + lw * E * D, ln2_ptr + layer * D, hv, lg_ptr + layer * T * E,
                           c0, c1, D, E, T, TP, RC_PAD, BE, DOT_F32)  # fmt: skip
+        _stamp(tim_ptr, pid, t0 + 5, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        _stamp(tim_ptr, pid, t0 + 6, NT, TIMING)
         # S: token t's selection in program t.
         rd = tl.arange(0, D_PAD)
         for t in range(pid, T, P):
@@ -209,9 +241,11 @@ def _batch_kernel(
             tl.store(gs_ptr + t * E_PAD + tl.arange(0, E_PAD), gate)
             tl.store(rs_ptr + t, rstd)
             tl.store(k_ptr + layer * T + t, k)
+        _stamp(tim_ptr, pid, t0 + 7, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        _stamp(tim_ptr, pid, t0 + 8, NT, TIMING)
         # F: the union's units, evenly over the programs: their activations for every token.
         cnt, n_union = _union(gs_ptr, T, TP, E_PAD)
         if pid == 0:
@@ -224,9 +258,11 @@ def _batch_kernel(
             _unit_acts(h_ptr, ln2_ptr + layer * D, rs, gs_ptr, w_in_ptr + lw * 2 * F * D,
                        act_ptr, cnt, u0, u1, D, F, G, E_PAD, T, TP, BN, BK, US,
                        DOT_F32)  # fmt: skip
+        _stamp(tim_ptr, pid, t0 + 9, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+        _stamp(tim_ptr, pid, t0 + 10, NT, TIMING)
         # G: the down projection, one item per (unit group, column block), into the FFN sum.
         for item in range(pid, NU * NC, P):
             grp = item // NC
@@ -234,7 +270,10 @@ def _batch_kernel(
             _unit_down(act_ptr, w_out_ptr + lw * F * D, f_ptr, cnt, grp * n_units // NU,
                        (grp + 1) * n_units // NU, w0, tl.minimum(w0 + CW, D), D, G, T, TP, BN,
                        CW_PAD, US, NU > 1, DOT_F32)  # fmt: skip
+        _stamp(tim_ptr, pid, t0 + 11, NT, TIMING)
         _arrive(ctr_ptr)
+        if layer + 1 < L:
+            _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, 0, PF_A, STEP_A, PFB)
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
     tl.store(fail_ptr + pid, failed)
@@ -275,8 +314,12 @@ def _down_split(t: int, d: int, p: int, unit_groups: int) -> dict:
 def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, block_t=None,
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
-              unit_groups=0, interpret=False) -> dict:  # fmt: skip
-    """The kernel's constexprs (also what the sm_90 lowering test compiles)."""
+              unit_groups=0, prefetch_kb=PREFETCH_KB, prefetch_o_kb=PREFETCH_O_KB,
+              bulk_prefetch=None, weight_itemsize=2, timing=0,
+              interpret=False) -> dict:  # fmt: skip
+    """The kernel's constexprs (also what the sm_90 lowering test compiles). The L2 prefetch
+    at a barrier arrival (of the program's next QKV, and W_o, rows; the batch-1 step's measured
+    defaults) is none under the interpreter (inline PTX)."""
     p = programs
     bt, ast = default_attention(False, s_max, hd, cache_itemsize)
     bt = block_t or bt
@@ -286,7 +329,13 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     e_pad = max(16, jt.next_pow2(e))
     ws_f = t * d
     ws_lg = 2 * t * d
+    w = weight_itemsize
+    pf_a = 0 if interpret else _pf_lines(prefetch_kb * 1024 // LINE, r_a, 0, d, w)
+    pf_c = 0 if interpret else _pf_lines(prefetch_o_kb * 1024 // LINE, r_c, 0, hq * hd, w)
+    bulk = default_bulk_prefetch(d) if bulk_prefetch is None else bool(bulk_prefetch)
     return dict(
+        PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),
+        PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
         T=t, TP=MAX_TOKENS, L=n_layers, D=d, HQ=hq, KV=kv, HD=hd,
         GQ_PAD=jt.next_pow2(hq // kv), E=e, E_PAD=e_pad, G=g, BN=BN, P=p, S=s,
         S_PAD=jt.next_pow2(s), BT=bt, S_MAX=s_max, R_A=r_a, RA_PAD=max(16, jt.next_pow2(r_a)),
@@ -311,10 +360,12 @@ def megastep_batch(
     gate: str = "sigmoid", k_min: int = 1, k_max: int | None = None, programs: int = 0,
     splits: int = 0, block_t: int | None = None, attn_stages: int | None = None,
     warps: int = 8, spin: int = SPIN, gemv_stages: int = STAGES, unit_stages: int = STAGES,
-    unit_groups: int = 0, interpret: bool = False,
+    unit_groups: int = 0, prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
+    bulk_prefetch: bool | None = None, timing: int = 0, interpret: bool = False,
 ):  # fmt: skip
     """Every layer of T tokens' decode step: ``(h_td f32, kc, vc, k_lt i32, union_l i32,
-    fail_p i32)``.
+    fail_p i32)``, plus with ``timing`` (GPU) each program's %globaltimer stamps
+    ``[P, 1 + N_SLOTS · L]`` (ns: the start, then each phase's start and end a layer).
 
     ``tokens_t`` / ``pos_t`` ``[T]`` int32: each sequence's token and its position;
     ``kc_ltskh`` / ``vc_ltskh`` ``[L, T, S_MAX, KV, HD]`` the stacked caches (each token's key
@@ -329,14 +380,15 @@ def megastep_batch(
     g = w_in_lcfd.shape[2] // e
     hq = wo_ldn.shape[2] // hd
     check(t, d, hd, g)
-    ints = {"programs": programs, "splits": splits, "unit_groups": unit_groups}
+    ints = {"programs": programs, "splits": splits, "unit_groups": unit_groups,
+            "prefetch_kb": prefetch_kb, "prefetch_o_kb": prefetch_o_kb}  # fmt: skip
     bad = {k: v for k, v in ints.items() if v < 0}
     bad |= {k: v for k, v in (("gemv_stages", gemv_stages), ("unit_stages", unit_stages),
                               ("attn_stages", attn_stages or 1)) if v < 1}  # fmt: skip
     if warps not in (1, 2, 4, 8, 16) or (block_t is not None and block_t < 16) or bad:
         raise ValueError(
-            f"megastep_batch: need programs, splits, unit_groups >= 0, stages >= 1, warps a "
-            f"power of 2 up to 16, block_t >= 16; got {bad or ''} warps={warps} "
+            "megastep_batch: need programs, splits, unit_groups, prefetch sizes >= 0, stages "
+            f">= 1, warps a power of 2 up to 16, block_t >= 16; got {bad or ''} warps={warps} "
             f"block_t={block_t}"
         )
     want = {
@@ -355,6 +407,9 @@ def megastep_batch(
                   attn_stages=attn_stages, cache_itemsize=jnp.dtype(kc_ltskh.dtype).itemsize,
                   eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin,
                   gemv_stages=gemv_stages, unit_stages=unit_stages, unit_groups=unit_groups,
+                  prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb,
+                  bulk_prefetch=bulk_prefetch,
+                  weight_itemsize=jnp.dtype(wqkv_lnd.dtype).itemsize, timing=timing,
                   interpret=interpret)  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]
     f32, i32 = jnp.float32, jnp.int32
@@ -373,6 +428,7 @@ def megastep_batch(
         jax.ShapeDtypeStruct((n_layers,), i32),  # union
         jax.ShapeDtypeStruct((p,), i32),  # fail flags
         jax.ShapeDtypeStruct((e * g * MAX_TOKENS,), f32),  # the units' activations
+        jax.ShapeDtypeStruct((p, 1 + n_layers * N_SLOTS) if timing else (1,), jnp.int64),
     ]
     outs = jt.triton_call(
         _batch_kernel, x0_vd, jnp.asarray(tokens_t, i32), jnp.asarray(inv_freq_h, f32),
@@ -383,4 +439,5 @@ def megastep_batch(
     )  # fmt: skip
     ws = outs[0]
     y = (ws[: t * d] + ws[c["WS_F"] : c["WS_F"] + t * d]).reshape(t, d)
-    return y, outs[1], outs[2], outs[10].reshape(n_layers, t), outs[11], outs[12]
+    res = (y, outs[1], outs[2], outs[10].reshape(n_layers, t), outs[11], outs[12])
+    return (*res, outs[14]) if timing else res

@@ -188,7 +188,15 @@ class Bench:
     """Run the kernel benchmarks (issue 5) and append their rows to results/*.jsonl."""
 
     which: tuple[
-        Literal["kernels", "sparse-decode", "sparse-prefill", "decode", "megastep-decode"], ...
+        Literal[
+            "kernels",
+            "sparse-decode",
+            "sparse-prefill",
+            "decode",
+            "megastep-decode",
+            "megastep-batch-decode",
+        ],
+        ...,
     ] = (
         "kernels",
         "sparse-decode",
@@ -199,7 +207,8 @@ class Bench:
     prefill; rows in kernels.jsonl), sparse_decode.py (end-to-end sparse vs dense decode),
     sparse_prefill.py (whole-model prompt pass, sparse vs dense), decode.py (dense decode),
     megastep_decode.py (every layer of a decode step in one launch vs the default kernels and
-    dense)."""
+    dense), megastep_batch_decode.py (the same for 2-16 sequences; not in the default list
+    until it is measured on a GPU)."""
     out_dir: str = "results"
     extra: str = ""
     """Extra arguments for every script, one string: --extra="--shapes llama-3.2-1b"."""

@@ -286,12 +286,11 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
     one token a sequence, logits ``[b, vocab]``, ``k_l`` ``[L, b]``."""
     from prunepath_jax.kernels import triton_megastep as tm
 
-    if kc.ndim == 5:  # [L, b, s, kv, hd]: the batched launch (no timeline)
-        if timing:
-            raise ValueError("the batched one-launch step has no timing stamps")
-        logits, kc, vc, k_lb, _, fail = step_batch(model, mw, token_1, pos_1, kc, vc, tau_l,
-                                                   launch, interpret)  # fmt: skip
-        return logits, kc, vc, k_lb, fail
+    if kc.ndim == 5:  # [L, b, s, kv, hd]: the batched launch
+        logits, kc, vc, k_lb, _, fail, *stamps = step_batch(
+            model, mw, token_1, pos_1, kc, vc, tau_l, launch, interpret, timing
+        )  # fmt: skip
+        return (logits, kc, vc, k_lb, fail, *stamps)
     ffn = check(model)
     cfg = model.cfg
     opts = {k: v for k, v in launch._asdict().items() if v is not None}
@@ -319,15 +318,18 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
 
 # The launch choices the batched kernel takes (``triton_megastep_batch.megastep_batch``'s).
 BATCH_LAUNCH = ("programs", "splits", "block_t", "warps", "attn_stages", "gemv_stages",
-                "unit_stages", "unit_groups")  # fmt: skip
+                "unit_stages", "unit_groups", "prefetch_kb", "prefetch_o_kb",
+                "bulk_prefetch")  # fmt: skip
 
 
 def step_batch(model, mw: MegaWeights, tokens_b, pos_b, kc, vc, tau_l,
-               launch: Launch = DEFAULT_LAUNCH, interpret: bool = False):  # fmt: skip
+               launch: Launch = DEFAULT_LAUNCH, interpret: bool = False,
+               timing: bool = False):  # fmt: skip
     """One token of each of 2-16 sequences (``kernels.triton_megastep_batch``): ``(logits
-    [b, vocab] f32, kc, vc, k_lb [L, b] int32, union_l [L] int32, fail_p [P] int32)``; the
-    caches ``[L, b, s, kv, hd]`` (``stack_cache``), ``union_l`` the experts any of the tokens
-    selected, a layer (what bounds the batch's expert bytes)."""
+    [b, vocab] f32, kc, vc, k_lb [L, b] int32, union_l [L] int32, fail_p [P] int32)``, plus
+    each program's %globaltimer stamps with ``timing`` (GPU); the caches ``[L, b, s, kv, hd]``
+    (``stack_cache``), ``union_l`` the experts any of the tokens selected, a layer (what bounds
+    the batch's expert bytes)."""
     from prunepath_jax.kernels import triton_megastep_batch as tb
 
     ffn = check(model, kc.shape[1])
@@ -339,14 +341,14 @@ def step_batch(model, mw: MegaWeights, tokens_b, pos_b, kc, vc, tau_l,
             f"the batched one-launch step takes only Launch({', '.join(BATCH_LAUNCH)}); got "
             f"{', '.join(other)}"
         )
-    y, kc, vc, k_lb, union_l, fail = tb.megastep_batch(
+    y, kc, vc, k_lb, union_l, fail, *stamps = tb.megastep_batch(
         model.embed_tokens.embedding[...], tokens_b, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
         cfg.rope_scaling), pos_b, tau_l, mw.ln1, mw.ln2, mw.wqkv, mw.wo, mw.router, mw.w_in,
         mw.w_out, kc, vc, eps=cfg.norm_eps, rule=ffn.rule, gate=ffn.gate_mode, k_min=ffn.k_min,
-        k_max=ffn.k_max, interpret=interpret, **opts,
+        k_max=ffn.k_max, timing=int(timing), interpret=interpret, **opts,
     )  # fmt: skip
     x = y.astype(model.embed_tokens.embedding.dtype)[:, None]
-    return model.head(x)[:, 0], kc, vc, k_lb, union_l, fail
+    return (model.head(x)[:, 0], kc, vc, k_lb, union_l, fail, *stamps)
 
 
 class MegaState(NamedTuple):

@@ -2047,4 +2047,9 @@ s52b)  # (written, not run) the batched step at 4 warps (8 by default: at 4 ptxa
   run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
     --batches 4 16 --warps 4 --no-default --out "$OUT/megastep_batch_decode.jsonl"
   ;;
+s52c)  # (written, not run) the batched step at the SmolLM2-135M shape (30 layers of d 576, 48
+  # experts of 32 neurons): where launches, not bytes, decide the batch-1 step
+  run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes smollm2-135m \
+    --batches 2 4 8 16 --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
 esac

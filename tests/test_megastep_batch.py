@@ -67,20 +67,22 @@ def _signature():
     i32 = {"tok", "pos", "k", "nu", "fail"}
     names = ["x0", "tok", "inv", "pos", "tau", "ln1", "ln2", "wqkv", "wo", "wr", "w_in", "w_out",
              "kc_in", "vc_in", "ws", "kc", "vc", "rope", "qkv", "po", "pml", "att", "gs", "rs",
-             "k", "nu", "fail", "act"]  # fmt: skip
-    return {n: "*" + ("fp32" if n in f32 else "i32" if n in i32 else "bf16") for n in names}
+             "k", "nu", "fail", "act", "tim"]  # fmt: skip
+    kind = lambda n: "fp32" if n in f32 else "i32" if n in i32 else "i64" if n == "tim" else "bf16"  # noqa: E731
+    return {n: "*" + kind(n) for n in names}
 
 
 @pytest.mark.parametrize(
-    "t,d,hq,kv,e", [(4, 2048, 32, 8, 256), (16, 2048, 32, 8, 256), (8, 4096, 32, 8, 448)],
-    ids=["1b_t4", "1b_t16", "8b_t8"],
+    "t,d,hq,kv,e,timing",
+    [(4, 2048, 32, 8, 256, 0), (16, 2048, 32, 8, 256, 1), (8, 4096, 32, 8, 448, 0)],
+    ids=["1b_t4", "1b_t16_stamps", "8b_t8"],
 )  # fmt: skip
-def test_batch_step_lowers_for_sm90_without_spills(t, d, hq, kv, e):
+def test_batch_step_lowers_for_sm90(t, d, hq, kv, e, timing):
     """The 1B and 8B layer shapes over 132 programs compile for sm_90: tensor-core products
     (bf16 weights), grid barriers at GPU scope, what other programs wrote read from L2, the
     weight and unit loops as cp.async pipelines. (Registers: 255 a thread at 8 warps with 4-24
     bytes of spills, by the triton version; BENCHMARKS.md, thirty-ninth session.)"""
-    c = tb.constants(t, 2, d, hq, kv, 64, e, 32, 512, programs=132)
+    c = tb.constants(t, 2, d, hq, kv, 64, e, 32, 512, programs=132, timing=timing)
     ck = sm90_compile(tb._batch_kernel, _signature(), c, warps=8, stages=1)
     ptx = ck.asm["ptx"]
     assert "mma.sync" in ptx or "wgmma" in ptx
@@ -88,7 +90,9 @@ def test_batch_step_lowers_for_sm90_without_spills(t, d, hq, kv, e):
     assert "ld.global.gpu.acquire" in ptx or "atom.global.gpu.acquire" in ptx
     assert "ld.global.cg" in ptx or "cp.async.cg" in ptx
     assert "cp.async.wait_group" in ptx
+    assert "cp.async.bulk.prefetch.L2" in ptx, "the next block's rows asked of L2 (d > 1024)"
     assert ck.metadata.num_warps == 8 and ck.metadata.shared <= 64 * 1024
+    assert ("%globaltimer" in ptx) == bool(timing), "the phase stamps only when asked for"
     # The down projection's items: 2 unit groups up to 8 tokens, 4 above, over every program.
     nu = 4 if t > 8 else 2
     assert (c["NU"], c["NC"]) == (nu, 132 // nu) and c["NC"] * c["CW"] >= d
@@ -116,18 +120,25 @@ def test_batch_bad_inputs_raise_clearly():
         call(tau=tau[:1])
     with pytest.raises(ValueError, match="k_min"):
         call(k_min=3, k_max=2)
+    for bad in ({"unit_groups": -1}, {"prefetch_kb": -8}, {"warps": 6}, {"block_t": 8},
+                {"unit_stages": 0}):  # fmt: skip
+        with pytest.raises(ValueError, match="megastep_batch: need"):
+            call(**bad)
     with pytest.raises(ValueError, match="1-16 sequences"):
         tb.check(17, 64, 16, 16)
     with pytest.raises(ValueError, match="multiple of 16"):
         tb.check(2, 64, 16, 24)
     with pytest.raises(ValueError, match="takes only Launch"):
         megastep.step(model, mw, tok_b, pos_b, kc, vc, tau, megastep.Launch(merge_bc=True))
-    with pytest.raises(ValueError, match="no timing stamps"):
-        megastep.step(model, mw, tok_b, pos_b, kc, vc, tau, timing=True)
-    small, *_ = build(CASES[0])  # G = 8: no 16-neuron units
+    small, _, cache1, tok1, pos1 = build(CASES[0])  # G = 8: no 16-neuron units
     with pytest.raises(ValueError, match="multiple of 16"):
         megastep.check(small, 2)
-    megastep.check(small, 1)  # the batch-1 launch takes it
+    megastep.check(small, 1)  # the batch-1 launch takes it, but not the batched one's fields
+    kc1, vc1 = megastep.stack_cache(cache1)
+    with pytest.raises(ValueError, match="unit_groups is the batched launch's"):
+        tau1 = jnp.full((CASES[0].layers,), 0.5)
+        megastep.step(small, megastep.pack(small), tok1[None], pos1[None], kc1, vc1, tau1,
+                      megastep.Launch(unit_groups=2))  # fmt: skip
 
 
 @pytest.mark.gpu
