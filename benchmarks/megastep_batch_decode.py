@@ -17,6 +17,7 @@ each of the launch's six phases' µs a layer from its programs' %globaltimer sta
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -161,13 +162,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--check-steps", type=int, default=4)
-    ap.add_argument("--warps", type=int, default=None, help="the launch's warps (default 8)")
+    ap.add_argument(
+        "--launches",
+        default='{"default": {}}',
+        help='JSON {label: Launch fields}, each checked and timed, e.g. {"w4": {"warps": 4}}',
+    )
     ap.add_argument("--no-default", action="store_true", help="skip the Triton kernels' rows")
     ap.add_argument("--out", default="results/megastep_batch_decode.jsonl")
     a = ap.parse_args()
     head = {**header(), "bench": "megastep_batch_decode"}
     bw = max(copy_bandwidth(2 << 30).values())
-    launch = megastep.Launch(warps=a.warps)
+    launches = {k: megastep.Launch(**v) for k, v in json.loads(a.launches).items()}
     rows = []
 
     def emit(row):
@@ -195,15 +200,17 @@ def main() -> None:
         mw = megastep.pack(sparse)
         for b in a.batches:
             base = {"shape": shape, "batch": b, "sparsity": 1 - k / e, "k": k, "E": e}
-            try:
-                chk = check(sparse, mw, args, tau_l, b, a.prompt_len, a.check_steps, launch)
-                r = time_batch(sparse, mw, tau_l, b, a.prompt_len, a.steps, a.chunks, launch)
-                ctx = decode_cache_len(a.prompt_len, a.steps, a.chunks)
-                tl_ = phase_times(sparse, mw, tau_l, b, a.prompt_len, ctx, launch)
-                emit({**base, "impl": "megastep_batch", **chk, **r, **tl_,
-                      "speedup_vs_dense": dense[b]["us_per_step"] / r["us_per_step"]})  # fmt: skip
-            except Exception as err:  # report and go on
-                print(f"{shape} b{b} megastep_batch: {type(err).__name__}: {err}"[:800], flush=True)
+            for label, launch in launches.items():
+                try:
+                    chk = check(sparse, mw, args, tau_l, b, a.prompt_len, a.check_steps, launch)
+                    r = time_batch(sparse, mw, tau_l, b, a.prompt_len, a.steps, a.chunks, launch)
+                    ctx = decode_cache_len(a.prompt_len, a.steps, a.chunks)
+                    tl_ = phase_times(sparse, mw, tau_l, b, a.prompt_len, ctx, launch)
+                    speedup = dense[b]["us_per_step"] / r["us_per_step"]
+                    emit({**base, "impl": f"megastep_batch_{label}", "launch": launch._asdict(),
+                          **chk, **r, **tl_, "speedup_vs_dense": speedup})  # fmt: skip
+                except Exception as err:  # report and go on
+                    print(f"{shape} b{b} {label}: {type(err).__name__}: {err}"[:800], flush=True)
             if not a.no_default:
                 r = time_decode(sparse, b, a.prompt_len, a.steps, a.chunks, args, "auto")
                 emit({**base, "impl": "triton_default", "us_per_step": r["us_per_step"],

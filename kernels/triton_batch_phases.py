@@ -101,27 +101,32 @@ def _router_share(wr_ptr, ln_ptr, hv, lg_ptr, r0, r1, D: tl.constexpr, E: tl.con
 
 
 @triton.jit
-def _unit_of(u, cnt, PER: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
-    """Unit ``u``'s expert and first neuron row: union slot ``u // PER`` (from the union's
-    inclusive prefix count ``cnt``), neuron block ``u % PER``."""
-    e = tl.sum((cnt <= u // PER).to(tl.int32), 0)
+def _unit_of(u, tab_ptr, PER: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
+    """Unit ``u``'s expert and first neuron row: union slot ``u // PER`` of the program's table
+    (``_union``), neuron block ``u % PER``. One load the program itself wrote (L1), where
+    counting the slot from the union's prefix count was a block-wide reduction a unit (~0.1-0.2
+    µs each, BENCHMARKS.md twenty-first session; a down-projection item walks hundreds)."""
+    e = tl.load(tab_ptr + u // PER)
     return e, e * G + (u % PER) * BN
 
 
 @triton.jit
-def _union(gs_ptr, T: tl.constexpr, TP: tl.constexpr, E_PAD: tl.constexpr):
-    """``(cnt [E_PAD] i32, n)``: the inclusive prefix count of the experts any token selected
-    (gates ``[T, E_PAD]`` at ``gs_ptr``, 0 where unselected) and their number."""
+def _union(gs_ptr, tab_ptr, T: tl.constexpr, TP: tl.constexpr, E_PAD: tl.constexpr):
+    """The number of experts any token selected (gates ``[T, E_PAD]`` at ``gs_ptr``, 0 where
+    unselected); their ids in index order go to the program's table at ``tab_ptr`` (slot i the
+    i-th), read back by its own threads after the CTA barrier here."""
     rt = tl.arange(0, TP)
     re = tl.arange(0, E_PAD)
     g = tl.load(gs_ptr + rt[:, None] * E_PAD + re[None, :], mask=(rt < T)[:, None], other=0.0,
                 cache_modifier=".cg")  # fmt: skip
     uni = tl.max((g != 0.0).to(tl.int32), 0)
-    return tl.cumsum(uni, 0), tl.sum(uni, 0)
+    tl.store(tab_ptr + tl.cumsum(uni, 0) - 1, re, mask=uni != 0)
+    tl.debug_barrier()
+    return tl.sum(uni, 0)
 
 
 @triton.jit
-def _unit_acts(h_ptr, ln_ptr, rs, gs_ptr, w_in_ptr, act_ptr, cnt, u0, u1, D: tl.constexpr,
+def _unit_acts(h_ptr, ln_ptr, rs, gs_ptr, w_in_ptr, act_ptr, tab_ptr, u0, u1, D: tl.constexpr,
                F: tl.constexpr, G: tl.constexpr, E_PAD: tl.constexpr, T: tl.constexpr,
                TP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
                DOT_F32: tl.constexpr):  # fmt: skip
@@ -135,7 +140,7 @@ def _unit_acts(h_ptr, ln_ptr, rs, gs_ptr, w_in_ptr, act_ptr, cnt, u0, u1, D: tl.
     rk = tl.arange(0, BK)
     rt = tl.arange(0, TP)
     for u in range(u0, u1):
-        e, row0 = _unit_of(u, cnt, PER, BN, G)
+        e, row0 = _unit_of(u, tab_ptr, PER, BN, G)
         gt = tl.load(gs_ptr + rt * E_PAD + e, mask=rt < T, other=0.0, cache_modifier=".cg")
         rows = (row0 + rn).to(tl.int64) * D
         ag = tl.zeros([BN, TP], tl.float32)
@@ -157,28 +162,36 @@ def _unit_acts(h_ptr, ln_ptr, rs, gs_ptr, w_in_ptr, act_ptr, cnt, u0, u1, D: tl.
 
 
 @triton.jit
-def _unit_down(act_ptr, w_out_ptr, f_ptr, cnt, u0, u1, c0, c1, D: tl.constexpr, G: tl.constexpr,
-               T: tl.constexpr, TP: tl.constexpr, BN: tl.constexpr, CW_PAD: tl.constexpr,
-               STAGES: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+def _unit_down(act_ptr, w_out_ptr, f_ptr, tab_ptr, u0, u1, c0, c1, D: tl.constexpr,
+               G: tl.constexpr, T: tl.constexpr, TP: tl.constexpr, BN: tl.constexpr,
+               CW_PAD: tl.constexpr, UB: tl.constexpr, STAGES: tl.constexpr,
+               ATOMIC: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
     """The expert phase's second half, one (unit group, column block) item: ``f[t, c0:c1] +=
-    Σ_{u in [u0, u1)} act_u[:, t] · W_out[rows_u, c0:c1]``. With one unit group (``ATOMIC``
-    False) the item owns its columns outright and stores them (the O phase zeroed ``f``);
-    with several, groups add with one relaxed atomic ``[T, c1 - c0]`` an item. (Each program
-    adding its own units' ``[T, d]`` into ``f`` instead would be ``P · T · d`` atomics a layer,
-    ~20 µs at the 1B width and 16 tokens at the rate the atomic-drain probe measured,
-    BENCHMARKS.md twenty-sixth session.)"""
+    Σ_{u in [u0, u1)} act_u[:, t] · W_out[rows_u, c0:c1]``, ``UB`` units (``UB · BN`` rows) a
+    step, so that each pipeline stage moves a tile of several KB (one unit's ``[16, c1 - c0]``
+    is 1-4 KB, too little in flight to stream at DRAM speed). With one unit group (``ATOMIC``
+    False) the item owns its columns outright and stores them (the O phase zeroed ``f``); with
+    several, groups add with one relaxed atomic ``[T, c1 - c0]`` an item. (Each program adding
+    its own units' ``[T, d]`` into ``f`` instead would be ``P · T · d`` atomics a layer, ~20 µs
+    at the 1B width and 16 tokens at the rate the atomic-drain probe measured, BENCHMARKS.md
+    twenty-sixth session.)"""
     PER: tl.constexpr = G // BN
-    rn = tl.arange(0, BN)
+    RB: tl.constexpr = UB * BN
+    rr = tl.arange(0, RB)
     rt = tl.arange(0, TP)
     cols = c0 + tl.arange(0, CW_PAD)
     cm = cols < c1
     acc = tl.zeros([TP, CW_PAD], tl.float32)
-    for u in tl.range(u0, u1, num_stages=STAGES):
-        _, row0 = _unit_of(u, cnt, PER, BN, G)
-        a = tl.load(act_ptr + u * BN * TP + rt[:, None] + rn[None, :] * TP,
-                    mask=(rt < T)[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
-        wo = tl.load(w_out_ptr + (row0 + rn).to(tl.int64)[:, None] * D + cols[None, :],
-                     mask=cm[None, :], other=0.0)  # fmt: skip
+    for u in tl.range(u0, u1, UB, num_stages=STAGES):
+        uu = u + rr // BN  # each row's unit
+        um = uu < u1
+        e = tl.load(tab_ptr + uu // PER, mask=um, other=0)
+        rows = e * G + (uu % PER) * BN + rr % BN
+        a = tl.load(act_ptr + uu[None, :] * BN * TP + (rr % BN)[None, :] * TP + rt[:, None],
+                    mask=um[None, :] & (rt < T)[:, None], other=0.0,
+                    cache_modifier=".cg")  # fmt: skip
+        wo = tl.load(w_out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
+                     mask=um[:, None] & cm[None, :], other=0.0)  # fmt: skip
         acc += _dot(a, wo, wo, DOT_F32)
     off = rt[:, None] * D + cols[None, :]
     m = (rt[:, None] < T) & cm[None, :]

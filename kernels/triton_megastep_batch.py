@@ -22,15 +22,17 @@ What. For every layer, six phases separated by grid barriers (``triton_grid``):
   times its ``1 / rms``), writes its gates and k. A phase of its own because every program
   needs every token's selection to split the union (sorting T rows in every program costs T
   sorts a layer; here it is one, and a barrier).
-* F: the union of the tokens' experts cut into 16-neuron units, split evenly over the programs
-  (``_union``); each program computes its units' gated activations for all T tokens
+* F: the union of the tokens' experts cut into 16-neuron units, split evenly over the programs;
+  each program lists the union's experts in a table of its own (``_union``: one scatter, no
+  reduction a unit), then computes its units' gated activations for all T tokens
   (``_unit_acts``) into a scratch every program reads after the next barrier.
-* G: the down projection, one item per (unit group, column block) (``_unit_down``): the item
-  sums its group's units for its columns and stores them into the FFN sum ``f``, or with
-  several groups adds them (relaxed atomics). A phase of its own because every program adding
-  its own units' ``[T, d]`` would be ``P · T · d`` atomics a layer: ~20 µs at the 1B width and
-  16 tokens at the rate ``scripts/atomic_drain_probe.py`` measured (BENCHMARKS.md,
-  twenty-sixth session), against ~1.5 µs for a barrier.
+* G: the down projection, one item per (unit group, column block) (``_unit_down``, ``UB``
+  units a pipeline step, ~8 KB of W_out): the item sums its group's units for its columns and
+  stores them into the FFN sum ``f``, or with several groups adds them (relaxed atomics). A
+  phase of its own because every program adding its own units' ``[T, d]`` would be
+  ``P · T · d`` atomics a layer: ~20 µs at the 1B width and 16 tokens at the rate
+  ``scripts/atomic_drain_probe.py`` measured (BENCHMARKS.md, twenty-sixth session), against
+  ~1.5 µs for a barrier.
 
 Right after arriving at a barrier a program asks L2 for the first rows of its next QKV or W_o
 block (the batch-1 step's measured prefetch sizes and forms, ``triton_megastep_plan``).
@@ -88,7 +90,10 @@ from prunepath_jax.kernels.triton_select import _logits, _select
 
 MAX_TOKENS = 16  # the tokens padded to one tl.dot's 16 columns
 BN = 16  # neurons a unit: the down projection's K, tl.dot's smallest
-BK = 128  # input columns a chunk in the A, C and unit products
+BK = 128  # input columns a chunk of the A, C and unit products (256 spilled 0.6-0.9 KB a thread)
+# Bytes of W_out a pipeline stage of the down projection moves (``_down_units``): one unit's
+# [16, column block] tile is 1-4 KB, too little in flight to stream; 16 KB spilled 0.2 KB.
+DOWN_TILE_BYTES = 8 * 1024
 BE = 64  # router rows a chunk of the router share
 # Timing stamps a layer (TIMING): the start and the end of each of the six phases A, B, C, S,
 # F, G (a phase starts when its program leaves the barrier before it, ends at its arrival).
@@ -126,12 +131,13 @@ def _batch_kernel(
     fail_ptr,  # out [P] i32 1 where the program gave up on a barrier
     act_ptr,  # scratch [E·G/BN, BN, TP] f32 the union's units' activations (phase F)
     tim_ptr,  # out [P, NT] i64 with TIMING: %globaltimer at the start, then SLOTS a layer
+    tab_ptr,  # scratch [P, E_PAD] i32 each program's table of the union's experts (phase F)
     T: tl.constexpr, TP: tl.constexpr, L: tl.constexpr, D: tl.constexpr, HQ: tl.constexpr,
     KV: tl.constexpr, HD: tl.constexpr, GQ_PAD: tl.constexpr, E: tl.constexpr,
     E_PAD: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
     S_PAD: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr, R_A: tl.constexpr,
     RA_PAD: tl.constexpr, R_C: tl.constexpr, RC_PAD: tl.constexpr, R_Z: tl.constexpr,
-    RZ_PAD: tl.constexpr, D_PAD: tl.constexpr, BK: tl.constexpr,
+    RZ_PAD: tl.constexpr, D_PAD: tl.constexpr, BK: tl.constexpr, UB: tl.constexpr,
     BE: tl.constexpr, NU: tl.constexpr, NC: tl.constexpr, CW: tl.constexpr,
     CW_PAD: tl.constexpr, EPS: tl.constexpr, NUCLEUS: tl.constexpr,
     SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr, SCALE: tl.constexpr,
@@ -247,7 +253,8 @@ def _batch_kernel(
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         _stamp(tim_ptr, pid, t0 + 8, NT, TIMING)
         # F: the union's units, evenly over the programs: their activations for every token.
-        cnt, n_union = _union(gs_ptr, T, TP, E_PAD)
+        tab = tab_ptr + pid * E_PAD
+        n_union = _union(gs_ptr, tab, T, TP, E_PAD)
         if pid == 0:
             tl.store(nu_ptr + layer, n_union)
         n_units = n_union * PER
@@ -256,7 +263,7 @@ def _batch_kernel(
         if u1 > u0:
             rs = tl.load(rs_ptr + rt, mask=tmask, other=0.0, cache_modifier=".cg")
             _unit_acts(h_ptr, ln2_ptr + layer * D, rs, gs_ptr, w_in_ptr + lw * 2 * F * D,
-                       act_ptr, cnt, u0, u1, D, F, G, E_PAD, T, TP, BN, BK, US,
+                       act_ptr, tab, u0, u1, D, F, G, E_PAD, T, TP, BN, BK, US,
                        DOT_F32)  # fmt: skip
         _stamp(tim_ptr, pid, t0 + 9, NT, TIMING)
         _arrive(ctr_ptr)
@@ -267,9 +274,9 @@ def _batch_kernel(
         for item in range(pid, NU * NC, P):
             grp = item // NC
             w0 = (item % NC) * CW
-            _unit_down(act_ptr, w_out_ptr + lw * F * D, f_ptr, cnt, grp * n_units // NU,
+            _unit_down(act_ptr, w_out_ptr + lw * F * D, f_ptr, tab, grp * n_units // NU,
                        (grp + 1) * n_units // NU, w0, tl.minimum(w0 + CW, D), D, G, T, TP, BN,
-                       CW_PAD, US, NU > 1, DOT_F32)  # fmt: skip
+                       CW_PAD, UB, US, NU > 1, DOT_F32)  # fmt: skip
         _stamp(tim_ptr, pid, t0 + 11, NT, TIMING)
         _arrive(ctr_ptr)
         if layer + 1 < L:
@@ -311,6 +318,14 @@ def _down_split(t: int, d: int, p: int, unit_groups: int) -> dict:
     return dict(NU=nu, NC=nc, CW=cw, CW_PAD=max(16, jt.next_pow2(cw)))
 
 
+def _down_units(t: int, d: int, p: int, itemsize: int, unit_groups: int) -> int:
+    """Units a step of the down projection's loop: a ``[UB · BN, CW]`` tile of about
+    ``DOWN_TILE_BYTES`` (a power of 2 from 1 to 8)."""
+    cw = _down_split(t, d, p, unit_groups)["CW_PAD"]
+    n = max(1, DOWN_TILE_BYTES // (BN * cw * itemsize))
+    return min(8, 1 << (n.bit_length() - 1))
+
+
 def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, block_t=None,
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
@@ -334,13 +349,14 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     pf_c = 0 if interpret else _pf_lines(prefetch_o_kb * 1024 // LINE, r_c, 0, hq * hd, w)
     bulk = default_bulk_prefetch(d) if bulk_prefetch is None else bool(bulk_prefetch)
     return dict(
+        UB=_down_units(t, d, p, w, unit_groups), BK=BK,
         PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),
         PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
         T=t, TP=MAX_TOKENS, L=n_layers, D=d, HQ=hq, KV=kv, HD=hd,
         GQ_PAD=jt.next_pow2(hq // kv), E=e, E_PAD=e_pad, G=g, BN=BN, P=p, S=s,
         S_PAD=jt.next_pow2(s), BT=bt, S_MAX=s_max, R_A=r_a, RA_PAD=max(16, jt.next_pow2(r_a)),
         R_C=r_c, RC_PAD=max(16, jt.next_pow2(r_c)), R_Z=r_z, RZ_PAD=jt.next_pow2(r_z),
-        D_PAD=jt.next_pow2(d), BK=BK, BE=min(BE, e_pad),
+        D_PAD=jt.next_pow2(d), BE=min(BE, e_pad),
         **_down_split(t, d, p, unit_groups), EPS=float(eps), NUCLEUS=rule == "nucleus",
         SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=e if k_max is None else k_max,
         SCALE=float(hd**-0.5), SPIN=spin, DOT_F32=bool(interpret),
@@ -429,6 +445,7 @@ def megastep_batch(
         jax.ShapeDtypeStruct((p,), i32),  # fail flags
         jax.ShapeDtypeStruct((e * g * MAX_TOKENS,), f32),  # the units' activations
         jax.ShapeDtypeStruct((p, 1 + n_layers * N_SLOTS) if timing else (1,), jnp.int64),
+        jax.ShapeDtypeStruct((p * c["E_PAD"],), i32),  # the union tables
     ]
     outs = jt.triton_call(
         _batch_kernel, x0_vd, jnp.asarray(tokens_t, i32), jnp.asarray(inv_freq_h, f32),

@@ -2042,10 +2042,13 @@ s52a)  # (written, not run: no device in the thirty-ninth session) the batched o
   run timeout 420 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
     --batches 2 4 8 16 --out "$OUT/megastep_batch_decode.jsonl"
   ;;
-s52b)  # (written, not run) the batched step at 4 warps (8 by default: at 4 ptxas spills
-  # 300+ bytes a thread for sm_90; does it matter?)
-  run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
-    --batches 4 16 --warps 4 --no-default --out "$OUT/megastep_batch_decode.jsonl"
+s52b)  # (written, not run) the batched step's launch variants in one process: 4 warps (8 by
+  # default: at 4 ptxas spills 300+ bytes a thread for sm_90), 5 pipeline stages (more bytes in
+  # flight: the unit loop's tiles are 8 KB), one or eight unit groups for the down projection
+  run timeout 420 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --batches 4 16 --no-default --launches '{"default": {}, "w4": {"warps": 4},
+    "st5": {"gemv_stages": 5, "unit_stages": 5}, "g1": {"unit_groups": 1},
+    "g8": {"unit_groups": 8}}' --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 s52c)  # (written, not run) the batched step at the SmolLM2-135M shape (30 layers of d 576, 48
   # experts of 32 neurons): where launches, not bytes, decide the batch-1 step
