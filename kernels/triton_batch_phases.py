@@ -126,15 +126,16 @@ def _union(gs_ptr, tab_ptr, T: tl.constexpr, TP: tl.constexpr, E_PAD: tl.constex
 
 
 @triton.jit
-def _unit_acts(h_ptr, ln_ptr, rs, gs_ptr, w_in_ptr, act_ptr, tab_ptr, u0, u1, D: tl.constexpr,
+def _unit_acts(xn_ptr, gs_ptr, w_in_ptr, act_ptr, tab_ptr, u0, u1, D: tl.constexpr,
                F: tl.constexpr, G: tl.constexpr, E_PAD: tl.constexpr, T: tl.constexpr,
                TP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
                DOT_F32: tl.constexpr):  # fmt: skip
     """The expert phase's first half: for units ``[u0, u1)``, ``silu(x·W_gate)·(x·W_up)·σ(g_t)``
-    over each unit's ``BN`` neuron rows and every token, ``x[t] = h[t]·ln2·rs[t]``; stored as
-    ``[BN, TP]`` f32 blocks at ``act_ptr`` (unit u's at ``u · BN · TP``), which every program
-    reads after the next grid barrier. A token that did not select the unit's expert has gate
-    0: its column is 0."""
+    over each unit's ``BN`` neuron rows and every token, ``x`` the tokens' normalised FFN inputs
+    ``[T, D]`` at ``xn_ptr`` (the selection phase wrote them in the weights' dtype: half the L2
+    bytes of the f32 residual, which every unit reads again); stored as ``[BN, TP]`` f32 blocks
+    at ``act_ptr`` (unit u's at ``u · BN · TP``), which every program reads after the next grid
+    barrier. A token that did not select the unit's expert has gate 0: its column is 0."""
     PER: tl.constexpr = G // BN
     rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -151,12 +152,11 @@ def _unit_acts(h_ptr, ln_ptr, rs, gs_ptr, w_in_ptr, act_ptr, tab_ptr, u0, u1, D:
             wg = tl.load(w_in_ptr + rows[:, None] + kk[None, :], mask=km[None, :], other=0.0)
             wu = tl.load(w_in_ptr + F * D + rows[:, None] + kk[None, :], mask=km[None, :],
                          other=0.0)  # fmt: skip
-            x = _tokens_chunk(h_ptr, h_ptr, kk, km, T, TP, D, False)
-            x = tl.trans(x * tl.load(ln_ptr + kk, mask=km, other=0.0).to(tl.float32)[None, :])
+            x = tl.load(xn_ptr + rt[None, :] * D + kk[:, None],
+                        mask=(rt < T)[None, :] & km[:, None], other=0.0,
+                        cache_modifier=".cg")  # [BK, TP]  # fmt: skip
             ag += _dot(wg, x, wg, DOT_F32)
             au += _dot(wu, x, wu, DOT_F32)
-        ag = ag * rs[None, :]
-        au = au * rs[None, :]
         a = ag / (1.0 + tl.exp(-ag)) * au * gt[None, :]
         tl.store(act_ptr + u * BN * TP + rn[:, None] * TP + rt[None, :], a)
 

@@ -19,7 +19,8 @@ What. For every layer, six phases separated by grid barriers (``triton_grid``):
   program's rows, and its share of the T tokens' router logits before the RMSNorm's scale
   (``_router_share``, relaxed atomics).
 * S: program t (< T) selects token t's experts (``triton_select._select``, the router logits
-  times its ``1 / rms``), writes its gates and k. A phase of its own because every program
+  times its ``1 / rms``), writes its gates, k and its normalised FFN input (in the weights'
+  dtype, what phase F's units read). A phase of its own because every program
   needs every token's selection to split the union (sorting T rows in every program costs T
   sorts a layer; here it is one, and a barrier).
 * F: the union of the tokens' experts cut into 16-neuron units, split evenly over the programs;
@@ -125,7 +126,7 @@ def _batch_kernel(
     pml_ptr,  # scratch [T, KV·S, 2, GQ_PAD] f32 their running max and sum
     att_ptr,  # scratch [T, NA] f32 attention output
     gs_ptr,  # scratch [T, E_PAD] f32 this layer's gates (phase S)
-    rs_ptr,  # scratch [T] f32 this layer's 1 / rms of the FFN's input (phase S)
+    xn_ptr,  # scratch [T, D] this layer's normalised FFN inputs, in the weights' dtype (S)
     k_ptr,  # out [L, T] i32 experts selected a token
     nu_ptr,  # out [L] i32 experts in the union
     fail_ptr,  # out [P] i32 1 where the program gave up on a barrier
@@ -245,7 +246,9 @@ def _batch_kernel(
             gate, k = _select(lgv, tl.load(tau_ptr + layer), E, E_PAD, NUCLEUS, SIGMOID, K_MIN,
                               K_MAX)  # fmt: skip
             tl.store(gs_ptr + t * E_PAD + tl.arange(0, E_PAD), gate)
-            tl.store(rs_ptr + t, rstd)
+            ln2 = tl.load(ln2_ptr + layer * D + rd, mask=rd < D, other=0.0).to(tl.float32)
+            xn = (x * rstd * ln2).to(xn_ptr.dtype.element_ty)  # the FFN's input, as XLA rounds it
+            tl.store(xn_ptr + t * D + rd, xn, mask=rd < D)
             tl.store(k_ptr + layer * T + t, k)
         _stamp(tim_ptr, pid, t0 + 7, NT, TIMING)
         _arrive(ctr_ptr)
@@ -261,10 +264,8 @@ def _batch_kernel(
         u0 = pid * n_units // P
         u1 = (pid + 1) * n_units // P
         if u1 > u0:
-            rs = tl.load(rs_ptr + rt, mask=tmask, other=0.0, cache_modifier=".cg")
-            _unit_acts(h_ptr, ln2_ptr + layer * D, rs, gs_ptr, w_in_ptr + lw * 2 * F * D,
-                       act_ptr, tab, u0, u1, D, F, G, E_PAD, T, TP, BN, BK, US,
-                       DOT_F32)  # fmt: skip
+            _unit_acts(xn_ptr, gs_ptr, w_in_ptr + lw * 2 * F * D, act_ptr, tab, u0, u1, D, F, G,
+                       E_PAD, T, TP, BN, BK, US, DOT_F32)  # fmt: skip
         _stamp(tim_ptr, pid, t0 + 9, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
@@ -439,7 +440,7 @@ def megastep_batch(
         jax.ShapeDtypeStruct((t * kv * s * 2 * gq_pad,), f32),
         jax.ShapeDtypeStruct((t * hq * hd,), f32),  # attention output
         jax.ShapeDtypeStruct((t * c["E_PAD"],), f32),  # gates
-        jax.ShapeDtypeStruct((t,), f32),  # 1 / rms
+        jax.ShapeDtypeStruct((t * d,), w_in_lcfd.dtype),  # the FFN's normalised inputs
         jax.ShapeDtypeStruct((n_layers * t,), i32),  # k
         jax.ShapeDtypeStruct((n_layers,), i32),  # union
         jax.ShapeDtypeStruct((p,), i32),  # fail flags

@@ -63,10 +63,10 @@ def test_interpreted_batch_cases_cover_what_they_claim(interpreted):
 
 
 def _signature():
-    f32 = {"inv", "tau", "wr", "ws", "rope", "qkv", "po", "pml", "att", "gs", "rs", "act"}
+    f32 = {"inv", "tau", "wr", "ws", "rope", "qkv", "po", "pml", "att", "gs", "act"}
     i32 = {"tok", "pos", "k", "nu", "fail", "tab"}
     names = ["x0", "tok", "inv", "pos", "tau", "ln1", "ln2", "wqkv", "wo", "wr", "w_in", "w_out",
-             "kc_in", "vc_in", "ws", "kc", "vc", "rope", "qkv", "po", "pml", "att", "gs", "rs",
+             "kc_in", "vc_in", "ws", "kc", "vc", "rope", "qkv", "po", "pml", "att", "gs", "xn",
              "k", "nu", "fail", "act", "tim", "tab"]  # fmt: skip
     kind = lambda n: "fp32" if n in f32 else "i32" if n in i32 else "i64" if n == "tim" else "bf16"  # noqa: E731
     return {n: "*" + kind(n) for n in names}
