@@ -9,10 +9,10 @@ the tokens' experts, each unit's rows read once for the whole batch (a token tha
 select the unit's expert gets gate 0, as ``routing.gates`` gives it).
 
 The inputs of every product are activations other programs of the launch wrote (the residual,
-the FFN sum, the attention output), read ``.cg`` from L2 in ``[TP, BK]`` chunks next to the
-weights' ``[R, BK]`` chunks: per chunk the L2 bytes are ``T · BK · 4`` (twice where the residual
-and the FFN sum are added) against ``R · BK`` weight elements, which is why a program's rows
-and the units are at least 16 wide.
+the attention output, the normalised FFN inputs), read ``.cg`` from L2 in ``[TP, BK]`` chunks
+next to the weights' ``[R, BK]`` chunks: per chunk the L2 bytes are ``T · BK`` elements
+against ``R · BK`` weight elements, which is why a program's rows and the units are at least
+16 wide.
 """
 
 from __future__ import annotations
@@ -36,29 +36,23 @@ def _dot(a, b, w, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _tokens_chunk(a_ptr, b_ptr, kk, km, T: tl.constexpr, TP: tl.constexpr, K: tl.constexpr,
-                  TWO: tl.constexpr):  # fmt: skip
-    """``[TP, BK]`` f32 columns ``kk`` of the ``[T, K]`` rows at ``a_ptr`` (plus ``b_ptr``'s with
-    ``TWO``), zero past T and K, read from L2 (other programs wrote them)."""
+def _tokens_chunk(x_ptr, kk, km, T: tl.constexpr, TP: tl.constexpr, K: tl.constexpr):
+    """``[TP, BK]`` f32 columns ``kk`` of the ``[T, K]`` rows at ``x_ptr``, zero past T and K,
+    read from L2 (other programs wrote them)."""
     rt = tl.arange(0, TP)
-    off = rt[:, None] * K + kk[None, :]
     m = (rt[:, None] < T) & km[None, :]
-    x = tl.load(a_ptr + off, mask=m, other=0.0, cache_modifier=".cg")
-    if TWO:
-        x += tl.load(b_ptr + off, mask=m, other=0.0, cache_modifier=".cg")
-    return x
+    return tl.load(x_ptr + rt[:, None] * K + kk[None, :], mask=m, other=0.0, cache_modifier=".cg")
 
 
 @triton.jit
-def _skinny(w_ptr, a_ptr, b_ptr, ln_ptr, r0, r1, K: tl.constexpr, T: tl.constexpr,
-            TP: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
-            NORM: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+def _skinny(w_ptr, x_ptr, ln_ptr, r0, r1, K: tl.constexpr, T: tl.constexpr, TP: tl.constexpr,
+            R_PAD: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, NORM: tl.constexpr,
+            DOT_F32: tl.constexpr):  # fmt: skip
     """``(acc [R_PAD, TP] f32, ss [TP] f32)``: weight rows ``[r0, r1)`` (``[N, K]`` row-major)
-    times the tokens' inputs ``x [T, K]``, the rows past r1 zero. With ``NORM`` the input is the
-    residual plus the FFN sum (``a_ptr + b_ptr``) times the RMSNorm weights ``ln_ptr``, and
-    ``ss`` its sum of squares a token: the caller scales ``acc`` by ``1 / rms`` (RMSNorm is
-    linear in x but for that scale), so the norm costs no pass of its own over the residual.
-    Without ``NORM`` the input is ``a_ptr``'s rows alone."""
+    times the tokens' inputs ``x [T, K]`` at ``x_ptr``, the rows past r1 zero. With ``NORM`` the
+    input (the residual) is multiplied by the RMSNorm weights ``ln_ptr`` and ``ss`` is its sum
+    of squares a token: the caller scales ``acc`` by ``1 / rms`` (RMSNorm is linear in x but for
+    that scale), so the norm costs no pass of its own over the residual."""
     rr = r0 + tl.arange(0, R_PAD)
     rmask = rr < r1
     rk = tl.arange(0, BK)
@@ -69,7 +63,7 @@ def _skinny(w_ptr, a_ptr, b_ptr, ln_ptr, r0, r1, K: tl.constexpr, T: tl.constexp
         km = kk < K
         w = tl.load(w_ptr + rr[:, None].to(tl.int64) * K + kk[None, :],
                     mask=rmask[:, None] & km[None, :], other=0.0)  # fmt: skip
-        x = _tokens_chunk(a_ptr, b_ptr, kk, km, T, TP, K, NORM)
+        x = _tokens_chunk(x_ptr, kk, km, T, TP, K)
         if NORM:
             ss += tl.sum(x * x, 1)
             x = x * tl.load(ln_ptr + kk, mask=km, other=0.0).to(tl.float32)[None, :]
@@ -162,19 +156,20 @@ def _unit_acts(xn_ptr, gs_ptr, w_in_ptr, act_ptr, tab_ptr, u0, u1, D: tl.constex
 
 
 @triton.jit
-def _unit_down(act_ptr, w_out_ptr, f_ptr, tab_ptr, u0, u1, c0, c1, D: tl.constexpr,
+def _unit_down(act_ptr, w_out_ptr, h_ptr, tab_ptr, u0, u1, c0, c1, D: tl.constexpr,
                G: tl.constexpr, T: tl.constexpr, TP: tl.constexpr, BN: tl.constexpr,
                CW_PAD: tl.constexpr, UB: tl.constexpr, STAGES: tl.constexpr,
                ATOMIC: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
-    """The expert phase's second half, one (unit group, column block) item: ``f[t, c0:c1] +=
-    Σ_{u in [u0, u1)} act_u[:, t] · W_out[rows_u, c0:c1]``, ``UB`` units (``UB · BN`` rows) a
-    step, so that each pipeline stage moves a tile of several KB (one unit's ``[16, c1 - c0]``
-    is 1-4 KB, too little in flight to stream at DRAM speed). With one unit group (``ATOMIC``
-    False) the item owns its columns outright and stores them (the O phase zeroed ``f``); with
-    several, groups add with one relaxed atomic ``[T, c1 - c0]`` an item. (Each program adding
-    its own units' ``[T, d]`` into ``f`` instead would be ``P · T · d`` atomics a layer, ~20 µs
-    at the 1B width and 16 tokens at the rate the atomic-drain probe measured, BENCHMARKS.md
-    twenty-sixth session.)"""
+    """The expert phase's second half, one (unit group, column block) item: ``h[t, c0:c1] +=
+    Σ_{u in [u0, u1)} act_u[:, t] · W_out[rows_u, c0:c1]`` into the residual ``h`` (nothing
+    reads it between the selection and the next layer), ``UB`` units (``UB · BN`` rows) a step,
+    so that each pipeline stage moves a tile of several KB (one unit's ``[16, c1 - c0]`` is 1-4
+    KB, too little in flight to stream at DRAM speed). With one unit group (``ATOMIC`` False)
+    the item owns its columns outright and adds with a load and a store; with several, the
+    groups add with one relaxed atomic ``[T, c1 - c0]`` an item. (Each program adding its own
+    units' ``[T, d]`` instead would be ``P · T · d`` atomics a layer, ~20 µs at the 1B width
+    and 16 tokens at the rate the atomic-drain probe measured, BENCHMARKS.md twenty-sixth
+    session.)"""
     PER: tl.constexpr = G // BN
     RB: tl.constexpr = UB * BN
     rr = tl.arange(0, RB)
@@ -196,6 +191,7 @@ def _unit_down(act_ptr, w_out_ptr, f_ptr, tab_ptr, u0, u1, c0, c1, D: tl.constex
     off = rt[:, None] * D + cols[None, :]
     m = (rt[:, None] < T) & cm[None, :]
     if ATOMIC:
-        tl.atomic_add(f_ptr + off, acc, mask=m, sem="relaxed")
+        tl.atomic_add(h_ptr + off, acc, mask=m, sem="relaxed")
     else:
-        tl.store(f_ptr + off, acc, mask=m)
+        tl.store(h_ptr + off, tl.load(h_ptr + off, mask=m, other=0.0, cache_modifier=".cg") + acc,
+                 mask=m)  # fmt: skip

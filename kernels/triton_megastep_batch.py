@@ -15,13 +15,13 @@ What. For every layer, six phases separated by grid barriers (``triton_grid``):
 * B: attention, one work item per (token, KV head, key split): the batch-1 step's item
   (``triton_megastep_attn._attend_split``) on the token's query row, cache and RoPE tables.
   Each sequence has its own position (``generate``'s right-padded prompts).
-* C: the O projection and the residual add (``h += W_o·attn + f``, then ``f = 0``) for the
-  program's rows, and its share of the T tokens' router logits before the RMSNorm's scale
-  (``_router_share``, relaxed atomics).
+* C: the O projection and the residual add (``h += W_o·attn``) for the program's rows, and its
+  share of the T tokens' router logits before the RMSNorm's scale (``_router_share``, relaxed
+  atomics).
 * S: program t (< T) selects token t's experts (``triton_select._select``, the router logits
   times its ``1 / rms``), writes its gates, k and its normalised FFN input (in the weights'
-  dtype, what phase F's units read). A phase of its own because every program
-  needs every token's selection to split the union (sorting T rows in every program costs T
+  dtype, what phase F's units read). A phase of its own because every program needs every
+  token's selection to split the union (sorting T rows in every program costs T
   sorts a layer; here it is one, and a barrier).
 * F: the union of the tokens' experts cut into 16-neuron units, split evenly over the programs;
   each program lists the union's experts in a table of its own (``_union``: one scatter, no
@@ -29,7 +29,8 @@ What. For every layer, six phases separated by grid barriers (``triton_grid``):
   (``_unit_acts``) into a scratch every program reads after the next barrier.
 * G: the down projection, one item per (unit group, column block) (``_unit_down``, ``UB``
   units a pipeline step, ~8 KB of W_out): the item sums its group's units for its columns and
-  stores them into the FFN sum ``f``, or with several groups adds them (relaxed atomics). A
+  adds them into the residual ``h`` (nothing reads it between the selection and the next
+  layer: no separate FFN sum), with relaxed atomics where several groups share a column. A
   phase of its own because every program adding its own units' ``[T, d]`` would be
   ``P · T · d`` atomics a layer: ~20 µs at the 1B width and 16 tokens at the rate
   ``scripts/atomic_drain_probe.py`` measured (BENCHMARKS.md, twenty-sixth session), against
@@ -40,8 +41,8 @@ block (the batch-1 step's measured prefetch sizes and forms, ``triton_megastep_p
 
 Around the layers: layer 0's residual rows are the tokens' embedding rows (each program copies
 its part before the first barrier), program 0 computes each token's RoPE tables there, and the
-residual, FFN sum, logits and counters share one zeroed workspace. The launch returns the last
-layer's residual (``h + f``, ``[T, d]`` f32); the final norm and the LM head run in XLA.
+residual, logits and counters share one zeroed workspace. The launch returns the last layer's
+residual (``[T, d]`` f32); the final norm and the LM head run in XLA.
 
 The residual stream stays fp32 inside the launch (the XLA model rounds it to the model dtype
 after every add), so bf16 results agree with the fp32 model within the bf16 tolerance and fp32
@@ -118,7 +119,7 @@ def _batch_kernel(
     w_in_ptr,  # [L, 2, F, D] gate rows, then up rows
     w_out_ptr,  # [L, F, D] down-projection rows
     kc_in_ptr, vc_in_ptr,  # [L, T, S_MAX, KV, HD] caches (aliased to kc_ptr, vc_ptr)
-    ws_ptr,  # out, zeroed workspace: h [T, D] | f [T, D] | logits [L, T, E] | counters
+    ws_ptr,  # out, zeroed workspace: h [T, D] | logits [L, T, E] | counters
     kc_ptr, vc_ptr,  # out caches, each token's key/value written at its position
     rope_ptr,  # scratch [T, HD] f32: cos, then sin, of pos_t · inv_freq (program 0 writes them)
     qkv_ptr,  # scratch [T, NQKV] f32
@@ -143,7 +144,7 @@ def _batch_kernel(
     CW_PAD: tl.constexpr, EPS: tl.constexpr, NUCLEUS: tl.constexpr,
     SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr, SCALE: tl.constexpr,
     SPIN: tl.constexpr, DOT_F32: tl.constexpr, AST: tl.constexpr, GS: tl.constexpr,
-    US: tl.constexpr, WS_F: tl.constexpr, WS_LG: tl.constexpr, WS_CTR: tl.constexpr,
+    US: tl.constexpr, WS_LG: tl.constexpr, WS_CTR: tl.constexpr,
     PF_A: tl.constexpr, PF_C: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     PFB: tl.constexpr, TIMING: tl.constexpr,
 ):  # fmt: skip
@@ -159,7 +160,6 @@ def _batch_kernel(
     failed = pid * 0
     ph = pid * 0  # barriers passed
     h_ptr = ws_ptr
-    f_ptr = ws_ptr + WS_F
     lg_ptr = ws_ptr + WS_LG
     ctr_ptr = (ws_ptr + WS_CTR).to(tl.pointer_type(tl.int32))
     hcnt_ptr = ctr_ptr + 1  # [L·T, KV] the key splits' counters
@@ -193,8 +193,8 @@ def _batch_kernel(
         _stamp(tim_ptr, pid, t0, NT, TIMING)
         # A: norm (of h plus the previous FFN's sum) folded into the QKV product.
         if a0 < NQKV:  # (programs past the rows would stream the residual for nothing)
-            qa, ss = _skinny(wqkv_ptr + lw * NQKV * D, h_ptr, f_ptr, ln1_ptr + layer * D, a0, a1,
-                             D, T, TP, RA_PAD, BK, GS, True, DOT_F32)  # fmt: skip
+            qa, ss = _skinny(wqkv_ptr + lw * NQKV * D, h_ptr, ln1_ptr + layer * D, a0, a1, D, T,
+                             TP, RA_PAD, BK, GS, True, DOT_F32)  # fmt: skip
             qa = qa * tl.rsqrt(ss / D + EPS)[None, :]
             ra = a0 + tl.arange(0, RA_PAD)
             tl.store(qkv_ptr + rt[None, :] * NQKV + ra[:, None], qa,
@@ -221,15 +221,13 @@ def _batch_kernel(
         # C: O projection + residual (+ the previous FFN's sum, zeroed for this layer's) + this
         # program's share of the router logits.
         if c0 < D:
-            oc, _ = _skinny(wo_ptr + lw * D * NA, att_ptr, att_ptr, ln1_ptr, c0, c1, NA, T, TP,
-                            RC_PAD, BK, GS, False, DOT_F32)  # fmt: skip
+            oc, _ = _skinny(wo_ptr + lw * D * NA, att_ptr, ln1_ptr, c0, c1, NA, T, TP, RC_PAD, BK,
+                            GS, False, DOT_F32)  # fmt: skip
             rc = c0 + tl.arange(0, RC_PAD)
             off = rt[None, :] * D + rc[:, None]
             m = (rc < c1)[:, None] & tmask[None, :]
             hv = oc + tl.load(h_ptr + off, mask=m, other=0.0, cache_modifier=".cg")
-            hv += tl.load(f_ptr + off, mask=m, other=0.0, cache_modifier=".cg")
             tl.store(h_ptr + off, hv, mask=m)
-            tl.store(f_ptr + off, tl.zeros([RC_PAD, TP], tl.float32), mask=m)
             _router_share(wr_ptr + lw * E * D, ln2_ptr + layer * D, hv, lg_ptr + layer * T * E,
                           c0, c1, D, E, T, TP, RC_PAD, BE, DOT_F32)  # fmt: skip
         _stamp(tim_ptr, pid, t0 + 5, NT, TIMING)
@@ -275,7 +273,7 @@ def _batch_kernel(
         for item in range(pid, NU * NC, P):
             grp = item // NC
             w0 = (item % NC) * CW
-            _unit_down(act_ptr, w_out_ptr + lw * F * D, f_ptr, tab, grp * n_units // NU,
+            _unit_down(act_ptr, w_out_ptr + lw * F * D, h_ptr, tab, grp * n_units // NU,
                        (grp + 1) * n_units // NU, w0, tl.minimum(w0 + CW, D), D, G, T, TP, BN,
                        CW_PAD, UB, US, NU > 1, DOT_F32)  # fmt: skip
         _stamp(tim_ptr, pid, t0 + 11, NT, TIMING)
@@ -343,8 +341,7 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     nqkv = (hq + 2 * kv) * hd
     r_a, r_c, r_z = (-(-n // p) for n in (nqkv, d, d))
     e_pad = max(16, jt.next_pow2(e))
-    ws_f = t * d
-    ws_lg = 2 * t * d
+    ws_lg = t * d
     w = weight_itemsize
     pf_a = 0 if interpret else _pf_lines(prefetch_kb * 1024 // LINE, r_a, 0, d, w)
     pf_c = 0 if interpret else _pf_lines(prefetch_o_kb * 1024 // LINE, r_c, 0, hq * hd, w)
@@ -362,12 +359,12 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
         SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=e if k_max is None else k_max,
         SCALE=float(hd**-0.5), SPIN=spin, DOT_F32=bool(interpret),
         AST=int(ast if attn_stages is None else attn_stages), GS=gemv_stages, US=unit_stages,
-        WS_F=ws_f, WS_LG=ws_lg, WS_CTR=ws_lg + n_layers * t * e,
+        WS_LG=ws_lg, WS_CTR=ws_lg + n_layers * t * e,
     )  # fmt: skip
 
 
 def workspace_size(c: dict) -> int:
-    """Elements of the zeroed workspace: h, f, the logits, the barrier and split counters."""
+    """Elements of the zeroed workspace: h, the logits, the barrier and split counters."""
     return c["WS_CTR"] + 1 + c["L"] * c["T"] * c["KV"]
 
 
@@ -456,6 +453,6 @@ def megastep_batch(
         num_stages=1, interpret=interpret, **c,
     )  # fmt: skip
     ws = outs[0]
-    y = (ws[: t * d] + ws[c["WS_F"] : c["WS_F"] + t * d]).reshape(t, d)
+    y = ws[: t * d].reshape(t, d)
     res = (y, outs[1], outs[2], outs[10].reshape(n_layers, t), outs[11], outs[12])
     return (*res, outs[14]) if timing else res
