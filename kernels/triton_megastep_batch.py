@@ -191,7 +191,7 @@ def _batch_kernel(
         lw = tl.full([], 0, tl.int64) + layer  # 8B's stacked w_in has 3.8e9 elements
         t0 = 1 + layer * SLOTS  # this layer's first stamp: phase j starts at t0 + 2j
         _stamp(tim_ptr, pid, t0, NT, TIMING)
-        # A: norm (of h plus the previous FFN's sum) folded into the QKV product.
+        # A: the residual's norm folded into the QKV product.
         if a0 < NQKV:  # (programs past the rows would stream the residual for nothing)
             qa, ss = _skinny(wqkv_ptr + lw * NQKV * D, h_ptr, ln1_ptr + layer * D, a0, a1, D, T,
                              TP, RA_PAD, BK, GS, True, DOT_F32)  # fmt: skip
@@ -218,8 +218,7 @@ def _batch_kernel(
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         _stamp(tim_ptr, pid, t0 + 4, NT, TIMING)
-        # C: O projection + residual (+ the previous FFN's sum, zeroed for this layer's) + this
-        # program's share of the router logits.
+        # C: O projection + residual + this program's share of the router logits.
         if c0 < D:
             oc, _ = _skinny(wo_ptr + lw * D * NA, att_ptr, ln1_ptr, c0, c1, NA, T, TP, RC_PAD, BK,
                             GS, False, DOT_F32)  # fmt: skip
@@ -269,7 +268,7 @@ def _batch_kernel(
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         _stamp(tim_ptr, pid, t0 + 10, NT, TIMING)
-        # G: the down projection, one item per (unit group, column block), into the FFN sum.
+        # G: the down projection, one item per (unit group, column block), into the residual.
         for item in range(pid, NU * NC, P):
             grp = item // NC
             w0 = (item % NC) * CW
