@@ -83,6 +83,7 @@ from prunepath_jax.kernels.triton_megastep_plan import (
     SPIN,
     STAGES,
     _pf_lines,
+    check_launch,
     default_attention,
     default_bulk_prefetch,
     default_splits,
@@ -301,7 +302,7 @@ def check(t: int, d: int, head_dim: int, group_size: int) -> None:
 def default_unit_groups(t: int) -> int:
     """Unit groups of the down projection (``_down_split``): 2 up to 8 tokens, 4 above. Each
     column block's program reads its group's activations (``n_units · BN · T · 4 / NU`` bytes
-    from L2, against ~1 / P of the down rows' bytes) and the groups add into the FFN sum
+    from L2, against ~1 / P of the down rows' bytes) and the groups add into the residual
     (``NU · T · d`` atomics a layer). Chosen on paper, to keep the first under about a quarter
     of the second at 8B at a union of 44-99% (not measured yet)."""
     return 4 if t > 8 else 2
@@ -316,11 +317,10 @@ def _down_split(t: int, d: int, p: int, unit_groups: int) -> dict:
     return dict(NU=nu, NC=nc, CW=cw, CW_PAD=max(16, jt.next_pow2(cw)))
 
 
-def _down_units(t: int, d: int, p: int, itemsize: int, unit_groups: int) -> int:
-    """Units a step of the down projection's loop: a ``[UB · BN, CW]`` tile of about
+def _down_units(cw_pad: int, itemsize: int) -> int:
+    """Units a step of the down projection's loop: a ``[UB · BN, CW_PAD]`` tile of about
     ``DOWN_TILE_BYTES`` (a power of 2 from 1 to 8)."""
-    cw = _down_split(t, d, p, unit_groups)["CW_PAD"]
-    n = max(1, DOWN_TILE_BYTES // (BN * cw * itemsize))
+    n = max(1, DOWN_TILE_BYTES // (BN * cw_pad * itemsize))
     return min(8, 1 << (n.bit_length() - 1))
 
 
@@ -345,8 +345,9 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     pf_a = 0 if interpret else _pf_lines(prefetch_kb * 1024 // LINE, r_a, 0, d, w)
     pf_c = 0 if interpret else _pf_lines(prefetch_o_kb * 1024 // LINE, r_c, 0, hq * hd, w)
     bulk = default_bulk_prefetch(d) if bulk_prefetch is None else bool(bulk_prefetch)
+    down = _down_split(t, d, p, unit_groups)
     return dict(
-        UB=_down_units(t, d, p, w, unit_groups), BK=BK,
+        **down, UB=_down_units(down["CW_PAD"], w), BK=BK,
         PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),
         PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
         T=t, TP=MAX_TOKENS, L=n_layers, D=d, HQ=hq, KV=kv, HD=hd,
@@ -354,7 +355,7 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
         S_PAD=jt.next_pow2(s), BT=bt, S_MAX=s_max, R_A=r_a, RA_PAD=max(16, jt.next_pow2(r_a)),
         R_C=r_c, RC_PAD=max(16, jt.next_pow2(r_c)), R_Z=r_z, RZ_PAD=jt.next_pow2(r_z),
         D_PAD=jt.next_pow2(d), BE=min(BE, e_pad),
-        **_down_split(t, d, p, unit_groups), EPS=float(eps), NUCLEUS=rule == "nucleus",
+        EPS=float(eps), NUCLEUS=rule == "nucleus",
         SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=e if k_max is None else k_max,
         SCALE=float(hd**-0.5), SPIN=spin, DOT_F32=bool(interpret),
         AST=int(ast if attn_stages is None else attn_stages), GS=gemv_stages, US=unit_stages,
@@ -393,17 +394,21 @@ def megastep_batch(
     g = w_in_lcfd.shape[2] // e
     hq = wo_ldn.shape[2] // hd
     check(t, d, hd, g)
-    ints = {"programs": programs, "splits": splits, "unit_groups": unit_groups,
-            "prefetch_kb": prefetch_kb, "prefetch_o_kb": prefetch_o_kb}  # fmt: skip
-    bad = {k: v for k, v in ints.items() if v < 0}
-    bad |= {k: v for k, v in (("gemv_stages", gemv_stages), ("unit_stages", unit_stages),
-                              ("attn_stages", attn_stages or 1)) if v < 1}  # fmt: skip
-    if warps not in (1, 2, 4, 8, 16) or (block_t is not None and block_t < 16) or bad:
-        raise ValueError(
-            "megastep_batch: need programs, splits, unit_groups, prefetch sizes >= 0, stages "
-            f">= 1, warps a power of 2 up to 16, block_t >= 16; got {bad or ''} warps={warps} "
-            f"block_t={block_t}"
-        )
+    bt, ast = default_attention(False, s_max, hd, jnp.dtype(kc_ltskh.dtype).itemsize)
+    block_t = block_t or bt
+    attn_stages = ast if attn_stages is None else attn_stages
+    warps = warps or 8
+    try:  # the batch-1 launch's checks, for the fields the two launches share
+        if unit_groups < 0:
+            raise ValueError(f"unit_groups must be >= 0 (0: by the batch), got {unit_groups}")
+        k_max = check_launch(
+            e, False, router_in_items=False, block_t=block_t, k_min=k_min, k_max=k_max,
+            rule=rule, gate=gate, programs=programs, splits=splits, parts=0, warps=warps,
+            tile_bytes=0, stages=(gemv_stages, unit_stages, attn_stages),
+            prefetch=(prefetch_kb, prefetch_o_kb),
+        )  # fmt: skip
+    except ValueError as err:
+        raise ValueError(f"megastep_batch: need a launch the kernel runs: {err}") from err
     want = {
         "tokens_t": (jnp.shape(tokens_t), (t,)), "pos_t": (jnp.shape(pos_t), (t,)),
         "tau_l": (jnp.shape(tau_l), (n_layers,)), "vc": (vc_ltskh.shape, kc_ltskh.shape),
@@ -412,9 +417,6 @@ def megastep_batch(
     for name, (got, need) in want.items():
         if got != need:
             raise ValueError(f"megastep_batch: {name} has shape {got}, expected {need}")
-    k_max = e if k_max is None else min(k_max, e)
-    if not 1 <= k_min <= k_max:
-        raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
     c = constants(t, n_layers, d, hq, kv, hd, e, g, s_max,
                   programs=programs or jt.default_programs(), splits=splits, block_t=block_t,
                   attn_stages=attn_stages, cache_itemsize=jnp.dtype(kc_ltskh.dtype).itemsize,

@@ -113,19 +113,23 @@ def check(model: nnx.Module, batch: int = 1) -> PrunePathFFN:
     ffn = model.layers[0].mlp
     if not ffn.gated or ffn.b_in is not None:
         raise ValueError("the one-launch decode step takes SwiGLU FFNs without biases")
-    if not 1 <= batch <= MAX_BATCH:
-        raise ValueError(f"the one-launch decode step takes 1-{MAX_BATCH} sequences, got {batch}")
+    _check_batch(batch)
     try:
         from prunepath_jax.kernels import triton_megastep_batch as tb
         from prunepath_jax.kernels.triton_megastep import unsupported_shape
     except ImportError:  # no triton here: generate's GPU check names what is missing
         return ffn
-    why = unsupported_shape(cfg.d_model, cfg.head_dim, cfg.prunepath.group_size)
-    if why:
-        raise ValueError(why)
+    shape = (cfg.d_model, cfg.head_dim, cfg.prunepath.group_size)
     if batch > 1:
-        tb.check(batch, cfg.d_model, cfg.head_dim, cfg.prunepath.group_size)
+        tb.check(batch, *shape)  # the batch-1 launch's limits and the batched one's
+    elif why := unsupported_shape(*shape):
+        raise ValueError(why)
     return ffn
+
+
+def _check_batch(b: int) -> None:
+    if not 1 <= b <= MAX_BATCH:
+        raise ValueError(f"the one-launch decode step takes 1-{MAX_BATCH} sequences, got {b}")
 
 
 # Sequences the batched launch takes (``triton_megastep_batch.MAX_TOKENS``; here so that this
@@ -260,8 +264,7 @@ def stack_cache(cache) -> tuple[jax.Array, jax.Array]:
     """Per-layer ``LayerCache``s -> stacked ``(k, v)``: ``[L, s, kv, hd]`` for batch 1 (the
     batch-1 kernel's layout), ``[L, b, s, kv, hd]`` for 2-16 sequences (the batched one's)."""
     b = cache[0].k.shape[0]
-    if not 1 <= b <= MAX_BATCH:
-        raise ValueError(f"the one-launch decode step takes 1-{MAX_BATCH} sequences, got {b}")
+    _check_batch(b)
     return _stack_kv([(c.k, c.v) for c in cache], b == 1)
 
 
