@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -220,6 +221,21 @@ def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     with p.open("a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+
+
+def row_emitter(head: dict, path: str | os.PathLike, **fixed) -> tuple[list[dict], Callable]:
+    """``(rows, emit)``: ``emit(row)`` adds ``head`` and ``fixed`` to a result row, keeps it in
+    ``rows``, appends it to ``path`` at once (a run cut short keeps what it measured) and prints
+    it without ``head``."""
+    rows = []
+
+    def emit(row: dict) -> None:
+        row = {**head, **fixed, **row}
+        rows.append(row)
+        write_rows(path, [row])
+        print({k: v for k, v in row.items() if k not in head}, flush=True)
+
+    return rows, emit
 
 
 def markdown_table(rows: list[dict], cols: list[str]) -> str:

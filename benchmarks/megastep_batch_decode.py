@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -28,8 +27,8 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, header, markdown_table, write_rows  # noqa: E402
-from megastep_decode import _chunk_call  # noqa: E402
+from common import copy_bandwidth, header, markdown_table, row_emitter  # noqa: E402
+from megastep_decode import mega_state, mega_timer, phase_stats  # noqa: E402
 from sparse_decode import decode_cache_len, set_k, time_decode  # noqa: E402
 
 from prunepath_jax import megastep  # noqa: E402
@@ -40,61 +39,21 @@ from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
 
 
-def batch_state(model, batch, prompt_len, ctx) -> megastep.MegaState:
-    """Tokens 1..b at ``prompt_len``, empty stacked caches ``[L, b, ctx, kv, hd]`` (bf16)."""
-    cfg = model.cfg
-    shape = (cfg.n_layers, batch, ctx, cfg.n_kv_heads, cfg.head_dim)
-    return megastep.MegaState(
-        token_b=(1 + jnp.arange(batch, dtype=jnp.int32)) % cfg.vocab_size,
-        pos_b=jnp.full((batch,), prompt_len, jnp.int32), done_b=jnp.zeros((batch,), bool),
-        kc=jnp.zeros(shape, jnp.bfloat16), vc=jnp.zeros(shape, jnp.bfloat16),
-        rng=jax.random.key(0), fail=jnp.int32(0),
-    )  # fmt: skip
-
-
-def time_batch(model, mw, tau_l, batch, prompt_len, steps, chunks, launch) -> dict:
-    """µs a step of the batched launch and its barrier give-ups (``generate``'s loop)."""
-    ctx = decode_cache_len(prompt_len, steps, chunks)
-    call = _chunk_call(model, mw, tau_l, steps, launch)
-    st, _ = call(batch_state(model, batch, prompt_len, ctx))  # compile + warm
-    st, _ = call(st)
-    jax.block_until_ready(st)
-    t0 = time.perf_counter()
-    for _ in range(chunks):
-        st, _ = call(st)
-    jax.block_until_ready(st)
-    dt = (time.perf_counter() - t0) / (chunks * steps)
-    return {"us_per_step": dt * 1e6, "barrier_failures": int(np.asarray(st.fail))}
-
-
 def timeline(t_ps: np.ndarray, n_layers: int) -> dict:
     """Per-phase µs a layer from every program's stamps ``[P, 1 + N_SLOTS·L]`` (ns; each
-    phase's start and end a layer, ``triton_megastep_batch.PHASES``): a phase runs from the
-    moment the barrier before it opened (the previous phase's last arrival) to its own last
-    arrival; ``wake`` is how long after that opening a program starts it, ``work`` (mean and
-    max over programs) what it spends in it. Means over layers."""
+    phase's start and end a layer, ``triton_megastep_batch.PHASES``), as
+    ``megastep_decode.phase_stats`` reads a timeline."""
     from prunepath_jax.kernels.triton_megastep_batch import N_SLOTS, PHASES
 
-    n = len(PHASES)
     s = t_ps[:, 1:].reshape(t_ps.shape[0], n_layers, N_SLOTS).astype(np.float64) / 1e3  # µs
-    starts, ends = s[:, :, 0::2], s[:, :, 1::2]  # [P, L, phases]
-    opened = ends.max(axis=0).reshape(-1)
-    prev = np.concatenate([[t_ps[:, 0].min() / 1e3], opened[:-1]]).reshape(n_layers, n)
-    work = ends - starts
-    out = {
-        "phase_us_per_layer": (opened.reshape(n_layers, n) - prev).mean(0),
-        "wake_us": (starts - prev[None]).mean((0, 1)),
-        "work_mean_us": work.mean((0, 1)),
-        "work_max_us": work.max(0).mean(0),
-    }
-    out = {k: dict(zip(PHASES, np.round(v, 2).tolist(), strict=True)) for k, v in out.items()}
-    out["layers_us"] = round(float(opened[-1] - t_ps[:, 0].min() / 1e3), 2)
+    out = phase_stats(s[:, :, 0::2], s[:, :, 1::2], t_ps[:, 0].min() / 1e3, PHASES)
+    out["layers_us"] = round(out["layers_us"], 2)
     return out
 
 
 def phase_times(model, mw, tau_l, batch, prompt_len, ctx, launch) -> dict:
     """``timeline`` of one stamped step (the last of three calls: warm caches, as in decode)."""
-    st = batch_state(model, batch, prompt_len, ctx)
+    st = mega_state(model, prompt_len, ctx, batch=batch)
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -173,13 +132,7 @@ def main() -> None:
     head = {**header(), "bench": "megastep_batch_decode"}
     bw = max(copy_bandwidth(2 << 30).values())
     launches = {k: megastep.Launch(**v) for k, v in json.loads(a.launches).items()}
-    rows = []
-
-    def emit(row):
-        row = {**head, "copy_TB_s": bw / 1e12, **row}
-        rows.append(row)
-        write_rows(a.out, [row])
-        print({k: v for k, v in row.items() if k not in head}, flush=True)
+    rows, emit = row_emitter(head, a.out, copy_TB_s=bw / 1e12)
 
     for shape in a.shapes:
         cfg = PRESETS[shape]
@@ -203,10 +156,12 @@ def main() -> None:
             for label, launch in launches.items():
                 try:
                     chk = check(sparse, mw, args, tau_l, b, a.prompt_len, a.check_steps, launch)
-                    r = time_batch(sparse, mw, tau_l, b, a.prompt_len, a.steps, a.chunks, launch)
+                    us, fails = mega_timer(sparse, mw, tau_l, a.prompt_len, a.steps, a.chunks,
+                                           launch, batch=b)()  # fmt: skip
+                    r = {"us_per_step": us, "barrier_failures": fails}
                     ctx = decode_cache_len(a.prompt_len, a.steps, a.chunks)
                     tl_ = phase_times(sparse, mw, tau_l, b, a.prompt_len, ctx, launch)
-                    speedup = dense[b]["us_per_step"] / r["us_per_step"]
+                    speedup = dense[b]["us_per_step"] / us
                     emit({**base, "impl": f"megastep_batch_{label}", "launch": launch._asdict(),
                           **chk, **r, **tl_, "speedup_vs_dense": speedup})  # fmt: skip
                 except Exception as err:  # report and go on

@@ -42,9 +42,9 @@ from common import (  # noqa: E402
     copy_bandwidth,
     header,
     markdown_table,
+    row_emitter,
     summarize,
     traced_events,
-    write_rows,
 )
 from sparse_decode import decode_cache_len, greedy_chunk_args, set_k, time_decode  # noqa: E402
 
@@ -56,14 +56,17 @@ from prunepath_jax.models.llama import LlamaModel  # noqa: E402
 from prunepath_jax.nn import route_args, set_compute  # noqa: E402
 
 
-def mega_state(model, prompt_len, ctx, mod=megastep):
-    """A fresh one-launch decode state: token 1 at ``prompt_len``, empty caches of ``ctx``."""
+def mega_state(model, prompt_len, ctx, mod=megastep, batch: int = 1):
+    """A fresh one-launch decode state: tokens 1..b at ``prompt_len`` (distinct, so a batch's
+    sequences route apart), empty bf16 caches of ``ctx`` positions, stacked as the launch takes
+    them (``[L, ctx, kv, hd]`` for one sequence, ``[L, b, ctx, kv, hd]`` for 2-16)."""
     cfg = model.cfg
-    shape = (cfg.n_layers, ctx, cfg.n_kv_heads, cfg.head_dim)
+    shape = (cfg.n_layers, *((batch,) if batch > 1 else ()), ctx, cfg.n_kv_heads, cfg.head_dim)
     return mod.MegaState(
-        token_b=jnp.ones((1,), jnp.int32), pos_b=jnp.full((1,), prompt_len, jnp.int32),
-        done_b=jnp.zeros((1,), bool), kc=jnp.zeros(shape, jnp.bfloat16),
-        vc=jnp.zeros(shape, jnp.bfloat16), rng=jax.random.key(0), fail=jnp.int32(0),
+        token_b=(1 + jnp.arange(batch, dtype=jnp.int32)) % cfg.vocab_size,
+        pos_b=jnp.full((batch,), prompt_len, jnp.int32), done_b=jnp.zeros((batch,), bool),
+        kc=jnp.zeros(shape, jnp.bfloat16), vc=jnp.zeros(shape, jnp.bfloat16),
+        rng=jax.random.key(0), fail=jnp.int32(0),
     )  # fmt: skip
 
 
@@ -85,16 +88,17 @@ def _chunk_call(model, mw, tau_l, steps, launch, mod=megastep):
     return lambda st: fn(leaves, mw, st, *args)
 
 
-def mega_timer(model, mw, tau_l, prompt_len, steps, chunks, launch, mod=megastep):
+def mega_timer(model, mw, tau_l, prompt_len, steps, chunks, launch, mod=megastep, batch=1):
     """A compiled, warmed ``() -> (µs per step, barrier failures)`` of the one-launch path
-    (same loop shape as ``time_decode``): each call times ``chunks`` calls of ``steps`` tokens
+    (same loop shape as ``time_decode``; ``batch`` sequences): each call times ``chunks`` calls
+    of ``steps`` tokens
     from a fresh cache at ``prompt_len`` after one untimed call, so every call sees the same
     context lengths and calls of several variants can interleave (``round_stats``)."""
     ctx = decode_cache_len(prompt_len, steps, chunks)
     call = _chunk_call(model, mw, tau_l, steps, launch, mod)
 
     def run() -> tuple[float, int]:
-        st, _ = call(mega_state(model, prompt_len, ctx, mod))
+        st, _ = call(mega_state(model, prompt_len, ctx, mod, batch))
         jax.block_until_ready(st)
         t0 = time.perf_counter()
         for _ in range(chunks):
@@ -156,23 +160,35 @@ def timeline(t_ps: np.ndarray, n_layers: int) -> dict:
 
     s = t_ps[:, 1:].reshape(t_ps.shape[0], n_layers, N_SLOTS).astype(np.float64) / 1e3  # µs
     starts, ends = s[:, :, [0, 2, 4, 6, 8]], s[:, :, [1, 3, 5, 7, 11]]  # [P, L, 5]: A B C D F
-    opened = ends.max(axis=0).reshape(-1)  # [L·5] the moments the barriers opened
-    prev = np.concatenate([[t_ps[:, 0].min() / 1e3], opened[:-1]]).reshape(n_layers, 5)
-    work = ends - starts
-    out = {
-        "phase_us_per_layer": (opened.reshape(n_layers, 5) - prev).mean(0),
-        "wake_us": (starts - prev[None]).mean((0, 1)),
-        "work_mean_us": work.mean((0, 1)),
-        "work_max_us": work.max(0).mean(0),
-    }
-    out = {k: dict(zip(PHASE_NAMES, np.round(v, 2).tolist(), strict=True)) for k, v in out.items()}
+    out = phase_stats(starts, ends, t_ps[:, 0].min() / 1e3, PHASE_NAMES)
     out["F_select_us"] = round(float((s[:, :, 9] - s[:, :, 8]).mean()), 2)
     out["F_units_us"] = round(float((s[:, :, 10] - s[:, :, 9]).mean()), 2)
     out["F_atomics_us"] = round(float((s[:, :, 11] - s[:, :, 10]).mean()), 2)
     # The expert stream as a whole: the first program's start of its unit loop to the last
     # program's end of it (what ``expert_GB_s`` divides the selected experts' bytes by).
     out["F_units_span_us"] = round(float((s[:, :, 10].max(0) - s[:, :, 9].min(0)).mean()), 2)
-    out["layers_us"] = float(opened[-1] - t_ps[:, 0].min() / 1e3)
+    return out
+
+
+def phase_stats(starts, ends, t0_us: float, names) -> dict:
+    """The timeline's figures from each program's phase starts and ends ``[P, L, phases]``
+    (µs; ``t0_us`` the first program's first stamp): a phase runs from the moment the barrier
+    before it opened (the previous phase's last arrival) to its own last arrival, ``wake`` is
+    how long after that opening a program starts it, ``work`` (mean and max over programs) what
+    it spends in it; means over layers, by phase name. ``layers_us``: first stamp to the last
+    phase's last arrival."""
+    n_layers, n = starts.shape[1:]
+    opened = ends.max(axis=0).reshape(-1)  # [L·phases] the moments the barriers opened
+    prev = np.concatenate([[t0_us], opened[:-1]]).reshape(n_layers, n)
+    work = ends - starts
+    out = {
+        "phase_us_per_layer": (opened.reshape(n_layers, n) - prev).mean(0),
+        "wake_us": (starts - prev[None]).mean((0, 1)),
+        "work_mean_us": work.mean((0, 1)),
+        "work_max_us": work.max(0).mean(0),
+    }
+    out = {k: dict(zip(names, np.round(v, 2).tolist(), strict=True)) for k, v in out.items()}
+    out["layers_us"] = float(opened[-1] - t0_us)
     return out
 
 
@@ -311,13 +327,7 @@ def main() -> None:
     head = {**header(), "bench": "megastep_decode"}
     bw = max(copy_bandwidth(2 << 30).values())
     launches = {k: megastep.Launch(**v) for k, v in json.loads(a.launches).items()}
-    rows = []
-
-    def emit(row):
-        row = {**head, "copy_TB_s": bw / 1e12, **row}
-        rows.append(row)
-        write_rows(a.out, [row])
-        print({k: v for k, v in row.items() if k not in head}, flush=True)
+    rows, emit = row_emitter(head, a.out, copy_TB_s=bw / 1e12)
 
     for shape in a.shapes:
         cfg = PRESETS[shape]

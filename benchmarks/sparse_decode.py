@@ -36,7 +36,7 @@ from common import (  # noqa: E402
     copy_bandwidth,
     header,
     markdown_table,
-    write_rows,
+    row_emitter,
 )
 
 from prunepath_jax import routing  # noqa: E402
@@ -352,13 +352,7 @@ def main():
     bws = copy_bandwidth(2 << 30)
     bw = max(bws.values())
     print({k: f"{v / 1e12:.2f} TB/s" for k, v in bws.items()}, flush=True)
-    rows = []
-
-    def emit(row):
-        row = {**head, "copy_TB_s": bw / 1e12, **row}
-        rows.append(row)
-        write_rows(a.out, [row])  # row by row: a run cut short keeps what it measured
-        print({k: v for k, v in row.items() if k not in head}, flush=True)
+    rows, emit = row_emitter(head, a.out, copy_TB_s=bw / 1e12)
 
     if a.pick_logits and jax.default_backend() == "gpu":
         head["logits"] = pick_logits(emit)
