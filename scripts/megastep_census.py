@@ -3,6 +3,7 @@
 
     python scripts/megastep_census.py --shapes smollm2-135m llama-3.2-1b llama-3-8b \
         --launches '{"default": {}, "t8k": {"tile_bytes": 8192}}'
+    python scripts/megastep_census.py --batch 16   # the batched launch (2-16 sequences)
 
 Why: a GPU run is the only judge of speed, but whether a launch variant spills, how much shared
 memory its pipelines take and how many CTA barriers and shuffles its phases chain are facts of
@@ -32,6 +33,7 @@ from prunepath_jax import megastep
 from prunepath_jax.config import PRESETS
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels import triton_megastep as tm
+from prunepath_jax.kernels import triton_megastep_batch as tb
 from prunepath_jax.kernels.sm90 import compile_sm90, ptxas_info, sass_ops
 from prunepath_jax.kernels.synthetic import sparse_llama
 
@@ -42,13 +44,15 @@ _PTR = {jnp.dtype(jnp.bfloat16): "*bf16", jnp.dtype(jnp.float16): "*fp16",
 
 
 def plan(
-    cfg, launch: megastep.Launch, s_max: int = 256, programs: int = 132, dtype=jnp.bfloat16
-) -> tuple[dict, dict, int]:
+    cfg, launch: megastep.Launch, s_max: int = 256, programs: int = 132, dtype=jnp.bfloat16,
+    batch: int = 1, timing: bool = False,
+) -> tuple[dict, dict, int]:  # fmt: skip
     """``(signature, constexprs, warps)`` of the launch one decode step makes for this model
-    shape: an abstract PrunePath model (``nnx.eval_shape``, no weights allocated; weights and
-    cache in ``dtype``) through ``megastep.pack`` and ``megastep.step`` under
-    ``jax.eval_shape``, with ``triton_call`` caught, so the kernel's own checks, defaults and
-    weight layout decide everything."""
+    shape and ``batch`` sequences (2-16: the batched launch, ``triton_megastep_batch``; with
+    ``timing``, its phase stamps): an abstract PrunePath model (``nnx.eval_shape``, no weights
+    allocated; weights and cache in ``dtype``) through ``megastep.pack`` and ``megastep.step``
+    under ``jax.eval_shape``, with ``triton_call`` caught, so the kernel's own checks, defaults
+    and weight layout decide everything."""
     caught = {}
 
     def fake_call(kernel, *args, out_shape, num_warps, **kw):
@@ -67,10 +71,12 @@ def plan(
 
     def one_step(state):
         model = nnx.merge(graphdef, state)
-        kc = jnp.zeros((n, s_max, cfg.n_kv_heads, cfg.head_dim), dtype)
-        i1 = jnp.zeros((1,), jnp.int32)
+        seqs = (batch,) if batch > 1 else ()
+        kc = jnp.zeros((n, *seqs, s_max, cfg.n_kv_heads, cfg.head_dim), dtype)
+        ib = jnp.zeros((batch,), jnp.int32)
         mw = megastep.pack(model, head=bool(launch.head_in))
-        return megastep.step(model, mw, i1, i1, kc, kc, jnp.ones((n,), jnp.float32), launch)
+        tau = jnp.ones((n,), jnp.float32)
+        return megastep.step(model, mw, ib, ib, kc, kc, tau, launch, timing=timing)
 
     real, jt.triton_call = jt.triton_call, fake_call
     try:
@@ -80,11 +86,18 @@ def plan(
     return caught["sig"], caught["const"], caught["warps"]
 
 
-def census(cfg, launch: megastep.Launch, s_max: int = 256, dtype=jnp.bfloat16) -> dict:
+def kernel(batch: int):
+    """The launch's kernel for ``batch`` sequences."""
+    return tm._megastep_kernel if batch == 1 else tb._batch_kernel
+
+
+def census(
+    cfg, launch: megastep.Launch, s_max: int = 256, dtype=jnp.bfloat16, batch: int = 1
+) -> dict:
     """Compiles the planned launch for sm_90 and reads it: registers a thread, spill bytes,
     stack, shared memory, SASS size, CTA barriers and shuffles, PTX L2 prefetches."""
-    sig, const, warps = plan(cfg, launch, s_max, dtype=dtype)
-    ck = compile_sm90(tm._megastep_kernel, sig, const, warps=warps, stages=1)
+    sig, const, warps = plan(cfg, launch, s_max, dtype=dtype, batch=batch)
+    ck = compile_sm90(kernel(batch), sig, const, warps=warps, stages=1)
     ops = sass_ops(ck.asm["cubin"])
     return {
         **ptxas_info(ck.asm["ptx"]), "shared_bytes": ck.metadata.shared, "warps": warps,
@@ -101,6 +114,7 @@ def main() -> None:
     ap.add_argument("--cache-len", type=int, default=256, help="KV-cache positions (s_max)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="weights and KV cache (auto takes both)")  # fmt: skip
+    ap.add_argument("--batch", type=int, default=1, help="sequences (2-16: the batched launch)")
     ap.add_argument("--out", help="JSONL rows here as well")
     a = ap.parse_args()
     launches = {k: megastep.Launch(**v) for k, v in json.loads(a.launches).items()}
@@ -108,17 +122,19 @@ def main() -> None:
             "BAR", "SHFL", "ptx_prefetch", "ptx_bulk_prefetch"]  # fmt: skip
     import triton
 
-    print(f"triton {triton.__version__}, sm_90, a {a.cache_len}-position cache, {a.dtype}")
+    print(f"triton {triton.__version__}, sm_90, a {a.cache_len}-position cache, {a.dtype}, "
+          f"{a.batch} sequence(s)")  # fmt: skip
     print("| shape | launch | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 2) + "|")
     for shape in a.shapes:
         cfg = PRESETS[shape]
         for label, launch in launches.items():
-            row = census(cfg, launch, a.cache_len, jnp.dtype(a.dtype))
+            row = census(cfg, launch, a.cache_len, jnp.dtype(a.dtype), a.batch)
             print(f"| {shape} | {label} | " + " | ".join(str(row[c]) for c in cols) + " |")
             if a.out:
                 with open(a.out, "a") as f:
                     meta = {"triton": triton.__version__, "shape": shape, "launch": label}
+                    meta["batch"] = a.batch
                     f.write(json.dumps({**meta, "dtype": a.dtype, **row}) + "\n")
 
 

@@ -16,17 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from megastep_cases import BATCH_CASES, build_batch  # noqa: E402
+from megastep_cases import BATCH_CASES, as_fp32, build_batch  # noqa: E402
 
 from prunepath_jax import megastep  # noqa: E402
-
-
-def _fp32(model, cache):
-    """The same weights and cache in float32: what bf16 rounding is measured from."""
-    g, st = nnx.split(model)
-    up = lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a  # noqa: E731
-    return nnx.merge(g, jax.tree.map(up, st)), jax.tree.map(up, cache)
 
 
 def main(out: str) -> None:
@@ -37,7 +29,7 @@ def main(out: str) -> None:
         mw = megastep.pack(model)
         kc, vc = megastep.stack_cache(cache)
         tau_l = jnp.stack([a.tau for a in args])
-        launch = megastep.Launch(programs=1, splits=c.splits, block_t=c.block_t,
+        launch = megastep.Launch(programs=1, splits=c.case.splits, block_t=c.case.block_t,
                                  unit_groups=c.unit_groups)  # fmt: skip
         logits, kc2, vc2, k_lb, fail = megastep.step(model, mw, tok_b, pos_b, kc, vc, tau_l,
                                                      launch, interpret=True)  # fmt: skip
@@ -58,8 +50,8 @@ def main(out: str) -> None:
                 for a, b in ((kc2, kc), (vc2, vc))]  # fmt: skip
         res[f"{c.name}/old_kv_same"] = np.asarray(all(same))
         res[f"{c.name}/fail"] = np.asarray(fail)
-        if c.dtype != "float32":
-            m32, cache32 = _fp32(model, cache)
+        if c.case.dtype != "float32":
+            m32, cache32 = as_fp32(model, cache)
             ref32 = m32(tok_b[:, None], pos_b[:, None], cache=cache32, ffn_args=args)
             res[f"{c.name}/ref32_logits"] = np.asarray(ref32.logits[:, 0])
         print(c.name, "done", flush=True)

@@ -221,58 +221,60 @@ def build(c: Case):
 
 
 class BatchCase(NamedTuple):
-    """A batched step's case: ``lengths`` the sequences' tokens already in the cache (each
-    sequence's new token goes at its own position)."""
+    """A batched step's case: the model, budget and launch of ``case`` (its ``prompt`` unused),
+    ``lengths`` the sequences' tokens already in the cache (each sequence's new token goes at
+    its own position), ``unit_groups`` the down projection's (0: the default for the batch)."""
 
-    name: str
-    d: int
-    heads: int
-    kv: int
-    head_dim: int
-    f: int
-    g: int
+    case: Case
     lengths: tuple[int, ...]
-    tau: float
-    splits: int
-    block_t: int = 16
-    rule: str = "paper"
-    gate: str = "sigmoid"
-    k_min: int = 1
-    k_max: int | None = None
-    dtype: str = "float32"
-    cache_len: int = 48
-    layers: int = 2
-    unit_groups: int = 0  # the down projection's unit groups (0: the default for the batch)
+    unit_groups: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.case.name
 
 
 BATCH_CASES = (
     # Three sequences, one of them at its first token (an empty cache); two key splits.
-    BatchCase("b3_f32", 64, 4, 2, 16, 256, 16, (20, 33, 0), 0.9, splits=2),
+    BatchCase(Case("b3_f32", 64, 4, 2, 16, 256, 16, 0, 0.9, 2, 16, cache_len=48), (20, 33, 0)),
     # ... with one unit group: the down projection's items store their columns (no atomics).
-    BatchCase("b3_one_group", 64, 4, 2, 16, 256, 16, (20, 33, 0), 0.9, splits=2, unit_groups=1),
+    BatchCase(
+        Case("b3_one_group", 64, 4, 2, 16, 256, 16, 0, 0.9, 2, 16, cache_len=48),
+        (20, 33, 0),
+        unit_groups=1,
+    ),  # fmt: skip
     # d not a power of two, 3 query heads a KV head, nucleus rule, no gates, clamps on k; bf16.
     BatchCase(
-        "b2_bf16_nucleus",
-        96,
-        6,
-        2,
-        16,
-        320,
-        16,
+        Case(
+            "b2_bf16_nucleus",
+            96,
+            6,
+            2,
+            16,
+            320,
+            16,
+            0,
+            0.8,
+            1,
+            16,
+            rule="nucleus",
+            gate="none",
+            k_min=2,
+            k_max=5,
+            dtype="bfloat16",
+            cache_len=48,
+        ),
         (9, 40),
-        0.8,
-        splits=1,
-        rule="nucleus",
-        gate="none",
-        k_min=2,
-        k_max=5,
-        dtype="bfloat16",
     ),  # fmt: skip
-    # The most sequences the launch takes, every expert (tau > 1), 32-neuron experts.
-    BatchCase("b16_all", 64, 4, 4, 16, 256, 32, tuple(range(1, 33, 2)), 1.5, splits=1),  # 4 groups
+    # The most sequences the launch takes, every expert (tau > 1), 32-neuron experts; 4 groups.
+    BatchCase(
+        Case("b16_all", 64, 4, 4, 16, 256, 32, 0, 1.5, 1, 16, cache_len=48), tuple(range(1, 33, 2))
+    ),  # fmt: skip
     # Few experts a token out of 32: experts no token selects, whose units are skipped.
     BatchCase(
-        "b4_sparse", 64, 4, 2, 16, 512, 16, (5, 17, 30, 12), 0.3, splits=2, unit_groups=3
+        Case("b4_sparse", 64, 4, 2, 16, 512, 16, 0, 0.3, 2, 16, cache_len=48),
+        (5, 17, 30, 12),
+        unit_groups=3,
     ),  # fmt: skip
 )
 
@@ -280,14 +282,12 @@ BATCH_CASES = (
 def build_batch(c: BatchCase):
     """``(model, ffn_args, cache with each sequence's prompt, tokens [b], positions [b])``: the
     prompts through the model's own prefill (right-padded, as ``generate`` does)."""
-    base = Case(c.name, c.d, c.heads, c.kv, c.head_dim, c.f, c.g, 0, c.tau, c.splits, c.block_t,
-                c.rule, c.gate, c.k_min, c.k_max, c.dtype, c.cache_len, c.layers)  # fmt: skip
-    model, args, _, _, _ = build(base)
+    model, args, _, _, _ = build(c.case)
     b, t = len(c.lengths), max(max(c.lengths), 1)
     rng = np.random.default_rng(len(c.name))
     toks = rng.integers(0, model.cfg.vocab_size, (b, t)).astype(np.int32)
     lengths = np.asarray(c.lengths, np.int32)
-    cache = init_cache(model.cfg, b, c.cache_len, jnp.dtype(c.dtype))
+    cache = init_cache(model.cfg, b, c.case.cache_len, jnp.dtype(c.case.dtype))
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cache = model(jnp.asarray(toks), pos, cache=cache, ffn_args=args, fresh_cache=True,
                   logit_index_b=jnp.maximum(jnp.asarray(lengths) - 1, 0)).cache  # fmt: skip
@@ -295,3 +295,10 @@ def build_batch(c: BatchCase):
     # the step masks them and overwrites its own position.
     new = jnp.asarray(rng.integers(0, model.cfg.vocab_size, b), jnp.int32)
     return model, args, cache, new, jnp.asarray(lengths)
+
+
+def as_fp32(model, cache):
+    """The same weights and cache in float32: what a bf16 case's rounding is measured from."""
+    graphdef, state = nnx.split(model)
+    up = lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a  # noqa: E731
+    return nnx.merge(graphdef, jax.tree.map(up, state)), jax.tree.map(up, cache)

@@ -15,8 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from megastep_cases import CASES, build  # noqa: E402
+from megastep_cases import CASES, as_fp32, build  # noqa: E402
 
 from prunepath_jax import megastep  # noqa: E402
 from prunepath_jax.kernels import triton_megastep as tm  # noqa: E402
@@ -53,11 +52,8 @@ def main(out: str) -> None:
         )
         res[f"{c.name}/fail"] = np.asarray(fail)
         if c.dtype != "float32":  # the same weights in fp32: what bf16 rounding is measured from
-            g, st = nnx.split(model)
-            up = lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a  # noqa: E731
-            m32 = nnx.merge(g, jax.tree.map(up, st))
-            ref32 = m32(tok[None, None], pos[None, None], cache=jax.tree.map(up, cache),
-                        ffn_args=args)  # fmt: skip
+            m32, cache32 = as_fp32(model, cache)
+            ref32 = m32(tok[None, None], pos[None, None], cache=cache32, ffn_args=args)
             res[f"{c.name}/ref32_logits"] = np.asarray(ref32.logits[0, 0])
         print(c.name, "done", flush=True)
     # The barrier guard: two programs run one after the other here, so program 0 waits for an

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from megastep_cases import BATCH_CASES, CASES, build, build_batch  # noqa: E402
 
 from prunepath_jax import megastep  # noqa: E402
+from prunepath_jax.config import PRESETS  # noqa: E402
 from prunepath_jax.generate import SamplingConfig, generate  # noqa: E402
 from prunepath_jax.kernels import jt  # noqa: E402
 from prunepath_jax.kernels import triton_megastep_batch as tb  # noqa: E402
@@ -44,7 +45,7 @@ def test_interpreted_batch_step_matches_the_xla_decode_step(interpreted, case):
     np.testing.assert_array_equal(r["k"], r["ref_k"], err_msg="experts per layer and token")
     assert not r["fail"].any()
     assert bool(r["old_kv_same"]), "the step wrote outside the sequences' own cache rows"
-    if case.dtype == "float32":
+    if case.case.dtype == "float32":
         assert_close(r["logits"], r["ref_logits"], "model_fp32", case.name)
         assert_close(r["kv"], r["ref_kv"], "model_fp32", f"{case.name} cache rows")
     else:  # fp32 residual inside the launch: held to the fp32 model at the bf16 tolerance
@@ -62,28 +63,24 @@ def test_interpreted_batch_cases_cover_what_they_claim(interpreted):
     assert (k["b4_sparse"].sum(axis=1) < 512 // 16).all()
 
 
-def _signature():
-    f32 = {"inv", "tau", "wr", "ws", "rope", "qkv", "po", "pml", "att", "gs", "act"}
-    i32 = {"tok", "pos", "k", "nu", "fail", "tab"}
-    names = ["x0", "tok", "inv", "pos", "tau", "ln1", "ln2", "wqkv", "wo", "wr", "w_in", "w_out",
-             "kc_in", "vc_in", "ws", "kc", "vc", "rope", "qkv", "po", "pml", "att", "gs", "xn",
-             "k", "nu", "fail", "act", "tim", "tab"]  # fmt: skip
-    kind = lambda n: "fp32" if n in f32 else "i32" if n in i32 else "i64" if n == "tim" else "bf16"  # noqa: E731
-    return {n: "*" + kind(n) for n in names}
-
-
 @pytest.mark.parametrize(
-    "t,d,hq,kv,e,timing",
-    [(4, 2048, 32, 8, 256, 0), (16, 2048, 32, 8, 256, 1), (8, 4096, 32, 8, 448, 0)],
+    "t,shape,timing",
+    [(4, "llama-3.2-1b", False), (16, "llama-3.2-1b", True), (8, "llama-3-8b", False)],
     ids=["1b_t4", "1b_t16_stamps", "8b_t8"],
 )  # fmt: skip
-def test_batch_step_lowers_for_sm90(t, d, hq, kv, e, timing):
-    """The 1B and 8B layer shapes over 132 programs compile for sm_90: tensor-core products
-    (bf16 weights), grid barriers at GPU scope, what other programs wrote read from L2, the
-    weight and unit loops as cp.async pipelines. (Registers: 255 a thread at 8 warps with 4-24
-    bytes of spills, by the triton version; BENCHMARKS.md, thirty-ninth session.)"""
-    c = tb.constants(t, 2, d, hq, kv, 64, e, 32, 512, programs=132, timing=timing)
-    ck = sm90_compile(tb._batch_kernel, _signature(), c, warps=8, stages=1)
+def test_batch_step_lowers_for_sm90(t, shape, timing):
+    """The 1B and 8B models' launches over 132 programs, planned by ``megastep.step`` itself
+    (``scripts/megastep_census.plan``: the exact pointer types and constexprs a call makes),
+    compile for sm_90: tensor-core products (bf16 weights), grid barriers at GPU scope, what
+    other programs wrote read from L2, the weight and unit loops as cp.async pipelines; the
+    phase stamps only with ``timing``. (Registers: 255 a thread at 8 warps with 36-228 bytes of
+    spills with triton 3.6; BENCHMARKS.md, thirty-ninth session.)"""
+    sys.path.insert(0, str(HERE.parent / "scripts"))
+    import megastep_census
+
+    cfg = PRESETS[shape]
+    sig, c, warps = megastep_census.plan(cfg, megastep.Launch(), 512, batch=t, timing=timing)
+    ck = sm90_compile(tb._batch_kernel, sig, c, warps=warps, stages=1)
     ptx = ck.asm["ptx"]
     assert "mma.sync" in ptx or "wgmma" in ptx
     assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
@@ -91,11 +88,11 @@ def test_batch_step_lowers_for_sm90(t, d, hq, kv, e, timing):
     assert "ld.global.cg" in ptx or "cp.async.cg" in ptx
     assert "cp.async.wait_group" in ptx
     assert "cp.async.bulk.prefetch.L2" in ptx, "the next block's rows asked of L2 (d > 1024)"
-    assert ck.metadata.num_warps == 8 and ck.metadata.shared <= 64 * 1024
+    assert ck.metadata.num_warps == 8  # (shared memory: compile_sm90 checks the sm_90 limit)
     assert ("%globaltimer" in ptx) == bool(timing), "the phase stamps only when asked for"
     # The down projection's items: 2 unit groups up to 8 tokens, 4 above, over every program.
     nu = 4 if t > 8 else 2
-    assert (c["NU"], c["NC"]) == (nu, 132 // nu) and c["NC"] * c["CW"] >= d
+    assert (c["NU"], c["NC"]) == (nu, 132 // nu) and c["NC"] * c["CW"] >= cfg.d_model
 
 
 def test_batch_bad_inputs_raise_clearly():
@@ -103,9 +100,10 @@ def test_batch_bad_inputs_raise_clearly():
     model, args, cache, tok_b, pos_b = build_batch(c)
     mw = megastep.pack(model)
     kc, vc = megastep.stack_cache(cache)
-    assert kc.shape == (c.layers, 3, c.cache_len, c.kv, c.head_dim)
-    tau = jnp.full((c.layers,), 0.5)
-    emb, inv = model.embed_tokens.embedding[...], jnp.zeros((c.head_dim // 2,))
+    m = c.case
+    assert kc.shape == (m.layers, 3, m.cache_len, m.kv, m.head_dim)
+    tau = jnp.full((m.layers,), 0.5)
+    emb, inv = model.embed_tokens.embedding[...], jnp.zeros((m.head_dim // 2,))
 
     def call(tokens=tok_b, pos=pos_b, tau=tau, **kw):
         return tb.megastep_batch(emb, tokens, inv, pos, tau, mw.ln1, mw.ln2, mw.wqkv, mw.wo,
@@ -157,7 +155,7 @@ def test_gpu_batch_step_matches_xla(case):
     assert not np.asarray(fail).any()
     ref_k = np.stack([np.asarray(s.k_t).reshape(-1) for s in ref.ffn_stats])
     np.testing.assert_array_equal(np.asarray(k_lb), ref_k)
-    tol = "model_fp32" if case.dtype == "float32" else "bf16"
+    tol = "model_fp32" if case.case.dtype == "float32" else "bf16"
     assert_close(logits, ref.logits[:, 0], tol, case.name)
 
 
