@@ -64,10 +64,14 @@ def _batch_sums(graphdef, state, inputs_bt, targets_bt, mask_bt, ffn_args) -> di
 
 def routing_sums(ffn_stats, mask_bt: jax.Array, e: int) -> dict:
     """Per-layer k sums and k histograms (E + 1 bins) over the real tokens of one batch; empty
-    for a dense model. `summarize` turns the totals into sparsity and exact k percentiles."""
+    for a dense model. `summarize` turns the totals into sparsity and exact k percentiles.
+    TEAL layers (`teal.TealStats`) give per-layer sums of the weight-byte fraction read."""
     stats = [s for s in ffn_stats if s is not None]
     if not stats:
         return {}
+    if hasattr(stats[0], "read_t"):
+        read_lbt = jnp.stack([s.read_t for s in stats])
+        return {"read_sum_l": jnp.sum(read_lbt * mask_bt, axis=(1, 2))}
     k_lbt = jnp.stack([s.k_t for s in stats])
     onehot_lbtk = jax.nn.one_hot(k_lbt, e + 1, dtype=jnp.float32)
     return {
@@ -131,6 +135,18 @@ def summarize(cfg: ModelConfig, totals: dict, n_bytes: int | None) -> dict:
         "n_bytes": n_bytes,
         "n_experts": cfg.n_experts,
     }
+    if "read_sum_l" in totals:  # TEAL: the FFN weight bytes not read, no experts
+        read_l = np.asarray(totals["read_sum_l"], np.float64) / n
+        res.update(
+            sparsity=float(1.0 - read_l.mean()),
+            sparsity_per_layer=[float(1.0 - r) for r in read_l],
+            k_mean=None,
+            k_mean_per_layer=None,
+            **{f"k_p{q}": None for q in PERCENTILES},
+            k_hist=None,
+            flop_fraction=float(read_l.mean()),
+        )
+        return res
     if "k_sum_l" not in totals:
         res.update(
             sparsity=0.0,

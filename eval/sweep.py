@@ -32,6 +32,7 @@ from prunepath_jax.routing import check_tau
 from prunepath_jax.runinfo import run_header
 
 from .perplexity import check_windows, evaluate_lm
+from .teal import check_sparsities, teal_model, thresholds
 
 DEFAULT_TAUS = (1.05, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5)
 # Tau of the static top-k baseline: > 1 selects every expert, then the k_max clamp keeps the
@@ -104,9 +105,13 @@ def static_top_k(model: nnx.Module, k: int) -> Iterator[None]:
             m.k_min, m.k_max = lo, hi
 
 
-def check_sweep_args(model: nnx.Module, taus: Sequence[float], static_k: Sequence[int]) -> None:
+def check_sweep_args(
+    model: nnx.Module, taus: Sequence[float], static_k: Sequence[int], teal: Sequence[float] = ()
+) -> None:
     """Validates a sweep before minutes of evaluation, not in the middle: a PrunePath model,
-    every tau valid (> 0, finite, right per-layer length), every static k in [1, E]."""
+    every tau valid (> 0, finite, right per-layer length), every static k in [1, E], every TEAL
+    target sparsity in [0, 1)."""
+    check_sparsities(teal)
     if model.cfg.prunepath is None:
         raise ValueError("a sweep needs a PrunePath model; convert it with to_prunepath first")
     for tau in taus:
@@ -128,6 +133,8 @@ def sweep(
     batch_size: int = 4,
     max_tokens: int | None = None,
     static_k: Sequence[int] = (),
+    teal: Sequence[float] = (),
+    teal_calib=None,
     out_dir: str | os.PathLike = "results/sweep",
     reference: nnx.Module | float | None = None,
     sep_id: int | None = None,
@@ -147,6 +154,10 @@ def sweep(
         batch_size: windows per forward.
         max_tokens: cap on the stream length (CPU budgets); None evaluates the whole text.
         static_k: k values for static top-k baselines.
+        teal: target sparsities of TEAL baselines (`teal`: magnitude thresholds on the same
+            FFN weights, no router), calibrated on `teal_calib`.
+        teal_calib: `(tokens_bt, mask_bt)` calibration batches for `teal` (e.g.
+            `demo.calibration_batches`: shipped training text, as the router initialisation).
         out_dir: where `sweep.{jsonl,csv,png,md}` go (overwritten).
         reference: the dense model (evaluated on the same stream, one "dense" row) or its
             perplexity; drawn as a horizontal line.
@@ -155,9 +166,11 @@ def sweep(
         progress: progress bars and the final rich table.
 
     Returns:
-        One dict per setting (dense first if evaluated, then taus, then static k).
+        One dict per setting (dense first if evaluated, then taus, then static k, then TEAL).
     """
-    check_sweep_args(model, taus, static_k)
+    check_sweep_args(model, taus, static_k, teal)
+    if teal and teal_calib is None:
+        raise ValueError("TEAL baselines need calibration batches (teal_calib)")
     check_windows(seq_len, batch_size, max_tokens)
     docs = text.read_texts(text_source, split=split)
     sep = tokenizer.eos_id if sep_id is None else sep_id
@@ -195,6 +208,11 @@ def sweep(
         with static_top_k(model, int(k)):
             res = evaluate_lm(model, stream, tau=STATIC_TAU, **kw)
         add("static_k", f"top-{k}", res, tau=STATIC_TAU, k=int(k))
+    t_by_p = thresholds(model, teal_calib, teal) if teal else {}
+    for p in teal:
+        with teal_model(model, t_by_p[float(p)]):
+            res = evaluate_lm(model, stream, tau=STATIC_TAU, **kw)  # tau: unread by TEAL layers
+        add("teal", f"teal-{float(p):g}", res)
     write_artifacts(rows, out_dir, reference_ppl=reference_ppl)
     if progress:
         print_table(rows)
@@ -281,11 +299,15 @@ def plot_sweep(rows: list[dict], path: str | os.PathLike, reference_ppl=None) ->
                 xytext=(4, -10),
                 fontsize=7,
             )
+    teal = sorted((r for r in rows if r["setting"] == "teal"), key=lambda r: r["sparsity"])
+    if teal:
+        ax.plot([r["sparsity"] for r in teal], [r["ppl"] for r in teal], "^--",
+                label="TEAL (FFN, magnitude thresholds)")  # fmt: skip
     if reference_ppl is not None:
         ax.axhline(reference_ppl, color="gray", linestyle="--", label="dense")
     if any(r["ppl"] > 0 for r in rows):
         ax.set_yscale("log")
-    ax.set_xlabel("realised FFN sparsity (1 - mean k/E)")
+    ax.set_xlabel("realised FFN sparsity (weight bytes not read: 1 - mean k/E)")
     ax.set_ylabel("perplexity")
     first = rows[0] if rows else {}
     ax.set_title(
@@ -368,6 +390,11 @@ class SweepArgs:
     taus: tuple[float, ...] = DEFAULT_TAUS
     static_k: tuple[int, ...] = ()
     """k values of static top-k baselines (same experts and router, k fixed)."""
+    teal: tuple[float, ...] = ()
+    """Target sparsities of TEAL baselines (magnitude thresholds on the same FFN weights, no
+    router; calibrated on shipped training text, as the router initialisation)."""
+    teal_calib_tokens: int = 8192
+    """Calibration tokens of the TEAL thresholds."""
     seq_len: int = 512
     batch_size: int = 4
     max_tokens: int | None = 16384
@@ -390,8 +417,16 @@ class SweepArgs:
         text.local_text_path(self.text, self.split)  # a wrong path fails here, not after the load
         if any(int(k) < 1 for k in self.static_k):  # the upper bound (E) needs the model
             raise ValueError(f"static k must be >= 1, got {list(self.static_k)}")
+        check_sparsities(self.teal)
+        if self.teal and self.teal_calib_tokens < 1:
+            raise ValueError(f"teal_calib_tokens must be >= 1, got {self.teal_calib_tokens}")
         pp = PrunePathConfig(group_size=self.group_size, gate=self.gate)
         loaded = load_for_sweep(self.checkpoint, dtype=self.dtype, pp=pp)
+        teal_calib = None
+        if self.teal:
+            from prunepath_jax.demo import calibration_batches
+
+            teal_calib = calibration_batches(loaded.tokenizer, self.teal_calib_tokens)
         return sweep(
             loaded.model,
             loaded.tokenizer,
@@ -402,6 +437,8 @@ class SweepArgs:
             batch_size=self.batch_size,
             max_tokens=self.max_tokens,
             static_k=self.static_k,
+            teal=self.teal,
+            teal_calib=teal_calib,
             out_dir=self.out_dir,
             reference=loaded.dense if self.dense_reference else None,
             meta={"model": loaded.source, "dtype": self.dtype},

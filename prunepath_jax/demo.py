@@ -52,6 +52,7 @@ def run_demo(
     eval_tokens: int = 4096,
     taus: tuple[float, ...] = (1.05, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4),
     static_k: tuple[int, ...] = (36, 24, 12),
+    teal: tuple[float, ...] = (0.25, 0.5, 0.75),
     sample_taus: tuple[float, float] = (1.05, 0.7),
     gate: str = "none",
 ) -> dict:
@@ -111,8 +112,11 @@ def run_demo(
     con.rule("4. tau sweep on held-out shipped text")
     t0 = time.perf_counter()
     common = dict(max_tokens=eval_tokens, seq_len=512, batch_size=4, progress=False)
+    # TEAL (magnitude thresholds on the same FFN weights, no router) calibrated on the same
+    # shipped training text as the routers: the baseline a user would otherwise pick.
     rows = sweep(pp_model, tok, "shipped", taus, out_dir=out / "sweep", reference=pre.model,
-                 static_k=static_k, meta={"router": "initialised"}, **common)  # fmt: skip
+                 static_k=static_k, teal=teal, teal_calib=calibration_batches(tok, calib_tokens),
+                 meta={"router": "initialised"}, **common)  # fmt: skip
     zero_taus = tuple(t for t in taus if t <= 1.0)[::2]
     zero_rows = sweep(zero_model, tok, "shipped", zero_taus, out_dir=out / "sweep_zero_router",
                       meta={"router": "zero"}, **common)  # fmt: skip

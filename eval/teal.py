@@ -1,0 +1,171 @@
+"""TEAL-style magnitude activation sparsity as a quality baseline for the same FFN weights.
+
+Why. The kernel results compare PrunePath's decode speed with TEAL's published 1.53× / 1.8×
+(Liu et al. 2024, "Training-Free Activation Sparsity in Large Language Models"), the baseline a
+user would otherwise pick: no training, no routers, zero the small entries of each projection's
+input and skip the matching weight columns. A speed ratio says little without the quality each
+method keeps at the same fraction of weight bytes skipped, so the sweep can put TEAL's
+perplexity next to PrunePath's, on the same model and text.
+
+What. TEAL's uniform variant, restricted to the FFN (the part PrunePath sparsifies): per layer
+two magnitude thresholds, one on the FFN input ``x`` (skips columns of W_gate and W_up) and one
+on the intermediate activation ``a = act(x W_gate) * (x W_up)`` (skips rows of W_down), each the
+``p``-quantile of that tensor's magnitudes over calibration text run through the dense model.
+(TEAL proper also sparsifies the attention projections and allocates ``p`` per tensor
+greedily; neither is here.) The FFN computes ``W_down (a * [|a| >= t_a])`` with
+``a`` from ``x * [|x| >= t_x]``: the dense FFN when both thresholds are 0.
+
+The sparsity reported is the fraction of the FFN's weight bytes a token does *not* read:
+``(c·s_x + s_a) / (c + 1)`` with ``c`` input projections (2 for SwiGLU), ``s_x`` and ``s_a``
+the fractions of zeroed entries, measured per token on the evaluated text. For PrunePath the
+same fraction is ``1 - k/E``, so the two columns compare like for like. (TEAL's kernels also
+need input-sparse GEMVs; PrunePath reads contiguous expert slabs. This module measures
+quality only.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prunepath_jax.convert import layer_list
+from prunepath_jax.ffn_capture import capture_ffn_inputs, prunepath_ffns
+from prunepath_jax.models.layers import activation
+from prunepath_jax.nn import PrunePathFFN
+
+
+class TealStats(NamedTuple):
+    """One layer's TEAL statistics, returned from the forward pass like ``RouteStats``.
+
+    Attributes:
+        read_t: float32 ``[b, t]``, the fraction of the FFN's weight bytes each token reads.
+        kept_x_t: float32 ``[b, t]``, the fraction of the FFN input's entries kept (the rest of
+            ``read_t`` is the intermediate activation's).
+    """
+
+    read_t: jax.Array
+    kept_x_t: jax.Array
+
+
+def check_sparsities(sparsities: Sequence[float]) -> None:
+    """Raises ValueError unless every target sparsity is a finite number in [0, 1)."""
+    bad = [p for p in sparsities if not (np.isfinite(p) and 0.0 <= float(p) < 1.0)]
+    if bad:
+        raise ValueError(f"TEAL sparsities must be in [0, 1), got {bad}")
+
+
+def teal_ffn(
+    x_btd: jax.Array,
+    w_in_cfd: jax.Array,
+    w_out_fd: jax.Array,
+    b_in_cf: jax.Array | None,
+    b_out_d: jax.Array | None,
+    act_name: str,
+    t_x: jax.Array,
+    t_a: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """The dense FFN with TEAL's two magnitude thresholds: ``(y_btd, read_bt, kept_x_bt)``.
+
+    ``w_in_cfd`` holds the input projections neuron-major (``c`` = 2: gate then up, SwiGLU;
+    1: a GELU MLP); ``read_bt`` is the fraction of the weight bytes the token reads,
+    ``kept_x_bt`` the fraction of its input entries kept.
+    """
+    c = w_in_cfd.shape[0]
+    keep_x = jnp.abs(x_btd) >= t_x
+    h = jnp.einsum("btd,cfd->btcf", jnp.where(keep_x, x_btd, 0), w_in_cfd)
+    if b_in_cf is not None:
+        h = h + b_in_cf
+    act = activation(act_name)
+    a_btf = act(h[..., 0, :]) * h[..., 1, :] if c == 2 else act(h[..., 0, :])
+    keep_a = jnp.abs(a_btf) >= t_a
+    y = jnp.where(keep_a, a_btf, 0) @ w_out_fd
+    if b_out_d is not None:
+        y = y + b_out_d
+    kept_x = jnp.mean(keep_x.astype(jnp.float32), axis=-1)
+    kept_a = jnp.mean(keep_a.astype(jnp.float32), axis=-1)
+    return y, (c * kept_x + kept_a) / (c + 1), kept_x
+
+
+class TealFFN(nnx.Module):
+    """A layer's dense FFN with TEAL thresholds: ``__call__(x_btd, arg) -> (y, TealStats)``.
+
+    Shares the PrunePath FFN's weight variables (no copy); ignores its router and gates. The
+    thresholds are variables, so evaluating another sparsity changes arrays, not the graph:
+    one compile for every target. ``arg`` (the layer's routing arguments) is unused.
+    """
+
+    def __init__(self, mlp: PrunePathFFN, t_x: float, t_a: float):
+        self.w_in, self.w_out, self.b_in, self.b_out = mlp.w_in, mlp.w_out, mlp.b_in, mlp.b_out
+        self.act_name = mlp.act_name
+        self.t_x = nnx.Variable(jnp.float32(t_x))
+        self.t_a = nnx.Variable(jnp.float32(t_a))
+
+    def __call__(self, x_btd: jax.Array, arg: Any = None):
+        opt = lambda p: None if p is None else p[...]  # noqa: E731
+        y, read_bt, kept_x_bt = teal_ffn(
+            x_btd, self.w_in[...], self.w_out[...], opt(self.b_in), opt(self.b_out),
+            self.act_name, self.t_x[...], self.t_a[...],
+        )  # fmt: skip
+        return y, TealStats(read_bt, kept_x_bt)
+
+
+def thresholds(
+    model: nnx.Module,
+    token_batches: Iterable[tuple[Any, Any]],
+    sparsities: Sequence[float],
+    *,
+    max_tokens: int | None = 8192,
+) -> dict[float, np.ndarray]:
+    """Per-layer TEAL thresholds ``[L, 2]`` (``t_x``, ``t_a``) for each target sparsity.
+
+    Calibrated on the dense model's FFN inputs (``ffn_capture``: every expert, no gates) at
+    the real tokens of ``token_batches``; ``t`` is the ``p``-quantile of the magnitudes, so
+    ``p`` of the calibration entries fall below it. (At inference the intermediate activation
+    comes from the sparsified input, so its share below ``t_a`` moves a little from ``p``.)
+    The model is not modified.
+    """
+    check_sparsities(sparsities)
+    mlps = prunepath_ffns(model)
+    xs = capture_ffn_inputs(model, token_batches, max_tokens=max_tokens)
+    qs = np.asarray(sparsities, np.float64)
+    t_lqs = []
+    for mlp, x_nd in zip(mlps, xs, strict=True):
+        x = jnp.asarray(x_nd)[None]  # [1, n, d]
+        h = jnp.einsum("btd,cfd->btcf", x, mlp.w_in[...].astype(jnp.float32))
+        if mlp.b_in is not None:
+            h = h + mlp.b_in[...].astype(jnp.float32)
+        act = activation(mlp.act_name)
+        a = act(h[..., 0, :]) * h[..., 1, :] if mlp.gated else act(h[..., 0, :])
+        t_x = np.quantile(np.abs(x_nd), qs)
+        t_a = np.quantile(np.abs(np.asarray(a[0])), qs)
+        t_lqs.append(np.stack([t_x, t_a], axis=-1))  # [q, 2]
+    t_lq2 = np.stack(t_lqs)  # [L, q, 2]
+    return {float(p): t_lq2[:, i] for i, p in enumerate(sparsities)}
+
+
+@contextlib.contextmanager
+def teal_model(model: nnx.Module, t_l2: np.ndarray) -> Iterator[None]:
+    """Temporarily replaces every layer's PrunePath FFN by a ``TealFFN`` with thresholds
+    ``t_l2`` (``[L, 2]``: ``t_x``, ``t_a``); the originals come back on exit, errors included.
+
+    A Llama block normalises before calling an FFN that is not a ``PrunePathFFN``, so the TEAL
+    layer sees the FFN's input proper, as the calibration did.
+    """
+    layers = layer_list(model)
+    mlps = prunepath_ffns(model)
+    t_l2 = np.asarray(t_l2, np.float32)
+    if t_l2.shape != (len(mlps), 2):
+        raise ValueError(f"TEAL thresholds must be [{len(mlps)}, 2], got {t_l2.shape}")
+    try:
+        for layer, mlp, (t_x, t_a) in zip(layers, mlps, t_l2, strict=True):
+            layer.mlp = TealFFN(mlp, float(t_x), float(t_a))
+        yield
+    finally:
+        for layer, mlp in zip(layers, mlps, strict=True):
+            layer.mlp = mlp
