@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from helpers import assert_close  # noqa: E402
-from hf_fixtures import tiny_llama  # noqa: E402
+from hf_fixtures import tiny_gpt2, tiny_llama  # noqa: E402
 from test_eval import VOCAB, CharTokenizer, _randomise_routers  # noqa: E402
 
 from prunepath_jax.config import PrunePathConfig  # noqa: E402
@@ -79,6 +79,24 @@ def test_zero_thresholds_are_the_dense_model(models):
     assert_close(res["nll"], ref["nll"], "model_fp32", "TEAL at 0 vs dense NLL")
     assert res["sparsity"] == 0.0 and res["flop_fraction"] == 1.0 and res["k_mean"] is None
     assert all(isinstance(layer.mlp, PrunePathFFN) for layer in models["pp"].layers)
+
+
+def test_zero_thresholds_are_the_dense_gpt2(tmp_path):
+    """A GELU MLP with biases (GPT-2's pre-norm block hands the FFN its normalised input): TEAL
+    at thresholds 0 is the dense model; above 0 it reads fewer bytes and predicts worse."""
+    tiny_gpt2(tmp_path, seed=4)
+    dense = load_pretrained(tmp_path, progress=False).model
+    pp, _ = to_prunepath(dense, PrunePathConfig(group_size=16), progress=False)
+    stream = _tokens(1, 60, 6).reshape(-1)
+    kw = dict(seq_len=16, batch_size=2)
+    ref = perplexity.evaluate_lm(dense, stream, **kw)
+    t_half = teal.thresholds(pp, [(_tokens(2, 16, 8), None)], [0.5])[0.5]
+    with teal.teal_model(pp, np.zeros((pp.cfg.n_layers, 2))):
+        res = perplexity.evaluate_lm(pp, stream, tau=1.05, **kw)
+    with teal.teal_model(pp, t_half):
+        half = perplexity.evaluate_lm(pp, stream, tau=1.05, **kw)
+    assert_close(res["nll"], ref["nll"], "model_fp32", "TEAL at 0 vs dense GPT-2 NLL")
+    assert res["sparsity"] == 0.0 and 0.3 < half["sparsity"] < 0.7 and half["nll"] != ref["nll"]
 
 
 @pytest.mark.parametrize("p", [0.25, 0.5, 0.75])
