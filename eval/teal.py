@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prunepath_jax import routing
 from prunepath_jax.convert import layer_list
 from prunepath_jax.ffn_capture import capture_ffn_inputs, prunepath_ffns
 from prunepath_jax.models.layers import activation
@@ -69,14 +70,19 @@ def teal_ffn(
     act_name: str,
     t_x: jax.Array,
     t_a: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """The dense FFN with TEAL's two magnitude thresholds: ``(y_btd, read_bt, kept_x_bt)``.
+    route_btf: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The FFN with TEAL's two magnitude thresholds: ``(y_btd, read_bt, kept_x_bt)``.
 
     ``w_in_cfd`` holds the input projections neuron-major (``c`` = 2: gate then up, SwiGLU;
     1: a GELU MLP); ``read_bt`` is the fraction of the weight bytes the token reads,
-    ``kept_x_bt`` the fraction of its input entries kept.
+    ``kept_x_bt`` the fraction of its input entries kept. ``route_btf`` = ``(selected,
+    scale)`` per neuron (PrunePath's experts and gates, repeated over their neurons) keeps only
+    the selected neurons, scaled: TEAL *within* PrunePath's experts. A token then reads its
+    selected neurons' gate/up rows (at the kept input columns) and the down rows of those
+    whose activation passes ``t_a``.
     """
-    c = w_in_cfd.shape[0]
+    c, f, _ = w_in_cfd.shape
     keep_x = jnp.abs(x_btd) >= t_x
     h = jnp.einsum("btd,cfd->btcf", jnp.where(keep_x, x_btd, 0), w_in_cfd)
     if b_in_cf is not None:
@@ -84,33 +90,48 @@ def teal_ffn(
     act = activation(act_name)
     a_btf = act(h[..., 0, :]) * h[..., 1, :] if c == 2 else act(h[..., 0, :])
     keep_a = jnp.abs(a_btf) >= t_a
+    sel_frac = jnp.float32(1.0)
+    if route_btf is not None:
+        sel_btf, scale_btf = route_btf
+        keep_a = keep_a & sel_btf
+        a_btf = a_btf * scale_btf.astype(a_btf.dtype)
+        sel_frac = jnp.mean(sel_btf.astype(jnp.float32), axis=-1)
     y = jnp.where(keep_a, a_btf, 0) @ w_out_fd
     if b_out_d is not None:
         y = y + b_out_d
     kept_x = jnp.mean(keep_x.astype(jnp.float32), axis=-1)
     kept_a = jnp.mean(keep_a.astype(jnp.float32), axis=-1)
-    return y, (c * kept_x + kept_a) / (c + 1), kept_x
+    return y, (c * sel_frac * kept_x + kept_a) / (c + 1), kept_x
 
 
 class TealFFN(nnx.Module):
-    """A layer's dense FFN with TEAL thresholds: ``__call__(x_btd, arg) -> (y, TealStats)``.
+    """A layer's FFN with TEAL thresholds: ``__call__(x_btd, arg) -> (y, TealStats)``.
 
-    Shares the PrunePath FFN's weight variables (no copy); ignores its router and gates. The
-    thresholds are variables, so evaluating another sparsity changes arrays, not the graph:
-    one compile for every target. ``arg`` (the layer's routing arguments) is unused.
+    Holds the PrunePath FFN itself (its weight variables, no copy). Plain TEAL (``route``
+    False) is the dense FFN and ignores the router, the gates and ``arg``; with ``route`` the
+    PrunePath layer selects its experts at ``arg.tau`` and gates them as usual, and the
+    thresholds act within the selected experts (``teal_ffn``'s ``route_btf``). The thresholds
+    are variables, so evaluating another sparsity changes arrays, not the graph: one compile
+    for every target.
     """
 
-    def __init__(self, mlp: PrunePathFFN, t_x: float, t_a: float):
-        self.w_in, self.w_out, self.b_in, self.b_out = mlp.w_in, mlp.w_out, mlp.b_in, mlp.b_out
-        self.act_name = mlp.act_name
+    def __init__(self, mlp: PrunePathFFN, t_x: float, t_a: float, route: bool = False):
+        self.mlp, self.route = mlp, route
         self.t_x = nnx.Variable(jnp.float32(t_x))
         self.t_a = nnx.Variable(jnp.float32(t_a))
 
     def __call__(self, x_btd: jax.Array, arg: Any = None):
+        m = self.mlp
+        route_btf = None
+        if self.route:
+            logits_bte = routing.router_logits(m.router[...], x_btd)
+            sel = routing.select(logits_bte, arg.tau, rule=m.rule, k_min=m.k_min, k_max=m.k_max)
+            gate_bte = routing.gates(logits_bte, sel.mask_te, m.gate_mode)
+            route_btf = (jnp.repeat(sel.mask_te, m.g, axis=-1), jnp.repeat(gate_bte, m.g, axis=-1))
         opt = lambda p: None if p is None else p[...]  # noqa: E731
         y, read_bt, kept_x_bt = teal_ffn(
-            x_btd, self.w_in[...], self.w_out[...], opt(self.b_in), opt(self.b_out),
-            self.act_name, self.t_x[...], self.t_a[...],
+            x_btd, m.w_in[...], m.w_out[...], opt(m.b_in), opt(m.b_out), m.act_name,
+            self.t_x[...], self.t_a[...], route_btf,
         )  # fmt: skip
         return y, TealStats(read_bt, kept_x_bt)
 
@@ -150,9 +171,10 @@ def thresholds(
 
 
 @contextlib.contextmanager
-def teal_model(model: nnx.Module, t_l2: np.ndarray) -> Iterator[None]:
+def teal_model(model: nnx.Module, t_l2: np.ndarray, route: bool = False) -> Iterator[None]:
     """Temporarily replaces every layer's PrunePath FFN by a ``TealFFN`` with thresholds
-    ``t_l2`` (``[L, 2]``: ``t_x``, ``t_a``); the originals come back on exit, errors included.
+    ``t_l2`` (``[L, 2]``: ``t_x``, ``t_a``), within PrunePath's selected experts with
+    ``route``; the originals come back on exit, errors included.
 
     A Llama block normalises before calling an FFN that is not a ``PrunePathFFN``, so the TEAL
     layer sees the FFN's input proper, as the calibration did.
@@ -164,7 +186,7 @@ def teal_model(model: nnx.Module, t_l2: np.ndarray) -> Iterator[None]:
         raise ValueError(f"TEAL thresholds must be [{len(mlps)}, 2], got {t_l2.shape}")
     try:
         for layer, mlp, (t_x, t_a) in zip(layers, mlps, t_l2, strict=True):
-            layer.mlp = TealFFN(mlp, float(t_x), float(t_a))
+            layer.mlp = TealFFN(mlp, float(t_x), float(t_a), route)
         yield
     finally:
         for layer, mlp in zip(layers, mlps, strict=True):

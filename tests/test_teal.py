@@ -40,15 +40,20 @@ def _tokens(b: int, t: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(1, VOCAB, (b, t)).astype(np.int32)
 
 
-def _reference(x, w_in, w_out, t_x, t_a):
-    """float64 SwiGLU FFN with TEAL's zeroing, and the read fraction per token."""
+def _reference(x, w_in, w_out, t_x, t_a, sel=None, scale=None):
+    """float64 SwiGLU FFN with TEAL's zeroing (within the selected neurons, scaled, when
+    given), and the read fraction per token."""
     x, w_in, w_out = (np.asarray(v, np.float64) for v in (x, w_in, w_out))
     kx = np.abs(x) >= t_x
     h = np.einsum("btd,cfd->btcf", np.where(kx, x, 0), w_in)
     g = h[..., 0, :]
     a = g / (1 + np.exp(-g)) * h[..., 1, :]
     ka = np.abs(a) >= t_a
-    return np.where(ka, a, 0) @ w_out, (2 * kx.mean(-1) + ka.mean(-1)) / 3
+    sel_frac = 1.0
+    if sel is not None:
+        ka, a = ka & np.asarray(sel), a * np.asarray(scale, np.float64)
+        sel_frac = np.asarray(sel).mean(-1)
+    return np.where(ka, a, 0) @ w_out, (2 * sel_frac * kx.mean(-1) + ka.mean(-1)) / 3
 
 
 @pytest.mark.parametrize("t", [(0.0, 0.0), (0.5, 0.05), (1e9, 1e9)])
@@ -66,6 +71,34 @@ def test_teal_ffn_matches_reference(t):
         assert np.all(np.asarray(read) == 1.0)
     if t[0] > 1e8:
         assert np.all(np.asarray(read) == 0.0) and np.all(np.asarray(y) == 0.0)
+
+
+@pytest.mark.parametrize("t", [(0.0, 0.0), (0.3, 0.05)])
+def test_teal_within_experts_matches_reference(t):
+    k = jax.random.split(jax.random.key(1), 5)
+    x = jax.random.normal(k[0], (2, 5, 24), jnp.float32)
+    w_in = jax.random.normal(k[1], (2, 40, 24), jnp.float32) * 0.2
+    w_out = jax.random.normal(k[2], (40, 24), jnp.float32) * 0.2
+    sel = jnp.repeat(jax.random.bernoulli(k[3], 0.4, (2, 5, 5)), 8, axis=-1)  # 5 experts of 8
+    scale = jnp.where(sel, jax.nn.sigmoid(jax.random.normal(k[4], sel.shape)), 0.0)
+    y, read, _ = teal.teal_ffn(x, w_in, w_out, None, None, "silu", *map(jnp.float32, t),
+                               (sel, scale))  # fmt: skip
+    y_ref, read_ref = _reference(x, w_in, w_out, *t, sel, scale)
+    assert_close(y, y_ref, "op_fp32", f"TEAL within experts at {t}")
+    assert_close(read, read_ref, "op_fp32", "read fraction within experts")
+
+
+def test_zero_thresholds_within_experts_are_prunepath(models):
+    """``route``: at thresholds 0 the layer is the PrunePath layer (same NLL at a real τ), and
+    its byte fraction is PrunePath's 1 - k/E."""
+    stream = _tokens(1, 60, 9).reshape(-1)
+    kw = dict(seq_len=16, batch_size=2, tau=0.6)
+    ref = perplexity.evaluate_lm(models["pp"], stream, **kw)
+    with teal.teal_model(models["pp"], np.zeros((2, 2)), route=True):
+        res = perplexity.evaluate_lm(models["pp"], stream, **kw)
+    assert 0.1 < ref["sparsity"] < 0.9  # τ 0.6 really drops experts here
+    assert_close(res["nll"], ref["nll"], "model_fp32", "TEAL within experts at 0 vs PrunePath")
+    assert_close(res["sparsity"], ref["sparsity"], "op_fp32", "sparsity = 1 - k/E")
 
 
 def test_zero_thresholds_are_the_dense_model(models):
