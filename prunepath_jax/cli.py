@@ -195,6 +195,7 @@ class Bench:
             "decode",
             "megastep-decode",
             "megastep-batch-decode",
+            "teal-decode",
         ],
         ...,
     ] = (
@@ -208,7 +209,8 @@ class Bench:
     sparse_prefill.py (whole-model prompt pass, sparse vs dense), decode.py (dense decode),
     megastep_decode.py (every layer of a decode step in one launch vs the default kernels and
     dense), megastep_batch_decode.py (the same for 2-16 sequences; not in the default list
-    until it is measured on a GPU)."""
+    until it is measured on a GPU), teal_decode.py (TEAL's masked-row kernels beside dense and
+    ours, one token)."""
     out_dir: str = "results"
     extra: str = ""
     """Extra arguments for every script, one string: --extra="--shapes llama-3.2-1b"."""

@@ -1,0 +1,147 @@
+"""TEAL's batch-1 decode FFN in Triton: the baseline's speed on the same GPU as ours.
+
+Why. Issue 5 compares our decode speedups with TEAL's *published* 1.53× / 1.8× (7B, batch 1,
+another GPU and code base), and ``eval/teal.py`` showed TEAL keeping more quality per byte
+than training-free PrunePath. Measuring TEAL's kind of kernel here, beside ours, on the same
+shapes, turns the comparison into one run's ratio.
+
+What. TEAL skips the weights of small activations: a GEMV ``y = x W`` reads only the rows
+``W[j, :]`` whose input passes the threshold, ``|x_j| >= t``. The weights are laid out
+input-major (``W[K, N]``: row j is input j's weights for every output, contiguous), so a
+skipped input is a skipped row. ``_masked_rows_kernel`` gives each program ``BN`` outputs and a
+``KS``-long stretch of the inputs (split-K, fp32 atomics when there is more than one stretch);
+it loads ``BK`` rows at a time with the row mask, through Triton's software pipeline, so masked
+rows are not read. ``teal_ffn_decode`` is the FFN: gate/up as one masked GEMV over
+``W_in[d, c·f]`` (input-major), the activation in XLA, then the down projection over
+``W_out[f, d]`` (already input-major) masked by ``|a| >= t_a``: the same math as
+``eval.teal.teal_ffn``.
+
+Batch 1 only (TEAL's own setting): at several tokens the union of their kept inputs is what
+must be read, and it fills up fast.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from prunepath_jax.kernels import jt
+from prunepath_jax.models.layers import activation
+
+# Outputs a program (a 256-byte bf16 row segment a row), rows a load, software-pipeline stages.
+BLOCK_N = 128
+BLOCK_K = 32
+STAGES = 3
+WARPS = 4
+# Programs to aim for: two waves of the H200's 132 SMs (split-K adds programs where the
+# output is narrow: the down projection's 4096 outputs are 32 blocks).
+TARGET_PROGRAMS = 264
+
+
+@triton.jit
+def _masked_rows_kernel(
+    x_ptr,  # [K] the input (any float dtype)
+    w_ptr,  # [K, N] input-major weights
+    t_ptr,  # [1] f32 threshold
+    y_ptr,  # out [N] f32 (zeroed when split: the stretches add with atomics)
+    K: tl.constexpr, N: tl.constexpr, KS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+    ATOMIC: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """``y[n] += Σ_{j in stretch, |x_j| >= t} x_j · W[j, n]`` for this program's ``BN``
+    outputs (axis 0) and ``KS`` inputs (axis 1)."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    nm = rn < N
+    k_lo = tl.program_id(1) * KS
+    t = tl.load(t_ptr)
+    acc = tl.zeros([BN], tl.float32)
+    for k0 in tl.range(k_lo, k_lo + KS, BK, num_stages=STAGES):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+        keep = (rk < K) & (tl.abs(x) >= t)
+        w = tl.load(w_ptr + rk.to(tl.int64)[:, None] * N + rn[None, :],
+                    mask=keep[:, None] & nm[None, :], other=0.0)  # fmt: skip
+        acc += tl.sum(w.to(tl.float32) * x[:, None], 0)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + rn, acc, mask=nm, sem="relaxed")
+    else:
+        tl.store(y_ptr + rn, acc, mask=nm)
+
+
+def _split(k: int, n: int, block_n: int, block_k: int, split_k: int | None) -> tuple[int, int]:
+    """``(splits, KS)``: input stretches (``split_k`` or enough for ``TARGET_PROGRAMS``) of a
+    multiple of ``block_k`` rows."""
+    n_blocks = -(-n // block_n)
+    s = split_k or max(1, min(-(-k // block_k), TARGET_PROGRAMS // n_blocks))
+    ks = -(-k // s)
+    ks = -(-ks // block_k) * block_k
+    return -(-k // ks), ks
+
+
+def masked_gemv(
+    x_k: jax.Array,
+    w_kn: jax.Array,
+    t,
+    *,
+    block_n: int = BLOCK_N,
+    block_k: int = BLOCK_K,
+    split_k: int | None = None,
+    warps: int = WARPS,
+    stages: int = STAGES,
+    interpret: bool = False,
+) -> jax.Array:
+    """``Σ_{j: |x_j| >= t} x_j W[j, :]`` in f32, reading only the kept rows of ``w_kn``."""
+    if x_k.ndim != 1 or w_kn.ndim != 2 or w_kn.shape[0] != x_k.shape[0]:
+        raise ValueError(f"masked_gemv needs x [K] and W [K, N]: {x_k.shape}, {w_kn.shape}")
+    for name, v in (("block_n", block_n), ("block_k", block_k)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of 2 >= 16, got {v}")
+    if split_k is not None and split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {split_k}")
+    k, n = w_kn.shape
+    splits, ks = _split(k, n, block_n, block_k, split_k)
+    (y,) = jt.triton_call(
+        _masked_rows_kernel, x_k, w_kn, jnp.reshape(jnp.asarray(t, jnp.float32), (1,)),
+        out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)],
+        zeroed_outputs=(0,) if splits > 1 else (), grid=(-(-n // block_n), splits),
+        num_warps=warps, num_stages=stages, interpret=interpret, K=k, N=n, KS=ks, BK=block_k,
+        BN=block_n, ATOMIC=splits > 1, STAGES=stages,
+    )  # fmt: skip
+    return y
+
+
+def teal_ffn_decode(
+    x_d: jax.Array,
+    w_in_dn: jax.Array,
+    w_out_fd: jax.Array,
+    t_x,
+    t_a,
+    *,
+    act_name: str = "silu",
+    interpret: bool = False,
+    **tuning,
+) -> jax.Array:
+    """One token's FFN with TEAL's thresholds, ``y [d]`` in ``x_d``'s dtype.
+
+    ``w_in_dn``: the input projections input-major, ``[d, c·f]`` (c = 2: gate columns, then
+    up; ``eval.teal``'s ``w_in [c, f, d]`` transposed and joined); ``w_out_fd``: ``[f, d]``.
+    The activation is rounded to the weights' dtype before the down projection, as the XLA
+    FFN's bf16 matmul input is.
+    """
+    d = x_d.shape[-1]
+    f = w_out_fd.shape[0]
+    if x_d.ndim != 1:
+        raise ValueError(f"teal_ffn_decode takes one token, x [d]; got {x_d.shape}")
+    floats = (jnp.bfloat16, jnp.float16, jnp.float32)
+    if any(v.dtype not in floats for v in (x_d, w_in_dn, w_out_fd)):
+        raise ValueError(f"bf16, f16 or f32 only: x {x_d.dtype}, w_in {w_in_dn.dtype}, "
+                         f"w_out {w_out_fd.dtype}")  # fmt: skip
+    if w_in_dn.shape[0] != d or w_in_dn.shape[1] not in (f, 2 * f) or w_out_fd.shape[1] != d:
+        raise ValueError(f"inconsistent shapes: x {x_d.shape}, w_in {w_in_dn.shape}, "
+                         f"w_out {w_out_fd.shape}")  # fmt: skip
+    h = masked_gemv(x_d, w_in_dn, t_x, interpret=interpret, **tuning)
+    act = activation(act_name)
+    a = act(h[:f]) * h[f:] if w_in_dn.shape[1] == 2 * f else act(h)
+    y = masked_gemv(a.astype(w_out_fd.dtype), w_out_fd, t_a, interpret=interpret, **tuning)
+    return y.astype(x_d.dtype)
