@@ -41,7 +41,7 @@ def _norm(x):
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32) + 1e-6)).astype(x.dtype)
 
 
-def chain(kind: str, g: int, k: int):
+def chain(kind: str, g: int, k: int, **teal_tuning):
     """``f(x [d], layers, t_l2) -> x``: the layers' FFNs one after another."""
 
     def f(x, layers, t_l2):
@@ -52,7 +52,7 @@ def chain(kind: str, g: int, k: int):
                 a = (jax.nn.silu(h[0]) * h[1]).astype(x.dtype)
                 y = jnp.matmul(a, w_out, preferred_element_type=jnp.float32).astype(x.dtype)
             elif kind == "teal":
-                y = teal_ffn_decode(xn, w_in_dn, w_out, t_l2[i, 0], t_l2[i, 1])
+                y = teal_ffn_decode(xn, w_in_dn, w_out, t_l2[i, 0], t_l2[i, 1], **teal_tuning)
             else:
                 y, _ = api.sparse_ffn(xn[None], router, w_in, w_out, jnp.float32(1.0), group_size=g,
                                       k_min=k, k_max=k, implementation=kind)  # fmt: skip
@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--g", type=int, default=32)
     ap.add_argument("--n-rot", type=int, default=8)
     ap.add_argument("--teal", nargs="+", type=float, default=[0.25, 0.5, 0.75, 0.9])
+    ap.add_argument("--teal-programs", nargs="+", type=int, default=[264, 528],
+                    help="grid sizes the masked GEMVs' split-K aims for")  # fmt: skip
     ap.add_argument("--k-fracs", nargs="+", type=float, default=[0.1, 0.25, 0.5])
     ap.add_argument("--impls", nargs="+", default=["pallas", "triton"])
     ap.add_argument("--out", default="results/teal_decode.jsonl")
@@ -111,14 +113,16 @@ def main() -> None:
     gb_s = dense_bytes / t_dense / 1e9
     emit({"impl": "dense", "read_frac": 1.0, "us": t_dense * 1e6, "GB_s": gb_s,
           "pct_copy": 100 * gb_s * 1e9 / bw})  # fmt: skip
-    for p in a.teal:
-        kx, ka = kept[p]
-        need = (2 * kx + ka) / 3 * dense_bytes
-        t = time_fn(chain("teal", g, e), x, layers, jnp.asarray(t_by_p[p], jnp.float32),
-                    warmup=3, iters=20) / a.n_rot  # fmt: skip
-        emit({"impl": "teal", "target": p, "read_frac": need / dense_bytes, "us": t * 1e6,
-              "GB_s": need / t / 1e9, "pct_copy": 100 * need / t / bw,
-              "speedup_vs_dense": t_dense / t})  # fmt: skip
+    for progs in a.teal_programs:
+        for p in a.teal:
+            kx, ka = kept[p]
+            need = (2 * kx + ka) / 3 * dense_bytes
+            t_l2 = jnp.asarray(t_by_p[p], jnp.float32)
+            fn = chain("teal", g, e, programs=progs)
+            t = time_fn(fn, x, layers, t_l2, warmup=3, iters=20) / a.n_rot
+            emit({"impl": "teal", "target": p, "programs": progs,
+                  "read_frac": need / dense_bytes, "us": t * 1e6, "GB_s": need / t / 1e9,
+                  "pct_copy": 100 * need / t / bw, "speedup_vs_dense": t_dense / t})  # fmt: skip
     for impl in a.impls:
         for frac in a.k_fracs:
             k = max(1, round(frac * e))

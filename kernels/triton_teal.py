@@ -69,11 +69,14 @@ def _masked_rows_kernel(
         tl.store(y_ptr + rn, acc, mask=nm)
 
 
-def _split(k: int, n: int, block_n: int, block_k: int, split_k: int | None) -> tuple[int, int]:
-    """``(splits, KS)``: input stretches (``split_k`` or enough for ``TARGET_PROGRAMS``) of a
-    multiple of ``block_k`` rows."""
+def _split(
+    k: int, n: int, block_n: int, block_k: int, split_k: int | None,
+    programs: int = TARGET_PROGRAMS,
+) -> tuple[int, int]:  # fmt: skip
+    """``(splits, KS)``: input stretches (``split_k``, or enough for about ``programs``
+    programs) of a multiple of ``block_k`` rows."""
     n_blocks = -(-n // block_n)
-    s = split_k or max(1, min(-(-k // block_k), TARGET_PROGRAMS // n_blocks))
+    s = split_k or max(1, min(-(-k // block_k), programs // n_blocks))
     ks = -(-k // s)
     ks = -(-ks // block_k) * block_k
     return -(-k // ks), ks
@@ -87,20 +90,22 @@ def masked_gemv(
     block_n: int = BLOCK_N,
     block_k: int = BLOCK_K,
     split_k: int | None = None,
+    programs: int = TARGET_PROGRAMS,
     warps: int = WARPS,
     stages: int = STAGES,
     interpret: bool = False,
 ) -> jax.Array:
-    """``Σ_{j: |x_j| >= t} x_j W[j, :]`` in f32, reading only the kept rows of ``w_kn``."""
+    """``Σ_{j: |x_j| >= t} x_j W[j, :]`` in f32, reading only the kept rows of ``w_kn``
+    (``split_k`` input stretches, or as many as bring the grid to about ``programs``)."""
     if x_k.ndim != 1 or w_kn.ndim != 2 or w_kn.shape[0] != x_k.shape[0]:
         raise ValueError(f"masked_gemv needs x [K] and W [K, N]: {x_k.shape}, {w_kn.shape}")
     for name, v in (("block_n", block_n), ("block_k", block_k)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of 2 >= 16, got {v}")
-    if split_k is not None and split_k < 1:
-        raise ValueError(f"split_k must be >= 1, got {split_k}")
+    if (split_k is not None and split_k < 1) or programs < 1:
+        raise ValueError(f"split_k and programs must be >= 1, got {split_k}, {programs}")
     k, n = w_kn.shape
-    splits, ks = _split(k, n, block_n, block_k, split_k)
+    splits, ks = _split(k, n, block_n, block_k, split_k, programs)
     (y,) = jt.triton_call(
         _masked_rows_kernel, x_k, w_kn, jnp.reshape(jnp.asarray(t, jnp.float32), (1,)),
         out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)],

@@ -101,6 +101,8 @@ def test_bad_input():
         tt.masked_gemv(x, jnp.ones((8, 4)), 0.1, block_n=24)
     with pytest.raises(ValueError, match="split_k"):
         tt.masked_gemv(x, jnp.ones((8, 4)), 0.1, split_k=0)
+    with pytest.raises(ValueError, match="programs"):
+        tt.masked_gemv(x, jnp.ones((8, 4)), 0.1, programs=0)
 
 
 @pytest.mark.gpu
@@ -113,3 +115,23 @@ def test_ffn_on_gpu_matches_the_baseline(case):
                         act_name="silu" if case.c == 2 else "gelu_new")  # fmt: skip
     tol = "op_fp32" if case.dtype == "float32" else "bf16"
     assert_close(np.asarray(y.astype(jnp.float32)), _ffn_ref(case), tol, case.name)
+
+
+def test_benchmark_calibration_hits_its_targets():
+    """``benchmarks/teal_decode.py``'s thresholds: on the dense chain they were taken from, each
+    layer keeps ``1 - p`` of its inputs and activations (within one entry of the quantile)."""
+    import sys
+
+    sys.path.insert(0, str(HERE.parent / "benchmarks"))
+    import teal_decode
+    from ffn_kernels import make_layers
+
+    d, f, n = 64, 128, 3
+    layers = [(r, wi, wo, jnp.concatenate(list(wi), axis=0).T)
+              for r, wi, wo in make_layers(n, d, f, f // 16, jnp.float32)]  # fmt: skip
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(d), jnp.float32)
+    t, kept = teal_decode.calibrate(x, layers, [0.25, 0.75])
+    assert t[0.25].shape == (n, 2) and np.all(t[0.75] > t[0.25])
+    for p in (0.25, 0.75):
+        kx, ka = kept[p]
+        assert abs(kx - (1 - p)) <= 2 / d and abs(ka - (1 - p)) <= 2 / f, (p, kx, ka)
