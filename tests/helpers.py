@@ -103,6 +103,14 @@ def run_triton_interpreted(argv: list[str], timeout: int = 600) -> str:
     return proc.stdout
 
 
+def interpreted_npz(tmp_path_factory, runner: str, timeout: int = 600) -> dict:
+    """The arrays ``tests/<runner>.py OUT.npz`` writes, run under the Triton interpreter
+    (``run_triton_interpreted``): each interpreter test module's results fixture."""
+    out = tmp_path_factory.mktemp(runner) / "out.npz"
+    run_triton_interpreted([str(Path(__file__).parent / f"{runner}.py"), str(out)], timeout)
+    return dict(np.load(out))
+
+
 def load_script(name: str):
     """``scripts/<name>.py`` as a module (scripts are not a package; they import from
     ``benchmarks/``, so that goes on the path first)."""

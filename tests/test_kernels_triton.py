@@ -8,24 +8,18 @@ triton's own compiler, which catches GPU-only errors (layouts, shared memory, un
 on a machine without a GPU. The ``gpu`` tests run the same cases through jax-triton.
 """
 
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
-from helpers import assert_close, run_triton_interpreted, sm90_compile
+from helpers import assert_close, interpreted_npz, run_triton_interpreted, sm90_compile
 from kernel_cases import ALL_CASES, DECODE_CASES, GROUPED_CASES, ONE_TOKEN_TUNINGS, inputs, kwargs
 
 from prunepath_jax.kernels.reference import sparse_ffn_reference
 
-HERE = Path(__file__).parent
-
 
 @pytest.fixture(scope="module")
 def interp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("interp") / "out.npz"
-    run_triton_interpreted([str(HERE / "triton_interp_runner.py"), str(out)])
-    return dict(np.load(out))
+    return interpreted_npz(tmp_path_factory, "triton_interp_runner")
 
 
 def _check(c, y, k):

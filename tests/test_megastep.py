@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_close, run_triton_interpreted, sm90_compile
+from helpers import assert_close, interpreted_npz, sm90_compile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from megastep_cases import CASES, build  # noqa: E402
@@ -34,9 +34,7 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("megastep") / "out.npz"
-    run_triton_interpreted([str(HERE / "megastep_interp_runner.py"), str(out)], timeout=900)
-    return dict(np.load(out))
+    return interpreted_npz(tmp_path_factory, "megastep_interp_runner", timeout=900)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

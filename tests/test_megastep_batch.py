@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, run_triton_interpreted, sm90_compile
+from helpers import assert_close, interpreted_npz, sm90_compile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from megastep_cases import BATCH_CASES, CASES, build, build_batch  # noqa: E402
@@ -30,9 +30,7 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("megastep_batch") / "out.npz"
-    run_triton_interpreted([str(HERE / "megastep_batch_runner.py"), str(out)], timeout=900)
-    return dict(np.load(out))
+    return interpreted_npz(tmp_path_factory, "megastep_batch_runner", timeout=900)
 
 
 def _case(interpreted, name):

@@ -4,24 +4,18 @@ the one-launch step run in every program) under the Triton interpreter against
 ``select_cases.py`` (ties, τ = 1, τ > 1, clamped k, zero-mass experts), the gates within the fp32
 tolerance; and it lowers for sm_90."""
 
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, run_triton_interpreted
+from helpers import assert_close, interpreted_npz
 from select_cases import CASES, logits
 
 from prunepath_jax import routing
 
-HERE = Path(__file__).parent
-
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("select") / "out.npz"
-    run_triton_interpreted([str(HERE / "select_interp_runner.py"), str(out)])
-    return dict(np.load(out))
+    return interpreted_npz(tmp_path_factory, "select_interp_runner")
 
 
 def _reference(c):

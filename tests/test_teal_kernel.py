@@ -10,7 +10,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, run_triton_interpreted, sm90_compile
+from helpers import assert_close, interpreted_npz, sm90_compile
 from teal_kernel_cases import FFN_CASES, GEMV_CASES, ffn_inputs, gemv_inputs
 
 from prunepath_jax.eval.teal import teal_ffn
@@ -20,9 +20,7 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def interp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teal_interp") / "out.npz"
-    run_triton_interpreted([str(HERE / "teal_interp_runner.py"), str(out)])
-    return dict(np.load(out))
+    return interpreted_npz(tmp_path_factory, "teal_interp_runner")
 
 
 def _gemv_ref(c):
