@@ -123,7 +123,7 @@ s53a)  # (written, not run: no device in the fortieth session) TEAL's masked-row
   # (kernels/triton_teal.py): their GPU tests, then one 8B layer's token against dense and
   # PrunePath's expert kernels in one process (benchmarks/teal_decode.py)
   gpu_tests 200 tests/test_teal_kernel.py
-  run timeout 300 python3 benchmarks/teal_decode.py --out "$OUT/teal_decode.jsonl"
+  run timeout 420 python3 benchmarks/teal_decode.py --out "$OUT/teal_decode.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
