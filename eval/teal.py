@@ -18,9 +18,13 @@ greedily; neither is here.) The FFN computes ``W_down (a * [|a| >= t_a])`` with
 The sparsity reported is the fraction of the FFN's weight bytes a token does *not* read:
 ``(c·s_x + s_a) / (c + 1)`` with ``c`` input projections (2 for SwiGLU), ``s_x`` and ``s_a``
 the fractions of zeroed entries, measured per token on the evaluated text. For PrunePath the
-same fraction is ``1 - k/E``, so the two columns compare like for like. (TEAL's kernels also
-need input-sparse GEMVs; PrunePath reads contiguous expert slabs. This module measures
-quality only.)
+same fraction is ``1 - k/E``, so the two columns compare like for like. This module measures
+quality; ``kernels/triton_teal.py`` is the same math as decode kernels (input-major weights,
+the rows of small inputs not read), for the speed side.
+
+``teal_model(route=True)`` keeps PrunePath's own selection and gates and applies the
+thresholds inside the selected experts: with ``t_x = 0`` that is TEAL's down-row threshold on
+PrunePath, whose skipped W_down rows are contiguous (``scripts/teal_quality.py``).
 """
 
 from __future__ import annotations
