@@ -29,7 +29,7 @@ tests-kernels)  # every kernel's GPU tests (both backends, the Gluon probes)
   gpu_tests 560 tests/test_kernels_triton.py tests/test_kernels_pallas.py \
     tests/test_pallas_logits.py tests/test_pallas_attention.py tests/test_pallas_atomic.py \
     tests/test_pallas_pdl.py tests/test_decode_proj.py tests/test_decode_attention_model.py \
-    tests/test_gluon_probe.py
+    tests/test_gluon_probe.py tests/test_teal_kernel.py
   ;;
 tests-models)  # generation through every backend against the XLA path's tokens, the one-launch
   # steps (batch 1 and 2-16) on the real grid
