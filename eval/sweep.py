@@ -134,6 +134,7 @@ def sweep(
     max_tokens: int | None = None,
     static_k: Sequence[int] = (),
     teal: Sequence[float] = (),
+    teal_down: Sequence[float] = (),
     teal_calib=None,
     out_dir: str | os.PathLike = "results/sweep",
     reference: nnx.Module | float | None = None,
@@ -156,6 +157,8 @@ def sweep(
         static_k: k values for static top-k baselines.
         teal: target sparsities of TEAL baselines (`teal`: magnitude thresholds on the same
             FFN weights, no router), calibrated on `teal_calib`.
+        teal_down: targets of TEAL's down-row threshold inside PrunePath's selected experts
+            (`teal.teal_model(route=True)`, no input threshold): each with every tau.
         teal_calib: `(tokens_bt, mask_bt)` calibration batches for `teal` (e.g.
             `demo.calibration_batches`: shipped training text, as the router initialisation).
         out_dir: where `sweep.{jsonl,csv,png,md}` go (overwritten).
@@ -168,8 +171,8 @@ def sweep(
     Returns:
         One dict per setting (dense first if evaluated, then taus, then static k, then TEAL).
     """
-    check_sweep_args(model, taus, static_k, teal)
-    if teal and teal_calib is None:
+    check_sweep_args(model, taus, static_k, (*teal, *teal_down))
+    if (teal or teal_down) and teal_calib is None:
         raise ValueError("TEAL baselines need calibration batches (teal_calib)")
     check_windows(seq_len, batch_size, max_tokens)
     docs = text.read_texts(text_source, split=split)
@@ -201,22 +204,36 @@ def sweep(
         reference_ppl = rows[-1]["ppl"]
     for tau in taus:
         res = evaluate_lm(model, stream, tau=tau, **kw)
-        tau_v = np.asarray(tau, np.float64)
-        tau_row = float(tau_v) if tau_v.ndim == 0 else tau_v.tolist()  # per-layer: a list
-        add("tau", "tau=" + ",".join(f"{x:g}" for x in tau_v.reshape(-1)), res, tau=tau_row)
+        tau_row, label = _tau_label(tau)
+        add("tau", label, res, tau=tau_row)
     for k in static_k:
         with static_top_k(model, int(k)):
             res = evaluate_lm(model, stream, tau=STATIC_TAU, **kw)
         add("static_k", f"top-{k}", res, tau=STATIC_TAU, k=int(k))
-    t_by_p = thresholds(model, teal_calib, teal) if teal else {}
+    targets = sorted({float(p) for p in (*teal, *teal_down)})
+    t_by_p = thresholds(model, teal_calib, targets) if targets else {}
     for p in teal:
         with teal_model(model, t_by_p[float(p)]):
             res = evaluate_lm(model, stream, tau=STATIC_TAU, **kw)  # tau: unread by TEAL layers
         add("teal", f"teal-{float(p):g}", res)
+    for p in teal_down:
+        t_l2 = np.stack([np.zeros(model.cfg.n_layers), t_by_p[float(p)][:, 1]], axis=-1)
+        with teal_model(model, t_l2, route=True):
+            for tau in taus:
+                res = evaluate_lm(model, stream, tau=tau, **kw)
+                tau_row, label = _tau_label(tau)
+                add("teal_down", f"{label}+down-{float(p):g}", res, tau=tau_row)
     write_artifacts(rows, out_dir, reference_ppl=reference_ppl)
     if progress:
         print_table(rows)
     return rows
+
+
+def _tau_label(tau) -> tuple[float | list[float], str]:
+    """A row's tau (a per-layer tau as a list) and its label, ``tau=0.9`` or ``tau=0.9,0.8``."""
+    tau_v = np.asarray(tau, np.float64)
+    tau_row = float(tau_v) if tau_v.ndim == 0 else tau_v.tolist()
+    return tau_row, "tau=" + ",".join(f"{x:g}" for x in tau_v.reshape(-1))
 
 
 def write_artifacts(
@@ -299,6 +316,11 @@ def plot_sweep(rows: list[dict], path: str | os.PathLike, reference_ppl=None) ->
                 xytext=(4, -10),
                 fontsize=7,
             )
+    down = sorted((r for r in rows if r["setting"] == "teal_down"), key=lambda r: r["sparsity"])
+    for target in sorted({r["label"].rsplit("+down-", 1)[1] for r in down}):
+        pts = [r for r in down if r["label"].endswith(f"+down-{target}")]
+        ax.plot([r["sparsity"] for r in pts], [r["ppl"] for r in pts], "o:",
+                label=f"PrunePath + TEAL down rows ({target})")  # fmt: skip
     teal = sorted((r for r in rows if r["setting"] == "teal"), key=lambda r: r["sparsity"])
     if teal:
         ax.plot([r["sparsity"] for r in teal], [r["ppl"] for r in teal], "^--",
@@ -393,6 +415,9 @@ class SweepArgs:
     teal: tuple[float, ...] = ()
     """Target sparsities of TEAL baselines (magnitude thresholds on the same FFN weights, no
     router; calibrated on shipped training text, as the router initialisation)."""
+    teal_down: tuple[float, ...] = ()
+    """Targets of TEAL's down-row threshold inside PrunePath's selected experts, each swept
+    over every tau (contiguous W_down rows skipped: fewer bytes at nearly the same quality)."""
     teal_calib_tokens: int = 8192
     """Calibration tokens of the TEAL thresholds."""
     seq_len: int = 512
@@ -417,13 +442,13 @@ class SweepArgs:
         text.local_text_path(self.text, self.split)  # a wrong path fails here, not after the load
         if any(int(k) < 1 for k in self.static_k):  # the upper bound (E) needs the model
             raise ValueError(f"static k must be >= 1, got {list(self.static_k)}")
-        check_sparsities(self.teal)
-        if self.teal and self.teal_calib_tokens < 1:
+        check_sparsities((*self.teal, *self.teal_down))
+        if (self.teal or self.teal_down) and self.teal_calib_tokens < 1:
             raise ValueError(f"teal_calib_tokens must be >= 1, got {self.teal_calib_tokens}")
         pp = PrunePathConfig(group_size=self.group_size, gate=self.gate)
         loaded = load_for_sweep(self.checkpoint, dtype=self.dtype, pp=pp)
         teal_calib = None
-        if self.teal:
+        if self.teal or self.teal_down:
             from prunepath_jax.demo import calibration_batches
 
             teal_calib = calibration_batches(loaded.tokenizer, self.teal_calib_tokens)
@@ -438,6 +463,7 @@ class SweepArgs:
             max_tokens=self.max_tokens,
             static_k=self.static_k,
             teal=self.teal,
+            teal_down=self.teal_down,
             teal_calib=teal_calib,
             out_dir=self.out_dir,
             reference=loaded.dense if self.dense_reference else None,

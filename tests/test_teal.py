@@ -162,13 +162,17 @@ def test_sweep_with_teal_rows(models, tmp_path):
     path.write_text("First document, some words here.\n" * 6 + "\n\f\n" + "Second one.\n" * 8)
     model = models["pp"]
     calib = [(_tokens(2, 32, 3), None)]
+    # seq_len 19: a window no other test module compiles, so the trace count below (and
+    # test_eval's) does not depend on which module ran first
     before = perplexity.trace_count()
-    rows = sweep.sweep(model, CharTokenizer(), str(path), (0.9,), seq_len=11, batch_size=2,
-                       max_tokens=120, teal=(0.3, 0.6), teal_calib=calib,
+    rows = sweep.sweep(model, CharTokenizer(), str(path), (0.9,), seq_len=19, batch_size=2,
+                       max_tokens=120, teal=(0.3, 0.6), teal_down=(0.5,), teal_calib=calib,
                        out_dir=tmp_path / "out", progress=False)  # fmt: skip
-    assert perplexity.trace_count() - before == 1 + 1  # the tau row, then both TEAL rows
-    assert [r["setting"] for r in rows] == ["tau", "teal", "teal"]
-    assert [r["label"] for r in rows[1:]] == ["teal-0.3", "teal-0.6"]
+    # the tau row, both TEAL rows, the down-row threshold inside the experts: three graphs
+    assert perplexity.trace_count() - before == 3
+    assert [r["setting"] for r in rows] == ["tau", "teal", "teal", "teal_down"]
+    assert [r["label"] for r in rows[1:]] == ["teal-0.3", "teal-0.6", "tau=0.9+down-0.5"]
+    assert rows[3]["tau"] == 0.9 and 0.0 < rows[3]["sparsity"] < 1.0
     assert 0.0 < rows[1]["sparsity"] < rows[2]["sparsity"] < 1.0
     assert rows[2]["ppl"] > 0 and np.isfinite(rows[2]["ppl"])
     assert all(isinstance(layer.mlp, PrunePathFFN) for layer in model.layers)
@@ -182,8 +186,11 @@ def test_bad_input(models, tmp_path):
             teal.thresholds(model, [(_tokens(1, 8, 0), None)], bad)
         with pytest.raises(ValueError, match="TEAL sparsities"):
             sweep.SweepArgs(teal=tuple(bad), out_dir=str(tmp_path)).run()
-    with pytest.raises(ValueError, match="calibration"):
-        sweep.sweep(model, CharTokenizer(), "shipped", (0.9,), teal=(0.5,), progress=False)
+        with pytest.raises(ValueError, match="TEAL sparsities"):
+            sweep.SweepArgs(teal_down=tuple(bad), out_dir=str(tmp_path)).run()
+    for kw in ({"teal": (0.5,)}, {"teal_down": (0.5,)}):
+        with pytest.raises(ValueError, match="calibration"):
+            sweep.sweep(model, CharTokenizer(), "shipped", (0.9,), progress=False, **kw)
     with pytest.raises(ValueError, match=r"\[2, 2\]"), teal.teal_model(model, np.zeros((3, 2))):
         pass
     with pytest.raises(RuntimeError), teal.teal_model(model, np.zeros((2, 2))):
