@@ -24,7 +24,7 @@ the rows of small inputs not read), for the speed side.
 
 ``teal_model(route=True)`` keeps PrunePath's own selection and gates and applies the
 thresholds inside the selected experts: with ``t_x = 0`` that is TEAL's down-row threshold on
-PrunePath, whose skipped W_down rows are contiguous (``scripts/teal_quality.py``).
+PrunePath, whose skipped W_down rows are contiguous (``prunepath sweep --teal-down``).
 """
 
 from __future__ import annotations
