@@ -53,6 +53,7 @@ def run_demo(
     taus: tuple[float, ...] = (1.05, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4),
     static_k: tuple[int, ...] = (36, 24, 12),
     teal: tuple[float, ...] = (0.25, 0.5, 0.75),
+    teal_down: tuple[float, ...] = (0.5,),
     sample_taus: tuple[float, float] = (1.05, 0.7),
     gate: str = "none",
 ) -> dict:
@@ -113,9 +114,11 @@ def run_demo(
     t0 = time.perf_counter()
     common = dict(max_tokens=eval_tokens, seq_len=512, batch_size=4, progress=False)
     # TEAL (magnitude thresholds on the same FFN weights, no router) calibrated on the same
-    # shipped training text as the routers: the baseline a user would otherwise pick.
+    # shipped training text as the routers: the baseline a user would otherwise pick; and its
+    # down-row threshold inside PrunePath's experts, at every tau.
     rows = sweep(pp_model, tok, "shipped", taus, out_dir=out / "sweep", reference=pre.model,
-                 static_k=static_k, teal=teal, teal_calib=calibration_batches(tok, calib_tokens),
+                 static_k=static_k, teal=teal, teal_down=teal_down,
+                 teal_calib=calibration_batches(tok, calib_tokens),
                  meta={"router": "initialised"}, **common)  # fmt: skip
     zero_taus = tuple(t for t in taus if t <= 1.0)[::2]
     zero_rows = sweep(zero_model, tok, "shipped", zero_taus, out_dir=out / "sweep_zero_router",
@@ -124,13 +127,16 @@ def run_demo(
     con.print(f"artifacts: {out / 'sweep'} (sweep.md/.csv/.jsonl/.png), {timings['sweep']:.0f} s")
     zero_by_tau = {r.get("tau"): r for r in zero_rows}
     con.print("zero-router perplexity at the same tau (uniform routing = static pruning):")
-    for r in rows:
+    for r in (r for r in rows if r["setting"] == "tau"):
         z = zero_by_tau.get(r.get("tau"))
         if z is not None:
             con.print(
                 f"  tau {r['tau']}: initialised {r['ppl']:.1f} (s={r['sparsity']:.2f}) | "
                 f"zero router {z['ppl']:.3g} (s={z['sparsity']:.2f})"
             )
+    con.print("TEAL (magnitude thresholds, no router) and its down rows inside the experts:")
+    for r in (r for r in rows if r["setting"] in ("teal", "teal_down")):
+        con.print(f"  {r['label']}: perplexity {r['ppl']:.1f} at sparsity {r['sparsity']:.2f}")
 
     con.rule("5. generation at two tau values")
     ids = _prompts(tok, list(PROMPTS), chat=True)
