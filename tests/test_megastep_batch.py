@@ -148,8 +148,10 @@ def test_gpu_batch_step_matches_xla(case):
     kc, vc = megastep.stack_cache(cache)
     tau_l = jnp.stack([a.tau for a in args])
     logits, _, _, k_lb, fail = jax.jit(megastep.step, static_argnums=(0, 7))(
-        model, mw, tok_b, pos_b, kc, vc, tau_l, megastep.Launch(splits=case.splits)
-    )
+        model, mw, tok_b, pos_b, kc, vc, tau_l,
+        megastep.Launch(splits=case.case.splits, block_t=case.case.block_t,
+                        unit_groups=case.unit_groups),
+    )  # fmt: skip
     assert not np.asarray(fail).any()
     ref_k = np.stack([np.asarray(s.k_t).reshape(-1) for s in ref.ffn_stats])
     np.testing.assert_array_equal(np.asarray(k_lb), ref_k)
