@@ -48,12 +48,14 @@ The residual stream stays fp32 inside the launch (the XLA model rounds it to the
 after every add), so bf16 results agree with the fp32 model within the bf16 tolerance and fp32
 ones with the XLA step up to summation order (the atomics' order varies from run to run).
 
-Not measured on a GPU yet (written in a session without one, BENCHMARKS.md thirty-ninth
-session): correct under the Triton interpreter against the XLA step and lowered for sm_90;
-the batch-1 step's other measured levers (the next phase's first chunk held in registers,
-attention merged with O, the selection in rank order) are not here. ``prunepath_jax.megastep``
-takes it for ``generate(..., implementation="megastep")`` with 2-16 prompts; ``"auto"`` does
-not pick it before it is measured.
+Measured on the H200 (BENCHMARKS.md, fortieth session): **2-3× slower than dense** (1B 1615-3058
+µs a step at 2-16 sequences against 914-1236; 8B 12 415 against 4144 at 4). Every streaming
+phase runs far below copy, the down projection (G) worst: 8B at 4 sequences 209 µs a layer for
+77 MB, 0.37 TB/s. Its items are few and long, and each unit's rows are found through a table
+load, so the stream's addresses wait on loads. fp32 greedy generation gives XLA's tokens; fp32
+logits differ from XLA's by ~2e-3 on the GPU (1.5e-6 in the interpreter; not traced).
+``prunepath_jax.megastep`` takes it for ``generate(..., implementation="megastep")`` with 2-16
+prompts; ``"auto"`` does not.
 
 Limits (``check`` raises): those of the batch-1 step, and 1 ≤ T ≤ 16, G a multiple of 16.
 """
