@@ -52,8 +52,8 @@ Measured on the H200 (BENCHMARKS.md, fortieth session): **2-3× slower than dens
 µs a step at 2-16 sequences against 914-1236; 8B 12 415 against 4144 at 4). Every streaming
 phase runs far below copy, the down projection (G) worst: 8B at 4 sequences 209 µs a layer for
 77 MB, 0.37 TB/s. Its items are few and long, and each unit's rows are found through a table
-load, so the stream's addresses wait on loads. fp32 greedy generation gives XLA's tokens; fp32
-logits differ from XLA's by ~2e-3 on the GPU (1.5e-6 in the interpreter; not traced).
+load, so the stream's addresses wait on loads. Correct on the GPU: its fp32 logits match
+XLA's (at "highest" precision) within the fp32 tolerance and its greedy tokens equal XLA's.
 ``prunepath_jax.megastep`` takes it for ``generate(..., implementation="megastep")`` with 2-16
 prompts; ``"auto"`` does not.
 
