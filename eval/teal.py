@@ -65,6 +65,15 @@ def check_sparsities(sparsities: Sequence[float]) -> None:
         raise ValueError(f"TEAL sparsities must be in [0, 1), got {bad}")
 
 
+def _intermediate(x_btd, w_in_cfd, b_in_cf, act_name: str) -> jax.Array:
+    """The FFN's intermediate activation ``act(x W_gate) * (x W_up)`` (c = 2) or ``act(x W)``."""
+    h = jnp.einsum("btd,cfd->btcf", x_btd, w_in_cfd)
+    if b_in_cf is not None:
+        h = h + b_in_cf
+    act = activation(act_name)
+    return act(h[..., 0, :]) * h[..., 1, :] if w_in_cfd.shape[0] == 2 else act(h[..., 0, :])
+
+
 def teal_ffn(
     x_btd: jax.Array,
     w_in_cfd: jax.Array,
@@ -86,13 +95,9 @@ def teal_ffn(
     selected neurons' gate/up rows (at the kept input columns) and the down rows of those
     whose activation passes ``t_a``.
     """
-    c, f, _ = w_in_cfd.shape
+    c = w_in_cfd.shape[0]
     keep_x = jnp.abs(x_btd) >= t_x
-    h = jnp.einsum("btd,cfd->btcf", jnp.where(keep_x, x_btd, 0), w_in_cfd)
-    if b_in_cf is not None:
-        h = h + b_in_cf
-    act = activation(act_name)
-    a_btf = act(h[..., 0, :]) * h[..., 1, :] if c == 2 else act(h[..., 0, :])
+    a_btf = _intermediate(jnp.where(keep_x, x_btd, 0), w_in_cfd, b_in_cf, act_name)
     keep_a = jnp.abs(a_btf) >= t_a
     sel_frac = jnp.float32(1.0)
     if route_btf is not None:
@@ -161,12 +166,9 @@ def thresholds(
     qs = np.asarray(sparsities, np.float64)
     t_lqs = []
     for mlp, x_nd in zip(mlps, xs, strict=True):
-        x = jnp.asarray(x_nd)[None]  # [1, n, d]
-        h = jnp.einsum("btd,cfd->btcf", x, mlp.w_in[...].astype(jnp.float32))
-        if mlp.b_in is not None:
-            h = h + mlp.b_in[...].astype(jnp.float32)
-        act = activation(mlp.act_name)
-        a = act(h[..., 0, :]) * h[..., 1, :] if mlp.gated else act(h[..., 0, :])
+        b_in = None if mlp.b_in is None else mlp.b_in[...].astype(jnp.float32)
+        a = _intermediate(jnp.asarray(x_nd)[None], mlp.w_in[...].astype(jnp.float32), b_in,
+                          mlp.act_name)  # fmt: skip
         t_x = np.quantile(np.abs(x_nd), qs)
         t_a = np.quantile(np.abs(np.asarray(a[0])), qs)
         t_lqs.append(np.stack([t_x, t_a], axis=-1))  # [q, 2]
