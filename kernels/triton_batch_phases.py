@@ -195,3 +195,56 @@ def _unit_down(act_ptr, w_out_ptr, h_ptr, tab_ptr, u0, u1, c0, c1, D: tl.constex
     else:
         tl.store(h_ptr + off, tl.load(h_ptr + off, mask=m, other=0.0, cache_modifier=".cg") + acc,
                  mask=m)  # fmt: skip
+
+
+@triton.jit
+def _unit_ffn(xn_ptr, gs_ptr, w_in_ptr, w_out_ptr, h_ptr, tab_ptr, u0, u1, D: tl.constexpr,
+              F: tl.constexpr, G: tl.constexpr, E_PAD: tl.constexpr, T: tl.constexpr,
+              TP: tl.constexpr, BN: tl.constexpr, UF: tl.constexpr, BKF: tl.constexpr,
+              CWF: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    """The expert phase in one piece (``FUSED``): the program's units ``[u0, u1)``, ``UF`` at a
+    time as one ``[UF · BN, ·]`` block of rows, gate/up for every token, then their down rows
+    into the residual ``h [T, D]`` with one relaxed atomic ``[T, CWF]`` a column chunk.
+
+    Why, against phases F and G: G's items walked hundreds of units through a table load each
+    (0.37 TB/s at 8B, BENCHMARKS.md fortieth session), and F restarted its pipeline every
+    16-row unit with 8 KB a stage. Here the rows' addresses are found once, before the streams,
+    each stage moves a ``[UF · BN, BKF]`` (or ``[UF · BN, CWF]``) tile of about 16 KB, and a
+    unit's down rows are one contiguous ``BN · D`` block. The price is ``T · D`` atomics a
+    group (``P · T · D`` a layer with one group a program), against G's ``NU · T · D``, and
+    no activations scratch or barrier between the halves."""
+    RB: tl.constexpr = UF * BN
+    PER: tl.constexpr = G // BN
+    rr = tl.arange(0, RB)
+    rt = tl.arange(0, TP)
+    rk = tl.arange(0, BKF)
+    rc = tl.arange(0, CWF)
+    for g0 in range(u0, u1, UF):
+        uu = g0 + rr // BN  # each row's unit
+        um = uu < u1
+        e = tl.load(tab_ptr + uu // PER, mask=um, other=0)
+        rows = (e * G + (uu % PER) * BN + rr % BN).to(tl.int64) * D
+        gt = tl.load(gs_ptr + rt[None, :] * E_PAD + e[:, None], mask=um[:, None] & (rt < T)[None, :],
+                     other=0.0, cache_modifier=".cg")  # [RB, TP]  # fmt: skip
+        ag = tl.zeros([RB, TP], tl.float32)
+        au = tl.zeros([RB, TP], tl.float32)
+        for k0 in tl.range(0, D, BKF, num_stages=STAGES):
+            kk = k0 + rk
+            km = kk < D
+            wm = um[:, None] & km[None, :]
+            wg = tl.load(w_in_ptr + rows[:, None] + kk[None, :], mask=wm, other=0.0)
+            wu = tl.load(w_in_ptr + F * D + rows[:, None] + kk[None, :], mask=wm, other=0.0)
+            x = tl.load(xn_ptr + rt[None, :] * D + kk[:, None],
+                        mask=(rt < T)[None, :] & km[:, None], other=0.0,
+                        cache_modifier=".cg")  # [BKF, TP]  # fmt: skip
+            ag += _dot(wg, x, wg, DOT_F32)
+            au += _dot(wu, x, wu, DOT_F32)
+        a_tr = tl.trans(ag / (1.0 + tl.exp(-ag)) * au * gt)  # [TP, RB]; 0 past u1 and T
+        for c0 in tl.range(0, D, CWF, num_stages=STAGES):
+            cols = c0 + rc
+            cm = cols < D
+            wo = tl.load(w_out_ptr + rows[:, None] + cols[None, :], mask=um[:, None] & cm[None, :],
+                         other=0.0)  # fmt: skip
+            acc = _dot(a_tr, wo, wo, DOT_F32)  # [TP, CWF]
+            tl.atomic_add(h_ptr + rt[:, None] * D + cols[None, :], acc,
+                          mask=(rt < T)[:, None] & cm[None, :], sem="relaxed")  # fmt: skip

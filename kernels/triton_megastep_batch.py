@@ -74,6 +74,7 @@ from prunepath_jax.kernels.triton_batch_phases import (
     _union,
     _unit_acts,
     _unit_down,
+    _unit_ffn,
 )
 from prunepath_jax.kernels.triton_grid import _arrive, _stamp, _wait
 from prunepath_jax.kernels.triton_megastep_attn import _attend_split
@@ -100,6 +101,10 @@ BK = 128  # input columns a chunk of the A, C and unit products (256 spilled 0.6
 # [16, column block] tile is 1-4 KB, too little in flight to stream; 16 KB spilled 0.2 KB.
 DOWN_TILE_BYTES = 8 * 1024
 BE = 64  # router rows a chunk of the router share
+# The fused expert phase (``_unit_ffn``): at most this many units a group, tiles of about this
+# many bytes a stream (gate and up each; ``[128, 64]`` bf16 at 8 units).
+FFN_UNITS_MAX = 8
+FFN_TILE_BYTES = 16 * 1024
 # Timing stamps a layer (TIMING): the start and the end of each of the six phases A, B, C, S,
 # F, G (a phase starts when its program leaves the barrier before it, ends at its arrival).
 PHASES = ("A norm+qkv", "B attention", "C o+residual+router", "S select", "F gate/up",
@@ -149,7 +154,8 @@ def _batch_kernel(
     SPIN: tl.constexpr, DOT_F32: tl.constexpr, AST: tl.constexpr, GS: tl.constexpr,
     US: tl.constexpr, WS_LG: tl.constexpr, WS_CTR: tl.constexpr,
     PF_A: tl.constexpr, PF_C: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
-    PFB: tl.constexpr, TIMING: tl.constexpr,
+    PFB: tl.constexpr, TIMING: tl.constexpr, UF: tl.constexpr, BKF: tl.constexpr,
+    CWF: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -263,21 +269,29 @@ def _batch_kernel(
         n_units = n_union * PER
         u0 = pid * n_units // P
         u1 = (pid + 1) * n_units // P
-        if u1 > u0:
-            _unit_acts(xn_ptr, gs_ptr, w_in_ptr + lw * 2 * F * D, act_ptr, tab, u0, u1, D, F, G,
-                       E_PAD, T, TP, BN, BK, US, DOT_F32)  # fmt: skip
-        _stamp(tim_ptr, pid, t0 + 9, NT, TIMING)
-        _arrive(ctr_ptr)
-        ph += 1
-        failed = _wait(ctr_ptr, P * ph, failed, SPIN)
-        _stamp(tim_ptr, pid, t0 + 10, NT, TIMING)
-        # G: the down projection, one item per (unit group, column block), into the residual.
-        for item in range(pid, NU * NC, P):
-            grp = item // NC
-            w0 = (item % NC) * CW
-            _unit_down(act_ptr, w_out_ptr + lw * F * D, h_ptr, tab, grp * n_units // NU,
-                       (grp + 1) * n_units // NU, w0, tl.minimum(w0 + CW, D), D, G, T, TP, BN,
-                       CW_PAD, UB, US, NU > 1, DOT_F32)  # fmt: skip
+        if UF > 0:  # F and G as one phase (``_unit_ffn``): G's stamps mark an empty phase
+            if u1 > u0:
+                _unit_ffn(xn_ptr, gs_ptr, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D,
+                          h_ptr, tab, u0, u1, D, F, G, E_PAD, T, TP, BN, UF, BKF, CWF, US,
+                          DOT_F32)  # fmt: skip
+            _stamp(tim_ptr, pid, t0 + 9, NT, TIMING)
+            _stamp(tim_ptr, pid, t0 + 10, NT, TIMING)
+        else:
+            if u1 > u0:
+                _unit_acts(xn_ptr, gs_ptr, w_in_ptr + lw * 2 * F * D, act_ptr, tab, u0, u1, D, F,
+                           G, E_PAD, T, TP, BN, BK, US, DOT_F32)  # fmt: skip
+            _stamp(tim_ptr, pid, t0 + 9, NT, TIMING)
+            _arrive(ctr_ptr)
+            ph += 1
+            failed = _wait(ctr_ptr, P * ph, failed, SPIN)
+            _stamp(tim_ptr, pid, t0 + 10, NT, TIMING)
+            # G: the down projection, one item per (unit group, column block), into h.
+            for item in range(pid, NU * NC, P):
+                grp = item // NC
+                w0 = (item % NC) * CW
+                _unit_down(act_ptr, w_out_ptr + lw * F * D, h_ptr, tab, grp * n_units // NU,
+                           (grp + 1) * n_units // NU, w0, tl.minimum(w0 + CW, D), D, G, T, TP,
+                           BN, CW_PAD, UB, US, NU > 1, DOT_F32)  # fmt: skip
         _stamp(tim_ptr, pid, t0 + 11, NT, TIMING)
         _arrive(ctr_ptr)
         if layer + 1 < L:
@@ -319,6 +333,21 @@ def _down_split(t: int, d: int, p: int, unit_groups: int) -> dict:
     return dict(NU=nu, NC=nc, CW=cw, CW_PAD=max(16, jt.next_pow2(cw)))
 
 
+def default_ffn_units(e: int, g: int, p: int) -> int:
+    """Units a group of the fused expert phase (``_unit_ffn``): a program's share of every
+    expert's units (what it gets when the union is all of E), as a power of 2, at most 8 (128
+    rows: the gate and up accumulators ``[UF · BN, 16]`` f32 stay at 16 registers a thread at
+    8 warps). One group a program at the 1B and 8B widths, so one ``T · D`` add a program."""
+    return min(FFN_UNITS_MAX, jt.next_pow2(-(-e * (g // BN) // p)))
+
+
+def _ffn_block(uf: int, itemsize: int) -> int:
+    """Columns of a fused expert phase's tile: ``[UF · BN, ·]`` of about ``FFN_TILE_BYTES``
+    (16-256)."""
+    n = FFN_TILE_BYTES // (max(1, uf) * BN * itemsize)  # (0: no fused phase; any block)
+    return max(16, min(256, 1 << (n.bit_length() - 1)))
+
+
 def _down_units(cw_pad: int, itemsize: int) -> int:
     """Units a step of the down projection's loop: a ``[UB · BN, CW_PAD]`` tile of about
     ``DOWN_TILE_BYTES`` (a power of 2 from 1 to 8)."""
@@ -329,8 +358,8 @@ def _down_units(cw_pad: int, itemsize: int) -> int:
 def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, block_t=None,
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
-              unit_groups=0, prefetch_kb=PREFETCH_KB, prefetch_o_kb=PREFETCH_O_KB,
-              bulk_prefetch=None, weight_itemsize=2, timing=0,
+              unit_groups=0, ffn_units=None, prefetch_kb=PREFETCH_KB,
+              prefetch_o_kb=PREFETCH_O_KB, bulk_prefetch=None, weight_itemsize=2, timing=0,
               interpret=False) -> dict:  # fmt: skip
     """The kernel's constexprs (also what the sm_90 lowering test compiles). The L2 prefetch
     at a barrier arrival (of the program's next QKV, and W_o, rows; the batch-1 step's measured
@@ -348,8 +377,10 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     pf_c = 0 if interpret else _pf_lines(prefetch_o_kb * 1024 // LINE, r_c, 0, hq * hd, w)
     bulk = default_bulk_prefetch(d) if bulk_prefetch is None else bool(bulk_prefetch)
     down = _down_split(t, d, p, unit_groups)
+    uf = default_ffn_units(e, g, p) if ffn_units is None else ffn_units
     return dict(
-        **down, UB=_down_units(down["CW_PAD"], w), BK=BK,
+        **down, UB=_down_units(down["CW_PAD"], w), BK=BK, UF=uf, BKF=_ffn_block(uf, w),
+        CWF=_ffn_block(uf, w),
         PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),
         PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
         T=t, TP=MAX_TOKENS, L=n_layers, D=d, HQ=hq, KV=kv, HD=hd,
@@ -376,8 +407,9 @@ def megastep_batch(
     gate: str = "sigmoid", k_min: int = 1, k_max: int | None = None, programs: int = 0,
     splits: int = 0, block_t: int | None = None, attn_stages: int | None = None,
     warps: int = 8, spin: int = SPIN, gemv_stages: int = STAGES, unit_stages: int = STAGES,
-    unit_groups: int = 0, prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
-    bulk_prefetch: bool | None = None, timing: int = 0, interpret: bool = False,
+    unit_groups: int = 0, ffn_units: int | None = None, prefetch_kb: int = PREFETCH_KB,
+    prefetch_o_kb: int = PREFETCH_O_KB, bulk_prefetch: bool | None = None, timing: int = 0,
+    interpret: bool = False,
 ):  # fmt: skip
     """Every layer of T tokens' decode step: ``(h_td f32, kc, vc, k_lt i32, union_l i32,
     fail_p i32)``, plus with ``timing`` (GPU) each program's %globaltimer stamps
@@ -403,6 +435,11 @@ def megastep_batch(
     try:  # the batch-1 launch's checks, for the fields the two launches share
         if unit_groups < 0:
             raise ValueError(f"unit_groups must be >= 0 (0: by the batch), got {unit_groups}")
+        if ffn_units is not None and ffn_units not in (0, 1, 2, 4, 8):
+            raise ValueError(
+                f"ffn_units must be 0 (separate gate/up and down phases) or 1, 2, 4, 8 (units a "
+                f"group of the fused phase), got {ffn_units}"
+            )
         k_max = check_launch(
             e, False, router_in_items=False, block_t=block_t, k_min=k_min, k_max=k_max,
             rule=rule, gate=gate, programs=programs, splits=splits, parts=0, warps=warps,
@@ -424,7 +461,7 @@ def megastep_batch(
                   attn_stages=attn_stages, cache_itemsize=jnp.dtype(kc_ltskh.dtype).itemsize,
                   eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin,
                   gemv_stages=gemv_stages, unit_stages=unit_stages, unit_groups=unit_groups,
-                  prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb,
+                  ffn_units=ffn_units, prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb,
                   bulk_prefetch=bulk_prefetch,
                   weight_itemsize=jnp.dtype(wqkv_lnd.dtype).itemsize, timing=timing,
                   interpret=interpret)  # fmt: skip
@@ -444,7 +481,7 @@ def megastep_batch(
         jax.ShapeDtypeStruct((n_layers * t,), i32),  # k
         jax.ShapeDtypeStruct((n_layers,), i32),  # union
         jax.ShapeDtypeStruct((p,), i32),  # fail flags
-        jax.ShapeDtypeStruct((e * g * MAX_TOKENS,), f32),  # the units' activations
+        jax.ShapeDtypeStruct((e * g * MAX_TOKENS if c["UF"] == 0 else 1,), f32),  # units' acts
         jax.ShapeDtypeStruct((p, 1 + n_layers * N_SLOTS) if timing else (1,), jnp.int64),
         jax.ShapeDtypeStruct((p * c["E_PAD"],), i32),  # the union tables
     ]

@@ -90,6 +90,9 @@ class Launch(NamedTuple):
     # The batched launch's down-projection unit groups (``triton_megastep_batch``; 0: by the
     # batch); the batch-1 launch has no such phase.
     unit_groups: int | None = None
+    # The batched launch's fused expert phase: units a group (0: separate gate/up and down
+    # phases, the first form; None: ``default_ffn_units``).
+    ffn_units: int | None = None
     # Diagnostic: the timeline's %globaltimer stamps compiled in, their output discarded (1), or
     # only their clock reads (2: the stores predicated off), to time what the stamps themselves
     # change in the step (BENCHMARKS.md, thirty-sixth session).
@@ -297,8 +300,9 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
     ffn = check(model)
     cfg = model.cfg
     opts = {k: v for k, v in launch._asdict().items() if v is not None}
-    if "unit_groups" in opts:
-        raise ValueError("Launch.unit_groups is the batched launch's (2-16 sequences)")
+    for name in ("unit_groups", "ffn_units"):
+        if name in opts:
+            raise ValueError(f"Launch.{name} is the batched launch's (2-16 sequences)")
     head_in = opts.pop("head_in", tm.HEAD_IN)
     stamped = opts.pop("stamps", 0)  # compiled in; returned only with timing
     if stamped not in (0, 1, 2):
@@ -321,7 +325,7 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
 
 # The launch choices the batched kernel takes (``triton_megastep_batch.megastep_batch``'s).
 BATCH_LAUNCH = ("programs", "splits", "block_t", "warps", "attn_stages", "gemv_stages",
-                "unit_stages", "unit_groups", "prefetch_kb", "prefetch_o_kb",
+                "unit_stages", "unit_groups", "ffn_units", "prefetch_kb", "prefetch_o_kb",
                 "bulk_prefetch")  # fmt: skip
 
 

@@ -125,6 +125,20 @@ s53a)  # (written, not run: no device in the fortieth session) TEAL's masked-row
   gpu_tests 200 tests/test_teal_kernel.py
   run timeout 420 python3 benchmarks/teal_decode.py --out "$OUT/teal_decode.jsonl"
   ;;
+s54a)  # the batched step's fused expert phase (ffn_units, the new default) against the split F / G
+  # phases of the fortieth session: GPU tests, then the 1B at 2-16 sequences (same process,
+  # against dense)
+  PYTHONUNBUFFERED=1 run timeout 300 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
+    -p no:cacheprovider
+  run timeout 250 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+    --batches 2 4 8 16 --no-default --launches '{"fused": {}, "split": {"ffn_units": 0}}' \
+    --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
+s54b)  # ... and the 8B at 4 and 16 sequences, with groups of 4 units
+  run timeout 560 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
+    --batches 4 16 --no-default --launches '{"fused": {}, "split": {"ffn_units": 0},
+    "uf4": {"ffn_units": 4}}' --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;

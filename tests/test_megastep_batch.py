@@ -62,11 +62,12 @@ def test_interpreted_batch_cases_cover_what_they_claim(interpreted):
 
 
 @pytest.mark.parametrize(
-    "t,shape,timing",
-    [(4, "llama-3.2-1b", False), (16, "llama-3.2-1b", True), (8, "llama-3-8b", False)],
-    ids=["1b_t4", "1b_t16_stamps", "8b_t8"],
+    "t,shape,timing,ffn_units",
+    [(4, "llama-3.2-1b", False, None), (16, "llama-3.2-1b", True, None),
+     (8, "llama-3-8b", False, None), (8, "llama-3-8b", False, 0)],
+    ids=["1b_t4", "1b_t16_stamps", "8b_t8", "8b_t8_split"],
 )  # fmt: skip
-def test_batch_step_lowers_for_sm90(t, shape, timing):
+def test_batch_step_lowers_for_sm90(t, shape, timing, ffn_units):
     """The 1B and 8B models' launches over 132 programs, planned by ``megastep.step`` itself
     (``scripts/megastep_census.plan``: the exact pointer types and constexprs a call makes),
     compile for sm_90: tensor-core products (bf16 weights), grid barriers at GPU scope, what
@@ -77,7 +78,8 @@ def test_batch_step_lowers_for_sm90(t, shape, timing):
     import megastep_census
 
     cfg = PRESETS[shape]
-    sig, c, warps = megastep_census.plan(cfg, megastep.Launch(), 512, batch=t, timing=timing)
+    launch = megastep.Launch(ffn_units=ffn_units)
+    sig, c, warps = megastep_census.plan(cfg, launch, 512, batch=t, timing=timing)
     ck = sm90_compile(tb._batch_kernel, sig, c, warps=warps, stages=1)
     ptx = ck.asm["ptx"]
     assert "mma.sync" in ptx or "wgmma" in ptx
@@ -91,6 +93,14 @@ def test_batch_step_lowers_for_sm90(t, shape, timing):
     # The down projection's items: 2 unit groups up to 8 tokens, 4 above, over every program.
     nu = 4 if t > 8 else 2
     assert (c["NU"], c["NC"]) == (nu, 132 // nu) and c["NC"] * c["CW"] >= cfg.d_model
+    # The fused expert phase by default: a program's share of all of E's units in one group
+    # (1B: 512 units, 8B: 896, over 132 programs), tiles of 16 KB bf16.
+    if ffn_units is None:
+        units = cfg.d_ff // tb.BN
+        assert c["UF"] == min(8, jt.next_pow2(-(-units // 132)))
+        assert c["UF"] * tb.BN * c["BKF"] * 2 == tb.FFN_TILE_BYTES
+    else:
+        assert c["UF"] == 0
 
 
 def test_batch_bad_inputs_raise_clearly():
@@ -117,7 +127,7 @@ def test_batch_bad_inputs_raise_clearly():
     with pytest.raises(ValueError, match="k_min"):
         call(k_min=3, k_max=2)
     for bad in ({"unit_groups": -1}, {"prefetch_kb": -8}, {"warps": 6}, {"block_t": 8},
-                {"unit_stages": 0}):  # fmt: skip
+                {"unit_stages": 0}, {"ffn_units": 3}, {"ffn_units": 16}):  # fmt: skip
         with pytest.raises(ValueError, match="megastep_batch: need"):
             call(**bad)
     with pytest.raises(ValueError, match="1-16 sequences"):
@@ -131,10 +141,11 @@ def test_batch_bad_inputs_raise_clearly():
         megastep.check(small, 2)
     megastep.check(small, 1)  # the batch-1 launch takes it, but not the batched one's fields
     kc1, vc1 = megastep.stack_cache(cache1)
-    with pytest.raises(ValueError, match="unit_groups is the batched launch's"):
-        tau1 = jnp.full((CASES[0].layers,), 0.5)
-        megastep.step(small, megastep.pack(small), tok1[None], pos1[None], kc1, vc1, tau1,
-                      megastep.Launch(unit_groups=2))  # fmt: skip
+    tau1 = jnp.full((CASES[0].layers,), 0.5)
+    for field in ("unit_groups", "ffn_units"):
+        with pytest.raises(ValueError, match=f"{field} is the batched launch's"):
+            megastep.step(small, megastep.pack(small), tok1[None], pos1[None], kc1, vc1, tau1,
+                          megastep.Launch(**{field: 2}))  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -154,7 +165,7 @@ def test_gpu_batch_step_matches_xla(case):
         logits, _, _, k_lb, fail = jax.jit(megastep.step, static_argnums=(0, 7))(
             model, mw, tok_b, pos_b, kc, vc, tau_l,
             megastep.Launch(splits=case.case.splits, block_t=case.case.block_t,
-                            unit_groups=case.unit_groups),
+                            unit_groups=case.unit_groups, ffn_units=case.ffn_units),
         )  # fmt: skip
     assert not np.asarray(fail).any()
     ref_k = np.stack([np.asarray(s.k_t).reshape(-1) for s in ref.ffn_stats])
