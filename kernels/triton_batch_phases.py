@@ -224,8 +224,9 @@ def _unit_ffn(xn_ptr, gs_ptr, w_in_ptr, w_out_ptr, h_ptr, tab_ptr, u0, u1, D: tl
         um = uu < u1
         e = tl.load(tab_ptr + uu // PER, mask=um, other=0)
         rows = (e * G + (uu % PER) * BN + rr % BN).to(tl.int64) * D
-        gt = tl.load(gs_ptr + rt[None, :] * E_PAD + e[:, None], mask=um[:, None] & (rt < T)[None, :],
-                     other=0.0, cache_modifier=".cg")  # [RB, TP]  # fmt: skip
+        gt = tl.load(gs_ptr + rt[None, :] * E_PAD + e[:, None],
+                     mask=um[:, None] & (rt < T)[None, :], other=0.0,
+                     cache_modifier=".cg")  # [RB, TP]  # fmt: skip
         ag = tl.zeros([RB, TP], tl.float32)
         au = tl.zeros([RB, TP], tl.float32)
         for k0 in tl.range(0, D, BKF, num_stages=STAGES):

@@ -105,6 +105,7 @@ BE = 64  # router rows a chunk of the router share
 # many bytes a stream (gate and up each; ``[128, 64]`` bf16 at 8 units).
 FFN_UNITS_MAX = 8
 FFN_TILE_BYTES = 16 * 1024
+SKINNY_TILE_BYTES = 16 * 1024  # the A and C products' weight tiles (``_skinny_block``)
 # Timing stamps a layer (TIMING): the start and the end of each of the six phases A, B, C, S,
 # F, G (a phase starts when its program leaves the barrier before it, ends at its arrival).
 PHASES = ("A norm+qkv", "B attention", "C o+residual+router", "S select", "F gate/up",
@@ -155,7 +156,7 @@ def _batch_kernel(
     US: tl.constexpr, WS_LG: tl.constexpr, WS_CTR: tl.constexpr,
     PF_A: tl.constexpr, PF_C: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     PFB: tl.constexpr, TIMING: tl.constexpr, UF: tl.constexpr, BKF: tl.constexpr,
-    CWF: tl.constexpr,
+    CWF: tl.constexpr, BKA: tl.constexpr, BKC: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -203,7 +204,7 @@ def _batch_kernel(
         # A: the residual's norm folded into the QKV product.
         if a0 < NQKV:  # (programs past the rows would stream the residual for nothing)
             qa, ss = _skinny(wqkv_ptr + lw * NQKV * D, h_ptr, ln1_ptr + layer * D, a0, a1, D, T,
-                             TP, RA_PAD, BK, GS, True, DOT_F32)  # fmt: skip
+                             TP, RA_PAD, BKA, GS, True, DOT_F32)  # fmt: skip
             qa = qa * tl.rsqrt(ss / D + EPS)[None, :]
             ra = a0 + tl.arange(0, RA_PAD)
             tl.store(qkv_ptr + rt[None, :] * NQKV + ra[:, None], qa,
@@ -229,7 +230,7 @@ def _batch_kernel(
         _stamp(tim_ptr, pid, t0 + 4, NT, TIMING)
         # C: O projection + residual + this program's share of the router logits.
         if c0 < D:
-            oc, _ = _skinny(wo_ptr + lw * D * NA, att_ptr, ln1_ptr, c0, c1, NA, T, TP, RC_PAD, BK,
+            oc, _ = _skinny(wo_ptr + lw * D * NA, att_ptr, ln1_ptr, c0, c1, NA, T, TP, RC_PAD, BKC,
                             GS, False, DOT_F32)  # fmt: skip
             rc = c0 + tl.arange(0, RC_PAD)
             off = rt[None, :] * D + rc[:, None]
@@ -348,6 +349,17 @@ def _ffn_block(uf: int, itemsize: int) -> int:
     return max(16, min(256, 1 << (n.bit_length() - 1)))
 
 
+def _skinny_block(rows: int, itemsize: int) -> int:
+    """Input columns a chunk of the A or C product for a program's ``rows`` weight rows: a tile
+    of about ``SKINNY_TILE_BYTES`` (32-512). Why by bytes: each pipelined chunk waits ~1 µs
+    for its load under a full GPU's traffic (measured: A, C and the expert phase all ran at
+    ~1 µs a chunk whatever the tile, BENCHMARKS.md forty-first session), so the bytes a
+    program keeps in flight, not the chunk count, set a phase's bandwidth; at the 1B width a
+    fixed 128 columns were 8 KB (A) and 4 KB (C) tiles."""
+    n = SKINNY_TILE_BYTES // (max(16, jt.next_pow2(rows)) * itemsize)
+    return max(32, min(512, 1 << (n.bit_length() - 1)))
+
+
 def _down_units(cw_pad: int, itemsize: int) -> int:
     """Units a step of the down projection's loop: a ``[UB · BN, CW_PAD]`` tile of about
     ``DOWN_TILE_BYTES`` (a power of 2 from 1 to 8)."""
@@ -358,7 +370,7 @@ def _down_units(cw_pad: int, itemsize: int) -> int:
 def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, block_t=None,
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
-              unit_groups=0, ffn_units=None, prefetch_kb=PREFETCH_KB,
+              unit_groups=0, ffn_units=None, skinny_bk=0, prefetch_kb=PREFETCH_KB,
               prefetch_o_kb=PREFETCH_O_KB, bulk_prefetch=None, weight_itemsize=2, timing=0,
               interpret=False) -> dict:  # fmt: skip
     """The kernel's constexprs (also what the sm_90 lowering test compiles). The L2 prefetch
@@ -380,7 +392,8 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     uf = default_ffn_units(e, g, p) if ffn_units is None else ffn_units
     return dict(
         **down, UB=_down_units(down["CW_PAD"], w), BK=BK, UF=uf, BKF=_ffn_block(uf, w),
-        CWF=_ffn_block(uf, w),
+        CWF=min(256, 2 * _ffn_block(uf, w)),
+        BKA=skinny_bk or _skinny_block(r_a, w), BKC=skinny_bk or _skinny_block(r_c, w),
         PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),
         PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
         T=t, TP=MAX_TOKENS, L=n_layers, D=d, HQ=hq, KV=kv, HD=hd,
@@ -407,7 +420,8 @@ def megastep_batch(
     gate: str = "sigmoid", k_min: int = 1, k_max: int | None = None, programs: int = 0,
     splits: int = 0, block_t: int | None = None, attn_stages: int | None = None,
     warps: int = 8, spin: int = SPIN, gemv_stages: int = STAGES, unit_stages: int = STAGES,
-    unit_groups: int = 0, ffn_units: int | None = None, prefetch_kb: int = PREFETCH_KB,
+    unit_groups: int = 0, ffn_units: int | None = None, skinny_bk: int = 0,
+    prefetch_kb: int = PREFETCH_KB,
     prefetch_o_kb: int = PREFETCH_O_KB, bulk_prefetch: bool | None = None, timing: int = 0,
     interpret: bool = False,
 ):  # fmt: skip
@@ -440,6 +454,11 @@ def megastep_batch(
                 f"ffn_units must be 0 (separate gate/up and down phases) or 1, 2, 4, 8 (units a "
                 f"group of the fused phase), got {ffn_units}"
             )
+        if skinny_bk not in (0, 32, 64, 128, 256, 512):
+            raise ValueError(
+                f"skinny_bk must be 0 (by tile bytes) or a power of 2 from 32 to 512, got "
+                f"{skinny_bk}"
+            )
         k_max = check_launch(
             e, False, router_in_items=False, block_t=block_t, k_min=k_min, k_max=k_max,
             rule=rule, gate=gate, programs=programs, splits=splits, parts=0, warps=warps,
@@ -461,8 +480,8 @@ def megastep_batch(
                   attn_stages=attn_stages, cache_itemsize=jnp.dtype(kc_ltskh.dtype).itemsize,
                   eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin,
                   gemv_stages=gemv_stages, unit_stages=unit_stages, unit_groups=unit_groups,
-                  ffn_units=ffn_units, prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb,
-                  bulk_prefetch=bulk_prefetch,
+                  ffn_units=ffn_units, skinny_bk=skinny_bk, prefetch_kb=prefetch_kb,
+                  prefetch_o_kb=prefetch_o_kb, bulk_prefetch=bulk_prefetch,
                   weight_itemsize=jnp.dtype(wqkv_lnd.dtype).itemsize, timing=timing,
                   interpret=interpret)  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]

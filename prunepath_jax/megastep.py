@@ -93,6 +93,8 @@ class Launch(NamedTuple):
     # The batched launch's fused expert phase: units a group (0: separate gate/up and down
     # phases, the first form; None: ``default_ffn_units``).
     ffn_units: int | None = None
+    # The batched launch's A and C products: input columns a chunk (0: a tile of ~16 KB).
+    skinny_bk: int | None = None
     # Diagnostic: the timeline's %globaltimer stamps compiled in, their output discarded (1), or
     # only their clock reads (2: the stores predicated off), to time what the stamps themselves
     # change in the step (BENCHMARKS.md, thirty-sixth session).
@@ -300,7 +302,7 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
     ffn = check(model)
     cfg = model.cfg
     opts = {k: v for k, v in launch._asdict().items() if v is not None}
-    for name in ("unit_groups", "ffn_units"):
+    for name in ("unit_groups", "ffn_units", "skinny_bk"):
         if name in opts:
             raise ValueError(f"Launch.{name} is the batched launch's (2-16 sequences)")
     head_in = opts.pop("head_in", tm.HEAD_IN)
@@ -325,8 +327,8 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
 
 # The launch choices the batched kernel takes (``triton_megastep_batch.megastep_batch``'s).
 BATCH_LAUNCH = ("programs", "splits", "block_t", "warps", "attn_stages", "gemv_stages",
-                "unit_stages", "unit_groups", "ffn_units", "prefetch_kb", "prefetch_o_kb",
-                "bulk_prefetch")  # fmt: skip
+                "unit_stages", "unit_groups", "ffn_units", "skinny_bk", "prefetch_kb",
+                "prefetch_o_kb", "bulk_prefetch")  # fmt: skip
 
 
 def step_batch(model, mw: MegaWeights, tokens_b, pos_b, kc, vc, tau_l,

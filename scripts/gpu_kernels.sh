@@ -139,6 +139,22 @@ s54b)  # ... and the 8B at 4 and 16 sequences, with groups of 4 units
     --batches 4 16 --no-default --launches '{"fused": {}, "split": {"ffn_units": 0},
     "uf4": {"ffn_units": 4}}' --out "$OUT/megastep_batch_decode.jsonl"
   ;;
+s55a)  # the A and C products' chunks by tile bytes (skinny_bk 0, the new default) against 128
+  # columns, and 4 / 5 pipeline stages: GPU tests, then the 1B at 4 and 16 sequences
+  PYTHONUNBUFFERED=1 run timeout 240 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
+    -p no:cacheprovider -k "matches_xla"
+  run timeout 330 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+    --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"new": {},
+    "bk128": {"skinny_bk": 128}, "bk256": {"skinny_bk": 256},
+    "st4": {"gemv_stages": 4, "unit_stages": 4}, "st5": {"gemv_stages": 5, "unit_stages": 5}}' \
+    --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
+s55b)  # ... the 8B at 4 and 16 sequences, with the split phases of the fortieth session
+  run timeout 560 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
+    --batches 4 16 --check-steps 2 --chunks 4 --launches '{"new": {},
+    "split": {"ffn_units": 0, "skinny_bk": 128}, "st4": {"gemv_stages": 4, "unit_stages": 4},
+    "uf4": {"ffn_units": 4}}' --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;
