@@ -96,7 +96,10 @@ from prunepath_jax.kernels.triton_select import _logits, _select
 
 MAX_TOKENS = 16  # the tokens padded to one tl.dot's 16 columns
 BN = 16  # neurons a unit: the down projection's K, tl.dot's smallest
-BK = 128  # input columns a chunk of the A, C and unit products (256 spilled 0.6-0.9 KB a thread)
+# Input columns a chunk of the A, C and unit products (256 spilled 0.6-0.9 KB a thread). The A
+# and C chunks sized to ~16 KB weight tiles instead (1B: 256 / 512 columns) were slower, A 21 ->
+# 26 µs a layer at 1B (BENCHMARKS.md, forty-first session): ``Launch(skinny_bk=)`` to measure.
+BK = 128
 # Bytes of W_out a pipeline stage of the down projection moves (``_down_units``): one unit's
 # [16, column block] tile is 1-4 KB, too little in flight to stream; 16 KB spilled 0.2 KB.
 DOWN_TILE_BYTES = 8 * 1024
@@ -105,7 +108,6 @@ BE = 64  # router rows a chunk of the router share
 # many bytes a stream (gate and up each; ``[128, 64]`` bf16 at 8 units).
 FFN_UNITS_MAX = 8
 FFN_TILE_BYTES = 16 * 1024
-SKINNY_TILE_BYTES = 16 * 1024  # the A and C products' weight tiles (``_skinny_block``)
 # Timing stamps a layer (TIMING): the start and the end of each of the six phases A, B, C, S,
 # F, G (a phase starts when its program leaves the barrier before it, ends at its arrival).
 PHASES = ("A norm+qkv", "B attention", "C o+residual+router", "S select", "F gate/up",
@@ -349,17 +351,6 @@ def _ffn_block(uf: int, itemsize: int) -> int:
     return max(16, min(256, 1 << (n.bit_length() - 1)))
 
 
-def _skinny_block(rows: int, itemsize: int) -> int:
-    """Input columns a chunk of the A or C product for a program's ``rows`` weight rows: a tile
-    of about ``SKINNY_TILE_BYTES`` (32-512). Why by bytes: each pipelined chunk waits ~1 µs
-    for its load under a full GPU's traffic (measured: A, C and the expert phase all ran at
-    ~1 µs a chunk whatever the tile, BENCHMARKS.md forty-first session), so the bytes a
-    program keeps in flight, not the chunk count, set a phase's bandwidth; at the 1B width a
-    fixed 128 columns were 8 KB (A) and 4 KB (C) tiles."""
-    n = SKINNY_TILE_BYTES // (max(16, jt.next_pow2(rows)) * itemsize)
-    return max(32, min(512, 1 << (n.bit_length() - 1)))
-
-
 def _down_units(cw_pad: int, itemsize: int) -> int:
     """Units a step of the down projection's loop: a ``[UB · BN, CW_PAD]`` tile of about
     ``DOWN_TILE_BYTES`` (a power of 2 from 1 to 8)."""
@@ -393,7 +384,7 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     return dict(
         **down, UB=_down_units(down["CW_PAD"], w), BK=BK, UF=uf, BKF=_ffn_block(uf, w),
         CWF=min(256, 2 * _ffn_block(uf, w)),
-        BKA=skinny_bk or _skinny_block(r_a, w), BKC=skinny_bk or _skinny_block(r_c, w),
+        BKA=skinny_bk or BK, BKC=skinny_bk or BK,
         PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),
         PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
         T=t, TP=MAX_TOKENS, L=n_layers, D=d, HQ=hq, KV=kv, HD=hd,
@@ -456,8 +447,7 @@ def megastep_batch(
             )
         if skinny_bk not in (0, 32, 64, 128, 256, 512):
             raise ValueError(
-                f"skinny_bk must be 0 (by tile bytes) or a power of 2 from 32 to 512, got "
-                f"{skinny_bk}"
+                f"skinny_bk must be 0 ({BK}) or a power of 2 from 32 to 512, got {skinny_bk}"
             )
         k_max = check_launch(
             e, False, router_in_items=False, block_t=block_t, k_min=k_min, k_max=k_max,

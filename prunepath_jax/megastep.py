@@ -93,7 +93,7 @@ class Launch(NamedTuple):
     # The batched launch's fused expert phase: units a group (0: separate gate/up and down
     # phases, the first form; None: ``default_ffn_units``).
     ffn_units: int | None = None
-    # The batched launch's A and C products: input columns a chunk (0: a tile of ~16 KB).
+    # The batched launch's A and C products: input columns a chunk (0: 128).
     skinny_bk: int | None = None
     # Diagnostic: the timeline's %globaltimer stamps compiled in, their output discarded (1), or
     # only their clock reads (2: the stores predicated off), to time what the stamps themselves

@@ -149,11 +149,11 @@ s55a)  # the A and C products' chunks by tile bytes (skinny_bk 0, the new defaul
     "st4": {"gemv_stages": 4, "unit_stages": 4}, "st5": {"gemv_stages": 5, "unit_stages": 5}}' \
     --out "$OUT/megastep_batch_decode.jsonl"
   ;;
-s55b)  # ... the 8B at 4 and 16 sequences, with the split phases of the fortieth session
+s55b)  # ... the 8B at 4 and 16 sequences (fused, 128-column A / C chunks: run 2 of the forty-first
+  # session kept them) against the split phases, groups of 4 units, and the Triton kernels
   run timeout 560 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
-    --batches 4 16 --check-steps 2 --chunks 4 --launches '{"new": {},
-    "split": {"ffn_units": 0, "skinny_bk": 128}, "st4": {"gemv_stages": 4, "unit_stages": 4},
-    "uf4": {"ffn_units": 4}}' --out "$OUT/megastep_batch_decode.jsonl"
+    --batches 4 16 --check-steps 2 --chunks 4 --launches '{"fused": {},
+    "split": {"ffn_units": 0}, "uf4": {"ffn_units": 4}}' --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
