@@ -45,21 +45,34 @@ def _tokens_chunk(x_ptr, kk, km, T: tl.constexpr, TP: tl.constexpr, K: tl.conste
 
 
 @triton.jit
-def _skinny(w_ptr, x_ptr, ln_ptr, r0, r1, K: tl.constexpr, T: tl.constexpr, TP: tl.constexpr,
-            R_PAD: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, NORM: tl.constexpr,
-            DOT_F32: tl.constexpr):  # fmt: skip
+def _staggered(j, rot, N: tl.constexpr):
+    """Chunk ``j`` of a loop over ``N`` chunks, counted from chunk ``rot`` (a program's id, or
+    0) round the end. Why: right after a grid barrier every program walks its loop in step, and
+    each chunk's activations (the same ``[T, BK]`` lines for all P programs) or its atomics (the
+    same residual columns) then queue at one L2 slice, P requests deep; started at different
+    chunks, the programs spread over the slices. (Sums then run in a different order each
+    program: the results move within the fp32 rounding.)"""
+    return (j + rot) % N
+
+
+@triton.jit
+def _skinny(w_ptr, x_ptr, ln_ptr, r0, r1, rot, K: tl.constexpr, T: tl.constexpr,
+            TP: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+            NORM: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
     """``(acc [R_PAD, TP] f32, ss [TP] f32)``: weight rows ``[r0, r1)`` (``[N, K]`` row-major)
     times the tokens' inputs ``x [T, K]`` at ``x_ptr``, the rows past r1 zero. With ``NORM`` the
     input (the residual) is multiplied by the RMSNorm weights ``ln_ptr`` and ``ss`` is its sum
     of squares a token: the caller scales ``acc`` by ``1 / rms`` (RMSNorm is linear in x but for
-    that scale), so the norm costs no pass of its own over the residual."""
+    that scale), so the norm costs no pass of its own over the residual. The chunks run from
+    chunk ``rot`` on, round the end (``_staggered``)."""
     rr = r0 + tl.arange(0, R_PAD)
     rmask = rr < r1
     rk = tl.arange(0, BK)
     acc = tl.zeros([R_PAD, TP], tl.float32)
     ss = tl.zeros([TP], tl.float32)
-    for k0 in tl.range(0, K, BK, num_stages=STAGES):
-        kk = k0 + rk
+    NCH: tl.constexpr = (K + BK - 1) // BK
+    for j in tl.range(0, NCH, num_stages=STAGES):
+        kk = _staggered(j, rot, NCH) * BK + rk
         km = kk < K
         w = tl.load(w_ptr + rr[:, None].to(tl.int64) * K + kk[None, :],
                     mask=rmask[:, None] & km[None, :], other=0.0)  # fmt: skip
@@ -72,7 +85,7 @@ def _skinny(w_ptr, x_ptr, ln_ptr, r0, r1, K: tl.constexpr, T: tl.constexpr, TP: 
 
 
 @triton.jit
-def _router_share(wr_ptr, ln_ptr, hv, lg_ptr, r0, r1, D: tl.constexpr, E: tl.constexpr,
+def _router_share(wr_ptr, ln_ptr, hv, lg_ptr, r0, r1, rot, D: tl.constexpr, E: tl.constexpr,
                   T: tl.constexpr, TP: tl.constexpr, R_PAD: tl.constexpr, BE: tl.constexpr,
                   DOT_F32: tl.constexpr):  # fmt: skip
     """Adds this program's share of the router logits before the RMSNorm's scale,
@@ -84,8 +97,9 @@ def _router_share(wr_ptr, ln_ptr, hv, lg_ptr, r0, r1, D: tl.constexpr, E: tl.con
     rmask = rr < r1
     xr = hv * tl.load(ln_ptr + rr, mask=rmask, other=0.0).to(tl.float32)[:, None]
     rt = tl.arange(0, TP)
-    for e0 in range(0, E, BE):
-        re = e0 + tl.arange(0, BE)
+    NE: tl.constexpr = (E + BE - 1) // BE
+    for j in range(NE):  # from chunk ``rot`` on: the programs' atomics on different lines
+        re = _staggered(j, rot, NE) * BE + tl.arange(0, BE)
         w = tl.load(wr_ptr + re[:, None] * D + rr[None, :], mask=(re[:, None] < E) & rmask[None, :],
                     other=0.0)  # fmt: skip
         part = _dot(w, xr, w, DOT_F32)  # [BE, TP]
@@ -198,10 +212,11 @@ def _unit_down(act_ptr, w_out_ptr, h_ptr, tab_ptr, u0, u1, c0, c1, D: tl.constex
 
 
 @triton.jit
-def _unit_ffn(xn_ptr, gs_ptr, w_in_ptr, w_out_ptr, h_ptr, tab_ptr, u0, u1, D: tl.constexpr,
-              F: tl.constexpr, G: tl.constexpr, E_PAD: tl.constexpr, T: tl.constexpr,
-              TP: tl.constexpr, BN: tl.constexpr, UF: tl.constexpr, BKF: tl.constexpr,
-              CWF: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+def _unit_ffn(xn_ptr, gs_ptr, w_in_ptr, w_out_ptr, h_ptr, tab_ptr, u0, u1, rot,
+              D: tl.constexpr, F: tl.constexpr, G: tl.constexpr, E_PAD: tl.constexpr,
+              T: tl.constexpr, TP: tl.constexpr, BN: tl.constexpr, UF: tl.constexpr,
+              BKF: tl.constexpr, CWF: tl.constexpr, STAGES: tl.constexpr,
+              DOT_F32: tl.constexpr):  # fmt: skip
     """The expert phase in one piece (``FUSED``): the program's units ``[u0, u1)``, ``UF`` at a
     time as one ``[UF · BN, ·]`` block of rows, gate/up for every token, then their down rows
     into the residual ``h [T, D]`` with one relaxed atomic ``[T, CWF]`` a column chunk.
@@ -212,9 +227,12 @@ def _unit_ffn(xn_ptr, gs_ptr, w_in_ptr, w_out_ptr, h_ptr, tab_ptr, u0, u1, D: tl
     each stage moves a ``[UF · BN, BKF]`` (or ``[UF · BN, CWF]``) tile of about 16 KB, and a
     unit's down rows are one contiguous ``BN · D`` block. The price is ``T · D`` atomics a
     group (``P · T · D`` a layer with one group a program), against G's ``NU · T · D``, and
-    no activations scratch or barrier between the halves."""
+    no activations scratch or barrier between the halves. Both loops start at chunk ``rot``
+    (``_staggered``)."""
     RB: tl.constexpr = UF * BN
     PER: tl.constexpr = G // BN
+    NK: tl.constexpr = (D + BKF - 1) // BKF
+    NC: tl.constexpr = (D + CWF - 1) // CWF
     rr = tl.arange(0, RB)
     rt = tl.arange(0, TP)
     rk = tl.arange(0, BKF)
@@ -229,8 +247,8 @@ def _unit_ffn(xn_ptr, gs_ptr, w_in_ptr, w_out_ptr, h_ptr, tab_ptr, u0, u1, D: tl
                      cache_modifier=".cg")  # [RB, TP]  # fmt: skip
         ag = tl.zeros([RB, TP], tl.float32)
         au = tl.zeros([RB, TP], tl.float32)
-        for k0 in tl.range(0, D, BKF, num_stages=STAGES):
-            kk = k0 + rk
+        for j in tl.range(0, NK, num_stages=STAGES):
+            kk = _staggered(j, rot, NK) * BKF + rk
             km = kk < D
             wm = um[:, None] & km[None, :]
             wg = tl.load(w_in_ptr + rows[:, None] + kk[None, :], mask=wm, other=0.0)
@@ -241,8 +259,8 @@ def _unit_ffn(xn_ptr, gs_ptr, w_in_ptr, w_out_ptr, h_ptr, tab_ptr, u0, u1, D: tl
             ag += _dot(wg, x, wg, DOT_F32)
             au += _dot(wu, x, wu, DOT_F32)
         a_tr = tl.trans(ag / (1.0 + tl.exp(-ag)) * au * gt)  # [TP, RB]; 0 past u1 and T
-        for c0 in tl.range(0, D, CWF, num_stages=STAGES):
-            cols = c0 + rc
+        for j in tl.range(0, NC, num_stages=STAGES):
+            cols = _staggered(j, rot, NC) * CWF + rc
             cm = cols < D
             wo = tl.load(w_out_ptr + rows[:, None] + cols[None, :], mask=um[:, None] & cm[None, :],
                          other=0.0)  # fmt: skip

@@ -158,7 +158,7 @@ def _batch_kernel(
     US: tl.constexpr, WS_LG: tl.constexpr, WS_CTR: tl.constexpr,
     PF_A: tl.constexpr, PF_C: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     PFB: tl.constexpr, TIMING: tl.constexpr, UF: tl.constexpr, BKF: tl.constexpr,
-    CWF: tl.constexpr, BKA: tl.constexpr, BKC: tl.constexpr,
+    CWF: tl.constexpr, BKA: tl.constexpr, BKC: tl.constexpr, STAGGER: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -200,13 +200,14 @@ def _batch_kernel(
     rt = tl.arange(0, TP)
     tmask = rt < T
     for layer in range(L):
+        rot = (pid + layer) * STAGGER  # where the A, C and expert loops start (``_staggered``)
         lw = tl.full([], 0, tl.int64) + layer  # 8B's stacked w_in has 3.8e9 elements
         t0 = 1 + layer * SLOTS  # this layer's first stamp: phase j starts at t0 + 2j
         _stamp(tim_ptr, pid, t0, NT, TIMING)
         # A: the residual's norm folded into the QKV product.
         if a0 < NQKV:  # (programs past the rows would stream the residual for nothing)
-            qa, ss = _skinny(wqkv_ptr + lw * NQKV * D, h_ptr, ln1_ptr + layer * D, a0, a1, D, T,
-                             TP, RA_PAD, BKA, GS, True, DOT_F32)  # fmt: skip
+            qa, ss = _skinny(wqkv_ptr + lw * NQKV * D, h_ptr, ln1_ptr + layer * D, a0, a1, rot,
+                             D, T, TP, RA_PAD, BKA, GS, True, DOT_F32)  # fmt: skip
             qa = qa * tl.rsqrt(ss / D + EPS)[None, :]
             ra = a0 + tl.arange(0, RA_PAD)
             tl.store(qkv_ptr + rt[None, :] * NQKV + ra[:, None], qa,
@@ -232,15 +233,15 @@ def _batch_kernel(
         _stamp(tim_ptr, pid, t0 + 4, NT, TIMING)
         # C: O projection + residual + this program's share of the router logits.
         if c0 < D:
-            oc, _ = _skinny(wo_ptr + lw * D * NA, att_ptr, ln1_ptr, c0, c1, NA, T, TP, RC_PAD, BKC,
-                            GS, False, DOT_F32)  # fmt: skip
+            oc, _ = _skinny(wo_ptr + lw * D * NA, att_ptr, ln1_ptr, c0, c1, rot, NA, T, TP,
+                            RC_PAD, BKC, GS, False, DOT_F32)  # fmt: skip
             rc = c0 + tl.arange(0, RC_PAD)
             off = rt[None, :] * D + rc[:, None]
             m = (rc < c1)[:, None] & tmask[None, :]
             hv = oc + tl.load(h_ptr + off, mask=m, other=0.0, cache_modifier=".cg")
             tl.store(h_ptr + off, hv, mask=m)
             _router_share(wr_ptr + lw * E * D, ln2_ptr + layer * D, hv, lg_ptr + layer * T * E,
-                          c0, c1, D, E, T, TP, RC_PAD, BE, DOT_F32)  # fmt: skip
+                          c0, c1, rot, D, E, T, TP, RC_PAD, BE, DOT_F32)  # fmt: skip
         _stamp(tim_ptr, pid, t0 + 5, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
@@ -275,7 +276,7 @@ def _batch_kernel(
         if UF > 0:  # F and G as one phase (``_unit_ffn``): G's stamps mark an empty phase
             if u1 > u0:
                 _unit_ffn(xn_ptr, gs_ptr, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D,
-                          h_ptr, tab, u0, u1, D, F, G, E_PAD, T, TP, BN, UF, BKF, CWF, US,
+                          h_ptr, tab, u0, u1, rot, D, F, G, E_PAD, T, TP, BN, UF, BKF, CWF, US,
                           DOT_F32)  # fmt: skip
             _stamp(tim_ptr, pid, t0 + 9, NT, TIMING)
             _stamp(tim_ptr, pid, t0 + 10, NT, TIMING)
@@ -361,7 +362,7 @@ def _down_units(cw_pad: int, itemsize: int) -> int:
 def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, block_t=None,
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
-              unit_groups=0, ffn_units=None, skinny_bk=0, prefetch_kb=PREFETCH_KB,
+              unit_groups=0, ffn_units=None, skinny_bk=0, stagger=True, prefetch_kb=PREFETCH_KB,
               prefetch_o_kb=PREFETCH_O_KB, bulk_prefetch=None, weight_itemsize=2, timing=0,
               interpret=False) -> dict:  # fmt: skip
     """The kernel's constexprs (also what the sm_90 lowering test compiles). The L2 prefetch
@@ -384,7 +385,7 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     return dict(
         **down, UB=_down_units(down["CW_PAD"], w), BK=BK, UF=uf, BKF=_ffn_block(uf, w),
         CWF=min(256, 2 * _ffn_block(uf, w)),
-        BKA=skinny_bk or BK, BKC=skinny_bk or BK,
+        BKA=skinny_bk or BK, BKC=skinny_bk or BK, STAGGER=int(bool(stagger)),
         PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),
         PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
         T=t, TP=MAX_TOKENS, L=n_layers, D=d, HQ=hq, KV=kv, HD=hd,
@@ -411,7 +412,7 @@ def megastep_batch(
     gate: str = "sigmoid", k_min: int = 1, k_max: int | None = None, programs: int = 0,
     splits: int = 0, block_t: int | None = None, attn_stages: int | None = None,
     warps: int = 8, spin: int = SPIN, gemv_stages: int = STAGES, unit_stages: int = STAGES,
-    unit_groups: int = 0, ffn_units: int | None = None, skinny_bk: int = 0,
+    unit_groups: int = 0, ffn_units: int | None = None, skinny_bk: int = 0, stagger: bool = True,
     prefetch_kb: int = PREFETCH_KB,
     prefetch_o_kb: int = PREFETCH_O_KB, bulk_prefetch: bool | None = None, timing: int = 0,
     interpret: bool = False,
@@ -470,7 +471,8 @@ def megastep_batch(
                   attn_stages=attn_stages, cache_itemsize=jnp.dtype(kc_ltskh.dtype).itemsize,
                   eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin,
                   gemv_stages=gemv_stages, unit_stages=unit_stages, unit_groups=unit_groups,
-                  ffn_units=ffn_units, skinny_bk=skinny_bk, prefetch_kb=prefetch_kb,
+                  ffn_units=ffn_units, skinny_bk=skinny_bk, stagger=stagger,
+                  prefetch_kb=prefetch_kb,
                   prefetch_o_kb=prefetch_o_kb, bulk_prefetch=bulk_prefetch,
                   weight_itemsize=jnp.dtype(wqkv_lnd.dtype).itemsize, timing=timing,
                   interpret=interpret)  # fmt: skip

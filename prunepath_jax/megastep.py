@@ -95,6 +95,9 @@ class Launch(NamedTuple):
     ffn_units: int | None = None
     # The batched launch's A and C products: input columns a chunk (0: 128).
     skinny_bk: int | None = None
+    # The batched launch's A, C and expert loops started at a chunk of each program's own
+    # (``triton_batch_phases._staggered``; None: on).
+    stagger: bool | None = None
     # Diagnostic: the timeline's %globaltimer stamps compiled in, their output discarded (1), or
     # only their clock reads (2: the stores predicated off), to time what the stamps themselves
     # change in the step (BENCHMARKS.md, thirty-sixth session).
@@ -302,7 +305,7 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
     ffn = check(model)
     cfg = model.cfg
     opts = {k: v for k, v in launch._asdict().items() if v is not None}
-    for name in ("unit_groups", "ffn_units", "skinny_bk"):
+    for name in ("unit_groups", "ffn_units", "skinny_bk", "stagger"):
         if name in opts:
             raise ValueError(f"Launch.{name} is the batched launch's (2-16 sequences)")
     head_in = opts.pop("head_in", tm.HEAD_IN)
@@ -327,7 +330,7 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
 
 # The launch choices the batched kernel takes (``triton_megastep_batch.megastep_batch``'s).
 BATCH_LAUNCH = ("programs", "splits", "block_t", "warps", "attn_stages", "gemv_stages",
-                "unit_stages", "unit_groups", "ffn_units", "skinny_bk", "prefetch_kb",
+                "unit_stages", "unit_groups", "ffn_units", "skinny_bk", "stagger", "prefetch_kb",
                 "prefetch_o_kb", "bulk_prefetch")  # fmt: skip
 
 

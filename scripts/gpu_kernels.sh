@@ -149,11 +149,18 @@ s55a)  # the A and C products' chunks by tile bytes (skinny_bk 0, the new defaul
     "st4": {"gemv_stages": 4, "unit_stages": 4}, "st5": {"gemv_stages": 5, "unit_stages": 5}}' \
     --out "$OUT/megastep_batch_decode.jsonl"
   ;;
-s55b)  # ... the 8B at 4 and 16 sequences (fused, 128-column A / C chunks: run 2 of the forty-first
-  # session kept them) against the split phases, groups of 4 units, and the Triton kernels
-  run timeout 560 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
+s55b)  # each program's A, C and expert loops started at its own chunk (stagger, the new default)
+  # against all in step: two GPU cases (one wraps the staggered loops), then 1B and 8B at 4 and
+  # 16 sequences, with the split phases and the Triton kernels at 8B
+  PYTHONUNBUFFERED=1 run timeout 150 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
+    -p no:cacheprovider -k "matches_xla and (b4_sparse_fused or b16_all)"
+  run timeout 130 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+    --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"fused": {},
+    "in_step": {"stagger": false}}' --out "$OUT/megastep_batch_decode.jsonl"
+  run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
     --batches 4 16 --check-steps 2 --chunks 4 --launches '{"fused": {},
-    "split": {"ffn_units": 0}, "uf4": {"ffn_units": 4}}' --out "$OUT/megastep_batch_decode.jsonl"
+    "in_step": {"stagger": false}, "split": {"ffn_units": 0, "stagger": false}}' \
+    --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2

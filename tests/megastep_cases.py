@@ -225,12 +225,14 @@ class BatchCase(NamedTuple):
     ``lengths`` the sequences' tokens already in the cache (each sequence's new token goes at
     its own position), ``unit_groups`` the separate down projection's (0: the default for the
     batch), ``ffn_units`` the launch's (None: the fused expert phase's default; 0: separate
-    gate/up and down phases)."""
+    gate/up and down phases), ``skinny_bk`` the A and C products' chunk (0: the default; at the
+    tests' widths one chunk, so a small one makes the staggered loops wrap round)."""
 
     case: Case
     lengths: tuple[int, ...]
     unit_groups: int = 0
     ffn_units: int | None = None
+    skinny_bk: int = 0
 
     @property
     def name(self) -> str:
@@ -283,11 +285,13 @@ BATCH_CASES = (
         unit_groups=3,
         ffn_units=0,
     ),  # fmt: skip
-    # ... the fused phase in groups of 2 units (a part group where the union is odd).
+    # ... the fused phase in groups of 2 units (a part group where the union is odd), the A and
+    # C products in 32-column chunks.
     BatchCase(
         Case("b4_sparse_fused", 64, 4, 2, 16, 512, 16, 0, 0.3, 2, 16, cache_len=48),
         (5, 17, 30, 12),
         ffn_units=2,
+        skinny_bk=32,
     ),  # fmt: skip
 )
 

@@ -127,7 +127,8 @@ def test_batch_bad_inputs_raise_clearly():
     with pytest.raises(ValueError, match="k_min"):
         call(k_min=3, k_max=2)
     for bad in ({"unit_groups": -1}, {"prefetch_kb": -8}, {"warps": 6}, {"block_t": 8},
-                {"unit_stages": 0}, {"ffn_units": 3}, {"ffn_units": 16}):  # fmt: skip
+                {"unit_stages": 0}, {"ffn_units": 3}, {"ffn_units": 16},
+                {"skinny_bk": 48}):  # fmt: skip
         with pytest.raises(ValueError, match="megastep_batch: need"):
             call(**bad)
     with pytest.raises(ValueError, match="1-16 sequences"):
@@ -142,10 +143,10 @@ def test_batch_bad_inputs_raise_clearly():
     megastep.check(small, 1)  # the batch-1 launch takes it, but not the batched one's fields
     kc1, vc1 = megastep.stack_cache(cache1)
     tau1 = jnp.full((CASES[0].layers,), 0.5)
-    for field in ("unit_groups", "ffn_units"):
+    for field, v in (("unit_groups", 2), ("ffn_units", 2), ("skinny_bk", 64), ("stagger", False)):
         with pytest.raises(ValueError, match=f"{field} is the batched launch's"):
             megastep.step(small, megastep.pack(small), tok1[None], pos1[None], kc1, vc1, tau1,
-                          megastep.Launch(**{field: 2}))  # fmt: skip
+                          megastep.Launch(**{field: v}))  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -165,7 +166,8 @@ def test_gpu_batch_step_matches_xla(case):
         logits, _, _, k_lb, fail = jax.jit(megastep.step, static_argnums=(0, 7))(
             model, mw, tok_b, pos_b, kc, vc, tau_l,
             megastep.Launch(splits=case.case.splits, block_t=case.case.block_t,
-                            unit_groups=case.unit_groups, ffn_units=case.ffn_units),
+                            unit_groups=case.unit_groups, ffn_units=case.ffn_units,
+                            skinny_bk=case.skinny_bk),
         )  # fmt: skip
     assert not np.asarray(fail).any()
     ref_k = np.stack([np.asarray(s.k_t).reshape(-1) for s in ref.ffn_stats])
