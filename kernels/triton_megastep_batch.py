@@ -1,13 +1,12 @@
 """A whole decode step of T = 2-16 sequences of a PrunePath Llama in ONE Triton launch.
 
 Why. At batch 2-16 the registry's default (the Triton kernels, a launch or more each phase of
-each layer through jax-triton, ~6 µs a launch) made the 1B model's sparse decode 0.90-0.96× of
-our dense decode (BENCHMARKS.md, thirty-fifth session), while the 8B gained 1.21-1.26×. The
-batch-1 step's answer, every layer's phases in one persistent launch between grid barriers
-(``triton_megastep``), applies to a batch too: the weights are read once for all T tokens, so
-a phase costs what it costs at batch 1 plus the tokens' arithmetic on the tensor cores.
+each layer through jax-triton, ~6 µs a launch) is slower than dense with distinct sequences
+(1B 0.68-0.86×, 8B 0.78-0.87×, BENCHMARKS.md fortieth session). The batch-1 step's answer,
+every layer in one persistent launch between grid barriers (``triton_megastep``), applies to a
+batch too: the weights are read once for all T tokens on the tensor cores.
 
-What. For every layer, six phases separated by grid barriers (``triton_grid``):
+What. For every layer, five phases separated by grid barriers (``triton_grid``):
 
 * A: the QKV product of the T tokens' normalised residuals (``_skinny`` with the norm folded
   in: each program owns ``ceil(N / P)`` contiguous rows of W_qkv, sums the tokens' squares as
@@ -20,21 +19,23 @@ What. For every layer, six phases separated by grid barriers (``triton_grid``):
   atomics).
 * S: program t (< T) selects token t's experts (``triton_select._select``, the router logits
   times its ``1 / rms``), writes its gates, k and its normalised FFN input (in the weights'
-  dtype, what phase F's units read). A phase of its own because every program needs every
-  token's selection to split the union (sorting T rows in every program costs T
-  sorts a layer; here it is one, and a barrier).
-* F: the union of the tokens' experts cut into 16-neuron units, split evenly over the programs;
-  each program lists the union's experts in a table of its own (``_union``: one scatter, no
-  reduction a unit), then computes its units' gated activations for all T tokens
-  (``_unit_acts``) into a scratch every program reads after the next barrier.
-* G: the down projection, one item per (unit group, column block) (``_unit_down``, ``UB``
-  units a pipeline step, ~8 KB of W_out): the item sums its group's units for its columns and
-  adds them into the residual ``h`` (nothing reads it between the selection and the next
-  layer: no separate FFN sum), with relaxed atomics where several groups share a column. A
-  phase of its own because every program adding its own units' ``[T, d]`` would be
-  ``P · T · d`` atomics a layer: ~20 µs at the 1B width and 16 tokens at the rate
-  ``scripts/atomic_drain_probe.py`` measured (BENCHMARKS.md, twenty-sixth session), against
-  ~1.5 µs for a barrier.
+  dtype, what the expert phase reads). A phase of its own because every program needs every
+  token's selection to split the union (sorting T rows in every program costs T sorts a
+  layer; here it is one, and a barrier).
+* F: the union of the tokens' experts cut into 16-neuron units, split evenly over the programs
+  (each lists the union's experts in a table of its own, ``_union``: one scatter). A program
+  takes its units ``UF`` at a time as one block of rows (``_unit_ffn``): gate/up for all T
+  tokens, then the block's down rows (one contiguous ``16 · d`` block a unit) into the residual
+  ``h`` with one relaxed atomic ``[T, CWF]`` a column chunk (nothing reads ``h`` between the
+  selection and the next layer). ``P · T · d`` atomics a layer, against the 2.6× slower first
+  form (``ffn_units=0``: the activations into a scratch, a barrier, then a phase G of
+  (unit group, column block) items, ``_unit_acts`` / ``_unit_down``, which walked hundreds of
+  units through a table load each: 0.37 TB/s at 8B).
+
+The A, C, router-share and expert loops start at a chunk of each program's own
+(``triton_batch_phases._staggered``), so the programs do not all ask for the same activation
+lines, or add into the same residual columns, at once (1-4% at 1B and 8B with 16 sequences,
+3% slower at 8B with 4: BENCHMARKS.md, forty-first session).
 
 Right after arriving at a barrier a program asks L2 for the first rows of its next QKV or W_o
 block (the batch-1 step's measured prefetch sizes and forms, ``triton_megastep_plan``).
@@ -48,14 +49,13 @@ The residual stream stays fp32 inside the launch (the XLA model rounds it to the
 after every add), so bf16 results agree with the fp32 model within the bf16 tolerance and fp32
 ones with the XLA step up to summation order (the atomics' order varies from run to run).
 
-Measured on the H200 (BENCHMARKS.md, fortieth session): **2-3× slower than dense** (1B 1615-3058
-µs a step at 2-16 sequences against 914-1236; 8B 12 415 against 4144 at 4). Every streaming
-phase runs far below copy, the down projection (G) worst: 8B at 4 sequences 209 µs a layer for
-77 MB, 0.37 TB/s. Its items are few and long, and each unit's rows are found through a table
-load, so the stream's addresses wait on loads. Correct on the GPU: its fp32 logits match
-XLA's (at "highest" precision) within the fp32 tolerance and its greedy tokens equal XLA's.
-``prunepath_jax.megastep`` takes it for ``generate(..., implementation="megastep")`` with 2-16
-prompts; ``"auto"`` does not.
+Measured on the H200 (BENCHMARKS.md, forty-first session; 75%, distinct sequences): **still
+slower than dense**: 1B 1336 / 1594 µs a step at 4 / 16 sequences against 938 / 1236, 8B 4664 /
+5456 against 4176 / 4873 (the Triton kernels 4703 / 6112). The QKV and O phases are the
+furthest from copy (1B: 21 and 15 µs a layer for 12.6 and 8.4 MB, whatever their chunk size or
+pipeline depth). Correct on the GPU: its fp32 logits match XLA's (at "highest" precision)
+within the fp32 tolerance and its greedy tokens equal XLA's. ``prunepath_jax.megastep`` takes
+it for ``generate(..., implementation="megastep")`` with 2-16 prompts; ``"auto"`` does not.
 
 Limits (``check`` raises): those of the batch-1 step, and 1 ≤ T ≤ 16, G a multiple of 16.
 """
@@ -108,8 +108,9 @@ BE = 64  # router rows a chunk of the router share
 # many bytes a stream (gate and up each; ``[128, 64]`` bf16 at 8 units).
 FFN_UNITS_MAX = 8
 FFN_TILE_BYTES = 16 * 1024
-# Timing stamps a layer (TIMING): the start and the end of each of the six phases A, B, C, S,
-# F, G (a phase starts when its program leaves the barrier before it, ends at its arrival).
+# Timing stamps a layer (TIMING): each phase's start and end (a phase starts when its program
+# leaves the barrier before it, ends at its arrival). With the fused expert phase (the default)
+# F is the whole expert phase and G an empty slot.
 PHASES = ("A norm+qkv", "B attention", "C o+residual+router", "S select", "F gate/up",
           "G down")  # fmt: skip
 N_SLOTS = 2 * len(PHASES)
