@@ -125,43 +125,6 @@ s53a)  # (written, not run: no device in the fortieth session) TEAL's masked-row
   gpu_tests 200 tests/test_teal_kernel.py
   run timeout 420 python3 benchmarks/teal_decode.py --out "$OUT/teal_decode.jsonl"
   ;;
-s54a)  # the batched step's fused expert phase (ffn_units, the new default) against the split F / G
-  # phases of the fortieth session: GPU tests, then the 1B at 2-16 sequences (same process,
-  # against dense)
-  PYTHONUNBUFFERED=1 run timeout 300 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
-    -p no:cacheprovider
-  run timeout 250 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
-    --batches 2 4 8 16 --no-default --launches '{"fused": {}, "split": {"ffn_units": 0}}' \
-    --out "$OUT/megastep_batch_decode.jsonl"
-  ;;
-s54b)  # ... and the 8B at 4 and 16 sequences, with groups of 4 units
-  run timeout 560 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
-    --batches 4 16 --no-default --launches '{"fused": {}, "split": {"ffn_units": 0},
-    "uf4": {"ffn_units": 4}}' --out "$OUT/megastep_batch_decode.jsonl"
-  ;;
-s55a)  # the A and C products' chunks by tile bytes (skinny_bk 0, the new default) against 128
-  # columns, and 4 / 5 pipeline stages: GPU tests, then the 1B at 4 and 16 sequences
-  PYTHONUNBUFFERED=1 run timeout 240 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
-    -p no:cacheprovider -k "matches_xla"
-  run timeout 330 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
-    --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"new": {},
-    "bk128": {"skinny_bk": 128}, "bk256": {"skinny_bk": 256},
-    "st4": {"gemv_stages": 4, "unit_stages": 4}, "st5": {"gemv_stages": 5, "unit_stages": 5}}' \
-    --out "$OUT/megastep_batch_decode.jsonl"
-  ;;
-s55b)  # each program's A, C and expert loops started at its own chunk (stagger, the new default)
-  # against all in step: two GPU cases (one wraps the staggered loops), then 1B and 8B at 4 and
-  # 16 sequences, with the split phases and the Triton kernels at 8B
-  PYTHONUNBUFFERED=1 run timeout 150 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
-    -p no:cacheprovider -k "matches_xla and (b4_sparse_fused or b16_all)"
-  run timeout 130 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
-    --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"fused": {},
-    "in_step": {"stagger": false}}' --out "$OUT/megastep_batch_decode.jsonl"
-  run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
-    --batches 4 16 --check-steps 2 --chunks 4 --launches '{"fused": {},
-    "in_step": {"stagger": false}, "split": {"ffn_units": 0, "stagger": false}}' \
-    --out "$OUT/megastep_batch_decode.jsonl"
-  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;
