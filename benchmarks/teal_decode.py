@@ -91,9 +91,11 @@ def main() -> None:
     ap.add_argument("--g", type=int, default=32)
     ap.add_argument("--n-rot", type=int, default=8)
     ap.add_argument("--teal", nargs="+", type=float, default=[0.25, 0.5, 0.75, 0.9])
-    ap.add_argument("--teal-tunings", nargs="+", default=["264:32", "528:64", "264:128"],
-                    help="programs:block_k of the masked GEMVs (split-K grid target, rows a "
-                    "load: at 50-90%% sparsity 32-row loads keep few bytes in flight)")  # fmt: skip
+    ap.add_argument("--teal-tunings", nargs="+",
+                    default=["264:32:c", "264:64:c", "264:128:c", "264:128:m"],
+                    help="programs:block_k:c|m of TEAL's GEMVs (split-K grid target, rows a "
+                    "load; c: over the kept rows' index list, m: every row masked, slower at "
+                    "every sparsity in the fortieth session)")  # fmt: skip
     ap.add_argument("--k-fracs", nargs="+", type=float, default=[0.1, 0.25, 0.5])
     ap.add_argument("--impls", nargs="+", default=["pallas", "triton"])
     ap.add_argument("--out", default="results/teal_decode.jsonl")
@@ -115,14 +117,16 @@ def main() -> None:
     emit({"impl": "dense", "read_frac": 1.0, "us": t_dense * 1e6, "GB_s": gb_s,
           "pct_copy": 100 * gb_s * 1e9 / bw})  # fmt: skip
     for tuning in a.teal_tunings:
-        progs, bk = (int(v) for v in tuning.split(":"))
+        progs, bk, *form = tuning.split(":")
+        progs, bk, compacted = int(progs), int(bk), form != ["m"]
         for p in a.teal:
             kx, ka = kept[p]
             need = (2 * kx + ka) / 3 * dense_bytes
             t_l2 = jnp.asarray(t_by_p[p], jnp.float32)
-            fn = chain("teal", g, e, programs=progs, block_k=bk)
+            fn = chain("teal", g, e, programs=progs, block_k=bk, compacted=compacted)
             t = time_fn(fn, x, layers, t_l2, warmup=3, iters=20) / a.n_rot
-            emit({"impl": "teal", "target": p, "programs": progs, "block_k": bk,
+            emit({"impl": "teal" if compacted else "teal_masked", "target": p,
+                  "programs": progs, "block_k": bk,
                   "read_frac": need / dense_bytes, "us": t * 1e6, "GB_s": need / t / 1e9,
                   "pct_copy": 100 * need / t / bw, "speedup_vs_dense": t_dense / t})  # fmt: skip
     for impl in a.impls:

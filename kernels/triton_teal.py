@@ -8,13 +8,17 @@ shapes, turns the comparison into one run's ratio.
 What. TEAL skips the weights of small activations: a GEMV ``y = x W`` reads only the rows
 ``W[j, :]`` whose input passes the threshold, ``|x_j| >= t``. The weights are laid out
 input-major (``W[K, N]``: row j is input j's weights for every output, contiguous), so a
-skipped input is a skipped row. ``_masked_rows_kernel`` gives each program ``BN`` outputs and a
-``KS``-long stretch of the inputs (split-K, fp32 atomics when there is more than one stretch);
-it loads ``BK`` rows at a time with the row mask, through Triton's software pipeline, so masked
-rows are not read. ``teal_ffn_decode`` is the FFN: gate/up as one masked GEMV over
-``W_in[d, c·f]`` (input-major), the activation in XLA, then the down projection over
-``W_out[f, d]`` (already input-major) masked by ``|a| >= t_a``: the same math as
-``eval.teal.teal_ffn``.
+skipped input is a skipped row. By default (TEAL's own way) XLA first lists the kept inputs'
+indices (``compact``: a prefix sum and a scatter), and ``_kept_rows_kernel`` walks that list:
+each program ``BN`` outputs and a stretch of the list (split-K, fp32 atomics when there is more
+than one stretch), ``BK`` rows a load through Triton's software pipeline, so the loop's trip
+count falls with the sparsity. ``_masked_rows_kernel`` (``compacted=False``) walks every row
+with the mask instead: measured latency-bound, 168-349 µs an 8B layer at any sparsity against
+dense 147 (BENCHMARKS.md, fortieth session). The compacted kernel is correct under the
+interpreter and lowers for sm_90, but is **not yet timed on a GPU**. ``teal_ffn_decode`` is the
+FFN: gate/up as one GEMV over ``W_in[d, c·f]`` (input-major), the activation in XLA, then the
+down projection over ``W_out[f, d]`` (already input-major) thresholded at ``|a| >= t_a``: the
+same math as ``eval.teal.teal_ffn``.
 
 Batch 1 only (TEAL's own setting): at several tokens the union of their kept inputs is what
 must be read, and it fills up fast.
@@ -69,6 +73,50 @@ def _masked_rows_kernel(
         tl.store(y_ptr + rn, acc, mask=nm)
 
 
+@triton.jit
+def _kept_rows_kernel(
+    idx_ptr,  # [K] i32 the kept inputs' indices, in order, then padding
+    n_ptr,  # [1] i32 how many are kept
+    xk_ptr,  # [K] f32 the kept inputs' values, in the same order
+    w_ptr,  # [K, N] input-major weights
+    y_ptr,  # out [N] f32 (zeroed when split: the stretches add with atomics)
+    N: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+    ATOMIC: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """``y[n] += Σ_i xk_i · W[idx_i, n]`` over this program's share of the ``n`` kept rows: the
+    list cut into ``S`` stretches of whole ``BK`` chunks, so the loop's trip count falls with
+    the sparsity (``_masked_rows_kernel`` walks every row, kept or not)."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    nm = rn < N
+    n = tl.load(n_ptr)
+    per = ((n + S - 1) // S + BK - 1) // BK * BK
+    lo = tl.program_id(1) * per
+    hi = tl.minimum(lo + per, n)
+    acc = tl.zeros([BN], tl.float32)
+    for i0 in tl.range(lo, hi, BK, num_stages=STAGES):
+        ri = i0 + tl.arange(0, BK)
+        im = ri < hi
+        rk = tl.load(idx_ptr + ri, mask=im, other=0)
+        x = tl.load(xk_ptr + ri, mask=im, other=0.0)
+        w = tl.load(w_ptr + rk.to(tl.int64)[:, None] * N + rn[None, :],
+                    mask=im[:, None] & nm[None, :], other=0.0)  # fmt: skip
+        acc += tl.sum(w.to(tl.float32) * x[:, None], 0)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + rn, acc, mask=nm, sem="relaxed")
+    else:
+        tl.store(y_ptr + rn, acc, mask=nm)
+
+
+def compact(x_k: jax.Array, t) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(idx [K] i32, n [1] i32, xk [K] f32)``: the inputs with ``|x| >= t``, their indices in
+    order (TEAL's own first step), in XLA: a prefix sum and a scatter, no host sync."""
+    keep = jnp.abs(x_k.astype(jnp.float32)) >= jnp.asarray(t, jnp.float32)
+    (idx,) = jnp.nonzero(keep, size=x_k.shape[0], fill_value=0)
+    idx = idx.astype(jnp.int32)
+    xk = jnp.where(jnp.arange(x_k.shape[0]) < keep.sum(), x_k.astype(jnp.float32)[idx], 0.0)
+    return idx, keep.sum(dtype=jnp.int32).reshape(1), xk
+
+
 def _split(
     k: int, n: int, block_n: int, block_k: int, split_k: int | None,
     programs: int = TARGET_PROGRAMS,
@@ -93,10 +141,14 @@ def masked_gemv(
     programs: int = TARGET_PROGRAMS,
     warps: int = WARPS,
     stages: int = STAGES,
+    compacted: bool = True,
     interpret: bool = False,
 ) -> jax.Array:
     """``Σ_{j: |x_j| >= t} x_j W[j, :]`` in f32, reading only the kept rows of ``w_kn``
-    (``split_k`` input stretches, or as many as bring the grid to about ``programs``)."""
+    (``split_k`` input stretches, or as many as bring the grid to about ``programs``).
+    ``compacted``: over the kept rows' index list (``compact``, ``_kept_rows_kernel``); else
+    every row with a mask (``_masked_rows_kernel``: its time does not fall with the sparsity,
+    BENCHMARKS.md fortieth session)."""
     if x_k.ndim != 1 or w_kn.ndim != 2 or w_kn.shape[0] != x_k.shape[0]:
         raise ValueError(f"masked_gemv needs x [K] and W [K, N]: {x_k.shape}, {w_kn.shape}")
     for name, v in (("block_n", block_n), ("block_k", block_k)):
@@ -106,6 +158,16 @@ def masked_gemv(
         raise ValueError(f"split_k and programs must be >= 1, got {split_k}, {programs}")
     k, n = w_kn.shape
     splits, ks = _split(k, n, block_n, block_k, split_k, programs)
+    if compacted:
+        idx, n_kept, xk = compact(x_k, t)
+        (y,) = jt.triton_call(
+            _kept_rows_kernel, idx, n_kept, xk, w_kn,
+            out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)],
+            zeroed_outputs=(0,) if splits > 1 else (), grid=(-(-n // block_n), splits),
+            num_warps=warps, num_stages=stages, interpret=interpret, N=n, S=splits,
+            BK=block_k, BN=block_n, ATOMIC=splits > 1, STAGES=stages,
+        )  # fmt: skip
+        return y
     (y,) = jt.triton_call(
         _masked_rows_kernel, x_k, w_kn, jnp.reshape(jnp.asarray(t, jnp.float32), (1,)),
         out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)],

@@ -21,8 +21,10 @@ def main(out: str) -> None:
     res = {}
     for c in GEMV_CASES:
         x, w = (jnp.asarray(v, c.dtype) for v in gemv_inputs(c))
-        y = masked_gemv(x, w, c.t, block_n=16, block_k=16, split_k=c.split_k, interpret=True)
-        res[c.name] = np.asarray(y, np.float32)
+        for compacted, key in ((True, c.name), (False, f"{c.name}/masked")):
+            y = masked_gemv(x, w, c.t, block_n=16, block_k=16, split_k=c.split_k,
+                            compacted=compacted, interpret=True)  # fmt: skip
+            res[key] = np.asarray(y, np.float32)
     for c in FFN_CASES:
         x, w_in, w_out = (jnp.asarray(v, c.dtype) for v in ffn_inputs(c))
         w_in_dn = jnp.concatenate(list(w_in), axis=0).T  # [d, c·f]: gate columns, then up

@@ -40,13 +40,26 @@ def _ffn_ref(c):
     return np.asarray(y[0, 0].astype(jnp.float32))
 
 
+@pytest.mark.parametrize("kind", ["", "/masked"], ids=["compacted", "masked"])
 @pytest.mark.parametrize("case", GEMV_CASES, ids=lambda c: c.name)
-def test_masked_gemv_in_the_interpreter(case, interp_results):
-    y = interp_results[case.name]
+def test_masked_gemv_in_the_interpreter(case, kind, interp_results):
+    """Both kernels: over the kept rows' index list (the default) and over every row."""
+    y = interp_results[case.name + kind]
     tol = "op_fp32" if case.dtype == "float32" else "bf16"
-    assert_close(y, _gemv_ref(case), tol, case.name)
+    assert_close(y, _gemv_ref(case), tol, case.name + kind)
     if math.isinf(case.t):
         assert not y.any()
+
+
+def test_compact_lists_the_kept_inputs_in_order():
+    from prunepath_jax.kernels.triton_teal import compact
+
+    x = jnp.asarray([0.1, -2.0, 0.0, 3.0, -0.4, 0.5], jnp.bfloat16)
+    idx, n, xk = compact(x, 0.45)
+    assert int(n[0]) == 3
+    np.testing.assert_array_equal(np.asarray(idx[:3]), [1, 3, 5])
+    np.testing.assert_array_equal(np.asarray(xk), [-2.0, 3.0, 0.5, 0.0, 0.0, 0.0])
+    assert int(compact(x, float("inf"))[1][0]) == 0
 
 
 @pytest.mark.parametrize("case", FFN_CASES, ids=lambda c: c.name)
@@ -72,15 +85,22 @@ def test_lowers_for_sm90_at_the_8b_shapes(dtype):
 
     for k, n in ((4096, 28672), (14336, 4096)):
         splits, ks = tt._split(k, n, tt.BLOCK_N, tt.BLOCK_K, None)
-        ck = sm90_compile(tt._masked_rows_kernel,
-                          {"x": f"*{dtype}", "w": f"*{dtype}", "t": "*fp32", "y": "*fp32"},
-                          dict(K=k, N=n, KS=ks, BK=tt.BLOCK_K, BN=tt.BLOCK_N, ATOMIC=splits > 1,
-                               STAGES=tt.STAGES), warps=tt.WARPS, stages=tt.STAGES)  # fmt: skip
-        ptx = ck.asm["ptx"]
-        assert "cp.async" in ptx, (k, n)
-        atomics = re.search(r"\b(red|atom)\.global", ptx) is not None
-        assert atomics == (splits > 1), (k, n, splits)
-        assert ptxas_info(ptx)["spill_stores"] == 0, (k, n)
+        masked = sm90_compile(tt._masked_rows_kernel,
+                              {"x": f"*{dtype}", "w": f"*{dtype}", "t": "*fp32", "y": "*fp32"},
+                              dict(K=k, N=n, KS=ks, BK=tt.BLOCK_K, BN=tt.BLOCK_N,
+                                   ATOMIC=splits > 1, STAGES=tt.STAGES),
+                              warps=tt.WARPS, stages=tt.STAGES)  # fmt: skip
+        kept = sm90_compile(tt._kept_rows_kernel,
+                            {"idx": "*i32", "n": "*i32", "xk": "*fp32", "w": f"*{dtype}",
+                             "y": "*fp32"},
+                            dict(N=n, S=splits, BK=tt.BLOCK_K, BN=tt.BLOCK_N, ATOMIC=splits > 1,
+                                 STAGES=tt.STAGES), warps=tt.WARPS, stages=tt.STAGES)  # fmt: skip
+        for name, ck in (("masked", masked), ("kept", kept)):
+            ptx = ck.asm["ptx"]
+            assert "cp.async" in ptx, (name, k, n)
+            atomics = re.search(r"\b(red|atom)\.global", ptx) is not None
+            assert atomics == (splits > 1), (name, k, n, splits)
+            assert ptxas_info(ptx)["spill_stores"] == 0, (name, k, n)
 
 
 def test_bad_input():
