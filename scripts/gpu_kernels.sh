@@ -126,6 +126,15 @@ s53a)  # TEAL's decode kernels (kernels/triton_teal.py): their GPU tests, then o
   gpu_tests 200 tests/test_teal_kernel.py
   run timeout 420 python3 benchmarks/teal_decode.py --out "$OUT/teal_decode.jsonl"
   ;;
+s56a)  # (written, not run: no device time left in the forty-first session) the batched step's
+  # QKV / O product alone (benchmarks/skinny_phase.py): in the step 1B QKV took 21 µs a layer
+  # for 12.6 MB whatever the chunk or stages. Alone, cold (8 weight sets) and hot (1), 4 and 16
+  # tokens, the norm on and off, chunks, the staggered start
+  run timeout 300 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-qkv llama-3.2-1b-o \
+    llama-3-8b-qkv --variants '{"default": {}, "hot": {"sets": 1}, "t16": {"tokens": 16},
+    "t1": {"tokens": 1}, "nonorm": {"norm": false}, "bk64": {"bk": 64}, "bk256": {"bk": 256},
+    "in_step": {"stagger": false}, "w4": {"warps": 4}}' --out "$OUT/skinny_phase.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;

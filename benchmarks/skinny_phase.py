@@ -1,0 +1,191 @@
+"""The batched one-launch step's QKV / O product (``triton_batch_phases._skinny``), alone.
+
+Why. Inside the batched step (``kernels/triton_megastep_batch.py``) the QKV and O phases run
+at 0.6-0.7 TB/s at the Llama-3.2-1B width (21 and 15 µs a layer for 12.6 and 8.4 MB) and
+2.2 / 1.5 TB/s at 8B. Neither larger chunks, deeper pipelines nor staggered chunk orders moved
+them (BENCHMARKS.md, forty-first session); the batch-1 step's QKV GEMV takes 6-7.5 µs at 1B.
+This runs the *same* device function in a persistent grid of its own: L "layers" of the phase,
+a grid barrier before each (``triton_grid``), each program stamping ``%globaltimer`` when the
+barrier opens and when its rows are done. So one run says whether the product itself is slow
+(then: which of the tokens, the norm, the chunk, the weights in DRAM or L2 matter) or only in
+the step (registers, what runs before it).
+
+The result is checked against numpy: ``out[l] = W_l · (ln ⊙ x) · rsqrt(mean(x²) + eps)`` per
+token (without the norm: ``W_l · x``).
+
+    python3 benchmarks/skinny_phase.py --out results/skinny_phase.jsonl \
+        --variants '{"t16": {"tokens": 16}, "hot": {"sets": 1}, "nonorm": {"norm": false}}'
+    TRITON_INTERPRET=1 python3 benchmarks/skinny_phase.py --interpret   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import copy_bandwidth, header, markdown_table, write_rows  # noqa: E402
+
+from prunepath_jax.kernels import jt  # noqa: E402
+from prunepath_jax.kernels.triton_batch_phases import _skinny  # noqa: E402
+from prunepath_jax.kernels.triton_grid import _arrive, _stamp, _wait  # noqa: E402
+from prunepath_jax.kernels.triton_megastep_batch import BK, MAX_TOKENS  # noqa: E402
+from prunepath_jax.kernels.triton_megastep_plan import SPIN, STAGES  # noqa: E402
+
+SHAPES = {  # name: (output rows N, input width K)
+    "llama-3.2-1b-qkv": (3072, 2048),
+    "llama-3.2-1b-o": (2048, 2048),
+    "llama-3-8b-qkv": (6144, 4096),
+    "llama-3-8b-o": (4096, 4096),
+}
+# The check's tolerance: tests/helpers.py's TOL["bf16"] (the product's input is rounded to bf16;
+# the interpreter's rounding differs from the GPU's), times max(1, max |expected|).
+TOL_BF16 = 2e-2
+VARIANT_KEYS = {"tokens", "norm", "bk", "stages", "stagger", "sets", "layers", "warps",
+                "programs"}  # fmt: skip
+
+
+@triton.jit
+def _skinny_kernel(w_ptr, x_ptr, ln_ptr, out_ptr, ctr_ptr, tim_ptr, fail_ptr,
+                   L: tl.constexpr, SETS: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
+                   K: tl.constexpr, T: tl.constexpr, TP: tl.constexpr, R: tl.constexpr,
+                   R_PAD: tl.constexpr, BK: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
+                   STAGGER: tl.constexpr, TIMING: tl.constexpr, SPIN: tl.constexpr,
+                   NT: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    """L layers of ``out[l, rows] = W_l[rows] · x`` (the batched step's phase A with ``NORM``,
+    phase C's product without), program ``pid`` owning rows ``[pid·R, pid·R + R)``, a grid
+    barrier before each layer; stamps: the barrier's opening and the rows' end."""
+    pid = tl.program_id(0)
+    failed = pid * 0
+    r0 = pid * R
+    r1 = tl.minimum(r0 + R, N)
+    rt = tl.arange(0, TP)
+    rr = r0 + tl.arange(0, R_PAD)
+    for layer in range(L):
+        failed = _wait(ctr_ptr, P * layer, failed, SPIN)
+        _stamp(tim_ptr, pid, 2 * layer, NT, TIMING)
+        if r0 < N:
+            wl = w_ptr + (tl.full([], 0, tl.int64) + layer % SETS) * N * K
+            acc, ss = _skinny(wl, x_ptr, ln_ptr, r0, r1, (pid + layer) * STAGGER, K, T, TP,
+                              R_PAD, BK, ST, NORM, DOT_F32)  # fmt: skip
+            if NORM:
+                acc = acc * tl.rsqrt(ss / K + 1e-5)[None, :]
+            tl.store(out_ptr + layer * N * TP + rr[:, None] * TP + rt[None, :], acc,
+                     mask=(rr < r1)[:, None] & (rt < T)[None, :])  # fmt: skip
+        _stamp(tim_ptr, pid, 2 * layer + 1, NT, TIMING)
+        _arrive(ctr_ptr)
+    tl.store(fail_ptr + pid, failed)
+
+
+def plan(shape: tuple, v: dict, n_sm: int, interpret: bool) -> dict:
+    """The kernel's constexprs (the batched step's defaults where ``v`` is silent)."""
+    bad = set(v) - VARIANT_KEYS
+    if bad:
+        raise ValueError(f"unknown variant keys {sorted(bad)}; known: {sorted(VARIANT_KEYS)}")
+    n, k = shape
+    p = v.get("programs", n_sm)
+    r = -(-n // p)
+    layers = v.get("layers", 1 if interpret else 32)
+    return dict(
+        L=layers,
+        SETS=v.get("sets", 8),
+        P=p,
+        N=n,
+        K=k,
+        T=v.get("tokens", 4),
+        TP=MAX_TOKENS,
+        R=r,
+        R_PAD=max(16, jt.next_pow2(r)),
+        BK=v.get("bk", BK),
+        ST=v.get("stages", STAGES),
+        NORM=bool(v.get("norm", True)),
+        STAGGER=int(bool(v.get("stagger", True))),
+        TIMING=not interpret,
+        SPIN=SPIN,
+        NT=2 * layers,
+        DOT_F32=interpret,
+    )  # the interpreter's 16-bit dot is wrong
+
+
+def run(c: dict, warps: int, w, x, ln, interpret: bool):
+    """One launch (fresh outputs: the barrier counter starts at zero)."""
+    out_shape = [
+        jax.ShapeDtypeStruct((c["L"] * c["N"] * c["TP"],), jnp.float32),
+        jax.ShapeDtypeStruct((1,), jnp.int32),
+        jax.ShapeDtypeStruct((c["P"], c["NT"]) if c["TIMING"] else (1,), jnp.int64),
+        jax.ShapeDtypeStruct((c["P"],), jnp.int32),
+    ]
+    return jt.triton_call(_skinny_kernel, w, x, ln, out_shape=out_shape, zeroed_outputs=(1,),
+                          grid=(c["P"],), num_warps=warps, num_stages=1, interpret=interpret,
+                          **c)  # fmt: skip
+
+
+def reference(w, x, ln, c: dict) -> np.ndarray:
+    """``[L, N, T]`` in float64 from the same bf16 weights, the product's input rounded to bf16
+    (round to nearest, as the GPU rounds it) and the norm's scale applied after, as the kernel
+    does."""
+    w64 = np.asarray(w, np.float64).reshape(c["SETS"], c["N"], c["K"])
+    x32 = np.asarray(x, np.float32)[: c["T"]]
+    scale = np.ones(c["T"])
+    if c["NORM"]:
+        scale = 1 / np.sqrt((x32.astype(np.float64) ** 2).mean(1) + 1e-5)
+        x32 = x32 * np.asarray(ln, np.float32)[None, :]
+    xb = np.asarray(jnp.asarray(x32, jnp.bfloat16), np.float64)
+    return np.stack([(w64[i % c["SETS"]] @ xb.T) * scale for i in range(c["L"])])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=["llama-3.2-1b-qkv", "llama-3-8b-qkv"])
+    ap.add_argument("--variants", default='{"default": {}}', help="JSON {label: {key: value}}")
+    ap.add_argument("--interpret", action="store_true", help="one program, one layer, no stamps")
+    ap.add_argument("--out", default="results/skinny_phase.jsonl")
+    a = ap.parse_args()
+    variants = json.loads(a.variants)
+    n_sm = 1 if a.interpret else jt.default_programs()
+    head = {**header(), "bench": "skinny_phase"}
+    if not a.interpret:
+        head["copy_TB_s"] = max(copy_bandwidth(2 << 30).values()) / 1e12
+    rows = []
+    for name in a.shapes:
+        shape = SHAPES[name] if not a.interpret else (48, 160)
+        for label, v in variants.items():
+            c = plan(shape, v, n_sm, a.interpret)
+            rng = np.random.default_rng(0)
+            w = jnp.asarray(rng.standard_normal((c["SETS"] * c["N"], c["K"])) * 0.02,
+                            jnp.bfloat16)  # fmt: skip
+            x = jnp.asarray(rng.standard_normal((MAX_TOKENS, c["K"])), jnp.float32)
+            ln = jnp.asarray(1 + 0.1 * rng.standard_normal(c["K"]), jnp.bfloat16)
+            warps = v.get("warps", 8)
+            for _ in range(1 if a.interpret else 3):  # the last call's stamps: warm
+                out, _, stamps, fail = run(c, warps, w, x, ln, a.interpret)
+            got = np.asarray(out).reshape(c["L"], c["N"], c["TP"])[:, :, : c["T"]]
+            ref = reference(w, x, ln, c)
+            err = float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max()))
+            r = {**head, "shape": name, "variant": label, **v, "rel_err": err,
+                 "barrier_failures": int(np.asarray(fail).sum())}  # fmt: skip
+            if not a.interpret:
+                s = np.asarray(stamps).reshape(c["P"], c["L"], 2).astype(np.float64) / 1e3
+                layer_us = (s[:, 1:, 1].max(0) - s[:, 1:, 0].min(0)).mean()  # skip layer 0
+                mb = c["N"] * c["K"] * 2 / 1e6
+                r.update(us_per_layer=layer_us, work_mean_us=(s[:, 1:, 1] - s[:, 1:, 0]).mean(),
+                         TB_s=mb / layer_us / 1e6)  # fmt: skip
+            rows.append(r)
+            print(json.dumps({k: r[k] for k in r if k not in head}), flush=True)
+            if err > TOL_BF16:
+                raise SystemExit(f"{name} {label}: relative error {err:.2e} against numpy")
+    write_rows(a.out, rows)
+    cols = ["shape", "variant", "us_per_layer", "work_mean_us", "TB_s", "rel_err"]
+    print(markdown_table(rows, cols))
+
+
+if __name__ == "__main__":
+    main()
