@@ -109,16 +109,6 @@ def _router_share(wr_ptr, ln_ptr, hv, lg_ptr, r0, r1, rot, D: tl.constexpr, E: t
 
 
 @triton.jit
-def _unit_of(u, tab_ptr, PER: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
-    """Unit ``u``'s expert and first neuron row: union slot ``u // PER`` of the program's table
-    (``_union``), neuron block ``u % PER``. One load the program itself wrote (L1), where
-    counting the slot from the union's prefix count was a block-wide reduction a unit (~0.1-0.2
-    µs each, BENCHMARKS.md twenty-first session; a down-projection item walks hundreds)."""
-    e = tl.load(tab_ptr + u // PER)
-    return e, e * G + (u % PER) * BN
-
-
-@triton.jit
 def _union(gs_ptr, tab_ptr, T: tl.constexpr, TP: tl.constexpr, E_PAD: tl.constexpr):
     """The number of experts any token selected (gates ``[T, E_PAD]`` at ``gs_ptr``, 0 where
     unselected); their ids in index order go to the program's table at ``tab_ptr`` (slot i the
@@ -134,38 +124,61 @@ def _union(gs_ptr, tab_ptr, T: tl.constexpr, TP: tl.constexpr, E_PAD: tl.constex
 
 
 @triton.jit
+def _block_acts(xn_ptr, gs_ptr, w_in_ptr, tab_ptr, g0, u1, rot, D: tl.constexpr,
+                F: tl.constexpr, G: tl.constexpr, E_PAD: tl.constexpr, T: tl.constexpr,
+                TP: tl.constexpr, BN: tl.constexpr, UF: tl.constexpr, BK: tl.constexpr,
+                STAGES: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    """``(rows [UF·BN] i64, um [UF·BN], a [UF·BN, TP] f32)``: units ``[g0, min(g0 + UF, u1))``
+    as one block of rows, ``silu(x·W_gate)·(x·W_up)·σ(g_t)`` for every token, ``x`` the
+    tokens' normalised FFN inputs ``[T, D]`` at ``xn_ptr`` (the selection phase wrote them in
+    the weights' dtype: half the L2 bytes of the f32 residual). ``rows`` are the block's row
+    offsets (``row · D``) into W_gate / W_out, ``um`` which rows are units below ``u1``. Each
+    row's expert is one load of the program's union table (``_union``; counting it from the
+    union's prefix was a block-wide reduction a unit, ~0.1-0.2 µs, BENCHMARKS.md twenty-first
+    session). A token that did not select a unit's expert has gate 0: its column is 0, as are
+    the rows past ``u1``. The chunks run from chunk ``rot`` on (``_staggered``)."""
+    RB: tl.constexpr = UF * BN
+    PER: tl.constexpr = G // BN
+    NK: tl.constexpr = (D + BK - 1) // BK
+    rr = tl.arange(0, RB)
+    rt = tl.arange(0, TP)
+    rk = tl.arange(0, BK)
+    uu = g0 + rr // BN  # each row's unit
+    um = uu < u1
+    e = tl.load(tab_ptr + uu // PER, mask=um, other=0)
+    rows = (e * G + (uu % PER) * BN + rr % BN).to(tl.int64) * D
+    gt = tl.load(gs_ptr + rt[None, :] * E_PAD + e[:, None], mask=um[:, None] & (rt < T)[None, :],
+                 other=0.0, cache_modifier=".cg")  # [RB, TP]  # fmt: skip
+    ag = tl.zeros([RB, TP], tl.float32)
+    au = tl.zeros([RB, TP], tl.float32)
+    for j in tl.range(0, NK, num_stages=STAGES):
+        kk = _staggered(j, rot, NK) * BK + rk
+        km = kk < D
+        wm = um[:, None] & km[None, :]
+        wg = tl.load(w_in_ptr + rows[:, None] + kk[None, :], mask=wm, other=0.0)
+        wu = tl.load(w_in_ptr + F * D + rows[:, None] + kk[None, :], mask=wm, other=0.0)
+        x = tl.load(xn_ptr + rt[None, :] * D + kk[:, None],
+                    mask=(rt < T)[None, :] & km[:, None], other=0.0,
+                    cache_modifier=".cg")  # [BK, TP]  # fmt: skip
+        ag += _dot(wg, x, wg, DOT_F32)
+        au += _dot(wu, x, wu, DOT_F32)
+    return rows, um, ag / (1.0 + tl.exp(-ag)) * au * gt
+
+
+@triton.jit
 def _unit_acts(xn_ptr, gs_ptr, w_in_ptr, act_ptr, tab_ptr, u0, u1, D: tl.constexpr,
                F: tl.constexpr, G: tl.constexpr, E_PAD: tl.constexpr, T: tl.constexpr,
                TP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
                DOT_F32: tl.constexpr):  # fmt: skip
-    """The expert phase's first half: for units ``[u0, u1)``, ``silu(x·W_gate)·(x·W_up)·σ(g_t)``
-    over each unit's ``BN`` neuron rows and every token, ``x`` the tokens' normalised FFN inputs
-    ``[T, D]`` at ``xn_ptr`` (the selection phase wrote them in the weights' dtype: half the L2
-    bytes of the f32 residual, which every unit reads again); stored as ``[BN, TP]`` f32 blocks
-    at ``act_ptr`` (unit u's at ``u · BN · TP``), which every program reads after the next grid
-    barrier. A token that did not select the unit's expert has gate 0: its column is 0."""
-    PER: tl.constexpr = G // BN
+    """The split expert phase's first half (``ffn_units=0``): each unit of ``[u0, u1)``'s
+    activations (``_block_acts``, one unit a block), stored as ``[BN, TP]`` f32 blocks at
+    ``act_ptr`` (unit u's at ``u · BN · TP``), which every program reads after the next grid
+    barrier."""
     rn = tl.arange(0, BN)
-    rk = tl.arange(0, BK)
     rt = tl.arange(0, TP)
     for u in range(u0, u1):
-        e, row0 = _unit_of(u, tab_ptr, PER, BN, G)
-        gt = tl.load(gs_ptr + rt * E_PAD + e, mask=rt < T, other=0.0, cache_modifier=".cg")
-        rows = (row0 + rn).to(tl.int64) * D
-        ag = tl.zeros([BN, TP], tl.float32)
-        au = tl.zeros([BN, TP], tl.float32)
-        for k0 in tl.range(0, D, BK, num_stages=STAGES):
-            kk = k0 + rk
-            km = kk < D
-            wg = tl.load(w_in_ptr + rows[:, None] + kk[None, :], mask=km[None, :], other=0.0)
-            wu = tl.load(w_in_ptr + F * D + rows[:, None] + kk[None, :], mask=km[None, :],
-                         other=0.0)  # fmt: skip
-            x = tl.load(xn_ptr + rt[None, :] * D + kk[:, None],
-                        mask=(rt < T)[None, :] & km[:, None], other=0.0,
-                        cache_modifier=".cg")  # [BK, TP]  # fmt: skip
-            ag += _dot(wg, x, wg, DOT_F32)
-            au += _dot(wu, x, wu, DOT_F32)
-        a = ag / (1.0 + tl.exp(-ag)) * au * gt[None, :]
+        _, _, a = _block_acts(xn_ptr, gs_ptr, w_in_ptr, tab_ptr, u, u1, 0, D, F, G, E_PAD, T, TP,
+                              BN, 1, BK, STAGES, DOT_F32)  # fmt: skip
         tl.store(act_ptr + u * BN * TP + rn[:, None] * TP + rt[None, :], a)
 
 
@@ -229,36 +242,13 @@ def _unit_ffn(xn_ptr, gs_ptr, w_in_ptr, w_out_ptr, h_ptr, tab_ptr, u0, u1, rot,
     group (``P · T · D`` a layer with one group a program), against G's ``NU · T · D``, and
     no activations scratch or barrier between the halves. Both loops start at chunk ``rot``
     (``_staggered``)."""
-    RB: tl.constexpr = UF * BN
-    PER: tl.constexpr = G // BN
-    NK: tl.constexpr = (D + BKF - 1) // BKF
     NC: tl.constexpr = (D + CWF - 1) // CWF
-    rr = tl.arange(0, RB)
     rt = tl.arange(0, TP)
-    rk = tl.arange(0, BKF)
     rc = tl.arange(0, CWF)
     for g0 in range(u0, u1, UF):
-        uu = g0 + rr // BN  # each row's unit
-        um = uu < u1
-        e = tl.load(tab_ptr + uu // PER, mask=um, other=0)
-        rows = (e * G + (uu % PER) * BN + rr % BN).to(tl.int64) * D
-        gt = tl.load(gs_ptr + rt[None, :] * E_PAD + e[:, None],
-                     mask=um[:, None] & (rt < T)[None, :], other=0.0,
-                     cache_modifier=".cg")  # [RB, TP]  # fmt: skip
-        ag = tl.zeros([RB, TP], tl.float32)
-        au = tl.zeros([RB, TP], tl.float32)
-        for j in tl.range(0, NK, num_stages=STAGES):
-            kk = _staggered(j, rot, NK) * BKF + rk
-            km = kk < D
-            wm = um[:, None] & km[None, :]
-            wg = tl.load(w_in_ptr + rows[:, None] + kk[None, :], mask=wm, other=0.0)
-            wu = tl.load(w_in_ptr + F * D + rows[:, None] + kk[None, :], mask=wm, other=0.0)
-            x = tl.load(xn_ptr + rt[None, :] * D + kk[:, None],
-                        mask=(rt < T)[None, :] & km[:, None], other=0.0,
-                        cache_modifier=".cg")  # [BKF, TP]  # fmt: skip
-            ag += _dot(wg, x, wg, DOT_F32)
-            au += _dot(wu, x, wu, DOT_F32)
-        a_tr = tl.trans(ag / (1.0 + tl.exp(-ag)) * au * gt)  # [TP, RB]; 0 past u1 and T
+        rows, um, a = _block_acts(xn_ptr, gs_ptr, w_in_ptr, tab_ptr, g0, u1, rot, D, F, G, E_PAD,
+                                  T, TP, BN, UF, BKF, STAGES, DOT_F32)  # fmt: skip
+        a_tr = tl.trans(a)  # [TP, UF·BN]; 0 past u1 and T
         for j in tl.range(0, NC, num_stages=STAGES):
             cols = _staggered(j, rot, NC) * CWF + rc
             cm = cols < D

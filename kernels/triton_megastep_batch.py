@@ -159,7 +159,7 @@ def _batch_kernel(
     US: tl.constexpr, WS_LG: tl.constexpr, WS_CTR: tl.constexpr,
     PF_A: tl.constexpr, PF_C: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     PFB: tl.constexpr, TIMING: tl.constexpr, UF: tl.constexpr, BKF: tl.constexpr,
-    CWF: tl.constexpr, BKA: tl.constexpr, BKC: tl.constexpr, STAGGER: tl.constexpr,
+    CWF: tl.constexpr, BKS: tl.constexpr, STAGGER: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -208,7 +208,7 @@ def _batch_kernel(
         # A: the residual's norm folded into the QKV product.
         if a0 < NQKV:  # (programs past the rows would stream the residual for nothing)
             qa, ss = _skinny(wqkv_ptr + lw * NQKV * D, h_ptr, ln1_ptr + layer * D, a0, a1, rot,
-                             D, T, TP, RA_PAD, BKA, GS, True, DOT_F32)  # fmt: skip
+                             D, T, TP, RA_PAD, BKS, GS, True, DOT_F32)  # fmt: skip
             qa = qa * tl.rsqrt(ss / D + EPS)[None, :]
             ra = a0 + tl.arange(0, RA_PAD)
             tl.store(qkv_ptr + rt[None, :] * NQKV + ra[:, None], qa,
@@ -235,7 +235,7 @@ def _batch_kernel(
         # C: O projection + residual + this program's share of the router logits.
         if c0 < D:
             oc, _ = _skinny(wo_ptr + lw * D * NA, att_ptr, ln1_ptr, c0, c1, rot, NA, T, TP,
-                            RC_PAD, BKC, GS, False, DOT_F32)  # fmt: skip
+                            RC_PAD, BKS, GS, False, DOT_F32)  # fmt: skip
             rc = c0 + tl.arange(0, RC_PAD)
             off = rt[None, :] * D + rc[:, None]
             m = (rc < c1)[:, None] & tmask[None, :]
@@ -383,10 +383,10 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     bulk = default_bulk_prefetch(d) if bulk_prefetch is None else bool(bulk_prefetch)
     down = _down_split(t, d, p, unit_groups)
     uf = default_ffn_units(e, g, p) if ffn_units is None else ffn_units
+    bkf = _ffn_block(uf, w)
     return dict(
-        **down, UB=_down_units(down["CW_PAD"], w), BK=BK, UF=uf, BKF=_ffn_block(uf, w),
-        CWF=min(256, 2 * _ffn_block(uf, w)),
-        BKA=skinny_bk or BK, BKC=skinny_bk or BK, STAGGER=int(bool(stagger)),
+        **down, UB=_down_units(down["CW_PAD"], w), BK=BK, UF=uf, BKF=bkf, CWF=min(256, 2 * bkf),
+        BKS=skinny_bk or BK, STAGGER=int(bool(stagger)),
         PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),
         PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
         T=t, TP=MAX_TOKENS, L=n_layers, D=d, HQ=hq, KV=kv, HD=hd,
@@ -414,9 +414,8 @@ def megastep_batch(
     splits: int = 0, block_t: int | None = None, attn_stages: int | None = None,
     warps: int = 8, spin: int = SPIN, gemv_stages: int = STAGES, unit_stages: int = STAGES,
     unit_groups: int = 0, ffn_units: int | None = None, skinny_bk: int = 0, stagger: bool = True,
-    prefetch_kb: int = PREFETCH_KB,
-    prefetch_o_kb: int = PREFETCH_O_KB, bulk_prefetch: bool | None = None, timing: int = 0,
-    interpret: bool = False,
+    prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
+    bulk_prefetch: bool | None = None, timing: int = 0, interpret: bool = False,
 ):  # fmt: skip
     """Every layer of T tokens' decode step: ``(h_td f32, kc, vc, k_lt i32, union_l i32,
     fail_p i32)``, plus with ``timing`` (GPU) each program's %globaltimer stamps
@@ -473,8 +472,7 @@ def megastep_batch(
                   eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin,
                   gemv_stages=gemv_stages, unit_stages=unit_stages, unit_groups=unit_groups,
                   ffn_units=ffn_units, skinny_bk=skinny_bk, stagger=stagger,
-                  prefetch_kb=prefetch_kb,
-                  prefetch_o_kb=prefetch_o_kb, bulk_prefetch=bulk_prefetch,
+                  prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, bulk_prefetch=bulk_prefetch,
                   weight_itemsize=jnp.dtype(wqkv_lnd.dtype).itemsize, timing=timing,
                   interpret=interpret)  # fmt: skip
     p, s, gq_pad = c["P"], c["S"], c["GQ_PAD"]

@@ -112,9 +112,9 @@ def compact(x_k: jax.Array, t) -> tuple[jax.Array, jax.Array, jax.Array]:
     order (TEAL's own first step), in XLA: a prefix sum and a scatter, no host sync."""
     keep = jnp.abs(x_k.astype(jnp.float32)) >= jnp.asarray(t, jnp.float32)
     (idx,) = jnp.nonzero(keep, size=x_k.shape[0], fill_value=0)
-    idx = idx.astype(jnp.int32)
-    xk = jnp.where(jnp.arange(x_k.shape[0]) < keep.sum(), x_k.astype(jnp.float32)[idx], 0.0)
-    return idx, keep.sum(dtype=jnp.int32).reshape(1), xk
+    n = keep.sum(dtype=jnp.int32)
+    xk = jnp.where(jnp.arange(x_k.shape[0]) < n, x_k.astype(jnp.float32)[idx], 0.0)
+    return idx.astype(jnp.int32), n.reshape(1), xk
 
 
 def _split(
@@ -159,21 +159,15 @@ def masked_gemv(
     k, n = w_kn.shape
     splits, ks = _split(k, n, block_n, block_k, split_k, programs)
     if compacted:
-        idx, n_kept, xk = compact(x_k, t)
-        (y,) = jt.triton_call(
-            _kept_rows_kernel, idx, n_kept, xk, w_kn,
-            out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)],
-            zeroed_outputs=(0,) if splits > 1 else (), grid=(-(-n // block_n), splits),
-            num_warps=warps, num_stages=stages, interpret=interpret, N=n, S=splits,
-            BK=block_k, BN=block_n, ATOMIC=splits > 1, STAGES=stages,
-        )  # fmt: skip
-        return y
+        kernel, args, sizes = _kept_rows_kernel, (*compact(x_k, t), w_kn), dict(S=splits)
+    else:
+        t_1 = jnp.reshape(jnp.asarray(t, jnp.float32), (1,))
+        kernel, args, sizes = _masked_rows_kernel, (x_k, w_kn, t_1), dict(K=k, KS=ks)
     (y,) = jt.triton_call(
-        _masked_rows_kernel, x_k, w_kn, jnp.reshape(jnp.asarray(t, jnp.float32), (1,)),
-        out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)],
+        kernel, *args, out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)],
         zeroed_outputs=(0,) if splits > 1 else (), grid=(-(-n // block_n), splits),
-        num_warps=warps, num_stages=stages, interpret=interpret, K=k, N=n, KS=ks, BK=block_k,
-        BN=block_n, ATOMIC=splits > 1, STAGES=stages,
+        num_warps=warps, num_stages=stages, interpret=interpret, N=n, BK=block_k, BN=block_n,
+        ATOMIC=splits > 1, STAGES=stages, **sizes,
     )  # fmt: skip
     return y
 

@@ -305,7 +305,7 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
     ffn = check(model)
     cfg = model.cfg
     opts = {k: v for k, v in launch._asdict().items() if v is not None}
-    for name in ("unit_groups", "ffn_units", "skinny_bk", "stagger"):
+    for name in BATCH_ONLY:
         if name in opts:
             raise ValueError(f"Launch.{name} is the batched launch's (2-16 sequences)")
     head_in = opts.pop("head_in", tm.HEAD_IN)
@@ -328,10 +328,12 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
     return (model.head(x)[:, 0], kc, vc, k_l, fail, *stamps)
 
 
-# The launch choices the batched kernel takes (``triton_megastep_batch.megastep_batch``'s).
+# The launch choices only the batched kernel takes, and all it takes
+# (``triton_megastep_batch.megastep_batch``'s).
+BATCH_ONLY = ("unit_groups", "ffn_units", "skinny_bk", "stagger")
 BATCH_LAUNCH = ("programs", "splits", "block_t", "warps", "attn_stages", "gemv_stages",
-                "unit_stages", "unit_groups", "ffn_units", "skinny_bk", "stagger", "prefetch_kb",
-                "prefetch_o_kb", "bulk_prefetch")  # fmt: skip
+                "unit_stages", *BATCH_ONLY, "prefetch_kb", "prefetch_o_kb",
+                "bulk_prefetch")  # fmt: skip
 
 
 def step_batch(model, mw: MegaWeights, tokens_b, pos_b, kc, vc, tau_l,
