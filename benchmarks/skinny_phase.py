@@ -10,6 +10,13 @@ barrier opens and when its rows are done. So one run says whether the product it
 (then: which of the tokens, the norm, the chunk, the weights in DRAM or L2 matter) or only in
 the step (registers, what runs before it).
 
+Three variants put back what surrounds the phase in the step, one at a time: ``atomics``, the
+expert phase's relaxed atomics into the tokens' inputs before the barrier (the step's F phase
+adds ``P · T · d`` of them into the residual that phase A then reads; here they add 0.0, so the
+check stands); ``prefetch``, the next layer's rows asked into L2 while the barrier waits (the
+step's ``PREFETCH_KB`` at a barrier arrival, ``bulk`` requests above d 1024); ``xdtype``, the
+inputs in bf16 (half the L2 bytes a chunk; the step reads the f32 residual).
+
 The result is checked against numpy: ``out[l] = W_l · (ln ⊙ x) · rsqrt(mean(x²) + eps)`` per
 token (without the norm: ``W_l · x``).
 
@@ -38,7 +45,14 @@ from prunepath_jax.kernels import jt  # noqa: E402
 from prunepath_jax.kernels.triton_batch_phases import _skinny  # noqa: E402
 from prunepath_jax.kernels.triton_grid import _arrive, _stamp, _wait  # noqa: E402
 from prunepath_jax.kernels.triton_megastep_batch import BK, MAX_TOKENS  # noqa: E402
-from prunepath_jax.kernels.triton_megastep_plan import SPIN, STAGES  # noqa: E402
+from prunepath_jax.kernels.triton_megastep_gemv import _pf_rows  # noqa: E402
+from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: E402
+    LINE,
+    SPIN,
+    STAGES,
+    _pf_lines,
+    default_bulk_prefetch,
+)
 
 SHAPES = {  # name: (output rows N, input width K)
     "llama-3.2-1b-qkv": (3072, 2048),
@@ -50,7 +64,9 @@ SHAPES = {  # name: (output rows N, input width K)
 # the interpreter's rounding differs from the GPU's), times max(1, max |expected|).
 TOL_BF16 = 2e-2
 VARIANT_KEYS = {"tokens", "norm", "bk", "stages", "stagger", "sets", "layers", "warps",
-                "programs"}  # fmt: skip
+                "programs", "atomics", "prefetch", "bulk", "xdtype"}  # fmt: skip
+ATOMIC_COLS = 256  # columns a relaxed atomic of the ``atomics`` variant (the F phase's CWF)
+X_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 @triton.jit
@@ -59,10 +75,15 @@ def _skinny_kernel(w_ptr, x_ptr, ln_ptr, out_ptr, ctr_ptr, tim_ptr, fail_ptr,
                    K: tl.constexpr, T: tl.constexpr, TP: tl.constexpr, R: tl.constexpr,
                    R_PAD: tl.constexpr, BK: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
                    STAGGER: tl.constexpr, TIMING: tl.constexpr, SPIN: tl.constexpr,
-                   NT: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+                   NT: tl.constexpr, DOT_F32: tl.constexpr, ATOM: tl.constexpr,
+                   AC: tl.constexpr, PF: tl.constexpr, STEP: tl.constexpr,
+                   PFB: tl.constexpr):  # fmt: skip
     """L layers of ``out[l, rows] = W_l[rows] · x`` (the batched step's phase A with ``NORM``,
     phase C's product without), program ``pid`` owning rows ``[pid·R, pid·R + R)``, a grid
-    barrier before each layer; stamps: the barrier's opening and the rows' end."""
+    barrier before each layer; stamps: the barrier's opening and the rows' end. Between the
+    rows' end and the barrier, with ``ATOM``: ``x += 0`` by relaxed atomics ``[T, AC]``
+    over all of ``x`` (the step's expert phase into the residual); with ``PF`` lines: the next
+    layer's rows into L2 (``_pf_rows``, the step's form)."""
     pid = tl.program_id(0)
     failed = pid * 0
     r0 = pid * R
@@ -81,6 +102,17 @@ def _skinny_kernel(w_ptr, x_ptr, ln_ptr, out_ptr, ctr_ptr, tim_ptr, fail_ptr,
             tl.store(out_ptr + layer * N * TP + rr[:, None] * TP + rt[None, :], acc,
                      mask=(rr < r1)[:, None] & (rt < T)[None, :])  # fmt: skip
         _stamp(tim_ptr, pid, 2 * layer + 1, NT, TIMING)
+        if ATOM:
+            NC: tl.constexpr = (K + AC - 1) // AC
+            rc = tl.arange(0, AC)
+            for j in range(0, NC):
+                cols = ((j + pid * STAGGER) % NC) * AC + rc
+                cm = (rt < T)[:, None] & (cols < K)[None, :]
+                tl.atomic_add(x_ptr + rt[:, None] * K + cols[None, :],
+                              tl.zeros([TP, AC], tl.float32), mask=cm, sem="relaxed")  # fmt: skip
+        if layer + 1 < L:
+            nxt = w_ptr + (tl.full([], 0, tl.int64) + (layer + 1) % SETS) * N * K
+            _pf_rows(nxt, pid, R, N, K, 0, PF, STEP, PFB)
         _arrive(ctr_ptr)
     tl.store(fail_ptr + pid, failed)
 
@@ -90,6 +122,10 @@ def plan(shape: tuple, v: dict, n_sm: int, interpret: bool) -> dict:
     bad = set(v) - VARIANT_KEYS
     if bad:
         raise ValueError(f"unknown variant keys {sorted(bad)}; known: {sorted(VARIANT_KEYS)}")
+    if v.get("xdtype", "f32") not in X_DTYPES:
+        raise ValueError(f"xdtype {v['xdtype']!r}: one of {sorted(X_DTYPES)}")
+    if v.get("atomics") and v.get("xdtype", "f32") != "f32":
+        raise ValueError("the atomics variant adds f32 into the inputs: xdtype f32 only")
     n, k = shape
     p = v.get("programs", n_sm)
     r = -(-n // p)
@@ -111,8 +147,13 @@ def plan(shape: tuple, v: dict, n_sm: int, interpret: bool) -> dict:
         TIMING=not interpret,
         SPIN=SPIN,
         NT=2 * layers,
-        DOT_F32=interpret,
-    )  # the interpreter's 16-bit dot is wrong
+        DOT_F32=interpret,  # the interpreter's 16-bit dot is wrong
+        ATOM=bool(v.get("atomics", False)),
+        AC=ATOMIC_COLS,
+        PF=0 if interpret else _pf_lines(v.get("prefetch", 0) * 1024 // LINE, r, 0, k, 2),
+        STEP=LINE // 2,
+        PFB=bool(v.get("bulk", default_bulk_prefetch(k))) and not interpret,
+    )
 
 
 def run(c: dict, warps: int, w, x, ln, interpret: bool):
@@ -162,7 +203,8 @@ def main() -> None:
             rng = np.random.default_rng(0)
             w = jnp.asarray(rng.standard_normal((c["SETS"] * c["N"], c["K"])) * 0.02,
                             jnp.bfloat16)  # fmt: skip
-            x = jnp.asarray(rng.standard_normal((MAX_TOKENS, c["K"])), jnp.float32)
+            x = jnp.asarray(rng.standard_normal((MAX_TOKENS, c["K"])),
+                            X_DTYPES[v.get("xdtype", "f32")])  # fmt: skip
             ln = jnp.asarray(1 + 0.1 * rng.standard_normal(c["K"]), jnp.bfloat16)
             warps = v.get("warps", 8)
             for _ in range(1 if a.interpret else 3):  # the last call's stamps: warm

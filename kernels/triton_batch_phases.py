@@ -41,7 +41,8 @@ def _tokens_chunk(x_ptr, kk, km, T: tl.constexpr, TP: tl.constexpr, K: tl.conste
     read from L2 (other programs wrote them)."""
     rt = tl.arange(0, TP)
     m = (rt[:, None] < T) & km[None, :]
-    return tl.load(x_ptr + rt[:, None] * K + kk[None, :], mask=m, other=0.0, cache_modifier=".cg")
+    x = tl.load(x_ptr + rt[:, None] * K + kk[None, :], mask=m, other=0.0, cache_modifier=".cg")
+    return x.to(tl.float32)  # (the step's are f32; benchmarks/skinny_phase.py tries bf16)
 
 
 @triton.jit

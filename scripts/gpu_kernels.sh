@@ -129,11 +129,17 @@ s53a)  # TEAL's decode kernels (kernels/triton_teal.py): their GPU tests, then o
 s56a)  # (written, not run: no device time left in the forty-first session) the batched step's
   # QKV / O product alone (benchmarks/skinny_phase.py): in the step 1B QKV took 21 µs a layer
   # for 12.6 MB whatever the chunk or stages. Alone, cold (8 weight sets) and hot (1), 4 and 16
-  # tokens, the norm on and off, chunks, the staggered start
-  run timeout 300 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-qkv llama-3.2-1b-o \
+  # tokens, the norm on and off, chunks, the staggered start; and (forty-second session) what
+  # surrounds the phase in the step, one at a time: the expert phase's relaxed atomics into the
+  # inputs before the barrier, the next layer's rows prefetched into L2 at the arrival, both,
+  # and the inputs in bf16
+  run timeout 420 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-qkv llama-3.2-1b-o \
     llama-3-8b-qkv --variants '{"default": {}, "hot": {"sets": 1}, "t16": {"tokens": 16},
     "t1": {"tokens": 1}, "nonorm": {"norm": false}, "bk64": {"bk": 64}, "bk256": {"bk": 256},
-    "in_step": {"stagger": false}, "w4": {"warps": 4}}' --out "$OUT/skinny_phase.jsonl"
+    "in_step": {"stagger": false}, "w4": {"warps": 4}, "atomics": {"atomics": true},
+    "atomics_t16": {"atomics": true, "tokens": 16}, "pf64": {"prefetch": 64},
+    "pf64_lines": {"prefetch": 64, "bulk": false}, "step_like": {"atomics": true,
+    "prefetch": 64}, "x_bf16": {"xdtype": "bf16"}}' --out "$OUT/skinny_phase.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2

@@ -6,11 +6,12 @@ several layers and weight sets), and a variant key it does not know refused."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import TOL, run_triton_interpreted
+from helpers import TOL, run_triton_interpreted, sm90_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -23,6 +24,8 @@ def test_interpreted_product_matches_numpy(tmp_path):
         "t16_nonorm": {"tokens": 16, "norm": False},
         "layers_bk32": {"layers": 3, "sets": 2, "bk": 32},
         "in_step": {"layers": 2, "bk": 32, "stagger": False},
+        "atomics": {"layers": 2, "bk": 32, "atomics": True},
+        "x_bf16": {"tokens": 5, "xdtype": "bf16"},
     }
     out = run_triton_interpreted(
         [
@@ -47,3 +50,24 @@ def test_interpreted_product_matches_numpy(tmp_path):
 def test_a_variant_key_it_does_not_know_is_refused():
     with pytest.raises(ValueError, match="unknown variant keys"):
         skinny_phase.plan((48, 160), {"stage": 4}, 1, True)
+    with pytest.raises(ValueError, match="xdtype"):
+        skinny_phase.plan((48, 160), {"xdtype": "f16"}, 1, True)
+    with pytest.raises(ValueError, match="f32 only"):
+        skinny_phase.plan((48, 160), {"atomics": True, "xdtype": "bf16"}, 1, True)
+
+
+@pytest.mark.parametrize("variant", [{"atomics": True, "prefetch": 64}, {"xdtype": "bf16"}])
+def test_probe_lowers_for_sm90(variant):
+    """The probe as the H200 runs it (132 programs, the 1B QKV shape, stamps on): the product
+    on the tensor cores as a cp.async pipeline, the surroundings each variant adds (relaxed
+    atomics, bulk L2 prefetch of the next layer's rows above d 1024) in the PTX."""
+    c = skinny_phase.plan(skinny_phase.SHAPES["llama-3.2-1b-qkv"], variant, 132, False)
+    c["DOT_F32"] = False
+    x = "*bf16" if variant.get("xdtype") == "bf16" else "*fp32"
+    sig = {"w": "*bf16", "x": x, "ln": "*bf16", "out": "*fp32", "ctr": "*i32", "tim": "*i64",
+           "fail": "*i32"}  # fmt: skip
+    ptx = sm90_compile(skinny_phase._skinny_kernel, sig, c, warps=8, stages=1).asm["ptx"]
+    assert "mma.sync" in ptx and "cp.async.wait_group" in ptx and "%globaltimer" in ptx
+    relaxed_f32 = re.search(r"(red|atom)\.global\.gpu\.relaxed\.add(\.v\d)?\.f32", ptx)
+    assert bool(relaxed_f32) == bool(variant.get("atomics"))
+    assert ("cp.async.bulk.prefetch.L2" in ptx) == bool(variant.get("prefetch"))
