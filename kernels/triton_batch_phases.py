@@ -167,82 +167,24 @@ def _block_acts(xn_ptr, gs_ptr, w_in_ptr, tab_ptr, g0, u1, rot, D: tl.constexpr,
 
 
 @triton.jit
-def _unit_acts(xn_ptr, gs_ptr, w_in_ptr, act_ptr, tab_ptr, u0, u1, D: tl.constexpr,
-               F: tl.constexpr, G: tl.constexpr, E_PAD: tl.constexpr, T: tl.constexpr,
-               TP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
-               DOT_F32: tl.constexpr):  # fmt: skip
-    """The split expert phase's first half (``ffn_units=0``): each unit of ``[u0, u1)``'s
-    activations (``_block_acts``, one unit a block), stored as ``[BN, TP]`` f32 blocks at
-    ``act_ptr`` (unit u's at ``u · BN · TP``), which every program reads after the next grid
-    barrier."""
-    rn = tl.arange(0, BN)
-    rt = tl.arange(0, TP)
-    for u in range(u0, u1):
-        _, _, a = _block_acts(xn_ptr, gs_ptr, w_in_ptr, tab_ptr, u, u1, 0, D, F, G, E_PAD, T, TP,
-                              BN, 1, BK, STAGES, DOT_F32)  # fmt: skip
-        tl.store(act_ptr + u * BN * TP + rn[:, None] * TP + rt[None, :], a)
-
-
-@triton.jit
-def _unit_down(act_ptr, w_out_ptr, h_ptr, tab_ptr, u0, u1, c0, c1, D: tl.constexpr,
-               G: tl.constexpr, T: tl.constexpr, TP: tl.constexpr, BN: tl.constexpr,
-               CW_PAD: tl.constexpr, UB: tl.constexpr, STAGES: tl.constexpr,
-               ATOMIC: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
-    """The expert phase's second half, one (unit group, column block) item: ``h[t, c0:c1] +=
-    Σ_{u in [u0, u1)} act_u[:, t] · W_out[rows_u, c0:c1]`` into the residual ``h`` (nothing
-    reads it between the selection and the next layer), ``UB`` units (``UB · BN`` rows) a step,
-    so that each pipeline stage moves a tile of several KB (one unit's ``[16, c1 - c0]`` is 1-4
-    KB, too little in flight to stream at DRAM speed). With one unit group (``ATOMIC`` False)
-    the item owns its columns outright and adds with a load and a store; with several, the
-    groups add with one relaxed atomic ``[T, c1 - c0]`` an item. (Each program adding its own
-    units' ``[T, d]`` instead would be ``P · T · d`` atomics a layer, ~20 µs at the 1B width
-    and 16 tokens at the rate the atomic-drain probe measured, BENCHMARKS.md twenty-sixth
-    session.)"""
-    PER: tl.constexpr = G // BN
-    RB: tl.constexpr = UB * BN
-    rr = tl.arange(0, RB)
-    rt = tl.arange(0, TP)
-    cols = c0 + tl.arange(0, CW_PAD)
-    cm = cols < c1
-    acc = tl.zeros([TP, CW_PAD], tl.float32)
-    for u in tl.range(u0, u1, UB, num_stages=STAGES):
-        uu = u + rr // BN  # each row's unit
-        um = uu < u1
-        e = tl.load(tab_ptr + uu // PER, mask=um, other=0)
-        rows = e * G + (uu % PER) * BN + rr % BN
-        a = tl.load(act_ptr + uu[None, :] * BN * TP + (rr % BN)[None, :] * TP + rt[:, None],
-                    mask=um[None, :] & (rt < T)[:, None], other=0.0,
-                    cache_modifier=".cg")  # fmt: skip
-        wo = tl.load(w_out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
-                     mask=um[:, None] & cm[None, :], other=0.0)  # fmt: skip
-        acc += _dot(a, wo, wo, DOT_F32)
-    off = rt[:, None] * D + cols[None, :]
-    m = (rt[:, None] < T) & cm[None, :]
-    if ATOMIC:
-        tl.atomic_add(h_ptr + off, acc, mask=m, sem="relaxed")
-    else:
-        tl.store(h_ptr + off, tl.load(h_ptr + off, mask=m, other=0.0, cache_modifier=".cg") + acc,
-                 mask=m)  # fmt: skip
-
-
-@triton.jit
 def _unit_ffn(xn_ptr, gs_ptr, w_in_ptr, w_out_ptr, h_ptr, tab_ptr, u0, u1, rot,
               D: tl.constexpr, F: tl.constexpr, G: tl.constexpr, E_PAD: tl.constexpr,
               T: tl.constexpr, TP: tl.constexpr, BN: tl.constexpr, UF: tl.constexpr,
               BKF: tl.constexpr, CWF: tl.constexpr, STAGES: tl.constexpr,
               DOT_F32: tl.constexpr):  # fmt: skip
-    """The expert phase in one piece (``FUSED``): the program's units ``[u0, u1)``, ``UF`` at a
+    """The expert phase in one piece: the program's units ``[u0, u1)``, ``UF`` at a
     time as one ``[UF · BN, ·]`` block of rows, gate/up for every token, then their down rows
     into the residual ``h [T, D]`` with one relaxed atomic ``[T, CWF]`` a column chunk.
 
-    Why, against phases F and G: G's items walked hundreds of units through a table load each
-    (0.37 TB/s at 8B, BENCHMARKS.md fortieth session), and F restarted its pipeline every
-    16-row unit with 8 KB a stage. Here the rows' addresses are found once, before the streams,
-    each stage moves a ``[UF · BN, BKF]`` (or ``[UF · BN, CWF]``) tile of about 16 KB, and a
-    unit's down rows are one contiguous ``BN · D`` block. The price is ``T · D`` atomics a
-    group (``P · T · D`` a layer with one group a program), against G's ``NU · T · D``, and
-    no activations scratch or barrier between the halves. Both loops start at chunk ``rot``
-    (``_staggered``)."""
+    Why one piece: the first form's two phases (gate/up into an activations scratch, a grid
+    barrier, then (unit group, column block) items of the down projection) walked hundreds of
+    units through a table load each (0.37 TB/s at 8B, BENCHMARKS.md fortieth session) and
+    restarted the gate/up pipeline every 16-row unit with 8 KB a stage: 1.2-2.6× slower
+    (forty-first session). Here the rows' addresses are found once, before the streams, each
+    stage moves a ``[UF · BN, BKF]`` (or ``[UF · BN, CWF]``) tile of about 16 KB, and a unit's
+    down rows are one contiguous ``BN · D`` block. The price is ``T · D`` atomics a group
+    (``P · T · D`` a layer with one group a program), and no activations scratch or barrier
+    between the halves. Both loops start at chunk ``rot`` (``_staggered``)."""
     NC: tl.constexpr = (D + CWF - 1) // CWF
     rt = tl.arange(0, TP)
     rc = tl.arange(0, CWF)

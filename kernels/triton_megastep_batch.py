@@ -27,10 +27,11 @@ What. For every layer, five phases separated by grid barriers (``triton_grid``):
   takes its units ``UF`` at a time as one block of rows (``_unit_ffn``): gate/up for all T
   tokens, then the block's down rows (one contiguous ``16 · d`` block a unit) into the residual
   ``h`` with one relaxed atomic ``[T, CWF]`` a column chunk (nothing reads ``h`` between the
-  selection and the next layer). ``P · T · d`` atomics a layer, against the 2.6× slower first
-  form (``ffn_units=0``: the activations into a scratch, a barrier, then a phase G of
-  (unit group, column block) items, ``_unit_acts`` / ``_unit_down``, which walked hundreds of
-  units through a table load each: 0.37 TB/s at 8B).
+  selection and the next layer). ``P · T · d`` atomics a layer. The first form (the
+  activations into a scratch, a barrier, then a phase G of (unit group, column block) items
+  that walked hundreds of units through a table load each: 0.37 TB/s at 8B) was 1.2-2.6×
+  slower in every measured row and is gone (BENCHMARKS.md, forty-first and forty-second
+  sessions).
 
 The A, C, router-share and expert loops start at a chunk of each program's own
 (``triton_batch_phases._staggered``), so the programs do not all ask for the same activation
@@ -72,8 +73,6 @@ from prunepath_jax.kernels.triton_batch_phases import (
     _router_share,
     _skinny,
     _union,
-    _unit_acts,
-    _unit_down,
     _unit_ffn,
 )
 from prunepath_jax.kernels.triton_grid import _arrive, _stamp, _wait
@@ -100,19 +99,14 @@ BN = 16  # neurons a unit: the down projection's K, tl.dot's smallest
 # and C chunks sized to ~16 KB weight tiles instead (1B: 256 / 512 columns) were slower, A 21 ->
 # 26 µs a layer at 1B (BENCHMARKS.md, forty-first session): ``Launch(skinny_bk=)`` to measure.
 BK = 128
-# Bytes of W_out a pipeline stage of the down projection moves (``_down_units``): one unit's
-# [16, column block] tile is 1-4 KB, too little in flight to stream; 16 KB spilled 0.2 KB.
-DOWN_TILE_BYTES = 8 * 1024
 BE = 64  # router rows a chunk of the router share
 # The fused expert phase (``_unit_ffn``): at most this many units a group, tiles of about this
 # many bytes a stream (gate and up each; ``[128, 64]`` bf16 at 8 units).
 FFN_UNITS_MAX = 8
 FFN_TILE_BYTES = 16 * 1024
 # Timing stamps a layer (TIMING): each phase's start and end (a phase starts when its program
-# leaves the barrier before it, ends at its arrival). With the fused expert phase (the default)
-# F is the whole expert phase and G an empty slot.
-PHASES = ("A norm+qkv", "B attention", "C o+residual+router", "S select", "F gate/up",
-          "G down")  # fmt: skip
+# leaves the barrier before it, ends at its arrival).
+PHASES = ("A norm+qkv", "B attention", "C o+residual+router", "S select", "F experts")
 N_SLOTS = 2 * len(PHASES)
 SLOTS = tl.constexpr(N_SLOTS)
 
@@ -143,7 +137,6 @@ def _batch_kernel(
     k_ptr,  # out [L, T] i32 experts selected a token
     nu_ptr,  # out [L] i32 experts in the union
     fail_ptr,  # out [P] i32 1 where the program gave up on a barrier
-    act_ptr,  # scratch [E·G/BN, BN, TP] f32 the union's units' activations (phase F)
     tim_ptr,  # out [P, NT] i64 with TIMING: %globaltimer at the start, then SLOTS a layer
     tab_ptr,  # scratch [P, E_PAD] i32 each program's table of the union's experts (phase F)
     T: tl.constexpr, TP: tl.constexpr, L: tl.constexpr, D: tl.constexpr, HQ: tl.constexpr,
@@ -151,9 +144,8 @@ def _batch_kernel(
     E_PAD: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
     S_PAD: tl.constexpr, BT: tl.constexpr, S_MAX: tl.constexpr, R_A: tl.constexpr,
     RA_PAD: tl.constexpr, R_C: tl.constexpr, RC_PAD: tl.constexpr, R_Z: tl.constexpr,
-    RZ_PAD: tl.constexpr, D_PAD: tl.constexpr, BK: tl.constexpr, UB: tl.constexpr,
-    BE: tl.constexpr, NU: tl.constexpr, NC: tl.constexpr, CW: tl.constexpr,
-    CW_PAD: tl.constexpr, EPS: tl.constexpr, NUCLEUS: tl.constexpr,
+    RZ_PAD: tl.constexpr, D_PAD: tl.constexpr, BE: tl.constexpr, EPS: tl.constexpr,
+    NUCLEUS: tl.constexpr,
     SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr, SCALE: tl.constexpr,
     SPIN: tl.constexpr, DOT_F32: tl.constexpr, AST: tl.constexpr, GS: tl.constexpr,
     US: tl.constexpr, WS_LG: tl.constexpr, WS_CTR: tl.constexpr,
@@ -266,7 +258,7 @@ def _batch_kernel(
         ph += 1
         failed = _wait(ctr_ptr, P * ph, failed, SPIN)
         _stamp(tim_ptr, pid, t0 + 8, NT, TIMING)
-        # F: the union's units, evenly over the programs: their activations for every token.
+        # F: the union's units, evenly over the programs, gate/up then down (``_unit_ffn``).
         tab = tab_ptr + pid * E_PAD
         n_union = _union(gs_ptr, tab, T, TP, E_PAD)
         if pid == 0:
@@ -274,30 +266,11 @@ def _batch_kernel(
         n_units = n_union * PER
         u0 = pid * n_units // P
         u1 = (pid + 1) * n_units // P
-        if UF > 0:  # F and G as one phase (``_unit_ffn``): G's stamps mark an empty phase
-            if u1 > u0:
-                _unit_ffn(xn_ptr, gs_ptr, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D,
-                          h_ptr, tab, u0, u1, rot, D, F, G, E_PAD, T, TP, BN, UF, BKF, CWF, US,
-                          DOT_F32)  # fmt: skip
-            _stamp(tim_ptr, pid, t0 + 9, NT, TIMING)
-            _stamp(tim_ptr, pid, t0 + 10, NT, TIMING)
-        else:
-            if u1 > u0:
-                _unit_acts(xn_ptr, gs_ptr, w_in_ptr + lw * 2 * F * D, act_ptr, tab, u0, u1, D, F,
-                           G, E_PAD, T, TP, BN, BK, US, DOT_F32)  # fmt: skip
-            _stamp(tim_ptr, pid, t0 + 9, NT, TIMING)
-            _arrive(ctr_ptr)
-            ph += 1
-            failed = _wait(ctr_ptr, P * ph, failed, SPIN)
-            _stamp(tim_ptr, pid, t0 + 10, NT, TIMING)
-            # G: the down projection, one item per (unit group, column block), into h.
-            for item in range(pid, NU * NC, P):
-                grp = item // NC
-                w0 = (item % NC) * CW
-                _unit_down(act_ptr, w_out_ptr + lw * F * D, h_ptr, tab, grp * n_units // NU,
-                           (grp + 1) * n_units // NU, w0, tl.minimum(w0 + CW, D), D, G, T, TP,
-                           BN, CW_PAD, UB, US, NU > 1, DOT_F32)  # fmt: skip
-        _stamp(tim_ptr, pid, t0 + 11, NT, TIMING)
+        if u1 > u0:
+            _unit_ffn(xn_ptr, gs_ptr, w_in_ptr + lw * 2 * F * D, w_out_ptr + lw * F * D, h_ptr,
+                      tab, u0, u1, rot, D, F, G, E_PAD, T, TP, BN, UF, BKF, CWF, US,
+                      DOT_F32)  # fmt: skip
+        _stamp(tim_ptr, pid, t0 + 9, NT, TIMING)
         _arrive(ctr_ptr)
         if layer + 1 < L:
             _pf_rows(wqkv_ptr + (lw + 1) * NQKV * D, pid, R_A, NQKV, D, 0, PF_A, STEP_A, PFB)
@@ -320,24 +293,6 @@ def check(t: int, d: int, head_dim: int, group_size: int) -> None:
         )
 
 
-def default_unit_groups(t: int) -> int:
-    """Unit groups of the down projection (``_down_split``): 2 up to 8 tokens, 4 above. Each
-    column block's program reads its group's activations (``n_units · BN · T · 4 / NU`` bytes
-    from L2, against ~1 / P of the down rows' bytes) and the groups add into the residual
-    (``NU · T · d`` atomics a layer). Chosen on paper, to keep the first under about a quarter
-    of the second at 8B at a union of 44-99% (not measured yet)."""
-    return 4 if t > 8 else 2
-
-
-def _down_split(t: int, d: int, p: int, unit_groups: int) -> dict:
-    """The down projection's items: ``NU`` unit groups times ``NC`` column blocks of ``CW``
-    columns (``NU · NC ≤ P`` on a GPU; under the interpreter's one program they run in turn)."""
-    nu = unit_groups or default_unit_groups(t)
-    nc = max(1, p // nu)
-    cw = -(-d // nc)
-    return dict(NU=nu, NC=nc, CW=cw, CW_PAD=max(16, jt.next_pow2(cw)))
-
-
 def default_ffn_units(e: int, g: int, p: int) -> int:
     """Units a group of the fused expert phase (``_unit_ffn``): a program's share of every
     expert's units (what it gets when the union is all of E), as a power of 2, at most 8 (128
@@ -349,21 +304,14 @@ def default_ffn_units(e: int, g: int, p: int) -> int:
 def _ffn_block(uf: int, itemsize: int) -> int:
     """Columns of a fused expert phase's tile: ``[UF · BN, ·]`` of about ``FFN_TILE_BYTES``
     (16-256)."""
-    n = FFN_TILE_BYTES // (max(1, uf) * BN * itemsize)  # (0: no fused phase; any block)
+    n = FFN_TILE_BYTES // (uf * BN * itemsize)
     return max(16, min(256, 1 << (n.bit_length() - 1)))
-
-
-def _down_units(cw_pad: int, itemsize: int) -> int:
-    """Units a step of the down projection's loop: a ``[UB · BN, CW_PAD]`` tile of about
-    ``DOWN_TILE_BYTES`` (a power of 2 from 1 to 8)."""
-    n = max(1, DOWN_TILE_BYTES // (BN * cw_pad * itemsize))
-    return min(8, 1 << (n.bit_length() - 1))
 
 
 def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, block_t=None,
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
-              unit_groups=0, ffn_units=None, skinny_bk=0, stagger=True, prefetch_kb=PREFETCH_KB,
+              ffn_units=None, skinny_bk=0, stagger=True, prefetch_kb=PREFETCH_KB,
               prefetch_o_kb=PREFETCH_O_KB, bulk_prefetch=None, weight_itemsize=2, timing=0,
               interpret=False) -> dict:  # fmt: skip
     """The kernel's constexprs (also what the sm_90 lowering test compiles). The L2 prefetch
@@ -381,11 +329,10 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     pf_a = 0 if interpret else _pf_lines(prefetch_kb * 1024 // LINE, r_a, 0, d, w)
     pf_c = 0 if interpret else _pf_lines(prefetch_o_kb * 1024 // LINE, r_c, 0, hq * hd, w)
     bulk = default_bulk_prefetch(d) if bulk_prefetch is None else bool(bulk_prefetch)
-    down = _down_split(t, d, p, unit_groups)
     uf = default_ffn_units(e, g, p) if ffn_units is None else ffn_units
     bkf = _ffn_block(uf, w)
     return dict(
-        **down, UB=_down_units(down["CW_PAD"], w), BK=BK, UF=uf, BKF=bkf, CWF=min(256, 2 * bkf),
+        UF=uf, BKF=bkf, CWF=min(256, 2 * bkf),
         BKS=skinny_bk or BK, STAGGER=int(bool(stagger)),
         PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),
         PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
@@ -413,7 +360,7 @@ def megastep_batch(
     gate: str = "sigmoid", k_min: int = 1, k_max: int | None = None, programs: int = 0,
     splits: int = 0, block_t: int | None = None, attn_stages: int | None = None,
     warps: int = 8, spin: int = SPIN, gemv_stages: int = STAGES, unit_stages: int = STAGES,
-    unit_groups: int = 0, ffn_units: int | None = None, skinny_bk: int = 0, stagger: bool = True,
+    ffn_units: int | None = None, skinny_bk: int = 0, stagger: bool = True,
     prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
     bulk_prefetch: bool | None = None, timing: int = 0, interpret: bool = False,
 ):  # fmt: skip
@@ -439,12 +386,10 @@ def megastep_batch(
     attn_stages = ast if attn_stages is None else attn_stages
     warps = warps or 8
     try:  # the batch-1 launch's checks, for the fields the two launches share
-        if unit_groups < 0:
-            raise ValueError(f"unit_groups must be >= 0 (0: by the batch), got {unit_groups}")
-        if ffn_units is not None and ffn_units not in (0, 1, 2, 4, 8):
+        if ffn_units is not None and ffn_units not in (1, 2, 4, 8):
             raise ValueError(
-                f"ffn_units must be 0 (separate gate/up and down phases) or 1, 2, 4, 8 (units a "
-                f"group of the fused phase), got {ffn_units}"
+                f"ffn_units must be None (by the shape) or 1, 2, 4, 8 (units a group of the "
+                f"expert phase), got {ffn_units}"
             )
         if skinny_bk not in (0, 32, 64, 128, 256, 512):
             raise ValueError(
@@ -470,8 +415,8 @@ def megastep_batch(
                   programs=programs or jt.default_programs(), splits=splits, block_t=block_t,
                   attn_stages=attn_stages, cache_itemsize=jnp.dtype(kc_ltskh.dtype).itemsize,
                   eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin,
-                  gemv_stages=gemv_stages, unit_stages=unit_stages, unit_groups=unit_groups,
-                  ffn_units=ffn_units, skinny_bk=skinny_bk, stagger=stagger,
+                  gemv_stages=gemv_stages, unit_stages=unit_stages, ffn_units=ffn_units,
+                  skinny_bk=skinny_bk, stagger=stagger,
                   prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, bulk_prefetch=bulk_prefetch,
                   weight_itemsize=jnp.dtype(wqkv_lnd.dtype).itemsize, timing=timing,
                   interpret=interpret)  # fmt: skip
@@ -491,7 +436,6 @@ def megastep_batch(
         jax.ShapeDtypeStruct((n_layers * t,), i32),  # k
         jax.ShapeDtypeStruct((n_layers,), i32),  # union
         jax.ShapeDtypeStruct((p,), i32),  # fail flags
-        jax.ShapeDtypeStruct((e * g * MAX_TOKENS if c["UF"] == 0 else 1,), f32),  # units' acts
         jax.ShapeDtypeStruct((p, 1 + n_layers * N_SLOTS) if timing else (1,), jnp.int64),
         jax.ShapeDtypeStruct((p * c["E_PAD"],), i32),  # the union tables
     ]
@@ -505,4 +449,4 @@ def megastep_batch(
     ws = outs[0]
     y = ws[: t * d].reshape(t, d)
     res = (y, outs[1], outs[2], outs[10].reshape(n_layers, t), outs[11], outs[12])
-    return (*res, outs[14]) if timing else res
+    return (*res, outs[13]) if timing else res

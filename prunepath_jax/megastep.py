@@ -87,11 +87,8 @@ class Launch(NamedTuple):
     qkv_cols: int | None = None
     o_cols: int | None = None
     bulk_prefetch: bool | None = None
-    # The batched launch's down-projection unit groups (``triton_megastep_batch``; 0: by the
-    # batch); the batch-1 launch has no such phase.
-    unit_groups: int | None = None
-    # The batched launch's fused expert phase: units a group (0: separate gate/up and down
-    # phases, the first form; None: ``default_ffn_units``).
+    # The batched launch's expert phase (``triton_megastep_batch``): units a group, 1, 2, 4 or 8
+    # (None: ``default_ffn_units``); the batch-1 launch has no such phase.
     ffn_units: int | None = None
     # The batched launch's A and C products: input columns a chunk (0: 128).
     skinny_bk: int | None = None
@@ -330,7 +327,7 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
 
 # The launch choices only the batched kernel takes, and all it takes
 # (``triton_megastep_batch.megastep_batch``'s).
-BATCH_ONLY = ("unit_groups", "ffn_units", "skinny_bk", "stagger")
+BATCH_ONLY = ("ffn_units", "skinny_bk", "stagger")
 BATCH_LAUNCH = ("programs", "splits", "block_t", "warps", "attn_stages", "gemv_stages",
                 "unit_stages", *BATCH_ONLY, "prefetch_kb", "prefetch_o_kb",
                 "bulk_prefetch")  # fmt: skip

@@ -107,12 +107,13 @@ s52a)  # (written, not run: no device in the thirty-ninth session) the batched o
     --batches 2 4 8 16 --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 s52b)  # (written, not run) the batched step's launch variants in one process: 4 warps (8 by
-  # default: at 4 ptxas spills 300+ bytes a thread for sm_90), 5 pipeline stages (more bytes in
-  # flight: the unit loop's tiles are 8 KB), one or eight unit groups for the down projection
+  # default: at 4 ptxas spills 300+ bytes a thread for sm_90), 5 pipeline stages in the expert
+  # phase, 2 or 4 units a group of the expert phase (the default is a program's whole share;
+  # the split form's unit groups are gone since the forty-second session)
   run timeout 420 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
     --batches 4 16 --no-default --launches '{"default": {}, "w4": {"warps": 4},
-    "st5": {"gemv_stages": 5, "unit_stages": 5}, "g1": {"unit_groups": 1},
-    "g8": {"unit_groups": 8}}' --out "$OUT/megastep_batch_decode.jsonl"
+    "us5": {"unit_stages": 5}, "u2": {"ffn_units": 2},
+    "u4": {"ffn_units": 4}}' --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 s52c)  # (written, not run) the batched step at the SmolLM2-135M shape (30 layers of d 576, 48
   # experts of 32 neurons): where launches, not bytes, decide the batch-1 step
@@ -128,18 +129,25 @@ s53a)  # TEAL's decode kernels (kernels/triton_teal.py): their GPU tests, then o
   ;;
 s56a)  # (written, not run: no device time left in the forty-first session) the batched step's
   # QKV / O product alone (benchmarks/skinny_phase.py): in the step 1B QKV took 21 µs a layer
-  # for 12.6 MB whatever the chunk or stages. Alone, cold (8 weight sets) and hot (1), 4 and 16
-  # tokens, the norm on and off, chunks, the staggered start; and (forty-second session) what
-  # surrounds the phase in the step, one at a time: the expert phase's relaxed atomics into the
-  # inputs before the barrier, the next layer's rows prefetched into L2 at the arrival, both,
-  # and the inputs in bf16
-  run timeout 420 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-qkv llama-3.2-1b-o \
-    llama-3-8b-qkv --variants '{"default": {}, "hot": {"sets": 1}, "t16": {"tokens": 16},
-    "t1": {"tokens": 1}, "nonorm": {"norm": false}, "bk64": {"bk": 64}, "bk256": {"bk": 256},
-    "in_step": {"stagger": false}, "w4": {"warps": 4}, "atomics": {"atomics": true},
+  # for 12.6 MB whatever the chunk or stages. Alone, cold (8 weight sets) and hot (1), 1-16
+  # tokens, the norm on and off, chunks, the staggered start, warps, two programs an SM; and
+  # (forty-second session) what surrounds the phase in the step, one at a time: the expert
+  # phase's relaxed atomics into the inputs before the barrier, the next layer's rows
+  # prefetched into L2 at the arrival (bulk and by lines), both, and the inputs in bf16
+  V_ALL='{"default": {}, "hot": {"sets": 1}, "t16": {"tokens": 16}, "t1": {"tokens": 1},
+    "nonorm": {"norm": false}, "bk64": {"bk": 64}, "bk256": {"bk": 256},
+    "in_step": {"stagger": false}, "w4": {"warps": 4}, "w16": {"warps": 16},
+    "p264": {"programs": 264}, "atomics": {"atomics": true},
     "atomics_t16": {"atomics": true, "tokens": 16}, "pf64": {"prefetch": 64},
-    "pf64_lines": {"prefetch": 64, "bulk": false}, "step_like": {"atomics": true,
-    "prefetch": 64}, "x_bf16": {"xdtype": "bf16"}}' --out "$OUT/skinny_phase.jsonl"
+    "pf64_lines": {"prefetch": 64, "bulk": false},
+    "step_like": {"atomics": true, "prefetch": 64}, "x_bf16": {"xdtype": "bf16"}}'
+  V_SOME='{"default": {}, "hot": {"sets": 1}, "t16": {"tokens": 16}, "nonorm": {"norm": false},
+    "p264": {"programs": 264}, "atomics": {"atomics": true}, "pf64": {"prefetch": 64},
+    "step_like": {"atomics": true, "prefetch": 64}, "x_bf16": {"xdtype": "bf16"}}'
+  run timeout 300 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-qkv \
+    --variants "$V_ALL" --out "$OUT/skinny_phase.jsonl"
+  run timeout 240 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-o llama-3-8b-qkv \
+    --variants "$V_SOME" --out "$OUT/skinny_phase.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2

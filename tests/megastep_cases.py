@@ -223,14 +223,12 @@ def build(c: Case):
 class BatchCase(NamedTuple):
     """A batched step's case: the model, budget and launch of ``case`` (its ``prompt`` unused),
     ``lengths`` the sequences' tokens already in the cache (each sequence's new token goes at
-    its own position), ``unit_groups`` the separate down projection's (0: the default for the
-    batch), ``ffn_units`` the launch's (None: the fused expert phase's default; 0: separate
-    gate/up and down phases), ``skinny_bk`` the A and C products' chunk (0: the default; at the
+    its own position), ``ffn_units`` the expert phase's units a group (None: the launch's
+    default), ``skinny_bk`` the A and C products' chunk (0: the default; at the
     tests' widths one chunk, so a small one makes the staggered loops wrap round)."""
 
     case: Case
     lengths: tuple[int, ...]
-    unit_groups: int = 0
     ffn_units: int | None = None
     skinny_bk: int = 0
 
@@ -242,13 +240,12 @@ class BatchCase(NamedTuple):
 BATCH_CASES = (
     # Three sequences, one of them at its first token (an empty cache); two key splits.
     BatchCase(Case("b3_f32", 64, 4, 2, 16, 256, 16, 0, 0.9, 2, 16, cache_len=48), (20, 33, 0)),
-    # ... with separate gate/up and down phases and one unit group: the down projection's items
-    # store their columns (no atomics).
+    # ... with one unit a group: many groups a program, each adding its down rows into the
+    # residual.
     BatchCase(
-        Case("b3_one_group", 64, 4, 2, 16, 256, 16, 0, 0.9, 2, 16, cache_len=48),
+        Case("b3_one_unit", 64, 4, 2, 16, 256, 16, 0, 0.9, 2, 16, cache_len=48),
         (20, 33, 0),
-        unit_groups=1,
-        ffn_units=0,
+        ffn_units=1,
     ),  # fmt: skip
     # d not a power of two, 3 query heads a KV head, nucleus rule, no gates, clamps on k; bf16.
     BatchCase(
@@ -277,18 +274,14 @@ BATCH_CASES = (
     BatchCase(
         Case("b16_all", 64, 4, 4, 16, 256, 32, 0, 1.5, 1, 16, cache_len=48), tuple(range(1, 33, 2))
     ),  # fmt: skip
-    # Few experts a token out of 32: experts no token selects, whose units are skipped; the
-    # separate phases with 3 unit groups.
+    # Few experts a token out of 32: experts no token selects, whose units are skipped.
     BatchCase(
-        Case("b4_sparse", 64, 4, 2, 16, 512, 16, 0, 0.3, 2, 16, cache_len=48),
-        (5, 17, 30, 12),
-        unit_groups=3,
-        ffn_units=0,
+        Case("b4_sparse", 64, 4, 2, 16, 512, 16, 0, 0.3, 2, 16, cache_len=48), (5, 17, 30, 12)
     ),  # fmt: skip
-    # ... the fused phase in groups of 2 units (a part group where the union is odd), the A and
+    # ... the expert phase in groups of 2 units (a part group where the union is odd), the A and
     # C products in 32-column chunks.
     BatchCase(
-        Case("b4_sparse_fused", 64, 4, 2, 16, 512, 16, 0, 0.3, 2, 16, cache_len=48),
+        Case("b4_sparse_u2_bk32", 64, 4, 2, 16, 512, 16, 0, 0.3, 2, 16, cache_len=48),
         (5, 17, 30, 12),
         ffn_units=2,
         skinny_bk=32,

@@ -64,8 +64,8 @@ def test_interpreted_batch_cases_cover_what_they_claim(interpreted):
 @pytest.mark.parametrize(
     "t,shape,timing,ffn_units",
     [(4, "llama-3.2-1b", False, None), (16, "llama-3.2-1b", True, None),
-     (8, "llama-3-8b", False, None), (8, "llama-3-8b", False, 0)],
-    ids=["1b_t4", "1b_t16_stamps", "8b_t8", "8b_t8_split"],
+     (8, "llama-3-8b", False, None), (8, "llama-3-8b", False, 2)],
+    ids=["1b_t4", "1b_t16_stamps", "8b_t8", "8b_t8_units2"],
 )  # fmt: skip
 def test_batch_step_lowers_for_sm90(t, shape, timing, ffn_units):
     """The 1B and 8B models' launches over 132 programs, planned by ``megastep.step`` itself
@@ -90,17 +90,12 @@ def test_batch_step_lowers_for_sm90(t, shape, timing, ffn_units):
     assert "cp.async.bulk.prefetch.L2" in ptx, "the next block's rows asked of L2 (d > 1024)"
     assert ck.metadata.num_warps == 8  # (shared memory: compile_sm90 checks the sm_90 limit)
     assert ("%globaltimer" in ptx) == bool(timing), "the phase stamps only when asked for"
-    # The down projection's items: 2 unit groups up to 8 tokens, 4 above, over every program.
-    nu = 4 if t > 8 else 2
-    assert (c["NU"], c["NC"]) == (nu, 132 // nu) and c["NC"] * c["CW"] >= cfg.d_model
-    # The fused expert phase by default: a program's share of all of E's units in one group
-    # (1B: 512 units, 8B: 896, over 132 programs), tiles of 16 KB bf16.
-    if ffn_units is None:
-        units = cfg.d_ff // tb.BN
-        assert c["UF"] == min(8, jt.next_pow2(-(-units // 132)))
-        assert c["UF"] * tb.BN * c["BKF"] * 2 == tb.FFN_TILE_BYTES
-    else:
-        assert c["UF"] == 0
+    # The expert phase by default: a program's share of all of E's units in one group (1B: 512
+    # units, 8B: 896, over 132 programs); tiles of 16 KB bf16 either way.
+    units = cfg.d_ff // tb.BN
+    assert c["UF"] == (ffn_units or min(8, jt.next_pow2(-(-units // 132))))
+    assert c["UF"] * tb.BN * c["BKF"] * 2 == tb.FFN_TILE_BYTES
+    assert c["CWF"] == min(256, 2 * c["BKF"])
 
 
 def test_batch_bad_inputs_raise_clearly():
@@ -126,8 +121,8 @@ def test_batch_bad_inputs_raise_clearly():
         call(tau=tau[:1])
     with pytest.raises(ValueError, match="k_min"):
         call(k_min=3, k_max=2)
-    for bad in ({"unit_groups": -1}, {"prefetch_kb": -8}, {"warps": 6}, {"block_t": 8},
-                {"unit_stages": 0}, {"ffn_units": 3}, {"ffn_units": 16},
+    for bad in ({"prefetch_kb": -8}, {"warps": 6}, {"block_t": 8}, {"unit_stages": 0},
+                {"ffn_units": 0}, {"ffn_units": 3}, {"ffn_units": 16},
                 {"skinny_bk": 48}):  # fmt: skip
         with pytest.raises(ValueError, match="megastep_batch: need"):
             call(**bad)
@@ -143,7 +138,7 @@ def test_batch_bad_inputs_raise_clearly():
     megastep.check(small, 1)  # the batch-1 launch takes it, but not the batched one's fields
     kc1, vc1 = megastep.stack_cache(cache1)
     tau1 = jnp.full((CASES[0].layers,), 0.5)
-    for field, v in (("unit_groups", 2), ("ffn_units", 2), ("skinny_bk", 64), ("stagger", False)):
+    for field, v in (("ffn_units", 2), ("skinny_bk", 64), ("stagger", False)):
         with pytest.raises(ValueError, match=f"{field} is the batched launch's"):
             megastep.step(small, megastep.pack(small), tok1[None], pos1[None], kc1, vc1, tau1,
                           megastep.Launch(**{field: v}))  # fmt: skip
@@ -166,8 +161,7 @@ def test_gpu_batch_step_matches_xla(case):
         logits, _, _, k_lb, fail = jax.jit(megastep.step, static_argnums=(0, 7))(
             model, mw, tok_b, pos_b, kc, vc, tau_l,
             megastep.Launch(splits=case.case.splits, block_t=case.case.block_t,
-                            unit_groups=case.unit_groups, ffn_units=case.ffn_units,
-                            skinny_bk=case.skinny_bk),
+                            ffn_units=case.ffn_units, skinny_bk=case.skinny_bk),
         )  # fmt: skip
     assert not np.asarray(fail).any()
     ref_k = np.stack([np.asarray(s.k_t).reshape(-1) for s in ref.ffn_stats])
