@@ -53,16 +53,16 @@ def test_stamps_vs_kernel_reads_what_lies_outside_the_stamps():
     assert stamps_vs_kernel(t, ev[:1])["kernel_us"] is None  # no launch in the trace
 
 
-def test_batched_timeline_reads_six_phases_over_two_layers():
+def test_batched_timeline_reads_five_phases_over_two_layers():
     """The batched launch's stamps (``benchmarks/megastep_batch_decode.timeline``): two
     programs, two layers, every phase 1 µs of work for program 0 and 2 µs for program 1, which
     leaves each barrier 0.5 µs after the other's arrival."""
     from megastep_batch_decode import timeline as batch_timeline
 
-    from prunepath_jax.kernels.triton_megastep_batch import N_SLOTS as SLOTS6
+    from prunepath_jax.kernels.triton_megastep_batch import N_SLOTS as SLOTS5
     from prunepath_jax.kernels.triton_megastep_batch import PHASES
 
-    assert SLOTS6 == 2 * len(PHASES) == 12
+    assert SLOTS5 == 2 * len(PHASES) == 10
     # The barrier before phase j opens at the slower program's end (2.5 µs a
     # phase after the first: 0.5 wake + 2.0 work); both programs wake 0.5 µs after it.
     rows = []
@@ -75,8 +75,8 @@ def test_batched_timeline_reads_six_phases_over_two_layers():
         rows.append(row)
     t_ps = (np.array(rows) * 1000).astype(np.int64)
     r = batch_timeline(t_ps, 2)
-    assert list(r["phase_us_per_layer"].values()) == pytest.approx([2.5] * 6)
-    assert list(r["wake_us"].values()) == pytest.approx([0.5] * 6)
-    assert list(r["work_mean_us"].values()) == pytest.approx([1.5] * 6)
-    assert list(r["work_max_us"].values()) == pytest.approx([2.0] * 6)
-    assert r["layers_us"] == pytest.approx(12 * 2.5)
+    assert list(r["phase_us_per_layer"].values()) == pytest.approx([2.5] * 5)
+    assert list(r["wake_us"].values()) == pytest.approx([0.5] * 5)
+    assert list(r["work_mean_us"].values()) == pytest.approx([1.5] * 5)
+    assert list(r["work_max_us"].values()) == pytest.approx([2.0] * 5)
+    assert r["layers_us"] == pytest.approx(10 * 2.5)
