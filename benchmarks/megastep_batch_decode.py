@@ -9,7 +9,7 @@ from distinct tokens, so they route apart; the union of experts the launch actua
 its own count (``step_batch``'s ``union_l``, mean over layers and the check's steps). Before
 timing, a teacher-forced check against the model's own decode step (the Triton kernels): logits,
 greedy tokens and every token's k per layer, ``check_steps`` steps from the same cache. And
-each of the launch's six phases' µs a layer from its programs' %globaltimer stamps.
+each of the launch's five phases' µs a layer from its programs' %globaltimer stamps.
 
     python benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b --batches 2 4 8 16
 """
