@@ -15,7 +15,9 @@ expert phase's relaxed atomics into the tokens' inputs before the barrier (the s
 adds ``P · T · d`` of them into the residual that phase A then reads; here they add 0.0, so the
 check stands); ``prefetch``, the next layer's rows asked into L2 while the barrier waits (the
 step's ``PREFETCH_KB`` at a barrier arrival, ``bulk`` requests above d 1024); ``xdtype``, the
-inputs in bf16 (half the L2 bytes a chunk; the step reads the f32 residual).
+inputs in bf16 (half the L2 bytes a chunk; the step reads the f32 residual). ``stage``: the
+inputs once into each program's scratch, normed and in bf16, before the weight loop
+(``_stage_tokens``; the step's ``Launch(skinny_stage=True)``).
 
 The result is checked against numpy: ``out[l] = W_l · (ln ⊙ x) · rsqrt(mean(x²) + eps)`` per
 token (without the norm: ``W_l · x``).
@@ -64,20 +66,20 @@ SHAPES = {  # name: (output rows N, input width K)
 # the interpreter's rounding differs from the GPU's), times max(1, max |expected|).
 TOL_BF16 = 2e-2
 VARIANT_KEYS = {"tokens", "norm", "bk", "stages", "stagger", "sets", "layers", "warps",
-                "programs", "atomics", "prefetch", "bulk", "xdtype"}  # fmt: skip
+                "programs", "atomics", "prefetch", "bulk", "xdtype", "stage"}  # fmt: skip
 ATOMIC_COLS = 256  # columns a relaxed atomic of the ``atomics`` variant (the F phase's CWF)
 X_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 @triton.jit
-def _skinny_kernel(w_ptr, x_ptr, ln_ptr, out_ptr, ctr_ptr, tim_ptr, fail_ptr,
+def _skinny_kernel(w_ptr, x_ptr, ln_ptr, out_ptr, ctr_ptr, tim_ptr, fail_ptr, xs_ptr,
                    L: tl.constexpr, SETS: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
                    K: tl.constexpr, T: tl.constexpr, TP: tl.constexpr, R: tl.constexpr,
                    R_PAD: tl.constexpr, BK: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
                    STAGGER: tl.constexpr, TIMING: tl.constexpr, SPIN: tl.constexpr,
                    NT: tl.constexpr, DOT_F32: tl.constexpr, ATOM: tl.constexpr,
                    AC: tl.constexpr, PF: tl.constexpr, STEP: tl.constexpr,
-                   PFB: tl.constexpr):  # fmt: skip
+                   PFB: tl.constexpr, SX: tl.constexpr):  # fmt: skip
     """L layers of ``out[l, rows] = W_l[rows] · x`` (the batched step's phase A with ``NORM``,
     phase C's product without), program ``pid`` owning rows ``[pid·R, pid·R + R)``, a grid
     barrier before each layer; stamps: the barrier's opening and the rows' end. Between the
@@ -95,8 +97,9 @@ def _skinny_kernel(w_ptr, x_ptr, ln_ptr, out_ptr, ctr_ptr, tim_ptr, fail_ptr,
         _stamp(tim_ptr, pid, 2 * layer, NT, TIMING)
         if r0 < N:
             wl = w_ptr + (tl.full([], 0, tl.int64) + layer % SETS) * N * K
-            acc, ss = _skinny(wl, x_ptr, ln_ptr, r0, r1, (pid + layer) * STAGGER, K, T, TP,
-                              R_PAD, BK, ST, NORM, DOT_F32)  # fmt: skip
+            acc, ss = _skinny(wl, x_ptr, ln_ptr, xs_ptr + pid * K * TP * SX, r0, r1,
+                              (pid + layer) * STAGGER, K, T, TP, R_PAD, BK, ST, NORM, SX,
+                              DOT_F32)  # fmt: skip
             if NORM:
                 acc = acc * tl.rsqrt(ss / K + 1e-5)[None, :]
             tl.store(out_ptr + layer * N * TP + rr[:, None] * TP + rt[None, :], acc,
@@ -153,6 +156,7 @@ def plan(shape: tuple, v: dict, n_sm: int, interpret: bool) -> dict:
         PF=0 if interpret else _pf_lines(v.get("prefetch", 0) * 1024 // LINE, r, 0, k, 2),
         STEP=LINE // 2,
         PFB=bool(v.get("bulk", default_bulk_prefetch(k))) and not interpret,
+        SX=int(bool(v.get("stage", False))),
     )
 
 
@@ -163,6 +167,7 @@ def run(c: dict, warps: int, w, x, ln, interpret: bool):
         jax.ShapeDtypeStruct((1,), jnp.int32),
         jax.ShapeDtypeStruct((c["P"], c["NT"]) if c["TIMING"] else (1,), jnp.int64),
         jax.ShapeDtypeStruct((c["P"],), jnp.int32),
+        jax.ShapeDtypeStruct((c["P"] * c["K"] * c["TP"] if c["SX"] else 1,), w.dtype),
     ]
     return jt.triton_call(_skinny_kernel, w, x, ln, out_shape=out_shape, zeroed_outputs=(1,),
                           grid=(c["P"],), num_warps=warps, num_stages=1, interpret=interpret,
@@ -208,7 +213,7 @@ def main() -> None:
             ln = jnp.asarray(1 + 0.1 * rng.standard_normal(c["K"]), jnp.bfloat16)
             warps = v.get("warps", 8)
             for _ in range(1 if a.interpret else 3):  # the last call's stamps: warm
-                out, _, stamps, fail = run(c, warps, w, x, ln, a.interpret)
+                out, _, stamps, fail, _ = run(c, warps, w, x, ln, a.interpret)
             got = np.asarray(out).reshape(c["L"], c["N"], c["TP"])[:, :, : c["T"]]
             ref = reference(w, x, ln, c)
             err = float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max()))

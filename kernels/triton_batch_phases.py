@@ -57,31 +57,73 @@ def _staggered(j, rot, N: tl.constexpr):
 
 
 @triton.jit
-def _skinny(w_ptr, x_ptr, ln_ptr, r0, r1, rot, K: tl.constexpr, T: tl.constexpr,
+def _stage_tokens(x_ptr, ln_ptr, xs_ptr, rot, K: tl.constexpr, T: tl.constexpr,
+                  TP: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+                  NORM: tl.constexpr):  # fmt: skip
+    """``ss [TP] f32``: the tokens' inputs ``x [T, K]`` (f32, other programs wrote them, read
+    from L2) once into this program's own scratch ``xs [K, TP]`` in its element type (the
+    weights'), times the RMSNorm weights with ``NORM`` (``ss`` then each token's sum of squares,
+    else 0). Columns of tokens past T are not stored; a CTA barrier at the end makes the
+    stores visible to all of the program's threads."""
+    rt = tl.arange(0, TP)
+    rk = tl.arange(0, BK)
+    ss = tl.zeros([TP], tl.float32)
+    NCH: tl.constexpr = (K + BK - 1) // BK
+    for j in tl.range(0, NCH, num_stages=STAGES):
+        kk = _staggered(j, rot, NCH) * BK + rk
+        km = kk < K
+        x = _tokens_chunk(x_ptr, kk, km, T, TP, K)
+        if NORM:
+            ss += tl.sum(x * x, 1)
+            x = x * tl.load(ln_ptr + kk, mask=km, other=0.0).to(tl.float32)[None, :]
+        tl.store(xs_ptr + kk[:, None] * TP + rt[None, :], tl.trans(x).to(xs_ptr.dtype.element_ty),
+                 mask=km[:, None] & (rt < T)[None, :])  # fmt: skip
+    tl.debug_barrier()
+    return ss
+
+
+@triton.jit
+def _skinny(w_ptr, x_ptr, ln_ptr, xs_ptr, r0, r1, rot, K: tl.constexpr, T: tl.constexpr,
             TP: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
-            NORM: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+            NORM: tl.constexpr, STAGE: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
     """``(acc [R_PAD, TP] f32, ss [TP] f32)``: weight rows ``[r0, r1)`` (``[N, K]`` row-major)
     times the tokens' inputs ``x [T, K]`` at ``x_ptr``, the rows past r1 zero. With ``NORM`` the
     input (the residual) is multiplied by the RMSNorm weights ``ln_ptr`` and ``ss`` is its sum
     of squares a token: the caller scales ``acc`` by ``1 / rms`` (RMSNorm is linear in x but for
     that scale), so the norm costs no pass of its own over the residual. The chunks run from
-    chunk ``rot`` on, round the end (``_staggered``)."""
+    chunk ``rot`` on, round the end (``_staggered``).
+
+    ``STAGE``: the inputs go first, normed and rounded to the weights' dtype, into the
+    program's scratch ``xs_ptr`` (``_stage_tokens``), and the weight loop reads its ``[BK, TP]``
+    input chunks from there: no f32 activations, norm weights or sums of squares inside the
+    weight stream, as the batch-1 step's column-chunk GEMV reads its input from a scratch row
+    of its own (``triton_megastep_gemv._gemv_cols``). The roundings are the same either way
+    (the product's input in the weights' dtype)."""
     rr = r0 + tl.arange(0, R_PAD)
     rmask = rr < r1
     rk = tl.arange(0, BK)
+    rt = tl.arange(0, TP)
     acc = tl.zeros([R_PAD, TP], tl.float32)
-    ss = tl.zeros([TP], tl.float32)
+    if STAGE:
+        ss = _stage_tokens(x_ptr, ln_ptr, xs_ptr, rot, K, T, TP, BK, STAGES, NORM)
+    else:
+        ss = tl.zeros([TP], tl.float32)
     NCH: tl.constexpr = (K + BK - 1) // BK
     for j in tl.range(0, NCH, num_stages=STAGES):
         kk = _staggered(j, rot, NCH) * BK + rk
         km = kk < K
         w = tl.load(w_ptr + rr[:, None].to(tl.int64) * K + kk[None, :],
                     mask=rmask[:, None] & km[None, :], other=0.0)  # fmt: skip
-        x = _tokens_chunk(x_ptr, kk, km, T, TP, K)
-        if NORM:
-            ss += tl.sum(x * x, 1)
-            x = x * tl.load(ln_ptr + kk, mask=km, other=0.0).to(tl.float32)[None, :]
-        acc += _dot(w, tl.trans(x), w, DOT_F32)
+        if STAGE:
+            xt = tl.load(xs_ptr + kk[:, None] * TP + rt[None, :],
+                         mask=km[:, None] & (rt < T)[None, :], other=0.0)  # fmt: skip
+        else:
+            x = _tokens_chunk(x_ptr, kk, km, T, TP, K)
+            if NORM:
+                ss += tl.sum(x * x, 1)
+                x = x * tl.load(ln_ptr + kk, mask=km, other=0.0).to(tl.float32)[None, :]
+            xt = tl.trans(x)
+        acc += _dot(w, xt, w, DOT_F32)
     return acc, ss
 
 

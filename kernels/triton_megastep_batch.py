@@ -139,6 +139,7 @@ def _batch_kernel(
     fail_ptr,  # out [P] i32 1 where the program gave up on a barrier
     tim_ptr,  # out [P, NT] i64 with TIMING: %globaltimer at the start, then SLOTS a layer
     tab_ptr,  # scratch [P, E_PAD] i32 each program's table of the union's experts (phase F)
+    xs_ptr,  # scratch [P, KX, TP] (weights' dtype) with SX: each program's A / C inputs
     T: tl.constexpr, TP: tl.constexpr, L: tl.constexpr, D: tl.constexpr, HQ: tl.constexpr,
     KV: tl.constexpr, HD: tl.constexpr, GQ_PAD: tl.constexpr, E: tl.constexpr,
     E_PAD: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
@@ -151,7 +152,8 @@ def _batch_kernel(
     US: tl.constexpr, WS_LG: tl.constexpr, WS_CTR: tl.constexpr,
     PF_A: tl.constexpr, PF_C: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     PFB: tl.constexpr, TIMING: tl.constexpr, UF: tl.constexpr, BKF: tl.constexpr,
-    CWF: tl.constexpr, BKS: tl.constexpr, STAGGER: tl.constexpr,
+    CWF: tl.constexpr, BKS: tl.constexpr, STAGGER: tl.constexpr, SX: tl.constexpr,
+    KX: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -192,6 +194,7 @@ def _batch_kernel(
     c1 = tl.minimum(c0 + R_C, D)
     rt = tl.arange(0, TP)
     tmask = rt < T
+    xs = xs_ptr + pid * KX * TP * SX  # (SX 0: never read)
     for layer in range(L):
         rot = (pid + layer) * STAGGER  # where the A, C and expert loops start (``_staggered``)
         lw = tl.full([], 0, tl.int64) + layer  # 8B's stacked w_in has 3.8e9 elements
@@ -199,8 +202,8 @@ def _batch_kernel(
         _stamp(tim_ptr, pid, t0, NT, TIMING)
         # A: the residual's norm folded into the QKV product.
         if a0 < NQKV:  # (programs past the rows would stream the residual for nothing)
-            qa, ss = _skinny(wqkv_ptr + lw * NQKV * D, h_ptr, ln1_ptr + layer * D, a0, a1, rot,
-                             D, T, TP, RA_PAD, BKS, GS, True, DOT_F32)  # fmt: skip
+            qa, ss = _skinny(wqkv_ptr + lw * NQKV * D, h_ptr, ln1_ptr + layer * D, xs, a0, a1,
+                             rot, D, T, TP, RA_PAD, BKS, GS, True, SX, DOT_F32)  # fmt: skip
             qa = qa * tl.rsqrt(ss / D + EPS)[None, :]
             ra = a0 + tl.arange(0, RA_PAD)
             tl.store(qkv_ptr + rt[None, :] * NQKV + ra[:, None], qa,
@@ -226,8 +229,8 @@ def _batch_kernel(
         _stamp(tim_ptr, pid, t0 + 4, NT, TIMING)
         # C: O projection + residual + this program's share of the router logits.
         if c0 < D:
-            oc, _ = _skinny(wo_ptr + lw * D * NA, att_ptr, ln1_ptr, c0, c1, rot, NA, T, TP,
-                            RC_PAD, BKS, GS, False, DOT_F32)  # fmt: skip
+            oc, _ = _skinny(wo_ptr + lw * D * NA, att_ptr, ln1_ptr, xs, c0, c1, rot, NA, T, TP,
+                            RC_PAD, BKS, GS, False, SX, DOT_F32)  # fmt: skip
             rc = c0 + tl.arange(0, RC_PAD)
             off = rt[None, :] * D + rc[:, None]
             m = (rc < c1)[:, None] & tmask[None, :]
@@ -311,7 +314,8 @@ def _ffn_block(uf: int, itemsize: int) -> int:
 def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, block_t=None,
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
-              ffn_units=None, skinny_bk=0, stagger=True, prefetch_kb=PREFETCH_KB,
+              ffn_units=None, skinny_bk=0, stagger=True, skinny_stage=False,
+              prefetch_kb=PREFETCH_KB,
               prefetch_o_kb=PREFETCH_O_KB, bulk_prefetch=None, weight_itemsize=2, timing=0,
               interpret=False) -> dict:  # fmt: skip
     """The kernel's constexprs (also what the sm_90 lowering test compiles). The L2 prefetch
@@ -333,7 +337,8 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     bkf = _ffn_block(uf, w)
     return dict(
         UF=uf, BKF=bkf, CWF=min(256, 2 * bkf),
-        BKS=skinny_bk or BK, STAGGER=int(bool(stagger)),
+        BKS=skinny_bk or BK, STAGGER=int(bool(stagger)), SX=int(bool(skinny_stage)),
+        KX=max(d, hq * hd),
         PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),
         PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
         T=t, TP=MAX_TOKENS, L=n_layers, D=d, HQ=hq, KV=kv, HD=hd,
@@ -361,6 +366,7 @@ def megastep_batch(
     splits: int = 0, block_t: int | None = None, attn_stages: int | None = None,
     warps: int = 8, spin: int = SPIN, gemv_stages: int = STAGES, unit_stages: int = STAGES,
     ffn_units: int | None = None, skinny_bk: int = 0, stagger: bool = True,
+    skinny_stage: bool = False,
     prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
     bulk_prefetch: bool | None = None, timing: int = 0, interpret: bool = False,
 ):  # fmt: skip
@@ -416,7 +422,7 @@ def megastep_batch(
                   attn_stages=attn_stages, cache_itemsize=jnp.dtype(kc_ltskh.dtype).itemsize,
                   eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin,
                   gemv_stages=gemv_stages, unit_stages=unit_stages, ffn_units=ffn_units,
-                  skinny_bk=skinny_bk, stagger=stagger,
+                  skinny_bk=skinny_bk, stagger=stagger, skinny_stage=skinny_stage,
                   prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, bulk_prefetch=bulk_prefetch,
                   weight_itemsize=jnp.dtype(wqkv_lnd.dtype).itemsize, timing=timing,
                   interpret=interpret)  # fmt: skip
@@ -438,6 +444,7 @@ def megastep_batch(
         jax.ShapeDtypeStruct((p,), i32),  # fail flags
         jax.ShapeDtypeStruct((p, 1 + n_layers * N_SLOTS) if timing else (1,), jnp.int64),
         jax.ShapeDtypeStruct((p * c["E_PAD"],), i32),  # the union tables
+        jax.ShapeDtypeStruct((p * c["KX"] * MAX_TOKENS if c["SX"] else 1,), wqkv_lnd.dtype),
     ]
     outs = jt.triton_call(
         _batch_kernel, x0_vd, jnp.asarray(tokens_t, i32), jnp.asarray(inv_freq_h, f32),

@@ -149,6 +149,19 @@ s56a)  # (written, not run: no device time left in the forty-first session) the 
   run timeout 240 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-o llama-3-8b-qkv \
     --variants "$V_SOME" --out "$OUT/skinny_phase.jsonl"
   ;;
+s57a)  # (forty-second session, written, not run: no device lent) the batched step's A and C
+  # inputs staged once a phase into each program's scratch, normed and in bf16, before the
+  # weight loop (Launch(skinny_stage=True)); and the GPU cases the split form's removal renamed.
+  # Then 1B and 8B at 4 and 16 sequences, default vs staged, one process each, with the timeline
+  PYTHONUNBUFFERED=1 run timeout 170 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
+    -p no:cacheprovider -k "matches_xla and (staged or one_unit or b4_sparse)"
+  run timeout 130 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+    --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"default": {},
+    "staged": {"skinny_stage": true}}' --out "$OUT/megastep_batch_decode.jsonl"
+  run timeout 250 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
+    --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"default": {},
+    "staged": {"skinny_stage": true}}' --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;

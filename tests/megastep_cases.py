@@ -225,12 +225,14 @@ class BatchCase(NamedTuple):
     ``lengths`` the sequences' tokens already in the cache (each sequence's new token goes at
     its own position), ``ffn_units`` the expert phase's units a group (None: the launch's
     default), ``skinny_bk`` the A and C products' chunk (0: the default; at the
-    tests' widths one chunk, so a small one makes the staggered loops wrap round)."""
+    tests' widths one chunk, so a small one makes the staggered loops wrap round),
+    ``skinny_stage`` whether the A and C inputs are staged in each program's scratch first."""
 
     case: Case
     lengths: tuple[int, ...]
     ffn_units: int | None = None
     skinny_bk: int = 0
+    skinny_stage: bool | None = None
 
     @property
     def name(self) -> str:
@@ -269,6 +271,31 @@ BATCH_CASES = (
             cache_len=48,
         ),
         (9, 40),
+    ),  # fmt: skip
+    # ... the A and C inputs staged in each program's scratch first (bf16, d not a power of two).
+    BatchCase(
+        Case(
+            "b2_bf16_staged",
+            96,
+            6,
+            2,
+            16,
+            320,
+            16,
+            0,
+            0.8,
+            1,
+            16,
+            rule="nucleus",
+            gate="none",
+            k_min=2,
+            k_max=5,
+            dtype="bfloat16",
+            cache_len=48,
+        ),
+        (9, 40),
+        skinny_bk=32,
+        skinny_stage=True,
     ),  # fmt: skip
     # The most sequences the launch takes, every expert (tau > 1), 32-neuron experts; 4 groups.
     BatchCase(

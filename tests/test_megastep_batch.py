@@ -62,12 +62,13 @@ def test_interpreted_batch_cases_cover_what_they_claim(interpreted):
 
 
 @pytest.mark.parametrize(
-    "t,shape,timing,ffn_units",
-    [(4, "llama-3.2-1b", False, None), (16, "llama-3.2-1b", True, None),
-     (8, "llama-3-8b", False, None), (8, "llama-3-8b", False, 2)],
-    ids=["1b_t4", "1b_t16_stamps", "8b_t8", "8b_t8_units2"],
+    "t,shape,timing,ffn_units,stage",
+    [(4, "llama-3.2-1b", False, None, None), (16, "llama-3.2-1b", True, None, None),
+     (8, "llama-3-8b", False, None, None), (8, "llama-3-8b", False, 2, None),
+     (16, "llama-3-8b", False, None, True)],
+    ids=["1b_t4", "1b_t16_stamps", "8b_t8", "8b_t8_units2", "8b_t16_staged"],
 )  # fmt: skip
-def test_batch_step_lowers_for_sm90(t, shape, timing, ffn_units):
+def test_batch_step_lowers_for_sm90(t, shape, timing, ffn_units, stage):
     """The 1B and 8B models' launches over 132 programs, planned by ``megastep.step`` itself
     (``scripts/megastep_census.plan``: the exact pointer types and constexprs a call makes),
     compile for sm_90: tensor-core products (bf16 weights), grid barriers at GPU scope, what
@@ -78,7 +79,7 @@ def test_batch_step_lowers_for_sm90(t, shape, timing, ffn_units):
     import megastep_census
 
     cfg = PRESETS[shape]
-    launch = megastep.Launch(ffn_units=ffn_units)
+    launch = megastep.Launch(ffn_units=ffn_units, skinny_stage=stage)
     sig, c, warps = megastep_census.plan(cfg, launch, 512, batch=t, timing=timing)
     ck = sm90_compile(tb._batch_kernel, sig, c, warps=warps, stages=1)
     ptx = ck.asm["ptx"]
@@ -96,6 +97,8 @@ def test_batch_step_lowers_for_sm90(t, shape, timing, ffn_units):
     assert c["UF"] == (ffn_units or min(8, jt.next_pow2(-(-units // 132))))
     assert c["UF"] * tb.BN * c["BKF"] * 2 == tb.FFN_TILE_BYTES
     assert c["CWF"] == min(256, 2 * c["BKF"])
+    # Staged A / C inputs: each program's scratch as wide as the widest input (d or the heads').
+    assert (c["SX"], c["KX"]) == (int(bool(stage)), max(cfg.d_model, cfg.n_heads * cfg.head_dim))
 
 
 def test_batch_bad_inputs_raise_clearly():
@@ -138,7 +141,8 @@ def test_batch_bad_inputs_raise_clearly():
     megastep.check(small, 1)  # the batch-1 launch takes it, but not the batched one's fields
     kc1, vc1 = megastep.stack_cache(cache1)
     tau1 = jnp.full((CASES[0].layers,), 0.5)
-    for field, v in (("ffn_units", 2), ("skinny_bk", 64), ("stagger", False)):
+    for field, v in (("ffn_units", 2), ("skinny_bk", 64), ("stagger", False),
+                     ("skinny_stage", True)):  # fmt: skip
         with pytest.raises(ValueError, match=f"{field} is the batched launch's"):
             megastep.step(small, megastep.pack(small), tok1[None], pos1[None], kc1, vc1, tau1,
                           megastep.Launch(**{field: v}))  # fmt: skip
@@ -161,7 +165,8 @@ def test_gpu_batch_step_matches_xla(case):
         logits, _, _, k_lb, fail = jax.jit(megastep.step, static_argnums=(0, 7))(
             model, mw, tok_b, pos_b, kc, vc, tau_l,
             megastep.Launch(splits=case.case.splits, block_t=case.case.block_t,
-                            ffn_units=case.ffn_units, skinny_bk=case.skinny_bk),
+                            ffn_units=case.ffn_units, skinny_bk=case.skinny_bk,
+                            skinny_stage=case.skinny_stage),
         )  # fmt: skip
     assert not np.asarray(fail).any()
     ref_k = np.stack([np.asarray(s.k_t).reshape(-1) for s in ref.ffn_stats])

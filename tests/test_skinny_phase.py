@@ -26,6 +26,8 @@ def test_interpreted_product_matches_numpy(tmp_path):
         "in_step": {"layers": 2, "bk": 32, "stagger": False},
         "atomics": {"layers": 2, "bk": 32, "atomics": True},
         "x_bf16": {"tokens": 5, "xdtype": "bf16"},
+        "staged": {"tokens": 3, "stage": True},
+        "staged_nonorm_wrap": {"tokens": 16, "norm": False, "stage": True, "bk": 64, "layers": 2},
     }
     out = run_triton_interpreted(
         [
@@ -49,14 +51,16 @@ def test_interpreted_product_matches_numpy(tmp_path):
 
 def test_a_variant_key_it_does_not_know_is_refused():
     with pytest.raises(ValueError, match="unknown variant keys"):
-        skinny_phase.plan((48, 160), {"stage": 4}, 1, True)
+        skinny_phase.plan((48, 160), {"depth": 4}, 1, True)
     with pytest.raises(ValueError, match="xdtype"):
         skinny_phase.plan((48, 160), {"xdtype": "f16"}, 1, True)
     with pytest.raises(ValueError, match="f32 only"):
         skinny_phase.plan((48, 160), {"atomics": True, "xdtype": "bf16"}, 1, True)
 
 
-@pytest.mark.parametrize("variant", [{"atomics": True, "prefetch": 64}, {"xdtype": "bf16"}])
+@pytest.mark.parametrize(
+    "variant", [{"atomics": True, "prefetch": 64}, {"xdtype": "bf16"}, {"stage": True}]
+)
 def test_probe_lowers_for_sm90(variant):
     """The probe as the H200 runs it (132 programs, the 1B QKV shape, stamps on): the product
     on the tensor cores as a cp.async pipeline, the surroundings each variant adds (relaxed
@@ -65,7 +69,7 @@ def test_probe_lowers_for_sm90(variant):
     c["DOT_F32"] = False
     x = "*bf16" if variant.get("xdtype") == "bf16" else "*fp32"
     sig = {"w": "*bf16", "x": x, "ln": "*bf16", "out": "*fp32", "ctr": "*i32", "tim": "*i64",
-           "fail": "*i32"}  # fmt: skip
+           "fail": "*i32", "xs": "*bf16"}  # fmt: skip
     ptx = sm90_compile(skinny_phase._skinny_kernel, sig, c, warps=8, stages=1).asm["ptx"]
     assert "mma.sync" in ptx and "cp.async.wait_group" in ptx and "%globaltimer" in ptx
     relaxed_f32 = re.search(r"(red|atom)\.global\.gpu\.relaxed\.add(\.v\d)?\.f32", ptx)
