@@ -133,17 +133,20 @@ s56a)  # (written, not run: no device time left in the forty-first session) the 
   # tokens, the norm on and off, chunks, the staggered start, warps, two programs an SM; and
   # (forty-second session) what surrounds the phase in the step, one at a time: the expert
   # phase's relaxed atomics into the inputs before the barrier, the next layer's rows
-  # prefetched into L2 at the arrival (bulk and by lines), both, and the inputs in bf16
+  # prefetched into L2 at the arrival (bulk and by lines), both, the inputs in bf16, and the
+  # inputs staged in each program's scratch first (the step's Launch(skinny_stage=True))
   V_ALL='{"default": {}, "hot": {"sets": 1}, "t16": {"tokens": 16}, "t1": {"tokens": 1},
     "nonorm": {"norm": false}, "bk64": {"bk": 64}, "bk256": {"bk": 256},
     "in_step": {"stagger": false}, "w4": {"warps": 4}, "w16": {"warps": 16},
     "p264": {"programs": 264}, "atomics": {"atomics": true},
     "atomics_t16": {"atomics": true, "tokens": 16}, "pf64": {"prefetch": 64},
     "pf64_lines": {"prefetch": 64, "bulk": false},
-    "step_like": {"atomics": true, "prefetch": 64}, "x_bf16": {"xdtype": "bf16"}}'
+    "step_like": {"atomics": true, "prefetch": 64}, "x_bf16": {"xdtype": "bf16"},
+    "stage": {"stage": true}, "stage_t16": {"stage": true, "tokens": 16}}'
   V_SOME='{"default": {}, "hot": {"sets": 1}, "t16": {"tokens": 16}, "nonorm": {"norm": false},
     "p264": {"programs": 264}, "atomics": {"atomics": true}, "pf64": {"prefetch": 64},
-    "step_like": {"atomics": true, "prefetch": 64}, "x_bf16": {"xdtype": "bf16"}}'
+    "step_like": {"atomics": true, "prefetch": 64}, "x_bf16": {"xdtype": "bf16"},
+    "stage": {"stage": true}}'
   run timeout 300 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-qkv \
     --variants "$V_ALL" --out "$OUT/skinny_phase.jsonl"
   run timeout 240 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-o llama-3-8b-qkv \
