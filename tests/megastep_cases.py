@@ -239,6 +239,10 @@ class BatchCase(NamedTuple):
         return self.case.name
 
 
+_B2_BF16 = Case(
+    "b2_bf16_nucleus", 96, 6, 2, 16, 320, 16, 0, 0.8, 1, 16, rule="nucleus", gate="none",
+    k_min=2, k_max=5, dtype="bfloat16", cache_len=48,
+)  # fmt: skip
 BATCH_CASES = (
     # Three sequences, one of them at its first token (an empty cache); two key splits.
     BatchCase(Case("b3_f32", 64, 4, 2, 16, 256, 16, 0, 0.9, 2, 16, cache_len=48), (20, 33, 0)),
@@ -250,53 +254,9 @@ BATCH_CASES = (
         ffn_units=1,
     ),  # fmt: skip
     # d not a power of two, 3 query heads a KV head, nucleus rule, no gates, clamps on k; bf16.
-    BatchCase(
-        Case(
-            "b2_bf16_nucleus",
-            96,
-            6,
-            2,
-            16,
-            320,
-            16,
-            0,
-            0.8,
-            1,
-            16,
-            rule="nucleus",
-            gate="none",
-            k_min=2,
-            k_max=5,
-            dtype="bfloat16",
-            cache_len=48,
-        ),
-        (9, 40),
-    ),  # fmt: skip
-    # ... the A and C inputs staged in each program's scratch first (bf16, d not a power of two).
-    BatchCase(
-        Case(
-            "b2_bf16_staged",
-            96,
-            6,
-            2,
-            16,
-            320,
-            16,
-            0,
-            0.8,
-            1,
-            16,
-            rule="nucleus",
-            gate="none",
-            k_min=2,
-            k_max=5,
-            dtype="bfloat16",
-            cache_len=48,
-        ),
-        (9, 40),
-        skinny_bk=32,
-        skinny_stage=True,
-    ),  # fmt: skip
+    BatchCase(_B2_BF16, (9, 40)),
+    # ... the A and C inputs staged in each program's scratch first.
+    BatchCase(_B2_BF16._replace(name="b2_bf16_staged"), (9, 40), skinny_bk=32, skinny_stage=True),
     # The most sequences the launch takes, every expert (tau > 1), 32-neuron experts; 4 groups.
     BatchCase(
         Case("b16_all", 64, 4, 4, 16, 256, 32, 0, 1.5, 1, 16, cache_len=48), tuple(range(1, 33, 2))
