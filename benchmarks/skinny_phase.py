@@ -17,7 +17,8 @@ check stands); ``prefetch``, the next layer's rows asked into L2 while the barri
 step's ``PREFETCH_KB`` at a barrier arrival, ``bulk`` requests above d 1024); ``xdtype``, the
 inputs in bf16 (half the L2 bytes a chunk; the step reads the f32 residual). ``stage``: the
 inputs once into each program's scratch, normed and in bf16, before the weight loop
-(``_stage_tokens``; the step's ``Launch(skinny_stage=True)``).
+(``_stage_tokens``; the step's ``Launch(skinny_stage=True)``). ``rpad``: the tile's least rows
+(64: wgmma, as the expert phase's tiles, instead of mma.sync; the step's ``skinny_rows``).
 
 The result is checked against numpy: ``out[l] = W_l · (ln ⊙ x) · rsqrt(mean(x²) + eps)`` per
 token (without the norm: ``W_l · x``).
@@ -66,7 +67,7 @@ SHAPES = {  # name: (output rows N, input width K)
 # the interpreter's rounding differs from the GPU's), times max(1, max |expected|).
 TOL_BF16 = 2e-2
 VARIANT_KEYS = {"tokens", "norm", "bk", "stages", "stagger", "sets", "layers", "warps",
-                "programs", "atomics", "prefetch", "bulk", "xdtype", "stage"}  # fmt: skip
+                "programs", "atomics", "prefetch", "bulk", "xdtype", "stage", "rpad"}  # fmt: skip
 ATOMIC_COLS = 256  # columns a relaxed atomic of the ``atomics`` variant (the F phase's CWF)
 X_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -142,7 +143,7 @@ def plan(shape: tuple, v: dict, n_sm: int, interpret: bool) -> dict:
         T=v.get("tokens", 4),
         TP=MAX_TOKENS,
         R=r,
-        R_PAD=max(16, jt.next_pow2(r)),
+        R_PAD=max(v.get("rpad", 16), jt.next_pow2(r)),
         BK=v.get("bk", BK),
         ST=v.get("stages", STAGES),
         NORM=bool(v.get("norm", True)),

@@ -38,6 +38,14 @@ The A, C, router-share and expert loops start at a chunk of each program's own
 lines, or add into the same residual columns, at once (1-4% at 1B and 8B with 16 sequences,
 3% slower at 8B with 4: BENCHMARKS.md, forty-first session).
 
+Two launch choices for A and C, built on the CPU after the forty-first session's timeline put
+them at 0.6-2.2 TB/s and not yet timed (off by default): ``skinny_stage`` stages the phase's
+inputs once into each program's scratch (normed, in the weights' dtype; ``_stage_tokens``), so
+the weight loop reads bf16 ``[BK, TP]`` chunks as the expert phase does and carries no norm;
+``skinny_rows`` pads their tiles to 64 rows so that Triton takes wgmma, the expert phase's
+instruction, instead of mma.sync (1B: 32 / 16-row tiles; ptxas then spills 12 bytes a thread
+instead of 204).
+
 Right after arriving at a barrier a program asks L2 for the first rows of its next QKV or W_o
 block (the batch-1 step's measured prefetch sizes and forms, ``triton_megastep_plan``).
 
@@ -314,7 +322,7 @@ def _ffn_block(uf: int, itemsize: int) -> int:
 def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, block_t=None,
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
-              ffn_units=None, skinny_bk=0, stagger=True, skinny_stage=False,
+              ffn_units=None, skinny_bk=0, stagger=True, skinny_stage=False, skinny_rows=0,
               prefetch_kb=PREFETCH_KB,
               prefetch_o_kb=PREFETCH_O_KB, bulk_prefetch=None, weight_itemsize=2, timing=0,
               interpret=False) -> dict:  # fmt: skip
@@ -330,6 +338,7 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     e_pad = max(16, jt.next_pow2(e))
     ws_lg = t * d
     w = weight_itemsize
+    rows = skinny_rows or 16  # the A and C tiles' least rows (64: wgmma instead of mma.sync)
     pf_a = 0 if interpret else _pf_lines(prefetch_kb * 1024 // LINE, r_a, 0, d, w)
     pf_c = 0 if interpret else _pf_lines(prefetch_o_kb * 1024 // LINE, r_c, 0, hq * hd, w)
     bulk = default_bulk_prefetch(d) if bulk_prefetch is None else bool(bulk_prefetch)
@@ -343,8 +352,8 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
         PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
         T=t, TP=MAX_TOKENS, L=n_layers, D=d, HQ=hq, KV=kv, HD=hd,
         GQ_PAD=jt.next_pow2(hq // kv), E=e, E_PAD=e_pad, G=g, BN=BN, P=p, S=s,
-        S_PAD=jt.next_pow2(s), BT=bt, S_MAX=s_max, R_A=r_a, RA_PAD=max(16, jt.next_pow2(r_a)),
-        R_C=r_c, RC_PAD=max(16, jt.next_pow2(r_c)), R_Z=r_z, RZ_PAD=jt.next_pow2(r_z),
+        S_PAD=jt.next_pow2(s), BT=bt, S_MAX=s_max, R_A=r_a, RA_PAD=max(rows, jt.next_pow2(r_a)),
+        R_C=r_c, RC_PAD=max(rows, jt.next_pow2(r_c)), R_Z=r_z, RZ_PAD=jt.next_pow2(r_z),
         D_PAD=jt.next_pow2(d), BE=min(BE, e_pad),
         EPS=float(eps), NUCLEUS=rule == "nucleus",
         SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=e if k_max is None else k_max,
@@ -366,7 +375,7 @@ def megastep_batch(
     splits: int = 0, block_t: int | None = None, attn_stages: int | None = None,
     warps: int = 8, spin: int = SPIN, gemv_stages: int = STAGES, unit_stages: int = STAGES,
     ffn_units: int | None = None, skinny_bk: int = 0, stagger: bool = True,
-    skinny_stage: bool = False,
+    skinny_stage: bool = False, skinny_rows: int = 0,
     prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
     bulk_prefetch: bool | None = None, timing: int = 0, interpret: bool = False,
 ):  # fmt: skip
@@ -397,6 +406,8 @@ def megastep_batch(
                 f"ffn_units must be None (by the shape) or 1, 2, 4, 8 (units a group of the "
                 f"expert phase), got {ffn_units}"
             )
+        if skinny_rows not in (0, 16, 32, 64, 128):
+            raise ValueError(f"skinny_rows must be 0 (16) or 16, 32, 64, 128, got {skinny_rows}")
         if skinny_bk not in (0, 32, 64, 128, 256, 512):
             raise ValueError(
                 f"skinny_bk must be 0 ({BK}) or a power of 2 from 32 to 512, got {skinny_bk}"
@@ -423,6 +434,7 @@ def megastep_batch(
                   eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin,
                   gemv_stages=gemv_stages, unit_stages=unit_stages, ffn_units=ffn_units,
                   skinny_bk=skinny_bk, stagger=stagger, skinny_stage=skinny_stage,
+                  skinny_rows=skinny_rows,
                   prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, bulk_prefetch=bulk_prefetch,
                   weight_itemsize=jnp.dtype(wqkv_lnd.dtype).itemsize, timing=timing,
                   interpret=interpret)  # fmt: skip

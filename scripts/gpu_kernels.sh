@@ -134,7 +134,8 @@ s56a)  # (written, not run: no device time left in the forty-first session) the 
   # (forty-second session) what surrounds the phase in the step, one at a time: the expert
   # phase's relaxed atomics into the inputs before the barrier, the next layer's rows
   # prefetched into L2 at the arrival (bulk and by lines), both, the inputs in bf16, and the
-  # inputs staged in each program's scratch first (the step's Launch(skinny_stage=True))
+  # inputs staged in each program's scratch first (the step's Launch(skinny_stage=True)),
+  # 64-row tiles (wgmma, as the expert phase; the step's skinny_rows)
   V_ALL='{"default": {}, "hot": {"sets": 1}, "t16": {"tokens": 16}, "t1": {"tokens": 1},
     "nonorm": {"norm": false}, "bk64": {"bk": 64}, "bk256": {"bk": 256},
     "in_step": {"stagger": false}, "w4": {"warps": 4}, "w16": {"warps": 16},
@@ -142,28 +143,38 @@ s56a)  # (written, not run: no device time left in the forty-first session) the 
     "atomics_t16": {"atomics": true, "tokens": 16}, "pf64": {"prefetch": 64},
     "pf64_lines": {"prefetch": 64, "bulk": false},
     "step_like": {"atomics": true, "prefetch": 64}, "x_bf16": {"xdtype": "bf16"},
-    "stage": {"stage": true}, "stage_t16": {"stage": true, "tokens": 16}}'
+    "stage": {"stage": true}, "stage_t16": {"stage": true, "tokens": 16},
+    "rpad64": {"rpad": 64}, "stage_rpad64": {"stage": true, "rpad": 64}}'
   V_SOME='{"default": {}, "hot": {"sets": 1}, "t16": {"tokens": 16}, "nonorm": {"norm": false},
     "p264": {"programs": 264}, "atomics": {"atomics": true}, "pf64": {"prefetch": 64},
     "step_like": {"atomics": true, "prefetch": 64}, "x_bf16": {"xdtype": "bf16"},
-    "stage": {"stage": true}}'
+    "stage": {"stage": true}, "stage_rpad64": {"stage": true, "rpad": 64}}'
   run timeout 300 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-qkv \
     --variants "$V_ALL" --out "$OUT/skinny_phase.jsonl"
   run timeout 240 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-o llama-3-8b-qkv \
     --variants "$V_SOME" --out "$OUT/skinny_phase.jsonl"
   ;;
 s57a)  # (forty-second session, written, not run: no device lent) the batched step's A and C
-  # inputs staged once a phase into each program's scratch, normed and in bf16, before the
-  # weight loop (Launch(skinny_stage=True)); and the GPU cases the split form's removal renamed.
-  # Then 1B and 8B at 4 and 16 sequences, default vs staged, one process each, with the timeline
+  # phases: their inputs staged once a phase into each program's scratch, normed and in bf16,
+  # before the weight loop (Launch(skinny_stage=True)), and their tiles padded to 64 rows so
+  # Triton takes wgmma as in the expert phase (skinny_rows=64; 1B's A / C tiles are 32 / 16
+  # rows, mma.sync). GPU cases (staged + 64 rows, and those the split form's removal renamed),
+  # then 1B at 4 and 16 sequences, the four launches in one process, with the timeline
   PYTHONUNBUFFERED=1 run timeout 170 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
     -p no:cacheprovider -k "matches_xla and (staged or one_unit or b4_sparse)"
-  run timeout 130 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+  run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
     --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"default": {},
-    "staged": {"skinny_stage": true}}' --out "$OUT/megastep_batch_decode.jsonl"
-  run timeout 250 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
+    "staged": {"skinny_stage": true}, "rows64": {"skinny_rows": 64},
+    "staged_rows64": {"skinny_stage": true, "skinny_rows": 64}}' \
+    --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
+s57b)  # (written, not run) s57a's four launches at 8B (A's tiles are 64 rows there already:
+  # rows64 changes only C's 32)
+  run timeout 540 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
     --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"default": {},
-    "staged": {"skinny_stage": true}}' --out "$OUT/megastep_batch_decode.jsonl"
+    "staged": {"skinny_stage": true}, "rows64": {"skinny_rows": 64},
+    "staged_rows64": {"skinny_stage": true, "skinny_rows": 64}}' \
+    --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2

@@ -226,13 +226,15 @@ class BatchCase(NamedTuple):
     its own position), ``ffn_units`` the expert phase's units a group (None: the launch's
     default), ``skinny_bk`` the A and C products' chunk (0: the default; at the
     tests' widths one chunk, so a small one makes the staggered loops wrap round),
-    ``skinny_stage`` whether the A and C inputs are staged in each program's scratch first."""
+    ``skinny_stage`` whether the A and C inputs are staged in each program's scratch first,
+    ``skinny_rows`` the A and C tiles' least rows (0: the launch's 16)."""
 
     case: Case
     lengths: tuple[int, ...]
     ffn_units: int | None = None
     skinny_bk: int = 0
     skinny_stage: bool | None = None
+    skinny_rows: int = 0
 
     @property
     def name(self) -> str:
@@ -255,8 +257,14 @@ BATCH_CASES = (
     ),  # fmt: skip
     # d not a power of two, 3 query heads a KV head, nucleus rule, no gates, clamps on k; bf16.
     BatchCase(_B2_BF16, (9, 40)),
-    # ... the A and C inputs staged in each program's scratch first.
-    BatchCase(_B2_BF16._replace(name="b2_bf16_staged"), (9, 40), skinny_bk=32, skinny_stage=True),
+    # ... the A and C inputs staged in each program's scratch first, 64-row tiles.
+    BatchCase(
+        _B2_BF16._replace(name="b2_bf16_staged"),
+        (9, 40),
+        skinny_bk=32,
+        skinny_stage=True,
+        skinny_rows=64,
+    ),  # fmt: skip
     # The most sequences the launch takes, every expert (tau > 1), 32-neuron experts; 4 groups.
     BatchCase(
         Case("b16_all", 64, 4, 4, 16, 256, 32, 0, 1.5, 1, 16, cache_len=48), tuple(range(1, 33, 2))
