@@ -249,12 +249,14 @@ BATCH_CASES = (
     # Three sequences, one of them at its first token (an empty cache); two key splits.
     BatchCase(Case("b3_f32", 64, 4, 2, 16, 256, 16, 0, 0.9, 2, 16, cache_len=48), (20, 33, 0)),
     # ... with one unit a group: many groups a program, each adding its down rows into the
-    # residual; C's tile (and the router share's) padded past its 64 rows to 128.
+    # residual; C's tile (and the router share's) padded past its 64 rows to 128; A and C's
+    # inputs staged in f32 (the weights' dtype).
     BatchCase(
         Case("b3_one_unit", 64, 4, 2, 16, 256, 16, 0, 0.9, 2, 16, cache_len=48),
         (20, 33, 0),
         ffn_units=1,
         skinny_rows=128,
+        skinny_stage=True,
     ),  # fmt: skip
     # d not a power of two, 3 query heads a KV head, nucleus rule, no gates, clamps on k; bf16.
     BatchCase(_B2_BF16, (9, 40)),
