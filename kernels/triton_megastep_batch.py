@@ -38,13 +38,14 @@ The A, C, router-share and expert loops start at a chunk of each program's own
 lines, or add into the same residual columns, at once (1-4% at 1B and 8B with 16 sequences,
 3% slower at 8B with 4: BENCHMARKS.md, forty-first session).
 
-Two launch choices for A and C, built on the CPU after the forty-first session's timeline put
+Three launch choices for A and C, built on the CPU after the forty-first session's timeline put
 them at 0.6-2.2 TB/s and not yet timed (off by default): ``skinny_stage`` stages the phase's
 inputs once into each program's scratch (normed, in the weights' dtype; ``_stage_tokens``), so
 the weight loop reads bf16 ``[BK, TP]`` chunks as the expert phase does and carries no norm;
 ``skinny_rows`` pads their tiles to 64 rows so that Triton takes wgmma, the expert phase's
 instruction, instead of mma.sync (1B: 32 / 16-row tiles; ptxas then spills 12 bytes a thread
-instead of 204).
+instead of 204); ``router_stages`` pipelines C's router share (by default a plain loop whose
+every chunk is a synchronous load: 4 DRAM round trips a layer at 1B, 7 at 8B).
 
 Right after arriving at a barrier a program asks L2 for the first rows of its next QKV or W_o
 block (the batch-1 step's measured prefetch sizes and forms, ``triton_megastep_plan``).
@@ -161,7 +162,7 @@ def _batch_kernel(
     PF_A: tl.constexpr, PF_C: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     PFB: tl.constexpr, TIMING: tl.constexpr, UF: tl.constexpr, BKF: tl.constexpr,
     CWF: tl.constexpr, BKS: tl.constexpr, STAGGER: tl.constexpr, SX: tl.constexpr,
-    KX: tl.constexpr,
+    KX: tl.constexpr, RS: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -245,7 +246,7 @@ def _batch_kernel(
             hv = oc + tl.load(h_ptr + off, mask=m, other=0.0, cache_modifier=".cg")
             tl.store(h_ptr + off, hv, mask=m)
             _router_share(wr_ptr + lw * E * D, ln2_ptr + layer * D, hv, lg_ptr + layer * T * E,
-                          c0, c1, rot, D, E, T, TP, RC_PAD, BE, DOT_F32)  # fmt: skip
+                          c0, c1, rot, D, E, T, TP, RC_PAD, BE, RS, DOT_F32)  # fmt: skip
         _stamp(tim_ptr, pid, t0 + 5, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
@@ -323,6 +324,7 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
               ffn_units=None, skinny_bk=0, stagger=True, skinny_stage=False, skinny_rows=0,
+              router_stages=1,
               prefetch_kb=PREFETCH_KB,
               prefetch_o_kb=PREFETCH_O_KB, bulk_prefetch=None, weight_itemsize=2, timing=0,
               interpret=False) -> dict:  # fmt: skip
@@ -347,7 +349,7 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     return dict(
         UF=uf, BKF=bkf, CWF=min(256, 2 * bkf),
         BKS=skinny_bk or BK, STAGGER=int(bool(stagger)), SX=int(bool(skinny_stage)),
-        KX=max(d, hq * hd),
+        KX=max(d, hq * hd), RS=router_stages,
         PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),
         PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
         T=t, TP=MAX_TOKENS, L=n_layers, D=d, HQ=hq, KV=kv, HD=hd,
@@ -375,7 +377,7 @@ def megastep_batch(
     splits: int = 0, block_t: int | None = None, attn_stages: int | None = None,
     warps: int = 8, spin: int = SPIN, gemv_stages: int = STAGES, unit_stages: int = STAGES,
     ffn_units: int | None = None, skinny_bk: int = 0, stagger: bool = True,
-    skinny_stage: bool = False, skinny_rows: int = 0,
+    skinny_stage: bool = False, skinny_rows: int = 0, router_stages: int = 1,
     prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
     bulk_prefetch: bool | None = None, timing: int = 0, interpret: bool = False,
 ):  # fmt: skip
@@ -406,6 +408,8 @@ def megastep_batch(
                 f"ffn_units must be None (by the shape) or 1, 2, 4, 8 (units a group of the "
                 f"expert phase), got {ffn_units}"
             )
+        if not 1 <= router_stages <= 6:
+            raise ValueError(f"router_stages must be 1 (a plain loop) to 6, got {router_stages}")
         if skinny_rows not in (0, 16, 32, 64, 128):
             raise ValueError(f"skinny_rows must be 0 (16) or 16, 32, 64, 128, got {skinny_rows}")
         if skinny_bk not in (0, 32, 64, 128, 256, 512):
@@ -434,7 +438,7 @@ def megastep_batch(
                   eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin,
                   gemv_stages=gemv_stages, unit_stages=unit_stages, ffn_units=ffn_units,
                   skinny_bk=skinny_bk, stagger=stagger, skinny_stage=skinny_stage,
-                  skinny_rows=skinny_rows,
+                  skinny_rows=skinny_rows, router_stages=router_stages,
                   prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, bulk_prefetch=bulk_prefetch,
                   weight_itemsize=jnp.dtype(wqkv_lnd.dtype).itemsize, timing=timing,
                   interpret=interpret)  # fmt: skip

@@ -101,6 +101,9 @@ class Launch(NamedTuple):
     # The batched launch's A and C tiles padded to at least this many weight rows (None: 16; at
     # 64 Triton takes wgmma, the expert phase's instruction, instead of mma.sync).
     skinny_rows: int | None = None
+    # The batched launch's router share streamed through this many pipeline stages (None: 1, a
+    # plain loop of synchronous loads).
+    router_stages: int | None = None
     # Diagnostic: the timeline's %globaltimer stamps compiled in, their output discarded (1), or
     # only their clock reads (2: the stores predicated off), to time what the stamps themselves
     # change in the step (BENCHMARKS.md, thirty-sixth session).
@@ -333,7 +336,8 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
 
 # The launch choices only the batched kernel takes, and all it takes
 # (``triton_megastep_batch.megastep_batch``'s).
-BATCH_ONLY = ("ffn_units", "skinny_bk", "stagger", "skinny_stage", "skinny_rows")
+BATCH_ONLY = ("ffn_units", "skinny_bk", "stagger", "skinny_stage", "skinny_rows",
+              "router_stages")  # fmt: skip
 BATCH_LAUNCH = ("programs", "splits", "block_t", "warps", "attn_stages", "gemv_stages",
                 "unit_stages", *BATCH_ONLY, "prefetch_kb", "prefetch_o_kb",
                 "bulk_prefetch")  # fmt: skip

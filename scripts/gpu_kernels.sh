@@ -156,25 +156,26 @@ s56a)  # (written, not run: no device time left in the forty-first session) the 
   ;;
 s57a)  # (forty-second session, written, not run: no device lent) the batched step's A and C
   # phases: their inputs staged once a phase into each program's scratch, normed and in bf16,
-  # before the weight loop (Launch(skinny_stage=True)), and their tiles padded to 64 rows so
-  # Triton takes wgmma as in the expert phase (skinny_rows=64; 1B's A / C tiles are 32 / 16
-  # rows, mma.sync). GPU cases (staged + 64 rows, and those the split form's removal renamed),
-  # then 1B at 4 and 16 sequences, the four launches in one process, with the timeline
+  # before the weight loop (Launch(skinny_stage=True)); their tiles padded to 64 rows so Triton
+  # takes wgmma as in the expert phase (skinny_rows=64; 1B's A / C tiles are 32 / 16 rows,
+  # mma.sync); C's router share pipelined (router_stages=3; it was a plain loop of synchronous
+  # loads, 4 chunks a layer at 1B, 7 at 8B); and all three. GPU cases (all three, and those the
+  # split form's removal renamed), then 1B at 4 and 16 sequences, one process, with the timeline
   PYTHONUNBUFFERED=1 run timeout 170 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
     -p no:cacheprovider -k "matches_xla and (staged or one_unit or b4_sparse)"
-  run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+  run timeout 380 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
     --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"default": {},
     "staged": {"skinny_stage": true}, "rows64": {"skinny_rows": 64},
-    "staged_rows64": {"skinny_stage": true, "skinny_rows": 64}}' \
-    --out "$OUT/megastep_batch_decode.jsonl"
+    "rs3": {"router_stages": 3}, "all3": {"skinny_stage": true, "skinny_rows": 64,
+    "router_stages": 3}}' --out "$OUT/megastep_batch_decode.jsonl"
   ;;
-s57b)  # (written, not run) s57a's four launches at 8B (A's tiles are 64 rows there already:
+s57b)  # (written, not run) s57a's five launches at 8B (A's tiles are 64 rows there already:
   # rows64 changes only C's 32)
-  run timeout 540 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
+  run timeout 560 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
     --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"default": {},
     "staged": {"skinny_stage": true}, "rows64": {"skinny_rows": 64},
-    "staged_rows64": {"skinny_stage": true, "skinny_rows": 64}}' \
-    --out "$OUT/megastep_batch_decode.jsonl"
+    "rs3": {"router_stages": 3}, "all3": {"skinny_stage": true, "skinny_rows": 64,
+    "router_stages": 3}}' --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2

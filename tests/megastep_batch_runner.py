@@ -32,7 +32,8 @@ def main(out: str) -> None:
         launch = megastep.Launch(programs=1, splits=c.case.splits, block_t=c.case.block_t,
                                  ffn_units=c.ffn_units, skinny_bk=c.skinny_bk,
                                  skinny_stage=c.skinny_stage,
-                                 skinny_rows=c.skinny_rows)  # fmt: skip
+                                 skinny_rows=c.skinny_rows,
+                                 router_stages=c.router_stages)  # fmt: skip
         logits, kc2, vc2, k_lb, fail = megastep.step(model, mw, tok_b, pos_b, kc, vc, tau_l,
                                                      launch, interpret=True)  # fmt: skip
         rows = np.arange(len(c.lengths))

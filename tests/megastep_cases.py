@@ -227,7 +227,8 @@ class BatchCase(NamedTuple):
     default), ``skinny_bk`` the A and C products' chunk (0: the default; at the
     tests' widths one chunk, so a small one makes the staggered loops wrap round),
     ``skinny_stage`` whether the A and C inputs are staged in each program's scratch first,
-    ``skinny_rows`` the A and C tiles' least rows (0: the launch's 16)."""
+    ``skinny_rows`` the A and C tiles' least rows (0: the launch's 16), ``router_stages`` the
+    router share's pipeline stages (None: the launch's 1)."""
 
     case: Case
     lengths: tuple[int, ...]
@@ -235,6 +236,7 @@ class BatchCase(NamedTuple):
     skinny_bk: int = 0
     skinny_stage: bool | None = None
     skinny_rows: int = 0
+    router_stages: int | None = None
 
     @property
     def name(self) -> str:
@@ -260,13 +262,15 @@ BATCH_CASES = (
     ),  # fmt: skip
     # d not a power of two, 3 query heads a KV head, nucleus rule, no gates, clamps on k; bf16.
     BatchCase(_B2_BF16, (9, 40)),
-    # ... the A and C inputs staged in each program's scratch first, 64-row tiles.
+    # ... the A and C inputs staged in each program's scratch first, 64-row tiles, the router
+    # share pipelined (all the forty-second session's candidates).
     BatchCase(
         _B2_BF16._replace(name="b2_bf16_staged"),
         (9, 40),
         skinny_bk=32,
         skinny_stage=True,
         skinny_rows=64,
+        router_stages=3,
     ),  # fmt: skip
     # The most sequences the launch takes, every expert (tau > 1), 32-neuron experts; 4 groups.
     BatchCase(

@@ -62,25 +62,26 @@ def test_interpreted_batch_cases_cover_what_they_claim(interpreted):
 
 
 @pytest.mark.parametrize(
-    "t,shape,timing,ffn_units,stage,rows",
-    [(4, "llama-3.2-1b", False, None, None, None), (16, "llama-3.2-1b", True, None, None, None),
-     (8, "llama-3-8b", False, None, None, None), (8, "llama-3-8b", False, 2, None, None),
-     (16, "llama-3-8b", False, None, True, None), (4, "llama-3.2-1b", False, None, True, 64)],
+    "t,shape,timing,kw",
+    [(4, "llama-3.2-1b", False, {}), (16, "llama-3.2-1b", True, {}), (8, "llama-3-8b", False, {}),
+     (8, "llama-3-8b", False, {"ffn_units": 2}), (16, "llama-3-8b", False, {"skinny_stage": True}),
+     (4, "llama-3.2-1b", False, {"skinny_stage": True, "skinny_rows": 64, "router_stages": 3})],
     ids=["1b_t4", "1b_t16_stamps", "8b_t8", "8b_t8_units2", "8b_t16_staged",
-         "1b_t4_staged_rows64"],
+         "1b_t4_staged_rows64_rs3"],
 )  # fmt: skip
-def test_batch_step_lowers_for_sm90(t, shape, timing, ffn_units, stage, rows):
+def test_batch_step_lowers_for_sm90(t, shape, timing, kw):
     """The 1B and 8B models' launches over 132 programs, planned by ``megastep.step`` itself
     (``scripts/megastep_census.plan``: the exact pointer types and constexprs a call makes),
     compile for sm_90: tensor-core products (bf16 weights), grid barriers at GPU scope, what
     other programs wrote read from L2, the weight and unit loops as cp.async pipelines; the
-    phase stamps only with ``timing``. (Registers: 255 a thread at 8 warps with 36-228 bytes of
-    spills with triton 3.6; BENCHMARKS.md, thirty-ninth session.)"""
+    phase stamps only with ``timing``. (Registers: 255 a thread at 8 warps with 12-228 bytes of
+    spills with triton 3.6; BENCHMARKS.md, thirty-ninth and forty-second sessions.)"""
     sys.path.insert(0, str(HERE.parent / "scripts"))
     import megastep_census
 
     cfg = PRESETS[shape]
-    launch = megastep.Launch(ffn_units=ffn_units, skinny_stage=stage, skinny_rows=rows)
+    launch = megastep.Launch(**kw)
+    ffn_units, stage, rows = kw.get("ffn_units"), kw.get("skinny_stage"), kw.get("skinny_rows")
     sig, c, warps = megastep_census.plan(cfg, launch, 512, batch=t, timing=timing)
     ck = sm90_compile(tb._batch_kernel, sig, c, warps=warps, stages=1)
     ptx = ck.asm["ptx"]
@@ -103,6 +104,7 @@ def test_batch_step_lowers_for_sm90(t, shape, timing, ffn_units, stage, rows):
     assert c["RA_PAD"] >= (rows or 16) and c["RC_PAD"] >= (rows or 16)
     if rows == 64:
         assert "wgmma" in ptx, "64-row A / C tiles on wgmma"
+    assert c["RS"] == kw.get("router_stages", 1), "the router share's pipeline stages"
 
 
 def test_batch_bad_inputs_raise_clearly():
@@ -130,7 +132,8 @@ def test_batch_bad_inputs_raise_clearly():
         call(k_min=3, k_max=2)
     for bad in ({"prefetch_kb": -8}, {"warps": 6}, {"block_t": 8}, {"unit_stages": 0},
                 {"ffn_units": 0}, {"ffn_units": 3}, {"ffn_units": 16},
-                {"skinny_bk": 48}, {"skinny_rows": 48}):  # fmt: skip
+                {"skinny_bk": 48}, {"skinny_rows": 48}, {"router_stages": 0},
+                {"router_stages": 7}):  # fmt: skip
         with pytest.raises(ValueError, match="megastep_batch: need"):
             call(**bad)
     with pytest.raises(ValueError, match="1-16 sequences"):
@@ -146,7 +149,8 @@ def test_batch_bad_inputs_raise_clearly():
     kc1, vc1 = megastep.stack_cache(cache1)
     tau1 = jnp.full((CASES[0].layers,), 0.5)
     for field, v in (("ffn_units", 2), ("skinny_bk", 64), ("stagger", False),
-                     ("skinny_stage", True), ("skinny_rows", 64)):  # fmt: skip
+                     ("skinny_stage", True), ("skinny_rows", 64),
+                     ("router_stages", 3)):  # fmt: skip
         with pytest.raises(ValueError, match=f"{field} is the batched launch's"):
             megastep.step(small, megastep.pack(small), tok1[None], pos1[None], kc1, vc1, tau1,
                           megastep.Launch(**{field: v}))  # fmt: skip
@@ -170,7 +174,8 @@ def test_gpu_batch_step_matches_xla(case):
             model, mw, tok_b, pos_b, kc, vc, tau_l,
             megastep.Launch(splits=case.case.splits, block_t=case.case.block_t,
                             ffn_units=case.ffn_units, skinny_bk=case.skinny_bk,
-                            skinny_stage=case.skinny_stage, skinny_rows=case.skinny_rows),
+                            skinny_stage=case.skinny_stage, skinny_rows=case.skinny_rows,
+                            router_stages=case.router_stages),
         )  # fmt: skip
     assert not np.asarray(fail).any()
     ref_k = np.stack([np.asarray(s.k_t).reshape(-1) for s in ref.ffn_stats])
