@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import copy_bandwidth, header, markdown_table, write_rows  # noqa: E402
 
 from prunepath_jax.kernels import jt  # noqa: E402
-from prunepath_jax.kernels.triton_batch_phases import _skinny  # noqa: E402
+from prunepath_jax.kernels.triton_batch_phases import _skinny, _staggered  # noqa: E402
 from prunepath_jax.kernels.triton_grid import _arrive, _stamp, _wait  # noqa: E402
 from prunepath_jax.kernels.triton_megastep_batch import BK, MAX_TOKENS  # noqa: E402
 from prunepath_jax.kernels.triton_megastep_gemv import _pf_rows  # noqa: E402
@@ -110,7 +110,7 @@ def _skinny_kernel(w_ptr, x_ptr, ln_ptr, out_ptr, ctr_ptr, tim_ptr, fail_ptr, xs
             NC: tl.constexpr = (K + AC - 1) // AC
             rc = tl.arange(0, AC)
             for j in range(0, NC):
-                cols = ((j + pid * STAGGER) % NC) * AC + rc
+                cols = _staggered(j, pid * STAGGER, NC) * AC + rc
                 cm = (rt < T)[:, None] & (cols < K)[None, :]
                 tl.atomic_add(x_ptr + rt[:, None] * K + cols[None, :],
                               tl.zeros([TP, AC], tl.float32), mask=cm, sem="relaxed")  # fmt: skip

@@ -57,6 +57,17 @@ def _staggered(j, rot, N: tl.constexpr):
 
 
 @triton.jit
+def _normed(x, ln_ptr, kk, km, ss, NORM: tl.constexpr):
+    """``(x, ss)``: with ``NORM``, the ``[TP, BK]`` input chunk times the RMSNorm weights of its
+    columns ``kk`` and ``ss`` plus each token's sum of squares over them (the norm's scale
+    ``1 / rms`` is the caller's, after the product); without, both as they came."""
+    if NORM:
+        ss += tl.sum(x * x, 1)
+        x = x * tl.load(ln_ptr + kk, mask=km, other=0.0).to(tl.float32)[None, :]
+    return x, ss
+
+
+@triton.jit
 def _stage_tokens(x_ptr, ln_ptr, xs_ptr, rot, K: tl.constexpr, T: tl.constexpr,
                   TP: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
                   NORM: tl.constexpr):  # fmt: skip
@@ -72,10 +83,7 @@ def _stage_tokens(x_ptr, ln_ptr, xs_ptr, rot, K: tl.constexpr, T: tl.constexpr,
     for j in tl.range(0, NCH, num_stages=STAGES):
         kk = _staggered(j, rot, NCH) * BK + rk
         km = kk < K
-        x = _tokens_chunk(x_ptr, kk, km, T, TP, K)
-        if NORM:
-            ss += tl.sum(x * x, 1)
-            x = x * tl.load(ln_ptr + kk, mask=km, other=0.0).to(tl.float32)[None, :]
+        x, ss = _normed(_tokens_chunk(x_ptr, kk, km, T, TP, K), ln_ptr, kk, km, ss, NORM)
         tl.store(xs_ptr + kk[:, None] * TP + rt[None, :], tl.trans(x).to(xs_ptr.dtype.element_ty),
                  mask=km[:, None] & (rt < T)[None, :])  # fmt: skip
     tl.debug_barrier()
@@ -118,10 +126,7 @@ def _skinny(w_ptr, x_ptr, ln_ptr, xs_ptr, r0, r1, rot, K: tl.constexpr, T: tl.co
             xt = tl.load(xs_ptr + kk[:, None] * TP + rt[None, :],
                          mask=km[:, None] & (rt < T)[None, :], other=0.0)  # fmt: skip
         else:
-            x = _tokens_chunk(x_ptr, kk, km, T, TP, K)
-            if NORM:
-                ss += tl.sum(x * x, 1)
-                x = x * tl.load(ln_ptr + kk, mask=km, other=0.0).to(tl.float32)[None, :]
+            x, ss = _normed(_tokens_chunk(x_ptr, kk, km, T, TP, K), ln_ptr, kk, km, ss, NORM)
             xt = tl.trans(x)
         acc += _dot(w, xt, w, DOT_F32)
     return acc, ss

@@ -104,8 +104,8 @@ from prunepath_jax.kernels.triton_select import _logits, _select
 
 MAX_TOKENS = 16  # the tokens padded to one tl.dot's 16 columns
 BN = 16  # neurons a unit: the down projection's K, tl.dot's smallest
-# Input columns a chunk of the A, C and unit products (256 spilled 0.6-0.9 KB a thread). The A
-# and C chunks sized to ~16 KB weight tiles instead (1B: 256 / 512 columns) were slower, A 21 ->
+# Input columns a chunk of the A and C products (256 spilled 0.6-0.9 KB a thread). The A and C
+# chunks sized to ~16 KB weight tiles instead (1B: 256 / 512 columns) were slower, A 21 ->
 # 26 µs a layer at 1B (BENCHMARKS.md, forty-first session): ``Launch(skinny_bk=)`` to measure.
 BK = 128
 BE = 64  # router rows a chunk of the router share
@@ -324,9 +324,8 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
               ffn_units=None, skinny_bk=0, stagger=True, skinny_stage=False, skinny_rows=0,
-              router_stages=1,
-              prefetch_kb=PREFETCH_KB,
-              prefetch_o_kb=PREFETCH_O_KB, bulk_prefetch=None, weight_itemsize=2, timing=0,
+              router_stages=1, prefetch_kb=PREFETCH_KB, prefetch_o_kb=PREFETCH_O_KB,
+              bulk_prefetch=None, weight_itemsize=2, timing=0,
               interpret=False) -> dict:  # fmt: skip
     """The kernel's constexprs (also what the sm_90 lowering test compiles). The L2 prefetch
     at a barrier arrival (of the program's next QKV, and W_o, rows; the batch-1 step's measured

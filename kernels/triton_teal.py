@@ -110,10 +110,11 @@ def _kept_rows_kernel(
 def compact(x_k: jax.Array, t) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(idx [K] i32, n [1] i32, xk [K] f32)``: the inputs with ``|x| >= t``, their indices in
     order (TEAL's own first step), in XLA: a prefix sum and a scatter, no host sync."""
-    keep = jnp.abs(x_k.astype(jnp.float32)) >= jnp.asarray(t, jnp.float32)
+    x_f = x_k.astype(jnp.float32)
+    keep = jnp.abs(x_f) >= jnp.asarray(t, jnp.float32)
     (idx,) = jnp.nonzero(keep, size=x_k.shape[0], fill_value=0)
     n = keep.sum(dtype=jnp.int32)
-    xk = jnp.where(jnp.arange(x_k.shape[0]) < n, x_k.astype(jnp.float32)[idx], 0.0)
+    xk = jnp.where(jnp.arange(x_k.shape[0]) < n, x_f[idx], 0.0)
     return idx.astype(jnp.int32), n.reshape(1), xk
 
 
