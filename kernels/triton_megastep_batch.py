@@ -38,14 +38,15 @@ The A, C, router-share and expert loops start at a chunk of each program's own
 lines, or add into the same residual columns, at once (1-4% at 1B and 8B with 16 sequences,
 3% slower at 8B with 4: BENCHMARKS.md, forty-first session).
 
-Three launch choices for A and C, built on the CPU after the forty-first session's timeline put
-them at 0.6-2.2 TB/s and not yet timed (off by default): ``skinny_stage`` stages the phase's
-inputs once into each program's scratch (normed, in the weights' dtype; ``_stage_tokens``), so
-the weight loop reads bf16 ``[BK, TP]`` chunks as the expert phase does and carries no norm;
+A and C's launch choices (their phases ran at 0.6-2.2 TB/s, forty-first session):
 ``skinny_rows`` pads their tiles to 64 rows so that Triton takes wgmma, the expert phase's
-instruction, instead of mma.sync (1B: 32 / 16-row tiles; ptxas then spills 12 bytes a thread
-instead of 204); ``router_stages`` pipelines C's router share (by default a plain loop whose
-every chunk is a synchronous load: 4 DRAM round trips a layer at 1B, 7 at 8B).
+instruction, instead of mma.sync (1B: 32 / 16-row tiles; ptxas spills 12 bytes a thread, not
+204), ``skinny_rows_c`` C's alone; ``router_stages`` pipelines C's router share (else a plain
+loop of synchronous loads: 4 DRAM round trips a layer at 1B, 7 at 8B). Both on where A's tile
+is under 64 rows (``default_skinny``: 1B 1.17× faster at 4 and 16 sequences; at 8B -2 / +1%).
+The 1B gain is A's (21 -> 12 µs a layer); C lost 2.5 µs (C at its own 16 rows: not timed
+yet). ``skinny_stage`` stages the inputs once into each program's scratch (normed, in the
+weights' dtype; ``_stage_tokens``) so the weight loop carries no norm: neutral (0-2%), off.
 
 Right after arriving at a barrier a program asks L2 for the first rows of its next QKV or W_o
 block (the batch-1 step's measured prefetch sizes and forms, ``triton_megastep_plan``).
@@ -59,13 +60,13 @@ The residual stream stays fp32 inside the launch (the XLA model rounds it to the
 after every add), so bf16 results agree with the fp32 model within the bf16 tolerance and fp32
 ones with the XLA step up to summation order (the atomics' order varies from run to run).
 
-Measured on the H200 (BENCHMARKS.md, forty-first session; 75%, distinct sequences): **still
-slower than dense**: 1B 1336 / 1594 µs a step at 4 / 16 sequences against 938 / 1236, 8B 4664 /
-5456 against 4176 / 4873 (the Triton kernels 4703 / 6112). The QKV and O phases are the
-furthest from copy (1B: 21 and 15 µs a layer for 12.6 and 8.4 MB, whatever their chunk size or
-pipeline depth). Correct on the GPU: its fp32 logits match XLA's (at "highest" precision)
-within the fp32 tolerance and its greedy tokens equal XLA's. ``prunepath_jax.megastep`` takes
-it for ``generate(..., implementation="megastep")`` with 2-16 prompts; ``"auto"`` does not.
+Measured on the H200 (BENCHMARKS.md, forty-third session; 75%, distinct sequences): **still
+slower than dense**: 1B 1146 / 1385 µs a step at 4 / 16 sequences against 926 / 1149 (0.81 /
+0.83×), 8B 4537 / 5422 against 4148 / 4841 (0.91 / 0.89×). The union of the sequences'
+experts (66% of E at 4, 98% at 16) leaves the bytes little to skip. Correct on the GPU: its
+fp32 logits match XLA's (at "highest" precision) within the fp32 tolerance and its greedy tokens
+equal XLA's. ``prunepath_jax.megastep`` takes it for ``generate(..., implementation="megastep")``
+with 2-16 prompts; ``"auto"`` does not.
 
 Limits (``check`` raises): those of the batch-1 step, and 1 ≤ T ≤ 16, G a multiple of 16.
 """
@@ -313,6 +314,20 @@ def default_ffn_units(e: int, g: int, p: int) -> int:
     return min(FFN_UNITS_MAX, jt.next_pow2(-(-e * (g // BN) // p)))
 
 
+def default_skinny(r_a: int) -> tuple[int, int]:
+    """``(skinny_rows, router_stages)`` by the A phase's rows a program (``ceil(N_qkv / P)``):
+    where its tile is under 64 rows (the 1B width: 32, and C's 16), pad the A and C tiles to 64
+    (wgmma instead of mma.sync) and pipeline the router share in 3 stages, measured 1.17×
+    faster at 1B with 4 and 16 sequences; where it is 64 already (8B) the padded C tile was
+    2-5% slower and both together -2 / +1% (BENCHMARKS.md, forty-third session)."""
+    return (64, 3) if jt.next_pow2(r_a) < 64 else (16, 1)
+
+
+def _rows(rows: int | None, default: int) -> int:
+    """A / C tile's least rows: None is ``default``, 0 is 16 (no padding)."""
+    return default if rows is None else rows or 16
+
+
 def _ffn_block(uf: int, itemsize: int) -> int:
     """Columns of a fused expert phase's tile: ``[UF · BN, ·]`` of about ``FFN_TILE_BYTES``
     (16-256)."""
@@ -323,9 +338,9 @@ def _ffn_block(uf: int, itemsize: int) -> int:
 def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, block_t=None,
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
-              ffn_units=None, skinny_bk=0, stagger=True, skinny_stage=False, skinny_rows=0,
-              router_stages=1, prefetch_kb=PREFETCH_KB, prefetch_o_kb=PREFETCH_O_KB,
-              bulk_prefetch=None, weight_itemsize=2, timing=0,
+              ffn_units=None, skinny_bk=0, stagger=True, skinny_stage=False, skinny_rows=None,
+              skinny_rows_c=None, router_stages=None, prefetch_kb=PREFETCH_KB,
+              prefetch_o_kb=PREFETCH_O_KB, bulk_prefetch=None, weight_itemsize=2, timing=0,
               interpret=False) -> dict:  # fmt: skip
     """The kernel's constexprs (also what the sm_90 lowering test compiles). The L2 prefetch
     at a barrier arrival (of the program's next QKV, and W_o, rows; the batch-1 step's measured
@@ -339,7 +354,10 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     e_pad = max(16, jt.next_pow2(e))
     ws_lg = t * d
     w = weight_itemsize
-    rows = skinny_rows or 16  # the A and C tiles' least rows (64: wgmma instead of mma.sync)
+    rows, rs = default_skinny(r_a)
+    rows = _rows(skinny_rows, rows)  # A's tile's least rows (64: wgmma instead of mma.sync)
+    rows_c = _rows(skinny_rows_c, rows)  # C's (and the router share's)
+    rs = rs if router_stages is None else router_stages
     pf_a = 0 if interpret else _pf_lines(prefetch_kb * 1024 // LINE, r_a, 0, d, w)
     pf_c = 0 if interpret else _pf_lines(prefetch_o_kb * 1024 // LINE, r_c, 0, hq * hd, w)
     bulk = default_bulk_prefetch(d) if bulk_prefetch is None else bool(bulk_prefetch)
@@ -348,13 +366,13 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     return dict(
         UF=uf, BKF=bkf, CWF=min(256, 2 * bkf),
         BKS=skinny_bk or BK, STAGGER=int(bool(stagger)), SX=int(bool(skinny_stage)),
-        KX=max(d, hq * hd), RS=router_stages,
+        KX=max(d, hq * hd), RS=rs,
         PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),
         PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
         T=t, TP=MAX_TOKENS, L=n_layers, D=d, HQ=hq, KV=kv, HD=hd,
         GQ_PAD=jt.next_pow2(hq // kv), E=e, E_PAD=e_pad, G=g, BN=BN, P=p, S=s,
         S_PAD=jt.next_pow2(s), BT=bt, S_MAX=s_max, R_A=r_a, RA_PAD=max(rows, jt.next_pow2(r_a)),
-        R_C=r_c, RC_PAD=max(rows, jt.next_pow2(r_c)), R_Z=r_z, RZ_PAD=jt.next_pow2(r_z),
+        R_C=r_c, RC_PAD=max(rows_c, jt.next_pow2(r_c)), R_Z=r_z, RZ_PAD=jt.next_pow2(r_z),
         D_PAD=jt.next_pow2(d), BE=min(BE, e_pad),
         EPS=float(eps), NUCLEUS=rule == "nucleus",
         SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=e if k_max is None else k_max,
@@ -376,7 +394,8 @@ def megastep_batch(
     splits: int = 0, block_t: int | None = None, attn_stages: int | None = None,
     warps: int = 8, spin: int = SPIN, gemv_stages: int = STAGES, unit_stages: int = STAGES,
     ffn_units: int | None = None, skinny_bk: int = 0, stagger: bool = True,
-    skinny_stage: bool = False, skinny_rows: int = 0, router_stages: int = 1,
+    skinny_stage: bool = False, skinny_rows: int | None = None,
+    skinny_rows_c: int | None = None, router_stages: int | None = None,
     prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
     bulk_prefetch: bool | None = None, timing: int = 0, interpret: bool = False,
 ):  # fmt: skip
@@ -407,10 +426,16 @@ def megastep_batch(
                 f"ffn_units must be None (by the shape) or 1, 2, 4, 8 (units a group of the "
                 f"expert phase), got {ffn_units}"
             )
-        if not 1 <= router_stages <= 6:
-            raise ValueError(f"router_stages must be 1 (a plain loop) to 6, got {router_stages}")
-        if skinny_rows not in (0, 16, 32, 64, 128):
-            raise ValueError(f"skinny_rows must be 0 (16) or 16, 32, 64, 128, got {skinny_rows}")
+        if router_stages is not None and not 1 <= router_stages <= 6:
+            raise ValueError(
+                f"router_stages must be None (by the shape) or 1 (a plain loop) to 6, got "
+                f"{router_stages}"
+            )
+        for name, rows in (("skinny_rows", skinny_rows), ("skinny_rows_c", skinny_rows_c)):
+            if rows not in (None, 0, 16, 32, 64, 128):
+                raise ValueError(
+                    f"{name} must be None (by the shape), 0 (16) or 16, 32, 64, 128, got {rows}"
+                )
         if skinny_bk not in (0, 32, 64, 128, 256, 512):
             raise ValueError(
                 f"skinny_bk must be 0 ({BK}) or a power of 2 from 32 to 512, got {skinny_bk}"
@@ -437,7 +462,8 @@ def megastep_batch(
                   eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin,
                   gemv_stages=gemv_stages, unit_stages=unit_stages, ffn_units=ffn_units,
                   skinny_bk=skinny_bk, stagger=stagger, skinny_stage=skinny_stage,
-                  skinny_rows=skinny_rows, router_stages=router_stages,
+                  skinny_rows=skinny_rows, skinny_rows_c=skinny_rows_c,
+                  router_stages=router_stages,
                   prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, bulk_prefetch=bulk_prefetch,
                   weight_itemsize=jnp.dtype(wqkv_lnd.dtype).itemsize, timing=timing,
                   interpret=interpret)  # fmt: skip

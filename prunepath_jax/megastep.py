@@ -98,11 +98,16 @@ class Launch(NamedTuple):
     # The batched launch's A and C inputs staged once a phase into each program's scratch in the
     # weights' dtype, the norm applied there (``triton_batch_phases._stage_tokens``; None: off).
     skinny_stage: bool | None = None
-    # The batched launch's A and C tiles padded to at least this many weight rows (None: 16; at
-    # 64 Triton takes wgmma, the expert phase's instruction, instead of mma.sync).
+    # The batched launch's A and C tiles padded to at least this many weight rows (0: 16; at
+    # 64 Triton takes wgmma, the expert phase's instruction, instead of mma.sync; None: by the
+    # shape, ``triton_megastep_batch.default_skinny``: 64 at the 1B width, 16 at 8B).
     skinny_rows: int | None = None
-    # The batched launch's router share streamed through this many pipeline stages (None: 1, a
-    # plain loop of synchronous loads).
+    # ... C's tile (and the router share's) alone (None: as ``skinny_rows``). At 1B the 64-row
+    # C tile was 2.5 µs a layer slower than its own 16 rows, while A's took 8.6 µs less
+    # (BENCHMARKS.md, forty-third session); 0 here with A at 64 is not timed yet.
+    skinny_rows_c: int | None = None
+    # The batched launch's router share streamed through this many pipeline stages (1: a plain
+    # loop of synchronous loads; None: by the shape, 3 at the 1B width, 1 at 8B).
     router_stages: int | None = None
     # Diagnostic: the timeline's %globaltimer stamps compiled in, their output discarded (1), or
     # only their clock reads (2: the stores predicated off), to time what the stamps themselves
@@ -337,7 +342,7 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
 # The launch choices only the batched kernel takes, and all it takes
 # (``triton_megastep_batch.megastep_batch``'s).
 BATCH_ONLY = ("ffn_units", "skinny_bk", "stagger", "skinny_stage", "skinny_rows",
-              "router_stages")  # fmt: skip
+              "skinny_rows_c", "router_stages")  # fmt: skip
 BATCH_LAUNCH = ("programs", "splits", "block_t", "warps", "attn_stages", "gemv_stages",
                 "unit_stages", *BATCH_ONLY, "prefetch_kb", "prefetch_o_kb",
                 "bulk_prefetch")  # fmt: skip

@@ -154,8 +154,8 @@ s56a)  # (written, not run: no device time left in the forty-first session) the 
   run timeout 240 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-o llama-3-8b-qkv \
     --variants "$V_SOME" --out "$OUT/skinny_phase.jsonl"
   ;;
-s57a)  # (forty-second session, written, not run: no device lent) the batched step's A and C
-  # phases: their inputs staged once a phase into each program's scratch, normed and in bf16,
+s57a)  # (forty-second session; ran in the forty-third, which made rows64 + rs3 the 1B default:
+  # "default" here is that since 2026-12-05) the A and C phases: their inputs staged once a phase into each program's scratch, normed and in bf16,
   # before the weight loop (Launch(skinny_stage=True)); their tiles padded to 64 rows so Triton
   # takes wgmma as in the expert phase (skinny_rows=64; 1B's A / C tiles are 32 / 16 rows,
   # mma.sync); C's router share pipelined (router_stages=3; it was a plain loop of synchronous
@@ -169,13 +169,25 @@ s57a)  # (forty-second session, written, not run: no device lent) the batched st
     "rs3": {"router_stages": 3}, "all3": {"skinny_stage": true, "skinny_rows": 64,
     "router_stages": 3}}' --out "$OUT/megastep_batch_decode.jsonl"
   ;;
-s57b)  # (written, not run) s57a's five launches at 8B (A's tiles are 64 rows there already:
-  # rows64 changes only C's 32)
+s57b)  # (not run; the forty-third session timed default / rows64 / rows64+rs3 at 8B instead)
+  # s57a's five launches at 8B (A's tiles are 64 rows there already: rows64 changes only C's 32)
   run timeout 560 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
     --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"default": {},
     "staged": {"skinny_stage": true}, "rows64": {"skinny_rows": 64},
     "rs3": {"router_stages": 3}, "all3": {"skinny_stage": true, "skinny_rows": 64,
     "router_stages": 3}}' --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
+s58a)  # (written, not run: the forty-third session's device time ran out) s57a's timeline put
+  # the 64-row tiles' gain at 1B in A (20.9 -> 12.3 us a layer) and a loss in C (+2.5 us; at
+  # 8B +4.4): the 1B default (A and C at 64, router_stages 3) against C at its own 16 rows
+  # (skinny_rows_c=0), and at 8B the default (16 / 1) against the pipelined router share alone
+  # (router_stages=3; its 1B gain was 3%), then the GPU cases that run skinny_rows_c
+  PYTHONUNBUFFERED=1 run timeout 150 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
+    -p no:cacheprovider -k "matches_xla and (b4_sparse_u2 or b3_f32)"
+  run timeout 420 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"default": {},
+    "c16": {"skinny_rows_c": 0}, "rs3": {"router_stages": 3}}' \
+    --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2

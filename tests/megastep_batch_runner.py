@@ -33,6 +33,7 @@ def main(out: str) -> None:
                                  ffn_units=c.ffn_units, skinny_bk=c.skinny_bk,
                                  skinny_stage=c.skinny_stage,
                                  skinny_rows=c.skinny_rows,
+                                 skinny_rows_c=c.skinny_rows_c,
                                  router_stages=c.router_stages)  # fmt: skip
         logits, kc2, vc2, k_lb, fail = megastep.step(model, mw, tok_b, pos_b, kc, vc, tau_l,
                                                      launch, interpret=True)  # fmt: skip

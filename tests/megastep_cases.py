@@ -227,15 +227,16 @@ class BatchCase(NamedTuple):
     default), ``skinny_bk`` the A and C products' chunk (0: the default; at the
     tests' widths one chunk, so a small one makes the staggered loops wrap round),
     ``skinny_stage`` whether the A and C inputs are staged in each program's scratch first,
-    ``skinny_rows`` the A and C tiles' least rows (0: the launch's 16), ``router_stages`` the
-    router share's pipeline stages (None: the launch's 1)."""
+    ``skinny_rows`` the A and C tiles' least rows, ``skinny_rows_c`` C's alone, and
+    ``router_stages`` the router share's pipeline stages (None: the launch's, by the shape)."""
 
     case: Case
     lengths: tuple[int, ...]
     ffn_units: int | None = None
     skinny_bk: int = 0
     skinny_stage: bool | None = None
-    skinny_rows: int = 0
+    skinny_rows: int | None = None
+    skinny_rows_c: int | None = None
     router_stages: int | None = None
 
     @property
@@ -281,12 +282,13 @@ BATCH_CASES = (
         Case("b4_sparse", 64, 4, 2, 16, 512, 16, 0, 0.3, 2, 16, cache_len=48), (5, 17, 30, 12)
     ),  # fmt: skip
     # ... the expert phase in groups of 2 units (a part group where the union is odd), the A and
-    # C products in 32-column chunks.
+    # C products in 32-column chunks, C's tile (and the router share's) padded on its own.
     BatchCase(
         Case("b4_sparse_u2_bk32", 64, 4, 2, 16, 512, 16, 0, 0.3, 2, 16, cache_len=48),
         (5, 17, 30, 12),
         ffn_units=2,
         skinny_bk=32,
+        skinny_rows_c=128,
     ),  # fmt: skip
 )
 

@@ -65,9 +65,10 @@ def test_interpreted_batch_cases_cover_what_they_claim(interpreted):
     "t,shape,timing,kw",
     [(4, "llama-3.2-1b", False, {}), (16, "llama-3.2-1b", True, {}), (8, "llama-3-8b", False, {}),
      (8, "llama-3-8b", False, {"ffn_units": 2}), (16, "llama-3-8b", False, {"skinny_stage": True}),
-     (4, "llama-3.2-1b", False, {"skinny_stage": True, "skinny_rows": 64, "router_stages": 3})],
+     (4, "llama-3.2-1b", False, {"skinny_stage": True, "skinny_rows": 64, "router_stages": 3}),
+     (4, "llama-3.2-1b", False, {"skinny_rows_c": 0})],
     ids=["1b_t4", "1b_t16_stamps", "8b_t8", "8b_t8_units2", "8b_t16_staged",
-         "1b_t4_staged_rows64_rs3"],
+         "1b_t4_staged_rows64_rs3", "1b_t4_c16"],
 )  # fmt: skip
 def test_batch_step_lowers_for_sm90(t, shape, timing, kw):
     """The 1B and 8B models' launches over 132 programs, planned by ``megastep.step`` itself
@@ -101,10 +102,16 @@ def test_batch_step_lowers_for_sm90(t, shape, timing, kw):
     assert c["CWF"] == min(256, 2 * c["BKF"])
     # Staged A / C inputs: each program's scratch as wide as the widest input (d or the heads').
     assert (c["SX"], c["KX"]) == (int(bool(stage)), max(cfg.d_model, cfg.n_heads * cfg.head_dim))
-    assert c["RA_PAD"] >= (rows or 16) and c["RC_PAD"] >= (rows or 16)
+    # A / C tiles and the router share's stages: by the shape unless asked (1B: A's tile 32
+    # rows, so 64 and 3 stages; 8B: A's tile 64 rows already, so 16 and a plain loop).
+    want_rows, want_rs = (64, 3) if shape == "llama-3.2-1b" else (16, 1)
+    rows = want_rows if rows is None else rows
+    rows_c = rows if kw.get("skinny_rows_c") is None else kw["skinny_rows_c"] or 16
+    natural = {"llama-3.2-1b": (32, 16), "llama-3-8b": (64, 32)}[shape]  # A / C rows, pow 2
+    assert (c["RA_PAD"], c["RC_PAD"]) == (max(rows, natural[0]), max(rows_c, natural[1]))
     if rows == 64:
         assert "wgmma" in ptx, "64-row A / C tiles on wgmma"
-    assert c["RS"] == kw.get("router_stages", 1), "the router share's pipeline stages"
+    assert c["RS"] == kw.get("router_stages", want_rs), "the router share's pipeline stages"
 
 
 def test_batch_bad_inputs_raise_clearly():
@@ -132,7 +139,7 @@ def test_batch_bad_inputs_raise_clearly():
         call(k_min=3, k_max=2)
     for bad in ({"prefetch_kb": -8}, {"warps": 6}, {"block_t": 8}, {"unit_stages": 0},
                 {"ffn_units": 0}, {"ffn_units": 3}, {"ffn_units": 16},
-                {"skinny_bk": 48}, {"skinny_rows": 48}, {"router_stages": 0},
+                {"skinny_bk": 48}, {"skinny_rows": 48}, {"skinny_rows_c": 8}, {"router_stages": 0},
                 {"router_stages": 7}):  # fmt: skip
         with pytest.raises(ValueError, match="megastep_batch: need"):
             call(**bad)
@@ -149,7 +156,7 @@ def test_batch_bad_inputs_raise_clearly():
     kc1, vc1 = megastep.stack_cache(cache1)
     tau1 = jnp.full((CASES[0].layers,), 0.5)
     for field, v in (("ffn_units", 2), ("skinny_bk", 64), ("stagger", False),
-                     ("skinny_stage", True), ("skinny_rows", 64),
+                     ("skinny_stage", True), ("skinny_rows", 64), ("skinny_rows_c", 64),
                      ("router_stages", 3)):  # fmt: skip
         with pytest.raises(ValueError, match=f"{field} is the batched launch's"):
             megastep.step(small, megastep.pack(small), tok1[None], pos1[None], kc1, vc1, tau1,
@@ -175,6 +182,7 @@ def test_gpu_batch_step_matches_xla(case):
             megastep.Launch(splits=case.case.splits, block_t=case.case.block_t,
                             ffn_units=case.ffn_units, skinny_bk=case.skinny_bk,
                             skinny_stage=case.skinny_stage, skinny_rows=case.skinny_rows,
+                            skinny_rows_c=case.skinny_rows_c,
                             router_stages=case.router_stages),
         )  # fmt: skip
     assert not np.asarray(fail).any()
