@@ -155,11 +155,12 @@ s56a)  # (written, not run: no device time left in the forty-first session) the 
     --variants "$V_SOME" --out "$OUT/skinny_phase.jsonl"
   ;;
 s57a)  # (forty-second session; ran in the forty-third, which made rows64 + rs3 the 1B default:
-  # "default" here is that since 2026-12-05) the A and C phases: their inputs staged once a phase into each program's scratch, normed and in bf16,
-  # before the weight loop (Launch(skinny_stage=True)); their tiles padded to 64 rows so Triton
-  # takes wgmma as in the expert phase (skinny_rows=64; 1B's A / C tiles are 32 / 16 rows,
-  # mma.sync); C's router share pipelined (router_stages=3; it was a plain loop of synchronous
-  # loads, 4 chunks a layer at 1B, 7 at 8B); and all three. GPU cases (all three, and those the
+  # "default" here is that since 2026-12-05) the A and C phases: their inputs staged once a
+  # phase into each program's scratch, normed and in bf16, before the weight loop
+  # (Launch(skinny_stage=True)); their tiles padded to 64 rows so Triton takes wgmma as in
+  # the expert phase (skinny_rows=64; 1B's A / C tiles are 32 / 16 rows, mma.sync); C's router
+  # share pipelined (router_stages=3; it was a plain loop of synchronous loads, 4 chunks a
+  # layer at 1B, 7 at 8B); and all three. GPU cases (all three, and those the
   # split form's removal renamed), then 1B at 4 and 16 sequences, one process, with the timeline
   PYTHONUNBUFFERED=1 run timeout 170 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
     -p no:cacheprovider -k "matches_xla and (staged or one_unit or b4_sparse)"

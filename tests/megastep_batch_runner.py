@@ -29,14 +29,9 @@ def main(out: str) -> None:
         mw = megastep.pack(model)
         kc, vc = megastep.stack_cache(cache)
         tau_l = jnp.stack([a.tau for a in args])
-        launch = megastep.Launch(programs=1, splits=c.case.splits, block_t=c.case.block_t,
-                                 ffn_units=c.ffn_units, skinny_bk=c.skinny_bk,
-                                 skinny_stage=c.skinny_stage,
-                                 skinny_rows=c.skinny_rows,
-                                 skinny_rows_c=c.skinny_rows_c,
-                                 router_stages=c.router_stages)  # fmt: skip
         logits, kc2, vc2, k_lb, fail = megastep.step(model, mw, tok_b, pos_b, kc, vc, tau_l,
-                                                     launch, interpret=True)  # fmt: skip
+                                                     c.launch(programs=1),
+                                                     interpret=True)  # fmt: skip
         rows = np.arange(len(c.lengths))
         p = np.asarray(pos_b)
         res[f"{c.name}/logits"] = np.asarray(logits, np.float32)

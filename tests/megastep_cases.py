@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prunepath_jax import megastep
 from prunepath_jax.config import ModelConfig, PrunePathConfig
 from prunepath_jax.models.layers import init_cache
 from prunepath_jax.models.llama import LlamaModel
@@ -242,6 +243,14 @@ class BatchCase(NamedTuple):
     @property
     def name(self) -> str:
         return self.case.name
+
+    def launch(self, **kw) -> megastep.Launch:
+        """The case's launch (its splits, key block and batched fields), plus ``kw``."""
+        return megastep.Launch(splits=self.case.splits, block_t=self.case.block_t,
+                               ffn_units=self.ffn_units, skinny_bk=self.skinny_bk,
+                               skinny_stage=self.skinny_stage, skinny_rows=self.skinny_rows,
+                               skinny_rows_c=self.skinny_rows_c,
+                               router_stages=self.router_stages, **kw)  # fmt: skip
 
 
 _B2_BF16 = Case(

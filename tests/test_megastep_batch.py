@@ -178,13 +178,8 @@ def test_gpu_batch_step_matches_xla(case):
         kc, vc = megastep.stack_cache(cache)
         tau_l = jnp.stack([a.tau for a in args])
         logits, _, _, k_lb, fail = jax.jit(megastep.step, static_argnums=(0, 7))(
-            model, mw, tok_b, pos_b, kc, vc, tau_l,
-            megastep.Launch(splits=case.case.splits, block_t=case.case.block_t,
-                            ffn_units=case.ffn_units, skinny_bk=case.skinny_bk,
-                            skinny_stage=case.skinny_stage, skinny_rows=case.skinny_rows,
-                            skinny_rows_c=case.skinny_rows_c,
-                            router_stages=case.router_stages),
-        )  # fmt: skip
+            model, mw, tok_b, pos_b, kc, vc, tau_l, case.launch()
+        )
     assert not np.asarray(fail).any()
     ref_k = np.stack([np.asarray(s.k_t).reshape(-1) for s in ref.ffn_stats])
     np.testing.assert_array_equal(np.asarray(k_lb), ref_k)
