@@ -178,17 +178,22 @@ s57b)  # (not run; the forty-third session timed default / rows64 / rows64+rs3 a
     "rs3": {"router_stages": 3}, "all3": {"skinny_stage": true, "skinny_rows": 64,
     "router_stages": 3}}' --out "$OUT/megastep_batch_decode.jsonl"
   ;;
-s58a)  # (written, not run: the forty-third session's device time ran out) s57a's timeline put
-  # the 64-row tiles' gain at 1B in A (20.9 -> 12.3 us a layer) and a loss in C (+2.5 us; at
-  # 8B +4.4): the 1B default (A and C at 64, router_stages 3) against C at its own 16 rows
-  # (skinny_rows_c=0), and at 8B the default (16 / 1) against the pipelined router share alone
-  # (router_stages=3; its 1B gain was 3%), then the GPU cases that run skinny_rows_c
+s58a)  # s57a's timeline put the 64-row tiles' gain at 1B in A (20.9 -> 12.3 us a layer) and a
+  # loss in C (+2.5 us; at 8B +4.4): the 1B default (A and C at 64, router_stages 3) against C
+  # at its own 16 rows (skinny_rows_c=0), after the GPU cases that run skinny_rows_c
   PYTHONUNBUFFERED=1 run timeout 150 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
     -p no:cacheprovider -k "matches_xla and (b4_sparse_u2 or b3_f32)"
-  run timeout 420 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
+  run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
     --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"default": {},
-    "c16": {"skinny_rows_c": 0}, "rs3": {"router_stages": 3}}' \
-    --out "$OUT/megastep_batch_decode.jsonl"
+    "c16": {"skinny_rows_c": 0}}' --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
+s58b)  # 8B: the default (16 rows, 1 router stage) against the pipelined router share alone
+  # (router_stages=3; its 1B gain was 3%), then the batched step's four-prompt generation test
+  # (cut off by the forty-third session's own time limit)
+  run timeout 330 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
+    --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"default": {},
+    "rs3": {"router_stages": 3}}' --out "$OUT/megastep_batch_decode.jsonl"
+  gpu_tests 240 tests/test_megastep_batch.py -k generat
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
