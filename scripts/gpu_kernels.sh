@@ -180,20 +180,28 @@ s57b)  # (not run; the forty-third session timed default / rows64 / rows64+rs3 a
   ;;
 s58a)  # s57a's timeline put the 64-row tiles' gain at 1B in A (20.9 -> 12.3 us a layer) and a
   # loss in C (+2.5 us; at 8B +4.4): the 1B default (A and C at 64, router_stages 3) against C
-  # at its own 16 rows (skinny_rows_c=0), after the GPU cases that run skinny_rows_c
+  # at its own 16 rows (skinny_rows_c=0), after the GPU cases that run skinny_rows_c; and, for
+  # "auto" at 2-16 prompts, both against the registry's Triton kernels and dense, one process
   PYTHONUNBUFFERED=1 run timeout 150 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
     -p no:cacheprovider -k "matches_xla and (b4_sparse_u2 or b3_f32)"
-  run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
-    --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"default": {},
+  run timeout 400 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+    --batches 2 4 8 16 --check-steps 1 --chunks 4 --launches '{"default": {},
     "c16": {"skinny_rows_c": 0}}' --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 s58b)  # 8B: the default (16 rows, 1 router stage) against the pipelined router share alone
-  # (router_stages=3; its 1B gain was 3%), then the batched step's four-prompt generation test
-  # (cut off by the forty-third session's own time limit)
+  # (router_stages=3; its 1B gain was 3%) and the Triton kernels, then the batched step's
+  # four-prompt generation test (cut off by the forty-third session's own time limit)
   run timeout 330 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
-    --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"default": {},
+    --batches 4 16 --check-steps 1 --chunks 4 --launches '{"default": {},
     "rs3": {"router_stages": 3}}' --out "$OUT/megastep_batch_decode.jsonl"
   gpu_tests 240 tests/test_megastep_batch.py -k generat
+  ;;
+s58c)  # the batched step at a 4k cache (every earlier row: ~150 positions) against the Triton
+  # kernels and dense: whether "auto" may take it past short caches (no check: the XLA prefill
+  # of b x 4000 tokens)
+  run timeout 560 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --batches 4 16 --prompt-len 4000 --check-steps 0 --chunks 3 \
+    --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
