@@ -369,10 +369,10 @@ def generate(
             17 408 positions (``decode_attention.AUTO_MAX_CACHE``) and unsharded weights, where
             it measured faster (BENCHMARKS.md). "megastep": 1-16 prompts through a PrunePath
             Llama (no attention biases nor sliding window), the prefill as "auto", then every
-            decode step's layers in ONE Triton launch (`prunepath_jax.megastep`; GPU only; the
-            2-16-sequence launch is not measured on a GPU yet);
-            "auto" takes it for one prompt where it can run and measured faster, with a cache
-            of at most `megastep.AUTO_MAX_CACHE` positions and room for its weight copy
+            decode step's layers in ONE Triton launch (`prunepath_jax.megastep`; GPU only);
+            "auto" takes it where it can run and measured faster than the kernels: one prompt
+            with a cache of at most `megastep.AUTO_MAX_CACHE` positions, or 4-16 prompts with
+            at most `megastep.AUTO_MAX_CACHE_BATCH`, and room for its weight copy
             (`megastep.auto_ok`). None keeps the model's own compute paths. The decode step
             stays one compiled program.
         tau: PrunePath budget (scalar or per-layer); builds `ffn_args` when those are not given.

@@ -12,8 +12,9 @@ the model's layer weights once (the model's own arrays are per layer; memory: th
 weights twice while both are alive). The KV cache is stacked too: ``stack_cache`` turns the
 per-layer caches a prefill filled into ``[L, s, kv, hd]`` arrays (batch 1), or
 ``[L, b, s, kv, hd]`` for 2-16 sequences, which ``kernels.triton_megastep_batch`` decodes in one
-launch a step (``step`` picks the kernel by the cache's rank; the batched one is not measured
-on a GPU yet, so ``"auto"`` takes the one-launch step for one sequence only).
+launch a step (``step`` picks the kernel by the cache's rank; ``"auto"`` takes the batched one
+for 4-16 prompts with short caches, where it measured faster than the default kernels:
+``AUTO_BATCH_MIN``).
 
     tokens = generate(model, [prompt], 64, tau=0.5, implementation="megastep")  # packs itself
     mw = megastep.pack(model)  # or step by step: megastep.step / decode_chunk
@@ -163,6 +164,16 @@ MAX_BATCH = 16
 AUTO_MAX_CACHE = 32 * 1024
 # ... and when its stacked copies (layer weights, KV cache) fit in this share of the free memory.
 AUTO_MEMORY_SHARE = 0.5
+# "auto" takes the batched launch (``kernels.triton_megastep_batch``) for 4-16 prompts with a
+# cache of up to 256 positions: at 75%, distinct sequences, it measured ahead of the registry's
+# default kernels there (8B at 16 sequences 5456 vs 6112 µs a step, at 4 4664 vs 4703, one
+# process each; 1B 0.81 / 0.83× dense at 4 / 16 against the kernels' 0.77 / 0.76×, separate
+# runs: BENCHMARKS.md, fortieth, forty-first and forty-third sessions), both slower than dense
+# (the union of the sequences' experts is 66-99% of E). Not at 2: the kernels were ahead at 1B
+# (0.86× vs 0.69×) before the launch's 64-row tiles, and it was not re-timed there since. Longer
+# caches were not measured.
+AUTO_BATCH_MIN = 4
+AUTO_MAX_CACHE_BATCH = 256
 
 
 def _layer_vars(b) -> tuple:
@@ -173,10 +184,10 @@ def _layer_vars(b) -> tuple:
             b.mlp.w_out)  # fmt: skip
 
 
-def packed_bytes(model: nnx.Module, cache_len: int, head: bool = False) -> int:
+def packed_bytes(model: nnx.Module, cache_len: int, head: bool = False, batch: int = 1) -> int:
     """Bytes of ``pack``'s copy (the router in float32; ``head``: the LM head's transposed
-    rows of an untied model) plus the stacked KV cache; from shapes only, so an abstract model
-    (``nnx.eval_shape``) plans its memory too."""
+    rows of an untied model) plus the stacked KV cache of ``batch`` sequences; from shapes
+    only, so an abstract model (``nnx.eval_shape``) plans its memory too."""
     cfg = model.cfg
     n = 0
     if head and not cfg.tie_embeddings:
@@ -189,7 +200,7 @@ def packed_bytes(model: nnx.Module, cache_len: int, head: bool = False) -> int:
             n += int(np.prod(v.shape)) * jnp.dtype(dtype).itemsize
         n += 4 * b.mlp.router.shape[-1] * cfg.n_heads * cfg.head_dim  # router_o
     item = jnp.dtype(model.embed_tokens.embedding.dtype).itemsize
-    return n + 2 * cfg.n_layers * cache_len * cfg.n_kv_heads * cfg.head_dim * item
+    return n + 2 * batch * cfg.n_layers * cache_len * cfg.n_kv_heads * cfg.head_dim * item
 
 
 def _free_bytes(leaves) -> int:
@@ -204,18 +215,24 @@ def auto_ok(
     model: nnx.Module, n_prompts: int, ffn_args, cache_len: int, cache_dtype=None
 ) -> str | None:
     """Why ``generate(..., implementation="auto")`` does not take the one-launch step, or None
-    when it does: one prompt of a PrunePath Llama it computes, a budget, a GPU with jax-triton,
-    bf16 or fp32 weights and cache (``cache_dtype``: the embedding's when None; the dtypes it
-    was measured and tested with), a cache of at most ``AUTO_MAX_CACHE`` positions, weights on
-    one device, and its stacked copies within ``AUTO_MEMORY_SHARE`` of that device's free
-    memory (it doubles the layer weights while it decodes; where the device reports no memory
-    figures, it is not taken)."""
-    if n_prompts != 1 or ffn_args is None:
-        return "one prompt and a budget tau"
+    when it does: one prompt, or ``AUTO_BATCH_MIN``-``MAX_BATCH`` prompts (the batched launch),
+    of a PrunePath Llama it computes, a budget, a GPU with jax-triton, bf16 or fp32 weights and
+    cache (``cache_dtype``: the embedding's when None; the dtypes it was measured and tested
+    with), a cache of at most ``AUTO_MAX_CACHE`` positions (``AUTO_MAX_CACHE_BATCH`` with
+    several prompts), weights on one device, and its stacked copies within
+    ``AUTO_MEMORY_SHARE`` of that device's free memory (it doubles the layer weights while it
+    decodes; where the device reports no memory figures, it is not taken)."""
+    if ffn_args is None:
+        return "a budget tau"
+    if n_prompts != 1 and not AUTO_BATCH_MIN <= n_prompts <= MAX_BATCH:
+        return (
+            f"one prompt or {AUTO_BATCH_MIN}-{MAX_BATCH} prompts (measured faster than the "
+            f"default kernels there), got {n_prompts}"
+        )
     if jax.default_backend() != "gpu":
         return "a GPU"
     try:
-        check(model)
+        check(model, n_prompts)
         from prunepath_jax.kernels import jt
 
         jt.jax_triton_module()
@@ -225,13 +242,17 @@ def auto_ok(
     dtypes = {weights, jnp.dtype(cache_dtype or weights)}
     if not dtypes <= {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}:
         return f"bfloat16 or float32 weights and cache, got {sorted(map(str, dtypes))}"
-    if cache_len > AUTO_MAX_CACHE:
-        return f"a KV cache of at most {AUTO_MAX_CACHE} positions (measured), got {cache_len}"
+    max_cache = AUTO_MAX_CACHE if n_prompts == 1 else AUTO_MAX_CACHE_BATCH
+    if cache_len > max_cache:
+        return (
+            f"a KV cache of at most {max_cache} positions (measured) with {n_prompts} "
+            f"prompt(s), got {cache_len}"
+        )
     leaves = jax.tree.leaves(nnx.state(model))
     if any(len(x.sharding.device_set) > 1 for x in leaves if hasattr(x, "sharding")):
         return "weights on one device (the launch runs on one GPU; these are sharded)"
     free = _free_bytes(leaves)
-    need = packed_bytes(model, cache_len)
+    need = packed_bytes(model, cache_len, batch=n_prompts)
     if need > AUTO_MEMORY_SHARE * free:
         return f"{need / 2**30:.1f} GiB of stacked copies, {free / 2**30:.1f} GiB free"
     return None

@@ -19,7 +19,7 @@ from flax import nnx
 from helpers import assert_close, interpreted_npz, sm90_compile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from megastep_cases import CASES, build  # noqa: E402
+from megastep_cases import BATCH_CASES, CASES, build  # noqa: E402
 
 from prunepath_jax import megastep  # noqa: E402
 from prunepath_jax.config import PRESETS  # noqa: E402
@@ -391,7 +391,7 @@ def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch)
     assert megastep._free_bytes(jax.tree.leaves(nnx.state(model))) >= 0  # CPU: no figures
     monkeypatch.setattr(megastep, "_free_bytes", lambda leaves: 4 * need)
     assert megastep.auto_ok(model, 1, args, 64) is None
-    assert "one prompt" in megastep.auto_ok(model, 2, args, 64)
+    assert "one prompt" in megastep.auto_ok(model, megastep.AUTO_BATCH_MIN - 1, args, 64)
     assert "budget" in megastep.auto_ok(model, 1, None, 64)
     long = megastep.AUTO_MAX_CACHE + 64
     assert "cache" in megastep.auto_ok(model, 1, args, long)
@@ -407,6 +407,34 @@ def test_auto_takes_the_one_launch_step_only_where_it_runs_and_fits(monkeypatch)
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     nnx.update(model, jax.device_put(nnx.state(model), spec))
     assert "one device" in megastep.auto_ok(model, 1, args, 64)
+
+
+def test_auto_takes_the_batched_launch_for_its_measured_batches_and_caches(monkeypatch):
+    """generate's "auto" with several prompts: the batched launch for ``AUTO_BATCH_MIN``-16
+    prompts (a group size it runs), up to ``AUTO_MAX_CACHE_BATCH`` positions, with every
+    sequence's stacked cache counted against the free memory; every refusal says why."""
+    model = build(BATCH_CASES[0].case)[0]
+    args = [0.5]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jt, "jax_triton_module", lambda: None)
+    cfg = model.cfg
+    lo, hi = megastep.AUTO_BATCH_MIN, megastep.MAX_BATCH
+    need = megastep.packed_bytes(model, 64, batch=hi)
+    per_seq = 2 * cfg.n_layers * 64 * cfg.n_kv_heads * cfg.head_dim * 4  # k and v, fp32
+    assert need - megastep.packed_bytes(model, 64) == (hi - 1) * per_seq
+    monkeypatch.setattr(megastep, "_free_bytes", lambda leaves: 2 * need)
+    assert megastep.auto_ok(model, lo, args, 64) is None
+    assert megastep.auto_ok(model, hi, args, 64) is None
+    assert megastep.auto_ok(model, 1, args, 64) is None
+    assert f"{lo}-{hi} prompts" in megastep.auto_ok(model, hi + 1, args, 64)
+    if lo > 2:
+        assert f"{lo}-{hi} prompts" in megastep.auto_ok(model, lo - 1, args, 64)
+    long = megastep.AUTO_MAX_CACHE_BATCH + 64
+    assert "positions (measured)" in megastep.auto_ok(model, lo, args, long)
+    assert "GiB" in megastep.auto_ok(model, hi, args, 64 * 3)  # 3× the cache: over the share
+    odd = build(CASES[0])[0]  # 8-neuron experts: not the batched launch's 16-neuron units
+    assert odd.cfg.prunepath.group_size % 16
+    assert "multiple of 16" in megastep.auto_ok(odd, lo, args, 64)
 
 
 def _gpu_step_vs_xla(cfg, launch, prompt: int = 40, cache_len: int = 128):
