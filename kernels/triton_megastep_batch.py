@@ -66,8 +66,8 @@ slower than dense**: 1B 1146 / 1385 µs a step at 4 / 16 sequences against 926 /
 experts (66% of E at 4, 98% at 16) leaves the bytes little to skip. Correct on the GPU: its
 fp32 logits match XLA's (at "highest" precision) within the fp32 tolerance and its greedy tokens
 equal XLA's. ``prunepath_jax.megastep`` takes it for ``generate(..., implementation="megastep")``
-with 2-16 prompts, ``"auto"`` with 4-16 and short caches (``megastep.AUTO_BATCH_MIN``: ahead of
-the per-layer Triton kernels there).
+with 2-16 prompts, ``"auto"`` with 4-16, short caches and d ≥ 2048 (``megastep.AUTO_BATCH_MIN``:
+ahead of the per-layer Triton kernels there).
 
 Limits (``check`` raises): those of the batch-1 step, and 1 ≤ T ≤ 16, G a multiple of 16.
 """

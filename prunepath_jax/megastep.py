@@ -171,9 +171,10 @@ AUTO_MEMORY_SHARE = 0.5
 # runs: BENCHMARKS.md, fortieth, forty-first and forty-third sessions), both slower than dense
 # (the union of the sequences' experts is 66-99% of E). Not at 2: the kernels were ahead at 1B
 # (0.86× vs 0.69×) before the launch's 64-row tiles, and it was not re-timed there since. Longer
-# caches were not measured.
+# caches, and widths under the 1B's d 2048 (SmolLM2's 576), were not measured.
 AUTO_BATCH_MIN = 4
 AUTO_MAX_CACHE_BATCH = 256
+AUTO_BATCH_MIN_WIDTH = 2048
 
 
 def _layer_vars(b) -> tuple:
@@ -215,13 +216,14 @@ def auto_ok(
     model: nnx.Module, n_prompts: int, ffn_args, cache_len: int, cache_dtype=None
 ) -> str | None:
     """Why ``generate(..., implementation="auto")`` does not take the one-launch step, or None
-    when it does: one prompt, or ``AUTO_BATCH_MIN``-``MAX_BATCH`` prompts (the batched launch),
-    of a PrunePath Llama it computes, a budget, a GPU with jax-triton, bf16 or fp32 weights and
-    cache (``cache_dtype``: the embedding's when None; the dtypes it was measured and tested
-    with), a cache of at most ``AUTO_MAX_CACHE`` positions (``AUTO_MAX_CACHE_BATCH`` with
-    several prompts), weights on one device, and its stacked copies within
-    ``AUTO_MEMORY_SHARE`` of that device's free memory (it doubles the layer weights while it
-    decodes; where the device reports no memory figures, it is not taken)."""
+    when it does: one prompt, or ``AUTO_BATCH_MIN``-``MAX_BATCH`` prompts (the batched launch,
+    at widths of at least ``AUTO_BATCH_MIN_WIDTH``), of a PrunePath Llama it computes, a
+    budget, a GPU with jax-triton, bf16 or fp32 weights and cache (``cache_dtype``: the
+    embedding's when None; the dtypes it was measured and tested with), a cache of at most
+    ``AUTO_MAX_CACHE`` positions (``AUTO_MAX_CACHE_BATCH`` with several prompts), weights on
+    one device, and its stacked copies within ``AUTO_MEMORY_SHARE`` of that device's free
+    memory (it doubles the layer weights while it decodes; where the device reports no memory
+    figures, it is not taken)."""
     if ffn_args is None:
         return "a budget tau"
     if n_prompts != 1 and not AUTO_BATCH_MIN <= n_prompts <= MAX_BATCH:
@@ -242,6 +244,11 @@ def auto_ok(
     dtypes = {weights, jnp.dtype(cache_dtype or weights)}
     if not dtypes <= {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}:
         return f"bfloat16 or float32 weights and cache, got {sorted(map(str, dtypes))}"
+    if n_prompts > 1 and model.cfg.d_model < AUTO_BATCH_MIN_WIDTH:
+        return (
+            f"one prompt at d_model {model.cfg.d_model} (several: measured at d_model >= "
+            f"{AUTO_BATCH_MIN_WIDTH} only)"
+        )
     max_cache = AUTO_MAX_CACHE if n_prompts == 1 else AUTO_MAX_CACHE_BATCH
     if cache_len > max_cache:
         return (

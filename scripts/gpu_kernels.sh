@@ -204,9 +204,12 @@ s58b)  # 8B: the default (16 rows, 1 router stage) against the pipelined router 
 s58c)  # the batched step at a 4k cache (every earlier row: ~150 positions) against the Triton
   # kernels and dense: whether "auto" may take it past short caches (no check: the XLA prefill
   # of b x 4000 tokens)
-  run timeout 560 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
+  run timeout 400 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
     --batches 4 16 --prompt-len 4000 --check-steps 0 --chunks 3 \
     --out "$OUT/megastep_batch_decode.jsonl"
+  # ... and at the SmolLM2-135M shape (d 576; s52c), which "auto" leaves to the kernels
+  run timeout 180 python3 benchmarks/megastep_batch_decode.py --shapes smollm2-135m \
+    --batches 2 4 8 16 --check-steps 1 --chunks 4 --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2

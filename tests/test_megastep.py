@@ -423,6 +423,8 @@ def test_auto_takes_the_batched_launch_for_its_measured_batches_and_caches(monke
     per_seq = 2 * cfg.n_layers * 64 * cfg.n_kv_heads * cfg.head_dim * 4  # k and v, fp32
     assert need - megastep.packed_bytes(model, 64) == (hi - 1) * per_seq
     monkeypatch.setattr(megastep, "_free_bytes", lambda leaves: 2 * need)
+    assert "measured at d_model >= " in megastep.auto_ok(model, lo, args, 64)  # d 64
+    monkeypatch.setattr(megastep, "AUTO_BATCH_MIN_WIDTH", cfg.d_model)
     assert megastep.auto_ok(model, lo, args, 64) is None
     assert megastep.auto_ok(model, hi, args, 64) is None
     assert megastep.auto_ok(model, 1, args, 64) is None
