@@ -114,6 +114,32 @@ def check(model, mw, ffn_args, tau_l, batch, prompt_len, n_steps, launch) -> dic
             "union_frac": float(np.mean(unions))}  # fmt: skip
 
 
+# Per-layer registry rows (`--ffn-impls`): name -> (implementation, Pallas tuning).
+REGISTRY_ROWS = {
+    "xla": ("xla", {}),
+    "pallas": ("pallas", {}),
+    "pallas_dense": ("pallas", {"experts": "dense"}),
+}
+
+
+def time_registry_row(model, name, batch, a, ffn_args) -> dict:
+    """``time_decode`` with every FFN layer on one registry backend (and Pallas tuning, applied
+    through ``pallas_plan.TUNING_OVERRIDES`` with the jitted layer's cache cleared, since the
+    plan is read at trace time); the model is set back to the Triton kernels after."""
+    from prunepath_jax.kernels import pallas_plan
+
+    impl, tuning = REGISTRY_ROWS[name]
+    set_compute(model, "kernel", impl)
+    pallas_plan.TUNING_OVERRIDES[batch] = dict(tuning)
+    jax.clear_caches()
+    try:
+        return time_decode(model, batch, a.prompt_len, a.steps, a.chunks, ffn_args, "auto")
+    finally:
+        pallas_plan.TUNING_OVERRIDES.pop(batch, None)
+        jax.clear_caches()
+        set_compute(model, "kernel", "triton")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "llama-3-8b"])
@@ -129,6 +155,14 @@ def main() -> None:
         help='JSON {label: Launch fields}, each checked and timed, e.g. {"w4": {"warps": 4}}',
     )
     ap.add_argument("--no-default", action="store_true", help="skip the Triton kernels' rows")
+    ap.add_argument(
+        "--ffn-impls",
+        nargs="*",
+        default=[],
+        choices=sorted(REGISTRY_ROWS),
+        help="more per-layer registry rows beside the Triton kernels' (e.g. pallas_dense: the "
+        "Pallas selection kernel's gates into XLA's dense matmuls)",
+    )
     ap.add_argument("--out", default="results/megastep_batch_decode.jsonl")
     a = ap.parse_args()
     head = {**header(), "bench": "megastep_batch_decode"}
@@ -172,6 +206,14 @@ def main() -> None:
                 r = time_decode(sparse, b, a.prompt_len, a.steps, a.chunks, args, "auto")
                 emit({**base, "impl": "triton_default", "us_per_step": r["us_per_step"],
                       "speedup_vs_dense": dense[b]["us_per_step"] / r["us_per_step"]})  # fmt: skip
+            for name in a.ffn_impls:
+                try:
+                    r = time_registry_row(sparse, name, b, a, args)
+                    us = r["us_per_step"]
+                    emit({**base, "impl": name, "us_per_step": us,
+                          "speedup_vs_dense": dense[b]["us_per_step"] / us})  # fmt: skip
+                except Exception as err:  # report and go on
+                    print(f"{shape} b{b} {name}: {type(err).__name__}: {err}"[:800], flush=True)
         del sparse, mw
     cols = ["shape", "impl", "batch", "union_frac", "us_per_step", "speedup_vs_dense",
             "max_rel_logit_err", "argmax_agree", "k_equal_steps", "barrier_failures"]  # fmt: skip

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from prunepath_jax import routing
 from prunepath_jax.kernels import pallas_balanced, pallas_experts
+from prunepath_jax.kernels.api import xla_masked
 from prunepath_jax.kernels.jt import next_pow2 as _next_pow2
 from prunepath_jax.kernels.pallas_experts import accumulator_shape
 from prunepath_jax.kernels.pallas_logits import (
@@ -164,7 +165,8 @@ def _decode_jit(
     if norm_d is not None and not fuse_norm:
         x_td = rms_norm(x_td, norm_d, norm_eps)
     n_slots = min(e, t * k_cap)
-    acc_shape = accumulator_shape(t, d, group_size, n_slots, plan)
+    dense = plan["experts"] == "dense"  # XLA's dense matmuls consume the gate table
+    acc_shape = None if dense else accumulator_shape(t, d, group_size, n_slots, plan)
     y0 = None
     if plan["routing"] == "pallas":  # one selection launch: softmax, rank-based choice, gates
         # Routing runs on the real tokens padded to a power of two, not on the expert kernel's
@@ -180,7 +182,7 @@ def _decode_jit(
             else:
                 part, n_part = router_logits_partials(_pad_rows(x_td, tr), router_de, **kw)
             sel_kw = dict(block_e=plan["select_block_e"], num_warps=plan["select_warps"])
-            zero = acc_shape if zeroable(acc_shape, ep, sel_kw["block_e"]) else None
+            zero = acc_shape if not dense and zeroable(acc_shape, ep, sel_kw["block_e"]) else None
             gate_re, k_t, y0 = route_gates_from_partials(
                 part, n_part, tau, t=t, e=e, ep=ep, rule=rule, gate=gate, k_min=k_min,
                 k_max=k_max, zeros=zero, interpret=interpret, **sel_kw,
@@ -202,7 +204,13 @@ def _decode_jit(
         gate_te, k_t = route_gates(
             x_td, router_de, tau, rule=rule, gate=gate, k_min=k_min, k_max=k_max
         )
-        gate_pe = jnp.zeros((tp, ep), jnp.float32).at[:t, :e].set(gate_te)
+        if dense:
+            gate_re = gate_te
+        else:
+            gate_pe = jnp.zeros((tp, ep), jnp.float32).at[:t, :e].set(gate_te)
+    if dense:
+        y_td = xla_masked(x_td, gate_re[:t, :e], w_in_cfd, w_out_fd, group_size=group_size)
+        return y_td, k_t
     # One token is never padded: the expert kernel broadcasts its row to the 16 dot rows (a pad
     # was one more XLA launch per layer, ~1.3 µs on the H200, for 32 KB of zeros).
     x_pd = x_td if t == 1 else _pad_rows(x_td, tp)

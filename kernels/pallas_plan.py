@@ -79,10 +79,14 @@ def plan(t: int, d: int, g: int, dtype, tuning: dict) -> dict:
     tuning = {**TUNING_OVERRIDES.get(t, {}), **tuning}
     common = _plan_common(dtype, tuning)
     experts = tuning.get("experts", "auto")
-    if experts not in ("auto", "blocks", "balanced"):
-        raise ValueError(f"experts must be 'auto', 'blocks' or 'balanced', got {experts!r}")
+    if experts not in ("auto", "blocks", "balanced", "dense"):
+        raise ValueError(
+            f"experts must be 'auto', 'blocks', 'balanced' or 'dense', got {experts!r}"
+        )
     if experts == "auto":
         experts = _experts_form(t, d, tuning)
+    if experts == "dense":  # no expert kernel: XLA's dense matmuls over the gate table
+        return {**common, "experts": "dense", "tp": _next_pow2(t)}
     if experts == "balanced":
         return {**common, **_plan_balanced(t, d, g, tuning)}
     use_dot = tuning.get("use_dot")

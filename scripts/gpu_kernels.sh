@@ -212,6 +212,17 @@ s58c)  # the batched step at a 4k cache (every earlier row: ~150 positions) agai
   run timeout 180 python3 benchmarks/megastep_batch_decode.py --shapes smollm2-135m \
     --batches 2 4 8 16 --check-steps 1 --chunks 4 --out "$OUT/megastep_batch_decode.jsonl"
   ;;
+s59a)  # every sparse path at 2-16 distinct sequences was below dense (1B 0.68-0.86x); the
+  # masked XLA path's routing is a sort and ~10 launches a layer. New `experts="dense"`: the
+  # Pallas selection kernel's gate table into XLA's dense matmuls (dense bytes, one or two
+  # launches of routing) beside the kernels, the batched launch, the masked XLA path and dense
+  run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+    --batches 2 4 8 16 --check-steps 1 --chunks 4 --ffn-impls pallas_dense xla \
+    --out "$OUT/megastep_batch_decode.jsonl"
+  run timeout 280 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
+    --batches 4 16 --check-steps 1 --chunks 4 --ffn-impls pallas_dense \
+    --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;

@@ -113,6 +113,15 @@ CASES = [
       "logit_warps": 1}),
     ("b3_select_be64_fp32", 3, 64, 40, 16, jnp.float32, 0.6, 0.1,
      {"select_block_e": 64, "select_warps": 8}),
+    # No expert kernel: the selection kernel's gate table into XLA's dense matmuls (the fused
+    # glue with its accumulator left alone at 2 tokens, the XLA sum at 5, the fused norm, k = E,
+    # the XLA routing).
+    ("b2_dense_e40_norm_fp32", 2, 128, 40, 16, jnp.float32, 0.6, 0.1,
+     {"experts": "dense", "with_norm": True}),
+    ("b5_dense_bf16", 5, 192, 8, 32, jnp.bfloat16, 0.6, 0.1, {"experts": "dense"}),
+    ("b16_dense_kE_fp32", 16, 64, 8, 16, jnp.float32, 1.05, 1.0, {"experts": "dense"}),
+    ("b3_dense_xla_routing_bf16", 3, 64, 40, 16, jnp.bfloat16, 0.6, 0.1,
+     {"experts": "dense", "routing": "xla"}),
 ]  # fmt: skip
 _ROUTE_KEYS = ("rule", "gate", "k_min", "k_max")
 _TEST_KEYS = _ROUTE_KEYS + ("with_norm",)
@@ -368,10 +377,12 @@ def test_triton_lowering_exports_for_cuda(case):
                               tuning=tuning, norm_eps=NORM_EPS, **route_kw)  # fmt: skip
 
     n_triton = cuda_triton_calls(jax.jit(fn), *_layer_specs(t, d, e, g, dtype, (), norm))
-    split = pd._plan(t, d, g, dtype, dict(tuning)).get("down") in ("split", "preact")  # 2nd
+    plan = pd._plan(t, d, g, dtype, dict(tuning))
+    split = plan.get("down") in ("split", "preact")  # a second expert kernel
+    experts = plan["experts"] != "dense"  # dense: XLA's matmuls, no expert kernel
     route = opts.get("routing") != "xla"  # the sort-free selection kernel
     logits = route and opts.get("logits", "pallas") == "pallas"  # the split-K router GEMV
-    expect = 1 + route + logits + split
+    expect = experts + route + logits + split
     assert n_triton == expect
 
 
