@@ -276,7 +276,11 @@ def sparse_ffn_decode(
             ``tail="masked"``
             (default: where d has a small power-of-two factor, ``block_d``-wide tiles with a
             masked last one) or ``"divisor"`` (the largest power-of-two block dividing d);
-            ``experts="auto"`` (default: ``_experts_form`` picks by t and d),
+            ``experts="auto"`` (default: ``_experts_form`` picks by t and d), ``"dense"`` (no
+            expert kernel: the gate table into XLA's dense matmuls, ``api.xla_masked``; kept to
+            measure: at 2-16 distinct sequences, where the union is 43-99% of E, it measured
+            slower than the expert kernels and the batched one-launch step, H100, forty-fifth
+            session),
             ``"blocks"`` (``pallas_experts.py``: a program per expert and neuron block) or
             ``"balanced"`` (one token: ``pallas_balanced.py``, ``programs`` persistent programs
             sharing the union's neurons in ``block_n``-neuron units; ``prefetch=1`` software-

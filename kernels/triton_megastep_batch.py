@@ -60,14 +60,18 @@ The residual stream stays fp32 inside the launch (the XLA model rounds it to the
 after every add), so bf16 results agree with the fp32 model within the bf16 tolerance and fp32
 ones with the XLA step up to summation order (the atomics' order varies from run to run).
 
-Measured on the H200 (BENCHMARKS.md, forty-third session; 75%, distinct sequences): **still
-slower than dense**: 1B 1146 / 1385 µs a step at 4 / 16 sequences against 926 / 1149 (0.81 /
-0.83×), 8B 4537 / 5422 against 4148 / 4841 (0.91 / 0.89×). The union of the sequences'
-experts (66% of E at 4, 98% at 16) leaves the bytes little to skip. Correct on the GPU: its
-fp32 logits match XLA's (at "highest" precision) within the fp32 tolerance and its greedy tokens
-equal XLA's. ``prunepath_jax.megastep`` takes it for ``generate(..., implementation="megastep")``
-with 2-16 prompts, ``"auto"`` with 4-16, short caches and d ≥ 2048 (``megastep.AUTO_BATCH_MIN``:
-ahead of the per-layer Triton kernels there).
+Measured (BENCHMARKS.md; 75%, distinct sequences): on the H200 (forty-third session) 1B 1146 /
+1385 µs a step at 4 / 16 sequences against dense 926 / 1149 (0.81 / 0.83×), 8B 4537 / 5422
+against 4148 / 4841 (0.91 / 0.89×); on an H100 (forty-fifth session) at 64 cache positions 1B
+0.92-1.00× dense at 2-16 sequences and 8B 1.07 / 0.94× at 4 / 16, at 4352 positions 1B 0.97 /
+1.15× and 8B 1.08 / 1.16× at 4 / 16 — ahead of the per-layer Triton kernels in every row. The
+union of the sequences' experts (43% of E at 2, 66% at 4, 98% at 16) leaves the bytes little
+to skip at short caches; at long ones the attention's cache reads dominate both steps. Correct
+on the GPU: its fp32 logits match XLA's (at "highest" precision) within the fp32 tolerance and
+its greedy tokens equal XLA's. ``prunepath_jax.megastep`` takes it for
+``generate(..., implementation="megastep")`` with 2-16 prompts, ``"auto"`` too up to 4352 cache
+positions (at most 8 prompts below d 2048; ``megastep.AUTO_BATCH_MIN``: ahead of the per-layer
+kernels there).
 
 Limits (``check`` raises): those of the batch-1 step, and 1 ≤ T ≤ 16, G a multiple of 16.
 """

@@ -13,8 +13,8 @@ weights twice while both are alive). The KV cache is stacked too: ``stack_cache`
 per-layer caches a prefill filled into ``[L, s, kv, hd]`` arrays (batch 1), or
 ``[L, b, s, kv, hd]`` for 2-16 sequences, which ``kernels.triton_megastep_batch`` decodes in one
 launch a step (``step`` picks the kernel by the cache's rank; ``"auto"`` takes the batched one
-for 4-16 prompts with short caches, where it measured faster than the default kernels:
-``AUTO_BATCH_MIN``).
+for 2-16 prompts with caches up to 4352 positions, where it measured faster than the default
+kernels: ``AUTO_BATCH_MIN``).
 
     tokens = generate(model, [prompt], 64, tau=0.5, implementation="megastep")  # packs itself
     mw = megastep.pack(model)  # or step by step: megastep.step / decode_chunk
@@ -164,17 +164,20 @@ MAX_BATCH = 16
 AUTO_MAX_CACHE = 32 * 1024
 # ... and when its stacked copies (layer weights, KV cache) fit in this share of the free memory.
 AUTO_MEMORY_SHARE = 0.5
-# "auto" takes the batched launch (``kernels.triton_megastep_batch``) for 4-16 prompts with a
-# cache of up to 256 positions: at 75%, distinct sequences, it measured ahead of the registry's
-# default kernels there (8B at 16 sequences 5456 vs 6112 µs a step, at 4 4664 vs 4703, one
-# process each; 1B 0.81 / 0.83× dense at 4 / 16 against the kernels' 0.77 / 0.76×, separate
-# runs: BENCHMARKS.md, fortieth, forty-first and forty-third sessions), both slower than dense
-# (the union of the sequences' experts is 66-99% of E). Not at 2: the kernels were ahead at 1B
-# (0.86× vs 0.69×) before the launch's 64-row tiles, and it was not re-timed there since. Longer
-# caches, and widths under the 1B's d 2048 (SmolLM2's 576), were not measured.
-AUTO_BATCH_MIN = 4
-AUTO_MAX_CACHE_BATCH = 256
-AUTO_BATCH_MIN_WIDTH = 2048
+# "auto" takes the batched launch (``kernels.triton_megastep_batch``) for 2-16 prompts with a
+# cache of up to 4352 positions, where it measured ahead of the registry's per-layer kernels (75%,
+# distinct sequences, µs a step, one process a shape; BENCHMARKS.md, forty-fifth session, H100):
+# 1B at 64 positions, 2 / 4 / 8 / 16 sequences: 1158 / 1263 / 1403 / 1560 against the Triton
+# kernels' 1196 / 1359 / 1558 / 1834 (dense 1152 / 1161 / 1184 / 1497); 8B at 4 / 16: 5200 / 6542
+# against 5515 / 7255 (dense 5574 / 6151); at 4352 positions 1B 1495 / 2375 against 1741 / 3189
+# and 8B 6093 / 9295 against 6814 / 12165 at 4 / 16 (1.08-1.16x dense from 8B at 4 and 1B at 16);
+# the SmolLM2-135M shape (d 576) at 2 / 4 / 8: 854 / 886 / 933 against 1190 / 1202 / 1154. On
+# the H200 the 8B at 4 / 16 and the 1B at 4 / 16 agreed (fortieth to forty-third sessions).
+# Below d 2048 it was measured up to 8 sequences only; longer caches were not measured.
+AUTO_BATCH_MIN = 2
+AUTO_MAX_CACHE_BATCH = 4352
+AUTO_SMALL_WIDTH = 2048
+AUTO_SMALL_WIDTH_MAX_BATCH = 8
 
 
 def _layer_vars(b) -> tuple:
@@ -216,14 +219,14 @@ def auto_ok(
     model: nnx.Module, n_prompts: int, ffn_args, cache_len: int, cache_dtype=None
 ) -> str | None:
     """Why ``generate(..., implementation="auto")`` does not take the one-launch step, or None
-    when it does: one prompt, or ``AUTO_BATCH_MIN``-``MAX_BATCH`` prompts (the batched launch,
-    at widths of at least ``AUTO_BATCH_MIN_WIDTH``), of a PrunePath Llama it computes, a
-    budget, a GPU with jax-triton, bf16 or fp32 weights and cache (``cache_dtype``: the
-    embedding's when None; the dtypes it was measured and tested with), a cache of at most
-    ``AUTO_MAX_CACHE`` positions (``AUTO_MAX_CACHE_BATCH`` with several prompts), weights on
-    one device, and its stacked copies within ``AUTO_MEMORY_SHARE`` of that device's free
-    memory (it doubles the layer weights while it decodes; where the device reports no memory
-    figures, it is not taken)."""
+    when it does: one prompt, or ``AUTO_BATCH_MIN``-``MAX_BATCH`` prompts (the batched launch;
+    at most ``AUTO_SMALL_WIDTH_MAX_BATCH`` below d ``AUTO_SMALL_WIDTH``), of a PrunePath Llama
+    it computes, a budget, a GPU with jax-triton, bf16 or fp32 weights and cache
+    (``cache_dtype``: the embedding's when None; the dtypes it was measured and tested with), a
+    cache of at most ``AUTO_MAX_CACHE`` positions (``AUTO_MAX_CACHE_BATCH`` with several
+    prompts), weights on one device, and its stacked copies within ``AUTO_MEMORY_SHARE`` of that
+    device's free memory (it doubles the layer weights while it decodes; where the device
+    reports no memory figures, it is not taken)."""
     if ffn_args is None:
         return "a budget tau"
     if n_prompts != 1 and not AUTO_BATCH_MIN <= n_prompts <= MAX_BATCH:
@@ -244,10 +247,10 @@ def auto_ok(
     dtypes = {weights, jnp.dtype(cache_dtype or weights)}
     if not dtypes <= {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}:
         return f"bfloat16 or float32 weights and cache, got {sorted(map(str, dtypes))}"
-    if n_prompts > 1 and model.cfg.d_model < AUTO_BATCH_MIN_WIDTH:
+    if model.cfg.d_model < AUTO_SMALL_WIDTH and n_prompts > AUTO_SMALL_WIDTH_MAX_BATCH:
         return (
-            f"one prompt at d_model {model.cfg.d_model} (several: measured at d_model >= "
-            f"{AUTO_BATCH_MIN_WIDTH} only)"
+            f"at most {AUTO_SMALL_WIDTH_MAX_BATCH} prompts at d_model {model.cfg.d_model} "
+            f"(measured there up to {AUTO_SMALL_WIDTH_MAX_BATCH}), got {n_prompts}"
         )
     max_cache = AUTO_MAX_CACHE if n_prompts == 1 else AUTO_MAX_CACHE_BATCH
     if cache_len > max_cache:
