@@ -70,8 +70,8 @@ to skip at short caches; at long ones the attention's cache reads dominate both 
 on the GPU: its fp32 logits match XLA's (at "highest" precision) within the fp32 tolerance and
 its greedy tokens equal XLA's. ``prunepath_jax.megastep`` takes it for
 ``generate(..., implementation="megastep")`` with 2-16 prompts, ``"auto"`` too up to 4352 cache
-positions (at most 8 prompts below d 2048; ``megastep.AUTO_BATCH_MIN``: ahead of the per-layer
-kernels there).
+positions (``megastep.AUTO_BATCH_MIN``: ahead of the per-layer kernels there, at the 1B, 8B
+and SmolLM2-135M shapes).
 
 Limits (``check`` raises): those of the batch-1 step, and 1 ≤ T ≤ 16, G a multiple of 16.
 """

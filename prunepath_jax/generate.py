@@ -372,8 +372,8 @@ def generate(
             decode step's layers in ONE Triton launch (`prunepath_jax.megastep`; GPU only);
             "auto" takes it where it can run and measured faster than the kernels: one prompt
             with a cache of at most `megastep.AUTO_MAX_CACHE` positions, or 2-16 prompts with
-            at most `megastep.AUTO_MAX_CACHE_BATCH` (at most 8 prompts below d 2048:
-            `megastep.AUTO_SMALL_WIDTH_MAX_BATCH`), and room for its weight copy
+            a cache of at most `megastep.AUTO_MAX_CACHE_BATCH` positions, and room for its
+            weight copy
             (`megastep.auto_ok`). None keeps the model's own compute paths. The decode step
             stays one compiled program.
         tau: PrunePath budget (scalar or per-layer); builds `ffn_args` when those are not given.

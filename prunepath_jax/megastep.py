@@ -171,13 +171,12 @@ AUTO_MEMORY_SHARE = 0.5
 # kernels' 1196 / 1359 / 1558 / 1834 (dense 1152 / 1161 / 1184 / 1497); 8B at 4 / 16: 5200 / 6542
 # against 5515 / 7255 (dense 5574 / 6151); at 4352 positions 1B 1495 / 2375 against 1741 / 3189
 # and 8B 6093 / 9295 against 6814 / 12165 at 4 / 16 (1.08-1.16x dense from 8B at 4 and 1B at 16);
-# the SmolLM2-135M shape (d 576) at 2 / 4 / 8: 854 / 886 / 933 against 1190 / 1202 / 1154. On
-# the H200 the 8B at 4 / 16 and the 1B at 4 / 16 agreed (fortieth to forty-third sessions).
-# Below d 2048 it was measured up to 8 sequences only; longer caches were not measured.
+# the SmolLM2-135M shape (d 576) at 2 / 4 / 8 / 16: 854 / 886 / 928-933 / 1025 against the
+# Triton kernels' 1190 / 1202 / 1154-1158 / 1425 and, at 8 / 16, the Pallas kernels' (the
+# registry's default at that width) 1076 / 1347. On the H200 the 8B at 4 / 16 and the 1B at
+# 4 / 16 agreed (fortieth to forty-third sessions). Longer caches were not measured.
 AUTO_BATCH_MIN = 2
 AUTO_MAX_CACHE_BATCH = 4352
-AUTO_SMALL_WIDTH = 2048
-AUTO_SMALL_WIDTH_MAX_BATCH = 8
 
 
 def _layer_vars(b) -> tuple:
@@ -219,14 +218,13 @@ def auto_ok(
     model: nnx.Module, n_prompts: int, ffn_args, cache_len: int, cache_dtype=None
 ) -> str | None:
     """Why ``generate(..., implementation="auto")`` does not take the one-launch step, or None
-    when it does: one prompt, or ``AUTO_BATCH_MIN``-``MAX_BATCH`` prompts (the batched launch;
-    at most ``AUTO_SMALL_WIDTH_MAX_BATCH`` below d ``AUTO_SMALL_WIDTH``), of a PrunePath Llama
-    it computes, a budget, a GPU with jax-triton, bf16 or fp32 weights and cache
-    (``cache_dtype``: the embedding's when None; the dtypes it was measured and tested with), a
-    cache of at most ``AUTO_MAX_CACHE`` positions (``AUTO_MAX_CACHE_BATCH`` with several
-    prompts), weights on one device, and its stacked copies within ``AUTO_MEMORY_SHARE`` of that
-    device's free memory (it doubles the layer weights while it decodes; where the device
-    reports no memory figures, it is not taken)."""
+    when it does: one prompt, or ``AUTO_BATCH_MIN``-``MAX_BATCH`` prompts (the batched
+    launch), of a PrunePath Llama it computes, a budget, a GPU with jax-triton, bf16 or fp32
+    weights and cache (``cache_dtype``: the embedding's when None; the dtypes it was measured
+    and tested with), a cache of at most ``AUTO_MAX_CACHE`` positions (``AUTO_MAX_CACHE_BATCH``
+    with several prompts), weights on one device, and its stacked copies within
+    ``AUTO_MEMORY_SHARE`` of that device's free memory (it doubles the layer weights while it
+    decodes; where the device reports no memory figures, it is not taken)."""
     if ffn_args is None:
         return "a budget tau"
     if n_prompts != 1 and not AUTO_BATCH_MIN <= n_prompts <= MAX_BATCH:
@@ -247,11 +245,6 @@ def auto_ok(
     dtypes = {weights, jnp.dtype(cache_dtype or weights)}
     if not dtypes <= {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}:
         return f"bfloat16 or float32 weights and cache, got {sorted(map(str, dtypes))}"
-    if model.cfg.d_model < AUTO_SMALL_WIDTH and n_prompts > AUTO_SMALL_WIDTH_MAX_BATCH:
-        return (
-            f"at most {AUTO_SMALL_WIDTH_MAX_BATCH} prompts at d_model {model.cfg.d_model} "
-            f"(measured there up to {AUTO_SMALL_WIDTH_MAX_BATCH}), got {n_prompts}"
-        )
     max_cache = AUTO_MAX_CACHE if n_prompts == 1 else AUTO_MAX_CACHE_BATCH
     if cache_len > max_cache:
         return (

@@ -226,7 +226,7 @@ s59a)  # every sparse path at 2-16 distinct sequences was below dense (1B 0.68-0
 s59b)  # "auto" now takes the batched launch for 2-16 prompts (8 at most below d 2048): its
   # generation tests (SmolLM2 fp32 at 8 prompts, four prompts at the 1B width), then the
   # SmolLM2 shape at 8 / 16 against the registry's real default there (Pallas) and Triton
-  gpu_tests 200 tests/test_kernels_api.py -k "fp32_sparse_generation and auto"
+  gpu_tests 400 tests/test_kernels_api.py -k "fp32_sparse_generation and auto"  # auto-8: 143 s
   gpu_tests 120 tests/test_megastep_batch.py -k generat
   run timeout 220 python3 benchmarks/megastep_batch_decode.py --shapes smollm2-135m \
     --batches 16 8 --check-steps 1 --chunks 4 --ffn-impls pallas \

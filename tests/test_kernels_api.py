@@ -240,7 +240,7 @@ def test_fp32_sparse_generation_equals_xla_tokens_on_gpu(batch, impl):
     rng = np.random.default_rng(10 + batch)
     prompts = [list(rng.integers(0, 49152, 5 + 3 * i)) for i in range(batch)]
     if impl == "auto":  # the one-launch step (`megastep.auto_ok`): one prompt, or the batched
-        # launch for 8 (at d 576 it was measured up to 8 sequences)
+        # launch for 8 (measured ahead of the kernels at d 576)
         why = megastep.auto_ok(model, batch, route_args(model.cfg, 0.5), 64)
         assert why is None, why
     sampled = SamplingConfig(temperature=1.0, seed=batch)
