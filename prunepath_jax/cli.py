@@ -202,14 +202,15 @@ class Bench:
         "kernels",
         "sparse-decode",
         "megastep-decode",
+        "megastep-batch-decode",
         "sparse-prefill",
     )
     """Scripts of benchmarks/ to run: ffn_kernels.py (decode GB/s, launch overhead, grouped-GEMM
     prefill; rows in kernels.jsonl), sparse_decode.py (end-to-end sparse vs dense decode),
     sparse_prefill.py (whole-model prompt pass, sparse vs dense), decode.py (dense decode),
     megastep_decode.py (every layer of a decode step in one launch vs the default kernels and
-    dense), megastep_batch_decode.py (the same for 2-16 sequences; not in the default list
-    until it is measured on a GPU), teal_decode.py (TEAL's masked-row kernels beside dense and
+    dense), megastep_batch_decode.py (the same for 2-16 sequences: what "auto" runs for
+    2-16 prompts), teal_decode.py (TEAL's masked-row kernels beside dense and
     ours, one token)."""
     out_dir: str = "results"
     extra: str = ""

@@ -275,6 +275,7 @@ def test_cli_bench_runs_the_scripts(tmp_path, monkeypatch):
     assert all(Path(c[1]).is_file() for c in calls)  # the scripts ship with the checkout
     assert calls[0][3] == str(tmp_path / "kernels.jsonl") and calls[0][-2:] == ["--batches", "1"]
     assert calls[2][3] == str(tmp_path / "sparse_prefill.jsonl")
-    calls.clear()  # the default set includes the one-launch step, batch 1's default path
+    calls.clear()  # the default set includes the one-launch steps, auto's paths for 1-16 prompts
     cli.main(["bench", "--out-dir", str(tmp_path)])
-    assert [Path(c[1]).name for c in calls] == [want[0], want[1], want[3], want[2]]
+    batched = "megastep_batch_decode.py"
+    assert [Path(c[1]).name for c in calls] == [want[0], want[1], want[3], batched, want[2]]
