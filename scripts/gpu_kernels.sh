@@ -232,6 +232,18 @@ s59b)  # "auto" now takes the batched launch for 2-16 prompts (8 at most below d
     --batches 16 8 --check-steps 1 --chunks 4 --ffn-impls pallas \
     --out "$OUT/megastep_batch_decode.jsonl"
   ;;
+s59c)  # the H200 rows behind the forty-fifth session's "auto" rule, measured there on an H100
+  # only: 2 sequences at 1B and 8B, the SmolLM2-135M shape at 2-16 (beside Pallas, its
+  # registry default), and a 4k cache at 1B / 8B with 2 and 16 sequences
+  run timeout 200 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --batches 2 --check-steps 1 --chunks 4 --out "$OUT/megastep_batch_decode.jsonl"
+  run timeout 200 python3 benchmarks/megastep_batch_decode.py --shapes smollm2-135m \
+    --batches 16 2 8 4 --check-steps 1 --chunks 4 --ffn-impls pallas \
+    --out "$OUT/megastep_batch_decode.jsonl"
+  run timeout 190 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
+    --batches 16 2 --prompt-len 4000 --check-steps 0 --chunks 3 \
+    --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;
