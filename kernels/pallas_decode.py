@@ -199,18 +199,17 @@ def _decode_jit(
                 interpret=interpret, block_e=plan["select_block_e"],
                 num_warps=plan["select_warps"],
             )  # fmt: skip
-        gate_pe = gate_re if tr in (1, tp) else jnp.pad(gate_re, ((0, tp - tr), (0, 0)))
-    else:  # the reference's XLA ops (sort, cumsum, scatter)
-        gate_te, k_t = route_gates(
+    else:  # the reference's XLA ops (sort, cumsum, scatter): gates [t, E]
+        gate_re, k_t = route_gates(
             x_td, router_de, tau, rule=rule, gate=gate, k_min=k_min, k_max=k_max
         )
-        if dense:
-            gate_re = gate_te
-        else:
-            gate_pe = jnp.zeros((tp, ep), jnp.float32).at[:t, :e].set(gate_te)
     if dense:
         y_td = xla_masked(x_td, gate_re[:t, :e], w_in_cfd, w_out_fd, group_size=group_size)
         return y_td, k_t
+    if plan["routing"] == "pallas":  # [tr, ep] rows padded to the expert kernel's tp
+        gate_pe = gate_re if tr in (1, tp) else jnp.pad(gate_re, ((0, tp - tr), (0, 0)))
+    else:
+        gate_pe = jnp.zeros((tp, ep), jnp.float32).at[:t, :e].set(gate_re)
     # One token is never padded: the expert kernel broadcasts its row to the 16 dot rows (a pad
     # was one more XLA launch per layer, ~1.3 µs on the H200, for 32 KB of zeros).
     x_pd = x_td if t == 1 else _pad_rows(x_td, tp)

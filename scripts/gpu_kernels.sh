@@ -208,7 +208,7 @@ s58c)  # the batched step at a 4k cache (every earlier row: ~150 positions) agai
   run timeout 400 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
     --batches 4 16 --prompt-len 4000 --check-steps 0 --chunks 3 \
     --out "$OUT/megastep_batch_decode.jsonl"
-  # ... and at the SmolLM2-135M shape (d 576; s52c), which "auto" leaves to the kernels
+  # ... and at the SmolLM2-135M shape (d 576; s52c), which "auto" left to the kernels then
   run timeout 180 python3 benchmarks/megastep_batch_decode.py --shapes smollm2-135m \
     --batches 2 4 8 16 --check-steps 1 --chunks 4 --out "$OUT/megastep_batch_decode.jsonl"
   ;;
@@ -223,7 +223,7 @@ s59a)  # every sparse path at 2-16 distinct sequences was below dense (1B 0.68-0
     --batches 4 16 --check-steps 1 --chunks 4 --ffn-impls pallas_dense \
     --out "$OUT/megastep_batch_decode.jsonl"
   ;;
-s59b)  # "auto" now takes the batched launch for 2-16 prompts (8 at most below d 2048): its
+s59b)  # "auto" now takes the batched launch for 2-16 prompts (then: 8 at most below d 2048): its
   # generation tests (SmolLM2 fp32 at 8 prompts, four prompts at the 1B width), then the
   # SmolLM2 shape at 8 / 16 against the registry's real default there (Pallas) and Triton
   gpu_tests 400 tests/test_kernels_api.py -k "fp32_sparse_generation and auto"  # auto-8: 143 s
