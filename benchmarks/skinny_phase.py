@@ -225,7 +225,7 @@ def main() -> None:
                 layer_us = (s[:, 1:, 1].max(0) - s[:, 1:, 0].min(0)).mean()  # skip layer 0
                 mb = c["N"] * c["K"] * 2 / 1e6
                 r.update(us_per_layer=layer_us, work_mean_us=(s[:, 1:, 1] - s[:, 1:, 0]).mean(),
-                         TB_s=mb / layer_us / 1e6)  # fmt: skip
+                         TB_s=mb / layer_us)  # MB a µs = TB/s  # fmt: skip
             rows.append(r)
             print(json.dumps({k: r[k] for k in r if k not in head}), flush=True)
             if err > TOL_BF16:

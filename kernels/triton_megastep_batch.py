@@ -324,8 +324,10 @@ def default_skinny(r_a: int) -> tuple[int, int]:
     where its tile is under 64 rows (the 1B width: 32, and C's 16), pad the A and C tiles to 64
     (wgmma instead of mma.sync) and pipeline the router share in 3 stages, measured 1.17×
     faster at 1B with 4 and 16 sequences; where it is 64 already (8B) the padded C tile was
-    2-5% slower and both together -2 / +1% (BENCHMARKS.md, forty-third session)."""
-    return (64, 3) if jt.next_pow2(r_a) < 64 else (16, 1)
+    2-5% slower and both together -2 / +1% (BENCHMARKS.md, forty-third session). The router
+    share's 3 stages alone at 8B: 1.077 / 0.960× dense against 1.041 / 0.939× with 1 stage,
+    4 / 16 sequences (H100, forty-sixth session), so 3 at every width."""
+    return (64, 3) if jt.next_pow2(r_a) < 64 else (16, 3)
 
 
 def _rows(rows: int | None, default: int) -> int:

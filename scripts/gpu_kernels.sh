@@ -244,6 +244,41 @@ s59c)  # the H200 rows behind the forty-fifth session's "auto" rule, measured th
     --batches 16 2 --prompt-len 4000 --check-steps 0 --chunks 3 \
     --out "$OUT/megastep_batch_decode.jsonl"
   ;;
+s60a)  # (forty-sixth session, on whatever card comes) s58a's 1B knob rows, then s56a's 1B QKV
+  # product alone with every variant: the two questions behind the batched step's A / C gap
+  run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+    --batches 4 16 --check-steps 1 --chunks 4 --launches '{"default": {},
+    "c16": {"skinny_rows_c": 0}, "bk256": {"skinny_bk": 256}, "gs4": {"gemv_stages": 4}}' \
+    --out "$OUT/megastep_batch_decode.jsonl"
+  V_ALL='{"default": {}, "hot": {"sets": 1}, "t16": {"tokens": 16}, "t1": {"tokens": 1},
+    "nonorm": {"norm": false}, "bk64": {"bk": 64}, "bk256": {"bk": 256},
+    "in_step": {"stagger": false}, "w4": {"warps": 4}, "w16": {"warps": 16},
+    "p264": {"programs": 264}, "atomics": {"atomics": true},
+    "atomics_t16": {"atomics": true, "tokens": 16}, "pf64": {"prefetch": 64},
+    "step_like": {"atomics": true, "prefetch": 64}, "x_bf16": {"xdtype": "bf16"},
+    "stage": {"stage": true}, "stage_t16": {"stage": true, "tokens": 16},
+    "rpad64": {"rpad": 64}, "stage_rpad64": {"stage": true, "rpad": 64}}'
+  run timeout 240 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-qkv \
+    --variants "$V_ALL" --out "$OUT/skinny_phase.jsonl"
+  ;;
+s60b)  # the A phase's norm without a row sum a chunk (the squares summed once after the loop):
+  # the batched step's GPU cases against XLA, then the QKV product alone at 1B and 8B (s60a:
+  # default 17.3 us a layer, without the norm 9.4, 64-row tiles 11.1, staged 13.3; H100)
+  PYTHONUNBUFFERED=1 run timeout 240 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
+    -p no:cacheprovider -k "matches_xla"
+  V='{"default": {}, "nonorm": {"norm": false}, "rpad64": {"rpad": 64},
+    "nonorm_rpad64": {"norm": false, "rpad": 64}, "stage": {"stage": true},
+    "t16": {"tokens": 16}, "rpad64_t16": {"rpad": 64, "tokens": 16}}'
+  run timeout 240 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-qkv llama-3-8b-qkv \
+    --variants "$V" --out "$OUT/skinny_phase.jsonl"
+  ;;
+s60c)  # ... and the whole step at 1B and 8B, 4 and 16 sequences, beside dense and the kernels
+  # (8B's router share now 3 stages by default)
+  run timeout 260 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+    --batches 4 16 2 8 --check-steps 1 --chunks 4 --out "$OUT/megastep_batch_decode.jsonl"
+  run timeout 280 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
+    --batches 4 16 --check-steps 1 --chunks 4 --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;

@@ -66,9 +66,10 @@ def test_interpreted_batch_cases_cover_what_they_claim(interpreted):
     [(4, "llama-3.2-1b", False, {}), (16, "llama-3.2-1b", True, {}), (8, "llama-3-8b", False, {}),
      (8, "llama-3-8b", False, {"ffn_units": 2}), (16, "llama-3-8b", False, {"skinny_stage": True}),
      (4, "llama-3.2-1b", False, {"skinny_stage": True, "skinny_rows": 64, "router_stages": 3}),
-     (4, "llama-3.2-1b", False, {"skinny_rows_c": 0})],
+     (4, "llama-3.2-1b", False, {"skinny_rows_c": 0}),
+     (8, "llama-3-8b", False, {"router_stages": 1})],
     ids=["1b_t4", "1b_t16_stamps", "8b_t8", "8b_t8_units2", "8b_t16_staged",
-         "1b_t4_staged_rows64_rs3", "1b_t4_c16"],
+         "1b_t4_staged_rows64_rs3", "1b_t4_c16", "8b_t8_rs1"],
 )  # fmt: skip
 def test_batch_step_lowers_for_sm90(t, shape, timing, kw):
     """The 1B and 8B models' launches over 132 programs, planned by ``megastep.step`` itself
@@ -102,9 +103,9 @@ def test_batch_step_lowers_for_sm90(t, shape, timing, kw):
     assert c["CWF"] == min(256, 2 * c["BKF"])
     # Staged A / C inputs: each program's scratch as wide as the widest input (d or the heads').
     assert (c["SX"], c["KX"]) == (int(bool(stage)), max(cfg.d_model, cfg.n_heads * cfg.head_dim))
-    # A / C tiles and the router share's stages: by the shape unless asked (1B: A's tile 32
-    # rows, so 64 and 3 stages; 8B: A's tile 64 rows already, so 16 and a plain loop).
-    want_rows, want_rs = (64, 3) if shape == "llama-3.2-1b" else (16, 1)
+    # A / C tiles by the shape unless asked (1B: A's tile 32 rows, so 64; 8B: A's tile 64 rows
+    # already, so 16); the router share in 3 pipeline stages at both unless asked.
+    want_rows, want_rs = (64, 3) if shape == "llama-3.2-1b" else (16, 3)
     rows = want_rows if rows is None else rows
     rows_c = rows if kw.get("skinny_rows_c") is None else kw["skinny_rows_c"] or 16
     natural = {"llama-3.2-1b": (32, 16), "llama-3-8b": (64, 32)}[shape]  # A / C rows, pow 2
