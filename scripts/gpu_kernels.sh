@@ -279,6 +279,19 @@ s60c)  # ... and the whole step at 1B and 8B, 4 and 16 sequences, beside dense a
   run timeout 280 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
     --batches 4 16 --check-steps 1 --chunks 4 --out "$OUT/megastep_batch_decode.jsonl"
   ;;
+s60d)  # s60b and s60c in one call (the device budget left room for one): the step first (each
+  # row checked against the model's own step), then the GPU cases, then the product alone
+  run timeout 170 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+    --batches 4 16 --check-steps 1 --chunks 4 --out "$OUT/megastep_batch_decode.jsonl"
+  run timeout 200 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
+    --batches 4 16 --check-steps 1 --chunks 3 --out "$OUT/megastep_batch_decode.jsonl"
+  PYTHONUNBUFFERED=1 run timeout 120 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
+    -p no:cacheprovider -k "matches_xla"
+  V='{"default": {}, "nonorm": {"norm": false}, "rpad64": {"rpad": 64},
+    "nonorm_rpad64": {"norm": false, "rpad": 64}}'
+  run timeout 60 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-qkv \
+    --variants "$V" --out "$OUT/skinny_phase.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;
