@@ -42,11 +42,14 @@ A and C's launch choices (their phases ran at 0.6-2.2 TB/s, forty-first session)
 ``skinny_rows`` pads their tiles to 64 rows so that Triton takes wgmma, the expert phase's
 instruction, instead of mma.sync (1B: 32 / 16-row tiles; ptxas spills 12 bytes a thread, not
 204), ``skinny_rows_c`` C's alone; ``router_stages`` pipelines C's router share (else a plain
-loop of synchronous loads: 4 DRAM round trips a layer at 1B, 7 at 8B). Both on where A's tile
-is under 64 rows (``default_skinny``: 1B 1.17× faster at 4 and 16 sequences; at 8B -2 / +1%).
-The 1B gain is A's (21 -> 12 µs a layer); C lost 2.5 µs (C at its own 16 rows: not timed
-yet). ``skinny_stage`` stages the inputs once into each program's scratch (normed, in the
-weights' dtype; ``_stage_tokens``) so the weight loop carries no norm: neutral (0-2%), off.
+loop of synchronous loads: 4 DRAM round trips a layer at 1B, 7 at 8B). The 64-row tiles where
+A's tile is under 64 rows (``default_skinny``: the 1B width; A 21 -> 12 µs a layer, C +2.5;
+C at its own 16 rows measured 0.5-1.2% slower a step), the router share's 3 stages at every
+width (1B 3%, 8B 0.5-3.5% a step; forty-third and forty-sixth sessions). ``skinny_stage``
+stages the inputs once into each program's scratch (normed, in the weights' dtype;
+``_stage_tokens``) so the weight loop carries no norm: neutral (0-2%), off. A's norm adds the
+squares elementwise and sums them once after the loop (``triton_batch_phases._normed``; a
+row sum a chunk made the product alone 1.7× slower than without the norm).
 
 Right after arriving at a barrier a program asks L2 for the first rows of its next QKV or W_o
 block (the batch-1 step's measured prefetch sizes and forms, ``triton_megastep_plan``).
@@ -64,7 +67,9 @@ Measured (BENCHMARKS.md; 75%, distinct sequences): on the H200 (forty-third sess
 1385 µs a step at 4 / 16 sequences against dense 926 / 1149 (0.81 / 0.83×), 8B 4537 / 5422
 against 4148 / 4841 (0.91 / 0.89×); on an H100 (forty-fifth session) at 64 cache positions 1B
 0.92-1.00× dense at 2-16 sequences and 8B 1.07 / 0.94× at 4 / 16, at 4352 positions 1B 0.97 /
-1.15× and 8B 1.08 / 1.16× at 4 / 16 — ahead of the per-layer Triton kernels in every row. The
+1.15× and 8B 1.08 / 1.16× at 4 / 16 — ahead of the per-layer Triton kernels in every row;
+(forty-sixth session, H100, the norm's sums and 8B's router stages) 1B 0.93 / 0.96× at 4 /
+16, 8B 1.05-1.07 / 0.97-0.99×. The
 union of the sequences' experts (43% of E at 2, 66% at 4, 98% at 16) leaves the bytes little
 to skip at short caches; at long ones the attention's cache reads dominate both steps. Correct
 on the GPU: its fp32 logits match XLA's (at "highest" precision) within the fp32 tolerance and

@@ -127,48 +127,15 @@ s53a)  # TEAL's decode kernels (kernels/triton_teal.py): their GPU tests, then o
   gpu_tests 200 tests/test_teal_kernel.py
   run timeout 420 python3 benchmarks/teal_decode.py --out "$OUT/teal_decode.jsonl"
   ;;
-s56a)  # (written, not run: no device time left in the forty-first session) the batched step's
-  # QKV / O product alone (benchmarks/skinny_phase.py): in the step 1B QKV took 21 µs a layer
-  # for 12.6 MB whatever the chunk or stages. Alone, cold (8 weight sets) and hot (1), 1-16
-  # tokens, the norm on and off, chunks, the staggered start, warps, two programs an SM; and
-  # (forty-second session) what surrounds the phase in the step, one at a time: the expert
-  # phase's relaxed atomics into the inputs before the barrier, the next layer's rows
-  # prefetched into L2 at the arrival (bulk and by lines), both, the inputs in bf16, and the
-  # inputs staged in each program's scratch first (the step's Launch(skinny_stage=True)),
-  # 64-row tiles (wgmma, as the expert phase; the step's skinny_rows)
-  V_ALL='{"default": {}, "hot": {"sets": 1}, "t16": {"tokens": 16}, "t1": {"tokens": 1},
-    "nonorm": {"norm": false}, "bk64": {"bk": 64}, "bk256": {"bk": 256},
-    "in_step": {"stagger": false}, "w4": {"warps": 4}, "w16": {"warps": 16},
-    "p264": {"programs": 264}, "atomics": {"atomics": true},
-    "atomics_t16": {"atomics": true, "tokens": 16}, "pf64": {"prefetch": 64},
-    "pf64_lines": {"prefetch": 64, "bulk": false},
-    "step_like": {"atomics": true, "prefetch": 64}, "x_bf16": {"xdtype": "bf16"},
-    "stage": {"stage": true}, "stage_t16": {"stage": true, "tokens": 16},
-    "rpad64": {"rpad": 64}, "stage_rpad64": {"stage": true, "rpad": 64}}'
+s56a)  # the batched step's QKV / O product alone (benchmarks/skinny_phase.py). Its 1B QKV rows
+  # ran in the forty-sixth session (s60a / s60d, BENCHMARKS.md): the norm's per-chunk row sum
+  # was the cost, now summed once after the loop. Not yet run: the 1B O product and 8B's QKV
   V_SOME='{"default": {}, "hot": {"sets": 1}, "t16": {"tokens": 16}, "nonorm": {"norm": false},
-    "p264": {"programs": 264}, "atomics": {"atomics": true}, "pf64": {"prefetch": 64},
-    "step_like": {"atomics": true, "prefetch": 64}, "x_bf16": {"xdtype": "bf16"},
+    "rpad64": {"rpad": 64}, "nonorm_rpad64": {"norm": false, "rpad": 64},
+    "p264": {"programs": 264}, "step_like": {"atomics": true, "prefetch": 64},
     "stage": {"stage": true}, "stage_rpad64": {"stage": true, "rpad": 64}}'
-  run timeout 300 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-qkv \
-    --variants "$V_ALL" --out "$OUT/skinny_phase.jsonl"
   run timeout 240 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-o llama-3-8b-qkv \
     --variants "$V_SOME" --out "$OUT/skinny_phase.jsonl"
-  ;;
-s57a)  # (forty-second session; ran in the forty-third, which made rows64 + rs3 the 1B default:
-  # "default" here is that since 2026-12-05) the A and C phases: their inputs staged once a
-  # phase into each program's scratch, normed and in bf16, before the weight loop
-  # (Launch(skinny_stage=True)); their tiles padded to 64 rows so Triton takes wgmma as in
-  # the expert phase (skinny_rows=64; 1B's A / C tiles are 32 / 16 rows, mma.sync); C's router
-  # share pipelined (router_stages=3; it was a plain loop of synchronous loads, 4 chunks a
-  # layer at 1B, 7 at 8B); and all three. GPU cases (all three, and those the
-  # split form's removal renamed), then 1B at 4 and 16 sequences, one process, with the timeline
-  PYTHONUNBUFFERED=1 run timeout 170 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
-    -p no:cacheprovider -k "matches_xla and (staged or one_unit or b4_sparse)"
-  run timeout 380 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
-    --batches 4 16 --no-default --check-steps 2 --chunks 4 --launches '{"default": {},
-    "staged": {"skinny_stage": true}, "rows64": {"skinny_rows": 64},
-    "rs3": {"router_stages": 3}, "all3": {"skinny_stage": true, "skinny_rows": 64,
-    "router_stages": 3}}' --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 s57b)  # (not run; the forty-third session timed default / rows64 / rows64+rs3 at 8B instead)
   # s57a's five launches at 8B (A's tiles are 64 rows there already: rows64 changes only C's 32)
@@ -177,60 +144,6 @@ s57b)  # (not run; the forty-third session timed default / rows64 / rows64+rs3 a
     "staged": {"skinny_stage": true}, "rows64": {"skinny_rows": 64},
     "rs3": {"router_stages": 3}, "all3": {"skinny_stage": true, "skinny_rows": 64,
     "router_stages": 3}}' --out "$OUT/megastep_batch_decode.jsonl"
-  ;;
-s58a)  # s57a's timeline put the 64-row tiles' gain at 1B in A (20.9 -> 12.3 us a layer) and a
-  # loss in C (+2.5 us; at 8B +4.4): the 1B default (A and C at 64, router_stages 3) against C
-  # at its own 16 rows (skinny_rows_c=0), 256-column chunks (with the 64-row tiles: census 56 /
-  # 108 bytes of spills at 4 / 16 sequences, 8 / 16 the default) and 4 pipeline stages, after
-  # the GPU cases that run skinny_rows_c; and, for "auto" at 2-16 prompts, the default against
-  # the registry's Triton kernels and dense at 2-16 sequences, one process a command
-  # (the rows first: a call cut short by the device budget still returns them)
-  run timeout 330 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
-    --batches 4 16 --check-steps 1 --chunks 4 --launches '{"default": {},
-    "c16": {"skinny_rows_c": 0}, "bk256": {"skinny_bk": 256}, "gs4": {"gemv_stages": 4}}' \
-    --out "$OUT/megastep_batch_decode.jsonl"
-  PYTHONUNBUFFERED=1 run timeout 150 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
-    -p no:cacheprovider -k "matches_xla and (b4_sparse_u2 or b3_f32)"
-  run timeout 150 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
-    --batches 2 8 --check-steps 1 --chunks 4 --out "$OUT/megastep_batch_decode.jsonl"
-  ;;
-s58b)  # 8B: the default (16 rows, 1 router stage) against the pipelined router share alone
-  # (router_stages=3; its 1B gain was 3%) and the Triton kernels, then the batched step's
-  # four-prompt generation test (cut off by the forty-third session's own time limit)
-  run timeout 330 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
-    --batches 4 16 --check-steps 1 --chunks 4 --launches '{"default": {},
-    "rs3": {"router_stages": 3}}' --out "$OUT/megastep_batch_decode.jsonl"
-  gpu_tests 240 tests/test_megastep_batch.py -k generat
-  ;;
-s58c)  # the batched step at a 4k cache (every earlier row: ~150 positions) against the Triton
-  # kernels and dense: whether "auto" may take it past short caches (no check: the XLA prefill
-  # of b x 4000 tokens)
-  run timeout 400 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
-    --batches 4 16 --prompt-len 4000 --check-steps 0 --chunks 3 \
-    --out "$OUT/megastep_batch_decode.jsonl"
-  # ... and at the SmolLM2-135M shape (d 576; s52c), which "auto" left to the kernels then
-  run timeout 180 python3 benchmarks/megastep_batch_decode.py --shapes smollm2-135m \
-    --batches 2 4 8 16 --check-steps 1 --chunks 4 --out "$OUT/megastep_batch_decode.jsonl"
-  ;;
-s59a)  # every sparse path at 2-16 distinct sequences was below dense (1B 0.68-0.86x); the
-  # masked XLA path's routing is a sort and ~10 launches a layer. New `experts="dense"`: the
-  # Pallas selection kernel's gate table into XLA's dense matmuls (dense bytes, one or two
-  # launches of routing) beside the kernels, the batched launch, the masked XLA path and dense
-  run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
-    --batches 2 4 8 16 --check-steps 1 --chunks 4 --ffn-impls pallas_dense xla \
-    --out "$OUT/megastep_batch_decode.jsonl"
-  run timeout 280 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
-    --batches 4 16 --check-steps 1 --chunks 4 --ffn-impls pallas_dense \
-    --out "$OUT/megastep_batch_decode.jsonl"
-  ;;
-s59b)  # "auto" now takes the batched launch for 2-16 prompts (then: 8 at most below d 2048): its
-  # generation tests (SmolLM2 fp32 at 8 prompts, four prompts at the 1B width), then the
-  # SmolLM2 shape at 8 / 16 against the registry's real default there (Pallas) and Triton
-  gpu_tests 400 tests/test_kernels_api.py -k "fp32_sparse_generation and auto"  # auto-8: 143 s
-  gpu_tests 120 tests/test_megastep_batch.py -k generat
-  run timeout 220 python3 benchmarks/megastep_batch_decode.py --shapes smollm2-135m \
-    --batches 16 8 --check-steps 1 --chunks 4 --ffn-impls pallas \
-    --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 s59c)  # the H200 rows behind the forty-fifth session's "auto" rule, measured there on an H100
   # only: 2 sequences at 1B and 8B, the SmolLM2-135M shape at 2-16 (beside Pallas, its
@@ -243,54 +156,6 @@ s59c)  # the H200 rows behind the forty-fifth session's "auto" rule, measured th
   run timeout 190 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
     --batches 16 2 --prompt-len 4000 --check-steps 0 --chunks 3 \
     --out "$OUT/megastep_batch_decode.jsonl"
-  ;;
-s60a)  # (forty-sixth session, on whatever card comes) s58a's 1B knob rows, then s56a's 1B QKV
-  # product alone with every variant: the two questions behind the batched step's A / C gap
-  run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
-    --batches 4 16 --check-steps 1 --chunks 4 --launches '{"default": {},
-    "c16": {"skinny_rows_c": 0}, "bk256": {"skinny_bk": 256}, "gs4": {"gemv_stages": 4}}' \
-    --out "$OUT/megastep_batch_decode.jsonl"
-  V_ALL='{"default": {}, "hot": {"sets": 1}, "t16": {"tokens": 16}, "t1": {"tokens": 1},
-    "nonorm": {"norm": false}, "bk64": {"bk": 64}, "bk256": {"bk": 256},
-    "in_step": {"stagger": false}, "w4": {"warps": 4}, "w16": {"warps": 16},
-    "p264": {"programs": 264}, "atomics": {"atomics": true},
-    "atomics_t16": {"atomics": true, "tokens": 16}, "pf64": {"prefetch": 64},
-    "step_like": {"atomics": true, "prefetch": 64}, "x_bf16": {"xdtype": "bf16"},
-    "stage": {"stage": true}, "stage_t16": {"stage": true, "tokens": 16},
-    "rpad64": {"rpad": 64}, "stage_rpad64": {"stage": true, "rpad": 64}}'
-  run timeout 240 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-qkv \
-    --variants "$V_ALL" --out "$OUT/skinny_phase.jsonl"
-  ;;
-s60b)  # the A phase's norm without a row sum a chunk (the squares summed once after the loop):
-  # the batched step's GPU cases against XLA, then the QKV product alone at 1B and 8B (s60a:
-  # default 17.3 us a layer, without the norm 9.4, 64-row tiles 11.1, staged 13.3; H100)
-  PYTHONUNBUFFERED=1 run timeout 240 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
-    -p no:cacheprovider -k "matches_xla"
-  V='{"default": {}, "nonorm": {"norm": false}, "rpad64": {"rpad": 64},
-    "nonorm_rpad64": {"norm": false, "rpad": 64}, "stage": {"stage": true},
-    "t16": {"tokens": 16}, "rpad64_t16": {"rpad": 64, "tokens": 16}}'
-  run timeout 240 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-qkv llama-3-8b-qkv \
-    --variants "$V" --out "$OUT/skinny_phase.jsonl"
-  ;;
-s60c)  # ... and the whole step at 1B and 8B, 4 and 16 sequences, beside dense and the kernels
-  # (8B's router share now 3 stages by default)
-  run timeout 260 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
-    --batches 4 16 2 8 --check-steps 1 --chunks 4 --out "$OUT/megastep_batch_decode.jsonl"
-  run timeout 280 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
-    --batches 4 16 --check-steps 1 --chunks 4 --out "$OUT/megastep_batch_decode.jsonl"
-  ;;
-s60d)  # s60b and s60c in one call (the device budget left room for one): the step first (each
-  # row checked against the model's own step), then the GPU cases, then the product alone
-  run timeout 170 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
-    --batches 4 16 --check-steps 1 --chunks 4 --out "$OUT/megastep_batch_decode.jsonl"
-  run timeout 200 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
-    --batches 4 16 --check-steps 1 --chunks 3 --out "$OUT/megastep_batch_decode.jsonl"
-  PYTHONUNBUFFERED=1 run timeout 120 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
-    -p no:cacheprovider -k "matches_xla"
-  V='{"default": {}, "nonorm": {"norm": false}, "rpad64": {"rpad": 64},
-    "nonorm_rpad64": {"norm": false, "rpad": 64}}'
-  run timeout 60 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-qkv \
-    --variants "$V" --out "$OUT/skinny_phase.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
