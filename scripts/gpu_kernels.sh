@@ -157,6 +157,23 @@ s59c)  # the H200 rows behind the forty-fifth session's "auto" rule, measured th
     --batches 16 2 --prompt-len 4000 --check-steps 0 --chunks 3 \
     --out "$OUT/megastep_batch_decode.jsonl"
   ;;
+s61a)  # (forty-sixth session, not run: no device time left) the skinny product at 4 warps and
+  # 256-column chunks ran 1.15-1.35x faster alone than the step's 8 warps / 128 (1B QKV 8.2 vs
+  # 10.2 us, 1B O 7.1 vs 9.6, 8B QKV 19.9 vs 22.8; H100) - but the whole step at 4 warps spills
+  # 400-550 bytes a thread (census). A guess: at 8 warps a 64-row tile gives the second
+  # warpgroup nothing to do (wgmma is m64 a warpgroup; N is the 16 tokens), so 128-row tiles
+  # at 8 warps may get what 4 warps got. The product first, then the step (census at 1B:
+  # 180-192 bytes of spills with skinny_rows 128, 8-16 with 64)
+  V='{"r64": {"rpad": 64}, "r64_w4_bk256": {"rpad": 64, "warps": 4, "bk": 256},
+    "r128": {"rpad": 128}}'
+  run timeout 120 python3 benchmarks/skinny_phase.py \
+    --shapes llama-3.2-1b-qkv llama-3.2-1b-o llama-3-8b-qkv --variants "$V" \
+    --out "$OUT/skinny_phase.jsonl"
+  run timeout 240 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+    --batches 4 16 --no-default --check-steps 1 --chunks 4 --launches '{"default": {},
+    "r128": {"skinny_rows": 128}, "r128_c64": {"skinny_rows": 128, "skinny_rows_c": 64},
+    "bk256": {"skinny_bk": 256}}' --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;
