@@ -213,8 +213,17 @@ def main() -> None:
                             X_DTYPES[v.get("xdtype", "f32")])  # fmt: skip
             ln = jnp.asarray(1 + 0.1 * rng.standard_normal(c["K"]), jnp.bfloat16)
             warps = v.get("warps", 8)
-            for _ in range(1 if a.interpret else 3):  # the last call's stamps: warm
-                out, _, stamps, fail, _ = run(c, warps, w, x, ln, a.interpret)
+            try:
+                for _ in range(1 if a.interpret else 3):  # the last call's stamps: warm
+                    out, _, stamps, fail, _ = run(c, warps, w, x, ln, a.interpret)
+            except jax.errors.JaxRuntimeError as e:
+                write_rows(a.out, rows)  # the variants timed so far are kept
+                hint = ""
+                if "CUDA_ERROR_INVALID_VALUE" in str(e):  # (512 columns at 64 rows, H100)
+                    hint = (f": most likely the pipeline's shared memory ({c['ST']} stages of a "
+                            f"[{c['R_PAD']}, {c['BK']}] weight tile and the inputs) is over the "
+                            "SM's limit; take fewer columns, rows or stages")  # fmt: skip
+                raise SystemExit(f"{name} {label}: the launch failed{hint} ({e})") from e
             got = np.asarray(out).reshape(c["L"], c["N"], c["TP"])[:, :, : c["T"]]
             ref = reference(w, x, ln, c)
             err = float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max()))
@@ -229,6 +238,7 @@ def main() -> None:
             rows.append(r)
             print(json.dumps({k: r[k] for k in r if k not in head}), flush=True)
             if err > TOL_BF16:
+                write_rows(a.out, rows)  # (this variant's row among them, with its error)
                 raise SystemExit(f"{name} {label}: relative error {err:.2e} against numpy")
     write_rows(a.out, rows)
     cols = ["shape", "variant", "us_per_layer", "work_mean_us", "TB_s", "rel_err"]
