@@ -141,7 +141,7 @@ def _skinny(w_ptr, x_ptr, ln_ptr, xs_ptr, r0, r1, rot, K: tl.constexpr, T: tl.co
 @triton.jit
 def _router_share(wr_ptr, ln_ptr, hv, lg_ptr, r0, r1, rot, D: tl.constexpr, E: tl.constexpr,
                   T: tl.constexpr, TP: tl.constexpr, R_PAD: tl.constexpr, BE: tl.constexpr,
-                  STAGES: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+                  STAGES: tl.constexpr, DOT_F32: tl.constexpr, RDE: tl.constexpr):  # fmt: skip
     """Adds this program's share of the router logits before the RMSNorm's scale,
     ``lg[t, e] += Σ_{r in [r0, r1)} W_r[e, r]·ln2[r]·h[t, r]``, into ``lg_ptr`` ``[T, E]`` with
     relaxed atomics; ``hv [R_PAD, TP]`` the new residual's rows (zero past r1). The scale
@@ -151,7 +151,11 @@ def _router_share(wr_ptr, ln_ptr, hv, lg_ptr, r0, r1, rot, D: tl.constexpr, E: t
     ``STAGES`` > 1 streams the router rows through Triton's pipeliner (``cp.async``), as the
     batch-1 step's ``_router_part`` does; 1 is a plain loop, each chunk's rows one synchronous
     load (a DRAM round trip) before its product and atomics: 4 chunks a layer at the 1B
-    width, 7 at 8B."""
+    width, 7 at 8B.
+
+    ``RDE``: the router at ``wr_ptr`` is ``[D, E]`` (the model's layout), so a chunk's rows are
+    ``R_PAD`` runs of ``BE`` contiguous experts; else ``[E, D]``, ``BE`` runs of the program's
+    few columns each (64 B at 1B)."""
     rr = r0 + tl.arange(0, R_PAD)
     rmask = rr < r1
     xr = hv * tl.load(ln_ptr + rr, mask=rmask, other=0.0).to(tl.float32)[:, None]
@@ -159,8 +163,11 @@ def _router_share(wr_ptr, ln_ptr, hv, lg_ptr, r0, r1, rot, D: tl.constexpr, E: t
     NE: tl.constexpr = (E + BE - 1) // BE
     for j in tl.range(0, NE, num_stages=STAGES):  # from chunk ``rot`` on (``_staggered``)
         re = _staggered(j, rot, NE) * BE + tl.arange(0, BE)
-        w = tl.load(wr_ptr + re[:, None] * D + rr[None, :], mask=(re[:, None] < E) & rmask[None, :],
-                    other=0.0)  # fmt: skip
+        if RDE:
+            off = rr[None, :] * E + re[:, None]
+        else:
+            off = re[:, None] * D + rr[None, :]
+        w = tl.load(wr_ptr + off, mask=(re[:, None] < E) & rmask[None, :], other=0.0)
         part = _dot(w, xr, w, DOT_F32)  # [BE, TP]
         off = rt[None, :] * E + re[:, None]
         tl.atomic_add(lg_ptr + off, part, mask=(re[:, None] < E) & (rt[None, :] < T),

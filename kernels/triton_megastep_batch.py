@@ -141,7 +141,7 @@ def _batch_kernel(
     ln1_ptr, ln2_ptr,  # [L, D] RMSNorm weights
     wqkv_ptr,  # [L, NQKV, D] QKV rows
     wo_ptr,  # [L, D, NA] O-projection rows
-    wr_ptr,  # [L, E, D] f32 router rows
+    wr_ptr,  # [L, E, D] f32 router rows ([L, D, E] with RDE)
     w_in_ptr,  # [L, 2, F, D] gate rows, then up rows
     w_out_ptr,  # [L, F, D] down-projection rows
     kc_in_ptr, vc_in_ptr,  # [L, T, S_MAX, KV, HD] caches (aliased to kc_ptr, vc_ptr)
@@ -173,7 +173,7 @@ def _batch_kernel(
     PF_A: tl.constexpr, PF_C: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     PFB: tl.constexpr, TIMING: tl.constexpr, UF: tl.constexpr, BKF: tl.constexpr,
     CWF: tl.constexpr, BKS: tl.constexpr, STAGGER: tl.constexpr, SX: tl.constexpr,
-    KX: tl.constexpr, RS: tl.constexpr,
+    KX: tl.constexpr, RS: tl.constexpr, RDE: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -257,7 +257,7 @@ def _batch_kernel(
             hv = oc + tl.load(h_ptr + off, mask=m, other=0.0, cache_modifier=".cg")
             tl.store(h_ptr + off, hv, mask=m)
             _router_share(wr_ptr + lw * E * D, ln2_ptr + layer * D, hv, lg_ptr + layer * T * E,
-                          c0, c1, rot, D, E, T, TP, RC_PAD, BE, RS, DOT_F32)  # fmt: skip
+                          c0, c1, rot, D, E, T, TP, RC_PAD, BE, RS, DOT_F32, RDE)  # fmt: skip
         _stamp(tim_ptr, pid, t0 + 5, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
@@ -351,7 +351,7 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
               ffn_units=None, skinny_bk=0, stagger=True, skinny_stage=False, skinny_rows=None,
-              skinny_rows_c=None, router_stages=None, prefetch_kb=PREFETCH_KB,
+              skinny_rows_c=None, router_stages=None, router_de=False, prefetch_kb=PREFETCH_KB,
               prefetch_o_kb=PREFETCH_O_KB, bulk_prefetch=None, weight_itemsize=2, timing=0,
               interpret=False) -> dict:  # fmt: skip
     """The kernel's constexprs (also what the sm_90 lowering test compiles). The L2 prefetch
@@ -378,7 +378,7 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     return dict(
         UF=uf, BKF=bkf, CWF=min(256, 2 * bkf),
         BKS=skinny_bk or BK, STAGGER=int(bool(stagger)), SX=int(bool(skinny_stage)),
-        KX=max(d, hq * hd), RS=rs,
+        KX=max(d, hq * hd), RS=rs, RDE=int(bool(router_de)),
         PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),
         PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
         T=t, TP=MAX_TOKENS, L=n_layers, D=d, HQ=hq, KV=kv, HD=hd,
@@ -408,7 +408,7 @@ def megastep_batch(
     ffn_units: int | None = None, skinny_bk: int = 0, stagger: bool = True,
     skinny_stage: bool = False, skinny_rows: int | None = None,
     skinny_rows_c: int | None = None, router_stages: int | None = None,
-    prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
+    router_de: bool = False, prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
     bulk_prefetch: bool | None = None, timing: int = 0, interpret: bool = False,
 ):  # fmt: skip
     """Every layer of T tokens' decode step: ``(h_td f32, kc, vc, k_lt i32, union_l i32,
@@ -421,10 +421,15 @@ def megastep_batch(
     ``triton_megastep.megastep`` takes them (``megastep.pack``). ``h_td`` is the last layer's
     residual (the final norm and the LM head are the caller's); ``union_l`` the experts any
     token selected, a layer; ``fail_p`` nonzero where a program gave up on a grid barrier (its
-    result is then wrong; ``megastep.check_fail`` raises). ``programs`` 0: one per SM."""
+    result is then wrong; ``megastep.check_fail`` raises). ``programs`` 0: one per SM.
+    ``router_de``: ``wr_led`` is the routers as ``[L, D, E]`` (``megastep.pack(router_de=
+    True)``), read so by the router share (``_router_share``'s ``RDE``)."""
     n_layers, n_qkv, d = wqkv_lnd.shape
     _, t, s_max, kv, hd = kc_ltskh.shape
-    e = wr_led.shape[1]
+    e = wr_led.shape[2] if router_de else wr_led.shape[1]
+    if wr_led.ndim != 3 or wr_led.shape[1 if router_de else 2] != d:
+        want_r = "[L, d, E] (router_de)" if router_de else "[L, E, d]"
+        raise ValueError(f"megastep_batch: router has shape {wr_led.shape}, expected {want_r}")
     g = w_in_lcfd.shape[2] // e
     hq = wo_ldn.shape[2] // hd
     check(t, d, hd, g)
@@ -464,6 +469,7 @@ def megastep_batch(
         "tokens_t": (jnp.shape(tokens_t), (t,)), "pos_t": (jnp.shape(pos_t), (t,)),
         "tau_l": (jnp.shape(tau_l), (n_layers,)), "vc": (vc_ltskh.shape, kc_ltskh.shape),
         "wqkv": (n_qkv, (hq + 2 * kv) * hd), "w_out": (w_out_lfd.shape, (n_layers, e * g, d)),
+        "router": (wr_led.shape[0], n_layers),
     }  # fmt: skip
     for name, (got, need) in want.items():
         if got != need:
@@ -475,7 +481,7 @@ def megastep_batch(
                   gemv_stages=gemv_stages, unit_stages=unit_stages, ffn_units=ffn_units,
                   skinny_bk=skinny_bk, stagger=stagger, skinny_stage=skinny_stage,
                   skinny_rows=skinny_rows, skinny_rows_c=skinny_rows_c,
-                  router_stages=router_stages,
+                  router_stages=router_stages, router_de=router_de,
                   prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, bulk_prefetch=bulk_prefetch,
                   weight_itemsize=jnp.dtype(wqkv_lnd.dtype).itemsize, timing=timing,
                   interpret=interpret)  # fmt: skip

@@ -50,13 +50,20 @@ class MegaWeights(NamedTuple):
     # embedding itself when tied, else a transposed copy of ``lm_head`` (``pack(head=True)``;
     # None without it).
     head: jax.Array | None = None
+    # [L, d, E] float32: the routers in the model's own layout, for the batched launch's
+    # ``Launch(router_de=True)`` (``pack(router_de=True)``; None without it). Why a second copy:
+    # the batched step's C phase gives each program a few rows of d, and in ``router``'s
+    # ``[E, d]`` rows those are E pieces of ``4 · rows`` bytes (64 B at 1B, 128 at 8B); here
+    # they are one contiguous ``rows × E`` block.
+    router_de: jax.Array | None = None
 
     def layers(self) -> tuple:
         """The stacked layer arrays, in ``triton_megastep.megastep``'s argument order."""
         return tuple(getattr(self, f) for f in _LAYER_FIELDS)
 
 
-_LAYER_FIELDS = tuple(f for f in MegaWeights._fields if f != "head")  # the stacked layer arrays
+# the stacked layer arrays every launch reads
+_LAYER_FIELDS = tuple(f for f in MegaWeights._fields if f not in ("head", "router_de"))
 
 
 class Launch(NamedTuple):
@@ -105,11 +112,16 @@ class Launch(NamedTuple):
     skinny_rows: int | None = None
     # ... C's tile (and the router share's) alone (None: as ``skinny_rows``). At 1B the 64-row
     # C tile was 2.5 µs a layer slower than its own 16 rows, while A's took 8.6 µs less
-    # (BENCHMARKS.md, forty-third session); 0 here with A at 64 is not timed yet.
+    # (BENCHMARKS.md, forty-third session); 0 here with A at 64 made the step 0.5-1.2% slower
+    # (forty-sixth).
     skinny_rows_c: int | None = None
     # The batched launch's router share streamed through this many pipeline stages (1: a plain
-    # loop of synchronous loads; None: by the shape, 3 at the 1B width, 1 at 8B).
+    # loop of synchronous loads; None: 3, ``triton_megastep_batch.default_skinny``).
     router_stages: int | None = None
+    # The batched launch's router share read from the routers' ``[L, d, E]`` copy
+    # (``MegaWeights.router_de``, ``pack(router_de=True)``): each program's rows of d one
+    # contiguous block, not E pieces of a few rows each (None: off; not timed yet).
+    router_de: bool | None = None
     # Diagnostic: the timeline's %globaltimer stamps compiled in, their output discarded (1), or
     # only their clock reads (2: the stores predicated off), to time what the stamps themselves
     # change in the step (BENCHMARKS.md, thirty-sixth session).
@@ -286,13 +298,18 @@ def _stacked(layers) -> MegaWeights:
     )
 
 
-def pack(model: nnx.Module, head: bool = False) -> MegaWeights:
+def pack(model: nnx.Module, head: bool = False, router_de: bool = False) -> MegaWeights:
     """The kernel's copy of the layer weights (made once; see the module docstring), and the LM
     head's rows for ``Launch.head_in``: a tied model's embedding (no copy), an untied model's
     ``lm_head`` transposed only with ``head`` (a copy: 1 GB at 8B; the default step does not
-    read it — ``head_in`` measured slower, BENCHMARKS.md, twenty-fifth session)."""
+    read it — ``head_in`` measured slower, BENCHMARKS.md, twenty-fifth session). ``router_de``:
+    also the routers as ``[L, d, E]`` float32 (``MegaWeights.router_de``; 32 MB at 1B, 235 MB
+    at 8B) for the batched launch's ``Launch(router_de=True)``."""
     check(model)
     mw = _stacked([tuple(v[...] for v in _layer_vars(b)) for b in model.layers])
+    if router_de:
+        f32 = jnp.float32
+        mw = mw._replace(router_de=jnp.stack([b.mlp.router[...].astype(f32) for b in model.layers]))
     if model.cfg.tie_embeddings:
         return mw._replace(head=model.embed_tokens.embedding[...])
     return mw._replace(head=_transposed(model.lm_head.kernel[...])) if head else mw
@@ -366,7 +383,7 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
 # The launch choices only the batched kernel takes, and all it takes
 # (``triton_megastep_batch.megastep_batch``'s).
 BATCH_ONLY = ("ffn_units", "skinny_bk", "stagger", "skinny_stage", "skinny_rows",
-              "skinny_rows_c", "router_stages")  # fmt: skip
+              "skinny_rows_c", "router_stages", "router_de")  # fmt: skip
 BATCH_LAUNCH = ("programs", "splits", "block_t", "warps", "attn_stages", "gemv_stages",
                 "unit_stages", *BATCH_ONLY, "prefetch_kb", "prefetch_o_kb",
                 "bulk_prefetch")  # fmt: skip
@@ -391,9 +408,15 @@ def step_batch(model, mw: MegaWeights, tokens_b, pos_b, kc, vc, tau_l,
             f"the batched one-launch step takes only Launch({', '.join(BATCH_LAUNCH)}); got "
             f"{', '.join(other)}"
         )
+    if opts.get("router_de") and mw.router_de is None:
+        raise ValueError(
+            "Launch(router_de=True) reads the routers' [L, d, E] copy: megastep.pack(model, "
+            "router_de=True)"
+        )
+    router = mw.router_de if opts.get("router_de") else mw.router
     y, kc, vc, k_lb, union_l, fail, *stamps = tb.megastep_batch(
         model.embed_tokens.embedding[...], tokens_b, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
-        cfg.rope_scaling), pos_b, tau_l, mw.ln1, mw.ln2, mw.wqkv, mw.wo, mw.router, mw.w_in,
+        cfg.rope_scaling), pos_b, tau_l, mw.ln1, mw.ln2, mw.wqkv, mw.wo, router, mw.w_in,
         mw.w_out, kc, vc, eps=cfg.norm_eps, rule=ffn.rule, gate=ffn.gate_mode, k_min=ffn.k_min,
         k_max=ffn.k_max, timing=int(timing), interpret=interpret, **opts,
     )  # fmt: skip

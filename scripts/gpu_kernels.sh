@@ -174,6 +174,19 @@ s61a)  # (forty-sixth session, not run: no device time left) the skinny product 
     "r128": {"skinny_rows": 128}, "r128_c64": {"skinny_rows": 128, "skinny_rows_c": 64},
     "bk256": {"skinny_bk": 256}}' --out "$OUT/megastep_batch_decode.jsonl"
   ;;
+s61b)  # (forty-sixth session, not run) the router share from the routers' [L, d, E] copy
+  # (Launch(router_de=True), pack(router_de=True)): each program's few rows of d one contiguous
+  # block, not E pieces of 64 B (1B) / 128 B (8B). C is 15.3 us a layer at 1B with 4 sequences,
+  # the O product alone 8.9. The GPU cases first (two run router_de), then 1B and 8B
+  PYTHONUNBUFFERED=1 run timeout 200 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
+    -p no:cacheprovider -k "matches_xla and (staged or u2)"
+  run timeout 200 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+    --batches 4 16 --no-default --check-steps 1 --chunks 4 --launches '{"default": {},
+    "router_de": {"router_de": true}}' --out "$OUT/megastep_batch_decode.jsonl"
+  run timeout 200 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
+    --batches 4 16 --no-default --check-steps 1 --chunks 3 --launches '{"default": {},
+    "router_de": {"router_de": true}}' --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;

@@ -26,7 +26,7 @@ def main(out: str) -> None:
     for c in BATCH_CASES:
         model, args, cache, tok_b, pos_b = build_batch(c)
         ref = model(tok_b[:, None], pos_b[:, None], cache=cache, ffn_args=args)
-        mw = megastep.pack(model)
+        mw = c.mw(model)
         kc, vc = megastep.stack_cache(cache)
         tau_l = jnp.stack([a.tau for a in args])
         logits, kc2, vc2, k_lb, fail = megastep.step(model, mw, tok_b, pos_b, kc, vc, tau_l,

@@ -228,8 +228,10 @@ class BatchCase(NamedTuple):
     default), ``skinny_bk`` the A and C products' chunk (0: the default; at the
     tests' widths one chunk, so a small one makes the staggered loops wrap round),
     ``skinny_stage`` whether the A and C inputs are staged in each program's scratch first,
-    ``skinny_rows`` the A and C tiles' least rows, ``skinny_rows_c`` C's alone, and
-    ``router_stages`` the router share's pipeline stages (None: the launch's, by the shape)."""
+    ``skinny_rows`` the A and C tiles' least rows, ``skinny_rows_c`` C's alone,
+    ``router_stages`` the router share's pipeline stages (None: the launch's, by the shape), and
+    ``router_de`` whether the router share reads the routers' ``[L, d, E]`` copy (``pack`` then
+    makes it: ``mw``)."""
 
     case: Case
     lengths: tuple[int, ...]
@@ -239,10 +241,15 @@ class BatchCase(NamedTuple):
     skinny_rows: int | None = None
     skinny_rows_c: int | None = None
     router_stages: int | None = None
+    router_de: bool | None = None
 
     @property
     def name(self) -> str:
         return self.case.name
+
+    def mw(self, model) -> megastep.MegaWeights:
+        """``megastep.pack``'s copy for this case's launch."""
+        return megastep.pack(model, router_de=bool(self.router_de))
 
     def launch(self, **kw) -> megastep.Launch:
         """The case's launch (its splits, key block and batched fields), plus ``kw``."""
@@ -250,7 +257,8 @@ class BatchCase(NamedTuple):
                                ffn_units=self.ffn_units, skinny_bk=self.skinny_bk,
                                skinny_stage=self.skinny_stage, skinny_rows=self.skinny_rows,
                                skinny_rows_c=self.skinny_rows_c,
-                               router_stages=self.router_stages, **kw)  # fmt: skip
+                               router_stages=self.router_stages, router_de=self.router_de,
+                               **kw)  # fmt: skip
 
 
 _B2_BF16 = Case(
@@ -273,7 +281,8 @@ BATCH_CASES = (
     # d not a power of two, 3 query heads a KV head, nucleus rule, no gates, clamps on k; bf16.
     BatchCase(_B2_BF16, (9, 40)),
     # ... the A and C inputs staged in each program's scratch first, 64-row tiles, the router
-    # share pipelined (all the forty-second session's candidates).
+    # share pipelined (all the forty-second session's candidates), and read from the routers'
+    # [L, d, E] copy (d 96 against E 20: a stride mixed up reads the wrong weights).
     BatchCase(
         _B2_BF16._replace(name="b2_bf16_staged"),
         (9, 40),
@@ -281,6 +290,7 @@ BATCH_CASES = (
         skinny_stage=True,
         skinny_rows=64,
         router_stages=3,
+        router_de=True,
     ),  # fmt: skip
     # The most sequences the launch takes, every expert (tau > 1), 32-neuron experts; 4 groups.
     BatchCase(
@@ -291,13 +301,15 @@ BATCH_CASES = (
         Case("b4_sparse", 64, 4, 2, 16, 512, 16, 0, 0.3, 2, 16, cache_len=48), (5, 17, 30, 12)
     ),  # fmt: skip
     # ... the expert phase in groups of 2 units (a part group where the union is odd), the A and
-    # C products in 32-column chunks, C's tile (and the router share's) padded on its own.
+    # C products in 32-column chunks, C's tile (and the router share's) padded on its own, the
+    # router share from the routers' [L, d, E] copy.
     BatchCase(
         Case("b4_sparse_u2_bk32", 64, 4, 2, 16, 512, 16, 0, 0.3, 2, 16, cache_len=48),
         (5, 17, 30, 12),
         ffn_units=2,
         skinny_bk=32,
         skinny_rows_c=128,
+        router_de=True,
     ),  # fmt: skip
 )
 

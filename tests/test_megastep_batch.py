@@ -67,9 +67,10 @@ def test_interpreted_batch_cases_cover_what_they_claim(interpreted):
      (8, "llama-3-8b", False, {"ffn_units": 2}), (16, "llama-3-8b", False, {"skinny_stage": True}),
      (4, "llama-3.2-1b", False, {"skinny_stage": True, "skinny_rows": 64, "router_stages": 3}),
      (4, "llama-3.2-1b", False, {"skinny_rows_c": 0}),
-     (8, "llama-3-8b", False, {"router_stages": 1})],
+     (8, "llama-3-8b", False, {"router_stages": 1}),
+     (16, "llama-3.2-1b", False, {"router_de": True})],
     ids=["1b_t4", "1b_t16_stamps", "8b_t8", "8b_t8_units2", "8b_t16_staged",
-         "1b_t4_staged_rows64_rs3", "1b_t4_c16", "8b_t8_rs1"],
+         "1b_t4_staged_rows64_rs3", "1b_t4_c16", "8b_t8_rs1", "1b_t16_router_de"],
 )  # fmt: skip
 def test_batch_step_lowers_for_sm90(t, shape, timing, kw):
     """The 1B and 8B models' launches over 132 programs, planned by ``megastep.step`` itself
@@ -113,6 +114,7 @@ def test_batch_step_lowers_for_sm90(t, shape, timing, kw):
     if rows == 64:
         assert "wgmma" in ptx, "64-row A / C tiles on wgmma"
     assert c["RS"] == kw.get("router_stages", want_rs), "the router share's pipeline stages"
+    assert c["RDE"] == int(bool(kw.get("router_de"))), "the router share's layout"
 
 
 def test_batch_bad_inputs_raise_clearly():
@@ -150,6 +152,14 @@ def test_batch_bad_inputs_raise_clearly():
         tb.check(2, 64, 16, 24)
     with pytest.raises(ValueError, match="takes only Launch"):
         megastep.step(model, mw, tok_b, pos_b, kc, vc, tau, megastep.Launch(merge_bc=True))
+    # The routers' [L, d, E] copy: asked for without it, or the other layout passed as it.
+    with pytest.raises(ValueError, match=r"pack\(model, router_de=True\)"):
+        megastep.step(model, mw, tok_b, pos_b, kc, vc, tau, megastep.Launch(router_de=True))
+    with pytest.raises(ValueError, match="router has shape"):
+        call(router_de=True)
+    de = megastep.pack(model, router_de=True).router_de
+    assert de.shape == (m.layers, m.d, mw.router.shape[1]) and de.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(de), np.asarray(mw.router).transpose(0, 2, 1))
     small, _, cache1, tok1, pos1 = build(CASES[0])  # G = 8: no 16-neuron units
     with pytest.raises(ValueError, match="multiple of 16"):
         megastep.check(small, 2)
@@ -158,7 +168,7 @@ def test_batch_bad_inputs_raise_clearly():
     tau1 = jnp.full((CASES[0].layers,), 0.5)
     for field, v in (("ffn_units", 2), ("skinny_bk", 64), ("stagger", False),
                      ("skinny_stage", True), ("skinny_rows", 64), ("skinny_rows_c", 64),
-                     ("router_stages", 3)):  # fmt: skip
+                     ("router_stages", 3), ("router_de", True)):  # fmt: skip
         with pytest.raises(ValueError, match=f"{field} is the batched launch's"):
             megastep.step(small, megastep.pack(small), tok1[None], pos1[None], kc1, vc1, tau1,
                           megastep.Launch(**{field: v}))  # fmt: skip
@@ -175,7 +185,7 @@ def test_gpu_batch_step_matches_xla(case):
     with jax.default_matmul_precision("highest"):
         model, args, cache, tok_b, pos_b = build_batch(case)
         ref = model(tok_b[:, None], pos_b[:, None], cache=cache, ffn_args=args)
-        mw = megastep.pack(model)
+        mw = case.mw(model)
         kc, vc = megastep.stack_cache(cache)
         tau_l = jnp.stack([a.tau for a in args])
         logits, _, _, k_lb, fail = jax.jit(megastep.step, static_argnums=(0, 7))(
