@@ -63,9 +63,11 @@ def _normed(x, ln_ptr, kk, km, sq, NORM: tl.constexpr):
     as they came. The caller sums ``sq`` over its columns once, after its loop (``tl.sum(sq,
     1)``: each token's sum of squares; the norm's scale ``1 / rms`` is applied after the
     product). Why not a sum a chunk: a row sum of a ``[TP, BK]`` tile spread over the warps
-    goes through shared memory and a CTA barrier, every chunk, inside the weight stream; with
-    it the 1B QKV product alone took 17.3 µs a layer, 9.4 without the norm (H100, forty-sixth
-    session, ``benchmarks/skinny_phase.py``)."""
+    goes through shared memory and a CTA barrier, every chunk, inside the weight stream. The
+    1B QKV product alone with the step's 64-row tiles: 11.06 µs a layer with a sum a chunk,
+    9.90 with one sum, 9.50 without the norm (H100, forty-sixth session,
+    ``benchmarks/skinny_phase.py``); with 16-row tiles 17.3 / 16.5 / 9.4, so there most of
+    the norm's cost is elsewhere."""
     if NORM:
         sq += x * x
         x = x * tl.load(ln_ptr + kk, mask=km, other=0.0).to(tl.float32)[None, :]
