@@ -48,8 +48,9 @@ C at its own 16 rows measured 0.5-1.2% slower a step), the router share's 3 stag
 width (1B 3%, 8B 0.5-3.5% a step; forty-third and forty-sixth sessions). ``skinny_stage``
 stages the inputs once into each program's scratch (normed, in the weights' dtype;
 ``_stage_tokens``) so the weight loop carries no norm: neutral (0-2%), off. A's norm adds the
-squares elementwise and sums them once after the loop (``triton_batch_phases._normed``; a
-row sum a chunk made the product alone 1.7× slower than without the norm).
+squares elementwise and sums them once after the loop (``triton_batch_phases._normed``; the
+1B product alone at 64-row tiles: 11.06 µs a layer with a row sum a chunk, 9.90 with one,
+9.50 without the norm; forty-sixth session).
 
 Right after arriving at a barrier a program asks L2 for the first rows of its next QKV or W_o
 block (the batch-1 step's measured prefetch sizes and forms, ``triton_megastep_plan``).
@@ -120,6 +121,10 @@ BN = 16  # neurons a unit: the down projection's K, tl.dot's smallest
 # 26 µs a layer at 1B (BENCHMARKS.md, forty-first session): ``Launch(skinny_bk=)`` to measure.
 BK = 128
 BE = 64  # router rows a chunk of the router share
+# ... streamed through this many pipeline stages by default (``Launch.router_stages``): 3 was
+# 3% a step faster than a plain loop at 1B (forty-third session) and 0.5-3.5% at 8B (1.077 /
+# 0.960× dense against 1.041 / 0.939× at 4 / 16 sequences; H100, forty-sixth session).
+ROUTER_STAGES = 3
 # The fused expert phase (``_unit_ffn``): at most this many units a group, tiles of about this
 # many bytes a stream (gate and up each; ``[128, 64]`` bf16 at 8 units).
 FFN_UNITS_MAX = 8
@@ -324,15 +329,13 @@ def default_ffn_units(e: int, g: int, p: int) -> int:
     return min(FFN_UNITS_MAX, jt.next_pow2(-(-e * (g // BN) // p)))
 
 
-def default_skinny(r_a: int) -> tuple[int, int]:
-    """``(skinny_rows, router_stages)`` by the A phase's rows a program (``ceil(N_qkv / P)``):
-    where its tile is under 64 rows (the 1B width: 32, and C's 16), pad the A and C tiles to 64
-    (wgmma instead of mma.sync) and pipeline the router share in 3 stages, measured 1.17×
-    faster at 1B with 4 and 16 sequences; where it is 64 already (8B) the padded C tile was
-    2-5% slower and both together -2 / +1% (BENCHMARKS.md, forty-third session). The router
-    share's 3 stages alone at 8B: 1.077 / 0.960× dense against 1.041 / 0.939× with 1 stage,
-    4 / 16 sequences (H100, forty-sixth session), so 3 at every width."""
-    return (64, 3) if jt.next_pow2(r_a) < 64 else (16, 3)
+def default_skinny(r_a: int) -> int:
+    """``skinny_rows`` by the A phase's rows a program (``ceil(N_qkv / P)``): where its tile is
+    under 64 rows (the 1B width: 32, and C's 16), pad the A and C tiles to 64 (wgmma instead of
+    mma.sync), measured with the router share's 3 stages 1.17× faster at 1B with 4 and 16
+    sequences; where it is 64 already (8B) the padded C tile was 2-5% slower (BENCHMARKS.md,
+    forty-third session)."""
+    return 64 if jt.next_pow2(r_a) < 64 else 16
 
 
 def _rows(rows: int | None, default: int) -> int:
@@ -366,10 +369,9 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     e_pad = max(16, jt.next_pow2(e))
     ws_lg = t * d
     w = weight_itemsize
-    rows, rs = default_skinny(r_a)
-    rows = _rows(skinny_rows, rows)  # A's tile's least rows (64: wgmma instead of mma.sync)
+    rows = _rows(skinny_rows, default_skinny(r_a))  # A's tile's least rows (64: wgmma)
     rows_c = _rows(skinny_rows_c, rows)  # C's (and the router share's)
-    rs = rs if router_stages is None else router_stages
+    rs = ROUTER_STAGES if router_stages is None else router_stages
     pf_a = 0 if interpret else _pf_lines(prefetch_kb * 1024 // LINE, r_a, 0, d, w)
     pf_c = 0 if interpret else _pf_lines(prefetch_o_kb * 1024 // LINE, r_c, 0, hq * hd, w)
     bulk = default_bulk_prefetch(d) if bulk_prefetch is None else bool(bulk_prefetch)
@@ -426,10 +428,10 @@ def megastep_batch(
     True)``), read so by the router share (``_router_share``'s ``RDE``)."""
     n_layers, n_qkv, d = wqkv_lnd.shape
     _, t, s_max, kv, hd = kc_ltskh.shape
-    e = wr_led.shape[2] if router_de else wr_led.shape[1]
     if wr_led.ndim != 3 or wr_led.shape[1 if router_de else 2] != d:
         want_r = "[L, d, E] (router_de)" if router_de else "[L, E, d]"
         raise ValueError(f"megastep_batch: router has shape {wr_led.shape}, expected {want_r}")
+    e = wr_led.shape[2] if router_de else wr_led.shape[1]
     g = w_in_lcfd.shape[2] // e
     hq = wo_ldn.shape[2] // hd
     check(t, d, hd, g)

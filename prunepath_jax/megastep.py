@@ -116,7 +116,7 @@ class Launch(NamedTuple):
     # (forty-sixth).
     skinny_rows_c: int | None = None
     # The batched launch's router share streamed through this many pipeline stages (1: a plain
-    # loop of synchronous loads; None: 3, ``triton_megastep_batch.default_skinny``).
+    # loop of synchronous loads; None: ``triton_megastep_batch.ROUTER_STAGES``, 3).
     router_stages: int | None = None
     # The batched launch's router share read from the routers' ``[L, d, E]`` copy
     # (``MegaWeights.router_de``, ``pack(router_de=True)``): each program's rows of d one
@@ -307,9 +307,8 @@ def pack(model: nnx.Module, head: bool = False, router_de: bool = False) -> Mega
     at 8B) for the batched launch's ``Launch(router_de=True)``."""
     check(model)
     mw = _stacked([tuple(v[...] for v in _layer_vars(b)) for b in model.layers])
-    if router_de:
-        f32 = jnp.float32
-        mw = mw._replace(router_de=jnp.stack([b.mlp.router[...].astype(f32) for b in model.layers]))
+    if router_de:  # the packed [L, E, d] float32 routers, back in the model's layout
+        mw = mw._replace(router_de=jnp.swapaxes(mw.router, 1, 2))
     if model.cfg.tie_embeddings:
         return mw._replace(head=model.embed_tokens.embedding[...])
     return mw._replace(head=_transposed(model.lm_head.kernel[...])) if head else mw
