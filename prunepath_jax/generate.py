@@ -312,7 +312,9 @@ def forced_logits(
 
 
 def _megastep_setup(model, batch: int, ffn_args):
-    """The one-launch decode step's checks and weight copy (``prunepath_jax.megastep``)."""
+    """The one-launch decode step's checks and weight copy (``prunepath_jax.megastep``): with
+    several sequences also the routers' ``[L, d, E]`` copy, which the batched step's router
+    share reads faster (``megastep.Launch.router_de``)."""
     from prunepath_jax import megastep
     from prunepath_jax.kernels import jt
 
@@ -320,7 +322,7 @@ def _megastep_setup(model, batch: int, ffn_args):
     if ffn_args is None:
         raise ValueError("implementation='megastep' needs tau (or ffn_args)")
     jt.jax_triton_module()  # a clear error without a GPU or jax-triton
-    return megastep.pack(model)
+    return megastep.pack(model, router_de=batch > 1)
 
 
 def generate(

@@ -120,7 +120,10 @@ class Launch(NamedTuple):
     router_stages: int | None = None
     # The batched launch's router share read from the routers' ``[L, d, E]`` copy
     # (``MegaWeights.router_de``, ``pack(router_de=True)``): each program's rows of d one
-    # contiguous block, not E pieces of a few rows each (None: off; not timed yet).
+    # contiguous block, not E pieces of a few rows each. None: the copy wherever the packed
+    # weights carry it (``generate`` packs it for 2+ sequences); False: the ``[L, E, d]``
+    # routers. On an H100 the copy made the step 0.8-2.7% faster at 1B and 8B with 4 and 16
+    # sequences (BENCHMARKS.md, forty-seventh session).
     router_de: bool | None = None
     # Diagnostic: the timeline's %globaltimer stamps compiled in, their output discarded (1), or
     # only their clock reads (2: the stores predicated off), to time what the stamps themselves
@@ -201,7 +204,8 @@ def _layer_vars(b) -> tuple:
 
 def packed_bytes(model: nnx.Module, cache_len: int, head: bool = False, batch: int = 1) -> int:
     """Bytes of ``pack``'s copy (the router in float32; ``head``: the LM head's transposed
-    rows of an untied model) plus the stacked KV cache of ``batch`` sequences; from shapes
+    rows of an untied model; with ``batch`` > 1 the routers' ``[L, d, E]`` copy too, as
+    ``generate`` packs it) plus the stacked KV cache of ``batch`` sequences; from shapes
     only, so an abstract model (``nnx.eval_shape``) plans its memory too."""
     cfg = model.cfg
     n = 0
@@ -214,6 +218,8 @@ def packed_bytes(model: nnx.Module, cache_len: int, head: bool = False, batch: i
             dtype = jnp.float32 if name == "router" else v.dtype
             n += int(np.prod(v.shape)) * jnp.dtype(dtype).itemsize
         n += 4 * b.mlp.router.shape[-1] * cfg.n_heads * cfg.head_dim  # router_o
+        if batch > 1:  # router_de
+            n += 4 * int(np.prod(b.mlp.router.shape))
     item = jnp.dtype(model.embed_tokens.embedding.dtype).itemsize
     return n + 2 * batch * cfg.n_layers * cache_len * cfg.n_kv_heads * cfg.head_dim * item
 
@@ -412,7 +418,8 @@ def step_batch(model, mw: MegaWeights, tokens_b, pos_b, kc, vc, tau_l,
             "Launch(router_de=True) reads the routers' [L, d, E] copy: megastep.pack(model, "
             "router_de=True)"
         )
-    router = mw.router_de if opts.get("router_de") else mw.router
+    opts.setdefault("router_de", mw.router_de is not None)  # None: the copy where packed
+    router = mw.router_de if opts["router_de"] else mw.router
     y, kc, vc, k_lb, union_l, fail, *stamps = tb.megastep_batch(
         model.embed_tokens.embedding[...], tokens_b, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
         cfg.rope_scaling), pos_b, tau_l, mw.ln1, mw.ln2, mw.wqkv, mw.wo, router, mw.w_in,

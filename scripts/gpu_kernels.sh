@@ -75,16 +75,6 @@ smollm2-b)  # call B (carry .gpu_model/b and .whl, within the 30 s idle release 
     --taus 0.5 0.9 --impls pallas megastep --direct --chunk 16 --lengths 17 129 --cache-len 256 \
     --repeats 3 --out "$OUT/smollm2_decode.jsonl"
   ;;
-s51d)  # (not run: no device) the generation paths' GPU tests after d4f901e (generate's
-  # implementation checks now
-  # derive from kernels.api's list; CPU-tested only): the registry backends and the one-launch
-  # step against the XLA path's tokens
-  PYTHONUNBUFFERED=1 run timeout 330 python3 -m pytest -v -m gpu -rf --tb=short --durations=8 \
-    tests/test_kernels_api.py tests/test_generate.py tests/test_megastep.py -k "generat"
-  # and the layer probe after its helpers moved to scripts/gluon_ops.py (b7c8235)
-  PYTHONUNBUFFERED=1 run timeout 200 python3 -m pytest -q -rA -m gpu tests/test_gluon_probe.py \
-    -k layer_probe -p no:cacheprovider
-  ;;
 s51e)  # (written, not run: no device at the end of the thirty-eighth session) run 5's
   # timeline: programs wait 3-4 µs at every 8B barrier, their rings full. Row
   # blocks claimed from a counter (--dynamic 1, whole-row slots) against the same slots owned
@@ -120,23 +110,6 @@ s52c)  # (written, not run) the batched step at the SmolLM2-135M shape (30 layer
   run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes smollm2-135m \
     --batches 2 4 8 16 --out "$OUT/megastep_batch_decode.jsonl"
   ;;
-s53a)  # TEAL's decode kernels (kernels/triton_teal.py): their GPU tests, then one 8B layer's
-  # token against dense and PrunePath's expert kernels in one process
-  # (benchmarks/teal_decode.py). Ran in the fortieth session (masked rows only: latency-bound);
-  # the kept-row-list kernel (the default since the forty-first) is not timed yet
-  gpu_tests 200 tests/test_teal_kernel.py
-  run timeout 420 python3 benchmarks/teal_decode.py --out "$OUT/teal_decode.jsonl"
-  ;;
-s56a)  # the batched step's QKV / O product alone (benchmarks/skinny_phase.py). Its 1B QKV rows
-  # ran in the forty-sixth session (s60a / s60d, BENCHMARKS.md): the norm's per-chunk row sum
-  # was the cost, now summed once after the loop. Not yet run: the 1B O product and 8B's QKV
-  V_SOME='{"default": {}, "hot": {"sets": 1}, "t16": {"tokens": 16}, "nonorm": {"norm": false},
-    "rpad64": {"rpad": 64}, "nonorm_rpad64": {"norm": false, "rpad": 64},
-    "p264": {"programs": 264}, "step_like": {"atomics": true, "prefetch": 64},
-    "stage": {"stage": true}, "stage_rpad64": {"stage": true, "rpad": 64}}'
-  run timeout 240 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-o llama-3-8b-qkv \
-    --variants "$V_SOME" --out "$OUT/skinny_phase.jsonl"
-  ;;
 s57b)  # (not run; the forty-third session timed default / rows64 / rows64+rs3 at 8B instead)
   # s57a's five launches at 8B (A's tiles are 64 rows there already: rows64 changes only C's 32)
   run timeout 560 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
@@ -157,35 +130,11 @@ s59c)  # the H200 rows behind the forty-fifth session's "auto" rule, measured th
     --batches 16 2 --prompt-len 4000 --check-steps 0 --chunks 3 \
     --out "$OUT/megastep_batch_decode.jsonl"
   ;;
-s61a)  # (forty-sixth session, not run: no device time left) the skinny product at 4 warps and
-  # 256-column chunks ran 1.15-1.35x faster alone than the step's 8 warps / 128 (1B QKV 8.2 vs
-  # 10.2 us, 1B O 7.1 vs 9.6, 8B QKV 19.9 vs 22.8; H100) - but the whole step at 4 warps spills
-  # 400-550 bytes a thread (census). A guess: at 8 warps a 64-row tile gives the second
-  # warpgroup nothing to do (wgmma is m64 a warpgroup; N is the 16 tokens), so 128-row tiles
-  # at 8 warps may get what 4 warps got. The product first, then the step (census at 1B:
-  # 180-192 bytes of spills with skinny_rows 128, 8-16 with 64)
-  V='{"r64": {"rpad": 64}, "r64_w4_bk256": {"rpad": 64, "warps": 4, "bk": 256},
-    "r128": {"rpad": 128}}'
-  run timeout 120 python3 benchmarks/skinny_phase.py \
-    --shapes llama-3.2-1b-qkv llama-3.2-1b-o llama-3-8b-qkv --variants "$V" \
-    --out "$OUT/skinny_phase.jsonl"
-  run timeout 240 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
-    --batches 4 16 --no-default --check-steps 1 --chunks 4 --launches '{"default": {},
-    "r128": {"skinny_rows": 128}, "r128_c64": {"skinny_rows": 128, "skinny_rows_c": 64},
-    "bk256": {"skinny_bk": 256}}' --out "$OUT/megastep_batch_decode.jsonl"
-  ;;
-s61b)  # (forty-sixth session, not run) the router share from the routers' [L, d, E] copy
-  # (Launch(router_de=True), pack(router_de=True)): each program's few rows of d one contiguous
-  # block, not E pieces of 64 B (1B) / 128 B (8B). C is 15.3 us a layer at 1B with 4 sequences,
-  # the O product alone 8.9. The GPU cases first (two run router_de), then 1B and 8B
-  PYTHONUNBUFFERED=1 run timeout 200 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
-    -p no:cacheprovider -k "matches_xla and (staged or u2)"
-  run timeout 200 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
-    --batches 4 16 --no-default --check-steps 1 --chunks 4 --launches '{"default": {},
-    "router_de": {"router_de": true}}' --out "$OUT/megastep_batch_decode.jsonl"
-  run timeout 200 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
-    --batches 4 16 --no-default --check-steps 1 --chunks 3 --launches '{"default": {},
-    "router_de": {"router_de": true}}' --out "$OUT/megastep_batch_decode.jsonl"
+s62a)  # (forty-seventh session) generate packs the routers' [L, d, E] copy for 2+ sequences and
+  # the batched step reads it by default (Launch.router_de None): the four-prompt generation
+  # against XLA's tokens, and the two cases that run the copy
+  PYTHONUNBUFFERED=1 run timeout 300 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
+    -p no:cacheprovider -k "generation or staged or u2"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2

@@ -421,7 +421,9 @@ def test_auto_takes_the_batched_launch_for_its_measured_batches_and_caches(monke
     lo, hi = megastep.AUTO_BATCH_MIN, megastep.MAX_BATCH
     need = megastep.packed_bytes(model, 64, batch=hi)
     per_seq = 2 * cfg.n_layers * 64 * cfg.n_kv_heads * cfg.head_dim * 4  # k and v, fp32
-    assert need - megastep.packed_bytes(model, 64) == (hi - 1) * per_seq
+    de = 4 * sum(int(np.prod(b.mlp.router.shape)) for b in model.layers)  # router_de, f32
+    assert need - megastep.packed_bytes(model, 64) == (hi - 1) * per_seq + de
+    assert megastep.packed_bytes(model, 64, batch=lo) == need - (hi - lo) * per_seq
     monkeypatch.setattr(megastep, "_free_bytes", lambda leaves: 2 * need)
     assert megastep.auto_ok(model, lo, args, 64) is None
     assert megastep.auto_ok(model, hi, args, 64) is None

@@ -157,7 +157,8 @@ def test_batch_bad_inputs_raise_clearly():
         megastep.step(model, mw, tok_b, pos_b, kc, vc, tau, megastep.Launch(router_de=True))
     with pytest.raises(ValueError, match="router has shape"):
         call(router_de=True)
-    de = megastep.pack(model, router_de=True).router_de
+    mw_de = megastep.pack(model, router_de=True)
+    de = mw_de.router_de
     assert de.shape == (m.layers, m.d, mw.router.shape[1]) and de.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(de), np.asarray(mw.router).transpose(0, 2, 1))
     small, _, cache1, tok1, pos1 = build(CASES[0])  # G = 8: no 16-neuron units
@@ -172,6 +173,30 @@ def test_batch_bad_inputs_raise_clearly():
         with pytest.raises(ValueError, match=f"{field} is the batched launch's"):
             megastep.step(small, megastep.pack(small), tok1[None], pos1[None], kc1, vc1, tau1,
                           megastep.Launch(**{field: v}))  # fmt: skip
+
+
+def test_batch_step_reads_the_router_copy_where_packed(monkeypatch):
+    """``Launch.router_de`` None takes the routers' ``[L, d, E]`` copy exactly when the packed
+    weights carry it (what ``generate`` packs for 2+ sequences); False keeps ``[L, E, d]``."""
+    c = BATCH_CASES[0]
+    model, _, cache, tok_b, pos_b = build_batch(c)
+    kc, vc = megastep.stack_cache(cache)
+    tau = jnp.full((c.case.layers,), 0.5)
+    seen = []
+
+    def fake(*args, **kw):  # the launch's router argument and layout flag, then stop
+        seen.append((args[9], kw["router_de"]))
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(tb, "megastep_batch", fake)
+    plain, de = megastep.pack(model), megastep.pack(model, router_de=True)
+    for mw, launch, want_de in ((plain, megastep.Launch(), False), (de, megastep.Launch(), True),
+                                (de, megastep.Launch(router_de=False), False)):  # fmt: skip
+        with pytest.raises(RuntimeError, match="stop"):
+            megastep.step(model, mw, tok_b, pos_b, kc, vc, tau, launch)
+        router, flag = seen.pop()
+        assert flag is want_de
+        assert router is (mw.router_de if want_de else mw.router)
 
 
 @pytest.mark.gpu
