@@ -130,12 +130,6 @@ s59c)  # the H200 rows behind the forty-fifth session's "auto" rule, measured th
     --batches 16 2 --prompt-len 4000 --check-steps 0 --chunks 3 \
     --out "$OUT/megastep_batch_decode.jsonl"
   ;;
-s62a)  # (forty-seventh session) generate packs the routers' [L, d, E] copy for 2+ sequences and
-  # the batched step reads it by default (Launch.router_de None): the four-prompt generation
-  # against XLA's tokens, and the two cases that run the copy
-  PYTHONUNBUFFERED=1 run timeout 300 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
-    -p no:cacheprovider -k "generation or staged or u2"
-  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;
