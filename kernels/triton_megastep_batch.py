@@ -125,6 +125,12 @@ BE = 64  # router rows a chunk of the router share
 # 3% a step faster than a plain loop at 1B (forty-third session) and 0.5-3.5% at 8B (1.077 /
 # 0.960× dense against 1.041 / 0.939× at 4 / 16 sequences; H100, forty-sixth session).
 ROUTER_STAGES = 3
+# Copies of the router logits a layer (``Launch.router_copies``): program p adds its share into
+# copy ``(p + layer) % RCP`` and the selection sums the copies. Why more than one: every
+# program adds its ``T · E`` partials into the same ``[T, E]`` lines, P relaxed atomics deep at
+# each address; with RCP copies each queue is P / RCP deep, for RCP ``[E]`` loads a token in
+# phase S and RCP times the zeroed logits. 1 until timed (stage ``s63a``).
+ROUTER_COPIES = 1
 # The fused expert phase (``_unit_ffn``): at most this many units a group, tiles of about this
 # many bytes a stream (gate and up each; ``[128, 64]`` bf16 at 8 units).
 FFN_UNITS_MAX = 8
@@ -150,7 +156,7 @@ def _batch_kernel(
     w_in_ptr,  # [L, 2, F, D] gate rows, then up rows
     w_out_ptr,  # [L, F, D] down-projection rows
     kc_in_ptr, vc_in_ptr,  # [L, T, S_MAX, KV, HD] caches (aliased to kc_ptr, vc_ptr)
-    ws_ptr,  # out, zeroed workspace: h [T, D] | logits [L, T, E] | counters
+    ws_ptr,  # out, zeroed workspace: h [T, D] | logits [L, RCP, T, E] | counters
     kc_ptr, vc_ptr,  # out caches, each token's key/value written at its position
     rope_ptr,  # scratch [T, HD] f32: cos, then sin, of pos_t · inv_freq (program 0 writes them)
     qkv_ptr,  # scratch [T, NQKV] f32
@@ -178,7 +184,7 @@ def _batch_kernel(
     PF_A: tl.constexpr, PF_C: tl.constexpr, STEP_A: tl.constexpr, STEP_C: tl.constexpr,
     PFB: tl.constexpr, TIMING: tl.constexpr, UF: tl.constexpr, BKF: tl.constexpr,
     CWF: tl.constexpr, BKS: tl.constexpr, STAGGER: tl.constexpr, SX: tl.constexpr,
-    KX: tl.constexpr, RS: tl.constexpr, RDE: tl.constexpr,
+    KX: tl.constexpr, RS: tl.constexpr, RDE: tl.constexpr, RCP: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -261,8 +267,9 @@ def _batch_kernel(
             m = (rc < c1)[:, None] & tmask[None, :]
             hv = oc + tl.load(h_ptr + off, mask=m, other=0.0, cache_modifier=".cg")
             tl.store(h_ptr + off, hv, mask=m)
-            _router_share(wr_ptr + lw * E * D, ln2_ptr + layer * D, hv, lg_ptr + layer * T * E,
-                          c0, c1, rot, D, E, T, TP, RC_PAD, BE, RS, DOT_F32, RDE)  # fmt: skip
+            lgc = lg_ptr + (layer * RCP + (pid + layer) % RCP) * T * E  # this program's copy
+            _router_share(wr_ptr + lw * E * D, ln2_ptr + layer * D, hv, lgc, c0, c1, rot, D, E,
+                          T, TP, RC_PAD, BE, RS, DOT_F32, RDE)  # fmt: skip
         _stamp(tim_ptr, pid, t0 + 5, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
@@ -273,7 +280,10 @@ def _batch_kernel(
         for t in range(pid, T, P):
             x = tl.load(h_ptr + t * D + rd, mask=rd < D, other=0.0, cache_modifier=".cg")
             rstd = tl.rsqrt(tl.sum(x * x, 0) / D + EPS)
-            lgv = _logits(lg_ptr + (layer * T + t) * E, E, E_PAD, ".cg") * rstd
+            lgv = _logits(lg_ptr + (layer * RCP * T + t) * E, E, E_PAD, ".cg")
+            for cp in range(1, RCP):  # the other copies' partial sums
+                lgv += _logits(lg_ptr + ((layer * RCP + cp) * T + t) * E, E, E_PAD, ".cg")
+            lgv = lgv * rstd
             gate, k = _select(lgv, tl.load(tau_ptr + layer), E, E_PAD, NUCLEUS, SIGMOID, K_MIN,
                               K_MAX)  # fmt: skip
             tl.store(gs_ptr + t * E_PAD + tl.arange(0, E_PAD), gate)
@@ -354,9 +364,9 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
               ffn_units=None, skinny_bk=0, stagger=True, skinny_stage=False, skinny_rows=None,
-              skinny_rows_c=None, router_stages=None, router_de=False, prefetch_kb=PREFETCH_KB,
-              prefetch_o_kb=PREFETCH_O_KB, bulk_prefetch=None, weight_itemsize=2, timing=0,
-              interpret=False) -> dict:  # fmt: skip
+              skinny_rows_c=None, router_stages=None, router_de=False, router_copies=None,
+              prefetch_kb=PREFETCH_KB, prefetch_o_kb=PREFETCH_O_KB, bulk_prefetch=None,
+              weight_itemsize=2, timing=0, interpret=False) -> dict:  # fmt: skip
     """The kernel's constexprs (also what the sm_90 lowering test compiles). The L2 prefetch
     at a barrier arrival (of the program's next QKV, and W_o, rows; the batch-1 step's measured
     defaults) is none under the interpreter (inline PTX)."""
@@ -372,6 +382,7 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     rows = _rows(skinny_rows, default_skinny(r_a))  # A's tile's least rows (64: wgmma)
     rows_c = _rows(skinny_rows_c, rows)  # C's (and the router share's)
     rs = ROUTER_STAGES if router_stages is None else router_stages
+    rcp = ROUTER_COPIES if router_copies is None else router_copies
     pf_a = 0 if interpret else _pf_lines(prefetch_kb * 1024 // LINE, r_a, 0, d, w)
     pf_c = 0 if interpret else _pf_lines(prefetch_o_kb * 1024 // LINE, r_c, 0, hq * hd, w)
     bulk = default_bulk_prefetch(d) if bulk_prefetch is None else bool(bulk_prefetch)
@@ -380,7 +391,7 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     return dict(
         UF=uf, BKF=bkf, CWF=min(256, 2 * bkf),
         BKS=skinny_bk or BK, STAGGER=int(bool(stagger)), SX=int(bool(skinny_stage)),
-        KX=max(d, hq * hd), RS=rs, RDE=int(bool(router_de)),
+        KX=max(d, hq * hd), RS=rs, RDE=int(bool(router_de)), RCP=rcp,
         PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),
         PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
         T=t, TP=MAX_TOKENS, L=n_layers, D=d, HQ=hq, KV=kv, HD=hd,
@@ -392,7 +403,7 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
         SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=e if k_max is None else k_max,
         SCALE=float(hd**-0.5), SPIN=spin, DOT_F32=bool(interpret),
         AST=int(ast if attn_stages is None else attn_stages), GS=gemv_stages, US=unit_stages,
-        WS_LG=ws_lg, WS_CTR=ws_lg + n_layers * t * e,
+        WS_LG=ws_lg, WS_CTR=ws_lg + n_layers * rcp * t * e,
     )  # fmt: skip
 
 
@@ -410,8 +421,9 @@ def megastep_batch(
     ffn_units: int | None = None, skinny_bk: int = 0, stagger: bool = True,
     skinny_stage: bool = False, skinny_rows: int | None = None,
     skinny_rows_c: int | None = None, router_stages: int | None = None,
-    router_de: bool = False, prefetch_kb: int = PREFETCH_KB, prefetch_o_kb: int = PREFETCH_O_KB,
-    bulk_prefetch: bool | None = None, timing: int = 0, interpret: bool = False,
+    router_de: bool = False, router_copies: int | None = None, prefetch_kb: int = PREFETCH_KB,
+    prefetch_o_kb: int = PREFETCH_O_KB, bulk_prefetch: bool | None = None, timing: int = 0,
+    interpret: bool = False,
 ):  # fmt: skip
     """Every layer of T tokens' decode step: ``(h_td f32, kc, vc, k_lt i32, union_l i32,
     fail_p i32)``, plus with ``timing`` (GPU) each program's %globaltimer stamps
@@ -425,7 +437,8 @@ def megastep_batch(
     token selected, a layer; ``fail_p`` nonzero where a program gave up on a grid barrier (its
     result is then wrong; ``megastep.check_fail`` raises). ``programs`` 0: one per SM.
     ``router_de``: ``wr_led`` is the routers as ``[L, D, E]`` (``megastep.pack(router_de=
-    True)``), read so by the router share (``_router_share``'s ``RDE``)."""
+    True)``), read so by the router share (``_router_share``'s ``RDE``). ``router_copies``:
+    the copies of the logits the programs add into (``ROUTER_COPIES``)."""
     n_layers, n_qkv, d = wqkv_lnd.shape
     _, t, s_max, kv, hd = kc_ltskh.shape
     if wr_led.ndim != 3 or wr_led.shape[1 if router_de else 2] != d:
@@ -455,6 +468,11 @@ def megastep_batch(
                 raise ValueError(
                     f"{name} must be None (by the shape), 0 (16) or 16, 32, 64, 128, got {rows}"
                 )
+        if router_copies is not None and router_copies not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(
+                f"router_copies must be None ({ROUTER_COPIES}) or 1, 2, 4, 8, 16, 32 (copies of "
+                f"the router logits the programs add into), got {router_copies}"
+            )
         if skinny_bk not in (0, 32, 64, 128, 256, 512):
             raise ValueError(
                 f"skinny_bk must be 0 ({BK}) or a power of 2 from 32 to 512, got {skinny_bk}"
@@ -483,7 +501,7 @@ def megastep_batch(
                   gemv_stages=gemv_stages, unit_stages=unit_stages, ffn_units=ffn_units,
                   skinny_bk=skinny_bk, stagger=stagger, skinny_stage=skinny_stage,
                   skinny_rows=skinny_rows, skinny_rows_c=skinny_rows_c,
-                  router_stages=router_stages, router_de=router_de,
+                  router_stages=router_stages, router_de=router_de, router_copies=router_copies,
                   prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, bulk_prefetch=bulk_prefetch,
                   weight_itemsize=jnp.dtype(wqkv_lnd.dtype).itemsize, timing=timing,
                   interpret=interpret)  # fmt: skip

@@ -125,6 +125,11 @@ class Launch(NamedTuple):
     # routers. On an H100 the copy made the step 0.8-2.7% faster at 1B and 8B with 4 and 16
     # sequences (BENCHMARKS.md, forty-seventh session).
     router_de: bool | None = None
+    # The batched launch's copies of the router logits (program p adds into copy
+    # (p + layer) % n, the selection sums them): n times fewer programs queueing at each
+    # address's atomics (None: ``triton_megastep_batch.ROUTER_COPIES``, 1; not timed yet,
+    # stage ``s63a``).
+    router_copies: int | None = None
     # Diagnostic: the timeline's %globaltimer stamps compiled in, their output discarded (1), or
     # only their clock reads (2: the stores predicated off), to time what the stamps themselves
     # change in the step (BENCHMARKS.md, thirty-sixth session).
@@ -388,7 +393,7 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
 # The launch choices only the batched kernel takes, and all it takes
 # (``triton_megastep_batch.megastep_batch``'s).
 BATCH_ONLY = ("ffn_units", "skinny_bk", "stagger", "skinny_stage", "skinny_rows",
-              "skinny_rows_c", "router_stages", "router_de")  # fmt: skip
+              "skinny_rows_c", "router_stages", "router_de", "router_copies")  # fmt: skip
 BATCH_LAUNCH = ("programs", "splits", "block_t", "warps", "attn_stages", "gemv_stages",
                 "unit_stages", *BATCH_ONLY, "prefetch_kb", "prefetch_o_kb",
                 "bulk_prefetch")  # fmt: skip

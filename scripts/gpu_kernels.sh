@@ -130,6 +130,36 @@ s59c)  # the H200 rows behind the forty-fifth session's "auto" rule, measured th
     --batches 16 2 --prompt-len 4000 --check-steps 0 --chunks 3 \
     --out "$OUT/megastep_batch_decode.jsonl"
   ;;
+s63a)  # (forty-seventh session) what phase C's router share costs beyond the O product (1B:
+  # O alone 8.9 us a layer, C 14.3 in the step): the probe with the share into one shared
+  # [T, E] (the step's), 4 / 16 copies (Launch.router_copies), a copy a program (no queueing at
+  # the atomics), and the [E, d] layout; then the GPU case with 2 copies
+  V='{"o": {"norm": false}, "shared": {"norm": false, "router": "shared", "router_de": true},
+    "c4": {"norm": false, "router": "shared", "router_de": true, "router_copies": 4},
+    "c16": {"norm": false, "router": "shared", "router_de": true, "router_copies": 16},
+    "private": {"norm": false, "router": "private", "router_de": true},
+    "shared_ed": {"norm": false, "router": "shared"},
+    "t16_shared": {"tokens": 16, "norm": false, "router": "shared", "router_de": true},
+    "t16_c16": {"tokens": 16, "norm": false, "router": "shared", "router_de": true,
+      "router_copies": 16},
+    "t16_private": {"tokens": 16, "norm": false, "router": "private", "router_de": true}}'
+  run timeout 150 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-o llama-3-8b-o \
+    --variants "$(python3 -c "import json,sys; v=json.loads(sys.argv[1]); print(json.dumps(
+      {k + s: {**x, **r} for k, x in v.items() for s, r in (('', {}), ('_r64', {'rpad': 64}))}))" \
+      "$V")" --out "$OUT/skinny_phase.jsonl"
+  PYTHONUNBUFFERED=1 run timeout 150 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
+    -p no:cacheprovider -k "matches_xla and one_unit"
+  ;;
+s63b)  # (forty-seventh session) the step with the router logits in 4 / 16 copies, 1B and 8B
+  run timeout 250 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+    --batches 4 16 --no-default --check-steps 1 --chunks 4 --launches '{"default": {},
+    "rcp4": {"router_copies": 4}, "rcp16": {"router_copies": 16}}' \
+    --out "$OUT/megastep_batch_decode.jsonl"
+  run timeout 280 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
+    --batches 4 16 --no-default --check-steps 1 --chunks 3 --launches '{"default": {},
+    "rcp4": {"router_copies": 4}, "rcp16": {"router_copies": 16}}' \
+    --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;

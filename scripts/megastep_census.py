@@ -74,7 +74,9 @@ def plan(
         seqs = (batch,) if batch > 1 else ()
         kc = jnp.zeros((n, *seqs, s_max, cfg.n_kv_heads, cfg.head_dim), dtype)
         ib = jnp.zeros((batch,), jnp.int32)
-        mw = megastep.pack(model, head=bool(launch.head_in), router_de=bool(launch.router_de))
+        mw = megastep.pack(
+            model, head=bool(launch.head_in), router_de=batch > 1 and launch.router_de is not False
+        )  # as generate
         tau = jnp.ones((n,), jnp.float32)
         return megastep.step(model, mw, ib, ib, kc, kc, tau, launch, timing=timing)
 

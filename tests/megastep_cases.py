@@ -231,7 +231,7 @@ class BatchCase(NamedTuple):
     ``skinny_rows`` the A and C tiles' least rows, ``skinny_rows_c`` C's alone,
     ``router_stages`` the router share's pipeline stages (None: the launch's, by the shape), and
     ``router_de`` whether the router share reads the routers' ``[L, d, E]`` copy (``pack`` then
-    makes it: ``mw``)."""
+    makes it: ``mw``), ``router_copies`` the copies of the logits the programs add into."""
 
     case: Case
     lengths: tuple[int, ...]
@@ -242,6 +242,7 @@ class BatchCase(NamedTuple):
     skinny_rows_c: int | None = None
     router_stages: int | None = None
     router_de: bool | None = None
+    router_copies: int | None = None
 
     @property
     def name(self) -> str:
@@ -258,7 +259,7 @@ class BatchCase(NamedTuple):
                                skinny_stage=self.skinny_stage, skinny_rows=self.skinny_rows,
                                skinny_rows_c=self.skinny_rows_c,
                                router_stages=self.router_stages, router_de=self.router_de,
-                               **kw)  # fmt: skip
+                               router_copies=self.router_copies, **kw)  # fmt: skip
 
 
 _B2_BF16 = Case(
@@ -270,13 +271,14 @@ BATCH_CASES = (
     BatchCase(Case("b3_f32", 64, 4, 2, 16, 256, 16, 0, 0.9, 2, 16, cache_len=48), (20, 33, 0)),
     # ... with one unit a group: many groups a program, each adding its down rows into the
     # residual; C's tile (and the router share's) padded past its 64 rows to 128; A and C's
-    # inputs staged in f32 (the weights' dtype).
+    # inputs staged in f32 (the weights' dtype); the logits in 2 copies the selection sums.
     BatchCase(
         Case("b3_one_unit", 64, 4, 2, 16, 256, 16, 0, 0.9, 2, 16, cache_len=48),
         (20, 33, 0),
         ffn_units=1,
         skinny_rows=128,
         skinny_stage=True,
+        router_copies=2,
     ),  # fmt: skip
     # d not a power of two, 3 query heads a KV head, nucleus rule, no gates, clamps on k; bf16.
     BatchCase(_B2_BF16, (9, 40)),
