@@ -185,6 +185,7 @@ def _batch_kernel(
     PFB: tl.constexpr, TIMING: tl.constexpr, UF: tl.constexpr, BKF: tl.constexpr,
     CWF: tl.constexpr, BKS: tl.constexpr, STAGGER: tl.constexpr, SX: tl.constexpr,
     KX: tl.constexpr, RS: tl.constexpr, RDE: tl.constexpr, RCP: tl.constexpr,
+    BKC: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -261,7 +262,7 @@ def _batch_kernel(
         # C: O projection + residual + this program's share of the router logits.
         if c0 < D:
             oc, _ = _skinny(wo_ptr + lw * D * NA, att_ptr, ln1_ptr, xs, c0, c1, rot, NA, T, TP,
-                            RC_PAD, BKS, GS, False, SX, DOT_F32)  # fmt: skip
+                            RC_PAD, BKC, GS, False, SX, DOT_F32)  # fmt: skip
             rc = c0 + tl.arange(0, RC_PAD)
             off = rt[None, :] * D + rc[:, None]
             m = (rc < c1)[:, None] & tmask[None, :]
@@ -363,7 +364,8 @@ def _ffn_block(uf: int, itemsize: int) -> int:
 def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, block_t=None,
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
-              ffn_units=None, skinny_bk=0, stagger=True, skinny_stage=False, skinny_rows=None,
+              ffn_units=None, skinny_bk=0, skinny_bk_c=None, stagger=True, skinny_stage=False,
+              skinny_rows=None,
               skinny_rows_c=None, router_stages=None, router_de=False, router_copies=None,
               prefetch_kb=PREFETCH_KB, prefetch_o_kb=PREFETCH_O_KB, bulk_prefetch=None,
               weight_itemsize=2, timing=0, interpret=False) -> dict:  # fmt: skip
@@ -390,7 +392,8 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     bkf = _ffn_block(uf, w)
     return dict(
         UF=uf, BKF=bkf, CWF=min(256, 2 * bkf),
-        BKS=skinny_bk or BK, STAGGER=int(bool(stagger)), SX=int(bool(skinny_stage)),
+        BKS=skinny_bk or BK, BKC=skinny_bk_c or skinny_bk or BK, STAGGER=int(bool(stagger)),
+        SX=int(bool(skinny_stage)),
         KX=max(d, hq * hd), RS=rs, RDE=int(bool(router_de)), RCP=rcp,
         PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),
         PFB=bulk and not interpret and (d * w) % 16 == 0 and (hq * hd * w) % 16 == 0,
@@ -418,7 +421,8 @@ def megastep_batch(
     gate: str = "sigmoid", k_min: int = 1, k_max: int | None = None, programs: int = 0,
     splits: int = 0, block_t: int | None = None, attn_stages: int | None = None,
     warps: int = 8, spin: int = SPIN, gemv_stages: int = STAGES, unit_stages: int = STAGES,
-    ffn_units: int | None = None, skinny_bk: int = 0, stagger: bool = True,
+    ffn_units: int | None = None, skinny_bk: int = 0, skinny_bk_c: int | None = None,
+    stagger: bool = True,
     skinny_stage: bool = False, skinny_rows: int | None = None,
     skinny_rows_c: int | None = None, router_stages: int | None = None,
     router_de: bool = False, router_copies: int | None = None, prefetch_kb: int = PREFETCH_KB,
@@ -473,10 +477,11 @@ def megastep_batch(
                 f"router_copies must be None ({ROUTER_COPIES}) or 1, 2, 4, 8, 16, 32 (copies of "
                 f"the router logits the programs add into), got {router_copies}"
             )
-        if skinny_bk not in (0, 32, 64, 128, 256, 512):
-            raise ValueError(
-                f"skinny_bk must be 0 ({BK}) or a power of 2 from 32 to 512, got {skinny_bk}"
-            )
+        for name, bk in (("skinny_bk", skinny_bk), ("skinny_bk_c", skinny_bk_c or 0)):
+            if bk not in (0, 32, 64, 128, 256, 512):
+                raise ValueError(
+                    f"{name} must be 0 ({BK}) or a power of 2 from 32 to 512, got {bk}"
+                )
         k_max = check_launch(
             e, False, router_in_items=False, block_t=block_t, k_min=k_min, k_max=k_max,
             rule=rule, gate=gate, programs=programs, splits=splits, parts=0, warps=warps,
@@ -499,8 +504,8 @@ def megastep_batch(
                   attn_stages=attn_stages, cache_itemsize=jnp.dtype(kc_ltskh.dtype).itemsize,
                   eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin,
                   gemv_stages=gemv_stages, unit_stages=unit_stages, ffn_units=ffn_units,
-                  skinny_bk=skinny_bk, stagger=stagger, skinny_stage=skinny_stage,
-                  skinny_rows=skinny_rows, skinny_rows_c=skinny_rows_c,
+                  skinny_bk=skinny_bk, skinny_bk_c=skinny_bk_c, stagger=stagger,
+                  skinny_stage=skinny_stage, skinny_rows=skinny_rows, skinny_rows_c=skinny_rows_c,
                   router_stages=router_stages, router_de=router_de, router_copies=router_copies,
                   prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, bulk_prefetch=bulk_prefetch,
                   weight_itemsize=jnp.dtype(wqkv_lnd.dtype).itemsize, timing=timing,

@@ -100,6 +100,10 @@ class Launch(NamedTuple):
     ffn_units: int | None = None
     # The batched launch's A and C products: input columns a chunk (0: 128).
     skinny_bk: int | None = None
+    # ... C's alone (None: as ``skinny_bk``). At 1B 256-column chunks made C 1.1-1.3 µs a layer
+    # faster but A 2.1-2.2 slower (H100, forty-seventh session, stage s61a); not timed alone
+    # yet (stage ``s63b``).
+    skinny_bk_c: int | None = None
     # The batched launch's A, C and expert loops started at a chunk of each program's own
     # (``triton_batch_phases._staggered``; None: on).
     stagger: bool | None = None
@@ -392,7 +396,7 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
 
 # The launch choices only the batched kernel takes, and all it takes
 # (``triton_megastep_batch.megastep_batch``'s).
-BATCH_ONLY = ("ffn_units", "skinny_bk", "stagger", "skinny_stage", "skinny_rows",
+BATCH_ONLY = ("ffn_units", "skinny_bk", "skinny_bk_c", "stagger", "skinny_stage", "skinny_rows",
               "skinny_rows_c", "router_stages", "router_de", "router_copies")  # fmt: skip
 BATCH_LAUNCH = ("programs", "splits", "block_t", "warps", "attn_stages", "gemv_stages",
                 "unit_stages", *BATCH_ONLY, "prefetch_kb", "prefetch_o_kb",

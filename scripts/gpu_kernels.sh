@@ -133,7 +133,7 @@ s59c)  # the H200 rows behind the forty-fifth session's "auto" rule, measured th
 s63a)  # (forty-seventh session) what phase C's router share costs beyond the O product (1B:
   # O alone 8.9 us a layer, C 14.3 in the step): the probe with the share into one shared
   # [T, E] (the step's), 4 / 16 copies (Launch.router_copies), a copy a program (no queueing at
-  # the atomics), and the [E, d] layout; then the GPU case with 2 copies
+  # the atomics), and the [E, d] layout; then the GPU cases with 2 copies and C at 32 columns
   V='{"o": {"norm": false}, "shared": {"norm": false, "router": "shared", "router_de": true},
     "c4": {"norm": false, "router": "shared", "router_de": true, "router_copies": 4},
     "c16": {"norm": false, "router": "shared", "router_de": true, "router_copies": 16},
@@ -148,17 +148,20 @@ s63a)  # (forty-seventh session) what phase C's router share costs beyond the O 
       {k + s: {**x, **r} for k, x in v.items() for s, r in (('', {}), ('_r64', {'rpad': 64}))}))" \
       "$V")" --out "$OUT/skinny_phase.jsonl"
   PYTHONUNBUFFERED=1 run timeout 150 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
-    -p no:cacheprovider -k "matches_xla and one_unit"
+    -p no:cacheprovider -k "matches_xla and (one_unit or b16_all)"
   ;;
-s63b)  # (forty-seventh session) the step with the router logits in 4 / 16 copies, 1B and 8B
-  run timeout 250 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+s63b)  # (forty-seventh session) the 1B step with the router logits in 4 / 16 copies, and C's
+  # product alone at 256 columns (s61a: C 1.1-1.3 us a layer faster at 256, A 2.1 slower)
+  run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
     --batches 4 16 --no-default --check-steps 1 --chunks 4 --launches '{"default": {},
-    "rcp4": {"router_copies": 4}, "rcp16": {"router_copies": 16}}' \
-    --out "$OUT/megastep_batch_decode.jsonl"
-  run timeout 280 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
+    "rcp4": {"router_copies": 4}, "rcp16": {"router_copies": 16},
+    "bkc256": {"skinny_bk_c": 256}}' --out "$OUT/megastep_batch_decode.jsonl"
+  ;;
+s63c)  # (forty-seventh session) s63b at 8B
+  run timeout 500 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
     --batches 4 16 --no-default --check-steps 1 --chunks 3 --launches '{"default": {},
-    "rcp4": {"router_copies": 4}, "rcp16": {"router_copies": 16}}' \
-    --out "$OUT/megastep_batch_decode.jsonl"
+    "rcp4": {"router_copies": 4}, "rcp16": {"router_copies": 16},
+    "bkc256": {"skinny_bk_c": 256}}' --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2

@@ -225,7 +225,8 @@ class BatchCase(NamedTuple):
     """A batched step's case: the model, budget and launch of ``case`` (its ``prompt`` unused),
     ``lengths`` the sequences' tokens already in the cache (each sequence's new token goes at
     its own position), ``ffn_units`` the expert phase's units a group (None: the launch's
-    default), ``skinny_bk`` the A and C products' chunk (0: the default; at the
+    default), ``skinny_bk`` the A and C products' chunk (0: the default; ``skinny_bk_c`` C's
+    alone, None: as A's; at the
     tests' widths one chunk, so a small one makes the staggered loops wrap round),
     ``skinny_stage`` whether the A and C inputs are staged in each program's scratch first,
     ``skinny_rows`` the A and C tiles' least rows, ``skinny_rows_c`` C's alone,
@@ -237,6 +238,7 @@ class BatchCase(NamedTuple):
     lengths: tuple[int, ...]
     ffn_units: int | None = None
     skinny_bk: int = 0
+    skinny_bk_c: int | None = None
     skinny_stage: bool | None = None
     skinny_rows: int | None = None
     skinny_rows_c: int | None = None
@@ -256,6 +258,7 @@ class BatchCase(NamedTuple):
         """The case's launch (its splits, key block and batched fields), plus ``kw``."""
         return megastep.Launch(splits=self.case.splits, block_t=self.case.block_t,
                                ffn_units=self.ffn_units, skinny_bk=self.skinny_bk,
+                               skinny_bk_c=self.skinny_bk_c,
                                skinny_stage=self.skinny_stage, skinny_rows=self.skinny_rows,
                                skinny_rows_c=self.skinny_rows_c,
                                router_stages=self.router_stages, router_de=self.router_de,
@@ -294,9 +297,12 @@ BATCH_CASES = (
         router_stages=3,
         router_de=True,
     ),  # fmt: skip
-    # The most sequences the launch takes, every expert (tau > 1), 32-neuron experts; 4 groups.
+    # The most sequences the launch takes, every expert (tau > 1), 32-neuron experts; 4 groups;
+    # C's product in 32-column chunks (2, wrapping round its staggered start) while A's is one.
     BatchCase(
-        Case("b16_all", 64, 4, 4, 16, 256, 32, 0, 1.5, 1, 16, cache_len=48), tuple(range(1, 33, 2))
+        Case("b16_all", 64, 4, 4, 16, 256, 32, 0, 1.5, 1, 16, cache_len=48),
+        tuple(range(1, 33, 2)),
+        skinny_bk_c=32,
     ),  # fmt: skip
     # Few experts a token out of 32: experts no token selects, whose units are skipped.
     BatchCase(
