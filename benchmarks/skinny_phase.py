@@ -60,13 +60,13 @@ from prunepath_jax.kernels.triton_batch_phases import (  # noqa: E402
     _skinny,
     _staggered,
 )
-from prunepath_jax.kernels.triton_grid import _arrive, _stamp, _wait  # noqa: E402
-from prunepath_jax.kernels.triton_megastep_batch import (  # noqa: E402
+from prunepath_jax.kernels.triton_batch_plan import (  # noqa: E402
     BE,
     BK,
     MAX_TOKENS,
     ROUTER_STAGES,
 )
+from prunepath_jax.kernels.triton_grid import _arrive, _stamp, _wait  # noqa: E402
 from prunepath_jax.kernels.triton_megastep_gemv import _pf_rows  # noqa: E402
 from prunepath_jax.kernels.triton_megastep_plan import (  # noqa: E402
     LINE,

@@ -112,7 +112,7 @@ class Launch(NamedTuple):
     skinny_stage: bool | None = None
     # The batched launch's A and C tiles padded to at least this many weight rows (0: 16; at
     # 64 Triton takes wgmma, the expert phase's instruction, instead of mma.sync; None: by the
-    # shape, ``triton_megastep_batch.default_skinny``: 64 at the 1B width, 16 at 8B).
+    # shape, ``triton_batch_plan.default_skinny``: 64 at the 1B width, 16 at 8B).
     skinny_rows: int | None = None
     # ... C's tile (and the router share's) alone (None: as ``skinny_rows``). At 1B the 64-row
     # C tile was 2.5 µs a layer slower than its own 16 rows, while A's took 8.6 µs less
@@ -120,7 +120,7 @@ class Launch(NamedTuple):
     # (forty-sixth).
     skinny_rows_c: int | None = None
     # The batched launch's router share streamed through this many pipeline stages (1: a plain
-    # loop of synchronous loads; None: ``triton_megastep_batch.ROUTER_STAGES``, 3).
+    # loop of synchronous loads; None: ``triton_batch_plan.ROUTER_STAGES``, 3).
     router_stages: int | None = None
     # The batched launch's router share read from the routers' ``[L, d, E]`` copy
     # (``MegaWeights.router_de``, ``pack(router_de=True)``): each program's rows of d one
@@ -131,7 +131,7 @@ class Launch(NamedTuple):
     router_de: bool | None = None
     # The batched launch's copies of the router logits (program p adds into copy
     # (p + layer) % n, the selection sums them): n times fewer programs queueing at each
-    # address's atomics (None: ``triton_megastep_batch.ROUTER_COPIES``, 1; not timed yet,
+    # address's atomics (None: ``triton_batch_plan.ROUTER_COPIES``, 1; not timed yet,
     # stage ``s63a``).
     router_copies: int | None = None
     # Diagnostic: the timeline's %globaltimer stamps compiled in, their output discarded (1), or
@@ -159,13 +159,13 @@ def check(model: nnx.Module, batch: int = 1) -> PrunePathFFN:
         raise ValueError("the one-launch decode step takes SwiGLU FFNs without biases")
     _check_batch(batch)
     try:
-        from prunepath_jax.kernels import triton_megastep_batch as tb
+        from prunepath_jax.kernels import triton_batch_plan as bp
         from prunepath_jax.kernels.triton_megastep import unsupported_shape
     except ImportError:  # no triton here: generate's GPU check names what is missing
         return ffn
     shape = (cfg.d_model, cfg.head_dim, cfg.prunepath.group_size)
     if batch > 1:
-        tb.check(batch, *shape)  # the batch-1 launch's limits and the batched one's
+        bp.check(batch, *shape)  # the batch-1 launch's limits and the batched one's
     elif why := unsupported_shape(*shape):
         raise ValueError(why)
     return ffn
@@ -176,7 +176,7 @@ def _check_batch(b: int) -> None:
         raise ValueError(f"the one-launch decode step takes 1-{MAX_BATCH} sequences, got {b}")
 
 
-# Sequences the batched launch takes (``triton_megastep_batch.MAX_TOKENS``; here so that this
+# Sequences the batched launch takes (``triton_batch_plan.MAX_TOKENS``; here so that this
 # module imports without triton).
 MAX_BATCH = 16
 # "auto" takes the one-launch step up to this KV-cache length: measured faster than the default

@@ -23,6 +23,7 @@ from prunepath_jax import megastep  # noqa: E402
 from prunepath_jax.config import PRESETS  # noqa: E402
 from prunepath_jax.generate import SamplingConfig, generate  # noqa: E402
 from prunepath_jax.kernels import jt  # noqa: E402
+from prunepath_jax.kernels import triton_batch_plan as bp  # noqa: E402
 from prunepath_jax.kernels import triton_megastep_batch as tb  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -101,9 +102,9 @@ def test_batch_step_lowers_for_sm90(t, shape, timing, kw):
     assert ("%globaltimer" in ptx) == bool(timing), "the phase stamps only when asked for"
     # The expert phase by default: a program's share of all of E's units in one group (1B: 512
     # units, 8B: 896, over 132 programs); tiles of 16 KB bf16 either way.
-    units = cfg.d_ff // tb.BN
+    units = cfg.d_ff // bp.BN
     assert c["UF"] == (ffn_units or min(8, jt.next_pow2(-(-units // 132))))
-    assert c["UF"] * tb.BN * c["BKF"] * 2 == tb.FFN_TILE_BYTES
+    assert c["UF"] * bp.BN * c["BKF"] * 2 == bp.FFN_TILE_BYTES
     assert c["CWF"] == min(256, 2 * c["BKF"])
     # Staged A / C inputs: each program's scratch as wide as the widest input (d or the heads').
     assert (c["SX"], c["KX"]) == (int(bool(stage)), max(cfg.d_model, cfg.n_heads * cfg.head_dim))
@@ -120,8 +121,8 @@ def test_batch_step_lowers_for_sm90(t, shape, timing, kw):
     # The router share reads the routers' [L, d, E] copy unless asked not to (the census packs
     # it, as generate does for 2+ sequences), into one copy of the logits unless asked.
     assert c["RDE"] == int(kw.get("router_de") is not False), "the router share's layout"
-    assert c["RCP"] == kw.get("router_copies", tb.ROUTER_COPIES), "copies of the logits"
-    assert (c["BKS"], c["BKC"]) == (tb.BK, kw.get("skinny_bk_c", tb.BK)), "A / C chunks"
+    assert c["RCP"] == kw.get("router_copies", bp.ROUTER_COPIES), "copies of the logits"
+    assert (c["BKS"], c["BKC"]) == (bp.BK, kw.get("skinny_bk_c", bp.BK)), "A / C chunks"
     assert c["WS_CTR"] - c["WS_LG"] == c["L"] * c["RCP"] * t * c["E"]
 
 
@@ -156,9 +157,9 @@ def test_batch_bad_inputs_raise_clearly():
         with pytest.raises(ValueError, match="megastep_batch: need"):
             call(**bad)
     with pytest.raises(ValueError, match="1-16 sequences"):
-        tb.check(17, 64, 16, 16)
+        bp.check(17, 64, 16, 16)
     with pytest.raises(ValueError, match="multiple of 16"):
-        tb.check(2, 64, 16, 24)
+        bp.check(2, 64, 16, 24)
     with pytest.raises(ValueError, match="takes only Launch"):
         megastep.step(model, mw, tok_b, pos_b, kc, vc, tau, megastep.Launch(merge_bc=True))
     # The routers' [L, d, E] copy: asked for without it, or the other layout passed as it.
