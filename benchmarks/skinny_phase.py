@@ -19,6 +19,8 @@ inputs in bf16 (half the L2 bytes a chunk; the step reads the f32 residual). ``s
 inputs once into each program's scratch, normed and in bf16, before the weight loop
 (``_stage_tokens``; the step's ``Launch(skinny_stage=True)``). ``rpad``: the tile's least rows
 (64: wgmma, as the expert phase's tiles, instead of mma.sync; the step's ``skinny_rows``).
+``tp``: the tokens' padded columns, 32 instead of 16 (the step's ``skinny_tp``: each of 8
+warps' two warpgroups a wgmma m64n16 instead of m64n8).
 ``router``: phase C's router share after the product (``_router_share``, the step's code: each
 program's rows times the routers' columns, E · T logit partials added by relaxed atomics), into
 one shared ``[T, E]`` (``"shared"``, as the step: every program adds into the same lines) or a
@@ -65,6 +67,7 @@ from prunepath_jax.kernels.triton_batch_plan import (  # noqa: E402
     BK,
     MAX_TOKENS,
     ROUTER_STAGES,
+    SKINNY_TP,
 )
 from prunepath_jax.kernels.triton_grid import _arrive, _stamp, _wait  # noqa: E402
 from prunepath_jax.kernels.triton_megastep_gemv import _pf_rows  # noqa: E402
@@ -89,7 +92,7 @@ ROUTER_MODES = {None: 0, False: 0, "shared": 1, "private": 2}  # private: a copy
 TOL_BF16 = 2e-2
 VARIANT_KEYS = {"tokens", "norm", "bk", "stages", "stagger", "sets", "layers", "warps",
                 "programs", "atomics", "prefetch", "bulk", "xdtype", "stage", "rpad", "router",
-                "router_de", "router_stages", "router_copies"}  # fmt: skip
+                "router_de", "router_stages", "router_copies", "tp"}  # fmt: skip
 ATOMIC_COLS = 256  # columns a relaxed atomic of the ``atomics`` variant (the F phase's CWF)
 X_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -159,6 +162,8 @@ def plan(shape: tuple, v: dict, n_sm: int, interpret: bool, experts: int | None 
     bad = set(v) - VARIANT_KEYS
     if bad:
         raise ValueError(f"unknown variant keys {sorted(bad)}; known: {sorted(VARIANT_KEYS)}")
+    if v.get("tp", MAX_TOKENS) not in SKINNY_TP:
+        raise ValueError(f"tp {v['tp']!r}: the token columns, one of {SKINNY_TP}")
     if v.get("router") not in ROUTER_MODES:
         raise ValueError(f"router {v['router']!r}: one of 'shared', 'private' (or false)")
     if ({"router_de", "router_stages", "router_copies"} & set(v)) and not v.get("router"):
@@ -182,7 +187,7 @@ def plan(shape: tuple, v: dict, n_sm: int, interpret: bool, experts: int | None 
         N=n,
         K=k,
         T=v.get("tokens", 4),
-        TP=MAX_TOKENS,
+        TP=v.get("tp", MAX_TOKENS),
         R=r,
         R_PAD=max(v.get("rpad", 16), jt.next_pow2(r)),
         BK=v.get("bk", BK),

@@ -23,6 +23,13 @@ from prunepath_jax.kernels.triton_megastep_plan import (
 )
 
 MAX_TOKENS = 16  # the tokens padded to one tl.dot's 16 columns
+# ... in the A and C products by default (``Launch.skinny_tp``: 32). Why 32 might pay: with 8
+# warps and a 64-row tile Triton gives each of the two warpgroups half of the 16 columns
+# (wgmma m64n8k16, each reading the whole weight tile from shared memory); at 32 each takes
+# m64n16k16, the shape the 4-warp launch gets, whose products alone ran 1.15-1.35× faster
+# (H100, forty-sixth / forty-seventh sessions). The padding columns cost registers and shared
+# memory, not bytes: their loads are masked. Not timed yet (stage ``s63d``).
+SKINNY_TP = (16, 32)
 BN = 16  # neurons a unit: the down projection's K, tl.dot's smallest
 # Input columns a chunk of the A and C products (256 spilled 0.6-0.9 KB a thread). The A and C
 # chunks sized to ~16 KB weight tiles instead (1B: 256 / 512 columns) were slower, A 21 ->
@@ -91,7 +98,8 @@ def _ffn_block(uf: int, itemsize: int) -> int:
 def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, block_t=None,
               attn_stages=None, cache_itemsize=2, eps=1e-5, rule="paper", gate="sigmoid",
               k_min=1, k_max=None, spin=SPIN, gemv_stages=STAGES, unit_stages=STAGES,
-              ffn_units=None, skinny_bk=0, skinny_bk_c=None, stagger=True, skinny_stage=False,
+              ffn_units=None, skinny_bk=0, skinny_bk_c=None, skinny_tp=None, stagger=True,
+              skinny_stage=False,
               skinny_rows=None,
               skinny_rows_c=None, router_stages=None, router_de=False, router_copies=None,
               prefetch_kb=PREFETCH_KB, prefetch_o_kb=PREFETCH_O_KB, bulk_prefetch=None,
@@ -119,7 +127,8 @@ def constants(t, n_layers, d, hq, kv, hd, e, g, s_max, *, programs, splits=0, bl
     bkf = _ffn_block(uf, w)
     return dict(
         UF=uf, BKF=bkf, CWF=min(256, 2 * bkf),
-        BKS=skinny_bk or BK, BKC=skinny_bk_c or skinny_bk or BK, STAGGER=int(bool(stagger)),
+        BKS=skinny_bk or BK, BKC=skinny_bk_c or skinny_bk or BK, TPS=skinny_tp or MAX_TOKENS,
+        STAGGER=int(bool(stagger)),
         SX=int(bool(skinny_stage)),
         KX=max(d, hq * hd), RS=rs, RDE=int(bool(router_de)), RCP=rcp,
         PF_A=pf_a, PF_C=pf_c, STEP_A=LINE // w, STEP_C=LINE // w, TIMING=int(timing),

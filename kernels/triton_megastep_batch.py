@@ -100,6 +100,7 @@ from prunepath_jax.kernels.triton_batch_plan import (
     BK,
     MAX_TOKENS,
     ROUTER_COPIES,
+    SKINNY_TP,
     check,
     constants,
     workspace_size,
@@ -152,7 +153,7 @@ def _batch_kernel(
     fail_ptr,  # out [P] i32 1 where the program gave up on a barrier
     tim_ptr,  # out [P, NT] i64 with TIMING: %globaltimer at the start, then SLOTS a layer
     tab_ptr,  # scratch [P, E_PAD] i32 each program's table of the union's experts (phase F)
-    xs_ptr,  # scratch [P, KX, TP] (weights' dtype) with SX: each program's A / C inputs
+    xs_ptr,  # scratch [P, KX, TPS] (weights' dtype) with SX: each program's A / C inputs
     T: tl.constexpr, TP: tl.constexpr, L: tl.constexpr, D: tl.constexpr, HQ: tl.constexpr,
     KV: tl.constexpr, HD: tl.constexpr, GQ_PAD: tl.constexpr, E: tl.constexpr,
     E_PAD: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
@@ -167,7 +168,7 @@ def _batch_kernel(
     PFB: tl.constexpr, TIMING: tl.constexpr, UF: tl.constexpr, BKF: tl.constexpr,
     CWF: tl.constexpr, BKS: tl.constexpr, STAGGER: tl.constexpr, SX: tl.constexpr,
     KX: tl.constexpr, RS: tl.constexpr, RDE: tl.constexpr, RCP: tl.constexpr,
-    BKC: tl.constexpr,
+    BKC: tl.constexpr, TPS: tl.constexpr,
 ):  # fmt: skip
     NQKV: tl.constexpr = (HQ + 2 * KV) * HD
     NA: tl.constexpr = HQ * HD
@@ -206,9 +207,9 @@ def _batch_kernel(
     a1 = tl.minimum(a0 + R_A, NQKV)
     c0 = pid * R_C
     c1 = tl.minimum(c0 + R_C, D)
-    rt = tl.arange(0, TP)
+    rt = tl.arange(0, TPS)  # the A and C products' token columns (TPS: 16 or 32)
     tmask = rt < T
-    xs = xs_ptr + pid * KX * TP * SX  # (SX 0: never read)
+    xs = xs_ptr + pid * KX * TPS * SX  # (SX 0: never read)
     for layer in range(L):
         rot = (pid + layer) * STAGGER  # where the A, C and expert loops start (``_staggered``)
         lw = tl.full([], 0, tl.int64) + layer  # 8B's stacked w_in has 3.8e9 elements
@@ -217,7 +218,7 @@ def _batch_kernel(
         # A: the residual's norm folded into the QKV product.
         if a0 < NQKV:  # (programs past the rows would stream the residual for nothing)
             qa, ss = _skinny(wqkv_ptr + lw * NQKV * D, h_ptr, ln1_ptr + layer * D, xs, a0, a1,
-                             rot, D, T, TP, RA_PAD, BKS, GS, True, SX, DOT_F32)  # fmt: skip
+                             rot, D, T, TPS, RA_PAD, BKS, GS, True, SX, DOT_F32)  # fmt: skip
             qa = qa * tl.rsqrt(ss / D + EPS)[None, :]
             ra = a0 + tl.arange(0, RA_PAD)
             tl.store(qkv_ptr + rt[None, :] * NQKV + ra[:, None], qa,
@@ -243,7 +244,7 @@ def _batch_kernel(
         _stamp(tim_ptr, pid, t0 + 4, NT, TIMING)
         # C: O projection + residual + this program's share of the router logits.
         if c0 < D:
-            oc, _ = _skinny(wo_ptr + lw * D * NA, att_ptr, ln1_ptr, xs, c0, c1, rot, NA, T, TP,
+            oc, _ = _skinny(wo_ptr + lw * D * NA, att_ptr, ln1_ptr, xs, c0, c1, rot, NA, T, TPS,
                             RC_PAD, BKC, GS, False, SX, DOT_F32)  # fmt: skip
             rc = c0 + tl.arange(0, RC_PAD)
             off = rt[None, :] * D + rc[:, None]
@@ -252,7 +253,7 @@ def _batch_kernel(
             tl.store(h_ptr + off, hv, mask=m)
             lgc = lg_ptr + (layer * RCP + (pid + layer) % RCP) * T * E  # this program's copy
             _router_share(wr_ptr + lw * E * D, ln2_ptr + layer * D, hv, lgc, c0, c1, rot, D, E,
-                          T, TP, RC_PAD, BE, RS, DOT_F32, RDE)  # fmt: skip
+                          T, TPS, RC_PAD, BE, RS, DOT_F32, RDE)  # fmt: skip
         _stamp(tim_ptr, pid, t0 + 5, NT, TIMING)
         _arrive(ctr_ptr)
         ph += 1
@@ -307,7 +308,7 @@ def megastep_batch(
     splits: int = 0, block_t: int | None = None, attn_stages: int | None = None,
     warps: int = 8, spin: int = SPIN, gemv_stages: int = STAGES, unit_stages: int = STAGES,
     ffn_units: int | None = None, skinny_bk: int = 0, skinny_bk_c: int | None = None,
-    stagger: bool = True,
+    skinny_tp: int | None = None, stagger: bool = True,
     skinny_stage: bool = False, skinny_rows: int | None = None,
     skinny_rows_c: int | None = None, router_stages: int | None = None,
     router_de: bool = False, router_copies: int | None = None, prefetch_kb: int = PREFETCH_KB,
@@ -362,6 +363,11 @@ def megastep_batch(
                 f"router_copies must be None ({ROUTER_COPIES}) or 1, 2, 4, 8, 16, 32 (copies of "
                 f"the router logits the programs add into), got {router_copies}"
             )
+        if skinny_tp not in (None, *SKINNY_TP):
+            raise ValueError(
+                f"skinny_tp must be None ({MAX_TOKENS}) or one of {SKINNY_TP} (the A and C "
+                f"products' token columns), got {skinny_tp}"
+            )
         for name, bk in (("skinny_bk", skinny_bk), ("skinny_bk_c", skinny_bk_c or 0)):
             if bk not in (0, 32, 64, 128, 256, 512):
                 raise ValueError(
@@ -389,8 +395,9 @@ def megastep_batch(
                   attn_stages=attn_stages, cache_itemsize=jnp.dtype(kc_ltskh.dtype).itemsize,
                   eps=eps, rule=rule, gate=gate, k_min=k_min, k_max=k_max, spin=spin,
                   gemv_stages=gemv_stages, unit_stages=unit_stages, ffn_units=ffn_units,
-                  skinny_bk=skinny_bk, skinny_bk_c=skinny_bk_c, stagger=stagger,
-                  skinny_stage=skinny_stage, skinny_rows=skinny_rows, skinny_rows_c=skinny_rows_c,
+                  skinny_bk=skinny_bk, skinny_bk_c=skinny_bk_c, skinny_tp=skinny_tp,
+                  stagger=stagger, skinny_stage=skinny_stage, skinny_rows=skinny_rows,
+                  skinny_rows_c=skinny_rows_c,
                   router_stages=router_stages, router_de=router_de, router_copies=router_copies,
                   prefetch_kb=prefetch_kb, prefetch_o_kb=prefetch_o_kb, bulk_prefetch=bulk_prefetch,
                   weight_itemsize=jnp.dtype(wqkv_lnd.dtype).itemsize, timing=timing,
@@ -413,7 +420,7 @@ def megastep_batch(
         jax.ShapeDtypeStruct((p,), i32),  # fail flags
         jax.ShapeDtypeStruct((p, 1 + n_layers * N_SLOTS) if timing else (1,), jnp.int64),
         jax.ShapeDtypeStruct((p * c["E_PAD"],), i32),  # the union tables
-        jax.ShapeDtypeStruct((p * c["KX"] * MAX_TOKENS if c["SX"] else 1,), wqkv_lnd.dtype),
+        jax.ShapeDtypeStruct((p * c["KX"] * c["TPS"] if c["SX"] else 1,), wqkv_lnd.dtype),
     ]
     outs = jt.triton_call(
         _batch_kernel, x0_vd, jnp.asarray(tokens_t, i32), jnp.asarray(inv_freq_h, f32),

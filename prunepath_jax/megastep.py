@@ -104,6 +104,10 @@ class Launch(NamedTuple):
     # faster but A 2.1-2.2 slower (H100, forty-seventh session, stage s61a); not timed alone
     # yet (stage ``s63b``).
     skinny_bk_c: int | None = None
+    # The batched launch's A and C products' token columns, 16 or 32 (None: 16; at 32 each of
+    # the 8 warps' two warpgroups takes a wgmma m64n16 instead of m64n8;
+    # ``triton_batch_plan.SKINNY_TP``; not timed yet, stage ``s63d``).
+    skinny_tp: int | None = None
     # The batched launch's A, C and expert loops started at a chunk of each program's own
     # (``triton_batch_phases._staggered``; None: on).
     stagger: bool | None = None
@@ -396,8 +400,9 @@ def step(model, mw: MegaWeights, token_1, pos_1, kc, vc, tau_l, launch: Launch =
 
 # The launch choices only the batched kernel takes, and all it takes
 # (``triton_megastep_batch.megastep_batch``'s).
-BATCH_ONLY = ("ffn_units", "skinny_bk", "skinny_bk_c", "stagger", "skinny_stage", "skinny_rows",
-              "skinny_rows_c", "router_stages", "router_de", "router_copies")  # fmt: skip
+BATCH_ONLY = ("ffn_units", "skinny_bk", "skinny_bk_c", "skinny_tp", "stagger", "skinny_stage",
+              "skinny_rows", "skinny_rows_c", "router_stages", "router_de",
+              "router_copies")  # fmt: skip
 BATCH_LAUNCH = ("programs", "splits", "block_t", "warps", "attn_stages", "gemv_stages",
                 "unit_stages", *BATCH_ONLY, "prefetch_kb", "prefetch_o_kb",
                 "bulk_prefetch")  # fmt: skip

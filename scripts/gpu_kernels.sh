@@ -147,21 +147,31 @@ s63a)  # (forty-seventh session) what phase C's router share costs beyond the O 
     --variants "$(python3 -c "import json,sys; v=json.loads(sys.argv[1]); print(json.dumps(
       {k + s: {**x, **r} for k, x in v.items() for s, r in (('', {}), ('_r64', {'rpad': 64}))}))" \
       "$V")" --out "$OUT/skinny_phase.jsonl"
+  # ... and the products with the tokens padded to 32 columns (Launch.skinny_tp: each of 8
+  # warps' two warpgroups a wgmma m64n16, the 4-warp launch's shape, not m64n8)
+  V='{"r64": {"rpad": 64}, "r64_tp32": {"rpad": 64, "tp": 32},
+    "r64_tp32_bk256": {"rpad": 64, "tp": 32, "bk": 256},
+    "r64_w4_bk256": {"rpad": 64, "warps": 4, "bk": 256}}'
+  run timeout 120 python3 benchmarks/skinny_phase.py --shapes llama-3.2-1b-qkv llama-3.2-1b-o \
+    llama-3-8b-qkv llama-3-8b-o --variants "$V" --out "$OUT/skinny_phase.jsonl"
   PYTHONUNBUFFERED=1 run timeout 150 python3 -m pytest -q -rA -m gpu tests/test_megastep_batch.py \
-    -p no:cacheprovider -k "matches_xla and (one_unit or b16_all)"
+    -p no:cacheprovider -k "matches_xla and (one_unit or b16_all or staged)"
   ;;
-s63b)  # (forty-seventh session) the 1B step with the router logits in 4 / 16 copies, and C's
-  # product alone at 256 columns (s61a: C 1.1-1.3 us a layer faster at 256, A 2.1 slower)
-  run timeout 300 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
+s63b)  # (forty-seventh session) the 1B step with the router logits in 4 / 16 copies, C's
+  # product alone at 256 columns (s61a: C 1.1-1.3 us a layer faster at 256, A 2.1 slower), the
+  # A and C tokens at 32 columns
+  run timeout 400 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b \
     --batches 4 16 --no-default --check-steps 1 --chunks 4 --launches '{"default": {},
     "rcp4": {"router_copies": 4}, "rcp16": {"router_copies": 16},
-    "bkc256": {"skinny_bk_c": 256}}' --out "$OUT/megastep_batch_decode.jsonl"
+    "bkc256": {"skinny_bk_c": 256}, "tp32": {"skinny_tp": 32}}' \
+    --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 s63c)  # (forty-seventh session) s63b at 8B
-  run timeout 500 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
+  run timeout 560 python3 benchmarks/megastep_batch_decode.py --shapes llama-3-8b \
     --batches 4 16 --no-default --check-steps 1 --chunks 3 --launches '{"default": {},
     "rcp4": {"router_copies": 4}, "rcp16": {"router_copies": 16},
-    "bkc256": {"skinny_bk_c": 256}}' --out "$OUT/megastep_batch_decode.jsonl"
+    "bkc256": {"skinny_bk_c": 256}, "tp32": {"skinny_tp": 32}}' \
+    --out "$OUT/megastep_batch_decode.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2

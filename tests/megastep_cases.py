@@ -226,7 +226,7 @@ class BatchCase(NamedTuple):
     ``lengths`` the sequences' tokens already in the cache (each sequence's new token goes at
     its own position), ``ffn_units`` the expert phase's units a group (None: the launch's
     default), ``skinny_bk`` the A and C products' chunk (0: the default; ``skinny_bk_c`` C's
-    alone, None: as A's; at the
+    alone, None: as A's; ``skinny_tp`` their token columns, None: 16; at the
     tests' widths one chunk, so a small one makes the staggered loops wrap round),
     ``skinny_stage`` whether the A and C inputs are staged in each program's scratch first,
     ``skinny_rows`` the A and C tiles' least rows, ``skinny_rows_c`` C's alone,
@@ -239,6 +239,7 @@ class BatchCase(NamedTuple):
     ffn_units: int | None = None
     skinny_bk: int = 0
     skinny_bk_c: int | None = None
+    skinny_tp: int | None = None
     skinny_stage: bool | None = None
     skinny_rows: int | None = None
     skinny_rows_c: int | None = None
@@ -258,7 +259,7 @@ class BatchCase(NamedTuple):
         """The case's launch (its splits, key block and batched fields), plus ``kw``."""
         return megastep.Launch(splits=self.case.splits, block_t=self.case.block_t,
                                ffn_units=self.ffn_units, skinny_bk=self.skinny_bk,
-                               skinny_bk_c=self.skinny_bk_c,
+                               skinny_bk_c=self.skinny_bk_c, skinny_tp=self.skinny_tp,
                                skinny_stage=self.skinny_stage, skinny_rows=self.skinny_rows,
                                skinny_rows_c=self.skinny_rows_c,
                                router_stages=self.router_stages, router_de=self.router_de,
@@ -287,7 +288,8 @@ BATCH_CASES = (
     BatchCase(_B2_BF16, (9, 40)),
     # ... the A and C inputs staged in each program's scratch first, 64-row tiles, the router
     # share pipelined (all the forty-second session's candidates), and read from the routers'
-    # [L, d, E] copy (d 96 against E 20: a stride mixed up reads the wrong weights).
+    # [L, d, E] copy (d 96 against E 20: a stride mixed up reads the wrong weights); A and C's
+    # tokens padded to 32 columns (the staged inputs' scratch too).
     BatchCase(
         _B2_BF16._replace(name="b2_bf16_staged"),
         (9, 40),
@@ -296,6 +298,7 @@ BATCH_CASES = (
         skinny_rows=64,
         router_stages=3,
         router_de=True,
+        skinny_tp=32,
     ),  # fmt: skip
     # The most sequences the launch takes, every expert (tau > 1), 32-neuron experts; 4 groups;
     # C's product in 32-column chunks (2, wrapping round its staggered start) while A's is one.

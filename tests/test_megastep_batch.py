@@ -71,10 +71,11 @@ def test_interpreted_batch_cases_cover_what_they_claim(interpreted):
      (8, "llama-3-8b", False, {"router_stages": 1}),
      (16, "llama-3.2-1b", False, {"router_de": False}),
      (16, "llama-3-8b", False, {"router_copies": 8}),
-     (4, "llama-3.2-1b", False, {"skinny_bk_c": 256})],
+     (4, "llama-3.2-1b", False, {"skinny_bk_c": 256}),
+     (16, "llama-3.2-1b", False, {"skinny_tp": 32})],
     ids=["1b_t4", "1b_t16_stamps", "8b_t8", "8b_t8_units2", "8b_t16_staged",
          "1b_t4_staged_rows64_rs3", "1b_t4_c16", "8b_t8_rs1", "1b_t16_router_ed",
-         "8b_t16_rcp8", "1b_t4_bkc256"],
+         "8b_t16_rcp8", "1b_t4_bkc256", "1b_t16_tp32"],
 )  # fmt: skip
 def test_batch_step_lowers_for_sm90(t, shape, timing, kw):
     """The 1B and 8B models' launches over 132 programs, planned by ``megastep.step`` itself
@@ -123,6 +124,12 @@ def test_batch_step_lowers_for_sm90(t, shape, timing, kw):
     assert c["RDE"] == int(kw.get("router_de") is not False), "the router share's layout"
     assert c["RCP"] == kw.get("router_copies", bp.ROUTER_COPIES), "copies of the logits"
     assert (c["BKS"], c["BKC"]) == (bp.BK, kw.get("skinny_bk_c", bp.BK)), "A / C chunks"
+    # A / C's token columns: at 16 the two warpgroups of 8 warps split them (wgmma m64n8), at 32
+    # each takes 16 (m64n16). (At 1B the expert phase's 64-row blocks are m64n8 either way, at
+    # 8B its 128-row blocks m64n16.)
+    assert c["TPS"] == kw.get("skinny_tp", bp.MAX_TOKENS)
+    if shape == "llama-3.2-1b" and rows == 64:
+        assert ("m64n16k16" in ptx) == (c["TPS"] == 32), "the A / C products' wgmma shape"
     assert c["WS_CTR"] - c["WS_LG"] == c["L"] * c["RCP"] * t * c["E"]
 
 
@@ -153,7 +160,7 @@ def test_batch_bad_inputs_raise_clearly():
                 {"ffn_units": 0}, {"ffn_units": 3}, {"ffn_units": 16},
                 {"skinny_bk": 48}, {"skinny_rows": 48}, {"skinny_rows_c": 8}, {"router_stages": 0},
                 {"router_stages": 7}, {"router_copies": 3}, {"router_copies": 64},
-                {"skinny_bk_c": 48}):  # fmt: skip
+                {"skinny_bk_c": 48}, {"skinny_tp": 24}):  # fmt: skip
         with pytest.raises(ValueError, match="megastep_batch: need"):
             call(**bad)
     with pytest.raises(ValueError, match="1-16 sequences"):
@@ -180,7 +187,7 @@ def test_batch_bad_inputs_raise_clearly():
     for field, v in (("ffn_units", 2), ("skinny_bk", 64), ("stagger", False),
                      ("skinny_stage", True), ("skinny_rows", 64), ("skinny_rows_c", 64),
                      ("router_stages", 3), ("router_de", True), ("router_copies", 2),
-                     ("skinny_bk_c", 256)):  # fmt: skip
+                     ("skinny_bk_c", 256), ("skinny_tp", 32)):  # fmt: skip
         with pytest.raises(ValueError, match=f"{field} is the batched launch's"):
             megastep.step(small, megastep.pack(small), tok1[None], pos1[None], kc1, vc1, tau1,
                           megastep.Launch(**{field: v}))  # fmt: skip

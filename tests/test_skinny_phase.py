@@ -32,6 +32,7 @@ def test_interpreted_product_matches_numpy(tmp_path):
         "staged_rows64": {"tokens": 2, "stage": True, "rpad": 64},
         "router_shared": {"tokens": 3, "norm": False, "router": "shared", "layers": 2, "sets": 2},
         "router_copies": {"norm": False, "router": "shared", "router_copies": 2, "layers": 3},
+        "tp32_router": {"tokens": 7, "tp": 32, "rpad": 64, "router": "shared", "stage": True},
         "router_private_de": {
             "tokens": 16,
             "router": "private",
@@ -69,6 +70,8 @@ def test_a_variant_key_it_does_not_know_is_refused():
         skinny_phase.plan((48, 160), {"atomics": True, "xdtype": "bf16"}, 1, True)
     with pytest.raises(ValueError, match="'shared', 'private'"):
         skinny_phase.plan((48, 160), {"router": "all"}, 1, True)
+    with pytest.raises(ValueError, match="token columns"):
+        skinny_phase.plan((48, 160), {"tp": 64}, 1, True)
     with pytest.raises(ValueError, match="with router 'shared'"):
         skinny_phase.plan((48, 160), {"router": "private", "router_copies": 2}, 1, True)
     with pytest.raises(ValueError, match="add router"):
