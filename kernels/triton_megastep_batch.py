@@ -70,7 +70,8 @@ against 4148 / 4841 (0.91 / 0.89×); on an H100 (forty-fifth session) at 64 cach
 0.92-1.00× dense at 2-16 sequences and 8B 1.07 / 0.94× at 4 / 16, at 4352 positions 1B 0.97 /
 1.15× and 8B 1.08 / 1.16× at 4 / 16 — ahead of the per-layer Triton kernels in every row;
 (forty-sixth session, H100, the norm's sums and 8B's router stages) 1B 0.93 / 0.96× at 4 /
-16, 8B 1.05-1.07 / 0.97-0.99×. The
+16, 8B 1.05-1.07 / 0.97-0.99×; (forty-seventh, H100, the router share from the ``[L, d, E]``
+copy) 1B 0.937 / 0.971×, 8B 1.085 / 0.965×. The
 union of the sequences' experts (43% of E at 2, 66% at 4, 98% at 16) leaves the bytes little
 to skip at short caches; at long ones the attention's cache reads dominate both steps. Correct
 on the GPU: its fp32 logits match XLA's (at "highest" precision) within the fp32 tolerance and
