@@ -86,7 +86,7 @@ SHAPES = {  # name: (output rows N, input width K)
     "llama-3-8b-o": (4096, 4096),
 }
 EXPERTS = {"llama-3.2-1b": 256, "llama-3-8b": 448}  # the router's E at each width (G 32)
-ROUTER_MODES = {None: 0, False: 0, "shared": 1, "private": 2}  # private: a copy a program
+ROUTER_MODES = (None, False, "shared", "private")  # private: a copy of the logits a program
 # The check's tolerance: tests/helpers.py's TOL["bf16"] (the product's input is rounded to bf16;
 # the interpreter's rounding differs from the GPU's), times max(1, max |expected|).
 TOL_BF16 = 2e-2
@@ -204,7 +204,7 @@ def plan(shape: tuple, v: dict, n_sm: int, interpret: bool, experts: int | None 
         STEP=LINE // 2,
         PFB=bool(v.get("bulk", default_bulk_prefetch(k))) and not interpret,
         SX=int(bool(v.get("stage", False))),
-        ROUTER=ROUTER_MODES[v.get("router")],
+        ROUTER=bool(v.get("router")),
         RCP=p if v.get("router") == "private" else v.get("router_copies", 1),
         E=experts or 1,
         BE=BE,
@@ -245,24 +245,20 @@ def reference(w, x, ln, c: dict) -> np.ndarray:
 
 
 def router_weights(rng, c: dict):
-    """``(wr, ln2)``: SETS routers ``[E, N]`` f32 each (``[N, E]`` with ``RDE``, the step's
-    ``router_de`` copy) and the norm weights ``[N]``."""
-    wr = rng.standard_normal((c["SETS"], c["E"], c["N"])) * 0.02
-    if c["RDE"]:
-        wr = wr.transpose(0, 2, 1)
+    """``(wr_sen, wr, ln2)``: SETS routers ``[E, N]`` f32 (float64 for the reference), the
+    kernel's copy of them (each ``[N, E]`` with ``RDE``, the step's ``router_de`` copy) and
+    the norm weights ``[N]``."""
+    wr_sen = (rng.standard_normal((c["SETS"], c["E"], c["N"])) * 0.02).astype(np.float32)
+    wr = wr_sen.transpose(0, 2, 1) if c["RDE"] else wr_sen
     ln2 = jnp.asarray(1 + 0.1 * rng.standard_normal(c["N"]), jnp.bfloat16)
-    return jnp.asarray(wr.reshape(-1, wr.shape[-1]), jnp.float32), ln2
+    return wr_sen.astype(np.float64), jnp.asarray(wr.reshape(-1, wr.shape[-1])), ln2
 
 
-def router_reference(wr, ln2, out_lnt: np.ndarray, c: dict) -> np.ndarray:
+def router_reference(wr_sen: np.ndarray, ln2, out_lnt: np.ndarray, c: dict) -> np.ndarray:
     """``[T, E]`` float64: ``Σ_l Wr_l · (ln2 ⊙ out[l])``, the logits every layer's share
     adds."""
-    w = np.asarray(wr, np.float64).reshape(c["SETS"], *((c["N"], c["E"]) if c["RDE"] else
-                                                        (c["E"], c["N"])))  # fmt: skip
-    if c["RDE"]:
-        w = w.transpose(0, 2, 1)
     g = np.asarray(ln2, np.float64)[:, None]
-    return sum(w[i % c["SETS"]] @ (g * out_lnt[i]) for i in range(c["L"])).T
+    return sum(wr_sen[i % c["SETS"]] @ (g * out_lnt[i]) for i in range(c["L"])).T
 
 
 def main() -> None:
@@ -289,7 +285,7 @@ def main() -> None:
             x = jnp.asarray(rng.standard_normal((MAX_TOKENS, c["K"])),
                             X_DTYPES[v.get("xdtype", "f32")])  # fmt: skip
             ln = jnp.asarray(1 + 0.1 * rng.standard_normal(c["K"]), jnp.bfloat16)
-            wr, ln2 = router_weights(rng, c)
+            wr_sen, wr, ln2 = router_weights(rng, c)
             warps = v.get("warps", 8)
             try:
                 for _ in range(1 if a.interpret else 3):  # the last call's stamps: warm
@@ -306,7 +302,7 @@ def main() -> None:
             ref = reference(w, x, ln, c)
             err = float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max()))
             if c["ROUTER"]:  # the logits too (each program's own copies summed)
-                lg_ref = router_reference(wr, ln2, ref, c)
+                lg_ref = router_reference(wr_sen, ln2, ref, c)
                 lg_got = np.asarray(lg, np.float64).reshape(-1, c["T"], c["E"]).sum(0)
                 err = max(
                     err, float(np.abs(lg_got - lg_ref).max() / max(1.0, np.abs(lg_ref).max()))

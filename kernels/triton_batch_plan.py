@@ -28,7 +28,7 @@ MAX_TOKENS = 16  # the tokens padded to one tl.dot's 16 columns
 # (wgmma m64n8k16, each reading the whole weight tile from shared memory); at 32 each takes
 # m64n16k16, the shape the 4-warp launch gets, whose products alone ran 1.15-1.35× faster
 # (H100, forty-sixth / forty-seventh sessions). The padding columns cost registers and shared
-# memory, not bytes: their loads are masked. Not timed yet (stage ``s63d``).
+# memory, not bytes: their loads are masked. Not timed yet (stages ``s63a``-``s63c``).
 SKINNY_TP = (16, 32)
 BN = 16  # neurons a unit: the down projection's K, tl.dot's smallest
 # Input columns a chunk of the A and C products (256 spilled 0.6-0.9 KB a thread). The A and C

@@ -106,7 +106,7 @@ class Launch(NamedTuple):
     skinny_bk_c: int | None = None
     # The batched launch's A and C products' token columns, 16 or 32 (None: 16; at 32 each of
     # the 8 warps' two warpgroups takes a wgmma m64n16 instead of m64n8;
-    # ``triton_batch_plan.SKINNY_TP``; not timed yet, stage ``s63d``).
+    # ``triton_batch_plan.SKINNY_TP``; not timed yet, stages ``s63a``-``s63c``).
     skinny_tp: int | None = None
     # The batched launch's A, C and expert loops started at a chunk of each program's own
     # (``triton_batch_phases._staggered``; None: on).
