@@ -10,11 +10,14 @@ weight gradients (~4N of work), but its MFU is reported on the same 6N basis: it
 a utilisation claim.
 
     python benchmarks/train_step.py --preset smollm2-135m llama-3.2-1b --batch 16 --seq 2048
+    python benchmarks/train_step.py --preset llama-3.2-1b --batch 8 --ffn masked kernels \
+        --tau-target 0.5 0.25
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, markdown_table, router_logits_mode, write_rows  # noqa: E402
 
 from prunepath_jax.config import PRESETS, PrunePathConfig  # noqa: E402
+from prunepath_jax.nn import set_compute  # noqa: E402
 from prunepath_jax.train import parallel  # noqa: E402
 from prunepath_jax.train import state as st  # noqa: E402
 from prunepath_jax.train.config import TrainConfig  # noqa: E402
@@ -48,10 +52,14 @@ def build(name: str, mesh, seed: int = 0):
     return parallel.init_sharded(pp_config(name), jnp.float32, mesh, seed=seed, router_scale=0.1)
 
 
-def bench(name, mode, batch, seq, steps, mesh, peak):
+def bench(name, mode, batch, seq, steps, mesh, peak, ffn="masked", tau=0.5):
     model = build(name, mesh)
+    if ffn == "kernels":  # what TrainConfig.ffn_kernels does: the grouped GEMM's forward
+        set_compute(model, "kernel")
+    # tau at its target from the first step: the kernels' cost depends on it (the masked
+    # path's does not), so every timed step runs at the sparsity the row reports.
     tcfg = TrainConfig(mode=mode, batch_size=batch, seq_len=seq, compute_dtype="bfloat16",
-                       warmup_steps=1, decay_steps=4, hold_steps=1000, tau_target=0.5,
+                       warmup_steps=0, decay_steps=0, hold_steps=1000, tau_target=tau,
                        progress=False)  # fmt: skip
     graphdef, tr, fr = st.split_model(model, mode)
     opt = st.make_optimizer(tcfg, tr)
@@ -85,7 +93,7 @@ def bench(name, mode, batch, seq, steps, mesh, peak):
     mem = jax.devices()[0].memory_stats() or {}
     row = {
         **header(), "bench": "train_step", "preset": name, "mode": mode, "batch": batch,
-        "seq": seq, "devices": len(mesh.devices.flat), "mesh": dict(mesh.shape),
+        "seq": seq, "devices": len(mesh.devices.flat), "mesh": dict(mesh.shape), "ffn": ffn,
         "step_ms": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu, "compile_s": compile_s,
         "loss_first": loss_first, "loss": float(m["loss"]), "sparsity": float(m["sparsity"]),
         "tau": float(m["tau"]),
@@ -113,23 +121,37 @@ def main(argv=None):
         help="shared: routing.router_logits as shipped (bf16 tensor-core split on CUDA); fp32: "
         "the fp32 GEMM at every size (what it was before), for a side-by-side run",
     )
+    ap.add_argument(
+        "--ffn",
+        nargs="+",
+        choices=["masked", "kernels"],
+        default=["masked"],
+        help="masked: every expert computed, then masked (the default training path); kernels: "
+        "the kernel registry (`TrainConfig.ffn_kernels`: the grouped Triton GEMM forward on a "
+        "GPU, one device only)",
+    )
+    ap.add_argument("--tau-target", type=float, nargs="+", default=[0.5])
     ap.add_argument("--out", default="results/train_step.jsonl")
     a = ap.parse_args(argv)
     mesh = parallel.mesh_from_config(
         TrainConfig(mesh_data=a.mesh[0], mesh_fsdp=a.mesh[1], mesh_model=a.mesh[2])
     )
+    if "kernels" in a.ffn and mesh.size > 1:
+        ap.error(f"--ffn kernels runs on one device; this mesh has {mesh.size}")
     rows = []
     for name in a.preset:
         for mode in a.modes:
             for logits in a.router_logits:
-                with router_logits_mode(logits):
-                    row = bench(name, mode, a.batch, a.seq, a.steps, mesh, a.peak_tflops)
-                row["router_logits"] = logits
-                print(row, flush=True)
-                rows.append(row)
+                for tau, ffn in itertools.product(a.tau_target, a.ffn):
+                    with router_logits_mode(logits):
+                        row = bench(name, mode, a.batch, a.seq, a.steps, mesh, a.peak_tflops,
+                                    ffn, tau)  # fmt: skip
+                    row["router_logits"] = logits
+                    print(row, flush=True)
+                    rows.append(row)
     write_rows(a.out, rows)
-    cols = ["preset", "mode", "router_logits", "devices", "batch", "seq", "step_ms",
-            "tokens_per_s", "mfu", "trainable_params", "opt_state_bytes",
+    cols = ["preset", "mode", "ffn", "tau", "sparsity", "router_logits", "devices", "batch",
+            "seq", "step_ms", "tokens_per_s", "mfu", "trainable_params", "opt_state_bytes",
             "peak_mem_gib"]  # fmt: skip
     print(markdown_table(rows, cols))
 

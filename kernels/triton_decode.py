@@ -52,9 +52,28 @@ def expert_swiglu_rows(
 ):  # fmt: skip
     """``gate * silu(x W_gate[e]^T) * (x W_up[e]^T)`` for M token rows: ``[M, G]`` float32.
 
+    Shared by the decode and the grouped (prefill) up kernels.
+    """
+    g, u = expert_gate_up_rows(x_ptr, rows, rmask, w_in_ptr, e, D, F, G, M, BLOCK_D, DOT_F32,
+                               IEEE)  # fmt: skip
+    return g / (1.0 + tl.exp(-g)) * u * gate[:, None]
+
+
+@triton.jit
+def expert_gate_up_rows(
+    x_ptr,  # [T, D] activations
+    rows,  # [M] i32 token rows to compute
+    rmask,  # [M] which of them are real
+    w_in_ptr,  # [2, F, D] gate/up weights, neuron-major
+    e,  # the expert
+    D: tl.constexpr, F: tl.constexpr, G: tl.constexpr, M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """The pre-activations ``(x W_gate[e]^T, x W_up[e]^T)`` for M token rows: two ``[M, G]``
+    float32 tiles (the grouped GEMM's training forward keeps them for the backward).
+
     Expert e's gate and up rows are read as one interleaved ``[2G, d]`` slab (even rows gate
-    neuron n//2, odd rows up neuron), so one dot per d-tile serves both projections. Shared by
-    the decode and the grouped (prefill) up kernels.
+    neuron n//2, odd rows up neuron), so one dot per d-tile serves both projections.
     """
     rn = tl.arange(0, 2 * G)
     w_row = (rn % 2) * F * D + (e * G + rn // 2) * D
@@ -72,7 +91,7 @@ def expert_swiglu_rows(
         else:
             acc += tl.dot(xk, tl.trans(wk))
     g, u = tl.split(tl.reshape(acc, (M, G, 2)))
-    return g / (1.0 + tl.exp(-g)) * u * gate[:, None]
+    return g, u
 
 
 @triton.jit

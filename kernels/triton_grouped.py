@@ -22,9 +22,20 @@ output rows would be k times the activation size. So the ideal speedup of this s
 
 Program count is static (jit): ``ceil(t * k_max / BLOCK_M) + E`` tiles bound the real count;
 programs past the real tile count exit at once.
+
+The training forward (`_experts`, a custom VJP): differentiated, the up kernel also scatters
+the selected slots' gate and up pre-activations into a zeroed ``[2, t, f]`` array
+(``_grouped_up_h_kernel``), and the backward runs in XLA on those: dense GEMMs for
+``dy W_outᵀ``, ``W_out``'s and ``W_in``'s gradients and ``dx``, elementwise SwiGLU derivatives,
+the gates' gradient summed per expert. So training saves the forward's up projection (the
+share above) and no more; a grouped backward is not written. The undifferentiated call
+(prefill) launches the plain kernel.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +44,43 @@ import triton.language as tl
 
 from prunepath_jax import routing
 from prunepath_jax.kernels import jt
-from prunepath_jax.kernels.triton_decode import expert_swiglu_rows
+from prunepath_jax.kernels.triton_decode import expert_gate_up_rows, expert_swiglu_rows
+
+
+@triton.jit
+def _grouped_tile(
+    x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr, a_ptr, h_ptr,
+    T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    SAVE_H: tl.constexpr,
+):  # fmt: skip
+    """One (expert, token tile) program of the up kernels; with ``SAVE_H`` it also scatters the
+    pre-activations into ``h_ptr [2, T, F]`` (gate, up) for the training backward."""
+    F: tl.constexpr = E * G
+    i = tl.program_id(0)
+    e = tl.load(tile_e_ptr + i)
+    if e < E:
+        m = tl.load(tile_m_ptr + i)
+        cnt = tl.load(cnt_ptr + e)
+        off = tl.load(off_ptr + e)
+        rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < cnt
+        tok = tl.load(tok_ptr + off + rows, mask=rmask, other=0)
+        gate = tl.load(gate_ptr + tok * E + e, mask=rmask, other=0.0)
+        rg = tl.arange(0, G)
+        if SAVE_H:
+            g, u = expert_gate_up_rows(x_ptr, tok, rmask, w_in_ptr, e, D, F, G, BLOCK_M,
+                                       BLOCK_D, DOT_F32, IEEE)  # fmt: skip
+            ty = h_ptr.dtype.element_ty
+            h_g = h_ptr + tok[:, None] * F + e * G + rg[None, :]
+            tl.store(h_g, g.to(ty), mask=rmask[:, None])
+            tl.store(h_g + T * F, u.to(ty), mask=rmask[:, None])
+            a = g / (1.0 + tl.exp(-g)) * u * gate[:, None]
+        else:
+            a = expert_swiglu_rows(x_ptr, tok, rmask, w_in_ptr, e, gate, D, F, G, BLOCK_M,
+                                   BLOCK_D, DOT_F32, IEEE)  # fmt: skip
+        tl.store(a_ptr + tok[:, None] * F + e * G + rg[None, :], a.to(a_ptr.dtype.element_ty),
+                 mask=rmask[:, None])  # fmt: skip
 
 
 @triton.jit
@@ -50,22 +97,20 @@ def _grouped_up_kernel(
     T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    F: tl.constexpr = E * G
-    i = tl.program_id(0)
-    e = tl.load(tile_e_ptr + i)
-    if e < E:
-        m = tl.load(tile_m_ptr + i)
-        cnt = tl.load(cnt_ptr + e)
-        off = tl.load(off_ptr + e)
-        rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < cnt
-        tok = tl.load(tok_ptr + off + rows, mask=rmask, other=0)
-        gate = tl.load(gate_ptr + tok * E + e, mask=rmask, other=0.0)
-        a = expert_swiglu_rows(x_ptr, tok, rmask, w_in_ptr, e, gate, D, F, G, BLOCK_M, BLOCK_D,
-                               DOT_F32, IEEE)  # fmt: skip
-        rg = tl.arange(0, G)
-        tl.store(a_ptr + tok[:, None] * F + e * G + rg[None, :], a.to(a_ptr.dtype.element_ty),
-                 mask=rmask[:, None])  # fmt: skip
+    _grouped_tile(x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr,
+                  a_ptr, a_ptr, T, D, E, G, BLOCK_M, BLOCK_D, DOT_F32, IEEE, False)  # fmt: skip
+
+
+@triton.jit
+def _grouped_up_h_kernel(
+    x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr,
+    a_ptr,  # out [T, F] as `_grouped_up_kernel`
+    h_ptr,  # out [2, T, F] the selected slots' gate / up pre-activations (zeroed by memset)
+    T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    _grouped_tile(x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr,
+                  a_ptr, h_ptr, T, D, E, G, BLOCK_M, BLOCK_D, DOT_F32, IEEE, True)  # fmt: skip
 
 
 # The fastest of the measured tunings (H200, 4096 tokens, 8B shape, k/E = 25%, BENCHMARKS.md
@@ -114,6 +159,83 @@ def group_by_expert(mask_te: jax.Array, k_max: int, block_m: int):
     return tok, off_e, cnt_e, tile_e, tile_m
 
 
+class _Launch(NamedTuple):
+    """The static part of one grouped-GEMM call (hashable: `_experts`' nondiff argument)."""
+
+    g: int
+    block_m: int
+    block_d: int
+    warps: int
+    stages: int
+    interpret: bool
+
+
+def _up(st: _Launch, x_td, w_in_cfd, gate_te, grouping, save_h: bool):
+    """The grouped up kernel: ``(a_tf,)``, or ``(a_tf, h_ctf)`` with ``save_h``."""
+    t, d = x_td.shape
+    f = w_in_cfd.shape[1]
+    is_f32 = x_td.dtype == jnp.float32
+    out = [jax.ShapeDtypeStruct((t, f), x_td.dtype)]
+    if save_h:
+        out.append(jax.ShapeDtypeStruct((2, t, f), x_td.dtype))
+    return jt.triton_call(
+        _grouped_up_h_kernel if save_h else _grouped_up_kernel, x_td, w_in_cfd, gate_te,
+        *grouping, out_shape=out, zeroed_outputs=tuple(range(len(out))),
+        grid=(grouping[3].shape[0],), num_warps=st.warps, num_stages=st.stages,
+        interpret=st.interpret, T=t, D=d, E=f // st.g, G=st.g, BLOCK_M=st.block_m,
+        BLOCK_D=st.block_d, DOT_F32=st.interpret, IEEE=is_f32 and not st.interpret,
+    )  # fmt: skip
+
+
+def _mm(spec: str, a, b):
+    """fp32-accumulated matmul in the operands' dtype (``HIGHEST`` for fp32, as the XLA path)."""
+    prec = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jnp.einsum(spec, a, b, precision=prec, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _experts(st: _Launch, x_td, gate_te, w_in_cfd, w_out_fd, grouping):
+    """``Σ_e gate_te · W_out[e]ᵀ (silu(x W_gate[e]ᵀ) ⊙ x W_up[e]ᵀ)`` over each token's selected
+    experts (``grouping``, from `group_by_expert`): ``y_td`` in x's dtype."""
+    (a_tf,) = _up(st, x_td, w_in_cfd, gate_te, grouping, save_h=False)
+    return _mm("tf,fd->td", a_tf, w_out_fd).astype(x_td.dtype)
+
+
+def _experts_fwd(st, x_td, gate_te, w_in_cfd, w_out_fd, grouping):
+    # Under differentiation the up kernel also scatters the selected slots' pre-activations:
+    # the backward then needs no second pass over W_in (unselected slots stay 0).
+    a_tf, h_ctf = _up(st, x_td, w_in_cfd, gate_te, grouping, save_h=True)
+    y_td = _mm("tf,fd->td", a_tf, w_out_fd).astype(x_td.dtype)
+    return y_td, (x_td, gate_te, w_in_cfd, w_out_fd, h_ctf)
+
+
+def _experts_bwd(st, res, dy_td):
+    """The backward in XLA: dense GEMMs over ``[t, f]`` arrays that are 0 outside the selected
+    slots (the down projection's own argument: no block structure to skip), so the step's
+    saving is the forward's up projection. The gate's gradient is zero where unselected: the
+    forward never reads those gates."""
+    x_td, gate_te, w_in_cfd, w_out_fd, h_ctf = res
+    t, e = gate_te.shape
+    dt = x_td.dtype
+    hg, hu = h_ctf[0].astype(jnp.float32), h_ctf[1].astype(jnp.float32)
+    sg = jax.nn.sigmoid(hg)
+    act_tf = hg * sg
+    u_tf = act_tf * hu  # the ungated activation: 0 at unselected slots
+    gate_tf = jnp.repeat(gate_te, st.g, axis=-1)
+    da_tf = _mm("td,fd->tf", dy_td, w_out_fd)
+    dgate_te = jnp.sum((da_tf * u_tf).reshape(t, e, st.g), axis=-1)
+    dw_out = _mm("tf,td->fd", (gate_tf * u_tf).astype(dt), dy_td)
+    dga_tf = da_tf * gate_tf
+    dh_ctf = jnp.stack([dga_tf * hu * sg * (1.0 + hg * (1.0 - sg)), dga_tf * act_tf]).astype(dt)
+    dx = _mm("ctf,cfd->td", dh_ctf, w_in_cfd)
+    dw_in = _mm("ctf,td->cfd", dh_ctf, x_td)
+    return (dx.astype(dt), dgate_te, dw_in.astype(w_in_cfd.dtype),
+            dw_out.astype(w_out_fd.dtype), None)  # fmt: skip
+
+
+_experts.defvjp(_experts_fwd, _experts_bwd)
+
+
 def sparse_ffn_grouped(
     x_td: jax.Array,
     router_de: jax.Array,
@@ -129,13 +251,21 @@ def sparse_ffn_grouped(
     interpret: bool = False,
     **tuning,
 ) -> tuple[jax.Array, jax.Array]:
-    """One SwiGLU PrunePath FFN layer for any number of tokens: ``(y_td, k_t int32)``."""
+    """One SwiGLU PrunePath FFN layer for any number of tokens: ``(y_td, k_t int32)``.
+
+    Differentiable (the training forward): ``y_td``'s gradients reach ``x_td``, ``router_de``
+    (through the sigmoid gates and the router logits), ``w_in_cfd`` and ``w_out_fd``; see
+    `_experts`. ``tau`` and the selection are discrete and get none, as in the XLA path.
+    """
     t, d = x_td.shape
     c, f, _ = w_in_cfd.shape
     g = group_size
     e = f // g
     if c != 2:
         raise ValueError("the grouped GEMM is SwiGLU only (w_in [2, f, d])")
+    if t * f >= 2**31:  # the kernel's token-order offsets are int32
+        raise ValueError(f"the grouped GEMM takes t * f < 2**31 ({t} tokens x {f}): split the "
+                         "tokens into smaller calls")  # fmt: skip
     tn = {**DEFAULT_TUNING, **tuning}
     unknown = set(tn) - set(DEFAULT_TUNING)
     if unknown:
@@ -147,16 +277,7 @@ def sparse_ffn_grouped(
     sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
     gate_te = routing.gates(logits_te, sel.mask_te, gate)
     block_m = tn["block_m"]
-    tok, off_e, cnt_e, tile_e, tile_m = group_by_expert(sel.mask_te, k_max, block_m)
-    is_f32 = x_td.dtype == jnp.float32
-    (a_tf,) = jt.triton_call(
-        _grouped_up_kernel, x_td, w_in_cfd, gate_te, tok, off_e, cnt_e, tile_e, tile_m,
-        out_shape=[jax.ShapeDtypeStruct((t, f), x_td.dtype)], zeroed_outputs=(0,),
-        grid=(tile_e.shape[0],), num_warps=tn["warps"], num_stages=tn["stages"],
-        interpret=interpret, T=t, D=d, E=e, G=g, BLOCK_M=block_m,
-        BLOCK_D=min(tn["block_d"], max(16, jt.next_pow2(d))), DOT_F32=bool(interpret),
-        IEEE=bool(is_f32 and not interpret),
-    )  # fmt: skip
-    prec = jax.lax.Precision.HIGHEST if is_f32 else None
-    y_td = jnp.matmul(a_tf, w_out_fd, precision=prec, preferred_element_type=jnp.float32)
-    return y_td.astype(x_td.dtype), sel.k_t
+    static = _Launch(g, block_m, min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
+                     tn["stages"], interpret)  # fmt: skip
+    grouping = group_by_expert(sel.mask_te, k_max, block_m)
+    return _experts(static, x_td, gate_te, w_in_cfd, w_out_fd, grouping), sel.k_t

@@ -91,3 +91,19 @@ def inputs(c: Case):
 
 def kwargs(c: Case) -> dict:
     return dict(group_size=c.g, rule=c.rule, gate=c.gate, k_min=c.k_min, k_max=c.k_max)
+
+
+GRAD_ARGS = ("x", "router", "w_in", "w_out")
+
+
+def grad_loss(fn, c: Case):
+    """``L(x, router, w_in, w_out) = Σ y ⊙ r`` for a seeded ``r [t, d]``: the training
+    forward's gradients are ``jax.grad`` of it, whatever ``fn`` (reference or kernel) computes
+    ``y``."""
+    r_td = jax.random.normal(jax.random.key(c.seed + 1000), (c.t, c.d), jnp.float32)
+
+    def loss(x, router, w_in, w_out):
+        y, _ = fn(x, router, w_in, w_out, c.tau, **kwargs(c))
+        return jnp.sum(y.astype(jnp.float32) * r_td)
+
+    return loss

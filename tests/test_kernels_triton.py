@@ -12,7 +12,16 @@ import jax
 import numpy as np
 import pytest
 from helpers import assert_close, interpreted_npz, run_triton_interpreted, sm90_compile
-from kernel_cases import ALL_CASES, DECODE_CASES, GROUPED_CASES, ONE_TOKEN_TUNINGS, inputs, kwargs
+from kernel_cases import (
+    ALL_CASES,
+    DECODE_CASES,
+    GRAD_ARGS,
+    GROUPED_CASES,
+    ONE_TOKEN_TUNINGS,
+    grad_loss,
+    inputs,
+    kwargs,
+)
 
 from prunepath_jax.kernels.reference import sparse_ffn_reference
 
@@ -61,6 +70,52 @@ def test_grouped_bf16x3_router_logits_match_reference(case, interp_results):
     """Opt-in tensor-core router logits: the same experts on these inputs (no token sits within
     an fp32 rounding of its threshold) and outputs within the tolerance of the dtype."""
     _check(case, interp_results[f"{case.name}+bf16x3/y"], interp_results[f"{case.name}+bf16x3/k"])
+
+
+def _check_grads(c, grads):
+    """The training forward's gradients against ``jax.grad`` of the float32 reference (the
+    routing is the same, so only the experts' arithmetic differs)."""
+    want = jax.grad(grad_loss(sparse_ffn_reference, c), argnums=(0, 1, 2, 3))(*inputs(c))
+    tol = "op_fp32" if c.dtype == "float32" else "bf16"
+    for name, got, ref in zip(GRAD_ARGS, grads, want, strict=True):
+        ref = np.asarray(ref, np.float32)
+        assert np.abs(ref).max() > 0 or (name == "router" and c.gate == "none"), (c.name, name)
+        assert_close(np.asarray(got, np.float32), ref, tol, f"{c.name}: d{name}")
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
+def test_grouped_gradients_match_reference(case, interp_results):
+    """The grouped GEMM as a training forward (custom VJP: the up kernel keeps the selected
+    slots' pre-activations, the backward runs in XLA), under the interpreter. With gate "none"
+    the task loss gives the router no gradient, in both."""
+    _check_grads(case, [interp_results[f"{case.name}/grad_{n}"] for n in GRAD_ARGS])
+
+
+def test_grouped_gradient_launches_one_kernel(monkeypatch):
+    """Differentiated, the layer is still one Triton launch — the up kernel that also writes the
+    pre-activations — and the primal alone the plain up kernel (``triton_call`` caught under
+    ``jax.eval_shape``: jax-triton cannot be imported on a CPU jaxlib)."""
+    import jax.numpy as jnp
+
+    from prunepath_jax.kernels import jt
+    from prunepath_jax.kernels import triton_grouped as tg
+
+    launched = []
+
+    def fake_call(kernel, *args, out_shape, **kw):
+        launched.append(kernel)
+        return tuple(jnp.zeros(o.shape, o.dtype) for o in out_shape)
+
+    monkeypatch.setattr(jt, "triton_call", fake_call)
+    c = GROUPED_CASES[1]
+    loss = grad_loss(tg.sparse_ffn_grouped, c)
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs(c)]
+    jax.eval_shape(loss, *args)
+    assert launched == [tg._grouped_up_kernel]
+    launched.clear()
+    grads = jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2, 3)), *args)
+    assert launched == [tg._grouped_up_h_kernel]
+    assert [(g.shape, g.dtype) for g in grads] == [(a.shape, a.dtype) for a in args]
 
 
 def test_grouped_rejects_unknown_router_logits():
@@ -138,6 +193,12 @@ def test_kernels_compile_for_sm90(dtype):
                  warps=tn["warps"], stages=tn["stages"])  # fmt: skip
         ptx = ck.asm["ptx"]  # the d loop's gathers are software-pipelined copies, not scalars
         assert "cp.async" in ptx and "ld.global.b16" not in ptx
+        ck = sm90_compile(tg._grouped_up_h_kernel,
+                 {"x": "*bf16", "w": "*bf16", "g": "*fp32", "tok": "*i32", "off": "*i32",
+                  "cnt": "*i32", "te": "*i32", "tm": "*i32", "a": "*bf16", "h": "*bf16"},
+                 dict(T=4096, **dims, BLOCK_M=tn["block_m"], BLOCK_D=tn["block_d"], **ieee),
+                 warps=tn["warps"], stages=tn["stages"])  # fmt: skip
+        assert "cp.async" in ck.asm["ptx"]
 
 
 @pytest.mark.gpu
@@ -253,6 +314,16 @@ def test_grouped_tunings_on_gpu(case, label):
     jitted = jax.jit(lambda *a: sparse_ffn_grouped(*a, **kwargs(case), **tn))
     y, k = jitted(x, router, w_in, w_out, np.float32(case.tau))
     _check(case, y, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
+def test_grouped_gradients_on_gpu(case):
+    """The training forward's gradients through jax-triton under jit (the default tiles)."""
+    from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
+
+    fn = jax.jit(jax.grad(grad_loss(sparse_ffn_grouped, case), argnums=(0, 1, 2, 3)))
+    _check_grads(case, fn(*inputs(case)))
 
 
 @pytest.mark.gpu

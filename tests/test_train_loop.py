@@ -165,6 +165,9 @@ def test_bad_input(world, tmp_path, capsys):
         run(_cfg(world, tmp_path / "l", seq_len=512), report=lambda m: None)
     with pytest.raises(FileNotFoundError):
         run(_cfg(world, tmp_path / "m", data=str(world / "missing.txt")), report=lambda m: None)
+    with pytest.raises(ValueError, match="ffn_kernels runs on one device"):
+        run(_cfg(world, tmp_path / "k", ffn_kernels=True), report=lambda m: None)
+    assert not (tmp_path / "k").exists()  # refused before anything was loaded or written
     # A resumed run must keep its settings.
     out = tmp_path / "r"
     run(_cfg(world, out, warmup_steps=1, decay_steps=1, hold_steps=0), report=lambda m: None)

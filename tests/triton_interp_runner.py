@@ -5,6 +5,7 @@ interpreter only works when that is set before triton is first imported). Usage:
 ``python tests/triton_interp_runner.py OUT.npz``.
 """
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -12,11 +13,14 @@ from pathlib import Path
 assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before starting"
 sys.path.insert(0, str(Path(__file__).parent))
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from kernel_cases import (  # noqa: E402
     DECODE_CASES,
+    GRAD_ARGS,
     GROUPED_CASES,
     ONE_TOKEN_TUNINGS,
+    grad_loss,
     inputs,
     kwargs,
 )
@@ -45,6 +49,11 @@ def main(out: str) -> None:
                                   router_logits="bf16x3")  # fmt: skip
         res[f"{c.name}+bf16x3/y"] = np.asarray(y.astype(np.float32))
         res[f"{c.name}+bf16x3/k"] = np.asarray(k)
+    for c in GROUPED_CASES:  # the training forward: gradients through the custom VJP
+        fn = functools.partial(sparse_ffn_grouped, interpret=True, block_m=16)
+        grads = jax.grad(grad_loss(fn, c), argnums=(0, 1, 2, 3))(*inputs(c))
+        for name, gr in zip(GRAD_ARGS, grads, strict=True):
+            res[f"{c.name}/grad_{name}"] = np.asarray(gr.astype(np.float32))
     np.savez(out, **res)
 
 

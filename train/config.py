@@ -91,6 +91,11 @@ class TrainConfig:
     """Master weights and optimiser state."""
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """Forward/backward matmuls (routers and softmax stay float32)."""
+    ffn_kernels: bool = False
+    """Run the PrunePath FFNs through the kernel registry (`kernels.api`): on a GPU the grouped
+    Triton GEMM computes only the selected experts' up projection in the forward, with an XLA
+    backward (`kernels/triton_grouped.py`); on a CPU the masked XLA path, as without it. One
+    device only: the Triton call has no sharding rule, so a mesh would replicate its work."""
 
     # Devices.
     mesh_data: int = -1
@@ -213,6 +218,10 @@ def validate(c: TrainConfig) -> None:
     for name in ("mesh_data", "mesh_fsdp", "mesh_model"):
         v = getattr(c, name)
         need(v == -1 or v >= 1, f"{name} must be >= 1 or -1, got {v}")
+    need(
+        not (c.ffn_kernels and c.sparse == "dense"),
+        "ffn_kernels runs PrunePath FFNs; a dense model (sparse='dense') has none",
+    )
 
 
 # Named presets. CPU-sized ones run on the shipped text; GPU-sized ones take a user's checkpoint.

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from prunepath_jax import checkpoint as ckpt
 from prunepath_jax.loading import abstract_model
+from prunepath_jax.nn import set_compute
 from prunepath_jax.train import parallel, prepare
 from prunepath_jax.train import state as st
 from prunepath_jax.train.checkpointing import (
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 RUNTIME_FIELDS = {
     "out_dir", "progress", "log_every", "eval_every", "save_every", "keep", "tensorboard",
     "wandb", "eval_tokens", "distributed", "coordinator", "num_processes", "process_id",
-    "mesh_data", "mesh_fsdp", "mesh_model", "hold_steps", "source",
+    "mesh_data", "mesh_fsdp", "mesh_model", "hold_steps", "source", "ffn_kernels",
 }  # fmt: skip
 
 
@@ -120,6 +121,11 @@ def setup(cfg: TrainConfig, *, pretrained=None, report=print) -> Run:
     parallel.init_distributed(cfg)
     mesh = parallel.mesh_from_config(cfg)
     parallel.check_batch(cfg.batch_size, mesh, cfg.grad_accum)
+    if cfg.ffn_kernels and mesh.size > 1:
+        raise ValueError(
+            f"ffn_kernels runs on one device (the Triton kernel has no sharding rule, so every "
+            f"device would compute the whole batch); this mesh has {mesh.size}: set mesh_data=1"
+        )
     out = Path(cfg.out_dir).expanduser().absolute()
     pdtype = jnp.dtype(cfg.param_dtype)
 
@@ -156,6 +162,8 @@ def setup(cfg: TrainConfig, *, pretrained=None, report=print) -> Run:
             f"seq_len {cfg.seq_len} is longer than the model's context ({mcfg.max_position})"
         )
 
+    if cfg.ffn_kernels:
+        set_compute(model, "kernel")
     graphdef, trainable, frozen = st.split_model(model, cfg.mode)
     optimizer = st.make_optimizer(cfg, trainable)
     trainable = parallel.place(trainable, parallel.tree_shardings(trainable, mesh))
