@@ -19,6 +19,7 @@ naming why -- never a silently different computation.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import jax
@@ -163,7 +164,9 @@ def sparse_ffn(
 ) -> tuple[jax.Array, jax.Array]:
     """One PrunePath FFN layer on ``x_td [t, d]``: ``(y_td in x's dtype, k_t int32 [t])``.
 
-    Works under jit with tau traced. See the module docstring for the backends. With
+    Works under jit with tau traced. See the module docstring for the backends. Differentiable
+    with "xla" and the Triton grouped GEMM (t > 16: the training forward); the decode kernels
+    (t <= 16) are inference-only and raise ``NotImplementedError`` under ``jax.grad``. With
     ``norm_d`` (an RMSNorm weight ``[d]``) ``x_td`` is the residual stream and the layer is
     ``FFN(rms_norm(x_td, norm_d, norm_eps))``: the Pallas decode path normalises inside its
     router-logits kernel, the others in XLA first.
@@ -193,8 +196,9 @@ def sparse_ffn(
     kw = dict(group_size=group_size, rule=rule, gate=gate, k_min=k_min, k_max=k_max)
     if impl == "pallas":
         mod = importlib.import_module("prunepath_jax.kernels.pallas_decode")
-        return mod.sparse_ffn_decode(
-            x_td, router_de, w_in_cfd, w_out_fd, tau, norm_d=norm_d, norm_eps=norm_eps, **kw
+        fn = functools.partial(mod.sparse_ffn_decode, norm_d=norm_d, norm_eps=norm_eps, **kw)
+        return _inference_only(fn, "the Pallas decode kernel")(
+            x_td, router_de, w_in_cfd, w_out_fd, tau
         )
     if norm_d is not None:
         x_td = rms_norm(x_td, norm_d, norm_eps)
@@ -202,7 +206,10 @@ def sparse_ffn(
         if t <= DECODE_MAX_TOKENS:
             from prunepath_jax.kernels.triton_decode import sparse_ffn_decode
 
-            return sparse_ffn_decode(x_td, router_de, w_in_cfd, w_out_fd, tau, **kw)
+            fn = functools.partial(sparse_ffn_decode, **kw)
+            return _inference_only(fn, "the Triton decode kernels")(
+                x_td, router_de, w_in_cfd, w_out_fd, tau
+            )
         from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
 
         return sparse_ffn_grouped(x_td, router_de, w_in_cfd, w_out_fd, tau, **kw)
@@ -212,6 +219,28 @@ def sparse_ffn(
     y = xla_masked(x_td, gate_te, w_in_cfd, w_out_fd, group_size=group_size,
                    activation=activation, b_in_cf=b_in_cf, b_out_d=b_out_d)  # fmt: skip
     return y, k_t
+
+
+def _inference_only(fn, what: str):
+    """``fn`` (a decode-kernel launch, no derivative) as a function whose gradient raises a clear
+    error. Without it ``jax.grad`` fails inside JAX (jax-triton: no differentiation rule; Pallas:
+    an internal assertion while it differentiates the kernel body)."""
+
+    @jax.custom_vjp
+    def call(*args):
+        return fn(*args)
+
+    def fwd(*args):
+        return fn(*args), None
+
+    def bwd(_res, _cotangents):
+        raise NotImplementedError(
+            f"{what} (t <= {DECODE_MAX_TOKENS} tokens) has no gradient: differentiate through "
+            "implementation='xla', or with more than 16 tokens the Triton grouped GEMM"
+        )
+
+    call.defvjp(fwd, bwd)
+    return call
 
 
 def for_model(implementation: str | None, n_tokens: int) -> str | None:

@@ -71,6 +71,36 @@ def test_explicit_backend_errors_are_clear():
         assert api.choose(1, None) == "xla" and api.choose(4096, None) == "xla"
 
 
+def test_decode_kernels_refuse_gradients_clearly():
+    """The decode kernels have no derivative: ``jax.grad`` through them raises a clear
+    ``NotImplementedError`` instead of JAX's internal failures (the Pallas kernel, run by its
+    interpreter here, would hit an assertion while JAX differentiates its body). The primal
+    call is unchanged, also under jit; the XLA backend stays differentiable."""
+    from prunepath_jax.kernels import pallas_decode as pd
+
+    c = DECODE_CASES[0]
+    x, r, wi, wo = inputs(c)
+    fn = api._inference_only(
+        lambda *a: pd.sparse_ffn_decode(*a, **kwargs(c), interpret=True), "the Pallas decode kernel"
+    )
+    y, k = fn(x, r, wi, wo, c.tau)
+    y_ref, k_ref = sparse_ffn_reference(x, r, wi, wo, c.tau, **kwargs(c))
+    np.testing.assert_array_equal(k, k_ref)
+    assert_close(y, y_ref, "op_fp32", "primal through the guard")
+
+    def loss(f):
+        return lambda x: jnp.sum(f(x, r, wi, wo, c.tau)[0])
+
+    with pytest.raises(NotImplementedError, match="Pallas decode kernel .* has no gradient"):
+        jax.grad(loss(fn))(x)
+    double = api._inference_only(lambda x, *a: (x * 2.0, jnp.int32(1)), "a kernel")
+    np.testing.assert_array_equal(jax.jit(double)(x, r, wi, wo, c.tau)[0], x * 2.0)
+    with pytest.raises(NotImplementedError, match="implementation='xla'"):
+        jax.jit(jax.grad(loss(double)))(x)
+    xla = lambda *a: api.sparse_ffn(*a, **kwargs(c), implementation="xla")  # noqa: E731
+    assert np.abs(np.asarray(jax.grad(loss(xla))(x))).max() > 0
+
+
 def test_default_backend_follows_the_measured_order(monkeypatch):
     """On a GPU, ``implementation=None`` takes the fastest measured backend for the token count,
     skipping one that cannot run here (e.g. no jax-triton), XLA last (BENCHMARKS.md, 8B e2e)."""
