@@ -10,13 +10,14 @@ weight gradients (~4N of work), but its MFU is reported on the same 6N basis: it
 a utilisation claim.
 
     python benchmarks/train_step.py --preset smollm2-135m llama-3.2-1b --batch 16 --seq 2048
-    python benchmarks/train_step.py --preset llama-3.2-1b --batch 8 --ffn masked kernels \
-        --tau-target 0.5 0.25
+    python benchmarks/train_step.py --preset llama-3.2-1b --batch 8 --tau-target 0.5 \
+        --ffn masked kernels kernels-xla-bwd
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import sys
 import time
@@ -47,14 +48,33 @@ def pp_config(name: str):
     return PRESETS[name].replace(prunepath=PrunePathConfig(group_size=32))
 
 
-def build(name: str, mesh, seed: int = 0):
-    """Random fp32 weights created in place on the mesh, with a live router (real selections)."""
-    return parallel.init_sharded(pp_config(name), jnp.float32, mesh, seed=seed, router_scale=0.1)
+def build(name: str, mesh, seed: int = 0, router_scale: float = 0.1):
+    """Random fp32 weights created in place on the mesh, with a live router (real selections;
+    the larger ``router_scale``, the more peaked its softmax and the sparser a given tau)."""
+    return parallel.init_sharded(
+        pp_config(name), jnp.float32, mesh, seed=seed, router_scale=router_scale
+    )
 
 
-def bench(name, mode, batch, seq, steps, mesh, peak, ffn="masked", tau=0.5):
-    model = build(name, mesh)
-    if ffn == "kernels":  # what TrainConfig.ffn_kernels does: the grouped GEMM's forward
+FFN_MODES = {"masked": None, "kernels": "grouped", "kernels-xla-bwd": "xla"}
+
+
+@contextlib.contextmanager
+def grouped_backward(ffn: str):
+    """The grouped GEMM's backward form for one ``--ffn`` mode (read when the step is traced)."""
+    from prunepath_jax.kernels import triton_grouped
+
+    shipped = triton_grouped.DEFAULT_TUNING["backward"]
+    triton_grouped.DEFAULT_TUNING["backward"] = FFN_MODES[ffn] or shipped
+    try:
+        yield
+    finally:
+        triton_grouped.DEFAULT_TUNING["backward"] = shipped
+
+
+def bench(name, mode, batch, seq, steps, mesh, peak, ffn="masked", tau=0.5, router_scale=0.1):
+    model = build(name, mesh, router_scale=router_scale)
+    if ffn != "masked":  # what TrainConfig.ffn_kernels does: the grouped GEMM's forward
         set_compute(model, "kernel")
     # tau at its target from the first step: the kernels' cost depends on it (the masked
     # path's does not), so every timed step runs at the sparsity the row reports.
@@ -96,7 +116,7 @@ def bench(name, mode, batch, seq, steps, mesh, peak, ffn="masked", tau=0.5):
         "seq": seq, "devices": len(mesh.devices.flat), "mesh": dict(mesh.shape), "ffn": ffn,
         "step_ms": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu, "compile_s": compile_s,
         "loss_first": loss_first, "loss": float(m["loss"]), "sparsity": float(m["sparsity"]),
-        "tau": float(m["tau"]),
+        "tau": float(m["tau"]), "router_scale": router_scale,
         "trainable_params": int(sum(x.size for x in jax.tree.leaves(s.params))),
         "opt_state_bytes": st.tree_bytes(s.opt_state),
         "peak_mem_gib": mem.get("peak_bytes_in_use", 0) / 2**30,
@@ -124,28 +144,36 @@ def main(argv=None):
     ap.add_argument(
         "--ffn",
         nargs="+",
-        choices=["masked", "kernels"],
+        choices=list(FFN_MODES),
         default=["masked"],
         help="masked: every expert computed, then masked (the default training path); kernels: "
-        "the kernel registry (`TrainConfig.ffn_kernels`: the grouped Triton GEMM forward on a "
-        "GPU, one device only)",
+        "the kernel registry (`TrainConfig.ffn_kernels`: on a GPU the grouped Triton GEMM and "
+        "its backward kernel, one device only); kernels-xla-bwd: the same forward with the "
+        "backward's dy W_out^T and SwiGLU derivative in XLA",
     )
     ap.add_argument("--tau-target", type=float, nargs="+", default=[0.5])
+    ap.add_argument(
+        "--router-scale",
+        type=float,
+        default=0.1,
+        help="std of the random routers: 0.1 makes them peaked (1B: ~88%% sparsity at tau "
+        "0.97), smaller values spread the softmax, so tau reaches moderate sparsities",
+    )
     ap.add_argument("--out", default="results/train_step.jsonl")
     a = ap.parse_args(argv)
     mesh = parallel.mesh_from_config(
         TrainConfig(mesh_data=a.mesh[0], mesh_fsdp=a.mesh[1], mesh_model=a.mesh[2])
     )
-    if "kernels" in a.ffn and mesh.size > 1:
+    if set(a.ffn) - {"masked"} and mesh.size > 1:
         ap.error(f"--ffn kernels runs on one device; this mesh has {mesh.size}")
     rows = []
     for name in a.preset:
         for mode in a.modes:
             for logits in a.router_logits:
                 for tau, ffn in itertools.product(a.tau_target, a.ffn):
-                    with router_logits_mode(logits):
+                    with router_logits_mode(logits), grouped_backward(ffn):
                         row = bench(name, mode, a.batch, a.seq, a.steps, mesh, a.peak_tflops,
-                                    ffn, tau)  # fmt: skip
+                                    ffn, tau, a.router_scale)  # fmt: skip
                     row["router_logits"] = logits
                     print(row, flush=True)
                     rows.append(row)

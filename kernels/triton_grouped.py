@@ -25,11 +25,12 @@ programs past the real tile count exit at once.
 
 The training forward (`_experts`, a custom VJP): differentiated, the up kernel also scatters
 the selected slots' gate and up pre-activations into a zeroed ``[2, t, f]`` array
-(``_grouped_up_h_kernel``), and the backward runs in XLA on those: dense GEMMs for
-``dy W_outᵀ``, ``W_out``'s and ``W_in``'s gradients and ``dx``, elementwise SwiGLU derivatives,
-the gates' gradient summed per expert. So training saves the forward's up projection (the
-share above) and no more; a grouped backward is not written. The undifferentiated call
-(prefill) launches the plain kernel.
+(``_grouped_up_h_kernel``). The backward computes ``dy W_outᵀ`` at the selected slots only,
+fused with the SwiGLU derivative and the gates' gradient (`triton_grouped_bwd`, by default;
+``backward="xla"``: a dense GEMM and elementwise passes), then dense GEMMs for ``dx``,
+``W_in``'s and ``W_out``'s gradients. So training saves the forward's up projection and the
+backward's ``dy W_outᵀ``; half its GEMMs stay dense. The undifferentiated call (prefill)
+launches the plain kernel.
 """
 
 from __future__ import annotations
@@ -48,6 +49,21 @@ from prunepath_jax.kernels.triton_decode import expert_gate_up_rows, expert_swig
 
 
 @triton.jit
+def tile_tokens(gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_m_ptr, i, e, E: tl.constexpr,
+                BLOCK_M: tl.constexpr):  # fmt: skip
+    """Program ``i``'s token tile of expert ``e`` (`group_by_expert`'s lists): ``(tok [M] i32,
+    rmask [M], gate [M] f32)``; rows past the expert's count are masked (token 0, gate 0)."""
+    m = tl.load(tile_m_ptr + i)
+    cnt = tl.load(cnt_ptr + e)
+    off = tl.load(off_ptr + e)
+    rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < cnt
+    tok = tl.load(tok_ptr + off + rows, mask=rmask, other=0)
+    gate = tl.load(gate_ptr + tok * E + e, mask=rmask, other=0.0)
+    return tok, rmask, gate
+
+
+@triton.jit
 def _grouped_tile(
     x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr, a_ptr, h_ptr,
     T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
@@ -60,13 +76,8 @@ def _grouped_tile(
     i = tl.program_id(0)
     e = tl.load(tile_e_ptr + i)
     if e < E:
-        m = tl.load(tile_m_ptr + i)
-        cnt = tl.load(cnt_ptr + e)
-        off = tl.load(off_ptr + e)
-        rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < cnt
-        tok = tl.load(tok_ptr + off + rows, mask=rmask, other=0)
-        gate = tl.load(gate_ptr + tok * E + e, mask=rmask, other=0.0)
+        tok, rmask, gate = tile_tokens(gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_m_ptr, i, e, E,
+                                       BLOCK_M)  # fmt: skip
         rg = tl.arange(0, G)
         if SAVE_H:
             g, u = expert_gate_up_rows(x_ptr, tok, rmask, w_in_ptr, e, D, F, G, BLOCK_M,
@@ -124,7 +135,9 @@ def _grouped_up_h_kernel(
 # other than the XLA path's sums in another order, which can move a token across its τ
 # boundary; through the layers the prompts' selections then drift apart (measured on SmolLM2 at
 # τ = 0.5, batch 8: equal k_t in 11 of 30 layers when only this path took the split).
-DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared"}
+DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
+                  "backward": "grouped"}  # fmt: skip
+_BACKWARDS = ("grouped", "xla")
 _LOGITS = {
     "shared": routing.router_logits,
     "fp32": routing.router_logits_fp32,
@@ -168,6 +181,7 @@ class _Launch(NamedTuple):
     warps: int
     stages: int
     interpret: bool
+    backward: str
 
 
 def _up(st: _Launch, x_td, w_in_cfd, gate_te, grouping, save_h: bool):
@@ -206,15 +220,16 @@ def _experts_fwd(st, x_td, gate_te, w_in_cfd, w_out_fd, grouping):
     # the backward then needs no second pass over W_in (unselected slots stay 0).
     a_tf, h_ctf = _up(st, x_td, w_in_cfd, gate_te, grouping, save_h=True)
     y_td = _mm("tf,fd->td", a_tf, w_out_fd).astype(x_td.dtype)
-    return y_td, (x_td, gate_te, w_in_cfd, w_out_fd, h_ctf)
+    return y_td, (x_td, gate_te, w_in_cfd, w_out_fd, h_ctf, grouping)
 
 
 def _experts_bwd(st, res, dy_td):
-    """The backward in XLA: dense GEMMs over ``[t, f]`` arrays that are 0 outside the selected
-    slots (the down projection's own argument: no block structure to skip), so the step's
-    saving is the forward's up projection. The gate's gradient is zero where unselected: the
-    forward never reads those gates."""
-    x_td, gate_te, w_in_cfd, w_out_fd, h_ctf = res
+    """``dh`` and the gates' gradient from the grouped backward kernel (``backward="grouped"``,
+    `triton_grouped_bwd`) or in XLA (``"xla"``: a dense ``dy W_outᵀ`` and elementwise passes
+    over ``[t, f]``), then dense GEMMs for ``dx``, ``dW_in`` and ``dW_out`` over arrays that are
+    0 outside the selected slots (the down projection's argument: no block to skip). The gates'
+    gradient is 0 where unselected: the forward never reads those gates."""
+    x_td, gate_te, w_in_cfd, w_out_fd, h_ctf, grouping = res
     t, e = gate_te.shape
     dt = x_td.dtype
     hg, hu = h_ctf[0].astype(jnp.float32), h_ctf[1].astype(jnp.float32)
@@ -222,11 +237,20 @@ def _experts_bwd(st, res, dy_td):
     act_tf = hg * sg
     u_tf = act_tf * hu  # the ungated activation: 0 at unselected slots
     gate_tf = jnp.repeat(gate_te, st.g, axis=-1)
-    da_tf = _mm("td,fd->tf", dy_td, w_out_fd)
-    dgate_te = jnp.sum((da_tf * u_tf).reshape(t, e, st.g), axis=-1)
+    if st.backward == "grouped":
+        from prunepath_jax.kernels.triton_grouped_bwd import grouped_backward  # imports us
+
+        dh_ctf, dgate_te = grouped_backward(
+            dy_td, w_out_fd, h_ctf, gate_te, grouping, g=st.g, block_m=st.block_m,
+            block_d=st.block_d, warps=st.warps, stages=st.stages, interpret=st.interpret,
+        )  # fmt: skip
+    else:
+        da_tf = _mm("td,fd->tf", dy_td, w_out_fd)
+        dgate_te = jnp.sum((da_tf * u_tf).reshape(t, e, st.g), axis=-1)
+        dga_tf = da_tf * gate_tf
+        dh_ctf = jnp.stack([dga_tf * hu * sg * (1.0 + hg * (1.0 - sg)), dga_tf * act_tf])
+        dh_ctf = dh_ctf.astype(dt)
     dw_out = _mm("tf,td->fd", (gate_tf * u_tf).astype(dt), dy_td)
-    dga_tf = da_tf * gate_tf
-    dh_ctf = jnp.stack([dga_tf * hu * sg * (1.0 + hg * (1.0 - sg)), dga_tf * act_tf]).astype(dt)
     dx = _mm("ctf,cfd->td", dh_ctf, w_in_cfd)
     dw_in = _mm("ctf,td->cfd", dh_ctf, x_td)
     return (dx.astype(dt), dgate_te, dw_in.astype(w_in_cfd.dtype),
@@ -277,7 +301,9 @@ def sparse_ffn_grouped(
     sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
     gate_te = routing.gates(logits_te, sel.mask_te, gate)
     block_m = tn["block_m"]
+    if tn["backward"] not in _BACKWARDS:
+        raise ValueError(f"backward must be one of {_BACKWARDS}, got {tn['backward']!r}")
     static = _Launch(g, block_m, min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
-                     tn["stages"], interpret)  # fmt: skip
+                     tn["stages"], interpret, tn["backward"])  # fmt: skip
     grouping = group_by_expert(sel.mask_te, k_max, block_m)
     return _experts(static, x_td, gate_te, w_in_cfd, w_out_fd, grouping), sel.k_t

@@ -94,6 +94,7 @@ def kwargs(c: Case) -> dict:
 
 
 GRAD_ARGS = ("x", "router", "w_in", "w_out")
+GROUPED_BACKWARDS = ("grouped", "xla")  # the grouped GEMM's two backward forms
 
 
 def grad_loss(fn, c: Case):

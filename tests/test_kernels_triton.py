@@ -8,6 +8,8 @@ triton's own compiler, which catches GPU-only errors (layouts, shared memory, un
 on a machine without a GPU. The ``gpu`` tests run the same cases through jax-triton.
 """
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from kernel_cases import (
     ALL_CASES,
     DECODE_CASES,
     GRAD_ARGS,
+    GROUPED_BACKWARDS,
     GROUPED_CASES,
     ONE_TOKEN_TUNINGS,
     grad_loss,
@@ -83,18 +86,21 @@ def _check_grads(c, grads):
         assert_close(np.asarray(got, np.float32), ref, tol, f"{c.name}: d{name}")
 
 
+@pytest.mark.parametrize("backward", GROUPED_BACKWARDS)
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
-def test_grouped_gradients_match_reference(case, interp_results):
+def test_grouped_gradients_match_reference(case, backward, interp_results):
     """The grouped GEMM as a training forward (custom VJP: the up kernel keeps the selected
-    slots' pre-activations, the backward runs in XLA), under the interpreter. With gate "none"
-    the task loss gives the router no gradient, in both."""
-    _check_grads(case, [interp_results[f"{case.name}/grad_{n}"] for n in GRAD_ARGS])
+    slots' pre-activations; the backward kernel or XLA), under the interpreter. With gate
+    "none" the task loss gives the router no gradient, in both."""
+    got = [interp_results[f"{case.name}+{backward}/grad_{n}"] for n in GRAD_ARGS]
+    _check_grads(case, got)
 
 
-def test_grouped_gradient_launches_one_kernel(monkeypatch):
-    """Differentiated, the layer is still one Triton launch — the up kernel that also writes the
-    pre-activations — and the primal alone the plain up kernel (``triton_call`` caught under
-    ``jax.eval_shape``: jax-triton cannot be imported on a CPU jaxlib)."""
+def test_grouped_gradient_launches(monkeypatch):
+    """Differentiated, the layer's forward is one Triton launch — the up kernel that also
+    writes the pre-activations — and its backward the grouped backward kernel (none with
+    ``backward="xla"``); the primal alone launches the plain up kernel (``triton_call`` caught
+    under ``jax.eval_shape``: jax-triton cannot be imported on a CPU jaxlib)."""
     import jax.numpy as jnp
 
     from prunepath_jax.kernels import jt
@@ -112,10 +118,17 @@ def test_grouped_gradient_launches_one_kernel(monkeypatch):
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs(c)]
     jax.eval_shape(loss, *args)
     assert launched == [tg._grouped_up_kernel]
-    launched.clear()
-    grads = jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2, 3)), *args)
-    assert launched == [tg._grouped_up_h_kernel]
-    assert [(g.shape, g.dtype) for g in grads] == [(a.shape, a.dtype) for a in args]
+    from prunepath_jax.kernels import triton_grouped_bwd as tgb
+
+    for backward, kernels in (("grouped", [tg._grouped_up_h_kernel, tgb._grouped_bwd_kernel]),
+                              ("xla", [tg._grouped_up_h_kernel])):  # fmt: skip
+        launched.clear()
+        fn = functools.partial(tg.sparse_ffn_grouped, backward=backward)
+        grads = jax.eval_shape(jax.grad(grad_loss(fn, c), argnums=(0, 1, 2, 3)), *args)
+        assert launched == kernels, backward
+        assert [(g.shape, g.dtype) for g in grads] == [(a.shape, a.dtype) for a in args]
+    with pytest.raises(ValueError, match="backward must be one of"):
+        tg.sparse_ffn_grouped(*inputs(c), c.tau, **kwargs(c), backward="dense")
 
 
 def test_grouped_rejects_unknown_router_logits():
@@ -196,6 +209,15 @@ def test_kernels_compile_for_sm90(dtype):
         ck = sm90_compile(tg._grouped_up_h_kernel,
                  {"x": "*bf16", "w": "*bf16", "g": "*fp32", "tok": "*i32", "off": "*i32",
                   "cnt": "*i32", "te": "*i32", "tm": "*i32", "a": "*bf16", "h": "*bf16"},
+                 dict(T=4096, **dims, BLOCK_M=tn["block_m"], BLOCK_D=tn["block_d"], **ieee),
+                 warps=tn["warps"], stages=tn["stages"])  # fmt: skip
+        assert "cp.async" in ck.asm["ptx"]
+        from prunepath_jax.kernels import triton_grouped_bwd as tgb
+
+        ck = sm90_compile(tgb._grouped_bwd_kernel,
+                 {"dy": "*bf16", "w": "*bf16", "h": "*bf16", "g": "*fp32", "tok": "*i32",
+                  "off": "*i32", "cnt": "*i32", "te": "*i32", "tm": "*i32", "dh": "*bf16",
+                  "dg": "*fp32"},
                  dict(T=4096, **dims, BLOCK_M=tn["block_m"], BLOCK_D=tn["block_d"], **ieee),
                  warps=tn["warps"], stages=tn["stages"])  # fmt: skip
         assert "cp.async" in ck.asm["ptx"]
@@ -317,13 +339,14 @@ def test_grouped_tunings_on_gpu(case, label):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backward", GROUPED_BACKWARDS)
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
-def test_grouped_gradients_on_gpu(case):
+def test_grouped_gradients_on_gpu(case, backward):
     """The training forward's gradients through jax-triton under jit (the default tiles)."""
     from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
 
-    fn = jax.jit(jax.grad(grad_loss(sparse_ffn_grouped, case), argnums=(0, 1, 2, 3)))
-    _check_grads(case, fn(*inputs(case)))
+    fn = functools.partial(sparse_ffn_grouped, backward=backward)
+    _check_grads(case, jax.jit(jax.grad(grad_loss(fn, case), argnums=(0, 1, 2, 3)))(*inputs(case)))
 
 
 @pytest.mark.gpu

@@ -6,6 +6,7 @@ interpreter only works when that is set before triton is first imported). Usage:
 """
 
 import functools
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np  # noqa: E402
 from kernel_cases import (  # noqa: E402
     DECODE_CASES,
     GRAD_ARGS,
+    GROUPED_BACKWARDS,
     GROUPED_CASES,
     ONE_TOKEN_TUNINGS,
     grad_loss,
@@ -49,11 +51,11 @@ def main(out: str) -> None:
                                   router_logits="bf16x3")  # fmt: skip
         res[f"{c.name}+bf16x3/y"] = np.asarray(y.astype(np.float32))
         res[f"{c.name}+bf16x3/k"] = np.asarray(k)
-    for c in GROUPED_CASES:  # the training forward: gradients through the custom VJP
-        fn = functools.partial(sparse_ffn_grouped, interpret=True, block_m=16)
+    for c, bwd in itertools.product(GROUPED_CASES, GROUPED_BACKWARDS):  # the training forward
+        fn = functools.partial(sparse_ffn_grouped, interpret=True, block_m=16, backward=bwd)
         grads = jax.grad(grad_loss(fn, c), argnums=(0, 1, 2, 3))(*inputs(c))
         for name, gr in zip(GRAD_ARGS, grads, strict=True):
-            res[f"{c.name}/grad_{name}"] = np.asarray(gr.astype(np.float32))
+            res[f"{c.name}+{bwd}/grad_{name}"] = np.asarray(gr.astype(np.float32))
     np.savez(out, **res)
 
 

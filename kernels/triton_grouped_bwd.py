@@ -1,0 +1,100 @@
+"""The grouped GEMM's backward kernel: ``dy W_outᵀ`` only at the selected slots, fused with the
+SwiGLU derivative and the gates' gradient.
+
+Why. Differentiated, the training forward (`triton_grouped._experts`) leaves the selected
+slots' gate / up pre-activations ``h [2, t, f]`` (0 elsewhere). The XLA backward then computes
+``da = dy W_outᵀ`` as a dense ``[t, f]`` float32 GEMM and several elementwise passes over
+``[t, f]`` float32 arrays, though only k/E of the slots matter. This kernel runs on the forward's
+grouping (one program per (expert, token tile), as the up kernel): it gathers the tile's rows of
+``dy``, multiplies them with the expert's ``[G, d]`` rows of ``W_out`` (fp32 accumulation), and
+with the tile's ``h`` writes
+
+* ``dh [2, t, f]``: ``da · gate · u · silu'(g)`` and ``da · gate · silu(g)`` (x's dtype; 0 at the
+  unselected slots: jax-triton's memset), the operand of the two dense GEMMs that remain
+  (``dx = dh W_in``, ``dW_in = dhᵀ x``: random per-token expert sets leave them no block to
+  skip, as the forward's down projection);
+* ``dgate [t, E]``: ``Σ_g da · silu(g) · u`` (float32; 0 where unselected, where the forward never
+  read the gate).
+
+Every (token, expert) slot is written by exactly one program: no atomics. ``W_out``'s gradient
+(``aᵀ dy``) stays an XLA GEMM on ``a`` recomputed from ``h``, so router-only training drops it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from prunepath_jax.kernels import jt
+from prunepath_jax.kernels.triton_grouped import tile_tokens
+
+
+@triton.jit
+def _grouped_bwd_kernel(
+    dy_ptr,  # [T, D] the output's cotangent
+    w_out_ptr,  # [F, D] down weights, neuron-major
+    h_ptr,  # [2, T, F] the forward's gate / up pre-activations (0 outside the selected slots)
+    gate_ptr,  # [T, E] f32 gates
+    tok_ptr,  # [T * K_MAX] i32 token ids grouped by expert (`group_by_expert`)
+    off_ptr,  # [E] i32 start of each expert's group in tok
+    cnt_ptr,  # [E] i32 tokens per expert
+    tile_e_ptr,  # [N_TILES] i32 expert of each tile (E past the last real tile)
+    tile_m_ptr,  # [N_TILES] i32 tile index inside its expert's group
+    dh_ptr,  # out [2, T, F] (zeroed by jax-triton's memset)
+    dgate_ptr,  # out [T, E] f32 (zeroed)
+    T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    F: tl.constexpr = E * G
+    i = tl.program_id(0)
+    e = tl.load(tile_e_ptr + i)
+    if e < E:
+        tok, rmask, gate = tile_tokens(gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_m_ptr, i, e, E,
+                                       BLOCK_M)  # fmt: skip
+        rg = tl.arange(0, G)
+        w_row = (e * G + rg) * D
+        da = tl.zeros((BLOCK_M, G), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            rk = k0 + tl.arange(0, BLOCK_D)
+            kmask = rk < D
+            dyk = tl.load(dy_ptr + tok[:, None] * D + rk[None, :],
+                          mask=rmask[:, None] & kmask[None, :], other=0.0)  # fmt: skip
+            wk = tl.load(w_out_ptr + w_row[:, None] + rk[None, :], mask=kmask[None, :], other=0.0)
+            if DOT_F32:
+                da += tl.dot(dyk.to(tl.float32), tl.trans(wk.to(tl.float32)))
+            elif IEEE:
+                da += tl.dot(dyk, tl.trans(wk), input_precision="ieee")
+            else:
+                da += tl.dot(dyk, tl.trans(wk))
+        slot = h_ptr + tok[:, None] * F + e * G + rg[None, :]
+        hg = tl.load(slot, mask=rmask[:, None], other=0.0).to(tl.float32)
+        hu = tl.load(slot + T * F, mask=rmask[:, None], other=0.0).to(tl.float32)
+        sg = 1.0 / (1.0 + tl.exp(-hg))
+        act = hg * sg
+        tl.store(dgate_ptr + tok * E + e, tl.sum(da * act * hu, axis=1), mask=rmask)
+        dga = da * gate[:, None]
+        ty = dh_ptr.dtype.element_ty
+        out = dh_ptr + tok[:, None] * F + e * G + rg[None, :]
+        tl.store(out, (dga * hu * sg * (1.0 + hg * (1.0 - sg))).to(ty), mask=rmask[:, None])
+        tl.store(out + T * F, (dga * act).to(ty), mask=rmask[:, None])
+
+
+def grouped_backward(
+    dy_td: jax.Array, w_out_fd: jax.Array, h_ctf: jax.Array, gate_te: jax.Array, grouping,
+    *, g: int, block_m: int, block_d: int, warps: int, stages: int, interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """``(dh_ctf in h's dtype, dgate_te f32)`` of one grouped-GEMM layer (module docstring);
+    ``grouping`` is the forward's `group_by_expert` output at the same ``block_m``."""
+    t, d = dy_td.shape
+    f = w_out_fd.shape[0]
+    is_f32 = dy_td.dtype == jnp.float32
+    return jt.triton_call(
+        _grouped_bwd_kernel, dy_td, w_out_fd, h_ctf, gate_te, *grouping,
+        out_shape=[jax.ShapeDtypeStruct(h_ctf.shape, h_ctf.dtype),
+                   jax.ShapeDtypeStruct(gate_te.shape, jnp.float32)],
+        zeroed_outputs=(0, 1), grid=(grouping[3].shape[0],), num_warps=warps,
+        num_stages=stages, interpret=interpret, T=t, D=d, E=f // g, G=g, BLOCK_M=block_m,
+        BLOCK_D=block_d, DOT_F32=interpret, IEEE=is_f32 and not interpret,
+    )  # fmt: skip
