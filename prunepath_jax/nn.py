@@ -31,6 +31,7 @@ from flax import nnx
 from prunepath_jax import routing
 from prunepath_jax.config import ModelConfig
 from prunepath_jax.models.layers import activation, rms_norm
+from prunepath_jax.sharding import BATCH_AXES
 
 
 class RouteArgs(NamedTuple):
@@ -86,6 +87,7 @@ class PrunePathFFN(nnx.Module):
         self.k_min, self.k_max = pp.k_min, pp.k_max
         self.compute = "auto"
         self.implementation = None  # kernel registry backend when compute == "kernel"
+        self.kernel_mesh = None  # with compute == "kernel": tokens sharded over its batch axes
         std = d**-0.5
         self.router = nnx.Param(routing.init_router(d, self.e, jnp.float32))
         self.w_in = nnx.Param(jax.random.normal(rngs.params(), (n_in, f, d), dtype) * std)
@@ -136,20 +138,38 @@ class PrunePathFFN(nnx.Module):
 
     def _kernel(self, x_btd, arg, norm):
         """The registry path (`prunepath_jax.kernels.api`); the stats above stay in XLA and are
-        dead code under jit when unused (decode)."""
+        dead code under jit when unused (decode).
+
+        With a ``kernel_mesh`` of several devices the layer runs under ``shard_map``: each
+        device routes and computes its own rows of the batch (sharded over the mesh's batch
+        axes, ``data`` and ``fsdp``) with the whole weights, because a Triton call has no
+        sharding rule and GSPMD would otherwise run the whole batch on every device."""
         from prunepath_jax.kernels import api
 
-        b, t, d = x_btd.shape
         opt = lambda p: None if p is None else p[...]  # noqa: E731
         norm_d, norm_eps = (None, 1e-6) if norm is None else norm
-        y_td, _ = api.sparse_ffn(
-            x_btd.reshape(b * t, d), self.router[...], self.w_in[...], self.w_out[...], arg.tau,
-            group_size=self.g, activation=self.act_name, b_in_cf=opt(self.b_in),
-            b_out_d=opt(self.b_out), rule=self.rule, gate=self.gate_mode, k_min=self.k_min,
-            k_max=self.k_max, implementation=api.for_model(self.implementation, b * t),
-            norm_d=norm_d, norm_eps=norm_eps,
-        )  # fmt: skip
-        return y_td.reshape(b, t, d)
+        weights = {"router": self.router[...], "w_in": self.w_in[...], "w_out": self.w_out[...],
+                   "b_in": opt(self.b_in), "b_out": opt(self.b_out), "norm": norm_d}  # fmt: skip
+
+        def layer(x_btd, w, tau):
+            b, t, d = x_btd.shape
+            y_td, _ = api.sparse_ffn(
+                x_btd.reshape(b * t, d), w["router"], w["w_in"], w["w_out"], tau,
+                group_size=self.g, activation=self.act_name, b_in_cf=w["b_in"],
+                b_out_d=w["b_out"], rule=self.rule, gate=self.gate_mode, k_min=self.k_min,
+                k_max=self.k_max, implementation=api.for_model(self.implementation, b * t),
+                norm_d=w["norm"], norm_eps=norm_eps,
+            )  # fmt: skip
+            return y_td.reshape(b, t, d)
+
+        mesh = self.kernel_mesh
+        if mesh is None or mesh.size == 1:
+            return layer(x_btd, weights, arg.tau)
+        rows = jax.sharding.PartitionSpec(BATCH_AXES, None, None)
+        whole = jax.sharding.PartitionSpec()
+        sharded = jax.shard_map(layer, mesh=mesh, in_specs=(rows, whole, whole), out_specs=rows,
+                                check_vma=False)  # fmt: skip
+        return sharded(x_btd, weights, arg.tau)
 
     def _masked(self, x_btd, gate_bte):
         h = jnp.einsum("btd,cfd->btcf", x_btd, self.w_in[...])
@@ -175,16 +195,21 @@ class PrunePathFFN(nnx.Module):
         return jnp.einsum("btkg,btkgd->btd", a_btkg, jnp.take(w_out_egd, idx_btk, axis=0))
 
 
-def set_compute(model: nnx.Module, mode: str, implementation: str | None = None) -> None:
+def set_compute(model: nnx.Module, mode: str, implementation: str | None = None, mesh=None) -> None:
     """Forces every PrunePath FFN of `model` to "masked", "gather", "kernel" (the kernel
     registry, `prunepath_jax.kernels.api`, with `implementation` "xla" | "triton" | "pallas" |
-    None = fastest available) or back to "auto"."""
+    None = fastest available) or back to "auto". With "kernel", a ``mesh`` (the one the batch
+    is sharded on: rows over its ``data`` and ``fsdp`` axes) runs each layer per device under
+    ``shard_map``."""
     if mode not in ("auto", "masked", "gather", "kernel"):
         raise ValueError(f"compute mode must be auto, masked, gather or kernel, got {mode!r}")
+    if mesh is not None and not set(BATCH_AXES) <= set(mesh.shape):
+        raise ValueError(f"the mesh needs axes {BATCH_AXES}, has {tuple(mesh.shape)}")
     for _, m in nnx.iter_graph(model):
         if isinstance(m, PrunePathFFN):
             m.compute = mode
             m.implementation = implementation if mode == "kernel" else None
+            m.kernel_mesh = mesh if mode == "kernel" else None
 
 
 def ffn_weights(cfg: ModelConfig, mlp: nnx.Module) -> dict[str, np.ndarray | None]:

@@ -14,6 +14,9 @@ from __future__ import annotations
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+# The axes a batch's rows are sharded over (the rest of the mesh shards weights only).
+BATCH_AXES = ("data", "fsdp")
+
 _OUT_PROJ = ("o_proj", "down_proj", "c_proj", "output", "down")
 
 

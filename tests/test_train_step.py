@@ -16,6 +16,7 @@ from hf_fixtures import tiny_llama  # noqa: E402
 from prunepath_jax.config import PrunePathConfig  # noqa: E402
 from prunepath_jax.convert import to_prunepath  # noqa: E402
 from prunepath_jax.loading import load_pretrained  # noqa: E402
+from prunepath_jax.nn import set_compute  # noqa: E402
 from prunepath_jax.sharding import make_mesh  # noqa: E402
 from prunepath_jax.train import parallel  # noqa: E402
 from prunepath_jax.train import state as st  # noqa: E402
@@ -59,9 +60,14 @@ CFG = TrainConfig(warmup_steps=1, decay_steps=4, hold_steps=1, tau_target=0.6, b
                   seq_len=T, eta=0.3, lam=0.1, mu=0.05)  # fmt: skip
 
 
-def _run_steps(model, cfg, mesh_shape, n_steps=2, mode="full", batches=None):
+def _run_steps(model, cfg, mesh_shape, n_steps=2, mode="full", batches=None, kernel=False):
     mesh = make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
-    graphdef, tr, fr = st.split_model(model, mode)
+    if kernel:  # what TrainConfig.ffn_kernels does (on CPU the registry's XLA backend)
+        set_compute(model, "kernel", mesh=mesh)
+    try:
+        graphdef, tr, fr = st.split_model(model, mode)
+    finally:
+        set_compute(model, "auto")
     tr = jax.tree.map(jnp.array, tr)  # copies: the step donates its state
     fr = jax.tree.map(jnp.array, fr)
     opt = st.make_optimizer(cfg, tr)
@@ -153,29 +159,33 @@ def test_router_loss_gradients_reach_routers(pp_model):
     assert m["grad_norm"] > 0 and m["ent"] > 0 and m["bal"] >= 1.0 - 1e-6
 
 
-def test_ffn_kernels_step_equals_masked_path(pp_model):
-    """``set_compute(model, "kernel")`` (what ``TrainConfig.ffn_kernels`` does) trains through
-    the kernel registry: on CPU its XLA backend, differentiated end to end. Loss and updated
-    weights match the masked path in float32, full training and router-only."""
-    from prunepath_jax.nn import set_compute
-
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 1), (1, 2, 2), (2, 2, 2)])
+def test_ffn_kernels_step_equals_masked_path(pp_model, mesh_shape):
+    """The FFNs on the kernel registry (what ``TrainConfig.ffn_kernels`` does; on CPU its XLA
+    backend, differentiated end to end), on one device and under ``shard_map`` over the batch
+    axes of bigger meshes: loss, grad norm and every updated weight equal the single-device
+    masked step's in float32, full training and router-only."""
     model, _ = pp_model
     for mode in ("full", "router"):
-        runs = {}
-        for compute in ("auto", "kernel"):
-            set_compute(model, compute)
-            try:
-                s, _, losses, m = _run_steps(model, CFG.replace(mode=mode), (1, 1, 1), mode=mode)
-            finally:
-                set_compute(model, "auto")
-            runs[compute] = (jax.tree.map(np.asarray, s.params), losses, m)
-        (p_a, l_a, m_a), (p_k, l_k, m_k) = runs["auto"], runs["kernel"]
-        assert_close(l_k, l_a, "model_fp32", f"{mode}: losses")
-        assert m_a["grad_norm"] > 0
-        assert_close(m_k["grad_norm"], m_a["grad_norm"], "model_fp32", f"{mode}: grad norm")
-        for (path, a), k in zip(jax.tree_util.tree_leaves_with_path(p_a), jax.tree.leaves(p_k),
-                                strict=True):  # fmt: skip
-            assert_close(k, a, "model_fp32", f"{mode}: {jax.tree_util.keystr(path)}")
+        cfg = CFG.replace(mode=mode)
+        ref, _, ref_losses, ref_m = _run_steps(model, cfg, (1, 1, 1), mode=mode)
+        got, _, losses, m = _run_steps(model, cfg, mesh_shape, mode=mode, kernel=True)
+        what = f"{mode} on {mesh_shape}"
+        assert_close(losses, ref_losses, "model_fp32", f"{what}: losses")
+        assert ref_m["grad_norm"] > 0
+        assert_close(m["grad_norm"], ref_m["grad_norm"], "model_fp32", f"{what}: grad norm")
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got.params),
+                                jax.tree.leaves(ref.params), strict=True):  # fmt: skip
+            assert_close(a, b, "model_fp32", f"{what}: {jax.tree_util.keystr(path)}")
+
+
+def test_kernel_compute_refuses_a_mesh_without_batch_axes(pp_model):
+    import jax.sharding as jsh
+
+    model, _ = pp_model
+    mesh = jsh.Mesh(np.array(jax.devices()[:2]), ("batch",))
+    with pytest.raises(ValueError, match="needs axes"):
+        set_compute(model, "kernel", mesh=mesh)
 
 
 def test_config_validation():

@@ -93,9 +93,10 @@ class TrainConfig:
     """Forward/backward matmuls (routers and softmax stay float32)."""
     ffn_kernels: bool = False
     """Run the PrunePath FFNs through the kernel registry (`kernels.api`): on a GPU the grouped
-    Triton GEMM computes only the selected experts' up projection in the forward, with an XLA
-    backward (`kernels/triton_grouped.py`); on a CPU the masked XLA path, as without it. One
-    device only: the Triton call has no sharding rule, so a mesh would replicate its work."""
+    Triton GEMM and its backward kernel compute only the selected experts' up projection and
+    `dy W_outᵀ` (`kernels/triton_grouped.py`); on a CPU the masked XLA path, as without it. On
+    a mesh each device runs its rows of the batch under shard_map with the whole FFN weights
+    (gathered, as FSDP does for the masked path; a `model` axis computes the FFN redundantly)."""
 
     # Devices.
     mesh_data: int = -1

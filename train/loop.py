@@ -121,11 +121,6 @@ def setup(cfg: TrainConfig, *, pretrained=None, report=print) -> Run:
     parallel.init_distributed(cfg)
     mesh = parallel.mesh_from_config(cfg)
     parallel.check_batch(cfg.batch_size, mesh, cfg.grad_accum)
-    if cfg.ffn_kernels and mesh.size > 1:
-        raise ValueError(
-            f"ffn_kernels runs on one device (the Triton kernel has no sharding rule, so every "
-            f"device would compute the whole batch); this mesh has {mesh.size}: set mesh_data=1"
-        )
     out = Path(cfg.out_dir).expanduser().absolute()
     pdtype = jnp.dtype(cfg.param_dtype)
 
@@ -163,7 +158,7 @@ def setup(cfg: TrainConfig, *, pretrained=None, report=print) -> Run:
         )
 
     if cfg.ffn_kernels:
-        set_compute(model, "kernel")
+        set_compute(model, "kernel", mesh=mesh)
     graphdef, trainable, frozen = st.split_model(model, cfg.mode)
     optimizer = st.make_optimizer(cfg, trainable)
     trainable = parallel.place(trainable, parallel.tree_shardings(trainable, mesh))

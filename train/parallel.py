@@ -23,7 +23,7 @@ from prunepath_jax.train.config import TrainConfig
 from prunepath_jax.train.step import train_step
 
 log = logging.getLogger(__name__)
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = sharding.BATCH_AXES
 
 
 def _key(k) -> str:
