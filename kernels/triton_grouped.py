@@ -27,10 +27,10 @@ The training forward (`_experts`, a custom VJP): differentiated, the up kernel a
 the selected slots' gate and up pre-activations into a zeroed ``[2, t, f]`` array
 (``_grouped_up_h_kernel``). The backward computes ``dy W_outᵀ`` at the selected slots only,
 fused with the SwiGLU derivative and the gates' gradient (`triton_grouped_bwd`, by default;
-``backward="xla"``: a dense GEMM and elementwise passes), then dense GEMMs for ``dx``,
-``W_in``'s and ``W_out``'s gradients. So training saves the forward's up projection and the
-backward's ``dy W_outᵀ``; half its GEMMs stay dense. The undifferentiated call (prefill)
-launches the plain kernel.
+``backward="xla"``: a dense GEMM and elementwise passes), and each expert's weight gradients
+summed over its own tokens (`triton_grouped_bwd`; dense GEMMs with ``"xla"``). ``dx`` stays a
+dense GEMM, as the forward's down projection. The undifferentiated call (prefill) launches the
+plain kernel.
 """
 
 from __future__ import annotations
@@ -224,37 +224,39 @@ def _experts_fwd(st, x_td, gate_te, w_in_cfd, w_out_fd, grouping):
 
 
 def _experts_bwd(st, res, dy_td):
-    """``dh`` and the gates' gradient from the grouped backward kernel (``backward="grouped"``,
-    `triton_grouped_bwd`) or in XLA (``"xla"``: a dense ``dy W_outᵀ`` and elementwise passes
-    over ``[t, f]``), then dense GEMMs for ``dx``, ``dW_in`` and ``dW_out`` over arrays that are
-    0 outside the selected slots (the down projection's argument: no block to skip). The gates'
-    gradient is 0 where unselected: the forward never reads those gates."""
+    """``dh``, the gates' and the weights' gradients from the grouped backward kernels
+    (``backward="grouped"``, `triton_grouped_bwd`: ``dy W_outᵀ`` at the selected slots, each
+    expert's weight gradients summed over its tokens) or in XLA (``"xla"``: dense GEMMs and
+    elementwise passes over ``[t, f]``); then ``dx = dh W_in``, a dense GEMM over an array that
+    is 0 outside the selected slots (the down projection's argument: no block to skip). The
+    gates' gradient is 0 where unselected: the forward never reads those gates."""
     x_td, gate_te, w_in_cfd, w_out_fd, h_ctf, grouping = res
     t, e = gate_te.shape
     dt = x_td.dtype
-    hg, hu = h_ctf[0].astype(jnp.float32), h_ctf[1].astype(jnp.float32)
-    sg = jax.nn.sigmoid(hg)
-    act_tf = hg * sg
-    u_tf = act_tf * hu  # the ungated activation: 0 at unselected slots
-    gate_tf = jnp.repeat(gate_te, st.g, axis=-1)
     if st.backward == "grouped":
-        from prunepath_jax.kernels.triton_grouped_bwd import grouped_backward  # imports us
+        from prunepath_jax.kernels import triton_grouped_bwd as bwd  # it imports this module
 
-        dh_ctf, dgate_te = grouped_backward(
-            dy_td, w_out_fd, h_ctf, gate_te, grouping, g=st.g, block_m=st.block_m,
-            block_d=st.block_d, warps=st.warps, stages=st.stages, interpret=st.interpret,
-        )  # fmt: skip
+        kw = dict(g=st.g, block_m=st.block_m, block_d=st.block_d, warps=st.warps,
+                  stages=st.stages, interpret=st.interpret)  # fmt: skip
+        dh_ctf, dgate_te = bwd.grouped_backward(dy_td, w_out_fd, h_ctf, gate_te, grouping, **kw)
+        dw_in, dw_out = bwd.grouped_weight_grads(
+            x_td, dy_td, h_ctf, dh_ctf, gate_te, grouping, (w_in_cfd.dtype, w_out_fd.dtype), **kw
+        )
     else:
+        hg, hu = h_ctf[0].astype(jnp.float32), h_ctf[1].astype(jnp.float32)
+        sg = jax.nn.sigmoid(hg)
+        act_tf = hg * sg
+        u_tf = act_tf * hu  # the ungated activation: 0 at unselected slots
+        gate_tf = jnp.repeat(gate_te, st.g, axis=-1)
         da_tf = _mm("td,fd->tf", dy_td, w_out_fd)
         dgate_te = jnp.sum((da_tf * u_tf).reshape(t, e, st.g), axis=-1)
         dga_tf = da_tf * gate_tf
         dh_ctf = jnp.stack([dga_tf * hu * sg * (1.0 + hg * (1.0 - sg)), dga_tf * act_tf])
         dh_ctf = dh_ctf.astype(dt)
-    dw_out = _mm("tf,td->fd", (gate_tf * u_tf).astype(dt), dy_td)
+        dw_out = _mm("tf,td->fd", (gate_tf * u_tf).astype(dt), dy_td).astype(w_out_fd.dtype)
+        dw_in = _mm("ctf,td->cfd", dh_ctf, x_td).astype(w_in_cfd.dtype)
     dx = _mm("ctf,cfd->td", dh_ctf, w_in_cfd)
-    dw_in = _mm("ctf,td->cfd", dh_ctf, x_td)
-    return (dx.astype(dt), dgate_te, dw_in.astype(w_in_cfd.dtype),
-            dw_out.astype(w_out_fd.dtype), None)  # fmt: skip
+    return dx.astype(dt), dgate_te, dw_in, dw_out, None
 
 
 _experts.defvjp(_experts_fwd, _experts_bwd)

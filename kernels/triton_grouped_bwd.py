@@ -10,14 +10,19 @@ grouping (one program per (expert, token tile), as the up kernel): it gathers th
 with the tile's ``h`` writes
 
 * ``dh [2, t, f]``: ``da · gate · u · silu'(g)`` and ``da · gate · silu(g)`` (x's dtype; 0 at the
-  unselected slots: jax-triton's memset), the operand of the two dense GEMMs that remain
-  (``dx = dh W_in``, ``dW_in = dhᵀ x``: random per-token expert sets leave them no block to
-  skip, as the forward's down projection);
+  unselected slots: jax-triton's memset), the operand of ``dx = dh W_in``, which stays a dense
+  GEMM (random per-token expert sets leave it no block to skip, as the forward's down
+  projection);
 * ``dgate [t, E]``: ``Σ_g da · silu(g) · u`` (float32; 0 where unselected, where the forward never
   read the gate).
 
-Every (token, expert) slot is written by exactly one program: no atomics. ``W_out``'s gradient
-(``aᵀ dy``) stays an XLA GEMM on ``a`` recomputed from ``h``, so router-only training drops it.
+Every (token, expert) slot is written by exactly one program: no atomics.
+
+The weight gradients (``_grouped_dw_kernel``, full training): one program per (expert, column
+block) sums ``dhᵀ x`` and ``aᵀ dy`` (``a`` recomputed from ``h``) over that expert's tokens only —
+the reduction runs over the grouping's token list, so each weight element is one program's.
+Router-only training never reads them, and under jit the launch is dropped. ``dx = dh W_in``
+stays a dense XLA GEMM.
 """
 
 from __future__ import annotations
@@ -79,6 +84,88 @@ def _grouped_bwd_kernel(
         out = dh_ptr + tok[:, None] * F + e * G + rg[None, :]
         tl.store(out, (dga * hu * sg * (1.0 + hg * (1.0 - sg))).to(ty), mask=rmask[:, None])
         tl.store(out + T * F, (dga * act).to(ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _grouped_dw_kernel(
+    x_ptr,  # [T, D] the forward's input
+    dy_ptr,  # [T, D] the output's cotangent
+    h_ptr,  # [2, T, F] the forward's pre-activations
+    dh_ptr,  # [2, T, F] their cotangents (`_grouped_bwd_kernel`)
+    gate_ptr,  # [T, E] f32 gates
+    tok_ptr,  # [T * K_MAX] i32 token ids grouped by expert
+    off_ptr,  # [E] i32 start of each expert's group in tok
+    cnt_ptr,  # [E] i32 tokens per expert
+    dw_in_ptr,  # out [2, F, D]
+    dw_out_ptr,  # out [F, D]
+    T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Program (e, j): expert e's weight gradients on columns ``[j·BLOCK_D, (j+1)·BLOCK_D)``,
+    ``dW_in[:, e] = dhᵀ x`` and ``dW_out[e] = aᵀ dy`` summed over the expert's tokens only (an
+    expert no token chose gets zeros); every output element is one program's."""
+    F: tl.constexpr = E * G
+    e = tl.program_id(0)
+    rk = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    kmask = rk < D
+    cnt = tl.load(cnt_ptr + e)
+    off = tl.load(off_ptr + e)
+    rg = tl.arange(0, G)
+    acc_g = tl.zeros((G, BLOCK_D), dtype=tl.float32)
+    acc_u = tl.zeros((G, BLOCK_D), dtype=tl.float32)
+    acc_o = tl.zeros((G, BLOCK_D), dtype=tl.float32)
+    for m0 in range(0, cnt, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < cnt
+        tok = tl.load(tok_ptr + off + rows, mask=rmask, other=0)
+        gate = tl.load(gate_ptr + tok * E + e, mask=rmask, other=0.0)
+        slot = tok[:, None] * F + e * G + rg[None, :]
+        dhg = tl.load(dh_ptr + slot, mask=rmask[:, None], other=0.0)
+        dhu = tl.load(dh_ptr + T * F + slot, mask=rmask[:, None], other=0.0)
+        hg = tl.load(h_ptr + slot, mask=rmask[:, None], other=0.0).to(tl.float32)
+        hu = tl.load(h_ptr + T * F + slot, mask=rmask[:, None], other=0.0).to(tl.float32)
+        a = (hg / (1.0 + tl.exp(-hg)) * hu * gate[:, None]).to(dhg.dtype)
+        tmask = rmask[:, None] & kmask[None, :]
+        xk = tl.load(x_ptr + tok[:, None] * D + rk[None, :], mask=tmask, other=0.0)
+        dyk = tl.load(dy_ptr + tok[:, None] * D + rk[None, :], mask=tmask, other=0.0)
+        if DOT_F32:
+            acc_g += tl.dot(tl.trans(dhg.to(tl.float32)), xk.to(tl.float32))
+            acc_u += tl.dot(tl.trans(dhu.to(tl.float32)), xk.to(tl.float32))
+            acc_o += tl.dot(tl.trans(a.to(tl.float32)), dyk.to(tl.float32))
+        elif IEEE:
+            acc_g += tl.dot(tl.trans(dhg), xk, input_precision="ieee")
+            acc_u += tl.dot(tl.trans(dhu), xk, input_precision="ieee")
+            acc_o += tl.dot(tl.trans(a), dyk, input_precision="ieee")
+        else:
+            acc_g += tl.dot(tl.trans(dhg), xk)
+            acc_u += tl.dot(tl.trans(dhu), xk)
+            acc_o += tl.dot(tl.trans(a), dyk)
+    w = (e * G + rg[:, None]) * D + rk[None, :]
+    ty = dw_in_ptr.dtype.element_ty
+    tl.store(dw_in_ptr + w, acc_g.to(ty), mask=kmask[None, :])
+    tl.store(dw_in_ptr + F * D + w, acc_u.to(ty), mask=kmask[None, :])
+    tl.store(dw_out_ptr + w, acc_o.to(dw_out_ptr.dtype.element_ty), mask=kmask[None, :])
+
+
+def grouped_weight_grads(
+    x_td: jax.Array, dy_td: jax.Array, h_ctf: jax.Array, dh_ctf: jax.Array, gate_te: jax.Array,
+    grouping, w_dtypes, *, g: int, block_m: int, block_d: int, warps: int, stages: int,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """``(dW_in [2, f, d], dW_out [f, d])`` in ``w_dtypes`` (the weights' own), each expert's
+    summed over its tokens only (``grouping``: the forward's `group_by_expert` output)."""
+    t, d = x_td.shape
+    f = h_ctf.shape[2]
+    tok, off, cnt = grouping[:3]
+    is_f32 = x_td.dtype == jnp.float32
+    return jt.triton_call(
+        _grouped_dw_kernel, x_td, dy_td, h_ctf, dh_ctf, gate_te, tok, off, cnt,
+        out_shape=[jax.ShapeDtypeStruct((2, f, d), w_dtypes[0]),
+                   jax.ShapeDtypeStruct((f, d), w_dtypes[1])],
+        grid=(f // g, -(-d // block_d)), num_warps=warps, num_stages=stages,
+        interpret=interpret, T=t, D=d, E=f // g, G=g, BLOCK_M=block_m, BLOCK_D=block_d,
+        DOT_F32=interpret, IEEE=is_f32 and not interpret,
+    )  # fmt: skip
 
 
 def grouped_backward(

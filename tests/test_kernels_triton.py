@@ -98,9 +98,10 @@ def test_grouped_gradients_match_reference(case, backward, interp_results):
 
 def test_grouped_gradient_launches(monkeypatch):
     """Differentiated, the layer's forward is one Triton launch — the up kernel that also
-    writes the pre-activations — and its backward the grouped backward kernel (none with
-    ``backward="xla"``); the primal alone launches the plain up kernel (``triton_call`` caught
-    under ``jax.eval_shape``: jax-triton cannot be imported on a CPU jaxlib)."""
+    writes the pre-activations — and its backward the grouped backward and weight-gradient
+    kernels (none with ``backward="xla"``); the primal alone launches the plain up kernel
+    (``triton_call`` caught under ``jax.eval_shape``: jax-triton cannot be imported on a CPU
+    jaxlib)."""
     import jax.numpy as jnp
 
     from prunepath_jax.kernels import jt
@@ -120,8 +121,8 @@ def test_grouped_gradient_launches(monkeypatch):
     assert launched == [tg._grouped_up_kernel]
     from prunepath_jax.kernels import triton_grouped_bwd as tgb
 
-    for backward, kernels in (("grouped", [tg._grouped_up_h_kernel, tgb._grouped_bwd_kernel]),
-                              ("xla", [tg._grouped_up_h_kernel])):  # fmt: skip
+    grouped = [tg._grouped_up_h_kernel, tgb._grouped_bwd_kernel, tgb._grouped_dw_kernel]
+    for backward, kernels in (("grouped", grouped), ("xla", [tg._grouped_up_h_kernel])):
         launched.clear()
         fn = functools.partial(tg.sparse_ffn_grouped, backward=backward)
         grads = jax.eval_shape(jax.grad(grad_loss(fn, c), argnums=(0, 1, 2, 3)), *args)
@@ -218,6 +219,12 @@ def test_kernels_compile_for_sm90(dtype):
                  {"dy": "*bf16", "w": "*bf16", "h": "*bf16", "g": "*fp32", "tok": "*i32",
                   "off": "*i32", "cnt": "*i32", "te": "*i32", "tm": "*i32", "dh": "*bf16",
                   "dg": "*fp32"},
+                 dict(T=4096, **dims, BLOCK_M=tn["block_m"], BLOCK_D=tn["block_d"], **ieee),
+                 warps=tn["warps"], stages=tn["stages"])  # fmt: skip
+        assert "cp.async" in ck.asm["ptx"]
+        ck = sm90_compile(tgb._grouped_dw_kernel,
+                 {"x": "*bf16", "dy": "*bf16", "h": "*bf16", "dh": "*bf16", "g": "*fp32",
+                  "tok": "*i32", "off": "*i32", "cnt": "*i32", "dwi": "*bf16", "dwo": "*bf16"},
                  dict(T=4096, **dims, BLOCK_M=tn["block_m"], BLOCK_D=tn["block_d"], **ieee),
                  warps=tn["warps"], stages=tn["stages"])  # fmt: skip
         assert "cp.async" in ck.asm["ptx"]
