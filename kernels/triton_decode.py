@@ -77,21 +77,46 @@ def expert_gate_up_rows(
     """
     rn = tl.arange(0, 2 * G)
     w_row = (rn % 2) * F * D + (e * G + rn // 2) * D
-    acc = tl.zeros((M, 2 * G), dtype=tl.float32)
+    acc = gathered_rows_dot(x_ptr, rows, rmask, w_in_ptr, w_row, D, M, 2 * G, BLOCK_D, DOT_F32,
+                            IEEE)  # fmt: skip
+    g, u = tl.split(tl.reshape(acc, (M, G, 2)))
+    return g, u
+
+
+@triton.jit
+def gathered_rows_dot(
+    x_ptr,  # [T, D] activations
+    rows,  # [M] i32 rows of x to gather
+    rmask,  # [M] which of them are real
+    w_ptr,  # weights, D columns a row
+    w_row,  # [N] each weight row's element offset
+    D: tl.constexpr, M: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """``x[rows] · W[w_row]ᵀ``: ``[M, N]`` float32, streamed over D in ``BLOCK_D`` chunks (the
+    up kernels' gate / up slabs, the grouped backward's ``dy W_outᵀ``)."""
+    acc = tl.zeros((M, N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
         rk = k0 + tl.arange(0, BLOCK_D)
         kmask = rk < D
         xk = tl.load(x_ptr + rows[:, None] * D + rk[None, :],
                      mask=rmask[:, None] & kmask[None, :], other=0.0)  # fmt: skip
-        wk = tl.load(w_in_ptr + w_row[:, None] + rk[None, :], mask=kmask[None, :], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(xk.to(tl.float32), tl.trans(wk.to(tl.float32)))
-        elif IEEE:
-            acc += tl.dot(xk, tl.trans(wk), input_precision="ieee")
-        else:
-            acc += tl.dot(xk, tl.trans(wk))
-    g, u = tl.split(tl.reshape(acc, (M, G, 2)))
-    return g, u
+        wk = tl.load(w_ptr + w_row[:, None] + rk[None, :], mask=kmask[None, :], other=0.0)
+        acc += dot_f32(xk, tl.trans(wk), DOT_F32, IEEE)
+    return acc
+
+
+@triton.jit
+def dot_f32(a, b, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+    """``a · b`` accumulated in float32: in float32 under the interpreter (``DOT_F32``: its
+    16-bit dot is wrong, its float32 one exact), exact ``ieee`` for float32 inputs on a GPU
+    (``IEEE``: no TF32), else on the tensor cores in the inputs' dtype."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
 
 
 @triton.jit

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from prunepath_jax.kernels import jt
+from prunepath_jax.kernels.triton_decode import dot_f32, gathered_rows_dot
 from prunepath_jax.kernels.triton_grouped import tile_tokens
 
 
@@ -59,20 +60,8 @@ def _grouped_bwd_kernel(
         tok, rmask, gate = tile_tokens(gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_m_ptr, i, e, E,
                                        BLOCK_M)  # fmt: skip
         rg = tl.arange(0, G)
-        w_row = (e * G + rg) * D
-        da = tl.zeros((BLOCK_M, G), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_D):
-            rk = k0 + tl.arange(0, BLOCK_D)
-            kmask = rk < D
-            dyk = tl.load(dy_ptr + tok[:, None] * D + rk[None, :],
-                          mask=rmask[:, None] & kmask[None, :], other=0.0)  # fmt: skip
-            wk = tl.load(w_out_ptr + w_row[:, None] + rk[None, :], mask=kmask[None, :], other=0.0)
-            if DOT_F32:
-                da += tl.dot(dyk.to(tl.float32), tl.trans(wk.to(tl.float32)))
-            elif IEEE:
-                da += tl.dot(dyk, tl.trans(wk), input_precision="ieee")
-            else:
-                da += tl.dot(dyk, tl.trans(wk))
+        da = gathered_rows_dot(dy_ptr, tok, rmask, w_out_ptr, (e * G + rg) * D, D, BLOCK_M, G,
+                               BLOCK_D, DOT_F32, IEEE)  # fmt: skip
         slot = h_ptr + tok[:, None] * F + e * G + rg[None, :]
         hg = tl.load(slot, mask=rmask[:, None], other=0.0).to(tl.float32)
         hu = tl.load(slot + T * F, mask=rmask[:, None], other=0.0).to(tl.float32)
@@ -128,18 +117,9 @@ def _grouped_dw_kernel(
         tmask = rmask[:, None] & kmask[None, :]
         xk = tl.load(x_ptr + tok[:, None] * D + rk[None, :], mask=tmask, other=0.0)
         dyk = tl.load(dy_ptr + tok[:, None] * D + rk[None, :], mask=tmask, other=0.0)
-        if DOT_F32:
-            acc_g += tl.dot(tl.trans(dhg.to(tl.float32)), xk.to(tl.float32))
-            acc_u += tl.dot(tl.trans(dhu.to(tl.float32)), xk.to(tl.float32))
-            acc_o += tl.dot(tl.trans(a.to(tl.float32)), dyk.to(tl.float32))
-        elif IEEE:
-            acc_g += tl.dot(tl.trans(dhg), xk, input_precision="ieee")
-            acc_u += tl.dot(tl.trans(dhu), xk, input_precision="ieee")
-            acc_o += tl.dot(tl.trans(a), dyk, input_precision="ieee")
-        else:
-            acc_g += tl.dot(tl.trans(dhg), xk)
-            acc_u += tl.dot(tl.trans(dhu), xk)
-            acc_o += tl.dot(tl.trans(a), dyk)
+        acc_g += dot_f32(tl.trans(dhg), xk, DOT_F32, IEEE)
+        acc_u += dot_f32(tl.trans(dhu), xk, DOT_F32, IEEE)
+        acc_o += dot_f32(tl.trans(a), dyk, DOT_F32, IEEE)
     w = (e * G + rg[:, None]) * D + rk[None, :]
     ty = dw_in_ptr.dtype.element_ty
     tl.store(dw_in_ptr + w, acc_g.to(ty), mask=kmask[None, :])

@@ -198,36 +198,28 @@ def test_kernels_compile_for_sm90(dtype):
                  dict(D=d, E=e, G=32, E_PAD=jt.next_pow2(e), D_PAD=jt.next_pow2(d), BN=2, P=264,
                       NUCLEUS=False, SIGMOID=True, K_MIN=1, K_MAX=e),
                  warps=8, stages=1)  # fmt: skip
-    if dtype == "bf16":
-        tn = tg.DEFAULT_TUNING  # the tiles the registry launches
-        ck = sm90_compile(tg._grouped_up_kernel,
-                 {"x": "*bf16", "w": "*bf16", "g": "*fp32", "tok": "*i32", "off": "*i32",
-                  "cnt": "*i32", "te": "*i32", "tm": "*i32", "a": "*bf16"},
-                 dict(T=4096, **dims, BLOCK_M=tn["block_m"], BLOCK_D=tn["block_d"], **ieee),
-                 warps=tn["warps"], stages=tn["stages"])  # fmt: skip
-        ptx = ck.asm["ptx"]  # the d loop's gathers are software-pipelined copies, not scalars
-        assert "cp.async" in ptx and "ld.global.b16" not in ptx
-        ck = sm90_compile(tg._grouped_up_h_kernel,
-                 {"x": "*bf16", "w": "*bf16", "g": "*fp32", "tok": "*i32", "off": "*i32",
-                  "cnt": "*i32", "te": "*i32", "tm": "*i32", "a": "*bf16", "h": "*bf16"},
-                 dict(T=4096, **dims, BLOCK_M=tn["block_m"], BLOCK_D=tn["block_d"], **ieee),
-                 warps=tn["warps"], stages=tn["stages"])  # fmt: skip
-        assert "cp.async" in ck.asm["ptx"]
+    if dtype == "bf16":  # the grouped GEMM's kernels at the tiles the registry launches
         from prunepath_jax.kernels import triton_grouped_bwd as tgb
 
-        ck = sm90_compile(tgb._grouped_bwd_kernel,
-                 {"dy": "*bf16", "w": "*bf16", "h": "*bf16", "g": "*fp32", "tok": "*i32",
-                  "off": "*i32", "cnt": "*i32", "te": "*i32", "tm": "*i32", "dh": "*bf16",
-                  "dg": "*fp32"},
-                 dict(T=4096, **dims, BLOCK_M=tn["block_m"], BLOCK_D=tn["block_d"], **ieee),
-                 warps=tn["warps"], stages=tn["stages"])  # fmt: skip
-        assert "cp.async" in ck.asm["ptx"]
-        ck = sm90_compile(tgb._grouped_dw_kernel,
-                 {"x": "*bf16", "dy": "*bf16", "h": "*bf16", "dh": "*bf16", "g": "*fp32",
-                  "tok": "*i32", "off": "*i32", "cnt": "*i32", "dwi": "*bf16", "dwo": "*bf16"},
-                 dict(T=4096, **dims, BLOCK_M=tn["block_m"], BLOCK_D=tn["block_d"], **ieee),
-                 warps=tn["warps"], stages=tn["stages"])  # fmt: skip
-        assert "cp.async" in ck.asm["ptx"]
+        tn = tg.DEFAULT_TUNING
+        grouping = {"tok": "*i32", "off": "*i32", "cnt": "*i32"}
+        tiles = {**grouping, "te": "*i32", "tm": "*i32"}
+        up = {"x": "*bf16", "w": "*bf16", "g": "*fp32", **tiles, "a": "*bf16"}
+        for kernel, sig in (
+            (tg._grouped_up_kernel, up),
+            (tg._grouped_up_h_kernel, {**up, "h": "*bf16"}),
+            (tgb._grouped_bwd_kernel, {"dy": "*bf16", "w": "*bf16", "h": "*bf16", "g": "*fp32",
+                                       **tiles, "dh": "*bf16", "dg": "*fp32"}),
+            (tgb._grouped_dw_kernel, {"x": "*bf16", "dy": "*bf16", "h": "*bf16", "dh": "*bf16",
+                                      "g": "*fp32", **grouping, "dwi": "*bf16", "dwo": "*bf16"}),
+        ):  # fmt: skip
+            ck = sm90_compile(kernel, sig,
+                     dict(T=4096, **dims, BLOCK_M=tn["block_m"], BLOCK_D=tn["block_d"], **ieee),
+                     warps=tn["warps"], stages=tn["stages"])  # fmt: skip
+            ptx = ck.asm["ptx"]  # the gathers are software-pipelined copies, not scalar loads
+            assert "cp.async" in ptx, kernel
+            if kernel is tg._grouped_up_kernel:
+                assert "ld.global.b16" not in ptx
 
 
 @pytest.mark.gpu

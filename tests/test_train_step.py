@@ -65,9 +65,10 @@ def _run_steps(model, cfg, mesh_shape, n_steps=2, mode="full", batches=None, ker
     if kernel:  # what TrainConfig.ffn_kernels does (on CPU the registry's XLA backend)
         set_compute(model, "kernel", mesh=mesh)
     try:
-        graphdef, tr, fr = st.split_model(model, mode)
+        graphdef, tr, fr = st.split_model(model, mode)  # the graphdef keeps the compute mode
     finally:
-        set_compute(model, "auto")
+        if kernel:
+            set_compute(model, "auto")
     tr = jax.tree.map(jnp.array, tr)  # copies: the step donates its state
     fr = jax.tree.map(jnp.array, fr)
     opt = st.make_optimizer(cfg, tr)
