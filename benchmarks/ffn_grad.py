@@ -1,0 +1,143 @@
+"""One PrunePath FFN layer's training cost: masked XLA vs the grouped-GEMM custom VJP.
+
+Where does the training step's time go when the FFNs run on the grouped kernels? One layer of a
+preset's shape over ``--tokens`` bf16 tokens, every token selecting exactly k experts
+(k_min = k_max = k, so the FLOP fraction is exact), timed three ways:
+
+- ``fwd``: the layer's output only;
+- ``router``: value and gradient w.r.t. the input and the router (router-only training: the
+  input's gradient is still needed, it carries earlier layers' routers);
+- ``full``: also W_in and W_out (full training).
+
+For each it reports the median ms, the ms of the dense SwiGLU FFN (three GEMMs, the same shape)
+and, with ``--profile``, the top device kernels of one call (name, µs) so a slow path shows which
+kernel is at fault.
+
+    python benchmarks/ffn_grad.py --preset llama-3.2-1b --tokens 16384 --frac 0.25 0.5 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import header, markdown_table, row_emitter, summarize, time_fn, traced_events  # noqa: E402
+
+from prunepath_jax.config import PRESETS, PrunePathConfig  # noqa: E402
+from prunepath_jax.kernels import triton_grouped  # noqa: E402
+from prunepath_jax.nn import PrunePathFFN, RouteArgs  # noqa: E402
+
+# path name -> (compute mode, grouped backward form)
+PATHS = {"masked": ("masked", None), "kernels": ("kernel", "grouped"),
+         "kernels-xla-bwd": ("kernel", "xla")}  # fmt: skip
+KINDS = ("fwd", "router", "full")
+
+
+def layer(preset: str, frac: float):
+    base = PRESETS[preset]
+    e = base.d_ff // 32
+    k = max(1, round(frac * e))
+    cfg = base.replace(prunepath=PrunePathConfig(group_size=32, k_min=k, k_max=k))
+    mlp = PrunePathFFN(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    mlp.router[...] = 0.01 * jax.random.normal(jax.random.key(1), mlp.router.shape)
+    return cfg, mlp, k, e
+
+
+def loss_fn(kind: str, graphdef, state, x_btd, arg):
+    """The scalar whose gradient a step of ``kind`` takes (sum of the outputs times a fixed
+    random cotangent, so every output element gets a distinct dy)."""
+    params, rest = state
+
+    def f(params, x_btd):
+        y, _ = nnx.merge(graphdef, params, rest)(x_btd, arg)
+        dy = jax.random.normal(jax.random.key(9), y.shape, y.dtype)
+        return jnp.sum((y * dy).astype(jnp.float32))
+
+    if kind == "fwd":
+        return f(params, x_btd)
+    if kind == "router":
+        frozen = {n: v for n, v in params.items() if n != "router"}
+        return jax.grad(lambda r, x: f(nnx.State({**frozen, "router": r}), x), argnums=(0, 1))(
+            params["router"], x_btd
+        )
+    return jax.grad(f, argnums=(0, 1))(params, x_btd)
+
+
+def dense_fn(kind: str, w, x_td):
+    """The dense SwiGLU FFN of the same shape: the GEMM floor the masked path pays in full."""
+
+    def f(w, x_td):
+        h = jnp.einsum("td,cfd->ctf", x_td, w["w_in"])
+        y = (jax.nn.silu(h[0]) * h[1]) @ w["w_out"]
+        dy = jax.random.normal(jax.random.key(9), y.shape, y.dtype)
+        return jnp.sum((y * dy).astype(jnp.float32))
+
+    if kind == "fwd":
+        return f(w, x_td)
+    if kind == "router":
+        return jax.grad(f, argnums=1)(w, x_td)
+    return jax.grad(f, argnums=(0, 1))(w, x_td)
+
+
+def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top):
+    cfg, mlp, k, e = layer(preset, frac)
+    x_btd = jax.random.normal(jax.random.key(2), (1, tokens, cfg.d_model), jnp.bfloat16)
+    arg = RouteArgs(jnp.float32(0.9))
+    fixed = {"preset": preset, "tokens": tokens, "k": k, "e": e}
+    w = {"w_in": mlp.w_in[...], "w_out": mlp.w_out[...]}
+    for kind in kinds:
+        fn = jax.jit(lambda w, x, kind=kind: dense_fn(kind, w, x))
+        ms = time_fn(fn, w, x_btd[0], iters=iters) * 1e3
+        emit({**fixed, "path": "dense", "kind": kind, "ms": ms})
+    shipped = triton_grouped.DEFAULT_TUNING["backward"]
+    for name in paths:
+        mode, backward = PATHS[name]
+        mlp.compute = mode
+        mlp.implementation = "triton" if mode == "kernel" else None
+        graphdef, params, rest = nnx.split(mlp, nnx.Param, ...)
+        for kind in kinds:
+            triton_grouped.DEFAULT_TUNING["backward"] = backward or shipped
+            try:
+                fn = jax.jit(
+                    lambda p, x, kind=kind, g=graphdef, r=rest: loss_fn(kind, g, (p, r), x, arg)
+                )
+                ms = time_fn(fn, params, x_btd, iters=iters) * 1e3
+                row = {**fixed, "path": name, "kind": kind, "ms": ms}
+                if profile:
+                    s = summarize(traced_events(fn, params, x_btd), 1)
+                    row["busy_us"] = s.get("busy_us_per_step")
+                    row["top_kernels"] = s.get("kernels", [])[:top]
+            finally:
+                triton_grouped.DEFAULT_TUNING["backward"] = shipped
+            emit(row)
+            for kr in row.get("top_kernels", []):
+                print(f"    {kr['us_per_step']:9.1f} us  x{kr['per_step']:.0f}  {kr['name']}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="llama-3.2-1b", choices=sorted(PRESETS))
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--frac", nargs="+", type=float, default=[0.25, 0.5])
+    ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--profile", action="store_true", help="top kernels of one call per row")
+    ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--out", default="results/ffn_grad.jsonl")
+    a = ap.parse_args()
+    rows, emit = row_emitter(header(), a.out)
+    for frac in a.frac:
+        bench(emit, a.preset, a.tokens, frac, a.paths, a.kinds, a.iters, a.profile, a.top)
+    cols = ["preset", "tokens", "k", "e", "path", "kind", "ms", "busy_us"]
+    print(markdown_table(rows, cols))
+
+
+if __name__ == "__main__":
+    main()
