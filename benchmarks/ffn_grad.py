@@ -85,7 +85,7 @@ def dense_fn(kind: str, w, x_td):
     return jax.grad(f, argnums=(0, 1))(w, x_td)
 
 
-def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top):
+def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top, expert_groups):
     cfg, mlp, k, e = layer(preset, frac)
     x_btd = jax.random.normal(jax.random.key(2), (1, tokens, cfg.d_model), jnp.bfloat16)
     arg = RouteArgs(jnp.float32(0.9))
@@ -95,26 +95,30 @@ def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top):
         fn = jax.jit(lambda w, x, kind=kind: dense_fn(kind, w, x))
         ms = time_fn(fn, w, x_btd[0], iters=iters) * 1e3
         emit({**fixed, "path": "dense", "kind": kind, "ms": ms})
-    shipped = triton_grouped.DEFAULT_TUNING["backward"]
-    for name in paths:
+    shipped = dict(triton_grouped.DEFAULT_TUNING)
+    runs = [(n, 0) for n in paths if PATHS[n][0] != "kernel"]
+    runs += [(n, eg) for eg in expert_groups for n in paths if PATHS[n][0] == "kernel"]
+    for name, eg in runs:
         mode, backward = PATHS[name]
+        tuning = {"backward": backward or shipped["backward"], "expert_group": eg}
+        label = name if eg == 0 else f"{name}@eg{eg}"
         mlp.compute = mode
         mlp.implementation = "triton" if mode == "kernel" else None
         graphdef, params, rest = nnx.split(mlp, nnx.Param, ...)
         for kind in kinds:
-            triton_grouped.DEFAULT_TUNING["backward"] = backward or shipped
+            triton_grouped.DEFAULT_TUNING.update(tuning)
             try:
                 fn = jax.jit(
                     lambda p, x, kind=kind, g=graphdef, r=rest: loss_fn(kind, g, (p, r), x, arg)
                 )
                 ms = time_fn(fn, params, x_btd, iters=iters) * 1e3
-                row = {**fixed, "path": name, "kind": kind, "ms": ms}
+                row = {**fixed, "path": label, "kind": kind, "ms": ms}
                 if profile:
                     s = summarize(traced_events(fn, params, x_btd), 1)
                     row["busy_us"] = s.get("busy_us_per_step")
                     row["top_kernels"] = s.get("kernels", [])[:top]
             finally:
-                triton_grouped.DEFAULT_TUNING["backward"] = shipped
+                triton_grouped.DEFAULT_TUNING.update(shipped)
             emit(row)
             for kr in row.get("top_kernels", []):
                 print(f"    {kr['us_per_step']:9.1f} us  x{kr['per_step']:.0f}  {kr['name']}")
@@ -128,13 +132,31 @@ def main():
     ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument(
+        "--expert-groups",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="the kernel paths once per tile order (triton_grouped.group_by_expert)",
+    )
     ap.add_argument("--profile", action="store_true", help="top kernels of one call per row")
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--out", default="results/ffn_grad.jsonl")
     a = ap.parse_args()
     rows, emit = row_emitter(header(), a.out)
     for frac in a.frac:
-        bench(emit, a.preset, a.tokens, frac, a.paths, a.kinds, a.iters, a.profile, a.top)
+        bench(
+            emit,
+            a.preset,
+            a.tokens,
+            frac,
+            a.paths,
+            a.kinds,
+            a.iters,
+            a.profile,
+            a.top,
+            a.expert_groups,
+        )
     cols = ["preset", "tokens", "k", "e", "path", "kind", "ms", "busy_us"]
     print(markdown_table(rows, cols))
 

@@ -108,7 +108,8 @@ def main():
         nargs="*",
         type=lambda v: tuple(int(x) if x.isdigit() else x for x in v.split(",")),
         default=[(64, 64, 4, 3)],
-        help="block_m,block_d,warps,stages[,router_logits] per variant (shared, fp32 or bf16x3)",
+        help="block_m,block_d,warps,stages[,router_logits[,expert_group]] per variant "
+        "(router_logits shared, fp32 or bf16x3)",
     )
     ap.add_argument(
         "--prefill-router-ab",
@@ -189,7 +190,7 @@ def main():
     print(rows[-1], flush=True)
     from prunepath_jax.kernels import triton_grouped
 
-    names = ("block_m", "block_d", "warps", "stages", "router_logits")
+    names = ("block_m", "block_d", "warps", "stages", "router_logits", "expert_group")
     variants = [("xla", None)] + [
         ("triton", dict(zip(names, v, strict=False))) for v in a.prefill_tunings
     ]

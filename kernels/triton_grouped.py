@@ -135,8 +135,9 @@ def _grouped_up_h_kernel(
 # other than the XLA path's sums in another order, which can move a token across its τ
 # boundary; through the layers the prompts' selections then drift apart (measured on SmolLM2 at
 # τ = 0.5, batch 8: equal k_t in 11 of 30 layers when only this path took the split).
+# ``expert_group``: the programs' order (`group_by_expert`); 0 = expert by expert.
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
-                  "backward": "grouped"}  # fmt: skip
+                  "backward": "grouped", "expert_group": 0}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
 _LOGITS = {
     "shared": routing.router_logits,
@@ -145,11 +146,19 @@ _LOGITS = {
 }
 
 
-def group_by_expert(mask_te: jax.Array, k_max: int, block_m: int):
+def group_by_expert(mask_te: jax.Array, k_max: int, block_m: int, expert_group: int = 0):
     """Device-side grouping of (token, expert) pairs by expert, with prefix sums.
 
     Returns ``(tok [t*k_max] i32, off_e, cnt_e, tile_e [n_tiles], tile_m [n_tiles])``; tiles
-    past the real count have ``tile_e == E``.
+    past the real count have ``tile_e == E`` (and come last).
+
+    ``expert_group`` sets the order the programs run in (program i takes tile i). 0: expert
+    by expert (every tile of expert 0, then of expert 1, ...). G > 0: in groups of G
+    consecutive experts, and inside a group by each tile's first token, so the programs on
+    the GPU at one time read the rows of one window of tokens and the slabs of G experts. Why:
+    expert by expert, the ~132 programs in flight cover all the tokens of a few experts,
+    which are rows spread over all of x; once x outgrows the L2 cache (16384 tokens of d 2048
+    are 64 MB), every expert reads its rows from HBM again.
     """
     t, e = mask_te.shape
     m_et = mask_te.T.astype(jnp.int32)
@@ -169,6 +178,13 @@ def group_by_expert(mask_te: jax.Array, k_max: int, block_m: int):
     tile_e = jnp.sum(tile_end_e[None, :] <= idx[:, None], axis=1, dtype=jnp.int32)
     start = jnp.take(tile_end_e - tiles_e, jnp.minimum(tile_e, e - 1))
     tile_m = idx - start
+    if expert_group > 0:
+        real = tile_e < e
+        first = jnp.take(tok, jnp.where(real, jnp.take(off_e, jnp.minimum(tile_e, e - 1))
+                                        + tile_m * block_m, 0))  # fmt: skip
+        key = jnp.where(real, (tile_e // expert_group) * t + first, (e // expert_group + 1) * t)
+        order = jnp.argsort(key, stable=True)  # ties (one token, several experts): by expert
+        tile_e, tile_m = tile_e[order], tile_m[order]
     return tok, off_e, cnt_e, tile_e, tile_m
 
 
@@ -307,5 +323,7 @@ def sparse_ffn_grouped(
         raise ValueError(f"backward must be one of {_BACKWARDS}, got {tn['backward']!r}")
     static = _Launch(g, block_m, min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
                      tn["stages"], interpret, tn["backward"])  # fmt: skip
-    grouping = group_by_expert(sel.mask_te, k_max, block_m)
+    if not isinstance(tn["expert_group"], int) or tn["expert_group"] < 0:
+        raise ValueError(f"expert_group must be an int >= 0, got {tn['expert_group']!r}")
+    grouping = group_by_expert(sel.mask_te, k_max, block_m, tn["expert_group"])
     return _experts(static, x_td, gate_te, w_in_cfd, w_out_fd, grouping), sel.k_t

@@ -193,6 +193,17 @@ s64c)  # (forty-eighth session) s64a at two more budgets: where the kernels star
     --batch 8 --seq 2048 --steps 5 --ffn masked kernels --tau-target 0.99 0.5 \
     --router-scale 0.01 --out "$OUT/train_step.jsonl"
   ;;
+s65a)  # (forty-ninth session) the grouped kernels' program order (tuning expert_group): the
+  # GPU tests in both orders, one 1B layer's forward / router / full gradients at 16384 tokens
+  # (x 64 MB, more than the L2) with each call's top kernels, and the 8B prefill layer
+  gpu_tests 300 tests/test_kernels_triton.py -k "eg4 or gradients"
+  run timeout 300 python3 benchmarks/ffn_grad.py --preset llama-3.2-1b --tokens 16384 \
+    --frac 0.33 --paths masked kernels --expert-groups 0 32 128 --profile --top 6 \
+    --out "$OUT/ffn_grad.jsonl"
+  run timeout 150 python3 benchmarks/ffn_kernels.py --fractions --prefill-trace --prefill-top 4 \
+    --prefill-tunings 128,64,8,4,shared,0 128,64,8,4,shared,32 128,64,8,4,shared,112 \
+    --out "$OUT/kernels.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;

@@ -132,6 +132,15 @@ def test_grouped_gradient_launches(monkeypatch):
         tg.sparse_ffn_grouped(*inputs(c), c.tau, **kwargs(c), backward="dense")
 
 
+def test_grouped_rejects_a_bad_expert_group():
+    from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
+
+    c = GROUPED_CASES[0]
+    for bad in (-1, 2.0, "4"):
+        with pytest.raises(ValueError, match="expert_group must be an int"):
+            sparse_ffn_grouped(*inputs(c), c.tau, interpret=True, **kwargs(c), expert_group=bad)
+
+
 def test_grouped_rejects_unknown_router_logits():
     from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
 
@@ -293,14 +302,29 @@ def test_fused_one_token_rejects_bad_input():
             balanced_ffn_decode(**args, **opts)
 
 
-def test_groups_cover_every_pair_once():
-    """The device-side grouping lists each selected (token, expert) pair exactly once."""
+@pytest.mark.parametrize("expert_group", [0, 5, 12])
+def test_groups_cover_every_pair_once(expert_group):
+    """The device-side grouping lists each selected (token, expert) pair exactly once, in
+    either program order: expert by expert, or (``expert_group`` > 0) the same tiles permuted
+    into groups of experts and, inside a group, by each tile's first token."""
     from prunepath_jax.kernels.triton_grouped import group_by_expert
 
     rng = np.random.default_rng(0)
     mask = rng.random((37, 12)) < 0.3
     mask[:, 5] = False
-    tok, off, cnt, tile_e, tile_m = map(np.asarray, group_by_expert(mask, 12, 8))
+    tok, off, cnt, tile_e, tile_m = map(np.asarray, group_by_expert(mask, 12, 8, expert_group))
+    n_real = int(np.sum(-(-cnt // 8)))
+    assert (tile_e[:n_real] < 12).all() and (tile_e[n_real:] == 12).all()
+    if expert_group:
+        _, _, _, tile_e0, tile_m0 = map(np.asarray, group_by_expert(mask, 12, 8))
+        assert sorted(zip(tile_e, tile_m, strict=True)) == sorted(
+            zip(tile_e0, tile_m0, strict=True)
+        )
+        first = tok[off[tile_e[:n_real]] + 8 * tile_m[:n_real]]
+        key = list(zip(tile_e[:n_real] // expert_group, first, tile_e[:n_real], strict=True))
+        assert key == sorted(key)
+        assert not (tile_e[:n_real][1:] >= tile_e[:n_real][:-1]).all(), "an order of its own"
+        tile_e, tile_m = tile_e0, tile_m0
     pairs = set()
     for i, e in enumerate(tile_e):
         if e == 12:
@@ -309,7 +333,6 @@ def test_groups_cover_every_pair_once():
         for r in rows:
             pairs.add((int(tok[off[e] + r]), int(e)))
     assert pairs == set(zip(*np.nonzero(mask), strict=True))
-    assert (tile_e[: int(np.sum(-(-cnt // 8)))] < 12).all()
     tile_end = np.cumsum(-(-cnt // 8))  # each tile's expert: the sorted search it replaces
     np.testing.assert_array_equal(
         tile_e, np.searchsorted(tile_end, np.arange(len(tile_e)), "right")
@@ -319,6 +342,7 @@ def test_groups_cover_every_pair_once():
 GROUPED_TUNINGS = {  # the grouped kernel's measured alternatives (BENCHMARKS.md, issue 5)
     "m256": {"block_m": 256, "warps": 8, "stages": 3},
     "m64_d32": {"block_m": 64, "block_d": 32, "warps": 4, "stages": 4},
+    "eg4": {"expert_group": 4},
 }
 
 
@@ -340,11 +364,13 @@ def test_grouped_tunings_on_gpu(case, label):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backward", GROUPED_BACKWARDS)
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
-def test_grouped_gradients_on_gpu(case, backward):
-    """The training forward's gradients through jax-triton under jit (the default tiles)."""
+@pytest.mark.parametrize("expert_group", [0, 4])
+def test_grouped_gradients_on_gpu(case, backward, expert_group):
+    """The training forward's gradients through jax-triton under jit (the default tiles, in
+    both program orders)."""
     from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
 
-    fn = functools.partial(sparse_ffn_grouped, backward=backward)
+    fn = functools.partial(sparse_ffn_grouped, backward=backward, expert_group=expert_group)
     _check_grads(case, jax.jit(jax.grad(grad_loss(fn, case), argnums=(0, 1, 2, 3)))(*inputs(case)))
 
 
