@@ -60,16 +60,19 @@ FFN_MODES = {"masked": None, "kernels": "grouped", "kernels-xla-bwd": "xla"}
 
 
 @contextlib.contextmanager
-def grouped_backward(ffn: str):
-    """The grouped GEMM's backward form for one ``--ffn`` mode (read when the step is traced)."""
+def grouped_tuning(ffn: str, expert_group: int | None = None):
+    """The grouped GEMM's backward form for one ``--ffn`` mode and its program order
+    (``expert_group``; None keeps the shipped one), read when the step is traced."""
     from prunepath_jax.kernels import triton_grouped
 
-    shipped = triton_grouped.DEFAULT_TUNING["backward"]
-    triton_grouped.DEFAULT_TUNING["backward"] = FFN_MODES[ffn] or shipped
+    shipped = dict(triton_grouped.DEFAULT_TUNING)
+    triton_grouped.DEFAULT_TUNING["backward"] = FFN_MODES[ffn] or shipped["backward"]
+    if expert_group is not None:
+        triton_grouped.DEFAULT_TUNING["expert_group"] = expert_group
     try:
         yield
     finally:
-        triton_grouped.DEFAULT_TUNING["backward"] = shipped
+        triton_grouped.DEFAULT_TUNING.update(shipped)
 
 
 def bench(name, mode, batch, seq, steps, mesh, peak, ffn="masked", tau=0.5, router_scale=0.1):
@@ -153,6 +156,14 @@ def main(argv=None):
     )
     ap.add_argument("--tau-target", type=float, nargs="+", default=[0.5])
     ap.add_argument(
+        "--expert-group",
+        type=int,
+        nargs="+",
+        default=[None],
+        help="the kernel modes once per grouped-GEMM program order (triton_grouped."
+        "group_by_expert; 0 = expert by expert); default: the shipped order",
+    )
+    ap.add_argument(
         "--router-scale",
         type=float,
         default=0.1,
@@ -168,11 +179,15 @@ def main(argv=None):
     for name in a.preset:
         for mode in a.modes:
             for logits in a.router_logits:
-                for tau, ffn in itertools.product(a.tau_target, a.ffn):
-                    with router_logits_mode(logits), grouped_backward(ffn):
+                runs = [(t, f, eg) for t, f in itertools.product(a.tau_target, a.ffn)
+                        for eg in (a.expert_group if FFN_MODES[f] else [None])]  # fmt: skip
+                for tau, ffn, eg in runs:
+                    with router_logits_mode(logits), grouped_tuning(ffn, eg):
                         row = bench(name, mode, a.batch, a.seq, a.steps, mesh, a.peak_tflops,
                                     ffn, tau, a.router_scale)  # fmt: skip
                     row["router_logits"] = logits
+                    if eg is not None:
+                        row["ffn"] = f"{ffn}@eg{eg}"
                     print(row, flush=True)
                     rows.append(row)
     write_rows(a.out, rows)
