@@ -196,13 +196,18 @@ s64c)  # (forty-eighth session) s64a at two more budgets: where the kernels star
 s65a)  # (forty-ninth session) the grouped kernels' program order (tuning expert_group): the
   # GPU tests in both orders, one 1B layer's forward / router / full gradients at 16384 tokens
   # (x 64 MB, more than the L2) with each call's top kernels, and the 8B prefill layer
-  gpu_tests 300 tests/test_kernels_triton.py -k "eg4 or gradients"
-  run timeout 300 python3 benchmarks/ffn_grad.py --preset llama-3.2-1b --tokens 16384 \
+  # (a CPU LRU model of a 50 MB L2 over the programs' reads, 1B at 16384 tokens, k/E 0.33: 1.81
+  # GB from HBM a layer expert by expert, 0.60 / 0.20 GB in groups of 32 / 128; 8B prefill at
+  # 4096 tokens: x fits, expert by expert is already the least, 0.27 GB). The same prefill at
+  # G 64 (the up kernel's tile 128 columns wide, not 64: twice the FLOPs per byte from L2)
+  gpu_tests 200 tests/test_kernels_triton.py -k "eg4"
+  run timeout 260 python3 benchmarks/ffn_grad.py --preset llama-3.2-1b --tokens 16384 \
     --frac 0.33 --paths masked kernels --expert-groups 0 32 128 --profile --top 6 \
     --out "$OUT/ffn_grad.jsonl"
-  run timeout 150 python3 benchmarks/ffn_kernels.py --fractions --prefill-trace --prefill-top 4 \
+  run timeout 100 python3 benchmarks/ffn_kernels.py --fractions --prefill-trace --prefill-top 4 \
     --prefill-tunings 128,64,8,4,shared,0 128,64,8,4,shared,32 128,64,8,4,shared,112 \
     --out "$OUT/kernels.jsonl"
+  run timeout 60 python3 benchmarks/ffn_kernels.py --fractions --g 64 --out "$OUT/kernels.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
