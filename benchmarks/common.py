@@ -39,6 +39,22 @@ def router_logits_mode(mode: str):
         routing.BF16X3_MIN_TOKENS = shipped
 
 
+@contextlib.contextmanager
+def grouped_tuning(**tuning):
+    """`triton_grouped.DEFAULT_TUNING` with ``tuning`` on top (a backward form, a program
+    order, tiles), the shipped values back afterwards. Read when a function is traced: trace
+    (jit) inside the block."""
+    from prunepath_jax.kernels import triton_grouped
+
+    shipped = dict(triton_grouped.DEFAULT_TUNING)
+    triton_grouped.DEFAULT_TUNING.update(tuning)
+    try:
+        yield
+    finally:
+        triton_grouped.DEFAULT_TUNING.clear()
+        triton_grouped.DEFAULT_TUNING.update(shipped)
+
+
 def apply_proj_tuning(tuning: dict) -> str:
     """Makes ``tuning`` (``kernels.pallas_proj`` keys, plus an optional ``"w_layout"``, as
     ``benchmarks/proj_gemv.py --best-out`` writes it) the projection kernel's overrides; returns

@@ -19,6 +19,7 @@ kernel is at fault.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -27,10 +28,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import header, markdown_table, row_emitter, summarize, time_fn, traced_events  # noqa: E402
+from common import (  # noqa: E402
+    grouped_tuning,
+    header,
+    markdown_table,
+    row_emitter,
+    summarize,
+    time_fn,
+    traced_events,
+)
 
 from prunepath_jax.config import PRESETS, PrunePathConfig  # noqa: E402
-from prunepath_jax.kernels import triton_grouped  # noqa: E402
 from prunepath_jax.nn import PrunePathFFN, RouteArgs  # noqa: E402
 
 # path name -> (compute mode, grouped backward form)
@@ -49,40 +57,36 @@ def layer(preset: str, frac: float):
     return cfg, mlp, k, e
 
 
-def loss_fn(kind: str, graphdef, state, x_btd, arg):
-    """The scalar whose gradient a step of ``kind`` takes (sum of the outputs times a fixed
-    random cotangent, so every output element gets a distinct dy)."""
-    params, rest = state
+def objective(y):
+    """The scalar a step differentiates: the outputs times a fixed random cotangent, so every
+    output element gets a distinct dy."""
+    dy = jax.random.normal(jax.random.key(9), y.shape, y.dtype)
+    return jnp.sum((y * dy).astype(jnp.float32))
 
-    def f(params, x_btd):
-        y, _ = nnx.merge(graphdef, params, rest)(x_btd, arg)
-        dy = jax.random.normal(jax.random.key(9), y.shape, y.dtype)
-        return jnp.sum((y * dy).astype(jnp.float32))
 
+def value_or_grads(kind: str, f, params, x, router: str | None = None):
+    """``f(params, x)`` (``fwd``) or its gradients: w.r.t. x and ``params[router]`` only
+    (``router``; x alone where there is no router), or w.r.t. x and every parameter (``full``)."""
     if kind == "fwd":
-        return f(params, x_btd)
-    if kind == "router":
-        frozen = {n: v for n, v in params.items() if n != "router"}
-        return jax.grad(lambda r, x: f(nnx.State({**frozen, "router": r}), x), argnums=(0, 1))(
-            params["router"], x_btd
-        )
-    return jax.grad(f, argnums=(0, 1))(params, x_btd)
+        return f(params, x)
+    if kind == "full":
+        return jax.grad(f, argnums=(0, 1))(params, x)
+    if router is None:
+        return jax.grad(f, argnums=1)(params, x)
+    frozen = {n: v for n, v in params.items() if n != router}
+    g = jax.grad(lambda r, x: f(type(params)({**frozen, router: r}), x), argnums=(0, 1))
+    return g(params[router], x)
 
 
-def dense_fn(kind: str, w, x_td):
+def layer_fn(graphdef, rest, arg):
+    """The PrunePath layer as ``f(params, x_btd) -> objective``."""
+    return lambda params, x_btd: objective(nnx.merge(graphdef, params, rest)(x_btd, arg)[0])
+
+
+def dense_fn(w, x_td):
     """The dense SwiGLU FFN of the same shape: the GEMM floor the masked path pays in full."""
-
-    def f(w, x_td):
-        h = jnp.einsum("td,cfd->ctf", x_td, w["w_in"])
-        y = (jax.nn.silu(h[0]) * h[1]) @ w["w_out"]
-        dy = jax.random.normal(jax.random.key(9), y.shape, y.dtype)
-        return jnp.sum((y * dy).astype(jnp.float32))
-
-    if kind == "fwd":
-        return f(w, x_td)
-    if kind == "router":
-        return jax.grad(f, argnums=1)(w, x_td)
-    return jax.grad(f, argnums=(0, 1))(w, x_td)
+    h = jnp.einsum("td,cfd->ctf", x_td, w["w_in"])
+    return objective((jax.nn.silu(h[0]) * h[1]) @ w["w_out"])
 
 
 def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top, expert_groups):
@@ -92,33 +96,28 @@ def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top, expert_
     fixed = {"preset": preset, "tokens": tokens, "k": k, "e": e}
     w = {"w_in": mlp.w_in[...], "w_out": mlp.w_out[...]}
     for kind in kinds:
-        fn = jax.jit(lambda w, x, kind=kind: dense_fn(kind, w, x))
+        fn = jax.jit(functools.partial(value_or_grads, kind, dense_fn))
         ms = time_fn(fn, w, x_btd[0], iters=iters) * 1e3
         emit({**fixed, "path": "dense", "kind": kind, "ms": ms})
-    shipped = dict(triton_grouped.DEFAULT_TUNING)
     runs = [(n, 0) for n in paths if PATHS[n][0] != "kernel"]
     runs += [(n, eg) for eg in expert_groups for n in paths if PATHS[n][0] == "kernel"]
     for name, eg in runs:
         mode, backward = PATHS[name]
-        tuning = {"backward": backward or shipped["backward"], "expert_group": eg}
-        label = name if eg == 0 else f"{name}@eg{eg}"
+        tuning = {"expert_group": eg, **({"backward": backward} if backward else {})}
         mlp.compute = mode
         mlp.implementation = "triton" if mode == "kernel" else None
         graphdef, params, rest = nnx.split(mlp, nnx.Param, ...)
+        f = layer_fn(graphdef, rest, arg)
         for kind in kinds:
-            triton_grouped.DEFAULT_TUNING.update(tuning)
-            try:
-                fn = jax.jit(
-                    lambda p, x, kind=kind, g=graphdef, r=rest: loss_fn(kind, g, (p, r), x, arg)
-                )
+            with grouped_tuning(**tuning):  # read when traced: the first call inside
+                fn = jax.jit(functools.partial(value_or_grads, kind, f, router="router"))
                 ms = time_fn(fn, params, x_btd, iters=iters) * 1e3
-                row = {**fixed, "path": label, "kind": kind, "ms": ms}
+                row = {**fixed, "path": name if eg == 0 else f"{name}@eg{eg}", "kind": kind,
+                       "ms": ms}  # fmt: skip
                 if profile:
                     s = summarize(traced_events(fn, params, x_btd), 1)
                     row["busy_us"] = s.get("busy_us_per_step")
                     row["top_kernels"] = s.get("kernels", [])[:top]
-            finally:
-                triton_grouped.DEFAULT_TUNING.update(shipped)
             emit(row)
             for kr in row.get("top_kernels", []):
                 print(f"    {kr['us_per_step']:9.1f} us  x{kr['per_step']:.0f}  {kr['name']}")

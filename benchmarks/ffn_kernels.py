@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     copy_bandwidth,
+    grouped_tuning,
     header,
     kernel_durations,
     markdown_table,
@@ -188,8 +189,6 @@ def main():
                  "us": t_dense * 1e6, "TFLOP_s": flops / t_dense / 1e12,
                  **(kernel_breakdown(dense_fn, xp, one) if a.prefill_trace else {})})  # fmt: skip
     print(rows[-1], flush=True)
-    from prunepath_jax.kernels import triton_grouped
-
     names = ("block_m", "block_d", "warps", "stages", "router_logits", "expert_group")
     variants = [("xla", None)] + [
         ("triton", dict(zip(names, v, strict=False))) for v in a.prefill_tunings
@@ -197,12 +196,12 @@ def main():
     if a.prefill_router_ab:
         variants += [("xla", {"router_logits": "fp32"}), ("triton", {**variants[1][1],
                      "router_logits": "fp32"})]  # fmt: skip
-    defaults = dict(triton_grouped.DEFAULT_TUNING)
     for impl, tn in variants:
-        if tn and impl == "triton":  # each variant from the module's defaults, not the last's
-            triton_grouped.DEFAULT_TUNING.update({**defaults, **tn})
-        try:  # the XLA path's router: the shared function, or (A/B) the fp32 GEMM at every size
-            with router_logits_mode("fp32" if impl == "xla" and tn else "shared"):
+        # each variant from the module's defaults; the XLA path's router: the shared function,
+        # or (A/B) the fp32 GEMM at every size
+        try:
+            with (grouped_tuning(**(tn if impl == "triton" and tn else {})),
+                  router_logits_mode("fp32" if impl == "xla" and tn else "shared")):  # fmt: skip
                 fn = chain_fn(impl, g, kp)
                 t = time_fn(fn, xp, one, warmup=2, iters=10)
                 kb = kernel_breakdown(fn, xp, one, top=a.prefill_top) if a.prefill_trace else {}

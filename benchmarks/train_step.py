@@ -17,7 +17,6 @@ a utilisation claim.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import sys
 import time
@@ -28,7 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, markdown_table, router_logits_mode, write_rows  # noqa: E402
+from common import (  # noqa: E402
+    grouped_tuning,
+    header,
+    markdown_table,
+    router_logits_mode,
+    write_rows,
+)
 
 from prunepath_jax.config import PRESETS, PrunePathConfig  # noqa: E402
 from prunepath_jax.nn import set_compute  # noqa: E402
@@ -59,20 +64,11 @@ def build(name: str, mesh, seed: int = 0, router_scale: float = 0.1):
 FFN_MODES = {"masked": None, "kernels": "grouped", "kernels-xla-bwd": "xla"}
 
 
-@contextlib.contextmanager
-def grouped_tuning(ffn: str, expert_group: int | None = None):
-    """The grouped GEMM's backward form for one ``--ffn`` mode and its program order
-    (``expert_group``; None keeps the shipped one), read when the step is traced."""
-    from prunepath_jax.kernels import triton_grouped
-
-    shipped = dict(triton_grouped.DEFAULT_TUNING)
-    triton_grouped.DEFAULT_TUNING["backward"] = FFN_MODES[ffn] or shipped["backward"]
-    if expert_group is not None:
-        triton_grouped.DEFAULT_TUNING["expert_group"] = expert_group
-    try:
-        yield
-    finally:
-        triton_grouped.DEFAULT_TUNING.update(shipped)
+def ffn_tuning(ffn: str, expert_group: int | None = None) -> dict:
+    """The grouped GEMM's tuning for one ``--ffn`` mode: its backward form, and the program
+    order ``expert_group`` (None keeps the shipped one)."""
+    tn = {"backward": FFN_MODES[ffn]} if FFN_MODES[ffn] else {}
+    return tn if expert_group is None else {**tn, "expert_group": expert_group}
 
 
 def bench(name, mode, batch, seq, steps, mesh, peak, ffn="masked", tau=0.5, router_scale=0.1):
@@ -182,7 +178,7 @@ def main(argv=None):
                 runs = [(t, f, eg) for t, f in itertools.product(a.tau_target, a.ffn)
                         for eg in (a.expert_group if FFN_MODES[f] else [None])]  # fmt: skip
                 for tau, ffn, eg in runs:
-                    with router_logits_mode(logits), grouped_tuning(ffn, eg):
+                    with router_logits_mode(logits), grouped_tuning(**ffn_tuning(ffn, eg)):
                         row = bench(name, mode, a.batch, a.seq, a.steps, mesh, a.peak_tflops,
                                     ffn, tau, a.router_scale)  # fmt: skip
                     row["router_logits"] = logits
