@@ -149,17 +149,21 @@ s65a)  # (forty-ninth session) the grouped kernels' program order (tuning expert
   # GB from HBM a layer expert by expert, 0.60 / 0.20 GB in groups of 32 / 128; 8B prefill at
   # 4096 tokens: x fits, expert by expert is already the least, 0.27 GB). The same prefill at
   # G 64 (the up kernel's tile 128 columns wide, not 64: twice the FLOPs per byte from L2)
-  # (fiftieth session: a whole call, so the full gradient, G 32 and the G 64 prefill are back)
-  gpu_tests 90 tests/test_kernels_triton.py -k "eg4"
-  run timeout 250 python3 benchmarks/ffn_grad.py --preset llama-3.2-1b --tokens 16384 \
-    --frac 0.33 --paths masked kernels --expert-groups 0 32 128 --kinds fwd router full \
+  # (fiftieth session: a whole call, so the full gradient, G 32 and the G 64 prefill are back;
+  # ordered by worth, as a call cut short by the device-time left still keeps the rows before)
+  run timeout 150 python3 benchmarks/ffn_grad.py --preset llama-3.2-1b --tokens 16384 \
+    --frac 0.33 --paths masked kernels --expert-groups 0 32 128 --kinds fwd router \
     --profile --top 6 --iters 5 --out "$OUT/ffn_grad.jsonl"
   run timeout 80 python3 benchmarks/ffn_kernels.py --fractions --prefill-trace --prefill-top 4 \
     --prefill-tunings 128,64,8,4,shared,0 128,64,8,4,shared,32 128,64,8,4,shared,112 \
     --out "$OUT/kernels.jsonl"
-  run timeout 80 python3 benchmarks/ffn_kernels.py --fractions --g 64 --prefill-trace \
+  run timeout 70 python3 benchmarks/ffn_kernels.py --fractions --g 64 --prefill-trace \
     --prefill-top 4 --prefill-tunings 128,64,8,4,shared,0 128,64,8,4,shared,112 \
     --out "$OUT/kernels_g64.jsonl"
+  gpu_tests 90 tests/test_kernels_triton.py -k "eg4"
+  run timeout 150 python3 benchmarks/ffn_grad.py --preset llama-3.2-1b --tokens 16384 \
+    --frac 0.33 --paths masked kernels --expert-groups 0 128 --kinds full \
+    --profile --top 6 --iters 5 --out "$OUT/ffn_grad_full.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
