@@ -134,7 +134,7 @@ def main():
     ap.add_argument(
         "--expert-groups",
         nargs="+",
-        type=int,
+        type=lambda v: v if v == "auto" else int(v),
         default=[0],
         help="the kernel paths once per tile order (triton_grouped.group_by_expert)",
     )

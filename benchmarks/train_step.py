@@ -153,7 +153,7 @@ def main(argv=None):
     ap.add_argument("--tau-target", type=float, nargs="+", default=[0.5])
     ap.add_argument(
         "--expert-group",
-        type=int,
+        type=lambda v: v if v == "auto" else int(v),
         nargs="+",
         default=[None],
         help="the kernel modes once per grouped-GEMM program order (triton_grouped."

@@ -135,7 +135,8 @@ def _grouped_up_h_kernel(
 # other than the XLA path's sums in another order, which can move a token across its τ
 # boundary; through the layers the prompts' selections then drift apart (measured on SmolLM2 at
 # τ = 0.5, batch 8: equal k_t in 11 of 30 layers when only this path took the split).
-# ``expert_group``: the programs' order (`group_by_expert`); 0 = expert by expert.
+# ``expert_group``: the programs' order (`group_by_expert`); 0 = expert by expert, "auto" =
+# `auto_expert_group` (from the shapes and the L2 size).
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
                   "backward": "grouped", "expert_group": 0}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
@@ -144,6 +145,39 @@ _LOGITS = {
     "fp32": routing.router_logits_fp32,
     "bf16x3": routing.router_logits_bf16x3,
 }
+
+
+# The L2 cache of the GPUs the grouped kernels were measured on (H100 and H200: 50 MB).
+L2_BYTES = 50 * 2**20
+
+
+def auto_expert_group(t: int, d: int, g: int, itemsize: int = 2, l2_bytes: int = L2_BYTES) -> int:
+    """The program order that keeps the up kernel's reads in L2 (``expert_group`` "auto").
+
+    Why: while x [t, d] fits in L2 with room for the weights in flight, expert by expert (0)
+    reads x once from HBM and each slab once. Past that, groups of G experts ordered by token
+    read x once a group, if the group's slabs (2 G rows of d each) stay in L2 meanwhile. An LRU
+    model of a 50 MB L2 (`scripts/l2_order_model.py`) puts the best G where a group's slabs take
+    ~32 MB: 1B (d 2048) at 16384 / 32768 tokens, G 128: 0.20 / 0.34 GB from HBM against 1.81 /
+    7.69 expert by expert; 8B (d 4096) at 8192 / 16384 tokens, G 64: 0.70 / 1.17 GB against
+    2.65 (G 128: 3.53, its slabs 64 MB). At 8B and 4096 tokens (x 32 MB) expert by expert is
+    the least (0.27 GB). So: 0 while x takes at most 0.64 of L2, else the largest power of two
+    G whose slabs take at most 0.64 of L2 (at least 1).
+    """
+    budget = int(0.64 * l2_bytes)
+    if t * d * itemsize <= budget:
+        return 0
+    slab = 2 * g * d * itemsize
+    return 1 << max(0, (budget // slab).bit_length() - 1)
+
+
+def resolve_expert_group(expert_group, t: int, d: int, g: int, itemsize: int) -> int:
+    """The tuning's ``expert_group`` as the int `group_by_expert` takes ("auto": from the
+    shapes), or a ValueError for anything else (a bool or a float included)."""
+    eg = auto_expert_group(t, d, g, itemsize) if expert_group == "auto" else expert_group
+    if not isinstance(eg, int) or isinstance(eg, bool) or eg < 0:
+        raise ValueError(f"expert_group must be an int >= 0 or 'auto', got {expert_group!r}")
+    return eg
 
 
 def group_by_expert(mask_te: jax.Array, k_max: int, block_m: int, expert_group: int = 0):
@@ -323,7 +357,6 @@ def sparse_ffn_grouped(
         raise ValueError(f"backward must be one of {_BACKWARDS}, got {tn['backward']!r}")
     static = _Launch(g, block_m, min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
                      tn["stages"], interpret, tn["backward"])  # fmt: skip
-    if not isinstance(tn["expert_group"], int) or tn["expert_group"] < 0:
-        raise ValueError(f"expert_group must be an int >= 0, got {tn['expert_group']!r}")
-    grouping = group_by_expert(sel.mask_te, k_max, block_m, tn["expert_group"])
+    eg = resolve_expert_group(tn["expert_group"], t, d, g, x_td.dtype.itemsize)
+    grouping = group_by_expert(sel.mask_te, k_max, block_m, eg)
     return _experts(static, x_td, gate_te, w_in_cfd, w_out_fd, grouping), sel.k_t

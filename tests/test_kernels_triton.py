@@ -136,9 +136,28 @@ def test_grouped_rejects_a_bad_expert_group():
     from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
 
     c = GROUPED_CASES[0]
-    for bad in (-1, 2.0, "4"):
+    for bad in (-1, 2.0, "4", True):
         with pytest.raises(ValueError, match="expert_group must be an int"):
             sparse_ffn_grouped(*inputs(c), c.tau, interpret=True, **kwargs(c), expert_group=bad)
+
+
+def test_auto_expert_group_follows_the_l2_model():
+    """``expert_group="auto"``: expert by expert while x fits in ~0.64 of L2, else the largest
+    power-of-two group whose slabs fit there (the shapes of `scripts/l2_order_model.py`'s
+    table in `auto_expert_group`'s docstring)."""
+    from prunepath_jax.kernels.triton_grouped import auto_expert_group, resolve_expert_group
+
+    assert auto_expert_group(4096, 4096, 32) == 0  # 8B prefill: x 32 MB
+    assert auto_expert_group(16384, 2048, 32) == 128  # 1B training: x 64 MB, slabs 256 KB
+    assert auto_expert_group(32768, 2048, 32) == 128
+    assert auto_expert_group(8192, 4096, 32) == 64  # 8B: slabs 512 KB
+    assert auto_expert_group(16384, 4096, 32, itemsize=4) == 16  # fp32: twice the bytes
+    assert auto_expert_group(10**6, 2**16, 512, l2_bytes=2**20) == 1  # never below 1
+    assert resolve_expert_group("auto", 16384, 2048, 32, 2) == 128
+    assert resolve_expert_group("auto", 64, 2048, 32, 2) == 0
+    assert resolve_expert_group(7, 64, 2048, 32, 2) == 7
+    with pytest.raises(ValueError, match="or 'auto'"):
+        resolve_expert_group("Auto", 64, 2048, 32, 2)
 
 
 def test_grouped_rejects_unknown_router_logits():
