@@ -41,9 +41,10 @@ from common import (  # noqa: E402
 from prunepath_jax.config import PRESETS, PrunePathConfig  # noqa: E402
 from prunepath_jax.nn import PrunePathFFN, RouteArgs  # noqa: E402
 
-# path name -> (compute mode, grouped backward form)
-PATHS = {"masked": ("masked", None), "kernels": ("kernel", "grouped"),
-         "kernels-xla-bwd": ("kernel", "xla")}  # fmt: skip
+# path name -> (compute mode, the grouped GEMM's backward tuning)
+PATHS = {"masked": ("masked", {}), "kernels": ("kernel", {"backward": "grouped"}),
+         "kernels-dw": ("kernel", {"backward": "grouped", "weight_grads": "grouped"}),
+         "kernels-xla-bwd": ("kernel", {"backward": "xla"})}  # fmt: skip
 KINDS = ("fwd", "router", "full")
 
 
@@ -99,11 +100,11 @@ def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top, expert_
         fn = jax.jit(functools.partial(value_or_grads, kind, dense_fn))
         ms = time_fn(fn, w, x_btd[0], iters=iters) * 1e3
         emit({**fixed, "path": "dense", "kind": kind, "ms": ms})
-    runs = [(n, 0) for n in paths if PATHS[n][0] != "kernel"]
+    runs = [(n, "auto") for n in paths if PATHS[n][0] != "kernel"]
     runs += [(n, eg) for eg in expert_groups for n in paths if PATHS[n][0] == "kernel"]
     for name, eg in runs:
         mode, backward = PATHS[name]
-        tuning = {"expert_group": eg, **({"backward": backward} if backward else {})}
+        tuning = {"expert_group": eg, **backward}
         mlp.compute = mode
         mlp.implementation = "triton" if mode == "kernel" else None
         graphdef, params, rest = nnx.split(mlp, nnx.Param, ...)
@@ -112,7 +113,7 @@ def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top, expert_
             with grouped_tuning(**tuning):  # read when traced: the first call inside
                 fn = jax.jit(functools.partial(value_or_grads, kind, f, router="router"))
                 ms = time_fn(fn, params, x_btd, iters=iters) * 1e3
-                row = {**fixed, "path": name if eg == 0 else f"{name}@eg{eg}", "kind": kind,
+                row = {**fixed, "path": name if eg == "auto" else f"{name}@eg{eg}", "kind": kind,
                        "ms": ms}  # fmt: skip
                 if profile:
                     s = summarize(traced_events(fn, params, x_btd), 1)
@@ -135,8 +136,9 @@ def main():
         "--expert-groups",
         nargs="+",
         type=lambda v: v if v == "auto" else int(v),
-        default=[0],
-        help="the kernel paths once per tile order (triton_grouped.group_by_expert)",
+        default=["auto"],
+        help="the kernel paths once per tile order (triton_grouped.group_by_expert; rows of "
+        "another order than the shipped 'auto' are labelled path@eg<G>)",
     )
     ap.add_argument("--profile", action="store_true", help="top kernels of one call per row")
     ap.add_argument("--top", type=int, default=8)

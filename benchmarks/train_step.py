@@ -61,13 +61,15 @@ def build(name: str, mesh, seed: int = 0, router_scale: float = 0.1):
     )
 
 
-FFN_MODES = {"masked": None, "kernels": "grouped", "kernels-xla-bwd": "xla"}
+FFN_MODES = {"masked": None, "kernels": {"backward": "grouped"},
+             "kernels-dw": {"backward": "grouped", "weight_grads": "grouped"},
+             "kernels-xla-bwd": {"backward": "xla"}}  # fmt: skip
 
 
 def ffn_tuning(ffn: str, expert_group: int | None = None) -> dict:
     """The grouped GEMM's tuning for one ``--ffn`` mode: its backward form, and the program
     order ``expert_group`` (None keeps the shipped one)."""
-    tn = {"backward": FFN_MODES[ffn]} if FFN_MODES[ffn] else {}
+    tn = dict(FFN_MODES[ffn] or {})
     return tn if expert_group is None else {**tn, "expert_group": expert_group}
 
 
@@ -147,8 +149,9 @@ def main(argv=None):
         default=["masked"],
         help="masked: every expert computed, then masked (the default training path); kernels: "
         "the kernel registry (`TrainConfig.ffn_kernels`: on a GPU the grouped Triton GEMM and "
-        "its backward kernel, per device under shard_map); kernels-xla-bwd: the same forward "
-        "with the backward's dy W_out^T and SwiGLU derivative in XLA",
+        "its backward kernel, per device under shard_map; weight gradients as dense GEMMs); "
+        "kernels-dw: the weight gradients by the grouped kernel too; kernels-xla-bwd: the same "
+        "forward with the backward's dy W_out^T and SwiGLU derivative in XLA",
     )
     ap.add_argument("--tau-target", type=float, nargs="+", default=[0.5])
     ap.add_argument(

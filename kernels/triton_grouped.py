@@ -27,10 +27,12 @@ The training forward (`_experts`, a custom VJP): differentiated, the up kernel a
 the selected slots' gate and up pre-activations into a zeroed ``[2, t, f]`` array
 (``_grouped_up_h_kernel``). The backward computes ``dy W_outᵀ`` at the selected slots only,
 fused with the SwiGLU derivative and the gates' gradient (`triton_grouped_bwd`, by default;
-``backward="xla"``: a dense GEMM and elementwise passes), and each expert's weight gradients
-summed over its own tokens (`triton_grouped_bwd`; dense GEMMs with ``"xla"``). ``dx`` stays a
-dense GEMM, as the forward's down projection. The undifferentiated call (prefill) launches the
-plain kernel.
+``backward="xla"``: a dense GEMM and elementwise passes). The weight gradients are dense GEMMs
+over ``dh`` and the activations, 0 outside the selected slots (``weight_grads="grouped"``: each
+expert's summed over its own tokens by `triton_grouped_bwd`'s kernel: 7.4 of the 13.2 ms of a
+1B layer's full gradient where measured, more than the masked path's whole 8.2 ms). ``dx`` stays
+a dense GEMM, as the forward's down projection. The undifferentiated call (prefill) launches
+the plain kernel.
 """
 
 from __future__ import annotations
@@ -136,10 +138,19 @@ def _grouped_up_h_kernel(
 # boundary; through the layers the prompts' selections then drift apart (measured on SmolLM2 at
 # τ = 0.5, batch 8: equal k_t in 11 of 30 layers when only this path took the split).
 # ``expert_group``: the programs' order (`group_by_expert`); 0 = expert by expert, "auto" =
-# `auto_expert_group` (from the shapes and the L2 size).
+# `auto_expert_group` (from the shapes and the L2 size). Measured (H200, fiftieth session): 8B
+# prefill at 4096 tokens (auto: 0), the up kernel 607.6 µs expert by expert, 615.5 / 635.8 in
+# groups of 32 / 112; a 1B layer at 16384 tokens (auto: 128), expert by expert / groups of 128:
+# up 984 / 874 µs, up with h 1052 / 914, backward 1068 / 786.
+# ``weight_grads`` (with ``backward="grouped"``): the weight gradients as dense XLA GEMMs over
+# dh / the activations (0 outside the selected slots, so the same sums), "xla", or by the
+# grouped weight-gradient kernel, "grouped". Measured (H200, 1B layer, 16384 tokens, k/E 0.33,
+# fiftieth session): the kernel takes 7.39 ms of the full gradient's 13.2 ms, while the masked
+# path's whole full gradient, dense weight-gradient GEMMs included, takes 8.2 ms.
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
-                  "backward": "grouped", "expert_group": 0}  # fmt: skip
+                  "backward": "grouped", "weight_grads": "xla", "expert_group": "auto"}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
+_WEIGHT_GRADS = ("xla", "grouped")
 _LOGITS = {
     "shared": routing.router_logits,
     "fp32": routing.router_logits_fp32,
@@ -232,6 +243,7 @@ class _Launch(NamedTuple):
     stages: int
     interpret: bool
     backward: str
+    weight_grads: str = "xla"
 
 
 def _up(st: _Launch, x_td, w_in_cfd, gate_te, grouping, save_h: bool):
@@ -273,13 +285,26 @@ def _experts_fwd(st, x_td, gate_te, w_in_cfd, w_out_fd, grouping):
     return y_td, (x_td, gate_te, w_in_cfd, w_out_fd, h_ctf, grouping)
 
 
+def _dense_weight_grads(x_td, dy_td, h_ctf, dh_ctf, gate_te, g: int, w_dtypes):
+    """``(dW_in [2, f, d], dW_out [f, d])`` as dense GEMMs: ``dh`` and the gated activation
+    are 0 outside the selected slots, so summing over every token gives each expert's sum over
+    its own tokens (cuBLAS at full tensor-core rate beats the grouped kernel's gathered rows
+    down to a low k/E)."""
+    hg = h_ctf[0].astype(jnp.float32)
+    a_tf = hg * jax.nn.sigmoid(hg) * h_ctf[1].astype(jnp.float32)
+    a_tf = (a_tf * jnp.repeat(gate_te, g, axis=-1)).astype(x_td.dtype)
+    dw_out = _mm("tf,td->fd", a_tf, dy_td).astype(w_dtypes[1])
+    return _mm("ctf,td->cfd", dh_ctf, x_td).astype(w_dtypes[0]), dw_out
+
+
 def _experts_bwd(st, res, dy_td):
-    """``dh``, the gates' and the weights' gradients from the grouped backward kernels
-    (``backward="grouped"``, `triton_grouped_bwd`: ``dy W_outᵀ`` at the selected slots, each
-    expert's weight gradients summed over its tokens) or in XLA (``"xla"``: dense GEMMs and
-    elementwise passes over ``[t, f]``); then ``dx = dh W_in``, a dense GEMM over an array that
-    is 0 outside the selected slots (the down projection's argument: no block to skip). The
-    gates' gradient is 0 where unselected: the forward never reads those gates."""
+    """``dh`` and the gates' gradient from the grouped backward kernel (``backward="grouped"``,
+    `triton_grouped_bwd`: ``dy W_outᵀ`` at the selected slots) or in XLA (``"xla"``: a dense
+    GEMM and elementwise passes over ``[t, f]``); the weights' as dense GEMMs
+    (`_dense_weight_grads`) or, with ``weight_grads="grouped"`` and the grouped backward, each
+    expert's summed over its tokens by a kernel; then ``dx = dh W_in``, a dense GEMM over an
+    array that is 0 outside the selected slots (the down projection's argument: no block to
+    skip). The gates' gradient is 0 where unselected: the forward never reads those gates."""
     x_td, gate_te, w_in_cfd, w_out_fd, h_ctf, grouping = res
     t, e = gate_te.shape
     dt = x_td.dtype
@@ -289,22 +314,30 @@ def _experts_bwd(st, res, dy_td):
         kw = dict(g=st.g, block_m=st.block_m, block_d=st.block_d, warps=st.warps,
                   stages=st.stages, interpret=st.interpret)  # fmt: skip
         dh_ctf, dgate_te = bwd.grouped_backward(dy_td, w_out_fd, h_ctf, gate_te, grouping, **kw)
-        dw_in, dw_out = bwd.grouped_weight_grads(
-            x_td, dy_td, h_ctf, dh_ctf, gate_te, grouping, (w_in_cfd.dtype, w_out_fd.dtype), **kw
-        )
+        if st.weight_grads == "grouped":
+            dw_in, dw_out = bwd.grouped_weight_grads(
+                x_td,
+                dy_td,
+                h_ctf,
+                dh_ctf,
+                gate_te,
+                grouping,
+                (w_in_cfd.dtype, w_out_fd.dtype),
+                **kw,
+            )
     else:
         hg, hu = h_ctf[0].astype(jnp.float32), h_ctf[1].astype(jnp.float32)
         sg = jax.nn.sigmoid(hg)
         act_tf = hg * sg
         u_tf = act_tf * hu  # the ungated activation: 0 at unselected slots
-        gate_tf = jnp.repeat(gate_te, st.g, axis=-1)
         da_tf = _mm("td,fd->tf", dy_td, w_out_fd)
         dgate_te = jnp.sum((da_tf * u_tf).reshape(t, e, st.g), axis=-1)
-        dga_tf = da_tf * gate_tf
+        dga_tf = da_tf * jnp.repeat(gate_te, st.g, axis=-1)
         dh_ctf = jnp.stack([dga_tf * hu * sg * (1.0 + hg * (1.0 - sg)), dga_tf * act_tf])
         dh_ctf = dh_ctf.astype(dt)
-        dw_out = _mm("tf,td->fd", (gate_tf * u_tf).astype(dt), dy_td).astype(w_out_fd.dtype)
-        dw_in = _mm("ctf,td->cfd", dh_ctf, x_td).astype(w_in_cfd.dtype)
+    if st.backward == "xla" or st.weight_grads == "xla":
+        dw_in, dw_out = _dense_weight_grads(x_td, dy_td, h_ctf, dh_ctf, gate_te, st.g,
+                                            (w_in_cfd.dtype, w_out_fd.dtype))  # fmt: skip
     dx = _mm("ctf,cfd->td", dh_ctf, w_in_cfd)
     return dx.astype(dt), dgate_te, dw_in, dw_out, None
 
@@ -355,8 +388,11 @@ def sparse_ffn_grouped(
     block_m = tn["block_m"]
     if tn["backward"] not in _BACKWARDS:
         raise ValueError(f"backward must be one of {_BACKWARDS}, got {tn['backward']!r}")
+    if tn["weight_grads"] not in _WEIGHT_GRADS:
+        raise ValueError(f"weight_grads must be one of {_WEIGHT_GRADS}, got "
+                         f"{tn['weight_grads']!r}")  # fmt: skip
     static = _Launch(g, block_m, min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
-                     tn["stages"], interpret, tn["backward"])  # fmt: skip
+                     tn["stages"], interpret, tn["backward"], tn["weight_grads"])  # fmt: skip
     eg = resolve_expert_group(tn["expert_group"], t, d, g, x_td.dtype.itemsize)
     grouping = group_by_expert(sel.mask_te, k_max, block_m, eg)
     return _experts(static, x_td, gate_te, w_in_cfd, w_out_fd, grouping), sel.k_t

@@ -94,7 +94,12 @@ def kwargs(c: Case) -> dict:
 
 
 GRAD_ARGS = ("x", "router", "w_in", "w_out")
-GROUPED_BACKWARDS = ("grouped", "xla")  # the grouped GEMM's two backward forms
+# the grouped GEMM's backward forms: label -> its tuning (the first is the default)
+GROUPED_BACKWARDS = {
+    "grouped": {"backward": "grouped", "weight_grads": "xla"},
+    "grouped-dw": {"backward": "grouped", "weight_grads": "grouped"},
+    "xla": {"backward": "xla"},
+}
 
 
 def grad_loss(fn, c: Case):

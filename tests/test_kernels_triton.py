@@ -99,7 +99,8 @@ def test_grouped_gradients_match_reference(case, backward, interp_results):
 def test_grouped_gradient_launches(monkeypatch):
     """Differentiated, the layer's forward is one Triton launch — the up kernel that also
     writes the pre-activations — and its backward the grouped backward and weight-gradient
-    kernels (none with ``backward="xla"``); the primal alone launches the plain up kernel
+    kernels (the weight-gradient kernel only with ``weight_grads="grouped"``, none with
+    ``backward="xla"``); the primal alone launches the plain up kernel
     (``triton_call`` caught under ``jax.eval_shape``: jax-triton cannot be imported on a CPU
     jaxlib)."""
     import jax.numpy as jnp
@@ -121,15 +122,18 @@ def test_grouped_gradient_launches(monkeypatch):
     assert launched == [tg._grouped_up_kernel]
     from prunepath_jax.kernels import triton_grouped_bwd as tgb
 
-    grouped = [tg._grouped_up_h_kernel, tgb._grouped_bwd_kernel, tgb._grouped_dw_kernel]
-    for backward, kernels in (("grouped", grouped), ("xla", [tg._grouped_up_h_kernel])):
+    up, bwd, dw = tg._grouped_up_h_kernel, tgb._grouped_bwd_kernel, tgb._grouped_dw_kernel
+    want = {"grouped": [up, bwd], "grouped-dw": [up, bwd, dw], "xla": [up]}
+    for label, tuning in GROUPED_BACKWARDS.items():
         launched.clear()
-        fn = functools.partial(tg.sparse_ffn_grouped, backward=backward)
+        fn = functools.partial(tg.sparse_ffn_grouped, **tuning)
         grads = jax.eval_shape(jax.grad(grad_loss(fn, c), argnums=(0, 1, 2, 3)), *args)
-        assert launched == kernels, backward
+        assert launched == want[label], label
         assert [(g.shape, g.dtype) for g in grads] == [(a.shape, a.dtype) for a in args]
     with pytest.raises(ValueError, match="backward must be one of"):
         tg.sparse_ffn_grouped(*inputs(c), c.tau, **kwargs(c), backward="dense")
+    with pytest.raises(ValueError, match="weight_grads must be one of"):
+        tg.sparse_ffn_grouped(*inputs(c), c.tau, **kwargs(c), weight_grads="dense")
 
 
 def test_grouped_rejects_a_bad_expert_group():
@@ -151,7 +155,7 @@ def test_auto_expert_group_follows_the_l2_model():
     assert auto_expert_group(16384, 2048, 32) == 128  # 1B training: x 64 MB, slabs 256 KB
     assert auto_expert_group(32768, 2048, 32) == 128
     assert auto_expert_group(8192, 4096, 32) == 64  # 8B: slabs 512 KB
-    assert auto_expert_group(16384, 4096, 32, itemsize=4) == 16  # fp32: twice the bytes
+    assert auto_expert_group(16384, 4096, 32, itemsize=4) == 32  # fp32: half the bf16 group
     assert auto_expert_group(10**6, 2**16, 512, l2_bytes=2**20) == 1  # never below 1
     assert resolve_expert_group("auto", 16384, 2048, 32, 2) == 128
     assert resolve_expert_group("auto", 64, 2048, 32, 2) == 0
@@ -389,7 +393,8 @@ def test_grouped_gradients_on_gpu(case, backward, expert_group):
     both program orders)."""
     from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
 
-    fn = functools.partial(sparse_ffn_grouped, backward=backward, expert_group=expert_group)
+    fn = functools.partial(sparse_ffn_grouped, **GROUPED_BACKWARDS[backward],
+                           expert_group=expert_group)  # fmt: skip
     _check_grads(case, jax.jit(jax.grad(grad_loss(fn, case), argnums=(0, 1, 2, 3)))(*inputs(case)))
 
 

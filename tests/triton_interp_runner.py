@@ -52,7 +52,8 @@ def main(out: str) -> None:
         res[f"{c.name}+bf16x3/y"] = np.asarray(y.astype(np.float32))
         res[f"{c.name}+bf16x3/k"] = np.asarray(k)
     for c, bwd in itertools.product(GROUPED_CASES, GROUPED_BACKWARDS):  # the training forward
-        fn = functools.partial(sparse_ffn_grouped, interpret=True, block_m=16, backward=bwd)
+        fn = functools.partial(sparse_ffn_grouped, interpret=True, block_m=16,
+                               **GROUPED_BACKWARDS[bwd])  # fmt: skip
         grads = jax.grad(grad_loss(fn, c), argnums=(0, 1, 2, 3))(*inputs(c))
         for name, gr in zip(GRAD_ARGS, grads, strict=True):
             res[f"{c.name}+{bwd}/grad_{name}"] = np.asarray(gr.astype(np.float32))
