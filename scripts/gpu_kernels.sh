@@ -118,21 +118,10 @@ s57b)  # (not run; the forty-third session timed default / rows64 / rows64+rs3 a
     "rs3": {"router_stages": 3}, "all3": {"skinny_stage": true, "skinny_rows": 64,
     "router_stages": 3}}' --out "$OUT/megastep_batch_decode.jsonl"
   ;;
-s59c)  # the H200 rows behind the forty-fifth session's "auto" rule, measured there on an H100
-  # only: 2 sequences at 1B and 8B, the SmolLM2-135M shape at 2-16 (beside Pallas, its
-  # registry default), and a 4k cache at 1B / 8B with 2 and 16 sequences
-  run timeout 200 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
-    --batches 2 --check-steps 1 --chunks 4 --out "$OUT/megastep_batch_decode.jsonl"
-  run timeout 200 python3 benchmarks/megastep_batch_decode.py --shapes smollm2-135m \
-    --batches 16 2 8 4 --check-steps 1 --chunks 4 --ffn-impls pallas \
-    --out "$OUT/megastep_batch_decode.jsonl"
-  run timeout 190 python3 benchmarks/megastep_batch_decode.py --shapes llama-3.2-1b llama-3-8b \
-    --batches 16 2 --prompt-len 4000 --check-steps 0 --chunks 3 \
-    --out "$OUT/megastep_batch_decode.jsonl"
-  ;;
-s64b)  # (forty-eighth session) s64a's full training (backbone too: W_in / W_out gradients)
+s64b)  # (forty-eighth session) s64a's full training (backbone too: W_in / W_out gradients);
+  # (fiftieth) the weight gradients as dense GEMMs (kernels, now the default) or by the kernel
   run timeout 560 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes full \
-    --batch 8 --seq 2048 --steps 5 --ffn masked kernels kernels-xla-bwd --tau-target 0.9 \
+    --batch 8 --seq 2048 --steps 5 --ffn masked kernels kernels-dw --tau-target 0.9 \
     --router-scale 0.01 --out "$OUT/train_step.jsonl"
   ;;
 s64c)  # (forty-eighth session) the 1B router-only step (s64a, 8 x 2048 tokens; at tau 0.9,
@@ -140,30 +129,15 @@ s64c)  # (forty-eighth session) the 1B router-only step (s64a, 8 x 2048 tokens; 
   # start to pay, in both program orders (forty-ninth session)
   run timeout 560 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes router \
     --batch 8 --seq 2048 --steps 5 --ffn masked kernels --tau-target 0.5 \
-    --expert-group 0 128 --router-scale 0.01 --out "$OUT/train_step.jsonl"
+    --expert-group 0 auto --router-scale 0.01 --out "$OUT/train_step.jsonl"
   ;;
-s65a)  # (forty-ninth session) the grouped kernels' program order (tuning expert_group): the
-  # GPU tests in both orders, one 1B layer's forward / router / full gradients at 16384 tokens
-  # (x 64 MB, more than the L2) with each call's top kernels, and the 8B prefill layer
-  # (a CPU LRU model of a 50 MB L2 over the programs' reads, 1B at 16384 tokens, k/E 0.33: 1.81
-  # GB from HBM a layer expert by expert, 0.60 / 0.20 GB in groups of 32 / 128; 8B prefill at
-  # 4096 tokens: x fits, expert by expert is already the least, 0.27 GB). The same prefill at
-  # G 64 (the up kernel's tile 128 columns wide, not 64: twice the FLOPs per byte from L2)
-  # (fiftieth session: a whole call, so the full gradient, G 32 and the G 64 prefill are back;
-  # ordered by worth, as a call cut short by the device-time left still keeps the rows before)
-  run timeout 150 python3 benchmarks/ffn_grad.py --preset llama-3.2-1b --tokens 16384 \
-    --frac 0.33 --paths masked kernels --expert-groups 0 32 128 --kinds fwd router \
-    --profile --top 6 --iters 5 --out "$OUT/ffn_grad.jsonl"
-  run timeout 80 python3 benchmarks/ffn_kernels.py --fractions --prefill-trace --prefill-top 4 \
-    --prefill-tunings 128,64,8,4,shared,0 128,64,8,4,shared,32 128,64,8,4,shared,112 \
-    --out "$OUT/kernels.jsonl"
-  run timeout 70 python3 benchmarks/ffn_kernels.py --fractions --g 64 --prefill-trace \
-    --prefill-top 4 --prefill-tunings 128,64,8,4,shared,0 128,64,8,4,shared,112 \
-    --out "$OUT/kernels_g64.jsonl"
-  gpu_tests 90 tests/test_kernels_triton.py -k "eg4"
-  run timeout 150 python3 benchmarks/ffn_grad.py --preset llama-3.2-1b --tokens 16384 \
-    --frac 0.33 --paths masked kernels --expert-groups 0 128 --kinds full \
-    --profile --top 6 --iters 5 --out "$OUT/ffn_grad_full.jsonl"
+s66a)  # (fiftieth session) the new grouped-backward defaults in one 1B layer's full gradient
+  # (16384 tokens, k/E 0.33): weight gradients as dense GEMMs (kernels) vs the grouped
+  # weight-gradient kernel (kernels-dw: 7.39 of 13.2 ms on the H200 at 224e586) vs masked,
+  # in the "auto" order; then the same at k/E 0.12 (where a sparse weight gradient could pay)
+  run timeout 200 python3 benchmarks/ffn_grad.py --preset llama-3.2-1b --tokens 16384 \
+    --frac 0.33 0.12 --paths masked kernels kernels-dw --kinds full --profile --top 6 \
+    --iters 5 --out "$OUT/ffn_grad.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
