@@ -243,7 +243,7 @@ class _Launch(NamedTuple):
     stages: int
     interpret: bool
     backward: str
-    weight_grads: str = "xla"
+    weight_grads: str
 
 
 def _up(st: _Launch, x_td, w_in_cfd, gate_te, grouping, save_h: bool):
@@ -314,17 +314,6 @@ def _experts_bwd(st, res, dy_td):
         kw = dict(g=st.g, block_m=st.block_m, block_d=st.block_d, warps=st.warps,
                   stages=st.stages, interpret=st.interpret)  # fmt: skip
         dh_ctf, dgate_te = bwd.grouped_backward(dy_td, w_out_fd, h_ctf, gate_te, grouping, **kw)
-        if st.weight_grads == "grouped":
-            dw_in, dw_out = bwd.grouped_weight_grads(
-                x_td,
-                dy_td,
-                h_ctf,
-                dh_ctf,
-                gate_te,
-                grouping,
-                (w_in_cfd.dtype, w_out_fd.dtype),
-                **kw,
-            )
     else:
         hg, hu = h_ctf[0].astype(jnp.float32), h_ctf[1].astype(jnp.float32)
         sg = jax.nn.sigmoid(hg)
@@ -335,9 +324,12 @@ def _experts_bwd(st, res, dy_td):
         dga_tf = da_tf * jnp.repeat(gate_te, st.g, axis=-1)
         dh_ctf = jnp.stack([dga_tf * hu * sg * (1.0 + hg * (1.0 - sg)), dga_tf * act_tf])
         dh_ctf = dh_ctf.astype(dt)
-    if st.backward == "xla" or st.weight_grads == "xla":
-        dw_in, dw_out = _dense_weight_grads(x_td, dy_td, h_ctf, dh_ctf, gate_te, st.g,
-                                            (w_in_cfd.dtype, w_out_fd.dtype))  # fmt: skip
+    w_dtypes = (w_in_cfd.dtype, w_out_fd.dtype)
+    if st.backward == "grouped" and st.weight_grads == "grouped":
+        dw_in, dw_out = bwd.grouped_weight_grads(x_td, dy_td, h_ctf, dh_ctf, gate_te, grouping,
+                                                 w_dtypes, **kw)  # fmt: skip
+    else:
+        dw_in, dw_out = _dense_weight_grads(x_td, dy_td, h_ctf, dh_ctf, gate_te, st.g, w_dtypes)
     dx = _mm("ctf,cfd->td", dh_ctf, w_in_cfd)
     return dx.astype(dt), dgate_te, dw_in, dw_out, None
 

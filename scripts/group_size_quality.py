@@ -7,7 +7,8 @@ same fraction of FFN neurons skipped each token keeps fewer, less specific choic
 converts the model once per group size (balanced k-means, the training-free router
 initialisation on shipped training text, gate "none", as `make demo`), sweeps τ on held-out
 shipped text and writes one table of perplexity against realised FFN sparsity, with the dense
-model's perplexity beside it. CPU-sized by default (SmolLM2-135M, 4096 evaluation tokens).
+model's perplexity beside it. Default: SmolLM2-135M on 16 384 evaluation tokens (~10 min on 2
+CPU cores); 4096 tokens were too few to show the gap (BENCHMARKS.md, fiftieth session).
 
     python scripts/group_size_quality.py --group-sizes 32 64 --out results/group_size
 """
@@ -34,7 +35,7 @@ def main() -> None:
     ap.add_argument("--group-sizes", nargs="+", type=int, default=[32, 64])
     ap.add_argument("--taus", nargs="+", type=float, default=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     ap.add_argument("--calib-tokens", type=int, default=8192)
-    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--out", default="results/group_size")
     a = ap.parse_args()
     pre = load_pretrained(a.model)
