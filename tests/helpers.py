@@ -79,6 +79,22 @@ def fresh_cache_prompt_passes(model, tokens_bt, cache_len: int):
     return fresh, masked
 
 
+def fresh_traces() -> None:
+    """Forgets every compiled program, so the next jitted call traces again.
+
+    Why: spies that count a kernel's calls count traces, and ``flatjit.bind`` keeps one jitted
+    function per (model graph, step): a test whose model has the same graph and shapes as an
+    earlier test's would reuse that trace and see no calls (the H100 GPU run of 2026-12-06:
+    ``test_gpu_generate_pallas_attention_matches_xla[1]`` after the projection test's batch 1).
+    """
+    import jax
+
+    from prunepath_jax import flatjit
+
+    flatjit._bound.cache_clear()
+    jax.clear_caches()
+
+
 def prefill_cache(model, tokens_bt, cache_len: int):
     """The cache after one (XLA) prompt pass of ``tokens_bt`` from position 0 into an empty cache
     of ``cache_len`` positions in the model's dtype: the start of a decode-step comparison."""

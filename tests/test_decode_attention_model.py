@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_close, cuda_triton_calls, prefill_cache
+from helpers import assert_close, cuda_triton_calls, fresh_traces, prefill_cache
 
 from prunepath_jax import generate as gen_mod
 from prunepath_jax.config import PRESETS
@@ -40,6 +40,7 @@ def kernel_calls(monkeypatch):
     """Counts calls (traces under jit) of the split-K kernels, then runs them; each call's
     kwargs get ``"fn"``: which entry point ran (``decode_attention``: the plain kernel after
     XLA's RoPE and cache write; ``decode_attention_rope``: all three in the kernel)."""
+    fresh_traces()  # a cached trace from an earlier test would hide the calls
     calls = []
     for name in ("decode_attention", "decode_attention_rope"):
         real = getattr(pallas_attention, name)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_close, cuda_triton_calls, prefill_cache
+from helpers import assert_close, cuda_triton_calls, fresh_traces, prefill_cache
 
 from prunepath_jax.config import PRESETS
 from prunepath_jax.generate import generate
@@ -175,6 +175,7 @@ def _model(dtype, *, bias=False, layers=2, seed=0):
 @pytest.fixture
 def proj_calls(monkeypatch):
     """Counts (traces of) the projection kernel's calls, then runs it."""
+    fresh_traces()  # a cached trace from an earlier test would hide the calls
     calls = []
     real = pallas_proj.projection
 
