@@ -96,7 +96,9 @@ class TrainConfig:
     Triton GEMM and its backward kernel compute only the selected experts' up projection and
     `dy W_outᵀ` (`kernels/triton_grouped.py`); on a CPU the masked XLA path, as without it. On
     a mesh each device runs its rows of the batch under shard_map with the whole FFN weights
-    (gathered, as FSDP does for the masked path; a `model` axis computes the FFN redundantly)."""
+    (gathered, as FSDP does for the masked path; a `model` axis computes the FFN redundantly).
+    Off by default because it pays only at high sparsity: on an H100 the 1B step was 0.89× the
+    masked path at 45% FFN sparsity and 1.06× at 97% (BENCHMARKS.md, fifty-first session)."""
 
     # Devices.
     mesh_data: int = -1
