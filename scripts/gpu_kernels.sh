@@ -112,6 +112,14 @@ s67a)  # (fifty-first session) the two trace-counting GPU tests after their fres
   # trace from test_decode_proj's batch-1 test hid the kernel's calls), in the order that failed
   gpu_tests 200 tests/test_decode_proj.py tests/test_decode_attention_model.py
   ;;
+s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f1b: dynamic
+  # row blocks 8% faster at 8B and 14% at 1B with the attention / selection stand-ins, 6% slower
+  # at 8B without): do the H200's rows agree?
+  run timeout 200 python3 scripts/gluon_layer_probe.py --shape 8b --layers 8 --rings "6:4:4096" \
+    --latency "0:0,6.8:4.35" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
+  run timeout 150 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
+    --latency "0:0,5.5:2.6" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;
