@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import sys
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from common import (  # noqa: E402
     traced_events,
 )
 
+from prunepath_jax import routing  # noqa: E402
 from prunepath_jax.config import PRESETS, PrunePathConfig  # noqa: E402
 from prunepath_jax.nn import PrunePathFFN, RouteArgs  # noqa: E402
 
@@ -90,7 +92,8 @@ def dense_fn(w, x_td):
     return objective((jax.nn.silu(h[0]) * h[1]) @ w["w_out"])
 
 
-def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top, expert_groups):
+def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top, expert_groups,
+          router_bwds=("split",)):  # fmt: skip
     cfg, mlp, k, e = layer(preset, frac)
     x_btd = jax.random.normal(jax.random.key(2), (1, tokens, cfg.d_model), jnp.bfloat16)
     arg = RouteArgs(jnp.float32(0.9))
@@ -102,7 +105,9 @@ def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top, expert_
         emit({**fixed, "path": "dense", "kind": kind, "ms": ms})
     runs = [(n, "auto") for n in paths if PATHS[n][0] != "kernel"]
     runs += [(n, eg) for eg in expert_groups for n in paths if PATHS[n][0] == "kernel"]
-    for name, eg in runs:
+    for rb, (name, eg) in itertools.product(router_bwds, runs):
+        routing.BF16X3_BACKWARD = rb == "split"  # read when traced: each row traces anew
+        label = (name if eg == "auto" else f"{name}@eg{eg}") + ("" if rb == "split" else "+rbwd32")
         mode, backward = PATHS[name]
         tuning = {"expert_group": eg, **backward}
         mlp.compute = mode
@@ -113,8 +118,7 @@ def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top, expert_
             with grouped_tuning(**tuning):  # read when traced: the first call inside
                 fn = jax.jit(functools.partial(value_or_grads, kind, f, router="router"))
                 ms = time_fn(fn, params, x_btd, iters=iters) * 1e3
-                row = {**fixed, "path": name if eg == "auto" else f"{name}@eg{eg}", "kind": kind,
-                       "ms": ms}  # fmt: skip
+                row = {**fixed, "path": label, "kind": kind, "ms": ms}
                 if profile:
                     s = summarize(traced_events(fn, params, x_btd), 1)
                     row["busy_us"] = s.get("busy_us_per_step")
@@ -140,6 +144,14 @@ def main():
         help="the kernel paths once per tile order (triton_grouped.group_by_expert; rows of "
         "another order than the shipped 'auto' are labelled path@eg<G>)",
     )
+    ap.add_argument(
+        "--router-bwd",
+        nargs="+",
+        default=["split"],
+        choices=["split", "fp32"],
+        help="the bf16 router logits' backward: the tensor-core split (the default) and/or the "
+        "fp32 GEMMs it replaced (rows labelled path+rbwd32)",
+    )
     ap.add_argument("--profile", action="store_true", help="top kernels of one call per row")
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--out", default="results/ffn_grad.jsonl")
@@ -157,6 +169,7 @@ def main():
             a.profile,
             a.top,
             a.expert_groups,
+            a.router_bwd,
         )
     cols = ["preset", "tokens", "k", "e", "path", "kind", "ms", "busy_us"]
     print(markdown_table(rows, cols))

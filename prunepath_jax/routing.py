@@ -97,6 +97,9 @@ def init_router(d: int, e: int, dtype=jnp.float32) -> jax.Array:
 # (`router_logits_bf16x3`). Below it (decode: 1-16 tokens) the router GEMV is bound by bytes, and
 # the split's three bf16 copies would read 1.5x the fp32 router's.
 BF16X3_MIN_TOKENS = 64
+# The split's backward on tensor cores (`_bf16x3_bwd`); False: the fp32 GEMMs' backward, for
+# benchmarks that time both side by side (`benchmarks/ffn_grad.py --router-bwd`). Read when traced.
+BF16X3_BACKWARD = True
 
 
 def router_logits(w_de: jax.Array, x_td: jax.Array) -> jax.Array:
@@ -129,29 +132,36 @@ def router_logits_fp32(w_de: jax.Array, x_td: jax.Array) -> jax.Array:
     )
 
 
+def _split3(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """bf16 ``(a1, a2, a3)`` with ``a1 + a2 + a3 == a`` for fp32 ``a``: 8 + 8 + 8 bits of its
+    24-bit significand, exact wherever the remainders stay above bf16's (fp32's) underflow."""
+    a = a.astype(jnp.float32)
+    a1 = a.astype(jnp.bfloat16)
+    r1 = a - a1.astype(jnp.float32)
+    a2 = r1.astype(jnp.bfloat16)
+    return a1, a2, (r1 - a2.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _mm_f32(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` of bf16 operands with fp32 accumulation (one tensor-core GEMM)."""
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
 @jax.custom_vjp
 def router_logits_bf16x3(w_de: jax.Array, x_td: jax.Array) -> jax.Array:
     """fp32-accurate router logits for bf16 activations from one bf16 tensor-core GEMM.
 
     Why it is exact up to summation order: a bf16 ``x`` is exact in bf16, and an fp32 router is
-    exactly ``w1 + w2 + w3`` up to its last bit with ``w1 = bf16(w)``, ``w2 = bf16(w - w1)``,
-    ``w3 = bf16(w - w1 - w2)``; bf16 x bf16 products are exact in fp32, so one bf16 GEMM against
-    ``[w1 | w2 | w3]`` with fp32 accumulation and a sum of the three blocks gives the fp32
-    logits up to summation order (~1e-7 relative, the same order as two fp32 GEMMs that sum
-    differently). Other activation dtypes (fp16, fp32: not exact in bf16) take
-    ``router_logits_fp32``. The backward is the fp32 GEMM's (the split has no useful gradient).
+    exactly ``w1 + w2 + w3`` up to its last bit (`_split3`); bf16 x bf16 products are exact in
+    fp32, so one bf16 GEMM against ``[w1 | w2 | w3]`` with fp32 accumulation and a sum of the
+    three blocks gives the fp32 logits up to summation order (~1e-7 relative, the same order as
+    two fp32 GEMMs that sum differently). Other activation dtypes (fp16, fp32: not exact in
+    bf16) take ``router_logits_fp32``. The backward (`_bf16x3_bwd`) is split the same way.
     """
     if x_td.dtype != jnp.bfloat16:
         return router_logits_fp32(w_de, x_td)
-    w = w_de.astype(jnp.float32)
-    w1 = w.astype(jnp.bfloat16)
-    r1 = w - w1.astype(jnp.float32)
-    w2 = r1.astype(jnp.bfloat16)
-    w3 = (r1 - w2.astype(jnp.float32)).astype(jnp.bfloat16)
-    e = w.shape[-1]
-    parts = jnp.matmul(
-        x_td, jnp.concatenate([w1, w2, w3], axis=-1), preferred_element_type=jnp.float32
-    )
+    e = w_de.shape[-1]
+    parts = _mm_f32(x_td, jnp.concatenate(_split3(w_de), axis=-1))
     return parts[..., :e] + parts[..., e : 2 * e] + parts[..., 2 * e :]
 
 
@@ -160,7 +170,28 @@ def _bf16x3_fwd(w_de, x_td):
 
 
 def _bf16x3_bwd(res, g_te):
-    return jax.vjp(router_logits_fp32, *res)[1](g_te)
+    """The fp32 GEMMs' gradients, on tensor cores. Why: as fp32 GEMMs at ``HIGHEST`` they ran
+    without tensor cores — ~380 µs each for a 1B layer's 16 384 training tokens on an H100,
+    next to ~1.3 ms for its largest dense GEMM (BENCHMARKS.md, fifty-first session).
+
+    * ``dW = xᵀ g``: x is exact in bf16 and ``g = g1 + g2 + g3`` (`_split3`), so one GEMM
+      against ``[g1 | g2 | g3]`` gives it up to summation order, as the forward.
+    * ``dx = g Wᵀ``: both factors are fp32; of the nine products of their splits, the six of
+      order ``i + j ≤ 4`` (``g1w1, g1w2, g2w1, g1w3, g2w2, g3w1``, one GEMM with K = 6e) leave
+      out terms at or below fp32's last bit, and the result is rounded to x's bf16 anyway.
+    """
+    w_de, x_td = res
+    if x_td.dtype != jnp.bfloat16 or not BF16X3_BACKWARD:  # (the forward: the fp32 GEMM)
+        return jax.vjp(router_logits_fp32, w_de, x_td)[1](g_te)
+    d, e = w_de.shape
+    g1, g2, g3 = _split3(g_te)
+    w1, w2, w3 = _split3(w_de)
+    parts = _mm_f32(x_td.reshape(-1, d).T, jnp.concatenate([g1, g2, g3], -1).reshape(-1, 3 * e))
+    dw = parts[:, :e] + parts[:, e : 2 * e] + parts[:, 2 * e :]
+    lhs = jnp.concatenate([g1, g1, g2, g1, g2, g3], axis=-1)
+    rhs = jnp.concatenate([w1, w2, w1, w3, w2, w1], axis=-1)
+    dx = _mm_f32(lhs, rhs.T)
+    return dw.astype(w_de.dtype), dx.astype(x_td.dtype)
 
 
 router_logits_bf16x3.defvjp(_bf16x3_fwd, _bf16x3_bwd)

@@ -306,20 +306,86 @@ def test_router_logits_takes_the_split_only_for_bf16_prefill_on_cuda():
     assert "bf16" not in f32
 
 
-def test_bf16x3_backward_is_the_fp32_gemms():
-    """The split's gradient is the fp32 GEMM's (same cotangent, same result bit for bit), and
-    gradients flow through the platform dispatch under jit."""
+def test_bf16x3_backward_matches_the_fp32_gemms():
+    """The split's gradients: ``dW`` as close to the float64 product as the fp32 GEMM's (a lost
+    split term of the cotangent would be ~1e3x worse); ``dx``, rounded to x's bf16, equal to
+    the fp32 GEMM's but for rounding-boundary ties (at most one bf16 ulp); fp32 activations
+    keep the fp32 GEMM's gradients bit for bit; gradients flow through the platform dispatch
+    under jit."""
     kx, kw, kg = jax.random.split(jax.random.key(2), 3)
-    x = jax.random.normal(kx, (80, 48)).astype(jnp.bfloat16)
-    w = jax.random.normal(kw, (48, 12))
-    g = jax.random.normal(kg, (80, 12))
-    got = jax.vjp(R.router_logits_bf16x3, w, x)[1](g)
+    x = jax.random.normal(kx, (2, 80, 48)).astype(jnp.bfloat16)  # leading dims pass through
+    w = jax.random.normal(kw, (48, 12)) * jnp.logspace(-3, 1, 12)
+    g = jax.random.normal(kg, (2, 80, 12)) * jnp.logspace(-2, 2, 80)[:, None]
+    gw, gx = jax.vjp(R.router_logits_bf16x3, w, x)[1](g)
+    fw, fx = jax.vjp(R.router_logits_fp32, w, x)[1](g)
+    assert (gw.dtype, gx.dtype, gx.shape) == (fw.dtype, fx.dtype, x.shape)
+    x64, g64 = np.asarray(x, np.float64).reshape(-1, 48), np.asarray(g, np.float64).reshape(-1, 12)
+    dw_ref = x64.T @ g64
+    assert_close(gw, dw_ref, "op_fp32", "dw")
+    err_fp32 = np.abs(np.asarray(fw, np.float64) - dw_ref).max()
+    assert np.abs(np.asarray(gw, np.float64) - dw_ref).max() <= 4 * err_fp32 + 1e-9
+    g_bf16 = np.asarray(g.astype(jnp.bfloat16), np.float64).reshape(-1, 12)
+    assert np.abs(x64.T @ g_bf16 - dw_ref).max() > 100 * err_fp32
+    a, b = np.asarray(gx, np.float32), np.asarray(fx, np.float32)
+    ulp = np.spacing(np.abs(b)) * 2**16  # b is bf16-valued: one bf16 ulp
+    assert np.all(np.abs(a - b) <= ulp), "dx beyond one bf16 ulp of the fp32 GEMM's"
+    assert np.mean(a != b) < 0.01, "dx differs from the fp32 GEMM's in more than 1% of entries"
+    x32 = x.astype(jnp.float32) + 1e-3  # not exact in bf16: the fp32 GEMM's gradients
+    for got, want in zip(jax.vjp(R.router_logits_bf16x3, w, x32)[1](g),
+                         jax.vjp(R.router_logits_fp32, w, x32)[1](g), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    dw = jax.jit(jax.grad(lambda w, x: jnp.sum(R.router_logits(w, x) * g)))(w, x)
+    assert_close(dw, dw_ref, "op_fp32", "dw under jit")
+
+
+def test_bf16x3_backward_switch_gives_the_fp32_gemms(monkeypatch):
+    """``BF16X3_BACKWARD = False`` (the benchmarks' baseline) restores the fp32 GEMMs'
+    gradients bit for bit; the default split differs from them (so the switch is live)."""
+    kx, kw, kg = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(kx, (96, 40)).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (40, 16))
+    g = jax.random.normal(kg, (96, 16))
     want = jax.vjp(R.router_logits_fp32, w, x)[1](g)
-    for a, b in zip(got, want, strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    gw = jax.jit(jax.grad(lambda w, x: jnp.sum(R.router_logits(w, x) * g)))(w, x)
-    assert_close(gw, np.asarray(x, np.float64).T @ np.asarray(g, np.float64), "op_fp32", "dw")
+    split = jax.vjp(R.router_logits_bf16x3, w, x)[1](g)
+    assert not np.array_equal(np.asarray(split[0]), np.asarray(want[0]))
+    monkeypatch.setattr(R, "BF16X3_BACKWARD", False)
+    for got, ref in zip(jax.vjp(R.router_logits_bf16x3, w, x)[1](g), want, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_bf16x3_dx_product_is_fp32_accurate():
+    """``dx = g Wᵀ`` from the six split products, before its rounding to bf16: as close to the
+    float64 product as the fp32 GEMM (dropping a second-order product, e.g. g1w2, would be
+    ~1e2x worse)."""
+    kg, kw = jax.random.split(jax.random.key(3))
+    g = jax.random.normal(kg, (64, 40)) * jnp.logspace(-2, 2, 64)[:, None]
+    w = jax.random.normal(kw, (96, 40)) * jnp.logspace(-3, 1, 40)
+    g1, g2, g3 = R._split3(g)
+    w1, w2, w3 = R._split3(w)
+    lhs = jnp.concatenate([g1, g1, g2, g1, g2, g3], axis=-1)
+    rhs = jnp.concatenate([w1, w2, w1, w3, w2, w1], axis=-1)
+    got = np.asarray(R._mm_f32(lhs, rhs.T), np.float64)
+    ref = np.asarray(g, np.float64) @ np.asarray(w, np.float64).T
+    assert_close(got, ref, "op_fp32", "split dx")
+    fp32 = np.asarray(jnp.matmul(g, w.T, precision=jax.lax.Precision.HIGHEST), np.float64)
+    err_fp32 = np.abs(fp32 - ref).max()
+    assert np.abs(got - ref).max() <= 4 * err_fp32 + 1e-9
+    three = np.asarray(R._mm_f32(lhs[:, : 3 * 40], rhs[:, : 3 * 40].T), np.float64)
+    assert np.abs(three - ref).max() > 30 * err_fp32
+
+
+def test_bf16x3_backward_lowers_to_bf16_gemms_on_cuda():
+    """Under ``jax.grad`` on CUDA every dot of the split (forward and both gradients) is a bf16
+    tensor-core GEMM: no fp32 GEMM is left to run without tensor cores."""
+    w = jax.random.normal(jax.random.key(0), (64, 24))
+    x = jax.random.normal(jax.random.key(1), (2, R.BF16X3_MIN_TOKENS, 64)).astype(jnp.bfloat16)
+
+    def loss(w, x):
+        return jnp.sum(jnp.sin(R.router_logits(w, x)))
+
+    dots = _dots(jax.grad(loss, argnums=(0, 1)), w, x, platform="cuda")
+    assert len(dots) == 3
+    assert all(d.count("bf16") == 2 and d.endswith("xf32>") for d in dots), dots
 
 
 def test_gates_and_top_k():
