@@ -171,8 +171,9 @@ def _bf16x3_fwd(w_de, x_td):
 
 def _bf16x3_bwd(res, g_te):
     """The fp32 GEMMs' gradients, on tensor cores. Why: as fp32 GEMMs at ``HIGHEST`` they ran
-    without tensor cores — ~380 µs each for a 1B layer's 16 384 training tokens on an H100,
-    next to ~1.3 ms for its largest dense GEMM (BENCHMARKS.md, fifty-first session).
+    without tensor cores — one of them ~380 µs (17 GFLOP) in a 1B layer's gradient over 16 384
+    tokens on an H100, next to ~1.3 ms for its largest GEMM (1.1 TFLOP; BENCHMARKS.md,
+    fifty-first session). The split's gain is not timed yet.
 
     * ``dW = xᵀ g``: x is exact in bf16 and ``g = g1 + g2 + g3`` (`_split3`), so one GEMM
       against ``[g1 | g2 | g3]`` gives it up to summation order, as the forward.

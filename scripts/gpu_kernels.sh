@@ -121,7 +121,7 @@ s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f
     --latency "0:0,5.5:2.6" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
   ;;
 s67c)  # (fifty-first session, not timed yet) the bf16 router logits' backward on tensor cores
-  # (routing._bf16x3_bwd; was two fp32 GEMMs without tensor cores, ~380 µs each in a 1B layer's
+  # (routing._bf16x3_bwd; was fp32 GEMMs without tensor cores, one ~380 µs in a 1B layer's
   # gradient on an H100) against the fp32 backward, side by side: one 1B layer, router and full
   # gradients, masked and kernels, k/E 0.33 and 0.12, with the top kernels
   run timeout 300 python3 benchmarks/ffn_grad.py --preset llama-3.2-1b --tokens 16384 \
