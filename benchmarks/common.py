@@ -40,6 +40,21 @@ def router_logits_mode(mode: str):
 
 
 @contextlib.contextmanager
+def router_backward(mode: str):
+    """The bf16 router logits' backward, for an A/B within one run: ``"split"`` as shipped
+    (tensor-core GEMMs, `routing._bf16x3_bwd`), ``"fp32"`` the fp32 GEMMs it replaced. Read
+    when a function is traced: trace (jit) inside the block."""
+    if mode not in ("split", "fp32"):
+        raise ValueError(f"router backward must be 'split' or 'fp32', got {mode!r}")
+    shipped = routing.BF16X3_BACKWARD
+    routing.BF16X3_BACKWARD = mode == "split"
+    try:
+        yield
+    finally:
+        routing.BF16X3_BACKWARD = shipped
+
+
+@contextlib.contextmanager
 def grouped_tuning(**tuning):
     """`triton_grouped.DEFAULT_TUNING` with ``tuning`` on top (a backward form, a program
     order, tiles), the shipped values back afterwards. Read when a function is traced: trace

@@ -33,13 +33,13 @@ from common import (  # noqa: E402
     grouped_tuning,
     header,
     markdown_table,
+    router_backward,
     row_emitter,
     summarize,
     time_fn,
     traced_events,
 )
 
-from prunepath_jax import routing  # noqa: E402
 from prunepath_jax.config import PRESETS, PrunePathConfig  # noqa: E402
 from prunepath_jax.nn import PrunePathFFN, RouteArgs  # noqa: E402
 
@@ -106,7 +106,6 @@ def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top, expert_
     runs = [(n, "auto") for n in paths if PATHS[n][0] != "kernel"]
     runs += [(n, eg) for eg in expert_groups for n in paths if PATHS[n][0] == "kernel"]
     for rb, (name, eg) in itertools.product(router_bwds, runs):
-        routing.BF16X3_BACKWARD = rb == "split"  # read when traced: each row traces anew
         label = (name if eg == "auto" else f"{name}@eg{eg}") + ("" if rb == "split" else "+rbwd32")
         mode, backward = PATHS[name]
         tuning = {"expert_group": eg, **backward}
@@ -115,7 +114,7 @@ def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top, expert_
         graphdef, params, rest = nnx.split(mlp, nnx.Param, ...)
         f = layer_fn(graphdef, rest, arg)
         for kind in kinds:
-            with grouped_tuning(**tuning):  # read when traced: the first call inside
+            with grouped_tuning(**tuning), router_backward(rb):  # read when traced: inside
                 fn = jax.jit(functools.partial(value_or_grads, kind, f, router="router"))
                 ms = time_fn(fn, params, x_btd, iters=iters) * 1e3
                 row = {**fixed, "path": label, "kind": kind, "ms": ms}
