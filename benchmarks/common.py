@@ -55,6 +55,24 @@ def router_backward(mode: str):
 
 
 @contextlib.contextmanager
+def backward_precision(mode: str):
+    """The bf16 training step's backward products, for an A/B within one run: ``"shipped"``
+    (the router split's and the LM head's backward on bf16 tensor cores), ``"fp32"`` the float32
+    products both replaced (before the fifty-first session). Read when a function is traced."""
+    from prunepath_jax.models import layers
+
+    if mode not in ("shipped", "fp32"):
+        raise ValueError(f"backward precision must be 'shipped' or 'fp32', got {mode!r}")
+    shipped = layers.LOGITS_BACKWARD_IN_OPERAND_DTYPE
+    layers.LOGITS_BACKWARD_IN_OPERAND_DTYPE = mode == "shipped"
+    try:
+        with router_backward("split" if mode == "shipped" else "fp32"):
+            yield
+    finally:
+        layers.LOGITS_BACKWARD_IN_OPERAND_DTYPE = shipped
+
+
+@contextlib.contextmanager
 def grouped_tuning(**tuning):
     """`triton_grouped.DEFAULT_TUNING` with ``tuning`` on top (a backward form, a program
     order, tiles), the shipped values back afterwards. Read when a function is traced: trace

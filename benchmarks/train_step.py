@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    backward_precision,
     grouped_tuning,
     header,
     markdown_table,
@@ -143,6 +144,14 @@ def main(argv=None):
         "the fp32 GEMM at every size (what it was before), for a side-by-side run",
     )
     ap.add_argument(
+        "--backward",
+        nargs="+",
+        choices=["shipped", "fp32"],
+        default=["shipped"],
+        help="shipped: the router split's and the LM head's backward on bf16 tensor cores; "
+        "fp32: the float32 products they replaced (fifty-first session), side by side",
+    )
+    ap.add_argument(
         "--ffn",
         nargs="+",
         choices=list(FFN_MODES),
@@ -177,22 +186,23 @@ def main(argv=None):
     rows = []
     for name in a.preset:
         for mode in a.modes:
-            for logits in a.router_logits:
+            for logits, bwd in itertools.product(a.router_logits, a.backward):
                 runs = [(t, f, eg) for t, f in itertools.product(a.tau_target, a.ffn)
                         for eg in (a.expert_group if FFN_MODES[f] else [None])]  # fmt: skip
                 for tau, ffn, eg in runs:
-                    with router_logits_mode(logits), grouped_tuning(**ffn_tuning(ffn, eg)):
+                    with router_logits_mode(logits), grouped_tuning(**ffn_tuning(ffn, eg)), \
+                            backward_precision(bwd):  # fmt: skip
                         row = bench(name, mode, a.batch, a.seq, a.steps, mesh, a.peak_tflops,
                                     ffn, tau, a.router_scale)  # fmt: skip
-                    row["router_logits"] = logits
+                    row["router_logits"], row["backward"] = logits, bwd
                     if eg is not None:
                         row["ffn"] = f"{ffn}@eg{eg}"
                     print(row, flush=True)
                     rows.append(row)
     write_rows(a.out, rows)
-    cols = ["preset", "mode", "ffn", "tau", "sparsity", "router_logits", "devices", "batch",
-            "seq", "step_ms", "tokens_per_s", "mfu", "trainable_params", "opt_state_bytes",
-            "peak_mem_gib"]  # fmt: skip
+    cols = ["preset", "mode", "ffn", "tau", "sparsity", "router_logits", "backward", "devices",
+            "batch", "seq", "step_ms", "tokens_per_s", "mfu", "trainable_params",
+            "opt_state_bytes", "peak_mem_gib"]  # fmt: skip
     print(markdown_table(rows, cols))
 
 

@@ -130,6 +130,13 @@ s67c)  # (fifty-first session, not timed yet) the bf16 router logits' backward o
   PYTHONUNBUFFERED=1 run timeout 200 python3 -m pytest -q -rA -m gpu \
     tests/test_kernels_triton.py -k "grouped_gradients" -p no:cacheprovider
   ;;
+s67d)  # (fifty-first session, not timed yet) the bf16 step's backward products on tensor cores
+  # (the router split's and the LM head's, layers.logits_einsum) against the float32 products
+  # they replaced, side by side: the 1B step, full and router-only, masked FFN
+  run timeout 560 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes full router \
+    --batch 8 --seq 2048 --steps 5 --ffn masked --tau-target 0.9 --router-scale 0.01 \
+    --backward shipped fp32 --out "$OUT/train_step.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;

@@ -227,3 +227,43 @@ def test_cli_parse_rejects_bad_fields(tmp_path):
     good = tmp_path / "g.json"
     good.write_text('{"task": "sft", "seq_len": 32}')
     assert parse([str(good), "--batch-size", "4"]).batch_size == 4
+
+
+def test_logits_einsum_backward_runs_in_the_operands_dtype():
+    """The LM head's product: float32 logits; for bf16 operands the backward is the bf16
+    product's with the cotangent rounded to bf16 (mixed-precision training), within the bf16
+    tolerance of the float32 gradients; float32 operands keep the float32 backward bit for bit;
+    under ``jax.grad`` lowered for CUDA no product has float32 operands."""
+    from prunepath_jax.models.layers import logits_einsum
+
+    kx, kw, kg = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(kx, (2, 24, 64))
+    w = jax.random.normal(kw, (97, 64)) * 0.1
+    ct = jax.random.normal(kg, (2, 24, 97))
+    spec = "btd,vd->btv"
+    x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    out = logits_einsum(spec, x16, w16)
+    assert out.dtype == jnp.float32
+    ref = jnp.einsum(spec, x16, w16, preferred_element_type=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    got = jax.vjp(lambda a, b: logits_einsum(spec, a, b), x16, w16)[1](ct)
+    want16 = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x16, w16)[1](ct.astype(jnp.bfloat16))
+    f32 = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x16.astype(jnp.float32),
+                  w16.astype(jnp.float32))[1](ct)  # fmt: skip
+    for g, w_, r in zip(got, want16, f32, strict=True):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w_, np.float32))
+        assert_close(g, r, "bf16", "bf16 logits gradient vs float32")
+    got32 = jax.vjp(lambda a, b: logits_einsum(spec, a, b), x, w)[1](ct)
+    want32 = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, w)[1](ct)
+    for g, r in zip(got32, want32, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+
+    def loss(a, b):
+        return jnp.sum(jax.nn.log_softmax(logits_einsum(spec, a, b)))
+
+    text = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=["cuda"])(
+        x16, w16
+    ).mlir_module()
+    dots = [ln.split(" : ")[-1] for ln in text.splitlines() if "stablehlo.dot_general" in ln]
+    assert len(dots) == 3 and all("f32>, tensor" not in d for d in dots), dots  # fwd + 2 bwd

@@ -7,6 +7,7 @@ Normalisation and softmax run in float32 whatever the parameter dtype, as transf
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -25,6 +26,43 @@ def rms_norm(x_btd: jax.Array, w_d: jax.Array, eps: float) -> jax.Array:
     x32 = x_btd.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return w_d * x32.astype(x_btd.dtype)
+
+
+# `logits_einsum`'s backward in the operands' dtype; False: the float32 backward it replaced, for
+# benchmarks that time both side by side (`benchmarks/train_step.py --backward`). Read when traced.
+LOGITS_BACKWARD_IN_OPERAND_DTYPE = True
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def logits_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum(spec, a, b)`` accumulated and returned in float32 (output logits), with a
+    backward in the operands' dtype.
+
+    Why: the loss wants float32 logits, and JAX's transpose of a float32-output product of bf16
+    operands multiplies the float32 cotangent by the operands upcast to float32 — for the LM
+    head, the step's largest GEMMs (2 x 8.6 TFLOP for Llama-3.2-1B over 16 384 tokens) off the
+    bf16 tensor-core path. Here the cotangent is rounded to the operands' dtype first, as
+    mixed-precision training does (PyTorch's autocast, the bf16 path of most trainers); the
+    gradients reach the bf16 operands in their dtype either way. float32 operands keep the
+    exact float32 backward.
+    """
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _logits_fwd(spec, a, b):
+    return logits_einsum(spec, a, b), (a, b)
+
+
+def _logits_bwd(spec, res, ct):
+    a, b = res
+    if not LOGITS_BACKWARD_IN_OPERAND_DTYPE:
+        f32 = functools.partial(jnp.einsum, spec, preferred_element_type=jnp.float32)
+        return jax.vjp(f32, a, b)[1](ct)
+    _, vjp = jax.vjp(functools.partial(jnp.einsum, spec), a, b)
+    return vjp(ct.astype(jnp.result_type(a, b)))
+
+
+logits_einsum.defvjp(_logits_fwd, _logits_bwd)
 
 
 def layer_norm(x_btd: jax.Array, w_d: jax.Array, b_d: jax.Array, eps: float) -> jax.Array:
@@ -262,6 +300,4 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0)
 
     def attend(self, x_btd):
-        return jnp.einsum(
-            "btd,vd->btv", x_btd, self.embedding[...], preferred_element_type=jnp.float32
-        )
+        return logits_einsum("btd,vd->btv", x_btd, self.embedding[...])

@@ -28,6 +28,7 @@ from prunepath_jax.models.layers import (
     attention,
     cache_write,
     call_mask,
+    logits_einsum,
     rope_inv_freq,
     rope_tables,
 )
@@ -293,9 +294,7 @@ class LlamaModel(nnx.Module):
         x = self.norm(x_btd)
         if self.cfg.tie_embeddings:
             return self.embed_tokens.attend(x)
-        return jnp.einsum(
-            "btd,dv->btv", x, self.lm_head.kernel[...], preferred_element_type=jnp.float32
-        )
+        return logits_einsum("btd,dv->btv", x, self.lm_head.kernel[...])
 
     def __call__(
         self,
