@@ -23,7 +23,27 @@ def header() -> dict:
     return run_header()
 
 
+# The kernel paths' grouped-GEMM backward tunings, by the label the training benchmarks use
+# (`ffn_grad.py --paths`, `train_step.py --ffn`): weight gradients as dense GEMMs (the shipped
+# form), by the grouped kernel, or the whole backward in XLA.
+GROUPED_PATHS = {
+    "kernels": {"backward": "grouped"},
+    "kernels-dw": {"backward": "grouped", "weight_grads": "grouped"},
+    "kernels-xla-bwd": {"backward": "xla"},
+}
+
+
 @contextlib.contextmanager
+def _patched(obj, name: str, value):
+    """``obj.name = value`` inside the block, the shipped value back afterwards."""
+    shipped = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, shipped)
+
+
 def router_logits_mode(mode: str):
     """Every path's router logits, for an A/B within one run: ``"shared"`` is
     `routing.router_logits` as shipped (the tensor-core split for bf16 prefill on CUDA),
@@ -32,26 +52,16 @@ def router_logits_mode(mode: str):
     if mode not in ("shared", "fp32"):
         raise ValueError(f"router logits mode must be 'shared' or 'fp32', got {mode!r}")
     shipped = routing.BF16X3_MIN_TOKENS
-    routing.BF16X3_MIN_TOKENS = shipped if mode == "shared" else 1 << 62
-    try:
-        yield
-    finally:
-        routing.BF16X3_MIN_TOKENS = shipped
+    return _patched(routing, "BF16X3_MIN_TOKENS", shipped if mode == "shared" else 1 << 62)
 
 
-@contextlib.contextmanager
 def router_backward(mode: str):
     """The bf16 router logits' backward, for an A/B within one run: ``"split"`` as shipped
     (tensor-core GEMMs, `routing._bf16x3_bwd`), ``"fp32"`` the fp32 GEMMs it replaced. Read
     when a function is traced: trace (jit) inside the block."""
     if mode not in ("split", "fp32"):
         raise ValueError(f"router backward must be 'split' or 'fp32', got {mode!r}")
-    shipped = routing.BF16X3_BACKWARD
-    routing.BF16X3_BACKWARD = mode == "split"
-    try:
-        yield
-    finally:
-        routing.BF16X3_BACKWARD = shipped
+    return _patched(routing, "BF16X3_BACKWARD", mode == "split")
 
 
 @contextlib.contextmanager
@@ -63,13 +73,9 @@ def backward_precision(mode: str):
 
     if mode not in ("shipped", "fp32"):
         raise ValueError(f"backward precision must be 'shipped' or 'fp32', got {mode!r}")
-    shipped = layers.LOGITS_BACKWARD_IN_OPERAND_DTYPE
-    layers.LOGITS_BACKWARD_IN_OPERAND_DTYPE = mode == "shipped"
-    try:
-        with router_backward("split" if mode == "shipped" else "fp32"):
-            yield
-    finally:
-        layers.LOGITS_BACKWARD_IN_OPERAND_DTYPE = shipped
+    with _patched(layers, "LOGITS_BACKWARD_IN_OPERAND_DTYPE", mode == "shipped"), \
+            router_backward("split" if mode == "shipped" else "fp32"):  # fmt: skip
+        yield
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
+    GROUPED_PATHS,
     grouped_tuning,
     header,
     markdown_table,
@@ -44,9 +45,7 @@ from prunepath_jax.config import PRESETS, PrunePathConfig  # noqa: E402
 from prunepath_jax.nn import PrunePathFFN, RouteArgs  # noqa: E402
 
 # path name -> (compute mode, the grouped GEMM's backward tuning)
-PATHS = {"masked": ("masked", {}), "kernels": ("kernel", {"backward": "grouped"}),
-         "kernels-dw": ("kernel", {"backward": "grouped", "weight_grads": "grouped"}),
-         "kernels-xla-bwd": ("kernel", {"backward": "xla"})}  # fmt: skip
+PATHS = {"masked": ("masked", {}), **{n: ("kernel", tn) for n, tn in GROUPED_PATHS.items()}}
 KINDS = ("fwd", "router", "full")
 
 

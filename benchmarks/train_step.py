@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    GROUPED_PATHS,
     backward_precision,
     grouped_tuning,
     header,
@@ -62,9 +63,7 @@ def build(name: str, mesh, seed: int = 0, router_scale: float = 0.1):
     )
 
 
-FFN_MODES = {"masked": None, "kernels": {"backward": "grouped"},
-             "kernels-dw": {"backward": "grouped", "weight_grads": "grouped"},
-             "kernels-xla-bwd": {"backward": "xla"}}  # fmt: skip
+FFN_MODES = {"masked": None, **GROUPED_PATHS}
 
 
 def ffn_tuning(ffn: str, expert_group: int | None = None) -> dict:

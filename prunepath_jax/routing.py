@@ -147,6 +147,18 @@ def _mm_f32(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, preferred_element_type=jnp.float32)
 
 
+def _split_product_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a bᵀ`` of two fp32 arrays (``[..., k]``, ``[n, k]``) to fp32 accuracy from one bf16
+    GEMM: of the nine products of their splits (`_split3`), the six of order ``i + j ≤ 4``
+    (``a1b1, a1b2, a2b1, a1b3, a2b2, a3b1``, K = 6k); those left out are at or below fp32's
+    last bit."""
+    a1, a2, a3 = _split3(a)
+    b1, b2, b3 = _split3(b)
+    lhs = jnp.concatenate([a1, a1, a2, a1, a2, a3], axis=-1)
+    rhs = jnp.concatenate([b1, b2, b1, b3, b2, b1], axis=-1)
+    return _mm_f32(lhs, rhs.T)
+
+
 @jax.custom_vjp
 def router_logits_bf16x3(w_de: jax.Array, x_td: jax.Array) -> jax.Array:
     """fp32-accurate router logits for bf16 activations from one bf16 tensor-core GEMM.
@@ -177,21 +189,17 @@ def _bf16x3_bwd(res, g_te):
 
     * ``dW = xᵀ g``: x is exact in bf16 and ``g = g1 + g2 + g3`` (`_split3`), so one GEMM
       against ``[g1 | g2 | g3]`` gives it up to summation order, as the forward.
-    * ``dx = g Wᵀ``: both factors are fp32; of the nine products of their splits, the six of
-      order ``i + j ≤ 4`` (``g1w1, g1w2, g2w1, g1w3, g2w2, g3w1``, one GEMM with K = 6e) leave
-      out terms at or below fp32's last bit, and the result is rounded to x's bf16 anyway.
+    * ``dx = g Wᵀ``: both factors are fp32, so the six leading products of their splits
+      (`_split_product_nt`); the result is rounded to x's bf16 anyway.
     """
     w_de, x_td = res
     if x_td.dtype != jnp.bfloat16 or not BF16X3_BACKWARD:  # (the forward: the fp32 GEMM)
         return jax.vjp(router_logits_fp32, w_de, x_td)[1](g_te)
     d, e = w_de.shape
-    g1, g2, g3 = _split3(g_te)
-    w1, w2, w3 = _split3(w_de)
-    parts = _mm_f32(x_td.reshape(-1, d).T, jnp.concatenate([g1, g2, g3], -1).reshape(-1, 3 * e))
+    g_parts = jnp.concatenate(_split3(g_te), axis=-1).reshape(-1, 3 * e)
+    parts = _mm_f32(x_td.reshape(-1, d).T, g_parts)
     dw = parts[:, :e] + parts[:, e : 2 * e] + parts[:, 2 * e :]
-    lhs = jnp.concatenate([g1, g1, g2, g1, g2, g3], axis=-1)
-    rhs = jnp.concatenate([w1, w2, w1, w3, w2, w1], axis=-1)
-    dx = _mm_f32(lhs, rhs.T)
+    dx = _split_product_nt(g_te, w_de)
     return dw.astype(w_de.dtype), dx.astype(x_td.dtype)
 
 
