@@ -64,6 +64,17 @@ def router_backward(mode: str):
     return _patched(routing, "BF16X3_BACKWARD", mode == "split")
 
 
+def kernel_logits(mode: str):
+    """The kernel path's router logits, for an A/B within one run: ``"shared"`` as shipped (the
+    registry routes from the layer's own logits), ``"recomputed"`` the registry's second logits
+    product and backward pair per layer it replaced. Read when a function is traced."""
+    from prunepath_jax import nn
+
+    if mode not in ("shared", "recomputed"):
+        raise ValueError(f"kernel logits must be 'shared' or 'recomputed', got {mode!r}")
+    return _patched(nn, "SHARE_KERNEL_LOGITS", mode == "shared")
+
+
 @contextlib.contextmanager
 def backward_precision(mode: str):
     """The bf16 training step's backward products, for an A/B within one run: ``"shipped"``

@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     backward_precision,
     grouped_tuning,
     header,
+    kernel_logits,
     markdown_table,
     router_logits_mode,
     write_rows,
@@ -161,6 +162,15 @@ def main(argv=None):
         "kernels-dw: the weight gradients by the grouped kernel too; kernels-xla-bwd: the same "
         "forward with the backward's dy W_out^T and SwiGLU derivative in XLA",
     )
+    ap.add_argument(
+        "--kernel-logits",
+        nargs="+",
+        choices=["shared", "recomputed"],
+        default=["shared"],
+        help="the kernel modes' router logits: shared (the registry routes from the layer's "
+        "own, as shipped) or recomputed (a second product per layer, before the fifty-second "
+        "session), side by side",
+    )
     ap.add_argument("--tau-target", type=float, nargs="+", default=[0.5])
     ap.add_argument(
         "--expert-group",
@@ -186,16 +196,19 @@ def main(argv=None):
     for name in a.preset:
         for mode in a.modes:
             for logits, bwd in itertools.product(a.router_logits, a.backward):
-                runs = [(t, f, eg) for t, f in itertools.product(a.tau_target, a.ffn)
-                        for eg in (a.expert_group if FFN_MODES[f] else [None])]  # fmt: skip
-                for tau, ffn, eg in runs:
+                runs = [(t, f, eg, kl) for t, f in itertools.product(a.tau_target, a.ffn)
+                        for eg in (a.expert_group if FFN_MODES[f] else [None])
+                        for kl in (a.kernel_logits if FFN_MODES[f] else ["shared"])]  # fmt: skip
+                for tau, ffn, eg, kl in runs:
                     with router_logits_mode(logits), grouped_tuning(**ffn_tuning(ffn, eg)), \
-                            backward_precision(bwd):  # fmt: skip
+                            backward_precision(bwd), kernel_logits(kl):  # fmt: skip
                         row = bench(name, mode, a.batch, a.seq, a.steps, mesh, a.peak_tflops,
                                     ffn, tau, a.router_scale)  # fmt: skip
                     row["router_logits"], row["backward"] = logits, bwd
                     if eg is not None:
                         row["ffn"] = f"{ffn}@eg{eg}"
+                    if kl != "shared":
+                        row["ffn"] += f"+{kl}"
                     print(row, flush=True)
                     rows.append(row)
     write_rows(a.out, rows)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from prunepath_jax import routing
 from prunepath_jax.kernels import jt
-from prunepath_jax.kernels.reference import route_reference
+from prunepath_jax.kernels.reference import check_logits, route_reference
 from prunepath_jax.models.layers import activation as _activation
 from prunepath_jax.models.layers import rms_norm
 
@@ -161,6 +161,7 @@ def sparse_ffn(
     implementation: str | None = None,
     norm_d: jax.Array | None = None,
     norm_eps: float = 1e-6,
+    logits_te: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One PrunePath FFN layer on ``x_td [t, d]``: ``(y_td in x's dtype, k_t int32 [t])``.
 
@@ -170,6 +171,12 @@ def sparse_ffn(
     ``norm_d`` (an RMSNorm weight ``[d]``) ``x_td`` is the residual stream and the layer is
     ``FFN(rms_norm(x_td, norm_d, norm_eps))``: the Pallas decode path normalises inside its
     router-logits kernel, the others in XLA first.
+
+    ``logits_te`` (float32 ``[t, E]``): the router logits of the (normalised) tokens when the
+    caller has them already, as the model layer does for its routing statistics; the grouped
+    GEMM and the XLA path then route from them (one logits product per layer in the training
+    step instead of two). The decode kernels compute the logits inside their launch and refuse
+    them (``ValueError``).
     """
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, "
@@ -189,6 +196,13 @@ def sparse_ffn(
         if implementation is not None:
             raise ValueError(f"implementation={implementation!r} cannot run this input: {why}")
         impl = "xla"
+    if logits_te is not None:
+        check_logits(logits_te, t, w_in_cfd.shape[1] // group_size)
+        if impl == "pallas" or (impl == "triton" and t <= DECODE_MAX_TOKENS):
+            raise ValueError(
+                f"implementation={impl!r} at t={t} is a decode kernel, which computes the router "
+                f"logits inside its launch: pass logits_te for t > {DECODE_MAX_TOKENS} or 'xla'"
+            )
     if implementation is not None:
         not_ready = _backend_ready(impl)
         if not_ready is not None:
@@ -212,9 +226,10 @@ def sparse_ffn(
             )
         from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
 
-        return sparse_ffn_grouped(x_td, router_de, w_in_cfd, w_out_fd, tau, **kw)
+        return sparse_ffn_grouped(x_td, router_de, w_in_cfd, w_out_fd, tau, logits_te=logits_te,
+                                  **kw)  # fmt: skip
     _, _, gate_te, k_t = route_reference(
-        x_td, router_de, tau, rule=rule, gate=gate, k_min=k_min, k_max=k_max
+        x_td, router_de, tau, rule=rule, gate=gate, k_min=k_min, k_max=k_max, logits_te=logits_te
     )
     y = xla_masked(x_td, gate_te, w_in_cfd, w_out_fd, group_size=group_size,
                    activation=activation, b_in_cf=b_in_cf, b_out_d=b_out_d)  # fmt: skip

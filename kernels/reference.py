@@ -24,6 +24,14 @@ from prunepath_jax.models.layers import activation as _activation
 _HI = jax.lax.Precision.HIGHEST
 
 
+def check_logits(logits_te: jax.Array, t: int, e: int) -> None:
+    """A caller's precomputed router logits must be the float32 ``[t, E]`` the router makes:
+    anything else would route from the wrong numbers silently."""
+    if logits_te.shape != (t, e) or logits_te.dtype != jnp.float32:
+        raise ValueError(f"logits_te must be float32 [t, E] = [{t}, {e}], got "
+                         f"{logits_te.dtype} {list(logits_te.shape)}")  # fmt: skip
+
+
 def route_reference(
     x_td: jax.Array,
     router_de: jax.Array,
@@ -33,13 +41,18 @@ def route_reference(
     gate: routing.GateMode = "sigmoid",
     k_min: int = 1,
     k_max: int | None = None,
+    logits_te: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The routing half of the layer, as the kernels must reproduce it.
+
+    ``logits_te``: the router logits of ``x_td`` when the caller has them already (the model
+    layer computes them for its routing statistics); computed here otherwise.
 
     Returns:
         ``(logits_te f32, mask_te bool, gate_te f32 (0 where unselected), k_t int32)``.
     """
-    logits_te = routing.router_logits(router_de, x_td)
+    if logits_te is None:
+        logits_te = routing.router_logits(router_de, x_td)
     sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
     gate_te = routing.gates(logits_te, sel.mask_te, gate)
     return logits_te, sel.mask_te, gate_te, sel.k_t

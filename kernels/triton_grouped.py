@@ -47,6 +47,7 @@ import triton.language as tl
 
 from prunepath_jax import routing
 from prunepath_jax.kernels import jt
+from prunepath_jax.kernels.reference import check_logits
 from prunepath_jax.kernels.triton_decode import expert_gate_up_rows, expert_swiglu_rows
 
 
@@ -350,6 +351,7 @@ def sparse_ffn_grouped(
     k_min: int = 1,
     k_max: int | None = None,
     interpret: bool = False,
+    logits_te: jax.Array | None = None,
     **tuning,
 ) -> tuple[jax.Array, jax.Array]:
     """One SwiGLU PrunePath FFN layer for any number of tokens: ``(y_td, k_t int32)``.
@@ -357,6 +359,12 @@ def sparse_ffn_grouped(
     Differentiable (the training forward): ``y_td``'s gradients reach ``x_td``, ``router_de``
     (through the sigmoid gates and the router logits), ``w_in_cfd`` and ``w_out_fd``; see
     `_experts`. ``tau`` and the selection are discrete and get none, as in the XLA path.
+
+    ``logits_te`` (float32 ``[t, E]``): the router logits of ``x_td`` when the caller has them
+    (the model layer computes them for its routing statistics). The training step then has one
+    logits product per layer, and its backward one pair, fed the statistics' and the gates'
+    cotangents summed, instead of two (``router_de`` gets its gradient through the caller's
+    logits).
     """
     t, d = x_td.shape
     c, f, _ = w_in_cfd.shape
@@ -374,7 +382,13 @@ def sparse_ffn_grouped(
     k_max = e if k_max is None else min(k_max, e)
     if tn["router_logits"] not in _LOGITS:
         raise ValueError(f"router_logits must be one of {sorted(_LOGITS)}: {tn['router_logits']!r}")
-    logits_te = _LOGITS[tn["router_logits"]](router_de, x_td)
+    if logits_te is None:
+        logits_te = _LOGITS[tn["router_logits"]](router_de, x_td)
+    elif tn["router_logits"] != "shared":
+        raise ValueError(f"router_logits={tn['router_logits']!r} picks how the layer computes its "
+                         "logits; with logits_te given it computes none")  # fmt: skip
+    else:
+        check_logits(logits_te, t, e)
     sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
     gate_te = routing.gates(logits_te, sel.mask_te, gate)
     block_m = tn["block_m"]

@@ -110,8 +110,8 @@ def router_logits(w_de: jax.Array, x_td: jax.Array) -> jax.Array:
     (the masked XLA path, the grouped-GEMM prefill, training, router initialisation), so at the
     same input they get the same logits bit for bit and select the same experts. How:
     ``router_logits_fp32`` (an fp32 GEMM at ``Precision.HIGHEST``) in general;
-    ``router_logits_bf16x3`` (the same logits up to summation order, on tensor cores, fp32
-    backward) for bf16 activations of at least ``BF16X3_MIN_TOKENS`` tokens lowered for CUDA,
+    ``router_logits_bf16x3`` (the same logits up to summation order, forward and backward on
+    tensor cores) for bf16 activations of at least ``BF16X3_MIN_TOKENS`` tokens lowered for CUDA,
     where the fp32 GEMM runs without tensor cores (335 of 2200 µs of a 4096-token Llama-3-8B
     grouped-GEMM layer on the H200, BENCHMARKS.md).
     """

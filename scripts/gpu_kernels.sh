@@ -137,6 +137,17 @@ s67d)  # (fifty-first session, not timed yet) the bf16 step's backward products 
     --batch 8 --seq 2048 --steps 5 --ffn masked --tau-target 0.9 --router-scale 0.01 \
     --backward shipped fp32 --out "$OUT/train_step.jsonl"
   ;;
+s68a)  # (fifty-second session) the kernel path's router logits computed once per layer (the
+  # registry routes from the layer's own: one logits product and one backward pair, not two)
+  # against the recomputed ones, side by side with the masked path: the 1B step, full training
+  # at tau 0.9 (~45% sparsity) and router-only at tau 0.5 (~97%)
+  run timeout 200 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes full \
+    --batch 8 --seq 2048 --steps 5 --ffn masked kernels --kernel-logits shared recomputed \
+    --tau-target 0.9 --router-scale 0.01 --out "$OUT/train_step.jsonl"
+  run timeout 170 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes router \
+    --batch 8 --seq 2048 --steps 5 --ffn masked kernels --kernel-logits shared recomputed \
+    --tau-target 0.5 --router-scale 0.01 --out "$OUT/train_step.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;
