@@ -146,11 +146,14 @@ def test_kernel_layer_has_one_router_product_and_one_backward_pair(implementatio
     assert len(_router_products(loss, params, x)) == 6
 
 
-def test_kernel_layer_gradients_equal_the_masked_layer():
-    """The shared logits change where the router's gradient is summed, not its value."""
+@pytest.mark.parametrize("implementation", ["xla", pytest.param("triton", marks=pytest.mark.gpu)])
+def test_kernel_layer_gradients_equal_the_masked_layer(implementation):
+    """The shared logits change where the router's gradient is summed, not its value: the
+    layer's training gradients (output and statistics in the loss) through the registry equal
+    the masked layer's, on a GPU through the grouped Triton GEMM and its backward kernel."""
     x = jax.random.normal(jax.random.key(2), (2, T // 2, 64))
     grads = []
-    for compute, impl in (("masked", None), ("kernel", "xla")):
+    for compute, impl in (("masked", None), ("kernel", implementation)):
         loss, params = _training_loss(_layer(compute, impl))
         with jax.default_matmul_precision("highest"):
             grads.append(jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x))
