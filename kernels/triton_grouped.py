@@ -286,7 +286,7 @@ def _experts_fwd(st, x_td, gate_te, w_in_cfd, w_out_fd, grouping):
     return y_td, (x_td, gate_te, w_in_cfd, w_out_fd, h_ctf, grouping)
 
 
-def _dense_weight_grads(x_td, dy_td, h_ctf, dh_ctf, gate_te, g: int, w_dtypes):
+def _dense_weight_grads(x_td, dy_td, h_ctf, dh_tcf, gate_te, g: int, w_dtypes):
     """``(dW_in [2, f, d], dW_out [f, d])`` as dense GEMMs: ``dh`` and the gated activation
     are 0 outside the selected slots, so summing over every token gives each expert's sum over
     its own tokens (cuBLAS at full tensor-core rate beats the grouped kernel's gathered rows
@@ -295,7 +295,7 @@ def _dense_weight_grads(x_td, dy_td, h_ctf, dh_ctf, gate_te, g: int, w_dtypes):
     a_tf = hg * jax.nn.sigmoid(hg) * h_ctf[1].astype(jnp.float32)
     a_tf = (a_tf * jnp.repeat(gate_te, g, axis=-1)).astype(x_td.dtype)
     dw_out = _mm("tf,td->fd", a_tf, dy_td).astype(w_dtypes[1])
-    return _mm("ctf,td->cfd", dh_ctf, x_td).astype(w_dtypes[0]), dw_out
+    return _mm("tcf,td->cfd", dh_tcf, x_td).astype(w_dtypes[0]), dw_out
 
 
 def _experts_bwd(st, res, dy_td):
@@ -314,7 +314,7 @@ def _experts_bwd(st, res, dy_td):
 
         kw = dict(g=st.g, block_m=st.block_m, block_d=st.block_d, warps=st.warps,
                   stages=st.stages, interpret=st.interpret)  # fmt: skip
-        dh_ctf, dgate_te = bwd.grouped_backward(dy_td, w_out_fd, h_ctf, gate_te, grouping, **kw)
+        dh_tcf, dgate_te = bwd.grouped_backward(dy_td, w_out_fd, h_ctf, gate_te, grouping, **kw)
     else:
         hg, hu = h_ctf[0].astype(jnp.float32), h_ctf[1].astype(jnp.float32)
         sg = jax.nn.sigmoid(hg)
@@ -323,15 +323,16 @@ def _experts_bwd(st, res, dy_td):
         da_tf = _mm("td,fd->tf", dy_td, w_out_fd)
         dgate_te = jnp.sum((da_tf * u_tf).reshape(t, e, st.g), axis=-1)
         dga_tf = da_tf * jnp.repeat(gate_te, st.g, axis=-1)
-        dh_ctf = jnp.stack([dga_tf * hu * sg * (1.0 + hg * (1.0 - sg)), dga_tf * act_tf])
-        dh_ctf = dh_ctf.astype(dt)
+        # token-major, as the kernel's: dx's GEMM below then needs no transpose
+        dh_tcf = jnp.stack([dga_tf * hu * sg * (1.0 + hg * (1.0 - sg)), dga_tf * act_tf], axis=1)
+        dh_tcf = dh_tcf.astype(dt)
     w_dtypes = (w_in_cfd.dtype, w_out_fd.dtype)
     if st.backward == "grouped" and st.weight_grads == "grouped":
-        dw_in, dw_out = bwd.grouped_weight_grads(x_td, dy_td, h_ctf, dh_ctf, gate_te, grouping,
+        dw_in, dw_out = bwd.grouped_weight_grads(x_td, dy_td, h_ctf, dh_tcf, gate_te, grouping,
                                                  w_dtypes, **kw)  # fmt: skip
     else:
-        dw_in, dw_out = _dense_weight_grads(x_td, dy_td, h_ctf, dh_ctf, gate_te, st.g, w_dtypes)
-    dx = _mm("ctf,cfd->td", dh_ctf, w_in_cfd)
+        dw_in, dw_out = _dense_weight_grads(x_td, dy_td, h_ctf, dh_tcf, gate_te, st.g, w_dtypes)
+    dx = _mm("tcf,cfd->td", dh_tcf, w_in_cfd)
     return dx.astype(dt), dgate_te, dw_in, dw_out, None
 
 
