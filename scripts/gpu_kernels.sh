@@ -156,8 +156,11 @@ s68b)  # (fifty-second session, not timed) dh token-major ([t, 2, f]) so dx = dh
   run timeout 200 python3 benchmarks/ffn_grad.py --preset llama-3.2-1b --tokens 16384 \
     --frac 0.33 0.12 --paths masked kernels --kinds router full --profile --top 10 --iters 5 \
     --out "$OUT/ffn_grad.jsonl"
-  run timeout 200 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes full router \
+  run timeout 150 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes full \
     --batch 8 --seq 2048 --steps 5 --ffn masked kernels --tau-target 0.9 --router-scale 0.01 \
+    --out "$OUT/train_step.jsonl"
+  run timeout 150 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes router \
+    --batch 8 --seq 2048 --steps 5 --ffn masked kernels --tau-target 0.5 --router-scale 0.01 \
     --out "$OUT/train_step.jsonl"
   gpu_tests 150 tests/test_shared_logits.py tests/test_kernels_triton.py -k "grouped_gradients or shared"
   ;;
