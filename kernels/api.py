@@ -29,7 +29,7 @@ from prunepath_jax import routing
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.reference import check_logits, route_reference
 from prunepath_jax.models.layers import activation as _activation
-from prunepath_jax.models.layers import rms_norm
+from prunepath_jax.models.layers import logits_einsum, rms_norm
 
 IMPLEMENTATIONS = ("xla", "triton", "pallas")
 DECODE_MAX_TOKENS = 16
@@ -129,15 +129,25 @@ def xla_masked(
     x_td, gate_te, w_in_cfd, w_out_fd, *, group_size, activation="silu", b_in_cf=None,
     b_out_d=None,
 ):  # fmt: skip
-    """The masked XLA FFN: dense matmuls in the weights' dtype, float32 accumulation."""
-    hi = jax.lax.Precision.HIGHEST if x_td.dtype == jnp.float32 else None
-    h = jnp.einsum("td,cfd->tcf", x_td, w_in_cfd, precision=hi, preferred_element_type=jnp.float32)
+    """The masked XLA FFN: dense matmuls in the weights' dtype, float32 accumulation.
+
+    Differentiated (training through the registry where the kernels cannot run: GELU, biases)
+    the bf16 products' backward stays on bf16 tensor cores (`layers.logits_einsum`: the float32
+    cotangent rounded to bf16 first, as the masked model path computes in bf16 throughout);
+    JAX's own transpose would multiply the float32 cotangent by the weights upcast to float32.
+    """
+    if x_td.dtype == jnp.float32:
+        mm = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST,
+                               preferred_element_type=jnp.float32)  # fmt: skip
+    else:
+        mm = logits_einsum
+    h = mm("td,cfd->tcf", x_td, w_in_cfd)
     if b_in_cf is not None:
         h = h + b_in_cf.astype(jnp.float32)
     act = _activation(activation)
     a_tf = act(h[:, 0]) * h[:, 1] if h.shape[1] == 2 else act(h[:, 0])
     a_tf = (a_tf * jnp.repeat(gate_te, group_size, axis=-1)).astype(x_td.dtype)
-    y = jnp.matmul(a_tf, w_out_fd, precision=hi, preferred_element_type=jnp.float32)
+    y = mm("tf,fd->td", a_tf, w_out_fd)
     if b_out_d is not None:
         y = y + b_out_d.astype(jnp.float32)
     return y.astype(x_td.dtype)

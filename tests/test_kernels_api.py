@@ -1,5 +1,6 @@
 """The kernel registry: backend choice, fallbacks, clear errors, and the model/generate wiring."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -99,6 +100,40 @@ def test_decode_kernels_refuse_gradients_clearly():
         jax.jit(jax.grad(loss(double)))(x)
     xla = lambda *a: api.sparse_ffn(*a, **kwargs(c), implementation="xla")  # noqa: E731
     assert np.abs(np.asarray(jax.grad(loss(xla))(x))).max() > 0
+
+
+def _operand_types(text: str) -> list[tuple[str, str]]:
+    """The two operand element types of every ``dot_general`` in a StableHLO module."""
+    pat = re.compile(r"stablehlo\.dot_general .*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)")
+    return [m.groups() for m in map(pat.search, text.splitlines()) if m]
+
+
+def test_xla_backward_of_bf16_products_stays_in_bf16(monkeypatch):
+    """The registry's XLA path (training where the kernels cannot run: GELU, biases), bf16,
+    differentiated and exported for CUDA: every product's operands are bf16 — the FFN's two and
+    their four backward products, and the router logits' tensor-core split (80 tokens) — where
+    JAX's own transpose of the float32-output products multiplied by float32 operands."""
+    from prunepath_jax.models import layers
+
+    x = jax.random.normal(jax.random.key(0), (80, 64), jnp.bfloat16)
+    r = jax.random.normal(jax.random.key(1), (64, 8)) * 0.3
+    wi = (jax.random.normal(jax.random.key(2), (1, 128, 64)) * 0.1).astype(jnp.bfloat16)
+    wo = (jax.random.normal(jax.random.key(3), (128, 64)) * 0.1).astype(jnp.bfloat16)
+    kw = dict(group_size=16, activation="gelu_new", b_out_d=jnp.zeros(64, jnp.bfloat16),
+              implementation="xla")  # fmt: skip
+
+    def exported_dots():
+        def loss(x, r, wi, wo):
+            return jnp.sum(api.sparse_ffn(x, r, wi, wo, 0.7, **kw)[0].astype(jnp.float32))
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+        return _operand_types(jax.export.export(grad, platforms=["cuda"])(x, r, wi, wo)
+                              .mlir_module())  # fmt: skip
+
+    dots = exported_dots()
+    assert len(dots) >= 6 and all(t == ("bf16", "bf16") for t in dots), dots
+    monkeypatch.setattr(layers, "LOGITS_BACKWARD_IN_OPERAND_DTYPE", False)  # the A/B switch
+    assert sum("f32" in t for t in exported_dots()) >= 4
 
 
 def test_default_backend_follows_the_measured_order(monkeypatch):
