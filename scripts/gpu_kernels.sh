@@ -107,11 +107,6 @@ s57b)  # (not run; the forty-third session timed default / rows64 / rows64+rs3 a
     "rs3": {"router_stages": 3}, "all3": {"skinny_stage": true, "skinny_rows": 64,
     "router_stages": 3}}' --out "$OUT/megastep_batch_decode.jsonl"
   ;;
-s67a)  # (fifty-first session) the two trace-counting GPU tests after their fresh-traces fix
-  # (test_gpu_generate_pallas_attention_matches_xla[1] failed on an H100 at 3a71f1b: a cached
-  # trace from test_decode_proj's batch-1 test hid the kernel's calls), in the order that failed
-  gpu_tests 200 tests/test_decode_proj.py tests/test_decode_attention_model.py
-  ;;
 s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f1b: dynamic
   # row blocks 8% faster at 8B and 14% at 1B with the attention / selection stand-ins, 6% slower
   # at 8B without): do the H200's rows agree?
@@ -119,34 +114,6 @@ s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f
     --latency "0:0,6.8:4.35" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
   run timeout 150 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
-  ;;
-s67c)  # (fifty-first session, not timed yet) the bf16 router logits' backward on tensor cores
-  # (routing._bf16x3_bwd; was fp32 GEMMs without tensor cores, one ~380 µs in a 1B layer's
-  # gradient on an H100) against the fp32 backward, side by side: one 1B layer, router and full
-  # gradients, masked and kernels, k/E 0.33 and 0.12, with the top kernels
-  run timeout 300 python3 benchmarks/ffn_grad.py --preset llama-3.2-1b --tokens 16384 \
-    --frac 0.33 0.12 --paths masked kernels --kinds router full --router-bwd split fp32 \
-    --profile --top 8 --iters 5 --out "$OUT/ffn_grad.jsonl"
-  PYTHONUNBUFFERED=1 run timeout 200 python3 -m pytest -q -rA -m gpu \
-    tests/test_kernels_triton.py -k "grouped_gradients" -p no:cacheprovider
-  ;;
-s67d)  # (fifty-first session, not timed yet) the bf16 step's backward products on tensor cores
-  # (the router split's and the LM head's, layers.logits_einsum) against the float32 products
-  # they replaced, side by side: the 1B step, full and router-only, masked FFN
-  run timeout 560 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes full router \
-    --batch 8 --seq 2048 --steps 5 --ffn masked --tau-target 0.9 --router-scale 0.01 \
-    --backward shipped fp32 --out "$OUT/train_step.jsonl"
-  ;;
-s68a)  # (fifty-second session) the kernel path's router logits computed once per layer (the
-  # registry routes from the layer's own: one logits product and one backward pair, not two)
-  # against the recomputed ones, side by side with the masked path: the 1B step, full training
-  # at tau 0.9 (~45% sparsity) and router-only at tau 0.5 (~97%)
-  run timeout 200 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes full \
-    --batch 8 --seq 2048 --steps 5 --ffn masked kernels --kernel-logits shared recomputed \
-    --tau-target 0.9 --router-scale 0.01 --out "$OUT/train_step.jsonl"
-  run timeout 170 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes router \
-    --batch 8 --seq 2048 --steps 5 --ffn masked kernels --kernel-logits shared recomputed \
-    --tau-target 0.5 --router-scale 0.01 --out "$OUT/train_step.jsonl"
   ;;
 s68b)  # (fifty-second session, not timed) dh token-major ([t, 2, f]) so dx = dh W_in needs no
   # transpose (a 363 µs `wrapped_transpose` in every kernel-path row of s67c, H100): one 1B
