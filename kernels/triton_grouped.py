@@ -24,11 +24,12 @@ Program count is static (jit): ``ceil(t * k_max / BLOCK_M) + E`` tiles bound the
 programs past the real tile count exit at once.
 
 The training forward (`_experts`, a custom VJP): differentiated, the up kernel also scatters
-the selected slots' gate and up pre-activations into a zeroed ``[2, t, f]`` array
-(``_grouped_up_h_kernel``). The backward computes ``dy W_outᵀ`` at the selected slots only,
-fused with the SwiGLU derivative and the gates' gradient (`triton_grouped_bwd`, by default;
-``backward="xla"``: a dense GEMM and elementwise passes). The weight gradients are dense GEMMs
-over ``dh`` and the activations, 0 outside the selected slots (``weight_grads="grouped"``: each
+the selected slots' gate and up pre-activations into a ``[2, t, f]`` array
+(``_grouped_up_h_kernel``; zeroed only for ``backward="xla"``, see `_up`). The backward
+computes ``dy W_outᵀ`` at the selected slots only, fused with the SwiGLU derivative and the
+gates' gradient (`triton_grouped_bwd`, by default; ``backward="xla"``: a dense GEMM and
+elementwise passes). The weight gradients are dense GEMMs over ``dh`` and the activations, 0
+outside the selected slots (``weight_grads="grouped"``: each
 expert's summed over its own tokens by `triton_grouped_bwd`'s kernel: 7.4 of the 13.2 ms of a
 1B layer's full gradient where measured, more than the masked path's whole 8.2 ms). ``dx`` stays
 a dense GEMM, as the forward's down projection. The undifferentiated call (prefill) launches
@@ -119,7 +120,7 @@ def _grouped_up_kernel(
 def _grouped_up_h_kernel(
     x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr,
     a_ptr,  # out [T, F] as `_grouped_up_kernel`
-    h_ptr,  # out [2, T, F] the selected slots' gate / up pre-activations (zeroed by memset)
+    h_ptr,  # out [2, T, F] the selected slots' gate / up pre-activations (others: see `_up`)
     T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -248,7 +249,13 @@ class _Launch(NamedTuple):
 
 
 def _up(st: _Launch, x_td, w_in_cfd, gate_te, grouping, save_h: bool):
-    """The grouped up kernel: ``(a_tf,)``, or ``(a_tf, h_ctf)`` with ``save_h``."""
+    """The grouped up kernel: ``(a_tf,)``, or ``(a_tf, h_ctf)`` with ``save_h``.
+
+    ``a_tf`` is zeroed first (the dense down projection reads every slot). ``h_ctf`` only for
+    ``backward="xla"``, whose elementwise passes read every slot: the grouped backward kernels
+    read the selected slots alone, and `_dense_weight_grads` selects rather than multiplies by
+    the gates, so the other slots may hold anything (a 512 MB memset fewer per 1B layer at
+    16 384 tokens)."""
     t, d = x_td.shape
     f = w_in_cfd.shape[1]
     is_f32 = x_td.dtype == jnp.float32
@@ -257,7 +264,7 @@ def _up(st: _Launch, x_td, w_in_cfd, gate_te, grouping, save_h: bool):
         out.append(jax.ShapeDtypeStruct((2, t, f), x_td.dtype))
     return jt.triton_call(
         _grouped_up_h_kernel if save_h else _grouped_up_kernel, x_td, w_in_cfd, gate_te,
-        *grouping, out_shape=out, zeroed_outputs=tuple(range(len(out))),
+        *grouping, out_shape=out, zeroed_outputs=(0, 1) if st.backward == "xla" else (0,),
         grid=(grouping[3].shape[0],), num_warps=st.warps, num_stages=st.stages,
         interpret=st.interpret, T=t, D=d, E=f // st.g, G=st.g, BLOCK_M=st.block_m,
         BLOCK_D=st.block_d, DOT_F32=st.interpret, IEEE=is_f32 and not st.interpret,
@@ -290,10 +297,12 @@ def _dense_weight_grads(x_td, dy_td, h_ctf, dh_tcf, gate_te, g: int, w_dtypes):
     """``(dW_in [2, f, d], dW_out [f, d])`` as dense GEMMs: ``dh`` and the gated activation
     are 0 outside the selected slots, so summing over every token gives each expert's sum over
     its own tokens (cuBLAS at full tensor-core rate beats the grouped kernel's gathered rows
-    down to a low k/E)."""
+    down to a low k/E). ``h`` is not zeroed outside them (`_up`): the activation is selected
+    where the gate is nonzero, never multiplied by a 0 gate (0 * NaN is NaN)."""
     hg = h_ctf[0].astype(jnp.float32)
-    a_tf = hg * jax.nn.sigmoid(hg) * h_ctf[1].astype(jnp.float32)
-    a_tf = (a_tf * jnp.repeat(gate_te, g, axis=-1)).astype(x_td.dtype)
+    gate_tf = jnp.repeat(gate_te, g, axis=-1)
+    a_tf = hg * jax.nn.sigmoid(hg) * h_ctf[1].astype(jnp.float32) * gate_tf
+    a_tf = jnp.where(gate_tf != 0, a_tf, 0.0).astype(x_td.dtype)
     dw_out = _mm("tf,td->fd", a_tf, dy_td).astype(w_dtypes[1])
     return _mm("tcf,td->cfd", dh_tcf, x_td).astype(w_dtypes[0]), dw_out
 

@@ -43,7 +43,7 @@ from prunepath_jax.kernels.triton_grouped import tile_tokens
 def _grouped_bwd_kernel(
     dy_ptr,  # [T, D] the output's cotangent
     w_out_ptr,  # [F, D] down weights, neuron-major
-    h_ptr,  # [2, T, F] the forward's gate / up pre-activations (0 outside the selected slots)
+    h_ptr,  # [2, T, F] the forward's gate / up pre-activations (read at the selected slots)
     gate_ptr,  # [T, E] f32 gates
     tok_ptr,  # [T * K_MAX] i32 token ids grouped by expert (`group_by_expert`)
     off_ptr,  # [E] i32 start of each expert's group in tok

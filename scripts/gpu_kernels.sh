@@ -116,7 +116,8 @@ s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f
     --latency "0:0,5.5:2.6" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
   ;;
 s68b)  # (fifty-second session, not timed) dh token-major ([t, 2, f]) so dx = dh W_in needs no
-  # transpose (a 363 µs `wrapped_transpose` in every kernel-path row of s67c, H100): one 1B
+  # transpose (a 363 µs `wrapped_transpose` in every kernel-path row of s67c, H100), and the
+  # forward's h not zeroed for the grouped backward (a 512 MB memset fewer a layer): one 1B
   # layer's router and full gradients, masked vs kernels at k/E 0.33 / 0.12 (s67c at aa38d90 on
   # an H100: kernels 7.81 / 6.73 ms full, masked 7.57 / 7.30), the transpose gone from the top
   # kernels; then the 1B step as s68a (kernels 290.3 / 162.5 ms, masked 266.0 / 188.2)

@@ -136,6 +136,49 @@ def test_grouped_gradient_launches(monkeypatch):
         tg.sparse_ffn_grouped(*inputs(c), c.tau, **kwargs(c), weight_grads="dense")
 
 
+def test_grouped_h_is_zeroed_only_where_read_densely(monkeypatch):
+    """The forward's pre-activations ``h [2, t, f]`` are zeroed (a memset of 512 MB a 1B layer
+    at 16 384 tokens) only for ``backward="xla"``, whose elementwise passes read every slot;
+    the dense weight gradients give the same result whatever the unselected slots hold (NaN
+    there: the activation is selected by the gate, not multiplied by it)."""
+    import jax.numpy as jnp
+
+    from prunepath_jax.kernels import jt
+    from prunepath_jax.kernels import triton_grouped as tg
+
+    zeroed = []
+
+    def fake_call(kernel, *args, out_shape, zeroed_outputs=(), **kw):
+        zeroed.append((kernel, zeroed_outputs))
+        return tuple(jnp.zeros(o.shape, o.dtype) for o in out_shape)
+
+    monkeypatch.setattr(jt, "triton_call", fake_call)
+    c = GROUPED_CASES[1]
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs(c)]
+    want = {"grouped": (0,), "grouped-dw": (0,), "xla": (0, 1)}
+    for label, tuning in GROUPED_BACKWARDS.items():
+        zeroed.clear()
+        fn = functools.partial(tg.sparse_ffn_grouped, **tuning)
+        jax.eval_shape(jax.grad(grad_loss(fn, c), argnums=(0, 1, 2, 3)), *args)
+        up = [z for k, z in zeroed if k is tg._grouped_up_h_kernel]  # (kernels compare equal)
+        assert up == [want[label]], label
+
+    t, e, g, d = 20, 4, 16, 32
+    ks = jax.random.split(jax.random.key(0), 6)
+    mask_te = jax.random.bernoulli(ks[0], 0.5, (t, e))
+    gate_te = jnp.where(mask_te, jax.nn.sigmoid(jax.random.normal(ks[1], (t, e))), 0.0)
+    sel_tf = jnp.repeat(mask_te, g, axis=-1)
+    h = jax.random.normal(ks[2], (2, t, e * g)).astype(jnp.bfloat16)
+    dh = jnp.where(sel_tf[:, None], jax.random.normal(ks[3], (t, 2, e * g)), 0.0)
+    x, dy = (jax.random.normal(k, (t, d)).astype(jnp.bfloat16) for k in ks[4:])
+    grads = [tg._dense_weight_grads(x, dy, jnp.where(sel_tf, h, fill), dh.astype(jnp.bfloat16),
+                                    gate_te, g, (jnp.bfloat16, jnp.bfloat16))
+             for fill in (0.0, jnp.nan)]  # fmt: skip
+    for zero, nan in zip(*grads, strict=True):
+        assert np.isfinite(np.asarray(nan, np.float32)).all()
+        np.testing.assert_array_equal(np.asarray(nan, np.float32), np.asarray(zero, np.float32))
+
+
 def test_grouped_rejects_a_bad_expert_group():
     from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
 
