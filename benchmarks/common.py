@@ -66,8 +66,9 @@ def router_backward(mode: str):
 
 def kernel_logits(mode: str):
     """The kernel path's router logits, for an A/B within one run: ``"shared"`` as shipped (the
-    registry routes from the layer's own logits), ``"recomputed"`` the registry's second logits
-    product and backward pair per layer it replaced. Read when a function is traced."""
+    registry routes from the layer's own logits and normalised tokens), ``"recomputed"`` the
+    registry's second logits product, RMSNorm and their backward per layer they replaced. Read
+    when a function is traced."""
     from prunepath_jax import nn
 
     if mode not in ("shared", "recomputed"):

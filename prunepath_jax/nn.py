@@ -60,9 +60,10 @@ def route_args(cfg: ModelConfig, tau, token_mask_bt=None) -> tuple[RouteArgs, ..
     return tuple(RouteArgs(jnp.asarray(tau_l[i], jnp.float32), mask) for i in range(cfg.n_layers))
 
 
-# Above the decode kernels' token count the kernel path routes from the layer's own logits;
-# False: the registry computes them again (before the fifty-second session), for benchmarks that
-# time both side by side (`benchmarks/train_step.py --kernel-logits`). Read when traced.
+# Above the decode kernels' token count the kernel path routes from the layer's own logits and
+# normalised tokens; False: the registry computes both again (before the fifty-second session),
+# for benchmarks that time both side by side (`benchmarks/train_step.py --kernel-logits`). Read
+# when traced.
 SHARE_KERNEL_LOGITS = True
 
 
@@ -132,7 +133,7 @@ class PrunePathFFN(nnx.Module):
         gate_bte = routing.gates(logits_bte, sel.mask_te, self.gate_mode)
         b, t, _ = x_btd.shape
         if self._path(b * t) == "kernel":
-            y = self._kernel(x_raw, arg, norm, logits_bte)
+            y = self._kernel(x_raw, x_btd, arg, norm, logits_bte)
             return y, routing.route_stats(sel, logits_bte, arg.token_mask)
         if self._path(b * t) == "gather":
             y = self._gathered(x_btd, sel, gate_bte)
@@ -142,14 +143,17 @@ class PrunePathFFN(nnx.Module):
             y = y + self.b_out[...]
         return y, routing.route_stats(sel, logits_bte, arg.token_mask)
 
-    def _kernel(self, x_btd, arg, norm, logits_bte):
+    def _kernel(self, x_raw, x_btd, arg, norm, logits_bte):
         """The registry path (`prunepath_jax.kernels.api`); the stats above stay in XLA and are
         dead code under jit when unused (decode).
 
         Above the decode kernels' token count the registry routes from the layer's own
         ``logits_bte``: in training the statistics' and the gates' cotangents then meet in one
         logits backward (one pair of router GEMMs per layer, not two; the decode kernels compute
-        their logits inside the launch).
+        their logits inside the launch), and from the layer's normalised ``x_btd`` (one RMSNorm
+        and its backward, not two: XLA does not merge a norm over ``[b, t, d]`` with one over
+        ``[b t, d]``). The decode kernels take the raw ``x_raw`` and ``norm`` (the Pallas
+        kernels normalise inside their logits kernel).
 
         With a ``kernel_mesh`` of several devices the layer runs under ``shard_map``: each
         device routes and computes its own rows of the batch (sharded over the mesh's batch
@@ -162,27 +166,28 @@ class PrunePathFFN(nnx.Module):
         weights = {"router": self.router[...], "w_in": self.w_in[...], "w_out": self.w_out[...],
                    "b_in": opt(self.b_in), "b_out": opt(self.b_out), "norm": norm_d}  # fmt: skip
 
-        def layer(x_btd, logits_bte, w, tau):
+        def layer(x_raw, x_btd, logits_bte, w, tau):
             b, t, d = x_btd.shape
             shared = SHARE_KERNEL_LOGITS and b * t > api.DECODE_MAX_TOKENS
+            x_in, norm_in = (x_btd, None) if shared else (x_raw, w["norm"])
             y_td, _ = api.sparse_ffn(
-                x_btd.reshape(b * t, d), w["router"], w["w_in"], w["w_out"], tau,
+                x_in.reshape(b * t, d), w["router"], w["w_in"], w["w_out"], tau,
                 group_size=self.g, activation=self.act_name, b_in_cf=w["b_in"],
                 b_out_d=w["b_out"], rule=self.rule, gate=self.gate_mode, k_min=self.k_min,
                 k_max=self.k_max, implementation=api.for_model(self.implementation, b * t),
-                norm_d=w["norm"], norm_eps=norm_eps,
+                norm_d=norm_in, norm_eps=norm_eps,
                 logits_te=logits_bte.reshape(b * t, -1) if shared else None,
             )  # fmt: skip
             return y_td.reshape(b, t, d)
 
         mesh = self.kernel_mesh
         if mesh is None or mesh.size == 1:
-            return layer(x_btd, logits_bte, weights, arg.tau)
+            return layer(x_raw, x_btd, logits_bte, weights, arg.tau)
         rows = jax.sharding.PartitionSpec(BATCH_AXES, None, None)
         whole = jax.sharding.PartitionSpec()
-        sharded = jax.shard_map(layer, mesh=mesh, in_specs=(rows, rows, whole, whole),
+        sharded = jax.shard_map(layer, mesh=mesh, in_specs=(rows, rows, rows, whole, whole),
                                 out_specs=rows, check_vma=False)  # fmt: skip
-        return sharded(x_btd, logits_bte, weights, arg.tau)
+        return sharded(x_raw, x_btd, logits_bte, weights, arg.tau)
 
     def _masked(self, x_btd, gate_bte):
         h = jnp.einsum("btd,cfd->btcf", x_btd, self.w_in[...])

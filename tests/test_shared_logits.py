@@ -110,12 +110,14 @@ def _layer(compute: str, implementation: str | None):
 
 
 def _training_loss(mlp):
-    """Output and routing statistics both in the loss, as in the training objective."""
+    """Output and routing statistics both in the loss, as in the training objective; the
+    layer gets the residual stream and the block's pre-FFN RMSNorm, as in the model."""
     graphdef, params, rest = nnx.split(mlp, nnx.Param, ...)
     dy = jax.random.normal(jax.random.key(9), (2, T // 2, 64))
+    norm = (1.0 + 0.1 * jax.random.normal(jax.random.key(8), (64,)), 1e-6)
 
     def loss(params, x_btd):
-        y, stats = nnx.merge(graphdef, params, rest)(x_btd, RouteArgs(jnp.float32(0.7)))
+        y, stats = nnx.merge(graphdef, params, rest)(x_btd, RouteArgs(jnp.float32(0.7)), norm)
         return jnp.sum(y * dy) + routing.entropy_loss(stats) + routing.balance_loss(stats)
 
     return loss, params
@@ -144,6 +146,21 @@ def test_kernel_layer_has_one_router_product_and_one_backward_pair(implementatio
     # the benchmarks' A/B switch: the registry's own logits again, two of each
     monkeypatch.setattr(nn, "SHARE_KERNEL_LOGITS", False)
     assert len(_router_products(loss, params, x)) == 6
+
+
+def test_kernel_layer_normalises_once():
+    """The registry gets the layer's normalised tokens (the decode kernels aside): the compiled
+    training gradient has one RMSNorm, as the masked layer's, where XLA kept two (it does not
+    merge the layer's norm over ``[b, t, d]`` with the registry's over ``[b t, d]``)."""
+    x = jax.random.normal(jax.random.key(2), (2, T // 2, 64))
+
+    def rsqrts(mlp):
+        loss, params = _training_loss(mlp)
+        text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+        return len(re.findall(r"= \S+ rsqrt\(", text))
+
+    assert rsqrts(_layer("masked", None)) == 1
+    assert rsqrts(_layer("kernel", "xla")) == 1
 
 
 @pytest.mark.parametrize("implementation", ["xla", pytest.param("triton", marks=pytest.mark.gpu)])
