@@ -126,12 +126,13 @@ s68b)  # (fifty-second session, not timed) dh token-major ([t, 2, f]) so dx = dh
     --frac 0.33 0.12 --paths masked kernels --kinds router full --profile --top 10 --iters 5 \
     --out "$OUT/ffn_grad.jsonl"
   run timeout 150 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes full \
-    --batch 8 --seq 2048 --steps 5 --ffn masked kernels --kernel-logits shared recomputed --tau-target 0.9 --router-scale 0.01 \
-    --out "$OUT/train_step.jsonl"
+    --batch 8 --seq 2048 --steps 5 --ffn masked kernels --kernel-logits shared recomputed \
+    --tau-target 0.9 --router-scale 0.01 --out "$OUT/train_step.jsonl"
   run timeout 150 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes router \
-    --batch 8 --seq 2048 --steps 5 --ffn masked kernels --kernel-logits shared recomputed --tau-target 0.5 --router-scale 0.01 \
-    --out "$OUT/train_step.jsonl"
-  gpu_tests 150 tests/test_shared_logits.py tests/test_kernels_triton.py -k "grouped_gradients or shared"
+    --batch 8 --seq 2048 --steps 5 --ffn masked kernels --kernel-logits shared recomputed \
+    --tau-target 0.5 --router-scale 0.01 --out "$OUT/train_step.jsonl"
+  gpu_tests 150 tests/test_shared_logits.py tests/test_kernels_triton.py \
+    -k "grouped_gradients or shared"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
