@@ -160,7 +160,7 @@ def test_grouped_h_is_zeroed_only_where_read_densely(monkeypatch):
         zeroed.clear()
         fn = functools.partial(tg.sparse_ffn_grouped, **tuning)
         jax.eval_shape(jax.grad(grad_loss(fn, c), argnums=(0, 1, 2, 3)), *args)
-        up = [z for k, z in zeroed if k is tg._grouped_up_h_kernel]  # (kernels compare equal)
+        up = [z for k, z in zeroed if k is tg._grouped_up_h_kernel]
         assert up == [want[label]], label
 
     t, e, g, d = 20, 4, 16, 32
