@@ -72,7 +72,8 @@ def _grouped_bwd_kernel(
         tl.store(dgate_ptr + tok * E + e, tl.sum(da * act * hu, axis=1), mask=rmask)
         dga = da * gate[:, None]
         ty = dh_ptr.dtype.element_ty
-        out = dh_ptr + tok[:, None] * (2 * F) + e * G + rg[None, :]
+        # int64: 2 * t * f may pass 2**31 where the guard's t * f does not
+        out = dh_ptr + tok[:, None].to(tl.int64) * (2 * F) + e * G + rg[None, :]
         tl.store(out, (dga * hu * sg * (1.0 + hg * (1.0 - sg))).to(ty), mask=rmask[:, None])
         tl.store(out + F, (dga * act).to(ty), mask=rmask[:, None])
 
@@ -111,7 +112,7 @@ def _grouped_dw_kernel(
         tok = tl.load(tok_ptr + off + rows, mask=rmask, other=0)
         gate = tl.load(gate_ptr + tok * E + e, mask=rmask, other=0.0)
         slot = tok[:, None] * F + e * G + rg[None, :]
-        dslot = slot + tok[:, None] * F  # dh is token-major: [T, 2, F]
+        dslot = tok[:, None].to(tl.int64) * (2 * F) + e * G + rg[None, :]  # dh: [T, 2, F]
         dhg = tl.load(dh_ptr + dslot, mask=rmask[:, None], other=0.0)
         dhu = tl.load(dh_ptr + F + dslot, mask=rmask[:, None], other=0.0)
         hg = tl.load(h_ptr + slot, mask=rmask[:, None], other=0.0).to(tl.float32)
