@@ -147,6 +147,15 @@ def _mm_f32(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, preferred_element_type=jnp.float32)
 
 
+def _times_split3(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` for bf16 ``a`` and fp32 ``b`` ``[k, n]`` to fp32 accuracy from one bf16 GEMM:
+    against ``[b1 | b2 | b3]`` (`_split3`), the three blocks summed (bf16 x bf16 products are
+    exact in fp32, so this is ``a @ b`` up to summation order)."""
+    n = b.shape[-1]
+    parts = _mm_f32(a, jnp.concatenate(_split3(b), axis=-1))
+    return parts[..., :n] + parts[..., n : 2 * n] + parts[..., 2 * n :]
+
+
 def _split_product_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a bᵀ`` of two fp32 arrays (``[..., k]``, ``[n, k]``) to fp32 accuracy from one bf16
     GEMM: of the nine products of their splits (`_split3`), the six of order ``i + j ≤ 4``
@@ -172,9 +181,7 @@ def router_logits_bf16x3(w_de: jax.Array, x_td: jax.Array) -> jax.Array:
     """
     if x_td.dtype != jnp.bfloat16:
         return router_logits_fp32(w_de, x_td)
-    e = w_de.shape[-1]
-    parts = _mm_f32(x_td, jnp.concatenate(_split3(w_de), axis=-1))
-    return parts[..., :e] + parts[..., e : 2 * e] + parts[..., 2 * e :]
+    return _times_split3(x_td, w_de)
 
 
 def _bf16x3_fwd(w_de, x_td):
@@ -183,12 +190,13 @@ def _bf16x3_fwd(w_de, x_td):
 
 def _bf16x3_bwd(res, g_te):
     """The fp32 GEMMs' gradients, on tensor cores. Why: as fp32 GEMMs at ``HIGHEST`` they ran
-    without tensor cores — one of them ~380 µs (17 GFLOP) in a 1B layer's gradient over 16 384
-    tokens on an H100, next to ~1.3 ms for its largest GEMM (1.1 TFLOP; BENCHMARKS.md,
-    fifty-first session). The split's gain is not timed yet.
+    without tensor cores (~390 + ~340 µs in a 1B layer's gradient over 16 384 tokens on an
+    H100); split, the layer's full gradient took 7.57 instead of 8.14 ms and the 1B training
+    step 268 instead of 304 ms with the LM head's bf16 backward (BENCHMARKS.md, fifty-second
+    session).
 
-    * ``dW = xᵀ g``: x is exact in bf16 and ``g = g1 + g2 + g3`` (`_split3`), so one GEMM
-      against ``[g1 | g2 | g3]`` gives it up to summation order, as the forward.
+    * ``dW = xᵀ g``: x is exact in bf16, so `_times_split3` against the cotangent's split gives
+      it up to summation order, as the forward.
     * ``dx = g Wᵀ``: both factors are fp32, so the six leading products of their splits
       (`_split_product_nt`); the result is rounded to x's bf16 anyway.
     """
@@ -196,9 +204,7 @@ def _bf16x3_bwd(res, g_te):
     if x_td.dtype != jnp.bfloat16 or not BF16X3_BACKWARD:  # (the forward: the fp32 GEMM)
         return jax.vjp(router_logits_fp32, w_de, x_td)[1](g_te)
     d, e = w_de.shape
-    g_parts = jnp.concatenate(_split3(g_te), axis=-1).reshape(-1, 3 * e)
-    parts = _mm_f32(x_td.reshape(-1, d).T, g_parts)
-    dw = parts[:, :e] + parts[:, e : 2 * e] + parts[:, 2 * e :]
+    dw = _times_split3(x_td.reshape(-1, d).T, g_te.reshape(-1, e))
     dx = _split_product_nt(g_te, w_de)
     return dw.astype(w_de.dtype), dx.astype(x_td.dtype)
 
