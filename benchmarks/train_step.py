@@ -135,22 +135,16 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--mesh", type=int, nargs=3, default=[-1, 1, 1], help="data fsdp model")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
-    ap.add_argument(
-        "--router-logits",
-        nargs="+",
-        choices=["shared", "fp32"],
-        default=["shared"],
-        help="shared: routing.router_logits as shipped (bf16 tensor-core split on CUDA); fp32: "
-        "the fp32 GEMM at every size (what it was before), for a side-by-side run",
-    )
-    ap.add_argument(
-        "--backward",
-        nargs="+",
-        choices=["shipped", "fp32"],
-        default=["shipped"],
-        help="shipped: the router split's and the LM head's backward on bf16 tensor cores; "
-        "fp32: the float32 products they replaced (fifty-first session), side by side",
-    )
+
+    def a_b(flag: str, shipped: str, before: str, help: str):
+        """A switch timing the shipped form against the one it replaced, side by side."""
+        ap.add_argument(flag, nargs="+", choices=[shipped, before], default=[shipped], help=help)
+
+    a_b("--router-logits", "shared", "fp32", "shared: routing.router_logits as shipped (bf16 "
+        "tensor-core split on CUDA); fp32: the fp32 GEMM at every size (as before)")  # fmt: skip
+    a_b("--backward", "shipped", "fp32", "shipped: the router split's and the LM head's "
+        "backward on bf16 tensor cores; fp32: the float32 products they replaced (fifty-first "
+        "session)")  # fmt: skip
     ap.add_argument(
         "--ffn",
         nargs="+",
@@ -162,14 +156,13 @@ def main(argv=None):
         "kernels-dw: the weight gradients by the grouped kernel too; kernels-xla-bwd: the same "
         "forward with the backward's dy W_out^T and SwiGLU derivative in XLA",
     )
-    ap.add_argument(
+    a_b(
         "--kernel-logits",
-        nargs="+",
-        choices=["shared", "recomputed"],
-        default=["shared"],
-        help="the kernel modes' router logits: shared (the registry routes from the layer's "
-        "own, as shipped) or recomputed (a second product per layer, before the fifty-second "
-        "session), side by side",
+        "shared",
+        "recomputed",
+        "the kernel modes' router logits and "
+        "norm: shared (the registry routes from the layer's own, as shipped) or recomputed (a "
+        "second logits product and RMSNorm per layer, before the fifty-second session)",
     )
     ap.add_argument("--tau-target", type=float, nargs="+", default=[0.5])
     ap.add_argument(
