@@ -47,6 +47,37 @@ def cuda_export_text(fn, *args) -> str:
     return jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
 
 
+def exported_dots(fn, *args, platform: str = "cuda") -> list[str]:
+    """The type signature (``(lhs, rhs) -> out``) of every ``dot_general`` ``fn`` (jitted)
+    exports to for ``platform``: which products run in which dtype there."""
+    import jax
+
+    text = jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+    lines = [ln for ln in text.splitlines() if "stablehlo.dot_general" in ln]
+    return [ln.split(" : ")[-1].split(" loc(")[0] for ln in lines]
+
+
+def operand_dtypes(dot: str) -> list[str]:
+    """The operands' element types of one :func:`exported_dots` signature."""
+    import re
+
+    return re.findall(r"tensor<(?:\d+x)*(\w+)>", dot.split(" -> ")[0])
+
+
+def zeros_triton_call(launched: list | None = None):
+    """A stand-in for ``jt.triton_call`` where jax-triton cannot run (a CPU jaxlib): returns
+    zeros of the output shapes, and appends ``(kernel, keyword arguments)`` of each launch to
+    ``launched``. For tests that read shapes, launches and the XLA graph around the kernels."""
+    import jax.numpy as jnp
+
+    def call(kernel, *args, out_shape, **kw):
+        if launched is not None:
+            launched.append((kernel, kw))
+        return tuple(jnp.zeros(o.shape, o.dtype) for o in out_shape)
+
+    return call
+
+
 def cuda_triton_calls(fn, *args) -> int:
     """How many Triton kernels ``fn`` (jitted) lowers to for CUDA (:func:`cuda_export_text`)."""
     return cuda_export_text(fn, *args).count(f"custom_call @{TRITON_CALL}")

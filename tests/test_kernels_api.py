@@ -1,6 +1,5 @@
 """The kernel registry: backend choice, fallbacks, clear errors, and the model/generate wiring."""
 
-import re
 import sys
 from pathlib import Path
 
@@ -8,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close
+from helpers import assert_close, exported_dots, operand_dtypes
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernel_cases import DECODE_CASES, inputs, kwargs  # noqa: E402
@@ -102,12 +101,6 @@ def test_decode_kernels_refuse_gradients_clearly():
     assert np.abs(np.asarray(jax.grad(loss(xla))(x))).max() > 0
 
 
-def _operand_types(text: str) -> list[tuple[str, str]]:
-    """The two operand element types of every ``dot_general`` in a StableHLO module."""
-    pat = re.compile(r"stablehlo\.dot_general .*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)")
-    return [m.groups() for m in map(pat.search, text.splitlines()) if m]
-
-
 def test_xla_backward_of_bf16_products_stays_in_bf16(monkeypatch):
     """The registry's XLA path (training where the kernels cannot run: GELU, biases), bf16,
     differentiated and exported for CUDA: every product's operands are bf16 — the FFN's two and
@@ -122,18 +115,17 @@ def test_xla_backward_of_bf16_products_stays_in_bf16(monkeypatch):
     kw = dict(group_size=16, activation="gelu_new", b_out_d=jnp.zeros(64, jnp.bfloat16),
               implementation="xla")  # fmt: skip
 
-    def exported_dots():
-        def loss(x, r, wi, wo):
-            return jnp.sum(api.sparse_ffn(x, r, wi, wo, 0.7, **kw)[0].astype(jnp.float32))
+    def loss(x, r, wi, wo):
+        return jnp.sum(api.sparse_ffn(x, r, wi, wo, 0.7, **kw)[0].astype(jnp.float32))
 
-        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-        return _operand_types(jax.export.export(grad, platforms=["cuda"])(x, r, wi, wo)
-                              .mlir_module())  # fmt: skip
+    def operands():
+        return [operand_dtypes(d) for d in exported_dots(jax.grad(loss, argnums=(0, 1, 2, 3)),
+                                                         x, r, wi, wo)]  # fmt: skip
 
-    dots = exported_dots()
-    assert len(dots) >= 6 and all(t == ("bf16", "bf16") for t in dots), dots
+    dots = operands()
+    assert len(dots) >= 6 and all(t == ["bf16", "bf16"] for t in dots), dots
     monkeypatch.setattr(layers, "LOGITS_BACKWARD_IN_OPERAND_DTYPE", False)  # the A/B switch
-    assert sum("f32" in t for t in exported_dots()) >= 4
+    assert sum("f32" in t for t in operands()) >= 4
 
 
 def test_default_backend_follows_the_measured_order(monkeypatch):

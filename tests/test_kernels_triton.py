@@ -13,7 +13,13 @@ import functools
 import jax
 import numpy as np
 import pytest
-from helpers import assert_close, interpreted_npz, run_triton_interpreted, sm90_compile
+from helpers import (
+    assert_close,
+    interpreted_npz,
+    run_triton_interpreted,
+    sm90_compile,
+    zeros_triton_call,
+)
 from kernel_cases import (
     ALL_CASES,
     DECODE_CASES,
@@ -103,32 +109,25 @@ def test_grouped_gradient_launches(monkeypatch):
     ``backward="xla"``); the primal alone launches the plain up kernel
     (``triton_call`` caught under ``jax.eval_shape``: jax-triton cannot be imported on a CPU
     jaxlib)."""
-    import jax.numpy as jnp
-
     from prunepath_jax.kernels import jt
     from prunepath_jax.kernels import triton_grouped as tg
 
-    launched = []
-
-    def fake_call(kernel, *args, out_shape, **kw):
-        launched.append(kernel)
-        return tuple(jnp.zeros(o.shape, o.dtype) for o in out_shape)
-
-    monkeypatch.setattr(jt, "triton_call", fake_call)
+    calls = []
+    monkeypatch.setattr(jt, "triton_call", zeros_triton_call(calls))
     c = GROUPED_CASES[1]
     loss = grad_loss(tg.sparse_ffn_grouped, c)
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs(c)]
     jax.eval_shape(loss, *args)
-    assert launched == [tg._grouped_up_kernel]
+    assert [k for k, _ in calls] == [tg._grouped_up_kernel]
     from prunepath_jax.kernels import triton_grouped_bwd as tgb
 
     up, bwd, dw = tg._grouped_up_h_kernel, tgb._grouped_bwd_kernel, tgb._grouped_dw_kernel
     want = {"grouped": [up, bwd], "grouped-dw": [up, bwd, dw], "xla": [up]}
     for label, tuning in GROUPED_BACKWARDS.items():
-        launched.clear()
+        calls.clear()
         fn = functools.partial(tg.sparse_ffn_grouped, **tuning)
         grads = jax.eval_shape(jax.grad(grad_loss(fn, c), argnums=(0, 1, 2, 3)), *args)
-        assert launched == want[label], label
+        assert [k for k, _ in calls] == want[label], label
         assert [(g.shape, g.dtype) for g in grads] == [(a.shape, a.dtype) for a in args]
     with pytest.raises(ValueError, match="backward must be one of"):
         tg.sparse_ffn_grouped(*inputs(c), c.tau, **kwargs(c), backward="dense")
@@ -146,21 +145,16 @@ def test_grouped_h_is_zeroed_only_where_read_densely(monkeypatch):
     from prunepath_jax.kernels import jt
     from prunepath_jax.kernels import triton_grouped as tg
 
-    zeroed = []
-
-    def fake_call(kernel, *args, out_shape, zeroed_outputs=(), **kw):
-        zeroed.append((kernel, zeroed_outputs))
-        return tuple(jnp.zeros(o.shape, o.dtype) for o in out_shape)
-
-    monkeypatch.setattr(jt, "triton_call", fake_call)
+    calls = []
+    monkeypatch.setattr(jt, "triton_call", zeros_triton_call(calls))
     c = GROUPED_CASES[1]
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs(c)]
     want = {"grouped": (0,), "grouped-dw": (0,), "xla": (0, 1)}
     for label, tuning in GROUPED_BACKWARDS.items():
-        zeroed.clear()
+        calls.clear()
         fn = functools.partial(tg.sparse_ffn_grouped, **tuning)
         jax.eval_shape(jax.grad(grad_loss(fn, c), argnums=(0, 1, 2, 3)), *args)
-        up = [z for k, z in zeroed if k is tg._grouped_up_h_kernel]
+        up = [kw.get("zeroed_outputs", ()) for k, kw in calls if k is tg._grouped_up_h_kernel]
         assert up == [want[label]], label
 
     t, e, g, d = 20, 4, 16, 32

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close
+from helpers import assert_close, exported_dots
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -282,13 +282,6 @@ def test_bf16x3_logits_are_fp32_accurate():
     np.testing.assert_array_equal(R.router_logits_bf16x3(w, x32), R.router_logits_fp32(w, x32))
 
 
-def _dots(fn, *args, platform):
-    """Operand/result types of every dot in ``fn`` exported for ``platform``."""
-    text = jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
-    lines = [ln for ln in text.splitlines() if "stablehlo.dot_general" in ln]
-    return [ln.split(" : ")[-1].split(" loc(")[0] for ln in lines]
-
-
 def test_router_logits_takes_the_split_only_for_bf16_prefill_on_cuda():
     """The shared logits function lowers to one bf16 tensor-core GEMM for bf16 activations of
     >= BF16X3_MIN_TOKENS tokens on CUDA, and to the fp32 GEMM otherwise (decode sizes, fp32
@@ -297,12 +290,12 @@ def test_router_logits_takes_the_split_only_for_bf16_prefill_on_cuda():
     n = R.BF16X3_MIN_TOKENS
     x = jax.random.normal(jax.random.key(1), (2, n // 2, 64)).astype(jnp.bfloat16)
     split = "(tensor<2x32x64xbf16>, tensor<64x72xbf16>) -> tensor<2x32x72xf32>"
-    assert _dots(R.router_logits, w, x, platform="cuda") == [split]
-    (cpu,) = _dots(R.router_logits, w, x, platform="cpu")
+    assert exported_dots(R.router_logits, w, x, platform="cuda") == [split]
+    (cpu,) = exported_dots(R.router_logits, w, x, platform="cpu")
     assert "xf32>, tensor<64x24xf32>" in cpu
-    (short,) = _dots(R.router_logits, w, x[:, : n // 2 - 1], platform="cuda")
+    (short,) = exported_dots(R.router_logits, w, x[:, : n // 2 - 1], platform="cuda")
     assert "bf16" not in short
-    (f32,) = _dots(R.router_logits, w, x.astype(jnp.float32), platform="cuda")
+    (f32,) = exported_dots(R.router_logits, w, x.astype(jnp.float32), platform="cuda")
     assert "bf16" not in f32
 
 
@@ -382,7 +375,7 @@ def test_bf16x3_backward_lowers_to_bf16_gemms_on_cuda():
     def loss(w, x):
         return jnp.sum(jnp.sin(R.router_logits(w, x)))
 
-    dots = _dots(jax.grad(loss, argnums=(0, 1)), w, x, platform="cuda")
+    dots = exported_dots(jax.grad(loss, argnums=(0, 1)), w, x, platform="cuda")
     assert len(dots) == 3
     assert all(d.count("bf16") == 2 and d.endswith("xf32>") for d in dots), dots
 

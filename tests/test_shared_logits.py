@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, zeros_triton_call  # noqa: E402
 from kernel_cases import GROUPED_CASES, inputs, kwargs  # noqa: E402
 
 from prunepath_jax import nn, routing  # noqa: E402
@@ -32,10 +32,7 @@ def _fake_triton(monkeypatch):
     """The registry's Triton path on a CPU: ready, with every launch returning zeros (shapes
     and the XLA graph around the kernels are what these tests read)."""
 
-    def fake_call(kernel, *args, out_shape, **kw):
-        return tuple(jnp.zeros(o.shape, o.dtype) for o in out_shape)
-
-    monkeypatch.setattr(jt, "triton_call", fake_call)
+    monkeypatch.setattr(jt, "triton_call", zeros_triton_call())
     monkeypatch.setattr(api, "_backend_ready", lambda impl: None)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, exported_dots  # noqa: E402
 from hf_fixtures import tiny_llama  # noqa: E402
 
 from prunepath_jax.config import PrunePathConfig  # noqa: E402
@@ -262,8 +262,5 @@ def test_logits_einsum_backward_runs_in_the_operands_dtype():
     def loss(a, b):
         return jnp.sum(jax.nn.log_softmax(logits_einsum(spec, a, b)))
 
-    text = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=["cuda"])(
-        x16, w16
-    ).mlir_module()
-    dots = [ln.split(" : ")[-1] for ln in text.splitlines() if "stablehlo.dot_general" in ln]
+    dots = exported_dots(jax.grad(loss, argnums=(0, 1)), x16, w16)
     assert len(dots) == 3 and all("f32>, tensor" not in d for d in dots), dots  # fwd + 2 bwd
