@@ -115,25 +115,6 @@ s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f
   run timeout 150 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
   ;;
-s68b)  # (fifty-second session, not timed) dh token-major ([t, 2, f]) so dx = dh W_in needs no
-  # transpose (a 363 µs `wrapped_transpose` in every kernel-path row of s67c, H100), and the
-  # forward's h not zeroed for the grouped backward (a 512 MB memset fewer a layer): one 1B
-  # layer's router and full gradients, masked vs kernels at k/E 0.33 / 0.12 (s67c at aa38d90 on
-  # an H100: kernels 7.81 / 6.73 ms full, masked 7.57 / 7.30), the transpose gone from the top
-  # kernels; then the 1B step as s68a (kernels 290.3 / 162.5 ms, masked 266.0 / 188.2; the
-  # `recomputed` rows now also normalise twice, as before the fifty-second session)
-  run timeout 200 python3 benchmarks/ffn_grad.py --preset llama-3.2-1b --tokens 16384 \
-    --frac 0.33 0.12 --paths masked kernels --kinds router full --profile --top 10 --iters 5 \
-    --out "$OUT/ffn_grad.jsonl"
-  run timeout 150 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes full \
-    --batch 8 --seq 2048 --steps 5 --ffn masked kernels --kernel-logits shared recomputed \
-    --tau-target 0.9 --router-scale 0.01 --out "$OUT/train_step.jsonl"
-  run timeout 150 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes router \
-    --batch 8 --seq 2048 --steps 5 --ffn masked kernels --kernel-logits shared recomputed \
-    --tau-target 0.5 --router-scale 0.01 --out "$OUT/train_step.jsonl"
-  gpu_tests 150 tests/test_shared_logits.py tests/test_kernels_triton.py \
-    -k "grouped_gradients or shared"
-  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;
