@@ -173,6 +173,26 @@ def test_grouped_h_is_zeroed_only_where_read_densely(monkeypatch):
         np.testing.assert_array_equal(np.asarray(nan, np.float32), np.asarray(zero, np.float32))
 
 
+def test_grouped_bf16_products_write_bf16(monkeypatch):
+    """bf16 and differentiated, the grouped path's dense GEMMs (the down projection, ``dW_out``,
+    ``dW_in``, ``dx``) write bf16 from their fp32 accumulators: no float32 result and a convert
+    pass after each (exported for CUDA; the router's exact split alone keeps float32 results)."""
+    from helpers import exported_dots
+
+    from prunepath_jax.kernels import jt
+    from prunepath_jax.kernels import triton_grouped as tg
+
+    monkeypatch.setattr(jt, "triton_call", zeros_triton_call())
+    c = GROUPED_CASES[1]
+    assert c.dtype == "bfloat16"
+    f = c.e * c.g
+    loss = grad_loss(tg.sparse_ffn_grouped, c)  # its value keeps the down projection
+    dots = exported_dots(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), *inputs(c))
+    ffn = [d for d in dots if f"{f}x" in d.split(" -> ")[0]]
+    assert len(ffn) == 4, dots
+    assert all(d.endswith("xbf16>") for d in ffn), ffn
+
+
 def test_grouped_rejects_a_bad_expert_group():
     from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
 
