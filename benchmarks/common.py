@@ -76,17 +76,6 @@ def kernel_logits(mode: str):
     return _patched(nn, "SHARE_KERNEL_LOGITS", mode == "shared")
 
 
-def masked_form(mode: str):
-    """The masked SwiGLU layer's gate and up products, for an A/B within one run: ``"joint"``
-    one GEMM over ``w_in [2, f, d]``, ``"split"`` two (`nn.SPLIT_GATE_UP`). Read when a function
-    is traced."""
-    from prunepath_jax import nn
-
-    if mode not in ("joint", "split"):
-        raise ValueError(f"masked form must be 'joint' or 'split', got {mode!r}")
-    return _patched(nn, "SPLIT_GATE_UP", mode == "split")
-
-
 @contextlib.contextmanager
 def backward_precision(mode: str):
     """The bf16 training step's backward products, for an A/B within one run: ``"shipped"``

@@ -34,7 +34,6 @@ from common import (  # noqa: E402
     grouped_tuning,
     header,
     markdown_table,
-    masked_form,
     router_backward,
     row_emitter,
     summarize,
@@ -42,7 +41,6 @@ from common import (  # noqa: E402
     traced_events,
 )
 
-from prunepath_jax import nn  # noqa: E402
 from prunepath_jax.config import PRESETS, PrunePathConfig  # noqa: E402
 from prunepath_jax.nn import PrunePathFFN, RouteArgs  # noqa: E402
 
@@ -94,7 +92,7 @@ def dense_fn(w, x_td):
 
 
 def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top, expert_groups,
-          router_bwds=("split",), masked_forms=(None,)):  # fmt: skip
+          router_bwds=("split",)):  # fmt: skip
     cfg, mlp, k, e = layer(preset, frac)
     x_btd = jax.random.normal(jax.random.key(2), (1, tokens, cfg.d_model), jnp.bfloat16)
     arg = RouteArgs(jnp.float32(0.9))
@@ -104,12 +102,10 @@ def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top, expert_
         fn = jax.jit(functools.partial(value_or_grads, kind, dense_fn))
         ms = time_fn(fn, w, x_btd[0], iters=iters) * 1e3
         emit({**fixed, "path": "dense", "kind": kind, "ms": ms})
-    shipped_form = "split" if nn.SPLIT_GATE_UP else "joint"
-    runs = [(n, "auto", mf) for n in paths if PATHS[n][0] != "kernel" for mf in masked_forms]
-    runs += [(n, eg, None) for eg in expert_groups for n in paths if PATHS[n][0] == "kernel"]
-    for rb, (name, eg, mf) in itertools.product(router_bwds, runs):
+    runs = [(n, "auto") for n in paths if PATHS[n][0] != "kernel"]
+    runs += [(n, eg) for eg in expert_groups for n in paths if PATHS[n][0] == "kernel"]
+    for rb, (name, eg) in itertools.product(router_bwds, runs):
         label = (name if eg == "auto" else f"{name}@eg{eg}") + ("" if rb == "split" else "+rbwd32")
-        label += "" if mf in (None, shipped_form) else f"+{mf}"
         mode, backward = PATHS[name]
         tuning = {"expert_group": eg, **backward}
         mlp.compute = mode
@@ -117,11 +113,7 @@ def bench(emit, preset, tokens, frac, paths, kinds, iters, profile, top, expert_
         graphdef, params, rest = nnx.split(mlp, nnx.Param, ...)
         f = layer_fn(graphdef, rest, arg)
         for kind in kinds:
-            with (
-                grouped_tuning(**tuning),
-                router_backward(rb),
-                masked_form(mf or shipped_form),
-            ):  # read when traced: inside
+            with grouped_tuning(**tuning), router_backward(rb):  # read when traced: inside
                 fn = jax.jit(functools.partial(value_or_grads, kind, f, router="router"))
                 ms = time_fn(fn, params, x_btd, iters=iters) * 1e3
                 row = {**fixed, "path": label, "kind": kind, "ms": ms}
@@ -158,14 +150,6 @@ def main():
         help="the bf16 router logits' backward: the tensor-core split (the default) and/or the "
         "fp32 GEMMs it replaced (rows labelled path+rbwd32)",
     )
-    ap.add_argument(
-        "--masked-form",
-        nargs="+",
-        default=[None],
-        choices=["joint", "split"],
-        help="the masked path once per form of its gate / up products (nn.SPLIT_GATE_UP: one "
-        "GEMM over w_in, or two); rows of the form not shipped are labelled masked+<form>",
-    )
     ap.add_argument("--profile", action="store_true", help="top kernels of one call per row")
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--out", default="results/ffn_grad.jsonl")
@@ -184,7 +168,6 @@ def main():
             a.top,
             a.expert_groups,
             a.router_bwd,
-            a.masked_form,
         )
     cols = ["preset", "tokens", "k", "e", "path", "kind", "ms", "busy_us"]
     print(markdown_table(rows, cols))

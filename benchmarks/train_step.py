@@ -34,7 +34,6 @@ from common import (  # noqa: E402
     header,
     kernel_logits,
     markdown_table,
-    masked_form,
     router_logits_mode,
     write_rows,
 )
@@ -165,9 +164,6 @@ def main(argv=None):
         "norm: shared (the registry routes from the layer's own, as shipped) or recomputed (a "
         "second logits product and RMSNorm per layer, before the fifty-second session)",
     )
-    a_b("--masked-form", "joint", "split", "the masked mode's gate / up products: joint (one "
-        "GEMM over w_in, as shipped) or split (two, nn.SPLIT_GATE_UP: dh in the pass that gives "
-        "the gates' gradient)")  # fmt: skip
     ap.add_argument("--tau-target", type=float, nargs="+", default=[0.5])
     ap.add_argument(
         "--expert-group",
@@ -193,14 +189,12 @@ def main(argv=None):
     for name in a.preset:
         for mode in a.modes:
             for logits, bwd in itertools.product(a.router_logits, a.backward):
-                runs = [(t, f, eg, kl, mf) for t, f in itertools.product(a.tau_target, a.ffn)
+                runs = [(t, f, eg, kl) for t, f in itertools.product(a.tau_target, a.ffn)
                         for eg in (a.expert_group if FFN_MODES[f] else [None])
-                        for kl in (a.kernel_logits if FFN_MODES[f] else ["shared"])
-                        for mf in (["joint"] if FFN_MODES[f] else a.masked_form)]  # fmt: skip
-                for tau, ffn, eg, kl, mf in runs:
+                        for kl in (a.kernel_logits if FFN_MODES[f] else ["shared"])]  # fmt: skip
+                for tau, ffn, eg, kl in runs:
                     with router_logits_mode(logits), grouped_tuning(**ffn_tuning(ffn, eg)), \
-                            backward_precision(bwd), kernel_logits(kl), \
-                            masked_form(mf):  # fmt: skip
+                            backward_precision(bwd), kernel_logits(kl):  # fmt: skip
                         row = bench(name, mode, a.batch, a.seq, a.steps, mesh, a.peak_tflops,
                                     ffn, tau, a.router_scale)  # fmt: skip
                     row["router_logits"], row["backward"] = logits, bwd
@@ -208,8 +202,6 @@ def main(argv=None):
                         row["ffn"] = f"{ffn}@eg{eg}"
                     if kl != "shared":
                         row["ffn"] += f"+{kl}"
-                    if mf != "joint":
-                        row["ffn"] += f"+{mf}"
                     print(row, flush=True)
                     rows.append(row)
     write_rows(a.out, rows)

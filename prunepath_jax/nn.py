@@ -66,17 +66,6 @@ def route_args(cfg: ModelConfig, tau, token_mask_bt=None) -> tuple[RouteArgs, ..
 # when traced.
 SHARE_KERNEL_LOGITS = True
 
-# The masked SwiGLU layer's gate and up products as two GEMMs (`h_g`, `h_u` ``[b, t, f]``)
-# instead of one over ``w_in [2, f, d]``. Why: the backward's ``dh`` then comes as two
-# ``[b, t, f]`` arrays, which XLA can compute in the one pass over (``h``, ``da``) that already
-# gives the gates' gradient and ``dW_out``'s activation. One product's ``dh [b, t, 2, f]`` has
-# another shape, so XLA writes it in a second pass that reads ``h`` and ``da`` again (one 1B
-# layer at 16 384 tokens on an H100: 537 µs besides the 443 µs multi-output pass, from the
-# optimized HLO). The cost: ``dx`` as two GEMMs, and ``W_in``'s two halves. False: one product,
-# for benchmarks that time both side by side (`benchmarks/train_step.py --masked-form`). Read
-# when traced.
-SPLIT_GATE_UP = False
-
 
 class Permutation(nnx.Variable):
     """Integer neuron permutation (not trained, but saved with the weights)."""
@@ -201,17 +190,10 @@ class PrunePathFFN(nnx.Module):
         return sharded(x_raw, x_btd, logits_bte, weights, arg.tau)
 
     def _masked(self, x_btd, gate_bte):
-        if self.gated and SPLIT_GATE_UP:
-            w_cfd = self.w_in[...]
-            h_g, h_u = (jnp.einsum("btd,fd->btf", x_btd, w_cfd[c]) for c in range(2))
-            if self.b_in is not None:
-                h_g, h_u = h_g + self.b_in[0], h_u + self.b_in[1]
-            a_btf = activation(self.act_name)(h_g) * h_u
-        else:
-            h = jnp.einsum("btd,cfd->btcf", x_btd, self.w_in[...])
-            if self.b_in is not None:
-                h = h + self.b_in[...]
-            a_btf = self._act(h)
+        h = jnp.einsum("btd,cfd->btcf", x_btd, self.w_in[...])
+        if self.b_in is not None:
+            h = h + self.b_in[...]
+        a_btf = self._act(h)
         scale_btf = jnp.repeat(gate_bte, self.g, axis=-1).astype(a_btf.dtype)
         return (a_btf * scale_btf) @ self.w_out[...]
 

@@ -115,24 +115,6 @@ s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f
   run timeout 150 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
   ;;
-s69a)  # (fifty-third session, not timed) the masked SwiGLU layer's gate / up as two GEMMs
-  # (nn.SPLIT_GATE_UP, --masked-form split: dh in the multi-output pass that gives the gates'
-  # gradient, where one GEMM's dh [t, 2, f] took a second 537 µs pass, optimized HLO of d28b760
-  # on an H100), and the grouped path's GEMMs writing bf16 directly (three convert passes fewer
-  # a layer): one 1B layer's gradients (s68b at d28b760: masked 7.33 / kernels 7.06 ms full at
-  # k/E 0.33), then the 1B step (s68b: masked 263.4 / kernels 278.4 full, 185.7 / 150.7 router)
-  run timeout 200 python3 benchmarks/ffn_grad.py --preset llama-3.2-1b --tokens 16384 \
-    --frac 0.33 --paths masked kernels --kinds router full --masked-form joint split --profile \
-    --top 12 --iters 5 --out "$OUT/ffn_grad.jsonl"
-  run timeout 170 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes full \
-    --batch 8 --seq 2048 --steps 5 --ffn masked kernels --masked-form joint split \
-    --tau-target 0.9 --router-scale 0.01 --out "$OUT/train_step.jsonl"
-  run timeout 150 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes router \
-    --batch 8 --seq 2048 --steps 5 --ffn masked kernels --masked-form joint split \
-    --tau-target 0.5 --router-scale 0.01 --out "$OUT/train_step.jsonl"
-  gpu_tests 150 tests/test_shared_logits.py tests/test_kernels_triton.py \
-    -k "grouped_gradients or shared or grouped_tunings"
-  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;
