@@ -43,6 +43,7 @@ from prunepath_jax.nn import set_compute  # noqa: E402
 from prunepath_jax.train import parallel  # noqa: E402
 from prunepath_jax.train import state as st  # noqa: E402
 from prunepath_jax.train.config import TrainConfig  # noqa: E402
+from prunepath_jax.train.ffn_choice import PathChooser  # noqa: E402
 
 
 def flops_per_token(cfg, seq: int) -> float:
@@ -64,7 +65,7 @@ def build(name: str, mesh, seed: int = 0, router_scale: float = 0.1):
     )
 
 
-FFN_MODES = {"masked": None, **GROUPED_PATHS}
+FFN_MODES = {"masked": None, **GROUPED_PATHS, "auto": {}}  # auto: TrainConfig.ffn_kernels_auto
 
 
 def ffn_tuning(ffn: str, expert_group: int | None = None) -> dict:
@@ -76,6 +77,7 @@ def ffn_tuning(ffn: str, expert_group: int | None = None) -> dict:
 
 def bench(name, mode, batch, seq, steps, mesh, peak, ffn="masked", tau=0.5, router_scale=0.1):
     model = build(name, mesh, router_scale=router_scale)
+    masked_graphdef = st.split_model(model, mode)[0]
     if ffn != "masked":  # what TrainConfig.ffn_kernels does: the grouped GEMM's kernels
         set_compute(model, "kernel", mesh=mesh)
     # tau at its target from the first step: the kernels' cost depends on it (the masked
@@ -97,6 +99,19 @@ def bench(name, mode, batch, seq, steps, mesh, peak, ffn="masked", tau=0.5, rout
              "last_index": np.full(batch, seq - 1, np.int32)}  # fmt: skip
     fn = parallel.jit_train_step(tcfg, graphdef, opt, mesh, ssh, fsh, local)
     b = parallel.put_batch(local, mesh)
+    auto = {}
+    if ffn == "auto":  # the training loop's choice (train/ffn_choice.py), then its steps timed
+        fns = {"masked": parallel.jit_train_step(tcfg, masked_graphdef, opt, mesh, ssh, fsh,
+                                                 local), "kernels": fn}  # fmt: skip
+        chooser = PathChooser(tuple(fns))
+        while chooser.trying:
+            path, t0 = chooser.next(), time.perf_counter()
+            s, m = fns[path](s, fr, b)
+            sparsity = float(m["sparsity"])  # waits for the step, as the loop's metrics do
+            chooser.record(path, time.perf_counter() - t0, sparsity)
+        fn = fns[chooser.choice]
+        auto = {"chosen": chooser.choice, "trial_ms": {p: t * 1e3 for p, t in
+                                                       chooser.medians.items()}}  # fmt: skip
     t0 = time.perf_counter()
     s, m = fn(s, fr, b)
     loss_first = float(m["loss"])  # same weights and batch on every mesh: comparable
@@ -121,7 +136,7 @@ def bench(name, mode, batch, seq, steps, mesh, peak, ffn="masked", tau=0.5, rout
         "tau": float(m["tau"]), "router_scale": router_scale,
         "trainable_params": int(sum(x.size for x in jax.tree.leaves(s.params))),
         "opt_state_bytes": st.tree_bytes(s.opt_state),
-        "peak_mem_gib": mem.get("peak_bytes_in_use", 0) / 2**30,
+        "peak_mem_gib": mem.get("peak_bytes_in_use", 0) / 2**30, **auto,
     }  # fmt: skip
     return row
 
@@ -154,7 +169,8 @@ def main(argv=None):
         "the kernel registry (`TrainConfig.ffn_kernels`: on a GPU the grouped Triton GEMM and "
         "its backward kernel, per device under shard_map; weight gradients as dense GEMMs); "
         "kernels-dw: the weight gradients by the grouped kernel too; kernels-xla-bwd: the same "
-        "forward with the backward's dy W_out^T and SwiGLU derivative in XLA",
+        "forward with the backward's dy W_out^T and SwiGLU derivative in XLA; auto: the "
+        "training loop's ffn_kernels_auto (masked and kernels timed, the faster one kept)",
     )
     a_b(
         "--kernel-logits",
@@ -207,7 +223,7 @@ def main(argv=None):
     write_rows(a.out, rows)
     cols = ["preset", "mode", "ffn", "tau", "sparsity", "router_logits", "backward", "devices",
             "batch", "seq", "step_ms", "tokens_per_s", "mfu", "trainable_params",
-            "opt_state_bytes", "peak_mem_gib"]  # fmt: skip
+            "opt_state_bytes", "peak_mem_gib", "chosen"]  # fmt: skip
     print(markdown_table(rows, cols))
 
 

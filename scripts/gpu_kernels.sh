@@ -115,6 +115,17 @@ s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f
   run timeout 150 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
   ;;
+s70a)  # (fifty-third session, not run) ffn_kernels_auto on the GPU: the 1B step at 45% and 97%
+  # FFN sparsity, masked / kernels / auto side by side. Auto should keep masked at 45% (s69a on
+  # an H100: masked 265.4, kernels 276.0 ms) and the kernels at 97% (186.1 vs 148.9), with its
+  # trial medians near those rows (`chosen`, `trial_ms` in the JSONL)
+  run timeout 280 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes full \
+    --batch 8 --seq 2048 --steps 5 --ffn masked kernels auto --tau-target 0.9 \
+    --router-scale 0.01 --out "$OUT/train_step.jsonl"
+  run timeout 220 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes router \
+    --batch 8 --seq 2048 --steps 5 --ffn masked kernels auto --tau-target 0.5 \
+    --router-scale 0.01 --out "$OUT/train_step.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;

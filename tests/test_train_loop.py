@@ -170,6 +170,26 @@ def test_ffn_kernels_run_on_the_mesh(world, tmp_path):
     assert ckpt.restore_model(tmp_path / "kernels").model is not None
 
 
+def test_ffn_kernels_auto_times_both_paths_and_trains_as_masked(world, tmp_path):
+    """``ffn_kernels_auto``: the first steps run the masked and the kernel step alternately (each
+    compiled once, then three timed steps each), every one of them a training step: the losses
+    are the masked run's. The choice is reported and the path of each step is in the metrics."""
+    kw = dict(warmup_steps=2, decay_steps=6, hold_steps=2, eval_every=0)
+    run(_cfg(world, tmp_path / "masked", **kw), report=lambda m: None)
+    said = []
+    run(_cfg(world, tmp_path / "auto", ffn_kernels_auto=True, **kw), report=said.append)
+    rows = read_metrics(tmp_path / "auto")
+    assert len(rows) == 10
+    assert [r["ffn_kernels"] for r in rows[:8]] == [0.0, 1.0] * 4
+    chosen = [m for m in said if m.startswith("ffn_kernels_auto at step 8,")]
+    assert len(chosen) == 1 and "masked" in chosen[0] and "kernels" in chosen[0], said
+    picked = 1.0 if chosen[0].endswith("-> kernels") else 0.0
+    assert [r["ffn_kernels"] for r in rows[8:]] == [picked, picked]
+    assert_close([r["loss"] for r in rows], _losses(tmp_path / "masked"), "model_fp32", "losses")
+    with pytest.raises(ValueError, match="set one of them"):
+        _cfg(world, tmp_path / "both", ffn_kernels=True, ffn_kernels_auto=True)
+
+
 def test_bad_input(world, tmp_path, capsys):
     with pytest.raises(ValueError, match="(?i)empty|no text|no doc"):
         run(_cfg(world, tmp_path / "e", data=str(world / "empty.txt")), report=lambda m: None)

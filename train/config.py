@@ -97,8 +97,13 @@ class TrainConfig:
     `dy W_outᵀ` (`kernels/triton_grouped.py`); on a CPU the masked XLA path, as without it. On
     a mesh each device runs its rows of the batch under shard_map with the whole FFN weights
     (gathered, as FSDP does for the masked path; a `model` axis computes the FFN redundantly).
-    Off by default because it pays only at high sparsity: on an H100 the 1B step was 0.89× the
-    masked path at 45% FFN sparsity and 1.06× at 97% (BENCHMARKS.md, fifty-first session)."""
+    Off by default because it pays only at high sparsity: on an H100 the 1B step was 0.96× the
+    masked path at 45% FFN sparsity and 1.25× at 97% (BENCHMARKS.md, fifty-third session)."""
+    ffn_kernels_auto: bool = False
+    """Compile both steps, the masked one and `ffn_kernels`'s, time a few steps of each at the
+    run's sparsity and run the faster one; time them again whenever the sparsity has moved by
+    0.1 since (`train/ffn_choice.py`). Every step trains, whichever path runs it. Costs a
+    second compile and a few steps of the slower path."""
 
     # Devices.
     mesh_data: int = -1
@@ -221,9 +226,15 @@ def validate(c: TrainConfig) -> None:
     for name in ("mesh_data", "mesh_fsdp", "mesh_model"):
         v = getattr(c, name)
         need(v == -1 or v >= 1, f"{name} must be >= 1 or -1, got {v}")
+    for name in ("ffn_kernels", "ffn_kernels_auto"):
+        need(
+            not (getattr(c, name) and c.sparse == "dense"),
+            f"{name} runs PrunePath FFNs; a dense model (sparse='dense') has none",
+        )
     need(
-        not (c.ffn_kernels and c.sparse == "dense"),
-        "ffn_kernels runs PrunePath FFNs; a dense model (sparse='dense') has none",
+        not (c.ffn_kernels and c.ffn_kernels_auto),
+        "ffn_kernels runs every step through the kernels, ffn_kernels_auto times both paths "
+        "and picks: set one of them",
     )
 
 

@@ -41,6 +41,7 @@ from prunepath_jax.train.checkpointing import (
     with_shardings,
 )
 from prunepath_jax.train.config import TrainConfig
+from prunepath_jax.train.ffn_choice import PathChooser
 from prunepath_jax.train.metrics import MetricsWriter
 from prunepath_jax.train.step import forward_sums
 
@@ -51,6 +52,7 @@ RUNTIME_FIELDS = {
     "out_dir", "progress", "log_every", "eval_every", "save_every", "keep", "tensorboard",
     "wandb", "eval_tokens", "distributed", "coordinator", "num_processes", "process_id",
     "mesh_data", "mesh_fsdp", "mesh_model", "hold_steps", "source", "ffn_kernels",
+    "ffn_kernels_auto",
 }  # fmt: skip
 
 
@@ -111,6 +113,9 @@ class Run:
     data: Any
     history: list
     model_cfg: Any
+    kernel_graphdef: Any = None
+    """With ``ffn_kernels_auto``: the model with its FFNs on the kernel registry (``graphdef``
+    keeps the masked path); the same parameters fit both."""
 
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.state.params, self.frozen)
@@ -160,6 +165,10 @@ def setup(cfg: TrainConfig, *, pretrained=None, report=print) -> Run:
     if cfg.ffn_kernels:
         set_compute(model, "kernel", mesh=mesh)
     graphdef, trainable, frozen = st.split_model(model, cfg.mode)
+    kernel_graphdef = None
+    if cfg.ffn_kernels_auto:
+        set_compute(model, "kernel", mesh=mesh)
+        kernel_graphdef = st.split_model(model, cfg.mode)[0]
     optimizer = st.make_optimizer(cfg, trainable)
     trainable = parallel.place(trainable, parallel.tree_shardings(trainable, mesh))
     frozen = parallel.place(frozen, parallel.tree_shardings(frozen, mesh))
@@ -179,7 +188,23 @@ def setup(cfg: TrainConfig, *, pretrained=None, report=print) -> Run:
         state = st.init_state(cfg, trainable, optimizer)
         history = []
     state = parallel.place(state, parallel.tree_shardings(state, mesh))
-    return Run(cfg, mesh, graphdef, state, frozen, optimizer, tokenizer, meta, data, history, mcfg)
+    return Run(cfg, mesh, graphdef, state, frozen, optimizer, tokenizer, meta, data, history, mcfg,
+               kernel_graphdef)  # fmt: skip
+
+
+def _agree(paths: tuple[str, ...]):
+    """``ffn_kernels_auto``'s choice made once for every process: process 0's (processes time
+    their own steps, and all of them must run the same program)."""
+
+    def agree(path: str) -> str:
+        if jax.process_count() == 1:
+            return path
+        from jax.experimental import multihost_utils
+
+        i = multihost_utils.broadcast_one_to_all(np.int32(paths.index(path)))
+        return paths[int(i)]
+
+    return agree
 
 
 def _save(run: Run, saver: TrainCheckpointer, step: int, *, wait: bool) -> None:
@@ -267,11 +292,19 @@ def run(cfg: TrainConfig, *, pretrained=None, on_step=None, report=print) -> dic
     if jax.process_index() == 0:
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     first = next(r.data)
-    step_fn = parallel.jit_train_step(
-        cfg, r.graphdef, r.optimizer, r.mesh,
-        parallel.tree_shardings(r.state, r.mesh), parallel.tree_shardings(r.frozen, r.mesh),
-        first,
-    )  # fmt: skip
+    graphdefs = {"kernels" if cfg.ffn_kernels else "masked": r.graphdef}
+    if r.kernel_graphdef is not None:
+        graphdefs["kernels"] = r.kernel_graphdef
+    shardings = (
+        parallel.tree_shardings(r.state, r.mesh),
+        parallel.tree_shardings(r.frozen, r.mesh),
+    )
+    step_fns = {
+        path: parallel.jit_train_step(cfg, g, r.optimizer, r.mesh, *shardings, first)
+        for path, g in graphdefs.items()
+    }
+    paths = tuple(step_fns)
+    chooser = PathChooser(paths, agree=_agree(paths)) if len(paths) > 1 else None
     eval_batches = _eval_batches(r)
     eval_fn = _eval_fn(r.graphdef, cfg)
     stop: dict[str, int | None] = {"signal": None}
@@ -289,8 +322,9 @@ def run(cfg: TrainConfig, *, pretrained=None, on_step=None, report=print) -> dic
     try:
         while step < cfg.total_steps:
             t0 = time.perf_counter()
+            path = chooser.next() if chooser else next(iter(step_fns))
             batch = parallel.put_batch(local, r.mesh)
-            r.state, m = step_fn(r.state, r.frozen, batch)
+            r.state, m = step_fns[path](r.state, r.frozen, batch)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             dt = time.perf_counter() - t0
             if m["ok"] == 0.0:
@@ -304,6 +338,12 @@ def run(cfg: TrainConfig, *, pretrained=None, on_step=None, report=print) -> dic
             step += 1
             tokens = float(local["token_mask"].sum()) * jax.process_count()
             row = {**m, "tokens_per_s": tokens / dt, "seconds": dt}
+            if chooser is not None:
+                row["ffn_kernels"] = float(path == "kernels")
+                if chooser.record(path, dt, m["sparsity"]) is not None:
+                    times = ", ".join(f"{p} {t * 1e3:.1f} ms" for p, t in chooser.medians.items())
+                    report(f"ffn_kernels_auto at step {step}, sparsity {m['sparsity']:.2f}: "
+                           f"{times} a step (median) -> {chooser.choice}")  # fmt: skip
             r.history.append(
                 {k: row[k] for k in ("loss", "task_loss", "tau", "sparsity", "k_mean")}
             )
