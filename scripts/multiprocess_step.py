@@ -89,9 +89,13 @@ def main(argv=None):
         state, m = fn(state, fr, parallel.put_batch(local, mesh))
         losses.append(float(m["loss"]))
         times.append(time.perf_counter() - t0)
+    # ffn_kernels_auto's choice, each process proposing another path: all must run one
+    from prunepath_jax.train.loop import _agree
+
+    agreed = _agree(("masked", "kernels"))("kernels" if i % 2 else "masked")
     res = {"process": i, "processes": n, "devices": jax.device_count(),
            "mesh": dict(mesh.shape), "preset": a.preset, "losses": losses,
-           "step_s": times, "backend": jax.default_backend()}  # fmt: skip
+           "step_s": times, "backend": jax.default_backend(), "agreed": agreed}  # fmt: skip
     print("RESULT " + json.dumps(res), flush=True)
     if a.out and i == 0:
         with open(a.out, "a") as f:

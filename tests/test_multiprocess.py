@@ -1,6 +1,7 @@
 """The multi-host code path on one machine: two processes (one fake CPU device each, gloo
 collectives, `jax.distributed.initialize` from the environment) run the sharded training step
-and get exactly the losses of one process over two devices."""
+and get exactly the losses of one process over two devices, and take one ``ffn_kernels_auto``
+choice."""
 
 import json
 import os
@@ -50,3 +51,5 @@ def test_two_processes_equal_one_process():
     assert ref["processes"] == 1 and ref["devices"] == 2
     for r in res:
         assert_close(r["losses"], ref["losses"], "op_fp32", f"process {r['process']} losses")
+    # ffn_kernels_auto: process 1 proposed "kernels", process 0 "masked"; both run process 0's
+    assert [r["agreed"] for r in res] == ["masked", "masked"] and ref["agreed"] == "masked"
