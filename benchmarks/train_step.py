@@ -77,7 +77,7 @@ def ffn_tuning(ffn: str, expert_group: int | None = None) -> dict:
 
 def bench(name, mode, batch, seq, steps, mesh, peak, ffn="masked", tau=0.5, router_scale=0.1):
     model = build(name, mesh, router_scale=router_scale)
-    masked_graphdef = st.split_model(model, mode)[0]
+    masked_graphdef = st.split_model(model, mode)[0] if ffn == "auto" else None
     if ffn != "masked":  # what TrainConfig.ffn_kernels does: the grouped GEMM's kernels
         set_compute(model, "kernel", mesh=mesh)
     # tau at its target from the first step: the kernels' cost depends on it (the masked

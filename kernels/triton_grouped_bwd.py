@@ -40,6 +40,13 @@ from prunepath_jax.kernels.triton_grouped import tile_tokens
 
 
 @triton.jit
+def dh_slots(tok, e, F: tl.constexpr, G: tl.constexpr):
+    """``[M, G]`` offsets of expert e's gate-half slots of ``dh [T, 2, F]`` for tokens ``tok``
+    (the up half is ``+ F``). int64: ``2 t f`` may pass 2³¹ where the guard's ``t f`` does not."""
+    return tok[:, None].to(tl.int64) * (2 * F) + e * G + tl.arange(0, G)[None, :]
+
+
+@triton.jit
 def _grouped_bwd_kernel(
     dy_ptr,  # [T, D] the output's cotangent
     w_out_ptr,  # [F, D] down weights, neuron-major
@@ -72,8 +79,7 @@ def _grouped_bwd_kernel(
         tl.store(dgate_ptr + tok * E + e, tl.sum(da * act * hu, axis=1), mask=rmask)
         dga = da * gate[:, None]
         ty = dh_ptr.dtype.element_ty
-        # int64: 2 * t * f may pass 2**31 where the guard's t * f does not
-        out = dh_ptr + tok[:, None].to(tl.int64) * (2 * F) + e * G + rg[None, :]
+        out = dh_ptr + dh_slots(tok, e, F, G)
         tl.store(out, (dga * hu * sg * (1.0 + hg * (1.0 - sg))).to(ty), mask=rmask[:, None])
         tl.store(out + F, (dga * act).to(ty), mask=rmask[:, None])
 
@@ -112,7 +118,7 @@ def _grouped_dw_kernel(
         tok = tl.load(tok_ptr + off + rows, mask=rmask, other=0)
         gate = tl.load(gate_ptr + tok * E + e, mask=rmask, other=0.0)
         slot = tok[:, None] * F + e * G + rg[None, :]
-        dslot = tok[:, None].to(tl.int64) * (2 * F) + e * G + rg[None, :]  # dh: [T, 2, F]
+        dslot = dh_slots(tok, e, F, G)
         dhg = tl.load(dh_ptr + dslot, mask=rmask[:, None], other=0.0)
         dhu = tl.load(dh_ptr + F + dslot, mask=rmask[:, None], other=0.0)
         hg = tl.load(h_ptr + slot, mask=rmask[:, None], other=0.0).to(tl.float32)

@@ -90,9 +90,9 @@ def main(argv=None):
         losses.append(float(m["loss"]))
         times.append(time.perf_counter() - t0)
     # ffn_kernels_auto's choice, each process proposing another path: all must run one
-    from prunepath_jax.train.loop import _agree
+    from prunepath_jax.train.loop import agree_on_process0
 
-    agreed = _agree(("masked", "kernels"))("kernels" if i % 2 else "masked")
+    agreed = agree_on_process0(("masked", "kernels"))("kernels" if i % 2 else "masked")
     res = {"process": i, "processes": n, "devices": jax.device_count(),
            "mesh": dict(mesh.shape), "preset": a.preset, "losses": losses,
            "step_s": times, "backend": jax.default_backend(), "agreed": agreed}  # fmt: skip

@@ -192,7 +192,7 @@ def setup(cfg: TrainConfig, *, pretrained=None, report=print) -> Run:
                kernel_graphdef)  # fmt: skip
 
 
-def _agree(paths: tuple[str, ...]):
+def agree_on_process0(paths: tuple[str, ...]):
     """``ffn_kernels_auto``'s choice made once for every process: process 0's (processes time
     their own steps, and all of them must run the same program)."""
 
@@ -304,7 +304,7 @@ def run(cfg: TrainConfig, *, pretrained=None, on_step=None, report=print) -> dic
         for path, g in graphdefs.items()
     }
     paths = tuple(step_fns)
-    chooser = PathChooser(paths, agree=_agree(paths)) if len(paths) > 1 else None
+    chooser = PathChooser(paths, agree=agree_on_process0(paths)) if len(paths) > 1 else None
     eval_batches = _eval_batches(r)
     eval_fn = _eval_fn(r.graphdef, cfg)
     stop: dict[str, int | None] = {"signal": None}
@@ -322,7 +322,7 @@ def run(cfg: TrainConfig, *, pretrained=None, on_step=None, report=print) -> dic
     try:
         while step < cfg.total_steps:
             t0 = time.perf_counter()
-            path = chooser.next() if chooser else next(iter(step_fns))
+            path = chooser.next() if chooser else paths[0]
             batch = parallel.put_batch(local, r.mesh)
             r.state, m = step_fns[path](r.state, r.frozen, batch)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
