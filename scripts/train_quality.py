@@ -50,15 +50,24 @@ def static_points(rows: list[dict], metric: str, e: int) -> dict[float, float | 
     return {t: by_k.get(round((1 - t) * e)) for t in TARGETS}
 
 
+def teal_points(rows: list[dict], metric: str) -> dict[float, float | None]:
+    """TEAL's rows (magnitude thresholds calibrated to each target, no router) by target."""
+    by_label = {r["label"]: r[metric] for r in rows if r["setting"] == "teal"}
+    return {t: by_label.get(f"teal-{t:g}") for t in TARGETS}
+
+
 def record(table, out_dir, prefix, method, rows, metric, log, dense):
     """Appends `method`'s rows at each target sparsity to `table` (tau curve interpolated,
-    static k exact) and writes its raw sweep rows to `<out_dir>/<prefix>_<method>.jsonl`."""
+    static k exact, TEAL where the sweep ran it) and writes its raw sweep rows to
+    `<out_dir>/<prefix>_<method>.jsonl`."""
     curve = interpolate(rows, metric, log=log)
     static = static_points(rows, metric, rows[-1]["n_experts"])
+    teal = teal_points(rows, metric)
     short = "ppl" if metric == "ppl" else "acc"
     for t in TARGETS:
         table.append({"method": method, "target_sparsity": t, f"{short}_tau": curve[t],
-                      f"{short}_static_k": static[t], f"dense_{short}": dense})  # fmt: skip
+                      f"{short}_static_k": static[t], f"{short}_teal": teal[t],
+                      f"dense_{short}": dense})  # fmt: skip
     (Path(out_dir) / f"{prefix}_{method.split()[0]}.jsonl").write_text(
         "".join(json.dumps(r, default=str) + "\n" for r in rows)
     )
@@ -119,12 +128,16 @@ def convert_with_init(model, tok, a, task_data=None):
 
 def evaluate_lm_all(a, trained) -> list[dict]:
     from prunepath_jax.checkpoint import restore_model
+    from prunepath_jax.demo import calibration_batches
     from prunepath_jax.eval.sweep import sweep
     from prunepath_jax.loading import load_any
 
     src = load_any(a.source, progress=False)
     tok = src.tokenizer
     kw = dict(seq_len=512, batch_size=8, max_tokens=a.eval_tokens, progress=False)
+    # TEAL (the training-free baseline users pick) on the dense weights, calibrated on the
+    # training text that initialises the routers
+    teal = dict(teal=TARGETS, teal_calib=calibration_batches(tok, a.init_tokens))
     table = []
 
     def add(method, rows, dense_ppl=None):
@@ -132,7 +145,7 @@ def evaluate_lm_all(a, trained) -> list[dict]:
 
     ks = (36, 24, 12)
     base = sweep(convert_with_init(src.model, tok, a), tok, taus=a.taus, static_k=ks,
-                 reference=src.model, out_dir=Path(a.work) / "sw_init", **kw)  # fmt: skip
+                 reference=src.model, out_dir=Path(a.work) / "sw_init", **teal, **kw)  # fmt: skip
     base_dense = base[0]["ppl"]
     add("init_only (training-free)", base, base_dense)
     for name in ("prunepath", "static_topk"):
@@ -141,7 +154,7 @@ def evaluate_lm_all(a, trained) -> list[dict]:
         add(f"{name} (trained)", rows)
     ft = restore_model(trained["dense_ft"]["out_dir"]).model
     rows = sweep(convert_with_init(ft, tok, a), tok, taus=a.taus, static_k=ks, reference=ft,
-                 out_dir=Path(a.work) / "sw_ft", **kw)  # fmt: skip
+                 out_dir=Path(a.work) / "sw_ft", **teal, **kw)  # fmt: skip
     add("dense_ft + conversion (post-hoc)", rows, rows[0]["ppl"])
     table.append({"method": "dense (original)", "target_sparsity": 0.0, "dense_ppl": base_dense})
     table.append({"method": "dense_ft", "target_sparsity": 0.0, "dense_ppl": rows[0]["ppl"]})
