@@ -27,7 +27,7 @@ def _rows():
 def test_tau_curve_is_interpolated_in_log_ppl_and_none_outside():
     out = tq.interpolate(_rows(), "ppl", log=True)
     assert math.isclose(out[0.5], math.sqrt(20.0 * 40.0), rel_tol=1e-9)  # halfway in log space
-    assert math.isclose(out[0.25], 12.0 ** 0.75 * 20.0 ** 0.25, rel_tol=1e-9)
+    assert math.isclose(out[0.25], 12.0**0.75 * 20.0**0.25, rel_tol=1e-9)
     short = [r for r in _rows() if r["setting"] != "tau" or r["sparsity"] < 0.7]
     assert tq.interpolate(short, "ppl", log=True)[0.75] is None  # past the measured curve
 
