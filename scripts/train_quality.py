@@ -140,8 +140,11 @@ def evaluate_lm_all(a, trained) -> list[dict]:
     teal = dict(teal=TARGETS, teal_calib=calibration_batches(tok, a.init_tokens))
     table = []
 
+    t0 = time.perf_counter()
+
     def add(method, rows, dense_ppl=None):
         record(table, a.out, "lm", method, rows, "ppl", True, dense_ppl)
+        print(f"[eval] {method}: {len(rows)} rows, {time.perf_counter() - t0:.0f} s", flush=True)
 
     ks = (36, 24, 12)
     base = sweep(convert_with_init(src.model, tok, a), tok, taus=a.taus, static_k=ks,
