@@ -137,7 +137,7 @@ def evaluate_lm_all(a, trained) -> list[dict]:
     kw = dict(seq_len=512, batch_size=8, max_tokens=a.eval_tokens, progress=False)
     # TEAL (the training-free baseline users pick) on the dense weights, calibrated on the
     # training text that initialises the routers
-    teal = dict(teal=TARGETS, teal_calib=calibration_batches(tok, a.init_tokens))
+    teal = dict(teal=TARGETS, teal_calib=list(calibration_batches(tok, a.init_tokens)))
     table = []
 
     t0 = time.perf_counter()
