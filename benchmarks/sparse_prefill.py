@@ -26,7 +26,13 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import header, markdown_table, router_logits_mode, write_rows  # noqa: E402
+from common import (  # noqa: E402
+    grouped_tuning,
+    header,
+    markdown_table,
+    router_logits_mode,
+    write_rows,
+)
 from sparse_decode import set_k  # noqa: E402
 
 from prunepath_jax.config import PRESETS  # noqa: E402
@@ -78,6 +84,9 @@ def main(argv=None):
     ap.add_argument("--sparsity", type=float, default=0.75)
     ap.add_argument("--impls", nargs="+", default=["xla", "triton"])
     ap.add_argument("--router-ab", action="store_true", help="also each path with fp32 logits")
+    ap.add_argument("--selections", nargs="+", default=["xla"], choices=["xla", "triton"],
+                    help="the grouped path's selection tunings to time (xla: routing.select's "
+                    "sort; triton: the selection kernel)")  # fmt: skip
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default="results/sparse_prefill.jsonl")
     a = ap.parse_args(argv)
@@ -103,19 +112,21 @@ def main(argv=None):
         for logits in ["shared"] + (["fp32"] if a.router_ab else []):
             for impl in a.impls:
                 set_compute(sparse, "kernel", impl)
-                try:  # the grouped GEMM's default logits are the shared function too
-                    with router_logits_mode(logits):
-                        r = time_prefill(sparse, a.batch, a.prompt_len, args, a.iters)
-                except Exception as err:  # an unsupported backend is a row too
-                    emit({"shape": shape, "impl": impl, "router_logits": logits,
-                          "error": repr(err)[:300]})  # fmt: skip
-                    continue
-                emit({"shape": shape, "impl": impl, "router_logits": logits, "k": k, "E": e,
-                      "sparsity": 1 - k / e, "speedup_vs_dense": base["ms"] / r["ms"],
-                      **r})  # fmt: skip
+                for sel in a.selections if impl == "triton" else [None]:
+                    tag = {"shape": shape, "impl": impl, "router_logits": logits,
+                           **({"selection": sel} if sel else {})}  # fmt: skip
+                    try:  # the grouped GEMM's default logits are the shared function too
+                        with (router_logits_mode(logits),
+                              grouped_tuning(**({"selection": sel} if sel else {}))):  # fmt: skip
+                            r = time_prefill(sparse, a.batch, a.prompt_len, args, a.iters)
+                    except Exception as err:  # an unsupported backend is a row too
+                        emit({**tag, "error": repr(err)[:300]})
+                        continue
+                    emit({**tag, "k": k, "E": e, "sparsity": 1 - k / e,
+                          "speedup_vs_dense": base["ms"] / r["ms"], **r})  # fmt: skip
         del sparse
-    cols = ["shape", "impl", "router_logits", "sparsity", "ms", "tok_s", "speedup_vs_dense",
-            "compile_s"]  # fmt: skip
+    cols = ["shape", "impl", "router_logits", "selection", "sparsity", "ms", "tok_s",
+            "speedup_vs_dense", "compile_s"]  # fmt: skip
     print(f"\n{head['date']} commit {head['commit']} on {head['device']}; batch {a.batch} x "
           f"{a.prompt_len} tokens")  # fmt: skip
     print(markdown_table(rows, cols))

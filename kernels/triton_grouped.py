@@ -149,9 +149,17 @@ def _grouped_up_h_kernel(
 # grouped weight-gradient kernel, "grouped". Measured (H200, 1B layer, 16384 tokens, k/E 0.33,
 # fiftieth session): the kernel takes 7.39 ms of the full gradient's 13.2 ms, while the masked
 # path's whole full gradient, dense weight-gradient GEMMs included, takes 8.2 ms.
+# ``selection``: who decides each token's experts from the logits. "xla" (`routing.select`: a
+# per-token sort of the probabilities, its scan, the mask built by XLA; 74 µs for the sort alone
+# at 4096 tokens x 448 experts on an H100) or "triton" (`triton_select.select_gates`, the decode
+# kernels' selection: one program a token, softmax, `tl.sort`, scan and clamps in registers).
+# Both apply the same rule; their sums run in different orders, so a token whose mass sits within
+# ~1 float32 ulp of τ may take one expert more or less (decode already selects this way).
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
-                  "backward": "grouped", "weight_grads": "xla", "expert_group": "auto"}  # fmt: skip
+                  "backward": "grouped", "weight_grads": "xla", "expert_group": "auto",
+                  "selection": "xla"}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
+_SELECTIONS = ("xla", "triton")
 _WEIGHT_GRADS = ("xla", "grouped")
 _LOGITS = {
     "shared": routing.router_logits,
@@ -357,6 +365,18 @@ def _experts_bwd(st, res, dy_td):
 _experts.defvjp(_experts_fwd, _experts_bwd)
 
 
+def kernel_selection(logits_te, tau, rule, k_min: int, k_max: int, interpret: bool):
+    """``(mask_te bool [t, E], k_t i32 [t])`` from the Triton selection kernel (tuning
+    ``selection="triton"``). The selection is discrete, so its input is cut from the gradient
+    (jax-triton's call has no JVP rule); the gates stay differentiable through the caller's
+    `routing.gates`. With gate "none" the kernel writes exactly 1 where selected, 0 elsewhere."""
+    from prunepath_jax.kernels.triton_select import select_gates
+
+    g_te, k_t = select_gates(jax.lax.stop_gradient(logits_te), tau, rule=rule, gate="none",
+                             k_min=k_min, k_max=k_max, interpret=interpret)  # fmt: skip
+    return g_te > 0, k_t
+
+
 def sparse_ffn_grouped(
     x_td: jax.Array,
     router_de: jax.Array,
@@ -408,8 +428,14 @@ def sparse_ffn_grouped(
                          "logits; with logits_te given it computes none")  # fmt: skip
     else:
         check_logits(logits_te, t, e)
-    sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
-    gate_te = routing.gates(logits_te, sel.mask_te, gate)
+    if tn["selection"] not in _SELECTIONS:
+        raise ValueError(f"selection must be one of {_SELECTIONS}, got {tn['selection']!r}")
+    if tn["selection"] == "triton":
+        mask_te, k_t = kernel_selection(logits_te, tau, rule, k_min, k_max, interpret)
+    else:
+        sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
+        mask_te, k_t = sel.mask_te, sel.k_t
+    gate_te = routing.gates(logits_te, mask_te, gate)  # differentiable: σ of the logits
     block_m = tn["block_m"]
     if tn["backward"] not in _BACKWARDS:
         raise ValueError(f"backward must be one of {_BACKWARDS}, got {tn['backward']!r}")
@@ -419,5 +445,5 @@ def sparse_ffn_grouped(
     static = _Launch(g, block_m, min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
                      tn["stages"], interpret, tn["backward"], tn["weight_grads"])  # fmt: skip
     eg = resolve_expert_group(tn["expert_group"], t, d, g, x_td.dtype.itemsize)
-    grouping = group_by_expert(sel.mask_te, k_max, block_m, eg)
-    return _experts(static, x_td, gate_te, w_in_cfd, w_out_fd, grouping), sel.k_t
+    grouping = group_by_expert(mask_te, k_max, block_m, eg)
+    return _experts(static, x_td, gate_te, w_in_cfd, w_out_fd, grouping), k_t

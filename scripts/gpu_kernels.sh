@@ -141,6 +141,17 @@ s71a)  # (fifty-fourth session) the quality table at GPU scale (scripts/gpu_qual
     --steps 60 240 100 --batch 16 --seq-len 256 --compute bfloat16 --eval-tokens 32768 \
     --out "$OUT/quality" --work /tmp/q
   ;;
+s71b)  # (fifty-fourth session) the grouped path's selection by the Triton kernel (tuning
+  # selection="triton") instead of routing.select's sort: its GPU tests, then one 8B layer
+  # (4096 tokens, k/E 0.25, device trace) and the whole 8B prompt pass, both selections in one
+  # process each
+  gpu_tests 150 tests/test_kernels_triton.py -k "grouped or selection"
+  run timeout 200 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
+    --prefill-tunings 128,64,8,4,shared,auto,xla 128,64,8,4,shared,auto,triton \
+    --out "$OUT/kernels.jsonl"
+  run timeout 220 python3 benchmarks/sparse_prefill.py --impls triton --selections xla triton \
+    --out "$OUT/sparse_prefill.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;

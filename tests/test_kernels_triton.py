@@ -81,6 +81,23 @@ def test_grouped_bf16x3_router_logits_match_reference(case, interp_results):
     _check(case, interp_results[f"{case.name}+bf16x3/y"], interp_results[f"{case.name}+bf16x3/k"])
 
 
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
+def test_grouped_triton_selection_matches_reference(case, interp_results):
+    """``selection="triton"``: the selection kernel's experts (k exactly: no token of these
+    cases sits within an ulp of τ), the outputs and the training gradients (the gates still
+    differentiable through the logits) as the reference's."""
+    _check(case, interp_results[f"{case.name}+tsel/y"], interp_results[f"{case.name}+tsel/k"])
+    _check_grads(case, [interp_results[f"{case.name}+tsel/grad_{n}"] for n in GRAD_ARGS])
+
+
+def test_grouped_rejects_an_unknown_selection():
+    from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
+
+    c = GROUPED_CASES[0]
+    with pytest.raises(ValueError, match="selection must be one of"):
+        sparse_ffn_grouped(*inputs(c), c.tau, interpret=True, **kwargs(c), selection="sort")
+
+
 def _check_grads(c, grads):
     """The training forward's gradients against ``jax.grad`` of the float32 reference (the
     routing is the same, so only the experts' arithmetic differs)."""
@@ -322,6 +339,40 @@ def test_jax_triton_matches_reference_on_gpu(case):
     jitted = jax.jit(lambda *a: fn(*a, **kwargs(case)))
     y, k = jitted(x, router, w_in, w_out, np.float32(case.tau))
     _check(case, y, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
+def test_grouped_triton_selection_on_gpu(case):
+    """``selection="triton"`` through jax-triton under jit: the reference's experts and outputs."""
+    from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
+
+    x, router, w_in, w_out = inputs(case)
+    fn = jax.jit(lambda *a: sparse_ffn_grouped(*a, **kwargs(case), selection="triton"))
+    y, k = fn(x, router, w_in, w_out, np.float32(case.tau))
+    _check(case, y, k)
+
+
+@pytest.mark.gpu
+def test_triton_selection_at_the_prefill_shape_on_gpu():
+    """4096 tokens x 448 experts (the 8B prefill), τ 0.5 and k clamped to [112, 112] as the
+    benchmark routes: the kernel's masks equal `routing.select`'s except for tokens whose mass
+    sits within a few float32 ulps of τ (none is allowed to differ by more than one expert)."""
+    import jax.numpy as jnp
+
+    from prunepath_jax import routing
+    from prunepath_jax.kernels.triton_grouped import kernel_selection
+
+    lg = jax.random.normal(jax.random.key(3), (4096, 448), jnp.float32) * 2.0
+    for tau, k_min, k_max in ((0.5, 1, 448), (1.0, 112, 112), (0.9, 1, 200)):
+        mask, k = jax.jit(kernel_selection, static_argnums=(2, 3, 4, 5))(
+            lg, jnp.float32(tau), "paper", k_min, k_max, False
+        )
+        sel = routing.select(lg, tau, k_min=k_min, k_max=k_max)
+        diff = np.asarray(k) != np.asarray(sel.k_t)
+        assert diff.mean() < 1e-3 and np.abs(np.asarray(k - sel.k_t)).max() <= 1, tau
+        same = ~diff
+        np.testing.assert_array_equal(np.asarray(mask)[same], np.asarray(sel.mask_te)[same])
 
 
 @pytest.mark.gpu

@@ -51,6 +51,14 @@ def main(out: str) -> None:
                                   router_logits="bf16x3")  # fmt: skip
         res[f"{c.name}+bf16x3/y"] = np.asarray(y.astype(np.float32))
         res[f"{c.name}+bf16x3/k"] = np.asarray(k)
+    for c in GROUPED_CASES:  # the selection by the Triton kernel, forward and gradients
+        fn = functools.partial(sparse_ffn_grouped, interpret=True, block_m=16, selection="triton")
+        y, k = fn(*inputs(c), c.tau, **kwargs(c))
+        res[f"{c.name}+tsel/y"] = np.asarray(y.astype(np.float32))
+        res[f"{c.name}+tsel/k"] = np.asarray(k)
+        grads = jax.grad(grad_loss(fn, c), argnums=(0, 1, 2, 3))(*inputs(c))
+        for name, gr in zip(GRAD_ARGS, grads, strict=True):
+            res[f"{c.name}+tsel/grad_{name}"] = np.asarray(gr.astype(np.float32))
     for c, bwd in itertools.product(GROUPED_CASES, GROUPED_BACKWARDS):  # the training forward
         fn = functools.partial(sparse_ffn_grouped, interpret=True, block_m=16,
                                **GROUPED_BACKWARDS[bwd])  # fmt: skip
