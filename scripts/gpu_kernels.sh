@@ -145,11 +145,11 @@ s71b)  # (fifty-fourth session) the grouped path's selection by the Triton kerne
   # selection="triton") instead of routing.select's sort: its GPU tests, then one 8B layer
   # (4096 tokens, k/E 0.25, device trace) and the whole 8B prompt pass, both selections in one
   # process each
-  gpu_tests 150 tests/test_kernels_triton.py -k "grouped or selection"
-  run timeout 200 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
+  gpu_tests 120 tests/test_kernels_triton.py -k "grouped or selection"
+  run timeout 160 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
     --prefill-tunings 128,64,8,4,shared,auto,xla 128,64,8,4,shared,auto,triton \
     --out "$OUT/kernels.jsonl"
-  run timeout 220 python3 benchmarks/sparse_prefill.py --impls triton --selections xla triton \
+  run timeout 180 python3 benchmarks/sparse_prefill.py --impls triton --selections xla triton \
     --out "$OUT/sparse_prefill.jsonl"
   ;;
 *)
