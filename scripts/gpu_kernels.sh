@@ -145,12 +145,14 @@ s71b)  # (fifty-fourth session) the grouped path's selection by the Triton kerne
   # selection="triton") instead of routing.select's sort: its GPU tests, then one 8B layer
   # (4096 tokens, k/E 0.25, device trace) and the whole 8B prompt pass, both selections in one
   # process each
-  gpu_tests 120 tests/test_kernels_triton.py -k "grouped or selection"
-  run timeout 160 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
+  run timeout 150 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
     --prefill-tunings 128,64,8,4,shared,auto,xla 128,64,8,4,shared,auto,triton \
     --out "$OUT/kernels.jsonl"
+  gpu_tests 100 tests/test_kernels_triton.py -k "triton_selection"
+  [ -n "${QUICK:-}" ] && exit 0  # the layer and the selection's tests only
   run timeout 180 python3 benchmarks/sparse_prefill.py --impls triton --selections xla triton \
     --out "$OUT/sparse_prefill.jsonl"
+  gpu_tests 120 tests/test_kernels_triton.py -k "grouped"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
