@@ -115,17 +115,6 @@ s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f
   run timeout 150 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
   ;;
-s70a)  # (fifty-third session, not run) ffn_kernels_auto on the GPU: the 1B step at 45% and 97%
-  # FFN sparsity, masked / kernels / auto side by side. Auto should keep masked at 45% (s69a on
-  # an H100: masked 265.4, kernels 276.0 ms) and the kernels at 97% (186.1 vs 148.9), with its
-  # trial medians near those rows (`chosen`, `trial_ms` in the JSONL)
-  run timeout 280 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes full \
-    --batch 8 --seq 2048 --steps 5 --ffn masked kernels auto --tau-target 0.9 \
-    --router-scale 0.01 --out "$OUT/train_step.jsonl"
-  run timeout 220 python3 benchmarks/train_step.py --preset llama-3.2-1b --modes router \
-    --batch 8 --seq 2048 --steps 5 --ffn masked kernels auto --tau-target 0.5 \
-    --router-scale 0.01 --out "$OUT/train_step.jsonl"
-  ;;
 s71a)  # (fifty-fourth session) the quality table at GPU scale (scripts/gpu_quality.sh's run,
   # never run before): the real SmolLM2-135M on shipped text, 400 steps x 4096 tokens, bf16,
   # PrunePath vs static top-k vs dense fine-tuning (+ post-hoc conversion), the training-free
@@ -140,19 +129,6 @@ s71a)  # (fifty-fourth session) the quality table at GPU scale (scripts/gpu_qual
   PYTHONUNBUFFERED=1 run timeout 540 python3 scripts/train_quality.py lm --source default \
     --steps 60 240 100 --batch 16 --seq-len 256 --compute bfloat16 --eval-tokens 32768 \
     --out "$OUT/quality" --work /tmp/q
-  ;;
-s71b)  # (fifty-fourth session) the grouped path's selection by the Triton kernel (tuning
-  # selection="triton") instead of routing.select's sort: its GPU tests, then one 8B layer
-  # (4096 tokens, k/E 0.25, device trace) and the whole 8B prompt pass, both selections in one
-  # process each
-  run timeout 150 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
-    --prefill-tunings 128,64,8,4,shared,auto,xla 128,64,8,4,shared,auto,triton \
-    --out "$OUT/kernels.jsonl"
-  gpu_tests 100 tests/test_kernels_triton.py -k "triton_selection"
-  [ -n "${QUICK:-}" ] && exit 0  # the layer and the selection's tests only
-  run timeout 180 python3 benchmarks/sparse_prefill.py --impls triton --selections xla triton \
-    --out "$OUT/sparse_prefill.jsonl"
-  gpu_tests 120 tests/test_kernels_triton.py -k "grouped"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
