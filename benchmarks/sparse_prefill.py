@@ -113,11 +113,10 @@ def main(argv=None):
             for impl in a.impls:
                 set_compute(sparse, "kernel", impl)
                 for sel in a.selections if impl == "triton" else [None]:
-                    tag = {"shape": shape, "impl": impl, "router_logits": logits,
-                           **({"selection": sel} if sel else {})}  # fmt: skip
+                    tuning = {"selection": sel} if sel else {}
+                    tag = {"shape": shape, "impl": impl, "router_logits": logits, **tuning}
                     try:  # the grouped GEMM's default logits are the shared function too
-                        with (router_logits_mode(logits),
-                              grouped_tuning(**({"selection": sel} if sel else {}))):  # fmt: skip
+                        with router_logits_mode(logits), grouped_tuning(**tuning):
                             r = time_prefill(sparse, a.batch, a.prompt_len, args, a.iters)
                     except Exception as err:  # an unsupported backend is a row too
                         emit({**tag, "error": repr(err)[:300]})

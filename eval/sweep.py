@@ -215,7 +215,7 @@ def sweep(
     for p in teal:
         with teal_model(model, t_by_p[float(p)]):
             res = evaluate_lm(model, stream, tau=STATIC_TAU, **kw)  # tau: unread by TEAL layers
-        add("teal", f"teal-{float(p):g}", res)
+        add("teal", teal_label(p), res)
     for p in teal_down:
         t_l2 = np.stack([np.zeros(model.cfg.n_layers), t_by_p[float(p)][:, 1]], axis=-1)
         with teal_model(model, t_l2, route=True):
@@ -227,6 +227,11 @@ def sweep(
     if progress:
         print_table(rows)
     return rows
+
+
+def teal_label(target) -> str:
+    """The label of TEAL's row at a target sparsity, ``teal-0.5`` (how callers find the row)."""
+    return f"teal-{float(target):g}"
 
 
 def _tau_label(tau) -> tuple[float | list[float], str]:

@@ -50,6 +50,7 @@ from prunepath_jax import routing
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.reference import check_logits
 from prunepath_jax.kernels.triton_decode import expert_gate_up_rows, expert_swiglu_rows
+from prunepath_jax.kernels.triton_select import select_gates
 
 
 @triton.jit
@@ -370,8 +371,6 @@ def kernel_selection(logits_te, tau, rule, k_min: int, k_max: int, interpret: bo
     ``selection="triton"``). The selection is discrete, so its input is cut from the gradient
     (jax-triton's call has no JVP rule); the gates stay differentiable through the caller's
     `routing.gates`. With gate "none" the kernel writes exactly 1 where selected, 0 elsewhere."""
-    from prunepath_jax.kernels.triton_select import select_gates
-
     g_te, k_t = select_gates(jax.lax.stop_gradient(logits_te), tau, rule=rule, gate="none",
                              k_min=k_min, k_max=k_max, interpret=interpret)  # fmt: skip
     return g_te > 0, k_t

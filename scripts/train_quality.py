@@ -52,8 +52,10 @@ def static_points(rows: list[dict], metric: str, e: int) -> dict[float, float | 
 
 def teal_points(rows: list[dict], metric: str) -> dict[float, float | None]:
     """TEAL's rows (magnitude thresholds calibrated to each target, no router) by target."""
+    from prunepath_jax.eval.sweep import teal_label
+
     by_label = {r["label"]: r[metric] for r in rows if r["setting"] == "teal"}
-    return {t: by_label.get(f"teal-{t:g}") for t in TARGETS}
+    return {t: by_label.get(teal_label(t)) for t in TARGETS}
 
 
 def record(table, out_dir, prefix, method, rows, metric, log, dense):
