@@ -109,9 +109,9 @@ def main():
         nargs="*",
         type=lambda v: tuple(int(x) if x.isdigit() else x for x in v.split(",")),
         default=[(64, 64, 4, 3)],
-        help="block_m,block_d,warps,stages[,router_logits[,expert_group[,selection]]] per "
-        "variant (router_logits shared, fp32 or bf16x3; expert_group auto or an int; selection "
-        "xla or triton)",
+        help="block_m,block_d,warps,stages[,router_logits[,expert_group[,selection[,"
+        "select_block_t,select_warps]]]] per variant (router_logits shared, fp32 or bf16x3; "
+        "expert_group auto or an int; selection xla or triton, the latter's launch layout)",
     )
     ap.add_argument(
         "--prefill-router-ab",
@@ -190,7 +190,8 @@ def main():
                  "us": t_dense * 1e6, "TFLOP_s": flops / t_dense / 1e12,
                  **(kernel_breakdown(dense_fn, xp, one) if a.prefill_trace else {})})  # fmt: skip
     print(rows[-1], flush=True)
-    names = ("block_m", "block_d", "warps", "stages", "router_logits", "expert_group", "selection")
+    names = ("block_m", "block_d", "warps", "stages", "router_logits", "expert_group", "selection",
+             "select_block_t", "select_warps")  # fmt: skip
     variants = [("xla", None)] + [
         ("triton", dict(zip(names, v, strict=False))) for v in a.prefill_tunings
     ]

@@ -76,6 +76,15 @@ def time_prefill(model, batch: int, prompt_len: int, ffn_args, iters: int) -> di
             "tok_s": batch * prompt_len / ms * 1e3, "argmax": lg.argmax(-1).tolist()}  # fmt: skip
 
 
+def selection_tuning(label: str) -> dict:
+    """``--selections``' label as grouped-GEMM tuning keys."""
+    name, *layout = label.split(":")
+    if name not in ("xla", "triton") or len(layout) not in (0, 2) or (layout and name != "triton"):
+        raise SystemExit(f"--selections: xla, triton or triton:BLOCK_T:WARPS, got {label!r}")
+    bt_w = dict(zip(("select_block_t", "select_warps"), map(int, layout), strict=True))
+    return {"selection": name, **bt_w}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["llama-3-8b"])
@@ -84,9 +93,10 @@ def main(argv=None):
     ap.add_argument("--sparsity", type=float, default=0.75)
     ap.add_argument("--impls", nargs="+", default=["xla", "triton"])
     ap.add_argument("--router-ab", action="store_true", help="also each path with fp32 logits")
-    ap.add_argument("--selections", nargs="+", default=["xla"], choices=["xla", "triton"],
+    ap.add_argument("--selections", nargs="+", default=["xla"],
                     help="the grouped path's selection tunings to time (xla: routing.select's "
-                    "sort; triton: the selection kernel)")  # fmt: skip
+                    "sort; triton: the selection kernel at the default layout; "
+                    "triton:BLOCK_T:WARPS at that layout)")  # fmt: skip
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default="results/sparse_prefill.jsonl")
     a = ap.parse_args(argv)
@@ -113,7 +123,7 @@ def main(argv=None):
             for impl in a.impls:
                 set_compute(sparse, "kernel", impl)
                 for sel in a.selections if impl == "triton" else [None]:
-                    tuning = {"selection": sel} if sel else {}
+                    tuning = selection_tuning(sel) if sel else {}
                     tag = {"shape": shape, "impl": impl, "router_logits": logits, **tuning}
                     try:  # the grouped GEMM's default logits are the shared function too
                         with router_logits_mode(logits), grouped_tuning(**tuning):
@@ -124,8 +134,8 @@ def main(argv=None):
                     emit({**tag, "k": k, "E": e, "sparsity": 1 - k / e,
                           "speedup_vs_dense": base["ms"] / r["ms"], **r})  # fmt: skip
         del sparse
-    cols = ["shape", "impl", "router_logits", "selection", "sparsity", "ms", "tok_s",
-            "speedup_vs_dense", "compile_s"]  # fmt: skip
+    cols = ["shape", "impl", "router_logits", "selection", "select_block_t", "sparsity", "ms",
+            "tok_s", "speedup_vs_dense", "compile_s"]  # fmt: skip
     print(f"\n{head['date']} commit {head['commit']} on {head['device']}; batch {a.batch} x "
           f"{a.prompt_len} tokens")  # fmt: skip
     print(markdown_table(rows, cols))

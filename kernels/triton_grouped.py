@@ -156,9 +156,11 @@ def _grouped_up_h_kernel(
 # kernels' selection: one program a token, softmax, `tl.sort`, scan and clamps in registers).
 # Both apply the same rule; their sums run in different orders, so a token whose mass sits within
 # ~1 float32 ulp of τ may take one expert more or less (decode already selects this way).
+# ``select_block_t`` / ``select_warps``: the Triton selection's launch layout (tokens and warps a
+# program; `benchmarks/select_kernel.py` times them).
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
                   "backward": "grouped", "weight_grads": "xla", "expert_group": "auto",
-                  "selection": "xla"}  # fmt: skip
+                  "selection": "xla", "select_block_t": 1, "select_warps": 8}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
 _SELECTIONS = ("xla", "triton")
 _WEIGHT_GRADS = ("xla", "grouped")
@@ -366,14 +368,17 @@ def _experts_bwd(st, res, dy_td):
 _experts.defvjp(_experts_fwd, _experts_bwd)
 
 
-def kernel_selection(logits_te, tau, rule, k_min: int, k_max: int, interpret: bool):
+def kernel_selection(logits_te, tau, rule, k_min: int, k_max: int, interpret: bool,
+                     block_t: int = 1, warps: int = 8):  # fmt: skip
     """``(mask_te bool [t, E], k_t i32 [t])`` from the Triton selection kernel (tuning
-    ``selection="triton"``). The selection is discrete, so its input is cut from the gradient
-    (jax-triton's call has no JVP rule); the gates stay differentiable through the caller's
-    `routing.gates`. With gate "none" the kernel writes exactly 1 where selected, 0 elsewhere."""
-    g_te, k_t = select_gates(jax.lax.stop_gradient(logits_te), tau, rule=rule, gate="none",
-                             k_min=k_min, k_max=k_max, interpret=interpret)  # fmt: skip
-    return g_te > 0, k_t
+    ``selection="triton"``, launched ``block_t`` tokens and ``warps`` warps a program). The
+    selection is discrete, so its input is cut from the gradient (jax-triton's call has no JVP
+    rule); the gates stay differentiable through the caller's `routing.gates`. With gate "none"
+    the kernel writes exactly 1 where selected, 0 elsewhere, as int8 bytes."""
+    m_te, k_t = select_gates(jax.lax.stop_gradient(logits_te), tau, rule=rule, gate="none",
+                             k_min=k_min, k_max=k_max, block_t=block_t, warps=warps,
+                             out_dtype=jnp.int8, interpret=interpret)  # fmt: skip
+    return m_te != 0, k_t
 
 
 def sparse_ffn_grouped(
@@ -430,7 +435,8 @@ def sparse_ffn_grouped(
     if tn["selection"] not in _SELECTIONS:
         raise ValueError(f"selection must be one of {_SELECTIONS}, got {tn['selection']!r}")
     if tn["selection"] == "triton":
-        mask_te, k_t = kernel_selection(logits_te, tau, rule, k_min, k_max, interpret)
+        mask_te, k_t = kernel_selection(logits_te, tau, rule, k_min, k_max, interpret,
+                                        tn["select_block_t"], tn["select_warps"])
     else:
         sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
         mask_te, k_t = sel.mask_te, sel.k_t

@@ -134,43 +134,95 @@ def _select_ranked(lg, tau, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.co
 
 
 @triton.jit
-def _select_kernel(logits_ptr, tau_ptr, gate_ptr, k_ptr, E: tl.constexpr, E_PAD: tl.constexpr,
-                   NUCLEUS: tl.constexpr, SIGMOID: tl.constexpr, K_MIN: tl.constexpr,
-                   K_MAX: tl.constexpr, RANKED: tl.constexpr):  # fmt: skip
-    """Token ``program_id`` of ``[T, E]`` logits: its gates ``[T, E_PAD]`` and k ``[T]``
-    (``RANKED``: through ``_select_ranked``, scattered back to index order)."""
-    t = tl.program_id(0)
-    lg = _logits(logits_ptr + t * E, E, E_PAD, "")
-    if RANKED:
-        expert, g, k = _select_ranked(lg, tl.load(tau_ptr), E, E_PAD, NUCLEUS, SIGMOID, K_MIN,
-                                      K_MAX)  # fmt: skip
-        tl.store(gate_ptr + t * E_PAD + expert, g)  # a permutation of 0..E_PAD-1
+def _select_rows(lg, tau, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.constexpr,
+                 SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr):  # fmt: skip
+    """``_select`` for a block of tokens at once: ``lg [BLOCK_T, E_PAD]`` -> ``(gate [BLOCK_T,
+    E_PAD], k [BLOCK_T])``, every step along axis 1. Why a second form: a program that sorts one
+    token's 448 probabilities with 8 warps spends its time in the sort's cross-warp stages, and
+    prefill runs thousands of such programs (`triton_grouped`'s selection); several tokens a
+    program keep more of the sort inside each warp. The one-token kernels keep ``_select``,
+    whose layouts their launches were tuned with."""
+    re = tl.arange(0, E_PAD)[None, :]
+    emask = re < E
+    ex = tl.where(emask, tl.exp(lg - tl.max(lg, 1)[:, None]), 0.0)
+    p = ex / tl.sum(ex, 1)[:, None]
+    ps = tl.sort(p, 1, descending=True)
+    cum = tl.cumsum(ps, 1)
+    total = tl.sum(tl.where(re == E_PAD - 1, cum, 0.0), 1)[:, None]
+    if NUCLEUS:
+        c = (cum - ps) / total
     else:
-        g, k = _select(lg, tl.load(tau_ptr), E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
-        tl.store(gate_ptr + t * E_PAD + tl.arange(0, E_PAD), g)
-    tl.store(k_ptr + t, k)
+        c = cum / total
+    thr = tl.where(tau > 1.0, 3.0, tau)
+    ok = (re < K_MIN) | ((re < K_MAX) & (c < thr))
+    k = tl.sum((ok & emask).to(tl.int32), 1)
+    v_k = tl.sum(tl.where(re == k[:, None] - 1, ps, 0.0), 1)[:, None]
+    above = (p > v_k) & emask
+    tie = (p == v_k) & emask
+    tie_rank = tl.cumsum(tie.to(tl.int32), 1) - tie.to(tl.int32)
+    n_tie = k - tl.sum(above.to(tl.int32), 1)
+    sel = above | (tie & (tie_rank < n_tie[:, None]))
+    return _gates(lg, sel, SIGMOID), k
+
+
+@triton.jit
+def _select_kernel(logits_ptr, tau_ptr, gate_ptr, k_ptr, T: tl.constexpr, E: tl.constexpr,
+                   E_PAD: tl.constexpr, NUCLEUS: tl.constexpr, SIGMOID: tl.constexpr,
+                   K_MIN: tl.constexpr, K_MAX: tl.constexpr, RANKED: tl.constexpr,
+                   BLOCK_T: tl.constexpr):  # fmt: skip
+    """Tokens ``[BLOCK_T * program_id, +BLOCK_T)`` of ``[T, E]`` logits: their gates ``[T, E]``
+    (stored as the output's dtype) and k ``[T]``. ``BLOCK_T`` 1: ``_select`` (``RANKED``:
+    ``_select_ranked``, scattered back to index order); more: ``_select_rows``."""
+    re = tl.arange(0, E_PAD)
+    if BLOCK_T == 1:
+        t = tl.program_id(0)
+        lg = _logits(logits_ptr + t * E, E, E_PAD, "")
+        if RANKED:
+            expert, g, k = _select_ranked(lg, tl.load(tau_ptr), E, E_PAD, NUCLEUS, SIGMOID,
+                                          K_MIN, K_MAX)  # fmt: skip
+            out = gate_ptr.dtype.element_ty
+            tl.store(gate_ptr + t * E + expert, g.to(out), mask=expert < E)  # a permutation
+        else:
+            g, k = _select(lg, tl.load(tau_ptr), E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
+            tl.store(gate_ptr + t * E + re, g.to(gate_ptr.dtype.element_ty), mask=re < E)
+        tl.store(k_ptr + t, k)
+    else:
+        tt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        row, col = tt[:, None] < T, re[None, :] < E
+        off = tt[:, None] * E + re[None, :]
+        lg = tl.load(logits_ptr + off, mask=row & col, other=float("-inf"))
+        lg = tl.where(row, lg, 0.0)  # rows past T: finite, never stored
+        g, k = _select_rows(lg, tl.load(tau_ptr), E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
+        tl.store(gate_ptr + off, g.to(gate_ptr.dtype.element_ty), mask=row & col)
+        tl.store(k_ptr + tt, k, mask=tt < T)
 
 
 def select_gates(
     logits_te: jax.Array, tau, *, rule: str = "paper", gate: str = "sigmoid", k_min: int = 1,
-    k_max: int | None = None, ranked: bool = False, interpret: bool = False,
+    k_max: int | None = None, ranked: bool = False, block_t: int = 1, warps: int = 8,
+    out_dtype=jnp.float32, interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-    """``(gates [t, E] f32, k [t] i32)``, one program a token: the kernels' selection on its
-    own (what the tests run; ``ranked``: ``_select_ranked``)."""
+    """``(gates [t, E] out_dtype, k [t] i32)``: the kernels' selection on its own (what the
+    tests run; ``ranked``: ``_select_ranked``), and the grouped prefill's selection.
+
+    ``block_t`` tokens a program (a power of 2; above 1 through ``_select_rows``, which has no
+    ranked form) and ``warps`` a program are the launch's layout. ``out_dtype`` int8 with gate
+    "none" stores the selection mask as 1 / 0 bytes, a quarter of the float32 gates' writes."""
     t, e = logits_te.shape
     k_max = e if k_max is None else min(k_max, e)
     if not 1 <= k_min <= k_max:
         raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
     if rule not in ("paper", "nucleus") or gate not in ("sigmoid", "none"):
         raise ValueError(f"rule must be paper|nucleus and gate sigmoid|none: {rule!r}, {gate!r}")
+    if block_t < 1 or block_t & (block_t - 1) or (ranked and block_t > 1):
+        raise ValueError(f"block_t must be a power of 2 (1 when ranked), got {block_t}")
     e_pad = max(16, jt.next_pow2(e))
     g, k = jt.triton_call(
         _select_kernel, logits_te.astype(jnp.float32),
         jnp.reshape(jnp.asarray(tau, jnp.float32), (1,)),
-        out_shape=[jax.ShapeDtypeStruct((t, e_pad), jnp.float32),
-                   jax.ShapeDtypeStruct((t,), jnp.int32)],
-        grid=(t,), num_warps=8, num_stages=1, interpret=interpret, E=e, E_PAD=e_pad,
-        NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=k_max,
-        RANKED=bool(ranked),
+        out_shape=[jax.ShapeDtypeStruct((t, e), out_dtype), jax.ShapeDtypeStruct((t,), jnp.int32)],
+        grid=(-(-t // block_t),), num_warps=warps, num_stages=1, interpret=interpret, T=t,
+        E=e, E_PAD=e_pad, NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min,
+        K_MAX=k_max, RANKED=bool(ranked), BLOCK_T=block_t,
     )  # fmt: skip
-    return g[:, :e], k
+    return g, k

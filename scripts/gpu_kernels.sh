@@ -130,6 +130,18 @@ s71a)  # (fifty-fourth session) the quality table at GPU scale (scripts/gpu_qual
     --steps 60 240 100 --batch 16 --seq-len 256 --compute bfloat16 --eval-tokens 32768 \
     --out "$OUT/quality" --work /tmp/q
   ;;
+s72a)  # (fifty-fifth session) the selection kernel's launch layouts (tokens / warps a program,
+  # int8 mask out) against routing.select alone, their GPU tests, then the whole 8B prompt pass
+  # with XLA's selection, the Triton one at its default layout and two blocked layouts
+  run timeout 120 python3 benchmarks/select_kernel.py --out "$OUT/select_kernel.jsonl"
+  gpu_tests 150 tests/test_kernels_triton.py -k "triton_selection or grouped"
+  run timeout 220 python3 benchmarks/sparse_prefill.py --impls triton --selections xla triton \
+    triton:4:4 triton:8:8 --out "$OUT/sparse_prefill.jsonl"
+  ;;
+s72b)  # (fifty-fifth session) generation through the grouped prefill with the Triton selection
+  # as the default: the prompt pass and the generated tokens against the XLA path's
+  gpu_tests 500 tests/test_generate.py tests/test_kernels_api.py
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;

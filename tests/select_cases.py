@@ -37,6 +37,9 @@ def logits(c: SelCase) -> np.ndarray:
     return x
 
 
+# The launch forms each case runs in: one token a program (sorted / ranked) and 4 a program.
+FORMS = ("sorted", "ranked", "blocked")
+
 CASES = [
     SelCase("e8_paper", 4, 8, 0.6, seed=1),
     SelCase("e8_nucleus", 4, 8, 0.6, rule="nucleus", seed=1),

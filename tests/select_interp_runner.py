@@ -1,5 +1,7 @@
 """Runs the in-kernel selection under the Triton interpreter on the cases of ``select_cases.py``,
-sorted and ranked (``select_gates(ranked=...)``); writes gates and k to an .npz file. Started by
+sorted, ranked (``select_gates(ranked=...)``) and blocked (4 tokens a program, the gates stored
+as int8 when the case's gate is "none", as the grouped prefill stores its mask); writes gates
+and k to an .npz file. Started by
 tests/test_select.py with TRITON_INTERPRET=1. Usage: ``python tests/select_interp_runner.py
 OUT.npz``."""
 
@@ -12,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from select_cases import CASES, logits  # noqa: E402
+from select_cases import CASES, FORMS, logits  # noqa: E402
 
 from prunepath_jax.kernels.triton_select import select_gates  # noqa: E402
 
@@ -20,12 +22,14 @@ from prunepath_jax.kernels.triton_select import select_gates  # noqa: E402
 def main(out: str) -> None:
     res = {}
     for c in CASES:
-        for ranked in (False, True):
+        for form in FORMS:
             g, k = select_gates(jnp.asarray(logits(c)), c.tau, rule=c.rule, gate=c.gate,
-                                k_min=c.k_min, k_max=c.k_max, ranked=ranked,
-                                interpret=True)  # fmt: skip
-            res[f"{c.name}/{ranked}/g"] = np.asarray(g)
-            res[f"{c.name}/{ranked}/k"] = np.asarray(k)
+                                k_min=c.k_min, k_max=c.k_max, ranked=form == "ranked",
+                                block_t=4 if form == "blocked" else 1,
+                                out_dtype=jnp.int8 if form == "blocked" and c.gate == "none"
+                                else jnp.float32, interpret=True)  # fmt: skip
+            res[f"{c.name}/{form}/g"] = np.asarray(g)
+            res[f"{c.name}/{form}/k"] = np.asarray(k)
     np.savez(out, **res)
 
 

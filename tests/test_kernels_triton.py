@@ -85,7 +85,8 @@ def test_grouped_bf16x3_router_logits_match_reference(case, interp_results):
 def test_grouped_triton_selection_matches_reference(case, interp_results):
     """``selection="triton"``: the selection kernel's experts (k exactly: no token of these
     cases sits within an ulp of τ), the outputs and the training gradients (the gates still
-    differentiable through the logits) as the reference's."""
+    differentiable through the logits) as the reference's; every other case launches the
+    selection 4 tokens a program."""
     _check(case, interp_results[f"{case.name}+tsel/y"], interp_results[f"{case.name}+tsel/k"])
     _check_grads(case, [interp_results[f"{case.name}+tsel/grad_{n}"] for n in GRAD_ARGS])
 
@@ -354,10 +355,12 @@ def test_grouped_triton_selection_on_gpu(case):
 
 
 @pytest.mark.gpu
-def test_triton_selection_at_the_prefill_shape_on_gpu():
+@pytest.mark.parametrize("layout", [(1, 8), (2, 4), (4, 4), (8, 8)], ids=str)
+def test_triton_selection_at_the_prefill_shape_on_gpu(layout):
     """4096 tokens x 448 experts (the 8B prefill), τ 0.5 and k clamped to [112, 112] as the
-    benchmark routes: the kernel's masks equal `routing.select`'s except for tokens whose mass
-    sits within a few float32 ulps of τ (none is allowed to differ by more than one expert)."""
+    benchmark routes, at launch layouts (tokens, warps a program): the kernel's masks equal
+    `routing.select`'s except for tokens whose mass sits within a few float32 ulps of τ (none
+    is allowed to differ by more than one expert)."""
     import jax.numpy as jnp
 
     from prunepath_jax import routing
@@ -365,8 +368,8 @@ def test_triton_selection_at_the_prefill_shape_on_gpu():
 
     lg = jax.random.normal(jax.random.key(3), (4096, 448), jnp.float32) * 2.0
     for tau, k_min, k_max in ((0.5, 1, 448), (1.0, 112, 112), (0.9, 1, 200)):
-        mask, k = jax.jit(kernel_selection, static_argnums=(2, 3, 4, 5))(
-            lg, jnp.float32(tau), "paper", k_min, k_max, False
+        mask, k = jax.jit(kernel_selection, static_argnums=(2, 3, 4, 5, 6, 7))(
+            lg, jnp.float32(tau), "paper", k_min, k_max, False, *layout
         )
         sel = routing.select(lg, tau, k_min=k_min, k_max=k_max)
         diff = np.asarray(k) != np.asarray(sel.k_t)

@@ -51,8 +51,10 @@ def main(out: str) -> None:
                                   router_logits="bf16x3")  # fmt: skip
         res[f"{c.name}+bf16x3/y"] = np.asarray(y.astype(np.float32))
         res[f"{c.name}+bf16x3/k"] = np.asarray(k)
-    for c in GROUPED_CASES:  # the selection by the Triton kernel, forward and gradients
-        fn = functools.partial(sparse_ffn_grouped, interpret=True, block_m=16, selection="triton")
+    for i, c in enumerate(GROUPED_CASES):  # the selection by the Triton kernel, forward and
+        # gradients; every other case 4 tokens a program (`select_gates`' blocked form)
+        fn = functools.partial(sparse_ffn_grouped, interpret=True, block_m=16, selection="triton",
+                               select_block_t=4 if i % 2 else 1, select_warps=4 if i % 2 else 8)  # fmt: skip
         y, k = fn(*inputs(c), c.tau, **kwargs(c))
         res[f"{c.name}+tsel/y"] = np.asarray(y.astype(np.float32))
         res[f"{c.name}+tsel/k"] = np.asarray(k)
