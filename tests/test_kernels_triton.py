@@ -124,11 +124,14 @@ def test_grouped_gradient_launches(monkeypatch):
     """Differentiated, the layer's forward is one Triton launch — the up kernel that also
     writes the pre-activations — and its backward the grouped backward and weight-gradient
     kernels (the weight-gradient kernel only with ``weight_grads="grouped"``, none with
-    ``backward="xla"``); the primal alone launches the plain up kernel
-    (``triton_call`` caught under ``jax.eval_shape``: jax-triton cannot be imported on a CPU
-    jaxlib)."""
+    ``backward="xla"``); the primal alone launches the plain up kernel; each form after the
+    selection kernel when that is the default selection (``triton_call`` caught under
+    ``jax.eval_shape``: jax-triton cannot be imported on a CPU jaxlib)."""
     from prunepath_jax.kernels import jt
     from prunepath_jax.kernels import triton_grouped as tg
+    from prunepath_jax.kernels.triton_select import _select_kernel
+
+    sel = [_select_kernel] if tg.DEFAULT_TUNING["selection"] == "triton" else []
 
     calls = []
     monkeypatch.setattr(jt, "triton_call", zeros_triton_call(calls))
@@ -136,11 +139,11 @@ def test_grouped_gradient_launches(monkeypatch):
     loss = grad_loss(tg.sparse_ffn_grouped, c)
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs(c)]
     jax.eval_shape(loss, *args)
-    assert [k for k, _ in calls] == [tg._grouped_up_kernel]
+    assert [k for k, _ in calls] == [*sel, tg._grouped_up_kernel]
     from prunepath_jax.kernels import triton_grouped_bwd as tgb
 
     up, bwd, dw = tg._grouped_up_h_kernel, tgb._grouped_bwd_kernel, tgb._grouped_dw_kernel
-    want = {"grouped": [up, bwd], "grouped-dw": [up, bwd, dw], "xla": [up]}
+    want = {"grouped": [*sel, up, bwd], "grouped-dw": [*sel, up, bwd, dw], "xla": [*sel, up]}
     for label, tuning in GROUPED_BACKWARDS.items():
         calls.clear()
         fn = functools.partial(tg.sparse_ffn_grouped, **tuning)
