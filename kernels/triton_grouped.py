@@ -434,21 +434,22 @@ def sparse_ffn_grouped(
         check_logits(logits_te, t, e)
     if tn["selection"] not in _SELECTIONS:
         raise ValueError(f"selection must be one of {_SELECTIONS}, got {tn['selection']!r}")
-    if tn["selection"] == "triton":
-        mask_te, k_t = kernel_selection(logits_te, tau, rule, k_min, k_max, interpret,
-                                        tn["select_block_t"], tn["select_warps"])
-    else:
-        sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
-        mask_te, k_t = sel.mask_te, sel.k_t
-    gate_te = routing.gates(logits_te, mask_te, gate)  # differentiable: σ of the logits
-    block_m = tn["block_m"]
     if tn["backward"] not in _BACKWARDS:
         raise ValueError(f"backward must be one of {_BACKWARDS}, got {tn['backward']!r}")
     if tn["weight_grads"] not in _WEIGHT_GRADS:
         raise ValueError(f"weight_grads must be one of {_WEIGHT_GRADS}, got "
                          f"{tn['weight_grads']!r}")  # fmt: skip
+    eg = resolve_expert_group(tn["expert_group"], t, d, g, x_td.dtype.itemsize)  # validates
+    if tn["selection"] == "triton":
+        mask_te, k_t = kernel_selection(
+            logits_te, tau, rule, k_min, k_max, interpret, tn["select_block_t"], tn["select_warps"]
+        )
+    else:
+        sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
+        mask_te, k_t = sel.mask_te, sel.k_t
+    gate_te = routing.gates(logits_te, mask_te, gate)  # differentiable: σ of the logits
+    block_m = tn["block_m"]
     static = _Launch(g, block_m, min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
                      tn["stages"], interpret, tn["backward"], tn["weight_grads"])  # fmt: skip
-    eg = resolve_expert_group(tn["expert_group"], t, d, g, x_td.dtype.itemsize)
     grouping = group_by_expert(mask_te, k_max, block_m, eg)
     return _experts(static, x_td, gate_te, w_in_cfd, w_out_fd, grouping), k_t
