@@ -70,8 +70,10 @@ def test_registry_refuses_logits_it_cannot_use():
 
 
 def test_grouped_routes_from_the_given_logits(monkeypatch):
-    """With ``logits_te`` the grouped GEMM computes no logits of its own; a logits mode other
-    than the shared one contradicts the given logits and is refused."""
+    """With ``logits_te`` the grouped GEMM computes no logits of its own (its k are the given
+    logits' -- by the XLA selection here, since the fake launches would return the Triton
+    selection's k as zeros); a logits mode other than the shared one contradicts the given
+    logits and is refused."""
     from prunepath_jax.kernels import triton_grouped as tg
 
     _fake_triton(monkeypatch)
@@ -83,7 +85,8 @@ def test_grouped_routes_from_the_given_logits(monkeypatch):
         raise AssertionError("the grouped GEMM recomputed the logits")
 
     monkeypatch.setitem(tg._LOGITS, "shared", boom)
-    y, k = tg.sparse_ffn_grouped(x, r, wi, wo, c.tau, **kwargs(c), logits_te=logits)
+    y, k = tg.sparse_ffn_grouped(x, r, wi, wo, c.tau, **kwargs(c), logits_te=logits,
+                                 selection="xla")  # fmt: skip
     assert y.shape == x.shape
     _, _, _, k_ref = api.route_reference(x, r, c.tau, **{n: v for n, v in kwargs(c).items()
                                                          if n != "group_size"})  # fmt: skip
