@@ -33,11 +33,12 @@ from prunepath_jax.kernels.triton_select import select_gates  # noqa: E402
 def tau_for_density(logits_te: jax.Array, density: float) -> float:
     """τ whose XLA selection keeps ``density`` of the experts on average (bisection)."""
     e = logits_te.shape[1]
-    k_of = jax.jit(lambda tau: routing.select(logits_te, tau).k_t.mean() / e)
+    k_of = jax.jit(lambda x, tau: routing.select(x, tau).k_t.mean() / e)  # x an argument: a
+    # closed-over array is a constant XLA would fold (sort included) at compile time
     lo, hi = 1e-4, 1.0
     for _ in range(30):
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if float(k_of(mid)) < density else (lo, mid)
+        lo, hi = (mid, hi) if float(k_of(logits_te, jnp.float32(mid))) < density else (lo, mid)
     return 0.5 * (lo + hi)
 
 

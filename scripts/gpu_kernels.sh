@@ -144,6 +144,12 @@ s72a)  # (fifty-fifth session) the selection kernel's launch layouts (tokens / w
   run timeout 170 python3 benchmarks/sparse_prefill.py --impls triton --selections xla triton \
     triton:4:4 triton:8:8 --out "$OUT/sparse_prefill.jsonl"
   ;;
+s72c)  # s72a's two benchmarks again after their fixes (the bisection's constant folding, the
+  # selection labels' parsing)
+  run timeout 120 python3 benchmarks/select_kernel.py --out "$OUT/select_kernel.jsonl"
+  run timeout 200 python3 benchmarks/sparse_prefill.py --impls triton --selections xla triton \
+    triton:4:4 triton:8:8 --out "$OUT/sparse_prefill.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;
