@@ -160,7 +160,7 @@ def _grouped_up_h_kernel(
 # program; `benchmarks/select_kernel.py` times them).
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
                   "backward": "grouped", "weight_grads": "xla", "expert_group": "auto",
-                  "selection": "triton", "select_block_t": 1, "select_warps": 8}  # fmt: skip
+                  "selection": "triton", "select_block_t": 8, "select_warps": 8}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
 _SELECTIONS = ("xla", "triton")
 _WEIGHT_GRADS = ("xla", "grouped")

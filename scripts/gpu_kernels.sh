@@ -150,6 +150,14 @@ s72c)  # s72a's two benchmarks again after their fixes (the bisection's constant
   run timeout 200 python3 benchmarks/sparse_prefill.py --impls triton --selections xla triton \
     triton:4:4 triton:8:8 --out "$OUT/sparse_prefill.jsonl"
   ;;
+s72d)  # the 8B layer (4096 tokens, k/E .25, device trace) with XLA's selection and the Triton
+  # one at 8 tokens / 8 warps a program (the new default); the selection and prompt-pass tests
+  run timeout 150 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
+    --prefill-tunings 128,64,8,4,shared,auto,xla 128,64,8,4,shared,auto,triton,1,8 \
+    128,64,8,4,shared,auto,triton,8,8 --out "$OUT/kernels.jsonl"
+  gpu_tests 60 tests/test_kernels_triton.py -k "triton_selection"
+  gpu_tests 130 tests/test_generate.py
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;
