@@ -133,31 +133,6 @@ shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" \
     --steps 60 240 100 --batch 16 --seq-len 256 --compute bfloat16 --eval-tokens 32768 \
     --out "$OUT/quality" --work /tmp/q
   ;;
-s72a)  # (fifty-fifth session) the selection kernel's launch layouts (tokens / warps a program,
-  # int8 mask out) against routing.select alone, their GPU tests, then the whole 8B prompt pass
-  # with XLA's selection, the Triton one at its default layout and two blocked layouts; before
-  # the prompt pass, the grouped GPU tests and fp32 generation (exactly XLA's tokens) with the
-  # Triton selection as the default
-  run timeout 90 python3 benchmarks/select_kernel.py --out "$OUT/select_kernel.jsonl"
-  gpu_tests 130 tests/test_kernels_triton.py -k "triton_selection or grouped"
-  gpu_tests 180 tests/test_kernels_api.py -k "fp32_sparse_generation"
-  run timeout 170 python3 benchmarks/sparse_prefill.py --impls triton --selections xla triton \
-    triton:4:4 triton:8:8 --out "$OUT/sparse_prefill.jsonl"
-  ;;
-s72c)  # s72a's two benchmarks again after their fixes (the bisection's constant folding, the
-  # selection labels' parsing)
-  run timeout 120 python3 benchmarks/select_kernel.py --out "$OUT/select_kernel.jsonl"
-  run timeout 200 python3 benchmarks/sparse_prefill.py --impls triton --selections xla triton \
-    triton:4:4 triton:8:8 --out "$OUT/sparse_prefill.jsonl"
-  ;;
-s72d)  # the 8B layer (4096 tokens, k/E .25, device trace) with XLA's selection and the Triton
-  # one at 8 tokens / 8 warps a program (the new default); the selection and prompt-pass tests
-  run timeout 150 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
-    --prefill-tunings 128,64,8,4,shared,auto,xla 128,64,8,4,shared,auto,triton,1,8 \
-    128,64,8,4,shared,auto,triton,8,8 --out "$OUT/kernels.jsonl"
-  gpu_tests 60 tests/test_kernels_triton.py -k "triton_selection"
-  gpu_tests 130 tests/test_generate.py
-  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;
