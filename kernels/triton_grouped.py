@@ -161,10 +161,14 @@ def _grouped_up_h_kernel(
 # ``select_block_t`` / ``select_warps``: the Triton selection's launch layout, tokens and warps a
 # program (`benchmarks/select_kernel.py`, H100, µs at 4096 x 448 / 16384 x 256 / 4096 x 48:
 # 1 x 8 warps 52.4 / 109.2 / 20.4, 4 x 4 31.1 / 47.6 / 6.9, 8 x 8 29.6 / 48.1 / 6.9; XLA's
-# selection 122.1 / 228.6 / 29.3).
+# selection 122.1 / 228.6 / 29.3). ``select_counts``: the selection kernel also counts each
+# expert's tokens (atomic adds), which `group_by_expert` then takes instead of reducing the mask
+# itself; not measured yet (stage s73a: the layer's 37 µs `input_compare_reduce_fusion` after the
+# Triton selection may be that reduction).
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
                   "backward": "grouped", "weight_grads": "xla", "expert_group": "auto",
-                  "selection": "triton", "select_block_t": 8, "select_warps": 8}  # fmt: skip
+                  "selection": "triton", "select_block_t": 8, "select_warps": 8,
+                  "select_counts": False}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
 _SELECTIONS = ("xla", "triton")
 _WEIGHT_GRADS = ("xla", "grouped")
@@ -208,8 +212,10 @@ def resolve_expert_group(expert_group, t: int, d: int, g: int, itemsize: int) ->
     return eg
 
 
-def group_by_expert(mask_te: jax.Array, k_max: int, block_m: int, expert_group: int = 0):
-    """Device-side grouping of (token, expert) pairs by expert, with prefix sums.
+def group_by_expert(mask_te: jax.Array, k_max: int, block_m: int, expert_group: int = 0,
+                    cnt_e: jax.Array | None = None):  # fmt: skip
+    """Device-side grouping of (token, expert) pairs by expert, with prefix sums (``cnt_e``:
+    the per-expert counts when the selection kernel already made them).
 
     Returns ``(tok [t*k_max] i32, off_e, cnt_e, tile_e [n_tiles], tile_m [n_tiles])``; tiles
     past the real count have ``tile_e == E`` (and come last).
@@ -224,7 +230,8 @@ def group_by_expert(mask_te: jax.Array, k_max: int, block_m: int, expert_group: 
     """
     t, e = mask_te.shape
     m_et = mask_te.T.astype(jnp.int32)
-    cnt_e = jnp.sum(m_et, axis=1, dtype=jnp.int32)
+    if cnt_e is None:
+        cnt_e = jnp.sum(m_et, axis=1, dtype=jnp.int32)
     off_e = jnp.cumsum(cnt_e, dtype=jnp.int32) - cnt_e
     pos_et = jnp.cumsum(m_et, axis=1, dtype=jnp.int32) - 1
     n_slots = t * k_max
@@ -373,16 +380,18 @@ _experts.defvjp(_experts_fwd, _experts_bwd)
 
 
 def kernel_selection(logits_te, tau, rule, k_min: int, k_max: int, interpret: bool,
-                     block_t: int = 1, warps: int = 8):  # fmt: skip
-    """``(mask_te bool [t, E], k_t i32 [t])`` from the Triton selection kernel (tuning
-    ``selection="triton"``, launched ``block_t`` tokens and ``warps`` warps a program). The
+                     block_t: int = 1, warps: int = 8, counts: bool = False):  # fmt: skip
+    """``(mask_te bool [t, E], k_t i32 [t])``, and with ``counts`` the per-expert counts
+    ``cnt_e i32 [E]``, from the Triton selection kernel (tuning ``selection="triton"``,
+    launched ``block_t`` tokens and ``warps`` warps a program). The
     selection is discrete, so its input is cut from the gradient (jax-triton's call has no JVP
     rule); the gates stay differentiable through the caller's `routing.gates`. With gate "none"
     the kernel writes exactly 1 where selected, 0 elsewhere, as int8 bytes."""
-    m_te, k_t = select_gates(jax.lax.stop_gradient(logits_te), tau, rule=rule, gate="none",
-                             k_min=k_min, k_max=k_max, block_t=block_t, warps=warps,
-                             out_dtype=jnp.int8, interpret=interpret)  # fmt: skip
-    return m_te != 0, k_t
+    m_te, k_t, *cnt = select_gates(jax.lax.stop_gradient(logits_te), tau, rule=rule,
+                                   gate="none", k_min=k_min, k_max=k_max, block_t=block_t,
+                                   warps=warps, out_dtype=jnp.int8, counts=counts,
+                                   interpret=interpret)  # fmt: skip
+    return (m_te != 0, k_t, *cnt)
 
 
 def sparse_ffn_grouped(
@@ -444,10 +453,13 @@ def sparse_ffn_grouped(
         raise ValueError(f"weight_grads must be one of {_WEIGHT_GRADS}, got "
                          f"{tn['weight_grads']!r}")  # fmt: skip
     eg = resolve_expert_group(tn["expert_group"], t, d, g, x_td.dtype.itemsize)  # validates
+    cnt_e = None
     if tn["selection"] == "triton":
-        mask_te, k_t = kernel_selection(
-            logits_te, tau, rule, k_min, k_max, interpret, tn["select_block_t"], tn["select_warps"]
-        )
+        mask_te, k_t, *counted = kernel_selection(
+            logits_te, tau, rule, k_min, k_max, interpret, tn["select_block_t"], tn["select_warps"],
+            bool(tn["select_counts"]),
+        )  # fmt: skip
+        cnt_e = counted[0] if counted else None
     else:
         sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
         mask_te, k_t = sel.mask_te, sel.k_t
@@ -455,5 +467,5 @@ def sparse_ffn_grouped(
     block_m = tn["block_m"]
     static = _Launch(g, block_m, min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
                      tn["stages"], interpret, tn["backward"], tn["weight_grads"])  # fmt: skip
-    grouping = group_by_expert(mask_te, k_max, block_m, eg)
+    grouping = group_by_expert(mask_te, k_max, block_m, eg, cnt_e)
     return _experts(static, x_td, gate_te, w_in_cfd, w_out_fd, grouping), k_t

@@ -166,13 +166,15 @@ def _select_rows(lg, tau, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.cons
 
 
 @triton.jit
-def _select_kernel(logits_ptr, tau_ptr, gate_ptr, k_ptr, T: tl.constexpr, E: tl.constexpr,
-                   E_PAD: tl.constexpr, NUCLEUS: tl.constexpr, SIGMOID: tl.constexpr,
-                   K_MIN: tl.constexpr, K_MAX: tl.constexpr, RANKED: tl.constexpr,
-                   BLOCK_T: tl.constexpr):  # fmt: skip
+def _select_kernel(logits_ptr, tau_ptr, gate_ptr, k_ptr, cnt_ptr, T: tl.constexpr,
+                   E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.constexpr,
+                   SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr,
+                   RANKED: tl.constexpr, BLOCK_T: tl.constexpr, COUNTS: tl.constexpr):  # fmt: skip
     """Tokens ``[BLOCK_T * program_id, +BLOCK_T)`` of ``[T, E]`` logits: their gates ``[T, E]``
-    (stored as the output's dtype) and k ``[T]``. ``BLOCK_T`` 1: ``_select`` (``RANKED``:
-    ``_select_ranked``, scattered back to index order); more: ``_select_rows``."""
+    (stored as the output's dtype) and k ``[T]``; with ``COUNTS`` each program also adds its
+    tokens' selections into the per-expert counts ``cnt [E]`` (zeroed before the launch).
+    ``BLOCK_T`` 1: ``_select`` (``RANKED``: ``_select_ranked``, scattered back to index order);
+    more: ``_select_rows``."""
     re = tl.arange(0, E_PAD)
     if BLOCK_T == 1:
         t = tl.program_id(0)
@@ -182,9 +184,13 @@ def _select_kernel(logits_ptr, tau_ptr, gate_ptr, k_ptr, T: tl.constexpr, E: tl.
                                           K_MIN, K_MAX)  # fmt: skip
             out = gate_ptr.dtype.element_ty
             tl.store(gate_ptr + t * E + expert, g.to(out), mask=expert < E)  # a permutation
+            if COUNTS:
+                tl.atomic_add(cnt_ptr + expert, (g != 0).to(tl.int32), mask=expert < E)
         else:
             g, k = _select(lg, tl.load(tau_ptr), E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
             tl.store(gate_ptr + t * E + re, g.to(gate_ptr.dtype.element_ty), mask=re < E)
+            if COUNTS:
+                tl.atomic_add(cnt_ptr + re, (g != 0).to(tl.int32), mask=re < E)
         tl.store(k_ptr + t, k)
     else:
         tt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -195,15 +201,19 @@ def _select_kernel(logits_ptr, tau_ptr, gate_ptr, k_ptr, T: tl.constexpr, E: tl.
         g, k = _select_rows(lg, tl.load(tau_ptr), E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
         tl.store(gate_ptr + off, g.to(gate_ptr.dtype.element_ty), mask=row & col)
         tl.store(k_ptr + tt, k, mask=tt < T)
+        if COUNTS:  # one atomic an expert a program, not one a token
+            tl.atomic_add(cnt_ptr + re, tl.sum(((g != 0) & row).to(tl.int32), 0), mask=re < E)
 
 
 def select_gates(
     logits_te: jax.Array, tau, *, rule: str = "paper", gate: str = "sigmoid", k_min: int = 1,
     k_max: int | None = None, ranked: bool = False, block_t: int = 1, warps: int = 8,
-    out_dtype=jnp.float32, interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    out_dtype=jnp.float32, counts: bool = False, interpret: bool = False,
+) -> tuple[jax.Array, ...]:  # fmt: skip
     """``(gates [t, E] out_dtype, k [t] i32)``: the kernels' selection on its own (what the
-    tests run; ``ranked``: ``_select_ranked``), and the grouped prefill's selection.
+    tests run; ``ranked``: ``_select_ranked``), and the grouped prefill's selection. With
+    ``counts`` also ``cnt [E] i32``, the tokens each expert took (atomic adds in the launch:
+    the grouping's per-expert counts without another pass over the mask).
 
     ``block_t`` tokens a program (a power of 2; above 1 through ``_select_rows``, which has no
     ranked form) and ``warps`` a program are the launch's layout. ``out_dtype`` int8 with gate
@@ -217,12 +227,14 @@ def select_gates(
     if block_t < 1 or block_t & (block_t - 1) or (ranked and block_t > 1):
         raise ValueError(f"block_t must be a power of 2 (1 when ranked), got {block_t}")
     e_pad = max(16, jt.next_pow2(e))
-    g, k = jt.triton_call(
+    g, k, cnt = jt.triton_call(
         _select_kernel, logits_te.astype(jnp.float32),
         jnp.reshape(jnp.asarray(tau, jnp.float32), (1,)),
-        out_shape=[jax.ShapeDtypeStruct((t, e), out_dtype), jax.ShapeDtypeStruct((t,), jnp.int32)],
-        grid=(-(-t // block_t),), num_warps=warps, num_stages=1, interpret=interpret, T=t,
-        E=e, E_PAD=e_pad, NUCLEUS=rule == "nucleus", SIGMOID=gate == "sigmoid", K_MIN=k_min,
-        K_MAX=k_max, RANKED=bool(ranked), BLOCK_T=block_t,
+        out_shape=[jax.ShapeDtypeStruct((t, e), out_dtype), jax.ShapeDtypeStruct((t,), jnp.int32),
+                   jax.ShapeDtypeStruct((e if counts else 1,), jnp.int32)],
+        zeroed_outputs=(2,) if counts else (), grid=(-(-t // block_t),), num_warps=warps,
+        num_stages=1, interpret=interpret, T=t, E=e, E_PAD=e_pad, NUCLEUS=rule == "nucleus",
+        SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=k_max, RANKED=bool(ranked),
+        BLOCK_T=block_t, COUNTS=bool(counts),
     )  # fmt: skip
-    return g, k
+    return (g, k, cnt) if counts else (g, k)

@@ -136,12 +136,14 @@ shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" \
 s73a)  # (fifty-fifth session, not run) which XLA fusion is the 37 µs `input_compare_reduce_fusion`
   # that follows the Triton selection in the 8B prefill layer (group_by_expert's counts and
   # scans over the int8 mask?): the layer with XLA's selection and the Triton one at 8 x 8 and
-  # 16 x 8, the top 16 kernels each and the optimized HLO (grep the fusion's name in it)
+  # 16 x 8, and 8 x 8 with the kernel's per-expert counts (select_counts), the top 16 kernels
+  # each and the optimized HLO (grep the fusion's name in it); the selection's GPU tests
   run timeout 200 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
     --prefill-top 16 --prefill-hlo "$OUT/hlo" --prefill-tunings 128,64,8,4,shared,auto,xla \
     128,64,8,4,shared,auto,triton,8,8 128,64,8,4,shared,auto,triton,16,8 \
-    --out "$OUT/kernels.jsonl"
+    128,64,8,4,shared,auto,triton,8,8,1 --out "$OUT/kernels.jsonl"
   gzip -q "$OUT"/hlo/*.txt
+  gpu_tests 120 tests/test_kernels_triton.py -k "triton_selection"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2

@@ -48,6 +48,9 @@ def test_selection_matches_routing(case, form, results):
     np.testing.assert_array_equal(k, k_ref, err_msg=f"{case.name}: k")
     np.testing.assert_array_equal(g != 0, mask_ref, err_msg=f"{case.name}: selected experts")
     assert_close(g.astype(np.float32), g_ref, "op_fp32", case.name)
+    if form != "sorted":  # the launch's atomic per-expert counts
+        np.testing.assert_array_equal(results[f"{case.name}/{form}/c"], mask_ref.sum(0),
+                                      err_msg=f"{case.name}: counts")  # fmt: skip
 
 
 def test_blocked_cases_cover_a_partial_block():
@@ -72,10 +75,13 @@ def test_selection_lowers_for_sm90():
 
     from prunepath_jax.kernels.triton_select import _select_kernel
 
-    for e, ranked, bt, warps in ((448, False, 1, 8), (448, True, 1, 8), (256, True, 1, 8),
-                                 (12, False, 1, 8), (12, True, 1, 8), (448, False, 4, 4),
-                                 (448, False, 8, 8), (12, False, 4, 4)):  # fmt: skip
-        sm90_compile(_select_kernel, {"l": "*fp32", "tau": "*fp32", "g": "*fp32", "k": "*i32"},
+    for e, ranked, bt, warps, counts in (
+        (448, False, 1, 8, False), (448, True, 1, 8, True), (256, True, 1, 8, False),
+        (12, False, 1, 8, True), (12, True, 1, 8, False), (448, False, 4, 4, False),
+        (448, False, 8, 8, True), (12, False, 4, 4, True),
+    ):  # fmt: skip
+        sm90_compile(_select_kernel, {"l": "*fp32", "tau": "*fp32", "g": "*fp32", "k": "*i32",
+                                      "c": "*i32"},
                           dict(T=4096, E=e, E_PAD=max(16, 1 << (e - 1).bit_length()),
                                NUCLEUS=False, SIGMOID=True, K_MIN=1, K_MAX=e, RANKED=ranked,
-                               BLOCK_T=bt), warps=warps, stages=1)  # fmt: skip
+                               BLOCK_T=bt, COUNTS=counts), warps=warps, stages=1)  # fmt: skip

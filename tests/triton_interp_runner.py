@@ -52,9 +52,11 @@ def main(out: str) -> None:
         res[f"{c.name}+bf16x3/y"] = np.asarray(y.astype(np.float32))
         res[f"{c.name}+bf16x3/k"] = np.asarray(k)
     for i, c in enumerate(GROUPED_CASES):  # the selection by the Triton kernel, forward and
-        # gradients; every other case 4 tokens a program (`select_gates`' blocked form)
+        # gradients; the default layout (8 tokens a program) with the kernel's per-expert
+        # counts, every other case one token a program (`select_gates`' one-token form)
+        layout = {"select_block_t": 1} if i % 2 else {"select_counts": True}
         fn = functools.partial(sparse_ffn_grouped, interpret=True, block_m=16, selection="triton",
-                               select_block_t=4 if i % 2 else 1, select_warps=4 if i % 2 else 8)  # fmt: skip
+                               **layout)  # fmt: skip
         y, k = fn(*inputs(c), c.tau, **kwargs(c))
         res[f"{c.name}+tsel/y"] = np.asarray(y.astype(np.float32))
         res[f"{c.name}+tsel/k"] = np.asarray(k)
