@@ -24,7 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import header, markdown_table, row_emitter, traced_events  # noqa: E402
+from common import (  # noqa: E402
+    busy_and_span,
+    header,
+    markdown_table,
+    row_emitter,
+    traced_events,
+)
 
 from prunepath_jax import routing  # noqa: E402
 from prunepath_jax.kernels.triton_select import select_gates  # noqa: E402
@@ -44,8 +50,7 @@ def tau_for_density(logits_te: jax.Array, density: float) -> float:
 
 def device_us(fn, *args, iters: int) -> float:
     """Median over ``iters`` traced calls of the call's kernels' summed device µs."""
-    return float(np.median([sum(float(e["dur"]) for e in traced_events(fn, *args))
-                            for _ in range(iters)]))  # fmt: skip
+    return float(np.median([busy_and_span(traced_events(fn, *args))[0] for _ in range(iters)]))
 
 
 def _as_mask(sel, x, tau):

@@ -81,12 +81,8 @@ def selection_tuning(label: str) -> dict:
     name, *layout = label.split(":")
     if name not in ("xla", "triton") or len(layout) not in (0, 2) or (layout and name != "triton"):
         raise SystemExit(f"--selections: xla, triton or triton:BLOCK_T:WARPS, got {label!r}")
-    bt_w = (
-        dict(zip(("select_block_t", "select_warps"), map(int, layout), strict=True))
-        if layout
-        else {}
-    )
-    return {"selection": name, **bt_w}
+    keys = ("select_block_t", "select_warps")  # zip: layout's length is 0 or 2 (checked)
+    return {"selection": name, **dict(zip(keys, map(int, layout), strict=False))}
 
 
 def main(argv=None):

@@ -381,17 +381,16 @@ _experts.defvjp(_experts_fwd, _experts_bwd)
 
 def kernel_selection(logits_te, tau, rule, k_min: int, k_max: int, interpret: bool,
                      block_t: int = 1, warps: int = 8, counts: bool = False):  # fmt: skip
-    """``(mask_te bool [t, E], k_t i32 [t])``, and with ``counts`` the per-expert counts
-    ``cnt_e i32 [E]``, from the Triton selection kernel (tuning ``selection="triton"``,
-    launched ``block_t`` tokens and ``warps`` warps a program). The
+    """``(mask_te bool [t, E], k_t i32 [t], cnt_e)`` from the Triton selection kernel (tuning
+    ``selection="triton"``, launched ``block_t`` tokens and ``warps`` warps a program);
+    ``cnt_e`` is the per-expert counts ``i32 [E]`` with ``counts``, else None. The
     selection is discrete, so its input is cut from the gradient (jax-triton's call has no JVP
     rule); the gates stay differentiable through the caller's `routing.gates`. With gate "none"
     the kernel writes exactly 1 where selected, 0 elsewhere, as int8 bytes."""
-    m_te, k_t, *cnt = select_gates(jax.lax.stop_gradient(logits_te), tau, rule=rule,
-                                   gate="none", k_min=k_min, k_max=k_max, block_t=block_t,
-                                   warps=warps, out_dtype=jnp.int8, counts=counts,
-                                   interpret=interpret)  # fmt: skip
-    return (m_te != 0, k_t, *cnt)
+    out = select_gates(jax.lax.stop_gradient(logits_te), tau, rule=rule, gate="none",
+                       k_min=k_min, k_max=k_max, block_t=block_t, warps=warps,
+                       out_dtype=jnp.int8, counts=counts, interpret=interpret)  # fmt: skip
+    return out[0] != 0, out[1], out[2] if counts else None
 
 
 def sparse_ffn_grouped(
@@ -453,16 +452,14 @@ def sparse_ffn_grouped(
         raise ValueError(f"weight_grads must be one of {_WEIGHT_GRADS}, got "
                          f"{tn['weight_grads']!r}")  # fmt: skip
     eg = resolve_expert_group(tn["expert_group"], t, d, g, x_td.dtype.itemsize)  # validates
-    cnt_e = None
     if tn["selection"] == "triton":
-        mask_te, k_t, *counted = kernel_selection(
+        mask_te, k_t, cnt_e = kernel_selection(
             logits_te, tau, rule, k_min, k_max, interpret, tn["select_block_t"], tn["select_warps"],
             bool(tn["select_counts"]),
         )  # fmt: skip
-        cnt_e = counted[0] if counted else None
     else:
         sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
-        mask_te, k_t = sel.mask_te, sel.k_t
+        mask_te, k_t, cnt_e = sel.mask_te, sel.k_t, None
     gate_te = routing.gates(logits_te, mask_te, gate)  # differentiable: σ of the logits
     block_m = tn["block_m"]
     static = _Launch(g, block_m, min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],

@@ -65,39 +65,60 @@ def _gates(lg, sel, SIGMOID: tl.constexpr):
 
 
 @triton.jit
+def _along(x, AXIS: tl.constexpr):
+    """A reduction over ``AXIS`` broadcast back against the array it came from: as it is for one
+    token (AXIS 0, a scalar), as a column for a ``[BLOCK_T, E_PAD]`` block (AXIS 1)."""
+    if AXIS == 1:
+        return x[:, None]
+    else:
+        return x
+
+
+@triton.jit
 def _prefix_k(ps, tau, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.constexpr,
-              K_MIN: tl.constexpr, K_MAX: tl.constexpr):  # fmt: skip
+              K_MIN: tl.constexpr, K_MAX: tl.constexpr, AXIS: tl.constexpr = 0):  # fmt: skip
     """k, the length of the selected prefix of the probabilities ``ps`` in rank order (padding
-    zeros last): the budget rule on their scan, clamped to ``[K_MIN, K_MAX]``."""
+    zeros last) along ``AXIS``: the budget rule on their scan, clamped to ``[K_MIN, K_MAX]``."""
     re = tl.arange(0, E_PAD)
-    cum = tl.cumsum(ps, 0)
-    total = tl.sum(tl.where(re == E_PAD - 1, cum, 0.0), 0)  # the scan's last entry, as the ref
+    cum = tl.cumsum(ps, AXIS)
+    # the scan's last entry, as the ref
+    total = _along(tl.sum(tl.where(re == E_PAD - 1, cum, 0.0), AXIS), AXIS)
     if NUCLEUS:
         c = (cum - ps) / total
     else:
         c = cum / total
     thr = tl.where(tau > 1.0, 3.0, tau)  # τ > 1 selects every expert (masses are ≤ 1)
     ok = (re < K_MIN) | ((re < K_MAX) & (c < thr))  # a prefix of the ranks
-    return tl.sum((ok & (re < E)).to(tl.int32), 0)
+    return tl.sum((ok & (re < E)).to(tl.int32), AXIS)
 
 
 @triton.jit
 def _select(lg, tau, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.constexpr,
-            SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr):  # fmt: skip
+            SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr,
+            AXIS: tl.constexpr = 0):  # fmt: skip
     """``(gate, k)`` of one token from its logits ``lg`` (``_logits``, already times any scale
     > 0: ``triton_megastep`` sums them before the RMSNorm's scale is known) and budget ``tau``,
-    by a descending ``tl.sort`` of the probabilities and its scan."""
+    by a descending ``tl.sort`` of the probabilities and its scan.
+
+    ``AXIS`` 1: a block of tokens at once, ``lg [BLOCK_T, E_PAD]`` -> ``(gate [BLOCK_T, E_PAD],
+    k [BLOCK_T])``. Why: a program that sorts one token's 448 probabilities with 8 warps spends
+    its time in the sort's cross-warp stages, and prefill runs thousands of such programs
+    (`triton_grouped`'s selection); several tokens a program keep more of the sort inside each
+    warp. AXIS 0 compiles to the same code as before the block form existed (the one-token
+    kernels' launches were tuned with it)."""
     re = tl.arange(0, E_PAD)
     emask = re < E
-    ex = tl.where(emask, tl.exp(lg - tl.max(lg, 0)), 0.0)
-    p = ex / tl.sum(ex, 0)  # padding: exactly 0
-    ps = tl.sort(p, 0, descending=True)  # rank order; padding zeros last
-    k = _prefix_k(ps, tau, E, E_PAD, NUCLEUS, K_MIN, K_MAX)
-    v_k = tl.sum(tl.where(re == k - 1, ps, 0.0), 0)  # the k-th largest probability
+    ex = tl.where(emask, tl.exp(lg - _along(tl.max(lg, AXIS), AXIS)), 0.0)
+    p = ex / _along(tl.sum(ex, AXIS), AXIS)  # padding: exactly 0
+    ps = tl.sort(p, AXIS, descending=True)  # rank order; padding zeros last
+    k = _prefix_k(ps, tau, E, E_PAD, NUCLEUS, K_MIN, K_MAX, AXIS)
+    # the k-th largest probability
+    v_k = _along(tl.sum(tl.where(re == _along(k, AXIS) - 1, ps, 0.0), AXIS), AXIS)
     above = (p > v_k) & emask
     tie = (p == v_k) & emask
-    tie_rank = tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)  # lower index first
-    sel = above | (tie & (tie_rank < k - tl.sum(above.to(tl.int32), 0)))
+    tie_rank = tl.cumsum(tie.to(tl.int32), AXIS) - tie.to(tl.int32)  # lower index first
+    n_tie = _along(k - tl.sum(above.to(tl.int32), AXIS), AXIS)
+    sel = above | (tie & (tie_rank < n_tie))
     return _gates(lg, sel, SIGMOID), k
 
 
@@ -134,38 +155,6 @@ def _select_ranked(lg, tau, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.co
 
 
 @triton.jit
-def _select_rows(lg, tau, E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.constexpr,
-                 SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr):  # fmt: skip
-    """``_select`` for a block of tokens at once: ``lg [BLOCK_T, E_PAD]`` -> ``(gate [BLOCK_T,
-    E_PAD], k [BLOCK_T])``, every step along axis 1. Why a second form: a program that sorts one
-    token's 448 probabilities with 8 warps spends its time in the sort's cross-warp stages, and
-    prefill runs thousands of such programs (`triton_grouped`'s selection); several tokens a
-    program keep more of the sort inside each warp. The one-token kernels keep ``_select``,
-    whose layouts their launches were tuned with."""
-    re = tl.arange(0, E_PAD)[None, :]
-    emask = re < E
-    ex = tl.where(emask, tl.exp(lg - tl.max(lg, 1)[:, None]), 0.0)
-    p = ex / tl.sum(ex, 1)[:, None]
-    ps = tl.sort(p, 1, descending=True)
-    cum = tl.cumsum(ps, 1)
-    total = tl.sum(tl.where(re == E_PAD - 1, cum, 0.0), 1)[:, None]
-    if NUCLEUS:
-        c = (cum - ps) / total
-    else:
-        c = cum / total
-    thr = tl.where(tau > 1.0, 3.0, tau)
-    ok = (re < K_MIN) | ((re < K_MAX) & (c < thr))
-    k = tl.sum((ok & emask).to(tl.int32), 1)
-    v_k = tl.sum(tl.where(re == k[:, None] - 1, ps, 0.0), 1)[:, None]
-    above = (p > v_k) & emask
-    tie = (p == v_k) & emask
-    tie_rank = tl.cumsum(tie.to(tl.int32), 1) - tie.to(tl.int32)
-    n_tie = k - tl.sum(above.to(tl.int32), 1)
-    sel = above | (tie & (tie_rank < n_tie[:, None]))
-    return _gates(lg, sel, SIGMOID), k
-
-
-@triton.jit
 def _select_kernel(logits_ptr, tau_ptr, gate_ptr, k_ptr, cnt_ptr, T: tl.constexpr,
                    E: tl.constexpr, E_PAD: tl.constexpr, NUCLEUS: tl.constexpr,
                    SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr,
@@ -174,7 +163,7 @@ def _select_kernel(logits_ptr, tau_ptr, gate_ptr, k_ptr, cnt_ptr, T: tl.constexp
     (stored as the output's dtype) and k ``[T]``; with ``COUNTS`` each program also adds its
     tokens' selections into the per-expert counts ``cnt [E]`` (zeroed before the launch).
     ``BLOCK_T`` 1: ``_select`` (``RANKED``: ``_select_ranked``, scattered back to index order);
-    more: ``_select_rows``."""
+    more: ``_select`` along axis 1."""
     re = tl.arange(0, E_PAD)
     if BLOCK_T == 1:
         t = tl.program_id(0)
@@ -198,7 +187,7 @@ def _select_kernel(logits_ptr, tau_ptr, gate_ptr, k_ptr, cnt_ptr, T: tl.constexp
         off = tt[:, None] * E + re[None, :]
         lg = tl.load(logits_ptr + off, mask=row & col, other=float("-inf"))
         lg = tl.where(row, lg, 0.0)  # rows past T: finite, never stored
-        g, k = _select_rows(lg, tl.load(tau_ptr), E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
+        g, k = _select(lg, tl.load(tau_ptr), E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX, 1)
         tl.store(gate_ptr + off, g.to(gate_ptr.dtype.element_ty), mask=row & col)
         tl.store(k_ptr + tt, k, mask=tt < T)
         if COUNTS:  # one atomic an expert a program, not one a token
@@ -215,9 +204,10 @@ def select_gates(
     ``counts`` also ``cnt [E] i32``, the tokens each expert took (atomic adds in the launch:
     the grouping's per-expert counts without another pass over the mask).
 
-    ``block_t`` tokens a program (a power of 2; above 1 through ``_select_rows``, which has no
-    ranked form) and ``warps`` a program are the launch's layout. ``out_dtype`` int8 with gate
-    "none" stores the selection mask as 1 / 0 bytes, a quarter of the float32 gates' writes."""
+    ``block_t`` tokens a program (a power of 2; above 1 through ``_select`` along axis 1,
+    which has no ranked form) and ``warps`` a program are the launch's layout. ``out_dtype``
+    int8 with gate "none" stores the selection mask as 1 / 0 bytes, a quarter of the float32
+    gates' writes."""
     t, e = logits_te.shape
     k_max = e if k_max is None else min(k_max, e)
     if not 1 <= k_min <= k_max:
