@@ -112,7 +112,7 @@ def main():
         help="block_m,block_d,warps,stages[,router_logits[,expert_group[,selection[,"
         "select_block_t,select_warps[,select_counts]]]]] per variant (router_logits shared, fp32 "
         "or bf16x3; expert_group auto or an int; selection xla or triton, the latter's launch "
-        "layout and 1 for its per-expert counts)",
+        "layout and atomic or partial for its per-expert counts)",
     )
     ap.add_argument(
         "--prefill-router-ab",

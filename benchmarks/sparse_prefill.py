@@ -79,10 +79,14 @@ def time_prefill(model, batch: int, prompt_len: int, ffn_args, iters: int) -> di
 def selection_tuning(label: str) -> dict:
     """``--selections``' label as grouped-GEMM tuning keys."""
     name, *layout = label.split(":")
-    if name not in ("xla", "triton") or len(layout) not in (0, 2) or (layout and name != "triton"):
-        raise SystemExit(f"--selections: xla, triton or triton:BLOCK_T:WARPS, got {label!r}")
+    counts = layout.pop() if len(layout) == 3 else None
+    if (name not in ("xla", "triton") or len(layout) not in (0, 2) or (layout and name != "triton")
+            or counts not in (None, "atomic", "partial")):  # fmt: skip
+        raise SystemExit("--selections: xla, triton or triton:BLOCK_T:WARPS[:atomic|partial], "
+                         f"got {label!r}")  # fmt: skip
     keys = ("select_block_t", "select_warps")  # zip: layout's length is 0 or 2 (checked)
-    return {"selection": name, **dict(zip(keys, map(int, layout), strict=False))}
+    return {"selection": name, **dict(zip(keys, map(int, layout), strict=False)),
+            **({"select_counts": counts} if counts else {})}  # fmt: skip
 
 
 def main(argv=None):
@@ -96,7 +100,8 @@ def main(argv=None):
     ap.add_argument("--selections", nargs="+", default=["xla"],
                     help="the grouped path's selection tunings to time (xla: routing.select's "
                     "sort; triton: the selection kernel at the default layout; "
-                    "triton:BLOCK_T:WARPS at that layout)")  # fmt: skip
+                    "triton:BLOCK_T:WARPS at that layout, :atomic or :partial with the kernel's "
+                    "per-expert counts)")  # fmt: skip
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default="results/sparse_prefill.jsonl")
     a = ap.parse_args(argv)
@@ -134,8 +139,8 @@ def main(argv=None):
                     emit({**tag, "k": k, "E": e, "sparsity": 1 - k / e,
                           "speedup_vs_dense": base["ms"] / r["ms"], **r})  # fmt: skip
         del sparse
-    cols = ["shape", "impl", "router_logits", "selection", "select_block_t", "sparsity", "ms",
-            "tok_s", "speedup_vs_dense", "compile_s"]  # fmt: skip
+    cols = ["shape", "impl", "router_logits", "selection", "select_block_t", "select_counts",
+            "sparsity", "ms", "tok_s", "speedup_vs_dense", "compile_s"]  # fmt: skip
     print(f"\n{head['date']} commit {head['commit']} on {head['device']}; batch {a.batch} x "
           f"{a.prompt_len} tokens")  # fmt: skip
     print(markdown_table(rows, cols))

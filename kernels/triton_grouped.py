@@ -380,7 +380,7 @@ _experts.defvjp(_experts_fwd, _experts_bwd)
 
 
 def kernel_selection(logits_te, tau, rule, k_min: int, k_max: int, interpret: bool,
-                     block_t: int = 1, warps: int = 8, counts: bool = False):  # fmt: skip
+                     block_t: int = 1, warps: int = 8, counts: bool | str = False):  # fmt: skip
     """``(mask_te bool [t, E], k_t i32 [t], cnt_e)`` from the Triton selection kernel (tuning
     ``selection="triton"``, launched ``block_t`` tokens and ``warps`` warps a program);
     ``cnt_e`` is the per-expert counts ``i32 [E]`` with ``counts``, else None. The
@@ -455,7 +455,7 @@ def sparse_ffn_grouped(
     if tn["selection"] == "triton":
         mask_te, k_t, cnt_e = kernel_selection(
             logits_te, tau, rule, k_min, k_max, interpret, tn["select_block_t"], tn["select_warps"],
-            bool(tn["select_counts"]),
+            tn["select_counts"],
         )  # fmt: skip
     else:
         sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)

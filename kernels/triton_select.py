@@ -160,8 +160,9 @@ def _select_kernel(logits_ptr, tau_ptr, gate_ptr, k_ptr, cnt_ptr, T: tl.constexp
                    SIGMOID: tl.constexpr, K_MIN: tl.constexpr, K_MAX: tl.constexpr,
                    RANKED: tl.constexpr, BLOCK_T: tl.constexpr, COUNTS: tl.constexpr):  # fmt: skip
     """Tokens ``[BLOCK_T * program_id, +BLOCK_T)`` of ``[T, E]`` logits: their gates ``[T, E]``
-    (stored as the output's dtype) and k ``[T]``; with ``COUNTS`` each program also adds its
-    tokens' selections into the per-expert counts ``cnt [E]`` (zeroed before the launch).
+    (stored as the output's dtype) and k ``[T]``. ``COUNTS`` 1: each program also adds its
+    tokens' selections into the per-expert counts ``cnt [E]`` (zeroed before the launch); 2:
+    each program stores its own tokens' counts as row ``program_id`` of ``cnt [P, E]``.
     ``BLOCK_T`` 1: ``_select`` (``RANKED``: ``_select_ranked``, scattered back to index order);
     more: ``_select`` along axis 1."""
     re = tl.arange(0, E_PAD)
@@ -173,13 +174,17 @@ def _select_kernel(logits_ptr, tau_ptr, gate_ptr, k_ptr, cnt_ptr, T: tl.constexp
                                           K_MIN, K_MAX)  # fmt: skip
             out = gate_ptr.dtype.element_ty
             tl.store(gate_ptr + t * E + expert, g.to(out), mask=expert < E)  # a permutation
-            if COUNTS:
+            if COUNTS == 1:
                 tl.atomic_add(cnt_ptr + expert, (g != 0).to(tl.int32), mask=expert < E)
+            elif COUNTS == 2:
+                tl.store(cnt_ptr + t * E + expert, (g != 0).to(tl.int32), mask=expert < E)
         else:
             g, k = _select(lg, tl.load(tau_ptr), E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX)
             tl.store(gate_ptr + t * E + re, g.to(gate_ptr.dtype.element_ty), mask=re < E)
-            if COUNTS:
+            if COUNTS == 1:
                 tl.atomic_add(cnt_ptr + re, (g != 0).to(tl.int32), mask=re < E)
+            elif COUNTS == 2:
+                tl.store(cnt_ptr + t * E + re, (g != 0).to(tl.int32), mask=re < E)
         tl.store(k_ptr + t, k)
     else:
         tt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -190,19 +195,30 @@ def _select_kernel(logits_ptr, tau_ptr, gate_ptr, k_ptr, cnt_ptr, T: tl.constexp
         g, k = _select(lg, tl.load(tau_ptr), E, E_PAD, NUCLEUS, SIGMOID, K_MIN, K_MAX, 1)
         tl.store(gate_ptr + off, g.to(gate_ptr.dtype.element_ty), mask=row & col)
         tl.store(k_ptr + tt, k, mask=tt < T)
-        if COUNTS:  # one atomic an expert a program, not one a token
-            tl.atomic_add(cnt_ptr + re, tl.sum(((g != 0) & row).to(tl.int32), 0), mask=re < E)
+        if COUNTS:  # one count an expert a program, not one a token
+            c = tl.sum(((g != 0) & row).to(tl.int32), 0)
+            if COUNTS == 1:
+                tl.atomic_add(cnt_ptr + re, c, mask=re < E)
+            else:
+                tl.store(cnt_ptr + tl.program_id(0) * E + re, c, mask=re < E)
+
+
+# ``select_gates``' counts argument -> the kernel's COUNTS (0 none, 1 atomic, 2 partial).
+_COUNTS = {False: 0, True: 1, "atomic": 1, "partial": 2}
 
 
 def select_gates(
     logits_te: jax.Array, tau, *, rule: str = "paper", gate: str = "sigmoid", k_min: int = 1,
     k_max: int | None = None, ranked: bool = False, block_t: int = 1, warps: int = 8,
-    out_dtype=jnp.float32, counts: bool = False, interpret: bool = False,
+    out_dtype=jnp.float32, counts: bool | str = False, interpret: bool = False,
 ) -> tuple[jax.Array, ...]:  # fmt: skip
     """``(gates [t, E] out_dtype, k [t] i32)``: the kernels' selection on its own (what the
     tests run; ``ranked``: ``_select_ranked``), and the grouped prefill's selection. With
-    ``counts`` also ``cnt [E] i32``, the tokens each expert took (atomic adds in the launch:
-    the grouping's per-expert counts without another pass over the mask).
+    ``counts`` also ``cnt [E] i32``, the tokens each expert took: the grouping's per-expert
+    counts without another pass over the mask. "atomic" (or True): each program adds its
+    counts into ``cnt`` in the launch; "partial": each program stores its own row of a
+    ``[programs, E]`` table, which XLA sums (no atomics: the 512 programs of 4096 tokens at 8
+    a program otherwise queue on the same 448 addresses).
 
     ``block_t`` tokens a program (a power of 2; above 1 through ``_select`` along axis 1,
     which has no ranked form) and ``warps`` a program are the launch's layout. ``out_dtype``
@@ -216,15 +232,21 @@ def select_gates(
         raise ValueError(f"rule must be paper|nucleus and gate sigmoid|none: {rule!r}, {gate!r}")
     if block_t < 1 or block_t & (block_t - 1) or (ranked and block_t > 1):
         raise ValueError(f"block_t must be a power of 2 (1 when ranked), got {block_t}")
+    if counts not in _COUNTS:
+        raise ValueError(f"counts must be one of {list(_COUNTS)}, got {counts!r}")
+    mode, n_prog = _COUNTS[counts], -(-t // block_t)
+    cnt_shape = {0: (1,), 1: (e,), 2: (n_prog, e)}[mode]
     e_pad = max(16, jt.next_pow2(e))
     g, k, cnt = jt.triton_call(
         _select_kernel, logits_te.astype(jnp.float32),
         jnp.reshape(jnp.asarray(tau, jnp.float32), (1,)),
         out_shape=[jax.ShapeDtypeStruct((t, e), out_dtype), jax.ShapeDtypeStruct((t,), jnp.int32),
-                   jax.ShapeDtypeStruct((e if counts else 1,), jnp.int32)],
-        zeroed_outputs=(2,) if counts else (), grid=(-(-t // block_t),), num_warps=warps,
+                   jax.ShapeDtypeStruct(cnt_shape, jnp.int32)],
+        zeroed_outputs=(2,) if mode == 1 else (), grid=(n_prog,), num_warps=warps,
         num_stages=1, interpret=interpret, T=t, E=e, E_PAD=e_pad, NUCLEUS=rule == "nucleus",
         SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=k_max, RANKED=bool(ranked),
-        BLOCK_T=block_t, COUNTS=bool(counts),
+        BLOCK_T=block_t, COUNTS=mode,
     )  # fmt: skip
-    return (g, k, cnt) if counts else (g, k)
+    if mode == 2:
+        cnt = jnp.sum(cnt, axis=0, dtype=jnp.int32)
+    return (g, k, cnt) if mode else (g, k)

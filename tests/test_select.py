@@ -48,9 +48,9 @@ def test_selection_matches_routing(case, form, results):
     np.testing.assert_array_equal(k, k_ref, err_msg=f"{case.name}: k")
     np.testing.assert_array_equal(g != 0, mask_ref, err_msg=f"{case.name}: selected experts")
     assert_close(g.astype(np.float32), g_ref, "op_fp32", case.name)
-    if form != "sorted":  # the launch's atomic per-expert counts
-        np.testing.assert_array_equal(results[f"{case.name}/{form}/c"], mask_ref.sum(0),
-                                      err_msg=f"{case.name}: counts")  # fmt: skip
+    np.testing.assert_array_equal(
+        results[f"{case.name}/{form}/c"], mask_ref.sum(0), err_msg=f"{case.name}: counts"
+    )  # the launch's, per expert
 
 
 def test_blocked_cases_cover_a_partial_block():
@@ -66,6 +66,8 @@ def test_select_gates_rejects_a_bad_layout():
     for bad in ({"block_t": 3}, {"block_t": 0}, {"block_t": 2, "ranked": True}):
         with pytest.raises(ValueError, match="block_t"):
             select_gates(lg, 0.5, interpret=True, **bad)
+    with pytest.raises(ValueError, match="counts must be one of"):
+        select_gates(lg, 0.5, interpret=True, counts="sorted")
 
 
 def test_selection_lowers_for_sm90():
@@ -77,8 +79,8 @@ def test_selection_lowers_for_sm90():
 
     for e, ranked, bt, warps, counts in (
         (448, False, 1, 8, False), (448, True, 1, 8, True), (256, True, 1, 8, False),
-        (12, False, 1, 8, True), (12, True, 1, 8, False), (448, False, 4, 4, False),
-        (448, False, 8, 8, True), (12, False, 4, 4, True),
+        (12, False, 1, 8, 2), (12, True, 1, 8, False), (448, False, 4, 4, False),
+        (448, False, 8, 8, True), (448, False, 8, 8, 2), (12, False, 4, 4, True),
     ):  # fmt: skip
         sm90_compile(_select_kernel, {"l": "*fp32", "tau": "*fp32", "g": "*fp32", "k": "*i32",
                                       "c": "*i32"},

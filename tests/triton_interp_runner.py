@@ -53,8 +53,10 @@ def main(out: str) -> None:
         res[f"{c.name}+bf16x3/k"] = np.asarray(k)
     for i, c in enumerate(GROUPED_CASES):  # the selection by the Triton kernel, forward and
         # gradients; the default layout (8 tokens a program) with the kernel's per-expert
-        # counts, every other case one token a program (`select_gates`' one-token form)
-        layout = {"select_block_t": 1} if i % 2 else {"select_counts": True}
+        # counts (per program, or atomic every fourth case), every other case one token a
+        # program (`select_gates`' one-token form)
+        layout = ({"select_block_t": 1} if i % 2 else
+                  {"select_counts": "atomic" if i % 4 else "partial"})  # fmt: skip
         fn = functools.partial(sparse_ffn_grouped, interpret=True, block_m=16, selection="triton",
                                **layout)  # fmt: skip
         y, k = fn(*inputs(c), c.tau, **kwargs(c))
