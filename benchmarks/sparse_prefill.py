@@ -81,12 +81,13 @@ def selection_tuning(label: str) -> dict:
     name, *layout = label.split(":")
     counts = layout.pop() if len(layout) == 3 else None
     if (name not in ("xla", "triton") or len(layout) not in (0, 2) or (layout and name != "triton")
-            or counts not in (None, "atomic", "partial")):  # fmt: skip
-        raise SystemExit("--selections: xla, triton or triton:BLOCK_T:WARPS[:atomic|partial], "
-                         f"got {label!r}")  # fmt: skip
+            or counts not in (None, "atomic", "partial", "lists")):  # fmt: skip
+        raise SystemExit("--selections: xla, triton or triton:BLOCK_T:WARPS[:atomic|partial|"
+                         f"lists], got {label!r}")  # fmt: skip
     keys = ("select_block_t", "select_warps")  # zip: layout's length is 0 or 2 (checked)
+    extra = {"grouping": "triton"} if counts == "lists" else {"select_counts": counts}
     return {"selection": name, **dict(zip(keys, map(int, layout), strict=False)),
-            **({"select_counts": counts} if counts else {})}  # fmt: skip
+            **(extra if counts else {})}  # fmt: skip
 
 
 def main(argv=None):
@@ -101,7 +102,7 @@ def main(argv=None):
                     help="the grouped path's selection tunings to time (xla: routing.select's "
                     "sort; triton: the selection kernel at the default layout; "
                     "triton:BLOCK_T:WARPS at that layout, :atomic or :partial with the kernel's "
-                    "per-expert counts)")  # fmt: skip
+                    "per-expert counts, :lists with the token lists by triton_group)")  # fmt: skip
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default="results/sparse_prefill.jsonl")
     a = ap.parse_args(argv)
@@ -140,7 +141,7 @@ def main(argv=None):
                           "speedup_vs_dense": base["ms"] / r["ms"], **r})  # fmt: skip
         del sparse
     cols = ["shape", "impl", "router_logits", "selection", "select_block_t", "select_counts",
-            "sparsity", "ms", "tok_s", "speedup_vs_dense", "compile_s"]  # fmt: skip
+            "grouping", "sparsity", "ms", "tok_s", "speedup_vs_dense", "compile_s"]  # fmt: skip
     print(f"\n{head['date']} commit {head['commit']} on {head['device']}; batch {a.batch} x "
           f"{a.prompt_len} tokens")  # fmt: skip
     print(markdown_table(rows, cols))

@@ -50,6 +50,7 @@ from prunepath_jax import routing
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.reference import check_logits
 from prunepath_jax.kernels.triton_decode import expert_gate_up_rows, expert_swiglu_rows
+from prunepath_jax.kernels.triton_group import kernel_slots
 from prunepath_jax.kernels.triton_select import select_gates
 
 
@@ -163,13 +164,17 @@ def _grouped_up_h_kernel(
 # 1 x 8 warps 52.4 / 109.2 / 20.4, 4 x 4 31.1 / 47.6 / 6.9, 8 x 8 29.6 / 48.1 / 6.9; XLA's
 # selection 122.1 / 228.6 / 29.3). ``select_counts``: the selection kernel also counts each
 # expert's tokens (atomic adds), which `group_by_expert` then takes instead of reducing the mask
-# itself; not measured yet (stage s73a: the layer's 37 µs `input_compare_reduce_fusion` after the
-# Triton selection may be that reduction).
+# itself: "atomic" (adds into one [E] row; H100, 8B layer: removes the 37 µs mask reduction
+# `input_compare_reduce_fusion`, costs the selection kernel 20 µs, net 14.6 µs, s73a) or "partial"
+# (a row a program, summed by XLA). ``grouping``: who writes the token lists, "xla"
+# (`group_by_expert`: transpose, cumsum over the tokens, scatter) or "triton"
+# (`triton_group.kernel_slots`, from the selection kernel's per-program counts).
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
                   "backward": "grouped", "weight_grads": "xla", "expert_group": "auto",
                   "selection": "triton", "select_block_t": 8, "select_warps": 8,
-                  "select_counts": False}  # fmt: skip
+                  "select_counts": False, "grouping": "xla"}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
+_GROUPINGS = ("xla", "triton")
 _SELECTIONS = ("xla", "triton")
 _WEIGHT_GRADS = ("xla", "grouped")
 _LOGITS = {
@@ -238,6 +243,15 @@ def group_by_expert(mask_te: jax.Array, k_max: int, block_m: int, expert_group: 
     slot_et = jnp.where(m_et > 0, off_e[:, None] + pos_et, n_slots)
     tok_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (e, t))
     tok = jnp.zeros((n_slots,), jnp.int32).at[slot_et.ravel()].set(tok_ids.ravel(), mode="drop")
+    return tok, off_e, cnt_e, *expert_tiles(tok, off_e, cnt_e, t, block_m, expert_group)
+
+
+def expert_tiles(tok, off_e, cnt_e, t: int, block_m: int, expert_group: int = 0):
+    """``(tile_e [n_tiles], tile_m [n_tiles])``: the (expert, token tile) of each program, in
+    `group_by_expert`'s order, from the token lists ``tok [t * k_max]`` (``off_e``, ``cnt_e``:
+    each expert's start and length in them)."""
+    e = cnt_e.shape[0]
+    n_slots = tok.shape[0]
     tiles_e = (cnt_e + block_m - 1) // block_m
     tile_end_e = jnp.cumsum(tiles_e, dtype=jnp.int32)
     n_tiles = -(-n_slots // block_m) + e
@@ -254,7 +268,7 @@ def group_by_expert(mask_te: jax.Array, k_max: int, block_m: int, expert_group: 
         key = jnp.where(real, (tile_e // expert_group) * t + first, (e // expert_group + 1) * t)
         order = jnp.argsort(key, stable=True)  # ties (one token, several experts): by expert
         tile_e, tile_m = tile_e[order], tile_m[order]
-    return tok, off_e, cnt_e, tile_e, tile_m
+    return tile_e, tile_m
 
 
 class _Launch(NamedTuple):
@@ -381,16 +395,17 @@ _experts.defvjp(_experts_fwd, _experts_bwd)
 
 def kernel_selection(logits_te, tau, rule, k_min: int, k_max: int, interpret: bool,
                      block_t: int = 1, warps: int = 8, counts: bool | str = False):  # fmt: skip
-    """``(mask_te bool [t, E], k_t i32 [t], cnt_e)`` from the Triton selection kernel (tuning
-    ``selection="triton"``, launched ``block_t`` tokens and ``warps`` warps a program);
-    ``cnt_e`` is the per-expert counts ``i32 [E]`` with ``counts``, else None. The
+    """``(mask8_te i8 [t, E], k_t i32 [t], cnt)`` from the Triton selection kernel (tuning
+    ``selection="triton"``, launched ``block_t`` tokens and ``warps`` warps a program): the
+    mask as 1 / 0 bytes; ``cnt`` the per-expert counts ``i32 [E]`` with ``counts`` "atomic" or
+    "partial", their per-program table ``[programs, E]`` with "table", else None. The
     selection is discrete, so its input is cut from the gradient (jax-triton's call has no JVP
     rule); the gates stay differentiable through the caller's `routing.gates`. With gate "none"
     the kernel writes exactly 1 where selected, 0 elsewhere, as int8 bytes."""
     out = select_gates(jax.lax.stop_gradient(logits_te), tau, rule=rule, gate="none",
                        k_min=k_min, k_max=k_max, block_t=block_t, warps=warps,
                        out_dtype=jnp.int8, counts=counts, interpret=interpret)  # fmt: skip
-    return out[0] != 0, out[1], out[2] if counts else None
+    return out[0], out[1], out[2] if counts else None
 
 
 def sparse_ffn_grouped(
@@ -452,17 +467,28 @@ def sparse_ffn_grouped(
         raise ValueError(f"weight_grads must be one of {_WEIGHT_GRADS}, got "
                          f"{tn['weight_grads']!r}")  # fmt: skip
     eg = resolve_expert_group(tn["expert_group"], t, d, g, x_td.dtype.itemsize)  # validates
+    if tn["grouping"] not in _GROUPINGS:
+        raise ValueError(f"grouping must be one of {_GROUPINGS}, got {tn['grouping']!r}")
+    by_kernel = tn["grouping"] == "triton"
+    if by_kernel and (tn["selection"] != "triton" or tn["select_counts"]):
+        raise ValueError("grouping='triton' takes the Triton selection's per-program counts: it "
+                         "needs selection='triton' and select_counts False")  # fmt: skip
+    block_m = tn["block_m"]
     if tn["selection"] == "triton":
-        mask_te, k_t, cnt_e = kernel_selection(
+        mask8_te, k_t, cnt = kernel_selection(
             logits_te, tau, rule, k_min, k_max, interpret, tn["select_block_t"], tn["select_warps"],
-            tn["select_counts"],
+            "table" if by_kernel else tn["select_counts"],
         )  # fmt: skip
+        mask_te = mask8_te != 0
     else:
         sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
-        mask_te, k_t, cnt_e = sel.mask_te, sel.k_t, None
+        mask_te, k_t, cnt = sel.mask_te, sel.k_t, None
     gate_te = routing.gates(logits_te, mask_te, gate)  # differentiable: σ of the logits
-    block_m = tn["block_m"]
     static = _Launch(g, block_m, min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
                      tn["stages"], interpret, tn["backward"], tn["weight_grads"])  # fmt: skip
-    grouping = group_by_expert(mask_te, k_max, block_m, eg, cnt_e)
+    if by_kernel:
+        slots = kernel_slots(mask8_te, cnt, tn["select_block_t"], k_max, interpret)
+        grouping = (*slots, *expert_tiles(*slots, t, block_m, eg))
+    else:
+        grouping = group_by_expert(mask_te, k_max, block_m, eg, cnt)
     return _experts(static, x_td, gate_te, w_in_cfd, w_out_fd, grouping), k_t

@@ -203,8 +203,9 @@ def _select_kernel(logits_ptr, tau_ptr, gate_ptr, k_ptr, cnt_ptr, T: tl.constexp
                 tl.store(cnt_ptr + tl.program_id(0) * E + re, c, mask=re < E)
 
 
-# ``select_gates``' counts argument -> the kernel's COUNTS (0 none, 1 atomic, 2 partial).
-_COUNTS = {False: 0, True: 1, "atomic": 1, "partial": 2}
+# ``select_gates``' counts argument -> the kernel's COUNTS (0 none, 1 atomic, 2 a row a program;
+# "table" returns those rows, "partial" their sum).
+_COUNTS = {False: 0, True: 1, "atomic": 1, "partial": 2, "table": 2}
 
 
 def select_gates(
@@ -218,7 +219,8 @@ def select_gates(
     counts without another pass over the mask. "atomic" (or True): each program adds its
     counts into ``cnt`` in the launch; "partial": each program stores its own row of a
     ``[programs, E]`` table, which XLA sums (no atomics: the 512 programs of 4096 tokens at 8
-    a program otherwise queue on the same 448 addresses).
+    a program otherwise queue on the same 448 addresses); "table": that table itself, ``cnt
+    [programs, E] i32`` (what `triton_group.kernel_slots` takes).
 
     ``block_t`` tokens a program (a power of 2; above 1 through ``_select`` along axis 1,
     which has no ranked form) and ``warps`` a program are the launch's layout. ``out_dtype``
@@ -247,6 +249,6 @@ def select_gates(
         SIGMOID=gate == "sigmoid", K_MIN=k_min, K_MAX=k_max, RANKED=bool(ranked),
         BLOCK_T=block_t, COUNTS=mode,
     )  # fmt: skip
-    if mode == 2:
+    if counts == "partial":
         cnt = jnp.sum(cnt, axis=0, dtype=jnp.int32)
     return (g, k, cnt) if mode else (g, k)

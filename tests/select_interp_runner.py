@@ -1,7 +1,8 @@
 """Runs the in-kernel selection under the Triton interpreter on the cases of ``select_cases.py``,
 sorted, ranked (``select_gates(ranked=...)``) and blocked (4 tokens a program, the gates stored
 as int8 when the case's gate is "none", as the grouped prefill stores its mask); writes gates,
-k and the per-expert counts (atomic and per-program) to an .npz file. Started by
+k and the per-expert counts (atomic and per-program), and the token lists by expert
+`triton_group.kernel_slots` writes from them, to an .npz file. Started by
 tests/test_select.py with TRITON_INTERPRET=1. Usage: ``python tests/select_interp_runner.py
 OUT.npz``."""
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from select_cases import CASES, FORMS, logits  # noqa: E402
 
+from prunepath_jax.kernels.triton_group import kernel_slots  # noqa: E402
 from prunepath_jax.kernels.triton_select import select_gates  # noqa: E402
 
 
@@ -33,6 +35,16 @@ def main(out: str) -> None:
                                interpret=True)  # fmt: skip
             for name, v in zip("gkc", got, strict=True):
                 res[f"{c.name}/{form}/{name}"] = np.asarray(v)
+    for c in CASES:  # the token lists by expert from the per-program counts, 1 and 4 tokens
+        # a program (`triton_group.kernel_slots`)
+        for bt in (1, 4):
+            mask8, _, table = select_gates(jnp.asarray(logits(c)), c.tau, rule=c.rule,
+                                           gate="none", k_min=c.k_min, k_max=c.k_max,
+                                           block_t=bt, out_dtype=jnp.int8, counts="table",
+                                           interpret=True)  # fmt: skip
+            slots = kernel_slots(mask8, table, bt, c.k_max or c.e, interpret=True)
+            for name, v in zip(("tok", "off", "cnt"), slots, strict=True):
+                res[f"{c.name}/slots{bt}/{name}"] = np.asarray(v)
     np.savez(out, **res)
 
 

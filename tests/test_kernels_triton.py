@@ -86,8 +86,9 @@ def test_grouped_triton_selection_matches_reference(case, interp_results):
     """``selection="triton"``: the selection kernel's experts (k exactly: no token of these
     cases sits within an ulp of τ), the outputs and the training gradients (the gates still
     differentiable through the logits) as the reference's; the selection at its default
-    layout with the kernel's per-expert counts (``select_counts``, per program or atomic),
-    every other case one token a program."""
+    layout with the token lists from `triton_group.kernel_slots` (``grouping="triton"``), one
+    token a program with the atomic counts, and 8 tokens a program with the per-program
+    counts."""
     _check(case, interp_results[f"{case.name}+tsel/y"], interp_results[f"{case.name}+tsel/k"])
     _check_grads(case, [interp_results[f"{case.name}+tsel/grad_{n}"] for n in GRAD_ARGS])
 
@@ -350,13 +351,15 @@ def test_jax_triton_matches_reference_on_gpu(case):
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
 def test_grouped_triton_selection_on_gpu(case):
     """``selection="triton"`` through jax-triton under jit, with and without the kernel's
-    per-expert counts (atomic and per program): the reference's experts and outputs."""
+    per-expert counts (atomic and per program), and with the token lists from
+    `triton_group.kernel_slots`: the reference's experts and outputs."""
     from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
 
     x, router, w_in, w_out = inputs(case)
-    for counts in (False, "atomic", "partial"):
-        fn = jax.jit(lambda *a, counts=counts: sparse_ffn_grouped(
-            *a, **kwargs(case), selection="triton", select_counts=counts))  # fmt: skip
+    for tn in ({}, {"select_counts": "atomic"}, {"select_counts": "partial"},
+               {"grouping": "triton"}):  # fmt: skip
+        fn = jax.jit(lambda *a, tn=tn: sparse_ffn_grouped(
+            *a, **kwargs(case), selection="triton", **tn))  # fmt: skip
         y, k = fn(x, router, w_in, w_out, np.float32(case.tau))
         _check(case, y, k)
 
@@ -367,12 +370,13 @@ def test_triton_selection_at_the_prefill_shape_on_gpu(layout):
     """4096 tokens x 448 experts (the 8B prefill), τ 0.5 and k clamped to [112, 112] as the
     benchmark routes, at launch layouts (tokens, warps a program): the kernel's masks equal
     `routing.select`'s except for tokens whose mass sits within a few float32 ulps of τ (none
-    is allowed to differ by more than one expert), and its per-expert counts (atomic and per
-    program) its mask's."""
+    is allowed to differ by more than one expert), its per-expert counts (atomic and per
+    program) its mask's, and `triton_group.kernel_slots`' token lists XLA's."""
     import jax.numpy as jnp
 
     from prunepath_jax import routing
-    from prunepath_jax.kernels.triton_grouped import kernel_selection
+    from prunepath_jax.kernels.triton_group import kernel_slots
+    from prunepath_jax.kernels.triton_grouped import group_by_expert, kernel_selection
 
     lg = jax.random.normal(jax.random.key(3), (4096, 448), jnp.float32) * 2.0
     for tau, k_min, k_max in ((0.5, 1, 448), (1.0, 112, 112), (0.9, 1, 200)):
@@ -384,11 +388,21 @@ def test_triton_selection_at_the_prefill_shape_on_gpu(layout):
             lg, jnp.float32(tau), "paper", k_min, k_max, False, *layout, "partial"
         )
         np.testing.assert_array_equal(np.asarray(cnt_p), np.asarray(cnt))  # per program
+        table = jax.jit(kernel_selection, static_argnums=(2, 3, 4, 5, 6, 7, 8))(
+            lg, jnp.float32(tau), "paper", k_min, k_max, False, *layout, "table"
+        )[2]
+        tok, off, cnt_s = jax.jit(kernel_slots, static_argnums=(2, 3))(mask, table, layout[0],
+                                                                        k_max)  # fmt: skip
+        tok_x, off_x, _ = group_by_expert(mask != 0, k_max, 128)[:3]
+        n = int(np.asarray(cnt).sum())
+        np.testing.assert_array_equal(np.asarray(cnt_s), np.asarray(cnt))  # the lists: XLA's
+        np.testing.assert_array_equal(np.asarray(off), np.asarray(off_x))
+        np.testing.assert_array_equal(np.asarray(tok)[:n], np.asarray(tok_x)[:n])
         sel = routing.select(lg, tau, k_min=k_min, k_max=k_max)
         diff = np.asarray(k) != np.asarray(sel.k_t)
         assert diff.mean() < 1e-3 and np.abs(np.asarray(k - sel.k_t)).max() <= 1, tau
         same = ~diff
-        np.testing.assert_array_equal(np.asarray(mask)[same], np.asarray(sel.mask_te)[same])
+        np.testing.assert_array_equal(np.asarray(mask)[same] != 0, np.asarray(sel.mask_te)[same])
 
 
 @pytest.mark.gpu

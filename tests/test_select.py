@@ -53,6 +53,32 @@ def test_selection_matches_routing(case, form, results):
     )  # the launch's, per expert
 
 
+@pytest.mark.parametrize("block_t", [1, 4])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_kernel_slots_equal_group_by_expert(case, block_t, results):
+    """`triton_group.kernel_slots` from the selection's per-program counts: the same token lists
+    as XLA's `group_by_expert` on the reference mask (each expert's tokens ascending), and no
+    slot past the lists written (the interpreter's -1 poison stays)."""
+    from prunepath_jax.kernels.triton_grouped import group_by_expert
+
+    _, _, mask_ref = _reference(case)
+    tok_ref, off_ref, cnt_ref = (np.asarray(a) for a in group_by_expert(
+        jnp.asarray(mask_ref), case.k_max or case.e, 8)[:3])  # fmt: skip
+    tok, off, cnt = (results[f"{case.name}/slots{block_t}/{n}"] for n in ("tok", "off", "cnt"))
+    n = int(cnt_ref.sum())
+    np.testing.assert_array_equal(cnt, cnt_ref)
+    np.testing.assert_array_equal(off, off_ref)
+    np.testing.assert_array_equal(tok[:n], tok_ref[:n])
+    assert tok.shape == tok_ref.shape and (tok[n:] == -1).all()
+
+
+def test_kernel_slots_rejects_a_table_of_the_wrong_shape():
+    from prunepath_jax.kernels.triton_group import kernel_slots
+
+    with pytest.raises(ValueError, match="cnt_pe must be"):
+        kernel_slots(jnp.zeros((10, 8), jnp.int8), jnp.zeros((2, 8), jnp.int32), 4, 8)
+
+
 def test_blocked_cases_cover_a_partial_block():
     """4 tokens a program: some case's token count is not a multiple of 4, so the last program
     masks rows past T (an unmasked store would write past the outputs)."""
@@ -87,3 +113,16 @@ def test_selection_lowers_for_sm90():
                           dict(T=4096, E=e, E_PAD=max(16, 1 << (e - 1).bit_length()),
                                NUCLEUS=False, SIGMOID=True, K_MIN=1, K_MAX=e, RANKED=ranked,
                                BLOCK_T=bt, COUNTS=counts), warps=warps, stages=1)  # fmt: skip
+
+
+def test_slots_kernel_lowers_for_sm90():
+    """`triton_group._slots_kernel` compiles to an sm_90 cubin at the 8B and 1B prefill shapes
+    (8 tokens a program) and one token a program."""
+    from helpers import sm90_compile
+
+    from prunepath_jax.kernels.triton_group import _slots_kernel
+
+    for t, e, bt in ((4096, 448, 8), (16384, 256, 8), (40, 12, 1)):
+        sm90_compile(_slots_kernel, {"m": "*i8", "b": "*i32", "tok": "*i32"},
+                     dict(T=t, E=e, E_PAD=max(16, 1 << (e - 1).bit_length()), BLOCK_T=bt),
+                     warps=4, stages=1)  # fmt: skip

@@ -52,11 +52,11 @@ def main(out: str) -> None:
         res[f"{c.name}+bf16x3/y"] = np.asarray(y.astype(np.float32))
         res[f"{c.name}+bf16x3/k"] = np.asarray(k)
     for i, c in enumerate(GROUPED_CASES):  # the selection by the Triton kernel, forward and
-        # gradients; the default layout (8 tokens a program) with the kernel's per-expert
-        # counts (per program, or atomic every fourth case), every other case one token a
-        # program (`select_gates`' one-token form)
-        layout = ({"select_block_t": 1} if i % 2 else
-                  {"select_counts": "atomic" if i % 4 else "partial"})  # fmt: skip
+        # gradients: the default layout (8 tokens a program) with the token lists written by
+        # `triton_group.kernel_slots`, one token a program with the atomic counts, 8 tokens a
+        # program with the per-program counts
+        layout = ({"grouping": "triton"}, {"select_block_t": 1, "select_counts": "atomic"},
+                  {"select_counts": "partial"})[i % 3]  # fmt: skip
         fn = functools.partial(sparse_ffn_grouped, interpret=True, block_m=16, selection="triton",
                                **layout)  # fmt: skip
         y, k = fn(*inputs(c), c.tau, **kwargs(c))
