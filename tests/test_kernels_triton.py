@@ -101,6 +101,24 @@ def test_grouped_rejects_an_unknown_selection():
         sparse_ffn_grouped(*inputs(c), c.tau, interpret=True, **kwargs(c), selection="sort")
 
 
+@pytest.mark.parametrize(
+    "tuning, match",
+    [
+        ({"grouping": "sort"}, "grouping must be one of"),
+        ({"grouping": "triton", "selection": "xla"}, "needs selection='triton'"),
+        ({"grouping": "triton", "select_counts": "atomic"}, "select_counts False"),
+    ],
+)
+def test_grouped_rejects_a_bad_grouping(tuning, match):
+    """The kernel grouping takes the Triton selection's per-program table, so it refuses the
+    XLA selection and the other counts, before any launch (no interpreter needed)."""
+    from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
+
+    c = GROUPED_CASES[0]
+    with pytest.raises(ValueError, match=match):
+        sparse_ffn_grouped(*inputs(c), c.tau, **kwargs(c), **tuning)
+
+
 def _check_grads(c, grads):
     """The training forward's gradients against ``jax.grad`` of the float32 reference (the
     routing is the same, so only the experts' arithmetic differs)."""
