@@ -171,8 +171,8 @@ def _grouped_up_h_kernel(
 # (`triton_group.kernel_slots`, from the selection kernel's per-program counts).
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
                   "backward": "grouped", "weight_grads": "xla", "expert_group": "auto",
-                  "selection": "triton", "select_block_t": 8, "select_warps": 8,
-                  "select_counts": False, "grouping": "xla"}  # fmt: skip
+                  "selection": "triton", "select_block_t": 16, "select_warps": 8,
+                  "select_counts": False, "grouping": "triton"}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
 _GROUPINGS = ("xla", "triton")
 _SELECTIONS = ("xla", "triton")

@@ -145,13 +145,15 @@ def test_grouped_gradient_launches(monkeypatch):
     writes the pre-activations — and its backward the grouped backward and weight-gradient
     kernels (the weight-gradient kernel only with ``weight_grads="grouped"``, none with
     ``backward="xla"``); the primal alone launches the plain up kernel; each form after the
-    selection kernel when that is the default selection (``triton_call`` caught under
+    selection and the token-list kernels when those are the defaults (``triton_call`` caught under
     ``jax.eval_shape``: jax-triton cannot be imported on a CPU jaxlib)."""
     from prunepath_jax.kernels import jt
     from prunepath_jax.kernels import triton_grouped as tg
+    from prunepath_jax.kernels.triton_group import _slots_kernel
     from prunepath_jax.kernels.triton_select import _select_kernel
 
     sel = [_select_kernel] if tg.DEFAULT_TUNING["selection"] == "triton" else []
+    sel += [_slots_kernel] if tg.DEFAULT_TUNING["grouping"] == "triton" else []
 
     calls = []
     monkeypatch.setattr(jt, "triton_call", zeros_triton_call(calls))
