@@ -385,7 +385,7 @@ def test_grouped_triton_selection_on_gpu(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", [(1, 8), (2, 4), (4, 4), (8, 8)], ids=str)
+@pytest.mark.parametrize("layout", [(1, 8), (2, 4), (4, 4), (8, 8), (16, 8)], ids=str)
 def test_triton_selection_at_the_prefill_shape_on_gpu(layout):
     """4096 tokens x 448 experts (the 8B prefill), τ 0.5 and k clamped to [112, 112] as the
     benchmark routes, at launch layouts (tokens, warps a program): the kernel's masks equal
