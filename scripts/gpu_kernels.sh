@@ -115,21 +115,6 @@ s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f
   run timeout 150 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
   ;;
-s74a)  # (fifty-sixth session) the selection's per-expert counts per program (a [programs, E]
-  # table XLA sums) against the atomic adds (s73a, H100: the atomics take the 37 µs
-  # `input_compare_reduce_fusion` out of the 8B prefill layer but add 20 µs to the kernel) and
-  # none; the token lists written by `triton_group.kernel_slots` (grouping triton); 8 and 16
-  # tokens a program; then the whole 8B prompt pass; the selection's and the grouped GPU tests
-  run timeout 200 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
-    --prefill-top 12 --prefill-tunings 128,64,8,4,shared,auto,triton,8,8 \
-    128,64,8,4,shared,auto,triton,8,8,atomic 128,64,8,4,shared,auto,triton,8,8,partial \
-    128,64,8,4,shared,auto,triton,16,8,atomic 128,64,8,4,shared,auto,triton,16,8,partial \
-    128,64,8,4,shared,auto,triton,8,8,0,triton 128,64,8,4,shared,auto,triton,16,8,0,triton \
-    --out "$OUT/kernels.jsonl"
-  run timeout 200 python3 benchmarks/sparse_prefill.py --impls triton --selections triton:8:8 \
-    triton:8:8:atomic triton:8:8:partial triton:8:8:lists --out "$OUT/sparse_prefill.jsonl"
-  gpu_tests 150 tests/test_kernels_triton.py -k "grouped or triton_selection"
-  ;;
 s74b)  # (fifty-sixth session, not run: no device time left) the whole 8B prompt pass, the old
   # default (8 x 8, XLA's lists), the new (8 x 8, the lists by triton_group) and 16 x 8 with
   # them, each twice, interleaved (s74a's pass was noisy: ranges of 1.5-3 ms); fp32 generation
