@@ -168,15 +168,17 @@ def _grouped_up_h_kernel(
 # `input_compare_reduce_fusion`, costs the selection kernel 20 µs, net 14.6 µs, s73a) or "partial"
 # (a row a program, summed by XLA). ``grouping``: who writes the token lists, "xla"
 # (`group_by_expert`: transpose, cumsum over the tokens, scatter) or "triton"
-# (`triton_group.kernel_slots`, from the selection kernel's per-program counts; the default since
-# the fifty-sixth session: H100, 8B layer, 1431.7 device µs against 1466.7 with XLA's lists, at 8
-# tokens a selection program; 1425.3 at 16, whose prompt pass and fp32 generation did not run).
+# (`triton_group.kernel_slots`, from the selection kernel's per-program counts; H100, 8B layer,
+# 1431.7 device µs against 1466.7 with XLA's lists, at 8 tokens a selection program; 1425.3 at
+# 16, whose prompt pass and fp32 generation did not run), or "auto" (the default since the
+# fifty-sixth session): "triton" where it can run (the Triton selection, ``select_counts`` off),
+# else "xla".
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
                   "backward": "grouped", "weight_grads": "xla", "expert_group": "auto",
                   "selection": "triton", "select_block_t": 8, "select_warps": 8,
-                  "select_counts": False, "grouping": "triton"}  # fmt: skip
+                  "select_counts": False, "grouping": "auto"}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
-_GROUPINGS = ("xla", "triton")
+_GROUPINGS = ("auto", "xla", "triton")
 _SELECTIONS = ("xla", "triton")
 _WEIGHT_GRADS = ("xla", "grouped")
 _LOGITS = {
@@ -471,8 +473,9 @@ def sparse_ffn_grouped(
     eg = resolve_expert_group(tn["expert_group"], t, d, g, x_td.dtype.itemsize)  # validates
     if tn["grouping"] not in _GROUPINGS:
         raise ValueError(f"grouping must be one of {_GROUPINGS}, got {tn['grouping']!r}")
-    by_kernel = tn["grouping"] == "triton"
-    if by_kernel and (tn["selection"] != "triton" or tn["select_counts"]):
+    fits = tn["selection"] == "triton" and not tn["select_counts"]
+    by_kernel = tn["grouping"] == "triton" or (tn["grouping"] == "auto" and fits)
+    if by_kernel and not fits:
         raise ValueError("grouping='triton' takes the Triton selection's per-program counts: it "
                          "needs selection='triton' and select_counts False")  # fmt: skip
     block_m = tn["block_m"]

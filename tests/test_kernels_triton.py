@@ -153,7 +153,7 @@ def test_grouped_gradient_launches(monkeypatch):
     from prunepath_jax.kernels.triton_select import _select_kernel
 
     sel = [_select_kernel] if tg.DEFAULT_TUNING["selection"] == "triton" else []
-    sel += [_slots_kernel] if tg.DEFAULT_TUNING["grouping"] == "triton" else []
+    sel += [_slots_kernel] if tg.DEFAULT_TUNING["grouping"] in ("auto", "triton") else []
 
     calls = []
     monkeypatch.setattr(jt, "triton_call", zeros_triton_call(calls))
@@ -371,13 +371,14 @@ def test_jax_triton_matches_reference_on_gpu(case):
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
 def test_grouped_triton_selection_on_gpu(case):
     """``selection="triton"`` through jax-triton under jit, with and without the kernel's
-    per-expert counts (atomic and per program), and with the token lists from
-    `triton_group.kernel_slots`: the reference's experts and outputs."""
+    per-expert counts (atomic and per program), with the token lists from
+    `triton_group.kernel_slots` (the default) and from XLA: the reference's experts and
+    outputs."""
     from prunepath_jax.kernels.triton_grouped import sparse_ffn_grouped
 
     x, router, w_in, w_out = inputs(case)
-    for tn in ({}, {"select_counts": "atomic"}, {"select_counts": "partial"},
-               {"grouping": "triton"}):  # fmt: skip
+    for tn in ({}, {"grouping": "xla"}, {"select_counts": "atomic"},
+               {"select_counts": "partial"}):  # fmt: skip
         fn = jax.jit(lambda *a, tn=tn: sparse_ffn_grouped(
             *a, **kwargs(case), selection="triton", **tn))  # fmt: skip
         y, k = fn(x, router, w_in, w_out, np.float32(case.tau))
