@@ -81,11 +81,12 @@ def selection_tuning(label: str) -> dict:
     name, *layout = label.split(":")
     counts = layout.pop() if len(layout) == 3 else None
     if (name not in ("xla", "triton") or len(layout) not in (0, 2) or (layout and name != "triton")
-            or counts not in (None, "atomic", "partial", "lists")):  # fmt: skip
+            or counts not in (None, "atomic", "partial", "lists", "xla")):  # fmt: skip
         raise SystemExit("--selections: xla, triton or triton:BLOCK_T:WARPS[:atomic|partial|"
-                         f"lists], got {label!r}")  # fmt: skip
+                         f"lists|xla], got {label!r}")  # fmt: skip
     keys = ("select_block_t", "select_warps")  # zip: layout's length is 0 or 2 (checked)
-    extra = {"grouping": "triton"} if counts == "lists" else {"select_counts": counts}
+    extra = ({"grouping": "triton" if counts == "lists" else "xla"} if counts in ("lists", "xla")
+             else {"select_counts": counts})  # fmt: skip
     return {"selection": name, **dict(zip(keys, map(int, layout), strict=False)),
             **(extra if counts else {})}  # fmt: skip
 
@@ -102,7 +103,8 @@ def main(argv=None):
                     help="the grouped path's selection tunings to time (xla: routing.select's "
                     "sort; triton: the selection kernel at the default layout; "
                     "triton:BLOCK_T:WARPS at that layout, :atomic or :partial with the kernel's "
-                    "per-expert counts, :lists with the token lists by triton_group)")  # fmt: skip
+                    "per-expert counts, :lists / :xla with the token lists by triton_group / "
+                    "by XLA)")  # fmt: skip
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default="results/sparse_prefill.jsonl")
     a = ap.parse_args(argv)

@@ -120,7 +120,7 @@ s74b)  # (fifty-sixth session, not run: no device time left) the whole 8B prompt
   # them, each twice, interleaved (s74a's pass was noisy: ranges of 1.5-3 ms); fp32 generation
   # under the new default against XLA's tokens; the selection at the prefill shape (16 x 8 too)
   run timeout 150 python3 benchmarks/sparse_prefill.py --impls triton --iters 10 --selections \
-    triton:8:8 triton:8:8:lists triton:16:8:lists triton:8:8 triton:8:8:lists \
+    triton:8:8:xla triton:8:8:lists triton:16:8:lists triton:8:8:xla triton:8:8:lists \
     triton:16:8:lists --out "$OUT/sparse_prefill.jsonl"
   gpu_tests 90 tests/test_kernels_api.py -k "fp32_sparse_generation"
   gpu_tests 60 tests/test_kernels_triton.py -k "prefill_shape"
