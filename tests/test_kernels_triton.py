@@ -9,6 +9,7 @@ on a machine without a GPU. The ``gpu`` tests run the same cases through jax-tri
 """
 
 import functools
+import sys
 
 import jax
 import numpy as np
@@ -117,6 +118,29 @@ def test_grouped_rejects_a_bad_grouping(tuning, match):
     c = GROUPED_CASES[0]
     with pytest.raises(ValueError, match=match):
         sparse_ffn_grouped(*inputs(c), c.tau, **kwargs(c), **tuning)
+
+
+def test_prefill_benchmark_labels_name_the_tuning():
+    """`benchmarks/sparse_prefill.py`'s ``--selections`` labels: each suffix is the tuning key
+    it names (``:xla`` must pick XLA's lists now that "auto" takes the kernel's), and a label it
+    cannot read stops the run instead of timing the default."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_prefill.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location("sparse_prefill", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    lay = {"selection": "triton", "select_block_t": 8, "select_warps": 8}
+    assert mod.selection_tuning("xla") == {"selection": "xla"}
+    assert mod.selection_tuning("triton:8:8") == lay
+    assert mod.selection_tuning("triton:8:8:xla") == {**lay, "grouping": "xla"}
+    assert mod.selection_tuning("triton:8:8:lists") == {**lay, "grouping": "triton"}
+    assert mod.selection_tuning("triton:8:8:partial") == {**lay, "select_counts": "partial"}
+    for bad in ("triton:8:8:sort", "xla:8:8", "triton:8", "sort"):
+        with pytest.raises(SystemExit, match="--selections"):
+            mod.selection_tuning(bad)
 
 
 def _check_grads(c, grads):
