@@ -139,7 +139,7 @@ def main():
         nargs="+",
         type=lambda v: v if v == "auto" else int(v),
         default=["auto"],
-        help="the kernel paths once per tile order (triton_grouped.group_by_expert; rows of "
+        help="the kernel paths once per tile order (triton_group.group_by_expert; rows of "
         "another order than the shipped 'auto' are labelled path@eg<G>)",
     )
     ap.add_argument(

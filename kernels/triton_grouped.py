@@ -50,7 +50,12 @@ from prunepath_jax import routing
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.reference import check_logits
 from prunepath_jax.kernels.triton_decode import expert_gate_up_rows, expert_swiglu_rows
-from prunepath_jax.kernels.triton_group import kernel_slots
+from prunepath_jax.kernels.triton_group import (
+    expert_tiles,
+    group_by_expert,
+    kernel_slots,
+    mask_table,
+)
 from prunepath_jax.kernels.triton_select import select_gates
 
 
@@ -172,11 +177,14 @@ def _grouped_up_h_kernel(
 # 1431.7 device µs against 1466.7 with XLA's lists, at 8 tokens a selection program; 1425.3 at
 # 16, whose prompt pass and fp32 generation did not run), or "auto" (the default since the
 # fifty-sixth session): "triton" where it can run (the Triton selection, ``select_counts`` off),
-# else "xla".
+# else "xla". ``lists_table``: where "triton" takes the per-program counts from, "selection" (the
+# selection kernel's rows: its column sum costs that launch 11-15 µs, s74a) or "xla"
+# (`triton_group.mask_table`, a sum over each program's rows of the mask; not measured yet).
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
                   "backward": "grouped", "weight_grads": "xla", "expert_group": "auto",
                   "selection": "triton", "select_block_t": 8, "select_warps": 8,
-                  "select_counts": False, "grouping": "auto"}  # fmt: skip
+                  "select_counts": False, "grouping": "auto",
+                  "lists_table": "selection"}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
 _GROUPINGS = ("auto", "xla", "triton")
 _SELECTIONS = ("xla", "triton")
@@ -219,60 +227,6 @@ def resolve_expert_group(expert_group, t: int, d: int, g: int, itemsize: int) ->
     if not isinstance(eg, int) or isinstance(eg, bool) or eg < 0:
         raise ValueError(f"expert_group must be an int >= 0 or 'auto', got {expert_group!r}")
     return eg
-
-
-def group_by_expert(mask_te: jax.Array, k_max: int, block_m: int, expert_group: int = 0,
-                    cnt_e: jax.Array | None = None):  # fmt: skip
-    """Device-side grouping of (token, expert) pairs by expert, with prefix sums (``cnt_e``:
-    the per-expert counts when the selection kernel already made them).
-
-    Returns ``(tok [t*k_max] i32, off_e, cnt_e, tile_e [n_tiles], tile_m [n_tiles])``; tiles
-    past the real count have ``tile_e == E`` (and come last).
-
-    ``expert_group`` sets the order the programs run in (program i takes tile i). 0: expert
-    by expert (every tile of expert 0, then of expert 1, ...). G > 0: in groups of G
-    consecutive experts, and inside a group by each tile's first token, so the programs on
-    the GPU at one time read the rows of one window of tokens and the slabs of G experts. Why:
-    expert by expert, the ~132 programs in flight cover all the tokens of a few experts,
-    which are rows spread over all of x; once x outgrows the L2 cache (16384 tokens of d 2048
-    are 64 MB), every expert reads its rows from HBM again.
-    """
-    t, e = mask_te.shape
-    m_et = mask_te.T.astype(jnp.int32)
-    if cnt_e is None:
-        cnt_e = jnp.sum(m_et, axis=1, dtype=jnp.int32)
-    off_e = jnp.cumsum(cnt_e, dtype=jnp.int32) - cnt_e
-    pos_et = jnp.cumsum(m_et, axis=1, dtype=jnp.int32) - 1
-    n_slots = t * k_max
-    slot_et = jnp.where(m_et > 0, off_e[:, None] + pos_et, n_slots)
-    tok_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (e, t))
-    tok = jnp.zeros((n_slots,), jnp.int32).at[slot_et.ravel()].set(tok_ids.ravel(), mode="drop")
-    return tok, off_e, cnt_e, *expert_tiles(tok, off_e, cnt_e, t, block_m, expert_group)
-
-
-def expert_tiles(tok, off_e, cnt_e, t: int, block_m: int, expert_group: int = 0):
-    """``(tile_e [n_tiles], tile_m [n_tiles])``: the (expert, token tile) of each program, in
-    `group_by_expert`'s order, from the token lists ``tok [t * k_max]`` (``off_e``, ``cnt_e``:
-    each expert's start and length in them)."""
-    e = cnt_e.shape[0]
-    n_slots = tok.shape[0]
-    tiles_e = (cnt_e + block_m - 1) // block_m
-    tile_end_e = jnp.cumsum(tiles_e, dtype=jnp.int32)
-    n_tiles = -(-n_slots // block_m) + e
-    idx = jnp.arange(n_tiles, dtype=jnp.int32)
-    # searchsorted(tile_end_e, idx, side="right") as one compare-and-count fusion: jnp's
-    # searchsorted is a device while loop on GPU (~9 steps of small kernels at E = 448).
-    tile_e = jnp.sum(tile_end_e[None, :] <= idx[:, None], axis=1, dtype=jnp.int32)
-    start = jnp.take(tile_end_e - tiles_e, jnp.minimum(tile_e, e - 1))
-    tile_m = idx - start
-    if expert_group > 0:
-        real = tile_e < e
-        first = jnp.take(tok, jnp.where(real, jnp.take(off_e, jnp.minimum(tile_e, e - 1))
-                                        + tile_m * block_m, 0))  # fmt: skip
-        key = jnp.where(real, (tile_e // expert_group) * t + first, (e // expert_group + 1) * t)
-        order = jnp.argsort(key, stable=True)  # ties (one token, several experts): by expert
-        tile_e, tile_m = tile_e[order], tile_m[order]
-    return tile_e, tile_m
 
 
 class _Launch(NamedTuple):
@@ -478,11 +432,14 @@ def sparse_ffn_grouped(
     if by_kernel and not fits:
         raise ValueError("grouping='triton' takes the Triton selection's per-program counts: it "
                          "needs selection='triton' and select_counts False")  # fmt: skip
+    if tn["lists_table"] not in ("selection", "xla"):
+        raise ValueError(f"lists_table must be selection or xla, got {tn['lists_table']!r}")
+    from_sel = by_kernel and tn["lists_table"] == "selection"
     block_m = tn["block_m"]
     if tn["selection"] == "triton":
         mask8_te, k_t, cnt = kernel_selection(
             logits_te, tau, rule, k_min, k_max, interpret, tn["select_block_t"], tn["select_warps"],
-            "table" if by_kernel else tn["select_counts"],
+            "table" if from_sel else tn["select_counts"],
         )  # fmt: skip
         mask_te = mask8_te != 0
     else:
@@ -492,7 +449,9 @@ def sparse_ffn_grouped(
     static = _Launch(g, block_m, min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
                      tn["stages"], interpret, tn["backward"], tn["weight_grads"])  # fmt: skip
     if by_kernel:
-        slots = kernel_slots(mask8_te, cnt, tn["select_block_t"], k_max, interpret)
+        bt = tn["select_block_t"]
+        table = cnt if from_sel else mask_table(mask8_te, bt)
+        slots = kernel_slots(mask8_te, table, bt, k_max, interpret)
         grouping = (*slots, *expert_tiles(*slots, t, block_m, eg))
     else:
         grouping = group_by_expert(mask_te, k_max, block_m, eg, cnt)

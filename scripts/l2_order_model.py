@@ -1,6 +1,6 @@
 """How many bytes the grouped up kernel reads from HBM in each program order: an LRU model of L2.
 
-Why: `triton_grouped.group_by_expert` can run the (expert, token tile) programs expert by expert
+Why: `triton_group.group_by_expert` can run the (expert, token tile) programs expert by expert
 or in groups of experts ordered by token (tuning ``expert_group``). Which order keeps the reads
 in the L2 depends on whether x [t, d] fits there. This walks the programs in launch order and
 feeds each one's reads (its expert's gate/up slab, then its tile's token rows of x) through an
@@ -19,7 +19,7 @@ from collections import OrderedDict
 import jax.numpy as jnp
 import numpy as np
 
-from prunepath_jax.kernels.triton_grouped import group_by_expert
+from prunepath_jax.kernels.triton_group import group_by_expert
 
 
 def hbm_bytes(t, d, e, frac, expert_group, l2_mb=50.0, block_m=128, g=32, seed=0):

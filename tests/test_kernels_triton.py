@@ -86,10 +86,9 @@ def test_grouped_bf16x3_router_logits_match_reference(case, interp_results):
 def test_grouped_triton_selection_matches_reference(case, interp_results):
     """``selection="triton"``: the selection kernel's experts (k exactly: no token of these
     cases sits within an ulp of τ), the outputs and the training gradients (the gates still
-    differentiable through the logits) as the reference's; the selection at its default
-    layout with the token lists from `triton_group.kernel_slots` (``grouping="triton"``), one
-    token a program with the atomic counts, and 8 tokens a program with the per-program
-    counts."""
+    differentiable through the logits) as the reference's; the default (8 tokens a program,
+    the token lists from `triton_group.kernel_slots`), one token a program with the atomic
+    counts and XLA's lists, and the kernel lists from XLA's per-program counts."""
     _check(case, interp_results[f"{case.name}+tsel/y"], interp_results[f"{case.name}+tsel/k"])
     _check_grads(case, [interp_results[f"{case.name}+tsel/grad_{n}"] for n in GRAD_ARGS])
 
@@ -108,6 +107,7 @@ def test_grouped_rejects_an_unknown_selection():
         ({"grouping": "sort"}, "grouping must be one of"),
         ({"grouping": "triton", "selection": "xla"}, "needs selection='triton'"),
         ({"grouping": "triton", "select_counts": "atomic"}, "select_counts False"),
+        ({"lists_table": "sort"}, "lists_table must be"),
     ],
 )
 def test_grouped_rejects_a_bad_grouping(tuning, match):
@@ -402,7 +402,7 @@ def test_grouped_triton_selection_on_gpu(case):
 
     x, router, w_in, w_out = inputs(case)
     for tn in ({}, {"grouping": "xla"}, {"select_counts": "atomic"},
-               {"select_counts": "partial"}):  # fmt: skip
+               {"select_counts": "partial"}, {"lists_table": "xla"}):  # fmt: skip
         fn = jax.jit(lambda *a, tn=tn: sparse_ffn_grouped(
             *a, **kwargs(case), selection="triton", **tn))  # fmt: skip
         y, k = fn(x, router, w_in, w_out, np.float32(case.tau))
@@ -420,8 +420,8 @@ def test_triton_selection_at_the_prefill_shape_on_gpu(layout):
     import jax.numpy as jnp
 
     from prunepath_jax import routing
-    from prunepath_jax.kernels.triton_group import kernel_slots
-    from prunepath_jax.kernels.triton_grouped import group_by_expert, kernel_selection
+    from prunepath_jax.kernels.triton_group import group_by_expert, kernel_slots
+    from prunepath_jax.kernels.triton_grouped import kernel_selection
 
     lg = jax.random.normal(jax.random.key(3), (4096, 448), jnp.float32) * 2.0
     for tau, k_min, k_max in ((0.5, 1, 448), (1.0, 112, 112), (0.9, 1, 200)):
@@ -513,7 +513,7 @@ def test_groups_cover_every_pair_once(expert_group):
     """The device-side grouping lists each selected (token, expert) pair exactly once, in
     either program order: expert by expert, or (``expert_group`` > 0) the same tiles permuted
     into groups of experts and, inside a group, by each tile's first token."""
-    from prunepath_jax.kernels.triton_grouped import group_by_expert
+    from prunepath_jax.kernels.triton_group import group_by_expert
 
     rng = np.random.default_rng(0)
     mask = rng.random((37, 12)) < 0.3

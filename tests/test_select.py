@@ -59,7 +59,7 @@ def test_kernel_slots_equal_group_by_expert(case, block_t, results):
     """`triton_group.kernel_slots` from the selection's per-program counts: the same token lists
     as XLA's `group_by_expert` on the reference mask (each expert's tokens ascending), and no
     slot past the lists written (the interpreter's -1 poison stays)."""
-    from prunepath_jax.kernels.triton_grouped import group_by_expert
+    from prunepath_jax.kernels.triton_group import group_by_expert
 
     _, _, mask_ref = _reference(case)
     tok_ref, off_ref, cnt_ref = (np.asarray(a) for a in group_by_expert(
@@ -70,6 +70,19 @@ def test_kernel_slots_equal_group_by_expert(case, block_t, results):
     np.testing.assert_array_equal(off, off_ref)
     np.testing.assert_array_equal(tok[:n], tok_ref[:n])
     assert tok.shape == tok_ref.shape and (tok[n:] == -1).all()
+
+
+@pytest.mark.parametrize("block_t", [1, 4, 16])
+def test_mask_table_counts_each_block(block_t):
+    """`triton_group.mask_table`: XLA's per-program counts, the selection kernel's table
+    (``counts="table"``) without the kernel: each block's selected tokens per expert, a last
+    block past t counted from its real rows only."""
+    from prunepath_jax.kernels.triton_group import mask_table
+
+    m = np.random.default_rng(block_t).random((37, 12)) < 0.3
+    got = np.asarray(mask_table(jnp.asarray(m.astype(np.int8)), block_t))
+    want = [m[p : p + block_t].sum(0) for p in range(0, 37, block_t)]
+    np.testing.assert_array_equal(got, np.stack(want))
 
 
 def test_kernel_slots_rejects_a_table_of_the_wrong_shape():

@@ -52,11 +52,11 @@ def main(out: str) -> None:
         res[f"{c.name}+bf16x3/y"] = np.asarray(y.astype(np.float32))
         res[f"{c.name}+bf16x3/k"] = np.asarray(k)
     for i, c in enumerate(GROUPED_CASES):  # the selection by the Triton kernel, forward and
-        # gradients: the default layout (8 tokens a program) with the token lists written by
-        # `triton_group.kernel_slots`, one token a program with the atomic counts, 8 tokens a
-        # program with the per-program counts
-        layout = ({"grouping": "triton"}, {"select_block_t": 1, "select_counts": "atomic"},
-                  {"select_counts": "partial"})[i % 3]  # fmt: skip
+        # gradients: the default (8 tokens a program, the token lists written by
+        # `triton_group.kernel_slots` from the selection's counts), one token a program with
+        # the atomic counts and XLA's lists, the kernel lists from XLA's per-program counts
+        layout = ({}, {"select_block_t": 1, "select_counts": "atomic"},
+                  {"grouping": "triton", "lists_table": "xla"})[i % 3]  # fmt: skip
         fn = functools.partial(sparse_ffn_grouped, interpret=True, block_m=16, selection="triton",
                                **layout)  # fmt: skip
         y, k = fn(*inputs(c), c.tau, **kwargs(c))
