@@ -76,19 +76,27 @@ def time_prefill(model, batch: int, prompt_len: int, ffn_args, iters: int) -> di
             "tok_s": batch * prompt_len / ms * 1e3, "argmax": lg.argmax(-1).tolist()}  # fmt: skip
 
 
+# ``--selections``' last field: the grouped-GEMM tuning keys it names.
+_SUFFIXES = {
+    "atomic": {"select_counts": "atomic"},
+    "partial": {"select_counts": "partial"},
+    "lists": {"grouping": "triton"},
+    "xtable": {"grouping": "triton", "lists_table": "xla"},
+    "xla": {"grouping": "xla"},
+}
+
+
 def selection_tuning(label: str) -> dict:
     """``--selections``' label as grouped-GEMM tuning keys."""
     name, *layout = label.split(":")
     counts = layout.pop() if len(layout) == 3 else None
     if (name not in ("xla", "triton") or len(layout) not in (0, 2) or (layout and name != "triton")
-            or counts not in (None, "atomic", "partial", "lists", "xla")):  # fmt: skip
-        raise SystemExit("--selections: xla, triton or triton:BLOCK_T:WARPS[:atomic|partial|"
-                         f"lists|xla], got {label!r}")  # fmt: skip
+            or counts not in (None, *_SUFFIXES)):  # fmt: skip
+        raise SystemExit("--selections: xla, triton or triton:BLOCK_T:WARPS[:"
+                         f"{'|'.join(_SUFFIXES)}], got {label!r}")  # fmt: skip
     keys = ("select_block_t", "select_warps")  # zip: layout's length is 0 or 2 (checked)
-    extra = ({"grouping": "triton" if counts == "lists" else "xla"} if counts in ("lists", "xla")
-             else {"select_counts": counts})  # fmt: skip
-    return {"selection": name, **dict(zip(keys, map(int, layout), strict=False)),
-            **(extra if counts else {})}  # fmt: skip
+    extra = _SUFFIXES.get(counts, {})
+    return {"selection": name, **dict(zip(keys, map(int, layout), strict=False)), **extra}
 
 
 def main(argv=None):
@@ -103,8 +111,8 @@ def main(argv=None):
                     help="the grouped path's selection tunings to time (xla: routing.select's "
                     "sort; triton: the selection kernel at the default layout; "
                     "triton:BLOCK_T:WARPS at that layout, :atomic or :partial with the kernel's "
-                    "per-expert counts, :lists / :xla with the token lists by triton_group / "
-                    "by XLA)")  # fmt: skip
+                    "per-expert counts, :lists / :xtable / :xla with the token lists by "
+                    "triton_group from the kernel's / XLA's counts, or by XLA)")  # fmt: skip
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default="results/sparse_prefill.jsonl")
     a = ap.parse_args(argv)
@@ -143,7 +151,8 @@ def main(argv=None):
                           "speedup_vs_dense": base["ms"] / r["ms"], **r})  # fmt: skip
         del sparse
     cols = ["shape", "impl", "router_logits", "selection", "select_block_t", "select_counts",
-            "grouping", "sparsity", "ms", "tok_s", "speedup_vs_dense", "compile_s"]  # fmt: skip
+            "grouping", "lists_table", "sparsity", "ms", "tok_s", "speedup_vs_dense",
+            "compile_s"]  # fmt: skip
     print(f"\n{head['date']} commit {head['commit']} on {head['device']}; batch {a.batch} x "
           f"{a.prompt_len} tokens")  # fmt: skip
     print(markdown_table(rows, cols))

@@ -138,6 +138,8 @@ def test_prefill_benchmark_labels_name_the_tuning():
     assert mod.selection_tuning("triton:8:8:xla") == {**lay, "grouping": "xla"}
     assert mod.selection_tuning("triton:8:8:lists") == {**lay, "grouping": "triton"}
     assert mod.selection_tuning("triton:8:8:partial") == {**lay, "select_counts": "partial"}
+    assert mod.selection_tuning("triton:8:8:xtable") == {
+        **lay, "grouping": "triton", "lists_table": "xla"}  # fmt: skip
     for bad in ("triton:8:8:sort", "xla:8:8", "triton:8", "sort"):
         with pytest.raises(SystemExit, match="--selections"):
             mod.selection_tuning(bad)
