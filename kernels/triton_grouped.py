@@ -187,6 +187,7 @@ DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "route
                   "lists_table": "selection"}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
 _GROUPINGS = ("auto", "xla", "triton")
+_LISTS_TABLES = ("selection", "xla")
 _SELECTIONS = ("xla", "triton")
 _WEIGHT_GRADS = ("xla", "grouped")
 _LOGITS = {
@@ -432,8 +433,8 @@ def sparse_ffn_grouped(
     if by_kernel and not fits:
         raise ValueError("grouping='triton' takes the Triton selection's per-program counts: it "
                          "needs selection='triton' and select_counts False")  # fmt: skip
-    if tn["lists_table"] not in ("selection", "xla"):
-        raise ValueError(f"lists_table must be selection or xla, got {tn['lists_table']!r}")
+    if tn["lists_table"] not in _LISTS_TABLES:
+        raise ValueError(f"lists_table must be one of {_LISTS_TABLES}, got {tn['lists_table']!r}")
     from_sel = by_kernel and tn["lists_table"] == "selection"
     block_m = tn["block_m"]
     if tn["selection"] == "triton":
