@@ -26,7 +26,7 @@ gpu_tests() { local t=$1; shift
                 --durations=8 -p no:cacheprovider "$@"; }
 case "${STAGE:-tests-kernels}" in
 tests-kernels)  # every kernel's GPU tests (both backends, the Gluon probes)
-  gpu_tests 560 tests/test_kernels_triton.py tests/test_kernels_pallas.py \
+  gpu_tests 560 tests/test_kernels_triton.py tests/test_group.py tests/test_kernels_pallas.py \
     tests/test_pallas_logits.py tests/test_pallas_attention.py tests/test_pallas_atomic.py \
     tests/test_pallas_pdl.py tests/test_decode_proj.py tests/test_decode_attention_model.py \
     tests/test_gluon_probe.py tests/test_teal_kernel.py
@@ -130,7 +130,8 @@ s74b)  # (fifty-sixth session, not run: no device time left) the 8B prefill laye
     triton:8:8:xla triton:8:8:lists triton:16:8:lists triton:8:8:xtable triton:8:8:xla \
     triton:8:8:lists triton:16:8:lists triton:8:8:xtable --out "$OUT/sparse_prefill.jsonl"
   gpu_tests 90 tests/test_kernels_api.py -k "fp32_sparse_generation"
-  gpu_tests 90 tests/test_kernels_triton.py -k "prefill_shape or grouped_triton_selection"
+  gpu_tests 90 tests/test_group.py tests/test_kernels_triton.py -k \
+    "prefill_shape or grouped_triton_selection"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2

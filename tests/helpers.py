@@ -158,12 +158,12 @@ def interpreted_npz(tmp_path_factory, runner: str, timeout: int = 600) -> dict:
     return dict(np.load(out))
 
 
-def load_script(name: str):
-    """``scripts/<name>.py`` as a module (scripts are not a package; they import from
-    ``benchmarks/``, so that goes on the path first)."""
+def load_script(name: str, folder: str = "scripts"):
+    """``<folder>/<name>.py`` (``scripts`` or ``benchmarks``) as a module (neither is a
+    package; both import from ``benchmarks/``, so that goes on the path first)."""
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, root / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, root / folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
