@@ -110,7 +110,7 @@ def main():
         type=lambda v: tuple(int(x) if x.isdigit() else x for x in v.split(",")),
         default=[(64, 64, 4, 3)],
         help="block_m,block_d,warps,stages[,router_logits[,expert_group[,selection[,"
-        "select_block_t,select_warps[,select_counts[,grouping[,lists_table]]]]]]] per variant "
+        "select_block_t,select_warps[,select_counts[,grouping]]]]]] per variant "
         "(router_logits "
         "shared, fp32 "
         "or bf16x3; expert_group auto or an int; selection xla or triton, the latter's launch "
@@ -195,8 +195,7 @@ def main():
                  **(kernel_breakdown(dense_fn, xp, one) if a.prefill_trace else {})})  # fmt: skip
     print(rows[-1], flush=True)
     names = ("block_m", "block_d", "warps", "stages", "router_logits", "expert_group", "selection",
-             "select_block_t", "select_warps", "select_counts", "grouping",
-             "lists_table")  # fmt: skip
+             "select_block_t", "select_warps", "select_counts", "grouping")  # fmt: skip
     variants = [("xla", None)] + [
         ("triton", dict(zip(names, v, strict=False))) for v in a.prefill_tunings
     ]

@@ -81,7 +81,6 @@ _SUFFIXES = {
     "atomic": {"select_counts": "atomic"},
     "partial": {"select_counts": "partial"},
     "lists": {"grouping": "triton"},
-    "xtable": {"grouping": "triton", "lists_table": "xla"},
     "xla": {"grouping": "xla"},
 }
 
@@ -111,8 +110,8 @@ def main(argv=None):
                     help="the grouped path's selection tunings to time (xla: routing.select's "
                     "sort; triton: the selection kernel at the default layout; "
                     "triton:BLOCK_T:WARPS at that layout, :atomic or :partial with the kernel's "
-                    "per-expert counts, :lists / :xtable / :xla with the token lists by "
-                    "triton_group from the kernel's / XLA's counts, or by XLA)")  # fmt: skip
+                    "per-expert counts, :lists / :xla with the token lists by "
+                    "triton_group from the kernel's counts, or by XLA)")  # fmt: skip
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default="results/sparse_prefill.jsonl")
     a = ap.parse_args(argv)
@@ -151,7 +150,7 @@ def main(argv=None):
                           "speedup_vs_dense": base["ms"] / r["ms"], **r})  # fmt: skip
         del sparse
     cols = ["shape", "impl", "router_logits", "selection", "select_block_t", "select_counts",
-            "grouping", "lists_table", "sparsity", "ms", "tok_s", "speedup_vs_dense",
+            "grouping", "sparsity", "ms", "tok_s", "speedup_vs_dense",
             "compile_s"]  # fmt: skip
     print(f"\n{head['date']} commit {head['commit']} on {head['device']}; batch {a.batch} x "
           f"{a.prompt_len} tokens")  # fmt: skip

@@ -119,14 +119,3 @@ def kernel_slots(mask_te: jax.Array, cnt_pe: jax.Array, block_t: int, k_max: int
         E_PAD=max(16, jt.next_pow2(e)), BLOCK_T=block_t,
     )  # fmt: skip
     return tok, off_e, cnt_e
-
-
-def mask_table(mask_te: jax.Array, block_t: int) -> jax.Array:
-    """``cnt [P, E] i32``: the selected tokens of each block of ``block_t`` tokens, per expert,
-    from the ``[t, E]`` mask (nonzero = selected; t padded with unselected rows to P blocks):
-    the table `kernel_slots` takes, made by XLA (a sum over each block's rows) rather than by
-    the selection kernel (whose in-launch column sum cost it 11-15 µs at the 8B prefill)."""
-    t, e = mask_te.shape
-    n_prog = -(-t // block_t)
-    m = jnp.pad((mask_te != 0).astype(jnp.int32), ((0, n_prog * block_t - t), (0, 0)))
-    return jnp.sum(m.reshape(n_prog, block_t, e), axis=1, dtype=jnp.int32)

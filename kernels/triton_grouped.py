@@ -54,7 +54,6 @@ from prunepath_jax.kernels.triton_group import (
     expert_tiles,
     group_by_expert,
     kernel_slots,
-    mask_table,
 )
 from prunepath_jax.kernels.triton_select import select_gates
 
@@ -175,19 +174,16 @@ def _grouped_up_h_kernel(
 # (`group_by_expert`: transpose, cumsum over the tokens, scatter) or "triton"
 # (`triton_group.kernel_slots`, from the selection kernel's per-program counts; H100, 8B layer,
 # 1431.7 device µs against 1466.7 with XLA's lists, at 8 tokens a selection program; 1425.3 at
-# 16, whose prompt pass and fp32 generation did not run), or "auto" (the default since the
+# 16; whole 8B prompt pass 83.5 ms against 84.2-86.6, s74b), or "auto" (the default since the
 # fifty-sixth session): "triton" where it can run (the Triton selection, ``select_counts`` off),
-# else "xla". ``lists_table``: where "triton" takes the per-program counts from, "selection" (the
-# selection kernel's rows: its column sum costs that launch 11-15 µs, s74a) or "xla"
-# (`triton_group.mask_table`, a sum over each program's rows of the mask; not measured yet).
+# else "xla". (The per-program counts summed by XLA instead of the selection kernel were 47 µs
+# slower, a 62 µs reduction fusion against the kernel's 15 µs column sum, s74b; removed.)
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
                   "backward": "grouped", "weight_grads": "xla", "expert_group": "auto",
                   "selection": "triton", "select_block_t": 8, "select_warps": 8,
-                  "select_counts": False, "grouping": "auto",
-                  "lists_table": "selection"}  # fmt: skip
+                  "select_counts": False, "grouping": "auto"}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
 _GROUPINGS = ("auto", "xla", "triton")
-_LISTS_TABLES = ("selection", "xla")
 _SELECTIONS = ("xla", "triton")
 _WEIGHT_GRADS = ("xla", "grouped")
 _LOGITS = {
@@ -433,14 +429,11 @@ def sparse_ffn_grouped(
     if by_kernel and not fits:
         raise ValueError("grouping='triton' takes the Triton selection's per-program counts: it "
                          "needs selection='triton' and select_counts False")  # fmt: skip
-    if tn["lists_table"] not in _LISTS_TABLES:
-        raise ValueError(f"lists_table must be one of {_LISTS_TABLES}, got {tn['lists_table']!r}")
-    from_sel = by_kernel and tn["lists_table"] == "selection"
     block_m = tn["block_m"]
     if tn["selection"] == "triton":
         mask8_te, k_t, cnt = kernel_selection(
             logits_te, tau, rule, k_min, k_max, interpret, tn["select_block_t"], tn["select_warps"],
-            "table" if from_sel else tn["select_counts"],
+            "table" if by_kernel else tn["select_counts"],
         )  # fmt: skip
         mask_te = mask8_te != 0
     else:
@@ -451,8 +444,7 @@ def sparse_ffn_grouped(
                      tn["stages"], interpret, tn["backward"], tn["weight_grads"])  # fmt: skip
     if by_kernel:
         bt = tn["select_block_t"]
-        table = cnt if from_sel else mask_table(mask8_te, bt)
-        slots = kernel_slots(mask8_te, table, bt, k_max, interpret)
+        slots = kernel_slots(mask8_te, cnt, bt, k_max, interpret)
         grouping = (*slots, *expert_tiles(*slots, t, block_m, eg))
     else:
         grouping = group_by_expert(mask_te, k_max, block_m, eg, cnt)

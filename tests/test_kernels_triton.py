@@ -359,7 +359,7 @@ def test_grouped_triton_selection_on_gpu(case):
 
     x, router, w_in, w_out = inputs(case)
     for tn in ({}, {"grouping": "xla"}, {"select_counts": "atomic"},
-               {"select_counts": "partial"}, {"lists_table": "xla"}):  # fmt: skip
+               {"select_counts": "partial"}):  # fmt: skip
         fn = jax.jit(lambda *a, tn=tn: sparse_ffn_grouped(
             *a, **kwargs(case), selection="triton", **tn))  # fmt: skip
         y, k = fn(x, router, w_in, w_out, np.float32(case.tau))

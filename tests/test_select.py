@@ -72,19 +72,6 @@ def test_kernel_slots_equal_group_by_expert(case, block_t, results):
     assert tok.shape == tok_ref.shape and (tok[n:] == -1).all()
 
 
-@pytest.mark.parametrize("block_t", [1, 4, 16])
-def test_mask_table_counts_each_block(block_t):
-    """`triton_group.mask_table`: XLA's per-program counts, the selection kernel's table
-    (``counts="table"``) without the kernel: each block's selected tokens per expert, a last
-    block past t counted from its real rows only."""
-    from prunepath_jax.kernels.triton_group import mask_table
-
-    m = np.random.default_rng(block_t).random((37, 12)) < 0.3
-    got = np.asarray(mask_table(jnp.asarray(m.astype(np.int8)), block_t))
-    want = [m[p : p + block_t].sum(0) for p in range(0, 37, block_t)]
-    np.testing.assert_array_equal(got, np.stack(want))
-
-
 def test_kernel_slots_rejects_a_table_of_the_wrong_shape():
     from prunepath_jax.kernels.triton_group import kernel_slots
 

@@ -54,9 +54,9 @@ def main(out: str) -> None:
     for i, c in enumerate(GROUPED_CASES):  # the selection by the Triton kernel, forward and
         # gradients: the default (8 tokens a program, the token lists written by
         # `triton_group.kernel_slots` from the selection's counts), one token a program with
-        # the atomic counts and XLA's lists, the kernel lists from XLA's per-program counts
+        # the atomic counts and XLA's lists, 4 tokens a program with the per-program counts
         layout = ({}, {"select_block_t": 1, "select_counts": "atomic"},
-                  {"grouping": "triton", "lists_table": "xla"})[i % 3]  # fmt: skip
+                  {"select_block_t": 4, "select_counts": "partial"})[i % 3]  # fmt: skip
         fn = functools.partial(sparse_ffn_grouped, interpret=True, block_m=16, selection="triton",
                                **layout)  # fmt: skip
         y, k = fn(*inputs(c), c.tau, **kwargs(c))
