@@ -115,23 +115,11 @@ s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f
   run timeout 150 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
   ;;
-s74b)  # (fifty-sixth session, not run: no device time left) the 8B prefill layer with the
-  # kernel token lists from the selection's counts (the default) and from XLA's (lists_table
-  # xla: no column sum in the selection launch), 8 and 16 tokens a program; the whole 8B prompt
-  # pass, the old default (8 x 8, XLA's lists), the new, 16 x 8 and XLA's counts, each twice,
-  # interleaved (s74a's pass was noisy: ranges of 1.5-3 ms); fp32 generation under the new
-  # default against XLA's tokens; the selection at the prefill shape (16 x 8 too)
-  run timeout 150 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
-    --prefill-top 12 --prefill-tunings 128,64,8,4,shared,auto,triton,8,8,0,xla \
-    128,64,8,4,shared,auto,triton,8,8 128,64,8,4,shared,auto,triton,8,8,0,triton,xla \
-    128,64,8,4,shared,auto,triton,16,8 128,64,8,4,shared,auto,triton,16,8,0,triton,xla \
-    --out "$OUT/kernels.jsonl"
-  run timeout 200 python3 benchmarks/sparse_prefill.py --impls triton --iters 10 --selections \
-    triton:8:8:xla triton:8:8:lists triton:16:8:lists triton:8:8:xtable triton:8:8:xla \
-    triton:8:8:lists triton:16:8:lists triton:8:8:xtable --out "$OUT/sparse_prefill.jsonl"
-  gpu_tests 90 tests/test_kernels_api.py -k "fp32_sparse_generation"
-  gpu_tests 90 tests/test_group.py tests/test_kernels_triton.py -k \
-    "prefill_shape or grouped_triton_selection"
+s75a)  # (fifty-seventh session) the GPU tests s74b's 90 s cut: generation through every backend
+  # against the XLA path's tokens under the kernel token lists (the default since the
+  # fifty-sixth session; tests-models has not run with them), and the grouped kernels' tests
+  gpu_tests 330 tests/test_kernels_api.py tests/test_generate.py
+  gpu_tests 220 tests/test_group.py tests/test_kernels_triton.py -k "grouped or selection"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
