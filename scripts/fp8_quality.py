@@ -20,6 +20,8 @@ import json
 import time
 from pathlib import Path
 
+import jax
+
 from prunepath_jax.config import PrunePathConfig
 from prunepath_jax.convert import to_prunepath
 from prunepath_jax.demo import calibration_batches
@@ -40,14 +42,19 @@ def rounded(x_btd):
 
 @contextlib.contextmanager
 def fp8_expert_inputs():
-    """The PrunePath FFN's XLA expert paths (masked and gathered) on rounded rows of x."""
+    """The PrunePath FFN's XLA expert paths (masked and gathered) on rounded rows of x.
+
+    The evaluation's jitted functions are cached by the model's graph, which the patch does not
+    change: the caches are cleared on the way in and out, so both passes trace what they run."""
     masked, gathered = PrunePathFFN._masked, PrunePathFFN._gathered
     PrunePathFFN._masked = lambda self, x, gate: masked(self, rounded(x), gate)
     PrunePathFFN._gathered = lambda self, x, sel, gate: gathered(self, rounded(x), sel, gate)
+    jax.clear_caches()
     try:
         yield
     finally:
         PrunePathFFN._masked, PrunePathFFN._gathered = masked, gathered
+        jax.clear_caches()
 
 
 def main() -> None:
@@ -75,6 +82,9 @@ def main() -> None:
         for r in rows:
             fh.write(json.dumps(r, default=str) + "\n")
     ppl = {(r["x"], r["tau"]): r for r in rows}
+    if all(ppl[("fp8", t)]["ppl"] == ppl[("shipped", t)]["ppl"] for t in a.taus):
+        raise SystemExit("the rounded pass equals the shipped one at every τ: the patch did not "
+                         "reach the traced model")  # fmt: skip
     print("| τ | FFN sparsity | perplexity, x as shipped | x rounded to e4m3 | ratio |")
     print("|---|---|---|---|---|")
     for tau in a.taus:
