@@ -123,17 +123,16 @@ s75a)  # (fifty-seventh session) the GPU tests s74b's 90 s cut: generation throu
   ;;
 s75b)  # (fifty-seventh session) float8 rows of x in the grouped up kernel (x_fp8): the 8B
   # prefill layer against the default at 64- and 128-wide d steps (a 64-byte fp8 row chunk
-  # compiles to 8-byte cp.async copies), the whole prompt pass twice, interleaved, its GPU
-  # tests; then the fp32 generation test s74b's 90 s cut (batch 8 under the kernel lists)
-  run timeout 130 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
+  # compiles to 8-byte cp.async copies), its GPU tests, the whole prompt pass twice,
+  # interleaved (sized for the ~350 s of device time the session had left)
+  run timeout 110 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
     --prefill-top 12 --prefill-tunings 128,64,8,4,shared,auto,triton,8,8,0,auto \
     128,64,8,4,shared,auto,triton,8,8,0,auto,1 128,128,8,4,shared,auto,triton,8,8,0,auto,1 \
     128,128,8,3,shared,auto,triton,8,8,0,auto,1 --out "$OUT/kernels.jsonl"
-  run timeout 130 python3 benchmarks/sparse_prefill.py --impls triton --iters 10 --selections \
+  gpu_tests 80 tests/test_grouped_fp8.py
+  run timeout 120 python3 benchmarks/sparse_prefill.py --impls triton --iters 10 --selections \
     triton:8:8:lists triton:8:8:fp8 triton:8:8:lists triton:8:8:fp8 \
     --out "$OUT/sparse_prefill.jsonl"
-  gpu_tests 100 tests/test_grouped_fp8.py
-  gpu_tests 150 tests/test_kernels_api.py -k "fp32_sparse_generation"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
