@@ -93,11 +93,6 @@ def launches(fn, *args) -> dict:
     return {"custom_calls": txt.count(" custom-call("), "fusions": txt.count(" fusion(")}
 
 
-def _fp8_flag(tuning: dict) -> dict:
-    """``--prefill-tunings``' ``x_fp8`` field (0 / 1) as the bool the grouped GEMM takes."""
-    return {**tuning, "x_fp8": bool(tuning["x_fp8"])} if "x_fp8" in tuning else tuning
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d", type=int, default=4096)
@@ -115,12 +110,12 @@ def main():
         type=lambda v: tuple(int(x) if x.isdigit() else x for x in v.split(",")),
         default=[(64, 64, 4, 3)],
         help="block_m,block_d,warps,stages[,router_logits[,expert_group[,selection[,"
-        "select_block_t,select_warps[,select_counts[,grouping[,x_fp8]]]]]]] per variant "
+        "select_block_t,select_warps[,select_counts[,grouping]]]]]] per variant "
         "(router_logits "
         "shared, fp32 "
         "or bf16x3; expert_group auto or an int; selection xla or triton, the latter's launch "
         "layout, atomic or partial for its per-expert counts, and triton for the token lists "
-        "by `triton_group.kernel_slots`; x_fp8 1 for float8 rows of x)",
+        "by `triton_group.kernel_slots`)",
     )
     ap.add_argument(
         "--prefill-router-ab",
@@ -200,9 +195,9 @@ def main():
                  **(kernel_breakdown(dense_fn, xp, one) if a.prefill_trace else {})})  # fmt: skip
     print(rows[-1], flush=True)
     names = ("block_m", "block_d", "warps", "stages", "router_logits", "expert_group", "selection",
-             "select_block_t", "select_warps", "select_counts", "grouping", "x_fp8")  # fmt: skip
+             "select_block_t", "select_warps", "select_counts", "grouping")  # fmt: skip
     variants = [("xla", None)] + [
-        ("triton", _fp8_flag(dict(zip(names, v, strict=False)))) for v in a.prefill_tunings
+        ("triton", dict(zip(names, v, strict=False))) for v in a.prefill_tunings
     ]
     if a.prefill_router_ab:
         variants += [("xla", {"router_logits": "fp32"}), ("triton", {**variants[1][1],

@@ -82,7 +82,6 @@ _SUFFIXES = {
     "partial": {"select_counts": "partial"},
     "lists": {"grouping": "triton"},
     "xla": {"grouping": "xla"},
-    "fp8": {"x_fp8": True},
 }
 
 
@@ -112,8 +111,7 @@ def main(argv=None):
                     "sort; triton: the selection kernel at the default layout; "
                     "triton:BLOCK_T:WARPS at that layout, :atomic or :partial with the kernel's "
                     "per-expert counts, :lists / :xla with the token lists by "
-                    "triton_group from the kernel's counts, or by XLA, :fp8 with float8 rows "
-                    "of x in the up kernel)")  # fmt: skip
+                    "triton_group from the kernel's counts, or by XLA)")  # fmt: skip
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default="results/sparse_prefill.jsonl")
     a = ap.parse_args(argv)
@@ -152,7 +150,7 @@ def main(argv=None):
                           "speedup_vs_dense": base["ms"] / r["ms"], **r})  # fmt: skip
         del sparse
     cols = ["shape", "impl", "router_logits", "selection", "select_block_t", "select_counts",
-            "grouping", "x_fp8", "sparsity", "ms", "tok_s", "speedup_vs_dense",
+            "grouping", "sparsity", "ms", "tok_s", "speedup_vs_dense",
             "compile_s"]  # fmt: skip
     print(f"\n{head['date']} commit {head['commit']} on {head['device']}; batch {a.batch} x "
           f"{a.prompt_len} tokens")  # fmt: skip

@@ -62,8 +62,6 @@ def _to_torch(a):
     arr = np.asarray(a)
     if arr.dtype == jnp.bfloat16:
         return torch.from_numpy(arr.view(np.uint16).copy()).view(torch.bfloat16)
-    if arr.dtype == jnp.float8_e4m3fn:
-        return torch.from_numpy(arr.view(np.uint8).copy()).view(torch.float8_e4m3fn)
     return torch.from_numpy(arr.copy())
 
 

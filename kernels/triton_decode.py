@@ -102,8 +102,6 @@ def gathered_rows_dot(
         xk = tl.load(x_ptr + rows[:, None] * D + rk[None, :],
                      mask=rmask[:, None] & kmask[None, :], other=0.0)  # fmt: skip
         wk = tl.load(w_ptr + w_row[:, None] + rk[None, :], mask=kmask[None, :], other=0.0)
-        if xk.dtype.is_fp8():  # float8 rows (the grouped GEMM's ``x_fp8``): exact in bf16
-            xk = xk.to(wk.dtype)
         acc += dot_f32(xk, tl.trans(wk), DOT_F32, IEEE)
     return acc
 

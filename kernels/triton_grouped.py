@@ -20,6 +20,11 @@ block structure to skip (a 64-token tile at 25% uses ~every expert), and per-(to
 output rows would be k times the activation size. So the ideal speedup of this scheme is
 3 / (2 * k/E + 1): 2x at k/E = 25%, not 4x.
 
+x's rows in float8 e4m3 with a scale a row (half the gathered bytes; the kernel widened each
+tile to bf16 before the dot) made this kernel slower, not faster: 823 against 691 µs at the 8B
+prefill on an H100, plus 36 µs of quantizing (fifty-seventh session, `git show
+3df5487:kernels/fp8_rows.py`). The gathers' L2 bytes alone do not bound it; removed.
+
 Program count is static (jit): ``ceil(t * k_max / BLOCK_M) + E`` tiles bound the real count;
 programs past the real tile count exit at once.
 
@@ -47,7 +52,7 @@ import triton
 import triton.language as tl
 
 from prunepath_jax import routing
-from prunepath_jax.kernels import fp8_rows, jt
+from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.reference import check_logits
 from prunepath_jax.kernels.triton_decode import expert_gate_up_rows, expert_swiglu_rows
 from prunepath_jax.kernels.triton_group import (
@@ -75,15 +80,13 @@ def tile_tokens(gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_m_ptr, i, e, E: tl.con
 
 @triton.jit
 def _grouped_tile(
-    x_ptr, xs_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr, a_ptr,
-    h_ptr, T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
+    x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr, a_ptr, h_ptr,
+    T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-    SAVE_H: tl.constexpr, X_SCALED: tl.constexpr,
+    SAVE_H: tl.constexpr,
 ):  # fmt: skip
     """One (expert, token tile) program of the up kernels; with ``SAVE_H`` it also scatters the
-    pre-activations into ``h_ptr [2, T, F]`` (gate, up) for the training backward. With
-    ``X_SCALED`` x's rows are float8 (`fp8_rows`), each row's products scaled by
-    ``xs_ptr [T] f32`` (else ``xs_ptr`` is not read)."""
+    pre-activations into ``h_ptr [2, T, F]`` (gate, up) for the training backward."""
     F: tl.constexpr = E * G
     i = tl.program_id(0)
     e = tl.load(tile_e_ptr + i)
@@ -99,12 +102,6 @@ def _grouped_tile(
             tl.store(h_g, g.to(ty), mask=rmask[:, None])
             tl.store(h_g + T * F, u.to(ty), mask=rmask[:, None])
             a = g / (1.0 + tl.exp(-g)) * u * gate[:, None]
-        elif X_SCALED:
-            g, u = expert_gate_up_rows(x_ptr, tok, rmask, w_in_ptr, e, D, F, G, BLOCK_M,
-                                       BLOCK_D, DOT_F32, IEEE)  # fmt: skip
-            s = tl.load(xs_ptr + tok, mask=rmask, other=0.0)[:, None]
-            g *= s
-            a = g / (1.0 + tl.exp(-g)) * (u * s) * gate[:, None]
         else:
             a = expert_swiglu_rows(x_ptr, tok, rmask, w_in_ptr, e, gate, D, F, G, BLOCK_M,
                                    BLOCK_D, DOT_F32, IEEE)  # fmt: skip
@@ -126,23 +123,8 @@ def _grouped_up_kernel(
     T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    _grouped_tile(x_ptr, x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr,
-                  tile_m_ptr, a_ptr, a_ptr, T, D, E, G, BLOCK_M, BLOCK_D, DOT_F32, IEEE, False,
-                  False)  # fmt: skip
-
-
-@triton.jit
-def _grouped_up_fp8_kernel(
-    x_ptr,  # [T, D] float8 e4m3 activations (`fp8_rows.quantize_rows`)
-    xs_ptr,  # [T] f32 each row's scale
-    w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr,
-    a_ptr,  # out [T, F] as `_grouped_up_kernel`
-    T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    _grouped_tile(x_ptr, xs_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr,
-                  tile_m_ptr, a_ptr, a_ptr, T, D, E, G, BLOCK_M, BLOCK_D, DOT_F32, IEEE, False,
-                  True)  # fmt: skip
+    _grouped_tile(x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr,
+                  a_ptr, a_ptr, T, D, E, G, BLOCK_M, BLOCK_D, DOT_F32, IEEE, False)  # fmt: skip
 
 
 @triton.jit
@@ -153,9 +135,8 @@ def _grouped_up_h_kernel(
     T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    _grouped_tile(x_ptr, x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr,
-                  tile_m_ptr, a_ptr, h_ptr, T, D, E, G, BLOCK_M, BLOCK_D, DOT_F32, IEEE, True,
-                  False)  # fmt: skip
+    _grouped_tile(x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr,
+                  a_ptr, h_ptr, T, D, E, G, BLOCK_M, BLOCK_D, DOT_F32, IEEE, True)  # fmt: skip
 
 
 # The fastest of the measured tunings (H200, 4096 tokens, 8B shape, k/E = 25%, BENCHMARKS.md
@@ -202,13 +183,10 @@ def _grouped_up_h_kernel(
 # fifty-sixth session): "triton" where it can run (the Triton selection, ``select_counts`` off),
 # else "xla". (The per-program counts summed by XLA instead of the selection kernel were 47 µs
 # slower, a 62 µs reduction fusion against the kernel's 15 µs column sum, s74b; removed.)
-# ``x_fp8`` (opt-in, inference only): the up kernel reads x's rows as float8 e4m3 with a scale a
-# row (`fp8_rows`), half the bytes of the gathers that bound it; it changes the results by
-# e4m3's rounding of x (see `fp8_rows`).
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
                   "backward": "grouped", "weight_grads": "xla", "expert_group": "auto",
                   "selection": "triton", "select_block_t": 8, "select_warps": 8,
-                  "select_counts": False, "grouping": "auto", "x_fp8": False}  # fmt: skip
+                  "select_counts": False, "grouping": "auto"}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
 _GROUPINGS = ("auto", "xla", "triton")
 _SELECTIONS = ("xla", "triton")
@@ -264,7 +242,6 @@ class _Launch(NamedTuple):
     interpret: bool
     backward: str
     weight_grads: str
-    x_fp8: bool = False
 
 
 def _up(st: _Launch, x_td, w_in_cfd, gate_te, grouping, save_h: bool):
@@ -281,12 +258,9 @@ def _up(st: _Launch, x_td, w_in_cfd, gate_te, grouping, save_h: bool):
     out = [jax.ShapeDtypeStruct((t, f), x_td.dtype)]
     if save_h:
         out.append(jax.ShapeDtypeStruct((2, t, f), x_td.dtype))
-    kernel, xs = _grouped_up_h_kernel if save_h else _grouped_up_kernel, (x_td,)
-    if st.x_fp8:  # inference only: `_experts_fwd` refuses it
-        kernel, xs = _grouped_up_fp8_kernel, fp8_rows.quantize_rows(x_td)
     return jt.triton_call(
-        kernel, *xs, w_in_cfd, gate_te, *grouping, out_shape=out,
-        zeroed_outputs=(0, 1) if st.backward == "xla" else (0,),
+        _grouped_up_h_kernel if save_h else _grouped_up_kernel, x_td, w_in_cfd, gate_te,
+        *grouping, out_shape=out, zeroed_outputs=(0, 1) if st.backward == "xla" else (0,),
         grid=(grouping[3].shape[0],), num_warps=st.warps, num_stages=st.stages,
         interpret=st.interpret, T=t, D=d, E=f // st.g, G=st.g, BLOCK_M=st.block_m,
         BLOCK_D=st.block_d, DOT_F32=st.interpret, IEEE=is_f32 and not st.interpret,
@@ -319,9 +293,6 @@ def _experts(st: _Launch, x_td, gate_te, w_in_cfd, w_out_fd, grouping):
 def _experts_fwd(st, x_td, gate_te, w_in_cfd, w_out_fd, grouping):
     # Under differentiation the up kernel also scatters the selected slots' pre-activations:
     # the backward then needs no second pass over W_in (unselected slots stay 0).
-    if st.x_fp8:
-        raise ValueError("x_fp8 (float8 activations in the grouped up kernel) is for "
-                         "inference: train with x_fp8 False")  # fmt: skip
     a_tf, h_ctf = _up(st, x_td, w_in_cfd, gate_te, grouping, save_h=True)
     y_td = _mm("tf,fd->td", a_tf, w_out_fd, out=x_td.dtype)
     return y_td, (x_td, gate_te, w_in_cfd, w_out_fd, h_ctf, grouping)
@@ -458,8 +429,6 @@ def sparse_ffn_grouped(
     eg = resolve_expert_group(tn["expert_group"], t, d, g, x_td.dtype.itemsize)  # validates
     if tn["grouping"] not in _GROUPINGS:
         raise ValueError(f"grouping must be one of {_GROUPINGS}, got {tn['grouping']!r}")
-    if not isinstance(tn["x_fp8"], bool):
-        raise ValueError(f"x_fp8 must be True or False, got {tn['x_fp8']!r}")
     fits = tn["selection"] == "triton" and not tn["select_counts"]
     by_kernel = tn["grouping"] == "triton" or (tn["grouping"] == "auto" and fits)
     if by_kernel and not fits:
@@ -477,8 +446,7 @@ def sparse_ffn_grouped(
         mask_te, k_t, cnt = sel.mask_te, sel.k_t, None
     gate_te = routing.gates(logits_te, mask_te, gate)  # differentiable: σ of the logits
     static = _Launch(g, block_m, min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
-                     tn["stages"], interpret, tn["backward"], tn["weight_grads"],
-                     tn["x_fp8"])  # fmt: skip
+                     tn["stages"], interpret, tn["backward"], tn["weight_grads"])  # fmt: skip
     if by_kernel:
         bt = tn["select_block_t"]
         slots = kernel_slots(mask8_te, cnt, bt, k_max, interpret)

@@ -78,7 +78,6 @@ def test_prefill_benchmark_labels_name_the_tuning():
     assert mod.selection_tuning("triton:8:8:xla") == {**lay, "grouping": "xla"}
     assert mod.selection_tuning("triton:8:8:lists") == {**lay, "grouping": "triton"}
     assert mod.selection_tuning("triton:8:8:partial") == {**lay, "select_counts": "partial"}
-    assert mod.selection_tuning("triton:8:8:fp8") == {**lay, "x_fp8": True}
     for bad in ("triton:8:8:sort", "triton:8:8:xtable", "xla:8:8", "triton:8", "sort"):
         with pytest.raises(SystemExit, match="--selections"):
             mod.selection_tuning(bad)
