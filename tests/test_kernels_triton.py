@@ -87,7 +87,7 @@ def test_grouped_triton_selection_matches_reference(case, interp_results):
     cases sits within an ulp of τ), the outputs and the training gradients (the gates still
     differentiable through the logits) as the reference's; the default (8 tokens a program,
     the token lists from `triton_group.kernel_slots`), one token a program with the atomic
-    counts and XLA's lists, and the kernel lists from XLA's per-program counts."""
+    counts and XLA's lists, and 4 tokens a program with the per-program counts."""
     _check(case, interp_results[f"{case.name}+tsel/y"], interp_results[f"{case.name}+tsel/k"])
     _check_grads(case, [interp_results[f"{case.name}+tsel/grad_{n}"] for n in GRAD_ARGS])
 
