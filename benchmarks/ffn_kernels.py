@@ -110,12 +110,12 @@ def main():
         type=lambda v: tuple(int(x) if x.isdigit() else x for x in v.split(",")),
         default=[(64, 64, 4, 3)],
         help="block_m,block_d,warps,stages[,router_logits[,expert_group[,selection[,"
-        "select_block_t,select_warps[,select_counts[,grouping]]]]]] per variant "
+        "select_block_t,select_warps[,select_counts[,grouping[,up_form]]]]]]] per variant "
         "(router_logits "
         "shared, fp32 "
         "or bf16x3; expert_group auto or an int; selection xla or triton, the latter's launch "
         "layout, atomic or partial for its per-expert counts, and triton for the token lists "
-        "by `triton_group.kernel_slots`)",
+        "by `triton_group.kernel_slots`; up_form xw or wx)",
     )
     ap.add_argument(
         "--prefill-router-ab",
@@ -195,7 +195,7 @@ def main():
                  **(kernel_breakdown(dense_fn, xp, one) if a.prefill_trace else {})})  # fmt: skip
     print(rows[-1], flush=True)
     names = ("block_m", "block_d", "warps", "stages", "router_logits", "expert_group", "selection",
-             "select_block_t", "select_warps", "select_counts", "grouping")  # fmt: skip
+             "select_block_t", "select_warps", "select_counts", "grouping", "up_form")  # fmt: skip
     variants = [("xla", None)] + [
         ("triton", dict(zip(names, v, strict=False))) for v in a.prefill_tunings
     ]

@@ -82,6 +82,8 @@ _SUFFIXES = {
     "partial": {"select_counts": "partial"},
     "lists": {"grouping": "triton"},
     "xla": {"grouping": "xla"},
+    "wx": {"up_form": "wx", "warps": 4},
+    "wx256": {"up_form": "wx", "block_m": 256, "warps": 4, "stages": 3},
 }
 
 
@@ -111,7 +113,8 @@ def main(argv=None):
                     "sort; triton: the selection kernel at the default layout; "
                     "triton:BLOCK_T:WARPS at that layout, :atomic or :partial with the kernel's "
                     "per-expert counts, :lists / :xla with the token lists by "
-                    "triton_group from the kernel's counts, or by XLA)")  # fmt: skip
+                    "triton_group from the kernel's counts, or by XLA, :wx / :wx256 with the up "
+                    "kernel as W · xᵀ at 128- / 256-token tiles)")  # fmt: skip
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default="results/sparse_prefill.jsonl")
     a = ap.parse_args(argv)
@@ -150,7 +153,7 @@ def main(argv=None):
                           "speedup_vs_dense": base["ms"] / r["ms"], **r})  # fmt: skip
         del sparse
     cols = ["shape", "impl", "router_logits", "selection", "select_block_t", "select_counts",
-            "grouping", "sparsity", "ms", "tok_s", "speedup_vs_dense",
+            "grouping", "up_form", "block_m", "sparsity", "ms", "tok_s", "speedup_vs_dense",
             "compile_s"]  # fmt: skip
     print(f"\n{head['date']} commit {head['commit']} on {head['device']}; batch {a.batch} x "
           f"{a.prompt_len} tokens")  # fmt: skip

@@ -183,12 +183,16 @@ def _grouped_up_h_kernel(
 # fifty-sixth session): "triton" where it can run (the Triton selection, ``select_counts`` off),
 # else "xla". (The per-program counts summed by XLA instead of the selection kernel were 47 µs
 # slower, a 62 µs reduction fusion against the kernel's 15 µs column sum, s74b; removed.)
+# ``up_form``: the up kernel's product, "xw" (`_grouped_up_kernel`: x · Wᵀ, the measured
+# default) or "wx" (`triton_grouped_t`: W · xᵀ, the expert's rows as the tensor-core tile's M;
+# inference only, not yet timed).
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
                   "backward": "grouped", "weight_grads": "xla", "expert_group": "auto",
                   "selection": "triton", "select_block_t": 8, "select_warps": 8,
-                  "select_counts": False, "grouping": "auto"}  # fmt: skip
+                  "select_counts": False, "grouping": "auto", "up_form": "xw"}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
 _GROUPINGS = ("auto", "xla", "triton")
+_UP_FORMS = ("xw", "wx")
 _SELECTIONS = ("xla", "triton")
 _WEIGHT_GRADS = ("xla", "grouped")
 _LOGITS = {
@@ -242,6 +246,7 @@ class _Launch(NamedTuple):
     interpret: bool
     backward: str
     weight_grads: str
+    up_form: str = "xw"
 
 
 def _up(st: _Launch, x_td, w_in_cfd, gate_te, grouping, save_h: bool):
@@ -258,8 +263,11 @@ def _up(st: _Launch, x_td, w_in_cfd, gate_te, grouping, save_h: bool):
     out = [jax.ShapeDtypeStruct((t, f), x_td.dtype)]
     if save_h:
         out.append(jax.ShapeDtypeStruct((2, t, f), x_td.dtype))
+    kernel = _grouped_up_h_kernel if save_h else _grouped_up_kernel
+    if st.up_form == "wx" and not save_h:  # the training forward keeps the "xw" kernel
+        from prunepath_jax.kernels.triton_grouped_t import grouped_up_t_kernel as kernel
     return jt.triton_call(
-        _grouped_up_h_kernel if save_h else _grouped_up_kernel, x_td, w_in_cfd, gate_te,
+        kernel, x_td, w_in_cfd, gate_te,
         *grouping, out_shape=out, zeroed_outputs=(0, 1) if st.backward == "xla" else (0,),
         grid=(grouping[3].shape[0],), num_warps=st.warps, num_stages=st.stages,
         interpret=st.interpret, T=t, D=d, E=f // st.g, G=st.g, BLOCK_M=st.block_m,
@@ -429,6 +437,8 @@ def sparse_ffn_grouped(
     eg = resolve_expert_group(tn["expert_group"], t, d, g, x_td.dtype.itemsize)  # validates
     if tn["grouping"] not in _GROUPINGS:
         raise ValueError(f"grouping must be one of {_GROUPINGS}, got {tn['grouping']!r}")
+    if tn["up_form"] not in _UP_FORMS:
+        raise ValueError(f"up_form must be one of {_UP_FORMS}, got {tn['up_form']!r}")
     fits = tn["selection"] == "triton" and not tn["select_counts"]
     by_kernel = tn["grouping"] == "triton" or (tn["grouping"] == "auto" and fits)
     if by_kernel and not fits:
@@ -446,7 +456,8 @@ def sparse_ffn_grouped(
         mask_te, k_t, cnt = sel.mask_te, sel.k_t, None
     gate_te = routing.gates(logits_te, mask_te, gate)  # differentiable: σ of the logits
     static = _Launch(g, block_m, min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
-                     tn["stages"], interpret, tn["backward"], tn["weight_grads"])  # fmt: skip
+                     tn["stages"], interpret, tn["backward"], tn["weight_grads"],
+                     tn["up_form"])  # fmt: skip
     if by_kernel:
         bt = tn["select_block_t"]
         slots = kernel_slots(mask8_te, cnt, bt, k_max, interpret)

@@ -122,6 +122,20 @@ s75a)  # (fifty-seventh session, not run) the GPU tests s74b's 90 s cut: generat
   gpu_tests 330 tests/test_kernels_api.py tests/test_generate.py
   gpu_tests 220 tests/test_group.py tests/test_kernels_triton.py -k "grouped or selection"
   ;;
+s75c)  # (fifty-seventh session, not run) the up kernel as W · xᵀ (up_form wx,
+  # kernels/triton_grouped_t.py: the expert's 64 rows as wgmma's M, the tokens as its N:
+  # m64n128k16 / m64n256k16 instead of m64n64k16) on the 8B prefill layer against the default,
+  # at 128 / 256-token tiles, 4 / 8 warps; its GPU tests; the whole prompt pass interleaved
+  run timeout 150 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
+    --prefill-top 12 --prefill-tunings 128,64,8,4,shared,auto,triton,8,8,0,auto \
+    128,64,4,4,shared,auto,triton,8,8,0,auto,wx 128,64,4,3,shared,auto,triton,8,8,0,auto,wx \
+    256,64,4,3,shared,auto,triton,8,8,0,auto,wx 256,64,8,3,shared,auto,triton,8,8,0,auto,wx \
+    --out "$OUT/kernels.jsonl"
+  gpu_tests 120 tests/test_kernels_triton.py -k "tunings and wx"
+  run timeout 200 python3 benchmarks/sparse_prefill.py --impls triton --iters 10 --selections \
+    triton:8:8:lists triton:8:8:wx triton:8:8:wx256 triton:8:8:lists triton:8:8:wx \
+    triton:8:8:wx256 --out "$OUT/sparse_prefill.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;

@@ -53,6 +53,7 @@ def test_groups_cover_every_pair_once(expert_group):
     "tuning, match",
     [
         ({"grouping": "sort"}, "grouping must be one of"),
+        ({"up_form": "xwx"}, "up_form must be one of"),
         ({"grouping": "triton", "selection": "xla"}, "needs selection='triton'"),
         ({"grouping": "triton", "select_counts": "atomic"}, "select_counts False"),
     ],
@@ -78,6 +79,7 @@ def test_prefill_benchmark_labels_name_the_tuning():
     assert mod.selection_tuning("triton:8:8:xla") == {**lay, "grouping": "xla"}
     assert mod.selection_tuning("triton:8:8:lists") == {**lay, "grouping": "triton"}
     assert mod.selection_tuning("triton:8:8:partial") == {**lay, "select_counts": "partial"}
+    assert mod.selection_tuning("triton:8:8:wx") == {**lay, "up_form": "wx", "warps": 4}
     for bad in ("triton:8:8:sort", "triton:8:8:xtable", "xla:8:8", "triton:8", "sort"):
         with pytest.raises(SystemExit, match="--selections"):
             mod.selection_tuning(bad)

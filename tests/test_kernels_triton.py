@@ -82,6 +82,12 @@ def test_grouped_bf16x3_router_logits_match_reference(case, interp_results):
 
 
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
+def test_grouped_wx_form_matches_reference(case, interp_results):
+    """``up_form="wx"`` (`triton_grouped_t`: W · xᵀ, the inference up kernel), forward."""
+    _check(case, interp_results[f"{case.name}+wx/y"], interp_results[f"{case.name}+wx/k"])
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
 def test_grouped_triton_selection_matches_reference(case, interp_results):
     """``selection="triton"``: the selection kernel's experts (k exactly: no token of these
     cases sits within an ulp of τ), the outputs and the training gradients (the gates still
@@ -333,6 +339,13 @@ def test_kernels_compile_for_sm90(dtype):
             assert "cp.async" in ptx, kernel
             if kernel is tg._grouped_up_kernel:
                 assert "ld.global.b16" not in ptx
+        from prunepath_jax.kernels.triton_grouped_t import grouped_up_t_kernel
+
+        for bm, warps, stages, shape in ((128, 4, 4, "m64n128k16"), (256, 4, 3, "m64n256k16")):
+            ck = sm90_compile(grouped_up_t_kernel, up, dict(T=4096, **dims, BLOCK_M=bm,
+                              BLOCK_D=64, **ieee), warps=warps, stages=stages)  # fmt: skip
+            ptx = ck.asm["ptx"]  # the expert's 2G rows as wgmma's M, the token tile as its N
+            assert f"wgmma.mma_async.sync.aligned.{shape}" in ptx and "cp.async" in ptx
 
 
 @pytest.mark.gpu
@@ -428,6 +441,8 @@ GROUPED_TUNINGS = {  # the grouped kernel's measured alternatives (BENCHMARKS.md
     "m256": {"block_m": 256, "warps": 8, "stages": 3},
     "m64_d32": {"block_m": 64, "block_d": 32, "warps": 4, "stages": 4},
     "eg4": {"expert_group": 4},
+    "wx": {"up_form": "wx", "warps": 4},  # W · xᵀ: m64n128k16
+    "wx_m256": {"up_form": "wx", "block_m": 256, "warps": 4, "stages": 3},  # m64n256k16
 }
 
 

@@ -46,6 +46,11 @@ def main(out: str) -> None:
             y, k = sparse_ffn_decode(*inputs(c), c.tau, interpret=True, **kwargs(c), **tuning)
             res[f"{c.name}+{label}/y"] = np.asarray(y.astype(np.float32))
             res[f"{c.name}+{label}/k"] = np.asarray(k)
+    for c in GROUPED_CASES:  # the up kernel as W · xᵀ (`triton_grouped_t`)
+        y, k = sparse_ffn_grouped(*inputs(c), c.tau, interpret=True, **kwargs(c), block_m=16,
+                                  up_form="wx")  # fmt: skip
+        res[f"{c.name}+wx/y"] = np.asarray(y.astype(np.float32))
+        res[f"{c.name}+wx/k"] = np.asarray(k)
     for c in GROUPED_CASES:  # the opt-in tensor-core router logits
         y, k = sparse_ffn_grouped(*inputs(c), c.tau, interpret=True, **kwargs(c), block_m=16,
                                   router_logits="bf16x3")  # fmt: skip
