@@ -84,6 +84,24 @@ def expert_gate_up_rows(
 
 
 @triton.jit
+def expert_gate_up_cols(
+    x_ptr, rows, rmask, w_in_ptr, e,  # as `expert_gate_up_rows`
+    D: tl.constexpr, F: tl.constexpr, G: tl.constexpr, M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """`expert_gate_up_rows` transposed: two ``[G, M]`` float32 tiles, the product taken as
+    ``W · xᵀ`` so that the expert's ``2G`` rows are the tensor-core tile's M and the tokens its
+    N (the grouped up kernel's ``up_form="wx"``). The slab is read as G gate rows, then G up
+    rows (each a contiguous block of ``w_in``)."""
+    rn = tl.arange(0, 2 * G)
+    w_row = (rn // G) * F * D + (e * G + rn % G) * D
+    acc = gathered_rows_dot(x_ptr, rows, rmask, w_in_ptr, w_row, D, M, 2 * G, BLOCK_D, DOT_F32,
+                            IEEE, True)  # fmt: skip
+    g, u = tl.split(tl.permute(tl.reshape(acc, (2, G, M)), (1, 2, 0)))
+    return g, u
+
+
+@triton.jit
 def gathered_rows_dot(
     x_ptr,  # [T, D] activations
     rows,  # [M] i32 rows of x to gather
@@ -91,18 +109,26 @@ def gathered_rows_dot(
     w_ptr,  # weights, D columns a row
     w_row,  # [N] each weight row's element offset
     D: tl.constexpr, M: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr, W_FIRST: tl.constexpr = False,
 ):  # fmt: skip
     """``x[rows] · W[w_row]ᵀ``: ``[M, N]`` float32, streamed over D in ``BLOCK_D`` chunks (the
-    up kernels' gate / up slabs, the grouped backward's ``dy W_outᵀ``)."""
-    acc = tl.zeros((M, N), dtype=tl.float32)
+    up kernels' gate / up slabs, the grouped backward's ``dy W_outᵀ``). With ``W_FIRST`` the
+    transposed product ``W[w_row] · x[rows]ᵀ``, ``[N, M]``: the weight rows become the
+    tensor-core tile's M (`expert_gate_up_cols`)."""
+    if W_FIRST:
+        acc = tl.zeros((N, M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((M, N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
         rk = k0 + tl.arange(0, BLOCK_D)
         kmask = rk < D
         xk = tl.load(x_ptr + rows[:, None] * D + rk[None, :],
                      mask=rmask[:, None] & kmask[None, :], other=0.0)  # fmt: skip
         wk = tl.load(w_ptr + w_row[:, None] + rk[None, :], mask=kmask[None, :], other=0.0)
-        acc += dot_f32(xk, tl.trans(wk), DOT_F32, IEEE)
+        if W_FIRST:
+            acc += dot_f32(wk, tl.trans(xk), DOT_F32, IEEE)
+        else:
+            acc += dot_f32(xk, tl.trans(wk), DOT_F32, IEEE)
     return acc
 
 

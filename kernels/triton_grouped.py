@@ -54,7 +54,11 @@ import triton.language as tl
 from prunepath_jax import routing
 from prunepath_jax.kernels import jt
 from prunepath_jax.kernels.reference import check_logits
-from prunepath_jax.kernels.triton_decode import expert_gate_up_rows, expert_swiglu_rows
+from prunepath_jax.kernels.triton_decode import (
+    expert_gate_up_cols,
+    expert_gate_up_rows,
+    expert_swiglu_rows,
+)
 from prunepath_jax.kernels.triton_group import (
     expert_tiles,
     group_by_expert,
@@ -83,10 +87,11 @@ def _grouped_tile(
     x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr, a_ptr, h_ptr,
     T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-    SAVE_H: tl.constexpr,
+    SAVE_H: tl.constexpr, W_FIRST: tl.constexpr,
 ):  # fmt: skip
     """One (expert, token tile) program of the up kernels; with ``SAVE_H`` it also scatters the
-    pre-activations into ``h_ptr [2, T, F]`` (gate, up) for the training backward."""
+    pre-activations into ``h_ptr [2, T, F]`` (gate, up) for the training backward; with
+    ``W_FIRST`` (inference) it takes the product as ``W · xᵀ`` (``up_form="wx"``)."""
     F: tl.constexpr = E * G
     i = tl.program_id(0)
     e = tl.load(tile_e_ptr + i)
@@ -102,6 +107,10 @@ def _grouped_tile(
             tl.store(h_g, g.to(ty), mask=rmask[:, None])
             tl.store(h_g + T * F, u.to(ty), mask=rmask[:, None])
             a = g / (1.0 + tl.exp(-g)) * u * gate[:, None]
+        elif W_FIRST:
+            g, u = expert_gate_up_cols(x_ptr, tok, rmask, w_in_ptr, e, D, F, G, BLOCK_M,
+                                       BLOCK_D, DOT_F32, IEEE)  # fmt: skip
+            a = tl.trans(g / (1.0 + tl.exp(-g)) * u) * gate[:, None]
         else:
             a = expert_swiglu_rows(x_ptr, tok, rmask, w_in_ptr, e, gate, D, F, G, BLOCK_M,
                                    BLOCK_D, DOT_F32, IEEE)  # fmt: skip
@@ -124,7 +133,27 @@ def _grouped_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     _grouped_tile(x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr,
-                  a_ptr, a_ptr, T, D, E, G, BLOCK_M, BLOCK_D, DOT_F32, IEEE, False)  # fmt: skip
+                  a_ptr, a_ptr, T, D, E, G, BLOCK_M, BLOCK_D, DOT_F32, IEEE, False,
+                  False)  # fmt: skip
+
+
+@triton.jit
+def _grouped_up_t_kernel(
+    x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr,
+    a_ptr,  # out [T, F] as `_grouped_up_kernel`
+    T: tl.constexpr, D: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """`_grouped_up_kernel` with the product as ``W · xᵀ`` (``up_form="wx"``): the expert's
+    ``2G = 64`` rows are wgmma's M and the token tile its N, so one warpgroup runs
+    ``m64n128k16`` (128-token tiles) or ``m64n256k16`` (256) in place of ``m64n64k16``, reading
+    3 or 2.5 KB of shared memory per 64 × 64 × 16 products instead of 4. Why try it: float8
+    rows of x (half the gathered L2 bytes) made the kernel slower, so the gathers' bytes are
+    not its limit alone; shared-memory traffic per product is the next candidate (written in
+    the fifty-seventh session, not yet timed)."""
+    _grouped_tile(x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr,
+                  a_ptr, a_ptr, T, D, E, G, BLOCK_M, BLOCK_D, DOT_F32, IEEE, False,
+                  True)  # fmt: skip
 
 
 @triton.jit
@@ -136,7 +165,8 @@ def _grouped_up_h_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     _grouped_tile(x_ptr, w_in_ptr, gate_ptr, tok_ptr, off_ptr, cnt_ptr, tile_e_ptr, tile_m_ptr,
-                  a_ptr, h_ptr, T, D, E, G, BLOCK_M, BLOCK_D, DOT_F32, IEEE, True)  # fmt: skip
+                  a_ptr, h_ptr, T, D, E, G, BLOCK_M, BLOCK_D, DOT_F32, IEEE, True,
+                  False)  # fmt: skip
 
 
 # The fastest of the measured tunings (H200, 4096 tokens, 8B shape, k/E = 25%, BENCHMARKS.md
@@ -184,7 +214,7 @@ def _grouped_up_h_kernel(
 # else "xla". (The per-program counts summed by XLA instead of the selection kernel were 47 µs
 # slower, a 62 µs reduction fusion against the kernel's 15 µs column sum, s74b; removed.)
 # ``up_form``: the up kernel's product, "xw" (`_grouped_up_kernel`: x · Wᵀ, the measured
-# default) or "wx" (`triton_grouped_t`: W · xᵀ, the expert's rows as the tensor-core tile's M;
+# default) or "wx" (`_grouped_up_t_kernel`: W · xᵀ, the expert's rows as the tensor-core tile's M;
 # inference only, not yet timed).
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
                   "backward": "grouped", "weight_grads": "xla", "expert_group": "auto",
@@ -265,7 +295,7 @@ def _up(st: _Launch, x_td, w_in_cfd, gate_te, grouping, save_h: bool):
         out.append(jax.ShapeDtypeStruct((2, t, f), x_td.dtype))
     kernel = _grouped_up_h_kernel if save_h else _grouped_up_kernel
     if st.up_form == "wx" and not save_h:  # the training forward keeps the "xw" kernel
-        from prunepath_jax.kernels.triton_grouped_t import grouped_up_t_kernel as kernel
+        kernel = _grouped_up_t_kernel
     return jt.triton_call(
         kernel, x_td, w_in_cfd, gate_te,
         *grouping, out_shape=out, zeroed_outputs=(0, 1) if st.backward == "xla" else (0,),
@@ -459,8 +489,7 @@ def sparse_ffn_grouped(
                      tn["stages"], interpret, tn["backward"], tn["weight_grads"],
                      tn["up_form"])  # fmt: skip
     if by_kernel:
-        bt = tn["select_block_t"]
-        slots = kernel_slots(mask8_te, cnt, bt, k_max, interpret)
+        slots = kernel_slots(mask8_te, cnt, tn["select_block_t"], k_max, interpret)
         grouping = (*slots, *expert_tiles(*slots, t, block_m, eg))
     else:
         grouping = group_by_expert(mask_te, k_max, block_m, eg, cnt)

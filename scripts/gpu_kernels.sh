@@ -123,7 +123,7 @@ s75a)  # (fifty-seventh session, not run) the GPU tests s74b's 90 s cut: generat
   gpu_tests 220 tests/test_group.py tests/test_kernels_triton.py -k "grouped or selection"
   ;;
 s75c)  # (fifty-seventh session, not run) the up kernel as W · xᵀ (up_form wx,
-  # kernels/triton_grouped_t.py: the expert's 64 rows as wgmma's M, the tokens as its N:
+  # triton_grouped._grouped_up_t_kernel: the expert's 64 rows as wgmma's M, the tokens as its N:
   # m64n128k16 / m64n256k16 instead of m64n64k16) on the 8B prefill layer against the default,
   # at 128 / 256-token tiles, 4 / 8 warps; its GPU tests; the whole prompt pass interleaved
   run timeout 150 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \

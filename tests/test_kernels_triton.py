@@ -83,7 +83,7 @@ def test_grouped_bf16x3_router_logits_match_reference(case, interp_results):
 
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: c.name)
 def test_grouped_wx_form_matches_reference(case, interp_results):
-    """``up_form="wx"`` (`triton_grouped_t`: W · xᵀ, the inference up kernel), forward."""
+    """``up_form="wx"`` (`_grouped_up_t_kernel`: W · xᵀ, the inference up kernel), forward."""
     _check(case, interp_results[f"{case.name}+wx/y"], interp_results[f"{case.name}+wx/k"])
 
 
@@ -339,10 +339,8 @@ def test_kernels_compile_for_sm90(dtype):
             assert "cp.async" in ptx, kernel
             if kernel is tg._grouped_up_kernel:
                 assert "ld.global.b16" not in ptx
-        from prunepath_jax.kernels.triton_grouped_t import grouped_up_t_kernel
-
         for bm, warps, stages, shape in ((128, 4, 4, "m64n128k16"), (256, 4, 3, "m64n256k16")):
-            ck = sm90_compile(grouped_up_t_kernel, up, dict(T=4096, **dims, BLOCK_M=bm,
+            ck = sm90_compile(tg._grouped_up_t_kernel, up, dict(T=4096, **dims, BLOCK_M=bm,
                               BLOCK_D=64, **ieee), warps=warps, stages=stages)  # fmt: skip
             ptx = ck.asm["ptx"]  # the expert's 2G rows as wgmma's M, the token tile as its N
             assert f"wgmma.mma_async.sync.aligned.{shape}" in ptx and "cp.async" in ptx

@@ -46,7 +46,7 @@ def main(out: str) -> None:
             y, k = sparse_ffn_decode(*inputs(c), c.tau, interpret=True, **kwargs(c), **tuning)
             res[f"{c.name}+{label}/y"] = np.asarray(y.astype(np.float32))
             res[f"{c.name}+{label}/k"] = np.asarray(k)
-    for c in GROUPED_CASES:  # the up kernel as W · xᵀ (`triton_grouped_t`)
+    for c in GROUPED_CASES:  # the up kernel as W · xᵀ (`_grouped_up_t_kernel`)
         y, k = sparse_ffn_grouped(*inputs(c), c.tau, interpret=True, **kwargs(c), block_m=16,
                                   up_form="wx")  # fmt: skip
         res[f"{c.name}+wx/y"] = np.asarray(y.astype(np.float32))
