@@ -136,6 +136,16 @@ s75c)  # (fifty-seventh session, not run) the up kernel as W · xᵀ (up_form wx
     triton:8:8:lists triton:8:8:wx triton:8:8:wx256 triton:8:8:lists triton:8:8:wx \
     triton:8:8:wx256 --out "$OUT/sparse_prefill.jsonl"
   ;;
+s76a)  # (fifty-eighth session) s75c's best layer row (W · xᵀ at 256-token tiles, 8 warps: up
+  # kernel 674.5 against 691.0 µs) was not in its prompt pass; both again, interleaved
+  run timeout 150 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
+    --prefill-top 6 --prefill-tunings 128,64,8,4,shared,auto,triton,8,8,0,auto \
+    256,64,8,3,shared,auto,triton,8,8,0,auto,wx 128,64,8,4,shared,auto,triton,8,8,0,auto \
+    256,64,8,3,shared,auto,triton,8,8,0,auto,wx --out "$OUT/kernels.jsonl"
+  run timeout 240 python3 benchmarks/sparse_prefill.py --impls triton --iters 10 --selections \
+    triton:8:8:lists triton:8:8:wx256w8 triton:8:8:wx256 triton:8:8:lists triton:8:8:wx256w8 \
+    triton:8:8:wx256 triton:8:8:lists triton:8:8:wx256w8 --out "$OUT/sparse_prefill.jsonl"
+  ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
   ;;
