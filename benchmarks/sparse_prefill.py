@@ -82,6 +82,7 @@ _SUFFIXES = {
     "partial": {"select_counts": "partial"},
     "lists": {"grouping": "triton"},
     "xla": {"grouping": "xla"},
+    "xw": {"up_form": "xw"},
     "wx": {"up_form": "wx", "warps": 4},
     "wx256": {"up_form": "wx", "block_m": 256, "warps": 4, "stages": 3},
     "wx256w8": {"up_form": "wx", "block_m": 256, "warps": 8, "stages": 3},
@@ -114,7 +115,8 @@ def main(argv=None):
                     "sort; triton: the selection kernel at the default layout; "
                     "triton:BLOCK_T:WARPS at that layout, :atomic or :partial with the kernel's "
                     "per-expert counts, :lists / :xla with the token lists by "
-                    "triton_group from the kernel's counts, or by XLA, :wx / :wx256 / "
+                    "triton_group from the kernel's counts, or by XLA, :xw with the up kernel "
+                    "as x · Wᵀ at every size, :wx / :wx256 / "
                     ":wx256w8 with the up kernel as W · xᵀ at 128- / 256-token tiles, 4 warps "
                     "(8 for w8))")  # fmt: skip
     ap.add_argument("--iters", type=int, default=5)

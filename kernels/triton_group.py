@@ -43,6 +43,14 @@ def group_by_expert(mask_te: jax.Array, k_max: int, block_m: int, expert_group: 
     which are rows spread over all of x; once x outgrows the L2 cache (16384 tokens of d 2048
     are 64 MB), every expert reads its rows from HBM again.
     """
+    tok, off_e, cnt_e = token_lists(mask_te, k_max, cnt_e)
+    return tok, off_e, cnt_e, *expert_tiles(tok, off_e, cnt_e, mask_te.shape[0], block_m,
+                                            expert_group)  # fmt: skip
+
+
+def token_lists(mask_te: jax.Array, k_max: int, cnt_e: jax.Array | None = None):
+    """``(tok [t*k_max] i32, off_e [E] i32, cnt_e [E] i32)``: `group_by_expert`'s token lists
+    without its tiles (they depend on ``block_m``, which the caller may pick later)."""
     t, e = mask_te.shape
     m_et = mask_te.T.astype(jnp.int32)
     if cnt_e is None:
@@ -53,7 +61,7 @@ def group_by_expert(mask_te: jax.Array, k_max: int, block_m: int, expert_group: 
     slot_et = jnp.where(m_et > 0, off_e[:, None] + pos_et, n_slots)
     tok_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (e, t))
     tok = jnp.zeros((n_slots,), jnp.int32).at[slot_et.ravel()].set(tok_ids.ravel(), mode="drop")
-    return tok, off_e, cnt_e, *expert_tiles(tok, off_e, cnt_e, t, block_m, expert_group)
+    return tok, off_e, cnt_e
 
 
 def expert_tiles(tok, off_e, cnt_e, t: int, block_m: int, expert_group: int = 0):

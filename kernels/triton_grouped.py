@@ -61,8 +61,8 @@ from prunepath_jax.kernels.triton_decode import (
 )
 from prunepath_jax.kernels.triton_group import (
     expert_tiles,
-    group_by_expert,
     kernel_slots,
+    token_lists,
 )
 from prunepath_jax.kernels.triton_select import select_gates
 
@@ -213,16 +213,24 @@ def _grouped_up_h_kernel(
 # fifty-sixth session): "triton" where it can run (the Triton selection, ``select_counts`` off),
 # else "xla". (The per-program counts summed by XLA instead of the selection kernel were 47 µs
 # slower, a 62 µs reduction fusion against the kernel's 15 µs column sum, s74b; removed.)
-# ``up_form``: the up kernel's product, "xw" (`_grouped_up_kernel`: x · Wᵀ, the measured
-# default) or "wx" (`_grouped_up_t_kernel`: W · xᵀ, the expert's rows as the tensor-core tile's M;
-# inference only, not yet timed).
+# ``up_form``: the up kernel's product, "xw" (`_grouped_up_kernel`: x · Wᵀ) or "wx"
+# (`_grouped_up_t_kernel`: W · xᵀ, the expert's rows as the tensor-core tile's M; inference
+# only: the training forward keeps "xw"), both at the tuning's tiles, or "auto" (the default
+# since the fifty-eighth session): the undifferentiated call (prefill) as `auto_up_form` says,
+# "wx" at `WX_LAYOUT`'s tiles instead of the tuning's; the training forward "xw" at the tuning's.
 DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "router_logits": "shared",
                   "backward": "grouped", "weight_grads": "xla", "expert_group": "auto",
                   "selection": "triton", "select_block_t": 8, "select_warps": 8,
-                  "select_counts": False, "grouping": "auto", "up_form": "xw"}  # fmt: skip
+                  "select_counts": False, "grouping": "auto", "up_form": "auto"}  # fmt: skip
 _BACKWARDS = ("grouped", "xla")
 _GROUPINGS = ("auto", "xla", "triton")
-_UP_FORMS = ("xw", "wx")
+_UP_FORMS = ("auto", "xw", "wx")
+# ``up_form="auto"``'s prefill tiles for "wx": 256 tokens (wgmma m64n256k16), two warpgroups, 3
+# stages. H100, 8B prefill layer at 4096 tokens, k/E 0.25, three runs: up kernel 674.5-676.8
+# device µs against 691.0-695.1 for "xw" at 128 / 8 warps, layer 1407-1413 against 1426-1428,
+# prompt pass 81.2-82.5 ms against 81.8-84.4 (s75c, s76a). At 4 warps: 701.6 µs, slower.
+WX_LAYOUT = {"block_m": 256, "warps": 8, "stages": 3}
+WX_MIN_TOKENS = 2048
 _SELECTIONS = ("xla", "triton")
 _WEIGHT_GRADS = ("xla", "grouped")
 _LOGITS = {
@@ -277,6 +285,16 @@ class _Launch(NamedTuple):
     backward: str
     weight_grads: str
     up_form: str = "xw"
+    expert_group: int = 0
+
+
+def auto_up_form(t: int, itemsize: int) -> str:
+    """``up_form="auto"``'s prefill product: "wx" (at `WX_LAYOUT`) for 16-bit inputs of at
+    least `WX_MIN_TOKENS` tokens, where it was measured faster; else "xw". Why not below: a
+    256-token tile pads each expert's last tile further (at k/E 0.25 and 1024 tokens an expert
+    has ~256 tokens, so ~half a tile of padding is ~50% more up-kernel work), and fp32 inputs
+    double the tile's registers and shared memory (untimed)."""
+    return "wx" if itemsize == 2 and t >= WX_MIN_TOKENS else "xw"
 
 
 def _up(st: _Launch, x_td, w_in_cfd, gate_te, grouping, save_h: bool):
@@ -320,17 +338,28 @@ def _mm(spec: str, a, b, out=None):
     return y if out is None or direct else y.astype(out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _experts(st: _Launch, x_td, gate_te, w_in_cfd, w_out_fd, grouping):
+def _grouping(st: _Launch, lists, t: int):
+    """`group_by_expert`'s five arrays: the token lists ``(tok, off_e, cnt_e)`` and the
+    (expert, token tile) of each program at ``st``'s tile height and program order."""
+    return (*lists, *expert_tiles(*lists, t, st.block_m, st.expert_group))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _experts(st: _Launch, infer: _Launch, x_td, gate_te, w_in_cfd, w_out_fd, lists):
     """``Σ_e gate_te · W_out[e]ᵀ (silu(x W_gate[e]ᵀ) ⊙ x W_up[e]ᵀ)`` over each token's selected
-    experts (``grouping``, from `group_by_expert`): ``y_td`` in x's dtype."""
-    (a_tf,) = _up(st, x_td, w_in_cfd, gate_te, grouping, save_h=False)
+    experts (``lists``: `token_lists`' output): ``y_td`` in x's dtype.
+
+    ``infer``: the undifferentiated call's launch (prefill), ``st`` the training forward's
+    and backward's. They may differ (``up_form="auto"``), so each tiles the lists itself."""
+    grouping = _grouping(infer, lists, x_td.shape[0])
+    (a_tf,) = _up(infer, x_td, w_in_cfd, gate_te, grouping, save_h=False)
     return _mm("tf,fd->td", a_tf, w_out_fd, out=x_td.dtype)
 
 
-def _experts_fwd(st, x_td, gate_te, w_in_cfd, w_out_fd, grouping):
+def _experts_fwd(st, infer, x_td, gate_te, w_in_cfd, w_out_fd, lists):
     # Under differentiation the up kernel also scatters the selected slots' pre-activations:
     # the backward then needs no second pass over W_in (unselected slots stay 0).
+    grouping = _grouping(st, lists, x_td.shape[0])
     a_tf, h_ctf = _up(st, x_td, w_in_cfd, gate_te, grouping, save_h=True)
     y_td = _mm("tf,fd->td", a_tf, w_out_fd, out=x_td.dtype)
     return y_td, (x_td, gate_te, w_in_cfd, w_out_fd, h_ctf, grouping)
@@ -350,7 +379,7 @@ def _dense_weight_grads(x_td, dy_td, h_ctf, dh_tcf, gate_te, g: int, w_dtypes):
     return _mm("tcf,td->cfd", dh_tcf, x_td, out=w_dtypes[0]), dw_out
 
 
-def _experts_bwd(st, res, dy_td):
+def _experts_bwd(st, infer, res, dy_td):
     """``dh`` and the gates' gradient from the grouped backward kernel (``backward="grouped"``,
     `triton_grouped_bwd`: ``dy W_outᵀ`` at the selected slots) or in XLA (``"xla"``: a dense
     GEMM and elementwise passes over ``[t, f]``); the weights' as dense GEMMs
@@ -474,7 +503,6 @@ def sparse_ffn_grouped(
     if by_kernel and not fits:
         raise ValueError("grouping='triton' takes the Triton selection's per-program counts: it "
                          "needs selection='triton' and select_counts False")  # fmt: skip
-    block_m = tn["block_m"]
     if tn["selection"] == "triton":
         mask8_te, k_t, cnt = kernel_selection(
             logits_te, tau, rule, k_min, k_max, interpret, tn["select_block_t"], tn["select_warps"],
@@ -485,12 +513,15 @@ def sparse_ffn_grouped(
         sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
         mask_te, k_t, cnt = sel.mask_te, sel.k_t, None
     gate_te = routing.gates(logits_te, mask_te, gate)  # differentiable: σ of the logits
-    static = _Launch(g, block_m, min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
+    auto = tn["up_form"] == "auto"
+    static = _Launch(g, tn["block_m"], min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
                      tn["stages"], interpret, tn["backward"], tn["weight_grads"],
-                     tn["up_form"])  # fmt: skip
+                     "xw" if auto else tn["up_form"], eg)  # fmt: skip
+    infer = static
+    if auto and auto_up_form(t, x_td.dtype.itemsize) == "wx":
+        infer = static._replace(up_form="wx", **WX_LAYOUT)
     if by_kernel:
-        slots = kernel_slots(mask8_te, cnt, tn["select_block_t"], k_max, interpret)
-        grouping = (*slots, *expert_tiles(*slots, t, block_m, eg))
+        lists = kernel_slots(mask8_te, cnt, tn["select_block_t"], k_max, interpret)
     else:
-        grouping = group_by_expert(mask_te, k_max, block_m, eg, cnt)
-    return _experts(static, x_td, gate_te, w_in_cfd, w_out_fd, grouping), k_t
+        lists = token_lists(mask_te, k_max, cnt)
+    return _experts(static, infer, x_td, gate_te, w_in_cfd, w_out_fd, lists), k_t

@@ -165,6 +165,51 @@ def test_grouped_gradient_launches(monkeypatch):
         tg.sparse_ffn_grouped(*inputs(c), c.tau, **kwargs(c), weight_grads="dense")
 
 
+def test_grouped_auto_up_form_launches(monkeypatch):
+    """``up_form="auto"`` (the default): a 16-bit prompt of at least ``WX_MIN_TOKENS`` tokens
+    launches the W · xᵀ up kernel at ``WX_LAYOUT``'s tiles (its grid counted in those tiles);
+    differentiated, the same call keeps the x · Wᵀ kernels at the tuning's own tiles for the
+    forward and the backward; one token fewer, fp32, or an explicit ``up_form`` keep the
+    tuning's kernel and tiles."""
+    import dataclasses
+
+    from prunepath_jax.kernels import jt
+    from prunepath_jax.kernels import triton_grouped as tg
+    from prunepath_jax.kernels import triton_grouped_bwd as tgb
+
+    calls = []
+    monkeypatch.setattr(jt, "triton_call", zeros_triton_call(calls))
+    base = GROUPED_CASES[1]  # bf16, 12 experts of 16, k_max 3
+
+    def ups(case, grad=False, **tuning):
+        calls.clear()
+        fn = functools.partial(tg.sparse_ffn_grouped, **tuning)
+        args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs(case)]
+        loss = grad_loss(fn, case)
+        jax.eval_shape(jax.grad(loss, argnums=(0,)) if grad else loss, *args)
+        return [(k, kw["BLOCK_M"], kw["num_warps"], kw["num_stages"], kw["grid"][0])
+                for k, kw in calls if "BLOCK_M" in kw]  # fmt: skip
+
+    t = tg.WX_MIN_TOKENS
+    lay, dflt = tg.WX_LAYOUT, tg.DEFAULT_TUNING
+    wx_tiles = -(-t * 3 // lay["block_m"]) + 12
+    tiles = -(-t * 3 // dflt["block_m"]) + 12
+    own = (dflt["block_m"], dflt["warps"], dflt["stages"], tiles)
+    assert ups(dataclasses.replace(base, t=t)) == [
+        (tg._grouped_up_t_kernel, lay["block_m"], lay["warps"], lay["stages"], wx_tiles)
+    ]
+    assert ups(dataclasses.replace(base, t=t), grad=True) == [
+        (tg._grouped_up_h_kernel, *own),
+        (tgb._grouped_bwd_kernel, *own),
+    ]
+    own_small = (*own[:3], -(-(t - 1) * 3 // dflt["block_m"]) + 12)
+    assert ups(dataclasses.replace(base, t=t - 1)) == [(tg._grouped_up_kernel, *own_small)]
+    f32 = dataclasses.replace(base, t=t, dtype="float32")
+    assert ups(f32) == [(tg._grouped_up_kernel, *own)]
+    assert ups(dataclasses.replace(base, t=t), up_form="xw") == [(tg._grouped_up_kernel, *own)]
+    assert ups(dataclasses.replace(base, t=t), up_form="wx") == [(tg._grouped_up_t_kernel, *own)]
+
+
 def test_grouped_h_is_zeroed_only_where_read_densely(monkeypatch):
     """The forward's pre-activations ``h [2, t, f]`` are zeroed (a memset of 512 MB a 1B layer
     at 16 384 tokens) only for ``backward="xla"``, whose elementwise passes read every slot;
@@ -441,6 +486,7 @@ GROUPED_TUNINGS = {  # the grouped kernel's measured alternatives (BENCHMARKS.md
     "eg4": {"expert_group": 4},
     "wx": {"up_form": "wx", "warps": 4},  # W · xᵀ: m64n128k16
     "wx_m256": {"up_form": "wx", "block_m": 256, "warps": 4, "stages": 3},  # m64n256k16
+    "wx_m256w8": {"up_form": "wx", "block_m": 256, "warps": 8, "stages": 3},  # WX_LAYOUT
 }
 
 
@@ -474,18 +520,22 @@ def test_grouped_gradients_on_gpu(case, backward, expert_group):
 
 
 @pytest.mark.gpu
-def test_grouped_prefill_selects_the_xla_paths_experts_on_gpu():
+@pytest.mark.parametrize("size", ["xw", "wx"])
+def test_grouped_prefill_selects_the_xla_paths_experts_on_gpu(size):
     """At prefill size in bf16 both the masked XLA path and the grouped GEMM take the shared
     router logits (the tensor-core split on a GPU), so they select the same experts for every
-    token, and their outputs agree within the bf16 tolerance."""
+    token, and their outputs agree within the bf16 tolerance; at 256 tokens (the x · Wᵀ up
+    kernel) and at ``WX_MIN_TOKENS`` (``up_form="auto"``'s W · xᵀ at ``WX_LAYOUT``)."""
     import jax.numpy as jnp
     from kernel_cases import Case
 
     from prunepath_jax import routing
     from prunepath_jax.kernels import api
+    from prunepath_jax.kernels import triton_grouped as tg
 
-    c = Case("t256_bf16_prefill", 4 * routing.BF16X3_MIN_TOKENS, 256, 32, 16, "bfloat16", 0.6,
-             seed=11)  # fmt: skip
+    t = 4 * routing.BF16X3_MIN_TOKENS if size == "xw" else tg.WX_MIN_TOKENS
+    assert tg.auto_up_form(t, 2) == size
+    c = Case(f"t{t}_bf16_prefill", t, 256, 32, 16, "bfloat16", 0.6, seed=11)
     x, r, wi, wo = inputs(c)
     runs = {
         impl: jax.jit(lambda *a, impl=impl: api.sparse_ffn(*a, **kwargs(c), implementation=impl))(
