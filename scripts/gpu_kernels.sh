@@ -150,13 +150,11 @@ s76b)  # (fifty-eighth session) up_form "auto" (W · xᵀ at 256 tokens / 8 warp
   # of >= 2048 tokens, x · Wᵀ below and in training): its GPU tests, then auto against xw at
   # 8B 1024 / 2048 tokens (is WX_MIN_TOKENS right?; 4096: s75c / s76a), the prompt pass
   gpu_tests 120 tests/test_kernels_triton.py -k "wx or prefill_selects or (gradients and t37)"
-  for tok in 2048 1024; do
+  for tok in 2048; do
     run timeout 60 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
       --prefill-top 3 --prefill-tokens $tok --prefill-tunings 128,64,8,4,shared,auto,triton,8,8,0,auto,xw \
       128,64,8,4,shared,auto,triton,8,8,0,auto,auto 128,64,8,4,shared,auto,triton,8,8,0,auto,xw 128,64,8,4,shared,auto,triton,8,8,0,auto,auto --out "$OUT/kernels.jsonl"
   done
-  run timeout 100 python3 benchmarks/sparse_prefill.py --impls triton --iters 10 --selections \
-    triton:8:8:xw triton:8:8 triton:8:8:xw triton:8:8 --out "$OUT/sparse_prefill.jsonl"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
