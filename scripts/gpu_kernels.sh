@@ -149,12 +149,7 @@ s76a)  # (fifty-eighth session) s75c's best layer row (W · xᵀ at 256-token ti
 s76b)  # (fifty-eighth session) up_form "auto" (W · xᵀ at 256 tokens / 8 warps for bf16 prompts
   # of >= 2048 tokens, x · Wᵀ below and in training): its GPU tests, then auto against xw at
   # 8B 1024 / 2048 tokens (is WX_MIN_TOKENS right?; 4096: s75c / s76a), the prompt pass
-  gpu_tests 120 tests/test_kernels_triton.py -k "wx or prefill_selects or (gradients and t37)"
-  for tok in 2048; do
-    run timeout 60 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
-      --prefill-top 3 --prefill-tokens $tok --prefill-tunings 128,64,8,4,shared,auto,triton,8,8,0,auto,xw \
-      128,64,8,4,shared,auto,triton,8,8,0,auto,auto 128,64,8,4,shared,auto,triton,8,8,0,auto,xw 128,64,8,4,shared,auto,triton,8,8,0,auto,auto --out "$OUT/kernels.jsonl"
-  done
+  gpu_tests 130 tests/test_kernels_triton.py -k "wx or prefill_selects or (gradients and t37)"
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2
