@@ -230,7 +230,7 @@ _UP_FORMS = ("auto", "xw", "wx")
 # device µs against 691.0-695.1 for "xw" at 128 / 8 warps, layer 1407-1413 against 1426-1428,
 # prompt pass 81.2-82.5 ms against 81.8-84.4 (s75c, s76a). At 4 warps: 701.6 µs, slower.
 WX_LAYOUT = {"block_m": 256, "warps": 8, "stages": 3}
-WX_MIN_TOKENS = 2048
+WX_MIN_TOKENS = 4096  # the measured size; see `auto_up_form`
 _SELECTIONS = ("xla", "triton")
 _WEIGHT_GRADS = ("xla", "grouped")
 _LOGITS = {
@@ -290,10 +290,14 @@ class _Launch(NamedTuple):
 
 def auto_up_form(t: int, itemsize: int) -> str:
     """``up_form="auto"``'s prefill product: "wx" (at `WX_LAYOUT`) for 16-bit inputs of at
-    least `WX_MIN_TOKENS` tokens, where it was measured faster; else "xw". Why not below: a
-    256-token tile pads each expert's last tile further (at k/E 0.25 and 1024 tokens an expert
-    has ~256 tokens, so ~half a tile of padding is ~50% more up-kernel work), and fp32 inputs
-    double the tile's registers and shared memory (untimed)."""
+    least `WX_MIN_TOKENS` tokens, else "xw".
+
+    Why not below: each expert's last tile is padded, on average half a tile. At 4096 tokens
+    and k/E 0.25 an expert has ~1024 tokens, so 256-token tiles do ~12.5% padding work against
+    ~6% at 128, and "wx" still wins by 2.4% (measured); that makes it ~8% faster per useful
+    token, and the padding alone would cancel that near 2900 tokens (not measured). More
+    tokens only favour it. fp32 inputs double the tile's registers and shared memory
+    (untimed), so they keep "xw"."""
     return "wx" if itemsize == 2 and t >= WX_MIN_TOKENS else "xw"
 
 

@@ -146,10 +146,18 @@ s76a)  # (fifty-eighth session) s75c's best layer row (W · xᵀ at 256-token ti
     triton:8:8:lists triton:8:8:wx256w8 triton:8:8:wx256 triton:8:8:lists triton:8:8:wx256w8 \
     triton:8:8:wx256 triton:8:8:lists triton:8:8:wx256w8 --out "$OUT/sparse_prefill.jsonl"
   ;;
-s76b)  # (fifty-eighth session) up_form "auto" (W · xᵀ at 256 tokens / 8 warps for bf16 prompts
-  # of >= 2048 tokens, x · Wᵀ below and in training): its GPU tests, then auto against xw at
-  # 8B 1024 / 2048 tokens (is WX_MIN_TOKENS right?; 4096: s75c / s76a), the prompt pass
+s76b)  # (fifty-eighth session, not run) up_form "auto" (W · xᵀ at 256 tokens / 8 warps for bf16
+  # prompts of >= 4096 tokens, x · Wᵀ below and in training): its GPU tests, then "wx" at
+  # WX_LAYOUT against "xw" at 8B 2048 / 8192 and 1B 4096 / 16384 tokens (is WX_MIN_TOKENS
+  # right, does it hold past 4096 where the program order changes?)
   gpu_tests 130 tests/test_kernels_triton.py -k "wx or prefill_selects or (gradients and t37)"
+  for dims in "4096 14336 2048" "4096 14336 8192" "2048 8192 4096" "2048 8192 16384"; do
+    set -- $dims
+    run timeout 70 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
+      --d $1 --f $2 --g 32 --prefill-top 3 --prefill-tokens $3 --prefill-tunings \
+      128,64,8,4,shared,auto,triton,8,8,0,auto,xw 256,64,8,3,shared,auto,triton,8,8,0,auto,wx 128,64,8,4,shared,auto,triton,8,8,0,auto,xw 256,64,8,3,shared,auto,triton,8,8,0,auto,wx \
+      --out "$OUT/kernels.jsonl"
+  done
   ;;
 *)
   echo "unknown STAGE=${STAGE}" >&2; exit 2

@@ -384,7 +384,10 @@ def test_kernels_compile_for_sm90(dtype):
             assert "cp.async" in ptx, kernel
             if kernel is tg._grouped_up_kernel:
                 assert "ld.global.b16" not in ptx
-        for bm, warps, stages, shape in ((128, 4, 4, "m64n128k16"), (256, 4, 3, "m64n256k16")):
+        lay = tg.WX_LAYOUT  # up_form="auto"'s prefill tiles: two warpgroups of m64n128k16
+        for bm, warps, stages, shape in ((128, 4, 4, "m64n128k16"), (256, 4, 3, "m64n256k16"),
+                                         (lay["block_m"], lay["warps"], lay["stages"],
+                                          "m64n128k16")):  # fmt: skip
             ck = sm90_compile(tg._grouped_up_t_kernel, up, dict(T=4096, **dims, BLOCK_M=bm,
                               BLOCK_D=64, **ieee), warps=warps, stages=stages)  # fmt: skip
             ptx = ck.asm["ptx"]  # the expert's 2G rows as wgmma's M, the token tile as its N
