@@ -115,7 +115,7 @@ def main():
         "shared, fp32 "
         "or bf16x3; expert_group auto or an int; selection xla or triton, the latter's launch "
         "layout, atomic or partial for its per-expert counts, and triton for the token lists "
-        "by `triton_group.kernel_slots`; up_form xw or wx)",
+        "by `triton_group.kernel_slots`; up_form auto, xw or wx)",
     )
     ap.add_argument(
         "--prefill-router-ab",

@@ -227,10 +227,11 @@ DEFAULT_TUNING = {"block_m": 128, "block_d": 64, "warps": 8, "stages": 4, "route
 _BACKWARDS = ("grouped", "xla")
 _GROUPINGS = ("auto", "xla", "triton")
 _UP_FORMS = ("auto", "xw", "wx")
-# ``up_form="auto"``'s prefill tiles for "wx": 256 tokens (wgmma m64n256k16), two warpgroups, 3
-# stages. H100, 8B prefill layer at 4096 tokens, k/E 0.25, three runs: up kernel 674.5-676.8
-# device µs against 691.0-695.1 for "xw" at 128 / 8 warps, layer 1407-1413 against 1426-1428,
-# prompt pass 81.2-82.5 ms against 81.8-84.4 (s75c, s76a). At 4 warps: 701.6 µs, slower.
+# ``up_form="auto"``'s prefill tiles for "wx": 256 tokens, 8 warps (two warpgroups of wgmma
+# m64n128k16, each half the token tile), 3 stages. H100, 8B prefill layer at 4096 tokens, k/E
+# 0.25, three runs: up kernel 674.5-676.8 device µs against 691.0-695.1 for "xw" at 128 / 8
+# warps, layer 1407-1413 against 1426-1428, prompt pass 81.2-82.5 ms against 81.8-84.4 (s75c,
+# s76a). At 4 warps (one warpgroup of m64n256k16): 701.6 µs, slower.
 WX_LAYOUT = {"block_m": 256, "warps": 8, "stages": 3}
 WX_MIN_TOKENS = 4096  # the measured size; see `auto_up_form`
 _SELECTIONS = ("xla", "triton")
@@ -317,9 +318,10 @@ def _up(st: _Launch, x_td, w_in_cfd, gate_te, grouping, save_h: bool):
     out = [jax.ShapeDtypeStruct((t, f), x_td.dtype)]
     if save_h:
         out.append(jax.ShapeDtypeStruct((2, t, f), x_td.dtype))
-    kernel = _grouped_up_h_kernel if save_h else _grouped_up_kernel
-    if st.up_form == "wx" and not save_h:  # the training forward keeps the "xw" kernel
-        kernel = _grouped_up_t_kernel
+    if save_h:  # the training forward: its launch is always "xw" (`sparse_ffn_grouped`)
+        kernel = _grouped_up_h_kernel
+    else:
+        kernel = _grouped_up_t_kernel if st.up_form == "wx" else _grouped_up_kernel
     return jt.triton_call(
         kernel, x_td, w_in_cfd, gate_te,
         *grouping, out_shape=out, zeroed_outputs=(0, 1) if st.backward == "xla" else (0,),
@@ -519,13 +521,14 @@ def sparse_ffn_grouped(
         sel = routing.select(logits_te, tau, rule=rule, k_min=k_min, k_max=k_max)
         mask_te, k_t, cnt = sel.mask_te, sel.k_t, None
     gate_te = routing.gates(logits_te, mask_te, gate)  # differentiable: σ of the logits
-    auto = tn["up_form"] == "auto"
+    # the training launch: "wx" is inference only
     static = _Launch(g, tn["block_m"], min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
-                     tn["stages"], interpret, tn["backward"], tn["weight_grads"],
-                     "xw" if auto else tn["up_form"], eg)  # fmt: skip
-    infer = static
-    if auto and auto_up_form(t, x_td.dtype.itemsize) == "wx":
-        infer = static._replace(up_form="wx", **WX_LAYOUT)
+                     tn["stages"], interpret, tn["backward"], tn["weight_grads"], "xw",
+                     eg)  # fmt: skip
+    infer = static._replace(up_form=tn["up_form"])
+    if tn["up_form"] == "auto":
+        wx = auto_up_form(t, x_td.dtype.itemsize) == "wx"
+        infer = static._replace(up_form="wx", **WX_LAYOUT) if wx else static
     if by_kernel:
         lists = kernel_slots(mask8_te, cnt, tn["select_block_t"], k_max, interpret)
     else:

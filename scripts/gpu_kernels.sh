@@ -115,37 +115,6 @@ s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f
   run timeout 150 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
   ;;
-s75a)  # (fifty-seventh session, not run) the GPU tests s74b's 90 s cut: generation through
-  # every backend against the XLA path's tokens under the kernel token lists (the default since
-  # the fifty-sixth session; its fp32 generation test passed in that session's run 3, the rest
-  # of tests-models has not run with them), and the grouped kernels' tests
-  gpu_tests 330 tests/test_kernels_api.py tests/test_generate.py
-  gpu_tests 220 tests/test_group.py tests/test_kernels_triton.py -k "grouped or selection"
-  ;;
-s75c)  # (fifty-seventh session, not run) the up kernel as W · xᵀ (up_form wx,
-  # triton_grouped._grouped_up_t_kernel: the expert's 64 rows as wgmma's M, the tokens as its N:
-  # m64n128k16 / m64n256k16 instead of m64n64k16) on the 8B prefill layer against the default,
-  # at 128 / 256-token tiles, 4 / 8 warps; its GPU tests; the whole prompt pass interleaved
-  run timeout 150 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
-    --prefill-top 12 --prefill-tunings 128,64,8,4,shared,auto,triton,8,8,0,auto \
-    128,64,4,4,shared,auto,triton,8,8,0,auto,wx 128,64,4,3,shared,auto,triton,8,8,0,auto,wx \
-    256,64,4,3,shared,auto,triton,8,8,0,auto,wx 256,64,8,3,shared,auto,triton,8,8,0,auto,wx \
-    --out "$OUT/kernels.jsonl"
-  gpu_tests 120 tests/test_kernels_triton.py -k "tunings and wx"
-  run timeout 200 python3 benchmarks/sparse_prefill.py --impls triton --iters 10 --selections \
-    triton:8:8:lists triton:8:8:wx triton:8:8:wx256 triton:8:8:lists triton:8:8:wx \
-    triton:8:8:wx256 --out "$OUT/sparse_prefill.jsonl"
-  ;;
-s76a)  # (fifty-eighth session) s75c's best layer row (W · xᵀ at 256-token tiles, 8 warps: up
-  # kernel 674.5 against 691.0 µs) was not in its prompt pass; both again, interleaved
-  run timeout 150 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
-    --prefill-top 6 --prefill-tunings 128,64,8,4,shared,auto,triton,8,8,0,auto \
-    256,64,8,3,shared,auto,triton,8,8,0,auto,wx 128,64,8,4,shared,auto,triton,8,8,0,auto \
-    256,64,8,3,shared,auto,triton,8,8,0,auto,wx --out "$OUT/kernels.jsonl"
-  run timeout 240 python3 benchmarks/sparse_prefill.py --impls triton --iters 10 --selections \
-    triton:8:8:lists triton:8:8:wx256w8 triton:8:8:wx256 triton:8:8:lists triton:8:8:wx256w8 \
-    triton:8:8:wx256 triton:8:8:lists triton:8:8:wx256w8 --out "$OUT/sparse_prefill.jsonl"
-  ;;
 s76b)  # (fifty-eighth session, not run) up_form "auto" (W · xᵀ at 256 tokens / 8 warps for bf16
   # prompts of >= 4096 tokens, x · Wᵀ below and in training): its GPU tests, then "wx" at
   # WX_LAYOUT against "xw" at 8B 2048 / 8192 and 1B 4096 / 16384 tokens (is WX_MIN_TOKENS
