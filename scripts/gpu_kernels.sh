@@ -121,9 +121,9 @@ s76b)  # (fifty-eighth session, not run) up_form "auto" (W · xᵀ at 256 tokens
   # right, does it hold past 4096 where the program order changes?)
   # is a profiler with stall reasons in the image? (decides whether ncu can settle the up
   # kernel's limit)
-  run bash -c 'command -v ncu nsys; ls -d /usr/local/cuda*/bin /opt/nvidia/nsight* 2>/dev/null;
-    ls /usr/local/cuda/bin 2>/dev/null | grep -i -E "ncu|nsys|nsight|cupti"; python3 -c "import
-    nvidia, os; print(os.listdir(os.path.dirname(nvidia.__path__[0] + \"/\")))"'
+  run bash -c 'command -v ncu nsys; ls -d /usr/local/cuda*/bin /opt/nvidia/nsight* 2>/dev/null
+    ls /usr/local/cuda/bin 2>/dev/null | grep -i -E "ncu|nsys|nsight"
+    python3 -c "import nvidia, os; print(os.listdir(list(nvidia.__path__)[0]))"'
   gpu_tests 130 tests/test_kernels_triton.py -k "wx or prefill_selects or (gradients and t37)"
   for dims in "4096 14336 2048" "4096 14336 8192" "2048 8192 4096" "2048 8192 16384"; do
     set -- $dims
