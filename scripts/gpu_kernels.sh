@@ -115,17 +115,35 @@ s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f
   run timeout 150 python3 scripts/gluon_layer_probe.py --shape 1b --layers 16 --rings "6:8:2048" \
     --latency "0:0,5.5:2.6" --dynamic 0 1 --stamps --out "$OUT/gluon_layer.jsonl"
   ;;
-s76b)  # (fifty-eighth session, not run) up_form "auto" (W · xᵀ at 256 tokens / 8 warps for bf16
-  # prompts of >= 4096 tokens, x · Wᵀ below and in training): its GPU tests, then "wx" at
-  # WX_LAYOUT against "xw" at 8B 2048 / 8192 and 1B 4096 / 16384 tokens (is WX_MIN_TOKENS
-  # right, does it hold past 4096 where the program order changes?)
+s76b)  # (fifty-eighth session, not run; ncu added in the fifty-ninth) up_form "auto" (W · xᵀ
+  # at 256 tokens / 8 warps for bf16 prompts of >= 4096 tokens, x · Wᵀ below and in training):
+  # its GPU tests, ncu of both forms, then "wx" at WX_LAYOUT against "xw" at 8B 2048 / 8192
+  # tokens (is WX_MIN_TOKENS right, does it hold past 4096 where the program order changes?)
   # is a profiler with stall reasons in the image? (decides whether ncu can settle the up
   # kernel's limit)
   run bash -c 'command -v ncu nsys; ls -d /usr/local/cuda*/bin /opt/nvidia/nsight* 2>/dev/null
     ls /usr/local/cuda/bin 2>/dev/null | grep -i -E "ncu|nsys|nsight"
     python3 -c "import nvidia, os; print(os.listdir(list(nvidia.__path__)[0]))"'
   gpu_tests 130 tests/test_kernels_triton.py -k "wx or prefill_selects or (gradients and t37)"
-  for dims in "4096 14336 2048" "4096 14336 8192" "2048 8192 4096" "2048 8192 16384"; do
+  # why the up kernel runs at ~350 TFLOP/s: ncu's stall reasons for both forms (8B prefill,
+  # 4096 tokens, k/E 0.25), every launch of either kernel up to 40
+  run timeout 150 ncu --clock-control none --graph-profiling node -k regex:_grouped_up -c 40 \
+    --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+    --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+    --section SchedulerStats --section InstructionStats --csv --page details \
+    --log-file "$OUT/ncu_up.csv" python3 benchmarks/ffn_kernels.py --fractions --impls triton \
+    --prefill-tokens 4096 --prefill-tunings 128,64,8,4,shared,auto,triton,8,8,0,auto,xw \
+    256,64,8,3,shared,auto,triton,8,8,0,auto,wx --out "$OUT/ncu_rows.jsonl"
+  for dims in "4096 14336 2048" "4096 14336 8192"; do
+    set -- $dims
+    run timeout 70 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
+      --d $1 --f $2 --g 32 --prefill-top 3 --prefill-tokens $3 --prefill-tunings \
+      128,64,8,4,shared,auto,triton,8,8,0,auto,xw 256,64,8,3,shared,auto,triton,8,8,0,auto,wx 128,64,8,4,shared,auto,triton,8,8,0,auto,xw 256,64,8,3,shared,auto,triton,8,8,0,auto,wx \
+      --out "$OUT/kernels.jsonl"
+  done
+  ;;
+s76c)  # (fifty-ninth session, not run) s76b's timing at the 1B shape, 4096 / 16384 tokens
+  for dims in "2048 8192 4096" "2048 8192 16384"; do
     set -- $dims
     run timeout 70 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
       --d $1 --f $2 --g 32 --prefill-top 3 --prefill-tokens $3 --prefill-tunings \
