@@ -134,7 +134,7 @@ s76b)  # (fifty-eighth session, not run; ncu added in the fifty-ninth) up_form "
     --log-file "$OUT/ncu_up.csv" python3 benchmarks/ffn_kernels.py --fractions --impls triton \
     --prefill-tokens 4096 --prefill-tunings 128,64,8,4,shared,auto,triton,8,8,0,auto,xw \
     256,64,8,3,shared,auto,triton,8,8,0,auto,wx --out "$OUT/ncu_rows.jsonl"
-  for dims in "4096 14336 2048" "4096 14336 8192"; do
+  for dims in "4096 14336 8192" "4096 14336 2048"; do
     set -- $dims
     run timeout 70 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
       --d $1 --f $2 --g 32 --prefill-top 3 --prefill-tokens $3 --prefill-tunings \
