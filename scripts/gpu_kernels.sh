@@ -118,7 +118,9 @@ s67b)  # (fifty-first session) s51e again on an H200 (it ran on an H100 at 3a71f
 s76b)  # (fifty-eighth session, not run; ncu added in the fifty-ninth) up_form "auto" (W · xᵀ
   # at 256 tokens / 8 warps for bf16 prompts of >= 4096 tokens, x · Wᵀ below and in training):
   # its GPU tests, ncu of both forms, then "wx" at WX_LAYOUT against "xw" at 8B 2048 / 8192
-  # tokens (is WX_MIN_TOKENS right, does it hold past 4096 where the program order changes?)
+  # tokens (is WX_MIN_TOKENS right, does it hold past 4096 where the program order changes?).
+  # The default went back to "xw" in the fifty-ninth session, untested: if the tests pass, set
+  # DEFAULT_TUNING's up_form to "auto" again
   # is a profiler with stall reasons in the image? (decides whether ncu can settle the up
   # kernel's limit)
   run bash -c 'command -v ncu nsys; ls -d /usr/local/cuda*/bin /opt/nvidia/nsight* 2>/dev/null

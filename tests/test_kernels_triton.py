@@ -166,7 +166,7 @@ def test_grouped_gradient_launches(monkeypatch):
 
 
 def test_grouped_auto_up_form_launches(monkeypatch):
-    """``up_form="auto"`` (the default): a 16-bit prompt of at least ``WX_MIN_TOKENS`` tokens
+    """``up_form="auto"``: a 16-bit prompt of at least ``WX_MIN_TOKENS`` tokens
     launches the W · xᵀ up kernel at ``WX_LAYOUT``'s tiles (its grid counted in those tiles);
     differentiated, the same call keeps the x · Wᵀ kernels at the tuning's own tiles for the
     forward and the backward; one token fewer, fp32, or an explicit ``up_form`` keep the
@@ -183,7 +183,7 @@ def test_grouped_auto_up_form_launches(monkeypatch):
 
     def ups(case, grad=False, **tuning):
         calls.clear()
-        fn = functools.partial(tg.sparse_ffn_grouped, **tuning)
+        fn = functools.partial(tg.sparse_ffn_grouped, **{"up_form": "auto", **tuning})
         args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs(case)]
         loss = grad_loss(fn, case)
         jax.eval_shape(jax.grad(loss, argnums=(0,)) if grad else loss, *args)
@@ -524,11 +524,12 @@ def test_grouped_gradients_on_gpu(case, backward, expert_group):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("size", ["xw", "wx"])
-def test_grouped_prefill_selects_the_xla_paths_experts_on_gpu(size):
+def test_grouped_prefill_selects_the_xla_paths_experts_on_gpu(size, monkeypatch):
     """At prefill size in bf16 both the masked XLA path and the grouped GEMM take the shared
     router logits (the tensor-core split on a GPU), so they select the same experts for every
     token, and their outputs agree within the bf16 tolerance; at 256 tokens (the x · Wᵀ up
-    kernel) and at ``WX_MIN_TOKENS`` (``up_form="auto"``'s W · xᵀ at ``WX_LAYOUT``)."""
+    kernel) and at ``WX_MIN_TOKENS`` (``up_form="auto"``'s W · xᵀ at ``WX_LAYOUT``), both
+    through the registry with ``up_form="auto"``."""
     import jax.numpy as jnp
     from kernel_cases import Case
 
@@ -536,6 +537,7 @@ def test_grouped_prefill_selects_the_xla_paths_experts_on_gpu(size):
     from prunepath_jax.kernels import api
     from prunepath_jax.kernels import triton_grouped as tg
 
+    monkeypatch.setitem(tg.DEFAULT_TUNING, "up_form", "auto")  # read when traced, below
     t = 4 * routing.BF16X3_MIN_TOKENS if size == "xw" else tg.WX_MIN_TOKENS
     assert tg.auto_up_form(t, 2) == size
     c = Case(f"t{t}_bf16_prefill", t, 256, 32, 16, "bfloat16", 0.6, seed=11)
