@@ -24,6 +24,15 @@ run() { echo "== $*" | tee -a "$OUT/log.txt"; "$@" >> "$OUT/log.txt" 2>&1; echo 
 gpu_tests() { local t=$1; shift
               PYTHONUNBUFFERED=1 run timeout "$t" python3 -m pytest -v -m gpu -rf --tb=short \
                 --durations=8 -p no:cacheprovider "$@"; }
+# up_forms D F TOKENS: the grouped up kernel as x · Wᵀ (128 tokens / 8 warps / 4 stages) and as
+# W · xᵀ at WX_LAYOUT (256 / 8 / 3), each twice, interleaved, one prefill layer, k/E 0.25
+up_forms() {
+  run timeout 70 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
+    --d "$1" --f "$2" --g 32 --prefill-top 3 --prefill-tokens "$3" --prefill-tunings \
+    128,64,8,4,shared,auto,triton,8,8,0,auto,xw 256,64,8,3,shared,auto,triton,8,8,0,auto,wx \
+    128,64,8,4,shared,auto,triton,8,8,0,auto,xw 256,64,8,3,shared,auto,triton,8,8,0,auto,wx \
+    --out "$OUT/kernels.jsonl"
+}
 case "${STAGE:-tests-kernels}" in
 tests-kernels)  # every kernel's GPU tests (both backends, the Gluon probes)
   gpu_tests 560 tests/test_kernels_triton.py tests/test_group.py tests/test_kernels_pallas.py \
@@ -121,11 +130,6 @@ s76b)  # (fifty-eighth session, not run; ncu added in the fifty-ninth) up_form "
   # tokens (is WX_MIN_TOKENS right, does it hold past 4096 where the program order changes?).
   # The default went back to "xw" in the fifty-ninth session, untested: if the tests pass, set
   # DEFAULT_TUNING's up_form to "auto" again
-  # is a profiler with stall reasons in the image? (decides whether ncu can settle the up
-  # kernel's limit)
-  run bash -c 'command -v ncu nsys; ls -d /usr/local/cuda*/bin /opt/nvidia/nsight* 2>/dev/null
-    ls /usr/local/cuda/bin 2>/dev/null | grep -i -E "ncu|nsys|nsight"
-    python3 -c "import nvidia, os; print(os.listdir(list(nvidia.__path__)[0]))"'
   gpu_tests 130 tests/test_kernels_triton.py -k "wx or prefill_selects or (gradients and t37)"
   # why the up kernel runs at ~350 TFLOP/s: ncu's stall reasons for both forms (8B prefill,
   # 4096 tokens, k/E 0.25), every launch of either kernel up to 40
@@ -137,20 +141,12 @@ s76b)  # (fifty-eighth session, not run; ncu added in the fifty-ninth) up_form "
     --prefill-tokens 4096 --prefill-tunings 128,64,8,4,shared,auto,triton,8,8,0,auto,xw \
     256,64,8,3,shared,auto,triton,8,8,0,auto,wx --out "$OUT/ncu_rows.jsonl"
   for dims in "4096 14336 8192" "4096 14336 2048"; do
-    set -- $dims
-    run timeout 70 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
-      --d $1 --f $2 --g 32 --prefill-top 3 --prefill-tokens $3 --prefill-tunings \
-      128,64,8,4,shared,auto,triton,8,8,0,auto,xw 256,64,8,3,shared,auto,triton,8,8,0,auto,wx 128,64,8,4,shared,auto,triton,8,8,0,auto,xw 256,64,8,3,shared,auto,triton,8,8,0,auto,wx \
-      --out "$OUT/kernels.jsonl"
+    up_forms $dims
   done
   ;;
 s76c)  # (fifty-ninth session, not run) s76b's timing at the 1B shape, 4096 / 16384 tokens
   for dims in "2048 8192 4096" "2048 8192 16384"; do
-    set -- $dims
-    run timeout 70 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
-      --d $1 --f $2 --g 32 --prefill-top 3 --prefill-tokens $3 --prefill-tunings \
-      128,64,8,4,shared,auto,triton,8,8,0,auto,xw 256,64,8,3,shared,auto,triton,8,8,0,auto,wx 128,64,8,4,shared,auto,triton,8,8,0,auto,xw 256,64,8,3,shared,auto,triton,8,8,0,auto,wx \
-      --out "$OUT/kernels.jsonl"
+    up_forms $dims
   done
   ;;
 *)
