@@ -529,10 +529,11 @@ def sparse_ffn_grouped(
     static = _Launch(g, tn["block_m"], min(tn["block_d"], max(16, jt.next_pow2(d))), tn["warps"],
                      tn["stages"], interpret, tn["backward"], tn["weight_grads"], "xw",
                      eg)  # fmt: skip
-    infer = static._replace(up_form=tn["up_form"])
-    if tn["up_form"] == "auto":
-        wx = auto_up_form(t, x_td.dtype.itemsize) == "wx"
-        infer = static._replace(up_form="wx", **WX_LAYOUT) if wx else static
+    form, layout = tn["up_form"], {}  # the prefill launch: "auto" also picks its tiles
+    if form == "auto":
+        form = auto_up_form(t, x_td.dtype.itemsize)
+        layout = WX_LAYOUT if form == "wx" else {}
+    infer = static._replace(up_form=form, **layout)
     if by_kernel:
         lists = kernel_slots(mask8_te, cnt, tn["select_block_t"], k_max, interpret)
     else:

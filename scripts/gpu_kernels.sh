@@ -24,14 +24,15 @@ run() { echo "== $*" | tee -a "$OUT/log.txt"; "$@" >> "$OUT/log.txt" 2>&1; echo 
 gpu_tests() { local t=$1; shift
               PYTHONUNBUFFERED=1 run timeout "$t" python3 -m pytest -v -m gpu -rf --tb=short \
                 --durations=8 -p no:cacheprovider "$@"; }
-# up_forms D F TOKENS: the grouped up kernel as x · Wᵀ (128 tokens / 8 warps / 4 stages) and as
-# W · xᵀ at WX_LAYOUT (256 / 8 / 3), each twice, interleaved, one prefill layer, k/E 0.25
+# ffn_kernels' --prefill-tunings for the grouped up kernel as x · Wᵀ (128 tokens / 8 warps / 4
+# stages, the default) and as W · xᵀ at WX_LAYOUT (256 / 8 / 3)
+XW_TUNING=128,64,8,4,shared,auto,triton,8,8,0,auto,xw
+WX_TUNING=256,64,8,3,shared,auto,triton,8,8,0,auto,wx
+# up_forms D F TOKENS: both, each twice, interleaved, one prefill layer, k/E 0.25
 up_forms() {
   run timeout 70 python3 benchmarks/ffn_kernels.py --fractions --impls triton --prefill-trace \
     --d "$1" --f "$2" --g 32 --prefill-top 3 --prefill-tokens "$3" --prefill-tunings \
-    128,64,8,4,shared,auto,triton,8,8,0,auto,xw 256,64,8,3,shared,auto,triton,8,8,0,auto,wx \
-    128,64,8,4,shared,auto,triton,8,8,0,auto,xw 256,64,8,3,shared,auto,triton,8,8,0,auto,wx \
-    --out "$OUT/kernels.jsonl"
+    "$XW_TUNING" "$WX_TUNING" "$XW_TUNING" "$WX_TUNING" --out "$OUT/kernels.jsonl"
 }
 case "${STAGE:-tests-kernels}" in
 tests-kernels)  # every kernel's GPU tests (both backends, the Gluon probes)
@@ -138,8 +139,8 @@ s76b)  # (fifty-eighth session, not run; ncu added in the fifty-ninth) up_form "
     --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
     --section SchedulerStats --section InstructionStats --csv --page details \
     --log-file "$OUT/ncu_up.csv" python3 benchmarks/ffn_kernels.py --fractions --impls triton \
-    --prefill-tokens 4096 --prefill-tunings 128,64,8,4,shared,auto,triton,8,8,0,auto,xw \
-    256,64,8,3,shared,auto,triton,8,8,0,auto,wx --out "$OUT/ncu_rows.jsonl"
+    --prefill-tokens 4096 --prefill-tunings "$XW_TUNING" "$WX_TUNING" \
+    --out "$OUT/ncu_rows.jsonl"
   for dims in "4096 14336 8192" "4096 14336 2048"; do
     up_forms $dims
   done
